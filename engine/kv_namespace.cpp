@@ -1,0 +1,87 @@
+#include "engine/kv_namespace.hpp"
+
+#include "engine/block_key.hpp"
+#include "engine/codec.hpp"
+#include "engine/internal/le.hpp"
+
+#include <xxhash.h>
+
+#include <vector>
+
+namespace kvfleet::engine {
+
+std::string_view to_string(dtype t) noexcept {
+  switch (t) {
+  case dtype::fp16: return "fp16";
+  case dtype::bf16: return "bf16";
+  }
+  return "unknown";
+}
+
+result<dtype> parse_dtype(std::string_view name) {
+  if (name == "fp16") return dtype::fp16;
+  if (name == "bf16") return dtype::bf16;
+  return make_error(errc::invalid_argument,
+                    "unknown dtype '" + std::string(name) +
+                        "' (expected fp16 or bf16)");
+}
+
+std::size_t namespace_spec::elements_per_block() const noexcept {
+  return std::size_t{layers} * 2U * block_tokens * kv_heads * head_dim;
+}
+
+std::size_t namespace_spec::value_bytes() const noexcept {
+  return elements_per_block() * 2U;
+}
+
+result<void> namespace_spec::validate() const {
+  if (model.empty())
+    return make_error(errc::invalid_argument, "namespace has no model id");
+  if (layers == 0 || kv_heads == 0 || head_dim == 0 || block_tokens == 0)
+    return make_error(errc::invalid_argument,
+                      "namespace '" + model +
+                          "': layers, kv_heads, head_dim and block_tokens "
+                          "must all be positive");
+  if (type != dtype::fp16 && type != dtype::bf16)
+    return make_error(errc::invalid_argument, "namespace '" + model +
+                                                  "': unknown dtype");
+  constexpr std::size_t max_bytes = std::size_t{1} << 30;
+  // Compute in 128 bits so absurd dimensions cannot wrap around.
+  const unsigned __int128 bytes = static_cast<unsigned __int128>(layers) * 2U *
+                                  block_tokens * kv_heads * head_dim * 2U;
+  if (bytes > max_bytes)
+    return make_error(errc::value_too_large,
+                      "namespace '" + model + "': a block would hold " +
+                          std::to_string(static_cast<std::uint64_t>(
+                              bytes > ~std::uint64_t{0} ? ~std::uint64_t{0}
+                                                        : bytes)) +
+                          " bytes, more than the 1 GiB limit");
+  if (elements_per_block() % codec_group_size != 0)
+    return make_error(errc::invalid_argument,
+                      "namespace '" + model + "': elements per block (" +
+                          std::to_string(elements_per_block()) +
+                          ") must be a multiple of the codec group size " +
+                          std::to_string(codec_group_size));
+  return {};
+}
+
+ns_fingerprint namespace_spec::fingerprint() const noexcept {
+  // Canonical serialization: a version byte, then each field little-endian,
+  // the model id length-prefixed.
+  std::vector<unsigned char> buf;
+  buf.reserve(64 + model.size());
+  buf.push_back(1);
+  internal::put_le64(buf, model.size());
+  buf.insert(buf.end(), model.begin(), model.end());
+  internal::put_le32(buf, layers);
+  internal::put_le32(buf, kv_heads);
+  internal::put_le32(buf, head_dim);
+  buf.push_back(static_cast<unsigned char>(type));
+  internal::put_le32(buf, block_tokens);
+  internal::put_le64(buf, tenant_salt);
+  const XXH128_hash_t h =
+      XXH3_128bits_withSeed(buf.data(), buf.size(), hash_seed);
+  return ns_fingerprint{h.high64, h.low64};
+}
+
+} // namespace kvfleet::engine
