@@ -2,6 +2,7 @@
 
 #include "engine/internal/le.hpp"
 
+#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
 #include <array>

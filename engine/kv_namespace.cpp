@@ -4,6 +4,7 @@
 #include "engine/codec.hpp"
 #include "engine/internal/le.hpp"
 
+#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
 #include <vector>
@@ -46,15 +47,13 @@ result<void> namespace_spec::validate() const {
     return make_error(errc::invalid_argument, "namespace '" + model +
                                                   "': unknown dtype");
   constexpr std::size_t max_bytes = std::size_t{1} << 30;
-  // Compute in 128 bits so absurd dimensions cannot wrap around.
-  const unsigned __int128 bytes = static_cast<unsigned __int128>(layers) * 2U *
-                                  block_tokens * kv_heads * head_dim * 2U;
-  if (bytes > max_bytes)
+  // Multiply in double so absurd dimensions cannot wrap around.
+  const double bytes = static_cast<double>(layers) * 2.0 * block_tokens *
+                       kv_heads * head_dim * 2.0;
+  if (bytes > static_cast<double>(max_bytes))
     return make_error(errc::value_too_large,
                       "namespace '" + model + "': a block would hold " +
-                          std::to_string(static_cast<std::uint64_t>(
-                              bytes > ~std::uint64_t{0} ? ~std::uint64_t{0}
-                                                        : bytes)) +
+                          std::to_string(bytes) +
                           " bytes, more than the 1 GiB limit");
   if (elements_per_block() % codec_group_size != 0)
     return make_error(errc::invalid_argument,

@@ -75,10 +75,10 @@ private:
 template <class T> class [[nodiscard]] result {
 public:
   using value_type = T;
-  using error_type = error;
+  using error_type = ::kvfleet::error;
 
   result(T value) : state_(std::in_place_index<0>, std::move(value)) {}
-  result(unexpected<error> e)
+  result(unexpected<::kvfleet::error> e)
       : state_(std::in_place_index<1>, std::move(e).value()) {}
 
   [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
@@ -93,31 +93,31 @@ public:
   [[nodiscard]] T* operator->() { return &value(); }
   [[nodiscard]] const T* operator->() const { return &value(); }
 
-  [[nodiscard]] const error& error() const& { return std::get<1>(state_); }
+  [[nodiscard]] const ::kvfleet::error& error() const& { return std::get<1>(state_); }
   [[nodiscard]] T value_or(T fallback) const& {
     return has_value() ? value() : std::move(fallback);
   }
 
 private:
-  std::variant<T, kvfleet::error> state_;
+  std::variant<T, ::kvfleet::error> state_;
 };
 
 /// `result<void>`: success or an error.
 template <> class [[nodiscard]] result<void> {
 public:
   using value_type = void;
-  using error_type = error;
+  using error_type = ::kvfleet::error;
 
   result() = default;
-  result(unexpected<error> e) : error_(std::move(e).value()), ok_(false) {}
+  result(unexpected<::kvfleet::error> e) : error_(std::move(e).value()), ok_(false) {}
 
   [[nodiscard]] bool has_value() const noexcept { return ok_; }
   explicit operator bool() const noexcept { return ok_; }
   void value() const noexcept {}
-  [[nodiscard]] const kvfleet::error& error() const& { return error_; }
+  [[nodiscard]] const ::kvfleet::error& error() const& { return error_; }
 
 private:
-  kvfleet::error error_;
+  ::kvfleet::error error_;
   bool ok_ = true;
 };
 

@@ -1,0 +1,117 @@
+#pragma once
+/// Slab block pool: the engine's memory pool.
+///
+/// The arena (a memory_backend's bytes) is cut into equal slabs. A slab is
+/// given to one size class when that class needs room and handed back when
+/// its last slot is freed, so classes share the arena. A slot is a
+/// (slab, index) pair; its arena offset is slab * slab_bytes + index *
+/// slot_bytes. The pool only does bookkeeping: it never touches the arena.
+///
+/// Allocation and free are O(1) and allocate no heap memory once each slab's
+/// free list has been sized (the first time the slab serves a class).
+/// Not thread-safe: one owner.
+
+#include "engine/result.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace kvfleet::engine {
+
+/// A slot in the pool. Default-constructed slots are invalid.
+struct slot_ref {
+  static constexpr std::uint32_t npos = std::numeric_limits<std::uint32_t>::max();
+  std::uint32_t slab = npos;
+  std::uint32_t index = 0;
+  std::uint16_t size_class = 0;
+  [[nodiscard]] bool valid() const noexcept { return slab != npos; }
+  friend bool operator==(const slot_ref&, const slot_ref&) = default;
+};
+
+class block_pool {
+public:
+  /// Slots are aligned to this many bytes.
+  static constexpr std::size_t slot_alignment = 256;
+
+  /// A pool over `arena_bytes` cut into slabs of `slab_bytes` (rounded down
+  /// to the slot alignment). Zero sizes or a slab larger than the arena are
+  /// errors.
+  [[nodiscard]] static result<block_pool> create(std::size_t arena_bytes,
+                                                 std::size_t slab_bytes);
+
+  /// Returns the size class whose slots hold exactly `bytes` rounded up to
+  /// the slot alignment, creating it if needed. More than a slab is
+  /// errc::value_too_large.
+  [[nodiscard]] result<std::uint16_t> size_class_for(std::size_t bytes);
+
+  /// Takes a free slot of class `cls`; errc::out_of_memory when neither a
+  /// partly used slab of that class nor a free slab is left.
+  [[nodiscard]] result<slot_ref> allocate(std::uint16_t cls);
+  /// Returns a slot. REQUIRES: allocated and not yet freed.
+  void free(slot_ref slot);
+
+  [[nodiscard]] std::size_t offset(slot_ref slot) const noexcept {
+    return std::size_t{slot.slab} * slab_bytes_ +
+           std::size_t{slot.index} * classes_[slot.size_class].slot_bytes;
+  }
+  [[nodiscard]] std::size_t slot_bytes(std::uint16_t cls) const noexcept {
+    return classes_[cls].slot_bytes;
+  }
+  /// True when allocate(cls) would succeed now.
+  [[nodiscard]] bool can_allocate(std::uint16_t cls) const noexcept;
+
+  [[nodiscard]] std::size_t capacity_bytes() const noexcept {
+    return std::size_t{slab_count()} * slab_bytes_;
+  }
+  [[nodiscard]] std::size_t slab_bytes() const noexcept { return slab_bytes_; }
+  [[nodiscard]] std::uint32_t slab_count() const noexcept {
+    return static_cast<std::uint32_t>(slabs_.size());
+  }
+  [[nodiscard]] std::uint32_t free_slab_count() const noexcept {
+    return static_cast<std::uint32_t>(free_slabs_.size());
+  }
+  /// Bytes of allocated slots (what blocks occupy, slot rounding included).
+  [[nodiscard]] std::size_t used_bytes() const noexcept { return used_bytes_; }
+  [[nodiscard]] std::size_t class_count() const noexcept {
+    return classes_.size();
+  }
+  /// Smallest slot size of any class (0 when there is none).
+  [[nodiscard]] std::size_t smallest_slot_bytes() const noexcept;
+
+  /// Aborts when the bookkeeping is inconsistent.
+  void check_invariants() const;
+
+private:
+  static constexpr std::uint32_t none = slot_ref::npos;
+  static constexpr std::uint16_t no_class =
+      std::numeric_limits<std::uint16_t>::max();
+
+  struct slab_state {
+    std::uint16_t size_class = no_class;
+    std::uint32_t used = 0;        // allocated slots
+    std::uint32_t bumped = 0;      // slots ever handed out since assignment
+    std::uint32_t capacity = 0;    // slots in this slab for its class
+    std::vector<std::uint32_t> free_slots; // freed indexes below `bumped`
+    std::uint32_t prev = none;     // in its class's list of slabs with room
+    std::uint32_t next = none;
+    bool listed = false;
+  };
+  struct class_state {
+    std::size_t slot_bytes = 0;
+    std::uint32_t with_room = none; // head of slabs that have a free slot
+  };
+
+  block_pool(std::size_t slab_bytes, std::uint32_t slabs);
+  void link(std::uint32_t slab);
+  void unlink(std::uint32_t slab);
+
+  std::size_t slab_bytes_;
+  std::vector<slab_state> slabs_;
+  std::vector<std::uint32_t> free_slabs_;
+  std::vector<class_state> classes_;
+  std::size_t used_bytes_ = 0;
+};
+
+} // namespace kvfleet::engine

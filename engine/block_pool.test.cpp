@@ -1,0 +1,95 @@
+#include "engine/block_pool.hpp"
+#include "engine/block_index.hpp"
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <unordered_map>
+#include <vector>
+
+namespace kvfleet::engine {
+namespace {
+
+TEST(block_pool, classes_share_slabs_and_return_them_when_empty) {
+  auto pool = std::move(*block_pool::create(4 * 4096, 4096));
+  const auto big = *pool.size_class_for(4096);
+  const auto small = *pool.size_class_for(1000); // rounds up to 1024
+  EXPECT_EQ(pool.slot_bytes(small), 1024U);
+  EXPECT_EQ(*pool.size_class_for(1024), small);
+  std::vector<slot_ref> bigs;
+  for (int i = 0; i < 3; ++i) bigs.push_back(*pool.allocate(big));
+  std::vector<slot_ref> smalls;
+  for (int i = 0; i < 4; ++i) smalls.push_back(*pool.allocate(small));
+  EXPECT_EQ(pool.free_slab_count(), 0U);
+  EXPECT_EQ(pool.allocate(big).error().code, errc::out_of_memory);
+  EXPECT_EQ(pool.allocate(small).error().code, errc::out_of_memory);
+  for (auto s : smalls) pool.free(s);
+  EXPECT_EQ(pool.free_slab_count(), 1U);
+  EXPECT_TRUE(pool.allocate(big).has_value());
+  pool.check_invariants();
+  EXPECT_EQ(pool.used_bytes(), 4U * 4096);
+}
+
+TEST(block_pool, slots_do_not_overlap) {
+  auto pool = std::move(*block_pool::create(64 * 1024, 8192));
+  const std::vector<std::uint16_t> classes{*pool.size_class_for(256),
+                                           *pool.size_class_for(3000),
+                                           *pool.size_class_for(8192)};
+  std::mt19937 rng(3);
+  std::vector<slot_ref> live;
+  for (int step = 0; step < 5000; ++step) {
+    if (!live.empty() && rng() % 2 == 0) {
+      const std::size_t i = rng() % live.size();
+      pool.free(live[i]);
+      live[i] = live.back();
+      live.pop_back();
+    } else if (auto s = pool.allocate(classes[rng() % 3])) {
+      live.push_back(*s);
+    }
+    pool.check_invariants();
+  }
+  std::vector<std::pair<std::size_t, std::size_t>> ranges;
+  for (auto s : live)
+    ranges.emplace_back(pool.offset(s), pool.offset(s) + pool.slot_bytes(s.size_class));
+  std::sort(ranges.begin(), ranges.end());
+  for (std::size_t i = 1; i < ranges.size(); ++i)
+    EXPECT_LE(ranges[i - 1].second, ranges[i].first);
+  for (auto& r : ranges) EXPECT_LE(r.second, pool.capacity_bytes());
+}
+
+TEST(block_pool, bad_sizes_are_errors) {
+  EXPECT_EQ(block_pool::create(0, 4096).error().code, errc::zero_capacity);
+  EXPECT_EQ(block_pool::create(4096, 8192).error().code, errc::invalid_argument);
+  EXPECT_EQ(block_pool::create(4096, 10).error().code, errc::invalid_argument);
+  auto pool = std::move(*block_pool::create(8192, 4096));
+  EXPECT_EQ(pool.size_class_for(4097).error().code, errc::value_too_large);
+  EXPECT_EQ(pool.size_class_for(0).error().code, errc::invalid_argument);
+  EXPECT_EQ(pool.allocate(3).error().code, errc::invalid_argument);
+}
+
+TEST(block_index, matches_a_reference_map_under_random_operations) {
+  block_index index;
+  std::unordered_map<block_key, std::uint32_t, block_key_hash> ref;
+  std::mt19937_64 rng(11);
+  std::vector<block_key> keys;
+  for (int i = 0; i < 3000; ++i)
+    keys.push_back({rng(), rng() & 0xfff}); // few low bits: long probe runs
+  for (int step = 0; step < 30000; ++step) {
+    const auto& k = keys[rng() % keys.size()];
+    if (rng() % 3 == 0) {
+      EXPECT_EQ(index.erase(k), ref.erase(k) == 1);
+    } else if (!ref.contains(k)) {
+      const auto v = static_cast<std::uint32_t>(step);
+      index.insert(k, v);
+      ref[k] = v;
+    }
+    ASSERT_EQ(index.size(), ref.size());
+  }
+  for (const auto& k : keys) {
+    auto it = ref.find(k);
+    EXPECT_EQ(index.find(k), it == ref.end() ? block_index::npos : it->second);
+  }
+}
+
+} // namespace
+} // namespace kvfleet::engine

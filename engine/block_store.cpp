@@ -1,0 +1,1118 @@
+#include "engine/block_store.hpp"
+
+#include "engine/checksum.hpp"
+#include "engine/internal/check.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+namespace kvfleet::engine {
+
+namespace {
+
+constexpr std::uint32_t npos = block_index::npos;
+constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
+
+enum class entry_state : std::uint8_t { free, reserved, written, committed };
+
+std::string ns_name(std::uint16_t id) { return "namespace #" + std::to_string(id); }
+
+// Codec rank by how much it compresses: fp8 and int8 take the same space.
+int compression_rank(codec c) noexcept {
+  switch (c) {
+  case codec::none: return 0;
+  case codec::fp8: return 1;
+  case codec::int8: return 1;
+  case codec::int4: return 2;
+  }
+  return 0;
+}
+
+} // namespace
+
+struct block_store::entry {
+  block_key key{};
+  std::uint64_t checksum = 0;
+  std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
+  slot_ref slot{};
+  std::uint32_t parent = npos;
+  std::uint32_t children = 0;
+  std::uint32_t leases = 0;
+  std::uint32_t pins = 0;
+  std::uint32_t access_count = 0;
+  std::uint32_t stored_bytes = 0;
+  std::uint32_t generation = 0;
+  std::uint32_t rprev = npos;
+  std::uint32_t rnext = npos;
+  std::uint16_t ns = 0;
+  entry_state state = entry_state::free;
+  codec c = codec::none;
+  priority prio = priority::normal;
+  size_partition part = size_partition::small;
+  bool dead = false;
+  bool flagged_evictable = false;
+  bool in_recency = false;
+  bool pin_on_commit = false;
+};
+
+struct block_store::ns_state {
+  namespace_spec spec;
+  namespace_options options;
+  ns_fingerprint fingerprint;
+  std::array<std::uint16_t, codec_count> size_class{};
+};
+
+// ---------------------------------------------------------------- handles
+
+read_lease& read_lease::operator=(read_lease&& other) noexcept {
+  if (this != &other) {
+    release();
+    store_ = other.store_;
+    id_ = other.id_;
+    key_ = other.key_;
+    other.store_ = nullptr;
+  }
+  return *this;
+}
+
+void read_lease::release() noexcept {
+  if (store_ != nullptr) {
+    store_->release_lease(id_);
+    store_ = nullptr;
+  }
+}
+
+put_handle& put_handle::operator=(put_handle&& other) noexcept {
+  if (this != &other) {
+    if (store_ != nullptr && phase_ == phase::open && !duplicate_)
+      store_->abort_reservation(id_);
+    store_ = other.store_;
+    id_ = other.id_;
+    generation_ = other.generation_;
+    key_ = other.key_;
+    phase_ = other.phase_;
+    duplicate_ = other.duplicate_;
+    written_ = other.written_;
+    other.store_ = nullptr;
+    other.phase_ = phase::none;
+  }
+  return *this;
+}
+
+put_handle::~put_handle() {
+  if (store_ != nullptr && phase_ == phase::open && !duplicate_)
+    store_->abort_reservation(id_);
+}
+
+// ---------------------------------------------------------------- creation
+
+result<std::unique_ptr<block_store>>
+block_store::create(const store_config& config) {
+  if (config.capacity_bytes == 0)
+    return make_error(errc::zero_capacity, "store capacity is zero bytes");
+  auto backend = host_memory_backend::create(config.capacity_bytes);
+  if (!backend) return unexpected<error>(backend.error());
+  return create(config, std::move(*backend));
+}
+
+result<std::unique_ptr<block_store>>
+block_store::create(const store_config& config,
+                    std::unique_ptr<memory_backend> backend) {
+  if (!backend)
+    return make_error(errc::invalid_argument, "no memory backend given");
+  if (backend->size() == 0)
+    return make_error(errc::zero_capacity, "memory backend has zero bytes");
+  if (!(config.low_watermark > 0.0 && config.low_watermark <= config.high_watermark &&
+        config.high_watermark <= 1.0))
+    return make_error(errc::invalid_argument,
+                      "watermarks must satisfy 0 < low <= high <= 1 (got low " +
+                          std::to_string(config.low_watermark) + ", high " +
+                          std::to_string(config.high_watermark) + ")");
+  const auto& pc = config.partitions;
+  if (pc.medium_from == 0 || pc.medium_from > pc.long_from)
+    return make_error(errc::invalid_argument,
+                      "partition bounds must satisfy 0 < medium_from <= long_from");
+  double share_sum = 0;
+  for (double s : pc.shares) {
+    if (!(s > 0.0))
+      return make_error(errc::invalid_argument,
+                        "every size partition needs a positive share");
+    share_sum += s;
+  }
+  if (share_sum < 0.999 || share_sum > 1.001)
+    return make_error(errc::invalid_argument,
+                      "size partition shares must add up to 1 (got " +
+                          std::to_string(share_sum) + ")");
+  if (config.policy == policy_kind::belady && !config.next_use)
+    return make_error(errc::invalid_argument,
+                      "the belady policy needs a next-use oracle");
+  const std::size_t arena = backend->size();
+  std::size_t slab = config.slab_bytes;
+  if (slab == 0)
+    slab = std::clamp<std::size_t>(arena / 64, std::size_t{1} << 20,
+                                   std::size_t{256} << 20);
+  slab = std::min(slab, arena);
+  auto pool = block_pool::create(arena, slab);
+  if (!pool) return unexpected<error>(pool.error());
+  return std::unique_ptr<block_store>(
+      new block_store(config, std::move(backend), std::move(*pool)));
+}
+
+block_store::block_store(const store_config& config,
+                         std::unique_ptr<memory_backend> backend, block_pool pool)
+    : config_(config),
+      clock_(config.clock != nullptr ? config.clock
+                                     : &steady_clock_source::instance()),
+      backend_(std::move(backend)), pool_(std::move(pool)) {
+  for (std::size_t p = 0; p < partition_count; ++p) {
+    policies_[p] = make_policy(config_.policy);
+    recency_head_[p] = npos;
+    recency_tail_[p] = npos;
+  }
+}
+
+block_store::~block_store() = default;
+
+result<ns_id> block_store::register_namespace(const namespace_spec& spec,
+                                              const namespace_options& options) {
+  if (auto ok = spec.validate(); !ok) return unexpected<error>(ok.error());
+  if (!is_valid(options.default_codec))
+    return make_error(errc::unknown_codec, "namespace '" + spec.model +
+                                               "': unknown default codec");
+  if (options.ttl.count() < 0)
+    return make_error(errc::invalid_argument, "namespace '" + spec.model +
+                                                  "': negative TTL");
+  const ns_fingerprint fp = spec.fingerprint();
+  for (std::size_t i = 0; i < namespaces_.size(); ++i)
+    if (namespaces_[i].fingerprint == fp) return ns_id{static_cast<std::uint16_t>(i)};
+  if (namespaces_.size() >= 0xffff)
+    return make_error(errc::invalid_argument, "too many namespaces");
+  ns_state st{spec, options, fp, {}};
+  const std::size_t elements = spec.elements_per_block();
+  for (std::size_t c = 0; c < codec_count; ++c) {
+    const std::size_t bytes = encoded_size(static_cast<codec>(c), elements);
+    auto cls = pool_.size_class_for(bytes);
+    if (!cls)
+      return make_error(cls.error().code,
+                        "namespace '" + spec.model + "': " + cls.error().message);
+    st.size_class[c] = *cls;
+  }
+  // Size the index and entry table for the most blocks this namespace can
+  // put in the arena, so puts do not allocate.
+  const std::size_t most = std::min(
+      max_reserved_entries,
+      pool_.capacity_bytes() /
+          std::max<std::size_t>(1, pool_.slot_bytes(st.size_class[static_cast<std::size_t>(codec::int4)])));
+  index_.reserve(std::max(most, index_.size()));
+  entries_.reserve(std::max(most, entries_.size()));
+  free_entries_.reserve(std::max(most, entries_.size()));
+  for (auto& p : policies_) p->reserve(most);
+  if (scratch_.size() < spec.value_bytes()) {
+    scratch_.resize(spec.value_bytes());
+    scratch2_.resize(spec.value_bytes());
+  }
+  namespaces_.push_back(std::move(st));
+  return ns_id{static_cast<std::uint16_t>(namespaces_.size() - 1)};
+}
+
+result<const block_store::ns_state*> block_store::check_ns(ns_id ns) const {
+  if (ns.value >= namespaces_.size())
+    return make_error(errc::unknown_namespace,
+                      ns_name(ns.value) + " is not registered with this store");
+  return &namespaces_[ns.value];
+}
+
+result<const namespace_spec*> block_store::spec(ns_id ns) const {
+  auto st = check_ns(ns);
+  if (!st) return unexpected<error>(st.error());
+  return &(*st)->spec;
+}
+
+// ---------------------------------------------------------------- lookup
+
+std::uint32_t block_store::find_visible(ns_id ns, const block_key& key, nanos t) {
+  const std::uint32_t id = index_.find(key);
+  if (id == npos) return npos;
+  entry& e = entries_[id];
+  if (e.state != entry_state::committed || e.dead || e.ns != ns.value) return npos;
+  if (e.expires_at != 0 && e.expires_at <= t.count()) {
+    ++stats_.expirations;
+    kill(id);
+    return npos;
+  }
+  return id;
+}
+
+std::size_t block_store::walk_prefix(ns_id ns, std::span<const block_key> keys,
+                                     nanos t) {
+  std::size_t n = 0;
+  while (n < keys.size() && find_visible(ns, keys[n], t) != npos) ++n;
+  return n;
+}
+
+result<std::size_t> block_store::lookup(ns_id ns, std::span<const block_key> keys) {
+  if (auto st = check_ns(ns); !st) {
+    ++stats_.rejected_requests;
+    return unexpected<error>(st.error());
+  }
+  const nanos start = now();
+  const std::size_t n = walk_prefix(ns, keys, start);
+  ++stats_.lookups;
+  stats_.block_hits += n;
+  stats_.block_misses += keys.size() - n;
+  stats_.lookup_ns.record(static_cast<std::uint64_t>((now() - start).count()));
+  return n;
+}
+
+void block_store::touch(std::uint32_t id) {
+  entry& e = entries_[id];
+  ++tick_;
+  ++e.access_count;
+  access_info info;
+  info.tick = tick_;
+  info.count = e.access_count;
+  info.prio = e.prio;
+  info.resident_blocks = index_.size();
+  if (config_.next_use) info.next_use = config_.next_use(e.key);
+  policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, false);
+  if (e.in_recency) {
+    recency_unlink(id);
+    recency_push_front(id);
+  }
+}
+
+result<std::size_t> block_store::acquire_prefix(ns_id ns,
+                                                std::span<const block_key> keys,
+                                                std::vector<read_lease>& out) {
+  out.clear();
+  if (auto st = check_ns(ns); !st) {
+    ++stats_.rejected_requests;
+    return unexpected<error>(st.error());
+  }
+  const nanos start = now();
+  for (const block_key& key : keys) {
+    const std::uint32_t id = find_visible(ns, key, start);
+    if (id == npos) break;
+    touch(id);
+    ++entries_[id].leases;
+    refresh_evictable(id);
+    out.push_back(read_lease(this, id, key));
+  }
+  ++stats_.lookups;
+  stats_.block_hits += out.size();
+  stats_.block_misses += keys.size() - out.size();
+  stats_.lookup_ns.record(static_cast<std::uint64_t>((now() - start).count()));
+  return out.size();
+}
+
+result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
+  if (auto st = check_ns(ns); !st) {
+    ++stats_.rejected_requests;
+    return unexpected<error>(st.error());
+  }
+  const std::uint32_t id = find_visible(ns, key, now());
+  if (id == npos)
+    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+  touch(id);
+  ++entries_[id].leases;
+  refresh_evictable(id);
+  return read_lease(this, id, key);
+}
+
+void block_store::release_lease(std::uint32_t id) noexcept {
+  entry& e = entries_[id];
+  KVFLEET_CHECK(e.leases > 0, "lease released twice");
+  --e.leases;
+  refresh_evictable(id);
+}
+
+codec block_store::stored_codec(const read_lease& lease) const {
+  return entries_[lease.id_].c;
+}
+
+std::size_t block_store::stored_bytes(const read_lease& lease) const {
+  return entries_[lease.id_].stored_bytes;
+}
+
+std::byte* block_store::host_ptr(const entry& e) noexcept {
+  std::byte* base = backend_->host_data();
+  return base == nullptr ? nullptr : base + pool_.offset(e.slot);
+}
+
+result<void> block_store::read(const read_lease& lease, std::span<std::byte> out) {
+  if (lease.store_ != this)
+    return make_error(errc::invalid_handle, "lease belongs to another store");
+  const nanos start = now();
+  entry& e = entries_[lease.id_];
+  const ns_state& st = namespaces_[e.ns];
+  if (out.size() != st.spec.value_bytes())
+    return make_error(errc::wrong_value_size,
+                      "read buffer holds " + std::to_string(out.size()) +
+                          " bytes, a block of '" + st.spec.model + "' needs " +
+                          std::to_string(st.spec.value_bytes()));
+  std::uint64_t sum = 0;
+  const std::byte* src = host_ptr(e);
+  std::span<const std::byte> stored;
+  if (src == nullptr) {
+    std::span<std::byte> buf(scratch2_.data(), e.stored_bytes);
+    if (auto r = backend_->read(pool_.offset(e.slot), buf); !r)
+      return unexpected<error>(r.error());
+    stored = buf;
+  } else {
+    stored = {src, e.stored_bytes};
+  }
+  if (e.c == codec::none) {
+    sum = copy_with_checksum(out, stored);
+  } else {
+    sum = block_checksum(stored);
+    if (sum == e.checksum) {
+      auto d = decode(e.c, st.spec.type, stored, out);
+      if (!d) return unexpected<error>(d.error());
+    }
+  }
+  if (sum != e.checksum) {
+    std::memset(out.data(), 0, out.size());
+    ++stats_.checksum_failures;
+    kill(lease.id_);
+    return make_error(errc::checksum_mismatch,
+                      "block " + e.key.to_hex() +
+                          " failed its checksum and was dropped");
+  }
+  ++stats_.reads;
+  stats_.read_ns.record(static_cast<std::uint64_t>((now() - start).count()));
+  return {};
+}
+
+result<void> block_store::read_raw(const read_lease& lease,
+                                   std::span<std::byte> out) {
+  if (lease.store_ != this)
+    return make_error(errc::invalid_handle, "lease belongs to another store");
+  entry& e = entries_[lease.id_];
+  if (out.size() != e.stored_bytes)
+    return make_error(errc::wrong_value_size,
+                      "raw read buffer holds " + std::to_string(out.size()) +
+                          " bytes, the stored block has " +
+                          std::to_string(e.stored_bytes));
+  if (auto r = backend_->read(pool_.offset(e.slot), out); !r)
+    return unexpected<error>(r.error());
+  if (block_checksum(out) != e.checksum) {
+    std::memset(out.data(), 0, out.size());
+    ++stats_.checksum_failures;
+    kill(lease.id_);
+    return make_error(errc::checksum_mismatch,
+                      "block " + e.key.to_hex() +
+                          " failed its checksum and was dropped");
+  }
+  ++stats_.reads;
+  return {};
+}
+
+// ---------------------------------------------------------------- puts
+
+size_partition block_store::partition_for(std::uint32_t tokens) const {
+  if (tokens < config_.partitions.medium_from) return size_partition::small;
+  if (tokens < config_.partitions.long_from) return size_partition::medium;
+  return size_partition::large;
+}
+
+std::uint32_t block_store::new_entry() {
+  if (!free_entries_.empty()) {
+    const std::uint32_t id = free_entries_.back();
+    free_entries_.pop_back();
+    return id;
+  }
+  entries_.emplace_back();
+  return static_cast<std::uint32_t>(entries_.size() - 1);
+}
+
+result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
+                                        const block_key& parent,
+                                        const put_options& options) {
+  auto st_r = check_ns(ns);
+  if (!st_r) {
+    ++stats_.rejected_requests;
+    return unexpected<error>(st_r.error());
+  }
+  const ns_state& st = **st_r;
+  const codec c = options.codec_override.value_or(st.options.default_codec);
+  if (!is_valid(c)) {
+    ++stats_.rejected_requests;
+    return make_error(errc::unknown_codec,
+                      "unknown codec #" + std::to_string(static_cast<int>(c)));
+  }
+  if (options.ttl && options.ttl->count() < 0) {
+    ++stats_.rejected_requests;
+    return make_error(errc::invalid_argument, "negative TTL");
+  }
+  if (key.is_null()) {
+    ++stats_.rejected_requests;
+    return make_error(errc::invalid_argument, "the all-zero block key is reserved");
+  }
+  const nanos start = now();
+  if (const std::uint32_t existing = index_.find(key); existing != npos) {
+    entry& e = entries_[existing];
+    if (e.ns != ns.value) {
+      ++stats_.rejected_requests;
+      return make_error(errc::namespace_conflict,
+                        "block " + key.to_hex() + " belongs to another namespace");
+    }
+    if (e.state != entry_state::committed) {
+      ++stats_.rejected_requests;
+      return make_error(errc::busy, "another put of block " + key.to_hex() +
+                                        " is in progress");
+    }
+    const bool expired = e.expires_at != 0 && e.expires_at <= start.count();
+    if (!e.dead && !expired) {
+      put_handle h;
+      h.store_ = this;
+      h.id_ = existing;
+      h.generation_ = e.generation;
+      h.key_ = key;
+      h.phase_ = put_handle::phase::open;
+      h.duplicate_ = true;
+      ++stats_.reserves;
+      return h;
+    }
+    kill(existing); // removes it when nothing holds it
+    if (index_.find(key) != npos) {
+      ++stats_.rejected_requests;
+      return make_error(errc::busy, "an expired copy of block " + key.to_hex() +
+                                        " is still held by a reader");
+    }
+  }
+  std::uint32_t pid = npos;
+  if (!parent.is_null()) {
+    pid = index_.find(parent);
+    if (pid == npos || entries_[pid].state == entry_state::free ||
+        entries_[pid].dead || entries_[pid].ns != ns.value) {
+      ++stats_.rejected_requests;
+      return make_error(errc::not_found, "parent block " + parent.to_hex() +
+                                             " is not cached");
+    }
+    // Holding the child count up keeps the parent out of eviction below.
+    ++entries_[pid].children;
+    refresh_evictable(pid);
+  }
+  const size_partition part = partition_for(options.request_tokens);
+  const std::uint16_t cls = st.size_class[static_cast<std::size_t>(c)];
+  auto room = make_room(part, cls);
+  result<slot_ref> slot = room ? pool_.allocate(cls)
+                               : result<slot_ref>(unexpected<error>(room.error()));
+  if (!slot) {
+    if (pid != npos) {
+      --entries_[pid].children;
+      refresh_evictable(pid);
+    }
+    ++stats_.rejected_requests;
+    return unexpected<error>(slot.error());
+  }
+  const std::uint32_t id = new_entry();
+  entry& e = entries_[id];
+  e.key = key;
+  e.slot = *slot;
+  e.parent = pid;
+  e.ns = ns.value;
+  e.state = entry_state::reserved;
+  e.c = c;
+  e.prio = options.prio;
+  e.part = part;
+  e.stored_bytes = static_cast<std::uint32_t>(encoded_size(c, st.spec.elements_per_block()));
+  e.pin_on_commit = options.pin;
+  const nanos ttl = options.ttl.value_or(st.options.ttl);
+  e.expires_at = ttl.count() > 0 ? (start + ttl).count() : 0;
+  index_.insert(key, id);
+  ++stats_.reserves;
+  put_handle h;
+  h.store_ = this;
+  h.id_ = id;
+  h.generation_ = e.generation;
+  h.key_ = key;
+  h.phase_ = put_handle::phase::open;
+  return h;
+}
+
+result<void> block_store::check_open(const put_handle& h) const {
+  if (h.store_ != this)
+    return make_error(errc::invalid_handle, "put handle belongs to another store");
+  switch (h.phase_) {
+  case put_handle::phase::none:
+    return make_error(errc::invalid_handle, "empty put handle");
+  case put_handle::phase::committed:
+    return make_error(errc::double_commit,
+                      "put of block " + h.key_.to_hex() + " was already committed");
+  case put_handle::phase::aborted:
+    return make_error(errc::commit_after_abort,
+                      "put of block " + h.key_.to_hex() + " was aborted");
+  case put_handle::phase::open: break;
+  }
+  const entry& e = entries_[h.id_];
+  if (e.generation != h.generation_ || e.key != h.key_)
+    return make_error(errc::invalid_handle, "stale put handle");
+  return {};
+}
+
+result<void> block_store::write(put_handle& h, std::span<const std::byte> value) {
+  if (auto ok = check_open(h); !ok) {
+    ++stats_.rejected_requests;
+    return ok;
+  }
+  entry& e = entries_[h.id_];
+  const ns_state& st = namespaces_[e.ns];
+  if (value.size() != st.spec.value_bytes()) {
+    ++stats_.rejected_requests;
+    return make_error(errc::wrong_value_size,
+                      "value of " + std::to_string(value.size()) +
+                          " bytes for a block of '" + st.spec.model +
+                          "', which holds " + std::to_string(st.spec.value_bytes()));
+  }
+  if (h.duplicate_) {
+    h.written_ = true;
+    return {};
+  }
+  std::byte* dst = host_ptr(e);
+  if (dst != nullptr) {
+    std::span<std::byte> slot(dst, e.stored_bytes);
+    if (e.c == codec::none) {
+      e.checksum = copy_with_checksum(slot, value);
+    } else {
+      auto n = encode(e.c, st.spec.type, value, slot);
+      if (!n) return unexpected<error>(n.error());
+      e.checksum = block_checksum(slot);
+    }
+  } else {
+    std::span<std::byte> buf(scratch2_.data(), e.stored_bytes);
+    if (e.c == codec::none) {
+      std::memcpy(buf.data(), value.data(), value.size());
+    } else {
+      auto n = encode(e.c, st.spec.type, value, buf);
+      if (!n) return unexpected<error>(n.error());
+    }
+    if (auto w = backend_->write(pool_.offset(e.slot), buf); !w) return w;
+    e.checksum = block_checksum(buf);
+  }
+  e.state = entry_state::written;
+  h.written_ = true;
+  return {};
+}
+
+result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
+  if (auto ok = check_open(h); !ok) {
+    ++stats_.rejected_requests;
+    return ok;
+  }
+  entry& e = entries_[h.id_];
+  const ns_state& st = namespaces_[e.ns];
+  std::span<std::byte> value(scratch_.data(), st.spec.value_bytes());
+  std::byte* dst = host_ptr(e);
+  if (!h.duplicate_ && dst != nullptr && e.c == codec::none) {
+    // Produce straight into the slot: no staging copy.
+    std::span<std::byte> slot(dst, e.stored_bytes);
+    if (auto p = producer.produce(st.spec, e.key, slot); !p) return p;
+    e.checksum = block_checksum(slot);
+    e.state = entry_state::written;
+    h.written_ = true;
+    return {};
+  }
+  if (auto p = producer.produce(st.spec, e.key, value); !p) return p;
+  return write(h, value);
+}
+
+result<void> block_store::commit(put_handle& h) {
+  if (auto ok = check_open(h); !ok) {
+    ++stats_.rejected_requests;
+    return ok;
+  }
+  if (!h.written_) {
+    ++stats_.rejected_requests;
+    return make_error(errc::not_written,
+                      "put of block " + h.key_.to_hex() + " committed before write");
+  }
+  h.phase_ = put_handle::phase::committed;
+  if (h.duplicate_) {
+    ++stats_.duplicate_puts;
+    touch(h.id_);
+    return {};
+  }
+  const std::uint32_t id = h.id_;
+  entry& e = entries_[id];
+  e.state = entry_state::committed;
+  e.access_count = 1;
+  if (e.pin_on_commit) e.pins = 1;
+  account(e, true);
+  ++tick_;
+  access_info info;
+  info.tick = tick_;
+  info.count = 1;
+  info.prio = e.prio;
+  info.resident_blocks = index_.size();
+  if (config_.next_use) info.next_use = config_.next_use(e.key);
+  policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
+  recency_push_front(id);
+  refresh_evictable(id);
+  ++stats_.commits;
+  return {};
+}
+
+result<void> block_store::abort(put_handle& h) {
+  if (h.store_ != this)
+    return make_error(errc::invalid_handle, "put handle belongs to another store");
+  if (h.phase_ == put_handle::phase::aborted)
+    return make_error(errc::invalid_handle,
+                      "put of block " + h.key_.to_hex() + " was already aborted");
+  if (h.phase_ == put_handle::phase::committed)
+    return make_error(errc::invalid_handle,
+                      "put of block " + h.key_.to_hex() + " was already committed");
+  if (auto ok = check_open(h); !ok) return ok;
+  if (!h.duplicate_) abort_reservation(h.id_);
+  h.phase_ = put_handle::phase::aborted;
+  ++stats_.aborts;
+  return {};
+}
+
+void block_store::abort_reservation(std::uint32_t id) noexcept {
+  entry& e = entries_[id];
+  KVFLEET_CHECK(e.state == entry_state::reserved || e.state == entry_state::written,
+                "abort of a block that is not being put");
+  const std::uint32_t pid = e.parent;
+  pool_.free(e.slot);
+  index_.erase(e.key);
+  ++e.generation;
+  const std::uint32_t gen = e.generation;
+  e = entry{};
+  e.generation = gen;
+  free_entries_.push_back(id);
+  if (pid != npos) {
+    --entries_[pid].children;
+    refresh_evictable(pid);
+  }
+}
+
+// ---------------------------------------------------------------- process
+
+result<process_result> block_store::process(ns_id ns,
+                                            std::span<const block_key> keys,
+                                            std::size_t input_tokens,
+                                            kv_producer& producer,
+                                            const put_options& options) {
+  auto st_r = check_ns(ns);
+  if (!st_r) {
+    ++stats_.rejected_requests;
+    return unexpected<error>(st_r.error());
+  }
+  const namespace_spec& spec = (*st_r)->spec;
+  if (keys.size() > input_tokens / spec.block_tokens) {
+    ++stats_.rejected_requests;
+    return make_error(errc::misaligned_tokens,
+                      std::to_string(keys.size()) + " block keys for a prompt of " +
+                          std::to_string(input_tokens) +
+                          " tokens, which has only " +
+                          std::to_string(input_tokens / spec.block_tokens) +
+                          " full blocks of " + std::to_string(spec.block_tokens));
+  }
+  const nanos start = now();
+  std::vector<read_lease> leases;
+  leases.reserve(keys.size());
+  auto matched = acquire_prefix(ns, keys, leases);
+  if (!matched) return unexpected<error>(matched.error());
+  process_result out;
+  out.matched_blocks = *matched;
+  put_options opts = options;
+  if (opts.request_tokens == 0)
+    opts.request_tokens = static_cast<std::uint32_t>(
+        std::min<std::size_t>(input_tokens, 0xffffffffU));
+  block_key parent = out.matched_blocks > 0 ? keys[out.matched_blocks - 1] : block_key{};
+  bool caching = true;
+  for (std::size_t i = out.matched_blocks; i < keys.size(); ++i) {
+    ++out.computed_blocks;
+    if (!caching) continue;
+    // The KV must be computed whether or not it can be cached; a block that
+    // cannot be cached ends caching for the rest of this request.
+    auto h = reserve(ns, keys[i], parent, opts);
+    if (!h) {
+      caching = false;
+      continue;
+    }
+    auto w = write_from(*h, producer);
+    if (!w) return unexpected<error>(w.error());
+    if (auto c = commit(*h); !c) return unexpected<error>(c.error());
+    parent = keys[i];
+  }
+  out.matched_tokens = std::min(out.matched_blocks * spec.block_tokens, input_tokens);
+  out.computed_tokens = input_tokens - out.matched_tokens;
+  out.prefill_saved = producer.cost(out.matched_tokens);
+  stats_.token_hits += out.matched_tokens;
+  stats_.token_misses += out.computed_tokens;
+  leases.clear();
+  stats_.process_ns.record(static_cast<std::uint64_t>((now() - start).count()));
+  return out;
+}
+
+// ---------------------------------------------------------------- pins, expiry
+
+result<void> block_store::pin(ns_id ns, const block_key& key) {
+  if (auto st = check_ns(ns); !st) return unexpected<error>(st.error());
+  const std::uint32_t id = find_visible(ns, key, now());
+  if (id == npos)
+    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+  ++entries_[id].pins;
+  refresh_evictable(id);
+  return {};
+}
+
+result<void> block_store::unpin(ns_id ns, const block_key& key) {
+  if (auto st = check_ns(ns); !st) return unexpected<error>(st.error());
+  const std::uint32_t id = index_.find(key);
+  if (id == npos || entries_[id].state != entry_state::committed ||
+      entries_[id].ns != ns.value)
+    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+  if (entries_[id].pins == 0)
+    return make_error(errc::invalid_argument,
+                      "block " + key.to_hex() + " is not pinned");
+  --entries_[id].pins;
+  refresh_evictable(id);
+  return {};
+}
+
+std::size_t block_store::expire() {
+  const std::int64_t t = now().count();
+  std::size_t n = 0;
+  for (std::uint32_t id = 0; id < entries_.size(); ++id) {
+    const entry& e = entries_[id];
+    if (e.state == entry_state::committed && !e.dead && e.expires_at != 0 &&
+        e.expires_at <= t) {
+      ++n;
+      ++stats_.expirations;
+      kill(id);
+    }
+  }
+  return n;
+}
+
+std::size_t block_store::evict_bytes(std::size_t bytes) {
+  std::size_t freed = 0;
+  while (freed < bytes) {
+    std::optional<size_partition> q;
+    double worst = -1.0;
+    for (std::size_t p = 0; p < partition_count; ++p) {
+      if (policies_[p]->evictable_count() == 0) continue;
+      const double ratio = static_cast<double>(stats_.bytes_by_partition[p]) /
+                           config_.partitions.shares[p];
+      if (ratio > worst) {
+        worst = ratio;
+        q = static_cast<size_partition>(p);
+      }
+    }
+    if (!q) break;
+    const std::uint32_t victim = policies_[static_cast<std::size_t>(*q)]->victim();
+    freed += pool_.slot_bytes(entries_[victim].slot.size_class);
+    ++stats_.evictions;
+    stats_.evicted_bytes += pool_.slot_bytes(entries_[victim].slot.size_class);
+    remove(victim);
+  }
+  return freed;
+}
+
+// ---------------------------------------------------------------- space
+
+bool block_store::over_high(std::size_t extra) const noexcept {
+  return static_cast<double>(pool_.used_bytes() + extra) >
+         config_.high_watermark * static_cast<double>(pool_.capacity_bytes());
+}
+
+std::optional<size_partition> block_store::pick_partition(size_partition p) const {
+  const double cap = static_cast<double>(pool_.capacity_bytes());
+  std::optional<size_partition> over;
+  double over_ratio = 1.0;
+  std::optional<size_partition> any;
+  double any_ratio = -1.0;
+  for (std::size_t q = 0; q < partition_count; ++q) {
+    if (policies_[q]->evictable_count() == 0) continue;
+    const double ratio = static_cast<double>(stats_.bytes_by_partition[q]) /
+                         (config_.partitions.shares[q] * cap);
+    if (ratio > over_ratio) {
+      over_ratio = ratio;
+      over = static_cast<size_partition>(q);
+    }
+    if (ratio > any_ratio) {
+      any_ratio = ratio;
+      any = static_cast<size_partition>(q);
+    }
+  }
+  // A partition over its share gives up space first; otherwise the asking
+  // partition makes room in its own share.
+  if (over) return over;
+  if (policies_[static_cast<std::size_t>(p)]->evictable_count() > 0) return p;
+  return any;
+}
+
+result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
+  const std::size_t need = pool_.slot_bytes(cls);
+  if (!over_high(need) && pool_.can_allocate(cls)) return {};
+  const double target =
+      config_.low_watermark * static_cast<double>(pool_.capacity_bytes());
+  std::size_t scan_budget = config_.demotion_scan_limit;
+  while (static_cast<double>(pool_.used_bytes() + need) > target ||
+         !pool_.can_allocate(cls)) {
+    const auto q = pick_partition(p);
+    if (!q) break;
+    if (config_.adaptive_compression && try_demote(*q, scan_budget)) continue;
+    const std::uint32_t victim = policies_[static_cast<std::size_t>(*q)]->victim();
+    ++stats_.evictions;
+    stats_.evicted_bytes += pool_.slot_bytes(entries_[victim].slot.size_class);
+    remove(victim);
+  }
+  if (!pool_.can_allocate(cls))
+    return make_error(errc::out_of_memory,
+                      "no room for a block of " + std::to_string(need) +
+                          " bytes: every cached block is pinned, leased or has "
+                          "cached children");
+  return {};
+}
+
+bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
+  std::uint32_t id = recency_tail_[static_cast<std::size_t>(p)];
+  while (id != npos && scan_budget > 0) {
+    --scan_budget;
+    entry& e = entries_[id];
+    const std::uint32_t next = e.rprev;
+    const ns_state& st = namespaces_[e.ns];
+    if (e.leases == 0 && e.pins == 0 && !e.dead && st.options.adaptive_compression) {
+      const auto& th = st.options.thresholds;
+      codec target = codec::int4;
+      if (e.access_count > th.precise_above)
+        target = e.c;
+      else if (e.access_count > th.int8_above)
+        target = codec::int8;
+      if (compression_rank(target) > compression_rank(e.c) &&
+          transcode(id, target).has_value())
+        return true;
+    }
+    id = next;
+  }
+  return false;
+}
+
+result<void> block_store::transcode(std::uint32_t id, codec to) {
+  entry& e = entries_[id];
+  const ns_state& st = namespaces_[e.ns];
+  const std::uint16_t cls = st.size_class[static_cast<std::size_t>(to)];
+  if (!pool_.can_allocate(cls))
+    return make_error(errc::out_of_memory, "no slot for the demoted block");
+  // Verify before re-encoding so a corrupted block is never laundered into a
+  // fresh checksum.
+  std::span<std::byte> old_bytes(scratch2_.data(), e.stored_bytes);
+  if (auto r = backend_->read(pool_.offset(e.slot), old_bytes); !r) return r;
+  if (block_checksum(old_bytes) != e.checksum) {
+    ++stats_.checksum_failures;
+    kill(id);
+    return make_error(errc::checksum_mismatch, "block failed its checksum");
+  }
+  std::span<std::byte> value(scratch_.data(), st.spec.value_bytes());
+  if (auto d = decode(e.c, st.spec.type, old_bytes, value); !d)
+    return unexpected<error>(d.error());
+  const std::size_t new_bytes = encoded_size(to, st.spec.elements_per_block());
+  std::span<std::byte> encoded(scratch2_.data(), new_bytes);
+  if (auto n = encode(to, st.spec.type, value, encoded); !n)
+    return unexpected<error>(n.error());
+  auto slot = pool_.allocate(cls);
+  if (!slot) return unexpected<error>(slot.error());
+  if (auto w = backend_->write(pool_.offset(*slot), encoded); !w) {
+    pool_.free(*slot);
+    return w;
+  }
+  const std::size_t old_slot_bytes = pool_.slot_bytes(e.slot.size_class);
+  account(e, false);
+  pool_.free(e.slot);
+  e.slot = *slot;
+  e.c = to;
+  e.stored_bytes = static_cast<std::uint32_t>(new_bytes);
+  e.checksum = block_checksum(encoded);
+  account(e, true);
+  ++stats_.demotions;
+  stats_.demoted_bytes_saved += old_slot_bytes - pool_.slot_bytes(cls);
+  if (to == codec::int4) recency_unlink(id); // nothing lower to demote to
+  return {};
+}
+
+void block_store::account(const entry& e, bool add) noexcept {
+  const std::uint64_t bytes = pool_.slot_bytes(e.slot.size_class);
+  auto adjust = [add](std::uint64_t& v, std::uint64_t d) {
+    if (add)
+      v += d;
+    else
+      v -= d;
+  };
+  adjust(stats_.blocks_by_codec[static_cast<std::size_t>(e.c)], 1);
+  adjust(stats_.bytes_by_codec[static_cast<std::size_t>(e.c)], bytes);
+  adjust(stats_.blocks_by_partition[static_cast<std::size_t>(e.part)], 1);
+  adjust(stats_.bytes_by_partition[static_cast<std::size_t>(e.part)], bytes);
+}
+
+bool block_store::evictable(const entry& e) const noexcept {
+  return e.state == entry_state::committed && e.children == 0 && e.leases == 0 &&
+         e.pins == 0;
+}
+
+void block_store::refresh_evictable(std::uint32_t id) {
+  entry& e = entries_[id];
+  const bool ev = evictable(e);
+  if (e.dead && ev) {
+    remove(id);
+    return;
+  }
+  const bool want = ev && !e.dead;
+  if (want != e.flagged_evictable) {
+    policies_[static_cast<std::size_t>(e.part)]->set_evictable(id, want);
+    e.flagged_evictable = want;
+  }
+}
+
+void block_store::kill(std::uint32_t id) {
+  entry& e = entries_[id];
+  if (e.dead) return;
+  e.dead = true;
+  if (e.flagged_evictable) {
+    policies_[static_cast<std::size_t>(e.part)]->set_evictable(id, false);
+    e.flagged_evictable = false;
+  }
+  refresh_evictable(id);
+}
+
+void block_store::remove(std::uint32_t id) {
+  // Iterative: removing a block may make its dead parent removable.
+  while (id != npos) {
+    entry& e = entries_[id];
+    KVFLEET_CHECK(evictable(e), "removing a block that is not evictable");
+    account(e, false);
+    policies_[static_cast<std::size_t>(e.part)]->on_remove(id);
+    if (e.in_recency) recency_unlink(id);
+    pool_.free(e.slot);
+    index_.erase(e.key);
+    const std::uint32_t pid = e.parent;
+    const std::uint32_t gen = e.generation + 1;
+    e = entry{};
+    e.generation = gen;
+    free_entries_.push_back(id);
+    id = npos;
+    if (pid != npos) {
+      entry& p = entries_[pid];
+      --p.children;
+      if (p.dead && evictable(p)) {
+        id = pid;
+      } else {
+        refresh_evictable(pid);
+      }
+    }
+  }
+}
+
+void block_store::recency_unlink(std::uint32_t id) noexcept {
+  entry& e = entries_[id];
+  if (!e.in_recency) return;
+  const auto p = static_cast<std::size_t>(e.part);
+  if (e.rprev != npos)
+    entries_[e.rprev].rnext = e.rnext;
+  else
+    recency_head_[p] = e.rnext;
+  if (e.rnext != npos)
+    entries_[e.rnext].rprev = e.rprev;
+  else
+    recency_tail_[p] = e.rprev;
+  e.rprev = e.rnext = npos;
+  e.in_recency = false;
+}
+
+void block_store::recency_push_front(std::uint32_t id) noexcept {
+  entry& e = entries_[id];
+  const auto p = static_cast<std::size_t>(e.part);
+  e.rprev = npos;
+  e.rnext = recency_head_[p];
+  if (recency_head_[p] != npos) entries_[recency_head_[p]].rprev = id;
+  recency_head_[p] = id;
+  if (recency_tail_[p] == npos) recency_tail_[p] = id;
+  e.in_recency = true;
+}
+
+// ---------------------------------------------------------------- queries
+
+bool block_store::contains(ns_id ns, const block_key& key) const {
+  const std::uint32_t id = index_.find(key);
+  if (id == npos) return false;
+  const entry& e = entries_[id];
+  return e.state == entry_state::committed && !e.dead && e.ns == ns.value &&
+         (e.expires_at == 0 || e.expires_at > now().count());
+}
+
+result<codec> block_store::codec_of(ns_id ns, const block_key& key) const {
+  if (!contains(ns, key))
+    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+  return entries_[index_.find(key)].c;
+}
+
+result<void> block_store::corrupt_for_testing(ns_id ns, const block_key& key,
+                                              std::size_t offset) {
+  if (!contains(ns, key))
+    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+  entry& e = entries_[index_.find(key)];
+  std::byte* p = host_ptr(e);
+  if (p == nullptr || offset >= e.stored_bytes)
+    return make_error(errc::invalid_argument, "cannot corrupt that byte");
+  p[offset] ^= std::byte{0x5a};
+  return {};
+}
+
+void block_store::check_invariants() const {
+  pool_.check_invariants();
+  std::vector<std::uint32_t> children(entries_.size(), 0);
+  std::size_t live = 0;
+  std::size_t used = 0;
+  std::array<std::size_t, partition_count> flagged{};
+  store_stats sums;
+  for (std::uint32_t id = 0; id < entries_.size(); ++id) {
+    const entry& e = entries_[id];
+    if (e.state == entry_state::free) continue;
+    ++live;
+    KVFLEET_CHECK(index_.find(e.key) == id, "index does not point at its entry");
+    used += pool_.slot_bytes(e.slot.size_class);
+    if (e.parent != npos) {
+      KVFLEET_CHECK(entries_[e.parent].state != entry_state::free,
+                    "block chained from a freed parent");
+      ++children[e.parent];
+    }
+    if (e.state == entry_state::committed) {
+      KVFLEET_CHECK(e.flagged_evictable == (evictable(e) && !e.dead),
+                    "evictable flag out of date");
+      KVFLEET_CHECK(!(e.dead && evictable(e)), "removable dead block kept");
+      if (e.flagged_evictable) ++flagged[static_cast<std::size_t>(e.part)];
+      const std::uint64_t b = pool_.slot_bytes(e.slot.size_class);
+      sums.bytes_by_codec[static_cast<std::size_t>(e.c)] += b;
+      sums.bytes_by_partition[static_cast<std::size_t>(e.part)] += b;
+      sums.blocks_by_codec[static_cast<std::size_t>(e.c)] += 1;
+    } else {
+      KVFLEET_CHECK(!e.flagged_evictable && !e.in_recency,
+                    "uncommitted block visible to eviction");
+    }
+  }
+  for (std::uint32_t id = 0; id < entries_.size(); ++id)
+    KVFLEET_CHECK(children[id] == entries_[id].children, "child count mismatch");
+  KVFLEET_CHECK(live == index_.size(), "index size mismatch");
+  KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
+  KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec, "codec bytes mismatch");
+  KVFLEET_CHECK(sums.blocks_by_codec == stats_.blocks_by_codec, "codec blocks mismatch");
+  KVFLEET_CHECK(sums.bytes_by_partition == stats_.bytes_by_partition,
+                "partition bytes mismatch");
+  for (std::size_t p = 0; p < partition_count; ++p) {
+    KVFLEET_CHECK(policies_[p]->evictable_count() == flagged[p],
+                  "policy evictable count mismatch");
+    policies_[p]->check_invariants();
+    std::size_t n = 0;
+    for (std::uint32_t id = recency_head_[p]; id != npos; id = entries_[id].rnext) {
+      KVFLEET_CHECK(entries_[id].in_recency && entries_[id].state == entry_state::committed,
+                    "recency list holds a block it should not");
+      KVFLEET_CHECK(++n <= entries_.size(), "recency list cycle");
+    }
+  }
+}
+
+} // namespace kvfleet::engine

@@ -1,0 +1,330 @@
+#pragma once
+/// The single-node KV block store: the engine.
+///
+/// Composes a memory backend (bytes), a slab block pool (slots), a block
+/// index (key -> entry), one eviction policy per size partition, codecs and
+/// checksums. Blocks form prefix chains: every block but the first of a
+/// request names its parent, and longest-prefix lookup walks keys in order
+/// until the first miss.
+///
+/// Block state machine:
+///   free --reserve--> reserved --write--> written --commit--> committed
+///   reserved|written --abort--> free
+///   committed --evict|expire|corrupt--> free (when evictable, else "dead":
+///             invisible to lookups and removed once it becomes evictable)
+/// Readers only ever see committed blocks.
+///
+/// Invariants (check_invariants() verifies them):
+///   - a block is evictable iff committed, a leaf (no cached or reserved
+///     child), unpinned and unleased; only evictable blocks are evicted or
+///     demoted, so eviction is leaf-first and never frees bytes under a
+///     reader;
+///   - pool used bytes == sum of live blocks' slot bytes;
+///   - per-codec and per-partition byte counts match the blocks.
+///
+/// Space: when a reservation would take the pool above the high watermark
+/// (or no slot of the needed size is free), the store first demotes cold
+/// blocks in place (adaptive compression: none -> int8 -> int4, by access
+/// count), then evicts, until usage is at the low watermark. A size
+/// partition above its share of capacity gives up space first.
+///
+/// Errors are values: no public call throws or aborts on bad input. A failed
+/// put leaves nothing behind.
+///
+/// Thread safety: none. One owner (an engine actor) calls everything.
+/// Leases and put handles must not outlive the store.
+
+#include "engine/block_index.hpp"
+#include "engine/block_key.hpp"
+#include "engine/block_pool.hpp"
+#include "engine/clock.hpp"
+#include "engine/codec.hpp"
+#include "engine/eviction_policy.hpp"
+#include "engine/kv_namespace.hpp"
+#include "engine/kv_producer.hpp"
+#include "engine/memory_backend.hpp"
+#include "engine/result.hpp"
+#include "engine/stats.hpp"
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+namespace kvfleet::engine {
+
+class block_store;
+
+/// Index of a registered namespace in its store.
+struct ns_id {
+  std::uint16_t value = 0;
+  friend bool operator==(const ns_id&, const ns_id&) = default;
+};
+
+/// Access counts that decide how far adaptive compression may demote a
+/// block: more than `precise_above` accesses keeps it as stored, more than
+/// `int8_above` no lower than int8, otherwise int4.
+struct compression_thresholds {
+  std::uint32_t precise_above = 10;
+  std::uint32_t int8_above = 3;
+};
+
+struct namespace_options {
+  codec default_codec = codec::none;    ///< codec new blocks are stored in
+  bool adaptive_compression = true;     ///< may demote cold blocks
+  compression_thresholds thresholds{};
+  nanos ttl{0};                         ///< default time to live; 0 = none
+};
+
+/// Request-length classes with their shares of capacity. Requests below
+/// `medium_from` tokens are short, below `long_from` medium, the rest long.
+struct partition_config {
+  std::uint32_t medium_from = 2048;
+  std::uint32_t long_from = 4096;
+  std::array<double, partition_count> shares{0.3, 0.3, 0.4};
+};
+
+struct store_config {
+  std::size_t capacity_bytes = 0;  ///< arena size (host backend)
+  /// Slab size; 0 picks capacity / 64 clamped to [1 MiB, 256 MiB] and
+  /// rounded to the slot alignment. The largest value must fit one slab.
+  std::size_t slab_bytes = 0;
+  double high_watermark = 0.9;
+  double low_watermark = 0.8;
+  policy_kind policy = policy_kind::adaptive;
+  partition_config partitions{};
+  bool adaptive_compression = true;      ///< master switch
+  std::size_t demotion_scan_limit = 256; ///< blocks scanned per make-room
+  const clock_source* clock = nullptr;   ///< default: steady clock
+  /// Belady only: tick of the next use of a key after the current access.
+  std::function<std::uint64_t(const block_key&)> next_use;
+};
+
+/// Options of one put.
+struct put_options {
+  priority prio = priority::normal;
+  std::optional<codec> codec_override; ///< default: the namespace's codec
+  std::optional<nanos> ttl;            ///< default: the namespace's TTL
+  std::uint32_t request_tokens = 0;    ///< picks the size partition
+  bool pin = false;                    ///< pinned blocks are never evicted
+};
+
+/// RAII read lease: while it lives, its block is neither evicted nor
+/// demoted. Move-only.
+class read_lease {
+public:
+  read_lease() = default;
+  read_lease(read_lease&& other) noexcept { *this = std::move(other); }
+  read_lease& operator=(read_lease&& other) noexcept;
+  read_lease(const read_lease&) = delete;
+  read_lease& operator=(const read_lease&) = delete;
+  ~read_lease() { release(); }
+
+  [[nodiscard]] bool valid() const noexcept { return store_ != nullptr; }
+  [[nodiscard]] const block_key& key() const noexcept { return key_; }
+  void release() noexcept;
+
+private:
+  friend class block_store;
+  read_lease(block_store* s, std::uint32_t id, const block_key& key)
+      : store_(s), id_(id), key_(key) {}
+  block_store* store_ = nullptr;
+  std::uint32_t id_ = 0;
+  block_key key_{};
+};
+
+/// Two-phase put handle: reserve -> write -> commit, or abort. Dropping an
+/// open handle aborts the put. Move-only.
+class put_handle {
+public:
+  put_handle() = default;
+  put_handle(put_handle&& other) noexcept { *this = std::move(other); }
+  put_handle& operator=(put_handle&& other) noexcept;
+  put_handle(const put_handle&) = delete;
+  put_handle& operator=(const put_handle&) = delete;
+  ~put_handle();
+
+  /// True when the key was already cached: write and commit then do nothing
+  /// but validate, and commit counts as an access.
+  [[nodiscard]] bool already_cached() const noexcept { return duplicate_; }
+  [[nodiscard]] const block_key& key() const noexcept { return key_; }
+
+private:
+  friend class block_store;
+  enum class phase : std::uint8_t { none, open, committed, aborted };
+  block_store* store_ = nullptr;
+  std::uint32_t id_ = 0;
+  std::uint32_t generation_ = 0;
+  block_key key_{};
+  phase phase_ = phase::none;
+  bool duplicate_ = false;
+  bool written_ = false;
+};
+
+/// What process() did with one request.
+struct process_result {
+  std::size_t matched_blocks = 0;
+  std::size_t computed_blocks = 0;
+  std::size_t matched_tokens = 0;  ///< prompt tokens served from cache
+  std::size_t computed_tokens = 0; ///< prompt tokens the producer computed
+  nanos prefill_saved{0};          ///< producer cost of the matched tokens
+};
+
+class block_store {
+public:
+  /// A store over a host arena of config.capacity_bytes.
+  [[nodiscard]] static result<std::unique_ptr<block_store>>
+  create(const store_config& config);
+  /// A store over `backend`'s arena (config.capacity_bytes is ignored).
+  [[nodiscard]] static result<std::unique_ptr<block_store>>
+  create(const store_config& config, std::unique_ptr<memory_backend> backend);
+
+  ~block_store();
+  block_store(const block_store&) = delete;
+  block_store& operator=(const block_store&) = delete;
+
+  /// Registers a namespace; registering an equal spec again returns the same
+  /// id. A value larger than a slab is errc::value_too_large.
+  [[nodiscard]] result<ns_id> register_namespace(
+      const namespace_spec& spec, const namespace_options& options = {});
+  [[nodiscard]] result<const namespace_spec*> spec(ns_id ns) const;
+
+  /// Number of leading `keys` cached (longest prefix). Read-only: no access
+  /// is recorded. Counts block hits and misses.
+  [[nodiscard]] result<std::size_t> lookup(ns_id ns,
+                                           std::span<const block_key> keys);
+
+  /// Longest cached prefix of `keys`, leased and recorded as accessed.
+  /// Replaces the contents of `out` with one lease per matched block.
+  [[nodiscard]] result<std::size_t>
+  acquire_prefix(ns_id ns, std::span<const block_key> keys,
+                 std::vector<read_lease>& out);
+  /// Lease of one cached block; errc::not_found when absent.
+  [[nodiscard]] result<read_lease> acquire(ns_id ns, const block_key& key);
+
+  /// Codec and stored size of a leased block.
+  [[nodiscard]] codec stored_codec(const read_lease& lease) const;
+  [[nodiscard]] std::size_t stored_bytes(const read_lease& lease) const;
+
+  /// Verifies the leased block's checksum and decodes it into `out`
+  /// (namespace dtype, value_bytes()). A checksum mismatch drops the block,
+  /// counts it, zeroes `out` and returns errc::checksum_mismatch.
+  [[nodiscard]] result<void> read(const read_lease& lease,
+                                  std::span<std::byte> out);
+  /// Copies the stored (encoded) bytes after verifying the checksum.
+  [[nodiscard]] result<void> read_raw(const read_lease& lease,
+                                      std::span<std::byte> out);
+
+  /// Phase one of a put: claims space for block `key` whose parent is
+  /// `parent` (null for the first block of a chain). The parent must be
+  /// cached or reserved in the same namespace (errc::not_found otherwise).
+  /// errc::busy when another put of the key is open.
+  [[nodiscard]] result<put_handle> reserve(ns_id ns, const block_key& key,
+                                           const block_key& parent,
+                                           const put_options& options = {});
+  /// Phase two: stores the uncompressed value (spec.value_bytes() bytes of
+  /// the namespace dtype), encoded with the put's codec.
+  [[nodiscard]] result<void> write(put_handle& handle,
+                                   std::span<const std::byte> value);
+  /// Phase two, producer variant: the producer writes the value.
+  [[nodiscard]] result<void> write_from(put_handle& handle, kv_producer& producer);
+  /// Makes the block visible. errc::not_written before write,
+  /// errc::double_commit and errc::commit_after_abort as named.
+  [[nodiscard]] result<void> commit(put_handle& handle);
+  /// Frees the reservation. Aborting twice, or after commit, is an error.
+  [[nodiscard]] result<void> abort(put_handle& handle);
+
+  /// Looks up the prefix, computes the missing blocks with `producer`,
+  /// commits them and returns what was matched and computed. `keys` are the
+  /// request's full blocks; `input_tokens` its prompt length.
+  [[nodiscard]] result<process_result>
+  process(ns_id ns, std::span<const block_key> keys,
+          std::size_t input_tokens, kv_producer& producer,
+          const put_options& options = {});
+
+  /// Pinned blocks are never evicted or demoted. Pins nest.
+  [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
+  [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
+
+  /// Evicts expired blocks now (lookups also skip them lazily). Returns how
+  /// many were removed.
+  std::size_t expire();
+  /// Evicts evictable blocks, lowest priority first in every policy's
+  /// order, until `bytes` are freed or none is left. Returns bytes freed.
+  std::size_t evict_bytes(std::size_t bytes);
+
+  [[nodiscard]] const store_stats& stats() const noexcept { return stats_; }
+  [[nodiscard]] std::size_t block_count() const noexcept { return index_.size(); }
+  [[nodiscard]] std::size_t used_bytes() const noexcept { return pool_.used_bytes(); }
+  [[nodiscard]] std::size_t capacity_bytes() const noexcept {
+    return pool_.capacity_bytes();
+  }
+  [[nodiscard]] const store_config& config() const noexcept { return config_; }
+  /// Whether a key is cached and visible (committed, not expired).
+  [[nodiscard]] bool contains(ns_id ns, const block_key& key) const;
+  /// Codec a cached block is stored in (for tests and tools).
+  [[nodiscard]] result<codec> codec_of(ns_id ns, const block_key& key) const;
+  /// Test hook: flips one byte of a block's stored bytes (host backend).
+  [[nodiscard]] result<void> corrupt_for_testing(ns_id ns, const block_key& key,
+                                                 std::size_t offset);
+
+  /// Aborts when an invariant is broken. O(blocks).
+  void check_invariants() const;
+
+private:
+  friend class read_lease;
+  friend class put_handle;
+  struct entry;
+  struct ns_state;
+
+  block_store(const store_config& config, std::unique_ptr<memory_backend> backend,
+              block_pool pool);
+
+  [[nodiscard]] nanos now() const noexcept { return clock_->now(); }
+  [[nodiscard]] result<const ns_state*> check_ns(ns_id ns) const;
+  [[nodiscard]] std::uint32_t find_visible(ns_id ns, const block_key& key,
+                                           nanos now);
+  [[nodiscard]] std::size_t walk_prefix(ns_id ns, std::span<const block_key> keys,
+                                        nanos now);
+  void touch(std::uint32_t id);
+  void release_lease(std::uint32_t id) noexcept;
+  void abort_reservation(std::uint32_t id) noexcept;
+  [[nodiscard]] result<void> check_open(const put_handle& h) const;
+  [[nodiscard]] size_partition partition_for(std::uint32_t request_tokens) const;
+  [[nodiscard]] result<void> make_room(size_partition p, std::uint16_t cls);
+  [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
+  [[nodiscard]] std::optional<size_partition> pick_partition(size_partition p) const;
+  bool try_demote(size_partition p, std::size_t& scan_budget);
+  [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
+  void remove(std::uint32_t id);
+  void kill(std::uint32_t id);
+  void refresh_evictable(std::uint32_t id);
+  [[nodiscard]] bool evictable(const entry& e) const noexcept;
+  void account(const entry& e, bool add) noexcept;
+  std::uint32_t new_entry();
+  [[nodiscard]] std::byte* host_ptr(const entry& e) noexcept;
+  void recency_unlink(std::uint32_t id) noexcept;
+  void recency_push_front(std::uint32_t id) noexcept;
+
+  store_config config_;
+  const clock_source* clock_;
+  std::unique_ptr<memory_backend> backend_;
+  block_pool pool_;
+  block_index index_;
+  std::vector<entry> entries_;
+  std::vector<std::uint32_t> free_entries_;
+  std::vector<ns_state> namespaces_;
+  std::array<std::unique_ptr<eviction_policy>, partition_count> policies_;
+  std::array<std::uint32_t, partition_count> recency_head_{};
+  std::array<std::uint32_t, partition_count> recency_tail_{};
+  std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
+  std::vector<std::byte> scratch2_;
+  std::uint64_t tick_ = 0;
+  store_stats stats_;
+};
+
+} // namespace kvfleet::engine

@@ -1,0 +1,520 @@
+#include "engine/block_store.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace kvfleet::engine {
+namespace {
+
+using namespace std::chrono_literals;
+
+// 16 tokens x 64 dims x 2 (K and V) x fp16 = 4 KiB per block.
+namespace_spec small_spec(std::string model = "test-model") {
+  namespace_spec s;
+  s.model = std::move(model);
+  s.layers = 1;
+  s.kv_heads = 1;
+  s.head_dim = 64;
+  s.block_tokens = 16;
+  return s;
+}
+
+constexpr std::size_t block_bytes = 4096;
+
+class store_fixture : public ::testing::Test {
+protected:
+  void open(std::size_t blocks, policy_kind policy = policy_kind::lru,
+            bool compression = false, std::size_t slab_blocks = 4) {
+    store_config cfg;
+    cfg.capacity_bytes = blocks * block_bytes;
+    cfg.slab_bytes = slab_blocks * block_bytes;
+    cfg.policy = policy;
+    cfg.adaptive_compression = compression;
+    cfg.clock = &clock_;
+    if (policy == policy_kind::belady)
+      cfg.next_use = [](const block_key&) { return std::uint64_t{0}; };
+    auto s = block_store::create(cfg);
+    ASSERT_TRUE(s.has_value()) << s.error().describe();
+    store_ = std::move(*s);
+    namespace_options opts;
+    opts.adaptive_compression = compression;
+    auto ns = store_->register_namespace(small_spec(), opts);
+    ASSERT_TRUE(ns.has_value()) << ns.error().describe();
+    ns_ = *ns;
+    fp_ = small_spec().fingerprint();
+  }
+
+  std::vector<block_key> chain(std::uint64_t first_id, std::size_t n) const {
+    std::vector<block_key> keys;
+    block_key parent{};
+    for (std::size_t i = 0; i < n; ++i) {
+      parent = chain_key_from_id(parent, fp_, first_id + i);
+      keys.push_back(parent);
+    }
+    return keys;
+  }
+
+  static std::vector<std::byte> value_for(const block_key& key) {
+    std::vector<std::byte> v(block_bytes);
+    synthetic_producer p;
+    EXPECT_TRUE(p.produce(small_spec(), key, v).has_value());
+    return v;
+  }
+
+  result<void> put(const block_key& key, const block_key& parent,
+                   const put_options& opts = {}) {
+    auto h = store_->reserve(ns_, key, parent, opts);
+    if (!h) return unexpected<error>(h.error());
+    if (auto w = store_->write(*h, value_for(key)); !w) return w;
+    return store_->commit(*h);
+  }
+
+  void put_chain(const std::vector<block_key>& keys, const put_options& opts = {}) {
+    block_key parent{};
+    for (const auto& k : keys) {
+      auto r = put(k, parent, opts);
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+      parent = k;
+      store_->check_invariants();
+    }
+  }
+
+  manual_clock clock_;
+  std::unique_ptr<block_store> store_;
+  ns_id ns_;
+  ns_fingerprint fp_;
+};
+
+TEST_F(store_fixture, put_then_read_returns_the_same_bytes) {
+  open(16);
+  const auto keys = chain(1, 3);
+  put_chain(keys);
+  for (const auto& k : keys) {
+    auto lease = store_->acquire(ns_, k);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> out(block_bytes);
+    ASSERT_TRUE(store_->read(*lease, out).has_value());
+    EXPECT_EQ(out, value_for(k));
+  }
+  EXPECT_EQ(store_->stats().commits, 3U);
+  EXPECT_EQ(store_->stats().reads, 3U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, longest_prefix_stops_at_first_miss) {
+  open(16);
+  const auto keys = chain(1, 5);
+  put_chain({keys.begin(), keys.begin() + 3});
+  auto n = store_->lookup(ns_, keys);
+  ASSERT_TRUE(n.has_value());
+  EXPECT_EQ(*n, 3U);
+  EXPECT_EQ(store_->stats().block_hits, 3U);
+  EXPECT_EQ(store_->stats().block_misses, 2U);
+  const auto other = chain(100, 2);
+  EXPECT_EQ(*store_->lookup(ns_, other), 0U);
+}
+
+TEST_F(store_fixture, readers_never_see_uncommitted_blocks) {
+  open(16);
+  const auto k = chain(1, 1)[0];
+  auto h = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(h.has_value());
+  EXPECT_FALSE(store_->contains(ns_, k));
+  EXPECT_EQ(store_->acquire(ns_, k).error().code, errc::not_found);
+  ASSERT_TRUE(store_->write(*h, value_for(k)).has_value());
+  EXPECT_EQ(*store_->lookup(ns_, std::span(&k, 1)), 0U);
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_TRUE(store_->contains(ns_, k));
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, abort_and_dropped_handles_leave_nothing_behind) {
+  open(16);
+  const auto k = chain(1, 2);
+  {
+    auto h = store_->reserve(ns_, k[0], {});
+    ASSERT_TRUE(h.has_value());
+    EXPECT_GT(store_->used_bytes(), 0U);
+    ASSERT_TRUE(store_->abort(*h).has_value());
+    EXPECT_EQ(store_->used_bytes(), 0U);
+    EXPECT_EQ(store_->block_count(), 0U);
+  }
+  {
+    auto h = store_->reserve(ns_, k[0], {});
+    ASSERT_TRUE(h.has_value());
+    ASSERT_TRUE(store_->write(*h, value_for(k[0])).has_value());
+  } // dropped without commit
+  EXPECT_EQ(store_->used_bytes(), 0U);
+  EXPECT_FALSE(store_->contains(ns_, k[0]));
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, two_phase_misuse_is_an_error_value) {
+  open(16);
+  const auto k = chain(1, 2);
+  auto h = store_->reserve(ns_, k[0], {});
+  ASSERT_TRUE(h.has_value());
+  EXPECT_EQ(store_->commit(*h).error().code, errc::not_written);
+  ASSERT_TRUE(store_->write(*h, value_for(k[0])).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_EQ(store_->commit(*h).error().code, errc::double_commit);
+  EXPECT_EQ(store_->abort(*h).error().code, errc::invalid_handle);
+
+  auto h2 = store_->reserve(ns_, k[1], k[0]);
+  ASSERT_TRUE(h2.has_value());
+  ASSERT_TRUE(store_->abort(*h2).has_value());
+  EXPECT_EQ(store_->commit(*h2).error().code, errc::commit_after_abort);
+  EXPECT_EQ(store_->write(*h2, value_for(k[1])).error().code,
+            errc::commit_after_abort);
+  EXPECT_EQ(store_->abort(*h2).error().code, errc::invalid_handle);
+  put_handle empty;
+  EXPECT_EQ(store_->commit(empty).error().code, errc::invalid_handle);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, bad_input_is_rejected_and_leaves_nothing) {
+  open(16);
+  const auto k = chain(1, 2);
+  const std::size_t used = store_->used_bytes();
+  // Wrong namespace.
+  EXPECT_EQ(store_->reserve(ns_id{9}, k[0], {}).error().code,
+            errc::unknown_namespace);
+  EXPECT_EQ(store_->lookup(ns_id{9}, k).error().code, errc::unknown_namespace);
+  // Unknown codec.
+  put_options bad_codec;
+  bad_codec.codec_override = static_cast<codec>(17);
+  EXPECT_EQ(store_->reserve(ns_, k[0], {}, bad_codec).error().code,
+            errc::unknown_codec);
+  // Parent that is not cached.
+  EXPECT_EQ(store_->reserve(ns_, k[1], k[0]).error().code, errc::not_found);
+  // Wrong value size: the put fails and an abort leaves nothing.
+  auto h = store_->reserve(ns_, k[0], {});
+  ASSERT_TRUE(h.has_value());
+  std::vector<std::byte> wrong(block_bytes - 2);
+  EXPECT_EQ(store_->write(*h, wrong).error().code, errc::wrong_value_size);
+  EXPECT_EQ(store_->commit(*h).error().code, errc::not_written);
+  ASSERT_TRUE(store_->abort(*h).has_value());
+  // A prompt whose keys claim more blocks than its tokens hold.
+  synthetic_producer producer;
+  EXPECT_EQ(store_->process(ns_, k, 17, producer).error().code,
+            errc::misaligned_tokens);
+  EXPECT_EQ(store_->used_bytes(), used);
+  EXPECT_EQ(store_->block_count(), 0U);
+  EXPECT_GE(store_->stats().rejected_requests, 5U);
+  store_->check_invariants();
+}
+
+TEST(block_store, creation_errors) {
+  store_config cfg;
+  EXPECT_EQ(block_store::create(cfg).error().code, errc::zero_capacity);
+  cfg.capacity_bytes = 1 << 20;
+  cfg.high_watermark = 0.5;
+  cfg.low_watermark = 0.7;
+  EXPECT_EQ(block_store::create(cfg).error().code, errc::invalid_argument);
+  cfg.low_watermark = 0.4;
+  cfg.partitions.shares = {0.5, 0.5, 0.5};
+  EXPECT_EQ(block_store::create(cfg).error().code, errc::invalid_argument);
+  cfg.partitions.shares = {0.3, 0.3, 0.4};
+  cfg.policy = policy_kind::belady;
+  EXPECT_EQ(block_store::create(cfg).error().code, errc::invalid_argument);
+}
+
+TEST(block_store, oversize_value_is_rejected_at_registration) {
+  store_config cfg;
+  cfg.capacity_bytes = 1 << 20;
+  cfg.slab_bytes = 64 << 10;
+  auto s = block_store::create(cfg);
+  ASSERT_TRUE(s.has_value());
+  auto spec = small_spec();
+  spec.block_tokens = 1024; // 256 KiB per block, larger than a 64 KiB slab
+  auto ns = (*s)->register_namespace(spec);
+  ASSERT_FALSE(ns.has_value());
+  EXPECT_EQ(ns.error().code, errc::value_too_large);
+  auto bad = small_spec();
+  bad.head_dim = 0;
+  EXPECT_EQ((*s)->register_namespace(bad).error().code, errc::invalid_argument);
+}
+
+TEST_F(store_fixture, duplicate_put_is_a_cheap_no_op) {
+  open(16);
+  const auto k = chain(1, 1)[0];
+  ASSERT_TRUE(put(k, {}).has_value());
+  const auto used = store_->used_bytes();
+  auto h = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(h.has_value());
+  EXPECT_TRUE(h->already_cached());
+  ASSERT_TRUE(store_->write(*h, value_for(k)).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_EQ(store_->used_bytes(), used);
+  EXPECT_EQ(store_->stats().duplicate_puts, 1U);
+}
+
+TEST_F(store_fixture, concurrent_put_of_one_key_is_busy) {
+  open(16);
+  const auto k = chain(1, 1)[0];
+  auto h = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(h.has_value());
+  EXPECT_EQ(store_->reserve(ns_, k, {}).error().code, errc::busy);
+}
+
+TEST_F(store_fixture, eviction_runs_from_high_to_low_watermark) {
+  open(40, policy_kind::lru, false, 1);
+  // 40 block capacity: high 36, low 32.
+  for (std::uint64_t i = 0; i < 36; ++i) put_chain(chain(1000 * (i + 1), 1));
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  put_chain(chain(999999, 1));
+  EXPECT_EQ(store_->block_count(), 32U);
+  EXPECT_EQ(store_->stats().evictions, 5U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, eviction_is_leaf_first) {
+  open(20, policy_kind::lru, false, 1);
+  const auto a = chain(1, 10);
+  put_chain(a);
+  // The chain's root is the least recently used block, but it has children.
+  for (std::uint64_t i = 0; i < 12; ++i) put_chain(chain(1000 * (i + 1), 1));
+  std::size_t prefix = *store_->lookup(ns_, a);
+  for (std::size_t i = 0; i < a.size(); ++i)
+    EXPECT_EQ(store_->contains(ns_, a[i]), i < prefix) << "block " << i;
+  EXPECT_LT(prefix, a.size());
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, leased_and_pinned_blocks_are_never_evicted) {
+  open(8, policy_kind::lru, false, 1);
+  const auto keep = chain(1, 1)[0];
+  const auto pinned = chain(2, 1)[0];
+  ASSERT_TRUE(put(keep, {}).has_value());
+  put_options pin_opts;
+  pin_opts.pin = true;
+  ASSERT_TRUE(put(pinned, {}, pin_opts).has_value());
+  auto lease = store_->acquire(ns_, keep);
+  ASSERT_TRUE(lease.has_value());
+  for (std::uint64_t i = 0; i < 40; ++i) put_chain(chain(1000 * (i + 1), 1));
+  EXPECT_TRUE(store_->contains(ns_, keep));
+  EXPECT_TRUE(store_->contains(ns_, pinned));
+  lease->release();
+  ASSERT_TRUE(store_->unpin(ns_, pinned).has_value());
+  EXPECT_EQ(store_->unpin(ns_, pinned).error().code, errc::invalid_argument);
+  for (std::uint64_t i = 0; i < 40; ++i) put_chain(chain(100000 * (i + 1), 1));
+  EXPECT_FALSE(store_->contains(ns_, keep));
+  EXPECT_FALSE(store_->contains(ns_, pinned));
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
+  open(4, policy_kind::lru, false, 1);
+  std::vector<read_lease> leases;
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    const auto k = chain(10 * (i + 1), 1)[0];
+    auto r = put(k, {});
+    if (!r) {
+      EXPECT_EQ(r.error().code, errc::out_of_memory);
+      break;
+    }
+    leases.push_back(std::move(*store_->acquire(ns_, k)));
+  }
+  const auto used = store_->used_bytes();
+  const auto k = chain(999, 1)[0];
+  auto h = store_->reserve(ns_, k, {});
+  ASSERT_FALSE(h.has_value());
+  EXPECT_EQ(h.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->used_bytes(), used);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, ttl_expires_blocks) {
+  open(16);
+  const auto keys = chain(1, 3);
+  put_options opts;
+  opts.ttl = 10s;
+  put_chain(keys, opts);
+  clock_.advance(9s);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 3U);
+  clock_.advance(2s);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 0U);
+  EXPECT_FALSE(store_->contains(ns_, keys[2]));
+  store_->check_invariants();
+  EXPECT_EQ(store_->expire(), 2U); // the lookup already expired the root
+  EXPECT_EQ(store_->block_count(), 0U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, corrupted_block_is_dropped_and_counted_never_returned) {
+  open(16);
+  const auto keys = chain(1, 2);
+  put_chain(keys);
+  ASSERT_TRUE(store_->corrupt_for_testing(ns_, keys[1], 100).has_value());
+  auto lease = store_->acquire(ns_, keys[1]);
+  ASSERT_TRUE(lease.has_value());
+  std::vector<std::byte> out(block_bytes, std::byte{1});
+  auto r = store_->read(*lease, out);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::checksum_mismatch);
+  EXPECT_EQ(out, std::vector<std::byte>(block_bytes));
+  EXPECT_EQ(store_->stats().checksum_failures, 1U);
+  EXPECT_FALSE(store_->contains(ns_, keys[1]));
+  lease->release();
+  EXPECT_EQ(store_->block_count(), 1U);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 1U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, process_computes_only_the_missing_blocks) {
+  open(64);
+  synthetic_producer producer(1us);
+  const auto keys = chain(1, 4);
+  auto first = store_->process(ns_, std::span(keys).first(2), 40, producer);
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ(first->matched_blocks, 0U);
+  EXPECT_EQ(first->computed_blocks, 2U);
+  EXPECT_EQ(first->computed_tokens, 40U);
+  auto second = store_->process(ns_, keys, 70, producer);
+  ASSERT_TRUE(second.has_value());
+  EXPECT_EQ(second->matched_blocks, 2U);
+  EXPECT_EQ(second->matched_tokens, 32U);
+  EXPECT_EQ(second->computed_blocks, 2U);
+  EXPECT_EQ(second->computed_tokens, 38U);
+  EXPECT_EQ(second->prefill_saved, 32us);
+  EXPECT_EQ(store_->stats().token_hits, 32U);
+  EXPECT_EQ(store_->stats().token_misses, 78U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, partitions_keep_long_requests_from_flushing_short_ones) {
+  open(100, policy_kind::lru, false, 1);
+  put_options short_req;
+  short_req.request_tokens = 100;
+  std::vector<std::vector<block_key>> shorts;
+  for (std::uint64_t i = 0; i < 20; ++i) {
+    shorts.push_back(chain(10 * (i + 1), 1));
+    put_chain(shorts.back(), short_req);
+  }
+  put_options long_req;
+  long_req.request_tokens = 10000;
+  for (std::uint64_t i = 0; i < 300; ++i) put_chain(chain(100000 * (i + 1), 1), long_req);
+  // 20 short blocks are below the short partition's 30% share: none left.
+  for (const auto& c : shorts) EXPECT_TRUE(store_->contains(ns_, c[0]));
+  EXPECT_GT(store_->stats().evictions, 200U);
+  store_->check_invariants();
+}
+
+class policy_contract : public ::testing::TestWithParam<policy_kind> {};
+
+TEST_P(policy_contract, random_workload_keeps_every_invariant) {
+  manual_clock clock;
+  store_config cfg;
+  cfg.capacity_bytes = 32 * block_bytes;
+  cfg.slab_bytes = 2 * block_bytes;
+  cfg.policy = GetParam();
+  cfg.clock = &clock;
+  std::mt19937_64 rng(7);
+  cfg.next_use = [&rng](const block_key&) { return rng() % 1000; };
+  auto store = std::move(*block_store::create(cfg));
+  const auto ns = *store->register_namespace(small_spec());
+  const auto fp = small_spec().fingerprint();
+  synthetic_producer producer;
+  block_key pinned{};
+  for (int step = 0; step < 600; ++step) {
+    // Prompts share prefixes: id = (family, position).
+    const std::uint64_t family = rng() % 12;
+    const std::size_t len = 1 + rng() % 8;
+    std::vector<block_key> keys;
+    block_key parent{};
+    for (std::size_t i = 0; i < len; ++i) {
+      parent = chain_key_from_id(parent, fp, family * 100 + i);
+      keys.push_back(parent);
+    }
+    put_options opts;
+    opts.prio = static_cast<priority>(rng() % 5);
+    auto r = store->process(ns, keys, len * 16, producer, opts);
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    if (step == 10) {
+      pinned = keys[0];
+      ASSERT_TRUE(store->pin(ns, pinned).has_value());
+    }
+    if (step > 10) {
+      ASSERT_TRUE(store->contains(ns, pinned));
+    }
+    clock.advance(1ms);
+    store->check_invariants();
+  }
+  EXPECT_GT(store->stats().evictions, 0U);
+  EXPECT_GT(store->stats().block_hits, 0U);
+}
+
+INSTANTIATE_TEST_SUITE_P(all, policy_contract,
+                         ::testing::Values(policy_kind::lru, policy_kind::lfu,
+                                           policy_kind::priority,
+                                           policy_kind::adaptive,
+                                           policy_kind::belady),
+                         [](const auto& param_info) {
+                           return std::string(to_string(param_info.param));
+                         });
+
+TEST_F(store_fixture, lru_evicts_the_least_recently_used_leaf) {
+  open(10, policy_kind::lru, false, 1);
+  std::vector<block_key> k;
+  for (std::uint64_t i = 0; i < 9; ++i) {
+    k.push_back(chain(10 * (i + 1), 1)[0]);
+    ASSERT_TRUE(put(k.back(), {}).has_value());
+  }
+  ASSERT_TRUE(store_->acquire(ns_, k[0]).has_value()); // k[1] is now oldest
+  ASSERT_TRUE(put(chain(5000, 1)[0], {}).has_value()); // over 90%: evict to 80%
+  EXPECT_TRUE(store_->contains(ns_, k[0]));
+  EXPECT_FALSE(store_->contains(ns_, k[1]));
+  EXPECT_FALSE(store_->contains(ns_, k[2]));
+  EXPECT_TRUE(store_->contains(ns_, k[3]));
+}
+
+TEST_F(store_fixture, lfu_evicts_the_least_frequently_used_leaf) {
+  open(10, policy_kind::lfu, false, 1);
+  std::vector<block_key> k;
+  for (std::uint64_t i = 0; i < 9; ++i) {
+    k.push_back(chain(10 * (i + 1), 1)[0]);
+    ASSERT_TRUE(put(k.back(), {}).has_value());
+    for (std::uint64_t j = 0; j < (i == 4 ? 0 : 3); ++j)
+      ASSERT_TRUE(store_->acquire(ns_, k.back()).has_value());
+  }
+  ASSERT_TRUE(put(chain(5000, 1)[0], {}).has_value());
+  EXPECT_FALSE(store_->contains(ns_, k[4]));
+  EXPECT_TRUE(store_->contains(ns_, k[1]));
+}
+
+TEST_F(store_fixture, priority_policy_evicts_low_priority_first) {
+  open(10, policy_kind::priority, false, 1);
+  std::vector<block_key> k;
+  for (std::uint64_t i = 0; i < 9; ++i) {
+    k.push_back(chain(10 * (i + 1), 1)[0]);
+    put_options opts;
+    opts.prio = i == 7 ? priority::background : priority::high;
+    ASSERT_TRUE(put(k.back(), {}, opts).has_value());
+  }
+  ASSERT_TRUE(put(chain(5000, 1)[0], {}).has_value());
+  // Two blocks go (90% -> 80%): the background one, then the oldest.
+  EXPECT_FALSE(store_->contains(ns_, k[7]));
+  EXPECT_FALSE(store_->contains(ns_, k[0]));
+  EXPECT_TRUE(store_->contains(ns_, k[1]));
+  EXPECT_TRUE(store_->contains(ns_, k[8]));
+}
+
+TEST(latency_histogram, quantiles_are_within_a_bucket) {
+  latency_histogram h;
+  EXPECT_EQ(h.quantile(0.5), 0U);
+  for (std::uint64_t v = 1; v <= 1000; ++v) h.record(v * 1000);
+  EXPECT_EQ(h.count(), 1000U);
+  const auto p50 = static_cast<double>(h.quantile(0.5));
+  const auto p99 = static_cast<double>(h.quantile(0.99));
+  EXPECT_NEAR(p50, 500000.0, 500000.0 * 0.13);
+  EXPECT_NEAR(p99, 990000.0, 990000.0 * 0.13);
+  EXPECT_EQ(h.quantile(1.0), 1000000U);
+  for (std::uint64_t v : {0ULL, 1ULL, 7ULL, 8ULL, 9ULL, 1000ULL, 1ULL << 40})
+    EXPECT_GE(latency_histogram::bucket_upper(latency_histogram::bucket_of(v)), v);
+}
+
+} // namespace
+} // namespace kvfleet::engine

@@ -1,0 +1,80 @@
+#pragma once
+/// Eviction policies.
+///
+/// A policy ranks the *evictable* blocks of one size partition and names the
+/// one to evict next. The store decides what is evictable (committed, a leaf
+/// of its prefix chain, unpinned, unleased: see block_store.hpp) and tells
+/// the policy about every access, so a policy sees the full access history
+/// of a block even while it is not evictable (e.g. a parent in a chain).
+///
+/// Policies:
+///   lru       least recently used first
+///   lfu       fewest accesses first, ties least recent first
+///   priority  lowest request priority first, then least recent
+///   adaptive  the store's default: a decayed frequency-recency score (LRFU)
+///             whose half-life adapts to the cache's reuse, see
+///             eviction_policy.cpp
+///   belady    offline optimum for research: the block whose next use is
+///             farthest; needs a next-use oracle (block_store config)
+/// Not thread-safe: owned by one store.
+
+#include "engine/result.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <string_view>
+
+namespace kvfleet::engine {
+
+/// Request priorities, lowest first. Used by eviction and by every queue.
+enum class priority : std::uint8_t {
+  background = 0,
+  low = 1,
+  normal = 2,
+  high = 3,
+  critical = 4,
+};
+[[nodiscard]] std::string_view to_string(priority p) noexcept;
+[[nodiscard]] result<priority> parse_priority(std::string_view name);
+
+enum class policy_kind : std::uint8_t { lru, lfu, priority, adaptive, belady };
+[[nodiscard]] std::string_view to_string(policy_kind k) noexcept;
+/// Accepts "lru", "lfu", "priority", "adaptive", "belady".
+[[nodiscard]] result<policy_kind> parse_policy(std::string_view name);
+
+/// What a policy learns at each access.
+struct access_info {
+  std::uint64_t tick = 0;         ///< store-wide logical access counter
+  std::uint32_t count = 0;        ///< accesses of this block so far (>= 1)
+  priority prio = priority::normal;
+  /// Tick of the block's next use (belady only); max() when never again.
+  std::uint64_t next_use = std::numeric_limits<std::uint64_t>::max();
+  std::size_t resident_blocks = 0; ///< blocks cached store-wide right now
+};
+
+class eviction_policy {
+public:
+  static constexpr std::uint32_t npos = std::numeric_limits<std::uint32_t>::max();
+
+  virtual ~eviction_policy() = default;
+  [[nodiscard]] virtual policy_kind kind() const noexcept = 0;
+  /// Sizes per-id storage for ids below `ids`.
+  virtual void reserve(std::size_t ids) = 0;
+  /// Block `id` was inserted (`inserted`) or hit.
+  virtual void on_access(std::uint32_t id, const access_info& info,
+                         bool inserted) = 0;
+  /// Block `id` became evictable or stopped being so.
+  virtual void set_evictable(std::uint32_t id, bool evictable) = 0;
+  /// Block `id` left the cache.
+  virtual void on_remove(std::uint32_t id) = 0;
+  /// The evictable block to evict next, or npos when none is.
+  [[nodiscard]] virtual std::uint32_t victim() const = 0;
+  [[nodiscard]] virtual std::size_t evictable_count() const noexcept = 0;
+  virtual void check_invariants() const = 0;
+};
+
+[[nodiscard]] std::unique_ptr<eviction_policy> make_policy(policy_kind kind);
+
+} // namespace kvfleet::engine
