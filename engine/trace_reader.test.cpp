@@ -1,0 +1,356 @@
+#include "engine/trace_reader.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace kvfleet::engine {
+namespace {
+
+struct read_outcome {
+  result<std::vector<workload_request>> got;
+  trace_report report;
+};
+
+read_outcome read(const std::string& text,
+                  bad_line_action action = bad_line_action::reject,
+                  trace_options opts = {}) {
+  std::istringstream in(text);
+  opts.on_bad_line = action;
+  trace_report report;
+  auto got = read_trace(in, opts, report);
+  return {std::move(got), std::move(report)};
+}
+
+workload_request request(std::uint64_t ts, std::uint32_t in, std::uint32_t out,
+                         std::vector<std::uint64_t> ids) {
+  workload_request r;
+  r.timestamp_ms = ts;
+  r.input_length = in;
+  r.output_length = out;
+  r.hash_ids = std::move(ids);
+  return r;
+}
+
+TEST(trace_reader, reads_good_lines) {
+  const auto [got, report] = read(
+      R"({"timestamp": 0, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47, 48]})"
+      "\n"
+      R"({"timestamp": 27482, "input_length": 1, "output_length": 0, "hash_ids": [18446744073709551615]})"
+      "\n");
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  ASSERT_EQ(got->size(), 2U);
+  EXPECT_EQ((*got)[0], request(0, 6955, 52, {46, 47, 48}));
+  EXPECT_EQ((*got)[1], request(27482, 1, 0, {18446744073709551615ULL}));
+  EXPECT_EQ(report.lines, 2U);
+  EXPECT_EQ(report.accepted, 2U);
+  EXPECT_EQ(report.skipped, 0U);
+  EXPECT_TRUE(report.problems.empty());
+}
+
+TEST(trace_reader, ignores_blank_lines_and_extra_fields) {
+  const std::string text =
+      "\n"
+      "   \t\r\n"
+      R"({"hash_ids": [1, 2], "extra": {"hash_ids": "nested", "x": [[-1], null]}, "input_length": 700, "timestamp": 5, "output_length": 3, "tag": "a"})"
+      "\r\n"
+      "\n"
+      // Last line without a line break.
+      R"({"timestamp": 6.9, "input_length": 10, "output_length": 1, "hash_ids": [3], "flag": true})";
+  const auto [got, report] = read(text);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  ASSERT_EQ(got->size(), 2U);
+  EXPECT_EQ((*got)[0], request(5, 700, 3, {1, 2}));
+  EXPECT_EQ((*got)[1], request(6, 10, 1, {3})); // fraction of a ms dropped
+  EXPECT_EQ(report.lines, 5U);
+  EXPECT_EQ(report.blank, 3U);
+  EXPECT_EQ(report.accepted, 2U);
+}
+
+TEST(trace_reader, empty_input_is_an_empty_trace) {
+  const auto [got, report] = read("");
+  ASSERT_TRUE(got.has_value());
+  EXPECT_TRUE(got->empty());
+  EXPECT_EQ(report.lines, 0U);
+}
+
+TEST(trace_reader, sorts_backward_timestamps_stably) {
+  const auto [got, report] = read(
+      R"({"timestamp": 10, "input_length": 1, "output_length": 1, "hash_ids": [1]})"
+      "\n"
+      R"({"timestamp": 5, "input_length": 1, "output_length": 1, "hash_ids": [2]})"
+      "\n"
+      R"({"timestamp": 10, "input_length": 1, "output_length": 1, "hash_ids": [3]})"
+      "\n"
+      R"({"timestamp": 5, "input_length": 1, "output_length": 1, "hash_ids": [4]})"
+      "\n");
+  ASSERT_TRUE(got.has_value());
+  ASSERT_EQ(got->size(), 4U);
+  EXPECT_EQ((*got)[0].hash_ids[0], 2U);
+  EXPECT_EQ((*got)[1].hash_ids[0], 4U);
+  EXPECT_EQ((*got)[2].hash_ids[0], 1U);
+  EXPECT_EQ((*got)[3].hash_ids[0], 3U);
+  EXPECT_EQ(report.out_of_order, 2U);
+  EXPECT_TRUE(report.problems.empty());
+}
+
+TEST(trace_reader, reads_lines_longer_than_its_buffer) {
+  std::string ids;
+  for (int i = 0; i < 30'000; ++i)
+    ids += (i ? ", " : "") + std::to_string(i);
+  const std::string line = R"({"timestamp": 1, "input_length": 15360000, )"
+                           R"("output_length": 1, "hash_ids": [)" +
+                           ids + "]}";
+  ASSERT_GT(line.size(), 128U * 1024U);
+  trace_options opts;
+  opts.block_tokens = 512;
+  const auto [got, report] =
+      read(line + "\n" + line, bad_line_action::reject, opts);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  ASSERT_EQ(got->size(), 2U);
+  EXPECT_EQ((*got)[1].hash_ids.size(), 30'000U);
+  EXPECT_EQ((*got)[1].hash_ids.back(), 29'999U);
+}
+
+// Each malformed line, the text its problem must contain.
+struct bad_case {
+  std::string line;
+  std::string problem;
+};
+
+const std::vector<bad_case>& bad_cases() {
+  static const std::vector<bad_case> cases = {
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1])",
+       "invalid JSON"},
+      {R"(not json)", "invalid JSON"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]} x)",
+       "invalid JSON"},
+      {R"([1, 2])", "line is not a JSON object"},
+      {R"(42)", "line is not a JSON object"},
+      {R"({"input_length": 1, "output_length": 1, "hash_ids": [1]})",
+       "missing field \"timestamp\""},
+      {R"({"timestamp": 0, "output_length": 1, "hash_ids": [1]})",
+       "missing field \"input_length\""},
+      {R"({"timestamp": 0, "input_length": 1, "hash_ids": [1]})",
+       "missing field \"output_length\""},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1})",
+       "missing field \"hash_ids\""},
+      {R"({"timestamp": "0", "input_length": 1, "output_length": 1, "hash_ids": [1]})",
+       "timestamp must be a non-negative number"},
+      {R"({"timestamp": -1, "input_length": 1, "output_length": 1, "hash_ids": [1]})",
+       "timestamp must be a non-negative number"},
+      {R"({"timestamp": -0.5, "input_length": 1, "output_length": 1, "hash_ids": [1]})",
+       "timestamp must be a non-negative number"},
+      {R"({"timestamp": 0, "input_length": 0, "output_length": 1, "hash_ids": [1]})",
+       "input_length must be an integer between 1 and 4294967295"},
+      {R"({"timestamp": 0, "input_length": -5, "output_length": 1, "hash_ids": [1]})",
+       "input_length must be an integer between 1 and 4294967295"},
+      {R"({"timestamp": 0, "input_length": 1.5, "output_length": 1, "hash_ids": [1]})",
+       "input_length must be an integer between 1 and 4294967295"},
+      {R"({"timestamp": 0, "input_length": 4294967296, "output_length": 1, "hash_ids": [1]})",
+       "input_length must be an integer between 1 and 4294967295"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": -1, "hash_ids": [1]})",
+       "output_length must be an integer between 0 and 4294967295"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": null, "hash_ids": [1]})",
+       "output_length must be an integer between 0 and 4294967295"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": 1})",
+       "hash_ids must be an array of non-negative integers"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1, -2]})",
+       "hash_ids must be an array of non-negative integers"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": ["1"]})",
+       "hash_ids must be an array of non-negative integers"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [[1]]})",
+       "hash_ids must be an array of non-negative integers"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1.0]})",
+       "hash_ids must be an array of non-negative integers"},
+      {R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": []})",
+       "hash_ids must not be empty"},
+      {R"({"timestamp": 0, "timestamp": 1, "input_length": 1, "output_length": 1, "hash_ids": [1]})",
+       "field \"timestamp\" appears more than once"},
+  };
+  return cases;
+}
+
+const std::string good_line =
+    R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]})";
+
+TEST(trace_reader, rejects_each_malformed_line_naming_it) {
+  for (const auto& c : bad_cases()) {
+    SCOPED_TRACE(c.line);
+    // Good line, blank line, then the bad one: line 3.
+    std::string text = good_line;
+    text += "\n\n";
+    text += c.line;
+    text += "\n";
+    text += good_line;
+    text += "\n";
+    const auto [got, report] = read(text);
+    ASSERT_FALSE(got.has_value());
+    EXPECT_EQ(got.error().code, errc::parse_error);
+    EXPECT_EQ(got.error().message.rfind("line 3: " + c.problem, 0), 0U)
+        << got.error().message;
+    EXPECT_EQ(report.lines, 3U);
+    EXPECT_EQ(report.accepted, 1U);
+    ASSERT_EQ(report.problems.size(), 1U);
+    EXPECT_EQ(report.problems[0], got.error().message);
+  }
+}
+
+TEST(trace_reader, skips_malformed_lines_reporting_each) {
+  // Line 2k+1 is good, line 2k+2 is bad case k.
+  std::string text;
+  const auto& cases = bad_cases();
+  for (const auto& c : cases)
+    text += good_line + "\n" + c.line + "\n";
+  trace_options opts;
+  opts.max_reported = 1000;
+  const auto [got, report] = read(text, bad_line_action::skip, opts);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(got->size(), cases.size());
+  EXPECT_EQ(report.lines, 2 * cases.size());
+  EXPECT_EQ(report.accepted, cases.size());
+  EXPECT_EQ(report.skipped, cases.size());
+  ASSERT_EQ(report.problems.size(), cases.size());
+  for (std::size_t k = 0; k < cases.size(); ++k) {
+    const std::string want =
+        "line " + std::to_string(2 * k + 2) + ": " + cases[k].problem;
+    EXPECT_EQ(report.problems[k].rfind(want, 0), 0U)
+        << report.problems[k] << " vs " << want;
+  }
+}
+
+TEST(trace_reader, keeps_at_most_max_reported_problems) {
+  std::string text;
+  for (int i = 0; i < 10; ++i)
+    text += "{\n";
+  trace_options opts;
+  opts.max_reported = 3;
+  const auto [got, report] = read(text, bad_line_action::skip, opts);
+  ASSERT_TRUE(got.has_value());
+  EXPECT_TRUE(got->empty());
+  EXPECT_EQ(report.skipped, 10U);
+  ASSERT_EQ(report.problems.size(), 3U);
+  EXPECT_EQ(report.problems[2].rfind("line 3: invalid JSON", 0), 0U);
+}
+
+TEST(trace_reader, rejects_too_long_lines) {
+  trace_options opts;
+  opts.max_line_bytes = good_line.size();
+  const std::string longer =
+      R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [12]})";
+  const std::string text = good_line + "\n" + longer + "\n" + good_line + "\n";
+
+  const auto rejected = read(text, bad_line_action::reject, opts);
+  ASSERT_FALSE(rejected.got.has_value());
+  EXPECT_EQ(rejected.got.error().code, errc::parse_error);
+  EXPECT_EQ(rejected.got.error().message, "line 2: line longer than " +
+                                              std::to_string(good_line.size()) +
+                                              " bytes");
+
+  const auto skipped = read(text, bad_line_action::skip, opts);
+  ASSERT_TRUE(skipped.got.has_value());
+  EXPECT_EQ(skipped.got->size(), 2U);
+  EXPECT_EQ(skipped.report.lines, 3U);
+  EXPECT_EQ(skipped.report.skipped, 1U);
+}
+
+TEST(trace_reader, checks_id_count_when_block_size_is_given) {
+  trace_options opts;
+  opts.block_tokens = 512;
+  const std::string ok =
+      R"({"timestamp": 0, "input_length": 513, "output_length": 1, "hash_ids": [1, 2]})";
+  const std::string bad =
+      R"({"timestamp": 0, "input_length": 512, "output_length": 1, "hash_ids": [1, 2]})";
+  const auto [got, report] =
+      read(ok + "\n" + bad + "\n", bad_line_action::skip, opts);
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->size(), 1U);
+  ASSERT_EQ(report.problems.size(), 1U);
+  EXPECT_EQ(report.problems[0],
+            "line 2: hash_ids has 2 ids, but input_length 512 needs 1 blocks "
+            "of 512 tokens");
+  // Without a block size the count is not checked.
+  EXPECT_EQ(read(ok + "\n" + bad + "\n").got->size(), 2U);
+}
+
+TEST(trace_reader, round_trips_a_generated_workload) {
+  auto made = generate_workload("chat", {128, 3, 200});
+  ASSERT_TRUE(made.has_value());
+  std::string text;
+  for (auto& r : *made) {
+    text += R"({"timestamp": )" + std::to_string(r.timestamp_ms) +
+            R"(, "input_length": )" + std::to_string(r.input_length) +
+            R"(, "output_length": )" + std::to_string(r.output_length) +
+            R"(, "hash_ids": [)";
+    for (std::size_t i = 0; i < r.hash_ids.size(); ++i)
+      text += (i ? "," : "") + std::to_string(r.hash_ids[i]);
+    text += "]}\n";
+    r.session = 0; // traces carry no session
+  }
+  trace_options opts;
+  opts.block_tokens = 128;
+  const auto [got, report] = read(text, bad_line_action::reject, opts);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(*got, *made);
+}
+
+class trace_file : public ::testing::Test {
+protected:
+  void TearDown() override {
+    for (const auto& p : paths_)
+      std::remove(p.c_str());
+  }
+  std::string write(const std::string& name, const std::string& text) {
+    std::string path = ::testing::TempDir() + "kvfleet_trace_" + name;
+    std::ofstream(path, std::ios::binary) << text;
+    paths_.push_back(path);
+    return path;
+  }
+
+private:
+  std::vector<std::string> paths_;
+};
+
+TEST_F(trace_file, reads_a_file) {
+  const auto path = write("good.jsonl", good_line + "\n" + good_line + "\n");
+  trace_report report;
+  const auto got = read_trace_file(path, {}, report);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(got->size(), 2U);
+  EXPECT_EQ(report.accepted, 2U);
+}
+
+TEST_F(trace_file, bad_line_error_names_file_and_line) {
+  const auto path = write("bad.jsonl", good_line + "\n{\n");
+  trace_report report;
+  const auto got = read_trace_file(path, {}, report);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::parse_error);
+  EXPECT_NE(got.error().message.find(path), std::string::npos);
+  EXPECT_NE(got.error().message.find("line 2: invalid JSON"), std::string::npos)
+      << got.error().message;
+}
+
+TEST_F(trace_file, missing_file_is_an_io_error_naming_the_path) {
+  const std::string path = ::testing::TempDir() + "kvfleet_no_such_trace.jsonl";
+  trace_report report;
+  const auto got = read_trace_file(path, {}, report);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::io_error);
+  EXPECT_NE(got.error().message.find(path), std::string::npos)
+      << got.error().message;
+}
+
+TEST_F(trace_file, directory_is_an_io_error) {
+  trace_report report;
+  const auto got = read_trace_file(::testing::TempDir(), {}, report);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::io_error);
+}
+
+} // namespace
+} // namespace kvfleet::engine
