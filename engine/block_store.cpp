@@ -363,7 +363,7 @@ result<void> block_store::read(const read_lease& lease, std::span<std::byte> out
     stored = {src, e.stored_bytes};
   }
   if (e.c == codec::none) {
-    sum = copy_with_checksum(out, stored);
+    sum = copy_out_with_checksum(out, stored);
   } else {
     sum = block_checksum(stored);
     if (sum == e.checksum) {
@@ -574,7 +574,7 @@ result<void> block_store::write(put_handle& h, std::span<const std::byte> value)
   if (dst != nullptr) {
     std::span<std::byte> slot(dst, e.stored_bytes);
     if (e.c == codec::none) {
-      e.checksum = copy_with_checksum(slot, value);
+      e.checksum = copy_in_with_checksum(slot, value);
     } else {
       auto n = encode(e.c, st.spec.type, value, slot);
       if (!n) return unexpected<error>(n.error());

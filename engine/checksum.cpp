@@ -2,9 +2,12 @@
 
 #include "engine/block_key.hpp"
 #include "engine/internal/le.hpp"
+#include "engine/internal/xxh3_chunks.hpp"
 
-#define XXH_INLINE_ALL
+#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
+
+#include <emmintrin.h>
 
 #include <algorithm>
 #include <array>
@@ -13,6 +16,17 @@
 namespace kvfleet::engine {
 
 namespace {
+
+// Picked once by what the CPU has. All give the same hash values.
+internal::chunk_hash_fn chunk_hash() {
+  static const internal::chunk_hash_fn fn = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+      return &internal::xxh3_avx512;
+    if (__builtin_cpu_supports("avx2")) return &internal::xxh3_avx2;
+    return &internal::xxh3_generic;
+  }();
+  return fn;
+}
 
 // Chunk hashes are folded in groups of this many before the final hash, so
 // the fold needs no allocation for any block size.
@@ -42,25 +56,54 @@ private:
   std::size_t fill_ = 0;
 };
 
+// Streaming (non-temporal) copy; plain memcpy when not 16-byte aligned.
+void stream_copy(std::byte* dst, const std::byte* src, std::size_t n) {
+  const bool aligned = (reinterpret_cast<std::uintptr_t>(dst) % 16 == 0);
+  if (!aligned || n < 4096) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  const std::size_t vec = n / 16;
+  auto* d = reinterpret_cast<__m128i*>(dst);
+  const auto* s = reinterpret_cast<const __m128i*>(src);
+  for (std::size_t i = 0; i < vec; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
+  std::memcpy(dst + vec * 16, src + vec * 16, n - vec * 16);
+  _mm_sfence();
+}
+
 } // namespace
 
 std::uint64_t block_checksum(std::span<const std::byte> data) {
+  const auto hash = chunk_hash();
   folder f;
   for (std::size_t off = 0; off < data.size(); off += checksum_chunk_bytes) {
     const std::size_t n = std::min(checksum_chunk_bytes, data.size() - off);
-    f.add(XXH3_64bits_withSeed(data.data() + off, n, hash_seed));
+    f.add(hash(data.data() + off, n, hash_seed));
   }
   return f.finish();
 }
 
-std::uint64_t copy_with_checksum(std::span<std::byte> dst,
-                                 std::span<const std::byte> src) {
+std::uint64_t copy_in_with_checksum(std::span<std::byte> dst,
+                                    std::span<const std::byte> src) {
+  const std::size_t size = std::min(dst.size(), src.size());
+  const std::uint64_t sum = block_checksum(src.first(size));
+  stream_copy(dst.data(), src.data(), size);
+  return sum;
+}
+
+std::uint64_t copy_out_with_checksum(std::span<std::byte> dst,
+                                     std::span<const std::byte> src) {
+  const auto hash = chunk_hash();
   folder f;
   const std::size_t size = std::min(dst.size(), src.size());
   for (std::size_t off = 0; off < size; off += checksum_chunk_bytes) {
     const std::size_t n = std::min(checksum_chunk_bytes, size - off);
-    // Hash the source chunk (one trip to memory), then copy it from L1.
-    f.add(XXH3_64bits_withSeed(src.data() + off, n, hash_seed));
+    // Ask for the next chunk while this one is hashed and copied.
+    const std::size_t next = off + n;
+    const std::size_t ahead = std::min(checksum_chunk_bytes, size - next);
+    for (std::size_t p = 0; p < ahead; p += 64)
+      __builtin_prefetch(src.data() + next + p, 0, 3);
+    f.add(hash(src.data() + off, n, hash_seed));
     std::memcpy(dst.data() + off, src.data() + off, n);
   }
   return f.finish();

@@ -5,7 +5,8 @@
 /// into chunks of `checksum_chunk_bytes` (the last may be shorter), each
 /// chunk is hashed, and the checksum is the hash of the little-endian array
 /// of chunk hashes. Chunks let a GPU hash a block in parallel and let the host
-/// fuse hashing with a copy while the chunk is in L1. Pure functions.
+/// fuse hashing with a copy while a chunk is in L1. Pure functions; the
+/// fastest XXH3 kernel the CPU supports is picked once at first use.
 
 #include <cstddef>
 #include <cstdint>
@@ -18,9 +19,17 @@ inline constexpr std::size_t checksum_chunk_bytes = 4096;
 /// Checksum of `data`.
 [[nodiscard]] std::uint64_t block_checksum(std::span<const std::byte> data);
 
-/// Copies `src` to `dst` (same size, not overlapping) and returns the
-/// checksum of the bytes, reading each chunk once from memory.
-[[nodiscard]] std::uint64_t copy_with_checksum(std::span<std::byte> dst,
-                                               std::span<const std::byte> src);
+/// Copies `src` into the cache (`dst`, same size, no overlap) and returns the
+/// checksum of the bytes. The source is hashed while it is hot and the
+/// destination written with streaming stores, since a freshly stored block
+/// is not read back soon.
+[[nodiscard]] std::uint64_t copy_in_with_checksum(std::span<std::byte> dst,
+                                                  std::span<const std::byte> src);
+
+/// Copies `src` out of the cache into `dst` (same size, no overlap) and
+/// returns the checksum of the bytes, reading each chunk from memory once
+/// (prefetched a chunk ahead, hashed, then copied from L1).
+[[nodiscard]] std::uint64_t copy_out_with_checksum(std::span<std::byte> dst,
+                                                   std::span<const std::byte> src);
 
 } // namespace kvfleet::engine

@@ -39,7 +39,8 @@ public:
                                                        std::size_t len) const = 0;
 };
 
-/// Host-memory arena (page-aligned, transparent huge pages advised).
+/// Host-memory arena: page-aligned, populated at creation (so puts never
+/// page-fault), transparent huge pages advised.
 class host_memory_backend final : public memory_backend {
 public:
   /// Allocates `bytes` of host memory. Zero bytes is errc::zero_capacity;

@@ -1,0 +1,12 @@
+#include "engine/internal/xxh3_chunks.hpp"
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+namespace kvfleet::engine::internal {
+
+std::uint64_t xxh3_generic(const void* data, std::size_t len, std::uint64_t seed) {
+  return XXH3_64bits_withSeed(data, len, seed);
+}
+
+} // namespace kvfleet::engine::internal
