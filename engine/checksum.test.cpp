@@ -44,10 +44,12 @@ TEST(checksum, every_instruction_set_gives_the_same_hash) {
   const auto data = random_bytes(8192, 5);
   const auto expect = XXH3_64bits_withSeed(data.data(), data.size(), hash_seed);
   EXPECT_EQ(internal::xxh3_generic(data.data(), data.size(), hash_seed), expect);
-  if (__builtin_cpu_supports("avx2"))
+  if (__builtin_cpu_supports("avx2")) {
     EXPECT_EQ(internal::xxh3_avx2(data.data(), data.size(), hash_seed), expect);
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
     EXPECT_EQ(internal::xxh3_avx512(data.data(), data.size(), hash_seed), expect);
+  }
 }
 
 TEST(checksum, fused_copies_copy_and_hash) {
