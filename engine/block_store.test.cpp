@@ -518,3 +518,83 @@ TEST(latency_histogram, quantiles_are_within_a_bucket) {
 
 } // namespace
 } // namespace kvfleet::engine
+
+namespace kvfleet::engine {
+namespace {
+
+TEST_F(store_fixture, encoded_codecs_round_trip_within_their_error_bound) {
+  open(32);
+  const std::array<std::pair<codec, double>, 4> bounds{
+      {{codec::none, 0.0}, {codec::fp8, 0.05}, {codec::int8, 0.01}, {codec::int4, 0.2}}};
+  std::uint64_t id = 1;
+  for (const auto& [c, bound] : bounds) {
+    const auto k = chain(id++ * 1000, 1)[0];
+    put_options opts;
+    opts.codec_override = c;
+    ASSERT_TRUE(put(k, {}, opts).has_value());
+    auto lease = store_->acquire(ns_, k);
+    ASSERT_TRUE(lease.has_value());
+    EXPECT_EQ(store_->stored_codec(*lease), c);
+    EXPECT_EQ(store_->stored_bytes(*lease), encoded_size(c, block_bytes / 2));
+    std::vector<std::byte> out(block_bytes);
+    ASSERT_TRUE(store_->read(*lease, out).has_value());
+    EXPECT_LE(relative_l2_error(dtype::fp16, value_for(k), out), bound) << to_string(c);
+  }
+  EXPECT_GT(store_->stats().blocks_by_codec[static_cast<std::size_t>(codec::int4)], 0U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, pressure_demotes_cold_blocks_before_evicting_any) {
+  open(40, policy_kind::lru, /*compression=*/true, 1);
+  // 36 blocks reach the high watermark. Block 0 is hot (> 10 accesses),
+  // block 1 warm (> 3), the rest cold.
+  std::vector<block_key> keys;
+  for (std::uint64_t i = 0; i < 36; ++i) {
+    keys.push_back(chain(100 * (i + 1), 1)[0]);
+    ASSERT_TRUE(put(keys.back(), {}).has_value());
+  }
+  for (int a = 0; a < 11; ++a) ASSERT_TRUE(store_->acquire(ns_, keys[0]).has_value());
+  for (int a = 0; a < 4; ++a) ASSERT_TRUE(store_->acquire(ns_, keys[1]).has_value());
+  ASSERT_TRUE(put(chain(99999, 1)[0], {}).has_value());
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  EXPECT_GT(store_->stats().demotions, 0U);
+  EXPECT_EQ(store_->block_count(), 37U);
+  EXPECT_EQ(*store_->codec_of(ns_, keys[0]), codec::none);
+  const codec warm = *store_->codec_of(ns_, keys[1]);
+  EXPECT_TRUE(warm == codec::none || warm == codec::int8) << to_string(warm);
+  std::size_t int4 = 0;
+  for (const auto& k : keys) int4 += *store_->codec_of(ns_, k) == codec::int4 ? 1U : 0U;
+  EXPECT_GT(int4, 0U);
+  // Demoted blocks still read back, within the int4 bound.
+  for (const auto& k : keys) {
+    auto lease = store_->acquire(ns_, k);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> out(block_bytes);
+    ASSERT_TRUE(store_->read(*lease, out).has_value());
+    EXPECT_LE(relative_l2_error(dtype::fp16, value_for(k), out), 0.2);
+  }
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, thresholds_are_per_namespace) {
+  open(40, policy_kind::lru, true, 1);
+  namespace_options keep_precise;
+  keep_precise.thresholds.precise_above = 0; // every block stays as stored
+  auto other = small_spec("precise-model");
+  const auto ns2 = *store_->register_namespace(other, keep_precise);
+  const auto fp2 = other.fingerprint();
+  std::vector<block_key> keys;
+  for (std::uint64_t i = 0; i < 40; ++i) {
+    keys.push_back(chain_key_from_id({}, fp2, i + 1));
+    auto h = store_->reserve(ns2, keys.back(), {});
+    ASSERT_TRUE(h.has_value());
+    ASSERT_TRUE(store_->write(*h, value_for(keys.back())).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+  }
+  EXPECT_EQ(store_->stats().demotions, 0U);
+  EXPECT_GT(store_->stats().evictions, 0U);
+  store_->check_invariants();
+}
+
+} // namespace
+} // namespace kvfleet::engine
