@@ -1,0 +1,27 @@
+#pragma once
+/// The kvfleet-bench program behind main(): parses, runs, prints, and
+/// returns the exit status, with its streams injected so tests can drive it.
+///
+/// Results go to `out` only; help goes to `out`; errors, trace problems and
+/// the progress bar go to `err`. Exit status: 0 success, 1 runtime error
+/// (bad trace under --on-bad-line reject, I/O, the store failing), 2 usage
+/// error (bad option or value, unknown workload or policy, capacity 0).
+/// Not thread-safe with respect to the streams.
+
+#include <iosfwd>
+#include <span>
+#include <string_view>
+
+namespace kvfleet::bench {
+
+inline constexpr int exit_ok = 0;
+inline constexpr int exit_runtime_error = 1;
+inline constexpr int exit_usage_error = 2;
+
+/// Runs kvfleet-bench with `args` (the arguments after the program name).
+/// `err_is_terminal` allows the progress bar on `err`.
+[[nodiscard]] int run_app(std::span<const std::string_view> args,
+                          std::ostream& out, std::ostream& err,
+                          bool err_is_terminal);
+
+} // namespace kvfleet::bench

@@ -1,0 +1,413 @@
+#include "tools/bench/cli.hpp"
+
+#include "engine/workload.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <limits>
+#include <system_error>
+
+namespace kvfleet::bench {
+
+namespace {
+
+constexpr std::string_view main_help_text =
+    R"(kvfleet-bench: workload driver and eviction-policy simulator for kvfleet.
+
+Usage:
+  kvfleet-bench engine [options]   replay a workload or trace through an
+                                   in-process block store, once per policy
+  kvfleet-bench --help             this text
+  kvfleet-bench engine --help      the engine mode's options
+
+Exit status: 0 success, 1 runtime error (bad trace, I/O), 2 usage error.
+)";
+
+constexpr std::string_view engine_help_text =
+    R"(Usage: kvfleet-bench engine (--workload NAME | --trace FILE)
+                            (--capacity-fraction F | --capacity-blocks N)
+                            [options]
+
+Replays the same request sequence through a fresh in-process block store for
+each eviction policy (no network, no daemon) and reports hit ratios, the
+store's per-request process() latency and the prefill time saved.
+
+Input (exactly one):
+  --workload NAME           generated workload: chat, shared-prefix, doc-qa,
+                            no-reuse
+  --trace FILE              Mooncake JSONL trace (timestamp, input_length,
+                            output_length, hash_ids per line)
+
+Capacity (exactly one):
+  --capacity-fraction F     F times the working set (distinct full blocks),
+                            rounded to whole blocks; F > 0
+  --capacity-blocks N       N uncompressed blocks; N >= 1
+  Eviction starts above the high watermark and stops at the low one, so
+  between low x N and high x N blocks stay resident.
+
+Options:
+  --policies LIST           comma-separated eviction policies to compare:
+                            lru, lfu, priority, adaptive, belady (the offline
+                            optimum: evicts the block used farthest in the
+                            future) [lru,lfu,adaptive,belady]
+  --json                    print one JSON object instead of a table
+  --block-tokens N          tokens per block: the namespace's block size and
+                            the block size the trace was made with [512]
+  --requests N              workload size (default: the workload's own); with
+                            --trace, replay only the first N requests
+  --seed S                  workload generator seed; ignored for traces [42]
+  --on-bad-line skip|reject what to do with a malformed trace line: skip it or
+                            stop with exit status 1; problems go to stderr
+                            with their line numbers [reject]
+  --compression on|off      the store's adaptive compression (cold blocks
+                            demoted to int8/int4 before eviction); off keeps
+                            every policy on equal terms [off]
+  --layout L,H,D            KV layout of the simulated namespace: layers,
+                            kv heads, head dim (fp16); 1,1,8 makes a 512-token
+                            block 16 KiB, which keeps simulations fast [1,1,8]
+  --high-watermark X        store fill fraction that starts eviction [0.9]
+  --low-watermark X         store fill fraction eviction stops at [0.8]
+  --prefill-us-per-token X  prefill cost per prompt token in microseconds,
+                            used for prefill_saved_s; 20 is about one H100
+                            prefilling a batched 8B model [20]
+  --no-progress             never draw the progress bar (it is drawn on
+                            stderr, only when stderr is a terminal, for runs
+                            longer than a second)
+  -h, --help                this text
+
+Output (table, or with --json one object):
+  {"workload", "requests", "block_tokens", "working_set_blocks",
+   "capacity_blocks", "results": [{"policy", "token_hit_ratio",
+   "block_hit_ratio", "p50_us", "p95_us", "p99_us", "prefill_saved_s"}]}
+  token_hit_ratio  prompt tokens served from cache / all prompt tokens
+  block_hit_ratio  matched full blocks / all full blocks
+  pNN_us           per-request latency of the store's process() call
+  prefill_saved_s  prefill cost of the matched tokens, summed, in seconds
+)";
+
+unexpected<error> usage(std::string message) {
+  return make_error(errc::invalid_argument, std::move(message));
+}
+
+template <class T>
+result<T> parse_unsigned(std::string_view option, std::string_view text) {
+  T value{};
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(first, last, value);
+  if (text.empty() || ec != std::errc{} || ptr != last)
+    return usage("option " + std::string(option) +
+                 " needs a non-negative integer, got '" + std::string(text) +
+                 "'");
+  return value;
+}
+
+result<double> parse_real(std::string_view option, std::string_view text) {
+  double value = 0.0;
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(first, last, value);
+  if (text.empty() || ec != std::errc{} || ptr != last || !std::isfinite(value))
+    return usage("option " + std::string(option) + " needs a number, got '" +
+                 std::string(text) + "'");
+  return value;
+}
+
+result<bool> parse_on_off(std::string_view option, std::string_view text) {
+  if (text == "on")
+    return true;
+  if (text == "off")
+    return false;
+  return usage("option " + std::string(option) + " takes on or off, got '" +
+               std::string(text) + "'");
+}
+
+std::vector<std::string_view> split(std::string_view text, char sep) {
+  std::vector<std::string_view> parts;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t end = text.find(sep, start);
+    parts.push_back(text.substr(start, end - start));
+    if (end == std::string_view::npos)
+      break;
+    start = end + 1;
+  }
+  return parts;
+}
+
+result<std::vector<engine::policy_kind>> parse_policies(std::string_view text) {
+  std::vector<engine::policy_kind> out;
+  for (std::string_view name : split(text, ',')) {
+    if (name.empty())
+      return usage("option --policies needs a comma-separated list of "
+                   "policies, got '" +
+                   std::string(text) + "'");
+    auto kind = engine::parse_policy(name);
+    if (!kind)
+      return usage(kind.error().message);
+    if (std::find(out.begin(), out.end(), *kind) != out.end())
+      return usage("policy '" + std::string(name) +
+                   "' is listed twice in --policies");
+    out.push_back(*kind);
+  }
+  return out;
+}
+
+result<kv_layout> parse_layout(std::string_view text) {
+  const auto parts = split(text, ',');
+  const auto bad = [&] {
+    return usage("option --layout needs three positive integers "
+                 "layers,kv_heads,head_dim, got '" +
+                 std::string(text) + "'");
+  };
+  if (parts.size() != 3)
+    return bad();
+  std::uint32_t v[3] = {0, 0, 0};
+  for (std::size_t i = 0; i < 3; ++i) {
+    auto n = parse_unsigned<std::uint32_t>("--layout", parts[i]);
+    if (!n || *n == 0)
+      return bad();
+    v[i] = *n;
+  }
+  return kv_layout{v[0], v[1], v[2]};
+}
+
+std::string workload_list() {
+  std::string out;
+  for (std::string_view n : engine::workload_names()) {
+    if (!out.empty())
+      out += ", ";
+    out += n;
+  }
+  return out;
+}
+
+bool is_valid_workload(std::string_view name) {
+  const auto names = engine::workload_names();
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+// Applies one valued option; the caller has already split off its value.
+result<void> apply_option(engine_options& o, std::string_view name,
+                          std::string_view value) {
+  if (name == "--workload") {
+    if (!is_valid_workload(value))
+      return usage("unknown workload '" + std::string(value) +
+                   "'; valid workloads: " + workload_list());
+    o.workload = std::string(value);
+  } else if (name == "--trace") {
+    if (value.empty())
+      return usage("option --trace needs a file name");
+    o.trace_path = std::string(value);
+  } else if (name == "--capacity-fraction") {
+    auto f = parse_real(name, value);
+    if (!f)
+      return unexpected<error>(f.error());
+    if (!(*f > 0.0))
+      return usage("capacity 0: --capacity-fraction must be above 0, got '" +
+                   std::string(value) + "'");
+    o.capacity_fraction = *f;
+  } else if (name == "--capacity-blocks") {
+    auto n = parse_unsigned<std::size_t>(name, value);
+    if (!n)
+      return unexpected<error>(n.error());
+    if (*n == 0)
+      return usage("capacity 0: --capacity-blocks must be at least 1");
+    o.capacity_blocks = *n;
+  } else if (name == "--policies") {
+    auto p = parse_policies(value);
+    if (!p)
+      return unexpected<error>(p.error());
+    o.policies = std::move(*p);
+  } else if (name == "--block-tokens") {
+    auto n = parse_unsigned<std::uint32_t>(name, value);
+    if (!n)
+      return unexpected<error>(n.error());
+    if (*n == 0)
+      return usage("option --block-tokens must be at least 1");
+    o.block_tokens = *n;
+  } else if (name == "--requests") {
+    auto n = parse_unsigned<std::size_t>(name, value);
+    if (!n)
+      return unexpected<error>(n.error());
+    if (*n == 0 || *n > engine::max_workload_requests)
+      return usage("option --requests must be in [1, " +
+                   std::to_string(engine::max_workload_requests) + "], got " +
+                   std::string(value));
+    o.requests = *n;
+  } else if (name == "--seed") {
+    auto n = parse_unsigned<std::uint64_t>(name, value);
+    if (!n)
+      return unexpected<error>(n.error());
+    o.seed = *n;
+  } else if (name == "--on-bad-line") {
+    if (value == "skip")
+      o.on_bad_line = engine::bad_line_action::skip;
+    else if (value == "reject")
+      o.on_bad_line = engine::bad_line_action::reject;
+    else
+      return usage("option --on-bad-line takes skip or reject, got '" +
+                   std::string(value) + "'");
+  } else if (name == "--compression") {
+    auto b = parse_on_off(name, value);
+    if (!b)
+      return unexpected<error>(b.error());
+    o.compression = *b;
+  } else if (name == "--layout") {
+    auto l = parse_layout(value);
+    if (!l)
+      return unexpected<error>(l.error());
+    o.layout = *l;
+  } else if (name == "--high-watermark" || name == "--low-watermark") {
+    auto x = parse_real(name, value);
+    if (!x)
+      return unexpected<error>(x.error());
+    (name == "--high-watermark" ? o.high_watermark : o.low_watermark) = *x;
+  } else if (name == "--prefill-us-per-token") {
+    auto x = parse_real(name, value);
+    if (!x)
+      return unexpected<error>(x.error());
+    if (*x < 0.0)
+      return usage("option --prefill-us-per-token must not be negative");
+    o.prefill_us_per_token = *x;
+  } else {
+    return usage("unknown option '" + std::string(name) +
+                 "' (see kvfleet-bench engine --help)");
+  }
+  return {};
+}
+
+constexpr std::string_view flag_options[] = {"--json", "--no-progress"};
+constexpr std::string_view valued_options[] = {"--workload",
+                                               "--trace",
+                                               "--capacity-fraction",
+                                               "--capacity-blocks",
+                                               "--policies",
+                                               "--block-tokens",
+                                               "--requests",
+                                               "--seed",
+                                               "--on-bad-line",
+                                               "--compression",
+                                               "--layout",
+                                               "--high-watermark",
+                                               "--low-watermark",
+                                               "--prefill-us-per-token"};
+
+bool contains(std::span<const std::string_view> set, std::string_view s) {
+  return std::find(set.begin(), set.end(), s) != set.end();
+}
+
+result<void> check_complete(const engine_options& o) {
+  const bool has_workload = !o.workload.empty();
+  const bool has_trace = !o.trace_path.empty();
+  if (has_workload == has_trace)
+    return usage(has_workload
+                     ? "give either --workload or --trace, not both"
+                     : "give a workload (--workload NAME, one of " +
+                           workload_list() + ") or a trace (--trace FILE)");
+  if (o.capacity_fraction.has_value() == o.capacity_blocks.has_value())
+    return usage(o.capacity_blocks
+                     ? "give either --capacity-fraction or --capacity-blocks, "
+                       "not both"
+                     : "give a capacity: --capacity-fraction F or "
+                       "--capacity-blocks N");
+  if (!(o.low_watermark > 0.0 && o.low_watermark <= o.high_watermark &&
+        o.high_watermark <= 1.0))
+    return usage("watermarks must satisfy 0 < low <= high <= 1 (got low " +
+                 std::to_string(o.low_watermark) + ", high " +
+                 std::to_string(o.high_watermark) + ")");
+  if (auto ok = bench_namespace(o).validate(); !ok)
+    return usage("bad --layout/--block-tokens: " + ok.error().message);
+  return {};
+}
+
+result<command> parse_engine(std::span<const std::string_view> args) {
+  command cmd;
+  cmd.kind = command_kind::engine;
+  engine_options& o = cmd.engine;
+  // Asking for help wins over any mistake elsewhere on the line.
+  for (std::string_view arg : args)
+    if (arg == "--help" || arg == "-h")
+      return command{command_kind::engine_help, {}};
+  std::vector<std::string_view> seen;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string_view arg = args[i];
+    if (!arg.starts_with("--"))
+      return usage("unexpected argument '" + std::string(arg) +
+                   "' (see kvfleet-bench engine --help)");
+    const std::size_t eq = arg.find('=');
+    const std::string_view name = arg.substr(0, eq);
+    const bool is_flag = contains(flag_options, name);
+    if (!is_flag && !contains(valued_options, name))
+      return usage("unknown option '" + std::string(name) +
+                   "' (see kvfleet-bench engine --help)");
+    if (contains(seen, name))
+      return usage("option " + std::string(name) + " is given twice");
+    seen.push_back(name);
+    if (is_flag) {
+      if (eq != std::string_view::npos)
+        return usage("option " + std::string(name) + " takes no value");
+      if (name == "--json")
+        o.json = true;
+      else
+        o.progress = false;
+      continue;
+    }
+    std::string_view value;
+    if (eq != std::string_view::npos) {
+      value = arg.substr(eq + 1);
+    } else {
+      if (i + 1 >= args.size())
+        return usage("option " + std::string(name) + " needs a value");
+      value = args[++i];
+    }
+    if (auto ok = apply_option(o, name, value); !ok)
+      return unexpected<error>(ok.error());
+  }
+  if (auto ok = check_complete(o); !ok)
+    return unexpected<error>(ok.error());
+  return cmd;
+}
+
+} // namespace
+
+result<command> parse_command_line(std::span<const std::string_view> args) {
+  if (args.empty())
+    return usage("no mode given (see kvfleet-bench --help)");
+  const std::string_view mode = args[0];
+  if (mode == "--help" || mode == "-h" || mode == "help")
+    return command{command_kind::help, {}};
+  if (mode == "engine")
+    return parse_engine(args.subspan(1));
+  if (mode.starts_with("-"))
+    return usage("unknown option '" + std::string(mode) +
+                 "'; options follow the mode (see kvfleet-bench --help)");
+  return usage("unknown mode '" + std::string(mode) +
+               "'; the only mode is 'engine' (see kvfleet-bench --help)");
+}
+
+std::string_view main_help() noexcept {
+  return main_help_text;
+}
+std::string_view engine_help() noexcept {
+  return engine_help_text;
+}
+
+engine::namespace_spec bench_namespace(const engine_options& opts) {
+  engine::namespace_spec spec;
+  spec.model = "kvfleet-bench";
+  spec.layers = opts.layout.layers;
+  spec.kv_heads = opts.layout.kv_heads;
+  spec.head_dim = opts.layout.head_dim;
+  spec.type = engine::dtype::fp16;
+  spec.block_tokens = opts.block_tokens;
+  return spec;
+}
+
+bool is_usage_error(const error& e) noexcept {
+  const auto code = static_cast<unsigned>(e.code);
+  return code >= 100 && code < 200;
+}
+
+} // namespace kvfleet::bench

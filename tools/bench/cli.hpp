@@ -1,0 +1,85 @@
+#pragma once
+/// Command line of kvfleet-bench: parsing and help texts.
+///
+/// Parsing never prints and never exits: it returns the command or an error
+/// whose code is in the "bad input" range (errc 1xx), which the program
+/// reports as a usage error (exit status 2). Options take their value as the
+/// next argument or after '=' (`--seed 7`, `--seed=7`).
+/// Thread safety: free functions on values.
+
+#include "engine/eviction_policy.hpp"
+#include "engine/kv_namespace.hpp"
+#include "engine/result.hpp"
+#include "engine/trace_reader.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace kvfleet::bench {
+
+/// KV layout of the simulated namespace; decides the size of one block.
+struct kv_layout {
+  std::uint32_t layers = 1;
+  std::uint32_t kv_heads = 1;
+  std::uint32_t head_dim = 8;
+};
+
+/// Everything `kvfleet-bench engine` was asked to do. Exactly one of
+/// `workload` and `trace_path` is set, and exactly one of
+/// `capacity_fraction` and `capacity_blocks`.
+struct engine_options {
+  std::string workload;   ///< generated workload name (--workload)
+  std::string trace_path; ///< Mooncake JSONL trace (--trace)
+  std::optional<double> capacity_fraction;    ///< of the working set
+  std::optional<std::size_t> capacity_blocks; ///< absolute
+  std::vector<engine::policy_kind> policies{
+      engine::policy_kind::lru, engine::policy_kind::lfu,
+      engine::policy_kind::adaptive, engine::policy_kind::belady};
+  bool json = false;
+  std::uint32_t block_tokens = 512;
+  std::size_t requests = 0; ///< 0: the workload's default / the whole trace
+  std::uint64_t seed = 42;
+  engine::bad_line_action on_bad_line = engine::bad_line_action::reject;
+  bool compression = false;
+  kv_layout layout{};
+  double high_watermark = 0.9;
+  double low_watermark = 0.8;
+  double prefill_us_per_token = 20.0;
+  bool progress = true; ///< still only drawn when stderr is a terminal
+};
+
+/// What the command line asks for.
+enum class command_kind : std::uint8_t {
+  help,        ///< `--help`, `-h`
+  engine_help, ///< `engine --help`
+  engine,      ///< run the engine simulation
+};
+
+struct command {
+  command_kind kind = command_kind::help;
+  engine_options engine{};
+};
+
+/// Parses the arguments after the program name.
+[[nodiscard]] result<command>
+parse_command_line(std::span<const std::string_view> args);
+
+/// Text of `kvfleet-bench --help`.
+[[nodiscard]] std::string_view main_help() noexcept;
+/// Text of `kvfleet-bench engine --help`.
+[[nodiscard]] std::string_view engine_help() noexcept;
+
+/// The namespace every simulated block belongs to.
+[[nodiscard]] engine::namespace_spec
+bench_namespace(const engine_options& opts);
+
+/// True when `e` is a usage error (errc 1xx: bad input), which exits with
+/// status 2; every other error is a runtime error (status 1).
+[[nodiscard]] bool is_usage_error(const error& e) noexcept;
+
+} // namespace kvfleet::bench

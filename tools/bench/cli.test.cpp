@@ -1,0 +1,218 @@
+#include "tools/bench/cli.hpp"
+
+#include <gtest/gtest.h>
+
+#include <initializer_list>
+#include <string_view>
+#include <vector>
+
+namespace kvfleet::bench {
+namespace {
+
+using engine::policy_kind;
+
+result<command> parse(std::initializer_list<std::string_view> args) {
+  const std::vector<std::string_view> v(args);
+  return parse_command_line(v);
+}
+
+// Expects a usage error whose message contains `needle`.
+void expect_usage_error(std::initializer_list<std::string_view> args,
+                        std::string_view needle) {
+  auto cmd = parse(args);
+  ASSERT_FALSE(cmd) << "expected an error containing '" << needle << "'";
+  EXPECT_TRUE(is_usage_error(cmd.error())) << cmd.error().describe();
+  EXPECT_NE(cmd.error().message.find(needle), std::string::npos)
+      << cmd.error().message;
+}
+
+TEST(bench_cli, defaults) {
+  auto cmd =
+      parse({"engine", "--workload", "chat", "--capacity-fraction", "0.25"});
+  ASSERT_TRUE(cmd) << cmd.error().describe();
+  EXPECT_EQ(cmd->kind, command_kind::engine);
+  const engine_options& o = cmd->engine;
+  EXPECT_EQ(o.workload, "chat");
+  EXPECT_TRUE(o.trace_path.empty());
+  ASSERT_TRUE(o.capacity_fraction.has_value());
+  EXPECT_DOUBLE_EQ(*o.capacity_fraction, 0.25);
+  EXPECT_FALSE(o.capacity_blocks.has_value());
+  EXPECT_EQ(o.policies, (std::vector<policy_kind>{
+                            policy_kind::lru, policy_kind::lfu,
+                            policy_kind::adaptive, policy_kind::belady}));
+  EXPECT_FALSE(o.json);
+  EXPECT_EQ(o.block_tokens, 512U);
+  EXPECT_EQ(o.requests, 0U);
+  EXPECT_EQ(o.seed, 42U);
+  EXPECT_EQ(o.on_bad_line, engine::bad_line_action::reject);
+  EXPECT_FALSE(o.compression);
+  EXPECT_EQ(o.layout.layers, 1U);
+  EXPECT_EQ(o.layout.kv_heads, 1U);
+  EXPECT_EQ(o.layout.head_dim, 8U);
+  EXPECT_DOUBLE_EQ(o.high_watermark, 0.9);
+  EXPECT_DOUBLE_EQ(o.low_watermark, 0.8);
+  EXPECT_DOUBLE_EQ(o.prefill_us_per_token, 20.0);
+  EXPECT_TRUE(o.progress);
+  // The default layout makes a 512-token block 16 KiB.
+  EXPECT_EQ(bench_namespace(o).value_bytes(), 16U * 1024U);
+}
+
+TEST(bench_cli, every_option) {
+  auto cmd = parse({"engine",
+                    "--trace=t.jsonl",
+                    "--capacity-blocks",
+                    "100",
+                    "--policies",
+                    "belady,lru,priority",
+                    "--json",
+                    "--block-tokens=256",
+                    "--requests",
+                    "50",
+                    "--seed",
+                    "7",
+                    "--on-bad-line",
+                    "skip",
+                    "--compression=on",
+                    "--layout",
+                    "2,4,16",
+                    "--high-watermark",
+                    "0.95",
+                    "--low-watermark=0.5",
+                    "--prefill-us-per-token",
+                    "12.5",
+                    "--no-progress"});
+  ASSERT_TRUE(cmd) << cmd.error().describe();
+  const engine_options& o = cmd->engine;
+  EXPECT_EQ(o.trace_path, "t.jsonl");
+  EXPECT_TRUE(o.workload.empty());
+  ASSERT_TRUE(o.capacity_blocks.has_value());
+  EXPECT_EQ(*o.capacity_blocks, 100U);
+  EXPECT_EQ(o.policies,
+            (std::vector<policy_kind>{policy_kind::belady, policy_kind::lru,
+                                      policy_kind::priority}));
+  EXPECT_TRUE(o.json);
+  EXPECT_EQ(o.block_tokens, 256U);
+  EXPECT_EQ(o.requests, 50U);
+  EXPECT_EQ(o.seed, 7U);
+  EXPECT_EQ(o.on_bad_line, engine::bad_line_action::skip);
+  EXPECT_TRUE(o.compression);
+  EXPECT_EQ(o.layout.layers, 2U);
+  EXPECT_EQ(o.layout.kv_heads, 4U);
+  EXPECT_EQ(o.layout.head_dim, 16U);
+  EXPECT_DOUBLE_EQ(o.high_watermark, 0.95);
+  EXPECT_DOUBLE_EQ(o.low_watermark, 0.5);
+  EXPECT_DOUBLE_EQ(o.prefill_us_per_token, 12.5);
+  EXPECT_FALSE(o.progress);
+}
+
+TEST(bench_cli, help) {
+  for (auto args : {std::initializer_list<std::string_view>{"--help"},
+                    std::initializer_list<std::string_view>{"-h"}}) {
+    auto cmd = parse(args);
+    ASSERT_TRUE(cmd);
+    EXPECT_EQ(cmd->kind, command_kind::help);
+  }
+  auto cmd = parse({"engine", "--workload", "nope", "--help"});
+  ASSERT_TRUE(cmd) << "help wins over a later-detected mistake";
+  EXPECT_EQ(cmd->kind, command_kind::engine_help);
+  cmd = parse({"engine", "-h"});
+  ASSERT_TRUE(cmd);
+  EXPECT_EQ(cmd->kind, command_kind::engine_help);
+}
+
+TEST(bench_cli, help_documents_every_option_and_only_the_engine_mode) {
+  for (std::string_view opt :
+       {"--workload", "--trace", "--capacity-fraction", "--capacity-blocks",
+        "--policies", "--json", "--block-tokens", "--requests", "--seed",
+        "--on-bad-line", "--compression", "--layout", "--high-watermark",
+        "--low-watermark", "--prefill-us-per-token", "--no-progress"})
+    EXPECT_NE(engine_help().find(opt), std::string_view::npos) << opt;
+  EXPECT_NE(main_help().find("engine"), std::string_view::npos);
+}
+
+TEST(bench_cli, mode_errors) {
+  expect_usage_error({}, "no mode");
+  expect_usage_error({"replay"}, "unknown mode 'replay'");
+  expect_usage_error({"--json"}, "unknown option '--json'");
+}
+
+TEST(bench_cli, option_errors) {
+  expect_usage_error(
+      {"engine", "--workload", "chat", "--capacity-blocks", "5", "--bogus"},
+      "unknown option '--bogus'");
+  expect_usage_error(
+      {"engine", "--workload", "chat", "--capacity-blocks", "5", "stray"},
+      "unexpected argument 'stray'");
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks"},
+                     "--capacity-blocks needs a value");
+  expect_usage_error({"engine", "--workload=chat", "--workload=chat",
+                      "--capacity-blocks", "5"},
+                     "given twice");
+  expect_usage_error(
+      {"engine", "--workload", "chat", "--capacity-blocks", "5", "--json=yes"},
+      "takes no value");
+}
+
+TEST(bench_cli, unknown_workload_lists_the_valid_ones) {
+  auto cmd =
+      parse({"engine", "--workload", "chitchat", "--capacity-blocks", "5"});
+  ASSERT_FALSE(cmd);
+  EXPECT_TRUE(is_usage_error(cmd.error()));
+  for (std::string_view name : engine::workload_names())
+    EXPECT_NE(cmd.error().message.find(name), std::string::npos) << name;
+}
+
+TEST(bench_cli, input_and_capacity_are_exclusive_and_required) {
+  expect_usage_error({"engine", "--capacity-blocks", "5"}, "give a workload");
+  expect_usage_error({"engine", "--workload", "chat", "--trace", "t",
+                      "--capacity-blocks", "5"},
+                     "not both");
+  expect_usage_error({"engine", "--workload", "chat"}, "give a capacity");
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--capacity-fraction", "0.5"},
+                     "not both");
+}
+
+TEST(bench_cli, bad_values) {
+  const auto base = [](std::string_view opt, std::string_view value,
+                       std::string_view needle) {
+    expect_usage_error({"engine", "--workload", "chat", "--capacity-fraction",
+                        "0.5", opt, value},
+                       needle);
+  };
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "0"},
+                     "capacity 0");
+  expect_usage_error(
+      {"engine", "--workload", "chat", "--capacity-fraction", "0"},
+      "capacity 0");
+  expect_usage_error(
+      {"engine", "--workload", "chat", "--capacity-fraction", "-1"},
+      "capacity 0");
+  expect_usage_error(
+      {"engine", "--workload", "chat", "--capacity-fraction", "nan"},
+      "needs a number");
+  expect_usage_error(
+      {"engine", "--workload", "chat", "--capacity-blocks", "-3"},
+      "non-negative integer");
+  base("--policies", "lru,mru", "unknown eviction policy 'mru'");
+  base("--policies", "lru,,lfu", "comma-separated");
+  base("--policies", "lru,lru", "listed twice");
+  base("--block-tokens", "0", "at least 1");
+  base("--block-tokens", "12x", "non-negative integer");
+  base("--requests", "0", "--requests must be in");
+  base("--seed", "", "non-negative integer");
+  base("--on-bad-line", "ignore", "skip or reject");
+  base("--compression", "yes", "on or off");
+  base("--layout", "1,1", "three positive integers");
+  base("--layout", "1,0,8", "three positive integers");
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--layout", "1,1,1", "--block-tokens", "16"},
+                     "codec group size");
+  base("--high-watermark", "1.5", "watermarks");
+  base("--low-watermark", "0.95", "watermarks");
+  base("--low-watermark", "0", "watermarks");
+  base("--prefill-us-per-token", "-1", "must not be negative");
+}
+
+} // namespace
+} // namespace kvfleet::bench

@@ -1,0 +1,220 @@
+#include "tools/bench/engine_mode.hpp"
+
+#include "engine/codec.hpp"
+#include "engine/kv_producer.hpp"
+#include "engine/trace_reader.hpp"
+#include "tools/bench/next_use_oracle.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <ostream>
+
+namespace kvfleet::bench {
+
+namespace {
+
+constexpr std::size_t max_slab_blocks = 64;
+
+double ratio(std::uint64_t part, std::uint64_t whole) {
+  return whole == 0 ? 0.0
+                    : static_cast<double>(part) / static_cast<double>(whole);
+}
+
+double to_us(std::uint64_t ns) {
+  return static_cast<double>(ns) / 1e3;
+}
+
+// Largest divisor of n that is at most `limit`: slabs of that many blocks
+// tile a capacity of n blocks exactly.
+std::size_t slab_blocks_for(std::size_t n, std::size_t limit) {
+  for (std::size_t d = std::min(n, limit); d > 1; --d)
+    if (n % d == 0)
+      return d;
+  return 1;
+}
+
+} // namespace
+
+result<std::vector<engine::workload_request>>
+load_requests(const engine_options& opts, std::ostream& diag) {
+  if (!opts.workload.empty()) {
+    engine::workload_options wo;
+    wo.block_tokens = opts.block_tokens;
+    wo.seed = opts.seed;
+    wo.requests = opts.requests;
+    return engine::generate_workload(opts.workload, wo);
+  }
+  engine::trace_options to;
+  to.on_bad_line = opts.on_bad_line;
+  to.block_tokens = opts.block_tokens;
+  engine::trace_report report;
+  auto reqs = engine::read_trace_file(opts.trace_path, to, report);
+  if (!reqs)
+    return reqs; // the error names the file and the line
+  for (const std::string& p : report.problems)
+    diag << opts.trace_path << ": " << p << '\n';
+  if (report.skipped > 0) {
+    diag << opts.trace_path << ": skipped " << report.skipped
+         << " malformed line" << (report.skipped == 1 ? "" : "s") << " of "
+         << report.lines;
+    if (report.skipped > report.problems.size())
+      diag << " (the first " << report.problems.size() << " shown)";
+    diag << '\n';
+  }
+  if (opts.requests != 0 && reqs->size() > opts.requests)
+    reqs->resize(opts.requests);
+  return reqs;
+}
+
+result<std::size_t> capacity_in_blocks(const engine_options& opts,
+                                       std::size_t working_set_blocks) {
+  if (opts.capacity_blocks) {
+    if (*opts.capacity_blocks == 0)
+      return make_error(errc::zero_capacity,
+                        "capacity 0: --capacity-blocks must be at least 1");
+    return *opts.capacity_blocks;
+  }
+  const double f = opts.capacity_fraction.value_or(0.0);
+  const double n = std::round(f * static_cast<double>(working_set_blocks));
+  if (!(n >= 1.0))
+    return make_error(errc::zero_capacity,
+                      "capacity 0: --capacity-fraction " + std::to_string(f) +
+                          " of a working set of " +
+                          std::to_string(working_set_blocks) +
+                          " blocks rounds to 0 blocks");
+  if (n >= static_cast<double>(std::numeric_limits<std::size_t>::max()))
+    return make_error(errc::value_too_large, "capacity is too large");
+  return static_cast<std::size_t>(n);
+}
+
+std::size_t block_slot_bytes(const engine::namespace_spec& spec) {
+  const std::size_t bytes =
+      engine::encoded_size(engine::codec::none, spec.elements_per_block());
+  const std::size_t align = engine::block_pool::slot_alignment;
+  return (bytes + align - 1) / align * align;
+}
+
+result<engine::store_config> make_store_config(const engine_options& opts,
+                                               engine::policy_kind policy,
+                                               std::size_t capacity_blocks) {
+  const std::size_t slot = block_slot_bytes(bench_namespace(opts));
+  if (capacity_blocks == 0)
+    return make_error(errc::zero_capacity, "capacity 0 blocks");
+  if (capacity_blocks > std::numeric_limits<std::size_t>::max() / slot)
+    return make_error(errc::value_too_large,
+                      "a capacity of " + std::to_string(capacity_blocks) +
+                          " blocks of " + std::to_string(slot) +
+                          " bytes does not fit in memory");
+  engine::store_config cfg;
+  cfg.capacity_bytes = capacity_blocks * slot;
+  cfg.slab_bytes = slab_blocks_for(capacity_blocks, max_slab_blocks) * slot;
+  cfg.high_watermark = opts.high_watermark;
+  cfg.low_watermark = opts.low_watermark;
+  cfg.policy = policy;
+  cfg.adaptive_compression = opts.compression;
+  return cfg;
+}
+
+result<policy_result>
+simulate_policy(const engine_options& opts, engine::policy_kind policy,
+                const request_keys& keys, std::size_t capacity_blocks,
+                const std::function<void(std::size_t)>& progress) {
+  auto cfg = make_store_config(opts, policy, capacity_blocks);
+  if (!cfg)
+    return unexpected<error>(cfg.error());
+  // Declared before the store, so it outlives the store's copy of the
+  // oracle function.
+  std::optional<next_use_oracle> oracle;
+  if (policy == engine::policy_kind::belady) {
+    oracle.emplace(keys);
+    cfg->next_use = oracle->as_function();
+  }
+  auto store = engine::block_store::create(*cfg);
+  if (!store)
+    return unexpected<error>(store.error());
+  engine::namespace_options ns_opts;
+  ns_opts.adaptive_compression = opts.compression;
+  auto ns = (*store)->register_namespace(bench_namespace(opts), ns_opts);
+  if (!ns)
+    return unexpected<error>(ns.error());
+
+  const auto per_token = engine::nanos{
+      static_cast<std::int64_t>(std::llround(opts.prefill_us_per_token * 1e3))};
+  engine::synthetic_producer producer(per_token);
+  policy_result out;
+  out.policy = policy;
+  engine::nanos saved{0};
+  for (std::size_t r = 0; r < keys.size(); ++r) {
+    if (oracle)
+      oracle->begin_request(r);
+    engine::put_options put;
+    put.request_tokens = keys.input_tokens[r];
+    const auto request = keys.of(r);
+    auto done =
+        (*store)->process(*ns, request, keys.input_tokens[r], producer, put);
+    if (!done)
+      return make_error(done.error().code,
+                        "request " + std::to_string(r) + " under policy " +
+                            std::string(engine::to_string(policy)) + ": " +
+                            done.error().message);
+    out.input_tokens += keys.input_tokens[r];
+    out.matched_tokens += done->matched_tokens;
+    out.full_blocks += request.size();
+    out.matched_blocks += done->matched_blocks;
+    saved += done->prefill_saved;
+    if (progress)
+      progress(r + 1);
+  }
+  const engine::store_stats& st = (*store)->stats();
+  out.token_hit_ratio = ratio(out.matched_tokens, out.input_tokens);
+  out.block_hit_ratio = ratio(out.matched_blocks, out.full_blocks);
+  out.p50_us = to_us(st.process_ns.quantile(0.50));
+  out.p95_us = to_us(st.process_ns.quantile(0.95));
+  out.p99_us = to_us(st.process_ns.quantile(0.99));
+  out.prefill_saved_s = std::chrono::duration<double>(saved).count();
+  out.evictions = st.evictions;
+  out.demotions = st.demotions;
+  return out;
+}
+
+result<engine_report> run_engine(const engine_options& opts,
+                                 std::span<const engine::workload_request> reqs,
+                                 const std::string& workload,
+                                 const progress_fn& progress) {
+  engine_report report;
+  report.workload = workload;
+  report.from_trace = !opts.trace_path.empty();
+  report.requests = reqs.size();
+  report.block_tokens = opts.block_tokens;
+  report.working_set_blocks =
+      engine::working_set_blocks(reqs, opts.block_tokens);
+  auto cap = capacity_in_blocks(opts, report.working_set_blocks);
+  if (!cap)
+    return unexpected<error>(cap.error());
+  report.capacity_blocks = *cap;
+
+  const request_keys keys = make_request_keys(
+      reqs, bench_namespace(opts).fingerprint(), opts.block_tokens);
+  const std::size_t total = opts.policies.size() * keys.size();
+  for (std::size_t i = 0; i < opts.policies.size(); ++i) {
+    const engine::policy_kind policy = opts.policies[i];
+    const std::string label = std::string(engine::to_string(policy)) + " (" +
+                              std::to_string(i + 1) + "/" +
+                              std::to_string(opts.policies.size()) + ")";
+    const std::size_t before = i * keys.size();
+    std::function<void(std::size_t)> step;
+    if (progress)
+      step = [&](std::size_t done) { progress(before + done, total, label); };
+    auto res =
+        simulate_policy(opts, policy, keys, report.capacity_blocks, step);
+    if (!res)
+      return unexpected<error>(res.error());
+    report.results.push_back(*res);
+  }
+  return report;
+}
+
+} // namespace kvfleet::bench

@@ -1,0 +1,103 @@
+#pragma once
+/// `kvfleet-bench engine`: replays one request sequence through a fresh
+/// in-process block store per eviction policy and measures each.
+///
+/// Every policy sees the identical sequence of keys (request_keys, computed
+/// once) against a store of the same capacity. A request is one
+/// block_store::process() call with the synthetic producer standing in for
+/// prefill, so the store's real code paths run: prefix lookup, leases,
+/// two-phase puts, eviction between the watermarks, optional adaptive
+/// compression. `belady` gets a next_use_oracle over the same sequence.
+///
+/// Capacity is counted in uncompressed blocks: capacity_bytes = N x the slot
+/// size of one uncompressed block, and the slab size divides it, so slab
+/// rounding never changes how many blocks fit.
+/// Thread safety: free functions; nothing shared between calls.
+
+#include "engine/block_store.hpp"
+#include "engine/eviction_policy.hpp"
+#include "engine/result.hpp"
+#include "engine/workload.hpp"
+#include "tools/bench/cli.hpp"
+#include "tools/bench/request_keys.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <iosfwd>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace kvfleet::bench {
+
+/// What one policy achieved over the whole sequence.
+struct policy_result {
+  engine::policy_kind policy = engine::policy_kind::lru;
+  double token_hit_ratio = 0.0; ///< matched_tokens / input_tokens
+  double block_hit_ratio = 0.0; ///< matched_blocks / full_blocks
+  double p50_us = 0.0;          ///< process() latency quantiles
+  double p95_us = 0.0;
+  double p99_us = 0.0;
+  double prefill_saved_s = 0.0; ///< producer cost of the matched tokens
+  std::uint64_t input_tokens = 0;
+  std::uint64_t matched_tokens = 0;
+  std::uint64_t full_blocks = 0;
+  std::uint64_t matched_blocks = 0;
+  std::uint64_t evictions = 0;
+  std::uint64_t demotions = 0;
+};
+
+struct engine_report {
+  std::string workload; ///< workload name or trace path
+  bool from_trace = false;
+  std::size_t requests = 0;
+  std::uint32_t block_tokens = 0;
+  std::size_t working_set_blocks = 0;
+  std::size_t capacity_blocks = 0;
+  std::vector<policy_result> results; ///< in the order asked for
+};
+
+/// Called after each request: `done` of `total` requests over all policies,
+/// `label` names the policy running.
+using progress_fn = std::function<void(std::size_t done, std::size_t total,
+                                       const std::string& label)>;
+
+/// Generates the workload or reads the trace `opts` names, truncated to
+/// `opts.requests` for a trace. Trace problems (with line numbers) and a
+/// summary of skipped lines are written to `diag`.
+/// Errors: the generator's (errc::invalid_argument) and the reader's
+/// (errc::parse_error, errc::io_error).
+[[nodiscard]] result<std::vector<engine::workload_request>>
+load_requests(const engine_options& opts, std::ostream& diag);
+
+/// Capacity in blocks: opts.capacity_blocks, or opts.capacity_fraction of
+/// `working_set_blocks` rounded to nearest. errc::zero_capacity when that
+/// is 0.
+[[nodiscard]] result<std::size_t>
+capacity_in_blocks(const engine_options& opts, std::size_t working_set_blocks);
+
+/// Bytes of the slot one uncompressed block of `spec` occupies.
+[[nodiscard]] std::size_t block_slot_bytes(const engine::namespace_spec& spec);
+
+/// The store configuration for `capacity_blocks` blocks and `policy`
+/// (next_use is left empty). errc::value_too_large when the capacity does
+/// not fit in memory addresses.
+[[nodiscard]] result<engine::store_config>
+make_store_config(const engine_options& opts, engine::policy_kind policy,
+                  std::size_t capacity_blocks);
+
+/// Replays `keys` through a fresh store with `policy`. `progress` (may be
+/// empty) is called after each request with the number done.
+[[nodiscard]] result<policy_result>
+simulate_policy(const engine_options& opts, engine::policy_kind policy,
+                const request_keys& keys, std::size_t capacity_blocks,
+                const std::function<void(std::size_t)>& progress = {});
+
+/// Runs every policy of `opts` over `reqs`; `workload` labels the report.
+[[nodiscard]] result<engine_report>
+run_engine(const engine_options& opts,
+           std::span<const engine::workload_request> reqs,
+           const std::string& workload, const progress_fn& progress = {});
+
+} // namespace kvfleet::bench

@@ -1,0 +1,220 @@
+#include "tools/bench/engine_mode.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace kvfleet::bench {
+namespace {
+
+using engine::policy_kind;
+
+engine_options small_workload(std::string name, double fraction) {
+  engine_options o;
+  o.workload = std::move(name);
+  o.requests = 400;
+  o.capacity_fraction = fraction;
+  o.policies = {policy_kind::lru, policy_kind::lfu, policy_kind::priority,
+                policy_kind::adaptive, policy_kind::belady};
+  return o;
+}
+
+result<engine_report> run(const engine_options& o) {
+  std::ostringstream diag;
+  auto reqs = load_requests(o, diag);
+  if (!reqs)
+    return unexpected<error>(reqs.error());
+  return run_engine(o, *reqs, o.workload);
+}
+
+TEST(engine_mode, belady_is_at_least_as_good_as_every_other_policy) {
+  for (const char* name : {"chat", "shared-prefix", "doc-qa"}) {
+    auto report = run(small_workload(name, 0.25));
+    ASSERT_TRUE(report) << report.error().describe();
+    ASSERT_EQ(report->results.size(), 5U);
+    const policy_result& belady = report->results.back();
+    ASSERT_EQ(belady.policy, policy_kind::belady);
+    EXPECT_GT(belady.block_hit_ratio, 0.0) << name;
+    for (const policy_result& r : report->results) {
+      EXPECT_GE(belady.block_hit_ratio, r.block_hit_ratio)
+          << name << " vs " << engine::to_string(r.policy);
+      EXPECT_GE(belady.token_hit_ratio, r.token_hit_ratio)
+          << name << " vs " << engine::to_string(r.policy);
+      EXPECT_GE(belady.prefill_saved_s, r.prefill_saved_s) << name;
+    }
+  }
+}
+
+TEST(engine_mode, every_policy_sees_the_same_requests) {
+  auto report = run(small_workload("chat", 0.25));
+  ASSERT_TRUE(report) << report.error().describe();
+  for (const policy_result& r : report->results) {
+    EXPECT_EQ(r.input_tokens, report->results[0].input_tokens);
+    EXPECT_EQ(r.full_blocks, report->results[0].full_blocks);
+    EXPECT_LE(r.matched_blocks, r.full_blocks);
+    EXPECT_LE(r.matched_tokens, r.input_tokens);
+    EXPECT_DOUBLE_EQ(r.token_hit_ratio,
+                     static_cast<double>(r.matched_tokens) /
+                         static_cast<double>(r.input_tokens));
+    // 20 us per matched token by default.
+    EXPECT_NEAR(r.prefill_saved_s,
+                static_cast<double>(r.matched_tokens) * 20e-6, 1e-6);
+    EXPECT_LE(r.p50_us, r.p95_us);
+    EXPECT_LE(r.p95_us, r.p99_us);
+    EXPECT_GT(r.p50_us, 0.0);
+  }
+}
+
+TEST(engine_mode, no_reuse_gets_no_hits_and_a_whole_working_set_fits) {
+  auto none = run(small_workload("no-reuse", 0.25));
+  ASSERT_TRUE(none) << none.error().describe();
+  for (const policy_result& r : none->results) {
+    EXPECT_EQ(r.matched_blocks, 0U);
+    EXPECT_EQ(r.prefill_saved_s, 0.0);
+  }
+  // With room for everything (below the high watermark) nothing is evicted
+  // and every policy scores the same: the compulsory misses only.
+  auto all = run(small_workload("shared-prefix", 1.2));
+  ASSERT_TRUE(all) << all.error().describe();
+  for (const policy_result& r : all->results) {
+    EXPECT_EQ(r.evictions, 0U);
+    EXPECT_EQ(r.matched_blocks, all->results[0].matched_blocks);
+    EXPECT_EQ(r.full_blocks - r.matched_blocks, all->working_set_blocks);
+  }
+}
+
+TEST(engine_mode, capacity_from_fraction_or_blocks) {
+  engine_options o;
+  o.capacity_fraction = 0.25;
+  EXPECT_EQ(capacity_in_blocks(o, 1000).value_or(0), 250U);
+  EXPECT_EQ(capacity_in_blocks(o, 10).value_or(0), 3U); // 2.5 rounds up
+  auto zero = capacity_in_blocks(o, 1);
+  ASSERT_FALSE(zero);
+  EXPECT_EQ(zero.error().code, errc::zero_capacity);
+  EXPECT_TRUE(is_usage_error(zero.error()));
+  o.capacity_fraction.reset();
+  o.capacity_blocks = 17;
+  EXPECT_EQ(capacity_in_blocks(o, 1000).value_or(0), 17U);
+}
+
+TEST(engine_mode, store_capacity_is_a_whole_number_of_blocks_and_slabs) {
+  engine_options o;
+  const std::size_t slot = block_slot_bytes(bench_namespace(o));
+  EXPECT_EQ(slot, 16U * 1024U);
+  for (std::size_t n : {1U, 2U, 7U, 64U, 97U, 250U, 1000U}) {
+    auto cfg = make_store_config(o, policy_kind::lru, n);
+    ASSERT_TRUE(cfg) << cfg.error().describe();
+    EXPECT_EQ(cfg->capacity_bytes, n * slot);
+    EXPECT_EQ(cfg->slab_bytes % slot, 0U);
+    EXPECT_EQ(cfg->capacity_bytes % cfg->slab_bytes, 0U) << n;
+    EXPECT_LE(cfg->slab_bytes, 64 * slot);
+    EXPECT_FALSE(cfg->adaptive_compression);
+    auto store = engine::block_store::create(*cfg);
+    ASSERT_TRUE(store) << store.error().describe();
+    EXPECT_EQ((*store)->capacity_bytes(), n * slot) << n;
+  }
+}
+
+TEST(engine_mode, compression_demotes_instead_of_evicting) {
+  engine_options o = small_workload("doc-qa", 0.25);
+  o.policies = {policy_kind::lru};
+  o.compression = true;
+  auto on = run(o);
+  ASSERT_TRUE(on) << on.error().describe();
+  EXPECT_GT(on->results[0].demotions, 0U);
+  o.compression = false;
+  auto off = run(o);
+  ASSERT_TRUE(off) << off.error().describe();
+  EXPECT_EQ(off->results[0].demotions, 0U);
+}
+
+class trace_file : public ::testing::Test {
+protected:
+  void SetUp() override {
+    path_ = ::testing::TempDir() + "kvfleet_bench_trace_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name() +
+            ".jsonl";
+  }
+  void TearDown() override { std::remove(path_.c_str()); }
+  void write(const std::string& text) {
+    std::ofstream f(path_);
+    f << text;
+  }
+  std::string path_;
+};
+
+constexpr const char* good_lines =
+    R"({"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [1, 2, 3]}
+{"timestamp": 10, "input_length": 1024, "output_length": 5, "hash_ids": [1, 2]}
+{"timestamp": 20, "input_length": 600, "output_length": 5, "hash_ids": [1, 9]}
+)";
+
+TEST_F(trace_file, replays_a_trace) {
+  write(good_lines);
+  engine_options o;
+  o.trace_path = path_;
+  o.capacity_blocks = 10;
+  std::ostringstream diag;
+  auto reqs = load_requests(o, diag);
+  ASSERT_TRUE(reqs) << reqs.error().describe();
+  EXPECT_EQ(reqs->size(), 3U);
+  EXPECT_TRUE(diag.str().empty()) << diag.str();
+  auto report = run_engine(o, *reqs, path_);
+  ASSERT_TRUE(report) << report.error().describe();
+  EXPECT_EQ(report->working_set_blocks, 2U);
+  for (const policy_result& r : report->results) {
+    EXPECT_EQ(r.full_blocks, 2U + 2U + 1U);
+    EXPECT_EQ(r.matched_blocks, 2U + 1U);
+    EXPECT_EQ(r.matched_tokens, 1024U + 512U);
+    EXPECT_EQ(r.input_tokens, 1100U + 1024U + 600U);
+  }
+  o.requests = 2;
+  auto first_two = load_requests(o, diag);
+  ASSERT_TRUE(first_two);
+  EXPECT_EQ(first_two->size(), 2U);
+}
+
+TEST_F(trace_file, bad_lines_are_rejected_or_skipped_with_line_numbers) {
+  write(std::string(good_lines) +
+        R"({"timestamp": 30, "input_length": 512, "output_length": 5}
+{"timestamp": 40, "input_length": 512, "output_length": 5, "hash_ids": [4]}
+not json
+)");
+  engine_options o;
+  o.trace_path = path_;
+  o.capacity_blocks = 10;
+  std::ostringstream diag;
+  auto rejected = load_requests(o, diag);
+  ASSERT_FALSE(rejected);
+  EXPECT_EQ(rejected.error().code, errc::parse_error);
+  EXPECT_FALSE(is_usage_error(rejected.error()));
+  EXPECT_NE(rejected.error().message.find("line 4"), std::string::npos)
+      << rejected.error().message;
+
+  o.on_bad_line = engine::bad_line_action::skip;
+  diag.str("");
+  auto skipped = load_requests(o, diag);
+  ASSERT_TRUE(skipped) << skipped.error().describe();
+  EXPECT_EQ(skipped->size(), 4U);
+  EXPECT_NE(diag.str().find("line 4"), std::string::npos) << diag.str();
+  EXPECT_NE(diag.str().find("line 6"), std::string::npos) << diag.str();
+  EXPECT_NE(diag.str().find("skipped 2 malformed lines"), std::string::npos)
+      << diag.str();
+}
+
+TEST_F(trace_file, missing_file_is_an_io_error) {
+  engine_options o;
+  o.trace_path = path_ + ".missing";
+  o.capacity_blocks = 10;
+  std::ostringstream diag;
+  auto reqs = load_requests(o, diag);
+  ASSERT_FALSE(reqs);
+  EXPECT_EQ(reqs.error().code, errc::io_error);
+  EXPECT_FALSE(is_usage_error(reqs.error()));
+}
+
+} // namespace
+} // namespace kvfleet::bench

@@ -1,0 +1,77 @@
+#include "tools/bench/report.hpp"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <string>
+
+namespace kvfleet::bench {
+namespace {
+
+engine_report sample() {
+  engine_report r;
+  r.workload = "chat";
+  r.requests = 20000;
+  r.block_tokens = 512;
+  r.working_set_blocks = 1000;
+  r.capacity_blocks = 250;
+  policy_result lru;
+  lru.policy = engine::policy_kind::lru;
+  lru.token_hit_ratio = 0.5;
+  lru.block_hit_ratio = 0.25;
+  lru.p50_us = 10.5;
+  lru.p95_us = 20.0;
+  lru.p99_us = 30.0;
+  lru.prefill_saved_s = 123.25;
+  policy_result belady = lru;
+  belady.policy = engine::policy_kind::belady;
+  belady.token_hit_ratio = 0.75;
+  r.results = {lru, belady};
+  return r;
+}
+
+TEST(bench_report, json_shape) {
+  const nlohmann::json j = nlohmann::json::parse(to_json(sample()));
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j.at("workload"), "chat");
+  EXPECT_EQ(j.at("capacity_blocks"), 250);
+  EXPECT_EQ(j.at("working_set_blocks"), 1000);
+  EXPECT_EQ(j.at("requests"), 20000);
+  EXPECT_EQ(j.at("block_tokens"), 512);
+  const auto& results = j.at("results");
+  ASSERT_TRUE(results.is_array());
+  ASSERT_EQ(results.size(), 2U);
+  for (const auto& r : results) {
+    ASSERT_TRUE(r.is_object());
+    EXPECT_EQ(r.size(), 7U);
+    EXPECT_TRUE(r.at("policy").is_string());
+    for (const char* key : {"token_hit_ratio", "block_hit_ratio", "p50_us",
+                            "p95_us", "p99_us", "prefill_saved_s"})
+      EXPECT_TRUE(r.at(key).is_number()) << key;
+  }
+  EXPECT_EQ(results[0].at("policy"), "lru");
+  EXPECT_EQ(results[1].at("policy"), "belady");
+  EXPECT_DOUBLE_EQ(results[0].at("token_hit_ratio").get<double>(), 0.5);
+  EXPECT_DOUBLE_EQ(results[1].at("token_hit_ratio").get<double>(), 0.75);
+  EXPECT_DOUBLE_EQ(results[0].at("block_hit_ratio").get<double>(), 0.25);
+  EXPECT_DOUBLE_EQ(results[0].at("p50_us").get<double>(), 10.5);
+  EXPECT_DOUBLE_EQ(results[0].at("prefill_saved_s").get<double>(), 123.25);
+}
+
+TEST(bench_report, table) {
+  const std::string t = to_table(sample());
+  EXPECT_NE(t.find("working set 1000 blocks, capacity 250 blocks (25.0%)"),
+            std::string::npos)
+      << t;
+  for (const char* column : {"policy", "token hit", "block hit", "p50 us",
+                             "p95 us", "p99 us", "prefill saved s"})
+    EXPECT_NE(t.find(column), std::string::npos) << column;
+  EXPECT_NE(t.find("lru"), std::string::npos);
+  EXPECT_NE(t.find("50.00%"), std::string::npos) << t;
+  EXPECT_NE(t.find("75.00%"), std::string::npos) << t;
+  EXPECT_NE(t.find("123.2"), std::string::npos) << t;
+  EXPECT_EQ(t.back(), '\n');
+}
+
+} // namespace
+} // namespace kvfleet::bench
