@@ -646,6 +646,7 @@ result<void> block_store::commit(put_handle& h) {
   info.count = 1;
   info.prio = e.prio;
   info.resident_blocks = index_.size();
+  info.parent = e.parent;
   if (config_.next_use) info.next_use = config_.next_use(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
   recency_push_front(id);

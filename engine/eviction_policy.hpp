@@ -44,6 +44,8 @@ enum class policy_kind : std::uint8_t { lru, lfu, priority, adaptive, belady };
 /// Accepts "lru", "lfu", "priority", "adaptive", "belady".
 [[nodiscard]] result<policy_kind> parse_policy(std::string_view name);
 
+inline constexpr std::uint32_t npos_id = std::numeric_limits<std::uint32_t>::max();
+
 /// What a policy learns at each access.
 struct access_info {
   std::uint64_t tick = 0;         ///< store-wide logical access counter
@@ -52,6 +54,9 @@ struct access_info {
   /// Tick of the block's next use (belady only); max() when never again.
   std::uint64_t next_use = std::numeric_limits<std::uint64_t>::max();
   std::size_t resident_blocks = 0; ///< blocks cached store-wide right now
+  /// On insert: the id of the block's parent in its prefix chain (npos for
+  /// the first block of a chain). The parent outlives the child.
+  std::uint32_t parent = npos_id;
 };
 
 class eviction_policy {

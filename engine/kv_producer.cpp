@@ -2,6 +2,7 @@
 
 #include "engine/codec.hpp"
 
+#include <array>
 #include <chrono>
 #include <cstring>
 
@@ -32,18 +33,22 @@ result<void> synthetic_producer::produce(const namespace_spec& spec,
   // A per-block magnitude so groups differ in scale, as real KV does.
   const float scale = 0.25f + static_cast<float>(splitmix(state) >> 40) /
                                   static_cast<float>(1ULL << 24) * 4.0f;
+  // Each element is a sum of four 4-bit uniforms (an approximately normal
+  // value), so a block has only 61 distinct values: convert them once.
+  std::array<std::uint16_t, 61> table{};
+  for (std::size_t v = 0; v < table.size(); ++v) {
+    const float x = (static_cast<float>(v) - 30.0f) / 30.0f * scale;
+    table[v] = spec.type == dtype::bf16 ? float_to_bf16(x) : float_to_half(x);
+  }
   const std::size_t elements = bytes / 2;
-  for (std::size_t i = 0; i < elements; i += 4) {
-    const std::uint64_t r = splitmix(state);
-    for (std::size_t j = 0; j < 4 && i + j < elements; ++j) {
-      // Sum of four 4-bit uniforms: an approximately normal value in [-1, 1].
-      const auto lane = static_cast<std::uint32_t>(r >> (16 * j)) & 0xffffU;
-      const int sum = static_cast<int>((lane & 0xfU) + ((lane >> 4) & 0xfU) +
-                                       ((lane >> 8) & 0xfU) + (lane >> 12)) - 30;
-      const float v = static_cast<float>(sum) / 30.0f * scale;
-      const std::uint16_t h =
-          spec.type == dtype::bf16 ? float_to_bf16(v) : float_to_half(v);
-      std::memcpy(out.data() + 2 * (i + j), &h, 2);
+  std::size_t i = 0;
+  while (i < elements) {
+    std::uint64_t r = splitmix(state);
+    for (std::size_t j = 0; j < 4 && i < elements; ++j, ++i, r >>= 16) {
+      const auto lane = static_cast<std::uint32_t>(r & 0xffffU);
+      const std::uint32_t sum = (lane & 0xfU) + ((lane >> 4) & 0xfU) +
+                                ((lane >> 8) & 0xfU) + (lane >> 12);
+      std::memcpy(out.data() + 2 * i, &table[sum], 2);
     }
   }
   if (burn_) {

@@ -61,11 +61,9 @@ public:
     return median * std::exp(sigma * normal());
   }
 
-  /// Geometric on {1, 2, ...} with the given mean (> 1).
-  std::uint64_t geometric(double mean) {
-    const double p = 1.0 / mean;
-    const double k = std::floor(std::log(uniform_open0()) / std::log1p(-p));
-    return 1 + static_cast<std::uint64_t>(k);
+  /// Discrete Pareto on {1, 2, ...}: floor of a Pareto(alpha, 1) draw.
+  std::uint64_t pareto_int(double alpha) {
+    return static_cast<std::uint64_t>(std::floor(std::pow(uniform_open0(), -1.0 / alpha)));
   }
 
   /// Log-uniform in [lo, hi].
@@ -204,8 +202,9 @@ constexpr double ms_per_s = 1000.0;
 // ---- chat ------------------------------------------------------------------
 
 constexpr std::size_t chat_default_requests = 20'000;
-constexpr double chat_sessions_per_s = 0.45;
-constexpr double chat_mean_rounds = 6.0;
+constexpr double chat_sessions_per_s = 4.0;
+constexpr double chat_rounds_alpha = 1.3;
+constexpr std::uint64_t chat_max_rounds = 64;
 constexpr std::uint32_t chat_max_context = 32'768;
 constexpr std::array<double, 4> chat_system_weights = {0.55, 0.25, 0.12, 0.08};
 constexpr std::uint32_t chat_system_min = 1'000;
@@ -225,7 +224,10 @@ constexpr double chat_mean_think_ms = 60'000.0;
 void chat_session(rng& r, block_id_maker& ids, double arrival_ms,
                   std::uint64_t session, segment system,
                   std::vector<workload_request>& out) {
-  const std::uint64_t rounds = r.geometric(chat_mean_rounds);
+  // Heavy-tailed conversation lengths (discrete Pareto): most sessions are
+  // one or two rounds, a few go on for dozens, as in public chat logs.
+  const auto rounds =
+      std::min<std::uint64_t>(chat_max_rounds, r.pareto_int(chat_rounds_alpha));
   std::vector<segment> prompt{system};
   std::uint32_t length = system.tokens;
   double t = arrival_ms;
@@ -296,7 +298,7 @@ std::vector<workload_request> make_chat(rng& r, block_id_maker& ids,
 
 constexpr std::size_t shared_default_requests = 20'000;
 constexpr double shared_requests_per_s = 20.0;
-constexpr std::size_t shared_groups = 200;
+constexpr std::size_t shared_groups = 2000;
 constexpr double shared_zipf_s = 1.0;
 constexpr double shared_prefix_min = 1'024.0;
 constexpr double shared_prefix_max = 8'192.0;

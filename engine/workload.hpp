@@ -19,9 +19,11 @@
 ///
 /// The workloads (T = tokens; sizes are the defaults when `requests` is 0):
 ///
-/// - `chat` (20,000 requests): multi-turn conversations. Sessions arrive as a
-///   Poisson process at 0.45 sessions/s. A session has a geometric number of
-///   rounds (mean 6) and ends early once a prompt would exceed 32,768 T. Each
+/// - `chat` (20,000 requests): multi-turn conversations on a busy service.
+///   Sessions arrive as a Poisson process at 4 sessions/s. A session's
+///   number of rounds is heavy-tailed (discrete Pareto, alpha 1.3, at most
+///   64: about 60% are one round, a few go on for dozens, as in public chat
+///   logs), and it ends early once a prompt would exceed 32,768 T. Each
 ///   session uses one of 4 system prompts (lengths uniform in 1,000-3,000 T,
 ///   chosen with probabilities 0.55/0.25/0.12/0.08). User turns are
 ///   lognormal (median 300 T, sigma 0.9, clamped to 8-4,000 T); replies are
@@ -29,9 +31,10 @@
 ///   request's `output_length`. Round k's prompt = system prompt + all
 ///   earlier user turns and replies + user turn k. The next round arrives
 ///   after the reply is decoded (20 ms per output token) plus an exponential
-///   think time (mean 60 s). About 150 sessions are active at a time.
-///   `session` is the session number (1-based).
-/// - `shared-prefix` (20,000 requests, 20 requests/s Poisson): 200 prefix
+///   think time (mean 60 s). A few hundred sessions are active at a time,
+///   so their histories do not all fit a cache of a quarter of the working
+///   set. `session` is the session number (1-based).
+/// - `shared-prefix` (20,000 requests, 20 requests/s Poisson): 2,000 prefix
 ///   groups with prefix lengths log-uniform in 1,024-8,192 T; each request
 ///   picks a group by Zipf popularity (s = 1.0) and appends a unique suffix,
 ///   log-uniform in 100-2,000 T. Output lognormal (median 200 T, sigma 0.7,

@@ -161,7 +161,9 @@ TEST(workload, chat_rounds_extend_the_session_history) {
           << "session " << id << " round " << k;
     }
   }
-  EXPECT_GT(multi_round, sessions.size() / 2);
+  // Heavy-tailed lengths: most sessions are one round, but not all.
+  EXPECT_GT(multi_round, sessions.size() / 4);
+  EXPECT_LT(multi_round, sessions.size() * 3 / 4);
 
   // Sessions share system prompts: a few distinct first blocks, many
   // sessions each.
@@ -191,8 +193,8 @@ TEST(workload, chat_sessions_interleave) {
   for (const auto& [s, t] : span)
     if (t.first <= mid && mid <= t.second)
       ++active;
-  EXPECT_GE(active, 80U);
-  EXPECT_LE(active, 250U);
+  EXPECT_GE(active, 200U);
+  EXPECT_LE(active, 800U);
 }
 
 TEST(workload, shared_prefix_groups_share_prefixes_and_suffixes_are_unique) {
@@ -211,8 +213,8 @@ TEST(workload, shared_prefix_groups_share_prefixes_and_suffixes_are_unique) {
     for (; i < r.hash_ids.size(); ++i)
       ASSERT_EQ(uses.at(r.hash_ids[i]), 1U);
   }
-  EXPECT_LE(group_sizes.size(), 200U);
-  EXPECT_GT(group_sizes.size(), 50U);
+  EXPECT_LE(group_sizes.size(), 2000U);
+  EXPECT_GT(group_sizes.size(), 300U);
   // Zipf: the most popular group is far above the mean of 10 requests.
   std::size_t biggest = 0;
   for (const auto& [first, n] : group_sizes)
