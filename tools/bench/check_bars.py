@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Measures the engine's benchmark bars and prints each against its target.
+
+Runs kvfleet-microbench (Google Benchmark, JSON output, repeated; medians)
+and kvfleet-bench engine mode. Every ratio compares two figures measured in
+the same run, because the machines are shared and noisy. Exit status 1 when
+a bar is missed, so the result is not a matter of reading.
+
+Usage: tools/bench/check_bars.py [--build-dir build] [--repetitions 5]
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+
+def microbench(build, repetitions, pattern):
+    out = subprocess.run(
+        [f"{build}/tools/microbench/kvfleet-microbench",
+         f"--benchmark_filter={pattern}",
+         f"--benchmark_repetitions={repetitions}",
+         "--benchmark_format=json"],
+        check=True, capture_output=True, text=True).stdout
+    runs = {}
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("run_type") != "iteration":
+            continue
+        runs.setdefault(b["run_name"], []).append(b)
+    return runs
+
+
+def median(runs, name, field):
+    return statistics.median(r[field] for r in runs[name])
+
+
+def engine_bench(build, workload):
+    out = subprocess.run(
+        [f"{build}/tools/bench/kvfleet-bench", "engine", "--workload", workload,
+         "--capacity-fraction", "0.25", "--policies", "lru,adaptive,belady",
+         "--json", "--no-progress"],
+        check=True, capture_output=True, text=True).stdout
+    return {r["policy"]: r for r in json.loads(out)["results"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build-dir", default="build")
+    ap.add_argument("--repetitions", type=int, default=5)
+    args = ap.parse_args()
+    b = args.build_dir
+    rows = []
+
+    runs = microbench(b, args.repetitions,
+                      "BM_lookup_chain|BM_memcpy_256k|BM_put_256k|BM_get_256k|"
+                      "BM_codec_roundtrip/int8$")
+    lookups = median(runs, "BM_lookup_chain/1000", "items_per_second")
+    rows.append(("lookup over a 1,000-block chain", f"{lookups / 1e6:.0f} M keys/s",
+                 ">= 20 M keys/s", lookups >= 20e6))
+    mc_in = median(runs, "BM_memcpy_256k", "bytes_per_second")
+    put = median(runs, "BM_put_256k", "bytes_per_second")
+    rows.append(("put 256 KiB / memcpy into arena",
+                 f"{put / 2**30:.2f} / {mc_in / 2**30:.2f} GiB/s = {put / mc_in:.0%}",
+                 ">= 70%", put >= 0.7 * mc_in))
+    mc_out = median(runs, "BM_memcpy_256k_out", "bytes_per_second")
+    get = median(runs, "BM_get_256k", "bytes_per_second")
+    rows.append(("get 256 KiB / memcpy out of arena",
+                 f"{get / 2**30:.2f} / {mc_out / 2**30:.2f} GiB/s = {get / mc_out:.0%}",
+                 ">= 70%", get >= 0.7 * mc_out))
+    int8 = median(runs, "BM_codec_roundtrip/int8", "bytes_per_second")
+    rows.append(("int8 encode + decode, one core", f"{int8 / 1e9:.2f} GB/s",
+                 ">= 2 GB/s", int8 >= 2e9))
+
+    for w in ("chat", "shared-prefix"):
+        r = engine_bench(b, w)
+        lru = r["lru"]["token_hit_ratio"]
+        ada = r["adaptive"]["token_hit_ratio"]
+        bel = r["belady"]["token_hit_ratio"]
+        rows.append((f"{w} @25%: adaptive / lru (belady)",
+                     f"{ada:.4f} / {lru:.4f} = {ada / lru:.3f} (belady {bel:.4f} = {bel / lru:.3f})",
+                     ">= 1.10", ada >= 1.10 * lru))
+
+    width = max(len(r[0]) for r in rows)
+    failed = 0
+    for name, got, want, ok in rows:
+        failed += not ok
+        print(f"{'PASS' if ok else 'MISS'}  {name:<{width}}  {got}  (bar {want})")
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
