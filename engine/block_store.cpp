@@ -712,8 +712,7 @@ result<process_result> block_store::process(ns_id ns,
                           " full blocks of " + std::to_string(spec.block_tokens));
   }
   const nanos start = now();
-  std::vector<read_lease> leases;
-  leases.reserve(keys.size());
+  std::vector<read_lease>& leases = process_leases_; // reused: no allocation
   auto matched = acquire_prefix(ns, keys, leases);
   if (!matched) return unexpected<error>(matched.error());
   process_result out;
@@ -735,8 +734,14 @@ result<process_result> block_store::process(ns_id ns,
       continue;
     }
     auto w = write_from(*h, producer);
-    if (!w) return unexpected<error>(w.error());
-    if (auto c = commit(*h); !c) return unexpected<error>(c.error());
+    if (!w) {
+      leases.clear();
+      return unexpected<error>(w.error());
+    }
+    if (auto c = commit(*h); !c) {
+      leases.clear();
+      return unexpected<error>(c.error());
+    }
     parent = keys[i];
   }
   out.matched_tokens = std::min(out.matched_blocks * spec.block_tokens, input_tokens);

@@ -323,6 +323,7 @@ private:
   std::array<std::uint32_t, partition_count> recency_tail_{};
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
   std::vector<std::byte> scratch2_;
+  std::vector<read_lease> process_leases_; ///< process()'s leases, reused
   std::uint64_t tick_ = 0;
   store_stats stats_;
 };
