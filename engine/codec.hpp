@@ -5,7 +5,7 @@
 /// `codec_group_size`). Quantized codecs keep one fp32 scale per group of
 /// `codec_group_size` consecutive elements, symmetric around zero:
 ///   encoded = [n / group fp32 scales, little-endian][payload]
-///   fp8  payload: n bytes, e4m3 (bias 7, no infinities, max 448), x / scale
+///   fp8  payload: n bytes, e4m3 (bias 7, no infinities, max 448) of x * inv
 ///   int8 payload: n bytes, two's complement in [-127, 127]
 ///   int4 payload: n / 2 bytes, two values per byte in [-7, 7], element 2i in
 ///                 the low nibble
@@ -13,6 +13,39 @@
 /// decodes to zeros. Quantization multiplies by inv = 1.0f / scale and rounds
 /// half to even. All arithmetic is fp32 with no fused multiply-add, so the GPU
 /// kernels (cuda/) can be bit-exact with this code.
+///
+/// Exact rules (what a bit-exact implementation must do):
+///   encode, per group:
+///     x      = the element widened to fp32; infinities and NaNs become +0
+///              (they are left out of absmax and stored as 0)
+///     scale  = absmax / qmax, then 0 if below FLT_MIN, so that 1 / scale
+///              stays finite and nothing runs on subnormals: the group is
+///              stored as zeros (only reachable from bf16 groups with absmax
+///              below qmax * FLT_MIN, between ~8e-38 and ~5e-36)
+///     inv    = scale > 0 ? 1.0f / scale : 0
+///     int8/int4: q = clamp(nearbyint(x * inv), -qmax, qmax) in the default
+///              round-half-even mode (the clamp never fires: |x * inv| <=
+///              qmax * (1 + 2^-21))
+///     fp8:   e4m3 of x * inv, rounded to nearest even (never above 448
+///              after rounding, so saturation never fires)
+///   decode:  fp32 q * scale (q the integer or the e4m3 value), rounded to
+///            nearest even into fp16/bf16. Scales are not validated; a NaN
+///            result (only from an fp8 NaN code or a non-finite scale, neither
+///            of which encode writes) is written as the canonical NaN 0x7fff.
+///   none:    a byte copy in both directions, dtype only checked.
+/// Sizes: encode needs a whole number of groups (2 * 64 bytes) and decode a
+/// whole number of encoded groups; destinations may be larger than needed
+/// (the rest is left untouched) and must not overlap the source.
+/// encoded_size() rounds a partial group up to a whole one and is 0 for an
+/// unknown codec. Element arrays are in host byte order and the encoding
+/// little-endian; the code requires a little-endian host (static_assert).
+/// CPU paths: a portable one, and AVX2 + F16C chosen at run time when the
+/// CPU has them (engine/internal/codec_isa.hpp); both give the same bytes.
+/// Element conversions: half/bf16 -> fp32 keep NaN bits as they are; fp32 ->
+/// half/bf16 keep a NaN's sign and top payload bits and set the quiet bit
+/// (as F16C does); both e4m3 NaN codes widen to the canonical fp32 NaN
+/// 0x7fffffff. relative_l2_error() is NaN for arrays of different or odd
+/// sizes or an unknown dtype, and +inf when only `a` is all zeros.
 ///
 /// Thread safety: pure functions.
 
