@@ -1,0 +1,1151 @@
+#include "engine/disk/disk_tier.hpp"
+
+#include "engine/checksum.hpp"
+#include "engine/internal/check.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+namespace kvfleet::engine {
+
+namespace {
+
+constexpr std::uint64_t header_bytes = segment_header_bytes;
+constexpr std::uint64_t rec_header = record_header_bytes;
+
+std::string errno_text(int e) { return std::strerror(e); }
+
+bool is_full_errno(int e) noexcept { return e == ENOSPC || e == EDQUOT; }
+
+/// Whether the bytes of `f` from `from` to its end hold anything but whole,
+/// well-formed records: a write that was cut off. Whole records past the
+/// last catalogued one are merely unacknowledged (or erased) and not torn.
+bool tail_is_torn(const segment_file& f, std::uint64_t from) {
+  std::uint64_t at = from;
+  while (at < f.size()) {
+    if (f.size() - at < rec_header) return true;
+    auto h = f.read_header(at);
+    if (!h || h->record_bytes() > f.size() - at) return true;
+    at += h->record_bytes();
+  }
+  return false;
+}
+
+} // namespace
+
+struct disk_tier::request {
+  enum class kind : std::uint8_t {
+    spill,
+    fetch,
+    expire,
+    compact,
+    flush,
+    report,
+    erase,
+    set_pins
+  };
+  kind k = kind::flush;
+  disk_request_id id{};
+  block_key key{};
+  std::uint64_t gen = 0;
+  ns_fingerprint ns{};
+  codec c = codec::none;
+  std::vector<std::byte> bytes;
+  std::uint64_t checksum = 0;
+  std::int64_t created_at = 0;
+  std::int64_t expires_at = 0;
+  std::uint32_t pins = 0;
+  std::int64_t now = 0;
+  std::size_t top_n = 0;
+};
+
+disk_tier::disk_tier(disk_tier_config config)
+    : config_(std::move(config)),
+      clock_(config_.clock != nullptr ? config_.clock
+                                      : &wall_clock_source::instance()) {}
+
+disk_tier::~disk_tier() {
+  if (io_thread_.joinable()) {
+    {
+      std::lock_guard lk(mu_);
+      stopping_ = true;
+    }
+    work_cv_.notify_all();
+    io_thread_.join();
+  }
+  catalog_.reset();
+  segments_.clear();
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+// ---------------------------------------------------------------- opening
+
+result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
+  const std::string dir = config.directory;
+  if (dir.empty())
+    return make_error(errc::invalid_argument,
+                      "disk tier: no data directory configured "
+                      "(disk_tier_config::directory)");
+  if (config.capacity_bytes == 0)
+    return make_error(errc::zero_capacity,
+                      "disk tier " + dir + ": capacity_bytes is 0");
+  if (!(config.compaction_threshold >= 0.0 &&
+        config.compaction_threshold <= 1.0) ||
+      !(config.low_watermark > 0.0 && config.low_watermark <= 1.0))
+    return make_error(errc::invalid_argument,
+                      "disk tier " + dir +
+                          ": compaction_threshold must be in [0, 1] and "
+                          "low_watermark in (0, 1]");
+  if (config.max_batch == 0) config.max_batch = 1;
+  if (config.touch_batch == 0) config.touch_batch = 1;
+
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    const int e = errno;
+    if (e == ENOENT)
+      return make_error(errc::io_error,
+                        "disk tier directory " + dir +
+                            " does not exist: create it (mkdir -p " + dir +
+                            ") or point the disk tier at an existing directory");
+    return make_error(errc::io_error, "disk tier directory " + dir +
+                                          " cannot be accessed: " +
+                                          errno_text(e));
+  }
+  if (!S_ISDIR(st.st_mode))
+    return make_error(errc::io_error, "disk tier directory " + dir +
+                                          " is not a directory: point the "
+                                          "disk tier at a directory");
+  {
+    const std::string probe = dir + "/.kvfleet-write-probe";
+    const int fd = ::open(probe.c_str(),
+                          O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+      return make_error(errc::io_error,
+                        "disk tier directory " + dir + " is not writable (" +
+                            errno_text(errno) +
+                            "): give this process write permission or "
+                            "choose another directory");
+    const std::byte one{1};
+    const ssize_t w = ::write(fd, &one, 1);
+    const int e = errno;
+    ::close(fd);
+    ::unlink(probe.c_str());
+    if (w != 1)
+      return make_error(is_full_errno(e) ? errc::out_of_memory : errc::io_error,
+                        "disk tier directory " + dir + " cannot be written (" +
+                            errno_text(e) +
+                            "): free space or choose another directory");
+  }
+  struct statvfs vfs {};
+  if (::statvfs(dir.c_str(), &vfs) == 0) {
+    const std::uint64_t avail = static_cast<std::uint64_t>(vfs.f_bavail) *
+                                static_cast<std::uint64_t>(vfs.f_frsize);
+    if (avail < config.min_free_bytes)
+      return make_error(errc::out_of_memory,
+                        "disk tier directory " + dir + " is full: " +
+                            std::to_string(avail) +
+                            " bytes free, at least " +
+                            std::to_string(config.min_free_bytes) +
+                            " needed (disk_tier_config::min_free_bytes): free "
+                            "space or choose another directory");
+  }
+  const std::string lock_path = dir + "/LOCK";
+  const int lock_fd =
+      ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock_fd < 0)
+    return make_error(errc::io_error, "disk tier: cannot create " + lock_path +
+                                          ": " + errno_text(errno));
+  if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(lock_fd);
+    return make_error(errc::busy,
+                      "disk tier directory " + dir +
+                          " is in use by another process (it holds " +
+                          lock_path +
+                          "): stop that process or choose another directory");
+  }
+  std::unique_ptr<disk_tier> tier(new disk_tier(std::move(config)));
+  tier->lock_fd_ = lock_fd;
+  auto cat = catalog::open(dir + "/catalog.sqlite", tier->config_.full_sync);
+  if (!cat) return unexpected<error>(cat.error());
+  tier->catalog_ = std::move(*cat);
+  if (auto r = tier->recover(); !r) return unexpected<error>(r.error());
+  {
+    std::lock_guard lk(tier->mu_);
+    tier->publish_locked();
+  }
+  tier->io_thread_ = std::thread([t = tier.get()] { t->run(); });
+  return tier;
+}
+
+result<void> disk_tier::recover() {
+  const std::string& dir = config_.directory;
+  index_.clear();
+  segments_.clear();
+  touches_.clear();
+  shrunk_segments_.clear();
+  written_segments_.clear();
+  active_ = 0;
+  file_bytes_ = 0;
+  live_bytes_ = 0;
+  payload_bytes_ = 0;
+
+  // Segment files present.
+  std::map<std::uint64_t, segment_state> found;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr)
+    return make_error(errc::io_error, "disk tier: cannot list " + dir + ": " +
+                                          errno_text(errno));
+  std::uint64_t max_id = 0;
+  std::vector<std::string> bad_files;
+  while (const dirent* ent = ::readdir(d)) {
+    const std::int64_t id = parse_segment_file_name(ent->d_name);
+    if (id <= 0) continue;
+    const auto uid = static_cast<std::uint64_t>(id);
+    max_id = std::max(max_id, uid);
+    auto f = segment_file::open(dir, uid);
+    if (!f) {
+      // A file whose header never made it (a crash while creating it) holds
+      // no acknowledged record.
+      bad_files.push_back(dir + "/" + ent->d_name);
+      continue;
+    }
+    segment_state s;
+    s.file = std::move(*f);
+    found.emplace(uid, std::move(s));
+  }
+  ::closedir(d);
+  for (const auto& path : bad_files) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) == 0)
+      io_stats_.torn_bytes_dropped += static_cast<std::uint64_t>(st.st_size);
+    ++io_stats_.torn_tails_dropped;
+    ::unlink(path.c_str());
+  }
+  next_segment_ = std::max(next_segment_, max_id + 1);
+
+  // Catalog rows.
+  std::vector<block_key> drop;
+  std::map<std::uint64_t, std::uint64_t> ends;
+  std::vector<std::pair<block_key, disk_block_info>> infos;
+  auto scanned = catalog_->for_each([&](const catalog_entry& e) {
+    auto s = found.find(e.segment);
+    const std::uint64_t rec = rec_header + e.size;
+    if (s == found.end() || e.tier != storage_tier::disk || !is_valid(e.c) ||
+        e.size == 0 || e.offset < header_bytes ||
+        e.offset + rec > s->second.file.size()) {
+      drop.push_back(e.key);
+      ++io_stats_.missing_dropped;
+      return;
+    }
+    index_[e.key] = location{e.segment, e.offset, e.size, 0};
+    s->second.live += rec;
+    s->second.keys.insert(e.key);
+    live_bytes_ += rec;
+    payload_bytes_ += e.size;
+    auto& end = ends[e.segment];
+    end = std::max(end, e.offset + rec);
+    infos.emplace_back(e.key, disk_block_info{e.ns, e.c, e.size, e.checksum,
+                                              nanos{e.created_at},
+                                              nanos{e.expires_at}, e.pinned,
+                                              true});
+  });
+  if (!scanned) return unexpected<error>(scanned.error());
+  if (!drop.empty()) {
+    if (auto r = catalog_->begin(); !r) return r;
+    for (const auto& k : drop) {
+      if (auto r = catalog_->erase(k); !r) {
+        catalog_->rollback();
+        return r;
+      }
+    }
+    if (auto r = catalog_->commit(); !r) {
+      catalog_->rollback();
+      return r;
+    }
+  }
+
+  // Cut every segment back to its last catalogued record: what follows was
+  // never acknowledged (a torn or unfinished write).
+  for (auto it = found.begin(); it != found.end();) {
+    auto& s = it->second;
+    const auto e = ends.find(it->first);
+    const std::uint64_t end = e == ends.end() ? header_bytes : e->second;
+    const bool torn = tail_is_torn(s.file, end);
+    if (torn) {
+      ++io_stats_.torn_tails_dropped;
+      io_stats_.torn_bytes_dropped += s.file.size() - end;
+    }
+    if (s.keys.empty()) {
+      const std::string path = s.file.path();
+      it = found.erase(it);
+      ::unlink(path.c_str());
+      continue;
+    }
+    if (s.file.size() > end) {
+      if (auto r = s.file.truncate(end); !r) return r;
+    }
+    file_bytes_ += s.file.size();
+    ++it;
+  }
+  segments_ = std::move(found);
+
+  std::lock_guard lk(mu_);
+  for (auto it = dir_.begin(); it != dir_.end();) {
+    if (it->second.info.stored) it = dir_.erase(it);
+    else ++it;
+  }
+  for (auto& [key, info] : infos) {
+    const std::uint64_t gen = next_gen_++;
+    index_[key].gen = gen;
+    if (dir_.count(key) == 0) dir_[key] = dir_entry{info, gen};
+  }
+  io_stats_.recovered_blocks = index_.size();
+  return {};
+}
+
+// -------------------------------------------------------------- owner side
+
+disk_request_id disk_tier::enqueue(request&& r) {
+  // REQUIRES: mu_ held.
+  r.id = disk_request_id{next_request_++};
+  const disk_request_id id = r.id;
+  queue_.push_back(std::move(r));
+  work_cv_.notify_one();
+  return id;
+}
+
+result<disk_request_id>
+disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
+                 std::span<const std::byte> bytes, std::uint64_t checksum,
+                 nanos created_at, nanos expires_at, bool pinned) {
+  if (!is_valid(c))
+    return make_error(errc::unknown_codec, "disk tier: spill of block " +
+                                               key.to_hex() +
+                                               " with an unknown codec");
+  if (key.is_null())
+    return make_error(errc::invalid_argument,
+                      "disk tier: spill of the null block key");
+  if (bytes.empty() || bytes.size() > config_.max_block_bytes ||
+      rec_header + bytes.size() + header_bytes > config_.capacity_bytes)
+    return make_error(errc::value_too_large,
+                      "disk tier: block " + key.to_hex() + " of " +
+                          std::to_string(bytes.size()) +
+                          " bytes is empty or larger than the tier accepts");
+  request r;
+  r.k = request::kind::spill;
+  r.key = key;
+  r.ns = ns;
+  r.c = c;
+  r.bytes.assign(bytes.begin(), bytes.end());
+  r.checksum = checksum;
+  r.created_at = created_at.count();
+  r.expires_at = expires_at.count();
+  std::lock_guard lk(mu_);
+  if (full_) {
+    ++refused_full_owner_;
+    return make_error(errc::out_of_memory,
+                      "disk tier " + config_.directory +
+                          ": the file system is full, spills are refused");
+  }
+  auto [it, inserted] = dir_.try_emplace(key);
+  const std::uint32_t old_pins = inserted ? 0 : it->second.info.pins;
+  it->second.info = disk_block_info{ns,
+                                    c,
+                                    bytes.size(),
+                                    checksum,
+                                    created_at,
+                                    expires_at,
+                                    std::max(old_pins, pinned ? 1U : 0U),
+                                    false};
+  it->second.gen = next_gen_++;
+  r.gen = it->second.gen;
+  return enqueue(std::move(r));
+}
+
+disk_request_id disk_tier::fetch(const block_key& key) {
+  request r;
+  r.k = request::kind::fetch;
+  r.key = key;
+  std::lock_guard lk(mu_);
+  return enqueue(std::move(r));
+}
+
+bool disk_tier::contains(const block_key& key) const {
+  std::lock_guard lk(mu_);
+  return dir_.count(key) != 0;
+}
+
+std::optional<disk_block_info> disk_tier::lookup(const block_key& key) const {
+  std::lock_guard lk(mu_);
+  const auto it = dir_.find(key);
+  if (it == dir_.end()) return std::nullopt;
+  return it->second.info;
+}
+
+result<void> disk_tier::erase(const block_key& key) {
+  std::lock_guard lk(mu_);
+  const auto it = dir_.find(key);
+  if (it == dir_.end())
+    return make_error(errc::not_found,
+                      "disk tier: block " + key.to_hex() + " is not on disk");
+  dir_.erase(it);
+  request r;
+  r.k = request::kind::erase;
+  r.key = key;
+  (void)enqueue(std::move(r));
+  return {};
+}
+
+result<void> disk_tier::pin(const block_key& key) {
+  std::lock_guard lk(mu_);
+  const auto it = dir_.find(key);
+  if (it == dir_.end())
+    return make_error(errc::not_found,
+                      "disk tier: block " + key.to_hex() + " is not on disk");
+  request r;
+  r.k = request::kind::set_pins;
+  r.key = key;
+  r.pins = ++it->second.info.pins;
+  (void)enqueue(std::move(r));
+  return {};
+}
+
+result<void> disk_tier::unpin(const block_key& key) {
+  std::lock_guard lk(mu_);
+  const auto it = dir_.find(key);
+  if (it == dir_.end())
+    return make_error(errc::not_found,
+                      "disk tier: block " + key.to_hex() + " is not on disk");
+  if (it->second.info.pins == 0)
+    return make_error(errc::invalid_argument,
+                      "disk tier: block " + key.to_hex() + " is not pinned");
+  request r;
+  r.k = request::kind::set_pins;
+  r.key = key;
+  r.pins = --it->second.info.pins;
+  (void)enqueue(std::move(r));
+  return {};
+}
+
+disk_request_id disk_tier::expire(nanos now) {
+  request r;
+  r.k = request::kind::expire;
+  r.now = now.count();
+  std::lock_guard lk(mu_);
+  return enqueue(std::move(r));
+}
+
+disk_request_id disk_tier::compact() {
+  request r;
+  r.k = request::kind::compact;
+  std::lock_guard lk(mu_);
+  return enqueue(std::move(r));
+}
+
+disk_request_id disk_tier::flush() {
+  request r;
+  r.k = request::kind::flush;
+  std::lock_guard lk(mu_);
+  return enqueue(std::move(r));
+}
+
+disk_request_id disk_tier::report(std::size_t top_n) {
+  request r;
+  r.k = request::kind::report;
+  r.top_n = top_n;
+  std::lock_guard lk(mu_);
+  return enqueue(std::move(r));
+}
+
+std::size_t disk_tier::drain_completions(
+    const std::function<void(disk_completion&&)>& fn) {
+  std::vector<disk_completion> got;
+  {
+    std::lock_guard lk(mu_);
+    got.swap(done_);
+  }
+  for (auto& c : got) fn(std::move(c));
+  return got.size();
+}
+
+bool disk_tier::wait_idle(nanos timeout) {
+  std::unique_lock lk(mu_);
+  return idle_cv_.wait_for(lk, timeout,
+                           [&] { return queue_.empty() && !busy_; });
+}
+
+disk_tier_stats disk_tier::stats() const {
+  std::lock_guard lk(mu_);
+  disk_tier_stats s = published_;
+  s.spills_refused_full += refused_full_owner_;
+  s.full = full_;
+  return s;
+}
+
+// --------------------------------------------------------------- I/O thread
+
+void disk_tier::run() {
+  std::vector<request> batch;
+  std::vector<disk_completion> out;
+  for (;;) {
+    bool last = false;
+    {
+      std::unique_lock lk(mu_);
+      while (queue_.empty() && !stopping_) {
+        if (touches_.empty()) {
+          work_cv_.wait(lk);
+        } else if (work_cv_.wait_until(lk, touch_deadline_) ==
+                   std::cv_status::timeout) {
+          break; // time to write the batched accessed_at updates
+        }
+      }
+      const std::size_t n = std::min(queue_.size(), config_.max_batch);
+      for (std::size_t i = 0; i < n; ++i) {
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+      last = stopping_ && queue_.empty();
+      busy_ = true;
+    }
+    process(batch, out, last);
+    {
+      std::lock_guard lk(mu_);
+      for (auto& c : out) done_.push_back(std::move(c));
+      publish_locked();
+      busy_ = false;
+    }
+    idle_cv_.notify_all();
+    if (!out.empty() && config_.on_completion) config_.on_completion();
+    out.clear();
+    batch.clear();
+    if (last) return;
+  }
+}
+
+void disk_tier::process(std::vector<request>& batch,
+                        std::vector<disk_completion>& out, bool last) {
+  auto began = catalog_->begin();
+  if (!began) {
+    ++io_stats_.io_errors;
+    for (auto& r : batch) {
+      if (r.k == request::kind::erase || r.k == request::kind::set_pins)
+        continue;
+      disk_completion c;
+      c.id = r.id;
+      c.key = r.key;
+      c.status = unexpected<error>(began.error());
+      out.push_back(std::move(c));
+    }
+    return;
+  }
+  for (auto& r : batch) {
+    disk_completion c;
+    c.id = r.id;
+    c.key = r.key;
+    switch (r.k) {
+    case request::kind::spill:
+      c.op = disk_op::spill;
+      do_spill(r, c);
+      break;
+    case request::kind::fetch:
+      c.op = disk_op::fetch;
+      do_fetch(r, c);
+      break;
+    case request::kind::expire:
+      c.op = disk_op::expire;
+      do_expire(r, c);
+      break;
+    case request::kind::compact:
+      c.op = disk_op::compact;
+      do_compact(c, true);
+      break;
+    case request::kind::flush:
+      c.op = disk_op::flush;
+      c.status = flush_touches();
+      break;
+    case request::kind::report: {
+      c.op = disk_op::report;
+      if (auto f = flush_touches(); !f) {
+        c.status = f;
+        break;
+      }
+      auto rep = std::make_unique<disk_report>();
+      auto usage = catalog_->usage();
+      auto oldest = catalog_->oldest(r.top_n);
+      auto lru = catalog_->least_recently_used(r.top_n);
+      if (!usage) c.status = unexpected<error>(usage.error());
+      else if (!oldest) c.status = unexpected<error>(oldest.error());
+      else if (!lru) c.status = unexpected<error>(lru.error());
+      else {
+        rep->usage = std::move(*usage);
+        rep->oldest = std::move(*oldest);
+        rep->least_recently_used = std::move(*lru);
+        c.report = std::move(rep);
+      }
+      break;
+    }
+    case request::kind::erase:
+      remove_block(r.key, removal::erase);
+      continue;
+    case request::kind::set_pins:
+      if (index_.count(r.key) != 0) {
+        if (auto p = catalog_->set_pins(r.key, r.pins); !p)
+          ++io_stats_.io_errors;
+      }
+      continue;
+    }
+    out.push_back(std::move(c));
+  }
+  if (!touches_.empty() &&
+      (last || touches_.size() >= config_.touch_batch ||
+       std::chrono::steady_clock::now() >= touch_deadline_))
+    (void)flush_touches();
+  if (!shrunk_segments_.empty()) {
+    disk_completion ignored;
+    do_compact(ignored, false);
+  }
+  if (config_.full_sync) {
+    for (const std::uint64_t id : written_segments_) {
+      const auto s = segments_.find(id);
+      if (s != segments_.end() && !s->second.file.sync()) ++io_stats_.io_errors;
+    }
+  }
+  written_segments_.clear();
+  auto committed = catalog_->commit();
+  ++io_stats_.batches;
+  if (!committed) {
+    // Nothing of this batch is durable: fail its spills and reload the
+    // in-memory state from the catalog, which cuts off their bytes.
+    catalog_->rollback();
+    ++io_stats_.io_errors;
+    if (catalog_->last_error_was_full()) note_write_error(ENOSPC, committed.error());
+    std::fprintf(stderr, "kvfleet: disk tier %s: %s\n",
+                 config_.directory.c_str(),
+                 committed.error().describe().c_str());
+    for (auto& c : out) {
+      if (c.op == disk_op::spill && c.status.has_value()) {
+        c.status = unexpected<error>(committed.error());
+        --io_stats_.spills;
+        ++io_stats_.spill_errors;
+      }
+    }
+    unlink_after_commit_.clear();
+    if (auto r = recover(); !r) {
+      std::fprintf(stderr, "kvfleet: disk tier %s: reload failed: %s\n",
+                   config_.directory.c_str(), r.error().describe().c_str());
+    }
+    return;
+  }
+  for (const auto& path : unlink_after_commit_) ::unlink(path.c_str());
+  if (!unlink_after_commit_.empty()) {
+    unlink_after_commit_.clear();
+    std::lock_guard lk(mu_);
+    if (full_) {
+      full_ = false;
+      logged_full_ = false;
+      std::fprintf(stderr,
+                   "kvfleet: disk tier %s: space freed, accepting spills "
+                   "again\n",
+                   config_.directory.c_str());
+    }
+  }
+}
+
+void disk_tier::note_write_error(int err_no, const error& e) {
+  if (!is_full_errno(err_no)) {
+    ++io_stats_.io_errors;
+    std::fprintf(stderr, "kvfleet: disk tier %s: %s\n",
+                 config_.directory.c_str(), e.describe().c_str());
+    return;
+  }
+  std::lock_guard lk(mu_);
+  full_ = true;
+  if (!logged_full_) {
+    logged_full_ = true;
+    std::fprintf(stderr,
+                 "kvfleet: disk tier %s: the file system is full (%s); "
+                 "refusing spills, still serving reads. Free space in the "
+                 "directory or lower disk capacity_bytes.\n",
+                 config_.directory.c_str(), e.describe().c_str());
+  }
+}
+
+void disk_tier::do_spill(request& r, disk_completion& c) {
+  {
+    std::lock_guard lk(mu_);
+    const auto d = dir_.find(r.key);
+    if (d == dir_.end() || d->second.gen != r.gen) {
+      ++io_stats_.spills_superseded;
+      c.status = make_error(errc::not_found,
+                            "disk tier: block " + r.key.to_hex() +
+                                " was erased or replaced before it was written");
+      return;
+    }
+  }
+  // A failed spill leaves the key absent, older copy included, so the
+  // directory and the disk always agree.
+  auto fail = [&](error e) {
+    remove_block(r.key, removal::erase);
+    {
+      std::lock_guard lk(mu_);
+      const auto d = dir_.find(r.key);
+      if (d != dir_.end() && d->second.gen == r.gen) dir_.erase(d);
+    }
+    c.status = unexpected<error>(std::move(e));
+  };
+  bool is_full = false;
+  {
+    std::lock_guard lk(mu_);
+    is_full = full_;
+  }
+  if (is_full) {
+    ++io_stats_.spills_refused_full;
+    fail(error{errc::out_of_memory, "disk tier " + config_.directory +
+                                        ": the file system is full, spills "
+                                        "are refused"});
+    return;
+  }
+  if (block_checksum(r.bytes) != r.checksum) {
+    ++io_stats_.spill_errors;
+    fail(error{errc::checksum_mismatch, "disk tier: spill of block " +
+                                            r.key.to_hex() +
+                                            " whose bytes fail the checksum"});
+    return;
+  }
+  const std::uint64_t size = r.bytes.size();
+  const std::uint64_t rec = rec_header + size;
+  if (auto room = make_room(rec); !room) {
+    if (room.error().code == errc::out_of_memory) ++io_stats_.spills_refused_capacity;
+    else ++io_stats_.spill_errors;
+    fail(room.error());
+    return;
+  }
+  int err_no = 0;
+  auto seg = active_for(rec, &err_no);
+  if (!seg) {
+    note_write_error(err_no, seg.error());
+    if (is_full_errno(err_no)) ++io_stats_.spills_refused_full;
+    else ++io_stats_.spill_errors;
+    fail(seg.error());
+    return;
+  }
+  segment_state& s = **seg;
+  const record_header h{r.c, size, r.key, r.ns, r.checksum, r.created_at,
+                        r.expires_at};
+  auto off = s.file.append(h, r.bytes, config_.write_fault_for_testing, &err_no);
+  if (!off) {
+    note_write_error(err_no, off.error());
+    if (is_full_errno(err_no)) {
+      ++io_stats_.spills_refused_full;
+      fail(error{errc::out_of_memory, off.error().message});
+    } else {
+      ++io_stats_.spill_errors;
+      fail(off.error());
+    }
+    return;
+  }
+  file_bytes_ += rec;
+  written_segments_.insert(s.file.id());
+  remove_block(r.key, removal::replace);
+  std::uint32_t pins = 0;
+  {
+    std::lock_guard lk(mu_);
+    pins = dir_.at(r.key).info.pins;
+  }
+  catalog_entry e;
+  e.key = r.key;
+  e.ns = r.ns;
+  e.tier = storage_tier::disk;
+  e.segment = s.file.id();
+  e.offset = *off;
+  e.size = size;
+  e.c = r.c;
+  e.checksum = r.checksum;
+  e.created_at = r.created_at;
+  e.accessed_at = now_ns();
+  e.access_count = 0;
+  e.pinned = pins;
+  e.expires_at = r.expires_at;
+  if (auto up = catalog_->upsert(e); !up) {
+    // The record's bytes stay behind as dead bytes of the segment.
+    if (catalog_->last_error_was_full()) {
+      note_write_error(ENOSPC, up.error());
+      ++io_stats_.spills_refused_full;
+    } else {
+      ++io_stats_.io_errors;
+      ++io_stats_.spill_errors;
+    }
+    fail(up.error());
+    return;
+  }
+  index_[r.key] = location{s.file.id(), *off, size, r.gen};
+  s.live += rec;
+  s.keys.insert(r.key);
+  live_bytes_ += rec;
+  payload_bytes_ += size;
+  {
+    std::lock_guard lk(mu_);
+    dir_.at(r.key).info.stored = true;
+  }
+  ++io_stats_.spills;
+}
+
+void disk_tier::do_fetch(request& r, disk_completion& c) {
+  ++io_stats_.fetches;
+  const auto it = index_.find(r.key);
+  if (it == index_.end()) {
+    ++io_stats_.fetch_misses;
+    c.status = make_error(errc::not_found,
+                          "disk tier: block " + r.key.to_hex() +
+                              " is not on disk");
+    return;
+  }
+  const location loc = it->second;
+  auto h = segments_.at(loc.segment).file.read(loc.offset, r.key, loc.size,
+                                               c.bytes);
+  if (!h) {
+    ++io_stats_.fetch_misses;
+    c.bytes.clear();
+    if (h.error().code == errc::checksum_mismatch) {
+      remove_block(r.key, removal::corrupt);
+    } else {
+      ++io_stats_.io_errors;
+    }
+    c.status = unexpected<error>(h.error());
+    return;
+  }
+  const std::int64_t now = now_ns();
+  if (h->expires_at != 0 && h->expires_at <= now) {
+    ++io_stats_.fetch_misses;
+    c.bytes.clear();
+    remove_block(r.key, removal::expire);
+    c.status = make_error(errc::not_found,
+                          "disk tier: block " + r.key.to_hex() + " expired");
+    return;
+  }
+  ++io_stats_.fetch_hits;
+  c.c = h->c;
+  c.checksum = h->checksum;
+  c.ns = h->ns;
+  if (touches_.empty())
+    touch_deadline_ = std::chrono::steady_clock::now() +
+                      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                          config_.touch_flush_interval);
+  auto& t = touches_[r.key];
+  t.at = std::max(t.at, now);
+  ++t.count;
+}
+
+void disk_tier::do_expire(request& r, disk_completion& c) {
+  // Bounded: every round removes at least one row or stops.
+  for (std::size_t round = 0; round <= index_.size(); ++round) {
+    auto keys = catalog_->expired(r.now, 1024);
+    if (!keys) {
+      c.status = unexpected<error>(keys.error());
+      return;
+    }
+    if (keys->empty()) return;
+    const std::uint64_t before = c.count;
+    for (const auto& k : *keys) {
+      if (index_.count(k) != 0) {
+        remove_block(k, removal::expire);
+        ++c.count;
+      } else if (catalog_->erase(k)) {
+        ++c.count;
+      }
+    }
+    if (c.count == before) return;
+  }
+}
+
+void disk_tier::do_compact(disk_completion& c, bool forced) {
+  std::vector<std::uint64_t> ids;
+  for (const auto& [id, s] : segments_) {
+    if (id == active_) continue;
+    if (!forced && shrunk_segments_.count(id) == 0) continue;
+    const std::uint64_t data = s.file.size() - header_bytes;
+    if (s.live == 0 ||
+        static_cast<double>(s.live) <
+            config_.compaction_threshold * static_cast<double>(data))
+      ids.push_back(id);
+  }
+  shrunk_segments_.clear();
+  for (const std::uint64_t id : ids) {
+    if (auto r = compact_segment(id); !r) {
+      c.status = r;
+      return;
+    }
+    ++c.count;
+  }
+}
+
+result<void> disk_tier::flush_touches() {
+  if (touches_.empty()) return {};
+  for (const auto& [key, t] : touches_) {
+    if (auto r = catalog_->touch(key, t.at, t.count); !r) {
+      ++io_stats_.io_errors;
+      touches_.clear();
+      return r;
+    }
+  }
+  touches_.clear();
+  ++io_stats_.touch_flushes;
+  return {};
+}
+
+bool disk_tier::over_capacity(std::uint64_t extra) const noexcept {
+  return file_bytes_ + extra > config_.capacity_bytes;
+}
+
+std::uint64_t disk_tier::bytes_needed(std::uint64_t record_bytes) const {
+  // The record, plus a new segment's header when it will not fit the
+  // active one (see active_for).
+  if (active_ != 0) {
+    const auto& s = segments_.at(active_);
+    if (s.file.size() == header_bytes ||
+        s.file.size() + record_bytes <= config_.segment_bytes)
+      return record_bytes;
+  }
+  return record_bytes + header_bytes;
+}
+
+result<void> disk_tier::make_room(std::uint64_t record_bytes) {
+  if (!over_capacity(bytes_needed(record_bytes))) return {};
+  // Evict unpinned blocks, least recently used first, down to the low
+  // watermark of live bytes.
+  if (auto f = flush_touches(); !f) return f;
+  const double target =
+      config_.low_watermark * static_cast<double>(config_.capacity_bytes);
+  auto above_target = [&] {
+    return static_cast<double>(live_bytes_ + record_bytes + header_bytes) >
+           target;
+  };
+  bool progress = true;
+  while (progress && above_target()) {
+    progress = false;
+    auto lru = catalog_->least_recent_unpinned(256);
+    if (!lru) return unexpected<error>(lru.error());
+    for (const auto& e : *lru) {
+      if (!above_target()) break;
+      const auto it = index_.find(e.key);
+      if (it == index_.end()) continue;
+      {
+        // A pin taken after this spill was queued is not in the catalog yet.
+        std::lock_guard lk(mu_);
+        const auto d = dir_.find(e.key);
+        if (d != dir_.end() && d->second.gen == it->second.gen &&
+            d->second.info.pins > 0)
+          continue;
+      }
+      remove_block(e.key, removal::evict);
+      progress = true;
+    }
+  }
+  // Reclaim dead bytes, segments with the most first.
+  while (over_capacity(bytes_needed(record_bytes))) {
+    std::uint64_t best = 0;
+    std::uint64_t best_dead = 0;
+    for (const auto& [id, s] : segments_) {
+      const std::uint64_t dead = s.file.size() - header_bytes - s.live;
+      if (id != active_ && dead > best_dead) {
+        best = id;
+        best_dead = dead;
+      }
+    }
+    if (best == 0) {
+      const auto a = segments_.find(active_);
+      if (a != segments_.end() &&
+          a->second.file.size() - header_bytes > a->second.live) {
+        active_ = 0; // seal it so that it can be compacted
+        continue;
+      }
+      break;
+    }
+    if (auto r = compact_segment(best); !r) return r;
+  }
+  if (over_capacity(bytes_needed(record_bytes)))
+    return make_error(errc::out_of_memory,
+                      "disk tier " + config_.directory + " is at capacity (" +
+                          std::to_string(config_.capacity_bytes) +
+                          " bytes) and holds no unpinned block to evict");
+  return {};
+}
+
+result<disk_tier::segment_state*>
+disk_tier::active_for(std::uint64_t record_bytes, int* err_no) {
+  if (active_ != 0) {
+    auto& s = segments_.at(active_);
+    if (s.file.size() == header_bytes ||
+        s.file.size() + record_bytes <= config_.segment_bytes)
+      return &s;
+    active_ = 0;
+  }
+  auto f = segment_file::create(config_.directory, next_segment_, err_no);
+  if (!f) return unexpected<error>(f.error());
+  const std::uint64_t id = next_segment_++;
+  segment_state s;
+  s.file = std::move(*f);
+  file_bytes_ += header_bytes;
+  auto [it, inserted] = segments_.emplace(id, std::move(s));
+  KVFLEET_CHECK(inserted, "new segment id is unused");
+  active_ = id;
+  return &it->second;
+}
+
+result<void> disk_tier::compact_segment(std::uint64_t id) {
+  const auto it = segments_.find(id);
+  if (it == segments_.end()) return {};
+  if (id == active_) active_ = 0;
+  std::vector<block_key> keys(it->second.keys.begin(), it->second.keys.end());
+  // Copy in file order, so the reads are sequential.
+  std::sort(keys.begin(), keys.end(), [&](const block_key& a, const block_key& b) {
+    return index_.at(a).offset < index_.at(b).offset;
+  });
+  std::vector<std::byte> buf;
+  for (const auto& key : keys) {
+    location& loc = index_.at(key);
+    const std::uint64_t rec = rec_header + loc.size;
+    auto h = it->second.file.read(loc.offset, key, loc.size, buf);
+    if (!h) {
+      if (h.error().code != errc::checksum_mismatch) return unexpected<error>(h.error());
+      remove_block(key, removal::corrupt);
+      continue;
+    }
+    int err_no = 0;
+    auto dst = active_for(rec, &err_no);
+    if (!dst) {
+      note_write_error(err_no, dst.error());
+      return unexpected<error>(dst.error());
+    }
+    segment_state& d = **dst;
+    auto off = d.file.append(*h, buf, config_.write_fault_for_testing, &err_no);
+    if (!off) {
+      note_write_error(err_no, off.error());
+      return unexpected<error>(off.error());
+    }
+    file_bytes_ += rec;
+    written_segments_.insert(d.file.id());
+    if (auto r = catalog_->relocate(key, d.file.id(), *off); !r) return r;
+    it->second.live -= rec;
+    it->second.keys.erase(key);
+    d.live += rec;
+    d.keys.insert(key);
+    loc.segment = d.file.id();
+    loc.offset = *off;
+    io_stats_.compaction_bytes_moved += rec;
+  }
+  retire_segment(id);
+  ++io_stats_.compactions;
+  return {};
+}
+
+void disk_tier::retire_segment(std::uint64_t id) {
+  const auto it = segments_.find(id);
+  KVFLEET_CHECK(it != segments_.end() && it->second.keys.empty(),
+                "a retired segment holds no live block");
+  file_bytes_ -= it->second.file.size();
+  // The file goes only after the catalog stops naming it (next commit).
+  unlink_after_commit_.push_back(it->second.file.path());
+  if (active_ == id) active_ = 0;
+  segments_.erase(it);
+}
+
+void disk_tier::remove_block(const block_key& key, removal why) {
+  const auto it = index_.find(key);
+  if (it == index_.end()) return;
+  const location loc = it->second;
+  const std::uint64_t rec = rec_header + loc.size;
+  auto& s = segments_.at(loc.segment);
+  KVFLEET_CHECK(s.live >= rec && live_bytes_ >= rec, "live byte accounting");
+  s.live -= rec;
+  s.keys.erase(key);
+  live_bytes_ -= rec;
+  payload_bytes_ -= loc.size;
+  index_.erase(it);
+  touches_.erase(key);
+  shrunk_segments_.insert(loc.segment);
+  if (why != removal::replace) {
+    if (auto r = catalog_->erase(key); !r) ++io_stats_.io_errors;
+  }
+  switch (why) {
+  case removal::evict:
+    ++io_stats_.evictions;
+    io_stats_.evicted_bytes += loc.size;
+    break;
+  case removal::expire: ++io_stats_.expirations; break;
+  case removal::corrupt: ++io_stats_.checksum_failures; break;
+  case removal::erase:
+  case removal::replace: break;
+  }
+  if (why == removal::evict || why == removal::expire ||
+      why == removal::corrupt) {
+    std::lock_guard lk(mu_);
+    const auto d = dir_.find(key);
+    if (d != dir_.end() && d->second.gen == loc.gen) dir_.erase(d);
+  }
+}
+
+void disk_tier::publish_locked() {
+  published_ = io_stats_;
+  published_.blocks = index_.size();
+  published_.bytes = payload_bytes_;
+  published_.file_bytes = file_bytes_;
+  published_.segments = segments_.size();
+  published_.full = full_;
+}
+
+void disk_tier::check_invariants() const {
+  std::unique_lock lk(mu_);
+  idle_cv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+  // Idle: the I/O thread waits for mu_ before touching its state, so its
+  // state can be read here.
+  std::uint64_t files = 0;
+  std::uint64_t live = 0;
+  std::size_t keys = 0;
+  for (const auto& [id, s] : segments_) {
+    KVFLEET_CHECK(s.file.id() == id, "segment map key is its id");
+    KVFLEET_CHECK(s.file.size() >= header_bytes + s.live,
+                  "a segment holds its live records");
+    files += s.file.size();
+    std::uint64_t seg_live = 0;
+    for (const auto& k : s.keys) {
+      const auto it = index_.find(k);
+      KVFLEET_CHECK(it != index_.end() && it->second.segment == id,
+                    "segment keys are indexed there");
+      KVFLEET_CHECK(it->second.offset >= header_bytes &&
+                        it->second.offset + rec_header + it->second.size <=
+                            s.file.size(),
+                    "a record lies inside its segment");
+      seg_live += rec_header + it->second.size;
+    }
+    KVFLEET_CHECK(seg_live == s.live, "segment live bytes match its keys");
+    live += s.live;
+    keys += s.keys.size();
+  }
+  KVFLEET_CHECK(files == file_bytes_, "file bytes match the segments");
+  KVFLEET_CHECK(live == live_bytes_, "live bytes match the segments");
+  KVFLEET_CHECK(keys == index_.size(), "every indexed block is in a segment");
+  KVFLEET_CHECK(active_ == 0 || segments_.count(active_) == 1,
+                "the active segment exists");
+  KVFLEET_CHECK(dir_.size() == index_.size(),
+                "when idle, the directory holds exactly the stored blocks");
+  for (const auto& [k, d] : dir_) {
+    const auto it = index_.find(k);
+    KVFLEET_CHECK(it != index_.end() && it->second.gen == d.gen &&
+                      d.info.stored && d.info.size == it->second.size,
+                  "a directory entry matches its stored block");
+  }
+  KVFLEET_CHECK(published_.blocks == index_.size() &&
+                    published_.bytes == payload_bytes_,
+                "published stats match the index");
+}
+
+} // namespace kvfleet::engine

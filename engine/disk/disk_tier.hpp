@@ -1,0 +1,372 @@
+#pragma once
+/// The disk tier: KV blocks in append-only segment files, indexed by an
+/// SQLite catalog, surviving restarts.
+///
+/// What it owns: a data directory holding `catalog.sqlite` (the catalog,
+/// engine/disk/catalog.hpp), segment files (engine/disk/segment_file.hpp)
+/// and a `LOCK` file that keeps a second process out. Blocks are the encoded
+/// bytes of a value with their codec and checksum (engine/checksum.hpp); the
+/// tier checks the checksum when a block is spilled and again on every
+/// fetch, and never returns bytes that fail it.
+///
+/// Threads: the owner (one thread, e.g. an engine actor) calls every public
+/// member; one I/O thread, owned by the tier, does all file and catalog I/O.
+/// spill, fetch, expire, compact, flush and report queue a request and
+/// return at once; the I/O thread answers with a `disk_completion` that the
+/// owner collects on its own thread with drain_completions(). erase, pin,
+/// unpin, contains and lookup act on the in-memory directory at once and
+/// persist in the background. open() runs recovery on the calling thread:
+/// call it at startup or off the thread that serves lookups.
+///
+/// Why a mutex: the owner and the I/O thread share the request queue, the
+/// completion queue, the block directory (so contains() answers without
+/// I/O) and the published statistics. One mutex guards all four; neither
+/// thread holds it during I/O or while calling back into user code, and no
+/// other lock is taken while it is held.
+///
+/// Block states (per key, in the directory):
+///   absent --spill--> pending --written and catalogued--> stored
+///   pending|stored --erase | spill (replaces) | evict | expire |
+///                   checksum failure | refused--> absent (or the new spill)
+/// A spill is acknowledged (its completion delivered) only after its bytes
+/// are written and its catalog row committed, so an acknowledged block
+/// survives a crash of the process (and a power loss with full_sync).
+///
+/// Space: `capacity_bytes` bounds the bytes of all segment files. A spill
+/// that would exceed it first evicts unpinned blocks, least recently used
+/// first, until live bytes are at `low_watermark` of capacity, then compacts
+/// the segments with the most dead bytes until the spill fits; when pinned
+/// blocks fill the capacity the spill is refused. Independently, a sealed
+/// segment whose live fraction falls below `compaction_threshold` is
+/// compacted after the batch that made it so. A full file system (ENOSPC)
+/// during operation refuses spills from then on (logged once), keeps
+/// serving fetches, and accepts spills again after the tier frees space.
+///
+/// Times (created_at, expires_at, accessed_at) are nanoseconds of the
+/// configured clock, which should be wall time (the default) so that they
+/// mean the same after a restart. Expired blocks are removed by expire(now)
+/// and are never returned by fetch. TTL applies to pinned blocks too, as in
+/// block_store; pins protect from capacity eviction only.
+///
+/// Errors are values; nothing throws out of the public API. Broken
+/// invariants abort (check_invariants()).
+
+#include "engine/block_key.hpp"
+#include "engine/clock.hpp"
+#include "engine/codec.hpp"
+#include "engine/disk/catalog.hpp"
+#include "engine/disk/segment_file.hpp"
+#include "engine/kv_namespace.hpp"
+#include "engine/result.hpp"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace kvfleet::engine {
+
+/// Wall time (system_clock) in nanoseconds since the Unix epoch: the default
+/// clock of the disk tier, because its times must survive a restart.
+/// Thread-safe.
+class wall_clock_source final : public clock_source {
+public:
+  [[nodiscard]] nanos now() const noexcept override {
+    return std::chrono::duration_cast<nanos>(
+        std::chrono::system_clock::now().time_since_epoch());
+  }
+  static const wall_clock_source& instance() noexcept {
+    static const wall_clock_source clock;
+    return clock;
+  }
+};
+
+struct disk_tier_config {
+  std::string directory;            ///< must exist and be writable
+  std::uint64_t capacity_bytes = 0; ///< bound on segment file bytes; required
+  /// The active segment is sealed (and a new one started) once a record
+  /// would take it past this size.
+  std::uint64_t segment_bytes = std::uint64_t{64} << 20;
+  /// Sealed segments whose live fraction is below this are compacted.
+  double compaction_threshold = 0.5;
+  /// Capacity eviction frees live bytes down to this fraction of capacity.
+  double low_watermark = 0.9;
+  /// accessed_at updates are batched: written when this many are pending...
+  std::size_t touch_batch = 256;
+  /// ...or when the oldest has waited this long.
+  nanos touch_flush_interval = std::chrono::seconds(1);
+  /// fdatasync segments and run SQLite with synchronous=FULL, so that an
+  /// acknowledged spill survives a power loss, not only a process crash.
+  bool full_sync = false;
+  /// open() fails when the file system has less space free than this.
+  std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
+  /// Largest block accepted.
+  std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
+  /// Requests the I/O thread takes into one catalog transaction.
+  std::size_t max_batch = 64;
+  const clock_source* clock = nullptr; ///< default: wall_clock_source
+  /// Called on the I/O thread after it queued completions (e.g. to send the
+  /// owner a "drain" message). Must be cheap, thread-safe, and must not call
+  /// back into the tier.
+  std::function<void()> on_completion;
+  /// Test hook: consulted before each segment append; a nonzero result is
+  /// the errno of a failed write (ENOSPC simulates a full disk).
+  segment_file::write_fault write_fault_for_testing;
+};
+
+/// Identifies one queued request; its completion carries the same id.
+struct disk_request_id {
+  std::uint64_t value = 0;
+  friend bool operator==(const disk_request_id&,
+                         const disk_request_id&) = default;
+};
+
+enum class disk_op : std::uint8_t { spill, fetch, expire, compact, flush, report };
+
+/// What the operator queries return, read from the catalog.
+struct disk_report {
+  std::vector<usage_row> usage;                   ///< per namespace and tier
+  std::vector<catalog_entry> oldest;              ///< by created_at
+  std::vector<catalog_entry> least_recently_used; ///< by accessed_at
+};
+
+/// The answer to one queued request.
+struct disk_completion {
+  disk_request_id id{};
+  disk_op op = disk_op::flush;
+  block_key key{};      ///< spill and fetch
+  result<void> status;  ///< ok, or why it failed
+  /// fetch: the block's encoded bytes, codec, checksum and namespace.
+  std::vector<std::byte> bytes;
+  codec c = codec::none;
+  std::uint64_t checksum = 0;
+  ns_fingerprint ns{};
+  /// expire: blocks removed; compact: segments compacted.
+  std::uint64_t count = 0;
+  std::unique_ptr<disk_report> report; ///< report only
+};
+
+/// What the directory knows about one block (no I/O).
+struct disk_block_info {
+  ns_fingerprint ns{};
+  codec c = codec::none;
+  std::uint64_t size = 0;
+  std::uint64_t checksum = 0;
+  nanos created_at{0};
+  nanos expires_at{0};
+  std::uint32_t pins = 0;
+  bool stored = false; ///< false while its spill is pending
+};
+
+struct disk_tier_stats {
+  // Contents, as of the I/O thread's last batch.
+  std::uint64_t blocks = 0;     ///< stored blocks
+  std::uint64_t bytes = 0;      ///< their payload bytes
+  std::uint64_t file_bytes = 0; ///< segment file bytes, dead bytes included
+  std::uint64_t segments = 0;
+  // Writes.
+  std::uint64_t spills = 0;               ///< acknowledged spills
+  std::uint64_t spills_refused_full = 0;  ///< the file system was full
+  std::uint64_t spills_refused_capacity = 0; ///< pinned blocks fill capacity
+  std::uint64_t spills_superseded = 0;    ///< erased/replaced before written
+  std::uint64_t spill_errors = 0;         ///< bad checksum or I/O error
+  // Reads.
+  std::uint64_t fetches = 0;
+  std::uint64_t fetch_hits = 0;
+  std::uint64_t fetch_misses = 0;
+  std::uint64_t checksum_failures = 0; ///< blocks dropped for bad bytes
+  // Recovery (at open).
+  std::uint64_t recovered_blocks = 0;
+  std::uint64_t torn_tails_dropped = 0; ///< segments cut back to their last
+                                        ///< acknowledged record
+  std::uint64_t torn_bytes_dropped = 0;
+  std::uint64_t missing_dropped = 0; ///< catalog rows whose bytes were gone
+  // Space.
+  std::uint64_t evictions = 0;
+  std::uint64_t evicted_bytes = 0;
+  std::uint64_t expirations = 0;
+  std::uint64_t compactions = 0; ///< segments compacted or deleted
+  std::uint64_t compaction_bytes_moved = 0;
+  // Catalog.
+  std::uint64_t touch_flushes = 0; ///< batched accessed_at writes
+  std::uint64_t batches = 0;       ///< catalog transactions
+  std::uint64_t io_errors = 0;
+  bool full = false; ///< refusing spills because the file system is full
+};
+
+class disk_tier {
+public:
+  /// Opens (or creates) the tier in config.directory and recovers it: the
+  /// catalog is reopened, torn segment tails are cut off, rows whose bytes
+  /// are gone are dropped (all counted in stats()). Errors name the
+  /// directory and what to do: it is missing, not a directory, not
+  /// writable, full, locked by another process, or holds a catalog of
+  /// another format version.
+  [[nodiscard]] static result<std::unique_ptr<disk_tier>>
+  open(disk_tier_config config);
+
+  /// Finishes the queued requests (their completions are dropped), writes
+  /// pending accessed_at updates and stops the I/O thread.
+  ~disk_tier();
+  disk_tier(const disk_tier&) = delete;
+  disk_tier& operator=(const disk_tier&) = delete;
+
+  /// Queues a block to be written. `bytes` are copied. A key already on
+  /// disk is replaced; its pin count is kept (at least 1 if `pinned`).
+  /// Immediate errors: an invalid codec, an empty or too large block, or a
+  /// full file system (errc::out_of_memory, counted). The completion fails
+  /// with errc::checksum_mismatch when `checksum` is not the bytes'
+  /// block_checksum, errc::out_of_memory when no space could be made, and
+  /// errc::not_found when the block was erased or replaced first.
+  [[nodiscard]] result<disk_request_id>
+  spill(const block_key& key, const ns_fingerprint& ns, codec c,
+        std::span<const std::byte> bytes, std::uint64_t checksum,
+        nanos created_at, nanos expires_at, bool pinned);
+
+  /// Queues a read of a block. The completion holds the bytes after their
+  /// checksum was verified; errc::not_found when absent or expired,
+  /// errc::checksum_mismatch when the bytes are damaged (the block is then
+  /// dropped and counted). A hit updates accessed_at (batched).
+  [[nodiscard]] disk_request_id fetch(const block_key& key);
+
+  /// Whether the block is on disk or its spill is pending. No I/O.
+  [[nodiscard]] bool contains(const block_key& key) const;
+  [[nodiscard]] std::optional<disk_block_info> lookup(const block_key& key) const;
+
+  /// Removes a block (at once from the directory; from disk in the
+  /// background). errc::not_found when absent.
+  [[nodiscard]] result<void> erase(const block_key& key);
+  /// Pinned blocks are never evicted for capacity. Pins nest and persist.
+  /// errc::not_found when absent; unpin of an unpinned block is
+  /// errc::invalid_argument.
+  [[nodiscard]] result<void> pin(const block_key& key);
+  [[nodiscard]] result<void> unpin(const block_key& key);
+
+  /// Queues removal of every block with 0 < expires_at <= now.
+  disk_request_id expire(nanos now);
+  /// Queues compaction of every sealed segment below the threshold.
+  disk_request_id compact();
+  /// Queues a write of pending accessed_at updates.
+  disk_request_id flush();
+  /// Queues the operator queries: blocks and bytes per namespace and tier,
+  /// and the `top_n` oldest and least recently used blocks.
+  disk_request_id report(std::size_t top_n);
+
+  /// Moves the completions queued so far to `fn`, in order, on the calling
+  /// thread. Returns how many.
+  std::size_t drain_completions(const std::function<void(disk_completion&&)>& fn);
+  /// Blocks until every queued request is done (its completion queued) or
+  /// `timeout` passes; true when idle. For owners shutting down and tests.
+  [[nodiscard]] bool wait_idle(nanos timeout = std::chrono::seconds(60));
+
+  [[nodiscard]] disk_tier_stats stats() const;
+  [[nodiscard]] const disk_tier_config& config() const noexcept { return config_; }
+
+  /// Waits until idle, then aborts when an invariant is broken: the
+  /// directory, the I/O thread's index, segment accounting and stats agree.
+  void check_invariants() const;
+
+private:
+  struct request;
+  struct dir_entry {
+    disk_block_info info;
+    std::uint64_t gen = 0;
+  };
+  struct location {
+    std::uint64_t segment = 0;
+    std::uint64_t offset = 0;
+    std::uint64_t size = 0; ///< payload bytes
+    std::uint64_t gen = 0;
+  };
+  struct segment_state {
+    segment_file file;
+    std::uint64_t live = 0; ///< record bytes of indexed blocks
+    std::unordered_set<block_key, block_key_hash> keys;
+  };
+  struct touch {
+    std::int64_t at = 0;
+    std::uint64_t count = 0;
+  };
+  enum class removal : std::uint8_t { erase, evict, expire, corrupt, replace };
+
+  explicit disk_tier(disk_tier_config config);
+
+  // Owner side.
+  disk_request_id enqueue(request&& r);
+
+  // I/O thread side.
+  void run();
+  void process(std::vector<request>& batch, std::vector<disk_completion>& out,
+               bool last);
+  void do_spill(request& r, disk_completion& c);
+  void do_fetch(request& r, disk_completion& c);
+  void do_expire(request& r, disk_completion& c);
+  void do_compact(disk_completion& c, bool forced);
+  [[nodiscard]] result<void> recover();
+  [[nodiscard]] result<void> make_room(std::uint64_t record_bytes);
+  [[nodiscard]] std::uint64_t bytes_needed(std::uint64_t record_bytes) const;
+  [[nodiscard]] result<segment_state*> active_for(std::uint64_t record_bytes,
+                                                 int* err_no);
+  [[nodiscard]] result<void> compact_segment(std::uint64_t id);
+  [[nodiscard]] result<void> flush_touches();
+  void remove_block(const block_key& key, removal why);
+  void retire_segment(std::uint64_t id);
+  void note_write_error(int err_no, const error& e);
+  void publish_locked();
+  [[nodiscard]] std::int64_t now_ns() const noexcept {
+    return clock_->now().count();
+  }
+  [[nodiscard]] bool over_capacity(std::uint64_t extra) const noexcept;
+
+  disk_tier_config config_;
+  const clock_source* clock_;
+  int lock_fd_ = -1;
+
+  // Guarded by mu_.
+  mutable std::mutex mu_;
+  mutable std::condition_variable work_cv_;
+  mutable std::condition_variable idle_cv_;
+  std::deque<request> queue_;
+  std::vector<disk_completion> done_;
+  std::unordered_map<block_key, dir_entry, block_key_hash> dir_;
+  disk_tier_stats published_;
+  std::uint64_t next_request_ = 1;
+  std::uint64_t next_gen_ = 1;
+  bool busy_ = false;
+  bool stopping_ = false;
+  bool full_ = false;
+  std::uint64_t refused_full_owner_ = 0;
+
+  // I/O thread only (and open() before the thread starts).
+  std::unique_ptr<catalog> catalog_;
+  std::unordered_map<block_key, location, block_key_hash> index_;
+  std::map<std::uint64_t, segment_state> segments_;
+  std::uint64_t active_ = 0; ///< id of the segment appended to; 0 = none
+  std::uint64_t next_segment_ = 1;
+  std::uint64_t file_bytes_ = 0;
+  std::uint64_t live_bytes_ = 0;    ///< record bytes of indexed blocks
+  std::uint64_t payload_bytes_ = 0; ///< payload bytes of indexed blocks
+  std::unordered_map<block_key, touch, block_key_hash> touches_;
+  std::chrono::steady_clock::time_point touch_deadline_{};
+  std::vector<std::string> unlink_after_commit_;
+  std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
+  std::unordered_set<std::uint64_t> shrunk_segments_;  ///< compaction check
+  bool logged_full_ = false;
+  disk_tier_stats io_stats_;
+
+  std::thread io_thread_;
+};
+
+} // namespace kvfleet::engine

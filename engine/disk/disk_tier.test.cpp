@@ -1,0 +1,691 @@
+#include "engine/disk/disk_tier.hpp"
+
+#include "engine/checksum.hpp"
+
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace kvfleet::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr ns_fingerprint ns_a{0x1111, 0x2222};
+constexpr ns_fingerprint ns_b{0x3333, 0x4444};
+
+block_key key_of(std::uint64_t i) { return block_key{i + 1, i * 0x9e37 + 7}; }
+
+std::vector<std::byte> block_bytes(std::uint64_t seed, std::size_t n) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::byte> v(n);
+  for (auto& b : v) b = static_cast<std::byte>(rng());
+  return v;
+}
+
+class disk_tier_test : public ::testing::Test {
+protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/kvfleet-disk-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    tier_.reset();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  disk_tier_config config() {
+    disk_tier_config c;
+    c.directory = dir_;
+    c.capacity_bytes = std::uint64_t{64} << 20;
+    c.segment_bytes = std::uint64_t{1} << 20;
+    c.clock = &clock_;
+    return c;
+  }
+
+  void open(const disk_tier_config& c) {
+    tier_.reset();
+    auto t = disk_tier::open(c);
+    ASSERT_TRUE(t.has_value()) << t.error().describe();
+    tier_ = std::move(*t);
+  }
+
+  /// Queues a spill of block i (size n, seeded by i) and returns its id.
+  disk_request_id spill(std::uint64_t i, std::size_t n = 4096,
+                        bool pinned = false, nanos expires = nanos{0},
+                        ns_fingerprint ns = ns_a) {
+    const auto bytes = block_bytes(i, n);
+    auto id = tier_->spill(key_of(i), ns, codec::int8, bytes,
+                           block_checksum(bytes), clock_.now(), expires, pinned);
+    EXPECT_TRUE(id.has_value()) << id.error().describe();
+    return id.value_or(disk_request_id{});
+  }
+
+  /// Waits for the tier to go idle and returns the completions so far.
+  std::vector<disk_completion> settle() {
+    EXPECT_TRUE(tier_->wait_idle());
+    std::vector<disk_completion> out;
+    tier_->drain_completions(
+        [&](disk_completion&& c) { out.push_back(std::move(c)); });
+    tier_->check_invariants();
+    return out;
+  }
+
+  /// Fetches block i and waits for the answer.
+  disk_completion fetch(std::uint64_t i) {
+    const auto id = tier_->fetch(key_of(i));
+    for (auto& c : settle())
+      if (c.id == id) return std::move(c);
+    ADD_FAILURE() << "no completion for the fetch";
+    return {};
+  }
+
+  void expect_block(std::uint64_t i, std::size_t n = 4096) {
+    auto c = fetch(i);
+    ASSERT_TRUE(c.status.has_value()) << i << ": " << c.status.error().describe();
+    EXPECT_EQ(c.op, disk_op::fetch);
+    EXPECT_EQ(c.key, key_of(i));
+    EXPECT_TRUE(c.bytes == block_bytes(i, n)) << i;
+    EXPECT_EQ(c.c, codec::int8);
+    EXPECT_EQ(c.checksum, block_checksum(c.bytes));
+  }
+
+  std::vector<fs::path> segment_files() const {
+    std::vector<fs::path> out;
+    for (const auto& e : fs::directory_iterator(dir_))
+      if (e.path().extension() == ".kvs") out.push_back(e.path());
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+  std::string dir_;
+  manual_clock clock_{nanos{1'000'000}};
+  std::unique_ptr<disk_tier> tier_;
+};
+
+// ------------------------------------------------------------- contract
+
+TEST_F(disk_tier_test, spilled_blocks_read_back_with_codec_and_checksum) {
+  open(config());
+  for (std::uint64_t i = 0; i < 10; ++i) spill(i, 1000 + 100 * i);
+  for (const auto& c : settle()) {
+    EXPECT_EQ(c.op, disk_op::spill);
+    EXPECT_TRUE(c.status.has_value()) << c.status.error().describe();
+  }
+  for (std::uint64_t i = 0; i < 10; ++i) {
+    EXPECT_TRUE(tier_->contains(key_of(i)));
+    expect_block(i, 1000 + 100 * i);
+  }
+  EXPECT_FALSE(tier_->contains(key_of(99)));
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.blocks, 10U);
+  EXPECT_EQ(s.spills, 10U);
+  EXPECT_EQ(s.fetch_hits, 10U);
+  auto info = tier_->lookup(key_of(3));
+  ASSERT_TRUE(info.has_value());
+  EXPECT_TRUE(info->stored);
+  EXPECT_EQ(info->size, 1300U);
+  EXPECT_EQ(info->ns, ns_a);
+}
+
+TEST_F(disk_tier_test, a_fetch_queued_behind_its_spill_is_served) {
+  open(config());
+  spill(1);
+  EXPECT_TRUE(tier_->contains(key_of(1))); // visible while pending
+  expect_block(1);
+}
+
+TEST_F(disk_tier_test, missing_blocks_are_not_found) {
+  open(config());
+  auto c = fetch(5);
+  ASSERT_FALSE(c.status.has_value());
+  EXPECT_EQ(c.status.error().code, errc::not_found);
+  EXPECT_EQ(tier_->erase(key_of(5)).error().code, errc::not_found);
+  EXPECT_EQ(tier_->pin(key_of(5)).error().code, errc::not_found);
+}
+
+TEST_F(disk_tier_test, erase_removes_a_block) {
+  open(config());
+  spill(1);
+  spill(2);
+  settle();
+  ASSERT_TRUE(tier_->erase(key_of(1)).has_value());
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+  EXPECT_EQ(fetch(1).status.error().code, errc::not_found);
+  expect_block(2);
+  EXPECT_EQ(tier_->stats().blocks, 1U);
+}
+
+TEST_F(disk_tier_test, erase_before_the_write_supersedes_the_spill) {
+  open(config());
+  const auto id = spill(1);
+  ASSERT_TRUE(tier_->erase(key_of(1)).has_value());
+  for (const auto& c : settle()) {
+    if (c.id == id) {
+      // Either order of the race is fine; never a stored block afterwards.
+      EXPECT_TRUE(c.status.has_value() || c.status.error().code == errc::not_found);
+    }
+  }
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+  EXPECT_EQ(tier_->stats().blocks, 0U);
+}
+
+TEST_F(disk_tier_test, a_spill_replaces_the_older_copy) {
+  open(config());
+  spill(1, 4096);
+  settle();
+  const auto other = block_bytes(77, 2048);
+  ASSERT_TRUE(tier_->spill(key_of(1), ns_a, codec::int4, other,
+                           block_checksum(other), clock_.now(), nanos{0}, false)
+                  .has_value());
+  settle();
+  auto c = fetch(1);
+  ASSERT_TRUE(c.status.has_value());
+  EXPECT_EQ(c.bytes, other);
+  EXPECT_EQ(c.c, codec::int4);
+  EXPECT_EQ(tier_->stats().blocks, 1U);
+}
+
+TEST_F(disk_tier_test, a_spill_whose_checksum_is_wrong_is_refused) {
+  open(config());
+  const auto bytes = block_bytes(1, 4096);
+  auto id = tier_->spill(key_of(1), ns_a, codec::none, bytes,
+                         block_checksum(bytes) ^ 1, clock_.now(), nanos{0}, false);
+  ASSERT_TRUE(id.has_value());
+  auto done = settle();
+  ASSERT_EQ(done.size(), 1U);
+  EXPECT_EQ(done[0].status.error().code, errc::checksum_mismatch);
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+}
+
+TEST_F(disk_tier_test, bad_spills_are_refused_at_once) {
+  open(config());
+  const auto bytes = block_bytes(1, 16);
+  EXPECT_EQ(tier_->spill(key_of(1), ns_a, static_cast<codec>(9), bytes, 0,
+                         nanos{0}, nanos{0}, false)
+                .error()
+                .code,
+            errc::unknown_codec);
+  EXPECT_EQ(tier_->spill(block_key{}, ns_a, codec::none, bytes, 0, nanos{0},
+                         nanos{0}, false)
+                .error()
+                .code,
+            errc::invalid_argument);
+  EXPECT_EQ(tier_->spill(key_of(1), ns_a, codec::none, {}, 0, nanos{0},
+                         nanos{0}, false)
+                .error()
+                .code,
+            errc::value_too_large);
+}
+
+TEST_F(disk_tier_test, expire_removes_expired_blocks_pinned_or_not) {
+  open(config());
+  spill(1, 4096, false, nanos{5'000'000});
+  spill(2, 4096, true, nanos{5'000'000});
+  spill(3, 4096, false, nanos{9'000'000});
+  spill(4);
+  settle();
+  const auto id = tier_->expire(nanos{6'000'000});
+  for (const auto& c : settle())
+    if (c.id == id) {
+      EXPECT_EQ(c.count, 2U);
+    }
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+  EXPECT_FALSE(tier_->contains(key_of(2)));
+  EXPECT_TRUE(tier_->contains(key_of(3)));
+  EXPECT_EQ(tier_->stats().expirations, 2U);
+  // A fetch never returns an expired block, swept or not.
+  clock_.set(nanos{9'500'000});
+  EXPECT_EQ(fetch(3).status.error().code, errc::not_found);
+  EXPECT_FALSE(tier_->contains(key_of(3)));
+  expect_block(4);
+}
+
+TEST_F(disk_tier_test, capacity_eviction_takes_least_recently_used_unpinned) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.capacity_bytes = 4 * (segment_header_bytes + 4 * rec); // 16 blocks
+  c.low_watermark = 0.75;
+  open(c);
+  for (std::uint64_t i = 0; i < 12; ++i) {
+    clock_.advance(nanos{1000});
+    spill(i, 4096, i == 0);
+    settle();
+  }
+  // Blocks 1 and 2 are read again, so they are the most recently used.
+  clock_.advance(nanos{1000});
+  expect_block(1);
+  expect_block(2);
+  for (std::uint64_t i = 12; i < 18; ++i) {
+    clock_.advance(nanos{1000});
+    spill(i);
+    for (const auto& d : settle())
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    EXPECT_LE(tier_->stats().file_bytes, c.capacity_bytes);
+  }
+  const auto s = tier_->stats();
+  EXPECT_GT(s.evictions, 0U);
+  EXPECT_LE(s.file_bytes, c.capacity_bytes);
+  EXPECT_TRUE(tier_->contains(key_of(0))) << "pinned blocks are never evicted";
+  EXPECT_TRUE(tier_->contains(key_of(1)));
+  EXPECT_TRUE(tier_->contains(key_of(2)));
+  EXPECT_FALSE(tier_->contains(key_of(3))) << "least recently used goes first";
+  EXPECT_TRUE(tier_->contains(key_of(17)));
+  expect_block(0);
+  expect_block(17);
+}
+
+TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 2 * rec;
+  c.capacity_bytes = 2 * (segment_header_bytes + 2 * rec);
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i) spill(i, 4096, true);
+  settle();
+  const auto id = spill(9);
+  for (const auto& d : settle())
+    if (d.id == id) {
+      EXPECT_EQ(d.status.error().code, errc::out_of_memory);
+    }
+  EXPECT_EQ(tier_->stats().spills_refused_capacity, 1U);
+  EXPECT_FALSE(tier_->contains(key_of(9)));
+  ASSERT_TRUE(tier_->unpin(key_of(2)).has_value());
+  spill(9);
+  settle();
+  EXPECT_TRUE(tier_->contains(key_of(9)));
+  EXPECT_FALSE(tier_->contains(key_of(2)));
+  for (std::uint64_t i : {0UL, 1UL, 3UL, 9UL}) expect_block(i);
+}
+
+TEST_F(disk_tier_test, segments_with_few_live_blocks_are_compacted) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.compaction_threshold = 0.5;
+  open(c);
+  for (std::uint64_t i = 0; i < 12; ++i) spill(i);
+  settle();
+  EXPECT_EQ(tier_->stats().segments, 3U);
+  const auto before = tier_->stats().file_bytes;
+  // Segment 1 keeps one block of four: below the threshold.
+  for (std::uint64_t i : {0UL, 1UL, 2UL}) ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U);
+  EXPECT_EQ(s.compaction_bytes_moved, rec);
+  // Segment 1 went; its one live block moved to a new segment (the active
+  // one was full).
+  EXPECT_EQ(s.file_bytes, before - 3 * rec);
+  for (std::uint64_t i = 3; i < 12; ++i) expect_block(i);
+  // Segment 2 keeps two of four: at the threshold, so only compact() with
+  // a higher threshold would move it; erasing all of it deletes the file.
+  for (std::uint64_t i : {4UL, 5UL, 6UL, 7UL}) ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  const auto id = tier_->compact();
+  settle();
+  s = tier_->stats();
+  EXPECT_EQ(s.compactions, 2U);
+  (void)id;
+  for (std::uint64_t i : {3UL, 8UL, 9UL, 10UL, 11UL}) expect_block(i);
+  EXPECT_EQ(segment_files().size(), s.segments);
+}
+
+TEST_F(disk_tier_test, reads_batch_their_accessed_at_updates) {
+  auto c = config();
+  c.touch_batch = 1000;
+  c.touch_flush_interval = std::chrono::hours(1);
+  open(c);
+  spill(1);
+  spill(2);
+  settle();
+  clock_.advance(nanos{1000});
+  for (int k = 0; k < 5; ++k) expect_block(1);
+  EXPECT_EQ(tier_->stats().touch_flushes, 0U) << "reads did not write";
+  tier_->flush();
+  settle();
+  EXPECT_EQ(tier_->stats().touch_flushes, 1U);
+  const auto id = tier_->report(10);
+  for (auto& d : settle()) {
+    if (d.id != id) continue;
+    ASSERT_TRUE(d.report);
+    ASSERT_EQ(d.report->least_recently_used.size(), 2U);
+    EXPECT_EQ(d.report->least_recently_used.back().key, key_of(1));
+    EXPECT_EQ(d.report->least_recently_used.back().access_count, 5U);
+  }
+}
+
+TEST_F(disk_tier_test, operator_report_counts_per_namespace_oldest_and_lru) {
+  open(config());
+  for (std::uint64_t i = 0; i < 6; ++i) {
+    clock_.advance(nanos{10});
+    spill(i, 1000, false, nanos{0}, i < 4 ? ns_a : ns_b);
+  }
+  settle();
+  clock_.advance(nanos{10});
+  expect_block(0, 1000); // block 0 is now the most recently used
+  const auto id = tier_->report(2);
+  bool seen = false;
+  for (auto& d : settle()) {
+    if (d.id != id) continue;
+    seen = true;
+    ASSERT_TRUE(d.status.has_value()) << d.status.error().describe();
+    ASSERT_TRUE(d.report);
+    const auto& r = *d.report;
+    ASSERT_EQ(r.usage.size(), 2U);
+    std::uint64_t blocks = 0;
+    for (const auto& u : r.usage) {
+      EXPECT_EQ(u.tier, storage_tier::disk);
+      EXPECT_EQ(u.bytes, u.blocks * 1000);
+      if (u.ns == ns_a) {
+        EXPECT_EQ(u.blocks, 4U);
+      }
+      if (u.ns == ns_b) {
+        EXPECT_EQ(u.blocks, 2U);
+      }
+      blocks += u.blocks;
+    }
+    EXPECT_EQ(blocks, 6U);
+    ASSERT_EQ(r.oldest.size(), 2U);
+    EXPECT_EQ(r.oldest[0].key, key_of(0));
+    EXPECT_EQ(r.oldest[1].key, key_of(1));
+    ASSERT_EQ(r.least_recently_used.size(), 2U);
+    EXPECT_EQ(r.least_recently_used[0].key, key_of(1));
+    EXPECT_EQ(r.least_recently_used[1].key, key_of(2));
+  }
+  EXPECT_TRUE(seen);
+}
+
+// ------------------------------------------------------------- restarts
+
+TEST_F(disk_tier_test, a_reopened_tier_serves_blocks_and_keeps_pins) {
+  open(config());
+  for (std::uint64_t i = 0; i < 8; ++i) spill(i);
+  settle();
+  ASSERT_TRUE(tier_->pin(key_of(3)).has_value());
+  ASSERT_TRUE(tier_->pin(key_of(3)).has_value());
+  ASSERT_TRUE(tier_->pin(key_of(4)).has_value());
+  ASSERT_TRUE(tier_->unpin(key_of(4)).has_value());
+  ASSERT_TRUE(tier_->erase(key_of(7)).has_value());
+  settle();
+  tier_.reset();
+  open(config());
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.recovered_blocks, 7U);
+  EXPECT_EQ(s.torn_tails_dropped, 0U);
+  for (std::uint64_t i = 0; i < 7; ++i) expect_block(i);
+  EXPECT_FALSE(tier_->contains(key_of(7)));
+  EXPECT_EQ(tier_->lookup(key_of(3))->pins, 2U);
+  EXPECT_EQ(tier_->lookup(key_of(4))->pins, 0U);
+  EXPECT_EQ(tier_->lookup(key_of(0))->ns, ns_a);
+}
+
+TEST_F(disk_tier_test, a_torn_tail_is_cut_off_and_counted) {
+  open(config());
+  for (std::uint64_t i = 0; i < 3; ++i) spill(i);
+  settle();
+  tier_.reset();
+  const auto segs = segment_files();
+  ASSERT_EQ(segs.size(), 1U);
+  const auto size = fs::file_size(segs[0]);
+  {
+    // Half a record header: what a crash in the middle of a write leaves.
+    std::ofstream f(segs[0], std::ios::binary | std::ios::app);
+    const std::string junk(40, 'x');
+    f.write(junk.data(), static_cast<std::streamsize>(junk.size()));
+  }
+  open(config());
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.torn_tails_dropped, 1U);
+  EXPECT_EQ(s.torn_bytes_dropped, 40U);
+  EXPECT_EQ(fs::file_size(segs[0]), size);
+  for (std::uint64_t i = 0; i < 3; ++i) expect_block(i);
+  // New writes follow the recovered ones.
+  spill(3);
+  settle();
+  expect_block(3);
+}
+
+TEST_F(disk_tier_test, flipped_bytes_are_reported_missing_and_counted) {
+  open(config());
+  spill(0);
+  spill(1);
+  settle();
+  tier_.reset();
+  const auto segs = segment_files();
+  ASSERT_EQ(segs.size(), 1U);
+  {
+    // Block 0's payload starts after the file and record headers.
+    std::fstream f(segs[0], std::ios::binary | std::ios::in | std::ios::out);
+    const auto at =
+        static_cast<std::streamoff>(segment_header_bytes + record_header_bytes + 100);
+    f.seekg(at);
+    char b = 0;
+    f.read(&b, 1);
+    b = static_cast<char>(b ^ 0x5a);
+    f.seekp(at);
+    f.write(&b, 1);
+  }
+  open(config());
+  EXPECT_TRUE(tier_->contains(key_of(0))) << "not verified until read";
+  auto c = fetch(0);
+  ASSERT_FALSE(c.status.has_value());
+  EXPECT_EQ(c.status.error().code, errc::checksum_mismatch);
+  EXPECT_TRUE(c.bytes.empty());
+  EXPECT_FALSE(tier_->contains(key_of(0)));
+  EXPECT_EQ(fetch(0).status.error().code, errc::not_found);
+  EXPECT_EQ(tier_->stats().checksum_failures, 1U);
+  expect_block(1);
+  // The drop is persistent.
+  tier_.reset();
+  open(config());
+  EXPECT_FALSE(tier_->contains(key_of(0)));
+}
+
+TEST_F(disk_tier_test, a_killed_writer_loses_only_unacknowledged_blocks) {
+  constexpr std::uint64_t total = 400;
+  constexpr std::size_t size = 64 * 1024;
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // Child: spill as fast as possible, reporting each acknowledged block.
+    ::close(fds[0]);
+    disk_tier_config c;
+    c.directory = dir_;
+    c.capacity_bytes = std::uint64_t{1} << 30;
+    c.segment_bytes = std::uint64_t{4} << 20;
+    c.max_batch = 4;
+    auto t = disk_tier::open(c);
+    if (!t) ::_exit(2);
+    auto& tier = **t;
+    std::uint64_t in_flight = 0;
+    auto report = [&](disk_completion&& d) {
+      --in_flight;
+      if (!d.status.has_value()) ::_exit(3);
+      const std::uint64_t i = d.key.hi - 1;
+      if (::write(fds[1], &i, sizeof i) != sizeof i) ::_exit(4);
+    };
+    for (std::uint64_t i = 0; i < total; ++i) {
+      const auto bytes = block_bytes(i, size);
+      if (!tier.spill(key_of(i), ns_a, codec::int8, bytes, block_checksum(bytes),
+                      nanos{1}, nanos{0}, false))
+        ::_exit(5);
+      ++in_flight;
+      tier.drain_completions(report);
+      if (in_flight > 16) {
+        (void)tier.wait_idle();
+        tier.drain_completions(report);
+      }
+    }
+    (void)tier.wait_idle();
+    tier.drain_completions(report);
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::set<std::uint64_t> acked;
+  std::uint64_t i = 0;
+  while (acked.size() < 40 && ::read(fds[0], &i, sizeof i) == sizeof i)
+    acked.insert(i);
+  ::kill(pid, SIGKILL);
+  while (::read(fds[0], &i, sizeof i) == sizeof i) acked.insert(i);
+  ::close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_GE(acked.size(), 40U) << "child status " << status;
+
+  open(config());
+  const auto s = tier_->stats();
+  EXPECT_GE(s.recovered_blocks, acked.size());
+  for (const std::uint64_t k : acked) expect_block(k, size);
+  std::uint64_t served = 0;
+  for (std::uint64_t k = 0; k < total; ++k) {
+    auto c = fetch(k);
+    if (c.status.has_value()) {
+      EXPECT_TRUE(c.bytes == block_bytes(k, size)) << k;
+      ++served;
+    } else {
+      EXPECT_EQ(c.status.error().code, errc::not_found) << k;
+      EXPECT_EQ(acked.count(k), 0U) << k;
+    }
+  }
+  EXPECT_EQ(served, s.recovered_blocks);
+  EXPECT_EQ(tier_->stats().checksum_failures, 0U);
+}
+
+// ------------------------------------------------------------- bad input
+
+TEST_F(disk_tier_test, a_missing_directory_is_a_clear_error) {
+  auto c = config();
+  c.directory = dir_ + "/nope";
+  auto t = disk_tier::open(c);
+  ASSERT_FALSE(t.has_value());
+  EXPECT_NE(t.error().message.find(c.directory), std::string::npos);
+  EXPECT_NE(t.error().message.find("does not exist"), std::string::npos);
+  EXPECT_NE(t.error().message.find("mkdir -p"), std::string::npos);
+}
+
+TEST_F(disk_tier_test, a_file_instead_of_a_directory_is_a_clear_error) {
+  auto c = config();
+  c.directory = dir_ + "/file";
+  std::ofstream(c.directory) << "x";
+  auto t = disk_tier::open(c);
+  ASSERT_FALSE(t.has_value());
+  EXPECT_NE(t.error().message.find("is not a directory"), std::string::npos);
+}
+
+TEST_F(disk_tier_test, an_unwritable_directory_is_a_clear_error) {
+  auto c = config();
+  if (::geteuid() == 0) {
+    // Root ignores permission bits; sysfs refuses new files even to root.
+    c.directory = "/sys";
+  } else {
+    c.directory = dir_ + "/ro";
+    fs::create_directory(c.directory);
+    fs::permissions(c.directory, fs::perms::owner_read | fs::perms::owner_exec);
+  }
+  auto t = disk_tier::open(c);
+  ASSERT_FALSE(t.has_value());
+  EXPECT_NE(t.error().message.find(c.directory), std::string::npos);
+  EXPECT_NE(t.error().message.find("not writable"), std::string::npos);
+}
+
+TEST_F(disk_tier_test, a_full_directory_is_a_clear_error) {
+  auto c = config();
+  c.min_free_bytes = std::uint64_t{1} << 62;
+  auto t = disk_tier::open(c);
+  ASSERT_FALSE(t.has_value());
+  EXPECT_EQ(t.error().code, errc::out_of_memory);
+  EXPECT_NE(t.error().message.find(dir_), std::string::npos);
+  EXPECT_NE(t.error().message.find("is full"), std::string::npos);
+}
+
+TEST_F(disk_tier_test, a_catalog_of_another_format_version_is_refused) {
+  open(config());
+  tier_.reset();
+  sqlite3* db = nullptr;
+  const std::string path = dir_ + "/catalog.sqlite";
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db,
+                         "UPDATE meta SET value = 999 WHERE name = "
+                         "'format_version'",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto t = disk_tier::open(config());
+  ASSERT_FALSE(t.has_value());
+  EXPECT_EQ(t.error().code, errc::parse_error);
+  EXPECT_NE(t.error().message.find(path), std::string::npos);
+  EXPECT_NE(t.error().message.find("format version 999"), std::string::npos);
+  EXPECT_NE(t.error().message.find("move the directory aside"), std::string::npos);
+}
+
+TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {
+  std::ofstream(dir_ + "/catalog.sqlite") << std::string(4096, 'z');
+  auto t = disk_tier::open(config());
+  ASSERT_FALSE(t.has_value());
+  EXPECT_NE(t.error().message.find("catalog.sqlite"), std::string::npos);
+}
+
+TEST_F(disk_tier_test, a_directory_in_use_is_refused) {
+  open(config());
+  auto t = disk_tier::open(config());
+  ASSERT_FALSE(t.has_value());
+  EXPECT_EQ(t.error().code, errc::busy);
+  EXPECT_NE(t.error().message.find("in use"), std::string::npos);
+}
+
+TEST_F(disk_tier_test, a_disk_that_fills_refuses_spills_and_keeps_serving_reads) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 2 * rec;
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i) spill(i);
+  settle();
+  full->store(true);
+  const auto id = spill(10);
+  for (const auto& d : settle())
+    if (d.id == id) {
+      EXPECT_EQ(d.status.error().code, errc::out_of_memory);
+    }
+  auto s = tier_->stats();
+  EXPECT_TRUE(s.full);
+  EXPECT_EQ(s.spills_refused_full, 1U);
+  EXPECT_FALSE(tier_->contains(key_of(10)));
+  const auto bytes = block_bytes(11, 4096);
+  auto refused = tier_->spill(key_of(11), ns_a, codec::int8, bytes,
+                              block_checksum(bytes), nanos{0}, nanos{0}, false);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, errc::out_of_memory);
+  EXPECT_EQ(tier_->stats().spills_refused_full, 2U);
+  for (std::uint64_t i = 0; i < 4; ++i) expect_block(i);
+  // Freeing a segment's worth of space lets spills in again.
+  full->store(false);
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  ASSERT_TRUE(tier_->erase(key_of(1)).has_value());
+  settle();
+  EXPECT_FALSE(tier_->stats().full);
+  spill(12);
+  settle();
+  expect_block(12);
+}
+
+} // namespace
+} // namespace kvfleet::engine

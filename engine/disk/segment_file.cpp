@@ -1,0 +1,337 @@
+#include "engine/disk/segment_file.hpp"
+
+#include "engine/checksum.hpp"
+
+#include <xxhash.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+namespace kvfleet::engine {
+namespace {
+
+constexpr std::array<unsigned char, 8> segment_magic{'k', 'v', 'f', 's',
+                                                     'e', 'g', 0, 1};
+constexpr std::uint32_t record_magic = 0x3142564bU; // "KVB1"
+
+void store32(std::byte* p, std::uint32_t v) noexcept {
+  for (int i = 0; i < 4; ++i)
+    p[i] = static_cast<std::byte>((v >> (8 * i)) & 0xffU);
+}
+void store64(std::byte* p, std::uint64_t v) noexcept {
+  for (int i = 0; i < 8; ++i)
+    p[i] = static_cast<std::byte>((v >> (8 * i)) & 0xffU);
+}
+std::uint32_t load32(const std::byte* p) noexcept {
+  std::uint32_t v = 0;
+  for (int i = 0; i < 4; ++i)
+    v |= static_cast<std::uint32_t>(p[i]) << (8 * i);
+  return v;
+}
+std::uint64_t load64(const std::byte* p) noexcept {
+  std::uint64_t v = 0;
+  for (int i = 0; i < 8; ++i)
+    v |= static_cast<std::uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+std::uint64_t hash(const std::byte* p, std::size_t n) noexcept {
+  return XXH3_64bits_withSeed(p, n, hash_seed);
+}
+
+std::string errno_text(int e) { return std::strerror(e); }
+
+/// pread/pwrite until done; returns bytes moved or -1 with errno set.
+ssize_t full_pread(int fd, std::byte* p, std::size_t n, std::uint64_t off) {
+  std::size_t done = 0;
+  while (done < n) {
+    const ssize_t r = ::pread(fd, p + done, n - done,
+                              static_cast<off_t>(off + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return -1;
+    if (r == 0) break;
+    done += static_cast<std::size_t>(r);
+  }
+  return static_cast<ssize_t>(done);
+}
+
+} // namespace
+
+std::array<std::byte, record_header_bytes>
+encode_record_header(const record_header& h) noexcept {
+  std::array<std::byte, record_header_bytes> b{};
+  store32(b.data(), record_magic);
+  b[4] = static_cast<std::byte>(h.c);
+  store64(b.data() + 8, h.size);
+  store64(b.data() + 16, h.key.hi);
+  store64(b.data() + 24, h.key.lo);
+  store64(b.data() + 32, h.ns.hi);
+  store64(b.data() + 40, h.ns.lo);
+  store64(b.data() + 48, h.checksum);
+  store64(b.data() + 56, static_cast<std::uint64_t>(h.created_at));
+  store64(b.data() + 64, static_cast<std::uint64_t>(h.expires_at));
+  store64(b.data() + 72, hash(b.data(), 72));
+  return b;
+}
+
+result<record_header>
+decode_record_header(std::span<const std::byte, record_header_bytes> raw) {
+  const std::byte* b = raw.data();
+  if (load32(b) != record_magic)
+    return make_error(errc::checksum_mismatch, "record header: bad magic");
+  if (load64(b + 72) != hash(b, 72))
+    return make_error(errc::checksum_mismatch, "record header: bad checksum");
+  record_header h;
+  h.c = static_cast<codec>(b[4]);
+  if (!is_valid(h.c))
+    return make_error(errc::checksum_mismatch, "record header: bad codec");
+  h.size = load64(b + 8);
+  h.key = block_key{load64(b + 16), load64(b + 24)};
+  h.ns = ns_fingerprint{load64(b + 32), load64(b + 40)};
+  h.checksum = load64(b + 48);
+  h.created_at = static_cast<std::int64_t>(load64(b + 56));
+  h.expires_at = static_cast<std::int64_t>(load64(b + 64));
+  return h;
+}
+
+std::string segment_file_name(std::uint64_t id) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "seg-%016llx.kvs",
+                static_cast<unsigned long long>(id));
+  return buf;
+}
+
+std::int64_t parse_segment_file_name(const std::string& name) {
+  if (name.size() != 24 || name.rfind("seg-", 0) != 0 ||
+      name.substr(20) != ".kvs")
+    return -1;
+  std::uint64_t v = 0;
+  for (std::size_t i = 4; i < 20; ++i) {
+    const char ch = name[i];
+    std::uint64_t d = 0;
+    if (ch >= '0' && ch <= '9') d = static_cast<std::uint64_t>(ch - '0');
+    else if (ch >= 'a' && ch <= 'f') d = static_cast<std::uint64_t>(ch - 'a' + 10);
+    else return -1;
+    v = (v << 4) | d;
+  }
+  if (v > static_cast<std::uint64_t>(INT64_MAX)) return -1;
+  return static_cast<std::int64_t>(v);
+}
+
+segment_file& segment_file::operator=(segment_file&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = other.fd_;
+    id_ = other.id_;
+    size_ = other.size_;
+    path_ = std::move(other.path_);
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+segment_file::~segment_file() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+result<segment_file> segment_file::create(const std::string& dir,
+                                          std::uint64_t id, int* err_no) {
+  segment_file f;
+  f.id_ = id;
+  f.path_ = dir + "/" + segment_file_name(id);
+  f.fd_ = ::open(f.path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (f.fd_ < 0) {
+    const int e = errno;
+    if (err_no != nullptr) *err_no = e;
+    return make_error(errc::io_error, "cannot create segment " + f.path_ +
+                                          ": " + errno_text(e));
+  }
+  std::array<std::byte, segment_header_bytes> h{};
+  std::memcpy(h.data(), segment_magic.data(), segment_magic.size());
+  store32(h.data() + 8, disk_format_version);
+  store64(h.data() + 16, id);
+  store64(h.data() + 24, hash(h.data(), 24));
+  ssize_t w = 0;
+  do {
+    w = ::pwrite(f.fd_, h.data(), h.size(), 0);
+  } while (w < 0 && errno == EINTR);
+  if (w != static_cast<ssize_t>(h.size())) {
+    const int e = w < 0 ? errno : ENOSPC;
+    if (err_no != nullptr) *err_no = e;
+    ::unlink(f.path_.c_str());
+    return make_error(errc::io_error, "cannot write segment header " +
+                                          f.path_ + ": " + errno_text(e));
+  }
+  f.size_ = segment_header_bytes;
+  return f;
+}
+
+result<segment_file> segment_file::open(const std::string& dir,
+                                        std::uint64_t id) {
+  segment_file f;
+  f.id_ = id;
+  f.path_ = dir + "/" + segment_file_name(id);
+  f.fd_ = ::open(f.path_.c_str(), O_RDWR | O_CLOEXEC);
+  if (f.fd_ < 0)
+    return make_error(errc::io_error, "cannot open segment " + f.path_ + ": " +
+                                          errno_text(errno));
+  struct stat st {};
+  if (::fstat(f.fd_, &st) != 0)
+    return make_error(errc::io_error,
+                      "cannot stat " + f.path_ + ": " + errno_text(errno));
+  f.size_ = static_cast<std::uint64_t>(st.st_size);
+  std::array<std::byte, segment_header_bytes> h{};
+  if (full_pread(f.fd_, h.data(), h.size(), 0) !=
+          static_cast<ssize_t>(h.size()) ||
+      std::memcmp(h.data(), segment_magic.data(), segment_magic.size()) != 0 ||
+      load64(h.data() + 24) != hash(h.data(), 24))
+    return make_error(errc::parse_error,
+                      "segment " + f.path_ + " has no valid header");
+  const std::uint32_t version = load32(h.data() + 8);
+  if (version != disk_format_version)
+    return make_error(errc::parse_error,
+                      "segment " + f.path_ + " has format version " +
+                          std::to_string(version) + ", this build reads " +
+                          std::to_string(disk_format_version));
+  if (load64(h.data() + 16) != id)
+    return make_error(errc::parse_error,
+                      "segment " + f.path_ + " names another segment id");
+  return f;
+}
+
+result<std::uint64_t> segment_file::append(const record_header& h,
+                                           std::span<const std::byte> payload,
+                                           const write_fault& fault,
+                                           int* err_no) {
+  const std::uint64_t at = size_;
+  int e = fault ? fault() : 0;
+  if (e == 0) {
+    auto head = encode_record_header(h);
+    std::array<iovec, 2> iov{};
+    iov[0].iov_base = head.data();
+    iov[0].iov_len = head.size();
+    // pwritev takes non-const iovecs but only reads the payload.
+    iov[1].iov_base = const_cast<std::byte*>(payload.data());
+    iov[1].iov_len = payload.size();
+    const std::size_t total = head.size() + payload.size();
+    std::size_t done = 0;
+    while (done < total) {
+      // Resume a short write from where it stopped.
+      std::array<iovec, 2> rest{};
+      int n = 0;
+      std::size_t skip = done;
+      for (const auto& v : iov) {
+        if (skip >= v.iov_len) {
+          skip -= v.iov_len;
+          continue;
+        }
+        rest[static_cast<std::size_t>(n)].iov_base =
+            static_cast<std::byte*>(v.iov_base) + skip;
+        rest[static_cast<std::size_t>(n)].iov_len = v.iov_len - skip;
+        skip = 0;
+        ++n;
+      }
+      const ssize_t w =
+          ::pwritev(fd_, rest.data(), n, static_cast<off_t>(at + done));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) {
+        e = errno;
+        break;
+      }
+      if (w == 0) {
+        e = ENOSPC;
+        break;
+      }
+      done += static_cast<std::size_t>(w);
+    }
+  }
+  if (e != 0) {
+    if (err_no != nullptr) *err_no = e;
+    // Cut off whatever part of the record made it, so the file never holds
+    // a torn record in the middle of later ones.
+    (void)::ftruncate(fd_, static_cast<off_t>(at));
+    return make_error(errc::io_error, "cannot append to segment " + path_ +
+                                          ": " + errno_text(e));
+  }
+  size_ = at + record_header_bytes + payload.size();
+  return at;
+}
+
+result<record_header> segment_file::read(std::uint64_t offset,
+                                         const block_key& expect_key,
+                                         std::uint64_t expect_size,
+                                         std::vector<std::byte>& payload) const {
+  std::array<std::byte, record_header_bytes> raw{};
+  payload.resize(static_cast<std::size_t>(expect_size));
+  std::array<iovec, 2> iov{};
+  iov[0].iov_base = raw.data();
+  iov[0].iov_len = raw.size();
+  iov[1].iov_base = payload.data();
+  iov[1].iov_len = payload.size();
+  const std::size_t total = raw.size() + payload.size();
+  ssize_t r = 0;
+  do {
+    r = ::preadv(fd_, iov.data(), 2, static_cast<off_t>(offset));
+  } while (r < 0 && errno == EINTR);
+  if (r >= 0 && static_cast<std::size_t>(r) < total &&
+      static_cast<std::size_t>(r) >= raw.size()) {
+    // A short read of a regular file: finish the payload.
+    const std::size_t got = static_cast<std::size_t>(r) - raw.size();
+    const ssize_t more =
+        full_pread(fd_, payload.data() + got, payload.size() - got,
+                   offset + static_cast<std::uint64_t>(r));
+    if (more >= 0) r += more;
+  }
+  if (r < 0)
+    return make_error(errc::io_error,
+                      "cannot read segment " + path_ + ": " + errno_text(errno));
+  if (static_cast<std::size_t>(r) != total)
+    return make_error(errc::checksum_mismatch,
+                      "record at " + std::to_string(offset) + " of " + path_ +
+                          " is cut short");
+  auto h = decode_record_header(raw);
+  if (!h) return make_error(h.error().code, h.error().message + " in " + path_);
+  if (h->key != expect_key || h->size != expect_size)
+    return make_error(errc::checksum_mismatch,
+                      "record at " + std::to_string(offset) + " of " + path_ +
+                          " holds another block");
+  if (block_checksum(payload) != h->checksum)
+    return make_error(errc::checksum_mismatch,
+                      "block " + expect_key.to_hex() + " in " + path_ +
+                          " fails its checksum");
+  return h;
+}
+
+result<record_header> segment_file::read_header(std::uint64_t offset) const {
+  std::array<std::byte, record_header_bytes> raw{};
+  const ssize_t r = full_pread(fd_, raw.data(), raw.size(), offset);
+  if (r < 0)
+    return make_error(errc::io_error,
+                      "cannot read segment " + path_ + ": " + errno_text(errno));
+  if (static_cast<std::size_t>(r) != raw.size())
+    return make_error(errc::checksum_mismatch,
+                      "record header at " + std::to_string(offset) + " of " +
+                          path_ + " is cut short");
+  return decode_record_header(raw);
+}
+
+result<void> segment_file::truncate(std::uint64_t bytes) {
+  if (::ftruncate(fd_, static_cast<off_t>(bytes)) != 0)
+    return make_error(errc::io_error,
+                      "cannot truncate " + path_ + ": " + errno_text(errno));
+  size_ = bytes;
+  return {};
+}
+
+result<void> segment_file::sync() {
+  if (::fdatasync(fd_) != 0)
+    return make_error(errc::io_error,
+                      "cannot sync " + path_ + ": " + errno_text(errno));
+  return {};
+}
+
+} // namespace kvfleet::engine
