@@ -598,3 +598,30 @@ TEST_F(store_fixture, thresholds_are_per_namespace) {
 
 } // namespace
 } // namespace kvfleet::engine
+
+namespace kvfleet::engine {
+namespace {
+
+TEST_F(store_fixture, evict_bytes_frees_evictable_blocks_only) {
+  open(16, policy_kind::priority, false, 1);
+  const auto pinned = chain(1, 1)[0];
+  put_options pin;
+  pin.pin = true;
+  ASSERT_TRUE(put(pinned, {}, pin).has_value());
+  for (std::uint64_t i = 0; i < 5; ++i) {
+    put_options opts;
+    opts.prio = i == 2 ? priority::background : priority::high;
+    ASSERT_TRUE(put(chain(100 * (i + 1), 1)[0], {}, opts).has_value());
+  }
+  const auto background = chain(300, 1)[0];
+  EXPECT_EQ(store_->evict_bytes(1), block_bytes);
+  EXPECT_FALSE(store_->contains(ns_, background)); // lowest priority first
+  EXPECT_EQ(store_->evict_bytes(100 * block_bytes), 4 * block_bytes);
+  EXPECT_TRUE(store_->contains(ns_, pinned));
+  EXPECT_EQ(store_->block_count(), 1U);
+  EXPECT_EQ(store_->pin(ns_, background).error().code, errc::not_found);
+  store_->check_invariants();
+}
+
+} // namespace
+} // namespace kvfleet::engine
