@@ -65,6 +65,8 @@ struct disk_tier::request {
   std::uint32_t pins = 0;
   std::int64_t now = 0;
   std::size_t top_n = 0;
+  std::span<std::byte> dst; ///< fetch_into
+  bool into = false;
 };
 
 disk_tier::disk_tier(disk_tier_config config)
@@ -374,6 +376,17 @@ disk_request_id disk_tier::fetch(const block_key& key) {
   request r;
   r.k = request::kind::fetch;
   r.key = key;
+  std::lock_guard lk(mu_);
+  return enqueue(std::move(r));
+}
+
+disk_request_id disk_tier::fetch_into(const block_key& key,
+                                      std::span<std::byte> dst) {
+  request r;
+  r.k = request::kind::fetch;
+  r.key = key;
+  r.dst = dst;
+  r.into = true;
   std::lock_guard lk(mu_);
   return enqueue(std::move(r));
 }
@@ -809,11 +822,25 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
     return;
   }
   const location loc = it->second;
-  auto h = segments_.at(loc.segment).file.read(loc.offset, r.key, loc.size,
-                                               c.bytes);
+  std::span<std::byte> dst = r.dst;
+  if (r.into) {
+    if (dst.size() != loc.size) {
+      ++io_stats_.fetch_misses;
+      c.status = make_error(errc::wrong_value_size,
+                            "disk tier: block " + r.key.to_hex() + " has " +
+                                std::to_string(loc.size) + " bytes, not " +
+                                std::to_string(dst.size()));
+      return;
+    }
+  } else {
+    c.bytes.resize(static_cast<std::size_t>(loc.size));
+    dst = c.bytes;
+  }
+  auto h = segments_.at(loc.segment).file.read(loc.offset, r.key, dst);
   if (!h) {
     ++io_stats_.fetch_misses;
     c.bytes.clear();
+    if (r.into) std::fill(dst.begin(), dst.end(), std::byte{0});
     if (h.error().code == errc::checksum_mismatch) {
       remove_block(r.key, removal::corrupt);
     } else {
@@ -826,12 +853,14 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   if (h->expires_at != 0 && h->expires_at <= now) {
     ++io_stats_.fetch_misses;
     c.bytes.clear();
+    if (r.into) std::fill(dst.begin(), dst.end(), std::byte{0});
     remove_block(r.key, removal::expire);
     c.status = make_error(errc::not_found,
                           "disk tier: block " + r.key.to_hex() + " expired");
     return;
   }
   ++io_stats_.fetch_hits;
+  c.count = loc.size;
   c.c = h->c;
   c.checksum = h->checksum;
   c.ns = h->ns;
@@ -1013,7 +1042,8 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
   for (const auto& key : keys) {
     location& loc = index_.at(key);
     const std::uint64_t rec = rec_header + loc.size;
-    auto h = it->second.file.read(loc.offset, key, loc.size, buf);
+    buf.resize(static_cast<std::size_t>(loc.size));
+    auto h = it->second.file.read(loc.offset, key, buf);
     if (!h) {
       if (h.error().code != errc::checksum_mismatch) return unexpected<error>(h.error());
       remove_block(key, removal::corrupt);

@@ -240,6 +240,14 @@ public:
   /// errc::checksum_mismatch when the bytes are damaged (the block is then
   /// dropped and counted). A hit updates accessed_at (batched).
   [[nodiscard]] disk_request_id fetch(const block_key& key);
+  /// As fetch(), but reads straight into `dst` (e.g. the slot the block is
+  /// promoted into) and leaves the completion's `bytes` empty; `count` is
+  /// the bytes read. errc::wrong_value_size when `dst` is not the block's
+  /// size (lookup() tells it); on a checksum failure `dst` is zeroed.
+  /// REQUIRES: `dst` stays valid and untouched until the completion is
+  /// drained.
+  [[nodiscard]] disk_request_id fetch_into(const block_key& key,
+                                           std::span<std::byte> dst);
 
   /// Whether the block is on disk or its spill is pending. No I/O.
   [[nodiscard]] bool contains(const block_key& key) const;

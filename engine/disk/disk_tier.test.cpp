@@ -149,6 +149,28 @@ TEST_F(disk_tier_test, a_fetch_queued_behind_its_spill_is_served) {
   expect_block(1);
 }
 
+TEST_F(disk_tier_test, fetch_into_reads_into_the_callers_buffer) {
+  open(config());
+  spill(1, 8192);
+  settle();
+  std::vector<std::byte> dst(8192);
+  const auto id = tier_->fetch_into(key_of(1), dst);
+  std::vector<std::byte> small(100);
+  const auto bad = tier_->fetch_into(key_of(1), small);
+  for (const auto& c : settle()) {
+    if (c.id == id) {
+      ASSERT_TRUE(c.status.has_value()) << c.status.error().describe();
+      EXPECT_TRUE(c.bytes.empty());
+      EXPECT_EQ(c.count, 8192U);
+      EXPECT_EQ(c.checksum, block_checksum(dst));
+    }
+    if (c.id == bad) {
+      EXPECT_EQ(c.status.error().code, errc::wrong_value_size);
+    }
+  }
+  EXPECT_TRUE(dst == block_bytes(1, 8192));
+}
+
 TEST_F(disk_tier_test, missing_blocks_are_not_found) {
   open(config());
   auto c = fetch(5);

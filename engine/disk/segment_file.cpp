@@ -263,10 +263,9 @@ result<std::uint64_t> segment_file::append(const record_header& h,
 
 result<record_header> segment_file::read(std::uint64_t offset,
                                          const block_key& expect_key,
-                                         std::uint64_t expect_size,
-                                         std::vector<std::byte>& payload) const {
+                                         std::span<std::byte> payload) const {
+  const std::uint64_t expect_size = payload.size();
   std::array<std::byte, record_header_bytes> raw{};
-  payload.resize(static_cast<std::size_t>(expect_size));
   std::array<iovec, 2> iov{};
   iov[0].iov_base = raw.data();
   iov[0].iov_len = raw.size();

@@ -116,13 +116,12 @@ public:
   append(const record_header& h, std::span<const std::byte> payload,
          const write_fault& fault, int* err_no);
 
-  /// Reads the record at `offset` into `payload` (resized to its size) and
-  /// checks it: header checksum, key, size, payload checksum.
+  /// Reads the record at `offset` into `payload` (exactly its payload size)
+  /// and checks it: header checksum, key, size, payload checksum.
   /// errc::checksum_mismatch for any mismatch or a short read.
   [[nodiscard]] result<record_header> read(std::uint64_t offset,
                                            const block_key& expect_key,
-                                           std::uint64_t expect_size,
-                                           std::vector<std::byte>& payload) const;
+                                           std::span<std::byte> payload) const;
 
   /// Reads and checks only the record header at `offset`;
   /// errc::checksum_mismatch when it is cut short or damaged.
