@@ -371,14 +371,7 @@ result<void> block_store::read(const read_lease& lease, std::span<std::byte> out
       if (!d) return unexpected<error>(d.error());
     }
   }
-  if (sum != e.checksum) {
-    std::memset(out.data(), 0, out.size());
-    ++stats_.checksum_failures;
-    kill(lease.id_);
-    return make_error(errc::checksum_mismatch,
-                      "block " + e.key.to_hex() +
-                          " failed its checksum and was dropped");
-  }
+  if (sum != e.checksum) return drop_corrupt(lease.id_, out);
   ++stats_.reads;
   stats_.read_ns.record(static_cast<std::uint64_t>((now() - start).count()));
   return {};
@@ -396,16 +389,18 @@ result<void> block_store::read_raw(const read_lease& lease,
                           std::to_string(e.stored_bytes));
   if (auto r = backend_->read(pool_.offset(e.slot), out); !r)
     return unexpected<error>(r.error());
-  if (block_checksum(out) != e.checksum) {
-    std::memset(out.data(), 0, out.size());
-    ++stats_.checksum_failures;
-    kill(lease.id_);
-    return make_error(errc::checksum_mismatch,
-                      "block " + e.key.to_hex() +
-                          " failed its checksum and was dropped");
-  }
+  if (block_checksum(out) != e.checksum) return drop_corrupt(lease.id_, out);
   ++stats_.reads;
   return {};
+}
+
+result<void> block_store::drop_corrupt(std::uint32_t id, std::span<std::byte> out) {
+  std::memset(out.data(), 0, out.size());
+  ++stats_.checksum_failures;
+  const std::string key = entries_[id].key.to_hex();
+  kill(id);
+  return make_error(errc::checksum_mismatch,
+                    "block " + key + " failed its checksum and was dropped");
 }
 
 // ---------------------------------------------------------------- puts

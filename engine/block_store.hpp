@@ -302,6 +302,8 @@ private:
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
   void remove(std::uint32_t id);
   void kill(std::uint32_t id);
+  /// Zeroes `out`, counts and drops a block that failed its checksum.
+  [[nodiscard]] result<void> drop_corrupt(std::uint32_t id, std::span<std::byte> out);
   void refresh_evictable(std::uint32_t id);
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;
