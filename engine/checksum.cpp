@@ -28,6 +28,10 @@ internal::chunk_hash_fn chunk_hash() {
   return fn;
 }
 
+// How far ahead copy_out prefetches: two chunks keep the memory pipeline
+// busy while one chunk is hashed.
+constexpr std::size_t prefetch_bytes = 2 * checksum_chunk_bytes;
+
 // Chunk hashes are folded in groups of this many before the final hash, so
 // the fold needs no allocation for any block size.
 constexpr std::size_t fold_batch = 64;
@@ -96,13 +100,16 @@ std::uint64_t copy_out_with_checksum(std::span<std::byte> dst,
   const auto hash = chunk_hash();
   folder f;
   const std::size_t size = std::min(dst.size(), src.size());
+  auto prefetch = [&](std::size_t from, std::size_t to) {
+    for (std::size_t p = from; p < std::min(to, size); p += 64)
+      __builtin_prefetch(src.data() + p, 0, 3);
+  };
+  prefetch(checksum_chunk_bytes, prefetch_bytes);
   for (std::size_t off = 0; off < size; off += checksum_chunk_bytes) {
     const std::size_t n = std::min(checksum_chunk_bytes, size - off);
-    // Ask for the next chunk while this one is hashed and copied.
-    const std::size_t next = off + n;
-    const std::size_t ahead = std::min(checksum_chunk_bytes, size - next);
-    for (std::size_t p = 0; p < ahead; p += 64)
-      __builtin_prefetch(src.data() + next + p, 0, 3);
+    // Ask for the chunk `prefetch_bytes` ahead while this one is hashed and
+    // copied from L1.
+    prefetch(off + prefetch_bytes, off + prefetch_bytes + checksum_chunk_bytes);
     f.add(hash(src.data() + off, n, hash_seed));
     std::memcpy(dst.data() + off, src.data() + off, n);
   }
