@@ -1,0 +1,103 @@
+#pragma once
+/// Batch accumulation for one engine: a batch closes at `max_size` requests
+/// (default 20), at `max_tokens` prompt tokens (0 = no token limit), or
+/// `timeout` (default 100 ms) after its first request arrived, whichever
+/// comes first. Higher priorities leave first (lane_queue). The actor
+/// wrapper owns the timer; this class only decides.
+/// Not thread-safe: owned by one actor.
+
+#include "actors/lane_queue.hpp"
+#include "engine/clock.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace kvfleet::actors {
+
+struct batch_config {
+  std::size_t max_size = 20;
+  engine::nanos timeout = std::chrono::milliseconds{100};
+};
+
+template <class T> class batch_accumulator {
+public:
+  explicit batch_accumulator(batch_config config, std::uint64_t max_tokens = 0)
+      : config_(config), max_tokens_(max_tokens) {
+    if (config_.max_size == 0)
+      config_.max_size = 1;
+  }
+
+  /// Adds one request of `tokens` prompt tokens. Returns true when a batch
+  /// is now full (close it now). When it opened a new batch, take_opened()
+  /// turns true once and the caller arms a timer for config().timeout
+  /// tagged with generation().
+  bool add(engine::priority prio, T item, std::uint64_t tokens = 0) {
+    if (queue_.empty()) {
+      ++generation_;
+      opened_ = true;
+    }
+    queue_.push(prio, slot{std::move(item), tokens});
+    pending_tokens_ += tokens;
+    return full();
+  }
+
+  /// Whether the pending requests make a full batch.
+  [[nodiscard]] bool full() const noexcept {
+    return queue_.size() >= config_.max_size ||
+           (max_tokens_ > 0 && pending_tokens_ >= max_tokens_);
+  }
+
+  /// True once after a batch opened (consumes the flag).
+  bool take_opened() noexcept { return std::exchange(opened_, false); }
+
+  /// Whether a timer tagged `gen` still closes the current batch (a batch
+  /// that closed early has a newer generation, so its timer is ignored).
+  [[nodiscard]] bool timer_current(std::uint64_t gen) const noexcept {
+    return gen == generation_ && !queue_.empty();
+  }
+
+  /// Closes the batch: takes up to max_size requests and max_tokens tokens
+  /// (at least one request), highest priority first. Requests left over
+  /// open the next batch (take_opened() turns true: re-arm the timer).
+  std::vector<T> take() {
+    std::vector<T> out;
+    out.reserve(std::min(queue_.size(), config_.max_size));
+    std::uint64_t tokens = 0;
+    while (out.size() < config_.max_size) {
+      const slot* next = queue_.peek();
+      if (next == nullptr)
+        break;
+      if (max_tokens_ > 0 && !out.empty() && tokens + next->tokens > max_tokens_)
+        break;
+      tokens += next->tokens;
+      pending_tokens_ -= next->tokens;
+      out.push_back(std::move(queue_.pop()->item));
+    }
+    ++generation_;
+    opened_ = !queue_.empty();
+    return out;
+  }
+
+  void set_max_tokens(std::uint64_t max_tokens) noexcept { max_tokens_ = max_tokens; }
+  [[nodiscard]] std::size_t pending() const noexcept { return queue_.size(); }
+  [[nodiscard]] std::uint64_t generation() const noexcept { return generation_; }
+  [[nodiscard]] const batch_config& config() const noexcept { return config_; }
+
+private:
+  struct slot {
+    T item;
+    std::uint64_t tokens = 0;
+  };
+  batch_config config_;
+  std::uint64_t max_tokens_;
+  lane_queue<slot> queue_;
+  std::uint64_t pending_tokens_ = 0;
+  std::uint64_t generation_ = 0;
+  bool opened_ = false;
+};
+
+} // namespace kvfleet::actors

@@ -1,0 +1,23 @@
+#pragma once
+/// Converts between kvfleet's error values and caf::error, once, at the
+/// actor boundary.
+///
+/// A kvfleet::error travels as caf::error(packed code, category "kvfleet",
+/// message{text}); CAF 0.17 error codes are 8 bits, so errc (1xx..5xx) is
+/// packed as (code / 100) * 32 + code % 100. From CAF's own errors:
+/// request_timeout and request_receiver_down become errc::busy (the request
+/// may be retried), unexpected_message errc::invalid_argument, anything
+/// else errc::backend_error; the message says which.
+
+#include "engine/result.hpp"
+
+#include <caf/error.hpp>
+
+namespace kvfleet::actors {
+
+[[nodiscard]] caf::error to_caf_error(const kvfleet::error& e);
+[[nodiscard]] kvfleet::error from_caf_error(const caf::error& e);
+/// Whether `e` is CAF's request timeout.
+[[nodiscard]] bool is_timeout(const caf::error& e) noexcept;
+
+} // namespace kvfleet::actors

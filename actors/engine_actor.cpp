@@ -1,0 +1,362 @@
+#include "actors/engine_actor.hpp"
+
+#include "actors/caf_error.hpp"
+#include "actors/messages.hpp"
+
+#include <algorithm>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/response_promise.hpp>
+#include <caf/stateful_actor.hpp>
+
+namespace kvfleet::actors {
+namespace {
+
+using key_vec = std::vector<engine::block_key>;
+
+/// What spawn_engine_actor hands the actor; moved out once at start.
+struct engine_parts {
+  engine_actor_config config;
+  std::unique_ptr<engine::block_store> store;
+  engine::ns_id ns;
+  std::unique_ptr<engine::kv_producer> producer;
+};
+
+struct pending_request {
+  kv_request request;
+  caf::response_promise promise;
+};
+
+struct engine_state {
+  engine_actor_config config;
+  std::unique_ptr<engine::block_store> store;
+  engine::ns_id ns;
+  std::unique_ptr<engine::kv_producer> producer;
+  batch_accumulator<pending_request> batcher{batch_config{}};
+  std::unordered_map<std::uint64_t, engine::put_handle> puts;
+  std::uint64_t next_ticket = 1;
+  std::vector<caf::actor> listeners;
+  std::unordered_set<engine::block_key, engine::block_key_hash> held;
+  block_events events;
+  std::uint64_t seen_removals = 0;
+  std::uint64_t in_flight = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t batches = 0;
+  std::uint64_t pressure_evictions = 0;
+  static inline const char* name = "kvfleet.engine";
+};
+
+using engine_actor = caf::stateful_actor<engine_state>;
+
+template <class T> caf::result<T> lift(result<T> r) {
+  if (!r)
+    return to_caf_error(r.error());
+  return std::move(*r);
+}
+
+caf::result<caf::unit_t> lift_void(const result<void>& r) {
+  if (!r)
+    return to_caf_error(r.error());
+  return caf::unit;
+}
+
+std::uint64_t removals(const engine::block_store& s) {
+  return s.stats().evictions + s.stats().expirations + s.stats().checksum_failures;
+}
+
+/// Finds the keys the store dropped since the last call (see header).
+void collect_evicted(engine_state& st) {
+  auto now = removals(*st.store);
+  if (now == st.seen_removals)
+    return;
+  st.seen_removals = now;
+  for (auto it = st.held.begin(); it != st.held.end();) {
+    if (!st.store->contains(st.ns, *it)) {
+      st.events.evicted.push_back(*it);
+      it = st.held.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void note_stored(engine_state& st, const engine::block_key& k) {
+  if (st.held.insert(k).second)
+    st.events.stored.push_back(k);
+}
+
+void publish(engine_actor* self) {
+  auto& st = self->state;
+  collect_evicted(st);
+  if (st.events.stored.empty() && st.events.evicted.empty())
+    return;
+  st.events.engine = st.config.slot;
+  if (st.listeners.empty()) {
+    st.events.stored.clear();
+    st.events.evicted.clear();
+    return;
+  }
+  block_events out;
+  out.engine = st.config.slot;
+  std::swap(out.stored, st.events.stored);
+  std::swap(out.evicted, st.events.evicted);
+  for (size_t i = 0; i + 1 < st.listeners.size(); ++i)
+    self->send(st.listeners[i], out);
+  self->send(st.listeners.back(), std::move(out));
+}
+
+void relieve_pressure(engine_state& st) {
+  auto bytes = bytes_to_free(st.config.pressure, st.store->used_bytes(),
+                             st.store->capacity_bytes());
+  if (bytes > 0 && st.store->evict_bytes(bytes) > 0)
+    ++st.pressure_evictions;
+}
+
+result<kv_reply> run_one(engine_state& st, const kv_request& req) {
+  engine::put_options opts;
+  opts.prio = req.prio;
+  opts.pin = req.pin;
+  opts.request_tokens = req.input_tokens;
+  auto r = st.store->process(st.ns, req.keys, req.input_tokens, *st.producer, opts);
+  if (!r)
+    return unexpected<error>{r.error()};
+  for (std::size_t i = r->matched_blocks;
+       i < r->matched_blocks + r->computed_blocks && i < req.keys.size(); ++i)
+    note_stored(st, req.keys[i]);
+  ++st.requests;
+  return kv_reply{req.id,
+                  st.config.slot,
+                  r->matched_blocks,
+                  r->computed_blocks,
+                  r->matched_tokens,
+                  r->computed_tokens,
+                  false};
+}
+
+void after_batch(engine_actor* self) {
+  ++self->state.batches;
+  relieve_pressure(self->state);
+  publish(self);
+}
+
+void close_batch(engine_actor* self);
+
+void arm_timer(engine_actor* self) {
+  auto& b = self->state.batcher;
+  if (b.take_opened())
+    self->delayed_send(self, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 b.config().timeout),
+                       close_batch_atom::value, b.generation());
+}
+
+void close_batch(engine_actor* self) {
+  auto& st = self->state;
+  auto batch = st.batcher.take();
+  for (auto& p : batch) {
+    auto r = run_one(st, p.request);
+    if (r)
+      p.promise.deliver(std::move(*r));
+    else
+      p.promise.deliver(to_caf_error(r.error()));
+    --st.in_flight;
+  }
+  after_batch(self);
+  arm_timer(self);
+}
+
+caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> parts) {
+  auto& st = self->state;
+  st.config = std::move(parts->config);
+  st.store = std::move(parts->store);
+  st.ns = parts->ns;
+  st.producer = std::move(parts->producer);
+  st.batcher = batch_accumulator<pending_request>{st.config.batch, st.config.capacity_tokens};
+  st.seen_removals = removals(*st.store);
+  self->set_default_handler(
+      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+        return caf::sec::unexpected_message;
+      });
+  return {
+      [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
+        auto& s = self->state;
+        if (s.config.batch.max_size <= 1) {
+          auto r = run_one(s, req);
+          ++s.batches;
+          relieve_pressure(s);
+          publish(self);
+          if (!r)
+            return to_caf_error(r.error());
+          return std::move(*r);
+        }
+        auto promise = self->make_response_promise();
+        ++s.in_flight;
+        auto prio = req.prio;
+        auto tokens = req.input_tokens;
+        bool full = s.batcher.add(prio, pending_request{std::move(req), promise}, tokens);
+        if (full)
+          close_batch(self);
+        else
+          arm_timer(self);
+        return promise;
+      },
+      [=](close_batch_atom, std::uint64_t gen) {
+        if (self->state.batcher.timer_current(gen))
+          close_batch(self);
+      },
+      [=](batch_atom, const std::vector<kv_request>& reqs)
+          -> caf::result<std::vector<kv_reply>> {
+        std::vector<kv_reply> out;
+        out.reserve(reqs.size());
+        std::vector<std::size_t> order(reqs.size());
+        for (std::size_t i = 0; i < order.size(); ++i)
+          order[i] = i;
+        std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+          return reqs[a].prio > reqs[b].prio;
+        });
+        out.resize(reqs.size());
+        for (auto i : order) {
+          auto r = run_one(self->state, reqs[i]);
+          if (!r) {
+            after_batch(self);
+            return to_caf_error(r.error());
+          }
+          out[i] = *r;
+        }
+        after_batch(self);
+        return out;
+      },
+      [=](lookup_atom, const key_vec& keys) -> caf::result<std::uint64_t> {
+        auto r = self->state.store->lookup(self->state.ns, keys);
+        if (!r)
+          return to_caf_error(r.error());
+        return static_cast<std::uint64_t>(*r);
+      },
+      [=](reserve_atom, const put_request& p) -> caf::result<std::uint64_t> {
+        auto& s = self->state;
+        engine::put_options opts;
+        opts.prio = p.prio;
+        opts.pin = p.pin;
+        opts.request_tokens = p.request_tokens;
+        auto h = s.store->reserve(s.ns, p.key, p.parent, opts);
+        if (!h)
+          return to_caf_error(h.error());
+        auto ticket = s.next_ticket++;
+        s.puts.emplace(ticket, std::move(*h));
+        self->delayed_send(self, s.config.put_timeout, abort_atom::value, ticket);
+        return ticket;
+      },
+      [=](write_atom, std::uint64_t ticket,
+          const std::vector<std::uint8_t>& value) -> caf::result<caf::unit_t> {
+        auto& s = self->state;
+        auto it = s.puts.find(ticket);
+        if (it == s.puts.end())
+          return to_caf_error(error{errc::invalid_handle, "unknown put ticket"});
+        return lift_void(s.store->write(it->second, std::as_bytes(std::span{value})));
+      },
+      [=](commit_atom, std::uint64_t ticket) -> caf::result<caf::unit_t> {
+        auto& s = self->state;
+        auto it = s.puts.find(ticket);
+        if (it == s.puts.end())
+          return to_caf_error(error{errc::invalid_handle, "unknown put ticket"});
+        auto r = s.store->commit(it->second);
+        auto key = it->second.key();
+        s.puts.erase(it);
+        if (r) {
+          note_stored(s, key);
+          publish(self);
+        }
+        return lift_void(r);
+      },
+      [=](abort_atom, std::uint64_t ticket) -> caf::result<caf::unit_t> {
+        auto& s = self->state;
+        auto it = s.puts.find(ticket);
+        if (it == s.puts.end())
+          return caf::unit; // already committed, aborted or expired
+        auto r = s.store->abort(it->second);
+        s.puts.erase(it);
+        return lift_void(r);
+      },
+      [=](read_atom, const engine::block_key& key)
+          -> caf::result<std::vector<std::uint8_t>> {
+        auto& s = self->state;
+        auto lease = s.store->acquire(s.ns, key);
+        if (!lease)
+          return to_caf_error(lease.error());
+        auto spec = s.store->spec(s.ns);
+        std::vector<std::uint8_t> out((*spec)->value_bytes());
+        auto r = s.store->read(*lease, std::as_writable_bytes(std::span{out}));
+        if (!r) {
+          publish(self); // a checksum failure dropped the block
+          return to_caf_error(r.error());
+        }
+        return out;
+      },
+      [=](evict_atom, std::uint64_t bytes) -> caf::result<std::uint64_t> {
+        auto freed = self->state.store->evict_bytes(static_cast<std::size_t>(bytes));
+        publish(self);
+        return static_cast<std::uint64_t>(freed);
+      },
+      [=](pin_atom, const engine::block_key& key) -> caf::result<caf::unit_t> {
+        return lift_void(self->state.store->pin(self->state.ns, key));
+      },
+      [=](unpin_atom, const engine::block_key& key) -> caf::result<caf::unit_t> {
+        return lift_void(self->state.store->unpin(self->state.ns, key));
+      },
+      [=](stats_atom) -> caf::result<engine_stats> {
+        const auto& s = self->state;
+        const auto& ss = s.store->stats();
+        engine_stats out;
+        out.engine = s.config.slot;
+        out.in_flight = s.in_flight;
+        out.requests = s.requests;
+        out.batches = s.batches;
+        out.blocks = s.store->block_count();
+        out.used_bytes = s.store->used_bytes();
+        out.capacity_bytes = s.store->capacity_bytes();
+        out.token_hits = ss.token_hits;
+        out.token_misses = ss.token_misses;
+        out.evictions = ss.evictions;
+        out.pressure_evictions = s.pressure_evictions;
+        out.capacity_tokens = s.config.capacity_tokens;
+        return out;
+      },
+      [=](capacity_atom, std::uint32_t tokens) -> caf::result<caf::unit_t> {
+        self->state.config.capacity_tokens = tokens;
+        self->state.batcher.set_max_tokens(tokens);
+        return caf::unit;
+      },
+      [=](listen_atom, const caf::actor& listener) -> caf::result<caf::unit_t> {
+        if (listener)
+          self->state.listeners.push_back(listener);
+        return caf::unit;
+      },
+  };
+}
+
+} // namespace
+
+result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
+                                      const engine_actor_config& config) {
+  auto parts = std::make_shared<engine_parts>();
+  parts->config = config;
+  auto store = engine::block_store::create(config.store);
+  if (!store)
+    return unexpected<error>{store.error()};
+  auto ns = (*store)->register_namespace(config.ns, config.ns_options);
+  if (!ns)
+    return unexpected<error>{ns.error()};
+  parts->store = std::move(*store);
+  parts->ns = *ns;
+  parts->producer = config.make_producer ? config.make_producer() : nullptr;
+  if (!parts->producer)
+    parts->producer = std::make_unique<engine::synthetic_producer>();
+  return sys.spawn(engine_behavior, std::move(parts));
+}
+
+} // namespace kvfleet::actors

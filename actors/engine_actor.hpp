@@ -1,0 +1,76 @@
+#pragma once
+/// The engine actor: one per GPU, or per CPU shard when there is no GPU; it
+/// is the single owner of one engine::block_store (the store is not
+/// thread-safe; nothing else touches it).
+///
+/// Messages (every handler answers; an unknown message gets
+/// sec::unexpected_message back):
+///   (process_atom, kv_request)        -> kv_reply   through the batcher
+///   (batch_atom, vector<kv_request>)  -> vector<kv_reply>  one engine call
+///   (lookup_atom, vector<block_key>)  -> uint64 matched leading blocks
+///   (reserve_atom, put_request)       -> uint64 put ticket (phase one)
+///   (write_atom, ticket, vector<uint8_t> value) -> unit
+///   (commit_atom, ticket)             -> unit (phase two)
+///   (abort_atom, ticket)              -> unit
+///   (read_atom, block_key)            -> vector<uint8_t> decoded value
+///   (evict_atom, uint64 bytes)        -> uint64 bytes freed
+///   (pin_atom | unpin_atom, block_key) -> unit
+///   (stats_atom)                      -> engine_stats
+///   (capacity_atom, uint32 tokens)    -> unit  prompt-token budget per batch
+///   (listen_atom, actor)              -> unit  subscribe to block_events
+/// Engine errors come back as caf::error (caf_error.hpp), converted once.
+///
+/// Batching: process requests accumulate until `batch.max_size` requests
+/// (default 20) or `capacity_tokens` prompt tokens are pending, or
+/// `batch.timeout` (default 100 ms) after the first, whichever comes first;
+/// the batch then runs as one call, highest priority first. max_size 1
+/// processes each request as it arrives.
+///
+/// Events: after each batch or put the actor sends its listeners one
+/// block_events with the keys it stored and those it found evicted. The
+/// store has no eviction callback, so the actor keeps the set of keys it
+/// stored and, when the store's eviction or expiry counters moved, scans
+/// that set for keys the store no longer holds (see README: engine API
+/// wish).
+///
+/// Memory manager: after each batch, usage above `pressure.threshold`
+/// (0.9) of the pool evicts down to `pressure.target`, lowest priority
+/// first (memory_manager.hpp).
+///
+/// Open puts are aborted `put_timeout` after their reservation.
+
+#include "actors/batch_accumulator.hpp"
+#include "actors/memory_manager.hpp"
+#include "engine/block_store.hpp"
+#include "engine/kv_producer.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+namespace kvfleet::actors {
+
+struct engine_actor_config {
+  std::uint32_t slot = 0;
+  engine::store_config store{};
+  engine::namespace_spec ns{};
+  engine::namespace_options ns_options{};
+  batch_config batch{};
+  std::uint32_t capacity_tokens = 8192;
+  memory_pressure_config pressure{};
+  std::chrono::milliseconds put_timeout{30'000};
+  /// Makes the producer this engine computes missing blocks with; null:
+  /// a synthetic producer.
+  std::function<std::unique_ptr<engine::kv_producer>()> make_producer;
+};
+
+/// Creates the store, registers the namespace and spawns the actor.
+/// Errors: the store's (zero capacity, bad namespace).
+[[nodiscard]] result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
+                                                    const engine_actor_config& config);
+
+} // namespace kvfleet::actors

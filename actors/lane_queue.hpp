@@ -1,0 +1,64 @@
+#pragma once
+/// A FIFO queue with one lane per request priority: pop() takes the oldest
+/// item of the highest non-empty lane, so a critical request never waits
+/// behind a background one, and requests of one priority keep their order.
+/// Every queue of the actor layer (batcher, balancer backlog, warmer) is one
+/// of these. Not thread-safe: owned by one actor.
+
+#include "engine/eviction_policy.hpp"
+
+#include <array>
+#include <cstddef>
+#include <deque>
+#include <optional>
+#include <utility>
+
+namespace kvfleet::actors {
+
+inline constexpr std::size_t priority_count = 5;
+
+template <class T> class lane_queue {
+public:
+  void push(engine::priority prio, T item) {
+    lanes_[index(prio)].push_back(std::move(item));
+    ++size_;
+  }
+
+  /// The oldest item of the highest non-empty lane; nullopt when empty.
+  std::optional<T> pop() {
+    for (std::size_t i = priority_count; i-- > 0;) {
+      auto& lane = lanes_[i];
+      if (!lane.empty()) {
+        std::optional<T> out{std::move(lane.front())};
+        lane.pop_front();
+        --size_;
+        return out;
+      }
+    }
+    return std::nullopt;
+  }
+
+  /// The item pop() would return next; null when empty.
+  [[nodiscard]] const T* peek() const noexcept {
+    for (std::size_t i = priority_count; i-- > 0;)
+      if (!lanes_[i].empty())
+        return &lanes_[i].front();
+    return nullptr;
+  }
+
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+  [[nodiscard]] std::size_t size(engine::priority prio) const noexcept {
+    return lanes_[index(prio)].size();
+  }
+
+private:
+  static std::size_t index(engine::priority p) noexcept {
+    auto i = static_cast<std::size_t>(p);
+    return i < priority_count ? i : priority_count - 1;
+  }
+  std::array<std::deque<T>, priority_count> lanes_;
+  std::size_t size_ = 0;
+};
+
+} // namespace kvfleet::actors

@@ -1,0 +1,261 @@
+#pragma once
+/// Message types and atoms of the actor layer, and the project's one CAF
+/// type-id block. Every file that sends or handles these messages includes
+/// this header; CAF_ENABLE_TYPE_ID_CHECKS (set for the kvfleet_actors target
+/// and its users) turns a message type without a type id into a compile
+/// error. Register the block once per actor system with
+/// `cfg.add_message_types<caf::id_block::kvfleet>()` (node does).
+///
+/// All messages are plain values (default- and copy-constructible, with an
+/// `inspect` overload so CAF can print and serialize them).
+
+#include "engine/block_key.hpp"
+#include "engine/eviction_policy.hpp"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <caf/meta/type_name.hpp>
+#include <caf/type_id.hpp>
+
+namespace kvfleet::engine {
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, block_key& x) {
+  return f(caf::meta::type_name("block_key"), x.hi, x.lo);
+}
+
+} // namespace kvfleet::engine
+
+namespace kvfleet::actors {
+
+/// One inference request: a prompt as chained block keys of the fleet's
+/// namespace. `query` names the request for the query-result cache and the
+/// prefetcher (empty: the last block key stands for it).
+struct kv_request {
+  std::uint64_t id = 0;
+  std::uint64_t session = 0;
+  std::string query;
+  std::vector<engine::block_key> keys;
+  std::uint32_t input_tokens = 0;
+  engine::priority prio = engine::priority::normal;
+  bool pin = false;      ///< pin the blocks it stores (warming)
+  bool prefetch = false; ///< issued by the prefetcher
+
+  friend bool operator==(const kv_request&, const kv_request&) = default;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_request& x) {
+  return f(caf::meta::type_name("kv_request"), x.id, x.session, x.query, x.keys,
+           x.input_tokens, x.prio, x.pin, x.prefetch);
+}
+
+/// What processing one request did.
+struct kv_reply {
+  std::uint64_t id = 0;
+  std::uint32_t engine = 0; ///< slot of the engine that served it
+  std::uint64_t matched_blocks = 0;
+  std::uint64_t computed_blocks = 0;
+  std::uint64_t matched_tokens = 0;  ///< prompt tokens served from cache
+  std::uint64_t computed_tokens = 0; ///< prompt tokens the producer computed
+  bool from_query_cache = false;
+
+  friend bool operator==(const kv_reply&, const kv_reply&) = default;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_reply& x) {
+  return f(caf::meta::type_name("kv_reply"), x.id, x.engine, x.matched_blocks,
+           x.computed_blocks, x.matched_tokens, x.computed_tokens,
+           x.from_query_cache);
+}
+
+/// Blocks an engine stored and evicted since its last report.
+struct block_events {
+  std::uint32_t engine = 0;
+  std::vector<engine::block_key> stored;
+  std::vector<engine::block_key> evicted;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, block_events& x) {
+  return f(caf::meta::type_name("block_events"), x.engine, x.stored, x.evicted);
+}
+
+/// Phase one of a put through an engine actor.
+struct put_request {
+  engine::block_key key;
+  engine::block_key parent; ///< null for the first block of a chain
+  engine::priority prio = engine::priority::normal;
+  bool pin = false;
+  std::uint32_t request_tokens = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, put_request& x) {
+  return f(caf::meta::type_name("put_request"), x.key, x.parent, x.prio, x.pin,
+           x.request_tokens);
+}
+
+/// An engine actor's live state.
+struct engine_stats {
+  std::uint32_t engine = 0;
+  std::uint64_t in_flight = 0; ///< requests received and not yet answered
+  std::uint64_t requests = 0;
+  std::uint64_t batches = 0;
+  std::uint64_t blocks = 0;
+  std::uint64_t used_bytes = 0;
+  std::uint64_t capacity_bytes = 0;
+  std::uint64_t token_hits = 0;
+  std::uint64_t token_misses = 0;
+  std::uint64_t evictions = 0;
+  std::uint64_t pressure_evictions = 0; ///< memory-manager runs that evicted
+  std::uint32_t capacity_tokens = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
+  return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
+           x.requests, x.batches, x.blocks, x.used_bytes, x.capacity_bytes,
+           x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
+           x.capacity_tokens);
+}
+
+/// The balancer's counters.
+struct balancer_stats {
+  std::vector<std::uint64_t> routed; ///< per slot
+  std::vector<std::uint64_t> in_flight;
+  std::vector<std::uint8_t> up; ///< 1 when live
+  std::uint64_t timeouts = 0;
+  std::uint64_t rerouted = 0;  ///< retried after their engine went down
+  std::uint64_t restarts = 0;
+  std::uint64_t rejected = 0;  ///< no engine live
+  std::uint64_t index_keys = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, balancer_stats& x) {
+  return f(caf::meta::type_name("balancer_stats"), x.routed, x.in_flight, x.up,
+           x.timeouts, x.rerouted, x.restarts, x.rejected, x.index_keys);
+}
+
+/// A query to warm with its expected frequency.
+struct warm_item {
+  kv_request request;
+  double frequency = 0.0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, warm_item& x) {
+  return f(caf::meta::type_name("warm_item"), x.request, x.frequency);
+}
+
+/// What a warm-up did.
+struct warm_report {
+  std::uint64_t requested = 0; ///< queries selected (top N)
+  std::uint64_t warmed = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t computed_tokens = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, warm_report& x) {
+  return f(caf::meta::type_name("warm_report"), x.requested, x.warmed, x.failed,
+           x.computed_tokens);
+}
+
+/// The prefetcher's counters.
+struct prefetch_stats {
+  std::uint64_t observed = 0;
+  std::uint64_t issued = 0;
+  std::uint64_t useful = 0; ///< prefetched query requested before eviction
+  std::uint64_t wasted = 0; ///< its blocks were evicted first
+  std::uint64_t tracked_queries = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, prefetch_stats& x) {
+  return f(caf::meta::type_name("prefetch_stats"), x.observed, x.issued,
+           x.useful, x.wasted, x.tracked_queries);
+}
+
+/// The scaler's counters (per scale_action) and current targets.
+struct scaler_stats {
+  std::vector<std::uint64_t> actions; ///< indexed by scale_action
+  std::uint32_t replicas = 0;
+  std::uint32_t capacity_tokens = 0;
+  std::int64_t last_p95_ns = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, scaler_stats& x) {
+  return f(caf::meta::type_name("scaler_stats"), x.actions, x.replicas,
+           x.capacity_tokens, x.last_p95_ns);
+}
+
+/// The query-result cache's counters.
+struct query_cache_stats {
+  std::uint64_t hits = 0;
+  std::uint64_t misses = 0;
+  std::uint64_t coalesced = 0; ///< misses that waited on a computation
+  std::uint64_t store_errors = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, query_cache_stats& x) {
+  return f(caf::meta::type_name("query_cache_stats"), x.hits, x.misses,
+           x.coalesced, x.store_errors);
+}
+
+} // namespace kvfleet::actors
+
+CAF_BEGIN_TYPE_ID_BLOCK(kvfleet, caf::first_custom_type_id)
+
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::engine::block_key))
+  CAF_ADD_TYPE_ID(kvfleet, (std::vector<kvfleet::engine::block_key>))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::engine::priority))
+  CAF_ADD_TYPE_ID(kvfleet, (std::vector<std::uint8_t>))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::kv_request))
+  CAF_ADD_TYPE_ID(kvfleet, (std::vector<kvfleet::actors::kv_request>))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::kv_reply))
+  CAF_ADD_TYPE_ID(kvfleet, (std::vector<kvfleet::actors::kv_reply>))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::block_events))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::put_request))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::engine_stats))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::balancer_stats))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::warm_item))
+  CAF_ADD_TYPE_ID(kvfleet, (std::vector<kvfleet::actors::warm_item>))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::warm_report))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::prefetch_stats))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::scaler_stats))
+  CAF_ADD_TYPE_ID(kvfleet, (kvfleet::actors::query_cache_stats))
+
+  // Atoms: at most 10 characters, none equal to one of CAF's.
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, lookup_atom, "kv_lookup")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, process_atom, "kv_process")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, batch_atom, "kv_batch")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, reserve_atom, "kv_reserve")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, write_atom, "kv_write")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, commit_atom, "kv_commit")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, abort_atom, "kv_abort")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, read_atom, "kv_read")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, evict_atom, "kv_evict")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, pin_atom, "kv_pin")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, unpin_atom, "kv_unpin")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, stats_atom, "kv_stats")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, capacity_atom, "kv_cap")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, listen_atom, "kv_listen")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, close_batch_atom, "kv_close")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, restart_atom, "kv_restart")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, replica_atom, "kv_replica")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, retire_atom, "kv_retire")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, latency_atom, "kv_latency")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, evaluate_atom, "kv_eval")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, observe_atom, "kv_observe")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, warm_atom, "kv_warm")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, progress_atom, "kv_progres")
+  CAF_ADD_ATOM(kvfleet, kvfleet::actors, query_atom, "kv_query")
+
+CAF_END_TYPE_ID_BLOCK(kvfleet)

@@ -1,0 +1,343 @@
+// Decision logic of the actor layer, driven without CAF.
+#include "actors/batch_accumulator.hpp"
+#include "actors/lane_queue.hpp"
+#include "actors/memory_manager.hpp"
+#include "actors/query_store.hpp"
+#include "actors/router.hpp"
+#include "actors/scaler_policy.hpp"
+#include "actors/transition_model.hpp"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace kvfleet::actors {
+namespace {
+
+using namespace std::chrono_literals;
+using engine::block_key;
+using engine::priority;
+
+TEST(LaneQueue, HigherPriorityFirstFifoWithinPriority) {
+  lane_queue<int> q;
+  q.push(priority::low, 1);
+  q.push(priority::critical, 2);
+  q.push(priority::normal, 3);
+  q.push(priority::critical, 4);
+  q.push(priority::background, 5);
+  std::vector<int> out;
+  while (auto x = q.pop())
+    out.push_back(*x);
+  EXPECT_EQ(out, (std::vector<int>{2, 4, 3, 1, 5}));
+  EXPECT_TRUE(q.empty());
+}
+
+TEST(BatchAccumulator, ClosesAtMaxSize) {
+  batch_accumulator<int> b{batch_config{3, 100ms}};
+  EXPECT_FALSE(b.add(priority::normal, 1));
+  EXPECT_TRUE(b.take_opened());
+  EXPECT_FALSE(b.take_opened());
+  EXPECT_FALSE(b.add(priority::normal, 2));
+  EXPECT_TRUE(b.add(priority::high, 3));
+  auto batch = b.take();
+  EXPECT_EQ(batch, (std::vector<int>{3, 1, 2}));
+  EXPECT_EQ(b.pending(), 0U);
+}
+
+TEST(BatchAccumulator, StaleTimerIsIgnored) {
+  batch_accumulator<int> b{batch_config{2, 100ms}};
+  b.add(priority::normal, 1);
+  auto gen = b.generation();
+  EXPECT_TRUE(b.timer_current(gen));
+  b.add(priority::normal, 2);
+  (void)b.take(); // closed full before the timer fired
+  EXPECT_FALSE(b.timer_current(gen));
+  b.add(priority::normal, 3);
+  EXPECT_TRUE(b.take_opened());
+  EXPECT_TRUE(b.timer_current(b.generation()));
+}
+
+TEST(BatchAccumulator, TokenBudgetClosesAndSplits) {
+  batch_accumulator<int> b{batch_config{20, 100ms}, 1000};
+  EXPECT_FALSE(b.add(priority::normal, 1, 600));
+  EXPECT_TRUE(b.add(priority::normal, 2, 600));
+  auto first = b.take();
+  EXPECT_EQ(first, std::vector<int>{1}); // 1200 tokens do not fit 1000
+  EXPECT_TRUE(b.take_opened());           // the left-over opens a batch
+  EXPECT_EQ(b.take(), std::vector<int>{2});
+}
+
+std::vector<block_key> keys(std::uint64_t group, std::size_t n) {
+  std::vector<block_key> out;
+  for (std::size_t i = 0; i < n; ++i)
+    out.push_back(block_key{group, i + 1});
+  return out;
+}
+
+TEST(Router, RoundRobinSkipsDownSlots) {
+  router r{router_config{routing_policy::round_robin}};
+  for (int i = 0; i < 3; ++i)
+    r.add_slot();
+  r.set_up(1, false);
+  std::vector<std::uint32_t> picks;
+  for (int i = 0; i < 4; ++i)
+    picks.push_back(r.pick({})->slot);
+  EXPECT_EQ(picks, (std::vector<std::uint32_t>{0, 2, 0, 2}));
+}
+
+TEST(Router, LeastLoadedDividesByWeightUnderSkew) {
+  router r{router_config{routing_policy::least_loaded}};
+  r.add_slot(1.0);
+  r.add_slot(4.0); // four times the capacity
+  for (int i = 0; i < 3; ++i)
+    r.started(0);
+  for (int i = 0; i < 8; ++i)
+    r.started(1);
+  // loads: 3/1 = 3 vs 8/4 = 2
+  EXPECT_EQ(r.pick({})->slot, 1U);
+  r.started(1);
+  r.started(1);
+  r.started(1);
+  r.started(1); // 12/4 = 3 ties: lowest slot
+  EXPECT_EQ(r.pick({})->slot, 0U);
+  r.set_up(0, false);
+  EXPECT_EQ(r.pick({})->slot, 1U);
+  r.set_up(1, false);
+  EXPECT_FALSE(r.pick({}).has_value());
+}
+
+TEST(Router, KvAwarePrefersPrefixHolderUntilBacklogMargin) {
+  router_config c{routing_policy::kv_aware};
+  c.credit_per_block = 0.5;
+  c.max_credit = 4.0;
+  c.backlog_margin = 2;
+  router r{c};
+  r.add_slot();
+  r.add_slot();
+  auto k = keys(7, 8);
+  r.stored(1, std::span{k}.first(6));
+  auto p = r.pick(k);
+  ASSERT_TRUE(p);
+  EXPECT_EQ(p->slot, 1U);
+  EXPECT_EQ(p->expected_hit_blocks, 6U);
+  EXPECT_EQ(r.held_prefix(1, k), 6U);
+  // Within the margin the credit (3.0) outweighs the backlog.
+  r.started(1);
+  r.started(1);
+  EXPECT_EQ(r.pick(k)->slot, 1U);
+  // Backlog 3 > 0 + margin 2: credit gone, the idle engine wins.
+  r.started(1);
+  EXPECT_EQ(r.pick(k)->slot, 0U);
+  // Eviction events update the index.
+  r.finished(1);
+  r.finished(1);
+  r.finished(1);
+  r.evicted(1, std::span{k}.first(1));
+  EXPECT_EQ(r.held_prefix(1, k), 0U);
+  EXPECT_EQ(r.pick(k)->slot, 0U);
+}
+
+TEST(Router, SlotGoingDownForgetsItsBlocks) {
+  router r{router_config{routing_policy::kv_aware}};
+  r.add_slot();
+  r.add_slot();
+  auto k = keys(1, 4);
+  r.stored(1, k);
+  r.set_up(1, false);
+  EXPECT_EQ(r.held_prefix(1, k), 0U);
+  EXPECT_EQ(r.pick(k)->slot, 0U);
+  r.set_up(1, true);
+  EXPECT_EQ(r.index_size(), 0U);
+}
+
+TEST(Router, IndexIsBounded) {
+  router_config c{routing_policy::kv_aware};
+  c.max_index_keys = 10;
+  router r{c};
+  r.add_slot();
+  auto k = keys(3, 50);
+  r.stored(0, k);
+  EXPECT_LE(r.index_size(), 10U);
+}
+
+TEST(Router, ParsesPolicyNames) {
+  EXPECT_EQ(*parse_routing_policy("kv_aware"), routing_policy::kv_aware);
+  EXPECT_FALSE(parse_routing_policy("random").has_value());
+}
+
+scaler_config fast_scaler() {
+  scaler_config c;
+  c.target = 500ms;
+  c.window = 10s;
+  c.cooldown = 60s;
+  c.min_samples = 5;
+  c.sustain = 2;
+  c.min_replicas = 1;
+  c.max_replicas = 2;
+  return c;
+}
+
+void feed(scaler_policy& s, engine::nanos at, engine::nanos latency, int n = 10) {
+  for (int i = 0; i < n; ++i)
+    s.record(at, latency);
+}
+
+TEST(ScalerPolicy, ScalesUpAboveTargetThenGrowsCapacityRespectingCooldown) {
+  scaler_policy s{fast_scaler(), 1, 4096};
+  engine::nanos t{0};
+  feed(s, t, 800ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::hold); // sustain: 1 of 2
+  t += 1s;
+  feed(s, t, 800ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::spawn_replica);
+  EXPECT_EQ(s.replicas(), 2U);
+  // Cooldown: no decision for 60 s, however slow.
+  for (int i = 0; i < 5; ++i) {
+    t += 10s;
+    feed(s, t, 900ms);
+    EXPECT_EQ(s.evaluate(t).action, scale_action::hold);
+  }
+  t += 11s;
+  feed(s, t, 900ms);
+  s.evaluate(t);
+  t += 1s;
+  feed(s, t, 900ms);
+  auto d = s.evaluate(t);
+  EXPECT_EQ(d.action, scale_action::grow_capacity); // max replicas reached
+  EXPECT_EQ(s.capacity_tokens(), 6144U);
+  EXPECT_EQ(s.count(scale_action::spawn_replica), 1U);
+  EXPECT_EQ(s.count(scale_action::grow_capacity), 1U);
+  EXPECT_EQ(s.log().size(), 2U);
+}
+
+TEST(ScalerPolicy, CapacityCapsAt16384AndFloorsAt2048) {
+  auto c = fast_scaler();
+  c.max_replicas = 1;
+  c.cooldown = 0s;
+  scaler_policy s{c, 1, 12000};
+  engine::nanos t{0};
+  for (int i = 0; i < 4; ++i) {
+    t += 1s;
+    feed(s, t, 2s);
+    s.evaluate(t);
+  }
+  EXPECT_EQ(s.capacity_tokens(), 16384U);
+  for (int i = 0; i < 40; ++i) {
+    t += 1s;
+    feed(s, t, 10ms);
+    s.evaluate(t);
+  }
+  EXPECT_EQ(s.capacity_tokens(), 2048U);
+}
+
+TEST(ScalerPolicy, ScalesDownBelowPointThreeTargetHoldsInBand) {
+  scaler_policy s{fast_scaler(), 2, 4096};
+  engine::nanos t{0};
+  // 200 ms is inside the band [150 ms, 500 ms]: hold.
+  for (int i = 0; i < 4; ++i) {
+    t += 1s;
+    feed(s, t, 200ms);
+    EXPECT_EQ(s.evaluate(t).action, scale_action::hold);
+  }
+  t += 20s; // old samples leave the window
+  feed(s, t, 100ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::hold);
+  t += 1s;
+  feed(s, t, 100ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::retire_replica);
+  EXPECT_EQ(s.replicas(), 1U);
+  t += 61s;
+  feed(s, t, 100ms);
+  s.evaluate(t);
+  t += 1s;
+  feed(s, t, 100ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::shrink_capacity);
+  EXPECT_EQ(s.capacity_tokens(), 3277U);
+}
+
+TEST(ScalerPolicy, TooFewSamplesHold) {
+  scaler_policy s{fast_scaler(), 1, 4096};
+  feed(s, engine::nanos{0}, 5s, 2);
+  EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::hold);
+  EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::hold);
+}
+
+TEST(TransitionModel, PredictsLearnedPattern) {
+  transition_model m{transition_config{}};
+  for (std::uint64_t session = 1; session <= 5; ++session) {
+    m.observe(session, "A");
+    m.observe(session, "B");
+  }
+  m.observe(6, "A");
+  m.observe(6, "C");
+  auto p = m.predict("A");
+  ASSERT_TRUE(p);
+  EXPECT_EQ(p->query, "B");
+  EXPECT_NEAR(p->confidence, 5.0 / 6.0, 1e-9);
+  EXPECT_FALSE(m.predict("B").has_value());
+}
+
+TEST(TransitionModel, SessionsDoNotCrossTalk) {
+  transition_model m{transition_config{}};
+  m.observe(1, "A");
+  m.observe(2, "X");
+  m.observe(1, "B");
+  EXPECT_EQ(m.predict("A")->query, "B");
+  EXPECT_FALSE(m.predict("X").has_value());
+}
+
+TEST(TransitionModel, ForgetsStalePatternsAndStaysBounded) {
+  transition_config c;
+  c.aging_interval = 0; // age by hand
+  c.max_queries = 3;
+  c.top_k = 2;
+  transition_model m{c};
+  for (int i = 0; i < 3; ++i) {
+    m.observe(1, "A");
+    m.observe(1, "B");
+  }
+  ASSERT_TRUE(m.predict("A"));
+  for (int i = 0; i < 4; ++i)
+    m.age(); // 3 x 0.5^4 < 0.5
+  EXPECT_FALSE(m.predict("A").has_value());
+  for (int i = 0; i < 10; ++i) {
+    m.observe(2, "q" + std::to_string(i));
+  }
+  EXPECT_LE(m.query_count(), 3U);
+}
+
+TEST(EmbeddedQueryStore, ExpiresAtTtl) {
+  embedded_query_store s;
+  ASSERT_TRUE(s.set("q", "v", 3600s, engine::nanos{0}));
+  auto before = s.get("q", std::chrono::duration_cast<engine::nanos>(3600s) - 1ns);
+  ASSERT_TRUE(before);
+  EXPECT_EQ(before->value_or(""), "v");
+  auto at = s.get("q", std::chrono::duration_cast<engine::nanos>(3600s));
+  ASSERT_TRUE(at);
+  EXPECT_FALSE(at->has_value());
+  EXPECT_EQ(s.expirations(), 1U);
+  EXPECT_FALSE(s.set("q", "v", 0s, engine::nanos{0}));
+}
+
+TEST(EmbeddedQueryStore, BoundedLeastRecentlyUsedFirst) {
+  embedded_query_store s{2};
+  ASSERT_TRUE(s.set("a", "1", 10s, engine::nanos{0}));
+  ASSERT_TRUE(s.set("b", "2", 10s, engine::nanos{0}));
+  ASSERT_TRUE(s.get("a", engine::nanos{0})); // a is now more recent
+  ASSERT_TRUE(s.set("c", "3", 10s, engine::nanos{0}));
+  EXPECT_TRUE(s.get("a", engine::nanos{0})->has_value());
+  EXPECT_FALSE(s.get("b", engine::nanos{0})->has_value());
+  EXPECT_EQ(s.size(), 2U);
+}
+
+TEST(MemoryManager, FreesDownToTargetOnlyAboveThreshold) {
+  memory_pressure_config c;
+  EXPECT_EQ(bytes_to_free(c, 900, 1000), 0U);
+  EXPECT_EQ(bytes_to_free(c, 950, 1000), 150U);
+  EXPECT_EQ(bytes_to_free(c, 10, 0), 0U);
+}
+
+} // namespace
+} // namespace kvfleet::actors

@@ -1,0 +1,176 @@
+#include "actors/router.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+namespace kvfleet::actors {
+
+std::string_view to_string(routing_policy p) noexcept {
+  switch (p) {
+  case routing_policy::round_robin:
+    return "round_robin";
+  case routing_policy::least_loaded:
+    return "least_loaded";
+  case routing_policy::kv_aware:
+    return "kv_aware";
+  }
+  return "unknown";
+}
+
+result<routing_policy> parse_routing_policy(std::string_view s) {
+  for (auto p : {routing_policy::round_robin, routing_policy::least_loaded,
+                 routing_policy::kv_aware})
+    if (s == to_string(p))
+      return p;
+  return make_error(errc::invalid_argument,
+                    "unknown routing policy '" + std::string(s) +
+                        "' (round_robin, least_loaded, kv_aware)");
+}
+
+std::uint32_t router::add_slot(double weight) {
+  if (slots_.size() >= max_slots)
+    return static_cast<std::uint32_t>(slots_.size() - 1);
+  slots_.push_back(slot_state{weight > 0.0 ? weight : 1.0, 0, true, false});
+  return static_cast<std::uint32_t>(slots_.size() - 1);
+}
+
+void router::set_up(std::uint32_t slot, bool up) {
+  auto& s = slots_.at(slot);
+  if (s.up != up)
+    forget(slot);
+  s.up = up;
+  if (!up)
+    s.in_flight = 0;
+}
+
+void router::set_draining(std::uint32_t slot, bool draining) {
+  slots_.at(slot).draining = draining;
+}
+
+void router::set_weight(std::uint32_t slot, double weight) {
+  if (weight > 0.0)
+    slots_.at(slot).weight = weight;
+}
+
+std::size_t router::live_slots() const noexcept {
+  return static_cast<std::size_t>(std::count_if(
+      slots_.begin(), slots_.end(),
+      [this](const slot_state& s) { return eligible(s); }));
+}
+
+void router::started(std::uint32_t slot) { ++slots_.at(slot).in_flight; }
+
+void router::finished(std::uint32_t slot) {
+  auto& s = slots_.at(slot);
+  if (s.in_flight > 0)
+    --s.in_flight;
+}
+
+void router::stored(std::uint32_t slot, std::span<const engine::block_key> keys) {
+  if (slot >= slots_.size() || !slots_[slot].up)
+    return;
+  const std::uint64_t bit = std::uint64_t{1} << slot;
+  for (const auto& k : keys) {
+    if (index_.size() >= config_.max_index_keys && !index_.contains(k))
+      index_.erase(index_.begin()); // bounded: an arbitrary entry goes stale
+    index_[k] |= bit;
+  }
+}
+
+void router::evicted(std::uint32_t slot, std::span<const engine::block_key> keys) {
+  const std::uint64_t bit = std::uint64_t{1} << slot;
+  for (const auto& k : keys) {
+    auto it = index_.find(k);
+    if (it == index_.end())
+      continue;
+    it->second &= ~bit;
+    if (it->second == 0)
+      index_.erase(it);
+  }
+}
+
+void router::forget(std::uint32_t slot) {
+  const std::uint64_t bit = std::uint64_t{1} << slot;
+  for (auto it = index_.begin(); it != index_.end();) {
+    it->second &= ~bit;
+    it = it->second == 0 ? index_.erase(it) : std::next(it);
+  }
+}
+
+std::size_t router::held_prefix(std::uint32_t slot,
+                                std::span<const engine::block_key> keys) const {
+  const std::uint64_t bit = std::uint64_t{1} << slot;
+  std::size_t n = 0;
+  for (const auto& k : keys) {
+    auto it = index_.find(k);
+    if (it == index_.end() || (it->second & bit) == 0)
+      break;
+    ++n;
+  }
+  return n;
+}
+
+std::optional<route> router::pick(std::span<const engine::block_key> keys) {
+  const auto n = static_cast<std::uint32_t>(slots_.size());
+  if (live_slots() == 0)
+    return std::nullopt;
+  if (config_.policy == routing_policy::round_robin) {
+    for (std::uint32_t i = 0; i < n; ++i) {
+      std::uint32_t s = (next_rr_ + i) % n;
+      if (eligible(slots_[s])) {
+        next_rr_ = (s + 1) % n;
+        return route{s, 0};
+      }
+    }
+    return std::nullopt;
+  }
+  // Leading blocks held per slot, in one walk over the keys.
+  held_scratch_.assign(n, 0);
+  if (config_.policy == routing_policy::kv_aware) {
+    std::uint64_t alive = 0;
+    for (std::uint32_t s = 0; s < n; ++s)
+      if (eligible(slots_[s]))
+        alive |= std::uint64_t{1} << s;
+    std::size_t i = 0;
+    for (; i < keys.size() && alive != 0; ++i) {
+      auto it = index_.find(keys[i]);
+      std::uint64_t has = it == index_.end() ? 0 : it->second;
+      std::uint64_t dropped = alive & ~has;
+      for (std::uint32_t s = 0; s < n; ++s)
+        if ((dropped >> s) & 1U)
+          held_scratch_[s] = i;
+      alive &= has;
+    }
+    for (std::uint32_t s = 0; s < n; ++s)
+      if ((alive >> s) & 1U)
+        held_scratch_[s] = i;
+  }
+  std::uint32_t min_backlog = std::numeric_limits<std::uint32_t>::max();
+  for (const auto& s : slots_)
+    if (eligible(s))
+      min_backlog = std::min(min_backlog, s.in_flight);
+  std::optional<route> best;
+  double best_score = std::numeric_limits<double>::infinity();
+  for (std::uint32_t s = 0; s < n; ++s) {
+    const auto& st = slots_[s];
+    if (!eligible(st))
+      continue;
+    double score = static_cast<double>(st.in_flight) / st.weight;
+    if (config_.policy == routing_policy::kv_aware && held_scratch_[s] > 0) {
+      double credit = std::min(config_.max_credit,
+                               config_.credit_per_block *
+                                   static_cast<double>(held_scratch_[s]));
+      if (st.in_flight > min_backlog + config_.backlog_margin)
+        credit *= config_.overload_credit_factor;
+      score -= credit;
+    }
+    if (score < best_score) {
+      best_score = score;
+      best = route{s, held_scratch_[s]};
+    }
+  }
+  return best;
+}
+
+} // namespace kvfleet::actors

@@ -1,0 +1,120 @@
+#pragma once
+/// Routing decisions of the load balancer, without CAF (the balancer actor
+/// is a thin wrapper; kvfleet-bench's routing mode drives this directly).
+///
+/// Policies:
+///   round_robin   next live engine in turn;
+///   least_loaded  lowest in_flight / weight (the base policy; ties: lowest
+///                 slot);
+///   kv_aware      lowest  in_flight / weight - credit, where credit =
+///                 credit_per_block x (leading blocks of the request the
+///                 engine holds, per the prefix index), at most max_credit.
+///                 When an engine's backlog (in_flight) exceeds the least
+///                 loaded live engine's by more than `backlog_margin`, its
+///                 credit is multiplied by `overload_credit_factor`, so a hot
+///                 prefix cannot pile every request onto one engine.
+///
+/// The prefix index maps block keys to the set of engines that reported
+/// storing them (block events); it may be stale. A stale entry only makes a
+/// request go where its blocks no longer are: the engine then computes them
+/// (a miss), never returns a wrong block, because engines look blocks up by
+/// key themselves.
+///
+/// Slots are engine positions; a slot is live or down, and a draining slot
+/// takes no new requests. Not thread-safe: owned by one actor.
+
+#include "engine/block_key.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/result.hpp"
+
+namespace kvfleet::actors {
+
+enum class routing_policy : std::uint8_t { round_robin, least_loaded, kv_aware };
+[[nodiscard]] std::string_view to_string(routing_policy p) noexcept;
+/// Accepts "round_robin", "least_loaded", "kv_aware".
+[[nodiscard]] result<routing_policy> parse_routing_policy(std::string_view s);
+
+struct router_config {
+  routing_policy policy = routing_policy::least_loaded;
+  double credit_per_block = 0.25;    ///< load units per held prefix block
+  double max_credit = 4.0;           ///< cap on the credit
+  std::uint32_t backlog_margin = 4;  ///< requests above the least loaded
+  double overload_credit_factor = 0.0;
+  std::size_t max_index_keys = 1 << 20; ///< index entries kept (bounded)
+};
+
+/// One routing decision, for tests and the bench.
+struct route {
+  std::uint32_t slot = 0;
+  std::size_t expected_hit_blocks = 0; ///< per the (possibly stale) index
+};
+
+class router {
+public:
+  /// At most 64 slots (the index keeps a 64-bit engine set per key).
+  static constexpr std::size_t max_slots = 64;
+
+  explicit router(router_config config) : config_(config) {}
+
+  /// Adds a live slot of capacity `weight` (> 0); returns its number.
+  std::uint32_t add_slot(double weight = 1.0);
+  [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.size(); }
+
+  /// Marks a slot down (routed around) or up. Going down or coming back
+  /// empty forgets what the index says it holds.
+  void set_up(std::uint32_t slot, bool up);
+  void set_draining(std::uint32_t slot, bool draining);
+  void set_weight(std::uint32_t slot, double weight);
+  [[nodiscard]] bool is_up(std::uint32_t slot) const { return slots_.at(slot).up; }
+  [[nodiscard]] bool is_draining(std::uint32_t slot) const {
+    return slots_.at(slot).draining;
+  }
+  [[nodiscard]] std::uint32_t in_flight(std::uint32_t slot) const {
+    return slots_.at(slot).in_flight;
+  }
+  [[nodiscard]] std::size_t live_slots() const noexcept;
+
+  /// Picks a live, non-draining slot for a request with these keys;
+  /// nullopt when none is live. Does not count the request as in flight.
+  [[nodiscard]] std::optional<route> pick(std::span<const engine::block_key> keys);
+  /// Request dispatched to / finished at `slot`.
+  void started(std::uint32_t slot);
+  void finished(std::uint32_t slot);
+
+  /// Block events of `slot`.
+  void stored(std::uint32_t slot, std::span<const engine::block_key> keys);
+  void evicted(std::uint32_t slot, std::span<const engine::block_key> keys);
+  /// Leading blocks of `keys` the index says `slot` holds.
+  [[nodiscard]] std::size_t held_prefix(std::uint32_t slot,
+                                        std::span<const engine::block_key> keys) const;
+  [[nodiscard]] std::size_t index_size() const noexcept { return index_.size(); }
+  [[nodiscard]] const router_config& config() const noexcept { return config_; }
+
+private:
+  struct slot_state {
+    double weight = 1.0;
+    std::uint32_t in_flight = 0;
+    bool up = true;
+    bool draining = false;
+  };
+  [[nodiscard]] bool eligible(const slot_state& s) const noexcept {
+    return s.up && !s.draining;
+  }
+  void forget(std::uint32_t slot);
+
+  router_config config_;
+  std::vector<slot_state> slots_;
+  std::unordered_map<engine::block_key, std::uint64_t, engine::block_key_hash> index_;
+  std::uint32_t next_rr_ = 0;
+  std::vector<std::size_t> held_scratch_;
+};
+
+} // namespace kvfleet::actors

@@ -1,0 +1,108 @@
+#include "actors/scaler_policy.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace kvfleet::actors {
+
+std::string_view to_string(scale_action a) noexcept {
+  switch (a) {
+  case scale_action::hold:
+    return "hold";
+  case scale_action::spawn_replica:
+    return "spawn_replica";
+  case scale_action::grow_capacity:
+    return "grow_capacity";
+  case scale_action::retire_replica:
+    return "retire_replica";
+  case scale_action::shrink_capacity:
+    return "shrink_capacity";
+  }
+  return "unknown";
+}
+
+scaler_policy::scaler_policy(scaler_config config, std::uint32_t replicas,
+                             std::uint32_t capacity_tokens)
+    : config_(config), replicas_(replicas),
+      capacity_(std::clamp(capacity_tokens, config.min_capacity_tokens,
+                           config.max_capacity_tokens)) {}
+
+void scaler_policy::record(engine::nanos now, engine::nanos latency) {
+  samples_.emplace_back(now, latency);
+  trim(now);
+}
+
+void scaler_policy::trim(engine::nanos now) {
+  while (!samples_.empty() && samples_.front().first + config_.window < now)
+    samples_.pop_front();
+}
+
+engine::nanos scaler_policy::p95(engine::nanos now) {
+  trim(now);
+  if (samples_.empty())
+    return engine::nanos{0};
+  scratch_.clear();
+  for (const auto& s : samples_)
+    scratch_.push_back(s.second);
+  // Nearest rank: the smallest sample with at least 95% at or below it.
+  auto rank = static_cast<std::size_t>(
+      std::ceil(0.95 * static_cast<double>(scratch_.size())));
+  rank = std::max<std::size_t>(rank, 1) - 1;
+  std::nth_element(scratch_.begin(),
+                   scratch_.begin() + static_cast<std::ptrdiff_t>(rank),
+                   scratch_.end());
+  return scratch_[rank];
+}
+
+scale_decision scaler_policy::evaluate(engine::nanos now) {
+  scale_decision d{now, scale_action::hold, p95(now), replicas_, capacity_};
+  if (in_cooldown(now) || samples_.size() < config_.min_samples) {
+    up_streak_ = down_streak_ = 0;
+    return d;
+  }
+  const auto low = engine::nanos{static_cast<std::int64_t>(
+      config_.low_fraction * static_cast<double>(config_.target.count()))};
+  if (d.p95 > config_.target) {
+    ++up_streak_;
+    down_streak_ = 0;
+  } else if (d.p95 < low) {
+    ++down_streak_;
+    up_streak_ = 0;
+  } else {
+    up_streak_ = down_streak_ = 0;
+  }
+  if (up_streak_ >= config_.sustain) {
+    if (replicas_ < config_.max_replicas) {
+      d.action = scale_action::spawn_replica;
+      ++replicas_;
+    } else if (capacity_ < config_.max_capacity_tokens) {
+      d.action = scale_action::grow_capacity;
+      capacity_ = static_cast<std::uint32_t>(std::min<double>(
+          config_.max_capacity_tokens,
+          std::round(static_cast<double>(capacity_) * config_.grow_factor)));
+    }
+  } else if (down_streak_ >= config_.sustain) {
+    if (replicas_ > config_.min_replicas) {
+      d.action = scale_action::retire_replica;
+      --replicas_;
+    } else if (capacity_ > config_.min_capacity_tokens) {
+      d.action = scale_action::shrink_capacity;
+      capacity_ = static_cast<std::uint32_t>(std::max<double>(
+          config_.min_capacity_tokens,
+          std::round(static_cast<double>(capacity_) * config_.shrink_factor)));
+    }
+  }
+  if (d.action != scale_action::hold) {
+    d.replicas = replicas_;
+    d.capacity_tokens = capacity_;
+    last_action_ = now;
+    acted_ = true;
+    up_streak_ = down_streak_ = 0;
+    samples_.clear();
+    ++counts_[static_cast<std::size_t>(d.action)];
+    log_.push_back(d);
+  }
+  return d;
+}
+
+} // namespace kvfleet::actors

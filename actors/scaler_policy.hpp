@@ -1,0 +1,111 @@
+#pragma once
+/// The auto-scaler's state machine, without CAF.
+///
+/// Latency samples go into a sliding window (`window` of time). Every
+/// evaluate(now) compares the window's p95 with the target:
+///   p95 > target                 -> scale up: spawn a replica while fewer
+///                                   than max_replicas run, else grow the
+///                                   capacity x grow_factor (at most
+///                                   max_capacity_tokens);
+///   p95 < low_fraction x target  -> scale down: retire a replica while more
+///                                   than min_replicas run, else shrink the
+///                                   capacity x shrink_factor (at least
+///                                   min_capacity_tokens);
+///   otherwise                    -> hold.
+/// Flapping is prevented three ways: the dead band between 0.3x and 1x the
+/// target (hysteresis), a condition must hold for `sustain` consecutive
+/// evaluations before it acts, and after any action nothing happens for
+/// `cooldown` (the window is also cleared, so the next decision sees only
+/// latencies measured after the change). A window with fewer than
+/// `min_samples` samples holds. Every decision that acts is logged and
+/// counted. Not thread-safe: owned by one actor.
+
+#include "engine/clock.hpp"
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <string_view>
+#include <vector>
+
+namespace kvfleet::actors {
+
+struct scaler_config {
+  engine::nanos target = std::chrono::milliseconds{500};
+  double low_fraction = 0.3;
+  engine::nanos window = std::chrono::seconds{30};
+  engine::nanos cooldown = std::chrono::seconds{60};
+  std::size_t min_samples = 20;
+  std::uint32_t sustain = 2;
+  std::uint32_t min_replicas = 1;
+  std::uint32_t max_replicas = 4;
+  double grow_factor = 1.5;
+  double shrink_factor = 0.8;
+  std::uint32_t min_capacity_tokens = 2048;
+  std::uint32_t max_capacity_tokens = 16384;
+};
+
+enum class scale_action : std::uint8_t {
+  hold,
+  spawn_replica,
+  grow_capacity,
+  retire_replica,
+  shrink_capacity,
+};
+inline constexpr std::size_t scale_action_count = 5;
+[[nodiscard]] std::string_view to_string(scale_action a) noexcept;
+
+struct scale_decision {
+  engine::nanos at{0};
+  scale_action action = scale_action::hold;
+  engine::nanos p95{0};
+  std::uint32_t replicas = 0;       ///< after the action
+  std::uint32_t capacity_tokens = 0; ///< after the action
+};
+
+class scaler_policy {
+public:
+  scaler_policy(scaler_config config, std::uint32_t replicas,
+                std::uint32_t capacity_tokens);
+
+  void record(engine::nanos now, engine::nanos latency);
+  /// Decides at `now`; an action is applied to replicas()/capacity_tokens()
+  /// at once (the actor carries it out) and logged.
+  scale_decision evaluate(engine::nanos now);
+
+  /// p95 of the window at `now` (0 when empty).
+  [[nodiscard]] engine::nanos p95(engine::nanos now);
+  [[nodiscard]] std::uint32_t replicas() const noexcept { return replicas_; }
+  [[nodiscard]] std::uint32_t capacity_tokens() const noexcept { return capacity_; }
+  [[nodiscard]] bool in_cooldown(engine::nanos now) const noexcept {
+    return acted_ && now < last_action_ + config_.cooldown;
+  }
+  [[nodiscard]] std::uint64_t count(scale_action a) const noexcept {
+    return counts_[static_cast<std::size_t>(a)];
+  }
+  [[nodiscard]] const std::vector<scale_decision>& log() const noexcept { return log_; }
+  /// A replica left on its own (failure): keeps the count honest.
+  void replica_lost() noexcept {
+    if (replicas_ > 0)
+      --replicas_;
+  }
+
+private:
+  void trim(engine::nanos now);
+
+  scaler_config config_;
+  std::uint32_t replicas_;
+  std::uint32_t capacity_;
+  std::deque<std::pair<engine::nanos, engine::nanos>> samples_;
+  std::vector<engine::nanos> scratch_;
+  engine::nanos last_action_{0};
+  bool acted_ = false;
+  std::uint32_t up_streak_ = 0;
+  std::uint32_t down_streak_ = 0;
+  std::array<std::uint64_t, scale_action_count> counts_{};
+  std::vector<scale_decision> log_;
+};
+
+} // namespace kvfleet::actors
