@@ -4,6 +4,7 @@
 #include "engine/internal/check.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -646,6 +647,7 @@ result<void> block_store::commit(put_handle& h) {
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
   recency_push_front(id);
   refresh_evictable(id);
+  if (e.pins > 0) (void)spill(id, true); // pins survive restarts
   ++stats_.commits;
   return {};
 }
@@ -717,8 +719,27 @@ result<process_result> block_store::process(ns_id ns,
     opts.request_tokens = static_cast<std::uint32_t>(
         std::min<std::size_t>(input_tokens, 0xffffffffU));
   block_key parent = out.matched_blocks > 0 ? keys[out.matched_blocks - 1] : block_key{};
+  std::size_t next = out.matched_blocks;
+  if (disk_) {
+    poll_disk();
+    const std::size_t on_disk = disk_prefix(**st_r, keys.subspan(next));
+    if (on_disk > 0) {
+      const std::size_t done =
+          promote(ns, keys.subspan(next, on_disk), parent, producer, opts);
+      // Blocks promoted count as hits up to the first that had to be
+      // recomputed; all of them are cached now.
+      out.disk_blocks = done;
+      out.matched_blocks += done;
+      for (std::size_t i = next; i < keys.size() && i < next + on_disk; ++i) {
+        if (!contains(ns, keys[i])) break;
+        parent = keys[i];
+        ++next;
+      }
+      out.computed_blocks += next - out.matched_blocks;
+    }
+  }
   bool caching = true;
-  for (std::size_t i = out.matched_blocks; i < keys.size(); ++i) {
+  for (std::size_t i = next; i < keys.size(); ++i) {
     ++out.computed_blocks;
     if (!caching) continue;
     // The KV must be computed whether or not it can be cached; a block that
@@ -741,6 +762,9 @@ result<process_result> block_store::process(ns_id ns,
   }
   out.matched_tokens = std::min(out.matched_blocks * spec.block_tokens, input_tokens);
   out.computed_tokens = input_tokens - out.matched_tokens;
+  const std::size_t disk_tokens =
+      std::min(out.disk_blocks * spec.block_tokens, out.matched_tokens);
+  stats_.disk_token_hits += disk_tokens;
   out.prefill_saved = producer.cost(out.matched_tokens);
   stats_.token_hits += out.matched_tokens;
   stats_.token_misses += out.computed_tokens;
@@ -757,6 +781,7 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
   if (id == npos)
     return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
   ++entries_[id].pins;
+  if (entries_[id].pins == 1) (void)spill(id, true); // pins survive restarts
   refresh_evictable(id);
   return {};
 }
@@ -771,6 +796,11 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
     return make_error(errc::invalid_argument,
                       "block " + key.to_hex() + " is not pinned");
   --entries_[id].pins;
+  if (entries_[id].pins == 0 && disk_) {
+    const auto info = disk_->lookup(key);
+    if (info && info->pins > 0)
+      if (auto u = disk_->unpin(key); !u) return u;
+  }
   refresh_evictable(id);
   return {};
 }
@@ -787,6 +817,7 @@ std::size_t block_store::expire() {
       kill(id);
     }
   }
+  if (disk_) (void)disk_->expire(disk_clock().now());
   return n;
 }
 
@@ -807,9 +838,7 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
     if (!q) break;
     const std::uint32_t victim = policies_[static_cast<std::size_t>(*q)]->victim();
     freed += pool_.slot_bytes(entries_[victim].slot.size_class);
-    ++stats_.evictions;
-    stats_.evicted_bytes += pool_.slot_bytes(entries_[victim].slot.size_class);
-    remove(victim);
+    evict(victim);
   }
   return freed;
 }
@@ -858,10 +887,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
     const auto q = pick_partition(p);
     if (!q) break;
     if (config_.adaptive_compression && try_demote(*q, scan_budget)) continue;
-    const std::uint32_t victim = policies_[static_cast<std::size_t>(*q)]->victim();
-    ++stats_.evictions;
-    stats_.evicted_bytes += pool_.slot_bytes(entries_[victim].slot.size_class);
-    remove(victim);
+    evict(policies_[static_cast<std::size_t>(*q)]->victim());
   }
   if (!pool_.can_allocate(cls))
     return make_error(errc::out_of_memory,
@@ -1033,6 +1059,194 @@ void block_store::recency_push_front(std::uint32_t id) noexcept {
   recency_head_[p] = id;
   if (recency_tail_[p] == npos) recency_tail_[p] = id;
   e.in_recency = true;
+}
+
+// ---------------------------------------------------------------- disk tier
+
+const clock_source& block_store::disk_clock() const noexcept {
+  const clock_source* c = disk_ ? disk_->config().clock : nullptr;
+  return c != nullptr ? *c : wall_clock_source::instance();
+}
+
+result<void> block_store::attach_disk(std::unique_ptr<disk_tier> tier) {
+  if (!tier) return make_error(errc::invalid_argument, "no disk tier given");
+  if (disk_)
+    return make_error(errc::invalid_argument, "a disk tier is already attached");
+  disk_ = std::move(tier);
+  return {};
+}
+
+void block_store::evict(std::uint32_t id) {
+  ++stats_.evictions;
+  stats_.evicted_bytes += pool_.slot_bytes(entries_[id].slot.size_class);
+  (void)spill(id, false);
+  remove(id);
+}
+
+bool block_store::spill(std::uint32_t id, bool pinned) {
+  if (!disk_) return false;
+  const entry& e = entries_[id];
+  const ns_state& st = namespaces_[e.ns];
+  if (const auto info = disk_->lookup(e.key);
+      info && info->checksum == e.checksum && info->c == e.c) {
+    ++stats_.spills_skipped;
+    if (pinned && info->pins == 0 && !disk_->pin(e.key)) ++stats_.spill_failures;
+    return true;
+  }
+  const nanos wall = disk_clock().now();
+  nanos expires{0};
+  if (e.expires_at != 0) {
+    const std::int64_t left = e.expires_at - now().count();
+    if (left <= 0) return false; // expired: nothing worth keeping
+    expires = wall + nanos{left};
+  }
+  std::span<const std::byte> bytes;
+  if (const std::byte* p = host_ptr(entries_[id]); p != nullptr) {
+    bytes = {p, e.stored_bytes};
+  } else {
+    std::span<std::byte> buf(scratch2_.data(), e.stored_bytes);
+    if (!backend_->read(pool_.offset(e.slot), buf)) {
+      ++stats_.spill_failures;
+      return false;
+    }
+    bytes = buf;
+  }
+  if (!disk_->spill(e.key, st.fingerprint, e.c, bytes, e.checksum, wall,
+                    expires, pinned)) {
+    ++stats_.spill_failures; // the tier logs why (e.g. the disk is full)
+    return false;
+  }
+  ++stats_.spills;
+  return true;
+}
+
+std::size_t block_store::disk_prefix(const ns_state& st,
+                                     std::span<const block_key> keys) const {
+  if (!disk_ || backend_->host_data() == nullptr) return 0;
+  const std::int64_t wall = disk_clock().now().count();
+  const std::size_t elements = st.spec.elements_per_block();
+  std::size_t n = 0;
+  for (const block_key& k : keys) {
+    const auto info = disk_->lookup(k);
+    if (!info || info->ns != st.fingerprint || !is_valid(info->c) ||
+        info->size != encoded_size(info->c, elements) ||
+        (info->expires_at.count() != 0 && info->expires_at.count() <= wall))
+      break;
+    ++n;
+  }
+  return n;
+}
+
+result<void> block_store::mark_written(put_handle& h, std::uint64_t checksum) {
+  if (auto ok = check_open(h); !ok) return ok;
+  if (!h.duplicate_) {
+    entry& e = entries_[h.id_];
+    e.checksum = checksum;
+    e.state = entry_state::written;
+  }
+  h.written_ = true;
+  return {};
+}
+
+std::size_t block_store::promote(ns_id ns, std::span<const block_key> keys,
+                                 const block_key& parent, kv_producer& producer,
+                                 const put_options& options) {
+  promote_handles_.clear();
+  promote_ids_.clear();
+  const nanos wall = disk_clock().now();
+  block_key par = parent;
+  for (const block_key& k : keys) {
+    const auto info = disk_->lookup(k);
+    if (!info) break;
+    put_options o = options;
+    o.codec_override = info->c;
+    o.pin = info->pins > 0;
+    if (info->expires_at.count() != 0) {
+      if (info->expires_at <= wall) break;
+      o.ttl = info->expires_at - wall;
+    }
+    auto h = reserve(ns, k, par, o);
+    if (!h) break;
+    disk_request_id id{};
+    if (!h->already_cached()) {
+      const entry& e = entries_[h->id_];
+      id = disk_->fetch_into(k, {host_ptr(e), e.stored_bytes});
+    }
+    promote_handles_.push_back(std::move(*h));
+    promote_ids_.push_back(id);
+    par = k;
+  }
+  if (promote_handles_.empty()) return 0;
+  // The I/O thread reads into the reserved slots: they must not be touched,
+  // or freed, until it has answered, however long a sick disk takes.
+  while (!disk_->wait_idle(std::chrono::seconds(30)))
+    std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
+                         "still waiting for a promotion\n");
+  promote_status_.assign(promote_handles_.size(), std::nullopt);
+  disk_->drain_completions([this](disk_completion&& c) {
+    if (c.op == disk_op::fetch) {
+      for (std::size_t i = 0; i < promote_ids_.size(); ++i)
+        if (promote_ids_[i] == c.id && c.status.has_value()) promote_status_[i] = c.checksum;
+    } else if (c.op == disk_op::spill && !c.status.has_value()) {
+      ++stats_.spill_failures;
+    }
+  });
+  std::size_t hits = 0;
+  bool contiguous = true;
+  for (std::size_t i = 0; i < promote_handles_.size(); ++i) {
+    put_handle& h = promote_handles_[i];
+    bool ok = false;
+    if (h.already_cached()) {
+      ok = mark_written(h, 0).has_value() && commit(h).has_value();
+    } else if (promote_status_[i]) {
+      ok = mark_written(h, *promote_status_[i]).has_value() && commit(h).has_value();
+    }
+    if (!ok && !h.already_cached()) {
+      // Missing or damaged on disk: compute it, never serve it wrong.
+      ++stats_.promotion_failures;
+      if (!write_from(h, producer) || !commit(h)) break;
+      contiguous = false;
+      continue;
+    }
+    if (contiguous) ++hits;
+  }
+  stats_.disk_block_hits += hits;
+  promote_handles_.clear(); // aborts any put left open by a break above
+  return hits;
+}
+
+void block_store::poll_disk() {
+  if (!disk_) return;
+  disk_->drain_completions([this](disk_completion&& c) {
+    if (c.op == disk_op::spill && !c.status.has_value()) ++stats_.spill_failures;
+  });
+}
+
+result<block_store::tier_prefix>
+block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
+  auto st = check_ns(ns);
+  if (!st) return unexpected<error>(st.error());
+  tier_prefix out;
+  out.memory = walk_prefix(ns, keys, now());
+  out.disk = disk_prefix(**st, keys.subspan(out.memory));
+  return out;
+}
+
+result<std::size_t> block_store::persist(nanos timeout) {
+  if (!disk_)
+    return make_error(errc::invalid_argument, "persist needs a disk tier");
+  std::size_t written = 0;
+  for (std::uint32_t id = 0; id < entries_.size(); ++id) {
+    const entry& e = entries_[id];
+    if (e.state == entry_state::committed && !e.dead &&
+        spill(id, e.pins > 0))
+      ++written;
+  }
+  if (!disk_->wait_idle(timeout))
+    return make_error(errc::io_error,
+                      "the disk tier did not finish writing within the timeout");
+  poll_disk();
+  return written;
 }
 
 // ---------------------------------------------------------------- queries

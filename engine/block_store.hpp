@@ -28,6 +28,15 @@
 /// count), then evicts, until usage is at the low watermark. A size
 /// partition above its share of capacity gives up space first.
 ///
+/// Disk tier (optional, attach_disk()): a block evicted for space is spilled
+/// to disk instead of vanishing (its encoded bytes, codec and checksum; the
+/// disk tier's I/O thread writes it), and process() promotes a prefix found
+/// on disk back into memory: it reserves slots, the I/O thread reads into
+/// them and verifies the checksum, and the owner commits them. A block that
+/// fails on disk is recomputed instead, never returned wrong. Pinned blocks
+/// are written through to disk with their pin, so pins survive a restart;
+/// persist() writes every cached block for a clean shutdown.
+///
 /// Errors are values: no public call throws or aborts on bad input. A failed
 /// put leaves nothing behind.
 ///
@@ -39,6 +48,7 @@
 #include "engine/block_pool.hpp"
 #include "engine/clock.hpp"
 #include "engine/codec.hpp"
+#include "engine/disk/disk_tier.hpp"
 #include "engine/eviction_policy.hpp"
 #include "engine/kv_namespace.hpp"
 #include "engine/kv_producer.hpp"
@@ -167,7 +177,8 @@ private:
 
 /// What process() did with one request.
 struct process_result {
-  std::size_t matched_blocks = 0;
+  std::size_t matched_blocks = 0;  ///< memory and disk hits together
+  std::size_t disk_blocks = 0;     ///< of matched_blocks, promoted from disk
   std::size_t computed_blocks = 0;
   std::size_t matched_tokens = 0;  ///< prompt tokens served from cache
   std::size_t computed_tokens = 0; ///< prompt tokens the producer computed
@@ -246,7 +257,30 @@ public:
           std::size_t input_tokens, kv_producer& producer,
           const put_options& options = {});
 
-  /// Pinned blocks are never evicted or demoted. Pins nest.
+  /// Puts a disk tier below memory; the store owns it from now on. Evicted
+  /// blocks spill to it and process() promotes from it. The tier's blocks
+  /// must be of this store's namespaces to be found (keys include the
+  /// namespace). Attaching twice is errc::invalid_argument.
+  [[nodiscard]] result<void> attach_disk(std::unique_ptr<disk_tier> tier);
+  [[nodiscard]] disk_tier* disk() noexcept { return disk_.get(); }
+  /// Leading blocks of `keys` in memory, then how many more follow on disk.
+  struct tier_prefix {
+    std::size_t memory = 0;
+    std::size_t disk = 0;
+  };
+  [[nodiscard]] result<tier_prefix> lookup_tiers(ns_id ns,
+                                                 std::span<const block_key> keys);
+  /// Writes every cached block that is not on disk yet and waits (at most
+  /// `timeout`) until the disk tier has them: a clean shutdown. Returns how
+  /// many blocks were written; errc::invalid_argument without a disk tier,
+  /// errc::io_error on timeout.
+  [[nodiscard]] result<std::size_t> persist(nanos timeout = std::chrono::seconds(60));
+  /// Collects the disk tier's finished requests (spill failures are counted).
+  /// process() does this itself; an owner that is otherwise idle may call it.
+  void poll_disk();
+
+  /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
+  /// tier a pinned block is written through to disk with its pin.
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
 
@@ -302,6 +336,16 @@ private:
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
   void remove(std::uint32_t id);
   void kill(std::uint32_t id);
+  /// Writes block `id` to the disk tier unless it is there already.
+  bool spill(std::uint32_t id, bool pinned);
+  void evict(std::uint32_t id);
+  [[nodiscard]] std::size_t disk_prefix(const ns_state& st,
+                                        std::span<const block_key> keys) const;
+  std::size_t promote(ns_id ns, std::span<const block_key> keys,
+                      const block_key& parent, kv_producer& producer,
+                      const put_options& options);
+  [[nodiscard]] result<void> mark_written(put_handle& h, std::uint64_t checksum);
+  [[nodiscard]] const clock_source& disk_clock() const noexcept;
   /// Zeroes `out`, counts and drops a block that failed its checksum.
   [[nodiscard]] result<void> drop_corrupt(std::uint32_t id, std::span<std::byte> out);
   void refresh_evictable(std::uint32_t id);
@@ -326,6 +370,12 @@ private:
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
   std::vector<std::byte> scratch2_;
   std::vector<read_lease> process_leases_; ///< process()'s leases, reused
+  std::vector<put_handle> promote_handles_; ///< promote()'s puts, reused
+  std::vector<disk_request_id> promote_ids_;
+  std::vector<std::optional<std::uint64_t>> promote_status_;
+  /// Declared last so it is destroyed first: its I/O thread may still be
+  /// reading into the arena.
+  std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
   store_stats stats_;
 };

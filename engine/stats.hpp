@@ -74,6 +74,13 @@ struct store_stats {
   std::uint64_t demoted_bytes_saved = 0;
   std::uint64_t expirations = 0;
   std::uint64_t rejected_requests = 0; ///< calls that returned an error
+  // Disk tier (zero without one).
+  std::uint64_t disk_block_hits = 0;   ///< blocks promoted from disk
+  std::uint64_t disk_token_hits = 0;   ///< prompt tokens served from disk
+  std::uint64_t promotion_failures = 0; ///< disk blocks recomputed instead
+  std::uint64_t spills = 0;            ///< evicted blocks written to disk
+  std::uint64_t spills_skipped = 0;    ///< already on disk, not rewritten
+  std::uint64_t spill_failures = 0;    ///< refused or failed on disk
   // Current contents.
   std::array<std::uint64_t, codec_count> blocks_by_codec{};
   std::array<std::uint64_t, codec_count> bytes_by_codec{};

@@ -1,0 +1,227 @@
+// block_store with a disk tier below it: spill on eviction, promotion on a
+// hit, restart recovery, pins across restarts, damaged bytes on disk.
+#include "engine/block_store.hpp"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+#include <fstream>
+#include <vector>
+
+namespace kvfleet::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+namespace_spec spec() {
+  namespace_spec s;
+  s.model = "disk-test";
+  s.layers = 1;
+  s.kv_heads = 1;
+  s.head_dim = 64;
+  s.block_tokens = 16; // 4 KiB per block
+  return s;
+}
+constexpr std::size_t block_bytes = 4096;
+
+class store_disk_test : public ::testing::Test {
+protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/kvfleet-store-disk-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    open();
+  }
+  void TearDown() override {
+    store_.reset();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  /// (Re)opens the disk tier and a store of `blocks` blocks over it.
+  void open(std::size_t blocks = 20) {
+    store_.reset(); // closes the previous tier first
+    disk_tier_config dc;
+    dc.directory = dir_;
+    dc.capacity_bytes = std::uint64_t{64} << 20;
+    dc.segment_bytes = std::uint64_t{1} << 20;
+    auto tier = disk_tier::open(dc);
+    ASSERT_TRUE(tier.has_value()) << tier.error().describe();
+    store_config cfg;
+    cfg.capacity_bytes = blocks * block_bytes;
+    cfg.slab_bytes = block_bytes;
+    cfg.policy = policy_kind::lru;
+    cfg.adaptive_compression = false;
+    auto s = block_store::create(cfg);
+    ASSERT_TRUE(s.has_value()) << s.error().describe();
+    store_ = std::move(*s);
+    ASSERT_TRUE(store_->attach_disk(std::move(*tier)).has_value());
+    ns_ = *store_->register_namespace(spec());
+  }
+
+  std::vector<block_key> chain(std::uint64_t first, std::size_t n) const {
+    std::vector<block_key> keys;
+    block_key parent{};
+    for (std::size_t i = 0; i < n; ++i) {
+      parent = chain_key_from_id(parent, spec().fingerprint(), first + i);
+      keys.push_back(parent);
+    }
+    return keys;
+  }
+
+  process_result run(const std::vector<block_key>& keys) {
+    auto r = store_->process(ns_, keys, keys.size() * 16, producer_);
+    EXPECT_TRUE(r.has_value()) << r.error().describe();
+    store_->check_invariants();
+    return r.value_or(process_result{});
+  }
+
+  /// The block's bytes as the store returns them equal what the producer
+  /// makes for it: nothing came back wrong.
+  void expect_correct(const block_key& k) {
+    auto lease = store_->acquire(ns_, k);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> got(block_bytes);
+    std::vector<std::byte> want(block_bytes);
+    ASSERT_TRUE(store_->read(*lease, got).has_value());
+    ASSERT_TRUE(producer_.produce(spec(), k, want).has_value());
+    EXPECT_EQ(got, want);
+  }
+
+  std::string dir_;
+  synthetic_producer producer_;
+  std::unique_ptr<block_store> store_;
+  ns_id ns_;
+};
+
+TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
+  const auto a = chain(1, 4);
+  EXPECT_EQ(run(a).computed_blocks, 4U);
+  for (std::uint64_t i = 0; i < 10; ++i) run(chain(1000 * (i + 1), 4));
+  EXPECT_GT(store_->stats().spills, 0U);
+  EXPECT_FALSE(store_->contains(ns_, a[0]));
+  auto tiers = store_->lookup_tiers(ns_, a);
+  ASSERT_TRUE(tiers.has_value());
+  EXPECT_EQ(tiers->memory, 0U);
+  EXPECT_EQ(tiers->disk, 4U);
+
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 4U);
+  EXPECT_EQ(r.disk_blocks, 4U);
+  EXPECT_EQ(r.computed_blocks, 0U);
+  EXPECT_EQ(r.matched_tokens, 64U);
+  EXPECT_EQ(store_->stats().disk_block_hits, 4U);
+  EXPECT_EQ(store_->stats().disk_token_hits, 64U);
+  for (const auto& k : a) expect_correct(k);
+}
+
+TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
+  const auto a = chain(1, 6);
+  run(a);
+  // Push the tail out: with leaf-first LRU the chain loses its tail first.
+  for (std::uint64_t i = 0; i < 3; ++i) run(chain(1000 * (i + 1), 5));
+  const auto tiers = *store_->lookup_tiers(ns_, a);
+  ASSERT_LT(tiers.memory, 6U);
+  EXPECT_EQ(tiers.memory + tiers.disk, 6U);
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 6U);
+  EXPECT_EQ(r.disk_blocks, 6U - tiers.memory);
+  for (const auto& k : a) expect_correct(k);
+}
+
+TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
+  std::vector<std::vector<block_key>> chains;
+  for (std::uint64_t i = 0; i < 25; ++i) {
+    chains.push_back(chain(100 * (i + 1), 4));
+    run(chains.back());
+  }
+  auto written = store_->persist();
+  ASSERT_TRUE(written.has_value()) << written.error().describe();
+  open(); // a new process would do the same: reopen the tier, new store
+  std::size_t served = 0;
+  std::size_t total = 0;
+  for (const auto& c : chains) {
+    const auto r = run(c);
+    served += r.matched_blocks;
+    total += c.size();
+    for (const auto& k : c) expect_correct(k);
+  }
+  EXPECT_EQ(served, total); // the bar is 99%; a clean restart loses none
+}
+
+TEST_F(store_disk_test, pins_survive_a_restart) {
+  const auto a = chain(1, 2);
+  run(a);
+  ASSERT_TRUE(store_->pin(ns_, a[0]).has_value());
+  ASSERT_TRUE(store_->persist().has_value());
+  open();
+  EXPECT_EQ(run(a).disk_blocks, 2U);
+  store_->evict_bytes(std::size_t{1} << 30);
+  EXPECT_TRUE(store_->contains(ns_, a[0])); // came back pinned
+  EXPECT_FALSE(store_->contains(ns_, a[1]));
+  ASSERT_TRUE(store_->unpin(ns_, a[0]).has_value());
+  EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 0U);
+}
+
+TEST_F(store_disk_test, damaged_bytes_on_disk_are_recomputed_never_returned) {
+  const auto a = chain(1, 3);
+  run(a);
+  ASSERT_TRUE(store_->persist().has_value());
+  open();
+  // Flip bytes all over every segment's payload area.
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    if (e.path().extension() != ".kvs") continue;
+    std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
+    const auto size = static_cast<std::streamoff>(fs::file_size(e.path()));
+    for (std::streamoff off = 200; off < size; off += 512) {
+      f.seekg(off);
+      char c = 0;
+      f.read(&c, 1);
+      c = static_cast<char>(c ^ 0x5a);
+      f.seekp(off);
+      f.write(&c, 1);
+    }
+  }
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 0U);
+  EXPECT_EQ(r.computed_blocks, 3U);
+  EXPECT_EQ(store_->stats().promotion_failures, 3U);
+  EXPECT_GT(store_->disk()->stats().checksum_failures, 0U);
+  for (const auto& k : a) expect_correct(k);
+}
+
+TEST_F(store_disk_test, hit_ratio_with_the_disk_tier_is_at_least_that_without) {
+  std::mt19937_64 rng(3);
+  std::vector<std::vector<block_key>> reqs;
+  for (int i = 0; i < 400; ++i) reqs.push_back(chain(100 * (rng() % 40 + 1), 1 + rng() % 6));
+  auto ratio = [&](bool with_disk) {
+    open(16);
+    if (!with_disk) {
+      store_config cfg;
+      cfg.capacity_bytes = 16 * block_bytes;
+      cfg.slab_bytes = block_bytes;
+      cfg.policy = policy_kind::lru;
+      store_ = std::move(*block_store::create(cfg));
+      ns_ = *store_->register_namespace(spec());
+    }
+    std::size_t hit = 0;
+    std::size_t all = 0;
+    for (const auto& r : reqs) {
+      hit += run(r).matched_tokens;
+      all += r.size() * 16;
+    }
+    return static_cast<double>(hit) / static_cast<double>(all);
+  };
+  const double without = ratio(false);
+  // Start the disk tier empty.
+  store_.reset();
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir_)) fs::remove_all(e.path(), ec);
+  const double with = ratio(true);
+  EXPECT_GE(with, without);
+  EXPECT_GT(with, without + 0.1); // 40 chains do not fit 16 blocks; disk holds them
+}
+
+} // namespace
+} // namespace kvfleet::engine
