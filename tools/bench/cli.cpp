@@ -71,6 +71,12 @@ Options:
   --prefill-us-per-token X  prefill cost per prompt token in microseconds,
                             used for prefill_saved_s; 20 is about one H100
                             prefilling a batched 8B model [20]
+  --disk-dir DIR             put a disk tier below memory, in a fresh
+                            subdirectory of DIR (removed afterwards): evicted
+                            blocks spill to it and hits on it are promoted
+                            back; the report then shows hits by tier
+  --disk-capacity-blocks N  disk tier capacity in uncompressed blocks
+                            [4 x the memory capacity]
   --no-progress             never draw the progress bar (it is drawn on
                             stderr, only when stderr is a terminal, for runs
                             longer than a second)
@@ -271,6 +277,17 @@ result<void> apply_option(engine_options& o, std::string_view name,
     if (*x < 0.0)
       return usage("option --prefill-us-per-token must not be negative");
     o.prefill_us_per_token = *x;
+  } else if (name == "--disk-dir") {
+    if (value.empty())
+      return usage("option --disk-dir needs a directory");
+    o.disk_dir = std::string(value);
+  } else if (name == "--disk-capacity-blocks") {
+    auto n = parse_unsigned<std::size_t>(name, value);
+    if (!n)
+      return unexpected<error>(n.error());
+    if (*n == 0)
+      return usage("option --disk-capacity-blocks must be at least 1");
+    o.disk_capacity_blocks = *n;
   } else {
     return usage("unknown option '" + std::string(name) +
                  "' (see kvfleet-bench engine --help)");
@@ -292,7 +309,9 @@ constexpr std::string_view valued_options[] = {"--workload",
                                                "--layout",
                                                "--high-watermark",
                                                "--low-watermark",
-                                               "--prefill-us-per-token"};
+                                               "--prefill-us-per-token",
+                                               "--disk-dir",
+                                               "--disk-capacity-blocks"};
 
 bool contains(std::span<const std::string_view> set, std::string_view s) {
   return std::find(set.begin(), set.end(), s) != set.end();

@@ -51,6 +51,12 @@ struct engine_options {
   double low_watermark = 0.8;
   double prefill_us_per_token = 20.0;
   bool progress = true; ///< still only drawn when stderr is a terminal
+  /// A disk tier below memory in a fresh subdirectory of this (--disk-dir);
+  /// empty: no disk tier.
+  std::string disk_dir;
+  /// Disk tier capacity in uncompressed blocks (--disk-capacity-blocks);
+  /// 0: four times the memory capacity.
+  std::size_t disk_capacity_blocks = 0;
 };
 
 /// What the command line asks for.

@@ -1,5 +1,10 @@
 #include "tools/bench/engine_mode.hpp"
 
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+
 #include "engine/codec.hpp"
 #include "engine/kv_producer.hpp"
 #include "engine/trace_reader.hpp"
@@ -135,6 +140,36 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
   auto store = engine::block_store::create(*cfg);
   if (!store)
     return unexpected<error>(store.error());
+  // A disk tier in a fresh directory of its own, removed when the run ends.
+  std::string disk_dir;
+  struct dir_remover {
+    std::string* dir;
+    ~dir_remover() {
+      if (!dir->empty()) {
+        std::error_code ec;
+        std::filesystem::remove_all(*dir, ec);
+      }
+    }
+  } remove_disk_dir{&disk_dir};
+  if (!opts.disk_dir.empty()) {
+    std::string tmpl = opts.disk_dir + "/kvfleet-bench-XXXXXX";
+    if (::mkdtemp(tmpl.data()) == nullptr)
+      return make_error(errc::io_error, "cannot make a directory in --disk-dir '" +
+                                            opts.disk_dir + "': " +
+                                            std::strerror(errno));
+    disk_dir = tmpl;
+    engine::disk_tier_config dc;
+    dc.directory = disk_dir;
+    const std::size_t blocks = opts.disk_capacity_blocks != 0
+                                   ? opts.disk_capacity_blocks
+                                   : 4 * capacity_blocks;
+    dc.capacity_bytes = blocks * block_slot_bytes(bench_namespace(opts));
+    auto tier = engine::disk_tier::open(dc);
+    if (!tier)
+      return unexpected<error>(tier.error());
+    if (auto a = (*store)->attach_disk(std::move(*tier)); !a)
+      return unexpected<error>(a.error());
+  }
   engine::namespace_options ns_opts;
   ns_opts.adaptive_compression = opts.compression;
   auto ns = (*store)->register_namespace(bench_namespace(opts), ns_opts);
@@ -170,6 +205,9 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
   }
   const engine::store_stats& st = (*store)->stats();
   out.token_hit_ratio = ratio(out.matched_tokens, out.input_tokens);
+  out.disk = !opts.disk_dir.empty();
+  out.disk_token_hit_ratio = ratio(st.disk_token_hits, out.input_tokens);
+  out.spills = st.spills;
   out.block_hit_ratio = ratio(out.matched_blocks, out.full_blocks);
   out.p50_us = to_us(st.process_ns.quantile(0.50));
   out.p95_us = to_us(st.process_ns.quantile(0.95));

@@ -46,6 +46,9 @@ struct policy_result {
   std::uint64_t matched_blocks = 0;
   std::uint64_t evictions = 0;
   std::uint64_t demotions = 0;
+  bool disk = false;                 ///< a disk tier was below memory
+  double disk_token_hit_ratio = 0.0; ///< tokens served from disk / input
+  std::uint64_t spills = 0;          ///< blocks written to disk
 };
 
 struct engine_report {

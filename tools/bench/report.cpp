@@ -17,6 +17,11 @@ std::string to_json(const engine_report& report) {
     j["p95_us"] = r.p95_us;
     j["p99_us"] = r.p99_us;
     j["prefill_saved_s"] = r.prefill_saved_s;
+    if (r.disk) {
+      j["memory_token_hit_ratio"] = r.token_hit_ratio - r.disk_token_hit_ratio;
+      j["disk_token_hit_ratio"] = r.disk_token_hit_ratio;
+      j["spills"] = r.spills;
+    }
     results.push_back(std::move(j));
   }
   nlohmann::ordered_json j;
@@ -55,6 +60,17 @@ std::string to_table(const engine_report& report) {
                   name.c_str(), 100.0 * r.token_hit_ratio,
                   100.0 * r.block_hit_ratio, r.p50_us, r.p95_us, r.p99_us,
                   r.prefill_saved_s);
+    out += line;
+  }
+  for (const policy_result& r : report.results) {
+    if (!r.disk) continue;
+    const std::string name(engine::to_string(r.policy));
+    std::snprintf(line, sizeof line,
+                  "%-10s hits by tier: memory %.2f%%, disk %.2f%% of input "
+                  "tokens; %llu blocks spilled\n",
+                  name.c_str(), 100.0 * (r.token_hit_ratio - r.disk_token_hit_ratio),
+                  100.0 * r.disk_token_hit_ratio,
+                  static_cast<unsigned long long>(r.spills));
     out += line;
   }
   return out;
