@@ -125,9 +125,21 @@ TEST(bench_cli, help_documents_every_option_and_only_the_engine_mode) {
        {"--workload", "--trace", "--capacity-fraction", "--capacity-blocks",
         "--policies", "--json", "--block-tokens", "--requests", "--seed",
         "--on-bad-line", "--compression", "--layout", "--high-watermark",
-        "--low-watermark", "--prefill-us-per-token", "--no-progress"})
+        "--low-watermark", "--prefill-us-per-token", "--no-progress",
+        "--disk-dir", "--disk-capacity-blocks"})
     EXPECT_NE(engine_help().find(opt), std::string_view::npos) << opt;
   EXPECT_NE(main_help().find("engine"), std::string_view::npos);
+}
+
+TEST(bench_cli, disk_options) {
+  auto cmd = parse({"engine", "--workload", "chat", "--capacity-blocks", "9",
+                    "--disk-dir", "/tmp", "--disk-capacity-blocks", "50"});
+  ASSERT_TRUE(cmd.has_value()) << cmd.error().describe();
+  EXPECT_EQ(cmd->engine.disk_dir, "/tmp");
+  EXPECT_EQ(cmd->engine.disk_capacity_blocks, 50U);
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "9",
+                      "--disk-capacity-blocks", "0"},
+                     "--disk-capacity-blocks must be at least 1");
 }
 
 TEST(bench_cli, mode_errors) {

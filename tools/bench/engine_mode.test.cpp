@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -46,6 +48,30 @@ TEST(engine_mode, belady_is_at_least_as_good_as_every_other_policy) {
       EXPECT_GE(belady.prefill_saved_s, r.prefill_saved_s) << name;
     }
   }
+}
+
+TEST(engine_mode, a_disk_tier_only_adds_hits_and_reports_them_by_tier) {
+  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  engine_options o = small_workload("chat", 0.1);
+  o.policies = {policy_kind::lru, policy_kind::adaptive};
+  auto without = run(o);
+  ASSERT_TRUE(without) << without.error().describe();
+  o.disk_dir = tmpl;
+  auto with = run(o);
+  ASSERT_TRUE(with) << with.error().describe();
+  for (std::size_t i = 0; i < with->results.size(); ++i) {
+    const policy_result& w = with->results[i];
+    EXPECT_TRUE(w.disk);
+    EXPECT_GE(w.token_hit_ratio, without->results[i].token_hit_ratio);
+    EXPECT_GT(w.disk_token_hit_ratio, 0.0);
+    EXPECT_GT(w.spills, 0U);
+    EXPECT_NEAR(w.token_hit_ratio - w.disk_token_hit_ratio,
+                without->results[i].token_hit_ratio, 0.05);
+  }
+  // Each run's directory is removed afterwards.
+  EXPECT_TRUE(std::filesystem::is_empty(tmpl));
+  std::filesystem::remove(tmpl);
 }
 
 TEST(engine_mode, every_policy_sees_the_same_requests) {
