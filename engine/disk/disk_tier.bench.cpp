@@ -116,7 +116,7 @@ BENCHMARK(BM_disk_fetch_256k)
     ->Args({16, 0})
     ->UseRealTime();
 
-void seq_read(benchmark::State& state, bool hash) {
+void seq_read(benchmark::State& state, bool hash, std::size_t buffers = 1) {
   auto& f = shared();
   if (!f.ok) {
     state.SkipWithError("cannot set up the disk tier");
@@ -124,10 +124,12 @@ void seq_read(benchmark::State& state, bool hash) {
   }
   std::vector<int> fds;
   for (const auto& p : f.files) fds.push_back(::open(p.c_str(), O_RDONLY | O_CLOEXEC));
-  std::vector<std::byte> buf(block_bytes);
+  std::vector<std::vector<std::byte>> bufs(buffers, std::vector<std::byte>(block_bytes));
   std::size_t file = 0;
+  std::size_t which = 0;
   off_t off = 0;
   for (auto _ : state) {
+    auto& buf = bufs[which++ % buffers];
     ssize_t r = ::pread(fds[file], buf.data(), buf.size(), off);
     if (r <= 0) { // end of this file: go on with the next
       file = (file + 1) % fds.size();
@@ -151,6 +153,11 @@ BENCHMARK(BM_disk_seq_read)->UseRealTime();
 
 void BM_disk_seq_read_checksum(benchmark::State& state) { seq_read(state, true); }
 BENCHMARK(BM_disk_seq_read_checksum)->UseRealTime();
+
+// Reference: the same reads into 16 rotating 256 KiB buffers, as promotion
+// writes into 16 different cache slots.
+void BM_disk_seq_read_16_buffers(benchmark::State& state) { seq_read(state, false, 16); }
+BENCHMARK(BM_disk_seq_read_16_buffers)->UseRealTime();
 
 } // namespace
 } // namespace kvfleet::engine
