@@ -7,7 +7,11 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <csetjmp>
+#include <csignal>
 #include <fcntl.h>
+#include <mutex>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -124,18 +128,84 @@ std::int64_t parse_segment_file_name(const std::string& name) {
 
 segment_file& segment_file::operator=(segment_file&& other) noexcept {
   if (this != &other) {
+    unmap();
     if (fd_ >= 0) ::close(fd_);
     fd_ = other.fd_;
     id_ = other.id_;
     size_ = other.size_;
     path_ = std::move(other.path_);
+    map_ = other.map_;
+    map_len_ = other.map_len_;
     other.fd_ = -1;
+    other.map_ = nullptr;
+    other.map_len_ = 0;
   }
   return *this;
 }
 
 segment_file::~segment_file() {
+  unmap();
   if (fd_ >= 0) ::close(fd_);
+}
+
+namespace {
+
+// SIGBUS is how the kernel reports an I/O error (or a file cut short under
+// us) while a mapping is read. The I/O thread arms a jump buffer around its
+// mapped reads; the handler jumps back there, and any other SIGBUS goes to
+// the previous handler (by default: the process dies, as it would have).
+thread_local sigjmp_buf* sigbus_jump = nullptr;
+struct sigaction previous_sigbus {};
+
+void on_sigbus(int sig, siginfo_t* info, void* ctx) {
+  if (sigbus_jump != nullptr) siglongjmp(*sigbus_jump, 1);
+  if ((previous_sigbus.sa_flags & SA_SIGINFO) != 0 &&
+      previous_sigbus.sa_sigaction != nullptr) {
+    previous_sigbus.sa_sigaction(sig, info, ctx);
+    return;
+  }
+  if (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN &&
+      previous_sigbus.sa_handler != nullptr) {
+    previous_sigbus.sa_handler(sig);
+    return;
+  }
+  ::signal(SIGBUS, SIG_DFL);
+  ::raise(SIGBUS);
+}
+
+void install_sigbus_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGBUS, &sa, &previous_sigbus);
+  });
+}
+
+constexpr std::uint64_t map_step = std::uint64_t{16} << 20;
+
+} // namespace
+
+bool segment_file::map_to(std::uint64_t end) const {
+  if (map_ != nullptr && end <= map_len_) return true;
+  unmap();
+  // Grow in steps so an active segment is not remapped for every append;
+  // the mapping may extend past the end of the file, which is never read.
+  const std::uint64_t len = (end + map_step - 1) / map_step * map_step;
+  void* p = ::mmap(nullptr, static_cast<std::size_t>(len), PROT_READ, MAP_SHARED, fd_, 0);
+  if (p == MAP_FAILED) return false;
+  install_sigbus_handler();
+  map_ = static_cast<const std::byte*>(p);
+  map_len_ = static_cast<std::size_t>(len);
+  return true;
+}
+
+void segment_file::unmap() const noexcept {
+  if (map_ != nullptr) ::munmap(const_cast<std::byte*>(map_), map_len_);
+  map_ = nullptr;
+  map_len_ = 0;
 }
 
 result<segment_file> segment_file::create(const std::string& dir,
@@ -264,6 +334,52 @@ result<std::uint64_t> segment_file::append(const record_header& h,
 result<record_header> segment_file::read(std::uint64_t offset,
                                          const block_key& expect_key,
                                          std::span<std::byte> payload) const {
+  const std::uint64_t end = offset + record_header_bytes + payload.size();
+  if (end > size_)
+    return make_error(errc::checksum_mismatch,
+                      "record at " + std::to_string(offset) + " of " + path_ +
+                          " is cut short");
+  if (map_to(end)) return read_mapped(offset, expect_key, payload);
+  return read_pread(offset, expect_key, payload);
+}
+
+result<record_header> segment_file::read_mapped(std::uint64_t offset,
+                                                const block_key& expect_key,
+                                                std::span<std::byte> payload) const {
+  std::array<std::byte, record_header_bytes> raw{};
+  std::uint64_t sum = 0;
+  sigjmp_buf jump;
+  if (sigsetjmp(jump, 1) != 0) {
+    sigbus_jump = nullptr;
+    std::memset(payload.data(), 0, payload.size());
+    return make_error(errc::io_error, "I/O error reading segment " + path_ +
+                                          " at " + std::to_string(offset));
+  }
+  sigbus_jump = &jump;
+  const std::byte* rec = map_ + offset;
+  std::memcpy(raw.data(), rec, raw.size());
+  sigbus_jump = nullptr;
+  auto h = decode_record_header(raw);
+  if (!h) return make_error(h.error().code, h.error().message + " in " + path_);
+  if (h->key != expect_key || h->size != payload.size())
+    return make_error(errc::checksum_mismatch,
+                      "record at " + std::to_string(offset) + " of " + path_ +
+                          " holds another block");
+  sigbus_jump = &jump;
+  sum = copy_out_with_checksum(payload, {rec + record_header_bytes, payload.size()});
+  sigbus_jump = nullptr;
+  if (sum != h->checksum) {
+    std::memset(payload.data(), 0, payload.size());
+    return make_error(errc::checksum_mismatch,
+                      "block " + expect_key.to_hex() + " in " + path_ +
+                          " fails its checksum");
+  }
+  return h;
+}
+
+result<record_header> segment_file::read_pread(std::uint64_t offset,
+                                               const block_key& expect_key,
+                                               std::span<std::byte> payload) const {
   const std::uint64_t expect_size = payload.size();
   std::array<std::byte, record_header_bytes> raw{};
   std::array<iovec, 2> iov{};
@@ -319,6 +435,7 @@ result<record_header> segment_file::read_header(std::uint64_t offset) const {
 }
 
 result<void> segment_file::truncate(std::uint64_t bytes) {
+  unmap(); // never leave a mapping over bytes that are gone
   if (::ftruncate(fd_, static_cast<off_t>(bytes)) != 0)
     return make_error(errc::io_error,
                       "cannot truncate " + path_ + ": " + errno_text(errno));

@@ -118,7 +118,11 @@ public:
 
   /// Reads the record at `offset` into `payload` (exactly its payload size)
   /// and checks it: header checksum, key, size, payload checksum.
-  /// errc::checksum_mismatch for any mismatch or a short read.
+  /// errc::checksum_mismatch for any mismatch or a short read. Reads through
+  /// a memory mapping (checksum and copy in one pass; an I/O error while
+  /// touching it, SIGBUS, is caught and returned as errc::io_error), or with
+  /// preadv where the file cannot be mapped. On a mismatch `payload` is
+  /// zeroed.
   [[nodiscard]] result<record_header> read(std::uint64_t offset,
                                            const block_key& expect_key,
                                            std::span<std::byte> payload) const;
@@ -133,10 +137,26 @@ public:
   [[nodiscard]] result<void> sync();
 
 private:
+  /// Maps the file read-only up to at least `end` bytes; false when mmap
+  /// fails (read() then falls back to preadv).
+  bool map_to(std::uint64_t end) const;
+  void unmap() const noexcept;
+  [[nodiscard]] result<record_header> read_mapped(std::uint64_t offset,
+                                                  const block_key& expect_key,
+                                                  std::span<std::byte> payload) const;
+  [[nodiscard]] result<record_header> read_pread(std::uint64_t offset,
+                                                 const block_key& expect_key,
+                                                 std::span<std::byte> payload) const;
+
   int fd_ = -1;
   std::uint64_t id_ = 0;
   std::uint64_t size_ = 0;
   std::string path_;
+  // Read-only shared mapping used by read(): one pass over the page cache
+  // that verifies and copies, instead of a kernel copy then a checksum pass.
+  // Only the I/O thread reads, so the lazily grown mapping needs no lock.
+  mutable const std::byte* map_ = nullptr;
+  mutable std::size_t map_len_ = 0;
 };
 
 } // namespace kvfleet::engine
