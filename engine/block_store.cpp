@@ -725,7 +725,7 @@ result<process_result> block_store::process(ns_id ns,
     const std::size_t on_disk = disk_prefix(**st_r, keys.subspan(next));
     if (on_disk > 0) {
       const std::size_t done =
-          promote(ns, keys.subspan(next, on_disk), parent, producer, opts);
+          promote_now(ns, keys.subspan(next, on_disk), parent, producer, opts);
       // Blocks promoted count as hits up to the first that had to be
       // recomputed; all of them are cached now.
       out.disk_blocks = done;
@@ -1148,11 +1148,10 @@ result<void> block_store::mark_written(put_handle& h, std::uint64_t checksum) {
   return {};
 }
 
-std::size_t block_store::promote(ns_id ns, std::span<const block_key> keys,
-                                 const block_key& parent, kv_producer& producer,
-                                 const put_options& options) {
-  promote_handles_.clear();
-  promote_ids_.clear();
+void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
+                                   const block_key& parent,
+                                   const put_options& options,
+                                   std::vector<promotion>& into) {
   const nanos wall = disk_clock().now();
   block_key par = parent;
   for (const block_key& k : keys) {
@@ -1167,40 +1166,68 @@ std::size_t block_store::promote(ns_id ns, std::span<const block_key> keys,
     }
     auto h = reserve(ns, k, par, o);
     if (!h) break;
-    disk_request_id id{};
-    if (!h->already_cached()) {
+    promotion p;
+    if (h->already_cached()) {
+      p.answered = true;
+    } else {
       const entry& e = entries_[h->id_];
-      id = disk_->fetch_into(k, {host_ptr(e), e.stored_bytes});
+      p.id = disk_->fetch_into(k, {host_ptr(e), e.stored_bytes});
     }
-    promote_handles_.push_back(std::move(*h));
-    promote_ids_.push_back(id);
+    p.handle = std::move(*h);
+    into.push_back(std::move(p));
     par = k;
   }
-  if (promote_handles_.empty()) return 0;
+}
+
+void block_store::drain_disk() {
+  disk_->drain_completions([this](disk_completion&& c) {
+    if (c.op == disk_op::spill && !c.status.has_value()) ++stats_.spill_failures;
+    if (c.op != disk_op::fetch) return;
+    for (auto* list : {&promote_batch_, &pending_promotions_})
+      for (promotion& p : *list)
+        if (!p.answered && p.id == c.id) {
+          p.answered = true;
+          if (c.status.has_value()) p.checksum = c.checksum;
+        }
+  });
+  // Finish the asynchronous promotions that were answered, in order; one
+  // that failed on disk is dropped (its put aborted), never served.
+  std::size_t kept = 0;
+  for (promotion& p : pending_promotions_) {
+    if (!p.answered) {
+      pending_promotions_[kept++] = std::move(p);
+      continue;
+    }
+    const bool ok = (p.handle.already_cached() || p.checksum) &&
+                    mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
+                    commit(p.handle).has_value();
+    if (ok && !p.handle.already_cached()) ++stats_.disk_block_hits;
+    if (!ok) ++stats_.promotion_failures;
+    p.handle = put_handle{}; // aborts a put that did not commit
+  }
+  pending_promotions_.resize(kept);
+}
+
+std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
+                                     const block_key& parent, kv_producer& producer,
+                                     const put_options& options) {
+  promote_batch_.clear();
+  issue_promotions(ns, keys, parent, options, promote_batch_);
+  if (promote_batch_.empty()) return 0;
   // The I/O thread reads into the reserved slots: they must not be touched,
   // or freed, until it has answered, however long a sick disk takes.
   while (!disk_->wait_idle(std::chrono::seconds(30)))
     std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
                          "still waiting for a promotion\n");
-  promote_status_.assign(promote_handles_.size(), std::nullopt);
-  disk_->drain_completions([this](disk_completion&& c) {
-    if (c.op == disk_op::fetch) {
-      for (std::size_t i = 0; i < promote_ids_.size(); ++i)
-        if (promote_ids_[i] == c.id && c.status.has_value()) promote_status_[i] = c.checksum;
-    } else if (c.op == disk_op::spill && !c.status.has_value()) {
-      ++stats_.spill_failures;
-    }
-  });
+  drain_disk();
   std::size_t hits = 0;
   bool contiguous = true;
-  for (std::size_t i = 0; i < promote_handles_.size(); ++i) {
-    put_handle& h = promote_handles_[i];
+  for (promotion& p : promote_batch_) {
+    put_handle& h = p.handle;
     bool ok = false;
-    if (h.already_cached()) {
-      ok = mark_written(h, 0).has_value() && commit(h).has_value();
-    } else if (promote_status_[i]) {
-      ok = mark_written(h, *promote_status_[i]).has_value() && commit(h).has_value();
-    }
+    if (h.already_cached() || p.checksum)
+      ok = mark_written(h, p.checksum.value_or(0)).has_value() &&
+           commit(h).has_value();
     if (!ok && !h.already_cached()) {
       // Missing or damaged on disk: compute it, never serve it wrong.
       ++stats_.promotion_failures;
@@ -1211,15 +1238,27 @@ std::size_t block_store::promote(ns_id ns, std::span<const block_key> keys,
     if (contiguous) ++hits;
   }
   stats_.disk_block_hits += hits;
-  promote_handles_.clear(); // aborts any put left open by a break above
+  promote_batch_.clear(); // aborts any put left open by a break above
   return hits;
 }
 
+result<std::size_t> block_store::promote(ns_id ns, std::span<const block_key> keys,
+                                         const put_options& options) {
+  auto st = check_ns(ns);
+  if (!st) return unexpected<error>(st.error());
+  if (!disk_) return std::size_t{0};
+  poll_disk();
+  const std::size_t in_memory = walk_prefix(ns, keys, now());
+  const std::size_t on_disk = disk_prefix(**st, keys.subspan(in_memory));
+  const std::size_t before = pending_promotions_.size();
+  issue_promotions(ns, keys.subspan(in_memory, on_disk),
+                   in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
+                   pending_promotions_);
+  return pending_promotions_.size() - before;
+}
+
 void block_store::poll_disk() {
-  if (!disk_) return;
-  disk_->drain_completions([this](disk_completion&& c) {
-    if (c.op == disk_op::spill && !c.status.has_value()) ++stats_.spill_failures;
-  });
+  if (disk_) drain_disk();
 }
 
 result<block_store::tier_prefix>

@@ -275,9 +275,22 @@ public:
   /// many blocks were written; errc::invalid_argument without a disk tier,
   /// errc::io_error on timeout.
   [[nodiscard]] result<std::size_t> persist(nanos timeout = std::chrono::seconds(60));
-  /// Collects the disk tier's finished requests (spill failures are counted).
-  /// process() does this itself; an owner that is otherwise idle may call it.
+  /// Starts promoting the blocks of `keys` that follow its cached prefix on
+  /// disk, without waiting: slots are reserved and the disk tier's I/O thread
+  /// reads into them. The blocks become visible when poll_disk() collects
+  /// the answers (a block that fails its checksum on disk is dropped and
+  /// counted, never served). Returns how many promotions started. This is
+  /// the path for an owner that must not wait (an actor: it polls when the
+  /// tier's on_completion hook tells it to); process() promotes and waits.
+  [[nodiscard]] result<std::size_t> promote(ns_id ns, std::span<const block_key> keys,
+                                            const put_options& options = {});
+  /// Collects the disk tier's finished requests: commits promotions that
+  /// arrived, counts spill failures. process() and promote() call it too.
   void poll_disk();
+  /// Promotions started by promote() and not yet collected.
+  [[nodiscard]] std::size_t pending_promotions() const noexcept {
+    return pending_promotions_.size();
+  }
 
   /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
   /// tier a pinned block is written through to disk with its pin.
@@ -341,9 +354,19 @@ private:
   void evict(std::uint32_t id);
   [[nodiscard]] std::size_t disk_prefix(const ns_state& st,
                                         std::span<const block_key> keys) const;
-  std::size_t promote(ns_id ns, std::span<const block_key> keys,
-                      const block_key& parent, kv_producer& producer,
-                      const put_options& options);
+  struct promotion {
+    disk_request_id id{};
+    put_handle handle;
+    std::optional<std::uint64_t> checksum; ///< set when read and verified
+    bool answered = false;
+  };
+  void issue_promotions(ns_id ns, std::span<const block_key> keys,
+                        const block_key& parent, const put_options& options,
+                        std::vector<promotion>& into);
+  void drain_disk();
+  std::size_t promote_now(ns_id ns, std::span<const block_key> keys,
+                          const block_key& parent, kv_producer& producer,
+                          const put_options& options);
   [[nodiscard]] result<void> mark_written(put_handle& h, std::uint64_t checksum);
   [[nodiscard]] const clock_source& disk_clock() const noexcept;
   /// Zeroes `out`, counts and drops a block that failed its checksum.
@@ -370,9 +393,8 @@ private:
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
   std::vector<std::byte> scratch2_;
   std::vector<read_lease> process_leases_; ///< process()'s leases, reused
-  std::vector<put_handle> promote_handles_; ///< promote()'s puts, reused
-  std::vector<disk_request_id> promote_ids_;
-  std::vector<std::optional<std::uint64_t>> promote_status_;
+  std::vector<promotion> promote_batch_;       ///< process()'s, reused
+  std::vector<promotion> pending_promotions_; ///< promote()'s, in flight
   /// Declared last so it is destroyed first: its I/O thread may still be
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;

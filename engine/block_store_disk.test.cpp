@@ -116,6 +116,36 @@ TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
   for (const auto& k : a) expect_correct(k);
 }
 
+TEST_F(store_disk_test, promote_does_not_wait_and_poll_makes_blocks_visible) {
+  const auto a = chain(1, 4);
+  run(a);
+  for (std::uint64_t i = 0; i < 10; ++i) run(chain(1000 * (i + 1), 4));
+  ASSERT_FALSE(store_->contains(ns_, a[0]));
+  auto started = store_->promote(ns_, a);
+  ASSERT_TRUE(started.has_value()) << started.error().describe();
+  EXPECT_EQ(*started, 4U);
+  EXPECT_EQ(store_->pending_promotions(), 4U);
+  // Reserved, not visible: a reader never sees a block still being read.
+  EXPECT_EQ(*store_->lookup(ns_, a), 0U);
+  store_->check_invariants();
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  store_->poll_disk();
+  EXPECT_EQ(store_->pending_promotions(), 0U);
+  EXPECT_EQ(*store_->lookup(ns_, a), 4U);
+  EXPECT_EQ(store_->stats().disk_block_hits, 4U);
+  for (const auto& k : a) expect_correct(k);
+  EXPECT_EQ(store_->promote(ns_id{7}, a).error().code, errc::unknown_namespace);
+  store_->check_invariants();
+}
+
+TEST_F(store_disk_test, a_store_destroyed_with_promotions_in_flight_is_clean) {
+  const auto a = chain(1, 4);
+  run(a);
+  for (std::uint64_t i = 0; i < 10; ++i) run(chain(1000 * (i + 1), 4));
+  ASSERT_EQ(*store_->promote(ns_, a), 4U);
+  store_.reset(); // the tier finishes its reads into the arena first
+}
+
 TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   const auto a = chain(1, 6);
   run(a);
