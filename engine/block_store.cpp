@@ -23,7 +23,7 @@ std::string ns_name(std::uint16_t id) { return "namespace #" + std::to_string(id
 int compression_rank(codec c) noexcept {
   switch (c) {
   case codec::none: return 0;
-  case codec::fp8: return 1;
+  case codec::fp8:
   case codec::int8: return 1;
   case codec::int4: return 2;
   }

@@ -5,7 +5,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
+#include <system_error>
 
 namespace kvfleet::engine {
 
@@ -18,7 +20,8 @@ host_memory_backend::create(std::size_t bytes) {
   if (p == MAP_FAILED)
     return make_error(errc::out_of_memory,
                       "cannot map " + std::to_string(bytes) +
-                          " bytes of host memory: " + std::strerror(errno));
+                          " bytes of host memory: " +
+                          std::generic_category().message(errno));
   // Huge pages cut TLB misses (failure is harmless); then fault the whole
   // arena in up front so no put pays for a page fault.
   (void)::madvise(p, bytes, MADV_HUGEPAGE);
