@@ -87,7 +87,7 @@ void read_lease::release() noexcept {
 put_handle& put_handle::operator=(put_handle&& other) noexcept {
   if (this != &other) {
     if (store_ != nullptr && phase_ == phase::open && !duplicate_)
-      store_->abort_reservation(id_);
+      store_->abort_if_current(id_, generation_);
     store_ = other.store_;
     id_ = other.id_;
     generation_ = other.generation_;
@@ -103,7 +103,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
 
 put_handle::~put_handle() {
   if (store_ != nullptr && phase_ == phase::open && !duplicate_)
-    store_->abort_reservation(id_);
+    store_->abort_if_current(id_, generation_);
 }
 
 // ---------------------------------------------------------------- creation
@@ -173,7 +173,13 @@ block_store::block_store(const store_config& config,
   }
 }
 
-block_store::~block_store() = default;
+block_store::~block_store() {
+  // Reads into reserved slots finish before the slots are given back, and
+  // children's puts are aborted before their parents'.
+  if (disk_) (void)disk_->wait_idle();
+  abort_in_reverse(pending_promotions_);
+  abort_in_reverse(promote_batch_);
+}
 
 result<ns_id> block_store::register_namespace(const namespace_spec& spec,
                                               const namespace_options& options) {
@@ -668,10 +674,20 @@ result<void> block_store::abort(put_handle& h) {
   return {};
 }
 
+void block_store::abort_if_current(std::uint32_t id, std::uint32_t generation) noexcept {
+  if (id < entries_.size() && entries_[id].generation == generation &&
+      (entries_[id].state == entry_state::reserved ||
+       entries_[id].state == entry_state::written))
+    abort_reservation(id);
+}
+
 void block_store::abort_reservation(std::uint32_t id) noexcept {
   entry& e = entries_[id];
   KVFLEET_CHECK(e.state == entry_state::reserved || e.state == entry_state::written,
                 "abort of a block that is not being put");
+  // Children are aborted before their parents (callers abort in reverse
+  // order), so a reserved child never points at a freed parent.
+  KVFLEET_CHECK(e.children == 0, "abort of a block whose child is still being put");
   const std::uint32_t pid = e.parent;
   pool_.free(e.slot);
   index_.erase(e.key);
@@ -1152,6 +1168,7 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
                                    const block_key& parent,
                                    const put_options& options,
                                    std::vector<promotion>& into) {
+  ++promote_group_;
   const nanos wall = disk_clock().now();
   block_key par = parent;
   for (const block_key& k : keys) {
@@ -1167,6 +1184,7 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
     auto h = reserve(ns, k, par, o);
     if (!h) break;
     promotion p;
+    p.group = promote_group_;
     if (h->already_cached()) {
       p.answered = true;
     } else {
@@ -1190,22 +1208,42 @@ void block_store::drain_disk() {
           if (c.status.has_value()) p.checksum = c.checksum;
         }
   });
-  // Finish the asynchronous promotions that were answered, in order; one
-  // that failed on disk is dropped (its put aborted), never served.
-  std::size_t kept = 0;
-  for (promotion& p : pending_promotions_) {
-    if (!p.answered) {
-      pending_promotions_[kept++] = std::move(p);
-      continue;
+  // Finish each promote() call's chain once all of it is answered: commit
+  // the blocks up to the first that failed on disk, abort the rest (their
+  // parent is missing). A failed block is never served.
+  std::size_t done = 0;
+  while (done < pending_promotions_.size()) {
+    const std::uint64_t group = pending_promotions_[done].group;
+    std::size_t end = done;
+    bool ready = true;
+    while (end < pending_promotions_.size() &&
+           pending_promotions_[end].group == group) {
+      ready = ready && pending_promotions_[end].answered;
+      ++end;
     }
-    const bool ok = (p.handle.already_cached() || p.checksum) &&
-                    mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
-                    commit(p.handle).has_value();
-    if (ok && !p.handle.already_cached()) ++stats_.disk_block_hits;
-    if (!ok) ++stats_.promotion_failures;
-    p.handle = put_handle{}; // aborts a put that did not commit
+    if (!ready) break; // later groups wait too, so completions stay in order
+    std::size_t ok_until = done;
+    for (; ok_until < end; ++ok_until) {
+      promotion& p = pending_promotions_[ok_until];
+      const bool ok = (p.handle.already_cached() || p.checksum) &&
+                      mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
+                      commit(p.handle).has_value();
+      if (!ok) break;
+      if (!p.handle.already_cached()) ++stats_.disk_block_hits;
+    }
+    stats_.promotion_failures += end - ok_until;
+    for (std::size_t i = end; i > ok_until; --i)
+      pending_promotions_[i - 1].handle = put_handle{}; // children first
+    done = end;
   }
-  pending_promotions_.resize(kept);
+  pending_promotions_.erase(pending_promotions_.begin(),
+                            pending_promotions_.begin() +
+                                static_cast<std::ptrdiff_t>(done));
+}
+
+void block_store::abort_in_reverse(std::vector<promotion>& list) noexcept {
+  for (std::size_t i = list.size(); i > 0; --i) list[i - 1].handle = put_handle{};
+  list.clear();
 }
 
 std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
@@ -1238,7 +1276,7 @@ std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
     if (contiguous) ++hits;
   }
   stats_.disk_block_hits += hits;
-  promote_batch_.clear(); // aborts any put left open by a break above
+  abort_in_reverse(promote_batch_); // what a break above left open
   return hits;
 }
 

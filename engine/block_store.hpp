@@ -340,6 +340,8 @@ private:
   void touch(std::uint32_t id);
   void release_lease(std::uint32_t id) noexcept;
   void abort_reservation(std::uint32_t id) noexcept;
+  /// Aborts the put of entry `id` if it is still that put (same generation).
+  void abort_if_current(std::uint32_t id, std::uint32_t generation) noexcept;
   [[nodiscard]] result<void> check_open(const put_handle& h) const;
   [[nodiscard]] size_partition partition_for(std::uint32_t request_tokens) const;
   [[nodiscard]] result<void> make_room(size_partition p, std::uint16_t cls);
@@ -358,8 +360,10 @@ private:
     disk_request_id id{};
     put_handle handle;
     std::optional<std::uint64_t> checksum; ///< set when read and verified
+    std::uint64_t group = 0; ///< one chain: the promotions of one call
     bool answered = false;
   };
+  static void abort_in_reverse(std::vector<promotion>& list) noexcept;
   void issue_promotions(ns_id ns, std::span<const block_key> keys,
                         const block_key& parent, const put_options& options,
                         std::vector<promotion>& into);
@@ -395,6 +399,7 @@ private:
   std::vector<read_lease> process_leases_; ///< process()'s leases, reused
   std::vector<promotion> promote_batch_;       ///< process()'s, reused
   std::vector<promotion> pending_promotions_; ///< promote()'s, in flight
+  std::uint64_t promote_group_ = 0;
   /// Declared last so it is destroyed first: its I/O thread may still be
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;

@@ -146,6 +146,44 @@ TEST_F(store_disk_test, a_store_destroyed_with_promotions_in_flight_is_clean) {
   store_.reset(); // the tier finishes its reads into the arena first
 }
 
+TEST_F(store_disk_test, a_chain_that_breaks_on_disk_keeps_only_its_good_prefix) {
+  const auto a = chain(1, 4);
+  run(a);
+  ASSERT_TRUE(store_->persist().has_value());
+  // Damage the second block's record only.
+  const auto info = store_->disk()->lookup(a[1]);
+  ASSERT_TRUE(info.has_value());
+  open();
+  bool damaged = false;
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    if (e.path().extension() != ".kvs") continue;
+    // Records are appended in commit order: header 80 bytes, then payload.
+    std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
+    const std::streamoff second_payload = 32 + (80 + 4096) + 80 + 100;
+    f.seekg(second_payload);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x5a);
+    f.seekp(second_payload);
+    f.write(&c, 1);
+    damaged = true;
+  }
+  ASSERT_TRUE(damaged);
+  ASSERT_EQ(*store_->promote(ns_, a), 4U);
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  store_->poll_disk();
+  store_->check_invariants();
+  EXPECT_EQ(*store_->lookup(ns_, a), 1U);
+  EXPECT_EQ(store_->stats().disk_block_hits, 1U);
+  EXPECT_EQ(store_->stats().promotion_failures, 3U);
+  EXPECT_EQ(store_->block_count(), 1U); // nothing left half-promoted
+  expect_correct(a[0]);
+  // The request still gets every block, the damaged ones recomputed.
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 1U + r.disk_blocks);
+  for (const auto& k : a) expect_correct(k);
+}
+
 TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   const auto a = chain(1, 6);
   run(a);
