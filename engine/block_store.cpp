@@ -91,6 +91,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     store_ = other.store_;
     id_ = other.id_;
     generation_ = other.generation_;
+    started_ = other.started_;
     key_ = other.key_;
     phase_ = other.phase_;
     duplicate_ = other.duplicate_;
@@ -473,6 +474,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       h.key_ = key;
       h.phase_ = put_handle::phase::open;
       h.duplicate_ = true;
+      h.started_ = start.count();
       ++stats_.reserves;
       return h;
     }
@@ -531,6 +533,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   h.generation_ = e.generation;
   h.key_ = key;
   h.phase_ = put_handle::phase::open;
+  h.started_ = start.count();
   return h;
 }
 
@@ -631,6 +634,7 @@ result<void> block_store::commit(put_handle& h) {
                       "put of block " + h.key_.to_hex() + " committed before write");
   }
   h.phase_ = put_handle::phase::committed;
+  stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
     ++stats_.duplicate_puts;
     touch(h.id_);
@@ -700,6 +704,85 @@ void block_store::abort_reservation(std::uint32_t id) noexcept {
     --entries_[pid].children;
     refresh_evictable(pid);
   }
+}
+
+// ---------------------------------------------------------------- tokens
+
+result<std::size_t> block_store::put_tokens(ns_id ns,
+                                            std::span<const std::uint32_t> tokens,
+                                            std::span<const std::byte> values,
+                                            const put_options& options) {
+  auto st_r = check_ns(ns);
+  if (!st_r) {
+    ++stats_.rejected_requests;
+    return unexpected<error>(st_r.error());
+  }
+  const ns_state& st = **st_r;
+  const std::size_t bt = st.spec.block_tokens;
+  if (tokens.empty() || tokens.size() % bt != 0) {
+    ++stats_.rejected_requests;
+    return make_error(errc::misaligned_tokens,
+                      std::to_string(tokens.size()) +
+                          " tokens are not a whole number of blocks of " +
+                          std::to_string(bt) + " tokens");
+  }
+  const std::size_t blocks = tokens.size() / bt;
+  const std::size_t vb = st.spec.value_bytes();
+  if (values.size() != blocks * vb) {
+    ++stats_.rejected_requests;
+    return make_error(errc::wrong_value_size,
+                      std::to_string(values.size()) + " bytes of values for " +
+                          std::to_string(blocks) + " blocks of " +
+                          std::to_string(vb) + " bytes");
+  }
+  token_keys_.clear();
+  chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
+  // Lease the cached prefix so making room for the rest cannot evict it.
+  auto matched = acquire_prefix(ns, token_keys_, token_leases_);
+  if (!matched) return unexpected<error>(matched.error());
+  put_options opts = options;
+  if (opts.request_tokens == 0)
+    opts.request_tokens = static_cast<std::uint32_t>(
+        std::min<std::size_t>(tokens.size(), 0xffffffffU));
+  token_puts_.clear();
+  auto undo = [this](const error& e) -> result<std::size_t> {
+    for (std::size_t i = token_puts_.size(); i > 0; --i)
+      token_puts_[i - 1] = put_handle{}; // children first
+    token_puts_.clear();
+    token_leases_.clear();
+    ++stats_.rejected_requests;
+    return unexpected<error>(e);
+  };
+  block_key parent = *matched > 0 ? token_keys_[*matched - 1] : block_key{};
+  for (std::size_t i = *matched; i < blocks; ++i) {
+    auto h = reserve(ns, token_keys_[i], parent, opts);
+    if (!h) return undo(h.error());
+    token_puts_.push_back(std::move(*h));
+    if (auto w = write(token_puts_.back(), values.subspan(i * vb, vb)); !w)
+      return undo(w.error());
+    parent = token_keys_[i];
+  }
+  for (put_handle& h : token_puts_)
+    if (auto c = commit(h); !c) return undo(c.error());
+  const std::size_t added = token_puts_.size();
+  token_puts_.clear();
+  token_leases_.clear();
+  return added;
+}
+
+result<std::size_t> block_store::lookup_tokens(ns_id ns,
+                                               std::span<const std::uint32_t> tokens) {
+  auto st_r = check_ns(ns);
+  if (!st_r) {
+    ++stats_.rejected_requests;
+    return unexpected<error>(st_r.error());
+  }
+  const ns_state& st = **st_r;
+  token_keys_.clear();
+  chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
+  auto n = lookup(ns, token_keys_);
+  if (!n) return n;
+  return *n * st.spec.block_tokens;
 }
 
 // ---------------------------------------------------------------- process

@@ -169,6 +169,7 @@ private:
   block_store* store_ = nullptr;
   std::uint32_t id_ = 0;
   std::uint32_t generation_ = 0;
+  std::int64_t started_ = 0; ///< reserve time, for the put latency histogram
   block_key key_{};
   phase phase_ = phase::none;
   bool duplicate_ = false;
@@ -248,6 +249,21 @@ public:
   [[nodiscard]] result<void> commit(put_handle& handle);
   /// Frees the reservation. Aborting twice, or after commit, is an error.
   [[nodiscard]] result<void> abort(put_handle& handle);
+
+  /// Token-level put: stores the KV of `tokens`, which must be a whole
+  /// number of blocks (errc::misaligned_tokens otherwise); `values` holds
+  /// one uncompressed value per block, in order (errc::wrong_value_size
+  /// otherwise). Blocks already cached are skipped. All or nothing: if any
+  /// block cannot be stored, none of this call's blocks is. Returns how many
+  /// blocks were added.
+  [[nodiscard]] result<std::size_t> put_tokens(ns_id ns,
+                                               std::span<const std::uint32_t> tokens,
+                                               std::span<const std::byte> values,
+                                               const put_options& options = {});
+  /// Token-level lookup: how many leading tokens of `tokens` are cached (a
+  /// multiple of the block size; a trailing partial block is never cached).
+  [[nodiscard]] result<std::size_t> lookup_tokens(ns_id ns,
+                                                  std::span<const std::uint32_t> tokens);
 
   /// Looks up the prefix, computes the missing blocks with `producer`,
   /// commits them and returns what was matched and computed. `keys` are the
@@ -400,6 +416,9 @@ private:
   std::vector<promotion> promote_batch_;       ///< process()'s, reused
   std::vector<promotion> pending_promotions_; ///< promote()'s, in flight
   std::uint64_t promote_group_ = 0;
+  std::vector<block_key> token_keys_;     ///< put_tokens()/lookup_tokens(), reused
+  std::vector<read_lease> token_leases_;
+  std::vector<put_handle> token_puts_;
   /// Declared last so it is destroyed first: its I/O thread may still be
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;

@@ -625,3 +625,58 @@ TEST_F(store_fixture, evict_bytes_frees_evictable_blocks_only) {
 
 } // namespace
 } // namespace kvfleet::engine
+
+namespace kvfleet::engine {
+namespace {
+
+TEST_F(store_fixture, token_puts_must_be_whole_blocks_and_are_all_or_nothing) {
+  open(16);
+  std::vector<std::uint32_t> tokens(48);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i) tokens[i] = 1000 + i;
+  std::vector<std::byte> values(3 * block_bytes, std::byte{7});
+  // 47 tokens: not a whole number of 16-token blocks.
+  auto r = store_->put_tokens(ns_, std::span(tokens).first(47), values);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::misaligned_tokens);
+  EXPECT_EQ(store_->put_tokens(ns_, {}, {}).error().code, errc::misaligned_tokens);
+  // Values for two blocks, tokens for three.
+  EXPECT_EQ(store_->put_tokens(ns_, tokens, std::span(values).first(2 * block_bytes))
+                .error()
+                .code,
+            errc::wrong_value_size);
+  EXPECT_EQ(store_->put_tokens(ns_id{3}, tokens, values).error().code,
+            errc::unknown_namespace);
+  EXPECT_EQ(store_->block_count(), 0U);
+  EXPECT_EQ(store_->used_bytes(), 0U);
+
+  auto added = store_->put_tokens(ns_, std::span(tokens).first(32),
+                                  std::span(values).first(2 * block_bytes));
+  ASSERT_TRUE(added.has_value()) << added.error().describe();
+  EXPECT_EQ(*added, 2U);
+  EXPECT_EQ(*store_->lookup_tokens(ns_, tokens), 32U);
+  EXPECT_EQ(*store_->put_tokens(ns_, tokens, values), 1U); // only the new block
+  EXPECT_EQ(*store_->lookup_tokens(ns_, tokens), 48U);
+  // A trailing partial block is never cached.
+  std::vector<std::uint32_t> longer = tokens;
+  longer.push_back(5);
+  EXPECT_EQ(*store_->lookup_tokens(ns_, longer), 48U);
+  EXPECT_GT(store_->stats().put_ns.count(), 0U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, a_token_put_that_cannot_fit_leaves_nothing) {
+  open(4, policy_kind::lru, false, 1);
+  std::vector<std::uint32_t> tokens(16 * 6);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i) tokens[i] = i;
+  std::vector<std::byte> values(6 * block_bytes, std::byte{1});
+  // Six chained blocks cannot fit four slots: none is kept.
+  auto r = store_->put_tokens(ns_, tokens, values);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->block_count(), 0U);
+  EXPECT_EQ(store_->used_bytes(), 0U);
+  store_->check_invariants();
+}
+
+} // namespace
+} // namespace kvfleet::engine
