@@ -16,15 +16,18 @@ namespace kvfleet::engine {
 
 class block_index {
 public:
-  static constexpr std::uint32_t npos = std::numeric_limits<std::uint32_t>::max();
+  static constexpr std::uint32_t npos =
+      std::numeric_limits<std::uint32_t>::max();
 
   block_index() { rehash(16); }
 
   /// Sizes the table for `n` keys without further growth.
   void reserve(std::size_t n) {
     std::size_t want = 16;
-    while (want < 2 * n) want *= 2;
-    if (want > buckets_.size()) rehash(want);
+    while (want < 2 * n)
+      want *= 2;
+    if (want > buckets_.size())
+      rehash(want);
   }
 
   /// Entry id of `key`, or npos.
@@ -32,15 +35,18 @@ public:
     std::size_t i = static_cast<std::size_t>(key.lo) & mask_;
     while (true) {
       const bucket& b = buckets_[i];
-      if (b.value == npos) return npos;
-      if (b.key == key) return b.value;
+      if (b.value == npos)
+        return npos;
+      if (b.key == key)
+        return b.value;
       i = (i + 1) & mask_;
     }
   }
 
   /// Adds `key` -> `value`. REQUIRES: key absent, value != npos.
   void insert(const block_key& key, std::uint32_t value) {
-    if (2 * (size_ + 1) > buckets_.size()) rehash(buckets_.size() * 2);
+    if (2 * (size_ + 1) > buckets_.size())
+      rehash(buckets_.size() * 2);
     place(key, value);
     ++size_;
   }
@@ -49,8 +55,10 @@ public:
   bool erase(const block_key& key) noexcept {
     std::size_t i = static_cast<std::size_t>(key.lo) & mask_;
     while (true) {
-      if (buckets_[i].value == npos) return false;
-      if (buckets_[i].key == key) break;
+      if (buckets_[i].value == npos)
+        return false;
+      if (buckets_[i].key == key)
+        break;
       i = (i + 1) & mask_;
     }
     // Backward-shift: pull later members of the probe run into the hole.
@@ -58,11 +66,13 @@ public:
     std::size_t j = i;
     while (true) {
       j = (j + 1) & mask_;
-      if (buckets_[j].value == npos) break;
-      const std::size_t home = static_cast<std::size_t>(buckets_[j].key.lo) & mask_;
+      if (buckets_[j].value == npos)
+        break;
+      const std::size_t home =
+          static_cast<std::size_t>(buckets_[j].key.lo) & mask_;
       // Move j into the hole when its home is not in (hole, j] cyclically.
-      const bool between = hole <= j ? (hole < home && home <= j)
-                                     : (hole < home || home <= j);
+      const bool between =
+          hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
       if (!between) {
         buckets_[hole] = buckets_[j];
         hole = j;
@@ -83,7 +93,8 @@ private:
 
   void place(const block_key& key, std::uint32_t value) noexcept {
     std::size_t i = static_cast<std::size_t>(key.lo) & mask_;
-    while (buckets_[i].value != npos) i = (i + 1) & mask_;
+    while (buckets_[i].value != npos)
+      i = (i + 1) & mask_;
     buckets_[i] = bucket{key, value};
   }
 
@@ -93,7 +104,8 @@ private:
     buckets_.assign(n, bucket{});
     mask_ = n - 1;
     for (const bucket& b : old)
-      if (b.value != npos) place(b.key, b.value);
+      if (b.value != npos)
+        place(b.key, b.value);
   }
 
   std::vector<bucket> buckets_;

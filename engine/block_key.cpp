@@ -29,7 +29,9 @@ void write_header(unsigned char* p, const block_key& parent,
   internal::store_le64(p + 24, ns.lo);
 }
 
-block_key finish(const XXH128_hash_t& h) { return {h.high64, h.low64}; }
+block_key finish(const XXH128_hash_t& h) {
+  return {h.high64, h.low64};
+}
 
 } // namespace
 
@@ -51,7 +53,8 @@ block_key chain_key(const block_key& parent, const ns_fingerprint& ns,
       fill = 0;
     }
   }
-  if (fill > 0) XXH3_128bits_update(&state, buf.data(), fill);
+  if (fill > 0)
+    XXH3_128bits_update(&state, buf.data(), fill);
   return finish(XXH3_128bits_digest(&state));
 }
 
@@ -67,12 +70,14 @@ block_key chain_key_from_id(const block_key& parent, const ns_fingerprint& ns,
 void chain_keys(const ns_fingerprint& ns, std::uint32_t block_tokens,
                 std::span<const std::uint32_t> tokens,
                 std::vector<block_key>& out) {
-  if (block_tokens == 0) return;
+  if (block_tokens == 0)
+    return;
   block_key parent{};
   const std::size_t blocks = tokens.size() / block_tokens;
   out.reserve(out.size() + blocks);
   for (std::size_t i = 0; i < blocks; ++i) {
-    parent = chain_key(parent, ns, tokens.subspan(i * block_tokens, block_tokens));
+    parent =
+        chain_key(parent, ns, tokens.subspan(i * block_tokens, block_tokens));
     out.push_back(parent);
   }
 }

@@ -24,14 +24,16 @@ namespace_spec test_spec() {
 }
 
 void le64(std::vector<unsigned char>& b, std::uint64_t v) {
-  for (int i = 0; i < 8; ++i) b.push_back(static_cast<unsigned char>(v >> (8 * i)));
+  for (int i = 0; i < 8; ++i)
+    b.push_back(static_cast<unsigned char>(v >> (8 * i)));
 }
 
 TEST(block_key, fixed_vectors_do_not_change) {
   // These literals pin the key format: if they change, every cached block
   // on every machine stops matching. Change them only with a format version.
   const auto fp = test_spec().fingerprint();
-  EXPECT_EQ(block_key({fp.hi, fp.lo}).to_hex(), "f268c56aa484051d296931c0f2cbfe38");
+  EXPECT_EQ(block_key({fp.hi, fp.lo}).to_hex(),
+            "f268c56aa484051d296931c0f2cbfe38");
   std::vector<std::uint32_t> tokens(8);
   std::iota(tokens.begin(), tokens.end(), 1U);
   std::vector<block_key> keys;
@@ -51,8 +53,10 @@ TEST(block_key, chain_key_matches_the_documented_byte_layout) {
   le64(buf, fp.hi);
   le64(buf, fp.lo);
   for (auto t : tokens)
-    for (int i = 0; i < 4; ++i) buf.push_back(static_cast<unsigned char>(t >> (8 * i)));
-  const XXH128_hash_t h = XXH3_128bits_withSeed(buf.data(), buf.size(), hash_seed);
+    for (int i = 0; i < 4; ++i)
+      buf.push_back(static_cast<unsigned char>(t >> (8 * i)));
+  const XXH128_hash_t h =
+      XXH3_128bits_withSeed(buf.data(), buf.size(), hash_seed);
   const block_key k = chain_key(parent, fp, tokens);
   EXPECT_EQ(k.hi, h.high64);
   EXPECT_EQ(k.lo, h.low64);

@@ -7,14 +7,17 @@
 namespace kvfleet::engine {
 
 namespace {
-std::size_t round_up(std::size_t n, std::size_t a) { return (n + a - 1) / a * a; }
+std::size_t round_up(std::size_t n, std::size_t a) {
+  return (n + a - 1) / a * a;
+}
 } // namespace
 
 block_pool::block_pool(std::size_t slab_bytes, std::uint32_t slabs)
     : slab_bytes_(slab_bytes), slabs_(slabs) {
   free_slabs_.reserve(slabs);
   // Hand out low slabs first: keeps the used part of the arena compact.
-  for (std::uint32_t i = slabs; i > 0; --i) free_slabs_.push_back(i - 1);
+  for (std::uint32_t i = slabs; i > 0; --i)
+    free_slabs_.push_back(i - 1);
 }
 
 result<block_pool> block_pool::create(std::size_t arena_bytes,
@@ -27,10 +30,10 @@ result<block_pool> block_pool::create(std::size_t arena_bytes,
                       "slab size must be at least " +
                           std::to_string(slot_alignment) + " bytes");
   if (slab_bytes > arena_bytes)
-    return make_error(errc::invalid_argument,
-                      "slab size " + std::to_string(slab_bytes) +
-                          " exceeds the arena size " +
-                          std::to_string(arena_bytes));
+    return make_error(errc::invalid_argument, "slab size " +
+                                                  std::to_string(slab_bytes) +
+                                                  " exceeds the arena size " +
+                                                  std::to_string(arena_bytes));
   const std::size_t slabs = arena_bytes / slab_bytes;
   if (slabs >= none)
     return make_error(errc::invalid_argument, "too many slabs");
@@ -47,7 +50,8 @@ result<std::uint16_t> block_pool::size_class_for(std::size_t bytes) {
                           std::to_string(slab_bytes_) + " bytes)");
   const std::size_t slot = round_up(bytes, slot_alignment);
   for (std::size_t i = 0; i < classes_.size(); ++i)
-    if (classes_[i].slot_bytes == slot) return static_cast<std::uint16_t>(i);
+    if (classes_[i].slot_bytes == slot)
+      return static_cast<std::uint16_t>(i);
   if (classes_.size() >= no_class)
     return make_error(errc::invalid_argument, "too many size classes");
   classes_.push_back(class_state{slot, none});
@@ -87,13 +91,15 @@ result<slot_ref> block_pool::allocate(std::uint16_t cls) {
     index = slab.bumped++;
   }
   ++slab.used;
-  if (slab.used == slab.capacity) unlink(s);
+  if (slab.used == slab.capacity)
+    unlink(s);
   used_bytes_ += c.slot_bytes;
   return slot_ref{s, index, cls};
 }
 
 void block_pool::free(slot_ref slot) {
-  KVFLEET_CHECK(slot.valid() && slot.slab < slabs_.size(), "free of a bad slot");
+  KVFLEET_CHECK(slot.valid() && slot.slab < slabs_.size(),
+                "free of a bad slot");
   slab_state& slab = slabs_[slot.slab];
   KVFLEET_CHECK(slab.size_class == slot.size_class && slab.used > 0,
                 "free of a slot the pool did not hand out");
@@ -101,20 +107,23 @@ void block_pool::free(slot_ref slot) {
   --slab.used;
   used_bytes_ -= classes_[slot.size_class].slot_bytes;
   if (slab.used == 0) {
-    if (!was_full) unlink(slot.slab);
+    if (!was_full)
+      unlink(slot.slab);
     slab.size_class = no_class;
     slab.free_slots.clear();
     free_slabs_.push_back(slot.slab);
     return;
   }
   slab.free_slots.push_back(slot.index);
-  if (was_full) link(slot.slab);
+  if (was_full)
+    link(slot.slab);
 }
 
 std::size_t block_pool::smallest_slot_bytes() const noexcept {
   std::size_t best = 0;
   for (const auto& c : classes_)
-    if (best == 0 || c.slot_bytes < best) best = c.slot_bytes;
+    if (best == 0 || c.slot_bytes < best)
+      best = c.slot_bytes;
   return best;
 }
 
@@ -123,7 +132,8 @@ void block_pool::link(std::uint32_t s) {
   class_state& c = classes_[slab.size_class];
   slab.prev = none;
   slab.next = c.with_room;
-  if (c.with_room != none) slabs_[c.with_room].prev = s;
+  if (c.with_room != none)
+    slabs_[c.with_room].prev = s;
   c.with_room = s;
   slab.listed = true;
 }
@@ -135,7 +145,8 @@ void block_pool::unlink(std::uint32_t s) {
     slabs_[slab.prev].next = slab.next;
   else
     c.with_room = slab.next;
-  if (slab.next != none) slabs_[slab.next].prev = slab.prev;
+  if (slab.next != none)
+    slabs_[slab.next].prev = slab.prev;
   slab.prev = slab.next = none;
   slab.listed = false;
 }

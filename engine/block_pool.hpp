@@ -22,7 +22,8 @@ namespace kvfleet::engine {
 
 /// A slot in the pool. Default-constructed slots are invalid.
 struct slot_ref {
-  static constexpr std::uint32_t npos = std::numeric_limits<std::uint32_t>::max();
+  static constexpr std::uint32_t npos =
+      std::numeric_limits<std::uint32_t>::max();
   std::uint32_t slab = npos;
   std::uint32_t index = 0;
   std::uint16_t size_class = 0;
@@ -90,11 +91,11 @@ private:
 
   struct slab_state {
     std::uint16_t size_class = no_class;
-    std::uint32_t used = 0;        // allocated slots
-    std::uint32_t bumped = 0;      // slots ever handed out since assignment
-    std::uint32_t capacity = 0;    // slots in this slab for its class
+    std::uint32_t used = 0;     // allocated slots
+    std::uint32_t bumped = 0;   // slots ever handed out since assignment
+    std::uint32_t capacity = 0; // slots in this slab for its class
     std::vector<std::uint32_t> free_slots; // freed indexes below `bumped`
-    std::uint32_t prev = none;     // in its class's list of slabs with room
+    std::uint32_t prev = none; // in its class's list of slabs with room
     std::uint32_t next = none;
     bool listed = false;
   };

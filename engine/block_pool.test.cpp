@@ -17,13 +17,16 @@ TEST(block_pool, classes_share_slabs_and_return_them_when_empty) {
   EXPECT_EQ(pool.slot_bytes(small), 1024U);
   EXPECT_EQ(*pool.size_class_for(1024), small);
   std::vector<slot_ref> bigs;
-  for (int i = 0; i < 3; ++i) bigs.push_back(*pool.allocate(big));
+  for (int i = 0; i < 3; ++i)
+    bigs.push_back(*pool.allocate(big));
   std::vector<slot_ref> smalls;
-  for (int i = 0; i < 4; ++i) smalls.push_back(*pool.allocate(small));
+  for (int i = 0; i < 4; ++i)
+    smalls.push_back(*pool.allocate(small));
   EXPECT_EQ(pool.free_slab_count(), 0U);
   EXPECT_EQ(pool.allocate(big).error().code, errc::out_of_memory);
   EXPECT_EQ(pool.allocate(small).error().code, errc::out_of_memory);
-  for (auto s : smalls) pool.free(s);
+  for (auto s : smalls)
+    pool.free(s);
   EXPECT_EQ(pool.free_slab_count(), 1U);
   EXPECT_TRUE(pool.allocate(big).has_value());
   pool.check_invariants();
@@ -50,16 +53,19 @@ TEST(block_pool, slots_do_not_overlap) {
   }
   std::vector<std::pair<std::size_t, std::size_t>> ranges;
   for (auto s : live)
-    ranges.emplace_back(pool.offset(s), pool.offset(s) + pool.slot_bytes(s.size_class));
+    ranges.emplace_back(pool.offset(s),
+                        pool.offset(s) + pool.slot_bytes(s.size_class));
   std::sort(ranges.begin(), ranges.end());
   for (std::size_t i = 1; i < ranges.size(); ++i)
     EXPECT_LE(ranges[i - 1].second, ranges[i].first);
-  for (auto& r : ranges) EXPECT_LE(r.second, pool.capacity_bytes());
+  for (auto& r : ranges)
+    EXPECT_LE(r.second, pool.capacity_bytes());
 }
 
 TEST(block_pool, bad_sizes_are_errors) {
   EXPECT_EQ(block_pool::create(0, 4096).error().code, errc::zero_capacity);
-  EXPECT_EQ(block_pool::create(4096, 8192).error().code, errc::invalid_argument);
+  EXPECT_EQ(block_pool::create(4096, 8192).error().code,
+            errc::invalid_argument);
   EXPECT_EQ(block_pool::create(4096, 10).error().code, errc::invalid_argument);
   auto pool = std::move(*block_pool::create(8192, 4096));
   EXPECT_EQ(pool.size_class_for(4097).error().code, errc::value_too_large);

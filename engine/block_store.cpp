@@ -17,15 +17,20 @@ constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
 
 enum class entry_state : std::uint8_t { free, reserved, written, committed };
 
-std::string ns_name(std::uint16_t id) { return "namespace #" + std::to_string(id); }
+std::string ns_name(std::uint16_t id) {
+  return "namespace #" + std::to_string(id);
+}
 
 // Codec rank by how much it compresses: fp8 and int8 take the same space.
 int compression_rank(codec c) noexcept {
   switch (c) {
-  case codec::none: return 0;
+  case codec::none:
+    return 0;
   case codec::fp8:
-  case codec::int8: return 1;
-  case codec::int4: return 2;
+  case codec::int8:
+    return 1;
+  case codec::int4:
+    return 2;
   }
   return 0;
 }
@@ -114,7 +119,8 @@ block_store::create(const store_config& config) {
   if (config.capacity_bytes == 0)
     return make_error(errc::zero_capacity, "store capacity is zero bytes");
   auto backend = host_memory_backend::create(config.capacity_bytes);
-  if (!backend) return unexpected<error>(backend.error());
+  if (!backend)
+    return unexpected<error>(backend.error());
   return create(config, std::move(*backend));
 }
 
@@ -125,7 +131,8 @@ block_store::create(const store_config& config,
     return make_error(errc::invalid_argument, "no memory backend given");
   if (backend->size() == 0)
     return make_error(errc::zero_capacity, "memory backend has zero bytes");
-  if (!(config.low_watermark > 0.0 && config.low_watermark <= config.high_watermark &&
+  if (!(config.low_watermark > 0.0 &&
+        config.low_watermark <= config.high_watermark &&
         config.high_watermark <= 1.0))
     return make_error(errc::invalid_argument,
                       "watermarks must satisfy 0 < low <= high <= 1 (got low " +
@@ -133,8 +140,9 @@ block_store::create(const store_config& config,
                           std::to_string(config.high_watermark) + ")");
   const auto& pc = config.partitions;
   if (pc.medium_from == 0 || pc.medium_from > pc.long_from)
-    return make_error(errc::invalid_argument,
-                      "partition bounds must satisfy 0 < medium_from <= long_from");
+    return make_error(
+        errc::invalid_argument,
+        "partition bounds must satisfy 0 < medium_from <= long_from");
   double share_sum = 0;
   for (double s : pc.shares) {
     if (!(s > 0.0))
@@ -156,13 +164,15 @@ block_store::create(const store_config& config,
                                    std::size_t{256} << 20);
   slab = std::min(slab, arena);
   auto pool = block_pool::create(arena, slab);
-  if (!pool) return unexpected<error>(pool.error());
+  if (!pool)
+    return unexpected<error>(pool.error());
   return std::unique_ptr<block_store>(
       new block_store(config, std::move(backend), std::move(*pool)));
 }
 
 block_store::block_store(const store_config& config,
-                         std::unique_ptr<memory_backend> backend, block_pool pool)
+                         std::unique_ptr<memory_backend> backend,
+                         block_pool pool)
     : config_(config),
       clock_(config.clock != nullptr ? config.clock
                                      : &steady_clock_source::instance()),
@@ -177,23 +187,27 @@ block_store::block_store(const store_config& config,
 block_store::~block_store() {
   // Reads into reserved slots finish before the slots are given back, and
   // children's puts are aborted before their parents'.
-  if (disk_) (void)disk_->wait_idle();
+  if (disk_)
+    (void)disk_->wait_idle();
   abort_in_reverse(pending_promotions_);
   abort_in_reverse(promote_batch_);
 }
 
-result<ns_id> block_store::register_namespace(const namespace_spec& spec,
-                                              const namespace_options& options) {
-  if (auto ok = spec.validate(); !ok) return unexpected<error>(ok.error());
+result<ns_id>
+block_store::register_namespace(const namespace_spec& spec,
+                                const namespace_options& options) {
+  if (auto ok = spec.validate(); !ok)
+    return unexpected<error>(ok.error());
   if (!is_valid(options.default_codec))
-    return make_error(errc::unknown_codec, "namespace '" + spec.model +
-                                               "': unknown default codec");
+    return make_error(errc::unknown_codec,
+                      "namespace '" + spec.model + "': unknown default codec");
   if (options.ttl.count() < 0)
-    return make_error(errc::invalid_argument, "namespace '" + spec.model +
-                                                  "': negative TTL");
+    return make_error(errc::invalid_argument,
+                      "namespace '" + spec.model + "': negative TTL");
   const ns_fingerprint fp = spec.fingerprint();
   for (std::size_t i = 0; i < namespaces_.size(); ++i)
-    if (namespaces_[i].fingerprint == fp) return ns_id{static_cast<std::uint16_t>(i)};
+    if (namespaces_[i].fingerprint == fp)
+      return ns_id{static_cast<std::uint16_t>(i)};
   if (namespaces_.size() >= 0xffff)
     return make_error(errc::invalid_argument, "too many namespaces");
   ns_state st{spec, options, fp, {}};
@@ -202,8 +216,8 @@ result<ns_id> block_store::register_namespace(const namespace_spec& spec,
     const std::size_t bytes = encoded_size(static_cast<codec>(c), elements);
     auto cls = pool_.size_class_for(bytes);
     if (!cls)
-      return make_error(cls.error().code,
-                        "namespace '" + spec.model + "': " + cls.error().message);
+      return make_error(cls.error().code, "namespace '" + spec.model +
+                                              "': " + cls.error().message);
     st.size_class[c] = *cls;
   }
   // Size the index and entry table for the most blocks this namespace can
@@ -211,11 +225,14 @@ result<ns_id> block_store::register_namespace(const namespace_spec& spec,
   const std::size_t most = std::min(
       max_reserved_entries,
       pool_.capacity_bytes() /
-          std::max<std::size_t>(1, pool_.slot_bytes(st.size_class[static_cast<std::size_t>(codec::int4)])));
+          std::max<std::size_t>(
+              1, pool_.slot_bytes(
+                     st.size_class[static_cast<std::size_t>(codec::int4)])));
   index_.reserve(std::max(most, index_.size()));
   entries_.reserve(std::max(most, entries_.size()));
   free_entries_.reserve(std::max(most, entries_.size()));
-  for (auto& p : policies_) p->reserve(most);
+  for (auto& p : policies_)
+    p->reserve(most);
   if (scratch_.size() < spec.value_bytes()) {
     scratch_.resize(spec.value_bytes());
     scratch2_.resize(spec.value_bytes());
@@ -233,17 +250,21 @@ result<const block_store::ns_state*> block_store::check_ns(ns_id ns) const {
 
 result<const namespace_spec*> block_store::spec(ns_id ns) const {
   auto st = check_ns(ns);
-  if (!st) return unexpected<error>(st.error());
+  if (!st)
+    return unexpected<error>(st.error());
   return &(*st)->spec;
 }
 
 // ---------------------------------------------------------------- lookup
 
-std::uint32_t block_store::find_visible(ns_id ns, const block_key& key, nanos t) {
+std::uint32_t block_store::find_visible(ns_id ns, const block_key& key,
+                                        nanos t) {
   const std::uint32_t id = index_.find(key);
-  if (id == npos) return npos;
+  if (id == npos)
+    return npos;
   entry& e = entries_[id];
-  if (e.state != entry_state::committed || e.dead || e.ns != ns.value) return npos;
+  if (e.state != entry_state::committed || e.dead || e.ns != ns.value)
+    return npos;
   if (e.expires_at != 0 && e.expires_at <= t.count()) {
     ++stats_.expirations;
     kill(id);
@@ -255,11 +276,13 @@ std::uint32_t block_store::find_visible(ns_id ns, const block_key& key, nanos t)
 std::size_t block_store::walk_prefix(ns_id ns, std::span<const block_key> keys,
                                      nanos t) {
   std::size_t n = 0;
-  while (n < keys.size() && find_visible(ns, keys[n], t) != npos) ++n;
+  while (n < keys.size() && find_visible(ns, keys[n], t) != npos)
+    ++n;
   return n;
 }
 
-result<std::size_t> block_store::lookup(ns_id ns, std::span<const block_key> keys) {
+result<std::size_t> block_store::lookup(ns_id ns,
+                                        std::span<const block_key> keys) {
   if (auto st = check_ns(ns); !st) {
     ++stats_.rejected_requests;
     return unexpected<error>(st.error());
@@ -282,7 +305,8 @@ void block_store::touch(std::uint32_t id) {
   info.count = e.access_count;
   info.prio = e.prio;
   info.resident_blocks = index_.size();
-  if (config_.next_use) info.next_use = config_.next_use(e.key);
+  if (config_.next_use)
+    info.next_use = config_.next_use(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, false);
   if (e.in_recency) {
     recency_unlink(id);
@@ -301,7 +325,8 @@ result<std::size_t> block_store::acquire_prefix(ns_id ns,
   const nanos start = now();
   for (const block_key& key : keys) {
     const std::uint32_t id = find_visible(ns, key, start);
-    if (id == npos) break;
+    if (id == npos)
+      break;
     touch(id);
     ++entries_[id].leases;
     refresh_evictable(id);
@@ -321,7 +346,8 @@ result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
   }
   const std::uint32_t id = find_visible(ns, key, now());
   if (id == npos)
-    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+    return make_error(errc::not_found,
+                      "block " + key.to_hex() + " is not cached");
   touch(id);
   ++entries_[id].leases;
   refresh_evictable(id);
@@ -348,7 +374,8 @@ std::byte* block_store::host_ptr(const entry& e) noexcept {
   return base == nullptr ? nullptr : base + pool_.offset(e.slot);
 }
 
-result<void> block_store::read(const read_lease& lease, std::span<std::byte> out) {
+result<void> block_store::read(const read_lease& lease,
+                               std::span<std::byte> out) {
   if (lease.store_ != this)
     return make_error(errc::invalid_handle, "lease belongs to another store");
   const nanos start = now();
@@ -376,10 +403,12 @@ result<void> block_store::read(const read_lease& lease, std::span<std::byte> out
     sum = block_checksum(stored);
     if (sum == e.checksum) {
       auto d = decode(e.c, st.spec.type, stored, out);
-      if (!d) return unexpected<error>(d.error());
+      if (!d)
+        return unexpected<error>(d.error());
     }
   }
-  if (sum != e.checksum) return drop_corrupt(lease.id_, out);
+  if (sum != e.checksum)
+    return drop_corrupt(lease.id_, out);
   ++stats_.reads;
   stats_.read_ns.record(static_cast<std::uint64_t>((now() - start).count()));
   return {};
@@ -397,12 +426,14 @@ result<void> block_store::read_raw(const read_lease& lease,
                           std::to_string(e.stored_bytes));
   if (auto r = backend_->read(pool_.offset(e.slot), out); !r)
     return unexpected<error>(r.error());
-  if (block_checksum(out) != e.checksum) return drop_corrupt(lease.id_, out);
+  if (block_checksum(out) != e.checksum)
+    return drop_corrupt(lease.id_, out);
   ++stats_.reads;
   return {};
 }
 
-result<void> block_store::drop_corrupt(std::uint32_t id, std::span<std::byte> out) {
+result<void> block_store::drop_corrupt(std::uint32_t id,
+                                       std::span<std::byte> out) {
   std::memset(out.data(), 0, out.size());
   ++stats_.checksum_failures;
   const std::string key = entries_[id].key.to_hex();
@@ -414,8 +445,10 @@ result<void> block_store::drop_corrupt(std::uint32_t id, std::span<std::byte> ou
 // ---------------------------------------------------------------- puts
 
 size_partition block_store::partition_for(std::uint32_t tokens) const {
-  if (tokens < config_.partitions.medium_from) return size_partition::small;
-  if (tokens < config_.partitions.long_from) return size_partition::medium;
+  if (tokens < config_.partitions.medium_from)
+    return size_partition::small;
+  if (tokens < config_.partitions.long_from)
+    return size_partition::medium;
   return size_partition::large;
 }
 
@@ -450,7 +483,8 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   }
   if (key.is_null()) {
     ++stats_.rejected_requests;
-    return make_error(errc::invalid_argument, "the all-zero block key is reserved");
+    return make_error(errc::invalid_argument,
+                      "the all-zero block key is reserved");
   }
   const nanos start = now();
   if (const std::uint32_t existing = index_.find(key); existing != npos) {
@@ -458,7 +492,8 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     if (e.ns != ns.value) {
       ++stats_.rejected_requests;
       return make_error(errc::namespace_conflict,
-                        "block " + key.to_hex() + " belongs to another namespace");
+                        "block " + key.to_hex() +
+                            " belongs to another namespace");
     }
     if (e.state != entry_state::committed) {
       ++stats_.rejected_requests;
@@ -491,8 +526,8 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     if (pid == npos || entries_[pid].state == entry_state::free ||
         entries_[pid].dead || entries_[pid].ns != ns.value) {
       ++stats_.rejected_requests;
-      return make_error(errc::not_found, "parent block " + parent.to_hex() +
-                                             " is not cached");
+      return make_error(errc::not_found,
+                        "parent block " + parent.to_hex() + " is not cached");
     }
     // Holding the child count up keeps the parent out of eviction below.
     ++entries_[pid].children;
@@ -501,8 +536,9 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   const size_partition part = partition_for(options.request_tokens);
   const std::uint16_t cls = st.size_class[static_cast<std::size_t>(c)];
   auto room = make_room(part, cls);
-  result<slot_ref> slot = room ? pool_.allocate(cls)
-                               : result<slot_ref>(unexpected<error>(room.error()));
+  result<slot_ref> slot =
+      room ? pool_.allocate(cls)
+           : result<slot_ref>(unexpected<error>(room.error()));
   if (!slot) {
     if (pid != npos) {
       --entries_[pid].children;
@@ -521,7 +557,8 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   e.c = c;
   e.prio = options.prio;
   e.part = part;
-  e.stored_bytes = static_cast<std::uint32_t>(encoded_size(c, st.spec.elements_per_block()));
+  e.stored_bytes =
+      static_cast<std::uint32_t>(encoded_size(c, st.spec.elements_per_block()));
   e.pin_on_commit = options.pin;
   const nanos ttl = options.ttl.value_or(st.options.ttl);
   e.expires_at = ttl.count() > 0 ? (start + ttl).count() : 0;
@@ -539,17 +576,19 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
 
 result<void> block_store::check_open(const put_handle& h) const {
   if (h.store_ != this)
-    return make_error(errc::invalid_handle, "put handle belongs to another store");
+    return make_error(errc::invalid_handle,
+                      "put handle belongs to another store");
   switch (h.phase_) {
   case put_handle::phase::none:
     return make_error(errc::invalid_handle, "empty put handle");
   case put_handle::phase::committed:
-    return make_error(errc::double_commit,
-                      "put of block " + h.key_.to_hex() + " was already committed");
+    return make_error(errc::double_commit, "put of block " + h.key_.to_hex() +
+                                               " was already committed");
   case put_handle::phase::aborted:
     return make_error(errc::commit_after_abort,
                       "put of block " + h.key_.to_hex() + " was aborted");
-  case put_handle::phase::open: break;
+  case put_handle::phase::open:
+    break;
   }
   const entry& e = entries_[h.id_];
   if (e.generation != h.generation_ || e.key != h.key_)
@@ -557,7 +596,8 @@ result<void> block_store::check_open(const put_handle& h) const {
   return {};
 }
 
-result<void> block_store::write(put_handle& h, std::span<const std::byte> value) {
+result<void> block_store::write(put_handle& h,
+                                std::span<const std::byte> value) {
   if (auto ok = check_open(h); !ok) {
     ++stats_.rejected_requests;
     return ok;
@@ -569,7 +609,8 @@ result<void> block_store::write(put_handle& h, std::span<const std::byte> value)
     return make_error(errc::wrong_value_size,
                       "value of " + std::to_string(value.size()) +
                           " bytes for a block of '" + st.spec.model +
-                          "', which holds " + std::to_string(st.spec.value_bytes()));
+                          "', which holds " +
+                          std::to_string(st.spec.value_bytes()));
   }
   if (h.duplicate_) {
     h.written_ = true;
@@ -582,7 +623,8 @@ result<void> block_store::write(put_handle& h, std::span<const std::byte> value)
       e.checksum = copy_in_with_checksum(slot, value);
     } else {
       auto n = encode(e.c, st.spec.type, value, slot);
-      if (!n) return unexpected<error>(n.error());
+      if (!n)
+        return unexpected<error>(n.error());
       e.checksum = block_checksum(slot);
     }
   } else {
@@ -591,9 +633,11 @@ result<void> block_store::write(put_handle& h, std::span<const std::byte> value)
       std::memcpy(buf.data(), value.data(), value.size());
     } else {
       auto n = encode(e.c, st.spec.type, value, buf);
-      if (!n) return unexpected<error>(n.error());
+      if (!n)
+        return unexpected<error>(n.error());
     }
-    if (auto w = backend_->write(pool_.offset(e.slot), buf); !w) return w;
+    if (auto w = backend_->write(pool_.offset(e.slot), buf); !w)
+      return w;
     e.checksum = block_checksum(buf);
   }
   e.state = entry_state::written;
@@ -613,13 +657,15 @@ result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
   if (!h.duplicate_ && dst != nullptr && e.c == codec::none) {
     // Produce straight into the slot: no staging copy.
     std::span<std::byte> slot(dst, e.stored_bytes);
-    if (auto p = producer.produce(st.spec, e.key, slot); !p) return p;
+    if (auto p = producer.produce(st.spec, e.key, slot); !p)
+      return p;
     e.checksum = block_checksum(slot);
     e.state = entry_state::written;
     h.written_ = true;
     return {};
   }
-  if (auto p = producer.produce(st.spec, e.key, value); !p) return p;
+  if (auto p = producer.produce(st.spec, e.key, value); !p)
+    return p;
   return write(h, value);
 }
 
@@ -630,8 +676,8 @@ result<void> block_store::commit(put_handle& h) {
   }
   if (!h.written_) {
     ++stats_.rejected_requests;
-    return make_error(errc::not_written,
-                      "put of block " + h.key_.to_hex() + " committed before write");
+    return make_error(errc::not_written, "put of block " + h.key_.to_hex() +
+                                             " committed before write");
   }
   h.phase_ = put_handle::phase::committed;
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
@@ -644,7 +690,8 @@ result<void> block_store::commit(put_handle& h) {
   entry& e = entries_[id];
   e.state = entry_state::committed;
   e.access_count = 1;
-  if (e.pin_on_commit) e.pins = 1;
+  if (e.pin_on_commit)
+    e.pins = 1;
   account(e, true);
   ++tick_;
   access_info info;
@@ -653,32 +700,38 @@ result<void> block_store::commit(put_handle& h) {
   info.prio = e.prio;
   info.resident_blocks = index_.size();
   info.parent = e.parent;
-  if (config_.next_use) info.next_use = config_.next_use(e.key);
+  if (config_.next_use)
+    info.next_use = config_.next_use(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
   recency_push_front(id);
   refresh_evictable(id);
-  if (e.pins > 0) (void)spill(id, true); // pins survive restarts
+  if (e.pins > 0)
+    (void)spill(id, true); // pins survive restarts
   ++stats_.commits;
   return {};
 }
 
 result<void> block_store::abort(put_handle& h) {
   if (h.store_ != this)
-    return make_error(errc::invalid_handle, "put handle belongs to another store");
+    return make_error(errc::invalid_handle,
+                      "put handle belongs to another store");
   if (h.phase_ == put_handle::phase::aborted)
-    return make_error(errc::invalid_handle,
-                      "put of block " + h.key_.to_hex() + " was already aborted");
+    return make_error(errc::invalid_handle, "put of block " + h.key_.to_hex() +
+                                                " was already aborted");
   if (h.phase_ == put_handle::phase::committed)
-    return make_error(errc::invalid_handle,
-                      "put of block " + h.key_.to_hex() + " was already committed");
-  if (auto ok = check_open(h); !ok) return ok;
-  if (!h.duplicate_) abort_reservation(h.id_);
+    return make_error(errc::invalid_handle, "put of block " + h.key_.to_hex() +
+                                                " was already committed");
+  if (auto ok = check_open(h); !ok)
+    return ok;
+  if (!h.duplicate_)
+    abort_reservation(h.id_);
   h.phase_ = put_handle::phase::aborted;
   ++stats_.aborts;
   return {};
 }
 
-void block_store::abort_if_current(std::uint32_t id, std::uint32_t generation) noexcept {
+void block_store::abort_if_current(std::uint32_t id,
+                                   std::uint32_t generation) noexcept {
   if (id < entries_.size() && entries_[id].generation == generation &&
       (entries_[id].state == entry_state::reserved ||
        entries_[id].state == entry_state::written))
@@ -687,11 +740,13 @@ void block_store::abort_if_current(std::uint32_t id, std::uint32_t generation) n
 
 void block_store::abort_reservation(std::uint32_t id) noexcept {
   entry& e = entries_[id];
-  KVFLEET_CHECK(e.state == entry_state::reserved || e.state == entry_state::written,
+  KVFLEET_CHECK(e.state == entry_state::reserved ||
+                    e.state == entry_state::written,
                 "abort of a block that is not being put");
   // Children are aborted before their parents (callers abort in reverse
   // order), so a reserved child never points at a freed parent.
-  KVFLEET_CHECK(e.children == 0, "abort of a block whose child is still being put");
+  KVFLEET_CHECK(e.children == 0,
+                "abort of a block whose child is still being put");
   const std::uint32_t pid = e.parent;
   pool_.free(e.slot);
   index_.erase(e.key);
@@ -708,10 +763,10 @@ void block_store::abort_reservation(std::uint32_t id) noexcept {
 
 // ---------------------------------------------------------------- tokens
 
-result<std::size_t> block_store::put_tokens(ns_id ns,
-                                            std::span<const std::uint32_t> tokens,
-                                            std::span<const std::byte> values,
-                                            const put_options& options) {
+result<std::size_t>
+block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
+                        std::span<const std::byte> values,
+                        const put_options& options) {
   auto st_r = check_ns(ns);
   if (!st_r) {
     ++stats_.rejected_requests;
@@ -739,7 +794,8 @@ result<std::size_t> block_store::put_tokens(ns_id ns,
   chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
   // Lease the cached prefix so making room for the rest cannot evict it.
   auto matched = acquire_prefix(ns, token_keys_, token_leases_);
-  if (!matched) return unexpected<error>(matched.error());
+  if (!matched)
+    return unexpected<error>(matched.error());
   put_options opts = options;
   if (opts.request_tokens == 0)
     opts.request_tokens = static_cast<std::uint32_t>(
@@ -756,22 +812,24 @@ result<std::size_t> block_store::put_tokens(ns_id ns,
   block_key parent = *matched > 0 ? token_keys_[*matched - 1] : block_key{};
   for (std::size_t i = *matched; i < blocks; ++i) {
     auto h = reserve(ns, token_keys_[i], parent, opts);
-    if (!h) return undo(h.error());
+    if (!h)
+      return undo(h.error());
     token_puts_.push_back(std::move(*h));
     if (auto w = write(token_puts_.back(), values.subspan(i * vb, vb)); !w)
       return undo(w.error());
     parent = token_keys_[i];
   }
   for (put_handle& h : token_puts_)
-    if (auto c = commit(h); !c) return undo(c.error());
+    if (auto c = commit(h); !c)
+      return undo(c.error());
   const std::size_t added = token_puts_.size();
   token_puts_.clear();
   token_leases_.clear();
   return added;
 }
 
-result<std::size_t> block_store::lookup_tokens(ns_id ns,
-                                               std::span<const std::uint32_t> tokens) {
+result<std::size_t>
+block_store::lookup_tokens(ns_id ns, std::span<const std::uint32_t> tokens) {
   auto st_r = check_ns(ns);
   if (!st_r) {
     ++stats_.rejected_requests;
@@ -781,7 +839,8 @@ result<std::size_t> block_store::lookup_tokens(ns_id ns,
   token_keys_.clear();
   chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
   auto n = lookup(ns, token_keys_);
-  if (!n) return n;
+  if (!n)
+    return n;
   return *n * st.spec.block_tokens;
 }
 
@@ -800,24 +859,26 @@ result<process_result> block_store::process(ns_id ns,
   const namespace_spec& spec = (*st_r)->spec;
   if (keys.size() > input_tokens / spec.block_tokens) {
     ++stats_.rejected_requests;
-    return make_error(errc::misaligned_tokens,
-                      std::to_string(keys.size()) + " block keys for a prompt of " +
-                          std::to_string(input_tokens) +
-                          " tokens, which has only " +
-                          std::to_string(input_tokens / spec.block_tokens) +
-                          " full blocks of " + std::to_string(spec.block_tokens));
+    return make_error(
+        errc::misaligned_tokens,
+        std::to_string(keys.size()) + " block keys for a prompt of " +
+            std::to_string(input_tokens) + " tokens, which has only " +
+            std::to_string(input_tokens / spec.block_tokens) +
+            " full blocks of " + std::to_string(spec.block_tokens));
   }
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
   auto matched = acquire_prefix(ns, keys, leases);
-  if (!matched) return unexpected<error>(matched.error());
+  if (!matched)
+    return unexpected<error>(matched.error());
   process_result out;
   out.matched_blocks = *matched;
   put_options opts = options;
   if (opts.request_tokens == 0)
     opts.request_tokens = static_cast<std::uint32_t>(
         std::min<std::size_t>(input_tokens, 0xffffffffU));
-  block_key parent = out.matched_blocks > 0 ? keys[out.matched_blocks - 1] : block_key{};
+  block_key parent =
+      out.matched_blocks > 0 ? keys[out.matched_blocks - 1] : block_key{};
   std::size_t next = out.matched_blocks;
   if (disk_) {
     poll_disk();
@@ -830,7 +891,8 @@ result<process_result> block_store::process(ns_id ns,
       out.disk_blocks = done;
       out.matched_blocks += done;
       for (std::size_t i = next; i < keys.size() && i < next + on_disk; ++i) {
-        if (!contains(ns, keys[i])) break;
+        if (!contains(ns, keys[i]))
+          break;
         parent = keys[i];
         ++next;
       }
@@ -840,7 +902,8 @@ result<process_result> block_store::process(ns_id ns,
   bool caching = true;
   for (std::size_t i = next; i < keys.size(); ++i) {
     ++out.computed_blocks;
-    if (!caching) continue;
+    if (!caching)
+      continue;
     // The KV must be computed whether or not it can be cached; a block that
     // cannot be cached ends caching for the rest of this request.
     auto h = reserve(ns, keys[i], parent, opts);
@@ -859,7 +922,8 @@ result<process_result> block_store::process(ns_id ns,
     }
     parent = keys[i];
   }
-  out.matched_tokens = std::min(out.matched_blocks * spec.block_tokens, input_tokens);
+  out.matched_tokens =
+      std::min(out.matched_blocks * spec.block_tokens, input_tokens);
   out.computed_tokens = input_tokens - out.matched_tokens;
   const std::size_t disk_tokens =
       std::min(out.disk_blocks * spec.block_tokens, out.matched_tokens);
@@ -875,22 +939,27 @@ result<process_result> block_store::process(ns_id ns,
 // ---------------------------------------------------------------- pins, expiry
 
 result<void> block_store::pin(ns_id ns, const block_key& key) {
-  if (auto st = check_ns(ns); !st) return unexpected<error>(st.error());
+  if (auto st = check_ns(ns); !st)
+    return unexpected<error>(st.error());
   const std::uint32_t id = find_visible(ns, key, now());
   if (id == npos)
-    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+    return make_error(errc::not_found,
+                      "block " + key.to_hex() + " is not cached");
   ++entries_[id].pins;
-  if (entries_[id].pins == 1) (void)spill(id, true); // pins survive restarts
+  if (entries_[id].pins == 1)
+    (void)spill(id, true); // pins survive restarts
   refresh_evictable(id);
   return {};
 }
 
 result<void> block_store::unpin(ns_id ns, const block_key& key) {
-  if (auto st = check_ns(ns); !st) return unexpected<error>(st.error());
+  if (auto st = check_ns(ns); !st)
+    return unexpected<error>(st.error());
   const std::uint32_t id = index_.find(key);
   if (id == npos || entries_[id].state != entry_state::committed ||
       entries_[id].ns != ns.value)
-    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+    return make_error(errc::not_found,
+                      "block " + key.to_hex() + " is not cached");
   if (entries_[id].pins == 0)
     return make_error(errc::invalid_argument,
                       "block " + key.to_hex() + " is not pinned");
@@ -898,7 +967,8 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
   if (entries_[id].pins == 0 && disk_) {
     const auto info = disk_->lookup(key);
     if (info && info->pins > 0)
-      if (auto u = disk_->unpin(key); !u) return u;
+      if (auto u = disk_->unpin(key); !u)
+        return u;
   }
   refresh_evictable(id);
   return {};
@@ -916,7 +986,8 @@ std::size_t block_store::expire() {
       kill(id);
     }
   }
-  if (disk_) (void)disk_->expire(disk_clock().now());
+  if (disk_)
+    (void)disk_->expire(disk_clock().now());
   return n;
 }
 
@@ -926,7 +997,8 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
     std::optional<size_partition> q;
     double worst = -1.0;
     for (std::size_t p = 0; p < partition_count; ++p) {
-      if (policies_[p]->evictable_count() == 0) continue;
+      if (policies_[p]->evictable_count() == 0)
+        continue;
       const double ratio = static_cast<double>(stats_.bytes_by_partition[p]) /
                            config_.partitions.shares[p];
       if (ratio > worst) {
@@ -934,8 +1006,10 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
         q = static_cast<size_partition>(p);
       }
     }
-    if (!q) break;
-    const std::uint32_t victim = policies_[static_cast<std::size_t>(*q)]->victim();
+    if (!q)
+      break;
+    const std::uint32_t victim =
+        policies_[static_cast<std::size_t>(*q)]->victim();
     freed += pool_.slot_bytes(entries_[victim].slot.size_class);
     evict(victim);
   }
@@ -949,14 +1023,16 @@ bool block_store::over_high(std::size_t extra) const noexcept {
          config_.high_watermark * static_cast<double>(pool_.capacity_bytes());
 }
 
-std::optional<size_partition> block_store::pick_partition(size_partition p) const {
+std::optional<size_partition>
+block_store::pick_partition(size_partition p) const {
   const double cap = static_cast<double>(pool_.capacity_bytes());
   std::optional<size_partition> over;
   double over_ratio = 1.0;
   std::optional<size_partition> any;
   double any_ratio = -1.0;
   for (std::size_t q = 0; q < partition_count; ++q) {
-    if (policies_[q]->evictable_count() == 0) continue;
+    if (policies_[q]->evictable_count() == 0)
+      continue;
     const double ratio = static_cast<double>(stats_.bytes_by_partition[q]) /
                          (config_.partitions.shares[q] * cap);
     if (ratio > over_ratio) {
@@ -970,22 +1046,27 @@ std::optional<size_partition> block_store::pick_partition(size_partition p) cons
   }
   // A partition over its share gives up space first; otherwise the asking
   // partition makes room in its own share.
-  if (over) return over;
-  if (policies_[static_cast<std::size_t>(p)]->evictable_count() > 0) return p;
+  if (over)
+    return over;
+  if (policies_[static_cast<std::size_t>(p)]->evictable_count() > 0)
+    return p;
   return any;
 }
 
 result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
   const std::size_t need = pool_.slot_bytes(cls);
-  if (!over_high(need) && pool_.can_allocate(cls)) return {};
+  if (!over_high(need) && pool_.can_allocate(cls))
+    return {};
   const double target =
       config_.low_watermark * static_cast<double>(pool_.capacity_bytes());
   std::size_t scan_budget = config_.demotion_scan_limit;
   while (static_cast<double>(pool_.used_bytes() + need) > target ||
          !pool_.can_allocate(cls)) {
     const auto q = pick_partition(p);
-    if (!q) break;
-    if (config_.adaptive_compression && try_demote(*q, scan_budget)) continue;
+    if (!q)
+      break;
+    if (config_.adaptive_compression && try_demote(*q, scan_budget))
+      continue;
     evict(policies_[static_cast<std::size_t>(*q)]->victim());
   }
   if (!pool_.can_allocate(cls))
@@ -1003,7 +1084,8 @@ bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
     entry& e = entries_[id];
     const std::uint32_t next = e.rprev;
     const ns_state& st = namespaces_[e.ns];
-    if (e.leases == 0 && e.pins == 0 && !e.dead && st.options.adaptive_compression) {
+    if (e.leases == 0 && e.pins == 0 && !e.dead &&
+        st.options.adaptive_compression) {
       const auto& th = st.options.thresholds;
       codec target = codec::int4;
       if (e.access_count > th.precise_above)
@@ -1028,7 +1110,8 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   // Verify before re-encoding so a corrupted block is never laundered into a
   // fresh checksum.
   std::span<std::byte> old_bytes(scratch2_.data(), e.stored_bytes);
-  if (auto r = backend_->read(pool_.offset(e.slot), old_bytes); !r) return r;
+  if (auto r = backend_->read(pool_.offset(e.slot), old_bytes); !r)
+    return r;
   if (block_checksum(old_bytes) != e.checksum) {
     ++stats_.checksum_failures;
     kill(id);
@@ -1042,7 +1125,8 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   if (auto n = encode(to, st.spec.type, value, encoded); !n)
     return unexpected<error>(n.error());
   auto slot = pool_.allocate(cls);
-  if (!slot) return unexpected<error>(slot.error());
+  if (!slot)
+    return unexpected<error>(slot.error());
   if (auto w = backend_->write(pool_.offset(*slot), encoded); !w) {
     pool_.free(*slot);
     return w;
@@ -1057,7 +1141,8 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   account(e, true);
   ++stats_.demotions;
   stats_.demoted_bytes_saved += old_slot_bytes - pool_.slot_bytes(cls);
-  if (to == codec::int4) recency_unlink(id); // nothing lower to demote to
+  if (to == codec::int4)
+    recency_unlink(id); // nothing lower to demote to
   return {};
 }
 
@@ -1076,8 +1161,8 @@ void block_store::account(const entry& e, bool add) noexcept {
 }
 
 bool block_store::evictable(const entry& e) const noexcept {
-  return e.state == entry_state::committed && e.children == 0 && e.leases == 0 &&
-         e.pins == 0;
+  return e.state == entry_state::committed && e.children == 0 &&
+         e.leases == 0 && e.pins == 0;
 }
 
 void block_store::refresh_evictable(std::uint32_t id) {
@@ -1096,7 +1181,8 @@ void block_store::refresh_evictable(std::uint32_t id) {
 
 void block_store::kill(std::uint32_t id) {
   entry& e = entries_[id];
-  if (e.dead) return;
+  if (e.dead)
+    return;
   e.dead = true;
   if (e.flagged_evictable) {
     policies_[static_cast<std::size_t>(e.part)]->set_evictable(id, false);
@@ -1112,7 +1198,8 @@ void block_store::remove(std::uint32_t id) {
     KVFLEET_CHECK(evictable(e), "removing a block that is not evictable");
     account(e, false);
     policies_[static_cast<std::size_t>(e.part)]->on_remove(id);
-    if (e.in_recency) recency_unlink(id);
+    if (e.in_recency)
+      recency_unlink(id);
     pool_.free(e.slot);
     index_.erase(e.key);
     const std::uint32_t pid = e.parent;
@@ -1135,7 +1222,8 @@ void block_store::remove(std::uint32_t id) {
 
 void block_store::recency_unlink(std::uint32_t id) noexcept {
   entry& e = entries_[id];
-  if (!e.in_recency) return;
+  if (!e.in_recency)
+    return;
   const auto p = static_cast<std::size_t>(e.part);
   if (e.rprev != npos)
     entries_[e.rprev].rnext = e.rnext;
@@ -1154,9 +1242,11 @@ void block_store::recency_push_front(std::uint32_t id) noexcept {
   const auto p = static_cast<std::size_t>(e.part);
   e.rprev = npos;
   e.rnext = recency_head_[p];
-  if (recency_head_[p] != npos) entries_[recency_head_[p]].rprev = id;
+  if (recency_head_[p] != npos)
+    entries_[recency_head_[p]].rprev = id;
   recency_head_[p] = id;
-  if (recency_tail_[p] == npos) recency_tail_[p] = id;
+  if (recency_tail_[p] == npos)
+    recency_tail_[p] = id;
   e.in_recency = true;
 }
 
@@ -1168,9 +1258,11 @@ const clock_source& block_store::disk_clock() const noexcept {
 }
 
 result<void> block_store::attach_disk(std::unique_ptr<disk_tier> tier) {
-  if (!tier) return make_error(errc::invalid_argument, "no disk tier given");
+  if (!tier)
+    return make_error(errc::invalid_argument, "no disk tier given");
   if (disk_)
-    return make_error(errc::invalid_argument, "a disk tier is already attached");
+    return make_error(errc::invalid_argument,
+                      "a disk tier is already attached");
   disk_ = std::move(tier);
   return {};
 }
@@ -1183,20 +1275,23 @@ void block_store::evict(std::uint32_t id) {
 }
 
 bool block_store::spill(std::uint32_t id, bool pinned) {
-  if (!disk_) return false;
+  if (!disk_)
+    return false;
   const entry& e = entries_[id];
   const ns_state& st = namespaces_[e.ns];
   if (const auto info = disk_->lookup(e.key);
       info && info->checksum == e.checksum && info->c == e.c) {
     ++stats_.spills_skipped;
-    if (pinned && info->pins == 0 && !disk_->pin(e.key)) ++stats_.spill_failures;
+    if (pinned && info->pins == 0 && !disk_->pin(e.key))
+      ++stats_.spill_failures;
     return true;
   }
   const nanos wall = disk_clock().now();
   nanos expires{0};
   if (e.expires_at != 0) {
     const std::int64_t left = e.expires_at - now().count();
-    if (left <= 0) return false; // expired: nothing worth keeping
+    if (left <= 0)
+      return false; // expired: nothing worth keeping
     expires = wall + nanos{left};
   }
   std::span<const std::byte> bytes;
@@ -1221,7 +1316,8 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
 
 std::size_t block_store::disk_prefix(const ns_state& st,
                                      std::span<const block_key> keys) const {
-  if (!disk_ || backend_->host_data() == nullptr) return 0;
+  if (!disk_ || backend_->host_data() == nullptr)
+    return 0;
   const std::int64_t wall = disk_clock().now().count();
   const std::size_t elements = st.spec.elements_per_block();
   std::size_t n = 0;
@@ -1237,7 +1333,8 @@ std::size_t block_store::disk_prefix(const ns_state& st,
 }
 
 result<void> block_store::mark_written(put_handle& h, std::uint64_t checksum) {
-  if (auto ok = check_open(h); !ok) return ok;
+  if (auto ok = check_open(h); !ok)
+    return ok;
   if (!h.duplicate_) {
     entry& e = entries_[h.id_];
     e.checksum = checksum;
@@ -1256,16 +1353,19 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
   block_key par = parent;
   for (const block_key& k : keys) {
     const auto info = disk_->lookup(k);
-    if (!info) break;
+    if (!info)
+      break;
     put_options o = options;
     o.codec_override = info->c;
     o.pin = info->pins > 0;
     if (info->expires_at.count() != 0) {
-      if (info->expires_at <= wall) break;
+      if (info->expires_at <= wall)
+        break;
       o.ttl = info->expires_at - wall;
     }
     auto h = reserve(ns, k, par, o);
-    if (!h) break;
+    if (!h)
+      break;
     promotion p;
     p.group = promote_group_;
     if (h->already_cached()) {
@@ -1282,13 +1382,16 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
 
 void block_store::drain_disk() {
   disk_->drain_completions([this](disk_completion&& c) {
-    if (c.op == disk_op::spill && !c.status.has_value()) ++stats_.spill_failures;
-    if (c.op != disk_op::fetch) return;
+    if (c.op == disk_op::spill && !c.status.has_value())
+      ++stats_.spill_failures;
+    if (c.op != disk_op::fetch)
+      return;
     for (auto* list : {&promote_batch_, &pending_promotions_})
       for (promotion& p : *list)
         if (!p.answered && p.id == c.id) {
           p.answered = true;
-          if (c.status.has_value()) p.checksum = c.checksum;
+          if (c.status.has_value())
+            p.checksum = c.checksum;
         }
   });
   // Finish each promote() call's chain once all of it is answered: commit
@@ -1304,15 +1407,19 @@ void block_store::drain_disk() {
       ready = ready && pending_promotions_[end].answered;
       ++end;
     }
-    if (!ready) break; // later groups wait too, so completions stay in order
+    if (!ready)
+      break; // later groups wait too, so completions stay in order
     std::size_t ok_until = done;
     for (; ok_until < end; ++ok_until) {
       promotion& p = pending_promotions_[ok_until];
-      const bool ok = (p.handle.already_cached() || p.checksum) &&
-                      mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
-                      commit(p.handle).has_value();
-      if (!ok) break;
-      if (!p.handle.already_cached()) ++stats_.disk_block_hits;
+      const bool ok =
+          (p.handle.already_cached() || p.checksum) &&
+          mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
+          commit(p.handle).has_value();
+      if (!ok)
+        break;
+      if (!p.handle.already_cached())
+        ++stats_.disk_block_hits;
     }
     stats_.promotion_failures += end - ok_until;
     for (std::size_t i = end; i > ok_until; --i)
@@ -1325,16 +1432,19 @@ void block_store::drain_disk() {
 }
 
 void block_store::abort_in_reverse(std::vector<promotion>& list) noexcept {
-  for (std::size_t i = list.size(); i > 0; --i) list[i - 1].handle = put_handle{};
+  for (std::size_t i = list.size(); i > 0; --i)
+    list[i - 1].handle = put_handle{};
   list.clear();
 }
 
 std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
-                                     const block_key& parent, kv_producer& producer,
+                                     const block_key& parent,
+                                     kv_producer& producer,
                                      const put_options& options) {
   promote_batch_.clear();
   issue_promotions(ns, keys, parent, options, promote_batch_);
-  if (promote_batch_.empty()) return 0;
+  if (promote_batch_.empty())
+    return 0;
   // The I/O thread reads into the reserved slots: they must not be touched,
   // or freed, until it has answered, however long a sick disk takes.
   while (!disk_->wait_idle(std::chrono::seconds(30)))
@@ -1352,22 +1462,27 @@ std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
     if (!ok && !h.already_cached()) {
       // Missing or damaged on disk: compute it, never serve it wrong.
       ++stats_.promotion_failures;
-      if (!write_from(h, producer) || !commit(h)) break;
+      if (!write_from(h, producer) || !commit(h))
+        break;
       contiguous = false;
       continue;
     }
-    if (contiguous) ++hits;
+    if (contiguous)
+      ++hits;
   }
   stats_.disk_block_hits += hits;
   abort_in_reverse(promote_batch_); // what a break above left open
   return hits;
 }
 
-result<std::size_t> block_store::promote(ns_id ns, std::span<const block_key> keys,
+result<std::size_t> block_store::promote(ns_id ns,
+                                         std::span<const block_key> keys,
                                          const put_options& options) {
   auto st = check_ns(ns);
-  if (!st) return unexpected<error>(st.error());
-  if (!disk_) return std::size_t{0};
+  if (!st)
+    return unexpected<error>(st.error());
+  if (!disk_)
+    return std::size_t{0};
   poll_disk();
   const std::size_t in_memory = walk_prefix(ns, keys, now());
   const std::size_t on_disk = disk_prefix(**st, keys.subspan(in_memory));
@@ -1379,13 +1494,15 @@ result<std::size_t> block_store::promote(ns_id ns, std::span<const block_key> ke
 }
 
 void block_store::poll_disk() {
-  if (disk_) drain_disk();
+  if (disk_)
+    drain_disk();
 }
 
 result<block_store::tier_prefix>
 block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
   auto st = check_ns(ns);
-  if (!st) return unexpected<error>(st.error());
+  if (!st)
+    return unexpected<error>(st.error());
   tier_prefix out;
   out.memory = walk_prefix(ns, keys, now());
   out.disk = disk_prefix(**st, keys.subspan(out.memory));
@@ -1398,13 +1515,13 @@ result<std::size_t> block_store::persist(nanos timeout) {
   std::size_t written = 0;
   for (std::uint32_t id = 0; id < entries_.size(); ++id) {
     const entry& e = entries_[id];
-    if (e.state == entry_state::committed && !e.dead &&
-        spill(id, e.pins > 0))
+    if (e.state == entry_state::committed && !e.dead && spill(id, e.pins > 0))
       ++written;
   }
   if (!disk_->wait_idle(timeout))
-    return make_error(errc::io_error,
-                      "the disk tier did not finish writing within the timeout");
+    return make_error(
+        errc::io_error,
+        "the disk tier did not finish writing within the timeout");
   poll_disk();
   return written;
 }
@@ -1413,7 +1530,8 @@ result<std::size_t> block_store::persist(nanos timeout) {
 
 bool block_store::contains(ns_id ns, const block_key& key) const {
   const std::uint32_t id = index_.find(key);
-  if (id == npos) return false;
+  if (id == npos)
+    return false;
   const entry& e = entries_[id];
   return e.state == entry_state::committed && !e.dead && e.ns == ns.value &&
          (e.expires_at == 0 || e.expires_at > now().count());
@@ -1421,14 +1539,16 @@ bool block_store::contains(ns_id ns, const block_key& key) const {
 
 result<codec> block_store::codec_of(ns_id ns, const block_key& key) const {
   if (!contains(ns, key))
-    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+    return make_error(errc::not_found,
+                      "block " + key.to_hex() + " is not cached");
   return entries_[index_.find(key)].c;
 }
 
 result<void> block_store::corrupt_for_testing(ns_id ns, const block_key& key,
                                               std::size_t offset) {
   if (!contains(ns, key))
-    return make_error(errc::not_found, "block " + key.to_hex() + " is not cached");
+    return make_error(errc::not_found,
+                      "block " + key.to_hex() + " is not cached");
   entry& e = entries_[index_.find(key)];
   std::byte* p = host_ptr(e);
   if (p == nullptr || offset >= e.stored_bytes)
@@ -1446,9 +1566,11 @@ void block_store::check_invariants() const {
   store_stats sums;
   for (std::uint32_t id = 0; id < entries_.size(); ++id) {
     const entry& e = entries_[id];
-    if (e.state == entry_state::free) continue;
+    if (e.state == entry_state::free)
+      continue;
     ++live;
-    KVFLEET_CHECK(index_.find(e.key) == id, "index does not point at its entry");
+    KVFLEET_CHECK(index_.find(e.key) == id,
+                  "index does not point at its entry");
     used += pool_.slot_bytes(e.slot.size_class);
     if (e.parent != npos) {
       KVFLEET_CHECK(entries_[e.parent].state != entry_state::free,
@@ -1459,7 +1581,8 @@ void block_store::check_invariants() const {
       KVFLEET_CHECK(e.flagged_evictable == (evictable(e) && !e.dead),
                     "evictable flag out of date");
       KVFLEET_CHECK(!(e.dead && evictable(e)), "removable dead block kept");
-      if (e.flagged_evictable) ++flagged[static_cast<std::size_t>(e.part)];
+      if (e.flagged_evictable)
+        ++flagged[static_cast<std::size_t>(e.part)];
       const std::uint64_t b = pool_.slot_bytes(e.slot.size_class);
       sums.bytes_by_codec[static_cast<std::size_t>(e.c)] += b;
       sums.bytes_by_partition[static_cast<std::size_t>(e.part)] += b;
@@ -1470,11 +1593,14 @@ void block_store::check_invariants() const {
     }
   }
   for (std::uint32_t id = 0; id < entries_.size(); ++id)
-    KVFLEET_CHECK(children[id] == entries_[id].children, "child count mismatch");
+    KVFLEET_CHECK(children[id] == entries_[id].children,
+                  "child count mismatch");
   KVFLEET_CHECK(live == index_.size(), "index size mismatch");
   KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
-  KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec, "codec bytes mismatch");
-  KVFLEET_CHECK(sums.blocks_by_codec == stats_.blocks_by_codec, "codec blocks mismatch");
+  KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec,
+                "codec bytes mismatch");
+  KVFLEET_CHECK(sums.blocks_by_codec == stats_.blocks_by_codec,
+                "codec blocks mismatch");
   KVFLEET_CHECK(sums.bytes_by_partition == stats_.bytes_by_partition,
                 "partition bytes mismatch");
   for (std::size_t p = 0; p < partition_count; ++p) {
@@ -1482,8 +1608,10 @@ void block_store::check_invariants() const {
                   "policy evictable count mismatch");
     policies_[p]->check_invariants();
     std::size_t n = 0;
-    for (std::uint32_t id = recency_head_[p]; id != npos; id = entries_[id].rnext) {
-      KVFLEET_CHECK(entries_[id].in_recency && entries_[id].state == entry_state::committed,
+    for (std::uint32_t id = recency_head_[p]; id != npos;
+         id = entries_[id].rnext) {
+      KVFLEET_CHECK(entries_[id].in_recency &&
+                        entries_[id].state == entry_state::committed,
                     "recency list holds a block it should not");
       KVFLEET_CHECK(++n <= entries_.size(), "recency list cycle");
     }

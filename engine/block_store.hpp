@@ -84,10 +84,10 @@ struct compression_thresholds {
 };
 
 struct namespace_options {
-  codec default_codec = codec::none;    ///< codec new blocks are stored in
-  bool adaptive_compression = true;     ///< may demote cold blocks
+  codec default_codec = codec::none; ///< codec new blocks are stored in
+  bool adaptive_compression = true;  ///< may demote cold blocks
   compression_thresholds thresholds{};
-  nanos ttl{0};                         ///< default time to live; 0 = none
+  nanos ttl{0}; ///< default time to live; 0 = none
 };
 
 /// Request-length classes with their shares of capacity. Requests below
@@ -99,7 +99,7 @@ struct partition_config {
 };
 
 struct store_config {
-  std::size_t capacity_bytes = 0;  ///< arena size (host backend)
+  std::size_t capacity_bytes = 0; ///< arena size (host backend)
   /// Slab size; 0 picks capacity / 64 clamped to [1 MiB, 256 MiB] and
   /// rounded to the slot alignment. The largest value must fit one slab.
   std::size_t slab_bytes = 0;
@@ -178,8 +178,8 @@ private:
 
 /// What process() did with one request.
 struct process_result {
-  std::size_t matched_blocks = 0;  ///< memory and disk hits together
-  std::size_t disk_blocks = 0;     ///< of matched_blocks, promoted from disk
+  std::size_t matched_blocks = 0; ///< memory and disk hits together
+  std::size_t disk_blocks = 0;    ///< of matched_blocks, promoted from disk
   std::size_t computed_blocks = 0;
   std::size_t matched_tokens = 0;  ///< prompt tokens served from cache
   std::size_t computed_tokens = 0; ///< prompt tokens the producer computed
@@ -201,8 +201,9 @@ public:
 
   /// Registers a namespace; registering an equal spec again returns the same
   /// id. A value larger than a slab is errc::value_too_large.
-  [[nodiscard]] result<ns_id> register_namespace(
-      const namespace_spec& spec, const namespace_options& options = {});
+  [[nodiscard]] result<ns_id>
+  register_namespace(const namespace_spec& spec,
+                     const namespace_options& options = {});
   [[nodiscard]] result<const namespace_spec*> spec(ns_id ns) const;
 
   /// Number of leading `keys` cached (longest prefix). Read-only: no access
@@ -243,7 +244,8 @@ public:
   [[nodiscard]] result<void> write(put_handle& handle,
                                    std::span<const std::byte> value);
   /// Phase two, producer variant: the producer writes the value.
-  [[nodiscard]] result<void> write_from(put_handle& handle, kv_producer& producer);
+  [[nodiscard]] result<void> write_from(put_handle& handle,
+                                        kv_producer& producer);
   /// Makes the block visible. errc::not_written before write,
   /// errc::double_commit and errc::commit_after_abort as named.
   [[nodiscard]] result<void> commit(put_handle& handle);
@@ -256,22 +258,21 @@ public:
   /// otherwise). Blocks already cached are skipped. All or nothing: if any
   /// block cannot be stored, none of this call's blocks is. Returns how many
   /// blocks were added.
-  [[nodiscard]] result<std::size_t> put_tokens(ns_id ns,
-                                               std::span<const std::uint32_t> tokens,
-                                               std::span<const std::byte> values,
-                                               const put_options& options = {});
+  [[nodiscard]] result<std::size_t>
+  put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
+             std::span<const std::byte> values,
+             const put_options& options = {});
   /// Token-level lookup: how many leading tokens of `tokens` are cached (a
   /// multiple of the block size; a trailing partial block is never cached).
-  [[nodiscard]] result<std::size_t> lookup_tokens(ns_id ns,
-                                                  std::span<const std::uint32_t> tokens);
+  [[nodiscard]] result<std::size_t>
+  lookup_tokens(ns_id ns, std::span<const std::uint32_t> tokens);
 
   /// Looks up the prefix, computes the missing blocks with `producer`,
   /// commits them and returns what was matched and computed. `keys` are the
   /// request's full blocks; `input_tokens` its prompt length.
   [[nodiscard]] result<process_result>
-  process(ns_id ns, std::span<const block_key> keys,
-          std::size_t input_tokens, kv_producer& producer,
-          const put_options& options = {});
+  process(ns_id ns, std::span<const block_key> keys, std::size_t input_tokens,
+          kv_producer& producer, const put_options& options = {});
 
   /// Puts a disk tier below memory; the store owns it from now on. Evicted
   /// blocks spill to it and process() promotes from it. The tier's blocks
@@ -284,13 +285,14 @@ public:
     std::size_t memory = 0;
     std::size_t disk = 0;
   };
-  [[nodiscard]] result<tier_prefix> lookup_tiers(ns_id ns,
-                                                 std::span<const block_key> keys);
+  [[nodiscard]] result<tier_prefix>
+  lookup_tiers(ns_id ns, std::span<const block_key> keys);
   /// Writes every cached block that is not on disk yet and waits (at most
   /// `timeout`) until the disk tier has them: a clean shutdown. Returns how
   /// many blocks were written; errc::invalid_argument without a disk tier,
   /// errc::io_error on timeout.
-  [[nodiscard]] result<std::size_t> persist(nanos timeout = std::chrono::seconds(60));
+  [[nodiscard]] result<std::size_t>
+  persist(nanos timeout = std::chrono::seconds(60));
   /// Starts promoting the blocks of `keys` that follow its cached prefix on
   /// disk, without waiting: slots are reserved and the disk tier's I/O thread
   /// reads into them. The blocks become visible when poll_disk() collects
@@ -298,7 +300,8 @@ public:
   /// counted, never served). Returns how many promotions started. This is
   /// the path for an owner that must not wait (an actor: it polls when the
   /// tier's on_completion hook tells it to); process() promotes and waits.
-  [[nodiscard]] result<std::size_t> promote(ns_id ns, std::span<const block_key> keys,
+  [[nodiscard]] result<std::size_t> promote(ns_id ns,
+                                            std::span<const block_key> keys,
                                             const put_options& options = {});
   /// Collects the disk tier's finished requests: commits promotions that
   /// arrived, counts spill failures. process() and promote() call it too.
@@ -321,8 +324,12 @@ public:
   std::size_t evict_bytes(std::size_t bytes);
 
   [[nodiscard]] const store_stats& stats() const noexcept { return stats_; }
-  [[nodiscard]] std::size_t block_count() const noexcept { return index_.size(); }
-  [[nodiscard]] std::size_t used_bytes() const noexcept { return pool_.used_bytes(); }
+  [[nodiscard]] std::size_t block_count() const noexcept {
+    return index_.size();
+  }
+  [[nodiscard]] std::size_t used_bytes() const noexcept {
+    return pool_.used_bytes();
+  }
   [[nodiscard]] std::size_t capacity_bytes() const noexcept {
     return pool_.capacity_bytes();
   }
@@ -344,25 +351,27 @@ private:
   struct entry;
   struct ns_state;
 
-  block_store(const store_config& config, std::unique_ptr<memory_backend> backend,
-              block_pool pool);
+  block_store(const store_config& config,
+              std::unique_ptr<memory_backend> backend, block_pool pool);
 
   [[nodiscard]] nanos now() const noexcept { return clock_->now(); }
   [[nodiscard]] result<const ns_state*> check_ns(ns_id ns) const;
   [[nodiscard]] std::uint32_t find_visible(ns_id ns, const block_key& key,
                                            nanos now);
-  [[nodiscard]] std::size_t walk_prefix(ns_id ns, std::span<const block_key> keys,
-                                        nanos now);
+  [[nodiscard]] std::size_t
+  walk_prefix(ns_id ns, std::span<const block_key> keys, nanos now);
   void touch(std::uint32_t id);
   void release_lease(std::uint32_t id) noexcept;
   void abort_reservation(std::uint32_t id) noexcept;
   /// Aborts the put of entry `id` if it is still that put (same generation).
   void abort_if_current(std::uint32_t id, std::uint32_t generation) noexcept;
   [[nodiscard]] result<void> check_open(const put_handle& h) const;
-  [[nodiscard]] size_partition partition_for(std::uint32_t request_tokens) const;
+  [[nodiscard]] size_partition
+  partition_for(std::uint32_t request_tokens) const;
   [[nodiscard]] result<void> make_room(size_partition p, std::uint16_t cls);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
-  [[nodiscard]] std::optional<size_partition> pick_partition(size_partition p) const;
+  [[nodiscard]] std::optional<size_partition>
+  pick_partition(size_partition p) const;
   bool try_demote(size_partition p, std::size_t& scan_budget);
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
   void remove(std::uint32_t id);
@@ -387,10 +396,12 @@ private:
   std::size_t promote_now(ns_id ns, std::span<const block_key> keys,
                           const block_key& parent, kv_producer& producer,
                           const put_options& options);
-  [[nodiscard]] result<void> mark_written(put_handle& h, std::uint64_t checksum);
+  [[nodiscard]] result<void> mark_written(put_handle& h,
+                                          std::uint64_t checksum);
   [[nodiscard]] const clock_source& disk_clock() const noexcept;
   /// Zeroes `out`, counts and drops a block that failed its checksum.
-  [[nodiscard]] result<void> drop_corrupt(std::uint32_t id, std::span<std::byte> out);
+  [[nodiscard]] result<void> drop_corrupt(std::uint32_t id,
+                                          std::span<std::byte> out);
   void refresh_evictable(std::uint32_t id);
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;
@@ -412,11 +423,11 @@ private:
   std::array<std::uint32_t, partition_count> recency_tail_{};
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
   std::vector<std::byte> scratch2_;
-  std::vector<read_lease> process_leases_; ///< process()'s leases, reused
-  std::vector<promotion> promote_batch_;       ///< process()'s, reused
+  std::vector<read_lease> process_leases_;    ///< process()'s leases, reused
+  std::vector<promotion> promote_batch_;      ///< process()'s, reused
   std::vector<promotion> pending_promotions_; ///< promote()'s, in flight
   std::uint64_t promote_group_ = 0;
-  std::vector<block_key> token_keys_;     ///< put_tokens()/lookup_tokens(), reused
+  std::vector<block_key> token_keys_; ///< put_tokens()/lookup_tokens(), reused
   std::vector<read_lease> token_leases_;
   std::vector<put_handle> token_puts_;
   /// Declared last so it is destroyed first: its I/O thread may still be

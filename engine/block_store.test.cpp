@@ -67,12 +67,15 @@ protected:
   result<void> put(const block_key& key, const block_key& parent,
                    const put_options& opts = {}) {
     auto h = store_->reserve(ns_, key, parent, opts);
-    if (!h) return unexpected<error>(h.error());
-    if (auto w = store_->write(*h, value_for(key)); !w) return w;
+    if (!h)
+      return unexpected<error>(h.error());
+    if (auto w = store_->write(*h, value_for(key)); !w)
+      return w;
     return store_->commit(*h);
   }
 
-  void put_chain(const std::vector<block_key>& keys, const put_options& opts = {}) {
+  void put_chain(const std::vector<block_key>& keys,
+                 const put_options& opts = {}) {
     block_key parent{};
     for (const auto& k : keys) {
       auto r = put(k, parent, opts);
@@ -263,7 +266,8 @@ TEST_F(store_fixture, concurrent_put_of_one_key_is_busy) {
 TEST_F(store_fixture, eviction_runs_from_high_to_low_watermark) {
   open(40, policy_kind::lru, false, 1);
   // 40 block capacity: high 36, low 32.
-  for (std::uint64_t i = 0; i < 36; ++i) put_chain(chain(1000 * (i + 1), 1));
+  for (std::uint64_t i = 0; i < 36; ++i)
+    put_chain(chain(1000 * (i + 1), 1));
   EXPECT_EQ(store_->stats().evictions, 0U);
   put_chain(chain(999999, 1));
   EXPECT_EQ(store_->block_count(), 32U);
@@ -276,7 +280,8 @@ TEST_F(store_fixture, eviction_is_leaf_first) {
   const auto a = chain(1, 10);
   put_chain(a);
   // The chain's root is the least recently used block, but it has children.
-  for (std::uint64_t i = 0; i < 12; ++i) put_chain(chain(1000 * (i + 1), 1));
+  for (std::uint64_t i = 0; i < 12; ++i)
+    put_chain(chain(1000 * (i + 1), 1));
   std::size_t prefix = *store_->lookup(ns_, a);
   for (std::size_t i = 0; i < a.size(); ++i)
     EXPECT_EQ(store_->contains(ns_, a[i]), i < prefix) << "block " << i;
@@ -294,13 +299,15 @@ TEST_F(store_fixture, leased_and_pinned_blocks_are_never_evicted) {
   ASSERT_TRUE(put(pinned, {}, pin_opts).has_value());
   auto lease = store_->acquire(ns_, keep);
   ASSERT_TRUE(lease.has_value());
-  for (std::uint64_t i = 0; i < 40; ++i) put_chain(chain(1000 * (i + 1), 1));
+  for (std::uint64_t i = 0; i < 40; ++i)
+    put_chain(chain(1000 * (i + 1), 1));
   EXPECT_TRUE(store_->contains(ns_, keep));
   EXPECT_TRUE(store_->contains(ns_, pinned));
   lease->release();
   ASSERT_TRUE(store_->unpin(ns_, pinned).has_value());
   EXPECT_EQ(store_->unpin(ns_, pinned).error().code, errc::invalid_argument);
-  for (std::uint64_t i = 0; i < 40; ++i) put_chain(chain(100000 * (i + 1), 1));
+  for (std::uint64_t i = 0; i < 40; ++i)
+    put_chain(chain(100000 * (i + 1), 1));
   EXPECT_FALSE(store_->contains(ns_, keep));
   EXPECT_FALSE(store_->contains(ns_, pinned));
   store_->check_invariants();
@@ -396,9 +403,11 @@ TEST_F(store_fixture, partitions_keep_long_requests_from_flushing_short_ones) {
   }
   put_options long_req;
   long_req.request_tokens = 10000;
-  for (std::uint64_t i = 0; i < 300; ++i) put_chain(chain(100000 * (i + 1), 1), long_req);
+  for (std::uint64_t i = 0; i < 300; ++i)
+    put_chain(chain(100000 * (i + 1), 1), long_req);
   // 20 short blocks are below the short partition's 30% share: none left.
-  for (const auto& c : shorts) EXPECT_TRUE(store_->contains(ns_, c[0]));
+  for (const auto& c : shorts)
+    EXPECT_TRUE(store_->contains(ns_, c[0]));
   EXPECT_GT(store_->stats().evictions, 200U);
   store_->check_invariants();
 }
@@ -505,7 +514,8 @@ TEST_F(store_fixture, priority_policy_evicts_low_priority_first) {
 TEST(latency_histogram, quantiles_are_within_a_bucket) {
   latency_histogram h;
   EXPECT_EQ(h.quantile(0.5), 0U);
-  for (std::uint64_t v = 1; v <= 1000; ++v) h.record(v * 1000);
+  for (std::uint64_t v = 1; v <= 1000; ++v)
+    h.record(v * 1000);
   EXPECT_EQ(h.count(), 1000U);
   const auto p50 = static_cast<double>(h.quantile(0.5));
   const auto p99 = static_cast<double>(h.quantile(0.99));
@@ -513,7 +523,8 @@ TEST(latency_histogram, quantiles_are_within_a_bucket) {
   EXPECT_NEAR(p99, 990000.0, 990000.0 * 0.13);
   EXPECT_EQ(h.quantile(1.0), 1000000U);
   for (std::uint64_t v : {0ULL, 1ULL, 7ULL, 8ULL, 9ULL, 1000ULL, 1ULL << 40})
-    EXPECT_GE(latency_histogram::bucket_upper(latency_histogram::bucket_of(v)), v);
+    EXPECT_GE(latency_histogram::bucket_upper(latency_histogram::bucket_of(v)),
+              v);
 }
 
 } // namespace
@@ -524,8 +535,10 @@ namespace {
 
 TEST_F(store_fixture, encoded_codecs_round_trip_within_their_error_bound) {
   open(32);
-  const std::array<std::pair<codec, double>, 4> bounds{
-      {{codec::none, 0.0}, {codec::fp8, 0.05}, {codec::int8, 0.01}, {codec::int4, 0.2}}};
+  const std::array<std::pair<codec, double>, 4> bounds{{{codec::none, 0.0},
+                                                        {codec::fp8, 0.05},
+                                                        {codec::int8, 0.01},
+                                                        {codec::int4, 0.2}}};
   std::uint64_t id = 1;
   for (const auto& [c, bound] : bounds) {
     const auto k = chain(id++ * 1000, 1)[0];
@@ -538,9 +551,12 @@ TEST_F(store_fixture, encoded_codecs_round_trip_within_their_error_bound) {
     EXPECT_EQ(store_->stored_bytes(*lease), encoded_size(c, block_bytes / 2));
     std::vector<std::byte> out(block_bytes);
     ASSERT_TRUE(store_->read(*lease, out).has_value());
-    EXPECT_LE(relative_l2_error(dtype::fp16, value_for(k), out), bound) << to_string(c);
+    EXPECT_LE(relative_l2_error(dtype::fp16, value_for(k), out), bound)
+        << to_string(c);
   }
-  EXPECT_GT(store_->stats().blocks_by_codec[static_cast<std::size_t>(codec::int4)], 0U);
+  EXPECT_GT(
+      store_->stats().blocks_by_codec[static_cast<std::size_t>(codec::int4)],
+      0U);
   store_->check_invariants();
 }
 
@@ -553,8 +569,10 @@ TEST_F(store_fixture, pressure_demotes_cold_blocks_before_evicting_any) {
     keys.push_back(chain(100 * (i + 1), 1)[0]);
     ASSERT_TRUE(put(keys.back(), {}).has_value());
   }
-  for (int a = 0; a < 11; ++a) ASSERT_TRUE(store_->acquire(ns_, keys[0]).has_value());
-  for (int a = 0; a < 4; ++a) ASSERT_TRUE(store_->acquire(ns_, keys[1]).has_value());
+  for (int a = 0; a < 11; ++a)
+    ASSERT_TRUE(store_->acquire(ns_, keys[0]).has_value());
+  for (int a = 0; a < 4; ++a)
+    ASSERT_TRUE(store_->acquire(ns_, keys[1]).has_value());
   ASSERT_TRUE(put(chain(99999, 1)[0], {}).has_value());
   EXPECT_EQ(store_->stats().evictions, 0U);
   EXPECT_GT(store_->stats().demotions, 0U);
@@ -563,7 +581,8 @@ TEST_F(store_fixture, pressure_demotes_cold_blocks_before_evicting_any) {
   const codec warm = *store_->codec_of(ns_, keys[1]);
   EXPECT_TRUE(warm == codec::none || warm == codec::int8) << to_string(warm);
   std::size_t int4 = 0;
-  for (const auto& k : keys) int4 += *store_->codec_of(ns_, k) == codec::int4 ? 1U : 0U;
+  for (const auto& k : keys)
+    int4 += *store_->codec_of(ns_, k) == codec::int4 ? 1U : 0U;
   EXPECT_GT(int4, 0U);
   // Demoted blocks still read back, within the int4 bound.
   for (const auto& k : keys) {
@@ -632,18 +651,21 @@ namespace {
 TEST_F(store_fixture, token_puts_must_be_whole_blocks_and_are_all_or_nothing) {
   open(16);
   std::vector<std::uint32_t> tokens(48);
-  for (std::uint32_t i = 0; i < tokens.size(); ++i) tokens[i] = 1000 + i;
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = 1000 + i;
   std::vector<std::byte> values(3 * block_bytes, std::byte{7});
   // 47 tokens: not a whole number of 16-token blocks.
   auto r = store_->put_tokens(ns_, std::span(tokens).first(47), values);
   ASSERT_FALSE(r.has_value());
   EXPECT_EQ(r.error().code, errc::misaligned_tokens);
-  EXPECT_EQ(store_->put_tokens(ns_, {}, {}).error().code, errc::misaligned_tokens);
+  EXPECT_EQ(store_->put_tokens(ns_, {}, {}).error().code,
+            errc::misaligned_tokens);
   // Values for two blocks, tokens for three.
-  EXPECT_EQ(store_->put_tokens(ns_, tokens, std::span(values).first(2 * block_bytes))
-                .error()
-                .code,
-            errc::wrong_value_size);
+  EXPECT_EQ(
+      store_->put_tokens(ns_, tokens, std::span(values).first(2 * block_bytes))
+          .error()
+          .code,
+      errc::wrong_value_size);
   EXPECT_EQ(store_->put_tokens(ns_id{3}, tokens, values).error().code,
             errc::unknown_namespace);
   EXPECT_EQ(store_->block_count(), 0U);
@@ -667,7 +689,8 @@ TEST_F(store_fixture, token_puts_must_be_whole_blocks_and_are_all_or_nothing) {
 TEST_F(store_fixture, a_token_put_that_cannot_fit_leaves_nothing) {
   open(4, policy_kind::lru, false, 1);
   std::vector<std::uint32_t> tokens(16 * 6);
-  for (std::uint32_t i = 0; i < tokens.size(); ++i) tokens[i] = i;
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = i;
   std::vector<std::byte> values(6 * block_bytes, std::byte{1});
   // Six chained blocks cannot fit four slots: none is kept.
   auto r = store_->put_tokens(ns_, tokens, values);

@@ -5,8 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <random>
 #include <fstream>
+#include <random>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -98,7 +98,8 @@ protected:
 TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
   const auto a = chain(1, 4);
   EXPECT_EQ(run(a).computed_blocks, 4U);
-  for (std::uint64_t i = 0; i < 10; ++i) run(chain(1000 * (i + 1), 4));
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(1000 * (i + 1), 4));
   EXPECT_GT(store_->stats().spills, 0U);
   EXPECT_FALSE(store_->contains(ns_, a[0]));
   auto tiers = store_->lookup_tiers(ns_, a);
@@ -113,13 +114,15 @@ TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
   EXPECT_EQ(r.matched_tokens, 64U);
   EXPECT_EQ(store_->stats().disk_block_hits, 4U);
   EXPECT_EQ(store_->stats().disk_token_hits, 64U);
-  for (const auto& k : a) expect_correct(k);
+  for (const auto& k : a)
+    expect_correct(k);
 }
 
 TEST_F(store_disk_test, promote_does_not_wait_and_poll_makes_blocks_visible) {
   const auto a = chain(1, 4);
   run(a);
-  for (std::uint64_t i = 0; i < 10; ++i) run(chain(1000 * (i + 1), 4));
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(1000 * (i + 1), 4));
   ASSERT_FALSE(store_->contains(ns_, a[0]));
   auto started = store_->promote(ns_, a);
   ASSERT_TRUE(started.has_value()) << started.error().describe();
@@ -133,7 +136,8 @@ TEST_F(store_disk_test, promote_does_not_wait_and_poll_makes_blocks_visible) {
   EXPECT_EQ(store_->pending_promotions(), 0U);
   EXPECT_EQ(*store_->lookup(ns_, a), 4U);
   EXPECT_EQ(store_->stats().disk_block_hits, 4U);
-  for (const auto& k : a) expect_correct(k);
+  for (const auto& k : a)
+    expect_correct(k);
   EXPECT_EQ(store_->promote(ns_id{7}, a).error().code, errc::unknown_namespace);
   store_->check_invariants();
 }
@@ -141,12 +145,14 @@ TEST_F(store_disk_test, promote_does_not_wait_and_poll_makes_blocks_visible) {
 TEST_F(store_disk_test, a_store_destroyed_with_promotions_in_flight_is_clean) {
   const auto a = chain(1, 4);
   run(a);
-  for (std::uint64_t i = 0; i < 10; ++i) run(chain(1000 * (i + 1), 4));
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(1000 * (i + 1), 4));
   ASSERT_EQ(*store_->promote(ns_, a), 4U);
   store_.reset(); // the tier finishes its reads into the arena first
 }
 
-TEST_F(store_disk_test, a_chain_that_breaks_on_disk_keeps_only_its_good_prefix) {
+TEST_F(store_disk_test,
+       a_chain_that_breaks_on_disk_keeps_only_its_good_prefix) {
   const auto a = chain(1, 4);
   run(a);
   ASSERT_TRUE(store_->persist().has_value());
@@ -156,7 +162,8 @@ TEST_F(store_disk_test, a_chain_that_breaks_on_disk_keeps_only_its_good_prefix) 
   open();
   bool damaged = false;
   for (const auto& e : fs::directory_iterator(dir_)) {
-    if (e.path().extension() != ".kvs") continue;
+    if (e.path().extension() != ".kvs")
+      continue;
     // Records are appended in commit order: header 80 bytes, then payload.
     std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
     const std::streamoff second_payload = 32 + (80 + 4096) + 80 + 100;
@@ -181,21 +188,24 @@ TEST_F(store_disk_test, a_chain_that_breaks_on_disk_keeps_only_its_good_prefix) 
   // The request still gets every block, the damaged ones recomputed.
   const auto r = run(a);
   EXPECT_EQ(r.matched_blocks, 1U + r.disk_blocks);
-  for (const auto& k : a) expect_correct(k);
+  for (const auto& k : a)
+    expect_correct(k);
 }
 
 TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   const auto a = chain(1, 6);
   run(a);
   // Push the tail out: with leaf-first LRU the chain loses its tail first.
-  for (std::uint64_t i = 0; i < 3; ++i) run(chain(1000 * (i + 1), 5));
+  for (std::uint64_t i = 0; i < 3; ++i)
+    run(chain(1000 * (i + 1), 5));
   const auto tiers = *store_->lookup_tiers(ns_, a);
   ASSERT_LT(tiers.memory, 6U);
   EXPECT_EQ(tiers.memory + tiers.disk, 6U);
   const auto r = run(a);
   EXPECT_EQ(r.matched_blocks, 6U);
   EXPECT_EQ(r.disk_blocks, 6U - tiers.memory);
-  for (const auto& k : a) expect_correct(k);
+  for (const auto& k : a)
+    expect_correct(k);
 }
 
 TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
@@ -213,7 +223,8 @@ TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
     const auto r = run(c);
     served += r.matched_blocks;
     total += c.size();
-    for (const auto& k : c) expect_correct(k);
+    for (const auto& k : c)
+      expect_correct(k);
   }
   EXPECT_EQ(served, total); // the bar is 99%; a clean restart loses none
 }
@@ -239,7 +250,8 @@ TEST_F(store_disk_test, damaged_bytes_on_disk_are_recomputed_never_returned) {
   open();
   // Flip bytes all over every segment's payload area.
   for (const auto& e : fs::directory_iterator(dir_)) {
-    if (e.path().extension() != ".kvs") continue;
+    if (e.path().extension() != ".kvs")
+      continue;
     std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
     const auto size = static_cast<std::streamoff>(fs::file_size(e.path()));
     for (std::streamoff off = 200; off < size; off += 512) {
@@ -256,13 +268,15 @@ TEST_F(store_disk_test, damaged_bytes_on_disk_are_recomputed_never_returned) {
   EXPECT_EQ(r.computed_blocks, 3U);
   EXPECT_EQ(store_->stats().promotion_failures, 3U);
   EXPECT_GT(store_->disk()->stats().checksum_failures, 0U);
-  for (const auto& k : a) expect_correct(k);
+  for (const auto& k : a)
+    expect_correct(k);
 }
 
 TEST_F(store_disk_test, hit_ratio_with_the_disk_tier_is_at_least_that_without) {
   std::mt19937_64 rng(3);
   std::vector<std::vector<block_key>> reqs;
-  for (int i = 0; i < 400; ++i) reqs.push_back(chain(100 * (rng() % 40 + 1), 1 + rng() % 6));
+  for (int i = 0; i < 400; ++i)
+    reqs.push_back(chain(100 * (rng() % 40 + 1), 1 + rng() % 6));
   auto ratio = [&](bool with_disk) {
     open(16);
     if (!with_disk) {
@@ -285,10 +299,12 @@ TEST_F(store_disk_test, hit_ratio_with_the_disk_tier_is_at_least_that_without) {
   // Start the disk tier empty.
   store_.reset();
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir_)) fs::remove_all(e.path(), ec);
+  for (const auto& e : fs::directory_iterator(dir_))
+    fs::remove_all(e.path(), ec);
   const double with = ratio(true);
   EXPECT_GE(with, without);
-  EXPECT_GT(with, without + 0.1); // 40 chains do not fit 16 blocks; disk holds them
+  EXPECT_GT(with,
+            without + 0.1); // 40 chains do not fit 16 blocks; disk holds them
 }
 
 } // namespace

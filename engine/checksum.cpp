@@ -22,7 +22,8 @@ internal::chunk_hash_fn chunk_hash() {
   static const internal::chunk_hash_fn fn = [] {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
       return &internal::xxh3_avx512;
-    if (__builtin_cpu_supports("avx2")) return &internal::xxh3_avx2;
+    if (__builtin_cpu_supports("avx2"))
+      return &internal::xxh3_avx2;
     return &internal::xxh3_generic;
   }();
   return fn;
@@ -42,7 +43,8 @@ public:
   void add(std::uint64_t h) {
     internal::store_le64(buf_.data() + fill_, h);
     fill_ += 8;
-    if (fill_ == buf_.size()) flush();
+    if (fill_ == buf_.size())
+      flush();
   }
   std::uint64_t finish() {
     flush();
@@ -51,7 +53,8 @@ public:
 
 private:
   void flush() {
-    if (fill_ == 0) return;
+    if (fill_ == 0)
+      return;
     XXH3_64bits_update(&state_, buf_.data(), fill_);
     fill_ = 0;
   }
@@ -70,7 +73,8 @@ void stream_copy(std::byte* dst, const std::byte* src, std::size_t n) {
   const std::size_t vec = n / 16;
   auto* d = reinterpret_cast<__m128i*>(dst);
   const auto* s = reinterpret_cast<const __m128i*>(src);
-  for (std::size_t i = 0; i < vec; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
+  for (std::size_t i = 0; i < vec; ++i)
+    _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
   std::memcpy(dst + vec * 16, src + vec * 16, n - vec * 16);
   _mm_sfence();
 }

@@ -23,13 +23,14 @@ inline constexpr std::size_t checksum_chunk_bytes = 4096;
 /// checksum of the bytes. The source is hashed while it is hot and the
 /// destination written with streaming stores, since a freshly stored block
 /// is not read back soon.
-[[nodiscard]] std::uint64_t copy_in_with_checksum(std::span<std::byte> dst,
-                                                  std::span<const std::byte> src);
+[[nodiscard]] std::uint64_t
+copy_in_with_checksum(std::span<std::byte> dst, std::span<const std::byte> src);
 
 /// Copies `src` out of the cache into `dst` (same size, no overlap) and
 /// returns the checksum of the bytes, reading each chunk from memory once
 /// (prefetched a chunk ahead, hashed, then copied from L1).
-[[nodiscard]] std::uint64_t copy_out_with_checksum(std::span<std::byte> dst,
-                                                   std::span<const std::byte> src);
+[[nodiscard]] std::uint64_t
+copy_out_with_checksum(std::span<std::byte> dst,
+                       std::span<const std::byte> src);
 
 } // namespace kvfleet::engine

@@ -10,11 +10,16 @@ namespace kvfleet::engine {
 
 std::string_view to_string(priority p) noexcept {
   switch (p) {
-  case priority::background: return "background";
-  case priority::low: return "low";
-  case priority::normal: return "normal";
-  case priority::high: return "high";
-  case priority::critical: return "critical";
+  case priority::background:
+    return "background";
+  case priority::low:
+    return "low";
+  case priority::normal:
+    return "normal";
+  case priority::high:
+    return "high";
+  case priority::critical:
+    return "critical";
   }
   return "unknown";
 }
@@ -22,7 +27,8 @@ std::string_view to_string(priority p) noexcept {
 result<priority> parse_priority(std::string_view name) {
   for (auto p : {priority::background, priority::low, priority::normal,
                  priority::high, priority::critical})
-    if (to_string(p) == name) return p;
+    if (to_string(p) == name)
+      return p;
   return make_error(errc::invalid_argument,
                     "unknown priority '" + std::string(name) +
                         "' (expected critical, high, normal, low or "
@@ -31,11 +37,16 @@ result<priority> parse_priority(std::string_view name) {
 
 std::string_view to_string(policy_kind k) noexcept {
   switch (k) {
-  case policy_kind::lru: return "lru";
-  case policy_kind::lfu: return "lfu";
-  case policy_kind::priority: return "priority";
-  case policy_kind::adaptive: return "adaptive";
-  case policy_kind::belady: return "belady";
+  case policy_kind::lru:
+    return "lru";
+  case policy_kind::lfu:
+    return "lfu";
+  case policy_kind::priority:
+    return "priority";
+  case policy_kind::adaptive:
+    return "adaptive";
+  case policy_kind::belady:
+    return "belady";
   }
   return "unknown";
 }
@@ -43,7 +54,8 @@ std::string_view to_string(policy_kind k) noexcept {
 result<policy_kind> parse_policy(std::string_view name) {
   for (auto k : {policy_kind::lru, policy_kind::lfu, policy_kind::priority,
                  policy_kind::adaptive, policy_kind::belady})
-    if (to_string(k) == name) return k;
+    if (to_string(k) == name)
+      return k;
   return make_error(errc::unknown_policy,
                     "unknown eviction policy '" + std::string(name) +
                         "' (expected lru, lfu, priority, adaptive or belady)");
@@ -60,14 +72,17 @@ using internal::score;
 class score_policy : public eviction_policy {
 public:
   void reserve(std::size_t ids) override {
-    if (scores_.size() < ids) scores_.resize(ids);
+    if (scores_.size() < ids)
+      scores_.resize(ids);
     heap_.reserve(ids);
   }
   void on_access(std::uint32_t id, const access_info& info,
                  bool inserted) override {
-    if (id >= scores_.size()) reserve(std::max<std::size_t>(id + 1, 2 * scores_.size()));
+    if (id >= scores_.size())
+      reserve(std::max<std::size_t>(id + 1, 2 * scores_.size()));
     scores_[id] = rescore(id, info, inserted);
-    if (heap_.contains(id)) heap_.set(id, scores_[id]);
+    if (heap_.contains(id))
+      heap_.set(id, scores_[id]);
   }
   void set_evictable(std::uint32_t id, bool evictable) override {
     if (evictable)
@@ -172,7 +187,8 @@ public:
   }
   void reserve(std::size_t ids) override {
     score_policy::reserve(ids);
-    if (state_.size() < ids) state_.resize(ids);
+    if (state_.size() < ids)
+      state_.resize(ids);
   }
   void on_remove(std::uint32_t id) override {
     score_policy::on_remove(id);
@@ -182,10 +198,12 @@ public:
 protected:
   score rescore(std::uint32_t id, const access_info& info,
                 bool inserted) override {
-    if (id >= state_.size()) state_.resize(std::max<std::size_t>(id + 1, 2 * state_.size()));
+    if (id >= state_.size())
+      state_.resize(std::max<std::size_t>(id + 1, 2 * state_.size()));
     block_state& b = state_[id];
-    const double h = half_life_factor *
-                     static_cast<double>(std::max<std::size_t>(info.resident_blocks, 64));
+    const double h =
+        half_life_factor *
+        static_cast<double>(std::max<std::size_t>(info.resident_blocks, 64));
     const double t = static_cast<double>(info.tick);
     if (inserted) {
       b = block_state{};
@@ -195,8 +213,9 @@ protected:
       double prior = global;
       if (b.parent != npos && b.parent < state_.size()) {
         block_state& p = state_[b.parent];
-        prior = (static_cast<double>(p.children_reused) + prior_weight * global) /
-                (static_cast<double>(p.children) + prior_weight);
+        prior =
+            (static_cast<double>(p.children_reused) + prior_weight * global) /
+            (static_cast<double>(p.children) + prior_weight);
         ++p.children;
       }
       ++inserted_;
@@ -239,11 +258,16 @@ private:
 
 std::unique_ptr<eviction_policy> make_policy(policy_kind kind) {
   switch (kind) {
-  case policy_kind::lru: return std::make_unique<lru_policy>();
-  case policy_kind::lfu: return std::make_unique<lfu_policy>();
-  case policy_kind::priority: return std::make_unique<priority_policy>();
-  case policy_kind::adaptive: return std::make_unique<adaptive_policy>();
-  case policy_kind::belady: return std::make_unique<belady_policy>();
+  case policy_kind::lru:
+    return std::make_unique<lru_policy>();
+  case policy_kind::lfu:
+    return std::make_unique<lfu_policy>();
+  case policy_kind::priority:
+    return std::make_unique<priority_policy>();
+  case policy_kind::adaptive:
+    return std::make_unique<adaptive_policy>();
+  case policy_kind::belady:
+    return std::make_unique<belady_policy>();
   }
   return nullptr;
 }

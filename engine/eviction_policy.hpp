@@ -44,12 +44,13 @@ enum class policy_kind : std::uint8_t { lru, lfu, priority, adaptive, belady };
 /// Accepts "lru", "lfu", "priority", "adaptive", "belady".
 [[nodiscard]] result<policy_kind> parse_policy(std::string_view name);
 
-inline constexpr std::uint32_t npos_id = std::numeric_limits<std::uint32_t>::max();
+inline constexpr std::uint32_t npos_id =
+    std::numeric_limits<std::uint32_t>::max();
 
 /// What a policy learns at each access.
 struct access_info {
-  std::uint64_t tick = 0;         ///< store-wide logical access counter
-  std::uint32_t count = 0;        ///< accesses of this block so far (>= 1)
+  std::uint64_t tick = 0;  ///< store-wide logical access counter
+  std::uint32_t count = 0; ///< accesses of this block so far (>= 1)
   priority prio = priority::normal;
   /// Tick of the block's next use (belady only); max() when never again.
   std::uint64_t next_use = std::numeric_limits<std::uint64_t>::max();
@@ -61,7 +62,8 @@ struct access_info {
 
 class eviction_policy {
 public:
-  static constexpr std::uint32_t npos = std::numeric_limits<std::uint32_t>::max();
+  static constexpr std::uint32_t npos =
+      std::numeric_limits<std::uint32_t>::max();
 
   virtual ~eviction_policy() = default;
   [[nodiscard]] virtual policy_kind kind() const noexcept = 0;

@@ -13,18 +13,22 @@ namespace kvfleet::engine {
 
 std::string_view to_string(dtype t) noexcept {
   switch (t) {
-  case dtype::fp16: return "fp16";
-  case dtype::bf16: return "bf16";
+  case dtype::fp16:
+    return "fp16";
+  case dtype::bf16:
+    return "bf16";
   }
   return "unknown";
 }
 
 result<dtype> parse_dtype(std::string_view name) {
-  if (name == "fp16") return dtype::fp16;
-  if (name == "bf16") return dtype::bf16;
-  return make_error(errc::invalid_argument,
-                    "unknown dtype '" + std::string(name) +
-                        "' (expected fp16 or bf16)");
+  if (name == "fp16")
+    return dtype::fp16;
+  if (name == "bf16")
+    return dtype::bf16;
+  return make_error(errc::invalid_argument, "unknown dtype '" +
+                                                std::string(name) +
+                                                "' (expected fp16 or bf16)");
 }
 
 std::size_t namespace_spec::elements_per_block() const noexcept {
@@ -44,8 +48,8 @@ result<void> namespace_spec::validate() const {
                           "': layers, kv_heads, head_dim and block_tokens "
                           "must all be positive");
   if (type != dtype::fp16 && type != dtype::bf16)
-    return make_error(errc::invalid_argument, "namespace '" + model +
-                                                  "': unknown dtype");
+    return make_error(errc::invalid_argument,
+                      "namespace '" + model + "': unknown dtype");
   constexpr std::size_t max_bytes = std::size_t{1} << 30;
   // Multiply in double so absurd dimensions cannot wrap around.
   const double bytes = static_cast<double>(layers) * 2.0 * block_tokens *

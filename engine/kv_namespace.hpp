@@ -29,7 +29,7 @@ struct ns_fingerprint {
 /// What a block means. Value layout: [layers][2][block_tokens][kv_heads]
 /// [head_dim] elements of `type`.
 struct namespace_spec {
-  std::string model;            ///< model id, e.g. "llama-3-8b"
+  std::string model; ///< model id, e.g. "llama-3-8b"
   std::uint32_t layers = 0;
   std::uint32_t kv_heads = 0;
   std::uint32_t head_dim = 0;

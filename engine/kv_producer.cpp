@@ -24,10 +24,10 @@ result<void> synthetic_producer::produce(const namespace_spec& spec,
                                          std::span<std::byte> out) {
   const std::size_t bytes = spec.value_bytes();
   if (out.size() != bytes)
-    return make_error(errc::wrong_value_size,
-                      "producer output buffer holds " +
-                          std::to_string(out.size()) + " bytes, the block needs " +
-                          std::to_string(bytes));
+    return make_error(errc::wrong_value_size, "producer output buffer holds " +
+                                                  std::to_string(out.size()) +
+                                                  " bytes, the block needs " +
+                                                  std::to_string(bytes));
   const auto start = std::chrono::steady_clock::now();
   std::uint64_t state = key.hi ^ (key.lo * 0xff51afd7ed558ccdULL);
   // A per-block magnitude so groups differ in scale, as real KV does.

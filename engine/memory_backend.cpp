@@ -18,22 +18,25 @@ host_memory_backend::create(std::size_t bytes) {
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED)
-    return make_error(errc::out_of_memory,
-                      "cannot map " + std::to_string(bytes) +
-                          " bytes of host memory: " +
-                          std::generic_category().message(errno));
+    return make_error(
+        errc::out_of_memory,
+        "cannot map " + std::to_string(bytes) +
+            " bytes of host memory: " + std::generic_category().message(errno));
   // Huge pages cut TLB misses (failure is harmless); then fault the whole
   // arena in up front so no put pays for a page fault.
   (void)::madvise(p, bytes, MADV_HUGEPAGE);
   auto* bytes_p = static_cast<volatile unsigned char*>(p);
   const long page = ::sysconf(_SC_PAGESIZE);
   const auto step = static_cast<std::size_t>(page > 0 ? page : 4096);
-  for (std::size_t off = 0; off < bytes; off += step) bytes_p[off] = 0;
+  for (std::size_t off = 0; off < bytes; off += step)
+    bytes_p[off] = 0;
   return std::unique_ptr<host_memory_backend>(
       new host_memory_backend(static_cast<std::byte*>(p), bytes));
 }
 
-host_memory_backend::~host_memory_backend() { ::munmap(data_, size_); }
+host_memory_backend::~host_memory_backend() {
+  ::munmap(data_, size_);
+}
 
 result<void> host_memory_backend::write(std::size_t offset,
                                         std::span<const std::byte> src) {

@@ -35,8 +35,8 @@ public:
   [[nodiscard]] virtual result<void> read(std::size_t offset,
                                           std::span<std::byte> dst) const = 0;
   /// Checksum (engine/checksum.hpp) of `len` arena bytes at `offset`.
-  [[nodiscard]] virtual result<std::uint64_t> checksum(std::size_t offset,
-                                                       std::size_t len) const = 0;
+  [[nodiscard]] virtual result<std::uint64_t>
+  checksum(std::size_t offset, std::size_t len) const = 0;
 };
 
 /// Host-memory arena: page-aligned, populated at creation (so puts never

@@ -93,7 +93,9 @@ public:
   [[nodiscard]] T* operator->() { return &value(); }
   [[nodiscard]] const T* operator->() const { return &value(); }
 
-  [[nodiscard]] const ::kvfleet::error& error() const& { return std::get<1>(state_); }
+  [[nodiscard]] const ::kvfleet::error& error() const& {
+    return std::get<1>(state_);
+  }
   [[nodiscard]] T value_or(T fallback) const& {
     return has_value() ? value() : std::move(fallback);
   }
@@ -109,7 +111,8 @@ public:
   using error_type = ::kvfleet::error;
 
   result() = default;
-  result(unexpected<::kvfleet::error> e) : error_(std::move(e).value()), ok_(false) {}
+  result(unexpected<::kvfleet::error> e)
+      : error_(std::move(e).value()), ok_(false) {}
 
   [[nodiscard]] bool has_value() const noexcept { return ok_; }
   explicit operator bool() const noexcept { return ok_; }

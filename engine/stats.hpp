@@ -22,15 +22,17 @@ public:
     ++buckets_[bucket_of(ns)];
     ++count_;
     sum_ += ns;
-    if (ns > max_) max_ = ns;
+    if (ns > max_)
+      max_ = ns;
   }
   void merge(const latency_histogram& other) noexcept;
   void reset() noexcept { *this = latency_histogram{}; }
   [[nodiscard]] std::uint64_t count() const noexcept { return count_; }
   [[nodiscard]] std::uint64_t max() const noexcept { return max_; }
   [[nodiscard]] double mean() const noexcept {
-    return count_ == 0 ? 0.0
-                       : static_cast<double>(sum_) / static_cast<double>(count_);
+    return count_ == 0
+               ? 0.0
+               : static_cast<double>(sum_) / static_cast<double>(count_);
   }
   /// Value at quantile `q` in [0, 1] (upper edge of its bucket, capped at
   /// the largest value seen); 0 when empty.
@@ -75,12 +77,12 @@ struct store_stats {
   std::uint64_t expirations = 0;
   std::uint64_t rejected_requests = 0; ///< calls that returned an error
   // Disk tier (zero without one).
-  std::uint64_t disk_block_hits = 0;   ///< blocks promoted from disk
-  std::uint64_t disk_token_hits = 0;   ///< prompt tokens served from disk
+  std::uint64_t disk_block_hits = 0;    ///< blocks promoted from disk
+  std::uint64_t disk_token_hits = 0;    ///< prompt tokens served from disk
   std::uint64_t promotion_failures = 0; ///< disk blocks recomputed instead
-  std::uint64_t spills = 0;            ///< evicted blocks written to disk
-  std::uint64_t spills_skipped = 0;    ///< already on disk, not rewritten
-  std::uint64_t spill_failures = 0;    ///< refused or failed on disk
+  std::uint64_t spills = 0;             ///< evicted blocks written to disk
+  std::uint64_t spills_skipped = 0;     ///< already on disk, not rewritten
+  std::uint64_t spill_failures = 0;     ///< refused or failed on disk
   // Current contents.
   std::array<std::uint64_t, codec_count> blocks_by_codec{};
   std::array<std::uint64_t, codec_count> bytes_by_codec{};
@@ -88,7 +90,7 @@ struct store_stats {
   std::array<std::uint64_t, partition_count> bytes_by_partition{};
   // Latencies in nanoseconds, per operation.
   latency_histogram lookup_ns;
-  latency_histogram put_ns;     ///< reserve through commit
+  latency_histogram put_ns; ///< reserve through commit
   latency_histogram read_ns;
   latency_histogram process_ns;
 };

@@ -63,7 +63,8 @@ public:
 
   /// Discrete Pareto on {1, 2, ...}: floor of a Pareto(alpha, 1) draw.
   std::uint64_t pareto_int(double alpha) {
-    return static_cast<std::uint64_t>(std::floor(std::pow(uniform_open0(), -1.0 / alpha)));
+    return static_cast<std::uint64_t>(
+        std::floor(std::pow(uniform_open0(), -1.0 / alpha)));
   }
 
   /// Log-uniform in [lo, hi].

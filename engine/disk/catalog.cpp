@@ -10,9 +10,12 @@ namespace kvfleet::engine {
 
 std::string_view to_string(storage_tier t) noexcept {
   switch (t) {
-  case storage_tier::device: return "device";
-  case storage_tier::host: return "host";
-  case storage_tier::disk: return "disk";
+  case storage_tier::device:
+    return "device";
+  case storage_tier::host:
+    return "host";
+  case storage_tier::disk:
+    return "disk";
   }
   return "unknown";
 }
@@ -62,7 +65,8 @@ std::array<unsigned char, 16> to_blob(std::uint64_t hi, std::uint64_t lo) {
 void from_blob(const void* p, int n, std::uint64_t& hi, std::uint64_t& lo) {
   hi = 0;
   lo = 0;
-  if (p == nullptr || n != 16) return;
+  if (p == nullptr || n != 16)
+    return;
   const auto* b = static_cast<const unsigned char*>(p);
   for (int i = 0; i < 8; ++i) {
     hi = (hi << 8) | b[i];
@@ -138,14 +142,14 @@ catalog_entry read_row(sqlite3_stmt* s) {
 
 struct catalog::impl {
   sqlite3* db = nullptr;
-  stmt begin, commit, rollback, upsert, erase, set_pins, touch, relocate,
-      all, lru_unpinned, expired, usage, oldest, lru;
+  stmt begin, commit, rollback, upsert, erase, set_pins, touch, relocate, all,
+      lru_unpinned, expired, usage, oldest, lru;
 
   ~impl() {
     // Statements first: the connection closes only when all are finalized.
-    for (stmt* s : {&begin, &commit, &rollback, &upsert, &erase, &set_pins,
-                    &touch, &relocate, &all, &lru_unpinned, &expired, &usage,
-                    &oldest, &lru}) {
+    for (stmt* s :
+         {&begin, &commit, &rollback, &upsert, &erase, &set_pins, &touch,
+          &relocate, &all, &lru_unpinned, &expired, &usage, &oldest, &lru}) {
       sqlite3_finalize(s->get());
       *s->out() = nullptr;
     }
@@ -181,7 +185,9 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
                       nullptr) != SQLITE_OK)
     return make_error(errc::io_error, db_error(db, path, "cannot open"));
   sqlite3_extended_result_codes(db, 1);
-  auto exec = [&](const char* sql) { return sqlite3_exec(db, sql, nullptr, nullptr, nullptr); };
+  auto exec = [&](const char* sql) {
+    return sqlite3_exec(db, sql, nullptr, nullptr, nullptr);
+  };
   // Reading the schema is the first access that touches the file: a file
   // that is not a database fails here.
   bool has_meta = false;
@@ -190,7 +196,8 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
     int rc = sqlite3_prepare_v2(
         db, "SELECT count(*) FROM sqlite_master WHERE name = 'meta'", -1,
         s.out(), nullptr);
-    if (rc == SQLITE_OK) rc = sqlite3_step(s.get());
+    if (rc == SQLITE_OK)
+      rc = sqlite3_step(s.get());
     if (rc != SQLITE_ROW)
       return make_error(
           errc::parse_error,
@@ -203,9 +210,10 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
     return make_error(errc::io_error,
                       db_error(db, path, "cannot enable WAL mode") +
                           "; check that the directory is writable");
-  if (exec(full_sync ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL") !=
-      SQLITE_OK)
-    return make_error(errc::io_error, db_error(db, path, "cannot set synchronous"));
+  if (exec(full_sync ? "PRAGMA synchronous=FULL"
+                     : "PRAGMA synchronous=NORMAL") != SQLITE_OK)
+    return make_error(errc::io_error,
+                      db_error(db, path, "cannot set synchronous"));
   if (!has_meta) {
     const std::string init = std::string("BEGIN;") + schema +
                              "INSERT INTO meta VALUES('format_version', " +
@@ -218,9 +226,9 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
   } else {
     stmt s;
     std::int64_t version = -1;
-    if (sqlite3_prepare_v2(db,
-                           "SELECT value FROM meta WHERE name = 'format_version'",
-                           -1, s.out(), nullptr) == SQLITE_OK &&
+    if (sqlite3_prepare_v2(
+            db, "SELECT value FROM meta WHERE name = 'format_version'", -1,
+            s.out(), nullptr) == SQLITE_OK &&
         sqlite3_step(s.get()) == SQLITE_ROW)
       version = sqlite3_column_int64(s.get(), 0);
     if (version != static_cast<std::int64_t>(disk_format_version))
@@ -262,10 +270,10 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
                    "expires_at <= ?1 ORDER BY expires_at LIMIT ?2"},
       {&i.usage, "SELECT namespace, tier, count(*), sum(size) FROM "
                  "cache_entries GROUP BY namespace, tier ORDER BY 1, 2"},
-      {&i.oldest, "SELECT " + cols +
-                      " FROM cache_entries ORDER BY created_at LIMIT ?1"},
-      {&i.lru, "SELECT " + cols +
-                   " FROM cache_entries ORDER BY accessed_at LIMIT ?1"},
+      {&i.oldest,
+       "SELECT " + cols + " FROM cache_entries ORDER BY created_at LIMIT ?1"},
+      {&i.lru,
+       "SELECT " + cols + " FROM cache_entries ORDER BY accessed_at LIMIT ?1"},
   };
   for (const auto& [s, sql] : prepared) {
     if (sqlite3_prepare_v3(db, sql.c_str(), -1, SQLITE_PREPARE_PERSISTENT,
@@ -309,7 +317,8 @@ result<void> catalog::commit() {
 }
 
 void catalog::rollback() noexcept {
-  if (sqlite3_get_autocommit(impl_->db) != 0) return;
+  if (sqlite3_get_autocommit(impl_->db) != 0)
+    return;
   use u(impl_->rollback);
   (void)run(*u);
 }
@@ -375,8 +384,10 @@ namespace {
 template <class Fn> int rows(sqlite3_stmt* s, Fn&& fn) {
   for (;;) {
     const int rc = sqlite3_step(s);
-    if (rc == SQLITE_DONE) return SQLITE_OK;
-    if (rc != SQLITE_ROW) return rc;
+    if (rc == SQLITE_DONE)
+      return SQLITE_OK;
+    if (rc != SQLITE_ROW)
+      return rc;
     fn(s);
   }
 }
@@ -385,13 +396,15 @@ template <class Fn> int rows(sqlite3_stmt* s, Fn&& fn) {
 
 #define KVFLEET_SQL_ROWS(statement, fn, what)                                  \
   do {                                                                         \
-    if (rows(statement, fn) != SQLITE_OK) return KVFLEET_SQL_ERROR(what);      \
+    if (rows(statement, fn) != SQLITE_OK)                                      \
+      return KVFLEET_SQL_ERROR(what);                                          \
   } while (false)
 
 result<void>
 catalog::for_each(const std::function<void(const catalog_entry&)>& fn) {
   use u(impl_->all);
-  KVFLEET_SQL_ROWS(*u, [&](sqlite3_stmt* s) { fn(read_row(s)); }, "scan");
+  KVFLEET_SQL_ROWS(
+      *u, [&](sqlite3_stmt* s) { fn(read_row(s)); }, "scan");
   return {};
 }
 
@@ -400,8 +413,9 @@ catalog::least_recent_unpinned(std::size_t limit) {
   use u(impl_->lru_unpinned);
   bind_u64(*u, 1, limit);
   std::vector<catalog_entry> out;
-  KVFLEET_SQL_ROWS(*u, [&](sqlite3_stmt* s) { out.push_back(read_row(s)); },
-                   "least recently used");
+  KVFLEET_SQL_ROWS(
+      *u, [&](sqlite3_stmt* s) { out.push_back(read_row(s)); },
+      "least recently used");
   return out;
 }
 
@@ -411,31 +425,33 @@ result<std::vector<block_key>> catalog::expired(std::int64_t now,
   sqlite3_bind_int64(*u, 1, now);
   bind_u64(*u, 2, limit);
   std::vector<block_key> out;
-  KVFLEET_SQL_ROWS(*u,
-                   [&](sqlite3_stmt* s) {
-                     block_key k;
-                     from_blob(sqlite3_column_blob(s, 0),
-                               sqlite3_column_bytes(s, 0), k.hi, k.lo);
-                     out.push_back(k);
-                   },
-                   "expired");
+  KVFLEET_SQL_ROWS(
+      *u,
+      [&](sqlite3_stmt* s) {
+        block_key k;
+        from_blob(sqlite3_column_blob(s, 0), sqlite3_column_bytes(s, 0), k.hi,
+                  k.lo);
+        out.push_back(k);
+      },
+      "expired");
   return out;
 }
 
 result<std::vector<usage_row>> catalog::usage() {
   use u(impl_->usage);
   std::vector<usage_row> out;
-  KVFLEET_SQL_ROWS(*u,
-                   [&](sqlite3_stmt* s) {
-                     usage_row r;
-                     from_blob(sqlite3_column_blob(s, 0),
-                               sqlite3_column_bytes(s, 0), r.ns.hi, r.ns.lo);
-                     r.tier = static_cast<storage_tier>(sqlite3_column_int(s, 1));
-                     r.blocks = col_u64(s, 2);
-                     r.bytes = col_u64(s, 3);
-                     out.push_back(r);
-                   },
-                   "usage");
+  KVFLEET_SQL_ROWS(
+      *u,
+      [&](sqlite3_stmt* s) {
+        usage_row r;
+        from_blob(sqlite3_column_blob(s, 0), sqlite3_column_bytes(s, 0),
+                  r.ns.hi, r.ns.lo);
+        r.tier = static_cast<storage_tier>(sqlite3_column_int(s, 1));
+        r.blocks = col_u64(s, 2);
+        r.bytes = col_u64(s, 3);
+        out.push_back(r);
+      },
+      "usage");
   return out;
 }
 
@@ -443,8 +459,8 @@ result<std::vector<catalog_entry>> catalog::oldest(std::size_t limit) {
   use u(impl_->oldest);
   bind_u64(*u, 1, limit);
   std::vector<catalog_entry> out;
-  KVFLEET_SQL_ROWS(*u, [&](sqlite3_stmt* s) { out.push_back(read_row(s)); },
-                   "oldest");
+  KVFLEET_SQL_ROWS(
+      *u, [&](sqlite3_stmt* s) { out.push_back(read_row(s)); }, "oldest");
   return out;
 }
 
@@ -453,8 +469,9 @@ catalog::least_recently_used(std::size_t limit) {
   use u(impl_->lru);
   bind_u64(*u, 1, limit);
   std::vector<catalog_entry> out;
-  KVFLEET_SQL_ROWS(*u, [&](sqlite3_stmt* s) { out.push_back(read_row(s)); },
-                   "least recently used");
+  KVFLEET_SQL_ROWS(
+      *u, [&](sqlite3_stmt* s) { out.push_back(read_row(s)); },
+      "least recently used");
   return out;
 }
 

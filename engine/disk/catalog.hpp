@@ -5,9 +5,9 @@
 ///   cache_entries(id INTEGER PRIMARY KEY, key BLOB(16), namespace BLOB(16),
 ///                 tier, segment, offset, size, codec, checksum, created_at,
 ///                 accessed_at, access_count, pinned, expires_at)
-///   idx_cache_key (unique) on key, idx_cache_created_at, idx_cache_accessed_at,
-///   idx_cache_key_created on (key, created_at), and idx_cache_expires_at on
-///   expires_at for rows that expire.
+///   idx_cache_key (unique) on key, idx_cache_created_at,
+///   idx_cache_accessed_at, idx_cache_key_created on (key, created_at), and
+///   idx_cache_expires_at on expires_at for rows that expire.
 /// Keys and namespaces are 16 big-endian bytes (hi then lo), so byte order is
 /// numeric order. Checksums are the uint64 stored as its int64 bit pattern;
 /// times are int64 nanoseconds; `pinned` is the pin count.
@@ -91,9 +91,8 @@ public:
   /// accessed_at = max(accessed_at, at), access_count += count.
   [[nodiscard]] result<void> touch(const block_key& key, std::int64_t at,
                                    std::uint64_t count);
-  [[nodiscard]] result<void> relocate(const block_key& key,
-                                      std::uint64_t segment,
-                                      std::uint64_t offset);
+  [[nodiscard]] result<void>
+  relocate(const block_key& key, std::uint64_t segment, std::uint64_t offset);
 
   /// Calls `fn` for every row.
   [[nodiscard]] result<void>

@@ -21,9 +21,13 @@ namespace {
 constexpr std::uint64_t header_bytes = segment_header_bytes;
 constexpr std::uint64_t rec_header = record_header_bytes;
 
-std::string errno_text(int e) { return std::strerror(e); }
+std::string errno_text(int e) {
+  return std::strerror(e);
+}
 
-bool is_full_errno(int e) noexcept { return e == ENOSPC || e == EDQUOT; }
+bool is_full_errno(int e) noexcept {
+  return e == ENOSPC || e == EDQUOT;
+}
 
 /// Whether the bytes of `f` from `from` to its end hold anything but whole,
 /// well-formed records: a write that was cut off. Whole records past the
@@ -31,9 +35,11 @@ bool is_full_errno(int e) noexcept { return e == ENOSPC || e == EDQUOT; }
 bool tail_is_torn(const segment_file& f, std::uint64_t from) {
   std::uint64_t at = from;
   while (at < f.size()) {
-    if (f.size() - at < rec_header) return true;
+    if (f.size() - at < rec_header)
+      return true;
     auto h = f.read_header(at);
-    if (!h || h->record_bytes() > f.size() - at) return true;
+    if (!h || h->record_bytes() > f.size() - at)
+      return true;
     at += h->record_bytes();
   }
   return false;
@@ -85,7 +91,8 @@ disk_tier::~disk_tier() {
   }
   catalog_.reset();
   segments_.clear();
-  if (lock_fd_ >= 0) ::close(lock_fd_);
+  if (lock_fd_ >= 0)
+    ::close(lock_fd_);
 }
 
 // ---------------------------------------------------------------- opening
@@ -106,20 +113,23 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                       "disk tier " + dir +
                           ": compaction_threshold must be in [0, 1] and "
                           "low_watermark in (0, 1]");
-  if (config.max_batch == 0) config.max_batch = 1;
-  if (config.touch_batch == 0) config.touch_batch = 1;
+  if (config.max_batch == 0)
+    config.max_batch = 1;
+  if (config.touch_batch == 0)
+    config.touch_batch = 1;
 
   struct stat st {};
   if (::stat(dir.c_str(), &st) != 0) {
     const int e = errno;
     if (e == ENOENT)
-      return make_error(errc::io_error,
-                        "disk tier directory " + dir +
-                            " does not exist: create it (mkdir -p " + dir +
-                            ") or point the disk tier at an existing directory");
-    return make_error(errc::io_error, "disk tier directory " + dir +
-                                          " cannot be accessed: " +
-                                          errno_text(e));
+      return make_error(
+          errc::io_error,
+          "disk tier directory " + dir +
+              " does not exist: create it (mkdir -p " + dir +
+              ") or point the disk tier at an existing directory");
+    return make_error(errc::io_error,
+                      "disk tier directory " + dir +
+                          " cannot be accessed: " + errno_text(e));
   }
   if (!S_ISDIR(st.st_mode))
     return make_error(errc::io_error, "disk tier directory " + dir +
@@ -127,8 +137,8 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                                           "disk tier at a directory");
   {
     const std::string probe = dir + "/.kvfleet-write-probe";
-    const int fd = ::open(probe.c_str(),
-                          O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    const int fd =
+        ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
       return make_error(errc::io_error,
                         "disk tier directory " + dir + " is not writable (" +
@@ -151,13 +161,12 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
     const std::uint64_t avail = static_cast<std::uint64_t>(vfs.f_bavail) *
                                 static_cast<std::uint64_t>(vfs.f_frsize);
     if (avail < config.min_free_bytes)
-      return make_error(errc::out_of_memory,
-                        "disk tier directory " + dir + " is full: " +
-                            std::to_string(avail) +
-                            " bytes free, at least " +
-                            std::to_string(config.min_free_bytes) +
-                            " needed (disk_tier_config::min_free_bytes): free "
-                            "space or choose another directory");
+      return make_error(
+          errc::out_of_memory,
+          "disk tier directory " + dir + " is full: " + std::to_string(avail) +
+              " bytes free, at least " + std::to_string(config.min_free_bytes) +
+              " needed (disk_tier_config::min_free_bytes): free "
+              "space or choose another directory");
   }
   const std::string lock_path = dir + "/LOCK";
   const int lock_fd =
@@ -167,18 +176,19 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                                           ": " + errno_text(errno));
   if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
     ::close(lock_fd);
-    return make_error(errc::busy,
-                      "disk tier directory " + dir +
-                          " is in use by another process (it holds " +
-                          lock_path +
-                          "): stop that process or choose another directory");
+    return make_error(
+        errc::busy, "disk tier directory " + dir +
+                        " is in use by another process (it holds " + lock_path +
+                        "): stop that process or choose another directory");
   }
   std::unique_ptr<disk_tier> tier(new disk_tier(std::move(config)));
   tier->lock_fd_ = lock_fd;
   auto cat = catalog::open(dir + "/catalog.sqlite", tier->config_.full_sync);
-  if (!cat) return unexpected<error>(cat.error());
+  if (!cat)
+    return unexpected<error>(cat.error());
   tier->catalog_ = std::move(*cat);
-  if (auto r = tier->recover(); !r) return unexpected<error>(r.error());
+  if (auto r = tier->recover(); !r)
+    return unexpected<error>(r.error());
   {
     std::lock_guard lk(tier->mu_);
     tier->publish_locked();
@@ -209,7 +219,8 @@ result<void> disk_tier::recover() {
   std::vector<std::string> bad_files;
   while (const dirent* ent = ::readdir(d)) {
     const std::int64_t id = parse_segment_file_name(ent->d_name);
-    if (id <= 0) continue;
+    if (id <= 0)
+      continue;
     const auto uid = static_cast<std::uint64_t>(id);
     max_id = std::max(max_id, uid);
     auto f = segment_file::open(dir, uid);
@@ -254,14 +265,16 @@ result<void> disk_tier::recover() {
     payload_bytes_ += e.size;
     auto& end = ends[e.segment];
     end = std::max(end, e.offset + rec);
-    infos.emplace_back(e.key, disk_block_info{e.ns, e.c, e.size, e.checksum,
-                                              nanos{e.created_at},
-                                              nanos{e.expires_at}, e.pinned,
-                                              true});
+    infos.emplace_back(e.key,
+                       disk_block_info{e.ns, e.c, e.size, e.checksum,
+                                       nanos{e.created_at}, nanos{e.expires_at},
+                                       e.pinned, true});
   });
-  if (!scanned) return unexpected<error>(scanned.error());
+  if (!scanned)
+    return unexpected<error>(scanned.error());
   if (!drop.empty()) {
-    if (auto r = catalog_->begin(); !r) return r;
+    if (auto r = catalog_->begin(); !r)
+      return r;
     for (const auto& k : drop) {
       if (auto r = catalog_->erase(k); !r) {
         catalog_->rollback();
@@ -292,7 +305,8 @@ result<void> disk_tier::recover() {
       continue;
     }
     if (s.file.size() > end) {
-      if (auto r = s.file.truncate(end); !r) return r;
+      if (auto r = s.file.truncate(end); !r)
+        return r;
     }
     file_bytes_ += s.file.size();
     ++it;
@@ -301,13 +315,16 @@ result<void> disk_tier::recover() {
 
   std::lock_guard lk(mu_);
   for (auto it = dir_.begin(); it != dir_.end();) {
-    if (it->second.info.stored) it = dir_.erase(it);
-    else ++it;
+    if (it->second.info.stored)
+      it = dir_.erase(it);
+    else
+      ++it;
   }
   for (auto& [key, info] : infos) {
     const std::uint64_t gen = next_gen_++;
     index_[key].gen = gen;
-    if (dir_.count(key) == 0) dir_[key] = dir_entry{info, gen};
+    if (dir_.count(key) == 0)
+      dir_[key] = dir_entry{info, gen};
   }
   io_stats_.recovered_blocks = index_.size();
   return {};
@@ -399,7 +416,8 @@ bool disk_tier::contains(const block_key& key) const {
 std::optional<disk_block_info> disk_tier::lookup(const block_key& key) const {
   std::lock_guard lk(mu_);
   const auto it = dir_.find(key);
-  if (it == dir_.end()) return std::nullopt;
+  if (it == dir_.end())
+    return std::nullopt;
   return it->second.info;
 }
 
@@ -478,14 +496,15 @@ disk_request_id disk_tier::report(std::size_t top_n) {
   return enqueue(std::move(r));
 }
 
-std::size_t disk_tier::drain_completions(
-    const std::function<void(disk_completion&&)>& fn) {
+std::size_t
+disk_tier::drain_completions(const std::function<void(disk_completion&&)>& fn) {
   std::vector<disk_completion> got;
   {
     std::lock_guard lk(mu_);
     got.swap(done_);
   }
-  for (auto& c : got) fn(std::move(c));
+  for (auto& c : got)
+    fn(std::move(c));
   return got.size();
 }
 
@@ -531,15 +550,18 @@ void disk_tier::run() {
     process(batch, out, last);
     {
       std::lock_guard lk(mu_);
-      for (auto& c : out) done_.push_back(std::move(c));
+      for (auto& c : out)
+        done_.push_back(std::move(c));
       publish_locked();
       busy_ = false;
     }
     idle_cv_.notify_all();
-    if (!out.empty() && config_.on_completion) config_.on_completion();
+    if (!out.empty() && config_.on_completion)
+      config_.on_completion();
     out.clear();
     batch.clear();
-    if (last) return;
+    if (last)
+      return;
   }
 }
 
@@ -548,7 +570,8 @@ void disk_tier::process(std::vector<request>& batch,
   // Without a transaction (SQLite could not start one) every statement
   // commits on its own: slower, but nothing is skipped.
   const bool in_txn = catalog_->begin().has_value();
-  if (!in_txn) ++io_stats_.io_errors;
+  if (!in_txn)
+    ++io_stats_.io_errors;
   for (auto& r : batch) {
     disk_completion c;
     c.id = r.id;
@@ -584,9 +607,12 @@ void disk_tier::process(std::vector<request>& batch,
       auto usage = catalog_->usage();
       auto oldest = catalog_->oldest(r.top_n);
       auto lru = catalog_->least_recently_used(r.top_n);
-      if (!usage) c.status = unexpected<error>(usage.error());
-      else if (!oldest) c.status = unexpected<error>(oldest.error());
-      else if (!lru) c.status = unexpected<error>(lru.error());
+      if (!usage)
+        c.status = unexpected<error>(usage.error());
+      else if (!oldest)
+        c.status = unexpected<error>(oldest.error());
+      else if (!lru)
+        c.status = unexpected<error>(lru.error());
       else {
         rep->usage = std::move(*usage);
         rep->oldest = std::move(*oldest);
@@ -618,7 +644,8 @@ void disk_tier::process(std::vector<request>& batch,
   if (config_.full_sync) {
     for (const std::uint64_t id : written_segments_) {
       const auto s = segments_.find(id);
-      if (s != segments_.end() && !s->second.file.sync()) ++io_stats_.io_errors;
+      if (s != segments_.end() && !s->second.file.sync())
+        ++io_stats_.io_errors;
     }
   }
   written_segments_.clear();
@@ -629,7 +656,8 @@ void disk_tier::process(std::vector<request>& batch,
     // in-memory state from the catalog, which cuts off their bytes.
     catalog_->rollback();
     ++io_stats_.io_errors;
-    if (catalog_->last_error_was_full()) note_write_error(ENOSPC, committed.error());
+    if (catalog_->last_error_was_full())
+      note_write_error(ENOSPC, committed.error());
     std::fprintf(stderr, "kvfleet: disk tier %s: %s\n",
                  config_.directory.c_str(),
                  committed.error().describe().c_str());
@@ -647,7 +675,8 @@ void disk_tier::process(std::vector<request>& batch,
     }
     return;
   }
-  for (const auto& path : unlink_after_commit_) ::unlink(path.c_str());
+  for (const auto& path : unlink_after_commit_)
+    ::unlink(path.c_str());
   if (!unlink_after_commit_.empty()) {
     unlink_after_commit_.clear();
     std::lock_guard lk(mu_);
@@ -687,9 +716,9 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     const auto d = dir_.find(r.key);
     if (d == dir_.end() || d->second.gen != r.gen) {
       ++io_stats_.spills_superseded;
-      c.status = make_error(errc::not_found,
-                            "disk tier: block " + r.key.to_hex() +
-                                " was erased or replaced before it was written");
+      c.status = make_error(
+          errc::not_found, "disk tier: block " + r.key.to_hex() +
+                               " was erased or replaced before it was written");
       return;
     }
   }
@@ -700,7 +729,8 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     {
       std::lock_guard lk(mu_);
       const auto d = dir_.find(r.key);
-      if (d != dir_.end() && d->second.gen == r.gen) dir_.erase(d);
+      if (d != dir_.end() && d->second.gen == r.gen)
+        dir_.erase(d);
     }
     c.status = unexpected<error>(std::move(e));
   };
@@ -726,8 +756,10 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   const std::uint64_t size = r.bytes.size();
   const std::uint64_t rec = rec_header + size;
   if (auto room = make_room(rec); !room) {
-    if (room.error().code == errc::out_of_memory) ++io_stats_.spills_refused_capacity;
-    else ++io_stats_.spill_errors;
+    if (room.error().code == errc::out_of_memory)
+      ++io_stats_.spills_refused_capacity;
+    else
+      ++io_stats_.spill_errors;
     fail(room.error());
     return;
   }
@@ -735,15 +767,18 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   auto seg = active_for(rec, &err_no);
   if (!seg) {
     note_write_error(err_no, seg.error());
-    if (is_full_errno(err_no)) ++io_stats_.spills_refused_full;
-    else ++io_stats_.spill_errors;
+    if (is_full_errno(err_no))
+      ++io_stats_.spills_refused_full;
+    else
+      ++io_stats_.spill_errors;
     fail(seg.error());
     return;
   }
   segment_state& s = **seg;
-  const record_header h{r.c, size, r.key, r.ns, r.checksum, r.created_at,
-                        r.expires_at};
-  auto off = s.file.append(h, r.bytes, config_.write_fault_for_testing, &err_no);
+  const record_header h{r.c,        size,         r.key,       r.ns,
+                        r.checksum, r.created_at, r.expires_at};
+  auto off =
+      s.file.append(h, r.bytes, config_.write_fault_for_testing, &err_no);
   if (!off) {
     note_write_error(err_no, off.error());
     if (is_full_errno(err_no)) {
@@ -764,7 +799,8 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     // is queued behind this one and undoes this write.
     std::lock_guard lk(mu_);
     const auto d = dir_.find(r.key);
-    if (d != dir_.end() && d->second.gen == r.gen) pins = d->second.info.pins;
+    if (d != dir_.end() && d->second.gen == r.gen)
+      pins = d->second.info.pins;
   }
   catalog_entry e;
   e.key = r.key;
@@ -800,7 +836,8 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   {
     std::lock_guard lk(mu_);
     const auto d = dir_.find(r.key);
-    if (d != dir_.end() && d->second.gen == r.gen) d->second.info.stored = true;
+    if (d != dir_.end() && d->second.gen == r.gen)
+      d->second.info.stored = true;
   }
   ++io_stats_.spills;
 }
@@ -810,9 +847,9 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   const auto it = index_.find(r.key);
   if (it == index_.end()) {
     ++io_stats_.fetch_misses;
-    c.status = make_error(errc::not_found,
-                          "disk tier: block " + r.key.to_hex() +
-                              " is not on disk");
+    c.status =
+        make_error(errc::not_found,
+                   "disk tier: block " + r.key.to_hex() + " is not on disk");
     return;
   }
   const location loc = it->second;
@@ -834,7 +871,8 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   if (!h) {
     ++io_stats_.fetch_misses;
     c.bytes.clear();
-    if (r.into) std::fill(dst.begin(), dst.end(), std::byte{0});
+    if (r.into)
+      std::fill(dst.begin(), dst.end(), std::byte{0});
     if (h.error().code == errc::checksum_mismatch) {
       remove_block(r.key, removal::corrupt);
     } else {
@@ -847,7 +885,8 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   if (h->expires_at != 0 && h->expires_at <= now) {
     ++io_stats_.fetch_misses;
     c.bytes.clear();
-    if (r.into) std::fill(dst.begin(), dst.end(), std::byte{0});
+    if (r.into)
+      std::fill(dst.begin(), dst.end(), std::byte{0});
     remove_block(r.key, removal::expire);
     c.status = make_error(errc::not_found,
                           "disk tier: block " + r.key.to_hex() + " expired");
@@ -859,9 +898,10 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   c.checksum = h->checksum;
   c.ns = h->ns;
   if (touches_.empty())
-    touch_deadline_ = std::chrono::steady_clock::now() +
-                      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                          config_.touch_flush_interval);
+    touch_deadline_ =
+        std::chrono::steady_clock::now() +
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            config_.touch_flush_interval);
   auto& t = touches_[r.key];
   t.at = std::max(t.at, now);
   ++t.count;
@@ -875,7 +915,8 @@ void disk_tier::do_expire(request& r, disk_completion& c) {
       c.status = unexpected<error>(keys.error());
       return;
     }
-    if (keys->empty()) return;
+    if (keys->empty())
+      return;
     const std::uint64_t before = c.count;
     for (const auto& k : *keys) {
       if (index_.count(k) != 0) {
@@ -885,15 +926,18 @@ void disk_tier::do_expire(request& r, disk_completion& c) {
         ++c.count;
       }
     }
-    if (c.count == before) return;
+    if (c.count == before)
+      return;
   }
 }
 
 void disk_tier::do_compact(disk_completion& c, bool forced) {
   std::vector<std::uint64_t> ids;
   for (const auto& [id, s] : segments_) {
-    if (id == active_) continue;
-    if (!forced && shrunk_segments_.count(id) == 0) continue;
+    if (id == active_)
+      continue;
+    if (!forced && shrunk_segments_.count(id) == 0)
+      continue;
     const std::uint64_t data = s.file.size() - header_bytes;
     if (s.live == 0 ||
         static_cast<double>(s.live) <
@@ -911,7 +955,8 @@ void disk_tier::do_compact(disk_completion& c, bool forced) {
 }
 
 result<void> disk_tier::flush_touches() {
-  if (touches_.empty()) return {};
+  if (touches_.empty())
+    return {};
   for (const auto& [key, t] : touches_) {
     if (auto r = catalog_->touch(key, t.at, t.count); !r) {
       ++io_stats_.io_errors;
@@ -941,10 +986,12 @@ std::uint64_t disk_tier::bytes_needed(std::uint64_t record_bytes) const {
 }
 
 result<void> disk_tier::make_room(std::uint64_t record_bytes) {
-  if (!over_capacity(bytes_needed(record_bytes))) return {};
+  if (!over_capacity(bytes_needed(record_bytes)))
+    return {};
   // Evict unpinned blocks, least recently used first, down to the low
   // watermark of live bytes.
-  if (auto f = flush_touches(); !f) return f;
+  if (auto f = flush_touches(); !f)
+    return f;
   const double target =
       config_.low_watermark * static_cast<double>(config_.capacity_bytes);
   auto above_target = [&] {
@@ -955,11 +1002,14 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
   while (progress && above_target()) {
     progress = false;
     auto lru = catalog_->least_recent_unpinned(256);
-    if (!lru) return unexpected<error>(lru.error());
+    if (!lru)
+      return unexpected<error>(lru.error());
     for (const auto& e : *lru) {
-      if (!above_target()) break;
+      if (!above_target())
+        break;
       const auto it = index_.find(e.key);
-      if (it == index_.end()) continue;
+      if (it == index_.end())
+        continue;
       {
         // A pin taken after this spill was queued is not in the catalog yet.
         std::lock_guard lk(mu_);
@@ -992,7 +1042,8 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
       }
       break;
     }
-    if (auto r = compact_segment(best); !r) return r;
+    if (auto r = compact_segment(best); !r)
+      return r;
   }
   if (over_capacity(bytes_needed(record_bytes)))
     return make_error(errc::out_of_memory,
@@ -1012,7 +1063,8 @@ disk_tier::active_for(std::uint64_t record_bytes, int* err_no) {
     active_ = 0;
   }
   auto f = segment_file::create(config_.directory, next_segment_, err_no);
-  if (!f) return unexpected<error>(f.error());
+  if (!f)
+    return unexpected<error>(f.error());
   const std::uint64_t id = next_segment_++;
   segment_state s;
   s.file = std::move(*f);
@@ -1025,13 +1077,16 @@ disk_tier::active_for(std::uint64_t record_bytes, int* err_no) {
 
 result<void> disk_tier::compact_segment(std::uint64_t id) {
   const auto it = segments_.find(id);
-  if (it == segments_.end()) return {};
-  if (id == active_) active_ = 0;
+  if (it == segments_.end())
+    return {};
+  if (id == active_)
+    active_ = 0;
   std::vector<block_key> keys(it->second.keys.begin(), it->second.keys.end());
   // Copy in file order, so the reads are sequential.
-  std::sort(keys.begin(), keys.end(), [&](const block_key& a, const block_key& b) {
-    return index_.at(a).offset < index_.at(b).offset;
-  });
+  std::sort(keys.begin(), keys.end(),
+            [&](const block_key& a, const block_key& b) {
+              return index_.at(a).offset < index_.at(b).offset;
+            });
   std::vector<std::byte> buf;
   for (const auto& key : keys) {
     location& loc = index_.at(key);
@@ -1039,7 +1094,8 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     buf.resize(static_cast<std::size_t>(loc.size));
     auto h = it->second.file.read(loc.offset, key, buf);
     if (!h) {
-      if (h.error().code != errc::checksum_mismatch) return unexpected<error>(h.error());
+      if (h.error().code != errc::checksum_mismatch)
+        return unexpected<error>(h.error());
       remove_block(key, removal::corrupt);
       continue;
     }
@@ -1057,7 +1113,8 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     }
     file_bytes_ += rec;
     written_segments_.insert(d.file.id());
-    if (auto r = catalog_->relocate(key, d.file.id(), *off); !r) return r;
+    if (auto r = catalog_->relocate(key, d.file.id(), *off); !r)
+      return r;
     it->second.live -= rec;
     it->second.keys.erase(key);
     d.live += rec;
@@ -1078,13 +1135,15 @@ void disk_tier::retire_segment(std::uint64_t id) {
   file_bytes_ -= it->second.file.size();
   // The file goes only after the catalog stops naming it (next commit).
   unlink_after_commit_.push_back(it->second.file.path());
-  if (active_ == id) active_ = 0;
+  if (active_ == id)
+    active_ = 0;
   segments_.erase(it);
 }
 
 void disk_tier::remove_block(const block_key& key, removal why) {
   const auto it = index_.find(key);
-  if (it == index_.end()) return;
+  if (it == index_.end())
+    return;
   const location loc = it->second;
   const std::uint64_t rec = rec_header + loc.size;
   auto& s = segments_.at(loc.segment);
@@ -1097,23 +1156,30 @@ void disk_tier::remove_block(const block_key& key, removal why) {
   touches_.erase(key);
   shrunk_segments_.insert(loc.segment);
   if (why != removal::replace) {
-    if (auto r = catalog_->erase(key); !r) ++io_stats_.io_errors;
+    if (auto r = catalog_->erase(key); !r)
+      ++io_stats_.io_errors;
   }
   switch (why) {
   case removal::evict:
     ++io_stats_.evictions;
     io_stats_.evicted_bytes += loc.size;
     break;
-  case removal::expire: ++io_stats_.expirations; break;
-  case removal::corrupt: ++io_stats_.checksum_failures; break;
+  case removal::expire:
+    ++io_stats_.expirations;
+    break;
+  case removal::corrupt:
+    ++io_stats_.checksum_failures;
+    break;
   case removal::erase:
-  case removal::replace: break;
+  case removal::replace:
+    break;
   }
   if (why == removal::evict || why == removal::expire ||
       why == removal::corrupt) {
     std::lock_guard lk(mu_);
     const auto d = dir_.find(key);
-    if (d != dir_.end() && d->second.gen == loc.gen) dir_.erase(d);
+    if (d != dir_.end() && d->second.gen == loc.gen)
+      dir_.erase(d);
   }
 }
 

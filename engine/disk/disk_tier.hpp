@@ -133,7 +133,14 @@ struct disk_request_id {
                          const disk_request_id&) = default;
 };
 
-enum class disk_op : std::uint8_t { spill, fetch, expire, compact, flush, report };
+enum class disk_op : std::uint8_t {
+  spill,
+  fetch,
+  expire,
+  compact,
+  flush,
+  report
+};
 
 /// What the operator queries return, read from the catalog.
 struct disk_report {
@@ -146,8 +153,8 @@ struct disk_report {
 struct disk_completion {
   disk_request_id id{};
   disk_op op = disk_op::flush;
-  block_key key{};      ///< spill and fetch
-  result<void> status;  ///< ok, or why it failed
+  block_key key{};     ///< spill and fetch
+  result<void> status; ///< ok, or why it failed
   /// fetch: the block's encoded bytes, codec, checksum and namespace.
   std::vector<std::byte> bytes;
   codec c = codec::none;
@@ -177,11 +184,11 @@ struct disk_tier_stats {
   std::uint64_t file_bytes = 0; ///< segment file bytes, dead bytes included
   std::uint64_t segments = 0;
   // Writes.
-  std::uint64_t spills = 0;               ///< acknowledged spills
-  std::uint64_t spills_refused_full = 0;  ///< the file system was full
+  std::uint64_t spills = 0;                  ///< acknowledged spills
+  std::uint64_t spills_refused_full = 0;     ///< the file system was full
   std::uint64_t spills_refused_capacity = 0; ///< pinned blocks fill capacity
-  std::uint64_t spills_superseded = 0;    ///< erased/replaced before written
-  std::uint64_t spill_errors = 0;         ///< bad checksum or I/O error
+  std::uint64_t spills_superseded = 0;       ///< erased/replaced before written
+  std::uint64_t spill_errors = 0;            ///< bad checksum or I/O error
   // Reads.
   std::uint64_t fetches = 0;
   std::uint64_t fetch_hits = 0;
@@ -251,7 +258,8 @@ public:
 
   /// Whether the block is on disk or its spill is pending. No I/O.
   [[nodiscard]] bool contains(const block_key& key) const;
-  [[nodiscard]] std::optional<disk_block_info> lookup(const block_key& key) const;
+  [[nodiscard]] std::optional<disk_block_info>
+  lookup(const block_key& key) const;
 
   /// Removes a block (at once from the directory; from disk in the
   /// background). errc::not_found when absent.
@@ -274,13 +282,16 @@ public:
 
   /// Moves the completions queued so far to `fn`, in order, on the calling
   /// thread. Returns how many.
-  std::size_t drain_completions(const std::function<void(disk_completion&&)>& fn);
+  std::size_t
+  drain_completions(const std::function<void(disk_completion&&)>& fn);
   /// Blocks until every queued request is done (its completion queued) or
   /// `timeout` passes; true when idle. For owners shutting down and tests.
   [[nodiscard]] bool wait_idle(nanos timeout = std::chrono::seconds(60));
 
   [[nodiscard]] disk_tier_stats stats() const;
-  [[nodiscard]] const disk_tier_config& config() const noexcept { return config_; }
+  [[nodiscard]] const disk_tier_config& config() const noexcept {
+    return config_;
+  }
 
   /// Waits until idle, then aborts when an invariant is broken: the
   /// directory, the I/O thread's index, segment accounting and stats agree.
@@ -326,7 +337,7 @@ private:
   [[nodiscard]] result<void> make_room(std::uint64_t record_bytes);
   [[nodiscard]] std::uint64_t bytes_needed(std::uint64_t record_bytes) const;
   [[nodiscard]] result<segment_state*> active_for(std::uint64_t record_bytes,
-                                                 int* err_no);
+                                                  int* err_no);
   [[nodiscard]] result<void> compact_segment(std::uint64_t id);
   [[nodiscard]] result<void> flush_touches();
   void remove_block(const block_key& key, removal why);

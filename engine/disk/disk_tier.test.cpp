@@ -26,12 +26,15 @@ namespace fs = std::filesystem;
 constexpr ns_fingerprint ns_a{0x1111, 0x2222};
 constexpr ns_fingerprint ns_b{0x3333, 0x4444};
 
-block_key key_of(std::uint64_t i) { return block_key{i + 1, i * 0x9e37 + 7}; }
+block_key key_of(std::uint64_t i) {
+  return block_key{i + 1, i * 0x9e37 + 7};
+}
 
 std::vector<std::byte> block_bytes(std::uint64_t seed, std::size_t n) {
   std::mt19937_64 rng(seed);
   std::vector<std::byte> v(n);
-  for (auto& b : v) b = static_cast<std::byte>(rng());
+  for (auto& b : v)
+    b = static_cast<std::byte>(rng());
   return v;
 }
 
@@ -69,8 +72,9 @@ protected:
                         bool pinned = false, nanos expires = nanos{0},
                         ns_fingerprint ns = ns_a) {
     const auto bytes = block_bytes(i, n);
-    auto id = tier_->spill(key_of(i), ns, codec::int8, bytes,
-                           block_checksum(bytes), clock_.now(), expires, pinned);
+    auto id =
+        tier_->spill(key_of(i), ns, codec::int8, bytes, block_checksum(bytes),
+                     clock_.now(), expires, pinned);
     EXPECT_TRUE(id.has_value()) << id.error().describe();
     return id.value_or(disk_request_id{});
   }
@@ -89,14 +93,16 @@ protected:
   disk_completion fetch(std::uint64_t i) {
     const auto id = tier_->fetch(key_of(i));
     for (auto& c : settle())
-      if (c.id == id) return std::move(c);
+      if (c.id == id)
+        return std::move(c);
     ADD_FAILURE() << "no completion for the fetch";
     return {};
   }
 
   void expect_block(std::uint64_t i, std::size_t n = 4096) {
     auto c = fetch(i);
-    ASSERT_TRUE(c.status.has_value()) << i << ": " << c.status.error().describe();
+    ASSERT_TRUE(c.status.has_value())
+        << i << ": " << c.status.error().describe();
     EXPECT_EQ(c.op, disk_op::fetch);
     EXPECT_EQ(c.key, key_of(i));
     EXPECT_TRUE(c.bytes == block_bytes(i, n)) << i;
@@ -107,7 +113,8 @@ protected:
   std::vector<fs::path> segment_files() const {
     std::vector<fs::path> out;
     for (const auto& e : fs::directory_iterator(dir_))
-      if (e.path().extension() == ".kvs") out.push_back(e.path());
+      if (e.path().extension() == ".kvs")
+        out.push_back(e.path());
     std::sort(out.begin(), out.end());
     return out;
   }
@@ -121,7 +128,8 @@ protected:
 
 TEST_F(disk_tier_test, spilled_blocks_read_back_with_codec_and_checksum) {
   open(config());
-  for (std::uint64_t i = 0; i < 10; ++i) spill(i, 1000 + 100 * i);
+  for (std::uint64_t i = 0; i < 10; ++i)
+    spill(i, 1000 + 100 * i);
   for (const auto& c : settle()) {
     EXPECT_EQ(c.op, disk_op::spill);
     EXPECT_TRUE(c.status.has_value()) << c.status.error().describe();
@@ -199,7 +207,8 @@ TEST_F(disk_tier_test, erase_before_the_write_supersedes_the_spill) {
   for (const auto& c : settle()) {
     if (c.id == id) {
       // Either order of the race is fine; never a stored block afterwards.
-      EXPECT_TRUE(c.status.has_value() || c.status.error().code == errc::not_found);
+      EXPECT_TRUE(c.status.has_value() ||
+                  c.status.error().code == errc::not_found);
     }
   }
   EXPECT_FALSE(tier_->contains(key_of(1)));
@@ -211,8 +220,9 @@ TEST_F(disk_tier_test, a_spill_replaces_the_older_copy) {
   spill(1, 4096);
   settle();
   const auto other = block_bytes(77, 2048);
-  ASSERT_TRUE(tier_->spill(key_of(1), ns_a, codec::int4, other,
-                           block_checksum(other), clock_.now(), nanos{0}, false)
+  ASSERT_TRUE(tier_
+                  ->spill(key_of(1), ns_a, codec::int4, other,
+                          block_checksum(other), clock_.now(), nanos{0}, false)
                   .has_value());
   settle();
   auto c = fetch(1);
@@ -225,8 +235,9 @@ TEST_F(disk_tier_test, a_spill_replaces_the_older_copy) {
 TEST_F(disk_tier_test, a_spill_whose_checksum_is_wrong_is_refused) {
   open(config());
   const auto bytes = block_bytes(1, 4096);
-  auto id = tier_->spill(key_of(1), ns_a, codec::none, bytes,
-                         block_checksum(bytes) ^ 1, clock_.now(), nanos{0}, false);
+  auto id =
+      tier_->spill(key_of(1), ns_a, codec::none, bytes,
+                   block_checksum(bytes) ^ 1, clock_.now(), nanos{0}, false);
   ASSERT_TRUE(id.has_value());
   auto done = settle();
   ASSERT_EQ(done.size(), 1U);
@@ -237,18 +248,21 @@ TEST_F(disk_tier_test, a_spill_whose_checksum_is_wrong_is_refused) {
 TEST_F(disk_tier_test, bad_spills_are_refused_at_once) {
   open(config());
   const auto bytes = block_bytes(1, 16);
-  EXPECT_EQ(tier_->spill(key_of(1), ns_a, static_cast<codec>(9), bytes, 0,
-                         nanos{0}, nanos{0}, false)
+  EXPECT_EQ(tier_
+                ->spill(key_of(1), ns_a, static_cast<codec>(9), bytes, 0,
+                        nanos{0}, nanos{0}, false)
                 .error()
                 .code,
             errc::unknown_codec);
-  EXPECT_EQ(tier_->spill(block_key{}, ns_a, codec::none, bytes, 0, nanos{0},
-                         nanos{0}, false)
+  EXPECT_EQ(tier_
+                ->spill(block_key{}, ns_a, codec::none, bytes, 0, nanos{0},
+                        nanos{0}, false)
                 .error()
                 .code,
             errc::invalid_argument);
-  EXPECT_EQ(tier_->spill(key_of(1), ns_a, codec::none, {}, 0, nanos{0},
-                         nanos{0}, false)
+  EXPECT_EQ(tier_
+                ->spill(key_of(1), ns_a, codec::none, {}, 0, nanos{0}, nanos{0},
+                        false)
                 .error()
                 .code,
             errc::value_too_large);
@@ -318,7 +332,8 @@ TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
   c.segment_bytes = segment_header_bytes + 2 * rec;
   c.capacity_bytes = 2 * (segment_header_bytes + 2 * rec);
   open(c);
-  for (std::uint64_t i = 0; i < 4; ++i) spill(i, 4096, true);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i, 4096, true);
   settle();
   const auto id = spill(9);
   for (const auto& d : settle())
@@ -332,7 +347,8 @@ TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
   settle();
   EXPECT_TRUE(tier_->contains(key_of(9)));
   EXPECT_FALSE(tier_->contains(key_of(2)));
-  for (std::uint64_t i : {0UL, 1UL, 3UL, 9UL}) expect_block(i);
+  for (std::uint64_t i : {0UL, 1UL, 3UL, 9UL})
+    expect_block(i);
 }
 
 TEST_F(disk_tier_test, segments_with_few_live_blocks_are_compacted) {
@@ -341,12 +357,14 @@ TEST_F(disk_tier_test, segments_with_few_live_blocks_are_compacted) {
   c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
   open(c);
-  for (std::uint64_t i = 0; i < 12; ++i) spill(i);
+  for (std::uint64_t i = 0; i < 12; ++i)
+    spill(i);
   settle();
   EXPECT_EQ(tier_->stats().segments, 3U);
   const auto before = tier_->stats().file_bytes;
   // Segment 1 keeps one block of four: below the threshold.
-  for (std::uint64_t i : {0UL, 1UL, 2UL}) ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  for (std::uint64_t i : {0UL, 1UL, 2UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
   settle();
   auto s = tier_->stats();
   EXPECT_EQ(s.compactions, 1U);
@@ -354,16 +372,19 @@ TEST_F(disk_tier_test, segments_with_few_live_blocks_are_compacted) {
   // Segment 1 went; its one live block moved to a new segment (the active
   // one was full).
   EXPECT_EQ(s.file_bytes, before - 3 * rec);
-  for (std::uint64_t i = 3; i < 12; ++i) expect_block(i);
+  for (std::uint64_t i = 3; i < 12; ++i)
+    expect_block(i);
   // Segment 2 keeps two of four: at the threshold, so only compact() with
   // a higher threshold would move it; erasing all of it deletes the file.
-  for (std::uint64_t i : {4UL, 5UL, 6UL, 7UL}) ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  for (std::uint64_t i : {4UL, 5UL, 6UL, 7UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
   const auto id = tier_->compact();
   settle();
   s = tier_->stats();
   EXPECT_EQ(s.compactions, 2U);
   (void)id;
-  for (std::uint64_t i : {3UL, 8UL, 9UL, 10UL, 11UL}) expect_block(i);
+  for (std::uint64_t i : {3UL, 8UL, 9UL, 10UL, 11UL})
+    expect_block(i);
   EXPECT_EQ(segment_files().size(), s.segments);
 }
 
@@ -376,14 +397,16 @@ TEST_F(disk_tier_test, reads_batch_their_accessed_at_updates) {
   spill(2);
   settle();
   clock_.advance(nanos{1000});
-  for (int k = 0; k < 5; ++k) expect_block(1);
+  for (int k = 0; k < 5; ++k)
+    expect_block(1);
   EXPECT_EQ(tier_->stats().touch_flushes, 0U) << "reads did not write";
   tier_->flush();
   settle();
   EXPECT_EQ(tier_->stats().touch_flushes, 1U);
   const auto id = tier_->report(10);
   for (auto& d : settle()) {
-    if (d.id != id) continue;
+    if (d.id != id)
+      continue;
     ASSERT_TRUE(d.report);
     ASSERT_EQ(d.report->least_recently_used.size(), 2U);
     EXPECT_EQ(d.report->least_recently_used.back().key, key_of(1));
@@ -403,7 +426,8 @@ TEST_F(disk_tier_test, operator_report_counts_per_namespace_oldest_and_lru) {
   const auto id = tier_->report(2);
   bool seen = false;
   for (auto& d : settle()) {
-    if (d.id != id) continue;
+    if (d.id != id)
+      continue;
     seen = true;
     ASSERT_TRUE(d.status.has_value()) << d.status.error().describe();
     ASSERT_TRUE(d.report);
@@ -436,7 +460,8 @@ TEST_F(disk_tier_test, operator_report_counts_per_namespace_oldest_and_lru) {
 
 TEST_F(disk_tier_test, a_reopened_tier_serves_blocks_and_keeps_pins) {
   open(config());
-  for (std::uint64_t i = 0; i < 8; ++i) spill(i);
+  for (std::uint64_t i = 0; i < 8; ++i)
+    spill(i);
   settle();
   ASSERT_TRUE(tier_->pin(key_of(3)).has_value());
   ASSERT_TRUE(tier_->pin(key_of(3)).has_value());
@@ -449,7 +474,8 @@ TEST_F(disk_tier_test, a_reopened_tier_serves_blocks_and_keeps_pins) {
   const auto s = tier_->stats();
   EXPECT_EQ(s.recovered_blocks, 7U);
   EXPECT_EQ(s.torn_tails_dropped, 0U);
-  for (std::uint64_t i = 0; i < 7; ++i) expect_block(i);
+  for (std::uint64_t i = 0; i < 7; ++i)
+    expect_block(i);
   EXPECT_FALSE(tier_->contains(key_of(7)));
   EXPECT_EQ(tier_->lookup(key_of(3))->pins, 2U);
   EXPECT_EQ(tier_->lookup(key_of(4))->pins, 0U);
@@ -458,7 +484,8 @@ TEST_F(disk_tier_test, a_reopened_tier_serves_blocks_and_keeps_pins) {
 
 TEST_F(disk_tier_test, a_torn_tail_is_cut_off_and_counted) {
   open(config());
-  for (std::uint64_t i = 0; i < 3; ++i) spill(i);
+  for (std::uint64_t i = 0; i < 3; ++i)
+    spill(i);
   settle();
   tier_.reset();
   const auto segs = segment_files();
@@ -475,7 +502,8 @@ TEST_F(disk_tier_test, a_torn_tail_is_cut_off_and_counted) {
   EXPECT_EQ(s.torn_tails_dropped, 1U);
   EXPECT_EQ(s.torn_bytes_dropped, 40U);
   EXPECT_EQ(fs::file_size(segs[0]), size);
-  for (std::uint64_t i = 0; i < 3; ++i) expect_block(i);
+  for (std::uint64_t i = 0; i < 3; ++i)
+    expect_block(i);
   // New writes follow the recovered ones.
   spill(3);
   settle();
@@ -493,8 +521,8 @@ TEST_F(disk_tier_test, flipped_bytes_are_reported_missing_and_counted) {
   {
     // Block 0's payload starts after the file and record headers.
     std::fstream f(segs[0], std::ios::binary | std::ios::in | std::ios::out);
-    const auto at =
-        static_cast<std::streamoff>(segment_header_bytes + record_header_bytes + 100);
+    const auto at = static_cast<std::streamoff>(segment_header_bytes +
+                                                record_header_bytes + 100);
     f.seekg(at);
     char b = 0;
     f.read(&b, 1);
@@ -534,19 +562,22 @@ TEST_F(disk_tier_test, a_killed_writer_loses_only_unacknowledged_blocks) {
     c.segment_bytes = std::uint64_t{4} << 20;
     c.max_batch = 4;
     auto t = disk_tier::open(c);
-    if (!t) ::_exit(2);
+    if (!t)
+      ::_exit(2);
     auto& tier = **t;
     std::uint64_t in_flight = 0;
     auto report = [&](disk_completion&& d) {
       --in_flight;
-      if (!d.status.has_value()) ::_exit(3);
+      if (!d.status.has_value())
+        ::_exit(3);
       const std::uint64_t i = d.key.hi - 1;
-      if (::write(fds[1], &i, sizeof i) != sizeof i) ::_exit(4);
+      if (::write(fds[1], &i, sizeof i) != sizeof i)
+        ::_exit(4);
     };
     for (std::uint64_t i = 0; i < total; ++i) {
       const auto bytes = block_bytes(i, size);
-      if (!tier.spill(key_of(i), ns_a, codec::int8, bytes, block_checksum(bytes),
-                      nanos{1}, nanos{0}, false))
+      if (!tier.spill(key_of(i), ns_a, codec::int8, bytes,
+                      block_checksum(bytes), nanos{1}, nanos{0}, false))
         ::_exit(5);
       ++in_flight;
       tier.drain_completions(report);
@@ -565,7 +596,8 @@ TEST_F(disk_tier_test, a_killed_writer_loses_only_unacknowledged_blocks) {
   while (acked.size() < 40 && ::read(fds[0], &i, sizeof i) == sizeof i)
     acked.insert(i);
   ::kill(pid, SIGKILL);
-  while (::read(fds[0], &i, sizeof i) == sizeof i) acked.insert(i);
+  while (::read(fds[0], &i, sizeof i) == sizeof i)
+    acked.insert(i);
   ::close(fds[0]);
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
@@ -574,7 +606,8 @@ TEST_F(disk_tier_test, a_killed_writer_loses_only_unacknowledged_blocks) {
   open(config());
   const auto s = tier_->stats();
   EXPECT_GE(s.recovered_blocks, acked.size());
-  for (const std::uint64_t k : acked) expect_block(k, size);
+  for (const std::uint64_t k : acked)
+    expect_block(k, size);
   std::uint64_t served = 0;
   for (std::uint64_t k = 0; k < total; ++k) {
     auto c = fetch(k);
@@ -654,7 +687,8 @@ TEST_F(disk_tier_test, a_catalog_of_another_format_version_is_refused) {
   EXPECT_EQ(t.error().code, errc::parse_error);
   EXPECT_NE(t.error().message.find(path), std::string::npos);
   EXPECT_NE(t.error().message.find("format version 999"), std::string::npos);
-  EXPECT_NE(t.error().message.find("move the directory aside"), std::string::npos);
+  EXPECT_NE(t.error().message.find("move the directory aside"),
+            std::string::npos);
 }
 
 TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {
@@ -672,14 +706,16 @@ TEST_F(disk_tier_test, a_directory_in_use_is_refused) {
   EXPECT_NE(t.error().message.find("in use"), std::string::npos);
 }
 
-TEST_F(disk_tier_test, a_disk_that_fills_refuses_spills_and_keeps_serving_reads) {
+TEST_F(disk_tier_test,
+       a_disk_that_fills_refuses_spills_and_keeps_serving_reads) {
   auto c = config();
   const std::uint64_t rec = record_header_bytes + 4096;
   c.segment_bytes = segment_header_bytes + 2 * rec;
   auto full = std::make_shared<std::atomic<bool>>(false);
   c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
   open(c);
-  for (std::uint64_t i = 0; i < 4; ++i) spill(i);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i);
   settle();
   full->store(true);
   const auto id = spill(10);
@@ -697,7 +733,8 @@ TEST_F(disk_tier_test, a_disk_that_fills_refuses_spills_and_keeps_serving_reads)
   ASSERT_FALSE(refused.has_value());
   EXPECT_EQ(refused.error().code, errc::out_of_memory);
   EXPECT_EQ(tier_->stats().spills_refused_full, 2U);
-  for (std::uint64_t i = 0; i < 4; ++i) expect_block(i);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    expect_block(i);
   // Freeing a segment's worth of space lets spills in again.
   full->store(false);
   ASSERT_TRUE(tier_->erase(key_of(0)).has_value());

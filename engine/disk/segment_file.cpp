@@ -5,10 +5,10 @@
 #include <xxhash.h>
 
 #include <cerrno>
-#include <cstdio>
-#include <cstring>
 #include <csetjmp>
 #include <csignal>
+#include <cstdio>
+#include <cstring>
 #include <fcntl.h>
 #include <mutex>
 #include <sys/mman.h>
@@ -20,7 +20,7 @@ namespace kvfleet::engine {
 namespace {
 
 constexpr std::array<unsigned char, 8> segment_magic{'k', 'v', 'f', 's',
-                                                     'e', 'g', 0, 1};
+                                                     'e', 'g', 0,   1};
 constexpr std::uint32_t record_magic = 0x3142564bU; // "KVB1"
 
 void store32(std::byte* p, std::uint32_t v) noexcept {
@@ -47,17 +47,22 @@ std::uint64_t hash(const std::byte* p, std::size_t n) noexcept {
   return XXH3_64bits_withSeed(p, n, hash_seed);
 }
 
-std::string errno_text(int e) { return std::strerror(e); }
+std::string errno_text(int e) {
+  return std::strerror(e);
+}
 
 /// pread/pwrite until done; returns bytes moved or -1 with errno set.
 ssize_t full_pread(int fd, std::byte* p, std::size_t n, std::uint64_t off) {
   std::size_t done = 0;
   while (done < n) {
-    const ssize_t r = ::pread(fd, p + done, n - done,
-                              static_cast<off_t>(off + done));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return -1;
-    if (r == 0) break;
+    const ssize_t r =
+        ::pread(fd, p + done, n - done, static_cast<off_t>(off + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -1;
+    if (r == 0)
+      break;
     done += static_cast<std::size_t>(r);
   }
   return static_cast<ssize_t>(done);
@@ -117,19 +122,24 @@ std::int64_t parse_segment_file_name(const std::string& name) {
   for (std::size_t i = 4; i < 20; ++i) {
     const char ch = name[i];
     std::uint64_t d = 0;
-    if (ch >= '0' && ch <= '9') d = static_cast<std::uint64_t>(ch - '0');
-    else if (ch >= 'a' && ch <= 'f') d = static_cast<std::uint64_t>(ch - 'a' + 10);
-    else return -1;
+    if (ch >= '0' && ch <= '9')
+      d = static_cast<std::uint64_t>(ch - '0');
+    else if (ch >= 'a' && ch <= 'f')
+      d = static_cast<std::uint64_t>(ch - 'a' + 10);
+    else
+      return -1;
     v = (v << 4) | d;
   }
-  if (v > static_cast<std::uint64_t>(INT64_MAX)) return -1;
+  if (v > static_cast<std::uint64_t>(INT64_MAX))
+    return -1;
   return static_cast<std::int64_t>(v);
 }
 
 segment_file& segment_file::operator=(segment_file&& other) noexcept {
   if (this != &other) {
     unmap();
-    if (fd_ >= 0) ::close(fd_);
+    if (fd_ >= 0)
+      ::close(fd_);
     fd_ = other.fd_;
     id_ = other.id_;
     size_ = other.size_;
@@ -145,7 +155,8 @@ segment_file& segment_file::operator=(segment_file&& other) noexcept {
 
 segment_file::~segment_file() {
   unmap();
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0)
+    ::close(fd_);
 }
 
 namespace {
@@ -158,13 +169,15 @@ thread_local sigjmp_buf* sigbus_jump = nullptr;
 struct sigaction previous_sigbus {};
 
 void on_sigbus(int sig, siginfo_t* info, void* ctx) {
-  if (sigbus_jump != nullptr) siglongjmp(*sigbus_jump, 1);
+  if (sigbus_jump != nullptr)
+    siglongjmp(*sigbus_jump, 1);
   if ((previous_sigbus.sa_flags & SA_SIGINFO) != 0 &&
       previous_sigbus.sa_sigaction != nullptr) {
     previous_sigbus.sa_sigaction(sig, info, ctx);
     return;
   }
-  if (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN &&
+  if (previous_sigbus.sa_handler != SIG_DFL &&
+      previous_sigbus.sa_handler != SIG_IGN &&
       previous_sigbus.sa_handler != nullptr) {
     previous_sigbus.sa_handler(sig);
     return;
@@ -189,13 +202,16 @@ constexpr std::uint64_t map_step = std::uint64_t{16} << 20;
 } // namespace
 
 bool segment_file::map_to(std::uint64_t end) const {
-  if (map_ != nullptr && end <= map_len_) return true;
+  if (map_ != nullptr && end <= map_len_)
+    return true;
   unmap();
   // Grow in steps so an active segment is not remapped for every append;
   // the mapping may extend past the end of the file, which is never read.
   const std::uint64_t len = (end + map_step - 1) / map_step * map_step;
-  void* p = ::mmap(nullptr, static_cast<std::size_t>(len), PROT_READ, MAP_SHARED, fd_, 0);
-  if (p == MAP_FAILED) return false;
+  void* p = ::mmap(nullptr, static_cast<std::size_t>(len), PROT_READ,
+                   MAP_SHARED, fd_, 0);
+  if (p == MAP_FAILED)
+    return false;
   install_sigbus_handler();
   map_ = static_cast<const std::byte*>(p);
   map_len_ = static_cast<std::size_t>(len);
@@ -203,7 +219,8 @@ bool segment_file::map_to(std::uint64_t end) const {
 }
 
 void segment_file::unmap() const noexcept {
-  if (map_ != nullptr) ::munmap(const_cast<std::byte*>(map_), map_len_);
+  if (map_ != nullptr)
+    ::munmap(const_cast<std::byte*>(map_), map_len_);
   map_ = nullptr;
   map_len_ = 0;
 }
@@ -216,7 +233,8 @@ result<segment_file> segment_file::create(const std::string& dir,
   f.fd_ = ::open(f.path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (f.fd_ < 0) {
     const int e = errno;
-    if (err_no != nullptr) *err_no = e;
+    if (err_no != nullptr)
+      *err_no = e;
     return make_error(errc::io_error, "cannot create segment " + f.path_ +
                                           ": " + errno_text(e));
   }
@@ -231,10 +249,11 @@ result<segment_file> segment_file::create(const std::string& dir,
   } while (w < 0 && errno == EINTR);
   if (w != static_cast<ssize_t>(h.size())) {
     const int e = w < 0 ? errno : ENOSPC;
-    if (err_no != nullptr) *err_no = e;
+    if (err_no != nullptr)
+      *err_no = e;
     ::unlink(f.path_.c_str());
-    return make_error(errc::io_error, "cannot write segment header " +
-                                          f.path_ + ": " + errno_text(e));
+    return make_error(errc::io_error, "cannot write segment header " + f.path_ +
+                                          ": " + errno_text(e));
   }
   f.size_ = segment_header_bytes;
   return f;
@@ -307,7 +326,8 @@ result<std::uint64_t> segment_file::append(const record_header& h,
       }
       const ssize_t w =
           ::pwritev(fd_, rest.data(), n, static_cast<off_t>(at + done));
-      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && errno == EINTR)
+        continue;
       if (w < 0) {
         e = errno;
         break;
@@ -320,7 +340,8 @@ result<std::uint64_t> segment_file::append(const record_header& h,
     }
   }
   if (e != 0) {
-    if (err_no != nullptr) *err_no = e;
+    if (err_no != nullptr)
+      *err_no = e;
     // Cut off whatever part of the record made it, so the file never holds
     // a torn record in the middle of later ones.
     (void)::ftruncate(fd_, static_cast<off_t>(at));
@@ -339,13 +360,14 @@ result<record_header> segment_file::read(std::uint64_t offset,
     return make_error(errc::checksum_mismatch,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " is cut short");
-  if (map_to(end)) return read_mapped(offset, expect_key, payload);
+  if (map_to(end))
+    return read_mapped(offset, expect_key, payload);
   return read_pread(offset, expect_key, payload);
 }
 
-result<record_header> segment_file::read_mapped(std::uint64_t offset,
-                                                const block_key& expect_key,
-                                                std::span<std::byte> payload) const {
+result<record_header>
+segment_file::read_mapped(std::uint64_t offset, const block_key& expect_key,
+                          std::span<std::byte> payload) const {
   std::array<std::byte, record_header_bytes> raw{};
   std::uint64_t sum = 0;
   sigjmp_buf jump;
@@ -360,26 +382,28 @@ result<record_header> segment_file::read_mapped(std::uint64_t offset,
   std::memcpy(raw.data(), rec, raw.size());
   sigbus_jump = nullptr;
   auto h = decode_record_header(raw);
-  if (!h) return make_error(h.error().code, h.error().message + " in " + path_);
+  if (!h)
+    return make_error(h.error().code, h.error().message + " in " + path_);
   if (h->key != expect_key || h->size != payload.size())
     return make_error(errc::checksum_mismatch,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " holds another block");
   sigbus_jump = &jump;
-  sum = copy_out_with_checksum(payload, {rec + record_header_bytes, payload.size()});
+  sum = copy_out_with_checksum(payload,
+                               {rec + record_header_bytes, payload.size()});
   sigbus_jump = nullptr;
   if (sum != h->checksum) {
     std::memset(payload.data(), 0, payload.size());
-    return make_error(errc::checksum_mismatch,
-                      "block " + expect_key.to_hex() + " in " + path_ +
-                          " fails its checksum");
+    return make_error(errc::checksum_mismatch, "block " + expect_key.to_hex() +
+                                                   " in " + path_ +
+                                                   " fails its checksum");
   }
   return h;
 }
 
-result<record_header> segment_file::read_pread(std::uint64_t offset,
-                                               const block_key& expect_key,
-                                               std::span<std::byte> payload) const {
+result<record_header>
+segment_file::read_pread(std::uint64_t offset, const block_key& expect_key,
+                         std::span<std::byte> payload) const {
   const std::uint64_t expect_size = payload.size();
   std::array<std::byte, record_header_bytes> raw{};
   std::array<iovec, 2> iov{};
@@ -399,25 +423,27 @@ result<record_header> segment_file::read_pread(std::uint64_t offset,
     const ssize_t more =
         full_pread(fd_, payload.data() + got, payload.size() - got,
                    offset + static_cast<std::uint64_t>(r));
-    if (more >= 0) r += more;
+    if (more >= 0)
+      r += more;
   }
   if (r < 0)
-    return make_error(errc::io_error,
-                      "cannot read segment " + path_ + ": " + errno_text(errno));
+    return make_error(errc::io_error, "cannot read segment " + path_ + ": " +
+                                          errno_text(errno));
   if (static_cast<std::size_t>(r) != total)
     return make_error(errc::checksum_mismatch,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " is cut short");
   auto h = decode_record_header(raw);
-  if (!h) return make_error(h.error().code, h.error().message + " in " + path_);
+  if (!h)
+    return make_error(h.error().code, h.error().message + " in " + path_);
   if (h->key != expect_key || h->size != expect_size)
     return make_error(errc::checksum_mismatch,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " holds another block");
   if (block_checksum(payload) != h->checksum)
-    return make_error(errc::checksum_mismatch,
-                      "block " + expect_key.to_hex() + " in " + path_ +
-                          " fails its checksum");
+    return make_error(errc::checksum_mismatch, "block " + expect_key.to_hex() +
+                                                   " in " + path_ +
+                                                   " fails its checksum");
   return h;
 }
 
@@ -425,8 +451,8 @@ result<record_header> segment_file::read_header(std::uint64_t offset) const {
   std::array<std::byte, record_header_bytes> raw{};
   const ssize_t r = full_pread(fd_, raw.data(), raw.size(), offset);
   if (r < 0)
-    return make_error(errc::io_error,
-                      "cannot read segment " + path_ + ": " + errno_text(errno));
+    return make_error(errc::io_error, "cannot read segment " + path_ + ": " +
+                                          errno_text(errno));
   if (static_cast<std::size_t>(r) != raw.size())
     return make_error(errc::checksum_mismatch,
                       "record header at " + std::to_string(offset) + " of " +

@@ -94,8 +94,8 @@ public:
   [[nodiscard]] static result<segment_file>
   create(const std::string& dir, std::uint64_t id, int* err_no = nullptr);
   /// Opens an existing segment and validates its file header.
-  [[nodiscard]] static result<segment_file>
-  open(const std::string& dir, std::uint64_t id);
+  [[nodiscard]] static result<segment_file> open(const std::string& dir,
+                                                 std::uint64_t id);
 
   segment_file() = default;
   segment_file(segment_file&& other) noexcept { *this = std::move(other); }
@@ -112,9 +112,10 @@ public:
   /// Appends one record; returns its offset. On failure the file is cut
   /// back to its previous size and errc::io_error is returned, with the
   /// errno in `*err_no` when given (ENOSPC: the disk is full).
-  [[nodiscard]] result<std::uint64_t>
-  append(const record_header& h, std::span<const std::byte> payload,
-         const write_fault& fault, int* err_no);
+  [[nodiscard]] result<std::uint64_t> append(const record_header& h,
+                                             std::span<const std::byte> payload,
+                                             const write_fault& fault,
+                                             int* err_no);
 
   /// Reads the record at `offset` into `payload` (exactly its payload size)
   /// and checks it: header checksum, key, size, payload checksum.
@@ -141,12 +142,12 @@ private:
   /// fails (read() then falls back to preadv).
   bool map_to(std::uint64_t end) const;
   void unmap() const noexcept;
-  [[nodiscard]] result<record_header> read_mapped(std::uint64_t offset,
-                                                  const block_key& expect_key,
-                                                  std::span<std::byte> payload) const;
-  [[nodiscard]] result<record_header> read_pread(std::uint64_t offset,
-                                                 const block_key& expect_key,
-                                                 std::span<std::byte> payload) const;
+  [[nodiscard]] result<record_header>
+  read_mapped(std::uint64_t offset, const block_key& expect_key,
+              std::span<std::byte> payload) const;
+  [[nodiscard]] result<record_header>
+  read_pread(std::uint64_t offset, const block_key& expect_key,
+             std::span<std::byte> payload) const;
 
   int fd_ = -1;
   std::uint64_t id_ = 0;

@@ -36,7 +36,8 @@ protected:
   static std::vector<std::byte> payload(std::size_t n, unsigned seed) {
     std::mt19937 rng(seed);
     std::vector<std::byte> v(n);
-    for (auto& b : v) b = static_cast<std::byte>(rng());
+    for (auto& b : v)
+      b = static_cast<std::byte>(rng());
     return v;
   }
 

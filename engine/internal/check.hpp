@@ -8,7 +8,7 @@
 #define KVFLEET_CHECK(cond, what)                                              \
   do {                                                                         \
     if (!(cond)) {                                                             \
-      std::fprintf(stderr, "kvfleet: invariant broken at %s:%d: %s (%s)\n",   \
+      std::fprintf(stderr, "kvfleet: invariant broken at %s:%d: %s (%s)\n",    \
                    __FILE__, __LINE__, what, #cond);                           \
       std::abort();                                                            \
     }                                                                          \

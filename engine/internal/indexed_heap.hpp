@@ -24,7 +24,8 @@ struct score {
 
 class indexed_heap {
 public:
-  static constexpr std::uint32_t npos = std::numeric_limits<std::uint32_t>::max();
+  static constexpr std::uint32_t npos =
+      std::numeric_limits<std::uint32_t>::max();
 
   void reserve(std::size_t ids) {
     if (pos_.size() < ids) {
@@ -42,7 +43,8 @@ public:
 
   /// Inserts `id` or, when present, changes its key.
   void set(std::uint32_t id, score key) {
-    if (id >= pos_.size()) reserve(std::max<std::size_t>(id + 1, 2 * pos_.size()));
+    if (id >= pos_.size())
+      reserve(std::max<std::size_t>(id + 1, 2 * pos_.size()));
     keys_[id] = key;
     if (pos_[id] == npos) {
       pos_[id] = static_cast<std::uint32_t>(heap_.size());
@@ -55,12 +57,14 @@ public:
     }
   }
   void erase(std::uint32_t id) noexcept {
-    if (!contains(id)) return;
+    if (!contains(id))
+      return;
     const std::uint32_t p = pos_[id];
     const std::uint32_t last = heap_.back();
     heap_.pop_back();
     pos_[id] = npos;
-    if (last == id) return;
+    if (last == id)
+      return;
     heap_[p] = last;
     pos_[last] = p;
     up(p);
@@ -83,7 +87,8 @@ private:
     const std::uint32_t id = heap_[p];
     while (p > 0) {
       const std::uint32_t parent = (p - 1) / 2;
-      if (!(keys_[id] < keys_[heap_[parent]])) break;
+      if (!(keys_[id] < keys_[heap_[parent]]))
+        break;
       heap_[p] = heap_[parent];
       pos_[heap_[p]] = p;
       p = parent;
@@ -96,9 +101,12 @@ private:
     const auto n = static_cast<std::uint32_t>(heap_.size());
     while (true) {
       std::uint32_t child = 2 * p + 1;
-      if (child >= n) break;
-      if (child + 1 < n && keys_[heap_[child + 1]] < keys_[heap_[child]]) ++child;
-      if (!(keys_[heap_[child]] < keys_[id])) break;
+      if (child >= n)
+        break;
+      if (child + 1 < n && keys_[heap_[child + 1]] < keys_[heap_[child]])
+        ++child;
+      if (!(keys_[heap_[child]] < keys_[id]))
+        break;
       heap_[p] = heap_[child];
       pos_[heap_[p]] = p;
       p = child;

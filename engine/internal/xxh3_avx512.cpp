@@ -6,7 +6,8 @@
 
 namespace kvfleet::engine::internal {
 
-std::uint64_t xxh3_avx512(const void* data, std::size_t len, std::uint64_t seed) {
+std::uint64_t xxh3_avx512(const void* data, std::size_t len,
+                          std::uint64_t seed) {
   return XXH3_64bits_withSeed(data, len, seed);
 }
 

@@ -10,8 +10,10 @@ namespace kvfleet::engine::internal {
 using chunk_hash_fn = std::uint64_t (*)(const void* data, std::size_t len,
                                         std::uint64_t seed);
 
-std::uint64_t xxh3_generic(const void* data, std::size_t len, std::uint64_t seed);
+std::uint64_t xxh3_generic(const void* data, std::size_t len,
+                           std::uint64_t seed);
 std::uint64_t xxh3_avx2(const void* data, std::size_t len, std::uint64_t seed);
-std::uint64_t xxh3_avx512(const void* data, std::size_t len, std::uint64_t seed);
+std::uint64_t xxh3_avx512(const void* data, std::size_t len,
+                          std::uint64_t seed);
 
 } // namespace kvfleet::engine::internal

@@ -42,7 +42,8 @@ std::unique_ptr<block_store> make_store(std::size_t bytes, std::size_t slab) {
   cfg.policy = policy_kind::lru;
   cfg.adaptive_compression = false;
   auto s = block_store::create(cfg);
-  if (!s) std::abort();
+  if (!s)
+    std::abort();
   return std::move(*s);
 }
 
@@ -63,7 +64,8 @@ void BM_lookup_chain(benchmark::State& state) {
   const auto ns = *store->register_namespace(spec_small());
   const auto keys = make_chain(spec_small().fingerprint(), n, 1);
   synthetic_producer producer;
-  if (!store->process(ns, keys, n * 16, producer)) std::abort();
+  if (!store->process(ns, keys, n * 16, producer))
+    std::abort();
   for (auto _ : state) {
     auto r = store->lookup(ns, keys);
     benchmark::DoNotOptimize(r);
@@ -83,7 +85,8 @@ void BM_memcpy_256k(benchmark::State& state) {
     benchmark::ClobberMemory();
     slot = (slot + 1) % slots;
   }
-  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(big_block));
+  state.SetBytesProcessed(state.iterations() *
+                          static_cast<std::int64_t>(big_block));
 }
 BENCHMARK(BM_memcpy_256k);
 
@@ -98,9 +101,11 @@ void BM_put_256k(benchmark::State& state) {
   for (auto _ : state) {
     const block_key key = chain_key_from_id({}, fp, ++id);
     auto h = store->reserve(ns, key, {});
-    if (!h || !store->write(*h, value) || !store->commit(*h)) std::abort();
+    if (!h || !store->write(*h, value) || !store->commit(*h))
+      std::abort();
   }
-  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(big_block));
+  state.SetBytesProcessed(state.iterations() *
+                          static_cast<std::int64_t>(big_block));
 }
 BENCHMARK(BM_put_256k);
 
@@ -116,17 +121,20 @@ void BM_get_256k(benchmark::State& state) {
   for (std::uint64_t i = 0; i < blocks; ++i) {
     keys.push_back(chain_key_from_id({}, fp, i + 1));
     auto h = store->reserve(ns, keys.back(), {});
-    if (!h || !store->write(*h, value) || !store->commit(*h)) std::abort();
+    if (!h || !store->write(*h, value) || !store->commit(*h))
+      std::abort();
   }
   std::vector<std::byte> out(big_block);
   std::size_t i = 0;
   for (auto _ : state) {
     auto lease = store->acquire(ns, keys[i]);
-    if (!lease || !store->read(*lease, out)) std::abort();
+    if (!lease || !store->read(*lease, out))
+      std::abort();
     benchmark::ClobberMemory();
     i = (i + 1) % keys.size();
   }
-  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(big_block));
+  state.SetBytesProcessed(state.iterations() *
+                          static_cast<std::int64_t>(big_block));
 }
 BENCHMARK(BM_get_256k);
 
@@ -141,7 +149,8 @@ void BM_memcpy_256k_out(benchmark::State& state) {
     benchmark::ClobberMemory();
     slot = (slot + 1) % slots;
   }
-  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(big_block));
+  state.SetBytesProcessed(state.iterations() *
+                          static_cast<std::int64_t>(big_block));
 }
 BENCHMARK(BM_memcpy_256k_out);
 
