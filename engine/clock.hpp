@@ -2,6 +2,7 @@
 /// Time source injected into engine objects, so tests advance time instead
 /// of sleeping. Times are nanoseconds on a monotonic scale.
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 
@@ -31,16 +32,21 @@ public:
   }
 };
 
-/// Clock that moves only when told to. Not thread-safe.
+/// Clock that moves only when told to. Thread-safe (a component with its
+/// own thread, like the disk tier, may read it while a test advances it).
 class manual_clock final : public clock_source {
 public:
-  explicit manual_clock(nanos start = nanos{0}) : now_(start) {}
-  [[nodiscard]] nanos now() const noexcept override { return now_; }
-  void advance(nanos d) noexcept { now_ += d; }
-  void set(nanos t) noexcept { now_ = t; }
+  explicit manual_clock(nanos start = nanos{0}) : now_(start.count()) {}
+  [[nodiscard]] nanos now() const noexcept override {
+    return nanos{now_.load(std::memory_order_acquire)};
+  }
+  void advance(nanos d) noexcept {
+    now_.fetch_add(d.count(), std::memory_order_acq_rel);
+  }
+  void set(nanos t) noexcept { now_.store(t.count(), std::memory_order_release); }
 
 private:
-  nanos now_;
+  std::atomic<std::int64_t> now_;
 };
 
 } // namespace kvfleet::engine

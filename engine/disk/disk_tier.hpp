@@ -116,7 +116,8 @@ struct disk_tier_config {
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
   /// Requests the I/O thread takes into one catalog transaction.
   std::size_t max_batch = 64;
-  const clock_source* clock = nullptr; ///< default: wall_clock_source
+  /// Default: wall_clock_source. Read on the I/O thread: must be thread-safe.
+  const clock_source* clock = nullptr;
   /// Called on the I/O thread after it queued completions (e.g. to send the
   /// owner a "drain" message). Must be cheap, thread-safe, and must not call
   /// back into the tier.
