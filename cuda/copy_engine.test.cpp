@@ -1,0 +1,76 @@
+#include "cuda/copy_engine.hpp"
+#include "cuda/internal/device_buffer.hpp"
+#include "cuda/internal/test_support.hpp"
+
+#include <cuda_runtime.h>
+
+#include <random>
+
+namespace kvfleet::cuda {
+namespace {
+
+std::vector<std::byte> bytes(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::byte> v(n);
+  for (auto& b : v) b = static_cast<std::byte>(rng() & 0xffU);
+  return v;
+}
+
+TEST(copy_engine_test, batches_go_up_across_and_down_asynchronously) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto eng = copy_engine::create({0, std::size_t{4} << 20});
+  ASSERT_TRUE(eng) << eng.error().describe();
+  constexpr std::size_t block = 32768;
+  constexpr std::size_t n = 16;
+  internal::device_buffer a(n * block);
+  internal::device_buffer b(n * block);
+  std::vector<std::vector<std::byte>> src;
+  std::vector<upload_job> up;
+  for (std::size_t i = 0; i < n; ++i) {
+    src.push_back(bytes(block, static_cast<unsigned>(i)));
+    up.push_back({src.back(), a.data() + (n - 1 - i) * block});
+  }
+  auto t1 = (*eng)->to_device(up);
+  ASSERT_TRUE(t1) << t1.error().describe();
+  ASSERT_TRUE((*eng)->wait(*t1));
+  std::vector<copy_job> across;
+  for (std::size_t i = 0; i < n; ++i) across.push_back({a.data() + i * block, b.data() + i * block, block});
+  auto t2 = (*eng)->on_device(across);
+  ASSERT_TRUE(t2);
+  ASSERT_TRUE((*eng)->wait(*t2));
+  std::vector<std::vector<std::byte>> dst(n, std::vector<std::byte>(block));
+  std::vector<download_job> down;
+  for (std::size_t i = 0; i < n; ++i) down.push_back({b.data() + (n - 1 - i) * block, dst[i]});
+  auto t3 = (*eng)->to_host(down);
+  ASSERT_TRUE(t3);
+  ASSERT_TRUE((*eng)->wait(*t3));
+  auto done = (*eng)->poll(*t3);
+  ASSERT_TRUE(done);
+  EXPECT_TRUE(*done);
+  EXPECT_EQ(dst, src);
+  EXPECT_EQ((*eng)->in_flight(), 0U);
+}
+
+TEST(copy_engine_test, a_full_staging_ring_is_busy_not_blocking) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto eng = copy_engine::create({0, std::size_t{1} << 20}); // 512 KiB per direction
+  ASSERT_TRUE(eng);
+  internal::device_buffer d(std::size_t{1} << 20);
+  const auto src = bytes(300 << 10, 1);
+  const upload_job j{src, d.data()};
+  auto t1 = (*eng)->to_device({&j, 1});
+  ASSERT_TRUE(t1);
+  auto t2 = (*eng)->to_device({&j, 1});
+  if (!t2) {
+    EXPECT_EQ(t2.error().code, errc::busy); // the first batch still holds staging
+  }
+  const std::vector<std::byte> huge(600 << 10);
+  const upload_job h{huge, d.data()};
+  auto t3 = (*eng)->to_device({&h, 1});
+  ASSERT_FALSE(t3);
+  EXPECT_EQ(t3.error().code, errc::value_too_large);
+  ASSERT_TRUE((*eng)->wait(*t1));
+}
+
+} // namespace
+} // namespace kvfleet::cuda

@@ -1,0 +1,67 @@
+#pragma once
+// A ring of byte ranges over a staging buffer: regions are acquired in
+// order and released in the same order (batches on one stream finish in
+// order). Pure bookkeeping, no CUDA. Not thread-safe.
+
+#include <cstddef>
+#include <deque>
+#include <optional>
+
+namespace kvfleet::cuda::internal {
+
+class staging_ring {
+public:
+  struct region {
+    std::size_t offset = 0;
+    std::size_t bytes = 0; // bytes consumed from the ring (padding included)
+  };
+
+  explicit staging_ring(std::size_t capacity) : capacity_(capacity) {}
+
+  /// A contiguous region of `n` bytes (256-byte aligned), or nothing when
+  /// the ring has no room now.
+  std::optional<region> acquire(std::size_t n) {
+    n = (n + 255) / 256 * 256;
+    if (n > capacity_) return std::nullopt;
+    if (used_ == 0) head_ = tail_ = 0;
+    // Free space: [tail_, capacity_) then [0, head_) when tail_ >= head_
+    // (or the ring is empty), else [tail_, head_).
+    if (used_ == 0 || tail_ > head_) {
+      if (capacity_ - tail_ >= n) return take(tail_, n, n);
+      if (head_ >= n) { // wrap: the end of the buffer is skipped
+        const std::size_t skipped = capacity_ - tail_;
+        return take(0, n, n + skipped);
+      }
+      return std::nullopt;
+    }
+    if (head_ - tail_ >= n) return take(tail_, n, n);
+    return std::nullopt;
+  }
+
+  /// Releases the oldest region. REQUIRES: `r` is the oldest acquired.
+  void release(region r) {
+    used_ -= r.bytes;
+    starts_.pop_front();
+    head_ = starts_.empty() ? 0 : starts_.front();
+    if (used_ == 0) head_ = tail_ = 0;
+  }
+
+  [[nodiscard]] std::size_t used() const noexcept { return used_; }
+
+private:
+  std::optional<region> take(std::size_t at, std::size_t n, std::size_t consumed) {
+    tail_ = at + n;
+    used_ += consumed;
+    starts_.push_back(at);
+    if (starts_.size() == 1) head_ = at;
+    return region{at, consumed};
+  }
+
+  std::size_t capacity_;
+  std::size_t head_ = 0; // start of the oldest region
+  std::size_t tail_ = 0; // end of the newest region
+  std::size_t used_ = 0;
+  std::deque<std::size_t> starts_; // start offsets of live regions, oldest first
+};
+
+} // namespace kvfleet::cuda::internal

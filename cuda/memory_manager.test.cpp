@@ -1,0 +1,127 @@
+// The GPU memory manager's decisions, driven by readings (no device needed),
+// acting on a host-memory store.
+#include "cuda/memory_manager.hpp"
+
+#include "engine/block_key.hpp"
+#include "engine/block_store.hpp"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+namespace kvfleet::cuda {
+namespace {
+
+constexpr std::size_t gib = std::size_t{1} << 30;
+
+TEST(memory_manager_test, the_arena_s_free_part_does_not_count_as_used) {
+  auto m = gpu_memory_manager::create();
+  ASSERT_TRUE(m);
+  memory_reading r{80 * gib, 4 * gib, 60 * gib, 30 * gib}; // driver: 95% used
+  // 76 GiB used, 30 of the arena free: 46 GiB really used.
+  EXPECT_NEAR(gpu_memory_manager::usage(r), 46.0 / 80.0, 1e-9);
+  EXPECT_EQ(m->excess(r), 0U);
+  r.pool_used = 60 * gib; // the arena is full: 76 / 80 = 0.95
+  EXPECT_EQ(m->excess(r), 76 * gib - static_cast<std::size_t>(0.8 * 80.0 * static_cast<double>(gib)));
+}
+
+TEST(memory_manager_test, bad_thresholds_are_refused) {
+  EXPECT_FALSE(gpu_memory_manager::create({1.5, 0.8}));
+  EXPECT_FALSE(gpu_memory_manager::create({0.8, 0.9}));
+  EXPECT_FALSE(gpu_memory_manager::create({0.9, 0.0}));
+  EXPECT_TRUE(gpu_memory_manager::create({0.95, 0.85}));
+}
+
+class memory_manager_store_test : public ::testing::Test {
+protected:
+  void SetUp() override {
+    engine::store_config cfg;
+    cfg.capacity_bytes = 8 << 20;
+    cfg.policy = engine::policy_kind::priority;
+    cfg.adaptive_compression = false;
+    auto s = engine::block_store::create(cfg);
+    ASSERT_TRUE(s) << s.error().describe();
+    store = std::move(*s);
+    engine::namespace_spec spec;
+    spec.model = "m";
+    spec.layers = 1;
+    spec.kv_heads = 1;
+    spec.head_dim = 64;
+    spec.block_tokens = 64; // 8 KiB of fp16 per block (2 * 64 * 64 * 2)
+    auto id = store->register_namespace(spec);
+    ASSERT_TRUE(id);
+    ns = *id;
+    value.assign(spec.value_bytes(), std::byte{1});
+    // Independent chains (each block a root), alternating priorities.
+    for (std::uint64_t i = 0; i < 200; ++i) {
+      const engine::block_key key{i + 1, 7};
+      engine::put_options opt;
+      opt.prio = i % 2 == 0 ? engine::priority::low : engine::priority::high;
+      auto h = store->reserve(ns, key, {}, opt);
+      ASSERT_TRUE(h) << h.error().describe();
+      ASSERT_TRUE(store->write(*h, value));
+      ASSERT_TRUE(store->commit(*h));
+      keys.push_back(key);
+    }
+  }
+  std::unique_ptr<engine::block_store> store;
+  engine::ns_id ns;
+  std::vector<std::byte> value;
+  std::vector<engine::block_key> keys;
+};
+
+TEST_F(memory_manager_store_test, above_the_threshold_low_priority_blocks_go_first) {
+  auto m = gpu_memory_manager::create();
+  ASSERT_TRUE(m);
+  const std::size_t used_before = store->used_bytes();
+  // A device whose memory is 95% used, the pool's part of it full.
+  memory_reading r{16 << 20, 0, store->capacity_bytes(), store->capacity_bytes()};
+  r.device_free = r.device_total / 20;
+  const std::size_t excess = m->excess(r);
+  ASSERT_GT(excess, 0U);
+  const relief done = m->relieve(r, *store);
+  EXPECT_EQ(done.demoted, 0U);
+  EXPECT_GE(done.evicted, std::min(excess, used_before));
+  store->check_invariants();
+  std::size_t low_left = 0;
+  std::size_t high_left = 0;
+  for (std::size_t i = 0; i < keys.size(); ++i)
+    if (store->contains(ns, keys[i])) (i % 2 == 0 ? low_left : high_left) += 1;
+  // Evicting ~excess bytes never touches a high-priority block while low
+  // ones remain.
+  if (low_left > 0) {
+    EXPECT_EQ(high_left, 100U);
+  }
+}
+
+TEST_F(memory_manager_store_test, the_demoter_is_asked_first_and_eviction_covers_the_rest) {
+  auto m = gpu_memory_manager::create();
+  ASSERT_TRUE(m);
+  memory_reading r{16 << 20, 0, store->capacity_bytes(), store->capacity_bytes()};
+  const std::size_t excess = m->excess(r);
+  std::size_t asked = 0;
+  const relief done = m->relieve(r, *store, [&](std::size_t bytes) {
+    asked = bytes;
+    return bytes / 2;
+  });
+  EXPECT_EQ(asked, excess);
+  EXPECT_EQ(done.demoted, excess / 2);
+  EXPECT_GE(done.evicted, excess - excess / 2);
+  store->check_invariants();
+}
+
+TEST_F(memory_manager_store_test, below_the_threshold_nothing_happens) {
+  auto m = gpu_memory_manager::create();
+  ASSERT_TRUE(m);
+  const memory_reading r{gib, gib / 2, store->capacity_bytes(), store->used_bytes()};
+  const std::size_t blocks = store->block_count();
+  const relief done = m->relieve(r, *store, [](std::size_t) -> std::size_t {
+    ADD_FAILURE() << "demoter called below the threshold";
+    return 0;
+  });
+  EXPECT_EQ(done.excess, 0U);
+  EXPECT_EQ(store->block_count(), blocks);
+}
+
+} // namespace
+} // namespace kvfleet::cuda

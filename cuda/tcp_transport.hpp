@@ -1,0 +1,67 @@
+#pragma once
+/// The TCP block transport: the same interface as the NCCL transport, over
+/// one TCP connection between two machines without GPUs or NCCL (host
+/// memory).
+///
+/// Wire format of a batch: "KVFB" (4 bytes), the block count (u32 LE), each
+/// block's size (u64 LE), then the blocks' bytes in order. The receiver
+/// checks the count and every size against what it expects before reading
+/// any payload, so a peer can never make it allocate or write out of
+/// bounds; a mismatch is errc::wrong_value_size and leaves the connection
+/// unusable (close it). Every socket operation has a timeout (io_timeout);
+/// a timeout or a closed peer is errc::io_error. `peer` must be 0 (the
+/// connected peer). Not thread-safe: one caller at a time.
+
+#include "cuda/block_transport.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace kvfleet::cuda {
+
+class tcp_transport final : public block_transport {
+public:
+  /// Connects to host:port (numeric IPv4 or IPv6 address or a host name).
+  [[nodiscard]] static result<std::unique_ptr<tcp_transport>>
+  connect(const std::string& host, std::uint16_t port,
+          std::chrono::milliseconds io_timeout = std::chrono::seconds(30));
+  ~tcp_transport() override;
+
+  [[nodiscard]] std::string_view name() const noexcept override { return "tcp"; }
+  [[nodiscard]] bool device_memory() const noexcept override { return false; }
+  [[nodiscard]] result<void> exchange(int peer, std::span<const send_block> out,
+                                      std::span<const recv_block> in) override;
+
+private:
+  friend class tcp_listener;
+  explicit tcp_transport(int fd) : fd_(fd) {}
+  int fd_;
+};
+
+/// Accepts tcp_transport connections.
+class tcp_listener {
+public:
+  /// Listens on host:port; port 0 picks a free port (see port()).
+  [[nodiscard]] static result<tcp_listener> listen(const std::string& host = "127.0.0.1",
+                                                   std::uint16_t port = 0);
+  tcp_listener(tcp_listener&& other) noexcept : fd_(other.fd_), port_(other.port_) {
+    other.fd_ = -1;
+  }
+  tcp_listener& operator=(tcp_listener&&) = delete;
+  ~tcp_listener();
+
+  [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
+  /// Waits at most `timeout` for one connection.
+  [[nodiscard]] result<std::unique_ptr<tcp_transport>>
+  accept(std::chrono::milliseconds timeout = std::chrono::seconds(30),
+         std::chrono::milliseconds io_timeout = std::chrono::seconds(30));
+
+private:
+  tcp_listener(int fd, std::uint16_t port) : fd_(fd), port_(port) {}
+  int fd_;
+  std::uint16_t port_;
+};
+
+} // namespace kvfleet::cuda
