@@ -105,7 +105,11 @@ TEST_P(codec_math_codec_test, encode_and_decode_match_the_engine_bit_for_bit) {
 INSTANTIATE_TEST_SUITE_P(all, codec_math_codec_test,
                          ::testing::Combine(::testing::Values(codec::fp8, codec::int8,
                                                               codec::int4),
-                                            ::testing::Values(dtype::fp16, dtype::bf16)));
+                                            ::testing::Values(dtype::fp16, dtype::bf16)),
+                         [](const auto& p) {
+                           return std::string(engine::to_string(std::get<0>(p.param))) + "_" +
+                                  std::string(engine::to_string(std::get<1>(p.param)));
+                         });
 
 } // namespace
 } // namespace kvfleet::cuda::internal

@@ -13,6 +13,14 @@ bool aligned(const void* p, std::size_t a) {
   return reinterpret_cast<std::uintptr_t>(p) % a == 0;
 }
 
+/// Whether [a, a + an) and [b, b + bn) overlap (as addresses: the ranges
+/// may belong to different allocations).
+bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) {
+  const auto x = reinterpret_cast<std::uintptr_t>(a);
+  const auto y = reinterpret_cast<std::uintptr_t>(b);
+  return x < y + bn && y < x + an;
+}
+
 std::string job_name(std::size_t i) { return "block " + std::to_string(i); }
 
 } // namespace
@@ -63,9 +71,7 @@ result<void> codec_batch(engine::codec c, engine::dtype t, std::size_t elements,
                             " is misaligned (source needs " +
                             std::to_string(src_align) + " bytes, destination " +
                             std::to_string(dst_align) + ")");
-    const auto* s = j.src;
-    const auto* d = j.dst;
-    if (s < d + dst_need && d < s + src_need)
+    if (overlap(j.src, src_need, j.dst, dst_need))
       return make_error(errc::invalid_argument,
                         std::string(what) + ": " + job_name(i) +
                             " source and destination overlap");
@@ -80,7 +86,7 @@ result<void> copy_batch(std::span<const copy_job> jobs) {
     if (j.src == nullptr || j.dst == nullptr)
       return make_error(errc::invalid_argument,
                         "copy_blocks: " + job_name(i) + " has a null pointer");
-    if (j.src < j.dst + j.bytes && j.dst < j.src + j.bytes)
+    if (overlap(j.src, j.bytes, j.dst, j.bytes))
       return make_error(errc::invalid_argument,
                         "copy_blocks: " + job_name(i) +
                             " source and destination overlap");
@@ -107,9 +113,7 @@ result<void> gather_batch(device_span pool, std::span<const std::size_t> offsets
                             std::to_string(offsets[i]) + " runs past the pool's " +
                             std::to_string(pool.bytes) + " bytes");
   }
-  const std::byte* p = pool.data;
-  const std::byte* o = other.data;
-  if (p < o + other.bytes && o < p + pool.bytes)
+  if (overlap(pool.data, pool.bytes, other.data, other.bytes))
     return make_error(errc::invalid_argument,
                       "gather/scatter: pool and contiguous buffer overlap");
   return {};

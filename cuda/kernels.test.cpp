@@ -123,7 +123,13 @@ INSTANTIATE_TEST_SUITE_P(all, kernels_codec_test,
                          ::testing::Combine(::testing::Values(codec::fp8, codec::int8, codec::int4),
                                             ::testing::Values(dtype::fp16, dtype::bf16),
                                             ::testing::Values(kernel_path::hardware,
-                                                              kernel_path::portable)));
+                                                              kernel_path::portable)),
+                         [](const auto& p) {
+                           return std::string(engine::to_string(std::get<0>(p.param))) + "_" +
+                                  std::string(engine::to_string(std::get<1>(p.param))) +
+                                  (std::get<2>(p.param) == kernel_path::hardware ? "_hardware"
+                                                                                  : "_portable");
+                         });
 
 TEST(kernels_test, codec_none_is_a_copy) {
   KVFLEET_REQUIRE_DEVICE();
