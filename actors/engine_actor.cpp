@@ -60,10 +60,10 @@ template <class T> caf::result<T> lift(result<T> r) {
   return std::move(*r);
 }
 
-caf::result<caf::unit_t> lift_void(const result<void>& r) {
+caf::result<bool> lift_void(const result<void>& r) {
   if (!r)
     return to_caf_error(r.error());
-  return caf::unit;
+  return true;
 }
 
 std::uint64_t removals(const engine::block_store& s) {
@@ -248,18 +248,18 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
           return to_caf_error(h.error());
         auto ticket = s.next_ticket++;
         s.puts.emplace(ticket, std::move(*h));
-        self->delayed_send(self, s.config.put_timeout, abort_atom::value, ticket);
+        self->delayed_send(self, s.config.put_timeout, abort_atom::value, ticket, true);
         return ticket;
       },
       [=](write_atom, std::uint64_t ticket,
-          const std::vector<std::uint8_t>& value) -> caf::result<caf::unit_t> {
+          const std::vector<std::uint8_t>& value) -> caf::result<bool> {
         auto& s = self->state;
         auto it = s.puts.find(ticket);
         if (it == s.puts.end())
           return to_caf_error(error{errc::invalid_handle, "unknown put ticket"});
         return lift_void(s.store->write(it->second, std::as_bytes(std::span{value})));
       },
-      [=](commit_atom, std::uint64_t ticket) -> caf::result<caf::unit_t> {
+      [=](commit_atom, std::uint64_t ticket) -> caf::result<bool> {
         auto& s = self->state;
         auto it = s.puts.find(ticket);
         if (it == s.puts.end())
@@ -273,14 +273,22 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
         }
         return lift_void(r);
       },
-      [=](abort_atom, std::uint64_t ticket) -> caf::result<caf::unit_t> {
+      [=](abort_atom, std::uint64_t ticket) -> caf::result<bool> {
         auto& s = self->state;
         auto it = s.puts.find(ticket);
         if (it == s.puts.end())
-          return caf::unit; // already committed, aborted or expired
+          return true; // already committed, aborted or expired
         auto r = s.store->abort(it->second);
         s.puts.erase(it);
         return lift_void(r);
+      },
+      [=](abort_atom, std::uint64_t ticket, bool /*expired*/) {
+        auto& s = self->state;
+        auto it = s.puts.find(ticket);
+        if (it != s.puts.end()) {
+          (void)s.store->abort(it->second);
+          s.puts.erase(it);
+        }
       },
       [=](read_atom, const engine::block_key& key)
           -> caf::result<std::vector<std::uint8_t>> {
@@ -302,10 +310,10 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
         publish(self);
         return static_cast<std::uint64_t>(freed);
       },
-      [=](pin_atom, const engine::block_key& key) -> caf::result<caf::unit_t> {
+      [=](pin_atom, const engine::block_key& key) -> caf::result<bool> {
         return lift_void(self->state.store->pin(self->state.ns, key));
       },
-      [=](unpin_atom, const engine::block_key& key) -> caf::result<caf::unit_t> {
+      [=](unpin_atom, const engine::block_key& key) -> caf::result<bool> {
         return lift_void(self->state.store->unpin(self->state.ns, key));
       },
       [=](stats_atom) -> caf::result<engine_stats> {
@@ -326,15 +334,13 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
         out.capacity_tokens = s.config.capacity_tokens;
         return out;
       },
-      [=](capacity_atom, std::uint32_t tokens) -> caf::result<caf::unit_t> {
+      [=](capacity_atom, std::uint32_t tokens) {
         self->state.config.capacity_tokens = tokens;
         self->state.batcher.set_max_tokens(tokens);
-        return caf::unit;
       },
-      [=](listen_atom, const caf::actor& listener) -> caf::result<caf::unit_t> {
+      [=](listen_atom, const caf::actor& listener) {
         if (listener)
           self->state.listeners.push_back(listener);
-        return caf::unit;
       },
   };
 }

@@ -9,15 +9,15 @@
 ///   (batch_atom, vector<kv_request>)  -> vector<kv_reply>  one engine call
 ///   (lookup_atom, vector<block_key>)  -> uint64 matched leading blocks
 ///   (reserve_atom, put_request)       -> uint64 put ticket (phase one)
-///   (write_atom, ticket, vector<uint8_t> value) -> unit
-///   (commit_atom, ticket)             -> unit (phase two)
-///   (abort_atom, ticket)              -> unit
+///   (write_atom, ticket, vector<uint8_t> value) -> true
+///   (commit_atom, ticket)             -> true (phase two)
+///   (abort_atom, ticket)              -> true
 ///   (read_atom, block_key)            -> vector<uint8_t> decoded value
 ///   (evict_atom, uint64 bytes)        -> uint64 bytes freed
-///   (pin_atom | unpin_atom, block_key) -> unit
+///   (pin_atom | unpin_atom, block_key) -> true
 ///   (stats_atom)                      -> engine_stats
-///   (capacity_atom, uint32 tokens)    -> unit  prompt-token budget per batch
-///   (listen_atom, actor)              -> unit  subscribe to block_events
+///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no reply)
+///   (listen_atom, actor)              subscribe to block_events (no reply)
 /// Engine errors come back as caf::error (caf_error.hpp), converted once.
 ///
 /// Batching: process requests accumulate until `batch.max_size` requests

@@ -1,0 +1,609 @@
+// Deterministic actor tests: CAF's test_coordinator runs every actor on the
+// test thread and moves virtual time only when told (no sleeps).
+#include "actors/balancer_actor.hpp"
+#include "actors/caf_error.hpp"
+#include "actors/engine_actor.hpp"
+#include "actors/messages.hpp"
+#include "actors/prefetch_actor.hpp"
+#include "actors/query_cache_actor.hpp"
+#include "actors/scaler_actor.hpp"
+#include "actors/warmer_actor.hpp"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <random>
+#include <vector>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/scheduler/test_coordinator.hpp>
+#include <caf/send.hpp>
+
+namespace kvfleet::actors {
+namespace {
+
+using namespace std::chrono_literals;
+using engine::block_key;
+
+constexpr std::size_t block_bytes = 4096; // 16 tokens x 64 dims x K,V x fp16
+
+engine_actor_config small_engine(std::size_t blocks, std::size_t batch_size = 1,
+                                 engine::nanos batch_timeout = 100ms) {
+  engine_actor_config c;
+  c.ns.model = "test-model";
+  c.ns.layers = 1;
+  c.ns.kv_heads = 1;
+  c.ns.head_dim = 64;
+  c.ns.block_tokens = 16;
+  c.store.capacity_bytes = blocks * block_bytes;
+  c.store.slab_bytes = 4 * block_bytes;
+  c.store.policy = engine::policy_kind::lru;
+  c.store.adaptive_compression = false;
+  c.batch = batch_config{batch_size, batch_timeout};
+  return c;
+}
+
+/// A prompt of `n` blocks: `shared` leading blocks of group `group`, then
+/// blocks unique to `unique`.
+kv_request make_request(std::uint64_t id, std::uint64_t group, std::size_t shared,
+                        std::size_t n, std::uint64_t unique) {
+  kv_request r;
+  r.id = id;
+  r.input_tokens = static_cast<std::uint32_t>(n * 16);
+  for (std::size_t i = 0; i < n; ++i)
+    r.keys.push_back(i < shared ? block_key{group + 1, i + 1}
+                                : block_key{(unique + 1) << 20, i + 1});
+  return r;
+}
+
+template <class T> struct outcome {
+  std::optional<T> value;
+  std::optional<caf::error> error;
+  [[nodiscard]] bool done() const { return value || error; }
+};
+
+class actor_test : public ::testing::Test {
+protected:
+  actor_test() {
+    cfg_.add_message_types<caf::id_block::kvfleet>();
+    cfg_.set("scheduler.policy", caf::atom("testing"));
+    cfg_.set("logger.verbosity", caf::atom("quiet"));
+    sys_ = std::make_unique<caf::actor_system>(cfg_);
+    sched_ = &dynamic_cast<caf::scheduler::test_coordinator&>(sys_->scheduler());
+  }
+  ~actor_test() override {
+    // Actors with pending timers stay alive: stop every long-lived one so
+    // the actor system can shut down.
+    sched_->run();
+    for (auto& a : stop_at_end_)
+      caf::anon_send_exit(a, caf::exit_reason::kill);
+    sched_->run();
+  }
+
+  /// Sends a request from a fresh actor; the outcome fills in as the
+  /// scheduler runs.
+  template <class T, class... Ts>
+  std::shared_ptr<outcome<T>> ask(const caf::actor& dest, Ts... xs) {
+    auto out = std::make_shared<outcome<T>>();
+    sys_->spawn([=](caf::event_based_actor* self) {
+      self->request(dest, 3600s, xs...).then([=](T& v) { out->value = std::move(v); },
+                                          [=](caf::error& e) { out->error = e; });
+    });
+    return out;
+  }
+
+  template <class T, class... Ts> T ask_now(const caf::actor& dest, Ts... xs) {
+    auto out = ask<T>(dest, xs...);
+    sched_->run();
+    EXPECT_TRUE(out->value.has_value());
+    return out->value.value_or(T{});
+  }
+
+  caf::actor engine(const engine_actor_config& c) {
+    auto a = spawn_engine_actor(*sys_, c);
+    EXPECT_TRUE(a.has_value());
+    if (a)
+      stop_at_end_.push_back(*a);
+    return a.value_or(caf::actor{});
+  }
+
+  caf::actor balancer(routing_policy p, std::vector<engine_actor_config> engines,
+                      std::chrono::milliseconds timeout = 5s) {
+    balancer_config bc;
+    bc.routing.policy = p;
+    bc.initial_engines = static_cast<std::uint32_t>(engines.size());
+    bc.request_timeout = timeout;
+    auto b = spawn_balancer(*sys_, bc, [engines](caf::actor_system& s, std::uint32_t slot) {
+      auto c = engines.at(slot % engines.size());
+      c.slot = slot;
+      return spawn_engine_actor(s, c);
+    });
+    stop_at_end_.push_back(b);
+    return b;
+  }
+
+  caf::actor_system_config cfg_;
+  std::unique_ptr<caf::actor_system> sys_;
+  caf::scheduler::test_coordinator* sched_ = nullptr;
+  std::vector<caf::actor> stop_at_end_;
+};
+
+TEST_F(actor_test, BatchClosesAtMaxSize) {
+  auto e = engine(small_engine(64, 3, 100ms));
+  auto r1 = ask<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 2, 1));
+  auto r2 = ask<kv_reply>(e, process_atom::value, make_request(2, 0, 0, 2, 2));
+  sched_->run();
+  EXPECT_FALSE(r1->done());
+  EXPECT_FALSE(r2->done());
+  auto r3 = ask<kv_reply>(e, process_atom::value, make_request(3, 0, 0, 2, 3));
+  sched_->run();
+  ASSERT_TRUE(r1->value && r2->value && r3->value);
+  EXPECT_EQ(r3->value->computed_blocks, 2U);
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.batches, 1U);
+  EXPECT_EQ(st.requests, 3U);
+  EXPECT_EQ(st.in_flight, 0U);
+}
+
+TEST_F(actor_test, BatchClosesAtTimeout) {
+  auto e = engine(small_engine(64, 20, 100ms));
+  auto r1 = ask<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  sched_->advance_time(99ms);
+  sched_->run();
+  EXPECT_FALSE(r1->done());
+  auto r2 = ask<kv_reply>(e, process_atom::value, make_request(2, 0, 0, 2, 2));
+  sched_->run();
+  sched_->advance_time(1ms); // 100 ms after the first request
+  sched_->run();
+  EXPECT_TRUE(r1->value.has_value());
+  EXPECT_TRUE(r2->value.has_value());
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 1U);
+}
+
+TEST_F(actor_test, BatchServesHigherPriorityFirst) {
+  auto e = engine(small_engine(64, 20, 100ms));
+  auto low = make_request(1, 7, 2, 2, 1);
+  low.prio = engine::priority::background;
+  auto crit = make_request(2, 7, 2, 2, 2);
+  crit.prio = engine::priority::critical;
+  auto r1 = ask<kv_reply>(e, process_atom::value, low);
+  auto r2 = ask<kv_reply>(e, process_atom::value, crit);
+  sched_->run();
+  sched_->advance_time(100ms);
+  sched_->run();
+  ASSERT_TRUE(r1->value && r2->value);
+  // The critical request ran first and computed the shared blocks.
+  EXPECT_EQ(r2->value->computed_blocks, 2U);
+  EXPECT_EQ(r1->value->matched_blocks, 2U);
+}
+
+TEST_F(actor_test, UnknownMessageGetsAnErrorReply) {
+  auto e = engine(small_engine(64));
+  auto r = ask<kv_reply>(e, std::string{"hello"});
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  EXPECT_EQ(*r->error, caf::sec::unexpected_message);
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  auto r2 = ask<kv_reply>(b, 42.0);
+  sched_->run();
+  ASSERT_TRUE(r2->error.has_value());
+  EXPECT_EQ(*r2->error, caf::sec::unexpected_message);
+}
+
+TEST_F(actor_test, EngineErrorsAreConvertedOnce) {
+  auto e = engine(small_engine(64));
+  auto r = ask<std::vector<std::uint8_t>>(e, read_atom::value, block_key{1, 2});
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  EXPECT_EQ(from_caf_error(*r->error).code, errc::not_found);
+}
+
+TEST_F(actor_test, TwoPhasePutThenReadAndPin) {
+  auto e = engine(small_engine(64));
+  put_request p;
+  p.key = block_key{9, 9};
+  auto ticket = ask_now<std::uint64_t>(e, reserve_atom::value, p);
+  // Not visible before commit.
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, std::vector<block_key>{p.key}), 0U);
+  std::vector<std::uint8_t> value(block_bytes, 0);
+  auto w = ask<bool>(e, write_atom::value, ticket, value);
+  auto c = ask<bool>(e, commit_atom::value, ticket);
+  sched_->run();
+  EXPECT_FALSE(w->error.has_value());
+  EXPECT_FALSE(c->error.has_value());
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, std::vector<block_key>{p.key}), 1U);
+  auto back = ask_now<std::vector<std::uint8_t>>(e, read_atom::value, p.key);
+  EXPECT_EQ(back, value);
+  auto pin = ask<bool>(e, pin_atom::value, p.key);
+  sched_->run();
+  EXPECT_FALSE(pin->error.has_value());
+}
+
+TEST_F(actor_test, LeastLoadedAvoidsTheBackloggedEngine) {
+  // Engine 0 answers at once; engine 1 holds requests for 100 ms.
+  auto fast = small_engine(256, 1);
+  auto slow = small_engine(256, 100, 100ms);
+  for (auto policy : {routing_policy::round_robin, routing_policy::least_loaded}) {
+    auto b = balancer(policy, {fast, slow});
+    sched_->run();
+    std::vector<std::shared_ptr<outcome<kv_reply>>> out;
+    for (std::uint64_t i = 0; i < 12; ++i) {
+      out.push_back(ask<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i)));
+      sched_->run();
+    }
+    auto st = ask_now<balancer_stats>(b, stats_atom::value);
+    if (policy == routing_policy::round_robin) {
+      EXPECT_EQ(st.routed[0], 6U);
+      EXPECT_EQ(st.routed[1], 6U);
+    } else {
+      EXPECT_EQ(st.routed[0], 12U); // the slow engine is never less loaded
+      EXPECT_EQ(st.routed[1], 0U);
+    }
+    sched_->advance_time(100ms);
+    sched_->run();
+    for (auto& o : out)
+      EXPECT_TRUE(o->value.has_value());
+    caf::anon_send_exit(b, caf::exit_reason::user_shutdown);
+    sched_->run();
+  }
+}
+
+struct routing_outcome {
+  double hit_ratio = 0.0;
+  double max_share = 0.0;
+};
+
+routing_outcome run_shared_prefix(actor_test* t, caf::actor_system& sys,
+                                  caf::scheduler::test_coordinator& sched,
+                                  routing_policy policy) {
+  (void)t;
+  const std::size_t engines = 4;
+  balancer_config bc;
+  bc.routing.policy = policy;
+  bc.initial_engines = engines;
+  auto b = spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
+    auto c = small_engine(48); // ~3 of the 16 hot prefixes fit one engine
+    c.slot = slot;
+    return spawn_engine_actor(s, c);
+  });
+  sched.run();
+  std::mt19937_64 rng{7};
+  std::uint64_t matched = 0;
+  std::uint64_t total = 0;
+  std::vector<std::shared_ptr<outcome<kv_reply>>> wave;
+  std::uint64_t id = 0;
+  for (int w = 0; w < 100; ++w) {
+    wave.clear();
+    for (int i = 0; i < 8; ++i, ++id) {
+      // 16 prefix groups of 8 blocks, skewed popularity, 2 unique blocks.
+      auto g = std::min<std::uint64_t>(rng() % 16, rng() % 16);
+      auto out = std::make_shared<outcome<kv_reply>>();
+      auto req = make_request(id, g, 8, 10, id);
+      sys.spawn([=](caf::event_based_actor* self) {
+        self->request(b, 3600s, process_atom::value, req)
+            .then([=](kv_reply& r) { out->value = r; },
+                  [=](caf::error& e) { out->error = e; });
+      });
+      wave.push_back(out);
+    }
+    sched.run();
+    for (auto& o : wave) {
+      EXPECT_TRUE(o->value.has_value());
+      if (o->value) {
+        matched += o->value->matched_blocks;
+        total += o->value->matched_blocks + o->value->computed_blocks;
+      }
+    }
+  }
+  auto st = std::make_shared<outcome<balancer_stats>>();
+  sys.spawn([=](caf::event_based_actor* self) {
+    self->request(b, 3600s, stats_atom::value)
+        .then([=](balancer_stats& s) { st->value = s; }, [=](caf::error&) {});
+  });
+  sched.run();
+  routing_outcome r;
+  r.hit_ratio = static_cast<double>(matched) / static_cast<double>(total);
+  std::uint64_t sum = 0;
+  std::uint64_t mx = 0;
+  for (auto n : st->value->routed) {
+    sum += n;
+    mx = std::max(mx, n);
+  }
+  r.max_share = static_cast<double>(mx) / static_cast<double>(sum);
+  caf::anon_send_exit(b, caf::exit_reason::user_shutdown);
+  sched.run();
+  return r;
+}
+
+TEST_F(actor_test, KvAwareBeatsLeastLoadedOnSharedPrefixWithoutOverload) {
+  auto ll = run_shared_prefix(this, *sys_, *sched_, routing_policy::least_loaded);
+  auto kv = run_shared_prefix(this, *sys_, *sched_, routing_policy::kv_aware);
+  std::printf("block hit ratio: kv_aware %.3f (max engine share %.2f), "
+              "least_loaded %.3f (max engine share %.2f)\n",
+              kv.hit_ratio, kv.max_share, ll.hit_ratio, ll.max_share);
+  EXPECT_GT(kv.hit_ratio, ll.hit_ratio * 1.2)
+      << "kv_aware " << kv.hit_ratio << " least_loaded " << ll.hit_ratio;
+  EXPECT_LT(kv.max_share, 0.5) << "one engine took " << kv.max_share;
+}
+
+TEST_F(actor_test, RequestTimeoutReturnsTimeoutError) {
+  // The engine holds requests for 10 s; the balancer waits 50 ms.
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64, 20, 10s)}, 50ms);
+  auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  sched_->run();
+  EXPECT_FALSE(r->done());
+  sched_->advance_time(50ms);
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  EXPECT_TRUE(is_timeout(*r->error));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).timeouts, 1U);
+  sched_->advance_time(10s);
+  sched_->run();
+}
+
+TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
+  auto b = balancer(routing_policy::round_robin, {small_engine(64), small_engine(64)});
+  sched_->run();
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  caf::anon_send_exit(e0, caf::exit_reason::kill);
+  sched_->run();
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    auto rep = ask_now<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i));
+    EXPECT_EQ(rep.engine, 1U);
+  }
+  sched_->advance_time(100ms); // restart_delay
+  sched_->run();
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  EXPECT_EQ(st.restarts, 1U);
+  std::vector<std::uint32_t> engines;
+  for (std::uint64_t i = 0; i < 2; ++i)
+    engines.push_back(
+        ask_now<kv_reply>(b, process_atom::value, make_request(10 + i, 0, 0, 1, 10 + i))
+            .engine);
+  std::sort(engines.begin(), engines.end());
+  EXPECT_EQ(engines, (std::vector<std::uint32_t>{0, 1}));
+}
+
+TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  scaler_actor_config sc;
+  sc.policy.target = 500ms;
+  sc.policy.window = 5s;
+  sc.policy.cooldown = 30s;
+  sc.policy.min_samples = 5;
+  sc.policy.sustain = 1;
+  sc.policy.max_replicas = 2;
+  sc.interval = 1s;
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  sc.on_decision = [decisions](const scale_decision& d) { decisions->push_back(d); };
+  auto s = spawn_scaler(*sys_, sc, b);
+  stop_at_end_.push_back(s);
+  sched_->run();
+  auto feed = [&](engine::nanos latency) {
+    for (int i = 0; i < 10; ++i)
+      caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                     static_cast<std::int64_t>(latency.count()));
+    sched_->run();
+  };
+  auto tick = [&] {
+    sched_->advance_time(1s);
+    sched_->run();
+  };
+  auto live = [&] {
+    auto st = ask_now<balancer_stats>(b, stats_atom::value);
+    return std::count(st.up.begin(), st.up.end(), std::uint8_t{1});
+  };
+  feed(400ms); // below target, above 0.3x: hold
+  tick();
+  EXPECT_TRUE(decisions->empty());
+  feed(800ms);
+  tick();
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+  EXPECT_EQ(live(), 2);
+  for (int i = 0; i < 24; ++i) { // in the 30 s cooldown: no decision
+    feed(800ms);
+    tick();
+  }
+  for (int i = 0; i < 6; ++i) // the slow samples leave the 5 s window
+    tick();
+  EXPECT_EQ(decisions->size(), 1U);
+  feed(100ms); // below 0.3 x target
+  tick();
+  ASSERT_EQ(decisions->size(), 2U);
+  EXPECT_EQ(decisions->back().action, scale_action::retire_replica);
+  EXPECT_EQ(live(), 1);
+  auto st = ask_now<scaler_stats>(s, stats_atom::value);
+  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::spawn_replica)], 1U);
+  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::retire_replica)], 1U);
+  caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
+}
+
+/// Stands in for the balancer: answers process requests and records them.
+struct fake_backend {
+  std::vector<kv_request> seen;
+};
+
+caf::behavior fake_balancer(caf::event_based_actor*, std::shared_ptr<fake_backend> be) {
+  return {
+      [be](process_atom, const kv_request& r) -> kv_reply {
+        be->seen.push_back(r);
+        return kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false};
+      },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+kv_request query(std::uint64_t session, std::string q) {
+  kv_request r;
+  r.session = session;
+  r.query = std::move(q);
+  r.keys = {block_key{std::hash<std::string>{}(r.query), 1}};
+  r.input_tokens = 16;
+  return r;
+}
+
+TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  prefetch_config pc;
+  pc.threshold = 0.6;
+  pc.model.aging_interval = 0;
+  pc.model.decay = 0.5;
+  auto p = sys_->spawn([&](caf::event_based_actor*) -> caf::behavior { return {}; });
+  (void)p;
+  auto pf = spawn_prefetcher(*sys_, pc, b);
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  auto observe = [&](const kv_request& r) {
+    caf::anon_send(pf, observe_atom::value, r, kv_reply{}, std::int64_t{0});
+    sched_->run();
+  };
+  for (std::uint64_t s = 1; s <= 3; ++s) {
+    observe(query(s, "A"));
+    observe(query(s, "B"));
+  }
+  auto before = be->seen.size();
+  observe(query(10, "A"));
+  ASSERT_EQ(be->seen.size(), before + 1);
+  EXPECT_EQ(be->seen.back().query, "B");
+  EXPECT_TRUE(be->seen.back().prefetch);
+  EXPECT_EQ(be->seen.back().prio, engine::priority::low);
+  observe(query(10, "B")); // the prefetched query arrives: useful
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_GE(st.issued, 1U);
+  EXPECT_EQ(st.useful, st.issued); // every prefetch so far was used
+  // A prefetch whose blocks are evicted before use is wasted.
+  observe(query(11, "A"));
+  block_events ev;
+  ev.evicted = query(0, "B").keys;
+  caf::anon_send(pf, ev);
+  sched_->run();
+  EXPECT_EQ(ask_now<prefetch_stats>(pf, stats_atom::value).wasted, 1U);
+  caf::anon_send_exit(pf, caf::exit_reason::user_shutdown);
+  sched_->run();
+  // Stale patterns age out: with aging every 4 observations, A -> B decays
+  // below the floor while other traffic flows, and A predicts nothing.
+  pc.model.aging_interval = 4;
+  auto pf2 = spawn_prefetcher(*sys_, pc, b);
+  stop_at_end_.push_back(pf2);
+  sched_->run();
+  auto observe2 = [&](const kv_request& r) {
+    caf::anon_send(pf2, observe_atom::value, r, kv_reply{}, std::int64_t{0});
+    sched_->run();
+  };
+  observe2(query(1, "A"));
+  observe2(query(1, "B"));
+  for (int i = 0; i < 40; ++i)
+    observe2(query(100 + static_cast<std::uint64_t>(i), "other" + std::to_string(i)));
+  before = be->seen.size();
+  observe2(query(50, "A"));
+  EXPECT_EQ(be->seen.size(), before);
+  caf::anon_send_exit(pf2, caf::exit_reason::user_shutdown);
+}
+
+TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  query_cache_config qc;
+  qc.ttl = 10s;
+  auto qcache = spawn_query_cache(*sys_, qc, b);
+  stop_at_end_.push_back(qcache);
+  auto q = query(1, "what is kv");
+  auto first = ask_now<kv_reply>(qcache, query_atom::value, q);
+  EXPECT_FALSE(first.from_query_cache);
+  EXPECT_EQ(be->seen.size(), 1U);
+  sched_->advance_time(9s);
+  auto second = ask_now<kv_reply>(qcache, query_atom::value, q);
+  EXPECT_TRUE(second.from_query_cache);
+  EXPECT_EQ(second.computed_blocks, first.computed_blocks);
+  EXPECT_EQ(be->seen.size(), 1U);
+  sched_->advance_time(1s); // 10 s after the store: expired
+  auto third = ask_now<kv_reply>(qcache, query_atom::value, q);
+  EXPECT_FALSE(third.from_query_cache);
+  EXPECT_EQ(be->seen.size(), 2U);
+  auto st = ask_now<query_cache_stats>(qcache, stats_atom::value);
+  EXPECT_EQ(st.hits, 1U);
+  EXPECT_EQ(st.misses, 2U);
+}
+
+TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
+  stop_at_end_.push_back(qcache);
+  auto r1 = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
+  auto r2 = ask<kv_reply>(qcache, query_atom::value, query(2, "q"));
+  sched_->run();
+  EXPECT_TRUE(r1->value && r2->value);
+  EXPECT_EQ(be->seen.size(), 1U);
+  auto bad = ask<kv_reply>(qcache, query_atom::value, kv_request{});
+  sched_->run();
+  ASSERT_TRUE(bad->error.has_value());
+  EXPECT_EQ(from_caf_error(*bad->error).code, errc::invalid_argument);
+}
+
+TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  warmer_config wc;
+  wc.parallelism = 2;
+  auto w = spawn_warmer(*sys_, wc, b);
+  stop_at_end_.push_back(w);
+  auto progress = std::make_shared<std::vector<std::uint64_t>>();
+  auto listener = sys_->spawn([progress](caf::event_based_actor*) -> caf::behavior {
+    return {[progress](progress_atom, std::uint64_t done, std::uint64_t) {
+      progress->push_back(done);
+    }};
+  });
+  std::vector<warm_item> items;
+  for (int i = 0; i < 10; ++i)
+    items.push_back(warm_item{query(0, "q" + std::to_string(i)), double(i)});
+  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{3}, true, listener);
+  sched_->run();
+  ASSERT_TRUE(rep->value.has_value());
+  EXPECT_EQ(rep->value->requested, 3U);
+  EXPECT_EQ(rep->value->warmed, 3U);
+  ASSERT_EQ(be->seen.size(), 3U);
+  EXPECT_EQ(be->seen[0].query, "q9");
+  EXPECT_EQ(be->seen[1].query, "q8");
+  EXPECT_EQ(be->seen[2].query, "q7");
+  for (const auto& r : be->seen) {
+    EXPECT_EQ(r.prio, engine::priority::low);
+    EXPECT_TRUE(r.pin);
+  }
+  EXPECT_EQ(*progress, (std::vector<std::uint64_t>{1, 2, 3}));
+}
+
+TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {
+  auto c = small_engine(40);
+  c.pressure.threshold = 0.5;
+  c.pressure.target = 0.25;
+  c.store.policy = engine::policy_kind::priority;
+  auto e = engine(c);
+  auto low = make_request(1, 1, 0, 8, 1);
+  low.prio = engine::priority::background;
+  auto high = make_request(2, 2, 0, 8, 2);
+  high.prio = engine::priority::high;
+  ask_now<kv_reply>(e, process_atom::value, high);
+  ask_now<kv_reply>(e, process_atom::value, low); // 16 of 40 blocks: above 0.5? no
+  auto more = make_request(3, 3, 0, 8, 3);
+  more.prio = engine::priority::high;
+  ask_now<kv_reply>(e, process_atom::value, more); // 24 of 40 > 0.5: evict to 10
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.pressure_evictions, 1U);
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, low.keys), 0U);
+  EXPECT_GT(ask_now<std::uint64_t>(e, lookup_atom::value, more.keys), 0U);
+}
+
+} // namespace
+} // namespace kvfleet::actors

@@ -1,0 +1,282 @@
+#include "actors/balancer_actor.hpp"
+
+#include "actors/caf_error.hpp"
+#include "actors/messages.hpp"
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/response_promise.hpp>
+#include <caf/send.hpp>
+#include <caf/stateful_actor.hpp>
+#include <caf/system_messages.hpp>
+
+namespace kvfleet::actors {
+namespace {
+
+struct slot_info {
+  caf::actor engine;
+  std::uint64_t generation = 0; ///< bumps at every (re)start
+  std::uint64_t routed = 0;
+  std::uint32_t restarts = 0;
+  bool retiring = false;
+  bool retired = false;
+};
+
+struct balancer_state {
+  balancer_config config;
+  engine_factory make_engine;
+  router route{router_config{}};
+  std::vector<slot_info> slots;
+  std::vector<caf::actor> listeners;
+  std::shared_ptr<std::vector<caf::actor>> owned =
+      std::make_shared<std::vector<caf::actor>>(); ///< engines to stop at exit
+  std::uint64_t timeouts = 0;
+  std::uint64_t rerouted = 0;
+  std::uint64_t restarts = 0;
+  std::uint64_t rejected = 0;
+  static inline const char* name = "kvfleet.balancer";
+};
+
+using balancer_actor = caf::stateful_actor<balancer_state>;
+
+std::int64_t now_ns(balancer_actor* self) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             self->clock().now().time_since_epoch())
+      .count();
+}
+
+/// Starts (or restarts) the engine of `slot`. False when the factory failed.
+bool start_engine(balancer_actor* self, std::uint32_t slot) {
+  auto& st = self->state;
+  auto engine = st.make_engine(self->system(), slot);
+  if (!engine)
+    return false;
+  auto& info = st.slots[slot];
+  info.engine = std::move(*engine);
+  ++info.generation;
+  self->monitor(info.engine);
+  st.owned->push_back(info.engine);
+  self->send(info.engine, listen_atom::value, caf::actor{self});
+  st.route.set_up(slot, true);
+  return true;
+}
+
+std::uint32_t add_engine(balancer_actor* self) {
+  auto& st = self->state;
+  auto slot = st.route.add_slot(1.0);
+  if (slot < st.slots.size()) // at router::max_slots
+    return slot;
+  st.slots.emplace_back();
+  st.route.set_up(slot, false);
+  if (!start_engine(self, slot))
+    self->delayed_send(self, st.config.restart_delay, restart_atom::value, slot);
+  return slot;
+}
+
+void maybe_exit_retired(balancer_actor* self, std::uint32_t slot) {
+  auto& info = self->state.slots[slot];
+  if (info.retiring && self->state.route.in_flight(slot) == 0 && info.engine) {
+    self->send_exit(info.engine, caf::exit_reason::user_shutdown);
+  }
+}
+
+void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
+            std::int64_t latency) {
+  for (auto& l : self->state.listeners)
+    self->send(l, observe_atom::value, req, rep, latency);
+}
+
+void dispatch(balancer_actor* self, kv_request req, caf::response_promise promise,
+              std::int64_t started, int attempt) {
+  auto& st = self->state;
+  auto pick = st.route.pick(req.keys);
+  if (!pick) {
+    ++st.rejected;
+    promise.deliver(to_caf_error(error{errc::busy, "no engine available"}));
+    return;
+  }
+  auto slot = pick->slot;
+  auto gen = st.slots[slot].generation;
+  st.route.started(slot);
+  ++st.slots[slot].routed;
+  auto msg_req = req;
+  auto then = [=](kv_reply& rep) mutable {
+    auto& s = self->state;
+    if (s.slots[slot].generation == gen)
+      s.route.finished(slot);
+    maybe_exit_retired(self, slot);
+    rep.engine = slot;
+    if (!s.listeners.empty())
+      notify(self, req, rep, now_ns(self) - started);
+    promise.deliver(std::move(rep));
+  };
+  auto fail = [=](caf::error& err) mutable {
+    auto& s = self->state;
+    if (s.slots[slot].generation == gen)
+      s.route.finished(slot);
+    maybe_exit_retired(self, slot);
+    if (err == caf::sec::request_receiver_down && attempt == 0) {
+      ++s.rerouted;
+      s.route.set_up(slot, false); // the down_msg may not have arrived yet
+      dispatch(self, std::move(req), std::move(promise), started, 1);
+      return;
+    }
+    if (is_timeout(err))
+      ++s.timeouts;
+    promise.deliver(std::move(err));
+  };
+  if (req.prio >= engine::priority::high)
+    self->request<caf::message_priority::high>(st.slots[slot].engine,
+                                               st.config.request_timeout,
+                                               process_atom::value, std::move(msg_req))
+        .then(std::move(then), std::move(fail));
+  else
+    self->request(st.slots[slot].engine, st.config.request_timeout,
+                  process_atom::value, std::move(msg_req))
+        .then(std::move(then), std::move(fail));
+}
+
+caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
+                                engine_factory make_engine) {
+  auto& st = self->state;
+  st.config = config;
+  st.make_engine = std::move(make_engine);
+  st.route = router{config.routing};
+  for (std::uint32_t i = 0; i < config.initial_engines; ++i)
+    add_engine(self);
+  self->set_default_handler(
+      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+        return caf::sec::unexpected_message;
+      });
+  // The balancer owns its engines: they stop with it. (Not links: a killed
+  // engine would take a linked balancer down with it.) The functor runs
+  // after the state is gone, so it holds its own list.
+  self->attach_functor([owned = st.owned](const caf::error&) {
+    for (auto& e : *owned)
+      caf::anon_send_exit(e, caf::exit_reason::user_shutdown);
+  });
+  self->set_down_handler([=](caf::down_msg& dm) {
+    auto& s = self->state;
+    for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
+      auto& info = s.slots[slot];
+      if (!info.engine || info.engine.address() != dm.source)
+        continue;
+      std::erase(*s.owned, info.engine);
+      info.engine = caf::actor{};
+      s.route.set_up(slot, false);
+      if (info.retiring) {
+        info.retired = true;
+      } else if (info.restarts < s.config.max_restarts) {
+        ++info.restarts;
+        ++s.restarts;
+        self->delayed_send(self, s.config.restart_delay, restart_atom::value, slot);
+      }
+    }
+  });
+  return {
+      [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
+        auto promise = self->make_response_promise();
+        dispatch(self, std::move(req), promise, now_ns(self), 0);
+        return promise;
+      },
+      [=](restart_atom, std::uint32_t slot) {
+        auto& s = self->state;
+        if (slot >= s.slots.size() || s.slots[slot].engine || s.slots[slot].retired)
+          return;
+        if (!start_engine(self, slot))
+          self->delayed_send(self, s.config.restart_delay, restart_atom::value, slot);
+      },
+      [=](const block_events& ev) {
+        auto& s = self->state;
+        if (ev.engine < s.slots.size() && s.slots[ev.engine].engine) {
+          s.route.stored(ev.engine, ev.stored);
+          s.route.evicted(ev.engine, ev.evicted);
+        }
+        for (auto& l : s.listeners)
+          self->send(l, ev);
+      },
+      [=](lookup_atom, std::vector<engine::block_key>& keys) -> caf::result<std::uint64_t> {
+        auto& s = self->state;
+        std::uint32_t best = 0;
+        std::size_t best_held = 0;
+        bool any = false;
+        for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
+          if (!s.slots[slot].engine)
+            continue;
+          auto held = s.route.held_prefix(slot, keys);
+          if (!any || held > best_held) {
+            best = slot;
+            best_held = held;
+            any = true;
+          }
+        }
+        if (!any)
+          return to_caf_error(error{errc::busy, "no engine available"});
+        self->delegate(s.slots[best].engine, lookup_atom::value, std::move(keys));
+        return caf::delegated<std::uint64_t>{};
+      },
+      [=](engine_atom, std::uint32_t slot) -> caf::result<caf::actor> {
+        auto& s = self->state;
+        if (slot >= s.slots.size() || !s.slots[slot].engine)
+          return to_caf_error(error{errc::not_found, "no live engine in that slot"});
+        return s.slots[slot].engine;
+      },
+      [=](replica_atom) -> caf::result<std::uint32_t> {
+        add_engine(self);
+        return static_cast<std::uint32_t>(self->state.route.live_slots());
+      },
+      [=](retire_atom) -> caf::result<std::uint32_t> {
+        auto& s = self->state;
+        if (s.route.live_slots() <= 1)
+          return to_caf_error(error{errc::invalid_argument, "last live engine"});
+        for (auto slot = static_cast<std::uint32_t>(s.slots.size()); slot-- > 0;) {
+          if (s.slots[slot].engine && !s.slots[slot].retiring) {
+            s.slots[slot].retiring = true;
+            s.route.set_draining(slot, true);
+            maybe_exit_retired(self, slot);
+            break;
+          }
+        }
+        return static_cast<std::uint32_t>(s.route.live_slots());
+      },
+      [=](capacity_atom, std::uint32_t tokens) {
+        for (auto& info : self->state.slots)
+          if (info.engine)
+            self->send(info.engine, capacity_atom::value, tokens);
+      },
+      [=](stats_atom) -> caf::result<balancer_stats> {
+        const auto& s = self->state;
+        balancer_stats out;
+        for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
+          out.routed.push_back(s.slots[slot].routed);
+          out.in_flight.push_back(s.route.in_flight(slot));
+          out.up.push_back(s.route.is_up(slot) && !s.route.is_draining(slot) ? 1 : 0);
+        }
+        out.timeouts = s.timeouts;
+        out.rerouted = s.rerouted;
+        out.restarts = s.restarts;
+        out.rejected = s.rejected;
+        out.index_keys = s.route.index_size();
+        return out;
+      },
+      [=](listen_atom, const caf::actor& listener) {
+        if (listener)
+          self->state.listeners.push_back(listener);
+      },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_balancer(caf::actor_system& sys, balancer_config config,
+                          engine_factory make_engine) {
+  return sys.spawn(balancer_behavior, std::move(config), std::move(make_engine));
+}
+
+} // namespace kvfleet::actors

@@ -1,0 +1,61 @@
+#pragma once
+/// The load-balancer actor, which is also the engines' supervisor.
+///
+/// It spawns the engine actors through `make_engine`, monitors them and
+/// routes each request with a `router` (router.hpp: round robin, least
+/// loaded by in-flight count / capacity weight, or kv-aware with a prefix
+/// index fed by the engines' block events).
+///
+/// Messages:
+///   (process_atom, kv_request)   -> kv_reply, or an error:
+///       request_timeout when the engine does not answer within
+///       `request_timeout`; errc::busy "no engine available" when none is
+///       live. A request whose engine died before answering is retried once
+///       on another engine.
+///   (lookup_atom, vector<block_key>) -> uint64  asks the engine the index
+///       names for the longest prefix (slot 0 when the index knows nothing)
+///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot
+///   (replica_atom)               -> uint32 live engines after adding one
+///   (retire_atom)                -> uint32 live engines after draining one:
+///       it takes no new requests and exits once its requests are answered
+///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply)
+///   (stats_atom)                 -> balancer_stats
+///   (listen_atom, actor)         (no reply) the listener gets
+///       (observe_atom, kv_request, kv_reply, int64 latency_ns) after each
+///       answered request and every engine's block_events
+/// Anything else gets sec::unexpected_message back.
+///
+/// Supervision: an engine that fails (down_msg) is marked down at once (the
+/// router skips it and forgets its index entries) and respawned after
+/// `restart_delay`, empty; it rejoins the rotation when the new actor is up.
+/// A slot is restarted at most `max_restarts` times.
+
+#include "actors/router.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+namespace kvfleet::actors {
+
+struct balancer_config {
+  router_config routing{};
+  std::chrono::milliseconds request_timeout{5'000};
+  std::chrono::milliseconds restart_delay{100};
+  std::uint32_t max_restarts = 100;
+  std::uint32_t initial_engines = 1;
+};
+
+/// Spawns the engine of `slot` (fresh and empty).
+using engine_factory =
+    std::function<result<caf::actor>(caf::actor_system&, std::uint32_t slot)>;
+
+/// Spawns the balancer, which spawns `config.initial_engines` engines.
+[[nodiscard]] caf::actor spawn_balancer(caf::actor_system& sys,
+                                        balancer_config config,
+                                        engine_factory make_engine);
+
+} // namespace kvfleet::actors

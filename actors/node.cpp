@@ -1,0 +1,170 @@
+#include "actors/node.hpp"
+
+#include "actors/caf_error.hpp"
+
+#include <string>
+#include <utility>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
+
+namespace kvfleet {
+namespace {
+
+using actors::from_caf_error;
+
+/// One blocking request from a host thread.
+template <class T, class... Ts>
+result<T> ask(caf::actor_system& sys, const caf::actor& dest,
+              std::chrono::milliseconds timeout, Ts&&... xs) {
+  if (!dest)
+    return make_error(errc::invalid_argument, "actor not running");
+  caf::scoped_actor self{sys};
+  std::optional<result<T>> out;
+  self->request(dest, timeout, std::forward<Ts>(xs)...)
+      .receive([&](T& x) { out.emplace(std::move(x)); },
+               [&](caf::error& e) { out.emplace(unexpected<error>{from_caf_error(e)}); });
+  return std::move(*out);
+}
+
+result<void> ask_void(caf::actor_system& sys, const caf::actor& dest,
+                      std::chrono::milliseconds timeout, auto&&... xs) {
+  auto r = ask<bool>(sys, dest, timeout, std::forward<decltype(xs)>(xs)...);
+  if (!r)
+    return unexpected<error>{r.error()};
+  return {};
+}
+
+} // namespace
+
+void node::configure(caf::actor_system_config& cfg, std::size_t threads) {
+  cfg.add_message_types<caf::id_block::kvfleet>();
+  cfg.set("scheduler.policy", caf::atom("sharing"));
+  cfg.set("scheduler.max-threads", threads == 0 ? std::size_t{1} : threads);
+}
+
+node::node(caf::actor_system& sys, node_config config)
+    : sys_(sys), config_(std::move(config)) {}
+
+node::~node() {
+  for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_, &balancer_})
+    if (*a)
+      caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
+}
+
+result<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_config config) {
+  // Fail early, with the engine's own error, on a bad engine configuration.
+  {
+    auto probe = actors::spawn_engine_actor(sys, config.engine);
+    if (!probe)
+      return unexpected<error>{probe.error()};
+    caf::anon_send_exit(*probe, caf::exit_reason::user_shutdown);
+  }
+  std::unique_ptr<node> n{new node(sys, std::move(config))};
+  auto& c = n->config_;
+  c.balancer.initial_engines = c.engines;
+  auto engine_cfg = c.engine;
+  n->balancer_ = actors::spawn_balancer(
+      sys, c.balancer,
+      [engine_cfg](caf::actor_system& s, std::uint32_t slot) -> result<caf::actor> {
+        auto cfg = engine_cfg;
+        cfg.slot = slot;
+        return actors::spawn_engine_actor(s, cfg);
+      });
+  n->warmer_ = actors::spawn_warmer(sys, c.warmer, n->balancer_);
+  if (c.query_cache)
+    n->cache_ = actors::spawn_query_cache(sys, c.cache, n->balancer_);
+  if (c.scaler) {
+    auto sc = *c.scaler;
+    sc.initial_replicas = c.engines;
+    sc.initial_capacity_tokens = c.engine.capacity_tokens;
+    n->scaler_ = actors::spawn_scaler(sys, std::move(sc), n->balancer_);
+  }
+  if (c.prefetch)
+    n->prefetcher_ = actors::spawn_prefetcher(sys, *c.prefetch, n->balancer_);
+  return n;
+}
+
+result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
+  if (cache_ && !req.query.empty())
+    return ask<actors::kv_reply>(sys_, cache_, config_.call_timeout,
+                                 actors::query_atom::value, req);
+  return ask<actors::kv_reply>(sys_, balancer_, config_.call_timeout,
+                               actors::process_atom::value, req);
+}
+
+result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {
+  return ask<std::uint64_t>(sys_, balancer_, config_.call_timeout,
+                            actors::lookup_atom::value, keys);
+}
+
+result<caf::actor> node::engine_at(std::uint32_t slot) {
+  return ask<caf::actor>(sys_, balancer_, config_.call_timeout,
+                         actors::engine_atom::value, slot);
+}
+
+result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
+                             const std::vector<std::uint8_t>& value) {
+  auto engine = engine_at(slot);
+  if (!engine)
+    return unexpected<error>{engine.error()};
+  auto ticket = ask<std::uint64_t>(sys_, *engine, config_.call_timeout,
+                                   actors::reserve_atom::value, put);
+  if (!ticket)
+    return unexpected<error>{ticket.error()};
+  auto w = ask_void(sys_, *engine, config_.call_timeout, actors::write_atom::value,
+                    *ticket, value);
+  if (!w) {
+    (void)ask_void(sys_, *engine, config_.call_timeout, actors::abort_atom::value,
+                   *ticket);
+    return w;
+  }
+  return ask_void(sys_, *engine, config_.call_timeout, actors::commit_atom::value,
+                  *ticket);
+}
+
+result<std::vector<std::uint8_t>> node::get_block(std::uint32_t slot,
+                                                  const engine::block_key& key) {
+  auto engine = engine_at(slot);
+  if (!engine)
+    return unexpected<error>{engine.error()};
+  return ask<std::vector<std::uint8_t>>(sys_, *engine, config_.call_timeout,
+                                        actors::read_atom::value, key);
+}
+
+result<void> node::pin(std::uint32_t slot, const engine::block_key& key) {
+  auto engine = engine_at(slot);
+  if (!engine)
+    return unexpected<error>{engine.error()};
+  return ask_void(sys_, *engine, config_.call_timeout, actors::pin_atom::value, key);
+}
+
+result<void> node::unpin(std::uint32_t slot, const engine::block_key& key) {
+  auto engine = engine_at(slot);
+  if (!engine)
+    return unexpected<error>{engine.error()};
+  return ask_void(sys_, *engine, config_.call_timeout, actors::unpin_atom::value, key);
+}
+
+result<actors::warm_report> node::warm(const std::vector<actors::warm_item>& items,
+                                       std::uint32_t top_n, bool pin) {
+  return ask<actors::warm_report>(sys_, warmer_, config_.call_timeout,
+                                  actors::warm_atom::value, items, top_n, pin,
+                                  caf::actor{});
+}
+
+result<actors::balancer_stats> node::stats() {
+  return ask<actors::balancer_stats>(sys_, balancer_, config_.call_timeout,
+                                     actors::stats_atom::value);
+}
+
+result<actors::engine_stats> node::engine_stats(std::uint32_t slot) {
+  auto engine = engine_at(slot);
+  if (!engine)
+    return unexpected<error>{engine.error()};
+  return ask<actors::engine_stats>(sys_, *engine, config_.call_timeout,
+                                   actors::stats_atom::value);
+}
+
+} // namespace kvfleet

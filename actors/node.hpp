@@ -1,0 +1,100 @@
+#pragma once
+/// kvfleet::node: the actor layer composed in one process, and the
+/// in-process API a host application uses.
+///
+/// A node spawns, on the caller's actor system: `engines` engine actors
+/// (one per CPU shard; there is no GPU backend yet), the balancer that
+/// routes to and supervises them, the warmer, and, when enabled, the
+/// query-result cache, the scaler and the prefetcher.
+///
+/// Calls block the calling thread until the answer arrives (or the
+/// request's timeout), so call them from host threads, never from inside
+/// an actor; CAF programs message `balancer()` instead.
+/// Thread safety: every call may be made from any thread concurrently.
+
+#include "actors/balancer_actor.hpp"
+#include "actors/engine_actor.hpp"
+#include "actors/messages.hpp"
+#include "actors/prefetch_actor.hpp"
+#include "actors/query_cache_actor.hpp"
+#include "actors/scaler_actor.hpp"
+#include "actors/warmer_actor.hpp"
+#include "engine/result.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+namespace kvfleet {
+
+struct node_config {
+  std::uint32_t engines = 2;
+  actors::engine_actor_config engine{}; ///< every engine's; slot is set per engine
+  actors::balancer_config balancer{};   ///< initial_engines is set from `engines`
+  actors::warmer_config warmer{};
+  bool query_cache = true;
+  actors::query_cache_config cache{};
+  std::optional<actors::scaler_actor_config> scaler;     ///< off by default
+  std::optional<actors::prefetch_config> prefetch;       ///< off by default
+  std::chrono::milliseconds call_timeout{30'000};
+};
+
+class node {
+public:
+  /// Registers kvfleet's message types and sets the scheduler for `threads`
+  /// worker threads (scheduler.policy=sharing, max-threads). Call on the
+  /// config before creating the actor system.
+  static void configure(caf::actor_system_config& cfg, std::size_t threads);
+
+  /// Spawns the node's actors. Errors: the first engine's (bad capacity or
+  /// namespace).
+  [[nodiscard]] static result<std::unique_ptr<node>> start(caf::actor_system& sys,
+                                                           node_config config);
+  ~node();
+  node(const node&) = delete;
+  node& operator=(const node&) = delete;
+
+  /// Processes one request: through the query-result cache when it is on
+  /// and the request has a query key, else straight to the balancer.
+  [[nodiscard]] result<actors::kv_reply> process_request(const actors::kv_request& req);
+  /// Longest cached prefix of `keys` on the engine the index points at.
+  [[nodiscard]] result<std::uint64_t> lookup(const std::vector<engine::block_key>& keys);
+  /// Two-phase put of one block on engine `slot`: reserve, write, commit.
+  [[nodiscard]] result<void> put_block(std::uint32_t slot, const actors::put_request& put,
+                                       const std::vector<std::uint8_t>& value);
+  /// The decoded value of a block on engine `slot`.
+  [[nodiscard]] result<std::vector<std::uint8_t>> get_block(std::uint32_t slot,
+                                                            const engine::block_key& key);
+  [[nodiscard]] result<void> pin(std::uint32_t slot, const engine::block_key& key);
+  [[nodiscard]] result<void> unpin(std::uint32_t slot, const engine::block_key& key);
+  /// Warms the top `top_n` queries by expected frequency (see warmer_actor).
+  [[nodiscard]] result<actors::warm_report> warm(const std::vector<actors::warm_item>& items,
+                                                 std::uint32_t top_n = 100, bool pin = false);
+  [[nodiscard]] result<actors::balancer_stats> stats();
+  [[nodiscard]] result<actors::engine_stats> engine_stats(std::uint32_t slot);
+
+  [[nodiscard]] const caf::actor& balancer() const noexcept { return balancer_; }
+  [[nodiscard]] const caf::actor& query_cache() const noexcept { return cache_; }
+  [[nodiscard]] const caf::actor& scaler() const noexcept { return scaler_; }
+  [[nodiscard]] const caf::actor& prefetcher() const noexcept { return prefetcher_; }
+  [[nodiscard]] const caf::actor& warmer() const noexcept { return warmer_; }
+
+private:
+  node(caf::actor_system& sys, node_config config);
+  [[nodiscard]] result<caf::actor> engine_at(std::uint32_t slot);
+
+  caf::actor_system& sys_;
+  node_config config_;
+  caf::actor balancer_;
+  caf::actor cache_;
+  caf::actor scaler_;
+  caf::actor prefetcher_;
+  caf::actor warmer_;
+};
+
+} // namespace kvfleet

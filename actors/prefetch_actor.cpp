@@ -1,0 +1,148 @@
+#include "actors/prefetch_actor.hpp"
+
+#include "actors/messages.hpp"
+
+#include <deque>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+namespace kvfleet::actors {
+namespace {
+
+struct prefetch_state {
+  prefetch_config config;
+  std::optional<transition_model> model;
+  caf::actor balancer;
+  std::unordered_map<std::string, kv_request> known;
+  std::deque<std::string> known_order;
+  /// Prefetched query -> its block keys; a block key -> the query.
+  std::unordered_map<std::string, std::vector<engine::block_key>> outstanding;
+  std::unordered_map<engine::block_key, std::string, engine::block_key_hash> by_key;
+  std::deque<std::string> outstanding_order;
+  prefetch_stats stats;
+  std::uint64_t next_id = 1ULL << 62;
+  static inline const char* name = "kvfleet.prefetcher";
+};
+
+using prefetch_actor = caf::stateful_actor<prefetch_state>;
+
+std::string query_of(const kv_request& r) {
+  if (!r.query.empty())
+    return r.query;
+  return r.keys.empty() ? std::string{} : r.keys.back().to_hex();
+}
+
+void drop_outstanding(prefetch_state& st, const std::string& q) {
+  auto it = st.outstanding.find(q);
+  if (it == st.outstanding.end())
+    return;
+  for (const auto& k : it->second) {
+    auto b = st.by_key.find(k);
+    if (b != st.by_key.end() && b->second == q)
+      st.by_key.erase(b);
+  }
+  st.outstanding.erase(it);
+}
+
+void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
+  auto [it, inserted] = st.known.insert_or_assign(q, r);
+  (void)it;
+  if (!inserted)
+    return;
+  st.known_order.push_back(q);
+  while (st.known.size() > st.config.max_known && !st.known_order.empty()) {
+    st.known.erase(st.known_order.front());
+    st.known_order.pop_front();
+  }
+}
+
+void issue(prefetch_actor* self, const std::string& q) {
+  auto& st = self->state;
+  if (st.outstanding.contains(q))
+    return;
+  auto it = st.known.find(q);
+  if (it == st.known.end())
+    return;
+  kv_request req = it->second;
+  req.id = st.next_id++;
+  req.prio = engine::priority::low;
+  req.prefetch = true;
+  req.pin = false;
+  while (st.outstanding.size() >= st.config.max_outstanding &&
+         !st.outstanding_order.empty()) {
+    drop_outstanding(st, st.outstanding_order.front());
+    st.outstanding_order.pop_front();
+  }
+  st.outstanding.emplace(q, req.keys);
+  st.outstanding_order.push_back(q);
+  for (const auto& k : req.keys)
+    st.by_key[k] = q;
+  ++st.stats.issued;
+  self->request(st.balancer, st.config.request_timeout, process_atom::value,
+                std::move(req))
+      .then([](const kv_reply&) {}, [](caf::error&) {});
+}
+
+caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
+                                caf::actor balancer) {
+  auto& st = self->state;
+  st.config = config;
+  st.model.emplace(config.model);
+  st.balancer = balancer;
+  self->send(balancer, listen_atom::value, caf::actor{self});
+  self->set_default_handler(
+      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+        return caf::sec::unexpected_message;
+      });
+  return {
+      [=](observe_atom, const kv_request& req, const kv_reply&, std::int64_t) {
+        auto& s = self->state;
+        if (req.prefetch)
+          return;
+        auto q = query_of(req);
+        if (q.empty())
+          return;
+        ++s.stats.observed;
+        if (s.outstanding.contains(q)) {
+          ++s.stats.useful;
+          drop_outstanding(s, q);
+        }
+        remember(s, q, req);
+        s.model->observe(req.session, q);
+        auto p = s.model->predict(q);
+        if (p && p->confidence >= s.config.threshold && p->query != q)
+          issue(self, p->query);
+      },
+      [=](const block_events& ev) {
+        auto& s = self->state;
+        for (const auto& k : ev.evicted) {
+          auto it = s.by_key.find(k);
+          if (it == s.by_key.end())
+            continue;
+          auto q = it->second;
+          ++s.stats.wasted;
+          drop_outstanding(s, q);
+        }
+      },
+      [=](stats_atom) -> caf::result<prefetch_stats> {
+        auto out = self->state.stats;
+        out.tracked_queries = self->state.model->query_count();
+        return out;
+      },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_prefetcher(caf::actor_system& sys, prefetch_config config,
+                            caf::actor balancer) {
+  return sys.spawn(prefetch_behavior, std::move(config), std::move(balancer));
+}
+
+} // namespace kvfleet::actors

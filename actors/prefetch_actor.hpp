@@ -1,0 +1,41 @@
+#pragma once
+/// The prefetch actor: learns query -> next-query transitions (a
+/// transition_model, bounded) from the requests the balancer answers and,
+/// after each one, prefetches the most likely next query at low priority
+/// when the model's confidence reaches `threshold`.
+///
+/// A query is named by kv_request::query, or by its last block key when
+/// that is empty; the prefetcher remembers the last request seen for each
+/// query (at most `max_known` of them) so it can replay it.
+/// Useful and wasted: a prefetch is useful when its query is requested
+/// before any of the prefetched blocks was evicted, wasted when an engine
+/// reports one of them evicted first (block events relayed by the
+/// balancer). At most `max_outstanding` prefetches are tracked.
+///
+/// Messages: (observe_atom, kv_request, kv_reply, int64), block_events,
+/// (stats_atom) -> prefetch_stats.
+
+#include "actors/transition_model.hpp"
+
+#include <chrono>
+#include <cstddef>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+namespace kvfleet::actors {
+
+struct prefetch_config {
+  transition_config model{};
+  double threshold = 0.5;
+  std::size_t max_known = 100'000;
+  std::size_t max_outstanding = 10'000;
+  std::chrono::milliseconds request_timeout{30'000};
+};
+
+/// Spawns the prefetcher and subscribes it to `balancer`.
+[[nodiscard]] caf::actor spawn_prefetcher(caf::actor_system& sys,
+                                          prefetch_config config,
+                                          caf::actor balancer);
+
+} // namespace kvfleet::actors

@@ -1,0 +1,127 @@
+#include "actors/query_cache_actor.hpp"
+
+#include "actors/caf_error.hpp"
+#include "actors/messages.hpp"
+
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/response_promise.hpp>
+#include <caf/stateful_actor.hpp>
+
+namespace kvfleet::actors {
+
+std::string encode_reply(const kv_reply& r) {
+  std::ostringstream out;
+  out << "v1 " << r.engine << ' ' << r.matched_blocks << ' ' << r.computed_blocks
+      << ' ' << r.matched_tokens << ' ' << r.computed_tokens;
+  return out.str();
+}
+
+bool decode_reply(const std::string& s, kv_reply& out) {
+  std::istringstream in(s);
+  std::string version;
+  in >> version >> out.engine >> out.matched_blocks >> out.computed_blocks >>
+      out.matched_tokens >> out.computed_tokens;
+  return version == "v1" && !in.fail();
+}
+
+namespace {
+
+struct cache_state {
+  query_cache_config config;
+  std::unique_ptr<query_store> store;
+  caf::actor balancer;
+  std::unordered_map<std::string, std::vector<std::pair<std::uint64_t, caf::response_promise>>>
+      waiting;
+  query_cache_stats stats;
+  static inline const char* name = "kvfleet.query_cache";
+};
+
+using cache_actor = caf::stateful_actor<cache_state>;
+
+engine::nanos now(cache_actor* self) {
+  return std::chrono::duration_cast<engine::nanos>(
+      self->clock().now().time_since_epoch());
+}
+
+caf::behavior cache_behavior(cache_actor* self, query_cache_config config,
+                             caf::actor balancer) {
+  auto& st = self->state;
+  st.config = config;
+  st.store = std::make_unique<embedded_query_store>(config.max_entries);
+  st.balancer = balancer;
+  self->set_default_handler(
+      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+        return caf::sec::unexpected_message;
+      });
+  return {
+      [=](query_atom, kv_request& req) -> caf::result<kv_reply> {
+        auto& s = self->state;
+        if (req.query.empty())
+          return to_caf_error(error{errc::invalid_argument, "request has no query key"});
+        auto got = s.store->get(req.query, now(self));
+        if (!got)
+          ++s.stats.store_errors;
+        else if (got->has_value()) {
+          kv_reply rep;
+          if (decode_reply(**got, rep)) {
+            ++s.stats.hits;
+            rep.id = req.id;
+            rep.from_query_cache = true;
+            return rep;
+          }
+        }
+        ++s.stats.misses;
+        auto promise = self->make_response_promise();
+        auto key = req.query;
+        auto& waiters = s.waiting[key];
+        waiters.emplace_back(req.id, promise);
+        if (waiters.size() > 1) {
+          ++s.stats.coalesced;
+          return promise;
+        }
+        self->request(s.balancer, s.config.request_timeout, process_atom::value,
+                      std::move(req))
+            .then(
+                [=](const kv_reply& rep) {
+                  auto& s2 = self->state;
+                  if (!s2.store->set(key, encode_reply(rep),
+                                     std::chrono::duration_cast<engine::nanos>(
+                                         s2.config.ttl),
+                                     now(self)))
+                    ++s2.stats.store_errors;
+                  auto list = std::move(s2.waiting[key]);
+                  s2.waiting.erase(key);
+                  for (auto& [id, p] : list) {
+                    auto copy = rep;
+                    copy.id = id;
+                    p.deliver(std::move(copy));
+                  }
+                },
+                [=](caf::error& err) {
+                  auto& s2 = self->state;
+                  auto list = std::move(s2.waiting[key]);
+                  s2.waiting.erase(key);
+                  for (auto& entry : list)
+                    entry.second.deliver(err);
+                });
+        return promise;
+      },
+      [=](stats_atom) -> caf::result<query_cache_stats> { return self->state.stats; },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_query_cache(caf::actor_system& sys, query_cache_config config,
+                             caf::actor balancer) {
+  return sys.spawn(cache_behavior, std::move(config), std::move(balancer));
+}
+
+} // namespace kvfleet::actors

@@ -1,0 +1,110 @@
+#include "actors/scaler_actor.hpp"
+
+#include "actors/messages.hpp"
+
+#include <iostream>
+#include <optional>
+#include <utility>
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+namespace kvfleet::actors {
+namespace {
+
+struct scaler_state {
+  std::optional<scaler_policy> policy;
+  scaler_actor_config config;
+  caf::actor balancer;
+  engine::nanos last_p95{0};
+  static inline const char* name = "kvfleet.scaler";
+};
+
+using scaler_actor = caf::stateful_actor<scaler_state>;
+
+engine::nanos now(scaler_actor* self) {
+  return std::chrono::duration_cast<engine::nanos>(
+      self->clock().now().time_since_epoch());
+}
+
+void log_decision(const scale_decision& d) {
+  std::clog << "kvfleet scaler: " << to_string(d.action) << " (p95 "
+            << std::chrono::duration_cast<std::chrono::milliseconds>(d.p95).count()
+            << " ms; replicas " << d.replicas << ", capacity " << d.capacity_tokens
+            << " tokens)\n";
+}
+
+void evaluate(scaler_actor* self) {
+  auto& st = self->state;
+  auto d = st.policy->evaluate(now(self));
+  st.last_p95 = d.p95;
+  switch (d.action) {
+  case scale_action::hold:
+    return;
+  case scale_action::spawn_replica:
+    self->request(st.balancer, std::chrono::seconds{10}, replica_atom::value)
+        .then([](std::uint32_t) {}, [](caf::error&) {});
+    break;
+  case scale_action::retire_replica:
+    self->request(st.balancer, std::chrono::seconds{10}, retire_atom::value)
+        .then([](std::uint32_t) {}, [](caf::error&) {});
+    break;
+  case scale_action::grow_capacity:
+  case scale_action::shrink_capacity:
+    self->send(st.balancer, capacity_atom::value, d.capacity_tokens);
+    break;
+  }
+  if (st.config.on_decision)
+    st.config.on_decision(d);
+  else
+    log_decision(d);
+}
+
+caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
+                              caf::actor balancer) {
+  auto& st = self->state;
+  st.policy.emplace(config.policy, config.initial_replicas,
+                    config.initial_capacity_tokens);
+  st.config = std::move(config);
+  st.balancer = balancer;
+  self->send(balancer, listen_atom::value, caf::actor{self});
+  self->delayed_send(self, st.config.interval, evaluate_atom::value, true);
+  self->set_default_handler(
+      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+        return caf::sec::unexpected_message;
+      });
+  return {
+      [=](observe_atom, const kv_request& req, const kv_reply&, std::int64_t latency) {
+        if (!req.prefetch)
+          self->state.policy->record(now(self), engine::nanos{latency});
+      },
+      [=](const block_events&) {},
+      [=](evaluate_atom, bool periodic) {
+        evaluate(self);
+        if (periodic)
+          self->delayed_send(self, self->state.config.interval, evaluate_atom::value,
+                             true);
+      },
+      [=](evaluate_atom) { evaluate(self); },
+      [=](stats_atom) -> caf::result<scaler_stats> {
+        const auto& p = *self->state.policy;
+        scaler_stats out;
+        for (std::size_t i = 0; i < scale_action_count; ++i)
+          out.actions.push_back(p.count(static_cast<scale_action>(i)));
+        out.replicas = p.replicas();
+        out.capacity_tokens = p.capacity_tokens();
+        out.last_p95_ns = self->state.last_p95.count();
+        return out;
+      },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_scaler(caf::actor_system& sys, scaler_actor_config config,
+                        caf::actor balancer) {
+  return sys.spawn(scaler_behavior, std::move(config), std::move(balancer));
+}
+
+} // namespace kvfleet::actors

@@ -1,0 +1,98 @@
+#include "actors/warmer_actor.hpp"
+
+#include "actors/messages.hpp"
+
+#include <algorithm>
+#include <memory>
+#include <numeric>
+#include <utility>
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/response_promise.hpp>
+
+namespace kvfleet::actors {
+
+std::vector<std::size_t> select_top(const std::vector<warm_item>& items, std::size_t n) {
+  std::vector<std::size_t> idx(items.size());
+  std::iota(idx.begin(), idx.end(), std::size_t{0});
+  std::stable_sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) {
+    return items[a].frequency > items[b].frequency;
+  });
+  idx.resize(std::min(n, idx.size()));
+  return idx;
+}
+
+namespace {
+
+struct warm_job {
+  std::vector<kv_request> queue;
+  std::size_t next = 0;
+  std::size_t done = 0;
+  warm_report report;
+  caf::actor progress;
+  caf::response_promise promise;
+};
+
+void launch(caf::event_based_actor* self, const warmer_config& config,
+            const caf::actor& balancer, const std::shared_ptr<warm_job>& job) {
+  if (job->next >= job->queue.size())
+    return;
+  auto req = std::move(job->queue[job->next++]);
+  auto finish_one = [=](bool ok, std::uint64_t computed) {
+    ++job->done;
+    if (ok) {
+      ++job->report.warmed;
+      job->report.computed_tokens += computed;
+    } else {
+      ++job->report.failed;
+    }
+    if (job->progress)
+      self->send(job->progress, progress_atom::value,
+                 static_cast<std::uint64_t>(job->done), job->report.requested);
+    if (job->done == job->queue.size())
+      job->promise.deliver(job->report);
+    else
+      launch(self, config, balancer, job);
+  };
+  self->request(balancer, config.request_timeout, process_atom::value, std::move(req))
+      .then([=](const kv_reply& rep) { finish_one(true, rep.computed_tokens); },
+            [=](caf::error&) { finish_one(false, 0); });
+}
+
+caf::behavior warmer_behavior(caf::event_based_actor* self, warmer_config config,
+                              caf::actor balancer) {
+  self->set_default_handler(
+      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+        return caf::sec::unexpected_message;
+      });
+  return {
+      [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n, bool pin,
+          const caf::actor& progress) -> caf::result<warm_report> {
+        auto job = std::make_shared<warm_job>();
+        for (auto i : select_top(items, top_n)) {
+          auto req = items[i].request;
+          req.prio = engine::priority::low;
+          req.pin = pin;
+          job->queue.push_back(std::move(req));
+        }
+        job->report.requested = job->queue.size();
+        job->progress = progress;
+        if (job->queue.empty())
+          return job->report;
+        job->promise = self->make_response_promise();
+        for (std::size_t i = 0; i < std::max<std::size_t>(config.parallelism, 1); ++i)
+          launch(self, config, balancer, job);
+        return job->promise;
+      },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_warmer(caf::actor_system& sys, warmer_config config,
+                        caf::actor balancer) {
+  return sys.spawn(warmer_behavior, std::move(config), std::move(balancer));
+}
+
+} // namespace kvfleet::actors

@@ -1,0 +1,36 @@
+#pragma once
+/// The warmer: takes queries with expected frequencies, picks the top N
+/// (default 100) by frequency (ties keep input order) and sends them to the
+/// balancer at low priority, `parallelism` at a time, optionally pinning
+/// the blocks they store.
+///
+///   (warm_atom, vector<warm_item>, uint32 top_n, bool pin, actor progress)
+///       -> warm_report once every selected query was answered; `progress`
+///       (may be null) gets (progress_atom, uint64 done, uint64 total) after
+///       each one.
+
+#include <chrono>
+#include <cstddef>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+namespace kvfleet::actors {
+
+struct warm_item;
+
+struct warmer_config {
+  std::size_t parallelism = 8;
+  std::chrono::milliseconds request_timeout{60'000};
+};
+
+/// Indices of the top `n` items by frequency, highest first, ties in input
+/// order.
+[[nodiscard]] std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
+                                                  std::size_t n);
+
+[[nodiscard]] caf::actor spawn_warmer(caf::actor_system& sys, warmer_config config,
+                                      caf::actor balancer);
+
+} // namespace kvfleet::actors
