@@ -42,13 +42,16 @@ public:
   [[nodiscard]] virtual bool device_memory() const noexcept = 0;
   /// Sends `out` to `peer` and receives `in` from it in one step (either
   /// may be empty); a rank may be its own peer.
-  [[nodiscard]] virtual result<void> exchange(int peer, std::span<const send_block> out,
-                                              std::span<const recv_block> in) = 0;
+  [[nodiscard]] virtual result<void>
+  exchange(int peer, std::span<const send_block> out,
+           std::span<const recv_block> in) = 0;
 
-  [[nodiscard]] result<void> send(int peer, std::span<const send_block> blocks) {
+  [[nodiscard]] result<void> send(int peer,
+                                  std::span<const send_block> blocks) {
     return exchange(peer, blocks, {});
   }
-  [[nodiscard]] result<void> recv(int peer, std::span<const recv_block> blocks) {
+  [[nodiscard]] result<void> recv(int peer,
+                                  std::span<const recv_block> blocks) {
     return exchange(peer, {}, blocks);
   }
 };

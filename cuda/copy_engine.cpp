@@ -38,11 +38,14 @@ struct copy_engine::impl {
         (void)cudaEventDestroy(b.done);
       }
     for (cudaStream_t s : streams)
-      if (s != nullptr) (void)cudaStreamDestroy(s);
-    if (pinned != nullptr) (void)cudaFreeHost(pinned);
+      if (s != nullptr)
+        (void)cudaStreamDestroy(s);
+    if (pinned != nullptr)
+      (void)cudaFreeHost(pinned);
   }
 
-  result<copy_ticket> finish_enqueue(kind k, internal::staging_ring::region region,
+  result<copy_ticket> finish_enqueue(kind k,
+                                     internal::staging_ring::region region,
                                      std::vector<download_job> outs) {
     batch b;
     b.ticket = next++;
@@ -63,8 +66,10 @@ struct copy_engine::impl {
       while (!pending[q].empty()) {
         batch& b = pending[q].front();
         const cudaError_t st = cudaEventQuery(b.done);
-        if (st == cudaErrorNotReady) break;
-        if (auto r = check(st, "cudaEventQuery"); !r) return r;
+        if (st == cudaErrorNotReady)
+          break;
+        if (auto r = check(st, "cudaEventQuery"); !r)
+          return r;
         if (b.k == kind::down) {
           std::size_t off = b.region.offset;
           for (const download_job& j : b.outs) {
@@ -85,7 +90,8 @@ struct copy_engine::impl {
   bool finished(copy_ticket t) const {
     for (const auto& q : pending)
       for (const batch& b : q)
-        if (b.ticket == t) return false;
+        if (b.ticket == t)
+          return false;
     return t < next;
   }
 };
@@ -93,10 +99,13 @@ struct copy_engine::impl {
 copy_engine::copy_engine(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 copy_engine::~copy_engine() = default;
 
-result<std::unique_ptr<copy_engine>> copy_engine::create(const copy_engine_config& config) {
+result<std::unique_ptr<copy_engine>>
+copy_engine::create(const copy_engine_config& config) {
   if (config.staging_bytes < 2 * 4096)
-    return make_error(errc::invalid_argument, "copy engine staging below 8 KiB");
-  if (auto r = internal::use_device(config.device); !r) return unexpected<error>(r.error());
+    return make_error(errc::invalid_argument,
+                      "copy engine staging below 8 KiB");
+  if (auto r = internal::use_device(config.device); !r)
+    return unexpected<error>(r.error());
   auto p = std::make_unique<impl>();
   p->device = config.device;
   p->half = config.staging_bytes / 2 / 256 * 256;
@@ -124,10 +133,13 @@ result<copy_ticket> copy_engine::to_device(std::span<const upload_job> jobs) {
                       "to_device: batch of " + std::to_string(total) +
                           " bytes exceeds the staging half of " +
                           std::to_string(impl_->half));
-  if (auto r = internal::use_device(impl_->device); !r) return unexpected<error>(r.error());
-  if (auto r = impl_->collect(); !r) return unexpected<error>(r.error());
+  if (auto r = internal::use_device(impl_->device); !r)
+    return unexpected<error>(r.error());
+  if (auto r = impl_->collect(); !r)
+    return unexpected<error>(r.error());
   auto region = impl_->up_ring.acquire(total);
-  if (!region) return make_error(errc::busy, "to_device: upload staging is full");
+  if (!region)
+    return make_error(errc::busy, "to_device: upload staging is full");
   std::size_t off = region->offset;
   cudaStream_t s = impl_->streams[0];
   for (const upload_job& j : jobs) {
@@ -152,10 +164,13 @@ result<copy_ticket> copy_engine::to_host(std::span<const download_job> jobs) {
                       "to_host: batch of " + std::to_string(total) +
                           " bytes exceeds the staging half of " +
                           std::to_string(impl_->half));
-  if (auto r = internal::use_device(impl_->device); !r) return unexpected<error>(r.error());
-  if (auto r = impl_->collect(); !r) return unexpected<error>(r.error());
+  if (auto r = internal::use_device(impl_->device); !r)
+    return unexpected<error>(r.error());
+  if (auto r = impl_->collect(); !r)
+    return unexpected<error>(r.error());
   auto region = impl_->down_ring.acquire(total);
-  if (!region) return make_error(errc::busy, "to_host: download staging is full");
+  if (!region)
+    return make_error(errc::busy, "to_host: download staging is full");
   std::size_t off = region->offset;
   cudaStream_t s = impl_->streams[1];
   for (const download_job& j : jobs) {
@@ -164,18 +179,22 @@ result<copy_ticket> copy_engine::to_host(std::span<const download_job> jobs) {
                      "cudaMemcpyAsync(device to host)");
     off += j.dst.size();
   }
-  return impl_->finish_enqueue(impl::kind::down, *region,
-                               std::vector<download_job>(jobs.begin(), jobs.end()));
+  return impl_->finish_enqueue(
+      impl::kind::down, *region,
+      std::vector<download_job>(jobs.begin(), jobs.end()));
 }
 
 result<copy_ticket> copy_engine::on_device(std::span<const copy_job> jobs) {
-  if (auto r = internal::use_device(impl_->device); !r) return unexpected<error>(r.error());
-  if (auto r = copy_blocks(jobs, device_stream()); !r) return unexpected<error>(r.error());
+  if (auto r = internal::use_device(impl_->device); !r)
+    return unexpected<error>(r.error());
+  if (auto r = copy_blocks(jobs, device_stream()); !r)
+    return unexpected<error>(r.error());
   return impl_->finish_enqueue(impl::kind::dev, {}, {});
 }
 
 result<bool> copy_engine::poll(copy_ticket t) {
-  if (auto r = impl_->collect(); !r) return unexpected<error>(r.error());
+  if (auto r = impl_->collect(); !r)
+    return unexpected<error>(r.error());
   return impl_->finished(t);
 }
 
@@ -188,11 +207,18 @@ result<void> copy_engine::wait(copy_ticket t) {
 }
 
 std::size_t copy_engine::in_flight() const noexcept {
-  return impl_->pending[0].size() + impl_->pending[1].size() + impl_->pending[2].size();
+  return impl_->pending[0].size() + impl_->pending[1].size() +
+         impl_->pending[2].size();
 }
 
-stream_ref copy_engine::upload_stream() const noexcept { return {impl_->streams[0]}; }
-stream_ref copy_engine::download_stream() const noexcept { return {impl_->streams[1]}; }
-stream_ref copy_engine::device_stream() const noexcept { return {impl_->streams[2]}; }
+stream_ref copy_engine::upload_stream() const noexcept {
+  return {impl_->streams[0]};
+}
+stream_ref copy_engine::download_stream() const noexcept {
+  return {impl_->streams[1]};
+}
+stream_ref copy_engine::device_stream() const noexcept {
+  return {impl_->streams[2]};
+}
 
 } // namespace kvfleet::cuda

@@ -12,7 +12,8 @@ namespace {
 std::vector<std::byte> bytes(std::size_t n, unsigned seed) {
   std::mt19937 rng(seed);
   std::vector<std::byte> v(n);
-  for (auto& b : v) b = static_cast<std::byte>(rng() & 0xffU);
+  for (auto& b : v)
+    b = static_cast<std::byte>(rng() & 0xffU);
   return v;
 }
 
@@ -34,13 +35,15 @@ TEST(copy_engine_test, batches_go_up_across_and_down_asynchronously) {
   ASSERT_TRUE(t1) << t1.error().describe();
   ASSERT_TRUE((*eng)->wait(*t1));
   std::vector<copy_job> across;
-  for (std::size_t i = 0; i < n; ++i) across.push_back({a.data() + i * block, b.data() + i * block, block});
+  for (std::size_t i = 0; i < n; ++i)
+    across.push_back({a.data() + i * block, b.data() + i * block, block});
   auto t2 = (*eng)->on_device(across);
   ASSERT_TRUE(t2);
   ASSERT_TRUE((*eng)->wait(*t2));
   std::vector<std::vector<std::byte>> dst(n, std::vector<std::byte>(block));
   std::vector<download_job> down;
-  for (std::size_t i = 0; i < n; ++i) down.push_back({b.data() + (n - 1 - i) * block, dst[i]});
+  for (std::size_t i = 0; i < n; ++i)
+    down.push_back({b.data() + (n - 1 - i) * block, dst[i]});
   auto t3 = (*eng)->to_host(down);
   ASSERT_TRUE(t3);
   ASSERT_TRUE((*eng)->wait(*t3));
@@ -53,7 +56,8 @@ TEST(copy_engine_test, batches_go_up_across_and_down_asynchronously) {
 
 TEST(copy_engine_test, a_full_staging_ring_is_busy_not_blocking) {
   KVFLEET_REQUIRE_DEVICE();
-  auto eng = copy_engine::create({0, std::size_t{1} << 20}); // 512 KiB per direction
+  auto eng =
+      copy_engine::create({0, std::size_t{1} << 20}); // 512 KiB per direction
   ASSERT_TRUE(eng);
   internal::device_buffer d(std::size_t{1} << 20);
   const auto src = bytes(300 << 10, 1);
@@ -62,7 +66,8 @@ TEST(copy_engine_test, a_full_staging_ring_is_busy_not_blocking) {
   ASSERT_TRUE(t1);
   auto t2 = (*eng)->to_device({&j, 1});
   if (!t2) {
-    EXPECT_EQ(t2.error().code, errc::busy); // the first batch still holds staging
+    EXPECT_EQ(t2.error().code,
+              errc::busy); // the first batch still holds staging
   }
   const std::vector<std::byte> huge(600 << 10);
   const upload_job h{huge, d.data()};

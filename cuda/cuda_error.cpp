@@ -21,10 +21,10 @@ error cuda_call_error(std::string_view call, int code) {
   const auto e = static_cast<cudaError_t>(code);
   const char* name = cudaGetErrorName(e);
   const char* text = cudaGetErrorString(e);
-  return format_call_error(call, code, name != nullptr ? name : "",
-                           text != nullptr ? text : "",
-                           e == cudaErrorMemoryAllocation ? errc::out_of_memory
-                                                          : errc::backend_error);
+  return format_call_error(
+      call, code, name != nullptr ? name : "", text != nullptr ? text : "",
+      e == cudaErrorMemoryAllocation ? errc::out_of_memory
+                                     : errc::backend_error);
 }
 
 } // namespace kvfleet::cuda

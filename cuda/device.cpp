@@ -15,7 +15,8 @@ result<int> device_count() {
 }
 
 result<device_memory_info> memory_info(int device) {
-  if (auto r = internal::use_device(device); !r) return unexpected<error>(r.error());
+  if (auto r = internal::use_device(device); !r)
+    return unexpected<error>(r.error());
   device_memory_info info;
   KVFLEET_CUDA_TRY(cudaMemGetInfo(&info.free_bytes, &info.total_bytes),
                    "cudaMemGetInfo");
@@ -27,8 +28,8 @@ result<std::string> describe_device(int device) {
   KVFLEET_CUDA_TRY(cudaGetDeviceProperties(&p, device),
                    "cudaGetDeviceProperties(" + std::to_string(device) + ")");
   char buf[320];
-  std::snprintf(buf, sizeof buf, "%.200s (sm_%d%d, %d SMs, %.1f GiB)", p.name, p.major,
-                p.minor, p.multiProcessorCount,
+  std::snprintf(buf, sizeof buf, "%.200s (sm_%d%d, %d SMs, %.1f GiB)", p.name,
+                p.major, p.minor, p.multiProcessorCount,
                 static_cast<double>(p.totalGlobalMem) / 1073741824.0);
   return std::string(buf);
 }

@@ -9,14 +9,17 @@ namespace kvfleet::cuda {
 
 result<std::unique_ptr<device_memory_backend>>
 device_memory_backend::create(std::size_t bytes, int device) {
-  if (bytes == 0) return make_error(errc::zero_capacity, "device arena of zero bytes");
-  if (auto r = internal::use_device(device); !r) return unexpected<error>(r.error());
+  if (bytes == 0)
+    return make_error(errc::zero_capacity, "device arena of zero bytes");
+  if (auto r = internal::use_device(device); !r)
+    return unexpected<error>(r.error());
   void* p = nullptr;
   KVFLEET_CUDA_TRY(cudaMalloc(&p, bytes),
                    "cudaMalloc(" + std::to_string(bytes) + " bytes on device " +
                        std::to_string(device) + ")");
   void* sum = nullptr;
-  if (auto r = internal::check(cudaMalloc(&sum, sizeof(std::uint64_t)), "cudaMalloc");
+  if (auto r = internal::check(cudaMalloc(&sum, sizeof(std::uint64_t)),
+                               "cudaMalloc");
       !r) {
     (void)cudaFree(p);
     return unexpected<error>(r.error());
@@ -26,8 +29,9 @@ device_memory_backend::create(std::size_t bytes, int device) {
     (void)cudaFree(p);
     return unexpected<error>(r.error());
   }
-  return std::unique_ptr<device_memory_backend>(new device_memory_backend(
-      static_cast<std::byte*>(p), bytes, device, static_cast<std::uint64_t*>(sum)));
+  return std::unique_ptr<device_memory_backend>(
+      new device_memory_backend(static_cast<std::byte*>(p), bytes, device,
+                                static_cast<std::uint64_t*>(sum)));
 }
 
 device_memory_backend::device_memory_backend(std::byte* data, std::size_t size,
@@ -44,8 +48,10 @@ device_memory_backend::~device_memory_backend() {
 result<void> device_memory_backend::write(std::size_t offset,
                                           std::span<const std::byte> src) {
   if (offset > size_ || src.size() > size_ - offset)
-    return make_error(errc::invalid_argument, "device arena write out of bounds");
-  if (auto r = internal::use_device(device_); !r) return r;
+    return make_error(errc::invalid_argument,
+                      "device arena write out of bounds");
+  if (auto r = internal::use_device(device_); !r)
+    return r;
   KVFLEET_CUDA_TRY(cudaMemcpy(data_ + offset, src.data(), src.size(),
                               cudaMemcpyHostToDevice),
                    "cudaMemcpy(host to device)");
@@ -55,8 +61,10 @@ result<void> device_memory_backend::write(std::size_t offset,
 result<void> device_memory_backend::read(std::size_t offset,
                                          std::span<std::byte> dst) const {
   if (offset > size_ || dst.size() > size_ - offset)
-    return make_error(errc::invalid_argument, "device arena read out of bounds");
-  if (auto r = internal::use_device(device_); !r) return r;
+    return make_error(errc::invalid_argument,
+                      "device arena read out of bounds");
+  if (auto r = internal::use_device(device_); !r)
+    return r;
   KVFLEET_CUDA_TRY(cudaMemcpy(dst.data(), data_ + offset, dst.size(),
                               cudaMemcpyDeviceToHost),
                    "cudaMemcpy(device to host)");
@@ -66,10 +74,13 @@ result<void> device_memory_backend::read(std::size_t offset,
 result<std::uint64_t> device_memory_backend::checksum(std::size_t offset,
                                                       std::size_t len) const {
   if (offset > size_ || len > size_ - offset)
-    return make_error(errc::invalid_argument, "device arena checksum out of bounds");
-  if (auto r = internal::use_device(device_); !r) return unexpected<error>(r.error());
+    return make_error(errc::invalid_argument,
+                      "device arena checksum out of bounds");
+  if (auto r = internal::use_device(device_); !r)
+    return unexpected<error>(r.error());
   const checksum_job job{data_ + offset, len};
-  if (auto r = checksum_blocks({&job, 1}, sum_); !r) return unexpected<error>(r.error());
+  if (auto r = checksum_blocks({&job, 1}, sum_); !r)
+    return unexpected<error>(r.error());
   std::uint64_t sum = 0;
   KVFLEET_CUDA_TRY(cudaMemcpy(&sum, sum_, sizeof sum, cudaMemcpyDeviceToHost),
                    "cudaMemcpy(checksum to host)");
@@ -79,10 +90,13 @@ result<std::uint64_t> device_memory_backend::checksum(std::size_t offset,
 result<std::unique_ptr<engine::memory_backend>>
 create_memory_backend(std::size_t bytes, int device, const log_sink& log) {
   auto dev = device_memory_backend::create(bytes, device);
-  if (dev) return std::unique_ptr<engine::memory_backend>(std::move(*dev));
-  if (dev.error().code == errc::zero_capacity) return unexpected<error>(dev.error());
+  if (dev)
+    return std::unique_ptr<engine::memory_backend>(std::move(*dev));
+  if (dev.error().code == errc::zero_capacity)
+    return unexpected<error>(dev.error());
   auto host = engine::host_memory_backend::create(bytes);
-  if (!host) return unexpected<error>(host.error());
+  if (!host)
+    return unexpected<error>(host.error());
   const std::string line =
       "kvfleet: no device memory for the block pool (" + dev.error().message +
       "); using " + std::to_string(bytes) + " bytes of host memory instead";

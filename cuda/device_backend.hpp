@@ -29,7 +29,9 @@ public:
   create(std::size_t bytes, int device = 0);
   ~device_memory_backend() override;
 
-  [[nodiscard]] std::string_view name() const noexcept override { return name_; }
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return name_;
+  }
   [[nodiscard]] std::size_t size() const noexcept override { return size_; }
   [[nodiscard]] std::byte* host_data() noexcept override { return nullptr; }
   [[nodiscard]] result<void> write(std::size_t offset,
@@ -61,6 +63,7 @@ using log_sink = std::function<void(std::string_view)>;
 /// backend of the same size, with one line through `log` (stderr when
 /// empty) saying why. Errors only when the host backend fails too.
 [[nodiscard]] result<std::unique_ptr<engine::memory_backend>>
-create_memory_backend(std::size_t bytes, int device = 0, const log_sink& log = {});
+create_memory_backend(std::size_t bytes, int device = 0,
+                      const log_sink& log = {});
 
 } // namespace kvfleet::cuda

@@ -68,7 +68,8 @@ TEST(device_store_test, puts_and_reads_round_trip_on_the_gpu_like_on_the_host) {
   }
 }
 
-TEST(device_store_test, the_backend_checksum_runs_on_the_device_and_matches_the_host) {
+TEST(device_store_test,
+     the_backend_checksum_runs_on_the_device_and_matches_the_host) {
   KVFLEET_REQUIRE_DEVICE();
   auto dev = device_memory_backend::create(std::size_t{8} << 20);
   ASSERT_TRUE(dev) << dev.error().describe();

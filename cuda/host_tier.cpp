@@ -39,7 +39,8 @@ struct host_tier::impl {
   std::byte* staging = nullptr;
   std::size_t half = 0;
   cudaStream_t streams[2] = {nullptr, nullptr}; // demote, promote
-  internal::staging_ring rings[2] = {internal::staging_ring(0), internal::staging_ring(0)};
+  internal::staging_ring rings[2] = {internal::staging_ring(0),
+                                     internal::staging_ring(0)};
   std::deque<batch> pending[2];
   std::map<std::size_t, std::size_t> free_ranges; // offset -> bytes
   std::unordered_map<std::uint32_t, extent> extents;
@@ -54,19 +55,24 @@ struct host_tier::impl {
         (void)cudaEventDestroy(b.done);
       }
     for (cudaStream_t s : streams)
-      if (s != nullptr) (void)cudaStreamDestroy(s);
-    if (staging != nullptr) (void)cudaFree(staging);
-    if (host != nullptr) (void)cudaFreeHost(host);
+      if (s != nullptr)
+        (void)cudaStreamDestroy(s);
+    if (staging != nullptr)
+      (void)cudaFree(staging);
+    if (host != nullptr)
+      (void)cudaFreeHost(host);
   }
 
   // First fit over the free ranges.
   std::optional<std::size_t> allocate(std::size_t n) {
     for (auto it = free_ranges.begin(); it != free_ranges.end(); ++it) {
-      if (it->second < n) continue;
+      if (it->second < n)
+        continue;
       const std::size_t at = it->first;
       const std::size_t rest = it->second - n;
       free_ranges.erase(it);
-      if (rest > 0) free_ranges.emplace(at + n, rest);
+      if (rest > 0)
+        free_ranges.emplace(at + n, rest);
       host_used += n;
       return at;
     }
@@ -106,8 +112,10 @@ struct host_tier::impl {
       while (!pending[q].empty()) {
         batch& b = pending[q].front();
         const cudaError_t st = cudaEventQuery(b.done);
-        if (st == cudaErrorNotReady) break;
-        if (auto r = check(st, "cudaEventQuery"); !r) return r;
+        if (st == cudaErrorNotReady)
+          break;
+        if (auto r = check(st, "cudaEventQuery"); !r)
+          return r;
         rings[q].release(b.region);
         (void)cudaEventDestroy(b.done);
         pending[q].pop_front();
@@ -120,23 +128,27 @@ struct host_tier::impl {
 host_tier::host_tier(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 host_tier::~host_tier() = default;
 
-result<std::unique_ptr<host_tier>> host_tier::create(const host_tier_config& config) {
+result<std::unique_ptr<host_tier>>
+host_tier::create(const host_tier_config& config) {
   if (config.host_bytes == 0)
     return make_error(errc::zero_capacity, "host tier of zero bytes");
   if (config.staging_bytes < 2 * extent_alignment)
     return make_error(errc::invalid_argument, "host tier staging too small");
-  if (auto r = internal::use_device(config.device); !r) return unexpected<error>(r.error());
+  if (auto r = internal::use_device(config.device); !r)
+    return unexpected<error>(r.error());
   auto p = std::make_unique<impl>();
   p->device = config.device;
   p->host_bytes = config.host_bytes / extent_alignment * extent_alignment;
   p->half = config.staging_bytes / 2 / extent_alignment * extent_alignment;
   void* host = nullptr;
   KVFLEET_CUDA_TRY(cudaHostAlloc(&host, p->host_bytes, cudaHostAllocDefault),
-                   "cudaHostAlloc(" + std::to_string(p->host_bytes) + " bytes)");
+                   "cudaHostAlloc(" + std::to_string(p->host_bytes) +
+                       " bytes)");
   p->host = static_cast<std::byte*>(host);
   void* staging = nullptr;
   KVFLEET_CUDA_TRY(cudaMalloc(&staging, 2 * p->half),
-                   "cudaMalloc(" + std::to_string(2 * p->half) + " bytes of staging)");
+                   "cudaMalloc(" + std::to_string(2 * p->half) +
+                       " bytes of staging)");
   p->staging = static_cast<std::byte*>(staging);
   for (cudaStream_t& s : p->streams)
     KVFLEET_CUDA_TRY(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking),
@@ -159,14 +171,17 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
   if (total > m.half)
     return make_error(errc::value_too_large,
                       "demote: batch of " + std::to_string(total) +
-                          " bytes exceeds the staging half of " + std::to_string(m.half));
-  if (auto r = internal::use_device(m.device); !r) return unexpected<error>(r.error());
-  if (auto r = m.collect(); !r) return unexpected<error>(r.error());
+                          " bytes exceeds the staging half of " +
+                          std::to_string(m.half));
+  if (auto r = internal::use_device(m.device); !r)
+    return unexpected<error>(r.error());
+  if (auto r = m.collect(); !r)
+    return unexpected<error>(r.error());
   auto at = m.allocate(total);
   if (!at)
-    return make_error(errc::out_of_memory,
-                      "demote: no free extent of " + std::to_string(total) +
-                          " bytes in the host tier");
+    return make_error(errc::out_of_memory, "demote: no free extent of " +
+                                               std::to_string(total) +
+                                               " bytes in the host tier");
   auto region = m.rings[0].acquire(total);
   if (!region) {
     m.free_range(*at, total);
@@ -183,9 +198,10 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
     off += round_up(jobs[i].bytes);
   }
   const stream_ref s{m.streams[0]};
-  if (auto r = copy_blocks(gather, s); !r) return unexpected<error>(r.error());
-  KVFLEET_CUDA_TRY(cudaMemcpyAsync(m.host + *at, m.staging + region->offset, total,
-                                   cudaMemcpyDeviceToHost, m.streams[0]),
+  if (auto r = copy_blocks(gather, s); !r)
+    return unexpected<error>(r.error());
+  KVFLEET_CUDA_TRY(cudaMemcpyAsync(m.host + *at, m.staging + region->offset,
+                                   total, cudaMemcpyDeviceToHost, m.streams[0]),
                    "cudaMemcpyAsync(demotion, device to host)");
   return m.enqueue(0, *region);
 }
@@ -196,17 +212,22 @@ result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
   for (const promote_job& j : jobs) {
     if (j.dst == nullptr || j.block.bytes == 0 ||
         j.block.offset + j.block.bytes > m.host_bytes)
-      return make_error(errc::invalid_argument, "promote: bad block or destination");
+      return make_error(errc::invalid_argument,
+                        "promote: bad block or destination");
     total += round_up(j.block.bytes);
   }
   if (total > m.half)
     return make_error(errc::value_too_large,
                       "promote: batch of " + std::to_string(total) +
-                          " bytes exceeds the staging half of " + std::to_string(m.half));
-  if (auto r = internal::use_device(m.device); !r) return unexpected<error>(r.error());
-  if (auto r = m.collect(); !r) return unexpected<error>(r.error());
+                          " bytes exceeds the staging half of " +
+                          std::to_string(m.half));
+  if (auto r = internal::use_device(m.device); !r)
+    return unexpected<error>(r.error());
+  if (auto r = m.collect(); !r)
+    return unexpected<error>(r.error());
   auto region = m.rings[1].acquire(total);
-  if (!region) return make_error(errc::busy, "promote: staging is full");
+  if (!region)
+    return make_error(errc::busy, "promote: staging is full");
   std::byte* stage = m.staging + m.half + region->offset;
   std::vector<copy_job> scatter(jobs.size());
   // One DMA per run of blocks that sit back to back in the host arena.
@@ -215,9 +236,11 @@ result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
   std::size_t run_bytes = 0;
   std::size_t off = 0;
   auto flush = [&]() -> result<void> {
-    if (run_bytes == 0) return {};
-    KVFLEET_CUDA_TRY(cudaMemcpyAsync(stage + run_stage, m.host + run_host, run_bytes,
-                                     cudaMemcpyHostToDevice, m.streams[1]),
+    if (run_bytes == 0)
+      return {};
+    KVFLEET_CUDA_TRY(cudaMemcpyAsync(stage + run_stage, m.host + run_host,
+                                     run_bytes, cudaMemcpyHostToDevice,
+                                     m.streams[1]),
                      "cudaMemcpyAsync(promotion, host to device)");
     run_bytes = 0;
     return {};
@@ -225,10 +248,12 @@ result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
   for (std::size_t i = 0; i < jobs.size(); ++i) {
     const host_block& b = jobs[i].block;
     const std::size_t padded = round_up(b.bytes);
-    if (run_bytes > 0 && run_host + run_bytes == b.offset && run_stage + run_bytes == off) {
+    if (run_bytes > 0 && run_host + run_bytes == b.offset &&
+        run_stage + run_bytes == off) {
       run_bytes += padded;
     } else {
-      if (auto r = flush(); !r) return unexpected<error>(r.error());
+      if (auto r = flush(); !r)
+        return unexpected<error>(r.error());
       run_host = b.offset;
       run_stage = off;
       run_bytes = padded;
@@ -236,16 +261,20 @@ result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
     scatter[i] = {stage + off, jobs[i].dst, b.bytes};
     off += padded;
   }
-  if (auto r = flush(); !r) return unexpected<error>(r.error());
-  if (auto r = copy_blocks(scatter, {m.streams[1]}); !r) return unexpected<error>(r.error());
+  if (auto r = flush(); !r)
+    return unexpected<error>(r.error());
+  if (auto r = copy_blocks(scatter, {m.streams[1]}); !r)
+    return unexpected<error>(r.error());
   return m.enqueue(1, *region);
 }
 
 result<bool> host_tier::poll(copy_ticket t) {
-  if (auto r = impl_->collect(); !r) return unexpected<error>(r.error());
+  if (auto r = impl_->collect(); !r)
+    return unexpected<error>(r.error());
   for (const auto& q : impl_->pending)
     for (const auto& b : q)
-      if (b.ticket == t) return false;
+      if (b.ticket == t)
+        return false;
   return t < impl_->next;
 }
 
@@ -259,17 +288,28 @@ result<void> host_tier::wait(copy_ticket t) {
 
 void host_tier::release(const host_block& b) {
   auto it = impl_->extents.find(b.extent);
-  if (it == impl_->extents.end()) return;
+  if (it == impl_->extents.end())
+    return;
   if (--it->second.live == 0) {
     impl_->free_range(it->second.offset, it->second.bytes);
     impl_->extents.erase(it);
   }
 }
 
-const std::byte* host_tier::host_data() const noexcept { return impl_->host; }
-std::size_t host_tier::host_capacity() const noexcept { return impl_->host_bytes; }
-std::size_t host_tier::host_used() const noexcept { return impl_->host_used; }
-stream_ref host_tier::demote_stream() const noexcept { return {impl_->streams[0]}; }
-stream_ref host_tier::promote_stream() const noexcept { return {impl_->streams[1]}; }
+const std::byte* host_tier::host_data() const noexcept {
+  return impl_->host;
+}
+std::size_t host_tier::host_capacity() const noexcept {
+  return impl_->host_bytes;
+}
+std::size_t host_tier::host_used() const noexcept {
+  return impl_->host_used;
+}
+stream_ref host_tier::demote_stream() const noexcept {
+  return {impl_->streams[0]};
+}
+stream_ref host_tier::promote_stream() const noexcept {
+  return {impl_->streams[1]};
+}
 
 } // namespace kvfleet::cuda

@@ -30,8 +30,9 @@ namespace kvfleet::cuda {
 
 struct host_tier_config {
   int device = 0;
-  std::size_t host_bytes = 0;                            ///< pinned arena
-  std::size_t staging_bytes = std::size_t{128} << 20;    ///< device, half per direction
+  std::size_t host_bytes = 0; ///< pinned arena
+  std::size_t staging_bytes = std::size_t{128}
+                              << 20; ///< device, half per direction
 };
 
 /// A block's place in the host tier.
@@ -53,7 +54,8 @@ struct promote_job {
 
 class host_tier {
 public:
-  [[nodiscard]] static result<std::unique_ptr<host_tier>> create(const host_tier_config& config);
+  [[nodiscard]] static result<std::unique_ptr<host_tier>>
+  create(const host_tier_config& config);
   ~host_tier();
   host_tier(const host_tier&) = delete;
   host_tier& operator=(const host_tier&) = delete;

@@ -10,14 +10,16 @@ namespace {
 
 TEST(host_tier_test, blocks_demoted_to_pinned_memory_come_back_on_promotion) {
   KVFLEET_REQUIRE_DEVICE();
-  auto tier = host_tier::create({0, std::size_t{16} << 20, std::size_t{8} << 20});
+  auto tier =
+      host_tier::create({0, std::size_t{16} << 20, std::size_t{8} << 20});
   ASSERT_TRUE(tier) << tier.error().describe();
   constexpr std::size_t block = 32768;
   constexpr std::size_t n = 40;
   internal::device_buffer pool(n * block);
   std::vector<std::byte> h(n * block);
   std::mt19937 rng(4);
-  for (auto& b : h) b = static_cast<std::byte>(rng() & 0xffU);
+  for (auto& b : h)
+    b = static_cast<std::byte>(rng() & 0xffU);
   pool.upload(h);
   // Demote the odd slots (scattered), with one block of an odd size.
   std::vector<demote_job> jobs;
@@ -32,8 +34,8 @@ TEST(host_tier_test, blocks_demoted_to_pinned_memory_come_back_on_promotion) {
   ASSERT_TRUE((*tier)->wait(*t));
   ASSERT_EQ(placed.size(), jobs.size());
   for (std::size_t i = 0; i < placed.size(); ++i)
-    ASSERT_EQ(0, std::memcmp((*tier)->host_data() + placed[i].offset, h.data() + slots[i] * block,
-                             placed[i].bytes));
+    ASSERT_EQ(0, std::memcmp((*tier)->host_data() + placed[i].offset,
+                             h.data() + slots[i] * block, placed[i].bytes));
   // Promote them back, in reverse order, into a cleared pool.
   pool.fill(0);
   std::vector<promote_job> back;
@@ -44,18 +46,20 @@ TEST(host_tier_test, blocks_demoted_to_pinned_memory_come_back_on_promotion) {
   ASSERT_TRUE((*tier)->wait(*p));
   const auto got = pool.download(0, n * block);
   for (std::size_t i = 0; i < slots.size(); ++i)
-    ASSERT_EQ(0, std::memcmp(got.data() + slots[i] * block, h.data() + slots[i] * block,
-                             placed[i].bytes))
+    ASSERT_EQ(0, std::memcmp(got.data() + slots[i] * block,
+                             h.data() + slots[i] * block, placed[i].bytes))
         << "slot " << slots[i];
   const std::size_t used = (*tier)->host_used();
   EXPECT_GT(used, 0U);
-  for (const host_block& b : placed) (*tier)->release(b);
+  for (const host_block& b : placed)
+    (*tier)->release(b);
   EXPECT_EQ((*tier)->host_used(), 0U);
 }
 
 TEST(host_tier_test, a_full_host_arena_is_out_of_memory) {
   KVFLEET_REQUIRE_DEVICE();
-  auto tier = host_tier::create({0, std::size_t{64} << 10, std::size_t{1} << 20});
+  auto tier =
+      host_tier::create({0, std::size_t{64} << 10, std::size_t{1} << 20});
   ASSERT_TRUE(tier);
   internal::device_buffer pool(std::size_t{128} << 10);
   const demote_job j{pool.data(), std::size_t{100} << 10};

@@ -21,7 +21,9 @@ bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) {
   return x < y + bn && y < x + an;
 }
 
-std::string job_name(std::size_t i) { return "block " + std::to_string(i); }
+std::string job_name(std::size_t i) {
+  return "block " + std::to_string(i);
+}
 
 } // namespace
 
@@ -51,18 +53,21 @@ result<void> codec_batch(engine::codec c, engine::dtype t, std::size_t elements,
   for (std::size_t i = 0; i < jobs.size(); ++i) {
     const codec_job& j = jobs[i];
     if (j.src == nullptr || j.dst == nullptr)
-      return make_error(errc::invalid_argument,
-                        std::string(what) + ": " + job_name(i) + " has a null pointer");
+      return make_error(errc::invalid_argument, std::string(what) + ": " +
+                                                    job_name(i) +
+                                                    " has a null pointer");
     if (j.src_bytes != src_need)
       return make_error(errc::wrong_value_size,
-                        std::string(what) + ": " + job_name(i) + " source holds " +
-                            std::to_string(j.src_bytes) + " bytes, " +
-                            std::to_string(elements) + " elements under " +
+                        std::string(what) + ": " + job_name(i) +
+                            " source holds " + std::to_string(j.src_bytes) +
+                            " bytes, " + std::to_string(elements) +
+                            " elements under " +
                             std::string(engine::to_string(c)) + " need " +
                             std::to_string(src_need));
     if (j.dst_bytes < dst_need)
       return make_error(errc::wrong_value_size,
-                        std::string(what) + ": " + job_name(i) + " destination holds " +
+                        std::string(what) + ": " + job_name(i) +
+                            " destination holds " +
                             std::to_string(j.dst_bytes) + " bytes, needs " +
                             std::to_string(dst_need));
     if (!aligned(j.src, src_align) || !aligned(j.dst, dst_align))
@@ -82,7 +87,8 @@ result<void> codec_batch(engine::codec c, engine::dtype t, std::size_t elements,
 result<void> copy_batch(std::span<const copy_job> jobs) {
   for (std::size_t i = 0; i < jobs.size(); ++i) {
     const copy_job& j = jobs[i];
-    if (j.bytes == 0) continue;
+    if (j.bytes == 0)
+      continue;
     if (j.src == nullptr || j.dst == nullptr)
       return make_error(errc::invalid_argument,
                         "copy_blocks: " + job_name(i) + " has a null pointer");
@@ -94,12 +100,14 @@ result<void> copy_batch(std::span<const copy_job> jobs) {
   return {};
 }
 
-result<void> gather_batch(device_span pool, std::span<const std::size_t> offsets,
+result<void> gather_batch(device_span pool,
+                          std::span<const std::size_t> offsets,
                           std::size_t block_bytes, device_span other) {
   if (pool.data == nullptr || other.data == nullptr)
     return make_error(errc::invalid_argument, "gather/scatter: null buffer");
   if (block_bytes == 0)
-    return make_error(errc::wrong_value_size, "gather/scatter: blocks of 0 bytes");
+    return make_error(errc::wrong_value_size,
+                      "gather/scatter: blocks of 0 bytes");
   if (offsets.size() > other.bytes / block_bytes)
     return make_error(errc::wrong_value_size,
                       "gather/scatter: " + std::to_string(offsets.size()) +
@@ -110,7 +118,8 @@ result<void> gather_batch(device_span pool, std::span<const std::size_t> offsets
     if (offsets[i] > pool.bytes || block_bytes > pool.bytes - offsets[i])
       return make_error(errc::invalid_argument,
                         "gather/scatter: " + job_name(i) + " at offset " +
-                            std::to_string(offsets[i]) + " runs past the pool's " +
+                            std::to_string(offsets[i]) +
+                            " runs past the pool's " +
                             std::to_string(pool.bytes) + " bytes");
   }
   if (overlap(pool.data, pool.bytes, other.data, other.bytes))
@@ -124,11 +133,13 @@ result<void> checksum_batch(std::span<const checksum_job> jobs,
   if (out == nullptr && !jobs.empty())
     return make_error(errc::invalid_argument, "checksum_blocks: null output");
   if (!aligned(out, 8))
-    return make_error(errc::invalid_argument, "checksum_blocks: misaligned output");
+    return make_error(errc::invalid_argument,
+                      "checksum_blocks: misaligned output");
   for (std::size_t i = 0; i < jobs.size(); ++i) {
     if (jobs[i].data == nullptr && jobs[i].bytes != 0)
       return make_error(errc::invalid_argument,
-                        "checksum_blocks: " + job_name(i) + " has a null pointer");
+                        "checksum_blocks: " + job_name(i) +
+                            " has a null pointer");
     if (jobs[i].bytes > max_checksum_block_bytes)
       return make_error(errc::value_too_large,
                         "checksum_blocks: " + job_name(i) + " has " +

@@ -14,24 +14,30 @@ using engine::codec;
 using engine::dtype;
 
 // Fake device addresses: validation never dereferences them.
-std::byte* fake(std::uintptr_t a) { return reinterpret_cast<std::byte*>(a); }
+std::byte* fake(std::uintptr_t a) {
+  return reinterpret_cast<std::byte*>(a);
+}
 
 constexpr std::size_t elements = 4096;
 
 codec_job good_encode(codec c) {
-  return {fake(0x10000), 2 * elements, fake(0x100000), engine::encoded_size(c, elements)};
+  return {fake(0x10000), 2 * elements, fake(0x100000),
+          engine::encoded_size(c, elements)};
 }
 
 TEST(kernel_validation_test, a_good_batch_passes) {
   for (codec c : {codec::none, codec::fp8, codec::int8, codec::int4}) {
     const codec_job enc = good_encode(c);
-    EXPECT_TRUE(validate::codec_batch(c, dtype::fp16, elements, {&enc, 1}, true));
+    EXPECT_TRUE(
+        validate::codec_batch(c, dtype::fp16, elements, {&enc, 1}, true));
     const codec_job dec{enc.dst, enc.dst_bytes, fake(0x10000), 2 * elements};
-    EXPECT_TRUE(validate::codec_batch(c, dtype::bf16, elements, {&dec, 1}, false));
+    EXPECT_TRUE(
+        validate::codec_batch(c, dtype::bf16, elements, {&dec, 1}, false));
   }
 }
 
-TEST(kernel_validation_test, an_unknown_codec_or_dtype_is_refused_before_launch) {
+TEST(kernel_validation_test,
+     an_unknown_codec_or_dtype_is_refused_before_launch) {
   const codec_job j = good_encode(codec::int8);
   auto r = encode_blocks(static_cast<codec>(9), dtype::fp16, elements, {&j, 1});
   ASSERT_FALSE(r);
@@ -41,13 +47,15 @@ TEST(kernel_validation_test, an_unknown_codec_or_dtype_is_refused_before_launch)
   EXPECT_EQ(d.error().code, errc::invalid_argument);
 }
 
-TEST(kernel_validation_test, a_block_of_the_wrong_size_is_refused_before_launch) {
+TEST(kernel_validation_test,
+     a_block_of_the_wrong_size_is_refused_before_launch) {
   codec_job j = good_encode(codec::int4);
   j.src_bytes -= 2; // one element short
   auto r = encode_blocks(codec::int4, dtype::fp16, elements, {&j, 1});
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, errc::wrong_value_size);
-  EXPECT_NE(r.error().message.find("block 0"), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("block 0"), std::string::npos)
+      << r.error().message;
 
   j = good_encode(codec::int4);
   j.dst_bytes -= 1; // destination too small
@@ -68,34 +76,42 @@ TEST(kernel_validation_test, a_block_of_the_wrong_size_is_refused_before_launch)
   EXPECT_EQ(r.error().code, errc::wrong_value_size);
 }
 
-TEST(kernel_validation_test, null_misaligned_and_overlapping_blocks_are_refused) {
+TEST(kernel_validation_test,
+     null_misaligned_and_overlapping_blocks_are_refused) {
   codec_job j = good_encode(codec::fp8);
   j.src = nullptr;
-  EXPECT_EQ(encode_blocks(codec::fp8, dtype::fp16, elements, {&j, 1}).error().code,
-            errc::invalid_argument);
+  EXPECT_EQ(
+      encode_blocks(codec::fp8, dtype::fp16, elements, {&j, 1}).error().code,
+      errc::invalid_argument);
   j = good_encode(codec::fp8);
   j.src = fake(0x10008); // fp16 side needs 16 bytes
-  EXPECT_EQ(encode_blocks(codec::fp8, dtype::fp16, elements, {&j, 1}).error().code,
-            errc::invalid_argument);
+  EXPECT_EQ(
+      encode_blocks(codec::fp8, dtype::fp16, elements, {&j, 1}).error().code,
+      errc::invalid_argument);
   j = good_encode(codec::fp8);
   j.dst = fake(0x10002); // scales need 4 bytes, and it overlaps the source
   EXPECT_FALSE(encode_blocks(codec::fp8, dtype::fp16, elements, {&j, 1}));
   j = good_encode(codec::fp8);
   j.dst = fake(0x10000 + 1024);
-  EXPECT_EQ(encode_blocks(codec::fp8, dtype::fp16, elements, {&j, 1}).error().code,
-            errc::invalid_argument);
+  EXPECT_EQ(
+      encode_blocks(codec::fp8, dtype::fp16, elements, {&j, 1}).error().code,
+      errc::invalid_argument);
 }
 
-TEST(kernel_validation_test, a_bad_job_anywhere_in_the_batch_refuses_the_batch) {
+TEST(kernel_validation_test,
+     a_bad_job_anywhere_in_the_batch_refuses_the_batch) {
   std::vector<codec_job> jobs;
   for (std::uintptr_t i = 0; i < 5; ++i)
-    jobs.push_back({fake(0x1000000 * (i + 1)), 2 * elements, fake(0x1000000 * (i + 1) + 0x100000),
+    jobs.push_back({fake(0x1000000 * (i + 1)), 2 * elements,
+                    fake(0x1000000 * (i + 1) + 0x100000),
                     engine::encoded_size(codec::int8, elements)});
-  EXPECT_TRUE(validate::codec_batch(codec::int8, dtype::fp16, elements, jobs, true));
+  EXPECT_TRUE(
+      validate::codec_batch(codec::int8, dtype::fp16, elements, jobs, true));
   jobs[3].src_bytes = 2 * elements + 128;
   auto r = encode_blocks(codec::int8, dtype::fp16, elements, jobs);
   ASSERT_FALSE(r);
-  EXPECT_NE(r.error().message.find("block 3"), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("block 3"), std::string::npos)
+      << r.error().message;
 }
 
 TEST(kernel_validation_test, gather_and_scatter_check_every_range) {
@@ -104,7 +120,8 @@ TEST(kernel_validation_test, gather_and_scatter_check_every_range) {
   std::vector<std::size_t> offsets{0, 65536, 32768, (1 << 20) - 32768};
   EXPECT_TRUE(validate::gather_batch(pool, offsets, 32768, out));
   offsets.push_back(0);
-  auto r = gather_blocks(pool, offsets, 32768, out); // five blocks, room for four
+  auto r =
+      gather_blocks(pool, offsets, 32768, out); // five blocks, room for four
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, errc::wrong_value_size);
   offsets = {(1 << 20) - 32767};
@@ -121,9 +138,11 @@ TEST(kernel_validation_test, copies_and_checksums_refuse_bad_arguments) {
   EXPECT_FALSE(copy_blocks({&null_src, 1}));
   const checksum_job huge{fake(0x1000), max_checksum_block_bytes + 1};
   std::uint64_t* out = reinterpret_cast<std::uint64_t*>(fake(0x8000));
-  EXPECT_EQ(checksum_blocks({&huge, 1}, out).error().code, errc::value_too_large);
+  EXPECT_EQ(checksum_blocks({&huge, 1}, out).error().code,
+            errc::value_too_large);
   const checksum_job ok{fake(0x1000), 4096};
-  EXPECT_EQ(checksum_blocks({&ok, 1}, nullptr).error().code, errc::invalid_argument);
+  EXPECT_EQ(checksum_blocks({&ok, 1}, nullptr).error().code,
+            errc::invalid_argument);
 }
 
 TEST(staging_ring_test, regions_are_reused_in_order_and_wrap) {

@@ -3,10 +3,10 @@
 // cudaMemcpyAsync to or from pinned memory), medians of --reps timed runs
 // with CUDA events. Bytes count what is read plus what is written. Prints a
 // table and exits 1 when a bar is missed (bars: the CUDA backend issue).
+#include "cuda/kernels.hpp"
 #include "cuda/device.hpp"
 #include "cuda/host_tier.hpp"
 #include "cuda/internal/device_buffer.hpp"
-#include "cuda/kernels.hpp"
 #include "engine/codec.hpp"
 
 #include <cuda_runtime.h>
@@ -28,13 +28,15 @@ using namespace kvfleet::cuda;
 using internal::device_buffer;
 
 void die(const char* what, const error& e) {
-  std::fprintf(stderr, "kvfleet-cuda-bench: %s: %s\n", what, e.describe().c_str());
+  std::fprintf(stderr, "kvfleet-cuda-bench: %s: %s\n", what,
+               e.describe().c_str());
   std::exit(2);
 }
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
-    std::fprintf(stderr, "kvfleet-cuda-bench: %s: %s\n", what, cudaGetErrorString(e));
+    std::fprintf(stderr, "kvfleet-cuda-bench: %s: %s\n", what,
+                 cudaGetErrorString(e));
     std::exit(2);
   }
 }
@@ -77,10 +79,12 @@ struct row {
 std::vector<row> rows;
 bool missed = false;
 
-void report(const std::string& name, double bytes, double ms, double base_gbs, double bar) {
+void report(const std::string& name, double bytes, double ms, double base_gbs,
+            double bar) {
   const double gbs = bytes / (ms * 1e6);
   rows.push_back({name, gbs, base_gbs, bar});
-  if (bar > 0 && gbs < bar * base_gbs) missed = true;
+  if (bar > 0 && gbs < bar * base_gbs)
+    missed = true;
 }
 
 } // namespace
@@ -99,7 +103,8 @@ int main(int argc, char** argv) {
     }
   }
   auto name = describe_device(0);
-  if (!name) die("no device", name.error());
+  if (!name)
+    die("no device", name.error());
   std::printf("device: %s, %d repetitions, median\n", name->c_str(), reps);
 
   // Ceiling: device-to-device cudaMemcpy of the same size.
@@ -116,10 +121,12 @@ int main(int argc, char** argv) {
       const std::uint16_t v = engine::float_to_half(normal(rng));
       std::memcpy(h.data() + i, &v, 2);
     }
-    for (std::size_t at = 0; at + chunk <= total; at += chunk) a.upload(h, at);
+    for (std::size_t at = 0; at + chunk <= total; at += chunk)
+      a.upload(h, at);
   }
   const double d2d_ms = time_ms([&] {
-    check(cudaMemcpyAsync(b.data(), a.data(), total, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(b.data(), a.data(), total, cudaMemcpyDeviceToDevice),
+          "cudaMemcpyAsync");
   });
   const double d2d = 2.0 * static_cast<double>(total) / (d2d_ms * 1e6);
   rows.push_back({"cudaMemcpy device to device", d2d, d2d, 0});
@@ -128,30 +135,36 @@ int main(int argc, char** argv) {
   constexpr std::size_t block_raw = 256 << 10;
   const std::size_t elements = block_raw / 2;
   const std::size_t blocks = total / block_raw;
-  for (engine::codec c : {engine::codec::int8, engine::codec::fp8, engine::codec::int4}) {
+  for (engine::codec c :
+       {engine::codec::int8, engine::codec::fp8, engine::codec::int4}) {
     const std::size_t enc = engine::encoded_size(c, elements);
     std::vector<codec_job> ej;
     std::vector<codec_job> dj;
     for (std::size_t i = 0; i < blocks; ++i) {
-      ej.push_back({a.data() + i * block_raw, block_raw, b.data() + i * enc, enc});
-      dj.push_back({b.data() + i * enc, enc, a.data() + i * block_raw, block_raw});
+      ej.push_back(
+          {a.data() + i * block_raw, block_raw, b.data() + i * enc, enc});
+      dj.push_back(
+          {b.data() + i * enc, enc, a.data() + i * block_raw, block_raw});
     }
     const double bytes = static_cast<double>(blocks * (block_raw + enc));
     const double bar = c == engine::codec::int4 ? 0.75 : 0.85;
     for (kernel_path p : {kernel_path::hardware, kernel_path::portable}) {
-      const std::string suffix = p == kernel_path::hardware ? "" : " (portable path)";
+      const std::string suffix =
+          p == kernel_path::hardware ? "" : " (portable path)";
       const double e_ms = time_ms([&] {
-        if (auto r = encode_blocks(c, engine::dtype::fp16, elements, ej, {}, p); !r)
+        if (auto r = encode_blocks(c, engine::dtype::fp16, elements, ej, {}, p);
+            !r)
           die("encode", r.error());
       });
-      report(std::string(engine::to_string(c)) + " quantize fp16" + suffix, bytes, e_ms, d2d,
-             p == kernel_path::hardware ? bar : 0);
+      report(std::string(engine::to_string(c)) + " quantize fp16" + suffix,
+             bytes, e_ms, d2d, p == kernel_path::hardware ? bar : 0);
       const double d_ms = time_ms([&] {
-        if (auto r = decode_blocks(c, engine::dtype::fp16, elements, dj, {}, p); !r)
+        if (auto r = decode_blocks(c, engine::dtype::fp16, elements, dj, {}, p);
+            !r)
           die("decode", r.error());
       });
-      report(std::string(engine::to_string(c)) + " dequantize fp16" + suffix, bytes, d_ms, d2d,
-             p == kernel_path::hardware ? bar : 0);
+      report(std::string(engine::to_string(c)) + " dequantize fp16" + suffix,
+             bytes, d_ms, d2d, p == kernel_path::hardware ? bar : 0);
     }
   }
 
@@ -159,16 +172,21 @@ int main(int argc, char** argv) {
   constexpr std::size_t block = 32 << 10;
   const std::size_t slots = total / block;
   std::vector<std::size_t> offsets(slots);
-  for (std::size_t i = 0; i < slots; ++i) offsets[i] = i * block;
+  for (std::size_t i = 0; i < slots; ++i)
+    offsets[i] = i * block;
   std::shuffle(offsets.begin(), offsets.end(), std::mt19937(2));
   const double gs_bytes = 2.0 * static_cast<double>(slots * block);
   const double g_ms = time_ms([&] {
-    if (auto r = gather_blocks({a.data(), total}, offsets, block, {b.data(), total}); !r)
+    if (auto r =
+            gather_blocks({a.data(), total}, offsets, block, {b.data(), total});
+        !r)
       die("gather", r.error());
   });
   report("gather 32 KiB blocks, random order", gs_bytes, g_ms, d2d, 0.90);
   const double s_ms = time_ms([&] {
-    if (auto r = scatter_blocks({b.data(), total}, offsets, block, {a.data(), total}); !r)
+    if (auto r = scatter_blocks({b.data(), total}, offsets, block,
+                                {a.data(), total});
+        !r)
       die("scatter", r.error());
   });
   report("scatter 32 KiB blocks, random order", gs_bytes, s_ms, d2d, 0.90);
@@ -177,64 +195,85 @@ int main(int argc, char** argv) {
   {
     device_buffer sums(8 * blocks);
     std::vector<checksum_job> cj;
-    for (std::size_t i = 0; i < blocks; ++i) cj.push_back({a.data() + i * block_raw, block_raw});
+    for (std::size_t i = 0; i < blocks; ++i)
+      cj.push_back({a.data() + i * block_raw, block_raw});
     const double c_ms = time_ms([&] {
-      if (auto r = checksum_blocks(cj, reinterpret_cast<std::uint64_t*>(sums.data())); !r)
+      if (auto r = checksum_blocks(
+              cj, reinterpret_cast<std::uint64_t*>(sums.data()));
+          !r)
         die("checksum", r.error());
     });
-    report("checksum 256 KiB blocks (read only)", static_cast<double>(total), c_ms, d2d, 0);
+    report("checksum 256 KiB blocks (read only)", static_cast<double>(total),
+           c_ms, d2d, 0);
   }
 
   // Tiering: demotion and promotion of 32 KiB blocks in random order
   // through the host tier, against one plain cudaMemcpyAsync of the same
   // bytes to or from pinned memory.
   {
-    const std::size_t batch_bytes = std::min<std::size_t>(total / 2, std::size_t{128} << 20);
+    const std::size_t batch_bytes =
+        std::min<std::size_t>(total / 2, std::size_t{128} << 20);
     const std::size_t n = batch_bytes / block;
     auto tier = host_tier::create({0, batch_bytes, 2 * batch_bytes});
-    if (!tier) die("host_tier", tier.error());
+    if (!tier)
+      die("host_tier", tier.error());
     void* pinned = nullptr;
-    check(cudaHostAlloc(&pinned, batch_bytes, cudaHostAllocDefault), "cudaHostAlloc");
+    check(cudaHostAlloc(&pinned, batch_bytes, cudaHostAllocDefault),
+          "cudaHostAlloc");
     const double d2h_ms = time_ms([&] {
-      check(cudaMemcpyAsync(pinned, a.data(), batch_bytes, cudaMemcpyDeviceToHost), "d2h");
+      check(cudaMemcpyAsync(pinned, a.data(), batch_bytes,
+                            cudaMemcpyDeviceToHost),
+            "d2h");
     });
     const double h2d_ms = time_ms([&] {
-      check(cudaMemcpyAsync(a.data(), pinned, batch_bytes, cudaMemcpyHostToDevice), "h2d");
+      check(cudaMemcpyAsync(a.data(), pinned, batch_bytes,
+                            cudaMemcpyHostToDevice),
+            "h2d");
     });
     const double d2h = static_cast<double>(batch_bytes) / (d2h_ms * 1e6);
     const double h2d = static_cast<double>(batch_bytes) / (h2d_ms * 1e6);
     rows.push_back({"cudaMemcpyAsync device to pinned host", d2h, d2h, 0});
     rows.push_back({"cudaMemcpyAsync pinned host to device", h2d, h2d, 0});
     std::vector<demote_job> dj;
-    for (std::size_t i = 0; i < n; ++i) dj.push_back({a.data() + offsets[i], block});
+    for (std::size_t i = 0; i < n; ++i)
+      dj.push_back({a.data() + offsets[i], block});
     std::vector<host_block> placed;
     const double dem_ms = time_ms([&] {
-      for (const host_block& hb : placed) (*tier)->release(hb);
+      for (const host_block& hb : placed)
+        (*tier)->release(hb);
       auto t = (*tier)->demote(dj, placed);
-      if (!t) die("demote", t.error());
-      if (auto w = (*tier)->wait(*t); !w) die("demote wait", w.error());
+      if (!t)
+        die("demote", t.error());
+      if (auto w = (*tier)->wait(*t); !w)
+        die("demote wait", w.error());
     });
-    report("demote 32 KiB blocks to pinned host", static_cast<double>(batch_bytes), dem_ms, d2h, 0.80);
+    report("demote 32 KiB blocks to pinned host",
+           static_cast<double>(batch_bytes), dem_ms, d2h, 0.80);
     std::vector<promote_job> pj;
-    for (std::size_t i = 0; i < n; ++i) pj.push_back({placed[i], b.data() + offsets[i]});
+    for (std::size_t i = 0; i < n; ++i)
+      pj.push_back({placed[i], b.data() + offsets[i]});
     const double pro_ms = time_ms([&] {
       auto t = (*tier)->promote(pj);
-      if (!t) die("promote", t.error());
-      if (auto w = (*tier)->wait(*t); !w) die("promote wait", w.error());
+      if (!t)
+        die("promote", t.error());
+      if (auto w = (*tier)->wait(*t); !w)
+        die("promote wait", w.error());
     });
-    report("promote 32 KiB blocks from pinned host", static_cast<double>(batch_bytes), pro_ms, h2d, 0.80);
+    report("promote 32 KiB blocks from pinned host",
+           static_cast<double>(batch_bytes), pro_ms, h2d, 0.80);
     (void)cudaFreeHost(pinned);
   }
 
-  std::printf("\n%-44s %10s %10s %8s %6s  %s\n", "operation", "GB/s", "baseline", "ratio", "bar",
-              "");
+  std::printf("\n%-44s %10s %10s %8s %6s  %s\n", "operation", "GB/s",
+              "baseline", "ratio", "bar", "");
   for (const row& r : rows) {
     const double ratio = r.gbs / r.base;
     const char* verdict = r.bar == 0 ? "" : (ratio >= r.bar ? "met" : "MISSED");
     char bar[16] = "";
-    if (r.bar > 0) std::snprintf(bar, sizeof bar, ">=%.0f%%", r.bar * 100);
-    std::printf("%-44s %10.1f %10.1f %7.1f%% %6s  %s\n", r.name.c_str(), r.gbs, r.base,
-                100.0 * ratio, bar, verdict);
+    if (r.bar > 0)
+      std::snprintf(bar, sizeof bar, ">=%.0f%%", r.bar * 100);
+    std::printf("%-44s %10.1f %10.1f %7.1f%% %6s  %s\n", r.name.c_str(), r.gbs,
+                r.base, 100.0 * ratio, bar, verdict);
   }
   return missed ? 1 : 0;
 }

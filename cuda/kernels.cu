@@ -68,7 +68,8 @@ template <> struct traits<codec::int4> {
   static constexpr unsigned lane_bytes = 4;
 };
 
-template <dtype T> constexpr std::uint32_t inf_bits = T == dtype::fp16 ? 0x7c00U : 0x7f80U;
+template <dtype T>
+constexpr std::uint32_t inf_bits = T == dtype::fp16 ? 0x7c00U : 0x7f80U;
 
 template <dtype T, kernel_path P>
 __device__ __forceinline__ float widen(std::uint16_t h) {
@@ -99,7 +100,8 @@ __device__ __forceinline__ std::uint16_t narrow(float x) {
 template <kernel_path P>
 __device__ __forceinline__ std::uint32_t to_e4m3(float v) {
   if constexpr (P == kernel_path::hardware)
-    return static_cast<std::uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+    return static_cast<std::uint32_t>(
+        __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
   else
     return internal::f32_to_e4m3_in_range(v);
 }
@@ -107,7 +109,8 @@ __device__ __forceinline__ std::uint32_t to_e4m3(float v) {
 template <kernel_path P>
 __device__ __forceinline__ float from_e4m3(std::uint32_t b) {
   if constexpr (P == kernel_path::hardware) {
-    const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3);
+    const __half_raw h =
+        __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3);
     return __half2float(__half(h));
   } else {
     return internal::e4m3_to_f32(static_cast<std::uint8_t>(b));
@@ -147,7 +150,8 @@ __global__ void __launch_bounds__(threads)
   auto* scales = reinterpret_cast<float*>(job.dst);
   std::byte* payload = job.dst + std::size_t{groups} * sizeof(float);
   const bool payload8 = (reinterpret_cast<std::uintptr_t>(payload) & 7U) == 0;
-  for (std::uint64_t base = std::uint64_t{blockIdx.x} * blockDim.x + (threadIdx.x & ~31U);
+  for (std::uint64_t base =
+           std::uint64_t{blockIdx.x} * blockDim.x + (threadIdx.x & ~31U);
        base < total; base += stride) {
     const std::uint64_t t = base + lane;
     const bool valid = t < total;
@@ -162,20 +166,23 @@ __global__ void __launch_bounds__(threads)
     amax = max(amax, __shfl_xor_sync(0xffffffffU, amax, 1));
     amax = max(amax, __shfl_xor_sync(0xffffffffU, amax, 2));
     amax = max(amax, __shfl_xor_sync(0xffffffffU, amax, 4));
-    if (!valid) continue;
+    if (!valid)
+      continue;
     const auto amax_h = static_cast<std::uint16_t>(amax);
     const float amax_f = T == dtype::fp16 ? internal::half_to_f32(amax_h)
                                           : internal::bf16_to_f32(amax_h);
     const float scale = internal::scale_of(amax_f, traits<C>::qmax);
     const float inv = internal::inv_of(scale);
     const std::uint64_t g = t >> 3;
-    if ((t & 7U) == 0) scales[g] = scale;
+    if ((t & 7U) == 0)
+      scales[g] = scale;
     std::byte* out = payload + t * traits<C>::lane_bytes;
     if constexpr (C == codec::int4) {
       std::uint32_t w = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const std::int32_t q = internal::quantize_int(widen<T, P>(h[i]), inv, 7);
+        const std::int32_t q =
+            internal::quantize_int(widen<T, P>(h[i]), inv, 7);
         w |= (static_cast<std::uint32_t>(q) & 0x0fU) << (4 * i);
       }
       *reinterpret_cast<std::uint32_t*>(out) = w;
@@ -188,7 +195,8 @@ __global__ void __launch_bounds__(threads)
         if constexpr (C == codec::fp8)
           b = to_e4m3<P>(internal::mul_rn(x, inv));
         else
-          b = static_cast<std::uint32_t>(internal::quantize_int(x, inv, 127)) & 0xffU;
+          b = static_cast<std::uint32_t>(internal::quantize_int(x, inv, 127)) &
+              0xffU;
         w[i / 4] |= b << (8 * (i % 4));
       }
       if (payload8) {
@@ -212,8 +220,8 @@ __global__ void __launch_bounds__(threads)
   const std::byte* payload = job.src + std::size_t{groups} * sizeof(float);
   const bool payload8 = (reinterpret_cast<std::uintptr_t>(payload) & 7U) == 0;
   auto* dst = reinterpret_cast<uint4*>(job.dst);
-  for (std::uint64_t t = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; t < total;
-       t += stride) {
+  for (std::uint64_t t = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+       t < total; t += stride) {
     const float scale = __ldg(scales + (t >> 3));
     const std::byte* in = payload + t * traits<C>::lane_bytes;
     float x[8];
@@ -222,8 +230,10 @@ __global__ void __launch_bounds__(threads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const std::uint32_t b = (w >> (8 * i)) & 0xffU;
-        x[2 * i] = internal::mul_rn(static_cast<float>(internal::int4_lo(b)), scale);
-        x[2 * i + 1] = internal::mul_rn(static_cast<float>(internal::int4_hi(b)), scale);
+        x[2 * i] =
+            internal::mul_rn(static_cast<float>(internal::int4_lo(b)), scale);
+        x[2 * i + 1] =
+            internal::mul_rn(static_cast<float>(internal::int4_hi(b)), scale);
       }
     } else {
       std::uint32_t w[2];
@@ -242,13 +252,15 @@ __global__ void __launch_bounds__(threads)
         if constexpr (C == codec::fp8)
           v = from_e4m3<P>(b);
         else
-          v = static_cast<float>(static_cast<std::int8_t>(static_cast<std::uint8_t>(b)));
+          v = static_cast<float>(
+              static_cast<std::int8_t>(static_cast<std::uint8_t>(b)));
         x[i] = internal::mul_rn(v, scale);
       }
     }
     std::uint16_t h[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) h[i] = narrow<T, P>(internal::canonical(x[i]));
+    for (int i = 0; i < 8; ++i)
+      h[i] = narrow<T, P>(internal::canonical(x[i]));
     dst[t] = pack8(h);
   }
 }
@@ -268,24 +280,27 @@ __global__ void __launch_bounds__(threads)
     auto* d = reinterpret_cast<uint4*>(job.dst);
     const std::size_t n = job.bytes / 16;
     const std::size_t step = std::size_t{gridDim.x} * blockDim.x * copy_unroll;
-    for (std::size_t i = std::size_t{blockIdx.x} * blockDim.x * copy_unroll + threadIdx.x;
+    for (std::size_t i =
+             std::size_t{blockIdx.x} * blockDim.x * copy_unroll + threadIdx.x;
          i < n; i += step) {
       uint4 v[copy_unroll];
 #pragma unroll
       for (unsigned k = 0; k < copy_unroll; ++k) {
         const std::size_t j = i + k * blockDim.x;
-        if (j < n) v[k] = __ldg(s + j);
+        if (j < n)
+          v[k] = __ldg(s + j);
       }
 #pragma unroll
       for (unsigned k = 0; k < copy_unroll; ++k) {
         const std::size_t j = i + k * blockDim.x;
-        if (j < n) d[j] = v[k];
+        if (j < n)
+          d[j] = v[k];
       }
     }
   } else {
     const std::size_t step = std::size_t{gridDim.x} * blockDim.x;
-    for (std::size_t i = std::size_t{blockIdx.x} * blockDim.x + threadIdx.x; i < job.bytes;
-         i += step)
+    for (std::size_t i = std::size_t{blockIdx.x} * blockDim.x + threadIdx.x;
+         i < job.bytes; i += step)
       job.dst[i] = job.src[i];
   }
 }
@@ -301,10 +316,12 @@ __global__ void __launch_bounds__(threads)
   auto* ks = reinterpret_cast<std::uint8_t*>(shared);
   std::uint8_t* ds = ks + internal::xxh3_secret_bytes;
   auto* hashes = shared + 2 * internal::xxh3_secret_bytes / 8;
-  for (unsigned i = threadIdx.x; i < internal::xxh3_secret_bytes; i += blockDim.x)
+  for (unsigned i = threadIdx.x; i < internal::xxh3_secret_bytes;
+       i += blockDim.x)
     ks[i] = c_default_secret[i];
   __syncthreads();
-  if (threadIdx.x == 0) internal::xxh3_derive_secret(ds, ks, engine::hash_seed);
+  if (threadIdx.x == 0)
+    internal::xxh3_derive_secret(ds, ks, engine::hash_seed);
   __syncthreads();
   const checksum_job job = p.jobs[blockIdx.x];
   const auto* data = reinterpret_cast<const std::uint8_t*>(job.data);
@@ -313,26 +330,34 @@ __global__ void __launch_bounds__(threads)
   for (std::size_t c = threadIdx.x; c < chunks; c += blockDim.x) {
     const std::size_t left = job.bytes - c * chunk;
     const std::size_t n = left < chunk ? left : chunk;
-    hashes[c] = internal::xxh3_64(data + c * chunk, n, engine::hash_seed, ks, ds);
+    hashes[c] =
+        internal::xxh3_64(data + c * chunk, n, engine::hash_seed, ks, ds);
   }
   __syncthreads();
   if (threadIdx.x == 0)
-    p.out[blockIdx.x] = internal::xxh3_64(reinterpret_cast<const std::uint8_t*>(hashes),
-                                          chunks * 8, engine::hash_seed, ks, ds);
+    p.out[blockIdx.x] =
+        internal::xxh3_64(reinterpret_cast<const std::uint8_t*>(hashes),
+                          chunks * 8, engine::hash_seed, ks, ds);
 }
 
-cudaStream_t raw(stream_ref s) { return static_cast<cudaStream_t>(s.handle); }
+cudaStream_t raw(stream_ref s) {
+  return static_cast<cudaStream_t>(s.handle);
+}
 
 result<void> launched(const char* kernel) {
-  return internal::check(cudaGetLastError(), std::string("launch of ") + kernel);
+  return internal::check(cudaGetLastError(),
+                         std::string("launch of ") + kernel);
 }
 
-std::uint32_t grid_x(std::size_t work_items, std::size_t per_cta, std::size_t jobs) {
+std::uint32_t grid_x(std::size_t work_items, std::size_t per_cta,
+                     std::size_t jobs) {
   // Enough CTAs to cover a block, but not so many that a huge block makes a
   // launch of millions; each CTA loops (grid-stride) over the rest.
   const std::size_t want = (work_items + per_cta - 1) / per_cta;
-  const std::size_t cap = std::max<std::size_t>(1, 8192 / std::max<std::size_t>(jobs, 1));
-  return static_cast<std::uint32_t>(std::clamp<std::size_t>(want, 1, std::max<std::size_t>(cap, 1)));
+  const std::size_t cap =
+      std::max<std::size_t>(1, 8192 / std::max<std::size_t>(jobs, 1));
+  return static_cast<std::uint32_t>(
+      std::clamp<std::size_t>(want, 1, std::max<std::size_t>(cap, 1)));
 }
 
 using codec_kernel = void (*)(codec_params);
@@ -345,8 +370,9 @@ template <bool Encode, codec C, dtype T, kernel_path P> codec_kernel pick3() {
 }
 
 template <bool Encode, codec C, dtype T> codec_kernel pick2(kernel_path p) {
-  return p == kernel_path::hardware ? pick3<Encode, C, T, kernel_path::hardware>()
-                                    : pick3<Encode, C, T, kernel_path::portable>();
+  return p == kernel_path::hardware
+             ? pick3<Encode, C, T, kernel_path::hardware>()
+             : pick3<Encode, C, T, kernel_path::portable>();
 }
 
 template <bool Encode, codec C> codec_kernel pick1(dtype t, kernel_path p) {
@@ -372,10 +398,12 @@ template <bool Encode>
 result<void> run_codec(codec c, dtype t, std::size_t elements,
                        std::span<const codec_job> jobs, stream_ref stream,
                        kernel_path path) {
-  if (auto ok = validate::codec_batch(c, t, elements, jobs, Encode); !ok) return ok;
+  if (auto ok = validate::codec_batch(c, t, elements, jobs, Encode); !ok)
+    return ok;
   if (path != kernel_path::hardware && path != kernel_path::portable)
     return make_error(errc::invalid_argument, "unknown kernel path");
-  if (jobs.empty()) return {};
+  if (jobs.empty())
+    return {};
   if (c == codec::none) {
     std::vector<copy_job> copies(jobs.size());
     for (std::size_t i = 0; i < jobs.size(); ++i)
@@ -388,14 +416,16 @@ result<void> run_codec(codec c, dtype t, std::size_t elements,
   const codec_kernel k = pick<Encode>(c, t, path);
   codec_params params{};
   params.groups = static_cast<std::uint32_t>(groups);
-  for (std::size_t first = 0; first < jobs.size(); first += max_blocks_per_launch) {
+  for (std::size_t first = 0; first < jobs.size();
+       first += max_blocks_per_launch) {
     const std::size_t n = std::min(max_blocks_per_launch, jobs.size() - first);
     for (std::size_t i = 0; i < n; ++i)
       params.jobs[i] = {jobs[first + i].src, jobs[first + i].dst};
     const dim3 grid(grid_x(groups * lanes_per_group, threads, n),
                     static_cast<unsigned>(n));
     k<<<grid, threads, 0, raw(stream)>>>(params);
-    if (auto r = launched(Encode ? "encode kernel" : "decode kernel"); !r) return r;
+    if (auto r = launched(Encode ? "encode kernel" : "decode kernel"); !r)
+      return r;
   }
   return {};
 }
@@ -415,9 +445,11 @@ result<void> decode_blocks(codec c, dtype t, std::size_t elements,
 }
 
 result<void> copy_blocks(std::span<const copy_job> jobs, stream_ref stream) {
-  if (auto ok = validate::copy_batch(jobs); !ok) return ok;
+  if (auto ok = validate::copy_batch(jobs); !ok)
+    return ok;
   copy_params params{};
-  for (std::size_t first = 0; first < jobs.size(); first += max_blocks_per_launch) {
+  for (std::size_t first = 0; first < jobs.size();
+       first += max_blocks_per_launch) {
     const std::size_t n = std::min(max_blocks_per_launch, jobs.size() - first);
     std::size_t largest = 0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -425,40 +457,48 @@ result<void> copy_blocks(std::span<const copy_job> jobs, stream_ref stream) {
       params.jobs[i] = {j.src, j.dst, j.bytes};
       largest = std::max(largest, j.bytes);
     }
-    if (largest == 0) continue;
+    if (largest == 0)
+      continue;
     const dim3 grid(grid_x(largest / 16 + 1, threads * copy_unroll, n),
                     static_cast<unsigned>(n));
     copy_kernel<<<grid, threads, 0, raw(stream)>>>(params);
-    if (auto r = launched("copy kernel"); !r) return r;
+    if (auto r = launched("copy kernel"); !r)
+      return r;
   }
   return {};
 }
 
-result<void> gather_blocks(device_span pool, std::span<const std::size_t> offsets,
+result<void> gather_blocks(device_span pool,
+                           std::span<const std::size_t> offsets,
                            std::size_t block_bytes, device_span out,
                            stream_ref stream) {
-  if (auto ok = validate::gather_batch(pool, offsets, block_bytes, out); !ok) return ok;
+  if (auto ok = validate::gather_batch(pool, offsets, block_bytes, out); !ok)
+    return ok;
   std::vector<copy_job> jobs(offsets.size());
   for (std::size_t i = 0; i < offsets.size(); ++i)
     jobs[i] = {pool.data + offsets[i], out.data + i * block_bytes, block_bytes};
   return copy_blocks(jobs, stream);
 }
 
-result<void> scatter_blocks(device_span in, std::span<const std::size_t> offsets,
+result<void> scatter_blocks(device_span in,
+                            std::span<const std::size_t> offsets,
                             std::size_t block_bytes, device_span pool,
                             stream_ref stream) {
-  if (auto ok = validate::gather_batch(pool, offsets, block_bytes, in); !ok) return ok;
+  if (auto ok = validate::gather_batch(pool, offsets, block_bytes, in); !ok)
+    return ok;
   std::vector<copy_job> jobs(offsets.size());
   for (std::size_t i = 0; i < offsets.size(); ++i)
     jobs[i] = {in.data + i * block_bytes, pool.data + offsets[i], block_bytes};
   return copy_blocks(jobs, stream);
 }
 
-result<void> checksum_blocks(std::span<const checksum_job> jobs, std::uint64_t* out,
-                             stream_ref stream) {
-  if (auto ok = validate::checksum_batch(jobs, out); !ok) return ok;
+result<void> checksum_blocks(std::span<const checksum_job> jobs,
+                             std::uint64_t* out, stream_ref stream) {
+  if (auto ok = validate::checksum_batch(jobs, out); !ok)
+    return ok;
   checksum_params params{};
-  for (std::size_t first = 0; first < jobs.size(); first += max_blocks_per_launch) {
+  for (std::size_t first = 0; first < jobs.size();
+       first += max_blocks_per_launch) {
     const std::size_t n = std::min(max_blocks_per_launch, jobs.size() - first);
     std::size_t largest = 0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -466,11 +506,13 @@ result<void> checksum_blocks(std::span<const checksum_job> jobs, std::uint64_t* 
       largest = std::max(largest, jobs[first + i].bytes);
     }
     params.out = out + first;
-    const std::size_t chunks =
-        (largest + engine::checksum_chunk_bytes - 1) / engine::checksum_chunk_bytes;
+    const std::size_t chunks = (largest + engine::checksum_chunk_bytes - 1) /
+                               engine::checksum_chunk_bytes;
     const std::size_t smem = 2 * internal::xxh3_secret_bytes + 8 * chunks;
-    checksum_kernel<<<static_cast<unsigned>(n), threads, smem, raw(stream)>>>(params);
-    if (auto r = launched("checksum kernel"); !r) return r;
+    checksum_kernel<<<static_cast<unsigned>(n), threads, smem, raw(stream)>>>(
+        params);
+    if (auto r = launched("checksum kernel"); !r)
+      return r;
   }
   return {};
 }

@@ -54,20 +54,18 @@ enum class kernel_path : std::uint8_t { hardware = 0, portable = 1 };
 /// 16-byte aligned) into the engine's encoded format (dst: at least
 /// encoded_size(c, elements) bytes, 4-byte aligned). codec::none is a copy.
 /// `elements` must be a positive multiple of engine::codec_group_size.
-[[nodiscard]] result<void> encode_blocks(engine::codec c, engine::dtype t,
-                                         std::size_t elements,
-                                         std::span<const codec_job> jobs,
-                                         stream_ref stream = {},
-                                         kernel_path path = kernel_path::hardware);
+[[nodiscard]] result<void>
+encode_blocks(engine::codec c, engine::dtype t, std::size_t elements,
+              std::span<const codec_job> jobs, stream_ref stream = {},
+              kernel_path path = kernel_path::hardware);
 
 /// Decodes each job (src: encoded_size(c, elements) bytes, 4-byte aligned)
 /// into `elements` elements of `t` (dst: at least 2 * elements bytes,
 /// 16-byte aligned).
-[[nodiscard]] result<void> decode_blocks(engine::codec c, engine::dtype t,
-                                         std::size_t elements,
-                                         std::span<const codec_job> jobs,
-                                         stream_ref stream = {},
-                                         kernel_path path = kernel_path::hardware);
+[[nodiscard]] result<void>
+decode_blocks(engine::codec c, engine::dtype t, std::size_t elements,
+              std::span<const codec_job> jobs, stream_ref stream = {},
+              kernel_path path = kernel_path::hardware);
 
 /// One device-to-device copy. Any alignment works; 16-byte aligned
 /// pointers and sizes take the fast path.
@@ -90,16 +88,16 @@ struct device_span {
 
 /// Gathers blocks of `block_bytes` at `offsets` in `pool` into `out`, block
 /// i at out + i * block_bytes. Every range must lie inside its buffer.
-[[nodiscard]] result<void> gather_blocks(device_span pool,
-                                         std::span<const std::size_t> offsets,
-                                         std::size_t block_bytes,
-                                         device_span out, stream_ref stream = {});
+[[nodiscard]] result<void>
+gather_blocks(device_span pool, std::span<const std::size_t> offsets,
+              std::size_t block_bytes, device_span out, stream_ref stream = {});
 
 /// The reverse: block i of `in` goes to pool + offsets[i].
 [[nodiscard]] result<void> scatter_blocks(device_span in,
                                           std::span<const std::size_t> offsets,
                                           std::size_t block_bytes,
-                                          device_span pool, stream_ref stream = {});
+                                          device_span pool,
+                                          stream_ref stream = {});
 
 /// One block to checksum.
 struct checksum_job {
@@ -127,7 +125,8 @@ namespace validate {
 [[nodiscard]] result<void> copy_batch(std::span<const copy_job> jobs);
 [[nodiscard]] result<void> gather_batch(device_span pool,
                                         std::span<const std::size_t> offsets,
-                                        std::size_t block_bytes, device_span other);
+                                        std::size_t block_bytes,
+                                        device_span other);
 [[nodiscard]] result<void> checksum_batch(std::span<const checksum_job> jobs,
                                           const std::uint64_t* out);
 } // namespace validate

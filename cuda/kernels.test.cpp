@@ -1,8 +1,8 @@
 // The kernels on a GPU against the engine's CPU reference: codecs element
 // by element (bit-exact), gather/scatter, checksums.
+#include "cuda/kernels.hpp"
 #include "cuda/internal/device_buffer.hpp"
 #include "cuda/internal/test_support.hpp"
-#include "cuda/kernels.hpp"
 #include "engine/checksum.hpp"
 #include "engine/codec.hpp"
 
@@ -21,7 +21,8 @@ using engine::codec;
 using engine::dtype;
 using internal::device_buffer;
 
-std::vector<std::byte> values(dtype t, std::size_t elements, std::uint32_t seed) {
+std::vector<std::byte> values(dtype t, std::size_t elements,
+                              std::uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0F, 1.0F);
   std::uniform_int_distribution<std::uint32_t> any(0, 0xffff);
@@ -31,13 +32,20 @@ std::vector<std::byte> values(dtype t, std::size_t elements, std::uint32_t seed)
     const float mag = std::ldexp(1.0F, static_cast<int>(any(rng) % 40) - 20);
     for (std::size_t i = 0; i < 64; ++i) {
       const float x = normal(rng) * mag;
-      std::uint16_t h = t == dtype::fp16 ? engine::float_to_half(x) : engine::float_to_bf16(x);
-      if (kind == 0) h = static_cast<std::uint16_t>(any(rng));
-      if (kind == 1 && i % 7 == 0) h = t == dtype::fp16 ? 0x7c00 : 0x7f80;
-      if (kind == 2 && i % 5 == 0) h = t == dtype::fp16 ? 0x7e01 : 0xffc1;
-      if (kind == 3) h = static_cast<std::uint16_t>(any(rng) & 0x83ff);
-      if (kind == 4) h = 0;
-      if (kind == 5 && t == dtype::bf16) h = static_cast<std::uint16_t>(0x0080 + (any(rng) & 0x7f));
+      std::uint16_t h = t == dtype::fp16 ? engine::float_to_half(x)
+                                         : engine::float_to_bf16(x);
+      if (kind == 0)
+        h = static_cast<std::uint16_t>(any(rng));
+      if (kind == 1 && i % 7 == 0)
+        h = t == dtype::fp16 ? 0x7c00 : 0x7f80;
+      if (kind == 2 && i % 5 == 0)
+        h = t == dtype::fp16 ? 0x7e01 : 0xffc1;
+      if (kind == 3)
+        h = static_cast<std::uint16_t>(any(rng) & 0x83ff);
+      if (kind == 4)
+        h = 0;
+      if (kind == 5 && t == dtype::bf16)
+        h = static_cast<std::uint16_t>(0x0080 + (any(rng) & 0x7f));
       v[g * 64 + i] = h;
     }
   }
@@ -47,17 +55,20 @@ std::vector<std::byte> values(dtype t, std::size_t elements, std::uint32_t seed)
 }
 
 void sync_ok() {
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << cudaGetErrorString(cudaGetLastError());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess)
+      << cudaGetErrorString(cudaGetLastError());
 }
 
 class kernels_codec_test
     : public ::testing::TestWithParam<std::tuple<codec, dtype, kernel_path>> {};
 
-TEST_P(kernels_codec_test, encode_and_decode_match_the_cpu_reference_element_by_element) {
+TEST_P(kernels_codec_test,
+       encode_and_decode_match_the_cpu_reference_element_by_element) {
   KVFLEET_REQUIRE_DEVICE();
   const auto [c, t, path] = GetParam();
   // Several blocks, one with an odd group count (4-byte aligned payload).
-  for (const std::size_t elements : {std::size_t{64 * 1001}, std::size_t{131072}}) {
+  for (const std::size_t elements :
+       {std::size_t{64 * 1001}, std::size_t{131072}}) {
     constexpr std::size_t blocks = 3;
     const std::size_t raw = 2 * elements;
     const std::size_t enc = engine::encoded_size(c, elements);
@@ -71,10 +82,13 @@ TEST_P(kernels_codec_test, encode_and_decode_match_the_cpu_reference_element_by_
     std::vector<codec_job> ejobs;
     std::vector<codec_job> djobs;
     for (std::size_t b = 0; b < blocks; ++b) {
-      host.push_back(values(t, elements, static_cast<std::uint32_t>(b * 31 + elements)));
+      host.push_back(
+          values(t, elements, static_cast<std::uint32_t>(b * 31 + elements)));
       in.upload(host.back(), b * raw);
-      ejobs.push_back({in.data() + b * raw, raw, mid.data() + b * enc_slot, enc});
-      djobs.push_back({mid.data() + b * enc_slot, enc, out.data() + b * raw, raw});
+      ejobs.push_back(
+          {in.data() + b * raw, raw, mid.data() + b * enc_slot, enc});
+      djobs.push_back(
+          {mid.data() + b * enc_slot, enc, out.data() + b * raw, raw});
     }
     ASSERT_TRUE(encode_blocks(c, t, elements, ejobs, {}, path));
     ASSERT_TRUE(decode_blocks(c, t, elements, djobs, {}, path));
@@ -84,13 +98,14 @@ TEST_P(kernels_codec_test, encode_and_decode_match_the_cpu_reference_element_by_
       ASSERT_TRUE(engine::encode(c, t, host[b], want));
       const auto got = mid.download(b * enc_slot, enc);
       for (std::size_t i = 0; i < enc; ++i)
-        ASSERT_EQ(got[i], want[i]) << "encoded byte " << i << " of block " << b << ", "
-                                   << elements << " elements";
+        ASSERT_EQ(got[i], want[i]) << "encoded byte " << i << " of block " << b
+                                   << ", " << elements << " elements";
       std::vector<std::byte> want_dec(raw);
       ASSERT_TRUE(engine::decode(c, t, want, want_dec));
       const auto got_dec = out.download(b * raw, raw);
       for (std::size_t i = 0; i < raw; i += 2)
-        ASSERT_TRUE(got_dec[i] == want_dec[i] && got_dec[i + 1] == want_dec[i + 1])
+        ASSERT_TRUE(got_dec[i] == want_dec[i] &&
+                    got_dec[i + 1] == want_dec[i + 1])
             << "decoded element " << i / 2 << " of block " << b;
     }
   }
@@ -103,7 +118,8 @@ TEST_P(kernels_codec_test, decoding_arbitrary_bytes_matches_the_cpu_reference) {
   const std::size_t enc = engine::encoded_size(c, elements);
   std::mt19937 rng(5);
   std::vector<std::byte> junk(enc);
-  for (auto& b : junk) b = static_cast<std::byte>(rng() & 0xffU);
+  for (auto& b : junk)
+    b = static_cast<std::byte>(rng() & 0xffU);
   for (std::size_t g = 0; g < elements / 64; g += 3) {
     const float s = g % 2 == 0 ? INFINITY : NAN;
     std::memcpy(junk.data() + 4 * g, &s, 4);
@@ -119,17 +135,18 @@ TEST_P(kernels_codec_test, decoding_arbitrary_bytes_matches_the_cpu_reference) {
   EXPECT_EQ(dst.download(0, 2 * elements), want);
 }
 
-INSTANTIATE_TEST_SUITE_P(all, kernels_codec_test,
-                         ::testing::Combine(::testing::Values(codec::fp8, codec::int8, codec::int4),
-                                            ::testing::Values(dtype::fp16, dtype::bf16),
-                                            ::testing::Values(kernel_path::hardware,
-                                                              kernel_path::portable)),
-                         [](const auto& p) {
-                           return std::string(engine::to_string(std::get<0>(p.param))) + "_" +
-                                  std::string(engine::to_string(std::get<1>(p.param))) +
-                                  (std::get<2>(p.param) == kernel_path::hardware ? "_hardware"
-                                                                                  : "_portable");
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    all, kernels_codec_test,
+    ::testing::Combine(::testing::Values(codec::fp8, codec::int8, codec::int4),
+                       ::testing::Values(dtype::fp16, dtype::bf16),
+                       ::testing::Values(kernel_path::hardware,
+                                         kernel_path::portable)),
+    [](const auto& p) {
+      return std::string(engine::to_string(std::get<0>(p.param))) + "_" +
+             std::string(engine::to_string(std::get<1>(p.param))) +
+             (std::get<2>(p.param) == kernel_path::hardware ? "_hardware"
+                                                            : "_portable");
+    });
 
 TEST(kernels_test, codec_none_is_a_copy) {
   KVFLEET_REQUIRE_DEVICE();
@@ -150,7 +167,8 @@ TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
   constexpr std::size_t slots = 3000; // more than one launch's 1024 blocks
   std::vector<std::byte> pool_host(slots * block);
   std::mt19937 rng(11);
-  for (auto& x : pool_host) x = static_cast<std::byte>(rng() & 0xffU);
+  for (auto& x : pool_host)
+    x = static_cast<std::byte>(rng() & 0xffU);
   device_buffer pool(pool_host.size());
   pool.upload(pool_host);
   std::vector<std::size_t> order(slots);
@@ -158,14 +176,16 @@ TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
   std::shuffle(order.begin(), order.end(), rng);
   order.resize(2500);
   std::vector<std::size_t> offsets;
-  for (std::size_t s : order) offsets.push_back(s * block);
+  for (std::size_t s : order)
+    offsets.push_back(s * block);
   device_buffer packed(order.size() * block);
   ASSERT_TRUE(gather_blocks({pool.data(), pool.size()}, offsets, block,
                             {packed.data(), packed.size()}));
   sync_ok();
   const auto got = packed.download(0, packed.size());
   for (std::size_t i = 0; i < order.size(); ++i)
-    ASSERT_EQ(0, std::memcmp(got.data() + i * block, pool_host.data() + order[i] * block, block))
+    ASSERT_EQ(0, std::memcmp(got.data() + i * block,
+                             pool_host.data() + order[i] * block, block))
         << "block " << i;
   // Scatter back into a cleared pool: the gathered slots come back.
   pool.fill(0);
@@ -174,13 +194,15 @@ TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
   sync_ok();
   const auto back = pool.download(0, pool.size());
   for (std::size_t s : order)
-    ASSERT_EQ(0, std::memcmp(back.data() + s * block, pool_host.data() + s * block, block));
+    ASSERT_EQ(0, std::memcmp(back.data() + s * block,
+                             pool_host.data() + s * block, block));
 }
 
 TEST(kernels_test, unaligned_copies_take_the_byte_path_and_are_exact) {
   KVFLEET_REQUIRE_DEVICE();
   std::vector<std::byte> h(10000);
-  for (std::size_t i = 0; i < h.size(); ++i) h[i] = static_cast<std::byte>(i * 7);
+  for (std::size_t i = 0; i < h.size(); ++i)
+    h[i] = static_cast<std::byte>(i * 7);
   device_buffer a(h.size());
   device_buffer b(h.size());
   a.upload(h);
@@ -194,13 +216,24 @@ TEST(kernels_test, unaligned_copies_take_the_byte_path_and_are_exact) {
 
 TEST(kernels_test, device_checksums_match_the_host) {
   KVFLEET_REQUIRE_DEVICE();
-  const std::vector<std::size_t> sizes{0, 1, 17, 240, 241, 4095, 4096, 4097, 32768, 262144 + 100,
+  const std::vector<std::size_t> sizes{0,
+                                       1,
+                                       17,
+                                       240,
+                                       241,
+                                       4095,
+                                       4096,
+                                       4097,
+                                       32768,
+                                       262144 + 100,
                                        std::size_t{3} << 20};
   std::size_t total = 0;
-  for (std::size_t n : sizes) total += n + 256;
+  for (std::size_t n : sizes)
+    total += n + 256;
   std::vector<std::byte> h(total);
   std::mt19937 rng(21);
-  for (auto& x : h) x = static_cast<std::byte>(rng() & 0xffU);
+  for (auto& x : h)
+    x = static_cast<std::byte>(rng() & 0xffU);
   device_buffer d(total);
   d.upload(h);
   device_buffer out(8 * sizes.size());
@@ -213,7 +246,8 @@ TEST(kernels_test, device_checksums_match_the_host) {
     want.push_back(engine::block_checksum({h.data() + off, sizes[i]}));
     at += sizes[i] + 256;
   }
-  ASSERT_TRUE(checksum_blocks(jobs, reinterpret_cast<std::uint64_t*>(out.data())));
+  ASSERT_TRUE(
+      checksum_blocks(jobs, reinterpret_cast<std::uint64_t*>(out.data())));
   sync_ok();
   const auto got_bytes = out.download(0, 8 * sizes.size());
   std::vector<std::uint64_t> got(sizes.size());

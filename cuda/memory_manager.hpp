@@ -21,8 +21,8 @@
 namespace kvfleet::cuda {
 
 struct memory_reading {
-  std::size_t device_total = 0; ///< cudaMemGetInfo total
-  std::size_t device_free = 0;  ///< cudaMemGetInfo free
+  std::size_t device_total = 0;  ///< cudaMemGetInfo total
+  std::size_t device_free = 0;   ///< cudaMemGetInfo free
   std::size_t pool_capacity = 0; ///< the store's arena on this device
   std::size_t pool_used = 0;     ///< bytes of the arena holding blocks
 };
@@ -47,12 +47,13 @@ public:
 
   /// REQUIRES nothing: a threshold outside (0, 1] or a target above it is
   /// errc::invalid_argument.
-  [[nodiscard]] static result<gpu_memory_manager> create(const memory_manager_config& config = {});
+  [[nodiscard]] static result<gpu_memory_manager>
+  create(const memory_manager_config& config = {});
 
   /// cudaMemGetInfo on `device` plus `store`'s accounting (the store's
   /// arena is assumed to live on `device`).
-  [[nodiscard]] static result<memory_reading> read(int device,
-                                                   const engine::block_store& store);
+  [[nodiscard]] static result<memory_reading>
+  read(int device, const engine::block_store& store);
 
   /// Fraction of the device in use, not counting the arena's free part.
   [[nodiscard]] static double usage(const memory_reading& r) noexcept;
@@ -62,7 +63,9 @@ public:
   relief relieve(const memory_reading& r, engine::block_store& store,
                  const demoter& demote = {}) const;
 
-  [[nodiscard]] const memory_manager_config& config() const noexcept { return config_; }
+  [[nodiscard]] const memory_manager_config& config() const noexcept {
+    return config_;
+  }
 
 private:
   explicit gpu_memory_manager(const memory_manager_config& c) : config_(c) {}

@@ -22,7 +22,9 @@ TEST(memory_manager_test, the_arena_s_free_part_does_not_count_as_used) {
   EXPECT_NEAR(gpu_memory_manager::usage(r), 46.0 / 80.0, 1e-9);
   EXPECT_EQ(m->excess(r), 0U);
   r.pool_used = 60 * gib; // the arena is full: 76 / 80 = 0.95
-  EXPECT_EQ(m->excess(r), 76 * gib - static_cast<std::size_t>(0.8 * 80.0 * static_cast<double>(gib)));
+  EXPECT_EQ(m->excess(r),
+            76 * gib - static_cast<std::size_t>(0.8 * 80.0 *
+                                                static_cast<double>(gib)));
 }
 
 TEST(memory_manager_test, bad_thresholds_are_refused) {
@@ -70,12 +72,14 @@ protected:
   std::vector<engine::block_key> keys;
 };
 
-TEST_F(memory_manager_store_test, above_the_threshold_low_priority_blocks_go_first) {
+TEST_F(memory_manager_store_test,
+       above_the_threshold_low_priority_blocks_go_first) {
   auto m = gpu_memory_manager::create();
   ASSERT_TRUE(m);
   const std::size_t used_before = store->used_bytes();
   // A device whose memory is 95% used, the pool's part of it full.
-  memory_reading r{16 << 20, 0, store->capacity_bytes(), store->capacity_bytes()};
+  memory_reading r{16 << 20, 0, store->capacity_bytes(),
+                   store->capacity_bytes()};
   r.device_free = r.device_total / 20;
   const std::size_t excess = m->excess(r);
   ASSERT_GT(excess, 0U);
@@ -86,7 +90,8 @@ TEST_F(memory_manager_store_test, above_the_threshold_low_priority_blocks_go_fir
   std::size_t low_left = 0;
   std::size_t high_left = 0;
   for (std::size_t i = 0; i < keys.size(); ++i)
-    if (store->contains(ns, keys[i])) (i % 2 == 0 ? low_left : high_left) += 1;
+    if (store->contains(ns, keys[i]))
+      (i % 2 == 0 ? low_left : high_left) += 1;
   // Evicting ~excess bytes never touches a high-priority block while low
   // ones remain.
   if (low_left > 0) {
@@ -94,10 +99,12 @@ TEST_F(memory_manager_store_test, above_the_threshold_low_priority_blocks_go_fir
   }
 }
 
-TEST_F(memory_manager_store_test, the_demoter_is_asked_first_and_eviction_covers_the_rest) {
+TEST_F(memory_manager_store_test,
+       the_demoter_is_asked_first_and_eviction_covers_the_rest) {
   auto m = gpu_memory_manager::create();
   ASSERT_TRUE(m);
-  memory_reading r{16 << 20, 0, store->capacity_bytes(), store->capacity_bytes()};
+  memory_reading r{16 << 20, 0, store->capacity_bytes(),
+                   store->capacity_bytes()};
   const std::size_t excess = m->excess(r);
   std::size_t asked = 0;
   const relief done = m->relieve(r, *store, [&](std::size_t bytes) {
@@ -113,7 +120,8 @@ TEST_F(memory_manager_store_test, the_demoter_is_asked_first_and_eviction_covers
 TEST_F(memory_manager_store_test, below_the_threshold_nothing_happens) {
   auto m = gpu_memory_manager::create();
   ASSERT_TRUE(m);
-  const memory_reading r{gib, gib / 2, store->capacity_bytes(), store->used_bytes()};
+  const memory_reading r{gib, gib / 2, store->capacity_bytes(),
+                         store->used_bytes()};
   const std::size_t blocks = store->block_count();
   const relief done = m->relieve(r, *store, [](std::size_t) -> std::size_t {
     ADD_FAILURE() << "demoter called below the threshold";

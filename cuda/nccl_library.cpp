@@ -15,21 +15,31 @@ namespace {
 
 const char* name_of(int code) {
   switch (code) {
-  case ncclSuccess: return "ncclSuccess";
-  case ncclUnhandledCudaError: return "ncclUnhandledCudaError";
-  case ncclSystemError: return "ncclSystemError";
-  case ncclInternalError: return "ncclInternalError";
-  case ncclInvalidArgument: return "ncclInvalidArgument";
-  case ncclInvalidUsage: return "ncclInvalidUsage";
-  case ncclRemoteError: return "ncclRemoteError";
-  case ncclInProgress: return "ncclInProgress";
-  default: return "ncclUnknownResult";
+  case ncclSuccess:
+    return "ncclSuccess";
+  case ncclUnhandledCudaError:
+    return "ncclUnhandledCudaError";
+  case ncclSystemError:
+    return "ncclSystemError";
+  case ncclInternalError:
+    return "ncclInternalError";
+  case ncclInvalidArgument:
+    return "ncclInvalidArgument";
+  case ncclInvalidUsage:
+    return "ncclInvalidUsage";
+  case ncclRemoteError:
+    return "ncclRemoteError";
+  case ncclInProgress:
+    return "ncclInProgress";
+  default:
+    return "ncclUnknownResult";
   }
 }
 
 template <class F> bool bind(void* handle, const char* sym, F& out) {
   void* p = ::dlsym(handle, sym);
-  if (p == nullptr) return false;
+  if (p == nullptr)
+    return false;
   static_assert(sizeof(F) == sizeof(void*));
   std::memcpy(&out, &p, sizeof p); // object to function pointer (POSIX)
   return true;
@@ -37,22 +47,28 @@ template <class F> bool bind(void* handle, const char* sym, F& out) {
 
 } // namespace
 
-error nccl_call_error(const nccl_library& lib, std::string_view call, int code) {
-  const char* text = lib.fns().get_error_string != nullptr
-                         ? lib.fns().get_error_string(static_cast<ncclResult_t>(code))
-                         : nullptr;
-  return format_call_error(call, code, name_of(code), text != nullptr ? text : "");
+error nccl_call_error(const nccl_library& lib, std::string_view call,
+                      int code) {
+  const char* text =
+      lib.fns().get_error_string != nullptr
+          ? lib.fns().get_error_string(static_cast<ncclResult_t>(code))
+          : nullptr;
+  return format_call_error(call, code, name_of(code),
+                           text != nullptr ? text : "");
 }
 
 nccl_library::~nccl_library() {
-  if (handle_ != nullptr) ::dlclose(handle_);
+  if (handle_ != nullptr)
+    ::dlclose(handle_);
 }
 
-result<std::shared_ptr<const nccl_library>> nccl_library::load(const std::string& path) {
+result<std::shared_ptr<const nccl_library>>
+nccl_library::load(const std::string& path) {
   std::vector<std::string> tries;
   if (!path.empty()) {
     tries.push_back(path);
-  } else if (const char* env = std::getenv("KVFLEET_NCCL_LIBRARY"); env != nullptr && *env != 0) {
+  } else if (const char* env = std::getenv("KVFLEET_NCCL_LIBRARY");
+             env != nullptr && *env != 0) {
     tries.emplace_back(env);
   } else {
     tries = {"libnccl.so.2", "libnccl.so"};
@@ -67,7 +83,8 @@ result<std::shared_ptr<const nccl_library>> nccl_library::load(const std::string
       break;
     }
     const char* e = ::dlerror();
-    if (!why.empty()) why += "; ";
+    if (!why.empty())
+      why += "; ";
     why += "dlopen(" + p + "): " + (e != nullptr ? e : "unknown error");
   }
   if (handle == nullptr)
@@ -82,12 +99,14 @@ result<std::shared_ptr<const nccl_library>> nccl_library::load(const std::string
       {"ncclGetUniqueId", bind(handle, "ncclGetUniqueId", a.get_unique_id)},
       {"ncclCommInitRank", bind(handle, "ncclCommInitRank", a.comm_init_rank)},
       {"ncclCommDestroy", bind(handle, "ncclCommDestroy", a.comm_destroy)},
-      {"ncclCommGetAsyncError", bind(handle, "ncclCommGetAsyncError", a.comm_get_async_error)},
+      {"ncclCommGetAsyncError",
+       bind(handle, "ncclCommGetAsyncError", a.comm_get_async_error)},
       {"ncclSend", bind(handle, "ncclSend", a.send)},
       {"ncclRecv", bind(handle, "ncclRecv", a.recv)},
       {"ncclGroupStart", bind(handle, "ncclGroupStart", a.group_start)},
       {"ncclGroupEnd", bind(handle, "ncclGroupEnd", a.group_end)},
-      {"ncclGetErrorString", bind(handle, "ncclGetErrorString", a.get_error_string)},
+      {"ncclGetErrorString",
+       bind(handle, "ncclGetErrorString", a.get_error_string)},
   };
   for (const auto& [sym, ok] : bound)
     if (!ok)

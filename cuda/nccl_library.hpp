@@ -27,7 +27,8 @@ class nccl_library {
 public:
   /// Loads NCCL. A missing library or symbol is errc::backend_error naming
   /// dlopen/dlsym, the path and dlerror()'s text.
-  [[nodiscard]] static result<std::shared_ptr<const nccl_library>> load(const std::string& path = {});
+  [[nodiscard]] static result<std::shared_ptr<const nccl_library>>
+  load(const std::string& path = {});
   ~nccl_library();
   nccl_library(const nccl_library&) = delete;
   nccl_library& operator=(const nccl_library&) = delete;
@@ -52,6 +53,7 @@ private:
 };
 
 /// "CALL: ncclXxx (CODE): TEXT" for an NCCL result code.
-[[nodiscard]] error nccl_call_error(const nccl_library& lib, std::string_view call, int code);
+[[nodiscard]] error nccl_call_error(const nccl_library& lib,
+                                    std::string_view call, int code);
 
 } // namespace kvfleet::cuda

@@ -5,25 +5,30 @@
 namespace kvfleet::cuda {
 namespace {
 
-TEST(nccl_library_test, a_missing_library_is_an_error_naming_dlopen_and_the_path) {
+TEST(nccl_library_test,
+     a_missing_library_is_an_error_naming_dlopen_and_the_path) {
   auto lib = nccl_library::load("/nonexistent/kvfleet/libnccl.so.2");
   ASSERT_FALSE(lib);
   EXPECT_EQ(lib.error().code, errc::backend_error);
-  EXPECT_NE(lib.error().message.find("dlopen(/nonexistent/kvfleet/libnccl.so.2)"),
-            std::string::npos)
+  EXPECT_NE(
+      lib.error().message.find("dlopen(/nonexistent/kvfleet/libnccl.so.2)"),
+      std::string::npos)
       << lib.error().message;
 }
 
-TEST(nccl_library_test, a_library_without_the_symbols_is_an_error_naming_dlsym) {
+TEST(nccl_library_test,
+     a_library_without_the_symbols_is_an_error_naming_dlsym) {
   auto lib = nccl_library::load("libm.so.6");
   ASSERT_FALSE(lib);
-  EXPECT_NE(lib.error().message.find("dlsym(libm.so.6, ncclGetVersion)"), std::string::npos)
+  EXPECT_NE(lib.error().message.find("dlsym(libm.so.6, ncclGetVersion)"),
+            std::string::npos)
       << lib.error().message;
 }
 
 TEST(nccl_library_test, the_installed_nccl_loads_and_reports_its_version) {
   auto lib = nccl_library::load();
-  if (!lib) GTEST_SKIP() << "NCCL not installed here: " << lib.error().describe();
+  if (!lib)
+    GTEST_SKIP() << "NCCL not installed here: " << lib.error().describe();
   EXPECT_GE((*lib)->version(), 20000) << (*lib)->path();
 }
 

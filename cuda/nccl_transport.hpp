@@ -22,7 +22,9 @@ public:
          int rank, int device = 0);
   ~nccl_transport() override;
 
-  [[nodiscard]] std::string_view name() const noexcept override { return "nccl"; }
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return "nccl";
+  }
   [[nodiscard]] bool device_memory() const noexcept override { return true; }
   /// Device pointers. Waits for the group to finish on the transport's
   /// stream; an NCCL or CUDA failure is an error naming the call and code.

@@ -1,7 +1,7 @@
 // NCCL on one GPU: one rank sends a batch of blocks to itself.
+#include "cuda/nccl_transport.hpp"
 #include "cuda/internal/device_buffer.hpp"
 #include "cuda/internal/test_support.hpp"
-#include "cuda/nccl_transport.hpp"
 
 #include <random>
 
@@ -12,7 +12,8 @@ TEST(nccl_transport_test, one_rank_sends_a_batch_of_blocks_to_itself) {
   KVFLEET_REQUIRE_DEVICE();
   auto lib = nccl_library::load();
   if (!lib) {
-    if (testing::require_gpu()) FAIL() << lib.error().describe();
+    if (testing::require_gpu())
+      FAIL() << lib.error().describe();
     GTEST_SKIP() << "NCCL not loadable: " << lib.error().describe();
   }
   auto id = (*lib)->make_id();
@@ -25,7 +26,8 @@ TEST(nccl_transport_test, one_rank_sends_a_batch_of_blocks_to_itself) {
   internal::device_buffer dst(n * block);
   std::vector<std::byte> h(n * block);
   std::mt19937 rng(8);
-  for (auto& b : h) b = static_cast<std::byte>(rng() & 0xffU);
+  for (auto& b : h)
+    b = static_cast<std::byte>(rng() & 0xffU);
   src.upload(h);
   dst.fill(0);
   std::vector<send_block> out;
@@ -38,7 +40,8 @@ TEST(nccl_transport_test, one_rank_sends_a_batch_of_blocks_to_itself) {
   ASSERT_TRUE(r) << r.error().describe();
   const auto got = dst.download(0, n * block);
   for (std::size_t i = 0; i < n; ++i)
-    ASSERT_EQ(0, std::memcmp(got.data() + (n - 1 - i) * block, h.data() + i * block, block));
+    ASSERT_EQ(0, std::memcmp(got.data() + (n - 1 - i) * block,
+                             h.data() + i * block, block));
   EXPECT_EQ((*t)->exchange(1, out, in).error().code, errc::invalid_argument);
 }
 

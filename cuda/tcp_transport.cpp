@@ -38,7 +38,8 @@ result<void> send_all(int fd, const std::byte* p, std::size_t n) {
   while (n > 0) {
     const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL);
     if (k < 0) {
-      if (errno == EINTR) continue;
+      if (errno == EINTR)
+        continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK)
         return make_error(errc::io_error, "tcp send: timed out");
       return sys_error("tcp send");
@@ -52,9 +53,11 @@ result<void> send_all(int fd, const std::byte* p, std::size_t n) {
 result<void> recv_all(int fd, std::byte* p, std::size_t n) {
   while (n > 0) {
     const ssize_t k = ::recv(fd, p, n, 0);
-    if (k == 0) return make_error(errc::io_error, "tcp recv: peer closed the connection");
+    if (k == 0)
+      return make_error(errc::io_error, "tcp recv: peer closed the connection");
     if (k < 0) {
-      if (errno == EINTR) continue;
+      if (errno == EINTR)
+        continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK)
         return make_error(errc::io_error, "tcp recv: timed out");
       return sys_error("tcp recv");
@@ -72,7 +75,8 @@ void put_le(std::vector<std::byte>& out, std::uint64_t v, int bytes) {
 
 std::uint64_t get_le(const std::byte* p, int bytes) {
   std::uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | std::to_integer<std::uint64_t>(p[i]);
+  for (int i = bytes - 1; i >= 0; --i)
+    v = (v << 8) | std::to_integer<std::uint64_t>(p[i]);
   return v;
 }
 
@@ -80,16 +84,20 @@ result<void> send_batch(int fd, std::span<const send_block> out) {
   std::vector<std::byte> header;
   put_le(header, magic, 4);
   put_le(header, out.size(), 4);
-  for (const send_block& b : out) put_le(header, b.bytes, 8);
-  if (auto r = send_all(fd, header.data(), header.size()); !r) return r;
   for (const send_block& b : out)
-    if (auto r = send_all(fd, b.data, b.bytes); !r) return r;
+    put_le(header, b.bytes, 8);
+  if (auto r = send_all(fd, header.data(), header.size()); !r)
+    return r;
+  for (const send_block& b : out)
+    if (auto r = send_all(fd, b.data, b.bytes); !r)
+      return r;
   return {};
 }
 
 result<void> recv_batch(int fd, std::span<const recv_block> in) {
   std::byte head[8];
-  if (auto r = recv_all(fd, head, sizeof head); !r) return r;
+  if (auto r = recv_all(fd, head, sizeof head); !r)
+    return r;
   if (get_le(head, 4) != magic)
     return make_error(errc::parse_error, "tcp recv: not a kvfleet block batch");
   const std::uint64_t count = get_le(head + 4, 4);
@@ -98,7 +106,8 @@ result<void> recv_batch(int fd, std::span<const recv_block> in) {
                       "tcp recv: peer sent " + std::to_string(count) +
                           " blocks, expected " + std::to_string(in.size()));
   std::vector<std::byte> sizes(8 * in.size());
-  if (auto r = recv_all(fd, sizes.data(), sizes.size()); !r) return r;
+  if (auto r = recv_all(fd, sizes.data(), sizes.size()); !r)
+    return r;
   for (std::size_t i = 0; i < in.size(); ++i) {
     const std::uint64_t n = get_le(sizes.data() + 8 * i, 8);
     if (n != in[i].bytes)
@@ -108,27 +117,31 @@ result<void> recv_batch(int fd, std::span<const recv_block> in) {
                             std::to_string(in[i].bytes));
   }
   for (const recv_block& b : in)
-    if (auto r = recv_all(fd, b.data, b.bytes); !r) return r;
+    if (auto r = recv_all(fd, b.data, b.bytes); !r)
+      return r;
   return {};
 }
 
 } // namespace
 
-result<std::unique_ptr<tcp_transport>> tcp_transport::connect(const std::string& host,
-                                                              std::uint16_t port,
-                                                              std::chrono::milliseconds io_timeout) {
+result<std::unique_ptr<tcp_transport>>
+tcp_transport::connect(const std::string& host, std::uint16_t port,
+                       std::chrono::milliseconds io_timeout) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;
   const std::string service = std::to_string(port);
-  if (const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res); rc != 0)
+  if (const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
+      rc != 0)
     return make_error(errc::io_error,
                       "getaddrinfo(" + host + "): " + ::gai_strerror(rc));
   std::string why = "no address";
   for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0) continue;
+    const int fd =
+        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0)
+      continue;
     set_timeouts(fd, io_timeout);
     if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
       ::freeaddrinfo(res);
@@ -143,7 +156,8 @@ result<std::unique_ptr<tcp_transport>> tcp_transport::connect(const std::string&
 }
 
 tcp_transport::~tcp_transport() {
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0)
+    ::close(fd_);
 }
 
 result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
@@ -154,33 +168,43 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
                           " (a tcp transport has one peer, 0)");
   for (const send_block& b : out)
     if (b.data == nullptr && b.bytes > 0)
-      return make_error(errc::invalid_argument, "tcp exchange: null send block");
+      return make_error(errc::invalid_argument,
+                        "tcp exchange: null send block");
   for (const recv_block& b : in)
     if (b.data == nullptr && b.bytes > 0)
-      return make_error(errc::invalid_argument, "tcp exchange: null receive block");
-  if (out.empty()) return in.empty() ? result<void>{} : recv_batch(fd_, in);
-  if (in.empty()) return send_batch(fd_, out);
+      return make_error(errc::invalid_argument,
+                        "tcp exchange: null receive block");
+  if (out.empty())
+    return in.empty() ? result<void>{} : recv_batch(fd_, in);
+  if (in.empty())
+    return send_batch(fd_, out);
   // Both directions: send on a helper thread so that two peers exchanging
   // large batches cannot both block on full socket buffers.
   result<void> sent;
   std::thread sender([&] { sent = send_batch(fd_, out); });
   result<void> got = recv_batch(fd_, in);
-  if (!got) ::shutdown(fd_, SHUT_RDWR); // unblocks the sender
+  if (!got)
+    ::shutdown(fd_, SHUT_RDWR); // unblocks the sender
   sender.join();
-  if (!got) return got;
+  if (!got)
+    return got;
   return sent;
 }
 
-result<tcp_listener> tcp_listener::listen(const std::string& host, std::uint16_t port) {
+result<tcp_listener> tcp_listener::listen(const std::string& host,
+                                          std::uint16_t port) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE;
   addrinfo* res = nullptr;
   const std::string service = std::to_string(port);
-  if (const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res); rc != 0)
-    return make_error(errc::io_error, "getaddrinfo(" + host + "): " + ::gai_strerror(rc));
-  const int fd = ::socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
+  if (const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
+      rc != 0)
+    return make_error(errc::io_error,
+                      "getaddrinfo(" + host + "): " + ::gai_strerror(rc));
+  const int fd = ::socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC,
+                          res->ai_protocol);
   if (fd < 0) {
     ::freeaddrinfo(res);
     return sys_error("socket");
@@ -210,17 +234,22 @@ result<tcp_listener> tcp_listener::listen(const std::string& host, std::uint16_t
 }
 
 tcp_listener::~tcp_listener() {
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0)
+    ::close(fd_);
 }
 
-result<std::unique_ptr<tcp_transport>> tcp_listener::accept(std::chrono::milliseconds timeout,
-                                                             std::chrono::milliseconds io_timeout) {
+result<std::unique_ptr<tcp_transport>>
+tcp_listener::accept(std::chrono::milliseconds timeout,
+                     std::chrono::milliseconds io_timeout) {
   pollfd p{fd_, POLLIN, 0};
   const int rc = ::poll(&p, 1, static_cast<int>(timeout.count()));
-  if (rc == 0) return make_error(errc::io_error, "tcp accept: timed out");
-  if (rc < 0) return sys_error("poll");
+  if (rc == 0)
+    return make_error(errc::io_error, "tcp accept: timed out");
+  if (rc < 0)
+    return sys_error("poll");
   const int fd = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-  if (fd < 0) return sys_error("accept");
+  if (fd < 0)
+    return sys_error("accept");
   set_timeouts(fd, io_timeout);
   return std::unique_ptr<tcp_transport>(new tcp_transport(fd));
 }

@@ -29,7 +29,9 @@ public:
           std::chrono::milliseconds io_timeout = std::chrono::seconds(30));
   ~tcp_transport() override;
 
-  [[nodiscard]] std::string_view name() const noexcept override { return "tcp"; }
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return "tcp";
+  }
   [[nodiscard]] bool device_memory() const noexcept override { return false; }
   [[nodiscard]] result<void> exchange(int peer, std::span<const send_block> out,
                                       std::span<const recv_block> in) override;
@@ -44,9 +46,10 @@ private:
 class tcp_listener {
 public:
   /// Listens on host:port; port 0 picks a free port (see port()).
-  [[nodiscard]] static result<tcp_listener> listen(const std::string& host = "127.0.0.1",
-                                                   std::uint16_t port = 0);
-  tcp_listener(tcp_listener&& other) noexcept : fd_(other.fd_), port_(other.port_) {
+  [[nodiscard]] static result<tcp_listener>
+  listen(const std::string& host = "127.0.0.1", std::uint16_t port = 0);
+  tcp_listener(tcp_listener&& other) noexcept
+      : fd_(other.fd_), port_(other.port_) {
     other.fd_ = -1;
   }
   tcp_listener& operator=(tcp_listener&&) = delete;

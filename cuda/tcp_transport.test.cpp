@@ -15,7 +15,8 @@ using namespace std::chrono_literals;
 
 std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
   std::vector<std::byte> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>((i * 131 + seed) & 0xffU);
+  for (std::size_t i = 0; i < n; ++i)
+    v[i] = static_cast<std::byte>((i * 131 + seed) & 0xffU);
   return v;
 }
 
@@ -27,7 +28,8 @@ struct pair_of_ends {
 pair_of_ends connect_pair() {
   auto listener = tcp_listener::listen("127.0.0.1", 0);
   EXPECT_TRUE(listener) << listener.error().describe();
-  auto accepted = std::async(std::launch::async, [&] { return listener->accept(5s, 5s); });
+  auto accepted =
+      std::async(std::launch::async, [&] { return listener->accept(5s, 5s); });
   auto client = tcp_transport::connect("127.0.0.1", listener->port(), 5s);
   auto server = accepted.get();
   EXPECT_TRUE(client) << client.error().describe();
@@ -47,10 +49,13 @@ TEST(tcp_transport_test, a_batch_of_blocks_arrives_intact) {
   }
   std::vector<std::vector<std::byte>> dst;
   std::vector<recv_block> in;
-  for (std::size_t n : sizes) dst.emplace_back(n);
-  for (std::size_t i = 0; i < sizes.size(); ++i) in.push_back({dst[i].data(), sizes[i]});
+  for (std::size_t n : sizes)
+    dst.emplace_back(n);
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    in.push_back({dst[i].data(), sizes[i]});
 
-  auto sent = std::async(std::launch::async, [&] { return ends.client->send(0, out); });
+  auto sent =
+      std::async(std::launch::async, [&] { return ends.client->send(0, out); });
   auto got = ends.server->recv(0, in);
   ASSERT_TRUE(got) << got.error().describe();
   ASSERT_TRUE(sent.get());
@@ -69,8 +74,9 @@ TEST(tcp_transport_test, both_ends_exchange_large_batches_at_once) {
   const send_block from_b{b.data(), n};
   const recv_block into_a{at_a.data(), n};
   const recv_block into_b{at_b.data(), n};
-  auto other = std::async(std::launch::async,
-                          [&] { return ends.server->exchange(0, {&from_b, 1}, {&into_b, 1}); });
+  auto other = std::async(std::launch::async, [&] {
+    return ends.server->exchange(0, {&from_b, 1}, {&into_b, 1});
+  });
   auto mine = ends.client->exchange(0, {&from_a, 1}, {&into_a, 1});
   ASSERT_TRUE(mine) << mine.error().describe();
   ASSERT_TRUE(other.get());
@@ -78,18 +84,22 @@ TEST(tcp_transport_test, both_ends_exchange_large_batches_at_once) {
   EXPECT_EQ(at_b, a);
 }
 
-TEST(tcp_transport_test, a_size_mismatch_is_refused_before_any_payload_is_written) {
+TEST(tcp_transport_test,
+     a_size_mismatch_is_refused_before_any_payload_is_written) {
   auto ends = connect_pair();
   ASSERT_TRUE(ends.client && ends.server);
   const auto src = pattern(1000, 3);
   const send_block out{src.data(), src.size()};
   std::vector<std::byte> dst(999, std::byte{0x5a});
   const recv_block in{dst.data(), dst.size()};
-  auto sent = std::async(std::launch::async, [&] { return ends.client->send(0, {&out, 1}); });
+  auto sent = std::async(std::launch::async, [&] {
+    return ends.client->send(0, {&out, 1});
+  });
   auto got = ends.server->recv(0, {&in, 1});
   ASSERT_FALSE(got);
   EXPECT_EQ(got.error().code, errc::wrong_value_size);
-  EXPECT_TRUE(std::all_of(dst.begin(), dst.end(), [](std::byte b) { return b == std::byte{0x5a}; }));
+  EXPECT_TRUE(std::all_of(dst.begin(), dst.end(),
+                          [](std::byte b) { return b == std::byte{0x5a}; }));
   (void)sent.get();
 }
 
@@ -110,14 +120,16 @@ TEST(tcp_transport_test, a_closed_peer_or_a_silent_one_is_an_io_error) {
   auto silent = (*client)->recv(0, {&in, 1}); // nobody accepts or sends
   ASSERT_FALSE(silent);
   EXPECT_EQ(silent.error().code, errc::io_error);
-  EXPECT_NE(silent.error().message.find("timed out"), std::string::npos) << silent.error().message;
+  EXPECT_NE(silent.error().message.find("timed out"), std::string::npos)
+      << silent.error().message;
 }
 
 TEST(tcp_transport_test, bad_arguments_are_refused) {
   auto ends = connect_pair();
   ASSERT_TRUE(ends.client);
   const send_block null_block{nullptr, 8};
-  EXPECT_EQ(ends.client->send(0, {&null_block, 1}).error().code, errc::invalid_argument);
+  EXPECT_EQ(ends.client->send(0, {&null_block, 1}).error().code,
+            errc::invalid_argument);
   EXPECT_EQ(ends.client->send(1, {}).error().code, errc::invalid_argument);
   auto nobody = tcp_transport::connect("127.0.0.1", 1, 1s);
   EXPECT_FALSE(nobody);

@@ -28,12 +28,15 @@ KVFLEET_HD std::uint32_t select_u32(bool c, std::uint32_t a, std::uint32_t b) {
 
 /// Raw 16-bit element with infinities and NaNs replaced by +0.
 /// `inf_bits` is 0x7c00 for fp16, 0x7f80 for bf16.
-KVFLEET_HD std::uint16_t finite_or_zero(std::uint16_t h, std::uint32_t inf_bits) {
+KVFLEET_HD std::uint16_t finite_or_zero(std::uint16_t h,
+                                        std::uint32_t inf_bits) {
   return (h & 0x7fffU) < inf_bits ? h : std::uint16_t{0};
 }
 
 /// Magnitude bits of a finite-or-zeroed element (orders like the value).
-KVFLEET_HD std::uint32_t magnitude(std::uint16_t h) { return h & 0x7fffU; }
+KVFLEET_HD std::uint32_t magnitude(std::uint16_t h) {
+  return h & 0x7fffU;
+}
 
 /// fp16 bits -> fp32, exact (bit level; NaN payloads kept).
 KVFLEET_HD float half_to_f32(std::uint16_t h) {
@@ -84,7 +87,8 @@ KVFLEET_HD std::uint16_t f32_to_bf16(float f) {
 /// e4m3 bits -> fp32, exact; both NaN codes give the canonical NaN.
 KVFLEET_HD float e4m3_to_f32(std::uint8_t v) {
   const std::uint32_t em = v & 0x7fU;
-  if (em == 0x7fU) return bits_f32(canonical_nan_bits);
+  if (em == 0x7fU)
+    return bits_f32(canonical_nan_bits);
   const std::uint32_t sign = static_cast<std::uint32_t>(v & 0x80U) << 24;
   const std::uint32_t r = em < 0x08U
                               ? f32_bits(static_cast<float>(em) * 0x1p-9F)
@@ -142,8 +146,9 @@ KVFLEET_HD std::int32_t quantize_int(float x, float inv, std::int32_t qmax) {
 
 /// f, or the canonical NaN when f is a NaN.
 KVFLEET_HD float canonical(float f) {
-  return (f32_bits(f) & 0x7fffffffU) > 0x7f800000U ? bits_f32(canonical_nan_bits)
-                                                   : f;
+  return (f32_bits(f) & 0x7fffffffU) > 0x7f800000U
+             ? bits_f32(canonical_nan_bits)
+             : f;
 }
 
 /// Sign-extended low and high nibbles of an int4 byte (element 2i low).

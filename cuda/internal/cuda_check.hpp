@@ -12,14 +12,17 @@
 namespace kvfleet::cuda::internal {
 
 /// Success, or the error naming `call` and the code.
-[[nodiscard]] inline result<void> check(cudaError_t code, std::string_view call) {
-  if (code == cudaSuccess) return {};
+[[nodiscard]] inline result<void> check(cudaError_t code,
+                                        std::string_view call) {
+  if (code == cudaSuccess)
+    return {};
   return unexpected<error>(cuda_call_error(call, static_cast<int>(code)));
 }
 
 /// Makes `device` current for the calling thread.
 [[nodiscard]] inline result<void> use_device(int device) {
-  return check(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")");
+  return check(cudaSetDevice(device),
+               "cudaSetDevice(" + std::to_string(device) + ")");
 }
 
 } // namespace kvfleet::cuda::internal

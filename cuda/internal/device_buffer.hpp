@@ -23,12 +23,16 @@ public:
   device_buffer(const device_buffer&) = delete;
   device_buffer& operator=(const device_buffer&) = delete;
 
-  [[nodiscard]] std::byte* data() const noexcept { return static_cast<std::byte*>(p_); }
+  [[nodiscard]] std::byte* data() const noexcept {
+    return static_cast<std::byte*>(p_);
+  }
   [[nodiscard]] std::size_t size() const noexcept { return bytes_; }
   void upload(std::span<const std::byte> src, std::size_t at = 0) {
-    (void)cudaMemcpy(data() + at, src.data(), src.size(), cudaMemcpyHostToDevice);
+    (void)cudaMemcpy(data() + at, src.data(), src.size(),
+                     cudaMemcpyHostToDevice);
   }
-  [[nodiscard]] std::vector<std::byte> download(std::size_t at, std::size_t n) const {
+  [[nodiscard]] std::vector<std::byte> download(std::size_t at,
+                                                std::size_t n) const {
     std::vector<std::byte> v(n);
     (void)cudaMemcpy(v.data(), data() + at, n, cudaMemcpyDeviceToHost);
     return v;

@@ -22,19 +22,23 @@ public:
   /// the ring has no room now.
   std::optional<region> acquire(std::size_t n) {
     n = (n + 255) / 256 * 256;
-    if (n > capacity_) return std::nullopt;
-    if (used_ == 0) head_ = tail_ = 0;
+    if (n > capacity_)
+      return std::nullopt;
+    if (used_ == 0)
+      head_ = tail_ = 0;
     // Free space: [tail_, capacity_) then [0, head_) when tail_ >= head_
     // (or the ring is empty), else [tail_, head_).
     if (used_ == 0 || tail_ > head_) {
-      if (capacity_ - tail_ >= n) return take(tail_, n, n);
+      if (capacity_ - tail_ >= n)
+        return take(tail_, n, n);
       if (head_ >= n) { // wrap: the end of the buffer is skipped
         const std::size_t skipped = capacity_ - tail_;
         return take(0, n, n + skipped);
       }
       return std::nullopt;
     }
-    if (head_ - tail_ >= n) return take(tail_, n, n);
+    if (head_ - tail_ >= n)
+      return take(tail_, n, n);
     return std::nullopt;
   }
 
@@ -43,17 +47,20 @@ public:
     used_ -= r.bytes;
     starts_.pop_front();
     head_ = starts_.empty() ? 0 : starts_.front();
-    if (used_ == 0) head_ = tail_ = 0;
+    if (used_ == 0)
+      head_ = tail_ = 0;
   }
 
   [[nodiscard]] std::size_t used() const noexcept { return used_; }
 
 private:
-  std::optional<region> take(std::size_t at, std::size_t n, std::size_t consumed) {
+  std::optional<region> take(std::size_t at, std::size_t n,
+                             std::size_t consumed) {
     tail_ = at + n;
     used_ += consumed;
     starts_.push_back(at);
-    if (starts_.size() == 1) head_ = at;
+    if (starts_.size() == 1)
+      head_ = at;
     return region{at, consumed};
   }
 
@@ -61,7 +68,8 @@ private:
   std::size_t head_ = 0; // start of the oldest region
   std::size_t tail_ = 0; // end of the newest region
   std::size_t used_ = 0;
-  std::deque<std::size_t> starts_; // start offsets of live regions, oldest first
+  std::deque<std::size_t>
+      starts_; // start offsets of live regions, oldest first
 };
 
 } // namespace kvfleet::cuda::internal

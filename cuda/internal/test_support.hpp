@@ -33,7 +33,8 @@ inline std::string no_device_reason() {
         ::kvfleet::cuda::testing::no_device_reason();                          \
     if (!kvfleet_why_.empty()) {                                               \
       if (::kvfleet::cuda::testing::require_gpu())                             \
-        FAIL() << "KVFLEET_REQUIRE_GPU=1 but no CUDA device: " << kvfleet_why_; \
+        FAIL() << "KVFLEET_REQUIRE_GPU=1 but no CUDA device: "                 \
+               << kvfleet_why_;                                                \
       GTEST_SKIP() << "no CUDA device: " << kvfleet_why_;                      \
     }                                                                          \
   } while (false)
