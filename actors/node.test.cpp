@@ -1,0 +1,98 @@
+// kvfleet::node end to end on a real (2-thread) scheduler: each call blocks
+// until its answer arrives, so the outcomes are deterministic without sleeps.
+#include "actors/node.hpp"
+
+#include <gtest/gtest.h>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+
+namespace kvfleet {
+namespace {
+
+using actors::kv_request;
+using engine::block_key;
+
+node_config small_node() {
+  node_config c;
+  c.engines = 2;
+  c.engine.ns.model = "node-test";
+  c.engine.ns.layers = 1;
+  c.engine.ns.kv_heads = 1;
+  c.engine.ns.head_dim = 64;
+  c.engine.ns.block_tokens = 16;
+  c.engine.store.capacity_bytes = 1u << 20;
+  c.engine.store.slab_bytes = 64u << 10;
+  c.engine.batch.max_size = 1;
+  c.balancer.routing.policy = actors::routing_policy::kv_aware;
+  return c;
+}
+
+kv_request req(std::uint64_t id, std::string query = {}) {
+  kv_request r;
+  r.id = id;
+  r.query = std::move(query);
+  r.keys = {block_key{5, 1}, block_key{5, 2}, block_key{5, 3}};
+  r.input_tokens = 48;
+  return r;
+}
+
+TEST(Node, ProcessBlockCallsWarmAndBadConfig) {
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  {
+    auto n = node::start(sys, small_node());
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    auto& nd = **n;
+    auto first = nd.process_request(req(1));
+    ASSERT_TRUE(first.has_value()) << first.error().describe();
+    EXPECT_EQ(first->computed_blocks, 3U);
+    auto second = nd.process_request(req(2));
+    ASSERT_TRUE(second.has_value());
+    EXPECT_EQ(second->matched_blocks, 3U); // routed back to the holder
+    EXPECT_EQ(second->engine, first->engine);
+    auto cached = nd.process_request(req(3, "q"));
+    auto again = nd.process_request(req(4, "q"));
+    ASSERT_TRUE(cached && again);
+    EXPECT_TRUE(again->from_query_cache);
+    EXPECT_EQ(again->id, 4U);
+    auto lk = nd.lookup({block_key{5, 1}, block_key{5, 2}});
+    ASSERT_TRUE(lk.has_value());
+    EXPECT_EQ(*lk, 2U);
+
+    actors::put_request p;
+    p.key = block_key{9, 1};
+    std::vector<std::uint8_t> value(4096, 7);
+    ASSERT_TRUE(nd.put_block(1, p, value));
+    auto got = nd.get_block(1, p.key);
+    ASSERT_TRUE(got.has_value()) << got.error().describe();
+    EXPECT_EQ(*got, value);
+    EXPECT_TRUE(nd.pin(1, p.key));
+    EXPECT_TRUE(nd.unpin(1, p.key));
+    EXPECT_EQ(nd.get_block(0, p.key).error().code, errc::not_found);
+    EXPECT_EQ(nd.put_block(7, p, value).error().code, errc::not_found);
+
+    std::vector<actors::warm_item> items;
+    for (std::uint64_t i = 0; i < 5; ++i) {
+      auto r = req(100 + i);
+      r.keys = {block_key{50 + i, 1}};
+      r.input_tokens = 16;
+      items.push_back({r, static_cast<double>(i)});
+    }
+    auto w = nd.warm(items, 3, true);
+    ASSERT_TRUE(w.has_value());
+    EXPECT_EQ(w->warmed, 3U);
+    auto st = nd.stats();
+    ASSERT_TRUE(st.has_value());
+    EXPECT_EQ(st->routed.size(), 2U);
+  }
+  auto bad = small_node();
+  bad.engine.store.capacity_bytes = 0;
+  auto n = node::start(sys, bad);
+  ASSERT_FALSE(n.has_value());
+  EXPECT_EQ(n.error().code, errc::zero_capacity);
+}
+
+} // namespace
+} // namespace kvfleet
