@@ -50,8 +50,9 @@ engine_actor_config small_engine(std::size_t blocks, std::size_t batch_size = 1,
 
 /// A prompt of `n` blocks: `shared` leading blocks of group `group`, then
 /// blocks unique to `unique`.
-kv_request make_request(std::uint64_t id, std::uint64_t group, std::size_t shared,
-                        std::size_t n, std::uint64_t unique) {
+kv_request make_request(std::uint64_t id, std::uint64_t group,
+                        std::size_t shared, std::size_t n,
+                        std::uint64_t unique) {
   kv_request r;
   r.id = id;
   r.input_tokens = static_cast<std::uint32_t>(n * 16);
@@ -74,7 +75,8 @@ protected:
     cfg_.set("scheduler.policy", caf::atom("testing"));
     cfg_.set("logger.verbosity", caf::atom("quiet"));
     sys_ = std::make_unique<caf::actor_system>(cfg_);
-    sched_ = &dynamic_cast<caf::scheduler::test_coordinator&>(sys_->scheduler());
+    sched_ =
+        &dynamic_cast<caf::scheduler::test_coordinator&>(sys_->scheduler());
   }
   ~actor_test() override {
     // Actors with pending timers stay alive: stop every long-lived one so
@@ -91,8 +93,9 @@ protected:
   std::shared_ptr<outcome<T>> ask(const caf::actor& dest, Ts... xs) {
     auto out = std::make_shared<outcome<T>>();
     sys_->spawn([=](caf::event_based_actor* self) {
-      self->request(dest, 3600s, xs...).then([=](T& v) { out->value = std::move(v); },
-                                          [=](caf::error& e) { out->error = e; });
+      self->request(dest, 3600s, xs...)
+          .then([=](T& v) { out->value = std::move(v); },
+                [=](caf::error& e) { out->error = e; });
     });
     return out;
   }
@@ -112,17 +115,19 @@ protected:
     return a.value_or(caf::actor{});
   }
 
-  caf::actor balancer(routing_policy p, std::vector<engine_actor_config> engines,
+  caf::actor balancer(routing_policy p,
+                      std::vector<engine_actor_config> engines,
                       std::chrono::milliseconds timeout = 5s) {
     balancer_config bc;
     bc.routing.policy = p;
     bc.initial_engines = static_cast<std::uint32_t>(engines.size());
     bc.request_timeout = timeout;
-    auto b = spawn_balancer(*sys_, bc, [engines](caf::actor_system& s, std::uint32_t slot) {
-      auto c = engines.at(slot % engines.size());
-      c.slot = slot;
-      return spawn_engine_actor(s, c);
-    });
+    auto b = spawn_balancer(
+        *sys_, bc, [engines](caf::actor_system& s, std::uint32_t slot) {
+          auto c = engines.at(slot % engines.size());
+          c.slot = slot;
+          return spawn_engine_actor(s, c);
+        });
     stop_at_end_.push_back(b);
     return b;
   }
@@ -210,14 +215,18 @@ TEST_F(actor_test, TwoPhasePutThenReadAndPin) {
   p.key = block_key{9, 9};
   auto ticket = ask_now<std::uint64_t>(e, reserve_atom::value, p);
   // Not visible before commit.
-  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, std::vector<block_key>{p.key}), 0U);
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value,
+                                   std::vector<block_key>{p.key}),
+            0U);
   std::vector<std::uint8_t> value(block_bytes, 0);
   auto w = ask<bool>(e, write_atom::value, ticket, value);
   auto c = ask<bool>(e, commit_atom::value, ticket);
   sched_->run();
   EXPECT_FALSE(w->error.has_value());
   EXPECT_FALSE(c->error.has_value());
-  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, std::vector<block_key>{p.key}), 1U);
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value,
+                                   std::vector<block_key>{p.key}),
+            1U);
   auto back = ask_now<std::vector<std::uint8_t>>(e, read_atom::value, p.key);
   EXPECT_EQ(back, value);
   auto pin = ask<bool>(e, pin_atom::value, p.key);
@@ -229,12 +238,14 @@ TEST_F(actor_test, LeastLoadedAvoidsTheBackloggedEngine) {
   // Engine 0 answers at once; engine 1 holds requests for 100 ms.
   auto fast = small_engine(256, 1);
   auto slow = small_engine(256, 100, 100ms);
-  for (auto policy : {routing_policy::round_robin, routing_policy::least_loaded}) {
+  for (auto policy :
+       {routing_policy::round_robin, routing_policy::least_loaded}) {
     auto b = balancer(policy, {fast, slow});
     sched_->run();
     std::vector<std::shared_ptr<outcome<kv_reply>>> out;
     for (std::uint64_t i = 0; i < 12; ++i) {
-      out.push_back(ask<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i)));
+      out.push_back(
+          ask<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i)));
       sched_->run();
     }
     auto st = ask_now<balancer_stats>(b, stats_atom::value);
@@ -267,11 +278,12 @@ routing_outcome run_shared_prefix(actor_test* t, caf::actor_system& sys,
   balancer_config bc;
   bc.routing.policy = policy;
   bc.initial_engines = engines;
-  auto b = spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
-    auto c = small_engine(48); // ~3 of the 16 hot prefixes fit one engine
-    c.slot = slot;
-    return spawn_engine_actor(s, c);
-  });
+  auto b =
+      spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
+        auto c = small_engine(48); // ~3 of the 16 hot prefixes fit one engine
+        c.slot = slot;
+        return spawn_engine_actor(s, c);
+      });
   sched.run();
   std::mt19937_64 rng{7};
   std::uint64_t matched = 0;
@@ -322,7 +334,8 @@ routing_outcome run_shared_prefix(actor_test* t, caf::actor_system& sys,
 }
 
 TEST_F(actor_test, KvAwareBeatsLeastLoadedOnSharedPrefixWithoutOverload) {
-  auto ll = run_shared_prefix(this, *sys_, *sched_, routing_policy::least_loaded);
+  auto ll =
+      run_shared_prefix(this, *sys_, *sched_, routing_policy::least_loaded);
   auto kv = run_shared_prefix(this, *sys_, *sched_, routing_policy::kv_aware);
   std::printf("block hit ratio: kv_aware %.3f (max engine share %.2f), "
               "least_loaded %.3f (max engine share %.2f)\n",
@@ -334,7 +347,8 @@ TEST_F(actor_test, KvAwareBeatsLeastLoadedOnSharedPrefixWithoutOverload) {
 
 TEST_F(actor_test, RequestTimeoutReturnsTimeoutError) {
   // The engine holds requests for 10 s; the balancer waits 50 ms.
-  auto b = balancer(routing_policy::least_loaded, {small_engine(64, 20, 10s)}, 50ms);
+  auto b =
+      balancer(routing_policy::least_loaded, {small_engine(64, 20, 10s)}, 50ms);
   auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
   sched_->run();
   EXPECT_FALSE(r->done());
@@ -348,7 +362,8 @@ TEST_F(actor_test, RequestTimeoutReturnsTimeoutError) {
 }
 
 TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
-  auto b = balancer(routing_policy::round_robin, {small_engine(64), small_engine(64)});
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64)});
   sched_->run();
   auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
   caf::anon_send_exit(e0, caf::exit_reason::kill);
@@ -356,7 +371,8 @@ TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
   for (std::uint64_t i = 0; i < 4; ++i) {
-    auto rep = ask_now<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i));
+    auto rep =
+        ask_now<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i));
     EXPECT_EQ(rep.engine, 1U);
   }
   sched_->advance_time(100ms); // restart_delay
@@ -366,9 +382,9 @@ TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
   EXPECT_EQ(st.restarts, 1U);
   std::vector<std::uint32_t> engines;
   for (std::uint64_t i = 0; i < 2; ++i)
-    engines.push_back(
-        ask_now<kv_reply>(b, process_atom::value, make_request(10 + i, 0, 0, 1, 10 + i))
-            .engine);
+    engines.push_back(ask_now<kv_reply>(b, process_atom::value,
+                                        make_request(10 + i, 0, 0, 1, 10 + i))
+                          .engine);
   std::sort(engines.begin(), engines.end());
   EXPECT_EQ(engines, (std::vector<std::uint32_t>{0, 1}));
 }
@@ -384,7 +400,9 @@ TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
   sc.policy.max_replicas = 2;
   sc.interval = 1s;
   auto decisions = std::make_shared<std::vector<scale_decision>>();
-  sc.on_decision = [decisions](const scale_decision& d) { decisions->push_back(d); };
+  sc.on_decision = [decisions](const scale_decision& d) {
+    decisions->push_back(d);
+  };
   auto s = spawn_scaler(*sys_, sc, b);
   stop_at_end_.push_back(s);
   sched_->run();
@@ -423,8 +441,10 @@ TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
   EXPECT_EQ(decisions->back().action, scale_action::retire_replica);
   EXPECT_EQ(live(), 1);
   auto st = ask_now<scaler_stats>(s, stats_atom::value);
-  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::spawn_replica)], 1U);
-  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::retire_replica)], 1U);
+  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::spawn_replica)],
+            1U);
+  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::retire_replica)],
+            1U);
   caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
 }
 
@@ -433,7 +453,8 @@ struct fake_backend {
   std::vector<kv_request> seen;
 };
 
-caf::behavior fake_balancer(caf::event_based_actor*, std::shared_ptr<fake_backend> be) {
+caf::behavior fake_balancer(caf::event_based_actor*,
+                            std::shared_ptr<fake_backend> be) {
   return {
       [be](process_atom, const kv_request& r) -> kv_reply {
         be->seen.push_back(r);
@@ -459,7 +480,8 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   pc.threshold = 0.6;
   pc.model.aging_interval = 0;
   pc.model.decay = 0.5;
-  auto p = sys_->spawn([&](caf::event_based_actor*) -> caf::behavior { return {}; });
+  auto p =
+      sys_->spawn([&](caf::event_based_actor*) -> caf::behavior { return {}; });
   (void)p;
   auto pf = spawn_prefetcher(*sys_, pc, b);
   stop_at_end_.push_back(pf);
@@ -504,7 +526,8 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   observe2(query(1, "A"));
   observe2(query(1, "B"));
   for (int i = 0; i < 40; ++i)
-    observe2(query(100 + static_cast<std::uint64_t>(i), "other" + std::to_string(i)));
+    observe2(query(100 + static_cast<std::uint64_t>(i),
+                   "other" + std::to_string(i)));
   before = be->seen.size();
   observe2(query(50, "A"));
   EXPECT_EQ(be->seen.size(), before);
@@ -560,15 +583,17 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
   auto w = spawn_warmer(*sys_, wc, b);
   stop_at_end_.push_back(w);
   auto progress = std::make_shared<std::vector<std::uint64_t>>();
-  auto listener = sys_->spawn([progress](caf::event_based_actor*) -> caf::behavior {
-    return {[progress](progress_atom, std::uint64_t done, std::uint64_t) {
-      progress->push_back(done);
-    }};
-  });
+  auto listener =
+      sys_->spawn([progress](caf::event_based_actor*) -> caf::behavior {
+        return {[progress](progress_atom, std::uint64_t done, std::uint64_t) {
+          progress->push_back(done);
+        }};
+      });
   std::vector<warm_item> items;
   for (int i = 0; i < 10; ++i)
     items.push_back(warm_item{query(0, "q" + std::to_string(i)), double(i)});
-  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{3}, true, listener);
+  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{3},
+                              true, listener);
   sched_->run();
   ASSERT_TRUE(rep->value.has_value());
   EXPECT_EQ(rep->value->requested, 3U);
@@ -595,10 +620,12 @@ TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {
   auto high = make_request(2, 2, 0, 8, 2);
   high.prio = engine::priority::high;
   ask_now<kv_reply>(e, process_atom::value, high);
-  ask_now<kv_reply>(e, process_atom::value, low); // 16 of 40 blocks: above 0.5? no
+  ask_now<kv_reply>(e, process_atom::value,
+                    low); // 16 of 40 blocks: above 0.5? no
   auto more = make_request(3, 3, 0, 8, 3);
   more.prio = engine::priority::high;
-  ask_now<kv_reply>(e, process_atom::value, more); // 24 of 40 > 0.5: evict to 10
+  ask_now<kv_reply>(e, process_atom::value,
+                    more); // 24 of 40 > 0.5: evict to 10
   auto st = ask_now<engine_stats>(e, stats_atom::value);
   EXPECT_EQ(st.pressure_evictions, 1U);
   EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, low.keys), 0U);

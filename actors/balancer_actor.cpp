@@ -75,7 +75,8 @@ std::uint32_t add_engine(balancer_actor* self) {
   st.slots.emplace_back();
   st.route.set_up(slot, false);
   if (!start_engine(self, slot))
-    self->delayed_send(self, st.config.restart_delay, restart_atom::value, slot);
+    self->delayed_send(self, st.config.restart_delay, restart_atom::value,
+                       slot);
   return slot;
 }
 
@@ -92,8 +93,9 @@ void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
     self->send(l, observe_atom::value, req, rep, latency);
 }
 
-void dispatch(balancer_actor* self, kv_request req, caf::response_promise promise,
-              std::int64_t started, int attempt) {
+void dispatch(balancer_actor* self, kv_request req,
+              caf::response_promise promise, std::int64_t started,
+              int attempt) {
   auto& st = self->state;
   auto pick = st.route.pick(req.keys);
   if (!pick) {
@@ -132,9 +134,9 @@ void dispatch(balancer_actor* self, kv_request req, caf::response_promise promis
     promise.deliver(std::move(err));
   };
   if (req.prio >= engine::priority::high)
-    self->request<caf::message_priority::high>(st.slots[slot].engine,
-                                               st.config.request_timeout,
-                                               process_atom::value, std::move(msg_req))
+    self->request<caf::message_priority::high>(
+            st.slots[slot].engine, st.config.request_timeout,
+            process_atom::value, std::move(msg_req))
         .then(std::move(then), std::move(fail));
   else
     self->request(st.slots[slot].engine, st.config.request_timeout,
@@ -151,7 +153,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   for (std::uint32_t i = 0; i < config.initial_engines; ++i)
     add_engine(self);
   self->set_default_handler(
-      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+      [](caf::scheduled_actor*,
+         caf::message_view&) -> caf::result<caf::message> {
         return caf::sec::unexpected_message;
       });
   // The balancer owns its engines: they stop with it. (Not links: a killed
@@ -175,7 +178,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       } else if (info.restarts < s.config.max_restarts) {
         ++info.restarts;
         ++s.restarts;
-        self->delayed_send(self, s.config.restart_delay, restart_atom::value, slot);
+        self->delayed_send(self, s.config.restart_delay, restart_atom::value,
+                           slot);
       }
     }
   });
@@ -187,10 +191,12 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       },
       [=](restart_atom, std::uint32_t slot) {
         auto& s = self->state;
-        if (slot >= s.slots.size() || s.slots[slot].engine || s.slots[slot].retired)
+        if (slot >= s.slots.size() || s.slots[slot].engine ||
+            s.slots[slot].retired)
           return;
         if (!start_engine(self, slot))
-          self->delayed_send(self, s.config.restart_delay, restart_atom::value, slot);
+          self->delayed_send(self, s.config.restart_delay, restart_atom::value,
+                             slot);
       },
       [=](const block_events& ev) {
         auto& s = self->state;
@@ -201,7 +207,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         for (auto& l : s.listeners)
           self->send(l, ev);
       },
-      [=](lookup_atom, std::vector<engine::block_key>& keys) -> caf::result<std::uint64_t> {
+      [=](lookup_atom,
+          std::vector<engine::block_key>& keys) -> caf::result<std::uint64_t> {
         auto& s = self->state;
         std::uint32_t best = 0;
         std::size_t best_held = 0;
@@ -218,13 +225,15 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         }
         if (!any)
           return to_caf_error(error{errc::busy, "no engine available"});
-        self->delegate(s.slots[best].engine, lookup_atom::value, std::move(keys));
+        self->delegate(s.slots[best].engine, lookup_atom::value,
+                       std::move(keys));
         return caf::delegated<std::uint64_t>{};
       },
       [=](engine_atom, std::uint32_t slot) -> caf::result<caf::actor> {
         auto& s = self->state;
         if (slot >= s.slots.size() || !s.slots[slot].engine)
-          return to_caf_error(error{errc::not_found, "no live engine in that slot"});
+          return to_caf_error(
+              error{errc::not_found, "no live engine in that slot"});
         return s.slots[slot].engine;
       },
       [=](replica_atom) -> caf::result<std::uint32_t> {
@@ -234,8 +243,10 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       [=](retire_atom) -> caf::result<std::uint32_t> {
         auto& s = self->state;
         if (s.route.live_slots() <= 1)
-          return to_caf_error(error{errc::invalid_argument, "last live engine"});
-        for (auto slot = static_cast<std::uint32_t>(s.slots.size()); slot-- > 0;) {
+          return to_caf_error(
+              error{errc::invalid_argument, "last live engine"});
+        for (auto slot = static_cast<std::uint32_t>(s.slots.size());
+             slot-- > 0;) {
           if (s.slots[slot].engine && !s.slots[slot].retiring) {
             s.slots[slot].retiring = true;
             s.route.set_draining(slot, true);
@@ -256,7 +267,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
           out.routed.push_back(s.slots[slot].routed);
           out.in_flight.push_back(s.route.in_flight(slot));
-          out.up.push_back(s.route.is_up(slot) && !s.route.is_draining(slot) ? 1 : 0);
+          out.up.push_back(
+              s.route.is_up(slot) && !s.route.is_draining(slot) ? 1 : 0);
         }
         out.timeouts = s.timeouts;
         out.rerouted = s.rerouted;
@@ -276,7 +288,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
 
 caf::actor spawn_balancer(caf::actor_system& sys, balancer_config config,
                           engine_factory make_engine) {
-  return sys.spawn(balancer_behavior, std::move(config), std::move(make_engine));
+  return sys.spawn(balancer_behavior, std::move(config),
+                   std::move(make_engine));
 }
 
 } // namespace kvfleet::actors

@@ -71,7 +71,8 @@ public:
       const slot* next = queue_.peek();
       if (next == nullptr)
         break;
-      if (max_tokens_ > 0 && !out.empty() && tokens + next->tokens > max_tokens_)
+      if (max_tokens_ > 0 && !out.empty() &&
+          tokens + next->tokens > max_tokens_)
         break;
       tokens += next->tokens;
       pending_tokens_ -= next->tokens;
@@ -82,9 +83,13 @@ public:
     return out;
   }
 
-  void set_max_tokens(std::uint64_t max_tokens) noexcept { max_tokens_ = max_tokens; }
+  void set_max_tokens(std::uint64_t max_tokens) noexcept {
+    max_tokens_ = max_tokens;
+  }
   [[nodiscard]] std::size_t pending() const noexcept { return queue_.size(); }
-  [[nodiscard]] std::uint64_t generation() const noexcept { return generation_; }
+  [[nodiscard]] std::uint64_t generation() const noexcept {
+    return generation_;
+  }
   [[nodiscard]] const batch_config& config() const noexcept { return config_; }
 
 private:

@@ -23,7 +23,8 @@ errc unpack(std::uint8_t x) noexcept {
 } // namespace
 
 caf::error to_caf_error(const kvfleet::error& e) {
-  return caf::error{pack(e.code), kvfleet_category, caf::make_message(e.message)};
+  return caf::error{pack(e.code), kvfleet_category,
+                    caf::make_message(e.message)};
 }
 
 bool is_timeout(const caf::error& e) noexcept {

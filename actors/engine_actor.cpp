@@ -67,7 +67,8 @@ caf::result<bool> lift_void(const result<void>& r) {
 }
 
 std::uint64_t removals(const engine::block_store& s) {
-  return s.stats().evictions + s.stats().expirations + s.stats().checksum_failures;
+  return s.stats().evictions + s.stats().expirations +
+         s.stats().checksum_failures;
 }
 
 /// Finds the keys the store dropped since the last call (see header).
@@ -123,7 +124,8 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
   opts.prio = req.prio;
   opts.pin = req.pin;
   opts.request_tokens = req.input_tokens;
-  auto r = st.store->process(st.ns, req.keys, req.input_tokens, *st.producer, opts);
+  auto r =
+      st.store->process(st.ns, req.keys, req.input_tokens, *st.producer, opts);
   if (!r)
     return unexpected<error>{r.error()};
   for (std::size_t i = r->matched_blocks;
@@ -150,8 +152,9 @@ void close_batch(engine_actor* self);
 void arm_timer(engine_actor* self) {
   auto& b = self->state.batcher;
   if (b.take_opened())
-    self->delayed_send(self, std::chrono::duration_cast<std::chrono::milliseconds>(
-                                 b.config().timeout),
+    self->delayed_send(self,
+                       std::chrono::duration_cast<std::chrono::milliseconds>(
+                           b.config().timeout),
                        close_batch_atom::value, b.generation());
 }
 
@@ -170,16 +173,19 @@ void close_batch(engine_actor* self) {
   arm_timer(self);
 }
 
-caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> parts) {
+caf::behavior engine_behavior(engine_actor* self,
+                              std::shared_ptr<engine_parts> parts) {
   auto& st = self->state;
   st.config = std::move(parts->config);
   st.store = std::move(parts->store);
   st.ns = parts->ns;
   st.producer = std::move(parts->producer);
-  st.batcher = batch_accumulator<pending_request>{st.config.batch, st.config.capacity_tokens};
+  st.batcher = batch_accumulator<pending_request>{st.config.batch,
+                                                  st.config.capacity_tokens};
   st.seen_removals = removals(*st.store);
   self->set_default_handler(
-      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+      [](caf::scheduled_actor*,
+         caf::message_view&) -> caf::result<caf::message> {
         return caf::sec::unexpected_message;
       });
   return {
@@ -198,7 +204,8 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
         ++s.in_flight;
         auto prio = req.prio;
         auto tokens = req.input_tokens;
-        bool full = s.batcher.add(prio, pending_request{std::move(req), promise}, tokens);
+        bool full = s.batcher.add(
+            prio, pending_request{std::move(req), promise}, tokens);
         if (full)
           close_batch(self);
         else
@@ -216,9 +223,10 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
         std::vector<std::size_t> order(reqs.size());
         for (std::size_t i = 0; i < order.size(); ++i)
           order[i] = i;
-        std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-          return reqs[a].prio > reqs[b].prio;
-        });
+        std::stable_sort(order.begin(), order.end(),
+                         [&](std::size_t a, std::size_t b) {
+                           return reqs[a].prio > reqs[b].prio;
+                         });
         out.resize(reqs.size());
         for (auto i : order) {
           auto r = run_one(self->state, reqs[i]);
@@ -248,7 +256,8 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
           return to_caf_error(h.error());
         auto ticket = s.next_ticket++;
         s.puts.emplace(ticket, std::move(*h));
-        self->delayed_send(self, s.config.put_timeout, abort_atom::value, ticket, true);
+        self->delayed_send(self, s.config.put_timeout, abort_atom::value,
+                           ticket, true);
         return ticket;
       },
       [=](write_atom, std::uint64_t ticket,
@@ -256,14 +265,17 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
         auto& s = self->state;
         auto it = s.puts.find(ticket);
         if (it == s.puts.end())
-          return to_caf_error(error{errc::invalid_handle, "unknown put ticket"});
-        return lift_void(s.store->write(it->second, std::as_bytes(std::span{value})));
+          return to_caf_error(
+              error{errc::invalid_handle, "unknown put ticket"});
+        return lift_void(
+            s.store->write(it->second, std::as_bytes(std::span{value})));
       },
       [=](commit_atom, std::uint64_t ticket) -> caf::result<bool> {
         auto& s = self->state;
         auto it = s.puts.find(ticket);
         if (it == s.puts.end())
-          return to_caf_error(error{errc::invalid_handle, "unknown put ticket"});
+          return to_caf_error(
+              error{errc::invalid_handle, "unknown put ticket"});
         auto r = s.store->commit(it->second);
         auto key = it->second.key();
         s.puts.erase(it);
@@ -306,7 +318,8 @@ caf::behavior engine_behavior(engine_actor* self, std::shared_ptr<engine_parts> 
         return out;
       },
       [=](evict_atom, std::uint64_t bytes) -> caf::result<std::uint64_t> {
-        auto freed = self->state.store->evict_bytes(static_cast<std::size_t>(bytes));
+        auto freed =
+            self->state.store->evict_bytes(static_cast<std::size_t>(bytes));
         publish(self);
         return static_cast<std::uint64_t>(freed);
       },

@@ -70,7 +70,7 @@ struct engine_actor_config {
 
 /// Creates the store, registers the namespace and spawns the actor.
 /// Errors: the store's (zero capacity, bad namespace).
-[[nodiscard]] result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
-                                                    const engine_actor_config& config);
+[[nodiscard]] result<caf::actor>
+spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config);
 
 } // namespace kvfleet::actors

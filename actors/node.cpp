@@ -24,7 +24,9 @@ result<T> ask(caf::actor_system& sys, const caf::actor& dest,
   std::optional<result<T>> out;
   self->request(dest, timeout, std::forward<Ts>(xs)...)
       .receive([&](T& x) { out.emplace(std::move(x)); },
-               [&](caf::error& e) { out.emplace(unexpected<error>{from_caf_error(e)}); });
+               [&](caf::error& e) {
+                 out.emplace(unexpected<error>{from_caf_error(e)});
+               });
   return std::move(*out);
 }
 
@@ -53,7 +55,8 @@ node::~node() {
       caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
 }
 
-result<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_config config) {
+result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
+                                          node_config config) {
   // Fail early, with the engine's own error, on a bad engine configuration.
   {
     auto probe = actors::spawn_engine_actor(sys, config.engine);
@@ -67,7 +70,8 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_config co
   auto engine_cfg = c.engine;
   n->balancer_ = actors::spawn_balancer(
       sys, c.balancer,
-      [engine_cfg](caf::actor_system& s, std::uint32_t slot) -> result<caf::actor> {
+      [engine_cfg](caf::actor_system& s,
+                   std::uint32_t slot) -> result<caf::actor> {
         auto cfg = engine_cfg;
         cfg.slot = slot;
         return actors::spawn_engine_actor(s, cfg);
@@ -113,19 +117,19 @@ result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
                                    actors::reserve_atom::value, put);
   if (!ticket)
     return unexpected<error>{ticket.error()};
-  auto w = ask_void(sys_, *engine, config_.call_timeout, actors::write_atom::value,
-                    *ticket, value);
+  auto w = ask_void(sys_, *engine, config_.call_timeout,
+                    actors::write_atom::value, *ticket, value);
   if (!w) {
-    (void)ask_void(sys_, *engine, config_.call_timeout, actors::abort_atom::value,
-                   *ticket);
+    (void)ask_void(sys_, *engine, config_.call_timeout,
+                   actors::abort_atom::value, *ticket);
     return w;
   }
-  return ask_void(sys_, *engine, config_.call_timeout, actors::commit_atom::value,
-                  *ticket);
+  return ask_void(sys_, *engine, config_.call_timeout,
+                  actors::commit_atom::value, *ticket);
 }
 
-result<std::vector<std::uint8_t>> node::get_block(std::uint32_t slot,
-                                                  const engine::block_key& key) {
+result<std::vector<std::uint8_t>>
+node::get_block(std::uint32_t slot, const engine::block_key& key) {
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
@@ -137,18 +141,21 @@ result<void> node::pin(std::uint32_t slot, const engine::block_key& key) {
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask_void(sys_, *engine, config_.call_timeout, actors::pin_atom::value, key);
+  return ask_void(sys_, *engine, config_.call_timeout, actors::pin_atom::value,
+                  key);
 }
 
 result<void> node::unpin(std::uint32_t slot, const engine::block_key& key) {
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask_void(sys_, *engine, config_.call_timeout, actors::unpin_atom::value, key);
+  return ask_void(sys_, *engine, config_.call_timeout,
+                  actors::unpin_atom::value, key);
 }
 
-result<actors::warm_report> node::warm(const std::vector<actors::warm_item>& items,
-                                       std::uint32_t top_n, bool pin) {
+result<actors::warm_report>
+node::warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
+           bool pin) {
   return ask<actors::warm_report>(sys_, warmer_, config_.call_timeout,
                                   actors::warm_atom::value, items, top_n, pin,
                                   caf::actor{});

@@ -34,13 +34,14 @@ namespace kvfleet {
 
 struct node_config {
   std::uint32_t engines = 2;
-  actors::engine_actor_config engine{}; ///< every engine's; slot is set per engine
-  actors::balancer_config balancer{};   ///< initial_engines is set from `engines`
+  actors::engine_actor_config
+      engine{}; ///< every engine's; slot is set per engine
+  actors::balancer_config balancer{}; ///< initial_engines is set from `engines`
   actors::warmer_config warmer{};
   bool query_cache = true;
   actors::query_cache_config cache{};
-  std::optional<actors::scaler_actor_config> scaler;     ///< off by default
-  std::optional<actors::prefetch_config> prefetch;       ///< off by default
+  std::optional<actors::scaler_actor_config> scaler; ///< off by default
+  std::optional<actors::prefetch_config> prefetch;   ///< off by default
   std::chrono::milliseconds call_timeout{30'000};
 };
 
@@ -53,35 +54,47 @@ public:
 
   /// Spawns the node's actors. Errors: the first engine's (bad capacity or
   /// namespace).
-  [[nodiscard]] static result<std::unique_ptr<node>> start(caf::actor_system& sys,
-                                                           node_config config);
+  [[nodiscard]] static result<std::unique_ptr<node>>
+  start(caf::actor_system& sys, node_config config);
   ~node();
   node(const node&) = delete;
   node& operator=(const node&) = delete;
 
   /// Processes one request: through the query-result cache when it is on
   /// and the request has a query key, else straight to the balancer.
-  [[nodiscard]] result<actors::kv_reply> process_request(const actors::kv_request& req);
+  [[nodiscard]] result<actors::kv_reply>
+  process_request(const actors::kv_request& req);
   /// Longest cached prefix of `keys` on the engine the index points at.
-  [[nodiscard]] result<std::uint64_t> lookup(const std::vector<engine::block_key>& keys);
+  [[nodiscard]] result<std::uint64_t>
+  lookup(const std::vector<engine::block_key>& keys);
   /// Two-phase put of one block on engine `slot`: reserve, write, commit.
-  [[nodiscard]] result<void> put_block(std::uint32_t slot, const actors::put_request& put,
+  [[nodiscard]] result<void> put_block(std::uint32_t slot,
+                                       const actors::put_request& put,
                                        const std::vector<std::uint8_t>& value);
   /// The decoded value of a block on engine `slot`.
-  [[nodiscard]] result<std::vector<std::uint8_t>> get_block(std::uint32_t slot,
-                                                            const engine::block_key& key);
-  [[nodiscard]] result<void> pin(std::uint32_t slot, const engine::block_key& key);
-  [[nodiscard]] result<void> unpin(std::uint32_t slot, const engine::block_key& key);
+  [[nodiscard]] result<std::vector<std::uint8_t>>
+  get_block(std::uint32_t slot, const engine::block_key& key);
+  [[nodiscard]] result<void> pin(std::uint32_t slot,
+                                 const engine::block_key& key);
+  [[nodiscard]] result<void> unpin(std::uint32_t slot,
+                                   const engine::block_key& key);
   /// Warms the top `top_n` queries by expected frequency (see warmer_actor).
-  [[nodiscard]] result<actors::warm_report> warm(const std::vector<actors::warm_item>& items,
-                                                 std::uint32_t top_n = 100, bool pin = false);
+  [[nodiscard]] result<actors::warm_report>
+  warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n = 100,
+       bool pin = false);
   [[nodiscard]] result<actors::balancer_stats> stats();
   [[nodiscard]] result<actors::engine_stats> engine_stats(std::uint32_t slot);
 
-  [[nodiscard]] const caf::actor& balancer() const noexcept { return balancer_; }
-  [[nodiscard]] const caf::actor& query_cache() const noexcept { return cache_; }
+  [[nodiscard]] const caf::actor& balancer() const noexcept {
+    return balancer_;
+  }
+  [[nodiscard]] const caf::actor& query_cache() const noexcept {
+    return cache_;
+  }
   [[nodiscard]] const caf::actor& scaler() const noexcept { return scaler_; }
-  [[nodiscard]] const caf::actor& prefetcher() const noexcept { return prefetcher_; }
+  [[nodiscard]] const caf::actor& prefetcher() const noexcept {
+    return prefetcher_;
+  }
   [[nodiscard]] const caf::actor& warmer() const noexcept { return warmer_; }
 
 private:

@@ -65,7 +65,7 @@ TEST(BatchAccumulator, TokenBudgetClosesAndSplits) {
   EXPECT_TRUE(b.add(priority::normal, 2, 600));
   auto first = b.take();
   EXPECT_EQ(first, std::vector<int>{1}); // 1200 tokens do not fit 1000
-  EXPECT_TRUE(b.take_opened());           // the left-over opens a batch
+  EXPECT_TRUE(b.take_opened());          // the left-over opens a batch
   EXPECT_EQ(b.take(), std::vector<int>{2});
 }
 
@@ -179,7 +179,8 @@ scaler_config fast_scaler() {
   return c;
 }
 
-void feed(scaler_policy& s, engine::nanos at, engine::nanos latency, int n = 10) {
+void feed(scaler_policy& s, engine::nanos at, engine::nanos latency,
+          int n = 10) {
   for (int i = 0; i < n; ++i)
     s.record(at, latency);
 }
@@ -311,7 +312,8 @@ TEST(TransitionModel, ForgetsStalePatternsAndStaysBounded) {
 TEST(EmbeddedQueryStore, ExpiresAtTtl) {
   embedded_query_store s;
   ASSERT_TRUE(s.set("q", "v", 3600s, engine::nanos{0}));
-  auto before = s.get("q", std::chrono::duration_cast<engine::nanos>(3600s) - 1ns);
+  auto before =
+      s.get("q", std::chrono::duration_cast<engine::nanos>(3600s) - 1ns);
   ASSERT_TRUE(before);
   EXPECT_EQ(before->value_or(""), "v");
   auto at = s.get("q", std::chrono::duration_cast<engine::nanos>(3600s));

@@ -23,7 +23,8 @@ struct prefetch_state {
   std::deque<std::string> known_order;
   /// Prefetched query -> its block keys; a block key -> the query.
   std::unordered_map<std::string, std::vector<engine::block_key>> outstanding;
-  std::unordered_map<engine::block_key, std::string, engine::block_key_hash> by_key;
+  std::unordered_map<engine::block_key, std::string, engine::block_key_hash>
+      by_key;
   std::deque<std::string> outstanding_order;
   prefetch_stats stats;
   std::uint64_t next_id = 1ULL << 62;
@@ -97,7 +98,8 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
   st.balancer = balancer;
   self->send(balancer, listen_atom::value, caf::actor{self});
   self->set_default_handler(
-      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+      [](caf::scheduled_actor*,
+         caf::message_view&) -> caf::result<caf::message> {
         return caf::sec::unexpected_message;
       });
   return {

@@ -18,8 +18,9 @@ namespace kvfleet::actors {
 
 std::string encode_reply(const kv_reply& r) {
   std::ostringstream out;
-  out << "v1 " << r.engine << ' ' << r.matched_blocks << ' ' << r.computed_blocks
-      << ' ' << r.matched_tokens << ' ' << r.computed_tokens;
+  out << "v1 " << r.engine << ' ' << r.matched_blocks << ' '
+      << r.computed_blocks << ' ' << r.matched_tokens << ' '
+      << r.computed_tokens;
   return out.str();
 }
 
@@ -37,7 +38,8 @@ struct cache_state {
   query_cache_config config;
   std::unique_ptr<query_store> store;
   caf::actor balancer;
-  std::unordered_map<std::string, std::vector<std::pair<std::uint64_t, caf::response_promise>>>
+  std::unordered_map<
+      std::string, std::vector<std::pair<std::uint64_t, caf::response_promise>>>
       waiting;
   query_cache_stats stats;
   static inline const char* name = "kvfleet.query_cache";
@@ -57,14 +59,16 @@ caf::behavior cache_behavior(cache_actor* self, query_cache_config config,
   st.store = std::make_unique<embedded_query_store>(config.max_entries);
   st.balancer = balancer;
   self->set_default_handler(
-      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+      [](caf::scheduled_actor*,
+         caf::message_view&) -> caf::result<caf::message> {
         return caf::sec::unexpected_message;
       });
   return {
       [=](query_atom, kv_request& req) -> caf::result<kv_reply> {
         auto& s = self->state;
         if (req.query.empty())
-          return to_caf_error(error{errc::invalid_argument, "request has no query key"});
+          return to_caf_error(
+              error{errc::invalid_argument, "request has no query key"});
         auto got = s.store->get(req.query, now(self));
         if (!got)
           ++s.stats.store_errors;
@@ -113,7 +117,9 @@ caf::behavior cache_behavior(cache_actor* self, query_cache_config config,
                 });
         return promise;
       },
-      [=](stats_atom) -> caf::result<query_cache_stats> { return self->state.stats; },
+      [=](stats_atom) -> caf::result<query_cache_stats> {
+        return self->state.stats;
+      },
   };
 }
 

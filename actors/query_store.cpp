@@ -21,7 +21,8 @@ result<void> embedded_query_store::set(const std::string& key,
                                        const std::string& value,
                                        engine::nanos ttl, engine::nanos now) {
   if (ttl <= engine::nanos{0})
-    return make_error(errc::invalid_argument, "query cache TTL must be positive");
+    return make_error(errc::invalid_argument,
+                      "query cache TTL must be positive");
   auto it = entries_.find(key);
   if (it != entries_.end()) {
     it->second.value = value;

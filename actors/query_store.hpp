@@ -27,7 +27,8 @@ public:
   /// Stores `value` under `key`, expiring `ttl` after `now` (ttl > 0).
   [[nodiscard]] virtual result<void> set(const std::string& key,
                                          const std::string& value,
-                                         engine::nanos ttl, engine::nanos now) = 0;
+                                         engine::nanos ttl,
+                                         engine::nanos now) = 0;
   /// Whether calls block on I/O (the cache actor then runs detached).
   [[nodiscard]] virtual bool blocking() const noexcept { return false; }
 };
@@ -39,11 +40,14 @@ public:
 
   [[nodiscard]] result<std::optional<std::string>>
   get(const std::string& key, engine::nanos now) override;
-  [[nodiscard]] result<void> set(const std::string& key, const std::string& value,
-                                 engine::nanos ttl, engine::nanos now) override;
+  [[nodiscard]] result<void> set(const std::string& key,
+                                 const std::string& value, engine::nanos ttl,
+                                 engine::nanos now) override;
 
   [[nodiscard]] std::size_t size() const noexcept { return entries_.size(); }
-  [[nodiscard]] std::uint64_t expirations() const noexcept { return expirations_; }
+  [[nodiscard]] std::uint64_t expirations() const noexcept {
+    return expirations_;
+  }
 
 private:
   struct entry {

@@ -54,12 +54,14 @@ void router::set_weight(std::uint32_t slot, double weight) {
 }
 
 std::size_t router::live_slots() const noexcept {
-  return static_cast<std::size_t>(std::count_if(
-      slots_.begin(), slots_.end(),
-      [this](const slot_state& s) { return eligible(s); }));
+  return static_cast<std::size_t>(
+      std::count_if(slots_.begin(), slots_.end(),
+                    [this](const slot_state& s) { return eligible(s); }));
 }
 
-void router::started(std::uint32_t slot) { ++slots_.at(slot).in_flight; }
+void router::started(std::uint32_t slot) {
+  ++slots_.at(slot).in_flight;
+}
 
 void router::finished(std::uint32_t slot) {
   auto& s = slots_.at(slot);
@@ -67,7 +69,8 @@ void router::finished(std::uint32_t slot) {
     --s.in_flight;
 }
 
-void router::stored(std::uint32_t slot, std::span<const engine::block_key> keys) {
+void router::stored(std::uint32_t slot,
+                    std::span<const engine::block_key> keys) {
   if (slot >= slots_.size() || !slots_[slot].up)
     return;
   const std::uint64_t bit = std::uint64_t{1} << slot;
@@ -78,7 +81,8 @@ void router::stored(std::uint32_t slot, std::span<const engine::block_key> keys)
   }
 }
 
-void router::evicted(std::uint32_t slot, std::span<const engine::block_key> keys) {
+void router::evicted(std::uint32_t slot,
+                     std::span<const engine::block_key> keys) {
   const std::uint64_t bit = std::uint64_t{1} << slot;
   for (const auto& k : keys) {
     auto it = index_.find(k);

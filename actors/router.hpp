@@ -37,16 +37,20 @@
 
 namespace kvfleet::actors {
 
-enum class routing_policy : std::uint8_t { round_robin, least_loaded, kv_aware };
+enum class routing_policy : std::uint8_t {
+  round_robin,
+  least_loaded,
+  kv_aware
+};
 [[nodiscard]] std::string_view to_string(routing_policy p) noexcept;
 /// Accepts "round_robin", "least_loaded", "kv_aware".
 [[nodiscard]] result<routing_policy> parse_routing_policy(std::string_view s);
 
 struct router_config {
   routing_policy policy = routing_policy::least_loaded;
-  double credit_per_block = 0.25;    ///< load units per held prefix block
-  double max_credit = 4.0;           ///< cap on the credit
-  std::uint32_t backlog_margin = 4;  ///< requests above the least loaded
+  double credit_per_block = 0.25;   ///< load units per held prefix block
+  double max_credit = 4.0;          ///< cap on the credit
+  std::uint32_t backlog_margin = 4; ///< requests above the least loaded
   double overload_credit_factor = 0.0;
   std::size_t max_index_keys = 1 << 20; ///< index entries kept (bounded)
 };
@@ -66,14 +70,18 @@ public:
 
   /// Adds a live slot of capacity `weight` (> 0); returns its number.
   std::uint32_t add_slot(double weight = 1.0);
-  [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.size(); }
+  [[nodiscard]] std::size_t slot_count() const noexcept {
+    return slots_.size();
+  }
 
   /// Marks a slot down (routed around) or up. Going down or coming back
   /// empty forgets what the index says it holds.
   void set_up(std::uint32_t slot, bool up);
   void set_draining(std::uint32_t slot, bool draining);
   void set_weight(std::uint32_t slot, double weight);
-  [[nodiscard]] bool is_up(std::uint32_t slot) const { return slots_.at(slot).up; }
+  [[nodiscard]] bool is_up(std::uint32_t slot) const {
+    return slots_.at(slot).up;
+  }
   [[nodiscard]] bool is_draining(std::uint32_t slot) const {
     return slots_.at(slot).draining;
   }
@@ -84,7 +92,8 @@ public:
 
   /// Picks a live, non-draining slot for a request with these keys;
   /// nullopt when none is live. Does not count the request as in flight.
-  [[nodiscard]] std::optional<route> pick(std::span<const engine::block_key> keys);
+  [[nodiscard]] std::optional<route>
+  pick(std::span<const engine::block_key> keys);
   /// Request dispatched to / finished at `slot`.
   void started(std::uint32_t slot);
   void finished(std::uint32_t slot);
@@ -93,9 +102,12 @@ public:
   void stored(std::uint32_t slot, std::span<const engine::block_key> keys);
   void evicted(std::uint32_t slot, std::span<const engine::block_key> keys);
   /// Leading blocks of `keys` the index says `slot` holds.
-  [[nodiscard]] std::size_t held_prefix(std::uint32_t slot,
-                                        std::span<const engine::block_key> keys) const;
-  [[nodiscard]] std::size_t index_size() const noexcept { return index_.size(); }
+  [[nodiscard]] std::size_t
+  held_prefix(std::uint32_t slot,
+              std::span<const engine::block_key> keys) const;
+  [[nodiscard]] std::size_t index_size() const noexcept {
+    return index_.size();
+  }
   [[nodiscard]] const router_config& config() const noexcept { return config_; }
 
 private:
@@ -112,7 +124,8 @@ private:
 
   router_config config_;
   std::vector<slot_state> slots_;
-  std::unordered_map<engine::block_key, std::uint64_t, engine::block_key_hash> index_;
+  std::unordered_map<engine::block_key, std::uint64_t, engine::block_key_hash>
+      index_;
   std::uint32_t next_rr_ = 0;
   std::vector<std::size_t> held_scratch_;
 };

@@ -29,10 +29,11 @@ engine::nanos now(scaler_actor* self) {
 }
 
 void log_decision(const scale_decision& d) {
-  std::clog << "kvfleet scaler: " << to_string(d.action) << " (p95 "
-            << std::chrono::duration_cast<std::chrono::milliseconds>(d.p95).count()
-            << " ms; replicas " << d.replicas << ", capacity " << d.capacity_tokens
-            << " tokens)\n";
+  std::clog
+      << "kvfleet scaler: " << to_string(d.action) << " (p95 "
+      << std::chrono::duration_cast<std::chrono::milliseconds>(d.p95).count()
+      << " ms; replicas " << d.replicas << ", capacity " << d.capacity_tokens
+      << " tokens)\n";
 }
 
 void evaluate(scaler_actor* self) {
@@ -71,11 +72,13 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
   self->send(balancer, listen_atom::value, caf::actor{self});
   self->delayed_send(self, st.config.interval, evaluate_atom::value, true);
   self->set_default_handler(
-      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+      [](caf::scheduled_actor*,
+         caf::message_view&) -> caf::result<caf::message> {
         return caf::sec::unexpected_message;
       });
   return {
-      [=](observe_atom, const kv_request& req, const kv_reply&, std::int64_t latency) {
+      [=](observe_atom, const kv_request& req, const kv_reply&,
+          std::int64_t latency) {
         if (!req.prefetch)
           self->state.policy->record(now(self), engine::nanos{latency});
       },
@@ -83,8 +86,8 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       [=](evaluate_atom, bool periodic) {
         evaluate(self);
         if (periodic)
-          self->delayed_send(self, self->state.config.interval, evaluate_atom::value,
-                             true);
+          self->delayed_send(self, self->state.config.interval,
+                             evaluate_atom::value, true);
       },
       [=](evaluate_atom) { evaluate(self); },
       [=](stats_atom) -> caf::result<scaler_stats> {

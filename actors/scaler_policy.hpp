@@ -61,7 +61,7 @@ struct scale_decision {
   engine::nanos at{0};
   scale_action action = scale_action::hold;
   engine::nanos p95{0};
-  std::uint32_t replicas = 0;       ///< after the action
+  std::uint32_t replicas = 0;        ///< after the action
   std::uint32_t capacity_tokens = 0; ///< after the action
 };
 
@@ -78,14 +78,18 @@ public:
   /// p95 of the window at `now` (0 when empty).
   [[nodiscard]] engine::nanos p95(engine::nanos now);
   [[nodiscard]] std::uint32_t replicas() const noexcept { return replicas_; }
-  [[nodiscard]] std::uint32_t capacity_tokens() const noexcept { return capacity_; }
+  [[nodiscard]] std::uint32_t capacity_tokens() const noexcept {
+    return capacity_;
+  }
   [[nodiscard]] bool in_cooldown(engine::nanos now) const noexcept {
     return acted_ && now < last_action_ + config_.cooldown;
   }
   [[nodiscard]] std::uint64_t count(scale_action a) const noexcept {
     return counts_[static_cast<std::size_t>(a)];
   }
-  [[nodiscard]] const std::vector<scale_decision>& log() const noexcept { return log_; }
+  [[nodiscard]] const std::vector<scale_decision>& log() const noexcept {
+    return log_;
+  }
   /// A replica left on its own (failure): keeps the count honest.
   void replica_lost() noexcept {
     if (replicas_ > 0)

@@ -64,7 +64,8 @@ void issue(caf::event_based_actor* self, const std::shared_ptr<drive_ctx>& ctx,
   req.id = i;
   req.keys = {engine::block_key{1, 1 + i % ctx->keyspace}};
   req.input_tokens = 16;
-  self->request(ctx->dest, std::chrono::seconds{10}, process_atom::value, std::move(req))
+  self->request(ctx->dest, std::chrono::seconds{10}, process_atom::value,
+                std::move(req))
       .then(
           [=](const kv_reply&) {
             ++ctx->out->done;
@@ -85,7 +86,8 @@ double measure(caf::actor_system& sys, const caf::actor& dest, double seconds,
   auto stop = std::make_shared<std::atomic<bool>>(false);
   auto out = std::make_shared<driver_result>();
   auto start = clk::now();
-  auto ctx = std::make_shared<drive_ctx>(drive_ctx{dest, window, 64, stop, out});
+  auto ctx =
+      std::make_shared<drive_ctx>(drive_ctx{dest, window, 64, stop, out});
   auto d = sys.spawn(drive, ctx);
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   stop->store(true);
@@ -119,11 +121,12 @@ int main(int argc, char** argv) {
   balancer_config bc;
   bc.initial_engines = 1;
   bc.routing.policy = routing_policy::least_loaded;
-  auto balancer = spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
-    auto c = bench_engine();
-    c.slot = slot;
-    return spawn_engine_actor(s, c);
-  });
+  auto balancer =
+      spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
+        auto c = bench_engine();
+        c.slot = slot;
+        return spawn_engine_actor(s, c);
+      });
   // Warm both paths (fills the caches with the 64 keys).
   measure(sys, *engine, 0.2, window);
   measure(sys, balancer, 0.2, window);
@@ -133,11 +136,13 @@ int main(int argc, char** argv) {
     direct.push_back(measure(sys, *engine, seconds, window));
     routed.push_back(measure(sys, balancer, seconds, window));
   }
-  std::printf("threads=%zu policy=sharing window=%zu reps=%d seconds=%.1f\n", threads,
-              window, reps, seconds);
-  std::printf("engine actor direct       : median %.0f requests/s\n", median(direct));
-  std::printf("balancer -> engine actor  : median %.0f requests/s (%.2fx of direct)\n",
-              median(routed), median(routed) / median(direct));
+  std::printf("threads=%zu policy=sharing window=%zu reps=%d seconds=%.1f\n",
+              threads, window, reps, seconds);
+  std::printf("engine actor direct       : median %.0f requests/s\n",
+              median(direct));
+  std::printf(
+      "balancer -> engine actor  : median %.0f requests/s (%.2fx of direct)\n",
+      median(routed), median(routed) / median(direct));
   caf::anon_send_exit(*engine, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(balancer, caf::exit_reason::user_shutdown);
   return 0;

@@ -4,7 +4,8 @@
 
 namespace kvfleet::actors {
 
-void transition_model::observe(std::uint64_t session, const std::string& query) {
+void transition_model::observe(std::uint64_t session,
+                               const std::string& query) {
   auto it = sessions_.find(session);
   if (it == sessions_.end()) {
     if (sessions_.size() >= config_.max_sessions && !session_lru_.empty()) {
@@ -12,14 +13,16 @@ void transition_model::observe(std::uint64_t session, const std::string& query) 
       session_lru_.pop_back();
     }
     session_lru_.push_front(session);
-    it = sessions_.emplace(session, session_state{{}, session_lru_.begin()}).first;
+    it = sessions_.emplace(session, session_state{{}, session_lru_.begin()})
+             .first;
   } else {
     session_lru_.splice(session_lru_.begin(), session_lru_, it->second.lru);
   }
   if (!it->second.last.empty() && it->second.last != query)
     count(it->second.last, query);
   it->second.last = query;
-  if (config_.aging_interval > 0 && ++observations_ % config_.aging_interval == 0)
+  if (config_.aging_interval > 0 &&
+      ++observations_ % config_.aging_interval == 0)
     age();
 }
 
@@ -56,7 +59,8 @@ void transition_model::count(const std::string& from, const std::string& to) {
     *weakest = successor{to, 1.0};
 }
 
-std::optional<prediction> transition_model::predict(const std::string& query) const {
+std::optional<prediction>
+transition_model::predict(const std::string& query) const {
   auto it = queries_.find(query);
   if (it == queries_.end() || it->second.next.empty())
     return std::nullopt;
@@ -78,7 +82,8 @@ void transition_model::age() {
     auto& next = it->second.next;
     for (auto& s : next)
       s.count *= config_.decay;
-    std::erase_if(next, [&](const successor& s) { return s.count < config_.min_count; });
+    std::erase_if(
+        next, [&](const successor& s) { return s.count < config_.min_count; });
     if (next.empty()) {
       query_lru_.erase(it->second.lru);
       it = queries_.erase(it);

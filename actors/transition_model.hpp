@@ -47,13 +47,18 @@ public:
   /// Query `query` followed the session's previous query.
   void observe(std::uint64_t session, const std::string& query);
   /// Most likely successor of `query`, nullopt when none is known.
-  [[nodiscard]] std::optional<prediction> predict(const std::string& query) const;
+  [[nodiscard]] std::optional<prediction>
+  predict(const std::string& query) const;
   /// Multiplies every count by `decay` and drops weak successors (also
   /// done automatically every aging_interval observations).
   void age();
 
-  [[nodiscard]] std::size_t query_count() const noexcept { return queries_.size(); }
-  [[nodiscard]] std::size_t session_count() const noexcept { return sessions_.size(); }
+  [[nodiscard]] std::size_t query_count() const noexcept {
+    return queries_.size();
+  }
+  [[nodiscard]] std::size_t session_count() const noexcept {
+    return sessions_.size();
+  }
 
 private:
   struct successor {

@@ -13,7 +13,8 @@
 
 namespace kvfleet::actors {
 
-std::vector<std::size_t> select_top(const std::vector<warm_item>& items, std::size_t n) {
+std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
+                                    std::size_t n) {
   std::vector<std::size_t> idx(items.size());
   std::iota(idx.begin(), idx.end(), std::size_t{0});
   std::stable_sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) {
@@ -55,20 +56,22 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
     else
       launch(self, config, balancer, job);
   };
-  self->request(balancer, config.request_timeout, process_atom::value, std::move(req))
+  self->request(balancer, config.request_timeout, process_atom::value,
+                std::move(req))
       .then([=](const kv_reply& rep) { finish_one(true, rep.computed_tokens); },
             [=](caf::error&) { finish_one(false, 0); });
 }
 
-caf::behavior warmer_behavior(caf::event_based_actor* self, warmer_config config,
-                              caf::actor balancer) {
+caf::behavior warmer_behavior(caf::event_based_actor* self,
+                              warmer_config config, caf::actor balancer) {
   self->set_default_handler(
-      [](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+      [](caf::scheduled_actor*,
+         caf::message_view&) -> caf::result<caf::message> {
         return caf::sec::unexpected_message;
       });
   return {
-      [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n, bool pin,
-          const caf::actor& progress) -> caf::result<warm_report> {
+      [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n,
+          bool pin, const caf::actor& progress) -> caf::result<warm_report> {
         auto job = std::make_shared<warm_job>();
         for (auto i : select_top(items, top_n)) {
           auto req = items[i].request;
@@ -81,7 +84,8 @@ caf::behavior warmer_behavior(caf::event_based_actor* self, warmer_config config
         if (job->queue.empty())
           return job->report;
         job->promise = self->make_response_promise();
-        for (std::size_t i = 0; i < std::max<std::size_t>(config.parallelism, 1); ++i)
+        for (std::size_t i = 0;
+             i < std::max<std::size_t>(config.parallelism, 1); ++i)
           launch(self, config, balancer, job);
         return job->promise;
       },

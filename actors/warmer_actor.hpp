@@ -27,10 +27,10 @@ struct warmer_config {
 
 /// Indices of the top `n` items by frequency, highest first, ties in input
 /// order.
-[[nodiscard]] std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
-                                                  std::size_t n);
+[[nodiscard]] std::vector<std::size_t>
+select_top(const std::vector<warm_item>& items, std::size_t n);
 
-[[nodiscard]] caf::actor spawn_warmer(caf::actor_system& sys, warmer_config config,
-                                      caf::actor balancer);
+[[nodiscard]] caf::actor
+spawn_warmer(caf::actor_system& sys, warmer_config config, caf::actor balancer);
 
 } // namespace kvfleet::actors
