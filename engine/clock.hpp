@@ -43,7 +43,9 @@ public:
   void advance(nanos d) noexcept {
     now_.fetch_add(d.count(), std::memory_order_acq_rel);
   }
-  void set(nanos t) noexcept { now_.store(t.count(), std::memory_order_release); }
+  void set(nanos t) noexcept {
+    now_.store(t.count(), std::memory_order_release);
+  }
 
 private:
   std::atomic<std::int64_t> now_;

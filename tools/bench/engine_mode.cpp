@@ -154,9 +154,9 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
   if (!opts.disk_dir.empty()) {
     std::string tmpl = opts.disk_dir + "/kvfleet-bench-XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr)
-      return make_error(errc::io_error, "cannot make a directory in --disk-dir '" +
-                                            opts.disk_dir + "': " +
-                                            std::strerror(errno));
+      return make_error(errc::io_error,
+                        "cannot make a directory in --disk-dir '" +
+                            opts.disk_dir + "': " + std::strerror(errno));
     disk_dir = tmpl;
     engine::disk_tier_config dc;
     dc.directory = disk_dir;

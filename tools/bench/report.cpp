@@ -63,12 +63,14 @@ std::string to_table(const engine_report& report) {
     out += line;
   }
   for (const policy_result& r : report.results) {
-    if (!r.disk) continue;
+    if (!r.disk)
+      continue;
     const std::string name(engine::to_string(r.policy));
     std::snprintf(line, sizeof line,
                   "%-10s hits by tier: memory %.2f%%, disk %.2f%% of input "
                   "tokens; %llu blocks spilled\n",
-                  name.c_str(), 100.0 * (r.token_hit_ratio - r.disk_token_hit_ratio),
+                  name.c_str(),
+                  100.0 * (r.token_hit_ratio - r.disk_token_hit_ratio),
                   100.0 * r.disk_token_hit_ratio,
                   static_cast<unsigned long long>(r.spills));
     out += line;
