@@ -2,8 +2,8 @@
 /// Query-result storage behind the query-result cache: get and set with a
 /// time to live. `embedded_query_store` (the default) keeps entries in
 /// process, bounded (least recently used go first) and expires them at
-/// their TTL against the injected time; `redis_query_store` (redis_store.hpp)
-/// keeps them in Redis, which expires them itself.
+/// their TTL against the injected time. A Redis-backed store is not built
+/// yet (actors/README.md).
 /// Not thread-safe: each store is owned by one actor.
 
 #include "engine/clock.hpp"
