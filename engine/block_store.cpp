@@ -705,6 +705,8 @@ result<void> block_store::commit(put_handle& h) {
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
   recency_push_front(id);
   refresh_evictable(id);
+  if (config_.on_block_event)
+    config_.on_block_event(block_event::stored, e.key);
   if (e.pins > 0)
     (void)spill(id, true); // pins survive restarts
   ++stats_.commits;
@@ -1196,6 +1198,8 @@ void block_store::remove(std::uint32_t id) {
   while (id != npos) {
     entry& e = entries_[id];
     KVFLEET_CHECK(evictable(e), "removing a block that is not evictable");
+    if (config_.on_block_event)
+      config_.on_block_event(block_event::removed, e.key);
     account(e, false);
     policies_[static_cast<std::size_t>(e.part)]->on_remove(id);
     if (e.in_recency)

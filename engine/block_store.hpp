@@ -69,6 +69,9 @@ namespace kvfleet::engine {
 
 class block_store;
 
+/// What on_block_event reports.
+enum class block_event : std::uint8_t { stored, removed };
+
 /// Index of a registered namespace in its store.
 struct ns_id {
   std::uint16_t value = 0;
@@ -112,6 +115,10 @@ struct store_config {
   const clock_source* clock = nullptr;   ///< default: steady clock
   /// Belady only: tick of the next use of a key after the current access.
   std::function<std::uint64_t(const block_key&)> next_use;
+  /// Called on the owner's thread when a block becomes visible (stored) or
+  /// leaves memory (removed: evicted, expired, dropped as corrupt), e.g. to
+  /// feed a cluster-wide prefix index. Must not call back into the store.
+  std::function<void(block_event, const block_key&)> on_block_event;
 };
 
 /// Options of one put.

@@ -703,3 +703,50 @@ TEST_F(store_fixture, a_token_put_that_cannot_fit_leaves_nothing) {
 
 } // namespace
 } // namespace kvfleet::engine
+
+namespace kvfleet::engine {
+namespace {
+
+TEST(block_store, block_events_report_stored_and_removed_blocks) {
+  manual_clock clock;
+  std::vector<std::pair<block_event, block_key>> events;
+  store_config cfg;
+  cfg.capacity_bytes = 10 * block_bytes;
+  cfg.slab_bytes = block_bytes;
+  cfg.policy = policy_kind::lru;
+  cfg.clock = &clock;
+  cfg.on_block_event = [&](block_event ev, const block_key& k) {
+    events.emplace_back(ev, k);
+  };
+  auto store = std::move(*block_store::create(cfg));
+  const auto ns = *store->register_namespace(small_spec());
+  synthetic_producer producer;
+  std::vector<block_key> keys;
+  block_key parent{};
+  for (std::uint64_t i = 0; i < 12; ++i) {
+    parent = chain_key_from_id({}, small_spec().fingerprint(), i + 1);
+    keys.push_back(parent);
+    ASSERT_TRUE(store->process(ns, std::span(&keys.back(), 1), 16, producer));
+  }
+  std::size_t stored = 0;
+  std::size_t removed = 0;
+  for (const auto& [ev, k] : events) {
+    (ev == block_event::stored ? stored : removed) += 1;
+    if (ev == block_event::removed) {
+      EXPECT_FALSE(store->contains(ns, k));
+    }
+  }
+  EXPECT_EQ(stored, 12U);
+  EXPECT_EQ(removed, store->stats().evictions);
+  EXPECT_EQ(stored - removed, store->block_count());
+  // An aborted put is never reported.
+  events.clear();
+  auto h = store->reserve(
+      ns, chain_key_from_id({}, small_spec().fingerprint(), 99), {});
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(store->abort(*h).has_value());
+  EXPECT_TRUE(events.empty());
+}
+
+} // namespace
+} // namespace kvfleet::engine
