@@ -2,8 +2,10 @@
 
 #include "tools/bench/cli.hpp"
 #include "tools/bench/engine_mode.hpp"
+#include "tools/bench/prefetch_mode.hpp"
 #include "tools/bench/progress_bar.hpp"
 #include "tools/bench/report.hpp"
+#include "tools/bench/routing_mode.hpp"
 
 #include <ostream>
 
@@ -16,19 +18,22 @@ int fail(std::ostream& err, const error& e) {
   return is_usage_error(e) ? exit_usage_error : exit_runtime_error;
 }
 
-int run_engine_mode(const engine_options& opts, std::ostream& out,
-                    std::ostream& err, bool err_is_terminal) {
+// Loads the input of `opts`, runs `run` on it with a progress bar and
+// prints the report it returns.
+template <class Run>
+int run_mode(const engine_options& opts, std::ostream& out, std::ostream& err,
+             bool err_is_terminal, Run run) {
   auto reqs = load_requests(opts, err);
   if (!reqs)
     return fail(err, reqs.error());
   const std::string label =
       opts.workload.empty() ? opts.trace_path : opts.workload;
   progress_bar bar(err, opts.progress && err_is_terminal);
-  auto report = run_engine(
-      opts, *reqs, label,
-      [&bar](std::size_t done, std::size_t total, const std::string& what) {
-        bar.update(done, total, what);
-      });
+  auto report =
+      run(*reqs, label,
+          [&bar](std::size_t done, std::size_t total, const std::string& what) {
+            bar.update(done, total, what);
+          });
   bar.finish();
   if (!report)
     return fail(err, report.error());
@@ -38,6 +43,15 @@ int run_engine_mode(const engine_options& opts, std::ostream& out,
     return exit_runtime_error;
   }
   return exit_ok;
+}
+
+int run_engine_mode(const engine_options& opts, std::ostream& out,
+                    std::ostream& err, bool err_is_terminal) {
+  return run_mode(
+      opts, out, err, err_is_terminal,
+      [&](const auto& reqs, const std::string& label, const progress_fn& p) {
+        return run_engine(opts, reqs, label, p);
+      });
 }
 
 } // namespace
@@ -56,6 +70,24 @@ int run_app(std::span<const std::string_view> args, std::ostream& out,
     return exit_ok;
   case command_kind::engine:
     return run_engine_mode(cmd->engine, out, err, err_is_terminal);
+  case command_kind::routing_help:
+    out << routing_help();
+    return exit_ok;
+  case command_kind::routing:
+    return run_mode(
+        cmd->routing.base, out, err, err_is_terminal,
+        [&](const auto& reqs, const std::string& label, const progress_fn& p) {
+          return run_routing(cmd->routing, reqs, label, p);
+        });
+  case command_kind::prefetch_help:
+    out << prefetch_help();
+    return exit_ok;
+  case command_kind::prefetch:
+    return run_mode(
+        cmd->prefetch.base, out, err, err_is_terminal,
+        [&](const auto& reqs, const std::string& label, const progress_fn& p) {
+          return run_prefetch(cmd->prefetch, reqs, label, p);
+        });
   }
   return exit_usage_error;
 }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <system_error>
 
@@ -18,8 +19,12 @@ constexpr std::string_view main_help_text =
 Usage:
   kvfleet-bench engine [options]   replay a workload or trace through an
                                    in-process block store, once per policy
+  kvfleet-bench routing [options]  simulate N engines behind the router,
+                                   once per routing policy
+  kvfleet-bench prefetch [options] predictive prefetch on chat: useful and
+                                   wasted prefetches
   kvfleet-bench --help             this text
-  kvfleet-bench engine --help      the engine mode's options
+  kvfleet-bench MODE --help        that mode's options
 
 Exit status: 0 success, 1 runtime error (bad trace, I/O), 2 usage error.
 )";
@@ -90,6 +95,96 @@ Output (table, or with --json one object):
   block_hit_ratio  matched full blocks / all full blocks
   pNN_us           per-request latency of the store's process() call
   prefill_saved_s  prefill cost of the matched tokens, summed, in seconds
+)";
+
+constexpr std::string_view routing_help_text =
+    R"(Usage: kvfleet-bench routing (--workload NAME | --trace FILE)
+                             (--capacity-fraction F | --capacity-blocks N)
+                             [options]
+
+A deterministic discrete-event simulation (no threads, no wall clock) of N
+engines behind the shipped router (actors::router), once per routing policy.
+Each engine is an in-process block store with a FIFO queue serving one
+request at a time. Requests arrive at their timestamps / --rate-scale; the
+router picks an engine from its live load (queued + in service) and, for
+kv_aware, its prefix index. A request's service time is its computed
+(missed) prompt tokens x --prefill-us-per-token + --service-overhead-us. The
+router gets the engines' block events as the balancer relays them: stored
+when a request completes; evicted found by diffing the keys it was told
+against the store after each eviction pass.
+
+Input and capacity (as in engine mode, capacity PER ENGINE):
+  --workload NAME | --trace FILE
+  --capacity-fraction F     each engine holds round(F x working set /
+                            engines) blocks (so F is the fleet's share)
+  --capacity-blocks N       each engine holds N blocks
+
+Options:
+  --engines N               engines behind the router, 1..64 [4]
+  --policies LIST           routing policies: round_robin, least_loaded,
+                            kv_aware [round_robin,least_loaded,kv_aware]
+  --eviction POLICY         every engine's eviction policy [adaptive]
+  --rate-scale X            arrival rate multiplier: timestamps are divided
+                            by X; X > 0 [1]
+  --prefill-us-per-token X  service cost per computed prompt token [20]
+  --service-overhead-us X   constant added to every request's service [200]
+  --credit-per-block X      kv_aware: load units credited per held prefix
+                            block [0.25]
+  --max-credit X            kv_aware: cap on the credit [4]
+  --backlog-margin N        kv_aware: backlog above the least loaded engine
+                            past which credit is scaled [4]
+  --overload-credit-factor X  kv_aware: that scale [0]
+  --json, --block-tokens, --requests, --seed, --on-bad-line, --compression,
+  --layout, --high-watermark, --low-watermark, --no-progress: as in engine
+  mode
+  -h, --help                this text
+
+Output (table, or with --json one object):
+  {"workload", "requests", "block_tokens", "working_set_blocks", "engines",
+   "capacity_blocks" (per engine), "rate_scale", "results": [{"policy",
+   "token_hit_ratio", "block_hit_ratio", "p50_us", "p95_us", "p99_us",
+   "prefill_saved_s", "p95_queue", "mean_queue", "max_queue",
+   "max_engine_share", "engine_requests", "stale_routes"}]}
+  pNN_us            latency from arrival to completion (queueing + service)
+  p95_queue         p95 over all arrivals of the queue length (queued + in
+                    service, before the request joins) of the engine the
+                    request was routed to; mean_queue, max_queue likewise
+  max_engine_share  largest fraction of all requests one engine got
+  stale_routes      requests the index promised more leading blocks than
+                    the engine still had
+)";
+
+constexpr std::string_view prefetch_help_text =
+    R"(Usage: kvfleet-bench prefetch --workload chat
+                              (--capacity-fraction F | --capacity-blocks N)
+                              [options]
+
+Replays chat through one in-process block store with the shipped transition
+model (actors::transition_model) and measures predictive prefetch. A
+request of round k of its session is the query "round:k" (k capped at
+--max-round); a session idle past --session-timeout-s goes to "end". After
+each request, when the model predicts another round with confidence >=
+--threshold, the prefix that round starts with (this request's full blocks)
+is prefetched at low priority. A prefetch is useful when a later request
+matches its last block before any of its blocks is evicted, wasted when one
+is evicted first, unused when neither happened by the end. The replay runs
+again without prefetch for the baseline hit ratio.
+
+Options:
+  --eviction POLICY         the store's eviction policy [adaptive]
+  --threshold X             confidence needed to prefetch, in [0, 1] [0.5]
+  --max-round N             rounds above N share one query [16]
+  --session-timeout-s X     idle seconds after which a session ends [600]
+  --json, --block-tokens, --requests, --seed, --compression, --layout,
+  --high-watermark, --low-watermark, --no-progress: as in engine mode
+  -h, --help                this text
+
+Output (table, or with --json one object):
+  {"workload", "requests", "block_tokens", "working_set_blocks",
+   "capacity_blocks", "eviction", "threshold", "predictions", "prefetches",
+   "useful", "wasted", "unused", "used_fraction", "token_hit_ratio",
+   "baseline_token_hit_ratio"}
+  used_fraction     useful / prefetches
 )";
 
 unexpected<error> usage(std::string message) {
@@ -341,26 +436,32 @@ result<void> check_complete(const engine_options& o) {
   return {};
 }
 
-result<command> parse_engine(std::span<const std::string_view> args) {
-  command cmd;
-  cmd.kind = command_kind::engine;
-  engine_options& o = cmd.engine;
-  // Asking for help wins over any mistake elsewhere on the line.
-  for (std::string_view arg : args)
-    if (arg == "--help" || arg == "-h")
-      return command{command_kind::engine_help, {}};
+// Mode-specific valued options: handled by `apply` before the common ones.
+using extra_apply =
+    std::function<result<void>(std::string_view name, std::string_view value)>;
+
+// Parses the options of `mode` into `o` (the common ones) and `apply` (the
+// mode's own, listed in `extra`); common options in `excluded` are not
+// accepted by this mode.
+result<void> parse_options(std::span<const std::string_view> args,
+                           std::string_view mode, engine_options& o,
+                           std::span<const std::string_view> extra,
+                           std::span<const std::string_view> excluded,
+                           const extra_apply& apply) {
+  const std::string see =
+      " (see kvfleet-bench " + std::string(mode) + " --help)";
   std::vector<std::string_view> seen;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string_view arg = args[i];
     if (!arg.starts_with("--"))
-      return usage("unexpected argument '" + std::string(arg) +
-                   "' (see kvfleet-bench engine --help)");
+      return usage("unexpected argument '" + std::string(arg) + "'" + see);
     const std::size_t eq = arg.find('=');
     const std::string_view name = arg.substr(0, eq);
-    const bool is_flag = contains(flag_options, name);
-    if (!is_flag && !contains(valued_options, name))
-      return usage("unknown option '" + std::string(name) +
-                   "' (see kvfleet-bench engine --help)");
+    const bool is_extra = contains(extra, name);
+    const bool is_flag = !is_extra && contains(flag_options, name);
+    if (!is_extra && !is_flag &&
+        (!contains(valued_options, name) || contains(excluded, name)))
+      return usage("unknown option '" + std::string(name) + "'" + see);
     if (contains(seen, name))
       return usage("option " + std::string(name) + " is given twice");
     seen.push_back(name);
@@ -381,11 +482,169 @@ result<command> parse_engine(std::span<const std::string_view> args) {
         return usage("option " + std::string(name) + " needs a value");
       value = args[++i];
     }
-    if (auto ok = apply_option(o, name, value); !ok)
+    auto ok = is_extra ? apply(name, value) : apply_option(o, name, value);
+    if (!ok)
       return unexpected<error>(ok.error());
   }
-  if (auto ok = check_complete(o); !ok)
+  return check_complete(o);
+}
+
+bool wants_help(std::span<const std::string_view> args) {
+  // Asking for help wins over any mistake elsewhere on the line.
+  return std::any_of(args.begin(), args.end(), [](std::string_view a) {
+    return a == "--help" || a == "-h";
+  });
+}
+
+result<command> parse_engine(std::span<const std::string_view> args) {
+  if (wants_help(args))
+    return command{command_kind::engine_help, {}, {}, {}};
+  command cmd;
+  cmd.kind = command_kind::engine;
+  if (auto ok = parse_options(args, "engine", cmd.engine, {}, {}, {}); !ok)
     return unexpected<error>(ok.error());
+  return cmd;
+}
+
+result<engine::policy_kind> parse_one_policy(std::string_view value) {
+  auto kind = engine::parse_policy(value);
+  if (!kind)
+    return usage("option --eviction: " + kind.error().message);
+  return *kind;
+}
+
+result<double> parse_nonnegative(std::string_view name,
+                                 std::string_view value) {
+  auto x = parse_real(name, value);
+  if (!x)
+    return unexpected<error>(x.error());
+  if (!(*x >= 0.0))
+    return usage("option " + std::string(name) + " must not be negative");
+  return *x;
+}
+
+constexpr std::string_view disk_options[] = {"--disk-dir",
+                                             "--disk-capacity-blocks"};
+
+result<command> parse_routing(std::span<const std::string_view> args) {
+  if (wants_help(args))
+    return command{command_kind::routing_help, {}, {}, {}};
+  command cmd;
+  cmd.kind = command_kind::routing;
+  routing_options& r = cmd.routing;
+  static constexpr std::string_view extra[] = {"--engines",
+                                               "--policies",
+                                               "--eviction",
+                                               "--rate-scale",
+                                               "--service-overhead-us",
+                                               "--credit-per-block",
+                                               "--max-credit",
+                                               "--backlog-margin",
+                                               "--overload-credit-factor"};
+  const auto apply = [&r](std::string_view name,
+                          std::string_view value) -> result<void> {
+    if (name == "--engines") {
+      auto n = parse_unsigned<std::uint32_t>(name, value);
+      if (!n)
+        return unexpected<error>(n.error());
+      if (*n == 0 || *n > actors::router::max_slots)
+        return usage("option --engines must be in [1, 64], got " +
+                     std::string(value));
+      r.engines = *n;
+    } else if (name == "--policies") {
+      r.policies.clear();
+      for (std::string_view p : split(value, ',')) {
+        auto kind = actors::parse_routing_policy(p);
+        if (!kind)
+          return usage(kind.error().message);
+        if (std::find(r.policies.begin(), r.policies.end(), *kind) !=
+            r.policies.end())
+          return usage("policy '" + std::string(p) +
+                       "' is listed twice in --policies");
+        r.policies.push_back(*kind);
+      }
+    } else if (name == "--eviction") {
+      auto k = parse_one_policy(value);
+      if (!k)
+        return unexpected<error>(k.error());
+      r.eviction = *k;
+    } else if (name == "--backlog-margin") {
+      auto n = parse_unsigned<std::uint32_t>(name, value);
+      if (!n)
+        return unexpected<error>(n.error());
+      r.router.backlog_margin = *n;
+    } else {
+      auto x = parse_nonnegative(name, value);
+      if (!x)
+        return unexpected<error>(x.error());
+      if (name == "--rate-scale") {
+        if (!(*x > 0.0))
+          return usage("option --rate-scale must be above 0");
+        r.rate_scale = *x;
+      } else if (name == "--service-overhead-us") {
+        r.service_overhead_us = *x;
+      } else if (name == "--credit-per-block") {
+        r.router.credit_per_block = *x;
+      } else if (name == "--max-credit") {
+        r.router.max_credit = *x;
+      } else {
+        r.router.overload_credit_factor = *x;
+      }
+    }
+    return {};
+  };
+  if (auto ok =
+          parse_options(args, "routing", r.base, extra, disk_options, apply);
+      !ok)
+    return unexpected<error>(ok.error());
+  return cmd;
+}
+
+result<command> parse_prefetch(std::span<const std::string_view> args) {
+  if (wants_help(args))
+    return command{command_kind::prefetch_help, {}, {}, {}};
+  command cmd;
+  cmd.kind = command_kind::prefetch;
+  prefetch_options& p = cmd.prefetch;
+  static constexpr std::string_view extra[] = {
+      "--eviction", "--threshold", "--max-round", "--session-timeout-s"};
+  static constexpr std::string_view excluded[] = {
+      "--disk-dir", "--disk-capacity-blocks", "--policies", "--trace",
+      "--on-bad-line"};
+  const auto apply = [&p](std::string_view name,
+                          std::string_view value) -> result<void> {
+    if (name == "--eviction") {
+      auto k = parse_one_policy(value);
+      if (!k)
+        return unexpected<error>(k.error());
+      p.eviction = *k;
+    } else if (name == "--max-round") {
+      auto n = parse_unsigned<std::uint32_t>(name, value);
+      if (!n)
+        return unexpected<error>(n.error());
+      if (*n == 0)
+        return usage("option --max-round must be at least 1");
+      p.max_round = *n;
+    } else {
+      auto x = parse_nonnegative(name, value);
+      if (!x)
+        return unexpected<error>(x.error());
+      if (name == "--threshold") {
+        if (*x > 1.0)
+          return usage("option --threshold must be in [0, 1]");
+        p.threshold = *x;
+      } else {
+        p.session_timeout_s = *x;
+      }
+    }
+    return {};
+  };
+  if (auto ok = parse_options(args, "prefetch", p.base, extra, excluded, apply);
+      !ok)
+    return unexpected<error>(ok.error());
+  if (p.base.workload != "chat")
+    return usage("prefetch mode needs --workload chat (the workload with "
+                 "sessions)");
   return cmd;
 }
 
@@ -396,14 +655,19 @@ result<command> parse_command_line(std::span<const std::string_view> args) {
     return usage("no mode given (see kvfleet-bench --help)");
   const std::string_view mode = args[0];
   if (mode == "--help" || mode == "-h" || mode == "help")
-    return command{command_kind::help, {}};
+    return command{command_kind::help, {}, {}, {}};
   if (mode == "engine")
     return parse_engine(args.subspan(1));
+  if (mode == "routing")
+    return parse_routing(args.subspan(1));
+  if (mode == "prefetch")
+    return parse_prefetch(args.subspan(1));
   if (mode.starts_with("-"))
     return usage("unknown option '" + std::string(mode) +
                  "'; options follow the mode (see kvfleet-bench --help)");
-  return usage("unknown mode '" + std::string(mode) +
-               "'; the only mode is 'engine' (see kvfleet-bench --help)");
+  return usage(
+      "unknown mode '" + std::string(mode) +
+      "'; modes: engine, routing, prefetch (see kvfleet-bench --help)");
 }
 
 std::string_view main_help() noexcept {
@@ -411,6 +675,12 @@ std::string_view main_help() noexcept {
 }
 std::string_view engine_help() noexcept {
   return engine_help_text;
+}
+std::string_view routing_help() noexcept {
+  return routing_help_text;
+}
+std::string_view prefetch_help() noexcept {
+  return prefetch_help_text;
 }
 
 engine::namespace_spec bench_namespace(const engine_options& opts) {

@@ -7,6 +7,7 @@
 /// next argument or after '=' (`--seed 7`, `--seed=7`).
 /// Thread safety: free functions on values.
 
+#include "actors/router.hpp"
 #include "engine/eviction_policy.hpp"
 #include "engine/kv_namespace.hpp"
 #include "engine/result.hpp"
@@ -59,16 +60,49 @@ struct engine_options {
   std::size_t disk_capacity_blocks = 0;
 };
 
+/// Everything `kvfleet-bench routing` was asked to do. `base` carries the
+/// input, capacity (PER ENGINE: --capacity-blocks per engine, or
+/// --capacity-fraction of the working set divided by `engines`), layout,
+/// watermarks, prefill cost and output options; its `policies` and disk
+/// options are unused.
+struct routing_options {
+  engine_options base{};
+  std::uint32_t engines = 4;
+  std::vector<actors::routing_policy> policies{
+      actors::routing_policy::round_robin, actors::routing_policy::least_loaded,
+      actors::routing_policy::kv_aware};
+  engine::policy_kind eviction = engine::policy_kind::adaptive;
+  double rate_scale = 1.0;            ///< arrival times are divided by this
+  double service_overhead_us = 200.0; ///< added to every request's service
+  actors::router_config router{};     ///< credit and backlog knobs
+};
+
+/// Everything `kvfleet-bench prefetch` was asked to do: `base` as for the
+/// engine mode (one store of that capacity); the workload must be chat.
+struct prefetch_options {
+  engine_options base{};
+  engine::policy_kind eviction = engine::policy_kind::adaptive;
+  double threshold = 0.5;           ///< prediction confidence to prefetch
+  std::uint32_t max_round = 16;     ///< rounds above this share one query
+  double session_timeout_s = 600.0; ///< idle time that ends a session
+};
+
 /// What the command line asks for.
 enum class command_kind : std::uint8_t {
-  help,        ///< `--help`, `-h`
-  engine_help, ///< `engine --help`
-  engine,      ///< run the engine simulation
+  help,          ///< `--help`, `-h`
+  engine_help,   ///< `engine --help`
+  engine,        ///< run the engine simulation
+  routing_help,  ///< `routing --help`
+  routing,       ///< run the routing simulation
+  prefetch_help, ///< `prefetch --help`
+  prefetch,      ///< run the prefetch replay
 };
 
 struct command {
   command_kind kind = command_kind::help;
   engine_options engine{};
+  routing_options routing{};
+  prefetch_options prefetch{};
 };
 
 /// Parses the arguments after the program name.
@@ -79,6 +113,10 @@ parse_command_line(std::span<const std::string_view> args);
 [[nodiscard]] std::string_view main_help() noexcept;
 /// Text of `kvfleet-bench engine --help`.
 [[nodiscard]] std::string_view engine_help() noexcept;
+/// Text of `kvfleet-bench routing --help`.
+[[nodiscard]] std::string_view routing_help() noexcept;
+/// Text of `kvfleet-bench prefetch --help`.
+[[nodiscard]] std::string_view prefetch_help() noexcept;
 
 /// The namespace every simulated block belongs to.
 [[nodiscard]] engine::namespace_spec

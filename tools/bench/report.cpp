@@ -78,4 +78,114 @@ std::string to_table(const engine_report& report) {
   return out;
 }
 
+std::string to_json(const routing_report& report) {
+  nlohmann::ordered_json results = nlohmann::ordered_json::array();
+  for (const routing_result& r : report.results) {
+    nlohmann::ordered_json j;
+    j["policy"] = std::string(actors::to_string(r.policy));
+    j["token_hit_ratio"] = r.token_hit_ratio;
+    j["block_hit_ratio"] = r.block_hit_ratio;
+    j["p50_us"] = r.p50_us;
+    j["p95_us"] = r.p95_us;
+    j["p99_us"] = r.p99_us;
+    j["prefill_saved_s"] = r.prefill_saved_s;
+    j["p95_queue"] = r.p95_queue;
+    j["mean_queue"] = r.mean_queue;
+    j["max_queue"] = r.max_queue;
+    j["max_engine_share"] = r.max_engine_share;
+    j["engine_requests"] = r.engine_requests;
+    j["stale_routes"] = r.stale_routes;
+    results.push_back(std::move(j));
+  }
+  nlohmann::ordered_json j;
+  j["workload"] = report.workload;
+  j["requests"] = report.requests;
+  j["block_tokens"] = report.block_tokens;
+  j["working_set_blocks"] = report.working_set_blocks;
+  j["engines"] = report.engines;
+  j["capacity_blocks"] = report.capacity_blocks;
+  j["rate_scale"] = report.rate_scale;
+  j["results"] = std::move(results);
+  return j.dump(2) + "\n";
+}
+
+std::string to_table(const routing_report& report) {
+  std::string out;
+  out += (report.from_trace ? "trace " : "workload ") + report.workload + ": " +
+         std::to_string(report.requests) + " requests, " +
+         std::to_string(report.block_tokens) + " tokens per block\n";
+  char line[256];
+  std::snprintf(line, sizeof line,
+                "working set %zu blocks; %u engines of %zu blocks each; "
+                "arrival rate x%.3g\n",
+                report.working_set_blocks, report.engines,
+                report.capacity_blocks, report.rate_scale);
+  out += line;
+  std::snprintf(line, sizeof line,
+                "%-13s %9s %9s %10s %10s %10s %9s %9s %9s %8s\n", "policy",
+                "token hit", "block hit", "p50 us", "p95 us", "p99 us",
+                "p95 queue", "mean q", "max share", "saved s");
+  out += line;
+  for (const routing_result& r : report.results) {
+    const std::string name(actors::to_string(r.policy));
+    std::snprintf(line, sizeof line,
+                  "%-13s %8.2f%% %8.2f%% %10.0f %10.0f %10.0f %9.0f %9.2f "
+                  "%8.1f%% %8.1f\n",
+                  name.c_str(), 100.0 * r.token_hit_ratio,
+                  100.0 * r.block_hit_ratio, r.p50_us, r.p95_us, r.p99_us,
+                  r.p95_queue, r.mean_queue, 100.0 * r.max_engine_share,
+                  r.prefill_saved_s);
+    out += line;
+  }
+  return out;
+}
+
+std::string to_json(const prefetch_report& report) {
+  nlohmann::ordered_json j;
+  j["workload"] = report.workload;
+  j["requests"] = report.requests;
+  j["block_tokens"] = report.block_tokens;
+  j["working_set_blocks"] = report.working_set_blocks;
+  j["capacity_blocks"] = report.capacity_blocks;
+  j["eviction"] = std::string(engine::to_string(report.eviction));
+  j["threshold"] = report.threshold;
+  j["predictions"] = report.predictions;
+  j["prefetches"] = report.prefetches;
+  j["useful"] = report.useful;
+  j["wasted"] = report.wasted;
+  j["unused"] = report.unused;
+  j["used_fraction"] = report.used_fraction;
+  j["token_hit_ratio"] = report.token_hit_ratio;
+  j["baseline_token_hit_ratio"] = report.baseline_token_hit_ratio;
+  return j.dump(2) + "\n";
+}
+
+std::string to_table(const prefetch_report& report) {
+  std::string out;
+  char line[256];
+  std::snprintf(line, sizeof line,
+                "workload %s: %zu requests; capacity %zu of %zu blocks; "
+                "eviction %s; threshold %.2f\n",
+                report.workload.c_str(), report.requests,
+                report.capacity_blocks, report.working_set_blocks,
+                std::string(engine::to_string(report.eviction)).c_str(),
+                report.threshold);
+  out += line;
+  std::snprintf(line, sizeof line,
+                "prefetches %llu: useful %llu, wasted (evicted first) %llu, "
+                "unused at the end %llu; used %.1f%%\n",
+                static_cast<unsigned long long>(report.prefetches),
+                static_cast<unsigned long long>(report.useful),
+                static_cast<unsigned long long>(report.wasted),
+                static_cast<unsigned long long>(report.unused),
+                100.0 * report.used_fraction);
+  out += line;
+  std::snprintf(line, sizeof line,
+                "token hit ratio with prefetch %.2f%%, without %.2f%%\n",
+                100.0 * report.token_hit_ratio,
+                100.0 * report.baseline_token_hit_ratio);
+  out += line;
+  return out;
+}
+
 } // namespace kvfleet::bench

@@ -1,8 +1,11 @@
 #pragma once
-/// Output of `kvfleet-bench engine`: one JSON object or a table.
+/// Output of `kvfleet-bench engine`, `routing` and `prefetch`: one JSON
+/// object or a table.
 /// Thread safety: free functions on values.
 
 #include "tools/bench/engine_mode.hpp"
+#include "tools/bench/prefetch_mode.hpp"
+#include "tools/bench/routing_mode.hpp"
 
 #include <iosfwd>
 #include <string>
@@ -17,5 +20,16 @@ namespace kvfleet::bench {
 
 /// The report as a human-readable table, ending with a newline.
 [[nodiscard]] std::string to_table(const engine_report& report);
+
+/// The routing report as one JSON object: the engine report's fields plus
+/// "engines" and "rate_scale" ("capacity_blocks" is per engine), and per
+/// policy "p95_queue", "mean_queue", "max_queue", "max_engine_share",
+/// "engine_requests", "stale_routes".
+[[nodiscard]] std::string to_json(const routing_report& report);
+[[nodiscard]] std::string to_table(const routing_report& report);
+
+/// The prefetch report as one flat JSON object (see prefetch_report).
+[[nodiscard]] std::string to_json(const prefetch_report& report);
+[[nodiscard]] std::string to_table(const prefetch_report& report);
 
 } // namespace kvfleet::bench

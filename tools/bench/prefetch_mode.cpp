@@ -1,0 +1,228 @@
+#include "tools/bench/prefetch_mode.hpp"
+
+#include "engine/block_store.hpp"
+#include "engine/kv_producer.hpp"
+#include "tools/bench/request_keys.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <unordered_map>
+#include <utility>
+
+namespace kvfleet::bench {
+
+namespace {
+
+constexpr std::string_view end_query = "end";
+
+double ratio(std::uint64_t part, std::uint64_t whole) {
+  return whole == 0 ? 0.0
+                    : static_cast<double>(part) / static_cast<double>(whole);
+}
+
+struct replay_result {
+  std::uint64_t input_tokens = 0;
+  std::uint64_t matched_tokens = 0;
+  std::uint64_t predictions = 0;
+  prefetch_ledger ledger;
+};
+
+// One replay; with `prefetch` false the model still learns but nothing is
+// prefetched (the baseline).
+result<replay_result> replay(const prefetch_options& opts,
+                             std::span<const engine::workload_request> reqs,
+                             const request_keys& keys,
+                             std::size_t capacity_blocks, bool prefetch,
+                             const std::function<void(std::size_t)>& progress) {
+  auto cfg = make_store_config(opts.base, opts.eviction, capacity_blocks);
+  if (!cfg)
+    return unexpected<error>(cfg.error());
+  auto store = engine::block_store::create(*cfg);
+  if (!store)
+    return unexpected<error>(store.error());
+  engine::namespace_options ns_opts;
+  ns_opts.adaptive_compression = opts.base.compression;
+  auto ns = (*store)->register_namespace(bench_namespace(opts.base), ns_opts);
+  if (!ns)
+    return unexpected<error>(ns.error());
+  engine::synthetic_producer producer(engine::nanos{0});
+
+  actors::transition_model model(actors::transition_config{});
+  struct session_state {
+    std::uint64_t rounds = 0;
+    std::uint64_t last_ms = 0;
+  };
+  std::unordered_map<std::uint64_t, session_state> sessions;
+  std::deque<std::pair<std::uint64_t, std::uint64_t>> idle; // (ms, session)
+  const auto timeout_ms =
+      static_cast<std::uint64_t>(std::llround(opts.session_timeout_s * 1e3));
+
+  replay_result out;
+  std::uint64_t evictions_seen = 0;
+  const auto cached = [&](const engine::block_key& k) {
+    return (*store)->contains(*ns, k);
+  };
+  for (std::size_t r = 0; r < reqs.size(); ++r) {
+    const engine::workload_request& req = reqs[r];
+    // Sessions idle past the timeout are observed to end (online: only
+    // what is known at this request's arrival).
+    while (!idle.empty() &&
+           idle.front().first + timeout_ms < req.timestamp_ms) {
+      const auto [at, s] = idle.front();
+      idle.pop_front();
+      auto it = sessions.find(s);
+      if (it != sessions.end() && it->second.last_ms == at) {
+        model.observe(s, std::string(end_query));
+        sessions.erase(it);
+      }
+    }
+    const auto request = keys.of(r);
+    engine::put_options put;
+    put.request_tokens = keys.input_tokens[r];
+    auto done =
+        (*store)->process(*ns, request, keys.input_tokens[r], producer, put);
+    if (!done)
+      return make_error(done.error().code, "request " + std::to_string(r) +
+                                               ": " + done.error().message);
+    out.input_tokens += keys.input_tokens[r];
+    out.matched_tokens += done->matched_tokens;
+    out.ledger.hit(request.first(done->matched_blocks));
+    if ((*store)->stats().evictions != evictions_seen) {
+      evictions_seen = (*store)->stats().evictions;
+      out.ledger.check_evicted(cached);
+    }
+
+    session_state& st = sessions[req.session];
+    ++st.rounds;
+    st.last_ms = req.timestamp_ms;
+    idle.emplace_back(req.timestamp_ms, req.session);
+    const std::string q = round_query(st.rounds, opts.max_round);
+    model.observe(req.session, q);
+    const auto next = model.predict(q);
+    if (next && next->query != end_query &&
+        next->confidence >= opts.threshold && !request.empty()) {
+      ++out.predictions;
+      if (prefetch && out.ledger.issued(request)) {
+        engine::put_options low = put;
+        low.prio = engine::priority::low;
+        auto warm = (*store)->process(*ns, request, keys.input_tokens[r],
+                                      producer, low);
+        if (!warm)
+          return make_error(warm.error().code, "prefetch after request " +
+                                                   std::to_string(r) + ": " +
+                                                   warm.error().message);
+        if ((*store)->stats().evictions != evictions_seen) {
+          evictions_seen = (*store)->stats().evictions;
+          out.ledger.check_evicted(cached);
+        }
+      }
+    }
+    if (progress)
+      progress(r + 1);
+  }
+  out.ledger.finish();
+  return out;
+}
+
+} // namespace
+
+bool prefetch_ledger::issued(std::span<const engine::block_key> keys) {
+  if (keys.empty() || !outstanding_.insert(keys.back()).second)
+    return false;
+  ++prefetches_;
+  return true;
+}
+
+void prefetch_ledger::hit(std::span<const engine::block_key> matched) {
+  if (outstanding_.empty())
+    return;
+  for (const auto& k : matched)
+    if (outstanding_.erase(k) != 0)
+      ++useful_;
+}
+
+void prefetch_ledger::check_evicted(
+    const std::function<bool(const engine::block_key&)>& cached) {
+  for (auto it = outstanding_.begin(); it != outstanding_.end();) {
+    if (cached(*it)) {
+      ++it;
+    } else {
+      ++wasted_;
+      it = outstanding_.erase(it);
+    }
+  }
+}
+
+void prefetch_ledger::finish() {
+  unused_ += outstanding_.size();
+  outstanding_.clear();
+}
+
+std::string round_query(std::uint64_t round, std::uint32_t max_round) {
+  return "round:" + std::to_string(std::min<std::uint64_t>(round, max_round));
+}
+
+result<prefetch_report>
+run_prefetch(const prefetch_options& opts,
+             std::span<const engine::workload_request> reqs,
+             const std::string& workload, const progress_fn& progress) {
+  for (std::size_t r = 0; r < reqs.size(); ++r)
+    if (reqs[r].session == 0)
+      return make_error(errc::invalid_argument,
+                        "prefetch mode needs sessions (the chat workload); "
+                        "request " +
+                            std::to_string(r) + " has none");
+  prefetch_report report;
+  report.workload = workload;
+  report.requests = reqs.size();
+  report.block_tokens = opts.base.block_tokens;
+  report.eviction = opts.eviction;
+  report.threshold = opts.threshold;
+  report.working_set_blocks =
+      engine::working_set_blocks(reqs, opts.base.block_tokens);
+  auto cap = capacity_in_blocks(opts.base, report.working_set_blocks);
+  if (!cap)
+    return unexpected<error>(cap.error());
+  report.capacity_blocks = *cap;
+
+  std::vector<engine::workload_request> ordered(reqs.begin(), reqs.end());
+  std::stable_sort(ordered.begin(), ordered.end(),
+                   [](const auto& a, const auto& b) {
+                     return a.timestamp_ms < b.timestamp_ms;
+                   });
+  const request_keys keys =
+      make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
+                        opts.base.block_tokens);
+  const std::size_t total = 2 * keys.size();
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool with = pass == 0;
+    const std::string label = with ? "with prefetch (1/2)" : "baseline (2/2)";
+    std::function<void(std::size_t)> step;
+    if (progress)
+      step = [&, pass](std::size_t done) {
+        progress(static_cast<std::size_t>(pass) * keys.size() + done, total,
+                 label);
+      };
+    auto res = replay(opts, ordered, keys, report.capacity_blocks, with, step);
+    if (!res)
+      return unexpected<error>(res.error());
+    if (with) {
+      report.predictions = res->predictions;
+      report.prefetches = res->ledger.prefetches();
+      report.useful = res->ledger.useful();
+      report.wasted = res->ledger.wasted();
+      report.unused = res->ledger.unused();
+      report.used_fraction = ratio(report.useful, report.prefetches);
+      report.token_hit_ratio = ratio(res->matched_tokens, res->input_tokens);
+    } else {
+      report.baseline_token_hit_ratio =
+          ratio(res->matched_tokens, res->input_tokens);
+    }
+  }
+  return report;
+}
+
+} // namespace kvfleet::bench

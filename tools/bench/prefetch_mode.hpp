@@ -1,0 +1,117 @@
+#pragma once
+/// `kvfleet-bench prefetch`: predictive prefetch on the chat workload,
+/// measured on one in-process block store with the shipped transition
+/// model (actors::transition_model).
+///
+/// What a query is for chat: every chat session's next round extends the
+/// current prompt (prompt + reply + new turn), so the useful question is
+/// not "which other prompt follows" (each prompt is unique and never recurs)
+/// but "does this session come back for another round". A request of round
+/// k of its session is named "round:k" (rounds above max_round share one
+/// name), and a session idle for longer than session_timeout_s is observed
+/// to go to "end". The model thus learns, per round, how often a session
+/// continues; that is how many chat sessions behave (heavy-tailed lengths:
+/// the more rounds a session has had, the likelier another). Every
+/// observation is online: the model only knows the past.
+///
+/// The prefetch: after each request, when the model predicts a next round
+/// (not "end") with confidence >= threshold, the prefetcher prefetches the
+/// prefix the next round is known to start with, i.e. this request's full
+/// blocks, with block_store::process() at low priority: blocks already
+/// cached are touched (kept warm), missing ones would be computed and
+/// inserted. The reply's blocks are not known before the next request
+/// arrives, so they cannot be prefetched.
+///
+/// Accounting (prefetch_ledger): a prefetch is useful when a later request
+/// matches its whole chain (its last block) before any of its blocks is
+/// evicted, wasted when one of its blocks is evicted first, and unused when
+/// neither happened by the end of the replay (also not useful). Eviction is
+/// leaf-first, so a chain loses its last block first: checking the last
+/// block after each eviction pass finds every eviction.
+/// Thread safety: free functions and a plain class; nothing shared.
+
+#include "actors/transition_model.hpp"
+#include "engine/block_key.hpp"
+#include "engine/result.hpp"
+#include "engine/workload.hpp"
+#include "tools/bench/cli.hpp"
+#include "tools/bench/engine_mode.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+namespace kvfleet::bench {
+
+/// Useful / wasted / unused accounting of prefetches.
+class prefetch_ledger {
+public:
+  /// Records a prefetch of the chain `keys`; false (and nothing counted)
+  /// when `keys` is empty or a prefetch ending in the same block is still
+  /// outstanding.
+  bool issued(std::span<const engine::block_key> keys);
+  /// A request matched these leading blocks: prefetches whose last block
+  /// is among them become useful.
+  void hit(std::span<const engine::block_key> matched);
+  /// Outstanding prefetches whose last block `cached` says is gone become
+  /// wasted.
+  void
+  check_evicted(const std::function<bool(const engine::block_key&)>& cached);
+  /// Outstanding prefetches become unused.
+  void finish();
+
+  [[nodiscard]] std::uint64_t prefetches() const noexcept {
+    return prefetches_;
+  }
+  [[nodiscard]] std::uint64_t useful() const noexcept { return useful_; }
+  [[nodiscard]] std::uint64_t wasted() const noexcept { return wasted_; }
+  [[nodiscard]] std::uint64_t unused() const noexcept { return unused_; }
+  [[nodiscard]] std::size_t outstanding() const noexcept {
+    return outstanding_.size();
+  }
+
+private:
+  /// Last block of each outstanding prefetch.
+  std::unordered_set<engine::block_key, engine::block_key_hash> outstanding_;
+  std::uint64_t prefetches_ = 0;
+  std::uint64_t useful_ = 0;
+  std::uint64_t wasted_ = 0;
+  std::uint64_t unused_ = 0;
+};
+
+struct prefetch_report {
+  std::string workload;
+  std::size_t requests = 0;
+  std::uint32_t block_tokens = 0;
+  std::size_t working_set_blocks = 0;
+  std::size_t capacity_blocks = 0;
+  engine::policy_kind eviction = engine::policy_kind::adaptive;
+  double threshold = 0.0;
+  std::uint64_t predictions = 0; ///< requests with a next round predicted
+  std::uint64_t prefetches = 0;
+  std::uint64_t useful = 0;
+  std::uint64_t wasted = 0;     ///< evicted before use
+  std::uint64_t unused = 0;     ///< neither used nor evicted at the end
+  double used_fraction = 0.0;   ///< useful / prefetches
+  double token_hit_ratio = 0.0; ///< with prefetch
+  double baseline_token_hit_ratio = 0.0; ///< the same store without
+};
+
+/// Name of the query of a request that is round `round` (1-based) of its
+/// session: "round:k", k capped at `max_round`.
+[[nodiscard]] std::string round_query(std::uint64_t round,
+                                      std::uint32_t max_round);
+
+/// Replays `reqs` (timestamp order, sessions set) through one store twice,
+/// with and without prefetch. `workload` labels the report.
+/// errc::invalid_argument when a request has no session.
+[[nodiscard]] result<prefetch_report>
+run_prefetch(const prefetch_options& opts,
+             std::span<const engine::workload_request> reqs,
+             const std::string& workload, const progress_fn& progress = {});
+
+} // namespace kvfleet::bench

@@ -1,0 +1,331 @@
+#include "tools/bench/routing_mode.hpp"
+
+#include "engine/block_store.hpp"
+#include "engine/kv_producer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <queue>
+#include <unordered_set>
+#include <utility>
+
+namespace kvfleet::bench {
+
+namespace {
+
+double ratio(std::uint64_t part, std::uint64_t whole) {
+  return whole == 0 ? 0.0
+                    : static_cast<double>(part) / static_cast<double>(whole);
+}
+
+// Nearest-rank quantile of sorted values; 0 when empty.
+template <class T> double quantile(const std::vector<T>& sorted, double q) {
+  if (sorted.empty())
+    return 0.0;
+  const double rank = std::ceil(q * static_cast<double>(sorted.size()));
+  const std::size_t i =
+      rank < 1.0 ? 0
+                 : std::min(sorted.size(), static_cast<std::size_t>(rank)) - 1;
+  return static_cast<double>(sorted[i]);
+}
+
+std::int64_t to_ns(double us) {
+  return static_cast<std::int64_t>(std::llround(us * 1e3));
+}
+
+struct sim_engine {
+  std::unique_ptr<engine::block_store> store;
+  engine::ns_id ns{};
+  std::deque<std::size_t> waiting; ///< requests queued, not in service
+  bool busy = false;
+  std::size_t current = 0; ///< request in service when busy
+  /// Keys reported stored to the router and not reported evicted since.
+  std::unordered_set<engine::block_key, engine::block_key_hash> reported;
+  std::uint64_t evictions_seen = 0;
+};
+
+class simulation {
+public:
+  simulation(const routing_options& opts, actors::routing_policy policy,
+             const request_keys& keys, std::span<const std::int64_t> arrival)
+      : opts_(opts), keys_(keys), arrival_(arrival), router_([&] {
+          actors::router_config c = opts.router;
+          c.policy = policy;
+          return c;
+        }()),
+        producer_(engine::nanos{to_ns(opts.base.prefill_us_per_token)}),
+        per_token_ns_(to_ns(opts.base.prefill_us_per_token)),
+        overhead_ns_(to_ns(opts.service_overhead_us)) {
+    out_.policy = policy;
+  }
+
+  result<void> init(std::size_t capacity_blocks) {
+    auto cfg = make_store_config(opts_.base, opts_.eviction, capacity_blocks);
+    if (!cfg)
+      return unexpected<error>(cfg.error());
+    engine::namespace_options ns_opts;
+    ns_opts.adaptive_compression = opts_.base.compression;
+    engines_.resize(opts_.engines);
+    for (auto& e : engines_) {
+      auto store = engine::block_store::create(*cfg);
+      if (!store)
+        return unexpected<error>(store.error());
+      e.store = std::move(*store);
+      auto ns =
+          e.store->register_namespace(bench_namespace(opts_.base), ns_opts);
+      if (!ns)
+        return unexpected<error>(ns.error());
+      e.ns = *ns;
+      router_.add_slot();
+    }
+    out_.engine_requests.assign(opts_.engines, 0);
+    latency_ns_.assign(keys_.size(), 0);
+    expected_hit_.assign(keys_.size(), 0);
+    return {};
+  }
+
+  result<routing_result> run(const std::function<void(std::size_t)>& progress) {
+    for (std::size_t r = 0; r < keys_.size(); ++r) {
+      const std::int64_t now = arrival_[r];
+      while (!done_.empty() && done_.top().first <= now) {
+        const auto [t, e] = done_.top();
+        done_.pop();
+        if (auto ok = complete(e, t); !ok)
+          return unexpected<error>(ok.error());
+      }
+      const auto request = keys_.of(r);
+      auto picked = router_.pick(request);
+      if (!picked)
+        return make_error(errc::invalid_argument, "no live engine");
+      sim_engine& e = engines_[picked->slot];
+      const auto queue_len =
+          static_cast<std::uint32_t>(e.waiting.size() + (e.busy ? 1 : 0));
+      queue_samples_.push_back(queue_len);
+      expected_hit_[r] = picked->expected_hit_blocks;
+      router_.started(picked->slot);
+      ++out_.engine_requests[picked->slot];
+      e.waiting.push_back(r);
+      if (!e.busy)
+        if (auto ok = start(picked->slot, now); !ok)
+          return unexpected<error>(ok.error());
+      if (progress)
+        progress(r + 1);
+    }
+    while (!done_.empty()) {
+      const auto [t, e] = done_.top();
+      done_.pop();
+      if (auto ok = complete(e, t); !ok)
+        return unexpected<error>(ok.error());
+    }
+    finish();
+    return out_;
+  }
+
+private:
+  result<void> start(std::uint32_t slot, std::int64_t now) {
+    sim_engine& e = engines_[slot];
+    const std::size_t r = e.waiting.front();
+    e.waiting.pop_front();
+    e.busy = true;
+    e.current = r;
+    engine::put_options put;
+    put.request_tokens = keys_.input_tokens[r];
+    const auto request = keys_.of(r);
+    auto done =
+        e.store->process(e.ns, request, keys_.input_tokens[r], producer_, put);
+    if (!done)
+      return make_error(done.error().code,
+                        "request " + std::to_string(r) + " on engine " +
+                            std::to_string(slot) + ": " + done.error().message);
+    out_.input_tokens += keys_.input_tokens[r];
+    out_.matched_tokens += done->matched_tokens;
+    out_.full_blocks += request.size();
+    out_.matched_blocks += done->matched_blocks;
+    if (expected_hit_[r] > done->matched_blocks)
+      ++out_.stale_routes;
+    sync_evictions(slot);
+    const std::int64_t service =
+        static_cast<std::int64_t>(done->computed_tokens) * per_token_ns_ +
+        overhead_ns_;
+    const std::int64_t end = now + service;
+    latency_ns_[r] = end - arrival_[r];
+    done_.emplace(end, slot);
+    return {};
+  }
+
+  result<void> complete(std::uint32_t slot, std::int64_t now) {
+    sim_engine& e = engines_[slot];
+    router_.finished(slot);
+    scratch_.clear();
+    for (const auto& k : keys_.of(e.current))
+      if (e.store->contains(e.ns, k) && e.reported.insert(k).second)
+        scratch_.push_back(k);
+    if (!scratch_.empty())
+      router_.stored(slot, scratch_);
+    e.busy = false;
+    if (!e.waiting.empty())
+      return start(slot, now);
+    return {};
+  }
+
+  // The diff that stands in for eviction events: only after the store's
+  // eviction counter moved.
+  void sync_evictions(std::uint32_t slot) {
+    sim_engine& e = engines_[slot];
+    const std::uint64_t ev = e.store->stats().evictions;
+    if (ev == e.evictions_seen)
+      return;
+    e.evictions_seen = ev;
+    scratch_.clear();
+    for (auto it = e.reported.begin(); it != e.reported.end();) {
+      if (e.store->contains(e.ns, *it)) {
+        ++it;
+      } else {
+        scratch_.push_back(*it);
+        it = e.reported.erase(it);
+      }
+    }
+    if (!scratch_.empty())
+      router_.evicted(slot, scratch_);
+  }
+
+  void finish() {
+    out_.token_hit_ratio = ratio(out_.matched_tokens, out_.input_tokens);
+    out_.block_hit_ratio = ratio(out_.matched_blocks, out_.full_blocks);
+    out_.prefill_saved_s = static_cast<double>(out_.matched_tokens) *
+                           opts_.base.prefill_us_per_token / 1e6;
+    std::sort(latency_ns_.begin(), latency_ns_.end());
+    out_.p50_us = quantile(latency_ns_, 0.50) / 1e3;
+    out_.p95_us = quantile(latency_ns_, 0.95) / 1e3;
+    out_.p99_us = quantile(latency_ns_, 0.99) / 1e3;
+    if (!queue_samples_.empty()) {
+      const double sum =
+          std::accumulate(queue_samples_.begin(), queue_samples_.end(), 0.0);
+      out_.mean_queue = sum / static_cast<double>(queue_samples_.size());
+    }
+    std::sort(queue_samples_.begin(), queue_samples_.end());
+    out_.p95_queue = quantile(queue_samples_, 0.95);
+    out_.max_queue = queue_samples_.empty() ? 0 : queue_samples_.back();
+    const std::uint64_t most = *std::max_element(out_.engine_requests.begin(),
+                                                 out_.engine_requests.end());
+    out_.max_engine_share = ratio(most, keys_.size());
+  }
+
+  using event = std::pair<std::int64_t, std::uint32_t>; // (time, engine)
+
+  const routing_options& opts_;
+  const request_keys& keys_;
+  std::span<const std::int64_t> arrival_;
+  actors::router router_;
+  engine::synthetic_producer producer_;
+  std::int64_t per_token_ns_;
+  std::int64_t overhead_ns_;
+  std::vector<sim_engine> engines_;
+  std::priority_queue<event, std::vector<event>, std::greater<>> done_;
+  std::vector<std::int64_t> latency_ns_;
+  std::vector<std::uint32_t> queue_samples_;
+  std::vector<std::size_t> expected_hit_;
+  std::vector<engine::block_key> scratch_;
+  routing_result out_;
+};
+
+} // namespace
+
+result<std::size_t> engine_capacity_in_blocks(const routing_options& opts,
+                                              std::size_t working_set_blocks) {
+  if (opts.base.capacity_blocks) {
+    if (*opts.base.capacity_blocks == 0)
+      return make_error(errc::zero_capacity,
+                        "capacity 0: --capacity-blocks must be at least 1");
+    return *opts.base.capacity_blocks;
+  }
+  const double f = opts.base.capacity_fraction.value_or(0.0);
+  const double n = std::round(f * static_cast<double>(working_set_blocks) /
+                              static_cast<double>(std::max(1U, opts.engines)));
+  if (!(n >= 1.0))
+    return make_error(errc::zero_capacity,
+                      "capacity 0: --capacity-fraction " + std::to_string(f) +
+                          " of a working set of " +
+                          std::to_string(working_set_blocks) + " blocks over " +
+                          std::to_string(opts.engines) +
+                          " engines rounds to 0 blocks per engine");
+  if (n >= static_cast<double>(std::numeric_limits<std::size_t>::max()))
+    return make_error(errc::value_too_large, "capacity is too large");
+  return static_cast<std::size_t>(n);
+}
+
+result<routing_result>
+simulate_routing(const routing_options& opts, actors::routing_policy policy,
+                 const request_keys& keys,
+                 std::span<const std::int64_t> arrival_ns,
+                 std::size_t capacity_blocks,
+                 const std::function<void(std::size_t)>& progress) {
+  if (opts.engines == 0 || opts.engines > actors::router::max_slots)
+    return make_error(errc::invalid_argument,
+                      "engines must be in [1, 64], got " +
+                          std::to_string(opts.engines));
+  if (arrival_ns.size() != keys.size())
+    return make_error(errc::invalid_argument,
+                      "one arrival time per request is needed");
+  simulation sim(opts, policy, keys, arrival_ns);
+  if (auto ok = sim.init(capacity_blocks); !ok)
+    return unexpected<error>(ok.error());
+  return sim.run(progress);
+}
+
+result<routing_report>
+run_routing(const routing_options& opts,
+            std::span<const engine::workload_request> reqs,
+            const std::string& workload, const progress_fn& progress) {
+  routing_report report;
+  report.workload = workload;
+  report.from_trace = !opts.base.trace_path.empty();
+  report.requests = reqs.size();
+  report.block_tokens = opts.base.block_tokens;
+  report.engines = opts.engines;
+  report.rate_scale = opts.rate_scale;
+  report.working_set_blocks =
+      engine::working_set_blocks(reqs, opts.base.block_tokens);
+  auto cap = engine_capacity_in_blocks(opts, report.working_set_blocks);
+  if (!cap)
+    return unexpected<error>(cap.error());
+  report.capacity_blocks = *cap;
+
+  std::vector<engine::workload_request> ordered(reqs.begin(), reqs.end());
+  std::stable_sort(ordered.begin(), ordered.end(),
+                   [](const auto& a, const auto& b) {
+                     return a.timestamp_ms < b.timestamp_ms;
+                   });
+  std::vector<std::int64_t> arrival;
+  arrival.reserve(ordered.size());
+  for (const auto& r : ordered)
+    arrival.push_back(static_cast<std::int64_t>(std::llround(
+        static_cast<double>(r.timestamp_ms) * 1e6 / opts.rate_scale)));
+  const request_keys keys =
+      make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
+                        opts.base.block_tokens);
+  const std::size_t total = opts.policies.size() * keys.size();
+  for (std::size_t i = 0; i < opts.policies.size(); ++i) {
+    const actors::routing_policy policy = opts.policies[i];
+    const std::string label = std::string(actors::to_string(policy)) + " (" +
+                              std::to_string(i + 1) + "/" +
+                              std::to_string(opts.policies.size()) + ")";
+    const std::size_t before = i * keys.size();
+    std::function<void(std::size_t)> step;
+    if (progress)
+      step = [&](std::size_t done) { progress(before + done, total, label); };
+    auto res = simulate_routing(opts, policy, keys, arrival,
+                                report.capacity_blocks, step);
+    if (!res)
+      return unexpected<error>(res.error());
+    report.results.push_back(std::move(*res));
+  }
+  return report;
+}
+
+} // namespace kvfleet::bench

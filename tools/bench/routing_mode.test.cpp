@@ -1,0 +1,222 @@
+#include "tools/bench/routing_mode.hpp"
+
+#include "tools/bench/cli.hpp"
+#include "tools/bench/report.hpp"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <initializer_list>
+#include <numeric>
+#include <string_view>
+#include <vector>
+
+namespace kvfleet::bench {
+namespace {
+
+using actors::routing_policy;
+
+result<command> parse(std::initializer_list<std::string_view> args) {
+  const std::vector<std::string_view> v(args);
+  return parse_command_line(v);
+}
+
+routing_options tiny_options() {
+  routing_options o;
+  o.base.workload = "shared-prefix";
+  o.base.requests = 600;
+  o.base.capacity_fraction = 0.5;
+  o.rate_scale = 4.0;
+  return o;
+}
+
+result<routing_report> run_tiny(const routing_options& o) {
+  engine::workload_options wo;
+  wo.requests = o.base.requests;
+  auto reqs = engine::generate_workload(o.base.workload, wo);
+  if (!reqs)
+    return unexpected<error>(reqs.error());
+  return run_routing(o, *reqs, o.base.workload);
+}
+
+TEST(routing_mode, kv_aware_hits_at_least_least_loaded_and_stats_are_sane) {
+  const routing_options o = tiny_options();
+  auto report = run_tiny(o);
+  ASSERT_TRUE(report) << report.error().describe();
+  ASSERT_EQ(report->results.size(), 3U);
+  EXPECT_EQ(report->engines, 4U);
+  for (const routing_result& r : report->results) {
+    ASSERT_EQ(r.engine_requests.size(), 4U);
+    const auto sum = std::accumulate(r.engine_requests.begin(),
+                                     r.engine_requests.end(), std::uint64_t{0});
+    EXPECT_EQ(sum, 600U);
+    double shares = 0.0;
+    for (auto n : r.engine_requests)
+      shares += static_cast<double>(n) / 600.0;
+    EXPECT_NEAR(shares, 1.0, 1e-12);
+    EXPECT_GE(r.max_engine_share, 0.25);
+    EXPECT_LE(r.max_engine_share, 1.0);
+    EXPECT_GE(r.p95_queue, 0.0);
+    EXPECT_LE(r.p95_queue, static_cast<double>(r.max_queue));
+    EXPECT_LE(r.mean_queue, static_cast<double>(r.max_queue));
+    EXPECT_LE(r.p50_us, r.p95_us);
+    EXPECT_LE(r.p95_us, r.p99_us);
+    EXPECT_GE(r.p50_us, o.service_overhead_us);
+    EXPECT_GE(r.token_hit_ratio, 0.0);
+    EXPECT_LE(r.token_hit_ratio, 1.0);
+  }
+  const routing_result& rr = report->results[0];
+  const routing_result& ll = report->results[1];
+  const routing_result& kv = report->results[2];
+  EXPECT_EQ(rr.policy, routing_policy::round_robin);
+  EXPECT_EQ(kv.policy, routing_policy::kv_aware);
+  EXPECT_GE(kv.token_hit_ratio, ll.token_hit_ratio);
+  // Round robin spreads requests exactly.
+  EXPECT_LE(rr.max_engine_share, 151.0 / 600.0);
+}
+
+TEST(routing_mode, deterministic) {
+  auto a = run_tiny(tiny_options());
+  auto b = run_tiny(tiny_options());
+  ASSERT_TRUE(a && b);
+  EXPECT_EQ(to_json(*a), to_json(*b));
+}
+
+TEST(routing_mode, one_engine_queues_everything) {
+  routing_options o = tiny_options();
+  o.engines = 1;
+  o.policies = {routing_policy::kv_aware};
+  auto report = run_tiny(o);
+  ASSERT_TRUE(report) << report.error().describe();
+  EXPECT_DOUBLE_EQ(report->results[0].max_engine_share, 1.0);
+}
+
+TEST(routing_mode, capacity_is_per_engine) {
+  routing_options o = tiny_options();
+  o.base.capacity_fraction = 0.25;
+  auto n = engine_capacity_in_blocks(o, 1000);
+  ASSERT_TRUE(n);
+  EXPECT_EQ(*n, 63U); // round(250 / 4)
+  o.base.capacity_fraction.reset();
+  o.base.capacity_blocks = 7;
+  EXPECT_EQ(*engine_capacity_in_blocks(o, 1000), 7U);
+  o.base.capacity_blocks.reset();
+  o.base.capacity_fraction = 0.001;
+  auto zero = engine_capacity_in_blocks(o, 100);
+  ASSERT_FALSE(zero);
+  EXPECT_EQ(zero.error().code, errc::zero_capacity);
+}
+
+TEST(routing_mode, json_shape) {
+  auto report = run_tiny(tiny_options());
+  ASSERT_TRUE(report);
+  const auto j = nlohmann::json::parse(to_json(*report));
+  for (const char* k :
+       {"workload", "requests", "block_tokens", "working_set_blocks", "engines",
+        "capacity_blocks", "rate_scale", "results"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_EQ(j["workload"], "shared-prefix");
+  ASSERT_EQ(j["results"].size(), 3U);
+  EXPECT_EQ(j["results"][0]["policy"], "round_robin");
+  EXPECT_EQ(j["results"][2]["policy"], "kv_aware");
+  for (const auto& r : j["results"])
+    for (const char* k :
+         {"policy", "token_hit_ratio", "block_hit_ratio", "p50_us", "p95_us",
+          "p99_us", "prefill_saved_s", "p95_queue", "max_engine_share"})
+      EXPECT_TRUE(r.contains(k)) << k;
+  const std::string table = to_table(*report);
+  EXPECT_NE(table.find("kv_aware"), std::string::npos);
+  EXPECT_NE(table.find("p95 queue"), std::string::npos);
+}
+
+TEST(routing_cli, defaults_and_options) {
+  auto cmd =
+      parse({"routing", "--workload", "chat", "--capacity-fraction", "0.25"});
+  ASSERT_TRUE(cmd) << cmd.error().describe();
+  EXPECT_EQ(cmd->kind, command_kind::routing);
+  const routing_options& d = cmd->routing;
+  EXPECT_EQ(d.engines, 4U);
+  EXPECT_EQ(d.policies,
+            (std::vector<routing_policy>{routing_policy::round_robin,
+                                         routing_policy::least_loaded,
+                                         routing_policy::kv_aware}));
+  EXPECT_DOUBLE_EQ(d.rate_scale, 1.0);
+  EXPECT_EQ(d.base.workload, "chat");
+
+  cmd = parse({"routing",
+               "--workload=shared-prefix",
+               "--capacity-blocks",
+               "100",
+               "--engines",
+               "8",
+               "--policies",
+               "kv_aware,least_loaded",
+               "--rate-scale",
+               "2.5",
+               "--service-overhead-us",
+               "50",
+               "--credit-per-block",
+               "0.5",
+               "--max-credit",
+               "8",
+               "--backlog-margin",
+               "2",
+               "--overload-credit-factor",
+               "0.5",
+               "--eviction",
+               "lru",
+               "--json",
+               "--no-progress"});
+  ASSERT_TRUE(cmd) << cmd.error().describe();
+  const routing_options& o = cmd->routing;
+  EXPECT_EQ(o.engines, 8U);
+  EXPECT_EQ(o.policies,
+            (std::vector<routing_policy>{routing_policy::kv_aware,
+                                         routing_policy::least_loaded}));
+  EXPECT_DOUBLE_EQ(o.rate_scale, 2.5);
+  EXPECT_DOUBLE_EQ(o.service_overhead_us, 50.0);
+  EXPECT_DOUBLE_EQ(o.router.credit_per_block, 0.5);
+  EXPECT_DOUBLE_EQ(o.router.max_credit, 8.0);
+  EXPECT_EQ(o.router.backlog_margin, 2U);
+  EXPECT_DOUBLE_EQ(o.router.overload_credit_factor, 0.5);
+  EXPECT_EQ(o.eviction, engine::policy_kind::lru);
+  EXPECT_TRUE(o.base.json);
+  EXPECT_FALSE(o.base.progress);
+  EXPECT_EQ(*o.base.capacity_blocks, 100U);
+}
+
+TEST(routing_cli, errors_and_help) {
+  const auto bad = [](std::initializer_list<std::string_view> args,
+                      std::string_view needle) {
+    auto cmd = parse(args);
+    ASSERT_FALSE(cmd) << needle;
+    EXPECT_TRUE(is_usage_error(cmd.error()));
+    EXPECT_NE(cmd.error().message.find(needle), std::string::npos)
+        << cmd.error().message;
+  };
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--engines", "0"},
+      "--engines");
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--engines", "65"},
+      "--engines");
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--policies", "lru"},
+      "unknown routing policy");
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--rate-scale", "0"},
+      "--rate-scale");
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--disk-dir", "/tmp"},
+      "unknown option '--disk-dir'");
+  bad({"routing", "--workload", "chat"}, "give a capacity");
+  bad({"nope"}, "modes: engine, routing, prefetch");
+  auto help = parse({"routing", "--engines", "x", "--help"});
+  ASSERT_TRUE(help);
+  EXPECT_EQ(help->kind, command_kind::routing_help);
+  EXPECT_NE(routing_help().find("p95_queue"), std::string_view::npos);
+  EXPECT_NE(main_help().find("routing"), std::string_view::npos);
+}
+
+} // namespace
+} // namespace kvfleet::bench
