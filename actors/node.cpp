@@ -64,6 +64,14 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
       return unexpected<error>{probe.error()};
     caf::anon_send_exit(*probe, caf::exit_reason::user_shutdown);
   }
+  // And on a bad query-cache store (redis_url) before spawning anything.
+  std::unique_ptr<actors::query_store> query_store;
+  if (config.query_cache) {
+    auto store = actors::make_query_store(config.cache);
+    if (!store)
+      return unexpected<error>{store.error()};
+    query_store = std::move(*store);
+  }
   std::unique_ptr<node> n{new node(sys, std::move(config))};
   auto& c = n->config_;
   c.balancer.initial_engines = c.engines;
@@ -77,8 +85,10 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         return actors::spawn_engine_actor(s, cfg);
       });
   n->warmer_ = actors::spawn_warmer(sys, c.warmer, n->balancer_);
-  if (c.query_cache)
-    n->cache_ = actors::spawn_query_cache(sys, c.cache, n->balancer_);
+  if (c.query_cache) {
+    n->cache_ = actors::spawn_query_cache(sys, c.cache, n->balancer_,
+                                          std::move(query_store));
+  }
   if (c.scaler) {
     auto sc = *c.scaler;
     sc.initial_replicas = c.engines;

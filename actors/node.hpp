@@ -39,6 +39,7 @@ struct node_config {
   actors::balancer_config balancer{}; ///< initial_engines is set from `engines`
   actors::warmer_config warmer{};
   bool query_cache = true;
+  /// `cache.redis_url` empty: embedded store; else the Redis backend.
   actors::query_cache_config cache{};
   std::optional<actors::scaler_actor_config> scaler; ///< off by default
   std::optional<actors::prefetch_config> prefetch;   ///< off by default
@@ -53,7 +54,9 @@ public:
   static void configure(caf::actor_system_config& cfg, std::size_t threads);
 
   /// Spawns the node's actors. Errors: the first engine's (bad capacity or
-  /// namespace).
+  /// namespace), then the query-cache store's (bad `cache.redis_url`:
+  /// errc::parse_error). An unreachable Redis is not an error here: the
+  /// store connects on its first call.
   [[nodiscard]] static result<std::unique_ptr<node>>
   start(caf::actor_system& sys, node_config config);
   ~node();

@@ -3,6 +3,8 @@
 #include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
 
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -52,11 +54,15 @@ engine::nanos now(cache_actor* self) {
       self->clock().now().time_since_epoch());
 }
 
-caf::behavior cache_behavior(cache_actor* self, query_cache_config config,
-                             caf::actor balancer) {
+/// The store travels to the actor in a shared_ptr because spawn arguments are
+/// copied; the actor takes sole ownership on start.
+caf::behavior
+cache_behavior(cache_actor* self, query_cache_config config,
+               caf::actor balancer,
+               std::shared_ptr<std::unique_ptr<query_store>> store) {
   auto& st = self->state;
   st.config = config;
-  st.store = std::make_unique<embedded_query_store>(config.max_entries);
+  st.store = std::move(*store);
   st.balancer = balancer;
   self->set_default_handler(
       [](caf::scheduled_actor*,
@@ -125,9 +131,41 @@ caf::behavior cache_behavior(cache_actor* self, query_cache_config config,
 
 } // namespace
 
+result<std::unique_ptr<query_store>>
+make_query_store(const query_cache_config& config) {
+  if (config.redis_url.empty())
+    return std::unique_ptr<query_store>{
+        std::make_unique<embedded_query_store>(config.max_entries)};
+  auto rc = config.redis;
+  rc.url = config.redis_url;
+  auto store = redis_query_store::open(std::move(rc));
+  if (!store)
+    return unexpected<error>{store.error()};
+  return std::unique_ptr<query_store>{std::move(*store)};
+}
+
 caf::actor spawn_query_cache(caf::actor_system& sys, query_cache_config config,
                              caf::actor balancer) {
-  return sys.spawn(cache_behavior, std::move(config), std::move(balancer));
+  auto store = make_query_store(config);
+  if (!store) {
+    std::fprintf(stderr, "kvfleet: spawn_query_cache: %s\n",
+                 store.error().describe().c_str());
+    std::abort();
+  }
+  return spawn_query_cache(sys, std::move(config), std::move(balancer),
+                           std::move(*store));
+}
+
+caf::actor spawn_query_cache(caf::actor_system& sys, query_cache_config config,
+                             caf::actor balancer,
+                             std::unique_ptr<query_store> store) {
+  bool detach = store->blocking();
+  auto boxed = std::make_shared<std::unique_ptr<query_store>>(std::move(store));
+  if (detach)
+    return sys.spawn<caf::detached>(cache_behavior, std::move(config),
+                                    std::move(balancer), std::move(boxed));
+  return sys.spawn(cache_behavior, std::move(config), std::move(balancer),
+                   std::move(boxed));
 }
 
 } // namespace kvfleet::actors

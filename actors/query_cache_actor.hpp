@@ -9,16 +9,25 @@
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
 ///
-/// Store: embedded_query_store (in process, bounded) by default. Time is the
-/// actor clock, so tests move it with the test coordinator. A Redis backend
-/// is not built yet.
+/// Store: embedded_query_store (in process, bounded) by default; its time is
+/// the actor clock, so tests move it with the test coordinator. With a
+/// `redis_url`, a redis_query_store (redis_query_store.hpp), whose entries
+/// expire on Redis's clock. A store that blocks on I/O (Redis) makes the
+/// actor detached: it runs on its own thread, each Redis call bounded by the
+/// store's command timeout (default 50 ms), so the scheduler's workers never
+/// wait on Redis. A store error on get counts in `store_errors` and the
+/// request is computed as on a miss; a store error on set counts there too
+/// and the reply is still delivered.
 
 #include "actors/query_store.hpp"
+#include "actors/redis_query_store.hpp"
+#include "engine/result.hpp"
 
 #include <chrono>
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <string>
 
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
@@ -31,11 +40,29 @@ struct query_cache_config {
   std::chrono::seconds ttl{3600};
   std::size_t max_entries = 100'000;
   std::chrono::milliseconds request_timeout{30'000};
+  /// Empty: the embedded store (max_entries). Else redis://host[:port][/db]
+  /// and the options below (their `url` is replaced by this one).
+  std::string redis_url;
+  redis_query_store_config redis{};
 };
 
+/// The store `config` selects. Errors: those of redis_query_store::open
+/// (bad URL, bad timeouts); connecting happens on the first call.
+[[nodiscard]] result<std::unique_ptr<query_store>>
+make_query_store(const query_cache_config& config);
+
+/// Spawns the cache with the store `config` selects.
+/// REQUIRES: make_query_store(config) succeeds (always so with an empty
+/// redis_url); a bad redis_url aborts with its error. node::start checks
+/// first and reports it as an error value.
 [[nodiscard]] caf::actor spawn_query_cache(caf::actor_system& sys,
                                            query_cache_config config,
                                            caf::actor balancer);
+/// Spawns the cache over `store` (non-null), detached when it blocks.
+[[nodiscard]] caf::actor spawn_query_cache(caf::actor_system& sys,
+                                           query_cache_config config,
+                                           caf::actor balancer,
+                                           std::unique_ptr<query_store> store);
 
 /// Encoding of a reply in the store (also used by tests).
 [[nodiscard]] std::string encode_reply(const kv_reply& r);

@@ -2,8 +2,8 @@
 /// Query-result storage behind the query-result cache: get and set with a
 /// time to live. `embedded_query_store` (the default) keeps entries in
 /// process, bounded (least recently used go first) and expires them at
-/// their TTL against the injected time. A Redis-backed store is not built
-/// yet (actors/README.md).
+/// their TTL against the injected time; `redis_query_store`
+/// (redis_query_store.hpp) keeps them in Redis.
 /// Not thread-safe: each store is owned by one actor.
 
 #include "engine/clock.hpp"
@@ -21,7 +21,9 @@ namespace kvfleet::actors {
 class query_store {
 public:
   virtual ~query_store() = default;
-  /// The value stored under `key`, nullopt when absent or expired.
+  /// The value stored under `key`, nullopt when absent or expired; an
+  /// error (not a miss) when the backend fails (the embedded store never
+  /// does).
   [[nodiscard]] virtual result<std::optional<std::string>>
   get(const std::string& key, engine::nanos now) = 0;
   /// Stores `value` under `key`, expiring `ttl` after `now` (ttl > 0).

@@ -1,0 +1,288 @@
+#include "actors/redis_query_store.hpp"
+
+#include <array>
+#include <cctype>
+#include <charconv>
+#include <csignal>
+#include <ctime>
+#include <utility>
+
+#include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <sys/time.h>
+
+namespace kvfleet::actors {
+namespace {
+
+unexpected<error> url_error(std::string_view url, std::string_view why) {
+  return make_error(errc::parse_error, "bad Redis URL '" + std::string(url) +
+                                           "': " + std::string(why));
+}
+
+bool all_digits(std::string_view s) {
+  if (s.empty())
+    return false;
+  for (char c : s)
+    if (std::isdigit(static_cast<unsigned char>(c)) == 0)
+      return false;
+  return true;
+}
+
+timeval to_timeval(std::chrono::milliseconds ms) {
+  timeval tv{};
+  tv.tv_sec = static_cast<decltype(tv.tv_sec)>(ms.count() / 1000);
+  tv.tv_usec = static_cast<decltype(tv.tv_usec)>((ms.count() % 1000) * 1000);
+  return tv;
+}
+
+/// Blocks SIGPIPE on this thread while hiredis writes, then discards one
+/// raised meanwhile: a write to a connection the server closed must end in
+/// EPIPE (an error value), not in the default action (process exit).
+class sigpipe_guard {
+public:
+  sigpipe_guard() {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    sigset_t pending;
+    sigemptyset(&pending);
+    sigpending(&pending);
+    was_pending_ = sigismember(&pending, SIGPIPE) == 1;
+    pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
+  }
+  ~sigpipe_guard() {
+    if (!was_pending_) {
+      sigset_t pending;
+      sigemptyset(&pending);
+      sigpending(&pending);
+      if (sigismember(&pending, SIGPIPE) == 1) {
+        timespec zero{};
+        (void)sigtimedwait(&pipe_, nullptr, &zero);
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  sigpipe_guard(const sigpipe_guard&) = delete;
+  sigpipe_guard& operator=(const sigpipe_guard&) = delete;
+
+private:
+  sigset_t pipe_{};
+  sigset_t old_{};
+  bool was_pending_ = false;
+};
+
+struct reply_deleter {
+  void operator()(redisReply* r) const noexcept { freeReplyObject(r); }
+};
+using reply_ptr = std::unique_ptr<redisReply, reply_deleter>;
+
+} // namespace
+
+result<redis_endpoint> parse_redis_url(std::string_view url) {
+  constexpr std::string_view scheme = "redis://";
+  if (url.substr(0, 9) == "rediss://")
+    return url_error(url, "TLS (rediss://) is not supported");
+  if (url.substr(0, scheme.size()) != scheme)
+    return url_error(url, "scheme must be redis://");
+  auto rest = url.substr(scheme.size());
+  if (rest.find('@') != std::string_view::npos)
+    return url_error(url, "credentials are not supported");
+  if (rest.find_first_of("?#") != std::string_view::npos)
+    return url_error(url, "query strings and fragments are not supported");
+  auto slash = rest.find('/');
+  auto authority = rest.substr(0, slash);
+  redis_endpoint ep;
+  std::string_view port;
+  bool has_port = false;
+  if (!authority.empty() && authority.front() == '[') {
+    auto close = authority.find(']');
+    if (close == std::string_view::npos)
+      return url_error(url, "unterminated '[' in host");
+    ep.host = std::string(authority.substr(1, close - 1));
+    auto after = authority.substr(close + 1);
+    if (!after.empty()) {
+      if (after.front() != ':')
+        return url_error(url, "unexpected text after ']'");
+      port = after.substr(1);
+      has_port = true;
+    }
+  } else {
+    auto colon = authority.find(':');
+    if (colon != std::string_view::npos &&
+        authority.find(':', colon + 1) != std::string_view::npos)
+      return url_error(url, "an IPv6 host must be in brackets");
+    ep.host = std::string(authority.substr(0, colon));
+    if (colon != std::string_view::npos) {
+      port = authority.substr(colon + 1);
+      has_port = true;
+    }
+  }
+  if (ep.host.empty())
+    return url_error(url, "empty host");
+  if (has_port) {
+    unsigned value = 0;
+    auto [end, ec] =
+        std::from_chars(port.data(), port.data() + port.size(), value);
+    if (!all_digits(port) || ec != std::errc{} ||
+        end != port.data() + port.size() || value == 0 || value > 65535)
+      return url_error(url, "port must be a number in 1..65535");
+    ep.port = static_cast<std::uint16_t>(value);
+  }
+  if (slash != std::string_view::npos) {
+    auto db = rest.substr(slash + 1);
+    if (!db.empty()) {
+      std::uint32_t value = 0;
+      auto [end, ec] = std::from_chars(db.data(), db.data() + db.size(), value);
+      if (!all_digits(db) || ec != std::errc{} || end != db.data() + db.size())
+        return url_error(url, "database must be a non-negative number");
+      ep.db = value;
+    }
+  }
+  return ep;
+}
+
+result<std::unique_ptr<redis_query_store>>
+redis_query_store::open(redis_query_store_config config) {
+  auto ep = parse_redis_url(config.url);
+  if (!ep)
+    return unexpected<error>{ep.error()};
+  if (config.connect_timeout <= std::chrono::milliseconds{0} ||
+      config.command_timeout <= std::chrono::milliseconds{0})
+    return make_error(errc::invalid_argument,
+                      "Redis connect and command timeouts must be positive");
+  return std::unique_ptr<redis_query_store>{
+      new redis_query_store(std::move(config), std::move(*ep))};
+}
+
+redis_query_store::redis_query_store(redis_query_store_config config,
+                                     redis_endpoint ep)
+    : config_(std::move(config)), endpoint_(std::move(ep)) {}
+
+redis_query_store::~redis_query_store() {
+  disconnect();
+}
+
+void redis_query_store::disconnect() noexcept {
+  if (ctx_ != nullptr)
+    redisFree(ctx_);
+  ctx_ = nullptr;
+}
+
+namespace {
+
+std::string where(const redis_endpoint& ep) {
+  return "Redis " + ep.host + ":" + std::to_string(ep.port);
+}
+
+/// Runs one command; a connection-level failure (null reply) is reported
+/// with hiredis's errstr and leaves the context unusable.
+reply_ptr run_command(redisContext* ctx,
+                      std::initializer_list<std::string_view> args) {
+  std::array<const char*, 8> argv{};
+  std::array<std::size_t, 8> lens{};
+  std::size_t n = 0;
+  for (auto a : args) {
+    argv[n] = a.data();
+    lens[n] = a.size();
+    ++n;
+  }
+  sigpipe_guard guard;
+  return reply_ptr{static_cast<redisReply*>(
+      redisCommandArgv(ctx, static_cast<int>(n), argv.data(), lens.data()))};
+}
+
+} // namespace
+
+result<void> redis_query_store::ensure_connected() {
+  if (ctx_ != nullptr)
+    return {};
+  redisContext* c = nullptr;
+  {
+    sigpipe_guard guard;
+    c = redisConnectWithTimeout(endpoint_.host.c_str(), endpoint_.port,
+                                to_timeval(config_.connect_timeout));
+  }
+  if (c == nullptr)
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": cannot allocate a connection");
+  if (c->err != 0) {
+    std::string why = c->errstr;
+    redisFree(c);
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": connect failed: " + why);
+  }
+  if (redisSetTimeout(c, to_timeval(config_.command_timeout)) != REDIS_OK) {
+    std::string why = c->errstr;
+    redisFree(c);
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": cannot set timeout: " + why);
+  }
+  ctx_ = c;
+  if (endpoint_.db != 0) {
+    auto db = std::to_string(endpoint_.db);
+    auto r = run_command(ctx_, {"SELECT", db});
+    if (!r || r->type == REDIS_REPLY_ERROR) {
+      std::string why = r ? std::string(r->str, r->len) : ctx_->errstr;
+      disconnect();
+      return make_error(errc::backend_error,
+                        where(endpoint_) + ": SELECT " + db + ": " + why);
+    }
+  }
+  return {};
+}
+
+result<std::optional<std::string>>
+redis_query_store::get(const std::string& key, engine::nanos /*now*/) {
+  if (auto c = ensure_connected(); !c)
+    return unexpected<error>{c.error()};
+  auto r = run_command(ctx_, {"GET", redis_key(key)});
+  if (!r) {
+    std::string why = ctx_->errstr;
+    disconnect();
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": GET failed: " + why);
+  }
+  switch (r->type) {
+  case REDIS_REPLY_NIL:
+    return std::optional<std::string>{};
+  case REDIS_REPLY_STRING:
+    return std::optional<std::string>{std::string(r->str, r->len)};
+  case REDIS_REPLY_ERROR:
+    return make_error(errc::backend_error,
+                      where(endpoint_) +
+                          ": GET error reply: " + std::string(r->str, r->len));
+  default:
+    return make_error(errc::backend_error, where(endpoint_) +
+                                               ": GET: unexpected reply type " +
+                                               std::to_string(r->type));
+  }
+}
+
+result<void> redis_query_store::set(const std::string& key,
+                                    const std::string& value, engine::nanos ttl,
+                                    engine::nanos /*now*/) {
+  if (ttl <= engine::nanos{0})
+    return make_error(errc::invalid_argument,
+                      "query cache TTL must be positive");
+  auto ms = std::chrono::ceil<std::chrono::milliseconds>(ttl).count();
+  if (auto c = ensure_connected(); !c)
+    return unexpected<error>{c.error()};
+  auto ttl_ms = std::to_string(ms);
+  auto r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms});
+  if (!r) {
+    std::string why = ctx_->errstr;
+    disconnect();
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": SET failed: " + why);
+  }
+  if (r->type == REDIS_REPLY_ERROR)
+    return make_error(errc::backend_error,
+                      where(endpoint_) +
+                          ": SET error reply: " + std::string(r->str, r->len));
+  if (r->type != REDIS_REPLY_STATUS)
+    return make_error(errc::backend_error, where(endpoint_) +
+                                               ": SET: unexpected reply type " +
+                                               std::to_string(r->type));
+  return {};
+}
+
+} // namespace kvfleet::actors

@@ -1,0 +1,444 @@
+// redis_query_store against a real redis-server: each test starts its own
+// child server on a free loopback port (no persistence) and kills it at the
+// end. Skipped, with the reason, only when redis-server is not installed
+// (`./run test` installs it). The only waits are bounded polls for the child
+// to answer PING, for an entry to expire, and for a killed child to exit.
+#include "actors/redis_query_store.hpp"
+#include "actors/messages.hpp"
+#include "actors/node.hpp"
+#include "actors/query_cache_actor.hpp"
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
+
+extern char** environ;
+
+namespace kvfleet::actors {
+namespace {
+
+using namespace std::chrono_literals;
+
+std::optional<std::string> find_redis_server() {
+  const char* path = std::getenv("PATH");
+  std::string dirs = path != nullptr ? path : "/usr/bin:/usr/sbin";
+  dirs += ":/usr/bin:/usr/sbin";
+  std::size_t start = 0;
+  while (start <= dirs.size()) {
+    auto end = dirs.find(':', start);
+    if (end == std::string::npos)
+      end = dirs.size();
+    auto candidate = dirs.substr(start, end - start) + "/redis-server";
+    if (end > start && ::access(candidate.c_str(), X_OK) == 0)
+      return candidate;
+    start = end + 1;
+  }
+  return std::nullopt;
+}
+
+std::uint16_t free_loopback_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  EXPECT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof addr;
+  std::uint16_t port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
+    port = ntohs(addr.sin_port);
+  ::close(fd);
+  return port;
+}
+
+struct context_deleter {
+  void operator()(redisContext* c) const noexcept { redisFree(c); }
+};
+using context_ptr = std::unique_ptr<redisContext, context_deleter>;
+struct reply_deleter {
+  void operator()(redisReply* r) const noexcept { freeReplyObject(r); }
+};
+using reply_ptr = std::unique_ptr<redisReply, reply_deleter>;
+
+/// A direct connection for checking what the store wrote.
+context_ptr connect_direct(std::uint16_t port) {
+  context_ptr c{
+      redisConnectWithTimeout("127.0.0.1", port, timeval{0, 200'000})};
+  if (c && c->err != 0)
+    c.reset();
+  return c;
+}
+
+reply_ptr command(redisContext* c, std::vector<std::string> args) {
+  std::vector<const char*> argv;
+  std::vector<std::size_t> lens;
+  for (auto& a : args) {
+    argv.push_back(a.data());
+    lens.push_back(a.size());
+  }
+  return reply_ptr{static_cast<redisReply*>(redisCommandArgv(
+      c, static_cast<int>(argv.size()), argv.data(), lens.data()))};
+}
+
+/// One redis-server child process on 127.0.0.1:port.
+class redis_child {
+public:
+  redis_child(std::string binary, std::uint16_t port)
+      : binary_(std::move(binary)), port_(port) {}
+  ~redis_child() { stop(); }
+  redis_child(const redis_child&) = delete;
+  redis_child& operator=(const redis_child&) = delete;
+
+  /// Starts the server and polls (bounded, 10 s) until it answers PING.
+  [[nodiscard]] bool start() {
+    auto port = std::to_string(port_);
+    std::vector<std::string> args = {
+        binary_,  "--port", port,           "--bind",     "127.0.0.1",
+        "--save", "",       "--appendonly", "no",         "--daemonize",
+        "no",     "--dir",  "/tmp",         "--loglevel", "warning"};
+    std::vector<char*> argv;
+    for (auto& a : args)
+      argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+    int rc = posix_spawn(&pid_, binary_.c_str(), &actions, nullptr, argv.data(),
+                         environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0) {
+      pid_ = -1;
+      return false;
+    }
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (auto c = connect_direct(port_)) {
+        auto r = command(c.get(), {"PING"});
+        if (r && r->type == REDIS_REPLY_STATUS)
+          return true;
+      }
+      std::this_thread::sleep_for(10ms); // the child is still starting
+    }
+    return false;
+  }
+
+  void stop() {
+    if (pid_ <= 0)
+      return;
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+  void pause() { ::kill(pid_, SIGSTOP); }
+  void resume() { ::kill(pid_, SIGCONT); }
+
+  [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
+  [[nodiscard]] std::string url(std::string path = {}) const {
+    return "redis://127.0.0.1:" + std::to_string(port_) + path;
+  }
+
+private:
+  std::string binary_;
+  std::uint16_t port_;
+  pid_t pid_ = -1;
+};
+
+class RedisQueryStore : public ::testing::Test {
+protected:
+  void SetUp() override {
+    auto bin = find_redis_server();
+    if (!bin)
+      GTEST_SKIP() << "redis-server not installed";
+    server_ = std::make_unique<redis_child>(*bin, free_loopback_port());
+    ASSERT_NE(server_->port(), 0);
+    ASSERT_TRUE(server_->start()) << "redis-server did not answer PING";
+  }
+
+  std::unique_ptr<redis_query_store> open(std::string path = {},
+                                          std::string prefix = "kvfleet:q:") {
+    redis_query_store_config c;
+    c.url = server_->url(std::move(path));
+    c.key_prefix = std::move(prefix);
+    auto s = redis_query_store::open(c);
+    EXPECT_TRUE(s.has_value()) << s.error().describe();
+    return s ? std::move(*s) : nullptr;
+  }
+
+  std::unique_ptr<redis_child> server_;
+};
+
+constexpr engine::nanos hour = std::chrono::hours{1};
+constexpr engine::nanos t0{0};
+
+TEST(RedisUrl, ParsesHostPortAndDb) {
+  auto a = parse_redis_url("redis://127.0.0.1:6380/2");
+  ASSERT_TRUE(a.has_value()) << a.error().describe();
+  EXPECT_EQ(*a, (redis_endpoint{"127.0.0.1", 6380, 2}));
+  auto b = parse_redis_url("redis://cache.local");
+  ASSERT_TRUE(b.has_value());
+  EXPECT_EQ(*b, (redis_endpoint{"cache.local", 6379, 0}));
+  auto c = parse_redis_url("redis://[::1]:7000/");
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(*c, (redis_endpoint{"::1", 7000, 0}));
+}
+
+TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
+  struct bad {
+    const char* url;
+    const char* says;
+  };
+  for (auto [url, says] : std::array<bad, 12>{{
+           {"", "scheme"},
+           {"http://h:1", "scheme"},
+           {"rediss://h:1", "TLS"},
+           {"redis://", "empty host"},
+           {"redis://:6379", "empty host"},
+           {"redis://h:", "port"},
+           {"redis://h:0", "port"},
+           {"redis://h:65536", "port"},
+           {"redis://h:12ab", "port"},
+           {"redis://h:1/x", "database"},
+           {"redis://u:p@h:1", "credentials"},
+           {"redis://::1:6379", "brackets"},
+       }}) {
+    auto r = parse_redis_url(url);
+    ASSERT_FALSE(r.has_value()) << url;
+    EXPECT_EQ(r.error().code, errc::parse_error) << url;
+    EXPECT_NE(r.error().message.find(says), std::string::npos)
+        << url << ": " << r.error().message;
+  }
+  redis_query_store_config c;
+  c.url = "redis://h:1";
+  c.command_timeout = 0ms;
+  auto s = redis_query_store::open(c);
+  ASSERT_FALSE(s.has_value());
+  EXPECT_EQ(s.error().code, errc::invalid_argument);
+}
+
+TEST_F(RedisQueryStore, SetGetRoundTripUnderPrefix) {
+  auto store = open();
+  ASSERT_TRUE(store);
+  kv_reply rep;
+  rep.engine = 3;
+  rep.matched_blocks = 7;
+  rep.computed_tokens = 112;
+  auto value = encode_reply(rep);
+  ASSERT_TRUE(store->set("what is kv", value, hour, t0));
+  auto got = store->get("what is kv", t0);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  ASSERT_TRUE(got->has_value());
+  kv_reply back;
+  ASSERT_TRUE(decode_reply(**got, back));
+  EXPECT_EQ(back, rep);
+
+  std::string binary("a\0b\xff", 4); // values are byte strings
+  ASSERT_TRUE(store->set("bin", binary, hour, t0));
+  EXPECT_EQ(store->get("bin", t0)->value_or(""), binary);
+
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  auto r = command(direct.get(), {"GET", "kvfleet:q:what is kv"});
+  ASSERT_TRUE(r && r->type == REDIS_REPLY_STRING);
+  EXPECT_EQ(std::string(r->str, r->len), value);
+
+  auto other = open({}, "other:");
+  ASSERT_TRUE(other);
+  EXPECT_FALSE(other->get("what is kv", t0)->has_value());
+  EXPECT_EQ(other->redis_key("k"), "other:k");
+}
+
+TEST_F(RedisQueryStore, MissingKeyIsNullopt) {
+  auto store = open();
+  ASSERT_TRUE(store);
+  auto got = store->get("never stored", t0);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_FALSE(got->has_value());
+}
+
+TEST_F(RedisQueryStore, SetsTtlInMillisecondsAndEntriesExpire) {
+  auto store = open();
+  ASSERT_TRUE(store);
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  ASSERT_TRUE(store->set("k", "v", hour, t0));
+  auto pttl = command(direct.get(), {"PTTL", "kvfleet:q:k"});
+  ASSERT_TRUE(pttl && pttl->type == REDIS_REPLY_INTEGER);
+  EXPECT_GT(pttl->integer, 3'590'000);
+  EXPECT_LE(pttl->integer, 3'600'000);
+  // 1.5 ms rounds up to 2 ms, never down to 0 (which Redis rejects).
+  ASSERT_TRUE(store->set("short", "v", 1500us, t0));
+  auto gone = false;
+  auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (!gone && std::chrono::steady_clock::now() < deadline) {
+    auto got = store->get("short", t0);
+    ASSERT_TRUE(got.has_value()) << got.error().describe();
+    gone = !got->has_value();
+    if (!gone)
+      std::this_thread::sleep_for(1ms); // Redis's clock, not ours
+  }
+  EXPECT_TRUE(gone);
+  auto bad = store->set("k", "v", engine::nanos{0}, t0);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, errc::invalid_argument);
+}
+
+TEST_F(RedisQueryStore, SelectsTheUrlsDatabase) {
+  auto store = open("/3");
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->set("k", "in db 3", hour, t0));
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  auto in0 = command(direct.get(), {"EXISTS", "kvfleet:q:k"});
+  ASSERT_TRUE(in0);
+  EXPECT_EQ(in0->integer, 0);
+  ASSERT_TRUE(command(direct.get(), {"SELECT", "3"}));
+  auto in3 = command(direct.get(), {"GET", "kvfleet:q:k"});
+  ASSERT_TRUE(in3 && in3->type == REDIS_REPLY_STRING);
+  EXPECT_EQ(std::string(in3->str, in3->len), "in db 3");
+}
+
+TEST_F(RedisQueryStore, ErrorReplyIsAnErrorValueNamingIt) {
+  auto store = open();
+  ASSERT_TRUE(store);
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  ASSERT_TRUE(command(direct.get(), {"LPUSH", "kvfleet:q:list", "x"}));
+  auto got = store->get("list", t0);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::backend_error);
+  EXPECT_NE(got.error().message.find("WRONGTYPE"), std::string::npos)
+      << got.error().message;
+  EXPECT_TRUE(store->connected()); // a reply error keeps the connection
+  EXPECT_TRUE(store->set("fine", "v", hour, t0));
+}
+
+TEST_F(RedisQueryStore, ServerDownIsAnErrorValueThenReconnects) {
+  auto store = open();
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->set("k", "v", hour, t0));
+  server_->stop();
+  auto got = store->get("k", t0);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::backend_error);
+  EXPECT_NE(got.error().message.find("Redis 127.0.0.1:"), std::string::npos)
+      << got.error().message;
+  EXPECT_FALSE(store->connected());
+  auto put = store->set("k", "v", hour, t0); // connect refused
+  ASSERT_FALSE(put);
+  EXPECT_EQ(put.error().code, errc::backend_error);
+  EXPECT_NE(put.error().message.find("connect"), std::string::npos)
+      << put.error().message;
+
+  ASSERT_TRUE(server_->start()); // same port, empty (no persistence)
+  auto after = store->get("k", t0);
+  ASSERT_TRUE(after.has_value()) << after.error().describe();
+  EXPECT_FALSE(after->has_value());
+  ASSERT_TRUE(store->set("k", "again", hour, t0));
+  EXPECT_EQ(store->get("k", t0)->value_or(""), "again");
+}
+
+TEST_F(RedisQueryStore, StalledServerTimesOutAndRecovers) {
+  auto store = open(); // command timeout 50 ms
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->set("k", "v", hour, t0));
+  server_->pause(); // the kernel still accepts; Redis never answers
+  auto got = store->get("k", t0);
+  server_->resume();
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::backend_error);
+  EXPECT_FALSE(store->connected());
+  auto again = store->get("k", t0);
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  EXPECT_EQ(again->value_or(""), "v");
+}
+
+node_config redis_node(std::string url) {
+  node_config c;
+  c.engines = 1;
+  c.engine.ns.model = "redis-node-test";
+  c.engine.ns.layers = 1;
+  c.engine.ns.kv_heads = 1;
+  c.engine.ns.head_dim = 64;
+  c.engine.ns.block_tokens = 16;
+  c.engine.store.capacity_bytes = 1u << 20;
+  c.engine.store.slab_bytes = 64u << 10;
+  c.engine.batch.max_size = 1;
+  c.cache.redis_url = std::move(url);
+  return c;
+}
+
+kv_request query(std::uint64_t id, std::string q) {
+  kv_request r;
+  r.id = id;
+  r.query = std::move(q);
+  r.keys = {engine::block_key{5, 1}, engine::block_key{5, 2}};
+  r.input_tokens = 32;
+  return r;
+}
+
+TEST_F(RedisQueryStore, NodeCachesQueryResultsInRedis) {
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  auto bad = node::start(sys, redis_node("redis://nowhere:0"));
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().code, errc::parse_error);
+
+  auto n = node::start(sys, redis_node(server_->url()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto first = (*n)->process_request(query(1, "q"));
+  ASSERT_TRUE(first.has_value()) << first.error().describe();
+  EXPECT_FALSE(first->from_query_cache);
+  auto second = (*n)->process_request(query(2, "q"));
+  ASSERT_TRUE(second.has_value()) << second.error().describe();
+  EXPECT_TRUE(second->from_query_cache);
+  EXPECT_EQ(second->id, 2U);
+  EXPECT_EQ(second->computed_blocks, first->computed_blocks);
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  auto pttl = command(direct.get(), {"PTTL", "kvfleet:q:q"});
+  ASSERT_TRUE(pttl && pttl->type == REDIS_REPLY_INTEGER);
+  EXPECT_GT(pttl->integer, 3'590'000); // the default TTL, 3600 s
+
+  // Redis down: requests are still answered (computed), errors counted.
+  server_->stop();
+  auto third = (*n)->process_request(query(3, "q"));
+  ASSERT_TRUE(third.has_value()) << third.error().describe();
+  EXPECT_FALSE(third->from_query_cache);
+  caf::scoped_actor self{sys};
+  std::optional<query_cache_stats> st;
+  self->request((*n)->query_cache(), 5s, stats_atom::value)
+      .receive([&](query_cache_stats& s) { st = s; }, [](caf::error&) {});
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->hits, 1U);
+  EXPECT_EQ(st->misses, 2U);
+  EXPECT_EQ(st->store_errors, 2U); // the get and the set of request 3
+}
+
+} // namespace
+} // namespace kvfleet::actors
