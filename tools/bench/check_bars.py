@@ -2,7 +2,8 @@
 """Measures the engine's benchmark bars and prints each against its target.
 
 Runs kvfleet-microbench (Google Benchmark, JSON output, repeated; medians)
-and kvfleet-bench engine mode. Every ratio compares two figures measured in
+and kvfleet-bench engine, routing and prefetch modes (deterministic
+simulations: one run each). Every ratio compares two figures measured in
 the same run, because the machines are shared and noisy. Exit status 1 when
 a bar is missed, so the result is not a matter of reading.
 
@@ -42,6 +43,25 @@ def engine_bench(build, workload, policies="lru,adaptive,belady", extra=()):
          "--json", "--no-progress", *extra],
         check=True, capture_output=True, text=True).stdout
     return {r["policy"]: r for r in json.loads(out)["results"]}
+
+
+def routing_bench(build, workload):
+    # Arrivals 4x the workload's own rate, so the engines queue (at x1 they
+    # are mostly idle and every queue length is 0).
+    out = subprocess.run(
+        [f"{build}/tools/bench/kvfleet-bench", "routing", "--workload", workload,
+         "--engines", "4", "--capacity-fraction", "0.25", "--rate-scale", "4",
+         "--policies", "least_loaded,kv_aware", "--json", "--no-progress"],
+        check=True, capture_output=True, text=True).stdout
+    return {r["policy"]: r for r in json.loads(out)["results"]}
+
+
+def prefetch_bench(build):
+    out = subprocess.run(
+        [f"{build}/tools/bench/kvfleet-bench", "prefetch", "--workload", "chat",
+         "--capacity-fraction", "0.25", "--json", "--no-progress"],
+        check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
 
 
 def main():
@@ -97,6 +117,22 @@ def main():
         rows.append((f"{w} @25%: adaptive / lru (belady)",
                      f"{ada:.4f} / {lru:.4f} = {ada / lru:.3f} (belady {bel:.4f} = {bel / lru:.3f})",
                      ">= 1.10", ada >= 1.10 * lru))
+
+    for w in ("shared-prefix", "chat"):
+        r = routing_bench(b, w)
+        ll, kv = r["least_loaded"], r["kv_aware"]
+        hit = kv["token_hit_ratio"] / ll["token_hit_ratio"]
+        rows.append((f"routing {w}, 4 engines: kv_aware / least_loaded hits",
+                     f"{kv['token_hit_ratio']:.4f} / {ll['token_hit_ratio']:.4f} = {hit:.3f}",
+                     ">= 1.5", hit >= 1.5))
+        rows.append((f"routing {w}, 4 engines: p95 queue kv_aware / least_loaded",
+                     f"{kv['p95_queue']:.0f} / {ll['p95_queue']:.0f}",
+                     "<= 1.25x", kv["p95_queue"] <= 1.25 * ll["p95_queue"]))
+    p = prefetch_bench(b)
+    rows.append(("prefetch on chat @25%: used before evicted",
+                 f"{p['useful']} of {p['prefetches']} = {p['used_fraction']:.3f} "
+                 f"(wasted {p['wasted']}, unused {p['unused']})",
+                 ">= 0.5", p["used_fraction"] >= 0.5))
 
     width = max(len(r[0]) for r in rows)
     failed = 0
