@@ -436,10 +436,25 @@ result<void> block_store::drop_corrupt(std::uint32_t id,
                                        std::span<std::byte> out) {
   std::memset(out.data(), 0, out.size());
   ++stats_.checksum_failures;
-  const std::string key = entries_[id].key.to_hex();
-  kill(id);
-  return make_error(errc::checksum_mismatch,
-                    "block " + key + " failed its checksum and was dropped");
+  const block_key k = entries_[id].key;
+  // The damage may have come from disk (promotion does not hash; reads
+  // do): drop that copy too, so it is not promoted again.
+  if (disk_ && disk_->contains(k))
+    (void)disk_->erase(k);
+  // Its cached descendants can no longer be reached; drop them as well,
+  // so the prefix can be recomputed and cached again. Corruption is rare,
+  // so a scan of the entries is fine here.
+  std::vector<std::uint32_t> doomed{id};
+  for (std::size_t i = 0; i < doomed.size(); ++i)
+    for (std::uint32_t c = 0; c < entries_.size(); ++c)
+      if (entries_[c].parent == doomed[i] &&
+          entries_[c].state == entry_state::committed && !entries_[c].dead)
+        doomed.push_back(c);
+  for (std::size_t i = doomed.size(); i > 0; --i)
+    kill(doomed[i - 1]);
+  return make_error(errc::checksum_mismatch, "block " + k.to_hex() +
+                                                 " failed its checksum and "
+                                                 "was dropped");
 }
 
 // ---------------------------------------------------------------- puts
@@ -1376,7 +1391,11 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
       p.answered = true;
     } else {
       const entry& e = entries_[h->id_];
-      p.id = disk_->fetch_into(k, {host_ptr(e), e.stored_bytes});
+      // No hashing here: every read verifies the block's checksum, so a
+      // block damaged on disk is caught (dropped, counted) at its first read
+      // and the bytes are hashed once, not twice.
+      p.id = disk_->fetch_into(k, {host_ptr(e), e.stored_bytes},
+                               /*verify=*/false);
     }
     p.handle = std::move(*h);
     into.push_back(std::move(p));

@@ -151,15 +151,12 @@ TEST_F(store_disk_test, a_store_destroyed_with_promotions_in_flight_is_clean) {
   store_.reset(); // the tier finishes its reads into the arena first
 }
 
-TEST_F(store_disk_test,
-       a_chain_that_breaks_on_disk_keeps_only_its_good_prefix) {
+TEST_F(store_disk_test, a_block_damaged_on_disk_is_caught_at_its_first_read) {
   const auto a = chain(1, 4);
   run(a);
   ASSERT_TRUE(store_->persist().has_value());
-  // Damage the second block's record only.
-  const auto info = store_->disk()->lookup(a[1]);
-  ASSERT_TRUE(info.has_value());
   open();
+  // Damage the second block's payload only.
   bool damaged = false;
   for (const auto& e : fs::directory_iterator(dir_)) {
     if (e.path().extension() != ".kvs")
@@ -176,18 +173,32 @@ TEST_F(store_disk_test,
     damaged = true;
   }
   ASSERT_TRUE(damaged);
+  // Promotion copies without hashing; every read verifies.
   ASSERT_EQ(*store_->promote(ns_, a), 4U);
   ASSERT_TRUE(store_->disk()->wait_idle());
   store_->poll_disk();
   store_->check_invariants();
-  EXPECT_EQ(*store_->lookup(ns_, a), 1U);
-  EXPECT_EQ(store_->stats().disk_block_hits, 1U);
-  EXPECT_EQ(store_->stats().promotion_failures, 3U);
-  EXPECT_EQ(store_->block_count(), 1U); // nothing left half-promoted
+  EXPECT_EQ(*store_->lookup(ns_, a), 4U);
   expect_correct(a[0]);
-  // The request still gets every block, the damaged ones recomputed.
+  {
+    auto lease = store_->acquire(ns_, a[1]);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> out(block_bytes);
+    auto r = store_->read(*lease, out);
+    ASSERT_FALSE(r.has_value()); // never returned wrong
+    EXPECT_EQ(r.error().code, errc::checksum_mismatch);
+  }
+  EXPECT_EQ(store_->stats().checksum_failures, 1U);
+  // The damaged block, its unreachable descendants and its disk copy are
+  // gone; the good prefix stays.
+  EXPECT_EQ(*store_->lookup(ns_, a), 1U);
+  EXPECT_EQ(store_->block_count(), 1U);
+  EXPECT_FALSE(store_->disk()->contains(a[1]));
+  store_->check_invariants();
+  // The next request recomputes the rest and caches it again.
   const auto r = run(a);
-  EXPECT_EQ(r.matched_blocks, 1U + r.disk_blocks);
+  EXPECT_EQ(r.matched_blocks, 1U);
+  EXPECT_EQ(r.computed_blocks, 3U);
   for (const auto& k : a)
     expect_correct(k);
 }
@@ -243,7 +254,7 @@ TEST_F(store_disk_test, pins_survive_a_restart) {
   EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 0U);
 }
 
-TEST_F(store_disk_test, damaged_bytes_on_disk_are_recomputed_never_returned) {
+TEST_F(store_disk_test, damaged_bytes_on_disk_are_never_returned) {
   const auto a = chain(1, 3);
   run(a);
   ASSERT_TRUE(store_->persist().has_value());
@@ -263,11 +274,21 @@ TEST_F(store_disk_test, damaged_bytes_on_disk_are_recomputed_never_returned) {
       f.write(&c, 1);
     }
   }
+  run(a); // promotes what it can; a damaged record header fails at once
+  // The first read of each finds the damage: an error, never wrong bytes.
+  for (const auto& k : a) {
+    auto lease = store_->acquire(ns_, k);
+    if (!lease)
+      continue; // dropped with a damaged ancestor
+    std::vector<std::byte> out(block_bytes);
+    EXPECT_EQ(store_->read(*lease, out).error().code, errc::checksum_mismatch);
+  }
+  EXPECT_GT(store_->stats().checksum_failures, 0U);
+  EXPECT_EQ(store_->block_count(), 0U);
+  // The next request recomputes everything, from nothing damaged.
   const auto r = run(a);
   EXPECT_EQ(r.matched_blocks, 0U);
   EXPECT_EQ(r.computed_blocks, 3U);
-  EXPECT_EQ(store_->stats().promotion_failures, 3U);
-  EXPECT_GT(store_->disk()->stats().checksum_failures, 0U);
   for (const auto& k : a)
     expect_correct(k);
 }

@@ -93,6 +93,9 @@ void BM_disk_fetch_256k(benchmark::State& state) {
   }
   const auto depth = static_cast<std::uint64_t>(state.range(0));
   const bool into = state.range(1) != 0;
+  // verify:0 is the store's promote path: it copies, and the block is
+  // verified at its first read like every block in memory.
+  const bool verify = state.range(2) != 0;
   // Promotion reads into a slot the owner already has: one per request.
   std::vector<std::vector<std::byte>> slots(
       depth, std::vector<std::byte>(block_bytes));
@@ -107,7 +110,7 @@ void BM_disk_fetch_256k(benchmark::State& state) {
     for (std::uint64_t k = 0; k < depth; ++k) {
       const block_key key = key_of(next++ % block_count);
       if (into)
-        (void)f.tier->fetch_into(key, slots[k]);
+        (void)f.tier->fetch_into(key, slots[k], verify);
       else
         (void)f.tier->fetch(key);
     }
@@ -123,11 +126,12 @@ void BM_disk_fetch_256k(benchmark::State& state) {
                           static_cast<std::int64_t>(depth));
 }
 BENCHMARK(BM_disk_fetch_256k)
-    ->ArgNames({"depth", "into"})
-    ->Args({1, 1})
-    ->Args({16, 1})
-    ->Args({1, 0})
-    ->Args({16, 0})
+    ->ArgNames({"depth", "into", "verify"})
+    ->Args({1, 1, 1})
+    ->Args({16, 1, 1})
+    ->Args({16, 1, 0})
+    ->Args({1, 0, 1})
+    ->Args({16, 0, 1})
     ->UseRealTime();
 
 void seq_read(benchmark::State& state, bool hash, std::size_t buffers = 1) {

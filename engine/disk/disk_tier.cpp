@@ -73,6 +73,7 @@ struct disk_tier::request {
   std::size_t top_n = 0;
   std::span<std::byte> dst; ///< fetch_into
   bool into = false;
+  bool verify = true; ///< fetch: check the payload checksum
 };
 
 disk_tier::disk_tier(disk_tier_config config)
@@ -398,12 +399,13 @@ disk_request_id disk_tier::fetch(const block_key& key) {
 }
 
 disk_request_id disk_tier::fetch_into(const block_key& key,
-                                      std::span<std::byte> dst) {
+                                      std::span<std::byte> dst, bool verify) {
   request r;
   r.k = request::kind::fetch;
   r.key = key;
   r.dst = dst;
   r.into = true;
+  r.verify = verify;
   std::lock_guard lk(mu_);
   return enqueue(std::move(r));
 }
@@ -867,7 +869,8 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
     c.bytes.resize(static_cast<std::size_t>(loc.size));
     dst = c.bytes;
   }
-  auto h = segments_.at(loc.segment).file.read(loc.offset, r.key, dst);
+  auto h =
+      segments_.at(loc.segment).file.read(loc.offset, r.key, dst, r.verify);
   if (!h) {
     ++io_stats_.fetch_misses;
     c.bytes.clear();

@@ -254,8 +254,16 @@ public:
   /// size (lookup() tells it); on a checksum failure `dst` is zeroed.
   /// REQUIRES: `dst` stays valid and untouched until the completion is
   /// drained.
+  ///
+  /// With `verify` false the payload checksum is not computed: the record
+  /// header (which has its own checksum), key and size are still checked,
+  /// and the completion's `checksum` is the one recorded at spill, for a
+  /// caller that verifies the bytes itself when it uses them (block_store
+  /// verifies every block on every read, so a promoted block is hashed once,
+  /// at its first read, instead of twice).
   [[nodiscard]] disk_request_id fetch_into(const block_key& key,
-                                           std::span<std::byte> dst);
+                                           std::span<std::byte> dst,
+                                           bool verify = true);
 
   /// Whether the block is on disk or its spill is pending. No I/O.
   [[nodiscard]] bool contains(const block_key& key) const;

@@ -354,20 +354,22 @@ result<std::uint64_t> segment_file::append(const record_header& h,
 
 result<record_header> segment_file::read(std::uint64_t offset,
                                          const block_key& expect_key,
-                                         std::span<std::byte> payload) const {
+                                         std::span<std::byte> payload,
+                                         bool verify) const {
   const std::uint64_t end = offset + record_header_bytes + payload.size();
   if (end > size_)
     return make_error(errc::checksum_mismatch,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " is cut short");
   if (map_to(end))
-    return read_mapped(offset, expect_key, payload);
-  return read_pread(offset, expect_key, payload);
+    return read_mapped(offset, expect_key, payload, verify);
+  return read_pread(offset, expect_key, payload, verify);
 }
 
-result<record_header>
-segment_file::read_mapped(std::uint64_t offset, const block_key& expect_key,
-                          std::span<std::byte> payload) const {
+result<record_header> segment_file::read_mapped(std::uint64_t offset,
+                                                const block_key& expect_key,
+                                                std::span<std::byte> payload,
+                                                bool verify) const {
   std::array<std::byte, record_header_bytes> raw{};
   std::uint64_t sum = 0;
   sigjmp_buf jump;
@@ -389,8 +391,13 @@ segment_file::read_mapped(std::uint64_t offset, const block_key& expect_key,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " holds another block");
   sigbus_jump = &jump;
-  sum = copy_out_with_checksum(payload,
-                               {rec + record_header_bytes, payload.size()});
+  if (verify) {
+    sum = copy_out_with_checksum(payload,
+                                 {rec + record_header_bytes, payload.size()});
+  } else {
+    std::memcpy(payload.data(), rec + record_header_bytes, payload.size());
+    sum = h->checksum;
+  }
   sigbus_jump = nullptr;
   if (sum != h->checksum) {
     std::memset(payload.data(), 0, payload.size());
@@ -401,9 +408,10 @@ segment_file::read_mapped(std::uint64_t offset, const block_key& expect_key,
   return h;
 }
 
-result<record_header>
-segment_file::read_pread(std::uint64_t offset, const block_key& expect_key,
-                         std::span<std::byte> payload) const {
+result<record_header> segment_file::read_pread(std::uint64_t offset,
+                                               const block_key& expect_key,
+                                               std::span<std::byte> payload,
+                                               bool verify) const {
   const std::uint64_t expect_size = payload.size();
   std::array<std::byte, record_header_bytes> raw{};
   std::array<iovec, 2> iov{};
@@ -440,7 +448,7 @@ segment_file::read_pread(std::uint64_t offset, const block_key& expect_key,
     return make_error(errc::checksum_mismatch,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " holds another block");
-  if (block_checksum(payload) != h->checksum)
+  if (verify && block_checksum(payload) != h->checksum)
     return make_error(errc::checksum_mismatch, "block " + expect_key.to_hex() +
                                                    " in " + path_ +
                                                    " fails its checksum");

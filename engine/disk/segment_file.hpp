@@ -124,9 +124,12 @@ public:
   /// touching it, SIGBUS, is caught and returned as errc::io_error), or with
   /// preadv where the file cannot be mapped. On a mismatch `payload` is
   /// zeroed.
+  /// With `verify` false the payload checksum is skipped (header, key and
+  /// size are still checked): for a caller that verifies on use.
   [[nodiscard]] result<record_header> read(std::uint64_t offset,
                                            const block_key& expect_key,
-                                           std::span<std::byte> payload) const;
+                                           std::span<std::byte> payload,
+                                           bool verify = true) const;
 
   /// Reads and checks only the record header at `offset`;
   /// errc::checksum_mismatch when it is cut short or damaged.
@@ -142,12 +145,14 @@ private:
   /// fails (read() then falls back to preadv).
   bool map_to(std::uint64_t end) const;
   void unmap() const noexcept;
-  [[nodiscard]] result<record_header>
-  read_mapped(std::uint64_t offset, const block_key& expect_key,
-              std::span<std::byte> payload) const;
-  [[nodiscard]] result<record_header>
-  read_pread(std::uint64_t offset, const block_key& expect_key,
-             std::span<std::byte> payload) const;
+  [[nodiscard]] result<record_header> read_mapped(std::uint64_t offset,
+                                                  const block_key& expect_key,
+                                                  std::span<std::byte> payload,
+                                                  bool verify) const;
+  [[nodiscard]] result<record_header> read_pread(std::uint64_t offset,
+                                                 const block_key& expect_key,
+                                                 std::span<std::byte> payload,
+                                                 bool verify) const;
 
   int fd_ = -1;
   std::uint64_t id_ = 0;
