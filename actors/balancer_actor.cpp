@@ -100,7 +100,8 @@ void dispatch(balancer_actor* self, kv_request req,
   auto pick = st.route.pick(req.keys);
   if (!pick) {
     ++st.rejected;
-    promise.deliver(to_caf_error(error{errc::busy, "no engine available"}));
+    promise.deliver(
+        to_caf_error(error{errc::unavailable, "no engine available"}));
     return;
   }
   auto slot = pick->slot;
@@ -224,7 +225,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
           }
         }
         if (!any)
-          return to_caf_error(error{errc::busy, "no engine available"});
+          return to_caf_error(error{errc::unavailable, "no engine available"});
         self->delegate(s.slots[best].engine, lookup_atom::value,
                        std::move(keys));
         return caf::delegated<std::uint64_t>{};

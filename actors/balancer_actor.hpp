@@ -9,8 +9,8 @@
 /// Messages:
 ///   (process_atom, kv_request)   -> kv_reply, or an error:
 ///       request_timeout when the engine does not answer within
-///       `request_timeout`; errc::busy "no engine available" when none is
-///       live. A request whose engine died before answering is retried once
+///       `request_timeout`; errc::unavailable "no engine available" when none
+///       is live. A request whose engine died before answering is retried once
 ///       on another engine.
 ///   (lookup_atom, vector<block_key>) -> uint64  asks the engine the index
 ///       names for the longest prefix (slot 0 when the index knows nothing)

@@ -46,9 +46,9 @@ kvfleet::error from_caf_error(const caf::error& e) {
     auto s = static_cast<caf::sec>(e.code());
     switch (s) {
     case caf::sec::request_timeout:
-      return kvfleet::error{errc::busy, "request timed out"};
+      return kvfleet::error{errc::timeout, "request timed out"};
     case caf::sec::request_receiver_down:
-      return kvfleet::error{errc::busy, "receiving actor is down"};
+      return kvfleet::error{errc::unavailable, "receiving actor is down"};
     case caf::sec::unexpected_message:
       return kvfleet::error{errc::invalid_argument, "unexpected message"};
     default:

@@ -5,9 +5,10 @@
 /// A kvfleet::error travels as caf::error(packed code, category "kvfleet",
 /// message{text}); CAF 0.17 error codes are 8 bits, so errc (1xx..5xx) is
 /// packed as (code / 100) * 32 + code % 100. From CAF's own errors:
-/// request_timeout and request_receiver_down become errc::busy (the request
-/// may be retried), unexpected_message errc::invalid_argument, anything
-/// else errc::backend_error; the message says which.
+/// request_timeout becomes errc::timeout and request_receiver_down
+/// errc::unavailable (the request may be retried), unexpected_message
+/// errc::invalid_argument, anything else errc::backend_error; the message says
+/// which.
 
 #include "engine/result.hpp"
 

@@ -1,5 +1,6 @@
 // Decision logic of the actor layer, driven without CAF.
 #include "actors/batch_accumulator.hpp"
+#include "actors/caf_error.hpp"
 #include "actors/lane_queue.hpp"
 #include "actors/memory_manager.hpp"
 #include "actors/query_store.hpp"
@@ -7,6 +8,7 @@
 #include "actors/scaler_policy.hpp"
 #include "actors/transition_model.hpp"
 
+#include <caf/sec.hpp>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -339,6 +341,29 @@ TEST(MemoryManager, FreesDownToTargetOnlyAboveThreshold) {
   EXPECT_EQ(bytes_to_free(c, 900, 1000), 0U);
   EXPECT_EQ(bytes_to_free(c, 950, 1000), 150U);
   EXPECT_EQ(bytes_to_free(c, 10, 0), 0U);
+}
+
+} // namespace
+} // namespace kvfleet::actors
+
+namespace kvfleet::actors {
+namespace {
+
+TEST(CafError, KvfleetErrorsRoundTripAndCafErrorsMapToTheirCodes) {
+  for (errc c : {errc::invalid_argument, errc::not_found, errc::busy,
+                 errc::timeout, errc::out_of_memory, errc::unavailable,
+                 errc::checksum_mismatch, errc::backend_error}) {
+    const kvfleet::error back = from_caf_error(to_caf_error({c, "why"}));
+    EXPECT_EQ(back.code, c) << to_string(c);
+    EXPECT_EQ(back.message, "why");
+  }
+  EXPECT_EQ(from_caf_error(caf::make_error(caf::sec::request_timeout)).code,
+            errc::timeout);
+  EXPECT_EQ(
+      from_caf_error(caf::make_error(caf::sec::request_receiver_down)).code,
+      errc::unavailable);
+  EXPECT_EQ(from_caf_error(caf::make_error(caf::sec::unexpected_message)).code,
+            errc::invalid_argument);
 }
 
 } // namespace

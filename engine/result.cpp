@@ -36,10 +36,14 @@ std::string_view to_string(errc code) noexcept {
     return "not_written";
   case errc::busy:
     return "busy";
+  case errc::timeout:
+    return "timeout";
   case errc::out_of_memory:
     return "out_of_memory";
   case errc::no_evictable_block:
     return "no_evictable_block";
+  case errc::unavailable:
+    return "unavailable";
   case errc::checksum_mismatch:
     return "checksum_mismatch";
   case errc::parse_error:
