@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -25,7 +26,6 @@ struct engine_parts {
   std::unique_ptr<engine::block_store> store;
   engine::ns_id ns;
   std::unique_ptr<engine::kv_producer> producer;
-  std::shared_ptr<block_events> events; ///< filled by the store's callback
 };
 
 struct pending_request {
@@ -42,10 +42,9 @@ struct engine_state {
   std::unordered_map<std::uint64_t, engine::put_handle> puts;
   std::uint64_t next_ticket = 1;
   std::vector<caf::actor> listeners;
-  /// Stored and removed blocks since the last publish, reported by the
-  /// store itself (store_config::on_block_event). Shared with the callback,
-  /// which the store (owned here too) calls on this actor's thread.
-  std::shared_ptr<block_events> events;
+  std::unordered_set<engine::block_key, engine::block_key_hash> held;
+  block_events events;
+  std::uint64_t seen_removals = 0;
   std::uint64_t in_flight = 0;
   std::uint64_t requests = 0;
   std::uint64_t batches = 0;
@@ -67,20 +66,47 @@ caf::result<bool> lift_void(const result<void>& r) {
   return true;
 }
 
+std::uint64_t removals(const engine::block_store& s) {
+  return s.stats().evictions + s.stats().expirations +
+         s.stats().checksum_failures;
+}
+
+/// Finds the keys the store dropped since the last call (see header).
+void collect_evicted(engine_state& st) {
+  auto now = removals(*st.store);
+  if (now == st.seen_removals)
+    return;
+  st.seen_removals = now;
+  for (auto it = st.held.begin(); it != st.held.end();) {
+    if (!st.store->contains(st.ns, *it)) {
+      st.events.evicted.push_back(*it);
+      it = st.held.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void note_stored(engine_state& st, const engine::block_key& k) {
+  if (st.held.insert(k).second)
+    st.events.stored.push_back(k);
+}
+
 void publish(engine_actor* self) {
   auto& st = self->state;
-  block_events& ev = *st.events;
-  if (ev.stored.empty() && ev.evicted.empty())
+  collect_evicted(st);
+  if (st.events.stored.empty() && st.events.evicted.empty())
     return;
+  st.events.engine = st.config.slot;
   if (st.listeners.empty()) {
-    ev.stored.clear();
-    ev.evicted.clear();
+    st.events.stored.clear();
+    st.events.evicted.clear();
     return;
   }
   block_events out;
   out.engine = st.config.slot;
-  std::swap(out.stored, ev.stored);
-  std::swap(out.evicted, ev.evicted);
+  std::swap(out.stored, st.events.stored);
+  std::swap(out.evicted, st.events.evicted);
   for (size_t i = 0; i + 1 < st.listeners.size(); ++i)
     self->send(st.listeners[i], out);
   self->send(st.listeners.back(), std::move(out));
@@ -102,6 +128,9 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
       st.store->process(st.ns, req.keys, req.input_tokens, *st.producer, opts);
   if (!r)
     return unexpected<error>{r.error()};
+  for (std::size_t i = r->matched_blocks;
+       i < r->matched_blocks + r->computed_blocks && i < req.keys.size(); ++i)
+    note_stored(st, req.keys[i]);
   ++st.requests;
   return kv_reply{req.id,
                   st.config.slot,
@@ -153,7 +182,7 @@ caf::behavior engine_behavior(engine_actor* self,
   st.producer = std::move(parts->producer);
   st.batcher = batch_accumulator<pending_request>{st.config.batch,
                                                   st.config.capacity_tokens};
-  st.events = std::move(parts->events);
+  st.seen_removals = removals(*st.store);
   self->set_default_handler(
       [](caf::scheduled_actor*,
          caf::message_view&) -> caf::result<caf::message> {
@@ -248,9 +277,12 @@ caf::behavior engine_behavior(engine_actor* self,
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
         auto r = s.store->commit(it->second);
+        auto key = it->second.key();
         s.puts.erase(it);
-        if (r)
+        if (r) {
+          note_stored(s, key);
           publish(self);
+        }
         return lift_void(r);
       },
       [=](abort_atom, std::uint64_t ticket) -> caf::result<bool> {
@@ -332,16 +364,7 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
                                       const engine_actor_config& config) {
   auto parts = std::make_shared<engine_parts>();
   parts->config = config;
-  // The store reports what enters and leaves memory; the actor publishes it.
-  parts->events = std::make_shared<block_events>();
-  engine::store_config store_config = config.store;
-  store_config.on_block_event =
-      [events = parts->events](engine::block_event ev,
-                               const engine::block_key& k) {
-        (ev == engine::block_event::stored ? events->stored : events->evicted)
-            .push_back(k);
-      };
-  auto store = engine::block_store::create(store_config);
+  auto store = engine::block_store::create(config.store);
   if (!store)
     return unexpected<error>{store.error()};
   auto ns = (*store)->register_namespace(config.ns, config.ns_options);

@@ -27,9 +27,11 @@
 /// processes each request as it arrives.
 ///
 /// Events: after each batch or put the actor sends its listeners one
-/// block_events with the keys the store reported stored and removed
-/// (evicted, expired, dropped as corrupt) since the last one, as the store
-/// reports them through store_config::on_block_event.
+/// block_events with the keys it stored and those it found evicted. The
+/// store has no eviction callback, so the actor keeps the set of keys it
+/// stored and, when the store's eviction or expiry counters moved, scans
+/// that set for keys the store no longer holds (see README: engine API
+/// wish).
 ///
 /// Memory manager: after each batch, usage above `pressure.threshold`
 /// (0.9) of the pool evicts down to `pressure.target`, lowest priority
