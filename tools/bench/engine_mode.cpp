@@ -236,16 +236,10 @@ result<engine_report> run_engine(const engine_options& opts,
 
   const request_keys keys = make_request_keys(
       reqs, bench_namespace(opts).fingerprint(), opts.block_tokens);
-  const std::size_t total = opts.policies.size() * keys.size();
   for (std::size_t i = 0; i < opts.policies.size(); ++i) {
     const engine::policy_kind policy = opts.policies[i];
-    const std::string label = std::string(engine::to_string(policy)) + " (" +
-                              std::to_string(i + 1) + "/" +
-                              std::to_string(opts.policies.size()) + ")";
-    const std::size_t before = i * keys.size();
-    std::function<void(std::size_t)> step;
-    if (progress)
-      step = [&](std::size_t done) { progress(before + done, total, label); };
+    const auto step = pass_progress(progress, engine::to_string(policy), i,
+                                    opts.policies.size(), keys.size());
     auto res =
         simulate_policy(opts, policy, keys, report.capacity_blocks, step);
     if (!res)
@@ -253,6 +247,19 @@ result<engine_report> run_engine(const engine_options& opts,
     report.results.push_back(*res);
   }
   return report;
+}
+
+std::function<void(std::size_t)>
+pass_progress(const progress_fn& progress, std::string_view name,
+              std::size_t index, std::size_t passes, std::size_t per_pass) {
+  if (!progress)
+    return {};
+  std::string label = std::string(name) + " (" + std::to_string(index + 1) +
+                      "/" + std::to_string(passes) + ")";
+  return [progress, label = std::move(label), before = index * per_pass,
+          total = passes * per_pass](std::size_t done) {
+    progress(before + done, total, label);
+  };
 }
 
 } // namespace kvfleet::bench

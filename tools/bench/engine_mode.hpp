@@ -27,6 +27,7 @@
 #include <iosfwd>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace kvfleet::bench {
@@ -65,6 +66,13 @@ struct engine_report {
 /// `label` names the policy running.
 using progress_fn = std::function<void(std::size_t done, std::size_t total,
                                        const std::string& label)>;
+
+/// The per-request callback of pass `index` of `passes` over `per_pass`
+/// requests, reporting to `progress` as "name (index+1/passes)"; empty
+/// when `progress` is.
+[[nodiscard]] std::function<void(std::size_t)>
+pass_progress(const progress_fn& progress, std::string_view name,
+              std::size_t index, std::size_t passes, std::size_t per_pass);
 
 /// Generates the workload or reads the trace `opts` names, truncated to
 /// `opts.requests` for a trace. Trace problems (with line numbers) and a

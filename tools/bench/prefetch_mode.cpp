@@ -196,16 +196,10 @@ run_prefetch(const prefetch_options& opts,
   const request_keys keys =
       make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
                         opts.base.block_tokens);
-  const std::size_t total = 2 * keys.size();
-  for (int pass = 0; pass < 2; ++pass) {
+  for (std::size_t pass = 0; pass < 2; ++pass) {
     const bool with = pass == 0;
-    const std::string label = with ? "with prefetch (1/2)" : "baseline (2/2)";
-    std::function<void(std::size_t)> step;
-    if (progress)
-      step = [&, pass](std::size_t done) {
-        progress(static_cast<std::size_t>(pass) * keys.size() + done, total,
-                 label);
-      };
+    const auto step = pass_progress(
+        progress, with ? "with prefetch" : "baseline", pass, 2, keys.size());
     auto res = replay(opts, ordered, keys, report.capacity_blocks, with, step);
     if (!res)
       return unexpected<error>(res.error());

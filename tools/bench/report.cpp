@@ -6,17 +6,35 @@
 
 namespace kvfleet::bench {
 
+namespace {
+
+// The fields every mode's per-policy result shares, in the order the
+// engine-mode JSON shape fixes.
+template <class Result>
+void put_common(nlohmann::ordered_json& j, const Result& r) {
+  j["token_hit_ratio"] = r.token_hit_ratio;
+  j["block_hit_ratio"] = r.block_hit_ratio;
+  j["p50_us"] = r.p50_us;
+  j["p95_us"] = r.p95_us;
+  j["p99_us"] = r.p99_us;
+  j["prefill_saved_s"] = r.prefill_saved_s;
+}
+
+// "workload chat: 20000 requests, 512 tokens per block"
+template <class Report> std::string headline(const Report& report) {
+  return (report.from_trace ? "trace " : "workload ") + report.workload + ": " +
+         std::to_string(report.requests) + " requests, " +
+         std::to_string(report.block_tokens) + " tokens per block\n";
+}
+
+} // namespace
+
 std::string to_json(const engine_report& report) {
   nlohmann::ordered_json results = nlohmann::ordered_json::array();
   for (const policy_result& r : report.results) {
     nlohmann::ordered_json j;
     j["policy"] = std::string(engine::to_string(r.policy));
-    j["token_hit_ratio"] = r.token_hit_ratio;
-    j["block_hit_ratio"] = r.block_hit_ratio;
-    j["p50_us"] = r.p50_us;
-    j["p95_us"] = r.p95_us;
-    j["p99_us"] = r.p99_us;
-    j["prefill_saved_s"] = r.prefill_saved_s;
+    put_common(j, r);
     if (r.disk) {
       j["memory_token_hit_ratio"] = r.token_hit_ratio - r.disk_token_hit_ratio;
       j["disk_token_hit_ratio"] = r.disk_token_hit_ratio;
@@ -35,10 +53,7 @@ std::string to_json(const engine_report& report) {
 }
 
 std::string to_table(const engine_report& report) {
-  std::string out;
-  out += (report.from_trace ? "trace " : "workload ") + report.workload + ": " +
-         std::to_string(report.requests) + " requests, " +
-         std::to_string(report.block_tokens) + " tokens per block\n";
+  std::string out = headline(report);
   const double pct = report.working_set_blocks == 0
                          ? 0.0
                          : 100.0 * static_cast<double>(report.capacity_blocks) /
@@ -83,12 +98,7 @@ std::string to_json(const routing_report& report) {
   for (const routing_result& r : report.results) {
     nlohmann::ordered_json j;
     j["policy"] = std::string(actors::to_string(r.policy));
-    j["token_hit_ratio"] = r.token_hit_ratio;
-    j["block_hit_ratio"] = r.block_hit_ratio;
-    j["p50_us"] = r.p50_us;
-    j["p95_us"] = r.p95_us;
-    j["p99_us"] = r.p99_us;
-    j["prefill_saved_s"] = r.prefill_saved_s;
+    put_common(j, r);
     j["p95_queue"] = r.p95_queue;
     j["mean_queue"] = r.mean_queue;
     j["max_queue"] = r.max_queue;
@@ -110,10 +120,7 @@ std::string to_json(const routing_report& report) {
 }
 
 std::string to_table(const routing_report& report) {
-  std::string out;
-  out += (report.from_trace ? "trace " : "workload ") + report.workload + ": " +
-         std::to_string(report.requests) + " requests, " +
-         std::to_string(report.block_tokens) + " tokens per block\n";
+  std::string out = headline(report);
   char line[256];
   std::snprintf(line, sizeof line,
                 "working set %zu blocks; %u engines of %zu blocks each; "

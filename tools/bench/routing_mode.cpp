@@ -309,16 +309,10 @@ run_routing(const routing_options& opts,
   const request_keys keys =
       make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
                         opts.base.block_tokens);
-  const std::size_t total = opts.policies.size() * keys.size();
   for (std::size_t i = 0; i < opts.policies.size(); ++i) {
     const actors::routing_policy policy = opts.policies[i];
-    const std::string label = std::string(actors::to_string(policy)) + " (" +
-                              std::to_string(i + 1) + "/" +
-                              std::to_string(opts.policies.size()) + ")";
-    const std::size_t before = i * keys.size();
-    std::function<void(std::size_t)> step;
-    if (progress)
-      step = [&](std::size_t done) { progress(before + done, total, label); };
+    const auto step = pass_progress(progress, actors::to_string(policy), i,
+                                    opts.policies.size(), keys.size());
     auto res = simulate_routing(opts, policy, keys, arrival,
                                 report.capacity_blocks, step);
     if (!res)
