@@ -1,9 +1,8 @@
 #include "cuda/device_backend.hpp"
 
 #include "cuda/internal/cuda_check.hpp"
+#include "cuda/internal/device_arena.hpp"
 #include "cuda/kernels.hpp"
-
-#include <cstdio>
 
 namespace kvfleet::cuda {
 
@@ -88,23 +87,11 @@ result<std::uint64_t> device_memory_backend::checksum(std::size_t offset,
 }
 
 result<std::unique_ptr<engine::memory_backend>>
-create_memory_backend(std::size_t bytes, int device, const log_sink& log) {
+internal::create_device_arena(std::size_t bytes, int device) {
   auto dev = device_memory_backend::create(bytes, device);
-  if (dev)
-    return std::unique_ptr<engine::memory_backend>(std::move(*dev));
-  if (dev.error().code == errc::zero_capacity)
+  if (!dev)
     return unexpected<error>(dev.error());
-  auto host = engine::host_memory_backend::create(bytes);
-  if (!host)
-    return unexpected<error>(host.error());
-  const std::string line =
-      "kvfleet: no device memory for the block pool (" + dev.error().message +
-      "); using " + std::to_string(bytes) + " bytes of host memory instead";
-  if (log)
-    log(line);
-  else
-    std::fprintf(stderr, "%s\n", line.c_str());
-  return std::unique_ptr<engine::memory_backend>(std::move(*host));
+  return std::unique_ptr<engine::memory_backend>(std::move(*dev));
 }
 
 } // namespace kvfleet::cuda

@@ -13,7 +13,6 @@
 #include "engine/result.hpp"
 
 #include <cstddef>
-#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -54,16 +53,5 @@ private:
   std::uint64_t* sum_; // one device word for checksum()
   std::string name_;
 };
-
-/// Receives one-line log messages.
-using log_sink = std::function<void(std::string_view)>;
-
-/// The block pool's backend for start-up: device memory on `device`, or,
-/// when that cannot be had (no driver, no device, not enough memory), a host
-/// backend of the same size, with one line through `log` (stderr when
-/// empty) saying why. Errors only when the host backend fails too.
-[[nodiscard]] result<std::unique_ptr<engine::memory_backend>>
-create_memory_backend(std::size_t bytes, int device = 0,
-                      const log_sink& log = {});
 
 } // namespace kvfleet::cuda

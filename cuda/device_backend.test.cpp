@@ -2,6 +2,7 @@
 // error value and create_memory_backend falls back to host memory with one
 // log line. With a GPU, the device backend is used and nothing is logged.
 #include "cuda/device_backend.hpp"
+#include "cuda/backend_factory.hpp"
 #include "cuda/device.hpp"
 #include "engine/block_store.hpp"
 

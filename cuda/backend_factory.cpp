@@ -1,0 +1,67 @@
+#include "cuda/backend_factory.hpp"
+
+#include "cuda/device.hpp"
+#include "cuda/internal/device_arena.hpp"
+#include "engine/memory_backend.hpp"
+
+#include <cstdio>
+#include <string>
+#include <utility>
+
+namespace kvfleet::cuda {
+
+namespace {
+
+void emit(const log_sink& log, const std::string& line) {
+  if (log)
+    log(line);
+  else
+    std::fprintf(stderr, "%s\n", line.c_str());
+}
+
+/// Host memory of `bytes` because device memory could not be had: `why`.
+result<std::unique_ptr<engine::memory_backend>>
+host_instead(std::size_t bytes, const std::string& why, const log_sink& log) {
+  auto host = engine::host_memory_backend::create(bytes);
+  if (!host)
+    return unexpected<error>(host.error());
+  emit(log, "kvfleet: no device memory for the block pool (" + why +
+                "); using " + std::to_string(bytes) +
+                " bytes of host memory instead");
+  return std::unique_ptr<engine::memory_backend>(std::move(*host));
+}
+
+} // namespace
+
+result<std::unique_ptr<engine::memory_backend>>
+create_memory_backend(std::size_t bytes, int device, const log_sink& log) {
+  if (bytes == 0)
+    return make_error(errc::zero_capacity, "block pool of zero bytes");
+  auto dev = internal::create_device_arena(bytes, device);
+  if (dev)
+    return std::move(*dev);
+  return host_instead(bytes, dev.error().message, log);
+}
+
+backend_factory device_backend_per_engine(log_sink log) {
+  auto count = device_count();
+  const int devices = count ? *count : 0;
+  std::string no_device = count ? std::string() : count.error().message;
+  return [devices, no_device = std::move(no_device),
+          log = std::move(log)](std::uint32_t slot, std::size_t bytes)
+             -> result<std::unique_ptr<engine::memory_backend>> {
+    const std::string prefix = "engine " + std::to_string(slot) + ": ";
+    const log_sink slot_log = [&](std::string_view line) {
+      emit(log, prefix + std::string(line));
+    };
+    if (bytes == 0)
+      return make_error(errc::zero_capacity, "block pool of zero bytes");
+    if (devices <= 0)
+      return host_instead(bytes, no_device, slot_log);
+    const auto device =
+        static_cast<int>(slot % static_cast<std::uint32_t>(devices));
+    return create_memory_backend(bytes, device, slot_log);
+  };
+}
+
+} // namespace kvfleet::cuda
