@@ -345,6 +345,7 @@ caf::behavior engine_behavior(engine_actor* self,
         out.evictions = ss.evictions;
         out.pressure_evictions = s.pressure_evictions;
         out.capacity_tokens = s.config.capacity_tokens;
+        out.memory = std::string(s.store->memory_name());
         return out;
       },
       [=](capacity_atom, std::uint32_t tokens) {
@@ -364,7 +365,15 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
                                       const engine_actor_config& config) {
   auto parts = std::make_shared<engine_parts>();
   parts->config = config;
-  auto store = engine::block_store::create(config.store);
+  auto store = [&]() -> result<std::unique_ptr<engine::block_store>> {
+    if (!config.make_backend)
+      return engine::block_store::create(config.store);
+    auto backend =
+        config.make_backend(config.slot, config.store.capacity_bytes);
+    if (!backend)
+      return unexpected<error>{backend.error()};
+    return engine::block_store::create(config.store, std::move(*backend));
+  }();
   if (!store)
     return unexpected<error>{store.error()};
   auto ns = (*store)->register_namespace(config.ns, config.ns_options);

@@ -66,10 +66,18 @@ struct engine_actor_config {
   /// Makes the producer this engine computes missing blocks with; null:
   /// a synthetic producer.
   std::function<std::unique_ptr<engine::kv_producer>()> make_producer;
+  /// Makes the block pool's memory for engine `slot`, `bytes` =
+  /// `store.capacity_bytes` long: one engine per GPU is
+  /// cuda::device_backend_per_engine() (device memory on GPU slot % GPUs,
+  /// host memory with a log line when there is none). Null: host memory.
+  std::function<result<std::unique_ptr<engine::memory_backend>>(
+      std::uint32_t slot, std::size_t bytes)>
+      make_backend;
 };
 
-/// Creates the store, registers the namespace and spawns the actor.
-/// Errors: the store's (zero capacity, bad namespace).
+/// Creates the store (over make_backend's memory when set), registers the
+/// namespace and spawns the actor. Errors: the backend's, the store's (zero
+/// capacity, bad namespace).
 [[nodiscard]] result<caf::actor>
 spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config);
 

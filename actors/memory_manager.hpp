@@ -4,7 +4,9 @@
 /// The engine actor applies it to its store after every batch with
 /// block_store::evict_bytes, which evicts the lowest request priority
 /// first in every policy's order and never touches pinned or leased blocks.
-/// Only the host pool exists today (there is no device backend yet).
+/// The pool is the engine's arena: host memory, or device memory for an
+/// engine on a GPU (engine_actor_config::make_backend); the rule reads the
+/// pool's own accounting.
 
 #include <cstddef>
 

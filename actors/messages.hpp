@@ -113,6 +113,7 @@ struct engine_stats {
   std::uint64_t evictions = 0;
   std::uint64_t pressure_evictions = 0; ///< memory-manager runs that evicted
   std::uint32_t capacity_tokens = 0;
+  std::string memory; ///< the block pool's backend: "host", "cuda:0", ...
 };
 
 template <class Inspector>
@@ -120,7 +121,7 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
            x.requests, x.batches, x.blocks, x.used_bytes, x.capacity_bytes,
            x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
-           x.capacity_tokens);
+           x.capacity_tokens, x.memory);
 }
 
 /// The balancer's counters.

@@ -57,29 +57,40 @@ node::~node() {
 
 result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
                                           node_config config) {
-  // Fail early, with the engine's own error, on a bad engine configuration.
-  {
-    auto probe = actors::spawn_engine_actor(sys, config.engine);
-    if (!probe)
-      return unexpected<error>{probe.error()};
-    caf::anon_send_exit(*probe, caf::exit_reason::user_shutdown);
-  }
-  // And on a bad query-cache store (redis_url) before spawning anything.
+  // Fail early, with the engine's own error, on a bad engine configuration:
+  // engine 0 starts here, and the balancer's first call of the factory
+  // takes it (so its memory, possibly a whole GPU's arena, is allocated
+  // once, not probed and allocated again).
+  auto first_cfg = config.engine;
+  first_cfg.slot = 0;
+  auto first = actors::spawn_engine_actor(sys, first_cfg);
+  if (!first)
+    return unexpected<error>{first.error()};
+  // And on a bad query-cache store (redis_url).
   std::unique_ptr<actors::query_store> query_store;
   if (config.query_cache) {
     auto store = actors::make_query_store(config.cache);
-    if (!store)
+    if (!store) {
+      caf::anon_send_exit(*first, caf::exit_reason::user_shutdown);
       return unexpected<error>{store.error()};
+    }
     query_store = std::move(*store);
   }
   std::unique_ptr<node> n{new node(sys, std::move(config))};
   auto& c = n->config_;
   c.balancer.initial_engines = c.engines;
   auto engine_cfg = c.engine;
+  // Only the balancer calls the factory, one call at a time.
+  auto ready = std::make_shared<caf::actor>(std::move(*first));
   n->balancer_ = actors::spawn_balancer(
       sys, c.balancer,
-      [engine_cfg](caf::actor_system& s,
-                   std::uint32_t slot) -> result<caf::actor> {
+      [engine_cfg, ready](caf::actor_system& s,
+                          std::uint32_t slot) -> result<caf::actor> {
+        if (slot == 0 && *ready) {
+          caf::actor a = std::move(*ready);
+          *ready = caf::actor{};
+          return a;
+        }
         auto cfg = engine_cfg;
         cfg.slot = slot;
         return actors::spawn_engine_actor(s, cfg);

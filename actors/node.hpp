@@ -3,7 +3,8 @@
 /// in-process API a host application uses.
 ///
 /// A node spawns, on the caller's actor system: `engines` engine actors
-/// (one per CPU shard; there is no GPU backend yet), the balancer that
+/// (one per GPU with `engine.make_backend` = cuda::device_backend_per_engine,
+/// else one per CPU shard on host memory), the balancer that
 /// routes to and supervises them, the warmer, and, when enabled, the
 /// query-result cache, the scaler and the prefetcher.
 ///

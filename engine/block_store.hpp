@@ -63,6 +63,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string_view>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -341,6 +342,10 @@ public:
     return pool_.capacity_bytes();
   }
   [[nodiscard]] const store_config& config() const noexcept { return config_; }
+  /// The memory backend's name: "host", "cuda:0", ...
+  [[nodiscard]] std::string_view memory_name() const noexcept {
+    return backend_->name();
+  }
   /// Whether a key is cached and visible (committed, not expired).
   [[nodiscard]] bool contains(ns_id ns, const block_key& key) const;
   /// Codec a cached block is stored in (for tests and tools).

@@ -1,0 +1,168 @@
+// One engine per GPU: a kvfleet::node whose engines take their block pools
+// from cuda::device_backend_per_engine. With GPUs the pools are device
+// memory (engine k on GPU k % GPUs); without, host memory with one log line
+// per engine; either way the node serves requests and block calls.
+#include "actors/node.hpp"
+#include "cuda/backend_factory.hpp"
+#include "cuda/device.hpp"
+#include "cuda/internal/test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+
+namespace kvfleet {
+namespace {
+
+using actors::kv_request;
+using engine::block_key;
+
+/// Log lines from any thread (engine 0 starts on the caller's, the others
+/// on the balancer's).
+struct log_lines {
+  std::mutex mutex;
+  std::vector<std::string> lines;
+  cuda::log_sink sink() {
+    return [this](std::string_view l) {
+      std::lock_guard lock{mutex};
+      lines.emplace_back(l);
+    };
+  }
+  std::vector<std::string> taken() {
+    std::lock_guard lock{mutex};
+    return lines;
+  }
+};
+
+node_config gpu_node(log_lines& log) {
+  node_config c;
+  c.engines = 2;
+  c.engine.ns.model = "gpu-node-test";
+  c.engine.ns.layers = 2;
+  c.engine.ns.kv_heads = 2;
+  c.engine.ns.head_dim = 64;
+  c.engine.ns.block_tokens = 16;
+  c.engine.store.capacity_bytes = 8u << 20;
+  c.engine.store.slab_bytes = 256u << 10;
+  c.engine.batch.max_size = 1;
+  c.engine.make_backend = cuda::device_backend_per_engine(log.sink());
+  c.balancer.routing.policy = actors::routing_policy::kv_aware;
+  c.query_cache = false;
+  return c;
+}
+
+kv_request request(std::uint64_t id) {
+  kv_request r;
+  r.id = id;
+  r.keys = {block_key{7, 1}, block_key{7, 2}, block_key{7, 3}};
+  r.input_tokens = 48;
+  return r;
+}
+
+/// Runs requests and block calls on both engines; returns each engine's
+/// stats.
+std::vector<actors::engine_stats> exercise(node& nd) {
+  std::vector<actors::engine_stats> out;
+  auto first = nd.process_request(request(1));
+  EXPECT_TRUE(first.has_value()) << first.error().describe();
+  if (!first)
+    return out;
+  EXPECT_EQ(first->computed_blocks, 3U);
+  auto second = nd.process_request(request(2));
+  EXPECT_TRUE(second.has_value());
+  if (!second)
+    return out;
+  EXPECT_EQ(second->matched_blocks, 3U); // read back from the pool, verified
+  EXPECT_EQ(second->engine, first->engine);
+
+  for (std::uint32_t slot = 0; slot < 2; ++slot) {
+    actors::put_request p;
+    p.key = block_key{90 + slot, 1};
+    // One block: 2 layers x (K, V) x 16 tokens x 2 heads x 64 x fp16.
+    std::vector<std::uint8_t> value(16384);
+    for (std::size_t i = 0; i < value.size(); ++i)
+      value[i] = static_cast<std::uint8_t>(i * 31 + slot);
+    auto put = nd.put_block(slot, p, value);
+    EXPECT_TRUE(put.has_value()) << put.error().describe();
+    auto got = nd.get_block(slot, p.key);
+    EXPECT_TRUE(got.has_value()) << got.error().describe();
+    if (got) {
+      EXPECT_EQ(*got, value);
+    }
+    auto st = nd.engine_stats(slot);
+    EXPECT_TRUE(st.has_value());
+    if (st) {
+      out.push_back(*st);
+    }
+  }
+  return out;
+}
+
+TEST(gpu_node_test, engines_use_device_memory_one_per_gpu) {
+  KVFLEET_REQUIRE_DEVICE();
+  const int gpus = *cuda::device_count();
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  log_lines log;
+  auto n = node::start(sys, gpu_node(log));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto stats = exercise(**n);
+  ASSERT_EQ(stats.size(), 2U);
+  for (std::uint32_t slot = 0; slot < 2; ++slot)
+    EXPECT_EQ(stats[slot].memory,
+              "cuda:" +
+                  std::to_string(slot % static_cast<std::uint32_t>(gpus)));
+  EXPECT_TRUE(log.taken().empty());
+}
+
+TEST(gpu_node_test, without_a_gpu_engines_run_on_host_memory_and_say_so) {
+  auto count = cuda::device_count();
+  if (count)
+    GTEST_SKIP() << *count << " CUDA device(s) present";
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  log_lines log;
+  auto n = node::start(sys, gpu_node(log));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto stats = exercise(**n);
+  ASSERT_EQ(stats.size(), 2U);
+  for (const auto& st : stats)
+    EXPECT_EQ(st.memory, "host");
+  // One line per engine, engine 0's allocated once (not probed twice).
+  auto lines = log.taken();
+  ASSERT_EQ(lines.size(), 2U);
+  std::sort(lines.begin(), lines.end());
+  EXPECT_EQ(lines[0].rfind("engine 0: ", 0), 0U) << lines[0];
+  EXPECT_EQ(lines[1].rfind("engine 1: ", 0), 0U) << lines[1];
+  EXPECT_NE(lines[0].find("host memory instead"), std::string::npos);
+}
+
+TEST(gpu_node_test, a_failing_backend_fails_the_start_with_its_error) {
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  log_lines log;
+  auto c = gpu_node(log);
+  c.engine.make_backend =
+      [](std::uint32_t,
+         std::size_t) -> result<std::unique_ptr<engine::memory_backend>> {
+    return make_error(errc::out_of_memory, "no memory for this test");
+  };
+  auto n = node::start(sys, c);
+  ASSERT_FALSE(n.has_value());
+  EXPECT_EQ(n.error().code, errc::out_of_memory);
+  EXPECT_NE(n.error().message.find("no memory for this test"),
+            std::string::npos);
+}
+
+} // namespace
+} // namespace kvfleet
