@@ -384,6 +384,10 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
   parts->producer = config.make_producer ? config.make_producer() : nullptr;
   if (!parts->producer)
     parts->producer = std::make_unique<engine::synthetic_producer>();
+  const bool own_thread =
+      config.own_thread.value_or(!parts->store->host_addressable());
+  if (own_thread)
+    return sys.spawn<caf::detached>(engine_behavior, std::move(parts));
   return sys.spawn(engine_behavior, std::move(parts));
 }
 

@@ -48,6 +48,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
@@ -73,6 +74,11 @@ struct engine_actor_config {
   std::function<result<std::unique_ptr<engine::memory_backend>>(
       std::uint32_t slot, std::size_t bytes)>
       make_backend;
+  /// Run the actor on a thread of its own (caf::detached) instead of the
+  /// scheduler's workers. Default (nullopt): its own thread exactly when
+  /// the pool is device memory, because the engine's reads and writes of
+  /// device memory wait for the device, and no scheduler worker may wait.
+  std::optional<bool> own_thread;
 };
 
 /// Creates the store (over make_backend's memory when set), registers the

@@ -346,6 +346,11 @@ public:
   [[nodiscard]] std::string_view memory_name() const noexcept {
     return backend_->name();
   }
+  /// True when the host addresses the arena directly; false for device
+  /// memory, whose reads and writes are copies that wait for the device.
+  [[nodiscard]] bool host_addressable() const noexcept {
+    return backend_->host_data() != nullptr;
+  }
   /// Whether a key is cached and visible (committed, not expired).
   [[nodiscard]] bool contains(ns_id ns, const block_key& key) const;
   /// Codec a cached block is stored in (for tests and tools).

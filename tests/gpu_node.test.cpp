@@ -146,6 +146,29 @@ TEST(gpu_node_test, without_a_gpu_engines_run_on_host_memory_and_say_so) {
   EXPECT_NE(lines[0].find("host memory instead"), std::string::npos);
 }
 
+TEST(gpu_node_test, engines_on_threads_of_their_own_serve_the_same) {
+  // What device engines do by default (own_thread), forced on host memory,
+  // so that the detached path runs on every machine.
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  log_lines log;
+  auto c = gpu_node(log);
+  c.engine.make_backend = nullptr;
+  c.engine.own_thread = true;
+  auto n = node::start(sys, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto stats = exercise(**n);
+  ASSERT_EQ(stats.size(), 2U);
+  std::uint64_t hits = 0;
+  for (const auto& st : stats) {
+    EXPECT_EQ(st.memory, "host");
+    hits += st.token_hits;
+  }
+  EXPECT_EQ(hits, 48U); // the second request's three blocks
+  EXPECT_TRUE(log.taken().empty());
+}
+
 TEST(gpu_node_test, a_failing_backend_fails_the_start_with_its_error) {
   caf::actor_system_config cfg;
   node::configure(cfg, 2);
