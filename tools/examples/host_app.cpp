@@ -1,0 +1,71 @@
+// A host application using kvfleet in process: one engine per GPU (host
+// memory where there is none), requests as chained block keys of their
+// token ids, and the block calls. Exits 0 when the second request over the
+// same prompt is served from cache; ctest runs it (example_host_app).
+#include "actors/node.hpp"
+#include "cuda/backend_factory.hpp"
+#include "engine/block_key.hpp"
+
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+
+int main() {
+  caf::actor_system_config cfg;
+  kvfleet::node::configure(cfg, 2); // scheduler.policy=sharing, 2 threads
+  caf::actor_system sys{cfg};
+
+  kvfleet::node_config c;
+  c.engines = 2;
+  c.engine.ns.model = "llama-3-8b";
+  c.engine.ns.layers = 32;
+  c.engine.ns.kv_heads = 8;
+  c.engine.ns.head_dim = 128;
+  c.engine.ns.block_tokens = 16; // 2 MiB of fp16 KV per block
+  c.engine.store.capacity_bytes = std::size_t{256} << 20;
+  c.engine.make_backend = kvfleet::cuda::device_backend_per_engine();
+  auto started = kvfleet::node::start(sys, c);
+  if (!started) {
+    std::fprintf(stderr, "start: %s\n", started.error().describe().c_str());
+    return 1;
+  }
+  auto& node = **started;
+
+  // A prompt of 64 token ids -> the keys of its 4 full blocks.
+  std::vector<std::uint32_t> tokens(64);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = 1000 + i;
+  kvfleet::actors::kv_request req;
+  kvfleet::engine::chain_keys(c.engine.ns.fingerprint(),
+                              c.engine.ns.block_tokens, tokens, req.keys);
+  req.input_tokens = static_cast<std::uint32_t>(tokens.size());
+
+  for (std::uint64_t id = 1; id <= 2; ++id) {
+    req.id = id;
+    auto reply = node.process_request(req);
+    if (!reply) {
+      std::fprintf(stderr, "request %llu: %s\n",
+                   static_cast<unsigned long long>(id),
+                   reply.error().describe().c_str());
+      return 1;
+    }
+    std::printf("request %llu on engine %u: %llu tokens from cache, %llu "
+                "computed\n",
+                static_cast<unsigned long long>(id), reply->engine,
+                static_cast<unsigned long long>(reply->matched_tokens),
+                static_cast<unsigned long long>(reply->computed_tokens));
+    if (id == 2 && reply->matched_tokens != tokens.size())
+      return 1;
+  }
+  for (std::uint32_t slot = 0; slot < c.engines; ++slot) {
+    auto st = node.engine_stats(slot);
+    if (!st)
+      return 1;
+    std::printf("engine %u: %s memory, %llu blocks\n", slot, st->memory.c_str(),
+                static_cast<unsigned long long>(st->blocks));
+  }
+  return 0;
+}
