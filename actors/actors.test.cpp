@@ -361,6 +361,43 @@ TEST_F(actor_test, RequestTimeoutReturnsTimeoutError) {
   sched_->run();
 }
 
+TEST_F(actor_test, TimeoutsFireAtEachDeadlineAndLateRepliesAreDropped) {
+  // One timer serves every open request: each still times out at its own
+  // deadline, releases its engine's load once, and the engine's late answer
+  // changes nothing.
+  auto b =
+      balancer(routing_policy::least_loaded, {small_engine(64, 20, 10s)}, 50ms);
+  auto r1 = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  sched_->run();
+  sched_->advance_time(30ms);
+  sched_->run();
+  auto r2 = ask<kv_reply>(b, process_atom::value, make_request(2, 0, 0, 1, 2));
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).in_flight.at(0), 2U);
+  sched_->advance_time(20ms); // t = 50 ms: r1's deadline
+  sched_->run();
+  ASSERT_TRUE(r1->error.has_value());
+  EXPECT_TRUE(is_timeout(*r1->error));
+  EXPECT_FALSE(r2->done());
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.timeouts, 1U);
+  EXPECT_EQ(st.in_flight.at(0), 1U);
+  sched_->advance_time(30ms); // t = 80 ms: r2's
+  sched_->run();
+  ASSERT_TRUE(r2->error.has_value());
+  EXPECT_TRUE(is_timeout(*r2->error));
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.timeouts, 2U);
+  EXPECT_EQ(st.in_flight.at(0), 0U);
+  sched_->advance_time(10s); // the engine's batch closes; both replies late
+  sched_->run();
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.timeouts, 2U);
+  EXPECT_EQ(st.in_flight.at(0), 0U);
+  EXPECT_FALSE(r1->value.has_value());
+  EXPECT_FALSE(r2->value.has_value());
+}
+
 TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
   auto b = balancer(routing_policy::round_robin,
                     {small_engine(64), small_engine(64)});

@@ -4,6 +4,7 @@
 #include "actors/messages.hpp"
 
 #include <algorithm>
+#include <deque>
 #include <memory>
 #include <string>
 #include <utility>
@@ -28,6 +29,18 @@ struct slot_info {
   bool retired = false;
 };
 
+/// A request forwarded to an engine and not yet answered. Calls are kept
+/// in dispatch order; every call gets the same timeout, so their deadlines
+/// are in that order too and one timer (for the oldest open call) serves
+/// them all, instead of one CAF timer per request.
+struct open_call {
+  std::int64_t deadline_ns = 0;
+  caf::response_promise promise;
+  std::uint32_t slot = 0;
+  std::uint64_t generation = 0;
+  bool open = true;
+};
+
 struct balancer_state {
   balancer_config config;
   engine_factory make_engine;
@@ -40,6 +53,9 @@ struct balancer_state {
   std::uint64_t rerouted = 0;
   std::uint64_t restarts = 0;
   std::uint64_t rejected = 0;
+  std::deque<open_call> calls;
+  std::uint64_t first_call = 0; ///< sequence number of calls.front()
+  bool sweep_pending = false;   ///< a sweep_atom is on its way
   static inline const char* name = "kvfleet.balancer";
 };
 
@@ -93,9 +109,61 @@ void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
     self->send(l, observe_atom::value, req, rep, latency);
 }
 
+/// Releases the call's slot (when that engine has not been restarted
+/// since) and closes the call; the caller then answers its promise.
+caf::response_promise close_call(balancer_actor* self, open_call& c) {
+  auto& s = self->state;
+  auto promise = std::move(c.promise);
+  const auto slot = c.slot;
+  c.open = false;
+  if (s.slots[slot].generation == c.generation)
+    s.route.finished(slot);
+  // `c` may be popped here: nothing below reads it.
+  while (!s.calls.empty() && !s.calls.front().open) {
+    s.calls.pop_front();
+    ++s.first_call;
+  }
+  maybe_exit_retired(self, slot);
+  return promise;
+}
+
+/// The open call `seq`, or null when it was answered or timed out.
+open_call* find_call(balancer_actor* self, std::uint64_t seq) {
+  auto& s = self->state;
+  if (seq < s.first_call || seq - s.first_call >= s.calls.size())
+    return nullptr;
+  auto& c = s.calls[seq - s.first_call];
+  return c.open ? &c : nullptr;
+}
+
+/// Schedules a sweep at the oldest open call's deadline, unless one is
+/// already on its way (it reschedules itself when it finds nothing due).
+/// calls.front() is always open: close_call pops closed calls off the front.
+void schedule_sweep(balancer_actor* self) {
+  auto& s = self->state;
+  if (s.sweep_pending || s.calls.empty())
+    return;
+  const auto wait =
+      std::max<std::int64_t>(s.calls.front().deadline_ns - now_ns(self), 0);
+  s.sweep_pending = true;
+  self->delayed_send(self, std::chrono::nanoseconds{wait}, sweep_atom::value);
+}
+
+/// Times out every open call whose deadline has passed (the oldest first).
+void sweep(balancer_actor* self) {
+  auto& s = self->state;
+  s.sweep_pending = false;
+  const auto now = now_ns(self);
+  while (!s.calls.empty() && s.calls.front().deadline_ns <= now) {
+    ++s.timeouts;
+    close_call(self, s.calls.front())
+        .deliver(caf::make_error(caf::sec::request_timeout));
+  }
+  schedule_sweep(self);
+}
+
 void dispatch(balancer_actor* self, kv_request req,
-              caf::response_promise promise, std::int64_t started,
-              int attempt) {
+              caf::response_promise promise, int attempt) {
   auto& st = self->state;
   auto pick = st.route.pick(req.keys);
   if (!pick) {
@@ -105,43 +173,49 @@ void dispatch(balancer_actor* self, kv_request req,
     return;
   }
   auto slot = pick->slot;
-  auto gen = st.slots[slot].generation;
   st.route.started(slot);
   ++st.slots[slot].routed;
-  auto msg_req = req;
-  auto then = [=](kv_reply& rep) mutable {
-    auto& s = self->state;
-    if (s.slots[slot].generation == gen)
-      s.route.finished(slot);
-    maybe_exit_retired(self, slot);
+  const auto started = now_ns(self);
+  const auto seq = st.first_call + st.calls.size();
+  st.calls.push_back(open_call{
+      started + std::chrono::nanoseconds{st.config.request_timeout}.count(),
+      std::move(promise), slot, st.slots[slot].generation, true});
+  schedule_sweep(self);
+  // The request travels to the engine; a copy stays here only when a
+  // listener wants it or a reroute may need it.
+  auto kept = std::make_shared<kv_request>(req);
+  auto then = [=](kv_reply& rep) {
+    auto* c = find_call(self, seq);
+    if (c == nullptr)
+      return; // timed out already
+    auto p = close_call(self, *c);
     rep.engine = slot;
-    if (!s.listeners.empty())
-      notify(self, req, rep, now_ns(self) - started);
-    promise.deliver(std::move(rep));
+    if (!self->state.listeners.empty())
+      notify(self, *kept, rep, now_ns(self) - started);
+    p.deliver(std::move(rep));
   };
-  auto fail = [=](caf::error& err) mutable {
-    auto& s = self->state;
-    if (s.slots[slot].generation == gen)
-      s.route.finished(slot);
-    maybe_exit_retired(self, slot);
+  auto fail = [=](caf::error& err) {
+    auto* c = find_call(self, seq);
+    if (c == nullptr)
+      return;
+    auto p = close_call(self, *c);
     if (err == caf::sec::request_receiver_down && attempt == 0) {
+      auto& s = self->state;
       ++s.rerouted;
       s.route.set_up(slot, false); // the down_msg may not have arrived yet
-      dispatch(self, std::move(req), std::move(promise), started, 1);
+      dispatch(self, std::move(*kept), std::move(p), 1);
       return;
     }
-    if (is_timeout(err))
-      ++s.timeouts;
-    promise.deliver(std::move(err));
+    p.deliver(std::move(err));
   };
   if (req.prio >= engine::priority::high)
     self->request<caf::message_priority::high>(
-            st.slots[slot].engine, st.config.request_timeout,
-            process_atom::value, std::move(msg_req))
+            st.slots[slot].engine, caf::infinite, process_atom::value,
+            std::move(req))
         .then(std::move(then), std::move(fail));
   else
-    self->request(st.slots[slot].engine, st.config.request_timeout,
-                  process_atom::value, std::move(msg_req))
+    self->request(st.slots[slot].engine, caf::infinite, process_atom::value,
+                  std::move(req))
         .then(std::move(then), std::move(fail));
 }
 
@@ -187,9 +261,10 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   return {
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
         auto promise = self->make_response_promise();
-        dispatch(self, std::move(req), promise, now_ns(self), 0);
+        dispatch(self, std::move(req), promise, 0);
         return promise;
       },
+      [=](sweep_atom) { sweep(self); },
       [=](restart_atom, std::uint32_t slot) {
         auto& s = self->state;
         if (slot >= s.slots.size() || s.slots[slot].engine ||

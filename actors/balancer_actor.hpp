@@ -11,7 +11,10 @@
 ///       request_timeout when the engine does not answer within
 ///       `request_timeout`; errc::unavailable "no engine available" when none
 ///       is live. A request whose engine died before answering is retried once
-///       on another engine.
+///       on another engine. Timeouts are the balancer's own: requests wait in
+///       dispatch order with one timer for the oldest (not one CAF timer per
+///       request, which cost about a third of the throughput), so each still
+///       times out at its deadline; a reply after it is dropped.
 ///   (lookup_atom, vector<block_key>) -> uint64  asks the engine the index
 ///       names for the longest prefix (slot 0 when the index knows nothing)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot

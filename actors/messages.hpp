@@ -259,5 +259,6 @@ CAF_ADD_ATOM(kvfleet, kvfleet::actors, warm_atom, "kv_warm")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, progress_atom, "kv_progres")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, query_atom, "kv_query")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, engine_atom, "kv_engine")
+CAF_ADD_ATOM(kvfleet, kvfleet::actors, sweep_atom, "kv_sweep")
 
 CAF_END_TYPE_ID_BLOCK(kvfleet)
