@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Measures the engine's benchmark bars and prints each against its target.
 
-Runs kvfleet-microbench (Google Benchmark, JSON output, repeated; medians)
-and kvfleet-bench engine, routing and prefetch modes (deterministic
-simulations: one run each). Every ratio compares two figures measured in
+Runs kvfleet-microbench (Google Benchmark, JSON output, repeated; medians),
+kvfleet-actors-bench (request/reply through the balancer and an engine
+actor; medians) and kvfleet-bench engine, routing and prefetch modes
+(deterministic simulations: one run each). Every ratio compares two figures measured in
 the same run, because the machines are shared and noisy. Exit status 1 when
 a bar is missed, so the result is not a matter of reading.
 
@@ -54,6 +55,20 @@ def routing_bench(build, workload):
          "--policies", "least_loaded,kv_aware", "--json", "--no-progress"],
         check=True, capture_output=True, text=True).stdout
     return {r["policy"]: r for r in json.loads(out)["results"]}
+
+
+def actors_bench(build, repetitions):
+    """Medians (requests/s) straight to an engine actor and through the
+    balancer: 2 scheduler threads, scheduler.policy=sharing, 1 s each."""
+    out = subprocess.run(
+        [f"{build}/actors/kvfleet-actors-bench", "2", "1", str(repetitions)],
+        check=True, capture_output=True, text=True).stdout
+    rates = {}
+    for line in out.splitlines():
+        if "median" in line:
+            label = "direct" if line.startswith("engine actor direct") else "balancer"
+            rates[label] = float(line.split("median")[1].split()[0])
+    return rates
 
 
 def prefetch_bench(build):
@@ -131,6 +146,10 @@ def main():
         rows.append((f"routing {w}, 4 engines: p95 queue kv_aware / least_loaded",
                      f"{kv['p95_queue']:.0f} / {ll['p95_queue']:.0f}",
                      "<= 1.25x", kv["p95_queue"] <= 1.25 * ll["p95_queue"]))
+    a = actors_bench(b, args.repetitions)
+    rows.append(("request/reply through balancer and engine actor, 2 threads",
+                 f"{a['balancer'] / 1e3:.0f}k req/s (direct {a['direct'] / 1e3:.0f}k)",
+                 ">= 150k req/s", a["balancer"] >= 150e3))
     p = prefetch_bench(b)
     rows.append(("prefetch on chat @25%: used before evicted",
                  f"{p['useful']} of {p['prefetches']} = {p['used_fraction']:.3f} "
