@@ -162,8 +162,12 @@ void sweep(balancer_actor* self) {
   schedule_sweep(self);
 }
 
+/// Routes `req` (first received at `started`) to an engine. Its deadline
+/// is request_timeout from now, so a rerouted request gets a fresh one and
+/// deadlines stay in call order.
 void dispatch(balancer_actor* self, kv_request req,
-              caf::response_promise promise, int attempt) {
+              caf::response_promise promise, std::int64_t started,
+              int attempt) {
   auto& st = self->state;
   auto pick = st.route.pick(req.keys);
   if (!pick) {
@@ -175,14 +179,14 @@ void dispatch(balancer_actor* self, kv_request req,
   auto slot = pick->slot;
   st.route.started(slot);
   ++st.slots[slot].routed;
-  const auto started = now_ns(self);
   const auto seq = st.first_call + st.calls.size();
-  st.calls.push_back(open_call{
-      started + std::chrono::nanoseconds{st.config.request_timeout}.count(),
-      std::move(promise), slot, st.slots[slot].generation, true});
+  st.calls.push_back(
+      open_call{now_ns(self) +
+                    std::chrono::nanoseconds{st.config.request_timeout}.count(),
+                std::move(promise), slot, st.slots[slot].generation, true});
   schedule_sweep(self);
-  // The request travels to the engine; a copy stays here only when a
-  // listener wants it or a reroute may need it.
+  // The request travels to the engine; one copy, shared by both callbacks,
+  // stays here for the listeners and for a reroute.
   auto kept = std::make_shared<kv_request>(req);
   auto then = [=](kv_reply& rep) {
     auto* c = find_call(self, seq);
@@ -203,7 +207,7 @@ void dispatch(balancer_actor* self, kv_request req,
       auto& s = self->state;
       ++s.rerouted;
       s.route.set_up(slot, false); // the down_msg may not have arrived yet
-      dispatch(self, std::move(*kept), std::move(p), 1);
+      dispatch(self, std::move(*kept), std::move(p), started, 1);
       return;
     }
     p.deliver(std::move(err));
@@ -261,7 +265,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   return {
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
         auto promise = self->make_response_promise();
-        dispatch(self, std::move(req), promise, 0);
+        dispatch(self, std::move(req), promise, now_ns(self), 0);
         return promise;
       },
       [=](sweep_atom) { sweep(self); },
