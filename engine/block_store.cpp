@@ -1335,7 +1335,7 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
 
 std::size_t block_store::disk_prefix(const ns_state& st,
                                      std::span<const block_key> keys) const {
-  if (!disk_ || backend_->host_data() == nullptr)
+  if (!disk_)
     return 0;
   const std::int64_t wall = disk_clock().now().count();
   const std::size_t elements = st.spec.elements_per_block();
@@ -1393,9 +1393,14 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
       const entry& e = entries_[h->id_];
       // No hashing here: every read verifies the block's checksum, so a
       // block damaged on disk is caught (dropped, counted) at its first read
-      // and the bytes are hashed once, not twice.
-      p.id = disk_->fetch_into(k, {host_ptr(e), e.stored_bytes},
-                               /*verify=*/false);
+      // and the bytes are hashed once, not twice. An arena the host cannot
+      // address (device memory) gets the bytes through staging.
+      std::byte* dst = host_ptr(e);
+      if (dst == nullptr) {
+        p.staging.resize(e.stored_bytes);
+        dst = p.staging.data();
+      }
+      p.id = disk_->fetch_into(k, {dst, e.stored_bytes}, /*verify=*/false);
     }
     p.handle = std::move(*h);
     into.push_back(std::move(p));
@@ -1436,7 +1441,7 @@ void block_store::drain_disk() {
     for (; ok_until < end; ++ok_until) {
       promotion& p = pending_promotions_[ok_until];
       const bool ok =
-          (p.handle.already_cached() || p.checksum) &&
+          (p.handle.already_cached() || p.checksum) && land(p) &&
           mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
           commit(p.handle).has_value();
       if (!ok)
@@ -1452,6 +1457,15 @@ void block_store::drain_disk() {
   pending_promotions_.erase(pending_promotions_.begin(),
                             pending_promotions_.begin() +
                                 static_cast<std::ptrdiff_t>(done));
+}
+
+bool block_store::land(promotion& p) {
+  if (p.staging.empty() || p.handle.already_cached())
+    return true;
+  const entry& e = entries_[p.handle.id_];
+  const bool ok = backend_->write(pool_.offset(e.slot), p.staging).has_value();
+  p.staging = {};
+  return ok;
 }
 
 void block_store::abort_in_reverse(std::vector<promotion>& list) noexcept {
@@ -1480,7 +1494,7 @@ std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
     put_handle& h = p.handle;
     bool ok = false;
     if (h.already_cached() || p.checksum)
-      ok = mark_written(h, p.checksum.value_or(0)).has_value() &&
+      ok = land(p) && mark_written(h, p.checksum.value_or(0)).has_value() &&
            commit(h).has_value();
     if (!ok && !h.already_cached()) {
       // Missing or damaged on disk: compute it, never serve it wrong.

@@ -32,7 +32,9 @@
 /// to disk instead of vanishing (its encoded bytes, codec and checksum; the
 /// disk tier's I/O thread writes it), and process() promotes a prefix found
 /// on disk back into memory: it reserves slots, the I/O thread reads into
-/// them and verifies the checksum, and the owner commits them. A block that
+/// them (into a host staging buffer per block when the arena is device
+/// memory, which the owner then writes to the slot), and the owner commits
+/// them; the checksum is verified at the block's first read. A block that
 /// fails on disk is recomputed instead, never returned wrong. Pinned blocks
 /// are written through to disk with their pin, so pins survive a restart;
 /// persist() writes every cached block for a clean shutdown.
@@ -404,7 +406,13 @@ private:
     std::optional<std::uint64_t> checksum; ///< set when read and verified
     std::uint64_t group = 0; ///< one chain: the promotions of one call
     bool answered = false;
+    /// Where the disk tier reads the block when the host cannot address
+    /// the arena (device memory); copied into the slot before the commit.
+    std::vector<std::byte> staging;
   };
+  /// Puts a promotion's bytes into its slot (from staging, when it has
+  /// one); false when the backend's write fails.
+  [[nodiscard]] bool land(promotion& p);
   static void abort_in_reverse(std::vector<promotion>& list) noexcept;
   void issue_promotions(ns_id ns, std::span<const block_key> keys,
                         const block_key& parent, const put_options& options,

@@ -1,9 +1,11 @@
 // block_store with a disk tier below it: spill on eviction, promotion on a
 // hit, restart recovery, pins across restarts, damaged bytes on disk.
 #include "engine/block_store.hpp"
+#include "engine/checksum.hpp"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -25,6 +27,48 @@ namespace_spec spec() {
 }
 constexpr std::size_t block_bytes = 4096;
 
+/// An arena the host cannot address, as device memory is: host_data() is
+/// null and bytes move only through read() and write(), which count their
+/// calls.
+class unaddressable_backend final : public memory_backend {
+public:
+  explicit unaddressable_backend(std::size_t bytes) : bytes_(bytes) {}
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return "unaddressable";
+  }
+  [[nodiscard]] std::size_t size() const noexcept override {
+    return bytes_.size();
+  }
+  [[nodiscard]] std::byte* host_data() noexcept override { return nullptr; }
+  [[nodiscard]] result<void> write(std::size_t offset,
+                                   std::span<const std::byte> src) override {
+    if (offset > bytes_.size() || src.size() > bytes_.size() - offset)
+      return make_error(errc::invalid_argument, "write out of bounds");
+    std::copy(src.begin(), src.end(),
+              bytes_.begin() + static_cast<std::ptrdiff_t>(offset));
+    ++writes;
+    return {};
+  }
+  [[nodiscard]] result<void> read(std::size_t offset,
+                                  std::span<std::byte> dst) const override {
+    if (offset > bytes_.size() || dst.size() > bytes_.size() - offset)
+      return make_error(errc::invalid_argument, "read out of bounds");
+    const auto* from = bytes_.data() + offset;
+    std::copy(from, from + dst.size(), dst.begin());
+    return {};
+  }
+  [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
+                                               std::size_t len) const override {
+    if (offset > bytes_.size() || len > bytes_.size() - offset)
+      return make_error(errc::invalid_argument, "checksum out of bounds");
+    return block_checksum({bytes_.data() + offset, len});
+  }
+  std::size_t writes = 0;
+
+private:
+  std::vector<std::byte> bytes_;
+};
+
 class store_disk_test : public ::testing::Test {
 protected:
   void SetUp() override {
@@ -39,8 +83,9 @@ protected:
     fs::remove_all(dir_, ec);
   }
 
-  /// (Re)opens the disk tier and a store of `blocks` blocks over it.
-  void open(std::size_t blocks = 20) {
+  /// (Re)opens the disk tier and a store of `blocks` blocks over it; with
+  /// `unaddressable`, the store's arena is an unaddressable_backend.
+  void open(std::size_t blocks = 20, bool unaddressable = false) {
     store_.reset(); // closes the previous tier first
     disk_tier_config dc;
     dc.directory = dir_;
@@ -53,7 +98,14 @@ protected:
     cfg.slab_bytes = block_bytes;
     cfg.policy = policy_kind::lru;
     cfg.adaptive_compression = false;
-    auto s = block_store::create(cfg);
+    unaddressable_ = nullptr;
+    auto s = [&] {
+      if (!unaddressable)
+        return block_store::create(cfg);
+      auto b = std::make_unique<unaddressable_backend>(cfg.capacity_bytes);
+      unaddressable_ = b.get();
+      return block_store::create(cfg, std::move(b));
+    }();
     ASSERT_TRUE(s.has_value()) << s.error().describe();
     store_ = std::move(*s);
     ASSERT_TRUE(store_->attach_disk(std::move(*tier)).has_value());
@@ -92,6 +144,7 @@ protected:
   std::string dir_;
   synthetic_producer producer_;
   std::unique_ptr<block_store> store_;
+  unaddressable_backend* unaddressable_ = nullptr; ///< owned by store_
   ns_id ns_;
 };
 
@@ -116,6 +169,43 @@ TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
   EXPECT_EQ(store_->stats().disk_token_hits, 64U);
   for (const auto& k : a)
     expect_correct(k);
+}
+
+TEST_F(store_disk_test,
+       an_arena_the_host_cannot_address_promotes_through_staging) {
+  // Device memory: the disk tier reads into staging and the store writes
+  // the slot through the backend before it commits.
+  open(20, /*unaddressable=*/true);
+  ASSERT_FALSE(store_->host_addressable());
+  const auto a = chain(1, 4);
+  run(a);
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(1000 * (i + 1), 4));
+  ASSERT_FALSE(store_->contains(ns_, a[0]));
+  ASSERT_EQ(store_->lookup_tiers(ns_, a)->disk, 4U);
+
+  const std::size_t writes_before = unaddressable_->writes;
+  const auto r = run(a); // promote_now
+  EXPECT_EQ(r.matched_blocks, 4U);
+  EXPECT_EQ(r.disk_blocks, 4U);
+  EXPECT_EQ(r.computed_blocks, 0U);
+  EXPECT_GE(unaddressable_->writes, writes_before + 4);
+  for (const auto& k : a)
+    expect_correct(k);
+
+  // And without waiting: promote() then poll_disk().
+  const auto b = chain(50, 3);
+  run(b);
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(2000 * (i + 1), 4));
+  ASSERT_FALSE(store_->contains(ns_, b[0]));
+  ASSERT_EQ(*store_->promote(ns_, b), 3U);
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  store_->poll_disk();
+  EXPECT_EQ(*store_->lookup(ns_, b), 3U);
+  for (const auto& k : b)
+    expect_correct(k);
+  store_->check_invariants();
 }
 
 TEST_F(store_disk_test, promote_does_not_wait_and_poll_makes_blocks_visible) {
