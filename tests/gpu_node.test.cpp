@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -105,40 +106,52 @@ std::vector<actors::engine_stats> exercise(node& nd) {
   return out;
 }
 
-TEST(gpu_node_test, engines_use_device_memory_one_per_gpu) {
+/// An actor system of two scheduler threads per test, and the log lines
+/// the engines' backend factory writes.
+class gpu_node_test : public ::testing::Test {
+protected:
+  gpu_node_test() {
+    node::configure(cfg_, 2);
+    sys_.emplace(cfg_);
+  }
+  /// Starts a node (the test fails when it cannot).
+  std::unique_ptr<node> start(const node_config& c) {
+    auto n = node::start(*sys_, c);
+    EXPECT_TRUE(n.has_value()) << n.error().describe();
+    return n ? std::move(*n) : nullptr;
+  }
+
+  caf::actor_system_config cfg_;
+  std::optional<caf::actor_system> sys_;
+  log_lines log_;
+};
+
+TEST_F(gpu_node_test, engines_use_device_memory_one_per_gpu) {
   KVFLEET_REQUIRE_DEVICE();
   const int gpus = *cuda::device_count();
-  caf::actor_system_config cfg;
-  node::configure(cfg, 2);
-  caf::actor_system sys{cfg};
-  log_lines log;
-  auto n = node::start(sys, gpu_node(log));
-  ASSERT_TRUE(n.has_value()) << n.error().describe();
-  auto stats = exercise(**n);
+  auto n = start(gpu_node(log_));
+  ASSERT_NE(n, nullptr);
+  auto stats = exercise(*n);
   ASSERT_EQ(stats.size(), 2U);
   for (std::uint32_t slot = 0; slot < 2; ++slot)
     EXPECT_EQ(stats[slot].memory,
               "cuda:" +
                   std::to_string(slot % static_cast<std::uint32_t>(gpus)));
-  EXPECT_TRUE(log.taken().empty());
+  EXPECT_TRUE(log_.taken().empty());
 }
 
-TEST(gpu_node_test, without_a_gpu_engines_run_on_host_memory_and_say_so) {
+TEST_F(gpu_node_test, without_a_gpu_engines_run_on_host_memory_and_say_so) {
   auto count = cuda::device_count();
   if (count)
     GTEST_SKIP() << *count << " CUDA device(s) present";
-  caf::actor_system_config cfg;
-  node::configure(cfg, 2);
-  caf::actor_system sys{cfg};
-  log_lines log;
-  auto n = node::start(sys, gpu_node(log));
-  ASSERT_TRUE(n.has_value()) << n.error().describe();
-  auto stats = exercise(**n);
+  auto n = start(gpu_node(log_));
+  ASSERT_NE(n, nullptr);
+  auto stats = exercise(*n);
   ASSERT_EQ(stats.size(), 2U);
   for (const auto& st : stats)
     EXPECT_EQ(st.memory, "host");
   // One line per engine, engine 0's allocated once (not probed twice).
-  auto lines = log.taken();
+  auto lines = log_.taken();
   ASSERT_EQ(lines.size(), 2U);
   std::sort(lines.begin(), lines.end());
   EXPECT_EQ(lines[0].rfind("engine 0: ", 0), 0U) << lines[0];
@@ -146,19 +159,15 @@ TEST(gpu_node_test, without_a_gpu_engines_run_on_host_memory_and_say_so) {
   EXPECT_NE(lines[0].find("host memory instead"), std::string::npos);
 }
 
-TEST(gpu_node_test, engines_on_threads_of_their_own_serve_the_same) {
+TEST_F(gpu_node_test, engines_on_threads_of_their_own_serve_the_same) {
   // What device engines do by default (own_thread), forced on host memory,
   // so that the detached path runs on every machine.
-  caf::actor_system_config cfg;
-  node::configure(cfg, 2);
-  caf::actor_system sys{cfg};
-  log_lines log;
-  auto c = gpu_node(log);
+  auto c = gpu_node(log_);
   c.engine.make_backend = nullptr;
   c.engine.own_thread = true;
-  auto n = node::start(sys, c);
-  ASSERT_TRUE(n.has_value()) << n.error().describe();
-  auto stats = exercise(**n);
+  auto n = start(c);
+  ASSERT_NE(n, nullptr);
+  auto stats = exercise(*n);
   ASSERT_EQ(stats.size(), 2U);
   std::uint64_t hits = 0;
   for (const auto& st : stats) {
@@ -166,21 +175,17 @@ TEST(gpu_node_test, engines_on_threads_of_their_own_serve_the_same) {
     hits += st.token_hits;
   }
   EXPECT_EQ(hits, 48U); // the second request's three blocks
-  EXPECT_TRUE(log.taken().empty());
+  EXPECT_TRUE(log_.taken().empty());
 }
 
-TEST(gpu_node_test, a_failing_backend_fails_the_start_with_its_error) {
-  caf::actor_system_config cfg;
-  node::configure(cfg, 2);
-  caf::actor_system sys{cfg};
-  log_lines log;
-  auto c = gpu_node(log);
+TEST_F(gpu_node_test, a_failing_backend_fails_the_start_with_its_error) {
+  auto c = gpu_node(log_);
   c.engine.make_backend =
       [](std::uint32_t,
          std::size_t) -> result<std::unique_ptr<engine::memory_backend>> {
     return make_error(errc::out_of_memory, "no memory for this test");
   };
-  auto n = node::start(sys, c);
+  auto n = node::start(*sys_, c);
   ASSERT_FALSE(n.has_value());
   EXPECT_EQ(n.error().code, errc::out_of_memory);
   EXPECT_NE(n.error().message.find("no memory for this test"),
