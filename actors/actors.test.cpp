@@ -669,5 +669,27 @@ TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {
   EXPECT_GT(ask_now<std::uint64_t>(e, lookup_atom::value, more.keys), 0U);
 }
 
+TEST_F(actor_test, MemoryPressureHookDecidesInsteadOfThePoolRule) {
+  auto c = small_engine(40);
+  c.slot = 3;
+  c.pressure.threshold = 0.01; // the pool rule would evict after any batch
+  c.pressure.target = 0.01;
+  auto calls = std::make_shared<std::vector<std::uint32_t>>();
+  c.relieve = [calls](std::uint32_t slot, engine::block_store& store) {
+    calls->push_back(slot);
+    // Frees one block's bytes on the second call only.
+    return calls->size() == 2 ? store.evict_bytes(block_bytes) : 0;
+  };
+  auto e = engine(c);
+  ask_now<kv_reply>(e, process_atom::value, make_request(1, 1, 0, 4, 1));
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).blocks, 4U);
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).pressure_evictions, 0U);
+  ask_now<kv_reply>(e, process_atom::value, make_request(2, 2, 0, 4, 2));
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.pressure_evictions, 1U);
+  EXPECT_EQ(st.blocks, 7U);
+  EXPECT_EQ(*calls, (std::vector<std::uint32_t>{3, 3}));
+}
+
 } // namespace
 } // namespace kvfleet::actors

@@ -113,6 +113,11 @@ void publish(engine_actor* self) {
 }
 
 void relieve_pressure(engine_state& st) {
+  if (st.config.relieve) {
+    if (st.config.relieve(st.config.slot, *st.store) > 0)
+      ++st.pressure_evictions;
+    return;
+  }
   auto bytes = bytes_to_free(st.config.pressure, st.store->used_bytes(),
                              st.store->capacity_bytes());
   if (bytes > 0 && st.store->evict_bytes(bytes) > 0)

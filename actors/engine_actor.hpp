@@ -35,7 +35,8 @@
 ///
 /// Memory manager: after each batch, usage above `pressure.threshold`
 /// (0.9) of the pool evicts down to `pressure.target`, lowest priority
-/// first (memory_manager.hpp).
+/// first (memory_manager.hpp); `relieve`, when set, decides instead (a GPU
+/// engine's reads device memory as a whole).
 ///
 /// Open puts are aborted `put_timeout` after their reservation.
 
@@ -74,6 +75,13 @@ struct engine_actor_config {
   std::function<result<std::unique_ptr<engine::memory_backend>>(
       std::uint32_t slot, std::size_t bytes)>
       make_backend;
+  /// Frees memory under pressure after every batch and put; returns the
+  /// bytes freed. Null: the rule of memory_manager.hpp (`pressure`) on the
+  /// pool's own accounting. One engine per GPU passes
+  /// cuda::device_memory_relief_per_engine(), which also counts what else
+  /// uses the device (cudaMemGetInfo).
+  std::function<std::size_t(std::uint32_t slot, engine::block_store& store)>
+      relieve;
   /// Run the actor on a thread of its own (caf::detached) instead of the
   /// scheduler's workers. Default (nullopt): its own thread exactly when
   /// the pool is device memory, because the engine's reads and writes of

@@ -4,6 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
 
 namespace kvfleet::cuda {
 
@@ -29,6 +34,18 @@ gpu_memory_manager::read(int device, const engine::block_store& store) {
   r.device_free = info->free_bytes;
   r.pool_capacity = store.capacity_bytes();
   r.pool_used = store.used_bytes();
+  return r;
+}
+
+memory_reading
+gpu_memory_manager::read_pool(const engine::block_store& store) noexcept {
+  memory_reading r;
+  r.pool_capacity = store.capacity_bytes();
+  r.pool_used = store.used_bytes();
+  // The arena is all allocated, as on a device: usage() then subtracts
+  // its free part and sees exactly the pool's used bytes.
+  r.device_total = r.pool_capacity;
+  r.device_free = 0;
   return r;
 }
 
@@ -72,6 +89,48 @@ relief gpu_memory_manager::relieve(const memory_reading& r,
   if (left > 0)
     out.evicted = store.evict_bytes(left);
   return out;
+}
+
+result<relief_hook>
+device_memory_relief_per_engine(const memory_manager_config& config,
+                                log_sink log) {
+  auto manager = gpu_memory_manager::create(config);
+  if (!manager)
+    return unexpected<error>(manager.error());
+  auto count = device_count();
+  const auto devices = static_cast<std::uint32_t>(count ? *count : 0);
+  // Engines whose device could not be read, so each logs once. The hook
+  // is called from each engine's own actor: the set is shared.
+  struct logged_slots {
+    std::mutex mutex;
+    std::set<std::uint32_t> slots;
+  };
+  auto logged = std::make_shared<logged_slots>();
+  return relief_hook{[m = *manager, devices, log = std::move(log),
+                      logged](std::uint32_t slot,
+                              engine::block_store& store) -> std::size_t {
+    memory_reading r = gpu_memory_manager::read_pool(store);
+    if (!store.host_addressable() && devices > 0) {
+      const auto device = static_cast<int>(slot % devices);
+      if (auto dev = gpu_memory_manager::read(device, store)) {
+        r = *dev;
+      } else {
+        std::lock_guard lock{logged->mutex};
+        if (logged->slots.insert(slot).second) {
+          const std::string line = "kvfleet: engine " + std::to_string(slot) +
+                                   ": cannot read device memory (" +
+                                   dev.error().message +
+                                   "); memory pressure from its pool alone";
+          if (log)
+            log(line);
+          else
+            std::fprintf(stderr, "%s\n", line.c_str());
+        }
+      }
+    }
+    const relief done = m.relieve(r, store);
+    return done.demoted + done.evicted;
+  }};
 }
 
 } // namespace kvfleet::cuda

@@ -12,10 +12,12 @@
 /// leased blocks kept). Includes no CUDA header. Not thread-safe: the
 /// store's owner calls it (an actor's periodic tick).
 
+#include "cuda/backend_factory.hpp"
 #include "engine/block_store.hpp"
 #include "engine/result.hpp"
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 
 namespace kvfleet::cuda {
@@ -54,6 +56,10 @@ public:
   /// arena is assumed to live on `device`).
   [[nodiscard]] static result<memory_reading>
   read(int device, const engine::block_store& store);
+  /// `store`'s pool alone, as if it were the whole device: for an engine
+  /// on host memory, and when a device cannot be read.
+  [[nodiscard]] static memory_reading
+  read_pool(const engine::block_store& store) noexcept;
 
   /// Fraction of the device in use, not counting the arena's free part.
   [[nodiscard]] static double usage(const memory_reading& r) noexcept;
@@ -71,5 +77,22 @@ private:
   explicit gpu_memory_manager(const memory_manager_config& c) : config_(c) {}
   memory_manager_config config_;
 };
+
+/// Frees memory of engine `slot`'s store when it is under pressure and
+/// returns the bytes freed: the engine actor's hook
+/// (actors::engine_actor_config::relieve), called after every batch.
+using relief_hook =
+    std::function<std::size_t(std::uint32_t slot, engine::block_store& store)>;
+
+/// The hook for one engine per GPU, matching device_backend_per_engine():
+/// an engine whose pool is device memory (on GPU `slot % GPUs`) reads that
+/// device (cudaMemGetInfo and the pool's accounting, read()) and relieves
+/// it; an engine on host memory applies the same thresholds to its pool
+/// alone (read_pool()). A device that cannot be read is relieved by its
+/// pool for that call, with one log line per engine. Errors: thresholds as
+/// for create().
+[[nodiscard]] result<relief_hook>
+device_memory_relief_per_engine(const memory_manager_config& config = {},
+                                log_sink log = {});
 
 } // namespace kvfleet::cuda

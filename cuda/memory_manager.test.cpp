@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
 #include <vector>
 
 namespace kvfleet::cuda {
@@ -129,6 +130,29 @@ TEST_F(memory_manager_store_test, below_the_threshold_nothing_happens) {
   });
   EXPECT_EQ(done.excess, 0U);
   EXPECT_EQ(store->block_count(), blocks);
+}
+
+TEST_F(memory_manager_store_test,
+       the_engine_hook_relieves_a_host_pool_by_its_own_accounting) {
+  // The fixture's 200 blocks take 40% of the pool (the store itself keeps
+  // it below its 0.9 watermark): relieve above 0.3, down to 0.2.
+  std::vector<std::string> lines;
+  auto hook = device_memory_relief_per_engine(
+      {0.3, 0.2}, [&](std::string_view l) { lines.emplace_back(l); });
+  ASSERT_TRUE(hook) << hook.error().describe();
+  const std::size_t cap = store->capacity_bytes();
+  ASSERT_GT(store->used_bytes(), cap * 3 / 10);
+  const std::size_t freed = (*hook)(0, *store);
+  EXPECT_GT(freed, 0U);
+  EXPECT_LE(store->used_bytes(), cap * 2 / 10);
+  store->check_invariants();
+  // Below the threshold now: nothing more.
+  EXPECT_EQ((*hook)(0, *store), 0U);
+  EXPECT_TRUE(lines.empty());
+
+  auto bad = device_memory_relief_per_engine({0.5, 0.9});
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, errc::invalid_argument);
 }
 
 } // namespace

@@ -6,6 +6,7 @@
 #include "cuda/backend_factory.hpp"
 #include "cuda/device.hpp"
 #include "cuda/internal/test_support.hpp"
+#include "cuda/memory_manager.hpp"
 
 #include <gtest/gtest.h>
 
@@ -54,6 +55,10 @@ node_config gpu_node(log_lines& log) {
   c.engine.store.slab_bytes = 256u << 10;
   c.engine.batch.max_size = 1;
   c.engine.make_backend = cuda::device_backend_per_engine(log.sink());
+  // Memory pressure read from the whole device (cudaMemGetInfo) for a
+  // device engine, from the pool for a host one.
+  c.engine.relieve =
+      cuda::device_memory_relief_per_engine({}, log.sink()).value();
   c.balancer.routing.policy = actors::routing_policy::kv_aware;
   c.query_cache = false;
   return c;

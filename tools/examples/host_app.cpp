@@ -4,6 +4,7 @@
 // same prompt is served from cache; ctest runs it (example_host_app).
 #include "actors/node.hpp"
 #include "cuda/backend_factory.hpp"
+#include "cuda/memory_manager.hpp"
 #include "engine/block_key.hpp"
 
 #include <cstdint>
@@ -27,6 +28,13 @@ int main() {
   c.engine.ns.block_tokens = 16; // 2 MiB of fp16 KV per block
   c.engine.store.capacity_bytes = std::size_t{256} << 20;
   c.engine.make_backend = kvfleet::cuda::device_backend_per_engine();
+  // Memory pressure: a GPU engine counts the whole device (cudaMemGetInfo).
+  auto relieve = kvfleet::cuda::device_memory_relief_per_engine();
+  if (!relieve) {
+    std::fprintf(stderr, "relief: %s\n", relieve.error().describe().c_str());
+    return 1;
+  }
+  c.engine.relieve = std::move(*relieve);
   auto started = kvfleet::node::start(sys, c);
   if (!started) {
     std::fprintf(stderr, "start: %s\n", started.error().describe().c_str());
