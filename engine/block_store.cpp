@@ -305,6 +305,7 @@ void block_store::touch(std::uint32_t id) {
   info.count = e.access_count;
   info.prio = e.prio;
   info.resident_blocks = index_.size();
+  info.key_hash = block_key_hash{}(e.key);
   if (config_.next_use)
     info.next_use = config_.next_use(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, false);
@@ -714,6 +715,7 @@ result<void> block_store::commit(put_handle& h) {
   info.count = 1;
   info.prio = e.prio;
   info.resident_blocks = index_.size();
+  info.key_hash = block_key_hash{}(e.key);
   info.parent = e.parent;
   if (config_.next_use)
     info.next_use = config_.next_use(e.key);

@@ -2,8 +2,13 @@
 
 #include "engine/internal/indexed_heap.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <set>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -102,6 +107,12 @@ public:
 protected:
   virtual score rescore(std::uint32_t id, const access_info& info,
                         bool inserted) = 0;
+  /// Replaces a block's score (for a policy that changes its scoring).
+  void reset_score(std::uint32_t id, const score& s) {
+    scores_[id] = s;
+    if (heap_.contains(id))
+      heap_.set(id, s);
+  }
   [[nodiscard]] const score& current(std::uint32_t id) const {
     return scores_[id];
   }
@@ -180,6 +191,53 @@ protected:
 //
 // The half-life h is a multiple of the number of resident blocks, so the
 // policy behaves the same at any cache size.
+/// One half-life of the adaptive policy simulated on a sample of the keys:
+/// a small LRFU cache (set sampling), so the policy can see which
+/// half-life would have hit more on the current workload.
+class lrfu_shadow {
+public:
+  explicit lrfu_shadow(double half_life_factor) : factor_(half_life_factor) {}
+
+  /// One reference of sampled key `key` at tick `t`; `capacity` blocks.
+  void reference(std::uint64_t key, double t, std::size_t resident,
+                 std::size_t capacity, double log_prior) {
+    const double h =
+        factor_ * static_cast<double>(std::max<std::size_t>(resident, 64));
+    auto it = blocks_.find(key);
+    if (it != blocks_.end()) {
+      hits_ += 1.0;
+      order_.erase({it->second.score, key});
+      const double decayed =
+          std::exp2(it->second.log_c - (t - it->second.last) / h);
+      it->second.log_c = std::log2(1.0 + decayed);
+    } else {
+      it = blocks_.emplace(key, entry{log_prior, t, 0.0}).first;
+    }
+    it->second.last = t;
+    it->second.score = it->second.log_c + t / h;
+    order_.insert({it->second.score, key});
+    while (blocks_.size() > capacity && !order_.empty()) {
+      const auto victim = order_.begin()->second;
+      order_.erase(order_.begin());
+      blocks_.erase(victim);
+    }
+  }
+  [[nodiscard]] double hits() const noexcept { return hits_; }
+  void decay() noexcept { hits_ *= 0.5; }
+  [[nodiscard]] double factor() const noexcept { return factor_; }
+
+private:
+  struct entry {
+    double log_c = 0;
+    double last = 0;
+    double score = 0;
+  };
+  double factor_;
+  double hits_ = 0;
+  std::unordered_map<std::uint64_t, entry> blocks_;
+  std::set<std::pair<double, std::uint64_t>> order_;
+};
+
 class adaptive_policy final : public score_policy {
 public:
   [[nodiscard]] policy_kind kind() const noexcept override {
@@ -201,15 +259,14 @@ protected:
     if (id >= state_.size())
       state_.resize(std::max<std::size_t>(id + 1, 2 * state_.size()));
     block_state& b = state_[id];
-    const double h =
-        half_life_factor *
-        static_cast<double>(std::max<std::size_t>(info.resident_blocks, 64));
     const double t = static_cast<double>(info.tick);
+    const double global = (static_cast<double>(reused_) + 1.0) /
+                          (static_cast<double>(inserted_) + 2.0);
+    const double h = half_life(info.resident_blocks);
     if (inserted) {
       b = block_state{};
+      b.live = true;
       b.parent = info.parent;
-      const double global = (static_cast<double>(reused_) + 1.0) /
-                            (static_cast<double>(inserted_) + 2.0);
       double prior = global;
       if (b.parent != npos && b.parent < state_.size()) {
         block_state& p = state_[b.parent];
@@ -231,24 +288,67 @@ protected:
       b.log_c = std::log2(1.0 + decayed);
     }
     b.last = t;
-    return {b.log_c + t / h, info.tick};
+    b.tick = info.tick;
+    // The shadows start a new block from the same prior as here.
+    if (info.key_hash % sample_rate == 0)
+      duel(info, t,
+           inserted ? b.log_c : std::log2(std::max(global, min_prior)));
+    return {b.log_c + t / half_life(info.resident_blocks), info.tick};
   }
 
 private:
   struct block_state {
     double last = 0;
     double log_c = 0;
+    std::uint64_t tick = 0;
     std::uint32_t parent = npos;
     std::uint32_t children = 0;
     std::uint32_t children_reused = 0;
     bool hit = false;
+    bool live = false;
   };
-  // Half-life in units of resident blocks: shorter favours recency (chat),
-  // longer favours frequency (shared prefixes); 0.5 measured best overall
-  // on the bench workloads.
-  static constexpr double half_life_factor = 0.5;
+
+  [[nodiscard]] double half_life(std::size_t resident) const noexcept {
+    return shadows_[active_].factor() *
+           static_cast<double>(std::max<std::size_t>(resident, 64));
+  }
+
+  /// Feeds a sampled reference to both shadows and, every `duel_window`
+  /// sampled references, switches to the other half-life when its shadow
+  /// hit clearly more (then rescores every block under the new one).
+  void duel(const access_info& info, double t, double log_prior) {
+    const std::size_t capacity = std::max<std::size_t>(
+        info.resident_blocks / sample_rate, min_shadow_blocks);
+    for (auto& s : shadows_)
+      s.reference(info.key_hash, t, info.resident_blocks, capacity, log_prior);
+    if (++sampled_ % duel_window != 0)
+      return;
+    const std::size_t other = 1 - active_;
+    if (shadows_[other].hits() > shadows_[active_].hits() * switch_margin) {
+      active_ = other;
+      const double h = half_life(info.resident_blocks);
+      for (std::uint32_t id = 0; id < state_.size(); ++id)
+        if (state_[id].live)
+          reset_score(
+              id, {state_[id].log_c + state_[id].last / h, state_[id].tick});
+    }
+    for (auto& s : shadows_)
+      s.decay();
+  }
+
+  // Half-lives in units of resident blocks: short favours recency (chat),
+  // long favours frequency (shared prefixes, documents). The policy starts
+  // with the short one and follows whichever its shadow caches (1 key in
+  // `sample_rate`, `sample_rate` times smaller than the store) find better.
+  static constexpr std::size_t sample_rate = 16;
+  static constexpr std::size_t min_shadow_blocks = 16;
+  static constexpr std::uint64_t duel_window = 512;
+  static constexpr double switch_margin = 1.005;
   static constexpr double prior_weight = 2.0;
   static constexpr double min_prior = 1.0 / 1024;
+  std::array<lrfu_shadow, 2> shadows_{lrfu_shadow{0.5}, lrfu_shadow{4.0}};
+  std::size_t active_ = 0;
+  std::uint64_t sampled_ = 0;
   std::vector<block_state> state_;
   std::uint64_t inserted_ = 0;
   std::uint64_t reused_ = 0;

@@ -12,7 +12,9 @@
 ///   lfu       fewest accesses first, ties least recent first
 ///   priority  lowest request priority first, then least recent
 ///   adaptive  the store's default: a decayed frequency-recency score (LRFU)
-///             whose half-life adapts to the cache's reuse, see
+///             with a reuse prior learned per prefix-tree parent; its
+///             half-life (short: recency, long: frequency) is chosen online
+///             by two shadow caches on a sample of the keys, see
 ///             eviction_policy.cpp
 ///   belady    offline optimum for research: the block whose next use is
 ///             farthest; needs a next-use oracle (block_store config)
@@ -58,6 +60,9 @@ struct access_info {
   /// On insert: the id of the block's parent in its prefix chain (npos for
   /// the first block of a chain). The parent outlives the child.
   std::uint32_t parent = npos_id;
+  /// A uniform hash of the block's key, the same for every access of the
+  /// same key (adaptive: samples keys for its shadow caches).
+  std::uint64_t key_hash = 0;
 };
 
 class eviction_policy {

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -47,6 +49,27 @@ TEST(engine_mode, belady_is_at_least_as_good_as_every_other_policy) {
           << name << " vs " << engine::to_string(r.policy);
       EXPECT_GE(belady.prefill_saved_s, r.prefill_saved_s) << name;
     }
+  }
+}
+
+TEST(engine_mode, adaptive_follows_the_workload_recency_or_frequency) {
+  // Documents reused by later questions reward a long memory (LFU beats
+  // LRU); chat rewards recency. The adaptive policy picks its half-life
+  // from two sampled shadow caches, so it does at least about as well as
+  // the better of LRU and LFU on each (with its fixed short half-life it
+  // fell 7% behind LFU on doc-qa).
+  for (const char* name : {"doc-qa", "chat"}) {
+    auto o = small_workload(name, 0.25);
+    o.requests = 6000;
+    o.policies = {policy_kind::lru, policy_kind::lfu, policy_kind::adaptive};
+    auto report = run(o);
+    ASSERT_TRUE(report) << report.error().describe();
+    const double lru = report->results[0].token_hit_ratio;
+    const double lfu = report->results[1].token_hit_ratio;
+    const double adaptive = report->results[2].token_hit_ratio;
+    EXPECT_GE(adaptive, 0.99 * std::max(lru, lfu))
+        << name << ": lru " << lru << " lfu " << lfu << " adaptive "
+        << adaptive;
   }
 }
 
