@@ -324,7 +324,14 @@ private:
     if (++sampled_ % duel_window != 0)
       return;
     const std::size_t other = 1 - active_;
-    if (shadows_[other].hits() > shadows_[active_].hits() * switch_margin) {
+    // The other half-life must win `switch_after` windows in a row: a
+    // switch rescores every block, so it must not flap on a tie.
+    if (shadows_[other].hits() > shadows_[active_].hits() * switch_margin)
+      ++other_wins_;
+    else
+      other_wins_ = 0;
+    if (other_wins_ >= switch_after) {
+      other_wins_ = 0;
       active_ = other;
       const double h = half_life(info.resident_blocks);
       for (std::uint32_t id = 0; id < state_.size(); ++id)
@@ -344,10 +351,12 @@ private:
   static constexpr std::size_t min_shadow_blocks = 16;
   static constexpr std::uint64_t duel_window = 512;
   static constexpr double switch_margin = 1.005;
+  static constexpr std::uint32_t switch_after = 2;
   static constexpr double prior_weight = 2.0;
   static constexpr double min_prior = 1.0 / 1024;
   std::array<lrfu_shadow, 2> shadows_{lrfu_shadow{0.5}, lrfu_shadow{4.0}};
   std::size_t active_ = 0;
+  std::uint32_t other_wins_ = 0;
   std::uint64_t sampled_ = 0;
   std::vector<block_state> state_;
   std::uint64_t inserted_ = 0;
