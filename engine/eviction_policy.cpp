@@ -171,26 +171,6 @@ protected:
   }
 };
 
-// The adaptive policy: LRFU (Lee et al., 2001) with a learned prior.
-//
-// Each block carries a combined recency-frequency value
-// C = sum over past accesses of 2^(-(now - t_i) / h). Comparing C at a
-// common time is the same as comparing log2(C(t_last)) + t_last / h, which
-// does not change between accesses, so the score fits a heap.
-//
-// What LRU gets wrong on prefix caches is the new block that is never used
-// again (the unique question after a shared document, the first turn of a
-// one-shot chat): it enters at the top and pushes out blocks that will be
-// reused. So a new block does not start at C = 1 but at the probability that
-// it will be reused, learned online from the prefix tree: of the children
-// its parent has had, how many were hit again (smoothed towards the
-// store-wide rate). A child of a shared document that has had a hundred
-// one-off questions starts near zero; the next turn of a conversation whose
-// turns keep coming back starts near one. One hit gives any block a full
-// access of credit.
-//
-// The half-life h is a multiple of the number of resident blocks, so the
-// policy behaves the same at any cache size.
 /// One half-life of the adaptive policy simulated on a sample of the keys:
 /// a small LRFU cache (set sampling), so the policy can see which
 /// half-life would have hit more on the current workload.
@@ -238,6 +218,29 @@ private:
   std::set<std::pair<double, std::uint64_t>> order_;
 };
 
+// The adaptive policy: LRFU (Lee et al., 2001) with a learned prior.
+//
+// Each block carries a combined recency-frequency value
+// C = sum over past accesses of 2^(-(now - t_i) / h). Comparing C at a
+// common time is the same as comparing log2(C(t_last)) + t_last / h, which
+// does not change between accesses, so the score fits a heap.
+//
+// What LRU gets wrong on prefix caches is the new block that is never used
+// again (the unique question after a shared document, the first turn of a
+// one-shot chat): it enters at the top and pushes out blocks that will be
+// reused. So a new block does not start at C = 1 but at the probability that
+// it will be reused, learned online from the prefix tree: of the children
+// its parent has had, how many were hit again (smoothed towards the
+// store-wide rate). A child of a shared document that has had a hundred
+// one-off questions starts near zero; the next turn of a conversation whose
+// turns keep coming back starts near one. One hit gives any block a full
+// access of credit.
+//
+// The half-life h is a multiple of the number of resident blocks, so the
+// policy behaves the same at any cache size. Which multiple depends on the
+// workload (short: recency, for chat; long: frequency, for shared prefixes
+// and documents), so two lrfu_shadow caches on a sample of the keys try
+// both and the policy follows the one that hits more (set dueling).
 class adaptive_policy final : public score_policy {
 public:
   [[nodiscard]] policy_kind kind() const noexcept override {
