@@ -10,14 +10,14 @@
 
 namespace kvfleet::cuda {
 
-namespace {
-
-void emit(const log_sink& log, const std::string& line) {
+void write_log(const log_sink& log, std::string_view line) {
   if (log)
     log(line);
   else
-    std::fprintf(stderr, "%s\n", line.c_str());
+    std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());
 }
+
+namespace {
 
 /// Host memory of `bytes` because device memory could not be had: `why`.
 result<std::unique_ptr<engine::memory_backend>>
@@ -25,9 +25,9 @@ host_instead(std::size_t bytes, const std::string& why, const log_sink& log) {
   auto host = engine::host_memory_backend::create(bytes);
   if (!host)
     return unexpected<error>(host.error());
-  emit(log, "kvfleet: no device memory for the block pool (" + why +
-                "); using " + std::to_string(bytes) +
-                " bytes of host memory instead");
+  write_log(log, "kvfleet: no device memory for the block pool (" + why +
+                     "); using " + std::to_string(bytes) +
+                     " bytes of host memory instead");
   return std::unique_ptr<engine::memory_backend>(std::move(*host));
 }
 
@@ -52,7 +52,7 @@ backend_factory device_backend_per_engine(log_sink log) {
              -> result<std::unique_ptr<engine::memory_backend>> {
     const std::string prefix = "engine " + std::to_string(slot) + ": ";
     const log_sink slot_log = [&](std::string_view line) {
-      emit(log, prefix + std::string(line));
+      write_log(log, prefix + std::string(line));
     };
     if (bytes == 0)
       return make_error(errc::zero_capacity, "block pool of zero bytes");

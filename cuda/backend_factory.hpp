@@ -20,6 +20,9 @@ namespace kvfleet::cuda {
 /// Receives one-line log messages.
 using log_sink = std::function<void(std::string_view)>;
 
+/// Sends `line` to `log`, or to stderr when `log` is empty.
+void write_log(const log_sink& log, std::string_view line);
+
 /// The block pool's backend for start-up: device memory on `device`, or,
 /// when that cannot be had (no driver, no device, not enough memory, a
 /// build without CUDA), a host backend of the same size, with one line

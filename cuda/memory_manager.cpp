@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -106,31 +105,27 @@ device_memory_relief_per_engine(const memory_manager_config& config,
     std::set<std::uint32_t> slots;
   };
   auto logged = std::make_shared<logged_slots>();
-  return relief_hook{[m = *manager, devices, log = std::move(log),
-                      logged](std::uint32_t slot,
-                              engine::block_store& store) -> std::size_t {
-    memory_reading r = gpu_memory_manager::read_pool(store);
-    if (!store.host_addressable() && devices > 0) {
-      const auto device = static_cast<int>(slot % devices);
-      if (auto dev = gpu_memory_manager::read(device, store)) {
-        r = *dev;
-      } else {
-        std::lock_guard lock{logged->mutex};
-        if (logged->slots.insert(slot).second) {
-          const std::string line = "kvfleet: engine " + std::to_string(slot) +
-                                   ": cannot read device memory (" +
-                                   dev.error().message +
-                                   "); memory pressure from its pool alone";
-          if (log)
-            log(line);
-          else
-            std::fprintf(stderr, "%s\n", line.c_str());
+  return relief_hook{
+      [m = *manager, devices, log = std::move(log),
+       logged](std::uint32_t slot, engine::block_store& store) -> std::size_t {
+        memory_reading r = gpu_memory_manager::read_pool(store);
+        if (!store.host_addressable() && devices > 0) {
+          const auto device = static_cast<int>(slot % devices);
+          if (auto dev = gpu_memory_manager::read(device, store)) {
+            r = *dev;
+          } else {
+            std::lock_guard lock{logged->mutex};
+            if (logged->slots.insert(slot).second) {
+              write_log(log, "kvfleet: engine " + std::to_string(slot) +
+                                 ": cannot read device memory (" +
+                                 dev.error().message +
+                                 "); memory pressure from its pool alone");
+            }
+          }
         }
-      }
-    }
-    const relief done = m.relieve(r, store);
-    return done.demoted + done.evicted;
-  }};
+        const relief done = m.relieve(r, store);
+        return done.demoted + done.evicted;
+      }};
 }
 
 } // namespace kvfleet::cuda
