@@ -79,10 +79,17 @@ struct row {
 std::vector<row> rows;
 bool missed = false;
 
+/// Records a row and says it on stderr at once, so a run cut short still
+/// shows what it measured.
+void add(const row& r) {
+  rows.push_back(r);
+  std::fprintf(stderr, "measured %s: %.1f GB/s\n", r.name.c_str(), r.gbs);
+}
+
 void report(const std::string& name, double bytes, double ms, double base_gbs,
             double bar) {
   const double gbs = bytes / (ms * 1e6);
-  rows.push_back({name, gbs, base_gbs, bar});
+  add({name, gbs, base_gbs, bar});
   if (bar > 0 && gbs < bar * base_gbs)
     missed = true;
 }
@@ -129,7 +136,7 @@ int main(int argc, char** argv) {
           "cudaMemcpyAsync");
   });
   const double d2d = 2.0 * static_cast<double>(total) / (d2d_ms * 1e6);
-  rows.push_back({"cudaMemcpy device to device", d2d, d2d, 0});
+  add({"cudaMemcpy device to device", d2d, d2d, 0});
 
   // Codecs over 256 KiB blocks of fp16.
   constexpr std::size_t block_raw = 256 << 10;
@@ -232,8 +239,8 @@ int main(int argc, char** argv) {
     });
     const double d2h = static_cast<double>(batch_bytes) / (d2h_ms * 1e6);
     const double h2d = static_cast<double>(batch_bytes) / (h2d_ms * 1e6);
-    rows.push_back({"cudaMemcpyAsync device to pinned host", d2h, d2h, 0});
-    rows.push_back({"cudaMemcpyAsync pinned host to device", h2d, h2d, 0});
+    add({"cudaMemcpyAsync device to pinned host", d2h, d2h, 0});
+    add({"cudaMemcpyAsync pinned host to device", h2d, h2d, 0});
     std::vector<demote_job> dj;
     for (std::size_t i = 0; i < n; ++i)
       dj.push_back({a.data() + offsets[i], block});

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 
 namespace kvfleet::cuda {
@@ -26,6 +27,9 @@ using engine::dtype;
 using internal::lanes_per_group;
 
 constexpr unsigned threads = 256;
+// Pool offsets per gather/scatter launch: the parameters stay under the
+// 32,764 bytes CUDA 12.1+ accepts on sm_70 and later.
+constexpr std::size_t gather_blocks_per_launch = 4064;
 
 struct ptr_pair {
   const std::byte* src;
@@ -47,6 +51,17 @@ struct copy_entry {
 
 struct copy_params {
   copy_entry jobs[max_blocks_per_launch];
+};
+
+// Gather and scatter move blocks of one size between scattered pool offsets
+// and a contiguous buffer, so a job is one 8-byte offset and a launch
+// carries four times the blocks of copy_params (fewer launches, fewer
+// launch tails: a 32 KiB block is a few microseconds of work).
+struct gather_params {
+  const std::byte* src;
+  std::byte* dst;
+  std::uint64_t block_bytes;
+  std::uint64_t offsets[gather_blocks_per_launch];
 };
 
 struct checksum_params {
@@ -305,6 +320,52 @@ __global__ void __launch_bounds__(threads)
   }
 }
 
+// 16-byte words each thread of a gather CTA moves per step (8: 32 KiB per
+// CTA step, 128 bytes in flight per thread).
+constexpr unsigned gather_unroll = 8;
+
+// Block blockIdx.y of the batch: pool offset i to out + i * block_bytes
+// (Scatter: the reverse). Vec: every pointer, offset and the block size are
+// 16-byte aligned (checked on the host for the whole launch).
+template <bool Scatter, bool Vec>
+__global__ void __launch_bounds__(threads)
+    gather_kernel(const __grid_constant__ gather_params p) {
+  const std::size_t bytes = p.block_bytes;
+  const std::size_t pool_at = p.offsets[blockIdx.y];
+  const std::size_t flat_at = std::size_t{blockIdx.y} * bytes;
+  const std::byte* src = p.src + (Scatter ? flat_at : pool_at);
+  std::byte* dst = p.dst + (Scatter ? pool_at : flat_at);
+  if constexpr (Vec) {
+    const auto* s = reinterpret_cast<const uint4*>(src);
+    auto* d = reinterpret_cast<uint4*>(dst);
+    const std::size_t n = bytes / 16;
+    const std::size_t step =
+        std::size_t{gridDim.x} * blockDim.x * gather_unroll;
+    for (std::size_t i =
+             std::size_t{blockIdx.x} * blockDim.x * gather_unroll + threadIdx.x;
+         i < n; i += step) {
+      uint4 v[gather_unroll];
+#pragma unroll
+      for (unsigned k = 0; k < gather_unroll; ++k) {
+        const std::size_t j = i + k * blockDim.x;
+        if (j < n)
+          v[k] = __ldcs(s + j);
+      }
+#pragma unroll
+      for (unsigned k = 0; k < gather_unroll; ++k) {
+        const std::size_t j = i + k * blockDim.x;
+        if (j < n)
+          __stcs(d + j, v[k]);
+      }
+    }
+  } else {
+    const std::size_t step = std::size_t{gridDim.x} * blockDim.x;
+    for (std::size_t i = std::size_t{blockIdx.x} * blockDim.x + threadIdx.x;
+         i < bytes; i += step)
+      dst[i] = src[i];
+  }
+}
+
 __constant__ std::uint8_t c_default_secret[internal::xxh3_secret_bytes] = {
     KVFLEET_XXH3_DEFAULT_SECRET};
 
@@ -430,6 +491,51 @@ result<void> run_codec(codec c, dtype t, std::size_t elements,
   return {};
 }
 
+/// Launches gather (Scatter false: src is the pool) or scatter (true: dst
+/// is the pool) over a validated batch.
+template <bool Scatter>
+result<void>
+run_gather(const std::byte* src, std::span<const std::size_t> offsets,
+           std::size_t block_bytes, std::byte* dst, stream_ref stream) {
+  if (offsets.empty())
+    return {};
+  bool vec = ((reinterpret_cast<std::uintptr_t>(src) |
+               reinterpret_cast<std::uintptr_t>(dst) | block_bytes) &
+              15U) == 0;
+  for (const std::size_t o : offsets)
+    vec = vec && (o & 15U) == 0;
+  const auto kernel =
+      vec ? &gather_kernel<Scatter, true> : &gather_kernel<Scatter, false>;
+  const std::size_t per_cta =
+      vec ? std::size_t{threads} * gather_unroll * 16 : std::size_t{threads};
+  // One launch carries up to 4064 blocks; gather_params is 32 KiB, so it
+  // lives on the heap, not on a thread's stack.
+  auto params = std::make_unique<gather_params>();
+  params->src = src;
+  params->dst = dst;
+  params->block_bytes = block_bytes;
+  for (std::size_t first = 0; first < offsets.size();
+       first += gather_blocks_per_launch) {
+    const std::size_t n =
+        std::min(gather_blocks_per_launch, offsets.size() - first);
+    std::copy_n(offsets.begin() + static_cast<std::ptrdiff_t>(first), n,
+                params->offsets);
+    const std::size_t x = (block_bytes + per_cta - 1) / per_cta;
+    const dim3 grid(static_cast<unsigned>(std::clamp<std::size_t>(
+                        x, 1, std::max<std::size_t>(1, 16384 / n))),
+                    static_cast<unsigned>(n));
+    // The launch reads its parameters from offsets[0, n): scatter's and
+    // gather's flat side starts at block `first`.
+    gather_params& pr = *params;
+    pr.src = Scatter ? src + first * block_bytes : src;
+    pr.dst = Scatter ? dst : dst + first * block_bytes;
+    kernel<<<grid, threads, 0, raw(stream)>>>(pr);
+    if (auto r = launched(Scatter ? "scatter kernel" : "gather kernel"); !r)
+      return r;
+  }
+  return {};
+}
+
 } // namespace
 
 result<void> encode_blocks(codec c, dtype t, std::size_t elements,
@@ -459,7 +565,8 @@ result<void> copy_blocks(std::span<const copy_job> jobs, stream_ref stream) {
     }
     if (largest == 0)
       continue;
-    const dim3 grid(grid_x(largest / 16 + 1, threads * copy_unroll, n),
+    // Work items: 16-byte words on the fast path; the byte path loops.
+    const dim3 grid(grid_x((largest + 15) / 16, threads * copy_unroll, n),
                     static_cast<unsigned>(n));
     copy_kernel<<<grid, threads, 0, raw(stream)>>>(params);
     if (auto r = launched("copy kernel"); !r)
@@ -474,10 +581,7 @@ result<void> gather_blocks(device_span pool,
                            stream_ref stream) {
   if (auto ok = validate::gather_batch(pool, offsets, block_bytes, out); !ok)
     return ok;
-  std::vector<copy_job> jobs(offsets.size());
-  for (std::size_t i = 0; i < offsets.size(); ++i)
-    jobs[i] = {pool.data + offsets[i], out.data + i * block_bytes, block_bytes};
-  return copy_blocks(jobs, stream);
+  return run_gather<false>(pool.data, offsets, block_bytes, out.data, stream);
 }
 
 result<void> scatter_blocks(device_span in,
@@ -486,10 +590,7 @@ result<void> scatter_blocks(device_span in,
                             stream_ref stream) {
   if (auto ok = validate::gather_batch(pool, offsets, block_bytes, in); !ok)
     return ok;
-  std::vector<copy_job> jobs(offsets.size());
-  for (std::size_t i = 0; i < offsets.size(); ++i)
-    jobs[i] = {in.data + i * block_bytes, pool.data + offsets[i], block_bytes};
-  return copy_blocks(jobs, stream);
+  return run_gather<true>(in.data, offsets, block_bytes, pool.data, stream);
 }
 
 result<void> checksum_blocks(std::span<const checksum_job> jobs,

@@ -8,7 +8,8 @@
 /// and refuses it before anything is launched (an unknown codec, a block of
 /// the wrong size, a misaligned or null pointer, a range outside its
 /// buffer), then enqueues its kernels on `stream` and returns without
-/// waiting. A batch of any length is one launch per 1024 blocks. Launch
+/// waiting. A batch of any length is one launch per 1024 blocks (4064 for
+/// gather and scatter, whose jobs are one offset each). Launch
 /// failures are error values naming the kernel and the CUDA code.
 /// Arithmetic is fp32 (mixed precision: fp16/bf16 storage, fp32 inside the
 /// kernels), IEEE division, no fused multiply-add, round half to even.

@@ -161,11 +161,13 @@ TEST(kernels_test, codec_none_is_a_copy) {
   EXPECT_EQ(b.download(0, v.size()), v);
 }
 
-TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
-  KVFLEET_REQUIRE_DEVICE();
-  constexpr std::size_t block = 32768;
-  constexpr std::size_t slots = 3000; // more than one launch's 1024 blocks
-  std::vector<std::byte> pool_host(slots * block);
+/// Gathers `count` of `slots` blocks of `block` bytes, slot s at
+/// s * stride + skew, in random order, checks them, scatters them back into
+/// a cleared pool and checks that every gathered slot came back.
+void gather_scatter_round_trip(std::size_t block, std::size_t stride,
+                               std::size_t skew, std::size_t slots,
+                               std::size_t count) {
+  std::vector<std::byte> pool_host(slots * stride + skew);
   std::mt19937 rng(11);
   for (auto& x : pool_host)
     x = static_cast<std::byte>(rng() & 0xffU);
@@ -174,10 +176,10 @@ TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
   std::vector<std::size_t> order(slots);
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), rng);
-  order.resize(2500);
+  order.resize(count);
   std::vector<std::size_t> offsets;
   for (std::size_t s : order)
-    offsets.push_back(s * block);
+    offsets.push_back(s * stride + skew);
   device_buffer packed(order.size() * block);
   ASSERT_TRUE(gather_blocks({pool.data(), pool.size()}, offsets, block,
                             {packed.data(), packed.size()}));
@@ -185,17 +187,33 @@ TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
   const auto got = packed.download(0, packed.size());
   for (std::size_t i = 0; i < order.size(); ++i)
     ASSERT_EQ(0, std::memcmp(got.data() + i * block,
-                             pool_host.data() + order[i] * block, block))
+                             pool_host.data() + offsets[i], block))
         << "block " << i;
-  // Scatter back into a cleared pool: the gathered slots come back.
   pool.fill(0);
   ASSERT_TRUE(scatter_blocks({packed.data(), packed.size()}, offsets, block,
                              {pool.data(), pool.size()}));
   sync_ok();
   const auto back = pool.download(0, pool.size());
-  for (std::size_t s : order)
-    ASSERT_EQ(0, std::memcmp(back.data() + s * block,
-                             pool_host.data() + s * block, block));
+  for (std::size_t o : offsets)
+    ASSERT_EQ(0, std::memcmp(back.data() + o, pool_host.data() + o, block))
+        << "offset " << o;
+}
+
+TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
+  KVFLEET_REQUIRE_DEVICE();
+  // 5000 blocks: more than one launch's 4064.
+  gather_scatter_round_trip(32768, 32768, 0, 6000, 5000);
+}
+
+TEST(kernels_test, gather_and_scatter_of_unaligned_blocks_take_the_byte_path) {
+  KVFLEET_REQUIRE_DEVICE();
+  gather_scatter_round_trip(1000, 1003, 1, 400, 300);
+}
+
+TEST(kernels_test, gather_and_scatter_of_large_blocks_use_several_ctas_each) {
+  KVFLEET_REQUIRE_DEVICE();
+  gather_scatter_round_trip(std::size_t{1} << 20, std::size_t{1} << 20, 0, 40,
+                            30);
 }
 
 TEST(kernels_test, unaligned_copies_take_the_byte_path_and_are_exact) {
