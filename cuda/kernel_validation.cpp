@@ -1,7 +1,9 @@
 // Host-side checks of kernel batches (see kernels.hpp): everything a kernel
 // call refuses is refused here, before any launch.
+#include "cuda/internal/offset_scan.hpp"
 #include "cuda/kernels.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -103,6 +105,14 @@ result<void> copy_batch(std::span<const copy_job> jobs) {
 result<void> gather_batch(device_span pool,
                           std::span<const std::size_t> offsets,
                           std::size_t block_bytes, device_span other) {
+  return gather_batch(pool, offsets, block_bytes, other,
+                      internal::scan_offsets(offsets));
+}
+
+result<void> gather_batch(device_span pool,
+                          std::span<const std::size_t> offsets,
+                          std::size_t block_bytes, device_span other,
+                          const internal::offset_scan& scan) {
   if (pool.data == nullptr || other.data == nullptr)
     return make_error(errc::invalid_argument, "gather/scatter: null buffer");
   if (block_bytes == 0)
@@ -114,13 +124,19 @@ result<void> gather_batch(device_span pool,
                           " blocks of " + std::to_string(block_bytes) +
                           " bytes do not fit the contiguous buffer of " +
                           std::to_string(other.bytes) + " bytes");
-  for (std::size_t i = 0; i < offsets.size(); ++i) {
-    if (offsets[i] > pool.bytes || block_bytes > pool.bytes - offsets[i])
-      return make_error(errc::invalid_argument,
-                        "gather/scatter: " + job_name(i) + " at offset " +
-                            std::to_string(offsets[i]) +
-                            " runs past the pool's " +
-                            std::to_string(pool.bytes) + " bytes");
+  // `scan` is one pass without early exits (internal/offset_scan.hpp); the
+  // error path looks again to name the first bad block.
+  const std::size_t last =
+      block_bytes <= pool.bytes ? pool.bytes - block_bytes : std::size_t{0};
+  if (!offsets.empty() && (block_bytes > pool.bytes || scan.highest > last)) {
+    for (std::size_t i = 0; i < offsets.size(); ++i) {
+      if (block_bytes > pool.bytes || offsets[i] > last)
+        return make_error(errc::invalid_argument,
+                          "gather/scatter: " + job_name(i) + " at offset " +
+                              std::to_string(offsets[i]) +
+                              " runs past the pool's " +
+                              std::to_string(pool.bytes) + " bytes");
+    }
   }
   if (overlap(pool.data, pool.bytes, other.data, other.bytes))
     return make_error(errc::invalid_argument,

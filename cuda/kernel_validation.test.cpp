@@ -129,6 +129,19 @@ TEST(kernel_validation_test, gather_and_scatter_check_every_range) {
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, errc::invalid_argument);
   EXPECT_FALSE(gather_blocks(pool, {}, 0, out));
+  // The message names the first block out of range; an offset near
+  // SIZE_MAX does not wrap around into range.
+  offsets = {0, 32768, SIZE_MAX - 100, (1 << 20) - 32768 + 1};
+  r = validate::gather_batch(pool, offsets, 32768, out);
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("block 2 "), std::string::npos)
+      << r.error().message;
+  // A block larger than the whole pool fits nowhere.
+  const device_span big_out{fake(0x10000000), 4 << 20};
+  offsets = {0};
+  r = validate::gather_batch(pool, offsets, 2 << 20, big_out);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::invalid_argument);
 }
 
 TEST(kernel_validation_test, copies_and_checksums_refuse_bad_arguments) {

@@ -8,8 +8,8 @@
 /// and refuses it before anything is launched (an unknown codec, a block of
 /// the wrong size, a misaligned or null pointer, a range outside its
 /// buffer), then enqueues its kernels on `stream` and returns without
-/// waiting. A batch of any length is one launch per 1024 blocks (4064 for
-/// gather and scatter, whose jobs are one offset each). Launch
+/// waiting. A batch of any length is one launch per 1024 blocks (per 8184
+/// for aligned gather and scatter, whose jobs are one offset each). Launch
 /// failures are error values naming the kernel and the CUDA code.
 /// Arithmetic is fp32 (mixed precision: fp16/bf16 storage, fp32 inside the
 /// kernels), IEEE division, no fused multiply-add, round half to even.
@@ -26,6 +26,10 @@
 #include <span>
 
 namespace kvfleet::cuda {
+
+namespace internal {
+struct offset_scan;
+} // namespace internal
 
 /// A cudaStream_t without the CUDA header; nullptr is the legacy default
 /// stream.
@@ -128,6 +132,12 @@ namespace validate {
                                         std::span<const std::size_t> offsets,
                                         std::size_t block_bytes,
                                         device_span other);
+/// The same with the offsets already scanned (the launcher's one pass).
+[[nodiscard]] result<void> gather_batch(device_span pool,
+                                        std::span<const std::size_t> offsets,
+                                        std::size_t block_bytes,
+                                        device_span other,
+                                        const internal::offset_scan& scan);
 [[nodiscard]] result<void> checksum_batch(std::span<const checksum_job> jobs,
                                           const std::uint64_t* out);
 } // namespace validate

@@ -201,8 +201,13 @@ void gather_scatter_round_trip(std::size_t block, std::size_t stride,
 
 TEST(kernels_test, gather_and_scatter_in_random_order_round_trip) {
   KVFLEET_REQUIRE_DEVICE();
-  // 5000 blocks: more than one launch's 4064.
-  gather_scatter_round_trip(32768, 32768, 0, 6000, 5000);
+  gather_scatter_round_trip(32768, 32768, 0, 3000, 2500);
+}
+
+TEST(kernels_test, gather_and_scatter_batches_span_several_launches) {
+  KVFLEET_REQUIRE_DEVICE();
+  // 9000 blocks: more than one launch's 8184 word offsets.
+  gather_scatter_round_trip(4096, 4096, 0, 10000, 9000);
 }
 
 TEST(kernels_test, gather_and_scatter_of_unaligned_blocks_take_the_byte_path) {
