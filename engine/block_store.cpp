@@ -2,6 +2,7 @@
 
 #include "engine/checksum.hpp"
 #include "engine/internal/check.hpp"
+#include "engine/internal/store_entry.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -14,8 +15,6 @@ namespace {
 
 constexpr std::uint32_t npos = block_index::npos;
 constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
-
-enum class entry_state : std::uint8_t { free, reserved, written, committed };
 
 std::string ns_name(std::uint16_t id) {
   return "namespace #" + std::to_string(id);
@@ -36,38 +35,6 @@ int compression_rank(codec c) noexcept {
 }
 
 } // namespace
-
-struct block_store::entry {
-  block_key key{};
-  std::uint64_t checksum = 0;
-  std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
-  slot_ref slot{};
-  std::uint32_t parent = npos;
-  std::uint32_t children = 0;
-  std::uint32_t leases = 0;
-  std::uint32_t pins = 0;
-  std::uint32_t access_count = 0;
-  std::uint32_t stored_bytes = 0;
-  std::uint32_t generation = 0;
-  std::uint32_t rprev = npos;
-  std::uint32_t rnext = npos;
-  std::uint16_t ns = 0;
-  entry_state state = entry_state::free;
-  codec c = codec::none;
-  priority prio = priority::normal;
-  size_partition part = size_partition::small;
-  bool dead = false;
-  bool flagged_evictable = false;
-  bool in_recency = false;
-  bool pin_on_commit = false;
-};
-
-struct block_store::ns_state {
-  namespace_spec spec;
-  namespace_options options;
-  ns_fingerprint fingerprint;
-  std::array<std::uint16_t, codec_count> size_class{};
-};
 
 // ---------------------------------------------------------------- handles
 
@@ -189,6 +156,9 @@ block_store::~block_store() {
   // children's puts are aborted before their parents'.
   if (disk_)
     (void)disk_->wait_idle();
+  // Demotions still copying read their slots: wait before the arena goes.
+  for (const demotion_batch& b : tier_batches_)
+    (void)tier_->wait(b.ticket);
   abort_in_reverse(pending_promotions_);
   abort_in_reverse(promote_batch_);
 }
@@ -724,6 +694,8 @@ result<void> block_store::commit(put_handle& h) {
   refresh_evictable(id);
   if (config_.on_block_event)
     config_.on_block_event(block_event::stored, e.key);
+  if (!tier_index_.empty() && tier_index_.count(e.key) != 0)
+    drop_tier_block(e.key, false); // memory has the newer copy now
   if (e.pins > 0)
     (void)spill(id, true); // pins survive restarts
   ++stats_.commits;
@@ -899,6 +871,18 @@ result<process_result> block_store::process(ns_id ns,
   block_key parent =
       out.matched_blocks > 0 ? keys[out.matched_blocks - 1] : block_key{};
   std::size_t next = out.matched_blocks;
+  if (tier_) {
+    poll_tier();
+    const std::size_t n = tier_prefix_length(ns, keys.subspan(next));
+    if (n > 0) {
+      out.tier_blocks =
+          promote_from_tier(ns, keys.subspan(next, n), parent, opts);
+      out.matched_blocks += out.tier_blocks;
+      next += out.tier_blocks;
+      if (out.tier_blocks > 0)
+        parent = keys[next - 1];
+    }
+  }
   if (disk_) {
     poll_disk();
     const std::size_t on_disk = disk_prefix(**st_r, keys.subspan(next));
@@ -944,8 +928,11 @@ result<process_result> block_store::process(ns_id ns,
   out.matched_tokens =
       std::min(out.matched_blocks * spec.block_tokens, input_tokens);
   out.computed_tokens = input_tokens - out.matched_tokens;
-  const std::size_t disk_tokens =
-      std::min(out.disk_blocks * spec.block_tokens, out.matched_tokens);
+  const std::size_t tier_tokens =
+      std::min(out.tier_blocks * spec.block_tokens, out.matched_tokens);
+  stats_.tier_token_hits += tier_tokens;
+  const std::size_t disk_tokens = std::min(out.disk_blocks * spec.block_tokens,
+                                           out.matched_tokens - tier_tokens);
   stats_.disk_token_hits += disk_tokens;
   out.prefill_saved = producer.cost(out.matched_tokens);
   stats_.token_hits += out.matched_tokens;
@@ -1004,6 +991,15 @@ std::size_t block_store::expire() {
       ++stats_.expirations;
       kill(id);
     }
+  }
+  std::vector<block_key> expired_in_tier;
+  for (const auto& [key, b] : tier_index_)
+    if (b.expires_at != 0 && b.expires_at <= t)
+      expired_in_tier.push_back(key);
+  for (const block_key& key : expired_in_tier) {
+    ++n;
+    ++stats_.expirations;
+    drop_tier_block(key, true);
   }
   if (disk_)
     (void)disk_->expire(disk_clock().now());
@@ -1210,13 +1206,14 @@ void block_store::kill(std::uint32_t id) {
   refresh_evictable(id);
 }
 
-void block_store::remove(std::uint32_t id) {
+void block_store::remove(std::uint32_t id, bool announce) {
   // Iterative: removing a block may make its dead parent removable.
   while (id != npos) {
     entry& e = entries_[id];
     KVFLEET_CHECK(evictable(e), "removing a block that is not evictable");
-    if (config_.on_block_event)
+    if (config_.on_block_event && announce)
       config_.on_block_event(block_event::removed, e.key);
+    announce = true;
     account(e, false);
     policies_[static_cast<std::size_t>(e.part)]->on_remove(id);
     if (e.in_recency)
@@ -1520,16 +1517,27 @@ result<std::size_t> block_store::promote(ns_id ns,
   auto st = check_ns(ns);
   if (!st)
     return unexpected<error>(st.error());
+  std::size_t in_memory = walk_prefix(ns, keys, now());
+  std::size_t from_tier = 0;
+  if (tier_) {
+    poll_tier();
+    const std::size_t n = tier_prefix_length(ns, keys.subspan(in_memory));
+    if (n > 0) {
+      from_tier = promote_from_tier(
+          ns, keys.subspan(in_memory, n),
+          in_memory > 0 ? keys[in_memory - 1] : block_key{}, options);
+      in_memory += from_tier;
+    }
+  }
   if (!disk_)
-    return std::size_t{0};
+    return from_tier;
   poll_disk();
-  const std::size_t in_memory = walk_prefix(ns, keys, now());
   const std::size_t on_disk = disk_prefix(**st, keys.subspan(in_memory));
   const std::size_t before = pending_promotions_.size();
   issue_promotions(ns, keys.subspan(in_memory, on_disk),
                    in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
                    pending_promotions_);
-  return pending_promotions_.size() - before;
+  return from_tier + pending_promotions_.size() - before;
 }
 
 void block_store::poll_disk() {
@@ -1544,7 +1552,8 @@ block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
     return unexpected<error>(st.error());
   tier_prefix out;
   out.memory = walk_prefix(ns, keys, now());
-  out.disk = disk_prefix(**st, keys.subspan(out.memory));
+  out.tier = tier_prefix_length(ns, keys.subspan(out.memory));
+  out.disk = disk_prefix(**st, keys.subspan(out.memory + out.tier));
   return out;
 }
 
@@ -1631,9 +1640,36 @@ void block_store::check_invariants() const {
                     "uncommitted block visible to eviction");
     }
   }
-  for (std::uint32_t id = 0; id < entries_.size(); ++id)
+  std::vector<std::uint32_t> departing(entries_.size(), 0);
+  std::size_t in_flight = 0;
+  for (const demotion_batch& b : tier_batches_) {
+    for (const demotion& d : b.blocks) {
+      KVFLEET_CHECK(entries_[d.id].state == entry_state::committed &&
+                        entries_[d.id].leases > 0,
+                    "a block being demoted is not held");
+      if (entries_[d.id].parent != npos)
+        ++departing[entries_[d.id].parent];
+    }
+    in_flight += b.slot_bytes;
+  }
+  for (std::uint32_t id = 0; id < entries_.size(); ++id) {
     KVFLEET_CHECK(children[id] == entries_[id].children,
                   "child count mismatch");
+    KVFLEET_CHECK(departing[id] == entries_[id].departing,
+                  "departing count mismatch");
+  }
+  KVFLEET_CHECK(in_flight == tier_in_flight_, "tier bytes in flight mismatch");
+  KVFLEET_CHECK(tier_order_.size() == tier_index_.size(),
+                "tier directory and order differ");
+  for (const auto& [key, b] : tier_index_) {
+    const auto it = tier_order_.find(b.seq);
+    KVFLEET_CHECK(it != tier_order_.end() && it->second == key,
+                  "tier order does not point at its block");
+    KVFLEET_CHECK(index_.find(key) == npos ||
+                      entries_[index_.find(key)].state !=
+                          entry_state::committed,
+                  "a block both in memory and in the tier");
+  }
   KVFLEET_CHECK(live == index_.size(), "index size mismatch");
   KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
   KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec,

@@ -39,6 +39,21 @@
 /// are written through to disk with their pin, so pins survive a restart;
 /// persist() writes every cached block for a clean shutdown.
 ///
+/// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
+/// host memory under a device arena. demote_to_tier() (the GPU memory
+/// manager calls it under pressure) moves cold blocks there in the
+/// background: each partition's eviction order picks them, a leaf first
+/// and then any parent whose children all leave with it; a block stays
+/// readable while its bytes are copied (a lease keeps it in place) and
+/// leaves the arena when poll_tier() sees its copy finished, unless it was
+/// read, pinned or extended meanwhile (then it stays, the copy is
+/// dropped). process() and promote() bring blocks found there back: slots
+/// are reserved, one batch copies them in, and they are committed with
+/// their checksum (verified at the first read, as from disk). A full tier
+/// drops its oldest blocks, spilling them to the disk tier when there is
+/// one. A block in the tier is still this store's for on_block_event:
+/// "removed" comes when it leaves the tier, not when it enters it.
+///
 /// Errors are values: no public call throws or aborts on bad input. A failed
 /// put leaves nothing behind.
 ///
@@ -55,17 +70,21 @@
 #include "engine/kv_namespace.hpp"
 #include "engine/kv_producer.hpp"
 #include "engine/memory_backend.hpp"
+#include "engine/memory_tier.hpp"
 #include "engine/result.hpp"
 #include "engine/stats.hpp"
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -188,7 +207,8 @@ private:
 
 /// What process() did with one request.
 struct process_result {
-  std::size_t matched_blocks = 0; ///< memory and disk hits together
+  std::size_t matched_blocks = 0; ///< memory, tier and disk hits together
+  std::size_t tier_blocks = 0;    ///< of matched_blocks, from the memory tier
   std::size_t disk_blocks = 0;    ///< of matched_blocks, promoted from disk
   std::size_t computed_blocks = 0;
   std::size_t matched_tokens = 0;  ///< prompt tokens served from cache
@@ -290,9 +310,11 @@ public:
   /// namespace). Attaching twice is errc::invalid_argument.
   [[nodiscard]] result<void> attach_disk(std::unique_ptr<disk_tier> tier);
   [[nodiscard]] disk_tier* disk() noexcept { return disk_.get(); }
-  /// Leading blocks of `keys` in memory, then how many more follow on disk.
+  /// Leading blocks of `keys` in memory, then how many more follow in the
+  /// memory tier, then how many more on disk.
   struct tier_prefix {
     std::size_t memory = 0;
+    std::size_t tier = 0;
     std::size_t disk = 0;
   };
   [[nodiscard]] result<tier_prefix>
@@ -303,11 +325,14 @@ public:
   /// errc::io_error on timeout.
   [[nodiscard]] result<std::size_t>
   persist(nanos timeout = std::chrono::seconds(60));
-  /// Starts promoting the blocks of `keys` that follow its cached prefix on
+  /// Brings the blocks of `keys` that follow its cached prefix in the memory
+  /// tier back into memory (one copy batch; it waits for that copy, which
+  /// takes microseconds), then starts promoting the blocks that follow on
   /// disk, without waiting: slots are reserved and the disk tier's I/O thread
   /// reads into them. The blocks become visible when poll_disk() collects
   /// the answers (a block that fails its checksum on disk is dropped and
-  /// counted, never served). Returns how many promotions started. This is
+  /// counted, never served). Returns how many blocks came back from the
+  /// memory tier plus how many disk promotions started. This is
   /// the path for an owner that must not wait (an actor: it polls when the
   /// tier's on_completion hook tells it to); process() promotes and waits.
   [[nodiscard]] result<std::size_t> promote(ns_id ns,
@@ -320,6 +345,33 @@ public:
   [[nodiscard]] std::size_t pending_promotions() const noexcept {
     return pending_promotions_.size();
   }
+
+  /// Puts a memory tier below the arena (see the class comment); `make` is
+  /// called with the store's memory backend. Returns false when `make`
+  /// returns no tier (none for this arena). Attaching twice is
+  /// errc::invalid_argument; `make`'s error is returned as is.
+  [[nodiscard]] result<bool> attach_tier(const memory_tier_factory& make);
+  [[nodiscard]] memory_tier* tier() noexcept { return tier_.get(); }
+  /// Starts moving evictable blocks to the memory tier until about `bytes`
+  /// of slots are on their way (lowest priority and coldest first; pinned,
+  /// leased and expired blocks stay). Returns the slot bytes whose copy
+  /// started; they are freed when poll_tier() sees it finish. Stops early,
+  /// without an error, when the tier's staging is busy or it has no room it
+  /// can make. errc::invalid_argument without a tier.
+  [[nodiscard]] result<std::size_t> demote_to_tier(std::size_t bytes);
+  /// Finishes the demotions whose copies are done: frees their slots. Never
+  /// waits. demote_to_tier(), process() and promote() call it too.
+  void poll_tier();
+  /// Slot bytes being demoted now (still taken until poll_tier()).
+  [[nodiscard]] std::size_t tier_bytes_in_flight() const noexcept {
+    return tier_in_flight_;
+  }
+  /// Blocks in the memory tier.
+  [[nodiscard]] std::size_t tier_block_count() const noexcept {
+    return tier_index_.size();
+  }
+  /// Whether a key is in the memory tier (and not expired).
+  [[nodiscard]] bool in_tier(ns_id ns, const block_key& key) const;
 
   /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
   /// tier a pinned block is written through to disk with its pin.
@@ -393,7 +445,10 @@ private:
   pick_partition(size_partition p) const;
   bool try_demote(size_partition p, std::size_t& scan_budget);
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
-  void remove(std::uint32_t id);
+  /// Frees a block's slot and entry. `announce`: report it removed
+  /// (on_block_event); false when it moved to the memory tier. Dead parents
+  /// it frees are always announced.
+  void remove(std::uint32_t id, bool announce = true);
   void kill(std::uint32_t id);
   /// Writes block `id` to the disk tier unless it is there already.
   bool spill(std::uint32_t id, bool pinned);
@@ -424,6 +479,47 @@ private:
   [[nodiscard]] result<void> mark_written(put_handle& h,
                                           std::uint64_t checksum);
   [[nodiscard]] const clock_source& disk_clock() const noexcept;
+  // Memory tier (block_store_tier.cpp).
+  struct tier_block {
+    tier_place place;
+    std::uint64_t checksum = 0;
+    std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
+    std::uint64_t seq = 0;       // key of tier_order_
+    std::uint32_t stored_bytes = 0;
+    std::uint16_t ns = 0;
+    codec c = codec::none;
+    priority prio = priority::normal;
+  };
+  struct demotion {
+    std::uint32_t id = 0;
+    std::uint32_t access_count = 0; // at the start: a read cancels it
+    tier_place place;
+  };
+  struct demotion_batch {
+    tier_ticket ticket;
+    std::vector<demotion> blocks; // children before parents
+    std::size_t slot_bytes = 0;
+  };
+  /// Takes block `id` into a batch being built (a lease holds it in place).
+  void start_demotion(std::uint32_t id, demotion_batch& batch,
+                      std::vector<tier_demotion>& jobs);
+  /// Undoes start_demotion for every block of a batch that did not start.
+  void cancel_demotions(demotion_batch& batch);
+  void finish_demotions(demotion_batch& batch, bool copied);
+  /// Whether `id` can leave with its children: committed, alive, unpinned,
+  /// unleased, every child being demoted (in this batch or one in flight;
+  /// batches finish in order, so the children finish first).
+  [[nodiscard]] bool can_follow_children(std::uint32_t id) const noexcept;
+  /// Drops the oldest block of the tier (spilled to disk when attached).
+  void drop_oldest_tier_block();
+  void drop_tier_block(const block_key& key, bool announce);
+  [[nodiscard]] std::size_t tier_prefix_length(ns_id ns,
+                                               std::span<const block_key> keys);
+  /// Promotes the leading tier blocks of `keys` (after `parent`); returns
+  /// how many are cached now.
+  std::size_t promote_from_tier(ns_id ns, std::span<const block_key> keys,
+                                const block_key& parent,
+                                const put_options& options);
   /// Zeroes `out`, counts and drops a block that failed its checksum.
   [[nodiscard]] result<void> drop_corrupt(std::uint32_t id,
                                           std::span<std::byte> out);
@@ -455,6 +551,13 @@ private:
   std::vector<block_key> token_keys_; ///< put_tokens()/lookup_tokens(), reused
   std::vector<read_lease> token_leases_;
   std::vector<put_handle> token_puts_;
+  /// The memory tier and its directory: key -> place, oldest first by seq.
+  std::unique_ptr<memory_tier> tier_;
+  std::unordered_map<block_key, tier_block, block_key_hash> tier_index_;
+  std::map<std::uint64_t, block_key> tier_order_;
+  std::uint64_t tier_seq_ = 0;
+  std::deque<demotion_batch> tier_batches_; ///< in flight, oldest first
+  std::size_t tier_in_flight_ = 0;
   /// Declared last so it is destroyed first: its I/O thread may still be
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;

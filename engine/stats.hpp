@@ -83,6 +83,15 @@ struct store_stats {
   std::uint64_t spills = 0;             ///< evicted blocks written to disk
   std::uint64_t spills_skipped = 0;     ///< already on disk, not rewritten
   std::uint64_t spill_failures = 0;     ///< refused or failed on disk
+  // Memory tier (zero without one).
+  std::uint64_t tier_demotions = 0;      ///< blocks moved to the tier
+  std::uint64_t tier_demoted_bytes = 0;  ///< their stored bytes
+  std::uint64_t tier_demotions_kept = 0; ///< read, pinned or extended while
+                                         ///< copying: kept in memory
+  std::uint64_t tier_block_hits = 0;     ///< blocks promoted back
+  std::uint64_t tier_token_hits = 0;     ///< prompt tokens served from it
+  std::uint64_t tier_drops = 0;          ///< dropped from a full tier
+  std::uint64_t tier_failures = 0;       ///< copies that failed
   // Current contents.
   std::array<std::uint64_t, codec_count> blocks_by_codec{};
   std::array<std::uint64_t, codec_count> bytes_by_codec{};

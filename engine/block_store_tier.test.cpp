@@ -1,0 +1,621 @@
+// block_store with a memory tier below it (block_store.hpp, "Memory
+// tier"): background demotion, promotion on a hit, blocks read or pinned
+// while copying, full tier, failures, expiry, events. The tier here is a
+// test double over host memory whose copies happen only when the test
+// finishes them, so the store's promise to keep a slot untouched until its
+// copy is done is checked by the bytes that come back.
+#include "engine/block_store.hpp"
+#include "engine/checksum.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <random>
+#include <vector>
+
+namespace kvfleet::engine {
+namespace {
+
+namespace_spec spec() {
+  namespace_spec s;
+  s.model = "tier-test";
+  s.layers = 1;
+  s.kv_heads = 1;
+  s.head_dim = 64;
+  s.block_tokens = 16; // 4 KiB per block
+  return s;
+}
+constexpr std::size_t block_bytes = 4096;
+
+/// A memory tier over host memory. demote() and promote() queue their
+/// copies; a demotion's copy runs when the test calls finish_demotions()
+/// (or at wait()), a promotion's at wait(). Places are 256-byte aligned
+/// ranges of a fixed capacity, freed block by block.
+class fake_tier final : public memory_tier {
+public:
+  fake_tier(std::byte* arena, std::size_t capacity)
+      : arena_(arena), memory_(capacity) {}
+
+  std::string_view name() const noexcept override { return "fake"; }
+
+  result<tier_ticket> demote(std::span<const tier_demotion> jobs,
+                             std::vector<tier_place>& places) override {
+    ++demote_calls;
+    if (fail_next != errc::ok) {
+      const errc c = fail_next;
+      fail_next = errc::ok;
+      return make_error(c, "fake tier refuses");
+    }
+    places.clear();
+    std::vector<std::size_t> at;
+    for (const tier_demotion& j : jobs) {
+      auto o = allocate(j.bytes);
+      if (!o) {
+        for (std::size_t i = 0; i < at.size(); ++i)
+          free_range(at[i], jobs[i].bytes);
+        return make_error(errc::out_of_memory, "fake tier full");
+      }
+      at.push_back(*o);
+    }
+    pending copy;
+    copy.ticket = ++next_;
+    for (std::size_t i = 0; i < jobs.size(); ++i) {
+      places.push_back({at[i], jobs[i].bytes, 0});
+      copy.jobs.push_back({jobs[i].arena_offset, at[i], jobs[i].bytes});
+    }
+    demotions_.push_back(copy);
+    return tier_ticket{copy.ticket};
+  }
+
+  result<tier_ticket> promote(std::span<const tier_promotion> jobs) override {
+    pending copy;
+    copy.ticket = ++next_;
+    copy.to_arena = true;
+    for (const tier_promotion& j : jobs)
+      copy.jobs.push_back({j.arena_offset, j.place.offset, j.place.bytes});
+    promotions_.push_back(copy);
+    ++promote_calls;
+    return tier_ticket{copy.ticket};
+  }
+
+  result<bool> poll(tier_ticket t) override {
+    if (t.value == failed_ticket)
+      return make_error(errc::io_error, "fake copy failed");
+    for (const auto* list : {&demotions_, &promotions_})
+      for (const pending& p : *list)
+        if (p.ticket == t.value)
+          return false;
+    return true;
+  }
+
+  result<void> wait(tier_ticket t) override {
+    ++waits;
+    if (wait_counter != nullptr)
+      ++*wait_counter;
+    if (t.value == failed_ticket)
+      return make_error(errc::io_error, "fake copy failed");
+    run_until(demotions_, t.value);
+    run_until(promotions_, t.value);
+    return {};
+  }
+
+  void release(const tier_place& p) override { free_range(p.offset, p.bytes); }
+
+  const std::byte* host_bytes(const tier_place& p) const noexcept override {
+    return memory_.data() + p.offset;
+  }
+  std::size_t capacity_bytes() const noexcept override {
+    return memory_.size();
+  }
+  std::size_t used_bytes() const noexcept override { return used_; }
+  std::size_t max_batch_bytes() const noexcept override { return max_batch; }
+
+  /// Runs every queued demotion copy (the DMA finishing).
+  void finish_demotions() { run_until(demotions_, next_); }
+  /// Makes the oldest queued demotion fail instead of copying.
+  void fail_oldest_demotion() {
+    failed_ticket = demotions_.front().ticket;
+    demotions_.erase(demotions_.begin());
+  }
+
+  errc fail_next = errc::ok;
+  std::size_t max_batch = std::size_t{1} << 20;
+  std::uint64_t failed_ticket = 0;
+  int demote_calls = 0;
+  int promote_calls = 0;
+  int waits = 0;
+  int* wait_counter = nullptr; ///< outlives the tier, when set
+
+private:
+  struct job {
+    std::size_t arena_offset;
+    std::size_t tier_offset;
+    std::size_t bytes;
+  };
+  struct pending {
+    std::uint64_t ticket = 0;
+    bool to_arena = false;
+    std::vector<job> jobs;
+  };
+
+  static std::size_t round(std::size_t n) { return (n + 255) / 256 * 256; }
+
+  result<std::size_t> allocate(std::size_t bytes) {
+    const std::size_t n = round(bytes);
+    std::size_t at = 0;
+    for (const auto& [o, len] : taken_) {
+      if (o - at >= n)
+        break;
+      at = o + len;
+    }
+    if (at + n > memory_.size())
+      return make_error(errc::out_of_memory, "full");
+    taken_[at] = n;
+    used_ += n;
+    return at;
+  }
+  void free_range(std::size_t offset, std::size_t bytes) {
+    const auto it = taken_.find(offset);
+    ASSERT_NE(it, taken_.end()) << "fake tier: freeing a range never given";
+    ASSERT_EQ(it->second, round(bytes));
+    used_ -= it->second;
+    taken_.erase(it);
+  }
+  void run_until(std::vector<pending>& list, std::uint64_t ticket) {
+    while (!list.empty() && list.front().ticket <= ticket) {
+      for (const job& j : list.front().jobs) {
+        if (list.front().to_arena)
+          std::memcpy(arena_ + j.arena_offset, memory_.data() + j.tier_offset,
+                      j.bytes);
+        else
+          std::memcpy(memory_.data() + j.tier_offset, arena_ + j.arena_offset,
+                      j.bytes);
+      }
+      list.erase(list.begin());
+    }
+  }
+
+  std::byte* arena_;
+  std::vector<std::byte> memory_;
+  std::map<std::size_t, std::size_t> taken_; // offset -> rounded bytes
+  std::size_t used_ = 0;
+  std::uint64_t next_ = 0;
+  std::vector<pending> demotions_;
+  std::vector<pending> promotions_;
+};
+
+class store_tier_test : public ::testing::Test {
+protected:
+  void SetUp() override { open(); }
+
+  void open(std::size_t blocks = 32, std::size_t tier_blocks = 16) {
+    store_.reset();
+    store_config cfg;
+    cfg.capacity_bytes = blocks * block_bytes;
+    cfg.slab_bytes = block_bytes;
+    cfg.policy = policy_kind::lru;
+    cfg.adaptive_compression = false;
+    cfg.clock = &clock_;
+    cfg.on_block_event = [this](block_event e, const block_key& k) {
+      (e == block_event::stored ? stored_ : removed_).push_back(k);
+    };
+    auto s = block_store::create(cfg);
+    ASSERT_TRUE(s.has_value()) << s.error().describe();
+    store_ = std::move(*s);
+    auto attached = store_->attach_tier(
+        [this, tier_blocks](
+            memory_backend& arena) -> result<std::unique_ptr<memory_tier>> {
+          auto t = std::make_unique<fake_tier>(arena.host_data(),
+                                               tier_blocks * block_bytes);
+          tier_ = t.get();
+          return std::unique_ptr<memory_tier>(std::move(t));
+        });
+    ASSERT_TRUE(attached.has_value() && *attached);
+    ns_ = *store_->register_namespace(spec());
+  }
+
+  std::vector<block_key> chain(std::uint64_t first, std::size_t n) const {
+    std::vector<block_key> keys;
+    block_key parent{};
+    for (std::size_t i = 0; i < n; ++i) {
+      parent = chain_key_from_id(parent, spec().fingerprint(), first + i);
+      keys.push_back(parent);
+    }
+    return keys;
+  }
+
+  process_result run(const std::vector<block_key>& keys) {
+    auto r = store_->process(ns_, keys, keys.size() * 16, producer_);
+    EXPECT_TRUE(r.has_value()) << r.error().describe();
+    store_->check_invariants();
+    return r.value_or(process_result{});
+  }
+
+  void expect_correct(const block_key& k) {
+    auto lease = store_->acquire(ns_, k);
+    ASSERT_TRUE(lease.has_value()) << k.to_hex();
+    std::vector<std::byte> got(block_bytes);
+    std::vector<std::byte> want(block_bytes);
+    ASSERT_TRUE(store_->read(*lease, got).has_value());
+    ASSERT_TRUE(producer_.produce(spec(), k, want).has_value());
+    EXPECT_EQ(got, want);
+  }
+
+  /// Finishes the tier's copies and lets the store collect them.
+  void settle() {
+    tier_->finish_demotions();
+    store_->poll_tier();
+    store_->check_invariants();
+  }
+
+  manual_clock clock_;
+  synthetic_producer producer_;
+  std::unique_ptr<block_store> store_;
+  fake_tier* tier_ = nullptr; ///< owned by store_
+  ns_id ns_;
+  std::vector<block_key> stored_;
+  std::vector<block_key> removed_;
+};
+
+TEST_F(store_tier_test, cold_blocks_move_to_the_tier_and_come_back_on_a_hit) {
+  const auto a = chain(1, 4);
+  run(a);
+  const std::size_t used = store_->used_bytes();
+  auto started = store_->demote_to_tier(used);
+  ASSERT_TRUE(started.has_value());
+  EXPECT_EQ(*started, used);
+  EXPECT_EQ(store_->tier_bytes_in_flight(), used);
+  // Still in memory and readable while the copies run.
+  EXPECT_TRUE(store_->contains(ns_, a[3]));
+  EXPECT_EQ(store_->used_bytes(), used);
+  store_->check_invariants();
+
+  settle();
+  EXPECT_EQ(store_->tier_bytes_in_flight(), 0U);
+  EXPECT_EQ(store_->used_bytes(), 0U);
+  EXPECT_EQ(store_->tier_block_count(), 4U);
+  EXPECT_EQ(store_->stats().tier_demotions, 4U);
+  for (const auto& k : a) {
+    EXPECT_FALSE(store_->contains(ns_, k));
+    EXPECT_TRUE(store_->in_tier(ns_, k));
+  }
+  auto tiers = store_->lookup_tiers(ns_, a);
+  ASSERT_TRUE(tiers.has_value());
+  EXPECT_EQ(tiers->memory, 0U);
+  EXPECT_EQ(tiers->tier, 4U);
+  EXPECT_EQ(tiers->disk, 0U);
+  EXPECT_TRUE(removed_.empty()) << "a demoted block is still this store's";
+
+  // A longer request: the four come back from the tier, one is computed.
+  auto longer = a;
+  longer.push_back(chain(1, 5)[4]);
+  const auto r = run(longer);
+  EXPECT_EQ(r.tier_blocks, 4U);
+  EXPECT_EQ(r.matched_blocks, 4U);
+  EXPECT_EQ(r.computed_blocks, 1U);
+  EXPECT_EQ(store_->stats().tier_block_hits, 4U);
+  EXPECT_EQ(store_->stats().tier_token_hits, 64U);
+  EXPECT_EQ(store_->tier_block_count(), 0U);
+  EXPECT_EQ(tier_->used_bytes(), 0U);
+  for (const auto& k : longer)
+    expect_correct(k);
+}
+
+TEST_F(store_tier_test, a_leaf_goes_first_and_a_parent_only_with_all_children) {
+  // a0 <- a1 <- {a2, b2}: a batch of three can take a2, then not a1 (b2
+  // still hangs from it), then b2's... only what the budget allows.
+  const auto a = chain(1, 3);
+  run(a);
+  std::vector<block_key> b = {
+      a[0], a[1], chain_key_from_id(a[1], spec().fingerprint(), 99)};
+  run(b);
+  auto started = store_->demote_to_tier(block_bytes); // one block
+  ASSERT_TRUE(started.has_value());
+  EXPECT_EQ(*started, block_bytes);
+  settle();
+  EXPECT_EQ(store_->tier_block_count(), 1U);
+  EXPECT_TRUE(store_->contains(ns_, a[1])) << "a1 still has a child";
+  // Everything now: b2 goes, and a1 and a0 follow it in the same batch.
+  started = store_->demote_to_tier(store_->used_bytes());
+  ASSERT_TRUE(started.has_value());
+  settle();
+  EXPECT_EQ(store_->tier_block_count(), 4U);
+  EXPECT_EQ(store_->used_bytes(), 0U);
+  EXPECT_EQ(tier_->demote_calls, 2);
+  const auto r = run(b);
+  EXPECT_EQ(r.tier_blocks, 3U);
+  for (const auto& k : b)
+    expect_correct(k);
+}
+
+TEST_F(store_tier_test, a_block_read_or_pinned_while_copying_stays_in_memory) {
+  const auto a = chain(1, 2);
+  const auto c = chain(50, 1);
+  run(a);
+  run(c);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  // Read a's leaf (an access) and pin c while their bytes are copied.
+  {
+    auto lease = store_->acquire(ns_, a[1]);
+    ASSERT_TRUE(lease.has_value());
+  }
+  ASSERT_TRUE(store_->pin(ns_, c[0]).has_value());
+  settle();
+  EXPECT_TRUE(store_->contains(ns_, a[1]));
+  EXPECT_TRUE(store_->contains(ns_, a[0])) << "its child stayed, so it stays";
+  EXPECT_TRUE(store_->contains(ns_, c[0]));
+  EXPECT_EQ(store_->tier_block_count(), 0U);
+  EXPECT_EQ(store_->stats().tier_demotions_kept, 3U);
+  EXPECT_EQ(tier_->used_bytes(), 0U) << "kept blocks' places are released";
+  // A pinned block is never picked.
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  EXPECT_TRUE(store_->contains(ns_, c[0]));
+  EXPECT_FALSE(store_->contains(ns_, a[0]));
+  for (const auto& k : a)
+    EXPECT_TRUE(store_->in_tier(ns_, k));
+}
+
+TEST_F(store_tier_test, a_full_tier_drops_its_oldest_blocks_and_says_so) {
+  open(32, 4); // the tier holds four blocks
+  const auto a = chain(1, 4);
+  const auto b = chain(100, 4);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  EXPECT_EQ(store_->tier_block_count(), 4U);
+  run(b);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  EXPECT_EQ(store_->tier_block_count(), 4U);
+  EXPECT_EQ(store_->stats().tier_drops, 4U);
+  for (const auto& k : a)
+    EXPECT_FALSE(store_->in_tier(ns_, k));
+  for (const auto& k : b)
+    EXPECT_TRUE(store_->in_tier(ns_, k));
+  EXPECT_EQ(removed_.size(), 4U) << "dropped blocks leave the store";
+  EXPECT_EQ(run(a).computed_blocks, 4U);
+}
+
+TEST_F(store_tier_test, blocks_dropped_from_the_tier_spill_to_disk) {
+  open(32, 4);
+  char tmpl[] = "/tmp/kvfleet-store-tier-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  {
+    disk_tier_config dc;
+    dc.directory = dir;
+    dc.capacity_bytes = std::uint64_t{16} << 20;
+    dc.segment_bytes = std::uint64_t{1} << 20;
+    auto disk = disk_tier::open(dc);
+    ASSERT_TRUE(disk.has_value()) << disk.error().describe();
+    ASSERT_TRUE(store_->attach_disk(std::move(*disk)).has_value());
+    const auto a = chain(1, 4);
+    run(a);
+    ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+    settle();
+    run(chain(100, 4));
+    ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+    settle();
+    EXPECT_EQ(store_->stats().tier_drops, 4U);
+    EXPECT_EQ(store_->stats().spills, 4U);
+    ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+    auto tiers = store_->lookup_tiers(ns_, a);
+    ASSERT_TRUE(tiers.has_value());
+    EXPECT_EQ(tiers->disk, 4U);
+    const auto r = run(a);
+    EXPECT_EQ(r.disk_blocks, 4U);
+    for (const auto& k : a)
+      expect_correct(k);
+    store_.reset();
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+TEST_F(store_tier_test, a_busy_or_failing_tier_loses_nothing) {
+  const auto a = chain(1, 3);
+  run(a);
+  tier_->fail_next = errc::busy;
+  auto started = store_->demote_to_tier(store_->used_bytes());
+  ASSERT_TRUE(started.has_value());
+  EXPECT_EQ(*started, 0U);
+  EXPECT_EQ(store_->stats().tier_failures, 0U) << "busy is not a failure";
+  store_->check_invariants();
+  // A copy that fails after it started: the blocks stay in memory.
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  tier_->fail_oldest_demotion();
+  store_->poll_tier();
+  store_->check_invariants();
+  EXPECT_EQ(store_->stats().tier_failures, 1U);
+  EXPECT_EQ(store_->tier_block_count(), 0U);
+  EXPECT_EQ(tier_->used_bytes(), 0U);
+  for (const auto& k : a)
+    expect_correct(k);
+  EXPECT_EQ(store_->demote_to_tier(0).value_or(1), 0U);
+}
+
+TEST_F(store_tier_test, expired_blocks_in_the_tier_are_never_promoted) {
+  const auto a = chain(1, 2);
+  put_options o;
+  o.ttl = std::chrono::seconds(10);
+  ASSERT_TRUE(store_->process(ns_, a, 32, producer_, o).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 2U);
+  clock_.advance(std::chrono::seconds(11));
+  EXPECT_FALSE(store_->in_tier(ns_, a[0]));
+  EXPECT_EQ(store_->expire(), 2U);
+  EXPECT_EQ(store_->tier_block_count(), 0U);
+  EXPECT_EQ(tier_->used_bytes(), 0U);
+  EXPECT_EQ(run(a).computed_blocks, 2U);
+}
+
+TEST_F(store_tier_test, a_ttl_carries_through_the_tier) {
+  const auto a = chain(1, 1);
+  put_options o;
+  o.ttl = std::chrono::seconds(10);
+  ASSERT_TRUE(store_->process(ns_, a, 16, producer_, o).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  clock_.advance(std::chrono::seconds(4));
+  EXPECT_EQ(run(a).tier_blocks, 1U);
+  clock_.advance(std::chrono::seconds(7)); // 11 s after the put
+  EXPECT_FALSE(store_->contains(ns_, a[0]));
+}
+
+TEST_F(store_tier_test, a_fresh_put_replaces_the_tier_copy) {
+  const auto a = chain(1, 1);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_TRUE(store_->in_tier(ns_, a[0]));
+  std::vector<std::byte> v(block_bytes);
+  ASSERT_TRUE(producer_.produce(spec(), a[0], v).has_value());
+  auto h = store_->reserve(ns_, a[0], block_key{});
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(store_->write(*h, v).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_FALSE(store_->in_tier(ns_, a[0]));
+  EXPECT_EQ(tier_->used_bytes(), 0U);
+  store_->check_invariants();
+}
+
+TEST_F(store_tier_test, promote_brings_tier_blocks_back_for_block_calls) {
+  const auto a = chain(1, 3);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  auto n = store_->promote(ns_, a);
+  ASSERT_TRUE(n.has_value());
+  EXPECT_EQ(*n, 3U);
+  for (const auto& k : a)
+    expect_correct(k);
+  EXPECT_EQ(tier_->promote_calls, 1) << "one copy batch for the chain";
+  store_->check_invariants();
+}
+
+TEST_F(store_tier_test, batches_respect_the_tiers_staging_limit) {
+  tier_->max_batch = 2 * block_bytes;
+  const auto a = chain(1, 5);
+  run(a);
+  auto started = store_->demote_to_tier(store_->used_bytes());
+  ASSERT_TRUE(started.has_value());
+  EXPECT_EQ(*started, 5 * block_bytes);
+  EXPECT_EQ(tier_->demote_calls, 3);
+  settle();
+  EXPECT_EQ(store_->tier_block_count(), 5U);
+  EXPECT_EQ(run(a).tier_blocks, 5U);
+  EXPECT_EQ(tier_->promote_calls, 3);
+  for (const auto& k : a)
+    expect_correct(k);
+}
+
+TEST_F(store_tier_test, destroying_the_store_waits_for_copies_in_flight) {
+  run(chain(1, 2));
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  int waits = 0;
+  tier_->wait_counter = &waits; // the fake tier dies with the store
+  store_.reset();
+  EXPECT_EQ(waits, 1) << "one batch in flight, waited for";
+}
+
+TEST_F(store_tier_test, random_operations_keep_every_invariant_and_every_byte) {
+  // Fixed seed: requests over shared prefixes, demotions of random sizes,
+  // copies finishing at random moments, pins, reads, expiry. Every block
+  // served must be the producer's bytes; invariants hold after each step.
+  open(24, 12);
+  tier_->max_batch = 3 * block_bytes;
+  std::mt19937 rng(7);
+  std::vector<std::vector<block_key>> prompts;
+  for (std::uint64_t p = 0; p < 6; ++p) {
+    auto base = chain(1000 * (p % 3 + 1), 3); // three shared prefixes
+    block_key parent = base.back();
+    for (std::uint64_t i = 0; i < 1 + p % 3; ++i) {
+      parent = chain_key_from_id(parent, spec().fingerprint(), 50 * p + i);
+      base.push_back(parent);
+    }
+    prompts.push_back(base);
+  }
+  std::vector<block_key> pinned;
+  for (int step = 0; step < 3000; ++step) {
+    const auto& prompt = prompts[rng() % prompts.size()];
+    switch (rng() % 7) {
+    case 0:
+    case 1:
+    case 2: {
+      const auto r = run(prompt);
+      EXPECT_EQ(r.matched_blocks + r.computed_blocks, prompt.size());
+      break;
+    }
+    case 3:
+      ASSERT_TRUE(
+          store_->demote_to_tier((1 + rng() % 6) * block_bytes).has_value());
+      break;
+    case 4:
+      if (rng() % 2 == 0)
+        tier_->finish_demotions();
+      store_->poll_tier();
+      break;
+    case 5: {
+      const block_key& k = prompt[rng() % prompt.size()];
+      if (store_->contains(ns_, k))
+        expect_correct(k);
+      if (rng() % 4 == 0 && store_->pin(ns_, k).has_value())
+        pinned.push_back(k);
+      break;
+    }
+    case 6:
+      if (!pinned.empty()) {
+        ASSERT_TRUE(store_->unpin(ns_, pinned.back()).has_value());
+        pinned.pop_back();
+      }
+      break;
+    }
+    store_->check_invariants();
+  }
+  settle();
+  EXPECT_GT(store_->stats().tier_demotions, 10U);
+  EXPECT_GT(store_->stats().tier_block_hits, 10U);
+  for (const auto& prompt : prompts) {
+    run(prompt);
+    for (const auto& k : prompt)
+      expect_correct(k);
+  }
+}
+
+TEST_F(store_tier_test, attaching_is_checked) {
+  auto again = store_->attach_tier(
+      [](memory_backend&) -> result<std::unique_ptr<memory_tier>> {
+        return std::unique_ptr<memory_tier>{};
+      });
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code, errc::invalid_argument);
+  EXPECT_FALSE(store_->attach_tier({}).has_value());
+
+  store_config cfg;
+  cfg.capacity_bytes = 8 * block_bytes;
+  cfg.slab_bytes = block_bytes;
+  auto bare = block_store::create(cfg);
+  ASSERT_TRUE(bare.has_value());
+  EXPECT_EQ((*bare)->demote_to_tier(1).error().code, errc::invalid_argument);
+  auto none = (*bare)->attach_tier(
+      [](memory_backend&) -> result<std::unique_ptr<memory_tier>> {
+        return std::unique_ptr<memory_tier>{};
+      });
+  ASSERT_TRUE(none.has_value());
+  EXPECT_FALSE(*none) << "no tier for this arena";
+  EXPECT_EQ((*bare)->tier(), nullptr);
+  auto failing = (*bare)->attach_tier(
+      [](memory_backend&) -> result<std::unique_ptr<memory_tier>> {
+        return make_error(errc::out_of_memory, "no pinned memory");
+      });
+  ASSERT_FALSE(failing.has_value());
+  EXPECT_EQ(failing.error().code, errc::out_of_memory);
+}
+
+} // namespace
+} // namespace kvfleet::engine

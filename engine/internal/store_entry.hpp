@@ -1,0 +1,47 @@
+#pragma once
+/// block_store's entry and namespace records, shared by its source files
+/// (block_store.cpp, block_store_tier.cpp). Not part of the API.
+
+#include "engine/block_store.hpp"
+
+#include <array>
+#include <cstdint>
+
+namespace kvfleet::engine {
+
+enum class entry_state : std::uint8_t { free, reserved, written, committed };
+
+struct block_store::entry {
+  block_key key{};
+  std::uint64_t checksum = 0;
+  std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
+  slot_ref slot{};
+  std::uint32_t parent = block_index::npos;
+  std::uint32_t children = 0;
+  std::uint32_t departing = 0; // children being demoted to the memory tier
+  std::uint32_t leases = 0;
+  std::uint32_t pins = 0;
+  std::uint32_t access_count = 0;
+  std::uint32_t stored_bytes = 0;
+  std::uint32_t generation = 0;
+  std::uint32_t rprev = block_index::npos;
+  std::uint32_t rnext = block_index::npos;
+  std::uint16_t ns = 0;
+  entry_state state = entry_state::free;
+  codec c = codec::none;
+  priority prio = priority::normal;
+  size_partition part = size_partition::small;
+  bool dead = false;
+  bool flagged_evictable = false;
+  bool in_recency = false;
+  bool pin_on_commit = false;
+};
+
+struct block_store::ns_state {
+  namespace_spec spec;
+  namespace_options options;
+  ns_fingerprint fingerprint;
+  std::array<std::uint16_t, codec_count> size_class{};
+};
+
+} // namespace kvfleet::engine
