@@ -8,6 +8,7 @@
 #include "actors/query_cache_actor.hpp"
 #include "actors/scaler_actor.hpp"
 #include "actors/warmer_actor.hpp"
+#include "engine/testing/fake_memory_tier.hpp"
 
 #include <gtest/gtest.h>
 
@@ -689,6 +690,52 @@ TEST_F(actor_test, MemoryPressureHookDecidesInsteadOfThePoolRule) {
   EXPECT_EQ(st.pressure_evictions, 1U);
   EXPECT_EQ(st.blocks, 7U);
   EXPECT_EQ(*calls, (std::vector<std::uint32_t>{3, 3}));
+}
+
+TEST_F(actor_test, AMemoryTierKeepsDemotedBlocksInTheEngine) {
+  auto c = small_engine(40);
+  auto tier = std::make_shared<engine::testing::fake_memory_tier*>(nullptr);
+  c.make_tier = [tier](engine::memory_backend& arena)
+      -> result<std::unique_ptr<engine::memory_tier>> {
+    auto t = std::make_unique<engine::testing::fake_memory_tier>(
+        arena.host_data(), 40 * block_bytes);
+    *tier = t.get();
+    return std::unique_ptr<engine::memory_tier>(std::move(t));
+  };
+  // A hook that demotes everything after each batch (a GPU engine's hook
+  // does it above its threshold: cuda::device_memory_relief_per_engine).
+  c.relieve = [](std::uint32_t, engine::block_store& store) {
+    store.poll_tier();
+    return store.demote_to_tier(store.used_bytes()).value_or(0);
+  };
+  auto e = engine(c);
+  ASSERT_NE(*tier, nullptr);
+  const auto first = make_request(1, 1, 0, 4, 1);
+  ask_now<kv_reply>(e, process_atom::value, first);
+  (*tier)->finish_demotions(); // the copies finish
+  ask_now<kv_reply>(e, process_atom::value, make_request(2, 2, 0, 2, 2));
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.tier, "fake");
+  EXPECT_EQ(st.tier_blocks, 4U);
+  EXPECT_EQ(st.tier_demotions, 4U);
+  EXPECT_EQ(st.evictions, 0U);
+  // The same prompt again: every block comes back from the tier.
+  const auto again = ask_now<kv_reply>(e, process_atom::value, first);
+  EXPECT_EQ(again.matched_blocks, 4U);
+  EXPECT_EQ(again.computed_blocks, 0U);
+  st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.tier_hits, 4U);
+}
+
+TEST_F(actor_test, AFailingTierFactoryFailsTheEngineStart) {
+  auto c = small_engine(40);
+  c.make_tier = [](engine::memory_backend&)
+      -> result<std::unique_ptr<engine::memory_tier>> {
+    return make_error(errc::out_of_memory, "no pinned memory");
+  };
+  auto spawned = spawn_engine_actor(*sys_, c);
+  ASSERT_FALSE(spawned.has_value());
+  EXPECT_EQ(spawned.error().code, errc::out_of_memory);
 }
 
 } // namespace

@@ -68,7 +68,7 @@ caf::result<bool> lift_void(const result<void>& r) {
 
 std::uint64_t removals(const engine::block_store& s) {
   return s.stats().evictions + s.stats().expirations +
-         s.stats().checksum_failures;
+         s.stats().checksum_failures + s.stats().tier_drops;
 }
 
 /// Finds the keys the store dropped since the last call (see header).
@@ -78,7 +78,9 @@ void collect_evicted(engine_state& st) {
     return;
   st.seen_removals = now;
   for (auto it = st.held.begin(); it != st.held.end();) {
-    if (!st.store->contains(st.ns, *it)) {
+    // A block in the memory tier is still this engine's: a hit on it is a
+    // copy of microseconds, so the balancer should keep counting it here.
+    if (!st.store->contains(st.ns, *it) && !st.store->in_tier(st.ns, *it)) {
       st.events.evicted.push_back(*it);
       it = st.held.erase(it);
     } else {
@@ -351,6 +353,11 @@ caf::behavior engine_behavior(engine_actor* self,
         out.pressure_evictions = s.pressure_evictions;
         out.capacity_tokens = s.config.capacity_tokens;
         out.memory = std::string(s.store->memory_name());
+        if (const auto* tier = s.store->tier())
+          out.tier = std::string(tier->name());
+        out.tier_blocks = s.store->tier_block_count();
+        out.tier_demotions = ss.tier_demotions;
+        out.tier_hits = ss.tier_block_hits;
         return out;
       },
       [=](capacity_atom, std::uint32_t tokens) {
@@ -381,6 +388,10 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
   }();
   if (!store)
     return unexpected<error>{store.error()};
+  if (config.make_tier) {
+    if (auto t = (*store)->attach_tier(config.make_tier); !t)
+      return unexpected<error>{t.error()};
+  }
   auto ns = (*store)->register_namespace(config.ns, config.ns_options);
   if (!ns)
     return unexpected<error>{ns.error()};

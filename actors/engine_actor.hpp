@@ -75,6 +75,12 @@ struct engine_actor_config {
   std::function<result<std::unique_ptr<engine::memory_backend>>(
       std::uint32_t slot, std::size_t bytes)>
       make_backend;
+  /// Makes the memory tier under the pool (engine::block_store::attach_tier):
+  /// a device engine's pinned host tier is
+  /// cuda::host_tier_per_engine(); it returns none for host memory. Null:
+  /// no tier. Blocks move there only through `relieve` (the GPU memory
+  /// manager demotes to the tier before it evicts).
+  engine::memory_tier_factory make_tier;
   /// Frees memory under pressure after every batch and put; returns the
   /// bytes freed. Null: the rule of memory_manager.hpp (`pressure`) on the
   /// pool's own accounting. One engine per GPU passes
@@ -89,9 +95,10 @@ struct engine_actor_config {
   std::optional<bool> own_thread;
 };
 
-/// Creates the store (over make_backend's memory when set), registers the
-/// namespace and spawns the actor. Errors: the backend's, the store's (zero
-/// capacity, bad namespace).
+/// Creates the store (over make_backend's memory when set, with make_tier's
+/// tier when it gives one), registers the namespace and spawns the actor.
+/// Errors: the backend's, the tier factory's, the store's (zero capacity,
+/// bad namespace).
 [[nodiscard]] result<caf::actor>
 spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config);
 

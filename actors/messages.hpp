@@ -114,6 +114,10 @@ struct engine_stats {
   std::uint64_t pressure_evictions = 0; ///< memory-manager runs that evicted
   std::uint32_t capacity_tokens = 0;
   std::string memory; ///< the block pool's backend: "host", "cuda:0", ...
+  std::string tier;   ///< the memory tier under it ("pinned host"), or ""
+  std::uint64_t tier_blocks = 0;    ///< blocks in the memory tier now
+  std::uint64_t tier_demotions = 0; ///< blocks moved there so far
+  std::uint64_t tier_hits = 0;      ///< blocks promoted back on a hit
 };
 
 template <class Inspector>
@@ -121,7 +125,8 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
            x.requests, x.batches, x.blocks, x.used_bytes, x.capacity_bytes,
            x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
-           x.capacity_tokens, x.memory);
+           x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
+           x.tier_hits);
 }
 
 /// The balancer's counters.

@@ -64,4 +64,22 @@ backend_factory device_backend_per_engine(log_sink log) {
   };
 }
 
+engine::memory_tier_factory host_tier_per_engine(host_tier_options options,
+                                                 log_sink log) {
+  return [options, log = std::move(log)](engine::memory_backend& arena)
+             -> result<std::unique_ptr<engine::memory_tier>> {
+    if (options.host_bytes == 0 || options.staging_bytes == 0)
+      return make_error(errc::invalid_argument,
+                        "a host tier needs host and staging bytes");
+    auto tier = internal::create_host_tier(arena, options.host_bytes,
+                                           options.staging_bytes);
+    if (tier)
+      return tier;
+    write_log(log, "kvfleet: " + std::string(arena.name()) +
+                       ": no pinned host tier (" + tier.error().message +
+                       "); blocks under memory pressure are evicted instead");
+    return std::unique_ptr<engine::memory_tier>{};
+  };
+}
+
 } // namespace kvfleet::cuda

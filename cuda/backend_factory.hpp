@@ -7,6 +7,7 @@
 /// may be called from any thread; a returned backend has one owner.
 
 #include "engine/memory_backend.hpp"
+#include "engine/memory_tier.hpp"
 #include "engine/result.hpp"
 
 #include <cstddef>
@@ -44,5 +45,21 @@ using backend_factory =
 /// fallback to host memory logs its one line through `log`, naming the
 /// slot. The result is copyable and may be called from any thread.
 [[nodiscard]] backend_factory device_backend_per_engine(log_sink log = {});
+
+/// Sizes of each device engine's pinned host tier.
+struct host_tier_options {
+  std::size_t host_bytes = 0;                        ///< pinned host memory
+  std::size_t staging_bytes = std::size_t{64} << 20; ///< device, per engine
+};
+
+/// The memory tier of each engine (actors::engine_actor_config::make_tier,
+/// engine::block_store::attach_tier): a pinned host tier
+/// (pinned_host_tier.hpp) of `options.host_bytes` under an engine whose
+/// pool is device memory; none under host memory, and none in a build
+/// without CUDA. When the tier cannot be made (pinned memory refused, ...)
+/// the engine runs without one, with one line through `log` saying why.
+/// Zero host bytes is errc::invalid_argument when the factory is called.
+[[nodiscard]] engine::memory_tier_factory
+host_tier_per_engine(host_tier_options options, log_sink log = {});
 
 } // namespace kvfleet::cuda

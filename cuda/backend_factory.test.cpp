@@ -96,5 +96,21 @@ TEST(backend_factory_test, with_devices_engines_share_them_round_robin) {
   EXPECT_TRUE(lines.empty());
 }
 
+TEST(backend_factory_test, host_memory_gets_no_tier_and_bad_sizes_are_refused) {
+  auto host = engine::host_memory_backend::create(std::size_t{1} << 20);
+  ASSERT_TRUE(host);
+  std::vector<std::string> lines;
+  auto make =
+      host_tier_per_engine({std::size_t{1} << 20, std::size_t{1} << 20},
+                           [&](std::string_view l) { lines.emplace_back(l); });
+  auto tier = make(**host);
+  ASSERT_TRUE(tier) << tier.error().describe();
+  EXPECT_EQ(*tier, nullptr) << "a host arena needs no host tier";
+  EXPECT_TRUE(lines.empty());
+  auto zero = host_tier_per_engine({0, std::size_t{1} << 20})(**host);
+  ASSERT_FALSE(zero);
+  EXPECT_EQ(zero.error().code, errc::invalid_argument);
+}
+
 } // namespace
 } // namespace kvfleet::cuda

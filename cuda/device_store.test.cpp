@@ -1,10 +1,12 @@
 // An unchanged engine::block_store over the device backend: the same puts,
 // reads, codecs and demotions as on the host, bytes equal.
+#include "cuda/backend_factory.hpp"
 #include "cuda/device_backend.hpp"
 #include "cuda/internal/test_support.hpp"
 #include "engine/block_store.hpp"
 #include "engine/checksum.hpp"
 
+#include <chrono>
 #include <random>
 
 namespace kvfleet::cuda {
@@ -66,6 +68,110 @@ TEST(device_store_test, puts_and_reads_round_trip_on_the_gpu_like_on_the_host) {
     EXPECT_EQ(a, b) << "block " << i;
     (*gpu)->check_invariants();
   }
+}
+
+/// Collects finished demotions until none is in flight (the copies run on
+/// the GPU in real time: bounded by a deadline, not a sleep).
+void settle(engine::block_store& store) {
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (store.tier_bytes_in_flight() > 0 &&
+         std::chrono::steady_clock::now() < deadline)
+    store.poll_tier();
+  ASSERT_EQ(store.tier_bytes_in_flight(), 0U) << "demotions did not finish";
+}
+
+TEST(device_store_test, blocks_move_to_pinned_host_memory_and_back_on_a_hit) {
+  KVFLEET_REQUIRE_DEVICE();
+  engine::store_config cfg;
+  auto dev = device_memory_backend::create(std::size_t{64} << 20);
+  ASSERT_TRUE(dev) << dev.error().describe();
+  auto gpu = engine::block_store::create(cfg, std::move(*dev));
+  ASSERT_TRUE(gpu) << gpu.error().describe();
+  engine::block_store& store = **gpu;
+  std::vector<std::string> lines;
+  // Staging of 1 MiB: 512 KiB per batch, so 64 blocks of 32 KiB take
+  // several batches each way.
+  auto attached = store.attach_tier(
+      host_tier_per_engine({std::size_t{8} << 20, std::size_t{1} << 20},
+                           [&](std::string_view l) { lines.emplace_back(l); }));
+  ASSERT_TRUE(attached) << attached.error().describe();
+  ASSERT_TRUE(*attached) << (lines.empty() ? "" : lines.front());
+  ASSERT_NE(store.tier(), nullptr);
+  EXPECT_EQ(store.tier()->name(), "pinned host");
+  const auto s = spec();
+  auto ns = store.register_namespace(s);
+  ASSERT_TRUE(ns);
+  // Four chains of 16 blocks, mixed codecs, random values.
+  std::vector<std::vector<engine::block_key>> chains(4);
+  std::vector<std::vector<std::vector<std::byte>>> values(4);
+  for (std::uint64_t c = 0; c < chains.size(); ++c) {
+    engine::block_key parent{};
+    for (std::uint64_t i = 0; i < 16; ++i) {
+      const engine::block_key key{c * 100 + i + 1, 77};
+      engine::put_options opt;
+      opt.codec_override = static_cast<engine::codec>((c + i) % 4);
+      const auto v = value_for(s.value_bytes(), c * 100 + i);
+      auto h = store.reserve(*ns, key, parent, opt);
+      ASSERT_TRUE(h) << h.error().describe();
+      ASSERT_TRUE(store.write(*h, v));
+      ASSERT_TRUE(store.commit(*h));
+      chains[c].push_back(key);
+      values[c].push_back(v);
+      parent = key;
+    }
+  }
+  // What each block decodes to on the device now: the bytes to get back.
+  auto decoded = [&](const engine::block_key& key) {
+    std::vector<std::byte> out(s.value_bytes());
+    auto lease = store.acquire(*ns, key);
+    EXPECT_TRUE(lease) << key.to_hex();
+    if (lease) {
+      EXPECT_TRUE(store.read(*lease, out));
+    }
+    return out;
+  };
+  std::vector<std::vector<std::vector<std::byte>>> want(4);
+  for (std::size_t c = 0; c < chains.size(); ++c)
+    for (const auto& k : chains[c])
+      want[c].push_back(decoded(k));
+
+  const std::size_t used = store.used_bytes();
+  auto started = store.demote_to_tier(used);
+  ASSERT_TRUE(started) << started.error().describe();
+  EXPECT_EQ(*started, used);
+  settle(store);
+  store.check_invariants();
+  EXPECT_EQ(store.used_bytes(), 0U);
+  EXPECT_EQ(store.tier_block_count(), 64U);
+  EXPECT_EQ(store.stats().tier_failures, 0U);
+
+  engine::synthetic_producer producer;
+  for (std::size_t c = 0; c < chains.size(); ++c) {
+    auto r = store.process(*ns, chains[c], chains[c].size() * s.block_tokens,
+                           producer);
+    ASSERT_TRUE(r) << r.error().describe();
+    EXPECT_EQ(r->tier_blocks, 16U);
+    EXPECT_EQ(r->computed_blocks, 0U);
+    for (std::size_t i = 0; i < chains[c].size(); ++i)
+      EXPECT_EQ(decoded(chains[c][i]), want[c][i])
+          << "chain " << c << " block " << i;
+  }
+  EXPECT_EQ(store.tier_block_count(), 0U);
+  EXPECT_EQ(store.tier()->used_bytes(), 0U);
+  store.check_invariants();
+}
+
+TEST(device_store_test, a_host_arena_gets_no_pinned_tier) {
+  KVFLEET_REQUIRE_DEVICE();
+  engine::store_config cfg;
+  cfg.capacity_bytes = std::size_t{1} << 20;
+  auto host = engine::block_store::create(cfg);
+  ASSERT_TRUE(host);
+  auto attached = (*host)->attach_tier(
+      host_tier_per_engine({std::size_t{1} << 20, std::size_t{1} << 20}));
+  ASSERT_TRUE(attached);
+  EXPECT_FALSE(*attached);
 }
 
 TEST(device_store_test,

@@ -302,6 +302,10 @@ const std::byte* host_tier::host_data() const noexcept {
 std::size_t host_tier::host_capacity() const noexcept {
   return impl_->host_bytes;
 }
+std::size_t host_tier::max_batch_bytes() const noexcept {
+  return impl_->half;
+}
+
 std::size_t host_tier::host_used() const noexcept {
   return impl_->host_used;
 }

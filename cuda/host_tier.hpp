@@ -75,6 +75,9 @@ public:
   [[nodiscard]] const std::byte* host_data() const noexcept;
   [[nodiscard]] std::size_t host_capacity() const noexcept;
   [[nodiscard]] std::size_t host_used() const noexcept;
+  /// Most bytes one demote() or promote() takes (half the staging; blocks
+  /// count rounded up to 256 bytes).
+  [[nodiscard]] std::size_t max_batch_bytes() const noexcept;
   [[nodiscard]] stream_ref demote_stream() const noexcept;
   [[nodiscard]] stream_ref promote_stream() const noexcept;
 

@@ -33,6 +33,7 @@ gpu_memory_manager::read(int device, const engine::block_store& store) {
   r.device_free = info->free_bytes;
   r.pool_capacity = store.capacity_bytes();
   r.pool_used = store.used_bytes();
+  r.in_flight = store.tier_bytes_in_flight();
   return r;
 }
 
@@ -41,6 +42,7 @@ gpu_memory_manager::read_pool(const engine::block_store& store) noexcept {
   memory_reading r;
   r.pool_capacity = store.capacity_bytes();
   r.pool_used = store.used_bytes();
+  r.in_flight = store.tier_bytes_in_flight();
   // The arena is all allocated, as on a device: usage() then subtracts
   // its free part and sees exactly the pool's used bytes.
   r.device_total = r.pool_capacity;
@@ -80,10 +82,15 @@ relief gpu_memory_manager::relieve(const memory_reading& r,
                                    const demoter& demote) const {
   relief out;
   out.excess = excess(r);
-  std::size_t left = out.excess;
+  // Bytes being demoted leave when their copies finish: count them freed.
+  std::size_t left = out.excess - std::min(r.in_flight, out.excess);
   if (left > 0 && demote) {
     out.demoted = std::min(demote(left), left);
-    left -= out.demoted;
+    // While the tier takes blocks, the rest waits for the next call rather
+    // than being evicted; only a tier that can take nothing, with nothing
+    // on its way, leaves eviction to do it.
+    if (out.demoted > 0 || r.in_flight > 0)
+      return out;
   }
   if (left > 0)
     out.evicted = store.evict_bytes(left);
@@ -108,6 +115,7 @@ device_memory_relief_per_engine(const memory_manager_config& config,
   return relief_hook{
       [m = *manager, devices, log = std::move(log),
        logged](std::uint32_t slot, engine::block_store& store) -> std::size_t {
+        store.poll_tier(); // finished demotions free their slots first
         memory_reading r = gpu_memory_manager::read_pool(store);
         if (!store.host_addressable() && devices > 0) {
           const auto device = static_cast<int>(slot % devices);
@@ -123,7 +131,12 @@ device_memory_relief_per_engine(const memory_manager_config& config,
             }
           }
         }
-        const relief done = m.relieve(r, store);
+        gpu_memory_manager::demoter demote;
+        if (store.tier() != nullptr)
+          demote = [&store](std::size_t bytes) {
+            return store.demote_to_tier(bytes).value_or(0);
+          };
+        const relief done = m.relieve(r, store, demote);
         return done.demoted + done.evicted;
       }};
 }

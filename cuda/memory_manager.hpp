@@ -7,10 +7,13 @@
 /// of the block pool's arena that holds no block (the arena is allocated up
 /// front, so the driver sees all of it as used; the pool's own accounting
 /// says how much is really taken). Above `threshold` (0.9) of the device,
-/// relieve() frees down to `target` (0.8): first through the demoter, then
-/// by engine::block_store::evict_bytes (lowest priority first, pinned and
-/// leased blocks kept). Includes no CUDA header. Not thread-safe: the
-/// store's owner calls it (an actor's periodic tick).
+/// relieve() frees down to `target` (0.8), counting bytes already being
+/// demoted as freed: through the demoter when there is one (a store's
+/// memory tier: the copies run in the background and free their slots when
+/// they finish), and by engine::block_store::evict_bytes (lowest priority
+/// first, pinned and leased blocks kept) only when there is no demoter or
+/// it can move nothing and nothing is on its way. Includes no CUDA header.
+/// Not thread-safe: the store's owner calls it (an actor's periodic tick).
 
 #include "cuda/backend_factory.hpp"
 #include "engine/block_store.hpp"
@@ -27,6 +30,7 @@ struct memory_reading {
   std::size_t device_free = 0;   ///< cudaMemGetInfo free
   std::size_t pool_capacity = 0; ///< the store's arena on this device
   std::size_t pool_used = 0;     ///< bytes of the arena holding blocks
+  std::size_t in_flight = 0;     ///< of pool_used, being demoted to the tier
 };
 
 struct memory_manager_config {
@@ -65,7 +69,8 @@ public:
   [[nodiscard]] static double usage(const memory_reading& r) noexcept;
   /// Bytes to free to reach the target; 0 at or below the threshold.
   [[nodiscard]] std::size_t excess(const memory_reading& r) const noexcept;
-  /// Frees excess(r) bytes: demoter first (when given), then eviction.
+  /// Frees excess(r) bytes, less r.in_flight: demoter first (when given),
+  /// eviction only when the demoter moves nothing and nothing is in flight.
   relief relieve(const memory_reading& r, engine::block_store& store,
                  const demoter& demote = {}) const;
 
@@ -87,8 +92,10 @@ using relief_hook =
 /// The hook for one engine per GPU, matching device_backend_per_engine():
 /// an engine whose pool is device memory (on GPU `slot % GPUs`) reads that
 /// device (cudaMemGetInfo and the pool's accounting, read()) and relieves
-/// it; an engine on host memory applies the same thresholds to its pool
-/// alone (read_pool()). A device that cannot be read is relieved by its
+/// it, demoting to the store's memory tier when it has one
+/// (host_tier_per_engine(); the hook also collects finished demotions); an
+/// engine on host memory applies the same thresholds to its pool alone
+/// (read_pool()). A device that cannot be read is relieved by its
 /// pool for that call, with one log line per engine. Errors: thresholds as
 /// for create().
 [[nodiscard]] result<relief_hook>

@@ -33,4 +33,9 @@ internal::create_device_arena(std::size_t, int) {
   return unexpected<error>(no_cuda("cudaMalloc"));
 }
 
+result<std::unique_ptr<engine::memory_tier>>
+internal::create_host_tier(engine::memory_backend&, std::size_t, std::size_t) {
+  return std::unique_ptr<engine::memory_tier>{}; // no device arena exists
+}
+
 } // namespace kvfleet::cuda

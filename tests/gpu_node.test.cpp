@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -180,6 +181,45 @@ TEST_F(gpu_node_test, engines_on_threads_of_their_own_serve_the_same) {
     hits += st.token_hits;
   }
   EXPECT_EQ(hits, 48U); // the second request's three blocks
+  EXPECT_TRUE(log_.taken().empty());
+}
+
+TEST_F(gpu_node_test,
+       device_engines_keep_demoted_blocks_in_pinned_host_memory) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto c = gpu_node(log_);
+  c.engines = 1;
+  c.engine.make_tier = cuda::host_tier_per_engine(
+      {std::size_t{8} << 20, std::size_t{1} << 20}, log_.sink());
+  // Pressure on demand: after every batch, everything goes to the tier and
+  // the hook waits for the copies (real GPU time, bounded by a deadline),
+  // so what the next request finds is deterministic.
+  c.engine.relieve = [](std::uint32_t, engine::block_store& store) {
+    auto started = store.demote_to_tier(store.used_bytes());
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (store.tier_bytes_in_flight() > 0 &&
+           std::chrono::steady_clock::now() < deadline)
+      store.poll_tier();
+    return started.value_or(0);
+  };
+  auto n = start(c);
+  ASSERT_NE(n, nullptr);
+  auto first = n->process_request(request(1));
+  ASSERT_TRUE(first.has_value()) << first.error().describe();
+  EXPECT_EQ(first->computed_blocks, 3U);
+  auto st = n->engine_stats(0);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->memory, "cuda:0");
+  EXPECT_EQ(st->tier, "pinned host");
+  EXPECT_EQ(st->tier_blocks, 3U);
+  EXPECT_EQ(st->blocks, 0U);
+  auto second = n->process_request(request(2));
+  ASSERT_TRUE(second.has_value()) << second.error().describe();
+  EXPECT_EQ(second->matched_blocks, 3U); // promoted from the tier
+  st = n->engine_stats(0);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->tier_hits, 3U);
   EXPECT_TRUE(log_.taken().empty());
 }
 
