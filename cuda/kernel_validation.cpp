@@ -105,8 +105,10 @@ result<void> copy_batch(std::span<const copy_job> jobs) {
 result<void> gather_batch(device_span pool,
                           std::span<const std::size_t> offsets,
                           std::size_t block_bytes, device_span other) {
-  return gather_batch(pool, offsets, block_bytes, other,
-                      internal::scan_offsets(offsets));
+  return gather_batch(
+      pool, offsets, block_bytes, other,
+      internal::scan_offsets(offsets,
+                             internal::last_offset(pool.bytes, block_bytes)));
 }
 
 result<void> gather_batch(device_span pool,
@@ -126,9 +128,8 @@ result<void> gather_batch(device_span pool,
                           std::to_string(other.bytes) + " bytes");
   // `scan` is one pass without early exits (internal/offset_scan.hpp); the
   // error path looks again to name the first bad block.
-  const std::size_t last =
-      block_bytes <= pool.bytes ? pool.bytes - block_bytes : std::size_t{0};
-  if (!offsets.empty() && (block_bytes > pool.bytes || scan.highest > last)) {
+  const std::size_t last = internal::last_offset(pool.bytes, block_bytes);
+  if (!offsets.empty() && (block_bytes > pool.bytes || scan.past_end)) {
     for (std::size_t i = 0; i < offsets.size(); ++i) {
       if (block_bytes > pool.bytes || offsets[i] > last)
         return make_error(errc::invalid_argument,

@@ -1,5 +1,6 @@
 // The checks every kernel call runs before launching; none of these calls
 // reaches the GPU, so they run without one.
+#include "cuda/internal/offset_scan.hpp"
 #include "cuda/internal/staging_ring.hpp"
 #include "cuda/kernels.hpp"
 
@@ -142,6 +143,25 @@ TEST(kernel_validation_test, gather_and_scatter_check_every_range) {
   r = validate::gather_batch(pool, offsets, 2 << 20, big_out);
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, errc::invalid_argument);
+}
+
+TEST(kernel_validation_test, the_offset_scan_finds_every_offset_past_the_end) {
+  using internal::scan_offsets;
+  const std::size_t last = 1000;
+  EXPECT_FALSE(scan_offsets({}, last).past_end);
+  const std::vector<std::size_t> ok{0, 16, 1000, 512};
+  const auto s = scan_offsets(ok, last);
+  EXPECT_FALSE(s.past_end);
+  EXPECT_EQ(s.any_bits, std::size_t{0 | 16 | 1000 | 512});
+  for (const std::size_t bad :
+       {std::size_t{1001}, std::size_t{1} << 40, std::size_t{1} << 63,
+        (std::size_t{1} << 63) + 1000, SIZE_MAX}) {
+    std::vector<std::size_t> v = ok;
+    v.insert(v.begin() + 2, bad);
+    EXPECT_TRUE(scan_offsets(v, last).past_end) << bad;
+  }
+  EXPECT_EQ(internal::last_offset(4096, 1024), 3072U);
+  EXPECT_EQ(internal::last_offset(1024, 4096), 0U);
 }
 
 TEST(kernel_validation_test, copies_and_checksums_refuse_bad_arguments) {

@@ -549,7 +549,8 @@ run_gather(const std::byte* src, std::span<const std::size_t> offsets,
       ((reinterpret_cast<std::uintptr_t>(src) |
         reinterpret_cast<std::uintptr_t>(dst) | block_bytes | scan.any_bits) &
        15U) == 0;
-  if (vec && scan.highest / 16 <= 0xffffffffU)
+  // Word offsets fit 32 bits when every offset is below 2^36 (64 GiB).
+  if (vec && (scan.any_bits >> 36) == 0)
     return launch_gather<Scatter, std::uint32_t, true>(
         src, offsets, block_bytes, dst, stream);
   if (vec)
@@ -602,7 +603,8 @@ result<void> gather_blocks(device_span pool,
                            std::span<const std::size_t> offsets,
                            std::size_t block_bytes, device_span out,
                            stream_ref stream) {
-  const internal::offset_scan scan = internal::scan_offsets(offsets);
+  const internal::offset_scan scan = internal::scan_offsets(
+      offsets, internal::last_offset(pool.bytes, block_bytes));
   if (auto ok = validate::gather_batch(pool, offsets, block_bytes, out, scan);
       !ok)
     return ok;
@@ -614,7 +616,8 @@ result<void> scatter_blocks(device_span in,
                             std::span<const std::size_t> offsets,
                             std::size_t block_bytes, device_span pool,
                             stream_ref stream) {
-  const internal::offset_scan scan = internal::scan_offsets(offsets);
+  const internal::offset_scan scan = internal::scan_offsets(
+      offsets, internal::last_offset(pool.bytes, block_bytes));
   if (auto ok = validate::gather_batch(pool, offsets, block_bytes, in, scan);
       !ok)
     return ok;

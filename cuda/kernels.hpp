@@ -132,7 +132,8 @@ namespace validate {
                                         std::span<const std::size_t> offsets,
                                         std::size_t block_bytes,
                                         device_span other);
-/// The same with the offsets already scanned (the launcher's one pass).
+/// The same with the offsets already scanned (the launcher's one pass,
+/// against last = pool.bytes - block_bytes).
 [[nodiscard]] result<void> gather_batch(device_span pool,
                                         std::span<const std::size_t> offsets,
                                         std::size_t block_bytes,
