@@ -28,7 +28,12 @@ int main() {
   c.engine.ns.block_tokens = 16; // 2 MiB of fp16 KV per block
   c.engine.store.capacity_bytes = std::size_t{256} << 20;
   c.engine.make_backend = kvfleet::cuda::device_backend_per_engine();
-  // Memory pressure: a GPU engine counts the whole device (cudaMemGetInfo).
+  // Under each GPU engine, 1 GiB of pinned host memory for cold blocks
+  // (none under host memory).
+  c.engine.make_tier =
+      kvfleet::cuda::host_tier_per_engine({std::size_t{1} << 30});
+  // Memory pressure: a GPU engine counts the whole device (cudaMemGetInfo)
+  // and demotes to its tier before it evicts.
   auto relieve = kvfleet::cuda::device_memory_relief_per_engine();
   if (!relieve) {
     std::fprintf(stderr, "relief: %s\n", relieve.error().describe().c_str());
@@ -72,8 +77,9 @@ int main() {
     auto st = node.engine_stats(slot);
     if (!st)
       return 1;
-    std::printf("engine %u: %s memory, %llu blocks\n", slot, st->memory.c_str(),
-                static_cast<unsigned long long>(st->blocks));
+    std::printf("engine %u: %s memory, %llu blocks%s%s\n", slot,
+                st->memory.c_str(), static_cast<unsigned long long>(st->blocks),
+                st->tier.empty() ? "" : ", tier: ", st->tier.c_str());
   }
   return 0;
 }
