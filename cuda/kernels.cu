@@ -287,6 +287,48 @@ __global__ void __launch_bounds__(threads)
   }
 }
 
+/// This CTA's share (grid-stride over blockIdx.x) of copying `bytes` from
+/// src to dst: 16-byte words with Unroll loads in flight per thread when
+/// `vec` (both pointers and the size 16-byte aligned), else bytes.
+/// Streaming: the data is read once, so loads and stores bypass what the
+/// caches keep (__ldcs/__stcs); else read-only loads (__ldg).
+template <unsigned Unroll, bool Streaming>
+__device__ __forceinline__ void copy_range(const std::byte* src, std::byte* dst,
+                                           std::size_t bytes, bool vec) {
+  if (vec) {
+    const auto* s = reinterpret_cast<const uint4*>(src);
+    auto* d = reinterpret_cast<uint4*>(dst);
+    const std::size_t n = bytes / 16;
+    const std::size_t step = std::size_t{gridDim.x} * blockDim.x * Unroll;
+    for (std::size_t i =
+             std::size_t{blockIdx.x} * blockDim.x * Unroll + threadIdx.x;
+         i < n; i += step) {
+      uint4 v[Unroll];
+#pragma unroll
+      for (unsigned k = 0; k < Unroll; ++k) {
+        const std::size_t j = i + k * blockDim.x;
+        if (j < n)
+          v[k] = Streaming ? __ldcs(s + j) : __ldg(s + j);
+      }
+#pragma unroll
+      for (unsigned k = 0; k < Unroll; ++k) {
+        const std::size_t j = i + k * blockDim.x;
+        if (j < n) {
+          if constexpr (Streaming)
+            __stcs(d + j, v[k]);
+          else
+            d[j] = v[k];
+        }
+      }
+    }
+  } else {
+    const std::size_t step = std::size_t{gridDim.x} * blockDim.x;
+    for (std::size_t i = std::size_t{blockIdx.x} * blockDim.x + threadIdx.x;
+         i < bytes; i += step)
+      dst[i] = src[i];
+  }
+}
+
 // Each thread moves 4 vectors of 16 bytes per step, all loads issued before
 // the first store.
 constexpr unsigned copy_unroll = 4;
@@ -297,34 +339,7 @@ __global__ void __launch_bounds__(threads)
   const bool vec = ((reinterpret_cast<std::uintptr_t>(job.src) |
                      reinterpret_cast<std::uintptr_t>(job.dst) | job.bytes) &
                     15U) == 0;
-  if (vec) {
-    const auto* s = reinterpret_cast<const uint4*>(job.src);
-    auto* d = reinterpret_cast<uint4*>(job.dst);
-    const std::size_t n = job.bytes / 16;
-    const std::size_t step = std::size_t{gridDim.x} * blockDim.x * copy_unroll;
-    for (std::size_t i =
-             std::size_t{blockIdx.x} * blockDim.x * copy_unroll + threadIdx.x;
-         i < n; i += step) {
-      uint4 v[copy_unroll];
-#pragma unroll
-      for (unsigned k = 0; k < copy_unroll; ++k) {
-        const std::size_t j = i + k * blockDim.x;
-        if (j < n)
-          v[k] = __ldg(s + j);
-      }
-#pragma unroll
-      for (unsigned k = 0; k < copy_unroll; ++k) {
-        const std::size_t j = i + k * blockDim.x;
-        if (j < n)
-          d[j] = v[k];
-      }
-    }
-  } else {
-    const std::size_t step = std::size_t{gridDim.x} * blockDim.x;
-    for (std::size_t i = std::size_t{blockIdx.x} * blockDim.x + threadIdx.x;
-         i < job.bytes; i += step)
-      job.dst[i] = job.src[i];
-  }
+  copy_range<copy_unroll, false>(job.src, job.dst, job.bytes, vec);
 }
 
 // 16-byte words each thread of a gather CTA moves per step (8: 32 KiB per
@@ -346,35 +361,7 @@ __global__ void __launch_bounds__(threads)
   const std::size_t flat_at = std::size_t{blockIdx.y} * bytes;
   const std::byte* src = p.src + (Scatter ? flat_at : pool_at);
   std::byte* dst = p.dst + (Scatter ? pool_at : flat_at);
-  if constexpr (Vec) {
-    const auto* s = reinterpret_cast<const uint4*>(src);
-    auto* d = reinterpret_cast<uint4*>(dst);
-    const std::size_t n = bytes / 16;
-    const std::size_t step =
-        std::size_t{gridDim.x} * blockDim.x * gather_unroll;
-    for (std::size_t i =
-             std::size_t{blockIdx.x} * blockDim.x * gather_unroll + threadIdx.x;
-         i < n; i += step) {
-      uint4 v[gather_unroll];
-#pragma unroll
-      for (unsigned k = 0; k < gather_unroll; ++k) {
-        const std::size_t j = i + k * blockDim.x;
-        if (j < n)
-          v[k] = __ldcs(s + j);
-      }
-#pragma unroll
-      for (unsigned k = 0; k < gather_unroll; ++k) {
-        const std::size_t j = i + k * blockDim.x;
-        if (j < n)
-          __stcs(d + j, v[k]);
-      }
-    }
-  } else {
-    const std::size_t step = std::size_t{gridDim.x} * blockDim.x;
-    for (std::size_t i = std::size_t{blockIdx.x} * blockDim.x + threadIdx.x;
-         i < bytes; i += step)
-      dst[i] = src[i];
-  }
+  copy_range<gather_unroll, true>(src, dst, bytes, Vec);
 }
 
 __constant__ std::uint8_t c_default_secret[internal::xxh3_secret_bytes] = {

@@ -1009,18 +1009,7 @@ std::size_t block_store::expire() {
 std::size_t block_store::evict_bytes(std::size_t bytes) {
   std::size_t freed = 0;
   while (freed < bytes) {
-    std::optional<size_partition> q;
-    double worst = -1.0;
-    for (std::size_t p = 0; p < partition_count; ++p) {
-      if (policies_[p]->evictable_count() == 0)
-        continue;
-      const double ratio = static_cast<double>(stats_.bytes_by_partition[p]) /
-                           config_.partitions.shares[p];
-      if (ratio > worst) {
-        worst = ratio;
-        q = static_cast<size_partition>(p);
-      }
-    }
+    const std::optional<size_partition> q = most_over_share();
     if (!q)
       break;
     const std::uint32_t victim =
@@ -1032,6 +1021,22 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
 }
 
 // ---------------------------------------------------------------- space
+
+std::optional<size_partition> block_store::most_over_share() const {
+  std::optional<size_partition> q;
+  double worst = -1.0;
+  for (std::size_t p = 0; p < partition_count; ++p) {
+    if (policies_[p]->evictable_count() == 0)
+      continue;
+    const double ratio = static_cast<double>(stats_.bytes_by_partition[p]) /
+                         config_.partitions.shares[p];
+    if (ratio > worst) {
+      worst = ratio;
+      q = static_cast<size_partition>(p);
+    }
+  }
+  return q;
+}
 
 bool block_store::over_high(std::size_t extra) const noexcept {
   return static_cast<double>(pool_.used_bytes() + extra) >

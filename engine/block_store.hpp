@@ -443,6 +443,9 @@ private:
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>
   pick_partition(size_partition p) const;
+  /// The partition with evictable blocks furthest over its share of
+  /// capacity (evict_bytes() and demote_to_tier() take from it first).
+  [[nodiscard]] std::optional<size_partition> most_over_share() const;
   bool try_demote(size_partition p, std::size_t& scan_budget);
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
   /// Frees a block's slot and entry. `announce`: report it removed

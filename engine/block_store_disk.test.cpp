@@ -2,6 +2,7 @@
 // hit, restart recovery, pins across restarts, damaged bytes on disk.
 #include "engine/block_store.hpp"
 #include "engine/checksum.hpp"
+#include "engine/testing/store_checks.hpp"
 
 #include <gtest/gtest.h>
 
@@ -113,32 +114,15 @@ protected:
   }
 
   std::vector<block_key> chain(std::uint64_t first, std::size_t n) const {
-    std::vector<block_key> keys;
-    block_key parent{};
-    for (std::size_t i = 0; i < n; ++i) {
-      parent = chain_key_from_id(parent, spec().fingerprint(), first + i);
-      keys.push_back(parent);
-    }
-    return keys;
+    return testing::chain_of(spec(), first, n);
   }
 
   process_result run(const std::vector<block_key>& keys) {
-    auto r = store_->process(ns_, keys, keys.size() * 16, producer_);
-    EXPECT_TRUE(r.has_value()) << r.error().describe();
-    store_->check_invariants();
-    return r.value_or(process_result{});
+    return testing::process_chain(*store_, ns_, spec(), keys, producer_);
   }
 
-  /// The block's bytes as the store returns them equal what the producer
-  /// makes for it: nothing came back wrong.
   void expect_correct(const block_key& k) {
-    auto lease = store_->acquire(ns_, k);
-    ASSERT_TRUE(lease.has_value());
-    std::vector<std::byte> got(block_bytes);
-    std::vector<std::byte> want(block_bytes);
-    ASSERT_TRUE(store_->read(*lease, got).has_value());
-    ASSERT_TRUE(producer_.produce(spec(), k, want).has_value());
-    EXPECT_EQ(got, want);
+    testing::expect_produced_bytes(*store_, ns_, spec(), producer_, k);
   }
 
   std::string dir_;

@@ -121,18 +121,7 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
       }
       // The partition furthest over its share gives first, as in
       // evict_bytes(); expired blocks are not worth a copy: evict them.
-      std::optional<size_partition> q;
-      double worst = -1.0;
-      for (std::size_t p = 0; p < partition_count; ++p) {
-        if (policies_[p]->evictable_count() == 0)
-          continue;
-        const double ratio = static_cast<double>(stats_.bytes_by_partition[p]) /
-                             config_.partitions.shares[p];
-        if (ratio > worst) {
-          worst = ratio;
-          q = static_cast<size_partition>(p);
-        }
-      }
+      const std::optional<size_partition> q = most_over_share();
       if (!q)
         break;
       const std::uint32_t id =
