@@ -169,6 +169,27 @@ TEST(device_store_test, blocks_move_to_pinned_host_memory_and_back_on_a_hit) {
   store.check_invariants();
 }
 
+TEST(device_store_test,
+     pinned_memory_refused_leaves_the_engine_without_a_tier) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto dev = device_memory_backend::create(std::size_t{8} << 20);
+  ASSERT_TRUE(dev) << dev.error().describe();
+  engine::store_config cfg;
+  auto gpu = engine::block_store::create(cfg, std::move(*dev));
+  ASSERT_TRUE(gpu);
+  std::vector<std::string> lines;
+  // A petabyte of pinned host memory: refused by the driver.
+  auto attached = (*gpu)->attach_tier(
+      host_tier_per_engine({std::size_t{1} << 50, std::size_t{1} << 20},
+                           [&](std::string_view l) { lines.emplace_back(l); }));
+  ASSERT_TRUE(attached) << attached.error().describe();
+  EXPECT_FALSE(*attached);
+  EXPECT_EQ((*gpu)->tier(), nullptr);
+  ASSERT_EQ(lines.size(), 1U);
+  EXPECT_NE(lines[0].find("no pinned host tier"), std::string::npos)
+      << lines[0];
+}
+
 TEST(device_store_test, a_host_arena_gets_no_pinned_tier) {
   KVFLEET_REQUIRE_DEVICE();
   engine::store_config cfg;

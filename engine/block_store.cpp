@@ -315,7 +315,9 @@ result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
     ++stats_.rejected_requests;
     return unexpected<error>(st.error());
   }
-  const std::uint32_t id = find_visible(ns, key, now());
+  std::uint32_t id = find_visible(ns, key, now());
+  if (id == npos && promote_key_from_tier(ns, key))
+    id = find_visible(ns, key, now());
   if (id == npos)
     return make_error(errc::not_found,
                       "block " + key.to_hex() + " is not cached");
@@ -947,7 +949,9 @@ result<process_result> block_store::process(ns_id ns,
 result<void> block_store::pin(ns_id ns, const block_key& key) {
   if (auto st = check_ns(ns); !st)
     return unexpected<error>(st.error());
-  const std::uint32_t id = find_visible(ns, key, now());
+  std::uint32_t id = find_visible(ns, key, now());
+  if (id == npos && promote_key_from_tier(ns, key))
+    id = find_visible(ns, key, now());
   if (id == npos)
     return make_error(errc::not_found,
                       "block " + key.to_hex() + " is not cached");
@@ -1571,6 +1575,10 @@ result<std::size_t> block_store::persist(nanos timeout) {
     if (e.state == entry_state::committed && !e.dead && spill(id, e.pins > 0))
       ++written;
   }
+  // The memory tier's blocks are cached blocks too.
+  for (const auto& [key, b] : tier_index_)
+    if (spill_tier_block(key, b))
+      ++written;
   if (!disk_->wait_idle(timeout))
     return make_error(
         errc::io_error,

@@ -246,7 +246,8 @@ public:
   [[nodiscard]] result<std::size_t>
   acquire_prefix(ns_id ns, std::span<const block_key> keys,
                  std::vector<read_lease>& out);
-  /// Lease of one cached block; errc::not_found when absent.
+  /// Lease of one cached block (brought back from the memory tier when it
+  /// is there); errc::not_found when absent.
   [[nodiscard]] result<read_lease> acquire(ns_id ns, const block_key& key);
 
   /// Codec and stored size of a leased block.
@@ -319,8 +320,9 @@ public:
   };
   [[nodiscard]] result<tier_prefix>
   lookup_tiers(ns_id ns, std::span<const block_key> keys);
-  /// Writes every cached block that is not on disk yet and waits (at most
-  /// `timeout`) until the disk tier has them: a clean shutdown. Returns how
+  /// Writes every cached block (in memory and in the memory tier) that is
+  /// not on disk yet and waits (at most `timeout`) until the disk tier has
+  /// them: a clean shutdown. Returns how
   /// many blocks were written; errc::invalid_argument without a disk tier,
   /// errc::io_error on timeout.
   [[nodiscard]] result<std::size_t>
@@ -374,7 +376,8 @@ public:
   [[nodiscard]] bool in_tier(ns_id ns, const block_key& key) const;
 
   /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
-  /// tier a pinned block is written through to disk with its pin.
+  /// tier a pinned block is written through to disk with its pin. Pinning a
+  /// block in the memory tier brings it back first.
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
 
@@ -485,6 +488,7 @@ private:
   // Memory tier (block_store_tier.cpp).
   struct tier_block {
     tier_place place;
+    block_key parent{}; // null for a chain's first block
     std::uint64_t checksum = 0;
     std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
     std::uint64_t seq = 0;       // key of tier_order_
@@ -513,8 +517,14 @@ private:
   /// unleased, every child being demoted (in this batch or one in flight;
   /// batches finish in order, so the children finish first).
   [[nodiscard]] bool can_follow_children(std::uint32_t id) const noexcept;
+  /// Writes a tier block to the disk tier (unless it is there already or
+  /// expired); false without a disk tier.
+  bool spill_tier_block(const block_key& key, const tier_block& b);
   /// Drops the oldest block of the tier (spilled to disk when attached).
   void drop_oldest_tier_block();
+  /// Brings `key` back from the memory tier with the tier blocks it chains
+  /// from; true when it is in memory now. acquire() and pin() use it.
+  bool promote_key_from_tier(ns_id ns, const block_key& key);
   void drop_tier_block(const block_key& key, bool announce);
   [[nodiscard]] std::size_t tier_prefix_length(ns_id ns,
                                                std::span<const block_key> keys);

@@ -192,6 +192,8 @@ void block_store::finish_demotions(demotion_batch& batch, bool copied) {
     }
     tier_block b;
     b.place = d.place;
+    if (e.parent != npos)
+      b.parent = entries_[e.parent].key;
     b.checksum = e.checksum;
     b.expires_at = e.expires_at;
     b.seq = ++tier_seq_;
@@ -235,28 +237,60 @@ void block_store::drop_tier_block(const block_key& key, bool announce) {
     config_.on_block_event(block_event::removed, key);
 }
 
+bool block_store::spill_tier_block(const block_key& key, const tier_block& b) {
+  const std::int64_t t = now().count();
+  if (!disk_ || (b.expires_at != 0 && b.expires_at <= t))
+    return false;
+  const std::byte* bytes = tier_->host_bytes(b.place);
+  if (bytes == nullptr)
+    return false;
+  if (const auto info = disk_->lookup(key);
+      info && info->checksum == b.checksum && info->c == b.c) {
+    ++stats_.spills_skipped;
+    return true;
+  }
+  const nanos wall = disk_clock().now();
+  const nanos expires =
+      b.expires_at != 0 ? wall + nanos{b.expires_at - t} : nanos{0};
+  const ns_state& st = namespaces_[b.ns];
+  if (!disk_->spill(key, st.fingerprint, b.c, {bytes, b.stored_bytes},
+                    b.checksum, wall, expires, false)) {
+    ++stats_.spill_failures;
+    return false;
+  }
+  ++stats_.spills;
+  return true;
+}
+
 void block_store::drop_oldest_tier_block() {
   const block_key key = tier_order_.begin()->second;
-  const tier_block& b = tier_index_.at(key);
   ++stats_.tier_drops;
   // Below the tier is the disk: a block that leaves the tier for room goes
   // there, as a block evicted from memory does.
-  const std::int64_t t = now().count();
-  const bool expired = b.expires_at != 0 && b.expires_at <= t;
-  if (disk_ && !expired) {
-    if (const std::byte* bytes = tier_->host_bytes(b.place)) {
-      const nanos wall = disk_clock().now();
-      const nanos expires =
-          b.expires_at != 0 ? wall + nanos{b.expires_at - t} : nanos{0};
-      const ns_state& st = namespaces_[b.ns];
-      if (disk_->spill(key, st.fingerprint, b.c, {bytes, b.stored_bytes},
-                       b.checksum, wall, expires, false))
-        ++stats_.spills;
-      else
-        ++stats_.spill_failures;
-    }
-  }
+  (void)spill_tier_block(key, tier_index_.at(key));
   drop_tier_block(key, true);
+}
+
+bool block_store::promote_key_from_tier(ns_id ns, const block_key& key) {
+  if (tier_index_.empty())
+    return false;
+  // The key and the tier blocks it chains from, up to the first ancestor
+  // in memory (or the chain's root); a chain broken by an ancestor that is
+  // in neither stays where it is (unreachable by prefix, dropped in time).
+  std::vector<block_key> chain;
+  block_key parent{};
+  for (block_key k = key;;) {
+    const auto it = tier_index_.find(k);
+    if (it == tier_index_.end() || it->second.ns != ns.value)
+      return false;
+    chain.push_back(k);
+    parent = it->second.parent;
+    if (parent.is_null() || find_visible(ns, parent, now()) != npos)
+      break;
+    k = parent;
+  }
+  std::reverse(chain.begin(), chain.end());
+  return promote_from_tier(ns, chain, parent, {}) == chain.size();
 }
 
 std::size_t block_store::tier_prefix_length(ns_id ns,
