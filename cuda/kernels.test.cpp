@@ -1,6 +1,7 @@
 // The kernels on a GPU against the engine's CPU reference: codecs element
 // by element (bit-exact), gather/scatter, checksums.
 #include "cuda/kernels.hpp"
+#include "cuda/internal/cuda_check.hpp"
 #include "cuda/internal/device_buffer.hpp"
 #include "cuda/internal/test_support.hpp"
 #include "engine/checksum.hpp"
@@ -276,6 +277,25 @@ TEST(kernels_test, device_checksums_match_the_host) {
   std::vector<std::uint64_t> got(sizes.size());
   std::memcpy(got.data(), got_bytes.data(), got_bytes.size());
   EXPECT_EQ(got, want);
+}
+
+TEST(kernels_test, a_failed_runtime_call_does_not_linger_for_the_next_launch) {
+  KVFLEET_REQUIRE_DEVICE();
+  // No device 1 << 20: the failure comes back as a value, and the thread's
+  // last error is clear afterwards, so the next launch's check does not
+  // report it again (a refused cudaHostAlloc once read as "launch of
+  // checksum kernel: out of memory").
+  auto r = internal::check(cudaSetDevice(1 << 20), "cudaSetDevice(1 << 20)");
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess);
+  ASSERT_TRUE(internal::use_device(0).has_value());
+  device_buffer a(4096);
+  std::uint64_t* sums = nullptr;
+  ASSERT_EQ(cudaMalloc(&sums, 8), cudaSuccess);
+  const checksum_job j{a.data(), 4096};
+  EXPECT_TRUE(checksum_blocks({&j, 1}, sums).has_value());
+  sync_ok();
+  (void)cudaFree(sums);
 }
 
 TEST(kernels_test, a_refused_call_leaves_no_cuda_error_behind) {

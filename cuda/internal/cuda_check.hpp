@@ -11,11 +11,17 @@
 
 namespace kvfleet::cuda::internal {
 
-/// Success, or the error naming `call` and the code.
+/// Success, or the error naming `call` and the code. A failed call also
+/// leaves its code as the thread's "last error", where the next kernel
+/// launch's check (cudaGetLastError) would find it and blame the launch:
+/// a refused cudaHostAlloc then read as "launch of checksum kernel: out of
+/// memory" on the H100. The error is reported here, as a value, so the
+/// last error is reset (a sticky error stays: every later call returns it).
 [[nodiscard]] inline result<void> check(cudaError_t code,
                                         std::string_view call) {
   if (code == cudaSuccess)
     return {};
+  (void)cudaGetLastError();
   return unexpected<error>(cuda_call_error(call, static_cast<int>(code)));
 }
 
