@@ -74,6 +74,29 @@ protected:
     testing::expect_produced_bytes(*store_, ns_, spec(), producer_, k);
   }
 
+  /// Puts a disk tier in a fresh temporary directory below the store (the
+  /// directory goes at TearDown, after the store).
+  void attach_disk() {
+    char tmpl[] = "/tmp/kvfleet-store-tier-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    disk_dir_ = tmpl;
+    disk_tier_config dc;
+    dc.directory = disk_dir_;
+    dc.capacity_bytes = std::uint64_t{16} << 20;
+    dc.segment_bytes = std::uint64_t{1} << 20;
+    auto disk = disk_tier::open(dc);
+    ASSERT_TRUE(disk.has_value()) << disk.error().describe();
+    ASSERT_TRUE(store_->attach_disk(std::move(*disk)).has_value());
+  }
+
+  void TearDown() override {
+    store_.reset(); // closes the disk tier before its directory goes
+    if (!disk_dir_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(disk_dir_, ec);
+    }
+  }
+
   /// Finishes the tier's copies and lets the store collect them.
   void settle() {
     tier_->finish_demotions();
@@ -88,6 +111,7 @@ protected:
   ns_id ns_;
   std::vector<block_key> stored_;
   std::vector<block_key> removed_;
+  std::string disk_dir_;
 };
 
 TEST_F(store_tier_test, cold_blocks_move_to_the_tier_and_come_back_on_a_hit) {
@@ -212,17 +236,8 @@ TEST_F(store_tier_test, a_full_tier_drops_its_oldest_blocks_and_says_so) {
 
 TEST_F(store_tier_test, blocks_dropped_from_the_tier_spill_to_disk) {
   open(32, 4);
-  char tmpl[] = "/tmp/kvfleet-store-tier-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  const std::string dir = tmpl;
+  attach_disk();
   {
-    disk_tier_config dc;
-    dc.directory = dir;
-    dc.capacity_bytes = std::uint64_t{16} << 20;
-    dc.segment_bytes = std::uint64_t{1} << 20;
-    auto disk = disk_tier::open(dc);
-    ASSERT_TRUE(disk.has_value()) << disk.error().describe();
-    ASSERT_TRUE(store_->attach_disk(std::move(*disk)).has_value());
     const auto a = chain(1, 4);
     run(a);
     ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
@@ -240,24 +255,12 @@ TEST_F(store_tier_test, blocks_dropped_from_the_tier_spill_to_disk) {
     EXPECT_EQ(r.disk_blocks, 4U);
     for (const auto& k : a)
       expect_correct(k);
-    store_.reset();
   }
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
 }
 
 TEST_F(store_tier_test, a_clean_shutdown_writes_the_tiers_blocks_to_disk) {
-  char tmpl[] = "/tmp/kvfleet-store-tier-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  const std::string dir = tmpl;
+  attach_disk();
   {
-    disk_tier_config dc;
-    dc.directory = dir;
-    dc.capacity_bytes = std::uint64_t{16} << 20;
-    dc.segment_bytes = std::uint64_t{1} << 20;
-    auto disk = disk_tier::open(dc);
-    ASSERT_TRUE(disk.has_value()) << disk.error().describe();
-    ASSERT_TRUE(store_->attach_disk(std::move(*disk)).has_value());
     const auto a = chain(1, 3);
     run(a);
     ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
@@ -271,10 +274,7 @@ TEST_F(store_tier_test, a_clean_shutdown_writes_the_tiers_blocks_to_disk) {
     EXPECT_EQ(*written, 3U);
     for (const auto& k : a)
       EXPECT_TRUE(store_->disk()->lookup(k).has_value()) << k.to_hex();
-    store_.reset();
   }
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
 }
 
 TEST_F(store_tier_test, a_busy_or_failing_tier_loses_nothing) {
