@@ -258,7 +258,8 @@ result<std::size_t> block_store::lookup(ns_id ns,
     return unexpected<error>(st.error());
   }
   const nanos start = now();
-  const std::size_t n = walk_prefix(ns, keys, start);
+  std::size_t n = walk_prefix(ns, keys, start);
+  n += tier_prefix_length(ns, keys.subspan(n)); // 0 at once without a tier
   ++stats_.lookups;
   stats_.block_hits += n;
   stats_.block_misses += keys.size() - n;

@@ -236,8 +236,10 @@ public:
                      const namespace_options& options = {});
   [[nodiscard]] result<const namespace_spec*> spec(ns_id ns) const;
 
-  /// Number of leading `keys` cached (longest prefix). Read-only: no access
-  /// is recorded. Counts block hits and misses.
+  /// Number of leading `keys` cached (longest prefix), in memory and then
+  /// in the memory tier (not on disk: lookup_tiers() tells the tiers
+  /// apart). Read-only: no access is recorded, nothing moves. Counts block
+  /// hits and misses.
   [[nodiscard]] result<std::size_t> lookup(ns_id ns,
                                            std::span<const block_key> keys);
 

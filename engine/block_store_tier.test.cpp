@@ -142,6 +142,8 @@ TEST_F(store_tier_test, cold_blocks_move_to_the_tier_and_come_back_on_a_hit) {
   EXPECT_EQ(tiers->tier, 4U);
   EXPECT_EQ(tiers->disk, 0U);
   EXPECT_TRUE(removed_.empty()) << "a demoted block is still this store's";
+  EXPECT_EQ(store_->lookup(ns_, a).value_or(0), 4U) << "cached, in the tier";
+  EXPECT_EQ(store_->tier_block_count(), 4U) << "a lookup moves nothing";
 
   // A longer request: the four come back from the tier, one is computed.
   auto longer = a;
