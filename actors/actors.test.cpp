@@ -86,6 +86,10 @@ protected:
     for (auto& a : stop_at_end_)
       caf::anon_send_exit(a, caf::exit_reason::kill);
     sched_->run();
+    // A test that failed may leave a request unanswered: let the asking
+    // actors' own timeouts end them, or the system would wait for them.
+    sched_->advance_time(3601s);
+    sched_->run();
   }
 
   /// Sends a request from a fresh actor; the outcome fills in as the
@@ -425,6 +429,30 @@ TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
                           .engine);
   std::sort(engines.begin(), engines.end());
   EXPECT_EQ(engines, (std::vector<std::uint32_t>{0, 1}));
+}
+
+TEST_F(actor_test, RequestsBatchedInAKilledEngineAreReroutedAtOnce) {
+  // Engine 0 holds its requests for 10 s; engine 1 answers at once. A
+  // request waiting in engine 0's batch when it dies goes to engine 1 right
+  // away: it does not wait out the balancer's 5 s timeout.
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64, 20, 10s), small_engine(64)});
+  sched_->run();
+  auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  ASSERT_FALSE(r->done());
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).in_flight.at(0), 1U);
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  caf::anon_send_exit(e0, caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_TRUE(r->value.has_value());
+  EXPECT_EQ(r->value->engine, 1U);
+  EXPECT_EQ(r->value->computed_blocks, 2U);
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.rerouted, 1U);
+  EXPECT_EQ(st.timeouts, 0U);
+  EXPECT_EQ(st.in_flight.at(0), 0U);
+  EXPECT_EQ(st.in_flight.at(1), 0U);
 }
 
 TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {

@@ -50,6 +50,20 @@ struct engine_state {
   std::uint64_t batches = 0;
   std::uint64_t pressure_evictions = 0;
   static inline const char* name = "kvfleet.engine";
+
+  engine_state() = default;
+  engine_state(const engine_state&) = delete;
+  engine_state& operator=(const engine_state&) = delete;
+  /// Runs when the actor stops, killed or shut down. Requests still waiting
+  /// in a batch are answered request_receiver_down, as CAF answers those
+  /// still in the mailbox: a balancer reroutes them at once instead of
+  /// waiting out their timeout, and no caller keeps a response handler for
+  /// an answer that would never come.
+  ~engine_state() {
+    while (batcher.pending() > 0)
+      for (auto& p : batcher.take())
+        p.promise.deliver(caf::make_error(caf::sec::request_receiver_down));
+  }
 };
 
 using engine_actor = caf::stateful_actor<engine_state>;
