@@ -755,6 +755,43 @@ TEST_F(actor_test, AMemoryTierKeepsDemotedBlocksInTheEngine) {
   EXPECT_EQ(st.tier_hits, 4U);
 }
 
+TEST_F(actor_test, AnIdleEngineFinishesItsDemotionsWithoutANewRequest) {
+  auto c = small_engine(40);
+  c.tier_poll_interval = 2ms;
+  auto tier = std::make_shared<engine::testing::fake_memory_tier*>(nullptr);
+  c.make_tier = [tier](engine::memory_backend& arena)
+      -> result<std::unique_ptr<engine::memory_tier>> {
+    auto t = std::make_unique<engine::testing::fake_memory_tier>(
+        arena.host_data(), 40 * block_bytes);
+    *tier = t.get();
+    return std::unique_ptr<engine::memory_tier>(std::move(t));
+  };
+  // Demotes everything it can and never polls: finishing is the actor's job.
+  c.relieve = [](std::uint32_t, engine::block_store& store) {
+    return store.demote_to_tier(store.used_bytes()).value_or(0);
+  };
+  auto e = engine(c);
+  ASSERT_NE(*tier, nullptr);
+  ask_now<kv_reply>(e, process_atom::value, make_request(1, 1, 0, 4, 1));
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.tier_in_flight_bytes, 4 * block_bytes);
+  EXPECT_EQ(st.tier_blocks, 0U);
+  sched_->advance_time(2ms); // the copies are not done: look again later
+  sched_->run();
+  st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.tier_in_flight_bytes, 4 * block_bytes);
+  (*tier)->finish_demotions();
+  sched_->advance_time(2ms);
+  sched_->run();
+  st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.tier_in_flight_bytes, 0U);
+  EXPECT_EQ(st.tier_blocks, 4U);
+  EXPECT_EQ(st.used_bytes, 0U);
+  EXPECT_EQ(st.requests, 1U);
+  // Nothing in flight: the actor stops looking.
+  EXPECT_FALSE(sched_->has_pending_timeout());
+}
+
 TEST_F(actor_test, AFailingTierFactoryFailsTheEngineStart) {
   auto c = small_engine(40);
   c.make_tier = [](engine::memory_backend&)

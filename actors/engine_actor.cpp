@@ -49,6 +49,7 @@ struct engine_state {
   std::uint64_t requests = 0;
   std::uint64_t batches = 0;
   std::uint64_t pressure_evictions = 0;
+  bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
   static inline const char* name = "kvfleet.engine";
 
   engine_state() = default;
@@ -162,10 +163,27 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
                   false};
 }
 
-void after_batch(engine_actor* self) {
-  ++self->state.batches;
+/// While demotions are in flight, checks them again after
+/// tier_poll_interval, so an idle engine still frees what they hold.
+void watch_tier(engine_actor* self) {
+  auto& st = self->state;
+  if (st.tier_poll_pending || st.store->tier_bytes_in_flight() == 0)
+    return;
+  st.tier_poll_pending = true;
+  self->delayed_send(self, st.config.tier_poll_interval, poll_tier_atom::value);
+}
+
+/// After requests or a put changed the store: relieve memory pressure,
+/// tell listeners, keep an eye on the tier copies that started.
+void after_change(engine_actor* self) {
   relieve_pressure(self->state);
   publish(self);
+  watch_tier(self);
+}
+
+void after_batch(engine_actor* self) {
+  ++self->state.batches;
+  after_change(self);
 }
 
 void close_batch(engine_actor* self);
@@ -214,9 +232,7 @@ caf::behavior engine_behavior(engine_actor* self,
         auto& s = self->state;
         if (s.config.batch.max_size <= 1) {
           auto r = run_one(s, req);
-          ++s.batches;
-          relieve_pressure(s);
-          publish(self);
+          after_batch(self);
           if (!r)
             return to_caf_error(r.error());
           return std::move(*r);
@@ -232,6 +248,12 @@ caf::behavior engine_behavior(engine_actor* self,
         else
           arm_timer(self);
         return promise;
+      },
+      [=](poll_tier_atom) {
+        auto& s = self->state;
+        s.tier_poll_pending = false;
+        s.store->poll_tier();
+        after_change(self);
       },
       [=](close_batch_atom, std::uint64_t gen) {
         if (self->state.batcher.timer_current(gen))
@@ -302,7 +324,7 @@ caf::behavior engine_behavior(engine_actor* self,
         s.puts.erase(it);
         if (r) {
           note_stored(s, key);
-          publish(self);
+          after_change(self);
         }
         return lift_void(r);
       },
@@ -372,6 +394,7 @@ caf::behavior engine_behavior(engine_actor* self,
         out.tier_blocks = s.store->tier_block_count();
         out.tier_demotions = ss.tier_demotions;
         out.tier_hits = ss.tier_block_hits;
+        out.tier_in_flight_bytes = s.store->tier_bytes_in_flight();
         return out;
       },
       [=](capacity_atom, std::uint32_t tokens) {

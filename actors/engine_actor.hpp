@@ -33,10 +33,12 @@
 /// that set for keys the store no longer holds (see README: engine API
 /// wish).
 ///
-/// Memory manager: after each batch, usage above `pressure.threshold`
-/// (0.9) of the pool evicts down to `pressure.target`, lowest priority
-/// first (memory_manager.hpp); `relieve`, when set, decides instead (a GPU
-/// engine's reads device memory as a whole).
+/// Memory manager: after each batch and each committed put, usage above
+/// `pressure.threshold` (0.9) of the pool evicts down to `pressure.target`,
+/// lowest priority first (memory_manager.hpp); `relieve`, when set, decides
+/// instead (a GPU engine's reads device memory as a whole). Copies to a memory
+/// tier that relief started are checked every `tier_poll_interval` until they
+/// finish, whether requests come or not.
 ///
 /// Open puts are aborted `put_timeout` after their reservation.
 
@@ -81,6 +83,10 @@ struct engine_actor_config {
   /// no tier. Blocks move there only through `relieve` (the GPU memory
   /// manager demotes to the tier before it evicts).
   engine::memory_tier_factory make_tier;
+  /// While copies to the tier are in flight, the actor checks them this
+  /// often even when no request comes, so an idle engine frees the device
+  /// memory and staging they hold as soon as they finish.
+  std::chrono::microseconds tier_poll_interval{1000};
   /// Frees memory under pressure after every batch and put; returns the
   /// bytes freed. Null: the rule of memory_manager.hpp (`pressure`) on the
   /// pool's own accounting. One engine per GPU passes

@@ -118,6 +118,9 @@ struct engine_stats {
   std::uint64_t tier_blocks = 0;    ///< blocks in the memory tier now
   std::uint64_t tier_demotions = 0; ///< blocks moved there so far
   std::uint64_t tier_hits = 0;      ///< blocks promoted back on a hit
+  /// Device bytes whose copy to the tier has not been seen finished yet
+  /// (they stay taken until then).
+  std::uint64_t tier_in_flight_bytes = 0;
 };
 
 template <class Inspector>
@@ -126,7 +129,7 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
            x.requests, x.batches, x.blocks, x.used_bytes, x.capacity_bytes,
            x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
            x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
-           x.tier_hits);
+           x.tier_hits, x.tier_in_flight_bytes);
 }
 
 /// The balancer's counters.
@@ -265,5 +268,6 @@ CAF_ADD_ATOM(kvfleet, kvfleet::actors, progress_atom, "kv_progres")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, query_atom, "kv_query")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, engine_atom, "kv_engine")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, sweep_atom, "kv_sweep")
+CAF_ADD_ATOM(kvfleet, kvfleet::actors, poll_tier_atom, "kv_poll")
 
 CAF_END_TYPE_ID_BLOCK(kvfleet)
