@@ -17,6 +17,8 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <span>
+#include <stdexcept>
 #include <vector>
 
 #include <caf/actor_system.hpp>
@@ -453,6 +455,40 @@ TEST_F(actor_test, RequestsBatchedInAKilledEngineAreReroutedAtOnce) {
   EXPECT_EQ(st.timeouts, 0U);
   EXPECT_EQ(st.in_flight.at(0), 0U);
   EXPECT_EQ(st.in_flight.at(1), 0U);
+}
+
+/// A producer with a bug: it throws, which no producer may.
+class throwing_producer final : public engine::kv_producer {
+public:
+  result<void> produce(const engine::namespace_spec&, const block_key&,
+                       std::span<std::byte>) override {
+    throw std::runtime_error("producer bug");
+  }
+  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+};
+
+TEST_F(actor_test, ABatchCutShortByAnExceptionIsReroutedNotLost) {
+  // Engine 0's producer throws in the middle of a batch of two, which ends
+  // the actor; both requests of that batch go to engine 1 at once.
+  auto bad = small_engine(64, 2, 10s);
+  bad.make_producer = [] { return std::make_unique<throwing_producer>(); };
+  auto b = balancer(routing_policy::round_robin, {bad, small_engine(64)});
+  sched_->run();
+  auto r1 = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  auto r2 = ask<kv_reply>(b, process_atom::value, make_request(2, 0, 0, 2, 2));
+  sched_->run();
+  auto r3 = ask<kv_reply>(b, process_atom::value, make_request(3, 0, 0, 2, 3));
+  sched_->run();
+  for (const auto& r : {r1, r2, r3}) {
+    ASSERT_TRUE(r->value.has_value());
+    EXPECT_EQ(r->value->engine, 1U);
+    EXPECT_EQ(r->value->computed_blocks, 2U);
+  }
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.rerouted, 2U);
+  EXPECT_EQ(st.timeouts, 0U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
 }
 
 TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {

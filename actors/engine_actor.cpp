@@ -28,9 +28,34 @@ struct engine_parts {
   std::unique_ptr<engine::kv_producer> producer;
 };
 
+/// A request waiting in a batch. One dropped unanswered (the actor
+/// stopped, killed or shut down, or a batch was cut short by an exception)
+/// is answered request_receiver_down, as CAF answers requests still in the
+/// mailbox: a balancer reroutes it at once instead of waiting out its
+/// timeout, and no caller keeps a response handler for an answer that would
+/// never come.
 struct pending_request {
   kv_request request;
   caf::response_promise promise;
+
+  pending_request(kv_request r, caf::response_promise p)
+      : request(std::move(r)), promise(std::move(p)) {}
+  pending_request(pending_request&&) noexcept = default;
+  pending_request& operator=(pending_request&& other) noexcept {
+    drop();
+    request = std::move(other.request);
+    promise = std::move(other.promise);
+    return *this;
+  }
+  pending_request(const pending_request&) = delete;
+  pending_request& operator=(const pending_request&) = delete;
+  ~pending_request() { drop(); }
+
+private:
+  void drop() {
+    if (promise.pending())
+      promise.deliver(caf::make_error(caf::sec::request_receiver_down));
+  }
 };
 
 struct engine_state {
@@ -51,20 +76,6 @@ struct engine_state {
   std::uint64_t pressure_evictions = 0;
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
   static inline const char* name = "kvfleet.engine";
-
-  engine_state() = default;
-  engine_state(const engine_state&) = delete;
-  engine_state& operator=(const engine_state&) = delete;
-  /// Runs when the actor stops, killed or shut down. Requests still waiting
-  /// in a batch are answered request_receiver_down, as CAF answers those
-  /// still in the mailbox: a balancer reroutes them at once instead of
-  /// waiting out their timeout, and no caller keeps a response handler for
-  /// an answer that would never come.
-  ~engine_state() {
-    while (batcher.pending() > 0)
-      for (auto& p : batcher.take())
-        p.promise.deliver(caf::make_error(caf::sec::request_receiver_down));
-  }
 };
 
 using engine_actor = caf::stateful_actor<engine_state>;
