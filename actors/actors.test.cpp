@@ -756,16 +756,24 @@ TEST_F(actor_test, MemoryPressureHookDecidesInsteadOfThePoolRule) {
   EXPECT_EQ(*calls, (std::vector<std::uint32_t>{3, 3}));
 }
 
-TEST_F(actor_test, AMemoryTierKeepsDemotedBlocksInTheEngine) {
-  auto c = small_engine(40);
+/// Gives engine config `c` a fake memory tier of `blocks` blocks; the
+/// returned cell points at the tier once the engine has made it.
+std::shared_ptr<engine::testing::fake_memory_tier*>
+attach_fake_tier(engine_actor_config& c, std::size_t blocks) {
   auto tier = std::make_shared<engine::testing::fake_memory_tier*>(nullptr);
-  c.make_tier = [tier](engine::memory_backend& arena)
+  c.make_tier = [tier, blocks](engine::memory_backend& arena)
       -> result<std::unique_ptr<engine::memory_tier>> {
     auto t = std::make_unique<engine::testing::fake_memory_tier>(
-        arena.host_data(), 40 * block_bytes);
+        arena.host_data(), blocks * block_bytes);
     *tier = t.get();
     return std::unique_ptr<engine::memory_tier>(std::move(t));
   };
+  return tier;
+}
+
+TEST_F(actor_test, AMemoryTierKeepsDemotedBlocksInTheEngine) {
+  auto c = small_engine(40);
+  auto tier = attach_fake_tier(c, 40);
   // A hook that demotes everything after each batch (a GPU engine's hook
   // does it above its threshold: cuda::device_memory_relief_per_engine).
   c.relieve = [](std::uint32_t, engine::block_store& store) {
@@ -794,14 +802,7 @@ TEST_F(actor_test, AMemoryTierKeepsDemotedBlocksInTheEngine) {
 TEST_F(actor_test, AnIdleEngineFinishesItsDemotionsWithoutANewRequest) {
   auto c = small_engine(40);
   c.tier_poll_interval = 2ms;
-  auto tier = std::make_shared<engine::testing::fake_memory_tier*>(nullptr);
-  c.make_tier = [tier](engine::memory_backend& arena)
-      -> result<std::unique_ptr<engine::memory_tier>> {
-    auto t = std::make_unique<engine::testing::fake_memory_tier>(
-        arena.host_data(), 40 * block_bytes);
-    *tier = t.get();
-    return std::unique_ptr<engine::memory_tier>(std::move(t));
-  };
+  auto tier = attach_fake_tier(c, 40);
   // Demotes everything it can and never polls: finishing is the actor's job.
   c.relieve = [](std::uint32_t, engine::block_store& store) {
     return store.demote_to_tier(store.used_bytes()).value_or(0);
