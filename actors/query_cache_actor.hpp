@@ -40,8 +40,9 @@ struct query_cache_config {
   std::chrono::seconds ttl{3600};
   std::size_t max_entries = 100'000;
   std::chrono::milliseconds request_timeout{30'000};
-  /// Empty: the embedded store (max_entries). Else redis://host[:port][/db]
-  /// and the options below (their `url` is replaced by this one).
+  /// Empty: the embedded store (max_entries). Else
+  /// redis://[[user]:password@]host[:port][/db] and the options below (their
+  /// `url` is replaced by this one).
   std::string redis_url;
   redis_query_store_config redis{};
 };

@@ -5,6 +5,8 @@
 #include <charconv>
 #include <csignal>
 #include <ctime>
+#include <optional>
+#include <string>
 #include <utility>
 
 #include <hiredis/hiredis.h>
@@ -14,9 +16,55 @@
 namespace kvfleet::actors {
 namespace {
 
+/// `url` with whatever sits between "://" and the host's '@' replaced by
+/// "***", so no message shows a password.
+std::string without_credentials(std::string_view url) {
+  const auto scheme_end = url.find("://");
+  if (scheme_end == std::string_view::npos)
+    return std::string(url);
+  const auto start = scheme_end + 3;
+  const auto authority = url.substr(start, url.find('/', start) - start);
+  const auto at = authority.rfind('@');
+  if (at == std::string_view::npos)
+    return std::string(url);
+  return std::string(url.substr(0, start)) + "***" +
+         std::string(url.substr(start + at));
+}
+
 unexpected<error> url_error(std::string_view url, std::string_view why) {
-  return make_error(errc::parse_error, "bad Redis URL '" + std::string(url) +
+  return make_error(errc::parse_error, "bad Redis URL '" +
+                                           without_credentials(url) +
                                            "': " + std::string(why));
+}
+
+/// Decodes %XX escapes; nullopt on a malformed one.
+std::optional<std::string> percent_decode(std::string_view s) {
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9')
+      return c - '0';
+    if (c >= 'a' && c <= 'f')
+      return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+      return c - 'A' + 10;
+    return -1;
+  };
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '%') {
+      out.push_back(s[i]);
+      continue;
+    }
+    if (i + 2 >= s.size())
+      return std::nullopt;
+    const int hi = hex(s[i + 1]);
+    const int lo = hex(s[i + 2]);
+    if (hi < 0 || lo < 0)
+      return std::nullopt;
+    out.push_back(static_cast<char>(hi * 16 + lo));
+    i += 2;
+  }
+  return out;
 }
 
 bool all_digits(std::string_view s) {
@@ -84,13 +132,26 @@ result<redis_endpoint> parse_redis_url(std::string_view url) {
   if (url.substr(0, scheme.size()) != scheme)
     return url_error(url, "scheme must be redis://");
   auto rest = url.substr(scheme.size());
-  if (rest.find('@') != std::string_view::npos)
-    return url_error(url, "credentials are not supported");
   if (rest.find_first_of("?#") != std::string_view::npos)
     return url_error(url, "query strings and fragments are not supported");
   auto slash = rest.find('/');
   auto authority = rest.substr(0, slash);
   redis_endpoint ep;
+  if (auto at = authority.rfind('@'); at != std::string_view::npos) {
+    const auto userinfo = authority.substr(0, at);
+    authority = authority.substr(at + 1);
+    const auto colon = userinfo.find(':');
+    if (colon == std::string_view::npos)
+      return url_error(url, "credentials must be user:password or :password");
+    auto user = percent_decode(userinfo.substr(0, colon));
+    auto password = percent_decode(userinfo.substr(colon + 1));
+    if (!user || !password)
+      return url_error(url, "bad %-escape in the credentials");
+    if (password->empty())
+      return url_error(url, "empty password");
+    ep.user = std::move(*user);
+    ep.password = std::move(*password);
+  }
   std::string_view port;
   bool has_port = false;
   if (!authority.empty() && authority.front() == '[') {
@@ -217,6 +278,21 @@ result<void> redis_query_store::ensure_connected() {
                       where(endpoint_) + ": cannot set timeout: " + why);
   }
   ctx_ = c;
+  if (!endpoint_.password.empty()) {
+    auto r =
+        endpoint_.user.empty()
+            ? run_command(ctx_, {"AUTH", endpoint_.password})
+            : run_command(ctx_, {"AUTH", endpoint_.user, endpoint_.password});
+    if (!r || r->type == REDIS_REPLY_ERROR) {
+      std::string why = r ? std::string(r->str, r->len) : ctx_->errstr;
+      disconnect();
+      return make_error(
+          errc::backend_error,
+          where(endpoint_) + ": AUTH" +
+              (endpoint_.user.empty() ? "" : " as '" + endpoint_.user + "'") +
+              " failed: " + why);
+    }
+  }
   if (endpoint_.db != 0) {
     auto db = std::to_string(endpoint_.db);
     auto r = run_command(ctx_, {"SELECT", db});

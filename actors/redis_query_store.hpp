@@ -1,7 +1,13 @@
 #pragma once
 /// `redis_query_store`: the query-result store kept in a Redis server
 /// (hiredis, Debian's libhiredis-dev), selected by a configured
-/// `redis://host[:port][/db]` URL.
+/// `redis://[[user]:password@]host[:port][/db]` URL.
+///
+/// With a password in the URL every new connection first sends
+/// `AUTH <password>` (no user: the `default` user) or
+/// `AUTH <user> <password>` (Redis 6 ACL users). The password never
+/// appears in an error message: messages show the URL with its
+/// credentials replaced by `***`.
 ///
 /// Entries: `SET <prefix><key> <value> PX <ttl ms>` and `GET <prefix><key>`.
 /// The value is stored byte for byte as the cache hands it over (the
@@ -41,7 +47,9 @@ struct redisContext;
 namespace kvfleet::actors {
 
 struct redis_query_store_config {
-  std::string url; ///< redis://host[:port][/db]; port 6379, db 0 by default
+  /// redis://[[user]:password@]host[:port][/db]; port 6379, db 0 by
+  /// default. Percent-encode `@ : / ? # %` inside user and password.
+  std::string url;
   std::string key_prefix = "kvfleet:q:";
   std::chrono::milliseconds connect_timeout{200};
   std::chrono::milliseconds command_timeout{50};
@@ -52,14 +60,18 @@ struct redis_endpoint {
   std::string host;
   std::uint16_t port = 6379;
   std::uint32_t db = 0;
+  std::string user;     ///< empty: AUTH with the password alone
+  std::string password; ///< empty: no AUTH
 
   friend bool operator==(const redis_endpoint&,
                          const redis_endpoint&) = default;
 };
 
-/// Parses `redis://host[:port][/db]` (an IPv6 host in brackets). Errors:
-/// errc::parse_error saying what is wrong (scheme, empty host, port not in
-/// 1..65535, db not a number, credentials, query strings).
+/// Parses `redis://[[user]:password@]host[:port][/db]` (an IPv6 host in
+/// brackets; user and password percent-decoded). Errors: errc::parse_error
+/// saying what is wrong (scheme, empty host, port not in 1..65535, db not
+/// a number, credentials without a password or with a bad %-escape, query
+/// strings), with the credentials in the quoted URL replaced by `***`.
 [[nodiscard]] result<redis_endpoint> parse_redis_url(std::string_view url);
 
 class redis_query_store final : public query_store {

@@ -198,13 +198,13 @@ constexpr engine::nanos t0{0};
 TEST(RedisUrl, ParsesHostPortAndDb) {
   auto a = parse_redis_url("redis://127.0.0.1:6380/2");
   ASSERT_TRUE(a.has_value()) << a.error().describe();
-  EXPECT_EQ(*a, (redis_endpoint{"127.0.0.1", 6380, 2}));
+  EXPECT_EQ(*a, (redis_endpoint{"127.0.0.1", 6380, 2, "", ""}));
   auto b = parse_redis_url("redis://cache.local");
   ASSERT_TRUE(b.has_value());
-  EXPECT_EQ(*b, (redis_endpoint{"cache.local", 6379, 0}));
+  EXPECT_EQ(*b, (redis_endpoint{"cache.local", 6379, 0, "", ""}));
   auto c = parse_redis_url("redis://[::1]:7000/");
   ASSERT_TRUE(c.has_value());
-  EXPECT_EQ(*c, (redis_endpoint{"::1", 7000, 0}));
+  EXPECT_EQ(*c, (redis_endpoint{"::1", 7000, 0, "", ""}));
 }
 
 TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
@@ -212,7 +212,7 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
     const char* url;
     const char* says;
   };
-  for (auto [url, says] : std::array<bad, 12>{{
+  for (auto [url, says] : std::array<bad, 11>{{
            {"", "scheme"},
            {"http://h:1", "scheme"},
            {"rediss://h:1", "TLS"},
@@ -223,7 +223,6 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
            {"redis://h:65536", "port"},
            {"redis://h:12ab", "port"},
            {"redis://h:1/x", "database"},
-           {"redis://u:p@h:1", "credentials"},
            {"redis://::1:6379", "brackets"},
        }}) {
     auto r = parse_redis_url(url);
@@ -238,6 +237,42 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
   auto s = redis_query_store::open(c);
   ASSERT_FALSE(s.has_value());
   EXPECT_EQ(s.error().code, errc::invalid_argument);
+}
+
+TEST(RedisUrl, ParsesCredentials) {
+  auto a = parse_redis_url("redis://:s3cret@cache.local:6380/1");
+  ASSERT_TRUE(a.has_value()) << a.error().describe();
+  EXPECT_EQ(*a, (redis_endpoint{"cache.local", 6380, 1, "", "s3cret"}));
+  // Percent-escapes in both; the host's '@' is the last one.
+  auto b = parse_redis_url("redis://alice:p%40ss%2Fw%3Ad@[::1]:7000");
+  ASSERT_TRUE(b.has_value()) << b.error().describe();
+  EXPECT_EQ(*b, (redis_endpoint{"::1", 7000, 0, "alice", "p@ss/w:d"}));
+}
+
+TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
+  struct bad {
+    const char* url;
+    const char* says;
+    const char* secret;
+  };
+  for (auto [url, says, secret] : std::array<bad, 6>{{
+           {"redis://hunter2@h:1", "user:password", "hunter2"},
+           {"redis://alice:@h:1", "empty password", "alice"},
+           {"redis://alice:hun%zzter@h:1", "%-escape", "hun%zz"},
+           {"redis://alice:hunter%4@h:1", "%-escape", "hunter"},
+           {"redis://alice:hunter2@", "empty host", "hunter2"},
+           {"rediss://alice:hunter2@h:1", "TLS", "hunter2"},
+       }}) {
+    auto r = parse_redis_url(url);
+    ASSERT_FALSE(r.has_value()) << url;
+    EXPECT_EQ(r.error().code, errc::parse_error) << url;
+    EXPECT_NE(r.error().message.find(says), std::string::npos)
+        << url << ": " << r.error().message;
+    EXPECT_EQ(r.error().message.find(secret), std::string::npos)
+        << url << ": " << r.error().message;
+    EXPECT_NE(r.error().message.find("***@"), std::string::npos)
+        << r.error().message;
+  }
 }
 
 TEST_F(RedisQueryStore, SetGetRoundTripUnderPrefix) {
@@ -335,6 +370,54 @@ TEST_F(RedisQueryStore, ErrorReplyIsAnErrorValueNamingIt) {
       << got.error().message;
   EXPECT_TRUE(store->connected()); // a reply error keeps the connection
   EXPECT_TRUE(store->set("fine", "v", hour, t0));
+}
+
+TEST_F(RedisQueryStore, AuthenticatesWithThePasswordOrAsAnAclUser) {
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  auto acl = command(direct.get(), {"ACL", "SETUSER", "alice", "on",
+                                    ">al!ce pw", "~kvfleet:*", "+@all"});
+  ASSERT_TRUE(acl && acl->type == REDIS_REPLY_STATUS);
+  auto pass = command(direct.get(), {"CONFIG", "SET", "requirepass", "s3cret"});
+  ASSERT_TRUE(pass && pass->type == REDIS_REPLY_STATUS);
+  const auto host = "127.0.0.1:" + std::to_string(server_->port());
+  auto open_as = [&](const std::string& credentials) {
+    redis_query_store_config c;
+    c.url = "redis://" + credentials + host;
+    auto s = redis_query_store::open(c);
+    EXPECT_TRUE(s.has_value()) << s.error().describe();
+    return s ? std::move(*s) : nullptr;
+  };
+  // Without credentials the server refuses every command.
+  auto anonymous = open_as("");
+  ASSERT_TRUE(anonymous);
+  auto refused = anonymous->get("k", t0);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_NE(refused.error().message.find("NOAUTH"), std::string::npos)
+      << refused.error().message;
+  // The default user's password, then an ACL user (percent-encoded).
+  auto with_password = open_as(":s3cret@");
+  ASSERT_TRUE(with_password);
+  ASSERT_TRUE(with_password->set("k", "v", hour, t0));
+  EXPECT_EQ(with_password->get("k", t0)->value_or(""), "v");
+  auto alice = open_as("alice:al%21ce%20pw@");
+  ASSERT_TRUE(alice);
+  auto got = alice->get("k", t0);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(got->value_or(""), "v");
+  // A wrong password: an error value naming AUTH, without the password.
+  auto wrong = open_as("alice:n0tthis@");
+  ASSERT_TRUE(wrong);
+  auto denied = wrong->get("k", t0);
+  ASSERT_FALSE(denied.has_value());
+  EXPECT_EQ(denied.error().code, errc::backend_error);
+  EXPECT_NE(denied.error().message.find("AUTH as 'alice' failed"),
+            std::string::npos)
+      << denied.error().message;
+  EXPECT_NE(denied.error().message.find("WRONGPASS"), std::string::npos)
+      << denied.error().message;
+  EXPECT_EQ(denied.error().message.find("n0tthis"), std::string::npos);
+  EXPECT_FALSE(wrong->connected());
 }
 
 TEST_F(RedisQueryStore, ServerDownIsAnErrorValueThenReconnects) {
