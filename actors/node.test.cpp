@@ -94,5 +94,46 @@ TEST(Node, ProcessBlockCallsWarmAndBadConfig) {
   EXPECT_EQ(n.error().code, errc::zero_capacity);
 }
 
+TEST(Node, BadCallsGetErrorValuesAndTheNodeKeepsServing) {
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  auto n = node::start(sys, small_node());
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto& nd = **n;
+  auto expect_error = [](const auto& r, errc code, const char* what) {
+    ASSERT_FALSE(r.has_value()) << what;
+    EXPECT_EQ(r.error().code, code) << what << ": " << r.error().describe();
+    EXPECT_FALSE(r.error().message.empty()) << what;
+  };
+  auto few_tokens = req(1);
+  few_tokens.input_tokens = 20; // three blocks need 48 tokens
+  expect_error(nd.process_request(few_tokens), errc::misaligned_tokens,
+               "fewer tokens than the keys cover");
+  auto no_keys = req(2);
+  no_keys.keys.clear();
+  no_keys.input_tokens = 0;
+  auto empty = nd.process_request(no_keys);
+  ASSERT_TRUE(empty.has_value()) << empty.error().describe();
+  EXPECT_EQ(empty->matched_blocks + empty->computed_blocks, 0U);
+
+  actors::put_request p;
+  p.key = block_key{9, 1};
+  expect_error(nd.put_block(0, p, std::vector<std::uint8_t>(100, 1)),
+               errc::wrong_value_size, "short value");
+  expect_error(nd.get_block(0, p.key), errc::not_found,
+               "the failed put left nothing");
+  expect_error(nd.pin(0, block_key{1, 1}), errc::not_found, "pin");
+  expect_error(nd.unpin(0, block_key{1, 1}), errc::not_found, "unpin");
+  expect_error(nd.engine_stats(99), errc::not_found, "engine 99");
+  expect_error(nd.get_block(99, p.key), errc::not_found, "get on engine 99");
+
+  // Everyone else is still served.
+  auto ok = nd.process_request(req(3));
+  ASSERT_TRUE(ok.has_value()) << ok.error().describe();
+  EXPECT_EQ(ok->computed_blocks, 3U);
+  ASSERT_TRUE(nd.put_block(0, p, std::vector<std::uint8_t>(4096, 1)));
+}
+
 } // namespace
 } // namespace kvfleet

@@ -856,9 +856,10 @@ result<process_result> block_store::process(ns_id ns,
     return make_error(
         errc::misaligned_tokens,
         std::to_string(keys.size()) + " block keys for a prompt of " +
-            std::to_string(input_tokens) + " tokens, which has only " +
-            std::to_string(input_tokens / spec.block_tokens) +
-            " full blocks of " + std::to_string(spec.block_tokens));
+            std::to_string(input_tokens) + " tokens, which has " +
+            std::to_string(input_tokens / spec.block_tokens) + " full block" +
+            (input_tokens / spec.block_tokens == 1 ? "" : "s") + " of " +
+            std::to_string(spec.block_tokens) + " tokens");
   }
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
