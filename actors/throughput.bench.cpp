@@ -3,10 +3,18 @@
 // with scheduler.policy=sharing), with direct requests to the engine actor
 // measured in the same run as the baseline.
 //
-// Usage: kvfleet-actors-bench [threads=2] [seconds_per_rep=1] [reps=5]
 // A driver actor keeps `window` requests in flight; each request is one
 // cached 16-token block, so the engine does a real prefix lookup and lease
 // but little copying. Prints the median of the repetitions.
+//
+// A third line measures an engine actor whose store is full (`full_blocks`
+// blocks of 4 KiB, default 262,144 = 1 GiB) while every request brings a new
+// block, so every request computes, stores and evicts one block: what an
+// engine's bookkeeping of stored and evicted blocks costs per request when
+// the store is large.
+//
+// Usage: kvfleet-actors-bench [threads=2] [seconds_per_rep=1] [reps=5]
+//                             [full_blocks=262144]
 #include "actors/balancer_actor.hpp"
 #include "actors/engine_actor.hpp"
 #include "actors/messages.hpp"
@@ -53,7 +61,8 @@ struct driver_result {
 struct drive_ctx {
   caf::actor dest;
   std::size_t window = 0;
-  std::uint64_t keyspace = 1;
+  std::uint64_t keyspace = 1; ///< 0: every request a new key
+  std::uint64_t first_key = 1;
   std::shared_ptr<std::atomic<bool>> stop;
   std::shared_ptr<driver_result> out;
 };
@@ -62,7 +71,8 @@ void issue(caf::event_based_actor* self, const std::shared_ptr<drive_ctx>& ctx,
            std::uint64_t i) {
   kv_request req;
   req.id = i;
-  req.keys = {engine::block_key{1, 1 + i % ctx->keyspace}};
+  req.keys = {ctx->keyspace == 0 ? engine::block_key{2, ctx->first_key + i}
+                                 : engine::block_key{1, 1 + i % ctx->keyspace}};
   req.input_tokens = 16;
   self->request(ctx->dest, std::chrono::seconds{10}, process_atom::value,
                 std::move(req))
@@ -82,12 +92,15 @@ void drive(caf::event_based_actor* self, std::shared_ptr<drive_ctx> ctx) {
 }
 
 double measure(caf::actor_system& sys, const caf::actor& dest, double seconds,
-               std::size_t window) {
+               std::size_t window, std::uint64_t keyspace = 64) {
+  // New keys never repeat across calls.
+  static std::uint64_t next_first_key = 1;
   auto stop = std::make_shared<std::atomic<bool>>(false);
   auto out = std::make_shared<driver_result>();
   auto start = clk::now();
-  auto ctx =
-      std::make_shared<drive_ctx>(drive_ctx{dest, window, 64, stop, out});
+  auto ctx = std::make_shared<drive_ctx>(
+      drive_ctx{dest, window, keyspace, next_first_key, stop, out});
+  next_first_key += std::uint64_t{1} << 32;
   auto d = sys.spawn(drive, ctx);
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   stop->store(true);
@@ -109,6 +122,8 @@ int main(int argc, char** argv) {
   std::size_t threads = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 2;
   double seconds = argc > 2 ? std::strtod(argv[2], nullptr) : 1.0;
   int reps = argc > 3 ? std::atoi(argv[3]) : 5;
+  const std::size_t full_blocks =
+      argc > 4 ? std::strtoul(argv[4], nullptr, 10) : 262'144;
   const std::size_t window = 64;
   caf::actor_system_config cfg;
   node::configure(cfg, threads);
@@ -127,14 +142,40 @@ int main(int argc, char** argv) {
         c.slot = slot;
         return spawn_engine_actor(s, c);
       });
-  // Warm both paths (fills the caches with the 64 keys).
+  auto full_config = bench_engine();
+  full_config.store.capacity_bytes = full_blocks * 4096;
+  full_config.store.slab_bytes = std::size_t{1} << 20;
+  auto full = spawn_engine_actor(sys, full_config);
+  if (!full) {
+    std::fprintf(stderr, "engine: %s\n", full.error().describe().c_str());
+    return 1;
+  }
+  // Warm both paths (fills the caches with the 64 keys) and fill the full
+  // engine's store: enough new blocks to pass its capacity once.
   measure(sys, *engine, 0.2, window);
   measure(sys, balancer, 0.2, window);
+  {
+    caf::scoped_actor self{sys};
+    for (std::uint64_t i = 0; i < full_blocks + full_blocks / 8; ++i) {
+      kv_request req;
+      req.keys = {engine::block_key{3, i + 1}};
+      req.input_tokens = 16;
+      self->send(*full, process_atom::value, std::move(req));
+    }
+    self->request(*full, caf::infinite, stats_atom::value)
+        .receive([](const engine_stats&) {},
+                 [](caf::error& e) {
+                   std::fprintf(stderr, "fill: %s\n", to_string(e).c_str());
+                   std::exit(1);
+                 });
+  }
   std::vector<double> direct;
   std::vector<double> routed;
+  std::vector<double> evicting;
   for (int r = 0; r < reps; ++r) {
     direct.push_back(measure(sys, *engine, seconds, window));
     routed.push_back(measure(sys, balancer, seconds, window));
+    evicting.push_back(measure(sys, *full, seconds, window, 0));
   }
   std::printf("threads=%zu policy=sharing window=%zu reps=%d seconds=%.1f\n",
               threads, window, reps, seconds);
@@ -143,7 +184,11 @@ int main(int argc, char** argv) {
   std::printf(
       "balancer -> engine actor  : median %.0f requests/s (%.2fx of direct)\n",
       median(routed), median(routed) / median(direct));
+  std::printf("engine actor, full store of %zu blocks, every request "
+              "evicts: median %.0f requests/s (%.2fx of direct)\n",
+              full_blocks, median(evicting), median(evicting) / median(direct));
   caf::anon_send_exit(*engine, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(balancer, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(*full, caf::exit_reason::user_shutdown);
   return 0;
 }

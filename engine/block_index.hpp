@@ -1,12 +1,17 @@
 #pragma once
 /// Hash index from block key to entry id: open addressing with linear
 /// probing and backward-shift deletion (no tombstones), power-of-two table
-/// kept at most half full. Keys are uniform hashes already, so the low bits
-/// pick the bucket. find() never allocates; insert() allocates only when the
-/// table grows, which reserve() avoids. Not thread-safe.
+/// kept at most half full. Keys made by chain_key are uniform hashes, but a
+/// host may store blocks under keys of its own (sequential ids, say), which
+/// would fill one long run of buckets and make every erase walk it: the
+/// bucket is therefore the top bits of both halves multiplied by a 64-bit
+/// odd constant (Fibonacci hashing), one multiply per probe start.
+/// find() never allocates; insert() allocates only when the table grows,
+/// which reserve() avoids. Not thread-safe.
 
 #include "engine/block_key.hpp"
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -32,7 +37,7 @@ public:
 
   /// Entry id of `key`, or npos.
   [[nodiscard]] std::uint32_t find(const block_key& key) const noexcept {
-    std::size_t i = static_cast<std::size_t>(key.lo) & mask_;
+    std::size_t i = home(key);
     while (true) {
       const bucket& b = buckets_[i];
       if (b.value == npos)
@@ -53,7 +58,7 @@ public:
 
   /// Removes `key`; returns false when it was absent.
   bool erase(const block_key& key) noexcept {
-    std::size_t i = static_cast<std::size_t>(key.lo) & mask_;
+    std::size_t i = home(key);
     while (true) {
       if (buckets_[i].value == npos)
         return false;
@@ -68,11 +73,10 @@ public:
       j = (j + 1) & mask_;
       if (buckets_[j].value == npos)
         break;
-      const std::size_t home =
-          static_cast<std::size_t>(buckets_[j].key.lo) & mask_;
+      const std::size_t h = home(buckets_[j].key);
       // Move j into the hole when its home is not in (hole, j] cyclically.
       const bool between =
-          hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+          hole <= j ? (hole < h && h <= j) : (hole < h || h <= j);
       if (!between) {
         buckets_[hole] = buckets_[j];
         hole = j;
@@ -91,8 +95,15 @@ private:
     std::uint32_t value = npos;
   };
 
+  /// The key's first bucket.
+  [[nodiscard]] std::size_t home(const block_key& key) const noexcept {
+    const std::uint64_t mixed =
+        (key.lo ^ ((key.hi << 32) | (key.hi >> 32))) * 0x9e3779b97f4a7c15ULL;
+    return static_cast<std::size_t>(mixed >> shift_);
+  }
+
   void place(const block_key& key, std::uint32_t value) noexcept {
-    std::size_t i = static_cast<std::size_t>(key.lo) & mask_;
+    std::size_t i = home(key);
     while (buckets_[i].value != npos)
       i = (i + 1) & mask_;
     buckets_[i] = bucket{key, value};
@@ -103,6 +114,7 @@ private:
     old.swap(buckets_);
     buckets_.assign(n, bucket{});
     mask_ = n - 1;
+    shift_ = 64 - static_cast<unsigned>(std::countr_zero(n));
     for (const bucket& b : old)
       if (b.value != npos)
         place(b.key, b.value);
@@ -110,6 +122,7 @@ private:
 
   std::vector<bucket> buckets_;
   std::size_t mask_ = 0;
+  unsigned shift_ = 64; ///< 64 - log2(buckets)
   std::size_t size_ = 0;
 };
 

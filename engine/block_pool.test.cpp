@@ -73,13 +73,24 @@ TEST(block_pool, bad_sizes_are_errors) {
   EXPECT_EQ(pool.allocate(3).error().code, errc::invalid_argument);
 }
 
-TEST(block_index, matches_a_reference_map_under_random_operations) {
+class block_index_keys : public ::testing::TestWithParam<int> {};
+
+// Uniform keys (as chain_key makes them), keys with few distinct low bits,
+// and a host's own sequential ids.
+std::vector<block_key> index_test_keys(int kind, std::mt19937_64& rng) {
+  std::vector<block_key> keys;
+  for (std::uint64_t i = 0; i < 3000; ++i)
+    keys.push_back(kind == 0   ? block_key{rng(), rng()}
+                   : kind == 1 ? block_key{rng(), rng() & 0xfff}
+                               : block_key{7, i + 1});
+  return keys;
+}
+
+TEST_P(block_index_keys, matches_a_reference_map_under_random_operations) {
   block_index index;
   std::unordered_map<block_key, std::uint32_t, block_key_hash> ref;
   std::mt19937_64 rng(11);
-  std::vector<block_key> keys;
-  for (int i = 0; i < 3000; ++i)
-    keys.push_back({rng(), rng() & 0xfff}); // few low bits: long probe runs
+  const std::vector<block_key> keys = index_test_keys(GetParam(), rng);
   for (int step = 0; step < 30000; ++step) {
     const auto& k = keys[rng() % keys.size()];
     if (rng() % 3 == 0) {
@@ -96,6 +107,8 @@ TEST(block_index, matches_a_reference_map_under_random_operations) {
     EXPECT_EQ(index.find(k), it == ref.end() ? block_index::npos : it->second);
   }
 }
+INSTANTIATE_TEST_SUITE_P(block_index, block_index_keys,
+                         ::testing::Values(0, 1, 2));
 
 } // namespace
 } // namespace kvfleet::engine
