@@ -17,6 +17,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <span>
 #include <stdexcept>
 #include <vector>
@@ -797,6 +798,63 @@ TEST_F(actor_test, AMemoryTierKeepsDemotedBlocksInTheEngine) {
   EXPECT_EQ(again.computed_blocks, 0U);
   st = ask_now<engine_stats>(e, stats_atom::value);
   EXPECT_EQ(st.tier_hits, 4U);
+}
+
+TEST_F(actor_test, BlockEventsTellListenersWhatTheEngineHolds) {
+  auto e = engine(small_engine(8));
+  auto events = std::make_shared<std::vector<block_events>>();
+  auto listener = sys_->spawn([events](caf::event_based_actor*) {
+    return caf::behavior{
+        [events](const block_events& ev) { events->push_back(ev); }};
+  });
+  stop_at_end_.push_back(listener);
+  caf::anon_send(e, listen_atom::value, listener);
+  sched_->run();
+  // What a listener believes the engine holds, from the events alone.
+  std::set<block_key> held;
+  auto apply = [&] {
+    for (const auto& ev : *events) {
+      EXPECT_EQ(ev.engine, 0U);
+      held.insert(ev.stored.begin(), ev.stored.end());
+      for (const auto& k : ev.evicted)
+        EXPECT_EQ(held.erase(k), 1U) << "evicted a block never stored";
+    }
+    events->clear();
+  };
+  auto held_prefix = [&](const std::vector<block_key>& keys) {
+    std::size_t n = 0;
+    while (n < keys.size() && held.count(keys[n]) == 1)
+      ++n;
+    return n;
+  };
+  const auto a = make_request(1, 1, 0, 4, 1);
+  const auto b = make_request(2, 2, 0, 4, 2);
+  ask_now<kv_reply>(e, process_atom::value, a);
+  ASSERT_EQ(events->size(), 1U);
+  EXPECT_EQ(events->front().stored, a.keys); // in chain order
+  EXPECT_TRUE(events->front().evicted.empty());
+  apply();
+  // b does not fit next to a: some of a's blocks go, leaf first.
+  ask_now<kv_reply>(e, process_atom::value, b);
+  ASSERT_FALSE(events->empty());
+  EXPECT_FALSE(events->back().evicted.empty());
+  apply();
+  for (const auto& r : {a, b, a, b}) {
+    ask_now<kv_reply>(e, process_atom::value, r);
+    apply();
+    for (const auto& chain : {a.keys, b.keys})
+      EXPECT_EQ(held_prefix(chain),
+                ask_now<std::uint64_t>(e, lookup_atom::value, chain));
+  }
+  // A put is reported too.
+  put_request p;
+  p.key = block_key{77, 1};
+  auto ticket = ask_now<std::uint64_t>(e, reserve_atom::value, p);
+  ask_now<bool>(e, write_atom::value, ticket,
+                std::vector<std::uint8_t>(block_bytes, 1));
+  ask_now<bool>(e, commit_atom::value, ticket);
+  apply();
+  EXPECT_EQ(held.count(p.key), 1U);
 }
 
 TEST_F(actor_test, AnIdleEngineFinishesItsDemotionsWithoutANewRequest) {

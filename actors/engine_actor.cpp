@@ -21,7 +21,16 @@ namespace {
 using key_vec = std::vector<engine::block_key>;
 
 /// What spawn_engine_actor hands the actor; moved out once at start.
+/// The store's block events (engine::store_config::on_block_event) since
+/// the actor last published them, in order. Shared by the store's callback
+/// and the actor, which both run on the actor's thread.
+struct event_log {
+  bool recording = false; ///< someone listens
+  std::vector<std::pair<engine::block_key, engine::block_event>> events;
+};
+
 struct engine_parts {
+  std::shared_ptr<event_log> log;
   engine_actor_config config;
   std::unique_ptr<engine::block_store> store;
   engine::ns_id ns;
@@ -67,9 +76,9 @@ struct engine_state {
   std::unordered_map<std::uint64_t, engine::put_handle> puts;
   std::uint64_t next_ticket = 1;
   std::vector<caf::actor> listeners;
-  std::unordered_set<engine::block_key, engine::block_key_hash> held;
-  block_events events;
-  std::uint64_t seen_removals = 0;
+  std::shared_ptr<event_log> log;
+  std::unordered_set<engine::block_key, engine::block_key_hash>
+      seen; ///< publish's
   std::uint64_t in_flight = 0;
   std::uint64_t requests = 0;
   std::uint64_t batches = 0;
@@ -92,49 +101,24 @@ caf::result<bool> lift_void(const result<void>& r) {
   return true;
 }
 
-std::uint64_t removals(const engine::block_store& s) {
-  return s.stats().evictions + s.stats().expirations +
-         s.stats().checksum_failures + s.stats().tier_drops;
-}
-
-/// Finds the keys the store dropped since the last call (see header).
-void collect_evicted(engine_state& st) {
-  auto now = removals(*st.store);
-  if (now == st.seen_removals)
-    return;
-  st.seen_removals = now;
-  for (auto it = st.held.begin(); it != st.held.end();) {
-    // A block in the memory tier is still this engine's: a hit on it is a
-    // copy of microseconds, so the balancer should keep counting it here.
-    if (!st.store->contains(st.ns, *it) && !st.store->in_tier(st.ns, *it)) {
-      st.events.evicted.push_back(*it);
-      it = st.held.erase(it);
-    } else {
-      ++it;
-    }
-  }
-}
-
-void note_stored(engine_state& st, const engine::block_key& k) {
-  if (st.held.insert(k).second)
-    st.events.stored.push_back(k);
-}
-
+/// Sends the listeners what the store reported since the last call: each
+/// key once, as its last event left it (a block evicted and stored again
+/// in between is reported stored), in the order of those last events.
 void publish(engine_actor* self) {
   auto& st = self->state;
-  collect_evicted(st);
-  if (st.events.stored.empty() && st.events.evicted.empty())
+  auto& log = st.log->events;
+  if (log.empty())
     return;
-  st.events.engine = st.config.slot;
-  if (st.listeners.empty()) {
-    st.events.stored.clear();
-    st.events.evicted.clear();
-    return;
-  }
   block_events out;
   out.engine = st.config.slot;
-  std::swap(out.stored, st.events.stored);
-  std::swap(out.evicted, st.events.evicted);
+  st.seen.clear();
+  for (auto it = log.rbegin(); it != log.rend(); ++it)
+    if (st.seen.insert(it->first).second)
+      (it->second == engine::block_event::stored ? out.stored : out.evicted)
+          .push_back(it->first);
+  log.clear();
+  std::reverse(out.stored.begin(), out.stored.end());
+  std::reverse(out.evicted.begin(), out.evicted.end());
   for (size_t i = 0; i + 1 < st.listeners.size(); ++i)
     self->send(st.listeners[i], out);
   self->send(st.listeners.back(), std::move(out));
@@ -161,9 +145,6 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
       st.store->process(st.ns, req.keys, req.input_tokens, *st.producer, opts);
   if (!r)
     return unexpected<error>{r.error()};
-  for (std::size_t i = r->matched_blocks;
-       i < r->matched_blocks + r->computed_blocks && i < req.keys.size(); ++i)
-    note_stored(st, req.keys[i]);
   ++st.requests;
   return kv_reply{req.id,
                   st.config.slot,
@@ -232,7 +213,7 @@ caf::behavior engine_behavior(engine_actor* self,
   st.producer = std::move(parts->producer);
   st.batcher = batch_accumulator<pending_request>{st.config.batch,
                                                   st.config.capacity_tokens};
-  st.seen_removals = removals(*st.store);
+  st.log = std::move(parts->log);
   self->set_default_handler(
       [](caf::scheduled_actor*,
          caf::message_view&) -> caf::result<caf::message> {
@@ -331,12 +312,9 @@ caf::behavior engine_behavior(engine_actor* self,
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
         auto r = s.store->commit(it->second);
-        auto key = it->second.key();
         s.puts.erase(it);
-        if (r) {
-          note_stored(s, key);
+        if (r)
           after_change(self);
-        }
         return lift_void(r);
       },
       [=](abort_atom, std::uint64_t ticket) -> caf::result<bool> {
@@ -413,8 +391,10 @@ caf::behavior engine_behavior(engine_actor* self,
         self->state.batcher.set_max_tokens(tokens);
       },
       [=](listen_atom, const caf::actor& listener) {
-        if (listener)
+        if (listener) {
           self->state.listeners.push_back(listener);
+          self->state.log->recording = true;
+        }
       },
   };
 }
@@ -425,14 +405,27 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
                                       const engine_actor_config& config) {
   auto parts = std::make_shared<engine_parts>();
   parts->config = config;
+  parts->log = std::make_shared<event_log>();
+  // The store reports blocks as they come and go (also those promoted from
+  // disk; a block moved to the memory tier is still the engine's): the
+  // actor relays them to its listeners. A caller's own callback still runs.
+  engine::store_config store_config = config.store;
+  store_config.on_block_event =
+      [log = parts->log, own = config.store.on_block_event](
+          engine::block_event ev, const engine::block_key& key) {
+        if (own)
+          own(ev, key);
+        if (log->recording)
+          log->events.emplace_back(key, ev);
+      };
   auto store = [&]() -> result<std::unique_ptr<engine::block_store>> {
     if (!config.make_backend)
-      return engine::block_store::create(config.store);
+      return engine::block_store::create(store_config);
     auto backend =
         config.make_backend(config.slot, config.store.capacity_bytes);
     if (!backend)
       return unexpected<error>{backend.error()};
-    return engine::block_store::create(config.store, std::move(*backend));
+    return engine::block_store::create(store_config, std::move(*backend));
   }();
   if (!store)
     return unexpected<error>{store.error()};

@@ -27,11 +27,11 @@
 /// processes each request as it arrives.
 ///
 /// Events: after each batch or put the actor sends its listeners one
-/// block_events with the keys it stored and those it found evicted. The
-/// store has no eviction callback, so the actor keeps the set of keys it
-/// stored and, when the store's eviction or expiry counters moved, scans
-/// that set for keys the store no longer holds (see README: engine API
-/// wish).
+/// block_events with the keys the store reported stored and removed since
+/// the last one (engine::store_config::on_block_event: computed, put or
+/// promoted from disk; evicted, expired or dropped as corrupt; a block in
+/// the memory tier is still the engine's), each key once as its last event
+/// left it. The cost is per event, not per block held.
 ///
 /// Memory manager: after each batch and each committed put, usage above
 /// `pressure.threshold` (0.9) of the pool evicts down to `pressure.target`,
