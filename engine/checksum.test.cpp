@@ -8,7 +8,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstring>
 #include <random>
+#include <span>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -66,6 +69,46 @@ TEST(checksum, fused_copies_copy_and_hash) {
     EXPECT_EQ(in, src);
     EXPECT_EQ(copy_out_with_checksum(out, in), block_checksum(src));
     EXPECT_EQ(out, src);
+  }
+}
+
+TEST(checksum, the_fused_avx2_copy_copies_and_hashes_like_xxh3) {
+  if (!__builtin_cpu_supports("avx2"))
+    GTEST_SKIP() << "this CPU has no AVX2";
+  const auto src = random_bytes(70000, 3);
+  std::vector<std::byte> out(70000);
+  // Around XXH3's thresholds (240: long inputs; 1024: one block of 16
+  // stripes; 64: a stripe), odd sizes, and both alignments.
+  for (std::size_t n :
+       {1UL, 17UL, 240UL, 241UL, 255UL, 256UL, 1023UL, 1024UL, 1025UL, 1088UL,
+        4095UL, 4096UL, 4097UL, 65536UL, 66001UL}) {
+    for (std::size_t shift : {0UL, 3UL, 16UL}) {
+      for (std::uint64_t seed : {std::uint64_t{0}, hash_seed}) {
+        std::fill(out.begin(), out.end(), std::byte{0xee});
+        const auto* from = src.data() + shift;
+        auto* to = out.data() + 1 + shift;
+        EXPECT_EQ(internal::xxh3_avx2_copy(to, from, n, seed),
+                  XXH3_64bits_withSeed(from, n, seed))
+            << n << " bytes, shift " << shift << ", seed " << seed;
+        EXPECT_EQ(std::memcmp(to, from, n), 0) << n;
+        EXPECT_EQ(out[shift], std::byte{0xee}) << "wrote before dst";
+        EXPECT_EQ(to[n], std::byte{0xee}) << "wrote past dst";
+      }
+    }
+  }
+}
+
+TEST(checksum, copy_out_checks_any_size_and_alignment) {
+  const auto src = random_bytes(262144 + 4096 + 200, 4);
+  std::vector<std::byte> out(src.size() + 64);
+  for (std::size_t n : {0UL, 100UL, 4096UL, 4096UL * 3 + 100, 262144UL + 7}) {
+    for (std::size_t shift : {0UL, 16UL, 33UL}) {
+      const std::span<const std::byte> from(src.data() + shift, n);
+      const std::span<std::byte> to(out.data() + (shift + 5) % 64, n);
+      EXPECT_EQ(copy_out_with_checksum(to, from), block_checksum(from))
+          << n << " bytes, shift " << shift;
+      EXPECT_TRUE(std::equal(from.begin(), from.end(), to.begin())) << n;
+    }
   }
 }
 
