@@ -20,7 +20,6 @@ namespace {
 
 using key_vec = std::vector<engine::block_key>;
 
-/// What spawn_engine_actor hands the actor; moved out once at start.
 /// The store's block events (engine::store_config::on_block_event) since
 /// the actor last published them, in order. Shared by the store's callback
 /// and the actor, which both run on the actor's thread.
@@ -29,6 +28,7 @@ struct event_log {
   std::vector<std::pair<engine::block_key, engine::block_event>> events;
 };
 
+/// What spawn_engine_actor hands the actor; moved out once at start.
 struct engine_parts {
   std::shared_ptr<event_log> log;
   engine_actor_config config;
