@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <memory>
+
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 
@@ -37,10 +39,20 @@ kv_request req(std::uint64_t id, std::string query = {}) {
   return r;
 }
 
-TEST(Node, ProcessBlockCallsWarmAndBadConfig) {
-  caf::actor_system_config cfg;
-  node::configure(cfg, 2);
-  caf::actor_system sys{cfg};
+/// A real 2-thread actor system, configured as node::configure says.
+class Node : public ::testing::Test {
+protected:
+  Node() {
+    node::configure(cfg_, 2);
+    sys_ = std::make_unique<caf::actor_system>(cfg_);
+  }
+
+  caf::actor_system_config cfg_;
+  std::unique_ptr<caf::actor_system> sys_;
+};
+
+TEST_F(Node, ProcessBlockCallsWarmAndBadConfig) {
+  auto& sys = *sys_;
   {
     auto n = node::start(sys, small_node());
     ASSERT_TRUE(n.has_value()) << n.error().describe();
@@ -94,11 +106,8 @@ TEST(Node, ProcessBlockCallsWarmAndBadConfig) {
   EXPECT_EQ(n.error().code, errc::zero_capacity);
 }
 
-TEST(Node, BadCallsGetErrorValuesAndTheNodeKeepsServing) {
-  caf::actor_system_config cfg;
-  node::configure(cfg, 2);
-  caf::actor_system sys{cfg};
-  auto n = node::start(sys, small_node());
+TEST_F(Node, BadCallsGetErrorValuesAndTheNodeKeepsServing) {
+  auto n = node::start(*sys_, small_node());
   ASSERT_TRUE(n.has_value()) << n.error().describe();
   auto& nd = **n;
   auto expect_error = [](const auto& r, errc code, const char* what) {
