@@ -458,6 +458,27 @@ TEST_F(actor_test, RequestsBatchedInAKilledEngineAreReroutedAtOnce) {
   EXPECT_EQ(st.in_flight.at(1), 0U);
 }
 
+TEST_F(actor_test, ACallerWithoutATimerHearsBackWhenTheBalancerStops) {
+  // The caller sets no timeout of its own: the balancer answers every
+  // request, with request_receiver_down for those it holds when it stops.
+  auto b = balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)});
+  sched_->run();
+  auto out = std::make_shared<outcome<kv_reply>>();
+  sys_->spawn([=](caf::event_based_actor* self) {
+    self->request(b, caf::infinite, process_atom::value,
+                  make_request(1, 0, 0, 2, 1))
+        .then([=](kv_reply& v) { out->value = std::move(v); },
+              [=](caf::error& e) { out->error = e; });
+  });
+  sched_->run();
+  ASSERT_FALSE(out->done());
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).in_flight.at(0), 1U);
+  caf::anon_send_exit(b, caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_TRUE(out->error.has_value());
+  EXPECT_EQ(*out->error, caf::sec::request_receiver_down);
+}
+
 /// A producer with a bug: it throws, which no producer may.
 class throwing_producer final : public engine::kv_producer {
 public:

@@ -2,6 +2,7 @@
 
 #include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
+#include "actors/owed_reply.hpp"
 
 #include <algorithm>
 #include <deque>
@@ -35,7 +36,7 @@ struct slot_info {
 /// them all, instead of one CAF timer per request.
 struct open_call {
   std::int64_t deadline_ns = 0;
-  caf::response_promise promise;
+  owed_reply promise; ///< answers request_receiver_down if the balancer stops
   std::uint32_t slot = 0;
   std::uint64_t generation = 0;
   bool open = true;
@@ -111,7 +112,7 @@ void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
 
 /// Releases the call's slot (when that engine has not been restarted
 /// since) and closes the call; the caller then answers its promise.
-caf::response_promise close_call(balancer_actor* self, open_call& c) {
+owed_reply close_call(balancer_actor* self, open_call& c) {
   auto& s = self->state;
   auto promise = std::move(c.promise);
   const auto slot = c.slot;
@@ -165,9 +166,8 @@ void sweep(balancer_actor* self) {
 /// Routes `req` (first received at `started`) to an engine. Its deadline
 /// is request_timeout from now, so a rerouted request gets a fresh one and
 /// deadlines stay in call order.
-void dispatch(balancer_actor* self, kv_request req,
-              caf::response_promise promise, std::int64_t started,
-              int attempt) {
+void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
+              std::int64_t started, int attempt) {
   auto& st = self->state;
   auto pick = st.route.pick(req.keys);
   if (!pick) {
@@ -265,7 +265,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   return {
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
         auto promise = self->make_response_promise();
-        dispatch(self, std::move(req), promise, now_ns(self), 0);
+        dispatch(self, std::move(req), owed_reply{promise}, now_ns(self), 0);
         return promise;
       },
       [=](sweep_atom) { sweep(self); },

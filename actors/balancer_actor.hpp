@@ -15,6 +15,10 @@
 ///       dispatch order with one timer for the oldest (not one CAF timer per
 ///       request, which cost about a third of the throughput), so each still
 ///       times out at its deadline; a reply after it is dropped.
+///       Every request is answered: a request the balancer still holds when
+///       it stops gets request_receiver_down, as does one sent after. So a
+///       caller needs no CAF timeout of its own, and is faster without one
+///       (each wakes CAF's clock thread; kvfleet-actors-bench measures both).
 ///   (lookup_atom, vector<block_key>) -> uint64  asks the engine the index
 ///       names for the longest prefix (slot 0 when the index knows nothing)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot

@@ -2,6 +2,7 @@
 
 #include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
+#include "actors/owed_reply.hpp"
 
 #include <algorithm>
 #include <string>
@@ -37,34 +38,12 @@ struct engine_parts {
   std::unique_ptr<engine::kv_producer> producer;
 };
 
-/// A request waiting in a batch. One dropped unanswered (the actor
-/// stopped, killed or shut down, or a batch was cut short by an exception)
-/// is answered request_receiver_down, as CAF answers requests still in the
-/// mailbox: a balancer reroutes it at once instead of waiting out its
-/// timeout, and no caller keeps a response handler for an answer that would
-/// never come.
+/// A request waiting in a batch. One dropped unanswered is answered
+/// request_receiver_down (owed_reply.hpp): a balancer reroutes it at once
+/// instead of waiting out its timeout.
 struct pending_request {
   kv_request request;
-  caf::response_promise promise;
-
-  pending_request(kv_request r, caf::response_promise p)
-      : request(std::move(r)), promise(std::move(p)) {}
-  pending_request(pending_request&&) noexcept = default;
-  pending_request& operator=(pending_request&& other) noexcept {
-    drop();
-    request = std::move(other.request);
-    promise = std::move(other.promise);
-    return *this;
-  }
-  pending_request(const pending_request&) = delete;
-  pending_request& operator=(const pending_request&) = delete;
-  ~pending_request() { drop(); }
-
-private:
-  void drop() {
-    if (promise.pending())
-      promise.deliver(caf::make_error(caf::sec::request_receiver_down));
-  }
+  owed_reply promise;
 };
 
 struct engine_state {
@@ -234,7 +213,7 @@ caf::behavior engine_behavior(engine_actor* self,
         auto prio = req.prio;
         auto tokens = req.input_tokens;
         bool full = s.batcher.add(
-            prio, pending_request{std::move(req), promise}, tokens);
+            prio, pending_request{std::move(req), owed_reply{promise}}, tokens);
         if (full)
           close_batch(self);
         else
