@@ -28,9 +28,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -124,14 +126,42 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+/// Argument `i` as a number in [lo, hi], `fallback` when absent; exits
+/// with a message naming the argument otherwise.
+template <class T>
+T arg(int argc, char** argv, int i, const char* name, T fallback, T lo, T hi) {
+  if (argc <= i)
+    return fallback;
+  const char* s = argv[i];
+  const char* end = s + std::strlen(s);
+  T value{};
+  auto [ptr, ec] = std::from_chars(s, end, value);
+  if (ec != std::errc{} || ptr != end || value < lo || value > hi) {
+    std::fprintf(
+        stderr,
+        "kvfleet-actors-bench: %s must be a number from %.10g to %.10g, "
+        "not '%s'\nusage: kvfleet-actors-bench [threads=2] "
+        "[seconds_per_rep=1] [reps=5] [full_blocks=262144]\n",
+        name, static_cast<double>(lo), static_cast<double>(hi), s);
+    std::exit(2);
+  }
+  return value;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
-  std::size_t threads = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 2;
-  double seconds = argc > 2 ? std::strtod(argv[2], nullptr) : 1.0;
-  int reps = argc > 3 ? std::atoi(argv[3]) : 5;
-  const std::size_t full_blocks =
-      argc > 4 ? std::strtoul(argv[4], nullptr, 10) : 262'144;
+  if (argc > 5) {
+    std::fprintf(stderr, "usage: kvfleet-actors-bench [threads=2] "
+                         "[seconds_per_rep=1] [reps=5] [full_blocks=262144]\n");
+    return 2;
+  }
+  const auto threads = arg<std::size_t>(argc, argv, 1, "threads", 2, 1, 256);
+  const auto seconds =
+      arg<double>(argc, argv, 2, "seconds_per_rep", 1.0, 0.01, 3600.0);
+  const auto reps = arg<int>(argc, argv, 3, "reps", 5, 1, 1000);
+  const auto full_blocks = arg<std::size_t>(argc, argv, 4, "full_blocks",
+                                            262'144, 1, std::size_t{1} << 26);
   const std::size_t window = 64;
   caf::actor_system_config cfg;
   node::configure(cfg, threads);
