@@ -139,6 +139,33 @@ TEST(workload, default_sizes_stay_moderate) {
   }
 }
 
+TEST(workload, default_workloads_match_the_documented_table) {
+  // tools/bench/workloads/README.md's table, which README's policy and
+  // routing numbers rest on: a change to a generator must update both.
+  struct shape {
+    std::size_t refs_512, set_512, refs_128, set_128;
+  };
+  const std::map<std::string_view, shape> table = {
+      {"chat", {175'598, 30'031, 732'166, 113'778}},
+      {"shared-prefix", {153'985, 35'352, 645'450, 145'456}},
+      {"doc-qa", {232'871, 15'670, 948'846, 67'604}},
+      {"no-reuse", {49'392, 49'392, 211'590, 211'590}}};
+  for (const auto name : workload_names()) {
+    SCOPED_TRACE(std::string(name));
+    const auto& want = table.at(name);
+    for (const std::uint32_t bt : {512U, 128U}) {
+      SCOPED_TRACE(bt);
+      const auto reqs = make(name, 0, bt);
+      std::size_t refs = 0;
+      for (const auto& r : reqs)
+        refs += std::min(r.hash_ids.size(), full_blocks(r, bt));
+      EXPECT_EQ(refs, bt == 512 ? want.refs_512 : want.refs_128);
+      EXPECT_EQ(working_set_blocks(reqs, bt),
+                bt == 512 ? want.set_512 : want.set_128);
+    }
+  }
+}
+
 TEST(workload, chat_rounds_extend_the_session_history) {
   constexpr std::uint32_t bt = 128;
   const auto reqs = make("chat", 3000, bt);
