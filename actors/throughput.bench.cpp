@@ -13,7 +13,7 @@
 // clock thread at every request; the line "caller's own timer" measures the
 // balancer with a driver that sets one (10 s) anyway.
 //
-// A third line measures an engine actor whose store is full (`full_blocks`
+// The last line measures an engine actor whose store is full (`full_blocks`
 // blocks of 4 KiB, default 262,144 = 1 GiB) while every request brings a new
 // block, so every request computes, stores and evicts one block: what an
 // engine's bookkeeping of stored and evicted blocks costs per request when
