@@ -699,6 +699,57 @@ TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
   EXPECT_EQ(from_caf_error(*bad->error).code, errc::invalid_argument);
 }
 
+/// Sends three normal requests and then a critical one to `dest` and runs
+/// every actor but `sink` until they reach it; then lets `sink` read its
+/// mailbox. Returns the ids in the order `sink` (a fake_balancer) saw them.
+std::vector<std::uint64_t>
+order_at_sink(caf::scheduler::test_coordinator& sched, const caf::actor& dest,
+              const caf::actor& sink, const std::shared_ptr<fake_backend>& be,
+              auto atom) {
+  for (std::uint64_t id = 1; id <= 4; ++id) {
+    auto r = query(id, "q" + std::to_string(id));
+    r.id = id;
+    r.prio = id == 4 ? engine::priority::critical : engine::priority::normal;
+    caf::anon_send(dest, atom, r);
+  }
+  auto* held = dynamic_cast<caf::resumable*>(
+      caf::actor_cast<caf::abstract_actor*>(sink));
+  sched.run_jobs_filtered([=](caf::resumable* job) { return job != held; });
+  EXPECT_TRUE(be->seen.empty());
+  sched.run();
+  std::vector<std::uint64_t> ids;
+  for (const auto& r : be->seen)
+    ids.push_back(r.id);
+  return ids;
+}
+
+TEST_F(actor_test, CriticalRequestsOvertakeNormalOnesAtTheEngineMailbox) {
+  // The balancer forwards high and critical requests as urgent messages.
+  auto be = std::make_shared<fake_backend>();
+  balancer_config bc;
+  auto b = spawn_balancer(
+      *sys_, bc,
+      [be](caf::actor_system& s, std::uint32_t) -> result<caf::actor> {
+        return s.spawn(fake_balancer, be);
+      });
+  stop_at_end_.push_back(b);
+  sched_->run();
+  auto engine0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  EXPECT_EQ(order_at_sink(*sched_, b, engine0, be, process_atom::value),
+            (std::vector<std::uint64_t>{4, 1, 2, 3}));
+}
+
+TEST_F(actor_test, CriticalRequestsOvertakeNormalOnesAtTheBalancerMailbox) {
+  // The query cache forwards its misses in the request's priority.
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
+  stop_at_end_.push_back(qcache);
+  stop_at_end_.push_back(b);
+  EXPECT_EQ(order_at_sink(*sched_, qcache, b, be, query_atom::value),
+            (std::vector<std::uint64_t>{4, 1, 2, 3}));
+}
+
 TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
   auto be = std::make_shared<fake_backend>();
   auto b = sys_->spawn(fake_balancer, be);

@@ -3,6 +3,7 @@
 #include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
+#include "actors/prioritized.hpp"
 
 #include <algorithm>
 #include <deque>
@@ -212,15 +213,10 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     }
     p.deliver(std::move(err));
   };
-  if (req.prio >= engine::priority::high)
-    self->request<caf::message_priority::high>(
-            st.slots[slot].engine, caf::infinite, process_atom::value,
-            std::move(req))
-        .then(std::move(then), std::move(fail));
-  else
-    self->request(st.slots[slot].engine, caf::infinite, process_atom::value,
-                  std::move(req))
-        .then(std::move(then), std::move(fail));
+  const auto prio = req.prio;
+  request_at(self, prio, st.slots[slot].engine, caf::infinite,
+             process_atom::value, std::move(req))
+      .then(std::move(then), std::move(fail));
 }
 
 caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,

@@ -1,6 +1,7 @@
 #include "actors/node.hpp"
 
 #include "actors/caf_error.hpp"
+#include "actors/prioritized.hpp"
 
 #include <string>
 #include <utility>
@@ -13,21 +14,31 @@ namespace kvfleet {
 namespace {
 
 using actors::from_caf_error;
+using actors::request_at;
 
-/// One blocking request from a host thread.
+/// One blocking request from a host thread, in the mailbox category of
+/// `prio` (prioritized.hpp).
 template <class T, class... Ts>
-result<T> ask(caf::actor_system& sys, const caf::actor& dest,
-              std::chrono::milliseconds timeout, Ts&&... xs) {
+result<T> ask_at(caf::actor_system& sys, engine::priority prio,
+                 const caf::actor& dest, std::chrono::milliseconds timeout,
+                 Ts&&... xs) {
   if (!dest)
     return make_error(errc::invalid_argument, "actor not running");
   caf::scoped_actor self{sys};
   std::optional<result<T>> out;
-  self->request(dest, timeout, std::forward<Ts>(xs)...)
+  request_at(self.ptr(), prio, dest, timeout, std::forward<Ts>(xs)...)
       .receive([&](T& x) { out.emplace(std::move(x)); },
                [&](caf::error& e) {
                  out.emplace(unexpected<error>{from_caf_error(e)});
                });
   return std::move(*out);
+}
+
+template <class T, class... Ts>
+result<T> ask(caf::actor_system& sys, const caf::actor& dest,
+              std::chrono::milliseconds timeout, Ts&&... xs) {
+  return ask_at<T>(sys, engine::priority::normal, dest, timeout,
+                   std::forward<Ts>(xs)...);
 }
 
 result<void> ask_void(caf::actor_system& sys, const caf::actor& dest,
@@ -113,10 +124,12 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
 
 result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
   if (cache_ && !req.query.empty())
-    return ask<actors::kv_reply>(sys_, cache_, config_.call_timeout,
-                                 actors::query_atom::value, req);
-  return ask<actors::kv_reply>(sys_, balancer_, config_.call_timeout,
-                               actors::process_atom::value, req);
+    return ask_at<actors::kv_reply>(sys_, req.prio, cache_,
+                                    config_.call_timeout,
+                                    actors::query_atom::value, req);
+  return ask_at<actors::kv_reply>(sys_, req.prio, balancer_,
+                                  config_.call_timeout,
+                                  actors::process_atom::value, req);
 }
 
 result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {

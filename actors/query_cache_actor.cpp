@@ -2,6 +2,8 @@
 
 #include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
+#include "actors/owed_reply.hpp"
+#include "actors/prioritized.hpp"
 
 #include <cstdio>
 #include <cstdlib>
@@ -40,8 +42,9 @@ struct cache_state {
   query_cache_config config;
   std::unique_ptr<query_store> store;
   caf::actor balancer;
-  std::unordered_map<
-      std::string, std::vector<std::pair<std::uint64_t, caf::response_promise>>>
+  /// Callers of a query on its way to the balancer (request id, promise).
+  std::unordered_map<std::string,
+                     std::vector<std::pair<std::uint64_t, owed_reply>>>
       waiting;
   query_cache_stats stats;
   static inline const char* name = "kvfleet.query_cache";
@@ -91,13 +94,14 @@ cache_behavior(cache_actor* self, query_cache_config config,
         auto promise = self->make_response_promise();
         auto key = req.query;
         auto& waiters = s.waiting[key];
-        waiters.emplace_back(req.id, promise);
+        waiters.emplace_back(req.id, owed_reply{promise});
         if (waiters.size() > 1) {
           ++s.stats.coalesced;
           return promise;
         }
-        self->request(s.balancer, s.config.request_timeout, process_atom::value,
-                      std::move(req))
+        const auto prio = req.prio;
+        request_at(self, prio, s.balancer, s.config.request_timeout,
+                   process_atom::value, std::move(req))
             .then(
                 [=](const kv_reply& rep) {
                   auto& s2 = self->state;
