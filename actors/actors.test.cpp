@@ -699,6 +699,24 @@ TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
   EXPECT_EQ(from_caf_error(*bad->error).code, errc::invalid_argument);
 }
 
+TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
+  // Two callers wait on one miss held by an engine's 10 s batch; the cache
+  // is killed: both get request_receiver_down, not silence.
+  auto b = balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)});
+  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
+  sched_->run();
+  auto r1 = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
+  auto r2 = ask<kv_reply>(qcache, query_atom::value, query(2, "q"));
+  sched_->run();
+  ASSERT_FALSE(r1->done() || r2->done());
+  caf::anon_send_exit(qcache, caf::exit_reason::kill);
+  sched_->run();
+  for (const auto& r : {r1, r2}) {
+    ASSERT_TRUE(r->error.has_value());
+    EXPECT_EQ(*r->error, caf::sec::request_receiver_down);
+  }
+}
+
 /// Sends three normal requests and then a critical one to `dest` and runs
 /// every actor but `sink` until they reach it; then lets `sink` read its
 /// mailbox. Returns the ids in the order `sink` (a fake_balancer) saw them.
