@@ -48,7 +48,9 @@ engine_actor_config small_engine(std::size_t blocks, std::size_t batch_size = 1,
   c.store.slab_bytes = 4 * block_bytes;
   c.store.policy = engine::policy_kind::lru;
   c.store.adaptive_compression = false;
-  c.batch = batch_config{batch_size, batch_timeout};
+  // Batches close at N or at the timeout only, so a test can hold requests
+  // in a batch.
+  c.batch = batch_config{batch_size, batch_timeout, false};
   return c;
 }
 
@@ -177,6 +179,38 @@ TEST_F(actor_test, BatchClosesAtTimeout) {
   EXPECT_TRUE(r1->value.has_value());
   EXPECT_TRUE(r2->value.has_value());
   EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 1U);
+}
+
+TEST_F(actor_test, BatchClosesWhenIdleWithoutWaitingForTheTimeout) {
+  auto c = small_engine(64, 20, 100ms);
+  c.batch.close_when_idle = true;
+  auto e = engine(c);
+  // A lone request runs at once: no virtual time passes.
+  auto r1 = ask<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  ASSERT_TRUE(r1->value.has_value());
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 1U);
+  // Three requests queued in the mailbox together make one batch, the
+  // higher priority first.
+  auto low = make_request(2, 7, 2, 2, 2);
+  low.prio = engine::priority::background;
+  auto crit = make_request(4, 7, 2, 2, 4);
+  crit.prio = engine::priority::critical;
+  std::vector<std::shared_ptr<outcome<kv_reply>>> rs;
+  for (const auto& r : {low, make_request(3, 0, 0, 2, 3), crit})
+    rs.push_back(ask<kv_reply>(e, process_atom::value, r));
+  auto* held =
+      dynamic_cast<caf::resumable*>(caf::actor_cast<caf::abstract_actor*>(e));
+  sched_->run_jobs_filtered([=](caf::resumable* job) { return job != held; });
+  sched_->run();
+  for (const auto& r : rs)
+    ASSERT_TRUE(r->value.has_value());
+  EXPECT_EQ(rs[2]->value->computed_blocks, 2U);
+  EXPECT_EQ(rs[0]->value->matched_blocks, 2U);
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.batches, 2U);
+  EXPECT_EQ(st.requests, 4U);
+  EXPECT_FALSE(sched_->has_pending_timeout());
 }
 
 TEST_F(actor_test, BatchServesHigherPriorityFirst) {

@@ -159,9 +159,16 @@ void after_batch(engine_actor* self) {
 
 void close_batch(engine_actor* self);
 
+/// When a batch has opened: arms what closes it. With close_when_idle,
+/// that is a close message to itself now, behind every message already in
+/// the mailbox; no timer, as a timer's message could only arrive behind it.
 void arm_timer(engine_actor* self) {
   auto& b = self->state.batcher;
-  if (b.take_opened())
+  if (!b.take_opened())
+    return;
+  if (b.config().close_when_idle)
+    self->send(self, close_batch_atom::value, b.generation());
+  else
     self->delayed_send(self,
                        std::chrono::duration_cast<std::chrono::milliseconds>(
                            b.config().timeout),

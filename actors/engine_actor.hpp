@@ -24,7 +24,10 @@
 /// (default 20) or `capacity_tokens` prompt tokens are pending, or
 /// `batch.timeout` (default 100 ms) after the first, whichever comes first;
 /// the batch then runs as one call, highest priority first. max_size 1
-/// processes each request as it arrives.
+/// processes each request as it arrives. With `batch.close_when_idle` (on
+/// by default) a batch also closes once the actor has read every message
+/// that was in its mailbox when the batch opened: an idle engine answers a
+/// lone request at once, a busy one still batches what is queued.
 ///
 /// Events: after each batch or put the actor sends its listeners one
 /// block_events with the keys the store reported stored and removed since

@@ -25,7 +25,6 @@ node_config small_node() {
   c.engine.ns.block_tokens = 16;
   c.engine.store.capacity_bytes = 1u << 20;
   c.engine.store.slab_bytes = 64u << 10;
-  c.engine.batch.max_size = 1;
   c.balancer.routing.policy = actors::routing_policy::kv_aware;
   return c;
 }

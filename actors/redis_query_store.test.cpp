@@ -470,7 +470,6 @@ node_config redis_node(std::string url) {
   c.engine.ns.block_tokens = 16;
   c.engine.store.capacity_bytes = 1u << 20;
   c.engine.store.slab_bytes = 64u << 10;
-  c.engine.batch.max_size = 1;
   c.cache.redis_url = std::move(url);
   return c;
 }

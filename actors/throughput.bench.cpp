@@ -13,11 +13,14 @@
 // clock thread at every request; the line "caller's own timer" measures the
 // balancer with a driver that sets one (10 s) anyway.
 //
-// The last line measures an engine actor whose store is full (`full_blocks`
+// The fourth line measures an engine actor whose store is full (`full_blocks`
 // blocks of 4 KiB, default 262,144 = 1 GiB) while every request brings a new
 // block, so every request computes, stores and evicts one block: what an
 // engine's bookkeeping of stored and evicted blocks costs per request when
 // the store is large.
+//
+// The last line measures the blocking host API, node::process_request,
+// from one host thread sending one request at a time.
 //
 // Usage: kvfleet-actors-bench [threads=2] [seconds_per_rep=1] [reps=5]
 //                             [full_blocks=262144]
@@ -57,8 +60,8 @@ engine_actor_config bench_engine() {
   c.ns.block_tokens = 16;
   c.store.capacity_bytes = 16u << 20;
   c.store.adaptive_compression = false;
-  // The batcher keeps its defaults (20 requests or 100 ms): with 64 requests
-  // in flight, batches close at 20.
+  // The batcher keeps its defaults: up to 20 requests, closed when the
+  // actor has read what was queued (close_when_idle) or after 100 ms.
   return c;
 }
 
@@ -119,6 +122,29 @@ double measure(caf::actor_system& sys, const caf::actor& dest, double seconds,
   caf::scoped_actor self{sys};
   self->wait_for(d);
   return static_cast<double>(out->done) / elapsed;
+}
+
+/// node::process_request from one host thread, one request at a time
+/// (the blocking host API: a scoped actor and a timeout per call).
+double measure_node(node& n, double seconds) {
+  std::uint64_t done = 0;
+  const auto start = clk::now();
+  const auto until = start + std::chrono::duration_cast<clk::duration>(
+                                 std::chrono::duration<double>(seconds));
+  kv_request req;
+  req.input_tokens = 16;
+  while (clk::now() < until) {
+    req.id = done;
+    req.keys = {engine::block_key{1, 1 + done % 64}};
+    if (auto rep = n.process_request(req); !rep) {
+      std::fprintf(stderr, "node: %s\n", rep.error().describe().c_str());
+      std::exit(1);
+    }
+    ++done;
+  }
+  const auto elapsed =
+      std::chrono::duration<double>(clk::now() - start).count();
+  return static_cast<double>(done) / elapsed;
 }
 
 double median(std::vector<double> v) {
@@ -188,6 +214,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "engine: %s\n", full.error().describe().c_str());
     return 1;
   }
+  node_config nc;
+  nc.engines = 1;
+  nc.engine = bench_engine();
+  nc.query_cache = false;
+  auto host = node::start(sys, nc);
+  if (!host) {
+    std::fprintf(stderr, "node: %s\n", host.error().describe().c_str());
+    return 1;
+  }
   // Warm both paths (fills the caches with the 64 keys) and fill the full
   // engine's store: enough new blocks to pass its capacity once.
   measure(sys, *engine, 0.2, window);
@@ -211,12 +246,14 @@ int main(int argc, char** argv) {
   std::vector<double> routed;
   std::vector<double> timed;
   std::vector<double> evicting;
+  std::vector<double> blocking;
   for (int r = 0; r < reps; ++r) {
     direct.push_back(measure(sys, *engine, seconds, window));
     routed.push_back(measure(sys, balancer, seconds, window));
     timed.push_back(measure(sys, balancer, seconds, window, 64,
                             caf::duration{std::chrono::seconds{10}}));
     evicting.push_back(measure(sys, *full, seconds, window, 0));
+    blocking.push_back(measure_node(**host, seconds));
   }
   std::printf("threads=%zu policy=sharing window=%zu reps=%d seconds=%.1f\n",
               threads, window, reps, seconds);
@@ -231,6 +268,10 @@ int main(int argc, char** argv) {
   std::printf("engine actor, full store of %zu blocks, every request "
               "evicts: median %.0f requests/s (%.2fx of direct)\n",
               full_blocks, median(evicting), median(evicting) / median(direct));
+  std::printf("node::process_request, one host thread, one request at a "
+              "time: median %.0f requests/s\n",
+              median(blocking));
+  host->reset();
   caf::anon_send_exit(*engine, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(balancer, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(*full, caf::exit_reason::user_shutdown);

@@ -60,15 +60,17 @@ def routing_bench(build, workload):
 def actors_bench(build, repetitions):
     """Medians (requests/s) straight to an engine actor, through the
     balancer (callers without a timer of their own, and callers with one),
-    and to an engine actor whose full store evicts at every request: 2
-    scheduler threads, scheduler.policy=sharing, 1 s each."""
+    to an engine actor whose full store evicts at every request, and through
+    the blocking node API from one host thread: 2 scheduler threads,
+    scheduler.policy=sharing, 1 s each."""
     out = subprocess.run(
         [f"{build}/actors/kvfleet-actors-bench", "2", "1", str(repetitions)],
         check=True, capture_output=True, text=True).stdout
     labels = {"engine actor direct": "direct",
               "balancer -> engine actor": "balancer",
               "balancer, caller's own timer": "timed",
-              "engine actor, full store": "evicting"}
+              "engine actor, full store": "evicting",
+              "node::process_request": "node"}
     rates = {}
     for line in out.splitlines():
         for prefix, label in labels.items():
@@ -159,7 +161,8 @@ def main():
     rows.append(("request/reply through balancer and engine actor, 2 threads",
                  f"{a['balancer'] / 1e3:.0f}k req/s (direct {a['direct'] / 1e3:.0f}k; "
                  f"callers with their own CAF timer {a['timed'] / 1e3:.0f}k; "
-                 f"full store evicting at every request {a['evicting'] / 1e3:.0f}k)",
+                 f"full store evicting at every request {a['evicting'] / 1e3:.0f}k; "
+                 f"node::process_request from one host thread {a['node'] / 1e3:.0f}k)",
                  ">= 150k req/s", a["balancer"] >= 150e3))
     p = prefetch_bench(b)
     rows.append(("prefetch on chat @25%: used before evicted",
