@@ -3,9 +3,9 @@
 /// (default 20), at `max_tokens` prompt tokens (0 = no token limit), or
 /// `timeout` (default 100 ms) after its first request arrived, whichever
 /// comes first; the engine actor also closes it when it has no more queued
-/// requests to add (`close_when_idle`, on by default). Higher priorities leave first (lane_queue). The actor
-/// wrapper owns the timer; this class only decides.
-/// Not thread-safe: owned by one actor.
+/// requests to add (`close_when_idle`, on by default). Higher priorities leave
+/// first (lane_queue). The actor wrapper owns the timer; this class only
+/// decides. Not thread-safe: owned by one actor.
 
 #include "actors/lane_queue.hpp"
 #include "engine/clock.hpp"
