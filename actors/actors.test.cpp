@@ -74,6 +74,16 @@ template <class T> struct outcome {
   [[nodiscard]] bool done() const { return value || error; }
 };
 
+/// Runs every job but `held`'s until none is left, so messages pile up in
+/// `held`'s mailbox unread; the caller then runs the scheduler to let it
+/// read them.
+void run_all_but(caf::scheduler::test_coordinator& sched,
+                 const caf::actor& held) {
+  auto* job = dynamic_cast<caf::resumable*>(
+      caf::actor_cast<caf::abstract_actor*>(held));
+  sched.run_jobs_filtered([=](caf::resumable* j) { return j != job; });
+}
+
 class actor_test : public ::testing::Test {
 protected:
   actor_test() {
@@ -199,9 +209,7 @@ TEST_F(actor_test, BatchClosesWhenIdleWithoutWaitingForTheTimeout) {
   std::vector<std::shared_ptr<outcome<kv_reply>>> rs;
   for (const auto& r : {low, make_request(3, 0, 0, 2, 3), crit})
     rs.push_back(ask<kv_reply>(e, process_atom::value, r));
-  auto* held =
-      dynamic_cast<caf::resumable*>(caf::actor_cast<caf::abstract_actor*>(e));
-  sched_->run_jobs_filtered([=](caf::resumable* job) { return job != held; });
+  run_all_but(*sched_, e);
   sched_->run();
   for (const auto& r : rs)
     ASSERT_TRUE(r->value.has_value());
@@ -764,9 +772,7 @@ order_at_sink(caf::scheduler::test_coordinator& sched, const caf::actor& dest,
     r.prio = id == 4 ? engine::priority::critical : engine::priority::normal;
     caf::anon_send(dest, atom, r);
   }
-  auto* held = dynamic_cast<caf::resumable*>(
-      caf::actor_cast<caf::abstract_actor*>(sink));
-  sched.run_jobs_filtered([=](caf::resumable* job) { return job != held; });
+  run_all_but(sched, sink);
   EXPECT_TRUE(be->seen.empty());
   sched.run();
   std::vector<std::uint64_t> ids;
