@@ -152,6 +152,10 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+constexpr const char* usage =
+    "usage: kvfleet-actors-bench [threads=2] [seconds_per_rep=1] [reps=5] "
+    "[full_blocks=262144]\n";
+
 /// Argument `i` as a number in [lo, hi], `fallback` when absent; exits
 /// with a message naming the argument otherwise.
 template <class T>
@@ -166,9 +170,8 @@ T arg(int argc, char** argv, int i, const char* name, T fallback, T lo, T hi) {
     std::fprintf(
         stderr,
         "kvfleet-actors-bench: %s must be a number from %.10g to %.10g, "
-        "not '%s'\nusage: kvfleet-actors-bench [threads=2] "
-        "[seconds_per_rep=1] [reps=5] [full_blocks=262144]\n",
-        name, static_cast<double>(lo), static_cast<double>(hi), s);
+        "not '%s'\n%s",
+        name, static_cast<double>(lo), static_cast<double>(hi), s, usage);
     std::exit(2);
   }
   return value;
@@ -178,8 +181,7 @@ T arg(int argc, char** argv, int i, const char* name, T fallback, T lo, T hi) {
 
 int main(int argc, char** argv) {
   if (argc > 5) {
-    std::fprintf(stderr, "usage: kvfleet-actors-bench [threads=2] "
-                         "[seconds_per_rep=1] [reps=5] [full_blocks=262144]\n");
+    std::fputs(usage, stderr);
     return 2;
   }
   const auto threads = arg<std::size_t>(argc, argv, 1, "threads", 2, 1, 256);
