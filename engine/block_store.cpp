@@ -1028,14 +1028,20 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
 
 // ---------------------------------------------------------------- space
 
+double block_store::share_ratio(size_partition p) const noexcept {
+  const auto i = static_cast<std::size_t>(p);
+  return static_cast<double>(stats_.bytes_by_partition[i]) /
+         (config_.partitions.shares[i] *
+          static_cast<double>(pool_.capacity_bytes()));
+}
+
 std::optional<size_partition> block_store::most_over_share() const {
   std::optional<size_partition> q;
   double worst = -1.0;
   for (std::size_t p = 0; p < partition_count; ++p) {
     if (policies_[p]->evictable_count() == 0)
       continue;
-    const double ratio = static_cast<double>(stats_.bytes_by_partition[p]) /
-                         config_.partitions.shares[p];
+    const double ratio = share_ratio(static_cast<size_partition>(p));
     if (ratio > worst) {
       worst = ratio;
       q = static_cast<size_partition>(p);
@@ -1051,32 +1057,15 @@ bool block_store::over_high(std::size_t extra) const noexcept {
 
 std::optional<size_partition>
 block_store::pick_partition(size_partition p) const {
-  const double cap = static_cast<double>(pool_.capacity_bytes());
-  std::optional<size_partition> over;
-  double over_ratio = 1.0;
-  std::optional<size_partition> any;
-  double any_ratio = -1.0;
-  for (std::size_t q = 0; q < partition_count; ++q) {
-    if (policies_[q]->evictable_count() == 0)
-      continue;
-    const double ratio = static_cast<double>(stats_.bytes_by_partition[q]) /
-                         (config_.partitions.shares[q] * cap);
-    if (ratio > over_ratio) {
-      over_ratio = ratio;
-      over = static_cast<size_partition>(q);
-    }
-    if (ratio > any_ratio) {
-      any_ratio = ratio;
-      any = static_cast<size_partition>(q);
-    }
-  }
   // A partition over its share gives up space first; otherwise the asking
-  // partition makes room in its own share.
-  if (over)
-    return over;
+  // partition makes room in its own share, or, with nothing evictable
+  // there, the partition with the most of its share in use.
+  const std::optional<size_partition> worst = most_over_share();
+  if (worst && share_ratio(*worst) > 1.0)
+    return worst;
   if (policies_[static_cast<std::size_t>(p)]->evictable_count() > 0)
     return p;
-  return any;
+  return worst;
 }
 
 result<void> block_store::make_room(size_partition p, std::uint16_t cls) {

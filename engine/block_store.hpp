@@ -448,8 +448,12 @@ private:
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>
   pick_partition(size_partition p) const;
+  /// Bytes in partition `p` over its share of capacity (1.0: exactly its
+  /// share).
+  [[nodiscard]] double share_ratio(size_partition p) const noexcept;
   /// The partition with evictable blocks furthest over its share of
-  /// capacity (evict_bytes() and demote_to_tier() take from it first).
+  /// capacity (evict_bytes(), demote_to_tier() and pick_partition() take
+  /// from it first).
   [[nodiscard]] std::optional<size_partition> most_over_share() const;
   bool try_demote(size_partition p, std::size_t& scan_budget);
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
