@@ -14,6 +14,19 @@ namespace kvfleet::engine {
 namespace {
 
 constexpr std::uint32_t npos = block_index::npos;
+
+/// A TTL longer than this counts as none. It keeps every deadline the store
+/// computes (steady now + TTL, wall now + what is left) inside int64
+/// nanoseconds, so `nanos::max()`, the obvious way to say "never", cannot
+/// wrap round to a deadline in the past.
+constexpr nanos max_ttl = std::chrono::hours{24 * 365 * 100};
+
+/// Steady-clock deadline of a block put at `start` with `ttl`; 0 = never.
+std::int64_t expiry_after(nanos start, nanos ttl) {
+  if (ttl.count() <= 0 || ttl > max_ttl)
+    return 0;
+  return (start + ttl).count();
+}
 constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
 
 std::string ns_name(std::uint16_t id) {
@@ -121,6 +134,10 @@ block_store::create(const store_config& config,
     return make_error(errc::invalid_argument,
                       "size partition shares must add up to 1 (got " +
                           std::to_string(share_sum) + ")");
+  if (make_policy(config.policy) == nullptr)
+    return make_error(errc::unknown_policy,
+                      "unknown eviction policy #" +
+                          std::to_string(static_cast<int>(config.policy)));
   if (config.policy == policy_kind::belady && !config.next_use)
     return make_error(errc::invalid_argument,
                       "the belady policy needs a next-use oracle");
@@ -335,12 +352,18 @@ void block_store::release_lease(std::uint32_t id) noexcept {
   refresh_evictable(id);
 }
 
-codec block_store::stored_codec(const read_lease& lease) const {
+result<codec> block_store::stored_codec(const read_lease& lease) const {
+  if (lease.store_ != this)
+    return make_error(errc::invalid_handle,
+                      "lease is empty or belongs to another store");
   return entries_[lease.id_].c;
 }
 
-std::size_t block_store::stored_bytes(const read_lease& lease) const {
-  return entries_[lease.id_].stored_bytes;
+result<std::size_t> block_store::stored_bytes(const read_lease& lease) const {
+  if (lease.store_ != this)
+    return make_error(errc::invalid_handle,
+                      "lease is empty or belongs to another store");
+  return std::size_t{entries_[lease.id_].stored_bytes};
 }
 
 std::byte* block_store::host_ptr(const entry& e) noexcept {
@@ -354,6 +377,8 @@ result<void> block_store::read(const read_lease& lease,
     return make_error(errc::invalid_handle, "lease belongs to another store");
   const nanos start = now();
   entry& e = entries_[lease.id_];
+  if (e.corrupt)
+    return refuse_corrupt(e, out);
   const ns_state& st = namespaces_[e.ns];
   if (out.size() != st.spec.value_bytes())
     return make_error(errc::wrong_value_size,
@@ -393,6 +418,8 @@ result<void> block_store::read_raw(const read_lease& lease,
   if (lease.store_ != this)
     return make_error(errc::invalid_handle, "lease belongs to another store");
   entry& e = entries_[lease.id_];
+  if (e.corrupt)
+    return refuse_corrupt(e, out);
   if (out.size() != e.stored_bytes)
     return make_error(errc::wrong_value_size,
                       "raw read buffer holds " + std::to_string(out.size()) +
@@ -406,10 +433,20 @@ result<void> block_store::read_raw(const read_lease& lease,
   return {};
 }
 
+result<void> block_store::refuse_corrupt(const entry& e,
+                                         std::span<std::byte> out) const {
+  std::memset(out.data(), 0, out.size());
+  return make_error(errc::checksum_mismatch,
+                    "block " + e.key.to_hex() +
+                        " failed its checksum on an earlier read and was "
+                        "dropped");
+}
+
 result<void> block_store::drop_corrupt(std::uint32_t id,
                                        std::span<std::byte> out) {
   std::memset(out.data(), 0, out.size());
   ++stats_.checksum_failures;
+  entries_[id].corrupt = true; // a lease still on it reads nothing more
   const block_key k = entries_[id].key;
   // The damage may have come from disk (promotion does not hash; reads
   // do): drop that copy too, so it is not promoted again.
@@ -489,8 +526,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       return make_error(errc::busy, "another put of block " + key.to_hex() +
                                         " is in progress");
     }
-    const bool expired = e.expires_at != 0 && e.expires_at <= start.count();
-    if (!e.dead && !expired) {
+    auto duplicate = [&] {
       put_handle h;
       h.store_ = this;
       h.id_ = existing;
@@ -501,12 +537,27 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       h.started_ = start.count();
       ++stats_.reserves;
       return h;
-    }
+    };
+    const bool expired = e.expires_at != 0 && e.expires_at <= start.count();
+    if (!e.dead && !expired)
+      return duplicate();
     kill(existing); // removes it when nothing holds it
     if (index_.find(key) != npos) {
-      ++stats_.rejected_requests;
-      return make_error(errc::busy, "an expired copy of block " + key.to_hex() +
-                                        " is still held by a reader");
+      if (e.corrupt) {
+        ++stats_.rejected_requests;
+        return make_error(errc::busy, "a corrupt copy of block " +
+                                          key.to_hex() +
+                                          " is still held by a reader");
+      }
+      // An expired copy that a reader or a cached child still holds (a
+      // child outlives its parent's TTL when it was put later). Its key is
+      // its value, so the new put brings it back with the new TTL rather
+      // than failing until the last holder lets go; its children become
+      // reachable again.
+      e.dead = false;
+      e.expires_at = expiry_after(start, options.ttl.value_or(st.options.ttl));
+      refresh_evictable(existing);
+      return duplicate();
     }
   }
   std::uint32_t pid = npos;
@@ -550,7 +601,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       static_cast<std::uint32_t>(encoded_size(c, st.spec.elements_per_block()));
   e.pin_on_commit = options.pin;
   const nanos ttl = options.ttl.value_or(st.options.ttl);
-  e.expires_at = ttl.count() > 0 ? (start + ttl).count() : 0;
+  e.expires_at = expiry_after(start, ttl);
   index_.insert(key, id);
   ++stats_.reserves;
   put_handle h;
@@ -668,6 +719,18 @@ result<void> block_store::commit(put_handle& h) {
     return make_error(errc::not_written, "put of block " + h.key_.to_hex() +
                                              " committed before write");
   }
+  if (!h.duplicate_) {
+    const std::uint32_t pid = entries_[h.id_].parent;
+    if (pid != npos && entries_[pid].state != entry_state::committed) {
+      ++stats_.rejected_requests;
+      return make_error(errc::busy,
+                        "block " + h.key_.to_hex() +
+                            " cannot be committed "
+                            "before its parent " +
+                            entries_[pid].key.to_hex() +
+                            ": commit a chain from its first block");
+    }
+  }
   h.phase_ = put_handle::phase::committed;
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
@@ -733,12 +796,26 @@ void block_store::abort_if_current(std::uint32_t id,
 }
 
 void block_store::abort_reservation(std::uint32_t id) noexcept {
+  if (entries_[id].children > 0) {
+    // Puts chained from this one are still open: the caller aborted or
+    // dropped the parent first. Abort them too, deepest first, so no open
+    // put points at a freed parent; their handles turn stale. (A child
+    // cannot be committed while its parent is not, so all of them are
+    // open.) Our own callers abort children first and never get here.
+    std::vector<std::uint32_t> open{id};
+    for (std::size_t i = 0; i < open.size(); ++i)
+      for (std::uint32_t c = 0; c < entries_.size(); ++c)
+        if (entries_[c].parent == open[i] &&
+            (entries_[c].state == entry_state::reserved ||
+             entries_[c].state == entry_state::written))
+          open.push_back(c);
+    for (std::size_t i = open.size() - 1; i > 0; --i)
+      abort_reservation(open[i]);
+  }
   entry& e = entries_[id];
   KVFLEET_CHECK(e.state == entry_state::reserved ||
                     e.state == entry_state::written,
                 "abort of a block that is not being put");
-  // Children are aborted before their parents (callers abort in reverse
-  // order), so a reserved child never points at a freed parent.
   KVFLEET_CHECK(e.children == 0,
                 "abort of a block whose child is still being put");
   const std::uint32_t pid = e.parent;
@@ -1129,6 +1206,7 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
     return r;
   if (block_checksum(old_bytes) != e.checksum) {
     ++stats_.checksum_failures;
+    e.corrupt = true;
     kill(id);
     return make_error(errc::checksum_mismatch, "block failed its checksum");
   }

@@ -112,7 +112,7 @@ struct namespace_options {
   codec default_codec = codec::none; ///< codec new blocks are stored in
   bool adaptive_compression = true;  ///< may demote cold blocks
   compression_thresholds thresholds{};
-  nanos ttl{0}; ///< default time to live; 0 = none
+  nanos ttl{0}; ///< default time to live; 0 or over 100 years = none
 };
 
 /// Request-length classes with their shares of capacity. Requests below
@@ -147,9 +147,10 @@ struct store_config {
 struct put_options {
   priority prio = priority::normal;
   std::optional<codec> codec_override; ///< default: the namespace's codec
-  std::optional<nanos> ttl;            ///< default: the namespace's TTL
-  std::uint32_t request_tokens = 0;    ///< picks the size partition
-  bool pin = false;                    ///< pinned blocks are never evicted
+  /// Default: the namespace's TTL. 0 or over 100 years = none.
+  std::optional<nanos> ttl;
+  std::uint32_t request_tokens = 0; ///< picks the size partition
+  bool pin = false;                 ///< pinned blocks are never evicted
 };
 
 /// RAII read lease: while it lives, its block is neither evicted nor
@@ -252,9 +253,10 @@ public:
   /// is there); errc::not_found when absent.
   [[nodiscard]] result<read_lease> acquire(ns_id ns, const block_key& key);
 
-  /// Codec and stored size of a leased block.
-  [[nodiscard]] codec stored_codec(const read_lease& lease) const;
-  [[nodiscard]] std::size_t stored_bytes(const read_lease& lease) const;
+  /// Codec and stored size of a leased block; errc::invalid_handle for an
+  /// empty lease or one from another store.
+  [[nodiscard]] result<codec> stored_codec(const read_lease& lease) const;
+  [[nodiscard]] result<std::size_t> stored_bytes(const read_lease& lease) const;
 
   /// Verifies the leased block's checksum and decodes it into `out`
   /// (namespace dtype, value_bytes()). A checksum mismatch drops the block,
@@ -280,9 +282,14 @@ public:
   [[nodiscard]] result<void> write_from(put_handle& handle,
                                         kv_producer& producer);
   /// Makes the block visible. errc::not_written before write,
-  /// errc::double_commit and errc::commit_after_abort as named.
+  /// errc::double_commit and errc::commit_after_abort as named; errc::busy
+  /// (the put stays open) while its parent is reserved and not committed
+  /// yet: a chain commits from its first block.
   [[nodiscard]] result<void> commit(put_handle& handle);
   /// Frees the reservation. Aborting twice, or after commit, is an error.
+  /// Open puts chained from this one (children reserved on it) are aborted
+  /// with it, and their handles turn stale (errc::invalid_handle); dropping
+  /// an open handle does the same.
   [[nodiscard]] result<void> abort(put_handle& handle);
 
   /// Token-level put: stores the KV of `tokens`, which must be a whole
@@ -539,6 +546,10 @@ private:
   std::size_t promote_from_tier(ns_id ns, std::span<const block_key> keys,
                                 const block_key& parent,
                                 const put_options& options);
+  /// Answer to a read of a block an earlier read found corrupt: zeroes
+  /// `out`, counts nothing twice.
+  [[nodiscard]] result<void> refuse_corrupt(const entry& e,
+                                            std::span<std::byte> out) const;
   /// Zeroes `out`, counts and drops a block that failed its checksum.
   [[nodiscard]] result<void> drop_corrupt(std::uint32_t id,
                                           std::span<std::byte> out);

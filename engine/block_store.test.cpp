@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -178,6 +179,88 @@ TEST_F(store_fixture, two_phase_misuse_is_an_error_value) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, aborting_a_parent_first_aborts_its_open_children) {
+  open(16);
+  const auto k = chain(1, 3);
+  // Explicit abort of the parent while two puts chain from it.
+  {
+    auto h0 = store_->reserve(ns_, k[0], {});
+    ASSERT_TRUE(h0.has_value());
+    auto h1 = store_->reserve(ns_, k[1], k[0]);
+    ASSERT_TRUE(h1.has_value());
+    auto h2 = store_->reserve(ns_, k[2], k[1]);
+    ASSERT_TRUE(h2.has_value());
+    ASSERT_TRUE(store_->write(*h2, value_for(k[2])).has_value());
+    ASSERT_TRUE(store_->abort(*h0).has_value());
+    store_->check_invariants();
+    EXPECT_EQ(store_->used_bytes(), 0U);
+    EXPECT_EQ(store_->commit(*h2).error().code, errc::invalid_handle);
+    EXPECT_EQ(store_->abort(*h1).error().code, errc::invalid_handle);
+  } // the stale handles drop without touching anything
+  store_->check_invariants();
+  // Handles dropped parent first, as a vector of them is destroyed.
+  {
+    std::vector<put_handle> hs;
+    block_key parent{};
+    for (const auto& key : k) {
+      auto h = store_->reserve(ns_, key, parent);
+      ASSERT_TRUE(h.has_value());
+      hs.push_back(std::move(*h));
+      parent = key;
+    }
+  }
+  EXPECT_EQ(store_->used_bytes(), 0U);
+  EXPECT_EQ(store_->block_count(), 0U);
+  store_->check_invariants();
+  put_chain(k); // the chain can be stored again
+  EXPECT_EQ(*store_->lookup(ns_, k), 3U);
+}
+
+TEST_F(store_fixture, a_child_commits_only_after_its_parent) {
+  open(16);
+  const auto k = chain(1, 2);
+  auto h0 = store_->reserve(ns_, k[0], {});
+  ASSERT_TRUE(h0.has_value());
+  auto h1 = store_->reserve(ns_, k[1], k[0]);
+  ASSERT_TRUE(h1.has_value());
+  ASSERT_TRUE(store_->write(*h1, value_for(k[1])).has_value());
+  EXPECT_EQ(store_->commit(*h1).error().code, errc::busy);
+  EXPECT_FALSE(store_->contains(ns_, k[1]));
+  ASSERT_TRUE(store_->write(*h0, value_for(k[0])).has_value());
+  ASSERT_TRUE(store_->commit(*h0).has_value());
+  ASSERT_TRUE(store_->commit(*h1).has_value()); // the put stayed open
+  EXPECT_EQ(*store_->lookup(ns_, k), 2U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, a_ttl_past_the_clock_range_means_none) {
+  open(16);
+  clock_.advance(1s);
+  const auto keys = chain(1, 3);
+  put_options opts;
+  opts.ttl = nanos::max();
+  put_chain(keys, opts);
+  clock_.advance(24h * 365);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 3U);
+  EXPECT_EQ(store_->expire(), 0U);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, an_empty_or_foreign_lease_is_an_error_value) {
+  open(16);
+  const auto keys = chain(1, 1);
+  put_chain(keys);
+  read_lease empty;
+  EXPECT_EQ(store_->stored_codec(empty).error().code, errc::invalid_handle);
+  EXPECT_EQ(store_->stored_bytes(empty).error().code, errc::invalid_handle);
+  std::vector<std::byte> out(block_bytes);
+  EXPECT_EQ(store_->read(empty, out).error().code, errc::invalid_handle);
+  auto lease = store_->acquire(ns_, keys[0]);
+  ASSERT_TRUE(lease.has_value());
+  EXPECT_EQ(*store_->stored_codec(*lease), codec::none);
+  EXPECT_EQ(*store_->stored_bytes(*lease), block_bytes);
+}
+
 TEST_F(store_fixture, bad_input_is_rejected_and_leaves_nothing) {
   open(16);
   const auto k = chain(1, 2);
@@ -223,6 +306,8 @@ TEST(block_store, creation_errors) {
   cfg.partitions.shares = {0.3, 0.3, 0.4};
   cfg.policy = policy_kind::belady;
   EXPECT_EQ(block_store::create(cfg).error().code, errc::invalid_argument);
+  cfg.policy = static_cast<policy_kind>(9);
+  EXPECT_EQ(block_store::create(cfg).error().code, errc::unknown_policy);
 }
 
 TEST(block_store, oversize_value_is_rejected_at_registration) {
@@ -351,6 +436,27 @@ TEST_F(store_fixture, ttl_expires_blocks) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, an_expired_parent_held_by_a_live_child_can_be_put_again) {
+  open(16);
+  const auto keys = chain(1, 2);
+  put_options opts;
+  opts.ttl = 10s;
+  put_chain({keys[0]}, opts); // expires at 10 s
+  clock_.advance(5s);
+  put_chain(keys, opts); // the child expires at 15 s
+  clock_.advance(6s);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 0U); // the root expired
+  put_chain(keys, opts);                     // the root again, until 21 s
+  EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
+  clock_.advance(5s);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 1U); // the child's own TTL ran out
+  store_->check_invariants();
+  clock_.advance(5s);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 0U);
+  EXPECT_EQ(store_->block_count(), 0U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, corrupted_block_is_dropped_and_counted_never_returned) {
   open(16);
   const auto keys = chain(1, 2);
@@ -365,6 +471,16 @@ TEST_F(store_fixture, corrupted_block_is_dropped_and_counted_never_returned) {
   EXPECT_EQ(out, std::vector<std::byte>(block_bytes));
   EXPECT_EQ(store_->stats().checksum_failures, 1U);
   EXPECT_FALSE(store_->contains(ns_, keys[1]));
+  // A second read through the same lease returns nothing either, and the
+  // block is not counted twice.
+  std::fill(out.begin(), out.end(), std::byte{1});
+  EXPECT_EQ(store_->read(*lease, out).error().code, errc::checksum_mismatch);
+  std::vector<std::byte> raw(block_bytes, std::byte{1});
+  EXPECT_EQ(store_->read_raw(*lease, raw).error().code,
+            errc::checksum_mismatch);
+  EXPECT_EQ(out, std::vector<std::byte>(block_bytes));
+  EXPECT_EQ(raw, std::vector<std::byte>(block_bytes));
+  EXPECT_EQ(store_->stats().checksum_failures, 1U);
   lease->release();
   EXPECT_EQ(store_->block_count(), 1U);
   EXPECT_EQ(*store_->lookup(ns_, keys), 1U);
@@ -547,8 +663,8 @@ TEST_F(store_fixture, encoded_codecs_round_trip_within_their_error_bound) {
     ASSERT_TRUE(put(k, {}, opts).has_value());
     auto lease = store_->acquire(ns_, k);
     ASSERT_TRUE(lease.has_value());
-    EXPECT_EQ(store_->stored_codec(*lease), c);
-    EXPECT_EQ(store_->stored_bytes(*lease), encoded_size(c, block_bytes / 2));
+    EXPECT_EQ(*store_->stored_codec(*lease), c);
+    EXPECT_EQ(*store_->stored_bytes(*lease), encoded_size(c, block_bytes / 2));
     std::vector<std::byte> out(block_bytes);
     ASSERT_TRUE(store_->read(*lease, out).has_value());
     EXPECT_LE(relative_l2_error(dtype::fp16, value_for(k), out), bound)

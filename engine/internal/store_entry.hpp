@@ -32,6 +32,7 @@ struct block_store::entry {
   priority prio = priority::normal;
   size_partition part = size_partition::small;
   bool dead = false;
+  bool corrupt = false; // failed its checksum; dead, kept only for a lease
   bool flagged_evictable = false;
   bool in_recency = false;
   bool pin_on_commit = false;
