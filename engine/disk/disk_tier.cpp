@@ -251,10 +251,16 @@ result<void> disk_tier::recover() {
   std::vector<std::pair<block_key, disk_block_info>> infos;
   auto scanned = catalog_->for_each([&](const catalog_entry& e) {
     auto s = found.find(e.segment);
+    const std::uint64_t file_size =
+        s == found.end() ? 0 : s->second.file.size();
+    // Compared without adding the row's own numbers, which a damaged row
+    // may set near 2^64 so that a sum wraps into range.
+    const bool in_file = e.offset >= header_bytes && e.offset <= file_size &&
+                         e.size != 0 && e.size <= file_size &&
+                         rec_header + e.size <= file_size - e.offset;
     const std::uint64_t rec = rec_header + e.size;
     if (s == found.end() || e.tier != storage_tier::disk || !is_valid(e.c) ||
-        e.size == 0 || e.offset < header_bytes ||
-        e.offset + rec > s->second.file.size()) {
+        !in_file) {
       drop.push_back(e.key);
       ++io_stats_.missing_dropped;
       return;

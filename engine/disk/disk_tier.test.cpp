@@ -546,6 +546,41 @@ TEST_F(disk_tier_test, flipped_bytes_are_reported_missing_and_counted) {
   EXPECT_FALSE(tier_->contains(key_of(0)));
 }
 
+TEST_F(disk_tier_test,
+       catalog_rows_pointing_outside_their_segment_are_dropped) {
+  open(config());
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i);
+  settle();
+  tier_.reset();
+  sqlite3* db = nullptr;
+  const std::string path = dir_ + "/catalog.sqlite";
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  // Sizes and offsets near 2^64 (stored as negative SQLite integers) whose
+  // sum with a record header wraps into the file's range, and one plainly
+  // past its end.
+  ASSERT_EQ(sqlite3_exec(db,
+                         "UPDATE cache_entries SET size = -1 WHERE id = 1;"
+                         "UPDATE cache_entries SET size = -40 WHERE id = 2;"
+                         "UPDATE cache_entries SET offset = -8 WHERE id = 3;",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  open(config());
+  EXPECT_EQ(tier_->stats().missing_dropped, 3U);
+  EXPECT_EQ(tier_->stats().recovered_blocks, 1U);
+  std::size_t kept = 0;
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    if (!tier_->contains(key_of(i))) {
+      EXPECT_EQ(fetch(i).status.error().code, errc::not_found);
+      continue;
+    }
+    ++kept;
+    expect_block(i);
+  }
+  EXPECT_EQ(kept, 1U);
+}
+
 TEST_F(disk_tier_test, a_killed_writer_loses_only_unacknowledged_blocks) {
   constexpr std::uint64_t total = 400;
   constexpr std::size_t size = 64 * 1024;
