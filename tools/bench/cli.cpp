@@ -13,6 +13,11 @@ namespace kvfleet::bench {
 
 namespace {
 
+/// Upper bound of the per-token and per-request costs, in microseconds:
+/// far above any real model, and low enough that simulated times and
+/// prefill_saved_s stay inside int64 nanoseconds.
+constexpr double max_cost_us = 1e6;
+
 constexpr std::string_view main_help_text =
     R"(kvfleet-bench: workload driver and eviction-policy simulator for kvfleet.
 
@@ -75,8 +80,8 @@ Options:
   --low-watermark X         store fill fraction eviction stops at [0.8]
   --prefill-us-per-token X  prefill cost per prompt token in microseconds,
                             used for prefill_saved_s; 20 is about one H100
-                            prefilling a batched 8B model [20]
-  --disk-dir DIR             put a disk tier below memory, in a fresh
+                            prefilling a batched 8B model; 0 to 1000000 [20]
+  --disk-dir DIR            put a disk tier below memory, in a fresh
                             subdirectory of DIR (removed afterwards): evicted
                             blocks spill to it and hits on it are promoted
                             back; the report then shows hits by tier
@@ -126,8 +131,10 @@ Options:
   --eviction POLICY         every engine's eviction policy [adaptive]
   --rate-scale X            arrival rate multiplier: timestamps are divided
                             by X; X > 0 [1]
-  --prefill-us-per-token X  service cost per computed prompt token [20]
-  --service-overhead-us X   constant added to every request's service [200]
+  --prefill-us-per-token X  service cost per computed prompt token,
+                            0 to 1000000 [20]
+  --service-overhead-us X   constant added to every request's service,
+                            0 to 1000000 [200]
   --credit-per-block X      kv_aware: load units credited per held prefix
                             block [0.25]
   --max-credit X            kv_aware: cap on the credit [4]
@@ -371,6 +378,9 @@ result<void> apply_option(engine_options& o, std::string_view name,
       return unexpected<error>(x.error());
     if (*x < 0.0)
       return usage("option --prefill-us-per-token must not be negative");
+    if (*x > max_cost_us)
+      return usage("option --prefill-us-per-token must be at most 1000000 "
+                   "(one second per token)");
     o.prefill_us_per_token = *x;
   } else if (name == "--disk-dir") {
     if (value.empty())
@@ -582,6 +592,9 @@ result<command> parse_routing(std::span<const std::string_view> args) {
           return usage("option --rate-scale must be above 0");
         r.rate_scale = *x;
       } else if (name == "--service-overhead-us") {
+        if (*x > max_cost_us)
+          return usage("option --service-overhead-us must be at most "
+                       "1000000 (one second per request)");
         r.service_overhead_us = *x;
       } else if (name == "--credit-per-block") {
         r.router.credit_per_block = *x;

@@ -209,6 +209,7 @@ TEST(bench_cli, bad_values) {
   base("--policies", "lru,mru", "unknown eviction policy 'mru'");
   base("--policies", "lru,,lfu", "comma-separated");
   base("--policies", "lru,lru", "listed twice");
+  base("--prefill-us-per-token", "1e7", "at most 1000000");
   base("--block-tokens", "0", "at least 1");
   base("--block-tokens", "12x", "non-negative integer");
   base("--requests", "0", "--requests must be in");

@@ -1,5 +1,6 @@
 #include "tools/bench/engine_mode.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -160,10 +161,17 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
     disk_dir = tmpl;
     engine::disk_tier_config dc;
     dc.directory = disk_dir;
+    const std::size_t slot = block_slot_bytes(bench_namespace(opts));
+    const std::size_t most = std::numeric_limits<std::size_t>::max() / slot;
     const std::size_t blocks = opts.disk_capacity_blocks != 0
                                    ? opts.disk_capacity_blocks
-                                   : 4 * capacity_blocks;
-    dc.capacity_bytes = blocks * block_slot_bytes(bench_namespace(opts));
+                                   : std::min(capacity_blocks, most / 4) * 4;
+    if (blocks > most)
+      return make_error(errc::value_too_large,
+                        "a disk capacity of " + std::to_string(blocks) +
+                            " blocks of " + std::to_string(slot) +
+                            " bytes does not fit in 64 bits");
+    dc.capacity_bytes = blocks * slot;
     auto tier = engine::disk_tier::open(dc);
     if (!tier)
       return unexpected<error>(tier.error());

@@ -97,6 +97,21 @@ TEST(engine_mode, a_disk_tier_only_adds_hits_and_reports_them_by_tier) {
   std::filesystem::remove(tmpl);
 }
 
+TEST(engine_mode, a_disk_capacity_past_64_bits_is_an_error) {
+  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  engine_options o = small_workload("chat", 0.1);
+  o.policies = {policy_kind::lru};
+  o.disk_dir = tmpl;
+  o.disk_capacity_blocks = std::size_t{1} << 50; // x 16 KiB wraps to 0
+  auto r = run(o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::value_too_large);
+  EXPECT_NE(r.error().message.find("does not fit"), std::string::npos);
+  EXPECT_TRUE(std::filesystem::is_empty(tmpl));
+  std::filesystem::remove(tmpl);
+}
+
 TEST(engine_mode, every_policy_sees_the_same_requests) {
   auto report = run(small_workload("chat", 0.25));
   ASSERT_TRUE(report) << report.error().describe();

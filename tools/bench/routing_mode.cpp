@@ -34,6 +34,9 @@ template <class T> double quantile(const std::vector<T>& sorted, double q) {
   return static_cast<double>(sorted[i]);
 }
 
+/// Simulated times are int64 nanoseconds.
+constexpr double max_sim_ns = 9.2e18;
+
 std::int64_t to_ns(double us) {
   return static_cast<std::int64_t>(std::llround(us * 1e3));
 }
@@ -152,6 +155,12 @@ private:
     const std::int64_t service =
         static_cast<std::int64_t>(done->computed_tokens) * per_token_ns_ +
         overhead_ns_;
+    if (service > std::numeric_limits<std::int64_t>::max() - now)
+      return make_error(errc::invalid_argument,
+                        "request " + std::to_string(r) + " on engine " +
+                            std::to_string(slot) +
+                            " would end past the simulated clock's range "
+                            "(about 290 years)");
     const std::int64_t end = now + service;
     latency_ns_[r] = end - arrival_[r];
     done_.emplace(end, slot);
@@ -301,11 +310,24 @@ run_routing(const routing_options& opts,
                    [](const auto& a, const auto& b) {
                      return a.timestamp_ms < b.timestamp_ms;
                    });
+  // Only the time between arrivals matters: count from the first request,
+  // so traces stamped with epoch milliseconds fit the simulated clock.
   std::vector<std::int64_t> arrival;
   arrival.reserve(ordered.size());
-  for (const auto& r : ordered)
-    arrival.push_back(static_cast<std::int64_t>(std::llround(
-        static_cast<double>(r.timestamp_ms) * 1e6 / opts.rate_scale)));
+  const std::uint64_t first =
+      ordered.empty() ? 0 : ordered.front().timestamp_ms;
+  for (const auto& r : ordered) {
+    const double ns =
+        static_cast<double>(r.timestamp_ms - first) * 1e6 / opts.rate_scale;
+    if (!(ns < max_sim_ns))
+      return make_error(errc::invalid_argument,
+                        "a request " + std::to_string(r.timestamp_ms - first) +
+                            " ms after the first, with --rate-scale " +
+                            std::to_string(opts.rate_scale) +
+                            ", arrives past the simulated clock's range "
+                            "(about 290 years); raise --rate-scale");
+    arrival.push_back(static_cast<std::int64_t>(std::llround(ns)));
+  }
   const request_keys keys =
       make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
                         opts.base.block_tokens);

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <initializer_list>
+#include <limits>
 #include <numeric>
 #include <string_view>
 #include <vector>
@@ -89,6 +90,34 @@ TEST(routing_mode, one_engine_queues_everything) {
   auto report = run_tiny(o);
   ASSERT_TRUE(report) << report.error().describe();
   EXPECT_DOUBLE_EQ(report->results[0].max_engine_share, 1.0);
+}
+
+TEST(routing_mode, only_the_time_between_arrivals_counts) {
+  routing_options o = tiny_options();
+  o.policies = {routing_policy::least_loaded};
+  engine::workload_options wo;
+  wo.requests = o.base.requests;
+  auto reqs = engine::generate_workload(o.base.workload, wo);
+  ASSERT_TRUE(reqs);
+  // A trace stamped with epoch milliseconds, and slowed down ten
+  // times: its nanoseconds from 1970 would not fit an int64.
+  o.rate_scale = 0.1;
+  auto slow = run_routing(o, *reqs, "slow");
+  ASSERT_TRUE(slow) << slow.error().describe();
+  for (auto& r : *reqs)
+    r.timestamp_ms += 1'700'000'000'000;
+  auto epoch = run_routing(o, *reqs, "epoch");
+  ASSERT_TRUE(epoch) << epoch.error().describe();
+  EXPECT_EQ(nlohmann::json::parse(to_json(*epoch))["results"],
+            nlohmann::json::parse(to_json(*slow))["results"]);
+  EXPECT_GE(epoch->results[0].p50_us, 0.0);
+  // A gap the simulated clock cannot hold is an error, not a wrapped time.
+  reqs->back().timestamp_ms = std::numeric_limits<std::uint64_t>::max() / 2;
+  auto too_far = run_routing(o, *reqs, "too far");
+  ASSERT_FALSE(too_far);
+  EXPECT_NE(too_far.error().message.find("raise --rate-scale"),
+            std::string::npos)
+      << too_far.error().message;
 }
 
 TEST(routing_mode, capacity_is_per_engine) {
@@ -209,6 +238,12 @@ TEST(routing_cli, errors_and_help) {
   bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
        "--disk-dir", "/tmp"},
       "unknown option '--disk-dir'");
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--service-overhead-us", "2000000"},
+      "--service-overhead-us must be at most 1000000");
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--prefill-us-per-token", "1e9"},
+      "--prefill-us-per-token must be at most 1000000");
   bad({"routing", "--workload", "chat"}, "give a capacity");
   bad({"nope"}, "modes: engine, routing, prefetch");
   auto help = parse({"routing", "--engines", "x", "--help"});
