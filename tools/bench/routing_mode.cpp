@@ -49,7 +49,11 @@ struct sim_engine {
   std::size_t current = 0; ///< request in service when busy
   /// Keys reported stored to the router and not reported evicted since.
   std::unordered_set<engine::block_key, engine::block_key_hash> reported;
-  std::uint64_t evictions_seen = 0;
+  /// From the store's on_block_event during a process(): blocks committed
+  /// (reported when the request completes, as the engine actor reports
+  /// them after its reply) and reported blocks removed (reported at once).
+  std::vector<engine::block_key> stored;
+  std::vector<engine::block_key> removed;
 };
 
 class simulation {
@@ -75,6 +79,17 @@ public:
     ns_opts.adaptive_compression = opts_.base.compression;
     engines_.resize(opts_.engines);
     for (auto& e : engines_) {
+      cfg->on_block_event = [&e](engine::block_event ev,
+                                 const engine::block_key& k) {
+        if (ev == engine::block_event::stored) {
+          e.stored.push_back(k);
+        } else if (e.reported.erase(k) != 0) {
+          e.removed.push_back(k);
+        } else {
+          // Stored and gone before the router heard of it.
+          std::erase(e.stored, k);
+        }
+      };
       auto store = engine::block_store::create(*cfg);
       if (!store)
         return unexpected<error>(store.error());
@@ -151,7 +166,10 @@ private:
     out_.matched_blocks += done->matched_blocks;
     if (expected_hit_[r] > done->matched_blocks)
       ++out_.stale_routes;
-    sync_evictions(slot);
+    if (!e.removed.empty()) {
+      router_.evicted(slot, e.removed);
+      e.removed.clear();
+    }
     const std::int64_t service =
         static_cast<std::int64_t>(done->computed_tokens) * per_token_ns_ +
         overhead_ns_;
@@ -170,37 +188,15 @@ private:
   result<void> complete(std::uint32_t slot, std::int64_t now) {
     sim_engine& e = engines_[slot];
     router_.finished(slot);
-    scratch_.clear();
-    for (const auto& k : keys_.of(e.current))
-      if (e.store->contains(e.ns, k) && e.reported.insert(k).second)
-        scratch_.push_back(k);
-    if (!scratch_.empty())
-      router_.stored(slot, scratch_);
+    if (!e.stored.empty()) {
+      e.reported.insert(e.stored.begin(), e.stored.end());
+      router_.stored(slot, e.stored);
+      e.stored.clear();
+    }
     e.busy = false;
     if (!e.waiting.empty())
       return start(slot, now);
     return {};
-  }
-
-  // The diff that stands in for eviction events: only after the store's
-  // eviction counter moved.
-  void sync_evictions(std::uint32_t slot) {
-    sim_engine& e = engines_[slot];
-    const std::uint64_t ev = e.store->stats().evictions;
-    if (ev == e.evictions_seen)
-      return;
-    e.evictions_seen = ev;
-    scratch_.clear();
-    for (auto it = e.reported.begin(); it != e.reported.end();) {
-      if (e.store->contains(e.ns, *it)) {
-        ++it;
-      } else {
-        scratch_.push_back(*it);
-        it = e.reported.erase(it);
-      }
-    }
-    if (!scratch_.empty())
-      router_.evicted(slot, scratch_);
   }
 
   void finish() {
@@ -239,7 +235,6 @@ private:
   std::vector<std::int64_t> latency_ns_;
   std::vector<std::uint32_t> queue_samples_;
   std::vector<std::size_t> expected_hit_;
-  std::vector<engine::block_key> scratch_;
   routing_result out_;
 };
 
