@@ -114,9 +114,9 @@ request at a time. Requests arrive at their timestamps / --rate-scale; the
 router picks an engine from its live load (queued + in service) and, for
 kv_aware, its prefix index. A request's service time is its computed
 (missed) prompt tokens x --prefill-us-per-token + --service-overhead-us. The
-router gets the engines' block events as the balancer relays them: stored
-when a request completes; evicted found by diffing the keys it was told
-against the store after each eviction pass.
+router gets the engines' block events (the store's on_block_event) as the
+balancer relays them: stored when a request completes; evicted right after
+the process() that removed them.
 
 Input and capacity (as in engine mode, capacity PER ENGINE):
   --workload NAME | --trace FILE
@@ -128,7 +128,8 @@ Options:
   --engines N               engines behind the router, 1..64 [4]
   --policies LIST           routing policies: round_robin, least_loaded,
                             kv_aware [round_robin,least_loaded,kv_aware]
-  --eviction POLICY         every engine's eviction policy [adaptive]
+  --eviction POLICY         every engine's eviction policy: lru, lfu,
+                            priority or adaptive [adaptive]
   --rate-scale X            arrival rate multiplier: timestamps are divided
                             by X; X > 0 [1]
   --prefill-us-per-token X  service cost per computed prompt token,
@@ -178,7 +179,8 @@ is evicted first, unused when neither happened by the end. The replay runs
 again without prefetch for the baseline hit ratio.
 
 Options:
-  --eviction POLICY         the store's eviction policy [adaptive]
+  --eviction POLICY         the store's eviction policy: lru, lfu, priority
+                            or adaptive [adaptive]
   --threshold X             confidence needed to prefetch, in [0, 1] [0.5]
   --max-round N             rounds above N share one query [16]
   --session-timeout-s X     idle seconds after which a session ends [600]
@@ -520,6 +522,9 @@ result<engine::policy_kind> parse_one_policy(std::string_view value) {
   auto kind = engine::parse_policy(value);
   if (!kind)
     return usage("option --eviction: " + kind.error().message);
+  if (*kind == engine::policy_kind::belady)
+    return usage("option --eviction: belady needs to know every request "
+                 "ahead; only engine mode's --policies can run it");
   return *kind;
 }
 
@@ -622,8 +627,8 @@ result<command> parse_prefetch(std::span<const std::string_view> args) {
   static constexpr std::string_view extra[] = {
       "--eviction", "--threshold", "--max-round", "--session-timeout-s"};
   static constexpr std::string_view excluded[] = {
-      "--disk-dir", "--disk-capacity-blocks", "--policies", "--trace",
-      "--on-bad-line"};
+      "--disk-dir", "--disk-capacity-blocks", "--policies",
+      "--trace",    "--on-bad-line",          "--prefill-us-per-token"};
   const auto apply = [&p](std::string_view name,
                           std::string_view value) -> result<void> {
     if (name == "--eviction") {

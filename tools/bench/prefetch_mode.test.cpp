@@ -131,6 +131,23 @@ TEST(prefetch_cli, parses_and_rejects) {
       "prefetch", "--workload",  "chat", "--capacity-fraction",
       "0.25",     "--threshold", "1.5"};
   EXPECT_FALSE(parse_command_line(thr));
+  // Options prefetch mode would ignore are refused, not silently dropped.
+  std::vector<std::string_view> cost{"prefetch", "--workload",
+                                     "chat",     "--capacity-fraction",
+                                     "0.25",     "--prefill-us-per-token",
+                                     "999"};
+  auto ignored = parse_command_line(cost);
+  ASSERT_FALSE(ignored);
+  EXPECT_NE(ignored.error().message.find("--prefill-us-per-token"),
+            std::string::npos)
+      << ignored.error().message;
+  std::vector<std::string_view> belady{
+      "prefetch", "--workload", "chat",  "--capacity-fraction",
+      "0.25",     "--eviction", "belady"};
+  auto bel = parse_command_line(belady);
+  ASSERT_FALSE(bel);
+  EXPECT_NE(bel.error().message.find("only engine mode"), std::string::npos)
+      << bel.error().message;
   std::vector<std::string_view> help{"prefetch", "-h"};
   auto h = parse_command_line(help);
   ASSERT_TRUE(h);

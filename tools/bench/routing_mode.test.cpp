@@ -244,6 +244,9 @@ TEST(routing_cli, errors_and_help) {
   bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
        "--prefill-us-per-token", "1e9"},
       "--prefill-us-per-token must be at most 1000000");
+  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
+       "--eviction", "belady"},
+      "belady needs to know every request ahead");
   bad({"routing", "--workload", "chat"}, "give a capacity");
   bad({"nope"}, "modes: engine, routing, prefetch");
   auto help = parse({"routing", "--engines", "x", "--help"});
