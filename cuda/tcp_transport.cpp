@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <system_error>
@@ -24,24 +25,68 @@ unexpected<error> sys_error(std::string_view call) {
                                         std::generic_category().message(errno));
 }
 
-void set_timeouts(int fd, std::chrono::milliseconds t) {
+using steady = std::chrono::steady_clock;
+
+/// Longest timeout a caller may set; also keeps poll()'s int milliseconds
+/// from wrapping.
+constexpr std::chrono::milliseconds max_timeout = std::chrono::hours(24);
+
+result<void> check_timeout(std::string_view what, std::chrono::milliseconds t,
+                           bool zero_ok) {
+  if ((zero_ok ? t.count() < 0 : t.count() <= 0) || t > max_timeout)
+    return make_error(errc::invalid_argument,
+                      std::string(what) + " must be " +
+                          (zero_ok ? "0 ms or more" : "above 0 ms") +
+                          " and at most 24 h (got " +
+                          std::to_string(t.count()) + " ms)");
+  return {};
+}
+
+void set_options(int fd, std::chrono::milliseconds connect_timeout) {
+  // connect() honours SO_SNDTIMEO; every later call waits in poll()
+  // against the exchange's deadline instead.
   timeval tv{};
-  tv.tv_sec = static_cast<time_t>(t.count() / 1000);
-  tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
-  (void)::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  tv.tv_sec = static_cast<time_t>(connect_timeout.count() / 1000);
+  tv.tv_usec =
+      static_cast<suseconds_t>((connect_timeout.count() % 1000) * 1000);
   (void)::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   const int one = 1;
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-result<void> send_all(int fd, const std::byte* p, std::size_t n) {
+/// Waits until `fd` is ready for `events` or `deadline` passes: false on
+/// the deadline, an error when poll() fails. Polls at least once, so a
+/// deadline already passed still takes what is ready now.
+result<bool> wait_ready(int fd, short events, steady::time_point deadline) {
+  for (;;) {
+    const auto left = std::max(
+        std::chrono::milliseconds(0),
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now()));
+    pollfd p{fd, events, 0};
+    const int rc = ::poll(&p, 1, static_cast<int>(left.count()));
+    if (rc > 0)
+      return true; // readable, writable, or an error recv/send will report
+    if (rc < 0 && errno != EINTR)
+      return sys_error("tcp poll");
+    if (rc == 0 && steady::now() >= deadline)
+      return false;
+  }
+}
+
+/// Sends all `n` bytes before `deadline` (the whole exchange's, so a peer
+/// that drains a byte at a time cannot stretch it).
+result<void> send_all(int fd, const std::byte* p, std::size_t n,
+                      steady::time_point deadline) {
   while (n > 0) {
-    const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL);
+    auto ready = wait_ready(fd, POLLOUT, deadline);
+    if (!ready)
+      return unexpected<error>(ready.error());
+    if (!*ready)
+      return make_error(errc::io_error, "tcp send: timed out");
+    const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (k < 0) {
-      if (errno == EINTR)
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
         continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK)
-        return make_error(errc::io_error, "tcp send: timed out");
       return sys_error("tcp send");
     }
     p += k;
@@ -50,16 +95,21 @@ result<void> send_all(int fd, const std::byte* p, std::size_t n) {
   return {};
 }
 
-result<void> recv_all(int fd, std::byte* p, std::size_t n) {
+/// Receives all `n` bytes before `deadline`.
+result<void> recv_all(int fd, std::byte* p, std::size_t n,
+                      steady::time_point deadline) {
   while (n > 0) {
-    const ssize_t k = ::recv(fd, p, n, 0);
+    auto ready = wait_ready(fd, POLLIN, deadline);
+    if (!ready)
+      return unexpected<error>(ready.error());
+    if (!*ready)
+      return make_error(errc::io_error, "tcp recv: timed out");
+    const ssize_t k = ::recv(fd, p, n, MSG_DONTWAIT);
     if (k == 0)
       return make_error(errc::io_error, "tcp recv: peer closed the connection");
     if (k < 0) {
-      if (errno == EINTR)
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
         continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK)
-        return make_error(errc::io_error, "tcp recv: timed out");
       return sys_error("tcp recv");
     }
     p += k;
@@ -80,23 +130,25 @@ std::uint64_t get_le(const std::byte* p, int bytes) {
   return v;
 }
 
-result<void> send_batch(int fd, std::span<const send_block> out) {
+result<void> send_batch(int fd, std::span<const send_block> out,
+                        steady::time_point deadline) {
   std::vector<std::byte> header;
   put_le(header, magic, 4);
   put_le(header, out.size(), 4);
   for (const send_block& b : out)
     put_le(header, b.bytes, 8);
-  if (auto r = send_all(fd, header.data(), header.size()); !r)
+  if (auto r = send_all(fd, header.data(), header.size(), deadline); !r)
     return r;
   for (const send_block& b : out)
-    if (auto r = send_all(fd, b.data, b.bytes); !r)
+    if (auto r = send_all(fd, b.data, b.bytes, deadline); !r)
       return r;
   return {};
 }
 
-result<void> recv_batch(int fd, std::span<const recv_block> in) {
+result<void> recv_batch(int fd, std::span<const recv_block> in,
+                        steady::time_point deadline) {
   std::byte head[8];
-  if (auto r = recv_all(fd, head, sizeof head); !r)
+  if (auto r = recv_all(fd, head, sizeof head, deadline); !r)
     return r;
   if (get_le(head, 4) != magic)
     return make_error(errc::parse_error, "tcp recv: not a kvfleet block batch");
@@ -106,7 +158,7 @@ result<void> recv_batch(int fd, std::span<const recv_block> in) {
                       "tcp recv: peer sent " + std::to_string(count) +
                           " blocks, expected " + std::to_string(in.size()));
   std::vector<std::byte> sizes(8 * in.size());
-  if (auto r = recv_all(fd, sizes.data(), sizes.size()); !r)
+  if (auto r = recv_all(fd, sizes.data(), sizes.size(), deadline); !r)
     return r;
   for (std::size_t i = 0; i < in.size(); ++i) {
     const std::uint64_t n = get_le(sizes.data() + 8 * i, 8);
@@ -117,7 +169,7 @@ result<void> recv_batch(int fd, std::span<const recv_block> in) {
                             std::to_string(in[i].bytes));
   }
   for (const recv_block& b : in)
-    if (auto r = recv_all(fd, b.data, b.bytes); !r)
+    if (auto r = recv_all(fd, b.data, b.bytes, deadline); !r)
       return r;
   return {};
 }
@@ -127,6 +179,9 @@ result<void> recv_batch(int fd, std::span<const recv_block> in) {
 result<std::unique_ptr<tcp_transport>>
 tcp_transport::connect(const std::string& host, std::uint16_t port,
                        std::chrono::milliseconds io_timeout) {
+  if (auto ok = check_timeout("tcp connect: io_timeout", io_timeout, false);
+      !ok)
+    return unexpected<error>(ok.error());
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -142,10 +197,10 @@ tcp_transport::connect(const std::string& host, std::uint16_t port,
         ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
     if (fd < 0)
       continue;
-    set_timeouts(fd, io_timeout);
+    set_options(fd, io_timeout);
     if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
       ::freeaddrinfo(res);
-      return std::unique_ptr<tcp_transport>(new tcp_transport(fd));
+      return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
     }
     why = std::generic_category().message(errno);
     ::close(fd);
@@ -174,21 +229,45 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     if (b.data == nullptr && b.bytes > 0)
       return make_error(errc::invalid_argument,
                         "tcp exchange: null receive block");
-  if (out.empty())
-    return in.empty() ? result<void>{} : recv_batch(fd_, in);
-  if (in.empty())
-    return send_batch(fd_, out);
-  // Both directions: send on a helper thread so that two peers exchanging
-  // large batches cannot both block on full socket buffers.
-  result<void> sent;
-  std::thread sender([&] { sent = send_batch(fd_, out); });
-  result<void> got = recv_batch(fd_, in);
-  if (!got)
-    ::shutdown(fd_, SHUT_RDWR); // unblocks the sender
-  sender.join();
-  if (!got)
-    return got;
-  return sent;
+  if (!broken_.empty())
+    return make_error(errc::unavailable,
+                      "tcp exchange: the connection broke in an earlier "
+                      "exchange (" +
+                          broken_ + "); connect again");
+  if (out.empty() && in.empty())
+    return {};
+  const steady::time_point deadline = steady::now() + io_timeout_;
+  result<void> r;
+  if (out.empty()) {
+    r = recv_batch(fd_, in, deadline);
+  } else if (in.empty()) {
+    r = send_batch(fd_, out, deadline);
+  } else {
+    // Both directions: send on a helper thread so that two peers exchanging
+    // large batches cannot both block on full socket buffers.
+    result<void> sent;
+    std::thread sender;
+    try {
+      sender = std::thread([&] { sent = send_batch(fd_, out, deadline); });
+    } catch (const std::system_error& e) {
+      return make_error(errc::unavailable,
+                        std::string("tcp exchange: no sender thread: ") +
+                            e.what());
+    }
+    r = recv_batch(fd_, in, deadline);
+    if (!r)
+      ::shutdown(fd_, SHUT_RDWR); // the sender stops at once
+    sender.join();
+    if (r)
+      r = std::move(sent);
+  }
+  if (!r) {
+    // A batch cut off part way leaves the stream mid-frame: the next read
+    // would take payload for a header. Nothing more goes over it.
+    broken_ = r.error().message;
+    ::shutdown(fd_, SHUT_RDWR);
+  }
+  return r;
 }
 
 result<tcp_listener> tcp_listener::listen(const std::string& host,
@@ -241,17 +320,21 @@ tcp_listener::~tcp_listener() {
 result<std::unique_ptr<tcp_transport>>
 tcp_listener::accept(std::chrono::milliseconds timeout,
                      std::chrono::milliseconds io_timeout) {
-  pollfd p{fd_, POLLIN, 0};
-  const int rc = ::poll(&p, 1, static_cast<int>(timeout.count()));
-  if (rc == 0)
+  if (auto ok = check_timeout("tcp accept: timeout", timeout, true); !ok)
+    return unexpected<error>(ok.error());
+  if (auto ok = check_timeout("tcp accept: io_timeout", io_timeout, false); !ok)
+    return unexpected<error>(ok.error());
+  // A zero timeout still polls once: a connection already queued is taken.
+  auto ready = wait_ready(fd_, POLLIN, steady::now() + timeout);
+  if (!ready)
+    return unexpected<error>(ready.error());
+  if (!*ready)
     return make_error(errc::io_error, "tcp accept: timed out");
-  if (rc < 0)
-    return sys_error("poll");
   const int fd = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
   if (fd < 0)
     return sys_error("accept");
-  set_timeouts(fd, io_timeout);
-  return std::unique_ptr<tcp_transport>(new tcp_transport(fd));
+  set_options(fd, io_timeout);
+  return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
 }
 
 } // namespace kvfleet::cuda

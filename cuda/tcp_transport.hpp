@@ -7,10 +7,13 @@
 /// block's size (u64 LE), then the blocks' bytes in order. The receiver
 /// checks the count and every size against what it expects before reading
 /// any payload, so a peer can never make it allocate or write out of
-/// bounds; a mismatch is errc::wrong_value_size and leaves the connection
-/// unusable (close it). Every socket operation has a timeout (io_timeout);
-/// a timeout or a closed peer is errc::io_error. `peer` must be 0 (the
-/// connected peer). Not thread-safe: one caller at a time.
+/// bounds; a mismatch is errc::wrong_value_size. Each exchange (send, recv
+/// or both) must finish within io_timeout (1 ms to 24 h) as a whole, so a
+/// peer trickling bytes cannot stretch it; a timeout or a closed peer is
+/// errc::io_error. A failed exchange may leave the stream mid-frame, so it
+/// shuts the connection down and later exchanges answer errc::unavailable
+/// (connect again). `peer` must be 0 (the connected peer). Not thread-safe:
+/// one caller at a time.
 
 #include "cuda/block_transport.hpp"
 
@@ -38,8 +41,11 @@ public:
 
 private:
   friend class tcp_listener;
-  explicit tcp_transport(int fd) : fd_(fd) {}
+  tcp_transport(int fd, std::chrono::milliseconds io_timeout)
+      : fd_(fd), io_timeout_(io_timeout) {}
   int fd_;
+  std::chrono::milliseconds io_timeout_;
+  std::string broken_; ///< why an earlier exchange failed; empty: usable
 };
 
 /// Accepts tcp_transport connections.
@@ -56,7 +62,8 @@ public:
   ~tcp_listener();
 
   [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
-  /// Waits at most `timeout` for one connection.
+  /// Waits at most `timeout` (0 to 24 h; 0 takes only a connection already
+  /// queued) for one connection.
   [[nodiscard]] result<std::unique_ptr<tcp_transport>>
   accept(std::chrono::milliseconds timeout = std::chrono::seconds(30),
          std::chrono::milliseconds io_timeout = std::chrono::seconds(30));

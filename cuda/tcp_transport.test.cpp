@@ -2,10 +2,18 @@
 // by short timeouts.
 #include "cuda/tcp_transport.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
+#include <array>
+#include <cstring>
 #include <future>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 namespace kvfleet::cuda {
@@ -122,6 +130,96 @@ TEST(tcp_transport_test, a_closed_peer_or_a_silent_one_is_an_io_error) {
   EXPECT_EQ(silent.error().code, errc::io_error);
   EXPECT_NE(silent.error().message.find("timed out"), std::string::npos)
       << silent.error().message;
+}
+
+TEST(tcp_transport_test, a_failed_exchange_leaves_the_connection_unusable) {
+  auto ends = connect_pair();
+  ASSERT_TRUE(ends.client && ends.server);
+  // 1,000 bytes whose first 20 look like a frame of one 4-byte block.
+  std::vector<std::byte> src(1000);
+  const unsigned char frame[] = {'K', 'V', 'F', 'B', 1, 0, 0,   0,   4,   0,
+                                 0,   0,   0,   0,   0, 0, 'E', 'V', 'I', 'L'};
+  std::memcpy(src.data(), frame, sizeof frame);
+  const send_block out{src.data(), src.size()};
+  ASSERT_TRUE(ends.client->send(0, {&out, 1}));
+  std::vector<std::byte> short_buf(999);
+  const recv_block wrong{short_buf.data(), short_buf.size()};
+  EXPECT_EQ(ends.server->recv(0, {&wrong, 1}).error().code,
+            errc::wrong_value_size);
+  // The rest of that frame is still in the stream; it must not be read as
+  // a new one.
+  std::array<std::byte, 4> four{};
+  const recv_block next{four.data(), four.size()};
+  auto again = ends.server->recv(0, {&next, 1});
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, errc::unavailable);
+  EXPECT_NE(again.error().message.find("connect again"), std::string::npos)
+      << again.error().message;
+  // The peer sees the connection closed.
+  auto peer = ends.client->recv(0, {&next, 1});
+  ASSERT_FALSE(peer);
+  EXPECT_EQ(peer.error().code, errc::io_error);
+}
+
+TEST(tcp_transport_test, the_timeout_bounds_a_whole_exchange) {
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  const std::uint16_t port = listener->port();
+  std::promise<void> server_done;
+  auto done = server_done.get_future();
+  // A raw peer that sends a frame header for one 20-byte block, then
+  // trickles the payload a byte every 100 ms: each byte comes well inside
+  // the 300 ms timeout, the whole block only after 2 s.
+  std::thread peer([port, &done] {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+      const unsigned char head[] = {'K', 'V', 'F', 'B', 1, 0, 0, 0,
+                                    20,  0,   0,   0,   0, 0, 0, 0};
+      (void)::send(fd, head, sizeof head, MSG_NOSIGNAL);
+      for (int i = 0; i < 20; ++i) {
+        // Paces the peer (the only wait here); ends early once the
+        // receiver has given up.
+        if (done.wait_for(100ms) == std::future_status::ready)
+          break;
+        const char b = 'x';
+        if (::send(fd, &b, 1, MSG_NOSIGNAL) != 1)
+          break;
+      }
+    }
+    ::close(fd);
+  });
+  auto server = listener->accept(5s, 300ms);
+  ASSERT_TRUE(server) << server.error().describe();
+  std::vector<std::byte> dst(20);
+  const recv_block in{dst.data(), dst.size()};
+  auto got = (*server)->recv(0, {&in, 1});
+  server_done.set_value();
+  peer.join();
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.error().code, errc::io_error);
+  EXPECT_NE(got.error().message.find("timed out"), std::string::npos)
+      << got.error().message;
+}
+
+TEST(tcp_transport_test, timeouts_out_of_range_are_refused) {
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  for (const auto t : {0ms, -5ms, std::chrono::milliseconds(25h)}) {
+    auto c = tcp_transport::connect("127.0.0.1", listener->port(), t);
+    ASSERT_FALSE(c) << t.count();
+    EXPECT_EQ(c.error().code, errc::invalid_argument);
+    EXPECT_NE(c.error().message.find("io_timeout"), std::string::npos);
+    EXPECT_EQ(listener->accept(1s, t).error().code, errc::invalid_argument);
+  }
+  EXPECT_EQ(listener->accept(-1ms, 1s).error().code, errc::invalid_argument);
+  // A zero accept timeout only takes a connection already queued.
+  auto none = listener->accept(0ms, 1s);
+  ASSERT_FALSE(none);
+  EXPECT_NE(none.error().message.find("timed out"), std::string::npos);
 }
 
 TEST(tcp_transport_test, bad_arguments_are_refused) {
