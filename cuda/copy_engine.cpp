@@ -54,8 +54,13 @@ struct copy_engine::impl {
     b.outs = std::move(outs);
     KVFLEET_CUDA_TRY(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming),
                      "cudaEventCreateWithFlags");
-    KVFLEET_CUDA_TRY(cudaEventRecord(b.done, streams[static_cast<int>(k)]),
-                     "cudaEventRecord");
+    if (auto r = internal::check(
+            cudaEventRecord(b.done, streams[static_cast<int>(k)]),
+            "cudaEventRecord");
+        !r) {
+      (void)cudaEventDestroy(b.done);
+      return unexpected<error>(r.error());
+    }
     pending[static_cast<int>(k)].push_back(std::move(b));
     return pending[static_cast<int>(k)].back().ticket;
   }
@@ -126,13 +131,12 @@ result<copy_ticket> copy_engine::to_device(std::span<const upload_job> jobs) {
   for (const upload_job& j : jobs) {
     if (j.dst == nullptr && !j.src.empty())
       return make_error(errc::invalid_argument, "to_device: null destination");
+    if (j.src.size() > impl_->half - total)
+      return make_error(errc::value_too_large,
+                        "to_device: batch exceeds the staging half of " +
+                            std::to_string(impl_->half) + " bytes");
     total += j.src.size();
   }
-  if (total > impl_->half)
-    return make_error(errc::value_too_large,
-                      "to_device: batch of " + std::to_string(total) +
-                          " bytes exceeds the staging half of " +
-                          std::to_string(impl_->half));
   if (auto r = internal::use_device(impl_->device); !r)
     return unexpected<error>(r.error());
   if (auto r = impl_->collect(); !r)
@@ -140,16 +144,21 @@ result<copy_ticket> copy_engine::to_device(std::span<const upload_job> jobs) {
   auto region = impl_->up_ring.acquire(total);
   if (!region)
     return make_error(errc::busy, "to_device: upload staging is full");
-  std::size_t off = region->offset;
-  cudaStream_t s = impl_->streams[0];
-  for (const upload_job& j : jobs) {
-    std::memcpy(impl_->pinned + off, j.src.data(), j.src.size());
-    KVFLEET_CUDA_TRY(cudaMemcpyAsync(j.dst, impl_->pinned + off, j.src.size(),
-                                     cudaMemcpyHostToDevice, s),
-                     "cudaMemcpyAsync(host to device)");
-    off += j.src.size();
-  }
-  return impl_->finish_enqueue(impl::kind::up, *region, {});
+  auto queued = [&]() -> result<copy_ticket> {
+    std::size_t off = region->offset;
+    cudaStream_t s = impl_->streams[0];
+    for (const upload_job& j : jobs) {
+      std::memcpy(impl_->pinned + off, j.src.data(), j.src.size());
+      KVFLEET_CUDA_TRY(cudaMemcpyAsync(j.dst, impl_->pinned + off, j.src.size(),
+                                       cudaMemcpyHostToDevice, s),
+                       "cudaMemcpyAsync(host to device)");
+      off += j.src.size();
+    }
+    return impl_->finish_enqueue(impl::kind::up, *region, {});
+  }();
+  if (!queued)
+    (void)impl_->up_ring.give_back(*region); // no batch will release it
+  return queued;
 }
 
 result<copy_ticket> copy_engine::to_host(std::span<const download_job> jobs) {
@@ -157,13 +166,12 @@ result<copy_ticket> copy_engine::to_host(std::span<const download_job> jobs) {
   for (const download_job& j : jobs) {
     if (j.src == nullptr && !j.dst.empty())
       return make_error(errc::invalid_argument, "to_host: null source");
+    if (j.dst.size() > impl_->half - total)
+      return make_error(errc::value_too_large,
+                        "to_host: batch exceeds the staging half of " +
+                            std::to_string(impl_->half) + " bytes");
     total += j.dst.size();
   }
-  if (total > impl_->half)
-    return make_error(errc::value_too_large,
-                      "to_host: batch of " + std::to_string(total) +
-                          " bytes exceeds the staging half of " +
-                          std::to_string(impl_->half));
   if (auto r = internal::use_device(impl_->device); !r)
     return unexpected<error>(r.error());
   if (auto r = impl_->collect(); !r)
@@ -171,17 +179,22 @@ result<copy_ticket> copy_engine::to_host(std::span<const download_job> jobs) {
   auto region = impl_->down_ring.acquire(total);
   if (!region)
     return make_error(errc::busy, "to_host: download staging is full");
-  std::size_t off = region->offset;
-  cudaStream_t s = impl_->streams[1];
-  for (const download_job& j : jobs) {
-    KVFLEET_CUDA_TRY(cudaMemcpyAsync(impl_->pinned + impl_->half + off, j.src,
-                                     j.dst.size(), cudaMemcpyDeviceToHost, s),
-                     "cudaMemcpyAsync(device to host)");
-    off += j.dst.size();
-  }
-  return impl_->finish_enqueue(
-      impl::kind::down, *region,
-      std::vector<download_job>(jobs.begin(), jobs.end()));
+  auto queued = [&]() -> result<copy_ticket> {
+    std::size_t off = region->offset;
+    cudaStream_t s = impl_->streams[1];
+    for (const download_job& j : jobs) {
+      KVFLEET_CUDA_TRY(cudaMemcpyAsync(impl_->pinned + impl_->half + off, j.src,
+                                       j.dst.size(), cudaMemcpyDeviceToHost, s),
+                       "cudaMemcpyAsync(device to host)");
+      off += j.dst.size();
+    }
+    return impl_->finish_enqueue(
+        impl::kind::down, *region,
+        std::vector<download_job>(jobs.begin(), jobs.end()));
+  }();
+  if (!queued)
+    (void)impl_->down_ring.give_back(*region); // no batch will release it
+  return queued;
 }
 
 result<copy_ticket> copy_engine::on_device(std::span<const copy_job> jobs) {

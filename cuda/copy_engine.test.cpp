@@ -77,5 +77,32 @@ TEST(copy_engine_test, a_full_staging_ring_is_busy_not_blocking) {
   ASSERT_TRUE((*eng)->wait(*t1));
 }
 
+TEST(copy_engine_test, a_batch_that_fails_to_queue_gives_its_staging_back) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto eng =
+      copy_engine::create({0, std::size_t{1} << 20}); // 512 KiB per direction
+  ASSERT_TRUE(eng);
+  // A pageable host buffer as the device destination: the copy is refused
+  // where the driver cannot reach pageable memory from the GPU, queued
+  // where it can (heterogeneous memory management).
+  std::vector<std::byte> not_device(256);
+  const auto small = bytes(256, 1);
+  const upload_job bad{small, not_device.data()};
+  auto b = (*eng)->to_device({&bad, 1});
+  if (b) {
+    ASSERT_TRUE((*eng)->wait(*b));
+  }
+  // Either way the staging is free again: batches of more than half of it
+  // go through one after another (a leaked region made the second busy).
+  internal::device_buffer d(std::size_t{512} << 10);
+  const auto big = bytes(std::size_t{300} << 10, 2);
+  const upload_job ok{big, d.data()};
+  for (int i = 0; i < 3; ++i) {
+    auto t = (*eng)->to_device({&ok, 1});
+    ASSERT_TRUE(t) << i << ": " << t.error().describe();
+    ASSERT_TRUE((*eng)->wait(*t));
+  }
+}
+
 } // namespace
 } // namespace kvfleet::cuda

@@ -102,7 +102,11 @@ struct host_tier::impl {
     b.region = region;
     KVFLEET_CUDA_TRY(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming),
                      "cudaEventCreateWithFlags");
-    KVFLEET_CUDA_TRY(cudaEventRecord(b.done, streams[q]), "cudaEventRecord");
+    if (auto r = check(cudaEventRecord(b.done, streams[q]), "cudaEventRecord");
+        !r) {
+      (void)cudaEventDestroy(b.done);
+      return unexpected<error>(r.error());
+    }
     pending[q].push_back(b);
     return b.ticket;
   }
@@ -139,6 +143,11 @@ host_tier::create(const host_tier_config& config) {
   auto p = std::make_unique<impl>();
   p->device = config.device;
   p->host_bytes = config.host_bytes / extent_alignment * extent_alignment;
+  if (p->host_bytes == 0)
+    return make_error(errc::zero_capacity,
+                      "host tier of " + std::to_string(config.host_bytes) +
+                          " bytes holds no " +
+                          std::to_string(extent_alignment) + "-byte extent");
   p->half = config.staging_bytes / 2 / extent_alignment * extent_alignment;
   void* host = nullptr;
   KVFLEET_CUDA_TRY(cudaHostAlloc(&host, p->host_bytes, cudaHostAllocDefault),
@@ -166,13 +175,13 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
   for (const demote_job& j : jobs) {
     if (j.src == nullptr || j.bytes == 0)
       return make_error(errc::invalid_argument, "demote: empty or null block");
+    // Checked before rounding, which would wrap a size near 2^64 to 0.
+    if (j.bytes > m.half || round_up(j.bytes) > m.half - total)
+      return make_error(errc::value_too_large,
+                        "demote: batch exceeds the staging half of " +
+                            std::to_string(m.half) + " bytes");
     total += round_up(j.bytes);
   }
-  if (total > m.half)
-    return make_error(errc::value_too_large,
-                      "demote: batch of " + std::to_string(total) +
-                          " bytes exceeds the staging half of " +
-                          std::to_string(m.half));
   if (auto r = internal::use_device(m.device); !r)
     return unexpected<error>(r.error());
   if (auto r = m.collect(); !r)
@@ -189,38 +198,53 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
   }
   const std::uint32_t id = m.next_extent++;
   m.extents[id] = {*at, total, jobs.size()};
-  std::vector<copy_job> gather(jobs.size());
-  out.clear();
-  std::size_t off = 0;
-  for (std::size_t i = 0; i < jobs.size(); ++i) {
-    gather[i] = {jobs[i].src, m.staging + region->offset + off, jobs[i].bytes};
-    out.push_back({*at + off, jobs[i].bytes, id});
-    off += round_up(jobs[i].bytes);
+  auto queued = [&]() -> result<copy_ticket> {
+    std::vector<copy_job> gather(jobs.size());
+    out.clear();
+    std::size_t off = 0;
+    for (std::size_t i = 0; i < jobs.size(); ++i) {
+      gather[i] = {jobs[i].src, m.staging + region->offset + off,
+                   jobs[i].bytes};
+      out.push_back({*at + off, jobs[i].bytes, id});
+      off += round_up(jobs[i].bytes);
+    }
+    const stream_ref s{m.streams[0]};
+    if (auto r = copy_blocks(gather, s); !r)
+      return unexpected<error>(r.error());
+    KVFLEET_CUDA_TRY(cudaMemcpyAsync(m.host + *at, m.staging + region->offset,
+                                     total, cudaMemcpyDeviceToHost,
+                                     m.streams[0]),
+                     "cudaMemcpyAsync(demotion, device to host)");
+    return m.enqueue(0, *region);
+  }();
+  if (!queued) {
+    // Nothing will release what this batch took: give it all back.
+    out.clear();
+    m.extents.erase(id);
+    m.free_range(*at, total);
+    (void)m.rings[0].give_back(*region);
   }
-  const stream_ref s{m.streams[0]};
-  if (auto r = copy_blocks(gather, s); !r)
-    return unexpected<error>(r.error());
-  KVFLEET_CUDA_TRY(cudaMemcpyAsync(m.host + *at, m.staging + region->offset,
-                                   total, cudaMemcpyDeviceToHost, m.streams[0]),
-                   "cudaMemcpyAsync(demotion, device to host)");
-  return m.enqueue(0, *region);
+  return queued;
 }
 
 result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
   impl& m = *impl_;
   std::size_t total = 0;
   for (const promote_job& j : jobs) {
+    // Compared without sums that a block near 2^64 would wrap; the copy
+    // reads the block's padded size.
     if (j.dst == nullptr || j.block.bytes == 0 ||
-        j.block.offset + j.block.bytes > m.host_bytes)
+        j.block.bytes > m.host_bytes ||
+        round_up(j.block.bytes) > m.host_bytes ||
+        j.block.offset > m.host_bytes - round_up(j.block.bytes))
       return make_error(errc::invalid_argument,
                         "promote: bad block or destination");
+    if (j.block.bytes > m.half || round_up(j.block.bytes) > m.half - total)
+      return make_error(errc::value_too_large,
+                        "promote: batch exceeds the staging half of " +
+                            std::to_string(m.half) + " bytes");
     total += round_up(j.block.bytes);
   }
-  if (total > m.half)
-    return make_error(errc::value_too_large,
-                      "promote: batch of " + std::to_string(total) +
-                          " bytes exceeds the staging half of " +
-                          std::to_string(m.half));
   if (auto r = internal::use_device(m.device); !r)
     return unexpected<error>(r.error());
   if (auto r = m.collect(); !r)
@@ -228,44 +252,49 @@ result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
   auto region = m.rings[1].acquire(total);
   if (!region)
     return make_error(errc::busy, "promote: staging is full");
-  std::byte* stage = m.staging + m.half + region->offset;
-  std::vector<copy_job> scatter(jobs.size());
-  // One DMA per run of blocks that sit back to back in the host arena.
-  std::size_t run_host = 0;
-  std::size_t run_stage = 0;
-  std::size_t run_bytes = 0;
-  std::size_t off = 0;
-  auto flush = [&]() -> result<void> {
-    if (run_bytes == 0)
+  auto queued = [&]() -> result<copy_ticket> {
+    std::byte* stage = m.staging + m.half + region->offset;
+    std::vector<copy_job> scatter(jobs.size());
+    // One DMA per run of blocks that sit back to back in the host arena.
+    std::size_t run_host = 0;
+    std::size_t run_stage = 0;
+    std::size_t run_bytes = 0;
+    std::size_t off = 0;
+    auto flush = [&]() -> result<void> {
+      if (run_bytes == 0)
+        return {};
+      KVFLEET_CUDA_TRY(cudaMemcpyAsync(stage + run_stage, m.host + run_host,
+                                       run_bytes, cudaMemcpyHostToDevice,
+                                       m.streams[1]),
+                       "cudaMemcpyAsync(promotion, host to device)");
+      run_bytes = 0;
       return {};
-    KVFLEET_CUDA_TRY(cudaMemcpyAsync(stage + run_stage, m.host + run_host,
-                                     run_bytes, cudaMemcpyHostToDevice,
-                                     m.streams[1]),
-                     "cudaMemcpyAsync(promotion, host to device)");
-    run_bytes = 0;
-    return {};
-  };
-  for (std::size_t i = 0; i < jobs.size(); ++i) {
-    const host_block& b = jobs[i].block;
-    const std::size_t padded = round_up(b.bytes);
-    if (run_bytes > 0 && run_host + run_bytes == b.offset &&
-        run_stage + run_bytes == off) {
-      run_bytes += padded;
-    } else {
-      if (auto r = flush(); !r)
-        return unexpected<error>(r.error());
-      run_host = b.offset;
-      run_stage = off;
-      run_bytes = padded;
+    };
+    for (std::size_t i = 0; i < jobs.size(); ++i) {
+      const host_block& b = jobs[i].block;
+      const std::size_t padded = round_up(b.bytes);
+      if (run_bytes > 0 && run_host + run_bytes == b.offset &&
+          run_stage + run_bytes == off) {
+        run_bytes += padded;
+      } else {
+        if (auto r = flush(); !r)
+          return unexpected<error>(r.error());
+        run_host = b.offset;
+        run_stage = off;
+        run_bytes = padded;
+      }
+      scatter[i] = {stage + off, jobs[i].dst, b.bytes};
+      off += padded;
     }
-    scatter[i] = {stage + off, jobs[i].dst, b.bytes};
-    off += padded;
-  }
-  if (auto r = flush(); !r)
-    return unexpected<error>(r.error());
-  if (auto r = copy_blocks(scatter, {m.streams[1]}); !r)
-    return unexpected<error>(r.error());
-  return m.enqueue(1, *region);
+    if (auto r = flush(); !r)
+      return unexpected<error>(r.error());
+    if (auto r = copy_blocks(scatter, {m.streams[1]}); !r)
+      return unexpected<error>(r.error());
+    return m.enqueue(1, *region);
+  }();
+  if (!queued)
+    (void)m.rings[1].give_back(*region); // no batch will release it
+  return queued;
 }
 
 result<bool> host_tier::poll(copy_ticket t) {

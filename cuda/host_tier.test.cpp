@@ -69,5 +69,33 @@ TEST(host_tier_test, a_full_host_arena_is_out_of_memory) {
   EXPECT_EQ(t.error().code, errc::out_of_memory);
 }
 
+TEST(host_tier_test, sizes_near_2_64_are_refused_before_any_copy) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto tier =
+      host_tier::create({0, std::size_t{1} << 20, std::size_t{1} << 20});
+  ASSERT_TRUE(tier);
+  internal::device_buffer pool(4096);
+  // Rounded up to the extent alignment, this size wrapped to 0 and passed.
+  const demote_job huge{pool.data(), SIZE_MAX - 200};
+  std::vector<host_block> placed;
+  auto d = (*tier)->demote({&huge, 1}, placed);
+  ASSERT_FALSE(d);
+  EXPECT_EQ(d.error().code, errc::value_too_large);
+  // offset + bytes wrapped below the arena's size.
+  const promote_job wrapped{{SIZE_MAX - 1000, 2048, 0}, pool.data()};
+  auto p = (*tier)->promote({&wrapped, 1});
+  ASSERT_FALSE(p);
+  EXPECT_EQ(p.error().code, errc::invalid_argument);
+  // Nothing was taken: a real batch still goes through.
+  const demote_job ok{pool.data(), 4096};
+  auto t = (*tier)->demote({&ok, 1}, placed);
+  ASSERT_TRUE(t) << t.error().describe();
+  ASSERT_TRUE((*tier)->wait(*t));
+  (*tier)->release(placed[0]);
+  EXPECT_EQ((*tier)->host_used(), 0U);
+  EXPECT_EQ(host_tier::create({0, 100, std::size_t{1} << 20}).error().code,
+            errc::zero_capacity);
+}
+
 } // namespace
 } // namespace kvfleet::cuda

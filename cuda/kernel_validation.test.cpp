@@ -223,5 +223,33 @@ TEST(staging_ring_test, a_wrap_that_skips_the_end_accounts_for_it) {
   EXPECT_EQ(ring.used(), 0U);
 }
 
+TEST(staging_ring_test, the_newest_region_of_a_failed_batch_can_be_given_back) {
+  internal::staging_ring ring(4096);
+  auto a = ring.acquire(1024);
+  auto b = ring.acquire(2048);
+  ASSERT_TRUE(a && b);
+  EXPECT_FALSE(ring.give_back(*a)); // not the newest: nothing changes
+  EXPECT_EQ(ring.used(), 3072U);
+  EXPECT_TRUE(ring.give_back(*b));
+  EXPECT_EQ(ring.used(), 1024U);
+  auto c = ring.acquire(3072); // b's place is free again
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->offset, 1024U);
+  ring.release(*a);
+  // A region that wrapped round to the start.
+  auto d = ring.acquire(512); // 1024 free at the start only
+  ASSERT_TRUE(d);
+  EXPECT_EQ(d->offset, 0U);
+  EXPECT_TRUE(ring.give_back(*d));
+  EXPECT_EQ(ring.used(), 3072U);
+  ring.release(*c);
+  EXPECT_EQ(ring.used(), 0U);
+  // Every give-back and release leaves a ring that fills to capacity.
+  auto e = ring.acquire(4096);
+  ASSERT_TRUE(e);
+  EXPECT_TRUE(ring.give_back(*e));
+  EXPECT_TRUE(ring.acquire(4096));
+}
+
 } // namespace
 } // namespace kvfleet::cuda

@@ -51,6 +51,21 @@ public:
       head_ = tail_ = 0;
   }
 
+  /// Returns the newest region unused (its batch failed before anything
+  /// waited on it), so a failed batch does not hold staging until a release
+  /// that never comes. False, changing nothing, when `r` is not the newest.
+  bool give_back(region r) {
+    if (starts_.empty() || starts_.back() != r.offset || r.bytes > used_)
+      return false;
+    starts_.pop_back();
+    used_ -= r.bytes;
+    tail_ = (tail_ + capacity_ - r.bytes) % capacity_;
+    head_ = starts_.empty() ? 0 : starts_.front();
+    if (used_ == 0)
+      head_ = tail_ = 0;
+    return true;
+  }
+
   [[nodiscard]] std::size_t used() const noexcept { return used_; }
 
 private:
