@@ -700,6 +700,51 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   caf::anon_send_exit(pf2, caf::exit_reason::user_shutdown);
 }
 
+TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
+  // With room for two prefetches, a third evicts the oldest one still
+  // outstanding, never a newer prefetch of a query used earlier.
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  prefetch_config pc;
+  pc.threshold = 0.5;
+  pc.max_outstanding = 2;
+  pc.model.aging_interval = 0;
+  auto pf = spawn_prefetcher(*sys_, pc, b);
+  stop_at_end_.push_back(pf);
+  stop_at_end_.push_back(b);
+  sched_->run();
+  std::uint64_t session = 1;
+  auto observe = [&](const std::string& q) {
+    caf::anon_send(pf, observe_atom::value, query(session++, q), kv_reply{},
+                   std::int64_t{0});
+    sched_->run();
+  };
+  auto pair = [&](const std::string& from, const std::string& to) {
+    const auto s = session++;
+    for (const auto& q : {from, to})
+      caf::anon_send(pf, observe_atom::value, query(s, q), kv_reply{},
+                     std::int64_t{0});
+    sched_->run();
+  };
+  pair("X", "B"); // X -> B, Y -> C, Z -> D
+  pair("Y", "C");
+  pair("Z", "D");
+  ASSERT_TRUE(be->seen.empty());
+  observe("X"); // prefetches B
+  observe("B"); // used
+  observe("Y"); // prefetches C: the oldest live prefetch
+  observe("X"); // prefetches B again
+  observe("Z"); // prefetches D: full, so C goes
+  std::vector<std::string> prefetched;
+  for (const auto& r : be->seen)
+    prefetched.push_back(r.query);
+  EXPECT_EQ(prefetched, (std::vector<std::string>{"B", "C", "B", "D"}));
+  observe("B"); // the second prefetch of B is still tracked: useful
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 4U);
+  EXPECT_EQ(st.useful, 2U);
+}
+
 TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
   auto be = std::make_shared<fake_backend>();
   auto b = sys_->spawn(fake_balancer, be);

@@ -3,6 +3,7 @@
 #include "actors/caf_error.hpp"
 #include "actors/lane_queue.hpp"
 #include "actors/memory_manager.hpp"
+#include "actors/prefetch_tracker.hpp"
 #include "actors/query_store.hpp"
 #include "actors/router.hpp"
 #include "actors/scaler_policy.hpp"
@@ -309,6 +310,37 @@ TEST(TransitionModel, ForgetsStalePatternsAndStaysBounded) {
     m.observe(2, "q" + std::to_string(i));
   }
   EXPECT_LE(m.query_count(), 3U);
+}
+
+TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
+  prefetch_tracker t{4};
+  for (std::uint64_t i = 0; i < 10'000; ++i) {
+    const auto q = "q" + std::to_string(i % 7);
+    t.add(q, {block_key{i, 1}});
+    if (i % 2 == 0)
+      EXPECT_TRUE(t.used(q));
+    else
+      EXPECT_EQ(t.evicted(block_key{i, 1}), q);
+    ASSERT_EQ(t.size(), 0U);
+    ASSERT_LE(t.order_size(), 4U) << "after " << i + 1 << " prefetches";
+  }
+  EXPECT_EQ(t.order_size(), 0U);
+}
+
+TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
+  prefetch_tracker t{2};
+  t.add("B", {block_key{2, 1}});
+  EXPECT_TRUE(t.used("B"));
+  t.add("C", {block_key{3, 1}}); // oldest outstanding
+  t.add("B", {block_key{2, 1}});
+  t.add("D", {block_key{4, 1}}); // full: C goes, not the newer B
+  EXPECT_FALSE(t.contains("C"));
+  EXPECT_TRUE(t.contains("B"));
+  EXPECT_TRUE(t.contains("D"));
+  EXPECT_EQ(t.evicted(block_key{3, 1}), std::nullopt);
+  EXPECT_EQ(t.evicted(block_key{2, 1}), "B");
+  EXPECT_EQ(t.size(), 1U);
+  EXPECT_EQ(t.order_size(), 1U);
 }
 
 TEST(EmbeddedQueryStore, ExpiresAtTtl) {

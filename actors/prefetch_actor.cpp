@@ -1,6 +1,7 @@
 #include "actors/prefetch_actor.hpp"
 
 #include "actors/messages.hpp"
+#include "actors/prefetch_tracker.hpp"
 
 #include <deque>
 #include <optional>
@@ -21,11 +22,7 @@ struct prefetch_state {
   caf::actor balancer;
   std::unordered_map<std::string, kv_request> known;
   std::deque<std::string> known_order;
-  /// Prefetched query -> its block keys; a block key -> the query.
-  std::unordered_map<std::string, std::vector<engine::block_key>> outstanding;
-  std::unordered_map<engine::block_key, std::string, engine::block_key_hash>
-      by_key;
-  std::deque<std::string> outstanding_order;
+  std::optional<prefetch_tracker> outstanding;
   prefetch_stats stats;
   std::uint64_t next_id = 1ULL << 62;
   static inline const char* name = "kvfleet.prefetcher";
@@ -37,18 +34,6 @@ std::string query_of(const kv_request& r) {
   if (!r.query.empty())
     return r.query;
   return r.keys.empty() ? std::string{} : r.keys.back().to_hex();
-}
-
-void drop_outstanding(prefetch_state& st, const std::string& q) {
-  auto it = st.outstanding.find(q);
-  if (it == st.outstanding.end())
-    return;
-  for (const auto& k : it->second) {
-    auto b = st.by_key.find(k);
-    if (b != st.by_key.end() && b->second == q)
-      st.by_key.erase(b);
-  }
-  st.outstanding.erase(it);
 }
 
 void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
@@ -65,7 +50,7 @@ void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
 
 void issue(prefetch_actor* self, const std::string& q) {
   auto& st = self->state;
-  if (st.outstanding.contains(q))
+  if (st.outstanding->contains(q))
     return;
   auto it = st.known.find(q);
   if (it == st.known.end())
@@ -75,15 +60,7 @@ void issue(prefetch_actor* self, const std::string& q) {
   req.prio = engine::priority::low;
   req.prefetch = true;
   req.pin = false;
-  while (st.outstanding.size() >= st.config.max_outstanding &&
-         !st.outstanding_order.empty()) {
-    drop_outstanding(st, st.outstanding_order.front());
-    st.outstanding_order.pop_front();
-  }
-  st.outstanding.emplace(q, req.keys);
-  st.outstanding_order.push_back(q);
-  for (const auto& k : req.keys)
-    st.by_key[k] = q;
+  st.outstanding->add(q, req.keys);
   ++st.stats.issued;
   self->request(st.balancer, st.config.request_timeout, process_atom::value,
                 std::move(req))
@@ -95,6 +72,7 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
   auto& st = self->state;
   st.config = config;
   st.model.emplace(config.model);
+  st.outstanding.emplace(config.max_outstanding);
   st.balancer = balancer;
   self->send(balancer, listen_atom::value, caf::actor{self});
   self->set_default_handler(
@@ -111,10 +89,8 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
         if (q.empty())
           return;
         ++s.stats.observed;
-        if (s.outstanding.contains(q)) {
+        if (s.outstanding->used(q))
           ++s.stats.useful;
-          drop_outstanding(s, q);
-        }
         remember(s, q, req);
         s.model->observe(req.session, q);
         auto p = s.model->predict(q);
@@ -123,14 +99,9 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
       },
       [=](const block_events& ev) {
         auto& s = self->state;
-        for (const auto& k : ev.evicted) {
-          auto it = s.by_key.find(k);
-          if (it == s.by_key.end())
-            continue;
-          auto q = it->second;
-          ++s.stats.wasted;
-          drop_outstanding(s, q);
-        }
+        for (const auto& k : ev.evicted)
+          if (s.outstanding->evicted(k))
+            ++s.stats.wasted;
       },
       [=](stats_atom) -> caf::result<prefetch_stats> {
         auto out = self->state.stats;

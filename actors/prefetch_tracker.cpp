@@ -1,0 +1,45 @@
+#include "actors/prefetch_tracker.hpp"
+
+namespace kvfleet::actors {
+
+void prefetch_tracker::add(const std::string& query,
+                           const std::vector<engine::block_key>& keys) {
+  while (outstanding_.size() >= max_outstanding_ && !order_.empty())
+    drop(order_.front());
+  order_.push_back(query);
+  outstanding_.insert_or_assign(query, entry{keys, std::prev(order_.end())});
+  for (const auto& k : keys)
+    by_key_[k] = query;
+}
+
+bool prefetch_tracker::used(const std::string& query) {
+  if (!outstanding_.contains(query))
+    return false;
+  drop(query);
+  return true;
+}
+
+std::optional<std::string>
+prefetch_tracker::evicted(const engine::block_key& key) {
+  auto it = by_key_.find(key);
+  if (it == by_key_.end())
+    return std::nullopt;
+  auto query = it->second;
+  drop(query);
+  return query;
+}
+
+void prefetch_tracker::drop(const std::string& query) {
+  auto it = outstanding_.find(query);
+  if (it == outstanding_.end())
+    return;
+  for (const auto& k : it->second.keys) {
+    auto b = by_key_.find(k);
+    if (b != by_key_.end() && b->second == query)
+      by_key_.erase(b);
+  }
+  order_.erase(it->second.age);
+  outstanding_.erase(it);
+}
+
+} // namespace kvfleet::actors

@@ -1,0 +1,65 @@
+#pragma once
+/// The prefetches the prefetch actor has issued and not yet seen resolved,
+/// without CAF.
+///
+/// A prefetch of a query is outstanding until the query is requested
+/// (used: useful) or an engine reports one of its blocks evicted first
+/// (wasted). At most `max_outstanding` (>= 1) are tracked: tracking one
+/// more forgets the oldest outstanding one. Memory is bounded by the
+/// outstanding prefetches alone: a resolved prefetch leaves nothing behind.
+/// Not thread-safe: owned by one actor.
+
+#include "engine/block_key.hpp"
+
+#include <cstddef>
+#include <list>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace kvfleet::actors {
+
+class prefetch_tracker {
+public:
+  explicit prefetch_tracker(std::size_t max_outstanding)
+      : max_outstanding_(max_outstanding == 0 ? 1 : max_outstanding) {}
+
+  [[nodiscard]] bool contains(const std::string& query) const {
+    return outstanding_.contains(query);
+  }
+  /// Tracks a prefetch of `query` over `keys` (REQUIRES: !contains(query)),
+  /// forgetting the oldest outstanding prefetch first when full.
+  void add(const std::string& query,
+           const std::vector<engine::block_key>& keys);
+  /// `query` was requested: true when a prefetch of it was outstanding
+  /// (useful), which is then resolved.
+  bool used(const std::string& query);
+  /// A block was evicted: the query whose outstanding prefetch it belonged
+  /// to (wasted, now resolved), nullopt when none.
+  std::optional<std::string> evicted(const engine::block_key& key);
+
+  [[nodiscard]] std::size_t size() const noexcept {
+    return outstanding_.size();
+  }
+  /// Entries of the age order (equal to size()).
+  [[nodiscard]] std::size_t order_size() const noexcept {
+    return order_.size();
+  }
+
+private:
+  struct entry {
+    std::vector<engine::block_key> keys;
+    std::list<std::string>::iterator age; ///< in order_
+  };
+  void drop(const std::string& query);
+
+  std::size_t max_outstanding_;
+  std::unordered_map<std::string, entry> outstanding_;
+  std::list<std::string> order_; ///< front = oldest outstanding
+  /// A block key -> the latest outstanding query that prefetched it.
+  std::unordered_map<engine::block_key, std::string, engine::block_key_hash>
+      by_key_;
+};
+
+} // namespace kvfleet::actors
