@@ -786,6 +786,51 @@ TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
   EXPECT_EQ(from_caf_error(*bad->error).code, errc::invalid_argument);
 }
 
+TEST_F(actor_test, QueryCacheSendsAHigherPriorityWaiterItsOwnRequest) {
+  // A low-priority miss of "q" waits in the balancer's mailbox behind
+  // other traffic; a critical request of "q" joins it. The cache sends the
+  // critical one too (urgent, so it overtakes), answers both callers with
+  // the first reply and ignores the second.
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
+  stop_at_end_.push_back(qcache);
+  stop_at_end_.push_back(b);
+  auto low = query(1, "q");
+  low.id = 1;
+  low.prio = engine::priority::low;
+  auto crit = query(2, "q");
+  crit.id = 2;
+  crit.prio = engine::priority::critical;
+  auto r1 = ask<kv_reply>(qcache, query_atom::value, low);
+  run_all_but(*sched_, b);
+  auto r2 = ask<kv_reply>(qcache, query_atom::value, crit);
+  // A later normal request of "q" only waits: a critical one is on its way.
+  auto normal = query(3, "q");
+  normal.id = 3;
+  auto r3 = ask<kv_reply>(qcache, query_atom::value, normal);
+  run_all_but(*sched_, b);
+  ASSERT_TRUE(be->seen.empty());
+  sched_->run();
+  ASSERT_EQ(be->seen.size(), 2U);
+  EXPECT_EQ(be->seen[0].id, 2U);
+  EXPECT_EQ(be->seen[0].prio, engine::priority::critical);
+  EXPECT_EQ(be->seen[1].id, 1U);
+  for (std::uint64_t id = 1; id <= 3; ++id) {
+    const auto& r = id == 1 ? r1 : id == 2 ? r2 : r3;
+    ASSERT_TRUE(r->value.has_value()) << id;
+    EXPECT_EQ(r->value->id, id);
+    EXPECT_FALSE(r->value->from_query_cache);
+  }
+  auto st = ask_now<query_cache_stats>(qcache, stats_atom::value);
+  EXPECT_EQ(st.misses, 3U);
+  EXPECT_EQ(st.coalesced, 2U);
+  // The late reply changed nothing; the next request is a hit.
+  auto hit = ask_now<kv_reply>(qcache, query_atom::value, query(4, "q"));
+  EXPECT_TRUE(hit.from_query_cache);
+  EXPECT_EQ(be->seen.size(), 2U);
+}
+
 TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
   // Two callers wait on one miss held by an engine's 10 s batch; the cache
   // is killed: both get request_receiver_down, not silence.

@@ -38,14 +38,22 @@ bool decode_reply(const std::string& s, kv_reply& out) {
 
 namespace {
 
+/// A query on its way to the balancer. The first reply answers every
+/// waiter; a reply of an earlier round (the key was answered and asked
+/// again since) is ignored.
+struct pending_query {
+  std::vector<std::pair<std::uint64_t, owed_reply>> waiters; ///< (id, promise)
+  engine::priority sent = engine::priority::background;      ///< highest sent
+  std::uint32_t unanswered = 0; ///< requests to the balancer still open
+  std::uint64_t round = 0;
+};
+
 struct cache_state {
   query_cache_config config;
   std::unique_ptr<query_store> store;
   caf::actor balancer;
-  /// Callers of a query on its way to the balancer (request id, promise).
-  std::unordered_map<std::string,
-                     std::vector<std::pair<std::uint64_t, owed_reply>>>
-      waiting;
+  std::unordered_map<std::string, pending_query> waiting;
+  std::uint64_t next_round = 0;
   query_cache_stats stats;
   static inline const char* name = "kvfleet.query_cache";
 };
@@ -55,6 +63,49 @@ using cache_actor = caf::stateful_actor<cache_state>;
 engine::nanos now(cache_actor* self) {
   return std::chrono::duration_cast<engine::nanos>(
       self->clock().now().time_since_epoch());
+}
+
+/// Sends `req` (a miss of `key` in `round`) to the balancer in its
+/// priority; its reply answers the round's waiters unless another reply
+/// did already.
+void ask_balancer(cache_actor* self, const std::string& key,
+                  std::uint64_t round, kv_request req) {
+  auto& s = self->state;
+  const auto prio = req.prio;
+  request_at(self, prio, s.balancer, s.config.request_timeout,
+             process_atom::value, std::move(req))
+      .then(
+          [=](const kv_reply& rep) {
+            auto& s2 = self->state;
+            auto it = s2.waiting.find(key);
+            if (it == s2.waiting.end() || it->second.round != round)
+              return; // answered already
+            if (!s2.store->set(
+                    key, encode_reply(rep),
+                    std::chrono::duration_cast<engine::nanos>(s2.config.ttl),
+                    now(self)))
+              ++s2.stats.store_errors;
+            auto list = std::move(it->second.waiters);
+            s2.waiting.erase(it);
+            for (auto& [id, p] : list) {
+              auto copy = rep;
+              copy.id = id;
+              p.deliver(std::move(copy));
+            }
+          },
+          [=](caf::error& err) {
+            auto& s2 = self->state;
+            auto it = s2.waiting.find(key);
+            if (it == s2.waiting.end() || it->second.round != round)
+              return;
+            // Another request of the round may still succeed.
+            if (--it->second.unanswered > 0)
+              return;
+            auto list = std::move(it->second.waiters);
+            s2.waiting.erase(it);
+            for (auto& entry : list)
+              entry.second.deliver(err);
+          });
 }
 
 /// The store travels to the actor in a shared_ptr because spawn arguments are
@@ -93,38 +144,20 @@ cache_behavior(cache_actor* self, query_cache_config config,
         ++s.stats.misses;
         auto promise = self->make_response_promise();
         auto key = req.query;
-        auto& waiters = s.waiting[key];
-        waiters.emplace_back(req.id, owed_reply{promise});
-        if (waiters.size() > 1) {
+        auto& pending = s.waiting[key];
+        pending.waiters.emplace_back(req.id, owed_reply{promise});
+        if (pending.waiters.size() > 1) {
           ++s.stats.coalesced;
-          return promise;
+          // A waiter of higher priority than every request on its way must
+          // not wait behind lower-priority traffic: it goes too.
+          if (req.prio <= pending.sent)
+            return promise;
+        } else {
+          pending.round = ++s.next_round;
         }
-        const auto prio = req.prio;
-        request_at(self, prio, s.balancer, s.config.request_timeout,
-                   process_atom::value, std::move(req))
-            .then(
-                [=](const kv_reply& rep) {
-                  auto& s2 = self->state;
-                  if (!s2.store->set(key, encode_reply(rep),
-                                     std::chrono::duration_cast<engine::nanos>(
-                                         s2.config.ttl),
-                                     now(self)))
-                    ++s2.stats.store_errors;
-                  auto list = std::move(s2.waiting[key]);
-                  s2.waiting.erase(key);
-                  for (auto& [id, p] : list) {
-                    auto copy = rep;
-                    copy.id = id;
-                    p.deliver(std::move(copy));
-                  }
-                },
-                [=](caf::error& err) {
-                  auto& s2 = self->state;
-                  auto list = std::move(s2.waiting[key]);
-                  s2.waiting.erase(key);
-                  for (auto& entry : list)
-                    entry.second.deliver(err);
-                });
+        pending.sent = req.prio;
+        ++pending.unanswered;
+        ask_balancer(self, key, pending.round, std::move(req));
         return promise;
       },
       [=](stats_atom) -> caf::result<query_cache_stats> {

@@ -6,6 +6,12 @@
 /// A hit answers from the store (from_query_cache set). A miss sends the
 /// request to the balancer, stores the reply for `ttl` (default 3600 s)
 /// and answers; concurrent misses of one key wait for the one computation.
+/// A miss that joins them with a higher priority than every request of that
+/// key already sent goes to the balancer too, in its own priority (so a
+/// critical caller never waits behind a low-priority request); the first
+/// reply answers every waiter and a later one is ignored. Such a miss counts
+/// as coalesced. The waiters get an error only when every request sent for
+/// them failed (the last error).
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
 ///
