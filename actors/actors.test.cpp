@@ -932,6 +932,31 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
   EXPECT_EQ(*progress, (std::vector<std::uint64_t>{1, 2, 3}));
 }
 
+TEST_F(actor_test, AWarmCallerHearsBackWhenTheWarmerStops) {
+  // The engine holds the warm requests in a 10 s batch; the warmer is
+  // killed mid-job. Its caller, with no timer of its own, gets
+  // request_receiver_down instead of silence.
+  auto b = balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)});
+  auto w = spawn_warmer(*sys_, warmer_config{}, b);
+  sched_->run();
+  std::vector<warm_item> items;
+  for (int i = 0; i < 3; ++i)
+    items.push_back(warm_item{query(0, "q" + std::to_string(i)), double(i)});
+  auto out = std::make_shared<outcome<warm_report>>();
+  sys_->spawn([=](caf::event_based_actor* self) {
+    self->request(w, caf::infinite, warm_atom::value, items, std::uint32_t{3},
+                  false, caf::actor{})
+        .then([=](warm_report& v) { out->value = std::move(v); },
+              [=](caf::error& e) { out->error = e; });
+  });
+  sched_->run();
+  ASSERT_FALSE(out->done());
+  caf::anon_send_exit(w, caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_TRUE(out->error.has_value());
+  EXPECT_EQ(*out->error, caf::sec::request_receiver_down);
+}
+
 TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {
   auto c = small_engine(40);
   c.pressure.threshold = 0.5;

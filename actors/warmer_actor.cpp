@@ -1,6 +1,7 @@
 #include "actors/warmer_actor.hpp"
 
 #include "actors/messages.hpp"
+#include "actors/owed_reply.hpp"
 
 #include <algorithm>
 #include <memory>
@@ -32,7 +33,9 @@ struct warm_job {
   std::size_t done = 0;
   warm_report report;
   caf::actor progress;
-  caf::response_promise promise;
+  /// Held only through the pending requests' handlers: when the warmer
+  /// stops mid-job they go, and the caller gets request_receiver_down.
+  owed_reply promise;
 };
 
 void launch(caf::event_based_actor* self, const warmer_config& config,
@@ -83,11 +86,12 @@ caf::behavior warmer_behavior(caf::event_based_actor* self,
         job->progress = progress;
         if (job->queue.empty())
           return job->report;
-        job->promise = self->make_response_promise();
+        auto promise = self->make_response_promise();
+        job->promise = owed_reply{promise};
         for (std::size_t i = 0;
              i < std::max<std::size_t>(config.parallelism, 1); ++i)
           launch(self, config, balancer, job);
-        return job->promise;
+        return promise;
       },
   };
 }

@@ -7,7 +7,8 @@
 ///   (warm_atom, vector<warm_item>, uint32 top_n, bool pin, actor progress)
 ///       -> warm_report once every selected query was answered; `progress`
 ///       (may be null) gets (progress_atom, uint64 done, uint64 total) after
-///       each one.
+///       each one. A caller whose job the warmer holds when it stops gets
+///       request_receiver_down (owed_reply.hpp), not silence.
 
 #include <chrono>
 #include <cstddef>
