@@ -476,6 +476,30 @@ TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
   EXPECT_EQ(engines, (std::vector<std::uint32_t>{0, 1}));
 }
 
+TEST_F(actor_test, NewAndRestartedEnginesGetTheLastCapacity) {
+  // The scaler changed the token budget to 2048: a replica added after,
+  // and an engine restarted after, run with 2048, not the configured 8192.
+  auto b = balancer(routing_policy::round_robin, {small_engine(64)});
+  sched_->run();
+  auto capacity = [&](std::uint32_t slot) {
+    auto e = ask_now<caf::actor>(b, engine_atom::value, slot);
+    return ask_now<engine_stats>(e, stats_atom::value).capacity_tokens;
+  };
+  EXPECT_EQ(capacity(0), 8192U);
+  caf::anon_send(b, capacity_atom::value, std::uint32_t{2048});
+  sched_->run();
+  EXPECT_EQ(capacity(0), 2048U);
+  EXPECT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), 2U);
+  EXPECT_EQ(capacity(1), 2048U);
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  caf::anon_send_exit(e0, caf::exit_reason::kill);
+  sched_->run();
+  sched_->advance_time(100ms); // restart_delay
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).restarts, 1U);
+  EXPECT_EQ(capacity(0), 2048U);
+}
+
 TEST_F(actor_test, RequestsBatchedInAKilledEngineAreReroutedAtOnce) {
   // Engine 0 holds its requests for 10 s; engine 1 answers at once. A
   // request waiting in engine 0's batch when it dies goes to engine 1 right

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,6 +56,9 @@ struct balancer_state {
   std::uint64_t rerouted = 0;
   std::uint64_t restarts = 0;
   std::uint64_t rejected = 0;
+  /// The last capacity_atom's token budget: engines spawned or restarted
+  /// after it get it too. Empty: the factory's own.
+  std::optional<std::uint32_t> capacity_tokens;
   std::deque<open_call> calls;
   std::uint64_t first_call = 0; ///< sequence number of calls.front()
   bool sweep_pending = false;   ///< a sweep_atom is on its way
@@ -80,6 +84,11 @@ bool start_engine(balancer_actor* self, std::uint32_t slot) {
   ++info.generation;
   self->monitor(info.engine);
   st.owned->push_back(info.engine);
+  // Urgent, so no request (an urgent one included) reaches the engine
+  // before its budget.
+  if (st.capacity_tokens)
+    self->send<caf::message_priority::high>(info.engine, capacity_atom::value,
+                                            *st.capacity_tokens);
   self->send(info.engine, listen_atom::value, caf::actor{self});
   st.route.set_up(slot, true);
   return true;
@@ -333,6 +342,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         return static_cast<std::uint32_t>(s.route.live_slots());
       },
       [=](capacity_atom, std::uint32_t tokens) {
+        self->state.capacity_tokens = tokens;
         for (auto& info : self->state.slots)
           if (info.engine)
             self->send(info.engine, capacity_atom::value, tokens);

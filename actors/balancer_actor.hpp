@@ -25,7 +25,9 @@
 ///   (replica_atom)               -> uint32 live engines after adding one
 ///   (retire_atom)                -> uint32 live engines after draining one:
 ///       it takes no new requests and exits once its requests are answered
-///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply)
+///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply),
+///       and remembered: every engine spawned or restarted later gets it
+///       before any request
 ///   (stats_atom)                 -> balancer_stats
 ///   (listen_atom, actor)         (no reply) the listener gets
 ///       (observe_atom, kv_request, kv_reply, int64 latency_ns) after each
