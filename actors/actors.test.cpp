@@ -500,6 +500,41 @@ TEST_F(actor_test, NewAndRestartedEnginesGetTheLastCapacity) {
   EXPECT_EQ(capacity(0), 2048U);
 }
 
+TEST_F(actor_test, RetiredSlotsAreReused) {
+  // 70 spawn/retire cycles pass the router's 64 slots: each new replica
+  // takes the slot the last one left.
+  auto b = balancer(routing_policy::round_robin, {small_engine(64)});
+  sched_->run();
+  for (int i = 0; i < 70; ++i) {
+    ASSERT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), 2U) << i;
+    ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U) << i;
+  }
+  EXPECT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), 2U);
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  // Both engines serve.
+  std::set<std::uint32_t> engines;
+  for (std::uint64_t i = 0; i < 2; ++i)
+    engines.insert(
+        ask_now<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i))
+            .engine);
+  EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
+}
+
+TEST_F(actor_test, AFullFleetRefusesAReplicaWithAnError) {
+  auto b = balancer(routing_policy::round_robin, {small_engine(16)});
+  sched_->run();
+  for (std::uint32_t n = 2; n <= router::max_slots; ++n)
+    ASSERT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), n);
+  auto full = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(full->error.has_value())
+      << "replica_atom reported " << full->value.value_or(0);
+  EXPECT_EQ(from_caf_error(*full->error).code, errc::unavailable);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up.size(),
+            router::max_slots);
+}
+
 TEST_F(actor_test, RequestsBatchedInAKilledEngineAreReroutedAtOnce) {
   // Engine 0 holds its requests for 10 s; engine 1 answers at once. A
   // request waiting in engine 0's batch when it dies goes to engine 1 right

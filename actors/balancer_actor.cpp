@@ -6,6 +6,7 @@
 #include "actors/prioritized.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -94,17 +95,32 @@ bool start_engine(balancer_actor* self, std::uint32_t slot) {
   return true;
 }
 
-std::uint32_t add_engine(balancer_actor* self) {
+/// Starts an engine in a free slot, a retired one first. Errors:
+/// errc::unavailable when all router::max_slots slots are in use.
+result<std::uint32_t> add_engine(balancer_actor* self) {
   auto& st = self->state;
   auto slot = st.route.add_slot(1.0);
-  if (slot < st.slots.size()) // at router::max_slots
-    return slot;
-  st.slots.emplace_back();
-  st.route.set_up(slot, false);
-  if (!start_engine(self, slot))
+  if (!slot)
+    return make_error(errc::unavailable,
+                      "no free engine slot: all " +
+                          std::to_string(router::max_slots) +
+                          " are in use (retire an engine first)");
+  if (*slot == st.slots.size()) {
+    st.slots.emplace_back();
+  } else {
+    // A retired slot. Its generation keeps counting, so a late answer to
+    // a call of the old engine never releases the new engine's load.
+    auto& info = st.slots[*slot];
+    info.routed = 0;
+    info.restarts = 0;
+    info.retiring = false;
+    info.retired = false;
+  }
+  st.route.set_up(*slot, false);
+  if (!start_engine(self, *slot))
     self->delayed_send(self, st.config.restart_delay, restart_atom::value,
-                       slot);
-  return slot;
+                       *slot);
+  return *slot;
 }
 
 void maybe_exit_retired(balancer_actor* self, std::uint32_t slot) {
@@ -234,8 +250,13 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   st.config = config;
   st.make_engine = std::move(make_engine);
   st.route = router{config.routing};
-  for (std::uint32_t i = 0; i < config.initial_engines; ++i)
-    add_engine(self);
+  for (std::uint32_t i = 0; i < config.initial_engines; ++i) {
+    if (auto slot = add_engine(self); !slot) {
+      std::fprintf(stderr, "kvfleet: balancer: %s\n",
+                   slot.error().describe().c_str());
+      break;
+    }
+  }
   self->set_default_handler(
       [](caf::scheduled_actor*,
          caf::message_view&) -> caf::result<caf::message> {
@@ -259,6 +280,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       s.route.set_up(slot, false);
       if (info.retiring) {
         info.retired = true;
+        s.route.remove_slot(slot); // free for the next replica
       } else if (info.restarts < s.config.max_restarts) {
         ++info.restarts;
         ++s.restarts;
@@ -285,7 +307,12 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       },
       [=](const block_events& ev) {
         auto& s = self->state;
-        if (ev.engine < s.slots.size() && s.slots[ev.engine].engine) {
+        // Only the slot's current engine feeds the index: a late event of
+        // an engine the slot had before (failed, or retired and the slot
+        // reused) would credit the new, empty one.
+        if (ev.engine < s.slots.size() && s.slots[ev.engine].engine &&
+            self->current_sender() == caf::actor_cast<caf::strong_actor_ptr>(
+                                          s.slots[ev.engine].engine)) {
           s.route.stored(ev.engine, ev.stored);
           s.route.evicted(ev.engine, ev.evicted);
         }
@@ -322,7 +349,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         return s.slots[slot].engine;
       },
       [=](replica_atom) -> caf::result<std::uint32_t> {
-        add_engine(self);
+        if (auto slot = add_engine(self); !slot)
+          return to_caf_error(slot.error());
         return static_cast<std::uint32_t>(self->state.route.live_slots());
       },
       [=](retire_atom) -> caf::result<std::uint32_t> {

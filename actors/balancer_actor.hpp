@@ -23,8 +23,11 @@
 ///       names for the longest prefix (slot 0 when the index knows nothing)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot
 ///   (replica_atom)               -> uint32 live engines after adding one
+///       (in the slot of a retired engine when there is one); errc::unavailable
+///       when all router::max_slots (64) slots are in use
 ///   (retire_atom)                -> uint32 live engines after draining one:
-///       it takes no new requests and exits once its requests are answered
+///       it takes no new requests and exits once its requests are answered;
+///       its slot is then free for the next replica
 ///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply),
 ///       and remembered: every engine spawned or restarted later gets it
 ///       before any request

@@ -165,6 +165,25 @@ TEST(Router, IndexIsBounded) {
   EXPECT_LE(r.index_size(), 10U);
 }
 
+TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {
+  router r{router_config{routing_policy::kv_aware}};
+  for (std::uint32_t i = 0; i < router::max_slots; ++i)
+    ASSERT_EQ(r.add_slot(), i);
+  EXPECT_FALSE(r.add_slot().has_value());
+  auto k = keys(1, 4);
+  r.stored(5, k);
+  r.started(5);
+  r.remove_slot(5);
+  EXPECT_EQ(r.live_slots(), router::max_slots - 1);
+  EXPECT_EQ(r.index_size(), 0U);
+  EXPECT_EQ(r.add_slot(), 5U);
+  EXPECT_TRUE(r.is_up(5));
+  EXPECT_EQ(r.in_flight(5), 0U);
+  EXPECT_EQ(r.held_prefix(5, k), 0U);
+  EXPECT_EQ(r.slot_count(), router::max_slots);
+  EXPECT_FALSE(r.add_slot().has_value());
+}
+
 TEST(Router, ParsesPolicyNames) {
   EXPECT_EQ(*parse_routing_policy("kv_aware"), routing_policy::kv_aware);
   EXPECT_FALSE(parse_routing_policy("random").has_value());

@@ -28,11 +28,27 @@ result<routing_policy> parse_routing_policy(std::string_view s) {
                         "' (round_robin, least_loaded, kv_aware)");
 }
 
-std::uint32_t router::add_slot(double weight) {
+std::optional<std::uint32_t> router::add_slot(double weight) {
+  const slot_state fresh{weight > 0.0 ? weight : 1.0, 0, true, false, false};
+  for (std::uint32_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].removed) {
+      slots_[i] = fresh;
+      return i;
+    }
+  }
   if (slots_.size() >= max_slots)
-    return static_cast<std::uint32_t>(slots_.size() - 1);
-  slots_.push_back(slot_state{weight > 0.0 ? weight : 1.0, 0, true, false});
+    return std::nullopt;
+  slots_.push_back(fresh);
   return static_cast<std::uint32_t>(slots_.size() - 1);
+}
+
+void router::remove_slot(std::uint32_t slot) {
+  auto& s = slots_.at(slot);
+  forget(slot);
+  s.up = false;
+  s.draining = false;
+  s.in_flight = 0;
+  s.removed = true;
 }
 
 void router::set_up(std::uint32_t slot, bool up) {

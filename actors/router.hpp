@@ -21,7 +21,8 @@
 /// key themselves.
 ///
 /// Slots are engine positions; a slot is live or down, and a draining slot
-/// takes no new requests. Not thread-safe: owned by one actor.
+/// takes no new requests. A removed slot is free for add_slot to reuse. Not
+/// thread-safe: owned by one actor.
 
 #include "engine/block_key.hpp"
 
@@ -68,8 +69,14 @@ public:
 
   explicit router(router_config config) : config_(config) {}
 
-  /// Adds a live slot of capacity `weight` (> 0); returns its number.
-  std::uint32_t add_slot(double weight = 1.0);
+  /// Adds a live slot of capacity `weight` (> 0) and returns its number:
+  /// the lowest removed slot when there is one, else a new one; nullopt
+  /// when all max_slots are in use.
+  std::optional<std::uint32_t> add_slot(double weight = 1.0);
+  /// The slot's engine is gone for good (retired): the slot takes no
+  /// requests, its index entries and load are forgotten, and add_slot may
+  /// hand it out again. Its number stays (slot_count() does not shrink).
+  void remove_slot(std::uint32_t slot);
   [[nodiscard]] std::size_t slot_count() const noexcept {
     return slots_.size();
   }
@@ -116,6 +123,7 @@ private:
     std::uint32_t in_flight = 0;
     bool up = true;
     bool draining = false;
+    bool removed = false;
   };
   [[nodiscard]] bool eligible(const slot_state& s) const noexcept {
     return s.up && !s.draining;
