@@ -51,6 +51,24 @@ result<void> ask_void(caf::actor_system& sys, const caf::actor& dest,
 
 } // namespace
 
+result<void> validate(const node_config& config) {
+  if (config.engines == 0 || config.engines > actors::router::max_slots)
+    return make_error(errc::invalid_argument,
+                      "node_config.engines must be 1 to " +
+                          std::to_string(actors::router::max_slots) +
+                          " (the router's slots), got " +
+                          std::to_string(config.engines));
+  if (auto ok = actors::validate(config.balancer.routing); !ok)
+    return ok;
+  if (config.scaler)
+    if (auto ok = actors::validate(config.scaler->policy); !ok)
+      return ok;
+  if (config.query_cache)
+    if (auto ok = actors::validate(config.cache); !ok)
+      return ok;
+  return {};
+}
+
 void node::configure(caf::actor_system_config& cfg, std::size_t threads) {
   cfg.add_message_types<caf::id_block::kvfleet>();
   cfg.set("scheduler.policy", caf::atom("sharing"));
@@ -68,6 +86,8 @@ node::~node() {
 
 result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
                                           node_config config) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
   // Fail early, with the engine's own error, on a bad engine configuration:
   // engine 0 starts here, and the balancer's first call of the factory
   // takes it (so its memory, possibly a whole GPU's arena, is allocated

@@ -47,6 +47,12 @@ struct node_config {
   std::chrono::milliseconds call_timeout{30'000};
 };
 
+/// errc::invalid_argument naming the option when `config` breaks an
+/// invariant: engines 0 or above router::max_slots (64), or what
+/// validate() rejects in the routing, scaler or (when on) query-cache
+/// configuration.
+[[nodiscard]] result<void> validate(const node_config& config);
+
 class node {
 public:
   /// Registers kvfleet's message types and sets the scheduler for `threads`
@@ -54,10 +60,10 @@ public:
   /// config before creating the actor system.
   static void configure(caf::actor_system_config& cfg, std::size_t threads);
 
-  /// Spawns the node's actors. Errors: the first engine's (bad capacity or
-  /// namespace), then the query-cache store's (bad `cache.redis_url`:
-  /// errc::parse_error). An unreachable Redis is not an error here: the
-  /// store connects on its first call.
+  /// Spawns the node's actors. Errors: validate(config)'s, then the first
+  /// engine's (bad capacity or namespace), then the query-cache store's (bad
+  /// `cache.redis_url`: errc::parse_error). An unreachable Redis is not an
+  /// error here: the store connects on its first call.
   [[nodiscard]] static result<std::unique_ptr<node>>
   start(caf::actor_system& sys, node_config config);
   ~node();

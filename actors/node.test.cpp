@@ -105,6 +105,60 @@ TEST_F(Node, ProcessBlockCallsWarmAndBadConfig) {
   EXPECT_EQ(n.error().code, errc::zero_capacity);
 }
 
+TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
+  struct bad_case {
+    const char* what;
+    void (*edit)(node_config&);
+    const char* names; ///< the message names the option
+  };
+  const bad_case cases[] = {
+      {"no engines", [](node_config& c) { c.engines = 0; }, "engines"},
+      {"more engines than router slots",
+       [](node_config& c) { c.engines = actors::router::max_slots + 1; },
+       "engines"},
+      {"empty prefix index",
+       [](node_config& c) { c.balancer.routing.max_index_keys = 0; },
+       "max_index_keys"},
+      {"scaler sustain 0",
+       [](node_config& c) {
+         c.scaler.emplace();
+         c.scaler->policy.sustain = 0;
+       },
+       "sustain"},
+      {"scaler min capacity above max",
+       [](node_config& c) {
+         c.scaler.emplace();
+         c.scaler->policy.min_capacity_tokens = 8192;
+         c.scaler->policy.max_capacity_tokens = 4096;
+       },
+       "capacity_tokens"},
+      {"query cache ttl 0",
+       [](node_config& c) { c.cache.ttl = std::chrono::seconds{0}; }, "ttl"},
+      {"query cache ttl negative",
+       [](node_config& c) { c.cache.ttl = std::chrono::seconds{-5}; }, "ttl"},
+  };
+  for (const auto& bc : cases) {
+    auto c = small_node();
+    bc.edit(c);
+    auto n = node::start(*sys_, c);
+    if (n.has_value()) {
+      ADD_FAILURE() << bc.what << ": started";
+      continue;
+    }
+    EXPECT_EQ(n.error().code, errc::invalid_argument) << bc.what;
+    EXPECT_NE(n.error().message.find(bc.names), std::string::npos)
+        << bc.what << ": " << n.error().describe();
+  }
+  // The largest fleet is fine.
+  auto c = small_node();
+  c.engines = actors::router::max_slots;
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto st = (*n)->stats();
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->up.size(), actors::router::max_slots);
+}
+
 TEST_F(Node, BadCallsGetErrorValuesAndTheNodeKeepsServing) {
   auto n = node::start(*sys_, small_node());
   ASSERT_TRUE(n.has_value()) << n.error().describe();

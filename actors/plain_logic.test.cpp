@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -142,6 +143,23 @@ TEST(Router, KvAwarePrefersPrefixHolderUntilBacklogMargin) {
   EXPECT_EQ(r.pick(k)->slot, 0U);
 }
 
+TEST(Router, AHugeBacklogMarginDoesNotWrap) {
+  // min backlog 1 + margin 2^32-1 must not wrap to 0 and withdraw the
+  // prefix holder's credit.
+  router_config c{routing_policy::kv_aware};
+  c.credit_per_block = 0.5;
+  c.backlog_margin = std::numeric_limits<std::uint32_t>::max();
+  router r{c};
+  r.add_slot();
+  r.add_slot();
+  auto k = keys(7, 6);
+  r.stored(1, k);
+  r.started(0);
+  r.started(1);
+  r.started(1);
+  EXPECT_EQ(r.pick(k)->slot, 1U); // 2 - 3.0 credit beats 1
+}
+
 TEST(Router, SlotGoingDownForgetsItsBlocks) {
   router r{router_config{routing_policy::kv_aware}};
   r.add_slot();
@@ -182,6 +200,16 @@ TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {
   EXPECT_EQ(r.held_prefix(5, k), 0U);
   EXPECT_EQ(r.slot_count(), router::max_slots);
   EXPECT_FALSE(r.add_slot().has_value());
+}
+
+TEST(Router, RejectsAnEmptyIndexBound) {
+  router_config c{routing_policy::kv_aware};
+  EXPECT_TRUE(validate(c).has_value());
+  c.max_index_keys = 0; // stored() would erase begin() of an empty map
+  auto ok = validate(c);
+  ASSERT_FALSE(ok.has_value());
+  EXPECT_EQ(ok.error().code, errc::invalid_argument);
+  EXPECT_DEATH(router{c}, "max_index_keys");
 }
 
 TEST(Router, ParsesPolicyNames) {
@@ -278,6 +306,37 @@ TEST(ScalerPolicy, ScalesDownBelowPointThreeTargetHoldsInBand) {
   feed(s, t, 100ms);
   EXPECT_EQ(s.evaluate(t).action, scale_action::shrink_capacity);
   EXPECT_EQ(s.capacity_tokens(), 3277U);
+}
+
+TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariants) {
+  EXPECT_TRUE(validate(fast_scaler()).has_value());
+  struct bad_case {
+    const char* what;
+    void (*edit)(scaler_config&);
+  };
+  const bad_case cases[] = {
+      {"sustain", [](scaler_config& c) { c.sustain = 0; }},
+      {"min_capacity_tokens",
+       [](scaler_config& c) {
+         c.min_capacity_tokens = 4096;
+         c.max_capacity_tokens = 2048;
+       }},
+      {"min_replicas",
+       [](scaler_config& c) {
+         c.min_replicas = 3;
+         c.max_replicas = 2;
+       }},
+  };
+  for (const auto& bc : cases) {
+    auto c = fast_scaler();
+    bc.edit(c);
+    auto ok = validate(c);
+    ASSERT_FALSE(ok.has_value()) << bc.what;
+    EXPECT_EQ(ok.error().code, errc::invalid_argument);
+    EXPECT_NE(ok.error().message.find(bc.what), std::string::npos)
+        << ok.error().message;
+    EXPECT_DEATH((scaler_policy{c, 1, 4096}), bc.what);
+  }
 }
 
 TEST(ScalerPolicy, TooFewSamplesHold) {

@@ -168,8 +168,18 @@ cache_behavior(cache_actor* self, query_cache_config config,
 
 } // namespace
 
+result<void> validate(const query_cache_config& config) {
+  if (config.ttl <= std::chrono::seconds{0})
+    return make_error(errc::invalid_argument,
+                      "query_cache_config.ttl must be positive (got " +
+                          std::to_string(config.ttl.count()) + " s)");
+  return {};
+}
+
 result<std::unique_ptr<query_store>>
 make_query_store(const query_cache_config& config) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
   if (config.redis_url.empty())
     return std::unique_ptr<query_store>{
         std::make_unique<embedded_query_store>(config.max_entries)};
@@ -196,6 +206,11 @@ caf::actor spawn_query_cache(caf::actor_system& sys, query_cache_config config,
 caf::actor spawn_query_cache(caf::actor_system& sys, query_cache_config config,
                              caf::actor balancer,
                              std::unique_ptr<query_store> store) {
+  if (auto ok = validate(config); !ok) {
+    std::fprintf(stderr, "kvfleet: spawn_query_cache: %s\n",
+                 ok.error().describe().c_str());
+    std::abort();
+  }
   bool detach = store->blocking();
   auto boxed = std::make_shared<std::unique_ptr<query_store>>(std::move(store));
   if (detach)

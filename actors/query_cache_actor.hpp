@@ -53,8 +53,13 @@ struct query_cache_config {
   redis_query_store_config redis{};
 };
 
-/// The store `config` selects. Errors: those of redis_query_store::open
-/// (bad URL, bad timeouts); connecting happens on the first call.
+/// errc::invalid_argument naming the option when `config` breaks an
+/// invariant (ttl not positive: every set would fail).
+[[nodiscard]] result<void> validate(const query_cache_config& config);
+
+/// The store `config` selects. Errors: validate's, then those of
+/// redis_query_store::open (bad URL, bad timeouts); connecting happens on
+/// the first call.
 [[nodiscard]] result<std::unique_ptr<query_store>>
 make_query_store(const query_cache_config& config);
 
@@ -66,6 +71,7 @@ make_query_store(const query_cache_config& config);
                                            query_cache_config config,
                                            caf::actor balancer);
 /// Spawns the cache over `store` (non-null), detached when it blocks.
+/// REQUIRES: validate(config) succeeds (else logs it and aborts).
 [[nodiscard]] caf::actor spawn_query_cache(caf::actor_system& sys,
                                            query_cache_config config,
                                            caf::actor balancer,

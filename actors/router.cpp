@@ -1,6 +1,8 @@
 #include "actors/router.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -26,6 +28,21 @@ result<routing_policy> parse_routing_policy(std::string_view s) {
   return make_error(errc::invalid_argument,
                     "unknown routing policy '" + std::string(s) +
                         "' (round_robin, least_loaded, kv_aware)");
+}
+
+result<void> validate(const router_config& c) {
+  if (c.max_index_keys == 0)
+    return make_error(errc::invalid_argument,
+                      "router_config.max_index_keys must be at least 1");
+  return {};
+}
+
+router::router(router_config config) : config_(config) {
+  if (auto ok = validate(config_); !ok) {
+    std::fprintf(stderr, "kvfleet: router: %s\n",
+                 ok.error().describe().c_str());
+    std::abort();
+  }
 }
 
 std::optional<std::uint32_t> router::add_slot(double weight) {
@@ -181,7 +198,8 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
       double credit = std::min(config_.max_credit,
                                config_.credit_per_block *
                                    static_cast<double>(held_scratch_[s]));
-      if (st.in_flight > min_backlog + config_.backlog_margin)
+      // 64-bit: a margin near 2^32 must not wrap the sum to a small one.
+      if (st.in_flight > std::uint64_t{min_backlog} + config_.backlog_margin)
         credit *= config_.overload_credit_factor;
       score -= credit;
     }

@@ -53,8 +53,12 @@ struct router_config {
   double max_credit = 4.0;          ///< cap on the credit
   std::uint32_t backlog_margin = 4; ///< requests above the least loaded
   double overload_credit_factor = 0.0;
-  std::size_t max_index_keys = 1 << 20; ///< index entries kept (bounded)
+  std::size_t max_index_keys = 1 << 20; ///< index entries kept (>= 1)
 };
+
+/// errc::invalid_argument naming the option when `c` breaks an invariant
+/// (max_index_keys 0).
+[[nodiscard]] result<void> validate(const router_config& c);
 
 /// One routing decision, for tests and the bench.
 struct route {
@@ -67,7 +71,8 @@ public:
   /// At most 64 slots (the index keeps a 64-bit engine set per key).
   static constexpr std::size_t max_slots = 64;
 
-  explicit router(router_config config) : config_(config) {}
+  /// REQUIRES: validate(config) succeeds (else logs it and aborts).
+  explicit router(router_config config);
 
   /// Adds a live slot of capacity `weight` (> 0) and returns its number:
   /// the lowest removed slot when there is one, else a new one; nullopt

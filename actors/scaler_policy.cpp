@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 
 namespace kvfleet::actors {
 
@@ -21,9 +24,41 @@ std::string_view to_string(scale_action a) noexcept {
   return "unknown";
 }
 
+result<void> validate(const scaler_config& c) {
+  if (c.sustain == 0)
+    return make_error(errc::invalid_argument,
+                      "scaler_config.sustain must be at least 1 (evaluations "
+                      "a condition must hold before the scaler acts)");
+  if (c.min_capacity_tokens > c.max_capacity_tokens)
+    return make_error(errc::invalid_argument,
+                      "scaler_config.min_capacity_tokens (" +
+                          std::to_string(c.min_capacity_tokens) +
+                          ") is above max_capacity_tokens (" +
+                          std::to_string(c.max_capacity_tokens) + ")");
+  if (c.min_replicas > c.max_replicas)
+    return make_error(
+        errc::invalid_argument,
+        "scaler_config.min_replicas (" + std::to_string(c.min_replicas) +
+            ") is above max_replicas (" + std::to_string(c.max_replicas) + ")");
+  return {};
+}
+
+namespace {
+
+const scaler_config& checked(const scaler_config& c) {
+  if (auto ok = validate(c); !ok) {
+    std::fprintf(stderr, "kvfleet: scaler_policy: %s\n",
+                 ok.error().describe().c_str());
+    std::abort();
+  }
+  return c;
+}
+
+} // namespace
+
 scaler_policy::scaler_policy(scaler_config config, std::uint32_t replicas,
                              std::uint32_t capacity_tokens)
-    : config_(config), replicas_(replicas),
+    : config_(checked(config)), replicas_(replicas),
       capacity_(std::clamp(capacity_tokens, config.min_capacity_tokens,
                            config.max_capacity_tokens)) {}
 

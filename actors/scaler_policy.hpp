@@ -21,6 +21,7 @@
 /// counted. Not thread-safe: owned by one actor.
 
 #include "engine/clock.hpp"
+#include "engine/result.hpp"
 
 #include <array>
 #include <chrono>
@@ -47,6 +48,11 @@ struct scaler_config {
   std::uint32_t max_capacity_tokens = 16384;
 };
 
+/// errc::invalid_argument naming the option when `c` breaks an invariant:
+/// sustain 0 (every evaluation would act), min_capacity_tokens above
+/// max_capacity_tokens, min_replicas above max_replicas.
+[[nodiscard]] result<void> validate(const scaler_config& c);
+
 enum class scale_action : std::uint8_t {
   hold,
   spawn_replica,
@@ -67,6 +73,7 @@ struct scale_decision {
 
 class scaler_policy {
 public:
+  /// REQUIRES: validate(config) succeeds (else logs it and aborts).
   scaler_policy(scaler_config config, std::uint32_t replicas,
                 std::uint32_t capacity_tokens);
 
