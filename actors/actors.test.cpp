@@ -673,6 +673,56 @@ TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
   caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
 }
 
+TEST_F(actor_test, ScalerKeepsItsCountWhenTheBalancerRefusesARetire) {
+  // Two engines; one dies and restarts only after 10 s. Meanwhile the
+  // scaler decides to retire one; the balancer refuses (it would be the
+  // last live engine). The scaler must still count two replicas.
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.restart_delay = 10s;
+  auto b =
+      spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
+        auto c = small_engine(64);
+        c.slot = slot;
+        return spawn_engine_actor(s, c);
+      });
+  stop_at_end_.push_back(b);
+  scaler_actor_config sc;
+  sc.policy.target = 500ms;
+  sc.policy.window = 5s;
+  sc.policy.cooldown = 30s;
+  sc.policy.min_samples = 5;
+  sc.policy.sustain = 1;
+  sc.policy.min_replicas = 1;
+  sc.policy.max_replicas = 2;
+  sc.interval = 1s;
+  sc.initial_replicas = 2;
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  sc.on_decision = [decisions](const scale_decision& d) {
+    decisions->push_back(d);
+  };
+  auto s = spawn_scaler(*sys_, sc, b);
+  stop_at_end_.push_back(s);
+  sched_->run();
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  caf::anon_send_exit(e0, caf::exit_reason::kill);
+  sched_->run();
+  for (int i = 0; i < 10; ++i)
+    caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                   std::int64_t{100'000'000}); // 100 ms: below 0.3 x target
+  sched_->run();
+  sched_->advance_time(1s);
+  sched_->run();
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::retire_replica);
+  EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).replicas, 2U);
+  sched_->advance_time(10s); // engine 0 is back: two live, as counted
+  sched_->run();
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).replicas, 2U);
+}
+
 /// Stands in for the balancer: answers process requests and records them.
 struct fake_backend {
   std::vector<kv_request> seen;

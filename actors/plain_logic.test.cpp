@@ -339,6 +339,23 @@ TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariants) {
   }
 }
 
+TEST(ScalerPolicy, ARefusedReplicaChangeIsUndone) {
+  auto c = fast_scaler();
+  c.sustain = 1;
+  scaler_policy s{c, 1, 4096};
+  feed(s, engine::nanos{0}, 800ms);
+  EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::spawn_replica);
+  EXPECT_EQ(s.replicas(), 2U);
+  s.refused(scale_action::spawn_replica); // e.g. no free engine slot
+  EXPECT_EQ(s.replicas(), 1U);
+  scaler_policy down{c, 2, 4096};
+  feed(down, engine::nanos{0}, 10ms);
+  EXPECT_EQ(down.evaluate(engine::nanos{0}).action,
+            scale_action::retire_replica);
+  down.refused(scale_action::retire_replica); // the last live engine
+  EXPECT_EQ(down.replicas(), 2U);
+}
+
 TEST(ScalerPolicy, TooFewSamplesHold) {
   scaler_policy s{fast_scaler(), 1, 4096};
   feed(s, engine::nanos{0}, 5s, 2);

@@ -1,5 +1,6 @@
 #include "actors/scaler_actor.hpp"
 
+#include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
 
 #include <iostream>
@@ -36,6 +37,15 @@ void log_decision(const scale_decision& d) {
       << " tokens)\n";
 }
 
+/// The balancer did not carry out `a` (no free slot, the last live engine,
+/// or no answer): the policy's count goes back to what runs.
+void refused(scaler_actor* self, scale_action a, const caf::error& err) {
+  self->state.policy->refused(a);
+  std::clog << "kvfleet scaler: " << to_string(a)
+            << " refused by the balancer (" << from_caf_error(err).describe()
+            << "); replicas " << self->state.policy->replicas() << "\n";
+}
+
 void evaluate(scaler_actor* self) {
   auto& st = self->state;
   auto d = st.policy->evaluate(now(self));
@@ -45,11 +55,13 @@ void evaluate(scaler_actor* self) {
     return;
   case scale_action::spawn_replica:
     self->request(st.balancer, std::chrono::seconds{10}, replica_atom::value)
-        .then([](std::uint32_t) {}, [](caf::error&) {});
+        .then([](std::uint32_t) {},
+              [=](caf::error& err) { refused(self, d.action, err); });
     break;
   case scale_action::retire_replica:
     self->request(st.balancer, std::chrono::seconds{10}, retire_atom::value)
-        .then([](std::uint32_t) {}, [](caf::error&) {});
+        .then([](std::uint32_t) {},
+              [=](caf::error& err) { refused(self, d.action, err); });
     break;
   case scale_action::grow_capacity:
   case scale_action::shrink_capacity:

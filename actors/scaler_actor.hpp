@@ -10,7 +10,11 @@
 ///   (evaluate_atom)  decides now (also runs every `interval`)
 ///   (stats_atom)     -> scaler_stats
 /// Every decision that acts is passed to `on_decision` (default: one line
-/// on std::clog) and counted.
+/// on std::clog) and counted. A replica change the balancer answers with
+/// an error (the last live engine, no free slot, no answer in 10 s) is
+/// undone in the policy's count (scaler_policy::refused) and logged on
+/// std::clog, so the count never drifts from the fleet (nor past
+/// max_replicas).
 
 #include "actors/scaler_policy.hpp"
 

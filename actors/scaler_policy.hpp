@@ -97,6 +97,15 @@ public:
   [[nodiscard]] const std::vector<scale_decision>& log() const noexcept {
     return log_;
   }
+  /// The balancer refused (answered an error to) the replica change of
+  /// action `a`, which evaluate() had already counted: undoes it, so
+  /// replicas() stays what the balancer runs. Cooldown and counts stay.
+  void refused(scale_action a) noexcept {
+    if (a == scale_action::spawn_replica && replicas_ > 0)
+      --replicas_;
+    else if (a == scale_action::retire_replica)
+      ++replicas_;
+  }
   /// A replica left on its own (failure): keeps the count honest.
   void replica_lost() noexcept {
     if (replicas_ > 0)
