@@ -739,6 +739,21 @@ caf::behavior fake_balancer(caf::event_based_actor*,
   };
 }
 
+/// A query cache in front of a fake balancer; both stop at the test's end.
+struct cache_over_fake {
+  std::shared_ptr<fake_backend> be = std::make_shared<fake_backend>();
+  caf::actor balancer;
+  caf::actor cache;
+
+  cache_over_fake(caf::actor_system& sys, std::vector<caf::actor>& stop_at_end,
+                  const query_cache_config& qc = {}) {
+    balancer = sys.spawn(fake_balancer, be);
+    cache = spawn_query_cache(sys, qc, balancer);
+    stop_at_end.push_back(cache);
+    stop_at_end.push_back(balancer);
+  }
+};
+
 kv_request query(std::uint64_t session, std::string q) {
   kv_request r;
   r.session = session;
@@ -855,12 +870,11 @@ TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
 }
 
 TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
   query_cache_config qc;
   qc.ttl = 10s;
-  auto qcache = spawn_query_cache(*sys_, qc, b);
-  stop_at_end_.push_back(qcache);
+  const cache_over_fake f(*sys_, stop_at_end_, qc);
+  const auto& be = f.be;
+  const auto& qcache = f.cache;
   auto q = query(1, "what is kv");
   auto first = ask_now<kv_reply>(qcache, query_atom::value, q);
   EXPECT_FALSE(first.from_query_cache);
@@ -880,10 +894,9 @@ TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
 }
 
 TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
-  stop_at_end_.push_back(qcache);
+  const cache_over_fake f(*sys_, stop_at_end_);
+  const auto& be = f.be;
+  const auto& qcache = f.cache;
   auto r1 = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
   auto r2 = ask<kv_reply>(qcache, query_atom::value, query(2, "q"));
   sched_->run();
@@ -900,11 +913,10 @@ TEST_F(actor_test, QueryCacheSendsAHigherPriorityWaiterItsOwnRequest) {
   // other traffic; a critical request of "q" joins it. The cache sends the
   // critical one too (urgent, so it overtakes), answers both callers with
   // the first reply and ignores the second.
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
-  stop_at_end_.push_back(qcache);
-  stop_at_end_.push_back(b);
+  const cache_over_fake f(*sys_, stop_at_end_);
+  const auto& be = f.be;
+  const auto& b = f.balancer;
+  const auto& qcache = f.cache;
   auto low = query(1, "q");
   low.id = 1;
   low.prio = engine::priority::low;
@@ -998,13 +1010,10 @@ TEST_F(actor_test, CriticalRequestsOvertakeNormalOnesAtTheEngineMailbox) {
 
 TEST_F(actor_test, CriticalRequestsOvertakeNormalOnesAtTheBalancerMailbox) {
   // The query cache forwards its misses in the request's priority.
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
-  stop_at_end_.push_back(qcache);
-  stop_at_end_.push_back(b);
-  EXPECT_EQ(order_at_sink(*sched_, qcache, b, be, query_atom::value),
-            (std::vector<std::uint64_t>{4, 1, 2, 3}));
+  const cache_over_fake f(*sys_, stop_at_end_);
+  EXPECT_EQ(
+      order_at_sink(*sched_, f.cache, f.balancer, f.be, query_atom::value),
+      (std::vector<std::uint64_t>{4, 1, 2, 3}));
 }
 
 TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {

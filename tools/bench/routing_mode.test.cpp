@@ -223,30 +223,24 @@ TEST(routing_cli, errors_and_help) {
     EXPECT_NE(cmd.error().message.find(needle), std::string::npos)
         << cmd.error().message;
   };
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--engines", "0"},
-      "--engines");
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--engines", "65"},
-      "--engines");
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--policies", "lru"},
-      "unknown routing policy");
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--rate-scale", "0"},
-      "--rate-scale");
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--disk-dir", "/tmp"},
-      "unknown option '--disk-dir'");
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--service-overhead-us", "2000000"},
-      "--service-overhead-us must be at most 1000000");
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--prefill-us-per-token", "1e9"},
-      "--prefill-us-per-token must be at most 1000000");
-  bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2",
-       "--eviction", "belady"},
-      "belady needs to know every request ahead");
+  // Each option on an otherwise valid command line.
+  const auto bad_option = [&bad](std::string_view opt, std::string_view value,
+                                 std::string_view needle) {
+    bad({"routing", "--workload", "chat", "--capacity-fraction", "0.2", opt,
+         value},
+        needle);
+  };
+  bad_option("--engines", "0", "--engines");
+  bad_option("--engines", "65", "--engines");
+  bad_option("--policies", "lru", "unknown routing policy");
+  bad_option("--rate-scale", "0", "--rate-scale");
+  bad_option("--disk-dir", "/tmp", "unknown option '--disk-dir'");
+  bad_option("--service-overhead-us", "2000000",
+             "--service-overhead-us must be at most 1000000");
+  bad_option("--prefill-us-per-token", "1e9",
+             "--prefill-us-per-token must be at most 1000000");
+  bad_option("--eviction", "belady",
+             "belady needs to know every request ahead");
   bad({"routing", "--workload", "chat"}, "give a capacity");
   bad({"nope"}, "modes: engine, routing, prefetch");
   auto help = parse({"routing", "--engines", "x", "--help"});
