@@ -27,6 +27,7 @@ std::int64_t expiry_after(nanos start, nanos ttl) {
     return 0;
   return (start + ttl).count();
 }
+
 constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
 
 std::string ns_name(std::uint16_t id) {
