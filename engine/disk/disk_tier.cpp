@@ -227,9 +227,16 @@ result<void> disk_tier::recover() {
     auto f = segment_file::open(dir, uid);
     if (!f) {
       // A file whose header never made it (a crash while creating it) holds
-      // no acknowledged record.
-      bad_files.push_back(dir + "/" + ent->d_name);
-      continue;
+      // no acknowledged record: drop it. Any other failure (no file
+      // descriptor left, permissions, an I/O error, another format) may
+      // hide committed blocks: stop, deleting nothing.
+      if (f.error().code == errc::checksum_mismatch) {
+        bad_files.push_back(dir + "/" + ent->d_name);
+        continue;
+      }
+      ::closedir(d);
+      return make_error(f.error().code, "disk tier: " + f.error().message +
+                                            "; nothing was deleted");
     }
     segment_state s;
     s.file = std::move(*f);

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <random>
 #include <set>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -508,6 +509,41 @@ TEST_F(disk_tier_test, a_torn_tail_is_cut_off_and_counted) {
   spill(3);
   settle();
   expect_block(3);
+}
+
+TEST_F(disk_tier_test,
+       a_segment_that_cannot_be_opened_stops_the_open_and_is_kept) {
+  auto c = config();
+  // One block per segment, so the blocks take many file descriptors.
+  c.segment_bytes = segment_header_bytes + record_header_bytes + 4096;
+  open(c);
+  constexpr std::uint64_t blocks = 64;
+  for (std::uint64_t i = 0; i < blocks; ++i)
+    spill(i);
+  settle();
+  tier_.reset();
+  ASSERT_EQ(segment_files().size(), blocks);
+  // Leave room for the catalog and a few segments, not all of them.
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  const auto in_use = static_cast<rlim_t>(
+      std::distance(fs::directory_iterator("/proc/self/fd"), {}));
+  rlimit low = old;
+  low.rlim_cur = in_use + 24;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::string why;
+  {
+    auto starved = disk_tier::open(c); // closed again at the brace
+    why = starved ? std::string("opened") : starved.error().describe();
+  }
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  EXPECT_NE(why.find("nothing was deleted"), std::string::npos) << why;
+  // Every segment is still there, and every block with it.
+  EXPECT_EQ(segment_files().size(), blocks);
+  open(c);
+  EXPECT_EQ(tier_->stats().recovered_blocks, blocks);
+  for (std::uint64_t i = 0; i < blocks; ++i)
+    expect_block(i);
 }
 
 TEST_F(disk_tier_test, flipped_bytes_are_reported_missing_and_counted) {

@@ -274,12 +274,16 @@ result<segment_file> segment_file::open(const std::string& dir,
                       "cannot stat " + f.path_ + ": " + errno_text(errno));
   f.size_ = static_cast<std::uint64_t>(st.st_size);
   std::array<std::byte, segment_header_bytes> h{};
-  if (full_pread(f.fd_, h.data(), h.size(), 0) !=
-          static_cast<ssize_t>(h.size()) ||
+  const ssize_t got = full_pread(f.fd_, h.data(), h.size(), 0);
+  if (got < 0)
+    return make_error(errc::io_error, "cannot read the header of " + f.path_ +
+                                          ": " + errno_text(errno));
+  if (got != static_cast<ssize_t>(h.size()) ||
       std::memcmp(h.data(), segment_magic.data(), segment_magic.size()) != 0 ||
       load64(h.data() + 24) != hash(h.data(), 24))
-    return make_error(errc::parse_error,
-                      "segment " + f.path_ + " has no valid header");
+    return make_error(errc::checksum_mismatch,
+                      "segment " + f.path_ +
+                          " has no valid header (torn while it was created)");
   const std::uint32_t version = load32(h.data() + 8);
   if (version != disk_format_version)
     return make_error(errc::parse_error,

@@ -93,7 +93,11 @@ public:
   /// a failure goes to `*err_no` when given.
   [[nodiscard]] static result<segment_file>
   create(const std::string& dir, std::uint64_t id, int* err_no = nullptr);
-  /// Opens an existing segment and validates its file header.
+  /// Opens an existing segment and validates its file header:
+  /// errc::checksum_mismatch when the header is short or damaged (a crash
+  /// while the file was created), errc::parse_error for another format
+  /// version or segment id, errc::io_error when the file cannot be opened
+  /// or read (no file descriptor left, permissions, I/O error).
   [[nodiscard]] static result<segment_file> open(const std::string& dir,
                                                  std::uint64_t id);
 
