@@ -9,9 +9,11 @@
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
+#include <new>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <system_error>
 #include <unistd.h>
 
 namespace kvfleet::engine {
@@ -194,7 +196,13 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
     std::lock_guard lk(tier->mu_);
     tier->publish_locked();
   }
-  tier->io_thread_ = std::thread([t = tier.get()] { t->run(); });
+  try {
+    tier->io_thread_ = std::thread([t = tier.get()] { t->run(); });
+  } catch (const std::system_error& e) {
+    return make_error(errc::unavailable,
+                      "disk tier " + dir +
+                          ": cannot start its I/O thread: " + e.what());
+  }
   return tier;
 }
 
@@ -879,7 +887,19 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
       return;
     }
   } else {
-    c.bytes.resize(static_cast<std::size_t>(loc.size));
+    // The one allocation here sized by a block (up to what was spilled): a
+    // failure answers this fetch, it does not end the I/O thread.
+    try {
+      c.bytes.resize(static_cast<std::size_t>(loc.size));
+    } catch (const std::bad_alloc&) {
+      ++io_stats_.fetch_misses;
+      c.bytes = {};
+      c.status = make_error(errc::out_of_memory,
+                            "disk tier: no memory for the " +
+                                std::to_string(loc.size) + " bytes of block " +
+                                r.key.to_hex());
+      return;
+    }
     dst = c.bytes;
   }
   auto h =
@@ -1107,7 +1127,15 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
   for (const auto& key : keys) {
     location& loc = index_.at(key);
     const std::uint64_t rec = rec_header + loc.size;
-    buf.resize(static_cast<std::size_t>(loc.size));
+    try {
+      buf.resize(static_cast<std::size_t>(loc.size));
+    } catch (const std::bad_alloc&) {
+      return make_error(errc::out_of_memory,
+                        "disk tier: no memory to copy a block of " +
+                            std::to_string(loc.size) +
+                            " bytes while compacting segment " +
+                            std::to_string(id));
+    }
     auto h = it->second.file.read(loc.offset, key, buf);
     if (!h) {
       if (h.error().code != errc::checksum_mismatch)

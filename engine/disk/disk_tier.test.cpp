@@ -617,6 +617,72 @@ TEST_F(disk_tier_test,
   EXPECT_EQ(kept, 1U);
 }
 
+TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP()
+      << "AddressSanitizer reserves address space; RLIMIT_AS breaks it";
+#else
+  // Larger than the 64 MiB glibc reserves per thread arena, which an
+  // allocation on the I/O thread could otherwise grow into unlimited.
+  constexpr std::size_t big = std::size_t{96} << 20;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // Child: a tier holding one large block, then an address-space limit
+    // that leaves no room for a copy of it. The fetch must fail with an
+    // error value; before, std::bad_alloc ended the process on the I/O
+    // thread.
+    disk_tier_config c;
+    c.directory = dir_;
+    c.capacity_bytes = std::uint64_t{1} << 30;
+    c.segment_bytes = std::uint64_t{128} << 20;
+    auto t = disk_tier::open(c);
+    if (!t)
+      ::_exit(2);
+    auto& tier = **t;
+    {
+      const auto bytes = block_bytes(1, big);
+      if (!tier.spill(key_of(1), ns_a, codec::int8, bytes,
+                      block_checksum(bytes), nanos{1}, nanos{0}, false))
+        ::_exit(3);
+    }
+    (void)tier.wait_idle();
+    // A second round trip: the I/O thread frees a batch's requests (the
+    // spill's copy of the block) only after it reports idle.
+    (void)tier.fetch(key_of(2));
+    (void)tier.wait_idle();
+    tier.drain_completions([](disk_completion&&) {});
+    std::ifstream statm("/proc/self/statm");
+    std::uint64_t pages = 0;
+    statm >> pages;
+    const rlimit lim{
+        pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) +
+            (std::uint64_t{16} << 20),
+        RLIM_INFINITY};
+    if (::setrlimit(RLIMIT_AS, &lim) != 0)
+      ::_exit(4);
+    const auto id = tier.fetch(key_of(1));
+    (void)tier.wait_idle();
+    int code = 5;
+    tier.drain_completions([&](disk_completion&& d) {
+      if (d.id == id && !d.status.has_value() &&
+          d.status.error().code == errc::out_of_memory && d.bytes.empty())
+        code = 0;
+    });
+    ::_exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status))
+      << "child ended by signal "
+      << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  // The block is still there for a process with memory.
+  open(config());
+  EXPECT_TRUE(tier_->contains(key_of(1)));
+#endif
+}
+
 TEST_F(disk_tier_test, a_killed_writer_loses_only_unacknowledged_blocks) {
   constexpr std::uint64_t total = 400;
   constexpr std::size_t size = 64 * 1024;
