@@ -664,15 +664,28 @@ void disk_tier::process(std::vector<request>& batch,
     disk_completion ignored;
     do_compact(ignored, false);
   }
+  // Under full_sync a spill is acknowledged only once its bytes are on
+  // stable storage: a failed sync fails the batch as a failed commit does.
+  result<void> synced;
   if (config_.full_sync) {
     for (const std::uint64_t id : written_segments_) {
       const auto s = segments_.find(id);
-      if (s != segments_.end() && !s->second.file.sync())
-        ++io_stats_.io_errors;
+      if (s == segments_.end())
+        continue;
+      const int fault =
+          config_.sync_fault_for_testing ? config_.sync_fault_for_testing() : 0;
+      auto r = fault != 0 ? make_error(errc::io_error,
+                                       "cannot sync " + s->second.file.path() +
+                                           ": " + errno_text(fault))
+                          : s->second.file.sync();
+      if (!r && synced)
+        synced = r;
     }
   }
   written_segments_.clear();
-  auto committed = in_txn ? catalog_->commit() : result<void>{};
+  auto committed = !synced  ? synced
+                   : in_txn ? catalog_->commit()
+                            : result<void>{};
   ++io_stats_.batches;
   if (!committed) {
     // Nothing of this batch is durable: fail its spills and reload the

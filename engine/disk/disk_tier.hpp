@@ -108,7 +108,8 @@ struct disk_tier_config {
   /// ...or when the oldest has waited this long.
   nanos touch_flush_interval = std::chrono::seconds(1);
   /// fdatasync segments and run SQLite with synchronous=FULL, so that an
-  /// acknowledged spill survives a power loss, not only a process crash.
+  /// acknowledged spill survives a power loss, not only a process crash. A
+  /// batch whose segment sync fails is rolled back and its spills fail.
   bool full_sync = false;
   /// open() fails when the file system has less space free than this.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
@@ -125,6 +126,9 @@ struct disk_tier_config {
   /// Test hook: consulted before each segment append; a nonzero result is
   /// the errno of a failed write (ENOSPC simulates a full disk).
   segment_file::write_fault write_fault_for_testing;
+  /// Test hook: consulted before each segment fdatasync (full_sync); a
+  /// nonzero result is the errno of a failed sync.
+  segment_file::write_fault sync_fault_for_testing;
 };
 
 /// Identifies one queued request; its completion carries the same id.

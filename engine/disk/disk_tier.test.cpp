@@ -843,6 +843,40 @@ TEST_F(disk_tier_test, a_directory_in_use_is_refused) {
   EXPECT_NE(t.error().message.find("in use"), std::string::npos);
 }
 
+TEST_F(disk_tier_test, under_full_sync_a_failed_sync_fails_the_spill) {
+  auto c = config();
+  c.full_sync = true;
+  auto broken = std::make_shared<std::atomic<bool>>(false);
+  c.sync_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
+  open(c);
+  spill(0);
+  settle();
+  broken->store(true);
+  const auto id = spill(1);
+  bool seen = false;
+  for (const auto& d : settle()) {
+    if (d.id != id)
+      continue;
+    seen = true;
+    ASSERT_FALSE(d.status.has_value()) << "acknowledged without its sync";
+    EXPECT_EQ(d.status.error().code, errc::io_error);
+    EXPECT_NE(d.status.error().message.find("cannot sync"), std::string::npos)
+        << d.status.error().message;
+  }
+  EXPECT_TRUE(seen);
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+  broken->store(false);
+  spill(2);
+  settle();
+  expect_block(0);
+  expect_block(2);
+  tier_.reset();
+  open(c);
+  expect_block(0);
+  expect_block(2);
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+}
+
 TEST_F(disk_tier_test,
        a_disk_that_fills_refuses_spills_and_keeps_serving_reads) {
   auto c = config();
