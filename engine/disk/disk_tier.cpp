@@ -396,6 +396,19 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
                       "disk tier " + config_.directory +
                           ": the file system is full, spills are refused");
   }
+  if (!pinned && queued_spill_bytes_ > 0 &&
+      bytes.size() >
+          config_.max_queued_bytes -
+              std::min(queued_spill_bytes_, config_.max_queued_bytes)) {
+    ++refused_busy_owner_;
+    return make_error(errc::busy,
+                      "disk tier " + config_.directory + ": " +
+                          std::to_string(queued_spill_bytes_) +
+                          " bytes of spills are waiting for the disk "
+                          "(max_queued_bytes " +
+                          std::to_string(config_.max_queued_bytes) + ")");
+  }
+  queued_spill_bytes_ += bytes.size();
   auto [it, inserted] = dir_.try_emplace(key);
   const std::uint32_t old_pins = inserted ? 0 : it->second.info.pins;
   it->second.info = disk_block_info{ns,
@@ -541,6 +554,7 @@ disk_tier_stats disk_tier::stats() const {
   std::lock_guard lk(mu_);
   disk_tier_stats s = published_;
   s.spills_refused_full += refused_full_owner_;
+  s.spills_refused_busy = refused_busy_owner_;
   s.full = full_;
   return s;
 }
@@ -573,6 +587,9 @@ void disk_tier::run() {
     process(batch, out, last);
     {
       std::lock_guard lk(mu_);
+      for (const request& r : batch)
+        if (r.k == request::kind::spill)
+          queued_spill_bytes_ -= r.bytes.size();
       for (auto& c : out)
         done_.push_back(std::move(c));
       publish_locked();

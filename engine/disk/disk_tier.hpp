@@ -117,6 +117,11 @@ struct disk_tier_config {
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
   /// Requests the I/O thread takes into one catalog transaction.
   std::size_t max_batch = 64;
+  /// Payload bytes of spills queued or being written, at most: past it an
+  /// unpinned spill is refused with errc::busy (the disk is behind), so a
+  /// slow disk cannot move evicted blocks onto the heap without limit. A
+  /// spill is always taken when nothing is queued; pinned spills always are.
+  std::uint64_t max_queued_bytes = std::uint64_t{256} << 20;
   /// Default: wall_clock_source. Read on the I/O thread: must be thread-safe.
   const clock_source* clock = nullptr;
   /// Called on the I/O thread after it queued completions (e.g. to send the
@@ -192,8 +197,9 @@ struct disk_tier_stats {
   std::uint64_t spills = 0;                  ///< acknowledged spills
   std::uint64_t spills_refused_full = 0;     ///< the file system was full
   std::uint64_t spills_refused_capacity = 0; ///< pinned blocks fill capacity
-  std::uint64_t spills_superseded = 0;       ///< erased/replaced before written
-  std::uint64_t spill_errors = 0;            ///< bad checksum or I/O error
+  std::uint64_t spills_refused_busy = 0; ///< max_queued_bytes already queued
+  std::uint64_t spills_superseded = 0;   ///< erased/replaced before written
+  std::uint64_t spill_errors = 0;        ///< bad checksum or I/O error
   // Reads.
   std::uint64_t fetches = 0;
   std::uint64_t fetch_hits = 0;
@@ -380,6 +386,8 @@ private:
   bool stopping_ = false;
   bool full_ = false;
   std::uint64_t refused_full_owner_ = 0;
+  std::uint64_t refused_busy_owner_ = 0;
+  std::uint64_t queued_spill_bytes_ = 0; ///< spill payloads not yet written
 
   // I/O thread only (and open() before the thread starts).
   std::unique_ptr<catalog> catalog_;

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <random>
 #include <set>
 #include <sys/resource.h>
@@ -841,6 +842,42 @@ TEST_F(disk_tier_test, a_directory_in_use_is_refused) {
   ASSERT_FALSE(t.has_value());
   EXPECT_EQ(t.error().code, errc::busy);
   EXPECT_NE(t.error().message.find("in use"), std::string::npos);
+}
+
+TEST_F(disk_tier_test,
+       spills_past_max_queued_bytes_are_refused_while_the_disk_lags) {
+  auto c = config();
+  c.max_queued_bytes = 64 << 10;
+  // The I/O thread's first write waits until the test opens the gate: the
+  // disk is "behind" for exactly as long as the test needs.
+  std::promise<void> gate;
+  std::shared_future<void> open_gate = gate.get_future().share();
+  c.write_fault_for_testing = [open_gate] {
+    open_gate.wait();
+    return 0;
+  };
+  open(c);
+  for (std::uint64_t i = 0; i < 16; ++i) // 16 x 4 KiB = max_queued_bytes
+    spill(i);
+  const auto bytes = block_bytes(16, 4096);
+  auto refused = tier_->spill(key_of(16), ns_a, codec::int8, bytes,
+                              block_checksum(bytes), nanos{0}, nanos{0}, false);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, errc::busy);
+  EXPECT_NE(refused.error().message.find("max_queued_bytes"), std::string::npos)
+      << refused.error().message;
+  EXPECT_FALSE(tier_->contains(key_of(16)));
+  spill(17, 4096, /*pinned=*/true); // a pin is never shed
+  EXPECT_EQ(tier_->stats().spills_refused_busy, 1U);
+  gate.set_value();
+  settle();
+  for (std::uint64_t i = 0; i < 16; ++i)
+    expect_block(i);
+  expect_block(17);
+  EXPECT_FALSE(tier_->contains(key_of(16)));
+  spill(16); // the queue drained: taken again
+  settle();
+  expect_block(16);
 }
 
 TEST_F(disk_tier_test, under_full_sync_a_failed_sync_fails_the_spill) {
