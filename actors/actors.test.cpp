@@ -521,6 +521,64 @@ TEST_F(actor_test, RetiredSlotsAreReused) {
   EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
 }
 
+TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
+  // max_restarts 1: engine 0 is restarted once, and when it fails again
+  // it is given up. Its slot is then free like a retired one: the next
+  // replica takes slot 0, and the stats show two live engines in two slots
+  // (not a third slot next to a dead one).
+  balancer_config bc;
+  bc.routing.policy = routing_policy::round_robin;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  auto b =
+      spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
+        auto c = small_engine(64);
+        c.slot = slot;
+        return spawn_engine_actor(s, c);
+      });
+  stop_at_end_.push_back(b);
+  sched_->run();
+  std::vector<caf::actor> killed;
+  auto kill_engine_0 = [&] {
+    killed.push_back(
+        ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}));
+    caf::anon_send_exit(killed.back(), caf::exit_reason::kill);
+    sched_->run();
+    sched_->advance_time(bc.restart_delay);
+    sched_->run();
+  };
+  kill_engine_0(); // restarted
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up,
+            (std::vector<std::uint8_t>{1, 1}));
+  kill_engine_0(); // given up: no restart comes
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+  EXPECT_EQ(st.live, 1U);
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+  EXPECT_EQ(st.in_flight, (std::vector<std::uint64_t>{0, 0}));
+  auto none = ask<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  sched_->run();
+  ASSERT_TRUE(none->error.has_value());
+  EXPECT_EQ(from_caf_error(*none->error).code, errc::not_found);
+
+  EXPECT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), 2U);
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  EXPECT_EQ(st.live, 2U);
+  EXPECT_EQ(st.given_up, 1U);
+  auto reused = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  EXPECT_TRUE(reused);
+  for (const auto& k : killed)
+    EXPECT_NE(reused, k);
+  std::set<std::uint32_t> engines;
+  for (std::uint64_t i = 0; i < 2; ++i)
+    engines.insert(
+        ask_now<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i))
+            .engine);
+  EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
+}
+
 TEST_F(actor_test, AFullFleetRefusesAReplicaWithAnError) {
   auto b = balancer(routing_policy::round_robin, {small_engine(16)});
   sched_->run();

@@ -31,6 +31,9 @@ struct slot_info {
   std::uint32_t restarts = 0;
   bool retiring = false;
   bool retired = false;
+  /// Its engine failed after max_restarts restarts: like a retired slot,
+  /// free for the next replica.
+  bool given_up = false;
 };
 
 /// A request forwarded to an engine and not yet answered. Calls are kept
@@ -57,6 +60,7 @@ struct balancer_state {
   std::uint64_t rerouted = 0;
   std::uint64_t restarts = 0;
   std::uint64_t rejected = 0;
+  std::uint64_t given_up = 0;
   /// The last capacity_atom's token budget: engines spawned or restarted
   /// after it get it too. Empty: the factory's own.
   std::optional<std::uint32_t> capacity_tokens;
@@ -95,8 +99,27 @@ bool start_engine(balancer_actor* self, std::uint32_t slot) {
   return true;
 }
 
-/// Starts an engine in a free slot, a retired one first. Errors:
-/// errc::unavailable when all router::max_slots slots are in use.
+/// The engine of `slot` failed (`why`) and may not be restarted again: the
+/// slot is freed like a retired one (the router forgets it and add_slot
+/// hands it out again). Logged once, here.
+void give_up(balancer_actor* self, std::uint32_t slot, const std::string& why) {
+  auto& s = self->state;
+  auto& info = s.slots[slot];
+  info.given_up = true;
+  ++s.given_up;
+  s.route.remove_slot(slot);
+  std::fprintf(stderr,
+               "kvfleet: balancer: engine slot %u given up after %u "
+               "restart(s) (max_restarts %u): %s; the slot is free for the "
+               "next replica\n",
+               static_cast<unsigned>(slot),
+               static_cast<unsigned>(info.restarts),
+               static_cast<unsigned>(s.config.max_restarts), why.c_str());
+}
+
+/// Starts an engine in a free slot (whose engine retired or was given up)
+/// if there is one, else in a new slot. Errors: errc::unavailable when all
+/// router::max_slots slots are in use.
 result<std::uint32_t> add_engine(balancer_actor* self) {
   auto& st = self->state;
   auto slot = st.route.add_slot(1.0);
@@ -108,13 +131,14 @@ result<std::uint32_t> add_engine(balancer_actor* self) {
   if (*slot == st.slots.size()) {
     st.slots.emplace_back();
   } else {
-    // A retired slot. Its generation keeps counting, so a late answer to
+    // A freed slot. Its generation keeps counting, so a late answer to
     // a call of the old engine never releases the new engine's load.
     auto& info = st.slots[*slot];
     info.routed = 0;
     info.restarts = 0;
     info.retiring = false;
     info.retired = false;
+    info.given_up = false;
   }
   st.route.set_up(*slot, false);
   if (!start_engine(self, *slot))
@@ -286,6 +310,9 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         ++s.restarts;
         self->delayed_send(self, s.config.restart_delay, restart_atom::value,
                            slot);
+      } else {
+        give_up(self, slot,
+                "its engine stopped: " + self->system().render(dm.reason));
       }
     }
   });
@@ -299,7 +326,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       [=](restart_atom, std::uint32_t slot) {
         auto& s = self->state;
         if (slot >= s.slots.size() || s.slots[slot].engine ||
-            s.slots[slot].retired)
+            s.slots[slot].retired || s.slots[slot].given_up)
           return;
         if (!start_engine(self, slot))
           self->delayed_send(self, s.config.restart_delay, restart_atom::value,
@@ -388,6 +415,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         out.rerouted = s.rerouted;
         out.restarts = s.restarts;
         out.rejected = s.rejected;
+        out.live = static_cast<std::uint32_t>(s.route.live_slots());
+        out.given_up = s.given_up;
         out.index_keys = s.route.index_size();
         return out;
       },

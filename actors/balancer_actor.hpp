@@ -23,15 +23,16 @@
 ///       names for the longest prefix (slot 0 when the index knows nothing)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot
 ///   (replica_atom)               -> uint32 live engines after adding one
-///       (in the slot of a retired engine when there is one); errc::unavailable
-///       when all router::max_slots (64) slots are in use
+///       (in the slot of a retired or given-up engine when there is one);
+///       errc::unavailable when all router::max_slots (64) slots are in use
 ///   (retire_atom)                -> uint32 live engines after draining one:
 ///       it takes no new requests and exits once its requests are answered;
 ///       its slot is then free for the next replica
 ///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply),
 ///       and remembered: every engine spawned or restarted later gets it
 ///       before any request
-///   (stats_atom)                 -> balancer_stats
+///   (stats_atom)                 -> balancer_stats (messages.hpp says
+///       what a free slot reads)
 ///   (listen_atom, actor)         (no reply) the listener gets
 ///       (observe_atom, kv_request, kv_reply, int64 latency_ns) after each
 ///       answered request and every engine's block_events
@@ -40,7 +41,10 @@
 /// Supervision: an engine that fails (down_msg) is marked down at once (the
 /// router skips it and forgets its index entries) and respawned after
 /// `restart_delay`, empty; it rejoins the rotation when the new actor is up.
-/// A slot is restarted at most `max_restarts` times.
+/// A slot's engine is restarted at most `max_restarts` times; when it
+/// fails after that it is given up (one line on stderr): the slot is freed
+/// like a retired engine's, so the next replica takes it, and stats count
+/// it in `given_up`, no longer as a slot in use.
 
 #include "actors/router.hpp"
 

@@ -133,21 +133,33 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
 }
 
 /// The balancer's counters.
+///
+/// The per-slot vectors have one entry per slot ever used (the router's
+/// slot_count: they never shrink). A free slot, whose engine retired or was
+/// given up after max_restarts, reads up 0 and in_flight 0 and keeps its
+/// last routed count until a replica takes the slot and its counts start
+/// over. `live` counts the engines that take requests now (what
+/// replica_atom and retire_atom answer); a slot whose engine is down and
+/// waiting for its restart counts in neither `live` nor the free slots.
 struct balancer_stats {
-  std::vector<std::uint64_t> routed; ///< per slot
+  std::vector<std::uint64_t> routed; ///< per slot, since its engine started
   std::vector<std::uint64_t> in_flight;
-  std::vector<std::uint8_t> up; ///< 1 when live
+  std::vector<std::uint8_t> up; ///< 1 when live (up and not draining)
   std::uint64_t timeouts = 0;
   std::uint64_t rerouted = 0; ///< retried after their engine went down
-  std::uint64_t restarts = 0;
+  std::uint64_t restarts = 0; ///< restarts scheduled, all slots together
   std::uint64_t rejected = 0; ///< no engine live
   std::uint64_t index_keys = 0;
+  std::uint32_t live = 0; ///< engines taking requests
+  /// Engines given up after max_restarts (their slots freed), ever.
+  std::uint64_t given_up = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, balancer_stats& x) {
   return f(caf::meta::type_name("balancer_stats"), x.routed, x.in_flight, x.up,
-           x.timeouts, x.rerouted, x.restarts, x.rejected, x.index_keys);
+           x.timeouts, x.rerouted, x.restarts, x.rejected, x.index_keys, x.live,
+           x.given_up);
 }
 
 /// A query to warm with its expected frequency.
