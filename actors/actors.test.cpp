@@ -579,6 +579,82 @@ TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
   EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
 }
 
+/// An engine factory that counts its calls and fails while `failing`.
+struct flaky_factory {
+  std::shared_ptr<int> calls = std::make_shared<int>(0);
+  std::shared_ptr<bool> failing = std::make_shared<bool>(true);
+
+  [[nodiscard]] engine_factory make() const {
+    return [calls = calls, failing = failing](
+               caf::actor_system& s, std::uint32_t slot) -> result<caf::actor> {
+      ++*calls;
+      if (*failing)
+        return make_error(errc::backend_error, "no device (test)");
+      auto c = small_engine(64);
+      c.slot = slot;
+      return spawn_engine_actor(s, c);
+    };
+  }
+};
+
+TEST_F(actor_test, AFactoryThatAlwaysFailsIsGivenUpAfterMaxRestarts) {
+  // The first start and every retry fail. Each retry counts as a restart:
+  // after max_restarts + 1 calls the slot is given up, and no more calls
+  // come however long the balancer runs.
+  flaky_factory f;
+  balancer_config bc;
+  bc.initial_engines = 1;
+  bc.max_restarts = 2;
+  auto b = spawn_balancer(*sys_, bc, f.make());
+  stop_at_end_.push_back(b);
+  sched_->run();
+  EXPECT_EQ(*f.calls, 1);
+  for (int i = 0; i < 10; ++i) {
+    sched_->advance_time(bc.restart_delay);
+    sched_->run();
+    EXPECT_EQ(*f.calls, std::min(i + 2, 3)) << "after " << i + 1 << " delays";
+  }
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.restarts, 2U);
+  EXPECT_EQ(st.given_up, 1U);
+  EXPECT_EQ(st.live, 0U);
+  // The freed slot is the next replica's, and it starts once the factory
+  // works again.
+  *f.failing = false;
+  EXPECT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), 1U);
+  EXPECT_EQ(*f.calls, 4);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up,
+            (std::vector<std::uint8_t>{1}));
+}
+
+TEST_F(actor_test, FailedRestartsCountAgainstMaxRestarts) {
+  // Engine 0 starts, then is killed while the factory fails: the restart
+  // attempts that fail use up its max_restarts (1), then it is given up.
+  flaky_factory f;
+  *f.failing = false;
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  auto b = spawn_balancer(*sys_, bc, f.make());
+  stop_at_end_.push_back(b);
+  sched_->run();
+  EXPECT_EQ(*f.calls, 2);
+  *f.failing = true;
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  for (int i = 0; i < 10; ++i) {
+    sched_->advance_time(bc.restart_delay);
+    sched_->run();
+  }
+  EXPECT_EQ(*f.calls, 3); // the two starts and one failed restart
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+}
+
 TEST_F(actor_test, AFullFleetRefusesAReplicaWithAnError) {
   auto b = balancer(routing_policy::round_robin, {small_engine(16)});
   sched_->run();

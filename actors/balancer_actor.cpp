@@ -78,12 +78,12 @@ std::int64_t now_ns(balancer_actor* self) {
       .count();
 }
 
-/// Starts (or restarts) the engine of `slot`. False when the factory failed.
-bool start_engine(balancer_actor* self, std::uint32_t slot) {
+/// Starts (or restarts) the engine of `slot`. Errors: the factory's.
+result<void> start_engine(balancer_actor* self, std::uint32_t slot) {
   auto& st = self->state;
   auto engine = st.make_engine(self->system(), slot);
   if (!engine)
-    return false;
+    return unexpected<error>{engine.error()};
   auto& info = st.slots[slot];
   info.engine = std::move(*engine);
   ++info.generation;
@@ -96,7 +96,7 @@ bool start_engine(balancer_actor* self, std::uint32_t slot) {
                                             *st.capacity_tokens);
   self->send(info.engine, listen_atom::value, caf::actor{self});
   st.route.set_up(slot, true);
-  return true;
+  return {};
 }
 
 /// The engine of `slot` failed (`why`) and may not be restarted again: the
@@ -117,9 +117,27 @@ void give_up(balancer_actor* self, std::uint32_t slot, const std::string& why) {
                static_cast<unsigned>(s.config.max_restarts), why.c_str());
 }
 
+/// The engine of `slot` is gone: it stopped, or a start failed (`why`).
+/// A restart is scheduled while the slot has restarts left (a start that
+/// fails used one up too, so a factory that always fails ends here, not in
+/// an endless retry loop); else the slot is given up.
+void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
+                        const std::string& why) {
+  auto& s = self->state;
+  auto& info = s.slots[slot];
+  if (info.restarts >= s.config.max_restarts) {
+    give_up(self, slot, why);
+    return;
+  }
+  ++info.restarts;
+  ++s.restarts;
+  self->delayed_send(self, s.config.restart_delay, restart_atom::value, slot);
+}
+
 /// Starts an engine in a free slot (whose engine retired or was given up)
-/// if there is one, else in a new slot. Errors: errc::unavailable when all
-/// router::max_slots slots are in use.
+/// if there is one, else in a new slot. A failed start is retried like a
+/// restart. Errors: errc::unavailable when all router::max_slots slots are
+/// in use.
 result<std::uint32_t> add_engine(balancer_actor* self) {
   auto& st = self->state;
   auto slot = st.route.add_slot(1.0);
@@ -141,9 +159,9 @@ result<std::uint32_t> add_engine(balancer_actor* self) {
     info.given_up = false;
   }
   st.route.set_up(*slot, false);
-  if (!start_engine(self, *slot))
-    self->delayed_send(self, st.config.restart_delay, restart_atom::value,
-                       *slot);
+  if (auto ok = start_engine(self, *slot); !ok)
+    restart_or_give_up(self, *slot,
+                       "its start failed: " + ok.error().describe());
   return *slot;
 }
 
@@ -305,14 +323,10 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       if (info.retiring) {
         info.retired = true;
         s.route.remove_slot(slot); // free for the next replica
-      } else if (info.restarts < s.config.max_restarts) {
-        ++info.restarts;
-        ++s.restarts;
-        self->delayed_send(self, s.config.restart_delay, restart_atom::value,
-                           slot);
       } else {
-        give_up(self, slot,
-                "its engine stopped: " + self->system().render(dm.reason));
+        restart_or_give_up(self, slot,
+                           "its engine stopped: " +
+                               self->system().render(dm.reason));
       }
     }
   });
@@ -328,9 +342,9 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         if (slot >= s.slots.size() || s.slots[slot].engine ||
             s.slots[slot].retired || s.slots[slot].given_up)
           return;
-        if (!start_engine(self, slot))
-          self->delayed_send(self, s.config.restart_delay, restart_atom::value,
-                             slot);
+        if (auto ok = start_engine(self, slot); !ok)
+          restart_or_give_up(self, slot,
+                             "its restart failed: " + ok.error().describe());
       },
       [=](const block_events& ev) {
         auto& s = self->state;

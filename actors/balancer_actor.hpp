@@ -41,10 +41,13 @@
 /// Supervision: an engine that fails (down_msg) is marked down at once (the
 /// router skips it and forgets its index entries) and respawned after
 /// `restart_delay`, empty; it rejoins the rotation when the new actor is up.
-/// A slot's engine is restarted at most `max_restarts` times; when it
-/// fails after that it is given up (one line on stderr): the slot is freed
-/// like a retired engine's, so the next replica takes it, and stats count
-/// it in `given_up`, no longer as a slot in use.
+/// A slot's engine is restarted at most `max_restarts` times, and a start
+/// whose factory fails (the first start of a slot included) is retried
+/// after `restart_delay` as one of those restarts: a slot gets at most
+/// max_restarts + 1 factory calls. When its engine fails (stops, or its
+/// start fails) after that it is given up (one line on stderr): the slot is
+/// freed like a retired engine's, so the next replica takes it, and stats
+/// count it in `given_up`, no longer as a slot in use.
 
 #include "actors/router.hpp"
 
@@ -61,6 +64,7 @@ struct balancer_config {
   router_config routing{};
   std::chrono::milliseconds request_timeout{5'000};
   std::chrono::milliseconds restart_delay{100};
+  /// Restarts per slot, failed starts included; then the slot is given up.
   std::uint32_t max_restarts = 100;
   std::uint32_t initial_engines = 1;
 };

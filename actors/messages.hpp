@@ -147,7 +147,9 @@ struct balancer_stats {
   std::vector<std::uint8_t> up; ///< 1 when live (up and not draining)
   std::uint64_t timeouts = 0;
   std::uint64_t rerouted = 0; ///< retried after their engine went down
-  std::uint64_t restarts = 0; ///< restarts scheduled, all slots together
+  /// Restarts scheduled (after an engine stopped or a start failed), all
+  /// slots together.
+  std::uint64_t restarts = 0;
   std::uint64_t rejected = 0; ///< no engine live
   std::uint64_t index_keys = 0;
   std::uint32_t live = 0; ///< engines taking requests
