@@ -854,7 +854,71 @@ TEST_F(actor_test, ScalerKeepsItsCountWhenTheBalancerRefusesARetire) {
   sched_->run();
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  auto sst = ask_now<scaler_stats>(s, stats_atom::value);
+  EXPECT_EQ(sst.replicas, 2U);
+  EXPECT_EQ(sst.refused, 1U);
+  EXPECT_EQ(sst.lost, 0U); // a restart is no loss
+}
+
+TEST_F(actor_test, ScalerLearnsOfEnginesTheBalancerGaveUp) {
+  // Two engines, no restarts: when engine 1 dies the balancer gives it up.
+  // The scaler learns it at its next evaluation and counts one replica, so
+  // high latency then spawns a replica (believing two still ran, at
+  // max_replicas 2, it would only grow the capacity).
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 0;
+  auto b =
+      spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
+        auto c = small_engine(64);
+        c.slot = slot;
+        return spawn_engine_actor(s, c);
+      });
+  stop_at_end_.push_back(b);
+  scaler_actor_config sc;
+  sc.policy.target = 500ms;
+  sc.policy.window = 5s;
+  sc.policy.cooldown = 30s;
+  sc.policy.min_samples = 5;
+  sc.policy.sustain = 1;
+  sc.policy.min_replicas = 1;
+  sc.policy.max_replicas = 2;
+  sc.interval = 1s;
+  sc.initial_replicas = 2;
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  sc.on_decision = [decisions](const scale_decision& d) {
+    decisions->push_back(d);
+  };
+  auto s = spawn_scaler(*sys_, sc, b);
+  stop_at_end_.push_back(s);
+  sched_->run();
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{1}),
+      caf::exit_reason::kill);
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).given_up, 1U);
+  sched_->advance_time(1s); // an evaluation: no samples, so it holds
+  sched_->run();
+  EXPECT_TRUE(decisions->empty());
+  auto st = ask_now<scaler_stats>(s, stats_atom::value);
+  EXPECT_EQ(st.replicas, 1U);
+  EXPECT_EQ(st.lost, 1U);
+  for (int i = 0; i < 10; ++i)
+    caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                   std::int64_t{800'000'000}); // 800 ms: above the target
+  sched_->run();
+  sched_->advance_time(1s);
+  sched_->run();
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
   EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).replicas, 2U);
+  auto bs = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(bs.live, 2U);
+  EXPECT_EQ(bs.up, (std::vector<std::uint8_t>{1, 1})); // slot 1 reused
+  // Later evaluations do not count the same loss again.
+  sched_->advance_time(1s);
+  sched_->run();
+  EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).lost, 1U);
 }
 
 /// Stands in for the balancer: answers process requests and records them.

@@ -210,12 +210,16 @@ struct scaler_stats {
   std::uint32_t replicas = 0;
   std::uint32_t capacity_tokens = 0;
   std::int64_t last_p95_ns = 0;
+  /// Replica changes the balancer refused (undone in `replicas`).
+  std::uint64_t refused = 0;
+  /// Replicas lost: engines the balancer gave up after max_restarts.
+  std::uint64_t lost = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scaler_stats& x) {
   return f(caf::meta::type_name("scaler_stats"), x.actions, x.replicas,
-           x.capacity_tokens, x.last_p95_ns);
+           x.capacity_tokens, x.last_p95_ns, x.refused, x.lost);
 }
 
 /// The query-result cache's counters.

@@ -354,6 +354,21 @@ TEST(ScalerPolicy, ARefusedReplicaChangeIsUndone) {
             scale_action::retire_replica);
   down.refused(scale_action::retire_replica); // the last live engine
   EXPECT_EQ(down.replicas(), 2U);
+  EXPECT_EQ(s.refusals(), 1U);
+  EXPECT_EQ(down.refusals(), 1U);
+}
+
+TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {
+  auto c = fast_scaler();
+  c.sustain = 1;
+  c.max_replicas = 2;
+  scaler_policy s{c, 2, 4096};
+  s.replica_lost(); // the balancer gave an engine up
+  EXPECT_EQ(s.replicas(), 1U);
+  EXPECT_EQ(s.losses(), 1U);
+  feed(s, engine::nanos{0}, 800ms);
+  EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::spawn_replica);
+  EXPECT_EQ(s.replicas(), 2U);
 }
 
 TEST(ScalerPolicy, TooFewSamplesHold) {

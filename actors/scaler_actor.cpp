@@ -19,6 +19,10 @@ struct scaler_state {
   scaler_actor_config config;
   caf::actor balancer;
   engine::nanos last_p95{0};
+  /// balancer_stats::given_up when last read: engines lost before it are
+  /// counted already.
+  std::uint64_t given_up_seen = 0;
+  bool balancer_silent = false; ///< the last stats request failed
   static inline const char* name = "kvfleet.scaler";
 };
 
@@ -74,6 +78,35 @@ void evaluate(scaler_actor* self) {
     log_decision(d);
 }
 
+/// Counts the engines the balancer gave up since the last look as lost
+/// replicas, then decides.
+void sync_and_evaluate(scaler_actor* self) {
+  self->request(self->state.balancer, std::chrono::seconds{10},
+                stats_atom::value)
+      .then(
+          [=](const balancer_stats& bs) {
+            auto& st = self->state;
+            st.balancer_silent = false;
+            for (; st.given_up_seen < bs.given_up; ++st.given_up_seen) {
+              st.policy->replica_lost();
+              std::clog << "kvfleet scaler: the balancer gave up an engine; "
+                           "replicas "
+                        << st.policy->replicas() << "\n";
+            }
+            evaluate(self);
+          },
+          [=](caf::error& err) {
+            auto& st = self->state;
+            if (!st.balancer_silent)
+              std::clog << "kvfleet scaler: no stats from the balancer ("
+                        << from_caf_error(err).describe()
+                        << "); deciding on replicas " << st.policy->replicas()
+                        << "\n";
+            st.balancer_silent = true;
+            evaluate(self);
+          });
+}
+
 caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
                               caf::actor balancer) {
   auto& st = self->state;
@@ -96,12 +129,12 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       },
       [=](const block_events&) {},
       [=](evaluate_atom, bool periodic) {
-        evaluate(self);
+        sync_and_evaluate(self);
         if (periodic)
           self->delayed_send(self, self->state.config.interval,
                              evaluate_atom::value, true);
       },
-      [=](evaluate_atom) { evaluate(self); },
+      [=](evaluate_atom) { sync_and_evaluate(self); },
       [=](stats_atom) -> caf::result<scaler_stats> {
         const auto& p = *self->state.policy;
         scaler_stats out;
@@ -110,6 +143,8 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
         out.replicas = p.replicas();
         out.capacity_tokens = p.capacity_tokens();
         out.last_p95_ns = self->state.last_p95.count();
+        out.refused = p.refusals();
+        out.lost = p.losses();
         return out;
       },
   };

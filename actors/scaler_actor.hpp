@@ -7,14 +7,22 @@
 /// Messages:
 ///   (observe_atom, kv_request, kv_reply, int64 latency_ns)  a sample (the
 ///       balancer sends these to its listeners; prefetches are ignored)
-///   (evaluate_atom)  decides now (also runs every `interval`)
+///   (evaluate_atom)  decides (also runs every `interval`): first asks the
+///       balancer for its balancer_stats and counts every engine it gave up
+///       since the last time (`given_up`: failed after max_restarts) as a
+///       lost replica (scaler_policy::replica_lost), then decides. Should
+///       the balancer not answer in 10 s, it decides on the count it has
+///       (one line on std::clog the first time in a row).
 ///   (stats_atom)     -> scaler_stats
 /// Every decision that acts is passed to `on_decision` (default: one line
 /// on std::clog) and counted. A replica change the balancer answers with
 /// an error (the last live engine, no free slot, no answer in 10 s) is
 /// undone in the policy's count (scaler_policy::refused) and logged on
-/// std::clog, so the count never drifts from the fleet (nor past
-/// max_replicas).
+/// std::clog and counted (`scaler_stats::refused`), so the count never
+/// drifts from the fleet (nor past max_replicas). `initial_replicas` are
+/// the engines the balancer started with: spawn the scaler with its
+/// balancer, since every engine the balancer has given up since its start
+/// counts as lost (`scaler_stats::lost`).
 
 #include "actors/scaler_policy.hpp"
 

@@ -99,18 +99,24 @@ public:
   }
   /// The balancer refused (answered an error to) the replica change of
   /// action `a`, which evaluate() had already counted: undoes it, so
-  /// replicas() stays what the balancer runs. Cooldown and counts stay.
+  /// replicas() stays what the balancer runs, and counts it in refusals().
+  /// Cooldown and action counts stay.
   void refused(scale_action a) noexcept {
+    ++refusals_;
     if (a == scale_action::spawn_replica && replicas_ > 0)
       --replicas_;
     else if (a == scale_action::retire_replica)
       ++replicas_;
   }
-  /// A replica left on its own (failure): keeps the count honest.
+  /// A replica left on its own (the balancer gave its engine up after its
+  /// restarts): keeps the count honest, and counts it in losses().
   void replica_lost() noexcept {
+    ++losses_;
     if (replicas_ > 0)
       --replicas_;
   }
+  [[nodiscard]] std::uint64_t refusals() const noexcept { return refusals_; }
+  [[nodiscard]] std::uint64_t losses() const noexcept { return losses_; }
 
 private:
   void trim(engine::nanos now);
@@ -125,6 +131,8 @@ private:
   std::uint32_t up_streak_ = 0;
   std::uint32_t down_streak_ = 0;
   std::array<std::uint64_t, scale_action_count> counts_{};
+  std::uint64_t refusals_ = 0;
+  std::uint64_t losses_ = 0;
   std::vector<scale_decision> log_;
 };
 
