@@ -60,9 +60,23 @@ result<void> validate(const node_config& config) {
                           std::to_string(config.engines));
   if (auto ok = actors::validate(config.balancer.routing); !ok)
     return ok;
-  if (config.scaler)
-    if (auto ok = actors::validate(config.scaler->policy); !ok)
+  if (config.scaler) {
+    const auto& p = config.scaler->policy;
+    if (auto ok = actors::validate(p); !ok)
       return ok;
+    // The scaler starts counting from the engines' budget: outside its
+    // range it would clamp that count while the engines kept the budget.
+    const auto tokens = config.engine.capacity_tokens;
+    if (tokens < p.min_capacity_tokens || tokens > p.max_capacity_tokens)
+      return make_error(
+          errc::invalid_argument,
+          "node_config.engine.capacity_tokens (" + std::to_string(tokens) +
+              ") is outside the scaler's range [" +
+              std::to_string(p.min_capacity_tokens) + ", " +
+              std::to_string(p.max_capacity_tokens) +
+              "] (scaler_config.min_capacity_tokens, max_capacity_tokens): "
+              "set it inside, or widen the range");
+  }
   if (config.query_cache)
     if (auto ok = actors::validate(config.cache); !ok)
       return ok;

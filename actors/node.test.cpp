@@ -2,12 +2,17 @@
 // until its answer arrives, so the outcomes are deterministic without sleeps.
 #include "actors/node.hpp"
 
+#include "actors/caf_error.hpp"
+
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <memory>
+#include <optional>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
 
 namespace kvfleet {
 namespace {
@@ -132,6 +137,20 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
          c.scaler->policy.max_capacity_tokens = 4096;
        },
        "capacity_tokens"},
+      {"engine budget below the scaler's range",
+       [](node_config& c) {
+         c.scaler.emplace();
+         c.scaler->policy.min_capacity_tokens = 4096;
+         c.engine.capacity_tokens = 2048;
+       },
+       "engine.capacity_tokens (2048) is outside the scaler's range [4096, "
+       "16384]"},
+      {"engine budget above the scaler's range",
+       [](node_config& c) {
+         c.scaler.emplace();
+         c.engine.capacity_tokens = 32768;
+       },
+       "engine.capacity_tokens (32768) is outside the scaler's range"},
       {"query cache ttl 0",
        [](node_config& c) { c.cache.ttl = std::chrono::seconds{0}; }, "ttl"},
       {"query cache ttl negative",
@@ -148,6 +167,28 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
     EXPECT_EQ(n.error().code, errc::invalid_argument) << bc.what;
     EXPECT_NE(n.error().message.find(bc.names), std::string::npos)
         << bc.what << ": " << n.error().describe();
+  }
+  // With the scaler on, an engine budget at either end of its range is
+  // fine, and the scaler counts from the budget the engines run with.
+  for (std::uint32_t tokens : {2048U, 16384U}) {
+    auto c = small_node();
+    c.scaler.emplace();
+    c.engine.capacity_tokens = tokens;
+    auto n = node::start(*sys_, c);
+    ASSERT_TRUE(n.has_value()) << tokens << ": " << n.error().describe();
+    auto es = (*n)->engine_stats(0);
+    ASSERT_TRUE(es.has_value()) << es.error().describe();
+    EXPECT_EQ(es->capacity_tokens, tokens);
+    caf::scoped_actor self{*sys_};
+    std::optional<actors::scaler_stats> ss;
+    self->request((*n)->scaler(), std::chrono::seconds{30},
+                  actors::stats_atom::value)
+        .receive([&](actors::scaler_stats& x) { ss = x; },
+                 [&](caf::error& e) {
+                   ADD_FAILURE() << actors::from_caf_error(e).describe();
+                 });
+    ASSERT_TRUE(ss.has_value());
+    EXPECT_EQ(ss->capacity_tokens, tokens);
   }
   // The largest fleet is fine.
   auto c = small_node();
