@@ -152,6 +152,40 @@ protected:
     return b;
   }
 
+  /// A balancer under `bc` whose engines are small_engine(64) stores.
+  caf::actor small_balancer(const balancer_config& bc) {
+    auto b =
+        spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
+          auto c = small_engine(64);
+          c.slot = slot;
+          return spawn_engine_actor(s, c);
+        });
+    stop_at_end_.push_back(b);
+    return b;
+  }
+
+  /// A scaler over `b` with the scaler tests' policy: target 500 ms over a
+  /// 5 s window, 30 s cooldown, 5 samples, acting on the first evaluation
+  /// past a threshold, evaluating every second, 1 to 2 replicas starting
+  /// at `initial`. Its decisions are appended to `*log`.
+  caf::actor quick_scaler(const caf::actor& b, std::uint32_t initial,
+                          std::shared_ptr<std::vector<scale_decision>> log) {
+    scaler_actor_config sc;
+    sc.policy.target = 500ms;
+    sc.policy.window = 5s;
+    sc.policy.cooldown = 30s;
+    sc.policy.min_samples = 5;
+    sc.policy.sustain = 1;
+    sc.policy.min_replicas = 1;
+    sc.policy.max_replicas = 2;
+    sc.interval = 1s;
+    sc.initial_replicas = initial;
+    sc.on_decision = [log](const scale_decision& d) { log->push_back(d); };
+    auto s = spawn_scaler(*sys_, sc, b);
+    stop_at_end_.push_back(s);
+    return s;
+  }
+
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
   caf::scheduler::test_coordinator* sched_ = nullptr;
@@ -530,13 +564,7 @@ TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
   bc.routing.policy = routing_policy::round_robin;
   bc.initial_engines = 2;
   bc.max_restarts = 1;
-  auto b =
-      spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
-        auto c = small_engine(64);
-        c.slot = slot;
-        return spawn_engine_actor(s, c);
-      });
-  stop_at_end_.push_back(b);
+  auto b = small_balancer(bc);
   sched_->run();
   std::vector<caf::actor> killed;
   auto kill_engine_0 = [&] {
@@ -750,20 +778,8 @@ TEST_F(actor_test, ABatchCutShortByAnExceptionIsReroutedNotLost) {
 
 TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
   auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
-  scaler_actor_config sc;
-  sc.policy.target = 500ms;
-  sc.policy.window = 5s;
-  sc.policy.cooldown = 30s;
-  sc.policy.min_samples = 5;
-  sc.policy.sustain = 1;
-  sc.policy.max_replicas = 2;
-  sc.interval = 1s;
   auto decisions = std::make_shared<std::vector<scale_decision>>();
-  sc.on_decision = [decisions](const scale_decision& d) {
-    decisions->push_back(d);
-  };
-  auto s = spawn_scaler(*sys_, sc, b);
-  stop_at_end_.push_back(s);
+  auto s = quick_scaler(b, 1, decisions);
   sched_->run();
   auto feed = [&](engine::nanos latency) {
     for (int i = 0; i < 10; ++i)
@@ -814,29 +830,9 @@ TEST_F(actor_test, ScalerKeepsItsCountWhenTheBalancerRefusesARetire) {
   balancer_config bc;
   bc.initial_engines = 2;
   bc.restart_delay = 10s;
-  auto b =
-      spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
-        auto c = small_engine(64);
-        c.slot = slot;
-        return spawn_engine_actor(s, c);
-      });
-  stop_at_end_.push_back(b);
-  scaler_actor_config sc;
-  sc.policy.target = 500ms;
-  sc.policy.window = 5s;
-  sc.policy.cooldown = 30s;
-  sc.policy.min_samples = 5;
-  sc.policy.sustain = 1;
-  sc.policy.min_replicas = 1;
-  sc.policy.max_replicas = 2;
-  sc.interval = 1s;
-  sc.initial_replicas = 2;
+  auto b = small_balancer(bc);
   auto decisions = std::make_shared<std::vector<scale_decision>>();
-  sc.on_decision = [decisions](const scale_decision& d) {
-    decisions->push_back(d);
-  };
-  auto s = spawn_scaler(*sys_, sc, b);
-  stop_at_end_.push_back(s);
+  auto s = quick_scaler(b, 2, decisions);
   sched_->run();
   auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
   caf::anon_send_exit(e0, caf::exit_reason::kill);
@@ -868,29 +864,9 @@ TEST_F(actor_test, ScalerLearnsOfEnginesTheBalancerGaveUp) {
   balancer_config bc;
   bc.initial_engines = 2;
   bc.max_restarts = 0;
-  auto b =
-      spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
-        auto c = small_engine(64);
-        c.slot = slot;
-        return spawn_engine_actor(s, c);
-      });
-  stop_at_end_.push_back(b);
-  scaler_actor_config sc;
-  sc.policy.target = 500ms;
-  sc.policy.window = 5s;
-  sc.policy.cooldown = 30s;
-  sc.policy.min_samples = 5;
-  sc.policy.sustain = 1;
-  sc.policy.min_replicas = 1;
-  sc.policy.max_replicas = 2;
-  sc.interval = 1s;
-  sc.initial_replicas = 2;
+  auto b = small_balancer(bc);
   auto decisions = std::make_shared<std::vector<scale_decision>>();
-  sc.on_decision = [decisions](const scale_decision& d) {
-    decisions->push_back(d);
-  };
-  auto s = spawn_scaler(*sys_, sc, b);
-  stop_at_end_.push_back(s);
+  auto s = quick_scaler(b, 2, decisions);
   sched_->run();
   caf::anon_send_exit(
       ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{1}),
