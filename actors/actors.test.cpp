@@ -655,6 +655,40 @@ TEST_F(actor_test, AFactoryThatAlwaysFailsIsGivenUpAfterMaxRestarts) {
             (std::vector<std::uint8_t>{1}));
 }
 
+TEST_F(actor_test, AReplicaThatDoesNotStartIsAnErrorAndLeavesNoRetry) {
+  // One engine runs; the factory then fails. A replica asked for now gets
+  // the factory's error, its slot is free again, and no engine appears
+  // later behind the caller's back (the scaler undoes its count on the
+  // error). Once the factory works, the next replica takes that slot.
+  flaky_factory f;
+  *f.failing = false;
+  balancer_config bc;
+  bc.initial_engines = 1;
+  bc.max_restarts = 3;
+  auto b = spawn_balancer(*sys_, bc, f.make());
+  stop_at_end_.push_back(b);
+  sched_->run();
+  *f.failing = true;
+  auto failed = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(failed->error.has_value());
+  const auto e = from_caf_error(*failed->error);
+  EXPECT_EQ(e.code, errc::backend_error);
+  EXPECT_NE(e.message.find("did not start"), std::string::npos) << e.message;
+  for (int i = 0; i < 5; ++i) {
+    sched_->advance_time(bc.restart_delay);
+    sched_->run();
+  }
+  EXPECT_EQ(*f.calls, 2); // the first engine and the one failed replica
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.live, 1U);
+  EXPECT_EQ(st.given_up, 0U);
+  *f.failing = false;
+  EXPECT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), 2U);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up,
+            (std::vector<std::uint8_t>{1, 1}));
+}
+
 TEST_F(actor_test, FailedRestartsCountAgainstMaxRestarts) {
   // Engine 0 starts, then is killed while the factory fails: the restart
   // attempts that fail use up its max_restarts (1), then it is given up.

@@ -136,9 +136,11 @@ void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
 
 /// Starts an engine in a free slot (whose engine retired or was given up)
 /// if there is one, else in a new slot. A failed start is retried like a
-/// restart. Errors: errc::unavailable when all router::max_slots slots are
-/// in use.
-result<std::uint32_t> add_engine(balancer_actor* self) {
+/// restart when `retry` (the balancer's initial engines); otherwise (a
+/// replica asked for now) the slot is freed again and the factory's error
+/// returned, so that no engine the caller was told failed comes up later.
+/// Errors: errc::unavailable when all router::max_slots slots are in use.
+result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   auto& st = self->state;
   auto slot = st.route.add_slot(1.0);
   if (!slot)
@@ -159,9 +161,16 @@ result<std::uint32_t> add_engine(balancer_actor* self) {
     info.given_up = false;
   }
   st.route.set_up(*slot, false);
-  if (auto ok = start_engine(self, *slot); !ok)
+  if (auto ok = start_engine(self, *slot); !ok) {
+    if (!retry) {
+      st.slots[*slot].retired = true; // free, as a retired slot is
+      st.route.remove_slot(*slot);
+      return make_error(ok.error().code,
+                        "the new replica did not start: " + ok.error().message);
+    }
     restart_or_give_up(self, *slot,
                        "its start failed: " + ok.error().describe());
+  }
   return *slot;
 }
 
@@ -293,7 +302,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   st.make_engine = std::move(make_engine);
   st.route = router{config.routing};
   for (std::uint32_t i = 0; i < config.initial_engines; ++i) {
-    if (auto slot = add_engine(self); !slot) {
+    if (auto slot = add_engine(self, true); !slot) {
       std::fprintf(stderr, "kvfleet: balancer: %s\n",
                    slot.error().describe().c_str());
       break;
@@ -390,7 +399,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         return s.slots[slot].engine;
       },
       [=](replica_atom) -> caf::result<std::uint32_t> {
-        if (auto slot = add_engine(self); !slot)
+        if (auto slot = add_engine(self, false); !slot)
           return to_caf_error(slot.error());
         return static_cast<std::uint32_t>(self->state.route.live_slots());
       },

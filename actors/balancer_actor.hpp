@@ -24,7 +24,9 @@
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot
 ///   (replica_atom)               -> uint32 live engines after adding one
 ///       (in the slot of a retired or given-up engine when there is one);
-///       errc::unavailable when all router::max_slots (64) slots are in use
+///       errc::unavailable when all router::max_slots (64) slots are in use;
+///       the factory's error when the replica does not start (its slot is
+///       free again, and no retry comes later)
 ///   (retire_atom)                -> uint32 live engines after draining one:
 ///       it takes no new requests and exits once its requests are answered;
 ///       its slot is then free for the next replica
