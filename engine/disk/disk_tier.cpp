@@ -1078,12 +1078,19 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
         continue;
       {
         // A pin taken after this spill was queued is not in the catalog yet.
+        // The check and the owner-visible removal are one step under the
+        // lock: a pin() after it answers not_found, never ok for a block
+        // about to go.
         std::lock_guard lk(mu_);
         const auto d = dir_.find(e.key);
-        if (d != dir_.end() && d->second.gen == it->second.gen &&
-            d->second.info.pins > 0)
-          continue;
+        if (d != dir_.end() && d->second.gen == it->second.gen) {
+          if (d->second.info.pins > 0)
+            continue;
+          dir_.erase(d);
+        }
       }
+      if (config_.on_evict_for_testing)
+        config_.on_evict_for_testing(e.key);
       remove_block(e.key, removal::evict);
       progress = true;
     }

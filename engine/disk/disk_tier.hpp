@@ -134,6 +134,9 @@ struct disk_tier_config {
   /// Test hook: consulted before each segment fdatasync (full_sync); a
   /// nonzero result is the errno of a failed sync.
   segment_file::write_fault sync_fault_for_testing;
+  /// Test hook: called on the I/O thread when capacity eviction takes a
+  /// block, after the owner can no longer see or pin it.
+  std::function<void(const block_key&)> on_evict_for_testing;
 };
 
 /// Identifies one queued request; its completion carries the same id.

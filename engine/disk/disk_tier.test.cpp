@@ -328,6 +328,39 @@ TEST_F(disk_tier_test, capacity_eviction_takes_least_recently_used_unpinned) {
   expect_block(17);
 }
 
+TEST_F(disk_tier_test,
+       a_pin_racing_capacity_eviction_never_answers_ok_for_a_lost_block) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.capacity_bytes = 4 * (segment_header_bytes + 4 * rec); // 16 blocks
+  c.low_watermark = 0.75;
+  // The owner pins each block as eviction takes it: the latest moment a
+  // pin can race the eviction. Every such pin must fail, or the block must
+  // stay.
+  auto results = std::make_shared<std::vector<std::pair<block_key, bool>>>();
+  disk_tier* tier = nullptr;
+  c.on_evict_for_testing = [&tier, results](const block_key& k) {
+    results->emplace_back(k, tier->pin(k).has_value());
+  };
+  open(c);
+  tier = tier_.get();
+  for (std::uint64_t i = 0; i < 20; ++i) {
+    clock_.advance(nanos{1000});
+    spill(i);
+    settle();
+  }
+  ASSERT_FALSE(results->empty());
+  for (const auto& [key, pinned] : *results) {
+    if (pinned) {
+      EXPECT_TRUE(tier_->contains(key)) << "pinned, yet evicted";
+      EXPECT_GE(tier_->lookup(key)->pins, 1U);
+    } else {
+      EXPECT_FALSE(tier_->contains(key));
+    }
+  }
+}
+
 TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
   auto c = config();
   const std::uint64_t rec = record_header_bytes + 4096;
