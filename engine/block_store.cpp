@@ -170,10 +170,15 @@ block_store::block_store(const store_config& config,
 }
 
 block_store::~block_store() {
-  // Reads into reserved slots finish before the slots are given back, and
-  // children's puts are aborted before their parents'.
+  // Reads into reserved slots (and promotion staging) finish before the
+  // slots and buffers are given back, however long a sick disk takes:
+  // giving up after a timeout would free memory the I/O thread may still
+  // write. Children's puts are aborted before their parents'.
   if (disk_)
-    (void)disk_->wait_idle();
+    while (!disk_->wait_idle(std::chrono::seconds(30)))
+      std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
+                           "the store waits for it before freeing its "
+                           "buffers\n");
   // Demotions still copying read their slots: wait before the arena goes.
   for (const demotion_batch& b : tier_batches_)
     (void)tier_->wait(b.ticket);
