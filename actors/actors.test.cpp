@@ -152,6 +152,23 @@ protected:
     return b;
   }
 
+  /// A balancer under `bc` over `make`, stopped at the test's end, with its
+  /// initial engines started (or their starts failed).
+  caf::actor started_balancer(const balancer_config& bc, engine_factory make) {
+    auto b = spawn_balancer(*sys_, bc, std::move(make));
+    stop_at_end_.push_back(b);
+    sched_->run();
+    return b;
+  }
+
+  /// Lets `n` of the balancer's restart delays pass, running what is due.
+  void pass_restart_delays(const balancer_config& bc, int n) {
+    for (int i = 0; i < n; ++i) {
+      sched_->advance_time(bc.restart_delay);
+      sched_->run();
+    }
+  }
+
   /// A balancer under `bc` whose engines are small_engine(64) stores.
   caf::actor small_balancer(const balancer_config& bc) {
     auto b =
@@ -633,9 +650,7 @@ TEST_F(actor_test, AFactoryThatAlwaysFailsIsGivenUpAfterMaxRestarts) {
   balancer_config bc;
   bc.initial_engines = 1;
   bc.max_restarts = 2;
-  auto b = spawn_balancer(*sys_, bc, f.make());
-  stop_at_end_.push_back(b);
-  sched_->run();
+  auto b = started_balancer(bc, f.make());
   EXPECT_EQ(*f.calls, 1);
   for (int i = 0; i < 10; ++i) {
     sched_->advance_time(bc.restart_delay);
@@ -665,9 +680,7 @@ TEST_F(actor_test, AReplicaThatDoesNotStartIsAnErrorAndLeavesNoRetry) {
   balancer_config bc;
   bc.initial_engines = 1;
   bc.max_restarts = 3;
-  auto b = spawn_balancer(*sys_, bc, f.make());
-  stop_at_end_.push_back(b);
-  sched_->run();
+  auto b = started_balancer(bc, f.make());
   *f.failing = true;
   auto failed = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
@@ -675,10 +688,7 @@ TEST_F(actor_test, AReplicaThatDoesNotStartIsAnErrorAndLeavesNoRetry) {
   const auto e = from_caf_error(*failed->error);
   EXPECT_EQ(e.code, errc::backend_error);
   EXPECT_NE(e.message.find("did not start"), std::string::npos) << e.message;
-  for (int i = 0; i < 5; ++i) {
-    sched_->advance_time(bc.restart_delay);
-    sched_->run();
-  }
+  pass_restart_delays(bc, 5);
   EXPECT_EQ(*f.calls, 2); // the first engine and the one failed replica
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.live, 1U);
@@ -697,19 +707,14 @@ TEST_F(actor_test, FailedRestartsCountAgainstMaxRestarts) {
   balancer_config bc;
   bc.initial_engines = 2;
   bc.max_restarts = 1;
-  auto b = spawn_balancer(*sys_, bc, f.make());
-  stop_at_end_.push_back(b);
-  sched_->run();
+  auto b = started_balancer(bc, f.make());
   EXPECT_EQ(*f.calls, 2);
   *f.failing = true;
   caf::anon_send_exit(
       ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
       caf::exit_reason::kill);
   sched_->run();
-  for (int i = 0; i < 10; ++i) {
-    sched_->advance_time(bc.restart_delay);
-    sched_->run();
-  }
+  pass_restart_delays(bc, 10);
   EXPECT_EQ(*f.calls, 3); // the two starts and one failed restart
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.restarts, 1U);
