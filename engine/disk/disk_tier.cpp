@@ -206,7 +206,7 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   return tier;
 }
 
-result<void> disk_tier::recover() {
+result<void> disk_tier::load(std::vector<catalog_row>& rows) {
   const std::string& dir = config_.directory;
   index_.clear();
   segments_.clear();
@@ -263,7 +263,6 @@ result<void> disk_tier::recover() {
   // Catalog rows.
   std::vector<block_key> drop;
   std::map<std::uint64_t, std::uint64_t> ends;
-  std::vector<std::pair<block_key, disk_block_info>> infos;
   auto scanned = catalog_->for_each([&](const catalog_entry& e) {
     auto s = found.find(e.segment);
     const std::uint64_t file_size =
@@ -287,10 +286,10 @@ result<void> disk_tier::recover() {
     payload_bytes_ += e.size;
     auto& end = ends[e.segment];
     end = std::max(end, e.offset + rec);
-    infos.emplace_back(e.key,
-                       disk_block_info{e.ns, e.c, e.size, e.checksum,
-                                       nanos{e.created_at}, nanos{e.expires_at},
-                                       e.pinned, true});
+    rows.emplace_back(e.key,
+                      disk_block_info{e.ns, e.c, e.size, e.checksum,
+                                      nanos{e.created_at}, nanos{e.expires_at},
+                                      e.pinned, true});
   });
   if (!scanned)
     return unexpected<error>(scanned.error());
@@ -334,22 +333,125 @@ result<void> disk_tier::recover() {
     ++it;
   }
   segments_ = std::move(found);
+  return {};
+}
 
+result<void> disk_tier::recover() {
+  std::vector<catalog_row> rows;
+  if (auto r = load(rows); !r)
+    return r;
   std::lock_guard lk(mu_);
-  for (auto it = dir_.begin(); it != dir_.end();) {
-    if (it->second.info.stored)
-      it = dir_.erase(it);
-    else
-      ++it;
-  }
-  for (auto& [key, info] : infos) {
+  for (auto& [key, info] : rows) {
     const std::uint64_t gen = next_gen_++;
     index_[key].gen = gen;
-    if (dir_.count(key) == 0)
-      dir_[key] = dir_entry{info, gen};
+    dir_[key] = dir_entry{info, gen};
   }
   io_stats_.recovered_blocks = index_.size();
   return {};
+}
+
+void disk_tier::reload() {
+  // The catalog lost the failed batch, but the directory already shows what
+  // the owner did: erase, pin and unpin change it at once, and their
+  // requests were in the failed batch (lost) or are still queued. Reloading
+  // the directory from the catalog would bring an erased block back or
+  // undo a pin. So the directory wins for what the owner did, the index
+  // follows it, and the catalog is repaired at the start of the next batch
+  // (repairs_; a failure there is retried, as a failed batch reloads
+  // again). Spills of the failed batch failed, so their keys become absent,
+  // older copy included, as for any failed spill.
+  repairs_.clear();
+  std::vector<catalog_row> rows;
+  if (auto r = load(rows); !r) {
+    batch_spill_gens_.clear();
+    std::fprintf(stderr, "kvfleet: disk tier %s: reload failed: %s\n",
+                 config_.directory.c_str(), r.error().describe().c_str());
+    return;
+  }
+  std::vector<block_key> orphans;
+  {
+    std::lock_guard lk(mu_);
+    for (const auto& [key, row] : rows) {
+      const auto d = dir_.find(key);
+      if (d != dir_.end() && !d->second.info.stored) {
+        // Its spill is still queued: it replaces this copy, or drops it if
+        // it fails. A fresh generation, so that no removal the I/O thread
+        // decides on takes the pending entry.
+        index_[key].gen = next_gen_++;
+        continue;
+      }
+      if (d == dir_.end() || batch_spill_gens_.count(d->second.gen) != 0) {
+        // Erased by the owner, or evicted, expired or found corrupt in the
+        // failed batch (the owner saw it go), or the older copy of a spill
+        // that failed with it.
+        if (d != dir_.end())
+          dir_.erase(d);
+        orphans.push_back(key);
+        continue;
+      }
+      index_[key].gen = d->second.gen;
+      if (d->second.info.pins != row.pins)
+        repairs_[key] = repair{false, 0, d->second.gen};
+    }
+    // Stored as far as the owner knows, but not in the catalog: a new key
+    // spilled in the failed batch, or a row dropped because its bytes are
+    // gone.
+    for (auto it = dir_.begin(); it != dir_.end();) {
+      if (it->second.info.stored && index_.count(it->first) == 0)
+        it = dir_.erase(it);
+      else
+        ++it;
+    }
+  }
+  for (const auto& key : orphans) {
+    remove_block(key, removal::reconcile);
+    repairs_[key] = repair{true, 0, 0};
+  }
+  batch_spill_gens_.clear();
+}
+
+void disk_tier::apply_repairs() {
+  if (repairs_.empty())
+    return;
+  {
+    // Pins are read now, not at the reload: the directory holds the
+    // owner's latest count, and any set_pins still queued writes a count
+    // the owner set before it, so the catalog ends at the directory's.
+    std::lock_guard lk(mu_);
+    for (auto it = repairs_.begin(); it != repairs_.end();) {
+      if (it->second.erase) {
+        ++it;
+        continue;
+      }
+      const auto d = dir_.find(it->first);
+      if (d == dir_.end() || d->second.gen != it->second.gen) {
+        // Erased (its erase request removes the row) or replaced (the new
+        // row carries the pins).
+        it = repairs_.erase(it);
+        continue;
+      }
+      it->second.pins = d->second.info.pins;
+      ++it;
+    }
+  }
+  for (auto it = repairs_.begin(); it != repairs_.end();) {
+    const auto& [key, rep] = *it;
+    const auto idx = index_.find(key);
+    result<void> r;
+    if (rep.erase) {
+      // A spill of the key written since owns the row now.
+      if (idx == index_.end())
+        r = catalog_->erase(key);
+    } else if (idx != index_.end() && idx->second.gen == rep.gen) {
+      r = catalog_->set_pins(key, rep.pins);
+    }
+    if (!r) {
+      ++io_stats_.io_errors;
+      ++it;
+      continue;
+    }
+    it = repairs_.erase(it);
+  }
 }
 
 // -------------------------------------------------------------- owner side
@@ -612,6 +714,7 @@ void disk_tier::process(std::vector<request>& batch,
   const bool in_txn = catalog_->begin().has_value();
   if (!in_txn)
     ++io_stats_.io_errors;
+  apply_repairs();
   for (auto& r : batch) {
     disk_completion c;
     c.id = r.id;
@@ -706,7 +809,8 @@ void disk_tier::process(std::vector<request>& batch,
   ++io_stats_.batches;
   if (!committed) {
     // Nothing of this batch is durable: fail its spills and reload the
-    // in-memory state from the catalog, which cuts off their bytes.
+    // in-memory state from the catalog, which cuts off their bytes, while
+    // keeping what the owner did meanwhile (reload()).
     catalog_->rollback();
     ++io_stats_.io_errors;
     if (catalog_->last_error_was_full())
@@ -722,12 +826,10 @@ void disk_tier::process(std::vector<request>& batch,
       }
     }
     unlink_after_commit_.clear();
-    if (auto r = recover(); !r) {
-      std::fprintf(stderr, "kvfleet: disk tier %s: reload failed: %s\n",
-                   config_.directory.c_str(), r.error().describe().c_str());
-    }
+    reload();
     return;
   }
+  batch_spill_gens_.clear();
   for (const auto& path : unlink_after_commit_)
     ::unlink(path.c_str());
   if (!unlink_after_commit_.empty()) {
@@ -892,6 +994,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     if (d != dir_.end() && d->second.gen == r.gen)
       d->second.info.stored = true;
   }
+  batch_spill_gens_.insert(r.gen);
   ++io_stats_.spills;
 }
 
@@ -1236,7 +1339,7 @@ void disk_tier::remove_block(const block_key& key, removal why) {
   index_.erase(it);
   touches_.erase(key);
   shrunk_segments_.insert(loc.segment);
-  if (why != removal::replace) {
+  if (why != removal::replace && why != removal::reconcile) {
     if (auto r = catalog_->erase(key); !r)
       ++io_stats_.io_errors;
   }
@@ -1253,6 +1356,7 @@ void disk_tier::remove_block(const block_key& key, removal why) {
     break;
   case removal::erase:
   case removal::replace:
+  case removal::reconcile:
     break;
   }
   if (why == removal::evict || why == removal::expire ||

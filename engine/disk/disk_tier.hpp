@@ -340,7 +340,26 @@ private:
     std::int64_t at = 0;
     std::uint64_t count = 0;
   };
-  enum class removal : std::uint8_t { erase, evict, expire, corrupt, replace };
+  /// Why remove_block drops a block. `replace` and `reconcile` leave the
+  /// catalog row alone: a new row overwrites it, or a repair erases it.
+  enum class removal : std::uint8_t {
+    erase,
+    evict,
+    expire,
+    corrupt,
+    replace,
+    reconcile
+  };
+  /// A catalog write that the owner's directory is ahead of, because the
+  /// batch that carried it was rolled back (see reload()).
+  struct repair {
+    bool erase = false; ///< erase the row, unless the key is indexed again
+    /// Else write the directory's pin count (read when applied) to the row,
+    /// while the directory and index still hold generation `gen`.
+    std::uint32_t pins = 0;
+    std::uint64_t gen = 0;
+  };
+  using catalog_row = std::pair<block_key, disk_block_info>;
 
   explicit disk_tier(disk_tier_config config);
 
@@ -355,7 +374,15 @@ private:
   void do_fetch(request& r, disk_completion& c);
   void do_expire(request& r, disk_completion& c);
   void do_compact(disk_completion& c, bool forced);
+  /// Rebuilds the index and segments from the catalog and the files,
+  /// cutting unacknowledged bytes; `rows` gets each catalogued block.
+  [[nodiscard]] result<void> load(std::vector<catalog_row>& rows);
+  /// At open: load(), and the directory is the catalog.
   [[nodiscard]] result<void> recover();
+  /// After a failed batch: load(), reconciled with the owner's directory.
+  void reload();
+  /// Writes repairs_ (start of each batch).
+  void apply_repairs();
   [[nodiscard]] result<void> make_room(std::uint64_t record_bytes);
   [[nodiscard]] std::uint64_t bytes_needed(std::uint64_t record_bytes) const;
   [[nodiscard]] result<segment_state*> active_for(std::uint64_t record_bytes,
@@ -406,6 +433,11 @@ private:
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   std::unordered_set<std::uint64_t> shrunk_segments_;  ///< compaction check
+  /// Generations whose spill was written in the current batch: if the
+  /// batch fails, their completions fail and reload() drops them.
+  std::unordered_set<std::uint64_t> batch_spill_gens_;
+  /// Written at the start of the next batch (see reload()).
+  std::unordered_map<block_key, repair, block_key_hash> repairs_;
   bool logged_full_ = false;
   disk_tier_stats io_stats_;
 

@@ -40,6 +40,47 @@ std::vector<std::byte> block_bytes(std::uint64_t seed, std::size_t n) {
   return v;
 }
 
+/// Holds the I/O thread inside its next segment append until open(), so
+/// that the requests queued meanwhile go into the next batch together.
+struct append_gate {
+  std::atomic<bool> armed{false};
+  std::promise<void> entered;
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> opened{false};
+
+  static segment_file::write_fault hook(std::shared_ptr<append_gate> g) {
+    return [g] {
+      if (g->armed.exchange(false)) {
+        g->entered.set_value();
+        g->released.wait();
+      }
+      return 0;
+    };
+  }
+  void open() {
+    if (!opened.exchange(true))
+      release.set_value();
+  }
+  /// Opens the gate when the test's scope ends, so that a failed assertion
+  /// cannot leave the tier's destructor waiting for the I/O thread.
+  struct guard {
+    std::shared_ptr<append_gate> g;
+    ~guard() { g->open(); }
+  };
+};
+
+/// A sync hook that fails exactly the sync numbered `fail_at` (counting
+/// from 1 since open), so that exactly one chosen batch is rolled back.
+struct sync_counter {
+  std::atomic<int> calls{0};
+  std::atomic<int> fail_at{-1};
+
+  static segment_file::write_fault hook(std::shared_ptr<sync_counter> s) {
+    return [s] { return ++s->calls == s->fail_at.load() ? EIO : 0; };
+  }
+};
+
 class disk_tier_test : public ::testing::Test {
 protected:
   void SetUp() override {
@@ -985,6 +1026,117 @@ TEST_F(disk_tier_test,
   spill(12);
   settle();
   expect_block(12);
+}
+
+TEST_F(disk_tier_test, an_erase_or_pin_in_a_failed_batch_stays_done) {
+  auto c = config();
+  c.full_sync = true;
+  auto syncs = std::make_shared<sync_counter>();
+  auto gate = std::make_shared<append_gate>();
+  const append_gate::guard gate_guard{gate};
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.write_fault_for_testing = append_gate::hook(gate);
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i);
+  settle();
+  ASSERT_TRUE(tier_->pin(key_of(2)).has_value());
+  ASSERT_TRUE(tier_->pin(key_of(3)).has_value());
+  settle();
+  // Spill 10 holds the I/O thread; what the owner does meanwhile goes into
+  // the next batch, whose sync fails.
+  gate->armed = true;
+  const auto first = spill(10);
+  gate->entered.get_future().wait();
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  ASSERT_TRUE(tier_->pin(key_of(1)).has_value());
+  ASSERT_TRUE(tier_->unpin(key_of(2)).has_value());
+  const auto other = block_bytes(33, 2048);
+  const auto replace =
+      tier_
+          ->spill(key_of(3), ns_a, codec::int8, other, block_checksum(other),
+                  clock_.now(), nanos{0}, false)
+          .value();
+  const auto lost = spill(11);
+  syncs->fail_at = syncs->calls + 2;
+  gate->open();
+  for (const auto& d : settle()) {
+    if (d.id == first) {
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    }
+    if (d.id == replace || d.id == lost) {
+      EXPECT_FALSE(d.status.has_value()) << "acknowledged, yet rolled back";
+    }
+  }
+  auto owner_view = [&] {
+    EXPECT_FALSE(tier_->contains(key_of(0))) << "an erased block came back";
+    ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+    EXPECT_EQ(tier_->lookup(key_of(1))->pins, 1U) << "a pin was undone";
+    ASSERT_TRUE(tier_->lookup(key_of(2)).has_value());
+    EXPECT_EQ(tier_->lookup(key_of(2))->pins, 0U) << "an unpin was undone";
+    // A failed spill leaves its key absent, older copy included.
+    EXPECT_FALSE(tier_->contains(key_of(3)));
+    EXPECT_FALSE(tier_->contains(key_of(11)));
+    EXPECT_TRUE(tier_->contains(key_of(10)));
+  };
+  owner_view();
+  // The catalog catches up with the next batch, and a restart agrees.
+  tier_->flush();
+  settle();
+  tier_.reset();
+  open(c);
+  owner_view();
+  EXPECT_EQ(tier_->stats().recovered_blocks, 3U);
+  expect_block(1);
+  expect_block(2);
+  expect_block(10);
+}
+
+TEST_F(disk_tier_test,
+       an_erase_or_pin_queued_behind_a_failed_batch_stays_done) {
+  auto c = config();
+  c.full_sync = true;
+  auto syncs = std::make_shared<sync_counter>();
+  auto gate = std::make_shared<append_gate>();
+  const append_gate::guard gate_guard{gate};
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.write_fault_for_testing = append_gate::hook(gate);
+  open(c);
+  for (std::uint64_t i = 0; i < 3; ++i)
+    spill(i);
+  settle();
+  ASSERT_TRUE(tier_->pin(key_of(2)).has_value());
+  settle();
+  // Spill 10's batch fails while the owner's requests wait behind it: the
+  // reload after the failure runs before they do.
+  gate->armed = true;
+  const auto failed = spill(10);
+  gate->entered.get_future().wait();
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  ASSERT_TRUE(tier_->pin(key_of(1)).has_value());
+  ASSERT_TRUE(tier_->unpin(key_of(2)).has_value());
+  syncs->fail_at = syncs->calls + 1;
+  gate->open();
+  ASSERT_TRUE(tier_->wait_idle());
+  tier_->drain_completions([&](disk_completion&& d) {
+    if (d.id == failed) {
+      EXPECT_FALSE(d.status.has_value());
+    }
+  });
+  auto owner_view = [&] {
+    EXPECT_FALSE(tier_->contains(key_of(0))) << "an erased block came back";
+    ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+    EXPECT_EQ(tier_->lookup(key_of(1))->pins, 1U) << "a pin was undone";
+    ASSERT_TRUE(tier_->lookup(key_of(2)).has_value());
+    EXPECT_EQ(tier_->lookup(key_of(2))->pins, 0U) << "an unpin was undone";
+    EXPECT_FALSE(tier_->contains(key_of(10)));
+  };
+  owner_view();
+  settle();
+  tier_.reset();
+  open(c);
+  owner_view();
+  EXPECT_EQ(tier_->stats().recovered_blocks, 2U);
 }
 
 } // namespace
