@@ -947,7 +947,6 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   }
   file_bytes_ += rec;
   written_segments_.insert(s.file.id());
-  remove_block(r.key, removal::replace);
   std::uint32_t pins = 0;
   {
     // The owner may have erased or replaced the key meanwhile; its request
@@ -971,8 +970,15 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   e.access_count = 0;
   e.pinned = pins;
   e.expires_at = r.expires_at;
+  // The older copy leaves the index only once the new row has replaced its
+  // row. Were it dropped first, a failed upsert would leave the older
+  // copy's row in the catalog (committed with the batch) while fail() found
+  // nothing indexed to erase: a row the tier no longer accounts for, whose
+  // bytes count as dead and may be compacted away, and a block back at
+  // restart although its spill was refused.
   if (auto up = catalog_->upsert(e); !up) {
-    // The record's bytes stay behind as dead bytes of the segment.
+    // The record's bytes stay behind as dead bytes of the segment; fail()
+    // erases the older copy's row.
     if (catalog_->last_error_was_full()) {
       note_write_error(ENOSPC, up.error());
       ++io_stats_.spills_refused_full;
@@ -983,6 +989,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     fail(up.error());
     return;
   }
+  remove_block(r.key, removal::replace);
   index_[r.key] = location{s.file.id(), *off, size, r.gen};
   s.live += rec;
   s.keys.insert(r.key);
@@ -1340,8 +1347,12 @@ void disk_tier::remove_block(const block_key& key, removal why) {
   touches_.erase(key);
   shrunk_segments_.insert(loc.segment);
   if (why != removal::replace && why != removal::reconcile) {
-    if (auto r = catalog_->erase(key); !r)
+    // A row that outlived its block would come back at restart: retry the
+    // erase with the next batch.
+    if (auto r = catalog_->erase(key); !r) {
       ++io_stats_.io_errors;
+      repairs_[key] = repair{true, 0, 0};
+    }
   }
   switch (why) {
   case removal::evict:

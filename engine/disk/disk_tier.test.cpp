@@ -1139,5 +1139,55 @@ TEST_F(disk_tier_test,
   EXPECT_EQ(tier_->stats().recovered_blocks, 2U);
 }
 
+TEST_F(disk_tier_test, a_replacing_spill_whose_row_fails_drops_the_older_copy) {
+  open(config());
+  spill(1, 4096);
+  settle();
+  {
+    // A statement-level failure of exactly the replacing row: SQLite fails
+    // the upsert and the batch's transaction goes on to commit.
+    sqlite3* db = nullptr;
+    const std::string path = dir_ + "/catalog.sqlite";
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db,
+                           "CREATE TRIGGER fail_upsert BEFORE UPDATE ON "
+                           "cache_entries WHEN NEW.size = 2048 BEGIN "
+                           "SELECT RAISE(ABORT, 'injected'); END;",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(db);
+  }
+  const auto other = block_bytes(77, 2048);
+  const auto id =
+      tier_
+          ->spill(key_of(1), ns_a, codec::int8, other, block_checksum(other),
+                  clock_.now(), nanos{0}, false)
+          .value();
+  bool seen = false;
+  for (const auto& d : settle()) {
+    if (d.id != id)
+      continue;
+    seen = true;
+    ASSERT_FALSE(d.status.has_value());
+    EXPECT_NE(d.status.error().message.find("injected"), std::string::npos)
+        << d.status.error().message;
+  }
+  EXPECT_TRUE(seen);
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+  // The catalog agrees: no row is left naming the older copy.
+  const auto rid = tier_->report(10);
+  for (auto& d : settle()) {
+    if (d.id != rid)
+      continue;
+    ASSERT_TRUE(d.report);
+    EXPECT_TRUE(d.report->usage.empty());
+    EXPECT_TRUE(d.report->oldest.empty());
+  }
+  tier_.reset();
+  open(config());
+  EXPECT_FALSE(tier_->contains(key_of(1))) << "the older copy came back";
+  EXPECT_EQ(tier_->stats().recovered_blocks, 0U);
+}
+
 } // namespace
 } // namespace kvfleet::engine
