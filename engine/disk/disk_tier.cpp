@@ -213,6 +213,7 @@ result<void> disk_tier::load(std::vector<catalog_row>& rows) {
   touches_.clear();
   shrunk_segments_.clear();
   written_segments_.clear();
+  created_segment_ = false;
   active_ = 0;
   file_bytes_ = 0;
   live_bytes_ = 0;
@@ -801,7 +802,22 @@ void disk_tier::process(std::vector<request>& batch,
       if (!r && synced)
         synced = r;
     }
+    // fdatasync makes a new segment's bytes durable, not its name in the
+    // directory: without this a power loss could lose the file while the
+    // rows committed next name it (recovery would then drop them as
+    // missing, acknowledged blocks lost).
+    if (synced && created_segment_) {
+      const int fault = config_.dir_sync_fault_for_testing
+                            ? config_.dir_sync_fault_for_testing()
+                            : 0;
+      synced = fault != 0
+                   ? make_error(errc::io_error, "cannot sync directory " +
+                                                    config_.directory + ": " +
+                                                    errno_text(fault))
+                   : sync_directory(config_.directory);
+    }
   }
+  created_segment_ = false;
   written_segments_.clear();
   auto committed = !synced  ? synced
                    : in_txn ? catalog_->commit()
@@ -1252,6 +1268,7 @@ disk_tier::active_for(std::uint64_t record_bytes, int* err_no) {
   segment_state s;
   s.file = std::move(*f);
   file_bytes_ += header_bytes;
+  created_segment_ = true;
   auto [it, inserted] = segments_.emplace(id, std::move(s));
   KVFLEET_CHECK(inserted, "new segment id is unused");
   active_ = id;

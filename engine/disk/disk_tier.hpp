@@ -107,9 +107,10 @@ struct disk_tier_config {
   std::size_t touch_batch = 256;
   /// ...or when the oldest has waited this long.
   nanos touch_flush_interval = std::chrono::seconds(1);
-  /// fdatasync segments and run SQLite with synchronous=FULL, so that an
-  /// acknowledged spill survives a power loss, not only a process crash. A
-  /// batch whose segment sync fails is rolled back and its spills fail.
+  /// fdatasync segments (and fsync the directory after creating one) and
+  /// run SQLite with synchronous=FULL, so that an acknowledged spill
+  /// survives a power loss, not only a process crash. A batch whose sync
+  /// fails is rolled back and its spills fail.
   bool full_sync = false;
   /// open() fails when the file system has less space free than this.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
@@ -134,6 +135,10 @@ struct disk_tier_config {
   /// Test hook: consulted before each segment fdatasync (full_sync); a
   /// nonzero result is the errno of a failed sync.
   segment_file::write_fault sync_fault_for_testing;
+  /// Test hook: consulted before each fsync of the data directory
+  /// (full_sync, after a batch created a segment); a nonzero result is the
+  /// errno of a failed sync.
+  segment_file::write_fault dir_sync_fault_for_testing;
   /// Test hook: called on the I/O thread when capacity eviction takes a
   /// block, after the owner can no longer see or pin it.
   std::function<void(const block_key&)> on_evict_for_testing;
@@ -433,6 +438,7 @@ private:
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   std::unordered_set<std::uint64_t> shrunk_segments_;  ///< compaction check
+  bool created_segment_ = false; ///< in this batch: sync the directory
   /// Generations whose spill was written in the current batch: if the
   /// batch fails, their completions fail and reload() drops them.
   std::unordered_set<std::uint64_t> batch_spill_gens_;

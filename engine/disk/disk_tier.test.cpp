@@ -1189,5 +1189,53 @@ TEST_F(disk_tier_test, a_replacing_spill_whose_row_fails_drops_the_older_copy) {
   EXPECT_EQ(tier_->stats().recovered_blocks, 0U);
 }
 
+TEST_F(disk_tier_test, under_full_sync_a_new_segment_is_synced_into_its_dir) {
+  auto c = config();
+  c.full_sync = true;
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 2 * rec; // two blocks a segment
+  auto dir_syncs = std::make_shared<std::atomic<int>>(0);
+  auto broken = std::make_shared<std::atomic<bool>>(false);
+  c.dir_sync_fault_for_testing = [dir_syncs, broken] {
+    ++*dir_syncs;
+    return broken->load() ? EIO : 0;
+  };
+  open(c);
+  spill(0);
+  settle();
+  EXPECT_EQ(dir_syncs->load(), 1) << "the first segment's name was not synced";
+  spill(1);
+  settle();
+  EXPECT_EQ(dir_syncs->load(), 1) << "no new segment, no directory sync";
+  // Block 2 starts a segment whose name cannot be made durable: its row must
+  // not commit.
+  broken->store(true);
+  const auto id = spill(2);
+  bool seen = false;
+  for (const auto& d : settle()) {
+    if (d.id != id)
+      continue;
+    seen = true;
+    ASSERT_FALSE(d.status.has_value()) << "acknowledged in an unsynced file";
+    EXPECT_EQ(d.status.error().code, errc::io_error);
+    EXPECT_NE(d.status.error().message.find("cannot sync directory"),
+              std::string::npos)
+        << d.status.error().message;
+  }
+  EXPECT_TRUE(seen);
+  EXPECT_EQ(dir_syncs->load(), 2);
+  EXPECT_FALSE(tier_->contains(key_of(2)));
+  broken->store(false);
+  spill(3);
+  settle();
+  EXPECT_EQ(dir_syncs->load(), 3);
+  tier_.reset();
+  open(c);
+  expect_block(0);
+  expect_block(1);
+  expect_block(3);
+  EXPECT_FALSE(tier_->contains(key_of(2)));
+}
+
 } // namespace
 } // namespace kvfleet::engine

@@ -135,6 +135,20 @@ std::int64_t parse_segment_file_name(const std::string& name) {
   return static_cast<std::int64_t>(v);
 }
 
+result<void> sync_directory(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0)
+    return make_error(errc::io_error, "cannot open directory " + dir +
+                                          " to sync it: " + errno_text(errno));
+  const int rc = ::fsync(fd);
+  const int e = errno;
+  ::close(fd);
+  if (rc != 0)
+    return make_error(errc::io_error,
+                      "cannot sync directory " + dir + ": " + errno_text(e));
+  return {};
+}
+
 segment_file& segment_file::operator=(segment_file&& other) noexcept {
   if (this != &other) {
     unmap();

@@ -82,6 +82,10 @@ decode_record_header(std::span<const std::byte, record_header_bytes> raw);
 /// Segment id of a file name made by segment_file_name, or -1.
 [[nodiscard]] std::int64_t parse_segment_file_name(const std::string& name);
 
+/// fsync of directory `dir`, which makes the names of files created in it
+/// durable (fdatasync of a file does not). errc::io_error naming `dir`.
+[[nodiscard]] result<void> sync_directory(const std::string& dir);
+
 /// One open segment file.
 class segment_file {
 public:

@@ -95,5 +95,15 @@ TEST_F(segment_file_test, an_io_error_under_the_mapping_is_an_error_value) {
   EXPECT_EQ(got, p);
 }
 
+TEST_F(segment_file_test, sync_directory_syncs_or_names_the_directory) {
+  EXPECT_TRUE(sync_directory(dir_).has_value());
+  const std::string missing = dir_ + "/nope";
+  auto r = sync_directory(missing);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::io_error);
+  EXPECT_NE(r.error().message.find(missing), std::string::npos)
+      << r.error().message;
+}
+
 } // namespace
 } // namespace kvfleet::engine
