@@ -323,6 +323,10 @@ void catalog::rollback() noexcept {
   (void)run(*u);
 }
 
+bool catalog::in_transaction() const noexcept {
+  return sqlite3_get_autocommit(impl_->db) == 0;
+}
+
 result<void> catalog::upsert(const catalog_entry& e) {
   use u(impl_->upsert);
   sqlite3_stmt* s = *u;

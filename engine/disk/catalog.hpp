@@ -83,6 +83,10 @@ public:
   [[nodiscard]] result<void> commit();
   /// Rolls back an open transaction; a no-op without one.
   void rollback() noexcept;
+  /// Whether a transaction is open: begin() succeeded and neither commit(),
+  /// rollback() nor SQLite itself (it rolls back on some errors, e.g.
+  /// SQLITE_FULL) has ended it.
+  [[nodiscard]] bool in_transaction() const noexcept;
 
   /// Inserts a row, or replaces every column of the row with the same key.
   [[nodiscard]] result<void> upsert(const catalog_entry& e);

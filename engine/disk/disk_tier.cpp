@@ -711,10 +711,15 @@ void disk_tier::run() {
 void disk_tier::process(std::vector<request>& batch,
                         std::vector<disk_completion>& out, bool last) {
   // Without a transaction (SQLite could not start one) every statement
-  // commits on its own: slower, but nothing is skipped.
-  const bool in_txn = catalog_->begin().has_value();
-  if (!in_txn)
+  // commits on its own. Removals, pins and touches still run; under
+  // full_sync spills and compactions do not (may_write_rows()).
+  auto began = catalog_->begin();
+  const bool in_txn = began.has_value();
+  no_txn_reason_.clear();
+  if (!in_txn) {
     ++io_stats_.io_errors;
+    no_txn_reason_ = began.error().message;
+  }
   apply_repairs();
   for (auto& r : batch) {
     disk_completion c;
@@ -924,6 +929,13 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
                                             " whose bytes fail the checksum"});
     return;
   }
+  // Checked before make_room, so that a spill that cannot be written
+  // evicts nothing.
+  if (auto rows = may_write_rows(); !rows) {
+    ++io_stats_.spill_errors;
+    fail(rows.error());
+    return;
+  }
   const std::uint64_t size = r.bytes.size();
   const std::uint64_t rec = rec_header + size;
   if (auto room = make_room(rec); !room) {
@@ -986,6 +998,13 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   e.access_count = 0;
   e.pinned = pins;
   e.expires_at = r.expires_at;
+  // Again here: SQLite may have ended the transaction on an error of an
+  // earlier statement of this batch (make_room's included).
+  if (auto rows = may_write_rows(); !rows) {
+    ++io_stats_.spill_errors;
+    fail(rows.error());
+    return;
+  }
   // The older copy leaves the index only once the new row has replaced its
   // row. Were it dropped first, a failed upsert would leave the older
   // copy's row in the catalog (committed with the batch) while fail() found
@@ -1279,6 +1298,13 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
   const auto it = segments_.find(id);
   if (it == segments_.end())
     return {};
+  // A relocated row names the copy, which is synced only at the end of the
+  // batch, and the old file goes after the batch: a relocation that
+  // commits on its own could lose the block to a power loss.
+  if (!it->second.keys.empty()) {
+    if (auto rows = may_write_rows(); !rows)
+      return rows;
+  }
   if (id == active_)
     active_ = 0;
   std::vector<block_key> keys(it->second.keys.begin(), it->second.keys.end());
@@ -1334,6 +1360,32 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
   retire_segment(id);
   ++io_stats_.compactions;
   return {};
+}
+
+result<void> disk_tier::may_write_rows() const {
+  // Under full_sync a row that names bytes written in this batch must not
+  // commit before process() has synced them. In the batch's transaction
+  // it commits after the sync; without one (begin() failed, or SQLite
+  // rolled the transaction back on an error) it would commit as it is
+  // written, and a power loss could leave it naming bytes that never
+  // reached the disk: an acknowledged block lost, or a relocated one.
+  // Refusing is the correct choice over syncing before each row: a
+  // catalog that cannot start a transaction (busy, I/O error, full) is
+  // unlikely to take the row either, each spill would cost its own
+  // fdatasync, and a refused spill costs a cache only a disk copy (the
+  // store evicts the block without one). Without full_sync nothing waits
+  // for a sync (a process crash keeps the page cache), so rows may commit
+  // one by one.
+  if (!config_.full_sync || catalog_->in_transaction())
+    return {};
+  return make_error(
+      errc::io_error,
+      "disk tier " + config_.directory +
+          ": the catalog has no transaction open" +
+          (no_txn_reason_.empty() ? std::string()
+                                  : " (" + no_txn_reason_ + ")") +
+          "; under full_sync no row may commit before its bytes are "
+          "synced, so the write is refused");
 }
 
 void disk_tier::retire_segment(std::uint64_t id) {

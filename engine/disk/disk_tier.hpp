@@ -110,7 +110,9 @@ struct disk_tier_config {
   /// fdatasync segments (and fsync the directory after creating one) and
   /// run SQLite with synchronous=FULL, so that an acknowledged spill
   /// survives a power loss, not only a process crash. A batch whose sync
-  /// fails is rolled back and its spills fail.
+  /// fails is rolled back and its spills fail; a batch that gets no catalog
+  /// transaction refuses its spills and compactions (errc::io_error), whose
+  /// rows would otherwise commit before their bytes are synced.
   bool full_sync = false;
   /// open() fails when the file system has less space free than this.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
@@ -393,6 +395,9 @@ private:
   [[nodiscard]] result<segment_state*> active_for(std::uint64_t record_bytes,
                                                   int* err_no);
   [[nodiscard]] result<void> compact_segment(std::uint64_t id);
+  /// Whether rows naming bytes written in this batch may be written now:
+  /// under full_sync only inside the batch's transaction.
+  [[nodiscard]] result<void> may_write_rows() const;
   [[nodiscard]] result<void> flush_touches();
   void remove_block(const block_key& key, removal why);
   void retire_segment(std::uint64_t id);
@@ -439,6 +444,7 @@ private:
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   std::unordered_set<std::uint64_t> shrunk_segments_;  ///< compaction check
   bool created_segment_ = false; ///< in this batch: sync the directory
+  std::string no_txn_reason_;    ///< why this batch has no transaction
   /// Generations whose spill was written in the current batch: if the
   /// batch fails, their completions fail and reload() drops them.
   std::unordered_set<std::uint64_t> batch_spill_gens_;

@@ -81,6 +81,46 @@ struct sync_counter {
   }
 };
 
+/// A second connection to a tier's catalog that can hold SQLite's write
+/// lock, as an operator's sqlite3 shell inside a write transaction does:
+/// the tier's BEGIN IMMEDIATE then fails with SQLITE_BUSY.
+class catalog_peer {
+public:
+  explicit catalog_peer(const std::string& path) {
+    EXPECT_EQ(sqlite3_open(path.c_str(), &db_), SQLITE_OK);
+  }
+  catalog_peer(const catalog_peer&) = delete;
+  catalog_peer& operator=(const catalog_peer&) = delete;
+  ~catalog_peer() {
+    release();
+    sqlite3_close(db_);
+  }
+  bool hold() {
+    holding_ = sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr,
+                            nullptr) == SQLITE_OK;
+    return holding_;
+  }
+  void release() {
+    if (holding_)
+      sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr);
+    holding_ = false;
+  }
+  /// The first column of the first row of `sql`, as committed so far.
+  std::int64_t query(const std::string& sql) {
+    sqlite3_stmt* s = nullptr;
+    std::int64_t v = -1;
+    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &s, nullptr) == SQLITE_OK &&
+        sqlite3_step(s) == SQLITE_ROW)
+      v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return v;
+  }
+
+private:
+  sqlite3* db_ = nullptr;
+  bool holding_ = false;
+};
+
 class disk_tier_test : public ::testing::Test {
 protected:
   void SetUp() override {
@@ -1235,6 +1275,100 @@ TEST_F(disk_tier_test, under_full_sync_a_new_segment_is_synced_into_its_dir) {
   expect_block(1);
   expect_block(3);
   EXPECT_FALSE(tier_->contains(key_of(2)));
+}
+
+TEST_F(disk_tier_test,
+       under_full_sync_without_a_transaction_nothing_commits_before_its_sync) {
+  auto c = config();
+  c.full_sync = true;
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  open(c);
+  for (std::uint64_t i = 0; i < 6; ++i) // segment 1: 0-3, segment 2: 4-5
+    spill(i);
+  settle();
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  settle();
+  tier_.reset();
+  // Segment 1 is now worth compacting when asked.
+  c.compaction_threshold = 0.9;
+  // The peer holds the write lock, so the batch gets no transaction, and
+  // lets go at the tier's first segment write, so that the tier's own
+  // statements can commit one by one. At each sync the hook counts rows
+  // that another connection can already see: rows ahead of their bytes.
+  auto peer = std::make_shared<catalog_peer>(dir_ + "/catalog.sqlite");
+  auto probe = std::make_shared<std::string>("SELECT 0");
+  auto early = std::make_shared<std::atomic<int>>(0);
+  c.write_fault_for_testing = [peer] {
+    peer->release();
+    return 0;
+  };
+  c.sync_fault_for_testing = [peer, probe, early] {
+    if (peer->query(*probe) > 0)
+      ++*early;
+    return 0;
+  };
+  open(c);
+  const auto spill_3000 = [&] {
+    const auto bytes = block_bytes(20, 3000);
+    return tier_
+        ->spill(key_of(20), ns_a, codec::int8, bytes, block_checksum(bytes),
+                clock_.now(), nanos{0}, false)
+        .value();
+  };
+
+  // A spill.
+  *probe = "SELECT count(*) FROM cache_entries WHERE size = 3000";
+  ASSERT_TRUE(peer->hold());
+  const auto id = spill_3000();
+  for (const auto& d : settle()) {
+    if (d.id != id)
+      continue;
+    EXPECT_FALSE(d.status.has_value()) << "written without a transaction";
+    if (!d.status.has_value()) {
+      EXPECT_EQ(d.status.error().code, errc::io_error);
+      EXPECT_NE(d.status.error().message.find("no transaction"),
+                std::string::npos)
+          << d.status.error().message;
+    }
+  }
+  EXPECT_EQ(early->load(), 0) << "a spill's row committed before its sync";
+  EXPECT_FALSE(tier_->contains(key_of(20)));
+  EXPECT_EQ(tier_->stats().spill_errors, 1U);
+  peer->release();
+
+  // A compaction: its relocated rows name copies not yet synced.
+  *probe = "SELECT 3 - count(*) FROM cache_entries WHERE segment = 1";
+  ASSERT_TRUE(peer->hold());
+  const auto cid = tier_->compact();
+  for (const auto& d : settle()) {
+    if (d.id != cid)
+      continue;
+    EXPECT_FALSE(d.status.has_value()) << "compacted without a transaction";
+    if (!d.status.has_value()) {
+      EXPECT_NE(d.status.error().message.find("no transaction"),
+                std::string::npos)
+          << d.status.error().message;
+    }
+  }
+  EXPECT_EQ(early->load(), 0) << "a relocation committed before its sync";
+  peer->release();
+
+  // With transactions again, both go through, and survive a restart.
+  spill_3000();
+  const auto again = tier_->compact();
+  for (const auto& d : settle()) {
+    EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    if (d.id == again) {
+      EXPECT_EQ(d.count, 1U);
+    }
+  }
+  EXPECT_EQ(early->load(), 0);
+  tier_.reset();
+  open(config());
+  for (std::uint64_t i = 1; i < 6; ++i)
+    expect_block(i);
+  expect_block(20, 3000);
 }
 
 } // namespace
