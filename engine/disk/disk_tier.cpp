@@ -206,8 +206,7 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   return tier;
 }
 
-result<void> disk_tier::load(std::vector<catalog_row>& rows) {
-  const std::string& dir = config_.directory;
+void disk_tier::clear_loaded_state() {
   index_.clear();
   segments_.clear();
   touches_.clear();
@@ -218,6 +217,22 @@ result<void> disk_tier::load(std::vector<catalog_row>& rows) {
   file_bytes_ = 0;
   live_bytes_ = 0;
   payload_bytes_ = 0;
+}
+
+result<void> disk_tier::load(std::vector<catalog_row>& rows) {
+  // A load that stops half way would leave indexed blocks whose segment is
+  // not open (a fetch of one would end the process): all or nothing.
+  auto r = load_files_and_rows(rows);
+  if (!r) {
+    clear_loaded_state();
+    rows.clear();
+  }
+  return r;
+}
+
+result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
+  const std::string& dir = config_.directory;
+  clear_loaded_state();
 
   // Segment files present.
   std::map<std::uint64_t, segment_state> found;
@@ -294,6 +309,11 @@ result<void> disk_tier::load(std::vector<catalog_row>& rows) {
   });
   if (!scanned)
     return unexpected<error>(scanned.error());
+  if (config_.load_fault_for_testing) {
+    if (const int e = config_.load_fault_for_testing(); e != 0)
+      return make_error(errc::io_error,
+                        "disk tier: cannot load " + dir + ": " + errno_text(e));
+  }
   if (!drop.empty()) {
     if (auto r = catalog_->begin(); !r)
       return r;
@@ -361,13 +381,29 @@ void disk_tier::reload() {
   // (repairs_; a failure there is retried, as a failed batch reloads
   // again). Spills of the failed batch failed, so their keys become absent,
   // older copy included, as for any failed spill.
+  //
+  // If the load fails, the index stays empty while the directory keeps
+  // what the owner did. Requests are refused (refuse_batch) and every batch
+  // retries the reload, which then reconciles the catalog with the
+  // directory as above. Forgetting the directory instead would bring back
+  // blocks the owner erased, or drop every catalogued block at the retry.
   repairs_.clear();
   std::vector<catalog_row> rows;
   if (auto r = load(rows); !r) {
     batch_spill_gens_.clear();
-    std::fprintf(stderr, "kvfleet: disk tier %s: reload failed: %s\n",
-                 config_.directory.c_str(), r.error().describe().c_str());
+    if (reload_error_.empty())
+      std::fprintf(stderr,
+                   "kvfleet: disk tier %s: reload failed: %s; requests are "
+                   "refused until a reload succeeds (retried with each "
+                   "batch)\n",
+                   config_.directory.c_str(), r.error().describe().c_str());
+    reload_error_ = r.error().message;
     return;
+  }
+  if (!reload_error_.empty()) {
+    reload_error_.clear();
+    std::fprintf(stderr, "kvfleet: disk tier %s: reloaded, serving again\n",
+                 config_.directory.c_str());
   }
   std::vector<block_key> orphans;
   {
@@ -409,6 +445,56 @@ void disk_tier::reload() {
     repairs_[key] = repair{true, 0, 0};
   }
   batch_spill_gens_.clear();
+}
+
+void disk_tier::refuse_batch(std::vector<request>& batch,
+                             std::vector<disk_completion>& out) {
+  ++io_stats_.io_errors;
+  const error why{errc::io_error,
+                  "disk tier " + config_.directory +
+                      ": its state could not be reloaded after a failed "
+                      "batch (" +
+                      reload_error_ + "); retried with the next request"};
+  for (auto& r : batch) {
+    disk_completion c;
+    c.id = r.id;
+    c.key = r.key;
+    c.status = unexpected<error>(why);
+    switch (r.k) {
+    case request::kind::spill: {
+      c.op = disk_op::spill;
+      ++io_stats_.spill_errors;
+      std::lock_guard lk(mu_);
+      const auto d = dir_.find(r.key);
+      if (d != dir_.end() && d->second.gen == r.gen)
+        dir_.erase(d);
+      break;
+    }
+    case request::kind::fetch:
+      c.op = disk_op::fetch;
+      ++io_stats_.fetches;
+      ++io_stats_.fetch_misses;
+      break;
+    case request::kind::expire:
+      c.op = disk_op::expire;
+      break;
+    case request::kind::compact:
+      c.op = disk_op::compact;
+      break;
+    case request::kind::flush:
+      c.op = disk_op::flush;
+      break;
+    case request::kind::report:
+      c.op = disk_op::report;
+      break;
+    case request::kind::erase:
+    case request::kind::set_pins:
+      // Already in the directory; the reload that succeeds reconciles the
+      // catalog with it.
+      continue;
+    }
+    out.push_back(std::move(c));
+  }
 }
 
 void disk_tier::apply_repairs() {
@@ -710,6 +796,13 @@ void disk_tier::run() {
 
 void disk_tier::process(std::vector<request>& batch,
                         std::vector<disk_completion>& out, bool last) {
+  if (!reload_error_.empty()) {
+    reload();
+    if (!reload_error_.empty()) {
+      refuse_batch(batch, out);
+      return;
+    }
+  }
   // Without a transaction (SQLite could not start one) every statement
   // commits on its own. Removals, pins and touches still run; under
   // full_sync spills and compactions do not (may_write_rows()).
@@ -1462,6 +1555,13 @@ void disk_tier::check_invariants() const {
   idle_cv_.wait(lk, [&] { return queue_.empty() && !busy_; });
   // Idle: the I/O thread waits for mu_ before touching its state, so its
   // state can be read here.
+  if (!reload_error_.empty()) {
+    // Nothing loaded; the directory keeps the owner's view until a reload.
+    KVFLEET_CHECK(index_.empty() && segments_.empty() && file_bytes_ == 0 &&
+                      live_bytes_ == 0 && payload_bytes_ == 0,
+                  "a tier that could not reload holds nothing");
+    return;
+  }
   std::uint64_t files = 0;
   std::uint64_t live = 0;
   std::size_t keys = 0;

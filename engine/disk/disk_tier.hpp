@@ -144,6 +144,10 @@ struct disk_tier_config {
   /// Test hook: called on the I/O thread when capacity eviction takes a
   /// block, after the owner can no longer see or pin it.
   std::function<void(const block_key&)> on_evict_for_testing;
+  /// Test hook: consulted each time the tier loads its state from the
+  /// catalog (at open, and to reload after a failed batch), after the rows
+  /// are read; a nonzero result is the errno of a failure there.
+  segment_file::write_fault load_fault_for_testing;
 };
 
 /// Identifies one queued request; its completion carries the same id.
@@ -383,11 +387,22 @@ private:
   void do_compact(disk_completion& c, bool forced);
   /// Rebuilds the index and segments from the catalog and the files,
   /// cutting unacknowledged bytes; `rows` gets each catalogued block.
+  /// On failure the index and segments are left empty, never half built.
   [[nodiscard]] result<void> load(std::vector<catalog_row>& rows);
+  [[nodiscard]] result<void>
+  load_files_and_rows(std::vector<catalog_row>& rows);
+  /// Empties the index, segments and their accounting.
+  void clear_loaded_state();
   /// At open: load(), and the directory is the catalog.
   [[nodiscard]] result<void> recover();
   /// After a failed batch: load(), reconciled with the owner's directory.
+  /// If the load fails, reload_error_ says why and the tier refuses its
+  /// requests until a later reload succeeds.
   void reload();
+  /// Answers a batch while reload_error_ is set: spills, fetches and the
+  /// rest fail; erase and pins wait for the reload to reconcile them.
+  void refuse_batch(std::vector<request>& batch,
+                    std::vector<disk_completion>& out);
   /// Writes repairs_ (start of each batch).
   void apply_repairs();
   [[nodiscard]] result<void> make_room(std::uint64_t record_bytes);
@@ -450,6 +465,9 @@ private:
   std::unordered_set<std::uint64_t> batch_spill_gens_;
   /// Written at the start of the next batch (see reload()).
   std::unordered_map<block_key, repair, block_key_hash> repairs_;
+  /// Set while the state could not be reloaded after a failed batch: the
+  /// index and segments are empty and each batch retries the reload.
+  std::string reload_error_;
   bool logged_full_ = false;
   disk_tier_stats io_stats_;
 

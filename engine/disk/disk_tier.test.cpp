@@ -1371,5 +1371,67 @@ TEST_F(disk_tier_test,
   expect_block(20, 3000);
 }
 
+TEST_F(disk_tier_test,
+       a_tier_that_cannot_reload_refuses_requests_until_it_can) {
+  auto c = config();
+  c.full_sync = true;
+  auto syncs = std::make_shared<sync_counter>();
+  auto broken = std::make_shared<std::atomic<bool>>(false);
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.load_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i);
+  settle();
+  ASSERT_TRUE(tier_->pin(key_of(2)).has_value());
+  settle();
+  // A batch fails, and so does the reload after it (after the rows were
+  // read: the old code kept them indexed with no segment open).
+  broken->store(true);
+  syncs->fail_at = syncs->calls + 1;
+  const auto lost = spill(10);
+  for (const auto& d : settle()) {
+    if (d.id == lost) {
+      EXPECT_FALSE(d.status.has_value()) << "acknowledged, yet rolled back";
+    }
+  }
+  // While it cannot reload, requests get a clear error, and what the owner
+  // does is kept.
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  ASSERT_TRUE(tier_->unpin(key_of(2)).has_value());
+  const auto refused = fetch(1);
+  ASSERT_FALSE(refused.status.has_value()) << "served from a state not loaded";
+  EXPECT_EQ(refused.status.error().code, errc::io_error);
+  EXPECT_NE(refused.status.error().message.find("could not be reloaded"),
+            std::string::npos)
+      << refused.status.error().message;
+  const auto spilled = spill(11);
+  for (const auto& d : settle()) {
+    if (d.id == spilled) {
+      EXPECT_FALSE(d.status.has_value()) << "a spill acknowledged unloaded";
+    }
+  }
+  EXPECT_FALSE(tier_->contains(key_of(11)));
+  EXPECT_TRUE(tier_->contains(key_of(1)));
+  // The next request reloads, reconciled with what the owner did.
+  broken->store(false);
+  expect_block(1);
+  expect_block(3);
+  auto owner_view = [&] {
+    EXPECT_FALSE(tier_->contains(key_of(0))) << "an erased block came back";
+    ASSERT_TRUE(tier_->lookup(key_of(2)).has_value());
+    EXPECT_EQ(tier_->lookup(key_of(2))->pins, 0U) << "an unpin was undone";
+    EXPECT_FALSE(tier_->contains(key_of(10)));
+  };
+  owner_view();
+  tier_->flush();
+  settle();
+  tier_.reset();
+  open(c);
+  owner_view();
+  EXPECT_EQ(tier_->stats().recovered_blocks, 3U);
+  expect_block(2);
+}
+
 } // namespace
 } // namespace kvfleet::engine
