@@ -68,6 +68,13 @@ kv_request make_request(std::uint64_t id, std::uint64_t group,
   return r;
 }
 
+/// The actor a spawn function returned; a failed spawn fails the test and
+/// yields an invalid handle.
+caf::actor spawned(const result<caf::actor>& a) {
+  EXPECT_TRUE(a.has_value()) << a.error().describe();
+  return a.value_or(caf::actor{});
+}
+
 template <class T> struct outcome {
   std::optional<T> value;
   std::optional<caf::error> error;
@@ -142,12 +149,12 @@ protected:
     bc.routing.policy = p;
     bc.initial_engines = static_cast<std::uint32_t>(engines.size());
     bc.request_timeout = timeout;
-    auto b = spawn_balancer(
+    auto b = spawned(spawn_balancer(
         *sys_, bc, [engines](caf::actor_system& s, std::uint32_t slot) {
           auto c = engines.at(slot % engines.size());
           c.slot = slot;
           return spawn_engine_actor(s, c);
-        });
+        }));
     stop_at_end_.push_back(b);
     return b;
   }
@@ -155,7 +162,7 @@ protected:
   /// A balancer under `bc` over `make`, stopped at the test's end, with its
   /// initial engines started (or their starts failed).
   caf::actor started_balancer(const balancer_config& bc, engine_factory make) {
-    auto b = spawn_balancer(*sys_, bc, std::move(make));
+    auto b = spawned(spawn_balancer(*sys_, bc, std::move(make)));
     stop_at_end_.push_back(b);
     sched_->run();
     return b;
@@ -171,12 +178,12 @@ protected:
 
   /// A balancer under `bc` whose engines are small_engine(64) stores.
   caf::actor small_balancer(const balancer_config& bc) {
-    auto b =
+    auto b = spawned(
         spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
           auto c = small_engine(64);
           c.slot = slot;
           return spawn_engine_actor(s, c);
-        });
+        }));
     stop_at_end_.push_back(b);
     return b;
   }
@@ -198,7 +205,7 @@ protected:
     sc.interval = 1s;
     sc.initial_replicas = initial;
     sc.on_decision = [log](const scale_decision& d) { log->push_back(d); };
-    auto s = spawn_scaler(*sys_, sc, b);
+    auto s = spawned(spawn_scaler(*sys_, sc, b));
     stop_at_end_.push_back(s);
     return s;
   }
@@ -379,12 +386,12 @@ routing_outcome run_shared_prefix(actor_test* t, caf::actor_system& sys,
   balancer_config bc;
   bc.routing.policy = policy;
   bc.initial_engines = engines;
-  auto b =
+  auto b = spawned(
       spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
         auto c = small_engine(48); // ~3 of the 16 hot prefixes fit one engine
         c.slot = slot;
         return spawn_engine_actor(s, c);
-      });
+      }));
   sched.run();
   std::mt19937_64 rng{7};
   std::uint64_t matched = 0;
@@ -961,11 +968,50 @@ struct cache_over_fake {
   cache_over_fake(caf::actor_system& sys, std::vector<caf::actor>& stop_at_end,
                   const query_cache_config& qc = {}) {
     balancer = sys.spawn(fake_balancer, be);
-    cache = spawn_query_cache(sys, qc, balancer);
+    cache = spawned(spawn_query_cache(sys, qc, balancer));
     stop_at_end.push_back(cache);
     stop_at_end.push_back(balancer);
   }
 };
+
+TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
+  // Used directly, not through node::start: each bad option is an
+  // errc::invalid_argument naming it, and the process goes on.
+  auto be = std::make_shared<fake_backend>();
+  auto fake = sys_->spawn(fake_balancer, be);
+  stop_at_end_.push_back(fake);
+  auto expect_error = [](const result<caf::actor>& a, const char* names) {
+    ASSERT_FALSE(a.has_value()) << names;
+    EXPECT_EQ(a.error().code, errc::invalid_argument);
+    EXPECT_NE(a.error().message.find(names), std::string::npos)
+        << a.error().message;
+  };
+  balancer_config bc;
+  bc.routing.max_index_keys = 0;
+  expect_error(spawn_balancer(*sys_, bc,
+                              [](caf::actor_system& s, std::uint32_t slot) {
+                                auto c = small_engine(16);
+                                c.slot = slot;
+                                return spawn_engine_actor(s, c);
+                              }),
+               "max_index_keys");
+  scaler_actor_config sc;
+  sc.policy.sustain = 0;
+  expect_error(spawn_scaler(*sys_, sc, fake), "sustain");
+  sc = scaler_actor_config{};
+  sc.policy.min_replicas = 5;
+  expect_error(spawn_scaler(*sys_, sc, fake), "min_replicas");
+  query_cache_config qc;
+  qc.ttl = 0s;
+  expect_error(spawn_query_cache(*sys_, qc, fake), "ttl");
+  expect_error(spawn_query_cache(*sys_, qc, fake,
+                                 std::make_unique<embedded_query_store>()),
+               "ttl");
+  expect_error(spawn_query_cache(*sys_, query_cache_config{}, fake, nullptr),
+               "null");
+  sched_->run();
+  EXPECT_TRUE(be->seen.empty());
+}
 
 kv_request query(std::uint64_t session, std::string q) {
   kv_request r;
@@ -1169,7 +1215,7 @@ TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
   // Two callers wait on one miss held by an engine's 10 s batch; the cache
   // is killed: both get request_receiver_down, not silence.
   auto b = balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)});
-  auto qcache = spawn_query_cache(*sys_, query_cache_config{}, b);
+  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
   sched_->run();
   auto r1 = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
   auto r2 = ask<kv_reply>(qcache, query_atom::value, query(2, "q"));
@@ -1209,11 +1255,11 @@ TEST_F(actor_test, CriticalRequestsOvertakeNormalOnesAtTheEngineMailbox) {
   // The balancer forwards high and critical requests as urgent messages.
   auto be = std::make_shared<fake_backend>();
   balancer_config bc;
-  auto b = spawn_balancer(
+  auto b = spawned(spawn_balancer(
       *sys_, bc,
       [be](caf::actor_system& s, std::uint32_t) -> result<caf::actor> {
         return s.spawn(fake_balancer, be);
-      });
+      }));
   stop_at_end_.push_back(b);
   sched_->run();
   auto engine0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});

@@ -51,7 +51,7 @@ struct open_call {
 struct balancer_state {
   balancer_config config;
   engine_factory make_engine;
-  router route{router_config{}};
+  router route;
   std::vector<slot_info> slots;
   std::vector<caf::actor> listeners;
   std::shared_ptr<std::vector<caf::actor>> owned =
@@ -296,11 +296,11 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
 }
 
 caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
-                                engine_factory make_engine) {
+                                engine_factory make_engine, router route) {
   auto& st = self->state;
   st.config = config;
   st.make_engine = std::move(make_engine);
-  st.route = router{config.routing};
+  st.route = std::move(route);
   for (std::uint32_t i = 0; i < config.initial_engines; ++i) {
     if (auto slot = add_engine(self, true); !slot) {
       std::fprintf(stderr, "kvfleet: balancer: %s\n",
@@ -452,10 +452,16 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
 
 } // namespace
 
-caf::actor spawn_balancer(caf::actor_system& sys, balancer_config config,
-                          engine_factory make_engine) {
-  return sys.spawn(balancer_behavior, std::move(config),
-                   std::move(make_engine));
+result<caf::actor> spawn_balancer(caf::actor_system& sys,
+                                  balancer_config config,
+                                  engine_factory make_engine) {
+  // Built here, so a bad routing configuration is the caller's error value
+  // and never reaches the actor.
+  auto route = router::create(config.routing);
+  if (!route)
+    return unexpected<error>{route.error()};
+  return sys.spawn(balancer_behavior, std::move(config), std::move(make_engine),
+                   std::move(*route));
 }
 
 } // namespace kvfleet::actors

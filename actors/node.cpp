@@ -127,7 +127,9 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   auto engine_cfg = c.engine;
   // Only the balancer calls the factory, one call at a time.
   auto ready = std::make_shared<caf::actor>(std::move(*first));
-  n->balancer_ = actors::spawn_balancer(
+  // validate() checked every configuration below, so these spawns fail only
+  // on a bug in it; the caller still gets that error as a value.
+  auto balancer = actors::spawn_balancer(
       sys, c.balancer,
       [engine_cfg, ready](caf::actor_system& s,
                           std::uint32_t slot) -> result<caf::actor> {
@@ -140,16 +142,29 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         cfg.slot = slot;
         return actors::spawn_engine_actor(s, cfg);
       });
+  if (!balancer) {
+    caf::anon_send_exit(*ready, caf::exit_reason::user_shutdown);
+    return unexpected<error>{balancer.error()};
+  }
+  n->balancer_ = std::move(*balancer);
+  // From here on a failure returns with `n`, whose destructor stops what
+  // was spawned.
   n->warmer_ = actors::spawn_warmer(sys, c.warmer, n->balancer_);
   if (c.query_cache) {
-    n->cache_ = actors::spawn_query_cache(sys, c.cache, n->balancer_,
-                                          std::move(query_store));
+    auto cache = actors::spawn_query_cache(sys, c.cache, n->balancer_,
+                                           std::move(query_store));
+    if (!cache)
+      return unexpected<error>{cache.error()};
+    n->cache_ = std::move(*cache);
   }
   if (c.scaler) {
     auto sc = *c.scaler;
     sc.initial_replicas = c.engines;
     sc.initial_capacity_tokens = c.engine.capacity_tokens;
-    n->scaler_ = actors::spawn_scaler(sys, std::move(sc), n->balancer_);
+    auto scaler = actors::spawn_scaler(sys, std::move(sc), n->balancer_);
+    if (!scaler)
+      return unexpected<error>{scaler.error()};
+    n->scaler_ = std::move(*scaler);
   }
   if (c.prefetch)
     n->prefetcher_ = actors::spawn_prefetcher(sys, *c.prefetch, n->balancer_);

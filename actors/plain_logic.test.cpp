@@ -80,8 +80,15 @@ std::vector<block_key> keys(std::uint64_t group, std::size_t n) {
   return out;
 }
 
+/// The router for `c`; a configuration create() rejects fails the test.
+router make_router(const router_config& c) {
+  auto r = router::create(c);
+  EXPECT_TRUE(r.has_value()) << r.error().describe();
+  return r.has_value() ? std::move(*r) : router{};
+}
+
 TEST(Router, RoundRobinSkipsDownSlots) {
-  router r{router_config{routing_policy::round_robin}};
+  auto r = make_router(router_config{routing_policy::round_robin});
   for (int i = 0; i < 3; ++i)
     r.add_slot();
   r.set_up(1, false);
@@ -92,7 +99,7 @@ TEST(Router, RoundRobinSkipsDownSlots) {
 }
 
 TEST(Router, LeastLoadedDividesByWeightUnderSkew) {
-  router r{router_config{routing_policy::least_loaded}};
+  auto r = make_router(router_config{routing_policy::least_loaded});
   r.add_slot(1.0);
   r.add_slot(4.0); // four times the capacity
   for (int i = 0; i < 3; ++i)
@@ -117,7 +124,7 @@ TEST(Router, KvAwarePrefersPrefixHolderUntilBacklogMargin) {
   c.credit_per_block = 0.5;
   c.max_credit = 4.0;
   c.backlog_margin = 2;
-  router r{c};
+  auto r = make_router(c);
   r.add_slot();
   r.add_slot();
   auto k = keys(7, 8);
@@ -149,7 +156,7 @@ TEST(Router, AHugeBacklogMarginDoesNotWrap) {
   router_config c{routing_policy::kv_aware};
   c.credit_per_block = 0.5;
   c.backlog_margin = std::numeric_limits<std::uint32_t>::max();
-  router r{c};
+  auto r = make_router(c);
   r.add_slot();
   r.add_slot();
   auto k = keys(7, 6);
@@ -161,7 +168,7 @@ TEST(Router, AHugeBacklogMarginDoesNotWrap) {
 }
 
 TEST(Router, SlotGoingDownForgetsItsBlocks) {
-  router r{router_config{routing_policy::kv_aware}};
+  auto r = make_router(router_config{routing_policy::kv_aware});
   r.add_slot();
   r.add_slot();
   auto k = keys(1, 4);
@@ -176,7 +183,7 @@ TEST(Router, SlotGoingDownForgetsItsBlocks) {
 TEST(Router, IndexIsBounded) {
   router_config c{routing_policy::kv_aware};
   c.max_index_keys = 10;
-  router r{c};
+  auto r = make_router(c);
   r.add_slot();
   auto k = keys(3, 50);
   r.stored(0, k);
@@ -184,7 +191,7 @@ TEST(Router, IndexIsBounded) {
 }
 
 TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {
-  router r{router_config{routing_policy::kv_aware}};
+  auto r = make_router(router_config{routing_policy::kv_aware});
   for (std::uint32_t i = 0; i < router::max_slots; ++i)
     ASSERT_EQ(r.add_slot(), i);
   EXPECT_FALSE(r.add_slot().has_value());
@@ -202,14 +209,19 @@ TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {
   EXPECT_FALSE(r.add_slot().has_value());
 }
 
-TEST(Router, RejectsAnEmptyIndexBound) {
+TEST(Router, RejectsAnEmptyIndexBoundAsAnErrorValue) {
   router_config c{routing_policy::kv_aware};
   EXPECT_TRUE(validate(c).has_value());
   c.max_index_keys = 0; // stored() would erase begin() of an empty map
   auto ok = validate(c);
   ASSERT_FALSE(ok.has_value());
   EXPECT_EQ(ok.error().code, errc::invalid_argument);
-  EXPECT_DEATH(router{c}, "max_index_keys");
+  // A router built from it is the same error value, not an abort.
+  auto r = router::create(c);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::invalid_argument);
+  EXPECT_NE(r.error().message.find("max_index_keys"), std::string::npos)
+      << r.error().message;
 }
 
 TEST(Router, ParsesPolicyNames) {
@@ -229,6 +241,15 @@ scaler_config fast_scaler() {
   return c;
 }
 
+/// The policy for `c`; a configuration create() rejects fails the test
+/// (value() throws).
+scaler_policy make_scaler(const scaler_config& c, std::uint32_t replicas,
+                          std::uint32_t capacity_tokens) {
+  auto s = scaler_policy::create(c, replicas, capacity_tokens);
+  EXPECT_TRUE(s.has_value()) << s.error().describe();
+  return std::move(s).value();
+}
+
 void feed(scaler_policy& s, engine::nanos at, engine::nanos latency,
           int n = 10) {
   for (int i = 0; i < n; ++i)
@@ -236,7 +257,7 @@ void feed(scaler_policy& s, engine::nanos at, engine::nanos latency,
 }
 
 TEST(ScalerPolicy, ScalesUpAboveTargetThenGrowsCapacityRespectingCooldown) {
-  scaler_policy s{fast_scaler(), 1, 4096};
+  auto s = make_scaler(fast_scaler(), 1, 4096);
   engine::nanos t{0};
   feed(s, t, 800ms);
   EXPECT_EQ(s.evaluate(t).action, scale_action::hold); // sustain: 1 of 2
@@ -267,7 +288,7 @@ TEST(ScalerPolicy, CapacityCapsAt16384AndFloorsAt2048) {
   auto c = fast_scaler();
   c.max_replicas = 1;
   c.cooldown = 0s;
-  scaler_policy s{c, 1, 12000};
+  auto s = make_scaler(c, 1, 12000);
   engine::nanos t{0};
   for (int i = 0; i < 4; ++i) {
     t += 1s;
@@ -284,7 +305,7 @@ TEST(ScalerPolicy, CapacityCapsAt16384AndFloorsAt2048) {
 }
 
 TEST(ScalerPolicy, ScalesDownBelowPointThreeTargetHoldsInBand) {
-  scaler_policy s{fast_scaler(), 2, 4096};
+  auto s = make_scaler(fast_scaler(), 2, 4096);
   engine::nanos t{0};
   // 200 ms is inside the band [150 ms, 500 ms]: hold.
   for (int i = 0; i < 4; ++i) {
@@ -308,7 +329,7 @@ TEST(ScalerPolicy, ScalesDownBelowPointThreeTargetHoldsInBand) {
   EXPECT_EQ(s.capacity_tokens(), 3277U);
 }
 
-TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariants) {
+TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariantsAsErrorValues) {
   EXPECT_TRUE(validate(fast_scaler()).has_value());
   struct bad_case {
     const char* what;
@@ -335,20 +356,25 @@ TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariants) {
     EXPECT_EQ(ok.error().code, errc::invalid_argument);
     EXPECT_NE(ok.error().message.find(bc.what), std::string::npos)
         << ok.error().message;
-    EXPECT_DEATH((scaler_policy{c, 1, 4096}), bc.what);
+    // A policy built from it is the same error value, not an abort.
+    auto s = scaler_policy::create(c, 1, 4096);
+    ASSERT_FALSE(s.has_value()) << bc.what;
+    EXPECT_EQ(s.error().code, errc::invalid_argument);
+    EXPECT_NE(s.error().message.find(bc.what), std::string::npos)
+        << s.error().message;
   }
 }
 
 TEST(ScalerPolicy, ARefusedReplicaChangeIsUndone) {
   auto c = fast_scaler();
   c.sustain = 1;
-  scaler_policy s{c, 1, 4096};
+  auto s = make_scaler(c, 1, 4096);
   feed(s, engine::nanos{0}, 800ms);
   EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::spawn_replica);
   EXPECT_EQ(s.replicas(), 2U);
   s.refused(scale_action::spawn_replica); // e.g. no free engine slot
   EXPECT_EQ(s.replicas(), 1U);
-  scaler_policy down{c, 2, 4096};
+  auto down = make_scaler(c, 2, 4096);
   feed(down, engine::nanos{0}, 10ms);
   EXPECT_EQ(down.evaluate(engine::nanos{0}).action,
             scale_action::retire_replica);
@@ -362,7 +388,7 @@ TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {
   auto c = fast_scaler();
   c.sustain = 1;
   c.max_replicas = 2;
-  scaler_policy s{c, 2, 4096};
+  auto s = make_scaler(c, 2, 4096);
   s.replica_lost(); // the balancer gave an engine up
   EXPECT_EQ(s.replicas(), 1U);
   EXPECT_EQ(s.losses(), 1U);
@@ -372,7 +398,7 @@ TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {
 }
 
 TEST(ScalerPolicy, TooFewSamplesHold) {
-  scaler_policy s{fast_scaler(), 1, 4096};
+  auto s = make_scaler(fast_scaler(), 1, 4096);
   feed(s, engine::nanos{0}, 5s, 2);
   EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::hold);
   EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::hold);

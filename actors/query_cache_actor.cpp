@@ -5,8 +5,6 @@
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
 
-#include <cstdio>
-#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -191,26 +189,25 @@ make_query_store(const query_cache_config& config) {
   return std::unique_ptr<query_store>{std::move(*store)};
 }
 
-caf::actor spawn_query_cache(caf::actor_system& sys, query_cache_config config,
-                             caf::actor balancer) {
+result<caf::actor> spawn_query_cache(caf::actor_system& sys,
+                                     query_cache_config config,
+                                     caf::actor balancer) {
   auto store = make_query_store(config);
-  if (!store) {
-    std::fprintf(stderr, "kvfleet: spawn_query_cache: %s\n",
-                 store.error().describe().c_str());
-    std::abort();
-  }
+  if (!store)
+    return unexpected<error>{store.error()};
   return spawn_query_cache(sys, std::move(config), std::move(balancer),
                            std::move(*store));
 }
 
-caf::actor spawn_query_cache(caf::actor_system& sys, query_cache_config config,
-                             caf::actor balancer,
-                             std::unique_ptr<query_store> store) {
-  if (auto ok = validate(config); !ok) {
-    std::fprintf(stderr, "kvfleet: spawn_query_cache: %s\n",
-                 ok.error().describe().c_str());
-    std::abort();
-  }
+result<caf::actor> spawn_query_cache(caf::actor_system& sys,
+                                     query_cache_config config,
+                                     caf::actor balancer,
+                                     std::unique_ptr<query_store> store) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
+  if (!store)
+    return make_error(errc::invalid_argument,
+                      "spawn_query_cache: the query store is null");
   bool detach = store->blocking();
   auto boxed = std::make_shared<std::unique_ptr<query_store>>(std::move(store));
   if (detach)

@@ -63,19 +63,18 @@ struct query_cache_config {
 [[nodiscard]] result<std::unique_ptr<query_store>>
 make_query_store(const query_cache_config& config);
 
-/// Spawns the cache with the store `config` selects.
-/// REQUIRES: make_query_store(config) succeeds (always so with an empty
-/// redis_url); a bad redis_url aborts with its error. node::start checks
-/// first and reports it as an error value.
-[[nodiscard]] caf::actor spawn_query_cache(caf::actor_system& sys,
-                                           query_cache_config config,
-                                           caf::actor balancer);
-/// Spawns the cache over `store` (non-null), detached when it blocks.
-/// REQUIRES: validate(config) succeeds (else logs it and aborts).
-[[nodiscard]] caf::actor spawn_query_cache(caf::actor_system& sys,
-                                           query_cache_config config,
-                                           caf::actor balancer,
-                                           std::unique_ptr<query_store> store);
+/// Spawns the cache with the store `config` selects. Errors:
+/// make_query_store(config)'s (validate's, a bad redis_url); nothing is
+/// spawned then.
+[[nodiscard]] result<caf::actor> spawn_query_cache(caf::actor_system& sys,
+                                                   query_cache_config config,
+                                                   caf::actor balancer);
+/// Spawns the cache over `store`, detached when it blocks. Errors:
+/// validate(config)'s, and errc::invalid_argument for a null store; nothing
+/// is spawned then (and `store` is dropped).
+[[nodiscard]] result<caf::actor>
+spawn_query_cache(caf::actor_system& sys, query_cache_config config,
+                  caf::actor balancer, std::unique_ptr<query_store> store);
 
 /// Encoding of a reply in the store (also used by tests).
 [[nodiscard]] std::string encode_reply(const kv_reply& r);

@@ -37,6 +37,12 @@ result<void> validate(const router_config& c) {
   return {};
 }
 
+result<router> router::create(router_config config) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
+  return router{config};
+}
+
 router::router(router_config config) : config_(config) {
   if (auto ok = validate(config_); !ok) {
     std::fprintf(stderr, "kvfleet: router: %s\n",

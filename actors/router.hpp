@@ -71,8 +71,11 @@ public:
   /// At most 64 slots (the index keeps a 64-bit engine set per key).
   static constexpr std::size_t max_slots = 64;
 
-  /// REQUIRES: validate(config) succeeds (else logs it and aborts).
-  explicit router(router_config config);
+  /// A router for `config`. Errors: validate(config)'s (errc::invalid_argument
+  /// naming the option), so a configuration from outside never aborts.
+  [[nodiscard]] static result<router> create(router_config config);
+  /// A router with the default configuration, which is valid.
+  router() : router(router_config{}) {}
 
   /// Adds a live slot of capacity `weight` (> 0) and returns its number:
   /// the lowest removed slot when there is one, else a new one; nullopt
@@ -123,6 +126,10 @@ public:
   [[nodiscard]] const router_config& config() const noexcept { return config_; }
 
 private:
+  /// REQUIRES: validate(config) succeeds; else a bug in this class (create
+  /// checks first), logged before aborting.
+  explicit router(router_config config);
+
   struct slot_state {
     double weight = 1.0;
     std::uint32_t in_flight = 0;

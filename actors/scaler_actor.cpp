@@ -108,10 +108,9 @@ void sync_and_evaluate(scaler_actor* self) {
 }
 
 caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
-                              caf::actor balancer) {
+                              caf::actor balancer, scaler_policy policy) {
   auto& st = self->state;
-  st.policy.emplace(config.policy, config.initial_replicas,
-                    config.initial_capacity_tokens);
+  st.policy.emplace(std::move(policy));
   st.config = std::move(config);
   st.balancer = balancer;
   self->send(balancer, listen_atom::value, caf::actor{self});
@@ -152,9 +151,17 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
 
 } // namespace
 
-caf::actor spawn_scaler(caf::actor_system& sys, scaler_actor_config config,
-                        caf::actor balancer) {
-  return sys.spawn(scaler_behavior, std::move(config), std::move(balancer));
+result<caf::actor> spawn_scaler(caf::actor_system& sys,
+                                scaler_actor_config config,
+                                caf::actor balancer) {
+  // Built here, so a bad configuration is the caller's error value and never
+  // reaches the actor.
+  auto policy = scaler_policy::create(config.policy, config.initial_replicas,
+                                      config.initial_capacity_tokens);
+  if (!policy)
+    return unexpected<error>{policy.error()};
+  return sys.spawn(scaler_behavior, std::move(config), std::move(balancer),
+                   std::move(*policy));
 }
 
 } // namespace kvfleet::actors

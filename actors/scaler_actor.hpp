@@ -44,8 +44,10 @@ struct scaler_actor_config {
 };
 
 /// Spawns the scaler and subscribes it to `balancer`'s request samples.
-[[nodiscard]] caf::actor spawn_scaler(caf::actor_system& sys,
-                                      scaler_actor_config config,
-                                      caf::actor balancer);
+/// Errors: scaler_policy::create's (errc::invalid_argument naming the
+/// option); nothing is spawned then.
+[[nodiscard]] result<caf::actor> spawn_scaler(caf::actor_system& sys,
+                                              scaler_actor_config config,
+                                              caf::actor balancer);
 
 } // namespace kvfleet::actors

@@ -56,6 +56,14 @@ const scaler_config& checked(const scaler_config& c) {
 
 } // namespace
 
+result<scaler_policy> scaler_policy::create(scaler_config config,
+                                            std::uint32_t replicas,
+                                            std::uint32_t capacity_tokens) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
+  return scaler_policy{config, replicas, capacity_tokens};
+}
+
 scaler_policy::scaler_policy(scaler_config config, std::uint32_t replicas,
                              std::uint32_t capacity_tokens)
     : config_(checked(config)), replicas_(replicas),

@@ -73,9 +73,12 @@ struct scale_decision {
 
 class scaler_policy {
 public:
-  /// REQUIRES: validate(config) succeeds (else logs it and aborts).
-  scaler_policy(scaler_config config, std::uint32_t replicas,
-                std::uint32_t capacity_tokens);
+  /// A policy for `config` counting from `replicas` engines of
+  /// `capacity_tokens`. Errors: validate(config)'s (errc::invalid_argument
+  /// naming the option), so a configuration from outside never aborts.
+  [[nodiscard]] static result<scaler_policy>
+  create(scaler_config config, std::uint32_t replicas,
+         std::uint32_t capacity_tokens);
 
   void record(engine::nanos now, engine::nanos latency);
   /// Decides at `now`; an action is applied to replicas()/capacity_tokens()
@@ -119,6 +122,10 @@ public:
   [[nodiscard]] std::uint64_t losses() const noexcept { return losses_; }
 
 private:
+  /// REQUIRES: validate(config) succeeds; else a bug in this class (create
+  /// checks first), logged before aborting.
+  scaler_policy(scaler_config config, std::uint32_t replicas,
+                std::uint32_t capacity_tokens);
   void trim(engine::nanos now);
 
   scaler_config config_;

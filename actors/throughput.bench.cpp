@@ -202,12 +202,17 @@ int main(int argc, char** argv) {
   balancer_config bc;
   bc.initial_engines = 1;
   bc.routing.policy = routing_policy::least_loaded;
-  auto balancer =
+  auto spawned =
       spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
         auto c = bench_engine();
         c.slot = slot;
         return spawn_engine_actor(s, c);
       });
+  if (!spawned) {
+    std::fprintf(stderr, "balancer: %s\n", spawned.error().describe().c_str());
+    return 1;
+  }
+  const caf::actor balancer = std::move(*spawned);
   auto full_config = bench_engine();
   full_config.store.capacity_bytes = full_blocks * 4096;
   full_config.store.slab_bytes = std::size_t{1} << 20;

@@ -60,11 +60,7 @@ class simulation {
 public:
   simulation(const routing_options& opts, actors::routing_policy policy,
              const request_keys& keys, std::span<const std::int64_t> arrival)
-      : opts_(opts), keys_(keys), arrival_(arrival), router_([&] {
-          actors::router_config c = opts.router;
-          c.policy = policy;
-          return c;
-        }()),
+      : opts_(opts), policy_(policy), keys_(keys), arrival_(arrival),
         producer_(engine::nanos{to_ns(opts.base.prefill_us_per_token)}),
         per_token_ns_(to_ns(opts.base.prefill_us_per_token)),
         overhead_ns_(to_ns(opts.service_overhead_us)) {
@@ -72,6 +68,12 @@ public:
   }
 
   result<void> init(std::size_t capacity_blocks) {
+    actors::router_config rc = opts_.router;
+    rc.policy = policy_;
+    auto route = actors::router::create(rc);
+    if (!route)
+      return unexpected<error>(route.error());
+    router_ = std::move(*route);
     auto cfg = make_store_config(opts_.base, opts_.eviction, capacity_blocks);
     if (!cfg)
       return unexpected<error>(cfg.error());
@@ -224,6 +226,7 @@ private:
   using event = std::pair<std::int64_t, std::uint32_t>; // (time, engine)
 
   const routing_options& opts_;
+  actors::routing_policy policy_;
   const request_keys& keys_;
   std::span<const std::int64_t> arrival_;
   actors::router router_;
