@@ -1013,6 +1013,36 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   EXPECT_TRUE(be->seen.empty());
 }
 
+TEST_F(actor_test, SpawnScalerRejectsAnInitialCapacityOutsideItsRange) {
+  // Not clamped into [min_capacity_tokens, max_capacity_tokens]: the
+  // engines run the budget they were given, and the scaler must count from
+  // that same one.
+  auto be = std::make_shared<fake_backend>();
+  auto fake = sys_->spawn(fake_balancer, be);
+  stop_at_end_.push_back(fake);
+  for (std::uint32_t tokens : {1000U, 20000U}) {
+    scaler_actor_config sc; // range [2048, 16384]
+    sc.initial_capacity_tokens = tokens;
+    auto a = spawn_scaler(*sys_, sc, fake);
+    if (a)
+      stop_at_end_.push_back(*a);
+    ASSERT_FALSE(a.has_value()) << tokens;
+    EXPECT_EQ(a.error().code, errc::invalid_argument);
+    EXPECT_NE(
+        a.error().message.find("scaler_actor_config.initial_capacity_tokens (" +
+                               std::to_string(tokens) + ")"),
+        std::string::npos)
+        << a.error().message;
+  }
+  scaler_actor_config sc;
+  sc.initial_capacity_tokens = 16384;
+  auto s = spawned(spawn_scaler(*sys_, sc, fake));
+  stop_at_end_.push_back(s);
+  sched_->run();
+  EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).capacity_tokens,
+            16384U);
+}
+
 kv_request query(std::uint64_t session, std::string q) {
   kv_request r;
   r.session = session;

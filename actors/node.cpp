@@ -64,18 +64,14 @@ result<void> validate(const node_config& config) {
     const auto& p = config.scaler->policy;
     if (auto ok = actors::validate(p); !ok)
       return ok;
-    // The scaler starts counting from the engines' budget: outside its
-    // range it would clamp that count while the engines kept the budget.
-    const auto tokens = config.engine.capacity_tokens;
-    if (tokens < p.min_capacity_tokens || tokens > p.max_capacity_tokens)
-      return make_error(
-          errc::invalid_argument,
-          "node_config.engine.capacity_tokens (" + std::to_string(tokens) +
-              ") is outside the scaler's range [" +
-              std::to_string(p.min_capacity_tokens) + ", " +
-              std::to_string(p.max_capacity_tokens) +
-              "] (scaler_config.min_capacity_tokens, max_capacity_tokens): "
-              "set it inside, or widen the range");
+    // The scaler starts counting from the engines' budget (node::start
+    // passes it as initial_capacity_tokens): named here as the option the
+    // caller set.
+    if (auto ok =
+            actors::validate_capacity(p, config.engine.capacity_tokens,
+                                      "node_config.engine.capacity_tokens");
+        !ok)
+      return ok;
   }
   if (config.query_cache)
     if (auto ok = actors::validate(config.cache); !ok)

@@ -365,6 +365,24 @@ TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariantsAsErrorValues) {
   }
 }
 
+TEST(ScalerPolicy, RejectsAStartingCapacityOutsideItsRange) {
+  // The scaler counts from the engines' budget: clamping it into the range
+  // would leave the two disagreeing from the first decision.
+  const auto c = fast_scaler(); // [2048, 16384]
+  for (std::uint32_t tokens : {1000U, 2047U, 16385U}) {
+    auto s = scaler_policy::create(c, 1, tokens);
+    ASSERT_FALSE(s.has_value()) << tokens << " became " << s->capacity_tokens();
+    EXPECT_EQ(s.error().code, errc::invalid_argument);
+    EXPECT_NE(
+        s.error().message.find("capacity_tokens (" + std::to_string(tokens) +
+                               ") is outside the scaler's range [2048, 16384]"),
+        std::string::npos)
+        << s.error().message;
+  }
+  for (std::uint32_t tokens : {2048U, 16384U})
+    EXPECT_EQ(make_scaler(c, 1, tokens).capacity_tokens(), tokens);
+}
+
 TEST(ScalerPolicy, ARefusedReplicaChangeIsUndone) {
   auto c = fast_scaler();
   c.sustain = 1;

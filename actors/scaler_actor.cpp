@@ -151,9 +151,18 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
 
 } // namespace
 
+result<void> validate(const scaler_actor_config& config) {
+  if (auto ok = validate(config.policy); !ok)
+    return ok;
+  return validate_capacity(config.policy, config.initial_capacity_tokens,
+                           "scaler_actor_config.initial_capacity_tokens");
+}
+
 result<caf::actor> spawn_scaler(caf::actor_system& sys,
                                 scaler_actor_config config,
                                 caf::actor balancer) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
   // Built here, so a bad configuration is the caller's error value and never
   // reaches the actor.
   auto policy = scaler_policy::create(config.policy, config.initial_replicas,

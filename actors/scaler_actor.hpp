@@ -43,9 +43,15 @@ struct scaler_actor_config {
   std::function<void(const scale_decision&)> on_decision;
 };
 
+/// errc::invalid_argument naming the option when `config` breaks an
+/// invariant: validate(config.policy)'s, and an `initial_capacity_tokens`
+/// outside the policy's [min_capacity_tokens, max_capacity_tokens] (the
+/// engines' budget, which the scaler counts from; rejected, not clamped, so
+/// the two agree).
+[[nodiscard]] result<void> validate(const scaler_actor_config& config);
+
 /// Spawns the scaler and subscribes it to `balancer`'s request samples.
-/// Errors: scaler_policy::create's (errc::invalid_argument naming the
-/// option); nothing is spawned then.
+/// Errors: validate(config)'s; nothing is spawned then.
 [[nodiscard]] result<caf::actor> spawn_scaler(caf::actor_system& sys,
                                               scaler_actor_config config,
                                               caf::actor balancer);

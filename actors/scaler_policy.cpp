@@ -43,10 +43,34 @@ result<void> validate(const scaler_config& c) {
   return {};
 }
 
+result<void> validate_capacity(const scaler_config& c,
+                               std::uint32_t capacity_tokens,
+                               std::string_view option) {
+  if (capacity_tokens >= c.min_capacity_tokens &&
+      capacity_tokens <= c.max_capacity_tokens)
+    return {};
+  return make_error(
+      errc::invalid_argument,
+      std::string(option) + " (" + std::to_string(capacity_tokens) +
+          ") is outside the scaler's range [" +
+          std::to_string(c.min_capacity_tokens) + ", " +
+          std::to_string(c.max_capacity_tokens) +
+          "] (scaler_config.min_capacity_tokens, max_capacity_tokens): set "
+          "it inside, or widen the range");
+}
+
 namespace {
 
-const scaler_config& checked(const scaler_config& c) {
-  if (auto ok = validate(c); !ok) {
+result<void> validate_all(const scaler_config& c,
+                          std::uint32_t capacity_tokens) {
+  if (auto ok = validate(c); !ok)
+    return ok;
+  return validate_capacity(c, capacity_tokens, "scaler_policy capacity_tokens");
+}
+
+const scaler_config& checked(const scaler_config& c,
+                             std::uint32_t capacity_tokens) {
+  if (auto ok = validate_all(c, capacity_tokens); !ok) {
     std::fprintf(stderr, "kvfleet: scaler_policy: %s\n",
                  ok.error().describe().c_str());
     std::abort();
@@ -59,16 +83,15 @@ const scaler_config& checked(const scaler_config& c) {
 result<scaler_policy> scaler_policy::create(scaler_config config,
                                             std::uint32_t replicas,
                                             std::uint32_t capacity_tokens) {
-  if (auto ok = validate(config); !ok)
+  if (auto ok = validate_all(config, capacity_tokens); !ok)
     return unexpected<error>{ok.error()};
   return scaler_policy{config, replicas, capacity_tokens};
 }
 
 scaler_policy::scaler_policy(scaler_config config, std::uint32_t replicas,
                              std::uint32_t capacity_tokens)
-    : config_(checked(config)), replicas_(replicas),
-      capacity_(std::clamp(capacity_tokens, config.min_capacity_tokens,
-                           config.max_capacity_tokens)) {}
+    : config_(checked(config, capacity_tokens)), replicas_(replicas),
+      capacity_(capacity_tokens) {}
 
 void scaler_policy::record(engine::nanos now, engine::nanos latency) {
   samples_.emplace_back(now, latency);

@@ -52,6 +52,14 @@ struct scaler_config {
 /// sustain 0 (every evaluation would act), min_capacity_tokens above
 /// max_capacity_tokens, min_replicas above max_replicas.
 [[nodiscard]] result<void> validate(const scaler_config& c);
+/// errc::invalid_argument naming `option` (the caller's name for it) when
+/// `capacity_tokens` is outside [c.min_capacity_tokens,
+/// c.max_capacity_tokens]: the scaler counts from the budget the engines
+/// run with, so starting it elsewhere (clamped, say) would make the two
+/// disagree from the first decision.
+[[nodiscard]] result<void> validate_capacity(const scaler_config& c,
+                                             std::uint32_t capacity_tokens,
+                                             std::string_view option);
 
 enum class scale_action : std::uint8_t {
   hold,
@@ -74,8 +82,9 @@ struct scale_decision {
 class scaler_policy {
 public:
   /// A policy for `config` counting from `replicas` engines of
-  /// `capacity_tokens`. Errors: validate(config)'s (errc::invalid_argument
-  /// naming the option), so a configuration from outside never aborts.
+  /// `capacity_tokens`. Errors (errc::invalid_argument naming the option):
+  /// validate(config)'s, then validate_capacity's, so a configuration from
+  /// outside never aborts and the capacity is never silently clamped.
   [[nodiscard]] static result<scaler_policy>
   create(scaler_config config, std::uint32_t replicas,
          std::uint32_t capacity_tokens);
@@ -122,8 +131,9 @@ public:
   [[nodiscard]] std::uint64_t losses() const noexcept { return losses_; }
 
 private:
-  /// REQUIRES: validate(config) succeeds; else a bug in this class (create
-  /// checks first), logged before aborting.
+  /// REQUIRES: validate(config) and validate_capacity(config,
+  /// capacity_tokens) succeed; else a bug in this class (create checks
+  /// first), logged before aborting.
   scaler_policy(scaler_config config, std::uint32_t replicas,
                 std::uint32_t capacity_tokens);
   void trim(engine::nanos now);
