@@ -608,6 +608,7 @@ TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
   EXPECT_EQ(st.live, 1U);
   EXPECT_EQ(st.restarts, 1U);
   EXPECT_EQ(st.given_up, 1U);
+  EXPECT_EQ(st.engines, 1U); // a given-up engine is no longer kept
   EXPECT_EQ(st.in_flight, (std::vector<std::uint64_t>{0, 0}));
   auto none = ask<caf::actor>(b, engine_atom::value, std::uint32_t{0});
   sched_->run();
@@ -892,6 +893,10 @@ TEST_F(actor_test, ScalerKeepsItsCountWhenTheBalancerRefusesARetire) {
   ASSERT_EQ(decisions->size(), 1U);
   EXPECT_EQ(decisions->back().action, scale_action::retire_replica);
   EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).replicas, 2U);
+  // Engine 0 waits for its restart: not live, but still kept.
+  auto down = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(down.live, 1U);
+  EXPECT_EQ(down.engines, 2U);
   sched_->advance_time(10s); // engine 0 is back: two live, as counted
   sched_->run();
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
@@ -941,6 +946,76 @@ TEST_F(actor_test, ScalerLearnsOfEnginesTheBalancerGaveUp) {
   sched_->advance_time(1s);
   sched_->run();
   EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).lost, 1U);
+}
+
+/// What a slow_balancer does: the engines it keeps, whether it carries out
+/// the replica changes it is asked for, and how many it was asked for.
+struct slow_fleet {
+  std::uint32_t engines = 1;
+  bool apply = true;
+  int asked = 0;
+};
+
+struct slow_balancer_state {
+  std::vector<caf::response_promise> held; ///< never answered
+};
+
+/// Stands in for a balancer too slow to answer a replica change within the
+/// scaler's 10 s, though it may carry it out; it answers stats at once.
+caf::behavior slow_balancer(caf::stateful_actor<slow_balancer_state>* self,
+                            std::shared_ptr<slow_fleet> f) {
+  return {
+      [=](replica_atom) -> caf::result<std::uint32_t> {
+        ++f->asked;
+        if (f->apply)
+          ++f->engines;
+        self->state.held.push_back(self->make_response_promise());
+        return self->state.held.back();
+      },
+      [=](stats_atom) -> balancer_stats {
+        balancer_stats bs;
+        bs.live = f->engines;
+        bs.engines = f->engines;
+        return bs;
+      },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+TEST_F(actor_test, ScalerDoesNotUndoAReplicaChangeTheBalancerLeftUnanswered) {
+  // The scaler asks for a replica; the balancer does not answer in 10 s.
+  // That is no refusal: the scaler keeps its count until the balancer's
+  // stats say what runs, whether the balancer made the change or not.
+  for (bool apply : {true, false}) {
+    auto f = std::make_shared<slow_fleet>();
+    f->apply = apply;
+    auto b = sys_->spawn(slow_balancer, f);
+    stop_at_end_.push_back(b);
+    auto decisions = std::make_shared<std::vector<scale_decision>>();
+    auto s = quick_scaler(b, 1, decisions);
+    sched_->run();
+    for (int i = 0; i < 10; ++i)
+      caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                     std::int64_t{800'000'000}); // 800 ms: above the target
+    sched_->run();
+    sched_->advance_time(1s);
+    sched_->run();
+    ASSERT_EQ(decisions->size(), 1U) << "apply " << apply;
+    EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+    EXPECT_EQ(f->asked, 1);
+    for (int i = 0; i < 12; ++i) { // the 10 s timeout, then a stats read
+      sched_->advance_time(1s);
+      sched_->run();
+    }
+    auto st = ask_now<scaler_stats>(s, stats_atom::value);
+    EXPECT_EQ(st.unanswered, 1U) << "apply " << apply;
+    EXPECT_EQ(st.refused, 0U) << "apply " << apply;
+    EXPECT_EQ(st.replicas, f->engines) << "apply " << apply;
+    EXPECT_EQ(st.replicas, apply ? 2U : 1U);
+    EXPECT_EQ(decisions->size(), 1U); // still in the cooldown
+    caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
+    sched_->run();
+  }
 }
 
 /// Stands in for the balancer: answers process requests and records them.

@@ -440,6 +440,9 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         out.rejected = s.rejected;
         out.live = static_cast<std::uint32_t>(s.route.live_slots());
         out.given_up = s.given_up;
+        for (const auto& info : s.slots)
+          if (!info.retiring && !info.retired && !info.given_up)
+            ++out.engines;
         out.index_keys = s.route.index_size();
         return out;
       },

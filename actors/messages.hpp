@@ -155,13 +155,17 @@ struct balancer_stats {
   std::uint32_t live = 0; ///< engines taking requests
   /// Engines given up after max_restarts (their slots freed), ever.
   std::uint64_t given_up = 0;
+  /// Engines the balancer keeps: the live ones and those down waiting for
+  /// a restart; not draining ones, nor free slots. What the scaler counts
+  /// as its replicas.
+  std::uint32_t engines = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, balancer_stats& x) {
   return f(caf::meta::type_name("balancer_stats"), x.routed, x.in_flight, x.up,
            x.timeouts, x.rerouted, x.restarts, x.rejected, x.index_keys, x.live,
-           x.given_up);
+           x.given_up, x.engines);
 }
 
 /// A query to warm with its expected frequency.
@@ -214,12 +218,15 @@ struct scaler_stats {
   std::uint64_t refused = 0;
   /// Replicas lost: engines the balancer gave up after max_restarts.
   std::uint64_t lost = 0;
+  /// Replica changes the balancer did not answer in time: not undone (it
+  /// may still carry them out); `replicas` is re-read from its stats.
+  std::uint64_t unanswered = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scaler_stats& x) {
   return f(caf::meta::type_name("scaler_stats"), x.actions, x.replicas,
-           x.capacity_tokens, x.last_p95_ns, x.refused, x.lost);
+           x.capacity_tokens, x.last_p95_ns, x.refused, x.lost, x.unanswered);
 }
 
 /// The query-result cache's counters.

@@ -23,10 +23,23 @@ struct scaler_state {
   /// counted already.
   std::uint64_t given_up_seen = 0;
   bool balancer_silent = false; ///< the last stats request failed
+  /// Replica changes (spawn, retire) sent and not answered yet.
+  std::uint32_t changes_open = 0;
+  /// Stats requests sent so far (the next one's number).
+  std::uint64_t stats_sent = 0;
+  /// Set when a replica change went unanswered: the number of the first
+  /// stats request sent after that. The balancer reads its mailbox in
+  /// order, so its answer to that request already includes the change if
+  /// the balancer made it at all, and the count is taken from it.
+  std::optional<std::uint64_t> resync_from;
   static inline const char* name = "kvfleet.scaler";
 };
 
 using scaler_actor = caf::stateful_actor<scaler_state>;
+
+/// How long the scaler waits for the balancer to answer (a replica change
+/// or its stats).
+constexpr std::chrono::seconds balancer_timeout{10};
 
 engine::nanos now(scaler_actor* self) {
   return std::chrono::duration_cast<engine::nanos>(
@@ -50,6 +63,37 @@ void refused(scaler_actor* self, scale_action a, const caf::error& err) {
             << "); replicas " << self->state.policy->replicas() << "\n";
 }
 
+/// The balancer did not answer `a` in time. It may be slow rather than
+/// unwilling and still carry the change out, so the count is not undone
+/// (undoing it could under-count as wrongly as keeping it may over-count):
+/// it is re-read from the first stats asked for from now on.
+void unanswered(scaler_actor* self, scale_action a) {
+  auto& st = self->state;
+  st.policy->change_unanswered();
+  st.resync_from = st.stats_sent;
+  std::clog << "kvfleet scaler: no answer from the balancer to " << to_string(a)
+            << " in " << balancer_timeout.count()
+            << " s; it may still carry it out, so replicas ("
+            << st.policy->replicas() << ") are re-read from its stats\n";
+}
+
+/// Asks the balancer for the replica change `a` (replica_atom or
+/// retire_atom as `atom`).
+template <class Atom>
+void change_replicas(scaler_actor* self, scale_action a, Atom atom) {
+  auto& st = self->state;
+  ++st.changes_open;
+  self->request(st.balancer, balancer_timeout, atom)
+      .then([=](std::uint32_t) { --self->state.changes_open; },
+            [=](caf::error& err) {
+              --self->state.changes_open;
+              if (is_timeout(err))
+                unanswered(self, a);
+              else
+                refused(self, a, err);
+            });
+}
+
 void evaluate(scaler_actor* self) {
   auto& st = self->state;
   auto d = st.policy->evaluate(now(self));
@@ -58,14 +102,10 @@ void evaluate(scaler_actor* self) {
   case scale_action::hold:
     return;
   case scale_action::spawn_replica:
-    self->request(st.balancer, std::chrono::seconds{10}, replica_atom::value)
-        .then([](std::uint32_t) {},
-              [=](caf::error& err) { refused(self, d.action, err); });
+    change_replicas(self, d.action, replica_atom::value);
     break;
   case scale_action::retire_replica:
-    self->request(st.balancer, std::chrono::seconds{10}, retire_atom::value)
-        .then([](std::uint32_t) {},
-              [=](caf::error& err) { refused(self, d.action, err); });
+    change_replicas(self, d.action, retire_atom::value);
     break;
   case scale_action::grow_capacity:
   case scale_action::shrink_capacity:
@@ -79,10 +119,11 @@ void evaluate(scaler_actor* self) {
 }
 
 /// Counts the engines the balancer gave up since the last look as lost
-/// replicas, then decides.
+/// replicas and, after an unanswered replica change, takes the count from
+/// the balancer; then decides.
 void sync_and_evaluate(scaler_actor* self) {
-  self->request(self->state.balancer, std::chrono::seconds{10},
-                stats_atom::value)
+  const auto seq = self->state.stats_sent++;
+  self->request(self->state.balancer, balancer_timeout, stats_atom::value)
       .then(
           [=](const balancer_stats& bs) {
             auto& st = self->state;
@@ -92,6 +133,16 @@ void sync_and_evaluate(scaler_actor* self) {
               std::clog << "kvfleet scaler: the balancer gave up an engine; "
                            "replicas "
                         << st.policy->replicas() << "\n";
+            }
+            // A change sent after this request is not in `bs` yet: wait
+            // for a later answer then.
+            if (st.resync_from && seq >= *st.resync_from &&
+                st.changes_open == 0) {
+              st.resync_from.reset();
+              if (st.policy->resync(bs.engines))
+                std::clog << "kvfleet scaler: replicas re-read from the "
+                             "balancer: "
+                          << st.policy->replicas() << "\n";
             }
             evaluate(self);
           },
@@ -144,6 +195,7 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
         out.last_p95_ns = self->state.last_p95.count();
         out.refused = p.refusals();
         out.lost = p.losses();
+        out.unanswered = p.unanswered();
         return out;
       },
   };

@@ -16,10 +16,16 @@
 ///   (stats_atom)     -> scaler_stats
 /// Every decision that acts is passed to `on_decision` (default: one line
 /// on std::clog) and counted. A replica change the balancer answers with
-/// an error (the last live engine, no free slot, no answer in 10 s) is
-/// undone in the policy's count (scaler_policy::refused) and logged on
-/// std::clog and counted (`scaler_stats::refused`), so the count never
-/// drifts from the fleet (nor past max_replicas). `initial_replicas` are
+/// an error (the last live engine, no free slot, a replica that did not
+/// start) is undone in the policy's count (scaler_policy::refused) and
+/// logged on std::clog and counted (`scaler_stats::refused`), so the count
+/// never drifts from the fleet (nor past max_replicas). One the balancer
+/// does not answer in 10 s is no refusal (a slow balancer may still carry
+/// it out): it is logged and counted (`scaler_stats::unanswered`), not
+/// undone, and the count is then set from `balancer_stats::engines` of the
+/// first stats asked for after the timeout (the balancer reads its mailbox
+/// in order, so that answer includes the change if it was made at all).
+/// `initial_replicas` are
 /// the engines the balancer started with: spawn the scaler with its
 /// balancer, since every engine the balancer has given up since its start
 /// counts as lost (`scaler_stats::lost`).

@@ -127,7 +127,22 @@ public:
     if (replicas_ > 0)
       --replicas_;
   }
+  /// The balancer did not answer the replica change of an evaluate() in
+  /// time. Unlike a refusal, it may still carry the change out (it may be
+  /// slow, not unwilling), so the count stays until resync() sets it from
+  /// the balancer's own; counted in unanswered().
+  void change_unanswered() noexcept { ++unanswered_; }
+  /// Sets replicas() to `replicas`, the engines the balancer says it keeps
+  /// (after an unanswered change). Returns whether the count changed.
+  bool resync(std::uint32_t replicas) noexcept {
+    const bool changed = replicas != replicas_;
+    replicas_ = replicas;
+    return changed;
+  }
   [[nodiscard]] std::uint64_t refusals() const noexcept { return refusals_; }
+  [[nodiscard]] std::uint64_t unanswered() const noexcept {
+    return unanswered_;
+  }
   [[nodiscard]] std::uint64_t losses() const noexcept { return losses_; }
 
 private:
@@ -150,6 +165,7 @@ private:
   std::array<std::uint64_t, scale_action_count> counts_{};
   std::uint64_t refusals_ = 0;
   std::uint64_t losses_ = 0;
+  std::uint64_t unanswered_ = 0;
   std::vector<scale_decision> log_;
 };
 
