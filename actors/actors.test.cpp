@@ -190,18 +190,21 @@ protected:
 
   /// A scaler over `b` with the scaler tests' policy: target 500 ms over a
   /// 5 s window, 30 s cooldown, 5 samples, acting on the first evaluation
-  /// past a threshold, evaluating every second, 1 to 2 replicas starting
-  /// at `initial`. Its decisions are appended to `*log`.
+  /// past a threshold, evaluating every second, `min_replicas` to
+  /// `max_replicas` (1 to 2) replicas starting at `initial`. Its decisions
+  /// are appended to `*log`.
   caf::actor quick_scaler(const caf::actor& b, std::uint32_t initial,
-                          std::shared_ptr<std::vector<scale_decision>> log) {
+                          std::shared_ptr<std::vector<scale_decision>> log,
+                          std::uint32_t min_replicas = 1,
+                          std::uint32_t max_replicas = 2) {
     scaler_actor_config sc;
     sc.policy.target = 500ms;
     sc.policy.window = 5s;
     sc.policy.cooldown = 30s;
     sc.policy.min_samples = 5;
     sc.policy.sustain = 1;
-    sc.policy.min_replicas = 1;
-    sc.policy.max_replicas = 2;
+    sc.policy.min_replicas = min_replicas;
+    sc.policy.max_replicas = max_replicas;
     sc.interval = 1s;
     sc.initial_replicas = initial;
     sc.on_decision = [log](const scale_decision& d) { log->push_back(d); };
@@ -946,6 +949,58 @@ TEST_F(actor_test, ScalerLearnsOfEnginesTheBalancerGaveUp) {
   sched_->advance_time(1s);
   sched_->run();
   EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).lost, 1U);
+}
+
+TEST_F(actor_test, ScalerReplacesLostReplicasUpToMinReplicas) {
+  // min_replicas 2 and no restarts: an engine the balancer gives up is
+  // replaced at the scaler's next evaluation, with no latency sample at
+  // all (at low load no latency rule would bring it back), but not during
+  // the 30 s cooldown after the scaler's last action.
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 0;
+  auto b = small_balancer(bc);
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  auto s = quick_scaler(b, 2, decisions, 2, 3);
+  sched_->run();
+  auto kill = [&](std::uint32_t slot) {
+    caf::anon_send_exit(ask_now<caf::actor>(b, engine_atom::value, slot),
+                        caf::exit_reason::kill);
+    sched_->run();
+  };
+  auto tick = [&] {
+    sched_->advance_time(1s);
+    sched_->run();
+  };
+  kill(1);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 1U);
+  tick(); // t = 1 s
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+  EXPECT_TRUE(decisions->back().below_min);
+  auto bs = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(bs.live, 2U);
+  EXPECT_EQ(bs.up, (std::vector<std::uint8_t>{1, 1})); // slot 1 reused
+  kill(0);
+  for (int i = 0; i < 29; ++i) // up to t = 30 s: in the cooldown
+    tick();
+  EXPECT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 1U);
+  tick(); // t = 31 s: the cooldown is over
+  ASSERT_EQ(decisions->size(), 2U);
+  EXPECT_TRUE(decisions->back().below_min);
+  bs = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(bs.live, 2U);
+  EXPECT_EQ(bs.given_up, 2U);
+  auto st = ask_now<scaler_stats>(s, stats_atom::value);
+  EXPECT_EQ(st.replicas, 2U);
+  EXPECT_EQ(st.lost, 2U);
+  EXPECT_EQ(st.replaced, 2U);
+  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::spawn_replica)],
+            2U);
+  for (int i = 0; i < 40; ++i) // at the floor: nothing more to do
+    tick();
+  EXPECT_EQ(decisions->size(), 2U);
 }
 
 /// What a slow_balancer does: the engines it keeps, whether it carries out

@@ -221,12 +221,16 @@ struct scaler_stats {
   /// Replica changes the balancer did not answer in time: not undone (it
   /// may still carry them out); `replicas` is re-read from its stats.
   std::uint64_t unanswered = 0;
+  /// Replicas spawned to restore min_replicas (lost ones replaced), also
+  /// in actions[spawn_replica].
+  std::uint64_t replaced = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scaler_stats& x) {
   return f(caf::meta::type_name("scaler_stats"), x.actions, x.replicas,
-           x.capacity_tokens, x.last_p95_ns, x.refused, x.lost, x.unanswered);
+           x.capacity_tokens, x.last_p95_ns, x.refused, x.lost, x.unanswered,
+           x.replaced);
 }
 
 /// The query-result cache's counters.

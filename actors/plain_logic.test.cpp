@@ -415,6 +415,43 @@ TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {
   EXPECT_EQ(s.replicas(), 2U);
 }
 
+TEST(ScalerPolicy, RestoresMinReplicasAfterALossRespectingCooldown) {
+  auto c = fast_scaler(); // cooldown 60 s
+  c.min_replicas = 2;
+  c.max_replicas = 3;
+  auto s = make_scaler(c, 2, 4096);
+  engine::nanos t{0};
+  EXPECT_EQ(s.evaluate(t).action, scale_action::hold);
+  s.replica_lost();
+  t += 1s; // no latency sample at all: the floor comes first
+  auto d = s.evaluate(t);
+  EXPECT_EQ(d.action, scale_action::spawn_replica);
+  EXPECT_TRUE(d.below_min);
+  EXPECT_EQ(d.replicas, 2U);
+  s.replica_lost();
+  t += 30s;
+  EXPECT_EQ(s.evaluate(t).action, scale_action::hold); // in the cooldown
+  EXPECT_EQ(s.replicas(), 1U);
+  t += 31s;
+  d = s.evaluate(t);
+  EXPECT_EQ(d.action, scale_action::spawn_replica);
+  EXPECT_TRUE(d.below_min);
+  EXPECT_EQ(s.replicas(), 2U);
+  EXPECT_EQ(s.replacements(), 2U);
+  EXPECT_EQ(s.count(scale_action::spawn_replica), 2U);
+  EXPECT_EQ(s.losses(), 2U);
+  // A latency-driven spawn is not a replacement.
+  t += 61s;
+  feed(s, t, 800ms);
+  s.evaluate(t);
+  t += 1s;
+  feed(s, t, 800ms);
+  d = s.evaluate(t);
+  EXPECT_EQ(d.action, scale_action::spawn_replica);
+  EXPECT_FALSE(d.below_min);
+  EXPECT_EQ(s.replacements(), 2U);
+}
+
 TEST(ScalerPolicy, TooFewSamplesHold) {
   auto s = make_scaler(fast_scaler(), 1, 4096);
   feed(s, engine::nanos{0}, 5s, 2);

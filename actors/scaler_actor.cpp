@@ -51,7 +51,9 @@ void log_decision(const scale_decision& d) {
       << "kvfleet scaler: " << to_string(d.action) << " (p95 "
       << std::chrono::duration_cast<std::chrono::milliseconds>(d.p95).count()
       << " ms; replicas " << d.replicas << ", capacity " << d.capacity_tokens
-      << " tokens)\n";
+      << " tokens)"
+      << (d.below_min ? ": replacing lost replicas up to min_replicas" : "")
+      << "\n";
 }
 
 /// The balancer did not carry out `a` (no free slot, the last live engine,
@@ -196,6 +198,7 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
         out.refused = p.refusals();
         out.lost = p.losses();
         out.unanswered = p.unanswered();
+        out.replaced = p.replacements();
         return out;
       },
   };

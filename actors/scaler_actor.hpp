@@ -28,7 +28,11 @@
 /// `initial_replicas` are
 /// the engines the balancer started with: spawn the scaler with its
 /// balancer, since every engine the balancer has given up since its start
-/// counts as lost (`scaler_stats::lost`).
+/// counts as lost (`scaler_stats::lost`). While fewer than min_replicas
+/// are counted, each evaluation outside the cooldown spawns one more,
+/// whatever the latency (scale_decision::below_min, logged, counted in
+/// `scaler_stats::replaced`), so lost engines never leave the fleet below
+/// its floor for good.
 
 #include "actors/scaler_policy.hpp"
 

@@ -122,7 +122,20 @@ engine::nanos scaler_policy::p95(engine::nanos now) {
 
 scale_decision scaler_policy::evaluate(engine::nanos now) {
   scale_decision d{now, scale_action::hold, p95(now), replicas_, capacity_};
-  if (in_cooldown(now) || samples_.size() < config_.min_samples) {
+  if (in_cooldown(now)) {
+    up_streak_ = down_streak_ = 0;
+    return d;
+  }
+  // Below the floor (lost replicas): at low load no latency rule would
+  // restore it, so it comes before the window and needs no samples.
+  if (replicas_ < config_.min_replicas) {
+    d.action = scale_action::spawn_replica;
+    d.below_min = true;
+    ++replicas_;
+    ++replacements_;
+    return acted(d, now);
+  }
+  if (samples_.size() < config_.min_samples) {
     up_streak_ = down_streak_ = 0;
     return d;
   }
@@ -158,16 +171,20 @@ scale_decision scaler_policy::evaluate(engine::nanos now) {
           std::round(static_cast<double>(capacity_) * config_.shrink_factor)));
     }
   }
-  if (d.action != scale_action::hold) {
-    d.replicas = replicas_;
-    d.capacity_tokens = capacity_;
-    last_action_ = now;
-    acted_ = true;
-    up_streak_ = down_streak_ = 0;
-    samples_.clear();
-    ++counts_[static_cast<std::size_t>(d.action)];
-    log_.push_back(d);
-  }
+  if (d.action != scale_action::hold)
+    return acted(d, now);
+  return d;
+}
+
+scale_decision scaler_policy::acted(scale_decision d, engine::nanos now) {
+  d.replicas = replicas_;
+  d.capacity_tokens = capacity_;
+  last_action_ = now;
+  acted_ = true;
+  up_streak_ = down_streak_ = 0;
+  samples_.clear();
+  ++counts_[static_cast<std::size_t>(d.action)];
+  log_.push_back(d);
   return d;
 }
 

@@ -12,6 +12,10 @@
 ///                                   capacity x shrink_factor (at least
 ///                                   min_capacity_tokens);
 ///   otherwise                    -> hold.
+/// Before any of that, fewer than min_replicas replicas (engines the
+/// balancer gave up after max_restarts, replica_lost(), or a fleet started
+/// below it) -> spawn a replica, whatever the window holds: at low load no
+/// latency rule would restore the floor. Cooldown applies to it too.
 /// Flapping is prevented three ways: the dead band between 0.3x and 1x the
 /// target (hysteresis), a condition must hold for `sustain` consecutive
 /// evaluations before it acts, and after any action nothing happens for
@@ -77,6 +81,8 @@ struct scale_decision {
   engine::nanos p95{0};
   std::uint32_t replicas = 0;        ///< after the action
   std::uint32_t capacity_tokens = 0; ///< after the action
+  /// A spawn_replica restoring min_replicas, not driven by latency.
+  bool below_min = false;
 };
 
 class scaler_policy {
@@ -144,6 +150,11 @@ public:
     return unanswered_;
   }
   [[nodiscard]] std::uint64_t losses() const noexcept { return losses_; }
+  /// Spawns decided to restore min_replicas (also in
+  /// count(spawn_replica)).
+  [[nodiscard]] std::uint64_t replacements() const noexcept {
+    return replacements_;
+  }
 
 private:
   /// REQUIRES: validate(config) and validate_capacity(config,
@@ -152,6 +163,9 @@ private:
   scaler_policy(scaler_config config, std::uint32_t replicas,
                 std::uint32_t capacity_tokens);
   void trim(engine::nanos now);
+  /// Records `d`, an action evaluate() took at `now`: starts the cooldown,
+  /// clears the window and streaks, counts and logs it.
+  scale_decision acted(scale_decision d, engine::nanos now);
 
   scaler_config config_;
   std::uint32_t replicas_;
@@ -166,6 +180,7 @@ private:
   std::uint64_t refusals_ = 0;
   std::uint64_t losses_ = 0;
   std::uint64_t unanswered_ = 0;
+  std::uint64_t replacements_ = 0;
   std::vector<scale_decision> log_;
 };
 
