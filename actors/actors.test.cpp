@@ -1288,6 +1288,51 @@ TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
   EXPECT_EQ(st.useful, 2U);
 }
 
+TEST_F(actor_test, PrefetcherWastesEveryPrefetchThatHeldAnEvictedBlock) {
+  // B and C share their first block (a common prefix) and are both
+  // prefetched, outstanding, when an engine evicts that block: both were
+  // wasted, and B requested afterwards is no useful prefetch.
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  prefetch_config pc;
+  pc.threshold = 0.5;
+  pc.model.aging_interval = 0;
+  auto pf = spawn_prefetcher(*sys_, pc, b);
+  stop_at_end_.push_back(pf);
+  stop_at_end_.push_back(b);
+  sched_->run();
+  const block_key shared{99, 1};
+  auto prefixed = [&](std::uint64_t session, const std::string& q) {
+    auto r = query(session, q);
+    r.keys = {shared, block_key{std::hash<std::string>{}(q), 2}};
+    r.input_tokens = 32;
+    return r;
+  };
+  auto observe = [&](const kv_request& r) {
+    caf::anon_send(pf, observe_atom::value, r, kv_reply{}, std::int64_t{0});
+    sched_->run();
+  };
+  observe(query(1, "X")); // X -> B, Y -> C
+  observe(prefixed(1, "B"));
+  observe(query(2, "Y"));
+  observe(prefixed(2, "C"));
+  ASSERT_TRUE(be->seen.empty());
+  observe(query(3, "X")); // prefetches B
+  observe(query(4, "Y")); // prefetches C
+  ASSERT_EQ(be->seen.size(), 2U);
+  EXPECT_EQ(be->seen[0].keys.front(), shared);
+  EXPECT_EQ(be->seen[1].keys.front(), shared);
+  block_events ev;
+  ev.evicted = {shared};
+  caf::anon_send(pf, ev);
+  sched_->run();
+  observe(prefixed(3, "B"));
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 2U);
+  EXPECT_EQ(st.wasted, 2U);
+  EXPECT_EQ(st.useful, 0U);
+}
+
 TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
   query_cache_config qc;
   qc.ttl = 10s;

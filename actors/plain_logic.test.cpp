@@ -12,6 +12,7 @@
 #include <caf/sec.hpp>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <limits>
 #include <string>
@@ -511,8 +512,9 @@ TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
     if (i % 2 == 0)
       EXPECT_TRUE(t.used(q));
     else
-      EXPECT_EQ(t.evicted(block_key{i, 1}), q);
+      EXPECT_EQ(t.evicted(block_key{i, 1}), std::vector<std::string>{q});
     ASSERT_EQ(t.size(), 0U);
+    ASSERT_EQ(t.index_size(), 0U);
     ASSERT_LE(t.order_size(), 4U) << "after " << i + 1 << " prefetches";
   }
   EXPECT_EQ(t.order_size(), 0U);
@@ -528,10 +530,37 @@ TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
   EXPECT_FALSE(t.contains("C"));
   EXPECT_TRUE(t.contains("B"));
   EXPECT_TRUE(t.contains("D"));
-  EXPECT_EQ(t.evicted(block_key{3, 1}), std::nullopt);
-  EXPECT_EQ(t.evicted(block_key{2, 1}), "B");
+  EXPECT_TRUE(t.evicted(block_key{3, 1}).empty());
+  EXPECT_EQ(t.evicted(block_key{2, 1}), std::vector<std::string>{"B"});
   EXPECT_EQ(t.size(), 1U);
   EXPECT_EQ(t.order_size(), 1U);
+}
+
+TEST(PrefetchTracker, PrefetchesSharingABlockEachKeepTheirClaimOnIt) {
+  // A and B share their first block (a common prefix).
+  const block_key shared{1, 1};
+  prefetch_tracker t{4};
+  t.add("A", {shared, block_key{2, 1}});
+  t.add("B", {shared, block_key{3, 1}});
+  // Evicting the shared block wastes both, not only the later one.
+  auto wasted = t.evicted(shared);
+  std::sort(wasted.begin(), wasted.end());
+  EXPECT_EQ(wasted, (std::vector<std::string>{"A", "B"}));
+  EXPECT_EQ(t.size(), 0U);
+  EXPECT_EQ(t.index_size(), 0U);
+  // Resolving one leaves the other's claim on the shared block.
+  t.add("A", {shared, block_key{2, 1}});
+  t.add("B", {shared, block_key{3, 1}});
+  EXPECT_TRUE(t.used("B"));
+  EXPECT_EQ(t.evicted(shared), std::vector<std::string>{"A"});
+  EXPECT_FALSE(t.used("A")); // wasted already: not useful as well
+  EXPECT_EQ(t.size(), 0U);
+  EXPECT_EQ(t.index_size(), 0U);
+  // A key listed twice in one prefetch is indexed once and dropped cleanly.
+  t.add("C", {shared, shared});
+  EXPECT_EQ(t.index_size(), 1U);
+  EXPECT_EQ(t.evicted(shared), std::vector<std::string>{"C"});
+  EXPECT_EQ(t.index_size(), 0U);
 }
 
 TEST(EmbeddedQueryStore, ExpiresAtTtl) {

@@ -100,8 +100,7 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
       [=](const block_events& ev) {
         auto& s = self->state;
         for (const auto& k : ev.evicted)
-          if (s.outstanding->evicted(k))
-            ++s.stats.wasted;
+          s.stats.wasted += s.outstanding->evicted(k).size();
       },
       [=](stats_atom) -> caf::result<prefetch_stats> {
         auto out = self->state.stats;

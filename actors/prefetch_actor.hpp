@@ -10,9 +10,10 @@
 /// Useful and wasted: a prefetch is useful when its query is requested
 /// before any of the prefetched blocks was evicted, wasted when an engine
 /// reports one of them evicted first (block events relayed by the
-/// balancer). At most `max_outstanding` prefetches are tracked
-/// (prefetch_tracker.hpp): one more forgets the oldest still outstanding,
-/// and a resolved prefetch leaves nothing behind.
+/// balancer; a block several outstanding prefetches share wastes each). At most
+/// `max_outstanding` prefetches are tracked (prefetch_tracker.hpp): one more
+/// forgets the oldest still outstanding, and a resolved prefetch leaves nothing
+/// behind.
 ///
 /// Messages: (observe_atom, kv_request, kv_reply, int64), block_events,
 /// (stats_atom) -> prefetch_stats.

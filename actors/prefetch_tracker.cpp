@@ -9,7 +9,7 @@ void prefetch_tracker::add(const std::string& query,
   order_.push_back(query);
   outstanding_.insert_or_assign(query, entry{keys, std::prev(order_.end())});
   for (const auto& k : keys)
-    by_key_[k] = query;
+    by_key_[k].insert(query);
 }
 
 bool prefetch_tracker::used(const std::string& query) {
@@ -19,14 +19,17 @@ bool prefetch_tracker::used(const std::string& query) {
   return true;
 }
 
-std::optional<std::string>
+std::vector<std::string>
 prefetch_tracker::evicted(const engine::block_key& key) {
   auto it = by_key_.find(key);
   if (it == by_key_.end())
-    return std::nullopt;
-  auto query = it->second;
-  drop(query);
-  return query;
+    return {};
+  // Copied out first: each drop() edits this very set (and erases it with
+  // the last query).
+  std::vector<std::string> wasted(it->second.begin(), it->second.end());
+  for (const auto& q : wasted)
+    drop(q);
+  return wasted;
 }
 
 void prefetch_tracker::drop(const std::string& query) {
@@ -35,7 +38,10 @@ void prefetch_tracker::drop(const std::string& query) {
     return;
   for (const auto& k : it->second.keys) {
     auto b = by_key_.find(k);
-    if (b != by_key_.end() && b->second == query)
+    if (b == by_key_.end())
+      continue; // listed twice in this prefetch and erased at the first
+    b->second.erase(query);
+    if (b->second.empty())
       by_key_.erase(b);
   }
   order_.erase(it->second.age);

@@ -4,18 +4,21 @@
 ///
 /// A prefetch of a query is outstanding until the query is requested
 /// (used: useful) or an engine reports one of its blocks evicted first
-/// (wasted). At most `max_outstanding` (>= 1) are tracked: tracking one
-/// more forgets the oldest outstanding one. Memory is bounded by the
-/// outstanding prefetches alone: a resolved prefetch leaves nothing behind.
-/// Not thread-safe: owned by one actor.
+/// (wasted). Prefetches may share blocks (queries with a common prefix):
+/// an evicted shared block wastes every outstanding prefetch that holds
+/// it, and resolving one of them leaves the others' blocks tracked. At
+/// most `max_outstanding` (>= 1) are tracked: tracking one more forgets the
+/// oldest outstanding one. Memory is bounded by the outstanding prefetches
+/// alone (one index entry per block of each): a resolved prefetch leaves
+/// nothing behind. Not thread-safe: owned by one actor.
 
 #include "engine/block_key.hpp"
 
 #include <cstddef>
 #include <list>
-#include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace kvfleet::actors {
@@ -35,9 +38,9 @@ public:
   /// `query` was requested: true when a prefetch of it was outstanding
   /// (useful), which is then resolved.
   bool used(const std::string& query);
-  /// A block was evicted: the query whose outstanding prefetch it belonged
-  /// to (wasted, now resolved), nullopt when none.
-  std::optional<std::string> evicted(const engine::block_key& key);
+  /// A block was evicted: the queries whose outstanding prefetches held it
+  /// (each wasted, now resolved), in no particular order; empty when none.
+  std::vector<std::string> evicted(const engine::block_key& key);
 
   [[nodiscard]] std::size_t size() const noexcept {
     return outstanding_.size();
@@ -45,6 +48,10 @@ public:
   /// Entries of the age order (equal to size()).
   [[nodiscard]] std::size_t order_size() const noexcept {
     return order_.size();
+  }
+  /// Block keys indexed: those of the outstanding prefetches.
+  [[nodiscard]] std::size_t index_size() const noexcept {
+    return by_key_.size();
   }
 
 private:
@@ -57,8 +64,10 @@ private:
   std::size_t max_outstanding_;
   std::unordered_map<std::string, entry> outstanding_;
   std::list<std::string> order_; ///< front = oldest outstanding
-  /// A block key -> the latest outstanding query that prefetched it.
-  std::unordered_map<engine::block_key, std::string, engine::block_key_hash>
+  /// A block key -> every outstanding query whose prefetch holds it (a
+  /// shared prefix block belongs to several).
+  std::unordered_map<engine::block_key, std::unordered_set<std::string>,
+                     engine::block_key_hash>
       by_key_;
 };
 
