@@ -1125,12 +1125,26 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
                                 return spawn_engine_actor(s, c);
                               }),
                "max_index_keys");
+  int factory_calls = 0;
+  bc = balancer_config{};
+  bc.initial_engines = router::max_slots + 1;
+  expect_error(spawn_balancer(*sys_, bc,
+                              [&](caf::actor_system& s, std::uint32_t slot) {
+                                ++factory_calls;
+                                auto c = small_engine(16);
+                                c.slot = slot;
+                                return spawn_engine_actor(s, c);
+                              }),
+               "initial_engines");
   scaler_actor_config sc;
   sc.policy.sustain = 0;
   expect_error(spawn_scaler(*sys_, sc, fake), "sustain");
   sc = scaler_actor_config{};
   sc.policy.min_replicas = 5;
   expect_error(spawn_scaler(*sys_, sc, fake), "min_replicas");
+  sc = scaler_actor_config{};
+  sc.initial_replicas = sc.policy.max_replicas + 1;
+  expect_error(spawn_scaler(*sys_, sc, fake), "initial_replicas");
   query_cache_config qc;
   qc.ttl = 0s;
   expect_error(spawn_query_cache(*sys_, qc, fake), "ttl");
@@ -1141,6 +1155,7 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
                "null");
   sched_->run();
   EXPECT_TRUE(be->seen.empty());
+  EXPECT_EQ(factory_calls, 0) << "engines spawned for a refused balancer";
 }
 
 TEST_F(actor_test, SpawnScalerRejectsAnInitialCapacityOutsideItsRange) {

@@ -463,6 +463,11 @@ result<caf::actor> spawn_balancer(caf::actor_system& sys,
   auto route = router::create(config.routing);
   if (!route)
     return unexpected<error>{route.error()};
+  if (config.initial_engines > router::max_slots)
+    return make_error(errc::invalid_argument,
+                      "balancer_config.initial_engines must be at most " +
+                          std::to_string(router::max_slots) + ", not " +
+                          std::to_string(config.initial_engines));
   return sys.spawn(balancer_behavior, std::move(config), std::move(make_engine),
                    std::move(*route));
 }

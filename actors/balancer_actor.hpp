@@ -76,8 +76,9 @@ using engine_factory =
     std::function<result<caf::actor>(caf::actor_system&, std::uint32_t slot)>;
 
 /// Spawns the balancer, which spawns `config.initial_engines` engines.
-/// Errors: router::create(config.routing)'s (errc::invalid_argument naming
-/// the option); nothing is spawned then.
+/// Errors: router::create(config.routing)'s, and more `initial_engines`
+/// than router::max_slots (errc::invalid_argument naming the option);
+/// nothing is spawned then.
 [[nodiscard]] result<caf::actor> spawn_balancer(caf::actor_system& sys,
                                                 balancer_config config,
                                                 engine_factory make_engine);

@@ -124,6 +124,13 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
       {"empty prefix index",
        [](node_config& c) { c.balancer.routing.max_index_keys = 0; },
        "max_index_keys"},
+      {"more engines than the scaler's max_replicas",
+       [](node_config& c) {
+         c.scaler.emplace();
+         c.scaler->policy.max_replicas = 2;
+         c.engines = 3;
+       },
+       "node_config.engines (3) is above the scaler's max_replicas (2)"},
       {"scaler sustain 0",
        [](node_config& c) {
          c.scaler.emplace();
