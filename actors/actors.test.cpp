@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -1145,6 +1146,15 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   sc = scaler_actor_config{};
   sc.initial_replicas = sc.policy.max_replicas + 1;
   expect_error(spawn_scaler(*sys_, sc, fake), "initial_replicas");
+  prefetch_config pc;
+  pc.threshold = 1.5;
+  expect_error(spawn_prefetcher(*sys_, pc, fake), "threshold");
+  pc = prefetch_config{};
+  pc.model.decay = std::nan("");
+  expect_error(spawn_prefetcher(*sys_, pc, fake), "decay");
+  pc = prefetch_config{};
+  pc.max_outstanding = 0;
+  expect_error(spawn_prefetcher(*sys_, pc, fake), "max_outstanding");
   query_cache_config qc;
   qc.ttl = 0s;
   expect_error(spawn_query_cache(*sys_, qc, fake), "ttl");
@@ -1207,7 +1217,7 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   auto p =
       sys_->spawn([&](caf::event_based_actor*) -> caf::behavior { return {}; });
   (void)p;
-  auto pf = spawn_prefetcher(*sys_, pc, b);
+  auto pf = spawn_prefetcher(*sys_, pc, b).value();
   stop_at_end_.push_back(pf);
   sched_->run();
   auto observe = [&](const kv_request& r) {
@@ -1240,7 +1250,7 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   // Stale patterns age out: with aging every 4 observations, A -> B decays
   // below the floor while other traffic flows, and A predicts nothing.
   pc.model.aging_interval = 4;
-  auto pf2 = spawn_prefetcher(*sys_, pc, b);
+  auto pf2 = spawn_prefetcher(*sys_, pc, b).value();
   stop_at_end_.push_back(pf2);
   sched_->run();
   auto observe2 = [&](const kv_request& r) {
@@ -1267,7 +1277,7 @@ TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
   pc.threshold = 0.5;
   pc.max_outstanding = 2;
   pc.model.aging_interval = 0;
-  auto pf = spawn_prefetcher(*sys_, pc, b);
+  auto pf = spawn_prefetcher(*sys_, pc, b).value();
   stop_at_end_.push_back(pf);
   stop_at_end_.push_back(b);
   sched_->run();
@@ -1312,7 +1322,7 @@ TEST_F(actor_test, PrefetcherWastesEveryPrefetchThatHeldAnEvictedBlock) {
   prefetch_config pc;
   pc.threshold = 0.5;
   pc.model.aging_interval = 0;
-  auto pf = spawn_prefetcher(*sys_, pc, b);
+  auto pf = spawn_prefetcher(*sys_, pc, b).value();
   stop_at_end_.push_back(pf);
   stop_at_end_.push_back(b);
   sched_->run();

@@ -85,6 +85,9 @@ result<void> validate(const node_config& config) {
   if (config.query_cache)
     if (auto ok = actors::validate(config.cache); !ok)
       return ok;
+  if (config.prefetch)
+    if (auto ok = actors::validate(*config.prefetch); !ok)
+      return ok;
   return {};
 }
 
@@ -171,8 +174,12 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
       return unexpected<error>{scaler.error()};
     n->scaler_ = std::move(*scaler);
   }
-  if (c.prefetch)
-    n->prefetcher_ = actors::spawn_prefetcher(sys, *c.prefetch, n->balancer_);
+  if (c.prefetch) {
+    auto prefetcher = actors::spawn_prefetcher(sys, *c.prefetch, n->balancer_);
+    if (!prefetcher)
+      return unexpected<error>{prefetcher.error()};
+    n->prefetcher_ = std::move(*prefetcher);
+  }
   return n;
 }
 

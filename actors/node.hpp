@@ -49,12 +49,13 @@ struct node_config {
 
 /// errc::invalid_argument naming the option when `config` breaks an
 /// invariant: engines 0 or above router::max_slots (64), with the scaler
-/// on an `engine.capacity_tokens` outside the scaler's
+/// on more engines than its max_replicas or an `engine.capacity_tokens`
+/// outside the scaler's
 /// [min_capacity_tokens, max_capacity_tokens] (engines start with it and
 /// the scaler counts from it, so both must agree; it is rejected rather
 /// than clamped so the configured budget is the one engines run with), or
 /// what validate() rejects in the routing, scaler or (when on) query-cache
-/// configuration.
+/// or prefetch configuration.
 [[nodiscard]] result<void> validate(const node_config& config);
 
 class node {

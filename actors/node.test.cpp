@@ -131,6 +131,12 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
          c.engines = 3;
        },
        "node_config.engines (3) is above the scaler's max_replicas (2)"},
+      {"prefetch threshold above 1",
+       [](node_config& c) {
+         c.prefetch.emplace();
+         c.prefetch->threshold = 2.0;
+       },
+       "prefetch_config.threshold"},
       {"scaler sustain 0",
        [](node_config& c) {
          c.scaler.emplace();

@@ -3,6 +3,7 @@
 #include "actors/messages.hpp"
 #include "actors/prefetch_tracker.hpp"
 
+#include <cmath>
 #include <deque>
 #include <optional>
 #include <string>
@@ -112,8 +113,34 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
 
 } // namespace
 
-caf::actor spawn_prefetcher(caf::actor_system& sys, prefetch_config config,
-                            caf::actor balancer) {
+result<void> validate(const prefetch_config& config) {
+  const auto bad = [](const std::string& what) -> result<void> {
+    return make_error(errc::invalid_argument, "prefetch_config." + what);
+  };
+  // Written so that NaN fails each range check.
+  if (!(config.threshold >= 0.0 && config.threshold <= 1.0))
+    return bad("threshold must be in [0, 1], not " +
+               std::to_string(config.threshold));
+  if (!(config.model.decay >= 0.0 && config.model.decay <= 1.0))
+    return bad("model.decay must be in [0, 1], not " +
+               std::to_string(config.model.decay));
+  if (!(config.model.min_count >= 0.0 && std::isfinite(config.model.min_count)))
+    return bad("model.min_count must be finite and >= 0, not " +
+               std::to_string(config.model.min_count));
+  if (config.max_known == 0)
+    return bad("max_known must be at least 1");
+  if (config.max_outstanding == 0)
+    return bad("max_outstanding must be at least 1");
+  if (config.request_timeout.count() <= 0)
+    return bad("request_timeout must be positive");
+  return {};
+}
+
+result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
+                                    prefetch_config config,
+                                    caf::actor balancer) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
   return sys.spawn(prefetch_behavior, std::move(config), std::move(balancer));
 }
 

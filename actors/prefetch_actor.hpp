@@ -19,6 +19,7 @@
 /// (stats_atom) -> prefetch_stats.
 
 #include "actors/transition_model.hpp"
+#include "engine/result.hpp"
 
 #include <chrono>
 #include <cstddef>
@@ -36,9 +37,16 @@ struct prefetch_config {
   std::chrono::milliseconds request_timeout{30'000};
 };
 
+/// errc::invalid_argument naming the option when `config` makes no sense:
+/// a threshold or model decay outside [0, 1], a negative or non-finite
+/// model min_count, max_known or max_outstanding of 0, a request_timeout
+/// that is not positive.
+[[nodiscard]] result<void> validate(const prefetch_config& config);
+
 /// Spawns the prefetcher and subscribes it to `balancer`.
-[[nodiscard]] caf::actor spawn_prefetcher(caf::actor_system& sys,
-                                          prefetch_config config,
-                                          caf::actor balancer);
+/// Errors: validate(config)'s; nothing is spawned then.
+[[nodiscard]] result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
+                                                  prefetch_config config,
+                                                  caf::actor balancer);
 
 } // namespace kvfleet::actors
