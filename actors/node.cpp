@@ -67,12 +67,10 @@ result<void> validate(const node_config& config) {
     // The scaler counts the engines as its replicas and never retires below
     // min_replicas (it spawns up to it), but more than max_replicas from the
     // start would break its bound.
-    if (config.engines > p.max_replicas)
-      return make_error(errc::invalid_argument,
-                        "node_config.engines (" +
-                            std::to_string(config.engines) +
-                            ") is above the scaler's max_replicas (" +
-                            std::to_string(p.max_replicas) + ")");
+    if (auto ok =
+            actors::validate_replicas(p, config.engines, "node_config.engines");
+        !ok)
+      return ok;
     // The scaler starts counting from the engines' budget (node::start
     // passes it as initial_capacity_tokens): named here as the option the
     // caller set.

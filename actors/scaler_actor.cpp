@@ -209,12 +209,10 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
 result<void> validate(const scaler_actor_config& config) {
   if (auto ok = validate(config.policy); !ok)
     return ok;
-  if (config.initial_replicas > config.policy.max_replicas)
-    return make_error(errc::invalid_argument,
-                      "scaler_actor_config.initial_replicas (" +
-                          std::to_string(config.initial_replicas) +
-                          ") is above max_replicas (" +
-                          std::to_string(config.policy.max_replicas) + ")");
+  if (auto ok = validate_replicas(config.policy, config.initial_replicas,
+                                  "scaler_actor_config.initial_replicas");
+      !ok)
+    return ok;
   return validate_capacity(config.policy, config.initial_capacity_tokens,
                            "scaler_actor_config.initial_capacity_tokens");
 }

@@ -59,6 +59,16 @@ result<void> validate_capacity(const scaler_config& c,
           "it inside, or widen the range");
 }
 
+result<void> validate_replicas(const scaler_config& c, std::uint32_t replicas,
+                               std::string_view option) {
+  if (replicas <= c.max_replicas)
+    return {};
+  return make_error(errc::invalid_argument,
+                    std::string(option) + " (" + std::to_string(replicas) +
+                        ") is above the scaler's max_replicas (" +
+                        std::to_string(c.max_replicas) + ")");
+}
+
 namespace {
 
 result<void> validate_all(const scaler_config& c,

@@ -64,6 +64,12 @@ struct scaler_config {
 [[nodiscard]] result<void> validate_capacity(const scaler_config& c,
                                              std::uint32_t capacity_tokens,
                                              std::string_view option);
+/// errc::invalid_argument naming `option` when a fleet starts with more
+/// `replicas` than `c.max_replicas` (fewer than min_replicas is fine: the
+/// scaler spawns up to it).
+[[nodiscard]] result<void> validate_replicas(const scaler_config& c,
+                                             std::uint32_t replicas,
+                                             std::string_view option);
 
 enum class scale_action : std::uint8_t {
   hold,
