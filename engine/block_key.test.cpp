@@ -132,6 +132,10 @@ TEST(kv_namespace, validation_names_the_problem) {
   r = s.validate();
   ASSERT_FALSE(r.has_value());
   EXPECT_EQ(r.error().code, errc::value_too_large);
+  // 2^20 layers x 2 x 2^20 tokens x 8 heads x 128 dims x 2 bytes = 2^52.
+  EXPECT_NE(r.error().message.find(" 4503599627370496 bytes,"),
+            std::string::npos)
+      << r.error().message;
   EXPECT_EQ(test_spec().value_bytes(), 32U * 2 * 4 * 8 * 128 * 2);
 }
 

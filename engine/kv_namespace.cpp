@@ -7,9 +7,20 @@
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
+#include <cstdio>
 #include <vector>
 
 namespace kvfleet::engine {
+namespace {
+
+// `value` (a whole number, possibly past 64 bits) without a fraction.
+std::string whole_number_text(double value) {
+  char buf[400];
+  std::snprintf(buf, sizeof buf, "%.0f", value);
+  return buf;
+}
+
+} // namespace
 
 std::string_view to_string(dtype t) noexcept {
   switch (t) {
@@ -57,7 +68,7 @@ result<void> namespace_spec::validate() const {
   if (bytes > static_cast<double>(max_bytes))
     return make_error(errc::value_too_large,
                       "namespace '" + model + "': a block would hold " +
-                          std::to_string(bytes) +
+                          whole_number_text(bytes) +
                           " bytes, more than the 1 GiB limit");
   if (elements_per_block() % codec_group_size != 0)
     return make_error(errc::invalid_argument,
