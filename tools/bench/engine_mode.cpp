@@ -70,6 +70,12 @@ load_requests(const engine_options& opts, std::ostream& diag) {
       diag << " (the first " << report.problems.size() << " shown)";
     diag << '\n';
   }
+  // An empty replay would print a table of zeros that looks like a result.
+  if (reqs->empty())
+    return make_error(
+        errc::parse_error,
+        "trace file '" + opts.trace_path + "' has no requests" +
+            (report.skipped > 0 ? " (every line was malformed)" : ""));
   if (opts.requests != 0 && reqs->size() > opts.requests)
     reqs->resize(opts.requests);
   return reqs;

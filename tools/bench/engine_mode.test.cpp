@@ -269,6 +269,28 @@ not json
       << diag.str();
 }
 
+TEST_F(trace_file, a_trace_without_requests_is_an_error) {
+  engine_options o;
+  o.trace_path = path_;
+  o.capacity_blocks = 10;
+  std::ostringstream diag;
+  write("\n  \n");
+  auto blank = load_requests(o, diag);
+  ASSERT_FALSE(blank);
+  EXPECT_EQ(blank.error().code, errc::parse_error);
+  EXPECT_FALSE(is_usage_error(blank.error()));
+  EXPECT_NE(blank.error().message.find("has no requests"), std::string::npos)
+      << blank.error().message;
+
+  write("not json\n");
+  o.on_bad_line = engine::bad_line_action::skip;
+  auto all_skipped = load_requests(o, diag);
+  ASSERT_FALSE(all_skipped);
+  EXPECT_NE(all_skipped.error().message.find("every line was malformed"),
+            std::string::npos)
+      << all_skipped.error().message;
+}
+
 TEST_F(trace_file, missing_file_is_an_io_error) {
   engine_options o;
   o.trace_path = path_ + ".missing";
