@@ -445,6 +445,10 @@ void disk_tier::reload() {
     repairs_[key] = repair{true, 0, 0};
   }
   batch_spill_gens_.clear();
+  // The load forgot which segments awaited a threshold compaction, and
+  // the failed batch may have rolled one back: check them all.
+  for (const auto& [id, seg] : segments_)
+    shrunk_segments_.insert(id);
 }
 
 void disk_tier::refuse_batch(std::vector<request>& batch,
@@ -1236,19 +1240,28 @@ void disk_tier::do_expire(request& r, disk_completion& c) {
 }
 
 void disk_tier::do_compact(disk_completion& c, bool forced) {
+  // A segment leaves shrunk_segments_ when it is compacted (retired) or
+  // found not to need it. One whose compaction fails, and those not
+  // reached after it, stay: the next batch tries again. Forgetting them
+  // would leave their dead bytes on disk until another block left the
+  // same segment. A forced compaction adds nothing: its caller gets the
+  // error.
   std::vector<std::uint64_t> ids;
   for (const auto& [id, s] : segments_) {
-    if (id == active_)
-      continue;
-    if (!forced && shrunk_segments_.count(id) == 0)
+    const bool shrunk = shrunk_segments_.count(id) != 0;
+    if (!forced && !shrunk)
       continue;
     const std::uint64_t data = s.file.size() - header_bytes;
-    if (s.live == 0 ||
-        static_cast<double>(s.live) <
-            config_.compaction_threshold * static_cast<double>(data))
+    const bool below = s.live == 0 || static_cast<double>(s.live) <
+                                          config_.compaction_threshold *
+                                              static_cast<double>(data);
+    if (id != active_ && below)
       ids.push_back(id);
+    else if (shrunk)
+      shrunk_segments_.erase(id); // checked again when it next loses a block
   }
-  shrunk_segments_.clear();
+  std::erase_if(shrunk_segments_,
+                [&](std::uint64_t id) { return segments_.count(id) == 0; });
   for (const std::uint64_t id : ids) {
     if (auto r = compact_segment(id); !r) {
       c.status = r;
@@ -1421,8 +1434,10 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     }
     auto h = it->second.file.read(loc.offset, key, buf);
     if (!h) {
-      if (h.error().code != errc::checksum_mismatch)
+      if (h.error().code != errc::checksum_mismatch) {
+        ++io_stats_.io_errors;
         return unexpected<error>(h.error());
+      }
       remove_block(key, removal::corrupt);
       continue;
     }
@@ -1440,8 +1455,10 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     }
     file_bytes_ += rec;
     written_segments_.insert(d.file.id());
-    if (auto r = catalog_->relocate(key, d.file.id(), *off); !r)
+    if (auto r = catalog_->relocate(key, d.file.id(), *off); !r) {
+      ++io_stats_.io_errors;
       return r;
+    }
     it->second.live -= rec;
     it->second.keys.erase(key);
     d.live += rec;
@@ -1486,6 +1503,7 @@ void disk_tier::retire_segment(std::uint64_t id) {
   KVFLEET_CHECK(it != segments_.end() && it->second.keys.empty(),
                 "a retired segment holds no live block");
   file_bytes_ -= it->second.file.size();
+  shrunk_segments_.erase(id);
   // The file goes only after the catalog stops naming it (next commit).
   unlink_after_commit_.push_back(it->second.file.path());
   if (active_ == id)

@@ -457,7 +457,10 @@ private:
   std::chrono::steady_clock::time_point touch_deadline_{};
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
-  std::unordered_set<std::uint64_t> shrunk_segments_;  ///< compaction check
+  /// Segments to check for threshold compaction: those that lost blocks,
+  /// and those whose compaction failed or was not reached after a failure
+  /// (kept until compacted or no longer below the threshold).
+  std::unordered_set<std::uint64_t> shrunk_segments_;
   bool created_segment_ = false; ///< in this batch: sync the directory
   std::string no_txn_reason_;    ///< why this batch has no transaction
   /// Generations whose spill was written in the current batch: if the
