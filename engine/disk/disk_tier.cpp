@@ -81,7 +81,8 @@ struct disk_tier::request {
 disk_tier::disk_tier(disk_tier_config config)
     : config_(std::move(config)),
       clock_(config_.clock != nullptr ? config_.clock
-                                      : &wall_clock_source::instance()) {}
+                                      : &wall_clock_source::instance()),
+      retry_delay_(config_.retry_interval) {}
 
 disk_tier::~disk_tier() {
   if (io_thread_.joinable()) {
@@ -116,6 +117,16 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                       "disk tier " + dir +
                           ": compaction_threshold must be in [0, 1] and "
                           "low_watermark in (0, 1]");
+  // A zero interval would spin the I/O thread on a failure that persists;
+  // the upper bound keeps the deadline arithmetic far from overflow.
+  if (!(config.retry_interval > nanos{0} &&
+        config.max_retry_interval >= config.retry_interval &&
+        config.max_retry_interval <= std::chrono::hours(24)))
+    return make_error(errc::invalid_argument,
+                      "disk tier " + dir +
+                          ": retry_interval must be positive and "
+                          "max_retry_interval between retry_interval and "
+                          "24 hours");
   if (config.max_batch == 0)
     config.max_batch = 1;
   if (config.touch_batch == 0)
@@ -384,9 +395,10 @@ void disk_tier::reload() {
   //
   // If the load fails, the index stays empty while the directory keeps
   // what the owner did. Requests are refused (refuse_batch) and every batch
-  // retries the reload, which then reconciles the catalog with the
-  // directory as above. Forgetting the directory instead would bring back
-  // blocks the owner erased, or drop every catalogued block at the retry.
+  // (and retry pass, so an idle tier too) retries the reload, which then
+  // reconciles the catalog with the directory as above. Forgetting the
+  // directory instead would bring back blocks the owner erased, or drop every
+  // catalogued block at the retry.
   repairs_.clear();
   std::vector<catalog_row> rows;
   if (auto r = load(rows); !r) {
@@ -395,7 +407,7 @@ void disk_tier::reload() {
       std::fprintf(stderr,
                    "kvfleet: disk tier %s: reload failed: %s; requests are "
                    "refused until a reload succeeds (retried with each "
-                   "batch)\n",
+                   "batch and in the background)\n",
                    config_.directory.c_str(), r.error().describe().c_str());
     reload_error_ = r.error().message;
     return;
@@ -458,7 +470,9 @@ void disk_tier::refuse_batch(std::vector<request>& batch,
                   "disk tier " + config_.directory +
                       ": its state could not be reloaded after a failed "
                       "batch (" +
-                      reload_error_ + "); retried with the next request"};
+                      reload_error_ +
+                      "); retried in the background and with the next "
+                      "request"};
   for (auto& r : batch) {
     disk_completion c;
     c.id = r.id;
@@ -759,14 +773,24 @@ void disk_tier::run() {
   std::vector<disk_completion> out;
   for (;;) {
     bool last = false;
+    bool retry_pass = false;
     {
       std::unique_lock lk(mu_);
       while (queue_.empty() && !stopping_) {
-        if (touches_.empty()) {
+        // Woken by a request or the destructor; otherwise at the deadline
+        // of the batched accessed_at updates or of a retry, whichever
+        // comes first, to run a pass without requests.
+        std::optional<std::chrono::steady_clock::time_point> wake;
+        if (!touches_.empty())
+          wake = touch_deadline_;
+        if (retry_armed_ && (!wake || retry_deadline_ < *wake))
+          wake = retry_deadline_;
+        if (!wake) {
           work_cv_.wait(lk);
-        } else if (work_cv_.wait_until(lk, touch_deadline_) ==
-                   std::cv_status::timeout) {
-          break; // time to write the batched accessed_at updates
+        } else if (work_cv_.wait_until(lk, *wake) == std::cv_status::timeout) {
+          retry_pass = queue_.empty() && !stopping_ && retry_armed_ &&
+                       std::chrono::steady_clock::now() >= retry_deadline_;
+          break;
         }
       }
       const std::size_t n = std::min(queue_.size(), config_.max_batch);
@@ -778,6 +802,8 @@ void disk_tier::run() {
       busy_ = true;
     }
     process(batch, out, last);
+    if (!last)
+      schedule_retry(retry_pass);
     {
       std::lock_guard lk(mu_);
       for (const request& r : batch)
@@ -791,11 +817,39 @@ void disk_tier::run() {
     idle_cv_.notify_all();
     if (!out.empty() && config_.on_completion)
       config_.on_completion();
+    if (retry_pass && config_.on_retry_for_testing)
+      config_.on_retry_for_testing(retry_armed_ ? retry_delay_ : nanos{0});
     out.clear();
     batch.clear();
     if (last)
       return;
   }
+}
+
+bool disk_tier::retry_pending() const noexcept {
+  return !reload_error_.empty() || !repairs_.empty() ||
+         !shrunk_segments_.empty();
+}
+
+void disk_tier::schedule_retry(bool retry_pass) {
+  if (!retry_pending()) {
+    retry_armed_ = false;
+    retry_delay_ = config_.retry_interval;
+    return;
+  }
+  // A batch of requests that leaves work pending keeps the deadline: it
+  // is no reason to retry sooner, nor to back off.
+  if (retry_armed_ && !retry_pass)
+    return;
+  if (retry_pass)
+    retry_delay_ = retry_delay_ > config_.max_retry_interval / 2
+                       ? config_.max_retry_interval
+                       : retry_delay_ * 2;
+  retry_armed_ = true;
+  retry_deadline_ =
+      std::chrono::steady_clock::now() +
+      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          retry_delay_);
 }
 
 void disk_tier::process(std::vector<request>& batch,
@@ -1242,10 +1296,10 @@ void disk_tier::do_expire(request& r, disk_completion& c) {
 void disk_tier::do_compact(disk_completion& c, bool forced) {
   // A segment leaves shrunk_segments_ when it is compacted (retired) or
   // found not to need it. One whose compaction fails, and those not
-  // reached after it, stay: the next batch tries again. Forgetting them
-  // would leave their dead bytes on disk until another block left the
-  // same segment. A forced compaction adds nothing: its caller gets the
-  // error.
+  // reached after it, stay: the next batch or retry pass tries again.
+  // Forgetting them would leave their dead bytes on disk until another
+  // block left the same segment. A forced compaction adds nothing: its
+  // caller gets the error.
   std::vector<std::uint64_t> ids;
   for (const auto& [id, s] : segments_) {
     const bool shrunk = shrunk_segments_.count(id) != 0;
@@ -1573,6 +1627,8 @@ void disk_tier::check_invariants() const {
   idle_cv_.wait(lk, [&] { return queue_.empty() && !busy_; });
   // Idle: the I/O thread waits for mu_ before touching its state, so its
   // state can be read here.
+  KVFLEET_CHECK(retry_armed_ == retry_pending(),
+                "work a failure left is scheduled for a retry");
   if (!reload_error_.empty()) {
     // Nothing loaded; the directory keeps the owner's view until a reload.
     KVFLEET_CHECK(index_.empty() && segments_.empty() && file_bytes_ == 0 &&

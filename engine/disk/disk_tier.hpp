@@ -48,6 +48,16 @@
 /// and are never returned by fetch. TTL applies to pinned blocks too, as in
 /// block_store; pins protect from capacity eviction only.
 ///
+/// Failures: a batch whose commit (or, under full_sync, sync) fails is
+/// rolled back and the I/O thread's state reloaded from the catalog. What
+/// a failure leaves to do (catalog rows the directory is ahead of, a
+/// reload that failed, a threshold compaction that failed or was not
+/// reached) is retried with every later batch and, while the tier is idle,
+/// on its own: retry_interval after the failure, then at a doubling delay
+/// up to max_retry_interval while it keeps failing. Failures are counted
+/// (stats().io_errors); requests are served meanwhile (refused while no
+/// reload has succeeded), and shutdown does not wait for a retry.
+///
 /// Errors are values; nothing throws out of the public API. Broken
 /// invariants abort (check_invariants()).
 
@@ -125,6 +135,15 @@ struct disk_tier_config {
   /// slow disk cannot move evicted blocks onto the heap without limit. A
   /// spill is always taken when nothing is queued; pinned spills always are.
   std::uint64_t max_queued_bytes = std::uint64_t{256} << 20;
+  /// Work left over after a failure (catalog repairs and a reload after a
+  /// failed batch, a compaction that failed) is retried by the I/O thread on
+  /// its own, not only with the next request: first this long after the
+  /// failure, then at twice the previous delay while it keeps failing...
+  /// Must be positive.
+  nanos retry_interval = std::chrono::seconds(1);
+  /// ...up to this (so a disk that stays broken costs one attempt per
+  /// max_retry_interval). At least retry_interval, at most 24 hours.
+  nanos max_retry_interval = std::chrono::seconds(30);
   /// Default: wall_clock_source. Read on the I/O thread: must be thread-safe.
   const clock_source* clock = nullptr;
   /// Called on the I/O thread after it queued completions (e.g. to send the
@@ -148,6 +167,11 @@ struct disk_tier_config {
   /// catalog (at open, and to reload after a failed batch), after the rows
   /// are read; a nonzero result is the errno of a failure there.
   segment_file::write_fault load_fault_for_testing;
+  /// Test hook: called on the I/O thread after each retry pass (one that
+  /// ran because retry_interval passed with work pending, not for a
+  /// request), once its results are published: with the delay until the
+  /// next retry, or 0 when nothing is left to retry.
+  std::function<void(nanos)> on_retry_for_testing;
 };
 
 /// Identifies one queued request; its completion carries the same id.
@@ -327,7 +351,8 @@ public:
   }
 
   /// Waits until idle, then aborts when an invariant is broken: the
-  /// directory, the I/O thread's index, segment accounting and stats agree.
+  /// directory, the I/O thread's index, segment accounting and stats agree,
+  /// and work a failure left has a retry scheduled.
   void check_invariants() const;
 
 private:
@@ -397,13 +422,19 @@ private:
   [[nodiscard]] result<void> recover();
   /// After a failed batch: load(), reconciled with the owner's directory.
   /// If the load fails, reload_error_ says why and the tier refuses its
-  /// requests until a later reload succeeds.
+  /// requests until a later reload (next batch or retry pass) succeeds.
   void reload();
+  /// Whether a failure left work that a pass without requests would do:
+  /// a reload, catalog repairs, or a threshold compaction.
+  [[nodiscard]] bool retry_pending() const noexcept;
+  /// After each pass of run(): arms, backs off or disarms the retry
+  /// deadline. `retry_pass`: the pass ran because the deadline passed.
+  void schedule_retry(bool retry_pass);
   /// Answers a batch while reload_error_ is set: spills, fetches and the
   /// rest fail; erase and pins wait for the reload to reconcile them.
   void refuse_batch(std::vector<request>& batch,
                     std::vector<disk_completion>& out);
-  /// Writes repairs_ (start of each batch).
+  /// Writes repairs_ (start of each batch and retry pass).
   void apply_repairs();
   [[nodiscard]] result<void> make_room(std::uint64_t record_bytes);
   [[nodiscard]] std::uint64_t bytes_needed(std::uint64_t record_bytes) const;
@@ -466,11 +497,18 @@ private:
   /// Generations whose spill was written in the current batch: if the
   /// batch fails, their completions fail and reload() drops them.
   std::unordered_set<std::uint64_t> batch_spill_gens_;
-  /// Written at the start of the next batch (see reload()).
+  /// Written at the start of the next batch or retry pass (see reload()).
   std::unordered_map<block_key, repair, block_key_hash> repairs_;
   /// Set while the state could not be reloaded after a failed batch: the
-  /// index and segments are empty and each batch retries the reload.
+  /// index and segments are empty and each batch (or retry pass) retries
+  /// the reload.
   std::string reload_error_;
+  /// While retry_pending(): when the next pass without requests runs, and
+  /// the delay that set it (doubled, up to max_retry_interval, after each
+  /// retry pass that leaves work pending).
+  bool retry_armed_ = false;
+  std::chrono::steady_clock::time_point retry_deadline_{};
+  nanos retry_delay_{0};
   bool logged_full_ = false;
   disk_tier_stats io_stats_;
 

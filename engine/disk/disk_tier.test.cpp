@@ -8,12 +8,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <mutex>
 #include <random>
 #include <set>
 #include <sys/resource.h>
@@ -78,6 +80,45 @@ struct sync_counter {
 
   static segment_file::write_fault hook(std::shared_ptr<sync_counter> s) {
     return [s] { return ++s->calls == s->fail_at.load() ? EIO : 0; };
+  }
+};
+
+/// Records what on_retry_for_testing reports: the delay after each retry
+/// pass, 0 once nothing is left to retry. Tests wait on it instead of
+/// sleeping.
+struct retry_watch {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<nanos> delays;
+
+  static std::function<void(nanos)> hook(std::shared_ptr<retry_watch> w) {
+    return [w](nanos next) {
+      {
+        std::lock_guard lk(w->mu);
+        w->delays.push_back(next);
+      }
+      w->cv.notify_all();
+    };
+  }
+  /// Waits, with a bound, until `n` retry passes reported work left.
+  bool failed(std::size_t n) {
+    std::unique_lock lk(mu);
+    return cv.wait_for(lk, std::chrono::seconds(60), [&] {
+      return std::count_if(delays.begin(), delays.end(), [](nanos d) {
+               return d != nanos{0};
+             }) >= static_cast<std::ptrdiff_t>(n);
+    });
+  }
+  /// Waits, with a bound, until a retry pass left nothing to retry.
+  bool converged() {
+    std::unique_lock lk(mu);
+    return cv.wait_for(lk, std::chrono::seconds(60), [&] {
+      return std::find(delays.begin(), delays.end(), nanos{0}) != delays.end();
+    });
+  }
+  std::vector<nanos> seen() {
+    std::lock_guard lk(mu);
+    return delays;
   }
 };
 
@@ -1431,6 +1472,265 @@ TEST_F(disk_tier_test,
   owner_view();
   EXPECT_EQ(tier_->stats().recovered_blocks, 3U);
   expect_block(2);
+}
+
+// ------------------------------------------------------------- retries
+
+/// Block i's size in the retry tests: distinct, so that a test can read a
+/// block's row from the catalog by its size.
+std::size_t retry_size(std::uint64_t i) {
+  return 1024 * static_cast<std::size_t>(i + 1);
+}
+
+TEST_F(disk_tier_test, a_compaction_that_failed_is_retried_while_idle) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.compaction_threshold = 0.5;
+  c.retry_interval = std::chrono::milliseconds(1);
+  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto broken = std::make_shared<std::atomic<bool>>(false);
+  c.write_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
+  auto watch = std::make_shared<retry_watch>();
+  c.on_retry_for_testing = retry_watch::hook(watch);
+  open(c);
+  for (std::uint64_t i = 0; i < 12; ++i)
+    spill(i);
+  settle();
+  EXPECT_EQ(tier_->stats().segments, 3U);
+  const auto before = tier_->stats().file_bytes;
+  // Segment 1 keeps one block of four, and copying that block out fails.
+  broken->store(true);
+  for (std::uint64_t i : {0UL, 1UL, 2UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 0U);
+  EXPECT_GE(s.io_errors, 1U);
+  // The disk recovers. No request, removal or compact() follows: the I/O
+  // thread retries on its own.
+  broken->store(false);
+  EXPECT_TRUE(watch->converged()) << "the failed compaction was not retried";
+  s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U) << "segment 1's dead bytes stayed on disk";
+  EXPECT_EQ(s.compaction_bytes_moved, rec);
+  EXPECT_EQ(s.file_bytes, before - 3 * rec);
+  for (std::uint64_t i = 3; i < 12; ++i)
+    expect_block(i);
+  EXPECT_EQ(segment_files().size(), tier_->stats().segments);
+}
+
+TEST_F(disk_tier_test,
+       work_refused_while_the_catalog_is_locked_is_retried_at_a_bounded_pace) {
+  auto c = config();
+  c.full_sync = true;
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.compaction_threshold = 0.5;
+  c.retry_interval = std::chrono::milliseconds(1);
+  c.max_retry_interval = std::chrono::milliseconds(4);
+  // No accessed_at flush wakes the I/O thread: only the retries do.
+  c.touch_flush_interval = std::chrono::hours(1);
+  auto watch = std::make_shared<retry_watch>();
+  c.on_retry_for_testing = retry_watch::hook(watch);
+  open(c);
+  for (std::uint64_t i = 0; i < 8; ++i) // segment 1: 0-3, segment 2: 4-7
+    spill(i);
+  settle();
+  const auto before = tier_->stats().file_bytes;
+  // An operator's shell holds the catalog's write lock: the erases cannot
+  // reach the catalog, and under full_sync segment 1 (one live block of
+  // four) cannot be compacted without a transaction.
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  ASSERT_TRUE(peer.hold());
+  for (std::uint64_t i : {0UL, 1UL, 2UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  // While the lock is held every retry fails, and is counted; the delay
+  // doubles up to max_retry_interval instead of spinning.
+  const auto tried = watch->seen().size();
+  const auto errors = tier_->stats().io_errors;
+  EXPECT_TRUE(watch->failed(tried + 4)) << "nothing was retried while idle";
+  const auto delays = watch->seen();
+  for (std::size_t i = 0; i < std::min<std::size_t>(delays.size(), 4); ++i)
+    EXPECT_EQ(delays[i], std::chrono::milliseconds(i == 0 ? 2 : 4)) << i;
+  EXPECT_GE(tier_->stats().io_errors, errors + 4); // 4 or more a retry
+  EXPECT_EQ(tier_->stats().compactions, 0U);
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries"), 8);
+  expect_block(3); // requests are served meanwhile
+  // The lock goes; the next retry writes the erases and compacts.
+  peer.release();
+  EXPECT_TRUE(watch->converged()) << "the refused work was not retried";
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries"), 5)
+      << "rows of erased blocks are still committed";
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U) << "segment 1's dead bytes stayed on disk";
+  EXPECT_EQ(s.file_bytes, before - 3 * rec);
+  for (std::uint64_t i = 3; i < 8; ++i)
+    expect_block(i);
+  tier_.reset();
+  open(c);
+  EXPECT_EQ(tier_->stats().recovered_blocks, 5U);
+}
+
+TEST_F(disk_tier_test, repairs_after_a_failed_batch_are_written_while_idle) {
+  auto c = config();
+  c.full_sync = true;
+  c.retry_interval = std::chrono::milliseconds(1);
+  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto syncs = std::make_shared<sync_counter>();
+  auto gate = std::make_shared<append_gate>();
+  const append_gate::guard gate_guard{gate};
+  auto watch = std::make_shared<retry_watch>();
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.write_fault_for_testing = append_gate::hook(gate);
+  c.on_retry_for_testing = retry_watch::hook(watch);
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i, retry_size(i));
+  settle();
+  ASSERT_TRUE(tier_->pin(key_of(2)).has_value());
+  settle();
+  // Spill 10 holds the I/O thread; an erase, a pin and an unpin go into
+  // the next batch, whose sync fails.
+  gate->armed = true;
+  spill(10, 512);
+  gate->entered.get_future().wait();
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  ASSERT_TRUE(tier_->pin(key_of(1)).has_value());
+  ASSERT_TRUE(tier_->unpin(key_of(2)).has_value());
+  const auto lost = spill(11, 512);
+  syncs->fail_at = syncs->calls + 2;
+  gate->open();
+  for (const auto& d : settle()) {
+    if (d.id == lost) {
+      EXPECT_FALSE(d.status.has_value()) << "acknowledged, yet rolled back";
+    }
+  }
+  // No request follows. The I/O thread writes the repairs on its own, so
+  // that a crash from now on cannot bring the erased block back.
+  EXPECT_TRUE(watch->converged()) << "the repairs waited for a request";
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries WHERE size = 1024"),
+            0)
+      << "the erased block's row is still committed";
+  EXPECT_EQ(peer.query("SELECT pinned FROM cache_entries WHERE size = 2048"), 1)
+      << "the pin is not committed";
+  EXPECT_EQ(peer.query("SELECT pinned FROM cache_entries WHERE size = 3072"), 0)
+      << "the unpin is not committed";
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries"), 4); // 1-3, 10
+  tier_.reset();
+  open(c);
+  EXPECT_FALSE(tier_->contains(key_of(0)));
+  EXPECT_EQ(tier_->lookup(key_of(1)).value_or(disk_block_info{}).pins, 1U);
+  EXPECT_EQ(tier_->stats().recovered_blocks, 4U);
+}
+
+TEST_F(disk_tier_test, a_failed_reload_is_retried_while_idle) {
+  auto c = config();
+  c.full_sync = true;
+  c.retry_interval = std::chrono::milliseconds(1);
+  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto syncs = std::make_shared<sync_counter>();
+  auto broken = std::make_shared<std::atomic<bool>>(false);
+  auto watch = std::make_shared<retry_watch>();
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.load_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
+  c.on_retry_for_testing = retry_watch::hook(watch);
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i, retry_size(i));
+  settle();
+  ASSERT_TRUE(tier_->pin(key_of(2)).has_value());
+  settle();
+  // A batch fails, and so does the reload after it.
+  broken->store(true);
+  syncs->fail_at = syncs->calls + 1;
+  const auto lost = spill(10, 512);
+  for (const auto& d : settle()) {
+    if (d.id == lost) {
+      EXPECT_FALSE(d.status.has_value()) << "acknowledged, yet rolled back";
+    }
+  }
+  // The reload keeps failing: retried, counted, at a bounded pace. (A
+  // retry that published its error before `errors` was read may report
+  // after `tried`: one more than the three errors expected.)
+  const auto tried = watch->seen().size();
+  const auto errors = tier_->stats().io_errors;
+  EXPECT_TRUE(watch->failed(tried + 4))
+      << "the reload was not retried while idle";
+  for (const nanos d : watch->seen()) {
+    EXPECT_GE(d, c.retry_interval);
+    EXPECT_LE(d, c.max_retry_interval);
+  }
+  EXPECT_GE(tier_->stats().io_errors, errors + 3);
+  // What the owner does meanwhile waits in the directory.
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  ASSERT_TRUE(tier_->unpin(key_of(2)).has_value());
+  settle();
+  // The fault clears. No request follows: a retry reloads, reconciled
+  // with the directory, and writes the erase and the unpin.
+  broken->store(false);
+  EXPECT_TRUE(watch->converged()) << "the reload waited for a request";
+  EXPECT_EQ(tier_->stats().blocks, 3U) << "not reloaded";
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries WHERE size = 1024"),
+            0)
+      << "the erased block's row is still committed";
+  EXPECT_EQ(peer.query("SELECT pinned FROM cache_entries WHERE size = 3072"), 0)
+      << "the unpin is not committed";
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries"), 3);
+  expect_block(1, retry_size(1));
+  tier_.reset();
+  open(c);
+  EXPECT_FALSE(tier_->contains(key_of(0)));
+  EXPECT_EQ(tier_->stats().recovered_blocks, 3U);
+}
+
+TEST_F(disk_tier_test, a_pending_retry_does_not_hold_up_shutdown) {
+  auto c = config();
+  c.retry_interval = std::chrono::hours(24);
+  c.max_retry_interval = std::chrono::hours(24);
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i, retry_size(i));
+  settle();
+  {
+    // The erase cannot reach the catalog: a retry is due in a day.
+    catalog_peer peer(dir_ + "/catalog.sqlite");
+    ASSERT_TRUE(peer.hold());
+    ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+    settle();
+  }
+  // The destructor does not wait for it; its last pass writes the erase.
+  tier_.reset();
+  open(c);
+  EXPECT_FALSE(tier_->contains(key_of(0))) << "an erased block came back";
+  EXPECT_EQ(tier_->stats().recovered_blocks, 3U);
+}
+
+TEST_F(disk_tier_test,
+       retry_intervals_that_would_spin_or_overflow_are_refused) {
+  using std::chrono::hours;
+  using std::chrono::seconds;
+  const std::pair<nanos, nanos> bad[] = {{nanos{0}, seconds(1)},
+                                         {seconds(-1), seconds(1)},
+                                         {seconds(2), seconds(1)},
+                                         {seconds(1), hours(25)}};
+  for (const auto& [first, most] : bad) {
+    auto c = config();
+    c.retry_interval = first;
+    c.max_retry_interval = most;
+    auto t = disk_tier::open(c);
+    ASSERT_FALSE(t.has_value()) << first.count() << " " << most.count();
+    EXPECT_EQ(t.error().code, errc::invalid_argument);
+    EXPECT_NE(t.error().message.find("retry_interval"), std::string::npos)
+        << t.error().message;
+  }
+  auto c = config();
+  c.retry_interval = hours(24);
+  c.max_retry_interval = hours(24);
+  open(c);
 }
 
 } // namespace
