@@ -1313,6 +1313,39 @@ TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
   EXPECT_EQ(st.useful, 2U);
 }
 
+TEST_F(actor_test, PrefetcherDoesNotPrefetchAnOutstandingQueryAgain) {
+  // X -> B is learned; X twice in a row predicts B twice, but the second
+  // prediction finds B's prefetch outstanding (the tracker refuses it) and
+  // sends nothing.
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  prefetch_config pc;
+  pc.threshold = 0.5;
+  pc.model.aging_interval = 0;
+  auto pf = spawn_prefetcher(*sys_, pc, b).value();
+  stop_at_end_.push_back(pf);
+  stop_at_end_.push_back(b);
+  sched_->run();
+  auto observe = [&](std::uint64_t session, const std::string& q) {
+    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
+                   std::int64_t{0});
+    sched_->run();
+  };
+  observe(1, "X");
+  observe(1, "B");
+  ASSERT_TRUE(be->seen.empty());
+  observe(2, "X"); // prefetches B
+  observe(3, "X"); // B is outstanding: not again
+  ASSERT_EQ(be->seen.size(), 1U);
+  EXPECT_EQ(be->seen[0].query, "B");
+  observe(2, "B"); // used; X may prefetch B once more
+  observe(4, "X");
+  EXPECT_EQ(be->seen.size(), 2U);
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 2U);
+  EXPECT_EQ(st.useful, 1U);
+}
+
 TEST_F(actor_test, PrefetcherWastesEveryPrefetchThatHeldAnEvictedBlock) {
   // B and C share their first block (a common prefix) and are both
   // prefetched, outstanding, when an engine evicts that block: both were

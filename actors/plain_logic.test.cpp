@@ -16,6 +16,7 @@
 #include <chrono>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvfleet::actors {
@@ -504,11 +505,18 @@ TEST(TransitionModel, ForgetsStalePatternsAndStaysBounded) {
   EXPECT_LE(m.query_count(), 3U);
 }
 
+/// A tracker of `max_outstanding` (>= 1) prefetches.
+prefetch_tracker tracker(std::size_t max_outstanding) {
+  auto t = prefetch_tracker::create(max_outstanding);
+  EXPECT_TRUE(t.has_value()) << t.error().describe();
+  return std::move(t).value();
+}
+
 TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
-  prefetch_tracker t{4};
+  auto t = tracker(4);
   for (std::uint64_t i = 0; i < 10'000; ++i) {
     const auto q = "q" + std::to_string(i % 7);
-    t.add(q, {block_key{i, 1}});
+    ASSERT_TRUE(t.add(q, {block_key{i, 1}}));
     if (i % 2 == 0)
       EXPECT_TRUE(t.used(q));
     else
@@ -521,12 +529,12 @@ TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
 }
 
 TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
-  prefetch_tracker t{2};
-  t.add("B", {block_key{2, 1}});
+  auto t = tracker(2);
+  ASSERT_TRUE(t.add("B", {block_key{2, 1}}));
   EXPECT_TRUE(t.used("B"));
-  t.add("C", {block_key{3, 1}}); // oldest outstanding
-  t.add("B", {block_key{2, 1}});
-  t.add("D", {block_key{4, 1}}); // full: C goes, not the newer B
+  ASSERT_TRUE(t.add("C", {block_key{3, 1}})); // oldest outstanding
+  ASSERT_TRUE(t.add("B", {block_key{2, 1}}));
+  ASSERT_TRUE(t.add("D", {block_key{4, 1}})); // full: C goes, not the newer B
   EXPECT_FALSE(t.contains("C"));
   EXPECT_TRUE(t.contains("B"));
   EXPECT_TRUE(t.contains("D"));
@@ -539,9 +547,9 @@ TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
 TEST(PrefetchTracker, PrefetchesSharingABlockEachKeepTheirClaimOnIt) {
   // A and B share their first block (a common prefix).
   const block_key shared{1, 1};
-  prefetch_tracker t{4};
-  t.add("A", {shared, block_key{2, 1}});
-  t.add("B", {shared, block_key{3, 1}});
+  auto t = tracker(4);
+  ASSERT_TRUE(t.add("A", {shared, block_key{2, 1}}));
+  ASSERT_TRUE(t.add("B", {shared, block_key{3, 1}}));
   // Evicting the shared block wastes both, not only the later one.
   auto wasted = t.evicted(shared);
   std::sort(wasted.begin(), wasted.end());
@@ -549,18 +557,59 @@ TEST(PrefetchTracker, PrefetchesSharingABlockEachKeepTheirClaimOnIt) {
   EXPECT_EQ(t.size(), 0U);
   EXPECT_EQ(t.index_size(), 0U);
   // Resolving one leaves the other's claim on the shared block.
-  t.add("A", {shared, block_key{2, 1}});
-  t.add("B", {shared, block_key{3, 1}});
+  ASSERT_TRUE(t.add("A", {shared, block_key{2, 1}}));
+  ASSERT_TRUE(t.add("B", {shared, block_key{3, 1}}));
   EXPECT_TRUE(t.used("B"));
   EXPECT_EQ(t.evicted(shared), std::vector<std::string>{"A"});
   EXPECT_FALSE(t.used("A")); // wasted already: not useful as well
   EXPECT_EQ(t.size(), 0U);
   EXPECT_EQ(t.index_size(), 0U);
   // A key listed twice in one prefetch is indexed once and dropped cleanly.
-  t.add("C", {shared, shared});
+  ASSERT_TRUE(t.add("C", {shared, shared}));
   EXPECT_EQ(t.index_size(), 1U);
   EXPECT_EQ(t.evicted(shared), std::vector<std::string>{"C"});
   EXPECT_EQ(t.index_size(), 0U);
+}
+
+TEST(PrefetchTracker, CreateRejectsRoomForNothing) {
+  // Not quietly taken as 1.
+  auto none = prefetch_tracker::create(0);
+  ASSERT_FALSE(none.has_value());
+  EXPECT_EQ(none.error().code, errc::invalid_argument);
+  EXPECT_NE(none.error().message.find("max_outstanding"), std::string::npos)
+      << none.error().describe();
+  auto one = prefetch_tracker::create(1);
+  ASSERT_TRUE(one.has_value()) << one.error().describe();
+  ASSERT_TRUE(one->add("A", {block_key{1, 1}}));
+  ASSERT_TRUE(one->add("B", {block_key{2, 1}})); // full: A goes
+  EXPECT_FALSE(one->contains("A"));
+  EXPECT_TRUE(one->contains("B"));
+}
+
+TEST(PrefetchTracker, AddingAnOutstandingQueryIsAnErrorAndChangesNothing) {
+  auto t = tracker(3);
+  ASSERT_TRUE(t.add("A", {block_key{1, 1}}));
+  ASSERT_TRUE(t.add("B", {block_key{2, 1}}));
+  auto again = t.add("A", {block_key{3, 1}});
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code, errc::invalid_argument);
+  EXPECT_NE(again.error().message.find("'A'"), std::string::npos)
+      << again.error().describe();
+  // The first prefetch of A is tracked as it was: its keys, its age, and
+  // no second entry in the age order or the index.
+  EXPECT_EQ(t.size(), 2U);
+  EXPECT_EQ(t.order_size(), 2U);
+  EXPECT_EQ(t.index_size(), 2U);
+  EXPECT_TRUE(t.evicted(block_key{3, 1}).empty());
+  ASSERT_TRUE(t.add("C", {block_key{4, 1}}));
+  ASSERT_TRUE(t.add("D", {block_key{5, 1}})); // full: A, still the oldest
+  EXPECT_FALSE(t.contains("A"));
+  EXPECT_TRUE(t.contains("B"));
+  EXPECT_TRUE(t.contains("C"));
+  EXPECT_TRUE(t.evicted(block_key{1, 1}).empty()); // A left nothing behind
+  EXPECT_EQ(t.size(), 3U);
+  EXPECT_EQ(t.order_size(), 3U);
+  EXPECT_EQ(t.index_size(), 3U);
 }
 
 TEST(EmbeddedQueryStore, ExpiresAtTtl) {

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <deque>
+#include <memory>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -51,29 +52,33 @@ void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
 
 void issue(prefetch_actor* self, const std::string& q) {
   auto& st = self->state;
-  if (st.outstanding->contains(q))
-    return;
   auto it = st.known.find(q);
   if (it == st.known.end())
+    return;
+  // The tracker refuses a query whose prefetch is still outstanding: it is
+  // not prefetched twice.
+  if (!st.outstanding->add(q, it->second.keys))
     return;
   kv_request req = it->second;
   req.id = st.next_id++;
   req.prio = engine::priority::low;
   req.prefetch = true;
   req.pin = false;
-  st.outstanding->add(q, req.keys);
   ++st.stats.issued;
   self->request(st.balancer, st.config.request_timeout, process_atom::value,
                 std::move(req))
       .then([](const kv_reply&) {}, [](caf::error&) {});
 }
 
+/// The tracker travels to the actor in a shared_ptr because spawn arguments
+/// are copied (a tracker is move-only); the actor takes it on start.
 caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
-                                caf::actor balancer) {
+                                caf::actor balancer,
+                                std::shared_ptr<prefetch_tracker> tracker) {
   auto& st = self->state;
   st.config = config;
   st.model.emplace(config.model);
-  st.outstanding.emplace(config.max_outstanding);
+  st.outstanding.emplace(std::move(*tracker));
   st.balancer = balancer;
   self->send(balancer, listen_atom::value, caf::actor{self});
   self->set_default_handler(
@@ -141,7 +146,11 @@ result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
                                     caf::actor balancer) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
-  return sys.spawn(prefetch_behavior, std::move(config), std::move(balancer));
+  auto tracker = prefetch_tracker::create(config.max_outstanding);
+  if (!tracker)
+    return unexpected<error>{tracker.error()};
+  return sys.spawn(prefetch_behavior, std::move(config), std::move(balancer),
+                   std::make_shared<prefetch_tracker>(std::move(*tracker)));
 }
 
 } // namespace kvfleet::actors

@@ -1,15 +1,40 @@
 #include "actors/prefetch_tracker.hpp"
 
+#include <cstdio>
+#include <cstdlib>
+
 namespace kvfleet::actors {
 
-void prefetch_tracker::add(const std::string& query,
-                           const std::vector<engine::block_key>& keys) {
+result<prefetch_tracker> prefetch_tracker::create(std::size_t max_outstanding) {
+  if (max_outstanding == 0)
+    return make_error(errc::invalid_argument,
+                      "prefetch_tracker: max_outstanding must be at least 1");
+  return prefetch_tracker{max_outstanding};
+}
+
+prefetch_tracker::prefetch_tracker(std::size_t max_outstanding)
+    : max_outstanding_(max_outstanding) {
+  if (max_outstanding_ == 0) {
+    std::fprintf(stderr, "kvfleet: prefetch_tracker: max_outstanding 0\n");
+    std::abort();
+  }
+}
+
+result<void> prefetch_tracker::add(const std::string& query,
+                                   const std::vector<engine::block_key>& keys) {
+  // Taking it again would leave the first entry's age and block claims
+  // behind, tracked under nothing.
+  if (outstanding_.contains(query))
+    return make_error(errc::invalid_argument,
+                      "prefetch_tracker: a prefetch of '" + query +
+                          "' is outstanding already");
   while (outstanding_.size() >= max_outstanding_ && !order_.empty())
     drop(order_.front());
   order_.push_back(query);
-  outstanding_.insert_or_assign(query, entry{keys, std::prev(order_.end())});
+  outstanding_.emplace(query, entry{keys, std::prev(order_.end())});
   for (const auto& k : keys)
     by_key_[k].insert(query);
+  return {};
 }
 
 bool prefetch_tracker::used(const std::string& query) {

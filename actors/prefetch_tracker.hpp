@@ -10,9 +10,11 @@
 /// most `max_outstanding` (>= 1) are tracked: tracking one more forgets the
 /// oldest outstanding one. Memory is bounded by the outstanding prefetches
 /// alone (one index entry per block of each): a resolved prefetch leaves
-/// nothing behind. Not thread-safe: owned by one actor.
+/// nothing behind. Not thread-safe: owned by one actor. Move-only: each
+/// entry points into the age order it was made with.
 
 #include "engine/block_key.hpp"
+#include "engine/result.hpp"
 
 #include <cstddef>
 #include <list>
@@ -25,16 +27,27 @@ namespace kvfleet::actors {
 
 class prefetch_tracker {
 public:
-  explicit prefetch_tracker(std::size_t max_outstanding)
-      : max_outstanding_(max_outstanding == 0 ? 1 : max_outstanding) {}
+  /// A tracker of at most `max_outstanding` prefetches. Errors:
+  /// errc::invalid_argument for 0 (it could track nothing), never silently
+  /// taken as 1.
+  [[nodiscard]] static result<prefetch_tracker>
+  create(std::size_t max_outstanding);
+
+  prefetch_tracker(prefetch_tracker&&) noexcept = default;
+  prefetch_tracker& operator=(prefetch_tracker&&) noexcept = default;
+  prefetch_tracker(const prefetch_tracker&) = delete;
+  prefetch_tracker& operator=(const prefetch_tracker&) = delete;
 
   [[nodiscard]] bool contains(const std::string& query) const {
     return outstanding_.contains(query);
   }
-  /// Tracks a prefetch of `query` over `keys` (REQUIRES: !contains(query)),
-  /// forgetting the oldest outstanding prefetch first when full.
-  void add(const std::string& query,
-           const std::vector<engine::block_key>& keys);
+  /// Tracks a prefetch of `query` over `keys`, forgetting the oldest
+  /// outstanding prefetch first when full. Errors: errc::invalid_argument
+  /// when a prefetch of `query` is outstanding already (contains(query));
+  /// the tracker is then unchanged, the earlier prefetch keeping its keys
+  /// and its age.
+  [[nodiscard]] result<void> add(const std::string& query,
+                                 const std::vector<engine::block_key>& keys);
   /// `query` was requested: true when a prefetch of it was outstanding
   /// (useful), which is then resolved.
   bool used(const std::string& query);
@@ -55,6 +68,10 @@ public:
   }
 
 private:
+  /// REQUIRES: max_outstanding >= 1; else a bug in this class (create
+  /// checks first), logged before aborting.
+  explicit prefetch_tracker(std::size_t max_outstanding);
+
   struct entry {
     std::vector<engine::block_key> keys;
     std::list<std::string>::iterator age; ///< in order_
