@@ -128,6 +128,18 @@ protected:
     return out;
   }
 
+  /// ask() from a caller that sets no timer of its own (caf::infinite).
+  template <class T, class... Ts>
+  std::shared_ptr<outcome<T>> ask_untimed(const caf::actor& dest, Ts... xs) {
+    auto out = std::make_shared<outcome<T>>();
+    sys_->spawn([=](caf::event_based_actor* self) {
+      self->request(dest, caf::infinite, xs...)
+          .then([=](T& v) { out->value = std::move(v); },
+                [=](caf::error& e) { out->error = e; });
+    });
+    return out;
+  }
+
   template <class T, class... Ts> T ask_now(const caf::actor& dest, Ts... xs) {
     auto out = ask<T>(dest, xs...);
     sched_->run();
@@ -1492,6 +1504,99 @@ TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
   }
 }
 
+TEST_F(actor_test, AQueryCacheMissEndsAtTheBalancersDeadlineOnly) {
+  // The cache sets no timer of its own: a miss whose engine does not answer
+  // ends when the balancer times it out (here after 40 s, later than the
+  // 30 s the cache used to set itself), and the key is asked for again
+  // afterwards.
+  auto b =
+      balancer(routing_policy::round_robin, {small_engine(64, 2, 100s)}, 40s);
+  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+  stop_at_end_.push_back(qcache);
+  sched_->run();
+  auto r1 = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
+  auto r2 = ask<kv_reply>(qcache, query_atom::value, query(2, "q"));
+  sched_->run();
+  sched_->advance_time(39s);
+  sched_->run();
+  EXPECT_FALSE(r1->done() || r2->done());
+  sched_->advance_time(1s); // the balancer's deadline
+  sched_->run();
+  for (const auto& r : {r1, r2}) {
+    ASSERT_TRUE(r->error.has_value());
+    EXPECT_TRUE(is_timeout(*r->error)) << to_string(*r->error);
+  }
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).timeouts, 1U);
+  // Nothing of the failed miss waits on: the next request of "q" goes to
+  // the balancer again (and closes the engine's batch of two).
+  auto r3 = ask_now<kv_reply>(qcache, query_atom::value, query(3, "q"));
+  EXPECT_FALSE(r3.from_query_cache);
+  auto st = ask_now<query_cache_stats>(qcache, stats_atom::value);
+  EXPECT_EQ(st.misses, 3U);
+  EXPECT_EQ(st.coalesced, 1U);
+}
+
+/// Stands in for the balancer and answers nothing until told to: holds
+/// every process request, like an engine batch that never closes by
+/// itself, and answers them all at (close_batch_atom). `held` counts them.
+caf::behavior holding_balancer(caf::event_based_actor* self,
+                               std::shared_ptr<std::size_t> held) {
+  auto promises = std::make_shared<
+      std::vector<std::pair<kv_request, caf::response_promise>>>();
+  return {
+      [=](process_atom, const kv_request& r) -> caf::result<kv_reply> {
+        auto p = self->make_response_promise();
+        promises->emplace_back(r, p);
+        ++*held;
+        return p;
+      },
+      [=](close_batch_atom) {
+        for (auto& [r, p] : *promises)
+          p.deliver(
+              kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false});
+        promises->clear();
+      },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {
+  // The balancer answers every request (at the latest with its own
+  // request_timeout), so their requests to it carry no CAF timeout: each
+  // would be a clock entry that wakes CAF's clock thread.
+  auto held = std::make_shared<std::size_t>(0);
+  auto b = sys_->spawn(holding_balancer, held);
+  stop_at_end_.push_back(b);
+  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+  stop_at_end_.push_back(qcache);
+  auto w = spawn_warmer(*sys_, warmer_config{}, b);
+  stop_at_end_.push_back(w);
+  prefetch_config pc;
+  pc.threshold = 0.5;
+  pc.model.aging_interval = 0;
+  auto pf = spawned(spawn_prefetcher(*sys_, pc, b));
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  auto cached = ask_untimed<kv_reply>(qcache, query_atom::value, query(1, "q"));
+  auto warmed = ask_untimed<warm_report>(
+      w, warm_atom::value, std::vector<warm_item>{{query(0, "w"), 1.0}},
+      std::uint32_t{1}, false, caf::actor{});
+  for (const auto& [session, q] :
+       {std::pair{1, "X"}, std::pair{1, "B"}, std::pair{2, "X"}})
+    caf::anon_send(pf, observe_atom::value,
+                   query(static_cast<std::uint64_t>(session), q), kv_reply{},
+                   std::int64_t{0});
+  sched_->run();
+  ASSERT_EQ(*held, 3U); // the miss, the warm query, the prefetch
+  EXPECT_FALSE(sched_->has_pending_timeout());
+  caf::anon_send(b, close_batch_atom::value);
+  sched_->run();
+  ASSERT_TRUE(cached->value.has_value());
+  ASSERT_TRUE(warmed->value.has_value());
+  EXPECT_EQ(warmed->value->warmed, 1U);
+  EXPECT_EQ(ask_now<prefetch_stats>(pf, stats_atom::value).issued, 1U);
+}
+
 /// Sends three normal requests and then a critical one to `dest` and runs
 /// every actor but `sink` until they reach it; then lets `sink` read its
 /// mailbox. Returns the ids in the order `sink` (a fake_balancer) saw them.
@@ -1595,6 +1700,30 @@ TEST_F(actor_test, AWarmCallerHearsBackWhenTheWarmerStops) {
   sched_->run();
   ASSERT_TRUE(out->error.has_value());
   EXPECT_EQ(*out->error, caf::sec::request_receiver_down);
+}
+
+TEST_F(actor_test, AWarmQueryTheBalancerTimesOutFailsAtItsDeadlineOnly) {
+  // The warmer sets no timer of its own: a query whose engine does not
+  // answer fails when the balancer times it out (here after 70 s, later
+  // than the 60 s the warmer used to set itself).
+  auto b =
+      balancer(routing_policy::round_robin, {small_engine(64, 20, 100s)}, 70s);
+  auto w = spawn_warmer(*sys_, warmer_config{}, b);
+  stop_at_end_.push_back(w);
+  sched_->run();
+  auto rep = ask<warm_report>(w, warm_atom::value,
+                              std::vector<warm_item>{{query(0, "q0"), 1.0}},
+                              std::uint32_t{1}, false, caf::actor{});
+  sched_->run();
+  sched_->advance_time(69s);
+  sched_->run();
+  EXPECT_FALSE(rep->done());
+  sched_->advance_time(1s); // the balancer's deadline
+  sched_->run();
+  ASSERT_TRUE(rep->value.has_value());
+  EXPECT_EQ(rep->value->requested, 1U);
+  EXPECT_EQ(rep->value->warmed, 0U);
+  EXPECT_EQ(rep->value->failed, 1U);
 }
 
 TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {

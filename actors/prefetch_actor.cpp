@@ -12,6 +12,7 @@
 #include <utility>
 
 #include <caf/actor_system.hpp>
+#include <caf/duration.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
 
@@ -65,8 +66,7 @@ void issue(prefetch_actor* self, const std::string& q) {
   req.prefetch = true;
   req.pin = false;
   ++st.stats.issued;
-  self->request(st.balancer, st.config.request_timeout, process_atom::value,
-                std::move(req))
+  self->request(st.balancer, caf::infinite, process_atom::value, std::move(req))
       .then([](const kv_reply&) {}, [](caf::error&) {});
 }
 
@@ -136,8 +136,6 @@ result<void> validate(const prefetch_config& config) {
     return bad("max_known must be at least 1");
   if (config.max_outstanding == 0)
     return bad("max_outstanding must be at least 1");
-  if (config.request_timeout.count() <= 0)
-    return bad("request_timeout must be positive");
   return {};
 }
 

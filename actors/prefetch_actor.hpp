@@ -15,13 +15,16 @@
 /// forgets the oldest still outstanding, and a resolved prefetch leaves nothing
 /// behind.
 ///
+/// A prefetch's reply is not waited for (the blocks it stores are the
+/// point), so it carries no CAF timeout: the balancer answers it anyway,
+/// at the latest with its own request_timeout.
+///
 /// Messages: (observe_atom, kv_request, kv_reply, int64), block_events,
 /// (stats_atom) -> prefetch_stats.
 
 #include "actors/transition_model.hpp"
 #include "engine/result.hpp"
 
-#include <chrono>
 #include <cstddef>
 
 #include <caf/actor.hpp>
@@ -34,13 +37,11 @@ struct prefetch_config {
   double threshold = 0.5;
   std::size_t max_known = 100'000;
   std::size_t max_outstanding = 10'000;
-  std::chrono::milliseconds request_timeout{30'000};
 };
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// a threshold or model decay outside [0, 1], a negative or non-finite
-/// model min_count, max_known or max_outstanding of 0, a request_timeout
-/// that is not positive.
+/// model min_count, max_known or max_outstanding of 0.
 [[nodiscard]] result<void> validate(const prefetch_config& config);
 
 /// Spawns the prefetcher and subscribes it to `balancer`.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <caf/actor_system.hpp>
+#include <caf/duration.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/response_promise.hpp>
 #include <caf/stateful_actor.hpp>
@@ -70,8 +71,11 @@ void ask_balancer(cache_actor* self, const std::string& key,
                   std::uint64_t round, kv_request req) {
   auto& s = self->state;
   const auto prio = req.prio;
-  request_at(self, prio, s.balancer, s.config.request_timeout,
-             process_atom::value, std::move(req))
+  // No timer of our own: the balancer answers every request, at the latest
+  // with its own request_timeout (one timer for all its calls), and another
+  // CAF timer per miss would only wake CAF's clock thread for nothing.
+  request_at(self, prio, s.balancer, caf::infinite, process_atom::value,
+             std::move(req))
       .then(
           [=](const kv_reply& rep) {
             auto& s2 = self->state;

@@ -11,7 +11,10 @@
 /// critical caller never waits behind a low-priority request); the first
 /// reply answers every waiter and a later one is ignored. Such a miss counts
 /// as coalesced. The waiters get an error only when every request sent for
-/// them failed (the last error).
+/// them failed (the last error). The cache sets no CAF timeout of its own on
+/// these requests: the balancer answers each one (balancer_actor.hpp), with
+/// request_timeout after its `request_timeout`, so that is the deadline of
+/// a miss.
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
 ///
@@ -45,7 +48,6 @@ struct kv_reply;
 struct query_cache_config {
   std::chrono::seconds ttl{3600};
   std::size_t max_entries = 100'000;
-  std::chrono::milliseconds request_timeout{30'000};
   /// Empty: the embedded store (max_entries). Else
   /// redis://[[user]:password@]host[:port][/db] and the options below (their
   /// `url` is replaced by this one).

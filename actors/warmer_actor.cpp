@@ -9,6 +9,7 @@
 #include <utility>
 
 #include <caf/actor_system.hpp>
+#include <caf/duration.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/response_promise.hpp>
 
@@ -59,8 +60,9 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
     else
       launch(self, config, balancer, job);
   };
-  self->request(balancer, config.request_timeout, process_atom::value,
-                std::move(req))
+  // No timer of our own: the balancer answers every request, at the latest
+  // with its own request_timeout.
+  self->request(balancer, caf::infinite, process_atom::value, std::move(req))
       .then([=](const kv_reply& rep) { finish_one(true, rep.computed_tokens); },
             [=](caf::error&) { finish_one(false, 0); });
 }

@@ -9,8 +9,10 @@
 ///       (may be null) gets (progress_atom, uint64 done, uint64 total) after
 ///       each one. A caller whose job the warmer holds when it stops gets
 ///       request_receiver_down (owed_reply.hpp), not silence.
+/// The warmer sets no CAF timeout of its own on its requests: the balancer
+/// answers each one (balancer_actor.hpp), with request_timeout after its
+/// `request_timeout`, and such a query counts as failed.
 
-#include <chrono>
 #include <cstddef>
 #include <vector>
 
@@ -23,7 +25,6 @@ struct warm_item;
 
 struct warmer_config {
   std::size_t parallelism = 8;
-  std::chrono::milliseconds request_timeout{60'000};
 };
 
 /// Indices of the top `n` items by frequency, highest first, ties in input
