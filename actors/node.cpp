@@ -3,47 +3,101 @@
 #include "actors/caf_error.hpp"
 #include "actors/prioritized.hpp"
 
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/after.hpp>
+#include <caf/blocking_actor.hpp>
 #include <caf/scoped_actor.hpp>
 
 namespace kvfleet {
+
+/// The blocking actors that host calls borrow, one call at a time each
+/// (node.hpp says why). The mutex guards `idle_` only.
+class node_askers {
+public:
+  explicit node_askers(caf::actor_system& sys) : sys_(sys) {}
+
+  /// An idle actor, or a new one when every one is in a call.
+  [[nodiscard]] std::unique_ptr<caf::scoped_actor> take() {
+    {
+      std::lock_guard lock{mutex_};
+      if (!idle_.empty()) {
+        auto a = std::move(idle_.back());
+        idle_.pop_back();
+        return a;
+      }
+    }
+    return std::make_unique<caf::scoped_actor>(sys_);
+  }
+
+  /// REQUIRES: `a` read the reply of every request it sent, so nothing is
+  /// on its way to it.
+  void give_back(std::unique_ptr<caf::scoped_actor> a) {
+    std::lock_guard lock{mutex_};
+    idle_.push_back(std::move(a));
+  }
+
+private:
+  caf::actor_system& sys_;
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<caf::scoped_actor>> idle_;
+};
+
 namespace {
 
 using actors::from_caf_error;
 using actors::request_at;
 
 /// One blocking request from a host thread, in the mailbox category of
-/// `prio` (prioritized.hpp).
+/// `prio` (prioritized.hpp), on a borrowed actor.
 template <class T, class... Ts>
-result<T> ask_at(caf::actor_system& sys, engine::priority prio,
+result<T> ask_at(node_askers& askers, engine::priority prio,
                  const caf::actor& dest, std::chrono::milliseconds timeout,
                  Ts&&... xs) {
   if (!dest)
     return make_error(errc::invalid_argument, "actor not running");
-  caf::scoped_actor self{sys};
+  auto borrowed = askers.take();
+  caf::scoped_actor& self = *borrowed;
   std::optional<result<T>> out;
-  request_at(self.ptr(), prio, dest, timeout, std::forward<Ts>(xs)...)
-      .receive([&](T& x) { out.emplace(std::move(x)); },
-               [&](caf::error& e) {
-                 out.emplace(unexpected<error>{from_caf_error(e)});
-               });
+  bool timed_out = false;
+  // No CAF request timeout: the clock delivers its message after the reply
+  // too, where it would wait unread in a mailbox that later calls reuse (one
+  // per call). The receive waits against a deadline of its own instead, as
+  // response_handle::receive does without one, and no clock is involved.
+  auto handle = request_at(self.ptr(), prio, dest, caf::infinite,
+                           std::forward<Ts>(xs)...);
+  caf::blocking_actor::accept_one_cond one;
+  self->varargs_receive(
+      one, handle.id(), [&](T& x) { out.emplace(std::move(x)); },
+      [&](caf::error& e) { out.emplace(unexpected<error>{from_caf_error(e)}); },
+      caf::after(timeout) >>
+          [&] {
+            timed_out = true;
+            out.emplace(make_error(errc::timeout, "request timed out"));
+          });
+  // A timed-out actor's reply may still come: it goes with the actor.
+  if (!timed_out)
+    askers.give_back(std::move(borrowed));
   return std::move(*out);
 }
 
 template <class T, class... Ts>
-result<T> ask(caf::actor_system& sys, const caf::actor& dest,
+result<T> ask(node_askers& askers, const caf::actor& dest,
               std::chrono::milliseconds timeout, Ts&&... xs) {
-  return ask_at<T>(sys, engine::priority::normal, dest, timeout,
+  return ask_at<T>(askers, engine::priority::normal, dest, timeout,
                    std::forward<Ts>(xs)...);
 }
 
-result<void> ask_void(caf::actor_system& sys, const caf::actor& dest,
+result<void> ask_void(node_askers& askers, const caf::actor& dest,
                       std::chrono::milliseconds timeout, auto&&... xs) {
-  auto r = ask<bool>(sys, dest, timeout, std::forward<decltype(xs)>(xs)...);
+  auto r = ask<bool>(askers, dest, timeout, std::forward<decltype(xs)>(xs)...);
   if (!r)
     return unexpected<error>{r.error()};
   return {};
@@ -96,7 +150,7 @@ void node::configure(caf::actor_system_config& cfg, std::size_t threads) {
 }
 
 node::node(caf::actor_system& sys, node_config config)
-    : sys_(sys), config_(std::move(config)) {}
+    : config_(std::move(config)), askers_(std::make_unique<node_askers>(sys)) {}
 
 node::~node() {
   for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_, &balancer_})
@@ -183,21 +237,21 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
 
 result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
   if (cache_ && !req.query.empty())
-    return ask_at<actors::kv_reply>(sys_, req.prio, cache_,
+    return ask_at<actors::kv_reply>(*askers_, req.prio, cache_,
                                     config_.call_timeout,
                                     actors::query_atom::value, req);
-  return ask_at<actors::kv_reply>(sys_, req.prio, balancer_,
+  return ask_at<actors::kv_reply>(*askers_, req.prio, balancer_,
                                   config_.call_timeout,
                                   actors::process_atom::value, req);
 }
 
 result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {
-  return ask<std::uint64_t>(sys_, balancer_, config_.call_timeout,
+  return ask<std::uint64_t>(*askers_, balancer_, config_.call_timeout,
                             actors::lookup_atom::value, keys);
 }
 
 result<caf::actor> node::engine_at(std::uint32_t slot) {
-  return ask<caf::actor>(sys_, balancer_, config_.call_timeout,
+  return ask<caf::actor>(*askers_, balancer_, config_.call_timeout,
                          actors::engine_atom::value, slot);
 }
 
@@ -206,18 +260,18 @@ result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
-  auto ticket = ask<std::uint64_t>(sys_, *engine, config_.call_timeout,
+  auto ticket = ask<std::uint64_t>(*askers_, *engine, config_.call_timeout,
                                    actors::reserve_atom::value, put);
   if (!ticket)
     return unexpected<error>{ticket.error()};
-  auto w = ask_void(sys_, *engine, config_.call_timeout,
+  auto w = ask_void(*askers_, *engine, config_.call_timeout,
                     actors::write_atom::value, *ticket, value);
   if (!w) {
-    (void)ask_void(sys_, *engine, config_.call_timeout,
+    (void)ask_void(*askers_, *engine, config_.call_timeout,
                    actors::abort_atom::value, *ticket);
     return w;
   }
-  return ask_void(sys_, *engine, config_.call_timeout,
+  return ask_void(*askers_, *engine, config_.call_timeout,
                   actors::commit_atom::value, *ticket);
 }
 
@@ -226,7 +280,7 @@ node::get_block(std::uint32_t slot, const engine::block_key& key) {
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask<std::vector<std::uint8_t>>(sys_, *engine, config_.call_timeout,
+  return ask<std::vector<std::uint8_t>>(*askers_, *engine, config_.call_timeout,
                                         actors::read_atom::value, key);
 }
 
@@ -234,28 +288,28 @@ result<void> node::pin(std::uint32_t slot, const engine::block_key& key) {
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask_void(sys_, *engine, config_.call_timeout, actors::pin_atom::value,
-                  key);
+  return ask_void(*askers_, *engine, config_.call_timeout,
+                  actors::pin_atom::value, key);
 }
 
 result<void> node::unpin(std::uint32_t slot, const engine::block_key& key) {
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask_void(sys_, *engine, config_.call_timeout,
+  return ask_void(*askers_, *engine, config_.call_timeout,
                   actors::unpin_atom::value, key);
 }
 
 result<actors::warm_report>
 node::warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
            bool pin) {
-  return ask<actors::warm_report>(sys_, warmer_, config_.call_timeout,
+  return ask<actors::warm_report>(*askers_, warmer_, config_.call_timeout,
                                   actors::warm_atom::value, items, top_n, pin,
                                   caf::actor{});
 }
 
 result<actors::balancer_stats> node::stats() {
-  return ask<actors::balancer_stats>(sys_, balancer_, config_.call_timeout,
+  return ask<actors::balancer_stats>(*askers_, balancer_, config_.call_timeout,
                                      actors::stats_atom::value);
 }
 
@@ -263,7 +317,7 @@ result<actors::engine_stats> node::engine_stats(std::uint32_t slot) {
   auto engine = engine_at(slot);
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask<actors::engine_stats>(sys_, *engine, config_.call_timeout,
+  return ask<actors::engine_stats>(*askers_, *engine, config_.call_timeout,
                                    actors::stats_atom::value);
 }
 

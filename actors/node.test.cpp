@@ -6,9 +6,12 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <thread>
+#include <vector>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
@@ -249,6 +252,71 @@ TEST_F(Node, BadCallsGetErrorValuesAndTheNodeKeepsServing) {
   ASSERT_TRUE(ok.has_value()) << ok.error().describe();
   EXPECT_EQ(ok->computed_blocks, 3U);
   ASSERT_TRUE(nd.put_block(0, p, std::vector<std::uint8_t>(4096, 1)));
+}
+
+TEST_F(Node, ACallThatTimesOutIsAnErrorAndLaterCallsGetTheirOwnReplies) {
+  // One engine whose batches close at two requests only: the first call
+  // waits alone and nothing can answer it before its call_timeout (1 s of
+  // real time). The second closes the batch, so the first one's reply comes
+  // late, to a caller that gave up: it must not reach any later call.
+  auto c = small_node();
+  c.engines = 1;
+  c.query_cache = false;
+  c.engine.batch = actors::batch_config{2, std::chrono::minutes{10}, false};
+  c.balancer.request_timeout = std::chrono::minutes{10};
+  c.call_timeout = std::chrono::seconds{1};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto& nd = **n;
+  auto first = nd.process_request(req(1));
+  ASSERT_FALSE(first.has_value());
+  EXPECT_EQ(first.error().code, errc::timeout) << first.error().describe();
+  auto second = nd.process_request(req(2));
+  ASSERT_TRUE(second.has_value()) << second.error().describe();
+  EXPECT_EQ(second->id, 2U);
+  EXPECT_EQ(second->matched_blocks, 3U); // the first one computed them
+  for (int i = 0; i < 3; ++i) {
+    auto lk = nd.lookup({block_key{5, 1}, block_key{5, 2}});
+    ASSERT_TRUE(lk.has_value()) << lk.error().describe();
+    EXPECT_EQ(*lk, 2U);
+    auto es = nd.engine_stats(0);
+    ASSERT_TRUE(es.has_value()) << es.error().describe();
+    EXPECT_EQ(es->requests, 2U);
+  }
+}
+
+TEST_F(Node, CallsFromManyThreadsAtOnceEachGetTheirOwnReply) {
+  // Calls borrow the node's blocking actors: from eight threads at once,
+  // every call still gets the reply to its own request, through the query
+  // cache and straight to the balancer alike.
+  auto n = node::start(*sys_, small_node());
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto& nd = **n;
+  constexpr std::uint64_t threads = 8;
+  constexpr std::uint64_t calls = 200;
+  std::atomic<std::uint64_t> answered{0};
+  std::atomic<std::uint64_t> wrong{0};
+  std::vector<std::thread> hosts;
+  for (std::uint64_t t = 0; t < threads; ++t)
+    hosts.emplace_back([&, t] {
+      for (std::uint64_t i = 0; i < calls; ++i) {
+        const auto id = t * 1000 + i;
+        auto r = req(id, i % 2 == 0 ? "q" + std::to_string(id % 16) : "");
+        r.keys = {block_key{100 + t, 1 + i % 8}};
+        r.input_tokens = 16;
+        auto rep = nd.process_request(r);
+        if (rep && rep->id == id)
+          ++answered;
+        else
+          ++wrong;
+        if (i % 50 == 0 && !nd.engine_stats(static_cast<std::uint32_t>(t % 2)))
+          ++wrong;
+      }
+    });
+  for (auto& h : hosts)
+    h.join();
+  EXPECT_EQ(answered.load(), threads * calls);
+  EXPECT_EQ(wrong.load(), 0U);
 }
 
 } // namespace

@@ -19,8 +19,10 @@
 // engine's bookkeeping of stored and evicted blocks costs per request when
 // the store is large.
 //
-// The last line measures the blocking host API, node::process_request,
-// from one host thread sending one request at a time.
+// The last lines measure the blocking host API, node::process_request,
+// from one host thread sending one request at a time, and the same request
+// from a host thread that makes a caf::scoped_actor and sets a CAF timeout
+// per call (what node calls did before they reused their actors).
 //
 // Usage: kvfleet-actors-bench [threads=2] [seconds_per_rep=1] [reps=5]
 //                             [full_blocks=262144]
@@ -124,27 +126,53 @@ double measure(caf::actor_system& sys, const caf::actor& dest, double seconds,
   return static_cast<double>(out->done) / elapsed;
 }
 
-/// node::process_request from one host thread, one request at a time
-/// (the blocking host API: a scoped actor and a timeout per call).
-double measure_node(node& n, double seconds) {
+/// Calls `call(i)` from this thread for `seconds`; calls per second.
+template <class Call> double measure_calls(double seconds, Call&& call) {
   std::uint64_t done = 0;
   const auto start = clk::now();
   const auto until = start + std::chrono::duration_cast<clk::duration>(
                                  std::chrono::duration<double>(seconds));
-  kv_request req;
-  req.input_tokens = 16;
-  while (clk::now() < until) {
-    req.id = done;
-    req.keys = {engine::block_key{1, 1 + done % 64}};
-    if (auto rep = n.process_request(req); !rep) {
-      std::fprintf(stderr, "node: %s\n", rep.error().describe().c_str());
-      std::exit(1);
-    }
-    ++done;
-  }
+  while (clk::now() < until)
+    call(done++);
   const auto elapsed =
       std::chrono::duration<double>(clk::now() - start).count();
   return static_cast<double>(done) / elapsed;
+}
+
+kv_request host_request(std::uint64_t i) {
+  kv_request req;
+  req.id = i;
+  req.input_tokens = 16;
+  req.keys = {engine::block_key{1, 1 + i % 64}};
+  return req;
+}
+
+/// node::process_request from one host thread, one request at a time
+/// (the blocking host API, on one of the node's reused blocking actors).
+double measure_node(node& n, double seconds) {
+  return measure_calls(seconds, [&](std::uint64_t i) {
+    if (auto rep = n.process_request(host_request(i)); !rep) {
+      std::fprintf(stderr, "node: %s\n", rep.error().describe().c_str());
+      std::exit(1);
+    }
+  });
+}
+
+/// The same requests from one host thread with a fresh scoped_actor and a
+/// CAF request timeout (30 s, node_config's call_timeout) per call.
+double measure_fresh_actor(caf::actor_system& sys, const caf::actor& balancer,
+                           double seconds) {
+  return measure_calls(seconds, [&](std::uint64_t i) {
+    caf::scoped_actor self{sys};
+    self->request(balancer, caf::duration{std::chrono::seconds{30}},
+                  process_atom::value, host_request(i))
+        .receive([](const kv_reply&) {},
+                 [](caf::error& e) {
+                   std::fprintf(stderr, "fresh actor: %s\n",
+                                to_string(e).c_str());
+                   std::exit(1);
+                 });
+  });
 }
 
 double median(std::vector<double> v) {
@@ -254,6 +282,7 @@ int main(int argc, char** argv) {
   std::vector<double> timed;
   std::vector<double> evicting;
   std::vector<double> blocking;
+  std::vector<double> fresh;
   for (int r = 0; r < reps; ++r) {
     direct.push_back(measure(sys, *engine, seconds, window));
     routed.push_back(measure(sys, balancer, seconds, window));
@@ -261,6 +290,7 @@ int main(int argc, char** argv) {
                             caf::duration{std::chrono::seconds{10}}));
     evicting.push_back(measure(sys, *full, seconds, window, 0));
     blocking.push_back(measure_node(**host, seconds));
+    fresh.push_back(measure_fresh_actor(sys, (*host)->balancer(), seconds));
   }
   std::printf("threads=%zu policy=sharing window=%zu reps=%d seconds=%.1f\n",
               threads, window, reps, seconds);
@@ -278,6 +308,9 @@ int main(int argc, char** argv) {
   std::printf("node::process_request, one host thread, one request at a "
               "time: median %.0f requests/s\n",
               median(blocking));
+  std::printf("host thread, a scoped_actor and a CAF timeout per call: median "
+              "%.0f requests/s (node::process_request %.2fx of it)\n",
+              median(fresh), median(blocking) / median(fresh));
   host->reset();
   caf::anon_send_exit(*engine, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(balancer, caf::exit_reason::user_shutdown);
