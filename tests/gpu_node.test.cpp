@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <caf/actor_system.hpp>
@@ -54,7 +55,8 @@ node_config gpu_node(log_lines& log) {
   c.engine.ns.block_tokens = 16;
   c.engine.store.capacity_bytes = 8u << 20;
   c.engine.store.slab_bytes = 256u << 10;
-  c.engine.batch.max_size = 1;
+  // The default batcher (20 requests, 100 ms, closed when idle), as a host
+  // application runs it.
   c.engine.make_backend = cuda::device_backend_per_engine(log.sink());
   // Memory pressure read from the whole device (cudaMemGetInfo) for a
   // device engine, from the pool for a host one.
@@ -110,6 +112,52 @@ std::vector<actors::engine_stats> exercise(node& nd) {
     }
   }
   return out;
+}
+
+/// Sends the same three-block prompt from three host threads at once to a
+/// node of one engine whose batches close at three requests only (no
+/// timeout for ten minutes, not when idle), so they are one batch whatever
+/// the threads' timing; returns the engine's stats after it.
+std::optional<actors::engine_stats> batch_of_three(node& nd) {
+  std::vector<std::optional<result<actors::kv_reply>>> replies(3);
+  std::vector<std::thread> hosts;
+  for (std::uint64_t i = 0; i < replies.size(); ++i)
+    hosts.emplace_back([&nd, &replies, i] {
+      replies[i].emplace(nd.process_request(request(i + 1)));
+    });
+  for (auto& h : hosts)
+    h.join();
+  std::uint64_t computed = 0;
+  std::uint64_t matched = 0;
+  for (std::uint64_t i = 0; i < replies.size(); ++i) {
+    const auto& r = *replies[i];
+    EXPECT_TRUE(r.has_value()) << r.error().describe();
+    if (!r)
+      return std::nullopt;
+    EXPECT_EQ(r->id, i + 1);
+    computed += r->computed_blocks;
+    matched += r->matched_blocks;
+  }
+  // The first of the batch computes the prompt, the other two find it.
+  EXPECT_EQ(computed, 3U);
+  EXPECT_EQ(matched, 6U);
+  auto st = nd.engine_stats(0);
+  EXPECT_TRUE(st.has_value()) << st.error().describe();
+  if (!st)
+    return std::nullopt;
+  EXPECT_EQ(st->batches, 1U);
+  EXPECT_EQ(st->requests, 3U);
+  EXPECT_EQ(st->in_flight, 0U);
+  return *st;
+}
+
+/// gpu_node with one engine whose batches close at three requests only.
+node_config batching_node(log_lines& log) {
+  auto c = gpu_node(log);
+  c.engines = 1;
+  c.engine.batch = actors::batch_config{3, std::chrono::minutes{10}, false};
+  c.balancer.request_timeout = std::chrono::minutes{10};
+  return c;
 }
 
 /// An actor system of two scheduler threads per test, and the log lines
@@ -181,6 +229,30 @@ TEST_F(gpu_node_test, engines_on_threads_of_their_own_serve_the_same) {
     hits += st.token_hits;
   }
   EXPECT_EQ(hits, 48U); // the second request's three blocks
+  EXPECT_TRUE(log_.taken().empty());
+}
+
+TEST_F(gpu_node_test, a_device_engine_runs_a_batch_of_requests_as_one) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto n = start(batching_node(log_));
+  ASSERT_NE(n, nullptr);
+  auto st = batch_of_three(*n);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->memory, "cuda:0");
+  EXPECT_TRUE(log_.taken().empty());
+}
+
+TEST_F(gpu_node_test, an_engine_on_a_thread_of_its_own_runs_a_batch_as_one) {
+  // What a device engine does (own_thread, the batcher above one request),
+  // forced on host memory, so that it runs on every machine.
+  auto c = batching_node(log_);
+  c.engine.make_backend = nullptr;
+  c.engine.own_thread = true;
+  auto n = start(c);
+  ASSERT_NE(n, nullptr);
+  auto st = batch_of_three(*n);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->memory, "host");
   EXPECT_TRUE(log_.taken().empty());
 }
 
