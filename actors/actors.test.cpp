@@ -1149,6 +1149,59 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
                                 return spawn_engine_actor(s, c);
                               }),
                "initial_engines");
+  bc = balancer_config{};
+  bc.request_timeout = 0ms;
+  expect_error(spawn_balancer(*sys_, bc,
+                              [&](caf::actor_system& s, std::uint32_t slot) {
+                                ++factory_calls;
+                                auto c = small_engine(16);
+                                c.slot = slot;
+                                return spawn_engine_actor(s, c);
+                              }),
+               "balancer_config.request_timeout");
+  bc = balancer_config{};
+  bc.restart_delay = -1ms;
+  expect_error(spawn_balancer(*sys_, bc,
+                              [&](caf::actor_system& s, std::uint32_t slot) {
+                                ++factory_calls;
+                                auto c = small_engine(16);
+                                c.slot = slot;
+                                return spawn_engine_actor(s, c);
+                              }),
+               "balancer_config.restart_delay");
+  // Each nonsense engine option, where it used to be taken as something
+  // else (a batch of 0 as 1), or to stall (timeouts of 0), spin (a tier
+  // poll every 0 us) or cast a negative fraction to an unsigned size.
+  const std::pair<void (*)(engine_actor_config&), const char*> engine_cases[] =
+      {
+          {[](engine_actor_config& c) { c.batch.max_size = 0; },
+           "batch.max_size"},
+          {[](engine_actor_config& c) { c.batch.timeout = 0ms; },
+           "batch.timeout"},
+          {[](engine_actor_config& c) { c.put_timeout = -5ms; }, "put_timeout"},
+          {[](engine_actor_config& c) { c.tier_poll_interval = 0us; },
+           "tier_poll_interval"},
+          {[](engine_actor_config& c) { c.pressure.target = -0.5; },
+           "pressure"},
+          {[](engine_actor_config& c) { c.pressure.threshold = 1.5; },
+           "pressure"},
+          {[](engine_actor_config& c) { c.pressure.threshold = std::nan(""); },
+           "pressure"},
+          {[](engine_actor_config& c) {
+             c.pressure.threshold = 0.5;
+             c.pressure.target = 0.7;
+           },
+           "pressure"},
+      };
+  for (const auto& [edit, names] : engine_cases) {
+    auto c = small_engine(16);
+    edit(c);
+    expect_error(spawn_engine_actor(*sys_, c),
+                 (std::string("engine_actor_config.") + names).c_str());
+  }
+  warmer_config wc;
+  wc.parallelism = 0;
+  expect_error(spawn_warmer(*sys_, wc, fake), "warmer_config.parallelism");
   scaler_actor_config sc;
   sc.policy.sustain = 0;
   expect_error(spawn_scaler(*sys_, sc, fake), "sustain");
@@ -1569,7 +1622,7 @@ TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {
   stop_at_end_.push_back(b);
   auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
   stop_at_end_.push_back(qcache);
-  auto w = spawn_warmer(*sys_, warmer_config{}, b);
+  auto w = spawned(spawn_warmer(*sys_, warmer_config{}, b));
   stop_at_end_.push_back(w);
   prefetch_config pc;
   pc.threshold = 0.5;
@@ -1648,7 +1701,7 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
   auto b = sys_->spawn(fake_balancer, be);
   warmer_config wc;
   wc.parallelism = 2;
-  auto w = spawn_warmer(*sys_, wc, b);
+  auto w = spawned(spawn_warmer(*sys_, wc, b));
   stop_at_end_.push_back(w);
   auto progress = std::make_shared<std::vector<std::uint64_t>>();
   auto listener =
@@ -1682,7 +1735,7 @@ TEST_F(actor_test, AWarmCallerHearsBackWhenTheWarmerStops) {
   // killed mid-job. Its caller, with no timer of its own, gets
   // request_receiver_down instead of silence.
   auto b = balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)});
-  auto w = spawn_warmer(*sys_, warmer_config{}, b);
+  auto w = spawned(spawn_warmer(*sys_, warmer_config{}, b));
   sched_->run();
   std::vector<warm_item> items;
   for (int i = 0; i < 3; ++i)
@@ -1708,7 +1761,7 @@ TEST_F(actor_test, AWarmQueryTheBalancerTimesOutFailsAtItsDeadlineOnly) {
   // than the 60 s the warmer used to set itself).
   auto b =
       balancer(routing_policy::round_robin, {small_engine(64, 20, 100s)}, 70s);
-  auto w = spawn_warmer(*sys_, warmer_config{}, b);
+  auto w = spawned(spawn_warmer(*sys_, warmer_config{}, b));
   stop_at_end_.push_back(w);
   sched_->run();
   auto rep = ask<warm_report>(w, warm_atom::value,

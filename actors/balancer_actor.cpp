@@ -455,19 +455,39 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
 
 } // namespace
 
-result<caf::actor> spawn_balancer(caf::actor_system& sys,
-                                  balancer_config config,
-                                  engine_factory make_engine) {
-  // Built here, so a bad routing configuration is the caller's error value
-  // and never reaches the actor.
-  auto route = router::create(config.routing);
-  if (!route)
-    return unexpected<error>{route.error()};
+result<void> validate(const balancer_config& config) {
+  if (auto ok = validate(config.routing); !ok)
+    return ok;
+  // Zero would time every request out at once.
+  if (config.request_timeout <= std::chrono::milliseconds{0})
+    return make_error(errc::invalid_argument,
+                      "balancer_config.request_timeout must be positive, "
+                      "not " +
+                          std::to_string(config.request_timeout.count()) +
+                          " ms");
+  if (config.restart_delay < std::chrono::milliseconds{0})
+    return make_error(errc::invalid_argument,
+                      "balancer_config.restart_delay must not be negative, "
+                      "not " +
+                          std::to_string(config.restart_delay.count()) + " ms");
   if (config.initial_engines > router::max_slots)
     return make_error(errc::invalid_argument,
                       "balancer_config.initial_engines must be at most " +
                           std::to_string(router::max_slots) + ", not " +
                           std::to_string(config.initial_engines));
+  return {};
+}
+
+result<caf::actor> spawn_balancer(caf::actor_system& sys,
+                                  balancer_config config,
+                                  engine_factory make_engine) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
+  // Built here, so a bad routing configuration is the caller's error value
+  // and never reaches the actor.
+  auto route = router::create(config.routing);
+  if (!route)
+    return unexpected<error>{route.error()};
   return sys.spawn(balancer_behavior, std::move(config), std::move(make_engine),
                    std::move(*route));
 }

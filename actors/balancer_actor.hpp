@@ -75,10 +75,14 @@ struct balancer_config {
 using engine_factory =
     std::function<result<caf::actor>(caf::actor_system&, std::uint32_t slot)>;
 
+/// errc::invalid_argument naming the option when `config` makes no sense:
+/// what validate(config.routing) rejects, a request_timeout that is not
+/// positive, a negative restart_delay, or more initial_engines than
+/// router::max_slots.
+[[nodiscard]] result<void> validate(const balancer_config& config);
+
 /// Spawns the balancer, which spawns `config.initial_engines` engines.
-/// Errors: router::create(config.routing)'s, and more `initial_engines`
-/// than router::max_slots (errc::invalid_argument naming the option);
-/// nothing is spawned then.
+/// Errors: validate(config)'s; nothing is spawned then.
 [[nodiscard]] result<caf::actor> spawn_balancer(caf::actor_system& sys,
                                                 balancer_config config,
                                                 engine_factory make_engine);

@@ -387,8 +387,36 @@ caf::behavior engine_behavior(engine_actor* self,
 
 } // namespace
 
+result<void> validate(const engine_actor_config& config) {
+  const auto bad = [](const std::string& what) -> result<void> {
+    return make_error(errc::invalid_argument, "engine_actor_config." + what);
+  };
+  if (config.batch.max_size == 0)
+    return bad("batch.max_size must be at least 1 (1 runs each request "
+               "alone)");
+  if (config.batch.timeout <= engine::nanos{0})
+    return bad("batch.timeout must be positive, not " +
+               std::to_string(config.batch.timeout.count()) + " ns");
+  if (config.put_timeout <= std::chrono::milliseconds{0})
+    return bad("put_timeout must be positive, not " +
+               std::to_string(config.put_timeout.count()) + " ms");
+  if (config.tier_poll_interval <= std::chrono::microseconds{0})
+    return bad("tier_poll_interval must be positive, not " +
+               std::to_string(config.tier_poll_interval.count()) + " us");
+  // Written so that NaN fails the check.
+  const auto& p = config.pressure;
+  if (!(p.target > 0.0 && p.target <= p.threshold && p.threshold <= 1.0))
+    return bad("pressure must satisfy 0 < target <= threshold <= 1, not "
+               "target " +
+               std::to_string(p.target) + " and threshold " +
+               std::to_string(p.threshold));
+  return {};
+}
+
 result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
                                       const engine_actor_config& config) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
   auto parts = std::make_shared<engine_parts>();
   parts->config = config;
   parts->log = std::make_shared<event_log>();

@@ -67,6 +67,8 @@ struct engine_actor_config {
   engine::namespace_spec ns{};
   engine::namespace_options ns_options{};
   batch_config batch{};
+  /// Prompt tokens one batch may carry (a batch closes once its requests
+  /// reach it; the scaler grows and shrinks it); 0: no token limit.
   std::uint32_t capacity_tokens = 8192;
   memory_pressure_config pressure{};
   std::chrono::milliseconds put_timeout{30'000};
@@ -104,10 +106,16 @@ struct engine_actor_config {
   std::optional<bool> own_thread;
 };
 
+/// errc::invalid_argument naming the option when `config` makes no sense:
+/// batch.max_size 0 (1 runs each request alone), a batch.timeout,
+/// put_timeout or tier_poll_interval that is not positive, or memory
+/// pressure outside 0 < pressure.target <= pressure.threshold <= 1.
+[[nodiscard]] result<void> validate(const engine_actor_config& config);
+
 /// Creates the store (over make_backend's memory when set, with make_tier's
 /// tier when it gives one), registers the namespace and spawns the actor.
-/// Errors: the backend's, the tier factory's, the store's (zero capacity,
-/// bad namespace).
+/// Errors: validate(config)'s, the backend's, the tier factory's, the
+/// store's (zero capacity, bad namespace); nothing is spawned then.
 [[nodiscard]] result<caf::actor>
 spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config);
 

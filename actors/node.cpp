@@ -112,7 +112,18 @@ result<void> validate(const node_config& config) {
                           std::to_string(actors::router::max_slots) +
                           " (the router's slots), got " +
                           std::to_string(config.engines));
-  if (auto ok = actors::validate(config.balancer.routing); !ok)
+  if (config.call_timeout <= std::chrono::milliseconds{0})
+    return make_error(errc::invalid_argument,
+                      "node_config.call_timeout must be positive, not " +
+                          std::to_string(config.call_timeout.count()) + " ms");
+  if (auto ok = actors::validate(config.engine); !ok)
+    return ok;
+  // node::start sets initial_engines from `engines`, checked above.
+  auto balancer = config.balancer;
+  balancer.initial_engines = config.engines;
+  if (auto ok = actors::validate(balancer); !ok)
+    return ok;
+  if (auto ok = actors::validate(config.warmer); !ok)
     return ok;
   if (config.scaler) {
     const auto& p = config.scaler->policy;
@@ -209,7 +220,10 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   n->balancer_ = std::move(*balancer);
   // From here on a failure returns with `n`, whose destructor stops what
   // was spawned.
-  n->warmer_ = actors::spawn_warmer(sys, c.warmer, n->balancer_);
+  auto warmer = actors::spawn_warmer(sys, c.warmer, n->balancer_);
+  if (!warmer)
+    return unexpected<error>{warmer.error()};
+  n->warmer_ = std::move(*warmer);
   if (c.query_cache) {
     auto cache = actors::spawn_query_cache(sys, c.cache, n->balancer_,
                                            std::move(query_store));

@@ -57,7 +57,9 @@ struct node_config {
 };
 
 /// errc::invalid_argument naming the option when `config` breaks an
-/// invariant: engines 0 or above router::max_slots (64), with the scaler
+/// invariant: engines 0 or above router::max_slots (64), a call_timeout
+/// that is not positive, what validate() rejects in the engine, balancer
+/// or warmer configuration, with the scaler
 /// on more engines than its max_replicas or an `engine.capacity_tokens`
 /// outside the scaler's
 /// [min_capacity_tokens, max_capacity_tokens] (engines start with it and

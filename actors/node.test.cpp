@@ -171,6 +171,25 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
        [](node_config& c) { c.cache.ttl = std::chrono::seconds{0}; }, "ttl"},
       {"query cache ttl negative",
        [](node_config& c) { c.cache.ttl = std::chrono::seconds{-5}; }, "ttl"},
+      {"call timeout 0",
+       [](node_config& c) { c.call_timeout = std::chrono::milliseconds{0}; },
+       "node_config.call_timeout"},
+      {"batch of no requests",
+       [](node_config& c) { c.engine.batch.max_size = 0; },
+       "engine_actor_config.batch.max_size"},
+      {"memory pressure target above its threshold",
+       [](node_config& c) {
+         c.engine.pressure.threshold = 0.5;
+         c.engine.pressure.target = 0.6;
+       },
+       "engine_actor_config.pressure"},
+      {"balancer request timeout 0",
+       [](node_config& c) {
+         c.balancer.request_timeout = std::chrono::milliseconds{0};
+       },
+       "balancer_config.request_timeout"},
+      {"warmer parallelism 0", [](node_config& c) { c.warmer.parallelism = 0; },
+       "warmer_config.parallelism"},
   };
   for (const auto& bc : cases) {
     auto c = small_node();

@@ -90,8 +90,7 @@ caf::behavior warmer_behavior(caf::event_based_actor* self,
           return job->report;
         auto promise = self->make_response_promise();
         job->promise = owed_reply{promise};
-        for (std::size_t i = 0;
-             i < std::max<std::size_t>(config.parallelism, 1); ++i)
+        for (std::size_t i = 0; i < config.parallelism; ++i)
           launch(self, config, balancer, job);
         return promise;
       },
@@ -100,8 +99,17 @@ caf::behavior warmer_behavior(caf::event_based_actor* self,
 
 } // namespace
 
-caf::actor spawn_warmer(caf::actor_system& sys, warmer_config config,
-                        caf::actor balancer) {
+result<void> validate(const warmer_config& config) {
+  if (config.parallelism == 0)
+    return make_error(errc::invalid_argument,
+                      "warmer_config.parallelism must be at least 1");
+  return {};
+}
+
+result<caf::actor> spawn_warmer(caf::actor_system& sys, warmer_config config,
+                                caf::actor balancer) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
   return sys.spawn(warmer_behavior, std::move(config), std::move(balancer));
 }
 

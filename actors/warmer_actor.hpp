@@ -13,6 +13,8 @@
 /// answers each one (balancer_actor.hpp), with request_timeout after its
 /// `request_timeout`, and such a query counts as failed.
 
+#include "engine/result.hpp"
+
 #include <cstddef>
 #include <vector>
 
@@ -24,15 +26,21 @@ namespace kvfleet::actors {
 struct warm_item;
 
 struct warmer_config {
+  /// Warm queries in flight at once; at least 1.
   std::size_t parallelism = 8;
 };
+
+/// errc::invalid_argument naming the option when `config` makes no sense
+/// (parallelism 0).
+[[nodiscard]] result<void> validate(const warmer_config& config);
 
 /// Indices of the top `n` items by frequency, highest first, ties in input
 /// order.
 [[nodiscard]] std::vector<std::size_t>
 select_top(const std::vector<warm_item>& items, std::size_t n);
 
-[[nodiscard]] caf::actor
+/// Errors: validate(config)'s; nothing is spawned then.
+[[nodiscard]] result<caf::actor>
 spawn_warmer(caf::actor_system& sys, warmer_config config, caf::actor balancer);
 
 } // namespace kvfleet::actors
