@@ -1420,8 +1420,15 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
       }
       break;
     }
-    if (auto r = compact_segment(best); !r)
+    if (auto r = compact_segment(best); !r) {
+      // As in do_compact: the segment stays marked for the threshold
+      // check, which retries it (after this batch, then in the
+      // background) if it is below the threshold. Copies that succeeded
+      // before the failure may have left it there; forgetting it would
+      // keep its dead bytes until another block left it.
+      shrunk_segments_.insert(best);
       return r;
+    }
   }
   if (over_capacity(bytes_needed(record_bytes)))
     return make_error(errc::out_of_memory,

@@ -51,10 +51,11 @@
 /// Failures: a batch whose commit (or, under full_sync, sync) fails is
 /// rolled back and the I/O thread's state reloaded from the catalog. What
 /// a failure leaves to do (catalog rows the directory is ahead of, a
-/// reload that failed, a threshold compaction that failed or was not
-/// reached) is retried with every later batch and, while the tier is idle,
-/// on its own: retry_interval after the failure, then at a doubling delay
-/// up to max_retry_interval while it keeps failing. Failures are counted
+/// reload that failed, a compaction that failed or was not reached on a
+/// segment below compaction_threshold) is retried with every later batch
+/// and, while the tier is idle, on its own: retry_interval after the
+/// failure, then at a doubling delay up to max_retry_interval while it
+/// keeps failing. Failures are counted
 /// (stats().io_errors); requests are served meanwhile (refused while no
 /// reload has succeeded), and shutdown does not wait for a retry.
 ///
@@ -489,8 +490,9 @@ private:
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   /// Segments to check for threshold compaction: those that lost blocks,
-  /// and those whose compaction failed or was not reached after a failure
-  /// (kept until compacted or no longer below the threshold).
+  /// and those whose compaction (threshold or make_room) failed or was not
+  /// reached after a failure (kept until compacted or no longer below the
+  /// threshold).
   std::unordered_set<std::uint64_t> shrunk_segments_;
   bool created_segment_ = false; ///< in this batch: sync the directory
   std::string no_txn_reason_;    ///< why this batch has no transaction

@@ -1733,5 +1733,60 @@ TEST_F(disk_tier_test,
   open(c);
 }
 
+TEST_F(disk_tier_test,
+       a_compaction_that_failed_while_making_room_is_retried_while_idle) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.capacity_bytes = 2 * c.segment_bytes; // segments 1 and 2, full
+  c.compaction_threshold = 0.5;
+  c.low_watermark = 1.0; // live bytes fit: make room by compacting only
+  c.retry_interval = std::chrono::milliseconds(1);
+  c.max_retry_interval = std::chrono::milliseconds(4);
+  // Appends past number `fail_after` fail with EIO.
+  auto appends = std::make_shared<std::atomic<int>>(0);
+  auto fail_after = std::make_shared<std::atomic<int>>(1 << 30);
+  c.write_fault_for_testing = [appends, fail_after] {
+    return ++*appends > fail_after->load() ? EIO : 0;
+  };
+  auto watch = std::make_shared<retry_watch>();
+  c.on_retry_for_testing = retry_watch::hook(watch);
+  open(c);
+  for (std::uint64_t i = 0; i < 8; ++i) // segment 1: 0-3, segment 2: 4-7
+    spill(i);
+  settle();
+  // Segment 1 keeps two blocks of four: at the threshold, not below it.
+  for (std::uint64_t i : {0UL, 1UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  EXPECT_EQ(tier_->stats().compactions, 0U);
+  // Spill 8 does not fit: make_room compacts segment 1, the segment with
+  // the most dead bytes. Block 2 is copied out, block 3's copy fails: the
+  // spill fails, and segment 1 is left with one live block of four.
+  fail_after->store(appends->load() + 1);
+  const auto id = spill(8);
+  for (const auto& d : settle()) {
+    if (d.id == id) {
+      EXPECT_FALSE(d.status.has_value()) << "spilled without room";
+    }
+  }
+  auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 0U);
+  EXPECT_GE(s.io_errors, 1U);
+  EXPECT_FALSE(tier_->contains(key_of(8)));
+  // The disk recovers. No request, removal or compact() follows: segment
+  // 1, now below the threshold, is compacted by a retry.
+  fail_after->store(1 << 30);
+  EXPECT_TRUE(watch->converged())
+      << "the compaction that failed in make_room was not retried";
+  s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U) << "segment 1's dead bytes stayed on disk";
+  // Segment 2, and the segment holding the copies of blocks 2 and 3.
+  EXPECT_EQ(s.file_bytes, c.segment_bytes + segment_header_bytes + 2 * rec);
+  for (std::uint64_t i = 2; i < 8; ++i)
+    expect_block(i);
+  EXPECT_EQ(segment_files().size(), tier_->stats().segments);
+}
+
 } // namespace
 } // namespace kvfleet::engine
