@@ -1299,20 +1299,19 @@ void disk_tier::do_compact(disk_completion& c, bool forced) {
   // reached after it, stay: the next batch or retry pass tries again.
   // Forgetting them would leave their dead bytes on disk until another
   // block left the same segment. A forced compaction adds nothing: its
-  // caller gets the error.
+  // caller gets the error. A segment sealed below the threshold by the
+  // copies (seal_active) is left to the next batch or retry pass.
   std::vector<std::uint64_t> ids;
   for (const auto& [id, s] : segments_) {
     const bool shrunk = shrunk_segments_.count(id) != 0;
     if (!forced && !shrunk)
       continue;
-    const std::uint64_t data = s.file.size() - header_bytes;
-    const bool below = s.live == 0 || static_cast<double>(s.live) <
-                                          config_.compaction_threshold *
-                                              static_cast<double>(data);
-    if (id != active_ && below)
+    // One not taken is checked again when it next loses a block, or, if
+    // it is the active one, when it is sealed (seal_active).
+    if (id != active_ && below_threshold(s))
       ids.push_back(id);
     else if (shrunk)
-      shrunk_segments_.erase(id); // checked again when it next loses a block
+      shrunk_segments_.erase(id);
   }
   std::erase_if(shrunk_segments_,
                 [&](std::uint64_t id) { return segments_.count(id) == 0; });
@@ -1323,6 +1322,23 @@ void disk_tier::do_compact(disk_completion& c, bool forced) {
     }
     ++c.count;
   }
+}
+
+bool disk_tier::below_threshold(const segment_state& s) const noexcept {
+  const std::uint64_t data = s.file.size() - header_bytes;
+  return s.live == 0 ||
+         static_cast<double>(s.live) <
+             config_.compaction_threshold * static_cast<double>(data);
+}
+
+void disk_tier::seal_active() {
+  // The threshold check skips the active segment, and a segment is checked
+  // when it loses a block: one that lost blocks while active would keep
+  // its dead bytes until another block left it after the seal.
+  const auto it = segments_.find(active_);
+  if (it != segments_.end() && below_threshold(it->second))
+    shrunk_segments_.insert(active_);
+  active_ = 0;
 }
 
 result<void> disk_tier::flush_touches() {
@@ -1415,7 +1431,7 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
       const auto a = segments_.find(active_);
       if (a != segments_.end() &&
           a->second.file.size() - header_bytes > a->second.live) {
-        active_ = 0; // seal it so that it can be compacted
+        seal_active(); // so that it can be compacted
         continue;
       }
       break;
@@ -1445,7 +1461,7 @@ disk_tier::active_for(std::uint64_t record_bytes, int* err_no) {
     if (s.file.size() == header_bytes ||
         s.file.size() + record_bytes <= config_.segment_bytes)
       return &s;
-    active_ = 0;
+    seal_active();
   }
   auto f = segment_file::create(config_.directory, next_segment_, err_no);
   if (!f)

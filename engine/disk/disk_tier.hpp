@@ -38,7 +38,8 @@
 /// the segments with the most dead bytes until the spill fits; when pinned
 /// blocks fill the capacity the spill is refused. Independently, a sealed
 /// segment whose live fraction falls below `compaction_threshold` is
-/// compacted after the batch that made it so. A full file system (ENOSPC)
+/// compacted after the batch that made it so (or that sealed it, for a
+/// segment that lost blocks while it was active). A full file system (ENOSPC)
 /// during operation refuses spills from then on (logged once), keeps
 /// serving fetches, and accepts spills again after the tier frees space.
 ///
@@ -442,6 +443,11 @@ private:
   [[nodiscard]] result<segment_state*> active_for(std::uint64_t record_bytes,
                                                   int* err_no);
   [[nodiscard]] result<void> compact_segment(std::uint64_t id);
+  /// Whether the segment's live fraction is below compaction_threshold.
+  [[nodiscard]] bool below_threshold(const segment_state& s) const noexcept;
+  /// Seals the active segment (none is active afterwards), marking it for
+  /// the threshold check when it is below the threshold.
+  void seal_active();
   /// Whether rows naming bytes written in this batch may be written now:
   /// under full_sync only inside the batch's transaction.
   [[nodiscard]] result<void> may_write_rows() const;
@@ -490,9 +496,9 @@ private:
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   /// Segments to check for threshold compaction: those that lost blocks,
-  /// and those whose compaction (threshold or make_room) failed or was not
-  /// reached after a failure (kept until compacted or no longer below the
-  /// threshold).
+  /// those sealed below the threshold, and those whose compaction
+  /// (threshold or make_room) failed or was not reached after a failure
+  /// (kept until compacted or no longer below the threshold).
   std::unordered_set<std::uint64_t> shrunk_segments_;
   bool created_segment_ = false; ///< in this batch: sync the directory
   std::string no_txn_reason_;    ///< why this batch has no transaction

@@ -1788,5 +1788,36 @@ TEST_F(disk_tier_test,
   EXPECT_EQ(segment_files().size(), tier_->stats().segments);
 }
 
+TEST_F(disk_tier_test,
+       a_segment_that_lost_blocks_while_active_is_compacted_once_sealed) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.compaction_threshold = 0.5;
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i) // segment 1, full but still active
+    spill(i);
+  settle();
+  // Segment 1 keeps one block of four while it is active: the threshold
+  // check passes it over, since it is still appended to.
+  for (std::uint64_t i : {0UL, 1UL, 2UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  EXPECT_EQ(tier_->stats().compactions, 0U);
+  EXPECT_EQ(tier_->stats().file_bytes, c.segment_bytes);
+  // Spill 4 seals it (no block leaves it): it is compacted after the batch.
+  spill(4);
+  settle();
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U) << "segment 1's dead bytes stayed on disk";
+  EXPECT_EQ(s.compaction_bytes_moved, rec);
+  // Segment 2 holds block 4 and the copy of block 3.
+  EXPECT_EQ(s.file_bytes, segment_header_bytes + 2 * rec);
+  EXPECT_EQ(s.segments, 1U);
+  expect_block(3);
+  expect_block(4);
+  EXPECT_EQ(segment_files().size(), 1U);
+}
+
 } // namespace
 } // namespace kvfleet::engine
