@@ -379,6 +379,16 @@ result<void> disk_tier::recover() {
     dir_[key] = dir_entry{info, gen};
   }
   io_stats_.recovered_blocks = index_.size();
+  // Every loaded segment is sealed: new writes go to a new one. A previous
+  // run may have left some below the threshold (a compaction still failing
+  // when it stopped, a process that died with a retry pending, a segment
+  // that lost blocks while active, a threshold raised since), and nothing
+  // would check them until a block left them. Marked, they are compacted
+  // by the first batch, or by a retry pass retry_interval after open.
+  for (const auto& [id, s] : segments_)
+    if (below_threshold(s))
+      shrunk_segments_.insert(id);
+  schedule_retry(false);
   return {};
 }
 

@@ -268,10 +268,11 @@ class disk_tier {
 public:
   /// Opens (or creates) the tier in config.directory and recovers it: the
   /// catalog is reopened, torn segment tails are cut off, rows whose bytes
-  /// are gone are dropped (all counted in stats()). Errors name the
-  /// directory and what to do: it is missing, not a directory, not
-  /// writable, full, locked by another process, or holds a catalog of
-  /// another format version.
+  /// are gone are dropped (all counted in stats()); segments left below
+  /// compaction_threshold are compacted by the first batch or a retry pass
+  /// retry_interval later. Errors name the directory and what to do: it is
+  /// missing, not a directory, not writable, full, locked by another
+  /// process, or holds a catalog of another format version.
   [[nodiscard]] static result<std::unique_ptr<disk_tier>>
   open(disk_tier_config config);
 
@@ -496,9 +497,10 @@ private:
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   /// Segments to check for threshold compaction: those that lost blocks,
-  /// those sealed below the threshold, and those whose compaction
-  /// (threshold or make_room) failed or was not reached after a failure
-  /// (kept until compacted or no longer below the threshold).
+  /// those sealed below the threshold (at open, every one below it), and
+  /// those whose compaction (threshold or make_room) failed or was not
+  /// reached after a failure (kept until compacted or no longer below the
+  /// threshold).
   std::unordered_set<std::uint64_t> shrunk_segments_;
   bool created_segment_ = false; ///< in this batch: sync the directory
   std::string no_txn_reason_;    ///< why this batch has no transaction
