@@ -221,6 +221,7 @@ void disk_tier::clear_loaded_state() {
   index_.clear();
   segments_.clear();
   touches_.clear();
+  touch_failed_ = false;
   shrunk_segments_.clear();
   written_segments_.clear();
   created_segment_ = false;
@@ -789,9 +790,11 @@ void disk_tier::run() {
       while (queue_.empty() && !stopping_) {
         // Woken by a request or the destructor; otherwise at the deadline
         // of the batched accessed_at updates or of a retry, whichever
-        // comes first, to run a pass without requests.
+        // comes first, to run a pass without requests. Updates whose
+        // write failed wait for the retry, not for their deadline, which
+        // has passed and would wake the thread again at once.
         std::optional<std::chrono::steady_clock::time_point> wake;
-        if (!touches_.empty())
+        if (!touches_.empty() && !touch_failed_)
           wake = touch_deadline_;
         if (retry_armed_ && (!wake || retry_deadline_ < *wake))
           wake = retry_deadline_;
@@ -838,7 +841,7 @@ void disk_tier::run() {
 
 bool disk_tier::retry_pending() const noexcept {
   return !reload_error_.empty() || !repairs_.empty() ||
-         !shrunk_segments_.empty();
+         !shrunk_segments_.empty() || (touch_failed_ && !touches_.empty());
 }
 
 void disk_tier::schedule_retry(bool retry_pass) {
@@ -944,7 +947,7 @@ void disk_tier::process(std::vector<request>& batch,
     out.push_back(std::move(c));
   }
   if (!touches_.empty() &&
-      (last || touches_.size() >= config_.touch_batch ||
+      (last || touch_failed_ || touches_.size() >= config_.touch_batch ||
        std::chrono::steady_clock::now() >= touch_deadline_))
     (void)flush_touches();
   if (!shrunk_segments_.empty()) {
@@ -1269,11 +1272,13 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   c.c = h->c;
   c.checksum = h->checksum;
   c.ns = h->ns;
-  if (touches_.empty())
+  if (touches_.empty()) {
+    touch_failed_ = false;
     touch_deadline_ =
         std::chrono::steady_clock::now() +
         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
             config_.touch_flush_interval);
+  }
   auto& t = touches_[r.key];
   t.at = std::max(t.at, now);
   ++t.count;
@@ -1352,16 +1357,28 @@ void disk_tier::seal_active() {
 }
 
 result<void> disk_tier::flush_touches() {
-  if (touches_.empty())
+  // An update leaves touches_ once written, so that a retry does not count
+  // its reads twice. The one that fails stays, with those not reached, and
+  // is retried (retry_pending()). Dropping them would make the blocks read
+  // since the last flush look as cold as their previous accessed_at to
+  // capacity eviction, which takes the least recently accessed first, so
+  // it would evict the blocks being read, and the catalog keeps that
+  // order across restarts. touches_ holds at most one entry per indexed
+  // block, so keeping them cannot grow it past the index.
+  if (touches_.empty()) {
+    touch_failed_ = false;
     return {};
-  for (const auto& [key, t] : touches_) {
-    if (auto r = catalog_->touch(key, t.at, t.count); !r) {
+  }
+  for (auto it = touches_.begin(); it != touches_.end();) {
+    if (auto r = catalog_->touch(it->first, it->second.at, it->second.count);
+        !r) {
       ++io_stats_.io_errors;
-      touches_.clear();
+      touch_failed_ = true;
       return r;
     }
+    it = touches_.erase(it);
   }
-  touches_.clear();
+  touch_failed_ = false;
   ++io_stats_.touch_flushes;
   return {};
 }
@@ -1699,6 +1716,9 @@ void disk_tier::check_invariants() const {
                 "the active segment exists");
   KVFLEET_CHECK(dir_.size() == index_.size(),
                 "when idle, the directory holds exactly the stored blocks");
+  for (const auto& [k, t] : touches_)
+    KVFLEET_CHECK(index_.count(k) == 1,
+                  "pending accessed_at updates are for stored blocks");
   for (const auto& [k, d] : dir_) {
     const auto it = index_.find(k);
     KVFLEET_CHECK(it != index_.end() && it->second.gen == d.gen &&

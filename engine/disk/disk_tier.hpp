@@ -49,16 +49,16 @@
 /// and are never returned by fetch. TTL applies to pinned blocks too, as in
 /// block_store; pins protect from capacity eviction only.
 ///
-/// Failures: a batch whose commit (or, under full_sync, sync) fails is
-/// rolled back and the I/O thread's state reloaded from the catalog. What
-/// a failure leaves to do (catalog rows the directory is ahead of, a
-/// reload that failed, a compaction that failed or was not reached on a
-/// segment below compaction_threshold) is retried with every later batch
-/// and, while the tier is idle, on its own: retry_interval after the
-/// failure, then at a doubling delay up to max_retry_interval while it
-/// keeps failing. Failures are counted
-/// (stats().io_errors); requests are served meanwhile (refused while no
-/// reload has succeeded), and shutdown does not wait for a retry.
+/// Failures: a batch whose commit (or, under full_sync, sync) fails is rolled
+/// back and the I/O thread's state reloaded from the catalog. What a failure
+/// leaves to do (catalog rows the directory is ahead of, a reload that failed,
+/// a compaction that failed or was not reached on a segment below
+/// compaction_threshold, accessed_at updates whose write failed) is retried
+/// with every later batch and, while the tier is idle, on its own:
+/// retry_interval after the failure, then at a doubling delay up to
+/// max_retry_interval while it keeps failing. Failures are counted
+/// (stats().io_errors); requests are served meanwhile (refused while no reload
+/// has succeeded), and shutdown does not wait for a retry.
 ///
 /// Errors are values; nothing throws out of the public API. Broken
 /// invariants abort (check_invariants()).
@@ -115,7 +115,9 @@ struct disk_tier_config {
   double compaction_threshold = 0.5;
   /// Capacity eviction frees live bytes down to this fraction of capacity.
   double low_watermark = 0.9;
-  /// accessed_at updates are batched: written when this many are pending...
+  /// accessed_at updates are batched (one per block read since the last
+  /// write; kept and retried when the write fails): written when this many
+  /// are pending...
   std::size_t touch_batch = 256;
   /// ...or when the oldest has waited this long.
   nanos touch_flush_interval = std::chrono::seconds(1);
@@ -428,7 +430,8 @@ private:
   /// requests until a later reload (next batch or retry pass) succeeds.
   void reload();
   /// Whether a failure left work that a pass without requests would do:
-  /// a reload, catalog repairs, or a threshold compaction.
+  /// a reload, catalog repairs, a threshold compaction, or accessed_at
+  /// updates whose write failed.
   [[nodiscard]] bool retry_pending() const noexcept;
   /// After each pass of run(): arms, backs off or disarms the retry
   /// deadline. `retry_pass`: the pass ran because the deadline passed.
@@ -492,8 +495,12 @@ private:
   std::uint64_t file_bytes_ = 0;
   std::uint64_t live_bytes_ = 0;    ///< record bytes of indexed blocks
   std::uint64_t payload_bytes_ = 0; ///< payload bytes of indexed blocks
+  /// accessed_at updates not yet written: at most one per indexed block.
   std::unordered_map<block_key, touch, block_key_hash> touches_;
   std::chrono::steady_clock::time_point touch_deadline_{};
+  /// The last write of touches_ failed: they wait for a retry, not for
+  /// touch_deadline_.
+  bool touch_failed_ = false;
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   /// Segments to check for threshold compaction: those that lost blocks,

@@ -146,6 +146,11 @@ public:
       sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr);
     holding_ = false;
   }
+  /// Runs `sql` (no rows), committed at once unless the write lock is held.
+  bool exec(const std::string& sql) {
+    return sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, nullptr) ==
+           SQLITE_OK;
+  }
   /// The first column of the first row of `sql`, as committed so far.
   std::int64_t query(const std::string& sql) {
     sqlite3_stmt* s = nullptr;
@@ -1862,6 +1867,67 @@ TEST_F(disk_tier_test,
   for (std::uint64_t i = 3; i < 12; ++i)
     expect_block(i);
   EXPECT_EQ(segment_files().size(), tier_->stats().segments);
+}
+
+TEST_F(disk_tier_test,
+       accessed_at_updates_whose_write_failed_are_kept_and_retried) {
+  auto c = config();
+  // Only flush() and the retries write the updates.
+  c.touch_batch = 1000;
+  c.touch_flush_interval = std::chrono::hours(1);
+  c.retry_interval = std::chrono::milliseconds(1);
+  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto watch = std::make_shared<retry_watch>();
+  c.on_retry_for_testing = retry_watch::hook(watch);
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i, retry_size(i));
+  settle();
+  // Block i is read i + 1 times.
+  clock_.advance(nanos{1000});
+  const nanos read_at = clock_.now();
+  for (std::uint64_t i = 0; i < 4; ++i)
+    for (std::uint64_t k = 0; k <= i; ++k)
+      expect_block(i, retry_size(i));
+  // Block 2's update fails (a statement error; the batch commits): the
+  // updates written before it are committed, it and those after it are
+  // not.
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  ASSERT_TRUE(peer.exec("CREATE TRIGGER fail_touch BEFORE UPDATE OF "
+                        "access_count ON cache_entries WHEN NEW.size = 3072 "
+                        "BEGIN SELECT RAISE(ABORT, 'injected'); END"));
+  const auto id = tier_->flush();
+  bool seen = false;
+  for (const auto& d : settle()) {
+    if (d.id != id)
+      continue;
+    seen = true;
+    ASSERT_FALSE(d.status.has_value());
+    EXPECT_NE(d.status.error().message.find("injected"), std::string::npos)
+        << d.status.error().message;
+  }
+  EXPECT_TRUE(seen);
+  EXPECT_EQ(tier_->stats().touch_flushes, 0U);
+  // Kept, and retried while idle at a bounded pace.
+  ASSERT_TRUE(watch->failed(2)) << "the failed updates were not retried";
+  for (const nanos d : watch->seen()) {
+    EXPECT_GE(d, c.retry_interval);
+    EXPECT_LE(d, c.max_retry_interval);
+  }
+  // The fault clears; the next retry writes the rest.
+  ASSERT_TRUE(peer.exec("DROP TRIGGER fail_touch"));
+  EXPECT_TRUE(watch->converged()) << "the kept updates were not written";
+  EXPECT_EQ(tier_->stats().touch_flushes, 1U);
+  // Every read counted once: none lost, none written twice.
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    const std::string row =
+        " FROM cache_entries WHERE size = " + std::to_string(retry_size(i));
+    EXPECT_EQ(peer.query("SELECT access_count" + row),
+              static_cast<std::int64_t>(i + 1))
+        << "block " << i;
+    EXPECT_EQ(peer.query("SELECT accessed_at" + row), read_at.count())
+        << "block " << i;
+  }
 }
 
 } // namespace
