@@ -1930,5 +1930,54 @@ TEST_F(disk_tier_test,
   }
 }
 
+TEST_F(disk_tier_test,
+       a_compaction_refused_by_a_full_disk_sets_full_and_its_retry_clears_it) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.compaction_threshold = 0.5;
+  c.retry_interval = std::chrono::milliseconds(1);
+  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+  auto watch = std::make_shared<retry_watch>();
+  c.on_retry_for_testing = retry_watch::hook(watch);
+  open(c);
+  for (std::uint64_t i = 0; i < 12; ++i)
+    spill(i);
+  settle();
+  // Segment 1 keeps one block of four; its copy finds the file system full.
+  full->store(true);
+  for (std::uint64_t i : {0UL, 1UL, 2UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 0U);
+  EXPECT_TRUE(s.full) << "spills would run into the full file system";
+  EXPECT_EQ(s.io_errors, 0U) << "a full file system is not an I/O error";
+  const auto bytes = block_bytes(12, 4096);
+  auto refused = tier_->spill(key_of(12), ns_a, codec::int8, bytes,
+                              block_checksum(bytes), nanos{0}, nanos{0}, false);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, errc::out_of_memory);
+  // Retried while full, at a bounded pace, still not counted as errors.
+  ASSERT_TRUE(watch->failed(2)) << "the compaction was not retried";
+  s = tier_->stats();
+  EXPECT_TRUE(s.full);
+  EXPECT_EQ(s.io_errors, 0U);
+  // Space comes back (freed outside the tier). The retry compacts, and
+  // unlinking segment 1 lets spills in again: no erase or request needed.
+  full->store(false);
+  EXPECT_TRUE(watch->converged()) << "the compaction was not retried";
+  s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U);
+  EXPECT_FALSE(s.full) << "spills stay refused though space came back";
+  EXPECT_EQ(s.io_errors, 0U);
+  spill(12);
+  settle();
+  for (std::uint64_t i = 3; i < 13; ++i)
+    expect_block(i);
+}
+
 } // namespace
 } // namespace kvfleet::engine
