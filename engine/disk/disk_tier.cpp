@@ -1403,9 +1403,15 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
   if (!over_capacity(bytes_needed(record_bytes)))
     return {};
   // Evict unpinned blocks, least recently used first, down to the low
-  // watermark of live bytes.
-  if (auto f = flush_touches(); !f)
-    return f;
+  // watermark of live bytes. The catalog orders them by accessed_at, so
+  // pending updates are written first. If that write fails they stay
+  // pending (flush_touches) and eviction goes on all the same, passing
+  // over the blocks they name: those were read since the last flush, so
+  // they are the most recently used, whatever the catalog says. Only when
+  // nothing else can go are they taken too. Failing the spill instead
+  // would refuse every spill that needs room for as long as the write
+  // fails.
+  bool pass_over_touched = !flush_touches().has_value();
   const double target =
       config_.low_watermark * static_cast<double>(config_.capacity_bytes);
   auto above_target = [&] {
@@ -1413,7 +1419,12 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
            target;
   };
   bool progress = true;
-  while (progress && above_target()) {
+  while (above_target()) {
+    if (!progress) {
+      if (!pass_over_touched)
+        break;
+      pass_over_touched = false; // nothing else could go
+    }
     progress = false;
     auto lru = catalog_->least_recent_unpinned(256);
     if (!lru)
@@ -1423,6 +1434,8 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
         break;
       const auto it = index_.find(e.key);
       if (it == index_.end())
+        continue;
+      if (pass_over_touched && touches_.count(e.key) != 0)
         continue;
       {
         // A pin taken after this spill was queued is not in the catalog yet.

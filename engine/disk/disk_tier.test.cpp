@@ -1930,6 +1930,66 @@ TEST_F(disk_tier_test,
   }
 }
 
+TEST_F(
+    disk_tier_test,
+    eviction_goes_on_past_failed_accessed_at_writes_sparing_the_read_blocks) {
+  // As in capacity_eviction_takes_least_recently_used_unpinned, but the
+  // reads of blocks 1 and 2 cannot be written to the catalog: the spills
+  // that need room still get it, and eviction still passes over 1 and 2.
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.capacity_bytes = 4 * (segment_header_bytes + 4 * rec); // 16 blocks
+  c.low_watermark = 0.75;
+  c.touch_batch = 1000;
+  c.touch_flush_interval = std::chrono::hours(1);
+  c.retry_interval = std::chrono::hours(1); // only batches retry here
+  c.max_retry_interval = std::chrono::hours(1);
+  open(c);
+  for (std::uint64_t i = 0; i < 12; ++i) {
+    clock_.advance(nanos{1000});
+    spill(i);
+    settle();
+  }
+  clock_.advance(nanos{1000});
+  expect_block(1);
+  expect_block(2);
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  ASSERT_TRUE(peer.exec("CREATE TRIGGER fail_touch BEFORE UPDATE OF "
+                        "access_count ON cache_entries BEGIN SELECT "
+                        "RAISE(ABORT, 'injected'); END"));
+  for (std::uint64_t i = 12; i < 18; ++i) {
+    clock_.advance(nanos{1000});
+    spill(i);
+    for (const auto& d : settle())
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+  }
+  auto s = tier_->stats();
+  EXPECT_GT(s.evictions, 0U);
+  EXPECT_GT(s.io_errors, 0U) << "the failed writes are counted";
+  EXPECT_EQ(s.touch_flushes, 0U);
+  EXPECT_LE(s.file_bytes, c.capacity_bytes);
+  EXPECT_TRUE(tier_->contains(key_of(1))) << "read, so not evicted";
+  EXPECT_TRUE(tier_->contains(key_of(2))) << "read, so not evicted";
+  EXPECT_FALSE(tier_->contains(key_of(0))) << "least recently used goes first";
+  EXPECT_FALSE(tier_->contains(key_of(3))) << "least recently used goes first";
+  for (std::uint64_t i = 12; i < 18; ++i)
+    EXPECT_TRUE(tier_->contains(key_of(i)));
+  // The fault clears: the kept updates are written, once each.
+  ASSERT_TRUE(peer.exec("DROP TRIGGER fail_touch"));
+  const auto id = tier_->flush();
+  for (const auto& d : settle())
+    if (d.id == id)
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+  EXPECT_EQ(tier_->stats().touch_flushes, 1U);
+  EXPECT_EQ(peer.query("SELECT COUNT(*) FROM cache_entries WHERE "
+                       "access_count = 1"),
+            2);
+  EXPECT_EQ(peer.query("SELECT COUNT(*) FROM cache_entries WHERE "
+                       "access_count > 1"),
+            0);
+}
+
 TEST_F(disk_tier_test,
        a_compaction_refused_by_a_full_disk_sets_full_and_its_retry_clears_it) {
   auto c = config();
