@@ -91,6 +91,15 @@ struct retry_watch {
   std::condition_variable cv;
   std::vector<nanos> delays;
 
+  /// Retries every 1 ms, backing off to 4 ms, reported to the watch it
+  /// returns.
+  static std::shared_ptr<retry_watch> fast(disk_tier_config& c) {
+    c.retry_interval = std::chrono::milliseconds(1);
+    c.max_retry_interval = std::chrono::milliseconds(4);
+    auto w = std::make_shared<retry_watch>();
+    c.on_retry_for_testing = hook(w);
+    return w;
+  }
   static std::function<void(nanos)> hook(std::shared_ptr<retry_watch> w) {
     return [w](nanos next) {
       {
@@ -1497,12 +1506,9 @@ TEST_F(disk_tier_test, a_compaction_that_failed_is_retried_while_idle) {
   const std::uint64_t rec = record_header_bytes + 4096;
   c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto watch = retry_watch::fast(c);
   auto broken = std::make_shared<std::atomic<bool>>(false);
   c.write_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
-  auto watch = std::make_shared<retry_watch>();
-  c.on_retry_for_testing = retry_watch::hook(watch);
   open(c);
   for (std::uint64_t i = 0; i < 12; ++i)
     spill(i);
@@ -1537,12 +1543,9 @@ TEST_F(disk_tier_test,
   const std::uint64_t rec = record_header_bytes + 4096;
   c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto watch = retry_watch::fast(c);
   // No accessed_at flush wakes the I/O thread: only the retries do.
   c.touch_flush_interval = std::chrono::hours(1);
-  auto watch = std::make_shared<retry_watch>();
-  c.on_retry_for_testing = retry_watch::hook(watch);
   open(c);
   for (std::uint64_t i = 0; i < 8; ++i) // segment 1: 0-3, segment 2: 4-7
     spill(i);
@@ -1586,15 +1589,12 @@ TEST_F(disk_tier_test,
 TEST_F(disk_tier_test, repairs_after_a_failed_batch_are_written_while_idle) {
   auto c = config();
   c.full_sync = true;
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto watch = retry_watch::fast(c);
   auto syncs = std::make_shared<sync_counter>();
   auto gate = std::make_shared<append_gate>();
   const append_gate::guard gate_guard{gate};
-  auto watch = std::make_shared<retry_watch>();
   c.sync_fault_for_testing = sync_counter::hook(syncs);
   c.write_fault_for_testing = append_gate::hook(gate);
-  c.on_retry_for_testing = retry_watch::hook(watch);
   open(c);
   for (std::uint64_t i = 0; i < 4; ++i)
     spill(i, retry_size(i));
@@ -1639,14 +1639,11 @@ TEST_F(disk_tier_test, repairs_after_a_failed_batch_are_written_while_idle) {
 TEST_F(disk_tier_test, a_failed_reload_is_retried_while_idle) {
   auto c = config();
   c.full_sync = true;
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto watch = retry_watch::fast(c);
   auto syncs = std::make_shared<sync_counter>();
   auto broken = std::make_shared<std::atomic<bool>>(false);
-  auto watch = std::make_shared<retry_watch>();
   c.sync_fault_for_testing = sync_counter::hook(syncs);
   c.load_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
-  c.on_retry_for_testing = retry_watch::hook(watch);
   open(c);
   for (std::uint64_t i = 0; i < 4; ++i)
     spill(i, retry_size(i));
@@ -1751,16 +1748,13 @@ TEST_F(disk_tier_test,
   c.capacity_bytes = 2 * c.segment_bytes; // segments 1 and 2, full
   c.compaction_threshold = 0.5;
   c.low_watermark = 1.0; // live bytes fit: make room by compacting only
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto watch = retry_watch::fast(c);
   // Appends past number `fail_after` fail with EIO.
   auto appends = std::make_shared<std::atomic<int>>(0);
   auto fail_after = std::make_shared<std::atomic<int>>(1 << 30);
   c.write_fault_for_testing = [appends, fail_after] {
     return ++*appends > fail_after->load() ? EIO : 0;
   };
-  auto watch = std::make_shared<retry_watch>();
-  c.on_retry_for_testing = retry_watch::hook(watch);
   open(c);
   for (std::uint64_t i = 0; i < 8; ++i) // segment 1: 0-3, segment 2: 4-7
     spill(i);
@@ -1852,10 +1846,7 @@ TEST_F(disk_tier_test,
   tier_.reset();
   // The next run: the disk works, and no block leaves segment 1.
   broken->store(false);
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
-  auto watch = std::make_shared<retry_watch>();
-  c.on_retry_for_testing = retry_watch::hook(watch);
+  auto watch = retry_watch::fast(c);
   open(c);
   EXPECT_EQ(tier_->stats().recovered_blocks, 9U);
   EXPECT_TRUE(watch->converged()) << "segment 1 was not checked after open";
@@ -1875,10 +1866,7 @@ TEST_F(disk_tier_test,
   // Only flush() and the retries write the updates.
   c.touch_batch = 1000;
   c.touch_flush_interval = std::chrono::hours(1);
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
-  auto watch = std::make_shared<retry_watch>();
-  c.on_retry_for_testing = retry_watch::hook(watch);
+  auto watch = retry_watch::fast(c);
   open(c);
   for (std::uint64_t i = 0; i < 4; ++i)
     spill(i, retry_size(i));
@@ -1996,12 +1984,9 @@ TEST_F(disk_tier_test,
   const std::uint64_t rec = record_header_bytes + 4096;
   c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
-  c.retry_interval = std::chrono::milliseconds(1);
-  c.max_retry_interval = std::chrono::milliseconds(4);
+  auto watch = retry_watch::fast(c);
   auto full = std::make_shared<std::atomic<bool>>(false);
   c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
-  auto watch = std::make_shared<retry_watch>();
-  c.on_retry_for_testing = retry_watch::hook(watch);
   open(c);
   for (std::uint64_t i = 0; i < 12; ++i)
     spill(i);
