@@ -1966,9 +1966,11 @@ TEST_F(
   // The fault clears: the kept updates are written, once each.
   ASSERT_TRUE(peer.exec("DROP TRIGGER fail_touch"));
   const auto id = tier_->flush();
-  for (const auto& d : settle())
-    if (d.id == id)
+  for (const auto& d : settle()) {
+    if (d.id == id) {
       EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    }
+  }
   EXPECT_EQ(tier_->stats().touch_flushes, 1U);
   EXPECT_EQ(peer.query("SELECT COUNT(*) FROM cache_entries WHERE "
                        "access_count = 1"),
