@@ -840,7 +840,9 @@ void disk_tier::run() {
 }
 
 bool disk_tier::retry_pending() const noexcept {
-  return !reload_error_.empty() || !repairs_.empty() ||
+  // full_ is written only on this thread (under mu_, for the owner's
+  // reads), so this thread reads it without the lock.
+  return full_ || !reload_error_.empty() || !repairs_.empty() ||
          !shrunk_segments_.empty() || (touch_failed_ && !touches_.empty());
 }
 
@@ -867,6 +869,8 @@ void disk_tier::schedule_retry(bool retry_pass) {
 
 void disk_tier::process(std::vector<request>& batch,
                         std::vector<disk_completion>& out, bool last) {
+  if (full_)
+    probe_free_space();
   if (!reload_error_.empty()) {
     reload();
     if (!reload_error_.empty()) {
@@ -1020,15 +1024,37 @@ void disk_tier::process(std::vector<request>& batch,
   if (!unlink_after_commit_.empty()) {
     unlink_after_commit_.clear();
     std::lock_guard lk(mu_);
-    if (full_) {
-      full_ = false;
-      logged_full_ = false;
-      std::fprintf(stderr,
-                   "kvfleet: disk tier %s: space freed, accepting spills "
-                   "again\n",
-                   config_.directory.c_str());
-    }
+    if (full_)
+      accept_spills_again_locked("space freed");
   }
+}
+
+void disk_tier::accept_spills_again_locked(const std::string& why) {
+  full_ = false;
+  logged_full_ = false;
+  std::fprintf(stderr, "kvfleet: disk tier %s: %s, accepting spills again\n",
+               config_.directory.c_str(), why.c_str());
+}
+
+void disk_tier::probe_free_space() {
+  // Space freed outside the tier (the operator deleting files, as the log
+  // line asks) unlinks no segment of the tier's, so without this look a
+  // tier with nothing to erase, evict or compact would refuse spills for
+  // good.
+  std::uint64_t avail = 0;
+  if (config_.free_bytes_for_testing) {
+    avail = config_.free_bytes_for_testing();
+  } else {
+    struct statvfs vfs {};
+    if (::statvfs(config_.directory.c_str(), &vfs) != 0)
+      return; // unknown: stay full, look again at the next retry
+    avail = static_cast<std::uint64_t>(vfs.f_bavail) *
+            static_cast<std::uint64_t>(vfs.f_frsize);
+  }
+  if (avail < config_.min_free_bytes)
+    return;
+  std::lock_guard lk(mu_);
+  accept_spills_again_locked(std::to_string(avail) + " bytes free");
 }
 
 void disk_tier::note_write_error(int err_no, const error& e) {
@@ -1045,7 +1071,8 @@ void disk_tier::note_write_error(int err_no, const error& e) {
     std::fprintf(stderr,
                  "kvfleet: disk tier %s: the file system is full (%s); "
                  "refusing spills, still serving reads. Free space in the "
-                 "directory or lower disk capacity_bytes.\n",
+                 "directory (it is looked at again on the retry schedule) "
+                 "or lower disk capacity_bytes.\n",
                  config_.directory.c_str(), e.describe().c_str());
   }
 }

@@ -53,8 +53,9 @@
 /// back and the I/O thread's state reloaded from the catalog. What a failure
 /// leaves to do (catalog rows the directory is ahead of, a reload that failed,
 /// a compaction that failed or was not reached on a segment below
-/// compaction_threshold, accessed_at updates whose write failed) is retried
-/// with every later batch and, while the tier is idle, on its own:
+/// compaction_threshold, accessed_at updates whose write failed, and a full
+/// file system: the tier looks whether min_free_bytes are free again) is
+/// retried with every later batch and, while the tier is idle, on its own:
 /// retry_interval after the failure, then at a doubling delay up to
 /// max_retry_interval while it keeps failing. Failures are counted
 /// (stats().io_errors); requests are served meanwhile (refused while no reload
@@ -128,7 +129,9 @@ struct disk_tier_config {
   /// transaction refuses its spills and compactions (errc::io_error), whose
   /// rows would otherwise commit before their bytes are synced.
   bool full_sync = false;
-  /// open() fails when the file system has less space free than this.
+  /// open() fails when the file system has less space free than this; a
+  /// tier that found the file system full accepts spills again once this
+  /// much is free (checked on the retry schedule, see Failures above).
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
   /// Largest block accepted.
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
@@ -171,6 +174,9 @@ struct disk_tier_config {
   /// catalog (at open, and to reload after a failed batch), after the rows
   /// are read; a nonzero result is the errno of a failure there.
   segment_file::write_fault load_fault_for_testing;
+  /// Test hook: while the tier is full, the free bytes it sees in its
+  /// directory instead of statvfs's answer.
+  std::function<std::uint64_t()> free_bytes_for_testing;
   /// Test hook: called on the I/O thread after each retry pass (one that
   /// ran because retry_interval passed with work pending, not for a
   /// request), once its results are published: with the delay until the
@@ -459,6 +465,11 @@ private:
   void remove_block(const block_key& key, removal why);
   void retire_segment(std::uint64_t id);
   void note_write_error(int err_no, const error& e);
+  /// While full_: accepts spills again when the directory's file system
+  /// has min_free_bytes free (space freed by something else than the tier).
+  void probe_free_space();
+  /// Clears full_ and logs why. Caller holds mu_.
+  void accept_spills_again_locked(const std::string& why);
   void publish_locked();
   [[nodiscard]] std::int64_t now_ns() const noexcept {
     return clock_->now().count();

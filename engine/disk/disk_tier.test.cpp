@@ -1090,6 +1090,9 @@ TEST_F(disk_tier_test,
   c.segment_bytes = segment_header_bytes + 2 * rec;
   auto full = std::make_shared<std::atomic<bool>>(false);
   c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+  // The file system stays full as statvfs sees it: only the tier's own
+  // unlink frees space here.
+  c.free_bytes_for_testing = [] { return std::uint64_t{0}; };
   open(c);
   for (std::uint64_t i = 0; i < 4; ++i)
     spill(i);
@@ -1989,6 +1992,9 @@ TEST_F(disk_tier_test,
   auto watch = retry_watch::fast(c);
   auto full = std::make_shared<std::atomic<bool>>(false);
   c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+  c.free_bytes_for_testing = [full] {
+    return full->load() ? std::uint64_t{0} : std::uint64_t{1} << 40;
+  };
   open(c);
   for (std::uint64_t i = 0; i < 12; ++i)
     spill(i);
@@ -2024,6 +2030,69 @@ TEST_F(disk_tier_test,
   settle();
   for (std::uint64_t i = 3; i < 13; ++i)
     expect_block(i);
+}
+
+TEST_F(disk_tier_test,
+       a_full_tier_accepts_spills_again_once_space_is_freed_elsewhere) {
+  // The operator frees space outside the tier (as the log line asks): no
+  // segment of the tier's is unlinked, nothing is erased or compacted, and
+  // no request comes. The retries look at the free space.
+  auto c = config();
+  auto watch = retry_watch::fast(c);
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+  c.free_bytes_for_testing = [full] {
+    return full->load() ? std::uint64_t{0} : std::uint64_t{1} << 40;
+  };
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i);
+  settle();
+  full->store(true);
+  const auto id = spill(10);
+  for (const auto& d : settle()) {
+    if (d.id == id) {
+      EXPECT_EQ(d.status.error().code, errc::out_of_memory);
+    }
+  }
+  // Still full at each look, at a bounded pace.
+  ASSERT_TRUE(watch->failed(2)) << "a full tier never looked again";
+  for (const nanos d : watch->seen()) {
+    EXPECT_GE(d, c.retry_interval);
+    EXPECT_LE(d, c.max_retry_interval);
+  }
+  EXPECT_TRUE(tier_->stats().full);
+  full->store(false);
+  EXPECT_TRUE(watch->converged()) << "spills stay refused though space came";
+  auto s = tier_->stats();
+  EXPECT_FALSE(s.full);
+  EXPECT_EQ(s.compactions, 0U);
+  EXPECT_EQ(s.evictions, 0U);
+  EXPECT_EQ(s.io_errors, 0U);
+  spill(11);
+  settle();
+  for (std::uint64_t i : {0UL, 1UL, 2UL, 3UL, 11UL})
+    expect_block(i);
+}
+
+TEST_F(disk_tier_test, a_full_tier_looks_at_the_free_space_statvfs_reports) {
+  // No free-space hook: the tier asks statvfs about its directory, which
+  // has room on the machine running the tests (the write fault alone made
+  // the tier full), so the first look lets spills in again.
+  auto c = config();
+  auto watch = retry_watch::fast(c);
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+  open(c);
+  full->store(true);
+  spill(0);
+  settle();
+  full->store(false);
+  EXPECT_TRUE(watch->converged()) << "the tier never looked at statvfs";
+  EXPECT_FALSE(tier_->stats().full);
+  spill(1);
+  settle();
+  expect_block(1);
 }
 
 } // namespace
