@@ -1498,6 +1498,18 @@ TEST_F(disk_tier_test,
 
 // ------------------------------------------------------------- retries
 
+/// A file system that is full while the returned flag is set: segment
+/// writes fail with ENOSPC and the free space the tier looks at is 0; with
+/// the flag clear, writes succeed and a terabyte is free.
+std::shared_ptr<std::atomic<bool>> simulate_full_disk(disk_tier_config& c) {
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+  c.free_bytes_for_testing = [full] {
+    return full->load() ? std::uint64_t{0} : std::uint64_t{1} << 40;
+  };
+  return full;
+}
+
 /// Block i's size in the retry tests: distinct, so that a test can read a
 /// block's row from the catalog by its size.
 std::size_t retry_size(std::uint64_t i) {
@@ -1990,11 +2002,7 @@ TEST_F(disk_tier_test,
   c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
   auto watch = retry_watch::fast(c);
-  auto full = std::make_shared<std::atomic<bool>>(false);
-  c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
-  c.free_bytes_for_testing = [full] {
-    return full->load() ? std::uint64_t{0} : std::uint64_t{1} << 40;
-  };
+  auto full = simulate_full_disk(c);
   open(c);
   for (std::uint64_t i = 0; i < 12; ++i)
     spill(i);
@@ -2039,11 +2047,7 @@ TEST_F(disk_tier_test,
   // no request comes. The retries look at the free space.
   auto c = config();
   auto watch = retry_watch::fast(c);
-  auto full = std::make_shared<std::atomic<bool>>(false);
-  c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
-  c.free_bytes_for_testing = [full] {
-    return full->load() ? std::uint64_t{0} : std::uint64_t{1} << 40;
-  };
+  auto full = simulate_full_disk(c);
   open(c);
   for (std::uint64_t i = 0; i < 4; ++i)
     spill(i);
