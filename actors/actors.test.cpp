@@ -1160,6 +1160,16 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
                               }),
                "balancer_config.request_timeout");
   bc = balancer_config{};
+  bc.request_timeout = std::chrono::milliseconds::max();
+  expect_error(spawn_balancer(*sys_, bc,
+                              [&](caf::actor_system& s, std::uint32_t slot) {
+                                ++factory_calls;
+                                auto c = small_engine(16);
+                                c.slot = slot;
+                                return spawn_engine_actor(s, c);
+                              }),
+               "balancer_config.request_timeout");
+  bc = balancer_config{};
   bc.restart_delay = -1ms;
   expect_error(spawn_balancer(*sys_, bc,
                               [&](caf::actor_system& s, std::uint32_t slot) {
@@ -1179,6 +1189,15 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
           {[](engine_actor_config& c) { c.batch.timeout = 0ms; },
            "batch.timeout"},
           {[](engine_actor_config& c) { c.put_timeout = -5ms; }, "put_timeout"},
+          // "No timeout" as the largest value would wrap to -1 ms.
+          {[](engine_actor_config& c) {
+             c.put_timeout = std::chrono::milliseconds::max();
+           },
+           "put_timeout"},
+          {[](engine_actor_config& c) {
+             c.batch.timeout = engine::nanos::max();
+           },
+           "batch.timeout"},
           {[](engine_actor_config& c) { c.tier_poll_interval = 0us; },
            "tier_poll_interval"},
           {[](engine_actor_config& c) { c.pressure.target = -0.5; },
@@ -1209,6 +1228,12 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   sc.policy.min_replicas = 5;
   expect_error(spawn_scaler(*sys_, sc, fake), "min_replicas");
   sc = scaler_actor_config{};
+  sc.interval = 0ms; // would re-arm its timer at once, forever
+  expect_error(spawn_scaler(*sys_, sc, fake), "scaler_actor_config.interval");
+  sc = scaler_actor_config{};
+  sc.policy.grow_factor = 0.5;
+  expect_error(spawn_scaler(*sys_, sc, fake), "scaler_config.grow_factor");
+  sc = scaler_actor_config{};
   sc.initial_replicas = sc.policy.max_replicas + 1;
   expect_error(spawn_scaler(*sys_, sc, fake), "initial_replicas");
   prefetch_config pc;
@@ -1221,6 +1246,8 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   pc.max_outstanding = 0;
   expect_error(spawn_prefetcher(*sys_, pc, fake), "max_outstanding");
   query_cache_config qc;
+  qc.ttl = std::chrono::seconds::max(); // expiry would wrap into the past
+  expect_error(spawn_query_cache(*sys_, qc, fake), "query_cache_config.ttl");
   qc.ttl = 0s;
   expect_error(spawn_query_cache(*sys_, qc, fake), "ttl");
   expect_error(spawn_query_cache(*sys_, qc, fake,

@@ -1,6 +1,7 @@
 #include "actors/balancer_actor.hpp"
 
 #include "actors/caf_error.hpp"
+#include "actors/config_checks.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
@@ -459,17 +460,14 @@ result<void> validate(const balancer_config& config) {
   if (auto ok = validate(config.routing); !ok)
     return ok;
   // Zero would time every request out at once.
-  if (config.request_timeout <= std::chrono::milliseconds{0})
-    return make_error(errc::invalid_argument,
-                      "balancer_config.request_timeout must be positive, "
-                      "not " +
-                          std::to_string(config.request_timeout.count()) +
-                          " ms");
-  if (config.restart_delay < std::chrono::milliseconds{0})
-    return make_error(errc::invalid_argument,
-                      "balancer_config.restart_delay must not be negative, "
-                      "not " +
-                          std::to_string(config.restart_delay.count()) + " ms");
+  if (auto ok = check_duration("balancer_config.request_timeout",
+                               config.request_timeout);
+      !ok)
+    return ok;
+  if (auto ok = check_duration("balancer_config.restart_delay",
+                               config.restart_delay, true);
+      !ok)
+    return ok;
   if (config.initial_engines > router::max_slots)
     return make_error(errc::invalid_argument,
                       "balancer_config.initial_engines must be at most " +

@@ -77,7 +77,8 @@ using engine_factory =
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// what validate(config.routing) rejects, a request_timeout that is not
-/// positive, a negative restart_delay, or more initial_engines than
+/// positive, a negative restart_delay, either above 24 hours
+/// (max_config_duration, config_checks.hpp), or more initial_engines than
 /// router::max_slots.
 [[nodiscard]] result<void> validate(const balancer_config& config);
 

@@ -1,6 +1,7 @@
 #include "actors/engine_actor.hpp"
 
 #include "actors/caf_error.hpp"
+#include "actors/config_checks.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 
@@ -394,15 +395,18 @@ result<void> validate(const engine_actor_config& config) {
   if (config.batch.max_size == 0)
     return bad("batch.max_size must be at least 1 (1 runs each request "
                "alone)");
-  if (config.batch.timeout <= engine::nanos{0})
-    return bad("batch.timeout must be positive, not " +
-               std::to_string(config.batch.timeout.count()) + " ns");
-  if (config.put_timeout <= std::chrono::milliseconds{0})
-    return bad("put_timeout must be positive, not " +
-               std::to_string(config.put_timeout.count()) + " ms");
-  if (config.tier_poll_interval <= std::chrono::microseconds{0})
-    return bad("tier_poll_interval must be positive, not " +
-               std::to_string(config.tier_poll_interval.count()) + " us");
+  if (auto ok = check_duration("engine_actor_config.batch.timeout",
+                               config.batch.timeout);
+      !ok)
+    return ok;
+  if (auto ok =
+          check_duration("engine_actor_config.put_timeout", config.put_timeout);
+      !ok)
+    return ok;
+  if (auto ok = check_duration("engine_actor_config.tier_poll_interval",
+                               config.tier_poll_interval);
+      !ok)
+    return ok;
   // Written so that NaN fails the check.
   const auto& p = config.pressure;
   if (!(p.target > 0.0 && p.target <= p.threshold && p.threshold <= 1.0))

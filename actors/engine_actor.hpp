@@ -108,8 +108,9 @@ struct engine_actor_config {
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// batch.max_size 0 (1 runs each request alone), a batch.timeout,
-/// put_timeout or tier_poll_interval that is not positive, or memory
-/// pressure outside 0 < pressure.target <= pressure.threshold <= 1.
+/// put_timeout or tier_poll_interval that is not positive or is above 24
+/// hours (max_config_duration, config_checks.hpp), or memory pressure
+/// outside 0 < pressure.target <= pressure.threshold <= 1.
 [[nodiscard]] result<void> validate(const engine_actor_config& config);
 
 /// Creates the store (over make_backend's memory when set, with make_tier's

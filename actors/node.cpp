@@ -1,6 +1,7 @@
 #include "actors/node.hpp"
 
 #include "actors/caf_error.hpp"
+#include "actors/config_checks.hpp"
 #include "actors/prioritized.hpp"
 
 #include <memory>
@@ -112,10 +113,10 @@ result<void> validate(const node_config& config) {
                           std::to_string(actors::router::max_slots) +
                           " (the router's slots), got " +
                           std::to_string(config.engines));
-  if (config.call_timeout <= std::chrono::milliseconds{0})
-    return make_error(errc::invalid_argument,
-                      "node_config.call_timeout must be positive, not " +
-                          std::to_string(config.call_timeout.count()) + " ms");
+  if (auto ok = actors::check_duration("node_config.call_timeout",
+                                       config.call_timeout);
+      !ok)
+    return ok;
   if (auto ok = actors::validate(config.engine); !ok)
     return ok;
   // node::start sets initial_engines from `engines`, checked above.

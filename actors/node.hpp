@@ -58,7 +58,8 @@ struct node_config {
 
 /// errc::invalid_argument naming the option when `config` breaks an
 /// invariant: engines 0 or above router::max_slots (64), a call_timeout
-/// that is not positive, what validate() rejects in the engine, balancer
+/// that is not positive or is above 24 hours, what validate() rejects in
+/// the engine, balancer
 /// or warmer configuration, with the scaler
 /// on more engines than its max_replicas or an `engine.capacity_tokens`
 /// outside the scaler's

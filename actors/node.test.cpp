@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -174,6 +175,16 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
       {"call timeout 0",
        [](node_config& c) { c.call_timeout = std::chrono::milliseconds{0}; },
        "node_config.call_timeout"},
+      {"call timeout as large as it goes (wraps to -1 ms)",
+       [](node_config& c) {
+         c.call_timeout = std::chrono::milliseconds::max();
+       },
+       "node_config.call_timeout"},
+      {"kv-aware credit that is not a number",
+       [](node_config& c) {
+         c.balancer.routing.credit_per_block = std::nan("");
+       },
+       "router_config.credit_per_block"},
       {"batch of no requests",
        [](node_config& c) { c.engine.batch.max_size = 0; },
        "engine_actor_config.batch.max_size"},

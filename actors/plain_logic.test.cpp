@@ -1,6 +1,7 @@
 // Decision logic of the actor layer, driven without CAF.
 #include "actors/batch_accumulator.hpp"
 #include "actors/caf_error.hpp"
+#include "actors/config_checks.hpp"
 #include "actors/lane_queue.hpp"
 #include "actors/memory_manager.hpp"
 #include "actors/prefetch_tracker.hpp"
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <limits>
 #include <string>
 #include <utility>
@@ -226,6 +228,83 @@ TEST(Router, RejectsAnEmptyIndexBoundAsAnErrorValue) {
       << r.error().message;
 }
 
+TEST(Router, RejectsCreditsThatWouldMisrouteAsErrorValues) {
+  const std::pair<void (*)(router_config&), const char*> cases[] = {
+      {[](router_config& c) { c.credit_per_block = std::nan(""); },
+       "router_config.credit_per_block"},
+      {[](router_config& c) { c.credit_per_block = -0.25; },
+       "router_config.credit_per_block"},
+      {[](router_config& c) {
+         c.credit_per_block = std::numeric_limits<double>::infinity();
+       },
+       "router_config.credit_per_block"},
+      {[](router_config& c) { c.max_credit = -1.0; },
+       "router_config.max_credit"},
+      {[](router_config& c) { c.overload_credit_factor = 1.5; },
+       "router_config.overload_credit_factor"},
+      {[](router_config& c) { c.overload_credit_factor = -0.1; },
+       "router_config.overload_credit_factor"},
+  };
+  for (const auto& [edit, name] : cases) {
+    router_config c{routing_policy::kv_aware};
+    edit(c);
+    auto r = router::create(c);
+    ASSERT_FALSE(r.has_value()) << name;
+    EXPECT_EQ(r.error().code, errc::invalid_argument);
+    EXPECT_NE(r.error().message.find(name), std::string::npos)
+        << r.error().message;
+  }
+  // The ends of each range are accepted.
+  router_config edges{routing_policy::kv_aware};
+  edges.credit_per_block = 0.0;
+  edges.max_credit = 0.0;
+  edges.overload_credit_factor = 1.0;
+  EXPECT_TRUE(validate(edges).has_value());
+}
+
+TEST(ConfigChecks, DurationsAreBoundedOnBothSides) {
+  EXPECT_TRUE(check_duration("x", 1ns).has_value());
+  EXPECT_TRUE(check_duration("x", std::chrono::hours{24}).has_value());
+  EXPECT_TRUE(check_duration("x", 0ms, true).has_value());
+  EXPECT_FALSE(check_duration("x", 0ms).has_value());
+  EXPECT_FALSE(check_duration("x", -1ms, true).has_value());
+  EXPECT_FALSE(check_duration("x", std::chrono::hours{24} + 1ns).has_value());
+  // "No timeout" written as the type's largest value would wrap to -1 ms
+  // once converted to the clock's nanoseconds.
+  auto never = check_duration("node_config.call_timeout",
+                              std::chrono::milliseconds::max());
+  ASSERT_FALSE(never.has_value());
+  EXPECT_EQ(never.error().code, errc::invalid_argument);
+  EXPECT_EQ(never.error().message,
+            "node_config.call_timeout must be positive and at most 24 h, not " +
+                std::to_string(std::chrono::milliseconds::max().count()) +
+                " ms");
+  EXPECT_FALSE(check_duration("x", std::chrono::seconds::max(), false,
+                              std::chrono::hours{24 * 365})
+                   .has_value());
+  EXPECT_TRUE(check_duration("x", std::chrono::hours{24 * 365}, false,
+                             std::chrono::hours{24 * 365})
+                  .has_value());
+}
+
+TEST(ConfigChecks, RangesHonourTheirEndsAndRefuseNaN) {
+  using end = end_point;
+  EXPECT_TRUE(check_range("f", 0.0, 0.0, end::closed, 1.0, end::open));
+  EXPECT_FALSE(check_range("f", 1.0, 0.0, end::closed, 1.0, end::open));
+  EXPECT_FALSE(check_range("f", 0.0, 0.0, end::open, 1.0, end::closed));
+  EXPECT_TRUE(check_range("f", 1.0, 0.0, end::open, 1.0, end::closed));
+  EXPECT_FALSE(
+      check_range("f", std::nan(""), 0.0, end::closed, 1.0, end::closed));
+  EXPECT_TRUE(check_range("f", 1e300, 1.0, end::open, unbounded, end::open));
+  auto inf = check_range("g", std::numeric_limits<double>::infinity(), 1.0,
+                         end::open, unbounded, end::open);
+  ASSERT_FALSE(inf.has_value());
+  EXPECT_EQ(inf.error().message, "g must be finite and above 1, not inf");
+  auto nan = check_range("f", std::nan(""), 0.0, end::closed, 1.0, end::open);
+  ASSERT_FALSE(nan.has_value());
+  EXPECT_EQ(nan.error().message, "f must be in [0, 1), not nan");
+}
+
 TEST(Router, ParsesPolicyNames) {
   EXPECT_EQ(*parse_routing_policy("kv_aware"), routing_policy::kv_aware);
   EXPECT_FALSE(parse_routing_policy("random").has_value());
@@ -306,6 +385,34 @@ TEST(ScalerPolicy, CapacityCapsAt16384AndFloorsAt2048) {
   EXPECT_EQ(s.capacity_tokens(), 2048U);
 }
 
+TEST(ScalerPolicy, EveryCapacityDecisionChangesTheCapacity) {
+  // A factor close to 1 on a small budget rounds back to the same size:
+  // each decision still moves it by at least one token.
+  auto c = fast_scaler();
+  c.max_replicas = 1;
+  c.cooldown = 0s;
+  c.min_capacity_tokens = 8;
+  c.max_capacity_tokens = 12;
+  c.grow_factor = 1.01;
+  c.shrink_factor = 0.99;
+  auto s = make_scaler(c, 1, 10);
+  engine::nanos t{0};
+  for (int i = 0; i < 2; ++i) {
+    t += 1s;
+    feed(s, t, 2s);
+    s.evaluate(t);
+  }
+  EXPECT_EQ(s.count(scale_action::grow_capacity), 1U);
+  EXPECT_EQ(s.capacity_tokens(), 11U);
+  for (int i = 0; i < 2; ++i) {
+    t += 1s;
+    feed(s, t, 10ms);
+    s.evaluate(t);
+  }
+  EXPECT_EQ(s.count(scale_action::shrink_capacity), 1U);
+  EXPECT_EQ(s.capacity_tokens(), 10U);
+}
+
 TEST(ScalerPolicy, ScalesDownBelowPointThreeTargetHoldsInBand) {
   auto s = make_scaler(fast_scaler(), 2, 4096);
   engine::nanos t{0};
@@ -339,6 +446,32 @@ TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariantsAsErrorValues) {
   };
   const bad_case cases[] = {
       {"sustain", [](scaler_config& c) { c.sustain = 0; }},
+      // Any latency is above a target of 0: it would scale up for good.
+      {"scaler_config.target", [](scaler_config& c) { c.target = 0s; }},
+      {"scaler_config.target",
+       [](scaler_config& c) { c.target = engine::nanos::max(); }},
+      // The band below the target would reach above it.
+      {"scaler_config.low_fraction",
+       [](scaler_config& c) { c.low_fraction = 1.0; }},
+      {"scaler_config.low_fraction",
+       [](scaler_config& c) { c.low_fraction = std::nan(""); }},
+      {"scaler_config.low_fraction",
+       [](scaler_config& c) { c.low_fraction = -0.1; }},
+      {"scaler_config.window", [](scaler_config& c) { c.window = 0s; }},
+      {"scaler_config.window",
+       [](scaler_config& c) { c.window = std::chrono::hours{25}; }},
+      {"scaler_config.cooldown", [](scaler_config& c) { c.cooldown = -1s; }},
+      // A grow that shrinks, or a shrink that grows past the bounds.
+      {"scaler_config.grow_factor",
+       [](scaler_config& c) { c.grow_factor = 1.0; }},
+      {"scaler_config.grow_factor",
+       [](scaler_config& c) { c.grow_factor = 0.5; }},
+      {"scaler_config.grow_factor",
+       [](scaler_config& c) { c.grow_factor = std::nan(""); }},
+      {"scaler_config.shrink_factor",
+       [](scaler_config& c) { c.shrink_factor = 1.5; }},
+      {"scaler_config.shrink_factor",
+       [](scaler_config& c) { c.shrink_factor = 0.0; }},
       {"min_capacity_tokens",
        [](scaler_config& c) {
          c.min_capacity_tokens = 4096;

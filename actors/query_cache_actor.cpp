@@ -1,6 +1,7 @@
 #include "actors/query_cache_actor.hpp"
 
 #include "actors/caf_error.hpp"
+#include "actors/config_checks.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
@@ -171,11 +172,10 @@ cache_behavior(cache_actor* self, query_cache_config config,
 } // namespace
 
 result<void> validate(const query_cache_config& config) {
-  if (config.ttl <= std::chrono::seconds{0})
-    return make_error(errc::invalid_argument,
-                      "query_cache_config.ttl must be positive (got " +
-                          std::to_string(config.ttl.count()) + " s)");
-  return {};
+  // A year: an expiry time far past it would overflow the clock's
+  // nanoseconds and lie in the past, so every entry would expire at once.
+  return check_duration("query_cache_config.ttl", config.ttl, false,
+                        std::chrono::hours{24 * 365});
 }
 
 result<std::unique_ptr<query_store>>

@@ -56,7 +56,8 @@ struct query_cache_config {
 };
 
 /// errc::invalid_argument naming the option when `config` breaks an
-/// invariant (ttl not positive: every set would fail).
+/// invariant: a ttl that is not positive (every set would fail) or is
+/// above a year (its expiry would overflow the clock and lie in the past).
 [[nodiscard]] result<void> validate(const query_cache_config& config);
 
 /// The store `config` selects. Errors: validate's, then those of

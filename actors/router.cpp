@@ -1,5 +1,7 @@
 #include "actors/router.hpp"
 
+#include "actors/config_checks.hpp"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -31,6 +33,25 @@ result<routing_policy> parse_routing_policy(std::string_view s) {
 }
 
 result<void> validate(const router_config& c) {
+  using end = end_point;
+  // A NaN credit makes every score NaN (no engine compares lower), a
+  // negative one steers requests away from the engines that hold their
+  // prefix, and an overload factor above 1 raises the credit of the
+  // engine it is meant to relieve.
+  if (auto ok =
+          check_range("router_config.credit_per_block", c.credit_per_block, 0.0,
+                      end::closed, unbounded, end::open);
+      !ok)
+    return ok;
+  if (auto ok = check_range("router_config.max_credit", c.max_credit, 0.0,
+                            end::closed, unbounded, end::open);
+      !ok)
+    return ok;
+  if (auto ok = check_range("router_config.overload_credit_factor",
+                            c.overload_credit_factor, 0.0, end::closed, 1.0,
+                            end::closed);
+      !ok)
+    return ok;
   if (c.max_index_keys == 0)
     return make_error(errc::invalid_argument,
                       "router_config.max_index_keys must be at least 1");

@@ -56,8 +56,10 @@ struct router_config {
   std::size_t max_index_keys = 1 << 20; ///< index entries kept (>= 1)
 };
 
-/// errc::invalid_argument naming the option when `c` breaks an invariant
-/// (max_index_keys 0).
+/// errc::invalid_argument naming the option when `c` breaks an invariant:
+/// credit_per_block or max_credit negative or not finite (a NaN score
+/// ranks no engine, a negative credit steers requests away from their
+/// prefix), overload_credit_factor outside [0, 1], max_index_keys 0.
 [[nodiscard]] result<void> validate(const router_config& c);
 
 /// One routing decision, for tests and the bench.

@@ -1,6 +1,7 @@
 #include "actors/scaler_actor.hpp"
 
 #include "actors/caf_error.hpp"
+#include "actors/config_checks.hpp"
 #include "actors/messages.hpp"
 
 #include <iostream>
@@ -208,6 +209,10 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
 
 result<void> validate(const scaler_actor_config& config) {
   if (auto ok = validate(config.policy); !ok)
+    return ok;
+  // Zero would re-arm the evaluation timer at once, forever (a busy loop).
+  if (auto ok = check_duration("scaler_actor_config.interval", config.interval);
+      !ok)
     return ok;
   if (auto ok = validate_replicas(config.policy, config.initial_replicas,
                                   "scaler_actor_config.initial_replicas");

@@ -54,7 +54,9 @@ struct scaler_actor_config {
 };
 
 /// errc::invalid_argument naming the option when `config` breaks an
-/// invariant: validate(config.policy)'s, `initial_replicas` above
+/// invariant: validate(config.policy)'s, an `interval` that is not
+/// positive (the evaluation timer would spin) or is above 24 hours,
+/// `initial_replicas` above
 /// max_replicas (below min_replicas is allowed: the scaler spawns up to
 /// it), and an `initial_capacity_tokens`
 /// outside the policy's [min_capacity_tokens, max_capacity_tokens] (the

@@ -1,5 +1,7 @@
 #include "actors/scaler_policy.hpp"
 
+#include "actors/config_checks.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -25,6 +27,30 @@ std::string_view to_string(scale_action a) noexcept {
 }
 
 result<void> validate(const scaler_config& c) {
+  using end = end_point;
+  // Each of these would make the scaler act against its own rule: a
+  // target of 0 scales up on any latency; a low_fraction of 1 or more
+  // scales down above the target's band; a grow_factor of 1 or less (or a
+  // shrink_factor outside (0, 1)) grows by shrinking and shrinks by growing,
+  // past the capacity bounds.
+  if (auto ok = check_duration("scaler_config.target", c.target); !ok)
+    return ok;
+  if (auto ok = check_range("scaler_config.low_fraction", c.low_fraction, 0.0,
+                            end::closed, 1.0, end::open);
+      !ok)
+    return ok;
+  if (auto ok = check_duration("scaler_config.window", c.window); !ok)
+    return ok;
+  if (auto ok = check_duration("scaler_config.cooldown", c.cooldown, true); !ok)
+    return ok;
+  if (auto ok = check_range("scaler_config.grow_factor", c.grow_factor, 1.0,
+                            end::open, unbounded, end::open);
+      !ok)
+    return ok;
+  if (auto ok = check_range("scaler_config.shrink_factor", c.shrink_factor, 0.0,
+                            end::open, 1.0, end::open);
+      !ok)
+    return ok;
   if (c.sustain == 0)
     return make_error(errc::invalid_argument,
                       "scaler_config.sustain must be at least 1 (evaluations "
@@ -166,9 +192,13 @@ scale_decision scaler_policy::evaluate(engine::nanos now) {
       ++replicas_;
     } else if (capacity_ < config_.max_capacity_tokens) {
       d.action = scale_action::grow_capacity;
+      // At least one token, so that a factor close to 1 on a small budget
+      // still changes what the decision says it changed.
       capacity_ = static_cast<std::uint32_t>(std::min<double>(
           config_.max_capacity_tokens,
-          std::round(static_cast<double>(capacity_) * config_.grow_factor)));
+          std::max<double>(static_cast<double>(capacity_) + 1.0,
+                           std::round(static_cast<double>(capacity_) *
+                                      config_.grow_factor))));
     }
   } else if (down_streak_ >= config_.sustain) {
     if (replicas_ > config_.min_replicas) {
@@ -178,7 +208,9 @@ scale_decision scaler_policy::evaluate(engine::nanos now) {
       d.action = scale_action::shrink_capacity;
       capacity_ = static_cast<std::uint32_t>(std::max<double>(
           config_.min_capacity_tokens,
-          std::round(static_cast<double>(capacity_) * config_.shrink_factor)));
+          std::min<double>(static_cast<double>(capacity_) - 1.0,
+                           std::round(static_cast<double>(capacity_) *
+                                      config_.shrink_factor))));
     }
   }
   if (d.action != scale_action::hold)

@@ -53,6 +53,10 @@ struct scaler_config {
 };
 
 /// errc::invalid_argument naming the option when `c` breaks an invariant:
+/// a target or window that is not positive, a negative cooldown (each of
+/// the three above 24 hours too), low_fraction outside [0, 1) (the band
+/// below the target would reach above it), grow_factor not above 1 or
+/// shrink_factor outside (0, 1) (a grow would shrink, a shrink grow),
 /// sustain 0 (every evaluation would act), min_capacity_tokens above
 /// max_capacity_tokens, min_replicas above max_replicas.
 [[nodiscard]] result<void> validate(const scaler_config& c);
