@@ -47,6 +47,15 @@ bool tail_is_torn(const segment_file& f, std::uint64_t from) {
   return false;
 }
 
+/// Adds the accessed_at update `t` of block `k` to `into`: the latest time
+/// wins and the reads add up, so that no read is lost or counted twice.
+template <class Touches, class Touch>
+void merge_touch(Touches& into, const block_key& k, const Touch& t) {
+  auto& m = into[k];
+  m.at = std::max(m.at, t.at);
+  m.count += t.count;
+}
+
 } // namespace
 
 struct disk_tier::request {
@@ -410,7 +419,19 @@ void disk_tier::reload() {
   // reconciles the catalog with the directory as above. Forgetting the
   // directory instead would bring back blocks the owner erased, or drop every
   // catalogued block at the retry.
+  //
+  // accessed_at updates are kept the same way: those the failed batch
+  // wrote were rolled back with it, and those not written yet would be
+  // cleared by the load. Both are pending again afterwards, for the blocks
+  // still indexed, and retried like a failed write (touch_failed_).
+  // Dropped, the blocks read since the last commit would look as cold as
+  // before their reads to capacity eviction, which would take exactly
+  // those first, and the catalog would keep that order across restarts.
+  // While the load fails they wait in uncommitted_touches_.
   repairs_.clear();
+  for (const auto& [key, t] : touches_)
+    merge_touch(uncommitted_touches_, key, t);
+  touches_.clear();
   std::vector<catalog_row> rows;
   if (auto r = load(rows); !r) {
     batch_spill_gens_.clear();
@@ -468,6 +489,11 @@ void disk_tier::reload() {
     repairs_[key] = repair{true, 0, 0};
   }
   batch_spill_gens_.clear();
+  for (const auto& [key, t] : uncommitted_touches_)
+    if (index_.count(key) != 0)
+      touches_.emplace(key, t);
+  uncommitted_touches_.clear();
+  touch_failed_ = !touches_.empty();
   // The load forgot which segments awaited a threshold compaction, and
   // the failed batch may have rolled one back: check them all.
   for (const auto& [id, seg] : segments_)
@@ -1013,12 +1039,16 @@ void disk_tier::process(std::vector<request>& batch,
         --io_stats_.spills;
         ++io_stats_.spill_errors;
       }
+      // The updates it wrote were rolled back: pending again (reload()).
+      if (c.op == disk_op::flush && c.status.has_value())
+        c.status = unexpected<error>(committed.error());
     }
     unlink_after_commit_.clear();
     reload();
     return;
   }
   batch_spill_gens_.clear();
+  uncommitted_touches_.clear();
   for (const auto& path : unlink_after_commit_)
     ::unlink(path.c_str());
   if (!unlink_after_commit_.empty()) {
@@ -1392,10 +1422,16 @@ result<void> disk_tier::flush_touches() {
   // it would evict the blocks being read, and the catalog keeps that
   // order across restarts. touches_ holds at most one entry per indexed
   // block, so keeping them cannot grow it past the index.
+  //
+  // Written in the batch's transaction, an update is durable only once the
+  // batch commits: it moves to uncommitted_touches_, which reload() makes
+  // pending again if the commit fails. Written without one (SQLite could
+  // not start it), it committed on its own and must not be written again.
   if (touches_.empty()) {
     touch_failed_ = false;
     return {};
   }
+  const bool in_txn = catalog_->in_transaction();
   for (auto it = touches_.begin(); it != touches_.end();) {
     if (auto r = catalog_->touch(it->first, it->second.at, it->second.count);
         !r) {
@@ -1403,6 +1439,8 @@ result<void> disk_tier::flush_touches() {
       touch_failed_ = true;
       return r;
     }
+    if (in_txn)
+      merge_touch(uncommitted_touches_, it->first, it->second);
     it = touches_.erase(it);
   }
   touch_failed_ = false;
@@ -1759,6 +1797,9 @@ void disk_tier::check_invariants() const {
   for (const auto& [k, t] : touches_)
     KVFLEET_CHECK(index_.count(k) == 1,
                   "pending accessed_at updates are for stored blocks");
+  KVFLEET_CHECK(uncommitted_touches_.empty(),
+                "when idle, every written accessed_at update is committed or "
+                "pending again");
   for (const auto& [k, d] : dir_) {
     const auto it = index_.find(k);
     KVFLEET_CHECK(it != index_.end() && it->second.gen == d.gen &&

@@ -53,8 +53,9 @@
 /// back and the I/O thread's state reloaded from the catalog. What a failure
 /// leaves to do (catalog rows the directory is ahead of, a reload that failed,
 /// a compaction that failed or was not reached on a segment below
-/// compaction_threshold, accessed_at updates whose write failed, and a full
-/// file system: the tier looks whether min_free_bytes are free again) is
+/// compaction_threshold, accessed_at updates whose write or commit failed,
+/// and a full file system: the tier looks whether min_free_bytes are free
+/// again) is
 /// retried with every later batch and, while the tier is idle, on its own:
 /// retry_interval after the failure, then at a doubling delay up to
 /// max_retry_interval while it keeps failing. Failures are counted
@@ -117,8 +118,8 @@ struct disk_tier_config {
   /// Capacity eviction frees live bytes down to this fraction of capacity.
   double low_watermark = 0.9;
   /// accessed_at updates are batched (one per block read since the last
-  /// write; kept and retried when the write fails): written when this many
-  /// are pending...
+  /// write; kept and retried when the write, or the commit of the batch
+  /// that wrote them, fails): written when this many are pending...
   std::size_t touch_batch = 256;
   /// ...or when the oldest has waited this long.
   nanos touch_flush_interval = std::chrono::seconds(1);
@@ -432,12 +433,14 @@ private:
   /// At open: load(), and the directory is the catalog.
   [[nodiscard]] result<void> recover();
   /// After a failed batch: load(), reconciled with the owner's directory.
+  /// accessed_at updates the batch wrote (rolled back) or had pending are
+  /// pending again for the blocks still indexed, and retried.
   /// If the load fails, reload_error_ says why and the tier refuses its
   /// requests until a later reload (next batch or retry pass) succeeds.
   void reload();
   /// Whether a failure left work that a pass without requests would do:
   /// a reload, catalog repairs, a threshold compaction, or accessed_at
-  /// updates whose write failed.
+  /// updates whose write or commit failed.
   [[nodiscard]] bool retry_pending() const noexcept;
   /// After each pass of run(): arms, backs off or disarms the retry
   /// deadline. `retry_pass`: the pass ran because the deadline passed.
@@ -508,9 +511,14 @@ private:
   std::uint64_t payload_bytes_ = 0; ///< payload bytes of indexed blocks
   /// accessed_at updates not yet written: at most one per indexed block.
   std::unordered_map<block_key, touch, block_key_hash> touches_;
+  /// accessed_at updates written but not committed: those written in the
+  /// current batch's transaction (empty again after its commit) and, while
+  /// a reload fails, those of a batch whose commit failed. reload() makes
+  /// them pending again (touches_), so a failed commit loses no read.
+  std::unordered_map<block_key, touch, block_key_hash> uncommitted_touches_;
   std::chrono::steady_clock::time_point touch_deadline_{};
-  /// The last write of touches_ failed: they wait for a retry, not for
-  /// touch_deadline_.
+  /// The last write of touches_ failed, or the commit of the batch that
+  /// wrote them: they wait for a retry, not for touch_deadline_.
   bool touch_failed_ = false;
   std::vector<std::string> unlink_after_commit_;
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch

@@ -1935,6 +1935,114 @@ TEST_F(disk_tier_test,
 
 TEST_F(
     disk_tier_test,
+    accessed_at_updates_of_a_batch_whose_commit_failed_are_kept_and_retried) {
+  auto c = config();
+  c.full_sync = true;
+  // Only flush() and the retries write the updates.
+  c.touch_batch = 1000;
+  c.touch_flush_interval = std::chrono::hours(1);
+  auto watch = retry_watch::fast(c);
+  auto syncs = std::make_shared<sync_counter>();
+  auto gate = std::make_shared<append_gate>();
+  const append_gate::guard gate_guard{gate};
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.write_fault_for_testing = append_gate::hook(gate);
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i, retry_size(i));
+  settle();
+  // Block i is read i + 1 times.
+  clock_.advance(nanos{1000});
+  const nanos first_reads = clock_.now();
+  for (std::uint64_t i = 0; i < 4; ++i)
+    for (std::uint64_t k = 0; k <= i; ++k)
+      expect_block(i, retry_size(i));
+  // Spill 10 holds the I/O thread. The next batch reads block 1, writes
+  // every pending update (flush), reads block 3 (an update written by no
+  // one yet) and fails at its sync: the catalog rolls the writes back.
+  gate->armed = true;
+  spill(10, 512);
+  gate->entered.get_future().wait();
+  clock_.advance(nanos{1000});
+  const nanos last_reads = clock_.now();
+  const auto read_1 = tier_->fetch(key_of(1));
+  const auto flushed = tier_->flush();
+  const auto read_3 = tier_->fetch(key_of(3));
+  const auto lost = spill(11, 512);
+  syncs->fail_at = syncs->calls + 2;
+  gate->open();
+  for (const auto& d : settle()) {
+    if (d.id == read_1 || d.id == read_3) {
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    }
+    if (d.id == flushed || d.id == lost) {
+      EXPECT_FALSE(d.status.has_value()) << "acknowledged, yet rolled back";
+    }
+  }
+  // No request follows: a retry writes the updates again.
+  EXPECT_TRUE(watch->converged()) << "the updates were not retried";
+  // Every read counted once, at its latest time.
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  const std::int64_t counts[] = {1, 3, 3, 5};
+  const nanos times[] = {first_reads, last_reads, first_reads, last_reads};
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    const std::string row =
+        " FROM cache_entries WHERE size = " + std::to_string(retry_size(i));
+    EXPECT_EQ(peer.query("SELECT access_count" + row), counts[i])
+        << "block " << i;
+    EXPECT_EQ(peer.query("SELECT accessed_at" + row), times[i].count())
+        << "block " << i;
+  }
+}
+
+TEST_F(disk_tier_test,
+       accessed_at_updates_of_a_failed_batch_wait_for_a_reload_that_failed) {
+  auto c = config();
+  c.full_sync = true;
+  c.touch_batch = 1000;
+  c.touch_flush_interval = std::chrono::hours(1);
+  auto watch = retry_watch::fast(c);
+  auto syncs = std::make_shared<sync_counter>();
+  auto broken = std::make_shared<std::atomic<bool>>(false);
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.load_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
+  open(c);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    spill(i, retry_size(i));
+  settle();
+  clock_.advance(nanos{1000});
+  const nanos read_at = clock_.now();
+  for (std::uint64_t i = 0; i < 4; ++i)
+    for (std::uint64_t k = 0; k <= i; ++k)
+      expect_block(i, retry_size(i));
+  // A batch fails with the updates pending, and so does the reload after
+  // it, a few times.
+  broken->store(true);
+  syncs->fail_at = syncs->calls + 1;
+  spill(10, 512);
+  settle();
+  const auto tried = watch->seen().size();
+  EXPECT_TRUE(watch->failed(tried + 2)) << "the reload was not retried";
+  // Block 0 goes meanwhile: its update goes with it.
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  settle();
+  broken->store(false);
+  EXPECT_TRUE(watch->converged()) << "the reload waited for a request";
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries"), 3);
+  for (std::uint64_t i = 1; i < 4; ++i) {
+    const std::string row =
+        " FROM cache_entries WHERE size = " + std::to_string(retry_size(i));
+    EXPECT_EQ(peer.query("SELECT access_count" + row),
+              static_cast<std::int64_t>(i + 1))
+        << "block " << i;
+    EXPECT_EQ(peer.query("SELECT accessed_at" + row), read_at.count())
+        << "block " << i;
+  }
+}
+
+TEST_F(
+    disk_tier_test,
     eviction_goes_on_past_failed_accessed_at_writes_sparing_the_read_blocks) {
   // As in capacity_eviction_takes_least_recently_used_unpinned, but the
   // reads of blocks 1 and 2 cannot be written to the catalog: the spills
