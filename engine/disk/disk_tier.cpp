@@ -840,6 +840,8 @@ void disk_tier::run() {
       last = stopping_ && queue_.empty();
       busy_ = true;
     }
+    if (retry_pass)
+      ++io_stats_.retries;
     process(batch, out, last);
     if (!last)
       schedule_retry(retry_pass);
@@ -1021,7 +1023,8 @@ void disk_tier::process(std::vector<request>& batch,
   auto committed = !synced  ? synced
                    : in_txn ? catalog_->commit()
                             : result<void>{};
-  ++io_stats_.batches;
+  if (!batch.empty())
+    ++io_stats_.batches;
   if (!committed) {
     // Nothing of this batch is durable: fail its spills and reload the
     // in-memory state from the catalog, which cuts off their bytes, while

@@ -59,8 +59,9 @@
 /// retried with every later batch and, while the tier is idle, on its own:
 /// retry_interval after the failure, then at a doubling delay up to
 /// max_retry_interval while it keeps failing. Failures are counted
-/// (stats().io_errors); requests are served meanwhile (refused while no reload
-/// has succeeded), and shutdown does not wait for a retry.
+/// (stats().io_errors), and so are those retry passes (stats().retries);
+/// requests are served meanwhile (refused while no reload has succeeded),
+/// and shutdown does not wait for a retry.
 ///
 /// Errors are values; nothing throws out of the public API. Broken
 /// invariants abort (check_invariants()).
@@ -268,7 +269,14 @@ struct disk_tier_stats {
   std::uint64_t compaction_bytes_moved = 0;
   // Catalog.
   std::uint64_t touch_flushes = 0; ///< batched accessed_at writes
-  std::uint64_t batches = 0;       ///< catalog transactions
+  /// Batches of requests run against the catalog, each in one transaction
+  /// (statement by statement when SQLite cannot start one). Not the passes
+  /// without requests (retries, accessed_at flushes while idle) nor a batch
+  /// refused because the state could not be reloaded.
+  std::uint64_t batches = 0;
+  /// Passes without requests that the I/O thread ran while idle because
+  /// work a failure left was due for a retry (see Failures above).
+  std::uint64_t retries = 0;
   std::uint64_t io_errors = 0;
   bool full = false; ///< refusing spills because the file system is full
 };

@@ -2187,6 +2187,32 @@ TEST_F(disk_tier_test,
     expect_block(i);
 }
 
+TEST_F(disk_tier_test, batches_count_requests_and_retries_the_idle_passes) {
+  auto c = config();
+  auto watch = retry_watch::fast(c);
+  auto full = simulate_full_disk(c);
+  open(c);
+  EXPECT_EQ(tier_->stats().batches, 0U);
+  spill(0);
+  settle();
+  // Spill 1 finds the file system full: the tier retries while idle, and
+  // each retry pass carries no request.
+  full->store(true);
+  spill(1);
+  settle();
+  ASSERT_TRUE(watch->failed(2)) << "a full tier never looked again";
+  full->store(false);
+  ASSERT_TRUE(watch->converged());
+  auto s = tier_->stats();
+  EXPECT_EQ(s.batches, 2U) << "passes without requests counted as batches";
+  EXPECT_EQ(s.retries, watch->seen().size());
+  EXPECT_GE(s.retries, 3U);
+  expect_block(0);
+  s = tier_->stats();
+  EXPECT_EQ(s.batches, 3U);
+  EXPECT_EQ(s.retries, watch->seen().size());
+}
+
 TEST_F(disk_tier_test, a_full_tier_looks_at_the_free_space_statvfs_reports) {
   // No free-space hook: the tier asks statvfs about its directory, which
   // has room on the machine running the tests (the write fault alone made
