@@ -1376,11 +1376,19 @@ void disk_tier::do_compact(disk_completion& c, bool forced) {
   // block left the same segment. A forced compaction adds nothing: its
   // caller gets the error. A segment sealed below the threshold by the
   // copies (seal_active) is left to the next batch or retry pass.
+  //
+  // The active segment is passed over while it is appended to, unless its
+  // dead bytes pass what a sealed segment may hold (active_too_dead): it
+  // is then sealed and compacted like any other. Otherwise a tier whose
+  // active segment lost most of its blocks and then went idle kept those
+  // dead bytes until the next spill that needed a new segment.
   std::vector<std::uint64_t> ids;
   for (const auto& [id, s] : segments_) {
     const bool shrunk = shrunk_segments_.count(id) != 0;
     if (!forced && !shrunk)
       continue;
+    if (id == active_ && active_too_dead(s) && below_threshold(s))
+      seal_active();
     // One not taken is checked again when it next loses a block, or, if
     // it is the active one, when it is sealed (seal_active).
     if (id != active_ && below_threshold(s))
@@ -1406,10 +1414,29 @@ bool disk_tier::below_threshold(const segment_state& s) const noexcept {
              config_.compaction_threshold * static_cast<double>(data);
 }
 
+bool disk_tier::active_too_dead(const segment_state& s) const noexcept {
+  // Compared with the live fraction, a segment still being filled would
+  // look below the threshold after losing one of its first few blocks, and
+  // be compacted over and over (a key spilled again and again, say). Its
+  // dead bytes only grow, and its data is at most what a segment can hold
+  // (segment_bytes, or the capacity when that is smaller): past (1 -
+  // compaction_threshold) of that, it will be below the threshold when it
+  // is sealed, whatever is appended to it first. Compacting it now does
+  // early what its seal would do anyway, never once more.
+  const std::uint64_t dead = s.file.size() - header_bytes - s.live;
+  const std::uint64_t room =
+      std::min(config_.segment_bytes, config_.capacity_bytes);
+  const std::uint64_t data = room > header_bytes ? room - header_bytes : 0;
+  return dead > 0 &&
+         static_cast<double>(dead) >
+             (1.0 - config_.compaction_threshold) * static_cast<double>(data);
+}
+
 void disk_tier::seal_active() {
-  // The threshold check skips the active segment, and a segment is checked
-  // when it loses a block: one that lost blocks while active would keep
-  // its dead bytes until another block left it after the seal.
+  // The threshold check skips the active segment (until its dead bytes
+  // pass active_too_dead's bound), and a segment is checked when it loses
+  // a block: one that lost blocks while active would keep its dead bytes
+  // until another block left it after the seal.
   const auto it = segments_.find(active_);
   if (it != segments_.end() && below_threshold(it->second))
     shrunk_segments_.insert(active_);

@@ -39,7 +39,9 @@
 /// blocks fill the capacity the spill is refused. Independently, a sealed
 /// segment whose live fraction falls below `compaction_threshold` is
 /// compacted after the batch that made it so (or that sealed it, for a
-/// segment that lost blocks while it was active). A full file system (ENOSPC)
+/// segment that lost blocks while it was active). The active segment is
+/// sealed and compacted the same way once its dead bytes pass (1 -
+/// compaction_threshold) of a full segment. A full file system (ENOSPC)
 /// during operation refuses spills from then on (logged once), keeps
 /// serving fetches, and accepts spills again after the tier frees space.
 ///
@@ -114,7 +116,9 @@ struct disk_tier_config {
   /// The active segment is sealed (and a new one started) once a record
   /// would take it past this size.
   std::uint64_t segment_bytes = std::uint64_t{64} << 20;
-  /// Sealed segments whose live fraction is below this are compacted.
+  /// Sealed segments whose live fraction is below this are compacted. The
+  /// active segment is sealed, and so compacted, once its dead bytes pass
+  /// (1 - this) of segment_bytes (of capacity_bytes when smaller).
   double compaction_threshold = 0.5;
   /// Capacity eviction frees live bytes down to this fraction of capacity.
   double low_watermark = 0.9;
@@ -349,7 +353,9 @@ public:
 
   /// Queues removal of every block with 0 < expires_at <= now.
   disk_request_id expire(nanos now);
-  /// Queues compaction of every sealed segment below the threshold.
+  /// Queues compaction of every sealed segment below the threshold, and of
+  /// the active one when its dead bytes pass the bound of
+  /// compaction_threshold (sealing it).
   disk_request_id compact();
   /// Queues a write of pending accessed_at updates.
   disk_request_id flush();
@@ -466,6 +472,10 @@ private:
   [[nodiscard]] result<void> compact_segment(std::uint64_t id);
   /// Whether the segment's live fraction is below compaction_threshold.
   [[nodiscard]] bool below_threshold(const segment_state& s) const noexcept;
+  /// Whether the active segment `s` holds more dead bytes than (1 -
+  /// compaction_threshold) of the data a segment holds at most: sealed, it
+  /// would be below the threshold whatever is appended to it first.
+  [[nodiscard]] bool active_too_dead(const segment_state& s) const noexcept;
   /// Seals the active segment (none is active afterwards), marking it for
   /// the threshold check when it is below the threshold.
   void seal_active();

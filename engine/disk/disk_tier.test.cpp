@@ -1814,28 +1814,95 @@ TEST_F(disk_tier_test,
   c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
   open(c);
-  for (std::uint64_t i = 0; i < 4; ++i) // segment 1, full but still active
+  for (std::uint64_t i = 0; i < 3; ++i) // segment 1, active, room for one
     spill(i);
   settle();
-  // Segment 1 keeps one block of four while it is active: the threshold
-  // check passes it over, since it is still appended to.
-  for (std::uint64_t i : {0UL, 1UL, 2UL})
+  // Segment 1 keeps one block of three while it is active: below the
+  // threshold, but its two dead records are no more than a full sealed
+  // segment may hold, so it is still appended to.
+  for (std::uint64_t i : {0UL, 1UL})
     ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
   settle();
   EXPECT_EQ(tier_->stats().compactions, 0U);
-  EXPECT_EQ(tier_->stats().file_bytes, c.segment_bytes);
-  // Spill 4 seals it (no block leaves it): it is compacted after the batch.
-  spill(4);
+  EXPECT_EQ(tier_->stats().file_bytes, segment_header_bytes + 3 * rec);
+  // Spill 3 does not fit the room left and seals it (no block leaves it):
+  // it is compacted after the batch.
+  const std::uint64_t big = record_header_bytes + 8192;
+  spill(3, 8192);
   settle();
   const auto s = tier_->stats();
   EXPECT_EQ(s.compactions, 1U) << "segment 1's dead bytes stayed on disk";
   EXPECT_EQ(s.compaction_bytes_moved, rec);
-  // Segment 2 holds block 4 and the copy of block 3.
+  // Segment 2 holds block 3 and the copy of block 2.
+  EXPECT_EQ(s.file_bytes, segment_header_bytes + big + rec);
+  EXPECT_EQ(s.segments, 1U);
+  expect_block(2);
+  expect_block(3, 8192);
+  EXPECT_EQ(segment_files().size(), 1U);
+}
+
+TEST_F(disk_tier_test,
+       an_active_segment_whose_dead_bytes_pass_the_bound_is_compacted_at_once) {
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 8 * rec;
+  c.compaction_threshold = 0.5; // the active one may hold 4 dead records
+  open(c);
+  for (std::uint64_t i = 0; i < 6; ++i) // segment 1, active, not full
+    spill(i);
+  settle();
+  // Four dead records: its live fraction (2 of 6) is below the threshold,
+  // but it is still being filled, and four is what a full sealed segment
+  // may hold. Compacting it now would copy blocks for nothing.
+  for (std::uint64_t i : {0UL, 1UL, 2UL, 3UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  EXPECT_EQ(tier_->stats().compactions, 0U);
+  EXPECT_EQ(tier_->stats().file_bytes, segment_header_bytes + 6 * rec);
+  // A fifth: sealed, it would be below the threshold whatever came next.
+  // It is compacted in the erase's batch; no spill needs to seal it, so a
+  // tier that goes idle now does not keep the dead bytes.
+  ASSERT_TRUE(tier_->erase(key_of(4)).has_value());
+  settle();
+  auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U) << "the active segment kept its dead bytes";
+  EXPECT_EQ(s.compaction_bytes_moved, rec);
+  EXPECT_EQ(s.file_bytes, segment_header_bytes + rec); // block 5's copy
+  EXPECT_EQ(s.segments, 1U);
+  EXPECT_EQ(segment_files().size(), 1U);
+  expect_block(5);
+  // The copy's segment is the active one now: spills go on there.
+  spill(6);
+  settle();
+  s = tier_->stats();
   EXPECT_EQ(s.file_bytes, segment_header_bytes + 2 * rec);
   EXPECT_EQ(s.segments, 1U);
+  expect_block(6);
+}
+
+TEST_F(disk_tier_test, an_active_segment_whose_blocks_all_left_is_compacted) {
+  // As above, with every block of the active segment erased, past the
+  // bound: the file goes, nothing is copied.
+  auto c = config();
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.compaction_threshold = 0.5;
+  open(c);
+  for (std::uint64_t i = 0; i < 3; ++i)
+    spill(i);
+  settle();
+  for (std::uint64_t i : {0UL, 1UL, 2UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U);
+  EXPECT_EQ(s.compaction_bytes_moved, 0U);
+  EXPECT_EQ(s.file_bytes, 0U);
+  EXPECT_EQ(s.segments, 0U);
+  EXPECT_TRUE(segment_files().empty());
+  spill(3);
+  settle();
   expect_block(3);
-  expect_block(4);
-  EXPECT_EQ(segment_files().size(), 1U);
 }
 
 TEST_F(disk_tier_test,
