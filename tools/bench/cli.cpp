@@ -141,7 +141,7 @@ Options:
   --max-credit X            kv_aware: cap on the credit [4]
   --backlog-margin N        kv_aware: backlog above the least loaded engine
                             past which credit is scaled [4]
-  --overload-credit-factor X  kv_aware: that scale [0]
+  --overload-credit-factor X  kv_aware: that scale, 0 to 1 [0]
   --json, --block-tokens, --requests, --seed, --on-bad-line, --compression,
   --layout, --high-watermark, --low-watermark, --no-progress: as in engine
   mode
@@ -606,6 +606,9 @@ result<command> parse_routing(std::span<const std::string_view> args) {
       } else if (name == "--max-credit") {
         r.router.max_credit = *x;
       } else {
+        // Above 1 it would raise the credit of the engine it relieves.
+        if (*x > 1.0)
+          return usage("option --overload-credit-factor must be at most 1");
         r.router.overload_credit_factor = *x;
       }
     }

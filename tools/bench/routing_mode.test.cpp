@@ -234,6 +234,7 @@ TEST(routing_cli, errors_and_help) {
   bad_option("--engines", "65", "--engines");
   bad_option("--policies", "lru", "unknown routing policy");
   bad_option("--rate-scale", "0", "--rate-scale");
+  bad_option("--overload-credit-factor", "1.5", "--overload-credit-factor");
   bad_option("--disk-dir", "/tmp", "unknown option '--disk-dir'");
   bad_option("--service-overhead-us", "2000000",
              "--service-overhead-us must be at most 1000000");
