@@ -547,7 +547,9 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     const bool expired = e.expires_at != 0 && e.expires_at <= start.count();
     if (!e.dead && !expired)
       return duplicate();
-    kill(existing); // removes it when nothing holds it
+    if (!e.dead)
+      ++stats_.expirations; // no lookup has seen it expire yet
+    kill(existing);         // removes it when nothing holds it
     if (index_.find(key) != npos) {
       if (e.corrupt) {
         ++stats_.rejected_requests;

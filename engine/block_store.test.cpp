@@ -457,6 +457,20 @@ TEST_F(store_fixture, an_expired_parent_held_by_a_live_child_can_be_put_again) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, a_put_over_an_expired_block_counts_the_expiration) {
+  open(16);
+  const auto keys = chain(1, 1);
+  put_options opts;
+  opts.ttl = 10s;
+  put_chain(keys, opts);
+  clock_.advance(11s);
+  // No lookup saw it expire: the new put finds the expired copy itself.
+  put_chain(keys);
+  EXPECT_EQ(store_->stats().expirations, 1U);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 1U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, corrupted_block_is_dropped_and_counted_never_returned) {
   open(16);
   const auto keys = chain(1, 2);
