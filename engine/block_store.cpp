@@ -28,6 +28,16 @@ std::int64_t expiry_after(nanos start, nanos ttl) {
   return (start + ttl).count();
 }
 
+/// Whether two registrations of a namespace ask for the same behaviour (a
+/// TTL of 0 and one over 100 years both mean none).
+bool same_options(const namespace_options& a, const namespace_options& b) {
+  return a.default_codec == b.default_codec &&
+         a.adaptive_compression == b.adaptive_compression &&
+         a.thresholds.precise_above == b.thresholds.precise_above &&
+         a.thresholds.int8_above == b.thresholds.int8_above &&
+         expiry_after(nanos{0}, a.ttl) == expiry_after(nanos{0}, b.ttl);
+}
+
 constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
 
 std::string ns_name(std::uint16_t id) {
@@ -198,9 +208,18 @@ block_store::register_namespace(const namespace_spec& spec,
     return make_error(errc::invalid_argument,
                       "namespace '" + spec.model + "': negative TTL");
   const ns_fingerprint fp = spec.fingerprint();
-  for (std::size_t i = 0; i < namespaces_.size(); ++i)
-    if (namespaces_[i].fingerprint == fp)
-      return ns_id{static_cast<std::uint16_t>(i)};
+  for (std::size_t i = 0; i < namespaces_.size(); ++i) {
+    if (namespaces_[i].fingerprint != fp)
+      continue;
+    // The blocks are stored under the first registration's options; other
+    // ones would be silently ignored (a TTL that never applies, say).
+    if (!same_options(namespaces_[i].options, options))
+      return make_error(errc::namespace_conflict,
+                        "namespace '" + spec.model +
+                            "' is already registered with other options "
+                            "(default codec, compression, thresholds or TTL)");
+    return ns_id{static_cast<std::uint16_t>(i)};
+  }
   if (namespaces_.size() >= 0xffff)
     return make_error(errc::invalid_argument, "too many namespaces");
   ns_state st{spec, options, fp, {}};

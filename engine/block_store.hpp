@@ -230,8 +230,10 @@ public:
   block_store(const block_store&) = delete;
   block_store& operator=(const block_store&) = delete;
 
-  /// Registers a namespace; registering an equal spec again returns the same
-  /// id. A value larger than a slab is errc::value_too_large.
+  /// Registers a namespace; registering an equal spec again with the same
+  /// options returns the same id, with other options it is
+  /// errc::namespace_conflict. A value larger than a slab is
+  /// errc::value_too_large.
   [[nodiscard]] result<ns_id>
   register_namespace(const namespace_spec& spec,
                      const namespace_options& options = {});

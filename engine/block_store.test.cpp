@@ -326,6 +326,42 @@ TEST(block_store, oversize_value_is_rejected_at_registration) {
   EXPECT_EQ((*s)->register_namespace(bad).error().code, errc::invalid_argument);
 }
 
+TEST(block_store, registering_a_spec_again_needs_the_same_options) {
+  store_config cfg;
+  cfg.capacity_bytes = 1 << 20;
+  auto s = block_store::create(cfg);
+  ASSERT_TRUE(s.has_value());
+  const auto ns = (*s)->register_namespace(small_spec());
+  ASSERT_TRUE(ns.has_value());
+  auto again = (*s)->register_namespace(small_spec());
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(*again, *ns);
+  // A TTL past 100 years means none, as the first registration has.
+  namespace_options forever;
+  forever.ttl = nanos::max();
+  again = (*s)->register_namespace(small_spec(), forever);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(*again, *ns);
+  // Options that differ would be ignored: the blocks would never expire,
+  // or stay in the first registration's codec. That is an error.
+  namespace_options ttl;
+  ttl.ttl = std::chrono::seconds(10);
+  namespace_options int8;
+  int8.default_codec = codec::int8;
+  namespace_options precise;
+  precise.adaptive_compression = false;
+  namespace_options thresholds;
+  thresholds.thresholds.int8_above = 5;
+  for (const namespace_options& o : {ttl, int8, precise, thresholds}) {
+    auto r = (*s)->register_namespace(small_spec(), o);
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, errc::namespace_conflict);
+    EXPECT_NE(r.error().message.find("test-model"), std::string::npos)
+        << r.error().message;
+  }
+  (*s)->check_invariants();
+}
+
 TEST_F(store_fixture, duplicate_put_is_a_cheap_no_op) {
   open(16);
   const auto k = chain(1, 1)[0];
