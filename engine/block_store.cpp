@@ -92,6 +92,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     phase_ = other.phase_;
     duplicate_ = other.duplicate_;
     written_ = other.written_;
+    pin_ = other.pin_;
     other.store_ = nullptr;
     other.phase_ = phase::none;
   }
@@ -328,6 +329,15 @@ void block_store::touch(std::uint32_t id) {
   }
 }
 
+void block_store::pin_once(std::uint32_t id) {
+  entry& e = entries_[id];
+  if (e.state != entry_state::committed || e.dead || e.pins > 0)
+    return;
+  e.pins = 1;
+  (void)spill(id, true); // pins survive restarts
+  refresh_evictable(id);
+}
+
 result<std::size_t> block_store::acquire_prefix(ns_id ns,
                                                 std::span<const block_key> keys,
                                                 std::vector<read_lease>& out) {
@@ -559,6 +569,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       h.key_ = key;
       h.phase_ = put_handle::phase::open;
       h.duplicate_ = true;
+      h.pin_ = options.pin;
       h.started_ = start.count();
       ++stats_.reserves;
       return h;
@@ -763,6 +774,8 @@ result<void> block_store::commit(put_handle& h) {
   if (h.duplicate_) {
     ++stats_.duplicate_puts;
     touch(h.id_);
+    if (h.pin_)
+      pin_once(h.id_);
     return {};
   }
   const std::uint32_t id = h.id_;
@@ -920,6 +933,9 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   for (put_handle& h : token_puts_)
     if (auto c = commit(h); !c)
       return undo(c.error());
+  if (opts.pin)
+    for (const read_lease& l : token_leases_)
+      pin_once(l.id_); // the cached prefix this put skipped
   const std::size_t added = token_puts_.size();
   token_puts_.clear();
   token_leases_.clear();
@@ -1033,6 +1049,10 @@ result<process_result> block_store::process(ns_id ns,
     }
     parent = keys[i];
   }
+  if (opts.pin)
+    for (std::size_t i = 0; i < out.matched_blocks; ++i)
+      if (const std::uint32_t id = index_.find(keys[i]); id != npos)
+        pin_once(id); // computed blocks were pinned at their commit
   out.matched_tokens =
       std::min(out.matched_blocks * spec.block_tokens, input_tokens);
   out.computed_tokens = input_tokens - out.matched_tokens;

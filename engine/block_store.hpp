@@ -150,7 +150,10 @@ struct put_options {
   /// Default: the namespace's TTL. 0 or over 100 years = none.
   std::optional<nanos> ttl;
   std::uint32_t request_tokens = 0; ///< picks the size partition
-  bool pin = false;                 ///< pinned blocks are never evicted
+  /// Pinned blocks are never evicted. Every block the put covers ends
+  /// pinned, those already cached included (process(): the matched
+  /// prefix too); a block already pinned gets no second pin.
+  bool pin = false;
 };
 
 /// RAII read lease: while it lives, its block is neither evicted nor
@@ -189,7 +192,8 @@ public:
   ~put_handle();
 
   /// True when the key was already cached: write and commit then do nothing
-  /// but validate, and commit counts as an access.
+  /// but validate, and commit counts as an access (and pins the block when
+  /// the put asked for a pin).
   [[nodiscard]] bool already_cached() const noexcept { return duplicate_; }
   [[nodiscard]] const block_key& key() const noexcept { return key_; }
 
@@ -204,6 +208,7 @@ private:
   phase phase_ = phase::none;
   bool duplicate_ = false;
   bool written_ = false;
+  bool pin_ = false; ///< duplicate put with pin: pin the cached block
 };
 
 /// What process() did with one request.
@@ -446,6 +451,8 @@ private:
   [[nodiscard]] std::size_t
   walk_prefix(ns_id ns, std::span<const block_key> keys, nanos now);
   void touch(std::uint32_t id);
+  /// Pins a committed block that is not pinned yet (put_options::pin).
+  void pin_once(std::uint32_t id);
   void release_lease(std::uint32_t id) noexcept;
   void abort_reservation(std::uint32_t id) noexcept;
   /// Aborts the put of entry `id` if it is still that put (same generation).

@@ -434,6 +434,72 @@ TEST_F(store_fixture, leased_and_pinned_blocks_are_never_evicted) {
   store_->check_invariants();
 }
 
+// A put with pin leaves every block of it pinned, those already cached
+// included: otherwise warming a query that is partly cached already, or a
+// host's pinned put of a block it put before, succeeds and the block is
+// evicted under the next pressure.
+TEST_F(store_fixture, a_pinned_put_of_a_cached_block_pins_it) {
+  open(8, policy_kind::lru, false, 1);
+  const auto key = chain(1, 1)[0];
+  ASSERT_TRUE(put(key, {}).has_value());
+  put_options pin;
+  pin.pin = true;
+  auto h = store_->reserve(ns_, key, {}, pin);
+  ASSERT_TRUE(h.has_value());
+  EXPECT_TRUE(h->already_cached());
+  ASSERT_TRUE(store_->write(*h, value_for(key)).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  store_->check_invariants();
+  EXPECT_EQ(store_->evict_bytes(8 * block_bytes), 0U);
+  EXPECT_TRUE(store_->contains(ns_, key));
+  // Pinned once, as a fresh pinned put: a second pinned put adds nothing
+  // (a retried put needs no second unpin).
+  ASSERT_TRUE(put(key, {}, pin).has_value());
+  ASSERT_TRUE(store_->unpin(ns_, key).has_value());
+  EXPECT_EQ(store_->unpin(ns_, key).error().code, errc::invalid_argument);
+  EXPECT_EQ(store_->evict_bytes(8 * block_bytes), block_bytes);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, pinned_token_puts_and_requests_pin_their_cached_blocks) {
+  open(16, policy_kind::lru, false, 1);
+  std::vector<std::uint32_t> tokens(48);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = 1000 + i;
+  std::vector<std::byte> values(3 * block_bytes, std::byte{7});
+  ASSERT_TRUE(store_
+                  ->put_tokens(ns_, std::span(tokens).first(32),
+                               std::span(values).first(2 * block_bytes))
+                  .has_value());
+  put_options pin;
+  pin.pin = true;
+  auto added = store_->put_tokens(ns_, tokens, values, pin);
+  ASSERT_TRUE(added.has_value()) << added.error().describe();
+  EXPECT_EQ(*added, 1U);
+  store_->check_invariants();
+  std::vector<block_key> token_keys;
+  chain_keys(fp_, 16, tokens, token_keys);
+  ASSERT_EQ(token_keys.size(), 3U);
+  for (const auto& k : token_keys) {
+    ASSERT_TRUE(store_->unpin(ns_, k).has_value());
+    EXPECT_EQ(store_->unpin(ns_, k).error().code, errc::invalid_argument);
+  }
+
+  // process(): the matched prefix is pinned as well as what it computes.
+  const auto keys = chain(500, 3);
+  put_chain({keys.begin(), keys.begin() + 2});
+  synthetic_producer producer;
+  auto done = store_->process(ns_, keys, 48, producer, pin);
+  ASSERT_TRUE(done.has_value()) << done.error().describe();
+  EXPECT_EQ(done->matched_blocks, 2U);
+  store_->check_invariants();
+  for (const auto& k : keys) {
+    ASSERT_TRUE(store_->unpin(ns_, k).has_value());
+    EXPECT_EQ(store_->unpin(ns_, k).error().code, errc::invalid_argument);
+  }
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   open(4, policy_kind::lru, false, 1);
   std::vector<read_lease> leases;
