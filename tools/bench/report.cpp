@@ -20,6 +20,14 @@ void put_common(nlohmann::ordered_json& j, const Result& r) {
   j["prefill_saved_s"] = r.prefill_saved_s;
 }
 
+// The JSON text of `j`. A trace's label is its path, which may be any bytes:
+// bytes that are not UTF-8 become U+FFFD instead of an exception.
+std::string dump(const nlohmann::ordered_json& j) {
+  return j.dump(2, ' ', false,
+                nlohmann::ordered_json::error_handler_t::replace) +
+         "\n";
+}
+
 // "workload chat: 20000 requests, 512 tokens per block"
 template <class Report> std::string headline(const Report& report) {
   return (report.from_trace ? "trace " : "workload ") + report.workload + ": " +
@@ -49,7 +57,7 @@ std::string to_json(const engine_report& report) {
   j["working_set_blocks"] = report.working_set_blocks;
   j["capacity_blocks"] = report.capacity_blocks;
   j["results"] = std::move(results);
-  return j.dump(2) + "\n";
+  return dump(j);
 }
 
 std::string to_table(const engine_report& report) {
@@ -116,7 +124,7 @@ std::string to_json(const routing_report& report) {
   j["capacity_blocks"] = report.capacity_blocks;
   j["rate_scale"] = report.rate_scale;
   j["results"] = std::move(results);
-  return j.dump(2) + "\n";
+  return dump(j);
 }
 
 std::string to_table(const routing_report& report) {
@@ -164,7 +172,7 @@ std::string to_json(const prefetch_report& report) {
   j["used_fraction"] = report.used_fraction;
   j["token_hit_ratio"] = report.token_hit_ratio;
   j["baseline_token_hit_ratio"] = report.baseline_token_hit_ratio;
-  return j.dump(2) + "\n";
+  return dump(j);
 }
 
 std::string to_table(const prefetch_report& report) {

@@ -73,5 +73,27 @@ TEST(bench_report, table) {
   EXPECT_EQ(t.back(), '\n');
 }
 
+TEST(bench_report, json_of_a_trace_path_that_is_not_utf8) {
+  // A trace's label is its path, and a Linux path is any bytes: Latin-1
+  // "caf\xe9.jsonl" must not make --json throw (and abort the program).
+  engine_report e = sample();
+  e.workload = "/tmp/caf\xe9.jsonl";
+  e.from_trace = true;
+  std::string text;
+  ASSERT_NO_THROW(text = to_json(e));
+  nlohmann::json j = nlohmann::json::parse(text);
+  EXPECT_EQ(j.at("workload"), "/tmp/caf\xef\xbf\xbd.jsonl"); // U+FFFD
+  routing_report r;
+  r.workload = e.workload;
+  ASSERT_NO_THROW(text = to_json(r));
+  EXPECT_EQ(nlohmann::json::parse(text).at("workload"),
+            "/tmp/caf\xef\xbf\xbd.jsonl");
+  prefetch_report p;
+  p.workload = e.workload;
+  ASSERT_NO_THROW(text = to_json(p));
+  EXPECT_EQ(nlohmann::json::parse(text).at("workload"),
+            "/tmp/caf\xef\xbf\xbd.jsonl");
+}
+
 } // namespace
 } // namespace kvfleet::bench
