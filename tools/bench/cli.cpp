@@ -85,8 +85,8 @@ Options:
                             subdirectory of DIR (removed afterwards): evicted
                             blocks spill to it and hits on it are promoted
                             back; the report then shows hits by tier
-  --disk-capacity-blocks N  disk tier capacity in uncompressed blocks
-                            [4 x the memory capacity]
+  --disk-capacity-blocks N  disk tier capacity in uncompressed blocks; needs
+                            --disk-dir [4 x the memory capacity]
   --no-progress             never draw the progress bar (it is drawn on
                             stderr, only when stderr is a terminal, for runs
                             longer than a second)
@@ -443,6 +443,9 @@ result<void> check_complete(const engine_options& o) {
     return usage("watermarks must satisfy 0 < low <= high <= 1 (got low " +
                  std::to_string(o.low_watermark) + ", high " +
                  std::to_string(o.high_watermark) + ")");
+  if (o.disk_capacity_blocks != 0 && o.disk_dir.empty())
+    return usage("option --disk-capacity-blocks needs --disk-dir (without "
+                 "it there is no disk tier to size)");
   if (auto ok = bench_namespace(o).validate(); !ok)
     return usage("bad --layout/--block-tokens: " + ok.error().message);
   return {};

@@ -140,6 +140,11 @@ TEST(bench_cli, disk_options) {
   expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "9",
                       "--disk-capacity-blocks", "0"},
                      "--disk-capacity-blocks must be at least 1");
+  // Without --disk-dir there is no disk tier to size: the run would go on
+  // without one and the capacity would be silently ignored.
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "9",
+                      "--disk-capacity-blocks", "50"},
+                     "--disk-capacity-blocks needs --disk-dir");
 }
 
 TEST(bench_cli, mode_errors) {
