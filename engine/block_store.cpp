@@ -1142,10 +1142,11 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
     const std::optional<size_partition> q = most_over_share();
     if (!q)
       break;
-    const std::uint32_t victim =
-        policies_[static_cast<std::size_t>(*q)]->victim();
-    freed += pool_.slot_bytes(entries_[victim].slot.size_class);
-    evict(victim);
+    // Measured, not the victim's slot: a dead parent the victim held is
+    // freed with it.
+    const std::size_t before = pool_.used_bytes();
+    evict(policies_[static_cast<std::size_t>(*q)]->victim());
+    freed += before - pool_.used_bytes();
   }
   return freed;
 }

@@ -401,7 +401,8 @@ public:
   /// many were removed.
   std::size_t expire();
   /// Evicts evictable blocks, lowest priority first in every policy's
-  /// order, until `bytes` are freed or none is left. Returns bytes freed.
+  /// order, until `bytes` are freed or none is left. Returns bytes freed
+  /// (a dead parent freed with its last child counts too).
   std::size_t evict_bytes(std::size_t bytes);
 
   [[nodiscard]] const store_stats& stats() const noexcept { return stats_; }

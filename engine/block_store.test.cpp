@@ -853,6 +853,27 @@ TEST_F(store_fixture, thresholds_are_per_namespace) {
 namespace kvfleet::engine {
 namespace {
 
+TEST_F(store_fixture, evict_bytes_counts_the_dead_parent_it_frees) {
+  open(16, policy_kind::lru, false, 1);
+  const auto keys = chain(1, 2);
+  put_options ttl;
+  ttl.ttl = 10s;
+  ASSERT_TRUE(put(keys[0], {}, ttl).has_value()); // expires at 10 s
+  ASSERT_TRUE(put(keys[1], keys[0]).has_value()); // no TTL
+  const auto newer = chain(100, 1)[0];
+  ASSERT_TRUE(put(newer, {}).has_value());
+  clock_.advance(11s);
+  EXPECT_EQ(*store_->lookup(ns_, keys),
+            0U); // the root died, its child holds it
+  EXPECT_EQ(store_->block_count(), 3U);
+  // Evicting the child (least recent) frees the dead root with it: two
+  // blocks, all that was asked, so the newer block stays.
+  EXPECT_EQ(store_->evict_bytes(2 * block_bytes), 2 * block_bytes);
+  EXPECT_TRUE(store_->contains(ns_, newer));
+  EXPECT_EQ(store_->used_bytes(), block_bytes);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, evict_bytes_frees_evictable_blocks_only) {
   open(16, policy_kind::priority, false, 1);
   const auto pinned = chain(1, 1)[0];
