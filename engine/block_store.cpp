@@ -40,6 +40,23 @@ bool same_options(const namespace_options& a, const namespace_options& b) {
 
 constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
 
+/// The error for a lease that is not the store's: an empty one (default,
+/// moved from or released) is not another store's.
+unexpected<error> not_our_lease(const void* owner) {
+  return make_error(errc::invalid_handle,
+                    owner == nullptr
+                        ? "lease is empty (default, moved from or released)"
+                        : "lease belongs to another store");
+}
+
+/// The same for a put handle (default or moved from when empty).
+unexpected<error> not_our_put(const void* owner) {
+  return make_error(errc::invalid_handle,
+                    owner == nullptr
+                        ? "put handle is empty (default or moved from)"
+                        : "put handle belongs to another store");
+}
+
 std::string ns_name(std::uint16_t id) {
   return "namespace #" + std::to_string(id);
 }
@@ -389,15 +406,13 @@ void block_store::release_lease(std::uint32_t id) noexcept {
 
 result<codec> block_store::stored_codec(const read_lease& lease) const {
   if (lease.store_ != this)
-    return make_error(errc::invalid_handle,
-                      "lease is empty or belongs to another store");
+    return not_our_lease(lease.store_);
   return entries_[lease.id_].c;
 }
 
 result<std::size_t> block_store::stored_bytes(const read_lease& lease) const {
   if (lease.store_ != this)
-    return make_error(errc::invalid_handle,
-                      "lease is empty or belongs to another store");
+    return not_our_lease(lease.store_);
   return std::size_t{entries_[lease.id_].stored_bytes};
 }
 
@@ -409,7 +424,7 @@ std::byte* block_store::host_ptr(const entry& e) noexcept {
 result<void> block_store::read(const read_lease& lease,
                                std::span<std::byte> out) {
   if (lease.store_ != this)
-    return make_error(errc::invalid_handle, "lease belongs to another store");
+    return not_our_lease(lease.store_);
   const nanos start = now();
   entry& e = entries_[lease.id_];
   if (e.corrupt)
@@ -451,7 +466,7 @@ result<void> block_store::read(const read_lease& lease,
 result<void> block_store::read_raw(const read_lease& lease,
                                    std::span<std::byte> out) {
   if (lease.store_ != this)
-    return make_error(errc::invalid_handle, "lease belongs to another store");
+    return not_our_lease(lease.store_);
   entry& e = entries_[lease.id_];
   if (e.corrupt)
     return refuse_corrupt(e, out);
@@ -654,8 +669,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
 
 result<void> block_store::check_open(const put_handle& h) const {
   if (h.store_ != this)
-    return make_error(errc::invalid_handle,
-                      "put handle belongs to another store");
+    return not_our_put(h.store_);
   switch (h.phase_) {
   case put_handle::phase::none:
     return make_error(errc::invalid_handle, "empty put handle");
@@ -810,8 +824,7 @@ result<void> block_store::commit(put_handle& h) {
 
 result<void> block_store::abort(put_handle& h) {
   if (h.store_ != this)
-    return make_error(errc::invalid_handle,
-                      "put handle belongs to another store");
+    return not_our_put(h.store_);
   if (h.phase_ == put_handle::phase::aborted)
     return make_error(errc::invalid_handle, "put of block " + h.key_.to_hex() +
                                                 " was already aborted");

@@ -261,6 +261,39 @@ TEST_F(store_fixture, an_empty_or_foreign_lease_is_an_error_value) {
   EXPECT_EQ(*store_->stored_bytes(*lease), block_bytes);
 }
 
+TEST_F(store_fixture, an_empty_handle_is_called_empty_not_foreign) {
+  open(16);
+  const auto keys = chain(1, 1);
+  put_chain(keys);
+  // Default-constructed, moved-from and released handles hold no store;
+  // "belongs to another store" would send the caller looking for one.
+  auto expect_empty = [](const result<void>& r) {
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, errc::invalid_handle);
+    EXPECT_NE(r.error().message.find("empty"), std::string::npos)
+        << r.error().message;
+    EXPECT_EQ(r.error().message.find("another store"), std::string::npos)
+        << r.error().message;
+  };
+  std::vector<std::byte> out(block_bytes);
+  read_lease lease = *store_->acquire(ns_, keys[0]);
+  read_lease taken = std::move(lease);
+  expect_empty(store_->read(lease, out)); // NOLINT(bugprone-use-after-move)
+  expect_empty(store_->read_raw(lease, out));
+  taken.release();
+  expect_empty(store_->read(taken, out));
+  put_handle none;
+  expect_empty(store_->write(none, value_for(keys[0])));
+  expect_empty(store_->commit(none));
+  expect_empty(store_->abort(none));
+  auto h = store_->reserve(ns_, chain(9, 1)[0], {});
+  ASSERT_TRUE(h.has_value());
+  put_handle moved = std::move(*h);
+  expect_empty(store_->commit(*h)); // NOLINT(bugprone-use-after-move)
+  ASSERT_TRUE(store_->abort(moved).has_value());
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, bad_input_is_rejected_and_leaves_nothing) {
   open(16);
   const auto k = chain(1, 2);
