@@ -1075,6 +1075,11 @@ result<process_result> block_store::process(ns_id ns,
   const std::size_t disk_tokens = std::min(out.disk_blocks * spec.block_tokens,
                                            out.matched_tokens - tier_tokens);
   stats_.disk_token_hits += disk_tokens;
+  // acquire_prefix() counted the blocks after the memory prefix as misses;
+  // those served from the memory tier or disk were hits.
+  const std::size_t from_below = out.matched_blocks - *matched;
+  stats_.block_hits += from_below;
+  stats_.block_misses -= from_below;
   out.prefill_saved = producer.cost(out.matched_tokens);
   stats_.token_hits += out.matched_tokens;
   stats_.token_misses += out.computed_tokens;

@@ -155,6 +155,20 @@ TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
     expect_correct(k);
 }
 
+TEST_F(store_disk_test, blocks_promoted_from_disk_count_as_block_hits) {
+  const auto a = chain(1, 4);
+  run(a);
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(1000 * (i + 1), 4));
+  ASSERT_EQ(store_->lookup_tiers(ns_, a)->disk, 4U);
+  const store_stats before = store_->stats();
+  EXPECT_EQ(run(a).disk_blocks, 4U);
+  const store_stats& after = store_->stats();
+  EXPECT_EQ(after.block_hits - before.block_hits, 4U);
+  EXPECT_EQ(after.block_misses - before.block_misses, 0U);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test,
        an_arena_the_host_cannot_address_promotes_through_staging) {
   // Device memory: the disk tier reads into staging and the store writes

@@ -114,6 +114,26 @@ protected:
   std::string disk_dir_;
 };
 
+// process() serves a prefix from memory and then from the tier; its block
+// hits and misses follow what it served, as its token hits do.
+TEST_F(store_tier_test, blocks_served_from_the_tier_count_as_block_hits) {
+  const auto a = chain(1, 4);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 4U);
+  const store_stats before = store_->stats();
+  auto longer = a;
+  longer.push_back(chain(1, 5)[4]);
+  const auto r = run(longer);
+  EXPECT_EQ(r.matched_blocks, 4U);
+  const store_stats& after = store_->stats();
+  EXPECT_EQ(after.block_hits - before.block_hits, 4U);
+  EXPECT_EQ(after.block_misses - before.block_misses, 1U);
+  EXPECT_EQ(after.token_hits - before.token_hits, 64U);
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test, cold_blocks_move_to_the_tier_and_come_back_on_a_hit) {
   const auto a = chain(1, 4);
   run(a);

@@ -57,6 +57,8 @@ inline constexpr std::size_t partition_count = 3;
 struct store_stats {
   // Prefix matching (lookup, acquire_prefix, process).
   std::uint64_t lookups = 0;
+  /// Blocks found: lookup() in memory and the memory tier, process() also
+  /// on disk (what it matched), acquire_prefix() in memory.
   std::uint64_t block_hits = 0;
   std::uint64_t block_misses = 0;
   std::uint64_t token_hits = 0;   ///< process() only: prompt tokens served
