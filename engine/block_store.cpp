@@ -616,6 +616,10 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   std::uint32_t pid = npos;
   if (!parent.is_null()) {
     pid = index_.find(parent);
+    // lookup() counts a prefix in the memory tier as cached, so a host
+    // extends it: bring the parent back with its chain, as acquire() does.
+    if (pid == npos && promote_key_from_tier(ns, parent))
+      pid = index_.find(parent);
     if (pid == npos || entries_[pid].state == entry_state::free ||
         entries_[pid].dead || entries_[pid].ns != ns.value) {
       ++stats_.rejected_requests;

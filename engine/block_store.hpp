@@ -276,7 +276,8 @@ public:
 
   /// Phase one of a put: claims space for block `key` whose parent is
   /// `parent` (null for the first block of a chain). The parent must be
-  /// cached or reserved in the same namespace (errc::not_found otherwise).
+  /// cached or reserved in the same namespace (errc::not_found otherwise);
+  /// a parent in the memory tier is brought back with its chain.
   /// errc::busy when another put of the key is open.
   [[nodiscard]] result<put_handle> reserve(ns_id ns, const block_key& key,
                                            const block_key& parent,

@@ -367,6 +367,32 @@ TEST_F(store_tier_test, a_fresh_put_replaces_the_tier_copy) {
   store_->check_invariants();
 }
 
+// lookup() counts a prefix in the tier as cached, so a host that extends
+// the prefix it found puts a child whose parent is in the tier: the
+// parent comes back with its chain, as for a get or a pin.
+TEST_F(store_tier_test, a_put_whose_parent_is_in_the_tier_brings_it_back) {
+  const auto a = chain(1, 4);
+  run(std::vector<block_key>(a.begin(), a.begin() + 3));
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 3U);
+  ASSERT_EQ(*store_->lookup(ns_, a), 3U);
+  std::vector<std::byte> v(block_bytes);
+  ASSERT_TRUE(producer_.produce(spec(), a[3], v).has_value());
+  auto h = store_->reserve(ns_, a[3], a[2]);
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  ASSERT_TRUE(store_->write(*h, v).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_EQ(store_->tier_block_count(), 0U);
+  for (const auto& k : a)
+    expect_correct(k);
+  // A parent in neither place is still not found.
+  const auto other = chain(500, 2);
+  EXPECT_EQ(store_->reserve(ns_, other[1], other[0]).error().code,
+            errc::not_found);
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test, promote_brings_tier_blocks_back_for_block_calls) {
   const auto a = chain(1, 3);
   run(a);
