@@ -520,6 +520,7 @@ private:
     std::uint16_t ns = 0;
     codec c = codec::none;
     priority prio = priority::normal;
+    size_partition part = size_partition::small; // comes back in it
   };
   struct demotion {
     std::uint32_t id = 0;

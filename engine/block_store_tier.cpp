@@ -201,6 +201,7 @@ void block_store::finish_demotions(demotion_batch& batch, bool copied) {
     b.ns = e.ns;
     b.c = e.c;
     b.prio = e.prio;
+    b.part = e.part;
     const block_key key = e.key;
     ++stats_.tier_demotions;
     stats_.tier_demoted_bytes += e.stored_bytes;
@@ -318,6 +319,18 @@ std::size_t block_store::promote_from_tier(ns_id ns,
                                            const block_key& parent,
                                            const put_options& options) {
   const std::size_t limit = tier_->max_batch_bytes();
+  // The fewest request tokens that land in partition `p`.
+  const auto partition_start = [this](size_partition p) -> std::uint32_t {
+    switch (p) {
+    case size_partition::small:
+      return 0;
+    case size_partition::medium:
+      return config_.partitions.medium_from;
+    case size_partition::large:
+      return config_.partitions.long_from;
+    }
+    return 0;
+  };
   std::size_t promoted = 0;
   block_key par = parent;
   std::vector<put_handle> handles;
@@ -340,6 +353,9 @@ std::size_t block_store::promote_from_tier(ns_id ns,
       put_options o = options;
       o.codec_override = b.c;
       o.prio = b.prio;
+      // Back in the partition it was put in, not the asking request's (a
+      // long document's block must not count against short prompts).
+      o.request_tokens = partition_start(b.part);
       o.pin = false;
       if (b.expires_at != 0) {
         if (b.expires_at <= t)

@@ -393,6 +393,34 @@ TEST_F(store_tier_test, a_put_whose_parent_is_in_the_tier_brings_it_back) {
   store_->check_invariants();
 }
 
+// A block keeps the size partition it was put in when it comes back from
+// the tier, whichever call brings it: a long document's blocks brought
+// back by a get must not count against the short prompts' share.
+TEST_F(store_tier_test, a_block_comes_back_from_the_tier_in_its_partition) {
+  const auto a = chain(1, 3);
+  put_options long_request;
+  long_request.request_tokens = 5000; // the long partition (>= 4096)
+  ASSERT_TRUE(
+      store_->process(ns_, a, 5000, producer_, long_request).has_value());
+  constexpr auto large = static_cast<std::size_t>(size_partition::large);
+  constexpr auto small = static_cast<std::size_t>(size_partition::small);
+  ASSERT_EQ(store_->stats().blocks_by_partition[large], 3U);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 3U);
+  expect_correct(a[2]); // a get brings the chain back
+  EXPECT_EQ(store_->stats().blocks_by_partition[large], 3U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[small], 0U);
+  // And a short request's process() does not move them either.
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 3U);
+  run(a);
+  EXPECT_EQ(store_->stats().blocks_by_partition[large], 3U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[small], 0U);
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test, promote_brings_tier_blocks_back_for_block_calls) {
   const auto a = chain(1, 3);
   run(a);
