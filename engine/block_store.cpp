@@ -314,7 +314,7 @@ std::size_t block_store::walk_prefix(ns_id ns, std::span<const block_key> keys,
 result<std::size_t> block_store::lookup(ns_id ns,
                                         std::span<const block_key> keys) {
   if (auto st = check_ns(ns); !st) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(st.error());
   }
   const nanos start = now();
@@ -360,7 +360,7 @@ result<std::size_t> block_store::acquire_prefix(ns_id ns,
                                                 std::vector<read_lease>& out) {
   out.clear();
   if (auto st = check_ns(ns); !st) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(st.error());
   }
   const nanos start = now();
@@ -382,7 +382,7 @@ result<std::size_t> block_store::acquire_prefix(ns_id ns,
 
 result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
   if (auto st = check_ns(ns); !st) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(st.error());
   }
   std::uint32_t id = find_visible(ns, key, now());
@@ -543,22 +543,22 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
                                         const put_options& options) {
   auto st_r = check_ns(ns);
   if (!st_r) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
   const codec c = options.codec_override.value_or(st.options.default_codec);
   if (!is_valid(c)) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(errc::unknown_codec,
                       "unknown codec #" + std::to_string(static_cast<int>(c)));
   }
   if (options.ttl && options.ttl->count() < 0) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(errc::invalid_argument, "negative TTL");
   }
   if (key.is_null()) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(errc::invalid_argument,
                       "the all-zero block key is reserved");
   }
@@ -566,13 +566,13 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   if (const std::uint32_t existing = index_.find(key); existing != npos) {
     entry& e = entries_[existing];
     if (e.ns != ns.value) {
-      ++stats_.rejected_requests;
+      count_rejected();
       return make_error(errc::namespace_conflict,
                         "block " + key.to_hex() +
                             " belongs to another namespace");
     }
     if (e.state != entry_state::committed) {
-      ++stats_.rejected_requests;
+      count_rejected();
       return make_error(errc::busy, "another put of block " + key.to_hex() +
                                         " is in progress");
     }
@@ -597,7 +597,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     kill(existing);         // removes it when nothing holds it
     if (index_.find(key) != npos) {
       if (e.corrupt) {
-        ++stats_.rejected_requests;
+        count_rejected();
         return make_error(errc::busy, "a corrupt copy of block " +
                                           key.to_hex() +
                                           " is still held by a reader");
@@ -622,7 +622,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       pid = index_.find(parent);
     if (pid == npos || entries_[pid].state == entry_state::free ||
         entries_[pid].dead || entries_[pid].ns != ns.value) {
-      ++stats_.rejected_requests;
+      count_rejected();
       return make_error(errc::not_found,
                         "parent block " + parent.to_hex() + " is not cached");
     }
@@ -641,7 +641,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       --entries_[pid].children;
       refresh_evictable(pid);
     }
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(slot.error());
   }
   const std::uint32_t id = new_entry();
@@ -695,13 +695,13 @@ result<void> block_store::check_open(const put_handle& h) const {
 result<void> block_store::write(put_handle& h,
                                 std::span<const std::byte> value) {
   if (auto ok = check_open(h); !ok) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return ok;
   }
   entry& e = entries_[h.id_];
   const ns_state& st = namespaces_[e.ns];
   if (value.size() != st.spec.value_bytes()) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(errc::wrong_value_size,
                       "value of " + std::to_string(value.size()) +
                           " bytes for a block of '" + st.spec.model +
@@ -743,7 +743,7 @@ result<void> block_store::write(put_handle& h,
 
 result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
   if (auto ok = check_open(h); !ok) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return ok;
   }
   entry& e = entries_[h.id_];
@@ -767,18 +767,18 @@ result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
 
 result<void> block_store::commit(put_handle& h) {
   if (auto ok = check_open(h); !ok) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return ok;
   }
   if (!h.written_) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(errc::not_written, "put of block " + h.key_.to_hex() +
                                              " committed before write");
   }
   if (!h.duplicate_) {
     const std::uint32_t pid = entries_[h.id_].parent;
     if (pid != npos && entries_[pid].state != entry_state::committed) {
-      ++stats_.rejected_requests;
+      count_rejected();
       return make_error(errc::busy,
                         "block " + h.key_.to_hex() +
                             " cannot be committed "
@@ -897,13 +897,13 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
                         const put_options& options) {
   auto st_r = check_ns(ns);
   if (!st_r) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
   const std::size_t bt = st.spec.block_tokens;
   if (tokens.empty() || tokens.size() % bt != 0) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(errc::misaligned_tokens,
                       std::to_string(tokens.size()) +
                           " tokens are not a whole number of blocks of " +
@@ -912,7 +912,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   const std::size_t blocks = tokens.size() / bt;
   const std::size_t vb = st.spec.value_bytes();
   if (values.size() != blocks * vb) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(errc::wrong_value_size,
                       std::to_string(values.size()) + " bytes of values for " +
                           std::to_string(blocks) + " blocks of " +
@@ -920,10 +920,14 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   }
   token_keys_.clear();
   chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
+  // The calls below are the store's own: this call counts once if it fails.
+  const nested_scope nested(*this);
   // Lease the cached prefix so making room for the rest cannot evict it.
   auto matched = acquire_prefix(ns, token_keys_, token_leases_);
-  if (!matched)
+  if (!matched) {
+    ++stats_.rejected_requests;
     return unexpected<error>(matched.error());
+  }
   put_options opts = options;
   if (opts.request_tokens == 0)
     opts.request_tokens = static_cast<std::uint32_t>(
@@ -934,7 +938,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
       token_puts_[i - 1] = put_handle{}; // children first
     token_puts_.clear();
     token_leases_.clear();
-    ++stats_.rejected_requests;
+    ++stats_.rejected_requests; // this call's failure (see `nested`)
     return unexpected<error>(e);
   };
   block_key parent = *matched > 0 ? token_keys_[*matched - 1] : block_key{};
@@ -963,7 +967,7 @@ result<std::size_t>
 block_store::lookup_tokens(ns_id ns, std::span<const std::uint32_t> tokens) {
   auto st_r = check_ns(ns);
   if (!st_r) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
@@ -984,12 +988,12 @@ result<process_result> block_store::process(ns_id ns,
                                             const put_options& options) {
   auto st_r = check_ns(ns);
   if (!st_r) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return unexpected<error>(st_r.error());
   }
   const namespace_spec& spec = (*st_r)->spec;
   if (keys.size() > input_tokens / spec.block_tokens) {
-    ++stats_.rejected_requests;
+    count_rejected();
     return make_error(
         errc::misaligned_tokens,
         std::to_string(keys.size()) + " block keys for a prompt of " +
@@ -1000,9 +1004,15 @@ result<process_result> block_store::process(ns_id ns,
   }
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
+  // The calls below are the store's own: a block that cannot be cached is
+  // computed anyway and the request succeeds, so they count no rejection;
+  // this call counts once if it fails.
+  const nested_scope nested(*this);
   auto matched = acquire_prefix(ns, keys, leases);
-  if (!matched)
+  if (!matched) {
+    ++stats_.rejected_requests;
     return unexpected<error>(matched.error());
+  }
   process_result out;
   out.matched_blocks = *matched;
   put_options opts = options;
@@ -1058,10 +1068,12 @@ result<process_result> block_store::process(ns_id ns,
     auto w = write_from(*h, producer);
     if (!w) {
       leases.clear();
+      ++stats_.rejected_requests;
       return unexpected<error>(w.error());
     }
     if (auto c = commit(*h); !c) {
       leases.clear();
+      ++stats_.rejected_requests;
       return unexpected<error>(c.error());
     }
     parent = keys[i];
@@ -1556,6 +1568,7 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
 }
 
 void block_store::drain_disk() {
+  const nested_scope nested(*this); // its commits are the store's own
   disk_->drain_completions([this](disk_completion&& c) {
     if (c.op == disk_op::spill && !c.status.has_value())
       ++stats_.spill_failures;
@@ -1665,6 +1678,8 @@ result<std::size_t> block_store::promote(ns_id ns,
   auto st = check_ns(ns);
   if (!st)
     return unexpected<error>(st.error());
+  // A block that cannot be brought back is no error of this call.
+  const nested_scope nested(*this);
   std::size_t in_memory = walk_prefix(ns, keys, now());
   std::size_t from_tier = 0;
   if (tier_) {

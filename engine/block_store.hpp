@@ -447,6 +447,24 @@ private:
               std::unique_ptr<memory_backend> backend, block_pool pool);
 
   [[nodiscard]] nanos now() const noexcept { return clock_->now(); }
+  /// Counts a call that returns an error (stats().rejected_requests),
+  /// unless the store made the call itself inside another public call:
+  /// each public call counts once, and only when it fails.
+  void count_rejected() noexcept {
+    if (nested_ == 0)
+      ++stats_.rejected_requests;
+  }
+  /// Marks the calls made while it lives as the store's own.
+  class nested_scope {
+  public:
+    explicit nested_scope(block_store& s) noexcept : s_(s) { ++s_.nested_; }
+    ~nested_scope() { --s_.nested_; }
+    nested_scope(const nested_scope&) = delete;
+    nested_scope& operator=(const nested_scope&) = delete;
+
+  private:
+    block_store& s_;
+  };
   [[nodiscard]] result<const ns_state*> check_ns(ns_id ns) const;
   [[nodiscard]] std::uint32_t find_visible(ns_id ns, const block_key& key,
                                            nanos now);
@@ -604,6 +622,7 @@ private:
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
+  std::uint32_t nested_ = 0; ///< see count_rejected()
   store_stats stats_;
 };
 

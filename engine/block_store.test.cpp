@@ -972,6 +972,32 @@ TEST_F(store_fixture, token_puts_must_be_whole_blocks_and_are_all_or_nothing) {
   store_->check_invariants();
 }
 
+// rejected_requests counts the calls that returned an error, each once:
+// not the store's own calls inside process() or put_tokens().
+TEST_F(store_fixture,
+       a_rejected_request_is_counted_once_and_only_when_it_fails) {
+  open(4, policy_kind::lru, false, 1);
+  put_options pin;
+  pin.pin = true;
+  for (std::uint64_t i = 0; i < 4; ++i)
+    put_chain(chain(100 * (i + 1), 1), pin);
+  ASSERT_EQ(store_->stats().rejected_requests, 0U);
+  // A request computes what the full store cannot cache, and succeeds.
+  synthetic_producer producer;
+  auto done = store_->process(ns_, chain(1, 2), 32, producer);
+  ASSERT_TRUE(done.has_value()) << done.error().describe();
+  EXPECT_EQ(done->computed_blocks, 2U);
+  EXPECT_EQ(store_->stats().rejected_requests, 0U);
+  // A token put that cannot fit fails: one rejected call.
+  std::vector<std::uint32_t> tokens(32, 7);
+  std::vector<std::byte> values(2 * block_bytes, std::byte{1});
+  auto r = store_->put_tokens(ns_, tokens, values);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->stats().rejected_requests, 1U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, a_token_put_that_cannot_fit_leaves_nothing) {
   open(4, policy_kind::lru, false, 1);
   std::vector<std::uint32_t> tokens(16 * 6);

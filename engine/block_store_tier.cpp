@@ -275,6 +275,8 @@ void block_store::drop_oldest_tier_block() {
 bool block_store::promote_key_from_tier(ns_id ns, const block_key& key) {
   if (tier_index_.empty())
     return false;
+  // Its puts are the store's own: the asking call counts its own failure.
+  const nested_scope nested(*this);
   // The key and the tier blocks it chains from, up to the first ancestor
   // in memory (or the chain's root); a chain broken by an ancestor that is
   // in neither stays where it is (unreachable by prefix, dropped in time).
