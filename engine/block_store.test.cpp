@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -787,6 +788,12 @@ TEST(latency_histogram, quantiles_are_within_a_bucket) {
   EXPECT_NEAR(p50, 500000.0, 500000.0 * 0.13);
   EXPECT_NEAR(p99, 990000.0, 990000.0 * 0.13);
   EXPECT_EQ(h.quantile(1.0), 1000000U);
+  // Out of [0, 1] clamps; NaN (converting it to an integer rank is
+  // undefined) reads as 0.
+  EXPECT_EQ(h.quantile(-1.0), h.quantile(0.0));
+  EXPECT_EQ(h.quantile(2.0), h.quantile(1.0));
+  EXPECT_EQ(h.quantile(std::numeric_limits<double>::quiet_NaN()),
+            h.quantile(0.0));
   for (std::uint64_t v : {0ULL, 1ULL, 7ULL, 8ULL, 9ULL, 1000ULL, 1ULL << 40})
     EXPECT_GE(latency_histogram::bucket_upper(latency_histogram::bucket_of(v)),
               v);

@@ -51,7 +51,9 @@ void latency_histogram::merge(const latency_histogram& other) noexcept {
 std::uint64_t latency_histogram::quantile(double q) const noexcept {
   if (count_ == 0)
     return 0;
-  q = std::clamp(q, 0.0, 1.0);
+  // NaN compares false both ways and would pass clamp() as NaN, whose
+  // conversion to an integer rank is undefined.
+  q = std::isnan(q) ? 0.0 : std::clamp(q, 0.0, 1.0);
   auto rank =
       static_cast<std::uint64_t>(std::ceil(q * static_cast<double>(count_)));
   rank = std::max<std::uint64_t>(rank, 1);

@@ -35,7 +35,8 @@ public:
                : static_cast<double>(sum_) / static_cast<double>(count_);
   }
   /// Value at quantile `q` in [0, 1] (upper edge of its bucket, capped at
-  /// the largest value seen); 0 when empty.
+  /// the largest value seen); 0 when empty. `q` outside [0, 1] is clamped,
+  /// NaN reads as 0.
   [[nodiscard]] std::uint64_t quantile(double q) const noexcept;
 
   [[nodiscard]] static std::size_t bucket_of(std::uint64_t v) noexcept;
