@@ -99,8 +99,8 @@ void read_lease::release() noexcept {
 
 put_handle& put_handle::operator=(put_handle&& other) noexcept {
   if (this != &other) {
-    if (store_ != nullptr && phase_ == phase::open && !duplicate_)
-      store_->abort_if_current(id_, generation_);
+    if (store_ != nullptr && phase_ == phase::open)
+      store_->drop_put(*this);
     store_ = other.store_;
     id_ = other.id_;
     generation_ = other.generation_;
@@ -117,8 +117,8 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
 }
 
 put_handle::~put_handle() {
-  if (store_ != nullptr && phase_ == phase::open && !duplicate_)
-    store_->abort_if_current(id_, generation_);
+  if (store_ != nullptr && phase_ == phase::open)
+    store_->drop_put(*this);
 }
 
 // ---------------------------------------------------------------- creation
@@ -837,11 +837,19 @@ result<void> block_store::abort(put_handle& h) {
                                                 " was already committed");
   if (auto ok = check_open(h); !ok)
     return ok;
-  if (!h.duplicate_)
+  if (h.duplicate_)
+    ++stats_.aborts; // abort_reservation() counts the others
+  else
     abort_reservation(h.id_);
   h.phase_ = put_handle::phase::aborted;
-  ++stats_.aborts;
   return {};
+}
+
+void block_store::drop_put(const put_handle& h) noexcept {
+  if (h.duplicate_)
+    ++stats_.aborts; // nothing reserved; abort_reservation() counts the rest
+  else
+    abort_if_current(h.id_, h.generation_);
 }
 
 void block_store::abort_if_current(std::uint32_t id,
@@ -876,6 +884,7 @@ void block_store::abort_reservation(std::uint32_t id) noexcept {
   KVFLEET_CHECK(e.children == 0,
                 "abort of a block whose child is still being put");
   const std::uint32_t pid = e.parent;
+  ++stats_.aborts; // however it ends: abort(), with its parent, dropped
   pool_.free(e.slot);
   index_.erase(e.key);
   ++e.generation;

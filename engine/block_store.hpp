@@ -475,6 +475,9 @@ private:
   void pin_once(std::uint32_t id);
   void release_lease(std::uint32_t id) noexcept;
   void abort_reservation(std::uint32_t id) noexcept;
+  /// An open put whose handle is dropped: aborted (if still current) and
+  /// counted.
+  void drop_put(const put_handle& h) noexcept;
   /// Aborts the put of entry `id` if it is still that put (same generation).
   void abort_if_current(std::uint32_t id, std::uint32_t generation) noexcept;
   [[nodiscard]] result<void> check_open(const put_handle& h) const;

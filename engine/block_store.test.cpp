@@ -217,6 +217,39 @@ TEST_F(store_fixture, aborting_a_parent_first_aborts_its_open_children) {
   EXPECT_EQ(*store_->lookup(ns_, k), 3U);
 }
 
+// Every put ends committed, as a duplicate, aborted or still open, and
+// stats() says which: a put aborted with its parent or by dropping its
+// handle is an abort too.
+TEST_F(store_fixture, every_abandoned_put_counts_as_an_abort) {
+  open(16);
+  const auto k = chain(1, 3);
+  {
+    auto h0 = store_->reserve(ns_, k[0], {});
+    ASSERT_TRUE(h0.has_value());
+    auto h1 = store_->reserve(ns_, k[1], k[0]);
+    ASSERT_TRUE(h1.has_value());
+    auto h2 = store_->reserve(ns_, k[2], k[1]);
+    ASSERT_TRUE(h2.has_value());
+    ASSERT_TRUE(store_->abort(*h0).has_value()); // h1 and h2 go with it
+  }
+  EXPECT_EQ(store_->stats().aborts, 3U);
+  {
+    auto h = store_->reserve(ns_, k[0], {});
+    ASSERT_TRUE(h.has_value());
+  } // dropped
+  EXPECT_EQ(store_->stats().aborts, 4U);
+  put_chain(k);
+  {
+    auto dup = store_->reserve(ns_, k[0], {});
+    ASSERT_TRUE(dup.has_value());
+    EXPECT_TRUE(dup->already_cached());
+  } // a duplicate put dropped before its commit
+  EXPECT_EQ(store_->stats().aborts, 5U);
+  const store_stats& st = store_->stats();
+  EXPECT_EQ(st.reserves, st.commits + st.duplicate_puts + st.aborts);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, a_child_commits_only_after_its_parent) {
   open(16);
   const auto k = chain(1, 2);

@@ -67,7 +67,7 @@ struct store_stats {
   // Puts.
   std::uint64_t reserves = 0;
   std::uint64_t commits = 0;
-  std::uint64_t aborts = 0;
+  std::uint64_t aborts = 0; ///< by abort(), with a parent, handle dropped
   std::uint64_t duplicate_puts = 0;
   // Reads.
   std::uint64_t reads = 0;
