@@ -171,6 +171,11 @@ block_store::create(const store_config& config,
     return make_error(errc::invalid_argument,
                       "the belady policy needs a next-use oracle");
   const std::size_t arena = backend->size();
+  if (arena < block_pool::slot_alignment)
+    return make_error(errc::invalid_argument,
+                      "a store of " + std::to_string(arena) +
+                          " bytes holds no block: the smallest takes " +
+                          std::to_string(block_pool::slot_alignment));
   std::size_t slab = config.slab_bytes;
   if (slab == 0)
     slab = std::clamp<std::size_t>(arena / 64, std::size_t{1} << 20,

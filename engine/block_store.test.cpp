@@ -375,6 +375,17 @@ TEST(block_store, creation_errors) {
   EXPECT_EQ(block_store::create(cfg).error().code, errc::invalid_argument);
   cfg.policy = static_cast<policy_kind>(9);
   EXPECT_EQ(block_store::create(cfg).error().code, errc::unknown_policy);
+  // Too small for one slot: the message is about the capacity the caller
+  // gave, not a slab size it never set.
+  cfg.policy = policy_kind::lru;
+  cfg.capacity_bytes = 100;
+  auto tiny = block_store::create(cfg);
+  ASSERT_FALSE(tiny.has_value());
+  EXPECT_EQ(tiny.error().code, errc::invalid_argument);
+  EXPECT_NE(tiny.error().message.find("100 bytes"), std::string::npos)
+      << tiny.error().message;
+  EXPECT_EQ(tiny.error().message.find("slab"), std::string::npos)
+      << tiny.error().message;
 }
 
 TEST(block_store, oversize_value_is_rejected_at_registration) {
