@@ -1483,6 +1483,53 @@ TEST_F(actor_test, PrefetcherWastesEveryPrefetchThatHeldAnEvictedBlock) {
   EXPECT_EQ(st.useful, 0U);
 }
 
+/// Stands in for a balancer that can serve nothing: answers every process
+/// request with errc::unavailable, as the balancer does with no live
+/// engine. `asked` counts the requests.
+caf::behavior refusing_balancer(caf::event_based_actor*,
+                                std::shared_ptr<std::size_t> asked) {
+  return {
+      [asked](process_atom, const kv_request&) -> caf::result<kv_reply> {
+        ++*asked;
+        return to_caf_error(error{errc::unavailable, "no engine available"});
+      },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+TEST_F(actor_test, AFailedPrefetchIsNeitherOutstandingNorUseful) {
+  // The balancer answers B's prefetch with an error: nothing was
+  // prefetched. The next prediction of B sends it again (it is not
+  // outstanding), and B requested afterwards counts no useful prefetch.
+  auto asked = std::make_shared<std::size_t>(0);
+  auto b = sys_->spawn(refusing_balancer, asked);
+  stop_at_end_.push_back(b);
+  prefetch_config pc;
+  pc.threshold = 0.5;
+  pc.model.aging_interval = 0;
+  auto pf = spawned(spawn_prefetcher(*sys_, pc, b));
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  auto observe = [&](std::uint64_t session, const std::string& q) {
+    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
+                   std::int64_t{0});
+    sched_->run();
+  };
+  observe(1, "X"); // X -> B
+  observe(1, "B");
+  ASSERT_EQ(*asked, 0U);
+  observe(2, "X"); // prefetches B: refused
+  ASSERT_EQ(*asked, 1U);
+  observe(3, "X"); // B is not outstanding: prefetched again, refused again
+  EXPECT_EQ(*asked, 2U);
+  observe(2, "B");
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 2U);
+  EXPECT_EQ(st.failed, 2U);
+  EXPECT_EQ(st.useful, 0U);
+  EXPECT_EQ(st.wasted, 0U);
+}
+
 TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
   query_cache_config qc;
   qc.ttl = 10s;

@@ -199,13 +199,16 @@ struct prefetch_stats {
   std::uint64_t issued = 0;
   std::uint64_t useful = 0; ///< prefetched query requested before eviction
   std::uint64_t wasted = 0; ///< its blocks were evicted first
+  /// The balancer answered the prefetch with an error (no engine, its
+  /// request timeout): nothing was prefetched, neither useful nor wasted.
+  std::uint64_t failed = 0;
   std::uint64_t tracked_queries = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, prefetch_stats& x) {
   return f(caf::meta::type_name("prefetch_stats"), x.observed, x.issued,
-           x.useful, x.wasted, x.tracked_queries);
+           x.useful, x.wasted, x.failed, x.tracked_queries);
 }
 
 /// The scaler's counters (per scale_action) and current targets.

@@ -704,6 +704,27 @@ TEST(PrefetchTracker, PrefetchesSharingABlockEachKeepTheirClaimOnIt) {
   EXPECT_EQ(t.index_size(), 0U);
 }
 
+TEST(PrefetchTracker, AFailedPrefetchIsResolvedOnlyIfStillTheOutstandingOne) {
+  auto t = tracker(4);
+  ASSERT_TRUE(t.add("A", {block_key{1, 1}}, 7));
+  EXPECT_FALSE(t.failed("A", 8)); // not that prefetch
+  EXPECT_TRUE(t.contains("A"));
+  EXPECT_TRUE(t.failed("A", 7));
+  EXPECT_FALSE(t.contains("A"));
+  EXPECT_EQ(t.index_size(), 0U);
+  EXPECT_EQ(t.order_size(), 0U);
+  EXPECT_FALSE(t.used("A"));                       // neither useful
+  EXPECT_TRUE(t.evicted(block_key{1, 1}).empty()); // nor wasted
+  // A prefetch used before its request failed: the failure changes nothing,
+  // and it leaves a later prefetch of the query alone.
+  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 9));
+  EXPECT_TRUE(t.used("B"));
+  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 10));
+  EXPECT_FALSE(t.failed("B", 9));
+  EXPECT_TRUE(t.contains("B"));
+  EXPECT_TRUE(t.used("B"));
+}
+
 TEST(PrefetchTracker, CreateRejectsRoomForNothing) {
   // Not quietly taken as 1.
   auto none = prefetch_tracker::create(0);

@@ -56,18 +56,28 @@ void issue(prefetch_actor* self, const std::string& q) {
   auto it = st.known.find(q);
   if (it == st.known.end())
     return;
+  const auto id = st.next_id;
   // The tracker refuses a query whose prefetch is still outstanding: it is
   // not prefetched twice.
-  if (!st.outstanding->add(q, it->second.keys))
+  if (!st.outstanding->add(q, it->second.keys, id))
     return;
+  ++st.next_id;
   kv_request req = it->second;
-  req.id = st.next_id++;
+  req.id = id;
   req.prio = engine::priority::low;
   req.prefetch = true;
   req.pin = false;
   ++st.stats.issued;
+  // A prefetch the balancer could not carry out (no engine, its timeout)
+  // prefetched nothing: it is no longer outstanding, so the query's next
+  // request does not count it useful and the next prediction may send it
+  // again.
   self->request(st.balancer, caf::infinite, process_atom::value, std::move(req))
-      .then([](const kv_reply&) {}, [](caf::error&) {});
+      .then([](const kv_reply&) {},
+            [self, q, id](caf::error&) {
+              if (self->state.outstanding->failed(q, id))
+                ++self->state.stats.failed;
+            });
 }
 
 /// The tracker travels to the actor in a shared_ptr because spawn arguments

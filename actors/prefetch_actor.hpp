@@ -10,7 +10,10 @@
 /// Useful and wasted: a prefetch is useful when its query is requested
 /// before any of the prefetched blocks was evicted, wasted when an engine
 /// reports one of them evicted first (block events relayed by the
-/// balancer; a block several outstanding prefetches share wastes each). At most
+/// balancer; a block several outstanding prefetches share wastes each), and
+/// failed when the balancer answers it with an error (no engine, its
+/// request timeout): nothing was prefetched, so it is no longer
+/// outstanding and the next prediction may send it again. At most
 /// `max_outstanding` prefetches are tracked (prefetch_tracker.hpp): one more
 /// forgets the oldest still outstanding, and a resolved prefetch leaves nothing
 /// behind.

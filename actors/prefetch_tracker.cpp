@@ -21,7 +21,8 @@ prefetch_tracker::prefetch_tracker(std::size_t max_outstanding)
 }
 
 result<void> prefetch_tracker::add(const std::string& query,
-                                   const std::vector<engine::block_key>& keys) {
+                                   const std::vector<engine::block_key>& keys,
+                                   std::uint64_t id) {
   // Taking it again would leave the first entry's age and block claims
   // behind, tracked under nothing.
   if (outstanding_.contains(query))
@@ -31,7 +32,7 @@ result<void> prefetch_tracker::add(const std::string& query,
   while (outstanding_.size() >= max_outstanding_ && !order_.empty())
     drop(order_.front());
   order_.push_back(query);
-  outstanding_.emplace(query, entry{keys, std::prev(order_.end())});
+  outstanding_.emplace(query, entry{keys, id, std::prev(order_.end())});
   for (const auto& k : keys)
     by_key_[k].insert(query);
   return {};
@@ -39,6 +40,14 @@ result<void> prefetch_tracker::add(const std::string& query,
 
 bool prefetch_tracker::used(const std::string& query) {
   if (!outstanding_.contains(query))
+    return false;
+  drop(query);
+  return true;
+}
+
+bool prefetch_tracker::failed(const std::string& query, std::uint64_t id) {
+  auto it = outstanding_.find(query);
+  if (it == outstanding_.end() || it->second.id != id)
     return false;
   drop(query);
   return true;

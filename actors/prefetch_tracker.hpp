@@ -3,20 +3,22 @@
 /// without CAF.
 ///
 /// A prefetch of a query is outstanding until the query is requested
-/// (used: useful) or an engine reports one of its blocks evicted first
-/// (wasted). Prefetches may share blocks (queries with a common prefix):
-/// an evicted shared block wastes every outstanding prefetch that holds
-/// it, and resolving one of them leaves the others' blocks tracked. At
-/// most `max_outstanding` (>= 1) are tracked: tracking one more forgets the
-/// oldest outstanding one. Memory is bounded by the outstanding prefetches
-/// alone (one index entry per block of each): a resolved prefetch leaves
-/// nothing behind. Not thread-safe: owned by one actor. Move-only: each
-/// entry points into the age order it was made with.
+/// (used: useful), an engine reports one of its blocks evicted first
+/// (wasted), or the prefetch request itself failed (failed: neither).
+/// Prefetches may share blocks (queries with a common prefix): an evicted
+/// shared block wastes every outstanding prefetch that holds it, and
+/// resolving one of them leaves the others' blocks tracked. At most
+/// `max_outstanding` (at least 1) are tracked: tracking one more forgets
+/// the oldest outstanding one. Memory is bounded by the outstanding
+/// prefetches alone (one index entry per block of each): a resolved
+/// prefetch leaves nothing behind. Not thread-safe: owned by one actor.
+/// Move-only: each entry points into the age order it was made with.
 
 #include "engine/block_key.hpp"
 #include "engine/result.hpp"
 
 #include <cstddef>
+#include <cstdint>
 #include <list>
 #include <string>
 #include <unordered_map>
@@ -41,16 +43,23 @@ public:
   [[nodiscard]] bool contains(const std::string& query) const {
     return outstanding_.contains(query);
   }
-  /// Tracks a prefetch of `query` over `keys`, forgetting the oldest
-  /// outstanding prefetch first when full. Errors: errc::invalid_argument
-  /// when a prefetch of `query` is outstanding already (contains(query));
-  /// the tracker is then unchanged, the earlier prefetch keeping its keys
-  /// and its age.
+  /// Tracks a prefetch of `query` over `keys`, sent as request `id`,
+  /// forgetting the oldest outstanding prefetch first when full. Errors:
+  /// errc::invalid_argument when a prefetch of `query` is outstanding
+  /// already (contains(query)); the tracker is then unchanged, the earlier
+  /// prefetch keeping its keys, its id and its age.
   [[nodiscard]] result<void> add(const std::string& query,
-                                 const std::vector<engine::block_key>& keys);
+                                 const std::vector<engine::block_key>& keys,
+                                 std::uint64_t id = 0);
   /// `query` was requested: true when a prefetch of it was outstanding
   /// (useful), which is then resolved.
   bool used(const std::string& query);
+  /// The prefetch request `id` of `query` failed (nothing was prefetched):
+  /// true when it was still outstanding, which is then resolved, as
+  /// neither useful nor wasted. False, changing nothing, when that prefetch
+  /// was resolved already or a later prefetch of `query` (another id) is
+  /// the outstanding one.
+  bool failed(const std::string& query, std::uint64_t id);
   /// A block was evicted: the queries whose outstanding prefetches held it
   /// (each wasted, now resolved), in no particular order; empty when none.
   std::vector<std::string> evicted(const engine::block_key& key);
@@ -74,6 +83,7 @@ private:
 
   struct entry {
     std::vector<engine::block_key> keys;
+    std::uint64_t id = 0;                 ///< the prefetch request's
     std::list<std::string>::iterator age; ///< in order_
   };
   void drop(const std::string& query);
