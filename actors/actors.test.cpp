@@ -886,6 +886,38 @@ TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
   caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
 }
 
+TEST_F(actor_test, ScalerCountsRequestsTheBalancerTimedOutAsSlow) {
+  // The only engine holds every request in a 100 s batch and the balancer
+  // times them out after 2 s: no request is answered, yet they waited far
+  // past the 500 ms target. The scaler must spawn a replica, not hold for
+  // want of samples.
+  auto b =
+      balancer(routing_policy::least_loaded, {small_engine(64, 20, 100s)}, 2s);
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  auto s = quick_scaler(b, 1, decisions);
+  sched_->run();
+  std::vector<std::shared_ptr<outcome<kv_reply>>> replies;
+  for (std::uint64_t i = 0; i < 5; ++i)
+    replies.push_back(
+        ask<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i)));
+  sched_->run();
+  for (int t = 0; t < 3; ++t) { // the timeouts at 2 s, then an evaluation
+    sched_->advance_time(1s);
+    sched_->run();
+  }
+  for (const auto& r : replies) {
+    ASSERT_TRUE(r->error.has_value());
+    EXPECT_TRUE(is_timeout(*r->error));
+  }
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+  EXPECT_GE(decisions->back().p95, 2s);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 2U);
+  caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
+  sched_->advance_time(100s);
+  sched_->run();
+}
+
 TEST_F(actor_test, ScalerKeepsItsCountWhenTheBalancerRefusesARetire) {
   // Two engines; one dies and restarts only after 10 s. Meanwhile the
   // scaler decides to retire one; the balancer refuses (it would be the

@@ -47,6 +47,10 @@ struct open_call {
   std::uint32_t slot = 0;
   std::uint64_t generation = 0;
   bool open = true;
+  /// The request (shared with the reply handlers) and when the balancer
+  /// first received it: a timeout tells the listeners how long it waited.
+  std::shared_ptr<const kv_request> request;
+  std::int64_t started = 0;
 };
 
 struct balancer_state {
@@ -235,8 +239,13 @@ void sweep(balancer_actor* self) {
   const auto now = now_ns(self);
   while (!s.calls.empty() && s.calls.front().deadline_ns <= now) {
     ++s.timeouts;
-    close_call(self, s.calls.front())
-        .deliver(caf::make_error(caf::sec::request_timeout));
+    auto& c = s.calls.front();
+    // A request that times out waited at least request_timeout: the
+    // scaler must see it, or a fleet whose requests time out would look
+    // idle to it (no reply, no sample).
+    for (auto& l : s.listeners)
+      self->send(l, latency_atom::value, *c.request, now - c.started);
+    close_call(self, c).deliver(caf::make_error(caf::sec::request_timeout));
   }
   schedule_sweep(self);
 }
@@ -258,14 +267,15 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
   st.route.started(slot);
   ++st.slots[slot].routed;
   const auto seq = st.first_call + st.calls.size();
+  // The request travels to the engine; one copy, shared by both callbacks
+  // and the open call, stays here for the listeners and for a reroute.
+  auto kept = std::make_shared<kv_request>(req);
   st.calls.push_back(
       open_call{now_ns(self) +
                     std::chrono::nanoseconds{st.config.request_timeout}.count(),
-                std::move(promise), slot, st.slots[slot].generation, true});
+                std::move(promise), slot, st.slots[slot].generation, true, kept,
+                started});
   schedule_sweep(self);
-  // The request travels to the engine; one copy, shared by both callbacks,
-  // stays here for the listeners and for a reroute.
-  auto kept = std::make_shared<kv_request>(req);
   auto then = [=](kv_reply& rep) {
     auto* c = find_call(self, seq);
     if (c == nullptr)

@@ -37,7 +37,9 @@
 ///       what a free slot reads)
 ///   (listen_atom, actor)         (no reply) the listener gets
 ///       (observe_atom, kv_request, kv_reply, int64 latency_ns) after each
-///       answered request and every engine's block_events
+///       answered request, (latency_atom, kv_request, int64 latency_ns)
+///       after each request that timed out (how long it waited since the
+///       balancer received it), and every engine's block_events
 /// Anything else gets sec::unexpected_message back.
 ///
 /// Supervision: an engine that fails (down_msg) is marked down at once (the

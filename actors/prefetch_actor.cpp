@@ -113,6 +113,9 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
         if (p && p->confidence >= s.config.threshold && p->query != q)
           issue(self, p->query);
       },
+      [](latency_atom, const kv_request&, std::int64_t) {
+        // A timed-out request: no transition is learned from it.
+      },
       [=](const block_events& ev) {
         auto& s = self->state;
         for (const auto& k : ev.evicted)

@@ -23,6 +23,7 @@
 /// at the latest with its own request_timeout.
 ///
 /// Messages: (observe_atom, kv_request, kv_reply, int64), block_events,
+/// (latency_atom, kv_request, int64) (a timed-out request: ignored),
 /// (stats_atom) -> prefetch_stats.
 
 #include "actors/transition_model.hpp"

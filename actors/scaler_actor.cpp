@@ -180,6 +180,12 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
         if (!req.prefetch)
           self->state.policy->record(now(self), engine::nanos{latency});
       },
+      // A request the balancer timed out: its wait is a sample too, else
+      // a fleet whose requests all time out would look idle.
+      [=](latency_atom, const kv_request& req, std::int64_t latency) {
+        if (!req.prefetch)
+          self->state.policy->record(now(self), engine::nanos{latency});
+      },
       [=](const block_events&) {},
       [=](evaluate_atom, bool periodic) {
         sync_and_evaluate(self);

@@ -7,6 +7,9 @@
 /// Messages:
 ///   (observe_atom, kv_request, kv_reply, int64 latency_ns)  a sample (the
 ///       balancer sends these to its listeners; prefetches are ignored)
+///   (latency_atom, kv_request, int64 latency_ns)  a sample of a request
+///       the balancer timed out (the time it waited), so a fleet whose
+///       requests time out does not look idle
 ///   (evaluate_atom)  decides (also runs every `interval`): first asks the
 ///       balancer for its balancer_stats and counts every engine it gave up
 ///       since the last time (`given_up`: failed after max_restarts) as a
