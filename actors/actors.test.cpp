@@ -1562,6 +1562,54 @@ TEST_F(actor_test, AFailedPrefetchIsNeitherOutstandingNorUseful) {
   EXPECT_EQ(st.wasted, 0U);
 }
 
+TEST_F(actor_test, APrefetchOnAnEngineThatStopsIsWastedNotUseful) {
+  // B is prefetched onto engine 0, which is then killed: B's block goes
+  // with its store, which reports no eviction. The balancer tells its
+  // listeners the blocks its index gave the engine are gone, so B requested
+  // afterwards is a wasted prefetch (the restarted engine computes it
+  // again), not a useful one.
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  auto events = std::make_shared<std::vector<block_events>>();
+  auto listener = sys_->spawn([events](caf::event_based_actor*) {
+    return caf::behavior{
+        [events](const block_events& ev) { events->push_back(ev); },
+        [](observe_atom, const kv_request&, const kv_reply&, std::int64_t) {},
+    };
+  });
+  stop_at_end_.push_back(listener);
+  caf::anon_send(b, listen_atom::value, listener);
+  prefetch_config pc;
+  pc.threshold = 0.5;
+  pc.model.aging_interval = 0;
+  auto pf = spawned(spawn_prefetcher(*sys_, pc, b));
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  auto observe = [&](std::uint64_t session, const std::string& q) {
+    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
+                   std::int64_t{0});
+    sched_->run();
+  };
+  observe(1, "X"); // X -> B
+  observe(1, "B");
+  observe(2, "X"); // prefetches B onto engine 0
+  ASSERT_EQ(ask_now<prefetch_stats>(pf, stats_atom::value).issued, 1U);
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  ASSERT_EQ(ask_now<engine_stats>(e0, stats_atom::value).blocks, 1U);
+  events->clear();
+  caf::anon_send_exit(e0, caf::exit_reason::kill);
+  sched_->run();
+  sched_->advance_time(100ms); // restart_delay: engine 0 is back, empty
+  sched_->run();
+  observe(2, "B");
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.useful, 0U);
+  EXPECT_EQ(st.wasted, 1U);
+  ASSERT_EQ(events->size(), 1U);
+  EXPECT_EQ(events->front().engine, 0U);
+  EXPECT_TRUE(events->front().stored.empty());
+  EXPECT_EQ(events->front().evicted, query(0, "B").keys);
+}
+
 TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
   query_cache_config qc;
   qc.ttl = 10s;

@@ -192,6 +192,27 @@ void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
     self->send(l, observe_atom::value, req, rep, latency);
 }
 
+/// The engine of `slot` is gone (it stopped, or a request to it found it
+/// down): the router routes around the slot and forgets what the index
+/// gave it, and the listeners get block_events evicting those keys, since
+/// its store went with it without reporting a single eviction (a
+/// prefetcher would otherwise count a prefetch on it useful). Once per
+/// engine: a slot that is down already has nothing more to tell.
+void engine_gone(balancer_actor* self, std::uint32_t slot) {
+  auto& s = self->state;
+  if (!s.route.is_up(slot))
+    return;
+  if (!s.listeners.empty()) {
+    block_events ev;
+    ev.engine = slot;
+    ev.evicted = s.route.keys_of(slot);
+    if (!ev.evicted.empty())
+      for (auto& l : s.listeners)
+        self->send(l, ev);
+  }
+  s.route.set_up(slot, false);
+}
+
 /// Releases the call's slot (when that engine has not been restarted
 /// since) and closes the call; the caller then answers its promise.
 owed_reply close_call(balancer_actor* self, open_call& c) {
@@ -264,6 +285,7 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     return;
   }
   auto slot = pick->slot;
+  const auto generation = st.slots[slot].generation;
   st.route.started(slot);
   ++st.slots[slot].routed;
   const auto seq = st.first_call + st.calls.size();
@@ -273,8 +295,7 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
   st.calls.push_back(
       open_call{now_ns(self) +
                     std::chrono::nanoseconds{st.config.request_timeout}.count(),
-                std::move(promise), slot, st.slots[slot].generation, true, kept,
-                started});
+                std::move(promise), slot, generation, true, kept, started});
   schedule_sweep(self);
   auto then = [=](kv_reply& rep) {
     auto* c = find_call(self, seq);
@@ -294,7 +315,10 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     if (err == caf::sec::request_receiver_down && attempt == 0) {
       auto& s = self->state;
       ++s.rerouted;
-      s.route.set_up(slot, false); // the down_msg may not have arrived yet
+      // The down_msg may not have arrived yet. (A restarted engine in the
+      // slot is another one, and stays up.)
+      if (s.slots[slot].generation == generation)
+        engine_gone(self, slot);
       dispatch(self, std::move(*kept), std::move(p), started, 1);
       return;
     }
@@ -339,7 +363,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         continue;
       std::erase(*s.owned, info.engine);
       info.engine = caf::actor{};
-      s.route.set_up(slot, false);
+      engine_gone(self, slot);
       if (info.retiring) {
         info.retired = true;
         s.route.remove_slot(slot); // free for the next replica

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -177,11 +178,18 @@ TEST(Router, SlotGoingDownForgetsItsBlocks) {
   r.add_slot();
   auto k = keys(1, 4);
   r.stored(1, k);
+  r.stored(0, std::span{k}.first(1)); // held by both
+  auto held = r.keys_of(1);
+  std::sort(held.begin(), held.end());
+  EXPECT_EQ(held, k);
+  EXPECT_EQ(r.keys_of(0), std::vector<block_key>{k[0]});
   r.set_up(1, false);
+  EXPECT_TRUE(r.keys_of(1).empty());
+  EXPECT_EQ(r.keys_of(0), std::vector<block_key>{k[0]});
   EXPECT_EQ(r.held_prefix(1, k), 0U);
   EXPECT_EQ(r.pick(k)->slot, 0U);
   r.set_up(1, true);
-  EXPECT_EQ(r.index_size(), 0U);
+  EXPECT_EQ(r.index_size(), 1U); // slot 0's claim on k[0] only
 }
 
 TEST(Router, IndexIsBounded) {

@@ -10,8 +10,9 @@
 /// Useful and wasted: a prefetch is useful when its query is requested
 /// before any of the prefetched blocks was evicted, wasted when an engine
 /// reports one of them evicted first (block events relayed by the
-/// balancer; a block several outstanding prefetches share wastes each), and
-/// failed when the balancer answers it with an error (no engine, its
+/// balancer, which also reports an engine that stops as evicting every
+/// block its index gave it; a block several outstanding prefetches share wastes
+/// each), and failed when the balancer answers it with an error (no engine, its
 /// request timeout): nothing was prefetched, so it is no longer
 /// outstanding and the next prediction may send it again. At most
 /// `max_outstanding` prefetches are tracked (prefetch_tracker.hpp): one more

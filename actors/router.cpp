@@ -162,6 +162,15 @@ void router::forget(std::uint32_t slot) {
   }
 }
 
+std::vector<engine::block_key> router::keys_of(std::uint32_t slot) const {
+  const std::uint64_t bit = std::uint64_t{1} << slot;
+  std::vector<engine::block_key> out;
+  for (const auto& [key, engines] : index_)
+    if ((engines & bit) != 0)
+      out.push_back(key);
+  return out;
+}
+
 std::size_t router::held_prefix(std::uint32_t slot,
                                 std::span<const engine::block_key> keys) const {
   const std::uint64_t bit = std::uint64_t{1} << slot;

@@ -118,6 +118,10 @@ public:
   /// Block events of `slot`.
   void stored(std::uint32_t slot, std::span<const engine::block_key> keys);
   void evicted(std::uint32_t slot, std::span<const engine::block_key> keys);
+  /// Every key the index says `slot` holds, in no particular order (a walk
+  /// over the whole index).
+  [[nodiscard]] std::vector<engine::block_key>
+  keys_of(std::uint32_t slot) const;
   /// Leading blocks of `keys` the index says `slot` holds.
   [[nodiscard]] std::size_t
   held_prefix(std::uint32_t slot,
