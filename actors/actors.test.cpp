@@ -295,6 +295,43 @@ TEST_F(actor_test, BatchClosesWhenIdleWithoutWaitingForTheTimeout) {
   EXPECT_FALSE(sched_->has_pending_timeout());
 }
 
+TEST_F(actor_test, ARequestLeftOverAtTheTokenBudgetThatFillsABatchRunsAtOnce) {
+  // Budget 100 tokens. A (80) waits for company; B (160) fills the batch,
+  // which closes with A alone (A and B would exceed the budget). B, left
+  // over, is a full batch by itself: it runs now, not after another
+  // 100 ms timeout.
+  auto c = small_engine(64, 20, 100ms);
+  c.capacity_tokens = 100;
+  auto e = engine(c);
+  auto a = ask<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 5, 1));
+  sched_->run();
+  EXPECT_FALSE(a->done());
+  auto b = ask<kv_reply>(e, process_atom::value, make_request(2, 0, 0, 10, 2));
+  sched_->run();
+  ASSERT_TRUE(a->value.has_value());
+  EXPECT_TRUE(b->value.has_value());
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 2U);
+}
+
+TEST_F(actor_test, ABudgetCutBelowWhatIsQueuedClosesTheBatch) {
+  // Four requests of 32 tokens wait in a batch under the 8192-token
+  // budget; the scaler cuts the budget to 64. They make two full batches
+  // now: neither waits out the 100 ms timeout.
+  auto e = engine(small_engine(64, 20, 100ms));
+  std::vector<std::shared_ptr<outcome<kv_reply>>> rs;
+  for (std::uint64_t i = 0; i < 4; ++i)
+    rs.push_back(
+        ask<kv_reply>(e, process_atom::value, make_request(i, 0, 0, 2, i)));
+  sched_->run();
+  EXPECT_FALSE(rs[0]->done());
+  caf::anon_send(e, capacity_atom::value, std::uint32_t{64});
+  sched_->run();
+  for (const auto& r : rs) {
+    EXPECT_TRUE(r->value.has_value());
+  }
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 2U);
+}
+
 TEST_F(actor_test, BatchServesHigherPriorityFirst) {
   auto e = engine(small_engine(64, 20, 100ms));
   auto low = make_request(1, 7, 2, 2, 1);

@@ -178,16 +178,21 @@ void arm_timer(engine_actor* self) {
 
 void close_batch(engine_actor* self) {
   auto& st = self->state;
-  auto batch = st.batcher.take();
-  for (auto& p : batch) {
-    auto r = run_one(st, p.request);
-    if (r)
-      p.promise.deliver(std::move(*r));
-    else
-      p.promise.deliver(to_caf_error(r.error()));
-    --st.in_flight;
-  }
-  after_batch(self);
+  // What is left over may be a full batch already (a request that alone
+  // reaches the token budget, or a budget cut below what was queued): it
+  // runs now, not after another timeout.
+  do {
+    auto batch = st.batcher.take();
+    for (auto& p : batch) {
+      auto r = run_one(st, p.request);
+      if (r)
+        p.promise.deliver(std::move(*r));
+      else
+        p.promise.deliver(to_caf_error(r.error()));
+      --st.in_flight;
+    }
+    after_batch(self);
+  } while (st.batcher.pending() > 0 && st.batcher.full());
   arm_timer(self);
 }
 
@@ -374,8 +379,13 @@ caf::behavior engine_behavior(engine_actor* self,
         return out;
       },
       [=](capacity_atom, std::uint32_t tokens) {
-        self->state.config.capacity_tokens = tokens;
-        self->state.batcher.set_max_tokens(tokens);
+        auto& s = self->state;
+        s.config.capacity_tokens = tokens;
+        s.batcher.set_max_tokens(tokens);
+        // A budget cut below what is queued makes a full batch: it closes
+        // now, as it would have when its last request came.
+        if (s.batcher.pending() > 0 && s.batcher.full())
+          close_batch(self);
       },
       [=](listen_atom, const caf::actor& listener) {
         if (listener) {

@@ -16,14 +16,17 @@
 ///   (evict_atom, uint64 bytes)        -> uint64 bytes freed
 ///   (pin_atom | unpin_atom, block_key) -> true
 ///   (stats_atom)                      -> engine_stats
-///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no reply)
+///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no
+///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply)
 /// Engine errors come back as caf::error (caf_error.hpp), converted once.
 ///
 /// Batching: process requests accumulate until `batch.max_size` requests
 /// (default 20) or `capacity_tokens` prompt tokens are pending, or
 /// `batch.timeout` (default 100 ms) after the first, whichever comes first;
-/// the batch then runs as one call, highest priority first. max_size 1
+/// the batch then runs as one call, highest priority first. Requests a
+/// batch leaves over (past the token budget) open the next one, which runs
+/// at once when they fill it already. max_size 1
 /// processes each request as it arrives. With `batch.close_when_idle` (on
 /// by default) a batch also closes once the actor has read every message
 /// that was in its mailbox when the batch opened: an idle engine answers a
