@@ -373,6 +373,30 @@ TEST(ScalerPolicy, ScalesUpAboveTargetThenGrowsCapacityRespectingCooldown) {
   EXPECT_EQ(s.log().size(), 2U);
 }
 
+TEST(ScalerPolicy, ItsDecisionLogKeepsOnlyTheRecentOnes) {
+  // No cooldown: load swinging between slow and fast scales up and down at
+  // every second evaluation, for as long as the scaler runs. Its log keeps
+  // the latest max_log decisions; its counts keep them all.
+  auto c = fast_scaler();
+  c.cooldown = 0s;
+  c.sustain = 1;
+  auto s = make_scaler(c, 1, 4096);
+  engine::nanos t{0};
+  constexpr int rounds = 3000;
+  for (int i = 0; i < rounds; ++i) {
+    t += 20s; // the last round's samples leave the window
+    feed(s, t, i % 2 == 0 ? 900ms : 10ms);
+    ASSERT_NE(s.evaluate(t).action, scale_action::hold) << i;
+  }
+  EXPECT_EQ(s.count(scale_action::spawn_replica) +
+                s.count(scale_action::retire_replica),
+            static_cast<std::uint64_t>(rounds));
+  const std::size_t kept = s.log().size();
+  EXPECT_EQ(kept, 1024U); // scaler_policy::max_log
+  EXPECT_EQ(s.log().back().at, t);
+  EXPECT_EQ(s.log().front().at, t - 20s * static_cast<std::int64_t>(kept - 1));
+}
+
 TEST(ScalerPolicy, CapacityCapsAt16384AndFloorsAt2048) {
   auto c = fast_scaler();
   c.max_replicas = 1;

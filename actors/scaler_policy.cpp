@@ -226,6 +226,8 @@ scale_decision scaler_policy::acted(scale_decision d, engine::nanos now) {
   up_streak_ = down_streak_ = 0;
   samples_.clear();
   ++counts_[static_cast<std::size_t>(d.action)];
+  if (log_.size() >= max_log)
+    log_.pop_front();
   log_.push_back(d);
   return d;
 }

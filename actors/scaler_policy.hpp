@@ -122,9 +122,13 @@ public:
   [[nodiscard]] std::uint64_t count(scale_action a) const noexcept {
     return counts_[static_cast<std::size_t>(a)];
   }
-  [[nodiscard]] const std::vector<scale_decision>& log() const noexcept {
+  /// The most recent decisions that acted, oldest first: at most
+  /// max_log of them, so a scaler that runs for months keeps its memory
+  /// (count() keeps every one).
+  [[nodiscard]] const std::deque<scale_decision>& log() const noexcept {
     return log_;
   }
+  static constexpr std::size_t max_log = 1024;
   /// The balancer refused (answered an error to) the replica change of
   /// action `a`, which evaluate() had already counted: undoes it, so
   /// replicas() stays what the balancer runs, and counts it in refusals().
@@ -191,7 +195,7 @@ private:
   std::uint64_t losses_ = 0;
   std::uint64_t unanswered_ = 0;
   std::uint64_t replacements_ = 0;
-  std::vector<scale_decision> log_;
+  std::deque<scale_decision> log_;
 };
 
 } // namespace kvfleet::actors
