@@ -876,6 +876,26 @@ TEST_F(actor_test, ABatchCutShortByAnExceptionIsReroutedNotLost) {
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
 }
 
+TEST_F(actor_test, AnUnbatchedRequestCutShortByAnExceptionIsRerouted) {
+  // Engine 0 runs each request alone (batch.max_size 1) and its producer
+  // throws, which ends the actor mid-request: that request goes to engine
+  // 1 at once, as one cut short in a batch does, instead of failing with
+  // the exception's error.
+  auto bad = small_engine(64);
+  bad.make_producer = [] { return std::make_unique<throwing_producer>(); };
+  auto b = balancer(routing_policy::round_robin, {bad, small_engine(64)});
+  sched_->run();
+  auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  ASSERT_TRUE(r->value.has_value())
+      << to_string(r->error.value_or(caf::error{}));
+  EXPECT_EQ(r->value->engine, 1U);
+  EXPECT_EQ(r->value->computed_blocks, 2U);
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.rerouted, 1U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+}
+
 TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
   auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
   auto decisions = std::make_shared<std::vector<scale_decision>>();

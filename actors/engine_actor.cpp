@@ -215,11 +215,18 @@ caf::behavior engine_behavior(engine_actor* self,
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
         auto& s = self->state;
         if (s.config.batch.max_size <= 1) {
+          // Owed while it runs, as in a batch: an exception that ends the
+          // actor answers request_receiver_down (the balancer sends it to
+          // another engine), not the exception's error.
+          auto promise = self->make_response_promise();
+          owed_reply owed{promise};
           auto r = run_one(s, req);
           after_batch(self);
-          if (!r)
-            return to_caf_error(r.error());
-          return std::move(*r);
+          if (r)
+            owed.deliver(std::move(*r));
+          else
+            owed.deliver(to_caf_error(r.error()));
+          return promise;
         }
         auto promise = self->make_response_promise();
         ++s.in_flight;
