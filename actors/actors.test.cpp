@@ -632,6 +632,30 @@ TEST_F(actor_test, RetiredSlotsAreReused) {
   EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
 }
 
+TEST_F(actor_test, ALookupDoesNotGoToAnEngineBeingRetired) {
+  // Engine 1 holds the prefix and is retired with nothing in flight, so the
+  // balancer stops it at once. A lookup right behind the retire must not
+  // be sent to it (it would be answered request_receiver_down): it asks a
+  // live engine, which holds nothing of it (a miss, not an error).
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64)});
+  sched_->run();
+  const auto r0 = make_request(1, 0, 0, 3, 1);
+  const auto r1 = make_request(2, 0, 0, 3, 2);
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r0).engine, 0U);
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r1).engine, 1U);
+  auto retired = ask<std::uint32_t>(b, retire_atom::value);
+  auto found = ask<std::uint64_t>(b, lookup_atom::value, r1.keys);
+  sched_->run();
+  ASSERT_TRUE(retired->value.has_value());
+  EXPECT_EQ(*retired->value, 1U);
+  ASSERT_TRUE(found->value.has_value())
+      << to_string(found->error.value_or(caf::error{}));
+  EXPECT_EQ(*found->value, 0U);
+  // And the prefix engine 0 holds is still found there.
+  EXPECT_EQ(ask_now<std::uint64_t>(b, lookup_atom::value, r0.keys), 3U);
+}
+
 TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
   // max_restarts 1: engine 0 is restarted once, and when it fails again
   // it is given up. Its slot is then free like a retired one: the next

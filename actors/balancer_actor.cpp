@@ -410,15 +410,25 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         std::uint32_t best = 0;
         std::size_t best_held = 0;
         bool any = false;
-        for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
-          if (!s.slots[slot].engine)
-            continue;
-          auto held = s.route.held_prefix(slot, keys);
-          if (!any || held > best_held) {
-            best = slot;
-            best_held = held;
-            any = true;
+        // Live engines first. A retiring one may be stopped already (it
+        // stops once drained) and would answer request_receiver_down, and
+        // one a failed request found down is gone: ask those only when no
+        // live engine is left.
+        for (const bool live_only : {true, false}) {
+          for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
+            const auto& info = s.slots[slot];
+            if (!info.engine ||
+                (live_only && (info.retiring || !s.route.is_up(slot))))
+              continue;
+            auto held = s.route.held_prefix(slot, keys);
+            if (!any || held > best_held) {
+              best = slot;
+              best_held = held;
+              any = true;
+            }
           }
+          if (any)
+            break;
         }
         if (!any)
           return to_caf_error(error{errc::unavailable, "no engine available"});

@@ -19,8 +19,9 @@
 ///       it stops gets request_receiver_down, as does one sent after. So a
 ///       caller needs no CAF timeout of its own, and is faster without one
 ///       (each wakes CAF's clock thread; kvfleet-actors-bench measures both).
-///   (lookup_atom, vector<block_key>) -> uint64  asks the engine the index
-///       names for the longest prefix (slot 0 when the index knows nothing)
+///   (lookup_atom, vector<block_key>) -> uint64  asks the live engine the
+///       index names for the longest prefix (the lowest live slot when the
+///       index knows nothing; a retiring engine only when none is live)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot
 ///   (replica_atom)               -> uint32 live engines after adding one
 ///       (in the slot of a retired or given-up engine when there is one);
