@@ -142,7 +142,9 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
 /// replica_atom and retire_atom answer); a slot whose engine is down and
 /// waiting for its restart counts in neither `live` nor the free slots.
 struct balancer_stats {
-  std::vector<std::uint64_t> routed; ///< per slot, since its engine started
+  /// Per slot, since an engine was added to it (the initial engine or a
+  /// replica); its restarts keep counting.
+  std::vector<std::uint64_t> routed;
   std::vector<std::uint64_t> in_flight;
   std::vector<std::uint8_t> up; ///< 1 when live (up and not draining)
   std::uint64_t timeouts = 0;
