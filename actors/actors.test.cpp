@@ -559,6 +559,33 @@ TEST_F(actor_test, TimeoutsFireAtEachDeadlineAndLateRepliesAreDropped) {
   EXPECT_FALSE(r2->value.has_value());
 }
 
+TEST_F(actor_test, ABalancerListenerCountsOnceAndIsForgottenWhenItStops) {
+  // A listener subscribed twice gets each sample once. When it stops, the
+  // balancer lets go of it: nothing keeps the stopped actor alive, and no
+  // request is sent to it again.
+  auto b = balancer(routing_policy::round_robin, {small_engine(64)});
+  auto samples = std::make_shared<std::size_t>(0);
+  auto listener = sys_->spawn([samples](caf::event_based_actor*) {
+    return caf::behavior{
+        [samples](observe_atom, const kv_request&, const kv_reply&,
+                  std::int64_t) { ++*samples; },
+        [](const block_events&) {},
+    };
+  });
+  caf::anon_send(b, listen_atom::value, listener);
+  caf::anon_send(b, listen_atom::value, listener);
+  sched_->run();
+  ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  EXPECT_EQ(*samples, 1U);
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(listener);
+  caf::anon_send_exit(listener, caf::exit_reason::user_shutdown);
+  listener = caf::actor{};
+  sched_->run();
+  EXPECT_EQ(weak.lock(), nullptr) << "the balancer still holds the listener";
+  ask_now<kv_reply>(b, process_atom::value, make_request(2, 0, 0, 1, 2));
+  EXPECT_EQ(*samples, 1U);
+}
+
 TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
   auto b = balancer(routing_policy::round_robin,
                     {small_engine(64), small_engine(64)});

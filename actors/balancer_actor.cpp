@@ -357,6 +357,9 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   });
   self->set_down_handler([=](caf::down_msg& dm) {
     auto& s = self->state;
+    std::erase_if(s.listeners, [&](const caf::actor& l) {
+      return l.address() == dm.source;
+    });
     for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
       auto& info = s.slots[slot];
       if (!info.engine || info.engine.address() != dm.source)
@@ -492,8 +495,14 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         return out;
       },
       [=](listen_atom, const caf::actor& listener) {
-        if (listener)
-          self->state.listeners.push_back(listener);
+        auto& ls = self->state.listeners;
+        // Once each (a second subscription would double every sample and
+        // event it gets), and only while it lives: the down handler drops
+        // it, so a listener that comes and goes leaves nothing behind.
+        if (!listener || std::find(ls.begin(), ls.end(), listener) != ls.end())
+          return;
+        ls.push_back(listener);
+        self->monitor(listener);
       },
   };
 }

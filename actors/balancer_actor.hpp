@@ -36,7 +36,8 @@
 ///       before any request
 ///   (stats_atom)                 -> balancer_stats (messages.hpp says
 ///       what a free slot reads)
-///   (listen_atom, actor)         (no reply) the listener gets
+///   (listen_atom, actor)         (no reply; once per listener, which is
+///       forgotten when it stops) the listener gets
 ///       (observe_atom, kv_request, kv_reply, int64 latency_ns) after each
 ///       answered request, (latency_atom, kv_request, int64 latency_ns)
 ///       after each request that timed out (how long it waited since the
