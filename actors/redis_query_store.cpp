@@ -210,6 +210,9 @@ redis_query_store::open(redis_query_store_config config) {
       config.command_timeout <= std::chrono::milliseconds{0})
     return make_error(errc::invalid_argument,
                       "Redis connect and command timeouts must be positive");
+  if (config.reconnect_after < std::chrono::milliseconds{0})
+    return make_error(errc::invalid_argument,
+                      "Redis reconnect_after must not be negative");
   return std::unique_ptr<redis_query_store>{
       new redis_query_store(std::move(config), std::move(*ep))};
 }
@@ -253,9 +256,28 @@ reply_ptr run_command(redisContext* ctx,
 
 } // namespace
 
-result<void> redis_query_store::ensure_connected() {
+error redis_query_store::failed(engine::nanos now, error e) {
+  disconnect();
+  backing_off_ = true;
+  retry_at_ =
+      now + std::chrono::duration_cast<engine::nanos>(config_.reconnect_after);
+  last_failure_ = e.message;
+  return e;
+}
+
+result<void> redis_query_store::ensure_connected(engine::nanos now) {
   if (ctx_ != nullptr)
     return {};
+  if (backing_off_ && now < retry_at_)
+    return make_error(
+        errc::backend_error,
+        where(endpoint_) + ": not connected since a failure (" + last_failure_ +
+            "); next attempt in " +
+            std::to_string(
+                std::chrono::ceil<std::chrono::milliseconds>(retry_at_ - now)
+                    .count()) +
+            " ms");
+  ++connects_;
   redisContext* c = nullptr;
   {
     sigpipe_guard guard;
@@ -263,19 +285,22 @@ result<void> redis_query_store::ensure_connected() {
                                 to_timeval(config_.connect_timeout));
   }
   if (c == nullptr)
-    return make_error(errc::backend_error,
-                      where(endpoint_) + ": cannot allocate a connection");
+    return unexpected<error>{failed(
+        now, error{errc::backend_error,
+                   where(endpoint_) + ": cannot allocate a connection"})};
   if (c->err != 0) {
     std::string why = c->errstr;
     redisFree(c);
-    return make_error(errc::backend_error,
-                      where(endpoint_) + ": connect failed: " + why);
+    return unexpected<error>{
+        failed(now, error{errc::backend_error,
+                          where(endpoint_) + ": connect failed: " + why})};
   }
   if (redisSetTimeout(c, to_timeval(config_.command_timeout)) != REDIS_OK) {
     std::string why = c->errstr;
     redisFree(c);
-    return make_error(errc::backend_error,
-                      where(endpoint_) + ": cannot set timeout: " + why);
+    return unexpected<error>{
+        failed(now, error{errc::backend_error,
+                          where(endpoint_) + ": cannot set timeout: " + why})};
   }
   ctx_ = c;
   if (!endpoint_.password.empty()) {
@@ -285,12 +310,13 @@ result<void> redis_query_store::ensure_connected() {
             : run_command(ctx_, {"AUTH", endpoint_.user, endpoint_.password});
     if (!r || r->type == REDIS_REPLY_ERROR) {
       std::string why = r ? std::string(r->str, r->len) : ctx_->errstr;
-      disconnect();
-      return make_error(
-          errc::backend_error,
-          where(endpoint_) + ": AUTH" +
-              (endpoint_.user.empty() ? "" : " as '" + endpoint_.user + "'") +
-              " failed: " + why);
+      return unexpected<error>{failed(
+          now,
+          error{errc::backend_error,
+                where(endpoint_) + ": AUTH" +
+                    (endpoint_.user.empty() ? ""
+                                            : " as '" + endpoint_.user + "'") +
+                    " failed: " + why})};
     }
   }
   if (endpoint_.db != 0) {
@@ -298,24 +324,25 @@ result<void> redis_query_store::ensure_connected() {
     auto r = run_command(ctx_, {"SELECT", db});
     if (!r || r->type == REDIS_REPLY_ERROR) {
       std::string why = r ? std::string(r->str, r->len) : ctx_->errstr;
-      disconnect();
-      return make_error(errc::backend_error,
-                        where(endpoint_) + ": SELECT " + db + ": " + why);
+      return unexpected<error>{
+          failed(now, error{errc::backend_error,
+                            where(endpoint_) + ": SELECT " + db + ": " + why})};
     }
   }
+  backing_off_ = false;
   return {};
 }
 
 result<std::optional<std::string>>
-redis_query_store::get(const std::string& key, engine::nanos /*now*/) {
-  if (auto c = ensure_connected(); !c)
+redis_query_store::get(const std::string& key, engine::nanos now) {
+  if (auto c = ensure_connected(now); !c)
     return unexpected<error>{c.error()};
   auto r = run_command(ctx_, {"GET", redis_key(key)});
   if (!r) {
     std::string why = ctx_->errstr;
-    disconnect();
-    return make_error(errc::backend_error,
-                      where(endpoint_) + ": GET failed: " + why);
+    return unexpected<error>{
+        failed(now, error{errc::backend_error,
+                          where(endpoint_) + ": GET failed: " + why})};
   }
   switch (r->type) {
   case REDIS_REPLY_NIL:
@@ -335,20 +362,20 @@ redis_query_store::get(const std::string& key, engine::nanos /*now*/) {
 
 result<void> redis_query_store::set(const std::string& key,
                                     const std::string& value, engine::nanos ttl,
-                                    engine::nanos /*now*/) {
+                                    engine::nanos now) {
   if (ttl <= engine::nanos{0})
     return make_error(errc::invalid_argument,
                       "query cache TTL must be positive");
   auto ms = std::chrono::ceil<std::chrono::milliseconds>(ttl).count();
-  if (auto c = ensure_connected(); !c)
+  if (auto c = ensure_connected(now); !c)
     return unexpected<error>{c.error()};
   auto ttl_ms = std::to_string(ms);
   auto r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms});
   if (!r) {
     std::string why = ctx_->errstr;
-    disconnect();
-    return make_error(errc::backend_error,
-                      where(endpoint_) + ": SET failed: " + why);
+    return unexpected<error>{
+        failed(now, error{errc::backend_error,
+                          where(endpoint_) + ": SET failed: " + why})};
   }
   if (r->type == REDIS_REPLY_ERROR)
     return make_error(errc::backend_error,

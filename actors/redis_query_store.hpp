@@ -12,16 +12,22 @@
 /// Entries: `SET <prefix><key> <value> PX <ttl ms>` and `GET <prefix><key>`.
 /// The value is stored byte for byte as the cache hands it over (the
 /// versioned reply encoding of query_cache_actor.hpp). Expiry is Redis's own
-/// clock: the `now` argument of get/set is not used, so an injected clock
-/// does not move Redis entries.
+/// clock: the `now` argument of get/set only times the reconnect backoff
+/// (below), so an injected clock does not move Redis entries.
 ///
 /// Failures are error values, never exceptions: a Redis error reply, an
 /// unreachable server or a timed-out command is errc::backend_error whose
 /// message names Redis's error. A get that fails returns that error (not a
 /// miss); the cache actor counts it in `store_errors` and computes the
-/// request as on a miss. After a connection-level failure the connection is
-/// dropped and the next call connects again, so a restarted server is used
-/// again without intervention.
+/// request as on a miss. After a connection-level failure (connect, AUTH
+/// or SELECT failed, a command got no answer) the connection is dropped,
+/// and calls within `reconnect_after` (1 s) of the failure fail at once
+/// with backend_error, without touching the network: a Redis that is down
+/// or stalled would otherwise cost every call its connect or command
+/// timeout, one after the other on the cache actor's thread. The first
+/// call after that connects again, so a restarted server is used again
+/// without intervention. Time here is the `now` the caller passes (the
+/// cache actor's clock); it is used for nothing else.
 ///
 /// Blocking: hiredis's synchronous API blocks the calling thread, each
 /// connect at most `connect_timeout` and each command at most
@@ -53,6 +59,9 @@ struct redis_query_store_config {
   std::string key_prefix = "kvfleet:q:";
   std::chrono::milliseconds connect_timeout{200};
   std::chrono::milliseconds command_timeout{50};
+  /// After a connection-level failure, calls fail at once for this long
+  /// before one connects again; 0: every call tries.
+  std::chrono::milliseconds reconnect_after{1'000};
 };
 
 /// Where a Redis URL points.
@@ -78,7 +87,8 @@ class redis_query_store final : public query_store {
 public:
   /// Parses the URL and checks the options; does not connect (the first
   /// call does), so a node starts while its Redis is still coming up.
-  /// Errors: parse_error (bad URL), invalid_argument (non-positive timeout).
+  /// Errors: parse_error (bad URL), invalid_argument (non-positive timeout,
+  /// negative reconnect_after).
   [[nodiscard]] static result<std::unique_ptr<redis_query_store>>
   open(redis_query_store_config config);
   ~redis_query_store() override;
@@ -105,16 +115,27 @@ public:
   }
   /// Whether a connection is open now (dropped after a failure).
   [[nodiscard]] bool connected() const noexcept { return ctx_ != nullptr; }
+  /// Connection attempts so far.
+  [[nodiscard]] std::uint64_t connects() const noexcept { return connects_; }
 
 private:
   redis_query_store(redis_query_store_config config, redis_endpoint ep);
-  /// Connects (and SELECTs the db) when not connected.
-  [[nodiscard]] result<void> ensure_connected();
+  /// Connects (and SELECTs the db) when not connected, unless a failure
+  /// less than reconnect_after before `now` says not to try yet.
+  [[nodiscard]] result<void> ensure_connected(engine::nanos now);
   void disconnect() noexcept;
+  /// A connection-level failure at `now`: drops the connection and returns
+  /// `e` (backend_error), remembered for the calls that wait out the
+  /// backoff.
+  [[nodiscard]] error failed(engine::nanos now, error e);
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;
   redisContext* ctx_ = nullptr; ///< owned; null while disconnected
+  bool backing_off_ = false;    ///< the last connection-level call failed
+  engine::nanos retry_at_{0};   ///< no connect before this (backing_off_)
+  std::string last_failure_;    ///< its message
+  std::uint64_t connects_ = 0;
 };
 
 } // namespace kvfleet::actors

@@ -431,18 +431,19 @@ TEST_F(RedisQueryStore, ServerDownIsAnErrorValueThenReconnects) {
   EXPECT_NE(got.error().message.find("Redis 127.0.0.1:"), std::string::npos)
       << got.error().message;
   EXPECT_FALSE(store->connected());
-  auto put = store->set("k", "v", hour, t0); // connect refused
+  // Past the reconnect backoff (1 s of the caller's clock): connect refused.
+  auto put = store->set("k", "v", hour, t0 + 1s);
   ASSERT_FALSE(put);
   EXPECT_EQ(put.error().code, errc::backend_error);
   EXPECT_NE(put.error().message.find("connect"), std::string::npos)
       << put.error().message;
 
   ASSERT_TRUE(server_->start()); // same port, empty (no persistence)
-  auto after = store->get("k", t0);
+  auto after = store->get("k", t0 + 2s);
   ASSERT_TRUE(after.has_value()) << after.error().describe();
   EXPECT_FALSE(after->has_value());
-  ASSERT_TRUE(store->set("k", "again", hour, t0));
-  EXPECT_EQ(store->get("k", t0)->value_or(""), "again");
+  ASSERT_TRUE(store->set("k", "again", hour, t0 + 2s));
+  EXPECT_EQ(store->get("k", t0 + 2s)->value_or(""), "again");
 }
 
 TEST_F(RedisQueryStore, StalledServerTimesOutAndRecovers) {
@@ -455,7 +456,35 @@ TEST_F(RedisQueryStore, StalledServerTimesOutAndRecovers) {
   ASSERT_FALSE(got.has_value());
   EXPECT_EQ(got.error().code, errc::backend_error);
   EXPECT_FALSE(store->connected());
-  auto again = store->get("k", t0);
+  auto again = store->get("k", t0 + 1s); // after the reconnect backoff
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  EXPECT_EQ(again->value_or(""), "v");
+}
+
+TEST_F(RedisQueryStore, AFailedRedisIsNotTriedAgainUntilReconnectAfter) {
+  // A stalled server costs a call its 50 ms command timeout. After one such
+  // failure, calls within reconnect_after (1 s) fail at once without
+  // touching the network (else a Redis outage would cost every query-cache
+  // request that timeout, one after the other on the cache's thread); the
+  // first call after it connects again.
+  auto store = open();
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->set("k", "v", hour, t0));
+  server_->pause();
+  auto timed_out = store->get("k", t0);
+  ASSERT_FALSE(timed_out.has_value());
+  for (int i = 1; i <= 5; ++i) {
+    const auto at = t0 + 100ms * i;
+    auto got = store->get("k", at);
+    ASSERT_FALSE(got.has_value()) << i;
+    EXPECT_EQ(got.error().code, errc::backend_error);
+    EXPECT_NE(got.error().message.find("next attempt in"), std::string::npos)
+        << got.error().message;
+    EXPECT_FALSE(store->set("k", "w", hour, at));
+  }
+  server_->resume();
+  EXPECT_FALSE(store->get("k", t0 + 999ms).has_value()); // still waiting
+  auto again = store->get("k", t0 + 1s);
   ASSERT_TRUE(again.has_value()) << again.error().describe();
   EXPECT_EQ(again->value_or(""), "v");
 }
