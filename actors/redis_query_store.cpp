@@ -1,5 +1,7 @@
 #include "actors/redis_query_store.hpp"
 
+#include "actors/config_checks.hpp"
+
 #include <array>
 #include <cctype>
 #include <charconv>
@@ -206,13 +208,21 @@ redis_query_store::open(redis_query_store_config config) {
   auto ep = parse_redis_url(config.url);
   if (!ep)
     return unexpected<error>{ep.error()};
-  if (config.connect_timeout <= std::chrono::milliseconds{0} ||
-      config.command_timeout <= std::chrono::milliseconds{0})
-    return make_error(errc::invalid_argument,
-                      "Redis connect and command timeouts must be positive");
-  if (config.reconnect_after < std::chrono::milliseconds{0})
-    return make_error(errc::invalid_argument,
-                      "Redis reconnect_after must not be negative");
+  // Bounded above too: reconnect_after is added to the clock's
+  // nanoseconds (milliseconds::max() would wrap to -1 ms and never back
+  // off), and hiredis takes the timeouts as a timeval.
+  if (auto ok = check_duration("redis_query_store_config.connect_timeout",
+                               config.connect_timeout);
+      !ok)
+    return unexpected<error>{ok.error()};
+  if (auto ok = check_duration("redis_query_store_config.command_timeout",
+                               config.command_timeout);
+      !ok)
+    return unexpected<error>{ok.error()};
+  if (auto ok = check_duration("redis_query_store_config.reconnect_after",
+                               config.reconnect_after, true);
+      !ok)
+    return unexpected<error>{ok.error()};
   return std::unique_ptr<redis_query_store>{
       new redis_query_store(std::move(config), std::move(*ep))};
 }

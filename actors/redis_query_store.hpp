@@ -87,8 +87,9 @@ class redis_query_store final : public query_store {
 public:
   /// Parses the URL and checks the options; does not connect (the first
   /// call does), so a node starts while its Redis is still coming up.
-  /// Errors: parse_error (bad URL), invalid_argument (non-positive timeout,
-  /// negative reconnect_after).
+  /// Errors: parse_error (bad URL), invalid_argument naming the option (a
+  /// timeout that is not positive, a negative reconnect_after, any of them
+  /// above 24 hours).
   [[nodiscard]] static result<std::unique_ptr<redis_query_store>>
   open(redis_query_store_config config);
   ~redis_query_store() override;

@@ -231,12 +231,33 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
     EXPECT_NE(r.error().message.find(says), std::string::npos)
         << url << ": " << r.error().message;
   }
-  redis_query_store_config c;
-  c.url = "redis://h:1";
-  c.command_timeout = 0ms;
-  auto s = redis_query_store::open(c);
-  ASSERT_FALSE(s.has_value());
-  EXPECT_EQ(s.error().code, errc::invalid_argument);
+  const std::pair<void (*)(redis_query_store_config&), const char*> bad[] = {
+      {[](redis_query_store_config& c) { c.command_timeout = 0ms; },
+       "command_timeout"},
+      {[](redis_query_store_config& c) { c.connect_timeout = -1ms; },
+       "connect_timeout"},
+      {[](redis_query_store_config& c) { c.reconnect_after = -1ms; },
+       "reconnect_after"},
+      // Would wrap to -1 ms on the clock and never back off.
+      {[](redis_query_store_config& c) {
+         c.reconnect_after = std::chrono::milliseconds::max();
+       },
+       "reconnect_after"},
+  };
+  for (const auto& [edit, name] : bad) {
+    redis_query_store_config c;
+    c.url = "redis://h:1";
+    edit(c);
+    auto s = redis_query_store::open(c);
+    ASSERT_FALSE(s.has_value()) << name;
+    EXPECT_EQ(s.error().code, errc::invalid_argument);
+    EXPECT_NE(s.error().message.find(name), std::string::npos)
+        << s.error().message;
+  }
+  redis_query_store_config no_backoff;
+  no_backoff.url = "redis://h:1";
+  no_backoff.reconnect_after = 0ms;
+  EXPECT_TRUE(redis_query_store::open(no_backoff).has_value());
 }
 
 TEST(RedisUrl, ParsesCredentials) {
