@@ -128,6 +128,29 @@ protected:
     return out;
   }
 
+  /// A prefetcher on `balancer` (stopped at the end): it prefetches a
+  /// successor seen in half of the transitions, and never ages them unless
+  /// `pc` says so.
+  caf::actor prefetcher(const caf::actor& balancer,
+                        prefetch_config pc = eager_prefetch()) {
+    auto pf = spawned(spawn_prefetcher(*sys_, pc, balancer));
+    stop_at_end_.push_back(pf);
+    sched_->run();
+    return pf;
+  }
+  static prefetch_config eager_prefetch() {
+    prefetch_config pc;
+    pc.threshold = 0.5;
+    pc.model.aging_interval = 0;
+    return pc;
+  }
+
+  /// Tells prefetcher `pf` that `r` was requested, and runs.
+  void observed(const caf::actor& pf, const kv_request& r) {
+    caf::anon_send(pf, observe_atom::value, r, kv_reply{}, std::int64_t{0});
+    sched_->run();
+  }
+
   /// ask() from a caller that sets no timer of its own (caf::infinite).
   template <class T, class... Ts>
   std::shared_ptr<outcome<T>> ask_untimed(const caf::actor& dest, Ts... xs) {
@@ -1442,20 +1465,11 @@ kv_request query(std::uint64_t session, std::string q) {
 TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   auto be = std::make_shared<fake_backend>();
   auto b = sys_->spawn(fake_balancer, be);
-  prefetch_config pc;
+  auto pc = eager_prefetch();
   pc.threshold = 0.6;
-  pc.model.aging_interval = 0;
   pc.model.decay = 0.5;
-  auto p =
-      sys_->spawn([&](caf::event_based_actor*) -> caf::behavior { return {}; });
-  (void)p;
-  auto pf = spawn_prefetcher(*sys_, pc, b).value();
-  stop_at_end_.push_back(pf);
-  sched_->run();
-  auto observe = [&](const kv_request& r) {
-    caf::anon_send(pf, observe_atom::value, r, kv_reply{}, std::int64_t{0});
-    sched_->run();
-  };
+  auto pf = prefetcher(b, pc);
+  auto observe = [&](const kv_request& r) { observed(pf, r); };
   for (std::uint64_t s = 1; s <= 3; ++s) {
     observe(query(s, "A"));
     observe(query(s, "B"));
@@ -1482,13 +1496,8 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   // Stale patterns age out: with aging every 4 observations, A -> B decays
   // below the floor while other traffic flows, and A predicts nothing.
   pc.model.aging_interval = 4;
-  auto pf2 = spawn_prefetcher(*sys_, pc, b).value();
-  stop_at_end_.push_back(pf2);
-  sched_->run();
-  auto observe2 = [&](const kv_request& r) {
-    caf::anon_send(pf2, observe_atom::value, r, kv_reply{}, std::int64_t{0});
-    sched_->run();
-  };
+  auto pf2 = prefetcher(b, pc);
+  auto observe2 = [&](const kv_request& r) { observed(pf2, r); };
   observe2(query(1, "A"));
   observe2(query(1, "B"));
   for (int i = 0; i < 40; ++i)
@@ -1505,19 +1514,13 @@ TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
   // outstanding, never a newer prefetch of a query used earlier.
   auto be = std::make_shared<fake_backend>();
   auto b = sys_->spawn(fake_balancer, be);
-  prefetch_config pc;
-  pc.threshold = 0.5;
+  auto pc = eager_prefetch();
   pc.max_outstanding = 2;
-  pc.model.aging_interval = 0;
-  auto pf = spawn_prefetcher(*sys_, pc, b).value();
-  stop_at_end_.push_back(pf);
   stop_at_end_.push_back(b);
-  sched_->run();
+  auto pf = prefetcher(b, pc);
   std::uint64_t session = 1;
   auto observe = [&](const std::string& q) {
-    caf::anon_send(pf, observe_atom::value, query(session++, q), kv_reply{},
-                   std::int64_t{0});
-    sched_->run();
+    observed(pf, query(session++, q));
   };
   auto pair = [&](const std::string& from, const std::string& to) {
     const auto s = session++;
@@ -1551,17 +1554,10 @@ TEST_F(actor_test, PrefetcherDoesNotPrefetchAnOutstandingQueryAgain) {
   // sends nothing.
   auto be = std::make_shared<fake_backend>();
   auto b = sys_->spawn(fake_balancer, be);
-  prefetch_config pc;
-  pc.threshold = 0.5;
-  pc.model.aging_interval = 0;
-  auto pf = spawn_prefetcher(*sys_, pc, b).value();
-  stop_at_end_.push_back(pf);
   stop_at_end_.push_back(b);
-  sched_->run();
+  auto pf = prefetcher(b);
   auto observe = [&](std::uint64_t session, const std::string& q) {
-    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
-                   std::int64_t{0});
-    sched_->run();
+    observed(pf, query(session, q));
   };
   observe(1, "X");
   observe(1, "B");
@@ -1584,13 +1580,8 @@ TEST_F(actor_test, PrefetcherWastesEveryPrefetchThatHeldAnEvictedBlock) {
   // wasted, and B requested afterwards is no useful prefetch.
   auto be = std::make_shared<fake_backend>();
   auto b = sys_->spawn(fake_balancer, be);
-  prefetch_config pc;
-  pc.threshold = 0.5;
-  pc.model.aging_interval = 0;
-  auto pf = spawn_prefetcher(*sys_, pc, b).value();
-  stop_at_end_.push_back(pf);
   stop_at_end_.push_back(b);
-  sched_->run();
+  auto pf = prefetcher(b);
   const block_key shared{99, 1};
   auto prefixed = [&](std::uint64_t session, const std::string& q) {
     auto r = query(session, q);
@@ -1598,10 +1589,7 @@ TEST_F(actor_test, PrefetcherWastesEveryPrefetchThatHeldAnEvictedBlock) {
     r.input_tokens = 32;
     return r;
   };
-  auto observe = [&](const kv_request& r) {
-    caf::anon_send(pf, observe_atom::value, r, kv_reply{}, std::int64_t{0});
-    sched_->run();
-  };
+  auto observe = [&](const kv_request& r) { observed(pf, r); };
   observe(query(1, "X")); // X -> B, Y -> C
   observe(prefixed(1, "B"));
   observe(query(2, "Y"));
@@ -1644,16 +1632,9 @@ TEST_F(actor_test, AFailedPrefetchIsNeitherOutstandingNorUseful) {
   auto asked = std::make_shared<std::size_t>(0);
   auto b = sys_->spawn(refusing_balancer, asked);
   stop_at_end_.push_back(b);
-  prefetch_config pc;
-  pc.threshold = 0.5;
-  pc.model.aging_interval = 0;
-  auto pf = spawned(spawn_prefetcher(*sys_, pc, b));
-  stop_at_end_.push_back(pf);
-  sched_->run();
+  auto pf = prefetcher(b);
   auto observe = [&](std::uint64_t session, const std::string& q) {
-    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
-                   std::int64_t{0});
-    sched_->run();
+    observed(pf, query(session, q));
   };
   observe(1, "X"); // X -> B
   observe(1, "B");
@@ -1686,16 +1667,9 @@ TEST_F(actor_test, APrefetchOnAnEngineThatStopsIsWastedNotUseful) {
   });
   stop_at_end_.push_back(listener);
   caf::anon_send(b, listen_atom::value, listener);
-  prefetch_config pc;
-  pc.threshold = 0.5;
-  pc.model.aging_interval = 0;
-  auto pf = spawned(spawn_prefetcher(*sys_, pc, b));
-  stop_at_end_.push_back(pf);
-  sched_->run();
+  auto pf = prefetcher(b);
   auto observe = [&](std::uint64_t session, const std::string& q) {
-    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
-                   std::int64_t{0});
-    sched_->run();
+    observed(pf, query(session, q));
   };
   observe(1, "X"); // X -> B
   observe(1, "B");
@@ -1886,22 +1860,14 @@ TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {
   stop_at_end_.push_back(qcache);
   auto w = spawned(spawn_warmer(*sys_, warmer_config{}, b));
   stop_at_end_.push_back(w);
-  prefetch_config pc;
-  pc.threshold = 0.5;
-  pc.model.aging_interval = 0;
-  auto pf = spawned(spawn_prefetcher(*sys_, pc, b));
-  stop_at_end_.push_back(pf);
-  sched_->run();
+  auto pf = prefetcher(b);
   auto cached = ask_untimed<kv_reply>(qcache, query_atom::value, query(1, "q"));
   auto warmed = ask_untimed<warm_report>(
       w, warm_atom::value, std::vector<warm_item>{{query(0, "w"), 1.0}},
       std::uint32_t{1}, false, caf::actor{});
   for (const auto& [session, q] :
        {std::pair{1, "X"}, std::pair{1, "B"}, std::pair{2, "X"}})
-    caf::anon_send(pf, observe_atom::value,
-                   query(static_cast<std::uint64_t>(session), q), kv_reply{},
-                   std::int64_t{0});
-  sched_->run();
+    observed(pf, query(static_cast<std::uint64_t>(session), q));
   ASSERT_EQ(*held, 3U); // the miss, the warm query, the prefetch
   EXPECT_FALSE(sched_->has_pending_timeout());
   caf::anon_send(b, close_batch_atom::value);
