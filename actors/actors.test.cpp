@@ -1292,56 +1292,34 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
     EXPECT_NE(a.error().message.find(names), std::string::npos)
         << a.error().message;
   };
-  balancer_config bc;
-  bc.routing.max_index_keys = 0;
-  expect_error(spawn_balancer(*sys_, bc,
-                              [](caf::actor_system& s, std::uint32_t slot) {
-                                auto c = small_engine(16);
-                                c.slot = slot;
-                                return spawn_engine_actor(s, c);
-                              }),
-               "max_index_keys");
+  // A refused balancer spawns no engine: the factory counts its calls.
   int factory_calls = 0;
-  bc = balancer_config{};
-  bc.initial_engines = router::max_slots + 1;
-  expect_error(spawn_balancer(*sys_, bc,
-                              [&](caf::actor_system& s, std::uint32_t slot) {
-                                ++factory_calls;
-                                auto c = small_engine(16);
-                                c.slot = slot;
-                                return spawn_engine_actor(s, c);
-                              }),
-               "initial_engines");
-  bc = balancer_config{};
-  bc.request_timeout = 0ms;
-  expect_error(spawn_balancer(*sys_, bc,
-                              [&](caf::actor_system& s, std::uint32_t slot) {
-                                ++factory_calls;
-                                auto c = small_engine(16);
-                                c.slot = slot;
-                                return spawn_engine_actor(s, c);
-                              }),
-               "balancer_config.request_timeout");
-  bc = balancer_config{};
-  bc.request_timeout = std::chrono::milliseconds::max();
-  expect_error(spawn_balancer(*sys_, bc,
-                              [&](caf::actor_system& s, std::uint32_t slot) {
-                                ++factory_calls;
-                                auto c = small_engine(16);
-                                c.slot = slot;
-                                return spawn_engine_actor(s, c);
-                              }),
-               "balancer_config.request_timeout");
-  bc = balancer_config{};
-  bc.restart_delay = -1ms;
-  expect_error(spawn_balancer(*sys_, bc,
-                              [&](caf::actor_system& s, std::uint32_t slot) {
-                                ++factory_calls;
-                                auto c = small_engine(16);
-                                c.slot = slot;
-                                return spawn_engine_actor(s, c);
-                              }),
-               "balancer_config.restart_delay");
+  const auto factory = [&](caf::actor_system& s, std::uint32_t slot) {
+    ++factory_calls;
+    auto c = small_engine(16);
+    c.slot = slot;
+    return spawn_engine_actor(s, c);
+  };
+  const std::pair<void (*)(balancer_config&), const char*> balancer_cases[] = {
+      {[](balancer_config& c) { c.routing.max_index_keys = 0; },
+       "max_index_keys"},
+      {[](balancer_config& c) { c.initial_engines = router::max_slots + 1; },
+       "initial_engines"},
+      {[](balancer_config& c) { c.request_timeout = 0ms; },
+       "balancer_config.request_timeout"},
+      // "No timeout" as the largest value would wrap to -1 ms.
+      {[](balancer_config& c) {
+         c.request_timeout = std::chrono::milliseconds::max();
+       },
+       "balancer_config.request_timeout"},
+      {[](balancer_config& c) { c.restart_delay = -1ms; },
+       "balancer_config.restart_delay"},
+  };
+  for (const auto& [edit, names] : balancer_cases) {
+    balancer_config bc;
+    edit(bc);
+    expect_error(spawn_balancer(*sys_, bc, factory), names);
+  }
   // Each nonsense engine option, where it used to be taken as something
   // else (a batch of 0 as 1), or to stall (timeouts of 0), spin (a tier
   // poll every 0 us) or cast a negative fraction to an unsigned size.
