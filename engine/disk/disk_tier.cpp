@@ -1045,13 +1045,25 @@ void disk_tier::process(std::vector<request>& batch,
       // The updates it wrote were rolled back: pending again (reload()).
       if (c.op == disk_op::flush && c.status.has_value())
         c.status = unexpected<error>(committed.error());
+      // So were its compactions: the reload marks every segment, and a
+      // retry compacts again those still below the threshold.
+      if (c.op == disk_op::compact && c.status.has_value()) {
+        c.status = unexpected<error>(committed.error());
+        c.count = 0;
+      }
     }
+    uncommitted_counts_ = {};
     unlink_after_commit_.clear();
     reload();
     return;
   }
   batch_spill_gens_.clear();
   uncommitted_touches_.clear();
+  io_stats_.compactions += uncommitted_counts_.compactions;
+  io_stats_.compaction_bytes_moved +=
+      uncommitted_counts_.compaction_bytes_moved;
+  io_stats_.touch_flushes += uncommitted_counts_.touch_flushes;
+  uncommitted_counts_ = {};
   for (const auto& path : unlink_after_commit_)
     ::unlink(path.c_str());
   if (!unlink_after_commit_.empty()) {
@@ -1474,7 +1486,7 @@ result<void> disk_tier::flush_touches() {
     it = touches_.erase(it);
   }
   touch_failed_ = false;
-  ++io_stats_.touch_flushes;
+  ++(in_txn ? uncommitted_counts_.touch_flushes : io_stats_.touch_flushes);
   return {};
 }
 
@@ -1677,10 +1689,12 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     d.keys.insert(key);
     loc.segment = d.file.id();
     loc.offset = *off;
-    io_stats_.compaction_bytes_moved += rec;
+    (catalog_->in_transaction() ? uncommitted_counts_.compaction_bytes_moved
+                                : io_stats_.compaction_bytes_moved) += rec;
   }
   retire_segment(id);
-  ++io_stats_.compactions;
+  ++(catalog_->in_transaction() ? uncommitted_counts_.compactions
+                                : io_stats_.compactions);
   return {};
 }
 

@@ -534,6 +534,17 @@ private:
   /// a reload fails, those of a batch whose commit failed. reload() makes
   /// them pending again (touches_), so a failed commit loses no read.
   std::unordered_map<block_key, touch, block_key_hash> uncommitted_touches_;
+  /// Work counted in stats once the batch's transaction that did it
+  /// commits: compactions and accessed_at writes rolled back with a failed
+  /// batch are done again by a retry, and counted then (a compact()
+  /// request in that batch fails). Work done without a transaction
+  /// committed as it went and is counted at once.
+  struct uncommitted_counts {
+    std::uint64_t compactions = 0;
+    std::uint64_t compaction_bytes_moved = 0;
+    std::uint64_t touch_flushes = 0;
+  };
+  uncommitted_counts uncommitted_counts_;
   std::chrono::steady_clock::time_point touch_deadline_{};
   /// The last write of touches_ failed, or the commit of the batch that
   /// wrote them: they wait for a retry, not for touch_deadline_.

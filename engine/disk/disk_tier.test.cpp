@@ -2254,6 +2254,63 @@ TEST_F(disk_tier_test,
     expect_block(i);
 }
 
+TEST_F(disk_tier_test,
+       work_rolled_back_with_a_failed_batch_is_not_reported_or_counted_done) {
+  auto c = config();
+  c.full_sync = true;
+  const std::uint64_t rec = record_header_bytes + 4096;
+  c.segment_bytes = segment_header_bytes + 4 * rec;
+  c.compaction_threshold = 0.5;
+  // Only flush() and the retries write the updates.
+  c.touch_batch = 1000;
+  c.touch_flush_interval = std::chrono::hours(1);
+  auto watch = retry_watch::fast(c);
+  auto syncs = std::make_shared<sync_counter>();
+  auto gate = std::make_shared<append_gate>();
+  const append_gate::guard gate_guard{gate};
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.write_fault_for_testing = append_gate::hook(gate);
+  open(c);
+  for (std::uint64_t i = 0; i < 8; ++i)
+    spill(i);
+  settle();
+  expect_block(5);
+  // Spill 10 holds the I/O thread (a batch of its own). The next batch
+  // erases three of segment 1's four blocks, compacts it (compact()),
+  // writes the pending update (flush()) and fails at its sync: the
+  // catalog rolls all of it back.
+  gate->armed = true;
+  spill(10);
+  gate->entered.get_future().wait();
+  for (std::uint64_t i : {0UL, 1UL, 2UL})
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  const auto compacted = tier_->compact();
+  const auto flushed = tier_->flush();
+  syncs->fail_at = syncs->calls + 2;
+  gate->open();
+  bool answered = false;
+  for (const auto& d : settle()) {
+    if (d.id == compacted) {
+      answered = true;
+      EXPECT_FALSE(d.status.has_value()) << "reported done, yet rolled back";
+      EXPECT_EQ(d.count, 0U) << "segments compacted, yet rolled back";
+    }
+    if (d.id == flushed) {
+      EXPECT_FALSE(d.status.has_value());
+    }
+  }
+  EXPECT_TRUE(answered);
+  // The retry does the work again, and it is counted once.
+  EXPECT_TRUE(watch->converged()) << "the rolled-back work was not retried";
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.compactions, 1U);
+  EXPECT_EQ(s.compaction_bytes_moved, rec);
+  EXPECT_EQ(s.touch_flushes, 1U);
+  for (std::uint64_t i : {3UL, 4UL, 5UL, 6UL, 7UL, 10UL})
+    expect_block(i);
+  EXPECT_EQ(segment_files().size(), tier_->stats().segments);
+}
+
 TEST_F(disk_tier_test, batches_count_requests_and_retries_the_idle_passes) {
   auto c = config();
   auto watch = retry_watch::fast(c);
