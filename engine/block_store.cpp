@@ -1584,8 +1584,11 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
 void block_store::drain_disk() {
   const nested_scope nested(*this); // its commits are the store's own
   disk_->drain_completions([this](disk_completion&& c) {
-    if (c.op == disk_op::spill && !c.status.has_value())
+    if (c.op == disk_op::spill && !c.status.has_value()) {
+      // Counted in spills when the tier took it; it was not written.
+      --stats_.spills;
       ++stats_.spill_failures;
+    }
     if (c.op != disk_op::fetch)
       return;
     for (auto* list : {&promote_batch_, &pending_promotions_})
@@ -1737,22 +1740,28 @@ block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
 result<std::size_t> block_store::persist(nanos timeout) {
   if (!disk_)
     return make_error(errc::invalid_argument, "persist needs a disk tier");
-  std::size_t written = 0;
+  std::vector<block_key> queued;
   for (std::uint32_t id = 0; id < entries_.size(); ++id) {
     const entry& e = entries_[id];
     if (e.state == entry_state::committed && !e.dead && spill(id, e.pins > 0))
-      ++written;
+      queued.push_back(e.key);
   }
   // The memory tier's blocks are cached blocks too.
   for (const auto& [key, b] : tier_index_)
     if (spill_tier_block(key, b))
-      ++written;
+      queued.push_back(key);
   if (!disk_->wait_idle(timeout))
     return make_error(
         errc::io_error,
         "the disk tier did not finish writing within the timeout");
   poll_disk();
-  return written;
+  // A spill the tier took may still fail (a full disk, an I/O error, a
+  // failed commit): what counts is what it stores now that it is idle.
+  return static_cast<std::size_t>(
+      std::count_if(queued.begin(), queued.end(), [&](const block_key& k) {
+        const auto info = disk_->lookup(k);
+        return info && info->stored;
+      }));
 }
 
 // ---------------------------------------------------------------- queries

@@ -7,8 +7,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -86,12 +90,16 @@ protected:
 
   /// (Re)opens the disk tier and a store of `blocks` blocks over it; with
   /// `unaddressable`, the store's arena is an unaddressable_backend.
-  void open(std::size_t blocks = 20, bool unaddressable = false) {
+  /// `tweak` may change the disk tier's configuration (fault hooks).
+  void open(std::size_t blocks = 20, bool unaddressable = false,
+            const std::function<void(disk_tier_config&)>& tweak = {}) {
     store_.reset(); // closes the previous tier first
     disk_tier_config dc;
     dc.directory = dir_;
     dc.capacity_bytes = std::uint64_t{64} << 20;
     dc.segment_bytes = std::uint64_t{1} << 20;
+    if (tweak)
+      tweak(dc);
     auto tier = disk_tier::open(dc);
     ASSERT_TRUE(tier.has_value()) << tier.error().describe();
     store_config cfg;
@@ -326,6 +334,43 @@ TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
       expect_correct(k);
   }
   EXPECT_EQ(served, total); // the bar is 99%; a clean restart loses none
+}
+
+TEST_F(store_disk_test, persist_counts_only_the_blocks_the_disk_took) {
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  open(20, false, [full](disk_tier_config& c) {
+    c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
+    c.free_bytes_for_testing = [full] {
+      return full->load() ? std::uint64_t{0} : std::uint64_t{1} << 40;
+    };
+  });
+  const auto a = chain(1, 4);
+  run(a);
+  ASSERT_EQ(store_->stats().spills, 0U);
+  // The file system fills up: the tier takes the spills and then fails
+  // them (the first) or refuses them (the rest, once it knows).
+  full->store(true);
+  auto written = store_->persist();
+  ASSERT_TRUE(written.has_value()) << written.error().describe();
+  EXPECT_EQ(*written, 0U) << "blocks the disk refused counted as written";
+  for (const auto& k : a) {
+    EXPECT_FALSE(store_->disk()->contains(k)) << k.to_hex();
+  }
+  const auto s = store_->stats();
+  EXPECT_EQ(s.spills, 0U) << "failed spills counted as written";
+  EXPECT_EQ(s.spill_failures, a.size());
+  // With space again, persist() writes them and says so.
+  full->store(false);
+  (void)store_->disk()->flush(); // a batch sees the space freed
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  ASSERT_FALSE(store_->disk()->stats().full);
+  written = store_->persist();
+  ASSERT_TRUE(written.has_value()) << written.error().describe();
+  EXPECT_EQ(*written, a.size());
+  EXPECT_EQ(store_->stats().spills, a.size());
+  for (const auto& k : a) {
+    EXPECT_TRUE(store_->disk()->contains(k)) << k.to_hex();
+  }
 }
 
 TEST_F(store_disk_test, pins_survive_a_restart) {

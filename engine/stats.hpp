@@ -83,7 +83,7 @@ struct store_stats {
   std::uint64_t disk_block_hits = 0;    ///< blocks promoted from disk
   std::uint64_t disk_token_hits = 0;    ///< prompt tokens served from disk
   std::uint64_t promotion_failures = 0; ///< disk blocks recomputed instead
-  std::uint64_t spills = 0;             ///< evicted blocks written to disk
+  std::uint64_t spills = 0;             ///< written to disk, or in flight
   std::uint64_t spills_skipped = 0;     ///< already on disk, not rewritten
   std::uint64_t spill_failures = 0;     ///< refused or failed on disk
   // Memory tier (zero without one).
