@@ -546,6 +546,7 @@ std::uint32_t block_store::new_entry() {
 result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
                                         const block_key& parent,
                                         const put_options& options) {
+  collect_disk();
   auto st_r = check_ns(ns);
   if (!st_r) {
     count_rejected();
@@ -909,6 +910,7 @@ result<std::size_t>
 block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
                         std::span<const std::byte> values,
                         const put_options& options) {
+  collect_disk();
   auto st_r = check_ns(ns);
   if (!st_r) {
     count_rejected();
@@ -1185,6 +1187,7 @@ std::size_t block_store::expire() {
 }
 
 std::size_t block_store::evict_bytes(std::size_t bytes) {
+  collect_disk();
   std::size_t freed = 0;
   while (freed < bytes) {
     const std::optional<size_partition> q = most_over_share();
@@ -1722,6 +1725,16 @@ result<std::size_t> block_store::promote(ns_id ns,
 
 void block_store::poll_disk() {
   if (disk_)
+    drain_disk();
+}
+
+void block_store::collect_disk() {
+  // Every eviction spills and the tier answers every spill: an owner that
+  // only puts would otherwise leave those answers to pile up in the tier
+  // (and its spill failures uncounted) until a process(), promote(),
+  // poll_disk() or persist(). Only at the start of an owner's call, not
+  // inside the store's own calls, which may be making room.
+  if (disk_ && nested_ == 0)
     drain_disk();
 }
 

@@ -359,7 +359,10 @@ public:
                                             std::span<const block_key> keys,
                                             const put_options& options = {});
   /// Collects the disk tier's finished requests: commits promotions that
-  /// arrived, counts spill failures. process() and promote() call it too.
+  /// arrived, counts spill failures. process(), promote(), reserve(),
+  /// put_tokens() and evict_bytes() call it too (at their start), so the
+  /// tier's answers to the spills of a store that is only put to do not
+  /// pile up.
   void poll_disk();
   /// Promotions started by promote() and not yet collected.
   [[nodiscard]] std::size_t pending_promotions() const noexcept {
@@ -525,6 +528,9 @@ private:
                         const block_key& parent, const put_options& options,
                         std::vector<promotion>& into);
   void drain_disk();
+  /// drain_disk() at the start of an owner's put or eviction call (not
+  /// inside the store's own calls), so that spill answers do not pile up.
+  void collect_disk();
   std::size_t promote_now(ns_id ns, std::span<const block_key> keys,
                           const block_key& parent, kv_producer& producer,
                           const put_options& options);

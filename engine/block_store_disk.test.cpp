@@ -373,6 +373,24 @@ TEST_F(store_disk_test, persist_counts_only_the_blocks_the_disk_took) {
   }
 }
 
+TEST_F(store_disk_test, puts_alone_do_not_pile_up_the_disk_tiers_answers) {
+  // A store fed only by reserve/write/commit (no process(), promote(),
+  // poll_disk() or persist()) spills a block at every eviction, and the
+  // tier answers each spill.
+  for (std::uint64_t i = 0; i < 60; ++i) {
+    const block_key k = chain(1000 * (i + 1), 1)[0];
+    auto h = store_->reserve(ns_, k, block_key{}, {});
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    ASSERT_TRUE(store_->write_from(*h, producer_).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+    ASSERT_TRUE(store_->disk()->wait_idle());
+  }
+  EXPECT_GE(store_->stats().spills, 40U);
+  const std::size_t left =
+      store_->disk()->drain_completions([](disk_completion&&) {});
+  EXPECT_LE(left, 1U) << "the disk tier's answers pile up uncollected";
+}
+
 TEST_F(store_disk_test, pins_survive_a_restart) {
   const auto a = chain(1, 2);
   run(a);
