@@ -1474,13 +1474,6 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
     return false;
   const entry& e = entries_[id];
   const ns_state& st = namespaces_[e.ns];
-  if (const auto info = disk_->lookup(e.key);
-      info && info->checksum == e.checksum && info->c == e.c) {
-    ++stats_.spills_skipped;
-    if (pinned && info->pins == 0 && !disk_->pin(e.key))
-      ++stats_.spill_failures;
-    return true;
-  }
   const nanos wall = disk_clock().now();
   nanos expires{0};
   if (e.expires_at != 0) {
@@ -1488,6 +1481,21 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
     if (left <= 0)
       return false; // expired: nothing worth keeping
     expires = wall + nanos{left};
+  }
+  // The same bytes on disk are enough only if they last as long: a copy
+  // spilled before this block expired and was put again (or revived) keeps
+  // its old expiry, and the block would be lost with it. The slack absorbs
+  // the drift between the store's clock and the wall clock, so a block
+  // promoted from disk and evicted again is not rewritten for it.
+  constexpr nanos slack = std::chrono::seconds(1);
+  if (const auto info = disk_->lookup(e.key);
+      info && info->checksum == e.checksum && info->c == e.c &&
+      (info->expires_at.count() == 0 ||
+       (expires.count() != 0 && info->expires_at + slack >= expires))) {
+    ++stats_.spills_skipped;
+    if (pinned && info->pins == 0 && !disk_->pin(e.key))
+      ++stats_.spill_failures;
+    return true;
   }
   std::span<const std::byte> bytes;
   if (const std::byte* p = host_ptr(entries_[id]); p != nullptr) {

@@ -391,6 +391,62 @@ TEST_F(store_disk_test, puts_alone_do_not_pile_up_the_disk_tiers_answers) {
   EXPECT_LE(left, 1U) << "the disk tier's answers pile up uncollected";
 }
 
+TEST_F(store_disk_test,
+       a_block_put_again_after_its_disk_copy_expired_is_spilled_anew) {
+  // Clocks the test moves: the store's, and the disk tier's wall clock.
+  static manual_clock store_clock{nanos{1'000'000'000}};
+  static manual_clock wall{std::chrono::hours(24 * 365 * 50)};
+  store_.reset();
+  disk_tier_config dc;
+  dc.directory = dir_;
+  dc.capacity_bytes = std::uint64_t{64} << 20;
+  dc.segment_bytes = std::uint64_t{1} << 20;
+  dc.clock = &wall;
+  auto tier = disk_tier::open(dc);
+  ASSERT_TRUE(tier.has_value()) << tier.error().describe();
+  store_config cfg;
+  cfg.capacity_bytes = 20 * block_bytes;
+  cfg.slab_bytes = block_bytes;
+  cfg.policy = policy_kind::lru;
+  cfg.adaptive_compression = false;
+  cfg.clock = &store_clock;
+  auto s = block_store::create(cfg);
+  ASSERT_TRUE(s.has_value()) << s.error().describe();
+  store_ = std::move(*s);
+  ASSERT_TRUE(store_->attach_disk(std::move(*tier)).has_value());
+  ns_ = *store_->register_namespace(spec());
+
+  const std::vector<block_key> k = chain(1, 1);
+  put_options ten_minutes;
+  ten_minutes.ttl = std::chrono::minutes(10);
+  auto put = [&] {
+    auto h = store_->reserve(ns_, k[0], block_key{}, ten_minutes);
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    ASSERT_TRUE(store_->write_from(*h, producer_).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+  };
+  put();
+  // A pin writes it through to disk, with its expiry.
+  ASSERT_TRUE(store_->pin(ns_, k[0]).has_value());
+  ASSERT_TRUE(store_->unpin(ns_, k[0]).has_value());
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  ASSERT_TRUE(store_->disk()->contains(k[0]));
+  // Both copies expire; nothing has run the disk tier's expire() yet. The
+  // same block is put again, for ten more minutes, and then evicted.
+  store_clock.advance(std::chrono::minutes(11));
+  wall.advance(std::chrono::minutes(11));
+  put();
+  ASSERT_TRUE(store_->contains(ns_, k[0]));
+  store_->evict_bytes(store_->used_bytes());
+  ASSERT_FALSE(store_->contains(ns_, k[0]));
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  const auto tiers = store_->lookup_tiers(ns_, k);
+  ASSERT_TRUE(tiers.has_value());
+  EXPECT_EQ(tiers->disk, 1U) << "evicted on the strength of an expired copy";
+  EXPECT_EQ(run(k).disk_blocks, 1U);
+  expect_correct(k[0]);
+}
+
 TEST_F(store_disk_test, pins_survive_a_restart) {
   const auto a = chain(1, 2);
   run(a);
