@@ -1482,16 +1482,7 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
       return false; // expired: nothing worth keeping
     expires = wall + nanos{left};
   }
-  // The same bytes on disk are enough only if they last as long: a copy
-  // spilled before this block expired and was put again (or revived) keeps
-  // its old expiry, and the block would be lost with it. The slack absorbs
-  // the drift between the store's clock and the wall clock, so a block
-  // promoted from disk and evicted again is not rewritten for it.
-  constexpr nanos slack = std::chrono::seconds(1);
-  if (const auto info = disk_->lookup(e.key);
-      info && info->checksum == e.checksum && info->c == e.c &&
-      (info->expires_at.count() == 0 ||
-       (expires.count() != 0 && info->expires_at + slack >= expires))) {
+  if (const auto info = lasting_disk_copy(e.key, e.checksum, e.c, expires)) {
     ++stats_.spills_skipped;
     if (pinned && info->pins == 0 && !disk_->pin(e.key))
       ++stats_.spill_failures;
@@ -1515,6 +1506,23 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
   }
   ++stats_.spills;
   return true;
+}
+
+std::optional<disk_block_info>
+block_store::lasting_disk_copy(const block_key& key, std::uint64_t checksum,
+                               codec c, nanos expires) const {
+  // The same bytes on disk are enough only if they last as long: a copy
+  // spilled before the block expired and was put again (or revived) keeps
+  // its old expiry, and the block would be lost with it. The slack absorbs
+  // the drift between the store's clock and the wall clock, so that a
+  // block promoted from disk and evicted again is not rewritten for it.
+  constexpr nanos slack = std::chrono::seconds(1);
+  auto info = disk_->lookup(key);
+  if (info && info->checksum == checksum && info->c == c &&
+      (info->expires_at.count() == 0 ||
+       (expires.count() != 0 && info->expires_at + slack >= expires)))
+    return info;
+  return std::nullopt;
 }
 
 std::size_t block_store::disk_prefix(const ns_state& st,

@@ -528,6 +528,11 @@ private:
                         const block_key& parent, const put_options& options,
                         std::vector<promotion>& into);
   void drain_disk();
+  /// The disk tier's copy of `key` when it holds these bytes and expires no
+  /// sooner than `expires` (wall time, 0 = never): no spill is needed.
+  [[nodiscard]] std::optional<disk_block_info>
+  lasting_disk_copy(const block_key& key, std::uint64_t checksum, codec c,
+                    nanos expires) const;
   /// drain_disk() at the start of an owner's put or eviction call (not
   /// inside the store's own calls), so that spill answers do not pile up.
   void collect_disk();

@@ -245,14 +245,13 @@ bool block_store::spill_tier_block(const block_key& key, const tier_block& b) {
   const std::byte* bytes = tier_->host_bytes(b.place);
   if (bytes == nullptr)
     return false;
-  if (const auto info = disk_->lookup(key);
-      info && info->checksum == b.checksum && info->c == b.c) {
-    ++stats_.spills_skipped;
-    return true;
-  }
   const nanos wall = disk_clock().now();
   const nanos expires =
       b.expires_at != 0 ? wall + nanos{b.expires_at - t} : nanos{0};
+  if (lasting_disk_copy(key, b.checksum, b.c, expires)) {
+    ++stats_.spills_skipped;
+    return true;
+  }
   const ns_state& st = namespaces_[b.ns];
   if (!disk_->spill(key, st.fingerprint, b.c, {bytes, b.stored_bytes},
                     b.checksum, wall, expires, false)) {

@@ -76,7 +76,8 @@ protected:
 
   /// Puts a disk tier in a fresh temporary directory below the store (the
   /// directory goes at TearDown, after the store).
-  void attach_disk() {
+  /// `wall`: the disk tier's clock (default: the wall clock).
+  void attach_disk(const clock_source* wall = nullptr) {
     char tmpl[] = "/tmp/kvfleet-store-tier-XXXXXX";
     ASSERT_NE(::mkdtemp(tmpl), nullptr);
     disk_dir_ = tmpl;
@@ -84,6 +85,7 @@ protected:
     dc.directory = disk_dir_;
     dc.capacity_bytes = std::uint64_t{16} << 20;
     dc.segment_bytes = std::uint64_t{1} << 20;
+    dc.clock = wall;
     auto disk = disk_tier::open(dc);
     ASSERT_TRUE(disk.has_value()) << disk.error().describe();
     ASSERT_TRUE(store_->attach_disk(std::move(*disk)).has_value());
@@ -297,6 +299,34 @@ TEST_F(store_tier_test, a_clean_shutdown_writes_the_tiers_blocks_to_disk) {
     for (const auto& k : a)
       EXPECT_TRUE(store_->disk()->lookup(k).has_value()) << k.to_hex();
   }
+}
+
+TEST_F(store_tier_test,
+       a_tier_block_is_not_kept_off_disk_by_a_copy_that_expired) {
+  static manual_clock wall{std::chrono::hours(24 * 365 * 50)};
+  attach_disk(&wall);
+  const auto a = chain(1, 1);
+  put_options o;
+  o.ttl = std::chrono::minutes(10);
+  ASSERT_TRUE(store_->process(ns_, a, 16, producer_, o).has_value());
+  // A pin writes it through to disk, with its expiry.
+  ASSERT_TRUE(store_->pin(ns_, a[0]).has_value());
+  ASSERT_TRUE(store_->unpin(ns_, a[0]).has_value());
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  ASSERT_TRUE(store_->disk()->contains(a[0]));
+  // Both copies expire (nothing has run the disk tier's expire() yet); the
+  // block is computed again, for ten more minutes, and goes to the tier.
+  clock_.advance(std::chrono::minutes(11));
+  wall.advance(std::chrono::minutes(11));
+  ASSERT_TRUE(store_->process(ns_, a, 16, producer_, o).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_TRUE(store_->in_tier(ns_, a[0]));
+  auto written = store_->persist(std::chrono::seconds(30));
+  ASSERT_TRUE(written.has_value()) << written.error().describe();
+  const auto info = store_->disk()->lookup(a[0]);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_GT(info->expires_at, wall.now()) << "persisted as an expired copy";
 }
 
 TEST_F(store_tier_test, a_busy_or_failing_tier_loses_nothing) {
