@@ -1051,6 +1051,12 @@ void disk_tier::process(std::vector<request>& batch,
         c.status = unexpected<error>(committed.error());
         c.count = 0;
       }
+      // A report read inside the transaction describes a catalog that
+      // never was (the batch's spills there, its removals gone).
+      if (c.op == disk_op::report && c.status.has_value()) {
+        c.status = unexpected<error>(committed.error());
+        c.report.reset();
+      }
     }
     uncommitted_counts_ = {};
     unlink_after_commit_.clear();
