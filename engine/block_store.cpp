@@ -1283,7 +1283,13 @@ bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
         target = e.c;
       else if (e.access_count > th.int8_above)
         target = codec::int8;
+      // Only a smaller slot frees anything: a block whose slot size the
+      // codec does not change (slots round up to the slot alignment) keeps
+      // its precision.
+      const std::uint16_t to_cls =
+          st.size_class[static_cast<std::size_t>(target)];
       if (compression_rank(target) > compression_rank(e.c) &&
+          pool_.slot_bytes(to_cls) < pool_.slot_bytes(e.slot.size_class) &&
           transcode(id, target).has_value())
         return true;
     }

@@ -911,6 +911,37 @@ TEST_F(store_fixture, pressure_demotes_cold_blocks_before_evicting_any) {
   store_->check_invariants();
 }
 
+TEST(block_store, a_demotion_that_frees_nothing_is_not_made) {
+  // A block of 128 fp16 elements takes one 256-byte slot under every
+  // codec: compressing it would lose precision and free no byte.
+  namespace_spec spec = small_spec("tiny-model");
+  spec.block_tokens = 1;
+  ASSERT_EQ(spec.value_bytes(), 256U);
+  manual_clock clock;
+  store_config cfg;
+  cfg.capacity_bytes = 40 * 256;
+  cfg.slab_bytes = 1024;
+  cfg.policy = policy_kind::lru;
+  cfg.clock = &clock;
+  auto store = std::move(*block_store::create(cfg));
+  const auto ns = *store->register_namespace(spec);
+  synthetic_producer producer;
+  std::vector<block_key> keys;
+  for (std::uint64_t i = 0; i < 40; ++i) {
+    keys.push_back(chain_key_from_id({}, spec.fingerprint(), i + 1));
+    auto r = store->process(ns, {&keys.back(), 1}, 1, producer);
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    store->check_invariants();
+  }
+  EXPECT_GT(store->stats().evictions, 0U);
+  EXPECT_EQ(store->stats().demotions, 0U);
+  for (const auto& k : keys) {
+    if (store->contains(ns, k)) {
+      EXPECT_EQ(*store->codec_of(ns, k), codec::none);
+    }
+  }
+}
+
 TEST_F(store_fixture, thresholds_are_per_namespace) {
   open(40, policy_kind::lru, true, 1);
   namespace_options keep_precise;
