@@ -1269,11 +1269,23 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
 }
 
 bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
+  const std::int64_t t = now().count();
   std::uint32_t id = recency_tail_[static_cast<std::size_t>(p)];
   while (id != npos && scan_budget > 0) {
     --scan_budget;
     entry& e = entries_[id];
     const std::uint32_t next = e.rprev;
+    if (!e.dead && e.expires_at != 0 && e.expires_at <= t) {
+      // Expired: not worth compressing, and freeing it is the better room.
+      // Still held (a reader, a cached child), it only turns dead here.
+      ++stats_.expirations;
+      const std::size_t before = pool_.used_bytes();
+      kill(id);
+      if (pool_.used_bytes() < before)
+        return true;
+      id = next;
+      continue;
+    }
     const ns_state& st = namespaces_[e.ns];
     if (e.leases == 0 && e.pins == 0 && !e.dead &&
         st.options.adaptive_compression) {

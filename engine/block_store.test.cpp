@@ -942,6 +942,31 @@ TEST(block_store, a_demotion_that_frees_nothing_is_not_made) {
   }
 }
 
+TEST_F(store_fixture, pressure_removes_expired_blocks_before_demoting_any) {
+  open(40, policy_kind::lru, /*compression=*/true, 1);
+  // The five oldest blocks have a TTL that runs out; the 31 others do not.
+  put_options short_lived;
+  short_lived.ttl = 1s;
+  std::vector<block_key> keys;
+  for (std::uint64_t i = 0; i < 36; ++i) {
+    keys.push_back(chain(100 * (i + 1), 1)[0]);
+    ASSERT_TRUE(
+        put(keys.back(), {}, i < 5 ? short_lived : put_options{}).has_value());
+  }
+  clock_.advance(2s);
+  // Over the high watermark: room down to 80% (32 blocks) is exactly the
+  // five expired blocks.
+  ASSERT_TRUE(put(chain(99999, 1)[0], {}).has_value());
+  store_->check_invariants();
+  EXPECT_EQ(store_->stats().expirations, 5U);
+  EXPECT_EQ(store_->stats().demotions, 0U);
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  for (std::size_t i = 5; i < keys.size(); ++i) {
+    EXPECT_EQ(*store_->codec_of(ns_, keys[i]), codec::none) << i;
+  }
+  EXPECT_EQ(store_->block_count(), 32U);
+}
+
 TEST_F(store_fixture, thresholds_are_per_namespace) {
   open(40, policy_kind::lru, true, 1);
   namespace_options keep_precise;
