@@ -110,6 +110,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     duplicate_ = other.duplicate_;
     written_ = other.written_;
     pin_ = other.pin_;
+    prio_ = other.prio_;
     other.store_ = nullptr;
     other.phase_ = phase::none;
   }
@@ -360,9 +361,22 @@ void block_store::pin_once(std::uint32_t id) {
   refresh_evictable(id);
 }
 
+void block_store::raise_priority(std::uint32_t id, priority p) noexcept {
+  entry& e = entries_[id];
+  if (p > e.prio)
+    e.prio = p;
+}
+
 result<std::size_t> block_store::acquire_prefix(ns_id ns,
                                                 std::span<const block_key> keys,
                                                 std::vector<read_lease>& out) {
+  // No request priority: the blocks keep theirs.
+  return acquire_prefix_at(ns, keys, out, priority::background);
+}
+
+result<std::size_t>
+block_store::acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
+                               std::vector<read_lease>& out, priority p) {
   out.clear();
   if (auto st = check_ns(ns); !st) {
     count_rejected();
@@ -373,6 +387,7 @@ result<std::size_t> block_store::acquire_prefix(ns_id ns,
     const std::uint32_t id = find_visible(ns, key, start);
     if (id == npos)
       break;
+    raise_priority(id, p);
     touch(id);
     ++entries_[id].leases;
     refresh_evictable(id);
@@ -591,6 +606,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       h.phase_ = put_handle::phase::open;
       h.duplicate_ = true;
       h.pin_ = options.pin;
+      h.prio_ = options.prio;
       h.started_ = start.count();
       ++stats_.reserves;
       return h;
@@ -797,6 +813,7 @@ result<void> block_store::commit(put_handle& h) {
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
     ++stats_.duplicate_puts;
+    raise_priority(h.id_, h.prio_);
     touch(h.id_);
     if (h.pin_)
       pin_once(h.id_);
@@ -939,7 +956,8 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   // The calls below are the store's own: this call counts once if it fails.
   const nested_scope nested(*this);
   // Lease the cached prefix so making room for the rest cannot evict it.
-  auto matched = acquire_prefix(ns, token_keys_, token_leases_);
+  auto matched =
+      acquire_prefix_at(ns, token_keys_, token_leases_, options.prio);
   if (!matched) {
     ++stats_.rejected_requests;
     return unexpected<error>(matched.error());
@@ -1024,7 +1042,7 @@ result<process_result> block_store::process(ns_id ns,
   // computed anyway and the request succeeds, so they count no rejection;
   // this call counts once if it fails.
   const nested_scope nested(*this);
-  auto matched = acquire_prefix(ns, keys, leases);
+  auto matched = acquire_prefix_at(ns, keys, leases, options.prio);
   if (!matched) {
     ++stats_.rejected_requests;
     return unexpected<error>(matched.error());

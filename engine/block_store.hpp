@@ -145,6 +145,8 @@ struct store_config {
 
 /// Options of one put.
 struct put_options {
+  /// A block ranks (priority policy) at the highest priority of the puts
+  /// and process() calls that covered it, matched prefixes included.
   priority prio = priority::normal;
   std::optional<codec> codec_override; ///< default: the namespace's codec
   /// Default: the namespace's TTL. 0 or over 100 years = none.
@@ -209,6 +211,8 @@ private:
   bool duplicate_ = false;
   bool written_ = false;
   bool pin_ = false; ///< duplicate put with pin: pin the cached block
+  /// Duplicate put: its priority, which the cached block takes if higher.
+  priority prio_ = priority::background;
 };
 
 /// What process() did with one request.
@@ -475,6 +479,14 @@ private:
   [[nodiscard]] std::size_t
   walk_prefix(ns_id ns, std::span<const block_key> keys, nanos now);
   void touch(std::uint32_t id);
+  /// A block used by a request of priority `p` ranks at least as `p`
+  /// (priority policy): one put by a prefetch and then used by a normal
+  /// request is no longer the first to go. Call before touch().
+  void raise_priority(std::uint32_t id, priority p) noexcept;
+  /// acquire_prefix() for a request of priority `p` (raise_priority()).
+  [[nodiscard]] result<std::size_t>
+  acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
+                    std::vector<read_lease>& out, priority p);
   /// Pins a committed block that is not pinned yet (put_options::pin).
   void pin_once(std::uint32_t id);
   void release_lease(std::uint32_t id) noexcept;

@@ -821,6 +821,47 @@ TEST_F(store_fixture, priority_policy_evicts_low_priority_first) {
   EXPECT_TRUE(store_->contains(ns_, k[8]));
 }
 
+TEST_F(store_fixture, a_block_takes_the_highest_priority_that_used_it) {
+  // Blocks put at background priority (a prefetch, a warm-up) and then
+  // used by a normal request rank as normal ones: they are no longer
+  // the first to go.
+  open(10, policy_kind::priority, false, 1);
+  put_options background;
+  background.prio = priority::background;
+  const auto hit = chain(10, 1)[0];    // then hit by a normal request
+  const auto again = chain(20, 1)[0];  // then put again at normal
+  const auto unused = chain(30, 1)[0]; // never used again
+  ASSERT_TRUE(put(hit, {}, background).has_value());
+  ASSERT_TRUE(put(again, {}, background).has_value());
+  ASSERT_TRUE(put(unused, {}, background).has_value());
+  std::vector<block_key> normal;
+  for (std::uint64_t i = 0; i < 6; ++i) {
+    normal.push_back(chain(100 * (i + 1), 1)[0]);
+    ASSERT_TRUE(put(normal.back(), {}).has_value());
+  }
+  synthetic_producer producer;
+  ASSERT_TRUE(store_->process(ns_, {&hit, 1}, 16, producer).has_value());
+  ASSERT_TRUE(put(again, {}).has_value()); // already cached: a duplicate
+  store_->check_invariants();
+  // Over 90%: two blocks go, the background one left, then the oldest
+  // normal one.
+  ASSERT_TRUE(put(chain(5000, 1)[0], {}).has_value());
+  store_->check_invariants();
+  EXPECT_FALSE(store_->contains(ns_, unused));
+  EXPECT_FALSE(store_->contains(ns_, normal[0]));
+  EXPECT_TRUE(store_->contains(ns_, hit));
+  EXPECT_TRUE(store_->contains(ns_, again));
+  EXPECT_TRUE(store_->contains(ns_, normal[1]));
+  // Two more blocks: the next two go, the oldest normal ones again.
+  ASSERT_TRUE(put(chain(6000, 1)[0], {}).has_value());
+  ASSERT_TRUE(put(chain(7000, 1)[0], {}).has_value());
+  store_->check_invariants();
+  EXPECT_FALSE(store_->contains(ns_, normal[1]));
+  EXPECT_FALSE(store_->contains(ns_, normal[2]));
+  EXPECT_TRUE(store_->contains(ns_, hit));
+  EXPECT_TRUE(store_->contains(ns_, again));
+}
+
 TEST(latency_histogram, quantiles_are_within_a_bucket) {
   latency_histogram h;
   EXPECT_EQ(h.quantile(0.5), 0U);

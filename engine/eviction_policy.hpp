@@ -10,7 +10,9 @@
 /// Policies:
 ///   lru       least recently used first
 ///   lfu       fewest accesses first, ties least recent first
-///   priority  lowest request priority first, then least recent
+///   priority  lowest request priority first (a block has the highest
+///             priority of the requests that put or used it), then least
+///             recent
 ///   adaptive  the store's default: a decayed frequency-recency score (LRFU)
 ///             with a reuse prior learned per prefix-tree parent; its
 ///             half-life (short: recency, long: frequency) is chosen online
