@@ -515,6 +515,14 @@ result<void> block_store::refuse_corrupt(const entry& e,
 result<void> block_store::drop_corrupt(std::uint32_t id,
                                        std::span<std::byte> out) {
   std::memset(out.data(), 0, out.size());
+  const block_key k = entries_[id].key;
+  drop_damaged(id);
+  return make_error(errc::checksum_mismatch, "block " + k.to_hex() +
+                                                 " failed its checksum and "
+                                                 "was dropped");
+}
+
+void block_store::drop_damaged(std::uint32_t id) {
   ++stats_.checksum_failures;
   entries_[id].corrupt = true; // a lease still on it reads nothing more
   const block_key k = entries_[id].key;
@@ -533,9 +541,6 @@ result<void> block_store::drop_corrupt(std::uint32_t id,
         doomed.push_back(c);
   for (std::size_t i = doomed.size(); i > 0; --i)
     kill(doomed[i - 1]);
-  return make_error(errc::checksum_mismatch, "block " + k.to_hex() +
-                                                 " failed its checksum and "
-                                                 "was dropped");
 }
 
 // ---------------------------------------------------------------- puts
@@ -1319,9 +1324,13 @@ bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
       const std::uint16_t to_cls =
           st.size_class[static_cast<std::size_t>(target)];
       if (compression_rank(target) > compression_rank(e.c) &&
-          pool_.slot_bytes(to_cls) < pool_.slot_bytes(e.slot.size_class) &&
-          transcode(id, target).has_value())
-        return true;
+          pool_.slot_bytes(to_cls) < pool_.slot_bytes(e.slot.size_class)) {
+        const std::size_t before = pool_.used_bytes();
+        // A block that fails its checksum is dropped instead: that freed
+        // room too, and entries the scan would visit next may be gone.
+        if (transcode(id, target).has_value() || pool_.used_bytes() < before)
+          return true;
+      }
     }
     id = next;
   }
@@ -1340,9 +1349,7 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   if (auto r = backend_->read(pool_.offset(e.slot), old_bytes); !r)
     return r;
   if (block_checksum(old_bytes) != e.checksum) {
-    ++stats_.checksum_failures;
-    e.corrupt = true;
-    kill(id);
+    drop_damaged(id); // as a read would: with its descendants
     return make_error(errc::checksum_mismatch, "block failed its checksum");
   }
   std::span<std::byte> value(scratch_.data(), st.spec.value_bytes());

@@ -610,6 +610,10 @@ private:
   /// Zeroes `out`, counts and drops a block that failed its checksum.
   [[nodiscard]] result<void> drop_corrupt(std::uint32_t id,
                                           std::span<std::byte> out);
+  /// Counts and drops a block that failed its checksum, with its copy on
+  /// disk and the cached blocks chained from it (unreachable now), so the
+  /// prefix can be cached again.
+  void drop_damaged(std::uint32_t id);
   void refresh_evictable(std::uint32_t id);
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;

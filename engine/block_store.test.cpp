@@ -1008,6 +1008,29 @@ TEST_F(store_fixture, pressure_removes_expired_blocks_before_demoting_any) {
   EXPECT_EQ(store_->block_count(), 32U);
 }
 
+TEST_F(store_fixture, a_corrupt_parent_found_by_demotion_can_be_put_again) {
+  open(40, policy_kind::lru, /*compression=*/true, 1);
+  // The oldest blocks are a chain whose first block is damaged; the
+  // demotion scan reaches it first.
+  const auto doc = chain(1, 2);
+  put_chain(doc);
+  for (std::uint64_t i = 0; i < 34; ++i)
+    ASSERT_TRUE(put(chain(100 * (i + 1), 1)[0], {}).has_value());
+  ASSERT_TRUE(store_->corrupt_for_testing(ns_, doc[0], 100).has_value());
+  ASSERT_TRUE(put(chain(99999, 1)[0], {}).has_value()); // over 90%
+  store_->check_invariants();
+  EXPECT_EQ(store_->stats().checksum_failures, 1U);
+  EXPECT_FALSE(store_->contains(ns_, doc[0]));
+  // As when a read finds the damage: the blocks chained from it go too,
+  // and the prefix can be computed and cached again.
+  EXPECT_FALSE(store_->contains(ns_, doc[1]));
+  auto again = put(doc[0], {});
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  ASSERT_TRUE(put(doc[1], doc[0]).has_value());
+  EXPECT_EQ(*store_->lookup(ns_, doc), 2U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, thresholds_are_per_namespace) {
   open(40, policy_kind::lru, true, 1);
   namespace_options keep_precise;
