@@ -292,7 +292,11 @@ bool block_store::promote_key_from_tier(ns_id ns, const block_key& key) {
     k = parent;
   }
   std::reverse(chain.begin(), chain.end());
-  return promote_from_tier(ns, chain, parent, {}) == chain.size();
+  // No request priority here (a lease, a pin, a parent): the blocks keep
+  // theirs.
+  put_options keep;
+  keep.prio = priority::background;
+  return promote_from_tier(ns, chain, parent, keep) == chain.size();
 }
 
 std::size_t block_store::tier_prefix_length(ns_id ns,
@@ -353,7 +357,9 @@ std::size_t block_store::promote_from_tier(ns_id ns,
         break;
       put_options o = options;
       o.codec_override = b.c;
-      o.prio = b.prio;
+      // Its own priority, raised to the asking request's (as a hit in
+      // memory is).
+      o.prio = std::max(b.prio, options.prio);
       // Back in the partition it was put in, not the asking request's (a
       // long document's block must not count against short prompts).
       o.request_tokens = partition_start(b.part);

@@ -36,12 +36,13 @@ class store_tier_test : public ::testing::Test {
 protected:
   void SetUp() override { open(); }
 
-  void open(std::size_t blocks = 32, std::size_t tier_blocks = 16) {
+  void open(std::size_t blocks = 32, std::size_t tier_blocks = 16,
+            policy_kind policy = policy_kind::lru) {
     store_.reset();
     store_config cfg;
     cfg.capacity_bytes = blocks * block_bytes;
     cfg.slab_bytes = block_bytes;
-    cfg.policy = policy_kind::lru;
+    cfg.policy = policy;
     cfg.adaptive_compression = false;
     cfg.clock = &clock_;
     cfg.on_block_event = [this](block_event e, const block_key& k) {
@@ -449,6 +450,33 @@ TEST_F(store_tier_test, a_block_comes_back_from_the_tier_in_its_partition) {
   EXPECT_EQ(store_->stats().blocks_by_partition[large], 3U);
   EXPECT_EQ(store_->stats().blocks_by_partition[small], 0U);
   store_->check_invariants();
+}
+
+TEST_F(store_tier_test,
+       a_block_back_from_the_tier_takes_the_requests_priority) {
+  open(32, 16, policy_kind::priority);
+  // Put by a prefetch (background), moved to the tier, then hit by a high
+  // priority request: it ranks high now, as a hit in memory would.
+  const auto prefetched = chain(1, 1);
+  put_options background;
+  background.prio = priority::background;
+  ASSERT_TRUE(
+      store_->process(ns_, prefetched, 16, producer_, background).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_TRUE(store_->in_tier(ns_, prefetched[0]));
+  const auto normal = chain(100, 1);
+  run(normal);
+  put_options high;
+  high.prio = priority::high;
+  const auto r = store_->process(ns_, prefetched, 16, producer_, high);
+  ASSERT_TRUE(r.has_value());
+  ASSERT_EQ(r->tier_blocks, 1U);
+  // The lowest priority goes to the tier first: the normal block.
+  ASSERT_TRUE(store_->demote_to_tier(block_bytes).has_value());
+  settle();
+  EXPECT_TRUE(store_->in_tier(ns_, normal[0]));
+  EXPECT_TRUE(store_->contains(ns_, prefetched[0]));
 }
 
 TEST_F(store_tier_test, promote_brings_tier_blocks_back_for_block_calls) {
