@@ -348,7 +348,10 @@ void block_store::touch(std::uint32_t id) {
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, false);
   if (e.in_recency) {
     recency_unlink(id);
-    recency_push_front(id);
+    // Accesses only raise the demotion target: a block too hot to demote
+    // stays so, and leaves the demotion scan.
+    if (may_demote(e))
+      recency_push_front(id);
   }
 }
 
@@ -842,7 +845,8 @@ result<void> block_store::commit(put_handle& h) {
   if (config_.next_use)
     info.next_use = config_.next_use(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
-  recency_push_front(id);
+  if (may_demote(e))
+    recency_push_front(id); // the demotion scan's candidates
   refresh_evictable(id);
   if (config_.on_block_event)
     config_.on_block_event(block_event::stored, e.key);
@@ -1291,6 +1295,28 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
   return {};
 }
 
+codec block_store::demotion_target(const entry& e) const noexcept {
+  const auto& th = namespaces_[e.ns].options.thresholds;
+  if (e.access_count > th.precise_above)
+    return e.c;
+  if (e.access_count > th.int8_above)
+    return codec::int8;
+  return codec::int4;
+}
+
+bool block_store::may_demote(const entry& e) const noexcept {
+  const ns_state& st = namespaces_[e.ns];
+  if (!config_.adaptive_compression || !st.options.adaptive_compression)
+    return false;
+  const codec target = demotion_target(e);
+  // Only a smaller slot frees anything: a block whose slot size the codec
+  // does not change (slots round up to the slot alignment) keeps its
+  // precision.
+  const std::uint16_t to_cls = st.size_class[static_cast<std::size_t>(target)];
+  return compression_rank(target) > compression_rank(e.c) &&
+         pool_.slot_bytes(to_cls) < pool_.slot_bytes(e.slot.size_class);
+}
+
 bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
   const std::int64_t t = now().count();
   std::uint32_t id = recency_tail_[static_cast<std::size_t>(p)];
@@ -1309,28 +1335,13 @@ bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
       id = next;
       continue;
     }
-    const ns_state& st = namespaces_[e.ns];
-    if (e.leases == 0 && e.pins == 0 && !e.dead &&
-        st.options.adaptive_compression) {
-      const auto& th = st.options.thresholds;
-      codec target = codec::int4;
-      if (e.access_count > th.precise_above)
-        target = e.c;
-      else if (e.access_count > th.int8_above)
-        target = codec::int8;
-      // Only a smaller slot frees anything: a block whose slot size the
-      // codec does not change (slots round up to the slot alignment) keeps
-      // its precision.
-      const std::uint16_t to_cls =
-          st.size_class[static_cast<std::size_t>(target)];
-      if (compression_rank(target) > compression_rank(e.c) &&
-          pool_.slot_bytes(to_cls) < pool_.slot_bytes(e.slot.size_class)) {
-        const std::size_t before = pool_.used_bytes();
-        // A block that fails its checksum is dropped instead: that freed
-        // room too, and entries the scan would visit next may be gone.
-        if (transcode(id, target).has_value() || pool_.used_bytes() < before)
-          return true;
-      }
+    if (e.leases == 0 && e.pins == 0 && !e.dead && may_demote(e)) {
+      const std::size_t before = pool_.used_bytes();
+      // A block that fails its checksum is dropped instead: that freed
+      // room too, and entries the scan would visit next may be gone.
+      if (transcode(id, demotion_target(e)).has_value() ||
+          pool_.used_bytes() < before)
+        return true;
     }
     id = next;
   }
@@ -1376,7 +1387,7 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   account(e, true);
   ++stats_.demotions;
   stats_.demoted_bytes_saved += old_slot_bytes - pool_.slot_bytes(cls);
-  if (to == codec::int4)
+  if (!may_demote(e))
     recency_unlink(id); // nothing lower to demote to
   return {};
 }

@@ -511,6 +511,13 @@ private:
   /// from it first).
   [[nodiscard]] std::optional<size_partition> most_over_share() const;
   bool try_demote(size_partition p, std::size_t& scan_budget);
+  /// The codec adaptive compression would take block `e` to (its own when
+  /// it is too hot for any).
+  [[nodiscard]] codec demotion_target(const entry& e) const noexcept;
+  /// Whether demoting `e` now would free bytes. Accesses and demotions
+  /// only make it false, never true again: only such blocks are on the
+  /// recency list the demotion scan walks.
+  [[nodiscard]] bool may_demote(const entry& e) const noexcept;
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
   /// Frees a block's slot and entry. `announce`: report it removed
   /// (on_block_event); false when it moved to the memory tier. Dead parents

@@ -1031,6 +1031,54 @@ TEST_F(store_fixture, a_corrupt_parent_found_by_demotion_can_be_put_again) {
   store_->check_invariants();
 }
 
+TEST(block_store, blocks_that_cannot_be_demoted_leave_the_demotion_scan_alone) {
+  // The oldest blocks belong to a namespace without compression, or are
+  // hot: the scan's limit must go to blocks it can compress.
+  manual_clock clock;
+  store_config cfg;
+  cfg.capacity_bytes = 40 * 4096;
+  cfg.slab_bytes = 4096;
+  cfg.policy = policy_kind::lru;
+  cfg.demotion_scan_limit = 8;
+  cfg.clock = &clock;
+  auto store = std::move(*block_store::create(cfg));
+  namespace_options precise;
+  precise.adaptive_compression = false;
+  const auto spec_a = small_spec("never-compressed");
+  const auto spec_b = small_spec("compressed");
+  const auto a = *store->register_namespace(spec_a, precise);
+  const auto b = *store->register_namespace(spec_b);
+  synthetic_producer producer;
+  auto put = [&](ns_id ns, const namespace_spec& spec, std::uint64_t id) {
+    const block_key k = chain_key_from_id({}, spec.fingerprint(), id);
+    auto r = store->process(ns, {&k, 1}, 16, producer);
+    EXPECT_TRUE(r.has_value());
+    return k;
+  };
+  std::vector<block_key> hot;
+  for (std::uint64_t i = 0; i < 4; ++i)
+    hot.push_back(put(b, spec_b, 1000 + i));
+  for (const auto& k : hot) {
+    for (int n = 0; n < 11; ++n) {
+      ASSERT_TRUE(store->acquire(b, k).has_value());
+    }
+  }
+  for (std::uint64_t i = 0; i < 6; ++i)
+    put(a, spec_a, i + 1);
+  std::vector<block_key> cold;
+  for (std::uint64_t i = 0; i < 26; ++i)
+    cold.push_back(put(b, spec_b, 2000 + i));
+  store->check_invariants();
+  put(b, spec_b, 9999); // over 90%: room down to 80%
+  store->check_invariants();
+  EXPECT_EQ(store->stats().evictions, 0U);
+  EXPECT_GT(store->stats().demotions, 0U);
+  for (const auto& k : hot) {
+    ASSERT_TRUE(store->contains(b, k));
+    EXPECT_EQ(*store->codec_of(b, k), codec::none);
+  }
+}
+
 TEST_F(store_fixture, thresholds_are_per_namespace) {
   open(40, policy_kind::lru, true, 1);
   namespace_options keep_precise;
