@@ -1517,8 +1517,16 @@ result<void> block_store::attach_disk(std::unique_ptr<disk_tier> tier) {
 }
 
 void block_store::evict(std::uint32_t id) {
+  const entry& e = entries_[id];
+  if (e.expires_at != 0 && e.expires_at <= now().count()) {
+    // Its TTL ran out before space ran short: an expiration, and nothing
+    // to spill.
+    ++stats_.expirations;
+    remove(id);
+    return;
+  }
   ++stats_.evictions;
-  stats_.evicted_bytes += pool_.slot_bytes(entries_[id].slot.size_class);
+  stats_.evicted_bytes += pool_.slot_bytes(e.slot.size_class);
   (void)spill(id, false);
   remove(id);
 }

@@ -651,6 +651,37 @@ TEST_F(store_fixture, a_put_over_an_expired_block_counts_the_expiration) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
+  open(10, policy_kind::lru, false, 1);
+  put_options short_lived;
+  short_lived.ttl = 1s;
+  std::vector<block_key> keys;
+  for (std::uint64_t i = 0; i < 9; ++i) {
+    keys.push_back(chain(10 * (i + 1), 1)[0]);
+    ASSERT_TRUE(
+        put(keys.back(), {}, i < 2 ? short_lived : put_options{}).has_value());
+  }
+  clock_.advance(2s);
+  // Over 90%: the two oldest go, and their TTL had run out.
+  ASSERT_TRUE(put(chain(5000, 1)[0], {}).has_value());
+  EXPECT_FALSE(store_->contains(ns_, keys[0]));
+  EXPECT_FALSE(store_->contains(ns_, keys[1]));
+  EXPECT_EQ(store_->stats().expirations, 2U);
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  EXPECT_EQ(store_->stats().evicted_bytes, 0U);
+  // evict_bytes() the same way.
+  ASSERT_TRUE(put(chain(6000, 1)[0], {}, short_lived).has_value());
+  clock_.advance(2s);
+  for (std::size_t i = 2; i < keys.size(); ++i)
+    ASSERT_TRUE(store_->acquire(ns_, keys[i]).has_value());
+  ASSERT_TRUE(store_->acquire(ns_, chain(5000, 1)[0]).has_value());
+  EXPECT_EQ(store_->evict_bytes(1), block_bytes);
+  EXPECT_FALSE(store_->contains(ns_, chain(6000, 1)[0]));
+  EXPECT_EQ(store_->stats().expirations, 3U);
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, corrupted_block_is_dropped_and_counted_never_returned) {
   open(16);
   const auto keys = chain(1, 2);
