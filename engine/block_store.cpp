@@ -1446,7 +1446,10 @@ void block_store::remove(std::uint32_t id, bool announce) {
       config_.on_block_event(block_event::removed, e.key);
     announce = true;
     account(e, false);
-    policies_[static_cast<std::size_t>(e.part)]->on_remove(id);
+    // Every partition's policy: a block may be the parent of blocks in
+    // another partition, and that policy keeps what it learnt about it.
+    for (auto& policy : policies_)
+      policy->on_remove(id);
     if (e.in_recency)
       recency_unlink(id);
     pool_.free(e.slot);

@@ -893,6 +893,52 @@ TEST_F(store_fixture, a_block_takes_the_highest_priority_that_used_it) {
   EXPECT_TRUE(store_->contains(ns_, again));
 }
 
+TEST_F(store_fixture,
+       adaptive_priors_do_not_outlive_a_parent_in_another_partition) {
+  // The adaptive policy learns, per parent, how often its children are
+  // used again. A chain crosses partitions when a longer request extends
+  // it: a short request's parent, a long request's children. What the
+  // long partition learnt about that parent must go with it, not pass to
+  // the next block that gets its id.
+  open(64, policy_kind::adaptive, false, 1);
+  put_options short_req;
+  short_req.request_tokens = 100;
+  put_options long_req;
+  long_req.request_tokens = 5000;
+  const auto parent = chain(1, 1)[0];
+  ASSERT_TRUE(put(parent, {}, short_req).has_value());
+  for (std::uint64_t i = 0; i < 5; ++i) {
+    const auto child = chain_key_from_id(parent, fp_, 100 + i);
+    ASSERT_TRUE(put(child, parent, long_req).has_value());
+    ASSERT_TRUE(store_->acquire(ns_, child).has_value()); // reused
+  }
+  for (std::uint64_t i = 0; i < 20; ++i) // never reused
+    ASSERT_TRUE(put(chain(1000 + 10 * i, 1)[0], {}, long_req).has_value());
+  // Everything goes; the parent last, so the next block takes its id.
+  store_->evict_bytes(64 * block_bytes);
+  ASSERT_EQ(store_->block_count(), 0U);
+  store_->check_invariants();
+
+  // A new short block (the parent's id) with a child in the long
+  // partition, then, some accesses later, another such pair.
+  const auto q = chain(2, 1)[0];
+  ASSERT_TRUE(put(q, {}, short_req).has_value());
+  const auto d = chain_key_from_id(q, fp_, 200);
+  ASSERT_TRUE(put(d, q, long_req).has_value());
+  for (int i = 0; i < 10; ++i)
+    ASSERT_TRUE(store_->acquire(ns_, q).has_value());
+  const auto r = chain(3, 1)[0];
+  ASSERT_TRUE(put(r, {}, short_req).has_value());
+  const auto f = chain_key_from_id(r, fp_, 300);
+  ASSERT_TRUE(put(f, r, long_req).has_value());
+  store_->check_invariants();
+  // Neither new parent has a history: the older child goes first.
+  EXPECT_EQ(store_->evict_bytes(1), block_bytes);
+  EXPECT_FALSE(store_->contains(ns_, d));
+  EXPECT_TRUE(store_->contains(ns_, f));
+  store_->check_invariants();
+}
+
 TEST(latency_histogram, quantiles_are_within_a_bucket) {
   latency_histogram h;
   EXPECT_EQ(h.quantile(0.5), 0U);

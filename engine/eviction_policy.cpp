@@ -253,7 +253,10 @@ public:
   }
   void on_remove(std::uint32_t id) override {
     score_policy::on_remove(id);
-    state_[id] = block_state{};
+    // Any partition's block (see eviction_policy::on_remove): an id this
+    // policy never saw may be past its storage.
+    if (id < state_.size())
+      state_[id] = block_state{};
   }
 
 protected:

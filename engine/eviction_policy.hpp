@@ -81,7 +81,10 @@ public:
                          bool inserted) = 0;
   /// Block `id` became evictable or stopped being so.
   virtual void set_evictable(std::uint32_t id, bool evictable) = 0;
-  /// Block `id` left the cache.
+  /// Block `id` left the cache. Every partition's policy hears it, also
+  /// those that never held the block: a block's children may be in
+  /// another partition (a longer request extended its chain), and their
+  /// policy may keep per-parent state (access_info::parent) under its id.
   virtual void on_remove(std::uint32_t id) = 0;
   /// The evictable block to evict next, or npos when none is.
   [[nodiscard]] virtual std::uint32_t victim() const = 0;
