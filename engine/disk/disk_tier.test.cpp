@@ -1516,6 +1516,17 @@ std::size_t retry_size(std::uint64_t i) {
   return 1024 * static_cast<std::size_t>(i + 1);
 }
 
+/// Expects the catalog row of retry-test block `i` (found by its size) to
+/// count `reads` reads, the latest at `at`.
+void expect_reads(catalog_peer& peer, std::uint64_t i, std::int64_t reads,
+                  nanos at) {
+  const std::string row =
+      " FROM cache_entries WHERE size = " + std::to_string(retry_size(i));
+  EXPECT_EQ(peer.query("SELECT access_count" + row), reads) << "block " << i;
+  EXPECT_EQ(peer.query("SELECT accessed_at" + row), at.count())
+      << "block " << i;
+}
+
 TEST_F(disk_tier_test, a_compaction_that_failed_is_retried_while_idle) {
   auto c = config();
   const std::uint64_t rec = record_header_bytes + 4096;
@@ -1989,15 +2000,8 @@ TEST_F(disk_tier_test,
   EXPECT_TRUE(watch->converged()) << "the kept updates were not written";
   EXPECT_EQ(tier_->stats().touch_flushes, 1U);
   // Every read counted once: none lost, none written twice.
-  for (std::uint64_t i = 0; i < 4; ++i) {
-    const std::string row =
-        " FROM cache_entries WHERE size = " + std::to_string(retry_size(i));
-    EXPECT_EQ(peer.query("SELECT access_count" + row),
-              static_cast<std::int64_t>(i + 1))
-        << "block " << i;
-    EXPECT_EQ(peer.query("SELECT accessed_at" + row), read_at.count())
-        << "block " << i;
-  }
+  for (std::uint64_t i = 0; i < 4; ++i)
+    expect_reads(peer, i, static_cast<std::int64_t>(i + 1), read_at);
 }
 
 TEST_F(
@@ -2052,14 +2056,8 @@ TEST_F(
   catalog_peer peer(dir_ + "/catalog.sqlite");
   const std::int64_t counts[] = {1, 3, 3, 5};
   const nanos times[] = {first_reads, last_reads, first_reads, last_reads};
-  for (std::uint64_t i = 0; i < 4; ++i) {
-    const std::string row =
-        " FROM cache_entries WHERE size = " + std::to_string(retry_size(i));
-    EXPECT_EQ(peer.query("SELECT access_count" + row), counts[i])
-        << "block " << i;
-    EXPECT_EQ(peer.query("SELECT accessed_at" + row), times[i].count())
-        << "block " << i;
-  }
+  for (std::uint64_t i = 0; i < 4; ++i)
+    expect_reads(peer, i, counts[i], times[i]);
 }
 
 TEST_F(disk_tier_test,
@@ -2097,15 +2095,8 @@ TEST_F(disk_tier_test,
   EXPECT_TRUE(watch->converged()) << "the reload waited for a request";
   catalog_peer peer(dir_ + "/catalog.sqlite");
   EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries"), 3);
-  for (std::uint64_t i = 1; i < 4; ++i) {
-    const std::string row =
-        " FROM cache_entries WHERE size = " + std::to_string(retry_size(i));
-    EXPECT_EQ(peer.query("SELECT access_count" + row),
-              static_cast<std::int64_t>(i + 1))
-        << "block " << i;
-    EXPECT_EQ(peer.query("SELECT accessed_at" + row), read_at.count())
-        << "block " << i;
-  }
+  for (std::uint64_t i = 1; i < 4; ++i)
+    expect_reads(peer, i, static_cast<std::int64_t>(i + 1), read_at);
 }
 
 TEST_F(
