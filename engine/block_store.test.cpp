@@ -76,6 +76,22 @@ protected:
     return store_->commit(*h);
   }
 
+  /// Puts `n` one-block chains (the first keys of chains step, 2 step,
+  /// ...), the first `short_lived` of them with a TTL of 1 s; returns
+  /// their keys, oldest first.
+  std::vector<block_key> put_singles(std::uint64_t n, std::uint64_t short_lived,
+                                     std::uint64_t step) {
+    put_options expiring;
+    expiring.ttl = std::chrono::seconds(1);
+    std::vector<block_key> keys;
+    for (std::uint64_t i = 0; i < n; ++i) {
+      keys.push_back(chain(step * (i + 1), 1)[0]);
+      auto r = put(keys.back(), {}, i < short_lived ? expiring : put_options{});
+      EXPECT_TRUE(r.has_value()) << r.error().describe();
+    }
+    return keys;
+  }
+
   void put_chain(const std::vector<block_key>& keys,
                  const put_options& opts = {}) {
     block_key parent{};
@@ -653,14 +669,7 @@ TEST_F(store_fixture, a_put_over_an_expired_block_counts_the_expiration) {
 
 TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
   open(10, policy_kind::lru, false, 1);
-  put_options short_lived;
-  short_lived.ttl = 1s;
-  std::vector<block_key> keys;
-  for (std::uint64_t i = 0; i < 9; ++i) {
-    keys.push_back(chain(10 * (i + 1), 1)[0]);
-    ASSERT_TRUE(
-        put(keys.back(), {}, i < 2 ? short_lived : put_options{}).has_value());
-  }
+  const auto keys = put_singles(9, 2, 10);
   clock_.advance(2s);
   // Over 90%: the two oldest go, and their TTL had run out.
   ASSERT_TRUE(put(chain(5000, 1)[0], {}).has_value());
@@ -670,6 +679,8 @@ TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
   EXPECT_EQ(store_->stats().evictions, 0U);
   EXPECT_EQ(store_->stats().evicted_bytes, 0U);
   // evict_bytes() the same way.
+  put_options short_lived;
+  short_lived.ttl = 1s;
   ASSERT_TRUE(put(chain(6000, 1)[0], {}, short_lived).has_value());
   clock_.advance(2s);
   for (std::size_t i = 2; i < keys.size(); ++i)
@@ -1063,14 +1074,7 @@ TEST(block_store, a_demotion_that_frees_nothing_is_not_made) {
 TEST_F(store_fixture, pressure_removes_expired_blocks_before_demoting_any) {
   open(40, policy_kind::lru, /*compression=*/true, 1);
   // The five oldest blocks have a TTL that runs out; the 31 others do not.
-  put_options short_lived;
-  short_lived.ttl = 1s;
-  std::vector<block_key> keys;
-  for (std::uint64_t i = 0; i < 36; ++i) {
-    keys.push_back(chain(100 * (i + 1), 1)[0]);
-    ASSERT_TRUE(
-        put(keys.back(), {}, i < 5 ? short_lived : put_options{}).has_value());
-  }
+  const auto keys = put_singles(36, 5, 100);
   clock_.advance(2s);
   // Over the high watermark: room down to 80% (32 blocks) is exactly the
   // five expired blocks.
