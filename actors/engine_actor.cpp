@@ -6,7 +6,9 @@
 #include "actors/owed_reply.hpp"
 
 #include <algorithm>
+#include <filesystem>
 #include <string>
+#include <system_error>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -21,6 +23,10 @@ namespace kvfleet::actors {
 namespace {
 
 using key_vec = std::vector<engine::block_key>;
+
+/// persist_atom's timeout, at most (so milliseconds -> nanoseconds cannot
+/// overflow): 24 hours, the bound of every other duration.
+constexpr std::uint64_t max_persist_ms = 24ull * 3600 * 1000;
 
 /// The store's block events (engine::store_config::on_block_event) since
 /// the actor last published them, in order. Shared by the store's callback
@@ -383,7 +389,23 @@ caf::behavior engine_behavior(engine_actor* self,
         out.tier_demotions = ss.tier_demotions;
         out.tier_hits = ss.tier_block_hits;
         out.tier_in_flight_bytes = s.store->tier_bytes_in_flight();
+        if (auto* disk = s.store->disk()) {
+          out.disk = true;
+          out.disk_blocks = disk->stats().blocks;
+        }
+        out.disk_hits = ss.disk_block_hits;
+        out.disk_spills = ss.spills;
+        out.disk_spill_failures = ss.spill_failures;
         return out;
+      },
+      [=](persist_atom,
+          std::uint64_t timeout_ms) -> caf::result<std::uint64_t> {
+        auto r = self->state.store->persist(std::chrono::milliseconds(
+            std::min<std::uint64_t>(timeout_ms, max_persist_ms)));
+        publish(self);
+        if (!r)
+          return to_caf_error(r.error());
+        return static_cast<std::uint64_t>(*r);
       },
       [=](capacity_atom, std::uint32_t tokens) {
         auto& s = self->state;
@@ -468,6 +490,13 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
     if (auto t = (*store)->attach_tier(config.make_tier); !t)
       return unexpected<error>{t.error()};
   }
+  if (config.make_disk) {
+    auto disk = config.make_disk(config.slot);
+    if (!disk)
+      return unexpected<error>{disk.error()};
+    if (auto d = (*store)->attach_disk(std::move(*disk)); !d)
+      return unexpected<error>{d.error()};
+  }
   auto ns = (*store)->register_namespace(config.ns, config.ns_options);
   if (!ns)
     return unexpected<error>{ns.error()};
@@ -476,11 +505,35 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
   parts->producer = config.make_producer ? config.make_producer() : nullptr;
   if (!parts->producer)
     parts->producer = std::make_unique<engine::synthetic_producer>();
-  const bool own_thread =
-      config.own_thread.value_or(!parts->store->host_addressable());
+  const bool own_thread = config.own_thread.value_or(
+      !parts->store->host_addressable() || parts->store->disk() != nullptr);
   if (own_thread)
     return sys.spawn<caf::detached>(engine_behavior, std::move(parts));
   return sys.spawn(engine_behavior, std::move(parts));
+}
+
+std::function<result<std::unique_ptr<engine::disk_tier>>(std::uint32_t slot)>
+disk_tier_per_engine(engine::disk_tier_config config) {
+  return [config = std::move(config)](
+             std::uint32_t slot) -> result<std::unique_ptr<engine::disk_tier>> {
+    if (config.directory.empty())
+      return make_error(errc::invalid_argument,
+                        "disk_tier_per_engine: the disk tier's directory is "
+                        "empty");
+    auto cfg = config;
+    cfg.directory = config.directory + "/engine-" + std::to_string(slot);
+    std::error_code ec;
+    std::filesystem::create_directory(cfg.directory, ec);
+    if (ec)
+      return make_error(errc::io_error,
+                        "disk_tier_per_engine: cannot create " + cfg.directory +
+                            ": " + ec.message() +
+                            (std::filesystem::is_directory(config.directory)
+                                 ? std::string{}
+                                 : " (" + config.directory +
+                                       " must be an existing directory)"));
+    return engine::disk_tier::open(std::move(cfg));
+  };
 }
 
 } // namespace kvfleet::actors

@@ -16,6 +16,8 @@
 ///   (evict_atom, uint64 bytes)        -> uint64 bytes freed
 ///   (pin_atom | unpin_atom, block_key) -> true
 ///   (stats_atom)                      -> engine_stats
+///   (persist_atom, uint64 timeout_ms) -> uint64 cached blocks on disk
+///       (block_store::persist: a clean shutdown; needs a disk tier)
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no
 ///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply)
@@ -46,11 +48,21 @@
 /// tier that relief started are checked every `tier_poll_interval` until they
 /// finish, whether requests come or not.
 ///
+/// Disk tier (`make_disk`): blocks evicted for space spill to the engine's
+/// own directory, and a request whose prefix goes on past memory (and the
+/// memory tier) continues from disk: the engine waits for those reads
+/// inside the batch, so an engine with a disk tier runs on a thread of its
+/// own by default (`own_thread`). `persist_atom` writes every cached block
+/// there, so a restart on the same directory finds them (the disk tier
+/// recovers its catalog at open). The tier is closed when the actor stops:
+/// spills already queued are written, blocks only in memory are not.
+///
 /// Open puts are aborted `put_timeout` after their reservation.
 
 #include "actors/batch_accumulator.hpp"
 #include "actors/memory_manager.hpp"
 #include "engine/block_store.hpp"
+#include "engine/disk/disk_tier.hpp"
 #include "engine/kv_producer.hpp"
 
 #include <chrono>
@@ -102,12 +114,33 @@ struct engine_actor_config {
   /// uses the device (cudaMemGetInfo).
   std::function<std::size_t(std::uint32_t slot, engine::block_store& store)>
       relieve;
+  /// Opens the disk tier under engine `slot`'s store
+  /// (engine::block_store::attach_disk); see "Disk tier" above.
+  /// disk_tier_per_engine() gives each engine a directory of its own. Null:
+  /// no disk tier (evicted blocks are gone).
+  std::function<result<std::unique_ptr<engine::disk_tier>>(std::uint32_t slot)>
+      make_disk;
   /// Run the actor on a thread of its own (caf::detached) instead of the
   /// scheduler's workers. Default (nullopt): its own thread exactly when
-  /// the pool is device memory, because the engine's reads and writes of
-  /// device memory wait for the device, and no scheduler worker may wait.
+  /// the pool is device memory or the engine has a disk tier, because the
+  /// engine then waits for the device or the disk inside a request, and no
+  /// scheduler worker may wait.
   std::optional<bool> own_thread;
 };
+
+/// A make_disk that opens engine `slot`'s disk tier in
+/// `config.directory`/engine-<slot> (created when missing; config.directory
+/// itself must exist), with `config`'s capacity and options for each engine.
+/// An engine restarted on the same slot (by the balancer, or by a new node)
+/// reopens the same directory and recovers what it holds. The directory is
+/// locked while an engine has it open: another engine on the same directory,
+/// in this process or another, fails to start (errc::busy) until the first
+/// has stopped. Errors: errc::invalid_argument for an empty directory,
+/// errc::io_error when the engine's directory cannot be created, then the
+/// disk tier's own.
+[[nodiscard]] std::function<
+    result<std::unique_ptr<engine::disk_tier>>(std::uint32_t slot)>
+disk_tier_per_engine(engine::disk_tier_config config);
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// batch.max_size 0 (1 runs each request alone), a batch.timeout,
@@ -117,8 +150,10 @@ struct engine_actor_config {
 [[nodiscard]] result<void> validate(const engine_actor_config& config);
 
 /// Creates the store (over make_backend's memory when set, with make_tier's
-/// tier when it gives one), registers the namespace and spawns the actor.
-/// Errors: validate(config)'s, the backend's, the tier factory's, the
+/// tier when it gives one and make_disk's disk tier when set), registers
+/// the namespace and spawns the actor. Errors: validate(config)'s, the
+/// backend's, the tier factory's, the disk tier's (directory missing,
+/// unwritable, full, locked, another version: engine/disk/README.md), the
 /// store's (zero capacity, bad namespace); nothing is spawned then.
 [[nodiscard]] result<caf::actor>
 spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config);

@@ -121,6 +121,11 @@ struct engine_stats {
   /// Device bytes whose copy to the tier has not been seen finished yet
   /// (they stay taken until then).
   std::uint64_t tier_in_flight_bytes = 0;
+  bool disk = false;             ///< the engine has a disk tier
+  std::uint64_t disk_blocks = 0; ///< blocks stored on disk now
+  std::uint64_t disk_hits = 0;   ///< blocks promoted from disk on a hit
+  std::uint64_t disk_spills = 0; ///< blocks written to disk, or in flight
+  std::uint64_t disk_spill_failures = 0; ///< spills refused or failed
 };
 
 template <class Inspector>
@@ -129,7 +134,8 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
            x.requests, x.batches, x.blocks, x.used_bytes, x.capacity_bytes,
            x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
            x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
-           x.tier_hits, x.tier_in_flight_bytes);
+           x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
+           x.disk_hits, x.disk_spills, x.disk_spill_failures);
 }
 
 /// The balancer's counters.
@@ -303,5 +309,6 @@ CAF_ADD_ATOM(kvfleet, kvfleet::actors, query_atom, "kv_query")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, engine_atom, "kv_engine")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, sweep_atom, "kv_sweep")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, poll_tier_atom, "kv_poll")
+CAF_ADD_ATOM(kvfleet, kvfleet::actors, persist_atom, "kv_persist")
 
 CAF_END_TYPE_ID_BLOCK(kvfleet)

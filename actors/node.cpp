@@ -4,6 +4,7 @@
 #include "actors/config_checks.hpp"
 #include "actors/prioritized.hpp"
 
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -162,7 +163,8 @@ void node::configure(caf::actor_system_config& cfg, std::size_t threads) {
 }
 
 node::node(caf::actor_system& sys, node_config config)
-    : config_(std::move(config)), askers_(std::make_unique<node_askers>(sys)) {}
+    : sys_(&sys), config_(std::move(config)),
+      askers_(std::make_unique<node_askers>(sys)) {}
 
 node::~node() {
   for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_, &balancer_})
@@ -334,6 +336,70 @@ result<actors::engine_stats> node::engine_stats(std::uint32_t slot) {
     return unexpected<error>{engine.error()};
   return ask<actors::engine_stats>(*askers_, *engine, config_.call_timeout,
                                    actors::stats_atom::value);
+}
+
+result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
+  if (auto ok = actors::check_duration("node::persist timeout", timeout); !ok)
+    return unexpected<error>{ok.error()};
+  auto st = stats();
+  if (!st)
+    return unexpected<error>{st.error()};
+  std::uint64_t blocks = 0;
+  for (std::uint32_t slot = 0; slot < st->up.size(); ++slot) {
+    if (st->up[slot] == 0)
+      continue;
+    auto engine = engine_at(slot);
+    if (!engine)
+      continue; // stopped since
+    auto n =
+        ask<std::uint64_t>(*askers_, *engine, timeout + config_.call_timeout,
+                           actors::persist_atom::value,
+                           static_cast<std::uint64_t>(timeout.count()));
+    if (!n)
+      return unexpected<error>{n.error()};
+    blocks += *n;
+  }
+  return blocks;
+}
+
+result<void> node::stop(std::chrono::milliseconds timeout) {
+  if (auto ok = actors::check_duration("node::stop timeout", timeout); !ok)
+    return ok;
+  if (!balancer_)
+    return {};
+  std::vector<caf::actor> engines;
+  if (auto st = stats())
+    for (std::uint32_t slot = 0; slot < st->up.size(); ++slot)
+      if (auto engine = engine_at(slot))
+        engines.push_back(std::move(*engine));
+  caf::scoped_actor self{*sys_};
+  for (const auto& e : engines)
+    self->monitor(e);
+  for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_, &balancer_})
+    if (*a) {
+      self->send_exit(*a, caf::exit_reason::user_shutdown);
+      *a = caf::actor{};
+    }
+  // The balancer stops its engines as it exits; a draining one too.
+  for (const auto& e : engines)
+    self->send_exit(e, caf::exit_reason::user_shutdown);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::size_t down = 0;
+  bool late = false;
+  while (down < engines.size() && !late) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    self->receive([&](const caf::down_msg&) { ++down; },
+                  caf::after(std::max(left, std::chrono::milliseconds{0})) >>
+                      [&] { late = true; });
+  }
+  if (down < engines.size())
+    return make_error(errc::timeout,
+                      "node::stop: " + std::to_string(engines.size() - down) +
+                          " of " + std::to_string(engines.size()) +
+                          " engines were still running after " +
+                          std::to_string(timeout.count()) + " ms");
+  return {};
 }
 
 } // namespace kvfleet

@@ -112,6 +112,30 @@ public:
   [[nodiscard]] result<actors::balancer_stats> stats();
   [[nodiscard]] result<actors::engine_stats> engine_stats(std::uint32_t slot);
 
+  /// Writes every live engine's cached blocks (memory and memory tier) to
+  /// its disk tier and waits for them, each engine at most `timeout`: a
+  /// clean shutdown, so that a node started later on the same directories
+  /// (`engine.make_disk` = actors::disk_tier_per_engine(...)) serves them.
+  /// Returns how many cached blocks the disk tiers hold then, all engines
+  /// together. Errors: errc::invalid_argument for a timeout that is not
+  /// positive or is above 24 hours, or when the engines have no disk tier;
+  /// an engine's error (errc::io_error when its disk did not finish in
+  /// time).
+  [[nodiscard]] result<std::uint64_t>
+  persist(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  /// Stops the node's actors and waits, at most `timeout`, until the
+  /// engines that were up have stopped, so that what they held (device
+  /// memory, disk directories) is free when it returns: a node started on
+  /// the same disk directories right after it opens them instead of
+  /// finding them locked. Calls after it fail with errc::invalid_argument
+  /// ("actor not running"); stopping again does nothing. Errors:
+  /// errc::invalid_argument for a timeout that is not positive or is above
+  /// 24 hours; errc::timeout when engines were still running at the
+  /// deadline (they stop later). The destructor stops the node without
+  /// waiting.
+  [[nodiscard]] result<void>
+  stop(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
   [[nodiscard]] const caf::actor& balancer() const noexcept {
     return balancer_;
   }
@@ -128,6 +152,7 @@ private:
   node(caf::actor_system& sys, node_config config);
   [[nodiscard]] result<caf::actor> engine_at(std::uint32_t slot);
 
+  caf::actor_system* sys_;
   node_config config_;
   std::unique_ptr<node_askers> askers_; ///< the calls' blocking actors
   caf::actor balancer_;

@@ -6,11 +6,16 @@
 
 #include <gtest/gtest.h>
 
+#include <stdlib.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <optional>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -347,6 +352,150 @@ TEST_F(Node, CallsFromManyThreadsAtOnceEachGetTheirOwnReply) {
     h.join();
   EXPECT_EQ(answered.load(), threads * calls);
   EXPECT_EQ(wrong.load(), 0U);
+}
+
+/// A directory of its own under the test temp dir, removed at the end.
+class temp_dir {
+public:
+  temp_dir() {
+    std::string tmpl = ::testing::TempDir() + "kvfleet_node_XXXXXX";
+    if (::mkdtemp(tmpl.data()) != nullptr)
+      path_ = tmpl;
+  }
+  ~temp_dir() {
+    if (!path_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(path_, ec);
+    }
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  [[nodiscard]] const std::string& path() const { return path_; }
+
+private:
+  std::string path_;
+};
+
+/// One engine with room for 64 blocks of 4 KiB and a disk tier under it.
+node_config disk_node(const std::string& dir) {
+  auto c = small_node();
+  c.engines = 1;
+  c.query_cache = false;
+  c.engine.store.capacity_bytes = 256u << 10;
+  engine::disk_tier_config disk;
+  disk.directory = dir;
+  disk.capacity_bytes = 64u << 20;
+  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  return c;
+}
+
+/// Request `id`: four blocks of its own (16 tokens each).
+kv_request chain(std::uint64_t id) {
+  kv_request r;
+  r.id = id;
+  for (std::uint64_t b = 1; b <= 4; ++b)
+    r.keys.push_back(block_key{1000 + id, b});
+  r.input_tokens = 64;
+  return r;
+}
+
+TEST_F(Node, ADiskTierServesEvictedBlocksAndOutlivesTheNode) {
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  constexpr std::uint64_t requests = 100; // 400 blocks: 6x the memory
+  {
+    auto n = node::start(*sys_, disk_node(dir.path()));
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    for (std::uint64_t id = 1; id <= requests; ++id) {
+      auto r = (*n)->process_request(chain(id));
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+      ASSERT_EQ(r->computed_blocks, 4U) << "request " << id;
+    }
+    // Request 1's blocks left memory long ago: they come back from disk.
+    auto again = (*n)->process_request(chain(1));
+    ASSERT_TRUE(again.has_value()) << again.error().describe();
+    EXPECT_EQ(again->matched_blocks, 4U);
+    EXPECT_EQ(again->computed_blocks, 0U);
+    auto es = (*n)->engine_stats(0);
+    ASSERT_TRUE(es.has_value()) << es.error().describe();
+    EXPECT_TRUE(es->disk);
+    EXPECT_EQ(es->disk_hits, 4U);
+    EXPECT_GE(es->disk_spills, 4U * (requests - 16));
+    EXPECT_EQ(es->disk_spill_failures, 0U);
+    // A clean shutdown: what is only in memory goes to disk too.
+    auto persisted = (*n)->persist(std::chrono::seconds(30));
+    ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
+    EXPECT_GE(*persisted, es->blocks);
+    ASSERT_TRUE((*n)->stop());
+    EXPECT_TRUE((*n)->stop()) << "stopping again does nothing";
+    auto after = (*n)->process_request(chain(1));
+    ASSERT_FALSE(after.has_value());
+    EXPECT_EQ(after.error().code, errc::invalid_argument);
+  }
+  // A new node on the same directory: every block is on disk, the last
+  // request's (in memory at the shutdown) too.
+  auto n = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  for (std::uint64_t id : {requests, std::uint64_t{50}, std::uint64_t{2}}) {
+    auto r = (*n)->process_request(chain(id));
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    EXPECT_EQ(r->matched_blocks, 4U) << "request " << id;
+  }
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->disk_hits, 12U);
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, ADiskDirectoryInUseOrMissingStopsTheStartWithAClearError) {
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto first = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(first.has_value()) << first.error().describe();
+  auto second = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_FALSE(second.has_value());
+  EXPECT_EQ(second.error().code, errc::busy) << second.error().describe();
+  EXPECT_NE(second.error().message.find("engine-0"), std::string::npos)
+      << second.error().message;
+  // The first node keeps serving.
+  auto r = (*first)->process_request(chain(1));
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  // Once it has stopped, the directory is free.
+  ASSERT_TRUE((*first)->stop());
+  auto third = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(third.has_value()) << third.error().describe();
+  ASSERT_TRUE((*third)->stop());
+
+  auto missing = node::start(*sys_, disk_node(dir.path() + "/no/such/dir"));
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error().code, errc::io_error);
+  EXPECT_NE(missing.error().message.find("must be an existing directory"),
+            std::string::npos)
+      << missing.error().message;
+  auto empty = node::start(*sys_, disk_node(""));
+  ASSERT_FALSE(empty.has_value());
+  EXPECT_EQ(empty.error().code, errc::invalid_argument);
+}
+
+TEST_F(Node, PersistAndStopCheckTheirArguments) {
+  auto n = node::start(*sys_, small_node());
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto no_disk = (*n)->persist(std::chrono::seconds(1));
+  ASSERT_FALSE(no_disk.has_value());
+  EXPECT_EQ(no_disk.error().code, errc::invalid_argument);
+  for (auto bad : {std::chrono::milliseconds{0}, std::chrono::milliseconds{-1},
+                   std::chrono::milliseconds{std::chrono::hours{25}}}) {
+    auto p = (*n)->persist(bad);
+    ASSERT_FALSE(p.has_value());
+    EXPECT_EQ(p.error().code, errc::invalid_argument);
+    auto s = (*n)->stop(bad);
+    ASSERT_FALSE(s.has_value());
+    EXPECT_EQ(s.error().code, errc::invalid_argument);
+  }
+  // Still running after the refused stops.
+  auto r = (*n)->process_request(req(1));
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  ASSERT_TRUE((*n)->stop());
 }
 
 } // namespace

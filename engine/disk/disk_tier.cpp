@@ -200,9 +200,13 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
     ::close(lock_fd);
     return make_error(
-        errc::busy, "disk tier directory " + dir +
-                        " is in use by another process (it holds " + lock_path +
-                        "): stop that process or choose another directory");
+        errc::busy,
+        "disk tier directory " + dir +
+            " is in use by another disk tier, in another process or in this "
+            "one (it holds " +
+            lock_path +
+            "): close that tier, stop that process or choose another "
+            "directory");
   }
   std::unique_ptr<disk_tier> tier(new disk_tier(std::move(config)));
   tier->lock_fd_ = lock_fd;
