@@ -202,7 +202,12 @@ tcp_transport::connect(const std::string& host, std::uint16_t port,
       ::freeaddrinfo(res);
       return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
     }
-    why = std::generic_category().message(errno);
+    // connect() that runs out of SO_SNDTIMEO fails with EINPROGRESS
+    // ("Operation now in progress"), which reads as anything but a
+    // timeout.
+    why = errno == EINPROGRESS || errno == EAGAIN
+              ? "timed out after " + std::to_string(io_timeout.count()) + " ms"
+              : std::generic_category().message(errno);
     ::close(fd);
   }
   ::freeaddrinfo(res);

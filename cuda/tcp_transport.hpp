@@ -26,7 +26,9 @@ namespace kvfleet::cuda {
 
 class tcp_transport final : public block_transport {
 public:
-  /// Connects to host:port (numeric IPv4 or IPv6 address or a host name).
+  /// Connects to host:port (numeric IPv4 or IPv6 address or a host name),
+  /// waiting at most io_timeout for each address tried; a connect that
+  /// runs out of time is errc::io_error saying "timed out after N ms".
   [[nodiscard]] static result<std::unique_ptr<tcp_transport>>
   connect(const std::string& host, std::uint16_t port,
           std::chrono::milliseconds io_timeout = std::chrono::seconds(30));

@@ -205,6 +205,27 @@ TEST(tcp_transport_test, the_timeout_bounds_a_whole_exchange) {
       << got.error().message;
 }
 
+TEST(tcp_transport_test, a_connect_that_times_out_says_so) {
+  // A listener nobody accepts from: once its queue is full (backlog 16)
+  // the kernel drops further handshakes, so the next connect waits for
+  // its timeout.
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  std::vector<std::unique_ptr<tcp_transport>> queued;
+  result<std::unique_ptr<tcp_transport>> c =
+      make_error(errc::io_error, "not tried");
+  for (int i = 0; i < 64; ++i) {
+    c = tcp_transport::connect("127.0.0.1", listener->port(), 100ms);
+    if (!c)
+      break;
+    queued.push_back(std::move(*c));
+  }
+  ASSERT_FALSE(c) << "64 connections queued without accept";
+  EXPECT_EQ(c.error().code, errc::io_error);
+  EXPECT_NE(c.error().message.find("timed out after 100 ms"), std::string::npos)
+      << c.error().message;
+}
+
 TEST(tcp_transport_test, timeouts_out_of_range_are_refused) {
   auto listener = tcp_listener::listen();
   ASSERT_TRUE(listener);
