@@ -108,10 +108,18 @@ nccl_library::load(const std::string& path) {
       {"ncclGetErrorString",
        bind(handle, "ncclGetErrorString", a.get_error_string)},
   };
-  for (const auto& [sym, ok] : bound)
-    if (!ok)
-      return make_error(errc::backend_error,
-                        "dlsym(" + loaded + ", " + sym + "): symbol not found");
+  for (const auto& [sym, ok] : bound) {
+    if (ok)
+      continue;
+    // Looked up again for dlerror()'s text: the lookups above ran in one
+    // go, and each overwrote the previous one's error.
+    (void)::dlerror();
+    (void)::dlsym(handle, sym);
+    const char* e = ::dlerror();
+    return make_error(errc::backend_error,
+                      "dlsym(" + loaded + ", " + sym +
+                          "): " + (e != nullptr ? e : "symbol not found"));
+  }
   int v = 0;
   if (const ncclResult_t r = a.get_version(&v); r != ncclSuccess)
     return unexpected<error>(nccl_call_error(*lib, "ncclGetVersion", r));

@@ -23,6 +23,10 @@ TEST(nccl_library_test,
   EXPECT_NE(lib.error().message.find("dlsym(libm.so.6, ncclGetVersion)"),
             std::string::npos)
       << lib.error().message;
+  // dlerror()'s own text, as the header promises.
+  EXPECT_NE(lib.error().message.find("undefined symbol: ncclGetVersion"),
+            std::string::npos)
+      << lib.error().message;
 }
 
 TEST(nccl_library_test, the_installed_nccl_loads_and_reports_its_version) {
