@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace kvfleet::cuda::validate {
@@ -46,6 +47,12 @@ result<void> codec_batch(engine::codec c, engine::dtype t, std::size_t elements,
                           " elements is not a positive multiple of the group "
                           "size " +
                           std::to_string(engine::codec_group_size));
+  // 2 * elements (and codec::none's encoded size, the same) must not wrap:
+  // 2^63 elements would pass as blocks of 0 bytes.
+  if (elements > std::numeric_limits<std::size_t>::max() / 2)
+    return make_error(errc::value_too_large,
+                      std::string(what) + ": " + std::to_string(elements) +
+                          " elements do not fit a block's size in bytes");
   const std::size_t raw = 2 * elements;
   const std::size_t enc = engine::encoded_size(c, elements);
   const std::size_t src_need = encode ? raw : enc;

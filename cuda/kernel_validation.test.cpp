@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <vector>
 
 namespace kvfleet::cuda {
@@ -73,6 +74,29 @@ TEST(kernel_validation_test,
 
   // Not a whole number of groups.
   r = encode_blocks(codec::int8, dtype::fp16, 100, {&j, 1});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::wrong_value_size);
+}
+
+TEST(kernel_validation_test, an_element_count_whose_size_wraps_is_refused) {
+  // 2^63 elements are 2^64 bytes of fp16: computed in 64 bits that is 0,
+  // and so is the size of the same block under codec::none. A batch that
+  // claims 0-byte buffers for it must not pass as a copy of nothing.
+  const std::size_t huge = std::size_t{1} << 63;
+  const codec_job j{fake(0x10000), 0, fake(0x100000), 0};
+  for (const bool encode : {true, false}) {
+    auto r =
+        validate::codec_batch(codec::none, dtype::fp16, huge, {&j, 1}, encode);
+    ASSERT_FALSE(r) << encode;
+    EXPECT_EQ(r.error().code, errc::value_too_large);
+  }
+  auto r = encode_blocks(codec::none, dtype::fp16, huge, {&j, 1});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::value_too_large);
+  // The largest count whose sizes fit is judged on the sizes as usual.
+  const std::size_t most = std::numeric_limits<std::size_t>::max() / 2 /
+                           engine::codec_group_size * engine::codec_group_size;
+  r = validate::codec_batch(codec::int8, dtype::fp16, most, {&j, 1}, true);
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, errc::wrong_value_size);
 }
