@@ -247,6 +247,39 @@ TEST(staging_ring_test, a_wrap_that_skips_the_end_accounts_for_it) {
   EXPECT_EQ(ring.used(), 0U);
 }
 
+TEST(staging_ring_test, empty_regions_never_hide_the_oldest_live_one) {
+  // An empty batch (copy_engine::to_device({}), host_tier::promote({}))
+  // takes a region of 0 bytes. Released in order with the others, it must
+  // not leave the ring thinking its oldest data starts where the empty
+  // region was.
+  internal::staging_ring ring(4096);
+  auto a = ring.acquire(1024);
+  auto z1 = ring.acquire(0);
+  auto z2 = ring.acquire(0);
+  ASSERT_TRUE(a && z1 && z2);
+  EXPECT_EQ(z1->bytes, 0U);
+  ring.release(*a);
+  auto b = ring.acquire(3584);
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->offset, 0U);
+  ring.release(*z1);
+  // 512 bytes free at the end, none at the start (b holds it).
+  auto c = ring.acquire(1024);
+  if (c) {
+    EXPECT_GE(c->offset, b->offset + b->bytes)
+        << "region at " << c->offset << " overlaps b";
+  }
+  EXPECT_FALSE(c);
+  ring.release(*z2);
+  auto z3 = ring.acquire(0);
+  ASSERT_TRUE(z3);
+  EXPECT_TRUE(ring.give_back(*z3)); // an empty region gives back nothing
+  EXPECT_EQ(ring.used(), 3584U);
+  ring.release(*b);
+  EXPECT_EQ(ring.used(), 0U);
+  EXPECT_TRUE(ring.acquire(4096));
+}
+
 TEST(staging_ring_test, the_newest_region_of_a_failed_batch_can_be_given_back) {
   internal::staging_ring ring(4096);
   auto a = ring.acquire(1024);

@@ -19,11 +19,15 @@ public:
   explicit staging_ring(std::size_t capacity) : capacity_(capacity) {}
 
   /// A contiguous region of `n` bytes (256-byte aligned), or nothing when
-  /// the ring has no room now.
+  /// the ring has no room now. A region of 0 bytes (an empty batch) takes
+  /// nothing and is not tracked: releasing or giving it back changes
+  /// nothing, so it can never stand for the oldest live region.
   std::optional<region> acquire(std::size_t n) {
     n = (n + 255) / 256 * 256;
     if (n > capacity_)
       return std::nullopt;
+    if (n == 0)
+      return region{0, 0};
     if (used_ == 0)
       head_ = tail_ = 0;
     // Free space: [tail_, capacity_) then [0, head_) when tail_ >= head_
@@ -44,6 +48,8 @@ public:
 
   /// Releases the oldest region. REQUIRES: `r` is the oldest acquired.
   void release(region r) {
+    if (r.bytes == 0)
+      return; // empty: never tracked
     used_ -= r.bytes;
     starts_.pop_front();
     head_ = starts_.empty() ? 0 : starts_.front();
@@ -55,6 +61,8 @@ public:
   /// waited on it), so a failed batch does not hold staging until a release
   /// that never comes. False, changing nothing, when `r` is not the newest.
   bool give_back(region r) {
+    if (r.bytes == 0)
+      return true; // empty: never tracked
     if (starts_.empty() || starts_.back() != r.offset || r.bytes > used_)
       return false;
     starts_.pop_back();
