@@ -223,6 +223,9 @@ TEST(staging_ring_test, regions_are_reused_in_order_and_wrap) {
   ring.release(*d);
   EXPECT_EQ(ring.used(), 0U);
   EXPECT_FALSE(ring.acquire(8192));
+  // Sizes near 2^64 do not round up past zero into an empty region.
+  EXPECT_FALSE(ring.acquire(SIZE_MAX));
+  EXPECT_FALSE(ring.acquire(SIZE_MAX - 200));
   auto e = ring.acquire(4096);
   ASSERT_TRUE(e);
   EXPECT_EQ(e->offset, 0U);

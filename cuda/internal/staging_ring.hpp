@@ -23,6 +23,8 @@ public:
   /// nothing and is not tracked: releasing or giving it back changes
   /// nothing, so it can never stand for the oldest live region.
   std::optional<region> acquire(std::size_t n) {
+    if (n > capacity_)
+      return std::nullopt; // also keeps the rounding below from wrapping
     n = (n + 255) / 256 * 256;
     if (n > capacity_)
       return std::nullopt;
