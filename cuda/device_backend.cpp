@@ -23,10 +23,16 @@ device_memory_backend::create(std::size_t bytes, int device) {
     (void)cudaFree(p);
     return unexpected<error>(r.error());
   }
-  if (auto r = internal::check(cudaMemset(p, 0, bytes), "cudaMemset"); !r) {
+  // cudaMemset is asynchronous: wait for it, or a copy on a non-blocking
+  // stream (a promotion into the new arena) could be zeroed after it.
+  auto zeroed = internal::check(cudaMemset(p, 0, bytes), "cudaMemset");
+  if (zeroed)
+    zeroed = internal::check(cudaStreamSynchronize(nullptr),
+                             "cudaStreamSynchronize(after cudaMemset)");
+  if (!zeroed) {
     (void)cudaFree(sum);
     (void)cudaFree(p);
-    return unexpected<error>(r.error());
+    return unexpected<error>(zeroed.error());
   }
   return std::unique_ptr<device_memory_backend>(
       new device_memory_backend(static_cast<std::byte*>(p), bytes, device,
@@ -54,6 +60,13 @@ result<void> device_memory_backend::write(std::size_t offset,
   KVFLEET_CUDA_TRY(cudaMemcpy(data_ + offset, src.data(), src.size(),
                               cudaMemcpyHostToDevice),
                    "cudaMemcpy(host to device)");
+  // From pageable memory cudaMemcpy returns once the bytes are staged, not
+  // when they have landed: the DMA may still be queued on the default
+  // stream, which the non-blocking streams of the host tier, the copy
+  // engine and NCCL do not wait for. Waiting here makes write() return
+  // when the slot holds the bytes, as the header says.
+  KVFLEET_CUDA_TRY(cudaStreamSynchronize(nullptr),
+                   "cudaStreamSynchronize(after host to device)");
   return {};
 }
 
