@@ -186,6 +186,12 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
     return unexpected<error>(r.error());
   if (auto r = m.collect(); !r)
     return unexpected<error>(r.error());
+  if (jobs.empty()) {
+    // Nothing to copy: no extent (one with no blocks would never be
+    // released) and no host bytes, but a ticket in the stream's order.
+    out.clear();
+    return m.enqueue(0, {});
+  }
   auto at = m.allocate(total);
   if (!at)
     return make_error(errc::out_of_memory, "demote: no free extent of " +

@@ -69,6 +69,32 @@ TEST(host_tier_test, a_full_host_arena_is_out_of_memory) {
   EXPECT_EQ(t.error().code, errc::out_of_memory);
 }
 
+TEST(host_tier_test, an_empty_demotion_takes_nothing_even_from_a_full_arena) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto tier =
+      host_tier::create({0, std::size_t{64} << 10, std::size_t{1} << 20});
+  ASSERT_TRUE(tier);
+  internal::device_buffer pool(std::size_t{64} << 10);
+  const demote_job all{pool.data(), std::size_t{64} << 10};
+  std::vector<host_block> placed;
+  auto t = (*tier)->demote({&all, 1}, placed);
+  ASSERT_TRUE(t) << t.error().describe();
+  ASSERT_EQ(placed.size(), 1U);
+  // The arena is full; an empty batch needs none of it (it used to take
+  // an extent of no blocks, which nothing ever released, or fail here).
+  std::vector<host_block> none{{1, 2, 3}};
+  auto e = (*tier)->demote({}, none);
+  ASSERT_TRUE(e) << e.error().describe();
+  EXPECT_TRUE(none.empty());
+  EXPECT_GT(*e, *t);
+  ASSERT_TRUE((*tier)->wait(*e));
+  auto done = (*tier)->poll(*t); // stream order: the earlier batch too
+  ASSERT_TRUE(done);
+  EXPECT_TRUE(*done);
+  (*tier)->release(placed[0]);
+  EXPECT_EQ((*tier)->host_used(), 0U);
+}
+
 TEST(host_tier_test, sizes_near_2_64_are_refused_before_any_copy) {
   KVFLEET_REQUIRE_DEVICE();
   auto tier =
