@@ -7,7 +7,12 @@
 /// block's size (u64 LE), then the blocks' bytes in order. The receiver
 /// checks the count and every size against what it expects before reading
 /// any payload, so a peer can never make it allocate or write out of
-/// bounds; a mismatch is errc::wrong_value_size. Each exchange (send, recv
+/// bounds; a mismatch is errc::wrong_value_size. An empty side has no
+/// frame: empty `out` sends nothing and empty `in` reads nothing, so a
+/// mismatch where one side has no blocks goes undetected. A receiver that
+/// expects blocks from a peer sending none times out (errc::io_error); a
+/// batch sent to a peer that expects none stays in the stream, and that
+/// peer's next non-empty receive takes it. Each exchange (send, recv
 /// or both) must finish within io_timeout (1 ms to 24 h) as a whole, so a
 /// peer trickling bytes cannot stretch it; a timeout or a closed peer is
 /// errc::io_error. A failed exchange may leave the stream mid-frame, so it
