@@ -258,6 +258,14 @@ private:
 /// Parses one non-blank line; on failure `problem` says why.
 bool parse_line(std::string_view line, std::uint32_t block_tokens,
                 workload_request& out, std::string& problem) {
+  // nlohmann's lexer takes a NUL byte for the end of its input (a C string's
+  // terminator): a line cut short by one would pass, whatever followed it
+  // (a NUL-padded file after a crash) silently dropped. JSON has no raw NUL.
+  if (const auto nul = line.find('\0'); nul != std::string_view::npos) {
+    problem =
+        "invalid JSON (column " + std::to_string(nul + 1) + ": a NUL byte)";
+    return false;
+  }
   line_parser p;
   bool ok = false;
   try {

@@ -171,6 +171,12 @@ const std::vector<bad_case>& bad_cases() {
        "hash_ids must not be empty"},
       {R"({"timestamp": 0, "timestamp": 1, "input_length": 1, "output_length": 1, "hash_ids": [1]})",
        "field \"timestamp\" appears more than once"},
+      // A NUL byte ends nlohmann's input: what follows it must not be
+      // dropped unseen.
+      {std::string(
+           R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]})") +
+           '\0' + R"({"timestamp": 1})",
+       "invalid JSON (column 73: a NUL byte)"},
   };
   return cases;
 }
