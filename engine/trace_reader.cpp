@@ -286,11 +286,16 @@ bool parse_line(std::string_view line, std::uint32_t block_tokens,
 
 enum class line_status { line, too_long, end };
 
-/// Reads one line without its '\n'. A line longer than `max_bytes` is
-/// consumed but not kept.
+/// Reads one line without its line break ('\n' or "\r\n"). A line longer
+/// than `max_bytes` is consumed but not kept.
 line_status read_line(std::istream& in, std::size_t max_bytes,
                       std::span<char> buf, std::string& line) {
   line.clear();
+  // One byte over the limit is kept for now: it may be the '\r' of a CRLF
+  // break, which is not part of the line.
+  const std::size_t keep_max =
+      max_bytes == std::numeric_limits<std::size_t>::max() ? max_bytes
+                                                           : max_bytes + 1;
   bool any = false;
   bool too_long = false;
   for (;;) {
@@ -311,7 +316,7 @@ line_status read_line(std::istream& in, std::size_t max_bytes,
     }
     any = true;
     if (!too_long) {
-      if (line.size() + keep > max_bytes) {
+      if (line.size() + keep > keep_max) {
         too_long = true;
         line.clear();
         line.shrink_to_fit();
@@ -319,8 +324,17 @@ line_status read_line(std::istream& in, std::size_t max_bytes,
         line.append(buf.data(), keep);
       }
     }
-    if (done)
-      return too_long ? line_status::too_long : line_status::line;
+    if (done) {
+      if (too_long)
+        return line_status::too_long;
+      if (!line.empty() && line.back() == '\r')
+        line.pop_back();
+      if (line.size() > max_bytes) {
+        line.clear();
+        return line_status::too_long;
+      }
+      return line_status::line;
+    }
   }
 }
 

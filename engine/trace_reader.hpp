@@ -44,7 +44,8 @@ struct trace_options {
   /// Most problems kept in `trace_report::problems`; later ones are only
   /// counted.
   std::size_t max_reported = 20;
-  /// Longest accepted line in bytes, without its line break.
+  /// Longest accepted line in bytes, without its line break ("\n" or
+  /// "\r\n").
   std::size_t max_line_bytes = std::size_t{16} << 20;
   /// Tokens per block the trace was made with (Mooncake: 512); when not 0,
   /// a line whose id count is not ceil(input_length / block_tokens) is

@@ -264,6 +264,36 @@ TEST(trace_reader, rejects_too_long_lines) {
   EXPECT_EQ(skipped.report.skipped, 1U);
 }
 
+TEST(trace_reader, line_limit_leaves_out_a_crlf_break) {
+  // The limit counts a line without its line break, "\r\n" as well as "\n".
+  trace_options opts;
+  opts.max_line_bytes = good_line.size();
+  const auto crlf = read(good_line + "\r\n" + good_line + "\r\n" + good_line,
+                         bad_line_action::reject, opts);
+  ASSERT_TRUE(crlf.got.has_value()) << crlf.got.error().describe();
+  EXPECT_EQ(crlf.got->size(), 3U);
+
+  // One byte more than the limit is still too long, with either break.
+  const std::string longer =
+      R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [12]})";
+  ASSERT_EQ(longer.size(), good_line.size() + 1);
+  for (const char* end : {"\r\n", "\n", ""}) {
+    SCOPED_TRACE(end);
+    const auto got =
+        read(good_line + "\r\n" + longer + end, bad_line_action::skip, opts);
+    ASSERT_TRUE(got.got.has_value());
+    EXPECT_EQ(got.got->size(), 1U);
+    ASSERT_EQ(got.report.problems.size(), 1U);
+    EXPECT_EQ(got.report.problems[0], "line 2: line longer than " +
+                                          std::to_string(good_line.size()) +
+                                          " bytes");
+  }
+  // A '\r' that is not the line's last byte counts.
+  const auto inner = read(good_line + "\r \n", bad_line_action::skip, opts);
+  ASSERT_TRUE(inner.got.has_value());
+  EXPECT_EQ(inner.report.skipped, 1U);
+}
+
 TEST(trace_reader, checks_id_count_when_block_size_is_given) {
   trace_options opts;
   opts.block_tokens = 512;
