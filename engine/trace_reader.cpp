@@ -60,6 +60,62 @@ std::string shorten(std::string_view text) {
   return std::string(text.substr(0, cut)) + "...";
 }
 
+/// Length of the well-formed UTF-8 sequence at the start of `s` (1 to 4), or
+/// 0 when its first bytes are not one.
+std::size_t utf8_sequence_length(std::string_view s) {
+  const auto byte = [&](std::size_t i) {
+    return static_cast<unsigned char>(s[i]);
+  };
+  const unsigned char b = byte(0);
+  if (b < 0x80U)
+    return 1;
+  std::size_t n = 0;
+  unsigned char lo = 0x80U; // the second byte's range, per RFC 3629
+  unsigned char hi = 0xBFU;
+  if (b >= 0xC2U && b <= 0xDFU) {
+    n = 2;
+  } else if (b >= 0xE0U && b <= 0xEFU) {
+    n = 3;
+    lo = b == 0xE0U ? 0xA0U : 0x80U;
+    hi = b == 0xEDU ? 0x9FU : 0xBFU;
+  } else if (b >= 0xF0U && b <= 0xF4U) {
+    n = 4;
+    lo = b == 0xF0U ? 0x90U : 0x80U;
+    hi = b == 0xF4U ? 0x8FU : 0xBFU;
+  } else {
+    return 0;
+  }
+  if (s.size() < n || byte(1) < lo || byte(1) > hi)
+    return 0;
+  for (std::size_t i = 2; i < n; ++i)
+    if ((byte(i) & 0xC0U) != 0x80U)
+      return 0;
+  return n;
+}
+
+/// `text` with each byte that is not part of well-formed UTF-8 written as
+/// "\xNN": nlohmann quotes the bytes it choked on as they are, and a problem
+/// text must stay printable (and valid in a JSON log).
+std::string escape_ill_formed_utf8(std::string_view text) {
+  constexpr std::string_view hex = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(text.size());
+  while (!text.empty()) {
+    const std::size_t n = utf8_sequence_length(text);
+    if (n == 0) {
+      const auto b = static_cast<unsigned char>(text[0]);
+      out += "\\x";
+      out += hex[b >> 4U];
+      out += hex[b & 0xFU];
+      text.remove_prefix(1);
+    } else {
+      out.append(text.substr(0, n));
+      text.remove_prefix(n);
+    }
+  }
+  return out;
+}
+
 /// "invalid JSON (...)" from a nlohmann exception text such as
 /// "[json.exception.parse_error.101] parse error at line 1, column 6: syntax
 /// error ...", keeping what a person needs ("column 6: syntax error ...").
@@ -69,7 +125,7 @@ std::string json_error_text(std::string_view what) {
       what.remove_prefix(end + 2);
   if (const auto at = what.find("column "); at != std::string_view::npos)
     what.remove_prefix(at);
-  return shorten("invalid JSON (" + std::string(what) + ")");
+  return shorten("invalid JSON (" + escape_ill_formed_utf8(what) + ")");
 }
 
 /// Turns one line's SAX events into a request, without building a DOM.

@@ -61,7 +61,8 @@ struct trace_report {
   std::size_t skipped = 0;      ///< malformed lines skipped
   std::size_t out_of_order = 0; ///< accepted lines earlier than the previous
   /// "line 17: hash_ids must be an array of non-negative integers", in file
-  /// order, at most `trace_options::max_reported` of them.
+  /// order, at most `trace_options::max_reported` of them. Well-formed
+  /// UTF-8: a quoted input byte that is not is written as "\xFF".
   std::vector<std::string> problems;
 };
 

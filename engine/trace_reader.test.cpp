@@ -264,6 +264,30 @@ TEST(trace_reader, rejects_too_long_lines) {
   EXPECT_EQ(skipped.report.skipped, 1U);
 }
 
+TEST(trace_reader, problems_name_ill_formed_utf8_bytes_in_hex) {
+  // nlohmann quotes the bytes it stopped at; a problem text must still be
+  // well-formed UTF-8, so they are written as \xNN, while a well-formed
+  // character (U+00E9, bytes C3 A9) is kept.
+  const std::string line =
+      R"({"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1], "x": ")"
+      "\xc3\xa9\xff\xfe\"}";
+  const auto [got, report] = read(line + "\n");
+  ASSERT_FALSE(got.has_value());
+  const std::string& message = got.error().message;
+  EXPECT_EQ(message.rfind("line 1: invalid JSON (column ", 0), 0U) << message;
+  EXPECT_NE(message.find("\"\xc3\xa9\\xFF"), std::string::npos) << message;
+  for (std::size_t i = 0; i < message.size(); ++i) {
+    const auto b = static_cast<unsigned char>(message[i]);
+    if (b < 0x80U)
+      continue;
+    // The only bytes above 0x7F: the one well-formed sequence.
+    EXPECT_EQ(b, 0xC3U) << message;
+    ASSERT_LT(i + 1, message.size());
+    EXPECT_EQ(static_cast<unsigned char>(message[i + 1]), 0xA9U) << message;
+    ++i;
+  }
+}
+
 TEST(trace_reader, line_limit_leaves_out_a_crlf_break) {
   // The limit counts a line without its line break, "\r\n" as well as "\n".
   trace_options opts;
