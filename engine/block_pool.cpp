@@ -34,6 +34,17 @@ result<block_pool> block_pool::create(std::size_t arena_bytes,
                                                   std::to_string(slab_bytes) +
                                                   " exceeds the arena size " +
                                                   std::to_string(arena_bytes));
+  // A slot's index in its slab and the slab's slot count are 32 bits: a
+  // slab with more slots of the smallest size would wrap that count (to 0
+  // at 2^32 slots, and the first allocation would break the bookkeeping).
+  constexpr std::size_t max_slab_bytes =
+      slot_alignment * std::size_t{std::numeric_limits<std::uint32_t>::max()};
+  if (slab_bytes > max_slab_bytes)
+    return make_error(
+        errc::invalid_argument,
+        "slab size " + std::to_string(slab_bytes) + " exceeds the largest, " +
+            std::to_string(max_slab_bytes) + " bytes (2^32 - 1 " + "slots of " +
+            std::to_string(slot_alignment) + " bytes)");
   const std::size_t slabs = arena_bytes / slab_bytes;
   if (slabs >= none)
     return make_error(errc::invalid_argument, "too many slabs");

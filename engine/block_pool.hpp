@@ -37,8 +37,9 @@ public:
   static constexpr std::size_t slot_alignment = 256;
 
   /// A pool over `arena_bytes` cut into slabs of `slab_bytes` (rounded down
-  /// to the slot alignment). Zero sizes or a slab larger than the arena are
-  /// errors.
+  /// to the slot alignment). Zero sizes, a slab larger than the arena and a
+  /// slab of more than 2^32 - 1 slots of `slot_alignment` bytes (about
+  /// 1 TiB) are errors.
   [[nodiscard]] static result<block_pool> create(std::size_t arena_bytes,
                                                  std::size_t slab_bytes);
 

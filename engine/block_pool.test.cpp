@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -71,6 +72,40 @@ TEST(block_pool, bad_sizes_are_errors) {
   EXPECT_EQ(pool.size_class_for(4097).error().code, errc::value_too_large);
   EXPECT_EQ(pool.size_class_for(0).error().code, errc::invalid_argument);
   EXPECT_EQ(pool.allocate(3).error().code, errc::invalid_argument);
+}
+
+TEST(block_pool, a_slab_holds_at_most_2_to_the_32_minus_1_slots) {
+  // Slot indexes and counts are 32 bits. The pool only keeps books, so an
+  // arena this large costs nothing here.
+  constexpr std::size_t max_slab =
+      block_pool::slot_alignment * std::size_t{0xffffffffU};
+  constexpr std::size_t over = max_slab + block_pool::slot_alignment;
+  auto too_big = block_pool::create(over, over);
+  ASSERT_FALSE(too_big.has_value());
+  EXPECT_EQ(too_big.error().code, errc::invalid_argument);
+  EXPECT_NE(too_big.error().message.find(std::to_string(max_slab)),
+            std::string::npos)
+      << too_big.error().message;
+  // 2^32 slots: the count the first allocation checked against wrapped to 0.
+  EXPECT_FALSE(block_pool::create(std::size_t{1} << 40, std::size_t{1} << 40)
+                   .has_value());
+
+  auto pool = block_pool::create(2 * max_slab, max_slab);
+  ASSERT_TRUE(pool.has_value()) << pool.error().describe();
+  EXPECT_EQ(pool->slab_count(), 2U);
+  // One slot per slab, so nothing sizes a free list of 2^32 entries.
+  auto cls = pool->size_class_for(max_slab);
+  ASSERT_TRUE(cls.has_value());
+  auto a = pool->allocate(*cls);
+  auto b = pool->allocate(*cls);
+  ASSERT_TRUE(a.has_value() && b.has_value());
+  EXPECT_EQ(pool->offset(*a) + pool->offset(*b), max_slab);
+  EXPECT_FALSE(pool->can_allocate(*cls));
+  pool->check_invariants();
+  pool->free(*a);
+  pool->free(*b);
+  EXPECT_EQ(pool->used_bytes(), 0U);
+  pool->check_invariants();
 }
 
 class block_index_keys : public ::testing::TestWithParam<int> {};
