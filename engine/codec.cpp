@@ -464,8 +464,13 @@ bool is_valid(codec c) noexcept {
 std::size_t encoded_size(codec c, std::size_t elements) noexcept {
   if (!is_valid(c))
     return 0;
-  const std::size_t groups = (elements + group - 1) / group;
-  return groups * encoded_group_bytes(c);
+  // Not (elements + group - 1) / group, which wraps for the last group - 1
+  // values; a size past size_t saturates instead of wrapping to a small one.
+  const std::size_t groups = elements / group + (elements % group != 0);
+  const std::size_t per_group = encoded_group_bytes(c);
+  if (groups > std::numeric_limits<std::size_t>::max() / per_group)
+    return std::numeric_limits<std::size_t>::max();
+  return groups * per_group;
 }
 
 result<std::size_t> encode(codec c, dtype t, std::span<const std::byte> src,

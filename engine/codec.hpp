@@ -36,8 +36,9 @@
 /// Sizes: encode needs a whole number of groups (2 * 64 bytes) and decode a
 /// whole number of encoded groups; destinations may be larger than needed
 /// (the rest is left untouched) and must not overlap the source.
-/// encoded_size() rounds a partial group up to a whole one and is 0 for an
-/// unknown codec. Element arrays are in host byte order and the encoding
+/// encoded_size() rounds a partial group up to a whole one, is 0 for an
+/// unknown codec and SIZE_MAX for a size past what a size_t holds.
+/// Element arrays are in host byte order and the encoding
 /// little-endian; the code requires a little-endian host (static_assert).
 /// CPU paths: a portable one, and AVX2 + F16C chosen at run time when the
 /// CPU has them (engine/internal/codec_isa.hpp); both give the same bytes.
@@ -72,7 +73,9 @@ inline constexpr std::size_t codec_group_size = 64;
 /// True for a value inside the enum's range.
 [[nodiscard]] bool is_valid(codec c) noexcept;
 
-/// Bytes of `elements` elements stored under `c` (scales included).
+/// Bytes of `elements` elements stored under `c` (scales included); SIZE_MAX
+/// when that does not fit a size_t (no buffer is that large, so a check
+/// against it fails instead of passing on a wrapped, small size).
 [[nodiscard]] std::size_t encoded_size(codec c, std::size_t elements) noexcept;
 
 /// Encodes `src` (elements of type `t`, 2 bytes each) into `dst`. REQUIRES

@@ -380,6 +380,20 @@ TEST(codec, encoded_sizes) {
   // Partial groups count as whole ones.
   EXPECT_EQ(encoded_size(codec::int8, 65), 2 * 68U);
   EXPECT_EQ(encoded_size(static_cast<codec>(9), 64), 0U);
+  // Sizes past size_t saturate instead of wrapping: 2^63 fp16 elements
+  // are 2^64 bytes (wrapped: 0). Counts in the last group before 2^64 are
+  // 2^58 groups (rounding up wrapped them to 0 groups).
+  constexpr std::size_t max = std::numeric_limits<std::size_t>::max();
+  for (const std::size_t n : {max, max - codec_group_size + 2}) {
+    EXPECT_EQ(encoded_size(codec::none, n), max);
+    EXPECT_EQ(encoded_size(codec::fp8, n), max);
+    EXPECT_EQ(encoded_size(codec::int8, n), max);
+    EXPECT_EQ(encoded_size(codec::int4, n), (std::size_t{1} << 58) * 36U);
+  }
+  EXPECT_EQ(encoded_size(codec::none, std::size_t{1} << 63), max);
+  EXPECT_EQ(encoded_size(codec::none, (std::size_t{1} << 63) - 64), max - 127);
+  EXPECT_EQ(encoded_size(codec::int8, max / 68 * 64), max / 68 * 68);
+  EXPECT_EQ(encoded_size(codec::int8, max / 68 * 64 + 1), max);
 }
 
 // ------------------------------------------------------------ errors
