@@ -116,6 +116,32 @@ TEST(block_key, ids_and_tokens_are_separate_domains) {
   EXPECT_NE(a, chain_key_from_id(a, fp, 42));
 }
 
+TEST(kv_namespace, fingerprint_matches_the_documented_byte_layout) {
+  // Version byte 1, the model id length-prefixed, then the fields, all
+  // little-endian; model ids shorter and longer than XXH3's 256-byte
+  // stream buffer, and empty.
+  for (const std::size_t model_chars : {0U, 10U, 300U, 5000U}) {
+    SCOPED_TRACE(model_chars);
+    auto spec = test_spec();
+    spec.model.assign(model_chars, 'm');
+    std::vector<unsigned char> buf{1};
+    le64(buf, spec.model.size());
+    buf.insert(buf.end(), spec.model.begin(), spec.model.end());
+    for (const std::uint32_t v : {spec.layers, spec.kv_heads, spec.head_dim})
+      for (int i = 0; i < 4; ++i)
+        buf.push_back(static_cast<unsigned char>(v >> (8 * i)));
+    buf.push_back(static_cast<unsigned char>(spec.type));
+    for (int i = 0; i < 4; ++i)
+      buf.push_back(static_cast<unsigned char>(spec.block_tokens >> (8 * i)));
+    le64(buf, spec.tenant_salt);
+    const XXH128_hash_t h =
+        XXH3_128bits_withSeed(buf.data(), buf.size(), hash_seed);
+    const ns_fingerprint fp = spec.fingerprint();
+    EXPECT_EQ(fp.hi, h.high64);
+    EXPECT_EQ(fp.lo, h.low64);
+  }
+}
+
 TEST(kv_namespace, validation_names_the_problem) {
   auto s = test_spec();
   EXPECT_TRUE(s.validate().has_value());

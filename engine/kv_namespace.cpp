@@ -7,8 +7,8 @@
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
+#include <array>
 #include <cstdio>
-#include <vector>
 
 namespace kvfleet::engine {
 namespace {
@@ -81,20 +81,25 @@ result<void> namespace_spec::validate() const {
 
 ns_fingerprint namespace_spec::fingerprint() const noexcept {
   // Canonical serialization: a version byte, then each field little-endian,
-  // the model id length-prefixed.
-  std::vector<unsigned char> buf;
-  buf.reserve(64 + model.size());
-  buf.push_back(1);
-  internal::put_le64(buf, model.size());
-  buf.insert(buf.end(), model.begin(), model.end());
-  internal::put_le32(buf, layers);
-  internal::put_le32(buf, kv_heads);
-  internal::put_le32(buf, head_dim);
-  buf.push_back(static_cast<unsigned char>(type));
-  internal::put_le32(buf, block_tokens);
-  internal::put_le64(buf, tenant_salt);
-  const XXH128_hash_t h =
-      XXH3_128bits_withSeed(buf.data(), buf.size(), hash_seed);
+  // the model id length-prefixed. Hashed as a stream rather than built in a
+  // vector: this function is noexcept, so an allocation failure would end
+  // the process.
+  XXH3_state_t state;
+  XXH3_128bits_reset_withSeed(&state, hash_seed);
+  std::array<unsigned char, 9> head{};
+  head[0] = 1;
+  internal::store_le64(head.data() + 1, model.size());
+  XXH3_128bits_update(&state, head.data(), head.size());
+  XXH3_128bits_update(&state, model.data(), model.size());
+  std::array<unsigned char, 25> tail{};
+  internal::store_le32(tail.data(), layers);
+  internal::store_le32(tail.data() + 4, kv_heads);
+  internal::store_le32(tail.data() + 8, head_dim);
+  tail[12] = static_cast<unsigned char>(type);
+  internal::store_le32(tail.data() + 13, block_tokens);
+  internal::store_le64(tail.data() + 17, tenant_salt);
+  XXH3_128bits_update(&state, tail.data(), tail.size());
+  const XXH128_hash_t h = XXH3_128bits_digest(&state);
   return ns_fingerprint{h.high64, h.low64};
 }
 
