@@ -6,6 +6,7 @@
 #include <array>
 #include <cerrno>
 #include <cmath>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <istream>
@@ -415,7 +416,19 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
     std::string problem;
     std::uint64_t last_timestamp = 0;
     for (;;) {
-      const line_status status = read_line(in, opts.max_line_bytes, buf, line);
+      line_status status = line_status::end;
+      try {
+        status = read_line(in, opts.max_line_bytes, buf, line);
+      } catch (const std::bad_alloc&) {
+        throw;
+      } catch (const std::exception& e) {
+        // A stream with exceptions enabled throws instead of setting badbit
+        // (rethrowing what its buffer threw), or on failbit or eofbit,
+        // which the reader relies on to read lines.
+        return make_error(errc::io_error, "read error after line " +
+                                              std::to_string(report.lines) +
+                                              ": " + e.what());
+      }
       if (status == line_status::end)
         break;
       ++report.lines;

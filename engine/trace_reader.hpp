@@ -69,7 +69,9 @@ struct trace_report {
 /// Reads a trace from `in`. `report` is reset first.
 /// Errors: `errc::parse_error` naming the line ("line 17: ...") for the first
 /// malformed line under `bad_line_action::reject`; `errc::io_error` when the
-/// stream fails; `errc::out_of_memory` when allocation fails.
+/// stream fails (sets badbit, or throws: a stream with exceptions enabled
+/// for failbit or eofbit, on which lines are read, fails at its first long
+/// line or at its end); `errc::out_of_memory` when allocation fails.
 [[nodiscard]] result<std::vector<workload_request>>
 read_trace(std::istream& in, const trace_options& opts, trace_report& report);
 

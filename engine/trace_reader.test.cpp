@@ -4,7 +4,10 @@
 
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <stdexcept>
+#include <streambuf>
 #include <string>
 #include <vector>
 
@@ -316,6 +319,45 @@ TEST(trace_reader, line_limit_leaves_out_a_crlf_break) {
   const auto inner = read(good_line + "\r \n", bad_line_action::skip, opts);
   ASSERT_TRUE(inner.got.has_value());
   EXPECT_EQ(inner.report.skipped, 1U);
+}
+
+/// Hands out `data`, then fails as a broken device does: by throwing.
+class failing_buf : public std::streambuf {
+public:
+  explicit failing_buf(std::string data) : data_(std::move(data)) {
+    setg(data_.data(), data_.data(), data_.data() + data_.size());
+  }
+
+protected:
+  int_type underflow() override { throw std::runtime_error("device gone"); }
+
+private:
+  std::string data_;
+};
+
+TEST(trace_reader, a_failing_stream_is_an_io_error_even_if_it_throws) {
+  // Without exceptions the stream sets badbit; with badbit exceptions on it
+  // rethrows its buffer's exception, which must not escape the reader.
+  for (const bool throws : {false, true}) {
+    SCOPED_TRACE(throws);
+    failing_buf buf(good_line + "\n");
+    std::istream in(&buf);
+    if (throws)
+      in.exceptions(std::ios::badbit);
+    trace_report report;
+    std::optional<result<std::vector<workload_request>>> got;
+    EXPECT_NO_THROW(got.emplace(read_trace(in, {}, report)));
+    ASSERT_TRUE(got.has_value());
+    ASSERT_FALSE(got->has_value());
+    EXPECT_EQ(got->error().code, errc::io_error);
+    EXPECT_EQ(got->error().message.rfind("read error after line 1", 0), 0U)
+        << got->error().message;
+    if (throws) {
+      EXPECT_NE(got->error().message.find("device gone"), std::string::npos)
+          << got->error().message;
+    }
+    EXPECT_EQ(report.accepted, 1U);
+  }
 }
 
 TEST(trace_reader, checks_id_count_when_block_size_is_given) {
