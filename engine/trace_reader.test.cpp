@@ -306,8 +306,11 @@ TEST(trace_reader, line_limit_leaves_out_a_crlf_break) {
   ASSERT_EQ(longer.size(), good_line.size() + 1);
   for (const char* end : {"\r\n", "\n", ""}) {
     SCOPED_TRACE(end);
-    const auto got =
-        read(good_line + "\r\n" + longer + end, bad_line_action::skip, opts);
+    std::string text = good_line;
+    text += "\r\n";
+    text += longer;
+    text += end;
+    const auto got = read(text, bad_line_action::skip, opts);
     ASSERT_TRUE(got.got.has_value());
     EXPECT_EQ(got.got->size(), 1U);
     ASSERT_EQ(got.report.problems.size(), 1U);
