@@ -950,6 +950,23 @@ TEST_F(store_fixture,
   store_->check_invariants();
 }
 
+TEST(latency_histogram, every_bucket_ends_where_the_next_begins) {
+  // The top power of two too: only its last bucket ends at 2^64 - 1.
+  for (std::size_t b = 0; b + 1 < latency_histogram::bucket_count; ++b) {
+    const std::uint64_t upper = latency_histogram::bucket_upper(b);
+    EXPECT_EQ(latency_histogram::bucket_of(upper), b) << b;
+    EXPECT_EQ(latency_histogram::bucket_of(upper + 1), b + 1) << b;
+  }
+  EXPECT_EQ(
+      latency_histogram::bucket_upper(latency_histogram::bucket_count - 1),
+      ~std::uint64_t{0});
+  latency_histogram h;
+  h.record(std::uint64_t{1} << 63);
+  h.record(~std::uint64_t{0});
+  EXPECT_EQ(h.quantile(0.5), (std::uint64_t{9} << 60) - 1);
+  EXPECT_EQ(h.quantile(1.0), ~std::uint64_t{0});
+}
+
 TEST(latency_histogram, quantiles_are_within_a_bucket) {
   latency_histogram h;
   EXPECT_EQ(h.quantile(0.5), 0U);

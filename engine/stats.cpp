@@ -35,7 +35,9 @@ std::uint64_t latency_histogram::bucket_upper(std::size_t b) noexcept {
     return b;
   const std::size_t shift = (b >> sub_bits) - 1;
   const std::uint64_t mantissa = (b & (sub - 1)) | sub;
-  if (shift >= 60)
+  // Only the last bucket's edge, 2^64, is past the range; the other seven
+  // buckets of the top power of two end below it.
+  if (mantissa + 1 > (~std::uint64_t{0} >> shift))
     return ~std::uint64_t{0};
   return ((mantissa + 1) << shift) - 1;
 }
