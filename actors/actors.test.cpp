@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <random>
@@ -1934,6 +1935,25 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
     EXPECT_TRUE(r.pin);
   }
   EXPECT_EQ(*progress, (std::vector<std::uint64_t>{1, 2, 3}));
+}
+
+TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {
+  // SIZE_MAX means "all at once": the warmer starts the job's two queries
+  // and stops there (it used to count to SIZE_MAX and never answer).
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  stop_at_end_.push_back(b);
+  warmer_config wc;
+  wc.parallelism = std::numeric_limits<std::size_t>::max();
+  auto w = spawned(spawn_warmer(*sys_, wc, b));
+  stop_at_end_.push_back(w);
+  std::vector<warm_item> items{warm_item{query(0, "a"), 2.0},
+                               warm_item{query(0, "b"), 1.0}};
+  auto rep = ask_now<warm_report>(w, warm_atom::value, items, std::uint32_t{5},
+                                  false, caf::actor{});
+  EXPECT_EQ(rep.requested, 2U);
+  EXPECT_EQ(rep.warmed, 2U);
+  EXPECT_EQ(be->seen.size(), 2U);
 }
 
 TEST_F(actor_test, AWarmCallerHearsBackWhenTheWarmerStops) {

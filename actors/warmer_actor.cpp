@@ -90,7 +90,10 @@ caf::behavior warmer_behavior(caf::event_based_actor* self,
           return job->report;
         auto promise = self->make_response_promise();
         job->promise = owed_reply{promise};
-        for (std::size_t i = 0; i < config.parallelism; ++i)
+        // No more launches than queries: a parallelism far above the job
+        // (SIZE_MAX meaning "all at once") would otherwise spin here.
+        const auto starts = std::min(config.parallelism, job->queue.size());
+        for (std::size_t i = 0; i < starts; ++i)
           launch(self, config, balancer, job);
         return promise;
       },
