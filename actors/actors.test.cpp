@@ -1937,6 +1937,15 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
   EXPECT_EQ(*progress, (std::vector<std::uint64_t>{1, 2, 3}));
 }
 
+TEST(WarmerSelectTop, ANaNFrequencyRanksBelowEveryNumber) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::vector<warm_item> items;
+  for (double f : {nan, 1.0, 2.0, nan, 3.0, -1.0})
+    items.push_back(warm_item{kv_request{}, f});
+  EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{4, 2, 1}));
+  EXPECT_EQ(select_top(items, 6), (std::vector<std::size_t>{4, 2, 1, 5, 0, 3}));
+}
+
 TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {
   // SIZE_MAX means "all at once": the warmer starts the job's two queries
   // and stops there (it used to count to SIZE_MAX and never answer).

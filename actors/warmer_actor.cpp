@@ -4,6 +4,7 @@
 #include "actors/owed_reply.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <numeric>
 #include <utility>
@@ -19,8 +20,15 @@ std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
                                     std::size_t n) {
   std::vector<std::size_t> idx(items.size());
   std::iota(idx.begin(), idx.end(), std::size_t{0});
+  // A NaN frequency (unknown) ranks below every number: compared with `>`
+  // it would tie with everything, which is no ordering at all, and a NaN
+  // item could be picked ahead of the hottest query.
   std::stable_sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) {
-    return items[a].frequency > items[b].frequency;
+    const double fa = items[a].frequency;
+    const double fb = items[b].frequency;
+    if (std::isnan(fa))
+      return false;
+    return std::isnan(fb) || fa > fb;
   });
   idx.resize(std::min(n, idx.size()));
   return idx;

@@ -35,7 +35,7 @@ struct warmer_config {
 [[nodiscard]] result<void> validate(const warmer_config& config);
 
 /// Indices of the top `n` items by frequency, highest first, ties in input
-/// order.
+/// order; an item whose frequency is NaN ranks below every other.
 [[nodiscard]] std::vector<std::size_t>
 select_top(const std::vector<warm_item>& items, std::size_t n);
 
