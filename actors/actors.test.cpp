@@ -289,6 +289,21 @@ TEST_F(actor_test, BatchClosesAtTimeout) {
   EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 1U);
 }
 
+TEST_F(actor_test, ABatchTimeoutBelowAMillisecondIsNotCutToZero) {
+  // 1.5 ms: the batch closes 1.5 ms after its first request, not after the
+  // whole milliseconds in it (1 ms; a 0.5 ms timeout used to close at once).
+  auto e = engine(small_engine(64, 20, 1500us));
+  auto r1 = ask<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  EXPECT_FALSE(r1->done());
+  sched_->advance_time(1ms);
+  sched_->run();
+  EXPECT_FALSE(r1->done());
+  sched_->advance_time(500us);
+  sched_->run();
+  EXPECT_TRUE(r1->value.has_value());
+}
+
 TEST_F(actor_test, BatchClosesWhenIdleWithoutWaitingForTheTimeout) {
   auto c = small_engine(64, 20, 100ms);
   c.batch.close_when_idle = true;
