@@ -18,19 +18,21 @@
 namespace kvfleet::actors {
 namespace {
 
-/// `url` with whatever sits between "://" and the host's '@' replaced by
-/// "***", so no message shows a password.
+/// `url` with whatever sits between "://" and the last '@' replaced by
+/// "***", so no message shows a password. The last '@' of the whole URL,
+/// not of the part before the first '/': a password with a '/' left
+/// unencoded puts that '/' before the '@', and the rest of the password
+/// would show.
 std::string without_credentials(std::string_view url) {
   const auto scheme_end = url.find("://");
   if (scheme_end == std::string_view::npos)
     return std::string(url);
   const auto start = scheme_end + 3;
-  const auto authority = url.substr(start, url.find('/', start) - start);
-  const auto at = authority.rfind('@');
-  if (at == std::string_view::npos)
+  const auto at = url.rfind('@');
+  if (at == std::string_view::npos || at < start)
     return std::string(url);
   return std::string(url.substr(0, start)) + "***" +
-         std::string(url.substr(start + at));
+         std::string(url.substr(at));
 }
 
 unexpected<error> url_error(std::string_view url, std::string_view why) {
@@ -134,6 +136,13 @@ result<redis_endpoint> parse_redis_url(std::string_view url) {
   if (url.substr(0, scheme.size()) != scheme)
     return url_error(url, "scheme must be redis://");
   auto rest = url.substr(scheme.size());
+  // Credentials end at the last '@'; a '/', '?' or '#' before it belongs
+  // to them, unencoded (a '@' cannot follow the host).
+  if (const auto at = rest.rfind('@');
+      at != std::string_view::npos &&
+      rest.substr(0, at).find_first_of("/?#") != std::string_view::npos)
+    return url_error(url, "percent-encode '/', '?' and '#' in the "
+                          "credentials (%2F, %3F, %23)");
   if (rest.find_first_of("?#") != std::string_view::npos)
     return url_error(url, "query strings and fragments are not supported");
   auto slash = rest.find('/');

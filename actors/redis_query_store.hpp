@@ -79,8 +79,9 @@ struct redis_endpoint {
 /// Parses `redis://[[user]:password@]host[:port][/db]` (an IPv6 host in
 /// brackets; user and password percent-decoded). Errors: errc::parse_error
 /// saying what is wrong (scheme, empty host, port not in 1..65535, db not
-/// a number, credentials without a password or with a bad %-escape, query
-/// strings), with the credentials in the quoted URL replaced by `***`.
+/// a number, credentials without a password, with a bad %-escape or with
+/// an unencoded '/', '?' or '#', query strings), with the credentials (up
+/// to the URL's last '@') in the quoted URL replaced by `***`.
 [[nodiscard]] result<redis_endpoint> parse_redis_url(std::string_view url);
 
 class redis_query_store final : public query_store {

@@ -276,8 +276,14 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
     const char* says;
     const char* secret;
   };
-  for (auto [url, says, secret] : std::array<bad, 6>{{
+  for (auto [url, says, secret] : std::array<bad, 9>{{
            {"redis://hunter2@h:1", "user:password", "hunter2"},
+           // Unencoded '/', '?' or '#' in the password: the part after it
+           // used to show (the '/' case) and the error blamed the port or
+           // a query string.
+           {"redis://alice:hunter/2@h:1", "percent-encode", "hunter"},
+           {"redis://alice:hun?ter2@h:1", "percent-encode", "hun"},
+           {"redis://:hun#ter2@h:1/3", "percent-encode", "hun"},
            {"redis://alice:@h:1", "empty password", "alice"},
            {"redis://alice:hun%zzter@h:1", "%-escape", "hun%zz"},
            {"redis://alice:hunter%4@h:1", "%-escape", "hunter"},
