@@ -812,6 +812,21 @@ TEST(EmbeddedQueryStore, ExpiresAtTtl) {
   EXPECT_FALSE(s.set("q", "v", 0s, engine::nanos{0}));
 }
 
+TEST(EmbeddedQueryStore, ATtlPastTheClocksRangeNeverExpires) {
+  // now + ttl would wrap negative: the entry used to expire at once.
+  embedded_query_store s;
+  const engine::nanos now = 3600s;
+  ASSERT_TRUE(s.set("q", "v", engine::nanos::max(), now));
+  auto got = s.get("q", now);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->value_or(""), "v");
+  ASSERT_TRUE(s.set("q", "w", engine::nanos::max() - 1ns, now + 1s));
+  got = s.get("q", engine::nanos::max() - 1ns);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->value_or(""), "w");
+  EXPECT_EQ(s.expirations(), 0U);
+}
+
 TEST(EmbeddedQueryStore, BoundedLeastRecentlyUsedFirst) {
   embedded_query_store s{2};
   ASSERT_TRUE(s.set("a", "1", 10s, engine::nanos{0}));

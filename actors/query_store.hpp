@@ -26,7 +26,8 @@ public:
   /// does).
   [[nodiscard]] virtual result<std::optional<std::string>>
   get(const std::string& key, engine::nanos now) = 0;
-  /// Stores `value` under `key`, expiring `ttl` after `now` (ttl > 0).
+  /// Stores `value` under `key`, expiring `ttl` after `now` (ttl > 0; an
+  /// expiry past the clock's range is its last tick: never).
   [[nodiscard]] virtual result<void> set(const std::string& key,
                                          const std::string& value,
                                          engine::nanos ttl,
