@@ -174,8 +174,19 @@ cache_behavior(cache_actor* self, query_cache_config config,
 result<void> validate(const query_cache_config& config) {
   // A year: an expiry time far past it would overflow the clock's
   // nanoseconds and lie in the past, so every entry would expire at once.
-  return check_duration("query_cache_config.ttl", config.ttl, false,
-                        std::chrono::hours{24 * 365});
+  if (auto ok = check_duration("query_cache_config.ttl", config.ttl, false,
+                               std::chrono::hours{24 * 365});
+      !ok)
+    return ok;
+  // redis_url selects the store and replaces redis.url: a URL set only
+  // there would be dropped in silence and the cache run in process. (The
+  // URL is not quoted: it may hold a password.)
+  if (!config.redis.url.empty() && config.redis.url != config.redis_url)
+    return make_error(errc::invalid_argument,
+                      "query_cache_config.redis.url is not used: the Redis "
+                      "URL goes in query_cache_config.redis_url (empty: the "
+                      "embedded store)");
+  return {};
 }
 
 result<std::unique_ptr<query_store>>
