@@ -2027,6 +2027,38 @@ TEST_F(actor_test, AWarmQueryTheBalancerTimesOutFailsAtItsDeadlineOnly) {
   EXPECT_EQ(rep->value->requested, 1U);
   EXPECT_EQ(rep->value->warmed, 0U);
   EXPECT_EQ(rep->value->failed, 1U);
+  EXPECT_EQ(rep->value->first_error, "timeout: request timed out");
+}
+
+TEST_F(actor_test, AWarmReportSaysWhyItsFirstFailedQueryFailed) {
+  // Two of three queries are bad (their token counts do not fill their
+  // blocks): the report counts both and names the first one's error, so a
+  // caller learns why, not only how many.
+  auto b = balancer(routing_policy::round_robin, {small_engine(64)});
+  warmer_config wc;
+  wc.parallelism = 1;
+  auto w = spawned(spawn_warmer(*sys_, wc, b));
+  stop_at_end_.push_back(w);
+  sched_->run();
+  auto good = query(0, "good");
+  auto short_one = query(0, "short");
+  short_one.input_tokens = 3;
+  auto empty = query(0, "empty");
+  empty.input_tokens = 0;
+  auto rep = ask_now<warm_report>(
+      w, warm_atom::value,
+      std::vector<warm_item>{{good, 3.0}, {short_one, 2.0}, {empty, 1.0}},
+      std::uint32_t{3}, false, caf::actor{});
+  EXPECT_EQ(rep.requested, 3U);
+  EXPECT_EQ(rep.warmed, 1U);
+  EXPECT_EQ(rep.failed, 2U);
+  EXPECT_EQ(rep.first_error.rfind("misaligned_tokens: ", 0), 0U)
+      << rep.first_error;
+  auto fine = ask_now<warm_report>(w, warm_atom::value,
+                                   std::vector<warm_item>{{good, 1.0}},
+                                   std::uint32_t{1}, false, caf::actor{});
+  EXPECT_EQ(fine.failed, 0U);
+  EXPECT_TRUE(fine.first_error.empty()) << fine.first_error;
 }
 
 TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {

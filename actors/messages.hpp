@@ -193,12 +193,15 @@ struct warm_report {
   std::uint64_t warmed = 0;
   std::uint64_t failed = 0;
   std::uint64_t computed_tokens = 0;
+  /// Why the first query that failed did ("code: message", e.g.
+  /// "timeout: request timed out"); empty when none failed.
+  std::string first_error;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, warm_report& x) {
   return f(caf::meta::type_name("warm_report"), x.requested, x.warmed, x.failed,
-           x.computed_tokens);
+           x.computed_tokens, x.first_error);
 }
 
 /// The prefetcher's counters.

@@ -1,5 +1,6 @@
 #include "actors/warmer_actor.hpp"
 
+#include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 
@@ -52,13 +53,15 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
   if (job->next >= job->queue.size())
     return;
   auto req = std::move(job->queue[job->next++]);
-  auto finish_one = [=](bool ok, std::uint64_t computed) {
+  auto finish_one = [=](const caf::error* err, std::uint64_t computed) {
     ++job->done;
-    if (ok) {
+    if (err == nullptr) {
       ++job->report.warmed;
       job->report.computed_tokens += computed;
     } else {
       ++job->report.failed;
+      if (job->report.first_error.empty())
+        job->report.first_error = from_caf_error(*err).describe();
     }
     if (job->progress)
       self->send(job->progress, progress_atom::value,
@@ -71,8 +74,11 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
   // No timer of our own: the balancer answers every request, at the latest
   // with its own request_timeout.
   self->request(balancer, caf::infinite, process_atom::value, std::move(req))
-      .then([=](const kv_reply& rep) { finish_one(true, rep.computed_tokens); },
-            [=](caf::error&) { finish_one(false, 0); });
+      .then(
+          [=](const kv_reply& rep) {
+            finish_one(nullptr, rep.computed_tokens);
+          },
+          [=](caf::error& err) { finish_one(&err, 0); });
 }
 
 caf::behavior warmer_behavior(caf::event_based_actor* self,

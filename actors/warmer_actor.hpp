@@ -11,7 +11,9 @@
 ///       request_receiver_down (owed_reply.hpp), not silence.
 /// The warmer sets no CAF timeout of its own on its requests: the balancer
 /// answers each one (balancer_actor.hpp), with request_timeout after its
-/// `request_timeout`, and such a query counts as failed.
+/// `request_timeout`, and such a query counts as failed. A query that fails
+/// counts in `failed`, and the report's `first_error` says why the first
+/// one did (a bad request, no engine, the balancer's timeout).
 
 #include "engine/result.hpp"
 
