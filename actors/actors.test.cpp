@@ -1777,11 +1777,14 @@ TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
   sched_->run();
   auto r1 = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
   auto r2 = ask<kv_reply>(qcache, query_atom::value, query(2, "q"));
+  auto pinned = query(3, "q"); // sent on its own
+  pinned.pin = true;
+  auto r3 = ask<kv_reply>(qcache, query_atom::value, pinned);
   sched_->run();
-  ASSERT_FALSE(r1->done() || r2->done());
+  ASSERT_FALSE(r1->done() || r2->done() || r3->done());
   caf::anon_send_exit(qcache, caf::exit_reason::kill);
   sched_->run();
-  for (const auto& r : {r1, r2}) {
+  for (const auto& r : {r1, r2, r3}) {
     ASSERT_TRUE(r->error.has_value());
     EXPECT_EQ(*r->error, caf::sec::request_receiver_down);
   }
@@ -1841,6 +1844,55 @@ caf::behavior holding_balancer(caf::event_based_actor* self,
       },
       [](listen_atom, const caf::actor&) {},
   };
+}
+
+TEST_F(actor_test, AQueryCacheRequestThatPinsAlwaysReachesTheBalancer) {
+  // "q" is stored; a request of "q" that pins its blocks still goes to the
+  // balancer (a stored reply pinned nothing), and so does one that finds a
+  // miss of "q" on its way (that request does not pin). Each gets its own
+  // reply; the others of the key are answered as before.
+  auto held = std::make_shared<std::size_t>(0);
+  auto b = sys_->spawn(holding_balancer, held);
+  stop_at_end_.push_back(b);
+  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+  stop_at_end_.push_back(qcache);
+  sched_->run();
+  auto stored = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
+  sched_->run();
+  caf::anon_send(b, close_batch_atom::value);
+  sched_->run();
+  ASSERT_TRUE(stored->value.has_value());
+  auto pinned = query(2, "q");
+  pinned.id = 2;
+  pinned.pin = true;
+  auto r1 = ask<kv_reply>(qcache, query_atom::value, pinned);
+  sched_->run();
+  EXPECT_EQ(*held, 2U); // not answered from the store
+  EXPECT_FALSE(r1->done());
+  auto miss = query(3, "p");
+  miss.id = 3;
+  auto r2 = ask<kv_reply>(qcache, query_atom::value, miss);
+  auto pinned_p = query(4, "p");
+  pinned_p.id = 4;
+  pinned_p.pin = true;
+  auto r3 = ask<kv_reply>(qcache, query_atom::value, pinned_p);
+  sched_->run();
+  EXPECT_EQ(*held, 4U); // the pinning one did not wait on the miss
+  caf::anon_send(b, close_batch_atom::value);
+  sched_->run();
+  for (std::uint64_t id = 2; id <= 4; ++id) {
+    const auto& r = id == 2 ? r1 : id == 3 ? r2 : r3;
+    ASSERT_TRUE(r->value.has_value()) << id;
+    EXPECT_EQ(r->value->id, id);
+    EXPECT_FALSE(r->value->from_query_cache);
+  }
+  auto st = ask_now<query_cache_stats>(qcache, stats_atom::value);
+  EXPECT_EQ(st.misses, 4U);
+  EXPECT_EQ(st.coalesced, 0U);
+  EXPECT_EQ(st.hits, 0U);
+  // A request that does not pin is a hit again.
+  auto hit = ask_now<kv_reply>(qcache, query_atom::value, query(5, "p"));
+  EXPECT_TRUE(hit.from_query_cache);
 }
 
 TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {

@@ -65,6 +65,34 @@ engine::nanos now(cache_actor* self) {
       self->clock().now().time_since_epoch());
 }
 
+/// Stores a computed reply of `key` for the TTL; a store error is counted,
+/// the reply is delivered all the same.
+void store_reply(cache_actor* self, const std::string& key,
+                 const kv_reply& rep) {
+  auto& s = self->state;
+  if (!s.store->set(key, encode_reply(rep),
+                    std::chrono::duration_cast<engine::nanos>(s.config.ttl),
+                    now(self)))
+    ++s.stats.store_errors;
+}
+
+/// Sends a request that pins its blocks to the balancer on its own and
+/// answers `promise` with its reply (stored like a miss's) or its error.
+void ask_balancer_to_pin(cache_actor* self, kv_request req,
+                         const caf::response_promise& promise) {
+  auto owed = std::make_shared<owed_reply>(promise);
+  auto key = req.query;
+  const auto prio = req.prio;
+  request_at(self, prio, self->state.balancer, caf::infinite,
+             process_atom::value, std::move(req))
+      .then(
+          [=](const kv_reply& rep) {
+            store_reply(self, key, rep);
+            owed->deliver(rep);
+          },
+          [=](caf::error& err) { owed->deliver(err); });
+}
+
 /// Sends `req` (a miss of `key` in `round`) to the balancer in its
 /// priority; its reply answers the round's waiters unless another reply
 /// did already.
@@ -83,11 +111,7 @@ void ask_balancer(cache_actor* self, const std::string& key,
             auto it = s2.waiting.find(key);
             if (it == s2.waiting.end() || it->second.round != round)
               return; // answered already
-            if (!s2.store->set(
-                    key, encode_reply(rep),
-                    std::chrono::duration_cast<engine::nanos>(s2.config.ttl),
-                    now(self)))
-              ++s2.stats.store_errors;
+            store_reply(self, key, rep);
             auto list = std::move(it->second.waiters);
             s2.waiting.erase(it);
             for (auto& [id, p] : list) {
@@ -132,6 +156,15 @@ cache_behavior(cache_actor* self, query_cache_config config,
         if (req.query.empty())
           return to_caf_error(
               error{errc::invalid_argument, "request has no query key"});
+        // A request that pins its blocks (warming) must reach an engine: a
+        // stored reply, or the reply of another request of its key, pinned
+        // nothing, though the latter would read as computed for it.
+        if (req.pin) {
+          ++s.stats.misses;
+          auto promise = self->make_response_promise();
+          ask_balancer_to_pin(self, std::move(req), promise);
+          return promise;
+        }
         auto got = s.store->get(req.query, now(self));
         if (!got)
           ++s.stats.store_errors;

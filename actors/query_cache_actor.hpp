@@ -15,6 +15,10 @@
 /// these requests: the balancer answers each one (balancer_actor.hpp), with
 /// request_timeout after its `request_timeout`, so that is the deadline of
 /// a miss.
+/// A request that pins its blocks (kv_request::pin, warming) is never
+/// answered from the store nor by another request's reply (neither pinned
+/// anything): it goes to the balancer on its own, counts as a miss, and its
+/// reply is stored like any miss's.
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
 ///
