@@ -17,6 +17,7 @@
 #include <caf/after.hpp>
 #include <caf/blocking_actor.hpp>
 #include <caf/scoped_actor.hpp>
+#include <caf/send.hpp>
 
 namespace kvfleet {
 
@@ -65,6 +66,9 @@ result<T> ask_at(node_askers& askers, engine::priority prio,
                  Ts&&... xs) {
   if (!dest)
     return make_error(errc::invalid_argument, "actor not running");
+  // The call's deadline passed in an earlier step (call_deadline).
+  if (timeout <= std::chrono::milliseconds::zero())
+    return make_error(errc::timeout, "request timed out");
   auto borrowed = askers.take();
   caf::scoped_actor& self = *borrowed;
   std::optional<result<T>> out;
@@ -89,6 +93,26 @@ result<T> ask_at(node_askers& askers, engine::priority prio,
     askers.give_back(std::move(borrowed));
   return std::move(*out);
 }
+
+/// The deadline of one node call: a call made of several requests (find
+/// the engine, then reserve, write and commit on it) waits for all of them
+/// together against call_timeout, not call_timeout each.
+class call_deadline {
+public:
+  explicit call_deadline(std::chrono::milliseconds budget)
+      : at_(std::chrono::steady_clock::now() + budget) {}
+
+  /// The time left, rounded up to milliseconds; zero once it passed.
+  [[nodiscard]] std::chrono::milliseconds left() const {
+    const auto d = at_ - std::chrono::steady_clock::now();
+    if (d <= std::chrono::steady_clock::duration::zero())
+      return std::chrono::milliseconds::zero();
+    return std::chrono::ceil<std::chrono::milliseconds>(d);
+  }
+
+private:
+  std::chrono::steady_clock::time_point at_;
+};
 
 template <class T, class... Ts>
 result<T> ask(node_askers& askers, const caf::actor& dest,
@@ -267,54 +291,60 @@ result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {
                             actors::lookup_atom::value, keys);
 }
 
-result<caf::actor> node::engine_at(std::uint32_t slot) {
-  return ask<caf::actor>(*askers_, balancer_, config_.call_timeout,
+result<caf::actor> node::engine_at(std::uint32_t slot,
+                                   std::chrono::milliseconds timeout) {
+  return ask<caf::actor>(*askers_, balancer_, timeout,
                          actors::engine_atom::value, slot);
 }
 
 result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
                              const std::vector<std::uint8_t>& value) {
-  auto engine = engine_at(slot);
+  const call_deadline deadline{config_.call_timeout};
+  auto engine = engine_at(slot, deadline.left());
   if (!engine)
     return unexpected<error>{engine.error()};
-  auto ticket = ask<std::uint64_t>(*askers_, *engine, config_.call_timeout,
+  auto ticket = ask<std::uint64_t>(*askers_, *engine, deadline.left(),
                                    actors::reserve_atom::value, put);
   if (!ticket)
     return unexpected<error>{ticket.error()};
-  auto w = ask_void(*askers_, *engine, config_.call_timeout,
+  auto w = ask_void(*askers_, *engine, deadline.left(),
                     actors::write_atom::value, *ticket, value);
   if (!w) {
-    (void)ask_void(*askers_, *engine, config_.call_timeout,
-                   actors::abort_atom::value, *ticket);
+    // No wait for it (the call's time may be up): the engine drops the
+    // reservation now, or at its put_timeout if this never arrives.
+    caf::anon_send(*engine, actors::abort_atom::value, *ticket);
     return w;
   }
-  return ask_void(*askers_, *engine, config_.call_timeout,
+  return ask_void(*askers_, *engine, deadline.left(),
                   actors::commit_atom::value, *ticket);
 }
 
 result<std::vector<std::uint8_t>>
 node::get_block(std::uint32_t slot, const engine::block_key& key) {
-  auto engine = engine_at(slot);
+  const call_deadline deadline{config_.call_timeout};
+  auto engine = engine_at(slot, deadline.left());
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask<std::vector<std::uint8_t>>(*askers_, *engine, config_.call_timeout,
+  return ask<std::vector<std::uint8_t>>(*askers_, *engine, deadline.left(),
                                         actors::read_atom::value, key);
 }
 
 result<void> node::pin(std::uint32_t slot, const engine::block_key& key) {
-  auto engine = engine_at(slot);
+  const call_deadline deadline{config_.call_timeout};
+  auto engine = engine_at(slot, deadline.left());
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask_void(*askers_, *engine, config_.call_timeout,
-                  actors::pin_atom::value, key);
+  return ask_void(*askers_, *engine, deadline.left(), actors::pin_atom::value,
+                  key);
 }
 
 result<void> node::unpin(std::uint32_t slot, const engine::block_key& key) {
-  auto engine = engine_at(slot);
+  const call_deadline deadline{config_.call_timeout};
+  auto engine = engine_at(slot, deadline.left());
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask_void(*askers_, *engine, config_.call_timeout,
-                  actors::unpin_atom::value, key);
+  return ask_void(*askers_, *engine, deadline.left(), actors::unpin_atom::value,
+                  key);
 }
 
 result<actors::warm_report>
@@ -331,10 +361,11 @@ result<actors::balancer_stats> node::stats() {
 }
 
 result<actors::engine_stats> node::engine_stats(std::uint32_t slot) {
-  auto engine = engine_at(slot);
+  const call_deadline deadline{config_.call_timeout};
+  auto engine = engine_at(slot, deadline.left());
   if (!engine)
     return unexpected<error>{engine.error()};
-  return ask<actors::engine_stats>(*askers_, *engine, config_.call_timeout,
+  return ask<actors::engine_stats>(*askers_, *engine, deadline.left(),
                                    actors::stats_atom::value);
 }
 

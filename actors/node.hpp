@@ -9,7 +9,9 @@
 /// query-result cache, the scaler and the prefetcher.
 ///
 /// Calls block the calling thread until the answer arrives (or
-/// `call_timeout` passes: errc::timeout), so call them from host threads,
+/// `call_timeout` passes: errc::timeout; a call made of several requests,
+/// such as put_block's find-engine, reserve, write and commit, has
+/// `call_timeout` for all of them together), so call them from host threads,
 /// never from inside an actor; CAF programs message `balancer()` instead.
 /// Thread safety: every call may be made from any thread concurrently.
 /// Each call borrows one of the node's blocking actors (a caf::scoped_actor
@@ -150,7 +152,8 @@ public:
 
 private:
   node(caf::actor_system& sys, node_config config);
-  [[nodiscard]] result<caf::actor> engine_at(std::uint32_t slot);
+  [[nodiscard]] result<caf::actor> engine_at(std::uint32_t slot,
+                                             std::chrono::milliseconds timeout);
 
   caf::actor_system* sys_;
   node_config config_;
