@@ -211,6 +211,12 @@ result<void> validate(const query_cache_config& config) {
                                std::chrono::hours{24 * 365});
       !ok)
     return ok;
+  // The embedded store's bound: 0 would hold one entry (its constructor's
+  // floor), which is no cache and not what was asked.
+  if (config.redis_url.empty() && config.max_entries == 0)
+    return make_error(errc::invalid_argument,
+                      "query_cache_config.max_entries must be at least 1 "
+                      "(turn the cache off with node_config.query_cache)");
   // redis_url selects the store and replaces redis.url: a URL set only
   // there would be dropped in silence and the cache run in process. (The
   // URL is not quoted: it may hold a password.)

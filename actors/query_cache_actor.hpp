@@ -62,8 +62,9 @@ struct query_cache_config {
 /// errc::invalid_argument naming the option when `config` breaks an
 /// invariant: a ttl that is not positive (every set would fail) or is
 /// above a year (its expiry would overflow the clock and lie in the past),
-/// or a `redis.url` other than `redis_url` (the one that counts; a URL set
-/// only in `redis.url` would leave the cache in process without a word).
+/// max_entries 0 with the embedded store (it would hold one entry), or a
+/// `redis.url` other than `redis_url` (the one that counts; a URL set only
+/// in `redis.url` would leave the cache in process without a word).
 [[nodiscard]] result<void> validate(const query_cache_config& config);
 
 /// The store `config` selects. Errors: validate's, then those of
