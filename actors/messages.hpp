@@ -32,7 +32,9 @@ namespace kvfleet::actors {
 
 /// One inference request: a prompt as chained block keys of the fleet's
 /// namespace. `query` names the request for the query-result cache and the
-/// prefetcher (empty: the last block key stands for it).
+/// prefetcher. Empty: the prefetcher takes the last block key for it, and
+/// the request is not cached (node::process_request sends it straight to
+/// the balancer; the query cache answers it errc::invalid_argument).
 struct kv_request {
   std::uint64_t id = 0;
   std::uint64_t session = 0;
