@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <locale>
 #include <memory>
 #include <optional>
 #include <random>
@@ -1684,6 +1685,31 @@ TEST_F(actor_test, APrefetchOnAnEngineThatStopsIsWastedNotUseful) {
   EXPECT_EQ(events->front().engine, 0U);
   EXPECT_TRUE(events->front().stored.empty());
   EXPECT_EQ(events->front().evicted, query(0, "B").keys);
+}
+
+/// Digits grouped by threes with ',' (as en_US does), without needing
+/// such a locale installed.
+struct grouping_numpunct : std::numpunct<char> {
+  char do_thousands_sep() const override { return ','; }
+  std::string do_grouping() const override { return "\3"; }
+};
+
+TEST(QueryCacheEncoding, RepliesAreWrittenAndReadInTheClassicLocale) {
+  // Entries in Redis are shared between processes: a host's global locale
+  // must not change how they are written or read.
+  const kv_reply rep{0, 3, 1234567, 2, 19753072, 32, false};
+  const std::locale grouped(std::locale::classic(), new grouping_numpunct);
+  const auto previous = std::locale::global(grouped);
+  const auto written = encode_reply(rep);
+  kv_reply back_grouped;
+  const bool read_grouped = decode_reply(written, back_grouped);
+  std::locale::global(previous);
+  EXPECT_EQ(written, "v1 3 1234567 2 19753072 32");
+  kv_reply back;
+  ASSERT_TRUE(decode_reply(written, back)) << written;
+  EXPECT_EQ(back, rep);
+  EXPECT_TRUE(read_grouped);
+  EXPECT_EQ(back_grouped, rep);
 }
 
 TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {

@@ -6,6 +6,7 @@
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
 
+#include <locale>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -20,8 +21,12 @@
 
 namespace kvfleet::actors {
 
+// Both in the classic locale: the encoding is shared between processes
+// (Redis), and a host's global locale with digit grouping ("1,234") would
+// write entries that a process without it cannot read, and the other way.
 std::string encode_reply(const kv_reply& r) {
   std::ostringstream out;
+  out.imbue(std::locale::classic());
   out << "v1 " << r.engine << ' ' << r.matched_blocks << ' '
       << r.computed_blocks << ' ' << r.matched_tokens << ' '
       << r.computed_tokens;
@@ -30,6 +35,7 @@ std::string encode_reply(const kv_reply& r) {
 
 bool decode_reply(const std::string& s, kv_reply& out) {
   std::istringstream in(s);
+  in.imbue(std::locale::classic());
   std::string version;
   in >> version >> out.engine >> out.matched_blocks >> out.computed_blocks >>
       out.matched_tokens >> out.computed_tokens;
