@@ -402,6 +402,34 @@ TEST_F(actor_test, UnknownMessageGetsAnErrorReply) {
   EXPECT_EQ(*r2->error, caf::sec::unexpected_message);
 }
 
+TEST_F(actor_test, APriorityOutsideTheFiveIsRefusedNotRankedAboveCritical) {
+  // Batched (20, 100 ms) so an accepted request would wait in a lane.
+  const auto bogus = static_cast<engine::priority>(7);
+  auto e = engine(small_engine(64, 20, 100ms));
+  auto req = make_request(1, 0, 0, 2, 1);
+  req.prio = bogus;
+  auto r = ask<kv_reply>(e, process_atom::value, req);
+  auto batch = ask<std::vector<kv_reply>>(
+      e, batch_atom::value,
+      std::vector<kv_request>{make_request(2, 0, 0, 2, 2), req});
+  put_request put;
+  put.key = block_key{9, 9};
+  put.prio = bogus;
+  auto ticket = ask<std::uint64_t>(e, reserve_atom::value, put);
+  sched_->run();
+  for (const auto* err : {&r->error, &batch->error, &ticket->error}) {
+    ASSERT_TRUE(err->has_value());
+    const auto back = from_caf_error(**err);
+    EXPECT_EQ(back.code, errc::invalid_argument);
+    EXPECT_NE(back.message.find("priority 7"), std::string::npos)
+        << back.message;
+  }
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.requests, 0U); // the batch ran none of its requests
+  EXPECT_EQ(st.blocks, 0U);
+  EXPECT_EQ(st.in_flight, 0U);
+}
+
 TEST_F(actor_test, EngineErrorsAreConvertedOnce) {
   auto e = engine(small_engine(64));
   auto r = ask<std::vector<std::uint8_t>>(e, read_atom::value, block_key{1, 2});

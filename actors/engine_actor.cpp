@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <unordered_map>
@@ -74,6 +75,18 @@ struct engine_state {
 };
 
 using engine_actor = caf::stateful_actor<engine_state>;
+
+/// A priority outside engine::priority (a cast, a peer's message) would
+/// outrank critical in every queue on its way, and its blocks would rank
+/// above critical ones in eviction: such a request or put is refused.
+std::optional<caf::error> bad_priority(engine::priority p) {
+  if (p <= engine::priority::critical)
+    return std::nullopt;
+  return to_caf_error(
+      error{errc::invalid_argument,
+            "priority " + std::to_string(static_cast<unsigned>(p)) +
+                " is not one of background, low, normal, high, critical"});
+}
 
 template <class T> caf::result<T> lift(result<T> r) {
   if (!r)
@@ -220,6 +233,8 @@ caf::behavior engine_behavior(engine_actor* self,
   return {
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
         auto& s = self->state;
+        if (auto bad = bad_priority(req.prio))
+          return std::move(*bad);
         if (s.config.batch.max_size <= 1) {
           // Owed while it runs, as in a batch: an exception that ends the
           // actor answers request_receiver_down (the balancer sends it to
@@ -258,6 +273,9 @@ caf::behavior engine_behavior(engine_actor* self,
       },
       [=](batch_atom, const std::vector<kv_request>& reqs)
           -> caf::result<std::vector<kv_reply>> {
+        for (const auto& r : reqs)
+          if (auto bad = bad_priority(r.prio))
+            return std::move(*bad);
         std::vector<kv_reply> out;
         out.reserve(reqs.size());
         std::vector<std::size_t> order(reqs.size());
@@ -287,6 +305,8 @@ caf::behavior engine_behavior(engine_actor* self,
       },
       [=](reserve_atom, const put_request& p) -> caf::result<std::uint64_t> {
         auto& s = self->state;
+        if (auto bad = bad_priority(p.prio))
+          return std::move(*bad);
         engine::put_options opts;
         opts.prio = p.prio;
         opts.pin = p.pin;

@@ -22,6 +22,9 @@
 ///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply)
 /// Engine errors come back as caf::error (caf_error.hpp), converted once.
+/// A request (process, batch) or put (reserve) whose priority is not one of
+/// engine::priority's five is errc::invalid_argument: it would outrank
+/// critical in every queue and in eviction.
 ///
 /// Batching: process requests accumulate until `batch.max_size` requests
 /// (default 20) or `capacity_tokens` prompt tokens are pending, or
