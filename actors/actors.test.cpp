@@ -430,6 +430,23 @@ TEST_F(actor_test, APriorityOutsideTheFiveIsRefusedNotRankedAboveCritical) {
   EXPECT_EQ(st.in_flight, 0U);
 }
 
+TEST_F(actor_test, ABatchThatFailsSaysWhichRequestFailed) {
+  auto e = engine(small_engine(64));
+  auto good = make_request(1, 0, 0, 2, 1);
+  auto bad = make_request(7, 0, 0, 2, 2);
+  bad.input_tokens = 20; // two blocks need 32 tokens
+  auto out = ask<std::vector<kv_reply>>(e, batch_atom::value,
+                                        std::vector<kv_request>{good, bad});
+  sched_->run();
+  ASSERT_TRUE(out->error.has_value());
+  const auto err = from_caf_error(*out->error);
+  EXPECT_EQ(err.code, errc::misaligned_tokens);
+  EXPECT_EQ(err.message.rfind("request 7 of the batch: ", 0), 0U)
+      << err.message;
+  // The request run before it keeps its effect.
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).requests, 1U);
+}
+
 TEST_F(actor_test, EngineErrorsAreConvertedOnce) {
   auto e = engine(small_engine(64));
   auto r = ask<std::vector<std::uint8_t>>(e, read_atom::value, block_key{1, 2});

@@ -290,7 +290,10 @@ caf::behavior engine_behavior(engine_actor* self,
           auto r = run_one(self->state, reqs[i]);
           if (!r) {
             after_batch(self);
-            return to_caf_error(r.error());
+            // Say which: the error stands for the whole batch.
+            return to_caf_error(error{
+                r.error().code, "request " + std::to_string(reqs[i].id) +
+                                    " of the batch: " + r.error().message});
           }
           out[i] = *r;
         }

@@ -6,7 +6,10 @@
 /// Messages (every handler answers; an unknown message gets
 /// sec::unexpected_message back):
 ///   (process_atom, kv_request)        -> kv_reply   through the batcher
-///   (batch_atom, vector<kv_request>)  -> vector<kv_reply>  one engine call
+///   (batch_atom, vector<kv_request>)  -> vector<kv_reply>  one engine call,
+///       highest priority first; the first request that fails answers the
+///       batch with its error ("request <id> of the batch: ..."), and the
+///       requests run before it keep their effects
 ///   (lookup_atom, vector<block_key>)  -> uint64 matched leading blocks
 ///   (reserve_atom, put_request)       -> uint64 put ticket (phase one)
 ///   (write_atom, ticket, vector<uint8_t> value) -> true
