@@ -379,7 +379,7 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
   for (std::uint32_t slot = 0; slot < st->up.size(); ++slot) {
     if (st->up[slot] == 0)
       continue;
-    auto engine = engine_at(slot);
+    auto engine = engine_at(slot, config_.call_timeout);
     if (!engine)
       continue; // stopped since
     auto n =
@@ -401,7 +401,7 @@ result<void> node::stop(std::chrono::milliseconds timeout) {
   std::vector<caf::actor> engines;
   if (auto st = stats())
     for (std::uint32_t slot = 0; slot < st->up.size(); ++slot)
-      if (auto engine = engine_at(slot))
+      if (auto engine = engine_at(slot, config_.call_timeout))
         engines.push_back(std::move(*engine));
   caf::scoped_actor self{*sys_};
   for (const auto& e : engines)
