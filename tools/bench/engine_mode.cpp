@@ -144,10 +144,10 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
     oracle.emplace(keys);
     cfg->next_use = oracle->as_function();
   }
-  auto store = engine::block_store::create(*cfg);
-  if (!store)
-    return unexpected<error>(store.error());
   // A disk tier in a fresh directory of its own, removed when the run ends.
+  // Declared before the store, so it is removed after the store and the
+  // disk tier it owns are gone: while the tier lives, its I/O thread may
+  // still write segment files there and its catalog is open.
   std::string disk_dir;
   struct dir_remover {
     std::string* dir;
@@ -158,6 +158,9 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
       }
     }
   } remove_disk_dir{&disk_dir};
+  auto store = engine::block_store::create(*cfg);
+  if (!store)
+    return unexpected<error>(store.error());
   if (!opts.disk_dir.empty()) {
     std::string tmpl = opts.disk_dir + "/kvfleet-bench-XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr)
