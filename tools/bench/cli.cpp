@@ -424,14 +424,20 @@ bool contains(std::span<const std::string_view> set, std::string_view s) {
   return std::find(set.begin(), set.end(), s) != set.end();
 }
 
-result<void> check_complete(const engine_options& o) {
+// `no_input` is the message when neither --workload nor --trace is given
+// (empty: the one for modes that take both).
+result<void> check_complete(const engine_options& o,
+                            std::string_view no_input) {
   const bool has_workload = !o.workload.empty();
   const bool has_trace = !o.trace_path.empty();
-  if (has_workload == has_trace)
-    return usage(has_workload
-                     ? "give either --workload or --trace, not both"
-                     : "give a workload (--workload NAME, one of " +
-                           workload_list() + ") or a trace (--trace FILE)");
+  if (has_workload == has_trace) {
+    if (has_workload)
+      return usage("give either --workload or --trace, not both");
+    if (!no_input.empty())
+      return usage(std::string(no_input));
+    return usage("give a workload (--workload NAME, one of " + workload_list() +
+                 ") or a trace (--trace FILE)");
+  }
   if (o.capacity_fraction.has_value() == o.capacity_blocks.has_value())
     return usage(o.capacity_blocks
                      ? "give either --capacity-fraction or --capacity-blocks, "
@@ -457,12 +463,13 @@ using extra_apply =
 
 // Parses the options of `mode` into `o` (the common ones) and `apply` (the
 // mode's own, listed in `extra`); common options in `excluded` are not
-// accepted by this mode.
+// accepted by this mode. `no_input` as for check_complete.
 result<void> parse_options(std::span<const std::string_view> args,
                            std::string_view mode, engine_options& o,
                            std::span<const std::string_view> extra,
                            std::span<const std::string_view> excluded,
-                           const extra_apply& apply) {
+                           const extra_apply& apply,
+                           std::string_view no_input = {}) {
   const std::string see =
       " (see kvfleet-bench " + std::string(mode) + " --help)";
   std::vector<std::string_view> seen;
@@ -501,7 +508,7 @@ result<void> parse_options(std::span<const std::string_view> args,
     if (!ok)
       return unexpected<error>(ok.error());
   }
-  return check_complete(o);
+  return check_complete(o, no_input);
 }
 
 bool wants_help(std::span<const std::string_view> args) {
@@ -663,12 +670,16 @@ result<command> parse_prefetch(std::span<const std::string_view> args) {
     }
     return {};
   };
-  if (auto ok = parse_options(args, "prefetch", p.base, extra, excluded, apply);
+  // Without a workload the common message would offer --trace, which this
+  // mode refuses.
+  constexpr std::string_view needs_chat =
+      "prefetch mode needs --workload chat (the workload with sessions)";
+  if (auto ok = parse_options(args, "prefetch", p.base, extra, excluded, apply,
+                              needs_chat);
       !ok)
     return unexpected<error>(ok.error());
   if (p.base.workload != "chat")
-    return usage("prefetch mode needs --workload chat (the workload with "
-                 "sessions)");
+    return usage(std::string(needs_chat));
   return cmd;
 }
 

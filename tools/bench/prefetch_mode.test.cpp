@@ -148,6 +148,16 @@ TEST(prefetch_cli, parses_and_rejects) {
   ASSERT_FALSE(bel);
   EXPECT_NE(bel.error().message.find("only engine mode"), std::string::npos)
       << bel.error().message;
+  // Without a workload the message names the one this mode needs, not a
+  // --trace it refuses.
+  std::vector<std::string_view> none{"prefetch", "--capacity-fraction", "0.25"};
+  auto no_input = parse_command_line(none);
+  ASSERT_FALSE(no_input);
+  EXPECT_TRUE(is_usage_error(no_input.error()));
+  EXPECT_NE(no_input.error().message.find("--workload chat"), std::string::npos)
+      << no_input.error().message;
+  EXPECT_EQ(no_input.error().message.find("--trace"), std::string::npos)
+      << no_input.error().message;
   std::vector<std::string_view> help{"prefetch", "-h"};
   auto h = parse_command_line(help);
   ASSERT_TRUE(h);
