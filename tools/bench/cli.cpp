@@ -447,8 +447,8 @@ result<void> check_complete(const engine_options& o,
   if (!(o.low_watermark > 0.0 && o.low_watermark <= o.high_watermark &&
         o.high_watermark <= 1.0))
     return usage("watermarks must satisfy 0 < low <= high <= 1 (got low " +
-                 std::to_string(o.low_watermark) + ", high " +
-                 std::to_string(o.high_watermark) + ")");
+                 number_text(o.low_watermark) + ", high " +
+                 number_text(o.high_watermark) + ")");
   if (o.disk_capacity_blocks != 0 && o.disk_dir.empty())
     return usage("option --disk-capacity-blocks needs --disk-dir (without "
                  "it there is no disk tier to size)");
@@ -727,6 +727,15 @@ engine::namespace_spec bench_namespace(const engine_options& opts) {
   spec.type = engine::dtype::fp16;
   spec.block_tokens = opts.block_tokens;
   return spec;
+}
+
+std::string number_text(double x) {
+  // Shortest round-trip form: at most 24 characters for any double.
+  char buf[32];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, x);
+  if (ec != std::errc{})
+    return std::to_string(x);
+  return std::string(buf, end);
 }
 
 bool is_usage_error(const error& e) noexcept {

@@ -122,6 +122,11 @@ parse_command_line(std::span<const std::string_view> args);
 [[nodiscard]] engine::namespace_spec
 bench_namespace(const engine_options& opts);
 
+/// `x` as the shortest text that reads back as `x` ("1e-09", "0.25"), for
+/// messages that quote an option's value: std::to_string's six fixed
+/// decimals print a small fraction as "0.000000".
+[[nodiscard]] std::string number_text(double x);
+
 /// True when `e` is a usage error (errc 1xx: bad input), which exits with
 /// status 2; every other error is a runtime error (status 1).
 [[nodiscard]] bool is_usage_error(const error& e) noexcept;

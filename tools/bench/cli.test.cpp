@@ -230,6 +230,17 @@ TEST(bench_cli, bad_values) {
   base("--low-watermark", "0.95", "watermarks");
   base("--low-watermark", "0", "watermarks");
   base("--prefill-us-per-token", "-1", "must not be negative");
+  // The values as given, not std::to_string's "0.000000".
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--low-watermark", "1e-7", "--high-watermark", "1e-8"},
+                     "(got low 1e-07, high 1e-08)");
+}
+
+TEST(bench_cli, number_text_is_the_shortest_round_trip) {
+  EXPECT_EQ(number_text(0.25), "0.25");
+  EXPECT_EQ(number_text(1e-9), "1e-09");
+  EXPECT_EQ(number_text(4.0), "4");
+  EXPECT_EQ(number_text(0.1), "0.1");
 }
 
 } // namespace

@@ -93,7 +93,7 @@ result<std::size_t> capacity_in_blocks(const engine_options& opts,
   const double n = std::round(f * static_cast<double>(working_set_blocks));
   if (!(n >= 1.0))
     return make_error(errc::zero_capacity,
-                      "capacity 0: --capacity-fraction " + std::to_string(f) +
+                      "capacity 0: --capacity-fraction " + number_text(f) +
                           " of a working set of " +
                           std::to_string(working_set_blocks) +
                           " blocks rounds to 0 blocks");

@@ -164,6 +164,18 @@ TEST(engine_mode, capacity_from_fraction_or_blocks) {
   EXPECT_EQ(capacity_in_blocks(o, 1000).value_or(0), 17U);
 }
 
+TEST(engine_mode, a_capacity_error_quotes_the_fraction_as_given) {
+  // std::to_string printed 1e-9 as "0.000000": a fraction the user did
+  // not give, and one the option refuses anyway.
+  engine_options o;
+  o.capacity_fraction = 1e-9;
+  auto zero = capacity_in_blocks(o, 1000);
+  ASSERT_FALSE(zero);
+  EXPECT_NE(zero.error().message.find("--capacity-fraction 1e-09 of"),
+            std::string::npos)
+      << zero.error().message;
+}
+
 TEST(engine_mode, store_capacity_is_a_whole_number_of_blocks_and_slabs) {
   engine_options o;
   const std::size_t slot = block_slot_bytes(bench_namespace(o));

@@ -256,7 +256,7 @@ result<std::size_t> engine_capacity_in_blocks(const routing_options& opts,
                               static_cast<double>(std::max(1U, opts.engines)));
   if (!(n >= 1.0))
     return make_error(errc::zero_capacity,
-                      "capacity 0: --capacity-fraction " + std::to_string(f) +
+                      "capacity 0: --capacity-fraction " + number_text(f) +
                           " of a working set of " +
                           std::to_string(working_set_blocks) + " blocks over " +
                           std::to_string(opts.engines) +
@@ -321,7 +321,7 @@ run_routing(const routing_options& opts,
       return make_error(errc::invalid_argument,
                         "a request " + std::to_string(r.timestamp_ms - first) +
                             " ms after the first, with --rate-scale " +
-                            std::to_string(opts.rate_scale) +
+                            number_text(opts.rate_scale) +
                             ", arrives past the simulated clock's range "
                             "(about 290 years); raise --rate-scale");
     arrival.push_back(static_cast<std::int64_t>(std::llround(ns)));

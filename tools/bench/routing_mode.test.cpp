@@ -118,6 +118,15 @@ TEST(routing_mode, only_the_time_between_arrivals_counts) {
   EXPECT_NE(too_far.error().message.find("raise --rate-scale"),
             std::string::npos)
       << too_far.error().message;
+  // The rate scale as given: std::to_string printed 1e-9 as "0.000000",
+  // a value the option refuses.
+  reqs->back().timestamp_ms = reqs->front().timestamp_ms + 1'000'000;
+  o.rate_scale = 1e-9;
+  auto tiny_rate = run_routing(o, *reqs, "tiny rate");
+  ASSERT_FALSE(tiny_rate);
+  EXPECT_NE(tiny_rate.error().message.find("with --rate-scale 1e-09,"),
+            std::string::npos)
+      << tiny_rate.error().message;
 }
 
 TEST(routing_mode, capacity_is_per_engine) {
@@ -134,6 +143,10 @@ TEST(routing_mode, capacity_is_per_engine) {
   auto zero = engine_capacity_in_blocks(o, 100);
   ASSERT_FALSE(zero);
   EXPECT_EQ(zero.error().code, errc::zero_capacity);
+  // The fraction as given, not std::to_string's "0.001000".
+  EXPECT_NE(zero.error().message.find("--capacity-fraction 0.001 of"),
+            std::string::npos)
+      << zero.error().message;
 }
 
 TEST(routing_mode, json_shape) {
