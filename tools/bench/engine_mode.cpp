@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "engine/codec.hpp"
+#include "engine/disk/segment_file.hpp"
 #include "engine/kv_producer.hpp"
 #include "engine/trace_reader.hpp"
 #include "tools/bench/next_use_oracle.hpp"
@@ -109,6 +110,27 @@ std::size_t block_slot_bytes(const engine::namespace_spec& spec) {
   return (bytes + align - 1) / align * align;
 }
 
+result<std::uint64_t> disk_capacity_bytes(const engine::namespace_spec& spec,
+                                          std::size_t blocks,
+                                          std::uint64_t segment_bytes) {
+  const std::uint64_t payload =
+      engine::encoded_size(engine::codec::none, spec.elements_per_block());
+  const std::uint64_t record = engine::record_header_bytes + payload;
+  const std::uint64_t header = engine::segment_header_bytes;
+  // At most one segment header per block: a bound that cannot overflow.
+  if (blocks > std::numeric_limits<std::uint64_t>::max() / (record + header))
+    return make_error(errc::value_too_large,
+                      "a disk capacity of " + std::to_string(blocks) +
+                          " blocks of " + std::to_string(payload) +
+                          " bytes does not fit in 64 bits");
+  // A record that does not fit a segment's room gets a segment of its own.
+  const std::uint64_t room =
+      segment_bytes > header ? segment_bytes - header : 0;
+  const std::uint64_t per_segment = std::max<std::uint64_t>(1, room / record);
+  const std::uint64_t segments = (blocks + per_segment - 1) / per_segment;
+  return blocks * record + segments * header;
+}
+
 result<engine::store_config> make_store_config(const engine_options& opts,
                                                engine::policy_kind policy,
                                                std::size_t capacity_blocks) {
@@ -170,17 +192,19 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
     disk_dir = tmpl;
     engine::disk_tier_config dc;
     dc.directory = disk_dir;
-    const std::size_t slot = block_slot_bytes(bench_namespace(opts));
-    const std::size_t most = std::numeric_limits<std::size_t>::max() / slot;
+    // Default: four times the memory capacity (saturating: too large is
+    // then the error below).
+    const std::size_t most = std::numeric_limits<std::size_t>::max() / 4;
     const std::size_t blocks = opts.disk_capacity_blocks != 0
                                    ? opts.disk_capacity_blocks
-                                   : std::min(capacity_blocks, most / 4) * 4;
-    if (blocks > most)
-      return make_error(errc::value_too_large,
-                        "a disk capacity of " + std::to_string(blocks) +
-                            " blocks of " + std::to_string(slot) +
-                            " bytes does not fit in 64 bits");
-    dc.capacity_bytes = blocks * slot;
+                                   : std::min(capacity_blocks, most) * 4;
+    // Sized in bytes of segment files, headers included: blocks x the
+    // block's bytes alone held one block fewer (none for 1 block).
+    auto bytes =
+        disk_capacity_bytes(bench_namespace(opts), blocks, dc.segment_bytes);
+    if (!bytes)
+      return unexpected<error>(bytes.error());
+    dc.capacity_bytes = *bytes;
     auto tier = engine::disk_tier::open(dc);
     if (!tier)
       return unexpected<error>(tier.error());

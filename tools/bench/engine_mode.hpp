@@ -91,6 +91,15 @@ capacity_in_blocks(const engine_options& opts, std::size_t working_set_blocks);
 /// Bytes of the slot one uncompressed block of `spec` occupies.
 [[nodiscard]] std::size_t block_slot_bytes(const engine::namespace_spec& spec);
 
+/// Disk tier capacity (disk_tier_config::capacity_bytes) that holds
+/// `blocks` uncompressed blocks of `spec` in segment files of
+/// `segment_bytes`: a block on disk is a record (a header plus its encoded
+/// bytes), and every segment file starts with a header of its own.
+/// errc::value_too_large when that does not fit in 64 bits.
+[[nodiscard]] result<std::uint64_t>
+disk_capacity_bytes(const engine::namespace_spec& spec, std::size_t blocks,
+                    std::uint64_t segment_bytes);
+
 /// The store configuration for `capacity_blocks` blocks and `policy`
 /// (next_use is left empty). errc::value_too_large when the capacity does
 /// not fit in memory addresses.

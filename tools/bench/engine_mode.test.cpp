@@ -1,5 +1,7 @@
 #include "tools/bench/engine_mode.hpp"
 
+#include "engine/disk/segment_file.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -108,6 +110,43 @@ TEST(engine_mode, a_disk_capacity_past_64_bits_is_an_error) {
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, errc::value_too_large);
   EXPECT_NE(r.error().message.find("does not fit"), std::string::npos);
+  EXPECT_TRUE(std::filesystem::is_empty(tmpl));
+  std::filesystem::remove(tmpl);
+}
+
+TEST(engine_mode, disk_capacity_counts_the_segment_and_record_headers) {
+  const engine::namespace_spec spec = bench_namespace(engine_options{});
+  const std::uint64_t record = engine::record_header_bytes + 16384;
+  const std::uint64_t segment = std::uint64_t{64} << 20;
+  auto one = disk_capacity_bytes(spec, 1, segment);
+  ASSERT_TRUE(one) << one.error().describe();
+  EXPECT_EQ(*one, engine::segment_header_bytes + record);
+  // A segment holds (64 MiB - its header) / record records; the next one
+  // starts another segment with its own header.
+  const std::uint64_t per_segment =
+      (segment - engine::segment_header_bytes) / record;
+  EXPECT_EQ(disk_capacity_bytes(spec, per_segment, segment).value_or(0),
+            engine::segment_header_bytes + per_segment * record);
+  EXPECT_EQ(disk_capacity_bytes(spec, per_segment + 1, segment).value_or(0),
+            2 * engine::segment_header_bytes + (per_segment + 1) * record);
+  // Records larger than a segment get one each.
+  EXPECT_EQ(disk_capacity_bytes(spec, 3, 1024).value_or(0),
+            3 * (engine::segment_header_bytes + record));
+}
+
+TEST(engine_mode, a_disk_tier_of_one_block_holds_one) {
+  // Sized as blocks x the block's bytes, a one-block tier had no room for
+  // the record and segment headers: every spill was refused, silently.
+  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  engine_options o = small_workload("chat", 0.1);
+  o.requests = 100;
+  o.policies = {policy_kind::lru};
+  o.disk_dir = tmpl;
+  o.disk_capacity_blocks = 1;
+  auto r = run(o);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_GT(r->results[0].spills, 0U);
   EXPECT_TRUE(std::filesystem::is_empty(tmpl));
   std::filesystem::remove(tmpl);
 }
