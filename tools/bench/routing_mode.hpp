@@ -7,20 +7,22 @@
 ///   - every engine is an in-process engine::block_store with
 ///     capacity_blocks blocks (per engine) and a FIFO queue; it serves one
 ///     request at a time;
-///   - request r arrives at timestamp_ms / rate_scale; the router picks an
-///     engine from its live load (queued + in service, router::started /
-///     finished) and, for kv_aware, the prefix credit of its index;
+///   - request r arrives at (timestamp_ms - the first request's) /
+///     rate_scale; the router picks an engine from its live load (queued +
+///     in service, router::started / finished) and, for kv_aware, the
+///     prefix credit of its index;
 ///   - when a request starts service the engine runs block_store::process()
 ///     on it; its service time is computed_tokens x prefill_us_per_token +
 ///     service_overhead_us, and it completes that much later;
-///   - block events reach the router as the balancer actor relays them: on
-///     completion the request's blocks still cached on that engine are
-///     reported stored; after a process() that evicted (the store's eviction
-///     counter moved), the keys previously reported for that engine that are
-///     no longer cached are reported evicted. The store has no event
-///     callback, so evictions are found by this diff; the index is exact at
-///     those points and may be stale in between (a request already queued
-///     when its blocks go costs only a miss, as in the real fleet).
+///   - block events come from each store's store_config::on_block_event and
+///     reach the router as the balancer actor relays them: the blocks a
+///     process() committed are reported stored when the request completes
+///     (the engine actor reports them after its reply; one committed and
+///     removed again before that is never reported), and reported blocks
+///     a process() removed are reported evicted right after it. The index
+///     may be stale in between (a request already queued when its blocks
+///     go costs only a miss, as in the real fleet; stale_routes counts
+///     them).
 ///
 /// Measures, per policy: hit ratios over all engines, latency (arrival to
 /// completion, i.e. queueing + service, exact percentiles), prefill saved,
