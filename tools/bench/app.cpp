@@ -18,6 +18,19 @@ int fail(std::ostream& err, const error& e) {
   return is_usage_error(e) ? exit_usage_error : exit_runtime_error;
 }
 
+// Writes `text` (`what`: the results or the help) to `out`; a write that
+// fails (a full disk, a closed pipe) is a runtime error, not a silent
+// success.
+int print(std::ostream& out, std::ostream& err, std::string_view text,
+          std::string_view what) {
+  out << text << std::flush;
+  if (!out) {
+    err << "kvfleet-bench: cannot write " << what << " to standard output\n";
+    return exit_runtime_error;
+  }
+  return exit_ok;
+}
+
 // Loads the input of `opts`, runs `run` on it with a progress bar and
 // prints the report it returns.
 template <class Run>
@@ -37,12 +50,8 @@ int run_mode(const engine_options& opts, std::ostream& out, std::ostream& err,
   bar.finish();
   if (!report)
     return fail(err, report.error());
-  out << (opts.json ? to_json(*report) : to_table(*report)) << std::flush;
-  if (!out) {
-    err << "kvfleet-bench: cannot write the results\n";
-    return exit_runtime_error;
-  }
-  return exit_ok;
+  return print(out, err, opts.json ? to_json(*report) : to_table(*report),
+               "the results");
 }
 
 int run_engine_mode(const engine_options& opts, std::ostream& out,
@@ -63,16 +72,13 @@ int run_app(std::span<const std::string_view> args, std::ostream& out,
     return fail(err, cmd.error());
   switch (cmd->kind) {
   case command_kind::help:
-    out << main_help();
-    return exit_ok;
+    return print(out, err, main_help(), "the help");
   case command_kind::engine_help:
-    out << engine_help();
-    return exit_ok;
+    return print(out, err, engine_help(), "the help");
   case command_kind::engine:
     return run_engine_mode(cmd->engine, out, err, err_is_terminal);
   case command_kind::routing_help:
-    out << routing_help();
-    return exit_ok;
+    return print(out, err, routing_help(), "the help");
   case command_kind::routing:
     return run_mode(
         cmd->routing.base, out, err, err_is_terminal,
@@ -80,8 +86,7 @@ int run_app(std::span<const std::string_view> args, std::ostream& out,
           return run_routing(cmd->routing, reqs, label, p);
         });
   case command_kind::prefetch_help:
-    out << prefetch_help();
-    return exit_ok;
+    return print(out, err, prefetch_help(), "the help");
   case command_kind::prefetch:
     return run_mode(
         cmd->prefetch.base, out, err, err_is_terminal,

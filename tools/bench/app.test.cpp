@@ -87,6 +87,26 @@ TEST(bench_app, fraction_that_rounds_to_zero_is_a_usage_error) {
   EXPECT_NE(o.err.find("capacity 0"), std::string::npos) << o.err;
 }
 
+TEST(bench_app, output_that_cannot_be_written_is_a_runtime_error) {
+  // As stdout on a full disk: help and results alike must not exit 0.
+  for (auto args : {
+           std::initializer_list<std::string_view>{"--help"},
+           {"engine", "--help"},
+           {"routing", "-h"},
+           {"prefetch", "--help"},
+           {"engine", "--workload", "chat", "--requests", "20",
+            "--capacity-blocks", "50", "--policies", "lru"},
+       }) {
+    const std::vector<std::string_view> v(args);
+    std::ostringstream out;
+    out.setstate(std::ios::badbit);
+    std::ostringstream err;
+    EXPECT_EQ(run_app(v, out, err, false), exit_runtime_error) << v[0];
+    EXPECT_NE(err.str().find("kvfleet-bench: cannot write"), std::string::npos)
+        << err.str();
+  }
+}
+
 TEST(bench_app, missing_trace_is_a_runtime_error) {
   auto o = run({"engine", "--trace", "/nonexistent/kvfleet.jsonl",
                 "--capacity-blocks", "5"});
