@@ -1,9 +1,20 @@
 #include "tools/bench/app.hpp"
 
+#include "tools/bench/engine_mode.hpp"
+#include "tools/bench/prefetch_mode.hpp"
+#include "tools/bench/routing_mode.hpp"
+
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <initializer_list>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -105,6 +116,72 @@ TEST(bench_app, output_that_cannot_be_written_is_a_runtime_error) {
     EXPECT_NE(err.str().find("kvfleet-bench: cannot write"), std::string::npos)
         << err.str();
   }
+}
+
+// Caps this process's address space a few MiB above what it maps now, so
+// that the next large allocation throws std::bad_alloc. For death tests
+// only: the cap stays for the rest of the process.
+void cap_address_space() {
+  std::ifstream statm("/proc/self/statm");
+  std::size_t pages = 0;
+  statm >> pages;
+  rlimit lim{};
+  lim.rlim_cur = pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
+                 (std::size_t{4} << 20);
+  lim.rlim_max = lim.rlim_cur;
+  if (::setrlimit(RLIMIT_AS, &lim) != 0)
+    std::_Exit(90);
+}
+
+// Exit status of a death test's child: 0 when `r` is the out-of-memory
+// error, 1 for another error, 2 for a success. An escaped std::bad_alloc
+// aborts instead (SIGABRT), as the modes did before they caught it.
+template <class R> int oom_status(const R& r) {
+  if (r)
+    return 2;
+  std::fprintf(stderr, "%s\n", r.error().describe().c_str());
+  return r.error().code == errc::out_of_memory &&
+                 r.error().message.find("out of memory") != std::string::npos
+             ? 0
+             : 1;
+}
+
+TEST(bench_modes, out_of_memory_is_an_error_not_an_abort) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  // One request of 2^20 blocks: its keys (16 MiB) and the working set's
+  // table do not fit the cap's few MiB, whatever the heap has free.
+  std::vector<engine::workload_request> reqs(1);
+  reqs[0].session = 1;
+  reqs[0].input_length = std::uint32_t{512} << 20;
+  reqs[0].hash_ids.resize(std::size_t{1} << 20);
+  std::iota(reqs[0].hash_ids.begin(), reqs[0].hash_ids.end(), 1U);
+  engine_options e;
+  e.workload = "chat";
+  e.capacity_blocks = 16;
+  e.policies = {engine::policy_kind::lru};
+  EXPECT_EXIT(
+      {
+        cap_address_space();
+        std::_Exit(oom_status(run_engine(e, reqs, "chat")));
+      },
+      ::testing::ExitedWithCode(0), "");
+  routing_options r;
+  r.base = e;
+  r.policies = {actors::routing_policy::least_loaded};
+  EXPECT_EXIT(
+      {
+        cap_address_space();
+        std::_Exit(oom_status(run_routing(r, reqs, "chat")));
+      },
+      ::testing::ExitedWithCode(0), "");
+  prefetch_options p;
+  p.base = e;
+  EXPECT_EXIT(
+      {
+        cap_address_space();
+        std::_Exit(oom_status(run_prefetch(p, reqs, "chat")));
+      },
+      ::testing::ExitedWithCode(0), "");
 }
 
 TEST(bench_app, missing_trace_is_a_runtime_error) {

@@ -152,10 +152,12 @@ result<engine::store_config> make_store_config(const engine_options& opts,
   return cfg;
 }
 
-result<policy_result>
-simulate_policy(const engine_options& opts, engine::policy_kind policy,
-                const request_keys& keys, std::size_t capacity_blocks,
-                const std::function<void(std::size_t)>& progress) {
+// simulate_policy without its out-of-memory guard.
+static result<policy_result>
+simulate_policy_unguarded(const engine_options& opts,
+                          engine::policy_kind policy, const request_keys& keys,
+                          std::size_t capacity_blocks,
+                          const std::function<void(std::size_t)>& progress) {
   auto cfg = make_store_config(opts, policy, capacity_blocks);
   if (!cfg)
     return unexpected<error>(cfg.error());
@@ -261,10 +263,21 @@ simulate_policy(const engine_options& opts, engine::policy_kind policy,
   return out;
 }
 
-result<engine_report> run_engine(const engine_options& opts,
-                                 std::span<const engine::workload_request> reqs,
-                                 const std::string& workload,
-                                 const progress_fn& progress) {
+result<policy_result>
+simulate_policy(const engine_options& opts, engine::policy_kind policy,
+                const request_keys& keys, std::size_t capacity_blocks,
+                const std::function<void(std::size_t)>& progress) {
+  return out_of_memory_as_error("engine mode", [&] {
+    return simulate_policy_unguarded(opts, policy, keys, capacity_blocks,
+                                     progress);
+  });
+}
+
+// run_engine without its out-of-memory guard.
+static result<engine_report>
+run_engine_unguarded(const engine_options& opts,
+                     std::span<const engine::workload_request> reqs,
+                     const std::string& workload, const progress_fn& progress) {
   engine_report report;
   report.workload = workload;
   report.from_trace = !opts.trace_path.empty();
@@ -290,6 +303,15 @@ result<engine_report> run_engine(const engine_options& opts,
     report.results.push_back(*res);
   }
   return report;
+}
+
+result<engine_report> run_engine(const engine_options& opts,
+                                 std::span<const engine::workload_request> reqs,
+                                 const std::string& workload,
+                                 const progress_fn& progress) {
+  return out_of_memory_as_error("engine mode", [&] {
+    return run_engine_unguarded(opts, reqs, workload, progress);
+  });
 }
 
 std::function<void(std::size_t)>

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <new>
 #include <span>
 #include <string>
 #include <string_view>
@@ -73,6 +74,24 @@ using progress_fn = std::function<void(std::size_t done, std::size_t total,
 [[nodiscard]] std::function<void(std::size_t)>
 pass_progress(const progress_fn& progress, std::string_view name,
               std::size_t index, std::size_t passes, std::size_t per_pass);
+
+/// Returns `run()`, or errc::out_of_memory when it throws std::bad_alloc:
+/// a large replay's containers (keys, oracle, queues) can exhaust memory
+/// (or an address-space limit), and the modes' public calls return errors
+/// instead of letting the exception end the program. `what` names the
+/// mode in the message.
+template <class Run>
+[[nodiscard]] auto out_of_memory_as_error(std::string_view what, Run&& run)
+    -> decltype(run()) {
+  try {
+    return run();
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      std::string(what) +
+                          ": out of memory (try fewer --requests or a "
+                          "smaller capacity)");
+  }
+}
 
 /// Generates the workload or reads the trace `opts` names, truncated to
 /// `opts.requests` for a trace. Trace problems (with line numbers) and a

@@ -165,10 +165,12 @@ std::string round_query(std::uint64_t round, std::uint32_t max_round) {
   return "round:" + std::to_string(std::min<std::uint64_t>(round, max_round));
 }
 
-result<prefetch_report>
-run_prefetch(const prefetch_options& opts,
-             std::span<const engine::workload_request> reqs,
-             const std::string& workload, const progress_fn& progress) {
+// run_prefetch without its out-of-memory guard.
+static result<prefetch_report>
+run_prefetch_unguarded(const prefetch_options& opts,
+                       std::span<const engine::workload_request> reqs,
+                       const std::string& workload,
+                       const progress_fn& progress) {
   for (std::size_t r = 0; r < reqs.size(); ++r)
     if (reqs[r].session == 0)
       return make_error(errc::invalid_argument,
@@ -217,6 +219,15 @@ run_prefetch(const prefetch_options& opts,
     }
   }
   return report;
+}
+
+result<prefetch_report>
+run_prefetch(const prefetch_options& opts,
+             std::span<const engine::workload_request> reqs,
+             const std::string& workload, const progress_fn& progress) {
+  return out_of_memory_as_error("prefetch mode", [&] {
+    return run_prefetch_unguarded(opts, reqs, workload, progress);
+  });
 }
 
 } // namespace kvfleet::bench

@@ -266,12 +266,12 @@ result<std::size_t> engine_capacity_in_blocks(const routing_options& opts,
   return static_cast<std::size_t>(n);
 }
 
-result<routing_result>
-simulate_routing(const routing_options& opts, actors::routing_policy policy,
-                 const request_keys& keys,
-                 std::span<const std::int64_t> arrival_ns,
-                 std::size_t capacity_blocks,
-                 const std::function<void(std::size_t)>& progress) {
+// simulate_routing without its out-of-memory guard.
+static result<routing_result> simulate_routing_unguarded(
+    const routing_options& opts, actors::routing_policy policy,
+    const request_keys& keys, std::span<const std::int64_t> arrival_ns,
+    std::size_t capacity_blocks,
+    const std::function<void(std::size_t)>& progress) {
   if (opts.engines == 0 || opts.engines > actors::router::max_slots)
     return make_error(errc::invalid_argument,
                       "engines must be in [1, 64], got " +
@@ -285,10 +285,22 @@ simulate_routing(const routing_options& opts, actors::routing_policy policy,
   return sim.run(progress);
 }
 
-result<routing_report>
-run_routing(const routing_options& opts,
-            std::span<const engine::workload_request> reqs,
-            const std::string& workload, const progress_fn& progress) {
+result<routing_result>
+simulate_routing(const routing_options& opts, actors::routing_policy policy,
+                 const request_keys& keys,
+                 std::span<const std::int64_t> arrival_ns,
+                 std::size_t capacity_blocks,
+                 const std::function<void(std::size_t)>& progress) {
+  return out_of_memory_as_error("routing mode", [&] {
+    return simulate_routing_unguarded(opts, policy, keys, arrival_ns,
+                                      capacity_blocks, progress);
+  });
+}
+
+// run_routing without its out-of-memory guard.
+static result<routing_report> run_routing_unguarded(
+    const routing_options& opts, std::span<const engine::workload_request> reqs,
+    const std::string& workload, const progress_fn& progress) {
   routing_report report;
   report.workload = workload;
   report.from_trace = !opts.base.trace_path.empty();
@@ -340,6 +352,15 @@ run_routing(const routing_options& opts,
     report.results.push_back(std::move(*res));
   }
   return report;
+}
+
+result<routing_report>
+run_routing(const routing_options& opts,
+            std::span<const engine::workload_request> reqs,
+            const std::string& workload, const progress_fn& progress) {
+  return out_of_memory_as_error("routing mode", [&] {
+    return run_routing_unguarded(opts, reqs, workload, progress);
+  });
 }
 
 } // namespace kvfleet::bench
