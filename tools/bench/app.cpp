@@ -2,6 +2,7 @@
 
 #include "tools/bench/cli.hpp"
 #include "tools/bench/engine_mode.hpp"
+#include "tools/bench/interrupt.hpp"
 #include "tools/bench/prefetch_mode.hpp"
 #include "tools/bench/progress_bar.hpp"
 #include "tools/bench/report.hpp"
@@ -15,6 +16,10 @@ namespace {
 
 int fail(std::ostream& err, const error& e) {
   err << "kvfleet-bench: " << e.message << '\n';
+  // A run stopped by a signal exits as a shell reports a process the
+  // signal killed: 128 + the signal.
+  if (const int signal = interrupt_signal(); signal != 0)
+    return 128 + signal;
   return is_usage_error(e) ? exit_usage_error : exit_runtime_error;
 }
 

@@ -5,7 +5,9 @@
 /// Results go to `out` only; help goes to `out`; errors, trace problems and
 /// the progress bar go to `err`. Exit status: 0 success, 1 runtime error
 /// (bad trace under --on-bad-line reject, I/O, the store failing), 2 usage
-/// error (bad option or value, unknown workload or policy, capacity 0).
+/// error (bad option or value, unknown workload or policy, capacity 0),
+/// 128 + the signal when a run stopped for request_interrupt()
+/// (interrupt.hpp; 130 for SIGINT).
 /// Not thread-safe with respect to the streams.
 
 #include <iosfwd>

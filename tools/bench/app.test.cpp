@@ -1,17 +1,20 @@
 #include "tools/bench/app.hpp"
 
 #include "tools/bench/engine_mode.hpp"
+#include "tools/bench/interrupt.hpp"
 #include "tools/bench/prefetch_mode.hpp"
 #include "tools/bench/routing_mode.hpp"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <initializer_list>
 #include <numeric>
@@ -182,6 +185,63 @@ TEST(bench_modes, out_of_memory_is_an_error_not_an_abort) {
         std::_Exit(oom_status(run_prefetch(p, reqs, "chat")));
       },
       ::testing::ExitedWithCode(0), "");
+}
+
+// Requests an interrupt for the scope, as main()'s signal handler would.
+struct interrupted_scope {
+  explicit interrupted_scope(int signal) { request_interrupt(signal); }
+  ~interrupted_scope() { clear_interrupt(); }
+  interrupted_scope(const interrupted_scope&) = delete;
+  interrupted_scope& operator=(const interrupted_scope&) = delete;
+};
+
+TEST(bench_modes, an_interrupted_run_stops_and_removes_its_disk_directory) {
+  // Killed by SIGINT or SIGTERM in the middle, a run left its --disk-dir
+  // subdirectory (up to 4 x the memory capacity of segment files) behind.
+  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  engine::workload_options wo;
+  wo.requests = 50;
+  const auto reqs = engine::generate_workload("chat", wo);
+  ASSERT_TRUE(reqs) << reqs.error().describe();
+  engine_options e;
+  e.workload = "chat";
+  e.capacity_blocks = 16;
+  e.policies = {engine::policy_kind::lru};
+  e.disk_dir = tmpl;
+  {
+    const interrupted_scope stop(SIGTERM);
+    auto r = run_engine(e, *reqs, "chat");
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("interrupted after 0 of 50 requests"),
+              std::string::npos)
+        << r.error().message;
+    routing_options ro;
+    ro.base = e;
+    ro.base.disk_dir.clear();
+    auto rr = run_routing(ro, *reqs, "chat");
+    ASSERT_FALSE(rr);
+    EXPECT_NE(rr.error().message.find("interrupted"), std::string::npos);
+    prefetch_options po;
+    po.base = ro.base;
+    auto pr = run_prefetch(po, *reqs, "chat");
+    ASSERT_FALSE(pr);
+    EXPECT_NE(pr.error().message.find("interrupted"), std::string::npos);
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(tmpl));
+  auto again = run_engine(e, *reqs, "chat");
+  EXPECT_TRUE(again) << "the flag is cleared: " << again.error().describe();
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST(bench_app, an_interrupted_run_exits_with_128_plus_the_signal) {
+  const interrupted_scope stop(SIGINT);
+  auto o = run({"engine", "--workload", "chat", "--requests", "20",
+                "--capacity-blocks", "50", "--policies", "lru"});
+  EXPECT_EQ(o.status, 128 + SIGINT);
+  EXPECT_TRUE(o.out.empty()) << o.out;
+  EXPECT_NE(o.err.find("kvfleet-bench: interrupted"), std::string::npos)
+      << o.err;
 }
 
 TEST(bench_app, missing_trace_is_a_runtime_error) {

@@ -31,7 +31,8 @@ Usage:
   kvfleet-bench --help             this text
   kvfleet-bench MODE --help        that mode's options
 
-Exit status: 0 success, 1 runtime error (bad trace, I/O), 2 usage error.
+Exit status: 0 success, 1 runtime error (bad trace, I/O), 2 usage error,
+130/143 interrupted by SIGINT/SIGTERM (the run cleans up and stops).
 )";
 
 constexpr std::string_view engine_help_text =

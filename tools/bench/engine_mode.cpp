@@ -10,6 +10,7 @@
 #include "engine/disk/segment_file.hpp"
 #include "engine/kv_producer.hpp"
 #include "engine/trace_reader.hpp"
+#include "tools/bench/interrupt.hpp"
 #include "tools/bench/next_use_oracle.hpp"
 
 #include <chrono>
@@ -228,6 +229,8 @@ simulate_policy_unguarded(const engine_options& opts,
   // nanoseconds would wrap after about 9.2e9 matched tokens.
   double saved_s = 0.0;
   for (std::size_t r = 0; r < keys.size(); ++r) {
+    if (interrupt_requested())
+      return interrupted_error(r, keys.size());
     if (oracle)
       oracle->begin_request(r);
     engine::put_options put;

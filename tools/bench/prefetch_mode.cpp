@@ -2,6 +2,7 @@
 
 #include "engine/block_store.hpp"
 #include "engine/kv_producer.hpp"
+#include "tools/bench/interrupt.hpp"
 #include "tools/bench/request_keys.hpp"
 
 #include <algorithm>
@@ -66,6 +67,8 @@ result<replay_result> replay(const prefetch_options& opts,
     return (*store)->contains(*ns, k);
   };
   for (std::size_t r = 0; r < reqs.size(); ++r) {
+    if (interrupt_requested())
+      return interrupted_error(r, reqs.size());
     const engine::workload_request& req = reqs[r];
     // Sessions idle past the timeout are observed to end (online: only
     // what is known at this request's arrival).

@@ -2,6 +2,7 @@
 
 #include "engine/block_store.hpp"
 #include "engine/kv_producer.hpp"
+#include "tools/bench/interrupt.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -111,6 +112,8 @@ public:
 
   result<routing_result> run(const std::function<void(std::size_t)>& progress) {
     for (std::size_t r = 0; r < keys_.size(); ++r) {
+      if (interrupt_requested())
+        return interrupted_error(started_, keys_.size());
       const std::int64_t now = arrival_[r];
       while (!done_.empty() && done_.top().first <= now) {
         const auto [t, e] = done_.top();
@@ -136,7 +139,10 @@ public:
       if (progress)
         progress(r + 1);
     }
+    // With arrivals faster than service most requests start here.
     while (!done_.empty()) {
+      if (interrupt_requested())
+        return interrupted_error(started_, keys_.size());
       const auto [t, e] = done_.top();
       done_.pop();
       if (auto ok = complete(e, t); !ok)
@@ -153,6 +159,7 @@ private:
     e.waiting.pop_front();
     e.busy = true;
     e.current = r;
+    ++started_;
     engine::put_options put;
     put.request_tokens = keys_.input_tokens[r];
     const auto request = keys_.of(r);
@@ -238,6 +245,7 @@ private:
   std::vector<std::int64_t> latency_ns_;
   std::vector<std::uint32_t> queue_samples_;
   std::vector<std::size_t> expected_hit_;
+  std::size_t started_ = 0; ///< requests whose service started
   routing_result out_;
 };
 

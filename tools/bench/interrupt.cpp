@@ -1,0 +1,32 @@
+#include "tools/bench/interrupt.hpp"
+
+#include <atomic>
+#include <string>
+
+namespace kvfleet::bench {
+
+namespace {
+// Lock-free, so storing to it is async-signal-safe.
+std::atomic<int> requested{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+} // namespace
+
+void request_interrupt(int signal) noexcept {
+  requested.store(signal, std::memory_order_relaxed);
+}
+
+int interrupt_signal() noexcept {
+  return requested.load(std::memory_order_relaxed);
+}
+
+void clear_interrupt() noexcept {
+  requested.store(0, std::memory_order_relaxed);
+}
+
+unexpected<error> interrupted_error(std::size_t done, std::size_t total) {
+  return make_error(errc::unavailable, "interrupted after " +
+                                           std::to_string(done) + " of " +
+                                           std::to_string(total) + " requests");
+}
+
+} // namespace kvfleet::bench

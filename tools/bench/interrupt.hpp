@@ -1,0 +1,36 @@
+#pragma once
+/// Stopping a run early (Ctrl-C, kill): main() routes SIGINT and SIGTERM to
+/// request_interrupt(), and the replays check interrupt_requested() before
+/// each request and return interrupted_error(). The run then unwinds like
+/// any failed run, so what it made is removed (the --disk-dir subdirectory,
+/// up to four times the memory capacity of segment files) instead of being
+/// left behind by a process killed in the middle.
+/// Thread safety: the flag is a lock-free atomic; request_interrupt() is
+/// async-signal-safe.
+
+#include "engine/result.hpp"
+
+#include <cstddef>
+
+namespace kvfleet::bench {
+
+/// Asks the running replay to stop; `signal` is the signal that asked.
+void request_interrupt(int signal) noexcept;
+
+/// The signal that asked the replay to stop, or 0.
+[[nodiscard]] int interrupt_signal() noexcept;
+
+/// True once request_interrupt() was called (and not cleared).
+[[nodiscard]] inline bool interrupt_requested() noexcept {
+  return interrupt_signal() != 0;
+}
+
+/// Forgets a request (for tests).
+void clear_interrupt() noexcept;
+
+/// The error a replay returns when it stops for an interrupt after `done`
+/// of `total` requests (errc::unavailable).
+[[nodiscard]] unexpected<error> interrupted_error(std::size_t done,
+                                                  std::size_t total);
+
+} // namespace kvfleet::bench
