@@ -70,13 +70,22 @@ int main() {
                 static_cast<unsigned long long>(id), reply->engine,
                 static_cast<unsigned long long>(reply->matched_tokens),
                 static_cast<unsigned long long>(reply->computed_tokens));
-    if (id == 2 && reply->matched_tokens != tokens.size())
+    if (id == 2 && reply->matched_tokens != tokens.size()) {
+      std::fprintf(stderr,
+                   "request 2: expected all %zu tokens from cache, got "
+                   "%llu\n",
+                   tokens.size(),
+                   static_cast<unsigned long long>(reply->matched_tokens));
       return 1;
+    }
   }
   for (std::uint32_t slot = 0; slot < c.engines; ++slot) {
     auto st = node.engine_stats(slot);
-    if (!st)
+    if (!st) {
+      std::fprintf(stderr, "engine %u stats: %s\n", slot,
+                   st.error().describe().c_str());
       return 1;
+    }
     std::printf("engine %u: %s memory, %llu blocks%s%s\n", slot,
                 st->memory.c_str(), static_cast<unsigned long long>(st->blocks),
                 st->tier.empty() ? "" : ", tier: ", st->tier.c_str());
