@@ -151,6 +151,21 @@ TEST(engine_mode, a_disk_tier_of_one_block_holds_one) {
   std::filesystem::remove(tmpl);
 }
 
+TEST(engine_mode, prefill_saved_uses_the_cost_as_given) {
+  // The store's producer counts whole nanoseconds per token: 0.0004 us
+  // (0.4 ns) became 0 and the report said no prefill time was saved.
+  engine_options o = small_workload("chat", 0.25);
+  o.requests = 100;
+  o.policies = {policy_kind::lru};
+  o.prefill_us_per_token = 0.0004;
+  auto report = run(o);
+  ASSERT_TRUE(report) << report.error().describe();
+  const policy_result& r = report->results[0];
+  ASSERT_GT(r.matched_tokens, 0U);
+  EXPECT_DOUBLE_EQ(r.prefill_saved_s,
+                   static_cast<double>(r.matched_tokens) * 0.0004 / 1e6);
+}
+
 TEST(engine_mode, every_policy_sees_the_same_requests) {
   auto report = run(small_workload("chat", 0.25));
   ASSERT_TRUE(report) << report.error().describe();
