@@ -129,6 +129,25 @@ TEST(routing_mode, only_the_time_between_arrivals_counts) {
       << tiny_rate.error().message;
 }
 
+TEST(routing_mode, service_time_uses_the_per_token_cost_as_given) {
+  // One request of 1024 prompt tokens, all computed, on an idle engine:
+  // its latency is its service, 1024 x 1.5 ns. Rounded to whole
+  // nanoseconds per token first it was 1024 x 2 ns.
+  routing_options o;
+  o.base.workload = "hand-made";
+  o.base.capacity_blocks = 8;
+  o.engines = 1;
+  o.policies = {routing_policy::least_loaded};
+  o.base.prefill_us_per_token = 0.0015;
+  o.service_overhead_us = 0.0;
+  std::vector<engine::workload_request> reqs(1);
+  reqs[0].input_length = 1024;
+  reqs[0].hash_ids = {1, 2};
+  auto report = run_routing(o, reqs, "hand-made");
+  ASSERT_TRUE(report) << report.error().describe();
+  EXPECT_DOUBLE_EQ(report->results[0].p50_us, 1.536);
+}
+
 TEST(routing_mode, capacity_is_per_engine) {
   routing_options o = tiny_options();
   o.base.capacity_fraction = 0.25;
