@@ -288,6 +288,19 @@ static result<routing_result> simulate_routing_unguarded(
   if (arrival_ns.size() != keys.size())
     return make_error(errc::invalid_argument,
                       "one arrival time per request is needed");
+  // The event loop serves arrivals in the order given: one earlier than
+  // the one before would be served after it and its latency would count
+  // time before it was sent.
+  if (const auto it =
+          std::is_sorted_until(arrival_ns.begin(), arrival_ns.end());
+      it != arrival_ns.end())
+    return make_error(errc::invalid_argument,
+                      "arrival times must be nondecreasing: request " +
+                          std::to_string(it - arrival_ns.begin()) +
+                          " arrives at " + std::to_string(*it) +
+                          " ns, before request " +
+                          std::to_string(it - arrival_ns.begin() - 1) + " at " +
+                          std::to_string(*(it - 1)) + " ns");
   simulation sim(opts, policy, keys, arrival_ns);
   if (auto ok = sim.init(capacity_blocks); !ok)
     return unexpected<error>(ok.error());

@@ -89,8 +89,9 @@ engine_capacity_in_blocks(const routing_options& opts,
                           std::size_t working_set_blocks);
 
 /// Simulates `policy` over `keys`; `arrival_ns[r]` is request r's arrival
-/// and must be nondecreasing. `progress` (may be empty) is called after
-/// each arrival with the number done.
+/// and must be nondecreasing (errc::invalid_argument naming the first
+/// request that is not). `progress` (may be empty) is called after each
+/// arrival with the number done.
 [[nodiscard]] result<routing_result>
 simulate_routing(const routing_options& opts, actors::routing_policy policy,
                  const request_keys& keys,
