@@ -66,7 +66,8 @@ Options:
   --block-tokens N          tokens per block: the namespace's block size and
                             the block size the trace was made with [512]
   --requests N              workload size (default: the workload's own); with
-                            --trace, replay only the first N requests
+                            --trace, replay only the N earliest requests (a
+                            trace is replayed in timestamp order)
   --seed S                  workload generator seed; ignored for traces [42]
   --on-bad-line skip|reject what to do with a malformed trace line: skip it or
                             stop with exit status 1; problems go to stderr
