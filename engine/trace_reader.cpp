@@ -345,8 +345,12 @@ enum class line_status { line, too_long, end };
 
 /// Reads one line without its line break ('\n' or "\r\n"). A line longer
 /// than `max_bytes` is consumed but not kept.
+/// With `stop_when_too_long` (the reader rejects), a line past the limit is
+/// reported as soon as the limit is passed, without reading it to its end:
+/// it may have none (`--trace /dev/zero`), and the read stops there anyway.
 line_status read_line(std::istream& in, std::size_t max_bytes,
-                      std::span<char> buf, std::string& line) {
+                      std::span<char> buf, std::string& line,
+                      bool stop_when_too_long) {
   line.clear();
   // One byte over the limit is kept for now: it may be the '\r' of a CRLF
   // break, which is not part of the line.
@@ -377,6 +381,8 @@ line_status read_line(std::istream& in, std::size_t max_bytes,
         too_long = true;
         line.clear();
         line.shrink_to_fit();
+        if (stop_when_too_long)
+          return line_status::too_long;
       } else {
         line.append(buf.data(), keep);
       }
@@ -418,7 +424,8 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
     for (;;) {
       line_status status = line_status::end;
       try {
-        status = read_line(in, opts.max_line_bytes, buf, line);
+        status = read_line(in, opts.max_line_bytes, buf, line,
+                           opts.on_bad_line == bad_line_action::reject);
       } catch (const std::bad_alloc&) {
         throw;
       } catch (const std::exception& e) {

@@ -45,7 +45,9 @@ struct trace_options {
   /// counted.
   std::size_t max_reported = 20;
   /// Longest accepted line in bytes, without its line break ("\n" or
-  /// "\r\n").
+  /// "\r\n"). Rejecting, the read stops as soon as a line passes it (a
+  /// line with no end, as from /dev/zero, fails at once); skipping, the
+  /// line is read to its end to find the next one.
   std::size_t max_line_bytes = std::size_t{16} << 20;
   /// Tokens per block the trace was made with (Mooncake: 512); when not 0,
   /// a line whose id count is not ceil(input_length / block_tokens) is

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -265,6 +266,47 @@ TEST(trace_reader, rejects_too_long_lines) {
   EXPECT_EQ(skipped.got->size(), 2U);
   EXPECT_EQ(skipped.report.lines, 3U);
   EXPECT_EQ(skipped.report.skipped, 1U);
+}
+
+/// A line of 'x' with no end in sight: `size` bytes, then end of input.
+/// Counts how many bytes the reader took.
+class endless_line_buf : public std::streambuf {
+public:
+  explicit endless_line_buf(std::size_t size) : left_(size) {}
+  [[nodiscard]] std::size_t taken() const { return taken_; }
+
+protected:
+  int_type underflow() override {
+    if (left_ == 0)
+      return traits_type::eof();
+    const std::size_t n = std::min(left_, chunk_.size());
+    left_ -= n;
+    taken_ += n;
+    setg(chunk_.data(), chunk_.data(), chunk_.data() + n);
+    return traits_type::to_int_type(chunk_[0]);
+  }
+
+private:
+  std::string chunk_ = std::string(4096, 'x');
+  std::size_t left_;
+  std::size_t taken_ = 0;
+};
+
+TEST(trace_reader,
+     rejecting_a_line_past_the_limit_does_not_read_it_to_its_end) {
+  // `--trace /dev/zero` is one line without an end: rejecting it must not
+  // wait for one. 64 MiB stands in for "endless"; the limit is 1 KiB.
+  trace_options opts;
+  opts.max_line_bytes = 1024;
+  opts.on_bad_line = bad_line_action::reject;
+  endless_line_buf buf(std::size_t{64} << 20);
+  std::istream in(&buf);
+  trace_report report;
+  const auto got = read_trace(in, opts, report);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::parse_error);
+  EXPECT_EQ(got.error().message, "line 1: line longer than 1024 bytes");
+  EXPECT_LT(buf.taken(), std::size_t{1} << 20);
 }
 
 TEST(trace_reader, problems_name_ill_formed_utf8_bytes_in_hex) {
