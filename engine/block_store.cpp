@@ -581,6 +581,10 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
+  if (auto ok = check_priority(options.prio); !ok) {
+    count_rejected();
+    return unexpected<error>(ok.error());
+  }
   const codec c = options.codec_override.value_or(st.options.default_codec);
   if (!is_valid(c)) {
     count_rejected();
@@ -948,6 +952,10 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
+  if (auto ok = check_priority(options.prio); !ok) {
+    count_rejected();
+    return unexpected<error>(ok.error());
+  }
   const std::size_t bt = st.spec.block_tokens;
   if (tokens.empty() || tokens.size() % bt != 0) {
     count_rejected();
@@ -1040,6 +1048,10 @@ result<process_result> block_store::process(ns_id ns,
     return unexpected<error>(st_r.error());
   }
   const namespace_spec& spec = (*st_r)->spec;
+  if (auto ok = check_priority(options.prio); !ok) {
+    count_rejected();
+    return unexpected<error>(ok.error());
+  }
   if (keys.size() > input_tokens / spec.block_tokens) {
     count_rejected();
     return make_error(
@@ -1784,6 +1796,8 @@ result<std::size_t> block_store::promote(ns_id ns,
   auto st = check_ns(ns);
   if (!st)
     return unexpected<error>(st.error());
+  if (auto ok = check_priority(options.prio); !ok)
+    return unexpected<error>(ok.error());
   // A block that cannot be brought back is no error of this call.
   const nested_scope nested(*this);
   std::size_t in_memory = walk_prefix(ns, keys, now());

@@ -146,7 +146,8 @@ struct store_config {
 /// Options of one put.
 struct put_options {
   /// A block ranks (priority policy) at the highest priority of the puts
-  /// and process() calls that covered it, matched prefixes included.
+  /// and process() calls that covered it, matched prefixes included. A
+  /// value outside the five is errc::invalid_argument (check_priority).
   priority prio = priority::normal;
   std::optional<codec> codec_override; ///< default: the namespace's codec
   /// Default: the namespace's TTL. 0 or over 100 years = none.

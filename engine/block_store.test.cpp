@@ -376,6 +376,35 @@ TEST_F(store_fixture, bad_input_is_rejected_and_leaves_nothing) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, a_priority_outside_the_five_is_refused_by_every_put) {
+  // Cast from a number (a peer's message), it would rank above critical in
+  // the priority policy, also for the cached prefix a request matches.
+  open(16, policy_kind::priority);
+  const auto k = chain(1, 2);
+  synthetic_producer producer;
+  ASSERT_TRUE(store_->process(ns_, std::span(k).first(1), 16, producer));
+  const std::size_t used = store_->used_bytes();
+  const auto rejected = store_->stats().rejected_requests;
+  put_options bad;
+  bad.prio = static_cast<priority>(5);
+  const auto expect_refused = [](const auto& r, const char* what) {
+    ASSERT_FALSE(r.has_value()) << what;
+    EXPECT_EQ(r.error().code, errc::invalid_argument) << what;
+    EXPECT_NE(r.error().message.find("priority 5"), std::string::npos)
+        << what << ": " << r.error().message;
+  };
+  expect_refused(store_->reserve(ns_, k[1], k[0], bad), "reserve");
+  expect_refused(store_->process(ns_, k, 32, producer, bad), "process");
+  std::vector<std::uint32_t> tokens(32, 7);
+  std::vector<std::byte> values(2 * block_bytes, std::byte{1});
+  expect_refused(store_->put_tokens(ns_, tokens, values, bad), "put_tokens");
+  expect_refused(store_->promote(ns_, k, bad), "promote");
+  EXPECT_EQ(store_->used_bytes(), used);
+  EXPECT_EQ(store_->block_count(), 1U);
+  EXPECT_EQ(store_->stats().rejected_requests, rejected + 3);
+  store_->check_invariants();
+}
+
 TEST(block_store, creation_errors) {
   store_config cfg;
   EXPECT_EQ(block_store::create(cfg).error().code, errc::zero_capacity);

@@ -13,6 +13,15 @@
 
 namespace kvfleet::engine {
 
+result<void> check_priority(priority p) {
+  if (p <= priority::critical)
+    return {};
+  return make_error(errc::invalid_argument,
+                    "priority " + std::to_string(static_cast<unsigned>(p)) +
+                        " is not one of background, low, normal, high, "
+                        "critical");
+}
+
 std::string_view to_string(priority p) noexcept {
   switch (p) {
   case priority::background:

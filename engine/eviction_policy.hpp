@@ -41,6 +41,9 @@ enum class priority : std::uint8_t {
   critical = 4,
 };
 [[nodiscard]] std::string_view to_string(priority p) noexcept;
+/// errc::invalid_argument for a value outside the five (a cast from a
+/// number), which would rank above critical; every put checks it.
+[[nodiscard]] result<void> check_priority(priority p);
 [[nodiscard]] result<priority> parse_priority(std::string_view name);
 
 enum class policy_kind : std::uint8_t { lru, lfu, priority, adaptive, belady };
