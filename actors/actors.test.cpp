@@ -5,6 +5,7 @@
 #include "actors/engine_actor.hpp"
 #include "actors/messages.hpp"
 #include "actors/prefetch_actor.hpp"
+#include "actors/prioritized.hpp"
 #include "actors/query_cache_actor.hpp"
 #include "actors/scaler_actor.hpp"
 #include "actors/warmer_actor.hpp"
@@ -428,6 +429,26 @@ TEST_F(actor_test, APriorityOutsideTheFiveIsRefusedNotRankedAboveCritical) {
   EXPECT_EQ(st.requests, 0U); // the batch ran none of its requests
   EXPECT_EQ(st.blocks, 0U);
   EXPECT_EQ(st.in_flight, 0U);
+}
+
+TEST_F(actor_test, TheBalancerRefusesAPriorityOutsideTheFiveBeforeRouting) {
+  const auto bogus = static_cast<engine::priority>(7);
+  // Until it is refused it jumps no mailbox queue.
+  EXPECT_EQ(mailbox_priority(bogus), caf::message_priority::normal);
+  EXPECT_EQ(mailbox_priority(engine::priority::critical),
+            caf::message_priority::high);
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  auto req = make_request(1, 0, 0, 2, 1);
+  req.prio = bogus;
+  auto r = ask<kv_reply>(b, process_atom::value, req);
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  const auto back = from_caf_error(*r->error);
+  EXPECT_EQ(back.code, errc::invalid_argument);
+  EXPECT_NE(back.message.find("priority 7"), std::string::npos) << back.message;
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  ASSERT_EQ(st.routed.size(), 1U);
+  EXPECT_EQ(st.routed[0], 0U) << "refused before it was routed";
 }
 
 TEST_F(actor_test, ABatchThatFailsSaysWhichRequestFailed) {

@@ -379,6 +379,10 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   });
   return {
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
+        // Refused here, before it counts as routed or waits in a queue it
+        // would jump (the engine refuses it too).
+        if (auto ok = engine::check_priority(req.prio); !ok)
+          return to_caf_error(ok.error());
         auto promise = self->make_response_promise();
         dispatch(self, std::move(req), owed_reply{promise}, now_ns(self), 0);
         return promise;

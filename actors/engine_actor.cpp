@@ -80,12 +80,9 @@ using engine_actor = caf::stateful_actor<engine_state>;
 /// outrank critical in every queue on its way, and its blocks would rank
 /// above critical ones in eviction: such a request or put is refused.
 std::optional<caf::error> bad_priority(engine::priority p) {
-  if (p <= engine::priority::critical)
-    return std::nullopt;
-  return to_caf_error(
-      error{errc::invalid_argument,
-            "priority " + std::to_string(static_cast<unsigned>(p)) +
-                " is not one of background, low, normal, high, critical"});
+  if (auto ok = engine::check_priority(p); !ok)
+    return to_caf_error(ok.error());
+  return std::nullopt;
 }
 
 template <class T> caf::result<T> lift(result<T> r) {

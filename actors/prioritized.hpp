@@ -19,8 +19,11 @@ namespace kvfleet::actors {
 /// The mailbox category for requests of priority `p`.
 [[nodiscard]] constexpr caf::message_priority
 mailbox_priority(engine::priority p) noexcept {
-  return p >= engine::priority::high ? caf::message_priority::high
-                                     : caf::message_priority::normal;
+  // A value above critical (a cast from a number) is refused where it
+  // arrives; until then it jumps no queue.
+  return p >= engine::priority::high && p <= engine::priority::critical
+             ? caf::message_priority::high
+             : caf::message_priority::normal;
 }
 
 /// self->request(dest, timeout, xs...) in the mailbox category of `p`.
