@@ -1778,6 +1778,45 @@ TEST(QueryCacheEncoding, RepliesAreWrittenAndReadInTheClassicLocale) {
   EXPECT_EQ(back_grouped, rep);
 }
 
+TEST(QueryCacheEncoding, AnythingButAnEncodedReplyIsNotRead) {
+  const kv_reply rep{0, 3, 12, 2, 192, 32, false};
+  kv_reply back;
+  ASSERT_TRUE(decode_reply(encode_reply(rep), back));
+  EXPECT_EQ(back, rep);
+  for (const std::string bad :
+       {"v1 3 12 2 192", "v1 3 12 2 192 32 7", "v1 3 -12 2 192 32",
+        "v1 3 12 2 192 32x", "v1 3 +12 2 192 32", "v1  3 12 2 192 32",
+        "v1 3 12 2 192 32 ", "v2 3 12 2 192 32", "v1 4294967296 12 2 192 32",
+        "v1 3 18446744073709551616 2 192 32", "", "v1"}) {
+    kv_reply out{9, 9, 9, 9, 9, 9, false};
+    EXPECT_FALSE(decode_reply(bad, out)) << '"' << bad << '"';
+    EXPECT_EQ(out, (kv_reply{9, 9, 9, 9, 9, 9, false})) << '"' << bad << '"';
+  }
+}
+
+TEST_F(actor_test, AQueryCacheEntryItCannotReadIsAStoreErrorAndRecomputed) {
+  auto store = std::make_unique<embedded_query_store>();
+  ASSERT_TRUE(store->set("what is kv", "v1 3 -12 2 192 32",
+                         std::chrono::hours{1000}, engine::nanos{0}));
+  auto be = std::make_shared<fake_backend>();
+  auto fake = sys_->spawn(fake_balancer, be);
+  stop_at_end_.push_back(fake);
+  auto qcache = spawned(
+      spawn_query_cache(*sys_, query_cache_config{}, fake, std::move(store)));
+  stop_at_end_.push_back(qcache);
+  auto first =
+      ask_now<kv_reply>(qcache, query_atom::value, query(1, "what is kv"));
+  EXPECT_FALSE(first.from_query_cache);
+  EXPECT_EQ(be->seen.size(), 1U);
+  auto second =
+      ask_now<kv_reply>(qcache, query_atom::value, query(2, "what is kv"));
+  EXPECT_TRUE(second.from_query_cache) << "the computed reply replaced it";
+  auto st = ask_now<query_cache_stats>(qcache, stats_atom::value);
+  EXPECT_EQ(st.store_errors, 1U);
+  EXPECT_EQ(st.hits, 1U);
+  EXPECT_EQ(st.misses, 1U);
+}
+
 TEST_F(actor_test, QueryCacheExpiresEntriesAtTtl) {
   query_cache_config qc;
   qc.ttl = 10s;

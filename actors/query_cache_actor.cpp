@@ -6,9 +6,12 @@
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
 
+#include <charconv>
 #include <locale>
 #include <sstream>
 #include <string>
+#include <string_view>
+#include <system_error>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -33,13 +36,44 @@ std::string encode_reply(const kv_reply& r) {
   return out.str();
 }
 
+namespace {
+
+/// One field of an entry: the digits of an unsigned number and nothing
+/// else (no sign, no space, no grouping; std::from_chars ignores locales).
+template <class T> bool parse_field(std::string_view text, T& out) {
+  if (text.empty())
+    return false;
+  const auto [end, ec] =
+      std::from_chars(text.data(), text.data() + text.size(), out);
+  return ec == std::errc{} && end == text.data() + text.size();
+}
+
+} // namespace
+
 bool decode_reply(const std::string& s, kv_reply& out) {
-  std::istringstream in(s);
-  in.imbue(std::locale::classic());
-  std::string version;
-  in >> version >> out.engine >> out.matched_blocks >> out.computed_blocks >>
-      out.matched_tokens >> out.computed_tokens;
-  return version == "v1" && !in.fail();
+  // Exactly what encode_reply writes: "v1" and five numbers, one space
+  // apart. Anything else (a corrupt entry, another program's value under
+  // the prefix) is not a reply: a negative number would otherwise wrap to
+  // a huge count, and trailing text would pass unseen.
+  std::string_view rest = s;
+  std::string_view fields[6];
+  for (std::size_t i = 0; i < 6; ++i) {
+    const auto sp = rest.find(' ');
+    if ((sp == std::string_view::npos) != (i == 5))
+      return false;
+    fields[i] = rest.substr(0, sp);
+    rest =
+        sp == std::string_view::npos ? std::string_view{} : rest.substr(sp + 1);
+  }
+  kv_reply r = out;
+  if (fields[0] != "v1" || !parse_field(fields[1], r.engine) ||
+      !parse_field(fields[2], r.matched_blocks) ||
+      !parse_field(fields[3], r.computed_blocks) ||
+      !parse_field(fields[4], r.matched_tokens) ||
+      !parse_field(fields[5], r.computed_tokens))
+    return false;
+  out = r;
+  return true;
 }
 
 namespace {
@@ -182,6 +216,7 @@ cache_behavior(cache_actor* self, query_cache_config config,
             rep.from_query_cache = true;
             return rep;
           }
+          ++s.stats.store_errors; // an entry it cannot read: recomputed
         }
         ++s.stats.misses;
         auto promise = self->make_response_promise();

@@ -29,8 +29,9 @@
 /// actor detached: it runs on its own thread, each Redis call bounded by the
 /// store's command timeout (default 50 ms), so the scheduler's workers never
 /// wait on Redis. A store error on get counts in `store_errors` and the
-/// request is computed as on a miss; a store error on set counts there too
-/// and the reply is still delivered.
+/// request is computed as on a miss, as is an entry that is not a reply
+/// decode_reply can read (corrupt, or another program's under the prefix);
+/// a store error on set counts there too and the reply is still delivered.
 
 #include "actors/query_store.hpp"
 #include "actors/redis_query_store.hpp"
@@ -86,8 +87,13 @@ make_query_store(const query_cache_config& config);
 spawn_query_cache(caf::actor_system& sys, query_cache_config config,
                   caf::actor balancer, std::unique_ptr<query_store> store);
 
-/// Encoding of a reply in the store (also used by tests).
+/// Encoding of a reply in the store (also used by tests): "v1" and the
+/// engine, matched and computed blocks, matched and computed tokens, in
+/// decimal, one space apart, whatever the global locale.
 [[nodiscard]] std::string encode_reply(const kv_reply& r);
+/// Reads what encode_reply wrote into `out` (id and from_query_cache
+/// untouched); false, leaving `out` unchanged, for anything else: another
+/// version, a sign, a number out of range, a missing or extra field.
 [[nodiscard]] bool decode_reply(const std::string& s, kv_reply& out);
 
 } // namespace kvfleet::actors
