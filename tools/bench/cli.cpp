@@ -65,13 +65,15 @@ Options:
   --json                    print one JSON object instead of a table
   --block-tokens N          tokens per block: the namespace's block size and
                             the block size the trace was made with [512]
-  --requests N              workload size (default: the workload's own); with
-                            --trace, replay only the N earliest requests (a
-                            trace is replayed in timestamp order)
+  --requests N              workload size, 1 to 5000000 (default: the
+                            workload's own); with --trace, replay only the N
+                            earliest requests (a trace is replayed in
+                            timestamp order)
   --seed S                  workload generator seed; ignored for traces [42]
   --on-bad-line skip|reject what to do with a malformed trace line: skip it or
                             stop with exit status 1; problems go to stderr
-                            with their line numbers [reject]
+                            with their line numbers; ignored for workloads
+                            [reject]
   --compression on|off      the store's adaptive compression (cold blocks
                             demoted to int8/int4 before eviction); off keeps
                             every policy on equal terms [off]
