@@ -3,6 +3,8 @@
 #include "engine/internal/check.hpp"
 
 #include <algorithm>
+#include <new>
+#include <string>
 
 namespace kvfleet::engine {
 
@@ -83,14 +85,24 @@ result<slot_ref> block_pool::allocate(std::uint16_t cls) {
     if (free_slabs_.empty())
       return make_error(errc::out_of_memory, "block pool is full");
     s = free_slabs_.back();
-    free_slabs_.pop_back();
     slab_state& fresh = slabs_[s];
+    const auto capacity =
+        static_cast<std::uint32_t>(slab_bytes_ / c.slot_bytes);
+    // The slab's free list is sized once, here (4 bytes a slot): without
+    // the heap for it the slab stays free and the put fails, nothing lost.
+    try {
+      fresh.free_slots.clear();
+      fresh.free_slots.reserve(capacity);
+    } catch (const std::bad_alloc&) {
+      return make_error(errc::out_of_memory,
+                        "no memory for the free list of a slab of " +
+                            std::to_string(capacity) + " slots");
+    }
+    free_slabs_.pop_back();
     fresh.size_class = cls;
     fresh.used = 0;
     fresh.bumped = 0;
-    fresh.capacity = static_cast<std::uint32_t>(slab_bytes_ / c.slot_bytes);
-    fresh.free_slots.clear();
-    fresh.free_slots.reserve(fresh.capacity);
+    fresh.capacity = capacity;
     link(s);
   }
   slab_state& slab = slabs_[s];

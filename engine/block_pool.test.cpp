@@ -3,6 +3,11 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
 #include <random>
 #include <string>
 #include <unordered_map>
@@ -119,6 +124,46 @@ std::vector<block_key> index_test_keys(int kind, std::mt19937_64& rng) {
                    : kind == 1 ? block_key{rng(), rng() & 0xfff}
                                : block_key{7, i + 1});
   return keys;
+}
+TEST(block_pool, no_heap_for_a_slab_free_list_is_an_error_and_loses_nothing) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP()
+      << "AddressSanitizer reserves address space; RLIMIT_AS breaks it";
+#else
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  // A slab of 2^31 slots of 256 B: its free list would take 8 GiB of heap,
+  // which the child's address-space cap does not have. The pool only
+  // keeps books, so the 512 GiB "arena" costs nothing.
+  EXPECT_EXIT(
+      {
+        auto pool =
+            block_pool::create(std::size_t{1} << 40, std::size_t{1} << 39);
+        if (!pool)
+          std::_Exit(10);
+        auto cls = pool->size_class_for(block_pool::slot_alignment);
+        if (!cls)
+          std::_Exit(11);
+        std::ifstream statm("/proc/self/statm");
+        std::size_t pages = 0;
+        statm >> pages;
+        rlimit lim{};
+        lim.rlim_cur =
+            pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
+            (std::size_t{64} << 20);
+        lim.rlim_max = lim.rlim_cur;
+        if (::setrlimit(RLIMIT_AS, &lim) != 0)
+          std::_Exit(12);
+        auto slot = pool->allocate(*cls);
+        if (slot || slot.error().code != errc::out_of_memory)
+          std::_Exit(13);
+        // Nothing lost: both slabs are still free for a class that fits.
+        if (pool->free_slab_count() != 2)
+          std::_Exit(14);
+        pool->check_invariants();
+        std::_Exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+#endif
 }
 
 TEST_P(block_index_keys, matches_a_reference_map_under_random_operations) {
