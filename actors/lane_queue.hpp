@@ -2,8 +2,11 @@
 /// A FIFO queue with one lane per request priority: pop() takes the oldest
 /// item of the highest non-empty lane, so a critical request never waits
 /// behind a background one, and requests of one priority keep their order.
-/// Every queue of the actor layer (batcher, balancer backlog, warmer) is one
-/// of these. Not thread-safe: owned by one actor.
+/// The engine actor's batcher (batch_accumulator) keeps its requests in
+/// one. The balancer holds no queue (it routes each request as it comes;
+/// mailboxes order by priority, prioritized.hpp), and the warmer's queue is
+/// in frequency order, its requests all of one priority. Not thread-safe:
+/// owned by one actor.
 
 #include "engine/eviction_policy.hpp"
 

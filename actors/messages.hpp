@@ -105,7 +105,7 @@ typename Inspector::result_type inspect(Inspector& f, put_request& x) {
 struct engine_stats {
   std::uint32_t engine = 0;
   std::uint64_t in_flight = 0; ///< requests received and not yet answered
-  std::uint64_t requests = 0;
+  std::uint64_t requests = 0;  ///< requests processed without an error
   std::uint64_t batches = 0;
   std::uint64_t blocks = 0;
   std::uint64_t used_bytes = 0;
