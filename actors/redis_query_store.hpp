@@ -31,7 +31,10 @@
 ///
 /// Blocking: hiredis's synchronous API blocks the calling thread, each
 /// connect at most `connect_timeout` and each command at most
-/// `command_timeout` (default 50 ms). `blocking()` is true, so the cache
+/// `command_timeout` (default 50 ms). A host name is resolved first, with
+/// the system resolver's own timeouts, which `connect_timeout` does not
+/// bound: give an IP address (or a name in /etc/hosts) where a slow DNS
+/// must not hold the cache. `blocking()` is true, so the cache
 /// actor that owns the store runs detached (on its own thread) and never
 /// stalls the scheduler's workers.
 /// Not thread-safe: owned by one actor. SIGPIPE from a write to a closed
@@ -57,6 +60,7 @@ struct redis_query_store_config {
   /// default. Percent-encode `@ : / ? # %` inside user and password.
   std::string url;
   std::string key_prefix = "kvfleet:q:";
+  /// TCP connect, after the host name is resolved (not bounded by it).
   std::chrono::milliseconds connect_timeout{200};
   std::chrono::milliseconds command_timeout{50};
   /// After a connection-level failure, calls fail at once for this long
