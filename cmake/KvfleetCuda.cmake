@@ -1,7 +1,12 @@
 # Decides whether the CUDA backend is built. AUTO turns it on when nvcc is
 # found on PATH or at /usr/local/cuda/bin, and off otherwise.
+include(KvfleetCudaOption)
+kvfleet_cuda_mode("${KVFLEET_CUDA}" _kvfleet_cuda_mode _kvfleet_cuda_error)
+if(_kvfleet_cuda_error)
+  message(FATAL_ERROR "${_kvfleet_cuda_error}")
+endif()
 set(KVFLEET_HAVE_CUDA OFF)
-if(NOT KVFLEET_CUDA STREQUAL "OFF")
+if(NOT _kvfleet_cuda_mode STREQUAL "OFF")
   if(NOT CMAKE_CUDA_COMPILER)
     find_program(KVFLEET_NVCC nvcc HINTS ENV CUDA_HOME PATHS /usr/local/cuda/bin
                  NO_CACHE)
@@ -22,7 +27,7 @@ if(NOT KVFLEET_CUDA STREQUAL "OFF")
     endif()
     find_package(CUDAToolkit REQUIRED)
     set(KVFLEET_HAVE_CUDA ON)
-  elseif(KVFLEET_CUDA STREQUAL "ON")
+  elseif(_kvfleet_cuda_mode STREQUAL "ON")
     message(FATAL_ERROR "KVFLEET_CUDA=ON but no nvcc was found (PATH, /usr/local/cuda/bin)")
   else()
     message(STATUS "kvfleet: nvcc not found, building without the CUDA backend")
