@@ -42,8 +42,9 @@
 /// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
 /// host memory under a device arena. demote_to_tier() (the GPU memory
 /// manager calls it under pressure) moves cold blocks there in the
-/// background: each partition's eviction order picks them, a leaf first
-/// and then any parent whose children all leave with it; a block stays
+/// background: the lowest request priority first, then each partition's
+/// eviction order picks them, a leaf first and then any parent whose
+/// children all leave with it; a block stays
 /// readable while its bytes are copied (a lease keeps it in place) and
 /// leaves the arena when poll_tier() sees its copy finished, unless it was
 /// read, pinned or extended meanwhile (then it stays, the copy is
@@ -381,8 +382,9 @@ public:
   [[nodiscard]] result<bool> attach_tier(const memory_tier_factory& make);
   [[nodiscard]] memory_tier* tier() noexcept { return tier_.get(); }
   /// Starts moving evictable blocks to the memory tier until about `bytes`
-  /// of slots are on their way (lowest priority and coldest first; pinned,
-  /// leased and expired blocks stay). Returns the slot bytes whose copy
+  /// of slots are on their way (lowest priority first whatever the policy,
+  /// then in the policy's order, as evict_bytes(); pinned, leased and
+  /// expired blocks stay). Returns the slot bytes whose copy
   /// started; they are freed when poll_tier() sees it finish. Stops early,
   /// without an error, when the tier's staging is busy or it has no room it
   /// can make. errc::invalid_argument without a tier.
@@ -410,9 +412,12 @@ public:
   /// Evicts expired blocks now (lookups also skip them lazily). Returns how
   /// many were removed.
   std::size_t expire();
-  /// Evicts evictable blocks, lowest priority first in every policy's
-  /// order, until `bytes` are freed or none is left. Returns bytes freed
-  /// (a dead parent freed with its last child counts too).
+  /// Evicts evictable blocks until `bytes` are freed or none is left:
+  /// the lowest request priority first, whatever the policy (so under
+  /// memory pressure a prefetch's or warm-up's blocks go before a normal
+  /// request's), and within a priority in the policy's order, from the
+  /// partition furthest over its share. Returns bytes freed (a dead parent
+  /// freed with its last child counts too).
   std::size_t evict_bytes(std::size_t bytes);
 
   [[nodiscard]] const store_stats& stats() const noexcept { return stats_; }
@@ -623,6 +628,21 @@ private:
   /// prefix can be cached again.
   void drop_damaged(std::uint32_t id);
   void refresh_evictable(std::uint32_t id);
+  /// Sets whether the policies hold block `id` (flagged_evictable), and
+  /// keeps evictable_by_prio_ in step.
+  void set_flagged(std::uint32_t id, bool flagged);
+  /// Lets the policies see only evictable blocks of priority `p` or lower
+  /// (evict_bytes() and demote_to_tier() go lowest priority first whatever
+  /// the policy); priority::critical shows them all again. O(blocks) when
+  /// it changes anything.
+  void limit_evictable_to(priority p);
+  /// Starts a lowest-priority-first pass: hides all but the lowest
+  /// priority's evictable blocks when there are several priorities. End
+  /// the pass with limit_evictable_to(priority::critical).
+  void start_lowest_priority_first();
+  /// most_over_share() among the lowest priority that has evictable
+  /// blocks, showing the next priority's blocks when one runs out.
+  [[nodiscard]] std::optional<size_partition> lowest_priority_over_share();
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;
   std::uint32_t new_entry();
@@ -662,6 +682,11 @@ private:
   std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
   std::uint32_t nested_ = 0; ///< see count_rejected()
+  /// Highest priority the policies see (limit_evictable_to()); critical,
+  /// all of them, outside evict_bytes().
+  priority evictable_ceiling_ = priority::critical;
+  /// Blocks the policies hold, by priority.
+  std::array<std::size_t, 5> evictable_by_prio_{};
   store_stats stats_;
 };
 

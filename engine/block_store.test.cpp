@@ -1274,6 +1274,51 @@ TEST_F(store_fixture, evict_bytes_frees_evictable_blocks_only) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture,
+       evict_bytes_takes_the_lowest_priority_first_in_every_policy) {
+  // The memory manager frees memory with evict_bytes(); a prefetch's or a
+  // warm-up's blocks must go before a normal request's also when the
+  // policy ranks by recency or frequency (it used to follow the policy
+  // alone, so under lru the oldest normal block went first).
+  for (policy_kind policy : {policy_kind::lru, policy_kind::lfu,
+                             policy_kind::priority, policy_kind::adaptive}) {
+    SCOPED_TRACE(to_string(policy));
+    open(16, policy);
+    put_options low;
+    low.prio = priority::low;
+    put_options background;
+    background.prio = priority::background;
+    const auto normal = put_singles(4, 0, 10); // oldest, normal priority
+    // A chain: a low-priority parent under a background leaf.
+    const auto pair = chain(1000, 2);
+    ASSERT_TRUE(put(pair[0], {}, low).has_value());
+    ASSERT_TRUE(put(pair[1], pair[0], background).has_value());
+    const auto late = chain(2000, 1)[0];
+    ASSERT_TRUE(put(late, {}, background).has_value());
+    store_->check_invariants();
+
+    // Background first (both), and the low parent only after them.
+    EXPECT_EQ(store_->evict_bytes(2 * block_bytes), 2 * block_bytes);
+    store_->check_invariants();
+    EXPECT_FALSE(store_->contains(ns_, pair[1]));
+    EXPECT_FALSE(store_->contains(ns_, late));
+    EXPECT_TRUE(store_->contains(ns_, pair[0]));
+    for (const auto& k : normal) {
+      EXPECT_TRUE(store_->contains(ns_, k));
+    }
+    // Then the low one, then normal ones in the policy's order.
+    EXPECT_EQ(store_->evict_bytes(2 * block_bytes), 2 * block_bytes);
+    store_->check_invariants();
+    EXPECT_FALSE(store_->contains(ns_, pair[0]));
+    EXPECT_EQ(store_->block_count(), 3U);
+    // Nothing was hidden from the policies afterwards: make-room still
+    // sees every block.
+    EXPECT_EQ(store_->evict_bytes(100 * block_bytes), 3 * block_bytes);
+    EXPECT_EQ(store_->block_count(), 0U);
+    store_->check_invariants();
+  }
+}
+
 } // namespace
 } // namespace kvfleet::engine
 

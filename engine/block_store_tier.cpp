@@ -87,6 +87,7 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
   std::vector<tier_demotion> jobs;
   std::vector<tier_place> places;
   std::vector<std::uint32_t> follow; // parents left over by a full batch
+  start_lowest_priority_first();
   while (started < bytes) {
     demotion_batch batch;
     jobs.clear();
@@ -119,9 +120,10 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
           break;
         continue;
       }
-      // The partition furthest over its share gives first, as in
-      // evict_bytes(); expired blocks are not worth a copy: evict them.
-      const std::optional<size_partition> q = most_over_share();
+      // The lowest priority, and within it the partition furthest over
+      // its share, gives first, as in evict_bytes(); expired blocks are
+      // not worth a copy: evict them.
+      const std::optional<size_partition> q = lowest_priority_over_share();
       if (!q)
         break;
       const std::uint32_t id =
@@ -162,6 +164,7 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
     tier_in_flight_ += batch.slot_bytes;
     tier_batches_.push_back(std::move(batch));
   }
+  limit_evictable_to(priority::critical);
   return started;
 }
 

@@ -479,6 +479,40 @@ TEST_F(store_tier_test,
   EXPECT_TRUE(store_->contains(ns_, prefetched[0]));
 }
 
+TEST_F(store_tier_test,
+       demotion_takes_the_lowest_priority_first_in_every_policy) {
+  // The GPU memory manager demotes with demote_to_tier(); a prefetch's
+  // blocks must leave before a normal request's also when the policy ranks
+  // by recency (it used to follow the policy alone: under lru the oldest
+  // normal block went first).
+  for (policy_kind policy :
+       {policy_kind::lru, policy_kind::lfu, policy_kind::adaptive}) {
+    SCOPED_TRACE(to_string(policy));
+    open(32, 16, policy);
+    const auto old_normal = chain(1, 1);
+    run(old_normal);
+    put_options background;
+    background.prio = priority::background;
+    const auto prefetched = chain(100, 1);
+    ASSERT_TRUE(store_->process(ns_, prefetched, 16, producer_, background)
+                    .has_value());
+    const auto new_normal = chain(200, 1);
+    run(new_normal);
+    ASSERT_TRUE(store_->demote_to_tier(block_bytes).has_value());
+    settle();
+    EXPECT_TRUE(store_->in_tier(ns_, prefetched[0]));
+    EXPECT_TRUE(store_->contains(ns_, old_normal[0]));
+    EXPECT_TRUE(store_->contains(ns_, new_normal[0]));
+    // Then the normal ones, in the policy's order: every block is shown
+    // to the policies again.
+    ASSERT_TRUE(store_->demote_to_tier(2 * block_bytes).has_value());
+    settle();
+    EXPECT_TRUE(store_->in_tier(ns_, old_normal[0]));
+    EXPECT_TRUE(store_->in_tier(ns_, new_normal[0]));
+    EXPECT_EQ(store_->block_count(), 0U);
+  }
+}
+
 TEST_F(store_tier_test, promote_brings_tier_blocks_back_for_block_calls) {
   const auto a = chain(1, 3);
   run(a);
