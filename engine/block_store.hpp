@@ -659,6 +659,12 @@ private:
   std::vector<std::uint32_t> free_entries_;
   std::vector<ns_state> namespaces_;
   std::array<std::unique_ptr<eviction_policy>, partition_count> policies_;
+  /// Highest priority the policies see (limit_evictable_to()); critical,
+  /// all of them, outside evict_bytes() and demote_to_tier(). Declared
+  /// before the leases below, whose release may update the count.
+  priority evictable_ceiling_ = priority::critical;
+  /// Blocks the policies hold, by priority.
+  std::array<std::size_t, 5> evictable_by_prio_{};
   std::array<std::uint32_t, partition_count> recency_head_{};
   std::array<std::uint32_t, partition_count> recency_tail_{};
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
@@ -682,11 +688,6 @@ private:
   std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
   std::uint32_t nested_ = 0; ///< see count_rejected()
-  /// Highest priority the policies see (limit_evictable_to()); critical,
-  /// all of them, outside evict_bytes().
-  priority evictable_ceiling_ = priority::critical;
-  /// Blocks the policies hold, by priority.
-  std::array<std::size_t, 5> evictable_by_prio_{};
   store_stats stats_;
 };
 
