@@ -292,8 +292,9 @@ public:
   /// are gone are dropped (all counted in stats()); segments left below
   /// compaction_threshold are compacted by the first batch or a retry pass
   /// retry_interval later. Errors name the directory and what to do: it is
-  /// missing, not a directory, not writable, full, locked by another
-  /// process, or holds a catalog of another format version.
+  /// missing, not a directory, not writable, full (errc::out_of_memory),
+  /// locked by another tier in this process or another (errc::busy), or
+  /// holds a catalog of another format version.
   [[nodiscard]] static result<std::unique_ptr<disk_tier>>
   open(disk_tier_config config);
 
