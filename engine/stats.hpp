@@ -78,7 +78,12 @@ struct store_stats {
   std::uint64_t demotions = 0;
   std::uint64_t demoted_bytes_saved = 0;
   std::uint64_t expirations = 0;
-  std::uint64_t rejected_requests = 0; ///< calls that returned an error
+  /// Lookup, put and process calls (lookup, lookup_tokens, acquire_prefix,
+  /// acquire, reserve, write, write_from, commit, put_tokens, process) that
+  /// returned an error, each once. acquire() of a block that is not cached
+  /// is a miss, not counted; reads, pins, unpins, aborts and the tier calls
+  /// are not counted either.
+  std::uint64_t rejected_requests = 0;
   // Disk tier (zero without one).
   std::uint64_t disk_block_hits = 0;    ///< blocks promoted from disk
   std::uint64_t disk_token_hits = 0;    ///< prompt tokens served from disk
