@@ -1,10 +1,11 @@
 #pragma once
 /// Choosing an engine's block-pool memory at start-up: device memory when a
 /// GPU can give it, host memory otherwise. Built in every configuration:
-/// without CUDA (no nvcc when kvfleet was configured) every request for
-/// device memory falls back to host memory with a log line that says the
-/// build has no CUDA. Includes no CUDA header. Thread safety: the functions
-/// may be called from any thread; a returned backend has one owner.
+/// without CUDA (KVFLEET_CUDA=OFF, or no nvcc found when kvfleet was
+/// configured) every request for device memory falls back to host memory
+/// with a log line that says the build has no CUDA. Includes no CUDA header.
+/// Thread safety: the functions may be called from any thread; a returned
+/// backend has one owner.
 
 #include "engine/memory_backend.hpp"
 #include "engine/memory_tier.hpp"

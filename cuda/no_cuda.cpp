@@ -1,5 +1,6 @@
-// The CUDA entry points of a build without CUDA (no nvcc when kvfleet was
-// configured): every one is an error value that says so, so that callers
+// The CUDA entry points of a build without CUDA (KVFLEET_CUDA=OFF, or no
+// nvcc found when kvfleet was configured): every one is an error value that
+// says so, so that callers
 // take their host-memory path (backend_factory.hpp) with a clear reason.
 #include "cuda/device.hpp"
 #include "cuda/internal/device_arena.hpp"
@@ -10,8 +11,8 @@ namespace {
 error no_cuda(const char* call) {
   return error{errc::unavailable,
                std::string(call) +
-                   ": kvfleet was built without CUDA (no nvcc when it was "
-                   "configured)"};
+                   ": kvfleet was built without CUDA (configured with "
+                   "KVFLEET_CUDA=OFF, or no nvcc was found)"};
 }
 
 } // namespace
