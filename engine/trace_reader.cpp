@@ -38,7 +38,7 @@ constexpr std::array<std::string_view, 4> field_names = {
 std::string_view type_message(field f) {
   switch (f) {
   case field::timestamp:
-    return "timestamp must be a non-negative number";
+    return "timestamp must be a non-negative number below 2^64 (ms)";
   case field::input_length:
     return "input_length must be an integer between 1 and 4294967295";
   case field::output_length:

@@ -5,8 +5,8 @@
 /// `{"timestamp": 0, "input_length": 6955, "output_length": 52,
 ///   "hash_ids": [46, 47, 48]}`.
 /// All four fields are required; other fields are ignored, and so are blank
-/// (whitespace-only) lines. `timestamp` is in milliseconds: a non-negative
-/// integer, or a non-negative finite number whose fraction is dropped.
+/// (whitespace-only) lines. `timestamp` is in milliseconds: an integer or
+/// a finite number in [0, 2^64), whose fraction is dropped.
 /// `input_length` is an integer in [1, 2^32 - 1], `output_length` one in
 /// [0, 2^32 - 1], `hash_ids` a non-empty array of integers in [0, 2^64 - 1].
 /// When `trace_options::block_tokens` is set, `hash_ids` must also hold

@@ -149,6 +149,12 @@ const std::vector<bad_case>& bad_cases() {
        "timestamp must be a non-negative number"},
       {R"({"timestamp": -0.5, "input_length": 1, "output_length": 1, "hash_ids": [1]})",
        "timestamp must be a non-negative number"},
+      // Non-negative and finite, but past what a uint64 of milliseconds
+      // holds: the message says which bound it broke.
+      {R"({"timestamp": 1e300, "input_length": 1, "output_length": 1, "hash_ids": [1]})",
+       "timestamp must be a non-negative number below 2^64"},
+      {R"({"timestamp": 18446744073709551616, "input_length": 1, "output_length": 1, "hash_ids": [1]})",
+       "timestamp must be a non-negative number below 2^64"},
       {R"({"timestamp": 0, "input_length": 0, "output_length": 1, "hash_ids": [1]})",
        "input_length must be an integer between 1 and 4294967295"},
       {R"({"timestamp": 0, "input_length": -5, "output_length": 1, "hash_ids": [1]})",
