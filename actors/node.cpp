@@ -375,21 +375,48 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
   auto st = stats();
   if (!st)
     return unexpected<error>{st.error()};
+  // Every engine is asked, also after one failed: a clean shutdown keeps
+  // what it can, and one engine's full or slow disk must not cost the
+  // others their blocks.
   std::uint64_t blocks = 0;
+  std::uint32_t asked = 0;
+  std::uint32_t failed = 0;
+  std::optional<error> first;
+  const auto fail = [&](std::uint32_t slot, const error& e) {
+    ++failed;
+    if (!first)
+      first =
+          error{e.code, "engine " + std::to_string(slot) + ": " + e.message};
+  };
   for (std::uint32_t slot = 0; slot < st->up.size(); ++slot) {
     if (st->up[slot] == 0)
       continue;
     auto engine = engine_at(slot, config_.call_timeout);
-    if (!engine)
-      continue; // stopped since
+    if (!engine) {
+      if (engine.error().code != errc::not_found) { // not stopped since
+        ++asked;
+        fail(slot, engine.error());
+      }
+      continue;
+    }
+    ++asked;
     auto n =
         ask<std::uint64_t>(*askers_, *engine, timeout + config_.call_timeout,
                            actors::persist_atom::value,
                            static_cast<std::uint64_t>(timeout.count()));
-    if (!n)
-      return unexpected<error>{n.error()};
+    if (!n) {
+      fail(slot, n.error());
+      continue;
+    }
     blocks += *n;
   }
+  if (first)
+    return make_error(first->code,
+                      "node::persist: " + std::to_string(failed) + " of " +
+                          std::to_string(asked) +
+                          " engines failed (the others hold " +
+                          std::to_string(blocks) +
+                          " blocks on disk); the first: " + first->message);
   return blocks;
 }
 

@@ -119,10 +119,13 @@ public:
   /// clean shutdown, so that a node started later on the same directories
   /// (`engine.make_disk` = actors::disk_tier_per_engine(...)) serves them.
   /// Returns how many cached blocks the disk tiers hold then, all engines
-  /// together. Errors: errc::invalid_argument for a timeout that is not
-  /// positive or is above 24 hours, or when the engines have no disk tier;
-  /// an engine's error (errc::io_error when its disk did not finish in
-  /// time).
+  /// together. Engines down at the call (waiting for a restart) hold
+  /// nothing in memory and are skipped. An engine that fails does not stop
+  /// the others: each is asked. Errors: errc::invalid_argument for a
+  /// timeout that is not positive or is above 24 hours, or when the
+  /// engines have no disk tier; else the first failed engine's error
+  /// (errc::io_error when its disk did not finish in time), its message
+  /// naming that engine, how many failed and the blocks the others hold.
   [[nodiscard]] result<std::uint64_t>
   persist(std::chrono::milliseconds timeout = std::chrono::seconds(60));
   /// Stops the node's actors and waits, at most `timeout`, until the
