@@ -200,7 +200,18 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
                                           node_config config) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
-  // Fail early, with the engine's own error, on a bad engine configuration:
+  // Fail early on a bad query-cache store (redis_url), before any engine
+  // starts: an engine told to stop releases its memory and its disk
+  // directory only later, so a start retried at once with the URL fixed
+  // would find the directory busy. (Making the store connects nothing.)
+  std::unique_ptr<actors::query_store> query_store;
+  if (config.query_cache) {
+    auto store = actors::make_query_store(config.cache);
+    if (!store)
+      return unexpected<error>{store.error()};
+    query_store = std::move(*store);
+  }
+  // And, with the engine's own error, on a bad engine configuration:
   // engine 0 starts here, and the balancer's first call of the factory
   // takes it (so its memory, possibly a whole GPU's arena, is allocated
   // once, not probed and allocated again).
@@ -209,16 +220,6 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   auto first = actors::spawn_engine_actor(sys, first_cfg);
   if (!first)
     return unexpected<error>{first.error()};
-  // And on a bad query-cache store (redis_url).
-  std::unique_ptr<actors::query_store> query_store;
-  if (config.query_cache) {
-    auto store = actors::make_query_store(config.cache);
-    if (!store) {
-      caf::anon_send_exit(*first, caf::exit_reason::user_shutdown);
-      return unexpected<error>{store.error()};
-    }
-    query_store = std::move(*store);
-  }
   std::unique_ptr<node> n{new node(sys, std::move(config))};
   auto& c = n->config_;
   c.balancer.initial_engines = c.engines;

@@ -79,10 +79,12 @@ public:
   /// config before creating the actor system.
   static void configure(caf::actor_system_config& cfg, std::size_t threads);
 
-  /// Spawns the node's actors. Errors: validate(config)'s, then the first
-  /// engine's (bad capacity or namespace), then the query-cache store's (bad
-  /// `cache.redis_url`: errc::parse_error). An unreachable Redis is not an
-  /// error here: the store connects on its first call.
+  /// Spawns the node's actors. Errors: validate(config)'s, then the
+  /// query-cache store's (bad `cache.redis_url`: errc::parse_error; no
+  /// engine has started then, so no disk directory was opened), then the
+  /// first engine's (bad capacity or namespace, its disk tier's). An
+  /// unreachable Redis is not an error here: the store connects on its
+  /// first call.
   [[nodiscard]] static result<std::unique_ptr<node>>
   start(caf::actor_system& sys, node_config config);
   ~node();

@@ -594,5 +594,24 @@ TEST_F(Node, PersistWritesEveryEngineEvenWhenOneOfThemFails) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, AStartRefusedForItsConfigurationOpensNoDiskDirectory) {
+  // A bad query-cache URL is found before any engine starts: engine 0 does
+  // not open (and lock) its disk directory, so a start with the URL fixed
+  // right after finds it free. (Before, engine 0 had it open and was only
+  // told to stop: the next start could find it busy.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  c.query_cache = true;
+  c.cache.redis_url = "http://not-redis";
+  auto bad = node::start(*sys_, c);
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().code, errc::parse_error) << bad.error().describe();
+  EXPECT_FALSE(std::filesystem::exists(dir.path() + "/engine-0"));
+  auto good = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(good.has_value()) << good.error().describe();
+  ASSERT_TRUE((*good)->stop());
+}
+
 } // namespace
 } // namespace kvfleet
