@@ -4,6 +4,8 @@
 #include "actors/config_checks.hpp"
 #include "actors/prioritized.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -12,12 +14,15 @@
 #include <utility>
 #include <vector>
 
+#include <caf/actor_cast.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/after.hpp>
 #include <caf/blocking_actor.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
+#include <caf/system_messages.hpp>
+#include <caf/weak_intrusive_ptr.hpp>
 
 namespace kvfleet {
 
@@ -51,6 +56,36 @@ private:
   caf::actor_system& sys_;
   std::mutex mutex_;
   std::vector<std::unique_ptr<caf::scoped_actor>> idle_;
+};
+
+/// Every engine the node's factory started (restarts and replicas too),
+/// for stop() to wait for. The balancer calls the factory on its thread;
+/// the mutex guards the list between it and stop(). Weak references, so
+/// engines long gone leave nothing behind but their slot in the list until
+/// the next add.
+class node_engines {
+public:
+  void add(const caf::actor& engine) {
+    std::lock_guard lock{mutex_};
+    std::erase_if(engines_, [](const caf::weak_actor_ptr& w) {
+      return w.lock() == nullptr;
+    });
+    engines_.push_back(caf::actor_cast<caf::weak_actor_ptr>(engine));
+  }
+
+  /// The engines that may still run.
+  [[nodiscard]] std::vector<caf::actor> alive() {
+    std::lock_guard lock{mutex_};
+    std::vector<caf::actor> out;
+    for (const auto& w : engines_)
+      if (auto strong = w.lock())
+        out.push_back(caf::actor_cast<caf::actor>(std::move(strong)));
+    return out;
+  }
+
+private:
+  std::mutex mutex_;
+  std::vector<caf::weak_actor_ptr> engines_;
 };
 
 namespace {
@@ -188,12 +223,20 @@ void node::configure(caf::actor_system_config& cfg, std::size_t threads) {
 
 node::node(caf::actor_system& sys, node_config config)
     : sys_(&sys), config_(std::move(config)),
-      askers_(std::make_unique<node_askers>(sys)) {}
+      askers_(std::make_unique<node_askers>(sys)),
+      engines_(std::make_shared<node_engines>()) {}
 
 node::~node() {
+  if (stopped_.load(std::memory_order_acquire))
+    return;
   for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_, &balancer_})
     if (*a)
       caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
+}
+
+const caf::actor& node::running(const caf::actor& a) const noexcept {
+  static const caf::actor none;
+  return stopped_.load(std::memory_order_acquire) ? none : a;
 }
 
 result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
@@ -224,14 +267,15 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   auto& c = n->config_;
   c.balancer.initial_engines = c.engines;
   auto engine_cfg = c.engine;
+  n->engines_->add(*first);
   // Only the balancer calls the factory, one call at a time.
   auto ready = std::make_shared<caf::actor>(std::move(*first));
   // validate() checked every configuration below, so these spawns fail only
   // on a bug in it; the caller still gets that error as a value.
   auto balancer = actors::spawn_balancer(
       sys, c.balancer,
-      [engine_cfg, ready](caf::actor_system& s,
-                          std::uint32_t slot) -> result<caf::actor> {
+      [engine_cfg, ready, engines = n->engines_](
+          caf::actor_system& s, std::uint32_t slot) -> result<caf::actor> {
         if (slot == 0 && *ready) {
           caf::actor a = std::move(*ready);
           *ready = caf::actor{};
@@ -239,7 +283,10 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         }
         auto cfg = engine_cfg;
         cfg.slot = slot;
-        return actors::spawn_engine_actor(s, cfg);
+        auto engine = actors::spawn_engine_actor(s, cfg);
+        if (engine)
+          engines->add(*engine);
+        return engine;
       });
   if (!balancer) {
     caf::anon_send_exit(*ready, caf::exit_reason::user_shutdown);
@@ -278,23 +325,23 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
 }
 
 result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
-  if (cache_ && !req.query.empty())
-    return ask_at<actors::kv_reply>(*askers_, req.prio, cache_,
+  if (const auto& cache = running(cache_); cache && !req.query.empty())
+    return ask_at<actors::kv_reply>(*askers_, req.prio, cache,
                                     config_.call_timeout,
                                     actors::query_atom::value, req);
-  return ask_at<actors::kv_reply>(*askers_, req.prio, balancer_,
+  return ask_at<actors::kv_reply>(*askers_, req.prio, running(balancer_),
                                   config_.call_timeout,
                                   actors::process_atom::value, req);
 }
 
 result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {
-  return ask<std::uint64_t>(*askers_, balancer_, config_.call_timeout,
+  return ask<std::uint64_t>(*askers_, running(balancer_), config_.call_timeout,
                             actors::lookup_atom::value, keys);
 }
 
 result<caf::actor> node::engine_at(std::uint32_t slot,
                                    std::chrono::milliseconds timeout) {
-  return ask<caf::actor>(*askers_, balancer_, timeout,
+  return ask<caf::actor>(*askers_, running(balancer_), timeout,
                          actors::engine_atom::value, slot);
 }
 
@@ -351,13 +398,14 @@ result<void> node::unpin(std::uint32_t slot, const engine::block_key& key) {
 result<actors::warm_report>
 node::warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
            bool pin) {
-  return ask<actors::warm_report>(*askers_, warmer_, config_.call_timeout,
-                                  actors::warm_atom::value, items, top_n, pin,
-                                  caf::actor{});
+  return ask<actors::warm_report>(
+      *askers_, running(warmer_), config_.call_timeout,
+      actors::warm_atom::value, items, top_n, pin, caf::actor{});
 }
 
 result<actors::balancer_stats> node::stats() {
-  return ask<actors::balancer_stats>(*askers_, balancer_, config_.call_timeout,
+  return ask<actors::balancer_stats>(*askers_, running(balancer_),
+                                     config_.call_timeout,
                                      actors::stats_atom::value);
 }
 
@@ -424,38 +472,50 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
 result<void> node::stop(std::chrono::milliseconds timeout) {
   if (auto ok = actors::check_duration("node::stop timeout", timeout); !ok)
     return ok;
-  if (!balancer_)
+  std::lock_guard lock{stop_mutex_};
+  // From here on calls fail with "actor not running". The handles stay as
+  // they are: calls on other threads read them.
+  if (stopped_.exchange(true, std::memory_order_acq_rel))
     return {};
-  std::vector<caf::actor> engines;
-  if (auto st = stats())
-    for (std::uint32_t slot = 0; slot < st->up.size(); ++slot)
-      if (auto engine = engine_at(slot, config_.call_timeout))
-        engines.push_back(std::move(*engine));
-  caf::scoped_actor self{*sys_};
-  for (const auto& e : engines)
-    self->monitor(e);
-  for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_, &balancer_})
-    if (*a) {
-      self->send_exit(*a, caf::exit_reason::user_shutdown);
-      *a = caf::actor{};
-    }
-  // The balancer stops its engines as it exits; a draining one too.
-  for (const auto& e : engines)
-    self->send_exit(e, caf::exit_reason::user_shutdown);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  std::size_t down = 0;
-  bool late = false;
-  while (down < engines.size() && !late) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    self->receive([&](const caf::down_msg&) { ++down; },
-                  caf::after(std::max(left, std::chrono::milliseconds{0})) >>
-                      [&] { late = true; });
-  }
-  if (down < engines.size())
+  caf::scoped_actor self{*sys_};
+  // Stops `actors` and waits for them until the deadline; returns how many
+  // were still running then.
+  const auto stop_all = [&](const std::vector<caf::actor>& actors) {
+    for (const auto& a : actors)
+      self->monitor(a);
+    for (const auto& a : actors)
+      self->send_exit(a, caf::exit_reason::user_shutdown);
+    std::size_t down = 0;
+    bool late = false;
+    while (down < actors.size() && !late) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      self->receive([&](const caf::down_msg&) { ++down; },
+                    caf::after(std::max(left, std::chrono::milliseconds{0})) >>
+                        [&] { late = true; });
+    }
+    return actors.size() - down;
+  };
+  for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_})
+    if (*a)
+      self->send_exit(*a, caf::exit_reason::user_shutdown);
+  // The balancer starts engines (restarts, replicas) until it is gone, so
+  // the list of engines to wait for is complete only after it stopped. (It
+  // stops its engines as it exits; a draining one too.)
+  if (stop_all({balancer_}) > 0) {
+    for (const auto& e : engines_->alive())
+      self->send_exit(e, caf::exit_reason::user_shutdown);
     return make_error(errc::timeout,
-                      "node::stop: " + std::to_string(engines.size() - down) +
-                          " of " + std::to_string(engines.size()) +
+                      "node::stop: the balancer was still running after " +
+                          std::to_string(timeout.count()) +
+                          " ms (its engines were told to stop)");
+  }
+  const auto engines = engines_->alive();
+  if (const auto late = stop_all(engines); late > 0)
+    return make_error(errc::timeout,
+                      "node::stop: " + std::to_string(late) + " of " +
+                          std::to_string(engines.size()) +
                           " engines were still running after " +
                           std::to_string(timeout.count()) + " ms");
   return {};

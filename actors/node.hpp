@@ -19,7 +19,9 @@
 /// about a fifth of a call from a host thread (kvfleet-actors-bench). A
 /// mutex guards only the list of idle ones, held to take or return one; it
 /// keeps at most as many as calls ran at once. A call that times out
-/// discards its actor, so its late reply goes nowhere. A node holds actors
+/// discards its actor, so its late reply goes nowhere. Two more mutexes:
+/// one guards the list of engines the balancer started (its thread adds,
+/// stop() reads), one lets one stop() run at a time. A node holds actors
 /// of its actor system: destroy it before the system.
 
 #include "actors/balancer_actor.hpp"
@@ -31,9 +33,11 @@
 #include "actors/warmer_actor.hpp"
 #include "engine/result.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -43,6 +47,7 @@
 namespace kvfleet {
 
 class node_askers;
+class node_engines;
 
 struct node_config {
   std::uint32_t engines = 2;
@@ -131,15 +136,20 @@ public:
   [[nodiscard]] result<std::uint64_t>
   persist(std::chrono::milliseconds timeout = std::chrono::seconds(60));
   /// Stops the node's actors and waits, at most `timeout`, until the
-  /// engines that were up have stopped, so that what they held (device
-  /// memory, disk directories) is free when it returns: a node started on
-  /// the same disk directories right after it opens them instead of
-  /// finding them locked. Calls after it fail with errc::invalid_argument
-  /// ("actor not running"); stopping again does nothing. Errors:
+  /// balancer has stopped and then every engine it started (restarted
+  /// ones, replicas and draining ones included: it may start one until it
+  /// is gone), so that what they held (device memory, disk directories) is
+  /// free when it returns: a node started on the same disk directories
+  /// right after it opens them instead of finding them locked. Calls after
+  /// it fail with errc::invalid_argument ("actor not running"); a call on
+  /// another thread while it runs is answered, or fails so or as a call to
+  /// a stopped actor (errc::unavailable). Stopping again does nothing (a
+  /// second stop() on another thread returns when the first does). The
+  /// actor accessors below then name stopped actors. Errors:
   /// errc::invalid_argument for a timeout that is not positive or is above
-  /// 24 hours; errc::timeout when engines were still running at the
-  /// deadline (they stop later). The destructor stops the node without
-  /// waiting.
+  /// 24 hours; errc::timeout when the balancer or engines were still
+  /// running at the deadline (they stop later). The destructor stops the
+  /// node without waiting.
   [[nodiscard]] result<void>
   stop(std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
@@ -159,10 +169,17 @@ private:
   node(caf::actor_system& sys, node_config config);
   [[nodiscard]] result<caf::actor> engine_at(std::uint32_t slot,
                                              std::chrono::milliseconds timeout);
+  /// `a`, or a null actor once stop() began (calls then fail with "actor
+  /// not running").
+  [[nodiscard]] const caf::actor& running(const caf::actor& a) const noexcept;
 
   caf::actor_system* sys_;
   node_config config_;
   std::unique_ptr<node_askers> askers_; ///< the calls' blocking actors
+  /// Every engine the balancer started, for stop() to wait for.
+  std::shared_ptr<node_engines> engines_;
+  std::atomic<bool> stopped_{false};
+  std::mutex stop_mutex_; ///< one stop() at a time
   caf::actor balancer_;
   caf::actor cache_;
   caf::actor scaler_;
