@@ -694,5 +694,47 @@ TEST_F(Node, CallsWhileTheNodeStopsGetAnAnswerOrAClearError) {
   EXPECT_EQ(after.error().code, errc::invalid_argument);
 }
 
+TEST_F(Node, AnEngineRestartedAfterAKillRecoversItsDiskDirectory) {
+  // Engine 0 is killed: the balancer restarts it on the same directory
+  // (the killed one released it), and the blocks it had spilled there come
+  // back from disk.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  c.balancer.restart_delay = std::chrono::milliseconds{1};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  for (std::uint64_t id = 1; id <= 100; ++id) {
+    auto r = (*n)->process_request(chain(id));
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+  }
+  auto e0 = engine_of(*sys_, **n, 0);
+  ASSERT_TRUE(e0);
+  {
+    caf::scoped_actor self{*sys_};
+    self->monitor(e0);
+    caf::anon_send_exit(e0, caf::exit_reason::kill);
+    self->receive([](const caf::down_msg&) {});
+  }
+  // Wait for the restart (1 ms away), reading the balancer's stats.
+  bool restarted = false;
+  for (int i = 0; i < 1'000'000 && !restarted; ++i) {
+    auto st = (*n)->stats();
+    ASSERT_TRUE(st.has_value()) << st.error().describe();
+    restarted = st->restarts == 1 && st->up.at(0) == 1;
+  }
+  ASSERT_TRUE(restarted);
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_TRUE(es->disk);
+  EXPECT_EQ(es->requests, 0U) << "not a fresh engine";
+  EXPECT_GE(es->disk_blocks, 4U * (100 - 16));
+  auto again = (*n)->process_request(chain(1));
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  EXPECT_EQ(again->matched_blocks, 4U);
+  EXPECT_EQ(again->computed_blocks, 0U);
+  ASSERT_TRUE((*n)->stop());
+}
+
 } // namespace
 } // namespace kvfleet
