@@ -298,10 +298,19 @@ caf::behavior engine_behavior(engine_actor* self,
         return out;
       },
       [=](lookup_atom, const key_vec& keys) -> caf::result<std::uint64_t> {
-        auto r = self->state.store->lookup(self->state.ns, keys);
+        auto& s = self->state;
+        auto r = s.store->lookup(s.ns, keys);
         if (!r)
           return to_caf_error(r.error());
-        return static_cast<std::uint64_t>(*r);
+        std::size_t n = *r;
+        // The store's lookup() stops where memory and the memory tier do;
+        // a request goes on on disk (it promotes those blocks), so the
+        // prefix it would match does too. No I/O: the disk tier's
+        // directory is in memory.
+        if (s.store->disk() != nullptr && n < keys.size())
+          if (auto t = s.store->lookup_tiers(s.ns, keys))
+            n = std::max(n, t->memory + t->tier + t->disk);
+        return static_cast<std::uint64_t>(n);
       },
       [=](reserve_atom, const put_request& p) -> caf::result<std::uint64_t> {
         auto& s = self->state;

@@ -11,6 +11,8 @@
 ///       batch with its error ("request <id> of the batch: ..."), and the
 ///       requests run before it keep their effects
 ///   (lookup_atom, vector<block_key>)  -> uint64 matched leading blocks
+///       (in memory, in the memory tier and, with a disk tier, on disk:
+///       what a request would match)
 ///   (reserve_atom, put_request)       -> uint64 put ticket (phase one)
 ///   (write_atom, ticket, vector<uint8_t> value) -> true
 ///   (commit_atom, ticket)             -> true (phase two)

@@ -100,7 +100,8 @@ public:
   /// and the request has a query key, else straight to the balancer.
   [[nodiscard]] result<actors::kv_reply>
   process_request(const actors::kv_request& req);
-  /// Longest cached prefix of `keys` on the engine the index points at.
+  /// Longest cached prefix of `keys` on the engine the index points at
+  /// (blocks on its disk tier included: a request would match them too).
   [[nodiscard]] result<std::uint64_t>
   lookup(const std::vector<engine::block_key>& keys);
   /// Two-phase put of one block on engine `slot`: reserve, write, commit.

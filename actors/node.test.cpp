@@ -736,5 +736,37 @@ TEST_F(Node, AnEngineRestartedAfterAKillRecoversItsDiskDirectory) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, LookupCountsTheBlocksAnEngineHoldsOnDisk) {
+  // What lookup says is cached is what a request then matches, also when
+  // the blocks are only on the engine's disk (spilled, or recovered by a
+  // new node). (Before, lookup counted memory only: 0 for both.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  {
+    auto n = node::start(*sys_, disk_node(dir.path()));
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    for (std::uint64_t id = 1; id <= 100; ++id) {
+      auto r = (*n)->process_request(chain(id));
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+    }
+    auto spilled = (*n)->lookup(chain(1).keys);
+    ASSERT_TRUE(spilled.has_value()) << spilled.error().describe();
+    EXPECT_EQ(*spilled, 4U);
+    auto unknown = (*n)->lookup({block_key{1, 1}});
+    ASSERT_TRUE(unknown.has_value()) << unknown.error().describe();
+    EXPECT_EQ(*unknown, 0U);
+    ASSERT_TRUE((*n)->stop());
+  }
+  auto n = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto recovered = (*n)->lookup(chain(2).keys);
+  ASSERT_TRUE(recovered.has_value()) << recovered.error().describe();
+  EXPECT_EQ(*recovered, 4U);
+  auto r = (*n)->process_request(chain(2));
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->matched_blocks, *recovered);
+  ASSERT_TRUE((*n)->stop());
+}
+
 } // namespace
 } // namespace kvfleet
