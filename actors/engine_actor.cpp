@@ -396,7 +396,15 @@ caf::behavior engine_behavior(engine_actor* self,
         return lift_void(self->state.store->unpin(self->state.ns, key));
       },
       [=](stats_atom) -> caf::result<engine_stats> {
-        const auto& s = self->state;
+        auto& s = self->state;
+        // The disk tier's answers to spills are otherwise collected at the
+        // next request, put or eviction: an idle engine would go on
+        // counting its last spills written (disk_spills) that failed.
+        // Never waits.
+        if (s.store->disk() != nullptr) {
+          s.store->poll_disk();
+          publish(self);
+        }
         const auto& ss = s.store->stats();
         engine_stats out;
         out.engine = s.config.slot;

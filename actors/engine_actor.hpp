@@ -20,7 +20,9 @@
 ///   (read_atom, block_key)            -> vector<uint8_t> decoded value
 ///   (evict_atom, uint64 bytes)        -> uint64 bytes freed
 ///   (pin_atom | unpin_atom, block_key) -> true
-///   (stats_atom)                      -> engine_stats
+///   (stats_atom)                      -> engine_stats (collects the disk
+///       tier's answers first, so a spill that failed while the engine was
+///       idle counts in disk_spill_failures, not disk_spills)
 ///   (persist_atom, uint64 timeout_ms) -> uint64 cached blocks on disk
 ///       (block_store::persist: a clean shutdown; needs a disk tier)
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no

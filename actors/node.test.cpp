@@ -9,6 +9,7 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -765,6 +766,74 @@ TEST_F(Node, LookupCountsTheBlocksAnEngineHoldsOnDisk) {
   auto r = (*n)->process_request(chain(2));
   ASSERT_TRUE(r.has_value()) << r.error().describe();
   EXPECT_EQ(r->matched_blocks, *recovered);
+  ASSERT_TRUE((*n)->stop());
+}
+
+/// A disk tier's writes, all failing (EIO), and how many of them the tier
+/// had answered when it last told its owner of completions.
+struct spill_watch {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::uint64_t faults = 0;
+  std::uint64_t answered = 0;
+
+  int fault() {
+    std::lock_guard lock{mutex};
+    ++faults;
+    return EIO;
+  }
+  void completed() {
+    {
+      std::lock_guard lock{mutex};
+      answered = faults;
+    }
+    cv.notify_all();
+  }
+  void wait_answered(std::uint64_t n) {
+    std::unique_lock lock{mutex};
+    cv.wait(lock, [&] { return answered >= n; });
+  }
+};
+
+TEST_F(Node, EngineStatsCountSpillsThatFailedAfterTheLastRequest) {
+  // Every write to the engine's disk fails. Once the tier has answered
+  // every spill, the engine's stats count each as failed and none as
+  // written, with no request after the last spills. (Before, failures were
+  // collected only at the engine's next request, put or eviction: an idle
+  // engine went on counting its last spills as written.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto watch = std::make_shared<spill_watch>();
+  auto c = disk_node(dir.path());
+  auto disk = disk_config(dir.path());
+  disk.write_fault_for_testing = [watch] { return watch->fault(); };
+  disk.on_completion = [watch] { watch->completed(); };
+  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  for (std::uint64_t id = 1; id <= 20; ++id) {
+    auto r = (*n)->process_request(chain(id));
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+  }
+  // The last request evicts (40 new blocks in memory for 64): its spills
+  // are issued inside it, and no call of the engine's store follows.
+  kv_request last;
+  last.id = 1000;
+  for (std::uint64_t b = 1; b <= 40; ++b)
+    last.keys.push_back(block_key{7000, b});
+  last.input_tokens = 640;
+  auto r = (*n)->process_request(last);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  auto before = (*n)->engine_stats(0);
+  ASSERT_TRUE(before.has_value()) << before.error().describe();
+  ASSERT_GT(before->evictions, 0U);
+  watch->wait_answered(before->evictions);
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->evictions, before->evictions);
+  EXPECT_EQ(es->disk_spills, 0U);
+  EXPECT_EQ(es->disk_spill_failures, es->evictions);
+  EXPECT_EQ(es->disk_blocks, 0U);
   ASSERT_TRUE((*n)->stop());
 }
 
