@@ -837,5 +837,34 @@ TEST_F(Node, EngineStatsCountSpillsThatFailedAfterTheLastRequest) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, PersistWritesMoreThanTheDiskQueueHolds) {
+  // The disk tier queues at most max_queued_bytes of spills (here four
+  // blocks) and refuses more while they wait for the disk. persist() waits
+  // for the disk instead: all 40 blocks in memory are written, none is
+  // refused. (Before, it queued them all at once: the tier refused most as
+  // busy, and they counted as failed spills.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  auto disk = disk_config(dir.path());
+  disk.max_queued_bytes = 4 * 4096;
+  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  for (std::uint64_t id = 1; id <= 10; ++id) {
+    auto r = (*n)->process_request(chain(id));
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+  }
+  auto persisted = (*n)->persist(std::chrono::seconds(30));
+  ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
+  EXPECT_EQ(*persisted, 40U);
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->evictions, 0U);
+  EXPECT_EQ(es->disk_blocks, 40U);
+  EXPECT_EQ(es->disk_spill_failures, 0U);
+  ASSERT_TRUE((*n)->stop());
+}
+
 } // namespace
 } // namespace kvfleet

@@ -1901,21 +1901,81 @@ block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
 result<std::size_t> block_store::persist(nanos timeout) {
   if (!disk_)
     return make_error(errc::invalid_argument, "persist needs a disk tier");
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto wait_for_disk = [&]() -> bool {
+    const auto left =
+        std::max(nanos{0}, std::chrono::duration_cast<nanos>(
+                               deadline - std::chrono::steady_clock::now()));
+    if (!disk_->wait_idle(left))
+      return false;
+    poll_disk(); // nor do its answers pile up
+    return true;
+  };
+  // The tier refuses an unpinned spill while max_queued_bytes of spills
+  // wait for the disk (errc::busy: a slow disk must not move evictions onto
+  // the heap). persist() can wait instead: it lets the disk catch up before
+  // each max_queued_bytes of spills. (Before, a store holding more than
+  // that wrote about max_queued_bytes and counted the rest failed spills.)
+  // Spills queued before the call count too: it starts from an idle disk.
+  const std::uint64_t window = disk_->config().max_queued_bytes;
+  std::uint64_t in_window = 0;
+  const auto room_for = [&](std::uint64_t bytes) -> bool {
+    if (in_window == 0 || bytes <= window - std::min(in_window, window))
+      return true;
+    in_window = 0;
+    return wait_for_disk();
+  };
+  bool late = !wait_for_disk();
   std::vector<block_key> queued;
-  for (std::uint32_t id = 0; id < entries_.size(); ++id) {
+  for (std::uint32_t id = 0; id < entries_.size() && !late; ++id) {
+    if (entries_[id].state != entry_state::committed || entries_[id].dead)
+      continue;
+    if (!room_for(entries_[id].stored_bytes)) {
+      late = true;
+      break;
+    }
+    // Collecting the disk's answers may have committed promotions: the
+    // entry is read again (and may be gone).
     const entry& e = entries_[id];
-    if (e.state == entry_state::committed && !e.dead && spill(id, e.pins > 0))
+    if (e.state != entry_state::committed || e.dead)
+      continue;
+    const std::uint64_t spills = stats_.spills;
+    if (spill(id, e.pins > 0)) {
       queued.push_back(e.key);
+      if (stats_.spills != spills) // not a copy the disk had already
+        in_window += e.stored_bytes;
+    }
   }
-  // The memory tier's blocks are cached blocks too.
-  for (const auto& [key, b] : tier_index_)
-    if (spill_tier_block(key, b))
+  // The memory tier's blocks are cached blocks too. By key: the tier may
+  // change while the disk's answers are collected.
+  std::vector<block_key> tier_keys;
+  if (!late) {
+    tier_keys.reserve(tier_index_.size());
+    for (const auto& kv : tier_index_)
+      tier_keys.push_back(kv.first);
+  }
+  for (const block_key& key : tier_keys) {
+    auto it = tier_index_.find(key);
+    if (it == tier_index_.end())
+      continue;
+    if (!room_for(it->second.stored_bytes)) {
+      late = true;
+      break;
+    }
+    it = tier_index_.find(key);
+    if (it == tier_index_.end())
+      continue;
+    const std::uint64_t spills = stats_.spills;
+    if (spill_tier_block(key, it->second)) {
       queued.push_back(key);
-  if (!disk_->wait_idle(timeout))
+      if (stats_.spills != spills)
+        in_window += it->second.stored_bytes;
+    }
+  }
+  if (late || !wait_for_disk())
     return make_error(
         errc::io_error,
         "the disk tier did not finish writing within the timeout");
-  poll_disk();
   // A spill the tier took may still fail (a full disk, an I/O error, a
   // failed commit): what counts is what it stores now that it is idle.
   return static_cast<std::size_t>(

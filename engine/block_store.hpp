@@ -345,10 +345,12 @@ public:
   lookup_tiers(ns_id ns, std::span<const block_key> keys);
   /// Writes every cached block (in memory and in the memory tier) that is
   /// not on disk yet and waits (at most `timeout`) until the disk tier has
-  /// them: a clean shutdown. Returns how many cached blocks the disk tier
-  /// holds then (those it refused or failed to write are not counted, and
-  /// are in stats().spill_failures); errc::invalid_argument without a disk
-  /// tier, errc::io_error on timeout.
+  /// them: a clean shutdown. It queues at most the tier's max_queued_bytes
+  /// of spills ahead of the disk and waits for it in between, so the tier
+  /// does not refuse the rest as busy. Returns how many cached blocks the
+  /// disk tier holds then (those it refused or failed to write are not
+  /// counted, and are in stats().spill_failures); errc::invalid_argument
+  /// without a disk tier, errc::io_error on timeout.
   [[nodiscard]] result<std::size_t>
   persist(nanos timeout = std::chrono::seconds(60));
   /// Brings the blocks of `keys` that follow its cached prefix in the memory
