@@ -866,5 +866,49 @@ TEST_F(Node, PersistWritesMoreThanTheDiskQueueHolds) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
+  // A replica added in slot 1 writes a pinned block through to its disk
+  // (engine-1); it is retired, and the next replica takes the slot again:
+  // the retired engine released the directory, and the new one recovers
+  // the block with its pin.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto n = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  caf::scoped_actor self{*sys_};
+  const auto ask_balancer = [&](auto atom) {
+    std::optional<std::uint32_t> out;
+    self->request((*n)->balancer(), caf::infinite, atom)
+        .receive([&](std::uint32_t live) { out = live; },
+                 [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+    return out;
+  };
+  ASSERT_EQ(ask_balancer(actors::replica_atom::value), 2U);
+  actors::put_request p;
+  p.key = block_key{3000, 1};
+  p.pin = true;
+  auto put = (*n)->put_block(1, p, std::vector<std::uint8_t>(4096, 9));
+  ASSERT_TRUE(put.has_value()) << put.error().describe();
+  auto retired = engine_of(*sys_, **n, 1);
+  ASSERT_TRUE(retired);
+  self->monitor(retired);
+  ASSERT_EQ(ask_balancer(actors::retire_atom::value), 1U);
+  self->receive([](const caf::down_msg&) {});
+  // The balancer frees the slot when it sees the engine stop.
+  bool freed = false;
+  for (int i = 0; i < 1'000'000 && !freed; ++i)
+    freed = !engine_of(*sys_, **n, 1);
+  ASSERT_TRUE(freed);
+  ASSERT_EQ(ask_balancer(actors::replica_atom::value), 2U);
+  auto es = (*n)->engine_stats(1);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->requests, 0U) << "not the new replica";
+  EXPECT_EQ(es->disk_blocks, 1U);
+  auto lk = (*n)->stats();
+  ASSERT_TRUE(lk.has_value()) << lk.error().describe();
+  EXPECT_EQ(lk->routed.size(), 2U) << "the replica took another slot";
+  ASSERT_TRUE((*n)->stop());
+}
+
 } // namespace
 } // namespace kvfleet
