@@ -49,7 +49,9 @@
 ///
 /// Supervision: an engine that fails (down_msg) is marked down at once (the
 /// router skips it and forgets its index entries) and respawned after
-/// `restart_delay`, empty; it rejoins the rotation when the new actor is up.
+/// `restart_delay`, with nothing in memory (an engine with a disk tier
+/// recovers what its directory holds); it rejoins the rotation when the new
+/// actor is up.
 /// A slot's engine is restarted at most `max_restarts` times, and a start
 /// whose factory fails (the first start of a slot included) is retried
 /// after `restart_delay` as one of those restarts: a slot gets at most
@@ -78,7 +80,8 @@ struct balancer_config {
   std::uint32_t initial_engines = 1;
 };
 
-/// Spawns the engine of `slot` (fresh and empty).
+/// Spawns the engine of `slot` (fresh: nothing in memory; with a disk tier,
+/// engine_actor_config::make_disk, it reopens the slot's directory).
 using engine_factory =
     std::function<result<caf::actor>(caf::actor_system&, std::uint32_t slot)>;
 
