@@ -474,9 +474,10 @@ result<void> node::stop(std::chrono::milliseconds timeout) {
     return ok;
   std::lock_guard lock{stop_mutex_};
   // From here on calls fail with "actor not running". The handles stay as
-  // they are: calls on other threads read them.
-  if (stopped_.exchange(true, std::memory_order_acq_rel))
-    return {};
+  // they are: calls on other threads read them. Stopping again goes
+  // through the same steps: what has stopped answers at once, and what a
+  // stop that timed out left running is waited for again.
+  stopped_.store(true, std::memory_order_release);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   caf::scoped_actor self{*sys_};
   // Stops `actors` and waits for them until the deadline; returns how many

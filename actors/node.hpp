@@ -144,9 +144,11 @@ public:
   /// right after it opens them instead of finding them locked. Calls after
   /// it fail with errc::invalid_argument ("actor not running"); a call on
   /// another thread while it runs is answered, or fails so or as a call to
-  /// a stopped actor (errc::unavailable). Stopping again does nothing (a
-  /// second stop() on another thread returns when the first does). The
-  /// actor accessors below then name stopped actors. Errors:
+  /// a stopped actor (errc::unavailable). Stopping again returns at once
+  /// when everything has stopped, and after a stop() that timed out waits
+  /// again for what is still running (a second stop() on another thread
+  /// runs after the first). The actor accessors below then name stopped
+  /// actors. Errors:
   /// errc::invalid_argument for a timeout that is not positive or is above
   /// 24 hours; errc::timeout when the balancer or engines were still
   /// running at the deadline (they stop later). The destructor stops the

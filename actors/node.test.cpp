@@ -910,5 +910,41 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, StopAgainAfterATimeoutWaitsForTheEnginesLeft) {
+  // The engine's disk is held (a pinned block's write waits at the gate),
+  // so the engine cannot finish stopping: stop() times out. Once the disk
+  // goes on, a second stop() waits for the engine, and its directory is
+  // free when it returns. (Before, a second stop() returned at once, while
+  // the engine could still hold the directory.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto held = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto c = disk_node(dir.path());
+  auto disk = disk_config(dir.path());
+  disk.write_fault_for_testing = [held] {
+    held->wait();
+    return 0;
+  };
+  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  held->close();
+  actors::put_request p;
+  p.key = block_key{4000, 1};
+  p.pin = true; // written through to disk: the write waits at the gate
+  auto put = (*n)->put_block(0, p, std::vector<std::uint8_t>(4096, 3));
+  ASSERT_TRUE(put.has_value()) << put.error().describe();
+  auto first = (*n)->stop(std::chrono::milliseconds{10});
+  ASSERT_FALSE(first.has_value());
+  EXPECT_EQ(first.error().code, errc::timeout) << first.error().describe();
+  held->open();
+  auto second = (*n)->stop();
+  ASSERT_TRUE(second.has_value()) << second.error().describe();
+  auto tier = actors::disk_tier_per_engine(disk_config(dir.path()))(0);
+  ASSERT_TRUE(tier.has_value()) << tier.error().describe();
+  EXPECT_EQ((*tier)->stats().blocks, 1U);
+}
+
 } // namespace
 } // namespace kvfleet
