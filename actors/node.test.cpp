@@ -847,7 +847,7 @@ TEST_F(Node, PersistWritesMoreThanTheDiskQueueHolds) {
   ASSERT_FALSE(dir.path().empty());
   auto c = disk_node(dir.path());
   auto disk = disk_config(dir.path());
-  disk.max_queued_bytes = 4 * 4096;
+  disk.max_queued_bytes = std::uint64_t{4} * 4096;
   c.engine.make_disk = actors::disk_tier_per_engine(disk);
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
