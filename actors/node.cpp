@@ -426,7 +426,9 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
     return unexpected<error>{st.error()};
   // Every engine is asked, also after one failed: a clean shutdown keeps
   // what it can, and one engine's full or slow disk must not cost the
-  // others their blocks.
+  // others their blocks. All at once: each engine writes on its own
+  // thread to its own directory, so the call takes about the slowest
+  // engine's time, not the sum, and `timeout` bounds it as a whole.
   std::uint64_t blocks = 0;
   std::uint32_t asked = 0;
   std::uint32_t failed = 0;
@@ -437,27 +439,43 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
       first =
           error{e.code, "engine " + std::to_string(slot) + ": " + e.message};
   };
+  std::vector<std::pair<std::uint32_t, caf::actor>> engines;
   for (std::uint32_t slot = 0; slot < st->up.size(); ++slot) {
     if (st->up[slot] == 0)
       continue;
     auto engine = engine_at(slot, config_.call_timeout);
-    if (!engine) {
-      if (engine.error().code != errc::not_found) { // not stopped since
-        ++asked;
-        fail(slot, engine.error());
-      }
-      continue;
+    if (engine) {
+      engines.emplace_back(slot, std::move(*engine));
+    } else if (engine.error().code != errc::not_found) { // not stopped since
+      ++asked;
+      fail(slot, engine.error());
     }
+  }
+  // Its own actor: a reply that comes after the deadline goes with it.
+  caf::scoped_actor self{*sys_};
+  std::vector<caf::message_id> ids;
+  for (const auto& [slot, engine] : engines)
+    ids.push_back(request_at(self.ptr(), engine::priority::normal, engine,
+                             caf::infinite, actors::persist_atom::value,
+                             static_cast<std::uint64_t>(timeout.count()))
+                      .id());
+  const auto deadline =
+      std::chrono::steady_clock::now() + timeout + config_.call_timeout;
+  for (std::size_t i = 0; i < engines.size(); ++i) {
     ++asked;
-    auto n =
-        ask<std::uint64_t>(*askers_, *engine, timeout + config_.call_timeout,
-                           actors::persist_atom::value,
-                           static_cast<std::uint64_t>(timeout.count()));
-    if (!n) {
-      fail(slot, n.error());
-      continue;
-    }
-    blocks += *n;
+    const auto slot = engines[i].first;
+    const auto left =
+        std::max(std::chrono::milliseconds{0},
+                 std::chrono::duration_cast<std::chrono::milliseconds>(
+                     deadline - std::chrono::steady_clock::now()));
+    caf::blocking_actor::accept_one_cond one;
+    self->varargs_receive(
+        one, ids[i], [&](std::uint64_t n) { blocks += n; },
+        [&](caf::error& e) { fail(slot, from_caf_error(e)); },
+        caf::after(left) >>
+            [&] {
+              fail(slot, error{errc::timeout, "request timed out"});
+            });
   }
   if (first)
     return make_error(first->code,

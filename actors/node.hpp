@@ -123,8 +123,10 @@ public:
   [[nodiscard]] result<actors::engine_stats> engine_stats(std::uint32_t slot);
 
   /// Writes every live engine's cached blocks (memory and memory tier) to
-  /// its disk tier and waits for them, each engine at most `timeout`: a
-  /// clean shutdown, so that a node started later on the same directories
+  /// its disk tier and waits for them, all engines at once, each at most
+  /// `timeout` (the wait for their answers at most `timeout` plus
+  /// `call_timeout`, however many engines): a clean shutdown, so that a node
+  /// started later on the same directories
   /// (`engine.make_disk` = actors::disk_tier_per_engine(...)) serves them.
   /// Returns how many cached blocks the disk tiers hold then, all engines
   /// together. Engines down at the call (waiting for a restart) hold

@@ -946,5 +946,49 @@ TEST_F(Node, StopAgainAfterATimeoutWaitsForTheEnginesLeft) {
   EXPECT_EQ((*tier)->stats().blocks, 1U);
 }
 
+TEST_F(Node, PersistAsksEveryEngineAtOnce) {
+  // Engine 0's disk waits at a gate that engine 1's first write opens: it
+  // can finish only if engine 1 persists while engine 0 does. persist()
+  // asks every engine at once, so both finish and the call takes about the
+  // slowest engine's time, not the sum. (Before, it asked one engine after
+  // the other: engine 0 waited out the whole timeout for a write that came
+  // only after it, and failed.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto held = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto c = disk_node(dir.path());
+  c.engines = 2;
+  auto waits = disk_config(dir.path());
+  waits.write_fault_for_testing = [held] {
+    held->wait();
+    return 0;
+  };
+  auto opens = disk_config(dir.path());
+  opens.write_fault_for_testing = [held] {
+    held->open();
+    return 0;
+  };
+  c.engine.make_disk =
+      [first = actors::disk_tier_per_engine(waits),
+       second = actors::disk_tier_per_engine(opens)](std::uint32_t slot) {
+        return slot == 0 ? first(slot) : second(slot);
+      };
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  const std::vector<std::uint8_t> value(4096, 5);
+  for (std::uint32_t slot = 0; slot < 2; ++slot) {
+    actors::put_request p;
+    p.key = block_key{5000 + slot, 1};
+    auto put = (*n)->put_block(slot, p, value);
+    ASSERT_TRUE(put.has_value()) << put.error().describe();
+  }
+  held->close();
+  auto persisted = (*n)->persist(std::chrono::seconds(30));
+  ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
+  EXPECT_EQ(*persisted, 2U);
+  ASSERT_TRUE((*n)->stop());
+}
+
 } // namespace
 } // namespace kvfleet
