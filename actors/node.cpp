@@ -454,6 +454,7 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
   // Its own actor: a reply that comes after the deadline goes with it.
   caf::scoped_actor self{*sys_};
   std::vector<caf::message_id> ids;
+  ids.reserve(engines.size());
   for (const auto& [slot, engine] : engines)
     ids.push_back(request_at(self.ptr(), engine::priority::normal, engine,
                              caf::infinite, actors::persist_atom::value,
