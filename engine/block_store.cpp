@@ -1238,6 +1238,8 @@ std::size_t block_store::expire() {
 std::size_t block_store::evict_bytes(std::size_t bytes) {
   collect_disk();
   std::size_t freed = 0;
+  if (bytes == 0 || !any_evictable())
+    return 0; // not worth the lowest-priority-first walk
   start_lowest_priority_first();
   while (freed < bytes) {
     const std::optional<size_partition> q = lowest_priority_over_share();
@@ -1257,6 +1259,13 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
 // or frequency (only `priority` by priority), so the blocks of one priority
 // at a time are shown to them. When every evictable block has one priority
 // (the usual case) nothing is hidden and this costs nothing.
+bool block_store::any_evictable() const noexcept {
+  for (const std::size_t n : evictable_by_prio_)
+    if (n > 0)
+      return true;
+  return false;
+}
+
 void block_store::start_lowest_priority_first() {
   std::size_t levels = 0;
   std::size_t lowest = evictable_by_prio_.size();

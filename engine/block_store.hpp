@@ -389,7 +389,8 @@ public:
   /// expired blocks stay). Returns the slot bytes whose copy
   /// started; they are freed when poll_tier() sees it finish. Stops early,
   /// without an error, when the tier's staging is busy or it has no room it
-  /// can make. errc::invalid_argument without a tier.
+  /// can make. Costs as evict_bytes() (0 bytes or nothing evictable: no
+  /// walk). errc::invalid_argument without a tier.
   [[nodiscard]] result<std::size_t> demote_to_tier(std::size_t bytes);
   /// Finishes the demotions whose copies are done: frees their slots. Never
   /// waits. demote_to_tier(), process() and promote() call it too.
@@ -419,7 +420,12 @@ public:
   /// memory pressure a prefetch's or warm-up's blocks go before a normal
   /// request's), and within a priority in the policy's order, from the
   /// partition furthest over its share. Returns bytes freed (a dead parent
-  /// freed with its last child counts too).
+  /// freed with its last child counts too). Cost: while evictable blocks
+  /// of more than one priority are cached, a call that frees something
+  /// walks every block about twice, plus once per priority it steps up
+  /// (the policies are shown one priority at a time); with one priority,
+  /// or for 0 bytes, nothing is walked. Memory managers call it once per
+  /// excursion over their threshold, not per request.
   std::size_t evict_bytes(std::size_t bytes);
 
   [[nodiscard]] const store_stats& stats() const noexcept { return stats_; }
@@ -642,6 +648,8 @@ private:
   /// priority's evictable blocks when there are several priorities. End
   /// the pass with limit_evictable_to(priority::critical).
   void start_lowest_priority_first();
+  /// Whether any block is evictable now (the per-priority counts).
+  [[nodiscard]] bool any_evictable() const noexcept;
   /// most_over_share() among the lowest priority that has evictable
   /// blocks, showing the next priority's blocks when one runs out.
   [[nodiscard]] std::optional<size_partition> lowest_priority_over_share();

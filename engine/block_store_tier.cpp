@@ -87,6 +87,8 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
   std::vector<tier_demotion> jobs;
   std::vector<tier_place> places;
   std::vector<std::uint32_t> follow; // parents left over by a full batch
+  if (bytes == 0 || !any_evictable())
+    return std::size_t{0}; // not worth the lowest-priority-first walk
   start_lowest_priority_first();
   while (started < bytes) {
     demotion_batch batch;
