@@ -421,7 +421,10 @@ result<actors::engine_stats> node::engine_stats(std::uint32_t slot) {
 result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
   if (auto ok = actors::check_duration("node::persist timeout", timeout); !ok)
     return unexpected<error>{ok.error()};
-  auto st = stats();
+  // Finding the engines takes at most call_timeout, all of them together.
+  const call_deadline finding{config_.call_timeout};
+  auto st = ask<actors::balancer_stats>(
+      *askers_, running(balancer_), finding.left(), actors::stats_atom::value);
   if (!st)
     return unexpected<error>{st.error()};
   // Every engine is asked, also after one failed: a clean shutdown keeps
@@ -443,7 +446,7 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
   for (std::uint32_t slot = 0; slot < st->up.size(); ++slot) {
     if (st->up[slot] == 0)
       continue;
-    auto engine = engine_at(slot, config_.call_timeout);
+    auto engine = engine_at(slot, finding.left());
     if (engine) {
       engines.emplace_back(slot, std::move(*engine));
     } else if (engine.error().code != errc::not_found) { // not stopped since

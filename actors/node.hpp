@@ -106,7 +106,10 @@ public:
   lookup(const std::vector<engine::block_key>& keys);
   /// Two-phase put of one block on engine `slot`: reserve, write, commit.
   /// Its parent must be in the engine's memory or memory tier: one only on
-  /// its disk tier is errc::not_found (a request brings it back).
+  /// its disk tier is errc::not_found (a request brings it back). A call
+  /// that times out may still take effect at the engine (a commit that
+  /// lands late: a retry then finds the block cached; a reservation that
+  /// lands late is dropped after the engine's put_timeout).
   [[nodiscard]] result<void> put_block(std::uint32_t slot,
                                        const actors::put_request& put,
                                        const std::vector<std::uint8_t>& value);
@@ -129,8 +132,9 @@ public:
 
   /// Writes every live engine's cached blocks (memory and memory tier) to
   /// its disk tier and waits for them, all engines at once, each at most
-  /// `timeout` (the wait for their answers at most `timeout` plus
-  /// `call_timeout`, however many engines): a clean shutdown, so that a node
+  /// `timeout` (finding the engines takes at most `call_timeout`, the wait
+  /// for their answers at most `timeout` plus `call_timeout`, however many
+  /// engines): a clean shutdown, so that a node
   /// started later on the same directories
   /// (`engine.make_disk` = actors::disk_tier_per_engine(...)) serves them.
   /// Returns how many cached blocks the disk tiers hold then, all engines
@@ -141,6 +145,8 @@ public:
   /// engines have no disk tier; else the first failed engine's error
   /// (errc::io_error when its disk did not finish in time), its message
   /// naming that engine, how many failed and the blocks the others hold.
+  /// An engine serves nothing else while it persists (its requests wait,
+  /// and may time out at the balancer): call it at shutdown, not under load.
   [[nodiscard]] result<std::uint64_t>
   persist(std::chrono::milliseconds timeout = std::chrono::seconds(60));
   /// Stops the node's actors and waits, at most `timeout`, until the
