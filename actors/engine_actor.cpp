@@ -490,6 +490,10 @@ result<void> validate(const engine_actor_config& config) {
                "target " +
                std::to_string(p.target) + " and threshold " +
                std::to_string(p.threshold));
+  if (config.make_disk && config.own_thread == false)
+    return bad("own_thread must not be false with make_disk: the engine "
+               "waits for its disk inside a request (and a persist), which "
+               "would hold a scheduler worker");
   return {};
 }
 

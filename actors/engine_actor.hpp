@@ -155,8 +155,9 @@ disk_tier_per_engine(engine::disk_tier_config config);
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// batch.max_size 0 (1 runs each request alone), a batch.timeout,
 /// put_timeout or tier_poll_interval that is not positive or is above 24
-/// hours (max_config_duration, config_checks.hpp), or memory pressure
-/// outside 0 < pressure.target <= pressure.threshold <= 1.
+/// hours (max_config_duration, config_checks.hpp), memory pressure
+/// outside 0 < pressure.target <= pressure.threshold <= 1, or own_thread
+/// false with a make_disk (disk waits must not hold a scheduler worker).
 [[nodiscard]] result<void> validate(const engine_actor_config& config);
 
 /// Creates the store (over make_backend's memory when set, with make_tier's

@@ -490,6 +490,25 @@ TEST_F(Node, ADiskDirectoryInUseOrMissingStopsTheStartWithAClearError) {
   EXPECT_EQ(empty.error().code, errc::invalid_argument);
 }
 
+TEST(EngineActorConfig, ADiskTierNeedsTheEnginesOwnThread) {
+  actors::engine_actor_config c;
+  engine::disk_tier_config disk;
+  disk.directory = "/nonexistent";
+  disk.capacity_bytes = 1u << 20;
+  c.make_disk = actors::disk_tier_per_engine(disk);
+  EXPECT_TRUE(actors::validate(c)) << "default: its own thread";
+  c.own_thread = true;
+  EXPECT_TRUE(actors::validate(c));
+  c.own_thread = false;
+  const auto bad = actors::validate(c);
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().code, errc::invalid_argument);
+  EXPECT_NE(bad.error().message.find("own_thread"), std::string::npos)
+      << bad.error().message;
+  c.make_disk = nullptr;
+  EXPECT_TRUE(actors::validate(c)) << "no disk: a worker may run it";
+}
+
 TEST_F(Node, PersistAndStopCheckTheirArguments) {
   auto n = node::start(*sys_, small_node());
   ASSERT_TRUE(n.has_value()) << n.error().describe();
