@@ -198,6 +198,16 @@ protected:
     return c;
   }
 
+  /// File bytes of one spilled 4096-byte block: its record.
+  static constexpr std::uint64_t rec = record_header_bytes + 4096;
+
+  /// config() with segments that hold `blocks` 4096-byte blocks each.
+  disk_tier_config config_with_segments_of(std::uint64_t blocks) {
+    auto c = config();
+    c.segment_bytes = segment_header_bytes + blocks * rec;
+    return c;
+  }
+
   void open(const disk_tier_config& c) {
     tier_.reset();
     auto t = disk_tier::open(c);
@@ -430,9 +440,7 @@ TEST_F(disk_tier_test, expire_removes_expired_blocks_pinned_or_not) {
 }
 
 TEST_F(disk_tier_test, capacity_eviction_takes_least_recently_used_unpinned) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.capacity_bytes = 4 * (segment_header_bytes + 4 * rec); // 16 blocks
   c.low_watermark = 0.75;
   open(c);
@@ -466,9 +474,7 @@ TEST_F(disk_tier_test, capacity_eviction_takes_least_recently_used_unpinned) {
 
 TEST_F(disk_tier_test,
        a_pin_racing_capacity_eviction_never_answers_ok_for_a_lost_block) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.capacity_bytes = 4 * (segment_header_bytes + 4 * rec); // 16 blocks
   c.low_watermark = 0.75;
   // The owner pins each block as eviction takes it: the latest moment a
@@ -498,9 +504,7 @@ TEST_F(disk_tier_test,
 }
 
 TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 2 * rec;
+  auto c = config_with_segments_of(2);
   c.capacity_bytes = 2 * (segment_header_bytes + 2 * rec);
   open(c);
   for (std::uint64_t i = 0; i < 4; ++i)
@@ -523,9 +527,7 @@ TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
 }
 
 TEST_F(disk_tier_test, segments_with_few_live_blocks_are_compacted) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.compaction_threshold = 0.5;
   open(c);
   for (std::uint64_t i = 0; i < 12; ++i)
@@ -683,9 +685,8 @@ TEST_F(disk_tier_test, a_torn_tail_is_cut_off_and_counted) {
 
 TEST_F(disk_tier_test,
        a_segment_that_cannot_be_opened_stops_the_open_and_is_kept) {
-  auto c = config();
   // One block per segment, so the blocks take many file descriptors.
-  c.segment_bytes = segment_header_bytes + record_header_bytes + 4096;
+  auto c = config_with_segments_of(1);
   open(c);
   constexpr std::uint64_t blocks = 64;
   for (std::uint64_t i = 0; i < blocks; ++i)
@@ -1085,9 +1086,7 @@ TEST_F(disk_tier_test, under_full_sync_a_failed_sync_fails_the_spill) {
 
 TEST_F(disk_tier_test,
        a_disk_that_fills_refuses_spills_and_keeps_serving_reads) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 2 * rec;
+  auto c = config_with_segments_of(2);
   auto full = std::make_shared<std::atomic<bool>>(false);
   c.write_fault_for_testing = [full] { return full->load() ? ENOSPC : 0; };
   // The file system stays full as statvfs sees it: only the tier's own
@@ -1288,10 +1287,8 @@ TEST_F(disk_tier_test, a_replacing_spill_whose_row_fails_drops_the_older_copy) {
 }
 
 TEST_F(disk_tier_test, under_full_sync_a_new_segment_is_synced_into_its_dir) {
-  auto c = config();
+  auto c = config_with_segments_of(2); // two blocks a segment
   c.full_sync = true;
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 2 * rec; // two blocks a segment
   auto dir_syncs = std::make_shared<std::atomic<int>>(0);
   auto broken = std::make_shared<std::atomic<bool>>(false);
   c.dir_sync_fault_for_testing = [dir_syncs, broken] {
@@ -1337,10 +1334,8 @@ TEST_F(disk_tier_test, under_full_sync_a_new_segment_is_synced_into_its_dir) {
 
 TEST_F(disk_tier_test,
        under_full_sync_without_a_transaction_nothing_commits_before_its_sync) {
-  auto c = config();
+  auto c = config_with_segments_of(4);
   c.full_sync = true;
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
   open(c);
   for (std::uint64_t i = 0; i < 6; ++i) // segment 1: 0-3, segment 2: 4-5
     spill(i);
@@ -1528,9 +1523,7 @@ void expect_reads(catalog_peer& peer, std::uint64_t i, std::int64_t reads,
 }
 
 TEST_F(disk_tier_test, a_compaction_that_failed_is_retried_while_idle) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.compaction_threshold = 0.5;
   auto watch = retry_watch::fast(c);
   auto broken = std::make_shared<std::atomic<bool>>(false);
@@ -1564,10 +1557,8 @@ TEST_F(disk_tier_test, a_compaction_that_failed_is_retried_while_idle) {
 
 TEST_F(disk_tier_test,
        work_refused_while_the_catalog_is_locked_is_retried_at_a_bounded_pace) {
-  auto c = config();
+  auto c = config_with_segments_of(4);
   c.full_sync = true;
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
   auto watch = retry_watch::fast(c);
   // No accessed_at flush wakes the I/O thread: only the retries do.
@@ -1768,9 +1759,7 @@ TEST_F(disk_tier_test,
 
 TEST_F(disk_tier_test,
        a_compaction_that_failed_while_making_room_is_retried_while_idle) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.capacity_bytes = 2 * c.segment_bytes; // segments 1 and 2, full
   c.compaction_threshold = 0.5;
   c.low_watermark = 1.0; // live bytes fit: make room by compacting only
@@ -1820,9 +1809,7 @@ TEST_F(disk_tier_test,
 
 TEST_F(disk_tier_test,
        a_segment_that_lost_blocks_while_active_is_compacted_once_sealed) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.compaction_threshold = 0.5;
   open(c);
   for (std::uint64_t i = 0; i < 3; ++i) // segment 1, active, room for one
@@ -1854,9 +1841,7 @@ TEST_F(disk_tier_test,
 
 TEST_F(disk_tier_test,
        an_active_segment_whose_dead_bytes_pass_the_bound_is_compacted_at_once) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 8 * rec;
+  auto c = config_with_segments_of(8);
   c.compaction_threshold = 0.5; // the active one may hold 4 dead records
   open(c);
   for (std::uint64_t i = 0; i < 6; ++i) // segment 1, active, not full
@@ -1894,9 +1879,7 @@ TEST_F(disk_tier_test,
 TEST_F(disk_tier_test, an_active_segment_whose_blocks_all_left_is_compacted) {
   // As above, with every block of the active segment erased, past the
   // bound: the file goes, nothing is copied.
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.compaction_threshold = 0.5;
   open(c);
   for (std::uint64_t i = 0; i < 3; ++i)
@@ -1918,9 +1901,7 @@ TEST_F(disk_tier_test, an_active_segment_whose_blocks_all_left_is_compacted) {
 
 TEST_F(disk_tier_test,
        a_compaction_a_previous_run_left_undone_is_done_after_open) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.compaction_threshold = 0.5;
   auto broken = std::make_shared<std::atomic<bool>>(false);
   c.write_fault_for_testing = [broken] { return broken->load() ? EIO : 0; };
@@ -2105,9 +2086,7 @@ TEST_F(
   // As in capacity_eviction_takes_least_recently_used_unpinned, but the
   // reads of blocks 1 and 2 cannot be written to the catalog: the spills
   // that need room still get it, and eviction still passes over 1 and 2.
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.capacity_bytes = 4 * (segment_header_bytes + 4 * rec); // 16 blocks
   c.low_watermark = 0.75;
   c.touch_batch = 1000;
@@ -2163,9 +2142,7 @@ TEST_F(
 
 TEST_F(disk_tier_test,
        a_compaction_refused_by_a_full_disk_sets_full_and_its_retry_clears_it) {
-  auto c = config();
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
+  auto c = config_with_segments_of(4);
   c.compaction_threshold = 0.5;
   auto watch = retry_watch::fast(c);
   auto full = simulate_full_disk(c);
@@ -2247,10 +2224,8 @@ TEST_F(disk_tier_test,
 
 TEST_F(disk_tier_test,
        work_rolled_back_with_a_failed_batch_is_not_reported_or_counted_done) {
-  auto c = config();
+  auto c = config_with_segments_of(4);
   c.full_sync = true;
-  const std::uint64_t rec = record_header_bytes + 4096;
-  c.segment_bytes = segment_header_bytes + 4 * rec;
   c.compaction_threshold = 0.5;
   // Only flush() and the retries write the updates.
   c.touch_batch = 1000;
