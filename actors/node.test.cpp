@@ -390,15 +390,20 @@ private:
 };
 
 /// One engine with room for 64 blocks of 4 KiB and a disk tier under it.
+/// A disk tier of 64 MiB per engine under `dir`.
+engine::disk_tier_config disk_config(const std::string& dir) {
+  engine::disk_tier_config disk;
+  disk.directory = dir;
+  disk.capacity_bytes = 64u << 20;
+  return disk;
+}
+
 node_config disk_node(const std::string& dir) {
   auto c = small_node();
   c.engines = 1;
   c.query_cache = false;
   c.engine.store.capacity_bytes = 256u << 10;
-  engine::disk_tier_config disk;
-  disk.directory = dir;
-  disk.capacity_bytes = 64u << 20;
-  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  c.engine.make_disk = actors::disk_tier_per_engine(disk_config(dir));
   return c;
 }
 
@@ -564,11 +569,12 @@ struct gate_opener {
   ~gate_opener() { g->open(); }
 };
 
-engine::disk_tier_config disk_config(const std::string& dir) {
-  engine::disk_tier_config disk;
-  disk.directory = dir;
-  disk.capacity_bytes = 64u << 20;
-  return disk;
+/// A disk write hook that waits at `g`, holding the tier's I/O thread.
+engine::segment_file::write_fault waiting_at(std::shared_ptr<gate> g) {
+  return [g] {
+    g->wait();
+    return 0;
+  };
 }
 
 /// The live engine of `slot`, asked of the node's balancer.
@@ -580,6 +586,32 @@ caf::actor engine_of(caf::actor_system& sys, node& n, std::uint32_t slot) {
   return out;
 }
 
+/// Two engines under `dir`, engine 0 on `disk0`'s disk tier, engine 1 on
+/// `disk1`'s.
+node_config two_disk_engines(const std::string& dir,
+                             const engine::disk_tier_config& disk0,
+                             const engine::disk_tier_config& disk1) {
+  auto c = disk_node(dir);
+  c.engines = 2;
+  c.engine.make_disk =
+      [first = actors::disk_tier_per_engine(disk0),
+       second = actors::disk_tier_per_engine(disk1)](std::uint32_t slot) {
+        return slot == 0 ? first(slot) : second(slot);
+      };
+  return c;
+}
+
+/// Puts one block, key {first_key + slot, 1}, on each of engines 0 and 1.
+void put_one_block_each(node& n, std::uint64_t first_key, std::uint8_t fill) {
+  const std::vector<std::uint8_t> value(4096, fill);
+  for (std::uint32_t slot = 0; slot < 2; ++slot) {
+    actors::put_request p;
+    p.key = block_key{first_key + slot, 1};
+    auto put = n.put_block(slot, p, value);
+    ASSERT_TRUE(put.has_value()) << put.error().describe();
+  }
+}
+
 TEST_F(Node, PersistWritesEveryEngineEvenWhenOneOfThemFails) {
   // Engine 0's disk cannot finish in time (its I/O thread is held): its
   // persist fails. Engine 1's blocks are written all the same, and the
@@ -589,27 +621,12 @@ TEST_F(Node, PersistWritesEveryEngineEvenWhenOneOfThemFails) {
   ASSERT_FALSE(dir.path().empty());
   auto held = std::make_shared<gate>();
   gate_opener opener{held};
-  auto c = disk_node(dir.path());
-  c.engines = 2;
   auto held_disk = disk_config(dir.path());
-  held_disk.write_fault_for_testing = [held] {
-    held->wait();
-    return 0;
-  };
-  c.engine.make_disk = [first = actors::disk_tier_per_engine(held_disk),
-                        others = actors::disk_tier_per_engine(
-                            disk_config(dir.path()))](std::uint32_t slot) {
-    return slot == 0 ? first(slot) : others(slot);
-  };
-  auto n = node::start(*sys_, c);
+  held_disk.write_fault_for_testing = waiting_at(held);
+  auto n = node::start(
+      *sys_, two_disk_engines(dir.path(), held_disk, disk_config(dir.path())));
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  const std::vector<std::uint8_t> value(4096, 7);
-  for (std::uint32_t slot = 0; slot < 2; ++slot) {
-    actors::put_request p;
-    p.key = block_key{2000 + slot, 1};
-    auto put = (*n)->put_block(slot, p, value);
-    ASSERT_TRUE(put.has_value()) << put.error().describe();
-  }
+  ASSERT_NO_FATAL_FAILURE(put_one_block_each(**n, 2000, 7));
   held->close();
   auto persisted = (*n)->persist(std::chrono::milliseconds{10});
   ASSERT_FALSE(persisted.has_value());
@@ -941,10 +958,7 @@ TEST_F(Node, StopAgainAfterATimeoutWaitsForTheEnginesLeft) {
   gate_opener opener{held};
   auto c = disk_node(dir.path());
   auto disk = disk_config(dir.path());
-  disk.write_fault_for_testing = [held] {
-    held->wait();
-    return 0;
-  };
+  disk.write_fault_for_testing = waiting_at(held);
   c.engine.make_disk = actors::disk_tier_per_engine(disk);
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
@@ -976,32 +990,16 @@ TEST_F(Node, PersistAsksEveryEngineAtOnce) {
   ASSERT_FALSE(dir.path().empty());
   auto held = std::make_shared<gate>();
   gate_opener opener{held};
-  auto c = disk_node(dir.path());
-  c.engines = 2;
   auto waits = disk_config(dir.path());
-  waits.write_fault_for_testing = [held] {
-    held->wait();
-    return 0;
-  };
+  waits.write_fault_for_testing = waiting_at(held);
   auto opens = disk_config(dir.path());
   opens.write_fault_for_testing = [held] {
     held->open();
     return 0;
   };
-  c.engine.make_disk =
-      [first = actors::disk_tier_per_engine(waits),
-       second = actors::disk_tier_per_engine(opens)](std::uint32_t slot) {
-        return slot == 0 ? first(slot) : second(slot);
-      };
-  auto n = node::start(*sys_, c);
+  auto n = node::start(*sys_, two_disk_engines(dir.path(), waits, opens));
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  const std::vector<std::uint8_t> value(4096, 5);
-  for (std::uint32_t slot = 0; slot < 2; ++slot) {
-    actors::put_request p;
-    p.key = block_key{5000 + slot, 1};
-    auto put = (*n)->put_block(slot, p, value);
-    ASSERT_TRUE(put.has_value()) << put.error().describe();
-  }
+  ASSERT_NO_FATAL_FAILURE(put_one_block_each(**n, 5000, 5));
   held->close();
   auto persisted = (*n)->persist(std::chrono::seconds(30));
   ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
