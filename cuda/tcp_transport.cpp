@@ -1,5 +1,7 @@
 #include "cuda/tcp_transport.hpp"
 
+#include "cuda/internal/tcp_socket.hpp"
+
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -16,6 +18,9 @@
 
 namespace kvfleet::cuda {
 
+using internal::recv_all;
+using internal::send_all;
+
 namespace {
 
 constexpr std::uint32_t magic = 0x4246564bU; // "KVFB" little-endian
@@ -25,7 +30,7 @@ unexpected<error> sys_error(std::string_view call) {
                                         std::generic_category().message(errno));
 }
 
-using steady = std::chrono::steady_clock;
+using steady = internal::tcp_clock;
 
 /// Longest timeout a caller may set; also keeps poll()'s int milliseconds
 /// from wrapping.
@@ -71,51 +76,6 @@ result<bool> wait_ready(int fd, short events, steady::time_point deadline) {
     if (rc == 0 && steady::now() >= deadline)
       return false;
   }
-}
-
-/// Sends all `n` bytes before `deadline` (the whole exchange's, so a peer
-/// that drains a byte at a time cannot stretch it).
-result<void> send_all(int fd, const std::byte* p, std::size_t n,
-                      steady::time_point deadline) {
-  while (n > 0) {
-    auto ready = wait_ready(fd, POLLOUT, deadline);
-    if (!ready)
-      return unexpected<error>(ready.error());
-    if (!*ready)
-      return make_error(errc::io_error, "tcp send: timed out");
-    const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (k < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
-        continue;
-      return sys_error("tcp send");
-    }
-    p += k;
-    n -= static_cast<std::size_t>(k);
-  }
-  return {};
-}
-
-/// Receives all `n` bytes before `deadline`.
-result<void> recv_all(int fd, std::byte* p, std::size_t n,
-                      steady::time_point deadline) {
-  while (n > 0) {
-    auto ready = wait_ready(fd, POLLIN, deadline);
-    if (!ready)
-      return unexpected<error>(ready.error());
-    if (!*ready)
-      return make_error(errc::io_error, "tcp recv: timed out");
-    const ssize_t k = ::recv(fd, p, n, MSG_DONTWAIT);
-    if (k == 0)
-      return make_error(errc::io_error, "tcp recv: peer closed the connection");
-    if (k < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
-        continue;
-      return sys_error("tcp recv");
-    }
-    p += k;
-    n -= static_cast<std::size_t>(k);
-  }
-  return {};
 }
 
 void put_le(std::vector<std::byte>& out, std::uint64_t v, int bytes) {
@@ -175,6 +135,68 @@ result<void> recv_batch(int fd, std::span<const recv_block> in,
 }
 
 } // namespace
+
+namespace internal {
+
+result<void> send_all(int fd, const std::byte* p, std::size_t n,
+                      steady::time_point deadline) {
+  while (n > 0) {
+    auto ready = wait_ready(fd, POLLOUT, deadline);
+    if (!ready)
+      return unexpected<error>(ready.error());
+    if (!*ready)
+      return make_error(errc::io_error, "tcp send: timed out");
+    const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (k < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+        continue;
+      return sys_error("tcp send");
+    }
+    p += k;
+    n -= static_cast<std::size_t>(k);
+  }
+  return {};
+}
+
+result<void> recv_all(int fd, std::byte* p, std::size_t n,
+                      steady::time_point deadline) {
+  while (n > 0) {
+    auto ready = wait_ready(fd, POLLIN, deadline);
+    if (!ready)
+      return unexpected<error>(ready.error());
+    if (!*ready)
+      return make_error(errc::io_error, "tcp recv: timed out");
+    const ssize_t k = ::recv(fd, p, n, MSG_DONTWAIT);
+    if (k == 0)
+      return make_error(errc::io_error, "tcp recv: peer closed the connection");
+    if (k < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+        continue;
+      return sys_error("tcp recv");
+    }
+    p += k;
+    n -= static_cast<std::size_t>(k);
+  }
+  return {};
+}
+
+result<int> bind_and_listen(const addrinfo* addresses, std::string_view where) {
+  const addrinfo* a = addresses;
+  const int fd =
+      ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+  if (fd < 0)
+    return sys_error("socket");
+  const int one = 1;
+  (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 16) != 0) {
+    auto e = sys_error("tcp bind/listen(" + std::string(where) + ")");
+    ::close(fd);
+    return e;
+  }
+  return fd;
+}
+
+} // namespace internal
 
 result<std::unique_ptr<tcp_transport>>
 tcp_transport::connect(const std::string& host, std::uint16_t port,
@@ -287,21 +309,11 @@ result<tcp_listener> tcp_listener::listen(const std::string& host,
       rc != 0)
     return make_error(errc::io_error,
                       "getaddrinfo(" + host + "): " + ::gai_strerror(rc));
-  const int fd = ::socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC,
-                          res->ai_protocol);
-  if (fd < 0) {
-    ::freeaddrinfo(res);
-    return sys_error("socket");
-  }
-  const int one = 1;
-  (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (::bind(fd, res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd, 16) != 0) {
-    auto e = sys_error("tcp bind/listen(" + host + ":" + service + ")");
-    ::freeaddrinfo(res);
-    ::close(fd);
-    return e;
-  }
+  auto bound_fd = internal::bind_and_listen(res, host + ":" + service);
   ::freeaddrinfo(res);
+  if (!bound_fd)
+    return unexpected<error>(bound_fd.error());
+  const int fd = *bound_fd;
   sockaddr_storage addr{};
   socklen_t len = sizeof addr;
   if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {

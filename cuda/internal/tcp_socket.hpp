@@ -1,0 +1,36 @@
+#pragma once
+// The socket steps under tcp_transport and tcp_listener, exposed so tests
+// can drive them with a deadline already passed or a crafted address list.
+// Implemented in tcp_transport.cpp. Plain functions on a file descriptor;
+// thread-safe as far as the descriptor is (one reader and one writer).
+
+#include "engine/result.hpp"
+
+#include <chrono>
+#include <cstddef>
+#include <string_view>
+
+struct addrinfo;
+
+namespace kvfleet::cuda::internal {
+
+using tcp_clock = std::chrono::steady_clock;
+
+/// Sends all `n` bytes before `deadline` (the whole exchange's, so a peer
+/// that drains a byte at a time cannot stretch it). errc::io_error when
+/// the deadline passes or the connection fails.
+[[nodiscard]] result<void> send_all(int fd, const std::byte* p, std::size_t n,
+                                    tcp_clock::time_point deadline);
+
+/// Receives all `n` bytes before `deadline`; errc::io_error as send_all,
+/// and when the peer closes the connection first.
+[[nodiscard]] result<void> recv_all(int fd, std::byte* p, std::size_t n,
+                                    tcp_clock::time_point deadline);
+
+/// A socket bound to the first of `addresses` (a getaddrinfo list) and
+/// listening: its descriptor. `where` ("host:port") names it in errors
+/// (errc::io_error).
+[[nodiscard]] result<int> bind_and_listen(const addrinfo* addresses,
+                                          std::string_view where);
+
+} // namespace kvfleet::cuda::internal
