@@ -134,6 +134,25 @@ result<void> recv_batch(int fd, std::span<const recv_block> in,
   return {};
 }
 
+/// Before each step of a transfer: errc::io_error "timed out" once
+/// `deadline` has passed, even with the socket ready (a peer that streams
+/// or drains steadily keeps it ready, and would stretch the exchange for
+/// as long as it goes on), else waits until the socket is ready.
+result<void> wait_in_time(int fd, short events, steady::time_point deadline,
+                          std::string_view what) {
+  const auto timed_out = [what] {
+    return make_error(errc::io_error, std::string(what) + ": timed out");
+  };
+  if (steady::now() >= deadline)
+    return timed_out();
+  auto ready = wait_ready(fd, events, deadline);
+  if (!ready)
+    return unexpected<error>(ready.error());
+  if (!*ready)
+    return timed_out();
+  return {};
+}
+
 } // namespace
 
 namespace internal {
@@ -141,11 +160,8 @@ namespace internal {
 result<void> send_all(int fd, const std::byte* p, std::size_t n,
                       steady::time_point deadline) {
   while (n > 0) {
-    auto ready = wait_ready(fd, POLLOUT, deadline);
-    if (!ready)
-      return unexpected<error>(ready.error());
-    if (!*ready)
-      return make_error(errc::io_error, "tcp send: timed out");
+    if (auto ready = wait_in_time(fd, POLLOUT, deadline, "tcp send"); !ready)
+      return ready;
     const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (k < 0) {
       if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
@@ -161,11 +177,8 @@ result<void> send_all(int fd, const std::byte* p, std::size_t n,
 result<void> recv_all(int fd, std::byte* p, std::size_t n,
                       steady::time_point deadline) {
   while (n > 0) {
-    auto ready = wait_ready(fd, POLLIN, deadline);
-    if (!ready)
-      return unexpected<error>(ready.error());
-    if (!*ready)
-      return make_error(errc::io_error, "tcp recv: timed out");
+    if (auto ready = wait_in_time(fd, POLLIN, deadline, "tcp recv"); !ready)
+      return ready;
     const ssize_t k = ::recv(fd, p, n, MSG_DONTWAIT);
     if (k == 0)
       return make_error(errc::io_error, "tcp recv: peer closed the connection");

@@ -13,8 +13,10 @@
 /// expects blocks from a peer sending none times out (errc::io_error); a
 /// batch sent to a peer that expects none stays in the stream, and that
 /// peer's next non-empty receive takes it. Each exchange (send, recv
-/// or both) must finish within io_timeout (1 ms to 24 h) as a whole, so a
-/// peer trickling bytes cannot stretch it; a timeout or a closed peer is
+/// or both) must finish within io_timeout (1 ms to 24 h) as a whole: once
+/// the deadline has passed no more bytes move, so a peer trickling bytes,
+/// or streaming or draining them steadily, cannot stretch it (on either
+/// side, partial writes included); a timeout or a closed peer is
 /// errc::io_error. A failed exchange may leave the stream mid-frame, so it
 /// shuts the connection down and later exchanges answer errc::unavailable
 /// (connect again). `peer` must be 0 (the connected peer). Not thread-safe:

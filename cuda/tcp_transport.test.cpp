@@ -2,6 +2,8 @@
 // by short timeouts.
 #include "cuda/tcp_transport.hpp"
 
+#include "cuda/internal/tcp_socket.hpp"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -203,6 +205,36 @@ TEST(tcp_transport_test, the_timeout_bounds_a_whole_exchange) {
   EXPECT_EQ(got.error().code, errc::io_error);
   EXPECT_NE(got.error().message.find("timed out"), std::string::npos)
       << got.error().message;
+}
+
+TEST(tcp_transport_test, a_passed_deadline_ends_a_transfer_with_bytes_ready) {
+  // A peer that streams steadily (or drains steadily) keeps the socket
+  // ready at every check: the exchange's deadline must end the transfer
+  // anyway, on the receive and on the send side, or it stretches for as
+  // long as the peer keeps going.
+  int fds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+  const auto bytes = pattern(64, 7);
+  ASSERT_EQ(::send(fds[1], bytes.data(), bytes.size(), MSG_NOSIGNAL), 64);
+  std::vector<std::byte> got(64);
+  const auto passed = internal::tcp_clock::now() - 1ms;
+  auto late_recv = internal::recv_all(fds[0], got.data(), got.size(), passed);
+  auto late_send = internal::send_all(fds[0], bytes.data(), 8, passed);
+  // Before its deadline the same transfer goes through.
+  const auto later = internal::tcp_clock::now() + 5s;
+  auto in_time = internal::recv_all(fds[0], got.data(), got.size(), later);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  ASSERT_FALSE(late_recv);
+  EXPECT_EQ(late_recv.error().code, errc::io_error);
+  EXPECT_NE(late_recv.error().message.find("timed out"), std::string::npos)
+      << late_recv.error().message;
+  ASSERT_FALSE(late_send);
+  EXPECT_EQ(late_send.error().code, errc::io_error);
+  EXPECT_NE(late_send.error().message.find("timed out"), std::string::npos)
+      << late_send.error().message;
+  ASSERT_TRUE(in_time) << in_time.error().describe();
+  EXPECT_EQ(got, bytes);
 }
 
 TEST(tcp_transport_test, a_connect_that_times_out_says_so) {

@@ -17,8 +17,9 @@ namespace kvfleet::cuda::internal {
 using tcp_clock = std::chrono::steady_clock;
 
 /// Sends all `n` bytes before `deadline` (the whole exchange's, so a peer
-/// that drains a byte at a time cannot stretch it). errc::io_error when
-/// the deadline passes or the connection fails.
+/// that drains a byte at a time, or steadily, cannot stretch it: once the
+/// deadline has passed no more bytes move, ready or not). errc::io_error
+/// when the deadline passes or the connection fails.
 [[nodiscard]] result<void> send_all(int fd, const std::byte* p, std::size_t n,
                                     tcp_clock::time_point deadline);
 
