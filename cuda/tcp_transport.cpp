@@ -194,19 +194,22 @@ result<void> recv_all(int fd, std::byte* p, std::size_t n,
 }
 
 result<int> bind_and_listen(const addrinfo* addresses, std::string_view where) {
-  const addrinfo* a = addresses;
-  const int fd =
-      ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-  if (fd < 0)
-    return sys_error("socket");
-  const int one = 1;
-  (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 16) != 0) {
-    auto e = sys_error("tcp bind/listen(" + std::string(where) + ")");
+  unexpected<error> last = make_error(errc::io_error, "no address");
+  for (const addrinfo* a = addresses; a != nullptr; a = a->ai_next) {
+    const int fd =
+        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      last = sys_error("socket");
+      continue;
+    }
+    const int one = 1;
+    (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) == 0 && ::listen(fd, 16) == 0)
+      return fd;
+    last = sys_error("tcp bind/listen(" + std::string(where) + ")");
     ::close(fd);
-    return e;
   }
-  return fd;
+  return last;
 }
 
 } // namespace internal

@@ -60,7 +60,9 @@ private:
 /// Accepts tcp_transport connections.
 class tcp_listener {
 public:
-  /// Listens on host:port; port 0 picks a free port (see port()).
+  /// Listens on host:port: on the first of the host's addresses that can
+  /// be bound (like connect, which tries each); when none can, the last
+  /// one's error (errc::io_error). Port 0 picks a free port (see port()).
   [[nodiscard]] static result<tcp_listener>
   listen(const std::string& host = "127.0.0.1", std::uint16_t port = 0);
   tcp_listener(tcp_listener&& other) noexcept

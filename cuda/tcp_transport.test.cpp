@@ -5,6 +5,7 @@
 #include "cuda/internal/tcp_socket.hpp"
 
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -235,6 +236,55 @@ TEST(tcp_transport_test, a_passed_deadline_ends_a_transfer_with_bytes_ready) {
       << late_send.error().message;
   ASSERT_TRUE(in_time) << in_time.error().describe();
   EXPECT_EQ(got, bytes);
+}
+
+addrinfo stream_address(sockaddr_in& a, addrinfo* next) {
+  addrinfo ai{};
+  ai.ai_family = AF_INET;
+  ai.ai_socktype = SOCK_STREAM;
+  ai.ai_addr = reinterpret_cast<sockaddr*>(&a);
+  ai.ai_addrlen = sizeof a;
+  ai.ai_next = next;
+  return ai;
+}
+
+sockaddr_in ipv4(const char* address, std::uint16_t port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  EXPECT_EQ(::inet_pton(AF_INET, address, &a.sin_addr), 1) << address;
+  return a;
+}
+
+TEST(tcp_listener_test, listen_tries_each_address_until_one_binds) {
+  // A name can resolve to several addresses (IPv6 and IPv4, say); one that
+  // cannot be bound must not stop the listener from using the next.
+  auto taken = tcp_listener::listen("127.0.0.1", 0);
+  ASSERT_TRUE(taken) << taken.error().describe();
+  sockaddr_in in_use = ipv4("127.0.0.1", taken->port());
+  sockaddr_in free_port = ipv4("127.0.0.1", 0);
+  addrinfo second = stream_address(free_port, nullptr);
+  addrinfo first = stream_address(in_use, &second);
+  auto fd = internal::bind_and_listen(&first, "test");
+  ASSERT_TRUE(fd) << fd.error().describe();
+  sockaddr_in bound{};
+  socklen_t len = sizeof bound;
+  EXPECT_EQ(::getsockname(*fd, reinterpret_cast<sockaddr*>(&bound), &len), 0);
+  EXPECT_NE(ntohs(bound.sin_port), taken->port());
+  ::close(*fd);
+
+  // None binds: the error is the last address's.
+  sockaddr_in not_here = ipv4("192.0.2.1", 0); // TEST-NET-1, no interface
+  addrinfo last = stream_address(in_use, nullptr);
+  addrinfo not_local = stream_address(not_here, &last);
+  auto none = internal::bind_and_listen(&not_local, "test:1");
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, errc::io_error);
+  EXPECT_NE(none.error().message.find("test:1"), std::string::npos)
+      << none.error().message;
+  EXPECT_NE(none.error().message.find(std::strerror(EADDRINUSE)),
+            std::string::npos)
+      << none.error().message;
 }
 
 TEST(tcp_transport_test, a_connect_that_times_out_says_so) {

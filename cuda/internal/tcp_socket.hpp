@@ -28,9 +28,9 @@ using tcp_clock = std::chrono::steady_clock;
 [[nodiscard]] result<void> recv_all(int fd, std::byte* p, std::size_t n,
                                     tcp_clock::time_point deadline);
 
-/// A socket bound to the first of `addresses` (a getaddrinfo list) and
-/// listening: its descriptor. `where` ("host:port") names it in errors
-/// (errc::io_error).
+/// A socket bound to the first of `addresses` (a getaddrinfo list) that
+/// can be bound, and listening: its descriptor. When none can, the last
+/// one's error (errc::io_error, naming `where`, "host:port").
 [[nodiscard]] result<int> bind_and_listen(const addrinfo* addresses,
                                           std::string_view where);
 
