@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -264,6 +265,17 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     return make_error(errc::invalid_argument,
                       "tcp exchange: peer " + std::to_string(peer) +
                           " (a tcp transport has one peer, 0)");
+  // The count on the wire is a u32; checked before anything reads the
+  // blocks.
+  constexpr std::size_t max_blocks = std::numeric_limits<std::uint32_t>::max();
+  if (out.size() > max_blocks || in.size() > max_blocks)
+    return make_error(
+        errc::value_too_large,
+        "tcp exchange: " +
+            (out.size() > max_blocks
+                 ? std::to_string(out.size()) + " blocks to send"
+                 : std::to_string(in.size()) + " blocks to receive") +
+            "; a batch has at most " + std::to_string(max_blocks));
   for (const send_block& b : out)
     if (b.data == nullptr && b.bytes > 0)
       return make_error(errc::invalid_argument,

@@ -4,7 +4,9 @@
 /// memory).
 ///
 /// Wire format of a batch: "KVFB" (4 bytes), the block count (u32 LE), each
-/// block's size (u64 LE), then the blocks' bytes in order. The receiver
+/// block's size (u64 LE), then the blocks' bytes in order. A batch of more
+/// than 2^32 - 1 blocks, to send or to receive, is refused before anything
+/// moves (errc::value_too_large). The receiver
 /// checks the count and every size against what it expects before reading
 /// any payload, so a peer can never make it allocate or write out of
 /// bounds; a mismatch is errc::wrong_value_size. An empty side has no

@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <future>
 #include <numeric>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -323,6 +325,65 @@ TEST(tcp_transport_test, timeouts_out_of_range_are_refused) {
   auto none = listener->accept(0ms, 1s);
   ASSERT_FALSE(none);
   EXPECT_NE(none.error().message.find("timed out"), std::string::npos);
+}
+
+/// `n` zeroed (empty, valid) blocks in reserved address space that is
+/// never written: a batch larger than memory, for the count checks.
+template <class Block> class huge_batch {
+public:
+  explicit huge_batch(std::size_t n) : bytes_(n * sizeof(Block)) {
+    void* p = ::mmap(nullptr, bytes_, PROT_READ,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p != MAP_FAILED)
+      blocks_ = {static_cast<const Block*>(p), n};
+  }
+  ~huge_batch() {
+    if (!blocks_.empty())
+      ::munmap(const_cast<Block*>(blocks_.data()), bytes_);
+  }
+  huge_batch(const huge_batch&) = delete;
+  huge_batch& operator=(const huge_batch&) = delete;
+  [[nodiscard]] std::span<const Block> blocks() const { return blocks_; }
+
+private:
+  std::size_t bytes_;
+  std::span<const Block> blocks_;
+};
+
+TEST(tcp_transport_test, more_blocks_than_a_frame_counts_are_refused) {
+  // The count on the wire is a u32: 2^32 + 1 blocks would go out as 1.
+  constexpr std::size_t n = (std::size_t{1} << 32) + 1;
+  huge_batch<send_block> out(n);
+  huge_batch<recv_block> in(n);
+  if (out.blocks().empty() || in.blocks().empty())
+    GTEST_SKIP() << "cannot reserve 2 x 64 GiB of address space";
+  auto ends = connect_pair();
+  ASSERT_TRUE(ends.client && ends.server);
+  auto sent = ends.client->send(0, out.blocks());
+  ASSERT_FALSE(sent);
+  EXPECT_EQ(sent.error().code, errc::value_too_large);
+  EXPECT_NE(sent.error().message.find("4294967297 blocks to send"),
+            std::string::npos)
+      << sent.error().message;
+  EXPECT_NE(sent.error().message.find("at most 4294967295"), std::string::npos)
+      << sent.error().message;
+  auto got = ends.client->recv(0, in.blocks());
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.error().code, errc::value_too_large);
+  EXPECT_NE(got.error().message.find("4294967297 blocks to receive"),
+            std::string::npos)
+      << got.error().message;
+  // Refused before anything moved: the connection still works.
+  const auto src = pattern(16, 5);
+  const send_block one{src.data(), src.size()};
+  std::vector<std::byte> dst(16);
+  const recv_block into{dst.data(), dst.size()};
+  auto peer = std::async(std::launch::async, [&] {
+    return ends.server->recv(0, {&into, 1});
+  });
+  ASSERT_TRUE(ends.client->send(0, {&one, 1}));
+  ASSERT_TRUE(peer.get());
+  EXPECT_EQ(dst, src);
 }
 
 TEST(tcp_transport_test, bad_arguments_are_refused) {
