@@ -5,9 +5,10 @@
 ///
 /// A batch is a list of byte ranges. The receiver names the ranges it
 /// expects, of exactly the sizes the sender sends: the TCP transport checks
-/// that and refuses a mismatch (errc::wrong_value_size) when both sides
-/// have blocks (an empty side puts nothing on the wire: tcp_transport.hpp);
-/// NCCL cannot, so a mismatch there is the caller's bug. Calls block until
+/// that and refuses a mismatch (errc::wrong_value_size), an empty side
+/// included (it sends a frame of 0 blocks, so over TCP every exchange, even
+/// an empty one, pairs with one of the peer's: tcp_transport.hpp); NCCL
+/// cannot, so a mismatch there is the caller's bug. Calls block until
 /// their batch has been sent and received: run them off an actor's thread. Not
 /// thread-safe: one caller at a time per transport.
 

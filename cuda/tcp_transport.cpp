@@ -289,17 +289,22 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
                       "tcp exchange: the connection broke in an earlier "
                       "exchange (" +
                           broken_ + "); connect again");
-  if (out.empty() && in.empty())
-    return {};
+  // Every exchange sends a frame and receives one, an empty side one of 0
+  // blocks, so a peer that sends what this side does not expect (or
+  // nothing where it does) is a count mismatch at once.
   const steady::time_point deadline = steady::now() + io_timeout_;
   result<void> r;
   if (out.empty()) {
-    r = recv_batch(fd_, in, deadline);
-  } else if (in.empty()) {
+    // An empty frame is 8 bytes: sent before receiving, without a helper
+    // thread. It can wait only for the peer to read this side's previous
+    // batch, which needs nothing more from this side.
     r = send_batch(fd_, out, deadline);
+    if (r)
+      r = recv_batch(fd_, in, deadline);
   } else {
-    // Both directions: send on a helper thread so that two peers exchanging
-    // large batches cannot both block on full socket buffers.
+    // Send on a helper thread while receiving, so that two peers
+    // exchanging large batches cannot both block on full socket buffers,
+    // and a peer that expects nothing refuses the batch at once.
     result<void> sent;
     std::thread sender;
     try {
