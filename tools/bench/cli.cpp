@@ -187,7 +187,8 @@ Options:
                             or adaptive [adaptive]
   --threshold X             confidence needed to prefetch, in [0, 1] [0.5]
   --max-round N             rounds above N share one query [16]
-  --session-timeout-s X     idle seconds after which a session ends [600]
+  --session-timeout-s X     idle seconds after which a session ends, at
+                            most 1e9 [600]
   --json, --block-tokens, --requests, --seed, --compression, --layout,
   --high-watermark, --low-watermark, --no-progress: as in engine mode
   -h, --help                this text
@@ -669,6 +670,9 @@ result<command> parse_prefetch(std::span<const std::string_view> args) {
           return usage("option --threshold must be in [0, 1]");
         p.threshold = *x;
       } else {
+        if (*x > max_session_timeout_s)
+          return usage("option --session-timeout-s must be at most "
+                       "1000000000 (about 31 years)");
         p.session_timeout_s = *x;
       }
     }

@@ -77,14 +77,19 @@ struct routing_options {
   actors::router_config router{};     ///< credit and backlog knobs
 };
 
+/// Longest prefetch_options::session_timeout_s (about 31.7 years): its
+/// milliseconds are added to request timestamps, which must not wrap.
+inline constexpr double max_session_timeout_s = 1e9;
+
 /// Everything `kvfleet-bench prefetch` was asked to do: `base` as for the
 /// engine mode (one store of that capacity); the workload must be chat.
 struct prefetch_options {
   engine_options base{};
   engine::policy_kind eviction = engine::policy_kind::adaptive;
-  double threshold = 0.5;           ///< prediction confidence to prefetch
-  std::uint32_t max_round = 16;     ///< rounds above this share one query
-  double session_timeout_s = 600.0; ///< idle time that ends a session
+  double threshold = 0.5;       ///< prediction confidence to prefetch
+  std::uint32_t max_round = 16; ///< rounds above this share one query
+  /// Idle time that ends a session, 0 to max_session_timeout_s.
+  double session_timeout_s = 600.0;
 };
 
 /// What the command line asks for.

@@ -174,6 +174,14 @@ run_prefetch_unguarded(const prefetch_options& opts,
                        std::span<const engine::workload_request> reqs,
                        const std::string& workload,
                        const progress_fn& progress) {
+  // Its milliseconds are rounded to an integer and added to timestamps:
+  // out of range (or NaN) there is no such integer.
+  if (!(opts.session_timeout_s >= 0.0 &&
+        opts.session_timeout_s <= max_session_timeout_s))
+    return make_error(errc::invalid_argument,
+                      "prefetch_options.session_timeout_s must be in [0, "
+                      "1e9] seconds (got " +
+                          number_text(opts.session_timeout_s) + ")");
   for (std::size_t r = 0; r < reqs.size(); ++r)
     if (reqs[r].session == 0)
       return make_error(errc::invalid_argument,

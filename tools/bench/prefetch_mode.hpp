@@ -108,7 +108,8 @@ struct prefetch_report {
 
 /// Replays `reqs` (timestamp order, sessions set) through one store twice,
 /// with and without prefetch. `workload` labels the report.
-/// errc::invalid_argument when a request has no session.
+/// errc::invalid_argument when a request has no session or
+/// session_timeout_s is not in [0, max_session_timeout_s].
 [[nodiscard]] result<prefetch_report>
 run_prefetch(const prefetch_options& opts,
              std::span<const engine::workload_request> reqs,

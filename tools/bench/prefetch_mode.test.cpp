@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include <initializer_list>
+#include <limits>
 #include <string_view>
 #include <unordered_set>
 #include <vector>
@@ -103,6 +104,47 @@ TEST(prefetch_mode, needs_sessions) {
   ASSERT_TRUE(reqs);
   auto r = run_prefetch(tiny(), *reqs, "no-reuse");
   ASSERT_FALSE(r);
+}
+
+TEST(prefetch_mode, a_session_timeout_out_of_range_is_refused) {
+  // Milliseconds of it are added to request timestamps: a huge, negative
+  // or non-finite value has no such count (llround of it is undefined).
+  engine::workload_options wo;
+  wo.requests = 10;
+  auto reqs = engine::generate_workload("chat", wo);
+  ASSERT_TRUE(reqs);
+  for (const double t : {1e300, max_session_timeout_s * 2, -1.0,
+                         std::numeric_limits<double>::infinity(),
+                         std::numeric_limits<double>::quiet_NaN()}) {
+    prefetch_options o = tiny();
+    o.session_timeout_s = t;
+    auto r = run_prefetch(o, *reqs, "chat");
+    ASSERT_FALSE(r) << t;
+    EXPECT_EQ(r.error().code, errc::invalid_argument) << t;
+    EXPECT_NE(r.error().message.find("session_timeout_s"), std::string::npos)
+        << r.error().message;
+  }
+}
+
+TEST(prefetch_cli, a_huge_session_timeout_is_refused_naming_the_bound) {
+  for (const std::string_view value : {"1e300", "1000000001"}) {
+    std::vector<std::string_view> args{
+        "prefetch", "--workload",          "chat", "--capacity-fraction",
+        "0.25",     "--session-timeout-s", value};
+    auto cmd = parse_command_line(args);
+    ASSERT_FALSE(cmd) << value;
+    EXPECT_TRUE(is_usage_error(cmd.error()));
+    EXPECT_NE(cmd.error().message.find(
+                  "--session-timeout-s must be at most 1000000000"),
+              std::string::npos)
+        << cmd.error().message;
+  }
+  std::vector<std::string_view> largest{
+      "prefetch", "--workload",          "chat",      "--capacity-fraction",
+      "0.25",     "--session-timeout-s", "1000000000"};
+  auto ok = parse_command_line(largest);
+  ASSERT_TRUE(ok) << ok.error().describe();
+  EXPECT_DOUBLE_EQ(ok->prefetch.session_timeout_s, max_session_timeout_s);
 }
 
 TEST(prefetch_cli, parses_and_rejects) {
