@@ -284,6 +284,21 @@ error redis_query_store::failed(engine::nanos now, error e) {
   return e;
 }
 
+error redis_query_store::command_failed(engine::nanos now,
+                                        std::string_view command) {
+  error e{errc::backend_error, where(endpoint_) + ": " + std::string(command) +
+                                   " failed: " + ctx_->errstr};
+  if (ctx_->err != REDIS_ERR_EOF)
+    return failed(now, std::move(e));
+  // The server closed a connection that worked (its idle timeout, CLIENT
+  // KILL, a restart): nothing says it is down or slow, so the next call
+  // connects again at once. A server that is down then fails that connect
+  // quickly and backs off.
+  disconnect();
+  e.message += " (the next call connects again)";
+  return e;
+}
+
 result<void> redis_query_store::ensure_connected(engine::nanos now) {
   if (ctx_ != nullptr)
     return {};
@@ -357,12 +372,8 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
   if (auto c = ensure_connected(now); !c)
     return unexpected<error>{c.error()};
   auto r = run_command(ctx_, {"GET", redis_key(key)});
-  if (!r) {
-    std::string why = ctx_->errstr;
-    return unexpected<error>{
-        failed(now, error{errc::backend_error,
-                          where(endpoint_) + ": GET failed: " + why})};
-  }
+  if (!r)
+    return unexpected<error>{command_failed(now, "GET")};
   switch (r->type) {
   case REDIS_REPLY_NIL:
     return std::optional<std::string>{};
@@ -390,12 +401,8 @@ result<void> redis_query_store::set(const std::string& key,
     return unexpected<error>{c.error()};
   auto ttl_ms = std::to_string(ms);
   auto r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms});
-  if (!r) {
-    std::string why = ctx_->errstr;
-    return unexpected<error>{
-        failed(now, error{errc::backend_error,
-                          where(endpoint_) + ": SET failed: " + why})};
-  }
+  if (!r)
+    return unexpected<error>{command_failed(now, "SET")};
   if (r->type == REDIS_REPLY_ERROR)
     return make_error(errc::backend_error,
                       where(endpoint_) +

@@ -26,7 +26,11 @@
 /// or stalled would otherwise cost every call its connect or command
 /// timeout, one after the other on the cache actor's thread. The first
 /// call after that connects again, so a restarted server is used again
-/// without intervention. Time here is the `now` the caller passes (the
+/// without intervention. A command that finds its connection closed by
+/// the server (end of stream: Redis's idle `timeout`, CLIENT KILL, a
+/// restart) fails, but starts no backoff: the next call connects again at
+/// once (a server that is really down then fails that connect and backs
+/// off). Time here is the `now` the caller passes (the
 /// cache actor's clock); it is used for nothing else.
 ///
 /// Blocking: hiredis's synchronous API blocks the calling thread, each
@@ -134,6 +138,10 @@ private:
   /// `e` (backend_error), remembered for the calls that wait out the
   /// backoff.
   [[nodiscard]] error failed(engine::nanos now, error e);
+  /// A command that got no answer: failed(), except when the server closed
+  /// the connection (EOF), which drops it without a backoff.
+  [[nodiscard]] error command_failed(engine::nanos now,
+                                     std::string_view command);
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;

@@ -473,6 +473,45 @@ TEST_F(RedisQueryStore, ServerDownIsAnErrorValueThenReconnects) {
   EXPECT_EQ(store->get("k", t0 + 2s)->value_or(""), "again");
 }
 
+TEST_F(RedisQueryStore, ServerClosingTheConnectionReconnectsAtTheNextCall) {
+  // A server that closes a working connection (its idle `timeout`, CLIENT
+  // KILL, a restart) is not down: the call that finds the connection
+  // closed fails, and the next one connects again at once instead of
+  // waiting out reconnect_after (1 s here).
+  auto store = open();
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->set("k", "v", hour, t0));
+  ASSERT_EQ(store->connects(), 1U);
+  auto admin = connect_direct(server_->port());
+  ASSERT_TRUE(admin);
+  auto killed = command(admin.get(),
+                        {"CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"});
+  ASSERT_TRUE(killed);
+  ASSERT_EQ(killed->type, REDIS_REPLY_INTEGER);
+  ASSERT_EQ(killed->integer, 1);
+
+  auto lost = store->get("k", t0);
+  ASSERT_FALSE(lost.has_value());
+  EXPECT_EQ(lost.error().code, errc::backend_error);
+  EXPECT_NE(lost.error().message.find("closed the connection"),
+            std::string::npos)
+      << lost.error().message;
+  EXPECT_FALSE(store->connected());
+  auto again = store->get("k", t0); // same instant: no backoff
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  EXPECT_EQ(again->value_or(""), "v");
+  EXPECT_EQ(store->connects(), 2U);
+
+  // The same for a set.
+  killed = command(admin.get(),
+                   {"CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"});
+  ASSERT_TRUE(killed);
+  EXPECT_FALSE(store->set("k", "w", hour, t0));
+  ASSERT_TRUE(store->set("k", "w", hour, t0));
+  EXPECT_EQ(store->get("k", t0)->value_or(""), "w");
+  EXPECT_EQ(store->connects(), 3U);
+}
+
 TEST_F(RedisQueryStore, StalledServerTimesOutAndRecovers) {
   auto store = open(); // command timeout 50 ms
   ASSERT_TRUE(store);
