@@ -1,5 +1,6 @@
 #include "cuda/copy_engine.hpp"
 
+#include "cuda/internal/copy_tickets.hpp"
 #include "cuda/internal/cuda_check.hpp"
 #include "cuda/internal/staging_ring.hpp"
 
@@ -92,12 +93,13 @@ struct copy_engine::impl {
     return {};
   }
 
+  // REQUIRES: `t` was issued (check_issued).
   bool finished(copy_ticket t) const {
     for (const auto& q : pending)
       for (const batch& b : q)
         if (b.ticket == t)
           return false;
-    return t < next;
+    return true;
   }
 };
 
@@ -206,12 +208,18 @@ result<copy_ticket> copy_engine::on_device(std::span<const copy_job> jobs) {
 }
 
 result<bool> copy_engine::poll(copy_ticket t) {
+  if (auto ok = internal::check_issued(t, impl_->next, "copy_engine::poll");
+      !ok)
+    return unexpected<error>(ok.error());
   if (auto r = impl_->collect(); !r)
     return unexpected<error>(r.error());
   return impl_->finished(t);
 }
 
 result<void> copy_engine::wait(copy_ticket t) {
+  if (auto ok = internal::check_issued(t, impl_->next, "copy_engine::wait");
+      !ok)
+    return ok;
   for (const auto& q : impl_->pending)
     for (const auto& b : q)
       if (b.ticket == t)

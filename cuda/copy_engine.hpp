@@ -59,9 +59,11 @@ public:
   /// Device to device (copy kernel on the device stream).
   [[nodiscard]] result<copy_ticket> on_device(std::span<const copy_job> jobs);
 
-  /// Collects finished batches without waiting. True when `t` is finished.
+  /// Collects finished batches without waiting. True when `t` is finished;
+  /// errc::invalid_handle for a ticket never issued (0, or one no call has
+  /// returned yet), which would otherwise read as finished or never finish.
   [[nodiscard]] result<bool> poll(copy_ticket t);
-  /// Waits until `t` is finished.
+  /// Waits until `t` is finished; errc::invalid_handle as for poll().
   [[nodiscard]] result<void> wait(copy_ticket t);
   /// Batches not yet collected.
   [[nodiscard]] std::size_t in_flight() const noexcept;

@@ -54,6 +54,30 @@ TEST(copy_engine_test, batches_go_up_across_and_down_asynchronously) {
   EXPECT_EQ((*eng)->in_flight(), 0U);
 }
 
+TEST(copy_engine_test, a_ticket_never_issued_is_an_invalid_handle) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto eng = copy_engine::create({0, std::size_t{1} << 20});
+  ASSERT_TRUE(eng) << eng.error().describe();
+  for (const copy_ticket t : {copy_ticket{0}, copy_ticket{1}}) {
+    auto polled = (*eng)->poll(t);
+    ASSERT_FALSE(polled) << t;
+    EXPECT_EQ(polled.error().code, errc::invalid_handle);
+    auto waited = (*eng)->wait(t);
+    ASSERT_FALSE(waited) << t;
+    EXPECT_EQ(waited.error().code, errc::invalid_handle);
+  }
+  internal::device_buffer a(256);
+  internal::device_buffer b(256);
+  const copy_job job{a.data(), b.data(), 256};
+  auto t1 = (*eng)->on_device({&job, 1});
+  ASSERT_TRUE(t1) << t1.error().describe();
+  ASSERT_TRUE((*eng)->wait(*t1));
+  auto done = (*eng)->poll(*t1);
+  ASSERT_TRUE(done);
+  EXPECT_TRUE(*done);
+  EXPECT_EQ((*eng)->poll(*t1 + 1).error().code, errc::invalid_handle);
+}
+
 TEST(copy_engine_test, a_full_staging_ring_is_busy_not_blocking) {
   KVFLEET_REQUIRE_DEVICE();
   auto eng =

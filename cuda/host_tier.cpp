@@ -1,5 +1,6 @@
 #include "cuda/host_tier.hpp"
 
+#include "cuda/internal/copy_tickets.hpp"
 #include "cuda/internal/cuda_check.hpp"
 #include "cuda/internal/staging_ring.hpp"
 
@@ -304,16 +305,20 @@ result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
 }
 
 result<bool> host_tier::poll(copy_ticket t) {
+  if (auto ok = internal::check_issued(t, impl_->next, "host_tier::poll"); !ok)
+    return unexpected<error>(ok.error());
   if (auto r = impl_->collect(); !r)
     return unexpected<error>(r.error());
   for (const auto& q : impl_->pending)
     for (const auto& b : q)
       if (b.ticket == t)
         return false;
-  return t < impl_->next;
+  return true;
 }
 
 result<void> host_tier::wait(copy_ticket t) {
+  if (auto ok = internal::check_issued(t, impl_->next, "host_tier::wait"); !ok)
+    return ok;
   for (const auto& q : impl_->pending)
     for (const auto& b : q)
       if (b.ticket == t)

@@ -65,8 +65,11 @@ public:
                                            std::vector<host_block>& out);
   /// Starts promoting `jobs` into device memory.
   [[nodiscard]] result<copy_ticket> promote(std::span<const promote_job> jobs);
-  /// True when `t` is finished (collects finished batches, never waits).
+  /// True when `t` is finished (collects finished batches, never waits);
+  /// errc::invalid_handle for a ticket never issued (0, or one no call has
+  /// returned yet).
   [[nodiscard]] result<bool> poll(copy_ticket t);
+  /// Waits until `t` is finished; errc::invalid_handle as for poll().
   [[nodiscard]] result<void> wait(copy_ticket t);
   /// Frees a host block; its extent returns to the arena with its last block.
   void release(const host_block& b);

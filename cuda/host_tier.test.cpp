@@ -8,6 +8,19 @@
 namespace kvfleet::cuda {
 namespace {
 
+TEST(host_tier_test, a_ticket_never_issued_is_an_invalid_handle) {
+  KVFLEET_REQUIRE_DEVICE();
+  auto tier =
+      host_tier::create({0, std::size_t{1} << 20, std::size_t{1} << 20});
+  ASSERT_TRUE(tier) << tier.error().describe();
+  for (const copy_ticket t : {copy_ticket{0}, copy_ticket{1}}) {
+    auto polled = (*tier)->poll(t);
+    ASSERT_FALSE(polled) << t;
+    EXPECT_EQ(polled.error().code, errc::invalid_handle);
+    EXPECT_EQ((*tier)->wait(t).error().code, errc::invalid_handle);
+  }
+}
+
 TEST(host_tier_test, blocks_demoted_to_pinned_memory_come_back_on_promotion) {
   KVFLEET_REQUIRE_DEVICE();
   auto tier =
