@@ -10,12 +10,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
 #include <limits>
 #include <system_error>
 #include <thread>
-#include <vector>
 
 namespace kvfleet::cuda {
 
@@ -79,9 +79,15 @@ result<bool> wait_ready(int fd, short events, steady::time_point deadline) {
   }
 }
 
-void put_le(std::vector<std::byte>& out, std::uint64_t v, int bytes) {
+/// Block sizes go over the wire this many at a time, so a frame's header
+/// takes a fixed 32 KiB of stack on each side whatever its block count
+/// (allocating it whole could fail for a large batch, and throw on the
+/// sender's thread).
+constexpr std::size_t sizes_per_piece = 4096;
+
+void put_le(std::byte* out, std::uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i)
-    out.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xffU));
+    out[i] = static_cast<std::byte>((v >> (8 * i)) & 0xffU);
 }
 
 std::uint64_t get_le(const std::byte* p, int bytes) {
@@ -93,12 +99,20 @@ std::uint64_t get_le(const std::byte* p, int bytes) {
 
 result<void> send_batch(int fd, std::span<const send_block> out,
                         steady::time_point deadline) {
-  std::vector<std::byte> header;
-  put_le(header, magic, 4);
-  put_le(header, out.size(), 4);
-  for (const send_block& b : out)
-    put_le(header, b.bytes, 8);
-  if (auto r = send_all(fd, header.data(), header.size(), deadline); !r)
+  std::array<std::byte, 8 * sizes_per_piece> piece;
+  put_le(piece.data(), magic, 4);
+  put_le(piece.data() + 4, out.size(), 4);
+  std::size_t used = 8;
+  for (const send_block& b : out) {
+    if (used == piece.size()) {
+      if (auto r = send_all(fd, piece.data(), used, deadline); !r)
+        return r;
+      used = 0;
+    }
+    put_le(piece.data() + used, b.bytes, 8);
+    used += 8;
+  }
+  if (auto r = send_all(fd, piece.data(), used, deadline); !r)
     return r;
   for (const send_block& b : out)
     if (auto r = send_all(fd, b.data, b.bytes, deadline); !r)
@@ -108,26 +122,29 @@ result<void> send_batch(int fd, std::span<const send_block> out,
 
 result<void> recv_batch(int fd, std::span<const recv_block> in,
                         steady::time_point deadline) {
-  std::byte head[8];
-  if (auto r = recv_all(fd, head, sizeof head, deadline); !r)
+  std::array<std::byte, 8 * sizes_per_piece> piece;
+  if (auto r = recv_all(fd, piece.data(), 8, deadline); !r)
     return r;
-  if (get_le(head, 4) != magic)
+  if (get_le(piece.data(), 4) != magic)
     return make_error(errc::parse_error, "tcp recv: not a kvfleet block batch");
-  const std::uint64_t count = get_le(head + 4, 4);
+  const std::uint64_t count = get_le(piece.data() + 4, 4);
   if (count != in.size())
     return make_error(errc::wrong_value_size,
                       "tcp recv: peer sent " + std::to_string(count) +
                           " blocks, expected " + std::to_string(in.size()));
-  std::vector<std::byte> sizes(8 * in.size());
-  if (auto r = recv_all(fd, sizes.data(), sizes.size(), deadline); !r)
-    return r;
-  for (std::size_t i = 0; i < in.size(); ++i) {
-    const std::uint64_t n = get_le(sizes.data() + 8 * i, 8);
-    if (n != in[i].bytes)
-      return make_error(errc::wrong_value_size,
-                        "tcp recv: block " + std::to_string(i) + " has " +
-                            std::to_string(n) + " bytes, expected " +
-                            std::to_string(in[i].bytes));
+  for (std::size_t first = 0; first < in.size(); first += sizes_per_piece) {
+    const std::size_t n = std::min(sizes_per_piece, in.size() - first);
+    if (auto r = recv_all(fd, piece.data(), 8 * n, deadline); !r)
+      return r;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint64_t bytes = get_le(piece.data() + 8 * i, 8);
+      if (bytes != in[first + i].bytes)
+        return make_error(errc::wrong_value_size,
+                          "tcp recv: block " + std::to_string(first + i) +
+                              " has " + std::to_string(bytes) +
+                              " bytes, expected " +
+                              std::to_string(in[first + i].bytes));
+    }
   }
   for (const recv_block& b : in)
     if (auto r = recv_all(fd, b.data, b.bytes, deadline); !r)

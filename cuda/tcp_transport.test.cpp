@@ -75,6 +75,46 @@ TEST(tcp_transport_test, a_batch_of_blocks_arrives_intact) {
   EXPECT_EQ(dst, src);
 }
 
+TEST(tcp_transport_test,
+     many_blocks_cross_header_pieces_and_every_size_counts) {
+  // Sizes travel 4,096 to a piece: 10,000 blocks take three, and a size
+  // wrong in the last piece is still refused before any payload lands.
+  auto ends = connect_pair();
+  ASSERT_TRUE(ends.client && ends.server);
+  constexpr std::size_t n = 10'000;
+  std::vector<std::size_t> offsets(n + 1, 0);
+  for (std::size_t i = 0; i < n; ++i)
+    offsets[i + 1] = offsets[i] + i % 7; // every 7th block is empty
+  const auto src = pattern(offsets[n], 8);
+  std::vector<send_block> out;
+  for (std::size_t i = 0; i < n; ++i)
+    out.push_back({src.data() + offsets[i], i % 7});
+  std::vector<std::byte> dst(offsets[n], std::byte{0x5a});
+  std::vector<recv_block> in;
+  for (std::size_t i = 0; i < n; ++i)
+    in.push_back({dst.data() + offsets[i], i % 7});
+
+  auto sent =
+      std::async(std::launch::async, [&] { return ends.client->send(0, out); });
+  auto got = ends.server->recv(0, in);
+  ASSERT_TRUE(got) << got.error().describe();
+  ASSERT_TRUE(sent.get());
+  EXPECT_EQ(dst, src);
+
+  std::fill(dst.begin(), dst.end(), std::byte{0x5a});
+  in.back().bytes += 1; // the last block, in the third piece
+  sent =
+      std::async(std::launch::async, [&] { return ends.client->send(0, out); });
+  got = ends.server->recv(0, in);
+  (void)sent.get();
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.error().code, errc::wrong_value_size);
+  EXPECT_NE(got.error().message.find("block 9999 has"), std::string::npos)
+      << got.error().message;
+  EXPECT_TRUE(std::all_of(dst.begin(), dst.end(),
+                          [](std::byte b) { return b == std::byte{0x5a}; }));
+}
+
 TEST(tcp_transport_test, both_ends_exchange_large_batches_at_once) {
   auto ends = connect_pair();
   ASSERT_TRUE(ends.client && ends.server);
