@@ -129,6 +129,28 @@ result<T> ask_at(node_askers& askers, engine::priority prio,
   return std::move(*out);
 }
 
+/// Stops `actors` and waits for them (their down messages, on `self`) until
+/// `deadline`; returns how many were still running then. An engine that
+/// is down has closed its store, so its memory and disk directory are free.
+std::size_t stop_and_wait(caf::scoped_actor& self,
+                          const std::vector<caf::actor>& actors,
+                          std::chrono::steady_clock::time_point deadline) {
+  for (const auto& a : actors)
+    self->monitor(a);
+  for (const auto& a : actors)
+    self->send_exit(a, caf::exit_reason::user_shutdown);
+  std::size_t down = 0;
+  bool late = false;
+  while (down < actors.size() && !late) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    self->receive([&](const caf::down_msg&) { ++down; },
+                  caf::after(std::max(left, std::chrono::milliseconds{0})) >>
+                      [&] { late = true; });
+  }
+  return actors.size() - down;
+}
+
 /// The deadline of one node call: a call made of several requests (find
 /// the engine, then reserve, write and commit on it) waits for all of them
 /// together against call_timeout, not call_timeout each.
@@ -254,31 +276,51 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
       return unexpected<error>{store.error()};
     query_store = std::move(*store);
   }
-  // And, with the engine's own error, on a bad engine configuration:
-  // engine 0 starts here, and the balancer's first call of the factory
-  // takes it (so its memory, possibly a whole GPU's arena, is allocated
-  // once, not probed and allocated again).
-  auto first_cfg = config.engine;
-  first_cfg.slot = 0;
-  auto first = actors::spawn_engine_actor(sys, first_cfg);
-  if (!first)
-    return unexpected<error>{first.error()};
+  // And, with the engine's own error, on a bad engine configuration or a
+  // disk directory that does not open (missing, locked by another engine,
+  // bad): every initial engine starts here, and the balancer's first call
+  // of the factory for its slot takes it (so its memory, possibly a whole
+  // GPU's arena, is allocated once, not probed and allocated again). Had
+  // the balancer started engines 1..N-1, such an engine would only be
+  // restarted until it was given up. On an error the engines started
+  // before it are stopped and waited for, so their directories are free
+  // for a start retried at once.
+  auto ready = std::make_shared<std::vector<caf::actor>>();
+  for (std::uint32_t slot = 0; slot < config.engines; ++slot) {
+    auto cfg = config.engine;
+    cfg.slot = slot;
+    auto engine = actors::spawn_engine_actor(sys, cfg);
+    if (!engine) {
+      caf::scoped_actor self{sys};
+      const auto late = stop_and_wait(
+          self, *ready, std::chrono::steady_clock::now() + config.call_timeout);
+      return make_error(
+          engine.error().code,
+          "engine " + std::to_string(slot) +
+              " did not start: " + engine.error().message +
+              (late == 0 ? std::string{}
+                         : " (" + std::to_string(late) +
+                               " engine(s) started before it were still "
+                               "stopping after call_timeout)"));
+    }
+    ready->push_back(std::move(*engine));
+  }
   std::unique_ptr<node> n{new node(sys, std::move(config))};
   auto& c = n->config_;
   c.balancer.initial_engines = c.engines;
   auto engine_cfg = c.engine;
-  n->engines_->add(*first);
-  // Only the balancer calls the factory, one call at a time.
-  auto ready = std::make_shared<caf::actor>(std::move(*first));
+  for (const auto& e : *ready)
+    n->engines_->add(e);
   // validate() checked every configuration below, so these spawns fail only
-  // on a bug in it; the caller still gets that error as a value.
+  // on a bug in it; the caller still gets that error as a value. Only the
+  // balancer calls the factory, one call at a time.
   auto balancer = actors::spawn_balancer(
       sys, c.balancer,
       [engine_cfg, ready, engines = n->engines_](
           caf::actor_system& s, std::uint32_t slot) -> result<caf::actor> {
-        if (slot == 0 && *ready) {
-          caf::actor a = std::move(*ready);
-          *ready = caf::actor{};
+        if (slot < ready->size() && (*ready)[slot]) {
+          caf::actor a = std::move((*ready)[slot]);
+          (*ready)[slot] = caf::actor{};
           return a;
         }
         auto cfg = engine_cfg;
@@ -289,7 +331,8 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         return engine;
       });
   if (!balancer) {
-    caf::anon_send_exit(*ready, caf::exit_reason::user_shutdown);
+    for (const auto& e : *ready)
+      caf::anon_send_exit(e, caf::exit_reason::user_shutdown);
     return unexpected<error>{balancer.error()};
   }
   n->balancer_ = std::move(*balancer);
@@ -502,23 +545,8 @@ result<void> node::stop(std::chrono::milliseconds timeout) {
   stopped_.store(true, std::memory_order_release);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   caf::scoped_actor self{*sys_};
-  // Stops `actors` and waits for them until the deadline; returns how many
-  // were still running then.
   const auto stop_all = [&](const std::vector<caf::actor>& actors) {
-    for (const auto& a : actors)
-      self->monitor(a);
-    for (const auto& a : actors)
-      self->send_exit(a, caf::exit_reason::user_shutdown);
-    std::size_t down = 0;
-    bool late = false;
-    while (down < actors.size() && !late) {
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          deadline - std::chrono::steady_clock::now());
-      self->receive([&](const caf::down_msg&) { ++down; },
-                    caf::after(std::max(left, std::chrono::milliseconds{0})) >>
-                        [&] { late = true; });
-    }
-    return actors.size() - down;
+    return stop_and_wait(self, actors, deadline);
   };
   for (auto* a : {&prefetcher_, &scaler_, &cache_, &warmer_})
     if (*a)

@@ -84,12 +84,19 @@ public:
   /// config before creating the actor system.
   static void configure(caf::actor_system_config& cfg, std::size_t threads);
 
-  /// Spawns the node's actors. Errors: validate(config)'s, then the
-  /// query-cache store's (bad `cache.redis_url`: errc::parse_error; no
-  /// engine has started then, so no disk directory was opened), then the
-  /// first engine's (bad capacity or namespace, its disk tier's). An
-  /// unreachable Redis is not an error here: the store connects on its
-  /// first call.
+  /// Spawns the node's actors. Every one of the `engines` initial engines
+  /// starts on the caller's thread, one after the other (an engine with a
+  /// disk tier opens and recovers its directory here). Errors:
+  /// validate(config)'s, then the query-cache store's (bad
+  /// `cache.redis_url`: errc::parse_error; no engine has started then, so
+  /// no disk directory was opened), then the first engine that does not
+  /// start, with its error's code and a message naming it ("engine 1 did
+  /// not start: ..."; bad capacity or namespace, its disk tier's: a
+  /// directory missing, locked by another engine (errc::busy) or bad, the
+  /// error names it). The engines started before it are then stopped and
+  /// waited for (at most `call_timeout`), so a start retried on the same
+  /// directories finds them free. An unreachable Redis is not an error
+  /// here: the store connects on its first call.
   [[nodiscard]] static result<std::unique_ptr<node>>
   start(caf::actor_system& sys, node_config config);
   ~node();

@@ -612,6 +612,43 @@ void put_one_block_each(node& n, std::uint64_t first_key, std::uint8_t fill) {
   }
 }
 
+TEST_F(Node, AStartFailsWhenAnyInitialEnginesDiskDoesNotOpen) {
+  // Engine 1's directory is locked by another disk tier. The start fails
+  // with its error, naming the engine and the directory, and engine 0
+  // (started before it) is stopped and gone: its directory is free at
+  // once. (Before, only engine 0 opened on the caller: the balancer
+  // started engine 1, which failed, was restarted and finally given up,
+  // while node::start reported success.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  const auto open = actors::disk_tier_per_engine(disk_config(dir.path()));
+  auto c = disk_node(dir.path());
+  c.engines = 2;
+  {
+    auto holder = open(1);
+    ASSERT_TRUE(holder.has_value()) << holder.error().describe();
+    auto bad = node::start(*sys_, c);
+    ASSERT_FALSE(bad.has_value()) << "engine 1's directory is locked";
+    EXPECT_EQ(bad.error().code, errc::busy) << bad.error().describe();
+    EXPECT_NE(bad.error().message.find("engine 1 did not start"),
+              std::string::npos)
+        << bad.error().message;
+    EXPECT_NE(bad.error().message.find(dir.path() + "/engine-1"),
+              std::string::npos)
+        << bad.error().message;
+    auto engine0 = open(0);
+    EXPECT_TRUE(engine0.has_value())
+        << "engine 0 still holds its directory: " << engine0.error().describe();
+  }
+  // The lock is gone: the same configuration starts both engines.
+  auto good = node::start(*sys_, c);
+  ASSERT_TRUE(good.has_value()) << good.error().describe();
+  auto st = (*good)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->live, 2U);
+  ASSERT_TRUE((*good)->stop());
+}
+
 TEST_F(Node, PersistWritesEveryEngineEvenWhenOneOfThemFails) {
   // Engine 0's disk cannot finish in time (its I/O thread is held): its
   // persist fails. Engine 1's blocks are written all the same, and the
