@@ -485,14 +485,16 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
       first =
           error{e.code, "engine " + std::to_string(slot) + ": " + e.message};
   };
+  // Every slot's engine, a draining one too (the scaler retires it: it
+  // takes no new requests but holds its blocks until it stops, and `up`
+  // reads 0 for it). A slot with no engine (waiting for a restart, free)
+  // is errc::not_found: it holds nothing in memory.
   std::vector<std::pair<std::uint32_t, caf::actor>> engines;
   for (std::uint32_t slot = 0; slot < st->up.size(); ++slot) {
-    if (st->up[slot] == 0)
-      continue;
     auto engine = engine_at(slot, finding.left());
     if (engine) {
       engines.emplace_back(slot, std::move(*engine));
-    } else if (engine.error().code != errc::not_found) { // not stopped since
+    } else if (engine.error().code != errc::not_found) {
       ++asked;
       fail(slot, engine.error());
     }

@@ -137,7 +137,7 @@ public:
   [[nodiscard]] result<actors::balancer_stats> stats();
   [[nodiscard]] result<actors::engine_stats> engine_stats(std::uint32_t slot);
 
-  /// Writes every live engine's cached blocks (memory and memory tier) to
+  /// Writes every engine's cached blocks (memory and memory tier) to
   /// its disk tier and waits for them, all engines at once, each at most
   /// `timeout` (finding the engines takes at most `call_timeout`, the wait
   /// for their answers at most `timeout` plus `call_timeout`, however many
@@ -145,8 +145,12 @@ public:
   /// started later on the same directories
   /// (`engine.make_disk` = actors::disk_tier_per_engine(...)) serves them.
   /// Returns how many cached blocks the disk tiers hold then, all engines
-  /// together. Engines down at the call (waiting for a restart) hold
-  /// nothing in memory and are skipped. An engine that fails does not stop
+  /// together. A draining engine (retired by the scaler, still answering
+  /// its last requests) is persisted like a live one; slots with no engine
+  /// at the call (waiting for a restart, free) hold nothing in memory and
+  /// are skipped. An engine that stops before it answers (one that failed,
+  /// or finished draining) counts as failed: what it held in memory is
+  /// gone. An engine that fails does not stop
   /// the others: each is asked. Errors: errc::invalid_argument for a
   /// timeout that is not positive or is above 24 hours, or when the
   /// engines have no disk tier; else the first failed engine's error

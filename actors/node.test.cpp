@@ -677,6 +677,47 @@ TEST_F(Node, PersistWritesEveryEngineEvenWhenOneOfThemFails) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, PersistWritesADrainingEngineToo) {
+  // Engine 1 is retired while a request waits in its batch (batches close
+  // only at their timeout, an hour): it drains, holding its blocks until
+  // that request is answered. persist() writes its block too. (Before, it
+  // asked only the engines stats() read as up, which a draining one is
+  // not, so engine 1's block was neither written nor counted.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = two_disk_engines(dir.path(), disk_config(dir.path()),
+                            disk_config(dir.path()));
+  c.balancer.routing.policy = actors::routing_policy::least_loaded;
+  c.engine.batch.close_when_idle = false;
+  c.engine.batch.timeout = std::chrono::hours{1};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_NO_FATAL_FAILURE(put_one_block_each(**n, 6000, 4));
+  // One request waits at each engine (least loaded: the second goes to
+  // engine 1), then the highest slot, engine 1, is retired. One sender,
+  // so the balancer reads them in this order.
+  caf::scoped_actor self{*sys_};
+  self->send((*n)->balancer(), actors::process_atom::value, chain(1));
+  self->send((*n)->balancer(), actors::process_atom::value, chain(2));
+  std::optional<std::uint32_t> live;
+  self->request((*n)->balancer(), caf::infinite, actors::retire_atom::value)
+      .receive([&](std::uint32_t x) { live = x; },
+               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  ASSERT_EQ(live, 1U);
+  auto st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  ASSERT_EQ(st->up.size(), 2U);
+  ASSERT_EQ(st->up[1], 0U) << "engine 1 drains";
+  ASSERT_EQ(st->in_flight[1], 1U) << "its request is still in its batch";
+  auto persisted = (*n)->persist(std::chrono::seconds(30));
+  ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
+  EXPECT_EQ(*persisted, 2U) << "engine 1's block was not persisted";
+  auto es = (*n)->engine_stats(1);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->disk_blocks, 1U);
+  ASSERT_TRUE((*n)->stop());
+}
+
 TEST_F(Node, AStartRefusedForItsConfigurationOpensNoDiskDirectory) {
   // A bad query-cache URL is found before any engine starts: engine 0 does
   // not open (and lock) its disk directory, so a start with the URL fixed
