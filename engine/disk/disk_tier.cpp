@@ -470,7 +470,7 @@ void disk_tier::reload() {
         // failed batch (the owner saw it go), or the older copy of a spill
         // that failed with it.
         if (d != dir_.end())
-          dir_.erase(d);
+          erase_dir_locked(d);
         orphans.push_back(key);
         continue;
       }
@@ -482,10 +482,9 @@ void disk_tier::reload() {
     // spilled in the failed batch, or a row dropped because its bytes are
     // gone.
     for (auto it = dir_.begin(); it != dir_.end();) {
-      if (it->second.info.stored && index_.count(it->first) == 0)
-        it = dir_.erase(it);
-      else
-        ++it;
+      const auto here = it++; // erasing `here` leaves `it` valid
+      if (here->second.info.stored && index_.count(here->first) == 0)
+        erase_dir_locked(here);
     }
   }
   for (const auto& key : orphans) {
@@ -526,7 +525,7 @@ void disk_tier::refuse_batch(std::vector<request>& batch,
       std::lock_guard lk(mu_);
       const auto d = dir_.find(r.key);
       if (d != dir_.end() && d->second.gen == r.gen)
-        dir_.erase(d);
+        erase_dir_locked(d);
       break;
     }
     case request::kind::fetch:
@@ -697,6 +696,41 @@ bool disk_tier::contains(const block_key& key) const {
   return dir_.count(key) != 0;
 }
 
+std::vector<block_key> disk_tier::keys() const {
+  std::lock_guard lk(mu_);
+  std::vector<block_key> out;
+  out.reserve(dir_.size());
+  for (const auto& [key, entry] : dir_)
+    out.push_back(key);
+  return out;
+}
+
+void disk_tier::record_removals(bool on) {
+  std::lock_guard lk(mu_);
+  record_removals_ = on;
+  if (!on)
+    removed_.clear();
+}
+
+std::size_t
+disk_tier::drain_removed(const std::function<void(const block_key&)>& fn) {
+  std::vector<block_key> got;
+  {
+    std::lock_guard lk(mu_);
+    got.swap(removed_);
+  }
+  for (const auto& key : got)
+    fn(key);
+  return got.size();
+}
+
+void disk_tier::erase_dir_locked(
+    std::unordered_map<block_key, dir_entry, block_key_hash>::iterator it) {
+  if (record_removals_)
+    removed_.push_back(it->first);
+  dir_.erase(it);
+}
+
 std::optional<disk_block_info> disk_tier::lookup(const block_key& key) const {
   std::lock_guard lk(mu_);
   const auto it = dir_.find(key);
@@ -711,7 +745,7 @@ result<void> disk_tier::erase(const block_key& key) {
   if (it == dir_.end())
     return make_error(errc::not_found,
                       "disk tier: block " + key.to_hex() + " is not on disk");
-  dir_.erase(it);
+  erase_dir_locked(it);
   request r;
   r.k = request::kind::erase;
   r.key = key;
@@ -1152,7 +1186,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
       std::lock_guard lk(mu_);
       const auto d = dir_.find(r.key);
       if (d != dir_.end() && d->second.gen == r.gen)
-        dir_.erase(d);
+        erase_dir_locked(d);
     }
     c.status = unexpected<error>(std::move(e));
   };
@@ -1564,7 +1598,7 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
         if (d != dir_.end() && d->second.gen == it->second.gen) {
           if (d->second.info.pins > 0)
             continue;
-          dir_.erase(d);
+          erase_dir_locked(d);
         }
       }
       if (config_.on_evict_for_testing)
@@ -1791,7 +1825,7 @@ void disk_tier::remove_block(const block_key& key, removal why) {
     std::lock_guard lk(mu_);
     const auto d = dir_.find(key);
     if (d != dir_.end() && d->second.gen == loc.gen)
-      dir_.erase(d);
+      erase_dir_locked(d);
   }
 }
 

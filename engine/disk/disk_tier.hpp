@@ -20,7 +20,8 @@
 ///
 /// Why a mutex: the owner and the I/O thread share the request queue, the
 /// completion queue, the block directory (so contains() answers without
-/// I/O) and the published statistics. One mutex guards all four; neither
+/// I/O) with the keys that left it (record_removals) and the published
+/// statistics. One mutex guards them all; neither
 /// thread holds it during I/O or while calling back into user code, and no
 /// other lock is taken while it is held.
 ///
@@ -340,6 +341,21 @@ public:
 
   /// Whether the block is on disk or its spill is pending. No I/O.
   [[nodiscard]] bool contains(const block_key& key) const;
+  /// Every key on disk or whose spill is pending, in no particular order
+  /// (e.g. to report what a reopened tier recovered). No I/O; O(blocks).
+  [[nodiscard]] std::vector<block_key> keys() const;
+  /// Starts (or stops, dropping what was kept) recording the keys that
+  /// leave the directory, for drain_removed(): evicted for capacity,
+  /// expired, dropped as corrupt, a spill that failed or was refused
+  /// after it was queued, erased, or dropped when a failed batch was
+  /// reloaded. Off by default, so a tier whose owner never drains keeps
+  /// nothing; on, it keeps one key per removal until the next drain.
+  void record_removals(bool on);
+  /// Moves the keys recorded since the last call to `fn`, in the order
+  /// they left, on the calling thread; returns how many. A key may come
+  /// more than once, and may be in the directory again (spilled since):
+  /// check contains().
+  std::size_t drain_removed(const std::function<void(const block_key&)>& fn);
   [[nodiscard]] std::optional<disk_block_info>
   lookup(const block_key& key) const;
 
@@ -493,6 +509,10 @@ private:
   /// Clears full_ and logs why. Caller holds mu_.
   void accept_spills_again_locked(const std::string& why);
   void publish_locked();
+  /// Erases `it` from dir_, recording its key when record_removals is on.
+  /// Caller holds mu_.
+  void erase_dir_locked(
+      std::unordered_map<block_key, dir_entry, block_key_hash>::iterator it);
   [[nodiscard]] std::int64_t now_ns() const noexcept {
     return clock_->now().count();
   }
@@ -509,6 +529,8 @@ private:
   std::deque<request> queue_;
   std::vector<disk_completion> done_;
   std::unordered_map<block_key, dir_entry, block_key_hash> dir_;
+  bool record_removals_ = false;
+  std::vector<block_key> removed_; ///< for drain_removed()
   disk_tier_stats published_;
   std::uint64_t next_request_ = 1;
   std::uint64_t next_gen_ = 1;

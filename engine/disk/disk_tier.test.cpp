@@ -503,6 +503,64 @@ TEST_F(disk_tier_test,
   }
 }
 
+TEST_F(disk_tier_test, keys_that_leave_are_recorded_for_the_owner_when_asked) {
+  // An owner that mirrors what the tier holds (an engine feeding a routing
+  // index) learns of every key that leaves the directory, whoever removed
+  // it: an erase, an expiry, a spill that failed after it was queued,
+  // capacity eviction. Nothing is kept unless it asked.
+  auto c = config_with_segments_of(4);
+  c.capacity_bytes = 4 * (segment_header_bytes + 4 * rec); // 16 blocks
+  c.low_watermark = 0.75;
+  open(c);
+  const auto drained = [&] {
+    std::vector<block_key> out;
+    tier_->drain_removed([&](const block_key& k) { out.push_back(k); });
+    return out;
+  };
+  spill(0);
+  spill(1, 4096, false, nanos{5'000'000});
+  spill(2);
+  settle();
+  ASSERT_TRUE(tier_->erase(key_of(0)).has_value());
+  EXPECT_TRUE(drained().empty()) << "not asked: nothing kept";
+
+  tier_->record_removals(true);
+  ASSERT_TRUE(tier_->erase(key_of(2)).has_value());
+  tier_->expire(nanos{6'000'000});
+  const auto bytes = block_bytes(3, 4096);
+  ASSERT_TRUE(tier_
+                  ->spill(key_of(3), ns_a, codec::none, bytes,
+                          block_checksum(bytes) ^ 1, clock_.now(), nanos{0},
+                          false)
+                  .has_value());
+  settle();
+  EXPECT_EQ(drained(),
+            (std::vector<block_key>{key_of(2), key_of(1), key_of(3)}));
+  EXPECT_TRUE(drained().empty()) << "each removal is handed over once";
+
+  for (std::uint64_t i = 10; i < 40; ++i) {
+    clock_.advance(nanos{1000});
+    spill(i);
+    settle();
+  }
+  const auto evicted = drained();
+  EXPECT_EQ(evicted.size(), tier_->stats().evictions);
+  EXPECT_FALSE(evicted.empty());
+  for (const auto& k : evicted) {
+    EXPECT_FALSE(tier_->contains(k)) << k.to_hex();
+  }
+  // keys() lists exactly what is left.
+  auto left = tier_->keys();
+  EXPECT_EQ(left.size(), tier_->stats().blocks);
+  for (const auto& k : left) {
+    EXPECT_TRUE(tier_->contains(k)) << k.to_hex();
+  }
+
+  tier_->record_removals(false);
+  ASSERT_TRUE(tier_->erase(key_of(39)).has_value());
+  EXPECT_TRUE(drained().empty()) << "stopped: nothing kept";
+}
+
 TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
   auto c = config_with_segments_of(2);
   c.capacity_bytes = 2 * (segment_header_bytes + 2 * rec);
