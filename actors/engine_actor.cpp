@@ -97,12 +97,30 @@ caf::result<bool> lift_void(const result<void>& r) {
   return true;
 }
 
-/// Sends the listeners what the store reported since the last call: each
-/// key once, as its last event left it (a block evicted and stored again
-/// in between is reported stored), in the order of those last events.
+/// Whether the engine still holds `key` though an event said it left:
+/// with a disk tier, a block evicted from memory that was spilled (or
+/// whose spill is still queued) is on disk, and a block the disk tier
+/// dropped may be in memory or the memory tier. Without one, an event
+/// says it all.
+bool still_held(engine_state& st, const engine::block_key& key) {
+  const auto* disk = st.store->disk();
+  return disk != nullptr &&
+         (disk->contains(key) || st.store->contains(st.ns, key) ||
+          st.store->in_tier(st.ns, key));
+}
+
+/// Sends the listeners what the store (and its disk tier) reported since
+/// the last call: each key once, as its last event left it (a block evicted
+/// and stored again in between is reported stored), in the order of those
+/// last events. A key the engine still holds (still_held: on disk) is
+/// reported stored, not evicted: a request would find it there.
 void publish(engine_actor* self) {
   auto& st = self->state;
   auto& log = st.log->events;
+  if (auto* disk = st.store->disk(); disk != nullptr && st.log->recording)
+    disk->drain_removed([&](const engine::block_key& key) {
+      log.emplace_back(key, engine::block_event::removed);
+    });
   if (log.empty())
     return;
   block_events out;
@@ -110,7 +128,9 @@ void publish(engine_actor* self) {
   st.seen.clear();
   for (auto it = log.rbegin(); it != log.rend(); ++it)
     if (st.seen.insert(it->first).second)
-      (it->second == engine::block_event::stored ? out.stored : out.evicted)
+      (it->second == engine::block_event::stored || still_held(st, it->first)
+           ? out.stored
+           : out.evicted)
           .push_back(it->first);
   log.clear();
   std::reverse(out.stored.begin(), out.stored.end());
@@ -454,9 +474,21 @@ caf::behavior engine_behavior(engine_actor* self,
           close_batch(self);
       },
       [=](listen_atom, const caf::actor& listener) {
-        if (listener) {
-          self->state.listeners.push_back(listener);
-          self->state.log->recording = true;
+        if (!listener)
+          return;
+        auto& s = self->state;
+        s.listeners.push_back(listener);
+        s.log->recording = true;
+        // With a disk tier, the listener learns what the engine holds
+        // there (at its start: what it recovered from its directory), and
+        // from now on what leaves it.
+        if (auto* disk = s.store->disk()) {
+          disk->record_removals(true);
+          block_events held;
+          held.engine = s.config.slot;
+          held.stored = disk->keys();
+          if (!held.stored.empty())
+            self->send(listener, std::move(held));
         }
       },
   };

@@ -27,7 +27,8 @@
 ///       (block_store::persist: a clean shutdown; needs a disk tier)
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no
 ///       reply); one below what is queued closes the batch at once
-///   (listen_atom, actor)              subscribe to block_events (no reply)
+///   (listen_atom, actor)              subscribe to block_events (no reply;
+///       with a disk tier the first one stores every key on disk)
 /// Engine errors come back as caf::error (caf_error.hpp), converted once.
 /// A request (process, batch) or put (reserve) whose priority is not one of
 /// engine::priority's five is errc::invalid_argument: it would outrank
@@ -49,7 +50,13 @@
 /// the last one (engine::store_config::on_block_event: computed, put or
 /// promoted from disk; evicted, expired or dropped as corrupt; a block in
 /// the memory tier is still the engine's), each key once as its last event
-/// left it. The cost is per event, not per block held.
+/// left it. The cost is per event, not per block held. With a disk tier a
+/// block on disk is the engine's too: one evicted from memory that is on
+/// disk (or on its way there) is reported stored, one the disk tier drops
+/// (its capacity eviction, expiry, a corrupt block, a failed spill) is
+/// reported evicted unless memory or the memory tier has it, and a new
+/// listener first gets one block_events storing every key on disk (what
+/// the engine recovered at its start). actors/README.md, "Block events".
 ///
 /// Memory manager: after each batch and each committed put, usage above
 /// `pressure.threshold` (0.9) of the pool evicts down to `pressure.target`,

@@ -718,6 +718,113 @@ TEST_F(Node, PersistWritesADrainingEngineToo) {
   ASSERT_TRUE((*n)->stop());
 }
 
+/// The number of keys in the balancer's routing index, once it has read
+/// every block event engine `slot` sent so far: engine_stats goes to the
+/// engine (which publishes first) and its answer comes after those events,
+/// which reach the balancer before the stats call that follows.
+std::uint64_t index_keys_after_events_of(node& n, std::uint32_t slot) {
+  auto es = n.engine_stats(slot);
+  EXPECT_TRUE(es.has_value()) << es.error().describe();
+  auto st = n.stats();
+  EXPECT_TRUE(st.has_value()) << st.error().describe();
+  return st ? st->index_keys : 0;
+}
+
+TEST_F(Node, TheRoutingIndexKeepsSpilledAndRecoveredBlocks) {
+  // 400 blocks, memory for 64: the rest is spilled to the engine's disk,
+  // from where a request is still served. The index keeps all 400 as the
+  // engine's, and a node started on the same directory has them in its
+  // index at once. (Before, a spill was reported as an eviction, so the
+  // index held only what was in memory, and recovered blocks were never
+  // reported: 0.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  {
+    auto n = node::start(*sys_, disk_node(dir.path()));
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    for (std::uint64_t id = 1; id <= 100; ++id) {
+      auto r = (*n)->process_request(chain(id));
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+    }
+    EXPECT_EQ(index_keys_after_events_of(**n, 0), 400U);
+    ASSERT_TRUE((*n)->persist(std::chrono::seconds(30)).has_value());
+    ASSERT_TRUE((*n)->stop());
+  }
+  auto n = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  EXPECT_EQ(index_keys_after_events_of(**n, 0), 400U);
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, ARecoveredPrefixIsRoutedToTheEngineWhoseDiskHoldsIt) {
+  // A chain of four blocks put on engine 1 and persisted. On the next
+  // start, kv-aware routing sends the chain's request to engine 1, which
+  // serves it from disk. (Before, the index did not know recovered blocks:
+  // the request went to engine 0, the least loaded by slot order, which
+  // computed all four.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  c.engines = 2;
+  const auto request = chain(9);
+  {
+    auto n = node::start(*sys_, c);
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    block_key parent{};
+    for (const auto& key : request.keys) {
+      actors::put_request p;
+      p.key = key;
+      p.parent = parent;
+      auto put = (*n)->put_block(1, p, std::vector<std::uint8_t>(4096, 6));
+      ASSERT_TRUE(put.has_value()) << put.error().describe();
+      parent = key;
+    }
+    auto persisted = (*n)->persist(std::chrono::seconds(30));
+    ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
+    ASSERT_EQ(*persisted, 4U);
+    ASSERT_TRUE((*n)->stop());
+  }
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_EQ(index_keys_after_events_of(**n, 1), 4U);
+  auto r = (*n)->process_request(request);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->engine, 1U);
+  EXPECT_EQ(r->matched_blocks, 4U);
+  EXPECT_EQ(r->computed_blocks, 0U);
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, BlocksTheDiskTierDropsLeaveTheRoutingIndex) {
+  // The disk holds about 250 of the 400 blocks: it evicts the oldest for
+  // the newer spills. Those leave the index too, so after persist() (the
+  // disk is idle) the index holds exactly what the engine holds: its
+  // blocks on disk and those only in memory. (Reporting spilled blocks as
+  // held without reporting the disk's own evictions would keep all 400.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  auto disk = disk_config(dir.path());
+  disk.capacity_bytes = 1u << 20;
+  disk.segment_bytes = 128u << 10;
+  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  for (std::uint64_t id = 1; id <= 100; ++id) {
+    auto r = (*n)->process_request(chain(id));
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+  }
+  auto persisted = (*n)->persist(std::chrono::seconds(30));
+  ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  ASSERT_LT(es->disk_blocks + es->blocks, 400U) << "the disk evicted nothing";
+  // In memory and on disk, counted once.
+  const auto held = es->disk_blocks + es->blocks - *persisted;
+  EXPECT_EQ(index_keys_after_events_of(**n, 0), held);
+  ASSERT_TRUE((*n)->stop());
+}
+
 TEST_F(Node, AStartRefusedForItsConfigurationOpensNoDiskDirectory) {
   // A bad query-cache URL is found before any engine starts: engine 0 does
   // not open (and lock) its disk directory, so a start with the URL fixed
