@@ -58,6 +58,15 @@ unexpected<error> not_our_put(const void* owner) {
                         : "put handle belongs to another store");
 }
 
+/// The options a parent brought back for a put is promoted with: the put's
+/// priority and partition; the codec, TTL and pin come from its disk copy.
+put_options for_parent_of(const put_options& put) {
+  put_options o;
+  o.prio = put.prio;
+  o.request_tokens = put.request_tokens;
+  return o;
+}
+
 std::string ns_name(std::uint16_t id) {
   return "namespace #" + std::to_string(id);
 }
@@ -112,6 +121,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     written_ = other.written_;
     pin_ = other.pin_;
     prio_ = other.prio_;
+    parent_ = other.parent_;
     other.store_ = nullptr;
     other.phase_ = phase::none;
   }
@@ -400,6 +410,8 @@ block_store::acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
     const std::uint32_t id = find_visible(ns, key, start);
     if (id == npos)
       break;
+    if (entries_[id].parent_unknown && !out.empty())
+      adopt(id, out.back().key()); // the request names its parent
     raise_priority(id, p);
     touch(id);
     ++entries_[id].leases;
@@ -419,7 +431,8 @@ result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
     return unexpected<error>(st.error());
   }
   std::uint32_t id = find_visible(ns, key, now());
-  if (id == npos && promote_key_from_tier(ns, key))
+  if (id == npos && (promote_key_from_tier(ns, key) ||
+                     promote_key_from_disk(ns, key, put_options{})))
     id = find_visible(ns, key, now());
   if (id == npos)
     return make_error(errc::not_found,
@@ -629,6 +642,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       h.duplicate_ = true;
       h.pin_ = options.pin;
       h.prio_ = options.prio;
+      h.parent_ = parent;
       h.started_ = start.count();
       ++stats_.reserves;
       return h;
@@ -660,9 +674,14 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   std::uint32_t pid = npos;
   if (!parent.is_null()) {
     pid = index_.find(parent);
-    // lookup() counts a prefix in the memory tier as cached, so a host
-    // extends it: bring the parent back with its chain, as acquire() does.
-    if (pid == npos && promote_key_from_tier(ns, parent))
+    // lookup() counts a prefix in the memory tier as cached (the engine
+    // actor's, one on disk too), so a host extends it: bring the parent
+    // back, as acquire() does (from disk alone: see promote_key_from_disk),
+    // at the put's priority and in its partition (its codec, TTL and pin
+    // are its own).
+    if (pid == npos &&
+        (promote_key_from_tier(ns, parent) ||
+         promote_key_from_disk(ns, parent, for_parent_of(options))))
       pid = index_.find(parent);
     if (pid == npos || entries_[pid].state == entry_state::free ||
         entries_[pid].dead || entries_[pid].ns != ns.value) {
@@ -835,6 +854,7 @@ result<void> block_store::commit(put_handle& h) {
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
     ++stats_.duplicate_puts;
+    adopt(h.id_, h.parent_);
     raise_priority(h.id_, h.prio_);
     touch(h.id_);
     if (h.pin_)
@@ -1175,7 +1195,8 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
   if (auto st = check_ns(ns); !st)
     return unexpected<error>(st.error());
   std::uint32_t id = find_visible(ns, key, now());
-  if (id == npos && promote_key_from_tier(ns, key))
+  if (id == npos && (promote_key_from_tier(ns, key) ||
+                     promote_key_from_disk(ns, key, put_options{})))
     id = find_visible(ns, key, now());
   if (id == npos)
     return make_error(errc::not_found,
@@ -1192,9 +1213,18 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
     return unexpected<error>(st.error());
   const std::uint32_t id = index_.find(key);
   if (id == npos || entries_[id].state != entry_state::committed ||
-      entries_[id].ns != ns.value)
+      entries_[id].ns != ns.value) {
+    // Only on disk (pinned there before a restart, say): unpinning needs no
+    // bytes, so its copy is unpinned where it is.
+    if (disk_prefix(namespaces_[ns.value], {&key, 1}) == 1) {
+      if (disk_->lookup(key)->pins == 0)
+        return make_error(errc::invalid_argument,
+                          "block " + key.to_hex() + " is not pinned");
+      return disk_->unpin(key);
+    }
     return make_error(errc::not_found,
                       "block " + key.to_hex() + " is not cached");
+  }
   if (entries_[id].pins == 0)
     return make_error(errc::invalid_argument,
                       "block " + key.to_hex() + " is not pinned");
@@ -1775,11 +1805,7 @@ void block_store::drain_disk() {
     std::size_t ok_until = done;
     for (; ok_until < end; ++ok_until) {
       promotion& p = pending_promotions_[ok_until];
-      const bool ok =
-          (p.handle.already_cached() || p.checksum) && land(p) &&
-          mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
-          commit(p.handle).has_value();
-      if (!ok)
+      if (!finish_promotion(p))
         break;
       if (!p.handle.already_cached())
         ++stats_.disk_block_hits;
@@ -1817,20 +1843,12 @@ std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
   issue_promotions(ns, keys, parent, options, promote_batch_);
   if (promote_batch_.empty())
     return 0;
-  // The I/O thread reads into the reserved slots: they must not be touched,
-  // or freed, until it has answered, however long a sick disk takes.
-  while (!disk_->wait_idle(std::chrono::seconds(30)))
-    std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
-                         "still waiting for a promotion\n");
-  drain_disk();
+  await_promote_batch();
   std::size_t hits = 0;
   bool contiguous = true;
   for (promotion& p : promote_batch_) {
     put_handle& h = p.handle;
-    bool ok = false;
-    if (h.already_cached() || p.checksum)
-      ok = land(p) && mark_written(h, p.checksum.value_or(0)).has_value() &&
-           commit(h).has_value();
+    const bool ok = finish_promotion(p);
     if (!ok && !h.already_cached()) {
       // Missing or damaged on disk: compute it, never serve it wrong.
       ++stats_.promotion_failures;
@@ -1845,6 +1863,70 @@ std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
   stats_.disk_block_hits += hits;
   abort_in_reverse(promote_batch_); // what a break above left open
   return hits;
+}
+
+void block_store::await_promote_batch() {
+  // The I/O thread reads into the reserved slots: they must not be touched,
+  // or freed, until it has answered, however long a sick disk takes.
+  while (!disk_->wait_idle(std::chrono::seconds(30)))
+    std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
+                         "still waiting for a promotion\n");
+  drain_disk();
+}
+
+bool block_store::finish_promotion(promotion& p) {
+  return (p.handle.already_cached() || p.checksum) && land(p) &&
+         mark_written(p.handle, p.checksum.value_or(0)).has_value() &&
+         commit(p.handle).has_value();
+}
+
+bool block_store::promote_key_from_disk(ns_id ns, const block_key& key,
+                                        const put_options& options) {
+  // Inside process()'s promotion (promote_batch_ in use) its own puts
+  // never need it: their parents are in memory or reserved.
+  if (!disk_ || !promote_batch_.empty())
+    return false;
+  const std::span<const block_key> one(&key, 1);
+  if (disk_prefix(namespaces_[ns.value], one) == 0)
+    return false;
+  // Its put is the store's own: the asking call counts its own failure.
+  const nested_scope nested(*this);
+  // No parent: the disk tier does not know it. The block comes back as a
+  // root, so nothing in memory depends on a parent that may not be there,
+  // and adopt() links it once a put names its parent.
+  issue_promotions(ns, one, block_key{}, options, promote_batch_);
+  if (promote_batch_.empty())
+    return false; // no room, or a put of the key is open
+  await_promote_batch();
+  promotion& p = promote_batch_.front();
+  const bool ok = finish_promotion(p);
+  if (!ok) {
+    ++stats_.promotion_failures; // missing or damaged on disk: not served
+  } else if (!p.handle.already_cached()) {
+    ++stats_.disk_block_hits;
+    entries_[p.handle.id_].parent_unknown = true;
+  }
+  abort_in_reverse(promote_batch_); // a failed one is still open
+  return ok;
+}
+
+void block_store::adopt(std::uint32_t id, const block_key& parent) {
+  entry& e = entries_[id];
+  if (!e.parent_unknown || parent.is_null() || e.leases > 0)
+    return;
+  const std::uint32_t pid = index_.find(parent);
+  if (pid == npos || entries_[pid].state != entry_state::committed ||
+      entries_[pid].dead || entries_[pid].ns != e.ns)
+    return;
+  // A put naming a wrong parent must not close a cycle: the chain above
+  // `parent` would then never become evictable.
+  for (std::uint32_t a = pid; a != npos; a = entries_[a].parent)
+    if (a == id)
+      return;
+  e.parent = pid;
+  e.parent_unknown = false;
+  ++entries_[pid].children; // not a leaf any more: eviction takes `id` first
+  refresh_evictable(pid);
 }
 
 result<std::size_t> block_store::promote(ns_id ns,

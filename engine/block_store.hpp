@@ -38,6 +38,16 @@
 /// fails on disk is recomputed instead, never returned wrong. Pinned blocks
 /// are written through to disk with their pin, so pins survive a restart;
 /// persist() writes every cached block for a clean shutdown.
+/// The block calls reach the disk too: acquire() and pin() of a block only
+/// on disk, and reserve() of a block whose parent is only there (lookup()
+/// callers count disk blocks as cached and extend them), bring that one
+/// block back and wait for the read. The disk tier does not record a
+/// block's parent, so it comes back as a chain root (a block in memory
+/// needs its parent in memory, and this one's is unknown): it is evictable
+/// on its own, leaf-first as ever. The first put or promotion that names
+/// its parent (process() walking the chain, a host's put of the same
+/// block) links it under that parent, so a chain brought back later is
+/// whole again and is evicted leaf-first from its end.
 ///
 /// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
 /// host memory under a device arena. demote_to_tier() (the GPU memory
@@ -215,6 +225,9 @@ private:
   bool pin_ = false; ///< duplicate put with pin: pin the cached block
   /// Duplicate put: its priority, which the cached block takes if higher.
   priority prio_ = priority::background;
+  /// Duplicate put: the parent it names, which a block brought back from
+  /// disk alone is linked under at the commit (block_store::adopt()).
+  block_key parent_{};
 };
 
 /// What process() did with one request.
@@ -263,7 +276,9 @@ public:
   acquire_prefix(ns_id ns, std::span<const block_key> keys,
                  std::vector<read_lease>& out);
   /// Lease of one cached block (brought back from the memory tier when it
-  /// is there); errc::not_found when absent.
+  /// is there, or read back from the disk tier when only there: see the
+  /// class comment); errc::not_found when absent. A block damaged on disk
+  /// is leased like any other and caught by read(), which verifies it.
   [[nodiscard]] result<read_lease> acquire(ns_id ns, const block_key& key);
 
   /// Codec and stored size of a leased block; errc::invalid_handle for an
@@ -283,7 +298,8 @@ public:
   /// Phase one of a put: claims space for block `key` whose parent is
   /// `parent` (null for the first block of a chain). The parent must be
   /// cached or reserved in the same namespace (errc::not_found otherwise);
-  /// a parent in the memory tier is brought back with its chain.
+  /// a parent in the memory tier is brought back with its chain, one only
+  /// on disk alone (waiting for its read; see the class comment).
   /// errc::busy when another put of the key is open.
   [[nodiscard]] result<put_handle> reserve(ns_id ns, const block_key& key,
                                            const block_key& parent,
@@ -408,7 +424,10 @@ public:
 
   /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
   /// tier a pinned block is written through to disk with its pin. Pinning a
-  /// block in the memory tier brings it back first.
+  /// block in the memory tier brings it back first, and so does pinning one
+  /// only on disk (it waits for the read), so a pinned block is always in
+  /// memory. Unpinning a block only on disk (pinned there before a restart)
+  /// unpins its disk copy.
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
 
@@ -572,6 +591,23 @@ private:
   std::size_t promote_now(ns_id ns, std::span<const block_key> keys,
                           const block_key& parent, kv_producer& producer,
                           const put_options& options);
+  /// Waits until the disk tier has answered every read of promote_batch_
+  /// (the reads go into its reserved slots), then collects the answers.
+  void await_promote_batch();
+  /// Lands and commits an answered promotion; false when it failed on disk
+  /// (missing, damaged header) or could not be committed.
+  [[nodiscard]] bool finish_promotion(promotion& p);
+  /// Brings `key`, found only on disk, back into memory as a chain root
+  /// marked parent_unknown, and waits for it; true when it is in memory
+  /// now. acquire(), pin() and reserve() (a parent) use it; false at once
+  /// without a disk tier, or inside process()'s own promotion.
+  bool promote_key_from_disk(ns_id ns, const block_key& key,
+                             const put_options& options);
+  /// Links block `id`, brought back from disk without its parent, under
+  /// `parent` when that is a visible block of its namespace (and not its
+  /// own descendant): a duplicate put's commit calls it. A block held by a
+  /// lease (a reader, a demotion in flight) waits for a later put.
+  void adopt(std::uint32_t id, const block_key& parent);
   [[nodiscard]] result<void> mark_written(put_handle& h,
                                           std::uint64_t checksum);
   [[nodiscard]] const clock_source& disk_clock() const noexcept;

@@ -133,6 +133,39 @@ protected:
     testing::expect_produced_bytes(*store_, ns_, spec(), producer_, k);
   }
 
+  /// Runs other requests until the blocks cached before have left memory
+  /// for the disk (20 blocks of memory, 40 blocks of requests).
+  void push_out_to_disk() {
+    for (std::uint64_t i = 0; i < 10; ++i)
+      run(chain(1000 * (i + 1), 4));
+  }
+
+  /// Flips one byte of every segment file, `offset` bytes into it; false
+  /// when there is no segment file.
+  [[nodiscard]] bool flip_byte_in_segments(std::streamoff offset) const {
+    bool flipped = false;
+    for (const auto& e : fs::directory_iterator(dir_)) {
+      if (e.path().extension() != ".kvs")
+        continue;
+      std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
+      f.seekg(offset);
+      char c = 0;
+      f.read(&c, 1);
+      c = static_cast<char>(c ^ 0x5a);
+      f.seekp(offset);
+      f.write(&c, 1);
+      flipped = true;
+    }
+    return flipped;
+  }
+
+  /// Offset in a segment file of the payload of its `n`th record (from 0)
+  /// of one uncompressed block: records are appended in commit order, an
+  /// 80-byte header, then the payload, after the 32-byte file header.
+  static std::streamoff payload_of_record(std::streamoff n) {
+    return 32 + n * (80 + std::streamoff{block_bytes}) + 80;
+  }
+
   std::string dir_;
   synthetic_producer producer_;
   std::unique_ptr<block_store> store_;
@@ -253,22 +286,7 @@ TEST_F(store_disk_test, a_block_damaged_on_disk_is_caught_at_its_first_read) {
   ASSERT_TRUE(store_->persist().has_value());
   open();
   // Damage the second block's payload only.
-  bool damaged = false;
-  for (const auto& e : fs::directory_iterator(dir_)) {
-    if (e.path().extension() != ".kvs")
-      continue;
-    // Records are appended in commit order: header 80 bytes, then payload.
-    std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
-    const std::streamoff second_payload = 32 + (80 + 4096) + 80 + 100;
-    f.seekg(second_payload);
-    char c = 0;
-    f.read(&c, 1);
-    c = static_cast<char>(c ^ 0x5a);
-    f.seekp(second_payload);
-    f.write(&c, 1);
-    damaged = true;
-  }
-  ASSERT_TRUE(damaged);
+  ASSERT_TRUE(flip_byte_in_segments(payload_of_record(1) + 100));
   // Promotion copies without hashing; every read verifies.
   ASSERT_EQ(*store_->promote(ns_, a), 4U);
   ASSERT_TRUE(store_->disk()->wait_idle());
@@ -297,6 +315,152 @@ TEST_F(store_disk_test, a_block_damaged_on_disk_is_caught_at_its_first_read) {
   EXPECT_EQ(r.computed_blocks, 3U);
   for (const auto& k : a)
     expect_correct(k);
+}
+
+TEST_F(store_disk_test, acquire_reads_back_a_block_that_is_only_on_disk) {
+  const auto a = chain(1, 4);
+  run(a);
+  push_out_to_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[2]));
+  ASSERT_TRUE(store_->disk()->contains(a[2]));
+  // Before, errc::not_found: acquire() saw memory and the memory tier only,
+  // so a host could look a block up (lookup counts disk) and not get it.
+  auto lease = store_->acquire(ns_, a[2]);
+  ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+  std::vector<std::byte> got(block_bytes);
+  std::vector<std::byte> want(block_bytes);
+  ASSERT_TRUE(store_->read(*lease, got).has_value());
+  ASSERT_TRUE(producer_.produce(spec(), a[2], want).has_value());
+  EXPECT_EQ(got, want);
+  lease->release();
+  EXPECT_EQ(store_->stats().disk_block_hits, 1U);
+  store_->check_invariants();
+  // It came back alone (the disk tier does not know its parent): the rest
+  // of the chain is still only on disk, where a request finds it.
+  EXPECT_FALSE(store_->contains(ns_, a[1]));
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 4U);
+  EXPECT_EQ(r.computed_blocks, 0U);
+  for (const auto& k : a)
+    expect_correct(k);
+  // That request linked it under its parent: with the leaf pinned, the
+  // whole chain is held and stays a prefix in memory.
+  ASSERT_TRUE(store_->pin(ns_, a[3]).has_value());
+  store_->evict_bytes(std::size_t{1} << 30);
+  store_->check_invariants();
+  EXPECT_EQ(*store_->lookup(ns_, a), 4U);
+  EXPECT_EQ(store_->block_count(), 4U);
+}
+
+TEST_F(store_disk_test, a_block_damaged_on_disk_is_never_served_by_acquire) {
+  const auto a = chain(1, 4);
+  run(a);
+  ASSERT_TRUE(store_->persist().has_value());
+  open(); // a restart: every block is only on disk
+  ASSERT_TRUE(flip_byte_in_segments(payload_of_record(1) + 100));
+  auto lease = store_->acquire(ns_, a[1]);
+  ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+  std::vector<std::byte> out(block_bytes, std::byte{1});
+  const auto r = store_->read(*lease, out);
+  ASSERT_FALSE(r.has_value()) << "damaged bytes were served";
+  EXPECT_EQ(r.error().code, errc::checksum_mismatch);
+  EXPECT_EQ(std::count(out.begin(), out.end(), std::byte{0}),
+            static_cast<std::ptrdiff_t>(block_bytes));
+  lease->release();
+  EXPECT_EQ(store_->stats().checksum_failures, 1U);
+  store_->check_invariants();
+  // Dropped from memory and from disk: asked again, it is not there.
+  EXPECT_FALSE(store_->contains(ns_, a[1]));
+  EXPECT_FALSE(store_->disk()->contains(a[1]));
+  const auto again = store_->acquire(ns_, a[1]);
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code, errc::not_found);
+  // Its neighbours on disk were not damaged and are served.
+  expect_correct(a[0]);
+  expect_correct(a[2]);
+  store_->check_invariants();
+}
+
+TEST_F(store_disk_test, pin_and_unpin_reach_a_block_that_is_only_on_disk) {
+  const auto a = chain(1, 3);
+  run(a);
+  push_out_to_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[1]));
+  // Before, errc::not_found. A pinned block is brought back (a pin keeps a
+  // block in memory) and its disk copy is pinned too.
+  ASSERT_TRUE(store_->pin(ns_, a[1]).has_value());
+  EXPECT_TRUE(store_->contains(ns_, a[1]));
+  EXPECT_EQ(store_->disk()->lookup(a[1])->pins, 1U);
+  store_->evict_bytes(std::size_t{1} << 30);
+  store_->check_invariants();
+  EXPECT_TRUE(store_->contains(ns_, a[1]));
+  expect_correct(a[1]);
+  // A block pinned only on disk (pinned before a restart) is unpinned
+  // there, once: it was pinned once.
+  ASSERT_TRUE(store_->persist().has_value());
+  open();
+  ASSERT_FALSE(store_->contains(ns_, a[1]));
+  ASSERT_EQ(store_->disk()->lookup(a[1])->pins, 1U);
+  ASSERT_TRUE(store_->unpin(ns_, a[1]).has_value());
+  EXPECT_EQ(store_->disk()->lookup(a[1])->pins, 0U);
+  const auto twice = store_->unpin(ns_, a[1]);
+  ASSERT_FALSE(twice.has_value());
+  EXPECT_EQ(twice.error().code, errc::invalid_argument);
+  const auto unknown = store_->unpin(ns_, chain(77, 1)[0]);
+  ASSERT_FALSE(unknown.has_value());
+  EXPECT_EQ(unknown.error().code, errc::not_found);
+  store_->check_invariants();
+}
+
+TEST_F(store_disk_test, a_put_extends_a_prefix_that_is_only_on_disk) {
+  // The host's flow: lookup counts the prefix (disk included), then the
+  // host puts the next block, naming the last of the prefix as its parent.
+  const auto a = chain(1, 5);
+  const std::vector<block_key> prefix(a.begin(), a.begin() + 4);
+  run(prefix);
+  push_out_to_disk();
+  ASSERT_EQ(store_->lookup_tiers(ns_, prefix)->disk, 4U);
+  auto h = store_->reserve(ns_, a[4], a[3]);
+  // Before, errc::not_found: the parent was not in memory.
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  std::vector<std::byte> value(block_bytes);
+  ASSERT_TRUE(producer_.produce(spec(), a[4], value).has_value());
+  ASSERT_TRUE(store_->write(*h, value).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  store_->check_invariants();
+  EXPECT_TRUE(store_->contains(ns_, a[3])) << "the parent came back with it";
+  expect_correct(a[3]);
+  expect_correct(a[4]);
+  // A request for the chain brings the rest back and links the parent
+  // under it: pinned at its leaf, the whole chain stays.
+  run(a);
+  ASSERT_TRUE(store_->pin(ns_, a[4]).has_value());
+  store_->evict_bytes(std::size_t{1} << 30);
+  store_->check_invariants();
+  EXPECT_EQ(*store_->lookup(ns_, a), 5U);
+}
+
+TEST_F(store_disk_test, a_put_naming_a_wrong_parent_links_no_cycle) {
+  const auto a = chain(1, 2);
+  run(a);
+  push_out_to_disk();
+  ASSERT_TRUE(store_->acquire(ns_, a[1]).has_value()); // back alone
+  // A block put under a[1], then a[1] put again under that block: linking
+  // a[1] there would close a cycle that could never be evicted.
+  const block_key child = chain(500, 1)[0];
+  std::vector<std::byte> value(block_bytes);
+  for (const auto& [key, parent] :
+       {std::pair{child, a[1]}, std::pair{a[1], child}}) {
+    auto h = store_->reserve(ns_, key, parent);
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    ASSERT_TRUE(producer_.produce(spec(), key, value).has_value());
+    ASSERT_TRUE(store_->write(*h, value).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+    store_->check_invariants();
+  }
+  store_->evict_bytes(std::size_t{1} << 30);
+  store_->check_invariants();
+  EXPECT_EQ(store_->block_count(), 0U);
 }
 
 TEST_F(store_disk_test, memory_prefix_then_disk_rest) {

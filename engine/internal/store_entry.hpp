@@ -36,6 +36,9 @@ struct block_store::entry {
   bool flagged_evictable = false;
   bool in_recency = false;
   bool pin_on_commit = false;
+  /// Brought back from disk alone: a root until a put names its parent
+  /// (block_store::adopt()).
+  bool parent_unknown = false;
 };
 
 struct block_store::ns_state {
