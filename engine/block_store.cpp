@@ -1121,14 +1121,14 @@ result<process_result> block_store::process(ns_id ns,
   }
   if (disk_) {
     poll_disk();
-    const std::size_t on_disk = disk_prefix(**st_r, keys.subspan(next));
+    const std::size_t on_disk = disk_prefix(ns, keys.subspan(next));
     if (on_disk > 0) {
-      const std::size_t done =
+      const disk_promoted done =
           promote_now(ns, keys.subspan(next, on_disk), parent, producer, opts);
       // Blocks promoted count as hits up to the first that had to be
       // recomputed; all of them are cached now.
-      out.disk_blocks = done;
-      out.matched_blocks += done;
+      out.disk_blocks = done.from_disk;
+      out.matched_blocks += done.hits;
       for (std::size_t i = next; i < keys.size() && i < next + on_disk; ++i) {
         if (!contains(ns, keys[i]))
           break;
@@ -1216,8 +1216,11 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
       entries_[id].ns != ns.value) {
     // Only on disk (pinned there before a restart, say): unpinning needs no
     // bytes, so its copy is unpinned where it is.
-    if (disk_prefix(namespaces_[ns.value], {&key, 1}) == 1) {
-      if (disk_->lookup(key)->pins == 0)
+    const auto info =
+        disk_ ? usable_disk_copy(namespaces_[ns.value], key, disk_clock().now())
+              : std::nullopt;
+    if (info) {
+      if (info->pins == 0)
         return make_error(errc::invalid_argument,
                           "block " + key.to_hex() + " is not pinned");
       return disk_->unpin(key);
@@ -1694,21 +1697,30 @@ block_store::lasting_disk_copy(const block_key& key, std::uint64_t checksum,
   return std::nullopt;
 }
 
-std::size_t block_store::disk_prefix(const ns_state& st,
+std::optional<disk_block_info>
+block_store::usable_disk_copy(const ns_state& st, const block_key& key,
+                              nanos wall) const {
+  auto info = disk_->lookup(key);
+  if (!info || info->ns != st.fingerprint || !is_valid(info->c) ||
+      info->size != encoded_size(info->c, st.spec.elements_per_block()) ||
+      (info->expires_at.count() != 0 && info->expires_at <= wall))
+    return std::nullopt;
+  return info;
+}
+
+std::size_t block_store::disk_prefix(ns_id ns,
                                      std::span<const block_key> keys) const {
   if (!disk_)
     return 0;
-  const std::int64_t wall = disk_clock().now().count();
-  const std::size_t elements = st.spec.elements_per_block();
+  const ns_state& st = namespaces_[ns.value];
+  const nanos wall = disk_clock().now();
   std::size_t n = 0;
-  for (const block_key& k : keys) {
-    const auto info = disk_->lookup(k);
-    if (!info || info->ns != st.fingerprint || !is_valid(info->c) ||
-        info->size != encoded_size(info->c, elements) ||
-        (info->expires_at.count() != 0 && info->expires_at.count() <= wall))
-      break;
+  // A block in memory goes on a prefix on disk too: one brought back alone
+  // (acquire(), pin(), a put's parent) and the blocks put under it are
+  // there, with no parent in memory, and a request would match them.
+  while (n < keys.size() && (usable_disk_copy(st, keys[n], wall).has_value() ||
+                             contains(ns, keys[n])))
     ++n;
-  }
   return n;
 }
 
@@ -1730,19 +1742,18 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
                                    std::vector<promotion>& into) {
   ++promote_group_;
   const nanos wall = disk_clock().now();
+  const ns_state& st = namespaces_[ns.value];
   block_key par = parent;
   for (const block_key& k : keys) {
-    const auto info = disk_->lookup(k);
-    if (!info)
-      break;
     put_options o = options;
-    o.codec_override = info->c;
-    o.pin = info->pins > 0;
-    if (info->expires_at.count() != 0) {
-      if (info->expires_at <= wall)
-        break;
-      o.ttl = info->expires_at - wall;
-    }
+    if (const auto info = usable_disk_copy(st, k, wall)) {
+      o.codec_override = info->c;
+      o.pin = info->pins > 0;
+      if (info->expires_at.count() != 0)
+        o.ttl = info->expires_at - wall;
+    } else if (!contains(ns, k)) {
+      break;
+    } // else in memory only (disk_prefix()): a duplicate put, which links it
     auto h = reserve(ns, k, par, o);
     if (!h)
       break;
@@ -1835,16 +1846,16 @@ void block_store::abort_in_reverse(std::vector<promotion>& list) noexcept {
   list.clear();
 }
 
-std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
-                                     const block_key& parent,
-                                     kv_producer& producer,
-                                     const put_options& options) {
+block_store::disk_promoted
+block_store::promote_now(ns_id ns, std::span<const block_key> keys,
+                         const block_key& parent, kv_producer& producer,
+                         const put_options& options) {
   promote_batch_.clear();
   issue_promotions(ns, keys, parent, options, promote_batch_);
+  disk_promoted done;
   if (promote_batch_.empty())
-    return 0;
+    return done;
   await_promote_batch();
-  std::size_t hits = 0;
   bool contiguous = true;
   for (promotion& p : promote_batch_) {
     put_handle& h = p.handle;
@@ -1857,12 +1868,15 @@ std::size_t block_store::promote_now(ns_id ns, std::span<const block_key> keys,
       contiguous = false;
       continue;
     }
-    if (contiguous)
-      ++hits;
+    if (contiguous) {
+      ++done.hits;
+      if (!h.already_cached())
+        ++done.from_disk;
+    }
   }
-  stats_.disk_block_hits += hits;
+  stats_.disk_block_hits += done.from_disk;
   abort_in_reverse(promote_batch_); // what a break above left open
-  return hits;
+  return done;
 }
 
 void block_store::await_promote_batch() {
@@ -1886,9 +1900,9 @@ bool block_store::promote_key_from_disk(ns_id ns, const block_key& key,
   // never need it: their parents are in memory or reserved.
   if (!disk_ || !promote_batch_.empty())
     return false;
-  const std::span<const block_key> one(&key, 1);
-  if (disk_prefix(namespaces_[ns.value], one) == 0)
+  if (!usable_disk_copy(namespaces_[ns.value], key, disk_clock().now()))
     return false;
+  const std::span<const block_key> one(&key, 1);
   // Its put is the store's own: the asking call counts its own failure.
   const nested_scope nested(*this);
   // No parent: the disk tier does not know it. The block comes back as a
@@ -1954,7 +1968,7 @@ result<std::size_t> block_store::promote(ns_id ns,
   if (!disk_)
     return from_tier;
   poll_disk();
-  const std::size_t on_disk = disk_prefix(**st, keys.subspan(in_memory));
+  const std::size_t on_disk = disk_prefix(ns, keys.subspan(in_memory));
   const std::size_t before = pending_promotions_.size();
   issue_promotions(ns, keys.subspan(in_memory, on_disk),
                    in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
@@ -1985,7 +1999,7 @@ block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
   tier_prefix out;
   out.memory = walk_prefix(ns, keys, now());
   out.tier = tier_prefix_length(ns, keys.subspan(out.memory));
-  out.disk = disk_prefix(**st, keys.subspan(out.memory + out.tier));
+  out.disk = disk_prefix(ns, keys.subspan(out.memory + out.tier));
   return out;
 }
 

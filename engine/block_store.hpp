@@ -351,7 +351,9 @@ public:
   [[nodiscard]] result<void> attach_disk(std::unique_ptr<disk_tier> tier);
   [[nodiscard]] disk_tier* disk() noexcept { return disk_.get(); }
   /// Leading blocks of `keys` in memory, then how many more follow in the
-  /// memory tier, then how many more on disk.
+  /// memory tier, then how many more on disk (or in memory again: a block
+  /// brought back from disk alone, and those put under it, follow blocks
+  /// only on disk; process() matches them all).
   struct tier_prefix {
     std::size_t memory = 0;
     std::size_t tier = 0;
@@ -560,7 +562,13 @@ private:
   /// Writes block `id` to the disk tier unless it is there already.
   bool spill(std::uint32_t id, bool pinned);
   void evict(std::uint32_t id);
-  [[nodiscard]] std::size_t disk_prefix(const ns_state& st,
+  /// The disk tier's copy of `key` when a promotion can use it: of this
+  /// namespace, its codec and size, not expired at `wall`.
+  [[nodiscard]] std::optional<disk_block_info>
+  usable_disk_copy(const ns_state& st, const block_key& key, nanos wall) const;
+  /// Leading blocks of `keys` on disk, or in memory (a block brought back
+  /// alone, or put under one, continues a prefix on disk).
+  [[nodiscard]] std::size_t disk_prefix(ns_id ns,
                                         std::span<const block_key> keys) const;
   struct promotion {
     disk_request_id id{};
@@ -588,9 +596,16 @@ private:
   /// drain_disk() at the start of an owner's put or eviction call (not
   /// inside the store's own calls), so that spill answers do not pile up.
   void collect_disk();
-  std::size_t promote_now(ns_id ns, std::span<const block_key> keys,
-                          const block_key& parent, kv_producer& producer,
-                          const put_options& options);
+  /// What promote_now() served: the blocks up to the first it had to
+  /// recompute, and of those the ones read from disk (the others were in
+  /// memory already, after a block only on disk).
+  struct disk_promoted {
+    std::size_t hits = 0;
+    std::size_t from_disk = 0;
+  };
+  disk_promoted promote_now(ns_id ns, std::span<const block_key> keys,
+                            const block_key& parent, kv_producer& producer,
+                            const put_options& options);
   /// Waits until the disk tier has answered every read of promote_batch_
   /// (the reads go into its reserved slots), then collects the answers.
   void await_promote_batch();

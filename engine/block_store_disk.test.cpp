@@ -431,9 +431,21 @@ TEST_F(store_disk_test, a_put_extends_a_prefix_that_is_only_on_disk) {
   EXPECT_TRUE(store_->contains(ns_, a[3])) << "the parent came back with it";
   expect_correct(a[3]);
   expect_correct(a[4]);
-  // A request for the chain brings the rest back and links the parent
-  // under it: pinned at its leaf, the whole chain stays.
-  run(a);
+  // The chain is cached whole: lookup (the engine actor's counts disk)
+  // and a request find all five, the rest of the prefix read from disk and
+  // the two blocks in memory served from there, not computed again.
+  // (Before, both stopped at the block put: the walk over disk stopped at
+  // the first block without a disk copy.)
+  const auto tiers = *store_->lookup_tiers(ns_, a);
+  EXPECT_EQ(tiers.memory + tiers.tier + tiers.disk, 5U);
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 5U);
+  EXPECT_EQ(r.computed_blocks, 0U);
+  EXPECT_EQ(r.disk_blocks, 3U);
+  for (const auto& k : a)
+    expect_correct(k);
+  // That request linked the parent under its own: pinned at its leaf, the
+  // whole chain stays.
   ASSERT_TRUE(store_->pin(ns_, a[4]).has_value());
   store_->evict_bytes(std::size_t{1} << 30);
   store_->check_invariants();
