@@ -69,10 +69,17 @@
 /// own directory, and a request whose prefix goes on past memory (and the
 /// memory tier) continues from disk: the engine waits for those reads
 /// inside the batch, so an engine with a disk tier runs on a thread of its
-/// own by default (`own_thread`). `persist_atom` writes every cached block
-/// there, so a restart on the same directory finds them (the disk tier
-/// recovers its catalog at open). The tier is closed when the actor stops:
-/// spills already queued are written, blocks only in memory are not.
+/// own by default (`own_thread`). The block calls reach it too: `read_atom`
+/// and `pin_atom` of a block only on disk, and `reserve_atom` of a block
+/// whose parent is only there (lookup_atom counted it), bring that block
+/// back and wait for its read (engine::block_store::acquire, pin,
+/// reserve); `unpin_atom` of a block pinned only on disk unpins it there.
+/// A block damaged on disk is never returned by `read_atom`: it answers
+/// errc::checksum_mismatch and the block is dropped. `persist_atom` writes
+/// every cached block there, so a restart on the same directory finds them
+/// (the disk tier recovers its catalog at open). The tier is closed when the
+/// actor stops: spills already queued are written, blocks only in memory are
+/// not.
 ///
 /// Open puts are aborted `put_timeout` after their reservation.
 

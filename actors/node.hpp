@@ -112,18 +112,18 @@ public:
   [[nodiscard]] result<std::uint64_t>
   lookup(const std::vector<engine::block_key>& keys);
   /// Two-phase put of one block on engine `slot`: reserve, write, commit.
-  /// Its parent must be in the engine's memory or memory tier: one only on
-  /// its disk tier is errc::not_found (a request brings it back). A call
+  /// Its parent must be cached on the engine: in its memory, its memory
+  /// tier or its disk tier (brought back into memory for it). A call
   /// that times out may still take effect at the engine (a commit that
   /// lands late: a retry then finds the block cached; a reservation that
   /// lands late is dropped after the engine's put_timeout).
   [[nodiscard]] result<void> put_block(std::uint32_t slot,
                                        const actors::put_request& put,
                                        const std::vector<std::uint8_t>& value);
-  /// The decoded value of a block on engine `slot`, in its memory or memory
-  /// tier. Like pin(), it does not read the disk tier: a block only there
-  /// is errc::not_found until a request brings its chain back (lookup()
-  /// counts it, as a request would match it).
+  /// The decoded value of a block on engine `slot`, in its memory, memory
+  /// tier or disk tier (a block only on disk is brought back into memory,
+  /// as pin() brings it back; the engine waits for the read). Its checksum
+  /// is verified: a damaged block is errc::checksum_mismatch, and dropped.
   [[nodiscard]] result<std::vector<std::uint8_t>>
   get_block(std::uint32_t slot, const engine::block_key& key);
   [[nodiscard]] result<void> pin(std::uint32_t slot,

@@ -3,21 +3,26 @@
 #include "actors/node.hpp"
 
 #include "actors/caf_error.hpp"
+#include "engine/disk/segment_file.hpp"
+#include "engine/kv_producer.hpp"
 
 #include <gtest/gtest.h>
 
 #include <stdlib.h>
 
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <filesystem>
+#include <fstream>
 #include <latch>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -987,6 +992,156 @@ TEST_F(Node, LookupCountsTheBlocksAnEngineHoldsOnDisk) {
   auto r = (*n)->process_request(chain(2));
   ASSERT_TRUE(r.has_value()) << r.error().describe();
   EXPECT_EQ(r->matched_blocks, *recovered);
+  ASSERT_TRUE((*n)->stop());
+}
+
+/// disk_node without adaptive compression: blocks reach the disk as they
+/// were computed, so a value read back is what the producer made.
+node_config exact_disk_node(const std::string& dir) {
+  auto c = disk_node(dir);
+  c.engine.store.adaptive_compression = false;
+  return c;
+}
+
+/// Runs requests 1 to `last` (chain(id)): 100 push request 1's blocks out
+/// of a disk node's memory to its disk.
+void run_chains(node& n, std::uint64_t last) {
+  for (std::uint64_t id = 1; id <= last; ++id) {
+    auto r = n.process_request(chain(id));
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+  }
+}
+
+/// What the engines' synthetic producer computes for `key`.
+std::vector<std::uint8_t> produced(const node_config& c, const block_key& key) {
+  std::vector<std::uint8_t> out(c.engine.ns.value_bytes());
+  engine::synthetic_producer producer;
+  EXPECT_TRUE(
+      producer.produce(c.engine.ns, key, std::as_writable_bytes(std::span{out}))
+          .has_value());
+  return out;
+}
+
+/// Flips a payload byte of every record of `key` in the segment files in
+/// `dir` (a disk tier's directory that no tier has open); how many.
+std::size_t damage_on_disk(const std::string& dir, const block_key& key) {
+  std::size_t damaged = 0;
+  for (const auto& f : std::filesystem::directory_iterator(dir)) {
+    if (f.path().extension() != ".kvs")
+      continue;
+    std::fstream io(f.path(), std::ios::in | std::ios::out | std::ios::binary);
+    const std::uint64_t size = std::filesystem::file_size(f.path());
+    std::array<std::byte, engine::record_header_bytes> raw{};
+    for (std::uint64_t at = engine::segment_header_bytes;
+         at + raw.size() <= size;) {
+      io.seekg(static_cast<std::streamoff>(at));
+      io.read(reinterpret_cast<char*>(raw.data()), raw.size());
+      const auto h = engine::decode_record_header(raw);
+      if (!h)
+        break;
+      if (h->key == key) {
+        const auto payload = static_cast<std::streamoff>(at + raw.size() + 10);
+        char c = 0;
+        io.seekg(payload);
+        io.read(&c, 1);
+        c = static_cast<char>(c ^ 0x5a);
+        io.seekp(payload);
+        io.write(&c, 1);
+        ++damaged;
+      }
+      at += h->record_bytes();
+    }
+  }
+  return damaged;
+}
+
+TEST_F(Node, GetBlockReadsABlockOnlyOnTheEnginesDisk) {
+  // lookup counts a block on disk, and get_block now returns it. (Before,
+  // errc::not_found until a request brought its chain back.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  const auto c = exact_disk_node(dir.path());
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
+  const auto one = chain(1).keys;
+  ASSERT_EQ((*n)->lookup(one).value_or(0), 4U);
+  auto got = (*n)->get_block(0, one[2]);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(*got, produced(c, one[2]));
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, PinAndUnpinReachABlockOnlyOnTheEnginesDisk) {
+  // (Before, both errc::not_found.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto n = node::start(*sys_, exact_disk_node(dir.path()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
+  const block_key key = chain(2).keys[1];
+  auto pin = (*n)->pin(0, key);
+  ASSERT_TRUE(pin.has_value()) << pin.error().describe();
+  auto unpin = (*n)->unpin(0, key);
+  ASSERT_TRUE(unpin.has_value()) << unpin.error().describe();
+  auto twice = (*n)->unpin(0, key);
+  ASSERT_FALSE(twice.has_value());
+  EXPECT_EQ(twice.error().code, errc::invalid_argument);
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, APutExtendsAPrefixOnlyOnTheEnginesDisk) {
+  // The host's flow: lookup, then put the next block of the chain under
+  // the last one found. (Before, errc::not_found: the parent was only on
+  // disk. And lookup then stopped before the block put.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  const auto c = exact_disk_node(dir.path());
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
+  auto keys = chain(3).keys;
+  ASSERT_EQ((*n)->lookup(keys).value_or(0), 4U);
+  actors::put_request put;
+  put.key = block_key{1003, 5};
+  put.parent = keys.back();
+  const std::vector<std::uint8_t> value(c.engine.ns.value_bytes(), 7);
+  auto stored = (*n)->put_block(0, put, value);
+  ASSERT_TRUE(stored.has_value()) << stored.error().describe();
+  keys.push_back(put.key);
+  auto longer = (*n)->lookup(keys);
+  ASSERT_TRUE(longer.has_value()) << longer.error().describe();
+  EXPECT_EQ(*longer, 5U) << "the block put after the prefix on disk counts";
+  auto back = (*n)->get_block(0, put.key);
+  ASSERT_TRUE(back.has_value()) << back.error().describe();
+  EXPECT_EQ(*back, value);
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, GetBlockNeverServesABlockDamagedOnDisk) {
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  const auto c = exact_disk_node(dir.path());
+  const auto one = chain(1).keys;
+  {
+    auto n = node::start(*sys_, c);
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
+    ASSERT_TRUE((*n)->stop()); // its disk tier is closed: the files are still
+  }
+  ASSERT_GE(damage_on_disk(dir.path() + "/engine-0", one[0]), 1U);
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto got = (*n)->get_block(0, one[0]);
+  ASSERT_FALSE(got.has_value()) << "damaged bytes were served";
+  EXPECT_EQ(got.error().code, errc::checksum_mismatch);
+  // Dropped, from disk too: asked again, it is not there.
+  auto again = (*n)->get_block(0, one[0]);
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code, errc::not_found);
+  auto neighbour = (*n)->get_block(0, one[1]);
+  ASSERT_TRUE(neighbour.has_value()) << neighbour.error().describe();
+  EXPECT_EQ(*neighbour, produced(c, one[1]));
   ASSERT_TRUE((*n)->stop());
 }
 
