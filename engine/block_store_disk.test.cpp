@@ -352,6 +352,20 @@ TEST_F(store_disk_test, acquire_reads_back_a_block_that_is_only_on_disk) {
   EXPECT_EQ(store_->block_count(), 4U);
 }
 
+TEST_F(store_disk_test, acquire_of_a_block_on_disk_lands_it_through_staging) {
+  // Device memory: a block brought back alone reaches its slot through the
+  // backend, as process()'s promotions do.
+  open(20, /*unaddressable=*/true);
+  const auto a = chain(1, 4);
+  run(a);
+  push_out_to_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[1]));
+  const std::size_t writes_before = unaddressable_->writes;
+  expect_correct(a[1]);
+  EXPECT_EQ(unaddressable_->writes, writes_before + 1);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, a_block_damaged_on_disk_is_never_served_by_acquire) {
   const auto a = chain(1, 4);
   run(a);
