@@ -381,13 +381,8 @@ void block_store::pin_once(std::uint32_t id) {
 
 void block_store::raise_priority(std::uint32_t id, priority p) noexcept {
   entry& e = entries_[id];
-  if (p <= e.prio)
-    return;
-  if (e.flagged_evictable) {
-    --evictable_by_prio_[static_cast<std::size_t>(e.prio)];
-    ++evictable_by_prio_[static_cast<std::size_t>(p)];
-  }
-  e.prio = p;
+  if (p > e.prio)
+    e.prio = p; // the policies see it at the touch() that follows
 }
 
 result<std::size_t> block_store::acquire_prefix(ns_id ns,
@@ -1271,63 +1266,31 @@ std::size_t block_store::expire() {
 std::size_t block_store::evict_bytes(std::size_t bytes) {
   collect_disk();
   std::size_t freed = 0;
-  if (bytes == 0 || !any_evictable())
-    return 0; // not worth the lowest-priority-first walk
-  start_lowest_priority_first();
   while (freed < bytes) {
-    const std::optional<size_partition> q = lowest_priority_over_share();
-    if (!q)
+    const std::uint32_t id = lowest_priority_victim();
+    if (id == npos)
       break;
     // Measured, not the victim's slot: a dead parent the victim held is
     // freed with it.
     const std::size_t before = pool_.used_bytes();
-    evict(policies_[static_cast<std::size_t>(*q)]->victim());
+    evict(id);
     freed += before - pool_.used_bytes();
   }
-  limit_evictable_to(priority::critical);
   return freed;
 }
 
 // Lowest priority first, whatever the policy: the policies rank by recency
-// or frequency (only `priority` by priority), so the blocks of one priority
-// at a time are shown to them. When every evictable block has one priority
-// (the usual case) nothing is hidden and this costs nothing.
-bool block_store::any_evictable() const noexcept {
-  for (const std::size_t n : evictable_by_prio_)
-    if (n > 0)
-      return true;
-  return false;
-}
-
-void block_store::start_lowest_priority_first() {
-  std::size_t levels = 0;
-  std::size_t lowest = evictable_by_prio_.size();
-  for (std::size_t p = evictable_by_prio_.size(); p-- > 0;)
-    if (evictable_by_prio_[p] > 0) {
-      ++levels;
-      lowest = p;
-    }
-  if (levels > 1)
-    limit_evictable_to(static_cast<priority>(lowest));
-}
-
-std::optional<size_partition> block_store::lowest_priority_over_share() {
-  std::optional<size_partition> q = most_over_share();
-  while (!q && evictable_ceiling_ != priority::critical) {
-    limit_evictable_to(static_cast<priority>(
-        static_cast<std::size_t>(evictable_ceiling_) + 1));
-    q = most_over_share();
+// or frequency (only `priority` by priority), and keep that order per
+// priority, so each step asks for the lowest priority's victim. A parent
+// of a lower priority than the blocks being taken, left a leaf by its
+// last child, goes next.
+std::uint32_t block_store::lowest_priority_victim() const {
+  for (std::size_t l = 0; l < priority_count; ++l) {
+    const auto p = static_cast<priority>(l);
+    if (const std::optional<size_partition> q = most_over_share(p))
+      return policies_[static_cast<std::size_t>(*q)]->victim(p);
   }
-  return q;
-}
-
-void block_store::limit_evictable_to(priority p) {
-  if (p == evictable_ceiling_)
-    return;
-  evictable_ceiling_ = p;
-  for (std::uint32_t id = 0; id < entries_.size(); ++id)
-    if (entries_[id].state == entry_state::committed)
-      refresh_evictable(id);
+  return npos;
 }
 
 // ---------------------------------------------------------------- space
@@ -1339,11 +1302,13 @@ double block_store::share_ratio(size_partition p) const noexcept {
           static_cast<double>(pool_.capacity_bytes()));
 }
 
-std::optional<size_partition> block_store::most_over_share() const {
+std::optional<size_partition>
+block_store::most_over_share(std::optional<priority> prio) const {
   std::optional<size_partition> q;
   double worst = -1.0;
   for (std::size_t p = 0; p < partition_count; ++p) {
-    if (policies_[p]->evictable_count() == 0)
+    if ((prio ? policies_[p]->evictable_count(*prio)
+              : policies_[p]->evictable_count()) == 0)
       continue;
     const double ratio = share_ratio(static_cast<size_partition>(p));
     if (ratio > worst) {
@@ -1519,7 +1484,7 @@ void block_store::refresh_evictable(std::uint32_t id) {
     remove(id);
     return;
   }
-  const bool want = ev && !e.dead && e.prio <= evictable_ceiling_;
+  const bool want = ev && !e.dead;
   if (want != e.flagged_evictable)
     set_flagged(id, want);
 }
@@ -1528,8 +1493,6 @@ void block_store::set_flagged(std::uint32_t id, bool flagged) {
   entry& e = entries_[id];
   policies_[static_cast<std::size_t>(e.part)]->set_evictable(id, flagged);
   e.flagged_evictable = flagged;
-  auto& n = evictable_by_prio_[static_cast<std::size_t>(e.prio)];
-  n = flagged ? n + 1 : n - 1;
 }
 
 void block_store::kill(std::uint32_t id) {
@@ -1551,8 +1514,6 @@ void block_store::remove(std::uint32_t id, bool announce) {
       config_.on_block_event(block_event::removed, e.key);
     announce = true;
     account(e, false);
-    if (e.flagged_evictable)
-      --evictable_by_prio_[static_cast<std::size_t>(e.prio)];
     // Every partition's policy: a block may be the parent of blocks in
     // another partition, and that policy keeps what it learnt about it.
     for (auto& policy : policies_)
@@ -2126,8 +2087,9 @@ void block_store::check_invariants() const {
   std::vector<std::uint32_t> children(entries_.size(), 0);
   std::size_t live = 0;
   std::size_t used = 0;
-  std::array<std::size_t, partition_count> flagged{};
-  std::array<std::size_t, 5> flagged_by_prio{};
+  // Blocks the policies hold, by partition and priority.
+  std::array<std::array<std::size_t, priority_count>, partition_count>
+      flagged{};
   store_stats sums;
   for (std::uint32_t id = 0; id < entries_.size(); ++id) {
     const entry& e = entries_[id];
@@ -2143,14 +2105,12 @@ void block_store::check_invariants() const {
       ++children[e.parent];
     }
     if (e.state == entry_state::committed) {
-      KVFLEET_CHECK(e.flagged_evictable == (evictable(e) && !e.dead &&
-                                            e.prio <= evictable_ceiling_),
+      KVFLEET_CHECK(e.flagged_evictable == (evictable(e) && !e.dead),
                     "evictable flag out of date");
       KVFLEET_CHECK(!(e.dead && evictable(e)), "removable dead block kept");
-      if (e.flagged_evictable) {
-        ++flagged[static_cast<std::size_t>(e.part)];
-        ++flagged_by_prio[static_cast<std::size_t>(e.prio)];
-      }
+      if (e.flagged_evictable)
+        ++flagged[static_cast<std::size_t>(e.part)]
+                 [static_cast<std::size_t>(e.prio)];
       const std::uint64_t b = pool_.slot_bytes(e.slot.size_class);
       sums.bytes_by_codec[static_cast<std::size_t>(e.c)] += b;
       sums.bytes_by_partition[static_cast<std::size_t>(e.part)] += b;
@@ -2198,10 +2158,15 @@ void block_store::check_invariants() const {
                 "codec blocks mismatch");
   KVFLEET_CHECK(sums.bytes_by_partition == stats_.bytes_by_partition,
                 "partition bytes mismatch");
-  KVFLEET_CHECK(flagged_by_prio == evictable_by_prio_,
-                "evictable blocks by priority mismatch");
   for (std::size_t p = 0; p < partition_count; ++p) {
-    KVFLEET_CHECK(policies_[p]->evictable_count() == flagged[p],
+    std::size_t all = 0;
+    for (std::size_t l = 0; l < priority_count; ++l) {
+      KVFLEET_CHECK(policies_[p]->evictable_count(static_cast<priority>(l)) ==
+                        flagged[p][l],
+                    "policy evictable count by priority mismatch");
+      all += flagged[p][l];
+    }
+    KVFLEET_CHECK(policies_[p]->evictable_count() == all,
                   "policy evictable count mismatch");
     policies_[p]->check_invariants();
     std::size_t n = 0;

@@ -407,8 +407,8 @@ public:
   /// expired blocks stay). Returns the slot bytes whose copy
   /// started; they are freed when poll_tier() sees it finish. Stops early,
   /// without an error, when the tier's staging is busy or it has no room it
-  /// can make. Costs as evict_bytes() (0 bytes or nothing evictable: no
-  /// walk). errc::invalid_argument without a tier.
+  /// can make. Costs as evict_bytes(). errc::invalid_argument without a
+  /// tier.
   [[nodiscard]] result<std::size_t> demote_to_tier(std::size_t bytes);
   /// Finishes the demotions whose copies are done: frees their slots. Never
   /// waits. demote_to_tier(), process() and promote() call it too.
@@ -441,12 +441,10 @@ public:
   /// memory pressure a prefetch's or warm-up's blocks go before a normal
   /// request's), and within a priority in the policy's order, from the
   /// partition furthest over its share. Returns bytes freed (a dead parent
-  /// freed with its last child counts too). Cost: while evictable blocks
-  /// of more than one priority are cached, a call that frees something
-  /// walks every block about twice, plus once per priority it steps up
-  /// (the policies are shown one priority at a time); with one priority,
-  /// or for 0 bytes, nothing is walked. Memory managers call it once per
-  /// excursion over their threshold, not per request.
+  /// freed with its last child counts too). Cost: O(log blocks) per block
+  /// evicted, whatever the mix of priorities (the policies keep their
+  /// order per priority); nothing is walked. Memory managers call it once
+  /// per excursion over their threshold, not per request.
   std::size_t evict_bytes(std::size_t bytes);
 
   [[nodiscard]] const store_stats& stats() const noexcept { return stats_; }
@@ -516,7 +514,8 @@ private:
   void touch(std::uint32_t id);
   /// A block used by a request of priority `p` ranks at least as `p`
   /// (priority policy): one put by a prefetch and then used by a normal
-  /// request is no longer the first to go. Call before touch().
+  /// request is no longer the first to go. Call before touch(): the
+  /// policies learn the new priority from that access.
   void raise_priority(std::uint32_t id, priority p) noexcept;
   /// acquire_prefix() for a request of priority `p` (raise_priority()).
   [[nodiscard]] result<std::size_t>
@@ -541,10 +540,11 @@ private:
   /// Bytes in partition `p` over its share of capacity (1.0: exactly its
   /// share).
   [[nodiscard]] double share_ratio(size_partition p) const noexcept;
-  /// The partition with evictable blocks furthest over its share of
-  /// capacity (evict_bytes(), demote_to_tier() and pick_partition() take
-  /// from it first).
-  [[nodiscard]] std::optional<size_partition> most_over_share() const;
+  /// The partition with evictable blocks (of priority `p` when given)
+  /// furthest over its share of capacity (evict_bytes(), demote_to_tier()
+  /// and pick_partition() take from it first).
+  [[nodiscard]] std::optional<size_partition>
+  most_over_share(std::optional<priority> p = std::nullopt) const;
   bool try_demote(size_partition p, std::size_t& scan_budget);
   /// The codec adaptive compression would take block `e` to (its own when
   /// it is too hot for any).
@@ -687,23 +687,14 @@ private:
   /// prefix can be cached again.
   void drop_damaged(std::uint32_t id);
   void refresh_evictable(std::uint32_t id);
-  /// Sets whether the policies hold block `id` (flagged_evictable), and
-  /// keeps evictable_by_prio_ in step.
+  /// Sets whether the policies hold block `id` (flagged_evictable).
   void set_flagged(std::uint32_t id, bool flagged);
-  /// Lets the policies see only evictable blocks of priority `p` or lower
-  /// (evict_bytes() and demote_to_tier() go lowest priority first whatever
-  /// the policy); priority::critical shows them all again. O(blocks) when
-  /// it changes anything.
-  void limit_evictable_to(priority p);
-  /// Starts a lowest-priority-first pass: hides all but the lowest
-  /// priority's evictable blocks when there are several priorities. End
-  /// the pass with limit_evictable_to(priority::critical).
-  void start_lowest_priority_first();
-  /// Whether any block is evictable now (the per-priority counts).
-  [[nodiscard]] bool any_evictable() const noexcept;
-  /// most_over_share() among the lowest priority that has evictable
-  /// blocks, showing the next priority's blocks when one runs out.
-  [[nodiscard]] std::optional<size_partition> lowest_priority_over_share();
+  /// The next block evict_bytes() and demote_to_tier() take, or npos when
+  /// none is evictable: of the lowest priority that has evictable blocks
+  /// (whatever the policy), the partition furthest over its share among
+  /// those that hold some, and that partition's policy's victim of the
+  /// priority. O(priorities x partitions), no walk.
+  [[nodiscard]] std::uint32_t lowest_priority_victim() const;
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;
   std::uint32_t new_entry();
@@ -719,13 +710,8 @@ private:
   std::vector<entry> entries_;
   std::vector<std::uint32_t> free_entries_;
   std::vector<ns_state> namespaces_;
+  /// Declared before the leases below, whose release updates them.
   std::array<std::unique_ptr<eviction_policy>, partition_count> policies_;
-  /// Highest priority the policies see (limit_evictable_to()); critical,
-  /// all of them, outside evict_bytes() and demote_to_tier(). Declared
-  /// before the leases below, whose release may update the count.
-  priority evictable_ceiling_ = priority::critical;
-  /// Blocks the policies hold, by priority.
-  std::array<std::size_t, 5> evictable_by_prio_{};
   std::array<std::uint32_t, partition_count> recency_head_{};
   std::array<std::uint32_t, partition_count> recency_tail_{};
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding

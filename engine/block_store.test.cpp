@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -38,6 +40,10 @@ protected:
     cfg.clock = &clock_;
     if (policy == policy_kind::belady)
       cfg.next_use = [](const block_key&) { return std::uint64_t{0}; };
+    cfg.on_block_event = [this](block_event ev, const block_key& key) {
+      if (on_event_)
+        on_event_(ev, key);
+    };
     auto s = block_store::create(cfg);
     ASSERT_TRUE(s.has_value()) << s.error().describe();
     store_ = std::move(*s);
@@ -104,6 +110,8 @@ protected:
   }
 
   manual_clock clock_;
+  /// The store's on_block_event, when set.
+  std::function<void(block_event, const block_key&)> on_event_;
   std::unique_ptr<block_store> store_;
   ns_id ns_;
   ns_fingerprint fp_;
@@ -1317,6 +1325,77 @@ TEST_F(store_fixture,
     EXPECT_EQ(store_->block_count(), 0U);
     store_->check_invariants();
   }
+}
+
+TEST_F(store_fixture,
+       evict_bytes_takes_a_low_parent_left_a_leaf_before_normal_blocks) {
+  // A low-priority parent becomes evictable in the middle of a call, when
+  // its normal child goes. It is the lowest priority then, so it goes
+  // next, though under lru and lfu it ranks after the normal block left
+  // (used more recently, and more often). Before, once a call had moved
+  // up to the normal blocks, it took them in the policy's order with the
+  // parent among them.
+  for (policy_kind policy :
+       {policy_kind::lru, policy_kind::lfu, policy_kind::priority}) {
+    SCOPED_TRACE(to_string(policy));
+    open(16, policy);
+    put_options low;
+    low.prio = priority::low;
+    put_options background;
+    background.prio = priority::background;
+    const auto pair = chain(1000, 2);
+    ASSERT_TRUE(put(pair[0], {}, low).has_value());
+    ASSERT_TRUE(put(pair[1], pair[0]).has_value()); // normal
+    const auto normal = chain(2000, 1)[0];
+    ASSERT_TRUE(put(normal, {}).has_value());
+    {
+      // A read without a request priority: the parent stays low, and is
+      // now both more recent and more used than `normal`.
+      auto lease = store_->acquire(ns_, pair[0]);
+      ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+    }
+    const auto late = chain(3000, 1)[0];
+    ASSERT_TRUE(put(late, {}, background).has_value());
+    store_->check_invariants();
+
+    // background, then the normal leaf that is older, then its low parent.
+    EXPECT_EQ(store_->evict_bytes(3 * block_bytes), 3 * block_bytes);
+    store_->check_invariants();
+    EXPECT_FALSE(store_->contains(ns_, late));
+    EXPECT_FALSE(store_->contains(ns_, pair[1]));
+    EXPECT_FALSE(store_->contains(ns_, pair[0]));
+    EXPECT_TRUE(store_->contains(ns_, normal));
+  }
+}
+
+TEST_F(store_fixture, a_handler_throwing_in_evict_bytes_hides_no_block_after) {
+  // An exception out of evict_bytes() (here the block event handler's)
+  // leaves every evictable block visible to the make-room path. Before,
+  // the call had hidden all but the lowest priority's blocks from the
+  // policies and left them hidden: the next full put evicted the
+  // background block and then nothing more, staying above the low
+  // watermark.
+  open(8); // high watermark 7.2 blocks, low 6.4
+  put_options background;
+  background.prio = priority::background;
+  const auto bg = chain(1000, 1)[0];
+  ASSERT_TRUE(put(bg, {}, background).has_value());
+  const auto normal = put_singles(5, 0, 10); // oldest first
+  on_event_ = [](block_event ev, const block_key&) {
+    if (ev == block_event::removed)
+      throw std::runtime_error("handler failed");
+  };
+  EXPECT_THROW((void)store_->evict_bytes(block_bytes), std::runtime_error);
+  on_event_ = nullptr;
+  store_->check_invariants();
+  EXPECT_TRUE(store_->contains(ns_, bg)); // the event comes first
+  // 7 blocks, then an 8th: room is made down to 5 blocks before it.
+  ASSERT_TRUE(put(chain(2000, 1)[0], {}).has_value());
+  ASSERT_TRUE(put(chain(2100, 1)[0], {}).has_value());
+  store_->check_invariants();
+  EXPECT_FALSE(store_->contains(ns_, bg));
+  EXPECT_FALSE(store_->contains(ns_, normal[0]));
+  EXPECT_EQ(store_->block_count(), 6U);
 }
 
 } // namespace

@@ -87,9 +87,6 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
   std::vector<tier_demotion> jobs;
   std::vector<tier_place> places;
   std::vector<std::uint32_t> follow; // parents left over by a full batch
-  if (bytes == 0 || !any_evictable())
-    return std::size_t{0}; // not worth the lowest-priority-first walk
-  start_lowest_priority_first();
   while (started < bytes) {
     demotion_batch batch;
     jobs.clear();
@@ -125,11 +122,9 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
       // The lowest priority, and within it the partition furthest over
       // its share, gives first, as in evict_bytes(); expired blocks are
       // not worth a copy: evict them.
-      const std::optional<size_partition> q = lowest_priority_over_share();
-      if (!q)
+      const std::uint32_t id = lowest_priority_victim();
+      if (id == npos)
         break;
-      const std::uint32_t id =
-          policies_[static_cast<std::size_t>(*q)]->victim();
       if (entries_[id].expires_at != 0 && entries_[id].expires_at <= t) {
         ++stats_.expirations;
         kill(id);
@@ -166,7 +161,6 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
     tier_in_flight_ += batch.slot_bytes;
     tier_batches_.push_back(std::move(batch));
   }
-  limit_evictable_to(priority::critical);
   return started;
 }
 

@@ -1,5 +1,6 @@
 #include "engine/eviction_policy.hpp"
 
+#include "engine/internal/check.hpp"
 #include "engine/internal/indexed_heap.hpp"
 
 #include <algorithm>
@@ -82,12 +83,17 @@ using internal::score;
 // Every policy here is a score per block; the evictable block with the
 // smallest score goes first. Scores of non-evictable blocks are kept so a
 // block that becomes evictable (its child was evicted) ranks by its real
-// history, not by when it became a leaf.
+// history, not by when it became a leaf. The evictable blocks are in one
+// heap per priority: victim(p) is that heap's top, victim() the smallest of
+// the five tops. With every block at one priority, one heap does all the
+// work, with the same operations in the same order as a single heap would.
 class score_policy : public eviction_policy {
 public:
   void reserve(std::size_t ids) override {
-    if (scores_.size() < ids)
+    if (scores_.size() < ids) {
       scores_.resize(ids);
+      prios_.resize(ids, priority::normal);
+    }
     heap_.reserve(ids);
   }
   void on_access(std::uint32_t id, const access_info& info,
@@ -95,12 +101,13 @@ public:
     if (id >= scores_.size())
       reserve(std::max<std::size_t>(id + 1, 2 * scores_.size()));
     scores_[id] = rescore(id, info, inserted);
+    prios_[id] = info.prio;
     if (heap_.contains(id))
-      heap_.set(id, scores_[id]);
+      heap_.set(id, level(id), scores_[id]);
   }
   void set_evictable(std::uint32_t id, bool evictable) override {
     if (evictable)
-      heap_.set(id, scores_[id]);
+      heap_.set(id, level(id), scores_[id]);
     else
       heap_.erase(id);
   }
@@ -108,10 +115,24 @@ public:
   [[nodiscard]] std::uint32_t victim() const override {
     return heap_.empty() ? npos : heap_.top();
   }
+  [[nodiscard]] std::uint32_t victim(priority p) const override {
+    const auto l = static_cast<std::size_t>(p);
+    return l >= priority_count || heap_.empty(l) ? npos : heap_.top(l);
+  }
   [[nodiscard]] std::size_t evictable_count() const noexcept override {
     return heap_.size();
   }
-  void check_invariants() const override { heap_.check_invariants(); }
+  [[nodiscard]] std::size_t
+  evictable_count(priority p) const noexcept override {
+    const auto l = static_cast<std::size_t>(p);
+    return l >= priority_count ? 0 : heap_.size(l);
+  }
+  void check_invariants() const override {
+    heap_.check_invariants();
+    for (std::uint32_t id = 0; id < scores_.size(); ++id)
+      KVFLEET_CHECK(!heap_.contains(id) || heap_.level(id) == level(id),
+                    "evictable block in another priority's heap");
+  }
 
 protected:
   virtual score rescore(std::uint32_t id, const access_info& info,
@@ -120,15 +141,22 @@ protected:
   void reset_score(std::uint32_t id, const score& s) {
     scores_[id] = s;
     if (heap_.contains(id))
-      heap_.set(id, s);
+      heap_.set(id, level(id), s);
   }
   [[nodiscard]] const score& current(std::uint32_t id) const {
     return scores_[id];
   }
 
 private:
+  /// The heap of the block's priority; a value outside the five (the store
+  /// refuses those) ranks with critical.
+  [[nodiscard]] std::size_t level(std::uint32_t id) const noexcept {
+    return std::min(static_cast<std::size_t>(prios_[id]), priority_count - 1);
+  }
+
   std::vector<score> scores_;
-  internal::indexed_heap heap_;
+  std::vector<priority> prios_; ///< of each block's last access
+  internal::indexed_heap heap_{priority_count};
 };
 
 class lru_policy final : public score_policy {

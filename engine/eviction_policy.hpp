@@ -7,6 +7,13 @@
 /// the policy about every access, so a policy sees the full access history
 /// of a block even while it is not evictable (e.g. a parent in a chain).
 ///
+/// A policy also keeps its order per request priority (the priority of a
+/// block's last access, access_info::prio): victim(p) names the next block
+/// of priority p in the policy's order, without a walk, so the store can go
+/// lowest priority first whatever the policy (evict_bytes(),
+/// demote_to_tier()). victim() names the next of all priorities, as if
+/// they were one order (the store's make-room path on a put).
+///
 /// Policies:
 ///   lru       least recently used first
 ///   lfu       fewest accesses first, ties least recent first
@@ -40,6 +47,7 @@ enum class priority : std::uint8_t {
   high = 3,
   critical = 4,
 };
+inline constexpr std::size_t priority_count = 5;
 [[nodiscard]] std::string_view to_string(priority p) noexcept;
 /// errc::invalid_argument for a value outside the five (a cast from a
 /// number), which would rank above critical; every put checks it.
@@ -91,7 +99,12 @@ public:
   virtual void on_remove(std::uint32_t id) = 0;
   /// The evictable block to evict next, or npos when none is.
   [[nodiscard]] virtual std::uint32_t victim() const = 0;
+  /// The evictable block of priority `p` to evict next, or npos when none
+  /// is: the first of victim()'s order that has priority `p`.
+  [[nodiscard]] virtual std::uint32_t victim(priority p) const = 0;
   [[nodiscard]] virtual std::size_t evictable_count() const noexcept = 0;
+  [[nodiscard]] virtual std::size_t
+  evictable_count(priority p) const noexcept = 0;
   virtual void check_invariants() const = 0;
 };
 

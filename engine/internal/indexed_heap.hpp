@@ -1,7 +1,8 @@
 #pragma once
-// Binary min-heap of entry ids with a key per id and O(log n) update and
-// erase by id. Storage is sized by reserve(); push() does not allocate
-// below that size.
+// Binary min-heaps of entry ids, one per level, with a key per id and
+// O(log n) update and erase by id. An id is in at most one level's heap;
+// the levels share the per-id storage. Storage is sized by reserve();
+// set() does not allocate below that size.
 
 #include "engine/internal/check.hpp"
 
@@ -27,97 +28,142 @@ public:
   static constexpr std::uint32_t npos =
       std::numeric_limits<std::uint32_t>::max();
 
+  /// REQUIRES: 1 <= levels <= 256.
+  explicit indexed_heap(std::size_t levels = 1) : heaps_(levels) {}
+
   void reserve(std::size_t ids) {
     if (pos_.size() < ids) {
       pos_.resize(ids, npos);
+      level_.resize(ids, 0);
       keys_.resize(ids);
     }
-    heap_.reserve(ids);
+    for (auto& h : heaps_)
+      h.reserve(ids);
   }
   [[nodiscard]] bool contains(std::uint32_t id) const noexcept {
     return id < pos_.size() && pos_[id] != npos;
   }
-  [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
-  [[nodiscard]] std::size_t size() const noexcept { return heap_.size(); }
-  [[nodiscard]] std::uint32_t top() const noexcept { return heap_.front(); }
+  [[nodiscard]] std::size_t levels() const noexcept { return heaps_.size(); }
+  /// REQUIRES: contains(id).
+  [[nodiscard]] std::size_t level(std::uint32_t id) const noexcept {
+    return level_[id];
+  }
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] bool empty(std::size_t level) const noexcept {
+    return heaps_[level].empty();
+  }
+  [[nodiscard]] std::size_t size(std::size_t level) const noexcept {
+    return heaps_[level].size();
+  }
+  /// The smallest key of `level`. REQUIRES: !empty(level).
+  [[nodiscard]] std::uint32_t top(std::size_t level) const noexcept {
+    return heaps_[level].front();
+  }
+  /// The smallest key of all levels, on a tie the lowest level's.
+  /// REQUIRES: !empty(). O(levels).
+  [[nodiscard]] std::uint32_t top() const noexcept {
+    std::uint32_t best = npos;
+    for (const auto& h : heaps_)
+      if (!h.empty() && (best == npos || keys_[h.front()] < keys_[best]))
+        best = h.front();
+    return best;
+  }
 
-  /// Inserts `id` or, when present, changes its key.
-  void set(std::uint32_t id, score key) {
+  /// Inserts `id` into `level` or, when present, changes its key and moves
+  /// it to `level`.
+  void set(std::uint32_t id, std::size_t level, score key) {
     if (id >= pos_.size())
       reserve(std::max<std::size_t>(id + 1, 2 * pos_.size()));
+    if (pos_[id] != npos && level_[id] != level)
+      erase(id);
     keys_[id] = key;
+    std::vector<std::uint32_t>& h = heaps_[level];
     if (pos_[id] == npos) {
-      pos_[id] = static_cast<std::uint32_t>(heap_.size());
-      heap_.push_back(id);
-      up(pos_[id]);
+      level_[id] = static_cast<std::uint8_t>(level);
+      pos_[id] = static_cast<std::uint32_t>(h.size());
+      h.push_back(id);
+      ++size_;
+      up(h, pos_[id]);
     } else {
       const std::uint32_t p = pos_[id];
-      up(p);
-      down(pos_[id]);
+      up(h, p);
+      down(h, pos_[id]);
     }
   }
   void erase(std::uint32_t id) noexcept {
     if (!contains(id))
       return;
+    std::vector<std::uint32_t>& h = heaps_[level_[id]];
     const std::uint32_t p = pos_[id];
-    const std::uint32_t last = heap_.back();
-    heap_.pop_back();
+    const std::uint32_t last = h.back();
+    h.pop_back();
+    --size_;
     pos_[id] = npos;
     if (last == id)
       return;
-    heap_[p] = last;
+    h[p] = last;
     pos_[last] = p;
-    up(p);
-    down(pos_[last]);
+    up(h, p);
+    down(h, pos_[last]);
   }
   [[nodiscard]] const score& key(std::uint32_t id) const noexcept {
     return keys_[id];
   }
   void check_invariants() const {
-    for (std::size_t i = 0; i < heap_.size(); ++i) {
-      KVFLEET_CHECK(pos_[heap_[i]] == i, "heap position mismatch");
-      if (i > 0)
-        KVFLEET_CHECK(!(keys_[heap_[i]] < keys_[heap_[(i - 1) / 2]]),
-                      "heap order broken");
+    std::size_t total = 0;
+    for (std::size_t l = 0; l < heaps_.size(); ++l) {
+      const auto& h = heaps_[l];
+      total += h.size();
+      for (std::size_t i = 0; i < h.size(); ++i) {
+        KVFLEET_CHECK(pos_[h[i]] == i, "heap position mismatch");
+        KVFLEET_CHECK(level_[h[i]] == l, "heap level mismatch");
+        if (i > 0)
+          KVFLEET_CHECK(!(keys_[h[i]] < keys_[h[(i - 1) / 2]]),
+                        "heap order broken");
+      }
     }
+    KVFLEET_CHECK(total == size_, "heap size mismatch");
   }
 
 private:
-  void up(std::uint32_t p) noexcept {
-    const std::uint32_t id = heap_[p];
+  void up(std::vector<std::uint32_t>& h, std::uint32_t p) noexcept {
+    const std::uint32_t id = h[p];
     while (p > 0) {
       const std::uint32_t parent = (p - 1) / 2;
-      if (!(keys_[id] < keys_[heap_[parent]]))
+      if (!(keys_[id] < keys_[h[parent]]))
         break;
-      heap_[p] = heap_[parent];
-      pos_[heap_[p]] = p;
+      h[p] = h[parent];
+      pos_[h[p]] = p;
       p = parent;
     }
-    heap_[p] = id;
+    h[p] = id;
     pos_[id] = p;
   }
-  void down(std::uint32_t p) noexcept {
-    const std::uint32_t id = heap_[p];
-    const auto n = static_cast<std::uint32_t>(heap_.size());
+  void down(std::vector<std::uint32_t>& h, std::uint32_t p) noexcept {
+    const std::uint32_t id = h[p];
+    const auto n = static_cast<std::uint32_t>(h.size());
     while (true) {
       std::uint32_t child = 2 * p + 1;
       if (child >= n)
         break;
-      if (child + 1 < n && keys_[heap_[child + 1]] < keys_[heap_[child]])
+      if (child + 1 < n && keys_[h[child + 1]] < keys_[h[child]])
         ++child;
-      if (!(keys_[heap_[child]] < keys_[id]))
+      if (!(keys_[h[child]] < keys_[id]))
         break;
-      heap_[p] = heap_[child];
-      pos_[heap_[p]] = p;
+      h[p] = h[child];
+      pos_[h[p]] = p;
       p = child;
     }
-    heap_[p] = id;
+    h[p] = id;
     pos_[id] = p;
   }
 
-  std::vector<std::uint32_t> heap_;
+  std::vector<std::vector<std::uint32_t>> heaps_;
   std::vector<std::uint32_t> pos_;
+  std::vector<std::uint8_t> level_;
   std::vector<score> keys_;
+  std::size_t size_ = 0;
 };
 
 } // namespace kvfleet::engine::internal

@@ -1,0 +1,122 @@
+#include "engine/eviction_policy.hpp"
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace kvfleet::engine {
+namespace {
+
+constexpr std::uint32_t ids = 64;
+constexpr std::uint32_t npos = eviction_policy::npos;
+
+/// Drives a policy with a seeded random history of inserts, hits (each at
+/// a random priority), evictability changes and removals, and tracks what
+/// the policy must hold.
+struct replay {
+  std::unique_ptr<eviction_policy> policy;
+  std::array<bool, ids> live{};
+  std::array<bool, ids> evictable{};
+  std::array<priority, ids> prio{};
+  std::uint64_t tick = 0;
+
+  replay(policy_kind kind, std::uint32_t seed, std::size_t steps)
+      : policy(make_policy(kind)) {
+    policy->reserve(ids);
+    std::mt19937 gen(seed);
+    for (std::size_t i = 0; i < steps; ++i)
+      step(gen);
+  }
+
+  void step(std::mt19937& gen) {
+    const auto id = static_cast<std::uint32_t>(gen() % ids);
+    const auto p = static_cast<priority>(gen() % priority_count);
+    access_info info;
+    info.tick = ++tick;
+    info.prio = p;
+    info.count = static_cast<std::uint32_t>(1 + gen() % 8);
+    info.next_use = tick + gen() % 1000;
+    info.resident_blocks = ids;
+    info.key_hash = id * 0x9E3779B97F4A7C15ULL;
+    switch (gen() % 4) {
+    case 0: // insert, or a hit of a live block
+      policy->on_access(id, info, !live[id]);
+      live[id] = true;
+      prio[id] = p;
+      break;
+    case 1:
+    case 2: // becomes evictable or stops being so
+      if (live[id]) {
+        evictable[id] = !evictable[id];
+        policy->set_evictable(id, evictable[id]);
+      }
+      break;
+    default: // leaves
+      if (live[id]) {
+        policy->on_remove(id);
+        live[id] = false;
+        evictable[id] = false;
+      }
+    }
+  }
+};
+
+class policy_priorities : public ::testing::TestWithParam<policy_kind> {};
+
+TEST_P(policy_priorities, counts_follow_each_blocks_last_priority) {
+  for (std::size_t steps = 0; steps <= 2000; steps += 125) {
+    replay r(GetParam(), 7, steps);
+    r.policy->check_invariants();
+    std::array<std::size_t, priority_count> want{};
+    std::size_t all = 0;
+    for (std::uint32_t id = 0; id < ids; ++id)
+      if (r.evictable[id]) {
+        ++want[static_cast<std::size_t>(r.prio[id])];
+        ++all;
+      }
+    EXPECT_EQ(r.policy->evictable_count(), all) << steps << " steps";
+    for (std::size_t l = 0; l < priority_count; ++l) {
+      EXPECT_EQ(r.policy->evictable_count(static_cast<priority>(l)), want[l])
+          << steps << " steps, " << to_string(static_cast<priority>(l));
+    }
+  }
+}
+
+TEST_P(policy_priorities, victim_of_a_priority_is_the_first_of_it_in_order) {
+  for (std::size_t steps = 0; steps <= 2000; steps += 125) {
+    replay r(GetParam(), 11, steps);
+    std::array<std::uint32_t, priority_count> first{};
+    for (std::size_t l = 0; l < priority_count; ++l)
+      first[l] = r.policy->victim(static_cast<priority>(l));
+    // victim()'s whole order, taking each block out in turn.
+    std::array<std::uint32_t, priority_count> want{};
+    want.fill(npos);
+    for (std::uint32_t v = r.policy->victim(); v != npos;
+         v = r.policy->victim()) {
+      ASSERT_TRUE(r.evictable[v]) << v << " is not evictable";
+      auto& w = want[static_cast<std::size_t>(r.prio[v])];
+      if (w == npos)
+        w = v;
+      r.policy->set_evictable(v, false);
+      r.evictable[v] = false;
+    }
+    EXPECT_EQ(first, want) << steps << " steps";
+    r.policy->check_invariants();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(every_policy, policy_priorities,
+                         ::testing::Values(policy_kind::lru, policy_kind::lfu,
+                                           policy_kind::priority,
+                                           policy_kind::adaptive,
+                                           policy_kind::belady),
+                         [](const auto& param_info) {
+                           return std::string(to_string(param_info.param));
+                         });
+
+} // namespace
+} // namespace kvfleet::engine
