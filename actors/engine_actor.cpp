@@ -319,18 +319,13 @@ caf::behavior engine_behavior(engine_actor* self,
       },
       [=](lookup_atom, const key_vec& keys) -> caf::result<std::uint64_t> {
         auto& s = self->state;
-        auto r = s.store->lookup(s.ns, keys);
-        if (!r)
-          return to_caf_error(r.error());
-        std::size_t n = *r;
-        // The store's lookup() stops where memory and the memory tier do;
-        // a request goes on on disk (it promotes those blocks), so the
-        // prefix it would match does too. No I/O: the disk tier's
-        // directory is in memory.
-        if (s.store->disk() != nullptr && n < keys.size())
-          if (auto t = s.store->lookup_tiers(s.ns, keys))
-            n = std::max(n, t->memory + t->tier + t->disk);
-        return static_cast<std::uint64_t>(n);
+        // What a request would match: memory, the memory tier, and the
+        // disk tier (a request promotes those blocks), in one walk that
+        // the store counts as one lookup of that many block hits.
+        auto t = s.store->lookup_tiers(s.ns, keys);
+        if (!t)
+          return to_caf_error(t.error());
+        return static_cast<std::uint64_t>(t->memory + t->tier + t->disk);
       },
       [=](reserve_atom, const put_request& p) -> caf::result<std::uint64_t> {
         auto& s = self->state;
@@ -436,6 +431,8 @@ caf::behavior engine_behavior(engine_actor* self,
         out.capacity_bytes = s.store->capacity_bytes();
         out.token_hits = ss.token_hits;
         out.token_misses = ss.token_misses;
+        out.block_hits = ss.block_hits;
+        out.block_misses = ss.block_misses;
         out.evictions = ss.evictions;
         out.pressure_evictions = s.pressure_evictions;
         out.capacity_tokens = s.config.capacity_tokens;

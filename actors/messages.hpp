@@ -128,6 +128,10 @@ struct engine_stats {
   std::uint64_t disk_hits = 0;   ///< blocks promoted from disk on a hit
   std::uint64_t disk_spills = 0; ///< blocks written to disk, or in flight
   std::uint64_t disk_spill_failures = 0; ///< spills refused or failed
+  /// Blocks found and not found by lookups and requests (the store's
+  /// block_hits and block_misses: engine/README.md "Stats").
+  std::uint64_t block_hits = 0;
+  std::uint64_t block_misses = 0;
 };
 
 template <class Inspector>
@@ -137,7 +141,8 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
            x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
            x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
            x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
-           x.disk_hits, x.disk_spills, x.disk_spill_failures);
+           x.disk_hits, x.disk_spills, x.disk_spill_failures, x.block_hits,
+           x.block_misses);
 }
 
 /// The balancer's counters.

@@ -966,7 +966,9 @@ TEST_F(Node, AnEngineRestartedAfterAKillRecoversItsDiskDirectory) {
 TEST_F(Node, LookupCountsTheBlocksAnEngineHoldsOnDisk) {
   // What lookup says is cached is what a request then matches, also when
   // the blocks are only on the engine's disk (spilled, or recovered by a
-  // new node). (Before, lookup counted memory only: 0 for both.)
+  // new node). (Before, lookup counted memory only: 0 for both.) The
+  // engine's stats count the blocks on disk as hits, once: the engine asks
+  // its store one lookup (before, two, and the disk's blocks were misses).
   temp_dir dir;
   ASSERT_FALSE(dir.path().empty());
   {
@@ -976,9 +978,15 @@ TEST_F(Node, LookupCountsTheBlocksAnEngineHoldsOnDisk) {
       auto r = (*n)->process_request(chain(id));
       ASSERT_TRUE(r.has_value()) << r.error().describe();
     }
+    auto before = (*n)->engine_stats(0);
+    ASSERT_TRUE(before.has_value()) << before.error().describe();
     auto spilled = (*n)->lookup(chain(1).keys);
     ASSERT_TRUE(spilled.has_value()) << spilled.error().describe();
     EXPECT_EQ(*spilled, 4U);
+    auto after = (*n)->engine_stats(0);
+    ASSERT_TRUE(after.has_value()) << after.error().describe();
+    EXPECT_EQ(after->block_hits - before->block_hits, 4U);
+    EXPECT_EQ(after->block_misses - before->block_misses, 0U);
     auto unknown = (*n)->lookup({block_key{1, 1}});
     ASSERT_TRUE(unknown.has_value()) << unknown.error().describe();
     EXPECT_EQ(*unknown, 0U);

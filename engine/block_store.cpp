@@ -337,11 +337,16 @@ result<std::size_t> block_store::lookup(ns_id ns,
   const nanos start = now();
   std::size_t n = walk_prefix(ns, keys, start);
   n += tier_prefix_length(ns, keys.subspan(n)); // 0 at once without a tier
-  ++stats_.lookups;
-  stats_.block_hits += n;
-  stats_.block_misses += keys.size() - n;
-  stats_.lookup_ns.record(static_cast<std::uint64_t>((now() - start).count()));
+  count_lookup(start, n, keys.size());
   return n;
+}
+
+void block_store::count_lookup(nanos start, std::size_t hits,
+                               std::size_t keys) noexcept {
+  ++stats_.lookups;
+  stats_.block_hits += hits;
+  stats_.block_misses += keys - hits;
+  stats_.lookup_ns.record(static_cast<std::uint64_t>((now() - start).count()));
 }
 
 void block_store::touch(std::uint32_t id) {
@@ -413,10 +418,7 @@ block_store::acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
     refresh_evictable(id);
     out.push_back(read_lease(this, id, key));
   }
-  ++stats_.lookups;
-  stats_.block_hits += out.size();
-  stats_.block_misses += keys.size() - out.size();
-  stats_.lookup_ns.record(static_cast<std::uint64_t>((now() - start).count()));
+  count_lookup(start, out.size(), keys.size());
   return out.size();
 }
 
@@ -1955,12 +1957,16 @@ void block_store::collect_disk() {
 result<block_store::tier_prefix>
 block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
   auto st = check_ns(ns);
-  if (!st)
+  if (!st) {
+    count_rejected();
     return unexpected<error>(st.error());
+  }
+  const nanos start = now();
   tier_prefix out;
-  out.memory = walk_prefix(ns, keys, now());
+  out.memory = walk_prefix(ns, keys, start);
   out.tier = tier_prefix_length(ns, keys.subspan(out.memory));
   out.disk = disk_prefix(ns, keys.subspan(out.memory + out.tier));
+  count_lookup(start, out.memory + out.tier + out.disk, keys.size());
   return out;
 }
 

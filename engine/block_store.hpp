@@ -264,9 +264,9 @@ public:
   [[nodiscard]] result<const namespace_spec*> spec(ns_id ns) const;
 
   /// Number of leading `keys` cached (longest prefix), in memory and then
-  /// in the memory tier (not on disk: lookup_tiers() tells the tiers
-  /// apart). Read-only: no access is recorded, nothing moves. Counts block
-  /// hits and misses.
+  /// in the memory tier (not on disk: lookup_tiers() goes on there and
+  /// tells the tiers apart). Read-only: no access is recorded, nothing
+  /// moves. Counts block hits and misses.
   [[nodiscard]] result<std::size_t> lookup(ns_id ns,
                                            std::span<const block_key> keys);
 
@@ -353,7 +353,11 @@ public:
   /// Leading blocks of `keys` in memory, then how many more follow in the
   /// memory tier, then how many more on disk (or in memory again: a block
   /// brought back from disk alone, and those put under it, follow blocks
-  /// only on disk; process() matches them all).
+  /// only on disk): the prefix a request would match (process() promotes
+  /// the disk's blocks and matches them all). Counts one lookup, as
+  /// lookup() does, whose block hits are all of them (README "Stats"); no
+  /// access is recorded and nothing moves. No I/O: the disk tier's
+  /// directory is in memory.
   struct tier_prefix {
     std::size_t memory = 0;
     std::size_t tier = 0;
@@ -512,6 +516,9 @@ private:
   [[nodiscard]] std::size_t
   walk_prefix(ns_id ns, std::span<const block_key> keys, nanos now);
   void touch(std::uint32_t id);
+  /// Counts one prefix lookup that found `hits` of `keys` blocks and began
+  /// at `start` (stats: lookups, block hits and misses, lookup_ns).
+  void count_lookup(nanos start, std::size_t hits, std::size_t keys) noexcept;
   /// A block used by a request of priority `p` ranks at least as `p`
   /// (priority policy): one put by a prefetch and then used by a normal
   /// request is no longer the first to go. Call before touch(): the

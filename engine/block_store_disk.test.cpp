@@ -196,6 +196,30 @@ TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
     expect_correct(k);
 }
 
+TEST_F(store_disk_test, lookup_tiers_counts_one_lookup_with_the_disk_hits) {
+  // lookup_tiers() is what a request would match, in one walk: the blocks
+  // on disk are hits (process() would promote them). Before, it counted
+  // nothing, and the engine actor called lookup() first, which counted
+  // them as misses.
+  auto a = chain(1, 4);
+  run(a);
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(1000 * (i + 1), 4));
+  a.push_back(chain(99999, 1)[0]); // never cached
+  const store_stats before = store_->stats();
+  const auto tiers = store_->lookup_tiers(ns_, a);
+  ASSERT_TRUE(tiers.has_value()) << tiers.error().describe();
+  EXPECT_EQ(tiers->memory + tiers->tier + tiers->disk, 4U);
+  EXPECT_EQ(tiers->disk, 4U);
+  const store_stats& after = store_->stats();
+  EXPECT_EQ(after.lookups - before.lookups, 1U);
+  EXPECT_EQ(after.block_hits - before.block_hits, 4U);
+  EXPECT_EQ(after.block_misses - before.block_misses, 1U);
+  EXPECT_EQ(after.disk_block_hits, before.disk_block_hits) << "moves nothing";
+  EXPECT_EQ(after.lookup_ns.count(), before.lookup_ns.count() + 1);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, blocks_promoted_from_disk_count_as_block_hits) {
   const auto a = chain(1, 4);
   run(a);

@@ -56,10 +56,11 @@ inline constexpr std::size_t partition_count = 3;
 [[nodiscard]] std::string_view to_string(size_partition p) noexcept;
 
 struct store_stats {
-  // Prefix matching (lookup, acquire_prefix, process).
+  // Prefix matching (lookup, lookup_tiers, acquire_prefix, process).
   std::uint64_t lookups = 0;
-  /// Blocks found: lookup() in memory and the memory tier, process() also
-  /// on disk (what it matched), acquire_prefix() in memory.
+  /// Blocks found: lookup() in memory and the memory tier, lookup_tiers()
+  /// and process() also on disk (what a request matches), acquire_prefix()
+  /// in memory (engine/README.md "Stats").
   std::uint64_t block_hits = 0;
   std::uint64_t block_misses = 0;
   std::uint64_t token_hits = 0;   ///< process() only: prompt tokens served
