@@ -192,7 +192,7 @@ protected:
         *sys_, bc, [engines](caf::actor_system& s, std::uint32_t slot) {
           auto c = engines.at(slot % engines.size());
           c.slot = slot;
-          return spawn_engine_actor(s, c);
+          return started_now(spawn_engine_actor(s, c));
         }));
     stop_at_end_.push_back(b);
     return b;
@@ -221,7 +221,7 @@ protected:
         spawn_balancer(*sys_, bc, [](caf::actor_system& s, std::uint32_t slot) {
           auto c = small_engine(64);
           c.slot = slot;
-          return spawn_engine_actor(s, c);
+          return started_now(spawn_engine_actor(s, c));
         }));
     stop_at_end_.push_back(b);
     return b;
@@ -549,7 +549,7 @@ routing_outcome run_shared_prefix(actor_test* t, caf::actor_system& sys,
       spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
         auto c = small_engine(48); // ~3 of the 16 hot prefixes fit one engine
         c.slot = slot;
-        return spawn_engine_actor(s, c);
+        return started_now(spawn_engine_actor(s, c));
       }));
   sched.run();
   std::mt19937_64 rng{7};
@@ -848,17 +848,102 @@ struct flaky_factory {
   std::shared_ptr<bool> failing = std::make_shared<bool>(true);
 
   [[nodiscard]] engine_factory make() const {
-    return [calls = calls, failing = failing](
-               caf::actor_system& s, std::uint32_t slot) -> result<caf::actor> {
+    return [calls = calls,
+            failing = failing](caf::actor_system& s,
+                               std::uint32_t slot) -> result<started_engine> {
       ++*calls;
       if (*failing)
         return make_error(errc::backend_error, "no device (test)");
       auto c = small_engine(64);
       c.slot = slot;
-      return spawn_engine_actor(s, c);
+      return started_now(spawn_engine_actor(s, c));
     };
   }
 };
+
+/// An engine whose disk open the test holds: it answers ready_atom only
+/// once it gets (ready_atom, true), and every request at once.
+struct opening_engine_state {
+  caf::response_promise ready;
+  static inline const char* name = "test.opening_engine";
+};
+
+caf::behavior opening_engine(caf::stateful_actor<opening_engine_state>* self) {
+  return {
+      [=](ready_atom) -> caf::result<bool> {
+        self->state.ready = self->make_response_promise();
+        return self->state.ready;
+      },
+      [=](ready_atom, bool) { self->state.ready.deliver(true); },
+      [=](listen_atom, const caf::actor&) {},
+      [=](process_atom, const kv_request& r) {
+        kv_reply rep;
+        rep.id = r.id;
+        return rep;
+      },
+  };
+}
+
+TEST_F(actor_test, AnEngineStillOpeningItsDiskTakesNoRequestsUntilReady) {
+  // The replica in slot 2 opens its disk (started_engine::opening). Least
+  // loaded would pick it first (nothing in flight there), and every
+  // request would wait for the open: the balancer routes them to the live
+  // engines until the replica answers ready_atom, retires a live engine
+  // (slot 1), not the opening one, and answers the replica_atom then.
+  // Shared: the balancer keeps the factory beyond this scope.
+  auto opening = std::make_shared<caf::actor>();
+  balancer_config bc;
+  bc.routing.policy = routing_policy::least_loaded;
+  bc.initial_engines = 2;
+  auto b =
+      started_balancer(bc,
+                       [opening](caf::actor_system& s,
+                                 std::uint32_t slot) -> result<started_engine> {
+                         if (slot < 2) {
+                           auto c = small_engine(64);
+                           c.slot = slot;
+                           return started_now(spawn_engine_actor(s, c));
+                         }
+                         *opening = s.spawn(opening_engine);
+                         return started_engine{*opening, true};
+                       });
+  auto replica = ask_untimed<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(*opening);
+  stop_at_end_.push_back(*opening);
+  EXPECT_FALSE(replica->done()) << "answered before the replica was ready";
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1, 0}));
+  EXPECT_EQ(st.live, 2U);
+  EXPECT_EQ(st.engines, 3U);
+  EXPECT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  std::vector<std::shared_ptr<outcome<kv_reply>>> replies;
+  for (std::uint64_t i = 0; i < 4; ++i)
+    replies.push_back(
+        ask<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i)));
+  sched_->run();
+  for (const auto& r : replies) {
+    ASSERT_TRUE(r->value.has_value());
+    EXPECT_EQ(r->value->engine, 0U);
+  }
+  caf::anon_send(*opening, ready_atom::value, true);
+  sched_->run();
+  ASSERT_TRUE(replica->value.has_value()) << "the opening replica retired";
+  EXPECT_EQ(*replica->value, 2U);
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 0, 1}));
+  // Two requests at once: least loaded gives the replica one of them.
+  std::set<std::uint32_t> engines;
+  replies = {
+      ask<kv_reply>(b, process_atom::value, make_request(8, 0, 0, 1, 8)),
+      ask<kv_reply>(b, process_atom::value, make_request(9, 0, 0, 1, 9))};
+  sched_->run();
+  for (const auto& r : replies) {
+    ASSERT_TRUE(r->value.has_value());
+    engines.insert(r->value->engine);
+  }
+  EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 2}));
+}
 
 TEST_F(actor_test, AFactoryThatAlwaysFailsIsGivenUpAfterMaxRestarts) {
   // The first start and every retry fail. Each retry counts as a restart:
@@ -1381,7 +1466,7 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
     ++factory_calls;
     auto c = small_engine(16);
     c.slot = slot;
-    return spawn_engine_actor(s, c);
+    return started_now(spawn_engine_actor(s, c));
   };
   const std::pair<void (*)(balancer_config&), const char*> balancer_cases[] = {
       {[](balancer_config& c) { c.routing.max_index_keys = 0; },
@@ -2083,8 +2168,8 @@ TEST_F(actor_test, CriticalRequestsOvertakeNormalOnesAtTheEngineMailbox) {
   balancer_config bc;
   auto b = spawned(spawn_balancer(
       *sys_, bc,
-      [be](caf::actor_system& s, std::uint32_t) -> result<caf::actor> {
-        return s.spawn(fake_balancer, be);
+      [be](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        return started_engine{s.spawn(fake_balancer, be)};
       }));
   stop_at_end_.push_back(b);
   sched_->run();

@@ -25,6 +25,10 @@
 namespace kvfleet::actors {
 namespace {
 
+/// Why an engine was started: what a start that fails is called, and
+/// what follows it.
+enum class start_kind : std::uint8_t { initial, restart, replica };
+
 struct slot_info {
   caf::actor engine;
   std::uint64_t generation = 0; ///< bumps at every (re)start
@@ -35,6 +39,12 @@ struct slot_info {
   /// Its engine failed after max_restarts restarts: like a retired slot,
   /// free for the next replica.
   bool given_up = false;
+  /// Its engine opens its disk (started_engine::opening) and has not
+  /// answered ready_atom yet: the slot stays down.
+  bool opening = false;
+  start_kind kind = start_kind::initial; ///< of the engine's start
+  /// The replica_atom that started it, while it opens.
+  owed_reply replica;
 };
 
 /// A request forwarded to an engine and not yet answered. Calls are kept
@@ -83,14 +93,47 @@ std::int64_t now_ns(balancer_actor* self) {
       .count();
 }
 
-/// Starts (or restarts) the engine of `slot`. Errors: the factory's.
-result<void> start_engine(balancer_actor* self, std::uint32_t slot) {
+/// Why the engine of a start of `kind` (an initial engine's or a
+/// restart's) that failed with `why` is restarted or given up, for the
+/// give-up log line.
+std::string start_failed(start_kind kind, const error& why) {
+  return (kind == start_kind::restart ? "its restart failed: "
+                                      : "its start failed: ") +
+         why.describe();
+}
+
+/// What the caller of a replica_atom whose replica failed with `why` gets.
+error replica_failed(const error& why) {
+  return error{why.code, "the new replica did not start: " + why.message};
+}
+
+/// The engine of `slot` (generation `generation`) answered ready_atom: its
+/// disk is open, and the slot takes requests. The replica_atom that
+/// started it, if any, is answered now.
+void engine_ready(balancer_actor* self, std::uint32_t slot,
+                  std::uint64_t generation) {
   auto& st = self->state;
-  auto engine = st.make_engine(self->system(), slot);
-  if (!engine)
-    return unexpected<error>{engine.error()};
   auto& info = st.slots[slot];
-  info.engine = std::move(*engine);
+  if (info.generation != generation || !info.opening)
+    return; // that engine is gone already
+  info.opening = false;
+  st.route.set_up(slot, true);
+  if (info.replica.pending())
+    info.replica.deliver(static_cast<std::uint32_t>(st.route.live_slots()));
+  info.replica = owed_reply{};
+}
+
+/// Starts (or restarts) the engine of `slot`. Errors: the factory's.
+result<void> start_engine(balancer_actor* self, std::uint32_t slot,
+                          start_kind kind) {
+  auto& st = self->state;
+  auto started = st.make_engine(self->system(), slot);
+  if (!started)
+    return unexpected<error>{started.error()};
+  auto& info = st.slots[slot];
+  info.engine = std::move(started->actor);
+  info.kind = kind;
+  info.opening = started->opening;
   ++info.generation;
   self->monitor(info.engine);
   st.owned->push_back(info.engine);
@@ -99,8 +142,21 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot) {
   if (st.capacity_tokens)
     self->send<caf::message_priority::high>(info.engine, capacity_atom::value,
                                             *st.capacity_tokens);
+  if (info.opening) {
+    // Asked before listen_atom, so the slot is up when the engine's first
+    // block_events (the keys it recovered) arrive: the router keeps no
+    // keys of a slot that is down.
+    const auto generation = info.generation;
+    self->request(info.engine, caf::infinite, ready_atom::value)
+        .then([=](bool) { engine_ready(self, slot, generation); },
+              [](caf::error&) {
+                // The engine stopped before it was ready: the down handler
+                // has its exit reason (the open's error) and reports it.
+              });
+  }
   self->send(info.engine, listen_atom::value, caf::actor{self});
-  st.route.set_up(slot, true);
+  if (!info.opening)
+    st.route.set_up(slot, true);
   return {};
 }
 
@@ -139,11 +195,18 @@ void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
   self->delayed_send(self, s.config.restart_delay, restart_atom::value, slot);
 }
 
+/// The slot of a replica that did not start: free again, as a retired
+/// slot is, so that no engine the caller was told failed comes up later.
+void free_replica_slot(balancer_actor* self, std::uint32_t slot) {
+  self->state.slots[slot].retired = true;
+  self->state.route.remove_slot(slot);
+}
+
 /// Starts an engine in a free slot (whose engine retired or was given up)
 /// if there is one, else in a new slot. A failed start is retried like a
 /// restart when `retry` (the balancer's initial engines); otherwise (a
 /// replica asked for now) the slot is freed again and the factory's error
-/// returned, so that no engine the caller was told failed comes up later.
+/// returned (free_replica_slot).
 /// Errors: errc::unavailable when all router::max_slots slots are in use.
 result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   auto& st = self->state;
@@ -166,17 +229,32 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
     info.given_up = false;
   }
   st.route.set_up(*slot, false);
-  if (auto ok = start_engine(self, *slot); !ok) {
+  const auto kind = retry ? start_kind::initial : start_kind::replica;
+  if (auto ok = start_engine(self, *slot, kind); !ok) {
     if (!retry) {
-      st.slots[*slot].retired = true; // free, as a retired slot is
-      st.route.remove_slot(*slot);
-      return make_error(ok.error().code,
-                        "the new replica did not start: " + ok.error().message);
+      free_replica_slot(self, *slot);
+      return unexpected<error>{replica_failed(ok.error())};
     }
-    restart_or_give_up(self, *slot,
-                       "its start failed: " + ok.error().describe());
+    restart_or_give_up(self, *slot, start_failed(kind, ok.error()));
   }
   return *slot;
+}
+
+/// The engine of `slot` stopped before it answered ready_atom (its disk
+/// open failed: `why` is its exit reason), so its start failed: a replica
+/// asked for is answered with that error and its slot freed; another start
+/// is restarted or given up, as a start whose factory fails.
+void open_failed(balancer_actor* self, std::uint32_t slot, const error& why) {
+  auto& info = self->state.slots[slot];
+  info.opening = false;
+  if (info.kind != start_kind::replica) {
+    restart_or_give_up(self, slot, start_failed(info.kind, why));
+    return;
+  }
+  free_replica_slot(self, slot);
+  if (info.replica.pending())
+    info.replica.deliver(to_caf_error(replica_failed(why)));
+  info.replica = owed_reply{};
 }
 
 void maybe_exit_retired(balancer_actor* self, std::uint32_t slot) {
@@ -367,7 +445,9 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       std::erase(*s.owned, info.engine);
       info.engine = caf::actor{};
       engine_gone(self, slot);
-      if (info.retiring) {
+      if (info.opening) {
+        open_failed(self, slot, from_caf_error(dm.reason));
+      } else if (info.retiring) {
         info.retired = true;
         s.route.remove_slot(slot); // free for the next replica
       } else {
@@ -393,9 +473,9 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         if (slot >= s.slots.size() || s.slots[slot].engine ||
             s.slots[slot].retired || s.slots[slot].given_up)
           return;
-        if (auto ok = start_engine(self, slot); !ok)
+        if (auto ok = start_engine(self, slot, start_kind::restart); !ok)
           restart_or_give_up(self, slot,
-                             "its restart failed: " + ok.error().describe());
+                             start_failed(start_kind::restart, ok.error()));
       },
       [=](const block_events& ev) {
         auto& s = self->state;
@@ -451,8 +531,16 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         return s.slots[slot].engine;
       },
       [=](replica_atom) -> caf::result<std::uint32_t> {
-        if (auto slot = add_engine(self, false); !slot)
+        auto slot = add_engine(self, false);
+        if (!slot)
           return to_caf_error(slot.error());
+        auto& info = self->state.slots[*slot];
+        if (info.opening) {
+          // Answered by engine_ready, or open_failed.
+          auto promise = self->make_response_promise();
+          info.replica = owed_reply{promise};
+          return promise;
+        }
         return static_cast<std::uint32_t>(self->state.route.live_slots());
       },
       [=](retire_atom) -> caf::result<std::uint32_t> {
@@ -462,7 +550,10 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
               error{errc::invalid_argument, "last live engine"});
         for (auto slot = static_cast<std::uint32_t>(s.slots.size());
              slot-- > 0;) {
-          if (s.slots[slot].engine && !s.slots[slot].retiring) {
+          // Not one still opening: it serves nothing yet, and a replica
+          // asked for is waiting for it.
+          if (s.slots[slot].engine && !s.slots[slot].retiring &&
+              !s.slots[slot].opening) {
             s.slots[slot].retiring = true;
             s.route.set_draining(slot, true);
             maybe_exit_retired(self, slot);
@@ -512,6 +603,12 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
 }
 
 } // namespace
+
+result<started_engine> started_now(result<caf::actor> engine) {
+  if (!engine)
+    return unexpected<error>{engine.error()};
+  return started_engine{std::move(*engine), false};
+}
 
 result<void> validate(const balancer_config& config) {
   if (auto ok = validate(config.routing); !ok)

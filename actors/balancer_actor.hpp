@@ -22,15 +22,20 @@
 ///   (lookup_atom, vector<block_key>) -> uint64  asks the live engine the
 ///       index names for the longest prefix (the lowest live slot when the
 ///       index knows nothing; a retiring engine only when none is live)
-///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot
+///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot (or
+///       one still opening its disk: what is sent to it waits until then)
 ///   (replica_atom)               -> uint32 live engines after adding one
 ///       (in the slot of a retired or given-up engine when there is one);
 ///       errc::unavailable when all router::max_slots (64) slots are in use;
 ///       the factory's error when the replica does not start (its slot is
-///       free again, and no retry comes later)
-///   (retire_atom)                -> uint32 live engines after draining one:
-///       it takes no new requests and exits once its requests are answered;
-///       its slot is then free for the next replica
+///       free again, and no retry comes later). A replica that opens its
+///       disk on its own thread (started_engine::opening) is answered once
+///       it is ready, or with its open's error; the balancer goes on
+///       routing meanwhile.
+///   (retire_atom)                -> uint32 live engines after draining one
+///       (never one still opening): it takes no new requests and exits once
+///       its requests are answered; its slot is then free for the next
+///       replica
 ///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply),
 ///       and remembered: every engine spawned or restarted later gets it
 ///       before any request
@@ -51,7 +56,8 @@
 /// router skips it and forgets its index entries) and respawned after
 /// `restart_delay`, with nothing in memory (an engine with a disk tier
 /// recovers what its directory holds); it rejoins the rotation when the new
-/// actor is up.
+/// actor is up (started_engine::opening: when it answered ready_atom, its
+/// disk open done off the balancer's thread).
 /// A slot's engine is restarted at most `max_restarts` times, and a start
 /// whose factory fails (the first start of a slot included) is retried
 /// after `restart_delay` as one of those restarts: a slot gets at most
@@ -80,10 +86,27 @@ struct balancer_config {
   std::uint32_t initial_engines = 1;
 };
 
+/// An engine an engine_factory started.
+struct started_engine {
+  caf::actor actor;
+  /// The engine still opens its disk tier on its own thread
+  /// (spawn_engine_actor with disk_open::on_engine). The balancer then
+  /// asks it ready_atom and routes nothing to its slot until it answers
+  /// (least_loaded would pick the idle newcomer first, and each request
+  /// would wait there for the whole open); a replica_atom is answered then
+  /// too. An engine that stops before it answers (its open failed: the
+  /// tier's error is its exit reason) is a start that failed, with that
+  /// error. False: it takes requests at once, and costs no extra message.
+  bool opening = false;
+};
+
+/// `engine` as a started_engine that takes requests at once, or its error.
+[[nodiscard]] result<started_engine> started_now(result<caf::actor> engine);
+
 /// Spawns the engine of `slot` (fresh: nothing in memory; with a disk tier,
 /// engine_actor_config::make_disk, it reopens the slot's directory).
-using engine_factory =
-    std::function<result<caf::actor>(caf::actor_system&, std::uint32_t slot)>;
+using engine_factory = std::function<result<started_engine>(
+    caf::actor_system&, std::uint32_t slot)>;
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// what validate(config.routing) rejects, a request_timeout that is not

@@ -44,6 +44,8 @@ struct engine_parts {
   std::unique_ptr<engine::block_store> store;
   engine::ns_id ns;
   std::unique_ptr<engine::kv_producer> producer;
+  /// disk_open::on_engine: the actor opens make_disk's tier at its start.
+  bool open_disk = false;
 };
 
 /// A request waiting in a batch. One dropped unanswered is answered
@@ -232,9 +234,30 @@ void close_batch(engine_actor* self) {
   arm_timer(self);
 }
 
+/// Opens make_disk's tier for engine config.slot and puts it under
+/// `store`. Errors: the factory's (directory checks, the catalog: see
+/// engine/disk/README.md, "At open") and attach_disk's.
+result<void> open_disk(engine::block_store& store,
+                       const engine_actor_config& config) {
+  auto disk = config.make_disk(config.slot);
+  if (!disk)
+    return unexpected<error>{disk.error()};
+  return store.attach_disk(std::move(*disk));
+}
+
 caf::behavior engine_behavior(engine_actor* self,
                               std::shared_ptr<engine_parts> parts) {
   auto& st = self->state;
+  // disk_open::on_engine: first, on the actor's own thread (an engine with
+  // a disk tier always has one), so whoever spawned it does not wait;
+  // messages sent meanwhile wait in the mailbox. A failed open ends the
+  // actor with its error, which its monitors' down_msg carries.
+  if (parts->open_disk) {
+    if (auto ok = open_disk(*parts->store, parts->config); !ok) {
+      self->quit(to_caf_error(ok.error()));
+      return {};
+    }
+  }
   st.config = std::move(parts->config);
   st.store = std::move(parts->store);
   st.ns = parts->ns;
@@ -470,6 +493,10 @@ caf::behavior engine_behavior(engine_actor* self,
         if (s.batcher.pending() > 0 && s.batcher.full())
           close_batch(self);
       },
+      [=](ready_atom) -> caf::result<bool> {
+        // Read after the disk open above, like every message.
+        return true;
+      },
       [=](listen_atom, const caf::actor& listener) {
         if (!listener)
           return;
@@ -527,7 +554,8 @@ result<void> validate(const engine_actor_config& config) {
 }
 
 result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
-                                      const engine_actor_config& config) {
+                                      const engine_actor_config& config,
+                                      disk_open open) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
   auto parts = std::make_shared<engine_parts>();
@@ -561,10 +589,9 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
       return unexpected<error>{t.error()};
   }
   if (config.make_disk) {
-    auto disk = config.make_disk(config.slot);
-    if (!disk)
-      return unexpected<error>{disk.error()};
-    if (auto d = (*store)->attach_disk(std::move(*disk)); !d)
+    if (open == disk_open::on_engine)
+      parts->open_disk = true;
+    else if (auto d = open_disk(**store, config); !d)
       return unexpected<error>{d.error()};
   }
   auto ns = (*store)->register_namespace(config.ns, config.ns_options);
@@ -576,7 +603,7 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
   if (!parts->producer)
     parts->producer = std::make_unique<engine::synthetic_producer>();
   const bool own_thread = config.own_thread.value_or(
-      !parts->store->host_addressable() || parts->store->disk() != nullptr);
+      !parts->store->host_addressable() || config.make_disk != nullptr);
   if (own_thread)
     return sys.spawn<caf::detached>(engine_behavior, std::move(parts));
   return sys.spawn(engine_behavior, std::move(parts));

@@ -29,6 +29,9 @@
 ///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply;
 ///       with a disk tier the first one stores every key on disk)
+///   (ready_atom)                      -> true, once the engine reads its
+///       mailbox: for one spawned with disk_open::on_engine, once its disk
+///       tier is open
 /// Engine errors come back as caf::error (caf_error.hpp), converted once.
 /// A request (process, batch) or put (reserve) whose priority is not one of
 /// engine::priority's five is errc::invalid_argument: it would outrank
@@ -80,6 +83,12 @@
 /// (the disk tier recovers its catalog at open). The tier is closed when the
 /// actor stops: spills already queued are written, blocks only in memory are
 /// not.
+/// Opening the tier (directory checks, the SQLite catalog, cutting segments
+/// back: engine/disk/README.md, "At open") takes as long as the directory
+/// is large: spawn_engine_actor does it on its caller (disk_open::
+/// before_spawn) or, with disk_open::on_engine, lets the actor do it on
+/// its own thread as its first act, so the caller (the balancer, starting
+/// a restart or a replica) goes on at once.
 ///
 /// Open puts are aborted `put_timeout` after their reservation.
 
@@ -174,13 +183,29 @@ disk_tier_per_engine(engine::disk_tier_config config);
 /// false with a make_disk (disk waits must not hold a scheduler worker).
 [[nodiscard]] result<void> validate(const engine_actor_config& config);
 
+/// Where spawn_engine_actor opens the disk tier of an engine with make_disk.
+enum class disk_open : std::uint8_t {
+  /// On the caller, before the actor is spawned: the tier's errors are
+  /// spawn_engine_actor's (node::start opens a node's initial engines so).
+  before_spawn,
+  /// On the actor's own thread, as its first act: spawn_engine_actor
+  /// returns without waiting for the open, messages sent meanwhile wait in
+  /// the mailbox, ready_atom is answered once the tier is open, and an open
+  /// that fails stops the actor with the tier's error as its exit reason
+  /// (what its monitors' down_msg carries). The node's restarts and
+  /// replicas start so (balancer_actor.hpp, started_engine).
+  on_engine,
+};
+
 /// Creates the store (over make_backend's memory when set, with make_tier's
-/// tier when it gives one and make_disk's disk tier when set), registers
-/// the namespace and spawns the actor. Errors: validate(config)'s, the
-/// backend's, the tier factory's, the disk tier's (directory missing,
-/// unwritable, full, locked, another version: engine/disk/README.md), the
-/// store's (zero capacity, bad namespace); nothing is spawned then.
+/// tier when it gives one and make_disk's disk tier when set; `open` says
+/// where that opens), registers the namespace and spawns the actor.
+/// Errors: validate(config)'s, the backend's, the tier factory's, with
+/// disk_open::before_spawn the disk tier's (directory missing, unwritable,
+/// full, locked, another version: engine/disk/README.md), the store's
+/// (zero capacity, bad namespace); nothing is spawned then.
 [[nodiscard]] result<caf::actor>
-spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config);
+spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config,
+                   disk_open open = disk_open::before_spawn);
 
 } // namespace kvfleet::actors

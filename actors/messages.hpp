@@ -153,7 +153,9 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
 /// last routed count until a replica takes the slot and its counts start
 /// over. `live` counts the engines that take requests now (what
 /// replica_atom and retire_atom answer); a slot whose engine is down and
-/// waiting for its restart counts in neither `live` nor the free slots.
+/// waiting for its restart, or still opening its disk tier
+/// (started_engine::opening), reads up 0 and counts in neither `live` nor
+/// the free slots.
 struct balancer_stats {
   /// Per slot, since an engine was added to it (the initial engine or a
   /// replica); its restarts keep counting.
@@ -170,9 +172,9 @@ struct balancer_stats {
   std::uint32_t live = 0; ///< engines taking requests
   /// Engines given up after max_restarts (their slots freed), ever.
   std::uint64_t given_up = 0;
-  /// Engines the balancer keeps: the live ones and those down waiting for
-  /// a restart; not draining ones, nor free slots. What the scaler counts
-  /// as its replicas.
+  /// Engines the balancer keeps: the live ones, those down waiting for a
+  /// restart and those opening their disk tier; not draining ones, nor
+  /// free slots. What the scaler counts as its replicas.
   std::uint32_t engines = 0;
 };
 
@@ -320,5 +322,6 @@ CAF_ADD_ATOM(kvfleet, kvfleet::actors, engine_atom, "kv_engine")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, sweep_atom, "kv_sweep")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, poll_tier_atom, "kv_poll")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, persist_atom, "kv_persist")
+CAF_ADD_ATOM(kvfleet, kvfleet::actors, ready_atom, "kv_ready")
 
 CAF_END_TYPE_ID_BLOCK(kvfleet)

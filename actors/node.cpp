@@ -59,7 +59,8 @@ private:
 };
 
 /// Every engine the node's factory started (restarts and replicas too),
-/// for stop() to wait for. The balancer calls the factory on its thread;
+/// for stop() to wait for. The balancer calls the factory on its thread
+/// (which spawns them; a disk tier opens on the engine's own thread);
 /// the mutex guards the list between it and stop(). Weak references, so
 /// engines long gone leave nothing behind but their slot in the list until
 /// the next add.
@@ -317,18 +318,25 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   auto balancer = actors::spawn_balancer(
       sys, c.balancer,
       [engine_cfg, ready, engines = n->engines_](
-          caf::actor_system& s, std::uint32_t slot) -> result<caf::actor> {
+          caf::actor_system& s,
+          std::uint32_t slot) -> result<actors::started_engine> {
         if (slot < ready->size() && (*ready)[slot]) {
           caf::actor a = std::move((*ready)[slot]);
           (*ready)[slot] = caf::actor{};
-          return a;
+          return actors::started_engine{std::move(a), false};
         }
+        // A restart or a replica: its disk tier opens on the engine's own
+        // thread, not on the balancer's, which goes on routing to the
+        // other engines meanwhile (started_engine::opening).
         auto cfg = engine_cfg;
         cfg.slot = slot;
-        auto engine = actors::spawn_engine_actor(s, cfg);
-        if (engine)
-          engines->add(*engine);
-        return engine;
+        auto engine =
+            actors::spawn_engine_actor(s, cfg, actors::disk_open::on_engine);
+        if (!engine)
+          return unexpected<error>{engine.error()};
+        engines->add(*engine);
+        return actors::started_engine{std::move(*engine),
+                                      cfg.make_disk != nullptr};
       });
   if (!balancer) {
     for (const auto& e : *ready)

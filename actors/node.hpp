@@ -96,7 +96,11 @@ public:
   /// error names it). The engines started before it are then stopped and
   /// waited for (at most `call_timeout`), so a start retried on the same
   /// directories finds them free. An unreachable Redis is not an error
-  /// here: the store connects on its first call.
+  /// here: the store connects on its first call. Engines started later
+  /// (the balancer's restarts, the scaler's replicas) open their disk
+  /// tiers on their own threads: the balancer routes to the other engines
+  /// meanwhile, and one that does not open is a failed start
+  /// (balancer_actor.hpp, started_engine).
   [[nodiscard]] static result<std::unique_ptr<node>>
   start(caf::actor_system& sys, node_config config);
   ~node();

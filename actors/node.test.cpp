@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <latch>
 #include <memory>
 #include <mutex>
@@ -1352,6 +1353,187 @@ TEST_F(Node, PersistAsksEveryEngineAtOnce) {
   auto persisted = (*n)->persist(std::chrono::seconds(30));
   ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
   EXPECT_EQ(*persisted, 2U);
+  ASSERT_TRUE((*n)->stop());
+}
+
+/// disk_tier_per_engine(disk_config(dir)) whose every open first opens
+/// `began`, then waits at `held`: with both closed, the test learns when a
+/// restart's or a replica's open has begun, and holds it there.
+std::function<result<std::unique_ptr<engine::disk_tier>>(std::uint32_t)>
+held_open(const std::string& dir, std::shared_ptr<gate> began,
+          std::shared_ptr<gate> held) {
+  return
+      [open = actors::disk_tier_per_engine(disk_config(dir)),
+       began = std::move(began), held = std::move(held)](std::uint32_t slot) {
+        began->open();
+        held->wait();
+        return open(slot);
+      };
+}
+
+/// Reads the balancer's stats until `done` holds for them (at most a
+/// million times); the last stats read.
+template <class Pred>
+std::optional<actors::balancer_stats> stats_once(node& n, Pred done) {
+  std::optional<actors::balancer_stats> out;
+  for (int i = 0; i < 1'000'000; ++i) {
+    auto st = n.stats();
+    if (!st)
+      return std::nullopt;
+    out = std::move(*st);
+    if (done(*out))
+      break;
+  }
+  return out;
+}
+
+TEST_F(Node, AnEngineRestartingOnItsDiskDoesNotHoldUpTheOthers) {
+  // Engine 1 is killed, and its restart's disk open waits at a gate. The
+  // balancer answers requests meanwhile, on engine 0, and keeps engine 1's
+  // slot down; once the open is done, engine 1 is up again with what its
+  // directory holds, in the routing index too. (Before, the balancer
+  // opened the disk on its own thread: no request was answered until the
+  // gate opened.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto began = std::make_shared<gate>();
+  auto held = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto c = disk_node(dir.path());
+  c.engines = 2;
+  c.balancer.restart_delay = std::chrono::milliseconds{1};
+  c.call_timeout = std::chrono::seconds{10};
+  c.engine.make_disk = held_open(dir.path(), began, held);
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  actors::put_request p;
+  p.key = block_key{3100, 1};
+  p.pin = true;
+  auto put = (*n)->put_block(1, p, std::vector<std::uint8_t>(4096, 8));
+  ASSERT_TRUE(put.has_value()) << put.error().describe();
+  ASSERT_TRUE((*n)->persist(std::chrono::seconds(30)).has_value());
+  began->close();
+  held->close();
+  auto e1 = engine_of(*sys_, **n, 1);
+  ASSERT_TRUE(e1);
+  caf::anon_send_exit(e1, caf::exit_reason::kill);
+  began->wait(); // the restart's open has begun, and waits
+  auto r = (*n)->process_request(chain(1));
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->engine, 0U);
+  auto st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->up, (std::vector<std::uint8_t>{1, 0}));
+  EXPECT_EQ(st->live, 1U);
+  EXPECT_EQ(st->engines, 2U) << "the restarting engine is kept";
+  EXPECT_EQ(st->restarts, 1U);
+  held->open();
+  auto back = stats_once(
+      **n, [](const actors::balancer_stats& s) { return s.up.at(1) == 1; });
+  ASSERT_TRUE(back.has_value());
+  ASSERT_EQ(back->up.at(1), 1U) << "engine 1 never came back";
+  auto es = (*n)->engine_stats(1);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->requests, 0U) << "not the restarted engine";
+  EXPECT_EQ(es->disk_blocks, 1U);
+  // Engine 0's four blocks and engine 1's recovered one.
+  EXPECT_EQ(index_keys_after_events_of(**n, 1), 5U);
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, AReplicaOpeningItsDiskDoesNotHoldUpTheOthers) {
+  // A replica's disk open waits at a gate: the balancer answers requests
+  // meanwhile, on engine 0, and answers the replica_atom once the replica
+  // is up. (Before, the balancer opened the disk on its own thread: no
+  // request was answered until the gate opened.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto began = std::make_shared<gate>();
+  auto held = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto c = disk_node(dir.path());
+  c.call_timeout = std::chrono::seconds{10};
+  c.engine.make_disk = held_open(dir.path(), began, held);
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  began->close();
+  held->close();
+  caf::scoped_actor self{*sys_};
+  auto replica = self->request((*n)->balancer(), caf::infinite,
+                               actors::replica_atom::value);
+  began->wait();
+  auto r = (*n)->process_request(chain(1));
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->engine, 0U);
+  auto st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->up, (std::vector<std::uint8_t>{1, 0}));
+  EXPECT_EQ(st->live, 1U);
+  EXPECT_EQ(st->engines, 2U) << "the opening replica is counted";
+  held->open();
+  std::optional<std::uint32_t> live;
+  replica.receive([&](std::uint32_t x) { live = x; },
+                  [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  EXPECT_EQ(live, 2U);
+  st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->up, (std::vector<std::uint8_t>{1, 1}));
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, AReplicaOrRestartWhoseDiskDoesNotOpenFailsWithItsError) {
+  // Once the disk is "unplugged", every open fails. A replica asked for is
+  // answered with the open's error and its slot is free again; a killed
+  // engine's restart fails the same way, is given up after max_restarts
+  // (1), and the log line says why. Engine 0 serves throughout.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto unplugged = std::make_shared<std::atomic<bool>>(false);
+  auto c = disk_node(dir.path());
+  c.engines = 2;
+  c.balancer.restart_delay = std::chrono::milliseconds{1};
+  c.balancer.max_restarts = 1;
+  c.engine.make_disk =
+      [open = actors::disk_tier_per_engine(disk_config(dir.path())), unplugged](
+          std::uint32_t slot) -> result<std::unique_ptr<engine::disk_tier>> {
+    if (unplugged->load())
+      return make_error(errc::io_error, "disk unplugged (test)");
+    return open(slot);
+  };
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  unplugged->store(true);
+  caf::scoped_actor self{*sys_};
+  self->request((*n)->balancer(), caf::infinite, actors::replica_atom::value)
+      .receive([&](std::uint32_t) { ADD_FAILURE() << "the replica started"; },
+               [&](caf::error& e) {
+                 const auto err = actors::from_caf_error(e);
+                 EXPECT_EQ(err.code, errc::io_error) << err.describe();
+                 EXPECT_NE(err.message.find("the new replica did not start: "
+                                            "disk unplugged (test)"),
+                           std::string::npos)
+                     << err.message;
+               });
+  auto st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->up, (std::vector<std::uint8_t>{1, 1, 0}));
+  EXPECT_EQ(st->engines, 2U) << "the replica's slot is free";
+  testing::internal::CaptureStderr();
+  auto e1 = engine_of(*sys_, **n, 1);
+  ASSERT_TRUE(e1);
+  caf::anon_send_exit(e1, caf::exit_reason::kill);
+  auto after = stats_once(
+      **n, [](const actors::balancer_stats& s) { return s.given_up == 1; });
+  const auto log = testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(after.has_value());
+  EXPECT_EQ(after->given_up, 1U);
+  EXPECT_EQ(after->restarts, 1U);
+  EXPECT_NE(log.find("engine slot 1 given up"), std::string::npos) << log;
+  EXPECT_NE(log.find("its restart failed: "), std::string::npos) << log;
+  EXPECT_NE(log.find("disk unplugged (test)"), std::string::npos) << log;
+  auto r = (*n)->process_request(chain(1));
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->engine, 0U);
   ASSERT_TRUE((*n)->stop());
 }
 

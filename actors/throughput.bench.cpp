@@ -234,7 +234,7 @@ int main(int argc, char** argv) {
       spawn_balancer(sys, bc, [](caf::actor_system& s, std::uint32_t slot) {
         auto c = bench_engine();
         c.slot = slot;
-        return spawn_engine_actor(s, c);
+        return started_now(spawn_engine_actor(s, c));
       });
   if (!spawned) {
     std::fprintf(stderr, "balancer: %s\n", spawned.error().describe().c_str());
