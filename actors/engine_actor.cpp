@@ -183,8 +183,8 @@ void watch_tier(engine_actor* self) {
   self->delayed_send(self, st.config.tier_poll_interval, poll_tier_atom::value);
 }
 
-/// After requests or a put changed the store: relieve memory pressure,
-/// tell listeners, keep an eye on the tier copies that started.
+/// After requests, a put, a read or a pin changed the store: relieve memory
+/// pressure, tell listeners, keep an eye on the tier copies that started.
 void after_change(engine_actor* self) {
   relieve_pressure(self->state);
   publish(self);
@@ -415,10 +415,12 @@ caf::behavior engine_behavior(engine_actor* self,
         auto spec = s.store->spec(s.ns);
         std::vector<std::uint8_t> out((*spec)->value_bytes());
         auto r = s.store->read(*lease, std::as_writable_bytes(std::span{out}));
-        if (!r) {
-          publish(self); // a checksum failure dropped the block
+        lease->release(); // so pressure relief may take the block
+        // A read of a block only on disk brought it back (making room may
+        // have evicted others); a checksum failure dropped it.
+        after_change(self);
+        if (!r)
           return to_caf_error(r.error());
-        }
         return out;
       },
       [=](evict_atom, std::uint64_t bytes) -> caf::result<std::uint64_t> {
@@ -427,11 +429,18 @@ caf::behavior engine_behavior(engine_actor* self,
         publish(self);
         return static_cast<std::uint64_t>(freed);
       },
+      // A pin of a block only on disk brings it back, as a read does.
       [=](pin_atom, const engine::block_key& key) -> caf::result<bool> {
-        return lift_void(self->state.store->pin(self->state.ns, key));
+        auto r = self->state.store->pin(self->state.ns, key);
+        if (r)
+          after_change(self);
+        return lift_void(r);
       },
       [=](unpin_atom, const engine::block_key& key) -> caf::result<bool> {
-        return lift_void(self->state.store->unpin(self->state.ns, key));
+        auto r = self->state.store->unpin(self->state.ns, key);
+        if (r)
+          after_change(self);
+        return lift_void(r);
       },
       [=](stats_atom) -> caf::result<engine_stats> {
         auto& s = self->state;

@@ -48,20 +48,22 @@
 /// that was in its mailbox when the batch opened: an idle engine answers a
 /// lone request at once, a busy one still batches what is queued.
 ///
-/// Events: after each batch or put the actor sends its listeners one
-/// block_events with the keys the store reported stored and removed since
-/// the last one (engine::store_config::on_block_event: computed, put or
-/// promoted from disk; evicted, expired or dropped as corrupt; a block in
-/// the memory tier is still the engine's), each key once as its last event
-/// left it. The cost is per event, not per block held. With a disk tier a
-/// block on disk is the engine's too: one evicted from memory that is on
-/// disk (or on its way there) is reported stored, one the disk tier drops
-/// (its capacity eviction, expiry, a corrupt block, a failed spill) is
-/// reported evicted unless memory or the memory tier has it, and a new
-/// listener first gets one block_events storing every key on disk (what
-/// the engine recovered at its start). actors/README.md, "Block events".
+/// Events: after each batch, put, read, pin, unpin, eviction, stats or
+/// persist call the actor sends its listeners one block_events with the
+/// keys the store reported stored and removed since the last one
+/// (engine::store_config::on_block_event: computed, put or promoted from disk;
+/// evicted, expired or dropped as corrupt; a block in the memory tier is still
+/// the engine's), each key once as its last event left it. The cost is per
+/// event, not per block held. With a disk tier a block on disk is the engine's
+/// too: one evicted from memory that is on disk (or on its way there) is
+/// reported stored, one the disk tier drops (its capacity eviction, expiry, a
+/// corrupt block, a failed spill) is reported evicted unless memory or the
+/// memory tier has it, and a new listener first gets one block_events storing
+/// every key on disk (what the engine recovered at its start).
+/// actors/README.md, "Block events".
 ///
-/// Memory manager: after each batch and each committed put, usage above
+/// Memory manager: after each batch, committed put, read, pin and unpin
+/// (a read or pin of a block only on disk brings it back), usage above
 /// `pressure.threshold` (0.9) of the pool evicts down to `pressure.target`,
 /// lowest priority first (memory_manager.hpp); `relieve`, when set, decides
 /// instead (a GPU engine's reads device memory as a whole). Copies to a memory
@@ -140,7 +142,8 @@ struct engine_actor_config {
   /// often even when no request comes, so an idle engine frees the device
   /// memory and staging they hold as soon as they finish.
   std::chrono::microseconds tier_poll_interval{1000};
-  /// Frees memory under pressure after every batch and put; returns the
+  /// Frees memory under pressure after every batch, put, read, pin and
+  /// unpin; returns the
   /// bytes freed. Null: the rule of memory_manager.hpp (`pressure`) on the
   /// pool's own accounting. One engine per GPU passes
   /// cuda::device_memory_relief_per_engine(), which also counts what else

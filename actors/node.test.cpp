@@ -1099,6 +1099,53 @@ TEST_F(Node, PinAndUnpinReachABlockOnlyOnTheEnginesDisk) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, ReadsAndPinsFromDiskRelieveMemoryPressure) {
+  // Reading or pinning a block only on disk brings it back: memory fills
+  // up, and the memory manager (here above half the pool, down to 0.4)
+  // brings it down to its target after each call, as after a request.
+  // (Before, relief waited for the next request or put: sixteen reads left
+  // the pool above its threshold.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = exact_disk_node(dir.path());
+  c.engine.pressure.threshold = 0.5;
+  c.engine.pressure.target = 0.4;
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
+  auto before = (*n)->engine_stats(0);
+  ASSERT_TRUE(before.has_value()) << before.error().describe();
+  const auto under_threshold = [](const actors::engine_stats& es) {
+    return es.used_bytes * 2 <= es.capacity_bytes;
+  };
+  ASSERT_TRUE(under_threshold(*before));
+  for (std::uint64_t id = 1; id <= 4; ++id) {
+    for (const auto& key : chain(id).keys) {
+      auto got = (*n)->get_block(0, key);
+      ASSERT_TRUE(got.has_value()) << got.error().describe();
+    }
+  }
+  auto after_reads = (*n)->engine_stats(0);
+  ASSERT_TRUE(after_reads.has_value()) << after_reads.error().describe();
+  EXPECT_TRUE(under_threshold(*after_reads))
+      << after_reads->used_bytes << " of " << after_reads->capacity_bytes;
+  EXPECT_GT(after_reads->pressure_evictions, before->pressure_evictions);
+  for (std::uint64_t id = 5; id <= 8; ++id) {
+    for (const auto& key : chain(id).keys) {
+      auto pinned = (*n)->pin(0, key);
+      ASSERT_TRUE(pinned.has_value()) << pinned.error().describe();
+      auto unpinned = (*n)->unpin(0, key);
+      ASSERT_TRUE(unpinned.has_value()) << unpinned.error().describe();
+    }
+  }
+  auto after_pins = (*n)->engine_stats(0);
+  ASSERT_TRUE(after_pins.has_value()) << after_pins.error().describe();
+  EXPECT_TRUE(under_threshold(*after_pins))
+      << after_pins->used_bytes << " of " << after_pins->capacity_bytes;
+  EXPECT_GT(after_pins->pressure_evictions, after_reads->pressure_evictions);
+  ASSERT_TRUE((*n)->stop());
+}
+
 TEST_F(Node, APutExtendsAPrefixOnlyOnTheEnginesDisk) {
   // The host's flow: lookup, then put the next block of the chain under
   // the last one found. (Before, errc::not_found: the parent was only on
