@@ -9,6 +9,7 @@
 #include "actors/query_cache_actor.hpp"
 #include "actors/scaler_actor.hpp"
 #include "actors/warmer_actor.hpp"
+#include "engine/clock.hpp"
 #include "engine/testing/fake_memory_tier.hpp"
 
 #include <gtest/gtest.h>
@@ -2472,6 +2473,44 @@ TEST_F(actor_test, BlockEventsTellListenersWhatTheEngineHolds) {
   ask_now<bool>(e, commit_atom::value, ticket);
   apply();
   EXPECT_EQ(held.count(p.key), 1U);
+}
+
+TEST_F(actor_test, ExpiredBlocksAreReportedEvictedWithinASweep) {
+  // Blocks with a 10 s TTL: once it has run out, the engine's next sweep
+  // (every expire_interval, 1 s by default, while it has a listener)
+  // removes them and tells the listener. (Before, nothing removed them
+  // unless space ran short: the listener held them forever.)
+  engine::manual_clock clock{std::chrono::hours{1}};
+  auto c = small_engine(8);
+  c.store.clock = &clock;
+  c.ns_options.ttl = 10s;
+  auto e = engine(c);
+  auto events = std::make_shared<std::vector<block_events>>();
+  auto listener = sys_->spawn([events](caf::event_based_actor*) {
+    return caf::behavior{
+        [events](const block_events& ev) { events->push_back(ev); }};
+  });
+  stop_at_end_.push_back(listener);
+  caf::anon_send(e, listen_atom::value, listener);
+  sched_->run();
+  const auto a = make_request(1, 1, 0, 4, 1);
+  ask_now<kv_reply>(e, process_atom::value, a);
+  ASSERT_EQ(events->size(), 1U);
+  EXPECT_EQ(events->front().stored, a.keys);
+  events->clear();
+  clock.advance(5s); // not yet
+  sched_->advance_time(1s);
+  sched_->run();
+  EXPECT_TRUE(events->empty());
+  clock.advance(6s);
+  sched_->advance_time(1s);
+  sched_->run();
+  ASSERT_EQ(events->size(), 1U);
+  std::set<block_key> evicted(events->front().evicted.begin(),
+                              events->front().evicted.end());
+  EXPECT_EQ(evicted, std::set<block_key>(a.keys.begin(), a.keys.end()));
+  EXPECT_TRUE(events->front().stored.empty());
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).blocks, 0U);
 }
 
 TEST_F(actor_test, AnIdleEngineFinishesItsDemotionsWithoutANewRequest) {

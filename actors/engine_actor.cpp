@@ -99,15 +99,33 @@ caf::result<bool> lift_void(const result<void>& r) {
   return true;
 }
 
+/// Now on the disk tier's clock, the one its blocks' expiry is in (the
+/// store's disk clock, engine::block_store's private disk_clock()).
+engine::nanos disk_now(const engine::disk_tier& disk) {
+  const auto* clock = disk.config().clock;
+  return clock != nullptr ? clock->now()
+                          : engine::wall_clock_source::instance().now();
+}
+
+/// Whether the disk tier holds `key` (stored, or its spill queued) and it
+/// has not expired at `now`: an expired block stays in the directory until
+/// the tier's expire() removes it, but no request can use it.
+bool on_disk(const engine::disk_tier& disk, const engine::block_key& key,
+             engine::nanos now) {
+  const auto info = disk.lookup(key);
+  return info && (info->expires_at.count() == 0 || info->expires_at > now);
+}
+
 /// Whether the engine still holds `key` though an event said it left:
 /// with a disk tier, a block evicted from memory that was spilled (or
-/// whose spill is still queued) is on disk, and a block the disk tier
-/// dropped may be in memory or the memory tier. Without one, an event
-/// says it all.
-bool still_held(engine_state& st, const engine::block_key& key) {
+/// whose spill is still queued) and has not expired is on disk, and a
+/// block the disk tier dropped may be in memory or the memory tier.
+/// Without one, an event says it all.
+bool still_held(engine_state& st, const engine::block_key& key,
+                engine::nanos disk_time) {
   const auto* disk = st.store->disk();
   return disk != nullptr &&
-         (disk->contains(key) || st.store->contains(st.ns, key) ||
+         (on_disk(*disk, key, disk_time) || st.store->contains(st.ns, key) ||
           st.store->in_tier(st.ns, key));
 }
 
@@ -128,9 +146,13 @@ void publish(engine_actor* self) {
   block_events out;
   out.engine = st.config.slot;
   st.seen.clear();
+  const auto* disk = st.store->disk();
+  const engine::nanos disk_time =
+      disk != nullptr ? disk_now(*disk) : engine::nanos{0};
   for (auto it = log.rbegin(); it != log.rend(); ++it)
     if (st.seen.insert(it->first).second)
-      (it->second == engine::block_event::stored || still_held(st, it->first)
+      (it->second == engine::block_event::stored ||
+               still_held(st, it->first, disk_time)
            ? out.stored
            : out.evicted)
           .push_back(it->first);
@@ -189,6 +211,15 @@ void after_change(engine_actor* self) {
   relieve_pressure(self->state);
   publish(self);
   watch_tier(self);
+}
+
+/// While someone listens: every expire_interval, expired blocks leave
+/// (engine::block_store::expire: memory and the memory tier at once, the
+/// disk tier's queued) and the listeners hear of it, instead of believing
+/// them held until something else removes them.
+void arm_sweep(engine_actor* self) {
+  self->delayed_send(self, self->state.config.expire_interval,
+                     sweep_atom::value);
 }
 
 void after_batch(engine_actor* self) {
@@ -300,6 +331,12 @@ caf::behavior engine_behavior(engine_actor* self,
         else
           arm_timer(self);
         return promise;
+      },
+      [=](sweep_atom) {
+        self->state.store->expire();
+        // The disk tier's expirations are reported at the next publish.
+        publish(self);
+        arm_sweep(self);
       },
       [=](poll_tier_atom) {
         auto& s = self->state;
@@ -510,6 +547,8 @@ caf::behavior engine_behavior(engine_actor* self,
         if (!listener)
           return;
         auto& s = self->state;
+        if (s.listeners.empty())
+          arm_sweep(self);
         s.listeners.push_back(listener);
         s.log->recording = true;
         // With a disk tier, the listener learns what the engine holds
@@ -519,7 +558,13 @@ caf::behavior engine_behavior(engine_actor* self,
           disk->record_removals(true);
           block_events held;
           held.engine = s.config.slot;
+          // Expired blocks stay in the directory until the tier removes
+          // them; the engine no longer holds them.
           held.stored = disk->keys();
+          std::erase_if(held.stored,
+                        [disk, now = disk_now(*disk)](const auto& key) {
+                          return !on_disk(*disk, key, now);
+                        });
           if (!held.stored.empty())
             self->send(listener, std::move(held));
         }
@@ -546,6 +591,10 @@ result<void> validate(const engine_actor_config& config) {
     return ok;
   if (auto ok = check_duration("engine_actor_config.tier_poll_interval",
                                config.tier_poll_interval);
+      !ok)
+    return ok;
+  if (auto ok = check_duration("engine_actor_config.expire_interval",
+                               config.expire_interval);
       !ok)
     return ok;
   // Written so that NaN fails the check.

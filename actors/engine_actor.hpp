@@ -49,18 +49,19 @@
 /// lone request at once, a busy one still batches what is queued.
 ///
 /// Events: after each batch, put, read, pin, unpin, eviction, stats or
-/// persist call the actor sends its listeners one block_events with the
-/// keys the store reported stored and removed since the last one
+/// persist call, and every `expire_interval` while it has a listener, the
+/// actor sends its listeners one block_events with the keys the store
+/// reported stored and removed since the last one
 /// (engine::store_config::on_block_event: computed, put or promoted from disk;
 /// evicted, expired or dropped as corrupt; a block in the memory tier is still
 /// the engine's), each key once as its last event left it. The cost is per
 /// event, not per block held. With a disk tier a block on disk is the engine's
 /// too: one evicted from memory that is on disk (or on its way there) is
 /// reported stored, one the disk tier drops (its capacity eviction, expiry, a
-/// corrupt block, a failed spill) is reported evicted unless memory or the
-/// memory tier has it, and a new listener first gets one block_events storing
-/// every key on disk (what the engine recovered at its start).
-/// actors/README.md, "Block events".
+/// corrupt block, a failed spill) or that expired there is reported evicted
+/// unless memory or the memory tier has it, and a new listener first gets one
+/// block_events storing every key on disk (what the engine recovered at its
+/// start). actors/README.md, "Block events".
 ///
 /// Memory manager: after each batch, committed put, read, pin and unpin
 /// (a read or pin of a block only on disk brings it back), usage above
@@ -142,6 +143,12 @@ struct engine_actor_config {
   /// often even when no request comes, so an idle engine frees the device
   /// memory and staging they hold as soon as they finish.
   std::chrono::microseconds tier_poll_interval{1000};
+  /// While the actor has a listener, it removes expired blocks this often
+  /// (engine::block_store::expire: memory, the memory tier, the disk tier)
+  /// and publishes what left, so the listeners' index drops them within
+  /// about this delay (the disk tier's within two). Each sweep walks the
+  /// blocks in memory once.
+  std::chrono::milliseconds expire_interval{1000};
   /// Frees memory under pressure after every batch, put, read, pin and
   /// unpin; returns the
   /// bytes freed. Null: the rule of memory_manager.hpp (`pressure`) on the
@@ -180,10 +187,11 @@ disk_tier_per_engine(engine::disk_tier_config config);
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// batch.max_size 0 (1 runs each request alone), a batch.timeout,
-/// put_timeout or tier_poll_interval that is not positive or is above 24
-/// hours (max_config_duration, config_checks.hpp), memory pressure
-/// outside 0 < pressure.target <= pressure.threshold <= 1, or own_thread
-/// false with a make_disk (disk waits must not hold a scheduler worker).
+/// put_timeout, tier_poll_interval or expire_interval that is not positive
+/// or is above 24 hours (max_config_duration, config_checks.hpp), memory
+/// pressure outside 0 < pressure.target <= pressure.threshold <= 1, or
+/// own_thread false with a make_disk (disk waits must not hold a scheduler
+/// worker).
 [[nodiscard]] result<void> validate(const engine_actor_config& config);
 
 /// Where spawn_engine_actor opens the disk tier of an engine with make_disk.
