@@ -6,6 +6,7 @@
 #include "actors/owed_reply.hpp"
 
 #include <algorithm>
+#include <deque>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -48,6 +49,18 @@ struct engine_parts {
   bool open_disk = false;
 };
 
+/// Keys a new listener's snapshot of the disk sends per block_events: a
+/// directory of millions of blocks reaches the listener (and the balancer's
+/// listeners, and the router) as many small messages, and the engine serves
+/// the requests queued between two of them.
+constexpr std::size_t snapshot_chunk_keys = 4096;
+
+/// What a new listener has still to learn of the disk.
+struct disk_snapshot {
+  caf::actor listener;
+  std::vector<engine::block_key> keys; ///< sent from the back
+};
+
 /// A request waiting in a batch. One dropped unanswered is answered
 /// request_receiver_down (owed_reply.hpp): a balancer reroutes it at once
 /// instead of waiting out its timeout.
@@ -65,6 +78,9 @@ struct engine_state {
   std::unordered_map<std::uint64_t, engine::put_handle> puts;
   std::uint64_t next_ticket = 1;
   std::vector<caf::actor> listeners;
+  /// Snapshots being sent, one chunk per (listen_atom) message to itself;
+  /// the front one's next chunk goes first.
+  std::deque<disk_snapshot> snapshots;
   std::shared_ptr<event_log> log;
   std::unordered_set<engine::block_key, engine::block_key_hash>
       seen; ///< publish's
@@ -211,6 +227,33 @@ void after_change(engine_actor* self) {
   relieve_pressure(self->state);
   publish(self);
   watch_tier(self);
+}
+
+/// Sends the front snapshot's next chunk of keys, those still on disk and
+/// not expired now (one that left since was reported evicted, or stored
+/// when it is in memory, by publish), and asks itself for the next one,
+/// behind the messages queued meanwhile.
+void send_snapshot_chunk(engine_actor* self) {
+  auto& st = self->state;
+  const auto* disk = st.store->disk();
+  if (st.snapshots.empty() || disk == nullptr)
+    return;
+  auto& snap = st.snapshots.front();
+  const auto n = std::min(snap.keys.size(), snapshot_chunk_keys);
+  const auto first = snap.keys.end() - static_cast<std::ptrdiff_t>(n);
+  block_events out;
+  out.engine = st.config.slot;
+  const auto now = disk_now(*disk);
+  std::copy_if(
+      first, snap.keys.end(), std::back_inserter(out.stored),
+      [&](const engine::block_key& key) { return on_disk(*disk, key, now); });
+  snap.keys.erase(first, snap.keys.end());
+  if (!out.stored.empty())
+    self->send(snap.listener, std::move(out));
+  if (snap.keys.empty())
+    st.snapshots.pop_front();
+  if (!st.snapshots.empty())
+    self->send(self, listen_atom::value);
 }
 
 /// While someone listens: every expire_interval, expired blocks leave
@@ -553,22 +596,21 @@ caf::behavior engine_behavior(engine_actor* self,
         s.log->recording = true;
         // With a disk tier, the listener learns what the engine holds
         // there (at its start: what it recovered from its directory), and
-        // from now on what leaves it.
+        // from now on what leaves it: at most snapshot_keys of the keys,
+        // in chunks, the first one now.
         if (auto* disk = s.store->disk()) {
           disk->record_removals(true);
-          block_events held;
-          held.engine = s.config.slot;
-          // Expired blocks stay in the directory until the tier removes
-          // them; the engine no longer holds them.
-          held.stored = disk->keys();
-          std::erase_if(held.stored,
-                        [disk, now = disk_now(*disk)](const auto& key) {
-                          return !on_disk(*disk, key, now);
-                        });
-          if (!held.stored.empty())
-            self->send(listener, std::move(held));
+          auto keys = disk->keys();
+          if (keys.size() > s.config.snapshot_keys)
+            keys.resize(s.config.snapshot_keys);
+          if (keys.empty())
+            return;
+          s.snapshots.push_back({listener, std::move(keys)});
+          if (s.snapshots.size() == 1) // else a chunk is on its way
+            send_snapshot_chunk(self);
         }
       },
+      [=](listen_atom) { send_snapshot_chunk(self); },
   };
 }
 

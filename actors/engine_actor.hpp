@@ -28,7 +28,8 @@
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no
 ///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply;
-///       with a disk tier the first one stores every key on disk)
+///       with a disk tier the first ones store the keys on disk: at most
+///       `snapshot_keys`, 4096 per message, see "Events")
 ///   (ready_atom)                      -> true, once the engine reads its
 ///       mailbox: for one spawned with disk_open::on_engine, once its disk
 ///       tier is open
@@ -59,9 +60,13 @@
 /// too: one evicted from memory that is on disk (or on its way there) is
 /// reported stored, one the disk tier drops (its capacity eviction, expiry, a
 /// corrupt block, a failed spill) or that expired there is reported evicted
-/// unless memory or the memory tier has it, and a new listener first gets one
-/// block_events storing every key on disk (what the engine recovered at its
-/// start). actors/README.md, "Block events".
+/// unless memory or the memory tier has it, and a new listener first gets
+/// block_events storing the keys on disk that have not expired (what the engine
+/// recovered at its start), at most `snapshot_keys` of them, 4096 per message:
+/// the engine sends the next chunk in a message to itself, so it serves the
+/// requests queued in between, and one engine's large directory neither floods
+/// its listeners nor takes more than its share of the balancer's index.
+/// actors/README.md, "Block events".
 ///
 /// Memory manager: after each batch, committed put, read, pin and unpin
 /// (a read or pin of a block only on disk brings it back), usage above
@@ -97,6 +102,7 @@
 
 #include "actors/batch_accumulator.hpp"
 #include "actors/memory_manager.hpp"
+#include "actors/router.hpp"
 #include "engine/block_store.hpp"
 #include "engine/disk/disk_tier.hpp"
 #include "engine/kv_producer.hpp"
@@ -149,6 +155,14 @@ struct engine_actor_config {
   /// about this delay (the disk tier's within two). Each sweep walks the
   /// blocks in memory once.
   std::chrono::milliseconds expire_interval{1000};
+  /// With a disk tier, a new listener first learns of at most this many of
+  /// the keys on disk (an arbitrary subset; expired ones left out), so one
+  /// restarted engine with a large directory takes at most its share of
+  /// the balancer's index (router_config::max_index_keys, 2^20 by default,
+  /// over router::max_slots engines) instead of flushing the other
+  /// engines' entries. The rest reach the index as requests use them.
+  std::size_t snapshot_keys =
+      router_config{}.max_index_keys / router::max_slots;
   /// Frees memory under pressure after every batch, put, read, pin and
   /// unpin; returns the
   /// bytes freed. Null: the rule of memory_manager.hpp (`pressure`) on the

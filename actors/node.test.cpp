@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <system_error>
@@ -32,6 +33,7 @@
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/after.hpp>
 #include <caf/exit_reason.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
@@ -1183,6 +1185,43 @@ TEST_F(Node, ReadsAndPinsFromDiskRelieveMemoryPressure) {
   EXPECT_TRUE(under_threshold(*after_pins))
       << after_pins->used_bytes << " of " << after_pins->capacity_bytes;
   EXPECT_GT(after_pins->pressure_evictions, after_reads->pressure_evictions);
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, ANewListenersSnapshotOfTheDiskIsChunkedAndBounded) {
+  // About 4700 blocks on the engine's disk, a bound of 4500: a new
+  // listener gets 4500 keys of the disk, at most 4096 per message. (Before,
+  // every key on disk in one message, however many: a large directory
+  // flushed the balancer's index.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  c.engine.snapshot_keys = 4500;
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 1200));
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  ASSERT_GT(es->disk_spills, 4500U);
+  auto e0 = engine_of(*sys_, **n, 0);
+  ASSERT_TRUE(e0);
+  caf::scoped_actor self{*sys_};
+  self->send(e0, actors::listen_atom::value, caf::actor_cast<caf::actor>(self));
+  std::vector<std::size_t> sizes;
+  std::set<block_key> keys;
+  bool silent = false;
+  while (keys.size() < 4500 && !silent) {
+    self->receive(
+        [&](const actors::block_events& ev) {
+          EXPECT_TRUE(ev.evicted.empty());
+          sizes.push_back(ev.stored.size());
+          keys.insert(ev.stored.begin(), ev.stored.end());
+        },
+        // Only a guard against a hang: the chunks come at once.
+        caf::after(std::chrono::seconds(60)) >> [&] { silent = true; });
+  }
+  EXPECT_EQ(keys.size(), 4500U);
+  EXPECT_EQ(sizes, (std::vector<std::size_t>{4096, 404}));
   ASSERT_TRUE((*n)->stop());
 }
 
