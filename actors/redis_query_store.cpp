@@ -290,6 +290,13 @@ error redis_query_store::command_failed(engine::nanos now,
                                    " failed: " + ctx_->errstr};
   if (ctx_->err != REDIS_ERR_EOF)
     return failed(now, std::move(e));
+  // A server that closes a new connection before answering anything
+  // (maxclients, protected mode, a proxy whose backend is down) would
+  // otherwise cost every call a connect and a failure.
+  if (!answered_) {
+    e.message += " before answering any command";
+    return failed(now, std::move(e));
+  }
   // The server closed a connection that worked (its idle timeout, CLIENT
   // KILL, a restart): nothing says it is down or slow, so the next call
   // connects again at once. A server that is down then fails that connect
@@ -337,6 +344,7 @@ result<void> redis_query_store::ensure_connected(engine::nanos now) {
                           where(endpoint_) + ": cannot set timeout: " + why})};
   }
   ctx_ = c;
+  answered_ = false;
   if (!endpoint_.password.empty()) {
     auto r =
         endpoint_.user.empty()
@@ -352,6 +360,7 @@ result<void> redis_query_store::ensure_connected(engine::nanos now) {
                                             : " as '" + endpoint_.user + "'") +
                     " failed: " + why})};
     }
+    answered_ = true;
   }
   if (endpoint_.db != 0) {
     auto db = std::to_string(endpoint_.db);
@@ -362,6 +371,7 @@ result<void> redis_query_store::ensure_connected(engine::nanos now) {
           failed(now, error{errc::backend_error,
                             where(endpoint_) + ": SELECT " + db + ": " + why})};
     }
+    answered_ = true;
   }
   backing_off_ = false;
   return {};
@@ -374,6 +384,7 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
   auto r = run_command(ctx_, {"GET", redis_key(key)});
   if (!r)
     return unexpected<error>{command_failed(now, "GET")};
+  answered_ = answered_ || r->type != REDIS_REPLY_ERROR;
   switch (r->type) {
   case REDIS_REPLY_NIL:
     return std::optional<std::string>{};
@@ -403,6 +414,7 @@ result<void> redis_query_store::set(const std::string& key,
   auto r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms});
   if (!r)
     return unexpected<error>{command_failed(now, "SET")};
+  answered_ = answered_ || r->type != REDIS_REPLY_ERROR;
   if (r->type == REDIS_REPLY_ERROR)
     return make_error(errc::backend_error,
                       where(endpoint_) +

@@ -139,7 +139,10 @@ private:
   /// backoff.
   [[nodiscard]] error failed(engine::nanos now, error e);
   /// A command that got no answer: failed(), except when the server closed
-  /// the connection (EOF), which drops it without a backoff.
+  /// a connection that had answered a command (EOF), which drops it
+  /// without a backoff. A server that closes new connections before
+  /// answering anything (maxclients, protected mode, a proxy without a
+  /// backend) is backed off from like one that refuses them.
   [[nodiscard]] error command_failed(engine::nanos now,
                                      std::string_view command);
 
@@ -150,6 +153,9 @@ private:
   engine::nanos retry_at_{0};   ///< no connect before this (backing_off_)
   std::string last_failure_;    ///< its message
   std::uint64_t connects_ = 0;
+  /// The open connection answered a command (AUTH, SELECT, GET or SET)
+  /// with something other than an error reply.
+  bool answered_ = false;
 };
 
 } // namespace kvfleet::actors
