@@ -152,6 +152,23 @@ std::size_t stop_and_wait(caf::scoped_actor& self,
   return actors.size() - down;
 }
 
+/// `e`, once the engines `started` (by node::start, before it failed)
+/// are stopped and gone, so their memory and disk directories are free for
+/// a start retried at once; it says so when some were still stopping after
+/// `timeout`.
+error stopped_engines(caf::actor_system& sys,
+                      const std::vector<caf::actor>& started,
+                      std::chrono::milliseconds timeout, error e) {
+  caf::scoped_actor self{sys};
+  const auto late =
+      stop_and_wait(self, started, std::chrono::steady_clock::now() + timeout);
+  if (late != 0)
+    e.message += " (" + std::to_string(late) +
+                 " engine(s) started before it were still stopping after "
+                 "call_timeout)";
+  return e;
+}
+
 /// The deadline of one node call: a call made of several requests (find
 /// the engine, then reserve, write and commit on it) waits for all of them
 /// together against call_timeout, not call_timeout each.
@@ -291,19 +308,12 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     auto cfg = config.engine;
     cfg.slot = slot;
     auto engine = actors::spawn_engine_actor(sys, cfg);
-    if (!engine) {
-      caf::scoped_actor self{sys};
-      const auto late = stop_and_wait(
-          self, *ready, std::chrono::steady_clock::now() + config.call_timeout);
-      return make_error(
-          engine.error().code,
-          "engine " + std::to_string(slot) +
-              " did not start: " + engine.error().message +
-              (late == 0 ? std::string{}
-                         : " (" + std::to_string(late) +
-                               " engine(s) started before it were still "
-                               "stopping after call_timeout)"));
-    }
+    if (!engine)
+      return unexpected<error>{stopped_engines(
+          sys, *ready, config.call_timeout,
+          error{engine.error().code,
+                "engine " + std::to_string(slot) +
+                    " did not start: " + engine.error().message})};
     ready->push_back(std::move(*engine));
   }
   std::unique_ptr<node> n{new node(sys, std::move(config))};
@@ -338,11 +348,9 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         return actors::started_engine{std::move(*engine),
                                       cfg.make_disk != nullptr};
       });
-  if (!balancer) {
-    for (const auto& e : *ready)
-      caf::anon_send_exit(e, caf::exit_reason::user_shutdown);
-    return unexpected<error>{balancer.error()};
-  }
+  if (!balancer)
+    return unexpected<error>{
+        stopped_engines(sys, *ready, c.call_timeout, balancer.error())};
   n->balancer_ = std::move(*balancer);
   // From here on a failure returns with `n`, whose destructor stops what
   // was spawned.
