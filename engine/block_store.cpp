@@ -586,6 +586,64 @@ std::uint32_t block_store::new_entry() {
   return static_cast<std::uint32_t>(entries_.size() - 1);
 }
 
+std::optional<result<put_handle>>
+block_store::reserve_existing(ns_id ns, std::uint32_t existing,
+                              const block_key& parent,
+                              const put_options& options, nanos start) {
+  const ns_state& st = namespaces_[ns.value];
+  const block_key key = entries_[existing].key; // a copy: kill() clears it
+  entry& e = entries_[existing];
+  if (e.ns != ns.value) {
+    count_rejected();
+    return make_error(errc::namespace_conflict,
+                      "block " + key.to_hex() +
+                          " belongs to another namespace");
+  }
+  if (e.state != entry_state::committed) {
+    count_rejected();
+    return make_error(errc::busy, "another put of block " + key.to_hex() +
+                                      " is in progress");
+  }
+  auto duplicate = [&] {
+    put_handle h;
+    h.store_ = this;
+    h.id_ = existing;
+    h.generation_ = e.generation;
+    h.key_ = key;
+    h.phase_ = put_handle::phase::open;
+    h.duplicate_ = true;
+    h.pin_ = options.pin;
+    h.prio_ = options.prio;
+    h.parent_ = parent;
+    h.started_ = start.count();
+    ++stats_.reserves;
+    return h;
+  };
+  const bool expired = e.expires_at != 0 && e.expires_at <= start.count();
+  if (!e.dead && !expired)
+    return duplicate();
+  if (!e.dead)
+    ++stats_.expirations; // no lookup has seen it expire yet
+  kill(existing);         // removes it when nothing holds it
+  if (index_.find(key) != npos) {
+    if (e.corrupt) {
+      count_rejected();
+      return make_error(errc::busy, "a corrupt copy of block " + key.to_hex() +
+                                        " is still held by a reader");
+    }
+    // An expired copy that a reader or a cached child still holds (a
+    // child outlives its parent's TTL when it was put later). Its key is
+    // its value, so the new put brings it back with the new TTL rather
+    // than failing until the last holder lets go; its children become
+    // reachable again.
+    e.dead = false;
+    e.expires_at = expiry_after(start, options.ttl.value_or(st.options.ttl));
+    refresh_evictable(existing);
+    return duplicate();
+  }
+  return std::nullopt; // gone: the put goes on as a fresh one
+}
+
 result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
                                         const block_key& parent,
                                         const put_options& options) {
@@ -615,59 +673,17 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     return make_error(errc::invalid_argument,
                       "the all-zero block key is reserved");
   }
-  const nanos start = now();
-  if (const std::uint32_t existing = index_.find(key); existing != npos) {
-    entry& e = entries_[existing];
-    if (e.ns != ns.value) {
-      count_rejected();
-      return make_error(errc::namespace_conflict,
-                        "block " + key.to_hex() +
-                            " belongs to another namespace");
-    }
-    if (e.state != entry_state::committed) {
-      count_rejected();
-      return make_error(errc::busy, "another put of block " + key.to_hex() +
-                                        " is in progress");
-    }
-    auto duplicate = [&] {
-      put_handle h;
-      h.store_ = this;
-      h.id_ = existing;
-      h.generation_ = e.generation;
-      h.key_ = key;
-      h.phase_ = put_handle::phase::open;
-      h.duplicate_ = true;
-      h.pin_ = options.pin;
-      h.prio_ = options.prio;
-      h.parent_ = parent;
-      h.started_ = start.count();
-      ++stats_.reserves;
-      return h;
-    };
-    const bool expired = e.expires_at != 0 && e.expires_at <= start.count();
-    if (!e.dead && !expired)
-      return duplicate();
-    if (!e.dead)
-      ++stats_.expirations; // no lookup has seen it expire yet
-    kill(existing);         // removes it when nothing holds it
-    if (index_.find(key) != npos) {
-      if (e.corrupt) {
-        count_rejected();
-        return make_error(errc::busy, "a corrupt copy of block " +
-                                          key.to_hex() +
-                                          " is still held by a reader");
-      }
-      // An expired copy that a reader or a cached child still holds (a
-      // child outlives its parent's TTL when it was put later). Its key is
-      // its value, so the new put brings it back with the new TTL rather
-      // than failing until the last holder lets go; its children become
-      // reachable again.
-      e.dead = false;
-      e.expires_at = expiry_after(start, options.ttl.value_or(st.options.ttl));
-      refresh_evictable(existing);
-      return duplicate();
-    }
+  if (key == parent) {
+    count_rejected();
+    return make_error(errc::invalid_argument,
+                      "block " + key.to_hex() +
+                          " names itself as its parent: a block cannot be "
+                          "its own parent");
   }
+  const nanos start = now();
+  if (const std::uint32_t existing = index_.find(key); existing != npos)
+    if (auto r = reserve_existing(ns, existing, parent, options, start))
+      return std::move(*r);
   std::uint32_t pid = npos;
   if (!parent.is_null()) {
     pid = index_.find(parent);
@@ -678,8 +694,15 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     // are its own).
     if (pid == npos &&
         (promote_key_from_tier(ns, parent) ||
-         promote_key_from_disk(ns, parent, for_parent_of(options))))
+         promote_key_from_disk(ns, parent, for_parent_of(options)))) {
+      // The parent's chain in the memory tier can hold `key` itself (a put
+      // naming a descendant of its key as parent): it is back now, and this
+      // put is a duplicate of it, never a second entry for the same key.
+      if (const std::uint32_t existing = index_.find(key); existing != npos)
+        if (auto r = reserve_existing(ns, existing, parent, options, start))
+          return std::move(*r);
       pid = index_.find(parent);
+    }
     if (pid == npos || entries_[pid].state == entry_state::free ||
         entries_[pid].dead || entries_[pid].ns != ns.value) {
       count_rejected();

@@ -302,7 +302,10 @@ public:
   /// cached or reserved in the same namespace (errc::not_found otherwise);
   /// a parent in the memory tier is brought back with its chain, one only
   /// on disk alone (waiting for its read; see the class comment).
-  /// errc::busy when another put of the key is open.
+  /// errc::busy when another put of the key is open; errc::invalid_argument
+  /// when `parent` is `key` itself. A key that bringing the parent back
+  /// brought back too (it was in the parent's chain in the memory tier) is
+  /// cached now: the put is a duplicate of it, as for any cached key.
   [[nodiscard]] result<put_handle> reserve(ns_id ns, const block_key& key,
                                            const block_key& parent,
                                            const put_options& options = {});
@@ -513,6 +516,13 @@ private:
     block_store& s_;
   };
   [[nodiscard]] result<const ns_state*> check_ns(ns_id ns) const;
+  /// reserve() of a key the index holds at `existing`: a duplicate put of
+  /// the committed block (errc::namespace_conflict or errc::busy when it
+  /// cannot be one), or nullopt when the copy was dead or expired and is
+  /// gone now, so the put goes on as a fresh one.
+  [[nodiscard]] std::optional<result<put_handle>>
+  reserve_existing(ns_id ns, std::uint32_t existing, const block_key& parent,
+                   const put_options& options, nanos start);
   [[nodiscard]] std::uint32_t find_visible(ns_id ns, const block_key& key,
                                            nanos now);
   [[nodiscard]] std::size_t

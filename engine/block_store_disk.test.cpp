@@ -513,6 +513,33 @@ TEST_F(store_disk_test, a_put_naming_a_wrong_parent_links_no_cycle) {
   EXPECT_EQ(store_->block_count(), 0U);
 }
 
+// A block cannot be its own parent. Before, a put naming its own key as
+// parent, for a block only on disk, brought the key back as the "parent"
+// and then indexed a second entry under the same key (check_invariants
+// aborted: "index does not point at its entry").
+TEST_F(store_disk_test, a_put_naming_itself_as_parent_is_refused) {
+  const auto a = chain(1, 2);
+  run(a);
+  push_out_to_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[1]));
+  auto h = store_->reserve(ns_, a[1], a[1]);
+  ASSERT_FALSE(h.has_value());
+  EXPECT_EQ(h.error().code, errc::invalid_argument);
+  EXPECT_NE(h.error().message.find("its own parent"), std::string::npos)
+      << h.error().message;
+  store_->check_invariants();
+  EXPECT_FALSE(store_->contains(ns_, a[1])) << "nothing is brought back";
+  // Nor when the block is in memory.
+  ASSERT_TRUE(store_->acquire(ns_, a[1]).has_value());
+  auto again = store_->reserve(ns_, a[1], a[1]);
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code, errc::invalid_argument);
+  store_->check_invariants();
+  store_->evict_bytes(std::size_t{1} << 30);
+  store_->check_invariants();
+  EXPECT_EQ(store_->block_count(), 0U);
+}
+
 TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   const auto a = chain(1, 6);
   run(a);

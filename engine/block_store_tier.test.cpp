@@ -424,6 +424,49 @@ TEST_F(store_tier_test, a_put_whose_parent_is_in_the_tier_brings_it_back) {
   store_->check_invariants();
 }
 
+// A block cannot be its own parent. Before, a put naming its own key as
+// parent, for a block in the tier, brought the key back with the
+// "parent's" chain and then indexed a second entry under the same key
+// (check_invariants aborted: "index does not point at its entry").
+TEST_F(store_tier_test, a_put_naming_itself_as_parent_is_refused) {
+  const auto a = chain(1, 2);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_FALSE(store_->contains(ns_, a[1]));
+  auto h = store_->reserve(ns_, a[1], a[1]);
+  ASSERT_FALSE(h.has_value());
+  EXPECT_EQ(h.error().code, errc::invalid_argument);
+  store_->check_invariants();
+  EXPECT_EQ(store_->tier_block_count(), 2U) << "nothing is brought back";
+}
+
+// A put naming as parent a block whose chain in the tier holds the put's
+// own key: bringing the parent back brings the key back too, and the put
+// is a duplicate of it. Before, it indexed a second entry under the key.
+TEST_F(store_tier_test,
+       a_put_whose_parents_chain_holds_its_key_is_a_duplicate) {
+  const auto a = chain(1, 3);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 3U);
+  auto h = store_->reserve(ns_, a[0], a[2]); // a[2] chains from a[0]
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  EXPECT_TRUE(h->already_cached());
+  store_->check_invariants();
+  std::vector<std::byte> v(block_bytes);
+  ASSERT_TRUE(producer_.produce(spec(), a[0], v).has_value());
+  ASSERT_TRUE(store_->write(*h, v).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  store_->check_invariants();
+  for (const auto& k : a)
+    expect_correct(k);
+  store_->evict_bytes(std::size_t{1} << 30);
+  store_->check_invariants();
+  EXPECT_EQ(store_->block_count(), 0U);
+}
+
 // A block keeps the size partition it was put in when it comes back from
 // the tier, whichever call brings it: a long document's blocks brought
 // back by a get must not count against the short prompts' share.
