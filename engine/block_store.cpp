@@ -2128,6 +2128,8 @@ void block_store::check_invariants() const {
     KVFLEET_CHECK(index_.find(e.key) == id,
                   "index does not point at its entry");
     used += pool_.slot_bytes(e.slot.size_class);
+    KVFLEET_CHECK(!e.parent_unknown || e.parent == npos,
+                  "a block of unknown parent has one");
     if (e.parent != npos) {
       KVFLEET_CHECK(entries_[e.parent].state != entry_state::free,
                     "block chained from a freed parent");
@@ -2174,6 +2176,8 @@ void block_store::check_invariants() const {
     const auto it = tier_order_.find(b.seq);
     KVFLEET_CHECK(it != tier_order_.end() && it->second == key,
                   "tier order does not point at its block");
+    KVFLEET_CHECK(!b.parent_unknown || b.parent.is_null(),
+                  "a tier block of unknown parent has one");
     KVFLEET_CHECK(index_.find(key) == npos ||
                       entries_[index_.find(key)].state !=
                           entry_state::committed,

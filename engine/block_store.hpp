@@ -47,7 +47,8 @@
 /// on its own, leaf-first as ever. The first put or promotion that names
 /// its parent (process() walking the chain, a host's put of the same
 /// block) links it under that parent, so a chain brought back later is
-/// whole again and is evicted leaf-first from its end.
+/// whole again and is evicted leaf-first from its end. A trip through the
+/// memory tier keeps such a block unlinked until then.
 ///
 /// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
 /// host memory under a device arena. demote_to_tier() (the GPU memory
@@ -649,6 +650,9 @@ private:
   struct tier_block {
     tier_place place;
     block_key parent{}; // null for a chain's first block
+    /// Brought back from disk alone and not linked yet (entry's flag): it
+    /// comes back so, for adopt() to link it once a put names its parent.
+    bool parent_unknown = false;
     std::uint64_t checksum = 0;
     std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
     std::uint64_t seq = 0;       // key of tier_order_

@@ -193,6 +193,7 @@ void block_store::finish_demotions(demotion_batch& batch, bool copied) {
     b.place = d.place;
     if (e.parent != npos)
       b.parent = entries_[e.parent].key;
+    b.parent_unknown = e.parent_unknown;
     b.checksum = e.checksum;
     b.expires_at = e.expires_at;
     b.seq = ++tier_seq_;
@@ -406,16 +407,24 @@ std::size_t block_store::promote_from_tier(ns_id ns,
       const auto it = tier_index_.find(h.key());
       const std::uint64_t sum =
           it != tier_index_.end() ? it->second.checksum : std::uint64_t{0};
+      const bool parent_unknown =
+          it != tier_index_.end() && it->second.parent_unknown;
       const bool ok = (h.already_cached() || it != tier_index_.end()) &&
                       mark_written(h, sum).has_value() && commit(h).has_value();
       if (!ok)
         break;
       // commit() dropped the tier copy of a new block; a block that was in
       // memory already keeps that one.
-      if (h.already_cached())
+      if (h.already_cached()) {
         drop_tier_block(h.key(), false);
-      else
+      } else {
         ++stats_.tier_block_hits;
+        // Back from disk alone before it went to the tier: unless this
+        // call named its parent (a request's chain), it is still unlinked
+        // and adopt() links it once a put or request names the parent.
+        entry& e = entries_[h.id_];
+        e.parent_unknown = parent_unknown && e.parent == npos;
+      }
       ++landed;
     }
     for (auto it = handles.rbegin(); it != handles.rend(); ++it)

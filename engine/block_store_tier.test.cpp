@@ -467,6 +467,35 @@ TEST_F(store_tier_test,
   EXPECT_EQ(store_->block_count(), 0U);
 }
 
+// A block brought back from disk alone stays unlinked through a trip to
+// the tier and back, so the first request naming its parent links it and
+// the chain is evicted leaf-first. Before, it came back from the tier as
+// an ordinary root: nothing linked it, and its parent was evicted before
+// its pinned child (lookup found nothing while memory held the rest).
+TEST_F(store_tier_test, parent_unknown_survives_the_memory_tier) {
+  attach_disk();
+  const auto a = chain(1, 3);
+  run(a);
+  store_->evict_bytes(std::size_t{1} << 30);
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  ASSERT_EQ(store_->block_count(), 0U);
+  ASSERT_TRUE(store_->acquire(ns_, a[1]).has_value()); // back alone
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 1U);
+  ASSERT_TRUE(store_->acquire(ns_, a[1]).has_value()); // back from the tier
+  store_->check_invariants();
+  const auto r = run(a); // names a[1]'s parent a[0]
+  EXPECT_EQ(r.matched_blocks, 3U);
+  store_->check_invariants();
+  ASSERT_TRUE(store_->pin(ns_, a[2]).has_value());
+  store_->evict_bytes(std::size_t{1} << 30);
+  store_->check_invariants();
+  EXPECT_TRUE(store_->contains(ns_, a[1]));
+  EXPECT_TRUE(store_->contains(ns_, a[0])) << "parent evicted before its child";
+  EXPECT_EQ(*store_->lookup(ns_, a), 3U);
+}
+
 // A block keeps the size partition it was put in when it comes back from
 // the tier, whichever call brings it: a long document's blocks brought
 // back by a get must not count against the short prompts' share.
