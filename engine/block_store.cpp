@@ -1959,7 +1959,13 @@ result<std::size_t> block_store::promote(ns_id ns,
   issue_promotions(ns, keys.subspan(in_memory, on_disk),
                    in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
                    pending_promotions_);
-  return from_tier + pending_promotions_.size() - before;
+  // A block in memory after a gap on disk (disk_prefix() goes on over it)
+  // is a duplicate put that links it, not a read started.
+  const auto started = std::count_if(
+      pending_promotions_.begin() + static_cast<std::ptrdiff_t>(before),
+      pending_promotions_.end(),
+      [](const promotion& p) { return !p.handle.already_cached(); });
+  return from_tier + static_cast<std::size_t>(started);
 }
 
 void block_store::poll_disk() {

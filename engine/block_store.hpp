@@ -388,7 +388,9 @@ public:
   /// reads into them. The blocks become visible when poll_disk() collects
   /// the answers (a block that fails its checksum on disk is dropped and
   /// counted, never served). Returns how many blocks came back from the
-  /// memory tier plus how many disk promotions started. This is
+  /// memory tier plus how many disk reads started (a block already in
+  /// memory after one only on disk is linked, not read, and not counted;
+  /// before, it was). This is
   /// the path for an owner that must not wait (an actor: it polls when the
   /// tier's on_completion hook tells it to); process() promotes and waits.
   [[nodiscard]] result<std::size_t> promote(ns_id ns,

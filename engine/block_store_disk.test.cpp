@@ -295,6 +295,25 @@ TEST_F(store_disk_test, promote_does_not_wait_and_poll_makes_blocks_visible) {
   store_->check_invariants();
 }
 
+// promote() counts the disk reads it started: a block already in memory
+// after one only on disk (brought back alone) goes on the prefix but is
+// not read. Before, it was counted: 3 for 2 reads.
+TEST_F(store_disk_test, promote_counts_only_the_reads_it_started) {
+  const auto a = chain(1, 3);
+  run(a);
+  push_out_to_disk();
+  ASSERT_TRUE(store_->acquire(ns_, a[1]).has_value()); // back alone
+  const auto before = store_->stats().disk_block_hits;
+  const auto n = store_->promote(ns_, a, {});
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  EXPECT_EQ(*n, 2U);
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  store_->poll_disk();
+  EXPECT_EQ(store_->stats().disk_block_hits - before, 2U);
+  EXPECT_EQ(*store_->lookup(ns_, a), 3U);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, a_store_destroyed_with_promotions_in_flight_is_clean) {
   const auto a = chain(1, 4);
   run(a);
