@@ -94,7 +94,9 @@ public:
       scores_.resize(ids);
       prios_.resize(ids, priority::normal);
     }
-    heap_.reserve(ids);
+    // Blocks are put at normal priority unless a request says otherwise;
+    // the other priorities' heaps grow as they fill.
+    heap_.reserve(ids, static_cast<std::size_t>(priority::normal));
   }
   void on_access(std::uint32_t id, const access_info& info,
                  bool inserted) override {

@@ -85,7 +85,9 @@ public:
 
   virtual ~eviction_policy() = default;
   [[nodiscard]] virtual policy_kind kind() const noexcept = 0;
-  /// Sizes per-id storage for ids below `ids`.
+  /// Sizes per-id storage for ids below `ids`; the order of the
+  /// evictable blocks gets room for all of them at normal priority only
+  /// (the other priorities' grow as they fill).
   virtual void reserve(std::size_t ids) = 0;
   /// Block `id` was inserted (`inserted`) or hit.
   virtual void on_access(std::uint32_t id, const access_info& info,

@@ -1,8 +1,10 @@
 #pragma once
 // Binary min-heaps of entry ids, one per level, with a key per id and
 // O(log n) update and erase by id. An id is in at most one level's heap;
-// the levels share the per-id storage. Storage is sized by reserve();
-// set() does not allocate below that size.
+// the levels share the per-id storage. reserve() sizes that storage and
+// one level's heap: set() of an id below that size into that level does
+// not allocate, and the other levels grow as they fill (a heap never
+// shrinks, so each allocates only until it reaches its largest size).
 
 #include "engine/internal/check.hpp"
 
@@ -31,14 +33,14 @@ public:
   /// REQUIRES: 1 <= levels <= 256.
   explicit indexed_heap(std::size_t levels = 1) : heaps_(levels) {}
 
-  void reserve(std::size_t ids) {
-    if (pos_.size() < ids) {
-      pos_.resize(ids, npos);
-      level_.resize(ids, 0);
-      keys_.resize(ids);
-    }
-    for (auto& h : heaps_)
-      h.reserve(ids);
+  /// Sizes the per-id storage for ids below `ids` and room for all of
+  /// them in `level`'s heap (the level most ids are in). Only one level:
+  /// an id is in one heap at a time, so room for every id in every level
+  /// would cost 4 bytes per id per extra level for nothing.
+  /// REQUIRES: level < levels().
+  void reserve(std::size_t ids, std::size_t level) {
+    grow(ids);
+    heaps_[level].reserve(ids);
   }
   [[nodiscard]] bool contains(std::uint32_t id) const noexcept {
     return id < pos_.size() && pos_[id] != npos;
@@ -47,6 +49,10 @@ public:
   /// REQUIRES: contains(id).
   [[nodiscard]] std::size_t level(std::uint32_t id) const noexcept {
     return level_[id];
+  }
+  /// Ids `level`'s heap holds without allocating.
+  [[nodiscard]] std::size_t capacity(std::size_t level) const noexcept {
+    return heaps_[level].capacity();
   }
   [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
   [[nodiscard]] std::size_t size() const noexcept { return size_; }
@@ -74,7 +80,7 @@ public:
   /// it to `level`.
   void set(std::uint32_t id, std::size_t level, score key) {
     if (id >= pos_.size())
-      reserve(std::max<std::size_t>(id + 1, 2 * pos_.size()));
+      grow(std::max<std::size_t>(id + 1, 2 * pos_.size()));
     if (pos_[id] != npos && level_[id] != level)
       erase(id);
     keys_[id] = key;
@@ -127,6 +133,13 @@ public:
   }
 
 private:
+  void grow(std::size_t ids) {
+    if (pos_.size() < ids) {
+      pos_.resize(ids, npos);
+      level_.resize(ids, 0);
+      keys_.resize(ids);
+    }
+  }
   void up(std::vector<std::uint32_t>& h, std::uint32_t p) noexcept {
     const std::uint32_t id = h[p];
     while (p > 0) {
