@@ -48,7 +48,14 @@
 /// its parent (process() walking the chain, a host's put of the same
 /// block) links it under that parent, so a chain brought back later is
 /// whole again and is evicted leaf-first from its end. A trip through the
-/// memory tier keeps such a block unlinked until then.
+/// memory tier keeps such a block unlinked until then. Nor does the disk
+/// tier record a block's size partition or request tokens (its on-disk
+/// format has no field for them), so acquire() and pin() bring a block
+/// back into the short partition at normal priority, whatever it was put
+/// in (a known limit: a long document's block pinned from disk counts
+/// against the short budget); a put's parent comes back in the put's
+/// partition, and process() and promote() bring blocks back in the
+/// request's.
 ///
 /// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
 /// host memory under a device arena. demote_to_tier() (the GPU memory
@@ -280,8 +287,9 @@ public:
                  std::vector<read_lease>& out);
   /// Lease of one cached block (brought back from the memory tier when it
   /// is there, or read back from the disk tier when only there: see the
-  /// class comment); errc::not_found when absent. A block damaged on disk
-  /// is leased like any other and caught by read(), which verifies it.
+  /// class comment: one read back from disk lands in the short partition);
+  /// errc::not_found when absent. A block damaged on disk is leased like
+  /// any other and caught by read(), which verifies it.
   [[nodiscard]] result<read_lease> acquire(ns_id ns, const block_key& key);
 
   /// Codec and stored size of a leased block; errc::invalid_handle for an
@@ -439,8 +447,9 @@ public:
   /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
   /// tier a pinned block is written through to disk with its pin. Pinning a
   /// block in the memory tier brings it back first, and so does pinning one
-  /// only on disk (it waits for the read), so a pinned block is always in
-  /// memory. Unpinning a block only on disk (pinned there before a restart)
+  /// only on disk (it waits for the read; it lands in the short partition,
+  /// see the class comment), so a pinned block is always in memory.
+  /// Unpinning a block only on disk (pinned there before a restart)
   /// unpins its disk copy.
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);

@@ -559,6 +559,33 @@ TEST_F(store_disk_test, a_put_naming_itself_as_parent_is_refused) {
   EXPECT_EQ(store_->block_count(), 0U);
 }
 
+// A known limit (README "Disk tier"): the disk tier records no size
+// partition, so a block read back alone by acquire() lands in the short
+// partition whatever it was put in; a request brings it back in its own.
+TEST_F(store_disk_test, a_block_read_back_alone_lands_in_the_short_partition) {
+  constexpr auto large = static_cast<std::size_t>(size_partition::large);
+  constexpr auto small = static_cast<std::size_t>(size_partition::small);
+  const std::vector<block_key> k = chain(7, 1);
+  put_options long_request;
+  long_request.request_tokens = 5000; // the long partition (>= 4096)
+  ASSERT_TRUE(
+      store_->process(ns_, k, 5000, producer_, long_request).has_value());
+  ASSERT_EQ(store_->stats().blocks_by_partition[large], 1U);
+  store_->evict_bytes(std::size_t{1} << 30);
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  ASSERT_EQ(store_->block_count(), 0U);
+  ASSERT_TRUE(store_->acquire(ns_, k[0]).has_value());
+  EXPECT_EQ(store_->stats().blocks_by_partition[small], 1U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[large], 0U);
+  store_->evict_bytes(std::size_t{1} << 30);
+  ASSERT_EQ(store_->block_count(), 0U);
+  const auto r = store_->process(ns_, k, 5000, producer_, long_request);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->disk_blocks, 1U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[large], 1U);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   const auto a = chain(1, 6);
   run(a);
