@@ -41,20 +41,21 @@
 /// The block calls reach the disk too: acquire() and pin() of a block only
 /// on disk, and reserve() of a block whose parent is only there (lookup()
 /// callers count disk blocks as cached and extend them), bring that one
-/// block back and wait for the read. The disk tier does not record a
-/// block's parent, so it comes back as a chain root (a block in memory
-/// needs its parent in memory, and this one's is unknown): it is evictable
-/// on its own, leaf-first as ever. The first put or promotion that names
-/// its parent (process() walking the chain, a host's put of the same
-/// block) links it under that parent, so a chain brought back later is
-/// whole again and is evicted leaf-first from its end. A trip through the
-/// memory tier keeps such a block unlinked until then. Nor does the disk
-/// tier record a block's size partition or request tokens (its on-disk
-/// format has no field for them), so acquire() and pin() bring a block
-/// back into the short partition at normal priority, whatever it was put
-/// in (a known limit: a long document's block pinned from disk counts
-/// against the short budget); a put's parent comes back in the put's
-/// partition, and process() and promote() bring blocks back in the
+/// block back and wait, as process() does, until the disk tier has done
+/// every request it holds (queued spills included, not only this read),
+/// without a bound (a line on stderr every 30 s). The disk tier does not record
+/// a block's parent, so it comes back as a chain root (a block in memory needs
+/// its parent in memory, and this one's is unknown): it is evictable on its
+/// own, leaf-first as ever. The first put or promotion that names its parent
+/// (process() walking the chain, a host's put of the same block) links it under
+/// that parent, so a chain brought back later is whole again and is evicted
+/// leaf-first from its end. A trip through the memory tier keeps such a block
+/// unlinked until then. Nor does the disk tier record a block's size partition
+/// or request tokens (its on-disk format has no field for them), so acquire()
+/// and pin() bring a block back into the short partition at normal priority,
+/// whatever it was put in (a known limit: a long document's block pinned from
+/// disk counts against the short budget); a put's parent comes back in the
+/// put's partition, and process() and promote() bring blocks back in the
 /// request's.
 ///
 /// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
@@ -310,11 +311,12 @@ public:
   /// `parent` (null for the first block of a chain). The parent must be
   /// cached or reserved in the same namespace (errc::not_found otherwise);
   /// a parent in the memory tier is brought back with its chain, one only
-  /// on disk alone (waiting for its read; see the class comment).
-  /// errc::busy when another put of the key is open; errc::invalid_argument
-  /// when `parent` is `key` itself. A key that bringing the parent back
-  /// brought back too (it was in the parent's chain in the memory tier) is
-  /// cached now: the put is a duplicate of it, as for any cached key.
+  /// on disk alone (waiting for the disk tier's whole queue; see the class
+  /// comment). errc::busy when another put of the key is open;
+  /// errc::invalid_argument when `parent` is `key` itself. A key that bringing
+  /// the parent back brought back too (it was in the parent's chain in the
+  /// memory tier) is cached now: the put is a duplicate of it, as for any
+  /// cached key.
   [[nodiscard]] result<put_handle> reserve(ns_id ns, const block_key& key,
                                            const block_key& parent,
                                            const put_options& options = {});
@@ -447,10 +449,10 @@ public:
   /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
   /// tier a pinned block is written through to disk with its pin. Pinning a
   /// block in the memory tier brings it back first, and so does pinning one
-  /// only on disk (it waits for the read; it lands in the short partition,
-  /// see the class comment), so a pinned block is always in memory.
-  /// Unpinning a block only on disk (pinned there before a restart)
-  /// unpins its disk copy.
+  /// only on disk (it waits for the disk tier's whole queue and lands in
+  /// the short partition, see the class comment), so a pinned block is
+  /// always in memory. Unpinning a block only on disk (pinned there before
+  /// a restart) unpins its disk copy.
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
 
@@ -637,16 +639,20 @@ private:
   disk_promoted promote_now(ns_id ns, std::span<const block_key> keys,
                             const block_key& parent, kv_producer& producer,
                             const put_options& options);
-  /// Waits until the disk tier has answered every read of promote_batch_
-  /// (the reads go into its reserved slots), then collects the answers.
+  /// Waits until the disk tier is idle (every request it holds done,
+  /// spills included, not only promote_batch_'s reads: it offers no wait
+  /// for one request), without a bound, printing a line to stderr every
+  /// 30 s; then collects the answers. The reads go into promote_batch_'s
+  /// reserved slots, which must not be freed before they are answered.
   void await_promote_batch();
   /// Lands and commits an answered promotion; false when it failed on disk
   /// (missing, damaged header) or could not be committed.
   [[nodiscard]] bool finish_promotion(promotion& p);
   /// Brings `key`, found only on disk, back into memory as a chain root
-  /// marked parent_unknown, and waits for it; true when it is in memory
-  /// now. acquire(), pin() and reserve() (a parent) use it; false at once
-  /// without a disk tier, or inside process()'s own promotion.
+  /// marked parent_unknown, and waits for it (await_promote_batch()); true
+  /// when it is in memory now. acquire(), pin() and reserve() (a parent)
+  /// use it; false at once without a disk tier, or inside process()'s own
+  /// promotion.
   bool promote_key_from_disk(ns_id ns, const block_key& key,
                              const put_options& options);
   /// Links block `id`, brought back from disk without its parent, under
