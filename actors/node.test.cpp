@@ -727,6 +727,15 @@ TEST_F(Node, PersistWritesADrainingEngineToo) {
   ASSERT_TRUE((*n)->stop());
 }
 
+/// Runs requests 1 to `last` (chain(id)): 100 push request 1's blocks out
+/// of a disk node's memory to its disk.
+void run_chains(node& n, std::uint64_t last) {
+  for (std::uint64_t id = 1; id <= last; ++id) {
+    auto r = n.process_request(chain(id));
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+  }
+}
+
 /// The number of keys in the balancer's routing index, once it has read
 /// every block event engine `slot` sent so far: engine_stats goes to the
 /// engine (which publishes first) and its answer comes after those events,
@@ -751,10 +760,7 @@ TEST_F(Node, TheRoutingIndexKeepsSpilledAndRecoveredBlocks) {
   {
     auto n = node::start(*sys_, disk_node(dir.path()));
     ASSERT_TRUE(n.has_value()) << n.error().describe();
-    for (std::uint64_t id = 1; id <= 100; ++id) {
-      auto r = (*n)->process_request(chain(id));
-      ASSERT_TRUE(r.has_value()) << r.error().describe();
-    }
+    ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
     EXPECT_EQ(index_keys_after_events_of(**n, 0), 400U);
     ASSERT_TRUE((*n)->persist(std::chrono::seconds(30)).has_value());
     ASSERT_TRUE((*n)->stop());
@@ -858,10 +864,7 @@ TEST_F(Node, BlocksTheDiskTierDropsLeaveTheRoutingIndex) {
   c.engine.make_disk = actors::disk_tier_per_engine(disk);
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  for (std::uint64_t id = 1; id <= 100; ++id) {
-    auto r = (*n)->process_request(chain(id));
-    ASSERT_TRUE(r.has_value()) << r.error().describe();
-  }
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
   auto persisted = (*n)->persist(std::chrono::seconds(30));
   ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
   auto es = (*n)->engine_stats(0);
@@ -974,10 +977,7 @@ TEST_F(Node, AnEngineRestartedAfterAKillRecoversItsDiskDirectory) {
   c.balancer.restart_delay = std::chrono::milliseconds{1};
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  for (std::uint64_t id = 1; id <= 100; ++id) {
-    auto r = (*n)->process_request(chain(id));
-    ASSERT_TRUE(r.has_value()) << r.error().describe();
-  }
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
   auto e0 = engine_of(*sys_, **n, 0);
   ASSERT_TRUE(e0);
   {
@@ -1017,10 +1017,7 @@ TEST_F(Node, LookupCountsTheBlocksAnEngineHoldsOnDisk) {
   {
     auto n = node::start(*sys_, disk_node(dir.path()));
     ASSERT_TRUE(n.has_value()) << n.error().describe();
-    for (std::uint64_t id = 1; id <= 100; ++id) {
-      auto r = (*n)->process_request(chain(id));
-      ASSERT_TRUE(r.has_value()) << r.error().describe();
-    }
+    ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
     auto before = (*n)->engine_stats(0);
     ASSERT_TRUE(before.has_value()) << before.error().describe();
     auto spilled = (*n)->lookup(chain(1).keys);
@@ -1052,15 +1049,6 @@ node_config exact_disk_node(const std::string& dir) {
   auto c = disk_node(dir);
   c.engine.store.adaptive_compression = false;
   return c;
-}
-
-/// Runs requests 1 to `last` (chain(id)): 100 push request 1's blocks out
-/// of a disk node's memory to its disk.
-void run_chains(node& n, std::uint64_t last) {
-  for (std::uint64_t id = 1; id <= last; ++id) {
-    auto r = n.process_request(chain(id));
-    ASSERT_TRUE(r.has_value()) << r.error().describe();
-  }
 }
 
 /// What the engines' synthetic producer computes for `key`.
@@ -1322,10 +1310,7 @@ TEST_F(Node, EngineStatsCountSpillsThatFailedAfterTheLastRequest) {
   c.engine.make_disk = actors::disk_tier_per_engine(disk);
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  for (std::uint64_t id = 1; id <= 20; ++id) {
-    auto r = (*n)->process_request(chain(id));
-    ASSERT_TRUE(r.has_value()) << r.error().describe();
-  }
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 20));
   // The last request evicts (40 new blocks in memory for 64): its spills
   // are issued inside it, and no call of the engine's store follows.
   kv_request last;
@@ -1362,10 +1347,7 @@ TEST_F(Node, PersistWritesMoreThanTheDiskQueueHolds) {
   c.engine.make_disk = actors::disk_tier_per_engine(disk);
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  for (std::uint64_t id = 1; id <= 10; ++id) {
-    auto r = (*n)->process_request(chain(id));
-    ASSERT_TRUE(r.has_value()) << r.error().describe();
-  }
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 10));
   auto persisted = (*n)->persist(std::chrono::seconds(30));
   ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
   EXPECT_EQ(*persisted, 40U);
