@@ -1483,6 +1483,10 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
        "balancer_config.request_timeout"},
       {[](balancer_config& c) { c.restart_delay = -1ms; },
        "balancer_config.restart_delay"},
+      {[](balancer_config& c) { c.retire_persist_timeout = 0ms; },
+       "balancer_config.retire_persist_timeout"},
+      {[](balancer_config& c) { c.retire_persist_timeout = 25h; },
+       "balancer_config.retire_persist_timeout"},
   };
   for (const auto& [edit, names] : balancer_cases) {
     balancer_config bc;

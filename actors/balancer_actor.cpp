@@ -42,6 +42,11 @@ struct slot_info {
   /// Its engine opens its disk (started_engine::opening) and has not
   /// answered ready_atom yet: the slot stays down.
   bool opening = false;
+  /// Its engine has a disk tier (started_engine::disk): retired, it
+  /// persists before it exits.
+  bool disk = false;
+  /// Its retired engine was asked persist_atom and has not answered yet.
+  bool persisting = false;
   start_kind kind = start_kind::initial; ///< of the engine's start
   /// The replica_atom that started it, while it opens.
   owed_reply replica;
@@ -134,6 +139,8 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
   info.engine = std::move(started->actor);
   info.kind = kind;
   info.opening = started->opening;
+  info.disk = started->disk;
+  info.persisting = false;
   ++info.generation;
   self->monitor(info.engine);
   st.owned->push_back(info.engine);
@@ -258,10 +265,37 @@ void open_failed(balancer_actor* self, std::uint32_t slot, const error& why) {
 }
 
 void maybe_exit_retired(balancer_actor* self, std::uint32_t slot) {
-  auto& info = self->state.slots[slot];
-  if (info.retiring && self->state.route.in_flight(slot) == 0 && info.engine) {
+  auto& s = self->state;
+  auto& info = s.slots[slot];
+  if (!info.retiring || s.route.in_flight(slot) != 0 || !info.engine ||
+      info.persisting)
+    return;
+  if (!info.disk) {
     self->send_exit(info.engine, caf::exit_reason::user_shutdown);
+    return;
   }
+  // Its blocks in memory would go with it: a later engine in the slot
+  // recovers only its directory. Persisted first, on the engine's own
+  // thread; the slot stays taken until it exits (the down handler frees
+  // it), so that engine never finds the directory locked.
+  info.persisting = true;
+  const auto& timeout = s.config.retire_persist_timeout;
+  auto engine = info.engine;
+  auto exit = [self, engine] {
+    self->send_exit(engine, caf::exit_reason::user_shutdown);
+  };
+  self->request(engine, timeout + s.config.request_timeout, persist_atom::value,
+                static_cast<std::uint64_t>(timeout.count()))
+      .then([exit](std::uint64_t) { exit(); },
+            [self, slot, exit](caf::error& e) {
+              std::fprintf(stderr,
+                           "kvfleet: balancer: retired engine slot %u did not "
+                           "persist its blocks: %s; what it held only in "
+                           "memory is lost\n",
+                           static_cast<unsigned>(slot),
+                           self->system().render(e).c_str());
+              exit();
+            });
 }
 
 void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
@@ -620,6 +654,11 @@ result<void> validate(const balancer_config& config) {
     return ok;
   if (auto ok = check_duration("balancer_config.restart_delay",
                                config.restart_delay, true);
+      !ok)
+    return ok;
+  // Zero would give a retired engine's disk no time at all.
+  if (auto ok = check_duration("balancer_config.retire_persist_timeout",
+                               config.retire_persist_timeout);
       !ok)
     return ok;
   if (config.initial_engines > router::max_slots)

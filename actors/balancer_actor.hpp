@@ -35,7 +35,15 @@
 ///   (retire_atom)                -> uint32 live engines after draining one
 ///       (never one still opening): it takes no new requests and exits once
 ///       its requests are answered; its slot is then free for the next
-///       replica
+///       replica. An engine with a disk tier (started_engine::disk) is
+///       first asked persist_atom, so a later engine in its slot recovers
+///       the blocks it held in memory: it gets `retire_persist_timeout`
+///       for its disk, the balancer waits for its answer (a response
+///       handler, never blocking) at most that plus `request_timeout`, and
+///       tells it to exit on the answer, an error (one line on stderr:
+///       what was only in its memory is lost) or the timeout. Its slot
+///       stays taken until it has exited, so the next engine there never
+///       finds the directory locked.
 ///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply),
 ///       and remembered: every engine spawned or restarted later gets it
 ///       before any request
@@ -83,6 +91,10 @@ struct balancer_config {
   std::chrono::milliseconds restart_delay{100};
   /// Restarts per slot, failed starts included; then the slot is given up.
   std::uint32_t max_restarts = 100;
+  /// How long a retired engine with a disk tier may take to persist its
+  /// cached blocks before it exits (persist_atom's timeout; the balancer
+  /// waits at most this plus request_timeout for the answer).
+  std::chrono::milliseconds retire_persist_timeout{30'000};
   std::uint32_t initial_engines = 1;
 };
 
@@ -98,6 +110,10 @@ struct started_engine {
   /// tier's error is its exit reason) is a start that failed, with that
   /// error. False: it takes requests at once, and costs no extra message.
   bool opening = false;
+  /// The engine has a disk tier (engine_actor_config::make_disk): retired,
+  /// it persists its cached blocks before it exits (retire_atom above).
+  /// False: it is told to exit once drained, with no extra message.
+  bool disk = false;
 };
 
 /// `engine` as a started_engine that takes requests at once, or its error.
@@ -110,7 +126,8 @@ using engine_factory = std::function<result<started_engine>(
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// what validate(config.routing) rejects, a request_timeout that is not
-/// positive, a negative restart_delay, either above 24 hours
+/// positive, a negative restart_delay, a retire_persist_timeout that is not
+/// positive, any of them above 24 hours
 /// (max_config_duration, config_checks.hpp), or more initial_engines than
 /// router::max_slots.
 [[nodiscard]] result<void> validate(const balancer_config& config);

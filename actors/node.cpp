@@ -333,7 +333,8 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         if (slot < ready->size() && (*ready)[slot]) {
           caf::actor a = std::move((*ready)[slot]);
           (*ready)[slot] = caf::actor{};
-          return actors::started_engine{std::move(a), false};
+          return actors::started_engine{std::move(a), false,
+                                        engine_cfg.make_disk != nullptr};
         }
         // A restart or a replica: its disk tier opens on the engine's own
         // thread, not on the balancer's, which goes on routing to the
@@ -345,8 +346,8 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         if (!engine)
           return unexpected<error>{engine.error()};
         engines->add(*engine);
-        return actors::started_engine{std::move(*engine),
-                                      cfg.make_disk != nullptr};
+        const bool disk = cfg.make_disk != nullptr;
+        return actors::started_engine{std::move(*engine), disk, disk};
       });
   if (!balancer)
     return unexpected<error>{

@@ -1403,6 +1403,66 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, ARetiredEnginePersistsItsBlocksForTheNextEngineInItsSlot) {
+  // Engine 1 holds three blocks in memory only (not pinned: nothing is
+  // written through). The scaler's retire_atom drains it; it persists
+  // them before it exits, so the next replica in slot 1 recovers them
+  // from engine-1. (Before, the balancer told it to exit at once, and its
+  // blocks went with it.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto n =
+      node::start(*sys_, two_disk_engines(dir.path(), disk_config(dir.path()),
+                                          disk_config(dir.path())));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  for (std::uint64_t b = 1; b <= 3; ++b) {
+    actors::put_request p;
+    p.key = block_key{8000, b};
+    if (b > 1) {
+      p.parent = block_key{8000, b - 1};
+    }
+    auto put = (*n)->put_block(1, p, std::vector<std::uint8_t>(4096, 5));
+    ASSERT_TRUE(put.has_value()) << put.error().describe();
+  }
+  auto before = (*n)->engine_stats(1);
+  ASSERT_TRUE(before.has_value()) << before.error().describe();
+  ASSERT_EQ(before->disk_blocks, 0U) << "the blocks are in memory only";
+  caf::scoped_actor self{*sys_};
+  const auto ask_balancer = [&](auto atom) {
+    std::optional<std::uint32_t> out;
+    self->request((*n)->balancer(), caf::infinite, atom)
+        .receive([&](std::uint32_t live) { out = live; },
+                 [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+    return out;
+  };
+  auto retired = engine_of(*sys_, **n, 1);
+  ASSERT_TRUE(retired);
+  self->monitor(retired);
+  ASSERT_EQ(ask_balancer(actors::retire_atom::value), 1U);
+  self->receive([](const caf::down_msg&) {});
+  // The balancer frees the slot when it sees the engine stop.
+  bool freed = false;
+  for (int i = 0; i < 1'000'000 && !freed; ++i) {
+    freed = !engine_of(*sys_, **n, 1);
+  }
+  ASSERT_TRUE(freed);
+  ASSERT_EQ(ask_balancer(actors::replica_atom::value), 2U);
+  auto es = (*n)->engine_stats(1);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->requests, 0U) << "not the new replica";
+  EXPECT_EQ(es->disk_blocks, 3U) << "the retired engine's blocks were lost";
+  ASSERT_TRUE((*n)->stop());
+  // A new node on the directory finds them too.
+  auto again =
+      node::start(*sys_, two_disk_engines(dir.path(), disk_config(dir.path()),
+                                          disk_config(dir.path())));
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  auto got = (*again)->get_block(1, block_key{8000, 3});
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(*got, std::vector<std::uint8_t>(4096, 5));
+  ASSERT_TRUE((*again)->stop());
+}
+
 TEST_F(Node, StopAgainAfterATimeoutWaitsForTheEnginesLeft) {
   // The engine's disk is held (a pinned block's write waits at the gate),
   // so the engine cannot finish stopping: stop() times out. Once the disk
