@@ -601,8 +601,10 @@ caf::behavior engine_behavior(engine_actor* self,
         if (auto* disk = s.store->disk()) {
           disk->record_removals(true);
           auto keys = disk->keys();
-          if (keys.size() > s.config.snapshot_keys)
-            keys.resize(s.config.snapshot_keys);
+          const auto most =
+              s.config.snapshot_keys.value_or(default_snapshot_keys);
+          if (keys.size() > most)
+            keys.resize(most);
           if (keys.empty())
             return;
           s.snapshots.push_back({listener, std::move(keys)});

@@ -118,6 +118,12 @@
 
 namespace kvfleet::actors {
 
+/// engine_actor_config::snapshot_keys when none is set and no node derived
+/// one: one slot's share (router::max_slots) of the default
+/// router_config::max_index_keys (2^20 / 64).
+inline constexpr std::size_t default_snapshot_keys =
+    router_config{}.max_index_keys / router::max_slots;
+
 struct engine_actor_config {
   std::uint32_t slot = 0;
   engine::store_config store{};
@@ -158,11 +164,12 @@ struct engine_actor_config {
   /// With a disk tier, a new listener first learns of at most this many of
   /// the keys on disk (an arbitrary subset; expired ones left out), so one
   /// restarted engine with a large directory takes at most its share of
-  /// the balancer's index (router_config::max_index_keys, 2^20 by default,
-  /// over router::max_slots engines) instead of flushing the other
-  /// engines' entries. The rest reach the index as requests use them.
-  std::size_t snapshot_keys =
-      router_config{}.max_index_keys / router::max_slots;
+  /// the balancer's index instead of flushing the other engines' entries.
+  /// The rest reach the index as requests use them. Unset: kvfleet::node
+  /// derives it from its router (node::start: max_index_keys over its
+  /// initial engines); an engine spawned without a node uses
+  /// default_snapshot_keys. A value set here wins (0: no snapshot).
+  std::optional<std::size_t> snapshot_keys;
   /// Frees memory under pressure after every batch, put, read, pin and
   /// unpin; returns the
   /// bytes freed. Null: the rule of memory_manager.hpp (`pressure`) on the

@@ -283,6 +283,12 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
                                           node_config config) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
+  // Each initial engine's share of the router's index (validate() checked
+  // both are positive): one engine's recovered directory then flushes no
+  // other engine's entries. Replicas get the same value.
+  if (!config.engine.snapshot_keys)
+    config.engine.snapshot_keys =
+        config.balancer.routing.max_index_keys / config.engines;
   // Fail early on a bad query-cache store (redis_url), before any engine
   // starts: an engine told to stop releases its memory and its disk
   // directory only later, so a start retried at once with the URL fixed

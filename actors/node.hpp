@@ -51,8 +51,10 @@ class node_engines;
 
 struct node_config {
   std::uint32_t engines = 2;
-  actors::engine_actor_config
-      engine{}; ///< every engine's; slot is set per engine
+  /// Every engine's; slot is set per engine, and snapshot_keys, when
+  /// unset, to balancer.routing.max_index_keys / engines (each initial
+  /// engine's share of the router's index; replicas get the same).
+  actors::engine_actor_config engine{};
   actors::balancer_config balancer{}; ///< initial_engines is set from `engines`
   actors::warmer_config warmer{};
   bool query_cache = true;

@@ -1176,6 +1176,39 @@ TEST_F(Node, ReadsAndPinsFromDiskRelieveMemoryPressure) {
   ASSERT_TRUE((*n)->stop());
 }
 
+/// The sizes of the block_events a new listener of engine `slot` gets
+/// first (the snapshot of its disk), once it has `expected` keys or the
+/// engine is silent for a minute (only a guard against a hang: the chunks
+/// come at once), and the distinct keys they stored.
+struct disk_snapshot {
+  std::vector<std::size_t> sizes;
+  std::set<block_key> keys;
+};
+
+disk_snapshot snapshot_of(caf::actor_system& sys, node& n, std::uint32_t slot,
+                          std::size_t expected) {
+  disk_snapshot out;
+  auto engine = engine_of(sys, n, slot);
+  if (!engine) {
+    ADD_FAILURE() << "no engine in slot " << slot;
+    return out;
+  }
+  caf::scoped_actor self{sys};
+  self->send(engine, actors::listen_atom::value,
+             caf::actor_cast<caf::actor>(self));
+  bool silent = false;
+  while (out.keys.size() < expected && !silent) {
+    self->receive(
+        [&](const actors::block_events& ev) {
+          EXPECT_TRUE(ev.evicted.empty());
+          out.sizes.push_back(ev.stored.size());
+          out.keys.insert(ev.stored.begin(), ev.stored.end());
+        },
+        caf::after(std::chrono::seconds(60)) >> [&] { silent = true; });
+  }
+  return out;
+}
+
 TEST_F(Node, ANewListenersSnapshotOfTheDiskIsChunkedAndBounded) {
   // About 4700 blocks on the engine's disk, a bound of 4500: a new
   // listener gets 4500 keys of the disk, at most 4096 per message. (Before,
@@ -1191,26 +1224,40 @@ TEST_F(Node, ANewListenersSnapshotOfTheDiskIsChunkedAndBounded) {
   auto es = (*n)->engine_stats(0);
   ASSERT_TRUE(es.has_value()) << es.error().describe();
   ASSERT_GT(es->disk_spills, 4500U);
-  auto e0 = engine_of(*sys_, **n, 0);
-  ASSERT_TRUE(e0);
-  caf::scoped_actor self{*sys_};
-  self->send(e0, actors::listen_atom::value, caf::actor_cast<caf::actor>(self));
-  std::vector<std::size_t> sizes;
-  std::set<block_key> keys;
-  bool silent = false;
-  while (keys.size() < 4500 && !silent) {
-    self->receive(
-        [&](const actors::block_events& ev) {
-          EXPECT_TRUE(ev.evicted.empty());
-          sizes.push_back(ev.stored.size());
-          keys.insert(ev.stored.begin(), ev.stored.end());
-        },
-        // Only a guard against a hang: the chunks come at once.
-        caf::after(std::chrono::seconds(60)) >> [&] { silent = true; });
-  }
-  EXPECT_EQ(keys.size(), 4500U);
-  EXPECT_EQ(sizes, (std::vector<std::size_t>{4096, 404}));
+  auto snap = snapshot_of(*sys_, **n, 0, 4500);
+  EXPECT_EQ(snap.keys.size(), 4500U);
+  EXPECT_EQ(snap.sizes, (std::vector<std::size_t>{4096, 404}));
   ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, TheDiskSnapshotBoundIsTheEnginesShareOfTheRoutersIndex) {
+  // snapshot_keys left unset: the node bounds each engine's snapshot by
+  // its share of the router's index, max_index_keys 9000 over 2 engines.
+  // Engine 0 holds about 4700 blocks on disk (round robin: every other
+  // chain); a new listener gets 4500 of them. A snapshot_keys set by the
+  // caller wins. (Before, a fixed 2^20 / 64 = 16384 whatever the index:
+  // all 4700.)
+  for (const std::optional<std::size_t> set :
+       {std::optional<std::size_t>{}, std::optional<std::size_t>{4200}}) {
+    temp_dir dir;
+    ASSERT_FALSE(dir.path().empty());
+    auto c = two_disk_engines(dir.path(), disk_config(dir.path()),
+                              disk_config(dir.path()));
+    c.balancer.routing.policy = actors::routing_policy::round_robin;
+    c.balancer.routing.max_index_keys = 9000;
+    c.engine.snapshot_keys = set;
+    auto n = node::start(*sys_, c);
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    ASSERT_NO_FATAL_FAILURE(run_chains(**n, 2400));
+    auto es = (*n)->engine_stats(0);
+    ASSERT_TRUE(es.has_value()) << es.error().describe();
+    ASSERT_GT(es->disk_spills, 4500U);
+    const std::size_t bound = set.value_or(4500);
+    auto snap = snapshot_of(*sys_, **n, 0, bound);
+    EXPECT_EQ(snap.keys.size(), bound);
+    EXPECT_EQ(snap.sizes, (std::vector<std::size_t>{4096, bound - 4096}));
+    ASSERT_TRUE((*n)->stop());
+  }
 }
 
 TEST_F(Node, APutExtendsAPrefixOnlyOnTheEnginesDisk) {
