@@ -605,17 +605,11 @@ block_store::reserve_existing(ns_id ns, std::uint32_t existing,
                                       " is in progress");
   }
   auto duplicate = [&] {
-    put_handle h;
-    h.store_ = this;
-    h.id_ = existing;
-    h.generation_ = e.generation;
-    h.key_ = key;
-    h.phase_ = put_handle::phase::open;
+    put_handle h = open_handle(existing, key, start);
     h.duplicate_ = true;
     h.pin_ = options.pin;
     h.prio_ = options.prio;
     h.parent_ = parent;
-    h.started_ = start.count();
     ++stats_.reserves;
     return h;
   };
@@ -744,10 +738,15 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   e.expires_at = expiry_after(start, ttl);
   index_.insert(key, id);
   ++stats_.reserves;
+  return open_handle(id, key, start);
+}
+
+put_handle block_store::open_handle(std::uint32_t id, const block_key& key,
+                                    nanos start) {
   put_handle h;
   h.store_ = this;
   h.id_ = id;
-  h.generation_ = e.generation;
+  h.generation_ = entries_[id].generation;
   h.key_ = key;
   h.phase_ = put_handle::phase::open;
   h.started_ = start.count();

@@ -660,6 +660,11 @@ private:
   /// own descendant): a duplicate put's commit calls it. A block held by a
   /// lease (a reader, a demotion in flight) waits for a later put.
   void adopt(std::uint32_t id, const block_key& parent);
+  /// An open put handle of entry `id` (its generation now) for `key`,
+  /// started at `start`: what reserve() hands out, a new block's or a
+  /// duplicate's.
+  [[nodiscard]] put_handle open_handle(std::uint32_t id, const block_key& key,
+                                       nanos start);
   [[nodiscard]] result<void> mark_written(put_handle& h,
                                           std::uint64_t checksum);
   [[nodiscard]] const clock_source& disk_clock() const noexcept;
