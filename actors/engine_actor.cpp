@@ -115,33 +115,14 @@ caf::result<bool> lift_void(const result<void>& r) {
   return true;
 }
 
-/// Now on the disk tier's clock, the one its blocks' expiry is in (the
-/// store's disk clock, engine::block_store's private disk_clock()).
-engine::nanos disk_now(const engine::disk_tier& disk) {
-  const auto* clock = disk.config().clock;
-  return clock != nullptr ? clock->now()
-                          : engine::wall_clock_source::instance().now();
-}
-
-/// Whether the disk tier holds `key` (stored, or its spill queued) and it
-/// has not expired at `now`: an expired block stays in the directory until
-/// the tier's expire() removes it, but no request can use it.
-bool on_disk(const engine::disk_tier& disk, const engine::block_key& key,
-             engine::nanos now) {
-  const auto info = disk.lookup(key);
-  return info && (info->expires_at.count() == 0 || info->expires_at > now);
-}
-
 /// Whether the engine still holds `key` though an event said it left:
 /// with a disk tier, a block evicted from memory that was spilled (or
 /// whose spill is still queued) and has not expired is on disk, and a
 /// block the disk tier dropped may be in memory or the memory tier.
 /// Without one, an event says it all.
-bool still_held(engine_state& st, const engine::block_key& key,
-                engine::nanos disk_time) {
-  const auto* disk = st.store->disk();
-  return disk != nullptr &&
-         (on_disk(*disk, key, disk_time) || st.store->contains(st.ns, key) ||
+bool still_held(engine_state& st, const engine::block_key& key) {
+  return st.store->disk() != nullptr &&
+         (st.store->on_disk(st.ns, key) || st.store->contains(st.ns, key) ||
           st.store->in_tier(st.ns, key));
 }
 
@@ -162,13 +143,9 @@ void publish(engine_actor* self) {
   block_events out;
   out.engine = st.config.slot;
   st.seen.clear();
-  const auto* disk = st.store->disk();
-  const engine::nanos disk_time =
-      disk != nullptr ? disk_now(*disk) : engine::nanos{0};
   for (auto it = log.rbegin(); it != log.rend(); ++it)
     if (st.seen.insert(it->first).second)
-      (it->second == engine::block_event::stored ||
-               still_held(st, it->first, disk_time)
+      (it->second == engine::block_event::stored || still_held(st, it->first)
            ? out.stored
            : out.evicted)
           .push_back(it->first);
@@ -235,18 +212,17 @@ void after_change(engine_actor* self) {
 /// behind the messages queued meanwhile.
 void send_snapshot_chunk(engine_actor* self) {
   auto& st = self->state;
-  const auto* disk = st.store->disk();
-  if (st.snapshots.empty() || disk == nullptr)
+  if (st.snapshots.empty() || st.store->disk() == nullptr)
     return;
   auto& snap = st.snapshots.front();
   const auto n = std::min(snap.keys.size(), snapshot_chunk_keys);
   const auto first = snap.keys.end() - static_cast<std::ptrdiff_t>(n);
   block_events out;
   out.engine = st.config.slot;
-  const auto now = disk_now(*disk);
-  std::copy_if(
-      first, snap.keys.end(), std::back_inserter(out.stored),
-      [&](const engine::block_key& key) { return on_disk(*disk, key, now); });
+  std::copy_if(first, snap.keys.end(), std::back_inserter(out.stored),
+               [&](const engine::block_key& key) {
+                 return st.store->on_disk(st.ns, key);
+               });
   snap.keys.erase(first, snap.keys.end());
   if (!out.stored.empty())
     self->send(snap.listener, std::move(out));

@@ -2096,6 +2096,12 @@ bool block_store::contains(ns_id ns, const block_key& key) const {
          (e.expires_at == 0 || e.expires_at > now().count());
 }
 
+bool block_store::on_disk(ns_id ns, const block_key& key) const {
+  return disk_ && ns.value < namespaces_.size() &&
+         usable_disk_copy(namespaces_[ns.value], key, disk_clock().now())
+             .has_value();
+}
+
 result<codec> block_store::codec_of(ns_id ns, const block_key& key) const {
   if (!contains(ns, key))
     return make_error(errc::not_found,

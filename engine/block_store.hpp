@@ -492,6 +492,10 @@ public:
   }
   /// Whether a key is cached and visible (committed, not expired).
   [[nodiscard]] bool contains(ns_id ns, const block_key& key) const;
+  /// Whether the disk tier holds a copy of `key` a request could use now
+  /// (of namespace `ns`, whole, not expired on the tier's clock), stored or
+  /// with its spill queued; false without a disk tier. No I/O.
+  [[nodiscard]] bool on_disk(ns_id ns, const block_key& key) const;
   /// Codec a cached block is stored in (for tests and tools).
   [[nodiscard]] result<codec> codec_of(ns_id ns, const block_key& key) const;
   /// Test hook: flips one byte of a block's stored bytes (host backend).
