@@ -9,6 +9,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <istream>
 #include <limits>
 #include <new>
@@ -341,16 +342,18 @@ bool parse_line(std::string_view line, std::uint32_t block_tokens,
   return true;
 }
 
-enum class line_status { line, too_long, end };
+enum class line_status { line, too_long, end, stopped };
 
 /// Reads one line without its line break ('\n' or "\r\n"). A line longer
 /// than `max_bytes` is consumed but not kept.
 /// With `stop_when_too_long` (the reader rejects), a line past the limit is
 /// reported as soon as the limit is passed, without reading it to its end:
 /// it may have none (`--trace /dev/zero`), and the read stops there anyway.
+/// `stop` (when set) is asked after each buffer of a line that goes on.
 line_status read_line(std::istream& in, std::size_t max_bytes,
                       std::span<char> buf, std::string& line,
-                      bool stop_when_too_long) {
+                      bool stop_when_too_long,
+                      const std::function<bool()>& stop) {
   line.clear();
   // One byte over the limit is kept for now: it may be the '\r' of a CRLF
   // break, which is not part of the line.
@@ -372,6 +375,8 @@ line_status read_line(std::istream& in, std::size_t max_bytes,
     } else if (in.fail()) { // buffer full before the line ended
       in.clear();
       done = false;
+      if (stop && stop())
+        return line_status::stopped;
     } else {
       keep = got - 1; // the '\n' was counted but not stored
     }
@@ -424,8 +429,12 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
     for (;;) {
       line_status status = line_status::end;
       try {
-        status = read_line(in, opts.max_line_bytes, buf, line,
-                           opts.on_bad_line == bad_line_action::reject);
+        if (opts.stop && opts.stop())
+          status = line_status::stopped;
+        else
+          status =
+              read_line(in, opts.max_line_bytes, buf, line,
+                        opts.on_bad_line == bad_line_action::reject, opts.stop);
       } catch (const std::bad_alloc&) {
         throw;
       } catch (const std::exception& e) {
@@ -438,6 +447,9 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
       }
       if (status == line_status::end)
         break;
+      if (status == line_status::stopped)
+        return make_error(errc::unavailable, "read stopped after line " +
+                                                 std::to_string(report.lines));
       ++report.lines;
       workload_request req;
       if (status == line_status::too_long) {

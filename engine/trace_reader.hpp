@@ -26,6 +26,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <string>
 #include <vector>
@@ -53,6 +54,12 @@ struct trace_options {
   /// a line whose id count is not ceil(input_length / block_tokens) is
   /// malformed. 0 skips the check.
   std::uint32_t block_tokens = 0;
+  /// Asked before each line and after each 64 KiB of a long line; true
+  /// stops the read with `errc::unavailable` (e.g. a signal handler's flag,
+  /// so an endless or huge input can be interrupted). A read blocked on
+  /// its stream (a pipe with no data) sees it once the stream answers.
+  /// Empty: never stops.
+  std::function<bool()> stop;
 };
 
 /// What a read saw. Filled in also when the read fails.
@@ -73,7 +80,8 @@ struct trace_report {
 /// malformed line under `bad_line_action::reject`; `errc::io_error` when the
 /// stream fails (sets badbit, or throws: a stream with exceptions enabled
 /// for failbit or eofbit, on which lines are read, fails at its first long
-/// line or at its end); `errc::out_of_memory` when allocation fails.
+/// line or at its end); `errc::out_of_memory` when allocation fails;
+/// `errc::unavailable` when `trace_options::stop` said so.
 [[nodiscard]] result<std::vector<workload_request>>
 read_trace(std::istream& in, const trace_options& opts, trace_report& report);
 

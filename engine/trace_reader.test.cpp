@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -409,6 +410,53 @@ TEST(trace_reader, a_failing_stream_is_an_io_error_even_if_it_throws) {
     }
     EXPECT_EQ(report.accepted, 1U);
   }
+}
+
+/// A stream of 'x' with no end and no line break (like /dev/zero).
+class endless_buf : public std::streambuf {
+public:
+  endless_buf() { setg(chunk_.data(), chunk_.data(), chunk_.data()); }
+
+private:
+  int_type underflow() override {
+    std::fill(chunk_.begin(), chunk_.end(), 'x');
+    setg(chunk_.data(), chunk_.data(), chunk_.data() + chunk_.size());
+    return traits_type::to_int_type(chunk_[0]);
+  }
+  std::array<char, 4096> chunk_{};
+};
+
+TEST(trace_reader, stop_ends_the_read_between_lines) {
+  std::string text;
+  for (int i = 0; i < 5; ++i)
+    text += good_line + "\n";
+  trace_options opts;
+  int asked = 0;
+  opts.stop = [&asked] { return ++asked > 2; };
+  const auto [got, report] = read(text, bad_line_action::reject, opts);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::unavailable);
+  EXPECT_EQ(got.error().message, "read stopped after line 2");
+  EXPECT_EQ(report.lines, 2U);
+  EXPECT_EQ(report.accepted, 2U);
+}
+
+TEST(trace_reader, stop_ends_a_line_that_never_ends) {
+  // Skipping, a too-long line is read to its end; this one has none, so
+  // only `stop` can end the read.
+  endless_buf buf;
+  std::istream in(&buf);
+  trace_options opts;
+  opts.on_bad_line = bad_line_action::skip;
+  opts.max_line_bytes = 100;
+  int asked = 0;
+  opts.stop = [&asked] { return ++asked > 50; };
+  trace_report report;
+  const auto got = read_trace(in, opts, report);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::unavailable);
+  EXPECT_EQ(asked, 51);
+  EXPECT_EQ(report.lines, 0U);
 }
 
 TEST(trace_reader, checks_id_count_when_block_size_is_given) {

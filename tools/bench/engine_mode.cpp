@@ -57,6 +57,7 @@ load_requests(const engine_options& opts, std::ostream& diag) {
   engine::trace_options to;
   to.on_bad_line = opts.on_bad_line;
   to.block_tokens = opts.block_tokens;
+  to.stop = [] { return interrupt_requested(); };
   engine::trace_report report;
   auto reqs = engine::read_trace_file(opts.trace_path, to, report);
   if (!reqs)
