@@ -36,6 +36,9 @@ void install_stop_handlers() {
 
 int main(int argc, char** argv) {
   install_stop_handlers();
+  // A closed stdout (`kvfleet-bench ... | head -c0`) makes the write fail,
+  // so the run exits 1 with a message instead of dying of SIGPIPE.
+  ::signal(SIGPIPE, SIG_IGN);
   std::vector<std::string_view> args;
   for (int i = 1; i < argc; ++i)
     args.emplace_back(argv[i]);
