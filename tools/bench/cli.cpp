@@ -64,16 +64,19 @@ Options:
                             future) [lru,lfu,adaptive,belady]
   --json                    print one JSON object instead of a table
   --block-tokens N          tokens per block: the namespace's block size and
-                            the block size the trace was made with [512]
+                            the block size the trace was made with; N x L x
+                            H x D x 2 (see --layout) must be a multiple of
+                            64, the codecs' group size (N a multiple of 4
+                            with the default layout) [512]
   --requests N              workload size, 1 to 5000000 (default: the
                             workload's own); with --trace, replay only the N
                             earliest requests (a trace is replayed in
                             timestamp order)
   --seed S                  workload generator seed; ignored for traces [42]
   --on-bad-line skip|reject what to do with a malformed trace line: skip it or
-                            stop with exit status 1; problems go to stderr
-                            with their line numbers; ignored for workloads
-                            [reject]
+                            stop with exit status 1; the first 20 problems go
+                            to stderr with their line numbers, then a count
+                            of all; ignored for workloads [reject]
   --compression on|off      the store's adaptive compression (cold blocks
                             demoted to int8/int4 before eviction); off keeps
                             every policy on equal terms [off]
@@ -211,6 +214,10 @@ result<T> parse_unsigned(std::string_view option, std::string_view text) {
   const char* first = text.data();
   const char* last = text.data() + text.size();
   const auto [ptr, ec] = std::from_chars(first, last, value);
+  if (ec == std::errc::result_out_of_range && ptr == last)
+    return usage("option " + std::string(option) + " is too large: '" +
+                 std::string(text) + "' (at most " +
+                 std::to_string(std::numeric_limits<T>::max()) + ")");
   if (text.empty() || ec != std::errc{} || ptr != last)
     return usage("option " + std::string(option) +
                  " needs a non-negative integer, got '" + std::string(text) +

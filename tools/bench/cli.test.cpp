@@ -219,6 +219,8 @@ TEST(bench_cli, bad_values) {
   base("--block-tokens", "12x", "non-negative integer");
   base("--requests", "0", "--requests must be in");
   base("--seed", "", "non-negative integer");
+  base("--seed", "18446744073709551616", "--seed is too large");
+  base("--block-tokens", "99999999999", "at most 4294967295");
   base("--on-bad-line", "ignore", "skip or reject");
   base("--compression", "yes", "on or off");
   base("--layout", "1,1", "three positive integers");

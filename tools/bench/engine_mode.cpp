@@ -45,8 +45,10 @@ std::size_t slab_blocks_for(std::size_t n, std::size_t limit) {
 
 } // namespace
 
+namespace {
+
 result<std::vector<engine::workload_request>>
-load_requests(const engine_options& opts, std::ostream& diag) {
+read_or_generate(const engine_options& opts, std::ostream& diag) {
   if (!opts.workload.empty()) {
     engine::workload_options wo;
     wo.block_tokens = opts.block_tokens;
@@ -80,6 +82,28 @@ load_requests(const engine_options& opts, std::ostream& diag) {
             (report.skipped > 0 ? " (every line was malformed)" : ""));
   if (opts.requests != 0 && reqs->size() > opts.requests)
     reqs->resize(opts.requests);
+  return reqs;
+}
+
+} // namespace
+
+result<std::vector<engine::workload_request>>
+load_requests(const engine_options& opts, std::ostream& diag) {
+  auto reqs = read_or_generate(opts, diag);
+  if (!reqs)
+    return reqs;
+  // Only whole blocks are cached: with none, every policy would print a
+  // table of zeros that looks like a result.
+  const bool any_block = std::any_of(
+      reqs->begin(), reqs->end(), [&](const engine::workload_request& r) {
+        return r.input_length >= opts.block_tokens;
+      });
+  if (!any_block)
+    return make_error(errc::invalid_argument,
+                      "no request has a whole block of " +
+                          std::to_string(opts.block_tokens) +
+                          " tokens (--block-tokens): every input is "
+                          "shorter, so nothing could be cached");
   return reqs;
 }
 

@@ -357,6 +357,33 @@ TEST_F(trace_file, a_trace_without_requests_is_an_error) {
       << all_skipped.error().message;
 }
 
+TEST_F(trace_file, an_input_without_a_whole_block_is_refused) {
+  engine_options o;
+  o.trace_path = path_;
+  o.capacity_blocks = 10;
+  o.block_tokens = 512;
+  std::ostringstream diag;
+  write(
+      R"({"timestamp": 0, "input_length": 511, "output_length": 1, "hash_ids": [1]})"
+      "\n");
+  auto reqs = load_requests(o, diag);
+  ASSERT_FALSE(reqs);
+  EXPECT_TRUE(is_usage_error(reqs.error()));
+  EXPECT_NE(reqs.error().message.find("no request has a whole block of 512"),
+            std::string::npos)
+      << reqs.error().message;
+
+  // One request of a whole block is enough.
+  write(
+      R"({"timestamp": 0, "input_length": 511, "output_length": 1, "hash_ids": [1]})"
+      "\n"
+      R"({"timestamp": 1, "input_length": 512, "output_length": 1, "hash_ids": [2]})"
+      "\n");
+  auto one = load_requests(o, diag);
+  ASSERT_TRUE(one) << one.error().describe();
+  EXPECT_EQ(one->size(), 2U);
+}
+
 TEST_F(trace_file, missing_file_is_an_io_error) {
   engine_options o;
   o.trace_path = path_ + ".missing";
