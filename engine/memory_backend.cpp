@@ -1,20 +1,170 @@
 #include "engine/memory_backend.hpp"
 
 #include "engine/checksum.hpp"
+#include "engine/internal/host_memory.hpp"
 
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cstring>
+#include <fstream>
+#include <limits>
 #include <system_error>
 
 namespace kvfleet::engine {
+
+namespace detail {
+namespace {
+
+std::string_view trim(std::string_view s) {
+  const auto first = s.find_first_not_of(" \t\n");
+  if (first == std::string_view::npos)
+    return {};
+  const auto last = s.find_last_not_of(" \t\n");
+  return s.substr(first, last - first + 1);
+}
+
+std::optional<std::size_t> whole_number(std::string_view s) {
+  std::size_t v = 0;
+  const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc{} || ptr != s.data() + s.size())
+    return std::nullopt;
+  return v;
+}
+
+/// The file's text, or nullopt when it cannot be read (a file of /proc or
+/// /sys is small; at most 64 KiB is read).
+std::optional<std::string> small_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in)
+    return std::nullopt;
+  std::string text(std::size_t{64} << 10, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  if (in.bad())
+    return std::nullopt;
+  text.resize(static_cast<std::size_t>(in.gcount()));
+  return text;
+}
+
+} // namespace
+
+std::optional<std::size_t> meminfo_available(std::string_view meminfo) {
+  constexpr std::string_view key = "MemAvailable:";
+  std::size_t at = 0;
+  while (at < meminfo.size()) {
+    auto end = meminfo.find('\n', at);
+    if (end == std::string_view::npos)
+      end = meminfo.size();
+    const std::string_view line = meminfo.substr(at, end - at);
+    at = end + 1;
+    if (!line.starts_with(key))
+      continue;
+    std::string_view rest = trim(line.substr(key.size()));
+    if (!rest.ends_with("kB"))
+      return std::nullopt;
+    const auto kib = whole_number(trim(rest.substr(0, rest.size() - 2)));
+    if (!kib || *kib > std::numeric_limits<std::size_t>::max() / 1024)
+      return std::nullopt;
+    return *kib * 1024;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::string> cgroup_path(std::string_view text, bool v1) {
+  std::size_t at = 0;
+  while (at < text.size()) {
+    auto end = text.find('\n', at);
+    if (end == std::string_view::npos)
+      end = text.size();
+    const std::string_view line = text.substr(at, end - at);
+    at = end + 1;
+    // "hierarchy-id:controller,controller:path"
+    const auto c1 = line.find(':');
+    const auto c2 = c1 == std::string_view::npos ? c1 : line.find(':', c1 + 1);
+    if (c2 == std::string_view::npos || c2 + 1 >= line.size())
+      continue;
+    const std::string_view id = line.substr(0, c1);
+    const std::string_view controllers = line.substr(c1 + 1, c2 - c1 - 1);
+    bool match = !v1 && id == "0" && controllers.empty();
+    for (std::size_t from = 0; v1 && !match && from <= controllers.size();) {
+      auto comma = controllers.find(',', from);
+      if (comma == std::string_view::npos)
+        comma = controllers.size();
+      match = controllers.substr(from, comma - from) == "memory";
+      from = comma + 1;
+    }
+    if (match)
+      return std::string(line.substr(c2 + 1));
+  }
+  return std::nullopt;
+}
+
+std::optional<std::size_t> cgroup_room(std::string_view max,
+                                       std::string_view current) {
+  const auto limit = whole_number(trim(max));
+  const auto used = whole_number(trim(current));
+  if (!limit || !used)
+    return std::nullopt;
+  return *limit > *used ? *limit - *used : 0;
+}
+
+} // namespace detail
+
+namespace {
+
+/// The smaller of `room` and what the limits of the cgroup at `path` and of
+/// every cgroup above it leave (a limit anywhere up the hierarchy binds).
+std::optional<std::size_t> cgroup_limited(std::optional<std::size_t> room,
+                                          const std::string& mount,
+                                          std::string path,
+                                          const char* limit_file,
+                                          const char* usage_file) {
+  for (;;) {
+    const std::string dir = mount + (path == "/" ? "" : path);
+    const auto limit = detail::small_file(dir + "/" + limit_file);
+    const auto usage = detail::small_file(dir + "/" + usage_file);
+    if (limit && usage)
+      if (const auto left = detail::cgroup_room(*limit, *usage))
+        room = room ? std::min(*room, *left) : *left;
+    if (path.empty() || path == "/")
+      return room;
+    path = path.substr(0, std::max<std::size_t>(path.rfind('/'), 1));
+  }
+}
+
+} // namespace
+
+std::optional<std::size_t> host_memory_available() {
+  std::optional<std::size_t> room;
+  if (const auto meminfo = detail::small_file("/proc/meminfo"))
+    room = detail::meminfo_available(*meminfo);
+  if (const auto cgroup = detail::small_file("/proc/self/cgroup")) {
+    if (auto v2 = detail::cgroup_path(*cgroup, false))
+      room = cgroup_limited(room, "/sys/fs/cgroup", std::move(*v2),
+                            "memory.max", "memory.current");
+    if (auto v1 = detail::cgroup_path(*cgroup, true))
+      room = cgroup_limited(room, "/sys/fs/cgroup/memory", std::move(*v1),
+                            "memory.limit_in_bytes", "memory.usage_in_bytes");
+  }
+  return room;
+}
 
 result<std::unique_ptr<host_memory_backend>>
 host_memory_backend::create(std::size_t bytes) {
   if (bytes == 0)
     return make_error(errc::zero_capacity, "host arena of zero bytes");
+  if (const auto available = host_memory_available();
+      available && bytes > *available)
+    return make_error(errc::out_of_memory,
+                      "host arena of " + std::to_string(bytes) +
+                          " bytes is more than the memory available to this "
+                          "process (" +
+                          std::to_string(*available) +
+                          " bytes: MemAvailable, or the room its memory cgroup "
+                          "leaves)");
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED)

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string_view>
 
@@ -39,12 +40,22 @@ public:
   checksum(std::size_t offset, std::size_t len) const = 0;
 };
 
+/// Bytes of host memory this process can still populate before the kernel
+/// would have to kill something: the smaller of /proc/meminfo's
+/// MemAvailable and the room left under the memory limits of the process's
+/// cgroup and its ancestors (v2 memory.max, v1 memory.limit_in_bytes).
+/// nullopt when none can be read.
+[[nodiscard]] std::optional<std::size_t> host_memory_available();
+
 /// Host-memory arena: page-aligned, populated at creation (so puts never
 /// page-fault), transparent huge pages advised.
 class host_memory_backend final : public memory_backend {
 public:
   /// Allocates `bytes` of host memory. Zero bytes is errc::zero_capacity;
-  /// a failed allocation is errc::out_of_memory.
+  /// a failed allocation is errc::out_of_memory, and so is an arena larger
+  /// than host_memory_available(): populating it would wake the kernel's
+  /// OOM killer (Linux maps more than it has, then kills a process when the
+  /// pages are touched), so it is refused before anything is mapped.
   [[nodiscard]] static result<std::unique_ptr<host_memory_backend>>
   create(std::size_t bytes);
   ~host_memory_backend() override;

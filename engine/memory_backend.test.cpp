@@ -1,0 +1,71 @@
+#include "engine/memory_backend.hpp"
+
+#include "engine/internal/host_memory.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstddef>
+#include <limits>
+#include <string>
+
+namespace kvfleet::engine {
+namespace {
+
+TEST(host_memory, reads_mem_available_from_meminfo) {
+  EXPECT_EQ(detail::meminfo_available("MemTotal:       24554116 kB\n"
+                                      "MemFree:         1000000 kB\n"
+                                      "MemAvailable:   22308584 kB\n"
+                                      "Buffers:          123 kB\n"),
+            std::size_t{22308584} * 1024);
+  EXPECT_FALSE(detail::meminfo_available("MemTotal: 1 kB\n").has_value());
+  EXPECT_FALSE(detail::meminfo_available("MemAvailable: x kB\n").has_value());
+  EXPECT_FALSE(detail::meminfo_available("MemAvailable: 12\n").has_value());
+  EXPECT_FALSE(
+      detail::meminfo_available("MemAvailable: 99999999999999999999 kB")
+          .has_value());
+}
+
+TEST(host_memory, finds_the_memory_cgroup_of_either_version) {
+  const std::string v1 = "9:name=systemd:/\n"
+                         "4:memory,foo:/jobs/a1\n"
+                         "1:cpu:/\n";
+  EXPECT_EQ(detail::cgroup_path(v1, true), "/jobs/a1");
+  EXPECT_FALSE(detail::cgroup_path(v1, false).has_value());
+  const std::string v2 = "0::/user.slice/job\n";
+  EXPECT_EQ(detail::cgroup_path(v2, false), "/user.slice/job");
+  EXPECT_FALSE(detail::cgroup_path(v2, true).has_value());
+  // "memoryx" is not "memory".
+  EXPECT_FALSE(detail::cgroup_path("3:memoryx:/a\n", true).has_value());
+}
+
+TEST(host_memory, cgroup_room_is_limit_minus_usage) {
+  EXPECT_EQ(detail::cgroup_room("1000\n", "400\n"), 600U);
+  EXPECT_EQ(detail::cgroup_room("1000", "1400"), 0U);
+  EXPECT_FALSE(detail::cgroup_room("max\n", "400\n").has_value());
+  EXPECT_FALSE(detail::cgroup_room("1000", "").has_value());
+}
+
+TEST(host_memory_backend, refuses_an_arena_larger_than_the_memory_available) {
+  const auto available = host_memory_available();
+  if (!available)
+    GTEST_SKIP() << "/proc/meminfo and the memory cgroup are unreadable here";
+  // Refused before anything is mapped: populating it would have the kernel
+  // kill a process instead of failing.
+  const std::size_t too_many =
+      *available > std::numeric_limits<std::size_t>::max() / 2
+          ? std::numeric_limits<std::size_t>::max()
+          : *available * 2 + 1;
+  auto got = host_memory_backend::create(too_many);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::out_of_memory);
+  EXPECT_NE(got.error().message.find("more than the memory available"),
+            std::string::npos)
+      << got.error().message;
+
+  auto small = host_memory_backend::create(std::size_t{1} << 20);
+  ASSERT_TRUE(small.has_value()) << small.error().describe();
+  EXPECT_EQ((*small)->size(), std::size_t{1} << 20);
+}
+
+} // namespace
+} // namespace kvfleet::engine
