@@ -230,6 +230,30 @@ result<int> bind_and_listen(const addrinfo* addresses, std::string_view where) {
   return last;
 }
 
+result<int> connect_first(const addrinfo* addresses,
+                          std::chrono::milliseconds timeout,
+                          std::string_view where) {
+  std::string why = "no address";
+  for (const addrinfo* a = addresses; a != nullptr; a = a->ai_next) {
+    const int fd =
+        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0)
+      continue;
+    set_options(fd, timeout);
+    if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0)
+      return fd;
+    // connect() that runs out of SO_SNDTIMEO fails with EINPROGRESS
+    // ("Operation now in progress"), which reads as anything but a
+    // timeout.
+    why = errno == EINPROGRESS || errno == EAGAIN
+              ? "timed out after " + std::to_string(timeout.count()) + " ms"
+              : std::generic_category().message(errno);
+    ::close(fd);
+  }
+  return make_error(errc::io_error,
+                    "tcp connect(" + std::string(where) + "): " + why);
+}
+
 } // namespace internal
 
 result<std::unique_ptr<tcp_transport>>
@@ -247,28 +271,11 @@ tcp_transport::connect(const std::string& host, std::uint16_t port,
       rc != 0)
     return make_error(errc::io_error,
                       "getaddrinfo(" + host + "): " + ::gai_strerror(rc));
-  std::string why = "no address";
-  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    const int fd =
-        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0)
-      continue;
-    set_options(fd, io_timeout);
-    if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
-      ::freeaddrinfo(res);
-      return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
-    }
-    // connect() that runs out of SO_SNDTIMEO fails with EINPROGRESS
-    // ("Operation now in progress"), which reads as anything but a
-    // timeout.
-    why = errno == EINPROGRESS || errno == EAGAIN
-              ? "timed out after " + std::to_string(io_timeout.count()) + " ms"
-              : std::generic_category().message(errno);
-    ::close(fd);
-  }
+  auto fd = internal::connect_first(res, io_timeout, host + ":" + service);
   ::freeaddrinfo(res);
-  return make_error(errc::io_error,
-                    "tcp connect(" + host + ":" + service + "): " + why);
+  if (!fd)
+    return unexpected<error>(fd.error());
+  return std::unique_ptr<tcp_transport>(new tcp_transport(*fd, io_timeout));
 }
 
 tcp_transport::~tcp_transport() {

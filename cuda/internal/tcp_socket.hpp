@@ -34,4 +34,12 @@ using tcp_clock = std::chrono::steady_clock;
 [[nodiscard]] result<int> bind_and_listen(const addrinfo* addresses,
                                           std::string_view where);
 
+/// A connected socket to the first of `addresses` (a getaddrinfo list)
+/// that accepts, waiting at most `timeout` for each. When none does,
+/// errc::io_error naming `where` ("host:port"): "timed out after N ms"
+/// when the last one ran out of time, else its error.
+[[nodiscard]] result<int> connect_first(const addrinfo* addresses,
+                                        std::chrono::milliseconds timeout,
+                                        std::string_view where);
+
 } // namespace kvfleet::cuda::internal
