@@ -48,14 +48,10 @@ result<void> check_timeout(std::string_view what, std::chrono::milliseconds t,
   return {};
 }
 
-void set_options(int fd, std::chrono::milliseconds connect_timeout) {
-  // connect() honours SO_SNDTIMEO; every later call waits in poll()
-  // against the exchange's deadline instead.
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(connect_timeout.count() / 1000);
-  tv.tv_usec =
-      static_cast<suseconds_t>((connect_timeout.count() % 1000) * 1000);
-  (void)::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+void set_nodelay(int fd) {
+  // connect()'s sockets are non-blocking and accept()'s are not; it makes
+  // no difference: every call that moves bytes waits in poll() against the
+  // exchange's deadline, then takes only what is ready (MSG_DONTWAIT).
   const int one = 1;
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
@@ -77,6 +73,37 @@ result<bool> wait_ready(int fd, short events, steady::time_point deadline) {
     if (rc == 0 && steady::now() >= deadline)
       return false;
   }
+}
+
+/// Connects a non-blocking socket to `a` before `deadline`: its
+/// descriptor, or why not (errc::timeout: the deadline passed first).
+result<int> connect_one(const addrinfo& a, steady::time_point deadline) {
+  const int fd = ::socket(
+      a.ai_family, a.ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a.ai_protocol);
+  if (fd < 0)
+    return sys_error("socket");
+  set_nodelay(fd);
+  int err = 0;
+  if (::connect(fd, a.ai_addr, a.ai_addrlen) != 0) {
+    err = errno;
+    // A non-blocking connect goes on in the background after EINTR too.
+    if (err == EINPROGRESS || err == EINTR) {
+      auto ready = wait_ready(fd, POLLOUT, deadline);
+      if (!ready || !*ready) {
+        ::close(fd);
+        if (!ready)
+          return unexpected<error>(ready.error());
+        return make_error(errc::timeout, "timed out");
+      }
+      socklen_t len = sizeof err;
+      if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+        err = errno;
+    }
+  }
+  if (err == 0)
+    return fd;
+  ::close(fd);
+  return make_error(errc::io_error, std::generic_category().message(err));
 }
 
 /// Block sizes go over the wire this many at a time, so a frame's header
@@ -233,23 +260,32 @@ result<int> bind_and_listen(const addrinfo* addresses, std::string_view where) {
 result<int> connect_first(const addrinfo* addresses,
                           std::chrono::milliseconds timeout,
                           std::string_view where) {
+  // One deadline for every address: a name with several addresses that
+  // cannot answer must not take `timeout` once for each.
+  const steady::time_point deadline = steady::now() + timeout;
+  std::size_t total = 0;
+  for (const addrinfo* a = addresses; a != nullptr; a = a->ai_next)
+    ++total;
+  std::size_t tried = 0;
   std::string why = "no address";
+  bool out_of_time = false;
   for (const addrinfo* a = addresses; a != nullptr; a = a->ai_next) {
-    const int fd =
-        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0)
-      continue;
-    set_options(fd, timeout);
-    if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0)
-      return fd;
-    // connect() that runs out of SO_SNDTIMEO fails with EINPROGRESS
-    // ("Operation now in progress"), which reads as anything but a
-    // timeout.
-    why = errno == EINPROGRESS || errno == EAGAIN
-              ? "timed out after " + std::to_string(timeout.count()) + " ms"
-              : std::generic_category().message(errno);
-    ::close(fd);
+    if (steady::now() >= deadline) {
+      out_of_time = true;
+      break;
+    }
+    ++tried;
+    auto fd = connect_one(*a, deadline);
+    if (fd)
+      return *fd;
+    why = fd.error().message;
+    out_of_time = fd.error().code == errc::timeout;
   }
+  if (out_of_time)
+    why = "timed out after " + std::to_string(timeout.count()) + " ms";
+  if (total > 1)
+    why += " (tried " + std::to_string(tried) + " of " + std::to_string(total) +
+           " addresses)";
   return make_error(errc::io_error,
                     "tcp connect(" + std::string(where) + "): " + why);
 }
@@ -407,7 +443,7 @@ tcp_listener::accept(std::chrono::milliseconds timeout,
   const int fd = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
   if (fd < 0)
     return sys_error("accept");
-  set_options(fd, io_timeout);
+  set_nodelay(fd);
   return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
 }
 

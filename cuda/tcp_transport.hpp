@@ -39,8 +39,13 @@ namespace kvfleet::cuda {
 class tcp_transport final : public block_transport {
 public:
   /// Connects to host:port (numeric IPv4 or IPv6 address or a host name),
-  /// waiting at most io_timeout for each address tried; a connect that
-  /// runs out of time is errc::io_error saying "timed out after N ms".
+  /// trying the name's addresses in turn within io_timeout for all of them
+  /// together: each gets what the ones before it left, and none is tried
+  /// once it has run out. A connect that runs out of time is
+  /// errc::io_error saying "timed out after N ms" (and, for a name with
+  /// several addresses, "tried K of N addresses"). Resolving the name
+  /// (getaddrinfo) comes first and is not bounded by io_timeout: give an
+  /// address where a slow DNS must not hold the caller.
   [[nodiscard]] static result<std::unique_ptr<tcp_transport>>
   connect(const std::string& host, std::uint16_t port,
           std::chrono::milliseconds io_timeout = std::chrono::seconds(30));

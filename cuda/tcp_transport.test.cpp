@@ -399,25 +399,82 @@ TEST(tcp_listener_test, listen_tries_each_address_until_one_binds) {
       << none.error().message;
 }
 
-TEST(tcp_transport_test, a_connect_that_times_out_says_so) {
-  // A listener nobody accepts from: once its queue is full (backlog 16)
-  // the kernel drops further handshakes, so the next connect waits for
-  // its timeout.
-  auto listener = tcp_listener::listen();
-  ASSERT_TRUE(listener);
-  std::vector<std::unique_ptr<tcp_transport>> queued;
+/// Connects to `listener`, which nobody accepts from, until its queue is
+/// full (backlog 16): the kernel then drops further handshakes, so a
+/// connect to it waits for its timeout. The connections stay in `queued`;
+/// the result is the first connect that failed.
+result<std::unique_ptr<tcp_transport>>
+fill_accept_queue(const tcp_listener& listener,
+                  std::vector<std::unique_ptr<tcp_transport>>& queued) {
   result<std::unique_ptr<tcp_transport>> c =
       make_error(errc::io_error, "not tried");
   for (int i = 0; i < 64; ++i) {
-    c = tcp_transport::connect("127.0.0.1", listener->port(), 100ms);
+    c = tcp_transport::connect("127.0.0.1", listener.port(), 100ms);
     if (!c)
       break;
     queued.push_back(std::move(*c));
   }
+  return c;
+}
+
+TEST(tcp_transport_test, a_connect_that_times_out_says_so) {
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  std::vector<std::unique_ptr<tcp_transport>> queued;
+  auto c = fill_accept_queue(*listener, queued);
   ASSERT_FALSE(c) << "64 connections queued without accept";
   EXPECT_EQ(c.error().code, errc::io_error);
   EXPECT_NE(c.error().message.find("timed out after 100 ms"), std::string::npos)
       << c.error().message;
+}
+
+TEST(tcp_transport_test, the_connect_timeout_bounds_all_addresses_together) {
+  // A name can resolve to several addresses that do not answer: together
+  // they get the timeout once, not once each. The first address here
+  // never answers (a full accept queue), so it uses up the whole 100 ms
+  // and the second, which would answer, is not tried.
+  auto full = tcp_listener::listen();
+  ASSERT_TRUE(full);
+  std::vector<std::unique_ptr<tcp_transport>> queued;
+  ASSERT_FALSE(fill_accept_queue(*full, queued))
+      << "64 connections queued without accept";
+  auto open = tcp_listener::listen();
+  ASSERT_TRUE(open);
+  sockaddr_in silent = ipv4("127.0.0.1", full->port());
+  sockaddr_in answering = ipv4("127.0.0.1", open->port());
+  addrinfo second = stream_address(answering, nullptr);
+  addrinfo first = stream_address(silent, &second);
+  auto fd = internal::connect_first(&first, 100ms, "test:1");
+  if (fd)
+    ::close(*fd);
+  ASSERT_FALSE(fd) << "connected to the second address after the first "
+                      "had used up the timeout";
+  EXPECT_EQ(fd.error().code, errc::io_error);
+  EXPECT_NE(fd.error().message.find(
+                "tcp connect(test:1): timed out after 100 ms (tried 1 of 2 "
+                "addresses)"),
+            std::string::npos)
+      << fd.error().message;
+
+  // An address that fails at once leaves the time to the next one.
+  sockaddr_in refusing = ipv4("127.0.0.1", 1);
+  addrinfo then_open = stream_address(answering, nullptr);
+  addrinfo refused_first = stream_address(refusing, &then_open);
+  auto next = internal::connect_first(&refused_first, 5s, "test:2");
+  ASSERT_TRUE(next) << next.error().describe();
+  ::close(*next);
+  // None answers: the last one's error, and how many were tried.
+  addrinfo refused_too = stream_address(refusing, nullptr);
+  addrinfo refused_twice = stream_address(refusing, &refused_too);
+  auto none = internal::connect_first(&refused_twice, 5s, "test:3");
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, errc::io_error);
+  EXPECT_NE(none.error().message.find(std::strerror(ECONNREFUSED)),
+            std::string::npos)
+      << none.error().message;
+  EXPECT_NE(none.error().message.find("(tried 2 of 2 addresses)"),
+            std::string::npos)
+      << none.error().message;
 }
 
 TEST(tcp_transport_test, timeouts_out_of_range_are_refused) {

@@ -34,10 +34,13 @@ using tcp_clock = std::chrono::steady_clock;
 [[nodiscard]] result<int> bind_and_listen(const addrinfo* addresses,
                                           std::string_view where);
 
-/// A connected socket to the first of `addresses` (a getaddrinfo list)
-/// that accepts, waiting at most `timeout` for each. When none does,
-/// errc::io_error naming `where` ("host:port"): "timed out after N ms"
-/// when the last one ran out of time, else its error.
+/// A connected (non-blocking) socket to the first of `addresses` (a
+/// getaddrinfo list) that accepts, all of them within `timeout` together:
+/// each address gets what the ones before it left, and none is tried once
+/// it has run out. When none connects, errc::io_error naming `where`
+/// ("host:port"): "timed out after N ms" when the time ran out, else the
+/// last address's error; with several addresses, "(tried K of N
+/// addresses)".
 [[nodiscard]] result<int> connect_first(const addrinfo* addresses,
                                         std::chrono::milliseconds timeout,
                                         std::string_view where);
