@@ -24,7 +24,13 @@ using internal::send_all;
 
 namespace {
 
-constexpr std::uint32_t magic = 0x4246564bU; // "KVFB" little-endian
+/// A frame's first 4 bytes, which also name the wire version: "KVF2"
+/// (little-endian) since frames carry what their sender expects back;
+/// "KVFB" was version 1.
+constexpr std::uint32_t magic = 0x3246564bU;    // "KVF2"
+constexpr std::uint32_t magic_v1 = 0x4246564bU; // "KVFB"
+/// magic, block count, expected count, expected sizes' digest.
+constexpr std::size_t header_bytes = 4 + 4 + 4 + 8;
 
 unexpected<error> sys_error(std::string_view call) {
   return make_error(errc::io_error, std::string(call) + ": " +
@@ -124,14 +130,36 @@ std::uint64_t get_le(const std::byte* p, int bytes) {
   return v;
 }
 
+/// A digest of a batch's block sizes, in order (0 for none): each side
+/// sends the one of the sizes it expects, and the peer compares it with
+/// the one of the sizes it sends. Not a checksum against an attacker: the
+/// receiver still checks every size exactly.
+template <class Block>
+std::uint64_t sizes_digest(std::span<const Block> blocks) {
+  std::uint64_t h = 0;
+  for (const Block& b : blocks) {
+    // splitmix64's finalizer over the running value and the next size.
+    std::uint64_t z = (h ^ b.bytes) + 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    h = z ^ (z >> 31);
+  }
+  return h;
+}
+
+/// Sends `out` as one frame whose header also says what this side expects
+/// back (`in`'s count and sizes' digest).
 result<void> send_batch(int fd, std::span<const send_block> out,
+                        std::span<const recv_block> in,
                         steady::time_point deadline) {
   std::array<std::byte, 8 * sizes_per_piece> piece;
   put_le(piece.data(), magic, 4);
   put_le(piece.data() + 4, out.size(), 4);
-  std::size_t used = 8;
+  put_le(piece.data() + 8, in.size(), 4);
+  put_le(piece.data() + 12, sizes_digest(in), 8);
+  std::size_t used = header_bytes;
   for (const send_block& b : out) {
-    if (used == piece.size()) {
+    if (used + 8 > piece.size()) {
       if (auto r = send_all(fd, piece.data(), used, deadline); !r)
         return r;
       used = 0;
@@ -147,18 +175,40 @@ result<void> send_batch(int fd, std::span<const send_block> out,
   return {};
 }
 
+/// Receives the peer's frame into `in`. Before any payload lands it checks
+/// the frame against `in` ("tcp recv: ..." mismatches) and the peer's
+/// expectation against `out`, what this side sends ("tcp send: ..."):
+/// errc::wrong_value_size either way, and only for these mismatches.
 result<void> recv_batch(int fd, std::span<const recv_block> in,
+                        std::span<const send_block> out,
                         steady::time_point deadline) {
   std::array<std::byte, 8 * sizes_per_piece> piece;
+  // The magic and count first: a version 1 peer's empty frame is 8 bytes.
   if (auto r = recv_all(fd, piece.data(), 8, deadline); !r)
     return r;
-  if (get_le(piece.data(), 4) != magic)
-    return make_error(errc::parse_error, "tcp recv: not a kvfleet block batch");
+  if (const auto m = get_le(piece.data(), 4); m != magic)
+    return make_error(errc::parse_error,
+                      m == magic_v1
+                          ? "tcp recv: the peer speaks wire version 1 (an "
+                            "older kvfleet); both ends need version 2"
+                          : "tcp recv: not a kvfleet block batch");
+  if (auto r = recv_all(fd, piece.data() + 8, header_bytes - 8, deadline); !r)
+    return r;
   const std::uint64_t count = get_le(piece.data() + 4, 4);
+  const std::uint64_t expected = get_le(piece.data() + 8, 4);
   if (count != in.size())
     return make_error(errc::wrong_value_size,
                       "tcp recv: peer sent " + std::to_string(count) +
                           " blocks, expected " + std::to_string(in.size()));
+  if (expected != out.size())
+    return make_error(errc::wrong_value_size,
+                      "tcp send: peer expected " + std::to_string(expected) +
+                          " blocks, sent " + std::to_string(out.size()));
+  if (get_le(piece.data() + 12, 8) != sizes_digest(out))
+    return make_error(
+        errc::wrong_value_size,
+        "tcp send: peer expected blocks of other sizes than the " +
+            std::to_string(out.size()) + " sent");
   for (std::size_t first = 0; first < in.size(); first += sizes_per_piece) {
     const std::size_t n = std::min(sizes_per_piece, in.size() - first);
     if (auto r = recv_all(fd, piece.data(), 8 * n, deadline); !r)
@@ -350,17 +400,18 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
                       "exchange (" +
                           broken_ + "); connect again");
   // Every exchange sends a frame and receives one, an empty side one of 0
-  // blocks, so a peer that sends what this side does not expect (or
-  // nothing where it does) is a count mismatch at once.
+  // blocks, each saying what its sender expects back: a peer that sends
+  // what this side does not expect (or nothing where it does) is a
+  // mismatch at once, on both sides.
   const steady::time_point deadline = steady::now() + io_timeout_;
   result<void> r;
   if (out.empty()) {
-    // An empty frame is 8 bytes: sent before receiving, without a helper
+    // An empty frame is 20 bytes: sent before receiving, without a helper
     // thread. It can wait only for the peer to read this side's previous
     // batch, which needs nothing more from this side.
-    r = send_batch(fd_, out, deadline);
+    r = send_batch(fd_, out, in, deadline);
     if (r)
-      r = recv_batch(fd_, in, deadline);
+      r = recv_batch(fd_, in, out, deadline);
   } else {
     // Send on a helper thread while receiving, so that two peers
     // exchanging large batches cannot both block on full socket buffers,
@@ -368,15 +419,20 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     result<void> sent;
     std::thread sender;
     try {
-      sender = std::thread([&] { sent = send_batch(fd_, out, deadline); });
+      sender = std::thread([&] { sent = send_batch(fd_, out, in, deadline); });
     } catch (const std::system_error& e) {
       return make_error(errc::unavailable,
                         std::string("tcp exchange: no sender thread: ") +
                             e.what());
     }
-    r = recv_batch(fd_, in, deadline);
-    if (!r)
-      ::shutdown(fd_, SHUT_RDWR); // the sender stops at once
+    r = recv_batch(fd_, in, out, deadline);
+    // A mismatch shows in this side's header too (what it sends and what
+    // it expects): the sender goes on until the peer, having read that
+    // header, refuses and shuts down, so both sides report the mismatch.
+    // Shutting down here could cut the header off before it went out.
+    // Anything else stops the sender at once.
+    if (!r && r.error().code != errc::wrong_value_size)
+      ::shutdown(fd_, SHUT_RDWR);
     sender.join();
     if (r)
       r = std::move(sent);
