@@ -1,6 +1,7 @@
 #include "actors/redis_query_store.hpp"
 
 #include "actors/config_checks.hpp"
+#include "actors/internal/host_resolver.hpp"
 
 #include <array>
 #include <cctype>
@@ -238,7 +239,8 @@ redis_query_store::open(redis_query_store_config config) {
 
 redis_query_store::redis_query_store(redis_query_store_config config,
                                      redis_endpoint ep)
-    : config_(std::move(config)), endpoint_(std::move(ep)) {}
+    : config_(std::move(config)), endpoint_(std::move(ep)),
+      resolver_(std::make_unique<internal::host_resolver>()) {}
 
 redis_query_store::~redis_query_store() {
   disconnect();
@@ -306,6 +308,47 @@ error redis_query_store::command_failed(engine::nanos now,
   return e;
 }
 
+result<redisContext*> redis_query_store::connect_in_time() {
+  using steady = std::chrono::steady_clock;
+  // hiredis would resolve the name itself, with getaddrinfo and no bound:
+  // resolve it here within the timeout and hand hiredis numeric addresses.
+  const auto deadline = steady::now() + config_.connect_timeout;
+  auto addresses = resolver_->resolve(endpoint_.host, config_.connect_timeout);
+  if (!addresses)
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": " + addresses.error().message);
+  std::string why = "no address";
+  std::size_t tried = 0;
+  for (const std::string& address : *addresses) {
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now());
+    if (left.count() <= 0) {
+      why = "timed out after " +
+            std::to_string(config_.connect_timeout.count()) + " ms";
+      break;
+    }
+    ++tried;
+    redisContext* c = nullptr;
+    {
+      sigpipe_guard guard;
+      c = redisConnectWithTimeout(address.c_str(), endpoint_.port,
+                                  to_timeval(left));
+    }
+    if (c == nullptr)
+      return make_error(errc::backend_error,
+                        where(endpoint_) + ": cannot allocate a connection");
+    if (c->err == 0)
+      return c;
+    why = (address == endpoint_.host ? "" : address + ": ") + c->errstr;
+    redisFree(c);
+  }
+  if (addresses->size() > 1)
+    why += " (tried " + std::to_string(tried) + " of " +
+           std::to_string(addresses->size()) + " addresses)";
+  return make_error(errc::backend_error,
+                    where(endpoint_) + ": connect failed: " + why);
+}
+
 result<void> redis_query_store::ensure_connected(engine::nanos now) {
   if (ctx_ != nullptr)
     return {};
@@ -319,31 +362,17 @@ result<void> redis_query_store::ensure_connected(engine::nanos now) {
                     .count()) +
             " ms");
   ++connects_;
-  redisContext* c = nullptr;
-  {
-    sigpipe_guard guard;
-    c = redisConnectWithTimeout(endpoint_.host.c_str(), endpoint_.port,
-                                to_timeval(config_.connect_timeout));
-  }
-  if (c == nullptr)
-    return unexpected<error>{failed(
-        now, error{errc::backend_error,
-                   where(endpoint_) + ": cannot allocate a connection"})};
-  if (c->err != 0) {
-    std::string why = c->errstr;
-    redisFree(c);
-    return unexpected<error>{
-        failed(now, error{errc::backend_error,
-                          where(endpoint_) + ": connect failed: " + why})};
-  }
-  if (redisSetTimeout(c, to_timeval(config_.command_timeout)) != REDIS_OK) {
-    std::string why = c->errstr;
-    redisFree(c);
+  auto c = connect_in_time();
+  if (!c)
+    return unexpected<error>{failed(now, std::move(c.error()))};
+  if (redisSetTimeout(*c, to_timeval(config_.command_timeout)) != REDIS_OK) {
+    std::string why = (*c)->errstr;
+    redisFree(*c);
     return unexpected<error>{
         failed(now, error{errc::backend_error,
                           where(endpoint_) + ": cannot set timeout: " + why})};
   }
-  ctx_ = c;
+  ctx_ = *c;
   answered_ = false;
   if (!endpoint_.password.empty()) {
     auto r =

@@ -35,12 +35,15 @@
 ///
 /// Blocking: hiredis's synchronous API blocks the calling thread, each
 /// connect at most `connect_timeout` and each command at most
-/// `command_timeout` (default 50 ms). A host name is resolved first, with
-/// the system resolver's own timeouts, which `connect_timeout` does not
-/// bound: give an IP address (or a name in /etc/hosts) where a slow DNS
-/// must not hold the cache. `blocking()` is true, so the cache
-/// actor that owns the store runs detached (on its own thread) and never
-/// stalls the scheduler's workers.
+/// `command_timeout` (default 50 ms). The connect timeout bounds the whole
+/// connect: resolving a host name (on a helper thread,
+/// internal/host_resolver.hpp, since getaddrinfo has no timeout; a slow
+/// DNS fails the connect with "cannot resolve '<host>' within N ms" and
+/// is backed off from like a refused connect) and the TCP connect to each
+/// of its addresses in turn, with whatever time is left. hiredis is given
+/// the numeric addresses; messages name the host. `blocking()` is true, so
+/// the cache actor that owns the store runs detached (on its own thread)
+/// and never stalls the scheduler's workers.
 /// Not thread-safe: owned by one actor. SIGPIPE from a write to a closed
 /// connection is blocked on the calling thread during each command and
 /// discarded, so a server going away cannot kill the process.
@@ -58,13 +61,17 @@
 struct redisContext;
 
 namespace kvfleet::actors {
+namespace internal {
+class host_resolver;
+}
 
 struct redis_query_store_config {
   /// redis://[[user]:password@]host[:port][/db]; port 6379, db 0 by
   /// default. Percent-encode `@ : / ? # %` inside user and password.
   std::string url;
   std::string key_prefix = "kvfleet:q:";
-  /// TCP connect, after the host name is resolved (not bounded by it).
+  /// A whole connect: the host name's lookup and the TCP connects to its
+  /// addresses together.
   std::chrono::milliseconds connect_timeout{200};
   std::chrono::milliseconds command_timeout{50};
   /// After a connection-level failure, calls fail at once for this long
@@ -133,6 +140,9 @@ private:
   /// Connects (and SELECTs the db) when not connected, unless a failure
   /// less than reconnect_after before `now` says not to try yet.
   [[nodiscard]] result<void> ensure_connected(engine::nanos now);
+  /// Resolves the host and connects to its addresses in turn, all within
+  /// connect_timeout: a new context, or backend_error naming the host.
+  [[nodiscard]] result<redisContext*> connect_in_time();
   void disconnect() noexcept;
   /// A connection-level failure at `now`: drops the connection and returns
   /// `e` (backend_error), remembered for the calls that wait out the
@@ -148,6 +158,7 @@ private:
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;
+  std::unique_ptr<internal::host_resolver> resolver_;
   redisContext* ctx_ = nullptr; ///< owned; null while disconnected
   bool backing_off_ = false;    ///< the last connection-level call failed
   engine::nanos retry_at_{0};   ///< no connect before this (backing_off_)

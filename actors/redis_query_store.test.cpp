@@ -448,6 +448,42 @@ TEST_F(RedisQueryStore, AuthenticatesWithThePasswordOrAsAnAclUser) {
   EXPECT_FALSE(wrong->connected());
 }
 
+TEST_F(RedisQueryStore, AHostNameIsResolvedAndConnectedWithinTheTimeout) {
+  // localhost resolves locally (/etc/hosts); the store hands hiredis its
+  // numeric address and names the host in messages.
+  redis_query_store_config c;
+  c.url = "redis://localhost:" + std::to_string(server_->port());
+  auto store = redis_query_store::open(c);
+  ASSERT_TRUE(store) << store.error().describe();
+  ASSERT_TRUE((*store)->set("k", "by name", hour, t0));
+  EXPECT_EQ((*store)->get("k", t0)->value_or(""), "by name");
+  EXPECT_EQ((*store)->connects(), 1U);
+  server_->stop();
+  auto down = (*store)->get("k", t0);
+  ASSERT_FALSE(down);
+  EXPECT_NE(down.error().message.find("Redis localhost:"), std::string::npos)
+      << down.error().message;
+}
+
+TEST(RedisQueryStoreResolve, AnUnresolvableHostFailsNamingIt) {
+  // .invalid never resolves (RFC 6761): the connect fails with a message
+  // that names the host and says it did not resolve (at once, or, with a
+  // slow DNS, after connect_timeout), then backs off like a refused one.
+  redis_query_store_config c;
+  c.url = "redis://nosuch.invalid:6379";
+  auto store = redis_query_store::open(c);
+  ASSERT_TRUE(store) << store.error().describe();
+  auto got = (*store)->get("k", t0);
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.error().code, errc::backend_error);
+  EXPECT_NE(got.error().message.find("cannot resolve 'nosuch.invalid'"),
+            std::string::npos)
+      << got.error().message;
+  auto soon = (*store)->get("k", t0 + 1ms);
+  ASSERT_FALSE(soon);
+  EXPECT_EQ((*store)->connects(), 1U) << soon.error().message;
+}
+
 TEST_F(RedisQueryStore, ServerDownIsAnErrorValueThenReconnects) {
   auto store = open();
   ASSERT_TRUE(store);

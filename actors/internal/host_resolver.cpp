@@ -1,0 +1,105 @@
+#include "actors/internal/host_resolver.hpp"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+
+namespace kvfleet::actors::internal {
+
+struct host_resolver::lookup {
+  explicit lookup(std::string h) : host(std::move(h)) {}
+  const std::string host;
+  std::mutex mutex;
+  std::condition_variable done_cv;
+  std::optional<lookup_result> done; ///< set once, under `mutex`
+};
+
+namespace {
+
+bool is_numeric(const std::string& host) {
+  in6_addr v6{};
+  in_addr v4{};
+  return ::inet_pton(AF_INET, host.c_str(), &v4) == 1 ||
+         ::inet_pton(AF_INET6, host.c_str(), &v6) == 1;
+}
+
+} // namespace
+
+lookup_result system_lookup(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (const int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &res);
+      rc != 0)
+    return make_error(errc::not_found,
+                      "cannot resolve '" + host + "': " + ::gai_strerror(rc));
+  std::vector<std::string> out;
+  for (const addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    char text[NI_MAXHOST];
+    if (::getnameinfo(a->ai_addr, a->ai_addrlen, text, sizeof text, nullptr, 0,
+                      NI_NUMERICHOST) == 0)
+      out.emplace_back(text);
+  }
+  ::freeaddrinfo(res);
+  if (out.empty())
+    return make_error(errc::not_found,
+                      "cannot resolve '" + host + "': no address");
+  return out;
+}
+
+host_resolver::host_resolver(lookup_fn fn) : lookup_(std::move(fn)) {}
+
+host_resolver::~host_resolver() = default;
+
+lookup_result host_resolver::resolve(const std::string& host,
+                                     std::chrono::milliseconds timeout) {
+  if (is_numeric(host))
+    return std::vector<std::string>{host};
+  // A lookup left running for another host answers nobody: forget it (its
+  // thread still finishes on its own).
+  if (pending_ && pending_->host != host)
+    pending_.reset();
+  if (!pending_) {
+    auto l = std::make_shared<lookup>(host);
+    try {
+      std::thread([l, fn = lookup_] {
+        lookup_result r = make_error(errc::unavailable, "not looked up");
+        try {
+          r = fn(l->host);
+        } catch (const std::exception& e) { // bad_alloc, say: never escapes
+          r = make_error(errc::unavailable,
+                         "cannot resolve '" + l->host + "': " + e.what());
+        }
+        const std::lock_guard<std::mutex> lock(l->mutex);
+        l->done.emplace(std::move(r));
+        l->done_cv.notify_all();
+      }).detach();
+    } catch (const std::exception& e) { // system_error: no thread
+      return make_error(errc::unavailable,
+                        "cannot resolve '" + host +
+                            "': no helper thread: " + e.what());
+    }
+    pending_ = std::move(l);
+  }
+  std::unique_lock<std::mutex> lock(pending_->mutex);
+  if (!pending_->done_cv.wait_for(lock, timeout,
+                                  [&] { return pending_->done.has_value(); }))
+    return make_error(errc::timeout, "cannot resolve '" + host + "' within " +
+                                         std::to_string(timeout.count()) +
+                                         " ms");
+  lookup_result r = std::move(*pending_->done);
+  lock.unlock();
+  pending_.reset();
+  return r;
+}
+
+} // namespace kvfleet::actors::internal

@@ -1,0 +1,62 @@
+#pragma once
+/// `host_resolver`: a host name's addresses within a time bound.
+/// getaddrinfo() has no timeout of its own: a slow or unreachable DNS
+/// server holds the caller for the resolver's whole timeout (seconds, times
+/// its attempts). The resolver runs each lookup on a detached helper thread
+/// and waits for it at most the caller's timeout; a lookup still running
+/// then is left to finish on its own (it owns everything it touches), and
+/// the next call for the same host waits for that lookup instead of
+/// starting another, so a DNS that stays slow costs at most one helper
+/// thread per resolver. A numeric address is answered at once, without a
+/// thread.
+///
+/// Thread safety: one owner calls resolve() (not thread-safe); the mutex
+/// in the shared lookup state is there because the helper thread writes
+/// the result the owner reads.
+
+#include "engine/result.hpp"
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvfleet::actors::internal {
+
+/// What a lookup found: numeric addresses ("127.0.0.1", "::1") in the
+/// system's order, or why none (a message for people).
+using lookup_result = result<std::vector<std::string>>;
+
+/// Looks a name up, blocking: the system resolver by default
+/// (getaddrinfo, SOCK_STREAM, any family).
+using lookup_fn = std::function<lookup_result(const std::string& host)>;
+
+/// The system resolver: getaddrinfo, numeric results; errc::not_found
+/// naming `host` and saying why (gai_strerror) when it finds nothing.
+[[nodiscard]] lookup_result system_lookup(const std::string& host);
+
+class host_resolver {
+public:
+  explicit host_resolver(lookup_fn fn = system_lookup);
+  ~host_resolver();
+  host_resolver(const host_resolver&) = delete;
+  host_resolver& operator=(const host_resolver&) = delete;
+
+  /// The addresses of `host`, waiting at most `timeout` for the lookup.
+  /// Errors: the lookup's own (errc::not_found for a name that does not
+  /// resolve), errc::timeout "cannot resolve '<host>' within N ms" when it
+  /// is still running, errc::unavailable when no helper thread can be
+  /// started. REQUIRES: timeout >= 0.
+  [[nodiscard]] lookup_result resolve(const std::string& host,
+                                      std::chrono::milliseconds timeout);
+
+  struct lookup; ///< one lookup's state, shared with its helper thread
+
+private:
+  lookup_fn lookup_;
+  /// A lookup that was still running when its caller stopped waiting.
+  std::shared_ptr<lookup> pending_;
+};
+
+} // namespace kvfleet::actors::internal

@@ -1,0 +1,103 @@
+// host_resolver: lookups bounded by the caller's timeout, with a fake
+// lookup that blocks until the test releases it (no sleeps: the only
+// waits are the resolver's own, for a lookup that cannot finish in them).
+#include "actors/internal/host_resolver.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvfleet::actors::internal {
+namespace {
+
+using namespace std::chrono_literals;
+
+/// A lookup that answers "<host> #<n>" (n: its call number) once the
+/// test releases it, counting its calls.
+struct gated_lookup {
+  std::promise<void> release;
+  std::shared_ptr<std::atomic<int>> calls =
+      std::make_shared<std::atomic<int>>(0);
+
+  lookup_fn fn() {
+    return [gate = release.get_future().share(),
+            calls = calls](const std::string& host) -> lookup_result {
+      const int n = ++*calls;
+      gate.wait();
+      return std::vector<std::string>{host + " #" + std::to_string(n)};
+    };
+  }
+};
+
+TEST(host_resolver_test, a_lookup_that_takes_too_long_is_a_timeout_naming_it) {
+  gated_lookup slow;
+  host_resolver resolver(slow.fn());
+  auto late = resolver.resolve("slow.example", 10ms);
+  ASSERT_FALSE(late);
+  EXPECT_EQ(late.error().code, errc::timeout);
+  EXPECT_NE(late.error().message.find("cannot resolve 'slow.example' within "
+                                      "10 ms"),
+            std::string::npos)
+      << late.error().message;
+  // The next call waits for the lookup already running instead of
+  // starting another.
+  auto again = resolver.resolve("slow.example", 0ms);
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, errc::timeout);
+  EXPECT_EQ(slow.calls->load(), 1);
+
+  slow.release.set_value();
+  auto done = resolver.resolve("slow.example", 10s);
+  ASSERT_TRUE(done) << done.error().describe();
+  EXPECT_EQ(*done, std::vector<std::string>{"slow.example #1"});
+  EXPECT_EQ(slow.calls->load(), 1);
+  // That answer was taken: the next call looks the name up again.
+  auto fresh = resolver.resolve("slow.example", 10s);
+  ASSERT_TRUE(fresh) << fresh.error().describe();
+  EXPECT_EQ(*fresh, std::vector<std::string>{"slow.example #2"});
+}
+
+TEST(host_resolver_test, a_lookup_left_for_another_host_is_not_its_answer) {
+  gated_lookup slow;
+  host_resolver resolver(slow.fn());
+  ASSERT_FALSE(resolver.resolve("first.example", 0ms));
+  slow.release.set_value();
+  auto other = resolver.resolve("second.example", 10s);
+  ASSERT_TRUE(other) << other.error().describe();
+  ASSERT_EQ(other->size(), 1U);
+  EXPECT_EQ(other->front().rfind("second.example #", 0), 0U) << other->front();
+}
+
+TEST(host_resolver_test, numeric_addresses_need_no_lookup) {
+  gated_lookup never;
+  host_resolver resolver(never.fn());
+  for (const std::string host : {"127.0.0.1", "::1", "2001:db8::7"}) {
+    auto r = resolver.resolve(host, 0ms);
+    ASSERT_TRUE(r) << host << ": " << r.error().describe();
+    EXPECT_EQ(*r, std::vector<std::string>{host});
+  }
+  EXPECT_EQ(never.calls->load(), 0);
+}
+
+TEST(host_resolver_test, the_system_lookup_finds_localhost_and_names_a_miss) {
+  auto local = system_lookup("localhost");
+  ASSERT_TRUE(local) << local.error().describe();
+  EXPECT_TRUE(std::find_if(local->begin(), local->end(), [](const auto& a) {
+                return a == "127.0.0.1" || a == "::1";
+              }) != local->end());
+  // .invalid never resolves (RFC 6761).
+  auto none = system_lookup("nosuch.invalid");
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, errc::not_found);
+  EXPECT_NE(none.error().message.find("cannot resolve 'nosuch.invalid'"),
+            std::string::npos)
+      << none.error().message;
+}
+
+} // namespace
+} // namespace kvfleet::actors::internal
