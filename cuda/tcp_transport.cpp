@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -21,6 +22,7 @@ namespace kvfleet::cuda {
 
 using internal::recv_all;
 using internal::send_all;
+using internal::sizes_digest;
 
 namespace {
 
@@ -29,8 +31,9 @@ namespace {
 /// "KVFB" was version 1.
 constexpr std::uint32_t magic = 0x3246564bU;    // "KVF2"
 constexpr std::uint32_t magic_v1 = 0x4246564bU; // "KVFB"
-/// magic, block count, expected count, expected sizes' digest.
-constexpr std::size_t header_bytes = 4 + 4 + 4 + 8;
+/// magic, block count, the sizes' digest, expected count, expected sizes'
+/// digest.
+constexpr std::size_t header_bytes = 4 + 4 + 8 + 4 + 8;
 
 unexpected<error> sys_error(std::string_view call) {
   return make_error(errc::io_error, std::string(call) + ": " +
@@ -130,55 +133,51 @@ std::uint64_t get_le(const std::byte* p, int bytes) {
   return v;
 }
 
-/// A digest of a batch's block sizes, in order (0 for none): each side
-/// sends the one of the sizes it expects, and the peer compares it with
-/// the one of the sizes it sends. Not a checksum against an attacker: the
-/// receiver still checks every size exactly.
-template <class Block>
-std::uint64_t sizes_digest(std::span<const Block> blocks) {
-  std::uint64_t h = 0;
-  for (const Block& b : blocks) {
-    // splitmix64's finalizer over the running value and the next size.
-    std::uint64_t z = (h ^ b.bytes) + 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    h = z ^ (z >> 31);
-  }
-  return h;
-}
-
 /// Sends `out` as one frame whose header also says what this side expects
-/// back (`in`'s count and sizes' digest).
+/// back (`in`). The header goes first, in a send of its own, then
+/// `header_out` (when given) is set, sent or not: at the start of an
+/// exchange the socket holds nothing of an earlier one, so those 28 bytes
+/// never wait for the peer to read.
 result<void> send_batch(int fd, std::span<const send_block> out,
                         std::span<const recv_block> in,
-                        steady::time_point deadline) {
+                        steady::time_point deadline,
+                        std::atomic<bool>* header_out = nullptr) {
   std::array<std::byte, 8 * sizes_per_piece> piece;
   put_le(piece.data(), magic, 4);
   put_le(piece.data() + 4, out.size(), 4);
-  put_le(piece.data() + 8, in.size(), 4);
-  put_le(piece.data() + 12, sizes_digest(in), 8);
-  std::size_t used = header_bytes;
+  put_le(piece.data() + 8, sizes_digest(out), 8);
+  put_le(piece.data() + 16, in.size(), 4);
+  put_le(piece.data() + 20, sizes_digest(in), 8);
+  auto r = send_all(fd, piece.data(), header_bytes, deadline);
+  if (header_out != nullptr) {
+    header_out->store(true);
+    header_out->notify_all();
+  }
+  if (!r)
+    return r;
+  std::size_t used = 0;
   for (const send_block& b : out) {
-    if (used + 8 > piece.size()) {
-      if (auto r = send_all(fd, piece.data(), used, deadline); !r)
+    if (used == piece.size()) {
+      if (r = send_all(fd, piece.data(), used, deadline); !r)
         return r;
       used = 0;
     }
     put_le(piece.data() + used, b.bytes, 8);
     used += 8;
   }
-  if (auto r = send_all(fd, piece.data(), used, deadline); !r)
+  if (r = send_all(fd, piece.data(), used, deadline); !r)
     return r;
   for (const send_block& b : out)
-    if (auto r = send_all(fd, b.data, b.bytes, deadline); !r)
+    if (r = send_all(fd, b.data, b.bytes, deadline); !r)
       return r;
   return {};
 }
 
-/// Receives the peer's frame into `in`. Before any payload lands it checks
-/// the frame against `in` ("tcp recv: ..." mismatches) and the peer's
-/// expectation against `out`, what this side sends ("tcp send: ..."):
-/// errc::wrong_value_size either way, and only for these mismatches.
+/// Receives the peer's frame into `in`. From the peer's fixed-size header,
+/// before reading anything more, it checks what the peer sends against
+/// `in` ("tcp recv: ..." mismatches) and what the peer expects against
+/// `out`, what this side sends ("tcp send: ..."); then every size exactly.
+/// errc::wrong_value_size for any mismatch, and only for these.
 result<void> recv_batch(int fd, std::span<const recv_block> in,
                         std::span<const send_block> out,
                         steady::time_point deadline) {
@@ -195,16 +194,20 @@ result<void> recv_batch(int fd, std::span<const recv_block> in,
   if (auto r = recv_all(fd, piece.data() + 8, header_bytes - 8, deadline); !r)
     return r;
   const std::uint64_t count = get_le(piece.data() + 4, 4);
-  const std::uint64_t expected = get_le(piece.data() + 8, 4);
+  const std::uint64_t expected = get_le(piece.data() + 16, 4);
   if (count != in.size())
     return make_error(errc::wrong_value_size,
                       "tcp recv: peer sent " + std::to_string(count) +
                           " blocks, expected " + std::to_string(in.size()));
+  if (get_le(piece.data() + 8, 8) != sizes_digest(in))
+    return make_error(errc::wrong_value_size,
+                      "tcp recv: peer sent blocks of other sizes than the " +
+                          std::to_string(in.size()) + " expected");
   if (expected != out.size())
     return make_error(errc::wrong_value_size,
                       "tcp send: peer expected " + std::to_string(expected) +
                           " blocks, sent " + std::to_string(out.size()));
-  if (get_le(piece.data() + 12, 8) != sizes_digest(out))
+  if (get_le(piece.data() + 20, 8) != sizes_digest(out))
     return make_error(
         errc::wrong_value_size,
         "tcp send: peer expected blocks of other sizes than the " +
@@ -406,7 +409,7 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
   const steady::time_point deadline = steady::now() + io_timeout_;
   result<void> r;
   if (out.empty()) {
-    // An empty frame is 20 bytes: sent before receiving, without a helper
+    // An empty frame is 28 bytes: sent before receiving, without a helper
     // thread. It can wait only for the peer to read this side's previous
     // batch, which needs nothing more from this side.
     r = send_batch(fd_, out, in, deadline);
@@ -417,22 +420,25 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     // exchanging large batches cannot both block on full socket buffers,
     // and a peer that expects nothing refuses the batch at once.
     result<void> sent;
+    std::atomic<bool> header_out{false};
     std::thread sender;
     try {
-      sender = std::thread([&] { sent = send_batch(fd_, out, in, deadline); });
+      sender = std::thread(
+          [&] { sent = send_batch(fd_, out, in, deadline, &header_out); });
     } catch (const std::system_error& e) {
       return make_error(errc::unavailable,
                         std::string("tcp exchange: no sender thread: ") +
                             e.what());
     }
     r = recv_batch(fd_, in, out, deadline);
-    // A mismatch shows in this side's header too (what it sends and what
-    // it expects): the sender goes on until the peer, having read that
-    // header, refuses and shuts down, so both sides report the mismatch.
-    // Shutting down here could cut the header off before it went out.
-    // Anything else stops the sender at once.
-    if (!r && r.error().code != errc::wrong_value_size)
+    if (!r) {
+      // A mismatch shows in this side's header too (what it sends and
+      // what it expects): once that header is out the peer finds it as
+      // well, so both sides report it. Then the sender stops at once.
+      if (r.error().code == errc::wrong_value_size)
+        header_out.wait(false);
       ::shutdown(fd_, SHUT_RDWR);
+    }
     sender.join();
     if (r)
       r = std::move(sent);

@@ -4,13 +4,14 @@
 /// memory).
 ///
 /// Wire format of a batch (wire version 2): "KVF2" (4 bytes), the block
-/// count (u32 LE), the count of blocks this side expects back (u32 LE) and a
-/// digest of their sizes (u64 LE, 0 for none), each block's size (u64 LE),
-/// then the blocks' bytes in order. Every exchange (send, recv or both) sends
-/// one frame and receives one, an empty side a frame of 0 blocks (20 bytes),
-/// so each exchange pairs with exactly one of the peer's, even one with both
-/// sides empty (it waits for the peer's). A batch of more than 2^32 - 1
-/// blocks, to send or to receive, is refused before anything moves
+/// count (u32 LE) and a digest of their sizes (u64 LE), the count of blocks
+/// this side expects back (u32 LE) and a digest of their sizes (u64 LE; a
+/// digest of no blocks is 0), each block's size (u64 LE), then the blocks'
+/// bytes in order. Every exchange (send, recv or both) sends one frame and
+/// receives one, an empty side a frame of 0 blocks (28 bytes), so each
+/// exchange pairs with exactly one of the peer's, even one with both sides
+/// empty (it waits for the peer's). A batch of more than 2^32 - 1 blocks, to
+/// send or to receive, is refused before anything moves
 /// (errc::value_too_large). The receiver checks the count and every size
 /// against what it expects before reading any payload, so a peer can never
 /// make it allocate or write out of bounds (sizes move 4,096 at a time
@@ -21,7 +22,9 @@
 /// stream, "tcp recv: ..."). The sending side fails in the same exchange
 /// with errc::wrong_value_size too ("tcp send: peer expected ..."), from the
 /// expectation in the peer's frame, which it reads anyway: no extra round
-/// trip. A version 1 peer ("KVFB" frames, without the expectation) is
+/// trip. Each side finds a mismatch in the other's 28-byte header, lets its
+/// own header out and stops sending, so two large batches with a mismatch
+/// end at once too. A version 1 peer ("KVFB" frames, without expectations) is
 /// errc::parse_error naming the version (every earlier build; none is
 /// deployed). Each exchange must finish within io_timeout (1 ms to
 /// 24 h) as a whole: once the deadline has passed no more bytes move, so a peer

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <future>
 #include <numeric>
+#include <optional>
 #include <span>
 #include <thread>
 #include <vector>
@@ -33,15 +34,22 @@ std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
   return v;
 }
 
-/// A frame header as a raw peer sends it (wire version 2): `sizes.size()`
-/// blocks of `sizes` bytes, expecting none back (count 0, digest 0).
-std::vector<unsigned char> frame_head(const std::vector<std::uint64_t>& sizes) {
+/// A frame header as a raw peer sends it (wire version 2): blocks of
+/// `sizes` bytes, whose digest is that of `claimed` (by default `sizes`,
+/// as an honest peer's), expecting none back (count 0, digest 0).
+std::vector<unsigned char>
+frame_head(const std::vector<std::uint64_t>& sizes,
+           std::optional<std::vector<std::uint64_t>> claimed = {}) {
+  std::vector<recv_block> as_blocks;
+  for (const std::uint64_t n : claimed.value_or(sizes))
+    as_blocks.push_back({nullptr, n});
   std::vector<unsigned char> h = {'K', 'V', 'F', '2'};
   const auto put = [&h](std::uint64_t v, int bytes) {
     for (int i = 0; i < bytes; ++i)
       h.push_back(static_cast<unsigned char>((v >> (8 * i)) & 0xffU));
   };
   put(sizes.size(), 4);
+  put(internal::sizes_digest(std::span<const recv_block>(as_blocks)), 8);
   put(0, 4);
   put(0, 8);
   for (const std::uint64_t n : sizes)
@@ -133,7 +141,8 @@ TEST(tcp_transport_test,
   // The sender learns of it too, from what the receiver said it expects.
   expect_mismatch(sent.get(), "tcp send: peer expected blocks of other "
                               "sizes than the 10000 sent");
-  expect_mismatch(got, "tcp recv: block 9999 has");
+  expect_mismatch(got, "tcp recv: peer sent blocks of other sizes than the "
+                       "10000 expected");
   EXPECT_TRUE(std::all_of(dst.begin(), dst.end(),
                           [](std::byte b) { return b == std::byte{0x5a}; }));
 }
@@ -172,7 +181,8 @@ TEST(tcp_transport_test,
     return ends.client->send(0, {&out, 1});
   });
   auto got = ends.server->recv(0, {&in, 1});
-  expect_mismatch(got, "tcp recv: block 0 has 1000 bytes, expected 999");
+  expect_mismatch(
+      got, "tcp recv: peer sent blocks of other sizes than the 1 expected");
   EXPECT_TRUE(std::all_of(dst.begin(), dst.end(),
                           [](std::byte b) { return b == std::byte{0x5a}; }));
   // Both sides report it, in the same exchange.
@@ -291,29 +301,80 @@ TEST(tcp_transport_test, empty_exchanges_pair_up_and_keep_the_stream_in_step) {
   }
 }
 
-TEST(tcp_transport_test, a_peer_of_wire_version_1_is_refused_saying_so) {
-  // Version 1 frames ("KVFB") carried no expectation: the header is
-  // longer now, and reading one as the other would misplace every field.
-  auto listener = tcp_listener::listen();
-  ASSERT_TRUE(listener);
-  const std::uint16_t port = listener->port();
-  std::thread peer([port] {
+/// A raw peer on a thread: connects to 127.0.0.1:port, sends `bytes`,
+/// then reads until the other end closes or shuts down (so that closing
+/// cannot reset the connection before the bytes are read).
+std::thread raw_peer(std::uint16_t port, std::vector<unsigned char> bytes) {
+  return std::thread([port, bytes = std::move(bytes)] {
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(port);
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
-      // A version 1 frame of 0 blocks; then reads until the other end
-      // gives up, so that closing cannot reset the connection first.
-      const unsigned char v1[] = {'K', 'V', 'F', 'B', 0, 0, 0, 0};
-      (void)::send(fd, v1, sizeof v1, MSG_NOSIGNAL);
+      (void)::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
       char sink[64];
       while (::recv(fd, sink, sizeof sink, 0) > 0) {
       }
     }
     ::close(fd);
   });
+}
+
+TEST(tcp_transport_test, a_peer_whose_digest_lies_is_refused_by_the_sizes) {
+  // The digests only find a mismatch early: a peer whose header's digest
+  // does not match its sizes still cannot make the receiver write a byte
+  // out of bounds.
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  auto frame = frame_head({1000}, std::vector<std::uint64_t>{999});
+  frame.resize(frame.size() + 1000, 'x');
+  std::thread peer = raw_peer(listener->port(), std::move(frame));
+  auto server = listener->accept(5s, 5s);
+  ASSERT_TRUE(server) << server.error().describe();
+  std::vector<std::byte> dst(999, std::byte{0x5a});
+  const recv_block in{dst.data(), dst.size()};
+  auto got = (*server)->recv(0, {&in, 1});
+  server->reset(); // closes this end, which ends the peer's reads
+  peer.join();
+  expect_mismatch(got, "tcp recv: block 0 has 1000 bytes, expected 999");
+  EXPECT_TRUE(std::all_of(dst.begin(), dst.end(),
+                          [](std::byte b) { return b == std::byte{0x5a}; }));
+}
+
+TEST(tcp_transport_test,
+     a_mismatch_while_both_send_large_batches_ends_at_once) {
+  // Each side finds the mismatch in the other's header, lets its own
+  // header out, then stops its sender: neither waits for the other to
+  // drain megabytes it will never read (which would last until the
+  // timeout).
+  auto ends = connect_pair();
+  ASSERT_TRUE(ends.client && ends.server);
+  constexpr std::size_t n = 8 << 20; // larger than the socket buffers
+  const auto a = pattern(n, 1);
+  const auto b = pattern(n, 2);
+  std::vector<std::byte> at_a(n);
+  std::vector<std::byte> at_b(n - 1);
+  const send_block from_a{a.data(), n};
+  const send_block from_b{b.data(), n};
+  const recv_block into_a{at_a.data(), at_a.size()};
+  const recv_block into_b{at_b.data(), at_b.size()};
+  auto other = std::async(std::launch::async, [&] {
+    return ends.server->exchange(0, {&from_b, 1}, {&into_b, 1});
+  });
+  auto mine = ends.client->exchange(0, {&from_a, 1}, {&into_a, 1});
+  expect_mismatch(mine, "tcp send: peer expected blocks of other sizes");
+  expect_mismatch(other.get(), "tcp recv: peer sent blocks of other sizes");
+}
+
+TEST(tcp_transport_test, a_peer_of_wire_version_1_is_refused_saying_so) {
+  // Version 1 frames ("KVFB") carried no expectation: the header is
+  // longer now, and reading one as the other would misplace every field.
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  const std::uint16_t port = listener->port();
+  // A version 1 frame of 0 blocks.
+  std::thread peer = raw_peer(port, {'K', 'V', 'F', 'B', 0, 0, 0, 0});
   auto server = listener->accept(5s, 5s);
   ASSERT_TRUE(server) << server.error().describe();
   auto got = (*server)->exchange(0, {}, {});

@@ -1,6 +1,7 @@
 #pragma once
 // The socket steps under tcp_transport and tcp_listener, exposed so tests
-// can drive them with a deadline already passed or a crafted address list.
+// can drive them with a deadline already passed or a crafted address list,
+// and the frame header's size digest, so tests can forge frames.
 // Implemented in tcp_transport.cpp. Plain functions on a file descriptor;
 // thread-safe as far as the descriptor is (one reader and one writer).
 
@@ -8,6 +9,8 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
+#include <span>
 #include <string_view>
 
 struct addrinfo;
@@ -44,5 +47,23 @@ using tcp_clock = std::chrono::steady_clock;
 [[nodiscard]] result<int> connect_first(const addrinfo* addresses,
                                         std::chrono::milliseconds timeout,
                                         std::string_view where);
+
+/// A digest of a batch's block sizes (`Block::bytes`), in order; 0 for
+/// none. A frame's header carries the one of the sizes it sends and the one
+/// of the sizes its sender expects back, so each side finds a mismatch in
+/// the peer's fixed-size header alone. Not a checksum against an attacker:
+/// the receiver still checks every size exactly.
+template <class Block>
+[[nodiscard]] std::uint64_t sizes_digest(std::span<const Block> blocks) {
+  std::uint64_t h = 0;
+  for (const Block& b : blocks) {
+    // splitmix64's finalizer over the running value and the next size.
+    std::uint64_t z = (h ^ b.bytes) + 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    h = z ^ (z >> 31);
+  }
+  return h;
+}
 
 } // namespace kvfleet::cuda::internal
