@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <random>
 #include <span>
 #include <string>
 #include <utility>
@@ -200,6 +201,178 @@ TEST(Router, IndexIsBounded) {
   auto k = keys(3, 50);
   r.stored(0, k);
   EXPECT_LE(r.index_size(), 10U);
+}
+
+/// Whether the index says `slot` holds `k`.
+bool holds(const router& r, std::uint32_t slot, const block_key& k) {
+  return r.held_prefix(slot, std::span{&k, 1}) == 1;
+}
+
+TEST(Router, FullIndexDropsTheLeastRecentlyUsedKeys) {
+  router_config c{routing_policy::kv_aware};
+  c.max_index_keys = 10;
+  auto r = make_router(c);
+  r.add_slot();
+  r.add_slot();
+  auto old = keys(1, 10);
+  for (const auto& k : old)
+    r.stored(0, std::span{&k, 1}); // old[0] the oldest
+  // Used again: old[0] and old[1] matched by a routed request, old[2]
+  // stored again (by the other engine).
+  auto picked = r.pick(std::span{old}.first(2));
+  ASSERT_TRUE(picked.has_value());
+  EXPECT_EQ(picked->expected_hit_blocks, 2U);
+  r.stored(1, std::span{old}.subspan(2, 1));
+  r.stored(0, keys(2, 3));
+  EXPECT_EQ(r.index_size(), 10U);
+  for (std::size_t i = 0; i < old.size(); ++i) {
+    const bool untouched_oldest = i >= 3 && i < 6;
+    EXPECT_EQ(holds(r, 0, old[i]), !untouched_oldest) << "old[" << i << "]";
+  }
+  EXPECT_TRUE(holds(r, 1, old[2]));
+  EXPECT_EQ(r.held_prefix(0, keys(2, 3)), 3U);
+}
+
+TEST(Router, FullIndexKeepsAPrefixsLeadingBlocksLongest) {
+  router_config c{routing_policy::kv_aware};
+  c.max_index_keys = 10;
+  auto r = make_router(c);
+  r.add_slot();
+  auto chain = keys(1, 10);
+  r.stored(0, chain); // one call: chain[0] the most recent of them
+  r.stored(0, keys(2, 2));
+  EXPECT_EQ(r.index_size(), 10U);
+  EXPECT_EQ(r.held_prefix(0, chain), 8U);
+  // A request matching the first 3 makes them the most recent; the next
+  // stored keys take the rest of the chain's places from its end.
+  (void)r.pick(std::span{chain}.first(3));
+  r.stored(0, keys(3, 6));
+  EXPECT_EQ(r.held_prefix(0, chain), 3U);
+  EXPECT_EQ(r.held_prefix(0, keys(2, 2)), 1U); // keys(2, 2)[1] was older
+}
+
+/// A plain model of the index's use order for Router.IndexMatchesAPlainModel:
+/// a vector, most recent first, where a call's keys move to the front in
+/// their order (`m`: how many the call placed so far).
+struct plain_index {
+  std::size_t bound;
+  std::vector<std::pair<block_key, std::uint64_t>> order;
+  std::size_t m = 0;
+
+  void begin_call() { m = 0; }
+  std::size_t find(const block_key& k) const {
+    for (std::size_t i = 0; i < order.size(); ++i)
+      if (order[i].first == k)
+        return i;
+    return order.size();
+  }
+  /// Marks `k` used (adding it when missing) and returns its place.
+  std::size_t use(const block_key& k, bool add) {
+    auto i = find(k);
+    if (i == order.size()) {
+      if (!add)
+        return i;
+      if (order.size() >= bound) {
+        order.pop_back();
+        m = std::min(m, order.size());
+      }
+      order.insert(order.begin() + static_cast<std::ptrdiff_t>(m), {k, 0});
+      return m++;
+    }
+    // Used earlier in this call: it moves to the call's last place.
+    const std::size_t to = i < m ? m - 1 : m;
+    auto e = order[i];
+    order.erase(order.begin() + static_cast<std::ptrdiff_t>(i));
+    order.insert(order.begin() + static_cast<std::ptrdiff_t>(to), e);
+    if (i >= m)
+      ++m;
+    return to;
+  }
+  void drop_bit(const block_key& k, std::uint64_t bit) {
+    auto i = find(k);
+    if (i == order.size())
+      return;
+    order[i].second &= ~bit;
+    if (order[i].second == 0)
+      order.erase(order.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+};
+
+TEST(Router, IndexMatchesAPlainModel) {
+  // Random stores, evictions, picks and slots going down, fixed seed: the
+  // router's index holds the keys and engines the plain model does.
+  router_config c{routing_policy::kv_aware};
+  c.max_index_keys = 24;
+  auto r = make_router(c);
+  for (int s = 0; s < 3; ++s)
+    r.add_slot();
+  plain_index model{c.max_index_keys, {}, 0};
+  std::mt19937_64 rng{7};
+  const auto some_keys = [&] {
+    std::vector<block_key> out(1 + rng() % 6);
+    for (auto& k : out)
+      k = block_key{rng() % 4, 1 + rng() % 12};
+    return out;
+  };
+  for (int step = 0; step < 5000; ++step) {
+    const auto slot = static_cast<std::uint32_t>(rng() % 3);
+    const std::uint64_t bit = std::uint64_t{1} << slot;
+    const auto ks = some_keys();
+    switch (rng() % 9) {
+    case 0:
+    case 1:
+    case 5:
+      r.stored(slot, ks);
+      model.begin_call();
+      for (const auto& k : ks)
+        model.order[model.use(k, true)].second |= bit;
+      break;
+    case 2:
+    case 3:
+      r.evicted(slot, ks);
+      for (const auto& k : ks)
+        model.drop_bit(k, bit);
+      break;
+    case 4: { // down and back: the slot's entries are forgotten
+      r.set_up(slot, false);
+      r.set_up(slot, true);
+      std::vector<block_key> all;
+      for (const auto& e : model.order)
+        all.push_back(e.first);
+      for (const auto& k : all)
+        model.drop_bit(k, bit);
+      break;
+    }
+    default: {
+      // Every slot is up: a key counts as used while some slot's matched
+      // prefix reaches it.
+      (void)r.pick(ks);
+      model.begin_call();
+      std::uint64_t alive = 0b111;
+      for (const auto& k : ks) {
+        auto i = model.find(k);
+        const std::uint64_t has =
+            i == model.order.size() ? 0 : model.order[i].second;
+        if ((has & alive) != 0)
+          model.use(k, false);
+        alive &= has;
+        if (alive == 0)
+          break;
+      }
+    }
+    }
+    ASSERT_EQ(r.index_size(), model.order.size()) << "step " << step;
+    for (std::uint32_t s = 0; s < 3; ++s) {
+      auto held = r.keys_of(s);
+      std::vector<block_key> want;
+      for (const auto& [k, engines] : model.order)
+        if ((engines >> s) & 1U)
+          want.push_back(k);
+      std::sort(held.begin(), held.end());
+      std::sort(want.begin(), want.end());
+      ASSERT_EQ(held, want) << "slot " << s << ", step " << step;
+    }
+  }
 }
 
 TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {

@@ -134,11 +134,44 @@ void router::stored(std::uint32_t slot,
   if (slot >= slots_.size() || !slots_[slot].up)
     return;
   const std::uint64_t bit = std::uint64_t{1} << slot;
-  for (const auto& k : keys) {
-    if (index_.size() >= config_.max_index_keys && !index_.contains(k))
-      index_.erase(index_.begin()); // bounded: an arbitrary entry goes stale
-    index_[k] |= bit;
+  auto front_end = use_order_.begin();
+  for (const auto& k : keys)
+    find_or_add(k, front_end)->second.engines |= bit;
+}
+
+void router::mark_used(index_entry& e, use_list::iterator& front_end) {
+  if (e.use == front_end)
+    ++front_end; // already right after the call's earlier keys
+  else
+    use_order_.splice(front_end, use_order_, e.use);
+}
+
+router::index_map::iterator router::find_or_add(const engine::block_key& k,
+                                                use_list::iterator& front_end) {
+  if (auto it = index_.find(k); it != index_.end()) {
+    mark_used(it->second, front_end);
+    return it;
   }
+  if (index_.size() < config_.max_index_keys) {
+    auto use = use_order_.insert(front_end, k);
+    return index_.emplace(k, index_entry{0, use}).first;
+  }
+  // Full: the least recently used key goes (a possible miss for a request
+  // that would have found it), and its list and map nodes take `k`, so a
+  // full index allocates nothing.
+  auto oldest = std::prev(use_order_.end());
+  auto node = index_.extract(*oldest);
+  *oldest = k;
+  node.key() = k;
+  node.mapped() = index_entry{0, oldest};
+  auto it = index_.insert(std::move(node)).position;
+  mark_used(it->second, front_end);
+  return it;
+}
+
+void router::erase(index_map::iterator it) {
+  use_order_.erase(it->second.use);
+  index_.erase(it);
 }
 
 void router::evicted(std::uint32_t slot,
@@ -148,25 +181,27 @@ void router::evicted(std::uint32_t slot,
     auto it = index_.find(k);
     if (it == index_.end())
       continue;
-    it->second &= ~bit;
-    if (it->second == 0)
-      index_.erase(it);
+    it->second.engines &= ~bit;
+    if (it->second.engines == 0)
+      erase(it);
   }
 }
 
 void router::forget(std::uint32_t slot) {
   const std::uint64_t bit = std::uint64_t{1} << slot;
   for (auto it = index_.begin(); it != index_.end();) {
-    it->second &= ~bit;
-    it = it->second == 0 ? index_.erase(it) : std::next(it);
+    auto here = it++;
+    here->second.engines &= ~bit;
+    if (here->second.engines == 0)
+      erase(here);
   }
 }
 
 std::vector<engine::block_key> router::keys_of(std::uint32_t slot) const {
   const std::uint64_t bit = std::uint64_t{1} << slot;
   std::vector<engine::block_key> out;
-  for (const auto& [key, engines] : index_)
-    if ((engines & bit) != 0)
+  for (const auto& [key, entry] : index_)
+    if ((entry.engines & bit) != 0)
       out.push_back(key);
   return out;
 }
@@ -177,7 +212,7 @@ std::size_t router::held_prefix(std::uint32_t slot,
   std::size_t n = 0;
   for (const auto& k : keys) {
     auto it = index_.find(k);
-    if (it == index_.end() || (it->second & bit) == 0)
+    if (it == index_.end() || (it->second.engines & bit) == 0)
       break;
     ++n;
   }
@@ -205,10 +240,14 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
     for (std::uint32_t s = 0; s < n; ++s)
       if (eligible(slots_[s]))
         alive |= std::uint64_t{1} << s;
+    // A key some live engine's matched prefix reaches counts as used.
+    auto front_end = use_order_.begin();
     std::size_t i = 0;
     for (; i < keys.size() && alive != 0; ++i) {
       auto it = index_.find(keys[i]);
-      std::uint64_t has = it == index_.end() ? 0 : it->second;
+      std::uint64_t has = it == index_.end() ? 0 : it->second.engines;
+      if ((has & alive) != 0)
+        mark_used(it->second, front_end);
       std::uint64_t dropped = alive & ~has;
       for (std::uint32_t s = 0; s < n; ++s)
         if ((dropped >> s) & 1U)

@@ -20,6 +20,14 @@
 /// (a miss), never returns a wrong block, because engines look blocks up by
 /// key themselves.
 ///
+/// The index holds at most router_config::max_index_keys keys. When it is
+/// full, a newly stored key replaces the least recently used one. A key is
+/// used when an engine reports storing it and when a kv_aware pick() finds
+/// it held by a live engine in the request's matched prefix; the keys one
+/// call uses become the most recent in their order, so a prefix's leading
+/// blocks outlast its later ones. Each operation costs O(1) per key; a full
+/// index reuses the replaced entry's memory, and pick() allocates nothing.
+///
 /// Slots are engine positions; a slot is live or down, and a draining slot
 /// takes no new requests. A removed slot is free for add_slot to reuse. Not
 /// thread-safe: owned by one actor.
@@ -28,6 +36,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <list>
 #include <optional>
 #include <span>
 #include <string_view>
@@ -78,6 +87,12 @@ public:
   [[nodiscard]] static result<router> create(router_config config);
   /// A router with the default configuration, which is valid.
   router() : router(router_config{}) {}
+  /// Move-only: each index entry points into the use order it was made
+  /// with (a move keeps those, a copy would not).
+  router(router&&) noexcept = default;
+  router& operator=(router&&) noexcept = default;
+  router(const router&) = delete;
+  router& operator=(const router&) = delete;
 
   /// Adds a live slot of capacity `weight` (> 0) and returns its number:
   /// the lowest removed slot when there is one, else a new one; nullopt
@@ -148,10 +163,28 @@ private:
   }
   void forget(std::uint32_t slot);
 
+  /// Keys, most recently used first.
+  using use_list = std::list<engine::block_key>;
+  struct index_entry {
+    std::uint64_t engines = 0; ///< bit s: slot s holds the block
+    use_list::iterator use;    ///< the key's place in use_order_
+  };
+  using index_map = std::unordered_map<engine::block_key, index_entry,
+                                       engine::block_key_hash>;
+  /// Moves `e` to just before `front_end`, the end of the keys this call
+  /// used so far (use_order_.begin() at its start), and keeps `front_end`
+  /// after it, so a call's keys keep their order.
+  void mark_used(index_entry& e, use_list::iterator& front_end);
+  /// `k`'s entry, added (with no engines) and marked used when missing,
+  /// replacing the least recently used entry when the index is full.
+  index_map::iterator find_or_add(const engine::block_key& k,
+                                  use_list::iterator& front_end);
+  void erase(index_map::iterator it);
+
   router_config config_;
   std::vector<slot_state> slots_;
-  std::unordered_map<engine::block_key, std::uint64_t, engine::block_key_hash>
-      index_;
+  index_map index_;
+  use_list use_order_;
   std::uint32_t next_rr_ = 0;
   std::vector<std::size_t> held_scratch_;
 };
