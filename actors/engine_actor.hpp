@@ -166,8 +166,10 @@ struct engine_actor_config {
   /// restarted engine with a large directory takes at most its share of
   /// the balancer's index instead of flushing the other engines' entries.
   /// The rest reach the index as requests use them. Unset: kvfleet::node
-  /// derives it from its router (node::start: max_index_keys over its
-  /// initial engines); an engine spawned without a node uses
+  /// derives it from its router (node::start: max_index_keys over the most
+  /// engines it runs at once, its scaler's max_replicas or its engines, and
+  /// 0 for a slot past them, so the engines' snapshots add up to at most
+  /// the index); an engine spawned without a node uses
   /// default_snapshot_keys. A value set here wins (0: no snapshot).
   std::optional<std::size_t> snapshot_keys;
   /// Frees memory under pressure after every batch, put, read, pin and

@@ -283,12 +283,26 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
                                           node_config config) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
-  // Each initial engine's share of the router's index (validate() checked
-  // both are positive): one engine's recovered directory then flushes no
-  // other engine's entries. Replicas get the same value.
-  if (!config.engine.snapshot_keys)
-    config.engine.snapshot_keys =
-        config.balancer.routing.max_index_keys / config.engines;
+  // Unset, each engine's snapshot is its share of the router's index out
+  // of the most engines the node runs at once (validate() checked both are
+  // positive), so that the snapshots of all engines at once fit the index
+  // and no engine's recovered directory flushes another's entries: the
+  // scaler's max_replicas (at least `engines`, validate() checked) with a
+  // scaler, else `engines`. An engine in a slot at or past that count (a
+  // replica asked of the balancer directly, or one spawned while a retired
+  // engine still holds its slot) gets none: its blocks reach the index as
+  // requests use them. (Before, replicas got the initial engines' share,
+  // and the shares could add up to more than the index holds.)
+  const std::uint32_t most_engines =
+      config.scaler
+          ? std::max(config.engines, config.scaler->policy.max_replicas)
+          : config.engines;
+  const auto snapshot_keys_of =
+      [set = config.engine.snapshot_keys, most_engines,
+       share = config.balancer.routing.max_index_keys /
+               most_engines](std::uint32_t slot) -> std::size_t {
+    return set.value_or(slot < most_engines ? share : 0);
+  };
   // Fail early on a bad query-cache store (redis_url), before any engine
   // starts: an engine told to stop releases its memory and its disk
   // directory only later, so a start retried at once with the URL fixed
@@ -313,6 +327,7 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   for (std::uint32_t slot = 0; slot < config.engines; ++slot) {
     auto cfg = config.engine;
     cfg.slot = slot;
+    cfg.snapshot_keys = snapshot_keys_of(slot);
     auto engine = actors::spawn_engine_actor(sys, cfg);
     if (!engine)
       return unexpected<error>{stopped_engines(
@@ -333,9 +348,9 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   // balancer calls the factory, one call at a time.
   auto balancer = actors::spawn_balancer(
       sys, c.balancer,
-      [engine_cfg, ready, engines = n->engines_](
-          caf::actor_system& s,
-          std::uint32_t slot) -> result<actors::started_engine> {
+      [engine_cfg, ready, engines = n->engines_,
+       snapshot_keys_of](caf::actor_system& s,
+                         std::uint32_t slot) -> result<actors::started_engine> {
         if (slot < ready->size() && (*ready)[slot]) {
           caf::actor a = std::move((*ready)[slot]);
           (*ready)[slot] = caf::actor{};
@@ -347,6 +362,7 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
         // other engines meanwhile (started_engine::opening).
         auto cfg = engine_cfg;
         cfg.slot = slot;
+        cfg.snapshot_keys = snapshot_keys_of(slot);
         auto engine =
             actors::spawn_engine_actor(s, cfg, actors::disk_open::on_engine);
         if (!engine)

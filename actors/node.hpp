@@ -52,8 +52,11 @@ class node_engines;
 struct node_config {
   std::uint32_t engines = 2;
   /// Every engine's; slot is set per engine, and snapshot_keys, when
-  /// unset, to balancer.routing.max_index_keys / engines (each initial
-  /// engine's share of the router's index; replicas get the same).
+  /// unset, to each engine's share of the router's index out of the most
+  /// engines the node runs at once: balancer.routing.max_index_keys /
+  /// scaler->policy.max_replicas with a scaler, else / engines; an engine
+  /// in a slot at or past that count (a replica asked of the balancer
+  /// directly) gets 0. The snapshots of all engines then fit the index.
   actors::engine_actor_config engine{};
   actors::balancer_config balancer{}; ///< initial_engines is set from `engines`
   actors::warmer_config warmer{};

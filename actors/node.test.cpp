@@ -1260,6 +1260,50 @@ TEST_F(Node, TheDiskSnapshotBoundIsTheEnginesShareOfTheRoutersIndex) {
   }
 }
 
+TEST_F(Node, EveryEnginesSnapshotShareCountsTheScalersMostReplicas) {
+  // A node of 3 engines fills each one's disk with 560 blocks. A node of 2
+  // engines whose scaler may run 3 then reopens the directories: each
+  // engine's snapshot, the replica's in slot 2 too, is max_index_keys 900
+  // over 3 engines, 300 keys, so the 3 snapshots fit the index. (Before,
+  // 900 over the 2 initial engines, 450 each and for the replica too:
+  // 1350 keys for an index of 900.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  c.engines = 3;
+  c.balancer.routing.policy = actors::routing_policy::round_robin;
+  c.balancer.routing.max_index_keys = 900;
+  {
+    auto n = node::start(*sys_, c);
+    ASSERT_TRUE(n.has_value()) << n.error().describe();
+    ASSERT_NO_FATAL_FAILURE(run_chains(**n, 420));
+    ASSERT_TRUE((*n)->persist(std::chrono::seconds(30)).has_value());
+    for (std::uint32_t slot = 0; slot < 3; ++slot) {
+      auto es = (*n)->engine_stats(slot);
+      ASSERT_TRUE(es.has_value()) << es.error().describe();
+      ASSERT_GT(es->disk_blocks, 450U) << "engine " << slot;
+    }
+    ASSERT_TRUE((*n)->stop());
+  }
+  c.engines = 2;
+  c.scaler.emplace();
+  c.scaler->policy.max_replicas = 3;
+  c.scaler->interval = std::chrono::hours{1}; // it decides nothing here
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto first = snapshot_of(*sys_, **n, 0, 300);
+  EXPECT_EQ(first.keys.size(), 300U);
+  caf::scoped_actor self{*sys_};
+  std::optional<std::uint32_t> live;
+  self->request((*n)->balancer(), caf::infinite, actors::replica_atom::value)
+      .receive([&](std::uint32_t engines) { live = engines; },
+               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  ASSERT_EQ(live, 3U);
+  auto replica = snapshot_of(*sys_, **n, 2, 300);
+  EXPECT_EQ(replica.keys.size(), 300U);
+  ASSERT_TRUE((*n)->stop());
+}
+
 TEST_F(Node, APutExtendsAPrefixOnlyOnTheEnginesDisk) {
   // The host's flow: lookup, then put the next block of the chain under
   // the last one found. (Before, errc::not_found: the parent was only on
