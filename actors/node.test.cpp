@@ -1424,6 +1424,64 @@ TEST_F(Node, EngineStatsCountSpillsThatFailedAfterTheLastRequest) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, ASpillThatFailsLeavesTheListenersIndexWithNoCallAfterIt) {
+  // Every write to the engine's disk waits at a gate, then fails. The
+  // requests' evictions queue spills (their blocks are reported stored:
+  // on their way to disk); the gate opens, every spill fails, and with no
+  // call of the engine after that, a listener of the engine learns that
+  // those blocks are gone (within the engine's expiry sweep): the blocks it
+  // believes held are those in memory.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto held = std::make_shared<gate>();
+  const gate_opener opener{held};
+  auto c = disk_node(dir.path());
+  auto disk = disk_config(dir.path());
+  disk.write_fault_for_testing = [held] {
+    held->wait();
+    return EIO;
+  };
+  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  c.engine.expire_interval = std::chrono::milliseconds{20};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto engine = engine_of(*sys_, **n, 0);
+  ASSERT_TRUE(engine);
+  caf::scoped_actor self{*sys_};
+  self->send(engine, actors::listen_atom::value,
+             caf::actor_cast<caf::actor>(self));
+  held->close();
+  ASSERT_NO_FATAL_FAILURE(run_chains(**n, 30));
+  // Publishes what the requests did; the spills are all still queued.
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  ASSERT_GT(es->evictions, 0U);
+  std::set<block_key> believed;
+  const auto take = [&](const actors::block_events& ev) {
+    believed.insert(ev.stored.begin(), ev.stored.end());
+    for (const auto& k : ev.evicted)
+      believed.erase(k);
+  };
+  // Every event published so far is in the mailbox (sent before the
+  // stats reply).
+  for (bool empty = false; !empty;)
+    self->receive(
+        take, caf::after(std::chrono::seconds(0)) >> [&] { empty = true; });
+  ASSERT_GT(believed.size(), es->blocks) << "spills on their way count held";
+  held->open();
+  bool silent = false;
+  while (believed.size() != es->blocks && !silent)
+    self->receive(
+        take, caf::after(std::chrono::seconds(60)) >> [&] { silent = true; });
+  EXPECT_EQ(believed.size(), es->blocks)
+      << "spills that failed stay in the listener's index";
+  auto after = (*n)->engine_stats(0);
+  ASSERT_TRUE(after.has_value()) << after.error().describe();
+  EXPECT_EQ(after->blocks, es->blocks);
+  EXPECT_EQ(after->disk_blocks, 0U);
+  ASSERT_TRUE((*n)->stop());
+}
+
 TEST_F(Node, PersistWritesMoreThanTheDiskQueueHolds) {
   // The disk tier queues at most max_queued_bytes of spills (here four
   // blocks) and refuses more while they wait for the disk. persist() waits
