@@ -7,6 +7,7 @@
 #include "actors/prefetch_actor.hpp"
 #include "actors/prioritized.hpp"
 #include "actors/query_cache_actor.hpp"
+#include "actors/query_store.hpp"
 #include "actors/scaler_actor.hpp"
 #include "actors/warmer_actor.hpp"
 #include "engine/clock.hpp"
@@ -1440,10 +1441,14 @@ struct cache_over_fake {
   caf::actor balancer;
   caf::actor cache;
 
+  /// Over `store` when one is given, else the store `qc` selects.
   cache_over_fake(caf::actor_system& sys, std::vector<caf::actor>& stop_at_end,
-                  const query_cache_config& qc = {}) {
+                  const query_cache_config& qc = {},
+                  std::unique_ptr<query_store> store = nullptr) {
     balancer = sys.spawn(fake_balancer, be);
-    cache = spawned(spawn_query_cache(sys, qc, balancer));
+    cache =
+        spawned(store ? spawn_query_cache(sys, qc, balancer, std::move(store))
+                      : spawn_query_cache(sys, qc, balancer));
     stop_at_end.push_back(cache);
     stop_at_end.push_back(balancer);
   }
@@ -1944,6 +1949,61 @@ TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
   sched_->run();
   ASSERT_TRUE(bad->error.has_value());
   EXPECT_EQ(from_caf_error(*bad->error).code, errc::invalid_argument);
+}
+
+/// An embedded store that counts its calls in `gets` and `sets`, which the
+/// test keeps (the cache owns the store).
+struct counting_store final : query_store {
+  struct calls {
+    std::size_t gets = 0;
+    std::size_t sets = 0;
+  };
+  explicit counting_store(std::shared_ptr<calls> c) : counts(std::move(c)) {}
+  result<std::optional<std::string>> get(const std::string& key,
+                                         engine::nanos now) override {
+    ++counts->gets;
+    return inner.get(key, now);
+  }
+  result<void> set(const std::string& key, const std::string& value,
+                   engine::nanos ttl, engine::nanos now) override {
+    ++counts->sets;
+    return inner.set(key, value, ttl, now);
+  }
+  std::shared_ptr<calls> counts;
+  embedded_query_store inner;
+};
+
+TEST_F(actor_test, QueryCacheJoinersOfAMissOnItsWayDoNotReadTheStore) {
+  // The miss of "q" waits in the balancer's mailbox while two more
+  // requests of "q" arrive: they join it without a GET of their own (with
+  // Redis, a round trip each). Once it is answered and stored, the next
+  // request reads the store and hits. (Before, each joiner read the store
+  // first: three GETs.)
+  auto calls = std::make_shared<counting_store::calls>();
+  const cache_over_fake f(*sys_, stop_at_end_, query_cache_config{},
+                          std::make_unique<counting_store>(calls));
+  auto r1 = ask<kv_reply>(f.cache, query_atom::value, query(1, "q"));
+  run_all_but(*sched_, f.balancer);
+  auto r2 = ask<kv_reply>(f.cache, query_atom::value, query(2, "q"));
+  auto r3 = ask<kv_reply>(f.cache, query_atom::value, query(3, "q"));
+  run_all_but(*sched_, f.balancer);
+  EXPECT_EQ(calls->gets, 1U);
+  EXPECT_TRUE(f.be->seen.empty());
+  sched_->run();
+  for (const auto* r : {&r1, &r2, &r3}) {
+    ASSERT_TRUE((*r)->value.has_value());
+    EXPECT_FALSE((*r)->value->from_query_cache);
+  }
+  EXPECT_EQ(f.be->seen.size(), 1U);
+  EXPECT_EQ(calls->gets, 1U);
+  EXPECT_EQ(calls->sets, 1U);
+  auto hit = ask_now<kv_reply>(f.cache, query_atom::value, query(4, "q"));
+  EXPECT_TRUE(hit.from_query_cache);
+  EXPECT_EQ(calls->gets, 2U);
+  auto st = ask_now<query_cache_stats>(f.cache, stats_atom::value);
+  EXPECT_EQ(st.misses, 3U);
+  EXPECT_EQ(st.coalesced, 2U);
+  EXPECT_EQ(st.hits, 1U);
 }
 
 TEST_F(actor_test, QueryCacheSendsAHigherPriorityWaiterItsOwnRequest) {

@@ -5,7 +5,10 @@
 ///   (query_atom, kv_request) -> kv_reply
 /// A hit answers from the store (from_query_cache set). A miss sends the
 /// request to the balancer, stores the reply for `ttl` (default 3600 s)
-/// and answers; concurrent misses of one key wait for the one computation.
+/// and answers; concurrent misses of one key wait for the one computation,
+/// and a request of a key whose miss is on its way joins it without reading
+/// the store (no entry can be there before that miss's reply stores one:
+/// with Redis, one GET saved per joining request).
 /// A miss that joins them with a higher priority than every request of that
 /// key already sent goes to the balancer too, in its own priority (so a
 /// critical caller never waits behind a low-priority request); the first
