@@ -1807,6 +1807,61 @@ TEST_F(actor_test, AFailedPrefetchIsNeitherOutstandingNorUseful) {
   EXPECT_EQ(st.wasted, 0U);
 }
 
+TEST_F(actor_test, APrefetchThatFailsAfterItsQueryArrivedIsFailedNotUseful) {
+  // B's prefetch waits in the balancer's mailbox while B itself is
+  // requested; then the balancer answers the prefetch with an error:
+  // nothing was prefetched for B, so it counts failed, not useful. (Before,
+  // B's request counted it useful and the failure changed nothing.)
+  auto asked = std::make_shared<std::size_t>(0);
+  auto b = sys_->spawn(refusing_balancer, asked);
+  stop_at_end_.push_back(b);
+  auto pf = prefetcher(b);
+  auto observe = [&](std::uint64_t session, const std::string& q) {
+    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
+                   std::int64_t{0});
+    run_all_but(*sched_, b);
+  };
+  observe(1, "X"); // X -> B
+  observe(1, "B");
+  observe(2, "X"); // prefetches B: held in the balancer's mailbox
+  observe(2, "B"); // B requested before the prefetch's answer
+  sched_->run();
+  ASSERT_EQ(*asked, 1U);
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 1U);
+  EXPECT_EQ(st.failed, 1U);
+  EXPECT_EQ(st.useful, 0U);
+  EXPECT_EQ(st.wasted, 0U);
+}
+
+TEST_F(actor_test, APrefetchAnsweredAfterItsQueryArrivedCountsUsefulThen) {
+  // The same order with a balancer that serves the prefetch: it is useful,
+  // counted at its reply.
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  stop_at_end_.push_back(b);
+  auto pf = prefetcher(b);
+  auto observe = [&](std::uint64_t session, const std::string& q) {
+    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
+                   std::int64_t{0});
+    run_all_but(*sched_, b);
+  };
+  observe(1, "X");
+  observe(1, "B");
+  observe(2, "X");
+  observe(2, "B");
+  auto early = ask<prefetch_stats>(pf, stats_atom::value);
+  run_all_but(*sched_, b);
+  ASSERT_TRUE(early->value.has_value());
+  EXPECT_EQ(early->value->useful, 0U); // not answered yet
+  sched_->run();
+  ASSERT_EQ(be->seen.size(), 1U);
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 1U);
+  EXPECT_EQ(st.useful, 1U);
+  EXPECT_EQ(st.failed, 0U);
+}
+
 TEST_F(actor_test, APrefetchOnAnEngineThatStopsIsWastedNotUseful) {
   // B is prefetched onto engine 0, which is then killed: B's block goes
   // with its store, which reports no eviction. The balancer tells its

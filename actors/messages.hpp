@@ -217,10 +217,12 @@ typename Inspector::result_type inspect(Inspector& f, warm_report& x) {
 struct prefetch_stats {
   std::uint64_t observed = 0;
   std::uint64_t issued = 0;
-  std::uint64_t useful = 0; ///< prefetched query requested before eviction
+  /// Prefetch answered and its query requested, before an eviction.
+  std::uint64_t useful = 0;
   std::uint64_t wasted = 0; ///< its blocks were evicted first
   /// The balancer answered the prefetch with an error (no engine, its
-  /// request timeout): nothing was prefetched, neither useful nor wasted.
+  /// request timeout): nothing was prefetched, neither useful nor wasted,
+  /// also when its query was requested before that answer.
   std::uint64_t failed = 0;
   std::uint64_t tracked_queries = 0;
 };

@@ -855,9 +855,13 @@ TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
   for (std::uint64_t i = 0; i < 10'000; ++i) {
     const auto q = "q" + std::to_string(i % 7);
     ASSERT_TRUE(t.add(q, {block_key{i, 1}}));
-    if (i % 2 == 0)
+    if (i % 4 == 0) { // answered, then its query requested
+      EXPECT_FALSE(t.answered(q, 0));
       EXPECT_TRUE(t.used(q));
-    else
+    } else if (i % 4 == 2) { // its query requested, then answered
+      EXPECT_FALSE(t.used(q));
+      EXPECT_TRUE(t.answered(q, 0));
+    } else
       EXPECT_EQ(t.evicted(block_key{i, 1}), std::vector<std::string>{q});
     ASSERT_EQ(t.size(), 0U);
     ASSERT_EQ(t.index_size(), 0U);
@@ -869,6 +873,7 @@ TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
 TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
   auto t = tracker(2);
   ASSERT_TRUE(t.add("B", {block_key{2, 1}}));
+  EXPECT_FALSE(t.answered("B", 0));
   EXPECT_TRUE(t.used("B"));
   ASSERT_TRUE(t.add("C", {block_key{3, 1}})); // oldest outstanding
   ASSERT_TRUE(t.add("B", {block_key{2, 1}}));
@@ -897,6 +902,7 @@ TEST(PrefetchTracker, PrefetchesSharingABlockEachKeepTheirClaimOnIt) {
   // Resolving one leaves the other's claim on the shared block.
   ASSERT_TRUE(t.add("A", {shared, block_key{2, 1}}));
   ASSERT_TRUE(t.add("B", {shared, block_key{3, 1}}));
+  EXPECT_FALSE(t.answered("B", 0));
   EXPECT_TRUE(t.used("B"));
   EXPECT_EQ(t.evicted(shared), std::vector<std::string>{"A"});
   EXPECT_FALSE(t.used("A")); // wasted already: not useful as well
@@ -920,14 +926,26 @@ TEST(PrefetchTracker, AFailedPrefetchIsResolvedOnlyIfStillTheOutstandingOne) {
   EXPECT_EQ(t.order_size(), 0U);
   EXPECT_FALSE(t.used("A"));                       // neither useful
   EXPECT_TRUE(t.evicted(block_key{1, 1}).empty()); // nor wasted
-  // A prefetch used before its request failed: the failure changes nothing,
-  // and it leaves a later prefetch of the query alone.
+  // A prefetch whose query was requested before its request failed: the
+  // failure resolves it, failed, never useful. (Before, the request made it
+  // useful and the failure changed nothing.)
   ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 9));
-  EXPECT_TRUE(t.used("B"));
-  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 10));
-  EXPECT_FALSE(t.failed("B", 9));
+  EXPECT_FALSE(t.used("B")); // not answered yet: its answer decides
   EXPECT_TRUE(t.contains("B"));
+  EXPECT_TRUE(t.failed("B", 9));
+  EXPECT_FALSE(t.contains("B"));
+  EXPECT_FALSE(t.answered("B", 9));
+  // A failure of a resolved prefetch leaves a later one of the query alone.
+  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 10));
+  EXPECT_FALSE(t.answered("B", 10));
   EXPECT_TRUE(t.used("B"));
+  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 11));
+  EXPECT_FALSE(t.failed("B", 10));
+  EXPECT_FALSE(t.answered("B", 10));
+  EXPECT_TRUE(t.contains("B"));
+  EXPECT_FALSE(t.used("B"));
+  EXPECT_TRUE(t.answered("B", 11)); // used first, useful at its answer
+  EXPECT_FALSE(t.contains("B"));
 }
 
 TEST(PrefetchTracker, CreateRejectsRoomForNothing) {

@@ -69,15 +69,20 @@ void issue(prefetch_actor* self, const std::string& q) {
   req.pin = false;
   ++st.stats.issued;
   // A prefetch the balancer could not carry out (no engine, its timeout)
-  // prefetched nothing: it is no longer outstanding, so the query's next
-  // request does not count it useful and the next prediction may send it
-  // again.
+  // prefetched nothing: it is no longer outstanding, so the query's request
+  // (before or after the failure) does not count it useful and the next
+  // prediction may send it again. One whose query was requested before its
+  // reply counts useful at the reply.
   self->request(st.balancer, caf::infinite, process_atom::value, std::move(req))
-      .then([](const kv_reply&) {},
-            [self, q, id](caf::error&) {
-              if (self->state.outstanding->failed(q, id))
-                ++self->state.stats.failed;
-            });
+      .then(
+          [self, q, id](const kv_reply&) {
+            if (self->state.outstanding->answered(q, id))
+              ++self->state.stats.useful;
+          },
+          [self, q, id](caf::error&) {
+            if (self->state.outstanding->failed(q, id))
+              ++self->state.stats.failed;
+          });
 }
 
 /// The tracker travels to the actor in a shared_ptr because spawn arguments

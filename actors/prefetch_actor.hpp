@@ -7,21 +7,25 @@
 /// A query is named by kv_request::query, or by its last block key when
 /// that is empty; the prefetcher remembers the last request seen for each
 /// query (at most `max_known` of them) so it can replay it.
-/// Useful and wasted: a prefetch is useful when its query is requested
-/// before any of the prefetched blocks was evicted, wasted when an engine
+/// Useful and wasted: a prefetch is useful when the balancer answered it
+/// and its query is requested, in either order, before any of the
+/// prefetched blocks was evicted (a query requested first counts at the
+/// prefetch's reply), wasted when an engine
 /// reports one of them evicted first (block events relayed by the
 /// balancer, which also reports an engine that stops as evicting every
 /// block its index gave it; a block several outstanding prefetches share wastes
 /// each), and failed when the balancer answers it with an error (no engine, its
 /// request timeout): nothing was prefetched, so it is no longer
-/// outstanding and the next prediction may send it again. At most
+/// outstanding and the next prediction may send it again (failed, not
+/// useful, also when its query was requested before that error). At most
 /// `max_outstanding` prefetches are tracked (prefetch_tracker.hpp): one more
 /// forgets the oldest still outstanding, and a resolved prefetch leaves nothing
 /// behind.
 ///
-/// A prefetch's reply is not waited for (the blocks it stores are the
-/// point), so it carries no CAF timeout: the balancer answers it anyway,
-/// at the latest with its own request_timeout.
+/// Nothing waits for a prefetch's reply (the blocks it stores are the
+/// point; the reply only settles its count), so it carries no CAF timeout:
+/// the balancer answers it anyway, at the latest with its own
+/// request_timeout.
 ///
 /// Messages: (observe_atom, kv_request, kv_reply, int64), block_events,
 /// (latency_atom, kv_request, int64) (a timed-out request: ignored),

@@ -39,8 +39,26 @@ result<void> prefetch_tracker::add(const std::string& query,
 }
 
 bool prefetch_tracker::used(const std::string& query) {
-  if (!outstanding_.contains(query))
+  auto it = outstanding_.find(query);
+  if (it == outstanding_.end())
     return false;
+  // Not answered yet, it may still fail: its answer decides.
+  if (!it->second.answered) {
+    it->second.used = true;
+    return false;
+  }
+  drop(query);
+  return true;
+}
+
+bool prefetch_tracker::answered(const std::string& query, std::uint64_t id) {
+  auto it = outstanding_.find(query);
+  if (it == outstanding_.end() || it->second.id != id)
+    return false;
+  if (!it->second.used) {
+    it->second.answered = true;
+    return false;
+  }
   drop(query);
   return true;
 }

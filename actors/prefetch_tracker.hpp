@@ -2,9 +2,11 @@
 /// The prefetches the prefetch actor has issued and not yet seen resolved,
 /// without CAF.
 ///
-/// A prefetch of a query is outstanding until the query is requested
-/// (used: useful), an engine reports one of its blocks evicted first
-/// (wasted), or the prefetch request itself failed (failed: neither).
+/// A prefetch of a query is outstanding until its request was answered and
+/// the query requested, in either order (useful), an engine reports one of
+/// its blocks evicted first (wasted), or the prefetch request itself failed
+/// (failed: neither, also when the query was requested before that answer,
+/// since nothing was prefetched for it).
 /// Prefetches may share blocks (queries with a common prefix): an evicted
 /// shared block wastes every outstanding prefetch that holds it, and
 /// resolving one of them leaves the others' blocks tracked. At most
@@ -51,14 +53,22 @@ public:
   [[nodiscard]] result<void> add(const std::string& query,
                                  const std::vector<engine::block_key>& keys,
                                  std::uint64_t id = 0);
-  /// `query` was requested: true when a prefetch of it was outstanding
-  /// (useful), which is then resolved.
+  /// `query` was requested: true when its outstanding prefetch was
+  /// answered already (useful), which is then resolved. One not answered
+  /// yet is marked used and stays outstanding until its answer: answered()
+  /// then finds it useful, failed() failed.
   bool used(const std::string& query);
+  /// The prefetch request `id` of `query` succeeded: true when the query
+  /// was requested meanwhile (useful), which is then resolved; else it
+  /// stays outstanding, answered, until used, wasted or forgotten. False,
+  /// changing nothing else, when that prefetch was resolved already or a
+  /// later prefetch of `query` (another id) is the outstanding one.
+  bool answered(const std::string& query, std::uint64_t id);
   /// The prefetch request `id` of `query` failed (nothing was prefetched):
-  /// true when it was still outstanding, which is then resolved, as
-  /// neither useful nor wasted. False, changing nothing, when that prefetch
-  /// was resolved already or a later prefetch of `query` (another id) is
-  /// the outstanding one.
+  /// true when it was still outstanding (its query requested or not),
+  /// which is then resolved, as neither useful nor wasted. False, changing
+  /// nothing, when that prefetch was resolved already or a later prefetch
+  /// of `query` (another id) is the outstanding one.
   bool failed(const std::string& query, std::uint64_t id);
   /// A block was evicted: the queries whose outstanding prefetches held it
   /// (each wasted, now resolved), in no particular order; empty when none.
@@ -85,6 +95,8 @@ private:
     std::vector<engine::block_key> keys;
     std::uint64_t id = 0;                 ///< the prefetch request's
     std::list<std::string>::iterator age; ///< in order_
+    bool answered = false;                ///< its request succeeded
+    bool used = false; ///< its query was requested before that
   };
   void drop(const std::string& query);
 
