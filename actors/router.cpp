@@ -134,43 +134,61 @@ void router::stored(std::uint32_t slot,
   if (slot >= slots_.size() || !slots_[slot].up)
     return;
   const std::uint64_t bit = std::uint64_t{1} << slot;
-  auto front_end = use_order_.begin();
+  index_node* front_end = use_.newest;
   for (const auto& k : keys)
-    find_or_add(k, front_end)->second.engines |= bit;
+    find_or_add(k, front_end).second.engines |= bit;
 }
 
-void router::mark_used(index_entry& e, use_list::iterator& front_end) {
-  if (e.use == front_end)
-    ++front_end; // already right after the call's earlier keys
-  else
-    use_order_.splice(front_end, use_order_, e.use);
+void router::link_before(index_node& n, index_node* pos) {
+  auto& e = n.second;
+  e.older = pos;
+  e.newer = pos != nullptr ? pos->second.newer : use_.oldest;
+  (e.newer != nullptr ? e.newer->second.older : use_.newest) = &n;
+  (pos != nullptr ? pos->second.newer : use_.oldest) = &n;
 }
 
-router::index_map::iterator router::find_or_add(const engine::block_key& k,
-                                                use_list::iterator& front_end) {
+void router::unlink(index_node& n) {
+  auto& e = n.second;
+  (e.newer != nullptr ? e.newer->second.older : use_.newest) = e.older;
+  (e.older != nullptr ? e.older->second.newer : use_.oldest) = e.newer;
+  e.newer = nullptr;
+  e.older = nullptr;
+}
+
+void router::mark_used(index_node& n, index_node*& front_end) {
+  if (&n == front_end) {
+    front_end = n.second.older; // already right after the call's earlier keys
+    return;
+  }
+  unlink(n);
+  link_before(n, front_end);
+}
+
+router::index_node& router::find_or_add(const engine::block_key& k,
+                                        index_node*& front_end) {
   if (auto it = index_.find(k); it != index_.end()) {
-    mark_used(it->second, front_end);
-    return it;
+    mark_used(*it, front_end);
+    return *it;
   }
   if (index_.size() < config_.max_index_keys) {
-    auto use = use_order_.insert(front_end, k);
-    return index_.emplace(k, index_entry{0, use}).first;
+    auto& n = *index_.emplace(k, index_entry{}).first;
+    link_before(n, front_end);
+    return n;
   }
   // Full: the least recently used key goes (a possible miss for a request
-  // that would have found it), and its list and map nodes take `k`, so a
-  // full index allocates nothing.
-  auto oldest = std::prev(use_order_.end());
-  auto node = index_.extract(*oldest);
-  *oldest = k;
+  // that would have found it), and its map node takes `k`, keeping its
+  // place in the use order (the node, and so its address, is the same), so
+  // a full index allocates nothing.
+  auto node = index_.extract(use_.oldest->first);
   node.key() = k;
-  node.mapped() = index_entry{0, oldest};
-  auto it = index_.insert(std::move(node)).position;
-  mark_used(it->second, front_end);
-  return it;
+  node.mapped().engines = 0;
+  auto& n = *index_.insert(std::move(node)).position;
+  mark_used(n, front_end);
+  return n;
 }
 
 void router::erase(index_map::iterator it) {
-  use_order_.erase(it->second.use);
+  unlink(*it);
   index_.erase(it);
 }
 
@@ -241,13 +259,13 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
       if (eligible(slots_[s]))
         alive |= std::uint64_t{1} << s;
     // A key some live engine's matched prefix reaches counts as used.
-    auto front_end = use_order_.begin();
+    index_node* front_end = use_.newest;
     std::size_t i = 0;
     for (; i < keys.size() && alive != 0; ++i) {
       auto it = index_.find(keys[i]);
       std::uint64_t has = it == index_.end() ? 0 : it->second.engines;
       if ((has & alive) != 0)
-        mark_used(it->second, front_end);
+        mark_used(*it, front_end);
       std::uint64_t dropped = alive & ~has;
       for (std::uint32_t s = 0; s < n; ++s)
         if ((dropped >> s) & 1U)

@@ -36,11 +36,11 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <list>
 #include <optional>
 #include <span>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "engine/result.hpp"
@@ -163,28 +163,50 @@ private:
   }
   void forget(std::uint32_t slot);
 
-  /// Keys, most recently used first.
-  using use_list = std::list<engine::block_key>;
+  /// The use order is a list threaded through the index's own entries
+  /// (map nodes keep their address while the key is indexed, extract and
+  /// insert included), so it costs two pointers per key, no node of its
+  /// own.
+  struct index_entry;
+  using index_node = std::pair<const engine::block_key, index_entry>;
   struct index_entry {
-    std::uint64_t engines = 0; ///< bit s: slot s holds the block
-    use_list::iterator use;    ///< the key's place in use_order_
+    std::uint64_t engines = 0;   ///< bit s: slot s holds the block
+    index_node* newer = nullptr; ///< next more recently used; null: newest
+    index_node* older = nullptr; ///< next less recently used; null: oldest
   };
   using index_map = std::unordered_map<engine::block_key, index_entry,
                                        engine::block_key_hash>;
-  /// Moves `e` to just before `front_end`, the end of the keys this call
-  /// used so far (use_order_.begin() at its start), and keeps `front_end`
-  /// after it, so a call's keys keep their order.
-  void mark_used(index_entry& e, use_list::iterator& front_end);
+  /// Ends of the use order. Moving it empties the source, as moving the
+  /// map does, so a moved-from router is an empty one.
+  struct use_ends {
+    index_node* newest = nullptr;
+    index_node* oldest = nullptr;
+    use_ends() = default;
+    use_ends(use_ends&& o) noexcept
+        : newest(std::exchange(o.newest, nullptr)),
+          oldest(std::exchange(o.oldest, nullptr)) {}
+    use_ends& operator=(use_ends&& o) noexcept {
+      newest = std::exchange(o.newest, nullptr);
+      oldest = std::exchange(o.oldest, nullptr);
+      return *this;
+    }
+  };
+  /// Puts `n` (unlinked) just newer than `pos`; null: at the oldest end.
+  void link_before(index_node& n, index_node* pos);
+  void unlink(index_node& n);
+  /// Moves `n` to just newer than `front_end`, the end of the keys this
+  /// call used so far (the newest at its start), and keeps `front_end`
+  /// older than it, so a call's keys keep their order.
+  void mark_used(index_node& n, index_node*& front_end);
   /// `k`'s entry, added (with no engines) and marked used when missing,
   /// replacing the least recently used entry when the index is full.
-  index_map::iterator find_or_add(const engine::block_key& k,
-                                  use_list::iterator& front_end);
+  index_node& find_or_add(const engine::block_key& k, index_node*& front_end);
   void erase(index_map::iterator it);
 
   router_config config_;
   std::vector<slot_state> slots_;
   index_map index_;
-  use_list use_order_;
+  use_ends use_;
   std::uint32_t next_rr_ = 0;
   std::vector<std::size_t> held_scratch_;
 };
