@@ -59,7 +59,8 @@ unexpected<error> not_our_put(const void* owner) {
 }
 
 /// The options a parent brought back for a put is promoted with: the put's
-/// priority and partition; the codec, TTL and pin come from its disk copy.
+/// priority, and its partition when the disk copy records none; the codec,
+/// TTL, pin and recorded partition come from the disk copy.
 put_options for_parent_of(const put_options& put) {
   put_options o;
   o.prio = put.prio;
@@ -576,6 +577,18 @@ size_partition block_store::partition_for(std::uint32_t tokens) const {
   return size_partition::large;
 }
 
+std::uint32_t block_store::partition_start(size_partition p) const {
+  switch (p) {
+  case size_partition::small:
+    return 0;
+  case size_partition::medium:
+    return config_.partitions.medium_from;
+  case size_partition::large:
+    return config_.partitions.long_from;
+  }
+  return 0;
+}
+
 std::uint32_t block_store::new_entry() {
   if (!free_entries_.empty()) {
     const std::uint32_t id = free_entries_.back();
@@ -684,8 +697,8 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     // lookup() counts a prefix in the memory tier as cached (the engine
     // actor's, one on disk too), so a host extends it: bring the parent
     // back, as acquire() does (from disk alone: see promote_key_from_disk),
-    // at the put's priority and in its partition (its codec, TTL and pin
-    // are its own).
+    // at the put's priority (its codec, TTL, pin and partition are its
+    // own; a disk copy that records no partition lands in the put's).
     if (pid == npos &&
         (promote_key_from_tier(ns, parent) ||
          promote_key_from_disk(ns, parent, for_parent_of(options)))) {
@@ -1657,7 +1670,7 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
     bytes = buf;
   }
   if (!disk_->spill(e.key, st.fingerprint, e.c, bytes, e.checksum, wall,
-                    expires, pinned)) {
+                    expires, pinned, e.part)) {
     ++stats_.spill_failures; // the tier logs why (e.g. the disk is full)
     return false;
   }
@@ -1733,6 +1746,12 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
     put_options o = options;
     if (const auto info = usable_disk_copy(st, k, wall)) {
       o.codec_override = info->c;
+      // Back in the partition it was put in, not the asking call's (a long
+      // document's block must not count against short prompts); a block
+      // whose partition the tier does not know (spilled by a version 1
+      // build) comes back in the asking call's.
+      if (info->part)
+        o.request_tokens = partition_start(*info->part);
       o.pin = info->pins > 0;
       if (info->expires_at.count() != 0)
         o.ttl = info->expires_at - wall;

@@ -50,13 +50,16 @@
 /// (process() walking the chain, a host's put of the same block) links it under
 /// that parent, so a chain brought back later is whole again and is evicted
 /// leaf-first from its end. A trip through the memory tier keeps such a block
-/// unlinked until then. Nor does the disk tier record a block's size partition
-/// or request tokens (its on-disk format has no field for them), so acquire()
-/// and pin() bring a block back into the short partition at normal priority,
-/// whatever it was put in (a known limit: a long document's block pinned from
-/// disk counts against the short budget); a put's parent comes back in the
-/// put's partition, and process() and promote() bring blocks back in the
-/// request's.
+/// unlinked until then. The disk tier records each block's size partition
+/// (disk format version 2), so every promotion (process(), promote(),
+/// acquire(), pin(), a put's parent) brings a block back into the partition
+/// it was put in, as the memory tier does: a long document's block read back
+/// from disk does not count against the short prompts' budget. A block of a
+/// version 1 directory has no partition recorded: acquire() and pin() bring
+/// it back into the short partition, a put's parent into the put's, and
+/// process() and promote() into the request's. The tier records no
+/// priority: a block comes back at the asking call's (normal for acquire()
+/// and pin()).
 ///
 /// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
 /// host memory under a device arena. demote_to_tier() (the GPU memory
@@ -287,8 +290,8 @@ public:
   acquire_prefix(ns_id ns, std::span<const block_key> keys,
                  std::vector<read_lease>& out);
   /// Lease of one cached block (brought back from the memory tier when it
-  /// is there, or read back from the disk tier when only there: see the
-  /// class comment: one read back from disk lands in the short partition);
+  /// is there, or read back from the disk tier when only there, into the
+  /// size partition it was put in: see the class comment);
   /// errc::not_found when absent. A block damaged on disk is leased like
   /// any other and caught by read(), which verifies it.
   [[nodiscard]] result<read_lease> acquire(ns_id ns, const block_key& key);
@@ -450,7 +453,7 @@ public:
   /// tier a pinned block is written through to disk with its pin. Pinning a
   /// block in the memory tier brings it back first, and so does pinning one
   /// only on disk (it waits for the disk tier's whole queue and lands in
-  /// the short partition, see the class comment), so a pinned block is
+  /// its own size partition, see the class comment), so a pinned block is
   /// always in memory. Unpinning a block only on disk (pinned there before
   /// a restart) unpins its disk copy.
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
@@ -570,6 +573,9 @@ private:
   [[nodiscard]] result<void> check_open(const put_handle& h) const;
   [[nodiscard]] size_partition
   partition_for(std::uint32_t request_tokens) const;
+  /// The fewest request tokens that land in partition `p` (a block brought
+  /// back from a tier is reserved with them, to land in its own partition).
+  [[nodiscard]] std::uint32_t partition_start(size_partition p) const;
   [[nodiscard]] result<void> make_room(size_partition p, std::uint16_t cls);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>

@@ -2,6 +2,7 @@
 // hit, restart recovery, pins across restarts, damaged bytes on disk.
 #include "engine/block_store.hpp"
 #include "engine/checksum.hpp"
+#include "engine/testing/disk_catalog_v1.hpp"
 #include "engine/testing/store_checks.hpp"
 
 #include <gtest/gtest.h>
@@ -559,10 +560,11 @@ TEST_F(store_disk_test, a_put_naming_itself_as_parent_is_refused) {
   EXPECT_EQ(store_->block_count(), 0U);
 }
 
-// A known limit (README "Disk tier"): the disk tier records no size
-// partition, so a block read back alone by acquire() lands in the short
-// partition whatever it was put in; a request brings it back in its own.
-TEST_F(store_disk_test, a_block_read_back_alone_lands_in_the_short_partition) {
+// The disk tier records each block's size partition, so a block read back
+// from disk lands in the partition it was put in, whoever asks for it:
+// acquire() (before, the short partition) and a short request's process()
+// (before, the request's partition).
+TEST_F(store_disk_test, a_block_read_back_from_disk_lands_in_its_partition) {
   constexpr auto large = static_cast<std::size_t>(size_partition::large);
   constexpr auto small = static_cast<std::size_t>(size_partition::small);
   const std::vector<block_key> k = chain(7, 1);
@@ -575,14 +577,89 @@ TEST_F(store_disk_test, a_block_read_back_alone_lands_in_the_short_partition) {
   ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
   ASSERT_EQ(store_->block_count(), 0U);
   ASSERT_TRUE(store_->acquire(ns_, k[0]).has_value());
-  EXPECT_EQ(store_->stats().blocks_by_partition[small], 1U);
-  EXPECT_EQ(store_->stats().blocks_by_partition[large], 0U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[large], 1U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[small], 0U);
+  store_->check_invariants();
   store_->evict_bytes(std::size_t{1} << 30);
   ASSERT_EQ(store_->block_count(), 0U);
-  const auto r = store_->process(ns_, k, 5000, producer_, long_request);
+  const auto r = store_->process(ns_, k, 16, producer_); // a short request
   ASSERT_TRUE(r.has_value());
   EXPECT_EQ(r->disk_blocks, 1U);
   EXPECT_EQ(store_->stats().blocks_by_partition[large], 1U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[small], 0U);
+  store_->check_invariants();
+}
+
+// Making room for a block read back from disk takes from its own partition
+// when none is over its share: a long document's block does not flush the
+// short prompts' blocks (before, it came back into the short partition,
+// which then gave up its own blocks for it).
+TEST_F(store_disk_test, a_long_block_read_back_does_not_evict_short_blocks) {
+  constexpr auto small = static_cast<std::size_t>(size_partition::small);
+  constexpr auto medium = static_cast<std::size_t>(size_partition::medium);
+  constexpr auto large = static_cast<std::size_t>(size_partition::large);
+  put_options medium_request;
+  medium_request.request_tokens = 3000;
+  put_options long_request;
+  long_request.request_tokens = 5000;
+  const std::vector<block_key> doc = chain(7, 1);
+  ASSERT_TRUE(
+      store_->process(ns_, doc, 5000, producer_, long_request).has_value());
+  store_->evict_bytes(std::size_t{1} << 30);
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  ASSERT_EQ(store_->block_count(), 0U);
+  // 20 blocks of memory, shares 6 / 6 / 8 blocks: 6 short and 6 medium
+  // blocks fill their shares, 6 long ones leave the long partition under
+  // its share, and the 18 blocks reach the high watermark (0.9).
+  std::vector<block_key> shorts;
+  for (std::uint64_t i = 0; i < 6; ++i) {
+    const auto s = chain(100 + i, 1);
+    shorts.push_back(s[0]);
+    ASSERT_TRUE(store_->process(ns_, s, 16, producer_).has_value());
+    ASSERT_TRUE(
+        store_->process(ns_, chain(200 + i, 1), 3000, producer_, medium_request)
+            .has_value());
+    ASSERT_TRUE(
+        store_->process(ns_, chain(300 + i, 1), 5000, producer_, long_request)
+            .has_value());
+  }
+  ASSERT_EQ(store_->stats().blocks_by_partition[small], 6U);
+  ASSERT_EQ(store_->stats().blocks_by_partition[medium], 6U);
+  ASSERT_EQ(store_->stats().blocks_by_partition[large], 6U);
+  // Reading the document back makes room down to the low watermark (0.8):
+  // three blocks go, from the long partition.
+  ASSERT_TRUE(store_->acquire(ns_, doc[0]).has_value());
+  const auto st = store_->stats();
+  EXPECT_EQ(st.blocks_by_partition[small], 6U);
+  EXPECT_EQ(st.blocks_by_partition[medium], 6U);
+  EXPECT_EQ(st.blocks_by_partition[large], 4U);
+  for (const auto& k : shorts) {
+    EXPECT_TRUE(store_->contains(ns_, k)) << k.to_hex();
+  }
+  store_->check_invariants();
+}
+
+// A directory written by disk format version 1 records no partitions: it
+// opens (the catalog is upgraded in place), its blocks read back, and they
+// land where they did before version 2: acquire() in the short partition.
+TEST_F(store_disk_test, a_version_1_directory_opens_and_its_blocks_read_back) {
+  constexpr auto large = static_cast<std::size_t>(size_partition::large);
+  constexpr auto small = static_cast<std::size_t>(size_partition::small);
+  const std::vector<block_key> k = chain(7, 1);
+  put_options long_request;
+  long_request.request_tokens = 5000;
+  ASSERT_TRUE(
+      store_->process(ns_, k, 5000, producer_, long_request).has_value());
+  ASSERT_TRUE(store_->persist().has_value());
+  store_.reset();
+  ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));
+  open();
+  ASSERT_TRUE(store_->disk()->lookup(k[0]).has_value());
+  EXPECT_FALSE(store_->disk()->lookup(k[0])->part.has_value());
+  ASSERT_TRUE(store_->acquire(ns_, k[0]).has_value());
+  EXPECT_EQ(store_->stats().blocks_by_partition[small], 1U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[large], 0U);
+  expect_correct(k[0]);
   store_->check_invariants();
 }
 

@@ -254,7 +254,7 @@ bool block_store::spill_tier_block(const block_key& key, const tier_block& b) {
   }
   const ns_state& st = namespaces_[b.ns];
   if (!disk_->spill(key, st.fingerprint, b.c, {bytes, b.stored_bytes},
-                    b.checksum, wall, expires, false)) {
+                    b.checksum, wall, expires, false, b.part)) {
     ++stats_.spill_failures;
     return false;
   }
@@ -324,18 +324,6 @@ std::size_t block_store::promote_from_tier(ns_id ns,
                                            const block_key& parent,
                                            const put_options& options) {
   const std::size_t limit = tier_->max_batch_bytes();
-  // The fewest request tokens that land in partition `p`.
-  const auto partition_start = [this](size_partition p) -> std::uint32_t {
-    switch (p) {
-    case size_partition::small:
-      return 0;
-    case size_partition::medium:
-      return config_.partitions.medium_from;
-    case size_partition::large:
-      return config_.partitions.long_from;
-    }
-    return 0;
-  };
   std::size_t promoted = 0;
   block_key par = parent;
   std::vector<put_handle> handles;

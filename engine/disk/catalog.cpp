@@ -24,7 +24,8 @@ namespace {
 
 constexpr const char* columns =
     "key, namespace, tier, segment, offset, size, codec, checksum, "
-    "created_at, accessed_at, access_count, pinned, expires_at";
+    "created_at, accessed_at, access_count, pinned, expires_at, "
+    "size_partition";
 
 constexpr const char* schema = R"sql(
 CREATE TABLE meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -42,7 +43,8 @@ CREATE TABLE cache_entries(
   accessed_at INTEGER NOT NULL,
   access_count INTEGER NOT NULL DEFAULT 0,
   pinned INTEGER NOT NULL DEFAULT 0,
-  expires_at INTEGER NOT NULL DEFAULT 0);
+  expires_at INTEGER NOT NULL DEFAULT 0,
+  size_partition INTEGER);
 CREATE UNIQUE INDEX idx_cache_key ON cache_entries(key);
 CREATE INDEX idx_cache_created_at ON cache_entries(created_at);
 CREATE INDEX idx_cache_accessed_at ON cache_entries(accessed_at);
@@ -135,6 +137,14 @@ catalog_entry read_row(sqlite3_stmt* s) {
   e.access_count = col_u64(s, 10);
   e.pinned = static_cast<std::uint32_t>(sqlite3_column_int64(s, 11));
   e.expires_at = sqlite3_column_int64(s, 12);
+  // NULL: not recorded (a row of a version 1 catalog). A value out of range
+  // (a damaged row) is not trusted either: the block comes back where a
+  // block of unknown partition does.
+  if (sqlite3_column_type(s, 13) == SQLITE_INTEGER) {
+    const std::int64_t p = sqlite3_column_int64(s, 13);
+    if (p >= 0 && p < static_cast<std::int64_t>(partition_count))
+      e.part = static_cast<size_partition>(p);
+  }
   return e;
 }
 
@@ -231,14 +241,36 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
             s.out(), nullptr) == SQLITE_OK &&
         sqlite3_step(s.get()) == SQLITE_ROW)
       version = sqlite3_column_int64(s.get(), 0);
-    if (version != static_cast<std::int64_t>(disk_format_version))
+    if (version < static_cast<std::int64_t>(oldest_disk_format_version) ||
+        version > static_cast<std::int64_t>(disk_format_version))
       return make_error(
           errc::parse_error,
           "catalog " + path + " has format version " + std::to_string(version) +
-              ", this build reads version " +
+              ", this build reads versions " +
+              std::to_string(oldest_disk_format_version) + " to " +
               std::to_string(disk_format_version) +
               "; move the directory aside (or delete it to start an empty "
               "disk tier) or run a kvfleet build that reads that version");
+    if (version == 1) {
+      // Version 2 added the size_partition column; version 1 rows keep it
+      // NULL (partition unknown). One transaction: a failure leaves the
+      // catalog at version 1.
+      const std::string upgrade =
+          "BEGIN IMMEDIATE;"
+          "ALTER TABLE cache_entries ADD COLUMN size_partition INTEGER;"
+          "UPDATE meta SET value = " +
+          std::to_string(disk_format_version) +
+          " WHERE name = 'format_version';COMMIT;";
+      if (exec(upgrade.c_str()) != SQLITE_OK) {
+        auto err = db_error(db, path,
+                            "cannot upgrade the catalog from format version "
+                            "1 to " +
+                                std::to_string(disk_format_version));
+        exec("ROLLBACK");
+        return make_error(errc::io_error,
+                          err + "; check that the directory is writable");
+      }
+    }
   }
   auto& i = *c->impl_;
   const std::string cols = columns;
@@ -248,14 +280,15 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
       {&i.rollback, "ROLLBACK"},
       {&i.upsert,
        "INSERT INTO cache_entries(" + cols +
-           ") VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13) "
+           ") VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14) "
            "ON CONFLICT(key) DO UPDATE SET namespace=excluded.namespace, "
            "tier=excluded.tier, segment=excluded.segment, "
            "offset=excluded.offset, size=excluded.size, codec=excluded.codec, "
            "checksum=excluded.checksum, created_at=excluded.created_at, "
            "accessed_at=excluded.accessed_at, "
            "access_count=excluded.access_count, pinned=excluded.pinned, "
-           "expires_at=excluded.expires_at"},
+           "expires_at=excluded.expires_at, "
+           "size_partition=excluded.size_partition"},
       {&i.erase, "DELETE FROM cache_entries WHERE key = ?1"},
       {&i.set_pins, "UPDATE cache_entries SET pinned = ?2 WHERE key = ?1"},
       {&i.touch, "UPDATE cache_entries SET accessed_at = max(accessed_at, ?2), "
@@ -343,6 +376,10 @@ result<void> catalog::upsert(const catalog_entry& e) {
   bind_u64(s, 11, e.access_count);
   sqlite3_bind_int64(s, 12, e.pinned);
   sqlite3_bind_int64(s, 13, e.expires_at);
+  if (e.part)
+    sqlite3_bind_int(s, 14, static_cast<int>(*e.part));
+  else
+    sqlite3_bind_null(s, 14);
   KVFLEET_SQL_RUN(s, "insert block " + e.key.to_hex());
   return {};
 }

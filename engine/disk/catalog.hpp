@@ -4,13 +4,17 @@
 /// Schema (format version disk_format_version, kept in table `meta`):
 ///   cache_entries(id INTEGER PRIMARY KEY, key BLOB(16), namespace BLOB(16),
 ///                 tier, segment, offset, size, codec, checksum, created_at,
-///                 accessed_at, access_count, pinned, expires_at)
+///                 accessed_at, access_count, pinned, expires_at,
+///                 size_partition)
 ///   idx_cache_key (unique) on key, idx_cache_created_at,
 ///   idx_cache_accessed_at, idx_cache_key_created on (key, created_at), and
 ///   idx_cache_expires_at on expires_at for rows that expire.
 /// Keys and namespaces are 16 big-endian bytes (hi then lo), so byte order is
 /// numeric order. Checksums are the uint64 stored as its int64 bit pattern;
-/// times are int64 nanoseconds; `pinned` is the pin count.
+/// times are int64 nanoseconds; `pinned` is the pin count; `size_partition`
+/// is the block's size partition in the store that spilled it (0 short, 1
+/// medium, 2 long), NULL when not recorded (rows of a version 1 catalog).
+/// A catalog of version 1 (no size_partition column) is upgraded at open.
 ///
 /// The database runs in WAL mode with prepared statements, and one
 /// connection writes (the disk tier's I/O thread). Writes are grouped by the
@@ -23,11 +27,13 @@
 #include "engine/codec.hpp"
 #include "engine/kv_namespace.hpp"
 #include "engine/result.hpp"
+#include "engine/stats.hpp"
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -54,6 +60,8 @@ struct catalog_entry {
   std::uint64_t access_count = 0;
   std::uint32_t pinned = 0;
   std::int64_t expires_at = 0; ///< 0 = never
+  /// The size partition the block was in; nullopt when not recorded.
+  std::optional<size_partition> part;
 };
 
 /// Blocks and payload bytes of one (namespace, tier).
@@ -66,10 +74,13 @@ struct usage_row {
 
 class catalog {
 public:
-  /// Opens or creates the catalog at `path`. A database of another format
-  /// version, or a file that is not a catalog, is errc::parse_error with a
-  /// message naming the path and what to do. `full_sync`: synchronous=FULL
-  /// (survives power loss) instead of NORMAL (survives a process crash).
+  /// Opens or creates the catalog at `path`. A catalog of format version 1
+  /// is upgraded to disk_format_version in one transaction (the
+  /// size_partition column is added, NULL in its rows). A database of another
+  /// format version, or a file that is not a catalog, is errc::parse_error
+  /// with a message naming the path and what to do. `full_sync`:
+  /// synchronous=FULL (survives power loss) instead of NORMAL (survives a
+  /// process crash).
   [[nodiscard]] static result<std::unique_ptr<catalog>>
   open(const std::string& path, bool full_sync);
 

@@ -240,6 +240,9 @@ struct disk_block_info {
   nanos expires_at{0};
   std::uint32_t pins = 0;
   bool stored = false; ///< false while its spill is pending
+  /// The size partition given to spill(); nullopt when none was (a block
+  /// of a version 1 directory).
+  std::optional<size_partition> part;
 };
 
 struct disk_tier_stats {
@@ -307,6 +310,9 @@ public:
 
   /// Queues a block to be written. `bytes` are copied. A key already on
   /// disk is replaced; its pin count is kept (at least 1 if `pinned`).
+  /// `part` (the block's size partition in the store) is kept with it, in
+  /// the catalog, and lookup() returns it, so that the block comes back
+  /// into the partition it left.
   /// Immediate errors: an invalid codec, an empty or too large block, or a
   /// full file system (errc::out_of_memory, counted). The completion fails
   /// with errc::checksum_mismatch when `checksum` is not the bytes'
@@ -315,7 +321,8 @@ public:
   [[nodiscard]] result<disk_request_id>
   spill(const block_key& key, const ns_fingerprint& ns, codec c,
         std::span<const std::byte> bytes, std::uint64_t checksum,
-        nanos created_at, nanos expires_at, bool pinned);
+        nanos created_at, nanos expires_at, bool pinned,
+        std::optional<size_partition> part = std::nullopt);
 
   /// Queues a read of a block. The completion holds the bytes after their
   /// checksum was verified; errc::not_found when absent or expired,

@@ -1,6 +1,7 @@
 #include "engine/disk/disk_tier.hpp"
 
 #include "engine/checksum.hpp"
+#include "engine/testing/disk_catalog_v1.hpp"
 
 #include <gtest/gtest.h>
 #include <sqlite3.h>
@@ -1055,6 +1056,63 @@ TEST_F(disk_tier_test, a_catalog_of_another_format_version_is_refused) {
   EXPECT_NE(t.error().message.find("format version 999"), std::string::npos);
   EXPECT_NE(t.error().message.find("move the directory aside"),
             std::string::npos);
+}
+
+TEST_F(disk_tier_test, a_spill_keeps_its_size_partition_across_a_restart) {
+  open(config());
+  const auto bytes = block_bytes(1, 4096);
+  ASSERT_TRUE(tier_
+                  ->spill(key_of(1), ns_a, codec::int8, bytes,
+                          block_checksum(bytes), clock_.now(), nanos{0}, false,
+                          size_partition::large)
+                  .has_value());
+  spill(2); // no partition given
+  settle();
+  ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+  EXPECT_EQ(tier_->lookup(key_of(1))->part, size_partition::large);
+  EXPECT_FALSE(tier_->lookup(key_of(2))->part.has_value());
+  open(config());
+  ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+  EXPECT_EQ(tier_->lookup(key_of(1))->part, size_partition::large);
+  EXPECT_FALSE(tier_->lookup(key_of(2))->part.has_value());
+  expect_block(1);
+}
+
+// A directory a version 1 build wrote (no size_partition column) opens: the
+// catalog is upgraded to version 2, its blocks read back with no partition
+// known, and spills from then on record theirs.
+TEST_F(disk_tier_test, a_version_1_catalog_is_upgraded_at_open) {
+  open(config());
+  spill(1);
+  settle();
+  tier_.reset();
+  ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));
+  open(config());
+  ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+  EXPECT_FALSE(tier_->lookup(key_of(1))->part.has_value());
+  expect_block(1);
+  const auto bytes = block_bytes(2, 4096);
+  ASSERT_TRUE(tier_
+                  ->spill(key_of(2), ns_a, codec::int8, bytes,
+                          block_checksum(bytes), clock_.now(), nanos{0}, false,
+                          size_partition::medium)
+                  .has_value());
+  settle();
+  tier_.reset();
+  {
+    catalog_peer peer(dir_ + "/catalog.sqlite");
+    EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = "
+                         "'format_version'"),
+              std::int64_t{disk_format_version});
+    EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries WHERE "
+                         "size_partition IS NULL"),
+              1);
+  }
+  open(config());
+  EXPECT_EQ(tier_->lookup(key_of(2))->part, size_partition::medium);
+  EXPECT_FALSE(tier_->lookup(key_of(1))->part.has_value());
+  expect_block(1);
+  expect_block(2);
 }
 
 TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {

@@ -254,7 +254,7 @@ result<segment_file> segment_file::create(const std::string& dir,
   }
   std::array<std::byte, segment_header_bytes> h{};
   std::memcpy(h.data(), segment_magic.data(), segment_magic.size());
-  store32(h.data() + 8, disk_format_version);
+  store32(h.data() + 8, segment_format_version);
   store64(h.data() + 16, id);
   store64(h.data() + 24, hash(h.data(), 24));
   ssize_t w = 0;
@@ -299,11 +299,11 @@ result<segment_file> segment_file::open(const std::string& dir,
                       "segment " + f.path_ +
                           " has no valid header (torn while it was created)");
   const std::uint32_t version = load32(h.data() + 8);
-  if (version != disk_format_version)
+  if (version != segment_format_version)
     return make_error(errc::parse_error,
                       "segment " + f.path_ + " has format version " +
                           std::to_string(version) + ", this build reads " +
-                          std::to_string(disk_format_version));
+                          std::to_string(segment_format_version));
   if (load64(h.data() + 16) != id)
     return make_error(errc::parse_error,
                       "segment " + f.path_ + " names another segment id");

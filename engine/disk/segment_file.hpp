@@ -3,11 +3,12 @@
 ///
 /// A segment file `seg-<16 hex digits>.kvs` is a file header followed by
 /// records; a record is a fixed header followed by the block's encoded bytes.
-/// All integers are little-endian. Format version 1:
+/// All integers are little-endian. Segment format version 1 (unchanged in
+/// disk format version 2, which added a catalog column only):
 ///
 ///   file header (32 bytes)
 ///     0  8  magic "kvfseg\0\1"
-///     8  4  format version (disk_format_version)
+///     8  4  format version (segment_format_version)
 ///    12  4  reserved, 0
 ///    16  8  segment id
 ///    24  8  XXH3-64 (seed hash_seed) of bytes 0..23
@@ -47,9 +48,17 @@
 
 namespace kvfleet::engine {
 
-/// Version of the disk tier's on-disk format (segments and catalog). A
-/// change to either layout bumps it.
-inline constexpr std::uint32_t disk_format_version = 1;
+/// Version of the disk tier's on-disk format, kept in the catalog
+/// (`meta.format_version`). A change to the catalog's or the segments'
+/// layout bumps it. Version 2 added the catalog's `size_partition` column.
+inline constexpr std::uint32_t disk_format_version = 2;
+/// The oldest version this build opens: a catalog of version 1 is upgraded
+/// in place at open (the column is added, NULL: its blocks' partitions are
+/// unknown), after which a build that reads only version 1 refuses it.
+inline constexpr std::uint32_t oldest_disk_format_version = 1;
+/// Version in every segment file header. The segment layout is the same in
+/// disk format versions 1 and 2.
+inline constexpr std::uint32_t segment_format_version = 1;
 inline constexpr std::size_t segment_header_bytes = 32;
 inline constexpr std::size_t record_header_bytes = 80;
 
