@@ -1788,9 +1788,13 @@ void block_store::drain_disk() {
   const nested_scope nested(*this); // its commits are the store's own
   disk_->drain_completions([this](disk_completion&& c) {
     if (c.op == disk_op::spill && !c.status.has_value()) {
-      // Counted in spills when the tier took it; it was not written.
+      // Counted in spills when the tier took it; it was not written. One
+      // superseded before it was written (the key spilled again or erased
+      // from disk: errc::not_found) did not fail: the newer spill counts
+      // on its own, and an erased copy was not wanted.
       --stats_.spills;
-      ++stats_.spill_failures;
+      if (c.status.error().code != errc::not_found)
+        ++stats_.spill_failures;
     }
     if (c.op != disk_op::fetch)
       return;

@@ -3,6 +3,7 @@
 #include "engine/block_store.hpp"
 #include "engine/checksum.hpp"
 #include "engine/testing/disk_catalog_v1.hpp"
+#include "engine/testing/io_gate.hpp"
 #include "engine/testing/store_checks.hpp"
 
 #include <gtest/gtest.h>
@@ -660,6 +661,42 @@ TEST_F(store_disk_test, a_version_1_directory_opens_and_its_blocks_read_back) {
   EXPECT_EQ(store_->stats().blocks_by_partition[small], 1U);
   EXPECT_EQ(store_->stats().blocks_by_partition[large], 0U);
   expect_correct(k[0]);
+  store_->check_invariants();
+}
+
+// A spill that waits in the disk tier's queue while the block is put again
+// (another codec) and spilled again is superseded: the tier never writes
+// it. That is no spill failure (before, it was counted as one).
+TEST_F(store_disk_test, a_superseded_spill_is_not_a_spill_failure) {
+  auto gate = std::make_shared<testing::io_gate>();
+  open(20, false, [gate](disk_tier_config& c) {
+    c.write_fault_for_testing = testing::io_gate::hook(gate);
+  });
+  run(chain(1, 1));
+  gate->arm();
+  store_->evict_bytes(std::size_t{1} << 30); // the I/O thread holds there
+  ASSERT_TRUE(gate->wait_entered());
+  const std::vector<block_key> k = chain(7, 1);
+  run(k);
+  store_->evict_bytes(std::size_t{1} << 30); // k, uncompressed: queued
+  put_options int8;
+  int8.codec_override = codec::int8;
+  auto h = store_->reserve(ns_, k[0], block_key{}, int8);
+  EXPECT_TRUE(h.has_value());
+  if (h) {
+    EXPECT_TRUE(store_->write_from(*h, producer_).has_value());
+    EXPECT_TRUE(store_->commit(*h).has_value());
+  }
+  store_->evict_bytes(std::size_t{1} << 30); // k in int8: supersedes it
+  gate->open();
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(60)));
+  store_->poll_disk();
+  const auto st = store_->stats();
+  EXPECT_EQ(store_->disk()->stats().spills_superseded, 1U);
+  EXPECT_EQ(st.spill_failures, 0U);
+  EXPECT_EQ(st.spills, 2U) << "the first block and k in int8 were written";
+  ASSERT_TRUE(store_->disk()->lookup(k[0]).has_value());
+  EXPECT_EQ(store_->disk()->lookup(k[0])->c, codec::int8);
   store_->check_invariants();
 }
 

@@ -91,7 +91,9 @@ struct store_stats {
   std::uint64_t promotion_failures = 0; ///< disk blocks recomputed instead
   std::uint64_t spills = 0;             ///< written to disk, or in flight
   std::uint64_t spills_skipped = 0;     ///< already on disk, not rewritten
-  std::uint64_t spill_failures = 0;     ///< refused or failed on disk
+  /// Refused or failed on disk. A spill superseded before it was written
+  /// (the block spilled again, or its disk copy erased) is in neither.
+  std::uint64_t spill_failures = 0;
   // Memory tier (zero without one).
   std::uint64_t tier_demotions = 0;      ///< blocks moved to the tier
   std::uint64_t tier_demoted_bytes = 0;  ///< their stored bytes

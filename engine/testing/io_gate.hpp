@@ -1,0 +1,64 @@
+#pragma once
+/// Holds a disk tier's I/O thread inside one of its test hooks (tests
+/// only), so that a test can queue requests behind it deterministically:
+/// once armed, the next call of the hook blocks until open() is called.
+
+#include "engine/disk/segment_file.hpp"
+
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+
+namespace kvfleet::engine::testing {
+
+class io_gate {
+public:
+  /// A disk_tier_config write fault (e.g. write_fault_for_testing) that
+  /// passes every write, holding the first one after arm() until open().
+  static segment_file::write_fault hook(std::shared_ptr<io_gate> g) {
+    return [g] {
+      g->pass();
+      return 0;
+    };
+  }
+  /// The next call of the hook blocks.
+  void arm() {
+    std::lock_guard lk(mu_);
+    armed_ = true;
+    entered_ = false;
+    open_ = false;
+  }
+  /// Waits, with a bound, until the I/O thread is held in the hook.
+  [[nodiscard]] bool wait_entered() {
+    std::unique_lock lk(mu_);
+    return cv_.wait_for(lk, std::chrono::seconds(60), [&] { return entered_; });
+  }
+  /// Lets the held I/O thread (and every later call) through.
+  void open() {
+    {
+      std::lock_guard lk(mu_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+
+private:
+  void pass() {
+    std::unique_lock lk(mu_);
+    if (!armed_)
+      return;
+    armed_ = false;
+    entered_ = true;
+    cv_.notify_all();
+    cv_.wait(lk, [&] { return open_; });
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool armed_ = false;
+  bool entered_ = false;
+  bool open_ = false;
+};
+
+} // namespace kvfleet::engine::testing
