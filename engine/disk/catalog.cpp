@@ -5,6 +5,7 @@
 #include <sqlite3.h>
 
 #include <array>
+#include <cerrno>
 
 namespace kvfleet::engine {
 
@@ -327,11 +328,23 @@ int run(sqlite3_stmt* s) {
 
 } // namespace
 
+int catalog::injected_fault(const std::string& what) const {
+  const int e = fault_(what);
+  if (e == 0)
+    return SQLITE_OK;
+  return e == ENOSPC || e == EDQUOT ? SQLITE_FULL : SQLITE_IOERR;
+}
+
 #define KVFLEET_SQL_RUN(statement, what)                                       \
   do {                                                                         \
-    const int rc_ = run(statement);                                            \
+    const int fault_rc_ = fault_ ? injected_fault(what) : SQLITE_OK;           \
+    const int rc_ = fault_rc_ != SQLITE_OK ? fault_rc_ : run(statement);       \
     if (rc_ != SQLITE_OK) {                                                    \
       full_ = (rc_ & 0xff) == SQLITE_FULL;                                     \
+      if (fault_rc_ != SQLITE_OK)                                              \
+        return make_error(errc::io_error, "catalog " + path_ + ": " + (what) + \
+                                              ": " + sqlite3_errstr(rc_) +     \
+                                              " (injected by a test)");        \
       return KVFLEET_SQL_ERROR(what);                                          \
     }                                                                          \
     full_ = false;                                                             \

@@ -128,12 +128,22 @@ public:
   /// Whether SQLite's last error was "database or disk is full".
   [[nodiscard]] bool last_error_was_full() const noexcept { return full_; }
 
+  /// Test hook: consulted with a statement's description ("relocate block
+  /// <key>", "insert block <key>", "begin", ...) before each write; a
+  /// nonzero errno fails it without running it: ENOSPC or EDQUOT as
+  /// SQLITE_FULL (last_error_was_full()), any other as an I/O error.
+  using fault = std::function<int(const std::string& what)>;
+  void set_fault_for_testing(fault f) { fault_ = std::move(f); }
+
 private:
+  /// The SQLite result code fault_ makes `what` fail with (SQLITE_OK: none).
+  [[nodiscard]] int injected_fault(const std::string& what) const;
   struct impl;
   explicit catalog(std::string path);
   std::string path_;
   std::unique_ptr<impl> impl_;
   bool full_ = false;
+  fault fault_;
 };
 
 } // namespace kvfleet::engine

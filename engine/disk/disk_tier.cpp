@@ -215,6 +215,8 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   if (!cat)
     return unexpected<error>(cat.error());
   tier->catalog_ = std::move(*cat);
+  tier->catalog_->set_fault_for_testing(
+      tier->config_.catalog_fault_for_testing);
   if (auto r = tier->recover(); !r)
     return unexpected<error>(r.error());
   {
@@ -1729,7 +1731,12 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     file_bytes_ += rec;
     written_segments_.insert(d.file.id());
     if (auto r = catalog_->relocate(key, d.file.id(), *off); !r) {
-      ++io_stats_.io_errors;
+      // A full catalog is a lack of space, as a full segment write is
+      // (note_write_error sets full); before, it counted in io_errors.
+      if (catalog_->last_error_was_full())
+        note_write_error(ENOSPC, r.error());
+      else
+        ++io_stats_.io_errors;
       return r;
     }
     it->second.live -= rec;

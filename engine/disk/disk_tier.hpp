@@ -181,6 +181,10 @@ struct disk_tier_config {
   /// catalog (at open, and to reload after a failed batch), after the rows
   /// are read; a nonzero result is the errno of a failure there.
   segment_file::write_fault load_fault_for_testing;
+  /// Test hook: consulted before each catalog write with its description
+  /// (catalog::set_fault_for_testing); ENOSPC makes it fail as a full
+  /// catalog (SQLITE_FULL), any other nonzero errno as an I/O error.
+  catalog::fault catalog_fault_for_testing;
   /// Test hook: while the tier is full, the free bytes it sees in its
   /// directory instead of statvfs's answer.
   std::function<std::uint64_t()> free_bytes_for_testing;

@@ -1671,6 +1671,38 @@ TEST_F(disk_tier_test, a_compaction_that_failed_is_retried_while_idle) {
   EXPECT_EQ(segment_files().size(), tier_->stats().segments);
 }
 
+// A catalog that is full (SQLITE_FULL) when a compaction moves a row is a
+// lack of space, as a full segment write is: the tier is `full`, and no
+// I/O error is counted (before, it counted in io_errors and `full` stayed
+// clear).
+TEST_F(disk_tier_test, a_full_catalog_during_a_compaction_sets_full) {
+  auto c = config_with_segments_of(4);
+  c.compaction_threshold = 0.5;
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  c.catalog_fault_for_testing = [full](const std::string& what) {
+    return full->load() && what.rfind("relocate", 0) == 0 ? ENOSPC : 0;
+  };
+  c.free_bytes_for_testing = [full] {
+    return full->load() ? std::uint64_t{0} : std::uint64_t{1} << 40;
+  };
+  open(c);
+  for (std::uint64_t i = 0; i < 8; ++i) // segment 1: 0-3, segment 2: 4-7
+    spill(i);
+  settle();
+  ASSERT_EQ(tier_->stats().io_errors, 0U);
+  // Segment 1 keeps one block of four; moving its row fails, catalog full.
+  full->store(true);
+  for (std::uint64_t i : {0UL, 1UL, 2UL}) {
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  }
+  settle();
+  const auto s = tier_->stats();
+  EXPECT_TRUE(s.full);
+  EXPECT_EQ(s.io_errors, 0U);
+  EXPECT_EQ(s.compactions, 0U);
+  expect_block(3); // still where it was
+}
+
 TEST_F(disk_tier_test,
        work_refused_while_the_catalog_is_locked_is_retried_at_a_bounded_pace) {
   auto c = config_with_segments_of(4);
