@@ -1737,7 +1737,8 @@ result<void> block_store::mark_written(put_handle& h, std::uint64_t checksum) {
 void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
                                    const block_key& parent,
                                    const put_options& options,
-                                   std::vector<promotion>& into) {
+                                   std::vector<promotion>& into,
+                                   disk_priority prio) {
   ++promote_group_;
   const nanos wall = disk_clock().now();
   const ns_state& st = namespaces_[ns.value];
@@ -1776,7 +1777,8 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
         p.staging.resize(e.stored_bytes);
         dst = p.staging.data();
       }
-      p.id = disk_->fetch_into(k, {dst, e.stored_bytes}, /*verify=*/false);
+      p.id =
+          disk_->fetch_into(k, {dst, e.stored_bytes}, /*verify=*/false, prio);
     }
     p.handle = std::move(*h);
     into.push_back(std::move(p));
@@ -1859,7 +1861,8 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
                          const block_key& parent, kv_producer& producer,
                          const put_options& options) {
   promote_batch_.clear();
-  issue_promotions(ns, keys, parent, options, promote_batch_);
+  issue_promotions(ns, keys, parent, options, promote_batch_,
+                   disk_priority::demand);
   disk_promoted done;
   if (promote_batch_.empty())
     return done;
@@ -1889,8 +1892,14 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
 
 void block_store::await_promote_batch() {
   // The I/O thread reads into the reserved slots: they must not be touched,
-  // or freed, until it has answered, however long a sick disk takes.
-  while (!disk_->wait_idle(std::chrono::seconds(30)))
+  // or freed, until it has answered, however long a sick disk takes. Only
+  // these reads are waited for (demand reads, ahead of the spills and
+  // prefetches queued before them), not the tier's whole queue.
+  promote_ids_.clear();
+  for (const promotion& p : promote_batch_)
+    if (!p.answered)
+      promote_ids_.push_back(p.id);
+  while (!disk_->wait_done(promote_ids_, std::chrono::seconds(30)))
     std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
                          "still waiting for a promotion\n");
   drain_disk();
@@ -1916,7 +1925,8 @@ bool block_store::promote_key_from_disk(ns_id ns, const block_key& key,
   // No parent: the disk tier does not know it. The block comes back as a
   // root, so nothing in memory depends on a parent that may not be there,
   // and adopt() links it once a put names its parent.
-  issue_promotions(ns, one, block_key{}, options, promote_batch_);
+  issue_promotions(ns, one, block_key{}, options, promote_batch_,
+                   disk_priority::demand);
   if (promote_batch_.empty())
     return false; // no room, or a put of the key is open
   await_promote_batch();
@@ -1980,7 +1990,7 @@ result<std::size_t> block_store::promote(ns_id ns,
   const std::size_t before = pending_promotions_.size();
   issue_promotions(ns, keys.subspan(in_memory, on_disk),
                    in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
-                   pending_promotions_);
+                   pending_promotions_, disk_priority::background);
   // A block in memory after a gap on disk (disk_prefix() goes on over it)
   // is a duplicate put that links it, not a read started.
   const auto started = std::count_if(

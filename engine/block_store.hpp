@@ -41,9 +41,11 @@
 /// The block calls reach the disk too: acquire() and pin() of a block only
 /// on disk, and reserve() of a block whose parent is only there (lookup()
 /// callers count disk blocks as cached and extend them), bring that one
-/// block back and wait, as process() does, until the disk tier has done
-/// every request it holds (queued spills included, not only this read),
-/// without a bound (a line on stderr every 30 s). The disk tier does not record
+/// block back and wait, as process() does, for that read without a bound
+/// (a line on stderr every 30 s). Those reads are demand reads: they go
+/// ahead of the spills and prefetches queued before them, and the wait is
+/// for them alone (disk_tier::wait_done); promote()'s reads are background
+/// reads, queued behind them. The disk tier does not record
 /// a block's parent, so it comes back as a chain root (a block in memory needs
 /// its parent in memory, and this one's is unknown): it is evictable on its
 /// own, leaf-first as ever. The first put or promotion that names its parent
@@ -314,7 +316,7 @@ public:
   /// `parent` (null for the first block of a chain). The parent must be
   /// cached or reserved in the same namespace (errc::not_found otherwise);
   /// a parent in the memory tier is brought back with its chain, one only
-  /// on disk alone (waiting for the disk tier's whole queue; see the class
+  /// on disk alone (waiting for that read, a demand read; see the class
   /// comment). errc::busy when another put of the key is open;
   /// errc::invalid_argument when `parent` is `key` itself. A key that bringing
   /// the parent back brought back too (it was in the parent's chain in the
@@ -452,7 +454,7 @@ public:
   /// Pinned blocks are never evicted or demoted. Pins nest. With a disk
   /// tier a pinned block is written through to disk with its pin. Pinning a
   /// block in the memory tier brings it back first, and so does pinning one
-  /// only on disk (it waits for the disk tier's whole queue and lands in
+  /// only on disk (it waits for that read, a demand read, and lands in
   /// its own size partition, see the class comment), so a pinned block is
   /// always in memory. Unpinning a block only on disk (pinned there before
   /// a restart) unpins its disk copy.
@@ -627,9 +629,12 @@ private:
   /// one); false when the backend's write fails.
   [[nodiscard]] bool land(promotion& p);
   static void abort_in_reverse(std::vector<promotion>& list) noexcept;
+  /// Reserves the blocks of `keys` (after `parent`) and queues their disk
+  /// reads at `prio`: demand when the caller waits for them (process(),
+  /// a block read back alone), background for promote().
   void issue_promotions(ns_id ns, std::span<const block_key> keys,
                         const block_key& parent, const put_options& options,
-                        std::vector<promotion>& into);
+                        std::vector<promotion>& into, disk_priority prio);
   void drain_disk();
   /// The disk tier's copy of `key` when it holds these bytes and expires no
   /// sooner than `expires` (wall time, 0 = never): no spill is needed.
@@ -649,11 +654,12 @@ private:
   disk_promoted promote_now(ns_id ns, std::span<const block_key> keys,
                             const block_key& parent, kv_producer& producer,
                             const put_options& options);
-  /// Waits until the disk tier is idle (every request it holds done,
-  /// spills included, not only promote_batch_'s reads: it offers no wait
-  /// for one request), without a bound, printing a line to stderr every
-  /// 30 s; then collects the answers. The reads go into promote_batch_'s
-  /// reserved slots, which must not be freed before they are answered.
+  /// Waits until the disk tier has answered promote_batch_'s reads (demand
+  /// reads: they go ahead of the spills and prefetches queued before them,
+  /// and the wait is for them alone, disk_tier::wait_done), without a
+  /// bound, printing a line to stderr every 30 s; then collects the
+  /// answers. The reads go into promote_batch_'s reserved slots, which
+  /// must not be freed before they are answered.
   void await_promote_batch();
   /// Lands and commits an answered promotion; false when it failed on disk
   /// (missing, damaged header) or could not be committed.
@@ -773,6 +779,7 @@ private:
   std::vector<std::byte> scratch2_;
   std::vector<read_lease> process_leases_;    ///< process()'s leases, reused
   std::vector<promotion> promote_batch_;      ///< process()'s, reused
+  std::vector<disk_request_id> promote_ids_;  ///< its reads, reused
   std::vector<promotion> pending_promotions_; ///< promote()'s, in flight
   std::uint64_t promote_group_ = 0;
   std::vector<block_key> token_keys_; ///< put_tokens()/lookup_tokens(), reused

@@ -604,13 +604,71 @@ void disk_tier::apply_repairs() {
 
 // -------------------------------------------------------------- owner side
 
-disk_request_id disk_tier::enqueue(request&& r) {
+namespace {
+
+/// Whether request kind `k` changes what a read of its key finds.
+template <class Kind> bool writes_key(Kind k) noexcept {
+  return k == Kind::spill || k == Kind::erase;
+}
+
+} // namespace
+
+disk_request_id disk_tier::enqueue(request&& r, disk_priority p) {
   // REQUIRES: mu_ held.
   r.id = disk_request_id{next_request_++};
   const disk_request_id id = r.id;
-  queue_.push_back(std::move(r));
+  if (p == disk_priority::demand) {
+    // A read goes ahead of the background work, but never ahead of a
+    // queued spill or erase of its own key: it must find what the owner
+    // wrote before it asked. It then waits right behind the last of them.
+    const auto w = queued_writes_.find(r.key);
+    if (w == queued_writes_.end()) {
+      demand_.push_back(std::move(r));
+    } else {
+      auto it = queue_.end();
+      while (it != queue_.begin()) {
+        --it;
+        if (writes_key(it->k) && it->key == r.key)
+          break;
+      }
+      queue_.insert(it + 1, std::move(r));
+    }
+  } else {
+    if (writes_key(r.k))
+      ++queued_writes_[r.key];
+    queue_.push_back(std::move(r));
+  }
   work_cv_.notify_one();
   return id;
+}
+
+void disk_tier::take_batch(std::vector<request>& batch) {
+  // REQUIRES: mu_ held.
+  // Demand reads (a caller waits) make a batch of their own, so that their
+  // answers are published without waiting for background writes (a batch
+  // answers when it commits). A batch of them taken while background work
+  // waited gives the next batch to the background, so spills advance by up
+  // to max_batch every other batch however many reads come: a read waits
+  // at most for the batch in progress and one background batch.
+  const bool demand = !demand_.empty() && (queue_.empty() || !background_turn_);
+  auto& from = demand ? demand_ : queue_;
+  const std::size_t n = std::min(from.size(), config_.max_batch);
+  for (std::size_t i = 0; i < n; ++i) {
+    request& r = from.front();
+    if (!demand && writes_key(r.k)) {
+      // Counted when it was queued (enqueue).
+      const auto w = queued_writes_.find(r.key);
+      if (w != queued_writes_.end() && --w->second == 0)
+        queued_writes_.erase(w);
+    }
+    batch.push_back(std::move(r));
+    from.pop_front();
+  }
+  background_turn_ = demand && !queue_.empty();
+}
+
+bool disk_tier::idle_locked() const noexcept {
+  return queue_.empty() && demand_.empty() && !busy_;
 }
 
 result<disk_request_id>
@@ -677,16 +735,17 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
   return enqueue(std::move(r));
 }
 
-disk_request_id disk_tier::fetch(const block_key& key) {
+disk_request_id disk_tier::fetch(const block_key& key, disk_priority p) {
   request r;
   r.k = request::kind::fetch;
   r.key = key;
   std::lock_guard lk(mu_);
-  return enqueue(std::move(r));
+  return enqueue(std::move(r), p);
 }
 
 disk_request_id disk_tier::fetch_into(const block_key& key,
-                                      std::span<std::byte> dst, bool verify) {
+                                      std::span<std::byte> dst, bool verify,
+                                      disk_priority p) {
   request r;
   r.k = request::kind::fetch;
   r.key = key;
@@ -694,7 +753,7 @@ disk_request_id disk_tier::fetch_into(const block_key& key,
   r.into = true;
   r.verify = verify;
   std::lock_guard lk(mu_);
-  return enqueue(std::move(r));
+  return enqueue(std::move(r), p);
 }
 
 bool disk_tier::contains(const block_key& key) const {
@@ -834,8 +893,26 @@ disk_tier::drain_completions(const std::function<void(disk_completion&&)>& fn) {
 
 bool disk_tier::wait_idle(nanos timeout) {
   std::unique_lock lk(mu_);
-  return idle_cv_.wait_for(lk, timeout,
-                           [&] { return queue_.empty() && !busy_; });
+  return idle_cv_.wait_for(lk, timeout, [&] { return idle_locked(); });
+}
+
+bool disk_tier::wait_done(std::span<const disk_request_id> ids, nanos timeout) {
+  std::vector<std::uint64_t> want;
+  want.reserve(ids.size());
+  for (const disk_request_id& id : ids)
+    want.push_back(id.value);
+  std::sort(want.begin(), want.end());
+  want.erase(std::unique(want.begin(), want.end()), want.end());
+  std::unique_lock lk(mu_);
+  return idle_cv_.wait_for(lk, timeout, [&] {
+    if (idle_locked())
+      return true; // whatever of `ids` is not in done_ was drained before
+    std::size_t found = 0;
+    for (const disk_completion& c : done_)
+      found += static_cast<std::size_t>(
+          std::binary_search(want.begin(), want.end(), c.id.value));
+    return found == want.size();
+  });
 }
 
 disk_tier_stats disk_tier::stats() const {
@@ -857,7 +934,7 @@ void disk_tier::run() {
     bool retry_pass = false;
     {
       std::unique_lock lk(mu_);
-      while (queue_.empty() && !stopping_) {
+      while (queue_.empty() && demand_.empty() && !stopping_) {
         // Woken by a request or the destructor; otherwise at the deadline
         // of the batched accessed_at updates or of a retry, whichever
         // comes first, to run a pass without requests. Updates whose
@@ -871,17 +948,14 @@ void disk_tier::run() {
         if (!wake) {
           work_cv_.wait(lk);
         } else if (work_cv_.wait_until(lk, *wake) == std::cv_status::timeout) {
-          retry_pass = queue_.empty() && !stopping_ && retry_armed_ &&
+          retry_pass = queue_.empty() && demand_.empty() && !stopping_ &&
+                       retry_armed_ &&
                        std::chrono::steady_clock::now() >= retry_deadline_;
           break;
         }
       }
-      const std::size_t n = std::min(queue_.size(), config_.max_batch);
-      for (std::size_t i = 0; i < n; ++i) {
-        batch.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      }
-      last = stopping_ && queue_.empty();
+      take_batch(batch);
+      last = stopping_ && queue_.empty() && demand_.empty();
       busy_ = true;
     }
     if (retry_pass)
@@ -1852,7 +1926,7 @@ void disk_tier::publish_locked() {
 
 void disk_tier::check_invariants() const {
   std::unique_lock lk(mu_);
-  idle_cv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+  idle_cv_.wait(lk, [&] { return idle_locked(); });
   // Idle: the I/O thread waits for mu_ before touching its state, so its
   // state can be read here.
   KVFLEET_CHECK(retry_armed_ == retry_pending(),

@@ -12,13 +12,14 @@
 /// Threads: the owner (one thread, e.g. an engine actor) calls every public
 /// member; one I/O thread, owned by the tier, does all file and catalog I/O.
 /// spill, fetch, expire, compact, flush and report queue a request and
-/// return at once; the I/O thread answers with a `disk_completion` that the
+/// return at once (a demand fetch ahead of the background work, see
+/// fetch()); the I/O thread answers with a `disk_completion` that the
 /// owner collects on its own thread with drain_completions(). erase, pin,
 /// unpin, contains and lookup act on the in-memory directory at once and
 /// persist in the background. open() runs recovery on the calling thread:
 /// call it at startup or off the thread that serves lookups.
 ///
-/// Why a mutex: the owner and the I/O thread share the request queue, the
+/// Why a mutex: the owner and the I/O thread share the request queues, the
 /// completion queue, the block directory (so contains() answers without
 /// I/O) with the keys that left it (record_removals) and the published
 /// statistics. One mutex guards them all; neither
@@ -202,6 +203,13 @@ struct disk_request_id {
                          const disk_request_id&) = default;
 };
 
+/// Where a fetch waits in the I/O thread's queue. A demand read (a caller
+/// waits for it: a request's promotion, a block read back for acquire() or
+/// pin()) goes ahead of background work (spills, prefetch promotions,
+/// expiry, compaction, flushes, reports), in a batch of demand reads; a
+/// background read waits its turn. See disk_tier::fetch.
+enum class disk_priority : std::uint8_t { background, demand };
+
 enum class disk_op : std::uint8_t {
   spill,
   fetch,
@@ -332,7 +340,18 @@ public:
   /// checksum was verified; errc::not_found when absent or expired,
   /// errc::checksum_mismatch when the bytes are damaged (the block is then
   /// dropped and counted). A hit updates accessed_at (batched).
-  [[nodiscard]] disk_request_id fetch(const block_key& key);
+  ///
+  /// A background read queues behind everything queued before it. A
+  /// demand read goes ahead: the I/O thread runs the demand reads queued in
+  /// a batch of their own (up to max_batch) before the background work
+  /// queued earlier, except that after such a batch taken while background
+  /// work waited, the next batch is background work (so spills advance by
+  /// up to max_batch every other batch however many reads come). A demand
+  /// read of a key whose spill or erase is still queued waits right behind
+  /// the last of them, so it finds what was spilled (or nothing, if
+  /// erased), never an older copy.
+  [[nodiscard]] disk_request_id
+  fetch(const block_key& key, disk_priority p = disk_priority::background);
   /// As fetch(), but reads straight into `dst` (e.g. the slot the block is
   /// promoted into) and leaves the completion's `bytes` empty; `count` is
   /// the bytes read. errc::wrong_value_size when `dst` is not the block's
@@ -346,9 +365,9 @@ public:
   /// caller that verifies the bytes itself when it uses them (block_store
   /// verifies every block on every read, so a promoted block is hashed once,
   /// at its first read, instead of twice).
-  [[nodiscard]] disk_request_id fetch_into(const block_key& key,
-                                           std::span<std::byte> dst,
-                                           bool verify = true);
+  [[nodiscard]] disk_request_id
+  fetch_into(const block_key& key, std::span<std::byte> dst, bool verify = true,
+             disk_priority p = disk_priority::background);
 
   /// Whether the block is on disk or its spill is pending. No I/O.
   [[nodiscard]] bool contains(const block_key& key) const;
@@ -398,6 +417,14 @@ public:
   /// Blocks until every queued request is done (its completion queued) or
   /// `timeout` passes; true when idle. For owners shutting down and tests.
   [[nodiscard]] bool wait_idle(nanos timeout = std::chrono::seconds(60));
+  /// Blocks until the completion of every request in `ids` is queued (not
+  /// yet taken by drain_completions), or the tier is idle, or `timeout`
+  /// passes; false on timeout. Unlike wait_idle() it does not wait for
+  /// the rest of the queue: an owner waiting for its demand reads
+  /// (block_store's promotions) is not held up by the spills queued
+  /// behind them.
+  [[nodiscard]] bool wait_done(std::span<const disk_request_id> ids,
+                               nanos timeout = std::chrono::seconds(60));
 
   [[nodiscard]] disk_tier_stats stats() const;
   [[nodiscard]] const disk_tier_config& config() const noexcept {
@@ -454,7 +481,15 @@ private:
   explicit disk_tier(disk_tier_config config);
 
   // Owner side.
-  disk_request_id enqueue(request&& r);
+  /// Queues `r` (REQUIRES: mu_ held): background requests in order; a
+  /// demand read ahead of them (see fetch()).
+  disk_request_id enqueue(request&& r,
+                          disk_priority p = disk_priority::background);
+  /// Moves the next batch into `batch` (REQUIRES: mu_ held): demand reads
+  /// first, in a batch of their own, unless it is the background's turn.
+  void take_batch(std::vector<request>& batch);
+  /// No request queued or running. REQUIRES: mu_ held.
+  [[nodiscard]] bool idle_locked() const noexcept;
 
   // I/O thread side.
   void run();
@@ -537,7 +572,14 @@ private:
   mutable std::mutex mu_;
   mutable std::condition_variable work_cv_;
   mutable std::condition_variable idle_cv_;
-  std::deque<request> queue_;
+  std::deque<request> queue_;  ///< background requests, in order
+  std::deque<request> demand_; ///< demand reads, in order (see fetch())
+  /// Spills and erases per key in queue_: a demand read of such a key
+  /// queues behind them instead of ahead.
+  std::unordered_map<block_key, std::uint32_t, block_key_hash> queued_writes_;
+  /// The last batch was demand reads taken while background work waited:
+  /// the next batch is background work.
+  bool background_turn_ = false;
   std::vector<disk_completion> done_;
   std::unordered_map<block_key, dir_entry, block_key_hash> dir_;
   bool record_removals_ = false;

@@ -2,6 +2,7 @@
 
 #include "engine/checksum.hpp"
 #include "engine/testing/disk_catalog_v1.hpp"
+#include "engine/testing/io_gate.hpp"
 
 #include <gtest/gtest.h>
 #include <sqlite3.h>
@@ -326,6 +327,152 @@ TEST_F(disk_tier_test, fetch_into_reads_into_the_callers_buffer) {
     }
   }
   EXPECT_TRUE(dst == block_bytes(1, 8192));
+}
+
+// ------------------------------------------------------- demand reads
+
+/// Ids of `done` in completion order.
+std::vector<std::uint64_t> order_of(const std::vector<disk_completion>& done) {
+  std::vector<std::uint64_t> out;
+  for (const auto& c : done)
+    out.push_back(c.id.value);
+  return out;
+}
+
+/// config() whose I/O thread takes batches of 4 and can be held in `gate`.
+disk_tier_config gated_config(disk_tier_config c,
+                              const std::shared_ptr<testing::io_gate>& gate) {
+  c.max_batch = 4;
+  c.write_fault_for_testing = testing::io_gate::hook(gate);
+  return c;
+}
+
+// A read a caller waits for goes ahead of the spills queued before it;
+// a background read (a prefetch) waits its turn. Before, every read
+// waited for everything queued before it.
+TEST_F(disk_tier_test, a_demand_read_goes_ahead_of_queued_spills) {
+  auto gate = std::make_shared<testing::io_gate>();
+  open(gated_config(config(), gate));
+  spill(100);
+  settle();
+  gate->arm();
+  const auto held = spill(0); // the I/O thread holds in its write
+  ASSERT_TRUE(gate->wait_entered());
+  std::vector<std::uint64_t> spills;
+  for (std::uint64_t i = 1; i <= 8; ++i)
+    spills.push_back(spill(i).value);
+  const auto prefetch = tier_->fetch(key_of(100));
+  const auto read = tier_->fetch(key_of(100), disk_priority::demand);
+  gate->open();
+  const auto done = settle();
+  std::vector<std::uint64_t> want{held.value, read.value};
+  want.insert(want.end(), spills.begin(), spills.end());
+  want.push_back(prefetch.value);
+  EXPECT_EQ(order_of(done), want);
+  for (const auto& c : done) {
+    EXPECT_TRUE(c.status.has_value()) << c.status.error().describe();
+    if (c.id == read) {
+      EXPECT_TRUE(c.bytes == block_bytes(100, 4096));
+    }
+  }
+}
+
+// Demand reads do not starve the background: while both wait, a batch of
+// demand reads is followed by a batch of background work.
+TEST_F(disk_tier_test, demand_reads_and_spills_take_turns) {
+  auto gate = std::make_shared<testing::io_gate>();
+  open(gated_config(config(), gate));
+  for (std::uint64_t i = 100; i < 108; ++i)
+    spill(i);
+  settle();
+  gate->arm();
+  const auto held = spill(0);
+  ASSERT_TRUE(gate->wait_entered());
+  std::vector<std::uint64_t> spills;
+  std::vector<std::uint64_t> reads;
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    spills.push_back(spill(i + 1).value);
+    reads.push_back(tier_->fetch(key_of(100 + i), disk_priority::demand).value);
+  }
+  gate->open();
+  std::vector<std::uint64_t> want{held.value};
+  for (std::ptrdiff_t half = 0; half < 2; ++half) {
+    want.insert(want.end(), reads.begin() + 4 * half,
+                reads.begin() + 4 * half + 4);
+    want.insert(want.end(), spills.begin() + 4 * half,
+                spills.begin() + 4 * half + 4);
+  }
+  EXPECT_EQ(order_of(settle()), want);
+}
+
+// A demand read never overtakes a queued spill or erase of its own key:
+// it finds the bytes spilled last, or nothing when the key was erased,
+// never the older copy. A read of another key still goes ahead.
+TEST_F(disk_tier_test, a_demand_read_waits_for_the_queued_writes_of_its_key) {
+  auto gate = std::make_shared<testing::io_gate>();
+  open(gated_config(config(), gate));
+  for (std::uint64_t i : {3UL, 5UL, 6UL})
+    spill(i);
+  settle();
+  gate->arm();
+  const auto held = spill(0);
+  ASSERT_TRUE(gate->wait_entered());
+  const auto s1 = spill(1);
+  const auto newer = block_bytes(55, 4096); // key 5, new bytes
+  const auto s5 =
+      tier_->spill(key_of(5), ns_a, codec::int8, newer, block_checksum(newer),
+                   clock_.now(), nanos{0}, false);
+  EXPECT_TRUE(tier_->erase(key_of(6)).has_value());
+  const auto s2 = spill(2);
+  const auto r5 = tier_->fetch(key_of(5), disk_priority::demand);
+  const auto r6 = tier_->fetch(key_of(6), disk_priority::demand);
+  const auto r3 = tier_->fetch(key_of(3), disk_priority::demand);
+  gate->open();
+  ASSERT_TRUE(s5.has_value());
+  const auto done = settle();
+  // Batches of 4: the read of 3 alone, then the background in order, the
+  // reads of 5 and 6 right behind their key's spill and erase.
+  const std::vector<std::uint64_t> want{
+      held.value, r3.value, s1.value, s5->value, r5.value, r6.value, s2.value};
+  EXPECT_EQ(order_of(done), want);
+  for (const auto& c : done) {
+    if (c.id == r5) {
+      EXPECT_TRUE(c.status.has_value());
+      EXPECT_TRUE(c.bytes == newer) << "the older copy was read";
+    }
+    if (c.id == r6) {
+      ASSERT_FALSE(c.status.has_value());
+      EXPECT_EQ(c.status.error().code, errc::not_found);
+    }
+    if (c.id == r3) {
+      EXPECT_TRUE(c.bytes == block_bytes(3, 4096));
+    }
+  }
+}
+
+// wait_done() returns once the given requests are answered, without
+// waiting for the rest of the queue.
+TEST_F(disk_tier_test, wait_done_waits_for_the_given_requests_only) {
+  auto gate = std::make_shared<testing::io_gate>();
+  open(gated_config(config(), gate));
+  spill(100);
+  settle();
+  gate->arm();
+  spill(0);
+  ASSERT_TRUE(gate->wait_entered());
+  const auto read = tier_->fetch(key_of(100), disk_priority::demand);
+  gate->arm(); // the next spill holds the I/O thread again
+  spill(1);
+  gate->open();
+  const std::vector<disk_request_id> ids{read};
+  EXPECT_TRUE(tier_->wait_done(ids));
+  bool answered = false;
+  tier_->drain_completions(
+      [&](disk_completion&& c) { answered = answered || c.id == read; });
+  EXPECT_TRUE(answered);
+  EXPECT_TRUE(gate->wait_entered()) << "spill 1 was not reached";
+  gate->open();
+  settle();
 }
 
 TEST_F(disk_tier_test, missing_blocks_are_not_found) {

@@ -22,23 +22,24 @@ public:
       return 0;
     };
   }
-  /// The next call of the hook blocks.
+  /// The next call of the hook blocks (also while an earlier one is held:
+  /// that one is let through by open()).
   void arm() {
     std::lock_guard lk(mu_);
     armed_ = true;
     entered_ = false;
-    open_ = false;
   }
   /// Waits, with a bound, until the I/O thread is held in the hook.
   [[nodiscard]] bool wait_entered() {
     std::unique_lock lk(mu_);
     return cv_.wait_for(lk, std::chrono::seconds(60), [&] { return entered_; });
   }
-  /// Lets the held I/O thread (and every later call) through.
+  /// Lets the held I/O thread through. Call it after wait_entered(): a
+  /// call that is not held yet blocks when it comes.
   void open() {
     {
       std::lock_guard lk(mu_);
-      open_ = true;
+      held_ = false;
     }
     cv_.notify_all();
   }
@@ -50,15 +51,16 @@ private:
       return;
     armed_ = false;
     entered_ = true;
+    held_ = true;
     cv_.notify_all();
-    cv_.wait(lk, [&] { return open_; });
+    cv_.wait(lk, [&] { return !held_; });
   }
 
   std::mutex mu_;
   std::condition_variable cv_;
   bool armed_ = false;
   bool entered_ = false;
-  bool open_ = false;
+  bool held_ = false;
 };
 
 } // namespace kvfleet::engine::testing
