@@ -524,6 +524,33 @@ TEST_F(store_tier_test, a_block_comes_back_from_the_tier_in_its_partition) {
   store_->check_invariants();
 }
 
+// A block the full tier drops to disk keeps its partition there too: read
+// back alone from disk, a long document's block lands in the long
+// partition (before, the disk kept none and it landed in the short one).
+TEST_F(store_tier_test, a_block_dropped_to_disk_comes_back_in_its_partition) {
+  open(32, 4);
+  attach_disk();
+  const auto a = chain(1, 4);
+  put_options long_request;
+  long_request.request_tokens = 5000; // the long partition (>= 4096)
+  ASSERT_TRUE(
+      store_->process(ns_, a, 5000, producer_, long_request).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  run(chain(100, 4));
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->stats().tier_drops, 4U);
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  ASSERT_EQ(store_->block_count(), 0U);
+  ASSERT_TRUE(store_->acquire(ns_, a[0]).has_value());
+  constexpr auto large = static_cast<std::size_t>(size_partition::large);
+  constexpr auto small = static_cast<std::size_t>(size_partition::small);
+  EXPECT_EQ(store_->stats().blocks_by_partition[large], 1U);
+  EXPECT_EQ(store_->stats().blocks_by_partition[small], 0U);
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test,
        a_block_back_from_the_tier_takes_the_requests_priority) {
   open(32, 16, policy_kind::priority);
