@@ -625,13 +625,13 @@ disk_request_id disk_tier::enqueue(request&& r, disk_priority p) {
     if (w == queued_writes_.end()) {
       demand_.push_back(std::move(r));
     } else {
-      auto it = queue_.end();
-      while (it != queue_.begin()) {
-        --it;
-        if (writes_key(it->k) && it->key == r.key)
-          break;
-      }
-      queue_.insert(it + 1, std::move(r));
+      const auto last =
+          std::find_if(queue_.rbegin(), queue_.rend(), [&](const request& q) {
+            return writes_key(q.k) && q.key == r.key;
+          });
+      KVFLEET_CHECK(last != queue_.rend(),
+                    "a write counted in queued_writes_ is queued");
+      queue_.insert(last.base(), std::move(r)); // right behind it
     }
   } else {
     if (writes_key(r.k))
@@ -1931,6 +1931,9 @@ void disk_tier::check_invariants() const {
   // state can be read here.
   KVFLEET_CHECK(retry_armed_ == retry_pending(),
                 "work a failure left is scheduled for a retry");
+  KVFLEET_CHECK(queued_writes_.empty() && !background_turn_,
+                "when idle, no write is counted as queued and no batch "
+                "waits for its turn");
   if (!reload_error_.empty()) {
     // Nothing loaded; the directory keeps the owner's view until a reload.
     KVFLEET_CHECK(index_.empty() && segments_.empty() && file_bytes_ == 0 &&
