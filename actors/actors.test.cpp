@@ -11,6 +11,7 @@
 #include "actors/scaler_actor.hpp"
 #include "actors/warmer_actor.hpp"
 #include "engine/clock.hpp"
+#include "engine/memory_backend.hpp"
 #include "engine/testing/fake_memory_tier.hpp"
 
 #include <gtest/gtest.h>
@@ -26,6 +27,7 @@
 #include <set>
 #include <span>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <caf/actor_system.hpp>
@@ -945,6 +947,131 @@ TEST_F(actor_test, AnEngineStillOpeningItsDiskTakesNoRequestsUntilReady) {
     engines.insert(r->value->engine);
   }
   EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 2}));
+}
+
+/// An engine factory whose first `initial` engines start at once and
+/// whose later ones (restarts, replicas) make their stores on their own
+/// threads (store_open::on_engine) over a make_backend the test observes:
+/// it counts its calls, and refuses every arena while `refuse`.
+struct store_on_engine_factory {
+  int initial = 1;
+  std::shared_ptr<int> calls = std::make_shared<int>(0);
+  std::shared_ptr<int> backends = std::make_shared<int>(0);
+  std::shared_ptr<bool> refuse = std::make_shared<bool>(false);
+  /// The last engine started on its own thread.
+  std::shared_ptr<caf::actor> opening = std::make_shared<caf::actor>();
+
+  [[nodiscard]] engine_factory make() const {
+    return [*this](caf::actor_system& s,
+                   std::uint32_t slot) -> result<started_engine> {
+      auto c = small_engine(64);
+      c.slot = slot;
+      if (++*calls <= initial)
+        return started_now(spawn_engine_actor(s, c));
+      // On the test scheduler, not a thread of its own, so the test
+      // decides when it runs.
+      c.own_thread = false;
+      c.make_backend = [backends = backends, refuse = refuse](std::uint32_t,
+                                                              std::size_t bytes)
+          -> result<std::unique_ptr<engine::memory_backend>> {
+        ++*backends;
+        if (*refuse)
+          return make_error(errc::out_of_memory, "arena of " +
+                                                     std::to_string(bytes) +
+                                                     " bytes refused (test)");
+        auto host = engine::host_memory_backend::create(bytes);
+        if (!host)
+          return unexpected<error>{host.error()};
+        return std::unique_ptr<engine::memory_backend>{std::move(*host)};
+      };
+      auto engine = spawn_engine_actor(s, c, store_open::on_engine);
+      if (!engine)
+        return unexpected<error>{engine.error()};
+      *opening = *engine;
+      return started_engine{std::move(*engine), true};
+    };
+  }
+
+  /// Runs every job but the opening engine's (whichever it is by then).
+  void run_all_but_opening(caf::scheduler::test_coordinator& sched) const {
+    sched.run_jobs_filtered([opening = opening](caf::resumable* j) {
+      return !*opening ||
+             j != dynamic_cast<caf::resumable*>(
+                      caf::actor_cast<caf::abstract_actor*>(*opening));
+    });
+  }
+};
+
+TEST_F(actor_test, AReplicaMakesItsArenaOnItsOwnThreadWhileTheBalancerRoutes) {
+  // The replica's memory is made by the engine, not by the factory on the
+  // balancer's thread (a host arena of GiBs is prefaulted for seconds):
+  // while the engine has not run, its arena does not exist yet, and the
+  // balancer answers requests on engine 0, and its stats.
+  store_on_engine_factory f;
+  balancer_config bc;
+  bc.routing.policy = routing_policy::least_loaded;
+  auto b = started_balancer(bc, f.make());
+  auto replica = ask_untimed<std::uint32_t>(b, replica_atom::value);
+  f.run_all_but_opening(*sched_);
+  ASSERT_TRUE(*f.opening);
+  EXPECT_EQ(*f.backends, 0) << "the arena was made on the balancer's thread";
+  EXPECT_FALSE(replica->done()) << "answered before the replica was ready";
+  auto served =
+      ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  auto st = ask<balancer_stats>(b, stats_atom::value);
+  f.run_all_but_opening(*sched_);
+  ASSERT_TRUE(served->value.has_value());
+  EXPECT_EQ(served->value->engine, 0U);
+  ASSERT_TRUE(st->value.has_value());
+  EXPECT_EQ(st->value->up, (std::vector<std::uint8_t>{1, 0}));
+  EXPECT_EQ(st->value->engines, 2U);
+  sched_->run(); // the engine makes its arena, then answers ready_atom
+  EXPECT_EQ(*f.backends, 1);
+  ASSERT_TRUE(replica->value.has_value());
+  EXPECT_EQ(*replica->value, 2U);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up,
+            (std::vector<std::uint8_t>{1, 1}));
+}
+
+TEST_F(actor_test, AnArenaTheBackendRefusesFailsTheStartWithItsError) {
+  // Made on the engine, an arena the backend refuses ends the engine with
+  // the backend's error: a replica asked for gets it (and its slot is
+  // free again); a restart goes the restart / give-up way, logged with it.
+  store_on_engine_factory f;
+  *f.refuse = true;
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  f.initial = 2;
+  auto b = started_balancer(bc, f.make());
+  auto replica = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  EXPECT_EQ(*f.backends, 1);
+  ASSERT_TRUE(replica->error.has_value());
+  auto e = from_caf_error(*replica->error);
+  EXPECT_EQ(e.code, errc::out_of_memory);
+  EXPECT_NE(e.message.find("the new replica did not start: arena of"),
+            std::string::npos)
+      << e.message;
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1, 0}));
+  EXPECT_EQ(st.engines, 2U) << "the replica's slot is free";
+  testing::internal::CaptureStderr();
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  pass_restart_delays(bc, 3);
+  const auto log = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(*f.backends, 2); // the replica's and the one restart's
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1, 0}));
+  EXPECT_NE(log.find("engine slot 0 given up"), std::string::npos) << log;
+  EXPECT_NE(log.find("its restart failed: out_of_memory"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("refused (test)"), std::string::npos) << log;
 }
 
 TEST_F(actor_test, AFactoryThatAlwaysFailsIsGivenUpAfterMaxRestarts) {

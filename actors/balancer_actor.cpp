@@ -39,7 +39,7 @@ struct slot_info {
   /// Its engine failed after max_restarts restarts: like a retired slot,
   /// free for the next replica.
   bool given_up = false;
-  /// Its engine opens its disk (started_engine::opening) and has not
+  /// Its engine makes its store (started_engine::opening) and has not
   /// answered ready_atom yet: the slot stays down.
   bool opening = false;
   /// Its engine has a disk tier (started_engine::disk): retired, it
@@ -113,7 +113,7 @@ error replica_failed(const error& why) {
 }
 
 /// The engine of `slot` (generation `generation`) answered ready_atom: its
-/// disk is open, and the slot takes requests. The replica_atom that
+/// store is made, and the slot takes requests. The replica_atom that
 /// started it, if any, is answered now.
 void engine_ready(balancer_actor* self, std::uint32_t slot,
                   std::uint64_t generation) {
@@ -247,7 +247,7 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   return *slot;
 }
 
-/// The engine of `slot` stopped before it answered ready_atom (its disk
+/// The engine of `slot` stopped before it answered ready_atom (its store
 /// open failed: `why` is its exit reason), so its start failed: a replica
 /// asked for is answered with that error and its slot freed; another start
 /// is restarted or given up, as a start whose factory fails.

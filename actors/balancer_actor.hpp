@@ -23,13 +23,13 @@
 ///       index names for the longest prefix (the lowest live slot when the
 ///       index knows nothing; a retiring engine only when none is live)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot (or
-///       one still opening its disk: what is sent to it waits until then)
+///       one still opening its store: what is sent to it waits until then)
 ///   (replica_atom)               -> uint32 live engines after adding one
 ///       (in the slot of a retired or given-up engine when there is one);
 ///       errc::unavailable when all router::max_slots (64) slots are in use;
 ///       the factory's error when the replica does not start (its slot is
-///       free again, and no retry comes later). A replica that opens its
-///       disk on its own thread (started_engine::opening) is answered once
+///       free again, and no retry comes later). A replica that makes its
+///       store on its own thread (started_engine::opening) is answered once
 ///       it is ready, or with its open's error; the balancer goes on
 ///       routing meanwhile.
 ///   (retire_atom)                -> uint32 live engines after draining one
@@ -65,7 +65,7 @@
 /// `restart_delay`, with nothing in memory (an engine with a disk tier
 /// recovers what its directory holds); it rejoins the rotation when the new
 /// actor is up (started_engine::opening: when it answered ready_atom, its
-/// disk open done off the balancer's thread).
+/// store made off the balancer's thread).
 /// A slot's engine is restarted at most `max_restarts` times, and a start
 /// whose factory fails (the first start of a slot included) is retried
 /// after `restart_delay` as one of those restarts: a slot gets at most
@@ -101,14 +101,15 @@ struct balancer_config {
 /// An engine an engine_factory started.
 struct started_engine {
   caf::actor actor;
-  /// The engine still opens its disk tier on its own thread
-  /// (spawn_engine_actor with disk_open::on_engine). The balancer then
-  /// asks it ready_atom and routes nothing to its slot until it answers
-  /// (least_loaded would pick the idle newcomer first, and each request
-  /// would wait there for the whole open); a replica_atom is answered then
-  /// too. An engine that stops before it answers (its open failed: the
-  /// tier's error is its exit reason) is a start that failed, with that
-  /// error. False: it takes requests at once, and costs no extra message.
+  /// The engine still makes its store (memory arena, tiers, disk tier) on
+  /// its own thread (spawn_engine_actor with store_open::on_engine). The
+  /// balancer then asks it ready_atom and routes nothing to its slot until
+  /// it answers (least_loaded would pick the idle newcomer first, and each
+  /// request would wait there for the whole open); a replica_atom is
+  /// answered then too. An engine that stops before it answers (its open
+  /// failed: the error is its exit reason) is a start that failed, with
+  /// that error. False: it takes requests at once, and costs no extra
+  /// message.
   bool opening = false;
   /// The engine has a disk tier (engine_actor_config::make_disk): retired,
   /// it persists its cached blocks before it exits (retire_atom above).

@@ -39,14 +39,14 @@ struct event_log {
 };
 
 /// What spawn_engine_actor hands the actor; moved out once at start.
+/// With store_open::on_engine the store and producer are still empty: the
+/// actor makes them (open_store) as its first act.
 struct engine_parts {
   std::shared_ptr<event_log> log;
   engine_actor_config config;
   std::unique_ptr<engine::block_store> store;
   engine::ns_id ns;
   std::unique_ptr<engine::kv_producer> producer;
-  /// disk_open::on_engine: the actor opens make_disk's tier at its start.
-  bool open_disk = false;
 };
 
 /// Keys a new listener's snapshot of the disk sends per block_events: a
@@ -284,26 +284,68 @@ void close_batch(engine_actor* self) {
   arm_timer(self);
 }
 
-/// Opens make_disk's tier for engine config.slot and puts it under
-/// `store`. Errors: the factory's (directory checks, the catalog: see
-/// engine/disk/README.md, "At open") and attach_disk's.
-result<void> open_disk(engine::block_store& store,
-                       const engine_actor_config& config) {
-  auto disk = config.make_disk(config.slot);
-  if (!disk)
-    return unexpected<error>{disk.error()};
-  return store.attach_disk(std::move(*disk));
+/// Makes `parts`' store as `parts.config` says: the block pool over
+/// make_backend's memory (host memory when null: prefaulted, seconds for
+/// GiBs), make_tier's tier when it gives one, make_disk's disk tier (its
+/// open recovers the directory: as long as the directory is large), the
+/// namespace, and the producer. The store reports its block events to
+/// `parts.log` (also those promoted from disk; a block moved to the memory
+/// tier is still the engine's), and a caller's own callback still runs.
+/// Errors: the backend's, the store's (zero capacity, bad namespace), the
+/// tier factory's, the disk tier's (engine/disk/README.md, "At open").
+result<void> open_store(engine_parts& parts) {
+  const auto& config = parts.config;
+  engine::store_config store_config = config.store;
+  store_config.on_block_event =
+      [log = parts.log, own = config.store.on_block_event](
+          engine::block_event ev, const engine::block_key& key) {
+        if (own)
+          own(ev, key);
+        if (log->recording)
+          log->events.emplace_back(key, ev);
+      };
+  auto store = [&]() -> result<std::unique_ptr<engine::block_store>> {
+    if (!config.make_backend)
+      return engine::block_store::create(store_config);
+    auto backend =
+        config.make_backend(config.slot, config.store.capacity_bytes);
+    if (!backend)
+      return unexpected<error>{backend.error()};
+    return engine::block_store::create(store_config, std::move(*backend));
+  }();
+  if (!store)
+    return unexpected<error>{store.error()};
+  if (config.make_tier) {
+    if (auto t = (*store)->attach_tier(config.make_tier); !t)
+      return unexpected<error>{t.error()};
+  }
+  if (config.make_disk) {
+    auto disk = config.make_disk(config.slot);
+    if (!disk)
+      return unexpected<error>{disk.error()};
+    if (auto d = (*store)->attach_disk(std::move(*disk)); !d)
+      return d;
+  }
+  auto ns = (*store)->register_namespace(config.ns, config.ns_options);
+  if (!ns)
+    return unexpected<error>{ns.error()};
+  parts.store = std::move(*store);
+  parts.ns = *ns;
+  parts.producer = config.make_producer ? config.make_producer() : nullptr;
+  if (!parts.producer)
+    parts.producer = std::make_unique<engine::synthetic_producer>();
+  return {};
 }
 
 caf::behavior engine_behavior(engine_actor* self,
                               std::shared_ptr<engine_parts> parts) {
   auto& st = self->state;
-  // disk_open::on_engine: first, on the actor's own thread (an engine with
-  // a disk tier always has one), so whoever spawned it does not wait;
-  // messages sent meanwhile wait in the mailbox. A failed open ends the
+  // store_open::on_engine: first, on the actor's own thread, so whoever
+  // spawned it does not wait for the arena or the disk; messages sent
+  // meanwhile wait in the mailbox. A store that does not open ends the
   // actor with its error, which its monitors' down_msg carries.
-  if (parts->open_disk) {
-    if (auto ok = open_disk(*parts->store, parts->config); !ok) {
+  if (!parts->store) {
+    if (auto ok = open_store(*parts); !ok) {
       self->quit(to_caf_error(ok.error()));
       return {};
     }
@@ -633,56 +675,24 @@ result<void> validate(const engine_actor_config& config) {
 
 result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
                                       const engine_actor_config& config,
-                                      disk_open open) {
+                                      store_open open) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
   auto parts = std::make_shared<engine_parts>();
   parts->config = config;
   parts->log = std::make_shared<event_log>();
-  // The store reports blocks as they come and go (also those promoted from
-  // disk; a block moved to the memory tier is still the engine's): the
-  // actor relays them to its listeners. A caller's own callback still runs.
-  engine::store_config store_config = config.store;
-  store_config.on_block_event =
-      [log = parts->log, own = config.store.on_block_event](
-          engine::block_event ev, const engine::block_key& key) {
-        if (own)
-          own(ev, key);
-        if (log->recording)
-          log->events.emplace_back(key, ev);
-      };
-  auto store = [&]() -> result<std::unique_ptr<engine::block_store>> {
-    if (!config.make_backend)
-      return engine::block_store::create(store_config);
-    auto backend =
-        config.make_backend(config.slot, config.store.capacity_bytes);
-    if (!backend)
-      return unexpected<error>{backend.error()};
-    return engine::block_store::create(store_config, std::move(*backend));
-  }();
-  if (!store)
-    return unexpected<error>{store.error()};
-  if (config.make_tier) {
-    if (auto t = (*store)->attach_tier(config.make_tier); !t)
-      return unexpected<error>{t.error()};
+  if (open == store_open::before_spawn) {
+    if (auto ok = open_store(*parts); !ok)
+      return unexpected<error>{ok.error()};
   }
-  if (config.make_disk) {
-    if (open == disk_open::on_engine)
-      parts->open_disk = true;
-    else if (auto d = open_disk(**store, config); !d)
-      return unexpected<error>{d.error()};
-  }
-  auto ns = (*store)->register_namespace(config.ns, config.ns_options);
-  if (!ns)
-    return unexpected<error>{ns.error()};
-  parts->store = std::move(*store);
-  parts->ns = *ns;
-  parts->producer = config.make_producer ? config.make_producer() : nullptr;
-  if (!parts->producer)
-    parts->producer = std::make_unique<engine::synthetic_producer>();
-  const bool own_thread = config.own_thread.value_or(
-      !parts->store->host_addressable() || config.make_disk != nullptr);
-  if (own_thread)
+  // Device memory or a disk tier: the engine waits for them inside a
+  // request. Opened on the engine, make_backend's memory is not known yet:
+  // it may be a device's (device_backend_per_engine), and its creation may
+  // take long, so it runs on a thread of its own then too.
+  const bool waits = config.make_disk != nullptr ||
+                     (parts->store ? !parts->store->host_addressable()
+                                   : config.make_backend != nullptr);
+  if (config.own_thread.value_or(waits))
     return sys.spawn<caf::detached>(engine_behavior, std::move(parts));
   return sys.spawn(engine_behavior, std::move(parts));
 }

@@ -31,8 +31,8 @@
 ///       with a disk tier the first ones store the keys on disk: at most
 ///       `snapshot_keys`, 4096 per message, see "Events")
 ///   (ready_atom)                      -> true, once the engine reads its
-///       mailbox: for one spawned with disk_open::on_engine, once its disk
-///       tier is open
+///       mailbox: for one spawned with store_open::on_engine, once its
+///       store (memory, tiers, disk) is made
 /// Engine errors come back as caf::error (caf_error.hpp), converted once.
 /// A request (process, batch) or put (reserve) whose priority is not one of
 /// engine::priority's five is errc::invalid_argument: it would outrank
@@ -93,8 +93,10 @@
 /// not.
 /// Opening the tier (directory checks, the SQLite catalog, cutting segments
 /// back: engine/disk/README.md, "At open") takes as long as the directory
-/// is large: spawn_engine_actor does it on its caller (disk_open::
-/// before_spawn) or, with disk_open::on_engine, lets the actor do it on
+/// is large, and so does making the pool's memory (a host arena is
+/// prefaulted, a device arena allocated, a pinned host tier registered):
+/// spawn_engine_actor does all of it on its caller (store_open::
+/// before_spawn) or, with store_open::on_engine, lets the actor do it on
 /// its own thread as its first act, so the caller (the balancer, starting
 /// a restart or a replica) goes on at once.
 ///
@@ -137,6 +139,10 @@ struct engine_actor_config {
   std::chrono::milliseconds put_timeout{30'000};
   /// Makes the producer this engine computes missing blocks with; null:
   /// a synthetic producer.
+  ///
+  /// It, make_backend, make_tier and make_disk are called where the store
+  /// is made (store_open): with store_open::on_engine on the engine's own
+  /// thread, so several engines may call copies of them at once.
   std::function<std::unique_ptr<engine::kv_producer>()> make_producer;
   /// Makes the block pool's memory for engine `slot`, `bytes` =
   /// `store.capacity_bytes` long: one engine per GPU is
@@ -190,7 +196,9 @@ struct engine_actor_config {
   /// scheduler's workers. Default (nullopt): its own thread exactly when
   /// the pool is device memory or the engine has a disk tier, because the
   /// engine then waits for the device or the disk inside a request, and no
-  /// scheduler worker may wait.
+  /// scheduler worker may wait. With store_open::on_engine the pool's
+  /// memory is not known at the spawn: any make_backend counts as device
+  /// memory then (its own thread).
   std::optional<bool> own_thread;
 };
 
@@ -217,29 +225,31 @@ disk_tier_per_engine(engine::disk_tier_config config);
 /// worker).
 [[nodiscard]] result<void> validate(const engine_actor_config& config);
 
-/// Where spawn_engine_actor opens the disk tier of an engine with make_disk.
-enum class disk_open : std::uint8_t {
-  /// On the caller, before the actor is spawned: the tier's errors are
-  /// spawn_engine_actor's (node::start opens a node's initial engines so).
+/// Where spawn_engine_actor makes the engine's store: its memory
+/// (make_backend, or a prefaulted host arena), its memory tier (make_tier),
+/// its disk tier (make_disk), its namespace and its producer.
+enum class store_open : std::uint8_t {
+  /// On the caller, before the actor is spawned: the store's errors are
+  /// spawn_engine_actor's (node::start starts a node's initial engines so).
   before_spawn,
   /// On the actor's own thread, as its first act: spawn_engine_actor
-  /// returns without waiting for the open, messages sent meanwhile wait in
-  /// the mailbox, ready_atom is answered once the tier is open, and an open
-  /// that fails stops the actor with the tier's error as its exit reason
-  /// (what its monitors' down_msg carries). The node's restarts and
-  /// replicas start so (balancer_actor.hpp, started_engine).
+  /// returns without waiting for it, messages sent meanwhile wait in the
+  /// mailbox, ready_atom is answered once the store is made, and a store
+  /// that cannot be made stops the actor with that error as its exit
+  /// reason (what its monitors' down_msg carries). The node's restarts and
+  /// replicas start so (balancer_actor.hpp, started_engine::opening).
   on_engine,
 };
 
 /// Creates the store (over make_backend's memory when set, with make_tier's
-/// tier when it gives one and make_disk's disk tier when set; `open` says
-/// where that opens), registers the namespace and spawns the actor.
-/// Errors: validate(config)'s, the backend's, the tier factory's, with
-/// disk_open::before_spawn the disk tier's (directory missing, unwritable,
-/// full, locked, another version: engine/disk/README.md), the store's
-/// (zero capacity, bad namespace); nothing is spawned then.
+/// tier when it gives one and make_disk's disk tier when set), registers
+/// the namespace and spawns the actor; `open` says where the store is made.
+/// Errors: validate(config)'s; with store_open::before_spawn also the
+/// backend's, the tier factory's, the disk tier's (directory missing,
+/// unwritable, full, locked, another version: engine/disk/README.md) and
+/// the store's (zero capacity, bad namespace). Nothing is spawned then.
 [[nodiscard]] result<caf::actor>
 spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config,
-                   disk_open open = disk_open::before_spawn);
+                   store_open open = store_open::before_spawn);
 
 } // namespace kvfleet::actors

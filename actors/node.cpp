@@ -60,7 +60,7 @@ private:
 
 /// Every engine the node's factory started (restarts and replicas too),
 /// for stop() to wait for. The balancer calls the factory on its thread
-/// (which spawns them; a disk tier opens on the engine's own thread);
+/// (which spawns them; their stores are made on their own threads);
 /// the mutex guards the list between it and stop(). Weak references, so
 /// engines long gone leave nothing behind but their slot in the list until
 /// the next add.
@@ -357,19 +357,20 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
           return actors::started_engine{std::move(a), false,
                                         engine_cfg.make_disk != nullptr};
         }
-        // A restart or a replica: its disk tier opens on the engine's own
-        // thread, not on the balancer's, which goes on routing to the
-        // other engines meanwhile (started_engine::opening).
+        // A restart or a replica: its store (memory arena, tiers, disk
+        // tier) is made on the engine's own thread, not on the balancer's,
+        // which goes on routing to the other engines meanwhile
+        // (started_engine::opening).
         auto cfg = engine_cfg;
         cfg.slot = slot;
         cfg.snapshot_keys = snapshot_keys_of(slot);
         auto engine =
-            actors::spawn_engine_actor(s, cfg, actors::disk_open::on_engine);
+            actors::spawn_engine_actor(s, cfg, actors::store_open::on_engine);
         if (!engine)
           return unexpected<error>{engine.error()};
         engines->add(*engine);
-        const bool disk = cfg.make_disk != nullptr;
-        return actors::started_engine{std::move(*engine), disk, disk};
+        return actors::started_engine{std::move(*engine), true,
+                                      cfg.make_disk != nullptr};
       });
   if (!balancer)
     return unexpected<error>{

@@ -102,10 +102,11 @@ public:
   /// waited for (at most `call_timeout`), so a start retried on the same
   /// directories finds them free. An unreachable Redis is not an error
   /// here: the store connects on its first call. Engines started later
-  /// (the balancer's restarts, the scaler's replicas) open their disk
-  /// tiers on their own threads: the balancer routes to the other engines
-  /// meanwhile, and one that does not open is a failed start
-  /// (balancer_actor.hpp, started_engine).
+  /// (the balancer's restarts, the scaler's replicas) make their stores
+  /// (memory arena, tiers, disk tier) on their own threads: the balancer
+  /// routes to the other engines meanwhile, and one whose store is not
+  /// made is a failed start with that error (balancer_actor.hpp,
+  /// started_engine).
   [[nodiscard]] static result<std::unique_ptr<node>>
   start(caf::actor_system& sys, node_config config);
   ~node();
