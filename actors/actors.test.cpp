@@ -1074,6 +1074,62 @@ TEST_F(actor_test, AnArenaTheBackendRefusesFailsTheStartWithItsError) {
   EXPECT_NE(log.find("refused (test)"), std::string::npos) << log;
 }
 
+TEST_F(actor_test, AnOpeningEngineKilledFromOutsideIsReportedAsStopped) {
+  // An engine killed while it opens did not fail its open: the replica
+  // asked for hears it was stopped, with the exit reason, and a restart
+  // given up says so in its log line, not "its restart failed".
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  auto calls = std::make_shared<int>(0);
+  auto opening = std::make_shared<caf::actor>();
+  auto b = started_balancer(
+      bc,
+      [calls, opening](caf::actor_system& s,
+                       std::uint32_t slot) -> result<started_engine> {
+        if (++*calls <= 2) {
+          auto c = small_engine(64);
+          c.slot = slot;
+          return started_now(spawn_engine_actor(s, c));
+        }
+        *opening = s.spawn(opening_engine);
+        return started_engine{*opening, true};
+      });
+  auto replica = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(*opening);
+  EXPECT_FALSE(replica->done());
+  caf::anon_send_exit(*opening, caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_TRUE(replica->error.has_value());
+  const auto e = from_caf_error(*replica->error);
+  EXPECT_EQ(e.code, errc::unavailable);
+  EXPECT_NE(e.message.find("the new replica stopped while it was still "
+                           "opening its store (exit reason: "),
+            std::string::npos)
+      << e.message;
+  EXPECT_NE(e.message.find("kill"), std::string::npos) << e.message;
+  testing::internal::CaptureStderr();
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  pass_restart_delays(bc, 1); // the restart, opening
+  caf::anon_send_exit(*opening, caf::exit_reason::kill);
+  sched_->run();
+  const auto log = testing::internal::GetCapturedStderr();
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+  EXPECT_NE(log.find("engine slot 0 given up after 1 restart(s) (max_restarts "
+                     "1): its engine stopped while it was still opening its "
+                     "store (exit reason: "),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("kill"), std::string::npos) << log;
+  EXPECT_EQ(log.find("failed"), std::string::npos) << log;
+}
+
 TEST_F(actor_test, AFactoryThatAlwaysFailsIsGivenUpAfterMaxRestarts) {
   // The first start and every retry fail. Each retry counts as a restart:
   // after max_restarts + 1 calls the slot is given up, and no more calls

@@ -247,20 +247,32 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   return *slot;
 }
 
-/// The engine of `slot` stopped before it answered ready_atom (its store
-/// open failed: `why` is its exit reason), so its start failed: a replica
-/// asked for is answered with that error and its slot freed; another start
-/// is restarted or given up, as a start whose factory fails.
-void open_failed(balancer_actor* self, std::uint32_t slot, const error& why) {
+/// The engine of `slot` stopped before it answered ready_atom, with exit
+/// reason `reason`, so its start failed: a replica asked for is answered
+/// with the error and its slot freed; another start is restarted or given
+/// up, as a start whose factory fails. A kvfleet error is its open's own
+/// (the store could not be made); any other reason means it was stopped
+/// while it opened (killed from outside, an exception), and says so.
+void open_failed(balancer_actor* self, std::uint32_t slot,
+                 const caf::error& reason) {
   auto& info = self->state.slots[slot];
   info.opening = false;
+  const bool own = is_kvfleet_error(reason);
+  const auto stopped = [&] {
+    return "stopped while it was still opening its store (exit reason: " +
+           self->system().render(reason) + ")";
+  };
   if (info.kind != start_kind::replica) {
-    restart_or_give_up(self, slot, start_failed(info.kind, why));
+    restart_or_give_up(self, slot,
+                       own ? start_failed(info.kind, from_caf_error(reason))
+                           : "its engine " + stopped());
     return;
   }
   free_replica_slot(self, slot);
   if (info.replica.pending())
-    info.replica.deliver(to_caf_error(replica_failed(why)));
+    info.replica.deliver(to_caf_error(
+        own ? replica_failed(from_caf_error(reason))
+            : error{errc::unavailable, "the new replica " + stopped()}));
   info.replica = owed_reply{};
 }
 
@@ -480,7 +492,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       info.engine = caf::actor{};
       engine_gone(self, slot);
       if (info.opening) {
-        open_failed(self, slot, from_caf_error(dm.reason));
+        open_failed(self, slot, dm.reason);
       } else if (info.retiring) {
         info.retired = true;
         s.route.remove_slot(slot); // free for the next replica

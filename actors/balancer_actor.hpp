@@ -108,8 +108,11 @@ struct started_engine {
   /// request would wait there for the whole open); a replica_atom is
   /// answered then too. An engine that stops before it answers (its open
   /// failed: the error is its exit reason) is a start that failed, with
-  /// that error. False: it takes requests at once, and costs no extra
-  /// message.
+  /// that error. One stopped from outside before it answers (killed, an
+  /// exception: an exit reason that is no kvfleet error) is a failed start
+  /// too, said as such: the replica's error (errc::unavailable) and the
+  /// give-up line say it stopped while opening, with its exit reason.
+  /// False: it takes requests at once, and costs no extra message.
   bool opening = false;
   /// The engine has a disk tier (engine_actor_config::make_disk): retired,
   /// it persists its cached blocks before it exits (retire_atom above).

@@ -32,10 +32,14 @@ bool is_timeout(const caf::error& e) noexcept {
          e.code() == static_cast<std::uint8_t>(caf::sec::request_timeout);
 }
 
+bool is_kvfleet_error(const caf::error& e) noexcept {
+  return e.category() == kvfleet_category;
+}
+
 kvfleet::error from_caf_error(const caf::error& e) {
   if (!e)
     return kvfleet::error{errc::ok, {}};
-  if (e.category() == kvfleet_category) {
+  if (is_kvfleet_error(e)) {
     std::string text;
     const auto& ctx = e.context();
     if (ctx.size() == 1 && ctx.match_element<std::string>(0))

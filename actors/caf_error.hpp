@@ -20,5 +20,8 @@ namespace kvfleet::actors {
 [[nodiscard]] kvfleet::error from_caf_error(const caf::error& e);
 /// Whether `e` is CAF's request timeout.
 [[nodiscard]] bool is_timeout(const caf::error& e) noexcept;
+/// Whether `e` carries a kvfleet::error (made by to_caf_error), not one of
+/// CAF's own (an exit reason such as kill, a system error).
+[[nodiscard]] bool is_kvfleet_error(const caf::error& e) noexcept;
 
 } // namespace kvfleet::actors
