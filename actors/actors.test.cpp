@@ -35,6 +35,7 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/scheduler/test_coordinator.hpp>
 #include <caf/send.hpp>
+#include <caf/system_messages.hpp>
 
 namespace kvfleet::actors {
 namespace {
@@ -1597,6 +1598,69 @@ TEST_F(actor_test, ScalerDoesNotUndoAReplicaChangeTheBalancerLeftUnanswered) {
     EXPECT_EQ(st.replicas, f->engines) << "apply " << apply;
     EXPECT_EQ(st.replicas, apply ? 2U : 1U);
     EXPECT_EQ(decisions->size(), 1U); // still in the cooldown
+    caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
+    sched_->run();
+  }
+}
+
+TEST_F(actor_test, ScalerFollowsAReplicaThatOpensLongerThanItsTimeout) {
+  // The replica the scaler asks for opens its store for 15 s, past the
+  // scaler's 10 s: counted unanswered (the balancer counts the opening
+  // replica, so the count reads 2), then it comes up or its open fails.
+  // Either way the scaler hears the balancer's late answer and its count
+  // follows the balancer's engines (before, a failed open left it at 2).
+  for (bool comes_up : {true, false}) {
+    auto opening = std::make_shared<caf::actor>();
+    balancer_config bc;
+    auto b = started_balancer(
+        bc,
+        [opening](caf::actor_system& s,
+                  std::uint32_t slot) -> result<started_engine> {
+          if (slot == 0) {
+            auto c = small_engine(64);
+            return started_now(spawn_engine_actor(s, c));
+          }
+          *opening = s.spawn(opening_engine);
+          return started_engine{*opening, true};
+        });
+    auto decisions = std::make_shared<std::vector<scale_decision>>();
+    auto s = quick_scaler(b, 1, decisions);
+    sched_->run();
+    for (int i = 0; i < 10; ++i)
+      caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                     std::int64_t{800'000'000}); // 800 ms: above the target
+    sched_->run();
+    auto tick = [&] {
+      sched_->advance_time(1s);
+      sched_->run();
+    };
+    tick();
+    ASSERT_EQ(decisions->size(), 1U) << "comes_up " << comes_up;
+    EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+    ASSERT_TRUE(*opening);
+    stop_at_end_.push_back(*opening);
+    for (int i = 0; i < 12; ++i) // the 10 s timeout, then a stats read
+      tick();
+    auto st = ask_now<scaler_stats>(s, stats_atom::value);
+    EXPECT_EQ(st.unanswered, 1U);
+    EXPECT_EQ(st.replicas, 2U) << "the opening replica is counted";
+    if (comes_up)
+      caf::anon_send(*opening, ready_atom::value, true);
+    else
+      // What an open that fails does: the engine exits with the error.
+      caf::anon_send(
+          *opening,
+          caf::exit_msg{opening->address(),
+                        to_caf_error(error{errc::io_error, "disk unplugged"})});
+    sched_->run();
+    tick(); // an evaluation reads the balancer's stats
+    auto bs = ask_now<balancer_stats>(b, stats_atom::value);
+    EXPECT_EQ(bs.engines, comes_up ? 2U : 1U);
+    EXPECT_EQ(bs.live, comes_up ? 2U : 1U);
+    st = ask_now<scaler_stats>(s, stats_atom::value);
+    EXPECT_EQ(st.replicas, bs.engines) << "comes_up " << comes_up;
+    EXPECT_EQ(st.answered_late, 1U);
+    EXPECT_EQ(st.refused, 0U);
     caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
     sched_->run();
   }

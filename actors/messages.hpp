@@ -246,6 +246,10 @@ struct scaler_stats {
   /// Replica changes the balancer did not answer in time: not undone (it
   /// may still carry them out); `replicas` is re-read from its stats.
   std::uint64_t unanswered = 0;
+  /// Of those, the ones the balancer answered later (a replica that took
+  /// long to open its store, say): `replicas` is re-read again then, so it
+  /// follows what the change came to.
+  std::uint64_t answered_late = 0;
   /// Replicas spawned to restore min_replicas (lost ones replaced), also
   /// in actions[spawn_replica].
   std::uint64_t replaced = 0;
@@ -255,7 +259,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scaler_stats& x) {
   return f(caf::meta::type_name("scaler_stats"), x.actions, x.replicas,
            x.capacity_tokens, x.last_p95_ns, x.refused, x.lost, x.unanswered,
-           x.replaced);
+           x.answered_late, x.replaced);
 }
 
 /// The query-result cache's counters.
@@ -325,5 +329,6 @@ CAF_ADD_ATOM(kvfleet, kvfleet::actors, sweep_atom, "kv_sweep")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, poll_tier_atom, "kv_poll")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, persist_atom, "kv_persist")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, ready_atom, "kv_ready")
+CAF_ADD_ATOM(kvfleet, kvfleet::actors, timeout_atom, "kv_timeout")
 
 CAF_END_TYPE_ID_BLOCK(kvfleet)

@@ -6,6 +6,8 @@
 
 #include <iostream>
 #include <optional>
+#include <string>
+#include <unordered_map>
 #include <utility>
 
 #include <caf/actor_system.hpp>
@@ -14,6 +16,12 @@
 
 namespace kvfleet::actors {
 namespace {
+
+/// A replica change sent to the balancer and not answered yet.
+struct open_change {
+  scale_action action = scale_action::hold;
+  bool timed_out = false; ///< counted unanswered
+};
 
 struct scaler_state {
   std::optional<scaler_policy> policy;
@@ -24,8 +32,15 @@ struct scaler_state {
   /// counted already.
   std::uint64_t given_up_seen = 0;
   bool balancer_silent = false; ///< the last stats request failed
-  /// Replica changes (spawn, retire) sent and not answered yet.
+  /// Replica changes (spawn, retire) sent and not answered yet, by number:
+  /// each waits for its answer however late (the balancer answers every
+  /// request, also when it stops), and is timed out on the scaler's own
+  /// timer (timeout_atom) after balancer_timeout.
+  std::unordered_map<std::uint64_t, open_change> changes;
+  std::uint64_t next_change = 0;
+  /// Of `changes`, those not timed out yet.
   std::uint32_t changes_open = 0;
+  std::uint64_t answered_late = 0;
   /// Stats requests sent so far (the next one's number).
   std::uint64_t stats_sent = 0;
   /// Set when a replica change went unanswered: the number of the first
@@ -80,21 +95,49 @@ void unanswered(scaler_actor* self, scale_action a) {
             << st.policy->replicas() << ") are re-read from its stats\n";
 }
 
+/// The balancer answered replica change `id` (`err` when with an error).
+/// In time, an error is a refusal. After it was counted unanswered, the
+/// answer says what the change came to (a replica that took longer than
+/// balancer_timeout to open may still have failed, or come up): the count
+/// is re-read from the first stats asked for from now on, which include
+/// it, whatever the resync in between read.
+void change_answered(scaler_actor* self, std::uint64_t id,
+                     const caf::error* err) {
+  auto& st = self->state;
+  auto it = st.changes.find(id);
+  if (it == st.changes.end())
+    return;
+  const auto [a, timed_out] = it->second;
+  st.changes.erase(it);
+  if (!timed_out) {
+    --st.changes_open;
+    if (err != nullptr)
+      refused(self, a, *err);
+    return;
+  }
+  ++st.answered_late;
+  st.resync_from = st.stats_sent;
+  std::clog << "kvfleet scaler: the balancer answered " << to_string(a)
+            << " late ("
+            << (err != nullptr ? from_caf_error(*err).describe()
+                               : std::string{"done"})
+            << "); replicas are re-read from its stats\n";
+}
+
 /// Asks the balancer for the replica change `a` (replica_atom or
-/// retire_atom as `atom`).
+/// retire_atom as `atom`). No CAF timeout: its answer would be dropped
+/// after it, and a replica slow to open is still answered later
+/// (change_answered); the scaler's own timer counts it unanswered first.
 template <class Atom>
 void change_replicas(scaler_actor* self, scale_action a, Atom atom) {
   auto& st = self->state;
+  const auto id = st.next_change++;
+  st.changes.emplace(id, open_change{a, false});
   ++st.changes_open;
-  self->request(st.balancer, balancer_timeout, atom)
-      .then([=](std::uint32_t) { --self->state.changes_open; },
-            [=](caf::error& err) {
-              --self->state.changes_open;
-              if (is_timeout(err))
-                unanswered(self, a);
-              else
-                refused(self, a, err);
-            });
+  self->request(st.balancer, caf::infinite, atom)
+      .then([=](std::uint32_t) { change_answered(self, id, nullptr); },
+            [=](caf::error& err) { change_answered(self, id, &err); });
+  self->delayed_send(self, balancer_timeout, timeout_atom::value, id);
 }
 
 void evaluate(scaler_actor* self) {
@@ -194,6 +237,15 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
                              evaluate_atom::value, true);
       },
       [=](evaluate_atom) { sync_and_evaluate(self); },
+      [=](timeout_atom, std::uint64_t id) {
+        auto& s = self->state;
+        auto it = s.changes.find(id);
+        if (it == s.changes.end() || it->second.timed_out)
+          return; // answered in time
+        it->second.timed_out = true;
+        --s.changes_open;
+        unanswered(self, it->second.action);
+      },
       [=](stats_atom) -> caf::result<scaler_stats> {
         const auto& p = *self->state.policy;
         scaler_stats out;
@@ -205,6 +257,7 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
         out.refused = p.refusals();
         out.lost = p.losses();
         out.unanswered = p.unanswered();
+        out.answered_late = self->state.answered_late;
         out.replaced = p.replacements();
         return out;
       },

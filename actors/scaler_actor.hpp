@@ -28,6 +28,15 @@
 /// undone, and the count is then set from `balancer_stats::engines` of the
 /// first stats asked for after the timeout (the balancer reads its mailbox
 /// in order, so that answer includes the change if it was made at all).
+/// The scaler still waits for the answer (its request has no CAF timeout;
+/// its own timer counts it unanswered): the balancer answers a replica
+/// once it is ready or its open failed, which for a large arena or
+/// directory may be later than 10 s. A late answer is logged and counted
+/// (`scaler_stats::answered_late`) and the count re-read again from the
+/// next stats, so a replica that opened for longer than 10 s and then
+/// failed is not counted (before, it stayed in the count for good). A
+/// balancer that never answers leaves one response handler per such
+/// change in the scaler (at most one per cooldown).
 /// `initial_replicas` are
 /// the engines the balancer started with: spawn the scaler with its
 /// balancer, since every engine the balancer has given up since its start
