@@ -1567,6 +1567,60 @@ caf::behavior slow_balancer(caf::stateful_actor<slow_balancer_state>* self,
   };
 }
 
+TEST_F(actor_test, ScalerIgnoresTheLatencyOfWarmAndBackgroundRequests) {
+  // Warm queries and background work wait behind served traffic at low
+  // priority: their latencies, answered or timed out, are no samples at
+  // the default sample_priority (normal), so 800 ms of them spawns
+  // nothing. The same latencies at normal priority do; with
+  // sample_priority low, low ones count too.
+  auto send = [&](const caf::actor& s, engine::priority prio, bool timed_out) {
+    kv_request r;
+    r.prio = prio;
+    for (int i = 0; i < 10; ++i) {
+      if (timed_out)
+        caf::anon_send(s, latency_atom::value, r, std::int64_t{800'000'000});
+      else
+        caf::anon_send(s, observe_atom::value, r, kv_reply{},
+                       std::int64_t{800'000'000});
+    }
+    sched_->run();
+    sched_->advance_time(1s);
+    sched_->run();
+  };
+  auto f = std::make_shared<slow_fleet>();
+  auto b = sys_->spawn(slow_balancer, f);
+  stop_at_end_.push_back(b);
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  auto s = quick_scaler(b, 1, decisions);
+  sched_->run();
+  for (auto prio : {engine::priority::low, engine::priority::background})
+    for (bool timed_out : {false, true})
+      send(s, prio, timed_out);
+  EXPECT_TRUE(decisions->empty());
+  EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).last_p95_ns, 0);
+  send(s, engine::priority::normal, false);
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+  caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
+
+  scaler_actor_config sc;
+  sc.policy.min_samples = 5;
+  sc.policy.sustain = 1;
+  sc.policy.max_replicas = 2;
+  sc.sample_priority = engine::priority::low;
+  sc.on_decision = [decisions](const scale_decision& d) {
+    decisions->push_back(d);
+  };
+  auto low = spawned(spawn_scaler(*sys_, sc, b));
+  stop_at_end_.push_back(low);
+  sched_->run();
+  send(low, engine::priority::background, false);
+  EXPECT_EQ(decisions->size(), 1U);
+  send(low, engine::priority::low, false);
+  ASSERT_EQ(decisions->size(), 2U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+}
+
 TEST_F(actor_test, ScalerDoesNotUndoAReplicaChangeTheBalancerLeftUnanswered) {
   // The scaler asks for a replica; the balancer does not answer in 10 s.
   // That is no refusal: the scaler keeps its count until the balancer's
@@ -1802,6 +1856,10 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   sc = scaler_actor_config{};
   sc.initial_replicas = sc.policy.max_replicas + 1;
   expect_error(spawn_scaler(*sys_, sc, fake), "initial_replicas");
+  sc = scaler_actor_config{};
+  sc.sample_priority = static_cast<engine::priority>(5);
+  expect_error(spawn_scaler(*sys_, sc, fake),
+               "scaler_actor_config.sample_priority");
   prefetch_config pc;
   pc.threshold = 1.5;
   expect_error(spawn_prefetcher(*sys_, pc, fake), "threshold");

@@ -245,6 +245,13 @@ result<void> validate(const node_config& config) {
                                       "node_config.engine.capacity_tokens");
         !ok)
       return ok;
+    // The rest of the scaler's own options (interval, sample_priority), as
+    // node::start passes them, before any engine starts.
+    auto sc = *config.scaler;
+    sc.initial_replicas = config.engines;
+    sc.initial_capacity_tokens = config.engine.capacity_tokens;
+    if (auto ok = actors::validate(sc); !ok)
+      return ok;
   }
   if (config.query_cache)
     if (auto ok = actors::validate(config.cache); !ok)

@@ -168,6 +168,12 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
          c.scaler->policy.sustain = 0;
        },
        "sustain"},
+      {"scaler sample priority outside the five",
+       [](node_config& c) {
+         c.scaler.emplace();
+         c.scaler->sample_priority = static_cast<engine::priority>(7);
+       },
+       "scaler_actor_config.sample_priority"},
       {"scaler min capacity above max",
        [](node_config& c) {
          c.scaler.emplace();

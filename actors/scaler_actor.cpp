@@ -204,6 +204,16 @@ void sync_and_evaluate(scaler_actor* self) {
           });
 }
 
+/// Records how long `req` took when it is served traffic: not a prefetch,
+/// and at sample_priority or above. Warm queries and prefetches run at low
+/// priority behind the served requests; their waits would otherwise push
+/// the p95 up and spawn replicas for work nobody waits for.
+void sample(scaler_actor* self, const kv_request& req, std::int64_t latency) {
+  auto& st = self->state;
+  if (!req.prefetch && req.prio >= st.config.sample_priority)
+    st.policy->record(now(self), engine::nanos{latency});
+}
+
 caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
                               caf::actor balancer, scaler_policy policy) {
   auto& st = self->state;
@@ -219,15 +229,11 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       });
   return {
       [=](observe_atom, const kv_request& req, const kv_reply&,
-          std::int64_t latency) {
-        if (!req.prefetch)
-          self->state.policy->record(now(self), engine::nanos{latency});
-      },
+          std::int64_t latency) { sample(self, req, latency); },
       // A request the balancer timed out: its wait is a sample too, else
       // a fleet whose requests all time out would look idle.
       [=](latency_atom, const kv_request& req, std::int64_t latency) {
-        if (!req.prefetch)
-          self->state.policy->record(now(self), engine::nanos{latency});
+        sample(self, req, latency);
       },
       [=](const block_events&) {},
       [=](evaluate_atom, bool periodic) {
@@ -277,6 +283,10 @@ result<void> validate(const scaler_actor_config& config) {
                                   "scaler_actor_config.initial_replicas");
       !ok)
     return ok;
+  if (auto ok = engine::check_priority(config.sample_priority); !ok)
+    return make_error(errc::invalid_argument,
+                      "scaler_actor_config.sample_priority: " +
+                          ok.error().message);
   return validate_capacity(config.policy, config.initial_capacity_tokens,
                            "scaler_actor_config.initial_capacity_tokens");
 }

@@ -6,10 +6,14 @@
 ///
 /// Messages:
 ///   (observe_atom, kv_request, kv_reply, int64 latency_ns)  a sample (the
-///       balancer sends these to its listeners; prefetches are ignored)
+///       balancer sends these to its listeners) of served traffic only:
+///       a request below `sample_priority` (normal: the warmer's and the
+///       prefetcher's, at low priority, and background work) or a
+///       prefetch is ignored, since nobody waits for it and it must not
+///       drive decisions meant for the requests that are waited for
 ///   (latency_atom, kv_request, int64 latency_ns)  a sample of a request
 ///       the balancer timed out (the time it waited), so a fleet whose
-///       requests time out does not look idle
+///       requests time out does not look idle (the same requests count)
 ///   (evaluate_atom)  decides (also runs every `interval`): first asks the
 ///       balancer for its balancer_stats and counts every engine it gave up
 ///       since the last time (`given_up`: failed after max_restarts) as a
@@ -47,6 +51,7 @@
 /// its floor for good.
 
 #include "actors/scaler_policy.hpp"
+#include "engine/eviction_policy.hpp"
 
 #include <chrono>
 #include <cstdint>
@@ -62,6 +67,11 @@ struct scaler_actor_config {
   std::chrono::milliseconds interval{1'000};
   std::uint32_t initial_replicas = 1;
   std::uint32_t initial_capacity_tokens = 8192;
+  /// The lowest priority whose requests' latencies are samples: warming
+  /// and prefetching run at low priority and may wait long without anyone
+  /// waiting for them. A host app that serves its traffic at low priority
+  /// lowers this to count it.
+  engine::priority sample_priority = engine::priority::normal;
   std::function<void(const scale_decision&)> on_decision;
 };
 
@@ -70,7 +80,8 @@ struct scaler_actor_config {
 /// positive (the evaluation timer would spin) or is above 24 hours,
 /// `initial_replicas` above
 /// max_replicas (below min_replicas is allowed: the scaler spawns up to
-/// it), and an `initial_capacity_tokens`
+/// it), a `sample_priority` that is none of the five, and an
+/// `initial_capacity_tokens`
 /// outside the policy's [min_capacity_tokens, max_capacity_tokens] (the
 /// engines' budget, which the scaler counts from; rejected, not clamped, so
 /// the two agree).
