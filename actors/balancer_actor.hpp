@@ -29,7 +29,7 @@
 ///       errc::unavailable when all router::max_slots (64) slots are in use;
 ///       the factory's error when the replica does not start (its slot is
 ///       free again, and no retry comes later). A replica that makes its
-///       store on its own thread (started_engine::opening) is answered once
+///       store itself (started_engine::opening) is answered once
 ///       it is ready, or with its open's error; the balancer goes on
 ///       routing meanwhile.
 ///   (retire_atom)                -> uint32 live engines after draining one
@@ -101,8 +101,8 @@ struct balancer_config {
 /// An engine an engine_factory started.
 struct started_engine {
   caf::actor actor;
-  /// The engine still makes its store (memory arena, tiers, disk tier) on
-  /// its own thread (spawn_engine_actor with store_open::on_engine). The
+  /// The engine still makes its store (memory arena, tiers, disk tier)
+  /// itself (spawn_engine_actor with store_open::on_engine). The
   /// balancer then asks it ready_atom and routes nothing to its slot until
   /// it answers (least_loaded would pick the idle newcomer first, and each
   /// request would wait there for the whole open); a replica_atom is

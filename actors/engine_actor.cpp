@@ -340,7 +340,7 @@ result<void> open_store(engine_parts& parts) {
 caf::behavior engine_behavior(engine_actor* self,
                               std::shared_ptr<engine_parts> parts) {
   auto& st = self->state;
-  // store_open::on_engine: first, on the actor's own thread, so whoever
+  // store_open::on_engine: first, in the actor (see own_thread), so whoever
   // spawned it does not wait for the arena or the disk; messages sent
   // meanwhile wait in the mailbox. A store that does not open ends the
   // actor with its error, which its monitors' down_msg carries.

@@ -96,9 +96,10 @@
 /// is large, and so does making the pool's memory (a host arena is
 /// prefaulted, a device arena allocated, a pinned host tier registered):
 /// spawn_engine_actor does all of it on its caller (store_open::
-/// before_spawn) or, with store_open::on_engine, lets the actor do it on
-/// its own thread as its first act, so the caller (the balancer, starting
-/// a restart or a replica) goes on at once.
+/// before_spawn) or, with store_open::on_engine, lets the actor do it as
+/// its first act (on its own thread when it runs on one, see own_thread),
+/// so the caller (the balancer, starting a restart or a replica) goes on
+/// at once.
 ///
 /// Open puts are aborted `put_timeout` after their reservation.
 
@@ -232,7 +233,8 @@ enum class store_open : std::uint8_t {
   /// On the caller, before the actor is spawned: the store's errors are
   /// spawn_engine_actor's (node::start starts a node's initial engines so).
   before_spawn,
-  /// On the actor's own thread, as its first act: spawn_engine_actor
+  /// In the actor, as its first act (on its own thread when it runs on
+  /// one: with make_disk or make_backend by default): spawn_engine_actor
   /// returns without waiting for it, messages sent meanwhile wait in the
   /// mailbox, ready_atom is answered once the store is made, and a store
   /// that cannot be made stops the actor with that error as its exit

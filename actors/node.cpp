@@ -60,7 +60,7 @@ private:
 
 /// Every engine the node's factory started (restarts and replicas too),
 /// for stop() to wait for. The balancer calls the factory on its thread
-/// (which spawns them; their stores are made on their own threads);
+/// (which spawns them; they make their stores themselves);
 /// the mutex guards the list between it and stop(). Weak references, so
 /// engines long gone leave nothing behind but their slot in the list until
 /// the next add.
@@ -365,7 +365,7 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
                                         engine_cfg.make_disk != nullptr};
         }
         // A restart or a replica: its store (memory arena, tiers, disk
-        // tier) is made on the engine's own thread, not on the balancer's,
+        // tier) is made by the engine, not on the balancer's thread,
         // which goes on routing to the other engines meanwhile
         // (started_engine::opening).
         auto cfg = engine_cfg;
