@@ -6,6 +6,7 @@
 #include "engine/clock.hpp"
 #include "engine/disk/segment_file.hpp"
 #include "engine/kv_producer.hpp"
+#include "engine/memory_backend.hpp"
 
 #include <gtest/gtest.h>
 
@@ -1801,6 +1802,55 @@ TEST_F(Node, AReplicaOpeningItsDiskDoesNotHoldUpTheOthers) {
   st = (*n)->stats();
   ASSERT_TRUE(st.has_value()) << st.error().describe();
   EXPECT_EQ(st->up, (std::vector<std::uint8_t>{1, 1}));
+  ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, AReplicaMakingItsArenaDoesNotHoldUpTheOthers) {
+  // No disk tier: a replica's arena (make_backend, standing in for GiBs
+  // prefaulted) waits at a gate. The balancer answers requests meanwhile,
+  // on engine 0, keeps the replica's slot down, and answers the
+  // replica_atom once the arena is made. (Before, the node's factory made
+  // the arena on the balancer's thread: no request was answered until the
+  // gate opened.)
+  auto began = std::make_shared<gate>();
+  auto held = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto c = small_node();
+  c.engines = 1;
+  c.query_cache = false;
+  c.call_timeout = std::chrono::seconds{10};
+  c.engine.make_backend = [began, held](std::uint32_t, std::size_t bytes)
+      -> result<std::unique_ptr<engine::memory_backend>> {
+    began->open();
+    held->wait();
+    auto host = engine::host_memory_backend::create(bytes);
+    if (!host)
+      return unexpected<error>{host.error()};
+    return std::unique_ptr<engine::memory_backend>{std::move(*host)};
+  };
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  began->close();
+  held->close();
+  caf::scoped_actor self{*sys_};
+  auto replica = self->request((*n)->balancer(), caf::infinite,
+                               actors::replica_atom::value);
+  began->wait(); // the replica's arena is being made, and waits
+  auto r = (*n)->process_request(chain(1));
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->engine, 0U);
+  auto st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->up, (std::vector<std::uint8_t>{1, 0}));
+  EXPECT_EQ(st->engines, 2U) << "the opening replica is counted";
+  held->open();
+  std::optional<std::uint32_t> live;
+  replica.receive([&](std::uint32_t x) { live = x; },
+                  [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  EXPECT_EQ(live, 2U);
+  auto es = (*n)->engine_stats(1);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->memory, "host");
   ASSERT_TRUE((*n)->stop());
 }
 
