@@ -102,33 +102,73 @@ std::optional<std::string> cgroup_path(std::string_view text, bool v1) {
   return std::nullopt;
 }
 
+std::optional<std::size_t> stat_value(std::string_view text,
+                                      std::string_view key) {
+  std::size_t at = 0;
+  while (at < text.size()) {
+    auto end = text.find('\n', at);
+    if (end == std::string_view::npos)
+      end = text.size();
+    const std::string_view line = text.substr(at, end - at);
+    at = end + 1;
+    if (line.size() > key.size() && line.starts_with(key) &&
+        line[key.size()] == ' ')
+      return whole_number(trim(line.substr(key.size() + 1)));
+  }
+  return std::nullopt;
+}
+
 std::optional<std::size_t> cgroup_room(std::string_view max,
-                                       std::string_view current) {
+                                       std::string_view current,
+                                       std::size_t file_pages) {
   const auto limit = whole_number(trim(max));
   const auto used = whole_number(trim(current));
   if (!limit || !used)
     return std::nullopt;
-  return *limit > *used ? *limit - *used : 0;
+  const std::size_t held = *used - std::min(file_pages, *used);
+  return *limit > held ? *limit - held : 0;
 }
 
 } // namespace detail
 
 namespace {
 
+/// Where a cgroup version keeps a memory limit, the usage it applies to and
+/// the file cache inside that usage.
+struct cgroup_files {
+  const char* mount;
+  const char* limit;
+  const char* usage;
+  const char* stat_active_file;
+  const char* stat_inactive_file;
+};
+
+constexpr cgroup_files cgroup_v2{"/sys/fs/cgroup", "memory.max",
+                                 "memory.current", "active_file",
+                                 "inactive_file"};
+constexpr cgroup_files cgroup_v1{
+    "/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+    "total_active_file", "total_inactive_file"};
+
 /// The smaller of `room` and what the limits of the cgroup at `path` and of
 /// every cgroup above it leave (a limit anywhere up the hierarchy binds).
+/// File cache counts as room: the kernel drops it before it kills.
 std::optional<std::size_t> cgroup_limited(std::optional<std::size_t> room,
-                                          const std::string& mount,
-                                          std::string path,
-                                          const char* limit_file,
-                                          const char* usage_file) {
+                                          const cgroup_files& files,
+                                          std::string path) {
   for (;;) {
-    const std::string dir = mount + (path == "/" ? "" : path);
-    const auto limit = detail::small_file(dir + "/" + limit_file);
-    const auto usage = detail::small_file(dir + "/" + usage_file);
-    if (limit && usage)
-      if (const auto left = detail::cgroup_room(*limit, *usage))
+    const std::string dir = files.mount + (path == "/" ? "" : path);
+    const auto limit = detail::small_file(dir + "/" + files.limit);
+    const auto usage = detail::small_file(dir + "/" + files.usage);
+    if (limit && usage) {
+      std::size_t file_pages = 0;
+      if (const auto stat = detail::small_file(dir + "/memory.stat"))
+        file_pages =
+            detail::stat_value(*stat, files.stat_active_file).value_or(0) +
+            detail::stat_value(*stat, files.stat_inactive_file).value_or(0);
+      if (const auto left = detail::cgroup_room(*limit, *usage, file_pages))
         room = room ? std::min(*room, *left) : *left;
+    }
     if (path.empty() || path == "/")
       return room;
     path = path.substr(0, std::max<std::size_t>(path.rfind('/'), 1));
@@ -143,11 +183,9 @@ std::optional<std::size_t> host_memory_available() {
     room = detail::meminfo_available(*meminfo);
   if (const auto cgroup = detail::small_file("/proc/self/cgroup")) {
     if (auto v2 = detail::cgroup_path(*cgroup, false))
-      room = cgroup_limited(room, "/sys/fs/cgroup", std::move(*v2),
-                            "memory.max", "memory.current");
+      room = cgroup_limited(room, cgroup_v2, std::move(*v2));
     if (auto v1 = detail::cgroup_path(*cgroup, true))
-      room = cgroup_limited(room, "/sys/fs/cgroup/memory", std::move(*v1),
-                            "memory.limit_in_bytes", "memory.usage_in_bytes");
+      room = cgroup_limited(room, cgroup_v1, std::move(*v1));
   }
   return room;
 }

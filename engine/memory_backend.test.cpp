@@ -38,11 +38,27 @@ TEST(host_memory, finds_the_memory_cgroup_of_either_version) {
   EXPECT_FALSE(detail::cgroup_path("3:memoryx:/a\n", true).has_value());
 }
 
-TEST(host_memory, cgroup_room_is_limit_minus_usage) {
-  EXPECT_EQ(detail::cgroup_room("1000\n", "400\n"), 600U);
-  EXPECT_EQ(detail::cgroup_room("1000", "1400"), 0U);
-  EXPECT_FALSE(detail::cgroup_room("max\n", "400\n").has_value());
-  EXPECT_FALSE(detail::cgroup_room("1000", "").has_value());
+TEST(host_memory, cgroup_room_is_limit_minus_usage_less_file_cache) {
+  EXPECT_EQ(detail::cgroup_room("1000\n", "400\n", 0), 600U);
+  EXPECT_EQ(detail::cgroup_room("1000", "1400", 0), 0U);
+  // Page cache is charged to the cgroup but dropped before an OOM kill.
+  EXPECT_EQ(detail::cgroup_room("1000", "900", 300), 400U);
+  EXPECT_EQ(detail::cgroup_room("1000", "900", 5000), 1000U);
+  EXPECT_FALSE(detail::cgroup_room("max\n", "400\n", 0).has_value());
+  EXPECT_FALSE(detail::cgroup_room("1000", "", 0).has_value());
+}
+
+TEST(host_memory, reads_memory_stat_values) {
+  const std::string stat = "anon 4096\n"
+                           "file 9000\n"
+                           "active_file 3000\n"
+                           "inactive_file 5000\n"
+                           "total_inactive_file 7\n";
+  EXPECT_EQ(detail::stat_value(stat, "active_file"), 3000U);
+  EXPECT_EQ(detail::stat_value(stat, "inactive_file"), 5000U);
+  EXPECT_EQ(detail::stat_value(stat, "total_inactive_file"), 7U);
+  EXPECT_FALSE(detail::stat_value(stat, "shmem").has_value());
+  EXPECT_FALSE(detail::stat_value(stat, "file_").has_value());
 }
 
 TEST(host_memory_backend, refuses_an_arena_larger_than_the_memory_available) {
