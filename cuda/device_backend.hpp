@@ -6,7 +6,9 @@
 /// exactly as on the host (offsets into the arena). host_data() is null, so
 /// the store moves bytes through write()/read() (synchronous cudaMemcpy on
 /// the calling thread's current stream semantics: they return when the copy
-/// is done). checksum() runs on the device (kernels.hpp). Includes no CUDA
+/// is done). checksum() runs on the device (kernels.hpp). It offers no
+/// copy_within() (the base's errc::unavailable), so the store never
+/// compacts slabs in a device arena: it evicts instead. Includes no CUDA
 /// header. Not thread-safe: one owner, like the store.
 
 #include "engine/memory_backend.hpp"

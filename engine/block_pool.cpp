@@ -88,11 +88,14 @@ result<slot_ref> block_pool::allocate(std::uint16_t cls) {
     slab_state& fresh = slabs_[s];
     const auto capacity =
         static_cast<std::uint32_t>(slab_bytes_ / c.slot_bytes);
-    // The slab's free list is sized once, here (4 bytes a slot): without
-    // the heap for it the slab stays free and the put fails, nothing lost.
+    // The slab's free list and owners are sized once, here (8 bytes a
+    // slot): without the heap for them the slab stays free and the put
+    // fails, nothing lost.
     try {
       fresh.free_slots.clear();
       fresh.free_slots.reserve(capacity);
+      if (fresh.owners.size() < capacity)
+        fresh.owners.resize(capacity, vacant);
     } catch (const std::bad_alloc&) {
       return make_error(errc::out_of_memory,
                         "no memory for the free list of a slab of " +
@@ -105,6 +108,10 @@ result<slot_ref> block_pool::allocate(std::uint16_t cls) {
     fresh.capacity = capacity;
     link(s);
   }
+  return take(s);
+}
+
+slot_ref block_pool::take(std::uint32_t s) noexcept {
   slab_state& slab = slabs_[s];
   std::uint32_t index = 0;
   if (!slab.free_slots.empty()) {
@@ -116,21 +123,26 @@ result<slot_ref> block_pool::allocate(std::uint16_t cls) {
   ++slab.used;
   if (slab.used == slab.capacity)
     unlink(s);
-  used_bytes_ += c.slot_bytes;
-  return slot_ref{s, index, cls};
+  used_bytes_ += classes_[slab.size_class].slot_bytes;
+  slab.owners[index] = no_owner;
+  return slot_ref{s, index, slab.size_class};
 }
 
 void block_pool::free(slot_ref slot) {
   KVFLEET_CHECK(slot.valid() && slot.slab < slabs_.size(),
                 "free of a bad slot");
   slab_state& slab = slabs_[slot.slab];
-  KVFLEET_CHECK(slab.size_class == slot.size_class && slab.used > 0,
+  KVFLEET_CHECK(slab.size_class == slot.size_class && slab.used > 0 &&
+                    slot.index < slab.bumped &&
+                    slab.owners[slot.index] != vacant,
                 "free of a slot the pool did not hand out");
   const bool was_full = slab.used == slab.capacity;
   --slab.used;
   used_bytes_ -= classes_[slot.size_class].slot_bytes;
+  slab.owners[slot.index] = vacant;
   if (slab.used == 0) {
-    if (!was_full)
+    // Not listed when full, nor while drain_slab() empties it.
+    if (slab.listed)
       unlink(slot.slab);
     slab.size_class = no_class;
     slab.free_slots.clear();
@@ -140,6 +152,13 @@ void block_pool::free(slot_ref slot) {
   slab.free_slots.push_back(slot.index);
   if (was_full)
     link(slot.slab);
+}
+
+std::size_t block_pool::free_slots_of(std::uint16_t cls) const noexcept {
+  std::size_t n = 0;
+  for (std::uint32_t s = classes_[cls].with_room; s != none; s = slabs_[s].next)
+    n += slabs_[s].capacity - slabs_[s].used;
+  return n;
 }
 
 std::size_t block_pool::smallest_slot_bytes() const noexcept {
@@ -190,6 +209,10 @@ void block_pool::check_invariants() const {
                   "slab slot count mismatch");
     KVFLEET_CHECK(slab.listed == (slab.used < slab.capacity),
                   "slab with room not listed, or full slab listed");
+    std::uint32_t owned = 0;
+    for (std::uint32_t i = 0; i < slab.bumped; ++i)
+      owned += slab.owners[i] != vacant ? 1U : 0U;
+    KVFLEET_CHECK(owned == slab.used, "slab owners do not match its slots");
     used += std::size_t{slab.used} * classes_[slab.size_class].slot_bytes;
   }
   KVFLEET_CHECK(free_count == free_slabs_.size(), "free slab list mismatch");

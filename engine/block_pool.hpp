@@ -9,6 +9,14 @@
 ///
 /// Allocation and free are O(1) and allocate no heap memory once each slab's
 /// free list has been sized (the first time the slab serves a class).
+///
+/// Compaction: a slab stays with its class while any of its slots is used,
+/// so when the workload moves to other block sizes a class can hold many
+/// sparse slabs while another class finds none. The pool records an owner
+/// (the caller's number, e.g. an entry id) per slot; reclaimable_slab()
+/// finds a sparse slab whose slots fit into the free slots of its class's
+/// other slabs, and drain_slab() moves them there (the caller copies the
+/// bytes) and hands the slab back. Both walk slabs: not for the hot path.
 /// Not thread-safe: one owner.
 
 #include "engine/result.hpp"
@@ -48,11 +56,37 @@ public:
   /// errc::value_too_large.
   [[nodiscard]] result<std::uint16_t> size_class_for(std::size_t bytes);
 
+  /// A slot's owner before set_owner(): never moved by compaction.
+  static constexpr std::uint32_t no_owner = slot_ref::npos - 1;
+
   /// Takes a free slot of class `cls`; errc::out_of_memory when neither a
   /// partly used slab of that class nor a free slab is left.
   [[nodiscard]] result<slot_ref> allocate(std::uint16_t cls);
   /// Returns a slot. REQUIRES: allocated and not yet freed.
   void free(slot_ref slot);
+  /// Records who holds an allocated slot (drain_slab() names it).
+  void set_owner(slot_ref slot, std::uint32_t owner) noexcept {
+    slabs_[slot.slab].owners[slot.index] = owner;
+  }
+  [[nodiscard]] std::uint32_t owner(slot_ref slot) const noexcept {
+    return slabs_[slot.slab].owners[slot.index];
+  }
+
+  /// The slab with the fewest used slots, of a class other than `except`,
+  /// whose used slots all fit into free slots of its class's other slabs
+  /// and whose every owner satisfies `movable(owner)`; slot_ref::npos when
+  /// there is none. Walks the slabs that have a free slot and the slots of
+  /// those it considers.
+  template <class Movable>
+  [[nodiscard]] std::uint32_t reclaimable_slab(std::uint16_t except,
+                                               Movable&& movable) const;
+  /// Empties slab `s` into free slots of its class's other slabs (never a
+  /// free slab): for each used slot, takes a free slot `to` elsewhere (same
+  /// owner), calls `move(from, to)` and frees `from`. `move` copies the
+  /// bytes and repoints the owner; when it returns false, `to` is freed,
+  /// `from` stays and draining stops. Returns true when the slab went back
+  /// to the free slabs. REQUIRES: `s` is reclaimable_slab()'s answer.
+  template <class Move> bool drain_slab(std::uint32_t s, Move&& move);
 
   [[nodiscard]] std::size_t offset(slot_ref slot) const noexcept {
     return std::size_t{slot.slab} * slab_bytes_ +
@@ -96,6 +130,7 @@ private:
     std::uint32_t bumped = 0;   // slots ever handed out since assignment
     std::uint32_t capacity = 0; // slots in this slab for its class
     std::vector<std::uint32_t> free_slots; // freed indexes below `bumped`
+    std::vector<std::uint32_t> owners;     // per slot; vacant when free
     std::uint32_t prev = none; // in its class's list of slabs with room
     std::uint32_t next = none;
     bool listed = false;
@@ -105,7 +140,13 @@ private:
     std::uint32_t with_room = none; // head of slabs that have a free slot
   };
 
+  static constexpr std::uint32_t vacant = slot_ref::npos;
+
   block_pool(std::size_t slab_bytes, std::uint32_t slabs);
+  /// Takes a free slot of slab `s`. REQUIRES: `s` has one.
+  slot_ref take(std::uint32_t s) noexcept;
+  /// Free slots in the slabs of class `cls` (walks them).
+  [[nodiscard]] std::size_t free_slots_of(std::uint16_t cls) const noexcept;
   void link(std::uint32_t slab);
   void unlink(std::uint32_t slab);
 
@@ -115,5 +156,59 @@ private:
   std::vector<class_state> classes_;
   std::size_t used_bytes_ = 0;
 };
+
+template <class Movable>
+std::uint32_t block_pool::reclaimable_slab(std::uint16_t except,
+                                           Movable&& movable) const {
+  std::uint32_t best = none;
+  for (std::uint16_t cls = 0; cls < classes_.size(); ++cls) {
+    const std::uint32_t head = classes_[cls].with_room;
+    // The other slabs' free slots hold slab s's used ones iff the class's
+    // free slots are at least a slab's worth: free - (capacity - used) >=
+    // used.
+    if (cls == except || head == none ||
+        free_slots_of(cls) < slabs_[head].capacity)
+      continue;
+    for (std::uint32_t s = head; s != none; s = slabs_[s].next) {
+      const slab_state& slab = slabs_[s];
+      if (best != none && slab.used >= slabs_[best].used)
+        continue;
+      bool all = true;
+      for (std::uint32_t i = 0; i < slab.bumped && all; ++i)
+        all = slab.owners[i] == vacant ||
+              (slab.owners[i] != no_owner && movable(slab.owners[i]));
+      if (all)
+        best = s;
+    }
+  }
+  return best;
+}
+
+template <class Move>
+bool block_pool::drain_slab(std::uint32_t s, Move&& move) {
+  slab_state& slab = slabs_[s];
+  const std::uint16_t cls = slab.size_class;
+  // Off its class's list, so that no slot of it is a destination.
+  unlink(s);
+  for (std::uint32_t i = 0; i < slab.bumped && slab.used > 0; ++i) {
+    if (slab.owners[i] == vacant)
+      continue;
+    const std::uint32_t dest = classes_[cls].with_room;
+    if (dest == none)
+      break;
+    const slot_ref from{s, i, cls};
+    const slot_ref to = take(dest);
+    set_owner(to, slab.owners[i]);
+    if (!move(from, to)) {
+      free(to);
+      break;
+    }
+    free(from);
+  }
+  if (slab.size_class == no_class)
+    return true; // the last free() handed it back
+  link(s);
+  return false;
+}
 
 } // namespace kvfleet::engine

@@ -39,6 +39,54 @@ TEST(block_pool, classes_share_slabs_and_return_them_when_empty) {
   EXPECT_EQ(pool.used_bytes(), 4U * 4096);
 }
 
+// Four slabs: two half used by 1 KiB slots (owners 0..3), one full of
+// 4 KiB slots, one free. The 1 KiB class can give a slab back: the sparse
+// slab whose owners are all movable drains into the other one.
+TEST(block_pool, a_sparse_slab_drains_into_its_class_and_goes_back) {
+  auto pool = std::move(*block_pool::create(4 * 4096, 4096));
+  const auto small = *pool.size_class_for(1024);
+  const auto big = *pool.size_class_for(4096);
+  std::vector<slot_ref> slots;
+  for (std::uint32_t i = 0; i < 8; ++i) {
+    slots.push_back(*pool.allocate(small));
+    pool.set_owner(slots.back(), i);
+  }
+  ASSERT_TRUE(pool.allocate(big).has_value());
+  for (std::uint32_t i = 0; i < 8; i += 2)
+    pool.free(slots[i]); // owners 1, 3 in one slab, 5, 7 in the other
+  pool.check_invariants();
+  ASSERT_TRUE(pool.allocate(big).has_value()); // the free slab
+  EXPECT_EQ(pool.free_slab_count(), 0U);
+  // Owner 7 cannot move: the slab of 5 and 7 stays.
+  const auto movable = [](std::uint32_t owner) { return owner != 7; };
+  const std::uint32_t s = pool.reclaimable_slab(big, movable);
+  ASSERT_EQ(s, slots[1].slab);
+  EXPECT_EQ(pool.reclaimable_slab(small, movable), slot_ref::npos);
+  // A move that fails stops the drain and loses nothing.
+  int calls = 0;
+  EXPECT_FALSE(pool.drain_slab(s, [&](slot_ref, slot_ref) {
+    ++calls;
+    return false;
+  }));
+  EXPECT_EQ(calls, 1);
+  pool.check_invariants();
+  EXPECT_EQ(pool.used_bytes(), 4U * 1024 + 2U * 4096);
+  std::vector<std::pair<std::uint32_t, slot_ref>> moved;
+  EXPECT_TRUE(pool.drain_slab(s, [&](slot_ref from, slot_ref to) {
+    EXPECT_NE(to.slab, s);
+    EXPECT_EQ(pool.owner(to), pool.owner(from));
+    moved.emplace_back(pool.owner(from), to);
+    return true;
+  }));
+  pool.check_invariants();
+  ASSERT_EQ(moved.size(), 2U);
+  EXPECT_EQ(moved[0].first, 1U);
+  EXPECT_EQ(moved[1].first, 3U);
+  EXPECT_EQ(pool.free_slab_count(), 1U);
+  EXPECT_EQ(pool.used_bytes(), 4U * 1024 + 2U * 4096);
+  EXPECT_TRUE(pool.allocate(big).has_value()); // the drained slab
+}
+
 TEST(block_pool, slots_do_not_overlap) {
   auto pool = std::move(*block_pool::create(64 * 1024, 8192));
   const std::vector<std::uint16_t> classes{*pool.size_class_for(256),

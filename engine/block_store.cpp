@@ -735,6 +735,7 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
     return unexpected<error>(slot.error());
   }
   const std::uint32_t id = new_entry();
+  pool_.set_owner(*slot, id);
   entry& e = entries_[id];
   e.key = key;
   e.slot = *slot;
@@ -1383,6 +1384,10 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
   std::size_t scan_budget = config_.demotion_scan_limit;
   while (static_cast<double>(pool_.used_bytes() + need) > target ||
          !pool_.can_allocate(cls)) {
+    // Slots of another size can be free in plenty while none of this
+    // size is: moving blocks together frees a slab without evicting any.
+    if (!pool_.can_allocate(cls) && compact_for(cls))
+      continue;
     const auto q = pick_partition(p);
     if (!q)
       break;
@@ -1396,6 +1401,30 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
                           " bytes: every cached block is pinned, leased or has "
                           "cached children");
   return {};
+}
+
+bool block_store::compact_for(std::uint16_t cls) {
+  if (!backend_->can_copy_within())
+    return false;
+  const std::uint32_t slab =
+      pool_.reclaimable_slab(cls, [this](std::uint32_t id) {
+        const entry& e = entries_[id];
+        return e.state == entry_state::committed && e.leases == 0;
+      });
+  if (slab == slot_ref::npos)
+    return false;
+  const bool freed = pool_.drain_slab(slab, [this](slot_ref from, slot_ref to) {
+    entry& e = entries_[pool_.owner(from)];
+    if (!backend_->copy_within(pool_.offset(to), pool_.offset(from),
+                               e.stored_bytes))
+      return false;
+    e.slot = to;
+    ++stats_.moved_blocks;
+    return true;
+  });
+  if (freed)
+    ++stats_.compacted_slabs;
+  return freed;
 }
 
 codec block_store::demotion_target(const entry& e) const noexcept {
@@ -1476,6 +1505,7 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   auto slot = pool_.allocate(cls);
   if (!slot)
     return unexpected<error>(slot.error());
+  pool_.set_owner(*slot, id);
   if (auto w = backend_->write(pool_.offset(*slot), encoded); !w) {
     pool_.free(*slot);
     return w;
@@ -2172,6 +2202,8 @@ void block_store::check_invariants() const {
     KVFLEET_CHECK(index_.find(e.key) == id,
                   "index does not point at its entry");
     used += pool_.slot_bytes(e.slot.size_class);
+    KVFLEET_CHECK(pool_.owner(e.slot) == id,
+                  "the pool does not name a block's entry as its slot's owner");
     KVFLEET_CHECK(!e.parent_unknown || e.parent == npos,
                   "a block of unknown parent has one");
     if (e.parent != npos) {

@@ -30,8 +30,10 @@ constexpr std::size_t block_bytes = 4096;
 
 class store_fixture : public ::testing::Test {
 protected:
+  /// `backend`: the arena (default: host memory of `blocks` blocks).
   void open(std::size_t blocks, policy_kind policy = policy_kind::lru,
-            bool compression = false, std::size_t slab_blocks = 4) {
+            bool compression = false, std::size_t slab_blocks = 4,
+            std::unique_ptr<memory_backend> backend = nullptr) {
     store_config cfg;
     cfg.capacity_bytes = blocks * block_bytes;
     cfg.slab_bytes = slab_blocks * block_bytes;
@@ -44,7 +46,8 @@ protected:
       if (on_event_)
         on_event_(ev, key);
     };
-    auto s = block_store::create(cfg);
+    auto s = backend ? block_store::create(cfg, std::move(backend))
+                     : block_store::create(cfg);
     ASSERT_TRUE(s.has_value()) << s.error().describe();
     store_ = std::move(*s);
     namespace_options opts;
@@ -65,19 +68,27 @@ protected:
     return keys;
   }
 
-  static std::vector<std::byte> value_for(const block_key& key) {
-    std::vector<std::byte> v(block_bytes);
+  static std::vector<std::byte>
+  value_for(const block_key& key, const namespace_spec& spec = small_spec()) {
+    std::vector<std::byte> v(spec.value_bytes());
     synthetic_producer p;
-    EXPECT_TRUE(p.produce(small_spec(), key, v).has_value());
+    EXPECT_TRUE(p.produce(spec, key, v).has_value());
     return v;
   }
 
   result<void> put(const block_key& key, const block_key& parent,
                    const put_options& opts = {}) {
-    auto h = store_->reserve(ns_, key, parent, opts);
+    return put_in(ns_, small_spec(), key, parent, opts);
+  }
+
+  /// put() into namespace `ns`, registered with `spec`.
+  result<void> put_in(ns_id ns, const namespace_spec& spec,
+                      const block_key& key, const block_key& parent = {},
+                      const put_options& opts = {}) {
+    auto h = store_->reserve(ns, key, parent, opts);
     if (!h)
       return unexpected<error>(h.error());
-    if (auto w = store_->write(*h, value_for(key)); !w)
+    if (auto w = store_->write(*h, value_for(key, spec)); !w)
       return w;
     return store_->commit(*h);
   }
@@ -650,6 +661,117 @@ TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   EXPECT_EQ(h.error().code, errc::out_of_memory);
   EXPECT_EQ(store_->used_bytes(), used);
   store_->check_invariants();
+}
+
+/// A host arena that cannot copy within itself (the default of
+/// memory_backend::copy_within), as a device arena without that copy.
+class no_copy_backend final : public memory_backend {
+public:
+  explicit no_copy_backend(std::size_t bytes)
+      : host_(std::move(*host_memory_backend::create(bytes))) {}
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return "no-copy";
+  }
+  [[nodiscard]] std::size_t size() const noexcept override {
+    return host_->size();
+  }
+  [[nodiscard]] std::byte* host_data() noexcept override {
+    return host_->host_data();
+  }
+  [[nodiscard]] result<void> write(std::size_t offset,
+                                   std::span<const std::byte> src) override {
+    return host_->write(offset, src);
+  }
+  [[nodiscard]] result<void> read(std::size_t offset,
+                                  std::span<std::byte> dst) const override {
+    return host_->read(offset, dst);
+  }
+  [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
+                                               std::size_t len) const override {
+    return host_->checksum(offset, len);
+  }
+
+private:
+  std::unique_ptr<host_memory_backend> host_;
+};
+
+// Blocks of one size fill 14 of 16 slabs, then half of them expire, so
+// every one of those slabs is half used; then blocks of another size
+// (another namespace; or adaptive compression's int8 and int4 sizes)
+// arrive, and their class finds no free slab after the first two.
+class slab_compaction_test : public store_fixture {
+protected:
+  /// `backend`: as open()'s. Returns the blocks left, two per slab.
+  std::vector<block_key>
+  fill_half_used_slabs(std::unique_ptr<memory_backend> backend = nullptr) {
+    open(64, policy_kind::lru, false, 4, std::move(backend));
+    put_options expiring;
+    expiring.ttl = 1s;
+    std::vector<block_key> kept;
+    for (std::uint64_t i = 0; i < 56; ++i) { // below the watermark
+      const auto k = chain(10 * (i + 1), 1)[0];
+      EXPECT_TRUE(
+          put(k, {}, i % 2 == 0 ? expiring : put_options{}).has_value());
+      if (i % 2 == 1)
+        kept.push_back(k);
+    }
+    clock_.advance(2s);
+    EXPECT_EQ(store_->expire(), 28U);
+    // Least recently used first: one block of each slab, then the others.
+    for (std::size_t second = 0; second < 2; ++second) {
+      for (std::size_t slab = 0; slab < 14; ++slab) {
+        EXPECT_TRUE(store_->acquire(ns_, kept[2 * slab + second]).has_value());
+      }
+    }
+    store_->check_invariants();
+    return kept;
+  }
+
+  /// Puts `n` blocks of 8 KiB (two a slab) of another namespace.
+  void put_wide(std::uint64_t n) {
+    namespace_spec wide = small_spec("wide-model");
+    wide.head_dim = 128;
+    const auto wide_ns = *store_->register_namespace(wide);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      const auto r = put_in(wide_ns, wide,
+                            chain_key_from_id({}, wide.fingerprint(), i + 1));
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+      store_->check_invariants();
+    }
+  }
+};
+
+// The store moves the first class's live blocks together to hand the new
+// class slabs: no block is evicted while the pool is half empty, and the
+// moved blocks read back intact. Before, a slab went back to the pool only
+// when its last block left, so the store evicted blocks across many slabs
+// (in LRU order here, one from each slab: 18 evictions in all) before one
+// slab emptied.
+TEST_F(slab_compaction_test, another_block_size_gets_slabs_without_evicting) {
+  const auto kept = fill_half_used_slabs();
+  put_wide(12);
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  // Four slabs emptied, two blocks moved out of each.
+  EXPECT_EQ(store_->stats().compacted_slabs, 4U);
+  EXPECT_EQ(store_->stats().moved_blocks, 8U);
+  EXPECT_EQ(store_->block_count(), 28U + 12U);
+  EXPECT_EQ(store_->used_bytes(), 28 * block_bytes + 12 * 2 * block_bytes);
+  std::vector<std::byte> out(block_bytes);
+  for (const auto& k : kept) {
+    auto lease = store_->acquire(ns_, k);
+    ASSERT_TRUE(lease.has_value());
+    ASSERT_TRUE(store_->read(*lease, out).has_value());
+    EXPECT_EQ(out, value_for(k));
+  }
+}
+
+// An arena that cannot copy within itself is never compacted: the store
+// makes room by evicting, as before.
+TEST_F(slab_compaction_test, an_arena_without_a_copy_is_not_compacted) {
+  fill_half_used_slabs(std::make_unique<no_copy_backend>(64 * block_bytes));
+  put_wide(12);
+  EXPECT_EQ(store_->stats().moved_blocks, 0U);
+  EXPECT_GT(store_->stats().evictions, 0U);
 }
 
 TEST_F(store_fixture, ttl_expires_blocks) {

@@ -37,11 +37,12 @@ protected:
   void SetUp() override { open(); }
 
   void open(std::size_t blocks = 32, std::size_t tier_blocks = 16,
-            policy_kind policy = policy_kind::lru) {
+            policy_kind policy = policy_kind::lru,
+            std::size_t slab_blocks = 1) {
     store_.reset();
     store_config cfg;
     cfg.capacity_bytes = blocks * block_bytes;
-    cfg.slab_bytes = block_bytes;
+    cfg.slab_bytes = slab_blocks * block_bytes;
     cfg.policy = policy;
     cfg.adaptive_compression = false;
     cfg.clock = &clock_;
@@ -135,6 +136,50 @@ TEST_F(store_tier_test, blocks_served_from_the_tier_count_as_block_hits) {
   EXPECT_EQ(after.block_misses - before.block_misses, 1U);
   EXPECT_EQ(after.token_hits - before.token_hits, 64U);
   store_->check_invariants();
+}
+
+// Slab compaction moves no block a copy still reads: the tier copies a
+// demoted block's slot later (here when the test finishes it), so the block
+// being demoted, alone in the sparsest slab, stays put while another
+// slab is emptied for a block of another size. Had it moved, that size's
+// blocks would overwrite its old slot before the copy and it would come
+// back from the tier damaged.
+TEST_F(store_tier_test, compaction_leaves_a_block_being_demoted_in_place) {
+  open(64, 16, policy_kind::lru, 4); // 16 slabs of 4 blocks
+  put_options expiring;
+  expiring.ttl = std::chrono::seconds(1);
+  std::vector<block_key> keys;
+  for (std::uint64_t i = 0; i < 56; ++i) { // 14 slabs
+    keys.push_back(chain(10 * (i + 1), 1)[0]);
+    // Slab 0 keeps only its last block, the others every other one.
+    const bool keep = i < 4 ? i == 3 : i % 2 == 1;
+    auto h =
+        store_->reserve(ns_, keys.back(), {}, keep ? put_options{} : expiring);
+    ASSERT_TRUE(h.has_value());
+    ASSERT_TRUE(store_->write_from(*h, producer_).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+  }
+  clock_.advance(std::chrono::seconds(2));
+  ASSERT_EQ(store_->expire(), 29U);
+  // The least recently used block, keys[3], starts its copy to the tier.
+  ASSERT_EQ(*store_->demote_to_tier(block_bytes), block_bytes);
+  namespace_spec wide = spec();
+  wide.model = "tier-test-wide";
+  wide.head_dim = 128; // 8 KiB blocks: two a slab
+  const auto wide_ns = *store_->register_namespace(wide);
+  for (std::uint64_t i = 0; i < 6; ++i) {
+    auto h = store_->reserve(wide_ns, testing::chain_of(wide, i + 1, 1)[0], {});
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    ASSERT_TRUE(store_->write_from(*h, producer_).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+    store_->check_invariants();
+  }
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  EXPECT_EQ(store_->stats().moved_blocks, 2U);
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 1U);
+  EXPECT_EQ(run({keys[3]}).tier_blocks, 1U);
+  expect_correct(keys[3]);
 }
 
 TEST_F(store_tier_test, cold_blocks_move_to_the_tier_and_come_back_on_a_hit) {

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <string>
 #include <system_error>
 
 namespace kvfleet::engine {
@@ -190,6 +191,13 @@ std::optional<std::size_t> host_memory_available() {
   return room;
 }
 
+result<void> memory_backend::copy_within(std::size_t, std::size_t,
+                                         std::size_t) {
+  return make_error(errc::unavailable,
+                    "the " + std::string(name()) +
+                        " arena cannot copy bytes within itself");
+}
+
 result<std::unique_ptr<host_memory_backend>>
 host_memory_backend::create(std::size_t bytes) {
   if (bytes == 0)
@@ -239,6 +247,14 @@ result<void> host_memory_backend::read(std::size_t offset,
   if (offset > size_ || dst.size() > size_ - offset)
     return make_error(errc::invalid_argument, "host arena read out of bounds");
   std::memcpy(dst.data(), data_ + offset, dst.size());
+  return {};
+}
+
+result<void> host_memory_backend::copy_within(std::size_t dst, std::size_t src,
+                                              std::size_t len) {
+  if (src > size_ || len > size_ - src || dst > size_ || len > size_ - dst)
+    return make_error(errc::invalid_argument, "host arena copy out of bounds");
+  std::memmove(data_ + dst, data_ + src, len);
   return {};
 }
 

@@ -38,6 +38,14 @@ public:
   /// Checksum (engine/checksum.hpp) of `len` arena bytes at `offset`.
   [[nodiscard]] virtual result<std::uint64_t>
   checksum(std::size_t offset, std::size_t len) const = 0;
+  /// Whether copy_within() works. The store moves blocks inside the arena
+  /// (slab compaction, engine/README.md "Space management") only then.
+  [[nodiscard]] virtual bool can_copy_within() const noexcept { return false; }
+  /// Copies `len` arena bytes at `src` to `dst` (the ranges do not overlap),
+  /// without leaving the arena. REQUIRES: in bounds. The default, for a
+  /// backend that cannot, is errc::unavailable.
+  [[nodiscard]] virtual result<void>
+  copy_within(std::size_t dst, std::size_t src, std::size_t len);
 };
 
 /// Bytes of host memory this process can still populate before the kernel
@@ -71,6 +79,9 @@ public:
                                   std::span<std::byte> dst) const override;
   [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
                                                std::size_t len) const override;
+  [[nodiscard]] bool can_copy_within() const noexcept override { return true; }
+  [[nodiscard]] result<void> copy_within(std::size_t dst, std::size_t src,
+                                         std::size_t len) override;
 
 private:
   host_memory_backend(std::byte* data, std::size_t size)

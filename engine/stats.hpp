@@ -79,6 +79,10 @@ struct store_stats {
   std::uint64_t demotions = 0;
   std::uint64_t demoted_bytes_saved = 0;
   std::uint64_t expirations = 0;
+  /// Slab compaction: blocks moved inside the arena, and the slabs that
+  /// went to another size class so (engine/README.md "Space management").
+  std::uint64_t moved_blocks = 0;
+  std::uint64_t compacted_slabs = 0;
   /// Lookup, put and process calls (lookup, lookup_tokens, acquire_prefix,
   /// acquire, reserve, write, write_from, commit, put_tokens, process) that
   /// returned an error, each once. acquire() of a block that is not cached
