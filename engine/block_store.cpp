@@ -123,6 +123,8 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     pin_ = other.pin_;
     prio_ = other.prio_;
     parent_ = other.parent_;
+    expires_at_ = other.expires_at_;
+    sets_expiry_ = other.sets_expiry_;
     other.store_ = nullptr;
     other.phase_ = phase::none;
   }
@@ -599,10 +601,9 @@ std::uint32_t block_store::new_entry() {
   return static_cast<std::uint32_t>(entries_.size() - 1);
 }
 
-std::optional<result<put_handle>>
-block_store::reserve_existing(ns_id ns, std::uint32_t existing,
-                              const block_key& parent,
-                              const put_options& options, nanos start) {
+std::optional<result<put_handle>> block_store::reserve_existing(
+    ns_id ns, std::uint32_t existing, const block_key& parent,
+    const put_options& options, nanos start, bool sets_expiry) {
   const ns_state& st = namespaces_[ns.value];
   const block_key key = entries_[existing].key; // a copy: kill() clears it
   entry& e = entries_[existing];
@@ -623,6 +624,8 @@ block_store::reserve_existing(ns_id ns, std::uint32_t existing,
     h.pin_ = options.pin;
     h.prio_ = options.prio;
     h.parent_ = parent;
+    h.expires_at_ = expiry_after(start, options.ttl.value_or(st.options.ttl));
+    h.sets_expiry_ = sets_expiry;
     ++stats_.reserves;
     return h;
   };
@@ -654,6 +657,13 @@ block_store::reserve_existing(ns_id ns, std::uint32_t existing,
 result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
                                         const block_key& parent,
                                         const put_options& options) {
+  return reserve_block(ns, key, parent, options, true);
+}
+
+result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
+                                              const block_key& parent,
+                                              const put_options& options,
+                                              bool sets_expiry) {
   collect_disk();
   auto st_r = check_ns(ns);
   if (!st_r) {
@@ -689,7 +699,8 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
   }
   const nanos start = now();
   if (const std::uint32_t existing = index_.find(key); existing != npos)
-    if (auto r = reserve_existing(ns, existing, parent, options, start))
+    if (auto r =
+            reserve_existing(ns, existing, parent, options, start, sets_expiry))
       return std::move(*r);
   std::uint32_t pid = npos;
   if (!parent.is_null()) {
@@ -706,7 +717,8 @@ result<put_handle> block_store::reserve(ns_id ns, const block_key& key,
       // naming a descendant of its key as parent): it is back now, and this
       // put is a duplicate of it, never a second entry for the same key.
       if (const std::uint32_t existing = index_.find(key); existing != npos)
-        if (auto r = reserve_existing(ns, existing, parent, options, start))
+        if (auto r = reserve_existing(ns, existing, parent, options, start,
+                                      sets_expiry))
           return std::move(*r);
       pid = index_.find(parent);
     }
@@ -887,6 +899,8 @@ result<void> block_store::commit(put_handle& h) {
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
     ++stats_.duplicate_puts;
+    if (h.sets_expiry_)
+      entries_[h.id_].expires_at = h.expires_at_;
     adopt(h.id_, h.parent_);
     raise_priority(h.id_, h.prio_);
     touch(h.id_);
@@ -1068,9 +1082,15 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   for (put_handle& h : token_puts_)
     if (auto c = commit(h); !c)
       return undo(c.error());
-  if (opts.pin)
-    for (const read_lease& l : token_leases_)
-      pin_once(l.id_); // the cached prefix this put skipped
+  // The cached prefix this put skipped is put again: a new expiry (as a
+  // duplicate put's commit sets), and its pin.
+  const std::int64_t expires =
+      expiry_after(now(), opts.ttl.value_or(st.options.ttl));
+  for (const read_lease& l : token_leases_) {
+    entries_[l.id_].expires_at = expires;
+    if (opts.pin)
+      pin_once(l.id_);
+  }
   const std::size_t added = token_puts_.size();
   token_puts_.clear();
   token_leases_.clear();
@@ -1789,7 +1809,7 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
     } else if (!contains(ns, k)) {
       break;
     } // else in memory only (disk_prefix()): a duplicate put, which links it
-    auto h = reserve(ns, k, par, o);
+    auto h = reserve_block(ns, k, par, o, false);
     if (!h)
       break;
     promotion p;

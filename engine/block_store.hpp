@@ -226,8 +226,9 @@ public:
   ~put_handle();
 
   /// True when the key was already cached: write and commit then do nothing
-  /// but validate, and commit counts as an access (and pins the block when
-  /// the put asked for a pin).
+  /// but validate, and commit counts as an access, sets the block's expiry
+  /// to the reserve time + the put's TTL (as a cache's SET does; none when
+  /// the put has none) and pins the block when the put asked for a pin.
   [[nodiscard]] bool already_cached() const noexcept { return duplicate_; }
   [[nodiscard]] const block_key& key() const noexcept { return key_; }
 
@@ -248,6 +249,10 @@ private:
   /// Duplicate put: the parent it names, which a block brought back from
   /// disk alone is linked under at the commit (block_store::adopt()).
   block_key parent_{};
+  /// Duplicate put: the expiry its commit gives the cached block (steady
+  /// nanoseconds, 0 = never) when `sets_expiry_`.
+  std::int64_t expires_at_ = 0;
+  bool sets_expiry_ = false;
 };
 
 /// What process() did with one request.
@@ -543,13 +548,21 @@ private:
     block_store& s_;
   };
   [[nodiscard]] result<const ns_state*> check_ns(ns_id ns) const;
-  /// reserve() of a key the index holds at `existing`: a duplicate put of
-  /// the committed block (errc::namespace_conflict or errc::busy when it
-  /// cannot be one), or nullopt when the copy was dead or expired and is
-  /// gone now, so the put goes on as a fresh one.
+  /// reserve(); `sets_expiry`: a duplicate put's commit sets the cached
+  /// block's expiry to the put's start + TTL (a put's; a block brought back
+  /// from the memory tier or disk passes false, since the copy below's
+  /// remaining TTL is no put's and the block in memory is the newer).
+  [[nodiscard]] result<put_handle> reserve_block(ns_id ns, const block_key& key,
+                                                 const block_key& parent,
+                                                 const put_options& options,
+                                                 bool sets_expiry);
+  /// reserve_block() of a key the index holds at `existing`: a duplicate
+  /// put of the committed block (errc::namespace_conflict or errc::busy
+  /// when it cannot be one), or nullopt when the copy was dead or expired
+  /// and is gone now, so the put goes on as a fresh one.
   [[nodiscard]] std::optional<result<put_handle>>
   reserve_existing(ns_id ns, std::uint32_t existing, const block_key& parent,
-                   const put_options& options, nanos start);
+                   const put_options& options, nanos start, bool sets_expiry);
   [[nodiscard]] std::uint32_t find_visible(ns_id ns, const block_key& key,
                                            nanos now);
   [[nodiscard]] std::size_t

@@ -791,6 +791,46 @@ TEST_F(store_fixture, ttl_expires_blocks) {
   store_->check_invariants();
 }
 
+// A put of a block already cached sets its expiry to now + the put's TTL,
+// as a cache's SET does, when it commits: before, the block kept the
+// expiry of its first put and left the cache while a host kept putting
+// it. A repeat put that is aborted changes nothing; a token put of cached
+// blocks refreshes them too.
+TEST_F(store_fixture, a_repeat_put_sets_the_expiry_to_now_plus_its_ttl) {
+  open(16);
+  const auto keys = chain(1, 2);
+  put_options ten;
+  ten.ttl = 10s;
+  put_chain(keys, ten);
+  clock_.advance(8s);
+  ASSERT_TRUE(put(keys[0], {}, ten).has_value());
+  {
+    auto aborted = store_->reserve(ns_, keys[1], keys[0], ten);
+    ASSERT_TRUE(aborted.has_value());
+    ASSERT_TRUE(aborted->already_cached());
+    ASSERT_TRUE(store_->write(*aborted, value_for(keys[1])).has_value());
+    ASSERT_TRUE(store_->abort(*aborted).has_value());
+  }
+  clock_.advance(4s); // 12 s after the first put, 4 s after the second
+  EXPECT_TRUE(store_->contains(ns_, keys[0]));
+  EXPECT_FALSE(store_->contains(ns_, keys[1]));
+  put_options three;
+  three.ttl = 3s; // shorter: a put sets the expiry, it does not only extend
+  ASSERT_TRUE(put(keys[0], {}, three).has_value());
+  clock_.advance(4s);
+  EXPECT_FALSE(store_->contains(ns_, keys[0]));
+  store_->check_invariants();
+
+  const std::vector<std::uint32_t> tokens(16, 7); // one block
+  const auto values = value_for(chain_key(block_key{}, fp_, tokens));
+  ASSERT_EQ(*store_->put_tokens(ns_, tokens, values, ten), 1U);
+  clock_.advance(8s);
+  ASSERT_EQ(*store_->put_tokens(ns_, tokens, values, ten), 0U); // cached
+  clock_.advance(8s);
+  EXPECT_EQ(*store_->lookup_tokens(ns_, tokens), 16U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, an_expired_parent_held_by_a_live_child_can_be_put_again) {
   open(16);
   const auto keys = chain(1, 2);
@@ -798,10 +838,12 @@ TEST_F(store_fixture, an_expired_parent_held_by_a_live_child_can_be_put_again) {
   opts.ttl = 10s;
   put_chain({keys[0]}, opts); // expires at 10 s
   clock_.advance(5s);
-  put_chain(keys, opts); // the child expires at 15 s
+  // The child alone (a put of the root would refresh its TTL): it expires
+  // at 15 s.
+  ASSERT_TRUE(put(keys[1], keys[0], opts).has_value());
   clock_.advance(6s);
-  EXPECT_EQ(*store_->lookup(ns_, keys), 0U); // the root expired
-  put_chain(keys, opts);                     // the root again, until 21 s
+  EXPECT_EQ(*store_->lookup(ns_, keys), 0U);       // the root expired
+  ASSERT_TRUE(put(keys[0], {}, opts).has_value()); // again, until 21 s
   EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
   clock_.advance(5s);
   EXPECT_EQ(*store_->lookup(ns_, keys), 1U); // the child's own TTL ran out

@@ -357,7 +357,7 @@ std::size_t block_store::promote_from_tier(ns_id ns,
           break;
         o.ttl = nanos{b.expires_at - t};
       }
-      auto h = reserve(ns, keys[i], par, o);
+      auto h = reserve_block(ns, keys[i], par, o, false);
       if (!h)
         break;
       if (!h->already_cached()) {
