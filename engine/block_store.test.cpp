@@ -1168,6 +1168,28 @@ TEST(latency_histogram, every_bucket_ends_where_the_next_begins) {
   EXPECT_EQ(h.quantile(1.0), ~std::uint64_t{0});
 }
 
+// The sum saturates at 2^64 - 1 instead of wrapping: a clock that jumps
+// (or a bogus duration) records absurd values, and a wrapped sum made the
+// mean tiny. Before, two records of 2^63 ns summed to 0, in record() and
+// in merge(), and the mean read 0.
+TEST(latency_histogram, the_sum_saturates_instead_of_wrapping) {
+  constexpr std::uint64_t huge = std::uint64_t{1} << 63;
+  const auto half_max =
+      static_cast<double>(std::numeric_limits<std::uint64_t>::max()) / 2;
+  latency_histogram recorded;
+  recorded.record(huge);
+  recorded.record(huge);
+  EXPECT_GE(recorded.mean(), half_max * 0.99);
+  latency_histogram merged;
+  merged.record(huge);
+  latency_histogram other;
+  other.record(huge);
+  merged.merge(other);
+  EXPECT_GE(merged.mean(), half_max * 0.99);
+  EXPECT_EQ(merged.count(), 2U);
+  EXPECT_EQ(merged.max(), huge);
+}
+
 TEST(latency_histogram, quantiles_are_within_a_bucket) {
   latency_histogram h;
   EXPECT_EQ(h.quantile(0.5), 0U);

@@ -46,7 +46,7 @@ void latency_histogram::merge(const latency_histogram& other) noexcept {
   for (std::size_t i = 0; i < bucket_count; ++i)
     buckets_[i] += other.buckets_[i];
   count_ += other.count_;
-  sum_ += other.sum_;
+  sum_ = saturating_add(sum_, other.sum_);
   max_ = std::max(max_, other.max_);
 }
 

@@ -3,7 +3,10 @@
 ///
 /// latency_histogram is log-linear (HdrHistogram-like): 8 sub-buckets per
 /// power of two, so a percentile is exact to within 12.5%. Recording is a
-/// few instructions and never allocates. Not thread-safe.
+/// few instructions and never allocates. The sum behind mean() saturates
+/// at 2^64 - 1 ns (584 years) rather than wrapping, so absurd values (a
+/// clock that jumps) make the mean too low, never near zero. Not
+/// thread-safe.
 
 #include "engine/codec.hpp"
 
@@ -21,7 +24,7 @@ public:
   void record(std::uint64_t ns) noexcept {
     ++buckets_[bucket_of(ns)];
     ++count_;
-    sum_ += ns;
+    sum_ = saturating_add(sum_, ns);
     if (ns > max_)
       max_ = ns;
   }
@@ -43,6 +46,11 @@ public:
   [[nodiscard]] static std::uint64_t bucket_upper(std::size_t b) noexcept;
 
 private:
+  [[nodiscard]] static std::uint64_t saturating_add(std::uint64_t a,
+                                                    std::uint64_t b) noexcept {
+    return b > ~std::uint64_t{0} - a ? ~std::uint64_t{0} : a + b;
+  }
+
   std::array<std::uint64_t, bucket_count> buckets_{};
   std::uint64_t count_ = 0;
   std::uint64_t sum_ = 0;
