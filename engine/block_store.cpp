@@ -40,6 +40,12 @@ bool same_options(const namespace_options& a, const namespace_options& b) {
 }
 
 constexpr std::size_t max_reserved_entries = std::size_t{1} << 26;
+/// register_namespace() reserves bookkeeping for at most one block per
+/// this many arena bytes: a block's entry, index buckets and policy slots
+/// take a few hundred bytes, so up front they stay under about 1/16 of
+/// the arena however small the blocks (one per 256-byte slot took about as
+/// much as the arena). Smaller blocks grow the tables as they come.
+constexpr std::size_t arena_bytes_per_reserved_block = 4096;
 
 /// The error for a lease that is not the store's: an empty one (default,
 /// moved from or released) is not another store's.
@@ -271,13 +277,13 @@ block_store::register_namespace(const namespace_spec& spec,
     st.size_class[c] = *cls;
   }
   // Size the index and entry table for the most blocks this namespace can
-  // put in the arena, so puts do not allocate.
+  // put in the arena, so puts do not allocate; within a bound for tiny
+  // blocks (see arena_bytes_per_reserved_block).
+  const std::size_t slot =
+      pool_.slot_bytes(st.size_class[static_cast<std::size_t>(codec::int4)]);
   const std::size_t most = std::min(
       max_reserved_entries,
-      pool_.capacity_bytes() /
-          std::max<std::size_t>(
-              1, pool_.slot_bytes(
-                     st.size_class[static_cast<std::size_t>(codec::int4)])));
+      pool_.capacity_bytes() / std::max(slot, arena_bytes_per_reserved_block));
   index_.reserve(std::max(most, index_.size()));
   entries_.reserve(std::max(most, entries_.size()));
   free_entries_.reserve(std::max(most, entries_.size()));
@@ -2169,6 +2175,10 @@ result<std::size_t> block_store::persist(nanos timeout) {
 }
 
 // ---------------------------------------------------------------- queries
+
+std::size_t block_store::reserved_blocks() const noexcept {
+  return entries_.capacity();
+}
 
 bool block_store::contains(ns_id ns, const block_key& key) const {
   const std::uint32_t id = index_.find(key);

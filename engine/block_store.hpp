@@ -494,6 +494,12 @@ public:
   [[nodiscard]] std::size_t capacity_bytes() const noexcept {
     return pool_.capacity_bytes();
   }
+  /// Blocks the per-block tables (entries, index, policies) hold before
+  /// they grow. register_namespace() sizes them for the blocks of its
+  /// smallest encoding the arena holds, but at most one per 4 KiB of arena
+  /// (a block's bookkeeping takes a few hundred bytes); past that they
+  /// grow as the store fills (doubling: a put then allocates, rarely).
+  [[nodiscard]] std::size_t reserved_blocks() const noexcept;
   [[nodiscard]] const store_config& config() const noexcept { return config_; }
   /// The memory backend's name: "host", "cuda:0", ...
   [[nodiscard]] std::string_view memory_name() const noexcept {

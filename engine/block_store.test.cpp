@@ -468,6 +468,36 @@ TEST(block_store, oversize_value_is_rejected_at_registration) {
   EXPECT_EQ((*s)->register_namespace(bad).error().code, errc::invalid_argument);
 }
 
+// Registering a namespace sizes the per-block tables (entries, index,
+// policies: a few hundred bytes a block) ahead of its puts, but for at most
+// one block per 4 KiB of arena; a store of smaller blocks grows them as it
+// fills. Before, a namespace of 256-byte blocks reserved a block's
+// bookkeeping per 256 bytes of arena: about as many bytes as the arena.
+TEST(block_store, tiny_blocks_reserve_bookkeeping_for_a_bounded_count) {
+  store_config cfg;
+  cfg.capacity_bytes = std::size_t{16} << 20;
+  cfg.adaptive_compression = false;
+  auto s = block_store::create(cfg);
+  ASSERT_TRUE(s.has_value()) << s.error().describe();
+  auto& store = **s;
+  namespace_spec tiny = small_spec("tiny-model");
+  tiny.block_tokens = 1; // 256 bytes a block
+  const auto ns = *store.register_namespace(tiny);
+  EXPECT_LE(store.reserved_blocks(), cfg.capacity_bytes / 4096);
+  EXPECT_GE(store.reserved_blocks(), cfg.capacity_bytes / 4096 / 2);
+  // Past the reservation the tables grow: every block of an arena's worth
+  // is stored.
+  const std::size_t blocks = store.capacity_bytes() / 256 / 2;
+  std::vector<std::uint32_t> tokens(blocks);
+  for (std::size_t i = 0; i < blocks; ++i)
+    tokens[i] = static_cast<std::uint32_t>(i);
+  std::vector<std::byte> values(blocks * tiny.value_bytes());
+  ASSERT_EQ(*store.put_tokens(ns, tokens, values), blocks);
+  EXPECT_EQ(store.block_count(), blocks);
+  EXPECT_GE(store.reserved_blocks(), blocks);
+  store.check_invariants();
+}
+
 TEST(block_store, registering_a_spec_again_needs_the_same_options) {
   store_config cfg;
   cfg.capacity_bytes = 1 << 20;
