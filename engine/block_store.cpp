@@ -1510,7 +1510,9 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   entry& e = entries_[id];
   const ns_state& st = namespaces_[e.ns];
   const std::uint16_t cls = st.size_class[static_cast<std::size_t>(to)];
-  if (!pool_.can_allocate(cls))
+  // Its size may have no slab yet while the full size's slabs are sparse:
+  // compaction (which may move this block too) gives it one.
+  if (!pool_.can_allocate(cls) && !compact_for(cls))
     return make_error(errc::out_of_memory, "no slot for the demoted block");
   // Verify before re-encoding so a corrupted block is never laundered into a
   // fresh checksum.

@@ -27,10 +27,11 @@
 /// blocks in place (adaptive compression: none -> int8 -> int4, by access
 /// count), then evicts, until usage is at the low watermark. A size
 /// partition above its share of capacity gives up space first. When the
-/// size needed finds no slot and no free slab, the store first moves the
-/// blocks of another size class's sparsest slab into that class's other
-/// slabs and takes the slab (compaction; committed, unleased blocks only,
-/// and only in an arena that can copy within itself).
+/// size needed (a put's, or a demotion's) finds no slot and no free slab,
+/// the store first moves the blocks of another size class's sparsest slab
+/// into that class's other slabs and takes the slab (compaction;
+/// committed, unleased blocks only, and only in an arena that can copy
+/// within itself).
 ///
 /// Disk tier (optional, attach_disk()): a block evicted for space is spilled
 /// to disk instead of vanishing (its encoded bytes, codec and checksum; the
@@ -603,11 +604,11 @@ private:
   [[nodiscard]] std::uint32_t partition_start(size_partition p) const;
   [[nodiscard]] result<void> make_room(size_partition p, std::uint16_t cls);
   /// Gives size class `cls`, which has no free slot and finds no free
-  /// slab, a slab without evicting: moves the blocks of another class's
-  /// sparsest slab into free slots of that class's other slabs (committed
-  /// blocks no lease holds; a put's slot, a reader's and a copy's stay
-  /// where they are). False when no slab can be emptied so, or the
-  /// backend cannot copy within its arena.
+  /// slab (a put's, or a demotion's smaller size), a slab without evicting:
+  /// moves the blocks of another class's sparsest slab into free slots of that
+  /// class's other slabs (committed blocks no lease holds; a put's slot, a
+  /// reader's and a copy's stay where they are). False when no slab can be
+  /// emptied so, or the backend cannot copy within its arena.
   bool compact_for(std::uint16_t cls);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>

@@ -795,6 +795,43 @@ TEST_F(slab_compaction_test, another_block_size_gets_slabs_without_evicting) {
   }
 }
 
+// Adaptive compression needs a slab for its smaller sizes too: with no
+// free slab, and the free slots of the full-size blocks scattered over
+// their slabs, the store compacts them and demotes cold blocks instead of
+// evicting. Before, every demotion found no int4 slot, and the store
+// evicted.
+TEST_F(slab_compaction_test, demotion_gets_a_slab_by_compaction) {
+  open(64, policy_kind::lru, true, 4); // 16 slabs of four 4 KiB blocks
+  namespace_spec wide = small_spec("wide-model");
+  wide.head_dim = 128; // 8 KiB blocks: two a slab
+  const auto wide_ns = *store_->register_namespace(wide);
+  const auto wide_key = [&](std::uint64_t i) {
+    return chain_key_from_id({}, wide.fingerprint(), i);
+  };
+  ASSERT_TRUE(put_in(wide_ns, wide, wide_key(1)).has_value()); // slab 0
+  put_options expiring;
+  expiring.ttl = 1s;
+  for (std::uint64_t i = 0; i < 55; ++i) { // slabs 1 to 14, one slot left
+    const auto k = chain(10 * (i + 1), 1)[0];
+    ASSERT_TRUE(put(k, {}, i % 8 == 0 ? expiring : put_options{}));
+  }
+  clock_.advance(2s);
+  ASSERT_EQ(store_->expire(), 7U); // 8 free slots over 8 slabs
+  ASSERT_TRUE(put_in(wide_ns, wide, wide_key(2)).has_value()); // slab 0
+  ASSERT_TRUE(put_in(wide_ns, wide, wide_key(3)).has_value()); // slab 15
+  ASSERT_EQ(store_->stats().demotions, 0U);
+  // 48 + 3 x 2 blocks of 4 KiB: 84% used, no free slab. The fourth put
+  // goes over the high watermark (0.9).
+  ASSERT_EQ(store_->used_bytes(), 54 * block_bytes);
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    ASSERT_TRUE(put(chain(100000 + i, 1)[0], {}));
+    store_->check_invariants();
+  }
+  EXPECT_GT(store_->stats().demotions, 0U);
+  EXPECT_GT(store_->stats().compacted_slabs, 0U);
+  EXPECT_EQ(store_->stats().evictions, 0U);
+}
+
 // An arena that cannot copy within itself is never compacted: the store
 // makes room by evicting, as before.
 TEST_F(slab_compaction_test, an_arena_without_a_copy_is_not_compacted) {
