@@ -340,8 +340,9 @@ result<void> open_store(engine_parts& parts) {
 caf::behavior engine_behavior(engine_actor* self,
                               std::shared_ptr<engine_parts> parts) {
   auto& st = self->state;
-  // store_open::on_engine: first, in the actor (see own_thread), so whoever
-  // spawned it does not wait for the arena or the disk; messages sent
+  // store_open::on_engine: first, in the actor (on its own thread unless
+  // own_thread says false), so whoever spawned it does not wait for the
+  // arena or the disk, nor any other actor on a scheduler worker; messages sent
   // meanwhile wait in the mailbox. A store that does not open ends the
   // actor with its error, which its monitors' down_msg carries.
   if (!parts->store) {
@@ -686,12 +687,14 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
       return unexpected<error>{ok.error()};
   }
   // Device memory or a disk tier: the engine waits for them inside a
-  // request. Opened on the engine, make_backend's memory is not known yet:
-  // it may be a device's (device_backend_per_engine), and its creation may
-  // take long, so it runs on a thread of its own then too.
+  // request. Opened on the engine, its first act makes the whole store: a
+  // host arena of GiBs is prefaulted for seconds, a device's allocated
+  // (make_backend's memory is not known yet), so it runs on a thread of
+  // its own then too, whatever its memory, or it would hold a scheduler
+  // worker (and the balancer or scaler queued behind it) that long.
   const bool waits = config.make_disk != nullptr ||
-                     (parts->store ? !parts->store->host_addressable()
-                                   : config.make_backend != nullptr);
+                     open == store_open::on_engine ||
+                     !parts->store->host_addressable();
   if (config.own_thread.value_or(waits))
     return sys.spawn<caf::detached>(engine_behavior, std::move(parts));
   return sys.spawn(engine_behavior, std::move(parts));

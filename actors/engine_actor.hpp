@@ -97,9 +97,9 @@
 /// prefaulted, a device arena allocated, a pinned host tier registered):
 /// spawn_engine_actor does all of it on its caller (store_open::
 /// before_spawn) or, with store_open::on_engine, lets the actor do it as
-/// its first act (on its own thread when it runs on one, see own_thread),
-/// so the caller (the balancer, starting a restart or a replica) goes on
-/// at once.
+/// its first act (on a thread of its own by default, see own_thread), so
+/// the caller (the balancer, starting a restart or a replica) goes on at
+/// once, and no scheduler worker is held while it does.
 ///
 /// Open puts are aborted `put_timeout` after their reservation.
 
@@ -195,11 +195,15 @@ struct engine_actor_config {
       make_disk;
   /// Run the actor on a thread of its own (caf::detached) instead of the
   /// scheduler's workers. Default (nullopt): its own thread exactly when
-  /// the pool is device memory or the engine has a disk tier, because the
-  /// engine then waits for the device or the disk inside a request, and no
-  /// scheduler worker may wait. With store_open::on_engine the pool's
-  /// memory is not known at the spawn: any make_backend counts as device
-  /// memory then (its own thread).
+  /// the pool is device memory, the engine has a disk tier, or its store
+  /// is made with store_open::on_engine, because the engine then waits for
+  /// the device or the disk inside a request, or for its whole store (a
+  /// host arena of GiBs is prefaulted for seconds) as its first act, and
+  /// no scheduler worker may wait. (Before, an on_engine engine with
+  /// neither make_backend nor make_disk made its host arena on a scheduler
+  /// worker, stalling the balancer and scaler queued there.) Set false, an
+  /// on_engine engine makes its store on a scheduler worker (the tests
+  /// do, to run it under CAF's test_coordinator).
   std::optional<bool> own_thread;
 };
 
@@ -233,8 +237,9 @@ enum class store_open : std::uint8_t {
   /// On the caller, before the actor is spawned: the store's errors are
   /// spawn_engine_actor's (node::start starts a node's initial engines so).
   before_spawn,
-  /// In the actor, as its first act (on its own thread when it runs on
-  /// one: with make_disk or make_backend by default): spawn_engine_actor
+  /// In the actor, as its first act, on the actor's own thread (the
+  /// default own_thread of such an engine, whatever its memory; own_thread
+  /// false puts it on a scheduler worker): spawn_engine_actor
   /// returns without waiting for it, messages sent meanwhile wait in the
   /// mailbox, ready_atom is answered once the store is made, and a store
   /// that cannot be made stops the actor with that error as its exit

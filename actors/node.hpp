@@ -103,8 +103,9 @@ public:
   /// directories finds them free. An unreachable Redis is not an error
   /// here: the store connects on its first call. Engines started later
   /// (the balancer's restarts, the scaler's replicas) make their stores
-  /// (memory arena, tiers, disk tier) themselves, not on the balancer's
-  /// thread (store_open::on_engine): the balancer
+  /// (memory arena, tiers, disk tier) themselves, on threads of their own
+  /// (store_open::on_engine), not on the balancer's thread nor on a
+  /// scheduler worker: the balancer
   /// routes to the other engines meanwhile, and one whose store is not
   /// made is a failed start with that error (balancer_actor.hpp,
   /// started_engine).

@@ -32,6 +32,8 @@
 #include <thread>
 #include <vector>
 
+#include <caf/abstract_actor.hpp>
+#include <caf/actor_cast.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/after.hpp>
@@ -1852,6 +1854,55 @@ TEST_F(Node, AReplicaMakingItsArenaDoesNotHoldUpTheOthers) {
   ASSERT_TRUE(es.has_value()) << es.error().describe();
   EXPECT_EQ(es->memory, "host");
   ASSERT_TRUE((*n)->stop());
+}
+
+/// Whether `a` runs on a thread of its own (caf::detached), not on the
+/// scheduler's workers.
+bool runs_on_its_own_thread(const caf::actor& a) {
+  return caf::actor_cast<caf::abstract_actor*>(a)->getf(
+      caf::abstract_actor::is_detached_flag);
+}
+
+TEST_F(Node, AHostMemoryReplicaMakesItsArenaOnAThreadOfItsOwn) {
+  // No make_backend, no make_disk: the replica prefaults its host arena
+  // (seconds for GiBs) as its first act, so it runs on a thread of its own,
+  // not on a scheduler worker where the balancer and the scaler may wait
+  // behind it. (Before, it ran on a worker.) An initial engine, whose store
+  // node::start made, needs none; own_thread false still keeps an engine
+  // opened so on the workers.
+  auto c = small_node();
+  c.engines = 1;
+  c.query_cache = false;
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  caf::scoped_actor self{*sys_};
+  std::optional<std::uint32_t> live;
+  self->request((*n)->balancer(), caf::infinite, actors::replica_atom::value)
+      .receive([&](std::uint32_t x) { live = x; },
+               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  ASSERT_EQ(live, 2U);
+  auto initial = engine_of(*sys_, **n, 0);
+  auto replica = engine_of(*sys_, **n, 1);
+  ASSERT_TRUE(initial && replica);
+  EXPECT_FALSE(runs_on_its_own_thread(initial));
+  EXPECT_TRUE(runs_on_its_own_thread(replica));
+  auto es = (*n)->engine_stats(1);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->memory, "host");
+  ASSERT_TRUE((*n)->stop());
+
+  auto cfg = c.engine;
+  cfg.own_thread = false;
+  auto on_worker =
+      actors::spawn_engine_actor(*sys_, cfg, actors::store_open::on_engine);
+  ASSERT_TRUE(on_worker.has_value()) << on_worker.error().describe();
+  EXPECT_FALSE(runs_on_its_own_thread(*on_worker));
+  std::optional<bool> ready;
+  self->request(*on_worker, caf::infinite, actors::ready_atom::value)
+      .receive([&](bool x) { ready = x; },
+               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  EXPECT_EQ(ready, true);
+  caf::anon_send_exit(*on_worker, caf::exit_reason::kill);
 }
 
 TEST_F(Node, AReplicaOrRestartWhoseDiskDoesNotOpenFailsWithItsError) {
