@@ -251,6 +251,41 @@ TEST(Router, FullIndexKeepsAPrefixsLeadingBlocksLongest) {
   EXPECT_EQ(r.held_prefix(0, keys(2, 2)), 1U); // keys(2, 2)[1] was older
 }
 
+TEST(Router, AStoredCallLongerThanTheIndexKeepsItsLeadingKeys) {
+  // max_index_keys 2 and one call storing A, B, C: C is not indexed, so
+  // the prefix keeps A and B. (Before, C replaced B, the call's own key
+  // just used, leaving A and C: a held prefix of 1 and a key no request
+  // reaches.)
+  router_config c{routing_policy::kv_aware};
+  c.max_index_keys = 2;
+  auto r = make_router(c);
+  r.add_slot();
+  const auto abc = keys(1, 3);
+  r.stored(0, abc);
+  EXPECT_EQ(r.index_size(), 2U);
+  EXPECT_EQ(r.held_prefix(0, abc), 2U);
+  EXPECT_FALSE(holds(r, 0, abc[2]));
+  // A prefix's leading blocks outlast its later ones: new keys replace B
+  // first, then A.
+  const auto d = keys(2, 1);
+  r.stored(0, d);
+  EXPECT_EQ(r.held_prefix(0, abc), 1U);
+  EXPECT_TRUE(holds(r, 0, d[0]));
+  const auto e = keys(3, 1);
+  r.stored(0, e);
+  EXPECT_EQ(r.held_prefix(0, abc), 0U);
+  EXPECT_TRUE(holds(r, 0, d[0]));
+  EXPECT_TRUE(holds(r, 0, e[0]));
+  // Over a full index of other keys, a long call replaces them, then
+  // keeps its own leading keys.
+  const auto chain = keys(4, 5);
+  r.stored(0, chain);
+  EXPECT_EQ(r.index_size(), 2U);
+  EXPECT_EQ(r.held_prefix(0, chain), 2U);
+  EXPECT_FALSE(holds(r, 0, d[0]));
+  EXPECT_FALSE(holds(r, 0, e[0]));
+}
+
 /// A plain model of the index's use order for Router.IndexMatchesAPlainModel:
 /// a vector, most recent first, where a call's keys move to the front in
 /// their order (`m`: how many the call placed so far).
@@ -266,15 +301,17 @@ struct plain_index {
         return i;
     return order.size();
   }
-  /// Marks `k` used (adding it when missing) and returns its place.
+  /// Marks `k` used (adding it when missing) and returns its place;
+  /// order.size() when it is not indexed.
   std::size_t use(const block_key& k, bool add) {
     auto i = find(k);
     if (i == order.size()) {
       if (!add)
         return i;
       if (order.size() >= bound) {
+        if (m >= order.size())
+          return order.size(); // every entry is this call's: k not indexed
         order.pop_back();
-        m = std::min(m, order.size());
       }
       order.insert(order.begin() + static_cast<std::ptrdiff_t>(m), {k, 0});
       return m++;
@@ -298,11 +335,12 @@ struct plain_index {
   }
 };
 
-TEST(Router, IndexMatchesAPlainModel) {
-  // Random stores, evictions, picks and slots going down, fixed seed: the
-  // router's index holds the keys and engines the plain model does.
+/// Random stores, evictions, picks and slots going down, fixed seed: the
+/// router's index, `max_index_keys` long, holds the keys and engines the
+/// plain model does. Calls carry 1 to 6 keys.
+void expect_index_matches_a_plain_model(std::size_t max_index_keys) {
   router_config c{routing_policy::kv_aware};
-  c.max_index_keys = 24;
+  c.max_index_keys = max_index_keys;
   auto r = make_router(c);
   for (int s = 0; s < 3; ++s)
     r.add_slot();
@@ -325,7 +363,8 @@ TEST(Router, IndexMatchesAPlainModel) {
       r.stored(slot, ks);
       model.begin_call();
       for (const auto& k : ks)
-        model.order[model.use(k, true)].second |= bit;
+        if (auto i = model.use(k, true); i < model.order.size())
+          model.order[i].second |= bit;
       break;
     case 2:
     case 3:
@@ -373,6 +412,16 @@ TEST(Router, IndexMatchesAPlainModel) {
       ASSERT_EQ(held, want) << "slot " << s << ", step " << step;
     }
   }
+}
+
+TEST(Router, IndexMatchesAPlainModel) {
+  expect_index_matches_a_plain_model(24);
+}
+
+TEST(Router, AnIndexShorterThanACallMatchesAPlainModel) {
+  // Stored calls of more new keys than the index holds, whose later keys
+  // find every entry used by the call itself.
+  expect_index_matches_a_plain_model(4);
 }
 
 TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {

@@ -136,7 +136,8 @@ void router::stored(std::uint32_t slot,
   const std::uint64_t bit = std::uint64_t{1} << slot;
   index_node* front_end = use_.newest;
   for (const auto& k : keys)
-    find_or_add(k, front_end).second.engines |= bit;
+    if (auto* n = find_or_add(k, front_end); n != nullptr)
+      n->second.engines |= bit;
 }
 
 void router::link_before(index_node& n, index_node* pos) {
@@ -164,17 +165,24 @@ void router::mark_used(index_node& n, index_node*& front_end) {
   link_before(n, front_end);
 }
 
-router::index_node& router::find_or_add(const engine::block_key& k,
+router::index_node* router::find_or_add(const engine::block_key& k,
                                         index_node*& front_end) {
   if (auto it = index_.find(k); it != index_.end()) {
     mark_used(*it, front_end);
-    return *it;
+    return &*it;
   }
   if (index_.size() < config_.max_index_keys) {
     auto& n = *index_.emplace(k, index_entry{}).first;
     link_before(n, front_end);
-    return n;
+    return &n;
   }
+  // Every entry is newer than `front_end` exactly when this call used them
+  // all (null: the oldest end). The least recently used one is then one of
+  // this call's earlier keys, nearer its prefix's start than `k`: replacing
+  // it would keep a later key no prefix reaches past the hole, so `k` is
+  // not indexed.
+  if (front_end == nullptr)
+    return nullptr;
   // Full: the least recently used key goes (a possible miss for a request
   // that would have found it), and its map node takes `k`, keeping its
   // place in the use order (the node, and so its address, is the same), so
@@ -184,7 +192,7 @@ router::index_node& router::find_or_add(const engine::block_key& k,
   node.mapped().engines = 0;
   auto& n = *index_.insert(std::move(node)).position;
   mark_used(n, front_end);
-  return n;
+  return &n;
 }
 
 void router::erase(index_map::iterator it) {

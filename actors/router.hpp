@@ -25,8 +25,13 @@
 /// used when an engine reports storing it and when a kv_aware pick() finds
 /// it held by a live engine in the request's matched prefix; the keys one
 /// call uses become the most recent in their order, so a prefix's leading
-/// blocks outlast its later ones. Each operation costs O(1) per key; a full
-/// index reuses the replaced entry's memory, and pick() allocates nothing.
+/// blocks outlast its later ones. One stored() call with more new keys
+/// than the index can take keeps its leading ones: once the least recently
+/// used entry is one of that call's own keys, its later keys are not
+/// indexed (before, each replaced the call's key just used, so a prefix
+/// kept its first block and its last ones, which no request reaches past
+/// the hole). Each operation costs O(1) per key; a full index reuses the
+/// replaced entry's memory, and pick() allocates nothing.
 ///
 /// Slots are engine positions; a slot is live or down, and a draining slot
 /// takes no new requests. A removed slot is free for add_slot to reuse. Not
@@ -199,8 +204,10 @@ private:
   /// older than it, so a call's keys keep their order.
   void mark_used(index_node& n, index_node*& front_end);
   /// `k`'s entry, added (with no engines) and marked used when missing,
-  /// replacing the least recently used entry when the index is full.
-  index_node& find_or_add(const engine::block_key& k, index_node*& front_end);
+  /// replacing the least recently used entry when the index is full;
+  /// null, `k` not indexed, when that entry is one this call used (the
+  /// call has more keys than the index holds).
+  index_node* find_or_add(const engine::block_key& k, index_node*& front_end);
   void erase(index_map::iterator it);
 
   router_config config_;
