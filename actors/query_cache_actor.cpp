@@ -205,9 +205,11 @@ cache_behavior(cache_actor* self, query_cache_config config,
           ask_balancer_to_pin(self, std::move(req), promise);
           return promise;
         }
-        // A key whose miss is on its way has no entry to read: the reply
-        // stores it, and the store is asked again only after that (one
-        // GET fewer per joining request, a Redis round trip each).
+        // A key whose miss is on its way joins it without reading the
+        // store (one GET fewer per joining request, a Redis round trip
+        // each). An entry stored meanwhile (another node on the same
+        // Redis, a pinning request of the key) is then a missed hit, not
+        // a wrong reply: the joiner gets the miss's reply.
         auto in_flight = s.waiting.find(req.query);
         if (in_flight == s.waiting.end()) {
           auto got = s.store->get(req.query, now(self));

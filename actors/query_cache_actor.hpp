@@ -7,8 +7,11 @@
 /// request to the balancer, stores the reply for `ttl` (default 3600 s)
 /// and answers; concurrent misses of one key wait for the one computation,
 /// and a request of a key whose miss is on its way joins it without reading
-/// the store (no entry can be there before that miss's reply stores one:
-/// with Redis, one GET saved per joining request).
+/// the store (with Redis, one GET saved per joining request). An entry may
+/// be there meanwhile: another node sharing the Redis store, or a pinning
+/// request of the key (below), may have stored one. The joiner then waits
+/// for the miss's reply instead: the only cost is a missed hit, never a
+/// wrong reply.
 /// A miss that joins them with a higher priority than every request of that
 /// key already sent goes to the balancer too, in its own priority (so a
 /// critical caller never waits behind a low-priority request); the first
