@@ -1,14 +1,16 @@
 // host_resolver: lookups bounded by the caller's timeout, with a fake
 // lookup that blocks until the test releases it (no sleeps: the only
-// waits are the resolver's own, for a lookup that cannot finish in them).
+// waits are the resolver's own, for a lookup that cannot finish in them,
+// and the test's for the fake lookup to be entered on its helper thread).
 #include "actors/internal/host_resolver.hpp"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <atomic>
+#include <condition_variable>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -17,17 +19,39 @@ namespace {
 
 using namespace std::chrono_literals;
 
+/// Calls of a gated_lookup, counted as they enter it (on the resolver's
+/// helper threads), so the test can wait for a call to have started.
+struct call_count {
+  std::mutex mutex;
+  std::condition_variable entered_cv;
+  int calls = 0; ///< under `mutex`
+
+  int enter() {
+    const std::lock_guard<std::mutex> lock(mutex);
+    entered_cv.notify_all();
+    return ++calls;
+  }
+  int load() {
+    const std::lock_guard<std::mutex> lock(mutex);
+    return calls;
+  }
+  /// Waits until at least `n` calls have entered the lookup.
+  void wait_for(int n) {
+    std::unique_lock<std::mutex> lock(mutex);
+    entered_cv.wait(lock, [&] { return calls >= n; });
+  }
+};
+
 /// A lookup that answers "<host> #<n>" (n: its call number) once the
 /// test releases it, counting its calls.
 struct gated_lookup {
   std::promise<void> release;
-  std::shared_ptr<std::atomic<int>> calls =
-      std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<call_count> calls = std::make_shared<call_count>();
 
   lookup_fn fn() {
     return [gate = release.get_future().share(),
             calls = calls](const std::string& host) -> lookup_result {
-      const int n = ++*calls;
+      const int n = calls->enter();
       gate.wait();
       return std::vector<std::string>{host + " #" + std::to_string(n)};
     };
@@ -45,10 +69,12 @@ TEST(host_resolver_test, a_lookup_that_takes_too_long_is_a_timeout_naming_it) {
             std::string::npos)
       << late.error().message;
   // The next call waits for the lookup already running instead of
-  // starting another.
+  // starting another. (Its helper thread may not have entered the lookup
+  // yet: wait for that, not for a time.)
   auto again = resolver.resolve("slow.example", 0ms);
   ASSERT_FALSE(again);
   EXPECT_EQ(again.error().code, errc::timeout);
+  slow.calls->wait_for(1);
   EXPECT_EQ(slow.calls->load(), 1);
 
   slow.release.set_value();
@@ -84,14 +110,28 @@ TEST(host_resolver_test, numeric_addresses_need_no_lookup) {
   EXPECT_EQ(never.calls->load(), 0);
 }
 
-TEST(host_resolver_test, the_system_lookup_finds_localhost_and_names_a_miss) {
+TEST(host_resolver_test, the_system_lookup_finds_localhost) {
   auto local = system_lookup("localhost");
   ASSERT_TRUE(local) << local.error().describe();
   EXPECT_TRUE(std::find_if(local->begin(), local->end(), [](const auto& a) {
                 return a == "127.0.0.1" || a == "::1";
               }) != local->end());
-  // .invalid never resolves (RFC 6761).
-  auto none = system_lookup("nosuch.invalid");
+}
+
+TEST(host_resolver_test, the_system_lookup_names_a_name_that_does_not_resolve) {
+  // .invalid never resolves (RFC 6761), but the system resolver may still
+  // ask a DNS server, and one that does not answer holds getaddrinfo for
+  // its whole timeout (seconds, times its attempts). So the lookup runs
+  // through a resolver, bounded: where it does not end in time there is no
+  // miss to check here (the resolver's own error paths are checked above
+  // with a fake lookup), and the test says so instead of waiting.
+  host_resolver resolver;
+  auto none = resolver.resolve("nosuch.invalid", 5s);
+  if (!none && none.error().code == errc::timeout) {
+    GTEST_SKIP() << "the system resolver did not answer for 'nosuch.invalid' "
+                    "within 5 s (no DNS server answering?): "
+                 << none.error().describe();
+  }
   ASSERT_FALSE(none);
   EXPECT_EQ(none.error().code, errc::not_found);
   EXPECT_NE(none.error().message.find("cannot resolve 'nosuch.invalid'"),
