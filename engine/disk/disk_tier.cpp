@@ -617,6 +617,14 @@ disk_request_id disk_tier::enqueue(request&& r, disk_priority p) {
   // REQUIRES: mu_ held.
   r.id = disk_request_id{next_request_++};
   const disk_request_id id = r.id;
+  if (r.k == request::kind::fetch) {
+    // The key's latest spill is not written yet (queued or in the batch
+    // in progress): this read runs after it, and must find its bytes even
+    // if a spill or erase queued after the read supersedes it first.
+    const auto d = dir_.find(r.key);
+    if (d != dir_.end() && !d->second.info.stored)
+      awaited_gens_.insert(d->second.gen);
+  }
   if (p == disk_priority::demand) {
     // A read goes ahead of the background work, but never ahead of a
     // queued spill or erase of its own key: it must find what the owner
@@ -966,8 +974,10 @@ void disk_tier::run() {
     {
       std::lock_guard lk(mu_);
       for (const request& r : batch)
-        if (r.k == request::kind::spill)
+        if (r.k == request::kind::spill) {
           queued_spill_bytes_ -= r.bytes.size();
+          awaited_gens_.erase(r.gen); // written, failed or refused now
+        }
       for (auto& c : out)
         done_.push_back(std::move(c));
       publish_locked();
@@ -1248,9 +1258,13 @@ void disk_tier::note_write_error(int err_no, const error& e) {
 
 void disk_tier::do_spill(request& r, disk_completion& c) {
   {
+    // A spill the directory has moved on from (erased, or spilled again)
+    // is skipped, unless a read queued after it and before the newer
+    // request awaits it: that read must not find the copy before it.
     std::lock_guard lk(mu_);
     const auto d = dir_.find(r.key);
-    if (d == dir_.end() || d->second.gen != r.gen) {
+    if ((d == dir_.end() || d->second.gen != r.gen) &&
+        awaited_gens_.count(r.gen) == 0) {
       ++io_stats_.spills_superseded;
       c.status = make_error(
           errc::not_found, "disk tier: block " + r.key.to_hex() +
@@ -1934,6 +1948,8 @@ void disk_tier::check_invariants() const {
   KVFLEET_CHECK(queued_writes_.empty() && !background_turn_,
                 "when idle, no write is counted as queued and no batch "
                 "waits for its turn");
+  KVFLEET_CHECK(awaited_gens_.empty(),
+                "when idle, no spill is awaited by a queued read");
   if (!reload_error_.empty()) {
     // Nothing loaded; the directory keeps the owner's view until a reload.
     KVFLEET_CHECK(index_.empty() && segments_.empty() && file_bytes_ == 0 &&

@@ -329,7 +329,9 @@ public:
   /// full file system (errc::out_of_memory, counted). The completion fails
   /// with errc::checksum_mismatch when `checksum` is not the bytes'
   /// block_checksum, errc::out_of_memory when no space could be made, and
-  /// errc::not_found when the block was erased or replaced first.
+  /// errc::not_found when the block was erased or replaced first (unless
+  /// a fetch of the key was queued in between: the spill is then written,
+  /// for that fetch to find, and replaced or erased after it).
   [[nodiscard]] result<disk_request_id>
   spill(const block_key& key, const ns_fingerprint& ns, codec c,
         std::span<const std::byte> bytes, std::uint64_t checksum,
@@ -349,7 +351,9 @@ public:
   /// up to max_batch every other batch however many reads come). A demand
   /// read of a key whose spill or erase is still queued waits right behind
   /// the last of them, so it finds what was spilled (or nothing, if
-  /// erased), never an older copy.
+  /// erased), never an older copy. Either kind of read finds at least
+  /// what was spilled before it was queued: a spill or erase of the key
+  /// queued after the read does not make the spill before it be skipped.
   [[nodiscard]] disk_request_id
   fetch(const block_key& key, disk_priority p = disk_priority::background);
   /// As fetch(), but reads straight into `dst` (e.g. the slot the block is
@@ -577,6 +581,11 @@ private:
   /// Spills and erases per key in queue_: a demand read of such a key
   /// queues behind them instead of ahead.
   std::unordered_map<block_key, std::uint32_t, block_key_hash> queued_writes_;
+  /// Generations of spills, queued or in the batch in progress, that a
+  /// read queued after them awaits: do_spill writes such a spill even if
+  /// an erase or a newer spill of its key supersedes it first, so that the
+  /// read never finds an older copy. Until the spill's batch is done.
+  std::unordered_set<std::uint64_t> awaited_gens_;
   /// The last batch was demand reads taken while background work waited:
   /// the next batch is background work.
   bool background_turn_ = false;

@@ -178,6 +178,13 @@ private:
   bool holding_ = false;
 };
 
+/// How read_between_writes() queues its read.
+struct read_case {
+  disk_priority p = disk_priority::demand;
+  bool erase_after = false; ///< erase the key after the read, not spill v2
+  bool in_flight = false;   ///< spill v1 is in the batch in progress
+};
+
 class disk_tier_test : public ::testing::Test {
 protected:
   void SetUp() override {
@@ -268,6 +275,9 @@ protected:
     std::sort(out.begin(), out.end());
     return out;
   }
+
+  /// See its definition (demand reads).
+  void read_between_writes(read_case rc);
 
   std::string dir_;
   manual_clock clock_{nanos{1'000'000}};
@@ -448,6 +458,106 @@ TEST_F(disk_tier_test, a_demand_read_waits_for_the_queued_writes_of_its_key) {
       EXPECT_TRUE(c.bytes == block_bytes(3, 4096));
     }
   }
+}
+
+/// Spills v0 of a key and waits; holds the I/O thread in another spill;
+/// queues spill v1 of the key (or lets it into the batch in progress),
+/// then a read of the key, then spill v2 (or an erase); opens the gate.
+/// The read must find v1: what was spilled before it was queued.
+void disk_tier_test::read_between_writes(read_case rc) {
+  auto gate = std::make_shared<testing::io_gate>();
+  open(gated_config(config(), gate));
+  constexpr std::uint64_t k = 7;
+  const auto v1 = block_bytes(71, 4096);
+  const auto v2 = block_bytes(72, 4096);
+  auto spill_k = [&](const std::vector<std::byte>& b) {
+    auto id = tier_->spill(key_of(k), ns_a, codec::int8, b, block_checksum(b),
+                           clock_.now(), nanos{0}, false);
+    EXPECT_TRUE(id.has_value()) << id.error().describe();
+  };
+  spill(k); // v0
+  settle();
+  gate->arm();
+  spill(0); // the I/O thread holds in its write
+  ASSERT_TRUE(gate->wait_entered());
+  if (rc.in_flight) {
+    // The next batch takes spill 1 and spill v1 together and holds in
+    // spill 1's write: spill v1 is then in the batch in progress, no
+    // longer queued, when the read and spill v2 come.
+    spill(1);
+    spill_k(v1);
+    gate->arm();
+    gate->open();
+    ASSERT_TRUE(gate->wait_entered());
+  } else {
+    spill_k(v1);
+  }
+  const auto read = tier_->fetch(key_of(k), rc.p);
+  if (rc.erase_after) {
+    EXPECT_TRUE(tier_->erase(key_of(k)).has_value());
+  } else {
+    spill_k(v2);
+  }
+  gate->open();
+  bool answered = false;
+  for (const auto& c : settle()) {
+    if (c.id != read)
+      continue;
+    answered = true;
+    ASSERT_TRUE(c.status.has_value()) << c.status.error().describe();
+    EXPECT_TRUE(c.bytes == v1)
+        << (c.bytes == block_bytes(k, 4096) ? "the older copy v0 was read"
+                                            : "not the bytes of spill v1");
+  }
+  EXPECT_TRUE(answered);
+  // What was queued after the read still wins in the end.
+  auto after = fetch(k);
+  if (rc.erase_after) {
+    EXPECT_FALSE(tier_->contains(key_of(k)));
+    ASSERT_FALSE(after.status.has_value());
+    EXPECT_EQ(after.status.error().code, errc::not_found);
+  } else {
+    ASSERT_TRUE(after.status.has_value()) << after.status.error().describe();
+    EXPECT_TRUE(after.bytes == v2);
+  }
+  // Key k unless erased, spill 0, and spill 1 when in flight.
+  const std::uint64_t blocks =
+      (rc.erase_after ? 1U : 2U) + (rc.in_flight ? 1U : 0U);
+  EXPECT_EQ(tier_->stats().blocks, blocks);
+}
+
+// A read finds at least what was spilled before it was queued, also when
+// a spill or erase of the key queued after the read supersedes that spill
+// before it is written. Before, do_spill skipped the superseded spill as
+// "replaced before it was written", and the read found the copy before
+// it (v0).
+TEST_F(disk_tier_test, a_demand_read_finds_the_spill_before_it_when_respilled) {
+  read_between_writes({disk_priority::demand, false, false});
+}
+
+TEST_F(disk_tier_test,
+       a_background_read_finds_the_spill_before_it_when_respilled) {
+  read_between_writes({disk_priority::background, false, false});
+}
+
+TEST_F(disk_tier_test, a_demand_read_finds_the_spill_before_it_when_erased) {
+  read_between_writes({disk_priority::demand, true, false});
+}
+
+TEST_F(disk_tier_test,
+       a_background_read_finds_the_spill_before_it_when_erased) {
+  read_between_writes({disk_priority::background, true, false});
+}
+
+// The same with spill v1 taken into the batch in progress (no longer
+// queued) before the read and spill v2 come.
+TEST_F(disk_tier_test, a_demand_read_finds_a_spill_in_progress_when_respilled) {
+  read_between_writes({disk_priority::demand, false, true});
+}
+
+TEST_F(disk_tier_test,
+       a_background_read_finds_a_spill_in_progress_when_erased) {
+  read_between_writes({disk_priority::background, true, true});
 }
 
 // wait_done() returns once the given requests are answered, without
