@@ -656,8 +656,9 @@ void disk_tier::take_batch(std::vector<request>& batch) {
   // answers are published without waiting for background writes (a batch
   // answers when it commits). A batch of them taken while background work
   // waited gives the next batch to the background, so spills advance by up
-  // to max_batch every other batch however many reads come: a read waits
-  // at most for the batch in progress and one background batch.
+  // to max_batch every other batch however many reads come. A read waits
+  // for the batch in progress, the demand batches ahead of it, and one
+  // background batch at most before each of those and before its own.
   const bool demand = !demand_.empty() && (queue_.empty() || !background_turn_);
   auto& from = demand ? demand_ : queue_;
   const std::size_t n = std::min(from.size(), config_.max_batch);
