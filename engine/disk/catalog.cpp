@@ -187,8 +187,9 @@ std::string db_error(sqlite3* db, const std::string& path,
   make_error(errc::io_error, db_error(impl_->db, path_, what))
 
 result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
-                                               bool full_sync) {
+                                               bool full_sync, fault f) {
   std::unique_ptr<catalog> c(new catalog(path));
+  c->fault_ = std::move(f);
   sqlite3*& db = c->impl_->db;
   if (sqlite3_open_v2(path.c_str(), &db,
                       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
@@ -256,20 +257,47 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
       // Version 2 added the size_partition column; version 1 rows keep it
       // NULL (partition unknown). One transaction: a failure leaves the
       // catalog at version 1.
+      const std::string to = std::to_string(disk_format_version);
+      const std::string what = "upgrade to format version " + to;
       const std::string upgrade =
           "BEGIN IMMEDIATE;"
           "ALTER TABLE cache_entries ADD COLUMN size_partition INTEGER;"
           "UPDATE meta SET value = " +
-          std::to_string(disk_format_version) +
-          " WHERE name = 'format_version';COMMIT;";
-      if (exec(upgrade.c_str()) != SQLITE_OK) {
-        auto err = db_error(db, path,
-                            "cannot upgrade the catalog from format version "
-                            "1 to " +
-                                std::to_string(disk_format_version));
+          to + " WHERE name = 'format_version';COMMIT;";
+      const int injected = c->fault_ ? c->injected_fault(what) : SQLITE_OK;
+      const int rc = injected != SQLITE_OK ? injected : exec(upgrade.c_str());
+      if (rc != SQLITE_OK) {
+        const std::string why =
+            injected != SQLITE_OK
+                ? std::string(sqlite3_errstr(rc)) + " (injected by a test)"
+                : std::string(sqlite3_errmsg(db));
         exec("ROLLBACK");
-        return make_error(errc::io_error,
-                          err + "; check that the directory is writable");
+        std::string msg = "catalog " + path +
+                          " is at format version 1 and could not be "
+                          "upgraded to version " +
+                          to + " (adding the size_partition column): " + why +
+                          "; it is left at version 1. ";
+        switch (rc & 0xff) {
+        case SQLITE_FULL:
+          return make_error(errc::out_of_memory,
+                            msg + "The file system is full (SQLITE_FULL): "
+                                  "free space in the directory and open "
+                                  "it again");
+        case SQLITE_READONLY:
+        case SQLITE_PERM:
+        case SQLITE_CANTOPEN:
+          return make_error(errc::io_error,
+                            msg + "Give this process write permission on "
+                                  "the directory and the catalog");
+        case SQLITE_BUSY:
+        case SQLITE_LOCKED:
+          return make_error(errc::busy,
+                            msg + "Another process holds the catalog: stop "
+                                  "it and open again");
+        default:
+          return make_error(errc::io_error,
+                            msg + "Open it again once the cause is fixed");
+        }
       }
     }
   }

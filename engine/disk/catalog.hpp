@@ -74,15 +74,25 @@ struct usage_row {
 
 class catalog {
 public:
+  /// Test hook: consulted with a statement's description ("relocate block
+  /// <key>", "insert block <key>", "begin", "upgrade to format version 2",
+  /// ...) before each write; a nonzero errno fails it without running it:
+  /// ENOSPC or EDQUOT as SQLITE_FULL (last_error_was_full()), any other as
+  /// an I/O error.
+  using fault = std::function<int(const std::string& what)>;
+
   /// Opens or creates the catalog at `path`. A catalog of format version 1
   /// is upgraded to disk_format_version in one transaction (the
-  /// size_partition column is added, NULL in its rows). A database of another
-  /// format version, or a file that is not a catalog, is errc::parse_error
-  /// with a message naming the path and what to do. `full_sync`:
-  /// synchronous=FULL (survives power loss) instead of NORMAL (survives a
-  /// process crash).
+  /// size_partition column is added, NULL in its rows); an upgrade that
+  /// fails leaves it at version 1 and fails the open with a message that
+  /// says so and why: errc::out_of_memory when the file system is full,
+  /// errc::busy when another process holds the catalog, errc::io_error
+  /// otherwise. A database of another format version, or a file that is
+  /// not a catalog, is errc::parse_error with a message naming the path and
+  /// what to do. `full_sync`: synchronous=FULL (survives power loss)
+  /// instead of NORMAL (survives a process crash). `f`: see fault.
   [[nodiscard]] static result<std::unique_ptr<catalog>>
-  open(const std::string& path, bool full_sync);
+  open(const std::string& path, bool full_sync, fault f = {});
 
   ~catalog();
   catalog(const catalog&) = delete;
@@ -128,11 +138,7 @@ public:
   /// Whether SQLite's last error was "database or disk is full".
   [[nodiscard]] bool last_error_was_full() const noexcept { return full_; }
 
-  /// Test hook: consulted with a statement's description ("relocate block
-  /// <key>", "insert block <key>", "begin", ...) before each write; a
-  /// nonzero errno fails it without running it: ENOSPC or EDQUOT as
-  /// SQLITE_FULL (last_error_was_full()), any other as an I/O error.
-  using fault = std::function<int(const std::string& what)>;
+  /// Test hook (see fault), for the writes after open.
   void set_fault_for_testing(fault f) { fault_ = std::move(f); }
 
 private:

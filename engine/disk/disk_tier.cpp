@@ -211,12 +211,11 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   }
   std::unique_ptr<disk_tier> tier(new disk_tier(std::move(config)));
   tier->lock_fd_ = lock_fd;
-  auto cat = catalog::open(dir + "/catalog.sqlite", tier->config_.full_sync);
+  auto cat = catalog::open(dir + "/catalog.sqlite", tier->config_.full_sync,
+                           tier->config_.catalog_fault_for_testing);
   if (!cat)
     return unexpected<error>(cat.error());
   tier->catalog_ = std::move(*cat);
-  tier->catalog_->set_fault_for_testing(
-      tier->config_.catalog_fault_for_testing);
   if (auto r = tier->recover(); !r)
     return unexpected<error>(r.error());
   {

@@ -183,8 +183,9 @@ struct disk_tier_config {
   /// are read; a nonzero result is the errno of a failure there.
   segment_file::write_fault load_fault_for_testing;
   /// Test hook: consulted before each catalog write with its description
-  /// (catalog::set_fault_for_testing); ENOSPC makes it fail as a full
-  /// catalog (SQLITE_FULL), any other nonzero errno as an I/O error.
+  /// (catalog::fault; at open, the upgrade of a version 1 catalog); ENOSPC
+  /// makes it fail as a full catalog (SQLITE_FULL), any other nonzero
+  /// errno as an I/O error.
   catalog::fault catalog_fault_for_testing;
   /// Test hook: while the tier is full, the free bytes it sees in its
   /// directory instead of statvfs's answer.
@@ -310,7 +311,9 @@ public:
   /// retry_interval later. Errors name the directory and what to do: it is
   /// missing, not a directory, not writable, full (errc::out_of_memory),
   /// locked by another tier in this process or another (errc::busy), or
-  /// holds a catalog of another format version.
+  /// holds a catalog of another format version, or a version 1 catalog
+  /// that could not be upgraded (it says why: errc::out_of_memory when the
+  /// file system is full; see catalog::open).
   [[nodiscard]] static result<std::unique_ptr<disk_tier>>
   open(disk_tier_config config);
 

@@ -1372,6 +1372,45 @@ TEST_F(disk_tier_test, a_version_1_catalog_is_upgraded_at_open) {
   expect_block(2);
 }
 
+// A version 1 catalog that cannot be upgraded (here: the file system is
+// full) fails the open with a message that says so and why, and is left
+// at version 1 for the next open to upgrade. Before, the message blamed
+// permissions ("check that the directory is writable").
+TEST_F(disk_tier_test, a_failed_upgrade_of_a_version_1_catalog_says_why) {
+  open(config());
+  spill(1);
+  settle();
+  tier_.reset();
+  ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));
+  auto c = config();
+  std::vector<std::string> asked;
+  c.catalog_fault_for_testing = [&asked](const std::string& what) {
+    asked.push_back(what);
+    return what.rfind("upgrade to format version", 0) == 0 ? ENOSPC : 0;
+  };
+  {
+    auto t = disk_tier::open(c);
+    ASSERT_FALSE(t.has_value()) << "opened although the upgrade failed";
+    EXPECT_EQ(t.error().code, errc::out_of_memory);
+    const std::string& m = t.error().message;
+    for (const char* part :
+         {"catalog.sqlite", "format version 1", "could not be upgraded",
+          "version 2", "full", "SQLITE_FULL", "free space"}) {
+      EXPECT_NE(m.find(part), std::string::npos) << part << " in: " << m;
+    }
+    EXPECT_EQ(m.find("writable"), std::string::npos) << m;
+  }
+  EXPECT_EQ(asked.size(), 1U);
+  {
+    catalog_peer peer(dir_ + "/catalog.sqlite");
+    EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = "
+                         "'format_version'"),
+              1);
+  }
+  open(config()); // space freed: the upgrade goes through
+  expect_block(1);
+}
+
 TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {
   std::ofstream(dir_ + "/catalog.sqlite") << std::string(4096, 'z');
   auto t = disk_tier::open(config());
