@@ -36,6 +36,27 @@ std::optional<std::size_t> whole_number(std::string_view s) {
   return v;
 }
 
+/// The line of `text` that starts at `at` (without its '\n'); moves `at`
+/// past it.
+std::string_view next_line(std::string_view text, std::size_t& at) {
+  auto end = text.find('\n', at);
+  if (end == std::string_view::npos)
+    end = text.size();
+  const std::string_view line = text.substr(at, end - at);
+  at = end + 1;
+  return line;
+}
+
+/// The rest of the first line of `text` that starts with `key`.
+std::optional<std::string_view> line_after(std::string_view text,
+                                           std::string_view key) {
+  for (std::size_t at = 0; at < text.size();)
+    if (const std::string_view line = next_line(text, at);
+        line.starts_with(key))
+      return line.substr(key.size());
+  return std::nullopt;
+}
+
 /// The file's text, or nullopt when it cannot be read (a file of /proc or
 /// /sys is small; at most 64 KiB is read).
 std::optional<std::string> small_file(const std::string& path) {
@@ -53,35 +74,21 @@ std::optional<std::string> small_file(const std::string& path) {
 } // namespace
 
 std::optional<std::size_t> meminfo_available(std::string_view meminfo) {
-  constexpr std::string_view key = "MemAvailable:";
-  std::size_t at = 0;
-  while (at < meminfo.size()) {
-    auto end = meminfo.find('\n', at);
-    if (end == std::string_view::npos)
-      end = meminfo.size();
-    const std::string_view line = meminfo.substr(at, end - at);
-    at = end + 1;
-    if (!line.starts_with(key))
-      continue;
-    std::string_view rest = trim(line.substr(key.size()));
-    if (!rest.ends_with("kB"))
-      return std::nullopt;
-    const auto kib = whole_number(trim(rest.substr(0, rest.size() - 2)));
-    if (!kib || *kib > std::numeric_limits<std::size_t>::max() / 1024)
-      return std::nullopt;
-    return *kib * 1024;
-  }
-  return std::nullopt;
+  const auto value = line_after(meminfo, "MemAvailable:");
+  if (!value)
+    return std::nullopt;
+  const std::string_view rest = trim(*value);
+  if (!rest.ends_with("kB"))
+    return std::nullopt;
+  const auto kib = whole_number(trim(rest.substr(0, rest.size() - 2)));
+  if (!kib || *kib > std::numeric_limits<std::size_t>::max() / 1024)
+    return std::nullopt;
+  return *kib * 1024;
 }
 
 std::optional<std::string> cgroup_path(std::string_view text, bool v1) {
-  std::size_t at = 0;
-  while (at < text.size()) {
-    auto end = text.find('\n', at);
-    if (end == std::string_view::npos)
-      end = text.size();
-    const std::string_view line = text.substr(at, end - at);
-    at = end + 1;
+  for (std::size_t at = 0; at < text.size();) {
+    const std::string_view line = next_line(text, at);
     // "hierarchy-id:controller,controller:path"
     const auto c1 = line.find(':');
     const auto c2 = c1 == std::string_view::npos ? c1 : line.find(':', c1 + 1);
@@ -105,18 +112,8 @@ std::optional<std::string> cgroup_path(std::string_view text, bool v1) {
 
 std::optional<std::size_t> stat_value(std::string_view text,
                                       std::string_view key) {
-  std::size_t at = 0;
-  while (at < text.size()) {
-    auto end = text.find('\n', at);
-    if (end == std::string_view::npos)
-      end = text.size();
-    const std::string_view line = text.substr(at, end - at);
-    at = end + 1;
-    if (line.size() > key.size() && line.starts_with(key) &&
-        line[key.size()] == ' ')
-      return whole_number(trim(line.substr(key.size() + 1)));
-  }
-  return std::nullopt;
+  const auto value = line_after(text, std::string(key) + ' ');
+  return value ? whole_number(trim(*value)) : std::nullopt;
 }
 
 std::optional<std::size_t> cgroup_room(std::string_view max,
