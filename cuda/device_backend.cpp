@@ -83,6 +83,30 @@ result<void> device_memory_backend::read(std::size_t offset,
   return {};
 }
 
+result<void> device_memory_backend::copy_within(std::size_t dst,
+                                                std::size_t src,
+                                                std::size_t len) {
+  if (src > size_ || len > size_ - src || dst > size_ || len > size_ - dst)
+    return make_error(errc::invalid_argument,
+                      "device arena copy out of bounds");
+  if (len == 0)
+    return {};
+  if (src < dst + len && dst < src + len)
+    return make_error(errc::invalid_argument,
+                      "device arena copy between overlapping ranges");
+  if (auto r = internal::use_device(device_); !r)
+    return r;
+  KVFLEET_CUDA_TRY(
+      cudaMemcpy(data_ + dst, data_ + src, len, cudaMemcpyDeviceToDevice),
+      "cudaMemcpy(device to device)");
+  // A device-to-device cudaMemcpy may return before the copy ran; the
+  // non-blocking streams of the host tier and NCCL, which may read the
+  // destination next, do not wait for the default stream.
+  KVFLEET_CUDA_TRY(cudaStreamSynchronize(nullptr),
+                   "cudaStreamSynchronize(after device to device)");
+  return {};
+}
+
 result<std::uint64_t> device_memory_backend::checksum(std::size_t offset,
                                                       std::size_t len) const {
   if (offset > size_ || len > size_ - offset)

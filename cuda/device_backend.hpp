@@ -6,10 +6,10 @@
 /// exactly as on the host (offsets into the arena). host_data() is null, so
 /// the store moves bytes through write()/read() (synchronous cudaMemcpy on
 /// the calling thread's current stream semantics: they return when the copy
-/// is done). checksum() runs on the device (kernels.hpp). It offers no
-/// copy_within() (the base's errc::unavailable), so the store never
-/// compacts slabs in a device arena: it evicts instead. Includes no CUDA
-/// header. Not thread-safe: one owner, like the store.
+/// is done). checksum() runs on the device (kernels.hpp). copy_within() is
+/// a device-to-device copy, so the store compacts slabs in a device arena
+/// as on the host. Includes no CUDA header. Not thread-safe: one owner,
+/// like the store.
 
 #include "engine/memory_backend.hpp"
 #include "engine/result.hpp"
@@ -41,6 +41,12 @@ public:
                                   std::span<std::byte> dst) const override;
   [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
                                                std::size_t len) const override;
+  [[nodiscard]] bool can_copy_within() const noexcept override { return true; }
+  /// Returns when the bytes have landed (other streams may read them next).
+  /// Overlapping ranges are errc::invalid_argument: a device copy between
+  /// them is undefined.
+  [[nodiscard]] result<void> copy_within(std::size_t dst, std::size_t src,
+                                         std::size_t len) override;
 
   /// The arena's device address (for kernels, copies and transports).
   [[nodiscard]] std::byte* device_data() noexcept { return data_; }
