@@ -97,8 +97,10 @@ nccl_library::load(const std::string& path) {
   const std::pair<const char*, bool> bound[] = {
       {"ncclGetVersion", bind(handle, "ncclGetVersion", a.get_version)},
       {"ncclGetUniqueId", bind(handle, "ncclGetUniqueId", a.get_unique_id)},
-      {"ncclCommInitRank", bind(handle, "ncclCommInitRank", a.comm_init_rank)},
+      {"ncclCommInitRankConfig",
+       bind(handle, "ncclCommInitRankConfig", a.comm_init_rank_config)},
       {"ncclCommDestroy", bind(handle, "ncclCommDestroy", a.comm_destroy)},
+      {"ncclCommAbort", bind(handle, "ncclCommAbort", a.comm_abort)},
       {"ncclCommGetAsyncError",
        bind(handle, "ncclCommGetAsyncError", a.comm_get_async_error)},
       {"ncclSend", bind(handle, "ncclSend", a.send)},
