@@ -144,5 +144,54 @@ TEST(nccl_transport_test,
   EXPECT_EQ(buf.download(0, block), h);
 }
 
+// An exchange that runs past its timeout: 4 GiB sent to itself with an
+// exchange timeout of 1 ms (an H100 copies it in milliseconds, not in
+// one). The deadline passes while NCCL's kernel is still copying: the
+// exchange is a timeout, ncclCommAbort stops the kernel, later exchanges
+// are refused, and a new transport works. Before, the exchange waited for
+// the copy however long it took (cudaStreamSynchronize).
+TEST(nccl_transport_test, an_exchange_past_its_timeout_is_aborted) {
+  KVFLEET_REQUIRE_DEVICE();
+  KVFLEET_LOAD_NCCL(lib);
+  auto id = (*lib)->make_id();
+  ASSERT_TRUE(id) << id.error().describe();
+  auto t = nccl_transport::create(*lib, *id, 1, 0, 0, {60s, 1ms});
+  ASSERT_TRUE(t) << t.error().describe();
+  constexpr std::size_t block = std::size_t{64} << 20;
+  constexpr std::size_t n = 64;
+  internal::device_buffer src(n * block);
+  internal::device_buffer dst(n * block);
+  std::vector<send_block> out;
+  std::vector<recv_block> in;
+  for (std::size_t i = 0; i < n; ++i) {
+    out.push_back({src.data() + i * block, block});
+    in.push_back({dst.data() + i * block, block});
+  }
+  const auto start = steady::now();
+  auto r = (*t)->exchange(0, out, in);
+  const auto took = steady::now() - start;
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::timeout) << r.error().describe();
+  EXPECT_NE(r.error().message.find("not finished within 1 ms; the "
+                                   "communicator was aborted"),
+            std::string::npos)
+      << r.error().message;
+  EXPECT_LT(took, 30s) << "the abort did not stop the copy";
+  EXPECT_EQ((*t)->exchange(0, out, in).error().code, errc::unavailable);
+
+  auto id2 = (*lib)->make_id();
+  ASSERT_TRUE(id2) << id2.error().describe();
+  auto fresh = nccl_transport::create(*lib, *id2, 1, 0, 0);
+  ASSERT_TRUE(fresh) << fresh.error().describe();
+  constexpr std::size_t small = 4096;
+  std::vector<std::byte> h(small, std::byte{0x3c});
+  src.upload(h);
+  const send_block one_out{src.data(), small};
+  const recv_block one_in{dst.data(), small};
+  auto ok = (*fresh)->exchange(0, {&one_out, 1}, {&one_in, 1});
+  ASSERT_TRUE(ok) << ok.error().describe();
+  EXPECT_EQ(dst.download(0, small), h);
+}
+
 } // namespace
 } // namespace kvfleet::cuda
