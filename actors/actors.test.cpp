@@ -1122,6 +1122,14 @@ TEST_F(actor_test, AnOpeningEngineKilledFromOutsideIsReportedAsStopped) {
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.restarts, 1U);
   EXPECT_EQ(st.given_up, 1U);
+  // The restart is logged with its reason when it is scheduled, the
+  // give-up when it fails.
+  EXPECT_NE(log.find("engine slot 0: its engine stopped: "), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("; restart 1 of 1 in 100 ms (requests go to the other "
+                     "engines meanwhile)"),
+            std::string::npos)
+      << log;
   EXPECT_NE(log.find("engine slot 0 given up after 1 restart(s) (max_restarts "
                      "1): its engine stopped while it was still opening its "
                      "store (exit reason: "),

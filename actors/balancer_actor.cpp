@@ -188,7 +188,8 @@ void give_up(balancer_actor* self, std::uint32_t slot, const std::string& why) {
 /// The engine of `slot` is gone: it stopped, or a start failed (`why`).
 /// A restart is scheduled while the slot has restarts left (a start that
 /// fails used one up too, so a factory that always fails ends here, not in
-/// an endless retry loop); else the slot is given up.
+/// an endless retry loop, and logged with `why`); else the slot is given
+/// up.
 void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
                         const std::string& why) {
   auto& s = self->state;
@@ -199,6 +200,15 @@ void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
   }
   ++info.restarts;
   ++s.restarts;
+  // Each restart is logged with its reason, not only the last one (the
+  // give-up): an engine that keeps failing and recovering shows up here.
+  std::fprintf(stderr,
+               "kvfleet: balancer: engine slot %u: %s; restart %u of %u in "
+               "%lld ms (requests go to the other engines meanwhile)\n",
+               static_cast<unsigned>(slot), why.c_str(),
+               static_cast<unsigned>(info.restarts),
+               static_cast<unsigned>(s.config.max_restarts),
+               static_cast<long long>(s.config.restart_delay.count()));
   self->delayed_send(self, s.config.restart_delay, restart_atom::value, slot);
 }
 
