@@ -50,9 +50,10 @@ public:
   [[nodiscard]] bool device_memory() const noexcept override { return true; }
   /// Device pointers. Waits for the group to finish on the transport's
   /// stream, at most `timeouts().exchange`: errc::timeout then, and the
-  /// communicator
-  /// is aborted (see above). An NCCL or CUDA failure is an error naming the
-  /// call and code. After an abort, errc::unavailable.
+  /// communicator is aborted (see above). An NCCL or CUDA failure is an
+  /// error naming the call and code; one the communicator reports (NCCL
+  /// refused the group, or a peer failed) aborts it too. After an abort,
+  /// errc::unavailable.
   [[nodiscard]] result<void> exchange(int peer, std::span<const send_block> out,
                                       std::span<const recv_block> in) override;
 
