@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <string>
 
@@ -855,6 +856,28 @@ result<void> block_store::write(put_handle& h,
   return {};
 }
 
+namespace {
+
+/// `producer.produce()`, with an exception it throws turned into an error
+/// value: the producer is the host's code (an inference engine's prefill),
+/// and a store call never throws, so the caller (an engine actor serving
+/// other requests) gets an error reply instead of dying.
+result<void> produce_caught(kv_producer& producer, const namespace_spec& spec,
+                            const block_key& key, std::span<std::byte> out) {
+  try {
+    return producer.produce(spec, key, out);
+  } catch (const std::exception& ex) {
+    return make_error(errc::backend_error, "the producer threw for block " +
+                                               key.to_hex() + ": " + ex.what());
+  } catch (...) {
+    return make_error(errc::backend_error,
+                      "the producer threw for block " + key.to_hex() +
+                          ": an exception not derived from std::exception");
+  }
+}
+
+} // namespace
+
 result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
   if (auto ok = check_open(h); !ok) {
     count_rejected();
@@ -867,14 +890,14 @@ result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
   if (!h.duplicate_ && dst != nullptr && e.c == codec::none) {
     // Produce straight into the slot: no staging copy.
     std::span<std::byte> slot(dst, e.stored_bytes);
-    if (auto p = producer.produce(st.spec, e.key, slot); !p)
+    if (auto p = produce_caught(producer, st.spec, e.key, slot); !p)
       return p;
     e.checksum = block_checksum(slot);
     e.state = entry_state::written;
     h.written_ = true;
     return {};
   }
-  if (auto p = producer.produce(st.spec, e.key, value); !p)
+  if (auto p = produce_caught(producer, st.spec, e.key, value); !p)
     return p;
   return write(h, value);
 }

@@ -339,7 +339,9 @@ public:
   /// the namespace dtype), encoded with the put's codec.
   [[nodiscard]] result<void> write(put_handle& handle,
                                    std::span<const std::byte> value);
-  /// Phase two, producer variant: the producer writes the value.
+  /// Phase two, producer variant: the producer writes the value. A
+  /// producer that throws is errc::backend_error with what it threw, and
+  /// the put stays open (abort it), as after a producer's error value.
   [[nodiscard]] result<void> write_from(put_handle& handle,
                                         kv_producer& producer);
   /// Makes the block visible. errc::not_written before write,

@@ -1012,6 +1012,67 @@ TEST_F(store_fixture, process_computes_only_the_missing_blocks) {
   store_->check_invariants();
 }
 
+/// Throws for one block key (a host producer with a bug), std::exception or
+/// not; computes every other block as the synthetic producer does.
+class throwing_producer final : public kv_producer {
+public:
+  throwing_producer(block_key bad, bool standard)
+      : bad_(bad), standard_(standard) {}
+  result<void> produce(const namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    if (key == bad_) {
+      if (standard_)
+        throw std::runtime_error("prefill blew up");
+      throw 42;
+    }
+    return inner_.produce(spec, key, out);
+  }
+  nanos cost(std::size_t tokens) const noexcept override {
+    return inner_.cost(tokens);
+  }
+
+private:
+  block_key bad_;
+  bool standard_;
+  synthetic_producer inner_;
+};
+
+// A producer that throws fails the call with an error value, not an
+// exception out of the store (before, it escaped process() and killed the
+// engine actor serving the request): the blocks computed before it stay
+// committed, the one it threw for is not left reserved, and the store
+// serves the next call.
+TEST_F(store_fixture, a_producer_that_throws_fails_the_call_with_an_error) {
+  open(64);
+  const auto keys = chain(1, 4);
+  for (const bool standard : {true, false}) {
+    throwing_producer producer(keys[2], standard);
+    auto r = store_->process(ns_, keys, 64, producer);
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, errc::backend_error);
+    EXPECT_NE(r.error().message.find("the producer threw for block " +
+                                     keys[2].to_hex()),
+              std::string::npos)
+        << r.error().message;
+    if (standard) {
+      EXPECT_NE(r.error().message.find("prefill blew up"), std::string::npos)
+          << r.error().message;
+    } else {
+      EXPECT_NE(r.error().message.find("not derived from std::exception"),
+                std::string::npos)
+          << r.error().message;
+    }
+    store_->check_invariants();
+    EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
+  }
+  synthetic_producer fine;
+  auto ok = store_->process(ns_, keys, 64, fine);
+  ASSERT_TRUE(ok.has_value()) << ok.error().describe();
+  EXPECT_EQ(ok->matched_blocks, 2U);
+  EXPECT_EQ(ok->computed_blocks, 2U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, partitions_keep_long_requests_from_flushing_short_ones) {
   open(100, policy_kind::lru, false, 1);
   put_options short_req;
