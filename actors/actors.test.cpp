@@ -1278,21 +1278,108 @@ TEST_F(actor_test, ACallerWithoutATimerHearsBackWhenTheBalancerStops) {
   EXPECT_EQ(*out->error, caf::sec::request_receiver_down);
 }
 
-/// A producer with a bug: it throws, which no producer may.
-class throwing_producer final : public engine::kv_producer {
+/// A memory backend with a bug: its write() throws, which no backend may.
+/// It hides its host address, so the store writes every value through
+/// write(). (A producer that throws no longer ends the actor: the store
+/// turns that into an error value.)
+class throwing_backend final : public engine::memory_backend {
 public:
-  result<void> produce(const engine::namespace_spec&, const block_key&,
-                       std::span<std::byte>) override {
-    throw std::runtime_error("producer bug");
+  explicit throwing_backend(std::size_t bytes)
+      : host_(std::move(*engine::host_memory_backend::create(bytes))) {}
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return "throwing";
   }
-  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+  [[nodiscard]] std::size_t size() const noexcept override {
+    return host_->size();
+  }
+  [[nodiscard]] std::byte* host_data() noexcept override { return nullptr; }
+  [[nodiscard]] result<void> write(std::size_t,
+                                   std::span<const std::byte>) override {
+    throw std::runtime_error("backend bug");
+  }
+  [[nodiscard]] result<void> read(std::size_t offset,
+                                  std::span<std::byte> dst) const override {
+    return host_->read(offset, dst);
+  }
+  [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
+                                               std::size_t len) const override {
+    return host_->checksum(offset, len);
+  }
+
+private:
+  std::unique_ptr<engine::host_memory_backend> host_;
 };
 
+/// `c` with a memory backend whose writes throw, on the test scheduler
+/// (an arena without a host address would otherwise get a thread of its
+/// own, as device memory does).
+engine_actor_config with_throwing_backend(engine_actor_config c) {
+  c.own_thread = false;
+  c.make_backend =
+      [](std::uint32_t,
+         std::size_t bytes) -> result<std::unique_ptr<engine::memory_backend>> {
+    return std::unique_ptr<engine::memory_backend>(
+        std::make_unique<throwing_backend>(bytes));
+  };
+  return c;
+}
+
+/// A producer with a bug: it throws for one key, which no producer may.
+class throwing_producer final : public engine::kv_producer {
+public:
+  explicit throwing_producer(block_key bad) : bad_(bad) {}
+  result<void> produce(const engine::namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    if (key == bad_)
+      throw std::runtime_error("producer bug");
+    return inner_.produce(spec, key, out);
+  }
+  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+
+private:
+  block_key bad_;
+  engine::synthetic_producer inner_;
+};
+
+TEST_F(actor_test, AProducerThatThrowsFailsItsRequestNotTheEngine) {
+  // The producer throws for one request's block: that request gets an
+  // error reply and the engine keeps serving. Before, the exception ended
+  // the engine actor, the balancer sent the request on, and it ended the
+  // next engine too: one poison request took down two engines and
+  // everything they held.
+  auto poison = make_request(1, 0, 0, 2, 1);
+  auto bad = small_engine(64);
+  bad.make_producer = [key = poison.keys[1]] {
+    return std::make_unique<throwing_producer>(key);
+  };
+  auto b = balancer(routing_policy::round_robin, {bad, bad});
+  sched_->run();
+  auto r = ask<kv_reply>(b, process_atom::value, poison);
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  const auto e = from_caf_error(*r->error);
+  EXPECT_EQ(e.code, errc::backend_error);
+  EXPECT_NE(e.message.find("the producer threw for block"), std::string::npos)
+      << e.message;
+  EXPECT_NE(e.message.find("producer bug"), std::string::npos) << e.message;
+  for (std::uint64_t id = 2; id < 6; ++id) {
+    auto ok =
+        ask<kv_reply>(b, process_atom::value, make_request(id, 0, 0, 2, id));
+    sched_->run();
+    ASSERT_TRUE(ok->value.has_value())
+        << to_string(ok->error.value_or(caf::error{}));
+  }
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.rerouted, 0U);
+  EXPECT_EQ(st.restarts, 0U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+}
+
 TEST_F(actor_test, ABatchCutShortByAnExceptionIsReroutedNotLost) {
-  // Engine 0's producer throws in the middle of a batch of two, which ends
-  // the actor; both requests of that batch go to engine 1 at once.
-  auto bad = small_engine(64, 2, 10s);
-  bad.make_producer = [] { return std::make_unique<throwing_producer>(); };
+  // Engine 0's memory backend throws in the middle of a batch of two,
+  // which ends the actor; both requests of that batch go to engine 1 at
+  // once.
+  auto bad = with_throwing_backend(small_engine(64, 2, 10s));
   auto b = balancer(routing_policy::round_robin, {bad, small_engine(64)});
   sched_->run();
   auto r1 = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
@@ -1313,12 +1400,11 @@ TEST_F(actor_test, ABatchCutShortByAnExceptionIsReroutedNotLost) {
 }
 
 TEST_F(actor_test, AnUnbatchedRequestCutShortByAnExceptionIsRerouted) {
-  // Engine 0 runs each request alone (batch.max_size 1) and its producer
-  // throws, which ends the actor mid-request: that request goes to engine
-  // 1 at once, as one cut short in a batch does, instead of failing with
-  // the exception's error.
-  auto bad = small_engine(64);
-  bad.make_producer = [] { return std::make_unique<throwing_producer>(); };
+  // Engine 0 runs each request alone (batch.max_size 1) and its memory
+  // backend throws, which ends the actor mid-request: that request goes to
+  // engine 1 at once, as one cut short in a batch does, instead of failing
+  // with the exception's error.
+  auto bad = with_throwing_backend(small_engine(64));
   auto b = balancer(routing_policy::round_robin, {bad, small_engine(64)});
   sched_->run();
   auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
