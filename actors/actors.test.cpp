@@ -2405,6 +2405,43 @@ TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
   EXPECT_EQ(from_caf_error(*bad->error).code, errc::invalid_argument);
 }
 
+TEST_F(actor_test, QueryCacheRefusesABadPriorityBeforeTheStoreOrAJoin) {
+  // A priority outside the five is refused by the cache itself: not
+  // answered from the store (before, a hit answered it), not sent on, and
+  // never the miss that another request of its key joins (before, a good
+  // request joined it and got its refusal from the balancer).
+  const cache_over_fake f(*sys_, stop_at_end_);
+  auto bad_req = query(1, "q");
+  bad_req.prio = static_cast<engine::priority>(9);
+  const auto refused = [&](const kv_request& r) {
+    auto reply = ask<kv_reply>(f.cache, query_atom::value, r);
+    sched_->run();
+    EXPECT_TRUE(reply->error.has_value());
+    if (reply->error) {
+      const auto e = from_caf_error(*reply->error);
+      EXPECT_EQ(e.code, errc::invalid_argument);
+      EXPECT_NE(e.message.find("priority 9"), std::string::npos) << e.message;
+    }
+  };
+  refused(bad_req);
+  EXPECT_TRUE(f.be->seen.empty()) << "the bad request went on";
+  // Sent just before a good request of the same key: the good one is the
+  // miss, computed for itself.
+  auto bad = ask<kv_reply>(f.cache, query_atom::value, bad_req);
+  auto good = ask<kv_reply>(f.cache, query_atom::value, query(2, "q"));
+  sched_->run();
+  ASSERT_TRUE(bad->error.has_value());
+  ASSERT_TRUE(good->value.has_value());
+  EXPECT_FALSE(good->value->from_query_cache);
+  EXPECT_EQ(f.be->seen.size(), 1U);
+  // Now "q" is stored: a bad priority still gets no hit.
+  refused(bad_req);
+  auto st = ask_now<query_cache_stats>(f.cache, stats_atom::value);
+  EXPECT_EQ(st.hits, 0U);
+  EXPECT_EQ(st.misses, 1U);
+  EXPECT_EQ(st.coalesced, 0U);
+}
+
 /// An embedded store that counts its calls in `gets` and `sets`, which the
 /// test keeps (the cache owns the store).
 struct counting_store final : query_store {

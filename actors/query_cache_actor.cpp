@@ -5,6 +5,7 @@
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
+#include "engine/eviction_policy.hpp"
 
 #include <charconv>
 #include <locale>
@@ -196,6 +197,12 @@ cache_behavior(cache_actor* self, query_cache_config config,
         if (req.query.empty())
           return to_caf_error(
               error{errc::invalid_argument, "request has no query key"});
+        // Refused before it is answered from the store or joins another
+        // request of its key: a bad priority would otherwise be answered
+        // (a hit), or become the miss that others join and then fail them
+        // all with its refusal.
+        if (auto ok = engine::check_priority(req.prio); !ok)
+          return to_caf_error(ok.error());
         // A request that pins its blocks (warming) must reach an engine: a
         // stored reply, or the reply of another request of its key, pinned
         // nothing, though the latter would read as computed for it.
