@@ -37,8 +37,8 @@
 /// connect at most `connect_timeout` and each command at most
 /// `command_timeout` (default 50 ms). The connect timeout bounds the whole
 /// connect: resolving a host name (on a helper thread,
-/// internal/host_resolver.hpp, since getaddrinfo has no timeout; a slow
-/// DNS fails the connect with "cannot resolve '<host>' within N ms" and
+/// engine/internal/host_resolver.hpp, since getaddrinfo has no timeout; a
+/// slow DNS fails the connect with "cannot resolve '<host>' within N ms" and
 /// is backed off from like a refused connect) and the TCP connect to each
 /// of its addresses in turn, with whatever time is left. hiredis is given
 /// the numeric addresses; messages name the host. `blocking()` is true, so
@@ -60,10 +60,11 @@
 
 struct redisContext;
 
-namespace kvfleet::actors {
-namespace internal {
+namespace kvfleet::engine::internal {
 class host_resolver;
-}
+} // namespace kvfleet::engine::internal
+
+namespace kvfleet::actors {
 
 struct redis_query_store_config {
   /// redis://[[user]:password@]host[:port][/db]; port 6379, db 0 by
@@ -158,7 +159,7 @@ private:
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;
-  std::unique_ptr<internal::host_resolver> resolver_;
+  std::unique_ptr<engine::internal::host_resolver> resolver_;
   redisContext* ctx_ = nullptr; ///< owned; null while disconnected
   bool backing_off_ = false;    ///< the last connection-level call failed
   engine::nanos retry_at_{0};   ///< no connect before this (backing_off_)

@@ -2,7 +2,7 @@
 // lookup that blocks until the test releases it (no sleeps: the only
 // waits are the resolver's own, for a lookup that cannot finish in them,
 // and the test's for the fake lookup to be entered on its helper thread).
-#include "actors/internal/host_resolver.hpp"
+#include "engine/internal/host_resolver.hpp"
 
 #include <gtest/gtest.h>
 
@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-namespace kvfleet::actors::internal {
+namespace kvfleet::engine::internal {
 namespace {
 
 using namespace std::chrono_literals;
@@ -140,4 +140,4 @@ TEST(host_resolver_test, the_system_lookup_names_a_name_that_does_not_resolve) {
 }
 
 } // namespace
-} // namespace kvfleet::actors::internal
+} // namespace kvfleet::engine::internal

@@ -10,6 +10,11 @@
 /// thread per resolver. A numeric address is answered at once, without a
 /// thread.
 ///
+/// Shared by the modules that open connections by name: actors' Redis
+/// query store and cuda's TCP block transport. It lives in engine because
+/// both may include engine and neither may include the other; engine
+/// itself does not use it.
+///
 /// Thread safety: one owner calls resolve() (not thread-safe); the mutex
 /// in the shared lookup state is there because the helper thread writes
 /// the result the owner reads.
@@ -22,7 +27,7 @@
 #include <string>
 #include <vector>
 
-namespace kvfleet::actors::internal {
+namespace kvfleet::engine::internal {
 
 /// What a lookup found: numeric addresses ("127.0.0.1", "::1") in the
 /// system's order, or why none (a message for people).
@@ -59,4 +64,4 @@ private:
   std::shared_ptr<lookup> pending_;
 };
 
-} // namespace kvfleet::actors::internal
+} // namespace kvfleet::engine::internal

@@ -1,4 +1,4 @@
-#include "actors/internal/host_resolver.hpp"
+#include "engine/internal/host_resolver.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -12,7 +12,7 @@
 #include <thread>
 #include <utility>
 
-namespace kvfleet::actors::internal {
+namespace kvfleet::engine::internal {
 
 struct host_resolver::lookup {
   explicit lookup(std::string h) : host(std::move(h)) {}
@@ -102,4 +102,4 @@ lookup_result host_resolver::resolve(const std::string& host,
   return r;
 }
 
-} // namespace kvfleet::actors::internal
+} // namespace kvfleet::engine::internal
