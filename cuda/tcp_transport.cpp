@@ -15,8 +15,11 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 namespace kvfleet::cuda {
 
@@ -113,6 +116,48 @@ result<int> connect_one(const addrinfo& a, steady::time_point deadline) {
     return fd;
   ::close(fd);
   return make_error(errc::io_error, std::generic_category().message(err));
+}
+
+struct addrinfo_deleter {
+  void operator()(addrinfo* a) const noexcept { ::freeaddrinfo(a); }
+};
+
+/// The resolver's numeric addresses as one getaddrinfo list for
+/// connect_first, in the resolver's order: `nodes` are copies of the
+/// entries of the lists `owned` holds, relinked (link() once filled).
+struct numeric_addresses {
+  std::vector<std::unique_ptr<addrinfo, addrinfo_deleter>> owned;
+  std::vector<addrinfo> nodes;
+
+  const addrinfo* link() {
+    for (std::size_t i = 0; i < nodes.size(); ++i)
+      nodes[i].ai_next = i + 1 < nodes.size() ? &nodes[i + 1] : nullptr;
+    return nodes.empty() ? nullptr : nodes.data();
+  }
+};
+
+/// Adds `addresses` (numeric: getaddrinfo looks nothing up) with port
+/// `service` to `out`; errc::io_error naming `where` for one that is not
+/// numeric (only a test's fake lookup can give one).
+result<void> add_numeric(const std::vector<std::string>& addresses,
+                         const std::string& service, std::string_view where,
+                         numeric_addresses& out) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+  for (const std::string& a : addresses) {
+    addrinfo* res = nullptr;
+    if (const int rc = ::getaddrinfo(a.c_str(), service.c_str(), &hints, &res);
+        rc != 0)
+      return make_error(errc::io_error, "tcp connect(" + std::string(where) +
+                                            "): the name lookup gave '" + a +
+                                            "': " + ::gai_strerror(rc));
+    out.owned.emplace_back(res);
+    for (const addrinfo* r = res; r != nullptr; r = r->ai_next)
+      out.nodes.push_back(*r);
+  }
+  return {};
 }
 
 /// Block sizes go over the wire this many at a time, so a frame's header
@@ -312,10 +357,10 @@ result<int> bind_and_listen(const addrinfo* addresses, std::string_view where) {
 
 result<int> connect_first(const addrinfo* addresses,
                           std::chrono::milliseconds timeout,
-                          std::string_view where) {
+                          std::string_view where, steady::time_point start) {
   // One deadline for every address: a name with several addresses that
   // cannot answer must not take `timeout` once for each.
-  const steady::time_point deadline = steady::now() + timeout;
+  const steady::time_point deadline = start + timeout;
   std::size_t total = 0;
   for (const addrinfo* a = addresses; a != nullptr; a = a->ai_next)
     ++total;
@@ -343,6 +388,33 @@ result<int> connect_first(const addrinfo* addresses,
                     "tcp connect(" + std::string(where) + "): " + why);
 }
 
+result<int> connect_host(const std::string& host, std::uint16_t port,
+                         std::chrono::milliseconds timeout,
+                         engine::internal::host_resolver& resolver) {
+  // One deadline for the lookup and the connects: getaddrinfo has no
+  // timeout of its own, and a slow DNS must not hold the caller past it.
+  const steady::time_point start = steady::now();
+  const std::string service = std::to_string(port);
+  const std::string where = host + ":" + service;
+  auto found = resolver.resolve(host, timeout);
+  if (!found) {
+    const error& e = found.error();
+    if (e.code == errc::timeout)
+      return make_error(errc::io_error, "tcp connect(" + where +
+                                            "): timed out after " +
+                                            std::to_string(timeout.count()) +
+                                            " ms: the name lookup of '" + host +
+                                            "' took all of it");
+    return make_error(e.code == errc::unavailable ? errc::unavailable
+                                                  : errc::io_error,
+                      "tcp connect(" + where + "): " + e.message);
+  }
+  numeric_addresses addresses;
+  if (auto ok = add_numeric(*found, service, where, addresses); !ok)
+    return unexpected<error>(ok.error());
+  return connect_first(addresses.link(), timeout, where, start);
+}
+
 } // namespace internal
 
 result<std::unique_ptr<tcp_transport>>
@@ -351,17 +423,11 @@ tcp_transport::connect(const std::string& host, std::uint16_t port,
   if (auto ok = check_timeout("tcp connect: io_timeout", io_timeout, false);
       !ok)
     return unexpected<error>(ok.error());
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  const std::string service = std::to_string(port);
-  if (const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
-      rc != 0)
-    return make_error(errc::io_error,
-                      "getaddrinfo(" + host + "): " + ::gai_strerror(rc));
-  auto fd = internal::connect_first(res, io_timeout, host + ":" + service);
-  ::freeaddrinfo(res);
+  // A resolver per connect: connect may be called from any thread, and a
+  // resolver has one owner. A lookup that runs out of time keeps its
+  // helper thread until getaddrinfo returns.
+  engine::internal::host_resolver resolver;
+  auto fd = internal::connect_host(host, port, io_timeout, resolver);
   if (!fd)
     return unexpected<error>(fd.error());
   return std::unique_ptr<tcp_transport>(new tcp_transport(*fd, io_timeout));

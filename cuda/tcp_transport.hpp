@@ -46,14 +46,19 @@ namespace kvfleet::cuda {
 
 class tcp_transport final : public block_transport {
 public:
-  /// Connects to host:port (numeric IPv4 or IPv6 address or a host name),
-  /// trying the name's addresses in turn within io_timeout for all of them
-  /// together: each gets what the ones before it left, and none is tried
-  /// once it has run out. A connect that runs out of time is
-  /// errc::io_error saying "timed out after N ms" (and, for a name with
-  /// several addresses, "tried K of N addresses"). Resolving the name
-  /// (getaddrinfo) comes first and is not bounded by io_timeout: give an
-  /// address where a slow DNS must not hold the caller.
+  /// Connects to host:port (numeric IPv4 or IPv6 address or a host name)
+  /// within io_timeout for the whole connect: looking the name up, then
+  /// trying its addresses in turn with the time the lookup left, each
+  /// getting what the ones before it left, none tried once it has run out.
+  /// The lookup runs on a helper thread (engine/internal/host_resolver.hpp:
+  /// getaddrinfo has no timeout of its own), so a slow DNS cannot hold the
+  /// caller past io_timeout; a lookup still running then is left to finish
+  /// on its thread (one per such connect). A numeric address needs no
+  /// lookup. A connect that runs out of time is errc::io_error saying
+  /// "timed out after N ms" (and, for a name with several addresses,
+  /// "tried K of N addresses"; when the lookup took all of it, "the name
+  /// lookup of '<host>' took all of it"); a name that does not resolve is
+  /// errc::io_error saying why; no helper thread, errc::unavailable.
   [[nodiscard]] static result<std::unique_ptr<tcp_transport>>
   connect(const std::string& host, std::uint16_t port,
           std::chrono::milliseconds io_timeout = std::chrono::seconds(30));
@@ -81,6 +86,9 @@ public:
   /// Listens on host:port: on the first of the host's addresses that can
   /// be bound (like connect, which tries each); when none can, the last
   /// one's error (errc::io_error). Port 0 picks a free port (see port()).
+  /// A host name is looked up with getaddrinfo, which no timeout bounds
+  /// (listen has none to give it): a bind address is normally numeric (the
+  /// default) or this machine's own name, answered from /etc/hosts.
   [[nodiscard]] static result<tcp_listener>
   listen(const std::string& host = "127.0.0.1", std::uint16_t port = 0);
   tcp_listener(tcp_listener&& other) noexcept

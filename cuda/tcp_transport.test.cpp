@@ -14,11 +14,15 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <condition_variable>
 #include <cstring>
 #include <future>
+#include <memory>
+#include <mutex>
 #include <numeric>
 #include <optional>
 #include <span>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -584,6 +588,163 @@ TEST(tcp_transport_test, the_connect_timeout_bounds_all_addresses_together) {
   EXPECT_NE(none.error().message.find("(tried 2 of 2 addresses)"),
             std::string::npos)
       << none.error().message;
+}
+
+/// A name lookup for connect_host that answers `answer` only once the
+/// test releases it (no sleeps: the test releases it after its
+/// assertions), recording the names it was asked for. Should a connect
+/// wait for the lookup (the bug these tests guard against), the lookup
+/// gives up waiting for the release after 10 s, so the test fails on its
+/// time bound instead of hanging.
+class held_lookup {
+public:
+  explicit held_lookup(engine::internal::lookup_result answer)
+      : state_(std::make_shared<state>(std::move(answer))) {}
+
+  [[nodiscard]] engine::internal::lookup_fn fn() const {
+    return [s = state_](const std::string& host) {
+      std::unique_lock<std::mutex> lock(s->mutex);
+      s->asked.push_back(host);
+      (void)s->released_cv.wait_for(lock, 10s, [&] { return s->released; });
+      return s->answer;
+    };
+  }
+  void release() {
+    const std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->released = true;
+    state_->released_cv.notify_all();
+  }
+  /// The names looked up so far (a lookup's helper thread may not have
+  /// entered it yet).
+  [[nodiscard]] std::vector<std::string> asked() const {
+    const std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->asked;
+  }
+
+private:
+  struct state {
+    explicit state(engine::internal::lookup_result a) : answer(std::move(a)) {}
+    std::mutex mutex;
+    std::condition_variable released_cv;
+    bool released = false;          ///< under `mutex`
+    std::vector<std::string> asked; ///< under `mutex`
+    const engine::internal::lookup_result answer;
+  };
+  std::shared_ptr<state> state_;
+};
+
+/// A lookup that answers at once.
+engine::internal::lookup_fn answering(std::vector<std::string> addresses) {
+  return [addresses = std::move(addresses)](
+             const std::string&) -> engine::internal::lookup_result {
+    return addresses;
+  };
+}
+
+TEST(tcp_transport_test, a_name_lookup_that_outlasts_the_timeout_is_a_timeout) {
+  // getaddrinfo has no timeout: a DNS that does not answer must not hold
+  // a connect past io_timeout. The lookup here would answer a listening
+  // address, but only after the test is done.
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  held_lookup slow(std::vector<std::string>{"127.0.0.1"});
+  engine::internal::host_resolver resolver(slow.fn());
+  const auto began = std::chrono::steady_clock::now();
+  auto fd =
+      internal::connect_host("slow.example", listener->port(), 100ms, resolver);
+  const auto took = std::chrono::steady_clock::now() - began;
+  if (fd)
+    ::close(*fd);
+  slow.release();
+  ASSERT_FALSE(fd) << "connected after the lookup had used up the timeout";
+  EXPECT_EQ(fd.error().code, errc::io_error);
+  const std::string where = "slow.example:" + std::to_string(listener->port());
+  EXPECT_NE(
+      fd.error().message.find("tcp connect(" + where +
+                              "): timed out after 100 ms: the name lookup of "
+                              "'slow.example' took all of it"),
+      std::string::npos)
+      << fd.error().message;
+  // A functional bound (the lookup would hold it 10 s), not a speed bar.
+  EXPECT_LT(took, 5s);
+}
+
+TEST(tcp_transport_test, a_numeric_address_connects_without_a_lookup) {
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  held_lookup never(std::vector<std::string>{"192.0.2.1"});
+  engine::internal::host_resolver resolver(never.fn());
+  auto fd = internal::connect_host("127.0.0.1", listener->port(), 5s, resolver);
+  never.release();
+  ASSERT_TRUE(fd) << fd.error().describe();
+  auto accepted = listener->accept(5s, 5s);
+  ::close(*fd);
+  ASSERT_TRUE(accepted) << accepted.error().describe();
+  EXPECT_TRUE(never.asked().empty());
+  // The public connect too (it has no lookup to inject).
+  auto c = tcp_transport::connect("127.0.0.1", listener->port(), 5s);
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(listener->accept(5s, 5s));
+}
+
+TEST(tcp_transport_test, a_looked_up_name_connects_in_the_time_left) {
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  // The lookup answers at once; its first address refuses (the listener
+  // is bound to 127.0.0.1 only), the second listens: the connect goes on
+  // through the name's addresses in the lookup's order.
+  engine::internal::host_resolver resolver(
+      answering({"127.0.0.2", "127.0.0.1"}));
+  const std::uint16_t port = listener->port();
+  auto fd = internal::connect_host("fast.example", port, 5s, resolver);
+  ASSERT_TRUE(fd) << fd.error().describe();
+  sockaddr_in peer{};
+  socklen_t len = sizeof peer;
+  EXPECT_EQ(::getpeername(*fd, reinterpret_cast<sockaddr*>(&peer), &len), 0);
+  ::close(*fd);
+  EXPECT_EQ(ntohs(peer.sin_port), port);
+  EXPECT_EQ(ntohl(peer.sin_addr.s_addr), INADDR_LOOPBACK);
+  auto accepted = listener->accept(5s, 5s);
+  ASSERT_TRUE(accepted) << accepted.error().describe();
+
+  // The lookup's time counts against the connect: with the deadline
+  // already spent by it, no address is tried, even one that would answer.
+  sockaddr_in open_address = ipv4("127.0.0.1", port);
+  addrinfo open = stream_address(open_address, nullptr);
+  auto late = internal::connect_first(&open, 100ms, "test:4",
+                                      std::chrono::steady_clock::now() - 100ms);
+  if (late)
+    ::close(*late);
+  ASSERT_FALSE(late) << "connected after the lookup had used up the timeout";
+  EXPECT_EQ(late.error().code, errc::io_error);
+  EXPECT_NE(late.error().message.find("tcp connect(test:4): timed out after "
+                                      "100 ms"),
+            std::string::npos)
+      << late.error().message;
+}
+
+TEST(tcp_transport_test,
+     a_name_that_does_not_resolve_is_an_io_error_saying_why) {
+  engine::internal::host_resolver resolver(
+      [](const std::string& host) -> engine::internal::lookup_result {
+        return make_error(errc::not_found, "cannot resolve '" + host +
+                                               "': Name or service not known");
+      });
+  auto fd = internal::connect_host("nosuch.example", 7, 5s, resolver);
+  ASSERT_FALSE(fd);
+  EXPECT_EQ(fd.error().code, errc::io_error);
+  EXPECT_NE(fd.error().message.find("tcp connect(nosuch.example:7): cannot "
+                                    "resolve 'nosuch.example'"),
+            std::string::npos)
+      << fd.error().message;
+  // A lookup that gives something other than an address.
+  engine::internal::host_resolver odd(answering({"not-an-address"}));
+  auto bad = internal::connect_host("odd.example", 7, 5s, odd);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, errc::io_error);
+  EXPECT_NE(bad.error().message.find("the name lookup gave 'not-an-address'"),
+            std::string::npos)
+      << bad.error().message;
 }
 
 TEST(tcp_transport_test, timeouts_out_of_range_are_refused) {

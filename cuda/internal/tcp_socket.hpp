@@ -5,12 +5,14 @@
 // Implemented in tcp_transport.cpp. Plain functions on a file descriptor;
 // thread-safe as far as the descriptor is (one reader and one writer).
 
+#include "engine/internal/host_resolver.hpp"
 #include "engine/result.hpp"
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 
 struct addrinfo;
@@ -38,15 +40,32 @@ using tcp_clock = std::chrono::steady_clock;
                                           std::string_view where);
 
 /// A connected (non-blocking) socket to the first of `addresses` (a
-/// getaddrinfo list) that accepts, all of them within `timeout` together:
-/// each address gets what the ones before it left, and none is tried once
-/// it has run out. When none connects, errc::io_error naming `where`
-/// ("host:port"): "timed out after N ms" when the time ran out, else the
-/// last address's error; with several addresses, "(tried K of N
-/// addresses)".
-[[nodiscard]] result<int> connect_first(const addrinfo* addresses,
-                                        std::chrono::milliseconds timeout,
-                                        std::string_view where);
+/// getaddrinfo list) that accepts, all of them before `start + timeout`
+/// together: each address gets what the ones before it left, and none is
+/// tried once it has run out. A `start` before now counts the time since
+/// against `timeout` (connect_host's name lookup). When none connects,
+/// errc::io_error naming `where` ("host:port"): "timed out after N ms"
+/// (N: `timeout`) when the time ran out, else the last address's error;
+/// with several addresses, "(tried K of N addresses)".
+[[nodiscard]] result<int>
+connect_first(const addrinfo* addresses, std::chrono::milliseconds timeout,
+              std::string_view where,
+              tcp_clock::time_point start = tcp_clock::now());
+
+/// tcp_transport::connect's socket, with the name looked up through
+/// `resolver` (tests give it a fake lookup): a connected (non-blocking)
+/// socket to host:port, the lookup and the connects to each of the name's
+/// addresses within `timeout` together (connect_first gets what the lookup
+/// left). A lookup still running when the time is up is errc::io_error
+/// "tcp connect(host:port): timed out after N ms: the name lookup of
+/// '<host>' took all of it" (the same code as a connect that runs out of
+/// time); a name that does not resolve is errc::io_error with the
+/// resolver's reason; no helper thread for the lookup is
+/// errc::unavailable. REQUIRES: timeout > 0.
+[[nodiscard]] result<int>
+connect_host(const std::string& host, std::uint16_t port,
+             std::chrono::milliseconds timeout,
+             engine::internal::host_resolver& resolver);
 
 /// A digest of a batch's block sizes (`Block::bytes`), in order; 0 for
 /// none. A frame's header carries the one of the sizes it sends and the one
