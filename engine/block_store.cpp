@@ -2115,6 +2115,14 @@ block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
 result<std::size_t> block_store::persist(nanos timeout) {
   if (!disk_)
     return make_error(errc::invalid_argument, "persist needs a disk tier");
+  if (timeout < nanos{0})
+    return make_error(errc::invalid_argument,
+                      "persist timeout is negative (" +
+                          std::to_string(timeout.count()) + " ns)");
+  // Past 100 years (nanos::max() for "no bound", say) it waits as long as
+  // it takes: now() plus the timeout would overflow, and the deadline lie
+  // in the past (before, such a call failed at once with a timeout).
+  timeout = std::min(timeout, max_ttl);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   const auto wait_for_disk = [&]() -> bool {
     const auto left =

@@ -405,7 +405,8 @@ public:
   /// does not refuse the rest as busy. Returns how many cached blocks the
   /// disk tier holds then (those it refused or failed to write are not
   /// counted, and are in stats().spill_failures); errc::invalid_argument
-  /// without a disk tier, errc::io_error on timeout.
+  /// without a disk tier or for a negative timeout, errc::io_error on
+  /// timeout. A timeout over 100 years (nanos::max()) means no bound.
   [[nodiscard]] result<std::size_t>
   persist(nanos timeout = std::chrono::seconds(60));
   /// Brings the blocks of `keys` that follow its cached prefix in the memory

@@ -737,6 +737,22 @@ TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
   EXPECT_EQ(served, total); // the bar is 99%; a clean restart loses none
 }
 
+// nanos::max() means no bound: before, now() plus it overflowed and the
+// call failed at once with io_error. A negative timeout is refused.
+TEST_F(store_disk_test,
+       persist_without_a_bound_waits_and_a_negative_one_is_refused) {
+  for (std::uint64_t i = 0; i < 5; ++i)
+    run(chain(100 * (i + 1), 4));
+  auto written = store_->persist(nanos::max());
+  ASSERT_TRUE(written.has_value()) << written.error().describe();
+  EXPECT_EQ(*written, store_->block_count());
+  auto negative = store_->persist(nanos{-1});
+  ASSERT_FALSE(negative.has_value());
+  EXPECT_EQ(negative.error().code, errc::invalid_argument);
+  EXPECT_NE(negative.error().message.find("negative"), std::string::npos)
+      << negative.error().message;
+}
+
 TEST_F(store_disk_test, persist_counts_only_the_blocks_the_disk_took) {
   auto full = std::make_shared<std::atomic<bool>>(false);
   open(20, false, [full](disk_tier_config& c) {
