@@ -120,6 +120,16 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   if (config.capacity_bytes == 0)
     return make_error(errc::zero_capacity,
                       "disk tier " + dir + ": capacity_bytes is 0");
+  // A segment too small for a record holds one: a file (and a descriptor
+  // while it is read) per block. Before, 0 was taken and did that.
+  if (config.segment_bytes < min_segment_bytes)
+    return make_error(errc::invalid_argument,
+                      "disk tier " + dir + ": segment_bytes is " +
+                          std::to_string(config.segment_bytes) +
+                          "; it must be at least " +
+                          std::to_string(min_segment_bytes) +
+                          " (default 64 MiB: a segment file holds many "
+                          "records)");
   if (!(config.compaction_threshold >= 0.0 &&
         config.compaction_threshold <= 1.0) ||
       !(config.low_watermark > 0.0 && config.low_watermark <= 1.0))

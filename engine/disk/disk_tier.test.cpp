@@ -2177,6 +2177,28 @@ TEST_F(disk_tier_test, a_pending_retry_does_not_hold_up_shutdown) {
   EXPECT_EQ(tier_->stats().recovered_blocks, 3U);
 }
 
+// A segment too small for a record would hold one: a file per block (0
+// was taken before, and 50 blocks made 50 segment files).
+TEST_F(disk_tier_test, segments_too_small_for_records_are_refused) {
+  for (const std::uint64_t bytes :
+       {std::uint64_t{0}, std::uint64_t{100}, min_segment_bytes - 1}) {
+    auto c = config();
+    c.segment_bytes = bytes;
+    auto t = disk_tier::open(c);
+    ASSERT_FALSE(t.has_value()) << bytes;
+    EXPECT_EQ(t.error().code, errc::invalid_argument);
+    EXPECT_NE(t.error().message.find("segment_bytes is " +
+                                     std::to_string(bytes) +
+                                     "; it must be at least 4096"),
+              std::string::npos)
+        << t.error().message;
+  }
+  auto c = config();
+  c.segment_bytes = min_segment_bytes;
+  auto t = disk_tier::open(c);
+  EXPECT_TRUE(t.has_value()) << t.error().describe();
+}
+
 TEST_F(disk_tier_test,
        retry_intervals_that_would_spin_or_overflow_are_refused) {
   using std::chrono::hours;
