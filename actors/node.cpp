@@ -230,6 +230,15 @@ result<void> validate(const node_config& config) {
     const auto& p = config.scaler->policy;
     if (auto ok = actors::validate(p); !ok)
       return ok;
+    // The balancer runs at most router::max_slots engines: a larger bound
+    // could never be reached (each replica past it refused) and would
+    // shrink every engine's share of the prefix index for nothing.
+    if (p.max_replicas > actors::router::max_slots)
+      return make_error(
+          errc::invalid_argument,
+          "node_config.scaler.policy.max_replicas (" +
+              std::to_string(p.max_replicas) + ") is above the router's " +
+              std::to_string(actors::router::max_slots) + " engine slots");
     // The scaler counts the engines as its replicas and never retires below
     // min_replicas (it spawns up to it), but more than max_replicas from the
     // start would break its bound.

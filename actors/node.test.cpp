@@ -159,6 +159,13 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
          c.engines = 3;
        },
        "node_config.engines (3) is above the scaler's max_replicas (2)"},
+      {"scaler max_replicas above the router's slots",
+       [](node_config& c) {
+         c.scaler.emplace();
+         c.scaler->policy.max_replicas = actors::router::max_slots + 1;
+       },
+       "node_config.scaler.policy.max_replicas (65) is above the router's 64 "
+       "engine slots"},
       {"prefetch threshold above 1",
        [](node_config& c) {
          c.prefetch.emplace();
