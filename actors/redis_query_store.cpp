@@ -3,6 +3,7 @@
 #include "actors/config_checks.hpp"
 #include "engine/internal/host_resolver.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cctype>
 #include <charconv>
@@ -37,9 +38,22 @@ std::string without_credentials(std::string_view url) {
 }
 
 unexpected<error> url_error(std::string_view url, std::string_view why) {
-  return make_error(errc::parse_error, "bad Redis URL '" +
-                                           without_credentials(url) +
-                                           "': " + std::string(why));
+  // Control characters shown as \xHH: a NUL would cut the message short
+  // wherever it is printed as a C string.
+  std::string shown;
+  for (const char c : without_credentials(url)) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) {
+      constexpr char digits[] = "0123456789abcdef";
+      shown += "\\x";
+      shown += digits[u >> 4];
+      shown += digits[u & 0xf];
+    } else {
+      shown += c;
+    }
+  }
+  return make_error(errc::parse_error,
+                    "bad Redis URL '" + shown + "': " + std::string(why));
 }
 
 /// Decodes %XX escapes; nullopt on a malformed one.
@@ -136,6 +150,15 @@ result<redis_endpoint> parse_redis_url(std::string_view url) {
     return url_error(url, "TLS (rediss://) is not supported");
   if (url.substr(0, scheme.size()) != scheme)
     return url_error(url, "scheme must be redis://");
+  // A NUL would end the host where hiredis reads it (redis://h\0x reached
+  // host "h"); a space or another control character is never part of a
+  // host, port or database, and the credentials carry them %-encoded.
+  if (std::any_of(url.begin(), url.end(), [](char c) {
+        const auto u = static_cast<unsigned char>(c);
+        return u <= 0x20 || u == 0x7f;
+      }))
+    return url_error(url, "spaces and control characters (NUL included) are "
+                          "not allowed; %-encode them in the credentials");
   auto rest = url.substr(scheme.size());
   // Credentials end at the last '@'; a '/', '?' or '#' before it belongs
   // to them, unencoded (a '@' cannot follow the host).

@@ -213,7 +213,9 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
     const char* url;
     const char* says;
   };
-  for (auto [url, says] : std::array<bad, 11>{{
+  using namespace std::string_literals;
+  const auto with_nul = "redis://h\0x:6379"s;
+  for (auto [url, says] : std::array<bad, 14>{{
            {"", "scheme"},
            {"http://h:1", "scheme"},
            {"rediss://h:1", "TLS"},
@@ -225,13 +227,22 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
            {"redis://h:12ab", "port"},
            {"redis://h:1/x", "database"},
            {"redis://::1:6379", "brackets"},
+           {with_nul.c_str(), "control characters (NUL included)"},
+           {"redis://h x:6379", "spaces and control characters"},
+           {"redis://h:6379/0\n", "spaces and control characters"},
        }}) {
-    auto r = parse_redis_url(url);
+    auto r =
+        parse_redis_url(url == with_nul.c_str() ? std::string_view(with_nul)
+                                                : std::string_view(url));
     ASSERT_FALSE(r.has_value()) << url;
     EXPECT_EQ(r.error().code, errc::parse_error) << url;
     EXPECT_NE(r.error().message.find(says), std::string::npos)
         << url << ": " << r.error().message;
+    EXPECT_EQ(r.error().message.find('\0'), std::string::npos);
   }
+  EXPECT_NE(parse_redis_url(with_nul).error().message.find("'redis://h\\x00x"),
+            std::string::npos)
+      << parse_redis_url(with_nul).error().message;
   const std::pair<void (*)(redis_query_store_config&), const char*> bad[] = {
       {[](redis_query_store_config& c) { c.command_timeout = 0ms; },
        "command_timeout"},
