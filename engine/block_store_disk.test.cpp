@@ -2,7 +2,7 @@
 // hit, restart recovery, pins across restarts, damaged bytes on disk.
 #include "engine/block_store.hpp"
 #include "engine/checksum.hpp"
-#include "engine/testing/disk_catalog_v1.hpp"
+#include "engine/testing/old_disk_catalog.hpp"
 #include "engine/testing/io_gate.hpp"
 #include "engine/testing/store_checks.hpp"
 

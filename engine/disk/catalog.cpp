@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cerrno>
+#include <iterator>
 
 namespace kvfleet::engine {
 
@@ -26,7 +27,7 @@ namespace {
 constexpr const char* columns =
     "key, namespace, tier, segment, offset, size, codec, checksum, "
     "created_at, accessed_at, access_count, pinned, expires_at, "
-    "size_partition";
+    "size_partition, priority";
 
 constexpr const char* schema = R"sql(
 CREATE TABLE meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -45,7 +46,8 @@ CREATE TABLE cache_entries(
   access_count INTEGER NOT NULL DEFAULT 0,
   pinned INTEGER NOT NULL DEFAULT 0,
   expires_at INTEGER NOT NULL DEFAULT 0,
-  size_partition INTEGER);
+  size_partition INTEGER,
+  priority INTEGER);
 CREATE UNIQUE INDEX idx_cache_key ON cache_entries(key);
 CREATE INDEX idx_cache_created_at ON cache_entries(created_at);
 CREATE INDEX idx_cache_accessed_at ON cache_entries(accessed_at);
@@ -145,6 +147,13 @@ catalog_entry read_row(sqlite3_stmt* s) {
     const std::int64_t p = sqlite3_column_int64(s, 13);
     if (p >= 0 && p < static_cast<std::int64_t>(partition_count))
       e.part = static_cast<size_partition>(p);
+  }
+  // The same for the priority (NULL in the rows of a version 1 or 2
+  // catalog).
+  if (sqlite3_column_type(s, 14) == SQLITE_INTEGER) {
+    const std::int64_t p = sqlite3_column_int64(s, 14);
+    if (p >= 0 && p < static_cast<std::int64_t>(priority_count))
+      e.prio = static_cast<priority>(p);
   }
   return e;
 }
@@ -253,17 +262,37 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
               std::to_string(disk_format_version) +
               "; move the directory aside (or delete it to start an empty "
               "disk tier) or run a kvfleet build that reads that version");
-    if (version == 1) {
-      // Version 2 added the size_partition column; version 1 rows keep it
-      // NULL (partition unknown). One transaction: a failure leaves the
-      // catalog at version 1.
+    if (version < static_cast<std::int64_t>(disk_format_version)) {
+      // Each version since 1 added one column, NULL in the rows written
+      // before it (not recorded: see catalog_entry). All steps from the
+      // catalog's version run in one transaction: a failure leaves the
+      // catalog at its version.
+      struct step {
+        const char* column;
+        const char* sql;
+      };
+      static constexpr step steps[] = {
+          {"size_partition", // version 1 -> 2
+           "ALTER TABLE cache_entries ADD COLUMN size_partition INTEGER;"},
+          {"priority", // version 2 -> 3
+           "ALTER TABLE cache_entries ADD COLUMN priority INTEGER;"},
+      };
+      static_assert(std::size(steps) + 1 == disk_format_version,
+                    "one upgrade step per format version after 1");
+      const std::string from = std::to_string(version);
       const std::string to = std::to_string(disk_format_version);
       const std::string what = "upgrade to format version " + to;
-      const std::string upgrade =
-          "BEGIN IMMEDIATE;"
-          "ALTER TABLE cache_entries ADD COLUMN size_partition INTEGER;"
-          "UPDATE meta SET value = " +
-          to + " WHERE name = 'format_version';COMMIT;";
+      std::string upgrade = "BEGIN IMMEDIATE;";
+      std::string added;
+      for (auto v = static_cast<std::size_t>(version); v < disk_format_version;
+           ++v) {
+        const step& st = steps[v - 1];
+        upgrade += st.sql;
+        added += added.empty() ? "" : " and ";
+        added += st.column;
+      }
+      upgrade += "UPDATE meta SET value = " + to +
+                 " WHERE name = 'format_version';COMMIT;";
       const int injected = c->fault_ ? c->injected_fault(what) : SQLITE_OK;
       const int rc = injected != SQLITE_OK ? injected : exec(upgrade.c_str());
       if (rc != SQLITE_OK) {
@@ -272,11 +301,13 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
                 ? std::string(sqlite3_errstr(rc)) + " (injected by a test)"
                 : std::string(sqlite3_errmsg(db));
         exec("ROLLBACK");
-        std::string msg = "catalog " + path +
-                          " is at format version 1 and could not be "
-                          "upgraded to version " +
-                          to + " (adding the size_partition column): " + why +
-                          "; it is left at version 1. ";
+        std::string msg =
+            "catalog " + path + " is at format version " + from +
+            " and could not be upgraded to version " + to + " (adding the " +
+            added +
+            (added.find(" and ") != std::string::npos ? " columns): "
+                                                      : " column): ") +
+            why + "; it is left at version " + from + ". ";
         switch (rc & 0xff) {
         case SQLITE_FULL:
           return make_error(errc::out_of_memory,
@@ -309,7 +340,7 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
       {&i.rollback, "ROLLBACK"},
       {&i.upsert,
        "INSERT INTO cache_entries(" + cols +
-           ") VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14) "
+           ") VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15) "
            "ON CONFLICT(key) DO UPDATE SET namespace=excluded.namespace, "
            "tier=excluded.tier, segment=excluded.segment, "
            "offset=excluded.offset, size=excluded.size, codec=excluded.codec, "
@@ -317,7 +348,8 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
            "accessed_at=excluded.accessed_at, "
            "access_count=excluded.access_count, pinned=excluded.pinned, "
            "expires_at=excluded.expires_at, "
-           "size_partition=excluded.size_partition"},
+           "size_partition=excluded.size_partition, "
+           "priority=excluded.priority"},
       {&i.erase, "DELETE FROM cache_entries WHERE key = ?1"},
       {&i.set_pins, "UPDATE cache_entries SET pinned = ?2 WHERE key = ?1"},
       {&i.touch, "UPDATE cache_entries SET accessed_at = max(accessed_at, ?2), "
@@ -421,6 +453,10 @@ result<void> catalog::upsert(const catalog_entry& e) {
     sqlite3_bind_int(s, 14, static_cast<int>(*e.part));
   else
     sqlite3_bind_null(s, 14);
+  if (e.prio)
+    sqlite3_bind_int(s, 15, static_cast<int>(*e.prio));
+  else
+    sqlite3_bind_null(s, 15);
   KVFLEET_SQL_RUN(s, "insert block " + e.key.to_hex());
   return {};
 }

@@ -5,7 +5,7 @@
 ///   cache_entries(id INTEGER PRIMARY KEY, key BLOB(16), namespace BLOB(16),
 ///                 tier, segment, offset, size, codec, checksum, created_at,
 ///                 accessed_at, access_count, pinned, expires_at,
-///                 size_partition)
+///                 size_partition, priority)
 ///   idx_cache_key (unique) on key, idx_cache_created_at,
 ///   idx_cache_accessed_at, idx_cache_key_created on (key, created_at), and
 ///   idx_cache_expires_at on expires_at for rows that expire.
@@ -13,8 +13,11 @@
 /// numeric order. Checksums are the uint64 stored as its int64 bit pattern;
 /// times are int64 nanoseconds; `pinned` is the pin count; `size_partition`
 /// is the block's size partition in the store that spilled it (0 short, 1
-/// medium, 2 long), NULL when not recorded (rows of a version 1 catalog).
-/// A catalog of version 1 (no size_partition column) is upgraded at open.
+/// medium, 2 long), NULL when not recorded (rows of a version 1 catalog);
+/// `priority` the block's request priority in that store (0 background to
+/// 4 critical, engine::priority), NULL when not recorded (rows of a version
+/// 1 or 2 catalog). A catalog of version 1 (neither column) or 2 (no
+/// priority column) is upgraded at open.
 ///
 /// The database runs in WAL mode with prepared statements, and one
 /// connection writes (the disk tier's I/O thread). Writes are grouped by the
@@ -25,6 +28,7 @@
 
 #include "engine/block_key.hpp"
 #include "engine/codec.hpp"
+#include "engine/eviction_policy.hpp"
 #include "engine/kv_namespace.hpp"
 #include "engine/result.hpp"
 #include "engine/stats.hpp"
@@ -62,6 +66,8 @@ struct catalog_entry {
   std::int64_t expires_at = 0; ///< 0 = never
   /// The size partition the block was in; nullopt when not recorded.
   std::optional<size_partition> part;
+  /// The block's request priority; nullopt when not recorded.
+  std::optional<priority> prio;
 };
 
 /// Blocks and payload bytes of one (namespace, tier).
@@ -75,17 +81,18 @@ struct usage_row {
 class catalog {
 public:
   /// Test hook: consulted with a statement's description ("relocate block
-  /// <key>", "insert block <key>", "begin", "upgrade to format version 2",
+  /// <key>", "insert block <key>", "begin", "upgrade to format version 3",
   /// ...) before each write; a nonzero errno fails it without running it:
   /// ENOSPC or EDQUOT as SQLITE_FULL (last_error_was_full()), any other as
   /// an I/O error.
   using fault = std::function<int(const std::string& what)>;
 
   /// Opens or creates the catalog at `path`. A catalog of format version 1
-  /// is upgraded to disk_format_version in one transaction (the
-  /// size_partition column is added, NULL in its rows); an upgrade that
-  /// fails leaves it at version 1 and fails the open with a message that
-  /// says so and why: errc::out_of_memory when the file system is full,
+  /// or 2 is upgraded to disk_format_version in one transaction (the
+  /// columns it lacks, size_partition and priority, are added, NULL in its
+  /// rows); an upgrade that fails leaves it at its version and fails the
+  /// open with a message that says so and why: errc::out_of_memory when the
+  /// file system is full,
   /// errc::busy when another process holds the catalog, errc::io_error
   /// otherwise. A database of another format version, or a file that is
   /// not a catalog, is errc::parse_error with a message naming the path and

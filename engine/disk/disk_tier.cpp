@@ -80,6 +80,7 @@ struct disk_tier::request {
   std::int64_t created_at = 0;
   std::int64_t expires_at = 0;
   std::optional<size_partition> part; ///< spill
+  std::optional<priority> prio;       ///< spill
   std::uint32_t pins = 0;
   std::int64_t now = 0;
   std::size_t top_n = 0;
@@ -342,7 +343,7 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
     rows.emplace_back(e.key,
                       disk_block_info{e.ns, e.c, e.size, e.checksum,
                                       nanos{e.created_at}, nanos{e.expires_at},
-                                      e.pinned, true, e.part});
+                                      e.pinned, true, e.part, e.prio});
   });
   if (!scanned)
     return unexpected<error>(scanned.error());
@@ -693,7 +694,8 @@ result<disk_request_id>
 disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
                  std::span<const std::byte> bytes, std::uint64_t checksum,
                  nanos created_at, nanos expires_at, bool pinned,
-                 std::optional<size_partition> part) {
+                 std::optional<size_partition> part,
+                 std::optional<priority> prio) {
   if (!is_valid(c))
     return make_error(errc::unknown_codec, "disk tier: spill of block " +
                                                key.to_hex() +
@@ -717,6 +719,7 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
   r.created_at = created_at.count();
   r.expires_at = expires_at.count();
   r.part = part;
+  r.prio = prio;
   std::lock_guard lk(mu_);
   if (full_) {
     ++refused_full_owner_;
@@ -747,7 +750,8 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
                                     expires_at,
                                     std::max(old_pins, pinned ? 1U : 0U),
                                     false,
-                                    part};
+                                    part,
+                                    prio};
   it->second.gen = next_gen_++;
   r.gen = it->second.gen;
   return enqueue(std::move(r));
@@ -1383,6 +1387,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   e.pinned = pins;
   e.expires_at = r.expires_at;
   e.part = r.part;
+  e.prio = r.prio;
   // Again here: SQLite may have ended the transaction on an error of an
   // earlier statement of this batch (make_room's included).
   if (auto rows = may_write_rows(); !rows) {

@@ -261,6 +261,9 @@ struct disk_block_info {
   /// The size partition given to spill(); nullopt when none was (a block
   /// of a version 1 directory).
   std::optional<size_partition> part;
+  /// The request priority given to spill(); nullopt when none was (a block
+  /// of a version 1 or 2 directory).
+  std::optional<priority> prio;
 };
 
 struct disk_tier_stats {
@@ -332,7 +335,8 @@ public:
   /// disk is replaced; its pin count is kept (at least 1 if `pinned`).
   /// `part` (the block's size partition in the store) is kept with it, in
   /// the catalog, and lookup() returns it, so that the block comes back
-  /// into the partition it left.
+  /// into the partition it left; `prio` (its request priority) likewise,
+  /// so that it comes back ranking as it did.
   /// Immediate errors: an invalid codec, an empty or too large block, or a
   /// full file system (errc::out_of_memory, counted). The completion fails
   /// with errc::checksum_mismatch when `checksum` is not the bytes'
@@ -344,7 +348,8 @@ public:
   spill(const block_key& key, const ns_fingerprint& ns, codec c,
         std::span<const std::byte> bytes, std::uint64_t checksum,
         nanos created_at, nanos expires_at, bool pinned,
-        std::optional<size_partition> part = std::nullopt);
+        std::optional<size_partition> part = std::nullopt,
+        std::optional<priority> prio = std::nullopt);
 
   /// Queues a read of a block. The completion holds the bytes after their
   /// checksum was verified; errc::not_found when absent or expired,

@@ -1,8 +1,8 @@
 #include "engine/disk/disk_tier.hpp"
 
 #include "engine/checksum.hpp"
-#include "engine/testing/disk_catalog_v1.hpp"
 #include "engine/testing/io_gate.hpp"
+#include "engine/testing/old_disk_catalog.hpp"
 
 #include <gtest/gtest.h>
 #include <sqlite3.h>
@@ -1315,6 +1315,30 @@ TEST_F(disk_tier_test, a_catalog_of_another_format_version_is_refused) {
             std::string::npos);
 }
 
+// The version after this build's (a newer build's catalog) is refused the
+// same way, and the open changes nothing in it.
+TEST_F(disk_tier_test, a_catalog_of_the_next_format_version_is_refused) {
+  open(config());
+  spill(1);
+  settle();
+  tier_.reset();
+  ASSERT_NO_FATAL_FAILURE(testing::rewrite_catalog(
+      dir_, "UPDATE meta SET value = 4 WHERE name = 'format_version';"));
+  auto t = disk_tier::open(config());
+  ASSERT_FALSE(t.has_value());
+  EXPECT_EQ(t.error().code, errc::parse_error);
+  const std::string& m = t.error().message;
+  for (const char* part : {"catalog.sqlite", "format version 4",
+                           "reads versions 1 to 3", "move the directory aside",
+                           "run a kvfleet build that reads that version"}) {
+    EXPECT_NE(m.find(part), std::string::npos) << part << " in: " << m;
+  }
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = 'format_version'"),
+            4);
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries"), 1);
+}
+
 TEST_F(disk_tier_test, a_spill_keeps_its_size_partition_across_a_restart) {
   open(config());
   const auto bytes = block_bytes(1, 4096);
@@ -1335,9 +1359,84 @@ TEST_F(disk_tier_test, a_spill_keeps_its_size_partition_across_a_restart) {
   expect_block(1);
 }
 
+// The catalog records each block's request priority (format version 3), so
+// the store can bring a block back ranking as it left. Before, the tier
+// kept none: a critical block came back at the asking call's priority.
+TEST_F(disk_tier_test, a_spill_keeps_its_priority_across_a_restart) {
+  open(config());
+  const auto bytes = block_bytes(1, 4096);
+  ASSERT_TRUE(tier_
+                  ->spill(key_of(1), ns_a, codec::int8, bytes,
+                          block_checksum(bytes), clock_.now(), nanos{0}, false,
+                          size_partition::medium, priority::critical)
+                  .has_value());
+  spill(2); // no priority given
+  settle();
+  ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+  EXPECT_EQ(tier_->lookup(key_of(1))->prio, priority::critical);
+  EXPECT_FALSE(tier_->lookup(key_of(2))->prio.has_value());
+  open(config());
+  ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+  EXPECT_EQ(tier_->lookup(key_of(1))->prio, priority::critical);
+  EXPECT_EQ(tier_->lookup(key_of(1))->part, size_partition::medium);
+  EXPECT_FALSE(tier_->lookup(key_of(2))->prio.has_value());
+  expect_block(1);
+  tier_.reset();
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  EXPECT_EQ(peer.query("SELECT priority FROM cache_entries WHERE priority "
+                       "IS NOT NULL"),
+            static_cast<std::int64_t>(priority::critical));
+}
+
+// A directory a version 2 build wrote (no priority column) opens: the
+// catalog is upgraded to version 3 in place, its blocks read back with their
+// partitions and no priority known (NULL), and spills from then on record
+// theirs.
+TEST_F(disk_tier_test, a_version_2_catalog_is_upgraded_at_open) {
+  open(config());
+  const auto bytes = block_bytes(1, 4096);
+  ASSERT_TRUE(tier_
+                  ->spill(key_of(1), ns_a, codec::int8, bytes,
+                          block_checksum(bytes), clock_.now(), nanos{0}, false,
+                          size_partition::large, priority::high)
+                  .has_value());
+  settle();
+  tier_.reset();
+  ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v2(dir_));
+  open(config());
+  ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
+  EXPECT_EQ(tier_->lookup(key_of(1))->part, size_partition::large);
+  EXPECT_FALSE(tier_->lookup(key_of(1))->prio.has_value());
+  expect_block(1);
+  const auto bytes2 = block_bytes(2, 4096);
+  ASSERT_TRUE(tier_
+                  ->spill(key_of(2), ns_a, codec::int8, bytes2,
+                          block_checksum(bytes2), clock_.now(), nanos{0}, false,
+                          size_partition::small, priority::low)
+                  .has_value());
+  settle();
+  tier_.reset();
+  {
+    catalog_peer peer(dir_ + "/catalog.sqlite");
+    EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = "
+                         "'format_version'"),
+              3);
+    EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries WHERE "
+                         "priority IS NULL"),
+              1);
+  }
+  open(config());
+  EXPECT_EQ(tier_->lookup(key_of(2))->prio, priority::low);
+  EXPECT_FALSE(tier_->lookup(key_of(1))->prio.has_value());
+  EXPECT_EQ(tier_->lookup(key_of(1))->part, size_partition::large);
+  expect_block(1);
+  expect_block(2);
+}
+
 // A directory a version 1 build wrote (no size_partition column) opens: the
-// catalog is upgraded to version 2, its blocks read back with no partition
-// known, and spills from then on record theirs.
+// catalog is upgraded to version 3 (both columns added in one step), its
+// blocks read back with no partition or priority known, and spills from
+// then on record theirs.
 TEST_F(disk_tier_test, a_version_1_catalog_is_upgraded_at_open) {
   open(config());
   spill(1);
@@ -1347,12 +1446,13 @@ TEST_F(disk_tier_test, a_version_1_catalog_is_upgraded_at_open) {
   open(config());
   ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
   EXPECT_FALSE(tier_->lookup(key_of(1))->part.has_value());
+  EXPECT_FALSE(tier_->lookup(key_of(1))->prio.has_value());
   expect_block(1);
   const auto bytes = block_bytes(2, 4096);
   ASSERT_TRUE(tier_
                   ->spill(key_of(2), ns_a, codec::int8, bytes,
                           block_checksum(bytes), clock_.now(), nanos{0}, false,
-                          size_partition::medium)
+                          size_partition::medium, priority::high)
                   .has_value());
   settle();
   tier_.reset();
@@ -1364,24 +1464,39 @@ TEST_F(disk_tier_test, a_version_1_catalog_is_upgraded_at_open) {
     EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries WHERE "
                          "size_partition IS NULL"),
               1);
+    EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries WHERE "
+                         "priority IS NULL"),
+              1);
   }
   open(config());
   EXPECT_EQ(tier_->lookup(key_of(2))->part, size_partition::medium);
+  EXPECT_EQ(tier_->lookup(key_of(2))->prio, priority::high);
   EXPECT_FALSE(tier_->lookup(key_of(1))->part.has_value());
+  EXPECT_FALSE(tier_->lookup(key_of(1))->prio.has_value());
   expect_block(1);
   expect_block(2);
 }
 
-// A version 1 catalog that cannot be upgraded (here: the file system is
-// full) fails the open with a message that says so and why, and is left
-// at version 1 for the next open to upgrade. Before, the message blamed
-// permissions ("check that the directory is writable").
-TEST_F(disk_tier_test, a_failed_upgrade_of_a_version_1_catalog_says_why) {
+// A catalog of an older version that cannot be upgraded (here: the file
+// system is full) fails the open with a message that says so and why, and
+// is left at its version for the next open to upgrade. Before, the message
+// blamed permissions ("check that the directory is writable"), and a
+// version 2 catalog could not fail an upgrade: there was none.
+class disk_tier_failed_upgrade_test
+    : public disk_tier_test,
+      public ::testing::WithParamInterface<int> {};
+
+TEST_P(disk_tier_failed_upgrade_test, says_why_and_leaves_the_version) {
+  const int version = GetParam();
   open(config());
   spill(1);
   settle();
   tier_.reset();
-  ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));
+  if (version == 1) {
+    ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));
+  } else {
+    ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v2(dir_));
+  }
   auto c = config();
   std::vector<std::string> asked;
   c.catalog_fault_for_testing = [&asked](const std::string& what) {
@@ -1393,23 +1508,46 @@ TEST_F(disk_tier_test, a_failed_upgrade_of_a_version_1_catalog_says_why) {
     ASSERT_FALSE(t.has_value()) << "opened although the upgrade failed";
     EXPECT_EQ(t.error().code, errc::out_of_memory);
     const std::string& m = t.error().message;
-    for (const char* part :
-         {"catalog.sqlite", "format version 1", "could not be upgraded",
-          "version 2", "full", "SQLITE_FULL", "free space"}) {
+    const std::string at = "at format version " + std::to_string(version);
+    const std::string left = "left at version " + std::to_string(version);
+    const std::string added = version == 1
+                                  ? "size_partition and priority columns"
+                                  : "priority column";
+    for (const std::string& part :
+         {std::string("catalog.sqlite"), at,
+          std::string("could not be "
+                      "upgraded"),
+          std::string("to version 3"), added, left, std::string("full"),
+          std::string("SQLITE_FULL"), std::string("free space")}) {
       EXPECT_NE(m.find(part), std::string::npos) << part << " in: " << m;
     }
     EXPECT_EQ(m.find("writable"), std::string::npos) << m;
   }
-  EXPECT_EQ(asked.size(), 1U);
+  ASSERT_EQ(asked.size(), 1U);
+  EXPECT_EQ(asked[0], "upgrade to format version 3");
   {
     catalog_peer peer(dir_ + "/catalog.sqlite");
     EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = "
                          "'format_version'"),
-              1);
+              version);
+    // Nothing of the upgrade stayed: the columns it adds are not there.
+    EXPECT_EQ(peer.query("SELECT count(*) FROM pragma_table_info("
+                         "'cache_entries') WHERE name = 'priority'"),
+              0);
   }
   open(config()); // space freed: the upgrade goes through
   expect_block(1);
+  tier_.reset();
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = 'format_version'"),
+            3);
 }
+
+INSTANTIATE_TEST_SUITE_P(versions, disk_tier_failed_upgrade_test,
+                         ::testing::Values(1, 2),
+                         [](const ::testing::TestParamInfo<int>& i) {
+                           return "version_" + std::to_string(i.param);
+                         });
 
 TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {
   std::ofstream(dir_ + "/catalog.sqlite") << std::string(4096, 'z');

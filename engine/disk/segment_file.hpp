@@ -50,14 +50,16 @@ namespace kvfleet::engine {
 
 /// Version of the disk tier's on-disk format, kept in the catalog
 /// (`meta.format_version`). A change to the catalog's or the segments'
-/// layout bumps it. Version 2 added the catalog's `size_partition` column.
-inline constexpr std::uint32_t disk_format_version = 2;
-/// The oldest version this build opens: a catalog of version 1 is upgraded
-/// in place at open (the column is added, NULL: its blocks' partitions are
-/// unknown), after which a build that reads only version 1 refuses it.
+/// layout bumps it. Version 2 added the catalog's `size_partition` column,
+/// version 3 its `priority` column.
+inline constexpr std::uint32_t disk_format_version = 3;
+/// The oldest version this build opens: a catalog of version 1 or 2 is
+/// upgraded in place at open (the missing columns are added, NULL: its
+/// blocks' partitions and priorities are unknown), after which a build that
+/// reads only the older version refuses it.
 inline constexpr std::uint32_t oldest_disk_format_version = 1;
 /// Version in every segment file header. The segment layout is the same in
-/// disk format versions 1 and 2.
+/// disk format versions 1, 2 and 3.
 inline constexpr std::uint32_t segment_format_version = 1;
 inline constexpr std::size_t segment_header_bytes = 32;
 inline constexpr std::size_t record_header_bytes = 80;
