@@ -65,12 +65,23 @@ unexpected<error> not_our_put(const void* owner) {
                         : "put handle belongs to another store");
 }
 
-/// The options a parent brought back for a put is promoted with: the put's
-/// priority, and its partition when the disk copy records none; the codec,
-/// TTL, pin and recorded partition come from the disk copy.
-put_options for_parent_of(const put_options& put) {
+/// The options a block read back alone (acquire(), pin(), a put's parent)
+/// is promoted with: no request priority of its own (the lowest), so the
+/// block keeps the one its disk copy records (normal when none is, as
+/// issue_promotions() does for every block), as such a block brought back
+/// from the memory tier keeps its own. The codec, TTL, pin and recorded
+/// partition come from the disk copy.
+put_options keep_recorded() {
   put_options o;
-  o.prio = put.prio;
+  o.prio = priority::background;
+  return o;
+}
+
+/// The same for a put's parent: its partition is the put's when the disk
+/// copy records none. A put does not raise its parent's priority (a parent
+/// in memory keeps its own too).
+put_options for_parent_of(const put_options& put) {
+  put_options o = keep_recorded();
   o.request_tokens = put.request_tokens;
   return o;
 }
@@ -439,7 +450,7 @@ result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
   }
   std::uint32_t id = find_visible(ns, key, now());
   if (id == npos && (promote_key_from_tier(ns, key) ||
-                     promote_key_from_disk(ns, key, put_options{})))
+                     promote_key_from_disk(ns, key, keep_recorded())))
     id = find_visible(ns, key, now());
   if (id == npos)
     return make_error(errc::not_found,
@@ -715,8 +726,8 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
     // lookup() counts a prefix in the memory tier as cached (the engine
     // actor's, one on disk too), so a host extends it: bring the parent
     // back, as acquire() does (from disk alone: see promote_key_from_disk),
-    // at the put's priority (its codec, TTL, pin and partition are its
-    // own; a disk copy that records no partition lands in the put's).
+    // at its own priority (its codec, TTL, pin and partition are its own
+    // too; a disk copy that records no partition lands in the put's).
     if (pid == npos &&
         (promote_key_from_tier(ns, parent) ||
          promote_key_from_disk(ns, parent, for_parent_of(options)))) {
@@ -1278,7 +1289,7 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
     return unexpected<error>(st.error());
   std::uint32_t id = find_visible(ns, key, now());
   if (id == npos && (promote_key_from_tier(ns, key) ||
-                     promote_key_from_disk(ns, key, put_options{})))
+                     promote_key_from_disk(ns, key, keep_recorded())))
     id = find_visible(ns, key, now());
   if (id == npos)
     return make_error(errc::not_found,
@@ -1733,7 +1744,8 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
       return false; // expired: nothing worth keeping
     expires = wall + nanos{left};
   }
-  if (const auto info = lasting_disk_copy(e.key, e.checksum, e.c, expires)) {
+  if (const auto info =
+          lasting_disk_copy(e.key, e.checksum, e.c, expires, e.prio)) {
     ++stats_.spills_skipped;
     if (pinned && info->pins == 0 && !disk_->pin(e.key))
       ++stats_.spill_failures;
@@ -1751,7 +1763,7 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
     bytes = buf;
   }
   if (!disk_->spill(e.key, st.fingerprint, e.c, bytes, e.checksum, wall,
-                    expires, pinned, e.part)) {
+                    expires, pinned, e.part, e.prio)) {
     ++stats_.spill_failures; // the tier logs why (e.g. the disk is full)
     return false;
   }
@@ -1761,15 +1773,20 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
 
 std::optional<disk_block_info>
 block_store::lasting_disk_copy(const block_key& key, std::uint64_t checksum,
-                               codec c, nanos expires) const {
+                               codec c, nanos expires, priority p) const {
   // The same bytes on disk are enough only if they last as long: a copy
   // spilled before the block expired and was put again (or revived) keeps
   // its old expiry, and the block would be lost with it. The slack absorbs
   // the drift between the store's clock and the wall clock, so that a
   // block promoted from disk and evicted again is not rewritten for it.
+  // And only if they record the block's priority: a block raised since
+  // its spill (a critical request used it) would come back ranking lower,
+  // and one of a version 1 or 2 directory records none. The bytes are
+  // then written again with it (a priority only changes upward while the
+  // block is in memory, so at most once per level).
   constexpr nanos slack = std::chrono::seconds(1);
   auto info = disk_->lookup(key);
-  if (info && info->checksum == checksum && info->c == c &&
+  if (info && info->checksum == checksum && info->c == c && info->prio == p &&
       (info->expires_at.count() == 0 ||
        (expires.count() != 0 && info->expires_at + slack >= expires)))
     return info;
@@ -1834,6 +1851,13 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
       // build) comes back in the asking call's.
       if (info->part)
         o.request_tokens = partition_start(*info->part);
+      // At the priority it left with (the highest of the calls that had
+      // covered it), raised to the asking call's as a hit in memory is; a
+      // block whose priority the tier does not know (spilled by a version
+      // 1 or 2 build) counts as normal, the priority of a put that names
+      // none. Calls without a request priority (acquire(), pin(), a put's
+      // parent) ask at the lowest, so the recorded one stands.
+      o.prio = std::max(info->prio.value_or(priority::normal), options.prio);
       o.pin = info->pins > 0;
       if (info->expires_at.count() != 0)
         o.ttl = info->expires_at - wall;

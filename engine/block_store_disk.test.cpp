@@ -2,8 +2,8 @@
 // hit, restart recovery, pins across restarts, damaged bytes on disk.
 #include "engine/block_store.hpp"
 #include "engine/checksum.hpp"
-#include "engine/testing/old_disk_catalog.hpp"
 #include "engine/testing/io_gate.hpp"
+#include "engine/testing/old_disk_catalog.hpp"
 #include "engine/testing/store_checks.hpp"
 
 #include <gtest/gtest.h>
@@ -107,7 +107,7 @@ protected:
     store_config cfg;
     cfg.capacity_bytes = blocks * block_bytes;
     cfg.slab_bytes = block_bytes;
-    cfg.policy = policy_kind::lru;
+    cfg.policy = policy_;
     cfg.adaptive_compression = false;
     unaddressable_ = nullptr;
     auto s = [&] {
@@ -168,7 +168,34 @@ protected:
     return 32 + n * (80 + std::streamoff{block_bytes}) + 80;
   }
 
+  /// Runs a one-block request for `key` at priority `p`.
+  void run_at(const block_key& key, priority p) {
+    put_options o;
+    o.prio = p;
+    ASSERT_TRUE(store_
+                    ->process(ns_, std::vector<block_key>{key},
+                              spec().block_tokens, producer_, o)
+                    .has_value());
+  }
+
+  /// Evicts every block (to disk) and waits until the disk holds them.
+  void spill_everything() {
+    store_->evict_bytes(std::size_t{1} << 30);
+    ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+    store_->poll_disk();
+    ASSERT_EQ(store_->block_count(), 0U);
+  }
+
+  /// Fills memory with `n` one-block normal requests (more blocks than
+  /// memory holds, so the store makes room over and over), new keys from
+  /// `first` on.
+  void flood(std::uint64_t first, std::size_t n) {
+    for (std::uint64_t i = 0; i < n; ++i)
+      run(chain(first + i, 1));
+  }
+
   std::string dir_;
+  policy_kind policy_ = policy_kind::lru; ///< the store's, at open()
   synthetic_producer producer_;
   std::unique_ptr<block_store> store_;
   unaddressable_backend* unaddressable_ = nullptr; ///< owned by store_
@@ -640,9 +667,121 @@ TEST_F(store_disk_test, a_long_block_read_back_does_not_evict_short_blocks) {
   store_->check_invariants();
 }
 
+// The disk tier records each block's priority (format version 3): a
+// critical block spilled and read back by acquire() (no request priority
+// of its own) ranks critical again, so the priority policy keeps it while
+// normal blocks flood memory. Before, it came back at normal and, the
+// oldest normal block, was the first to go.
+TEST_F(store_disk_test, a_critical_block_read_back_by_acquire_stays_critical) {
+  policy_ = policy_kind::priority;
+  open();
+  const block_key k = chain(7, 1)[0];
+  ASSERT_NO_FATAL_FAILURE(run_at(k, priority::critical));
+  ASSERT_NO_FATAL_FAILURE(spill_everything());
+  ASSERT_TRUE(store_->acquire(ns_, k).has_value()); // the lease is dropped
+  ASSERT_TRUE(store_->contains(ns_, k));
+  flood(100, 40); // 40 blocks through 20 blocks of memory
+  EXPECT_TRUE(store_->contains(ns_, k))
+      << "the critical block read back was evicted like a normal one";
+  EXPECT_GT(store_->stats().evictions, 0U);
+  store_->check_invariants();
+}
+
+// process() brings a block back at the higher of its recorded priority and
+// the request's, as a hit in memory takes the request's if higher: a low
+// request does not lower a critical block. Before, it came back at the
+// request's (low) and was evicted first.
+TEST_F(store_disk_test, a_low_request_reads_a_critical_block_back_critical) {
+  policy_ = policy_kind::priority;
+  open();
+  const block_key k = chain(7, 1)[0];
+  ASSERT_NO_FATAL_FAILURE(run_at(k, priority::critical));
+  ASSERT_NO_FATAL_FAILURE(spill_everything());
+  ASSERT_NO_FATAL_FAILURE(run_at(k, priority::low));
+  EXPECT_EQ(store_->stats().disk_block_hits, 1U);
+  flood(100, 40);
+  EXPECT_TRUE(store_->contains(ns_, k))
+      << "the critical block came back at the low request's priority";
+  store_->check_invariants();
+}
+
+// A block raised while in memory (read back at normal, then used by a
+// critical request) is evicted again with its disk copy rewritten at the
+// new priority, although its bytes are already there: the copy on disk
+// would bring it back at normal. Before, the spill was skipped.
+TEST_F(store_disk_test, a_block_raised_since_its_spill_is_spilled_again) {
+  policy_ = policy_kind::priority;
+  open();
+  const block_key k = chain(7, 1)[0];
+  ASSERT_NO_FATAL_FAILURE(run_at(k, priority::normal));
+  ASSERT_NO_FATAL_FAILURE(spill_everything());
+  const auto spills = store_->stats().spills;
+  ASSERT_NO_FATAL_FAILURE(run_at(k, priority::critical)); // raised
+  ASSERT_NO_FATAL_FAILURE(spill_everything());
+  EXPECT_EQ(store_->stats().spills, spills + 1) << "not written again";
+  // The same priority again: the copy on disk is enough.
+  ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+  ASSERT_NO_FATAL_FAILURE(spill_everything());
+  EXPECT_EQ(store_->stats().spills, spills + 1);
+  ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+  flood(100, 40);
+  EXPECT_TRUE(store_->contains(ns_, k)) << "read back below critical";
+  store_->check_invariants();
+}
+
+// The priority survives a restart with the catalog (pin() reads the block
+// back here: no request priority either).
+TEST_F(store_disk_test, a_critical_block_stays_critical_across_a_restart) {
+  policy_ = policy_kind::priority;
+  open();
+  const block_key k = chain(7, 1)[0];
+  ASSERT_NO_FATAL_FAILURE(run_at(k, priority::critical));
+  ASSERT_TRUE(store_->persist().has_value());
+  open();
+  ASSERT_EQ(store_->block_count(), 0U);
+  ASSERT_TRUE(store_->pin(ns_, k).has_value());
+  ASSERT_TRUE(store_->unpin(ns_, k).has_value());
+  flood(100, 40);
+  EXPECT_TRUE(store_->contains(ns_, k));
+  expect_correct(k);
+  store_->check_invariants();
+}
+
+// A directory written by disk format version 2 records no priorities: it
+// opens (the catalog is upgraded to version 3 in place), and its blocks
+// read back at normal, the default of a put that names no priority,
+// raised to the request's if higher: below a high block, above a low one,
+// also when a low request reads them back.
+TEST_F(store_disk_test, a_version_2_directory_reads_back_at_normal) {
+  const block_key old = chain(7, 1)[0];
+  ASSERT_NO_FATAL_FAILURE(run_at(old, priority::critical));
+  ASSERT_TRUE(store_->persist().has_value());
+  store_.reset();
+  ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v2(dir_));
+  open();
+  EXPECT_EQ(testing::catalog_version(dir_), 3);
+  ASSERT_NO_FATAL_FAILURE(run_at(old, priority::low)); // read back
+  EXPECT_EQ(store_->stats().disk_block_hits, 1U);
+  expect_correct(old);
+  const block_key low = chain(8, 1)[0];
+  const block_key high = chain(9, 1)[0];
+  ASSERT_NO_FATAL_FAILURE(run_at(low, priority::low));
+  ASSERT_NO_FATAL_FAILURE(run_at(high, priority::high));
+  // Lowest priority first, whatever the policy (lru here, and `old` is the
+  // least recently used): the low block, then `old`, then the high one.
+  store_->evict_bytes(block_bytes);
+  EXPECT_FALSE(store_->contains(ns_, low));
+  EXPECT_TRUE(store_->contains(ns_, old)) << "read back below normal";
+  store_->evict_bytes(block_bytes);
+  EXPECT_FALSE(store_->contains(ns_, old)) << "read back above normal";
+  EXPECT_TRUE(store_->contains(ns_, high));
+  store_->check_invariants();
+}
+
 // A directory written by disk format version 1 records no partitions: it
-// opens (the catalog is upgraded in place), its blocks read back, and they
-// land where they did before version 2: acquire() in the short partition.
+// opens (the catalog is upgraded in place, to version 3 now), its blocks
+// read back, and they land where they did before version 2: acquire() in
+// the short partition.
 TEST_F(store_disk_test, a_version_1_directory_opens_and_its_blocks_read_back) {
   constexpr auto large = static_cast<std::size_t>(size_partition::large);
   constexpr auto small = static_cast<std::size_t>(size_partition::small);
@@ -655,6 +794,7 @@ TEST_F(store_disk_test, a_version_1_directory_opens_and_its_blocks_read_back) {
   store_.reset();
   ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));
   open();
+  EXPECT_EQ(testing::catalog_version(dir_), 3);
   ASSERT_TRUE(store_->disk()->lookup(k[0]).has_value());
   EXPECT_FALSE(store_->disk()->lookup(k[0])->part.has_value());
   ASSERT_TRUE(store_->acquire(ns_, k[0]).has_value());

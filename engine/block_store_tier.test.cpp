@@ -596,6 +596,37 @@ TEST_F(store_tier_test, a_block_dropped_to_disk_comes_back_in_its_partition) {
   store_->check_invariants();
 }
 
+// ... and its priority (disk format version 3): a critical block the full
+// tier drops to disk comes back critical when read back alone, and stays
+// while normal blocks take memory, then leave it for the tier. Before, the
+// disk kept none and it came back at normal, the oldest normal block.
+TEST_F(store_tier_test, a_block_dropped_to_disk_comes_back_at_its_priority) {
+  open(32, 4, policy_kind::priority);
+  attach_disk();
+  const auto a = chain(1, 1);
+  put_options critical;
+  critical.prio = priority::critical;
+  ASSERT_TRUE(store_->process(ns_, a, 16, producer_, critical).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  run(chain(100, 4)); // 4 more: the tier of 4 drops `a`, its oldest
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->stats().tier_drops, 1U);
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  ASSERT_EQ(store_->block_count(), 0U);
+  ASSERT_FALSE(store_->in_tier(ns_, a[0]));
+  ASSERT_TRUE(store_->acquire(ns_, a[0]).has_value());
+  for (std::uint64_t i = 0; i < 3; ++i)
+    run(chain(200 + i, 1));
+  // One block to the tier: the lowest priority's least recent goes.
+  ASSERT_TRUE(store_->demote_to_tier(block_bytes).has_value());
+  settle();
+  EXPECT_TRUE(store_->contains(ns_, a[0]))
+      << "the critical block came back from disk below the normal blocks";
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test,
        a_block_back_from_the_tier_takes_the_requests_priority) {
   open(32, 16, policy_kind::priority);
