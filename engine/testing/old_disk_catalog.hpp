@@ -10,19 +10,40 @@
 #include <sqlite3.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 namespace kvfleet::engine::testing {
 
-/// Runs `sql` on the catalog of `dir` in one transaction.
+/// Runs `sql` on the catalog of `dir` in one transaction, after dropping
+/// those of the columns `drop` (of cache_entries) that it has: a catalog
+/// already without them (one an older build wrote) is turned into the
+/// same older catalog.
 /// REQUIRES: no disk tier has `dir` open.
-inline void rewrite_catalog(const std::string& dir, const std::string& sql) {
+inline void rewrite_catalog(const std::string& dir, const std::string& sql,
+                            std::initializer_list<const char*> drop = {}) {
   const std::string path = dir + "/catalog.sqlite";
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK) << path;
+  std::string all = "BEGIN;";
+  for (const char* column : drop) {
+    sqlite3_stmt* s = nullptr;
+    bool has = false;
+    if (sqlite3_prepare_v2(db,
+                           "SELECT count(*) FROM pragma_table_info("
+                           "'cache_entries') WHERE name = ?1",
+                           -1, &s, nullptr) == SQLITE_OK) {
+      sqlite3_bind_text(s, 1, column, -1, SQLITE_STATIC);
+      has = sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int(s, 0) > 0;
+    }
+    sqlite3_finalize(s);
+    if (has)
+      all +=
+          std::string("ALTER TABLE cache_entries DROP COLUMN ") + column + ";";
+  }
+  all += sql + "COMMIT;";
   char* err = nullptr;
-  const int rc = sqlite3_exec(db, ("BEGIN;" + sql + "COMMIT;").c_str(), nullptr,
-                              nullptr, &err);
+  const int rc = sqlite3_exec(db, all.c_str(), nullptr, nullptr, &err);
   const std::string why = err != nullptr ? err : "";
   sqlite3_free(err);
   sqlite3_close(db);
@@ -32,19 +53,18 @@ inline void rewrite_catalog(const std::string& dir, const std::string& sql) {
 /// The catalog of disk format version 2: no priority column.
 /// REQUIRES: no disk tier has `dir` open.
 inline void make_catalog_v2(const std::string& dir) {
-  rewrite_catalog(dir, "ALTER TABLE cache_entries DROP COLUMN priority;"
-                       "UPDATE meta SET value = 2 WHERE name = "
-                       "'format_version';");
+  rewrite_catalog(dir,
+                  "UPDATE meta SET value = 2 WHERE name = 'format_version';",
+                  {"priority"});
 }
 
 /// The catalog of disk format version 1: no priority and no size_partition
 /// column.
 /// REQUIRES: no disk tier has `dir` open.
 inline void make_catalog_v1(const std::string& dir) {
-  rewrite_catalog(dir, "ALTER TABLE cache_entries DROP COLUMN priority;"
-                       "ALTER TABLE cache_entries DROP COLUMN size_partition;"
-                       "UPDATE meta SET value = 1 WHERE name = "
-                       "'format_version';");
+  rewrite_catalog(dir,
+                  "UPDATE meta SET value = 1 WHERE name = 'format_version';",
+                  {"priority", "size_partition"});
 }
 
 /// meta.format_version of the catalog of `dir`, -1 when it cannot be read.
