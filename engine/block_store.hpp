@@ -64,9 +64,16 @@
 /// from disk does not count against the short prompts' budget. A block of a
 /// version 1 directory has no partition recorded: acquire() and pin() bring
 /// it back into the short partition, a put's parent into the put's, and
-/// process() and promote() into the request's. The tier records no
-/// priority: a block comes back at the asking call's (normal for acquire()
-/// and pin()).
+/// process() and promote() into the request's. The tier records each
+/// block's request priority too (disk format version 3): a block comes back
+/// at the higher of the recorded priority and the asking call's (process(),
+/// promote(); a hit in memory takes the request's if higher), and at the
+/// recorded one for acquire(), pin() and a put's parent, which have no
+/// request priority (the memory tier keeps a block's priority the same
+/// way). A block of a version 1 or 2 directory has none recorded and counts
+/// as normal, the default of a put. An eviction rewrites a disk copy whose
+/// recorded priority is not the block's (raised since its spill, or
+/// unknown), although its bytes are the same.
 ///
 /// Memory tier (optional, attach_tier(); engine/memory_tier.hpp): pinned
 /// host memory under a device arena. demote_to_tier() (the GPU memory

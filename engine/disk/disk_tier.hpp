@@ -319,9 +319,9 @@ public:
   /// retry_interval later. Errors name the directory and what to do: it is
   /// missing, not a directory, not writable, full (errc::out_of_memory),
   /// locked by another tier in this process or another (errc::busy), or
-  /// holds a catalog of another format version, or a version 1 catalog
-  /// that could not be upgraded (it says why: errc::out_of_memory when the
-  /// file system is full; see catalog::open).
+  /// holds a catalog of another format version, or a version 1 or 2
+  /// catalog that could not be upgraded (it says why: errc::out_of_memory
+  /// when the file system is full; see catalog::open).
   [[nodiscard]] static result<std::unique_ptr<disk_tier>>
   open(disk_tier_config config);
 

@@ -4,7 +4,7 @@
 /// A segment file `seg-<16 hex digits>.kvs` is a file header followed by
 /// records; a record is a fixed header followed by the block's encoded bytes.
 /// All integers are little-endian. Segment format version 1 (unchanged in
-/// disk format version 2, which added a catalog column only):
+/// disk format versions 2 and 3, which each added a catalog column only):
 ///
 ///   file header (32 bytes)
 ///     0  8  magic "kvfseg\0\1"
