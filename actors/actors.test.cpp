@@ -635,8 +635,10 @@ TEST_F(actor_test, RequestTimeoutReturnsTimeoutError) {
 
 TEST_F(actor_test, TimeoutsFireAtEachDeadlineAndLateRepliesAreDropped) {
   // One timer serves every open request: each still times out at its own
-  // deadline, releases its engine's load once, and the engine's late answer
-  // changes nothing.
+  // deadline, its engine's load is released once, when the engine's late
+  // answer comes (the engine works on it until then), and that answer
+  // reaches no caller. (Before, a timeout released the load at once, so
+  // the engine read idle while still busy with both.)
   auto b =
       balancer(routing_policy::least_loaded, {small_engine(64, 20, 10s)}, 50ms);
   auto r1 = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
@@ -653,14 +655,14 @@ TEST_F(actor_test, TimeoutsFireAtEachDeadlineAndLateRepliesAreDropped) {
   EXPECT_FALSE(r2->done());
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.timeouts, 1U);
-  EXPECT_EQ(st.in_flight.at(0), 1U);
+  EXPECT_EQ(st.in_flight.at(0), 2U);
   sched_->advance_time(30ms); // t = 80 ms: r2's
   sched_->run();
   ASSERT_TRUE(r2->error.has_value());
   EXPECT_TRUE(is_timeout(*r2->error));
   st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.timeouts, 2U);
-  EXPECT_EQ(st.in_flight.at(0), 0U);
+  EXPECT_EQ(st.in_flight.at(0), 2U);
   sched_->advance_time(10s); // the engine's batch closes; both replies late
   sched_->run();
   st = ask_now<balancer_stats>(b, stats_atom::value);
@@ -668,6 +670,41 @@ TEST_F(actor_test, TimeoutsFireAtEachDeadlineAndLateRepliesAreDropped) {
   EXPECT_EQ(st.in_flight.at(0), 0U);
   EXPECT_FALSE(r1->value.has_value());
   EXPECT_FALSE(r2->value.has_value());
+}
+
+TEST_F(actor_test, LeastLoadedRoutesAroundAnEngineStillBusyWithTimedOutWork) {
+  // Engine 0 holds its requests for 10 s (its batch closes then); engine 1
+  // answers at once. The request sent to engine 0 times out; engine 0
+  // still works on it, so least_loaded sends the next ones to engine 1.
+  // (Before, the timeout released engine 0's load and it was picked
+  // again, to time out again.)
+  auto b = balancer(routing_policy::least_loaded,
+                    {small_engine(64, 20, 10s), small_engine(64)}, 50ms);
+  auto r1 = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  auto r2 = ask<kv_reply>(b, process_atom::value, make_request(2, 0, 0, 1, 2));
+  sched_->run();
+  // Engine 1 answered one of them; the other waits in engine 0's batch.
+  const auto first = ask_now<balancer_stats>(b, stats_atom::value);
+  ASSERT_EQ(first.in_flight.at(0), 1U);
+  sched_->advance_time(50ms);
+  sched_->run();
+  ASSERT_TRUE(r1->done() && r2->done());
+  for (std::uint64_t id = 3; id < 7; ++id) {
+    auto r =
+        ask<kv_reply>(b, process_atom::value, make_request(id, 0, 0, 1, id));
+    sched_->run();
+    ASSERT_TRUE(r->value.has_value())
+        << id << ": " << to_string(r->error.value_or(caf::error{}));
+    EXPECT_EQ(r->value->engine, 1U) << id;
+  }
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.timeouts, 1U);
+  EXPECT_EQ(st.in_flight.at(0), 1U);
+  sched_->advance_time(10s); // engine 0 answers; its load is released
+  sched_->run();
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.in_flight.at(0), 0U);
+  EXPECT_EQ(st.in_flight.at(1), 0U);
 }
 
 TEST_F(actor_test, ABalancerListenerCountsOnceAndIsForgottenWhenItStops) {

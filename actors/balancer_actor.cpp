@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -86,7 +87,12 @@ struct balancer_state {
   std::optional<std::uint32_t> capacity_tokens;
   std::deque<open_call> calls;
   std::uint64_t first_call = 0; ///< sequence number of calls.front()
-  bool sweep_pending = false;   ///< a sweep_atom is on its way
+  /// Calls that timed out while their engine still works on them, by
+  /// sequence number: each keeps its engine's load (slot, generation) until
+  /// the engine answers or is gone, so a stuck engine does not read as idle.
+  std::unordered_map<std::uint64_t, std::pair<std::uint32_t, std::uint64_t>>
+      late;
+  bool sweep_pending = false; ///< a sweep_atom is on its way
   static inline const char* name = "kvfleet.balancer";
 };
 
@@ -348,13 +354,18 @@ void engine_gone(balancer_actor* self, std::uint32_t slot) {
 }
 
 /// Releases the call's slot (when that engine has not been restarted
-/// since) and closes the call; the caller then answers its promise.
-owed_reply close_call(balancer_actor* self, open_call& c) {
+/// since) and closes the call; the caller then answers its promise. A call
+/// closed by its timeout (`answered_by_engine` false) keeps its load on
+/// the engine, which is still working on it, until release_late().
+owed_reply close_call(balancer_actor* self, open_call& c, std::uint64_t seq,
+                      bool answered_by_engine = true) {
   auto& s = self->state;
   auto promise = std::move(c.promise);
   const auto slot = c.slot;
   c.open = false;
-  if (s.slots[slot].generation == c.generation)
+  if (!answered_by_engine)
+    s.late.emplace(seq, std::pair{slot, c.generation});
+  else if (s.slots[slot].generation == c.generation)
     s.route.finished(slot);
   // `c` may be popped here: nothing below reads it.
   while (!s.calls.empty() && !s.calls.front().open) {
@@ -363,6 +374,21 @@ owed_reply close_call(balancer_actor* self, open_call& c) {
   }
   maybe_exit_retired(self, slot);
   return promise;
+}
+
+/// The engine answered call `seq` (a reply or an error) after its caller
+/// was told it timed out: its load is released now.
+void release_late(balancer_actor* self, std::uint64_t seq) {
+  auto& s = self->state;
+  const auto it = s.late.find(seq);
+  if (it == s.late.end())
+    return;
+  const auto [slot, generation] = it->second;
+  s.late.erase(it);
+  if (s.slots[slot].generation != generation)
+    return;
+  s.route.finished(slot);
+  maybe_exit_retired(self, slot);
 }
 
 /// The open call `seq`, or null when it was answered or timed out.
@@ -400,7 +426,8 @@ void sweep(balancer_actor* self) {
     // idle to it (no reply, no sample).
     for (auto& l : s.listeners)
       self->send(l, latency_atom::value, *c.request, now - c.started);
-    close_call(self, c).deliver(caf::make_error(caf::sec::request_timeout));
+    close_call(self, c, s.first_call, false)
+        .deliver(caf::make_error(caf::sec::request_timeout));
   }
   schedule_sweep(self);
 }
@@ -433,9 +460,11 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
   schedule_sweep(self);
   auto then = [=](kv_reply& rep) {
     auto* c = find_call(self, seq);
-    if (c == nullptr)
-      return; // timed out already
-    auto p = close_call(self, *c);
+    if (c == nullptr) {
+      release_late(self, seq); // timed out already: the caller knows
+      return;
+    }
+    auto p = close_call(self, *c, seq);
     rep.engine = slot;
     if (!self->state.listeners.empty())
       notify(self, *kept, rep, now_ns(self) - started);
@@ -443,9 +472,11 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
   };
   auto fail = [=](caf::error& err) {
     auto* c = find_call(self, seq);
-    if (c == nullptr)
+    if (c == nullptr) {
+      release_late(self, seq);
       return;
-    auto p = close_call(self, *c);
+    }
+    auto p = close_call(self, *c, seq);
     if (err == caf::sec::request_receiver_down && attempt == 0) {
       auto& s = self->state;
       ++s.rerouted;

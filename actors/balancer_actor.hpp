@@ -14,7 +14,10 @@
 ///       on another engine. Timeouts are the balancer's own: requests wait in
 ///       dispatch order with one timer for the oldest (not one CAF timer per
 ///       request, which cost about a third of the throughput), so each still
-///       times out at its deadline; a reply after it is dropped.
+///       times out at its deadline; a reply after it is dropped. A request
+///       timed out still counts in its engine's load until the engine
+///       answers it (or is gone): a stuck engine is not taken for an idle
+///       one, and a retiring one drains it before it exits.
 ///       Every request is answered: a request the balancer still holds when
 ///       it stops gets request_receiver_down, as does one sent after. So a
 ///       caller needs no CAF timeout of its own, and is faster without one

@@ -160,6 +160,9 @@ struct balancer_stats {
   /// Per slot, since an engine was added to it (the initial engine or a
   /// replica); its restarts keep counting.
   std::vector<std::uint64_t> routed;
+  /// Per slot: requests sent to its engine that it has not answered yet,
+  /// those whose caller already got a timeout included (the engine still
+  /// works on them; routing weighs an engine by this count).
   std::vector<std::uint64_t> in_flight;
   std::vector<std::uint8_t> up; ///< 1 when live (up and not draining)
   std::uint64_t timeouts = 0;
