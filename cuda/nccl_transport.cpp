@@ -124,13 +124,17 @@ nccl_transport::~nccl_transport() {
 }
 
 error nccl_transport::abort_comm(errc code, int peer, std::string why) {
-  (void)lib_->fns().comm_abort(static_cast<ncclComm_t>(comm_));
+  const ncclResult_t r = lib_->fns().comm_abort(static_cast<ncclComm_t>(comm_));
   comm_ = nullptr;
   aborted_ = why;
-  return error{code, "nccl exchange with peer " + std::to_string(peer) + ": " +
-                         why +
-                         "; the communicator was aborted (make a new "
-                         "transport, on every rank)"};
+  std::string msg = "nccl exchange with peer " + std::to_string(peer) + ": " +
+                    why +
+                    "; the communicator was aborted (make a new transport, "
+                    "on every rank)";
+  if (r != ncclSuccess)
+    msg += "; the abort itself failed, so NCCL may hold its resources: " +
+           nccl_call_error(*lib_, "ncclCommAbort", r).message;
+  return error{code, std::move(msg)};
 }
 
 result<void> nccl_transport::exchange(int peer, std::span<const send_block> out,
@@ -186,17 +190,24 @@ result<void> nccl_transport::exchange(int peer, std::span<const send_block> out,
       failed_call = "ncclRecv";
     }
   }
-  // The group is always closed, even after a failed call inside it.
+  // The group is always closed, even after a failed call inside it. From
+  // here on the group's other operations may be running: every failure
+  // aborts the communicator, so none of them goes on reading or writing
+  // the caller's blocks after the call returns, and the next exchange is
+  // refused instead of joining a group in an unknown state.
   const ncclResult_t end = f.group_end();
+  const auto broken = [&](const error& e) {
+    return unexpected<error>(abort_comm(e.code, peer, e.message));
+  };
   if (failed != ncclSuccess)
-    return unexpected<error>(nccl_call_error(*lib_, failed_call, failed));
+    return broken(nccl_call_error(*lib_, failed_call, failed));
   if (!ok(end))
-    return unexpected<error>(nccl_call_error(*lib_, "ncclGroupEnd", end));
+    return broken(nccl_call_error(*lib_, "ncclGroupEnd", end));
   const std::string late = "not finished within " + ms(timeouts_.exchange);
   if (end == ncclInProgress) {
     const auto state = settle(*lib_, comm, deadline);
     if (!state)
-      return unexpected<error>(state.error());
+      return broken(state.error());
     if (*state == ncclInProgress)
       return unexpected<error>(abort_comm(errc::timeout, peer, late));
     if (*state != ncclSuccess)
@@ -214,12 +225,11 @@ result<void> nccl_transport::exchange(int peer, std::span<const send_block> out,
     if (q == cudaSuccess)
       break;
     if (q != cudaErrorNotReady)
-      return internal::check(q, "cudaStreamQuery(nccl stream)");
+      return broken(internal::check(q, "cudaStreamQuery(nccl stream)").error());
     ncclResult_t async = ncclSuccess;
     if (const ncclResult_t r = f.comm_get_async_error(comm, &async);
         r != ncclSuccess)
-      return unexpected<error>(
-          nccl_call_error(*lib_, "ncclCommGetAsyncError", r));
+      return broken(nccl_call_error(*lib_, "ncclCommGetAsyncError", r));
     if (async != ncclSuccess && async != ncclInProgress)
       return unexpected<error>(abort_comm(
           errc::backend_error, peer,
@@ -231,8 +241,7 @@ result<void> nccl_transport::exchange(int peer, std::span<const send_block> out,
   ncclResult_t async = ncclSuccess;
   if (const ncclResult_t r = f.comm_get_async_error(comm, &async);
       r != ncclSuccess)
-    return unexpected<error>(
-        nccl_call_error(*lib_, "ncclCommGetAsyncError", r));
+    return broken(nccl_call_error(*lib_, "ncclCommGetAsyncError", r));
   if (async != ncclSuccess && async != ncclInProgress)
     return unexpected<error>(abort_comm(
         errc::backend_error, peer,
