@@ -707,6 +707,33 @@ TEST_F(actor_test, LeastLoadedRoutesAroundAnEngineStillBusyWithTimedOutWork) {
   EXPECT_EQ(st.in_flight.at(1), 0U);
 }
 
+TEST_F(actor_test, ARetiredEngineDoesNotWaitForRequestsThatTimedOut) {
+  // Engine 1 holds its requests for 10 s. One of them times out, then
+  // engine 1 is retired: nothing else waits for it, so it exits at once and
+  // its slot takes the next replica, though its load still counts the
+  // timed-out request (an engine stuck on one would hold its slot
+  // forever).
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64, 20, 10s)}, 50ms);
+  sched_->run();
+  ASSERT_EQ(
+      ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1))
+          .engine,
+      0U);
+  auto held =
+      ask<kv_reply>(b, process_atom::value, make_request(2, 0, 0, 1, 2));
+  sched_->run();
+  sched_->advance_time(50ms);
+  sched_->run();
+  ASSERT_TRUE(held->error.has_value());
+  ASSERT_EQ(ask_now<balancer_stats>(b, stats_atom::value).in_flight.at(1), 1U);
+  ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  sched_->run();
+  ASSERT_EQ(ask_now<std::uint32_t>(b, replica_atom::value), 2U);
+  const auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1})) << "slot 1 not reused";
+}
+
 TEST_F(actor_test, ABalancerListenerCountsOnceAndIsForgottenWhenItStops) {
   // A listener subscribed twice gets each sample once. When it stops, the
   // balancer lets go of it: nothing keeps the stopped actor alive, and no

@@ -292,11 +292,24 @@ void open_failed(balancer_actor* self, std::uint32_t slot,
   info.replica = owed_reply{};
 }
 
+/// Calls to the engine now in `slot` whose callers were told they timed
+/// out (in the router's in-flight count until the engine answers them).
+std::uint64_t timed_out_on(const balancer_state& s, std::uint32_t slot) {
+  std::uint64_t n = 0;
+  for (const auto& [seq, at] : s.late)
+    if (at.first == slot && at.second == s.slots[slot].generation)
+      ++n;
+  return n;
+}
+
+/// A retiring engine exits once every call still waiting for it is
+/// answered: calls already timed out do not hold it (no caller waits for
+/// them, and an engine stuck on one would hold its slot forever).
 void maybe_exit_retired(balancer_actor* self, std::uint32_t slot) {
   auto& s = self->state;
   auto& info = s.slots[slot];
-  if (!info.retiring || s.route.in_flight(slot) != 0 || !info.engine ||
-      info.persisting)
+  if (!info.retiring || !info.engine || info.persisting ||
+      s.route.in_flight(slot) != timed_out_on(s, slot))
     return;
   if (!info.disk) {
     self->send_exit(info.engine, caf::exit_reason::user_shutdown);

@@ -16,8 +16,10 @@
 ///       request, which cost about a third of the throughput), so each still
 ///       times out at its deadline; a reply after it is dropped. A request
 ///       timed out still counts in its engine's load until the engine
-///       answers it (or is gone): a stuck engine is not taken for an idle
-///       one, and a retiring one drains it before it exits.
+///       answers it (or is gone): least-loaded and kv-aware routing do not
+///       take a stuck engine for an idle one. A retiring engine does not
+///       wait for such requests: it exits once those still awaited are
+///       answered.
 ///       Every request is answered: a request the balancer still holds when
 ///       it stops gets request_receiver_down, as does one sent after. So a
 ///       caller needs no CAF timeout of its own, and is faster without one
