@@ -1464,7 +1464,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
 }
 
 bool block_store::compact_for(std::uint16_t cls) {
-  if (!backend_->can_copy_within())
+  if (compaction_off_ || !backend_->can_copy_within())
     return false;
   const std::uint32_t slab =
       pool_.reclaimable_slab(cls, [this](std::uint32_t id) {
@@ -1475,9 +1475,21 @@ bool block_store::compact_for(std::uint16_t cls) {
     return false;
   const bool freed = pool_.drain_slab(slab, [this](slot_ref from, slot_ref to) {
     entry& e = entries_[pool_.owner(from)];
-    if (!backend_->copy_within(pool_.offset(to), pool_.offset(from),
-                               e.stored_bytes))
+    if (auto copied = backend_->copy_within(pool_.offset(to),
+                                            pool_.offset(from), e.stored_bytes);
+        !copied) {
+      // A failed copy (a device error, which CUDA keeps) would fail again:
+      // the store stops compacting and makes room by evicting, as an arena
+      // without the copy does. The block stays where it was.
+      ++stats_.compaction_failures;
+      compaction_off_ = true;
+      std::fprintf(stderr,
+                   "kvfleet: slab compaction is off: a copy inside the %.*s "
+                   "arena failed: %s; the store evicts to make room instead\n",
+                   static_cast<int>(backend_->name().size()),
+                   backend_->name().data(), copied.error().describe().c_str());
       return false;
+    }
     e.slot = to;
     ++stats_.moved_blocks;
     return true;

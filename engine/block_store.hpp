@@ -618,7 +618,8 @@ private:
   /// moves the blocks of another class's sparsest slab into free slots of that
   /// class's other slabs (committed blocks no lease holds; a put's slot, a
   /// reader's and a copy's stay where they are). False when no slab can be
-  /// emptied so, or the backend cannot copy within its arena.
+  /// emptied so, or the backend cannot copy within its arena. A copy that
+  /// fails turns compaction off for good (counted, logged once).
   bool compact_for(std::uint16_t cls);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>
@@ -808,6 +809,7 @@ private:
   store_config config_;
   const clock_source* clock_;
   std::unique_ptr<memory_backend> backend_;
+  bool compaction_off_ = false; ///< a copy within the arena failed
   block_pool pool_;
   block_index index_;
   std::vector<entry> entries_;

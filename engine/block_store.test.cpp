@@ -725,6 +725,44 @@ private:
   std::unique_ptr<host_memory_backend> host_;
 };
 
+/// A host arena whose copies within itself fail (as a device copy can).
+class failing_copy_backend final : public memory_backend {
+public:
+  explicit failing_copy_backend(std::size_t bytes)
+      : host_(std::move(*host_memory_backend::create(bytes))) {}
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return "failing-copy";
+  }
+  [[nodiscard]] std::size_t size() const noexcept override {
+    return host_->size();
+  }
+  [[nodiscard]] std::byte* host_data() noexcept override {
+    return host_->host_data();
+  }
+  [[nodiscard]] result<void> write(std::size_t offset,
+                                   std::span<const std::byte> src) override {
+    return host_->write(offset, src);
+  }
+  [[nodiscard]] result<void> read(std::size_t offset,
+                                  std::span<std::byte> dst) const override {
+    return host_->read(offset, dst);
+  }
+  [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
+                                               std::size_t len) const override {
+    return host_->checksum(offset, len);
+  }
+  [[nodiscard]] bool can_copy_within() const noexcept override { return true; }
+  [[nodiscard]] result<void> copy_within(std::size_t, std::size_t,
+                                         std::size_t) override {
+    ++copies;
+    return make_error(errc::backend_error, "copy refused (test)");
+  }
+  int copies = 0;
+
+private:
+  std::unique_ptr<host_memory_backend> host_;
+};
+
 // Blocks of one size fill 14 of 16 slabs, then half of them expire, so
 // every one of those slabs is half used; then blocks of another size
 // (another namespace; or adaptive compression's int8 and int4 sizes)
@@ -839,6 +877,42 @@ TEST_F(slab_compaction_test, an_arena_without_a_copy_is_not_compacted) {
   put_wide(12);
   EXPECT_EQ(store_->stats().moved_blocks, 0U);
   EXPECT_GT(store_->stats().evictions, 0U);
+}
+
+// A copy within the arena that fails (a device error) is counted and
+// logged once, and turns compaction off: the store evicts instead, and
+// tries no more copies. Before, the error was dropped and the next room
+// needed tried the failing copy again.
+TEST_F(slab_compaction_test, a_failed_copy_turns_compaction_off_and_evicts) {
+  auto backend = std::make_unique<failing_copy_backend>(64 * block_bytes);
+  auto* b = backend.get();
+  const auto kept = fill_half_used_slabs(std::move(backend));
+  testing::internal::CaptureStderr();
+  put_wide(12);
+  const auto log = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(b->copies, 1);
+  EXPECT_EQ(store_->stats().compaction_failures, 1U);
+  EXPECT_EQ(store_->stats().moved_blocks, 0U);
+  EXPECT_EQ(store_->stats().compacted_slabs, 0U);
+  EXPECT_GT(store_->stats().evictions, 0U);
+  EXPECT_NE(log.find("kvfleet: slab compaction is off: a copy inside the "
+                     "failing-copy arena failed: backend_error: copy refused "
+                     "(test)"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("slab compaction", log.find("slab compaction") + 1),
+            std::string::npos)
+      << "logged more than once: " << log;
+  // What was not evicted reads back intact.
+  std::vector<std::byte> out(block_bytes);
+  for (const auto& k : kept) {
+    auto lease = store_->acquire(ns_, k);
+    if (!lease)
+      continue;
+    ASSERT_TRUE(store_->read(*lease, out).has_value());
+    EXPECT_EQ(out, value_for(k));
+  }
+  store_->check_invariants();
 }
 
 TEST_F(store_fixture, ttl_expires_blocks) {

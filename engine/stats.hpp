@@ -91,6 +91,9 @@ struct store_stats {
   /// went to another size class so (engine/README.md "Space management").
   std::uint64_t moved_blocks = 0;
   std::uint64_t compacted_slabs = 0;
+  /// Copies inside the arena that failed (a device copy, say): the first
+  /// turns compaction off, and the store evicts instead.
+  std::uint64_t compaction_failures = 0;
   /// Lookup, put and process calls (lookup, lookup_tokens, acquire_prefix,
   /// acquire, reserve, write, write_from, commit, put_tokens, process) that
   /// returned an error, each once. acquire() of a block that is not cached
