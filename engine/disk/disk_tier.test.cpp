@@ -1534,6 +1534,9 @@ TEST_P(disk_tier_failed_upgrade_test, says_why_and_leaves_the_version) {
     EXPECT_EQ(peer.query("SELECT count(*) FROM pragma_table_info("
                          "'cache_entries') WHERE name = 'priority'"),
               0);
+    EXPECT_EQ(peer.query("SELECT count(*) FROM pragma_table_info("
+                         "'cache_entries') WHERE name = 'size_partition'"),
+              version == 1 ? 0 : 1);
   }
   open(config()); // space freed: the upgrade goes through
   expect_block(1);
@@ -1541,6 +1544,39 @@ TEST_P(disk_tier_failed_upgrade_test, says_why_and_leaves_the_version) {
   catalog_peer peer(dir_ + "/catalog.sqlite");
   EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = 'format_version'"),
             3);
+}
+
+// An upgrade that fails after its first step: a version 1 catalog that
+// somehow has a priority column already, so adding size_partition works
+// and adding priority fails. The upgrade is one transaction: the open
+// fails saying why, and size_partition is gone again, the version still 1.
+TEST_F(disk_tier_test, an_upgrade_failing_halfway_leaves_nothing_behind) {
+  open(config());
+  spill(1);
+  settle();
+  tier_.reset();
+  ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));
+  {
+    catalog_peer peer(dir_ + "/catalog.sqlite");
+    ASSERT_TRUE(
+        peer.exec("ALTER TABLE cache_entries ADD COLUMN priority INTEGER;"));
+  }
+  auto t = disk_tier::open(config());
+  ASSERT_FALSE(t.has_value()) << "opened although the upgrade failed";
+  EXPECT_EQ(t.error().code, errc::io_error);
+  for (const std::string part :
+       {"at format version 1", "could not be upgraded to version 3",
+        "size_partition and priority columns", "duplicate column",
+        "left at version 1"}) {
+    EXPECT_NE(t.error().message.find(part), std::string::npos)
+        << part << " in: " << t.error().message;
+  }
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  EXPECT_EQ(peer.query("SELECT value FROM meta WHERE name = 'format_version'"),
+            1);
+  EXPECT_EQ(peer.query("SELECT count(*) FROM pragma_table_info("
+                       "'cache_entries') WHERE name = 'size_partition'"),
+            0);
 }
 
 INSTANTIATE_TEST_SUITE_P(versions, disk_tier_failed_upgrade_test,
