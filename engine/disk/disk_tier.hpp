@@ -119,9 +119,9 @@ struct disk_tier_config {
   std::string directory;            ///< must exist and be writable
   std::uint64_t capacity_bytes = 0; ///< bound on segment file bytes; required
   /// The active segment is sealed (and a new one started) once a record
-  /// would take it past this size. At least min_segment_bytes (open()
-  /// refuses less: a segment smaller than a record holds one, a file per
-  /// block).
+  /// would take it past this size, so a segment smaller than a record holds
+  /// one: a file per block. Size it for many blocks. open() refuses less
+  /// than min_segment_bytes (0, say), which cannot hold even a small one.
   std::uint64_t segment_bytes = std::uint64_t{64} << 20;
   /// Sealed segments whose live fraction is below this are compacted. The
   /// active segment is sealed, and so compacted, once its dead bytes pass
