@@ -1,7 +1,7 @@
 #include "actors/redis_query_store.hpp"
 
 #include "actors/config_checks.hpp"
-#include "engine/internal/host_resolver.hpp"
+#include "engine/host_resolver.hpp"
 
 #include <algorithm>
 #include <array>
@@ -263,7 +263,7 @@ redis_query_store::open(redis_query_store_config config) {
 redis_query_store::redis_query_store(redis_query_store_config config,
                                      redis_endpoint ep)
     : config_(std::move(config)), endpoint_(std::move(ep)),
-      resolver_(std::make_unique<engine::internal::host_resolver>()) {}
+      resolver_(std::make_unique<engine::host_resolver>()) {}
 
 redis_query_store::~redis_query_store() {
   disconnect();

@@ -37,7 +37,7 @@
 /// connect at most `connect_timeout` and each command at most
 /// `command_timeout` (default 50 ms). The connect timeout bounds the whole
 /// connect: resolving a host name (on a helper thread,
-/// engine/internal/host_resolver.hpp, since getaddrinfo has no timeout; a
+/// engine/host_resolver.hpp, since getaddrinfo has no timeout; a
 /// slow DNS fails the connect with "cannot resolve '<host>' within N ms" and
 /// is backed off from like a refused connect) and the TCP connect to each
 /// of its addresses in turn, with whatever time is left. hiredis is given
@@ -60,9 +60,9 @@
 
 struct redisContext;
 
-namespace kvfleet::engine::internal {
+namespace kvfleet::engine {
 class host_resolver;
-} // namespace kvfleet::engine::internal
+} // namespace kvfleet::engine
 
 namespace kvfleet::actors {
 
@@ -159,7 +159,7 @@ private:
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;
-  std::unique_ptr<engine::internal::host_resolver> resolver_;
+  std::unique_ptr<engine::host_resolver> resolver_;
   redisContext* ctx_ = nullptr; ///< owned; null while disconnected
   bool backing_off_ = false;    ///< the last connection-level call failed
   engine::nanos retry_at_{0};   ///< no connect before this (backing_off_)

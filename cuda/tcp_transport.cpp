@@ -390,7 +390,7 @@ result<int> connect_first(const addrinfo* addresses,
 
 result<int> connect_host(const std::string& host, std::uint16_t port,
                          std::chrono::milliseconds timeout,
-                         engine::internal::host_resolver& resolver) {
+                         engine::host_resolver& resolver) {
   // One deadline for the lookup and the connects: getaddrinfo has no
   // timeout of its own, and a slow DNS must not hold the caller past it.
   const steady::time_point start = steady::now();
@@ -426,7 +426,7 @@ tcp_transport::connect(const std::string& host, std::uint16_t port,
   // A resolver per connect: connect may be called from any thread, and a
   // resolver has one owner. A lookup that runs out of time keeps its
   // helper thread until getaddrinfo returns.
-  engine::internal::host_resolver resolver;
+  engine::host_resolver resolver;
   auto fd = internal::connect_host(host, port, io_timeout, resolver);
   if (!fd)
     return unexpected<error>(fd.error());

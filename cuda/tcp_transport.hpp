@@ -50,7 +50,7 @@ public:
   /// within io_timeout for the whole connect: looking the name up, then
   /// trying its addresses in turn with the time the lookup left, each
   /// getting what the ones before it left, none tried once it has run out.
-  /// The lookup runs on a helper thread (engine/internal/host_resolver.hpp:
+  /// The lookup runs on a helper thread (engine/host_resolver.hpp:
   /// getaddrinfo has no timeout of its own), so a slow DNS cannot hold the
   /// caller past io_timeout; a lookup still running then is left to finish
   /// on its thread (one per such connect). A numeric address needs no

@@ -598,10 +598,10 @@ TEST(tcp_transport_test, the_connect_timeout_bounds_all_addresses_together) {
 /// time bound instead of hanging.
 class held_lookup {
 public:
-  explicit held_lookup(engine::internal::lookup_result answer)
+  explicit held_lookup(engine::host_lookup_result answer)
       : state_(std::make_shared<state>(std::move(answer))) {}
 
-  [[nodiscard]] engine::internal::lookup_fn fn() const {
+  [[nodiscard]] engine::host_lookup_fn fn() const {
     return [s = state_](const std::string& host) {
       std::unique_lock<std::mutex> lock(s->mutex);
       s->asked.push_back(host);
@@ -623,20 +623,20 @@ public:
 
 private:
   struct state {
-    explicit state(engine::internal::lookup_result a) : answer(std::move(a)) {}
+    explicit state(engine::host_lookup_result a) : answer(std::move(a)) {}
     std::mutex mutex;
     std::condition_variable released_cv;
     bool released = false;          ///< under `mutex`
     std::vector<std::string> asked; ///< under `mutex`
-    const engine::internal::lookup_result answer;
+    const engine::host_lookup_result answer;
   };
   std::shared_ptr<state> state_;
 };
 
 /// A lookup that answers at once.
-engine::internal::lookup_fn answering(std::vector<std::string> addresses) {
+engine::host_lookup_fn answering(std::vector<std::string> addresses) {
   return [addresses = std::move(addresses)](
-             const std::string&) -> engine::internal::lookup_result {
+             const std::string&) -> engine::host_lookup_result {
     return addresses;
   };
 }
@@ -648,7 +648,7 @@ TEST(tcp_transport_test, a_name_lookup_that_outlasts_the_timeout_is_a_timeout) {
   auto listener = tcp_listener::listen();
   ASSERT_TRUE(listener);
   held_lookup slow(std::vector<std::string>{"127.0.0.1"});
-  engine::internal::host_resolver resolver(slow.fn());
+  engine::host_resolver resolver(slow.fn());
   const auto began = std::chrono::steady_clock::now();
   auto fd =
       internal::connect_host("slow.example", listener->port(), 100ms, resolver);
@@ -673,7 +673,7 @@ TEST(tcp_transport_test, a_numeric_address_connects_without_a_lookup) {
   auto listener = tcp_listener::listen();
   ASSERT_TRUE(listener);
   held_lookup never(std::vector<std::string>{"192.0.2.1"});
-  engine::internal::host_resolver resolver(never.fn());
+  engine::host_resolver resolver(never.fn());
   auto fd = internal::connect_host("127.0.0.1", listener->port(), 5s, resolver);
   never.release();
   ASSERT_TRUE(fd) << fd.error().describe();
@@ -693,8 +693,7 @@ TEST(tcp_transport_test, a_looked_up_name_connects_in_the_time_left) {
   // The lookup answers at once; its first address refuses (the listener
   // is bound to 127.0.0.1 only), the second listens: the connect goes on
   // through the name's addresses in the lookup's order.
-  engine::internal::host_resolver resolver(
-      answering({"127.0.0.2", "127.0.0.1"}));
+  engine::host_resolver resolver(answering({"127.0.0.2", "127.0.0.1"}));
   const std::uint16_t port = listener->port();
   auto fd = internal::connect_host("fast.example", port, 5s, resolver);
   ASSERT_TRUE(fd) << fd.error().describe();
@@ -725,8 +724,8 @@ TEST(tcp_transport_test, a_looked_up_name_connects_in_the_time_left) {
 
 TEST(tcp_transport_test,
      a_name_that_does_not_resolve_is_an_io_error_saying_why) {
-  engine::internal::host_resolver resolver(
-      [](const std::string& host) -> engine::internal::lookup_result {
+  engine::host_resolver resolver(
+      [](const std::string& host) -> engine::host_lookup_result {
         return make_error(errc::not_found, "cannot resolve '" + host +
                                                "': Name or service not known");
       });
@@ -738,7 +737,7 @@ TEST(tcp_transport_test,
             std::string::npos)
       << fd.error().message;
   // A lookup that gives something other than an address.
-  engine::internal::host_resolver odd(answering({"not-an-address"}));
+  engine::host_resolver odd(answering({"not-an-address"}));
   auto bad = internal::connect_host("odd.example", 7, 5s, odd);
   ASSERT_FALSE(bad);
   EXPECT_EQ(bad.error().code, errc::io_error);

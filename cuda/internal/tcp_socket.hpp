@@ -5,7 +5,7 @@
 // Implemented in tcp_transport.cpp. Plain functions on a file descriptor;
 // thread-safe as far as the descriptor is (one reader and one writer).
 
-#include "engine/internal/host_resolver.hpp"
+#include "engine/host_resolver.hpp"
 #include "engine/result.hpp"
 
 #include <chrono>
@@ -62,10 +62,10 @@ connect_first(const addrinfo* addresses, std::chrono::milliseconds timeout,
 /// time); a name that does not resolve is errc::io_error with the
 /// resolver's reason; no helper thread for the lookup is
 /// errc::unavailable. REQUIRES: timeout > 0.
-[[nodiscard]] result<int>
-connect_host(const std::string& host, std::uint16_t port,
-             std::chrono::milliseconds timeout,
-             engine::internal::host_resolver& resolver);
+[[nodiscard]] result<int> connect_host(const std::string& host,
+                                       std::uint16_t port,
+                                       std::chrono::milliseconds timeout,
+                                       engine::host_resolver& resolver);
 
 /// A digest of a batch's block sizes (`Block::bytes`), in order; 0 for
 /// none. A frame's header carries the one of the sizes it sends and the one

@@ -27,23 +27,24 @@
 #include <string>
 #include <vector>
 
-namespace kvfleet::engine::internal {
+namespace kvfleet::engine {
 
 /// What a lookup found: numeric addresses ("127.0.0.1", "::1") in the
 /// system's order, or why none (a message for people).
-using lookup_result = result<std::vector<std::string>>;
+using host_lookup_result = result<std::vector<std::string>>;
 
 /// Looks a name up, blocking: the system resolver by default
 /// (getaddrinfo, SOCK_STREAM, any family).
-using lookup_fn = std::function<lookup_result(const std::string& host)>;
+using host_lookup_fn =
+    std::function<host_lookup_result(const std::string& host)>;
 
 /// The system resolver: getaddrinfo, numeric results; errc::not_found
 /// naming `host` and saying why (gai_strerror) when it finds nothing.
-[[nodiscard]] lookup_result system_lookup(const std::string& host);
+[[nodiscard]] host_lookup_result system_host_lookup(const std::string& host);
 
 class host_resolver {
 public:
-  explicit host_resolver(lookup_fn fn = system_lookup);
+  explicit host_resolver(host_lookup_fn fn = system_host_lookup);
   ~host_resolver();
   host_resolver(const host_resolver&) = delete;
   host_resolver& operator=(const host_resolver&) = delete;
@@ -53,15 +54,15 @@ public:
   /// resolve), errc::timeout "cannot resolve '<host>' within N ms" when it
   /// is still running, errc::unavailable when no helper thread can be
   /// started. REQUIRES: timeout >= 0.
-  [[nodiscard]] lookup_result resolve(const std::string& host,
-                                      std::chrono::milliseconds timeout);
+  [[nodiscard]] host_lookup_result resolve(const std::string& host,
+                                           std::chrono::milliseconds timeout);
 
   struct lookup; ///< one lookup's state, shared with its helper thread
 
 private:
-  lookup_fn lookup_;
+  host_lookup_fn lookup_;
   /// A lookup that was still running when its caller stopped waiting.
   std::shared_ptr<lookup> pending_;
 };
 
-} // namespace kvfleet::engine::internal
+} // namespace kvfleet::engine

@@ -2,7 +2,7 @@
 // lookup that blocks until the test releases it (no sleeps: the only
 // waits are the resolver's own, for a lookup that cannot finish in them,
 // and the test's for the fake lookup to be entered on its helper thread).
-#include "engine/internal/host_resolver.hpp"
+#include "engine/host_resolver.hpp"
 
 #include <gtest/gtest.h>
 
@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-namespace kvfleet::engine::internal {
+namespace kvfleet::engine {
 namespace {
 
 using namespace std::chrono_literals;
@@ -48,9 +48,9 @@ struct gated_lookup {
   std::promise<void> release;
   std::shared_ptr<call_count> calls = std::make_shared<call_count>();
 
-  lookup_fn fn() {
+  host_lookup_fn fn() {
     return [gate = release.get_future().share(),
-            calls = calls](const std::string& host) -> lookup_result {
+            calls = calls](const std::string& host) -> host_lookup_result {
       const int n = calls->enter();
       gate.wait();
       return std::vector<std::string>{host + " #" + std::to_string(n)};
@@ -111,7 +111,7 @@ TEST(host_resolver_test, numeric_addresses_need_no_lookup) {
 }
 
 TEST(host_resolver_test, the_system_lookup_finds_localhost) {
-  auto local = system_lookup("localhost");
+  auto local = system_host_lookup("localhost");
   ASSERT_TRUE(local) << local.error().describe();
   EXPECT_TRUE(std::find_if(local->begin(), local->end(), [](const auto& a) {
                 return a == "127.0.0.1" || a == "::1";
@@ -140,4 +140,4 @@ TEST(host_resolver_test, the_system_lookup_names_a_name_that_does_not_resolve) {
 }
 
 } // namespace
-} // namespace kvfleet::engine::internal
+} // namespace kvfleet::engine

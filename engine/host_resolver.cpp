@@ -1,4 +1,4 @@
-#include "engine/internal/host_resolver.hpp"
+#include "engine/host_resolver.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -12,14 +12,14 @@
 #include <thread>
 #include <utility>
 
-namespace kvfleet::engine::internal {
+namespace kvfleet::engine {
 
 struct host_resolver::lookup {
   explicit lookup(std::string h) : host(std::move(h)) {}
   const std::string host;
   std::mutex mutex;
   std::condition_variable done_cv;
-  std::optional<lookup_result> done; ///< set once, under `mutex`
+  std::optional<host_lookup_result> done; ///< set once, under `mutex`
 };
 
 namespace {
@@ -33,7 +33,7 @@ bool is_numeric(const std::string& host) {
 
 } // namespace
 
-lookup_result system_lookup(const std::string& host) {
+host_lookup_result system_host_lookup(const std::string& host) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -56,12 +56,12 @@ lookup_result system_lookup(const std::string& host) {
   return out;
 }
 
-host_resolver::host_resolver(lookup_fn fn) : lookup_(std::move(fn)) {}
+host_resolver::host_resolver(host_lookup_fn fn) : lookup_(std::move(fn)) {}
 
 host_resolver::~host_resolver() = default;
 
-lookup_result host_resolver::resolve(const std::string& host,
-                                     std::chrono::milliseconds timeout) {
+host_lookup_result host_resolver::resolve(const std::string& host,
+                                          std::chrono::milliseconds timeout) {
   if (is_numeric(host))
     return std::vector<std::string>{host};
   // A lookup left running for another host answers nobody: forget it (its
@@ -72,7 +72,7 @@ lookup_result host_resolver::resolve(const std::string& host,
     auto l = std::make_shared<lookup>(host);
     try {
       std::thread([l, fn = lookup_] {
-        lookup_result r = make_error(errc::unavailable, "not looked up");
+        host_lookup_result r = make_error(errc::unavailable, "not looked up");
         try {
           r = fn(l->host);
         } catch (const std::exception& e) { // bad_alloc, say: never escapes
@@ -96,10 +96,10 @@ lookup_result host_resolver::resolve(const std::string& host,
     return make_error(errc::timeout, "cannot resolve '" + host + "' within " +
                                          std::to_string(timeout.count()) +
                                          " ms");
-  lookup_result r = std::move(*pending_->done);
+  host_lookup_result r = std::move(*pending_->done);
   lock.unlock();
   pending_.reset();
   return r;
 }
 
-} // namespace kvfleet::engine::internal
+} // namespace kvfleet::engine
