@@ -57,10 +57,13 @@ error nccl_call_error(const nccl_library& lib, std::string_view call,
                            text != nullptr ? text : "");
 }
 
-nccl_library::~nccl_library() {
-  if (handle_ != nullptr)
-    ::dlclose(handle_);
-}
+// NCCL stays loaded once loaded: ncclGetUniqueId starts a bootstrap
+// thread that waits for the ranks to connect and outlives every object
+// here when they never do (an id made and not used, a join that timed
+// out). dlclose() unmapped the code under that thread, which crashed the
+// process (seen on an H200: a test that made an id it did not use died
+// with SIGSEGV when its nccl_library went).
+nccl_library::~nccl_library() = default;
 
 result<std::shared_ptr<const nccl_library>>
 nccl_library::load(const std::string& path) {

@@ -4,10 +4,12 @@
 /// is unavailable, with an error value saying why).
 ///
 /// Search order: the path given, else $KVFLEET_NCCL_LIBRARY, else
-/// "libnccl.so.2" and "libnccl.so" through the dynamic loader's path. The
-/// library stays loaded while any nccl_library or transport holds it
-/// (shared ownership: transports share one loaded library). Includes no
-/// NCCL header. Thread safety: a loaded library is immutable.
+/// "libnccl.so.2" and "libnccl.so" through the dynamic loader's path.
+/// Transports share one loaded library; once loaded, NCCL stays loaded
+/// until the process exits (never dlclose'd: ncclGetUniqueId starts a
+/// thread that outlives every object here when the ranks never connect,
+/// and unloading the code under it crashed the process). Includes no NCCL
+/// header. Thread safety: a loaded library is immutable.
 
 #include "engine/result.hpp"
 
