@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -211,14 +212,22 @@ result<void> nccl_transport::exchange(int peer, std::span<const send_block> out,
     if (*state == ncclInProgress)
       return unexpected<error>(abort_comm(errc::timeout, peer, late));
     if (*state != ncclSuccess)
-      return unexpected<error>(abort_comm(
-          errc::backend_error, peer,
-          nccl_call_error(*lib_, "ncclGroupEnd (async)", *state).message));
+      return broken(nccl_call_error(*lib_, "ncclGroupEnd (async)", *state));
   }
   // The copies run on the transport's stream; a peer that never posts its
   // side (or died) leaves them waiting, so the stream is polled against the
   // deadline instead of synchronised, and the communicator is watched for
   // an error a peer reported meanwhile.
+  // An error the communicator reports (a peer's, or its own), or none.
+  const auto comm_error = [&]() -> std::optional<error> {
+    ncclResult_t async = ncclSuccess;
+    if (const ncclResult_t r = f.comm_get_async_error(comm, &async);
+        r != ncclSuccess)
+      return nccl_call_error(*lib_, "ncclCommGetAsyncError", r);
+    if (async != ncclSuccess && async != ncclInProgress)
+      return nccl_call_error(*lib_, "NCCL communicator (async)", async);
+    return std::nullopt;
+  };
   int polls = 0;
   for (;;) {
     const cudaError_t q = cudaStreamQuery(stream);
@@ -226,26 +235,14 @@ result<void> nccl_transport::exchange(int peer, std::span<const send_block> out,
       break;
     if (q != cudaErrorNotReady)
       return broken(internal::check(q, "cudaStreamQuery(nccl stream)").error());
-    ncclResult_t async = ncclSuccess;
-    if (const ncclResult_t r = f.comm_get_async_error(comm, &async);
-        r != ncclSuccess)
-      return broken(nccl_call_error(*lib_, "ncclCommGetAsyncError", r));
-    if (async != ncclSuccess && async != ncclInProgress)
-      return unexpected<error>(abort_comm(
-          errc::backend_error, peer,
-          nccl_call_error(*lib_, "NCCL communicator (async)", async).message));
+    if (auto e = comm_error())
+      return broken(*e);
     if (steady::now() >= deadline)
       return unexpected<error>(abort_comm(errc::timeout, peer, late));
     pause_poll(polls);
   }
-  ncclResult_t async = ncclSuccess;
-  if (const ncclResult_t r = f.comm_get_async_error(comm, &async);
-      r != ncclSuccess)
-    return broken(nccl_call_error(*lib_, "ncclCommGetAsyncError", r));
-  if (async != ncclSuccess && async != ncclInProgress)
-    return unexpected<error>(abort_comm(
-        errc::backend_error, peer,
-        nccl_call_error(*lib_, "NCCL communicator (async)", async).message));
+  if (auto e = comm_error())
+    return broken(*e);
   return {};
 }
 

@@ -693,15 +693,12 @@ TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   store_->check_invariants();
 }
 
-/// A host arena that cannot copy within itself (the default of
-/// memory_backend::copy_within), as a device arena without that copy.
-class no_copy_backend final : public memory_backend {
+/// A host arena behind the memory_backend interface, for test backends
+/// that change one behaviour of it (name() is theirs).
+class host_wrapper : public memory_backend {
 public:
-  explicit no_copy_backend(std::size_t bytes)
+  explicit host_wrapper(std::size_t bytes)
       : host_(std::move(*host_memory_backend::create(bytes))) {}
-  [[nodiscard]] std::string_view name() const noexcept override {
-    return "no-copy";
-  }
   [[nodiscard]] std::size_t size() const noexcept override {
     return host_->size();
   }
@@ -725,31 +722,22 @@ private:
   std::unique_ptr<host_memory_backend> host_;
 };
 
-/// A host arena whose copies within itself fail (as a device copy can).
-class failing_copy_backend final : public memory_backend {
+/// A host arena that cannot copy within itself (the default of
+/// memory_backend::copy_within), as an arena without that copy.
+class no_copy_backend final : public host_wrapper {
 public:
-  explicit failing_copy_backend(std::size_t bytes)
-      : host_(std::move(*host_memory_backend::create(bytes))) {}
+  using host_wrapper::host_wrapper;
+  [[nodiscard]] std::string_view name() const noexcept override {
+    return "no-copy";
+  }
+};
+
+/// A host arena whose copies within itself fail (as a device copy can).
+class failing_copy_backend final : public host_wrapper {
+public:
+  using host_wrapper::host_wrapper;
   [[nodiscard]] std::string_view name() const noexcept override {
     return "failing-copy";
-  }
-  [[nodiscard]] std::size_t size() const noexcept override {
-    return host_->size();
-  }
-  [[nodiscard]] std::byte* host_data() noexcept override {
-    return host_->host_data();
-  }
-  [[nodiscard]] result<void> write(std::size_t offset,
-                                   std::span<const std::byte> src) override {
-    return host_->write(offset, src);
-  }
-  [[nodiscard]] result<void> read(std::size_t offset,
-                                  std::span<std::byte> dst) const override {
-    return host_->read(offset, dst);
-  }
-  [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
-                                               std::size_t len) const override {
-    return host_->checksum(offset, len);
   }
   [[nodiscard]] bool can_copy_within() const noexcept override { return true; }
   [[nodiscard]] result<void> copy_within(std::size_t, std::size_t,
@@ -758,9 +746,6 @@ public:
     return make_error(errc::backend_error, "copy refused (test)");
   }
   int copies = 0;
-
-private:
-  std::unique_ptr<host_memory_backend> host_;
 };
 
 // Blocks of one size fill 14 of 16 slabs, then half of them expire, so
