@@ -423,10 +423,12 @@ tcp_transport::connect(const std::string& host, std::uint16_t port,
   if (auto ok = check_timeout("tcp connect: io_timeout", io_timeout, false);
       !ok)
     return unexpected<error>(ok.error());
-  // A resolver per connect: connect may be called from any thread, and a
-  // resolver has one owner. A lookup that runs out of time keeps its
-  // helper thread until getaddrinfo returns.
-  engine::host_resolver resolver;
+  // One resolver for the process (resolve() is thread-safe): a lookup
+  // that runs out of time keeps its helper thread until getaddrinfo
+  // returns, and the next connect to the same name waits for it instead
+  // of starting another, so connects retried against a dead DNS hold one
+  // thread per name, not one each.
+  static engine::host_resolver resolver;
   auto fd = internal::connect_host(host, port, io_timeout, resolver);
   if (!fd)
     return unexpected<error>(fd.error());

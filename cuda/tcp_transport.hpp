@@ -53,12 +53,13 @@ public:
   /// The lookup runs on a helper thread (engine/host_resolver.hpp:
   /// getaddrinfo has no timeout of its own), so a slow DNS cannot hold the
   /// caller past io_timeout; a lookup still running then is left to finish
-  /// on its thread (one per such connect). A numeric address needs no
-  /// lookup. A connect that runs out of time is errc::io_error saying
-  /// "timed out after N ms" (and, for a name with several addresses,
-  /// "tried K of N addresses"; when the lookup took all of it, "the name
-  /// lookup of '<host>' took all of it"); a name that does not resolve is
-  /// errc::io_error saying why; no helper thread, errc::unavailable.
+  /// on its thread, and later connects to that name wait for it (one
+  /// thread per name however many connects time out). A numeric address needs
+  /// no lookup. A connect that runs out of time is errc::io_error saying "timed
+  /// out after N ms" (and, for a name with several addresses, "tried K of N
+  /// addresses"; when the lookup took all of it, "the name lookup of '<host>'
+  /// took all of it"); a name that does not resolve is errc::io_error saying
+  /// why; no helper thread, errc::unavailable.
   [[nodiscard]] static result<std::unique_ptr<tcp_transport>>
   connect(const std::string& host, std::uint16_t port,
           std::chrono::milliseconds io_timeout = std::chrono::seconds(30));

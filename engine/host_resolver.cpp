@@ -10,6 +10,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 
 namespace kvfleet::engine {
@@ -64,41 +65,54 @@ host_lookup_result host_resolver::resolve(const std::string& host,
                                           std::chrono::milliseconds timeout) {
   if (is_numeric(host))
     return std::vector<std::string>{host};
-  // A lookup left running for another host answers nobody: forget it (its
-  // thread still finishes on its own).
-  if (pending_ && pending_->host != host)
-    pending_.reset();
-  if (!pending_) {
-    auto l = std::make_shared<lookup>(host);
-    try {
-      std::thread([l, fn = lookup_] {
-        host_lookup_result r = make_error(errc::unavailable, "not looked up");
-        try {
-          r = fn(l->host);
-        } catch (const std::exception& e) { // bad_alloc, say: never escapes
-          r = make_error(errc::unavailable,
-                         "cannot resolve '" + l->host + "': " + e.what());
-        }
-        const std::lock_guard<std::mutex> lock(l->mutex);
-        l->done.emplace(std::move(r));
-        l->done_cv.notify_all();
-      }).detach();
-    } catch (const std::exception& e) { // system_error: no thread
-      return make_error(errc::unavailable,
-                        "cannot resolve '" + host +
-                            "': no helper thread: " + e.what());
+  std::shared_ptr<lookup> l;
+  {
+    const std::lock_guard<std::mutex> guard(mutex_);
+    // Answers nobody came back for stay until their host is asked again;
+    // past max_kept hosts the finished ones go (their threads are gone).
+    // Lock order: the resolver's mutex, then a lookup's; a helper thread
+    // takes only its lookup's.
+    if (pending_.size() >= max_kept)
+      std::erase_if(pending_, [&](const auto& entry) {
+        const std::lock_guard<std::mutex> done_guard(entry.second->mutex);
+        return entry.second->done.has_value();
+      });
+    if (const auto it = pending_.find(host); it != pending_.end()) {
+      l = it->second;
+    } else {
+      l = std::make_shared<lookup>(host);
+      try {
+        std::thread([l, fn = lookup_] {
+          host_lookup_result r = make_error(errc::unavailable, "not looked up");
+          try {
+            r = fn(l->host);
+          } catch (const std::exception& e) { // bad_alloc, say: never escapes
+            r = make_error(errc::unavailable,
+                           "cannot resolve '" + l->host + "': " + e.what());
+          }
+          const std::lock_guard<std::mutex> lock(l->mutex);
+          l->done.emplace(std::move(r));
+          l->done_cv.notify_all();
+        }).detach();
+      } catch (const std::exception& e) { // system_error: no thread
+        return make_error(errc::unavailable,
+                          "cannot resolve '" + host +
+                              "': no helper thread: " + e.what());
+      }
+      pending_.emplace(host, l);
     }
-    pending_ = std::move(l);
   }
-  std::unique_lock<std::mutex> lock(pending_->mutex);
-  if (!pending_->done_cv.wait_for(lock, timeout,
-                                  [&] { return pending_->done.has_value(); }))
+  std::unique_lock<std::mutex> lock(l->mutex);
+  if (!l->done_cv.wait_for(lock, timeout, [&] { return l->done.has_value(); }))
     return make_error(errc::timeout, "cannot resolve '" + host + "' within " +
                                          std::to_string(timeout.count()) +
                                          " ms");
-  host_lookup_result r = std::move(*pending_->done);
+  host_lookup_result r = *l->done; // a copy: other callers may share it
   lock.unlock();
-  pending_.reset();
+  const std::lock_guard<std::mutex> guard(mutex_);
+  if (const auto it = pending_.find(host);
+      it != pending_.end() && it->second == l)
+    pending_.erase(it);
   return r;
 }
 

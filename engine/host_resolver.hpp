@@ -5,26 +5,28 @@
 /// its attempts). The resolver runs each lookup on a detached helper thread
 /// and waits for it at most the caller's timeout; a lookup still running
 /// then is left to finish on its own (it owns everything it touches), and
-/// the next call for the same host waits for that lookup instead of
-/// starting another, so a DNS that stays slow costs at most one helper
-/// thread per resolver. A numeric address is answered at once, without a
-/// thread.
+/// the next call for the same host, from any thread, waits for that
+/// lookup instead of starting another, so a DNS that stays slow costs at
+/// most one helper thread per host name and resolver. A numeric address
+/// is answered at once, without a thread.
 ///
 /// Shared by the modules that open connections by name: actors' Redis
 /// query store and cuda's TCP block transport. It lives in engine because
 /// both may include engine and neither may include the other; engine
 /// itself does not use it.
 ///
-/// Thread safety: one owner calls resolve() (not thread-safe); the mutex
-/// in the shared lookup state is there because the helper thread writes
-/// the result the owner reads.
+/// Thread safety: resolve() may be called from several threads at once
+/// (cuda's TCP transport keeps one resolver for the process); callers of
+/// the same host share its lookup and its answer.
 
 #include "engine/result.hpp"
 
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -61,8 +63,13 @@ public:
 
 private:
   host_lookup_fn lookup_;
-  /// A lookup that was still running when its caller stopped waiting.
-  std::shared_ptr<lookup> pending_;
+  std::mutex mutex_; ///< guards pending_
+  /// Per host, the lookup in progress, or finished with nobody back yet
+  /// for its answer (its callers stopped waiting): the next call for the
+  /// host takes it. Finished ones are dropped once max_kept hosts are
+  /// kept.
+  std::unordered_map<std::string, std::shared_ptr<lookup>> pending_;
+  static constexpr std::size_t max_kept = 64;
 };
 
 } // namespace kvfleet::engine

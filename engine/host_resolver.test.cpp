@@ -99,6 +99,57 @@ TEST(host_resolver_test, a_lookup_left_for_another_host_is_not_its_answer) {
   EXPECT_EQ(other->front().rfind("second.example #", 0), 0U) << other->front();
 }
 
+// Lookups of two hosts asked in turn while the DNS is slow: each host
+// keeps its one lookup, and both answers are those first lookups'. Before,
+// asking for another host dropped the pending one, so every switch started
+// a thread (four here, not two).
+TEST(host_resolver_test, hosts_asked_in_turn_keep_one_lookup_each) {
+  gated_lookup slow;
+  host_resolver resolver(slow.fn());
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_FALSE(resolver.resolve("a.example", 0ms));
+    ASSERT_FALSE(resolver.resolve("b.example", 0ms));
+  }
+  slow.calls->wait_for(2);
+  slow.release.set_value();
+  auto a = resolver.resolve("a.example", 10s);
+  auto b = resolver.resolve("b.example", 10s);
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->size(), 1U);
+  ASSERT_EQ(b->size(), 1U);
+  // Lookup numbers 1 and 2, in whichever order their threads entered.
+  EXPECT_EQ(std::min(a->front().back(), b->front().back()), '1');
+  EXPECT_EQ(std::max(a->front().back(), b->front().back()), '2');
+  EXPECT_EQ(slow.calls->load(), 2);
+}
+
+// Callers on several threads asking for one host while its lookup runs
+// share that lookup: four threads asking 50 times each, the DNS held, start
+// one; its answer then goes to the next caller.
+TEST(host_resolver_test, callers_on_several_threads_share_a_lookup) {
+  gated_lookup slow;
+  host_resolver resolver(slow.fn());
+  std::vector<std::future<int>> callers;
+  for (int i = 0; i < 4; ++i)
+    callers.push_back(std::async(std::launch::async, [&resolver] {
+      int timed_out = 0;
+      for (int n = 0; n < 50; ++n) {
+        auto r = resolver.resolve("shared.example", 0ms);
+        timed_out += !r && r.error().code == errc::timeout ? 1 : 0;
+      }
+      return timed_out;
+    }));
+  for (auto& f : callers)
+    EXPECT_EQ(f.get(), 50);
+  slow.calls->wait_for(1);
+  EXPECT_EQ(slow.calls->load(), 1);
+  slow.release.set_value();
+  auto r = resolver.resolve("shared.example", 10s);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(*r, std::vector<std::string>{"shared.example #1"});
+  EXPECT_EQ(slow.calls->load(), 1);
+}
+
 TEST(host_resolver_test, numeric_addresses_need_no_lookup) {
   gated_lookup never;
   host_resolver resolver(never.fn());
