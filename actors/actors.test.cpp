@@ -13,6 +13,7 @@
 #include "engine/clock.hpp"
 #include "engine/memory_backend.hpp"
 #include "engine/testing/fake_memory_tier.hpp"
+#include "engine/testing/host_wrapper.hpp"
 
 #include <gtest/gtest.h>
 
@@ -1346,32 +1347,17 @@ TEST_F(actor_test, ACallerWithoutATimerHearsBackWhenTheBalancerStops) {
 /// It hides its host address, so the store writes every value through
 /// write(). (A producer that throws no longer ends the actor: the store
 /// turns that into an error value.)
-class throwing_backend final : public engine::memory_backend {
+class throwing_backend final : public engine::testing::host_wrapper {
 public:
-  explicit throwing_backend(std::size_t bytes)
-      : host_(std::move(*engine::host_memory_backend::create(bytes))) {}
+  using host_wrapper::host_wrapper;
   [[nodiscard]] std::string_view name() const noexcept override {
     return "throwing";
-  }
-  [[nodiscard]] std::size_t size() const noexcept override {
-    return host_->size();
   }
   [[nodiscard]] std::byte* host_data() noexcept override { return nullptr; }
   [[nodiscard]] result<void> write(std::size_t,
                                    std::span<const std::byte>) override {
     throw std::runtime_error("backend bug");
   }
-  [[nodiscard]] result<void> read(std::size_t offset,
-                                  std::span<std::byte> dst) const override {
-    return host_->read(offset, dst);
-  }
-  [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
-                                               std::size_t len) const override {
-    return host_->checksum(offset, len);
-  }
-
-private:
-  std::unique_ptr<engine::host_memory_backend> host_;
 };
 
 /// `c` with a memory backend whose writes throw, on the test scheduler

@@ -1,4 +1,5 @@
 #include "engine/block_store.hpp"
+#include "engine/testing/host_wrapper.hpp"
 
 #include <gtest/gtest.h>
 
@@ -693,38 +694,9 @@ TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   store_->check_invariants();
 }
 
-/// A host arena behind the memory_backend interface, for test backends
-/// that change one behaviour of it (name() is theirs).
-class host_wrapper : public memory_backend {
-public:
-  explicit host_wrapper(std::size_t bytes)
-      : host_(std::move(*host_memory_backend::create(bytes))) {}
-  [[nodiscard]] std::size_t size() const noexcept override {
-    return host_->size();
-  }
-  [[nodiscard]] std::byte* host_data() noexcept override {
-    return host_->host_data();
-  }
-  [[nodiscard]] result<void> write(std::size_t offset,
-                                   std::span<const std::byte> src) override {
-    return host_->write(offset, src);
-  }
-  [[nodiscard]] result<void> read(std::size_t offset,
-                                  std::span<std::byte> dst) const override {
-    return host_->read(offset, dst);
-  }
-  [[nodiscard]] result<std::uint64_t> checksum(std::size_t offset,
-                                               std::size_t len) const override {
-    return host_->checksum(offset, len);
-  }
-
-private:
-  std::unique_ptr<host_memory_backend> host_;
-};
-
 /// A host arena that cannot copy within itself (the default of
 /// memory_backend::copy_within), as an arena without that copy.
-class no_copy_backend final : public host_wrapper {
+class no_copy_backend final : public testing::host_wrapper {
 public:
   using host_wrapper::host_wrapper;
   [[nodiscard]] std::string_view name() const noexcept override {
@@ -733,7 +705,7 @@ public:
 };
 
 /// A host arena whose copies within itself fail (as a device copy can).
-class failing_copy_backend final : public host_wrapper {
+class failing_copy_backend final : public testing::host_wrapper {
 public:
   using host_wrapper::host_wrapper;
   [[nodiscard]] std::string_view name() const noexcept override {
@@ -872,9 +844,9 @@ TEST_F(slab_compaction_test, a_failed_copy_turns_compaction_off_and_evicts) {
   auto backend = std::make_unique<failing_copy_backend>(64 * block_bytes);
   auto* b = backend.get();
   const auto kept = fill_half_used_slabs(std::move(backend));
-  testing::internal::CaptureStderr();
+  ::testing::internal::CaptureStderr();
   put_wide(12);
-  const auto log = testing::internal::GetCapturedStderr();
+  const auto log = ::testing::internal::GetCapturedStderr();
   EXPECT_EQ(b->copies, 1);
   EXPECT_EQ(store_->stats().compaction_failures, 1U);
   EXPECT_EQ(store_->stats().moved_blocks, 0U);
