@@ -174,9 +174,9 @@ std::vector<block_key> index_test_keys(int kind, std::mt19937_64& rng) {
   return keys;
 }
 TEST(block_pool, no_heap_for_a_slab_free_list_is_an_error_and_loses_nothing) {
-#if defined(__SANITIZE_ADDRESS__)
-  GTEST_SKIP()
-      << "AddressSanitizer reserves address space; RLIMIT_AS breaks it";
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
+                  "them";
 #else
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   // A slab of 2^31 slots of 256 B: its free list would take 8 GiB of heap,

@@ -1105,9 +1105,9 @@ TEST_F(disk_tier_test,
 }
 
 TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
-#if defined(__SANITIZE_ADDRESS__)
-  GTEST_SKIP()
-      << "AddressSanitizer reserves address space; RLIMIT_AS breaks it";
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
+                  "them";
 #else
   // Larger than the 64 MiB glibc reserves per thread arena, which an
   // allocation on the I/O thread could otherwise grow into unlimited.
