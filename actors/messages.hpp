@@ -39,8 +39,10 @@ struct kv_request {
   std::uint64_t id = 0;
   std::uint64_t session = 0;
   std::string query;
+  /// One key per full block of the prompt: input_tokens / block_tokens of
+  /// them, no more and no fewer (errc::misaligned_tokens otherwise).
   std::vector<engine::block_key> keys;
-  std::uint32_t input_tokens = 0;
+  std::uint32_t input_tokens = 0; ///< prompt length, a partial block included
   engine::priority prio = engine::priority::normal;
   bool pin = false;      ///< pin the blocks it stores (warming)
   bool prefetch = false; ///< issued by the prefetcher

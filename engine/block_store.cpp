@@ -1170,7 +1170,10 @@ result<process_result> block_store::process(ns_id ns,
     count_rejected();
     return unexpected<error>(ok.error());
   }
-  if (keys.size() > input_tokens / spec.block_tokens) {
+  // One key per full block, no more and no fewer: with fewer, the blocks
+  // past the last key would be neither matched nor computed, yet counted
+  // as computed tokens.
+  if (keys.size() != input_tokens / spec.block_tokens) {
     count_rejected();
     return make_error(
         errc::misaligned_tokens,

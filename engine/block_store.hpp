@@ -379,7 +379,12 @@ public:
 
   /// Looks up the prefix, computes the missing blocks with `producer`,
   /// commits them and returns what was matched and computed. `keys` are the
-  /// request's full blocks; `input_tokens` its prompt length.
+  /// request's full blocks, one each: exactly input_tokens / block_tokens
+  /// of the namespace (`input_tokens`, its prompt length, may end in a
+  /// partial block, which is never cached). Any other count, more keys or
+  /// fewer, is refused before anything is looked up
+  /// (errc::misaligned_tokens giving both numbers; counted as a rejected
+  /// request).
   [[nodiscard]] result<process_result>
   process(ns_id ns, std::span<const block_key> keys, std::size_t input_tokens,
           kv_producer& producer, const put_options& options = {});

@@ -396,6 +396,60 @@ TEST_F(store_fixture, bad_input_is_rejected_and_leaves_nothing) {
   store_->check_invariants();
 }
 
+// process() takes one key per full block of the prompt. Before, fewer
+// keys were taken as the whole prompt: the blocks past the last key were
+// neither looked up nor computed, yet counted as computed tokens.
+TEST_F(store_fixture, process_refuses_keys_that_are_not_the_prompts_blocks) {
+  open(16);
+  const auto k = chain(1, 3);
+  synthetic_producer producer;
+  ASSERT_TRUE(store_->process(ns_, std::span(k).first(1), 16, producer));
+  const std::size_t used = store_->used_bytes();
+  const std::size_t blocks = store_->block_count();
+  const auto before = store_->stats();
+  const auto expect_refused = [&](std::size_t keys, std::size_t tokens,
+                                  const std::string& says) {
+    SCOPED_TRACE(std::to_string(keys) + " keys, " + std::to_string(tokens) +
+                 " tokens");
+    auto r = store_->process(ns_, std::span(k).first(keys), tokens, producer);
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, errc::misaligned_tokens);
+    EXPECT_NE(r.error().message.find(says), std::string::npos)
+        << r.error().message;
+  };
+  // Fewer keys than full blocks: 2 keys for 3 blocks (48 and 63 tokens),
+  // none for one.
+  expect_refused(2, 48,
+                 "2 block keys for a prompt of 48 tokens, which has 3 "
+                 "full blocks of 16 tokens");
+  expect_refused(2, 63,
+                 "2 block keys for a prompt of 63 tokens, which has 3 "
+                 "full blocks");
+  expect_refused(0, 16,
+                 "0 block keys for a prompt of 16 tokens, which has 1 "
+                 "full block of 16 tokens");
+  // More keys than full blocks, as before.
+  expect_refused(3, 47,
+                 "3 block keys for a prompt of 47 tokens, which has 2 "
+                 "full blocks");
+  // Nothing was looked up, computed or stored; each refusal counted once.
+  EXPECT_EQ(store_->used_bytes(), used);
+  EXPECT_EQ(store_->block_count(), blocks);
+  const auto after = store_->stats();
+  EXPECT_EQ(after.rejected_requests, before.rejected_requests + 4);
+  EXPECT_EQ(after.lookups, before.lookups);
+  EXPECT_EQ(after.block_hits, before.block_hits);
+  EXPECT_EQ(after.block_misses, before.block_misses);
+  EXPECT_EQ(after.token_hits, before.token_hits);
+  EXPECT_EQ(after.token_misses, before.token_misses);
+  // The full count is taken, a trailing partial block included.
+  auto done = store_->process(ns_, k, 63, producer);
+  ASSERT_TRUE(done.has_value()) << done.error().describe();
+  EXPECT_EQ(done->matched_blocks, 1U);
+  EXPECT_EQ(done->computed_blocks, 2U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, a_priority_outside_the_five_is_refused_by_every_put) {
   // Cast from a number (a peer's message), it would rank above critical in
   // the priority policy, also for the cached prefix a request matches.

@@ -598,8 +598,7 @@ TEST_F(store_disk_test, a_block_read_back_from_disk_lands_in_its_partition) {
   const std::vector<block_key> k = chain(7, 1);
   put_options long_request;
   long_request.request_tokens = 5000; // the long partition (>= 4096)
-  ASSERT_TRUE(
-      store_->process(ns_, k, 5000, producer_, long_request).has_value());
+  ASSERT_TRUE(store_->process(ns_, k, 16, producer_, long_request).has_value());
   ASSERT_EQ(store_->stats().blocks_by_partition[large], 1U);
   store_->evict_bytes(std::size_t{1} << 30);
   ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
@@ -632,7 +631,7 @@ TEST_F(store_disk_test, a_long_block_read_back_does_not_evict_short_blocks) {
   long_request.request_tokens = 5000;
   const std::vector<block_key> doc = chain(7, 1);
   ASSERT_TRUE(
-      store_->process(ns_, doc, 5000, producer_, long_request).has_value());
+      store_->process(ns_, doc, 16, producer_, long_request).has_value());
   store_->evict_bytes(std::size_t{1} << 30);
   ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
   ASSERT_EQ(store_->block_count(), 0U);
@@ -645,10 +644,10 @@ TEST_F(store_disk_test, a_long_block_read_back_does_not_evict_short_blocks) {
     shorts.push_back(s[0]);
     ASSERT_TRUE(store_->process(ns_, s, 16, producer_).has_value());
     ASSERT_TRUE(
-        store_->process(ns_, chain(200 + i, 1), 3000, producer_, medium_request)
+        store_->process(ns_, chain(200 + i, 1), 16, producer_, medium_request)
             .has_value());
     ASSERT_TRUE(
-        store_->process(ns_, chain(300 + i, 1), 5000, producer_, long_request)
+        store_->process(ns_, chain(300 + i, 1), 16, producer_, long_request)
             .has_value());
   }
   ASSERT_EQ(store_->stats().blocks_by_partition[small], 6U);
@@ -788,8 +787,7 @@ TEST_F(store_disk_test, a_version_1_directory_opens_and_its_blocks_read_back) {
   const std::vector<block_key> k = chain(7, 1);
   put_options long_request;
   long_request.request_tokens = 5000;
-  ASSERT_TRUE(
-      store_->process(ns_, k, 5000, producer_, long_request).has_value());
+  ASSERT_TRUE(store_->process(ns_, k, 16, producer_, long_request).has_value());
   ASSERT_TRUE(store_->persist().has_value());
   store_.reset();
   ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v1(dir_));

@@ -548,8 +548,8 @@ TEST_F(store_tier_test, a_block_comes_back_from_the_tier_in_its_partition) {
   const auto a = chain(1, 3);
   put_options long_request;
   long_request.request_tokens = 5000; // the long partition (>= 4096)
-  ASSERT_TRUE(
-      store_->process(ns_, a, 5000, producer_, long_request).has_value());
+  ASSERT_TRUE(store_->process(ns_, a, a.size() * 16, producer_, long_request)
+                  .has_value());
   constexpr auto large = static_cast<std::size_t>(size_partition::large);
   constexpr auto small = static_cast<std::size_t>(size_partition::small);
   ASSERT_EQ(store_->stats().blocks_by_partition[large], 3U);
@@ -578,8 +578,8 @@ TEST_F(store_tier_test, a_block_dropped_to_disk_comes_back_in_its_partition) {
   const auto a = chain(1, 4);
   put_options long_request;
   long_request.request_tokens = 5000; // the long partition (>= 4096)
-  ASSERT_TRUE(
-      store_->process(ns_, a, 5000, producer_, long_request).has_value());
+  ASSERT_TRUE(store_->process(ns_, a, a.size() * 16, producer_, long_request)
+                  .has_value());
   ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
   settle();
   run(chain(100, 4));
