@@ -21,6 +21,7 @@ struct host_resolver::lookup {
   std::mutex mutex;
   std::condition_variable done_cv;
   std::optional<host_lookup_result> done; ///< set once, under `mutex`
+  nanos done_at{0}; ///< when `done` was set (the resolver's clock)
 };
 
 namespace {
@@ -57,7 +58,13 @@ host_lookup_result system_host_lookup(const std::string& host) {
   return out;
 }
 
-host_resolver::host_resolver(host_lookup_fn fn) : lookup_(std::move(fn)) {}
+nanos steady_host_clock() noexcept {
+  return steady_clock_source::instance().now();
+}
+
+host_resolver::host_resolver(host_lookup_fn fn, nanos max_age,
+                             host_clock_fn clock)
+    : lookup_(std::move(fn)), max_age_(max_age), clock_(std::move(clock)) {}
 
 host_resolver::~host_resolver() = default;
 
@@ -68,8 +75,9 @@ host_lookup_result host_resolver::resolve(const std::string& host,
   std::shared_ptr<lookup> l;
   {
     const std::lock_guard<std::mutex> guard(mutex_);
-    // Answers nobody came back for stay until their host is asked again;
-    // past max_kept hosts the finished ones go (their threads are gone).
+    // Answers nobody came back for stay until their host is asked again
+    // (served then only while younger than max_age_); past max_kept hosts
+    // the finished ones go (their threads are gone).
     // Lock order: the resolver's mutex, then a lookup's; a helper thread
     // takes only its lookup's.
     if (pending_.size() >= max_kept)
@@ -78,11 +86,23 @@ host_lookup_result host_resolver::resolve(const std::string& host,
         return entry.second->done.has_value();
       });
     if (const auto it = pending_.find(host); it != pending_.end()) {
-      l = it->second;
-    } else {
+      bool stale = false;
+      {
+        const std::lock_guard<std::mutex> done_guard(it->second->mutex);
+        stale = it->second->done.has_value() &&
+                clock_() - it->second->done_at >= max_age_;
+      }
+      // An answer left this long ago may no longer be the name's: drop it
+      // and look the name up again.
+      if (stale)
+        pending_.erase(it);
+      else
+        l = it->second;
+    }
+    if (!l) {
       l = std::make_shared<lookup>(host);
       try {
-        std::thread([l, fn = lookup_] {
+        std::thread([l, fn = lookup_, clock = clock_] {
           host_lookup_result r = make_error(errc::unavailable, "not looked up");
           try {
             r = fn(l->host);
@@ -91,6 +111,9 @@ host_lookup_result host_resolver::resolve(const std::string& host,
                            "cannot resolve '" + l->host + "': " + e.what());
           }
           const std::lock_guard<std::mutex> lock(l->mutex);
+          // Stamped under the lookup's mutex: whoever sees the answer sees
+          // its time.
+          l->done_at = clock();
           l->done.emplace(std::move(r));
           l->done_cv.notify_all();
         }).detach();

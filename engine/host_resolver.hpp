@@ -8,7 +8,11 @@
 /// the next call for the same host, from any thread, waits for that
 /// lookup instead of starting another, so a DNS that stays slow costs at
 /// most one helper thread per host name and resolver. A numeric address
-/// is answered at once, without a thread.
+/// is answered at once, without a thread. An answer that comes when
+/// nobody is waiting for it any more is kept for the next call for that
+/// host only while it is younger than the resolver's `max_age` (30 s by
+/// default): an older one is dropped and the name looked up again, so a
+/// changed DNS answer is not missed because a lookup was left hours ago.
 ///
 /// Shared by the modules that open connections by name: actors' Redis
 /// query store and cuda's TCP block transport. It lives in engine because
@@ -19,6 +23,7 @@
 /// (cuda's TCP transport keeps one resolver for the process); callers of
 /// the same host share its lookup and its answer.
 
+#include "engine/clock.hpp"
 #include "engine/result.hpp"
 
 #include <chrono>
@@ -44,9 +49,29 @@ using host_lookup_fn =
 /// naming `host` and saying why (gai_strerror) when it finds nothing.
 [[nodiscard]] host_lookup_result system_host_lookup(const std::string& host);
 
+/// The resolver's time: a monotonic clock, read on the callers' threads and
+/// on the lookups' helper threads, which keep a copy of it and may outlive
+/// the resolver (a function, not a clock_source reference, so a test's
+/// clock can be shared with them). REQUIRES: safe to call from any thread.
+using host_clock_fn = std::function<nanos()>;
+
+/// The steady clock (steady_clock_source).
+[[nodiscard]] nanos steady_host_clock() noexcept;
+
 class host_resolver {
 public:
-  explicit host_resolver(host_lookup_fn fn = system_host_lookup);
+  /// How long an answer that nobody waited for is kept for the next call.
+  static constexpr std::chrono::seconds default_max_age{30};
+
+  /// A resolver looking names up with `fn`. An answer that arrives after
+  /// its callers stopped waiting is served to the next call for its host
+  /// while its age, on `clock`, from when the lookup finished, is below
+  /// `max_age`; from `max_age` on it is dropped and that call starts a new
+  /// lookup (0 or less: such answers are never served). Answers a caller
+  /// waited for are always served.
+  explicit host_resolver(host_lookup_fn fn = system_host_lookup,
+                         nanos max_age = default_max_age,
+                         host_clock_fn clock = steady_host_clock);
   ~host_resolver();
   host_resolver(const host_resolver&) = delete;
   host_resolver& operator=(const host_resolver&) = delete;
@@ -63,11 +88,13 @@ public:
 
 private:
   host_lookup_fn lookup_;
+  nanos max_age_;
+  host_clock_fn clock_;
   std::mutex mutex_; ///< guards pending_
   /// Per host, the lookup in progress, or finished with nobody back yet
   /// for its answer (its callers stopped waiting): the next call for the
-  /// host takes it. Finished ones are dropped once max_kept hosts are
-  /// kept.
+  /// host takes it if it is younger than max_age_, else drops it. Finished
+  /// ones are dropped once max_kept hosts are kept.
   std::unordered_map<std::string, std::shared_ptr<lookup>> pending_;
   static constexpr std::size_t max_kept = 64;
 };

@@ -150,6 +150,72 @@ TEST(host_resolver_test, callers_on_several_threads_share_a_lookup) {
   EXPECT_EQ(slow.calls->load(), 1);
 }
 
+/// A clock the test sets, shared with the resolver's helper threads,
+/// counting its reads so the test can wait for a lookup to have stamped
+/// its answer (the resolver reads it then, under the lookup's mutex).
+struct test_clock {
+  struct state {
+    std::mutex mutex;
+    std::condition_variable read_cv;
+    nanos now{0};  ///< under `mutex`
+    int reads = 0; ///< under `mutex`
+  };
+  std::shared_ptr<state> s = std::make_shared<state>();
+
+  host_clock_fn fn() const {
+    return [s = s] {
+      const std::lock_guard<std::mutex> lock(s->mutex);
+      ++s->reads;
+      s->read_cv.notify_all();
+      return s->now;
+    };
+  }
+  void set(nanos t) const {
+    const std::lock_guard<std::mutex> lock(s->mutex);
+    s->now = t;
+  }
+  /// Waits until the clock has been read at least `n` times.
+  void wait_for_reads(int n) const {
+    std::unique_lock<std::mutex> lock(s->mutex);
+    s->read_cv.wait(lock, [&] { return s->reads >= n; });
+  }
+};
+
+/// A resolver (30 s max age, on `clock`) holding an answer for
+/// "left.example" that finished at time 0 with nobody waiting for it.
+void leave_an_answer(host_resolver& resolver, gated_lookup& slow,
+                     const test_clock& clock) {
+  ASSERT_FALSE(resolver.resolve("left.example", 0ms));
+  slow.release.set_value();
+  clock.wait_for_reads(1); // the helper thread stamped its answer
+}
+
+TEST(host_resolver_test, a_left_answer_younger_than_the_max_age_is_served) {
+  gated_lookup slow;
+  test_clock clock;
+  host_resolver resolver(slow.fn(), 30s, clock.fn());
+  leave_an_answer(resolver, slow, clock);
+  clock.set(30s - 1ns);
+  auto r = resolver.resolve("left.example", 10s);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(*r, std::vector<std::string>{"left.example #1"});
+  EXPECT_EQ(slow.calls->load(), 1);
+}
+
+// Before, an answer nobody waited for was served to the next call however
+// old it was (hours later, a changed DNS answer was missed once).
+TEST(host_resolver_test, a_left_answer_of_the_max_age_is_looked_up_again) {
+  gated_lookup slow;
+  test_clock clock;
+  host_resolver resolver(slow.fn(), 30s, clock.fn());
+  leave_an_answer(resolver, slow, clock);
+  clock.set(30s);
+  auto r = resolver.resolve("left.example", 10s);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(*r, std::vector<std::string>{"left.example #2"});
+  EXPECT_EQ(slow.calls->load(), 2);
+}
+
 TEST(host_resolver_test, numeric_addresses_need_no_lookup) {
   gated_lookup never;
   host_resolver resolver(never.fn());
