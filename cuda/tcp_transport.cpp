@@ -123,8 +123,9 @@ struct addrinfo_deleter {
 };
 
 /// The resolver's numeric addresses as one getaddrinfo list for
-/// connect_first, in the resolver's order: `nodes` are copies of the
-/// entries of the lists `owned` holds, relinked (link() once filled).
+/// connect_first or bind_and_listen, in the resolver's order: `nodes` are
+/// copies of the entries of the lists `owned` holds, relinked (link() once
+/// filled).
 struct numeric_addresses {
   std::vector<std::unique_ptr<addrinfo, addrinfo_deleter>> owned;
   std::vector<addrinfo> nodes;
@@ -137,11 +138,11 @@ struct numeric_addresses {
 };
 
 /// Adds `addresses` (numeric: getaddrinfo looks nothing up) with port
-/// `service` to `out`; errc::io_error naming `where` for one that is not
-/// numeric (only a test's fake lookup can give one).
+/// `service` to `out`; errc::io_error naming `op` and `where` for one that
+/// is not numeric (only a test's fake lookup can give one).
 result<void> add_numeric(const std::vector<std::string>& addresses,
-                         const std::string& service, std::string_view where,
-                         numeric_addresses& out) {
+                         const std::string& service, std::string_view op,
+                         std::string_view where, numeric_addresses& out) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -150,7 +151,8 @@ result<void> add_numeric(const std::vector<std::string>& addresses,
     addrinfo* res = nullptr;
     if (const int rc = ::getaddrinfo(a.c_str(), service.c_str(), &hints, &res);
         rc != 0)
-      return make_error(errc::io_error, "tcp connect(" + std::string(where) +
+      return make_error(errc::io_error, std::string(op) + "(" +
+                                            std::string(where) +
                                             "): the name lookup gave '" + a +
                                             "': " + ::gai_strerror(rc));
     out.owned.emplace_back(res);
@@ -410,12 +412,53 @@ result<int> connect_host(const std::string& host, std::uint16_t port,
                       "tcp connect(" + where + "): " + e.message);
   }
   numeric_addresses addresses;
-  if (auto ok = add_numeric(*found, service, where, addresses); !ok)
+  if (auto ok = add_numeric(*found, service, "tcp connect", where, addresses);
+      !ok)
     return unexpected<error>(ok.error());
   return connect_first(addresses.link(), timeout, where, start);
 }
 
+result<int> listen_host(const std::string& host, std::uint16_t port,
+                        std::chrono::milliseconds timeout,
+                        engine::host_resolver& resolver) {
+  // getaddrinfo has no timeout of its own: a bind name goes through the
+  // resolver too, so a dead DNS cannot hold a listen without bound.
+  const std::string service = std::to_string(port);
+  const std::string where = host + ":" + service;
+  auto found = resolver.resolve(host, timeout);
+  if (!found) {
+    const error& e = found.error();
+    if (e.code == errc::timeout)
+      return make_error(errc::timeout,
+                        "tcp listen(" + where + "): the name lookup of '" +
+                            host + "' did not finish within " +
+                            std::to_string(timeout.count()) + " ms");
+    return make_error(e.code == errc::unavailable ? errc::unavailable
+                                                  : errc::io_error,
+                      "tcp listen(" + where + "): " + e.message);
+  }
+  numeric_addresses addresses;
+  if (auto ok = add_numeric(*found, service, "tcp listen", where, addresses);
+      !ok)
+    return unexpected<error>(ok.error());
+  return bind_and_listen(addresses.link(), where);
+}
+
 } // namespace internal
+
+namespace {
+
+/// One resolver for the process (resolve() is thread-safe), for connects
+/// and listens alike: a lookup that runs out of time keeps its helper
+/// thread until getaddrinfo returns, and the next call for the same name
+/// waits for it instead of starting another, so calls retried against a
+/// dead DNS hold one thread per name, not one each.
+engine::host_resolver& process_resolver() {
+  static engine::host_resolver resolver;
+  return resolver;
+}
+
+} // namespace
 
 result<std::unique_ptr<tcp_transport>>
 tcp_transport::connect(const std::string& host, std::uint16_t port,
@@ -423,13 +466,7 @@ tcp_transport::connect(const std::string& host, std::uint16_t port,
   if (auto ok = check_timeout("tcp connect: io_timeout", io_timeout, false);
       !ok)
     return unexpected<error>(ok.error());
-  // One resolver for the process (resolve() is thread-safe): a lookup
-  // that runs out of time keeps its helper thread until getaddrinfo
-  // returns, and the next connect to the same name waits for it instead
-  // of starting another, so connects retried against a dead DNS hold one
-  // thread per name, not one each.
-  static engine::host_resolver resolver;
-  auto fd = internal::connect_host(host, port, io_timeout, resolver);
+  auto fd = internal::connect_host(host, port, io_timeout, process_resolver());
   if (!fd)
     return unexpected<error>(fd.error());
   return std::unique_ptr<tcp_transport>(new tcp_transport(*fd, io_timeout));
@@ -520,20 +557,15 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
   return r;
 }
 
-result<tcp_listener> tcp_listener::listen(const std::string& host,
-                                          std::uint16_t port) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* res = nullptr;
-  const std::string service = std::to_string(port);
-  if (const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
-      rc != 0)
-    return make_error(errc::io_error,
-                      "getaddrinfo(" + host + "): " + ::gai_strerror(rc));
-  auto bound_fd = internal::bind_and_listen(res, host + ":" + service);
-  ::freeaddrinfo(res);
+result<tcp_listener>
+tcp_listener::listen(const std::string& host, std::uint16_t port,
+                     std::chrono::milliseconds lookup_timeout) {
+  if (auto ok =
+          check_timeout("tcp listen: lookup_timeout", lookup_timeout, false);
+      !ok)
+    return unexpected<error>(ok.error());
+  auto bound_fd =
+      internal::listen_host(host, port, lookup_timeout, process_resolver());
   if (!bound_fd)
     return unexpected<error>(bound_fd.error());
   const int fd = *bound_fd;

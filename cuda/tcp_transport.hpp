@@ -84,14 +84,21 @@ private:
 /// Accepts tcp_transport connections.
 class tcp_listener {
 public:
-  /// Listens on host:port: on the first of the host's addresses that can
-  /// be bound (like connect, which tries each); when none can, the last
-  /// one's error (errc::io_error). Port 0 picks a free port (see port()).
-  /// A host name is looked up with getaddrinfo, which no timeout bounds
-  /// (listen has none to give it): a bind address is normally numeric (the
-  /// default) or this machine's own name, answered from /etc/hosts.
+  /// Listens on host:port (numeric IPv4 or IPv6 address or a host name):
+  /// on the first of the host's addresses that can be bound (like connect,
+  /// which tries each); when none can, the last one's error
+  /// (errc::io_error). Port 0 picks a free port (see port()). A host name
+  /// is looked up as connect looks one up, on a helper thread through the
+  /// same process-wide resolver, within `lookup_timeout` (1 ms to 24 h,
+  /// else errc::invalid_argument): a lookup still running then is
+  /// errc::timeout "tcp listen(host:port): the name lookup of '<host>' did
+  /// not finish within N ms" and finishes on its own thread (later listens
+  /// and connects to that name wait for it); a name that does not resolve
+  /// is errc::io_error saying why; no helper thread, errc::unavailable. A
+  /// numeric address (the default) needs no lookup.
   [[nodiscard]] static result<tcp_listener>
-  listen(const std::string& host = "127.0.0.1", std::uint16_t port = 0);
+  listen(const std::string& host = "127.0.0.1", std::uint16_t port = 0,
+         std::chrono::milliseconds lookup_timeout = std::chrono::seconds(30));
   tcp_listener(tcp_listener&& other) noexcept
       : fd_(other.fd_), port_(other.port_) {
     other.fd_ = -1;

@@ -746,6 +746,65 @@ TEST(tcp_transport_test,
       << bad.error().message;
 }
 
+// getaddrinfo has no timeout: a DNS that does not answer must not hold a
+// listen without bound either (before, listen() called getaddrinfo on the
+// caller's thread, with nothing to bound it).
+TEST(tcp_transport_test, a_bind_name_lookup_that_outlasts_its_timeout_fails) {
+  held_lookup slow(std::vector<std::string>{"127.0.0.1"});
+  engine::host_resolver resolver(slow.fn());
+  auto fd = internal::listen_host("slow.example", 0, 100ms, resolver);
+  if (fd)
+    ::close(*fd);
+  slow.release();
+  ASSERT_FALSE(fd) << "listened after the lookup had used up the timeout";
+  EXPECT_EQ(fd.error().code, errc::timeout);
+  EXPECT_NE(fd.error().message.find("tcp listen(slow.example:0): the name "
+                                    "lookup of 'slow.example' did not finish "
+                                    "within 100 ms"),
+            std::string::npos)
+      << fd.error().message;
+}
+
+TEST(tcp_transport_test, a_bind_address_is_looked_up_only_when_it_is_a_name) {
+  held_lookup never(std::vector<std::string>{"192.0.2.1"});
+  engine::host_resolver resolver(never.fn());
+  auto fd = internal::listen_host("127.0.0.1", 0, 5s, resolver);
+  never.release();
+  ASSERT_TRUE(fd) << fd.error().describe();
+  ::close(*fd);
+  EXPECT_TRUE(never.asked().empty());
+  // A name listens on the address its lookup gives.
+  engine::host_resolver fast(answering({"127.0.0.1"}));
+  auto named = internal::listen_host("fast.example", 0, 5s, fast);
+  ASSERT_TRUE(named) << named.error().describe();
+  sockaddr_in bound{};
+  socklen_t len = sizeof bound;
+  EXPECT_EQ(::getsockname(*named, reinterpret_cast<sockaddr*>(&bound), &len),
+            0);
+  ::close(*named);
+  EXPECT_EQ(ntohl(bound.sin_addr.s_addr), INADDR_LOOPBACK);
+  // A name that does not resolve, and a lookup that gives no address.
+  engine::host_resolver missing(
+      [](const std::string& host) -> engine::host_lookup_result {
+        return make_error(errc::not_found, "cannot resolve '" + host + "'");
+      });
+  auto none = internal::listen_host("nosuch.example", 7, 5s, missing);
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, errc::io_error);
+  EXPECT_NE(none.error().message.find("tcp listen(nosuch.example:7): cannot "
+                                      "resolve 'nosuch.example'"),
+            std::string::npos)
+      << none.error().message;
+  engine::host_resolver odd(answering({"not-an-address"}));
+  auto bad = internal::listen_host("odd.example", 7, 5s, odd);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, errc::io_error);
+  EXPECT_NE(bad.error().message.find("tcp listen(odd.example:7): the name "
+                                     "lookup gave 'not-an-address'"),
+            std::string::npos)
+      << bad.error().message;
+}
+
 TEST(tcp_transport_test, timeouts_out_of_range_are_refused) {
   auto listener = tcp_listener::listen();
   ASSERT_TRUE(listener);
@@ -755,6 +814,10 @@ TEST(tcp_transport_test, timeouts_out_of_range_are_refused) {
     EXPECT_EQ(c.error().code, errc::invalid_argument);
     EXPECT_NE(c.error().message.find("io_timeout"), std::string::npos);
     EXPECT_EQ(listener->accept(1s, t).error().code, errc::invalid_argument);
+    auto l = tcp_listener::listen("127.0.0.1", 0, t);
+    ASSERT_FALSE(l) << t.count();
+    EXPECT_EQ(l.error().code, errc::invalid_argument);
+    EXPECT_NE(l.error().message.find("lookup_timeout"), std::string::npos);
   }
   EXPECT_EQ(listener->accept(-1ms, 1s).error().code, errc::invalid_argument);
   // A zero accept timeout only takes a connection already queued.

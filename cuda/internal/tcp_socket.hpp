@@ -67,6 +67,20 @@ connect_first(const addrinfo* addresses, std::chrono::milliseconds timeout,
                                        std::chrono::milliseconds timeout,
                                        engine::host_resolver& resolver);
 
+/// tcp_listener::listen's socket, with the name looked up through
+/// `resolver` (tests give it a fake lookup) within `timeout`: a socket bound
+/// to the first of the name's addresses that can be bound, and listening
+/// (bind_and_listen). A lookup still running when the time is up is
+/// errc::timeout "tcp listen(host:port): the name lookup of '<host>' did
+/// not finish within N ms"; a name that does not resolve is errc::io_error
+/// with the resolver's reason; no helper thread for the lookup is
+/// errc::unavailable. A numeric address needs no lookup. REQUIRES: timeout
+/// > 0.
+[[nodiscard]] result<int> listen_host(const std::string& host,
+                                      std::uint16_t port,
+                                      std::chrono::milliseconds timeout,
+                                      engine::host_resolver& resolver);
+
 /// A digest of a batch's block sizes (`Block::bytes`), in order; 0 for
 /// none. A frame's header carries the one of the sizes it sends and the one
 /// of the sizes its sender expects back, so each side finds a mismatch in
