@@ -41,7 +41,10 @@ namespace kvfleet::engine {
 using host_lookup_result = result<std::vector<std::string>>;
 
 /// Looks a name up, blocking: the system resolver by default
-/// (getaddrinfo, SOCK_STREAM, any family).
+/// (getaddrinfo, SOCK_STREAM, any family). Each helper thread runs a copy
+/// of it and may outlive the resolver, so a custom function must own what
+/// it uses (capture by value or shared_ptr, never a reference or a raw
+/// `this`). REQUIRES: safe to call from any thread.
 using host_lookup_fn =
     std::function<host_lookup_result(const std::string& host)>;
 
