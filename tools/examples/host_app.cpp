@@ -1,7 +1,9 @@
 // A host application using kvfleet in process: one engine per GPU (host
 // memory where there is none), requests as chained block keys of their
 // token ids, and the block calls. Exits 0 when the second request over the
-// same prompt is served from cache; ctest runs it (example_host_app).
+// same prompt is served from cache; ctest runs it (example_host_app). It
+// takes no arguments: -h/--help says what it does, anything else is a
+// usage error (exit status 2).
 #include "actors/node.hpp"
 #include "cuda/backend_factory.hpp"
 #include "cuda/memory_manager.hpp"
@@ -9,12 +11,42 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <string_view>
 #include <vector>
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 
-int main() {
+namespace {
+
+constexpr const char* help_text =
+    "kvfleet-example-host-app: the README's host application. Starts a node "
+    "of\n"
+    "two engines (one per GPU, host memory without one), sends the same "
+    "64-token\n"
+    "prompt twice and checks that the second is served from cache; prints "
+    "each\n"
+    "reply and each engine's stats. Exit status 0 when it was, 1 when not "
+    "(or\n"
+    "on an error), 2 for any argument but -h/--help.\n";
+
+} // namespace
+
+int main(int argc, char** argv) {
+  // Before, every argument was ignored: `--help` or a typo ran the demo.
+  if (argc == 2 && (std::string_view(argv[1]) == "-h" ||
+                    std::string_view(argv[1]) == "--help")) {
+    std::fputs("usage: kvfleet-example-host-app [-h | --help]\n", stdout);
+    std::fputs(help_text, stdout);
+    return 0;
+  }
+  if (argc > 1) {
+    // The argument is not echoed: whatever it holds, this stays one line.
+    std::fputs("kvfleet-example-host-app: takes no arguments (usage: "
+               "kvfleet-example-host-app [-h | --help])\n",
+               stderr);
+    return 2;
+  }
   caf::actor_system_config cfg;
   kvfleet::node::configure(cfg, 2); // scheduler.policy=sharing, 2 threads
   caf::actor_system sys{cfg};
