@@ -233,6 +233,10 @@ result<double> parse_real(std::string_view option, std::string_view text) {
   if (text.empty() || ec != std::errc{} || ptr != last || !std::isfinite(value))
     return usage("option " + std::string(option) + " needs a number, got '" +
                  std::string(text) + "'");
+  // -0 passes every "not negative" check and was echoed as "-0.0"
+  // (prefill_saved_s, --threshold): it means 0.
+  if (value == 0.0)
+    value = 0.0;
   return value;
 }
 

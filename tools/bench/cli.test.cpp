@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <string_view>
 #include <vector>
@@ -236,6 +237,28 @@ TEST(bench_cli, bad_values) {
   expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
                       "--low-watermark", "1e-7", "--high-watermark", "1e-8"},
                      "(got low 1e-07, high 1e-08)");
+}
+
+TEST(bench_cli, negative_zero_is_zero) {
+  // -0 passed "must not be negative" and came out as -0.0 in the report.
+  auto e = parse({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                  "--prefill-us-per-token", "-0", "--high-watermark", "1",
+                  "--low-watermark", "1"});
+  ASSERT_TRUE(e) << e.error().describe();
+  EXPECT_EQ(e->engine.prefill_us_per_token, 0.0);
+  EXPECT_FALSE(std::signbit(e->engine.prefill_us_per_token));
+  auto r = parse({"routing", "--workload", "chat", "--capacity-blocks", "5",
+                  "--service-overhead-us", "-0", "--max-credit", "-0.0"});
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_FALSE(std::signbit(r->routing.service_overhead_us));
+  EXPECT_FALSE(std::signbit(r->routing.router.max_credit));
+  auto p = parse({"prefetch", "--workload", "chat", "--capacity-blocks", "5",
+                  "--threshold", "-0"});
+  ASSERT_TRUE(p) << p.error().describe();
+  EXPECT_FALSE(std::signbit(p->prefetch.threshold));
+  auto f = parse({"engine", "--workload", "chat", "--capacity-fraction", "-0"});
+  ASSERT_FALSE(f);
+  EXPECT_NE(f.error().message.find("capacity 0"), std::string::npos);
 }
 
 TEST(bench_cli, number_text_is_the_shortest_round_trip) {
