@@ -15,7 +15,8 @@ namespace kvfleet::bench {
 namespace {
 
 int fail(std::ostream& err, const error& e) {
-  err << "kvfleet-bench: " << e.message << '\n';
+  // One line whatever the message quotes (a value with a newline in it).
+  err << "kvfleet-bench: " << printable(e.message) << '\n';
   // A run stopped by a signal exits as a shell reports a process the
   // signal killed: 128 + the signal.
   if (const int signal = interrupt_signal(); signal != 0)

@@ -12,6 +12,9 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -250,6 +253,17 @@ TEST(bench_app, an_interrupted_run_exits_with_128_plus_the_signal) {
   EXPECT_TRUE(o.out.empty()) << o.out;
   EXPECT_NE(o.err.find("kvfleet-bench: interrupted"), std::string::npos)
       << o.err;
+}
+
+TEST(bench_app, an_error_is_one_line_whatever_the_value_holds) {
+  auto o = run({"engine", "--workload", "cha\nt", "--capacity-blocks", "5"});
+  EXPECT_EQ(o.status, exit_usage_error);
+  EXPECT_EQ(o.err.find("kvfleet-bench: unknown workload 'cha\\nt'"), 0U)
+      << o.err;
+  EXPECT_EQ(std::count(o.err.begin(), o.err.end(), '\n'), 1) << o.err;
+  auto bytes =
+      run({"engine", "--workload", "\xff\x1b[31m", "--capacity-blocks", "5"});
+  EXPECT_NE(bytes.err.find("'\\xff\\x1b[31m'"), std::string::npos) << bytes.err;
 }
 
 TEST(bench_app, missing_trace_is_a_runtime_error) {

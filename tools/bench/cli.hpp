@@ -132,6 +132,11 @@ bench_namespace(const engine_options& opts);
 /// decimals print a small fraction as "0.000000".
 [[nodiscard]] std::string number_text(double x);
 
+/// `text` with its control characters written as escapes (\n, \r, \t,
+/// \xHH) and each byte that is not part of valid UTF-8 as \xHH, so that a
+/// message quoting any value stays one printable line.
+[[nodiscard]] std::string printable(std::string_view text);
+
 /// True when `e` is a usage error (errc 1xx: bad input), which exits with
 /// status 2; every other error is a runtime error (status 1).
 [[nodiscard]] bool is_usage_error(const error& e) noexcept;

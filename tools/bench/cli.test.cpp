@@ -261,6 +261,20 @@ TEST(bench_cli, negative_zero_is_zero) {
   EXPECT_NE(f.error().message.find("capacity 0"), std::string::npos);
 }
 
+TEST(bench_cli, printable_escapes_control_bytes_and_bad_utf8) {
+  EXPECT_EQ(printable("plain 'text'"), "plain 'text'");
+  EXPECT_EQ(printable("cha\nt"), "cha\\nt");
+  EXPECT_EQ(printable("a\r\tb\x01\x7f"), "a\\r\\tb\\x01\\x7f");
+  EXPECT_EQ(printable(std::string_view("a\0b", 3)), "a\\x00b");
+  // Valid UTF-8 stays; stray, truncated, overlong and surrogate bytes do not.
+  EXPECT_EQ(printable("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"),
+            "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
+  EXPECT_EQ(printable("\xff\xc3"), "\\xff\\xc3");
+  EXPECT_EQ(printable("\xc0\xaf"), "\\xc0\\xaf");
+  EXPECT_EQ(printable("\xed\xa0\x80"), "\\xed\\xa0\\x80");
+  EXPECT_EQ(printable("\xe2\x82"), "\\xe2\\x82");
+}
+
 TEST(bench_cli, number_text_is_the_shortest_round_trip) {
   EXPECT_EQ(number_text(0.25), "0.25");
   EXPECT_EQ(number_text(1e-9), "1e-09");
