@@ -266,6 +266,56 @@ TEST(bench_app, an_error_is_one_line_whatever_the_value_holds) {
   EXPECT_NE(bytes.err.find("'\\xff\\x1b[31m'"), std::string::npos) << bytes.err;
 }
 
+// A temporary file holding `text`, removed at scope exit.
+class temp_file {
+public:
+  explicit temp_file(std::string_view text) {
+    char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+    const int fd = ::mkstemp(tmpl);
+    EXPECT_GE(fd, 0);
+    ::close(fd);
+    path_ = tmpl;
+    std::ofstream(path_) << text;
+  }
+  ~temp_file() { std::remove(path_.c_str()); }
+  temp_file(const temp_file&) = delete;
+  temp_file& operator=(const temp_file&) = delete;
+  [[nodiscard]] const std::string& path() const { return path_; }
+
+private:
+  std::string path_;
+};
+
+TEST(bench_app, a_trace_s_content_errors_are_runtime_errors) {
+  // Timestamps 10 and 2^64 - 1: past the simulated clock. The trace is at
+  // fault, not the command line: exit 1 (it was 2).
+  const temp_file far(
+      R"({"timestamp": 10, "input_length": 512, "output_length": 1, "hash_ids": [1]})"
+      "\n"
+      R"({"timestamp": 18446744073709551615, "input_length": 512, "output_length": 1, "hash_ids": [2]})"
+      "\n");
+  auto o = run({"routing", "--trace", far.path(), "--capacity-blocks", "4"});
+  EXPECT_EQ(o.status, exit_runtime_error) << o.err;
+  EXPECT_NE(o.err.find("arrives past the simulated clock's range"),
+            std::string::npos)
+      << o.err;
+  // No request with a whole block: the trace's content too.
+  const temp_file short_inputs(
+      R"({"timestamp": 0, "input_length": 511, "output_length": 1, "hash_ids": [1]})"
+      "\n");
+  for (std::string_view mode : {"engine", "routing"}) {
+    auto s =
+        run({mode, "--trace", short_inputs.path(), "--capacity-blocks", "4"});
+    EXPECT_EQ(s.status, exit_runtime_error) << mode << ": " << s.err;
+    EXPECT_NE(s.err.find("no request has a whole block"), std::string::npos)
+        << s.err;
+  }
+  // The same gap from a generated workload is the option's doing.
+  auto w = run({"routing", "--workload", "chat", "--requests", "20",
+                "--capacity-blocks", "4", "--rate-scale", "1e-300"});
+  EXPECT_EQ(w.status, exit_usage_error) << w.err;
+}
+
 TEST(bench_app, missing_trace_is_a_runtime_error) {
   auto o = run({"engine", "--trace", "/nonexistent/kvfleet.jsonl",
                 "--capacity-blocks", "5"});

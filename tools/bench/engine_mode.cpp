@@ -98,12 +98,14 @@ load_requests(const engine_options& opts, std::ostream& diag) {
       reqs->begin(), reqs->end(), [&](const engine::workload_request& r) {
         return r.input_length >= opts.block_tokens;
       });
+  // In a trace that is its content (exit status 1, as for any bad trace);
+  // a generated workload meets it only through --block-tokens.
   if (!any_block)
-    return make_error(errc::invalid_argument,
-                      "no request has a whole block of " +
-                          std::to_string(opts.block_tokens) +
-                          " tokens (--block-tokens): every input is "
-                          "shorter, so nothing could be cached");
+    return make_error(
+        opts.trace_path.empty() ? errc::invalid_argument : errc::parse_error,
+        "no request has a whole block of " + std::to_string(opts.block_tokens) +
+            " tokens (--block-tokens): every input is "
+            "shorter, so nothing could be cached");
   return reqs;
 }
 

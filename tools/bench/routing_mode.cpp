@@ -184,8 +184,11 @@ private:
         to_ns(static_cast<double>(done->computed_tokens) *
               opts_.base.prefill_us_per_token) +
         overhead_ns_;
+    // Only a trace's input lengths come near it: its content is at fault
+    // (exit status 1, as for any bad trace).
     if (service > std::numeric_limits<std::int64_t>::max() - now)
-      return make_error(errc::invalid_argument,
+      return make_error(opts_.base.trace_path.empty() ? errc::invalid_argument
+                                                      : errc::parse_error,
                         "request " + std::to_string(r) + " on engine " +
                             std::to_string(slot) +
                             " would end past the simulated clock's range "
@@ -351,8 +354,11 @@ static result<routing_report> run_routing_unguarded(
   for (const auto& r : ordered) {
     const double ns =
         static_cast<double>(r.timestamp_ms - first) * 1e6 / opts.rate_scale;
+    // A trace's timestamps are its content (exit status 1, as for any bad
+    // trace); a generated workload's only meet this with --rate-scale.
     if (!(ns < max_sim_ns))
-      return make_error(errc::invalid_argument,
+      return make_error(report.from_trace ? errc::parse_error
+                                          : errc::invalid_argument,
                         "a request " + std::to_string(r.timestamp_ms - first) +
                             " ms after the first, with --rate-scale " +
                             number_text(opts.rate_scale) +
