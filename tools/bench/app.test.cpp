@@ -316,6 +316,24 @@ TEST(bench_app, a_trace_s_content_errors_are_runtime_errors) {
   EXPECT_EQ(w.status, exit_usage_error) << w.err;
 }
 
+TEST(bench_app, capacity_errors_name_the_option_and_the_limit) {
+  // It said only "capacity is too large".
+  auto f = run({"engine", "--workload", "chat", "--requests", "20",
+                "--capacity-fraction", "1e30"});
+  EXPECT_EQ(f.status, exit_usage_error);
+  EXPECT_NE(f.err.find("option --capacity-fraction is too large: 1e+30 of a "
+                       "working set of "),
+            std::string::npos)
+      << f.err;
+  EXPECT_NE(f.err.find("which no machine has (at most "), std::string::npos)
+      << f.err;
+  auto r = run({"routing", "--workload", "chat", "--requests", "20",
+                "--capacity-fraction", "1e30"});
+  EXPECT_EQ(r.status, exit_usage_error);
+  EXPECT_NE(r.err.find("blocks over 4 engines is more than"), std::string::npos)
+      << r.err;
+}
+
 TEST(bench_app, missing_trace_is_a_runtime_error) {
   auto o = run({"engine", "--trace", "/nonexistent/kvfleet.jsonl",
                 "--capacity-blocks", "5"});

@@ -1,6 +1,7 @@
 #include "tools/bench/cli.hpp"
 
 #include "engine/workload.hpp"
+#include "tools/bench/engine_mode.hpp"
 
 #include <algorithm>
 #include <charconv>
@@ -67,7 +68,8 @@ Options:
                             the block size the trace was made with; N x L x
                             H x D x 2 (see --layout) must be a multiple of
                             64, the codecs' group size (N a multiple of 4
-                            with the default layout) [512]
+                            with the default layout), and a block at most
+                            1 GiB (N at most 33554432 with it) [512]
   --requests N              workload size, 1 to 5000000 (default: the
                             workload's own); with --trace, replay only the N
                             earliest requests (a trace is replayed in
@@ -208,16 +210,23 @@ unexpected<error> usage(std::string message) {
   return make_error(errc::invalid_argument, std::move(message));
 }
 
+// `text` as an integer of at most `max`, the option's own limit (not the
+// type's: --requests 99999999999999999999 said "at most 2^64 - 1" when
+// 5000000 was the limit); `why` (may be empty) explains the limit.
 template <class T>
-result<T> parse_unsigned(std::string_view option, std::string_view text) {
+result<T> parse_unsigned(std::string_view option, std::string_view text,
+                         T max = std::numeric_limits<T>::max(),
+                         std::string_view why = {}) {
   T value{};
   const char* first = text.data();
   const char* last = text.data() + text.size();
   const auto [ptr, ec] = std::from_chars(first, last, value);
-  if (ec == std::errc::result_out_of_range && ptr == last)
+  const bool too_large = ec == std::errc::result_out_of_range ||
+                         (ec == std::errc{} && value > max);
+  if (too_large && ptr == last)
     return usage("option " + std::string(option) + " is too large: '" +
-                 std::string(text) + "' (at most " +
-                 std::to_string(std::numeric_limits<T>::max()) + ")");
+                 std::string(text) + "' (at most " + std::to_string(max) +
+                 (why.empty() ? "" : " ") + std::string(why) + ")");
   if (text.empty() || ec != std::errc{} || ptr != last)
     return usage("option " + std::string(option) +
                  " needs a non-negative integer, got '" + std::string(text) +
@@ -309,6 +318,23 @@ std::string workload_list() {
   return out;
 }
 
+// Most tokens a block of `layout` may hold: namespace_spec::validate()
+// refuses a block over 1 GiB (fp16, keys and values: 4 bytes per token per
+// layer, head and dimension). 0 when not even one token fits.
+std::uint32_t max_block_tokens(const kv_layout& layout) {
+  constexpr std::uint64_t max_bytes = std::uint64_t{1} << 30;
+  std::uint64_t per_token = 4;
+  for (const std::uint64_t d :
+       {layout.layers, layout.kv_heads, layout.head_dim}) {
+    if (d == 0)
+      return std::numeric_limits<std::uint32_t>::max(); // validate() says why
+    if (per_token > max_bytes / d)
+      return 0;
+    per_token *= d;
+  }
+  return static_cast<std::uint32_t>(max_bytes / per_token);
+}
+
 bool is_valid_workload(std::string_view name) {
   const auto names = engine::workload_names();
   return std::find(names.begin(), names.end(), name) != names.end();
@@ -335,7 +361,12 @@ result<void> apply_option(engine_options& o, std::string_view name,
                    std::string(value) + "'");
     o.capacity_fraction = *f;
   } else if (name == "--capacity-blocks") {
-    auto n = parse_unsigned<std::size_t>(name, value);
+    // Applied after --layout and --block-tokens, which size a block.
+    const std::size_t slot = block_slot_bytes(bench_namespace(o));
+    auto n = parse_unsigned<std::size_t>(
+        name, value, std::numeric_limits<std::size_t>::max() / slot,
+        "blocks of " + std::to_string(slot) +
+            " bytes: more is past 64-bit addresses, which no machine has");
     if (!n)
       return unexpected<error>(n.error());
     if (*n == 0)
@@ -347,14 +378,26 @@ result<void> apply_option(engine_options& o, std::string_view name,
       return unexpected<error>(p.error());
     o.policies = std::move(*p);
   } else if (name == "--block-tokens") {
-    auto n = parse_unsigned<std::uint32_t>(name, value);
+    // Applied after --layout, which decides the limit.
+    const std::uint32_t most = max_block_tokens(o.layout);
+    const std::string layout_text = std::to_string(o.layout.layers) + "," +
+                                    std::to_string(o.layout.kv_heads) + "," +
+                                    std::to_string(o.layout.head_dim);
+    if (most == 0)
+      return usage("option --layout " + layout_text +
+                   " makes even a block of one token larger than the 1 GiB "
+                   "limit");
+    auto n = parse_unsigned<std::uint32_t>(name, value, most,
+                                           "with --layout " + layout_text +
+                                               ": a block holds at most 1 GiB");
     if (!n)
       return unexpected<error>(n.error());
     if (*n == 0)
       return usage("option --block-tokens must be at least 1");
     o.block_tokens = *n;
   } else if (name == "--requests") {
-    auto n = parse_unsigned<std::size_t>(name, value);
+    auto n =
+        parse_unsigned<std::size_t>(name, value, engine::max_workload_requests);
     if (!n)
       return unexpected<error>(n.error());
     if (*n == 0 || *n > engine::max_workload_requests)
@@ -405,7 +448,10 @@ result<void> apply_option(engine_options& o, std::string_view name,
       return usage("option --disk-dir needs a directory");
     o.disk_dir = std::string(value);
   } else if (name == "--disk-capacity-blocks") {
-    auto n = parse_unsigned<std::size_t>(name, value);
+    // Applied after --layout and --block-tokens, which size a block.
+    auto n = parse_unsigned<std::size_t>(
+        name, value, max_disk_capacity_blocks(bench_namespace(o)),
+        "blocks: their segment files' bytes must fit in 64 bits");
     if (!n)
       return unexpected<error>(n.error());
     if (*n == 0)
@@ -489,6 +535,8 @@ result<void> parse_options(std::span<const std::string_view> args,
   const std::string see =
       " (see kvfleet-bench " + std::string(mode) + " --help)";
   std::vector<std::string_view> seen;
+  // Valued options with their values, applied after the loop.
+  std::vector<std::pair<std::string_view, std::string_view>> given;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string_view arg = args[i];
     if (!arg.starts_with("--"))
@@ -520,7 +568,20 @@ result<void> parse_options(std::span<const std::string_view> args,
         return usage("option " + std::string(name) + " needs a value");
       value = args[++i];
     }
-    auto ok = is_extra ? apply(name, value) : apply_option(o, name, value);
+    given.emplace_back(name, value);
+  }
+  // --layout first, then --block-tokens: the limits of --block-tokens and
+  // of the capacities depend on the size of a block.
+  const auto rank = [](std::string_view name) {
+    return name == "--layout" ? 0 : name == "--block-tokens" ? 1 : 2;
+  };
+  std::stable_sort(given.begin(), given.end(),
+                   [&](const auto& a, const auto& b) {
+                     return rank(a.first) < rank(b.first);
+                   });
+  for (const auto& [name, value] : given) {
+    auto ok = contains(extra, name) ? apply(name, value)
+                                    : apply_option(o, name, value);
     if (!ok)
       return unexpected<error>(ok.error());
   }
@@ -585,7 +646,8 @@ result<command> parse_routing(std::span<const std::string_view> args) {
   const auto apply = [&r](std::string_view name,
                           std::string_view value) -> result<void> {
     if (name == "--engines") {
-      auto n = parse_unsigned<std::uint32_t>(name, value);
+      auto n = parse_unsigned<std::uint32_t>(
+          name, value, static_cast<std::uint32_t>(actors::router::max_slots));
       if (!n)
         return unexpected<error>(n.error());
       if (*n == 0 || *n > actors::router::max_slots)

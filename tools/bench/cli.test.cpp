@@ -5,6 +5,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace kvfleet::bench {
@@ -221,7 +222,10 @@ TEST(bench_cli, bad_values) {
   base("--requests", "0", "--requests must be in");
   base("--seed", "", "non-negative integer");
   base("--seed", "18446744073709551616", "--seed is too large");
-  base("--block-tokens", "99999999999", "at most 4294967295");
+  // The option's own limit, not its type's (4294967295 before).
+  base("--block-tokens", "99999999999",
+       "--block-tokens is too large: '99999999999' (at most 33554432 with "
+       "--layout 1,1,8");
   base("--on-bad-line", "ignore", "skip or reject");
   base("--compression", "yes", "on or off");
   base("--layout", "1,1", "three positive integers");
@@ -237,6 +241,45 @@ TEST(bench_cli, bad_values) {
   expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
                       "--low-watermark", "1e-7", "--high-watermark", "1e-8"},
                      "(got low 1e-07, high 1e-08)");
+}
+
+TEST(bench_cli, too_large_names_the_option_s_own_limit) {
+  // Before, each said its type's limit: 18446744073709551615, 4294967295.
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--requests", "99999999999999999999"},
+                     "--requests is too large: '99999999999999999999' (at "
+                     "most 5000000)");
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--requests", "5000001"},
+                     "(at most 5000000)");
+  expect_usage_error({"routing", "--workload", "chat", "--capacity-blocks", "5",
+                      "--engines", "4294967296"},
+                     "--engines is too large: '4294967296' (at most 64)");
+  // Inside uint32 but past the 1 GiB block: the same message, not the
+  // namespace's.
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--block-tokens", "33554436"},
+                     "(at most 33554432 with --layout 1,1,8");
+  // The limit follows --layout, wherever it stands on the line.
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--block-tokens", "99999999999", "--layout", "1,1,16"},
+                     "(at most 16777216 with --layout 1,1,16");
+  auto most = parse({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                     "--block-tokens", "33554432"});
+  ASSERT_TRUE(most) << most.error().describe();
+  EXPECT_EQ(most->engine.block_tokens, 33554432U);
+  // A capacity past 64-bit addresses: no machine could hold it.
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks",
+                      "18446744073709551615"},
+                     "(at most 1125899906842623 blocks of 16384 bytes: more "
+                     "is past 64-bit addresses, which no machine has)");
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks",
+                      "99999999999999999999999"},
+                     "(at most 1125899906842623 blocks");
+  expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                      "--disk-dir", "/tmp", "--disk-capacity-blocks",
+                      "99999999999999999999"},
+                     "--disk-capacity-blocks is too large");
 }
 
 TEST(bench_cli, negative_zero_is_zero) {

@@ -125,9 +125,30 @@ result<std::size_t> capacity_in_blocks(const engine_options& opts,
                           " of a working set of " +
                           std::to_string(working_set_blocks) +
                           " blocks rounds to 0 blocks");
-  if (n >= static_cast<double>(std::numeric_limits<std::size_t>::max()))
-    return make_error(errc::value_too_large, "capacity is too large");
+  const std::size_t slot = block_slot_bytes(bench_namespace(opts));
+  const std::size_t most = std::numeric_limits<std::size_t>::max() / slot;
+  if (n > static_cast<double>(most))
+    return make_error(
+        errc::value_too_large,
+        capacity_fraction_too_large(f, working_set_blocks, "", most, slot));
   return static_cast<std::size_t>(n);
+}
+
+std::string capacity_fraction_too_large(double fraction,
+                                        std::size_t working_set_blocks,
+                                        std::string_view per,
+                                        std::size_t most_blocks,
+                                        std::size_t slot_bytes) {
+  return "option --capacity-fraction is too large: " + number_text(fraction) +
+         " of a working set of " + std::to_string(working_set_blocks) +
+         " blocks" + std::string(per) + " is more than " +
+         std::to_string(most_blocks) + " blocks of " +
+         std::to_string(slot_bytes) +
+         " bytes, past 64-bit addresses, which no machine has (at most " +
+         number_text(static_cast<double>(most_blocks) /
+                     static_cast<double>(
+                         std::max<std::size_t>(1, working_set_blocks))) +
+         (per.empty() ? "" : " per engine") + ")";
 }
 
 std::size_t block_slot_bytes(const engine::namespace_spec& spec) {
@@ -158,6 +179,17 @@ result<std::uint64_t> disk_capacity_bytes(const engine::namespace_spec& spec,
   return blocks * record + segments * header;
 }
 
+std::size_t max_disk_capacity_blocks(const engine::namespace_spec& spec) {
+  const std::uint64_t payload =
+      engine::encoded_size(engine::codec::none, spec.elements_per_block());
+  // disk_capacity_bytes' bound: a record and a segment header per block.
+  const std::uint64_t most =
+      std::numeric_limits<std::uint64_t>::max() /
+      (engine::record_header_bytes + payload + engine::segment_header_bytes);
+  return static_cast<std::size_t>(
+      std::min<std::uint64_t>(most, std::numeric_limits<std::size_t>::max()));
+}
+
 result<engine::store_config> make_store_config(const engine_options& opts,
                                                engine::policy_kind policy,
                                                std::size_t capacity_blocks) {
@@ -165,10 +197,14 @@ result<engine::store_config> make_store_config(const engine_options& opts,
   if (capacity_blocks == 0)
     return make_error(errc::zero_capacity, "capacity 0 blocks");
   if (capacity_blocks > std::numeric_limits<std::size_t>::max() / slot)
-    return make_error(errc::value_too_large,
-                      "a capacity of " + std::to_string(capacity_blocks) +
-                          " blocks of " + std::to_string(slot) +
-                          " bytes does not fit in memory");
+    return make_error(
+        errc::value_too_large,
+        "a capacity of " + std::to_string(capacity_blocks) + " blocks of " +
+            std::to_string(slot) +
+            " bytes does not fit in 64-bit addresses: no "
+            "machine could hold it (at most " +
+            std::to_string(std::numeric_limits<std::size_t>::max() / slot) +
+            " blocks)");
   engine::store_config cfg;
   cfg.capacity_bytes = capacity_blocks * slot;
   cfg.slab_bytes = slab_blocks_for(capacity_blocks, max_slab_blocks) * slot;
@@ -177,6 +213,19 @@ result<engine::store_config> make_store_config(const engine_options& opts,
   cfg.policy = policy;
   cfg.adaptive_compression = opts.compression;
   return cfg;
+}
+
+result<std::unique_ptr<engine::block_store>>
+create_store(const engine::store_config& cfg, std::size_t capacity_blocks) {
+  auto store = engine::block_store::create(cfg);
+  // Said as such: a capacity this machine cannot give is a runtime error
+  // (exit 1), unlike one no machine could hold (exit 2, make_store_config).
+  if (!store && store.error().code == errc::out_of_memory)
+    return make_error(errc::out_of_memory,
+                      "this machine cannot give a store of " +
+                          std::to_string(capacity_blocks) +
+                          " blocks its memory: " + store.error().message);
+  return store;
 }
 
 // simulate_policy without its out-of-memory guard.
@@ -209,7 +258,7 @@ simulate_policy_unguarded(const engine_options& opts,
       }
     }
   } remove_disk_dir{&disk_dir};
-  auto store = engine::block_store::create(*cfg);
+  auto store = create_store(*cfg, capacity_blocks);
   if (!store)
     return unexpected<error>(store.error());
   if (!opts.disk_dir.empty()) {

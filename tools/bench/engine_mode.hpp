@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <memory>
 #include <new>
 #include <span>
 #include <string>
@@ -107,6 +108,14 @@ load_requests(const engine_options& opts, std::ostream& diag);
 [[nodiscard]] result<std::size_t>
 capacity_in_blocks(const engine_options& opts, std::size_t working_set_blocks);
 
+/// The message for a --capacity-fraction `fraction` of `working_set_blocks`
+/// (`per`: "" or " over N engines") that is more than `most_blocks` blocks
+/// of `slot_bytes`, the most 64-bit addresses hold.
+[[nodiscard]] std::string
+capacity_fraction_too_large(double fraction, std::size_t working_set_blocks,
+                            std::string_view per, std::size_t most_blocks,
+                            std::size_t slot_bytes);
+
 /// Bytes of the slot one uncompressed block of `spec` occupies.
 [[nodiscard]] std::size_t block_slot_bytes(const engine::namespace_spec& spec);
 
@@ -119,12 +128,22 @@ capacity_in_blocks(const engine_options& opts, std::size_t working_set_blocks);
 disk_capacity_bytes(const engine::namespace_spec& spec, std::size_t blocks,
                     std::uint64_t segment_bytes);
 
+/// Largest disk tier capacity in blocks of `spec` that disk_capacity_bytes
+/// accepts: its segment files' bytes fit in 64 bits.
+[[nodiscard]] std::size_t
+max_disk_capacity_blocks(const engine::namespace_spec& spec);
+
 /// The store configuration for `capacity_blocks` blocks and `policy`
 /// (next_use is left empty). errc::value_too_large when the capacity does
-/// not fit in memory addresses.
+/// not fit in 64-bit memory addresses (no machine could hold it).
 [[nodiscard]] result<engine::store_config>
 make_store_config(const engine_options& opts, engine::policy_kind policy,
                   std::size_t capacity_blocks);
+
+/// block_store::create(cfg), whose errc::out_of_memory (this machine cannot
+/// give the memory of `capacity_blocks` blocks: exit status 1) says so.
+[[nodiscard]] result<std::unique_ptr<engine::block_store>>
+create_store(const engine::store_config& cfg, std::size_t capacity_blocks);
 
 /// Replays `keys` through a fresh store with `policy`. `progress` (may be
 /// empty) is called after each request with the number done.

@@ -41,7 +41,7 @@ result<replay_result> replay(const prefetch_options& opts,
   auto cfg = make_store_config(opts.base, opts.eviction, capacity_blocks);
   if (!cfg)
     return unexpected<error>(cfg.error());
-  auto store = engine::block_store::create(*cfg);
+  auto store = create_store(*cfg, capacity_blocks);
   if (!store)
     return unexpected<error>(store.error());
   engine::namespace_options ns_opts;

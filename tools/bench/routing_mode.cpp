@@ -92,7 +92,7 @@ public:
           std::erase(e.stored, k);
         }
       };
-      auto store = engine::block_store::create(*cfg);
+      auto store = create_store(*cfg, capacity_blocks);
       if (!store)
         return unexpected<error>(store.error());
       e.store = std::move(*store);
@@ -273,8 +273,14 @@ result<std::size_t> engine_capacity_in_blocks(const routing_options& opts,
                           std::to_string(working_set_blocks) + " blocks over " +
                           std::to_string(opts.engines) +
                           " engines rounds to 0 blocks per engine");
-  if (n >= static_cast<double>(std::numeric_limits<std::size_t>::max()))
-    return make_error(errc::value_too_large, "capacity is too large");
+  const std::size_t slot = block_slot_bytes(bench_namespace(opts.base));
+  const std::size_t most = std::numeric_limits<std::size_t>::max() / slot;
+  if (n > static_cast<double>(most))
+    return make_error(errc::value_too_large,
+                      capacity_fraction_too_large(
+                          f, working_set_blocks,
+                          " over " + std::to_string(opts.engines) + " engines",
+                          most, slot));
   return static_cast<std::size_t>(n);
 }
 
