@@ -30,10 +30,20 @@ Usage:
   kvfleet-bench prefetch [options] predictive prefetch on chat: useful and
                                    wasted prefetches
   kvfleet-bench --help             this text
-  kvfleet-bench MODE --help        that mode's options
+  kvfleet-bench MODE --help        that mode's options (also: help MODE)
 
-Exit status: 0 success, 1 runtime error (bad trace, I/O), 2 usage error,
-130/143 interrupted by SIGINT/SIGTERM (the run cleans up and stops).
+An option's value is the next argument or follows '=' (--seed 7,
+--seed=7). A next argument that starts with "--" is never a value: write a
+value that starts with "--" after '=' (--trace=--odd-name). -h and --help
+ask for help where an option may stand (not as a value), whatever else the
+line holds.
+
+Exit status: 0 success; 1 runtime error (a trace's content or lines, I/O,
+this machine lacking the memory, a disk tier that refused or failed spills:
+said after the report); 2 usage error (bad option or value, or a capacity
+past 64-bit addresses, which no machine could hold); 130/143 interrupted by
+SIGINT/SIGTERM (the run cleans up and stops). Every error is one line on
+stderr starting with "kvfleet-bench:".
 )";
 
 constexpr std::string_view engine_help_text =
@@ -564,8 +574,13 @@ result<void> parse_options(std::span<const std::string_view> args,
     if (eq != std::string_view::npos) {
       value = arg.substr(eq + 1);
     } else {
-      if (i + 1 >= args.size())
-        return usage("option " + std::string(name) + " needs a value");
+      // An option is never a value: `--trace --json` took "--json" as the
+      // file name.
+      if (i + 1 >= args.size() || args[i + 1].starts_with("--"))
+        return usage("option " + std::string(name) +
+                     " needs a value (a value that starts with '--' is "
+                     "written " +
+                     std::string(name) + "=VALUE)");
       value = args[++i];
     }
     given.emplace_back(name, value);
@@ -588,11 +603,22 @@ result<void> parse_options(std::span<const std::string_view> args,
   return check_complete(o, no_input);
 }
 
-bool wants_help(std::span<const std::string_view> args) {
-  // Asking for help wins over any mistake elsewhere on the line.
-  return std::any_of(args.begin(), args.end(), [](std::string_view a) {
-    return a == "--help" || a == "-h";
-  });
+// Whether `args` ask for help: "--help" or "-h" where an option may stand,
+// not as the value of an option that takes one (`--trace -h` names a file
+// "-h"); `extra` are the mode's own valued options. Asking for help wins
+// over any mistake elsewhere on the line.
+bool wants_help(std::span<const std::string_view> args,
+                std::span<const std::string_view> extra = {}) {
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string_view a = args[i];
+    if (a == "--help" || a == "-h")
+      return true;
+    // The next argument is this option's value (parse_options' rule).
+    if ((contains(valued_options, a) || contains(extra, a)) &&
+        i + 1 < args.size() && !args[i + 1].starts_with("--"))
+      ++i;
+  }
+  return false;
 }
 
 result<command> parse_engine(std::span<const std::string_view> args) {
@@ -629,11 +655,6 @@ constexpr std::string_view disk_options[] = {"--disk-dir",
                                              "--disk-capacity-blocks"};
 
 result<command> parse_routing(std::span<const std::string_view> args) {
-  if (wants_help(args))
-    return command{command_kind::routing_help, {}, {}, {}};
-  command cmd;
-  cmd.kind = command_kind::routing;
-  routing_options& r = cmd.routing;
   static constexpr std::string_view extra[] = {"--engines",
                                                "--policies",
                                                "--eviction",
@@ -643,6 +664,11 @@ result<command> parse_routing(std::span<const std::string_view> args) {
                                                "--max-credit",
                                                "--backlog-margin",
                                                "--overload-credit-factor"};
+  if (wants_help(args, extra))
+    return command{command_kind::routing_help, {}, {}, {}};
+  command cmd;
+  cmd.kind = command_kind::routing;
+  routing_options& r = cmd.routing;
   const auto apply = [&r](std::string_view name,
                           std::string_view value) -> result<void> {
     if (name == "--engines") {
@@ -710,13 +736,13 @@ result<command> parse_routing(std::span<const std::string_view> args) {
 }
 
 result<command> parse_prefetch(std::span<const std::string_view> args) {
-  if (wants_help(args))
+  static constexpr std::string_view extra[] = {
+      "--eviction", "--threshold", "--max-round", "--session-timeout-s"};
+  if (wants_help(args, extra))
     return command{command_kind::prefetch_help, {}, {}, {}};
   command cmd;
   cmd.kind = command_kind::prefetch;
   prefetch_options& p = cmd.prefetch;
-  static constexpr std::string_view extra[] = {
-      "--eviction", "--threshold", "--max-round", "--session-timeout-s"};
   static constexpr std::string_view excluded[] = {
       "--disk-dir", "--disk-capacity-blocks", "--policies",
       "--trace",    "--on-bad-line",          "--prefill-us-per-token"};
@@ -770,8 +796,17 @@ result<command> parse_command_line(std::span<const std::string_view> args) {
   if (args.empty())
     return usage("no mode given (see kvfleet-bench --help)");
   const std::string_view mode = args[0];
-  if (mode == "--help" || mode == "-h" || mode == "help")
-    return command{command_kind::help, {}, {}, {}};
+  if (mode == "--help" || mode == "-h" || mode == "help") {
+    // `help engine` is `engine --help`; anything else after the help
+    // request is ignored, as a mode's help ignores the rest of its line.
+    const std::string_view topic = args.size() > 1 ? args[1] : "";
+    const command_kind kind = topic == "engine"    ? command_kind::engine_help
+                              : topic == "routing" ? command_kind::routing_help
+                              : topic == "prefetch"
+                                  ? command_kind::prefetch_help
+                                  : command_kind::help;
+    return command{kind, {}, {}, {}};
+  }
   if (mode == "engine")
     return parse_engine(args.subspan(1));
   if (mode == "routing")

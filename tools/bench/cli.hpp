@@ -4,7 +4,10 @@
 /// Parsing never prints and never exits: it returns the command or an error
 /// whose code is in the "bad input" range (errc 1xx), which the program
 /// reports as a usage error (exit status 2). Options take their value as the
-/// next argument or after '=' (`--seed 7`, `--seed=7`).
+/// next argument or after '=' (`--seed 7`, `--seed=7`); a next argument
+/// that starts with "--" is never a value (`--trace --json` is a missing
+/// value), so such a value is written after '=' (`--trace=--json`).
+/// "-h" and "--help" ask for help only where an option may stand.
 /// Thread safety: free functions on values.
 
 #include "actors/router.hpp"

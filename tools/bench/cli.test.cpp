@@ -304,6 +304,53 @@ TEST(bench_cli, negative_zero_is_zero) {
   EXPECT_NE(f.error().message.find("capacity 0"), std::string::npos);
 }
 
+TEST(bench_cli, values_and_help_by_position) {
+  // -h where a value stands is that value, not a request for help.
+  auto t = parse({"engine", "--trace", "-h", "--capacity-blocks", "5"});
+  ASSERT_TRUE(t) << t.error().describe();
+  EXPECT_EQ(t->kind, command_kind::engine);
+  EXPECT_EQ(t->engine.trace_path, "-h");
+  auto d = parse({"engine", "--workload", "chat", "--capacity-blocks", "5",
+                  "--disk-dir", "-h"});
+  ASSERT_TRUE(d) << d.error().describe();
+  EXPECT_EQ(d->kind, command_kind::engine);
+  EXPECT_EQ(d->engine.disk_dir, "-h");
+  auto rs = parse({"routing", "--workload", "chat", "--capacity-blocks", "5",
+                   "--rate-scale", "-h"});
+  ASSERT_FALSE(rs);
+  EXPECT_NE(rs.error().message.find("--rate-scale needs a number, got '-h'"),
+            std::string::npos)
+      << rs.error().message;
+  // An option is never a value: "--json" was taken as the trace's name.
+  expect_usage_error({"engine", "--trace", "--json", "--capacity-blocks", "5"},
+                     "option --trace needs a value (a value that starts with "
+                     "'--' is written --trace=VALUE)");
+  expect_usage_error({"routing", "--workload", "chat", "--capacity-blocks", "5",
+                      "--engines", "--json"},
+                     "option --engines needs a value");
+  auto eq = parse({"engine", "--trace=--json", "--capacity-blocks", "5"});
+  ASSERT_TRUE(eq) << eq.error().describe();
+  EXPECT_EQ(eq->engine.trace_path, "--json");
+  // So `--trace --help` asks for help: --help is no value either.
+  auto h = parse({"engine", "--trace", "--help"});
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->kind, command_kind::engine_help);
+  // help MODE is MODE --help; the rest of a help line is ignored.
+  const std::pair<std::vector<std::string_view>, command_kind> cases[] = {
+      {{"help", "engine"}, command_kind::engine_help},
+      {{"--help", "routing"}, command_kind::routing_help},
+      {{"-h", "prefetch", "--bogus"}, command_kind::prefetch_help},
+      {{"help"}, command_kind::help},
+      {{"--help", "garbage", "--bogus"}, command_kind::help},
+      {{"engine", "--bogus", "-h"}, command_kind::engine_help},
+  };
+  for (const auto& [args, kind] : cases) {
+    auto cmd = parse_command_line(args);
+    ASSERT_TRUE(cmd) << args[0];
+    EXPECT_EQ(cmd->kind, kind) << args[0] << " " << args.size();
+  }
+}
+
 TEST(bench_cli, printable_escapes_control_bytes_and_bad_utf8) {
   EXPECT_EQ(printable("plain 'text'"), "plain 'text'");
   EXPECT_EQ(printable("cha\nt"), "cha\\nt");
