@@ -4,11 +4,15 @@
 ///
 /// Results go to `out` only; help goes to `out`; errors, trace problems and
 /// the progress bar go to `err`. Exit status: 0 success, 1 runtime error
-/// (bad trace under --on-bad-line reject, I/O, the store failing), 2 usage
-/// error (bad option or value, unknown workload or policy, capacity 0),
-/// 128 + the signal when a run stopped for request_interrupt()
+/// (a trace's content, or a bad line under --on-bad-line reject, I/O, the
+/// store failing, this machine lacking the memory; and, after the report,
+/// a disk tier that refused or failed spills), 2 usage error (bad option
+/// or value, unknown workload or policy, capacity 0 or past 64-bit
+/// addresses), 128 + the signal when a run stopped for request_interrupt()
 /// (interrupt.hpp; 130 for SIGINT).
 /// Not thread-safe with respect to the streams.
+
+#include "tools/bench/cli.hpp"
 
 #include <iosfwd>
 #include <span>
@@ -19,6 +23,13 @@ namespace kvfleet::bench {
 inline constexpr int exit_ok = 0;
 inline constexpr int exit_runtime_error = 1;
 inline constexpr int exit_usage_error = 2;
+
+/// Runs `kvfleet-bench engine` with `opts` (parsed, or a test's with its
+/// hooks): prints the report, then, when the disk tier refused or failed
+/// any spill, one line saying so on `err` and returns exit_runtime_error.
+[[nodiscard]] int run_engine_command(const engine_options& opts,
+                                     std::ostream& out, std::ostream& err,
+                                     bool err_is_terminal);
 
 /// Runs kvfleet-bench with `args` (the arguments after the program name).
 /// `err_is_terminal` allows the progress bar on `err`.

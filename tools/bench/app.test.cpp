@@ -1,5 +1,6 @@
 #include "tools/bench/app.hpp"
 
+#include "engine/disk/disk_tier.hpp"
 #include "tools/bench/engine_mode.hpp"
 #include "tools/bench/interrupt.hpp"
 #include "tools/bench/prefetch_mode.hpp"
@@ -332,6 +333,79 @@ TEST(bench_app, capacity_errors_name_the_option_and_the_limit) {
   EXPECT_EQ(r.status, exit_usage_error);
   EXPECT_NE(r.err.find("blocks over 4 engines is more than"), std::string::npos)
       << r.err;
+}
+
+// The test-only hook makes every write of the disk tier find the file
+// system full (ENOSPC), as a --disk-dir that fills up does.
+engine_options full_disk_options(const std::string& dir) {
+  const std::vector<std::string_view> args{
+      "engine",       "--workload",        "chat", "--requests",
+      "300",          "--capacity-blocks", "20",   "--policies",
+      "lru,lfu",      "--disk-dir",        dir,    "--json",
+      "--no-progress"};
+  auto cmd = parse_command_line(args);
+  EXPECT_TRUE(cmd) << cmd.error().describe();
+  engine_options o = cmd->engine;
+  o.disk_config_for_testing = [](engine::disk_tier_config& c) {
+    c.write_fault_for_testing = [] { return ENOSPC; };
+    c.free_bytes_for_testing = [] { return std::uint64_t{0}; };
+  };
+  return o;
+}
+
+TEST(bench_app, a_disk_that_refuses_spills_is_reported_and_fails_the_run) {
+  // A full file system gave "spills": 190 (8051 on a free one), invalid
+  // disk hit ratios, nothing in the report and exit status 0.
+  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  std::ostringstream out;
+  std::ostringstream err;
+  const int status =
+      run_engine_command(full_disk_options(tmpl), out, err, false);
+  EXPECT_EQ(status, exit_runtime_error) << err.str();
+  const nlohmann::json j = nlohmann::json::parse(out.str());
+  ASSERT_EQ(j.at("results").size(), 2U);
+  std::uint64_t failed = 0;
+  for (const auto& r : j.at("results")) {
+    EXPECT_GT(r.at("spill_failures").get<std::uint64_t>(), 0U) << r;
+    EXPECT_EQ(r.at("spills").get<std::uint64_t>(), 0U) << r;
+    EXPECT_GT(r.at("spills_refused_full").get<std::uint64_t>() +
+                  r.at("spill_errors").get<std::uint64_t>(),
+              0U)
+        << r;
+    EXPECT_TRUE(r.at("disk_full").get<bool>()) << r;
+    failed += r.at("spill_failures").get<std::uint64_t>();
+  }
+  // One line, after the report, naming the count and the reason.
+  const std::string e = err.str();
+  EXPECT_EQ(e.find("kvfleet-bench: the disk tier refused or failed " +
+                   std::to_string(failed) + " spills (lru: "),
+            0U)
+      << e;
+  EXPECT_NE(e.find("file system full"), std::string::npos) << e;
+  EXPECT_NE(e.find("; the disk figures are not valid\n"), std::string::npos)
+      << e;
+  EXPECT_EQ(std::count(e.begin(), e.end(), '\n'), 1) << e;
+  EXPECT_TRUE(std::filesystem::is_empty(tmpl));
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST(bench_app, a_disk_that_takes_every_spill_reports_no_failures) {
+  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  engine_options o = full_disk_options(tmpl);
+  o.disk_config_for_testing = {};
+  std::ostringstream out;
+  std::ostringstream err;
+  EXPECT_EQ(run_engine_command(o, out, err, false), exit_ok) << err.str();
+  EXPECT_TRUE(err.str().empty()) << err.str();
+  const nlohmann::json j = nlohmann::json::parse(out.str());
+  for (const auto& r : j.at("results")) {
+    EXPECT_GT(r.at("spills").get<std::uint64_t>(), 0U) << r;
+    EXPECT_EQ(r.at("spill_failures"), 0U) << r;
+    EXPECT_EQ(r.at("disk_full"), false) << r;
+  }
+  std::filesystem::remove_all(tmpl);
 }
 
 TEST(bench_app, missing_trace_is_a_runtime_error) {

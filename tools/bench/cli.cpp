@@ -105,7 +105,10 @@ Options:
                             blocks spill to it and hits on it are promoted
                             back; the report then shows hits by tier
   --disk-capacity-blocks N  disk tier capacity in uncompressed blocks; needs
-                            --disk-dir [4 x the memory capacity]
+                            --disk-dir [4 x the memory capacity]; not
+                            checked against the file system's free space:
+                            when it fills up, spills are refused, the report
+                            counts them and the exit status is 1
   --no-progress             never draw the progress bar (it is drawn on
                             stderr, only when stderr is a terminal, for runs
                             longer than a second)
@@ -115,10 +118,18 @@ Output (table, or with --json one object):
   {"workload", "requests", "block_tokens", "working_set_blocks",
    "capacity_blocks", "results": [{"policy", "token_hit_ratio",
    "block_hit_ratio", "p50_us", "p95_us", "p99_us", "prefill_saved_s"}]}
+  and with --disk-dir per result "memory_token_hit_ratio",
+  "disk_token_hit_ratio", "spills", "spill_failures", "spills_refused_full",
+  "spills_refused_capacity", "spills_refused_busy", "spill_errors",
+  "disk_full"
   token_hit_ratio  prompt tokens served from cache / all prompt tokens
   block_hit_ratio  matched full blocks / all full blocks
   pNN_us           per-request latency of the store's process() call
   prefill_saved_s  prefill cost of the matched tokens, summed, in seconds
+  spill_failures   spills the disk tier refused (file system full, capacity
+                   pinned, disk behind) or failed to write: when nonzero,
+                   a line on stderr says the disk figures are not valid
+                   and the exit status is 1
 )";
 
 constexpr std::string_view routing_help_text =

@@ -18,11 +18,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
+
+namespace kvfleet::engine {
+struct disk_tier_config;
+} // namespace kvfleet::engine
 
 namespace kvfleet::bench {
 
@@ -61,6 +66,10 @@ struct engine_options {
   /// Disk tier capacity in uncompressed blocks (--disk-capacity-blocks);
   /// 0: four times the memory capacity.
   std::size_t disk_capacity_blocks = 0;
+  /// Test hook: edits the disk tier's configuration before it opens (its
+  /// fault hooks make the file system look full or failing). Never set by
+  /// the command line.
+  std::function<void(engine::disk_tier_config&)> disk_config_for_testing;
 };
 
 /// Everything `kvfleet-bench routing` was asked to do. `base` carries the

@@ -283,6 +283,8 @@ simulate_policy_unguarded(const engine_options& opts,
     if (!bytes)
       return unexpected<error>(bytes.error());
     dc.capacity_bytes = *bytes;
+    if (opts.disk_config_for_testing)
+      opts.disk_config_for_testing(dc);
     auto tier = engine::disk_tier::open(dc);
     if (!tier)
       return unexpected<error>(tier.error());
@@ -322,7 +324,24 @@ simulate_policy_unguarded(const engine_options& opts,
     if (progress)
       progress(r + 1);
   }
+  if (engine::disk_tier* disk = (*store)->disk(); disk != nullptr) {
+    // Spills still queued may yet be refused or fail: their answers are
+    // counted (poll_disk) only once the tier has written them.
+    if (!disk->wait_idle())
+      return make_error(errc::io_error,
+                        "the disk tier under policy " +
+                            std::string(engine::to_string(policy)) +
+                            " did not finish its writes within 60 s");
+    (*store)->poll_disk();
+    const engine::disk_tier_stats ds = disk->stats();
+    out.spills_refused_full = ds.spills_refused_full;
+    out.spills_refused_capacity = ds.spills_refused_capacity;
+    out.spills_refused_busy = ds.spills_refused_busy;
+    out.spill_errors = ds.spill_errors;
+    out.disk_full = ds.full;
+  }
   const engine::store_stats& st = (*store)->stats();
+  out.spill_failures = st.spill_failures;
   out.token_hit_ratio = ratio(out.matched_tokens, out.input_tokens);
   out.disk = !opts.disk_dir.empty();
   out.disk_token_hit_ratio = ratio(st.disk_token_hits, out.input_tokens);

@@ -52,6 +52,16 @@ struct policy_result {
   bool disk = false;                 ///< a disk tier was below memory
   double disk_token_hit_ratio = 0.0; ///< tokens served from disk / input
   std::uint64_t spills = 0;          ///< blocks written to disk
+  /// Spills the disk tier refused or failed to write (store_stats::
+  /// spill_failures, counted once the tier finished its writes): while
+  /// nonzero the disk figures are not what the policy would get.
+  std::uint64_t spill_failures = 0;
+  // Of the disk tier's refusals and failures (disk_tier_stats):
+  std::uint64_t spills_refused_full = 0;     ///< the file system was full
+  std::uint64_t spills_refused_capacity = 0; ///< pinned blocks filled it
+  std::uint64_t spills_refused_busy = 0;     ///< too many writes queued
+  std::uint64_t spill_errors = 0;            ///< write or checksum errors
+  bool disk_full = false; ///< the tier found the file system full
 };
 
 struct engine_report {
@@ -146,7 +156,10 @@ make_store_config(const engine_options& opts, engine::policy_kind policy,
 create_store(const engine::store_config& cfg, std::size_t capacity_blocks);
 
 /// Replays `keys` through a fresh store with `policy`. `progress` (may be
-/// empty) is called after each request with the number done.
+/// empty) is called after each request with the number done. With a disk
+/// tier it waits for the tier's writes at the end, so that every refused
+/// or failed spill is counted. errc::out_of_memory when this machine
+/// cannot give the store its memory.
 [[nodiscard]] result<policy_result>
 simulate_policy(const engine_options& opts, engine::policy_kind policy,
                 const request_keys& keys, std::size_t capacity_blocks,

@@ -47,6 +47,14 @@ std::string to_json(const engine_report& report) {
       j["memory_token_hit_ratio"] = r.token_hit_ratio - r.disk_token_hit_ratio;
       j["disk_token_hit_ratio"] = r.disk_token_hit_ratio;
       j["spills"] = r.spills;
+      // Nonzero: the disk figures are not valid (the program says so and
+      // exits 1).
+      j["spill_failures"] = r.spill_failures;
+      j["spills_refused_full"] = r.spills_refused_full;
+      j["spills_refused_capacity"] = r.spills_refused_capacity;
+      j["spills_refused_busy"] = r.spills_refused_busy;
+      j["spill_errors"] = r.spill_errors;
+      j["disk_full"] = r.disk_full;
     }
     results.push_back(std::move(j));
   }
@@ -96,6 +104,20 @@ std::string to_table(const engine_report& report) {
                   100.0 * (r.token_hit_ratio - r.disk_token_hit_ratio),
                   100.0 * r.disk_token_hit_ratio,
                   static_cast<unsigned long long>(r.spills));
+    out += line;
+    if (r.spill_failures == 0)
+      continue;
+    std::snprintf(line, sizeof line,
+                  "%-10s %llu spills refused or failed (file system full "
+                  "%llu, capacity pinned %llu, disk behind %llu, write "
+                  "errors %llu)%s: the disk figures are not valid\n",
+                  name.c_str(),
+                  static_cast<unsigned long long>(r.spill_failures),
+                  static_cast<unsigned long long>(r.spills_refused_full),
+                  static_cast<unsigned long long>(r.spills_refused_capacity),
+                  static_cast<unsigned long long>(r.spills_refused_busy),
+                  static_cast<unsigned long long>(r.spill_errors),
+                  r.disk_full ? ", the file system is full" : "");
     out += line;
   }
   return out;

@@ -15,7 +15,11 @@ namespace kvfleet::bench {
 /// The report as one JSON object:
 /// {"workload", "requests", "block_tokens", "working_set_blocks",
 ///  "capacity_blocks", "results": [{"policy", "token_hit_ratio",
-///  "block_hit_ratio", "p50_us", "p95_us", "p99_us", "prefill_saved_s"}]}.
+///  "block_hit_ratio", "p50_us", "p95_us", "p99_us", "prefill_saved_s"}]};
+/// with a disk tier each result adds "memory_token_hit_ratio",
+/// "disk_token_hit_ratio", "spills", "spill_failures",
+/// "spills_refused_full", "spills_refused_capacity", "spills_refused_busy",
+/// "spill_errors" and "disk_full".
 [[nodiscard]] std::string to_json(const engine_report& report);
 
 /// The report as a human-readable table, ending with a newline.
