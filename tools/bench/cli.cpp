@@ -39,8 +39,8 @@ ask for help where an option may stand (not as a value), whatever else the
 line holds.
 
 Exit status: 0 success; 1 runtime error (a trace's content or lines, I/O,
-this machine lacking the memory, a disk tier that refused or failed spills:
-said after the report); 2 usage error (bad option or value, or a capacity
+this machine lacking the memory, a disk tier that failed spills (a busy
+disk's refusals are only a warning): said after the report); 2 usage error (bad option or value, or a capacity
 past 64-bit addresses, which no machine could hold); 130/143 interrupted by
 SIGINT/SIGTERM (the run cleans up and stops). Every error is one line on
 stderr starting with "kvfleet-bench:".

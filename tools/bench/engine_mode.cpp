@@ -425,4 +425,8 @@ pass_progress(const progress_fn& progress, std::string_view name,
   };
 }
 
+std::uint64_t failed_spills(const policy_result& r) noexcept {
+  return r.spill_failures - std::min(r.spills_refused_busy, r.spill_failures);
+}
+
 } // namespace kvfleet::bench

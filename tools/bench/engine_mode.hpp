@@ -53,8 +53,8 @@ struct policy_result {
   double disk_token_hit_ratio = 0.0; ///< tokens served from disk / input
   std::uint64_t spills = 0;          ///< blocks written to disk
   /// Spills the disk tier refused or failed to write (store_stats::
-  /// spill_failures, counted once the tier finished its writes): while
-  /// nonzero the disk figures are not what the policy would get.
+  /// spill_failures, counted once the tier finished its writes), busy
+  /// refusals included: see failed_spills().
   std::uint64_t spill_failures = 0;
   // Of the disk tier's refusals and failures (disk_tier_stats):
   std::uint64_t spills_refused_full = 0;     ///< the file system was full
@@ -63,6 +63,13 @@ struct policy_result {
   std::uint64_t spill_errors = 0;            ///< write or checksum errors
   bool disk_full = false; ///< the tier found the file system full
 };
+
+/// The spills that make a run's disk figures invalid: spill_failures less
+/// the refusals because the disk was behind (spills_refused_busy). Those
+/// are the tier shedding load as designed on a disk slower than the
+/// workload; they lower the disk figures as they would in service, so they
+/// are reported (and warned about) but are not an error.
+[[nodiscard]] std::uint64_t failed_spills(const policy_result& r) noexcept;
 
 struct engine_report {
   std::string workload; ///< workload name or trace path

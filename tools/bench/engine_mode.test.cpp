@@ -99,6 +99,20 @@ TEST(engine_mode, a_disk_tier_only_adds_hits_and_reports_them_by_tier) {
   std::filesystem::remove(tmpl);
 }
 
+TEST(engine_mode, spills_refused_while_the_disk_was_behind_are_not_failures) {
+  policy_result r;
+  EXPECT_EQ(failed_spills(r), 0U);
+  r.spill_failures = 7;
+  r.spills_refused_busy = 7; // all load shedding
+  EXPECT_EQ(failed_spills(r), 0U);
+  r.spills_refused_full = 2;
+  r.spill_errors = 1;
+  r.spill_failures = 10; // 7 busy, 2 full, 1 write error
+  EXPECT_EQ(failed_spills(r), 3U);
+  r.spills_refused_busy = 12; // more than counted: never below 0
+  EXPECT_EQ(failed_spills(r), 0U);
+}
+
 TEST(engine_mode, a_disk_capacity_past_64_bits_is_an_error) {
   char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
   ASSERT_NE(::mkdtemp(tmpl), nullptr);
