@@ -313,9 +313,20 @@ private:
   std::array<bool, 4> seen_{};
 };
 
+/// The UTF-8 byte order mark: allowed at the start of the file only.
+constexpr std::string_view utf8_bom = "\xEF\xBB\xBF";
+
 /// Parses one non-blank line; on failure `problem` says why.
 bool parse_line(std::string_view line, std::uint32_t block_tokens,
                 workload_request& out, std::string& problem) {
+  // nlohmann skips a byte order mark at the start of each input, and each
+  // line is an input of its own: without this, a BOM would pass at the
+  // start of any line. The file's own BOM was removed before.
+  if (line.starts_with(utf8_bom)) {
+    problem = "a byte order mark (EF BB BF) is allowed only at the start "
+              "of the file";
+    return false;
+  }
   // nlohmann's lexer takes a NUL byte for the end of its input (a C string's
   // terminator): a line cut short by one would pass, whatever followed it
   // (a NUL-padded file after a crash) silently dropped. JSON has no raw NUL.
@@ -451,6 +462,8 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
         return make_error(errc::unavailable, "read stopped after line " +
                                                  std::to_string(report.lines));
       ++report.lines;
+      if (report.lines == 1 && line.starts_with(utf8_bom))
+        line.erase(0, utf8_bom.size());
       workload_request req;
       if (status == line_status::too_long) {
         problem = "line longer than " + std::to_string(opts.max_line_bytes) +

@@ -11,8 +11,9 @@
 /// [0, 2^32 - 1], `hash_ids` a non-empty array of integers in [0, 2^64 - 1].
 /// When `trace_options::block_tokens` is set, `hash_ids` must also hold
 /// exactly ceil(input_length / block_tokens) ids. A field given twice and a
-/// line longer than `max_line_bytes` are malformed too. `session` of every
-/// request read is 0.
+/// line longer than `max_line_bytes` are malformed too, and so is a line
+/// that starts with a UTF-8 byte order mark (EF BB BF), except the file's
+/// first line: one there is dropped. `session` of every request read is 0.
 ///
 /// Timestamps may go backwards: such lines are accepted and counted in
 /// `trace_report::out_of_order`, and the requests are returned sorted stably

@@ -459,6 +459,43 @@ TEST(trace_reader, stop_ends_a_line_that_never_ends) {
   EXPECT_EQ(report.lines, 0U);
 }
 
+TEST(trace_reader, a_byte_order_mark_is_allowed_at_the_start_of_the_file) {
+  const std::string bom = "\xEF\xBB\xBF";
+  auto o = read(bom + good_line + "\n" + good_line + "\n");
+  ASSERT_TRUE(o.got.has_value()) << o.got.error().describe();
+  EXPECT_EQ(o.got->size(), 2U);
+  // A BOM alone on the first line leaves a blank line.
+  o = read(bom + "\n" + good_line + "\n");
+  ASSERT_TRUE(o.got.has_value()) << o.got.error().describe();
+  EXPECT_EQ(o.got->size(), 1U);
+  EXPECT_EQ(o.report.blank, 1U);
+}
+
+TEST(trace_reader, a_byte_order_mark_elsewhere_is_a_bad_line) {
+  // nlohmann skips a BOM at the start of each input, and each line was
+  // parsed as one: a BOM at the start of line 2 passed, 2 requests read.
+  const std::string bom = "\xEF\xBB\xBF";
+  const std::string why =
+      "a byte order mark (EF BB BF) is allowed only at the start of the file";
+  auto o = read(good_line + "\n" + bom + good_line + "\n");
+  ASSERT_FALSE(o.got.has_value());
+  EXPECT_EQ(o.got.error().code, errc::parse_error);
+  EXPECT_EQ(o.got.error().message, "line 2: " + why);
+
+  o = read(good_line + "\n" + bom + good_line + "\n" + good_line + "\n",
+           bad_line_action::skip);
+  ASSERT_TRUE(o.got.has_value()) << o.got.error().describe();
+  EXPECT_EQ(o.got->size(), 2U);
+  EXPECT_EQ(o.report.skipped, 1U);
+  ASSERT_EQ(o.report.problems.size(), 1U);
+  EXPECT_EQ(o.report.problems[0], "line 2: " + why);
+
+  // Two at the start of the file: the second is not the file's.
+  o = read(bom + bom + good_line + "\n");
+  ASSERT_FALSE(o.got.has_value());
+  EXPECT_EQ(o.got.error().message, "line 1: " + why);
+}
+
 TEST(trace_reader, checks_id_count_when_block_size_is_given) {
   trace_options opts;
   opts.block_tokens = 512;
