@@ -456,6 +456,10 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
                                               std::to_string(report.lines) +
                                               ": " + e.what());
       }
+      // A read blocked on a pipe with no data sees the stop only when the
+      // writer closes: that end is the stop's, not the trace's.
+      if (status == line_status::end && opts.stop && opts.stop())
+        status = line_status::stopped;
       if (status == line_status::end)
         break;
       if (status == line_status::stopped)

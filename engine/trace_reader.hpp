@@ -55,11 +55,12 @@ struct trace_options {
   /// a line whose id count is not ceil(input_length / block_tokens) is
   /// malformed. 0 skips the check.
   std::uint32_t block_tokens = 0;
-  /// Asked before each line and after each 64 KiB of a long line; true
-  /// stops the read with `errc::unavailable` (e.g. a signal handler's flag,
-  /// so an endless or huge input can be interrupted). A read blocked on
-  /// its stream (a pipe with no data) sees it once the stream answers.
-  /// Empty: never stops.
+  /// Asked before each line, after each 64 KiB of a long line and at the
+  /// end of the input; true stops the read with `errc::unavailable` (e.g. a
+  /// signal handler's flag, so an endless or huge input can be
+  /// interrupted). A read blocked on its stream (a pipe with no data) sees
+  /// it once the stream answers, data or end: a stop seen at the end is
+  /// still a stop, not an empty trace. Empty: never stops.
   std::function<bool()> stop;
 };
 

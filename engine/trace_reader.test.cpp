@@ -459,6 +459,48 @@ TEST(trace_reader, stop_ends_a_line_that_never_ends) {
   EXPECT_EQ(report.lines, 0U);
 }
 
+/// A pipe whose writer sends nothing and closes once the reader was told
+/// to stop (as a signal handler would, while the read is blocked).
+class stopped_while_blocked_buf : public std::streambuf {
+public:
+  explicit stopped_while_blocked_buf(bool& stop) : stop_(&stop) {}
+
+private:
+  int_type underflow() override {
+    *stop_ = true;
+    return traits_type::eof();
+  }
+  bool* stop_;
+};
+
+TEST(trace_reader, a_stop_while_blocked_on_an_empty_pipe_is_a_stop) {
+  // The read only ended when the writer closed; it then returned an empty
+  // trace, and the bench said "has no requests" to a SIGTERM.
+  bool stop = false;
+  stopped_while_blocked_buf buf(stop);
+  std::istream in(&buf);
+  trace_options opts;
+  opts.stop = [&stop] { return stop; };
+  trace_report report;
+  const auto got = read_trace(in, opts, report);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::unavailable);
+  EXPECT_EQ(got.error().message, "read stopped after line 0");
+  EXPECT_EQ(report.lines, 0U);
+}
+
+TEST(trace_reader, a_stop_at_the_end_of_the_input_is_a_stop) {
+  std::istringstream in(good_line + "\n");
+  trace_options opts;
+  int asked = 0;
+  opts.stop = [&asked] { return ++asked > 2; }; // line 1, then its end
+  trace_report report;
+  const auto got = read_trace(in, opts, report);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().message, "read stopped after line 1");
+  EXPECT_EQ(asked, 3);
+}
+
 TEST(trace_reader, a_byte_order_mark_is_allowed_at_the_start_of_the_file) {
   const std::string bom = "\xEF\xBB\xBF";
   auto o = read(bom + good_line + "\n" + good_line + "\n");
