@@ -558,7 +558,7 @@ TEST(trace_reader, checks_id_count_when_block_size_is_given) {
 }
 
 TEST(trace_reader, round_trips_a_generated_workload) {
-  auto made = generate_workload("chat", {128, 3, 200});
+  auto made = generate_workload("chat", {128, 3, 200, {}});
   ASSERT_TRUE(made.has_value());
   std::string text;
   for (auto& r : *made) {

@@ -1,6 +1,7 @@
 #include "engine/workload.hpp"
 
 #include "engine/internal/le.hpp"
+#include "engine/internal/stop_poll.hpp"
 
 #include <xxhash.h>
 
@@ -251,15 +252,14 @@ void chat_session(rng& r, block_id_maker& ids, double arrival_ms,
   }
 }
 
-std::vector<workload_request> make_chat(rng& r, block_id_maker& ids,
-                                        std::size_t n) {
+bool make_chat(rng& r, block_id_maker& ids, std::size_t n,
+               internal::stop_poll& poll, std::vector<workload_request>& out) {
   std::vector<segment> systems;
   for (std::size_t i = 0; i < chat_system_weights.size(); ++i)
     systems.push_back(ids.make_segment(static_cast<std::uint32_t>(
         r.uniform_int(chat_system_min, chat_system_max))));
   const discrete_sampler pick_system{chat_system_weights};
 
-  std::vector<workload_request> out;
   out.reserve(n + n / 8);
   double t = 0.0;
   std::uint64_t session = 0;
@@ -270,6 +270,8 @@ std::vector<workload_request> make_chat(rng& r, block_id_maker& ids,
   bool cut_known = false;
   std::uint64_t cut_ms = 0;
   for (;;) {
+    if (poll.stopped(out.size()))
+      return false;
     t += r.exponential(ms_per_s / chat_sessions_per_s);
     if (cut_known && static_cast<std::uint64_t>(t) > cut_ms)
       break;
@@ -292,7 +294,7 @@ std::vector<workload_request> make_chat(rng& r, block_id_maker& ids,
                      return a.timestamp_ms < b.timestamp_ms;
                    });
   out.resize(n);
-  return out;
+  return true;
 }
 
 // ---- shared-prefix ---------------------------------------------------------
@@ -320,17 +322,19 @@ std::uint32_t output_tokens(rng& r, double median) {
   return to_tokens(r.lognormal(median, output_sigma), output_min, output_max);
 }
 
-std::vector<workload_request> make_shared_prefix(rng& r, block_id_maker& ids,
-                                                 std::size_t n) {
+bool make_shared_prefix(rng& r, block_id_maker& ids, std::size_t n,
+                        internal::stop_poll& poll,
+                        std::vector<workload_request>& out) {
   std::vector<segment> groups;
   for (std::size_t g = 0; g < shared_groups; ++g)
     groups.push_back(ids.make_segment(
         log_uniform_tokens(r, shared_prefix_min, shared_prefix_max)));
   const auto pick_group = discrete_sampler::zipf(shared_groups, shared_zipf_s);
-  std::vector<workload_request> out;
   out.reserve(n);
   double t = 0.0;
   for (std::size_t i = 0; i < n; ++i) {
+    if (poll.stopped(i))
+      return false;
     t += r.exponential(ms_per_s / shared_requests_per_s);
     const segment prefix = groups[pick_group.sample(r)];
     const segment suffix = ids.make_segment(
@@ -339,7 +343,7 @@ std::vector<workload_request> make_shared_prefix(rng& r, block_id_maker& ids,
     out.push_back(make_request(t, 0, prompt,
                                output_tokens(r, shared_output_median), ids));
   }
-  return out;
+  return true;
 }
 
 // ---- doc-qa ----------------------------------------------------------------
@@ -355,18 +359,20 @@ constexpr std::uint32_t docqa_question_min = 50;
 constexpr std::uint32_t docqa_question_max = 300;
 constexpr double docqa_output_median = 150.0;
 
-std::vector<workload_request> make_doc_qa(rng& r, block_id_maker& ids,
-                                          std::size_t n) {
+bool make_doc_qa(rng& r, block_id_maker& ids, std::size_t n,
+                 internal::stop_poll& poll,
+                 std::vector<workload_request>& out) {
   const segment instruction = ids.make_segment(docqa_instruction);
   std::vector<segment> docs;
   for (std::size_t d = 0; d < docqa_documents; ++d)
     docs.push_back(
         ids.make_segment(log_uniform_tokens(r, docqa_doc_min, docqa_doc_max)));
   const auto pick_doc = discrete_sampler::zipf(docqa_documents, docqa_zipf_s);
-  std::vector<workload_request> out;
   out.reserve(n);
   double t = 0.0;
   for (std::size_t i = 0; i < n; ++i) {
+    if (poll.stopped(i))
+      return false;
     t += r.exponential(ms_per_s / docqa_requests_per_s);
     const segment doc = docs[pick_doc.sample(r)];
     const segment question = ids.make_segment(static_cast<std::uint32_t>(
@@ -375,7 +381,7 @@ std::vector<workload_request> make_doc_qa(rng& r, block_id_maker& ids,
     out.push_back(
         make_request(t, 0, prompt, output_tokens(r, docqa_output_median), ids));
   }
-  return out;
+  return true;
 }
 
 // ---- no-reuse --------------------------------------------------------------
@@ -386,23 +392,29 @@ constexpr double noreuse_min = 500.0;
 constexpr double noreuse_max = 8'192.0;
 constexpr double noreuse_output_median = 250.0;
 
-std::vector<workload_request> make_no_reuse(rng& r, block_id_maker& ids,
-                                            std::size_t n) {
-  std::vector<workload_request> out;
+bool make_no_reuse(rng& r, block_id_maker& ids, std::size_t n,
+                   internal::stop_poll& poll,
+                   std::vector<workload_request>& out) {
   out.reserve(n);
   double t = 0.0;
   for (std::size_t i = 0; i < n; ++i) {
+    if (poll.stopped(i))
+      return false;
     t += r.exponential(ms_per_s / noreuse_requests_per_s);
     const std::array<segment, 1> prompt{
         ids.make_segment(log_uniform_tokens(r, noreuse_min, noreuse_max))};
     out.push_back(make_request(t, 0, prompt,
                                output_tokens(r, noreuse_output_median), ids));
   }
-  return out;
+  return true;
 }
 
-using generator = std::vector<workload_request> (*)(rng&, block_id_maker&,
-                                                    std::size_t);
+// Appends the workload's `n` requests to its last argument and returns
+// true, or returns false as soon as the poll says stop (asked with the number
+// of requests made so far).
+using generator = bool (*)(rng&, block_id_maker&, std::size_t,
+                           internal::stop_poll&,
+                           std::vector<workload_request>&);
 
 struct workload_kind {
   std::string_view name;
@@ -455,7 +467,14 @@ generate_workload(std::string_view name, const workload_options& opts) {
         XXH3_64bits_withSeed(name.data(), name.size(), opts.seed);
     rng r{salt};
     block_id_maker ids{salt, opts.block_tokens};
-    return kind->make(r, ids, n);
+    internal::stop_poll poll{opts.stop};
+    std::vector<workload_request> out;
+    if (!kind->make(r, ids, n, poll, out))
+      return make_error(errc::unavailable,
+                        "workload generation stopped after " +
+                            std::to_string(std::min(out.size(), n)) + " of " +
+                            std::to_string(n) + " requests");
+    return out;
   } catch (const std::bad_alloc&) {
     return make_error(errc::out_of_memory, "not enough memory for workload '" +
                                                std::string(name) + "' with " +
@@ -463,8 +482,9 @@ generate_workload(std::string_view name, const workload_options& opts) {
   }
 }
 
-std::size_t working_set_blocks(std::span<const workload_request> reqs,
-                               std::uint32_t block_tokens) {
+result<std::size_t> working_set_blocks(std::span<const workload_request> reqs,
+                                       std::uint32_t block_tokens,
+                                       const std::function<bool()>& stop) {
   // A trie of prefixes: node (parent, id) -> node number; 0 is the root.
   struct edge {
     std::uint64_t parent;
@@ -481,18 +501,31 @@ std::size_t working_set_blocks(std::span<const workload_request> reqs,
     }
   };
   std::unordered_map<edge, std::uint64_t, edge_hash> nodes;
-  for (const workload_request& q : reqs) {
+  internal::stop_poll poll{stop};
+  std::size_t ids_seen = 0;
+  for (std::size_t r = 0; r < reqs.size(); ++r) {
+    const workload_request& q = reqs[r];
     std::size_t full = q.hash_ids.size();
     if (block_tokens != 0)
       full = std::min<std::size_t>(full, q.input_length / block_tokens);
     std::uint64_t parent = 0;
     for (std::size_t i = 0; i < full; ++i) {
+      // Asked per id, not per request: one trace line may hold millions.
+      if (poll.stopped(ids_seen++))
+        return make_error(errc::unavailable,
+                          "stopped after " + std::to_string(r) + " of " +
+                              std::to_string(reqs.size()) + " requests");
       const auto next = static_cast<std::uint64_t>(nodes.size()) + 1;
       parent =
           nodes.try_emplace(edge{parent, q.hash_ids[i]}, next).first->second;
     }
   }
   return nodes.size();
+}
+
+std::size_t working_set_blocks(std::span<const workload_request> reqs,
+                               std::uint32_t block_tokens) {
+  return *working_set_blocks(reqs, block_tokens, {});
 }
 
 } // namespace kvfleet::engine

@@ -1,9 +1,13 @@
 #include "engine/workload.hpp"
 
+#include "engine/internal/stop_poll.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
@@ -16,7 +20,7 @@ namespace {
 std::vector<workload_request> make(std::string_view name, std::size_t n,
                                    std::uint32_t block_tokens = 512,
                                    std::uint64_t seed = 42) {
-  auto got = generate_workload(name, {block_tokens, seed, n});
+  auto got = generate_workload(name, {block_tokens, seed, n, {}});
   EXPECT_TRUE(got.has_value()) << got.error().describe();
   return got ? std::move(got).value() : std::vector<workload_request>{};
 }
@@ -68,11 +72,11 @@ TEST(workload, unknown_name_lists_the_valid_ones) {
 }
 
 TEST(workload, rejects_bad_options) {
-  const auto zero = generate_workload("chat", {0, 42, 10});
+  const auto zero = generate_workload("chat", {0, 42, 10, {}});
   ASSERT_FALSE(zero.has_value());
   EXPECT_EQ(zero.error().code, errc::invalid_argument);
   const auto huge =
-      generate_workload("chat", {512, 42, max_workload_requests + 1});
+      generate_workload("chat", {512, 42, max_workload_requests + 1, {}});
   ASSERT_FALSE(huge.has_value());
   EXPECT_EQ(huge.error().code, errc::invalid_argument);
 }
@@ -310,6 +314,104 @@ TEST(workload, working_set_counts_distinct_full_block_prefixes) {
   EXPECT_EQ(working_set_blocks(reqs, bt), 6U);
   EXPECT_EQ(working_set_blocks(reqs, 0), 8U); // every id counts
   EXPECT_EQ(working_set_blocks({}, bt), 0U);
+}
+
+/// A stop predicate that says stop from its `stop_at`-th call on, and
+/// counts its calls.
+struct counting_stop {
+  std::size_t stop_at;
+  std::size_t calls = 0;
+  std::function<bool()> fn() {
+    return [this] { return ++calls >= stop_at; };
+  }
+};
+
+/// The N in "... stopped after N of M requests".
+std::size_t stopped_after(const std::string& message) {
+  const auto at = message.find("after ");
+  if (at == std::string::npos)
+    return std::string::npos;
+  return std::stoul(message.substr(at + 6));
+}
+
+TEST(workload, stop_ends_generation_within_a_few_thousand_requests) {
+  // A run of 5,000,000 chat requests spent tens of seconds here deaf to
+  // Ctrl-C: nothing asked the stop flag before the replay.
+  constexpr std::size_t n = 20'000;
+  for (const std::string_view name : workload_names()) {
+    SCOPED_TRACE(std::string(name));
+    counting_stop stop{3};
+    workload_options opts;
+    opts.requests = n;
+    opts.stop = stop.fn();
+    const auto got = generate_workload(name, opts);
+    ASSERT_FALSE(got.has_value());
+    EXPECT_EQ(got.error().code, errc::unavailable);
+    EXPECT_EQ(stop.calls, 3U) << "stops at the first yes";
+    const std::size_t made = stopped_after(got.error().message);
+    EXPECT_GE(made, 2 * internal::stop_poll_items) << got.error().message;
+    // Asked every 4,096 requests (a chat session adds at most 64 more).
+    EXPECT_LE(made, 2 * (internal::stop_poll_items + 64))
+        << got.error().message;
+  }
+}
+
+TEST(workload, stop_is_asked_before_the_first_request) {
+  counting_stop stop{1};
+  workload_options opts;
+  opts.requests = 10;
+  opts.stop = stop.fn();
+  const auto got = generate_workload("chat", opts);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::unavailable);
+  EXPECT_EQ(got.error().message,
+            "workload generation stopped after 0 of 10 requests");
+  EXPECT_EQ(stop.calls, 1U);
+}
+
+TEST(workload, a_stop_that_never_says_yes_changes_nothing) {
+  constexpr std::size_t n = 20'000;
+  for (const std::string_view name : workload_names()) {
+    SCOPED_TRACE(std::string(name));
+    counting_stop stop{std::numeric_limits<std::size_t>::max()};
+    workload_options opts;
+    opts.requests = n;
+    opts.stop = stop.fn();
+    const auto got = generate_workload(name, opts);
+    ASSERT_TRUE(got.has_value()) << got.error().describe();
+    EXPECT_EQ(*got, make(name, n));
+    EXPECT_GE(stop.calls, n / (internal::stop_poll_items + 64));
+  }
+}
+
+TEST(workload, stop_ends_the_working_set_count_within_a_few_thousand_ids) {
+  const auto reqs = make("chat", 5'000);
+  std::size_t ids = 0;
+  for (const auto& r : reqs)
+    ids += full_blocks(r, 512);
+  ASSERT_GT(ids, 3 * internal::stop_poll_items);
+
+  counting_stop stop{3};
+  const auto got = working_set_blocks(reqs, 512, stop.fn());
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::unavailable);
+  EXPECT_EQ(stop.calls, 3U);
+  // Two polls of 4,096 ids: fewer requests than that, and not all.
+  const std::size_t counted = stopped_after(got.error().message);
+  EXPECT_LE(counted, 2 * internal::stop_poll_items) << got.error().message;
+  EXPECT_LT(counted, reqs.size()) << got.error().message;
+
+  counting_stop never{std::numeric_limits<std::size_t>::max()};
+  const auto all = working_set_blocks(reqs, 512, never.fn());
+  ASSERT_TRUE(all.has_value());
+  EXPECT_EQ(*all, working_set_blocks(reqs, 512));
+  EXPECT_EQ(never.calls,
+            (ids + internal::stop_poll_items - 1) / internal::stop_poll_items);
+
+  counting_stop at_once{1};
+  const auto none = working_set_blocks(reqs, 512, at_once.fn());
+  ASSERT_FALSE(none.has_value());
+  EXPECT_EQ(none.error().message, "stopped after 0 of 5000 requests");
 }
 
 } // namespace

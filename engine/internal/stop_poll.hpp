@@ -1,0 +1,38 @@
+#pragma once
+// Asks a stop predicate (a signal handler's flag, behind a std::function)
+// from a long loop often enough that a stop is seen within a fraction of a
+// second, but not once per item: the loops it serves do a few hash or map
+// operations per item, and a std::function call each time would show.
+
+#include <cstddef>
+#include <functional>
+
+namespace kvfleet::engine::internal {
+
+/// How many items a long loop handles between two questions to `stop`.
+inline constexpr std::size_t stop_poll_items = 4096;
+
+class stop_poll {
+public:
+  /// `stop` (may be empty: never stops) must outlive the poll.
+  explicit stop_poll(const std::function<bool()>& stop,
+                     std::size_t every = stop_poll_items) noexcept
+      : stop_(stop ? &stop : nullptr), every_(every == 0 ? 1 : every) {}
+
+  /// True when `stop` said so. `done`, the items handled so far, must not
+  /// decrease between calls; `stop` is asked at the first call and then
+  /// whenever `done` has grown by `every` or more since it was last asked.
+  [[nodiscard]] bool stopped(std::size_t done) {
+    if (stop_ == nullptr || done < next_)
+      return false;
+    next_ = done + every_;
+    return (*stop_)();
+  }
+
+private:
+  const std::function<bool()>* stop_;
+  std::size_t every_;
+  std::size_t next_ = 0;
+};
+
+} // namespace kvfleet::engine::internal
