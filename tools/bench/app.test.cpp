@@ -207,6 +207,15 @@ struct interrupted_scope {
   interrupted_scope& operator=(const interrupted_scope&) = delete;
 };
 
+// A progress callback that requests an interrupt after the first request
+// of the replay, as a signal arriving mid-replay would.
+progress_fn interrupt_after_first_request(int signal) {
+  return [signal](std::size_t done, std::size_t, const std::string&) {
+    if (done == 1)
+      request_interrupt(signal);
+  };
+}
+
 TEST(bench_modes, an_interrupted_run_stops_and_removes_its_disk_directory) {
   // Killed by SIGINT or SIGTERM in the middle, a run left its --disk-dir
   // subdirectory (up to 4 x the memory capacity of segment files) behind.
@@ -222,28 +231,100 @@ TEST(bench_modes, an_interrupted_run_stops_and_removes_its_disk_directory) {
   e.policies = {engine::policy_kind::lru};
   e.disk_dir = tmpl;
   {
-    const interrupted_scope stop(SIGTERM);
-    auto r = run_engine(e, *reqs, "chat");
+    auto r =
+        run_engine(e, *reqs, "chat", interrupt_after_first_request(SIGTERM));
+    clear_interrupt();
     ASSERT_FALSE(r);
-    EXPECT_NE(r.error().message.find("interrupted after 0 of 50 requests"),
-              std::string::npos)
-        << r.error().message;
+    EXPECT_EQ(r.error().message, "interrupted after 1 of 50 requests");
     routing_options ro;
     ro.base = e;
     ro.base.disk_dir.clear();
-    auto rr = run_routing(ro, *reqs, "chat");
+    auto rr =
+        run_routing(ro, *reqs, "chat", interrupt_after_first_request(SIGTERM));
+    clear_interrupt();
     ASSERT_FALSE(rr);
-    EXPECT_NE(rr.error().message.find("interrupted"), std::string::npos);
+    EXPECT_NE(rr.error().message.find("interrupted after"), std::string::npos)
+        << rr.error().message;
     prefetch_options po;
     po.base = ro.base;
-    auto pr = run_prefetch(po, *reqs, "chat");
+    auto pr =
+        run_prefetch(po, *reqs, "chat", interrupt_after_first_request(SIGTERM));
+    clear_interrupt();
     ASSERT_FALSE(pr);
-    EXPECT_NE(pr.error().message.find("interrupted"), std::string::npos);
+    EXPECT_EQ(pr.error().message, "interrupted after 1 of 50 requests");
   }
   EXPECT_TRUE(std::filesystem::is_empty(tmpl));
   auto again = run_engine(e, *reqs, "chat");
   EXPECT_TRUE(again) << "the flag is cleared: " << again.error().describe();
   std::filesystem::remove_all(tmpl);
+}
+
+TEST(bench_modes, an_interrupt_before_the_replay_stops_the_set_up) {
+  // Counting the working set and computing the keys of 5,000,000 chat
+  // requests took tens of seconds, deaf to the flag: only the replay
+  // asked it ("interrupted after 0 of ... requests" once set up).
+  engine::workload_options wo;
+  wo.requests = 50;
+  const auto reqs = engine::generate_workload("chat", wo);
+  ASSERT_TRUE(reqs) << reqs.error().describe();
+  engine_options e;
+  e.workload = "chat";
+  e.capacity_blocks = 16;
+  e.policies = {engine::policy_kind::lru};
+  const interrupted_scope stop(SIGINT);
+  const std::string want = "interrupted while counting the working set";
+  auto r = run_engine(e, *reqs, "chat");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::unavailable);
+  EXPECT_EQ(r.error().message, want);
+  routing_options ro;
+  ro.base = e;
+  auto rr = run_routing(ro, *reqs, "chat");
+  ASSERT_FALSE(rr);
+  EXPECT_EQ(rr.error().message, want);
+  prefetch_options po;
+  po.base = e;
+  auto pr = run_prefetch(po, *reqs, "chat");
+  ASSERT_FALSE(pr);
+  EXPECT_EQ(pr.error().message, want);
+  // The workload itself is not made either.
+  std::ostringstream diag;
+  auto loaded = load_requests(e, diag);
+  ASSERT_FALSE(loaded);
+  EXPECT_EQ(loaded.error().message,
+            "interrupted while generating workload 'chat'");
+}
+
+TEST(bench_app, an_interrupt_while_generating_exits_with_128_plus_the_signal) {
+  const interrupted_scope stop(SIGTERM);
+  auto o = run({"engine", "--workload", "chat", "--requests", "20",
+                "--capacity-blocks", "50", "--policies", "lru"});
+  EXPECT_EQ(o.status, 128 + SIGTERM);
+  EXPECT_TRUE(o.out.empty()) << o.out;
+  EXPECT_EQ(o.err,
+            "kvfleet-bench: interrupted while generating workload 'chat'\n");
+}
+
+TEST(bench_app, an_interrupted_trace_read_says_interrupted) {
+  // The reader's own words were "trace file '...': read stopped after
+  // line 0"; a stopped run now says "interrupted" whatever step it was in.
+  // (The FIFO case, a stop seen only at the end, is the reader's test.)
+  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  const std::string path = dir + "/trace.jsonl";
+  std::ofstream(path)
+      << R"({"timestamp": 0, "input_length": 1024, "output_length": 1, )"
+      << R"("hash_ids": [1, 2]})" << '\n';
+  {
+    const interrupted_scope stop(SIGINT);
+    auto o = run({"engine", "--trace", path, "--capacity-blocks", "5"});
+    EXPECT_EQ(o.status, 128 + SIGINT);
+    EXPECT_TRUE(o.out.empty()) << o.out;
+    EXPECT_EQ(o.err, "kvfleet-bench: interrupted while reading trace file '" +
+                         path + "' (after line 0)\n");
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(bench_app, an_interrupted_run_exits_with_128_plus_the_signal) {

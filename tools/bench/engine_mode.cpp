@@ -54,14 +54,22 @@ read_or_generate(const engine_options& opts, std::ostream& diag) {
     wo.block_tokens = opts.block_tokens;
     wo.seed = opts.seed;
     wo.requests = opts.requests;
-    return engine::generate_workload(opts.workload, wo);
+    wo.stop = stop_on_interrupt();
+    auto reqs = engine::generate_workload(opts.workload, wo);
+    if (!reqs && reqs.error().code == errc::unavailable)
+      return interrupted_while("generating workload '" + opts.workload + "'");
+    return reqs;
   }
   engine::trace_options to;
   to.on_bad_line = opts.on_bad_line;
   to.block_tokens = opts.block_tokens;
-  to.stop = [] { return interrupt_requested(); };
+  to.stop = stop_on_interrupt();
   engine::trace_report report;
   auto reqs = engine::read_trace_file(opts.trace_path, to, report);
+  if (!reqs && reqs.error().code == errc::unavailable)
+    return interrupted_while("reading trace file '" + opts.trace_path +
+                             "' (after line " + std::to_string(report.lines) +
+                             ")");
   if (!reqs)
     return reqs; // the error names the file and the line
   for (const std::string& p : report.problems)
@@ -241,7 +249,10 @@ simulate_policy_unguarded(const engine_options& opts,
   // oracle function.
   std::optional<next_use_oracle> oracle;
   if (policy == engine::policy_kind::belady) {
-    oracle.emplace(keys);
+    auto built = next_use_oracle::build(keys, stop_on_interrupt());
+    if (!built)
+      return interrupted_while("building the belady oracle");
+    oracle.emplace(std::move(*built));
     cfg->next_use = oracle->as_function();
   }
   // A disk tier in a fresh directory of its own, removed when the run ends.
@@ -381,15 +392,21 @@ run_engine_unguarded(const engine_options& opts,
   report.from_trace = !opts.trace_path.empty();
   report.requests = reqs.size();
   report.block_tokens = opts.block_tokens;
-  report.working_set_blocks =
-      engine::working_set_blocks(reqs, opts.block_tokens);
+  auto ws =
+      engine::working_set_blocks(reqs, opts.block_tokens, stop_on_interrupt());
+  if (!ws)
+    return interrupted_while("counting the working set");
+  report.working_set_blocks = *ws;
   auto cap = capacity_in_blocks(opts, report.working_set_blocks);
   if (!cap)
     return unexpected<error>(cap.error());
   report.capacity_blocks = *cap;
 
-  const request_keys keys = make_request_keys(
-      reqs, bench_namespace(opts).fingerprint(), opts.block_tokens);
+  auto made = make_request_keys(reqs, bench_namespace(opts).fingerprint(),
+                                opts.block_tokens, stop_on_interrupt());
+  if (!made)
+    return interrupted_while("computing the block keys");
+  const request_keys keys = std::move(*made);
   for (std::size_t i = 0; i < opts.policies.size(); ++i) {
     const engine::policy_kind policy = opts.policies[i];
     const auto step = pass_progress(progress, engine::to_string(policy), i,

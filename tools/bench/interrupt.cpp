@@ -29,4 +29,13 @@ unexpected<error> interrupted_error(std::size_t done, std::size_t total) {
                                            std::to_string(total) + " requests");
 }
 
+std::function<bool()> stop_on_interrupt() {
+  return [] { return interrupt_requested(); };
+}
+
+unexpected<error> interrupted_while(std::string_view what) {
+  return make_error(errc::unavailable,
+                    "interrupted while " + std::string(what));
+}
+
 } // namespace kvfleet::bench

@@ -1,7 +1,11 @@
 #pragma once
 /// Stopping a run early (Ctrl-C, kill): main() routes SIGINT and SIGTERM to
 /// request_interrupt(), and the replays check interrupt_requested() before
-/// each request and return interrupted_error(). The run then unwinds like
+/// each request and return interrupted_error(). The long steps before a
+/// replay (reading a trace, generating a workload, counting the working
+/// set, computing keys, building the Belady oracle) ask
+/// stop_on_interrupt()'s predicate every few thousand items and return
+/// interrupted_while(). The run then unwinds like
 /// any failed run, so what it made is removed (the --disk-dir subdirectory,
 /// up to four times the memory capacity of segment files) instead of being
 /// left behind by a process killed in the middle.
@@ -11,6 +15,8 @@
 #include "engine/result.hpp"
 
 #include <cstddef>
+#include <functional>
+#include <string_view>
 
 namespace kvfleet::bench {
 
@@ -32,5 +38,13 @@ void clear_interrupt() noexcept;
 /// of `total` requests (errc::unavailable).
 [[nodiscard]] unexpected<error> interrupted_error(std::size_t done,
                                                   std::size_t total);
+
+/// A stop predicate for long set-up steps (engine::trace_options::stop,
+/// engine::workload_options::stop, ...): interrupt_requested().
+[[nodiscard]] std::function<bool()> stop_on_interrupt();
+
+/// The error a run returns when it stops for an interrupt before or
+/// between its replays: "interrupted while `what`" (errc::unavailable).
+[[nodiscard]] unexpected<error> interrupted_while(std::string_view what);
 
 } // namespace kvfleet::bench

@@ -1,14 +1,39 @@
 #include "tools/bench/next_use_oracle.hpp"
 
+#include <string>
+
 namespace kvfleet::bench {
 
+namespace {
+// Access positions between two questions to `stop`: a hash-map operation
+// each, so well under a millisecond.
+constexpr std::size_t stop_poll_positions = 4096;
+} // namespace
+
 next_use_oracle::next_use_oracle(const request_keys& keys) : keys_(&keys) {
+  precompute({});
+}
+
+result<next_use_oracle>
+next_use_oracle::build(const request_keys& keys,
+                       const std::function<bool()>& stop) {
+  next_use_oracle oracle(keys, unfilled{});
+  if (!oracle.precompute(stop))
+    return make_error(errc::unavailable,
+                      "stopped building the next-use oracle");
+  return oracle;
+}
+
+bool next_use_oracle::precompute(const std::function<bool()>& stop) {
+  const request_keys& keys = *keys_;
   const std::size_t n = keys.keys.size();
   ids_.reserve(n);
   next_.assign(n, none);
   // Walking backwards, cursor_ holds each key's latest-seen (i.e. next)
   // position; at the end it holds the key's first position.
   for (std::size_t s = n; s-- > 0;) {
+    if (stop && (n - 1 - s) % stop_poll_positions == 0 && stop())
+      return false;
     const auto [it, inserted] = ids_.try_emplace(
         keys.keys[s], static_cast<std::uint32_t>(cursor_.size()));
     if (inserted) {
@@ -18,6 +43,7 @@ next_use_oracle::next_use_oracle(const request_keys& keys) : keys_(&keys) {
       cursor_[it->second] = s;
     }
   }
+  return true;
 }
 
 void next_use_oracle::begin_request(std::size_t r) noexcept {

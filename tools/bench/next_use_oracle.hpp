@@ -20,6 +20,7 @@
 /// store that holds its function. Not thread-safe.
 
 #include "engine/block_key.hpp"
+#include "engine/result.hpp"
 #include "tools/bench/request_keys.hpp"
 
 #include <cstddef>
@@ -39,6 +40,13 @@ public:
   /// Precomputes next uses. `keys` must outlive the oracle.
   explicit next_use_oracle(const request_keys& keys);
 
+  /// Like the constructor, but `stop` (may be empty) is asked before the
+  /// first access position and then every 4,096 (a hash-map operation
+  /// each); true stops with errc::unavailable. Call as_function() only on
+  /// the oracle where it will stay (as_function captures its address).
+  [[nodiscard]] static result<next_use_oracle>
+  build(const request_keys& keys, const std::function<bool()>& stop);
+
   /// The store is about to process request `r`.
   void begin_request(std::size_t r) noexcept;
 
@@ -52,6 +60,10 @@ public:
 
 private:
   static constexpr std::uint64_t none = never;
+  struct unfilled {};
+  next_use_oracle(const request_keys& keys, unfilled) : keys_(&keys) {}
+  /// Fills ids_, next_ and cursor_; false when `stop` said stop.
+  bool precompute(const std::function<bool()>& stop);
   const request_keys* keys_;
   std::unordered_map<engine::block_key, std::uint32_t, engine::block_key_hash>
       ids_;

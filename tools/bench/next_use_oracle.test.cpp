@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -129,6 +131,68 @@ TEST(next_use_oracle, keys_follow_the_chain_and_only_full_blocks) {
   EXPECT_EQ(keys.of(0)[1], engine::chain_key_from_id(k0, fp, 8));
   EXPECT_EQ(keys.of(1)[0], k0);
   EXPECT_EQ(keys.input_tokens[0], 2 * block + 100);
+}
+
+// A stop predicate that says stop from its `stop_at`-th call on, and
+// counts its calls.
+struct counting_stop {
+  std::size_t stop_at;
+  std::size_t calls = 0;
+  std::function<bool()> fn() {
+    return [this] { return ++calls >= stop_at; };
+  }
+};
+
+// 3,000 requests of 4 full blocks: 12,000 keys, three polls of 4,096.
+std::vector<engine::workload_request> many_requests() {
+  std::vector<std::vector<std::uint64_t>> chains;
+  for (std::uint64_t i = 0; i < 3'000; ++i)
+    chains.push_back({i % 7, i, i + 1, i + 2});
+  return requests(chains);
+}
+
+TEST(request_keys, stop_ends_making_keys_within_a_few_thousand_keys) {
+  // Computing the keys of 5,000,000 chat requests took tens of seconds
+  // with nothing asking the stop flag.
+  const auto reqs = many_requests();
+  counting_stop stop{2};
+  const auto got = make_request_keys(reqs, fp, block, stop.fn());
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::unavailable);
+  // Asked at key 0 and key 4,096 (request 1,024), which said stop.
+  EXPECT_EQ(got.error().message, "stopped after 1024 of 3000 requests");
+  EXPECT_EQ(stop.calls, 2U);
+
+  counting_stop never{std::numeric_limits<std::size_t>::max()};
+  const auto all = make_request_keys(reqs, fp, block, never.fn());
+  ASSERT_TRUE(all.has_value());
+  EXPECT_EQ(never.calls, 3U); // keys 0, 4,096 and 8,192
+  const request_keys plain = make_request_keys(reqs, fp, block);
+  EXPECT_EQ(all->keys, plain.keys);
+  EXPECT_EQ(all->offsets, plain.offsets);
+  EXPECT_EQ(all->input_tokens, plain.input_tokens);
+}
+
+TEST(next_use_oracle, stop_ends_the_build_within_a_few_thousand_positions) {
+  const auto reqs = many_requests();
+  const request_keys keys = make_request_keys(reqs, fp, block);
+  counting_stop stop{2};
+  const auto got = next_use_oracle::build(keys, stop.fn());
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::unavailable);
+  EXPECT_EQ(stop.calls, 2U);
+
+  counting_stop never{std::numeric_limits<std::size_t>::max()};
+  auto built = next_use_oracle::build(keys, never.fn());
+  ASSERT_TRUE(built.has_value());
+  EXPECT_EQ(never.calls, 3U); // positions 0, 4,096 and 8,192 from the end
+  next_use_oracle plain(keys);
+  for (std::size_t r = 0; r < keys.size(); r += 97) {
+    built->begin_request(r);
+    plain.begin_request(r);
+    for (const engine::block_key& k : keys.of(r))
+      EXPECT_EQ(built->next_use(k), plain.next_use(k));
+  }
 }
 
 TEST(belady_in_the_store, gets_the_known_optimum_with_two_blocks) {

@@ -194,8 +194,11 @@ run_prefetch_unguarded(const prefetch_options& opts,
   report.block_tokens = opts.base.block_tokens;
   report.eviction = opts.eviction;
   report.threshold = opts.threshold;
-  report.working_set_blocks =
-      engine::working_set_blocks(reqs, opts.base.block_tokens);
+  auto ws = engine::working_set_blocks(reqs, opts.base.block_tokens,
+                                       stop_on_interrupt());
+  if (!ws)
+    return interrupted_while("counting the working set");
+  report.working_set_blocks = *ws;
   auto cap = capacity_in_blocks(opts.base, report.working_set_blocks);
   if (!cap)
     return unexpected<error>(cap.error());
@@ -206,9 +209,15 @@ run_prefetch_unguarded(const prefetch_options& opts,
                    [](const auto& a, const auto& b) {
                      return a.timestamp_ms < b.timestamp_ms;
                    });
-  const request_keys keys =
+  // Copying and sorting millions of requests takes a second or two.
+  if (interrupt_requested())
+    return interrupted_while("sorting the requests");
+  auto made =
       make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
-                        opts.base.block_tokens);
+                        opts.base.block_tokens, stop_on_interrupt());
+  if (!made)
+    return interrupted_while("computing the block keys");
+  const request_keys keys = std::move(*made);
   for (std::size_t pass = 0; pass < 2; ++pass) {
     const bool with = pass == 0;
     const auto step = pass_progress(

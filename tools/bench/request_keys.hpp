@@ -11,10 +11,12 @@
 
 #include "engine/block_key.hpp"
 #include "engine/kv_namespace.hpp"
+#include "engine/result.hpp"
 #include "engine/workload.hpp"
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -40,5 +42,13 @@ struct request_keys {
 [[nodiscard]] request_keys
 make_request_keys(std::span<const engine::workload_request> reqs,
                   const engine::ns_fingerprint& ns, std::uint32_t block_tokens);
+
+/// make_request_keys that can be stopped: `stop` (may be empty) is asked
+/// before the first key and then every 4,096 keys (one hash each); true
+/// stops with errc::unavailable ("stopped after N of M requests").
+[[nodiscard]] result<request_keys>
+make_request_keys(std::span<const engine::workload_request> reqs,
+                  const engine::ns_fingerprint& ns, std::uint32_t block_tokens,
+                  const std::function<bool()>& stop);
 
 } // namespace kvfleet::bench

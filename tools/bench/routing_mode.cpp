@@ -339,8 +339,11 @@ static result<routing_report> run_routing_unguarded(
   report.block_tokens = opts.base.block_tokens;
   report.engines = opts.engines;
   report.rate_scale = opts.rate_scale;
-  report.working_set_blocks =
-      engine::working_set_blocks(reqs, opts.base.block_tokens);
+  auto ws = engine::working_set_blocks(reqs, opts.base.block_tokens,
+                                       stop_on_interrupt());
+  if (!ws)
+    return interrupted_while("counting the working set");
+  report.working_set_blocks = *ws;
   auto cap = engine_capacity_in_blocks(opts, report.working_set_blocks);
   if (!cap)
     return unexpected<error>(cap.error());
@@ -372,9 +375,15 @@ static result<routing_report> run_routing_unguarded(
                             "(about 290 years); raise --rate-scale");
     arrival.push_back(static_cast<std::int64_t>(std::llround(ns)));
   }
-  const request_keys keys =
+  // Copying and sorting millions of requests takes a second or two.
+  if (interrupt_requested())
+    return interrupted_while("sorting the requests");
+  auto made =
       make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
-                        opts.base.block_tokens);
+                        opts.base.block_tokens, stop_on_interrupt());
+  if (!made)
+    return interrupted_while("computing the block keys");
+  const request_keys keys = std::move(*made);
   for (std::size_t i = 0; i < opts.policies.size(); ++i) {
     const actors::routing_policy policy = opts.policies[i];
     const auto step = pass_progress(progress, actors::to_string(policy), i,
