@@ -390,6 +390,26 @@ result<int> connect_first(const addrinfo* addresses,
                     "tcp connect(" + std::string(where) + "): " + why);
 }
 
+/// The numeric addresses of `host` with port `service`, looked up through
+/// `resolver` within `timeout`, added to `out`, for `op` ("tcp connect",
+/// "tcp listen"); `on_timeout` when the lookup is still running then.
+result<void> resolve_into(const std::string& host, const std::string& service,
+                          std::chrono::milliseconds timeout,
+                          engine::host_resolver& resolver, std::string_view op,
+                          error on_timeout, numeric_addresses& out) {
+  const std::string where = host + ":" + service;
+  auto found = resolver.resolve(host, timeout);
+  if (!found) {
+    const error& e = found.error();
+    if (e.code == errc::timeout)
+      return unexpected<error>(std::move(on_timeout));
+    return make_error(e.code == errc::unavailable ? errc::unavailable
+                                                  : errc::io_error,
+                      std::string(op) + "(" + where + "): " + e.message);
+  }
+  return add_numeric(*found, service, op, where, out);
+}
+
 result<int> connect_host(const std::string& host, std::uint16_t port,
                          std::chrono::milliseconds timeout,
                          engine::host_resolver& resolver) {
@@ -398,21 +418,14 @@ result<int> connect_host(const std::string& host, std::uint16_t port,
   const steady::time_point start = steady::now();
   const std::string service = std::to_string(port);
   const std::string where = host + ":" + service;
-  auto found = resolver.resolve(host, timeout);
-  if (!found) {
-    const error& e = found.error();
-    if (e.code == errc::timeout)
-      return make_error(errc::io_error, "tcp connect(" + where +
-                                            "): timed out after " +
-                                            std::to_string(timeout.count()) +
-                                            " ms: the name lookup of '" + host +
-                                            "' took all of it");
-    return make_error(e.code == errc::unavailable ? errc::unavailable
-                                                  : errc::io_error,
-                      "tcp connect(" + where + "): " + e.message);
-  }
   numeric_addresses addresses;
-  if (auto ok = add_numeric(*found, service, "tcp connect", where, addresses);
+  if (auto ok = resolve_into(
+          host, service, timeout, resolver, "tcp connect",
+          error{errc::io_error, "tcp connect(" + where + "): timed out after " +
+                                    std::to_string(timeout.count()) +
+                                    " ms: the name lookup of '" + host +
+                                    "' took all of it"},
+          addresses);
       !ok)
     return unexpected<error>(ok.error());
   return connect_first(addresses.link(), timeout, where, start);
@@ -425,20 +438,14 @@ result<int> listen_host(const std::string& host, std::uint16_t port,
   // resolver too, so a dead DNS cannot hold a listen without bound.
   const std::string service = std::to_string(port);
   const std::string where = host + ":" + service;
-  auto found = resolver.resolve(host, timeout);
-  if (!found) {
-    const error& e = found.error();
-    if (e.code == errc::timeout)
-      return make_error(errc::timeout,
-                        "tcp listen(" + where + "): the name lookup of '" +
-                            host + "' did not finish within " +
-                            std::to_string(timeout.count()) + " ms");
-    return make_error(e.code == errc::unavailable ? errc::unavailable
-                                                  : errc::io_error,
-                      "tcp listen(" + where + "): " + e.message);
-  }
   numeric_addresses addresses;
-  if (auto ok = add_numeric(*found, service, "tcp listen", where, addresses);
+  if (auto ok =
+          resolve_into(host, service, timeout, resolver, "tcp listen",
+                       error{errc::timeout,
+                             "tcp listen(" + where + "): the name lookup of '" +
+                                 host + "' did not finish within " +
+                                 std::to_string(timeout.count()) + " ms"},
+                       addresses);
       !ok)
     return unexpected<error>(ok.error());
   return bind_and_listen(addresses.link(), where);
