@@ -216,19 +216,30 @@ progress_fn interrupt_after_first_request(int signal) {
   };
 }
 
+// `n` requests of the chat workload.
+auto chat_requests(std::size_t n) {
+  engine::workload_options wo;
+  wo.requests = n;
+  return engine::generate_workload("chat", wo);
+}
+
+// The chat workload through an lru store of 16 blocks.
+engine_options small_lru_chat() {
+  engine_options e;
+  e.workload = "chat";
+  e.capacity_blocks = 16;
+  e.policies = {engine::policy_kind::lru};
+  return e;
+}
+
 TEST(bench_modes, an_interrupted_run_stops_and_removes_its_disk_directory) {
   // Killed by SIGINT or SIGTERM in the middle, a run left its --disk-dir
   // subdirectory (up to 4 x the memory capacity of segment files) behind.
   char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
   ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  engine::workload_options wo;
-  wo.requests = 50;
-  const auto reqs = engine::generate_workload("chat", wo);
+  const auto reqs = chat_requests(50);
   ASSERT_TRUE(reqs) << reqs.error().describe();
-  engine_options e;
-  e.workload = "chat";
-  e.capacity_blocks = 16;
-  e.policies = {engine::policy_kind::lru};
+  engine_options e = small_lru_chat();
   e.disk_dir = tmpl;
   {
     auto r =
@@ -263,14 +274,9 @@ TEST(bench_modes, an_interrupt_before_the_replay_stops_the_set_up) {
   // Counting the working set and computing the keys of 5,000,000 chat
   // requests took tens of seconds, deaf to the flag: only the replay
   // asked it ("interrupted after 0 of ... requests" once set up).
-  engine::workload_options wo;
-  wo.requests = 50;
-  const auto reqs = engine::generate_workload("chat", wo);
+  const auto reqs = chat_requests(50);
   ASSERT_TRUE(reqs) << reqs.error().describe();
-  engine_options e;
-  e.workload = "chat";
-  e.capacity_blocks = 16;
-  e.policies = {engine::policy_kind::lru};
+  engine_options e = small_lru_chat();
   const interrupted_scope stop(SIGINT);
   const std::string want = "interrupted while counting the working set";
   auto r = run_engine(e, *reqs, "chat");
