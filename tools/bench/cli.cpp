@@ -40,8 +40,9 @@ line holds.
 
 Exit status: 0 success; 1 runtime error (a trace's content or lines, I/O,
 this machine lacking the memory, a disk tier that failed spills (a busy
-disk's refusals are only a warning): said after the report); 2 usage error (bad option or value, or a capacity
-past 64-bit addresses, which no machine could hold); 130/143 interrupted by
+disk's refusals are only a warning): said after the report); 2 usage
+error (bad option or value, or a capacity past 64-bit addresses, which no
+machine could hold); 130/143 interrupted by
 SIGINT/SIGTERM (the run cleans up and stops). Every error is one line on
 stderr starting with "kvfleet-bench:".
 )";
@@ -127,9 +128,10 @@ Output (table, or with --json one object):
   pNN_us           per-request latency of the store's process() call
   prefill_saved_s  prefill cost of the matched tokens, summed, in seconds
   spill_failures   spills the disk tier refused (file system full, capacity
-                   pinned, disk behind) or failed to write: when nonzero,
-                   a line on stderr says the disk figures are not valid
-                   and the exit status is 1
+                   pinned, disk behind) or failed to write: when any is
+                   not "disk behind" (load shedding, only a warning), a
+                   line on stderr says the disk figures are not valid and
+                   the exit status is 1
 )";
 
 constexpr std::string_view routing_help_text =
@@ -382,8 +384,12 @@ result<void> apply_option(engine_options& o, std::string_view name,
                    std::string(value) + "'");
     o.capacity_fraction = *f;
   } else if (name == "--capacity-blocks") {
-    // Applied after --layout and --block-tokens, which size a block.
-    const std::size_t slot = block_slot_bytes(bench_namespace(o));
+    // Applied after --layout and --block-tokens, which size a block. A
+    // layout that does not validate has no block size (its byte count may
+    // wrap to 0): the limit waits for check_complete, which refuses it.
+    const engine::namespace_spec spec = bench_namespace(o);
+    const bool sized = spec.validate().has_value();
+    const std::size_t slot = sized ? block_slot_bytes(spec) : 1;
     auto n = parse_unsigned<std::size_t>(
         name, value, std::numeric_limits<std::size_t>::max() / slot,
         "blocks of " + std::to_string(slot) +
@@ -469,9 +475,13 @@ result<void> apply_option(engine_options& o, std::string_view name,
       return usage("option --disk-dir needs a directory");
     o.disk_dir = std::string(value);
   } else if (name == "--disk-capacity-blocks") {
-    // Applied after --layout and --block-tokens, which size a block.
+    // Applied after --layout and --block-tokens, which size a block (not
+    // sized while the layout does not validate, as for --capacity-blocks).
+    const engine::namespace_spec spec = bench_namespace(o);
     auto n = parse_unsigned<std::size_t>(
-        name, value, max_disk_capacity_blocks(bench_namespace(o)),
+        name, value,
+        spec.validate() ? max_disk_capacity_blocks(spec)
+                        : std::numeric_limits<std::size_t>::max(),
         "blocks: their segment files' bytes must fit in 64 bits");
     if (!n)
       return unexpected<error>(n.error());
@@ -888,6 +898,11 @@ std::string printable(std::string_view text) {
       ++i;
       continue;
     }
+    if (c == '\\') { // so that a literal "\n" is not read as an escape
+      out += "\\\\";
+      ++i;
+      continue;
+    }
     if (c < 0x80) {
       out += static_cast<char>(c);
       ++i;
@@ -919,6 +934,12 @@ std::string printable(std::string_view text) {
     if (!valid) {
       escape(c);
       ++i;
+      continue;
+    }
+    if (cp < 0xa0) { // C1 controls (U+0080-U+009F: NEL, CSI, ...)
+      for (std::size_t k = 0; k < len; ++k)
+        escape(static_cast<unsigned char>(text[i + k]));
+      i += len;
       continue;
     }
     out.append(text.substr(i, len));

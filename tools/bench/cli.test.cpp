@@ -133,6 +133,24 @@ TEST(bench_cli, help_documents_every_option_and_only_the_engine_mode) {
   EXPECT_NE(main_help().find("engine"), std::string_view::npos);
 }
 
+TEST(bench_cli,
+     a_capacity_after_a_layout_too_large_to_size_is_the_layouts_error) {
+  // The block's byte count wraps to 0 in 64 bits: sizing the capacity's
+  // limit by it divided by zero (SIGFPE) before the layout was refused.
+  const std::vector<std::vector<std::string_view>> lines = {
+      {"engine", "--workload", "chat", "--layout", "2097152,2097152,2097152",
+       "--capacity-blocks", "10"},
+      {"engine", "--workload", "chat", "--layout", "2097152,2097152,2097152",
+       "--capacity-fraction", "0.5", "--disk-dir", "/tmp",
+       "--disk-capacity-blocks", "10"}};
+  for (const auto& line : lines) {
+    const auto cmd = parse_command_line(line);
+    ASSERT_FALSE(cmd.has_value()) << line.back();
+    EXPECT_NE(cmd.error().message.find("a block would hold"), std::string::npos)
+        << cmd.error().message;
+  }
+}
+
 TEST(bench_cli, disk_options) {
   auto cmd = parse({"engine", "--workload", "chat", "--capacity-blocks", "9",
                     "--disk-dir", "/tmp", "--disk-capacity-blocks", "50"});
@@ -361,6 +379,13 @@ TEST(bench_cli, printable_escapes_control_bytes_and_bad_utf8) {
             "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
   EXPECT_EQ(printable("\xff\xc3"), "\\xff\\xc3");
   EXPECT_EQ(printable("\xc0\xaf"), "\\xc0\\xaf");
+  // C1 controls are valid UTF-8 but move the cursor (CSI) or end the line
+  // (NEL); a backslash is doubled so that escapes stay unambiguous.
+  EXPECT_EQ(printable("1\xc2\x9b"
+                      "2J\xc2\x85x"),
+            "1\\xc2\\x9b2J\\xc2\\x85x");
+  EXPECT_EQ(printable("\xc2\xa0"), "\xc2\xa0"); // U+00A0 is printable
+  EXPECT_EQ(printable("a\\nb"), "a\\\\nb");
   EXPECT_EQ(printable("\xed\xa0\x80"), "\\xed\\xa0\\x80");
   EXPECT_EQ(printable("\xe2\x82"), "\\xe2\\x82");
 }
