@@ -144,9 +144,10 @@ bench_namespace(const engine_options& opts);
 /// decimals print a small fraction as "0.000000".
 [[nodiscard]] std::string number_text(double x);
 
-/// `text` with its control characters written as escapes (\n, \r, \t,
-/// \xHH) and each byte that is not part of valid UTF-8 as \xHH, so that a
-/// message quoting any value stays one printable line.
+/// `text` with its control characters, C0 and C1, written as escapes (\n,
+/// \r, \t, \xHH for each byte), a backslash as \\, and each byte that is
+/// not part of valid UTF-8 as \xHH, so that a message quoting any value
+/// stays one printable line.
 [[nodiscard]] std::string printable(std::string_view text);
 
 /// True when `e` is a usage error (errc 1xx: bad input), which exits with

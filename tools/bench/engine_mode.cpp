@@ -10,6 +10,7 @@
 #include "engine/disk/segment_file.hpp"
 #include "engine/kv_producer.hpp"
 #include "engine/trace_reader.hpp"
+#include "tools/bench/cli.hpp"
 #include "tools/bench/interrupt.hpp"
 #include "tools/bench/next_use_oracle.hpp"
 
@@ -72,12 +73,12 @@ read_or_generate(const engine_options& opts, std::ostream& diag) {
                              ")");
   if (!reqs)
     return reqs; // the error names the file and the line
+  const std::string path = printable(opts.trace_path);
   for (const std::string& p : report.problems)
-    diag << opts.trace_path << ": " << p << '\n';
+    diag << path << ": " << printable(p) << '\n';
   if (report.skipped > 0) {
-    diag << opts.trace_path << ": skipped " << report.skipped
-         << " malformed line" << (report.skipped == 1 ? "" : "s") << " of "
-         << report.lines;
+    diag << path << ": skipped " << report.skipped << " malformed line"
+         << (report.skipped == 1 ? "" : "s") << " of " << report.lines;
     if (report.skipped > report.problems.size())
       diag << " (the first " << report.problems.size() << " shown)";
     diag << '\n';

@@ -73,6 +73,24 @@ TEST(bench_report, table) {
   EXPECT_EQ(t.back(), '\n');
 }
 
+TEST(bench_report,
+     the_table_calls_disk_figures_invalid_only_for_failed_spills) {
+  engine_report r = sample();
+  r.results.resize(1);
+  policy_result& p = r.results[0];
+  p.disk = true;
+  p.spills = 100;
+  p.spill_failures = 3;
+  p.spills_refused_busy = 3; // only load shedding
+  std::string t = to_table(r);
+  EXPECT_NE(t.find("3 spills refused or failed"), std::string::npos) << t;
+  EXPECT_EQ(t.find("not valid"), std::string::npos) << t;
+  p.spill_failures = 4;
+  p.spills_refused_full = 1;
+  t = to_table(r);
+  EXPECT_NE(t.find(": the disk figures are not valid"), std::string::npos) << t;
+}
+
 TEST(bench_report, json_of_a_trace_path_that_is_not_utf8) {
   // A trace's label is its path, and a Linux path is any bytes: Latin-1
   // "caf\xe9.jsonl" must not make --json throw (and abort the program).
