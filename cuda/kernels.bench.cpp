@@ -132,17 +132,20 @@ int main(int argc, char** argv) {
     out = static_cast<int>(v);
     return true;
   };
+  bool quick = false;
+  bool reps_given = false;
+  bool rounds_given = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
-      total = std::size_t{256} << 20;
-      reps = 10;
-      rounds = 3;
+      quick = true;
     } else if (std::strcmp(argv[i], "--reps") == 0) {
+      reps_given = true;
       if (!count_arg(i, 3, reps)) {
         std::fprintf(stderr, "kvfleet-cuda-bench: --reps takes 3 to 1000\n");
         return 2;
       }
     } else if (std::strcmp(argv[i], "--rounds") == 0) {
+      rounds_given = true;
       if (!count_arg(i, 1, rounds)) {
         std::fprintf(stderr, "kvfleet-cuda-bench: --rounds takes 1 to 1000\n");
         return 2;
@@ -152,6 +155,11 @@ int main(int argc, char** argv) {
                            "[--rounds N]\n");
       return 2;
     }
+  }
+  if (quick) { // a smaller run; explicit --reps/--rounds win, in any order
+    total = std::size_t{256} << 20;
+    reps = reps_given ? reps : 10;
+    rounds = rounds_given ? rounds : 3;
   }
   auto name = describe_device(0);
   if (!name)
