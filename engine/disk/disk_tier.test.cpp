@@ -236,6 +236,17 @@ protected:
     return id.value_or(disk_request_id{});
   }
 
+  /// Queues a spill of block i (4096 bytes, seeded by i) recording its size
+  /// partition and request priority; true when the tier took it.
+  bool spill_ranked(std::uint64_t i, size_partition part, priority prio) {
+    const auto bytes = block_bytes(i, 4096);
+    auto id =
+        tier_->spill(key_of(i), ns_a, codec::int8, bytes, block_checksum(bytes),
+                     clock_.now(), nanos{0}, false, part, prio);
+    EXPECT_TRUE(id.has_value()) << id.error().describe();
+    return id.has_value();
+  }
+
   /// Waits for the tier to go idle and returns the completions so far.
   std::vector<disk_completion> settle() {
     EXPECT_TRUE(tier_->wait_idle());
@@ -1364,12 +1375,7 @@ TEST_F(disk_tier_test, a_spill_keeps_its_size_partition_across_a_restart) {
 // kept none: a critical block came back at the asking call's priority.
 TEST_F(disk_tier_test, a_spill_keeps_its_priority_across_a_restart) {
   open(config());
-  const auto bytes = block_bytes(1, 4096);
-  ASSERT_TRUE(tier_
-                  ->spill(key_of(1), ns_a, codec::int8, bytes,
-                          block_checksum(bytes), clock_.now(), nanos{0}, false,
-                          size_partition::medium, priority::critical)
-                  .has_value());
+  ASSERT_TRUE(spill_ranked(1, size_partition::medium, priority::critical));
   spill(2); // no priority given
   settle();
   ASSERT_TRUE(tier_->lookup(key_of(1)).has_value());
@@ -1394,12 +1400,7 @@ TEST_F(disk_tier_test, a_spill_keeps_its_priority_across_a_restart) {
 // theirs.
 TEST_F(disk_tier_test, a_version_2_catalog_is_upgraded_at_open) {
   open(config());
-  const auto bytes = block_bytes(1, 4096);
-  ASSERT_TRUE(tier_
-                  ->spill(key_of(1), ns_a, codec::int8, bytes,
-                          block_checksum(bytes), clock_.now(), nanos{0}, false,
-                          size_partition::large, priority::high)
-                  .has_value());
+  ASSERT_TRUE(spill_ranked(1, size_partition::large, priority::high));
   settle();
   tier_.reset();
   ASSERT_NO_FATAL_FAILURE(testing::make_catalog_v2(dir_));
@@ -1408,12 +1409,7 @@ TEST_F(disk_tier_test, a_version_2_catalog_is_upgraded_at_open) {
   EXPECT_EQ(tier_->lookup(key_of(1))->part, size_partition::large);
   EXPECT_FALSE(tier_->lookup(key_of(1))->prio.has_value());
   expect_block(1);
-  const auto bytes2 = block_bytes(2, 4096);
-  ASSERT_TRUE(tier_
-                  ->spill(key_of(2), ns_a, codec::int8, bytes2,
-                          block_checksum(bytes2), clock_.now(), nanos{0}, false,
-                          size_partition::small, priority::low)
-                  .has_value());
+  ASSERT_TRUE(spill_ranked(2, size_partition::small, priority::low));
   settle();
   tier_.reset();
   {
@@ -1448,12 +1444,7 @@ TEST_F(disk_tier_test, a_version_1_catalog_is_upgraded_at_open) {
   EXPECT_FALSE(tier_->lookup(key_of(1))->part.has_value());
   EXPECT_FALSE(tier_->lookup(key_of(1))->prio.has_value());
   expect_block(1);
-  const auto bytes = block_bytes(2, 4096);
-  ASSERT_TRUE(tier_
-                  ->spill(key_of(2), ns_a, codec::int8, bytes,
-                          block_checksum(bytes), clock_.now(), nanos{0}, false,
-                          size_partition::medium, priority::high)
-                  .has_value());
+  ASSERT_TRUE(spill_ranked(2, size_partition::medium, priority::high));
   settle();
   tier_.reset();
   {
