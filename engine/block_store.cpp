@@ -263,6 +263,15 @@ block_store::register_namespace(const namespace_spec& spec,
   if (options.ttl.count() < 0)
     return make_error(errc::invalid_argument,
                       "namespace '" + spec.model + "': negative TTL");
+  if (options.thresholds.int8_above > options.thresholds.precise_above)
+    return make_error(
+        errc::invalid_argument,
+        "namespace '" + spec.model + "': compression thresholds inverted: " +
+            "int8_above (" + std::to_string(options.thresholds.int8_above) +
+            ") is above precise_above (" +
+            std::to_string(options.thresholds.precise_above) +
+            "), so no block would ever be kept at int8; set int8_above <= "
+            "precise_above (both 0 keeps every block as stored)");
   const ns_fingerprint fp = spec.fingerprint();
   for (std::size_t i = 0; i < namespaces_.size(); ++i) {
     if (namespaces_[i].fingerprint != fp)

@@ -139,7 +139,8 @@ struct ns_id {
 
 /// Access counts that decide how far adaptive compression may demote a
 /// block: more than `precise_above` accesses keeps it as stored, more than
-/// `int8_above` no lower than int8, otherwise int4.
+/// `int8_above` no lower than int8, otherwise int4. `int8_above` above
+/// `precise_above` is refused (errc::invalid_argument); equal ones skip int8.
 struct compression_thresholds {
   std::uint32_t precise_above = 10;
   std::uint32_t int8_above = 3;

@@ -1613,10 +1613,29 @@ TEST(block_store, blocks_that_cannot_be_demoted_leave_the_demotion_scan_alone) {
   }
 }
 
+TEST_F(store_fixture, inverted_compression_thresholds_are_refused) {
+  open(16);
+  namespace_options inverted;
+  inverted.thresholds.precise_above = 2;
+  inverted.thresholds.int8_above = 5; // int8 could never apply
+  auto r = store_->register_namespace(small_spec("inverted-model"), inverted);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::invalid_argument);
+  EXPECT_NE(r.error().message.find("int8_above (5) is above precise_above (2)"),
+            std::string::npos)
+      << r.error().message;
+  // Equal thresholds are allowed: the int8 band is empty.
+  inverted.thresholds.int8_above = 2;
+  EXPECT_TRUE(store_->register_namespace(small_spec("equal-model"), inverted)
+                  .has_value());
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, thresholds_are_per_namespace) {
   open(40, policy_kind::lru, true, 1);
   namespace_options keep_precise;
   keep_precise.thresholds.precise_above = 0; // every block stays as stored
+  keep_precise.thresholds.int8_above = 0;
   auto other = small_spec("precise-model");
   const auto ns2 = *store_->register_namespace(other, keep_precise);
   const auto fp2 = other.fingerprint();
