@@ -2011,6 +2011,10 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   pc.model.decay = std::nan("");
   expect_error(spawn_prefetcher(*sys_, pc, fake), "decay");
   pc = prefetch_config{};
+  pc.model.top_k = 0; // was taken as 1
+  expect_error(spawn_prefetcher(*sys_, pc, fake),
+               "prefetch_config.model.top_k");
+  pc = prefetch_config{};
   pc.max_outstanding = 0;
   expect_error(spawn_prefetcher(*sys_, pc, fake), "max_outstanding");
   query_cache_config qc;

@@ -848,8 +848,15 @@ TEST(ScalerPolicy, TooFewSamplesHold) {
   EXPECT_EQ(s.evaluate(engine::nanos{0}).action, scale_action::hold);
 }
 
+/// A model of `c`, which must be valid.
+transition_model model(const transition_config& c) {
+  auto m = transition_model::create(c);
+  EXPECT_TRUE(m.has_value()) << m.error().describe();
+  return std::move(m).value();
+}
+
 TEST(TransitionModel, PredictsLearnedPattern) {
-  transition_model m{transition_config{}};
+  auto m = model(transition_config{});
   for (std::uint64_t session = 1; session <= 5; ++session) {
     m.observe(session, "A");
     m.observe(session, "B");
@@ -864,7 +871,7 @@ TEST(TransitionModel, PredictsLearnedPattern) {
 }
 
 TEST(TransitionModel, SessionsDoNotCrossTalk) {
-  transition_model m{transition_config{}};
+  auto m = model(transition_config{});
   m.observe(1, "A");
   m.observe(2, "X");
   m.observe(1, "B");
@@ -877,7 +884,7 @@ TEST(TransitionModel, ForgetsStalePatternsAndStaysBounded) {
   c.aging_interval = 0; // age by hand
   c.max_queries = 3;
   c.top_k = 2;
-  transition_model m{c};
+  auto m = model(c);
   for (int i = 0; i < 3; ++i) {
     m.observe(1, "A");
     m.observe(1, "B");
@@ -890,6 +897,64 @@ TEST(TransitionModel, ForgetsStalePatternsAndStaysBounded) {
     m.observe(2, "q" + std::to_string(i));
   }
   EXPECT_LE(m.query_count(), 3U);
+}
+
+TEST(TransitionModel, ConfidenceCountsSuccessorsNotKept) {
+  // A -> B three times, then A -> 997 other queries once each: B stays the
+  // strongest kept successor, but it followed A only 3 times in 1,000. The
+  // confidence used to be taken over the kept successors only (3 of 4 with
+  // top_k 2, always 1 with top_k 1), which passed any threshold.
+  for (const std::size_t top_k : {1U, 2U, 4U}) {
+    transition_config c;
+    c.top_k = top_k;
+    c.aging_interval = 0;
+    auto m = model(c);
+    for (int i = 0; i < 3; ++i) {
+      m.observe(1, "A");
+      m.observe(1, "B");
+    }
+    for (int i = 0; i < 997; ++i) {
+      m.observe(1, "A");
+      m.observe(1, "x" + std::to_string(i));
+    }
+    auto p = m.predict("A");
+    ASSERT_TRUE(p) << top_k;
+    EXPECT_EQ(p->query, "B") << top_k;
+    EXPECT_NEAR(p->confidence, 3.0 / 1000.0, 1e-9) << top_k;
+    // Aging scales the total with the counts, so the ratio stays.
+    m.age();
+    p = m.predict("A");
+    ASSERT_TRUE(p) << top_k;
+    EXPECT_NEAR(p->confidence, 3.0 / 1000.0, 1e-9) << top_k;
+  }
+}
+
+TEST(TransitionModel, CreateRefusesBoundsThatWereTakenAsOne) {
+  const auto refused = [](transition_config c, std::string_view what) {
+    auto m = transition_model::create(c);
+    ASSERT_FALSE(m.has_value()) << what;
+    EXPECT_EQ(m.error().code, errc::invalid_argument);
+    EXPECT_NE(m.error().message.find(what), std::string::npos)
+        << m.error().message;
+  };
+  transition_config c;
+  c.top_k = 0;
+  refused(c, "top_k");
+  c = {};
+  c.max_queries = 0;
+  refused(c, "max_queries");
+  c = {};
+  c.max_sessions = 0;
+  refused(c, "max_sessions");
+  c = {};
+  c.decay = std::numeric_limits<double>::quiet_NaN();
+  refused(c, "decay");
+  c = {};
+  c.min_count = std::numeric_limits<double>::infinity();
+  refused(c, "min_count");
+  c = {};
+  c.aging_interval = 0; // never ages by itself: allowed
+  EXPECT_TRUE(transition_model::create(c).has_value());
 }
 
 /// A tracker of `max_outstanding` (>= 1) prefetches.

@@ -85,14 +85,16 @@ void issue(prefetch_actor* self, const std::string& q) {
           });
 }
 
-/// The tracker travels to the actor in a shared_ptr because spawn arguments
-/// are copied (a tracker is move-only); the actor takes it on start.
+/// The model and the tracker travel to the actor in shared_ptrs because
+/// spawn arguments are copied (a tracker is move-only); the actor takes them
+/// on start.
 caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
                                 caf::actor balancer,
+                                std::shared_ptr<transition_model> model,
                                 std::shared_ptr<prefetch_tracker> tracker) {
   auto& st = self->state;
   st.config = config;
-  st.model.emplace(config.model);
+  st.model.emplace(std::move(*model));
   st.outstanding.emplace(std::move(*tracker));
   st.balancer = balancer;
   self->send(balancer, listen_atom::value, caf::actor{self});
@@ -144,12 +146,8 @@ result<void> validate(const prefetch_config& config) {
   if (!(config.threshold >= 0.0 && config.threshold <= 1.0))
     return bad("threshold must be in [0, 1], not " +
                std::to_string(config.threshold));
-  if (!(config.model.decay >= 0.0 && config.model.decay <= 1.0))
-    return bad("model.decay must be in [0, 1], not " +
-               std::to_string(config.model.decay));
-  if (!(config.model.min_count >= 0.0 && std::isfinite(config.model.min_count)))
-    return bad("model.min_count must be finite and >= 0, not " +
-               std::to_string(config.model.min_count));
+  if (auto ok = validate(config.model, "prefetch_config.model."); !ok)
+    return ok;
   if (config.max_known == 0)
     return bad("max_known must be at least 1");
   if (config.max_outstanding == 0)
@@ -165,7 +163,11 @@ result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
   auto tracker = prefetch_tracker::create(config.max_outstanding);
   if (!tracker)
     return unexpected<error>{tracker.error()};
+  auto model = transition_model::create(config.model);
+  if (!model)
+    return unexpected<error>{model.error()};
   return sys.spawn(prefetch_behavior, std::move(config), std::move(balancer),
+                   std::make_shared<transition_model>(std::move(*model)),
                    std::make_shared<prefetch_tracker>(std::move(*tracker)));
 }
 

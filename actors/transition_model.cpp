@@ -1,8 +1,45 @@
 #include "actors/transition_model.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 namespace kvfleet::actors {
+
+result<void> validate(const transition_config& c, std::string_view prefix) {
+  const auto bad = [&](const std::string& what) -> result<void> {
+    return make_error(errc::invalid_argument, std::string(prefix) + what);
+  };
+  // Each of these bounds was taken as 1 before (top_k 0 still predicted).
+  if (c.top_k == 0)
+    return bad("top_k must be at least 1 (successors kept per query)");
+  if (c.max_queries == 0)
+    return bad("max_queries must be at least 1");
+  if (c.max_sessions == 0)
+    return bad("max_sessions must be at least 1");
+  // Written so that NaN fails each range check.
+  if (!(c.decay >= 0.0 && c.decay <= 1.0))
+    return bad("decay must be in [0, 1], not " + std::to_string(c.decay));
+  if (!(c.min_count >= 0.0 && std::isfinite(c.min_count)))
+    return bad("min_count must be finite and >= 0, not " +
+               std::to_string(c.min_count));
+  return {};
+}
+
+result<transition_model> transition_model::create(transition_config config) {
+  if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
+  return transition_model{config};
+}
+
+transition_model::transition_model(transition_config config) : config_(config) {
+  if (auto ok = validate(config_); !ok) {
+    std::fprintf(stderr, "kvfleet: transition_model: %s\n",
+                 ok.error().describe().c_str());
+    std::abort();
+  }
+}
 
 void transition_model::observe(std::uint64_t session,
                                const std::string& query) {
@@ -34,10 +71,11 @@ void transition_model::count(const std::string& from, const std::string& to) {
       query_lru_.pop_back();
     }
     query_lru_.push_front(from);
-    it = queries_.emplace(from, node{{}, query_lru_.begin()}).first;
+    it = queries_.emplace(from, node{{}, 0.0, query_lru_.begin()}).first;
   } else {
     query_lru_.splice(query_lru_.begin(), query_lru_, it->second.lru);
   }
+  it->second.total += 1.0;
   auto& next = it->second.next;
   auto s = std::find_if(next.begin(), next.end(),
                         [&](const successor& x) { return x.query == to; });
@@ -45,7 +83,7 @@ void transition_model::count(const std::string& from, const std::string& to) {
     s->count += 1.0;
     return;
   }
-  if (next.size() < std::max<std::size_t>(config_.top_k, 1)) {
+  if (next.size() < config_.top_k) {
     next.push_back(successor{to, 1.0});
     return;
   }
@@ -65,21 +103,23 @@ transition_model::predict(const std::string& query) const {
   if (it == queries_.end() || it->second.next.empty())
     return std::nullopt;
   const auto& next = it->second.next;
-  double total = 0.0;
   const successor* best = nullptr;
   for (const auto& s : next) {
-    total += s.count;
     if (best == nullptr || s.count > best->count)
       best = &s;
   }
-  if (best == nullptr || total <= 0.0)
+  // total >= the kept counts' sum; the min guards rounding in the aging.
+  const double total = it->second.total;
+  if (best == nullptr || !(total > 0.0))
     return std::nullopt;
-  return prediction{best->query, best->count / total, best->count};
+  return prediction{best->query, std::min(1.0, best->count / total),
+                    best->count};
 }
 
 void transition_model::age() {
   for (auto it = queries_.begin(); it != queries_.end();) {
     auto& next = it->second.next;
+    it->second.total *= config_.decay;
     for (auto& s : next)
       s.count *= config_.decay;
     std::erase_if(

@@ -7,12 +7,15 @@
 /// it keeps at most `top_k` successors (a new successor replaces the
 /// weakest when full). Counts age: every `aging_interval` observations all
 /// counts are multiplied by `decay`, and successors below `min_count` are
-/// dropped, so a pattern that stops recurring is forgotten. At most
+/// dropped, so a pattern that stops recurring is forgotten (an
+/// `aging_interval` of 0 never ages by itself: only age() does). At most
 /// `max_queries` queries and `max_sessions` sessions are tracked (least
 /// recently used go first).
 ///
 /// predict(q) names the most likely next query with its confidence: that
-/// successor's count over the total outgoing count of q.
+/// successor's count over the total outgoing count of q, aged alike, which
+/// counts every transition seen from q, also to successors not kept (so a
+/// rare pattern among many others has a low confidence, whatever top_k).
 /// Not thread-safe: owned by one actor.
 
 #include <cstddef>
@@ -20,8 +23,11 @@
 #include <list>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
+
+#include "engine/result.hpp"
 
 namespace kvfleet::actors {
 
@@ -34,6 +40,12 @@ struct transition_config {
   double min_count = 0.5;
 };
 
+/// Checks: top_k, max_queries and max_sessions at least 1; decay in
+/// [0, 1]; min_count finite and >= 0. Messages name the field after
+/// `prefix` (say "prefetch_config.model.").
+[[nodiscard]] result<void> validate(const transition_config& c,
+                                    std::string_view prefix = "");
+
 struct prediction {
   std::string query;
   double confidence = 0.0; ///< in (0, 1]
@@ -42,7 +54,9 @@ struct prediction {
 
 class transition_model {
 public:
-  explicit transition_model(transition_config config) : config_(config) {}
+  /// errc::invalid_argument when validate(config) fails.
+  [[nodiscard]] static result<transition_model>
+  create(transition_config config);
 
   /// Query `query` followed the session's previous query.
   void observe(std::uint64_t session, const std::string& query);
@@ -61,12 +75,17 @@ public:
   }
 
 private:
+  /// REQUIRES: validate(config) succeeds; else a bug in this class (create
+  /// checks), and it aborts with the reason.
+  explicit transition_model(transition_config config);
+
   struct successor {
     std::string query;
     double count = 0.0;
   };
   struct node {
     std::vector<successor> next;
+    double total = 0.0; ///< every transition from this query, aged
     std::list<std::string>::iterator lru;
   };
   void count(const std::string& from, const std::string& to);

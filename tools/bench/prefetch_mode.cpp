@@ -51,7 +51,10 @@ result<replay_result> replay(const prefetch_options& opts,
     return unexpected<error>(ns.error());
   engine::synthetic_producer producer(engine::nanos{0});
 
-  actors::transition_model model(actors::transition_config{});
+  auto created = actors::transition_model::create(actors::transition_config{});
+  if (!created)
+    return unexpected<error>(created.error());
+  actors::transition_model& model = *created;
   struct session_state {
     std::uint64_t rounds = 0;
     std::uint64_t last_ms = 0;
