@@ -241,13 +241,14 @@ protected:
   caf::actor quick_scaler(const caf::actor& b, std::uint32_t initial,
                           std::shared_ptr<std::vector<scale_decision>> log,
                           std::uint32_t min_replicas = 1,
-                          std::uint32_t max_replicas = 2) {
+                          std::uint32_t max_replicas = 2,
+                          std::uint32_t sustain = 1) {
     scaler_actor_config sc;
     sc.policy.target = 500ms;
     sc.policy.window = 5s;
     sc.policy.cooldown = 30s;
     sc.policy.min_samples = 5;
-    sc.policy.sustain = 1;
+    sc.policy.sustain = sustain;
     sc.policy.min_replicas = min_replicas;
     sc.policy.max_replicas = max_replicas;
     sc.interval = 1s;
@@ -1709,6 +1710,67 @@ caf::behavior slow_balancer(caf::stateful_actor<slow_balancer_state>* self,
       },
       [](listen_atom, const caf::actor&) {},
   };
+}
+
+struct stalled_balancer_state {
+  std::vector<caf::response_promise> held; ///< stats requests not answered
+};
+
+/// A balancer that holds every stats request until it gets ready_atom,
+/// then answers them all at once (one engine).
+caf::behavior
+stalled_balancer(caf::stateful_actor<stalled_balancer_state>* self,
+                 std::shared_ptr<int> asked) {
+  return {
+      [=](stats_atom) -> caf::result<balancer_stats> {
+        ++*asked;
+        auto rp = self->make_response_promise<balancer_stats>();
+        self->state.held.push_back(rp);
+        return rp;
+      },
+      [=](ready_atom) {
+        balancer_stats bs;
+        bs.live = 1;
+        bs.engines = 1;
+        for (auto& rp : self->state.held)
+          rp.deliver(bs);
+        self->state.held.clear();
+      },
+      [](replica_atom) -> std::uint32_t { return 1; },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+TEST_F(actor_test, ScalerSendsNoStatsRequestWhileOneIsOnItsWay) {
+  // The balancer stalls for 4 intervals, then answers. The scaler asked
+  // once, so one evaluation follows: with sustain 2 it holds, and acts at
+  // the next interval. Before, each interval sent a request, the four
+  // answers came together and their evaluations met sustain at once.
+  auto asked = std::make_shared<int>(0);
+  auto b = sys_->spawn(stalled_balancer, asked);
+  stop_at_end_.push_back(b);
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  auto s = quick_scaler(b, 1, decisions, 1, 2, 2);
+  sched_->run();
+  for (int i = 0; i < 10; ++i)
+    caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                   std::int64_t{800'000'000}); // 800 ms: above the target
+  sched_->run();
+  for (int i = 0; i < 4; ++i) {
+    sched_->advance_time(1s);
+    sched_->run();
+  }
+  EXPECT_EQ(*asked, 1);
+  caf::anon_send(b, ready_atom::value);
+  sched_->run();
+  EXPECT_TRUE(decisions->empty()) << "sustain 2 met by one interval";
+  sched_->advance_time(1s);
+  sched_->run();
+  EXPECT_EQ(*asked, 2);
+  caf::anon_send(b, ready_atom::value);
+  sched_->run();
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
 }
 
 TEST_F(actor_test, ScalerIgnoresTheLatencyOfWarmAndBackgroundRequests) {

@@ -731,6 +731,9 @@ TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariantsAsErrorValues) {
          c.min_capacity_tokens = 4096;
          c.max_capacity_tokens = 2048;
        }},
+      // An engine reads a budget of 0 as no limit: a shrink to 0 lifted it.
+      {"scaler_config.min_capacity_tokens must be at least 1",
+       [](scaler_config& c) { c.min_capacity_tokens = 0; }},
       {"min_replicas",
        [](scaler_config& c) {
          c.min_replicas = 3;
@@ -839,6 +842,36 @@ TEST(ScalerPolicy, RestoresMinReplicasAfterALossRespectingCooldown) {
   EXPECT_EQ(d.action, scale_action::spawn_replica);
   EXPECT_FALSE(d.below_min);
   EXPECT_EQ(s.replacements(), 2U);
+}
+
+TEST(ScalerPolicy, ABusyWindowKeepsBoundedSamplesAndItsP95) {
+  // 200,000 requests in one window, every 10th of them slow (10%), then
+  // every 50th (2%), then every 16th (a period that keeping every 2^k-th
+  // request would alias with): the window keeps at most max_samples
+  // latencies, each weighing for the requests it stands for, and still
+  // reads the p95 the requests have. Before, it kept one per request,
+  // without bound.
+  auto c = fast_scaler();
+  c.window = 100s;
+  for (const int slow_every : {10, 50, 16}) {
+    auto s = make_scaler(c, 1, 4096);
+    constexpr int n = 200'000;
+    for (int i = 0; i < n; ++i) {
+      const engine::nanos at = std::chrono::microseconds{i};
+      s.record(at, (i % slow_every == 0) ? 2s : 10ms);
+      ASSERT_LE(s.kept_samples(), scaler_policy::max_samples);
+    }
+    const engine::nanos end = std::chrono::microseconds{n};
+    // An estimate once sampled: within 2%.
+    EXPECT_NEAR(static_cast<double>(s.window_requests(end)), n, n * 0.02);
+    EXPECT_EQ(s.p95(end),
+              slow_every == 50 ? engine::nanos{10ms} : engine::nanos{2s})
+        << slow_every;
+    // The window moves on: old samples leave with their weights.
+    const engine::nanos later = end + 100s - 1ms;
+    s.record(later, 10ms);
+    EXPECT_LT(s.window_requests(later), static_cast<std::uint64_t>(n) / 50);
+  }
 }
 
 TEST(ScalerPolicy, TooFewSamplesHold) {

@@ -32,6 +32,11 @@ struct scaler_state {
   /// counted already.
   std::uint64_t given_up_seen = 0;
   bool balancer_silent = false; ///< the last stats request failed
+  /// A stats request is on its way: a periodic evaluation waits for it
+  /// instead of sending another (a stalled balancer would otherwise get one
+  /// per interval and answer them together, and the evaluations behind
+  /// them would meet `sustain` within moments, not intervals).
+  bool stats_pending = false;
   /// Replica changes (spawn, retire) sent and not answered yet, by number:
   /// each waits for its answer however late (the balancer answers every
   /// request, also when it stops), and is timed out on the scaler's own
@@ -169,10 +174,12 @@ void evaluate(scaler_actor* self) {
 /// the balancer; then decides.
 void sync_and_evaluate(scaler_actor* self) {
   const auto seq = self->state.stats_sent++;
+  self->state.stats_pending = true;
   self->request(self->state.balancer, balancer_timeout, stats_atom::value)
       .then(
           [=](const balancer_stats& bs) {
             auto& st = self->state;
+            st.stats_pending = false;
             st.balancer_silent = false;
             for (; st.given_up_seen < bs.given_up; ++st.given_up_seen) {
               st.policy->replica_lost();
@@ -194,6 +201,7 @@ void sync_and_evaluate(scaler_actor* self) {
           },
           [=](caf::error& err) {
             auto& st = self->state;
+            st.stats_pending = false;
             if (!st.balancer_silent)
               std::clog << "kvfleet scaler: no stats from the balancer ("
                         << from_caf_error(err).describe()
@@ -237,7 +245,8 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       },
       [=](const block_events&) {},
       [=](evaluate_atom, bool periodic) {
-        sync_and_evaluate(self);
+        if (!periodic || !self->state.stats_pending)
+          sync_and_evaluate(self);
         if (periodic)
           self->delayed_send(self, self->state.config.interval,
                              evaluate_atom::value, true);

@@ -55,6 +55,11 @@ result<void> validate(const scaler_config& c) {
     return make_error(errc::invalid_argument,
                       "scaler_config.sustain must be at least 1 (evaluations "
                       "a condition must hold before the scaler acts)");
+  if (c.min_capacity_tokens == 0)
+    return make_error(errc::invalid_argument,
+                      "scaler_config.min_capacity_tokens must be at least 1: "
+                      "an engine reads a capacity_tokens of 0 as no limit, so "
+                      "a shrink to 0 would lift the limit");
   if (c.min_capacity_tokens > c.max_capacity_tokens)
     return make_error(errc::invalid_argument,
                       "scaler_config.min_capacity_tokens (" +
@@ -130,13 +135,58 @@ scaler_policy::scaler_policy(scaler_config config, std::uint32_t replicas,
       capacity_(capacity_tokens) {}
 
 void scaler_policy::record(engine::nanos now, engine::nanos latency) {
-  samples_.emplace_back(now, latency);
   trim(now);
+  // Past max_samples, each request is kept with chance 1 / stride_ (a
+  // fixed-seed generator: deterministic, and unlike keeping every
+  // stride_-th request, blind to periodic traffic).
+  if (stride_ > 1 && (next_random() & (stride_ - 1)) != 0)
+    return;
+  samples_.push_back(sample{now, latency, stride_});
+  weight_sum_ += stride_;
+  if (samples_.size() > max_samples) {
+    thin();
+    stride_ *= 2;
+  }
+}
+
+std::uint64_t scaler_policy::next_random() noexcept {
+  // splitmix64
+  std::uint64_t z = (random_ += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30U)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27U)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31U);
+}
+
+void scaler_policy::thin() {
+  std::deque<sample> kept;
+  for (std::size_t i = 0; i < samples_.size(); i += 2) {
+    if (i + 1 == samples_.size()) {
+      kept.push_back(samples_[i]);
+      break;
+    }
+    const sample& a = samples_[i];
+    const sample& b = samples_[i + 1];
+    // Either latency at random keeps the thinning unbiased; the later
+    // time, so the pair's weight leaves the window with its last.
+    kept.push_back(sample{b.at, (next_random() & 1U) ? a.latency : b.latency,
+                          a.weight + b.weight});
+  }
+  samples_ = std::move(kept);
 }
 
 void scaler_policy::trim(engine::nanos now) {
-  while (!samples_.empty() && samples_.front().first + config_.window < now)
+  while (!samples_.empty() && samples_.front().at + config_.window < now) {
+    weight_sum_ -= samples_.front().weight;
     samples_.pop_front();
+  }
+  // Traffic fell: new requests are kept more densely again.
+  while (stride_ > 1 && samples_.size() < max_samples / 4)
+    stride_ /= 2;
+}
+
+std::uint64_t scaler_policy::window_requests(engine::nanos now) {
+  trim(now);
+  return weight_sum_;
 }
 
 engine::nanos scaler_policy::p95(engine::nanos now) {
@@ -145,15 +195,20 @@ engine::nanos scaler_policy::p95(engine::nanos now) {
     return engine::nanos{0};
   scratch_.clear();
   for (const auto& s : samples_)
-    scratch_.push_back(s.second);
-  // Nearest rank: the smallest sample with at least 95% at or below it.
-  auto rank = static_cast<std::size_t>(
-      std::ceil(0.95 * static_cast<double>(scratch_.size())));
-  rank = std::max<std::size_t>(rank, 1) - 1;
-  std::nth_element(scratch_.begin(),
-                   scratch_.begin() + static_cast<std::ptrdiff_t>(rank),
-                   scratch_.end());
-  return scratch_[rank];
+    scratch_.emplace_back(s.latency, s.weight);
+  // Nearest rank over the requests: the smallest latency with at least 95%
+  // of the window's requests at or below it.
+  const auto rank =
+      std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(
+                                     0.95 * static_cast<double>(weight_sum_))));
+  std::sort(scratch_.begin(), scratch_.end());
+  std::uint64_t below = 0;
+  for (const auto& [latency, weight] : scratch_) {
+    below += weight;
+    if (below >= rank)
+      return latency;
+  }
+  return scratch_.back().first;
 }
 
 scale_decision scaler_policy::evaluate(engine::nanos now) {
@@ -171,7 +226,7 @@ scale_decision scaler_policy::evaluate(engine::nanos now) {
     ++replacements_;
     return acted(d, now);
   }
-  if (samples_.size() < config_.min_samples) {
+  if (weight_sum_ < config_.min_samples) {
     up_streak_ = down_streak_ = 0;
     return d;
   }
@@ -225,6 +280,8 @@ scale_decision scaler_policy::acted(scale_decision d, engine::nanos now) {
   acted_ = true;
   up_streak_ = down_streak_ = 0;
   samples_.clear();
+  weight_sum_ = 0;
+  stride_ = 1;
   ++counts_[static_cast<std::size_t>(d.action)];
   if (log_.size() >= max_log)
     log_.pop_front();
