@@ -6,14 +6,21 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <csignal>
+#include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
+#include <fcntl.h>
 #include <hiredis/hiredis.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sys/time.h>
 
@@ -281,21 +288,102 @@ std::string where(const redis_endpoint& ep) {
   return "Redis " + ep.host + ":" + std::to_string(ep.port);
 }
 
-/// Runs one command; a connection-level failure (null reply) is reported
-/// with hiredis's errstr and leaves the context unusable.
-reply_ptr run_command(redisContext* ctx,
-                      std::initializer_list<std::string_view> args) {
-  std::array<const char*, 8> argv{};
-  std::array<std::size_t, 8> lens{};
-  std::size_t n = 0;
-  for (auto a : args) {
-    argv[n] = a.data();
-    lens[n] = a.size();
-    ++n;
+/// One command: its name and arguments (at most 8 in all).
+using command_args = std::initializer_list<std::string_view>;
+
+/// Sets a connection-level error on `ctx`, as hiredis does for its own.
+void set_context_error(redisContext* ctx, int type, const std::string& what) {
+  ctx->err = type;
+  std::snprintf(ctx->errstr, sizeof ctx->errstr, "%s", what.c_str());
+}
+
+/// Sends `commands` in one write and reads one reply to each, all within
+/// `timeout` of the call: the write and every byte of every reply. (A
+/// timeout per read would let a server that trickles its reply, one byte
+/// within each timeout, hold the calling thread for as long as it likes.)
+/// The replies read go to `replies`, in order. False on a connection-level
+/// failure, with ctx->err and ctx->errstr saying what (REDIS_ERR_IO "no
+/// complete reply within N ms" on the deadline); the context is then
+/// unusable. REQUIRES: `ctx` is non-blocking (make_non_blocking).
+bool run_pipeline(redisContext* ctx, std::span<const command_args> commands,
+                  std::chrono::milliseconds timeout,
+                  std::vector<reply_ptr>& replies) {
+  using steady = std::chrono::steady_clock;
+  const auto deadline = steady::now() + timeout;
+  for (const command_args& args : commands) {
+    std::array<const char*, 8> argv{};
+    std::array<std::size_t, 8> lens{};
+    std::size_t n = 0;
+    for (auto a : args) {
+      argv[n] = a.data();
+      lens[n] = a.size();
+      ++n;
+    }
+    if (redisAppendCommandArgv(ctx, static_cast<int>(n), argv.data(),
+                               lens.data()) != REDIS_OK)
+      return false;
   }
   sigpipe_guard guard;
-  return reply_ptr{static_cast<redisReply*>(
-      redisCommandArgv(ctx, static_cast<int>(n), argv.data(), lens.data()))};
+  bool written = false;
+  while (replies.size() < commands.size()) {
+    // A reply may be complete in what was read already.
+    void* raw = nullptr;
+    if (redisGetReplyFromReader(ctx, &raw) != REDIS_OK)
+      return false;
+    if (raw != nullptr) {
+      replies.emplace_back(static_cast<redisReply*>(raw));
+      continue;
+    }
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now());
+    if (left.count() <= 0) {
+      set_context_error(ctx, REDIS_ERR_IO,
+                        "no complete reply within " +
+                            std::to_string(timeout.count()) + " ms");
+      return false;
+    }
+    pollfd p{ctx->fd, static_cast<short>(written ? POLLIN : POLLOUT), 0};
+    const int ready = ::poll(&p, 1, static_cast<int>(left.count()));
+    if (ready < 0 && errno != EINTR) {
+      set_context_error(ctx, REDIS_ERR_IO, std::strerror(errno));
+      return false;
+    }
+    if (ready <= 0)
+      continue; // the deadline is checked above
+    if (!written) {
+      int done = 0;
+      if (redisBufferWrite(ctx, &done) != REDIS_OK)
+        return false;
+      written = done != 0;
+    } else if (redisBufferRead(ctx) != REDIS_OK) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/// Runs one command as run_pipeline does; null on a connection-level
+/// failure.
+reply_ptr run_command(redisContext* ctx, command_args args,
+                      std::chrono::milliseconds timeout) {
+  std::vector<reply_ptr> replies;
+  const command_args one[] = {args};
+  if (!run_pipeline(ctx, one, timeout, replies))
+    return nullptr;
+  return std::move(replies.front());
+}
+
+/// Turns a connected blocking context into a non-blocking one, so that
+/// run_pipeline's reads and writes never wait (poll does, up to the
+/// deadline). hiredis then takes EAGAIN as "try again", not as an error.
+bool make_non_blocking(redisContext* ctx) {
+  const int flags = ::fcntl(ctx->fd, F_GETFL);
+  if (flags < 0 || ::fcntl(ctx->fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    set_context_error(ctx, REDIS_ERR_IO, std::strerror(errno));
+    return false;
+  }
+  ctx->flags &= ~REDIS_BLOCK;
+  return true;
 }
 
 } // namespace
@@ -388,20 +476,23 @@ result<void> redis_query_store::ensure_connected(engine::nanos now) {
   auto c = connect_in_time();
   if (!c)
     return unexpected<error>{failed(now, std::move(c.error()))};
-  if (redisSetTimeout(*c, to_timeval(config_.command_timeout)) != REDIS_OK) {
+  if (!make_non_blocking(*c)) {
     std::string why = (*c)->errstr;
     redisFree(*c);
-    return unexpected<error>{
-        failed(now, error{errc::backend_error,
-                          where(endpoint_) + ": cannot set timeout: " + why})};
+    return unexpected<error>{failed(
+        now, error{errc::backend_error,
+                   where(endpoint_) +
+                       ": cannot make the socket non-blocking: " + why})};
   }
   ctx_ = *c;
   answered_ = false;
   if (!endpoint_.password.empty()) {
     auto r =
         endpoint_.user.empty()
-            ? run_command(ctx_, {"AUTH", endpoint_.password})
-            : run_command(ctx_, {"AUTH", endpoint_.user, endpoint_.password});
+            ? run_command(ctx_, {"AUTH", endpoint_.password},
+                          config_.command_timeout)
+            : run_command(ctx_, {"AUTH", endpoint_.user, endpoint_.password},
+                          config_.command_timeout);
     if (!r || r->type == REDIS_REPLY_ERROR) {
       std::string why = r ? std::string(r->str, r->len) : ctx_->errstr;
       return unexpected<error>{failed(
@@ -416,7 +507,7 @@ result<void> redis_query_store::ensure_connected(engine::nanos now) {
   }
   if (endpoint_.db != 0) {
     auto db = std::to_string(endpoint_.db);
-    auto r = run_command(ctx_, {"SELECT", db});
+    auto r = run_command(ctx_, {"SELECT", db}, config_.command_timeout);
     if (!r || r->type == REDIS_REPLY_ERROR) {
       std::string why = r ? std::string(r->str, r->len) : ctx_->errstr;
       return unexpected<error>{
@@ -433,7 +524,7 @@ result<std::optional<std::string>>
 redis_query_store::get(const std::string& key, engine::nanos now) {
   if (auto c = ensure_connected(now); !c)
     return unexpected<error>{c.error()};
-  auto r = run_command(ctx_, {"GET", redis_key(key)});
+  auto r = run_command(ctx_, {"GET", redis_key(key)}, config_.command_timeout);
   if (!r)
     return unexpected<error>{command_failed(now, "GET")};
   answered_ = answered_ || r->type != REDIS_REPLY_ERROR;
@@ -463,7 +554,8 @@ result<void> redis_query_store::set(const std::string& key,
   if (auto c = ensure_connected(now); !c)
     return unexpected<error>{c.error()};
   auto ttl_ms = std::to_string(ms);
-  auto r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms});
+  auto r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms},
+                       config_.command_timeout);
   if (!r)
     return unexpected<error>{command_failed(now, "SET")};
   answered_ = answered_ || r->type != REDIS_REPLY_ERROR;

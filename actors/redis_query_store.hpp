@@ -33,10 +33,14 @@
 /// off). Time here is the `now` the caller passes (the
 /// cache actor's clock); it is used for nothing else.
 ///
-/// Blocking: hiredis's synchronous API blocks the calling thread, each
-/// connect at most `connect_timeout` and each command at most
-/// `command_timeout` (default 50 ms). The connect timeout bounds the whole
-/// connect: resolving a host name (on a helper thread,
+/// Blocking: calls block the calling thread, each connect at most
+/// `connect_timeout` and each command at most `command_timeout` (default
+/// 50 ms). The command timeout bounds the whole command, from writing it to
+/// the last byte of its reply (the socket is non-blocking and polled up to
+/// that deadline), not each read: a server that trickles a reply slower
+/// than that fails the command like a stalled one ("no complete reply
+/// within N ms", a connection-level failure). The connect timeout bounds the
+/// whole connect: resolving a host name (on a helper thread,
 /// engine/host_resolver.hpp, since getaddrinfo has no timeout; a
 /// slow DNS fails the connect with "cannot resolve '<host>' within N ms" and
 /// is backed off from like a refused connect) and the TCP connect to each
@@ -74,6 +78,7 @@ struct redis_query_store_config {
   /// A whole connect: the host name's lookup and the TCP connects to its
   /// addresses together.
   std::chrono::milliseconds connect_timeout{200};
+  /// A whole command: writing it and reading all of its reply.
   std::chrono::milliseconds command_timeout{50};
   /// After a connection-level failure, calls fail at once for this long
   /// before one connects again; 0: every call tries.

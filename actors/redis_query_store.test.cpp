@@ -13,9 +13,11 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -688,6 +690,110 @@ TEST(RedisQueryStoreClosed, AServerClosingNewConnectionsUnansweredIsBackedOff) {
   EXPECT_EQ((*store)->connects(), 1U);
   EXPECT_FALSE((*store)->set("k", "v", hour, t0 + 1s)); // tries again
   EXPECT_EQ((*store)->connects(), 2U);
+}
+
+/// A server on a loopback port that reads what each connection sends and
+/// answers with `reply`, one byte every `gap`, as a server that is alive
+/// but slow (or a hostile one) may: every read of the client gets a byte
+/// in time, the whole reply takes reply.size() x gap. It stops at once
+/// when the client goes away or the server is destroyed.
+class trickling_server {
+public:
+  trickling_server(std::chrono::milliseconds gap, std::string reply)
+      : gap_(gap), reply_(std::move(reply)) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (fd_ < 0 ||
+        ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        ::listen(fd_, 8) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+      return;
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] { serve(); });
+  }
+  ~trickling_server() {
+    if (thread_.joinable()) {
+      {
+        std::lock_guard lock(mutex_);
+        stopping_ = true;
+      }
+      wake_.notify_all();
+      (void)connect_direct(port_); // wakes the accept()
+      thread_.join();
+    }
+    if (fd_ >= 0)
+      ::close(fd_);
+  }
+  trickling_server(const trickling_server&) = delete;
+  trickling_server& operator=(const trickling_server&) = delete;
+
+  [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
+
+private:
+  void serve() {
+    while (true) {
+      const int conn = ::accept(fd_, nullptr, nullptr);
+      if (conn < 0)
+        return;
+      std::array<char, 4096> buf{};
+      (void)::recv(conn, buf.data(), buf.size(), 0);
+      for (const char byte : reply_) {
+        std::unique_lock lock(mutex_);
+        // The trickle itself: the gap is what this server is for.
+        if (wake_.wait_for(lock, gap_, [this] { return stopping_; }))
+          break;
+        lock.unlock();
+        if (::send(conn, &byte, 1, MSG_NOSIGNAL) != 1)
+          break; // the client gave up
+      }
+      ::close(conn);
+      std::lock_guard lock(mutex_);
+      if (stopping_)
+        return;
+    }
+  }
+
+  std::chrono::milliseconds gap_;
+  std::string reply_;
+  int fd_ = -1;
+  std::uint16_t port_ = 0;
+  std::mutex mutex_; ///< guards stopping_, which wake_ waits on
+  std::condition_variable wake_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+TEST(RedisQueryStoreTrickle, AReplyTrickledInPastTheCommandTimeoutFails) {
+  // One byte every 20 ms: each read gets a byte within the 50 ms command
+  // timeout, the whole reply would take over 4 s. The timeout bounds the
+  // whole command, so the call fails after it, drops the connection and
+  // backs off like a stalled server. (It used to bound each read only: the
+  // call waited for the last byte, and a server trickling without end held
+  // the cache's thread, and the process's exit, for ever.)
+  trickling_server server(20ms, "$200\r\n" + std::string(200, 'x') + "\r\n");
+  ASSERT_NE(server.port(), 0);
+  redis_query_store_config c;
+  c.url = "redis://127.0.0.1:" + std::to_string(server.port());
+  auto store = redis_query_store::open(c);
+  ASSERT_TRUE(store.has_value()) << store.error().describe();
+  const auto start = std::chrono::steady_clock::now();
+  auto got = (*store)->get("k", t0);
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_FALSE(got.has_value()) << got->value_or("(nullopt)").size();
+  EXPECT_EQ(got.error().code, errc::backend_error);
+  EXPECT_NE(got.error().message.find("no complete reply within 50 ms"),
+            std::string::npos)
+      << got.error().message;
+  EXPECT_LT(took, 2s); // a bound on hanging, not a timing bar
+  EXPECT_FALSE((*store)->connected());
+  auto soon = (*store)->get("k", t0 + 1ms);
+  ASSERT_FALSE(soon.has_value());
+  EXPECT_NE(soon.error().message.find("next attempt in"), std::string::npos)
+      << soon.error().message;
+  EXPECT_EQ((*store)->connects(), 1U);
 }
 
 node_config redis_node(std::string url) {
