@@ -263,6 +263,13 @@ redis_query_store::open(redis_query_store_config config) {
                                config.reconnect_after, true);
       !ok)
     return unexpected<error>{ok.error()};
+  if (config.max_value_bytes == 0 ||
+      config.max_value_bytes > redis_query_store_config::max_value_bytes_limit)
+    return make_error(
+        errc::invalid_argument,
+        "redis_query_store_config.max_value_bytes must be in 1.." +
+            std::to_string(redis_query_store_config::max_value_bytes_limit) +
+            ", not " + std::to_string(config.max_value_bytes));
   return std::unique_ptr<redis_query_store>{
       new redis_query_store(std::move(config), std::move(*ep))};
 }
@@ -524,23 +531,44 @@ result<std::optional<std::string>>
 redis_query_store::get(const std::string& key, engine::nanos now) {
   if (auto c = ensure_connected(now); !c)
     return unexpected<error>{c.error()};
-  auto r = run_command(ctx_, {"GET", redis_key(key)}, config_.command_timeout);
-  if (!r)
+  // At most max_value_bytes + 1 bytes come back, whatever another program
+  // stored under the key: a GET of a value of MiBs would time out, and a
+  // timeout drops the connection and backs off every key. GETRANGE of a
+  // missing key is "", as is an empty value: EXISTS, in the same pipeline,
+  // tells them apart. (Redis runs the commands of one read back to back; a
+  // key set or removed between the two can only make "" read as an empty
+  // value or as missing.) A key of another type is a WRONGTYPE error
+  // reply, as for GET.
+  const auto redis = redis_key(key);
+  const auto last = std::to_string(config_.max_value_bytes);
+  const command_args commands[] = {{"GETRANGE", redis, "0", last},
+                                   {"EXISTS", redis}};
+  std::vector<reply_ptr> replies;
+  if (!run_pipeline(ctx_, commands, config_.command_timeout, replies))
     return unexpected<error>{command_failed(now, "GET")};
-  answered_ = answered_ || r->type != REDIS_REPLY_ERROR;
-  switch (r->type) {
-  case REDIS_REPLY_NIL:
-    return std::optional<std::string>{};
+  const redisReply& range = *replies[0];
+  const redisReply& exists = *replies[1];
+  answered_ = answered_ || range.type != REDIS_REPLY_ERROR ||
+              exists.type != REDIS_REPLY_ERROR;
+  switch (range.type) {
   case REDIS_REPLY_STRING:
-    return std::optional<std::string>{std::string(r->str, r->len)};
+    if (range.len > config_.max_value_bytes)
+      return make_error(errc::backend_error,
+                        where(endpoint_) + ": GET: a value longer than " +
+                            last +
+                            " bytes (max_value_bytes) is not this store's");
+    if (range.len == 0 && exists.type == REDIS_REPLY_INTEGER &&
+        exists.integer == 0)
+      return std::optional<std::string>{};
+    return std::optional<std::string>{std::string(range.str, range.len)};
   case REDIS_REPLY_ERROR:
     return make_error(errc::backend_error,
-                      where(endpoint_) +
-                          ": GET error reply: " + std::string(r->str, r->len));
+                      where(endpoint_) + ": GET error reply: " +
+                          std::string(range.str, range.len));
   default:
     return make_error(errc::backend_error, where(endpoint_) +
                                                ": GET: unexpected reply type " +
-                                               std::to_string(r->type));
+                                               std::to_string(range.type));
   }
 }
 
@@ -550,6 +578,12 @@ result<void> redis_query_store::set(const std::string& key,
   if (ttl <= engine::nanos{0})
     return make_error(errc::invalid_argument,
                       "query cache TTL must be positive");
+  // get reads no more than this back.
+  if (value.size() > config_.max_value_bytes)
+    return make_error(errc::value_too_large,
+                      "query store value of " + std::to_string(value.size()) +
+                          " bytes is longer than max_value_bytes (" +
+                          std::to_string(config_.max_value_bytes) + ")");
   auto ms = std::chrono::ceil<std::chrono::milliseconds>(ttl).count();
   if (auto c = ensure_connected(now); !c)
     return unexpected<error>{c.error()};

@@ -9,9 +9,17 @@
 /// appears in an error message: messages show the URL with its
 /// credentials replaced by `***`.
 ///
-/// Entries: `SET <prefix><key> <value> PX <ttl ms>` and `GET <prefix><key>`.
-/// The value is stored byte for byte as the cache hands it over (the
-/// versioned reply encoding of query_cache_actor.hpp). Expiry is Redis's own
+/// Entries: `SET <prefix><key> <value> PX <ttl ms>`, read with
+/// `GETRANGE <prefix><key> 0 <max_value_bytes>` and `EXISTS <prefix><key>`
+/// in one pipeline (no GET: a value of MiBs that another program stored
+/// under a key would time out every read of it, and each timeout backs off
+/// every key). The value is stored byte for byte as the cache hands it over
+/// (the versioned reply encoding of query_cache_actor.hpp, under 100
+/// bytes); set refuses one longer than `max_value_bytes` (1 KiB), and get
+/// takes a longer one for another program's: an error value (not a
+/// connection-level failure, so no backoff), which the cache counts and
+/// overwrites with its own entry, as it does a key of another type (a
+/// WRONGTYPE error reply). Expiry is Redis's own
 /// clock: the `now` argument of get/set only times the reconnect backoff
 /// (below), so an injected clock does not move Redis entries.
 ///
@@ -56,6 +64,7 @@
 #include "engine/result.hpp"
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -83,6 +92,11 @@ struct redis_query_store_config {
   /// After a connection-level failure, calls fail at once for this long
   /// before one connects again; 0: every call tries.
   std::chrono::milliseconds reconnect_after{1'000};
+  /// The longest value set stores and get reads back; a longer one under a
+  /// key is not this store's (get fails, keeping the connection).
+  std::size_t max_value_bytes = 1024;
+  /// Redis's own limit on a string.
+  static constexpr std::size_t max_value_bytes_limit = 512U << 20;
 };
 
 /// Where a Redis URL points.
@@ -111,19 +125,21 @@ public:
   /// call does), so a node starts while its Redis is still coming up.
   /// Errors: parse_error (bad URL), invalid_argument naming the option (a
   /// timeout that is not positive, a negative reconnect_after, any of them
-  /// above 24 hours).
+  /// above 24 hours, max_value_bytes 0 or above max_value_bytes_limit).
   [[nodiscard]] static result<std::unique_ptr<redis_query_store>>
   open(redis_query_store_config config);
   ~redis_query_store() override;
   redis_query_store(const redis_query_store&) = delete;
   redis_query_store& operator=(const redis_query_store&) = delete;
 
-  /// GET: the value, nullopt when absent or expired, backend_error when
-  /// Redis cannot be reached or answers with an error.
+  /// The value, nullopt when absent or expired, backend_error when Redis
+  /// cannot be reached, answers with an error (a key of another type:
+  /// WRONGTYPE) or holds a value longer than max_value_bytes there.
   [[nodiscard]] result<std::optional<std::string>>
   get(const std::string& key, engine::nanos now) override;
   /// SET ... PX: `ttl` rounded up to whole milliseconds. invalid_argument
-  /// when ttl <= 0, backend_error as for get.
+  /// when ttl <= 0, value_too_large when the value is longer than
+  /// max_value_bytes, backend_error as for get.
   [[nodiscard]] result<void> set(const std::string& key,
                                  const std::string& value, engine::nanos ttl,
                                  engine::nanos now) override;

@@ -252,6 +252,13 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
        "connect_timeout"},
       {[](redis_query_store_config& c) { c.reconnect_after = -1ms; },
        "reconnect_after"},
+      {[](redis_query_store_config& c) { c.max_value_bytes = 0; },
+       "max_value_bytes"},
+      {[](redis_query_store_config& c) {
+         c.max_value_bytes =
+             redis_query_store_config::max_value_bytes_limit + 1;
+       },
+       "max_value_bytes"},
       // Would wrap to -1 ms on the clock and never back off.
       {[](redis_query_store_config& c) {
          c.reconnect_after = std::chrono::milliseconds::max();
@@ -411,6 +418,54 @@ TEST_F(RedisQueryStore, ErrorReplyIsAnErrorValueNamingIt) {
       << got.error().message;
   EXPECT_TRUE(store->connected()); // a reply error keeps the connection
   EXPECT_TRUE(store->set("fine", "v", hour, t0));
+}
+
+TEST_F(RedisQueryStore, ValuesUpToMaxValueBytesRoundTripLongerAreRefused) {
+  auto store = open();
+  ASSERT_TRUE(store);
+  const std::string longest(1024, 'v'); // max_value_bytes
+  ASSERT_TRUE(store->set("longest", longest, hour, t0));
+  EXPECT_EQ(store->get("longest", t0)->value_or(""), longest);
+  // An empty value is a value, not a miss (GETRANGE alone reads both as "").
+  ASSERT_TRUE(store->set("empty", "", hour, t0));
+  auto empty = store->get("empty", t0);
+  ASSERT_TRUE(empty.has_value()) << empty.error().describe();
+  ASSERT_TRUE(empty->has_value());
+  EXPECT_EQ(**empty, "");
+  auto too_long = store->set("k", longest + "v", hour, t0);
+  ASSERT_FALSE(too_long);
+  EXPECT_EQ(too_long.error().code, errc::value_too_large);
+  EXPECT_NE(too_long.error().message.find("max_value_bytes"), std::string::npos)
+      << too_long.error().message;
+}
+
+TEST_F(RedisQueryStore, AValueTooLongForTheStoreIsAnotherProgramsNoFailure) {
+  // 64 MiB under a cache key, stored by another program (SETRANGE pads with
+  // zero bytes). get reads at most max_value_bytes + 1 bytes of it and
+  // fails with an error value, keeping the connection: no backoff, so the
+  // set that replaces it and every other key work at once. (A GET of all of
+  // it timed out, a connection-level failure: for 1 s every call failed,
+  // and a key asked for every second kept the whole cache off.)
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  auto big = command(direct.get(), {"SETRANGE", "kvfleet:q:big",
+                                    std::to_string((64 << 20) - 1), "x"});
+  ASSERT_TRUE(big && big->type == REDIS_REPLY_INTEGER);
+  auto store = open();
+  ASSERT_TRUE(store);
+  auto got = store->get("big", t0);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::backend_error);
+  EXPECT_NE(got.error().message.find("longer than 1024 bytes"),
+            std::string::npos)
+      << got.error().message;
+  EXPECT_TRUE(store->connected());
+  auto other = store->get("other", t0);
+  ASSERT_TRUE(other.has_value()) << other.error().describe();
+  EXPECT_FALSE(other->has_value());
+  ASSERT_TRUE(store->set("big", "v1 0 1 1 16 16", hour, t0));
+  EXPECT_EQ(store->get("big", t0)->value_or(""), "v1 0 1 1 16 16");
+  EXPECT_EQ(store->connects(), 1U);
 }
 
 TEST_F(RedisQueryStore, AuthenticatesWithThePasswordOrAsAnAclUser) {
@@ -817,6 +872,34 @@ kv_request query(std::uint64_t id, std::string q) {
   r.keys = {engine::block_key{5, 1}, engine::block_key{5, 2}};
   r.input_tokens = 32;
   return r;
+}
+
+TEST_F(RedisQueryStore, ANodeReplacesAnotherProgramsLongValueWithItsEntry) {
+  // The cache counts the long value like any value it cannot read, computes
+  // the request and stores its reply over it: the next request is a hit.
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  auto big = command(direct.get(), {"SETRANGE", "kvfleet:q:q",
+                                    std::to_string((64 << 20) - 1), "x"});
+  ASSERT_TRUE(big && big->type == REDIS_REPLY_INTEGER);
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  auto n = node::start(sys, redis_node(server_->url()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto first = (*n)->process_request(query(1, "q"));
+  ASSERT_TRUE(first.has_value()) << first.error().describe();
+  EXPECT_FALSE(first->from_query_cache);
+  auto second = (*n)->process_request(query(2, "q"));
+  ASSERT_TRUE(second.has_value()) << second.error().describe();
+  EXPECT_TRUE(second->from_query_cache);
+  caf::scoped_actor self{sys};
+  std::optional<query_cache_stats> st;
+  self->request((*n)->query_cache(), 5s, stats_atom::value)
+      .receive([&](query_cache_stats& s) { st = s; }, [](caf::error&) {});
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->hits, 1U);
+  EXPECT_EQ(st->store_errors, 1U); // the long value's get
 }
 
 TEST_F(RedisQueryStore, NodeCachesQueryResultsInRedis) {
