@@ -263,6 +263,13 @@ redis_query_store::open(redis_query_store_config config) {
                                config.reconnect_after, true);
       !ok)
     return unexpected<error>{ok.error()};
+  // Without a prefix the query strings are raw Redis keys, and set would
+  // overwrite whatever other applications keep under them.
+  if (config.key_prefix.empty())
+    return make_error(errc::invalid_argument,
+                      "redis_query_store_config.key_prefix must not be empty: "
+                      "without it query strings are raw Redis keys and the "
+                      "cache would overwrite other applications' keys");
   if (config.max_value_bytes == 0 ||
       config.max_value_bytes > redis_query_store_config::max_value_bytes_limit)
     return make_error(

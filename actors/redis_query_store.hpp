@@ -83,6 +83,8 @@ struct redis_query_store_config {
   /// redis://[[user]:password@]host[:port][/db]; port 6379, db 0 by
   /// default. Percent-encode `@ : / ? # %` inside user and password.
   std::string url;
+  /// Put before every query key; not empty (open refuses it: query strings
+  /// would be raw Redis keys, and set would overwrite other applications').
   std::string key_prefix = "kvfleet:q:";
   /// A whole connect: the host name's lookup and the TCP connects to its
   /// addresses together.
@@ -125,7 +127,8 @@ public:
   /// call does), so a node starts while its Redis is still coming up.
   /// Errors: parse_error (bad URL), invalid_argument naming the option (a
   /// timeout that is not positive, a negative reconnect_after, any of them
-  /// above 24 hours, max_value_bytes 0 or above max_value_bytes_limit).
+  /// above 24 hours, max_value_bytes 0 or above max_value_bytes_limit, an
+  /// empty key_prefix).
   [[nodiscard]] static result<std::unique_ptr<redis_query_store>>
   open(redis_query_store_config config);
   ~redis_query_store() override;

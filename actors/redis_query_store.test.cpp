@@ -252,6 +252,9 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
        "connect_timeout"},
       {[](redis_query_store_config& c) { c.reconnect_after = -1ms; },
        "reconnect_after"},
+      // Query strings would be raw Redis keys, other applications' too.
+      {[](redis_query_store_config& c) { c.key_prefix.clear(); },
+       "key_prefix must not be empty"},
       {[](redis_query_store_config& c) { c.max_value_bytes = 0; },
        "max_value_bytes"},
       {[](redis_query_store_config& c) {
