@@ -2452,11 +2452,21 @@ TEST(QueryCacheEncoding, AnythingButAnEncodedReplyIsNotRead) {
        {"v1 3 12 2 192", "v1 3 12 2 192 32 7", "v1 3 -12 2 192 32",
         "v1 3 12 2 192 32x", "v1 3 +12 2 192 32", "v1  3 12 2 192 32",
         "v1 3 12 2 192 32 ", "v2 3 12 2 192 32", "v1 4294967296 12 2 192 32",
-        "v1 3 18446744073709551616 2 192 32", "", "v1"}) {
+        "v1 3 18446744073709551616 2 192 32", "", "v1",
+        // Well-formed, but no engine wrote them: a slot past
+        // router::max_slots (64), counts past a request's uint32 tokens,
+        // sums that would overflow.
+        "v1 64 12 2 192 32", "v1 99999 12 2 192 32",
+        "v1 3 18446744073709551615 2 192 32", "v1 3 12 2 4294967296 0",
+        "v1 3 4294967295 1 192 32", "v1 3 12 2 1 18446744073709551615",
+        "v1 3 12 2 4294967295 1"}) {
     kv_reply out{9, 9, 9, 9, 9, 9, false};
     EXPECT_FALSE(decode_reply(bad, out)) << '"' << bad << '"';
     EXPECT_EQ(out, (kv_reply{9, 9, 9, 9, 9, 9, false})) << '"' << bad << '"';
   }
+  // The largest possible reply is read.
+  ASSERT_TRUE(decode_reply("v1 63 4294967295 0 0 4294967295", back));
+  EXPECT_EQ(back, (kv_reply{0, 63, 4294967295, 0, 0, 4294967295, false}));
 }
 
 TEST_F(actor_test, AQueryCacheEntryItCannotReadIsAStoreErrorAndRecomputed) {

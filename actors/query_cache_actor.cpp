@@ -5,9 +5,12 @@
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
+#include "actors/router.hpp"
 #include "engine/eviction_policy.hpp"
 
 #include <charconv>
+#include <cstdint>
+#include <limits>
 #include <locale>
 #include <sstream>
 #include <string>
@@ -72,6 +75,15 @@ bool decode_reply(const std::string& s, kv_reply& out) {
       !parse_field(fields[3], r.computed_blocks) ||
       !parse_field(fields[4], r.matched_tokens) ||
       !parse_field(fields[5], r.computed_tokens))
+    return false;
+  // Well-formed but impossible (another program's value): no engine slot
+  // at or above router::max_slots, and a request's tokens are one
+  // uint32 (input_tokens), its blocks at most one per token, so neither
+  // sum exceeds that (nor, checked first, overflows).
+  constexpr std::uint64_t most = std::numeric_limits<std::uint32_t>::max();
+  if (r.engine >= router::max_slots || r.matched_blocks > most ||
+      r.computed_blocks > most - r.matched_blocks || r.matched_tokens > most ||
+      r.computed_tokens > most - r.matched_tokens)
     return false;
   out = r;
   return true;

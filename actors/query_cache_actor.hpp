@@ -99,7 +99,10 @@ spawn_query_cache(caf::actor_system& sys, query_cache_config config,
 [[nodiscard]] std::string encode_reply(const kv_reply& r);
 /// Reads what encode_reply wrote into `out` (id and from_query_cache
 /// untouched); false, leaving `out` unchanged, for anything else: another
-/// version, a sign, a number out of range, a missing or extra field.
+/// version, a sign, a number out of range, a missing or extra field, or
+/// numbers no engine could have written (an engine slot at or above
+/// router::max_slots, blocks or tokens that add up to more than a
+/// request's uint32 input_tokens).
 [[nodiscard]] bool decode_reply(const std::string& s, kv_reply& out);
 
 } // namespace kvfleet::actors
