@@ -2568,6 +2568,45 @@ TEST_F(actor_test, QueryCacheRefusesABadPriorityBeforeTheStoreOrAJoin) {
   EXPECT_EQ(st.coalesced, 0U);
 }
 
+TEST_F(actor_test, QueryCacheRefusesMisalignedKeysBeforeTheStoreOrAJoin) {
+  // With block_tokens set (a node sets its namespace's), a request whose
+  // key count does not fit its tokens is refused by the cache itself, as
+  // the engine would refuse it: never a hit (before, a stored reply
+  // answered it), never the miss that a good request of its key joins
+  // (before, the good one got its refusal).
+  query_cache_config qc;
+  qc.block_tokens = 16;
+  const cache_over_fake f(*sys_, stop_at_end_, qc);
+  auto bad_req = query(1, "q");
+  bad_req.input_tokens = 20;               // one full block, but...
+  bad_req.keys.push_back(block_key{7, 7}); // ...two keys
+  const auto refused = [&](const kv_request& r) {
+    auto reply = ask<kv_reply>(f.cache, query_atom::value, r);
+    sched_->run();
+    EXPECT_TRUE(reply->error.has_value());
+    if (reply->error) {
+      const auto e = from_caf_error(*reply->error);
+      EXPECT_EQ(e.code, errc::misaligned_tokens);
+      EXPECT_NE(e.message.find("2 block keys for a prompt of 20 tokens"),
+                std::string::npos)
+          << e.message;
+    }
+  };
+  refused(bad_req);
+  EXPECT_TRUE(f.be->seen.empty()) << "the bad request went on";
+  auto bad = ask<kv_reply>(f.cache, query_atom::value, bad_req);
+  auto good = ask<kv_reply>(f.cache, query_atom::value, query(2, "q"));
+  sched_->run();
+  ASSERT_TRUE(bad->error.has_value());
+  ASSERT_TRUE(good->value.has_value());
+  EXPECT_FALSE(good->value->from_query_cache);
+  EXPECT_EQ(f.be->seen.size(), 1U);
+  refused(bad_req); // "q" is stored now: still no hit
+  auto st = ask_now<query_cache_stats>(f.cache, stats_atom::value);
+  EXPECT_EQ(st.hits, 0U);
+  EXPECT_EQ(st.misses, 1U);
+}
+
 /// An embedded store that counts its calls in `gets` and `sets`, which the
 /// test keeps (the cache owns the store).
 struct counting_store final : query_store {

@@ -399,7 +399,11 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     return unexpected<error>{warmer.error()};
   n->warmer_ = std::move(*warmer);
   if (c.query_cache) {
-    auto cache = actors::spawn_query_cache(sys, c.cache, n->balancer_,
+    // The cache refuses a request the engines would refuse before it is
+    // answered from the store or joins another.
+    auto cc = c.cache;
+    cc.block_tokens = c.engine.ns.block_tokens;
+    auto cache = actors::spawn_query_cache(sys, cc, n->balancer_,
                                            std::move(query_store));
     if (!cache)
       return unexpected<error>{cache.error()};

@@ -62,6 +62,7 @@ struct node_config {
   actors::warmer_config warmer{};
   bool query_cache = true;
   /// `cache.redis_url` empty: embedded store; else the Redis backend.
+  /// `cache.block_tokens` is set to `engine.ns.block_tokens`.
   actors::query_cache_config cache{};
   std::optional<actors::scaler_actor_config> scaler; ///< off by default
   std::optional<actors::prefetch_config> prefetch;   ///< off by default

@@ -101,6 +101,14 @@ TEST_F(Node, ProcessBlockCallsWarmAndBadConfig) {
     ASSERT_TRUE(cached && again);
     EXPECT_TRUE(again->from_query_cache);
     EXPECT_EQ(again->id, 4U);
+    // A request the engines refuse is refused with the key of a cached
+    // query too (before, the cached reply answered it).
+    auto misaligned = req(5, "q");
+    misaligned.keys.pop_back();
+    auto refused = nd.process_request(misaligned);
+    ASSERT_FALSE(refused.has_value());
+    EXPECT_EQ(refused.error().code, errc::misaligned_tokens)
+        << refused.error().describe();
     auto lk = nd.lookup({block_key{5, 1}, block_key{5, 2}});
     ASSERT_TRUE(lk.has_value());
     EXPECT_EQ(*lk, 2U);

@@ -210,11 +210,16 @@ cache_behavior(cache_actor* self, query_cache_config config,
           return to_caf_error(
               error{errc::invalid_argument, "request has no query key"});
         // Refused before it is answered from the store or joins another
-        // request of its key: a bad priority would otherwise be answered
-        // (a hit), or become the miss that others join and then fail them
-        // all with its refusal.
+        // request of its key: a bad priority or a key count that does not
+        // fit its tokens would otherwise be answered (a hit), or become the
+        // miss that others join and then fail them all with its refusal.
         if (auto ok = engine::check_priority(req.prio); !ok)
           return to_caf_error(ok.error());
+        if (s.config.block_tokens > 0)
+          if (auto ok = engine::check_block_keys(
+                  req.keys.size(), req.input_tokens, s.config.block_tokens);
+              !ok)
+            return to_caf_error(ok.error());
         // A request that pins its blocks (warming) must reach an engine: a
         // stored reply, or the reply of another request of its key, pinned
         // nothing, though the latter would read as computed for it.

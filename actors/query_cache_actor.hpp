@@ -64,6 +64,14 @@ struct query_cache_config {
   /// `url` is replaced by this one).
   std::string redis_url;
   redis_query_store_config redis{};
+  /// Tokens per block of the engines behind the cache (kvfleet::node sets
+  /// its namespace's). When set, a request whose key count is not
+  /// input_tokens / block_tokens is refused (errc::misaligned_tokens)
+  /// before it reads the store or joins another request of its key: a
+  /// stored reply would answer it though the engine refuses it, and as the
+  /// miss others joined, its refusal would fail them all. 0 checks nothing
+  /// here (the engine still refuses such a request on a miss).
+  std::uint32_t block_tokens = 0;
 };
 
 /// errc::invalid_argument naming the option when `config` breaks an

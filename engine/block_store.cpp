@@ -1182,15 +1182,10 @@ result<process_result> block_store::process(ns_id ns,
   // One key per full block, no more and no fewer: with fewer, the blocks
   // past the last key would be neither matched nor computed, yet counted
   // as computed tokens.
-  if (keys.size() != input_tokens / spec.block_tokens) {
+  if (auto ok = check_block_keys(keys.size(), input_tokens, spec.block_tokens);
+      !ok) {
     count_rejected();
-    return make_error(
-        errc::misaligned_tokens,
-        std::to_string(keys.size()) + " block keys for a prompt of " +
-            std::to_string(input_tokens) + " tokens, which has " +
-            std::to_string(input_tokens / spec.block_tokens) + " full block" +
-            (input_tokens / spec.block_tokens == 1 ? "" : "s") + " of " +
-            std::to_string(spec.block_tokens) + " tokens");
+    return unexpected<error>(ok.error());
   }
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation

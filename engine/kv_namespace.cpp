@@ -103,4 +103,17 @@ ns_fingerprint namespace_spec::fingerprint() const noexcept {
   return ns_fingerprint{h.high64, h.low64};
 }
 
+result<void> check_block_keys(std::size_t key_count, std::size_t input_tokens,
+                              std::uint32_t block_tokens) {
+  const std::size_t full = input_tokens / block_tokens;
+  if (key_count == full)
+    return {};
+  return make_error(errc::misaligned_tokens,
+                    std::to_string(key_count) + " block keys for a prompt of " +
+                        std::to_string(input_tokens) + " tokens, which has " +
+                        std::to_string(full) + " full block" +
+                        (full == 1 ? "" : "s") + " of " +
+                        std::to_string(block_tokens) + " tokens");
+}
+
 } // namespace kvfleet::engine

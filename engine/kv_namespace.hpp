@@ -48,4 +48,11 @@ struct namespace_spec {
   [[nodiscard]] ns_fingerprint fingerprint() const noexcept;
 };
 
+/// A request of `input_tokens` prompt tokens names one key per full block
+/// of `block_tokens` (> 0): errc::misaligned_tokens, saying how many it
+/// should have, when `key_count` is any other number.
+[[nodiscard]] result<void> check_block_keys(std::size_t key_count,
+                                            std::size_t input_tokens,
+                                            std::uint32_t block_tokens);
+
 } // namespace kvfleet::engine
