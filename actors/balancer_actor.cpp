@@ -235,10 +235,7 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   auto& st = self->state;
   auto slot = st.route.add_slot(1.0);
   if (!slot)
-    return make_error(errc::unavailable,
-                      "no free engine slot: all " +
-                          std::to_string(router::max_slots) +
-                          " are in use (retire an engine first)");
+    return unexpected<error>{slot.error()};
   if (*slot == st.slots.size()) {
     st.slots.emplace_back();
   } else {

@@ -96,7 +96,7 @@ router make_router(const router_config& c) {
 TEST(Router, RoundRobinSkipsDownSlots) {
   auto r = make_router(router_config{routing_policy::round_robin});
   for (int i = 0; i < 3; ++i)
-    r.add_slot();
+    EXPECT_TRUE(r.add_slot().has_value());
   r.set_up(1, false);
   std::vector<std::uint32_t> picks;
   for (int i = 0; i < 4; ++i)
@@ -106,8 +106,8 @@ TEST(Router, RoundRobinSkipsDownSlots) {
 
 TEST(Router, LeastLoadedDividesByWeightUnderSkew) {
   auto r = make_router(router_config{routing_policy::least_loaded});
-  r.add_slot(1.0);
-  r.add_slot(4.0); // four times the capacity
+  EXPECT_TRUE(r.add_slot(1.0).has_value());
+  EXPECT_TRUE(r.add_slot(4.0).has_value()); // four times the capacity
   for (int i = 0; i < 3; ++i)
     r.started(0);
   for (int i = 0; i < 8; ++i)
@@ -131,8 +131,8 @@ TEST(Router, KvAwarePrefersPrefixHolderUntilBacklogMargin) {
   c.max_credit = 4.0;
   c.backlog_margin = 2;
   auto r = make_router(c);
-  r.add_slot();
-  r.add_slot();
+  EXPECT_TRUE(r.add_slot().has_value());
+  EXPECT_TRUE(r.add_slot().has_value());
   auto k = keys(7, 8);
   r.stored(1, std::span{k}.first(6));
   auto p = r.pick(k);
@@ -163,8 +163,8 @@ TEST(Router, AHugeBacklogMarginDoesNotWrap) {
   c.credit_per_block = 0.5;
   c.backlog_margin = std::numeric_limits<std::uint32_t>::max();
   auto r = make_router(c);
-  r.add_slot();
-  r.add_slot();
+  EXPECT_TRUE(r.add_slot().has_value());
+  EXPECT_TRUE(r.add_slot().has_value());
   auto k = keys(7, 6);
   r.stored(1, k);
   r.started(0);
@@ -175,8 +175,8 @@ TEST(Router, AHugeBacklogMarginDoesNotWrap) {
 
 TEST(Router, SlotGoingDownForgetsItsBlocks) {
   auto r = make_router(router_config{routing_policy::kv_aware});
-  r.add_slot();
-  r.add_slot();
+  EXPECT_TRUE(r.add_slot().has_value());
+  EXPECT_TRUE(r.add_slot().has_value());
   auto k = keys(1, 4);
   r.stored(1, k);
   r.stored(0, std::span{k}.first(1)); // held by both
@@ -197,7 +197,7 @@ TEST(Router, IndexIsBounded) {
   router_config c{routing_policy::kv_aware};
   c.max_index_keys = 10;
   auto r = make_router(c);
-  r.add_slot();
+  EXPECT_TRUE(r.add_slot().has_value());
   auto k = keys(3, 50);
   r.stored(0, k);
   EXPECT_LE(r.index_size(), 10U);
@@ -212,8 +212,8 @@ TEST(Router, FullIndexDropsTheLeastRecentlyUsedKeys) {
   router_config c{routing_policy::kv_aware};
   c.max_index_keys = 10;
   auto r = make_router(c);
-  r.add_slot();
-  r.add_slot();
+  EXPECT_TRUE(r.add_slot().has_value());
+  EXPECT_TRUE(r.add_slot().has_value());
   auto old = keys(1, 10);
   for (const auto& k : old)
     r.stored(0, std::span{&k, 1}); // old[0] the oldest
@@ -237,7 +237,7 @@ TEST(Router, FullIndexKeepsAPrefixsLeadingBlocksLongest) {
   router_config c{routing_policy::kv_aware};
   c.max_index_keys = 10;
   auto r = make_router(c);
-  r.add_slot();
+  EXPECT_TRUE(r.add_slot().has_value());
   auto chain = keys(1, 10);
   r.stored(0, chain); // one call: chain[0] the most recent of them
   r.stored(0, keys(2, 2));
@@ -259,7 +259,7 @@ TEST(Router, AStoredCallLongerThanTheIndexKeepsItsLeadingKeys) {
   router_config c{routing_policy::kv_aware};
   c.max_index_keys = 2;
   auto r = make_router(c);
-  r.add_slot();
+  EXPECT_TRUE(r.add_slot().has_value());
   const auto abc = keys(1, 3);
   r.stored(0, abc);
   EXPECT_EQ(r.index_size(), 2U);
@@ -343,7 +343,7 @@ void expect_index_matches_a_plain_model(std::size_t max_index_keys) {
   c.max_index_keys = max_index_keys;
   auto r = make_router(c);
   for (int s = 0; s < 3; ++s)
-    r.add_slot();
+    EXPECT_TRUE(r.add_slot().has_value());
   plain_index model{c.max_index_keys, {}, 0};
   std::mt19937_64 rng{7};
   const auto some_keys = [&] {
@@ -427,7 +427,7 @@ TEST(Router, AnIndexShorterThanACallMatchesAPlainModel) {
 TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {
   auto r = make_router(router_config{routing_policy::kv_aware});
   for (std::uint32_t i = 0; i < router::max_slots; ++i)
-    ASSERT_EQ(r.add_slot(), i);
+    ASSERT_EQ(r.add_slot().value(), i);
   EXPECT_FALSE(r.add_slot().has_value());
   auto k = keys(1, 4);
   r.stored(5, k);
@@ -435,12 +435,53 @@ TEST(Router, RemovedSlotsAreReusedAndSlotsAreBounded) {
   r.remove_slot(5);
   EXPECT_EQ(r.live_slots(), router::max_slots - 1);
   EXPECT_EQ(r.index_size(), 0U);
-  EXPECT_EQ(r.add_slot(), 5U);
+  EXPECT_EQ(r.add_slot().value(), 5U);
   EXPECT_TRUE(r.is_up(5));
   EXPECT_EQ(r.in_flight(5), 0U);
   EXPECT_EQ(r.held_prefix(5, k), 0U);
   EXPECT_EQ(r.slot_count(), router::max_slots);
   EXPECT_FALSE(r.add_slot().has_value());
+}
+
+TEST(Router, WeightsSlotNumbersAndPoliciesOutsideTheirRanges) {
+  auto r = make_router(router_config{routing_policy::kv_aware});
+  // A weight that is not finite and > 0 is an error (before, taken as 1
+  // by add_slot and ignored by set_weight).
+  for (const double bad :
+       {0.0, -5.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    auto slot = r.add_slot(bad);
+    ASSERT_FALSE(slot.has_value()) << bad;
+    EXPECT_EQ(slot.error().code, errc::invalid_argument);
+    EXPECT_NE(slot.error().message.find("weight"), std::string::npos);
+  }
+  EXPECT_EQ(r.slot_count(), 0U);
+  // A tiny weight makes a busy slot's score infinite: still picked when it
+  // is the only live one (before, pick found none).
+  ASSERT_EQ(r.add_slot(1e-320).value(), 0U);
+  r.started(0);
+  auto k = keys(1, 4);
+  ASSERT_TRUE(r.pick(k).has_value());
+  EXPECT_EQ(r.pick(k)->slot, 0U);
+  EXPECT_FALSE(r.set_weight(0, std::nan("")).has_value());
+  EXPECT_TRUE(r.set_weight(0, 2.0).has_value());
+  // Slot numbers past the slots hold nothing: no shift past 64 bits (before,
+  // evicted(64) cleared slot 0's keys).
+  r.stored(0, k);
+  ASSERT_EQ(r.held_prefix(0, k), 4U);
+  r.evicted(64, k);
+  r.evicted(1000, k);
+  EXPECT_EQ(r.held_prefix(0, k), 4U);
+  EXPECT_EQ(r.held_prefix(64, k), 0U);
+  EXPECT_TRUE(r.keys_of(64).empty());
+  EXPECT_EQ(r.keys_of(0).size(), 4U);
+  // A policy that is none of the three (before, routed as least_loaded).
+  router_config c;
+  c.policy = static_cast<routing_policy>(99);
+  auto ok = validate(c);
+  ASSERT_FALSE(ok.has_value());
+  EXPECT_NE(ok.error().message.find("router_config.policy 99"),
+            std::string::npos)
+      << ok.error().message;
 }
 
 TEST(Router, RejectsAnEmptyIndexBoundAsAnErrorValue) {

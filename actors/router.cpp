@@ -3,6 +3,7 @@
 #include "actors/config_checks.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -52,6 +53,13 @@ result<void> validate(const router_config& c) {
                             end::closed);
       !ok)
     return ok;
+  if (c.policy != routing_policy::round_robin &&
+      c.policy != routing_policy::least_loaded &&
+      c.policy != routing_policy::kv_aware)
+    return make_error(errc::invalid_argument,
+                      "router_config.policy " +
+                          std::to_string(static_cast<unsigned>(c.policy)) +
+                          " is none of round_robin, least_loaded, kv_aware");
   if (c.max_index_keys == 0)
     return make_error(errc::invalid_argument,
                       "router_config.max_index_keys must be at least 1");
@@ -72,8 +80,23 @@ router::router(router_config config) : config_(config) {
   }
 }
 
-std::optional<std::uint32_t> router::add_slot(double weight) {
-  const slot_state fresh{weight > 0.0 ? weight : 1.0, 0, true, false, false};
+namespace {
+
+result<void> check_weight(double weight) {
+  // A tiny weight still makes in_flight / weight infinite; pick() copes.
+  if (weight > 0.0 && std::isfinite(weight))
+    return {};
+  return make_error(errc::invalid_argument,
+                    "router: an engine's weight must be finite and > 0, not " +
+                        std::to_string(weight));
+}
+
+} // namespace
+
+result<std::uint32_t> router::add_slot(double weight) {
+  if (auto ok = check_weight(weight); !ok)
+    return unexpected<error>{ok.error()};
+  const slot_state fresh{weight, 0, true, false, false};
   for (std::uint32_t i = 0; i < slots_.size(); ++i) {
     if (slots_[i].removed) {
       slots_[i] = fresh;
@@ -81,7 +104,9 @@ std::optional<std::uint32_t> router::add_slot(double weight) {
     }
   }
   if (slots_.size() >= max_slots)
-    return std::nullopt;
+    return make_error(errc::unavailable,
+                      "no free engine slot: all " + std::to_string(max_slots) +
+                          " are in use (retire an engine first)");
   slots_.push_back(fresh);
   return static_cast<std::uint32_t>(slots_.size() - 1);
 }
@@ -108,9 +133,11 @@ void router::set_draining(std::uint32_t slot, bool draining) {
   slots_.at(slot).draining = draining;
 }
 
-void router::set_weight(std::uint32_t slot, double weight) {
-  if (weight > 0.0)
-    slots_.at(slot).weight = weight;
+result<void> router::set_weight(std::uint32_t slot, double weight) {
+  if (auto ok = check_weight(weight); !ok)
+    return ok;
+  slots_.at(slot).weight = weight;
+  return {};
 }
 
 std::size_t router::live_slots() const noexcept {
@@ -202,6 +229,8 @@ void router::erase(index_map::iterator it) {
 
 void router::evicted(std::uint32_t slot,
                      std::span<const engine::block_key> keys) {
+  if (slot >= slots_.size()) // no such slot holds anything (as stored())
+    return;
   const std::uint64_t bit = std::uint64_t{1} << slot;
   for (const auto& k : keys) {
     auto it = index_.find(k);
@@ -224,8 +253,10 @@ void router::forget(std::uint32_t slot) {
 }
 
 std::vector<engine::block_key> router::keys_of(std::uint32_t slot) const {
-  const std::uint64_t bit = std::uint64_t{1} << slot;
   std::vector<engine::block_key> out;
+  if (slot >= slots_.size())
+    return out;
+  const std::uint64_t bit = std::uint64_t{1} << slot;
   for (const auto& [key, entry] : index_)
     if ((entry.engines & bit) != 0)
       out.push_back(key);
@@ -234,6 +265,8 @@ std::vector<engine::block_key> router::keys_of(std::uint32_t slot) const {
 
 std::size_t router::held_prefix(std::uint32_t slot,
                                 std::span<const engine::block_key> keys) const {
+  if (slot >= slots_.size())
+    return 0;
   const std::uint64_t bit = std::uint64_t{1} << slot;
   std::size_t n = 0;
   for (const auto& k : keys) {
@@ -304,7 +337,9 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
         credit *= config_.overload_credit_factor;
       score -= credit;
     }
-    if (score < best_score) {
+    // The first eligible slot is taken even when its score is infinite
+    // (a tiny weight): a live engine is never "none".
+    if (!best || score < best_score) {
       best_score = score;
       best = route{s, held_scratch_[s]};
     }

@@ -99,10 +99,11 @@ public:
   router(const router&) = delete;
   router& operator=(const router&) = delete;
 
-  /// Adds a live slot of capacity `weight` (> 0) and returns its number:
-  /// the lowest removed slot when there is one, else a new one; nullopt
-  /// when all max_slots are in use.
-  std::optional<std::uint32_t> add_slot(double weight = 1.0);
+  /// Adds a live slot of capacity `weight` and returns its number: the
+  /// lowest removed slot when there is one, else a new one. Errors:
+  /// errc::invalid_argument for a weight that is not finite and > 0
+  /// (before, taken as 1), errc::unavailable when all max_slots are in use.
+  result<std::uint32_t> add_slot(double weight = 1.0);
   /// The slot's engine is gone for good (retired): the slot takes no
   /// requests, its index entries and load are forgotten, and add_slot may
   /// hand it out again. Its number stays (slot_count() does not shrink).
@@ -115,7 +116,9 @@ public:
   /// empty forgets what the index says it holds.
   void set_up(std::uint32_t slot, bool up);
   void set_draining(std::uint32_t slot, bool draining);
-  void set_weight(std::uint32_t slot, double weight);
+  /// errc::invalid_argument, the weight unchanged, for a weight that is
+  /// not finite and > 0 (before, ignored without a word).
+  result<void> set_weight(std::uint32_t slot, double weight);
   [[nodiscard]] bool is_up(std::uint32_t slot) const {
     return slots_.at(slot).up;
   }

@@ -101,7 +101,8 @@ public:
       if (!ns)
         return unexpected<error>(ns.error());
       e.ns = *ns;
-      router_.add_slot();
+      if (auto slot = router_.add_slot(); !slot)
+        return unexpected<error>(slot.error());
     }
     out_.engine_requests.assign(opts_.engines, 0);
     latency_ns_.assign(keys_.size(), 0);
