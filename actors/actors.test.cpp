@@ -2531,80 +2531,65 @@ TEST_F(actor_test, QueryCacheCoalescesConcurrentMisses) {
   EXPECT_EQ(from_caf_error(*bad->error).code, errc::invalid_argument);
 }
 
-TEST_F(actor_test, QueryCacheRefusesABadPriorityBeforeTheStoreOrAJoin) {
-  // A priority outside the five is refused by the cache itself: not
+TEST_F(actor_test, QueryCacheRefusesABadRequestBeforeTheStoreOrAJoin) {
+  // A request the engines would refuse is refused by the cache itself: a
+  // priority outside the five, and with block_tokens set (a node sets its
+  // namespace's) a key count that does not fit its tokens. It is not
   // answered from the store (before, a hit answered it), not sent on, and
   // never the miss that another request of its key joins (before, a good
-  // request joined it and got its refusal from the balancer).
-  const cache_over_fake f(*sys_, stop_at_end_);
-  auto bad_req = query(1, "q");
-  bad_req.prio = static_cast<engine::priority>(9);
-  const auto refused = [&](const kv_request& r) {
-    auto reply = ask<kv_reply>(f.cache, query_atom::value, r);
-    sched_->run();
-    EXPECT_TRUE(reply->error.has_value());
-    if (reply->error) {
-      const auto e = from_caf_error(*reply->error);
-      EXPECT_EQ(e.code, errc::invalid_argument);
-      EXPECT_NE(e.message.find("priority 9"), std::string::npos) << e.message;
-    }
+  // request joined it and got its refusal).
+  struct bad_case {
+    const char* what;
+    std::uint32_t block_tokens;
+    void (*edit)(kv_request&);
+    errc code;
+    const char* message;
   };
-  refused(bad_req);
-  EXPECT_TRUE(f.be->seen.empty()) << "the bad request went on";
-  // Sent just before a good request of the same key: the good one is the
-  // miss, computed for itself.
-  auto bad = ask<kv_reply>(f.cache, query_atom::value, bad_req);
-  auto good = ask<kv_reply>(f.cache, query_atom::value, query(2, "q"));
-  sched_->run();
-  ASSERT_TRUE(bad->error.has_value());
-  ASSERT_TRUE(good->value.has_value());
-  EXPECT_FALSE(good->value->from_query_cache);
-  EXPECT_EQ(f.be->seen.size(), 1U);
-  // Now "q" is stored: a bad priority still gets no hit.
-  refused(bad_req);
-  auto st = ask_now<query_cache_stats>(f.cache, stats_atom::value);
-  EXPECT_EQ(st.hits, 0U);
-  EXPECT_EQ(st.misses, 1U);
-  EXPECT_EQ(st.coalesced, 0U);
-}
-
-TEST_F(actor_test, QueryCacheRefusesMisalignedKeysBeforeTheStoreOrAJoin) {
-  // With block_tokens set (a node sets its namespace's), a request whose
-  // key count does not fit its tokens is refused by the cache itself, as
-  // the engine would refuse it: never a hit (before, a stored reply
-  // answered it), never the miss that a good request of its key joins
-  // (before, the good one got its refusal).
-  query_cache_config qc;
-  qc.block_tokens = 16;
-  const cache_over_fake f(*sys_, stop_at_end_, qc);
-  auto bad_req = query(1, "q");
-  bad_req.input_tokens = 20;               // one full block, but...
-  bad_req.keys.push_back(block_key{7, 7}); // ...two keys
-  const auto refused = [&](const kv_request& r) {
-    auto reply = ask<kv_reply>(f.cache, query_atom::value, r);
-    sched_->run();
-    EXPECT_TRUE(reply->error.has_value());
-    if (reply->error) {
-      const auto e = from_caf_error(*reply->error);
-      EXPECT_EQ(e.code, errc::misaligned_tokens);
-      EXPECT_NE(e.message.find("2 block keys for a prompt of 20 tokens"),
-                std::string::npos)
-          << e.message;
-    }
+  const bad_case cases[] = {
+      {"priority", 0,
+       [](kv_request& r) { r.prio = static_cast<engine::priority>(9); },
+       errc::invalid_argument, "priority 9"},
+      {"misaligned", 16,
+       [](kv_request& r) {
+         r.input_tokens = 20;               // one full block, but...
+         r.keys.push_back(block_key{7, 7}); // ...two keys
+       },
+       errc::misaligned_tokens, "2 block keys for a prompt of 20 tokens"},
   };
-  refused(bad_req);
-  EXPECT_TRUE(f.be->seen.empty()) << "the bad request went on";
-  auto bad = ask<kv_reply>(f.cache, query_atom::value, bad_req);
-  auto good = ask<kv_reply>(f.cache, query_atom::value, query(2, "q"));
-  sched_->run();
-  ASSERT_TRUE(bad->error.has_value());
-  ASSERT_TRUE(good->value.has_value());
-  EXPECT_FALSE(good->value->from_query_cache);
-  EXPECT_EQ(f.be->seen.size(), 1U);
-  refused(bad_req); // "q" is stored now: still no hit
-  auto st = ask_now<query_cache_stats>(f.cache, stats_atom::value);
-  EXPECT_EQ(st.hits, 0U);
-  EXPECT_EQ(st.misses, 1U);
+  for (const auto& bc : cases) {
+    query_cache_config qc;
+    qc.block_tokens = bc.block_tokens;
+    const cache_over_fake f(*sys_, stop_at_end_, qc);
+    auto bad_req = query(1, "q");
+    bc.edit(bad_req);
+    const auto refused = [&](const kv_request& r) {
+      auto reply = ask<kv_reply>(f.cache, query_atom::value, r);
+      sched_->run();
+      EXPECT_TRUE(reply->error.has_value()) << bc.what;
+      if (reply->error) {
+        const auto e = from_caf_error(*reply->error);
+        EXPECT_EQ(e.code, bc.code) << bc.what;
+        EXPECT_NE(e.message.find(bc.message), std::string::npos) << e.message;
+      }
+    };
+    refused(bad_req);
+    EXPECT_TRUE(f.be->seen.empty()) << bc.what << ": the bad request went on";
+    // Sent just before a good request of the same key: the good one is the
+    // miss, computed for itself.
+    auto bad = ask<kv_reply>(f.cache, query_atom::value, bad_req);
+    auto good = ask<kv_reply>(f.cache, query_atom::value, query(2, "q"));
+    sched_->run();
+    ASSERT_TRUE(bad->error.has_value()) << bc.what;
+    ASSERT_TRUE(good->value.has_value()) << bc.what;
+    EXPECT_FALSE(good->value->from_query_cache);
+    EXPECT_EQ(f.be->seen.size(), 1U) << bc.what;
+    // Now "q" is stored: the bad request still gets no hit.
+    refused(bad_req);
+    auto st = ask_now<query_cache_stats>(f.cache, stats_atom::value);
+    EXPECT_EQ(st.hits, 0U) << bc.what;
+    EXPECT_EQ(st.misses, 1U) << bc.what;
+    EXPECT_EQ(st.coalesced, 0U) << bc.what;
+  }
 }
 
 /// An embedded store that counts its calls in `gets` and `sets`, which the

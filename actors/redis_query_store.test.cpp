@@ -663,101 +663,20 @@ TEST_F(RedisQueryStore, AFailedRedisIsNotTriedAgainUntilReconnectAfter) {
   EXPECT_EQ(again->value_or(""), "v");
 }
 
-/// A server on a loopback port that accepts each connection, reads what
-/// the client sends and closes it without an answer, as a proxy whose
-/// backend is down does. (A redis-server over maxclients or in protected
-/// mode sends an error first; whether the client then reads the error or
-/// the close depends on timing.) Reading first makes the close a clean
-/// FIN, so the client sees EOF, not a reset.
-class closing_server {
+/// A server on a loopback port that reads what each connection sends, then
+/// answers with `reply`, one byte every `gap`, and closes it. With no reply
+/// it closes the connection unanswered, as a proxy whose backend is down
+/// does (a redis-server over maxclients or in protected mode sends an error
+/// first; whether the client then reads the error or the close depends on
+/// timing; reading first makes the close a clean FIN, so the client sees
+/// EOF, not a reset). With a gap it is alive but slow (or hostile): every
+/// read of the client gets a byte in time, the whole reply takes
+/// reply.size() x gap. It stops at once when the client goes away or the
+/// server is destroyed.
+class scripted_server {
 public:
-  closing_server() {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof addr;
-    if (fd_ < 0 ||
-        ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-        ::listen(fd_, 8) != 0 ||
-        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
-      return;
-    port_ = ntohs(addr.sin_port);
-    thread_ = std::thread([this] { serve(); });
-  }
-  ~closing_server() {
-    if (thread_.joinable()) {
-      stopping_ = true;
-      // Wakes the accept() with one last connection.
-      (void)connect_direct(port_);
-      thread_.join();
-    }
-    if (fd_ >= 0)
-      ::close(fd_);
-  }
-  closing_server(const closing_server&) = delete;
-  closing_server& operator=(const closing_server&) = delete;
-
-  [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
-
-private:
-  void serve() {
-    while (true) {
-      const int conn = ::accept(fd_, nullptr, nullptr);
-      if (conn < 0 || stopping_) {
-        if (conn >= 0)
-          ::close(conn);
-        return;
-      }
-      std::array<char, 4096> buf{};
-      (void)::recv(conn, buf.data(), buf.size(), 0);
-      ::close(conn);
-    }
-  }
-
-  int fd_ = -1;
-  std::uint16_t port_ = 0;
-  std::atomic<bool> stopping_{false};
-  std::thread thread_;
-};
-
-TEST(RedisQueryStoreClosed, AServerClosingNewConnectionsUnansweredIsBackedOff) {
-  // The connection is closed before it answered any command: that is no
-  // working server that dropped an idle connection, so calls within
-  // reconnect_after (1 s) fail at once instead of each connecting again.
-  // (Before, every call connected and failed: six connects here.)
-  closing_server server;
-  ASSERT_NE(server.port(), 0);
-  redis_query_store_config c;
-  c.url = "redis://127.0.0.1:" + std::to_string(server.port());
-  auto store = redis_query_store::open(c);
-  ASSERT_TRUE(store.has_value()) << store.error().describe();
-  auto first = (*store)->get("k", t0);
-  ASSERT_FALSE(first.has_value());
-  EXPECT_EQ(first.error().code, errc::backend_error);
-  EXPECT_NE(first.error().message.find("before answering any command"),
-            std::string::npos)
-      << first.error().message;
-  for (int i = 1; i <= 5; ++i) {
-    const auto at = t0 + 100ms * i;
-    auto got = (*store)->get("k", at);
-    ASSERT_FALSE(got.has_value()) << i;
-    EXPECT_NE(got.error().message.find("next attempt in"), std::string::npos)
-        << got.error().message;
-  }
-  EXPECT_EQ((*store)->connects(), 1U);
-  EXPECT_FALSE((*store)->set("k", "v", hour, t0 + 1s)); // tries again
-  EXPECT_EQ((*store)->connects(), 2U);
-}
-
-/// A server on a loopback port that reads what each connection sends and
-/// answers with `reply`, one byte every `gap`, as a server that is alive
-/// but slow (or a hostile one) may: every read of the client gets a byte
-/// in time, the whole reply takes reply.size() x gap. It stops at once
-/// when the client goes away or the server is destroyed.
-class trickling_server {
-public:
-  trickling_server(std::chrono::milliseconds gap, std::string reply)
+  explicit scripted_server(std::string reply = {},
+                           std::chrono::milliseconds gap = {})
       : gap_(gap), reply_(std::move(reply)) {
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};
@@ -772,7 +691,7 @@ public:
     port_ = ntohs(addr.sin_port);
     thread_ = std::thread([this] { serve(); });
   }
-  ~trickling_server() {
+  ~scripted_server() {
     if (thread_.joinable()) {
       {
         std::lock_guard lock(mutex_);
@@ -785,8 +704,8 @@ public:
     if (fd_ >= 0)
       ::close(fd_);
   }
-  trickling_server(const trickling_server&) = delete;
-  trickling_server& operator=(const trickling_server&) = delete;
+  scripted_server(const scripted_server&) = delete;
+  scripted_server& operator=(const scripted_server&) = delete;
 
   [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
 
@@ -824,6 +743,35 @@ private:
   std::thread thread_;
 };
 
+TEST(RedisQueryStoreClosed, AServerClosingNewConnectionsUnansweredIsBackedOff) {
+  // The connection is closed before it answered any command: that is no
+  // working server that dropped an idle connection, so calls within
+  // reconnect_after (1 s) fail at once instead of each connecting again.
+  // (Before, every call connected and failed: six connects here.)
+  scripted_server server; // closes each connection unanswered
+  ASSERT_NE(server.port(), 0);
+  redis_query_store_config c;
+  c.url = "redis://127.0.0.1:" + std::to_string(server.port());
+  auto store = redis_query_store::open(c);
+  ASSERT_TRUE(store.has_value()) << store.error().describe();
+  auto first = (*store)->get("k", t0);
+  ASSERT_FALSE(first.has_value());
+  EXPECT_EQ(first.error().code, errc::backend_error);
+  EXPECT_NE(first.error().message.find("before answering any command"),
+            std::string::npos)
+      << first.error().message;
+  for (int i = 1; i <= 5; ++i) {
+    const auto at = t0 + 100ms * i;
+    auto got = (*store)->get("k", at);
+    ASSERT_FALSE(got.has_value()) << i;
+    EXPECT_NE(got.error().message.find("next attempt in"), std::string::npos)
+        << got.error().message;
+  }
+  EXPECT_EQ((*store)->connects(), 1U);
+  EXPECT_FALSE((*store)->set("k", "v", hour, t0 + 1s)); // tries again
+  EXPECT_EQ((*store)->connects(), 2U);
+}
+
 TEST(RedisQueryStoreTrickle, AReplyTrickledInPastTheCommandTimeoutFails) {
   // One byte every 20 ms: each read gets a byte within the 50 ms command
   // timeout, the whole reply would take over 4 s. The timeout bounds the
@@ -831,7 +779,7 @@ TEST(RedisQueryStoreTrickle, AReplyTrickledInPastTheCommandTimeoutFails) {
   // backs off like a stalled server. (It used to bound each read only: the
   // call waited for the last byte, and a server trickling without end held
   // the cache's thread, and the process's exit, for ever.)
-  trickling_server server(20ms, "$200\r\n" + std::string(200, 'x') + "\r\n");
+  scripted_server server("$200\r\n" + std::string(200, 'x') + "\r\n", 20ms);
   ASSERT_NE(server.port(), 0);
   redis_query_store_config c;
   c.url = "redis://127.0.0.1:" + std::to_string(server.port());
