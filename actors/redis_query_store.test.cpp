@@ -192,6 +192,16 @@ protected:
     return s ? std::move(*s) : nullptr;
   }
 
+  /// Stores 64 MiB (zero bytes, then "x") under `key`, as another program
+  /// may: far longer than any entry of the cache.
+  void store_long_value(const std::string& key) {
+    auto direct = connect_direct(server_->port());
+    ASSERT_TRUE(direct);
+    auto big = command(direct.get(),
+                       {"SETRANGE", key, std::to_string((64 << 20) - 1), "x"});
+    ASSERT_TRUE(big && big->type == REDIS_REPLY_INTEGER);
+  }
+
   std::unique_ptr<redis_child> server_;
 };
 
@@ -449,11 +459,7 @@ TEST_F(RedisQueryStore, AValueTooLongForTheStoreIsAnotherProgramsNoFailure) {
   // set that replaces it and every other key work at once. (A GET of all of
   // it timed out, a connection-level failure: for 1 s every call failed,
   // and a key asked for every second kept the whole cache off.)
-  auto direct = connect_direct(server_->port());
-  ASSERT_TRUE(direct);
-  auto big = command(direct.get(), {"SETRANGE", "kvfleet:q:big",
-                                    std::to_string((64 << 20) - 1), "x"});
-  ASSERT_TRUE(big && big->type == REDIS_REPLY_INTEGER);
+  store_long_value("kvfleet:q:big");
   auto store = open();
   ASSERT_TRUE(store);
   auto got = store->get("big", t0);
@@ -828,11 +834,7 @@ kv_request query(std::uint64_t id, std::string q) {
 TEST_F(RedisQueryStore, ANodeReplacesAnotherProgramsLongValueWithItsEntry) {
   // The cache counts the long value like any value it cannot read, computes
   // the request and stores its reply over it: the next request is a hit.
-  auto direct = connect_direct(server_->port());
-  ASSERT_TRUE(direct);
-  auto big = command(direct.get(), {"SETRANGE", "kvfleet:q:q",
-                                    std::to_string((64 << 20) - 1), "x"});
-  ASSERT_TRUE(big && big->type == REDIS_REPLY_INTEGER);
+  store_long_value("kvfleet:q:q");
   caf::actor_system_config cfg;
   node::configure(cfg, 2);
   caf::actor_system sys{cfg};
