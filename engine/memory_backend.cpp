@@ -195,19 +195,66 @@ result<void> memory_backend::copy_within(std::size_t, std::size_t,
                         " arena cannot copy bytes within itself");
 }
 
+namespace detail {
+
+arena_admission::verdict
+arena_admission::admit(std::size_t bytes,
+                       std::optional<std::size_t> (*available)()) {
+  const std::lock_guard lock(check_);
+  verdict v;
+  // Read before the room: bytes populated in between count twice (the
+  // safe side), never not at all.
+  v.unpopulated = unpopulated_.load();
+  v.available = available();
+  v.admitted = !v.available || (v.unpopulated <= *v.available &&
+                                bytes <= *v.available - v.unpopulated);
+  if (v.admitted)
+    unpopulated_ += bytes;
+  return v;
+}
+
+void arena_admission::populated(std::size_t bytes) noexcept {
+  unpopulated_ -= bytes;
+}
+
+} // namespace detail
+
+namespace {
+
+detail::arena_admission& host_arenas() {
+  static detail::arena_admission admission;
+  return admission;
+}
+
+} // namespace
+
 result<std::unique_ptr<host_memory_backend>>
 host_memory_backend::create(std::size_t bytes) {
   if (bytes == 0)
     return make_error(errc::zero_capacity, "host arena of zero bytes");
-  if (const auto available = host_memory_available();
-      available && bytes > *available)
-    return make_error(errc::out_of_memory,
-                      "host arena of " + std::to_string(bytes) +
-                          " bytes is more than the memory available to this "
-                          "process (" +
-                          std::to_string(*available) +
-                          " bytes: MemAvailable, or the room its memory cgroup "
-                          "leaves)");
+  const auto v = host_arenas().admit(bytes, &host_memory_available);
+  if (!v.admitted)
+    return make_error(
+        errc::out_of_memory,
+        "host arena of " + std::to_string(bytes) +
+            " bytes is more than the memory available to this process (" +
+            std::to_string(*v.available) +
+            " bytes: MemAvailable, or the room its memory cgroup leaves" +
+            (v.unpopulated > 0 ? ", less " + std::to_string(v.unpopulated) +
+                                     " bytes of other host arenas still "
+                                     "being populated"
+                               : std::string{}) +
+            ")");
+  // The bytes not populated yet stay counted until they are (or the map
+  // fails).
+  struct populating {
+    std::size_t left;
+    ~populating() { host_arenas().populated(left); }
+    void done(std::size_t n) noexcept {
+      host_arenas().populated(n);
+      left -= n;
+    }
+  } pending{bytes};
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED)
@@ -221,8 +268,16 @@ host_memory_backend::create(std::size_t bytes) {
   auto* bytes_p = static_cast<volatile unsigned char*>(p);
   const long page = ::sysconf(_SC_PAGESIZE);
   const auto step = static_cast<std::size_t>(page > 0 ? page : 4096);
-  for (std::size_t off = 0; off < bytes; off += step)
+  constexpr std::size_t report_every = std::size_t{64} << 20;
+  std::size_t since_report = 0;
+  for (std::size_t off = 0; off < bytes; off += step) {
     bytes_p[off] = 0;
+    since_report += step;
+    if (since_report >= report_every) {
+      pending.done(std::min(since_report, pending.left));
+      since_report = 0;
+    }
+  }
   return std::unique_ptr<host_memory_backend>(
       new host_memory_backend(static_cast<std::byte*>(p), bytes));
 }

@@ -61,6 +61,35 @@ TEST(host_memory, reads_memory_stat_values) {
   EXPECT_FALSE(detail::stat_value(stat, "file_").has_value());
 }
 
+TEST(host_memory, arenas_being_populated_count_against_the_room) {
+  // 1000 bytes available: an arena of 600 is admitted; while it is still
+  // unpopulated, MemAvailable still reads 1000, and a second arena of 600
+  // must not be admitted against the same room (before, each arena was
+  // checked alone, so two made at once both passed).
+  detail::arena_admission a;
+  const auto thousand = +[]() -> std::optional<std::size_t> { return 1000; };
+  EXPECT_TRUE(a.admit(600, thousand).admitted);
+  EXPECT_EQ(a.unpopulated(), 600U);
+  const auto second = a.admit(600, thousand);
+  EXPECT_FALSE(second.admitted);
+  EXPECT_EQ(second.unpopulated, 600U);
+  EXPECT_EQ(a.unpopulated(), 600U); // a refusal reserves nothing
+  EXPECT_TRUE(a.admit(400, thousand).admitted);
+  // Populated: the kernel's figure now holds the first arena.
+  a.populated(600);
+  a.populated(400);
+  EXPECT_EQ(a.unpopulated(), 0U);
+  const auto none_left = +[]() -> std::optional<std::size_t> { return 0; };
+  EXPECT_FALSE(a.admit(1, none_left).admitted);
+  // Unpopulated bytes above what the kernel reads: nothing fits.
+  EXPECT_TRUE(a.admit(900, thousand).admitted);
+  const auto less = +[]() -> std::optional<std::size_t> { return 500; };
+  EXPECT_FALSE(a.admit(1, less).admitted);
+  // Nothing readable: nothing to check against.
+  const auto unknown = +[]() -> std::optional<std::size_t> { return {}; };
+  EXPECT_TRUE(a.admit(1U << 30, unknown).admitted);
+}
+
 TEST(host_memory_backend, refuses_an_arena_larger_than_the_memory_available) {
   const auto available = host_memory_available();
   if (!available)

@@ -3,7 +3,9 @@
 /// host_memory_available() (engine/memory_backend.hpp), separate so tests
 /// can feed them text.
 
+#include <atomic>
 #include <cstddef>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -34,5 +36,32 @@ meminfo_available(std::string_view meminfo);
 [[nodiscard]] std::optional<std::size_t> cgroup_room(std::string_view max,
                                                      std::string_view current,
                                                      std::size_t file_pages);
+
+/// Host arenas being populated in this process, and the bytes of theirs
+/// not faulted in yet, which host_memory_available() does not see: two
+/// arenas made at once (a replica and a restart, each on its engine's own
+/// thread) would otherwise both pass the check against the same room, and
+/// populating both would wake the kernel's OOM killer.
+class arena_admission {
+public:
+  struct verdict {
+    bool admitted = false;
+    std::optional<std::size_t> available; ///< what `available` read
+    std::size_t unpopulated = 0;          ///< of other arenas, then
+  };
+  /// Admits an arena of `bytes` when they fit in `available()` less the
+  /// unpopulated bytes of the arenas admitted before (or when `available`
+  /// reads nothing), and counts them as unpopulated. One check at a time.
+  verdict admit(std::size_t bytes, std::optional<std::size_t> (*available)());
+  /// `bytes` of an admitted arena are populated now (or will never be).
+  void populated(std::size_t bytes) noexcept;
+  [[nodiscard]] std::size_t unpopulated() const noexcept {
+    return unpopulated_.load();
+  }
+
+private:
+  std::mutex check_;
+  std::atomic<std::size_t> unpopulated_{0};
+};
 
 } // namespace kvfleet::engine::detail
