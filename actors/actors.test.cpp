@@ -2929,10 +2929,33 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
 TEST(WarmerSelectTop, ANaNFrequencyRanksBelowEveryNumber) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::vector<warm_item> items;
-  for (double f : {nan, 1.0, 2.0, nan, 3.0, -1.0})
-    items.push_back(warm_item{kv_request{}, f});
+  for (double f : {nan, 1.0, 2.0, nan, 3.0, -1.0}) {
+    kv_request r;
+    r.query = "q" + std::to_string(items.size());
+    items.push_back(warm_item{r, f});
+  }
   EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{4, 2, 1}));
   EXPECT_EQ(select_top(items, 6), (std::vector<std::size_t>{4, 2, 1, 5, 0, 3}));
+}
+
+TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
+  // Pins nest: warming a request twice with pin left its blocks pinned
+  // twice, one more than the host unpins. The repeat is left out, the
+  // top n are n different requests.
+  const auto item = [](std::string q, std::uint32_t tokens, double f) {
+    kv_request r;
+    r.query = std::move(q);
+    r.keys = {block_key{1, 1}};
+    r.input_tokens = tokens;
+    return warm_item{r, f};
+  };
+  const std::vector<warm_item> items = {
+      item("a", 16, 1.0), item("a", 16, 5.0), // the same request
+      item("a", 32, 2.0),                     // other tokens
+      item("b", 16, 3.0),                     // other query, same blocks
+      item("a", 16, 4.0)};
+  EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{1, 3, 2}));
+  EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{1, 3, 2}));
 }
 
 TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <memory>
 #include <numeric>
+#include <set>
+#include <tuple>
 #include <utility>
 
 #include <caf/actor_system.hpp>
@@ -31,8 +33,24 @@ std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
       return false;
     return std::isnan(fb) || fa > fb;
   });
-  idx.resize(std::min(n, idx.size()));
-  return idx;
+  // The same request twice is one query, warmed once at its highest rank:
+  // each pin nests, so a repeat would leave its blocks pinned once more
+  // than the host unpins.
+  const auto before = [&](std::size_t a, std::size_t b) {
+    const kv_request& x = items[a].request;
+    const kv_request& y = items[b].request;
+    return std::tie(x.query, x.input_tokens, x.keys) <
+           std::tie(y.query, y.input_tokens, y.keys);
+  };
+  std::set<std::size_t, decltype(before)> seen(before);
+  std::vector<std::size_t> out;
+  for (const std::size_t i : idx) {
+    if (out.size() >= n)
+      break;
+    if (seen.insert(i).second)
+      out.push_back(i);
+  }
+  return out;
 }
 
 namespace {

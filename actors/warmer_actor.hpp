@@ -37,7 +37,9 @@ struct warmer_config {
 [[nodiscard]] result<void> validate(const warmer_config& config);
 
 /// Indices of the top `n` items by frequency, highest first, ties in input
-/// order; an item whose frequency is NaN ranks below every other.
+/// order; an item whose frequency is NaN ranks below every other. An item
+/// whose request (query, input_tokens and keys) an item ranked before it
+/// has too is left out: it is one query, warmed (and pinned) once.
 [[nodiscard]] std::vector<std::size_t>
 select_top(const std::vector<warm_item>& items, std::size_t n);
 
