@@ -1,7 +1,7 @@
 #include "engine/workload.hpp"
 
 #include "engine/internal/le.hpp"
-#include "engine/internal/stop_poll.hpp"
+#include "engine/stop_poll.hpp"
 
 #include <xxhash.h>
 
@@ -252,8 +252,8 @@ void chat_session(rng& r, block_id_maker& ids, double arrival_ms,
   }
 }
 
-bool make_chat(rng& r, block_id_maker& ids, std::size_t n,
-               internal::stop_poll& poll, std::vector<workload_request>& out) {
+bool make_chat(rng& r, block_id_maker& ids, std::size_t n, stop_poll& poll,
+               std::vector<workload_request>& out) {
   std::vector<segment> systems;
   for (std::size_t i = 0; i < chat_system_weights.size(); ++i)
     systems.push_back(ids.make_segment(static_cast<std::uint32_t>(
@@ -323,8 +323,7 @@ std::uint32_t output_tokens(rng& r, double median) {
 }
 
 bool make_shared_prefix(rng& r, block_id_maker& ids, std::size_t n,
-                        internal::stop_poll& poll,
-                        std::vector<workload_request>& out) {
+                        stop_poll& poll, std::vector<workload_request>& out) {
   std::vector<segment> groups;
   for (std::size_t g = 0; g < shared_groups; ++g)
     groups.push_back(ids.make_segment(
@@ -359,8 +358,7 @@ constexpr std::uint32_t docqa_question_min = 50;
 constexpr std::uint32_t docqa_question_max = 300;
 constexpr double docqa_output_median = 150.0;
 
-bool make_doc_qa(rng& r, block_id_maker& ids, std::size_t n,
-                 internal::stop_poll& poll,
+bool make_doc_qa(rng& r, block_id_maker& ids, std::size_t n, stop_poll& poll,
                  std::vector<workload_request>& out) {
   const segment instruction = ids.make_segment(docqa_instruction);
   std::vector<segment> docs;
@@ -392,8 +390,7 @@ constexpr double noreuse_min = 500.0;
 constexpr double noreuse_max = 8'192.0;
 constexpr double noreuse_output_median = 250.0;
 
-bool make_no_reuse(rng& r, block_id_maker& ids, std::size_t n,
-                   internal::stop_poll& poll,
+bool make_no_reuse(rng& r, block_id_maker& ids, std::size_t n, stop_poll& poll,
                    std::vector<workload_request>& out) {
   out.reserve(n);
   double t = 0.0;
@@ -412,8 +409,7 @@ bool make_no_reuse(rng& r, block_id_maker& ids, std::size_t n,
 // Appends the workload's `n` requests to its last argument and returns
 // true, or returns false as soon as the poll says stop (asked with the number
 // of requests made so far).
-using generator = bool (*)(rng&, block_id_maker&, std::size_t,
-                           internal::stop_poll&,
+using generator = bool (*)(rng&, block_id_maker&, std::size_t, stop_poll&,
                            std::vector<workload_request>&);
 
 struct workload_kind {
@@ -467,7 +463,7 @@ generate_workload(std::string_view name, const workload_options& opts) {
         XXH3_64bits_withSeed(name.data(), name.size(), opts.seed);
     rng r{salt};
     block_id_maker ids{salt, opts.block_tokens};
-    internal::stop_poll poll{opts.stop};
+    stop_poll poll{opts.stop};
     std::vector<workload_request> out;
     if (!kind->make(r, ids, n, poll, out))
       return make_error(errc::unavailable,
@@ -501,7 +497,7 @@ result<std::size_t> working_set_blocks(std::span<const workload_request> reqs,
     }
   };
   std::unordered_map<edge, std::uint64_t, edge_hash> nodes;
-  internal::stop_poll poll{stop};
+  stop_poll poll{stop};
   std::size_t ids_seen = 0;
   for (std::size_t r = 0; r < reqs.size(); ++r) {
     const workload_request& q = reqs[r];

@@ -1,6 +1,6 @@
 #include "engine/workload.hpp"
 
-#include "engine/internal/stop_poll.hpp"
+#include "engine/stop_poll.hpp"
 
 #include <gtest/gtest.h>
 
@@ -349,10 +349,9 @@ TEST(workload, stop_ends_generation_within_a_few_thousand_requests) {
     EXPECT_EQ(got.error().code, errc::unavailable);
     EXPECT_EQ(stop.calls, 3U) << "stops at the first yes";
     const std::size_t made = stopped_after(got.error().message);
-    EXPECT_GE(made, 2 * internal::stop_poll_items) << got.error().message;
+    EXPECT_GE(made, 2 * stop_poll_items) << got.error().message;
     // Asked every 4,096 requests (a chat session adds at most 64 more).
-    EXPECT_LE(made, 2 * (internal::stop_poll_items + 64))
-        << got.error().message;
+    EXPECT_LE(made, 2 * (stop_poll_items + 64)) << got.error().message;
   }
 }
 
@@ -380,7 +379,7 @@ TEST(workload, a_stop_that_never_says_yes_changes_nothing) {
     const auto got = generate_workload(name, opts);
     ASSERT_TRUE(got.has_value()) << got.error().describe();
     EXPECT_EQ(*got, make(name, n));
-    EXPECT_GE(stop.calls, n / (internal::stop_poll_items + 64));
+    EXPECT_GE(stop.calls, n / (stop_poll_items + 64));
   }
 }
 
@@ -389,7 +388,7 @@ TEST(workload, stop_ends_the_working_set_count_within_a_few_thousand_ids) {
   std::size_t ids = 0;
   for (const auto& r : reqs)
     ids += full_blocks(r, 512);
-  ASSERT_GT(ids, 3 * internal::stop_poll_items);
+  ASSERT_GT(ids, 3 * stop_poll_items);
 
   counting_stop stop{3};
   const auto got = working_set_blocks(reqs, 512, stop.fn());
@@ -398,15 +397,14 @@ TEST(workload, stop_ends_the_working_set_count_within_a_few_thousand_ids) {
   EXPECT_EQ(stop.calls, 3U);
   // Two polls of 4,096 ids: fewer requests than that, and not all.
   const std::size_t counted = stopped_after(got.error().message);
-  EXPECT_LE(counted, 2 * internal::stop_poll_items) << got.error().message;
+  EXPECT_LE(counted, 2 * stop_poll_items) << got.error().message;
   EXPECT_LT(counted, reqs.size()) << got.error().message;
 
   counting_stop never{std::numeric_limits<std::size_t>::max()};
   const auto all = working_set_blocks(reqs, 512, never.fn());
   ASSERT_TRUE(all.has_value());
   EXPECT_EQ(*all, working_set_blocks(reqs, 512));
-  EXPECT_EQ(never.calls,
-            (ids + internal::stop_poll_items - 1) / internal::stop_poll_items);
+  EXPECT_EQ(never.calls, (ids + stop_poll_items - 1) / stop_poll_items);
 
   counting_stop at_once{1};
   const auto none = working_set_blocks(reqs, 512, at_once.fn());

@@ -1,14 +1,10 @@
 #include "tools/bench/next_use_oracle.hpp"
 
+#include "engine/stop_poll.hpp"
+
 #include <string>
 
 namespace kvfleet::bench {
-
-namespace {
-// Access positions between two questions to `stop`: a hash-map operation
-// each, so well under a millisecond.
-constexpr std::size_t stop_poll_positions = 4096;
-} // namespace
 
 next_use_oracle::next_use_oracle(const request_keys& keys) : keys_(&keys) {
   precompute({});
@@ -31,8 +27,9 @@ bool next_use_oracle::precompute(const std::function<bool()>& stop) {
   next_.assign(n, none);
   // Walking backwards, cursor_ holds each key's latest-seen (i.e. next)
   // position; at the end it holds the key's first position.
+  engine::stop_poll poll{stop};
   for (std::size_t s = n; s-- > 0;) {
-    if (stop && (n - 1 - s) % stop_poll_positions == 0 && stop())
+    if (poll.stopped(n - 1 - s))
       return false;
     const auto [it, inserted] = ids_.try_emplace(
         keys.keys[s], static_cast<std::uint32_t>(cursor_.size()));

@@ -1,15 +1,11 @@
 #include "tools/bench/request_keys.hpp"
 
+#include "engine/stop_poll.hpp"
+
 #include <algorithm>
 #include <string>
 
 namespace kvfleet::bench {
-
-namespace {
-// Keys between two questions to `stop`: one XXH3-128 each, so a few
-// milliseconds.
-constexpr std::size_t stop_poll_keys = 4096;
-} // namespace
 
 result<request_keys>
 make_request_keys(std::span<const engine::workload_request> reqs,
@@ -23,20 +19,17 @@ make_request_keys(std::span<const engine::workload_request> reqs,
   out.keys.reserve(total);
   out.offsets.reserve(reqs.size() + 1);
   out.input_tokens.reserve(reqs.size());
-  std::size_t next_ask = 0;
+  engine::stop_poll poll{stop};
   for (std::size_t q = 0; q < reqs.size(); ++q) {
     const auto& r = reqs[q];
     const std::size_t full =
         std::min<std::size_t>(r.input_length / block_tokens, r.hash_ids.size());
     engine::block_key parent{};
     for (std::size_t i = 0; i < full; ++i) {
-      if (stop && out.keys.size() >= next_ask) {
-        next_ask = out.keys.size() + stop_poll_keys;
-        if (stop())
-          return make_error(errc::unavailable,
-                            "stopped after " + std::to_string(q) + " of " +
-                                std::to_string(reqs.size()) + " requests");
-      }
+      if (poll.stopped(out.keys.size()))
+        return make_error(errc::unavailable,
+                          "stopped after " + std::to_string(q) + " of " +
+                              std::to_string(reqs.size()) + " requests");
       parent = engine::chain_key_from_id(parent, ns, r.hash_ids[i]);
       out.keys.push_back(parent);
     }

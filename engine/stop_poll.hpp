@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <functional>
 
-namespace kvfleet::engine::internal {
+namespace kvfleet::engine {
 
 /// How many items a long loop handles between two questions to `stop`.
 inline constexpr std::size_t stop_poll_items = 4096;
@@ -35,4 +35,4 @@ private:
   std::size_t next_ = 0;
 };
 
-} // namespace kvfleet::engine::internal
+} // namespace kvfleet::engine
