@@ -427,7 +427,7 @@ result<void> apply_option(engine_options& o, std::string_view name,
         parse_unsigned<std::size_t>(name, value, engine::max_workload_requests);
     if (!n)
       return unexpected<error>(n.error());
-    if (*n == 0 || *n > engine::max_workload_requests)
+    if (*n == 0) // the upper bound is parse_unsigned's
       return usage("option --requests must be in [1, " +
                    std::to_string(engine::max_workload_requests) + "], got " +
                    std::string(value));
@@ -697,7 +697,7 @@ result<command> parse_routing(std::span<const std::string_view> args) {
           name, value, static_cast<std::uint32_t>(actors::router::max_slots));
       if (!n)
         return unexpected<error>(n.error());
-      if (*n == 0 || *n > actors::router::max_slots)
+      if (*n == 0) // the upper bound is parse_unsigned's
         return usage("option --engines must be in [1, 64], got " +
                      std::string(value));
       r.engines = *n;
