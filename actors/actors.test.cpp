@@ -3284,3 +3284,176 @@ TEST_F(actor_test, AFailingTierFactoryFailsTheEngineStart) {
 
 } // namespace
 } // namespace kvfleet::actors
+
+namespace kvfleet::actors {
+namespace {
+
+/// Whether `a` still runs (its fail state is none).
+bool alive(const caf::actor& a) {
+  auto* sa = dynamic_cast<caf::scheduled_actor*>(
+      caf::actor_cast<caf::abstract_actor*>(a));
+  return sa != nullptr && !sa->fail_state();
+}
+
+TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {
+  // The balancer sends its listeners observe_atom, latency_atom and
+  // block_events; an engine sends block_events. A listener that handles
+  // fewer used to answer the rest with an error message, and CAF ends an
+  // actor on an error message it has no handler for: the balancer (with
+  // every engine) or the engine ended. Subscribing a balancer's own engine
+  // to it, or an engine to itself, did the same.
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  sched_->run();
+  const auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  auto events = std::make_shared<int>(0);
+  auto events_only =
+      sys_->spawn([events](caf::event_based_actor*) -> caf::behavior {
+        return {[events](const block_events&) { ++*events; }};
+      });
+  auto nothing = sys_->spawn(
+      [](caf::event_based_actor*) -> caf::behavior { return {[](int) {}}; });
+  stop_at_end_.push_back(events_only);
+  stop_at_end_.push_back(nothing);
+  caf::anon_send(b, listen_atom::value, events_only);
+  caf::anon_send(b, listen_atom::value, e0);
+  caf::anon_send(b, listen_atom::value, b); // would forward to itself
+  caf::anon_send(e0, listen_atom::value, nothing);
+  caf::anon_send(e0, listen_atom::value, e0);
+  sched_->run();
+  for (std::uint64_t i = 1; i <= 3; ++i) {
+    auto r = ask<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 2, i));
+    // Bounded: a balancer listening to itself sent itself its events for
+    // ever.
+    EXPECT_LT(sched_->run(10'000), 10'000U);
+    ASSERT_TRUE(r->value.has_value())
+        << i << ": " << to_string(r->error.value_or(caf::error{}));
+  }
+  EXPECT_TRUE(alive(b));
+  EXPECT_TRUE(alive(e0));
+  EXPECT_TRUE(alive(events_only));
+  EXPECT_TRUE(alive(nothing));
+  EXPECT_GT(*events, 0);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).restarts, 0U);
+}
+
+TEST_F(actor_test, AnUnknownOneWayMessageIsDroppedNotAnsweredWithAnError) {
+  // Answered, the error ended its sender (an actor with CAF's default
+  // error handler). A request of it still gets the error.
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  sched_->run();
+  auto sender = sys_->spawn([b](caf::event_based_actor* self) -> caf::behavior {
+    self->send(b, std::string{"hello"});
+    return {[](int) {}};
+  });
+  stop_at_end_.push_back(sender);
+  sched_->run();
+  EXPECT_TRUE(alive(sender));
+  EXPECT_TRUE(alive(b));
+  auto r = ask<std::string>(b, std::string{"hello"});
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  EXPECT_EQ(*r->error, caf::sec::unexpected_message);
+}
+
+TEST_F(actor_test, ACommitRefusedWhileThePutIsOpenLeavesItOpen) {
+  // busy (its parent is not committed yet) and not_written leave the put
+  // open, as the store says; the engine dropped its ticket, which aborted
+  // the put and every put chained on it.
+  auto e = engine(small_engine(64));
+  put_request parent;
+  parent.key = block_key{1, 1};
+  put_request child;
+  child.key = block_key{1, 2};
+  child.parent = parent.key;
+  const auto tp = ask_now<std::uint64_t>(e, reserve_atom::value, parent);
+  const auto tc = ask_now<std::uint64_t>(e, reserve_atom::value, child);
+  const std::vector<std::uint8_t> value(block_bytes, 7);
+  const auto refused = [&](std::uint64_t ticket, errc code) {
+    auto r = ask<bool>(e, commit_atom::value, ticket);
+    sched_->run();
+    ASSERT_TRUE(r->error.has_value());
+    EXPECT_EQ(from_caf_error(*r->error).code, code);
+  };
+  refused(tp, errc::not_written);
+  EXPECT_TRUE(ask_now<bool>(e, write_atom::value, tp, value));
+  EXPECT_TRUE(ask_now<bool>(e, write_atom::value, tc, value));
+  refused(tc, errc::busy); // before its parent
+  EXPECT_TRUE(ask_now<bool>(e, commit_atom::value, tp));
+  EXPECT_TRUE(ask_now<bool>(e, commit_atom::value, tc));
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, lookup_atom::value,
+                             std::vector<block_key>{parent.key, child.key}),
+      2U);
+  // A commit that ends the put (the second one) drops the ticket.
+  auto again = ask<bool>(e, commit_atom::value, tc);
+  sched_->run();
+  ASSERT_TRUE(again->error.has_value());
+  EXPECT_EQ(from_caf_error(*again->error).code, errc::invalid_handle);
+}
+
+TEST_F(actor_test, AnAbortOfAPutThatWentWithItsParentIsTrue) {
+  // "already committed, aborted or expired" answers true; a child aborted
+  // with its parent answered the store's stale-handle error.
+  auto e = engine(small_engine(64));
+  put_request parent;
+  parent.key = block_key{2, 1};
+  put_request child;
+  child.key = block_key{2, 2};
+  child.parent = parent.key;
+  const auto tp = ask_now<std::uint64_t>(e, reserve_atom::value, parent);
+  const auto tc = ask_now<std::uint64_t>(e, reserve_atom::value, child);
+  EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, tp));
+  EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, tc));
+  EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, tc)); // gone: true
+}
+
+TEST_F(actor_test, AnEngineTellsEachListenerOnceAndForgetsOnesThatWent) {
+  auto e = engine(small_engine(64));
+  auto events = std::make_shared<int>(0);
+  auto l = sys_->spawn([events](caf::event_based_actor*) -> caf::behavior {
+    return {[events](const block_events&) { ++*events; }};
+  });
+  caf::anon_send(e, listen_atom::value, l);
+  caf::anon_send(e, listen_atom::value, l); // twice: told twice before
+  sched_->run();
+  ASSERT_TRUE(
+      ask_now<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 2, 1))
+          .computed_blocks == 2U);
+  EXPECT_EQ(*events, 1);
+  caf::anon_send_exit(l, caf::exit_reason::kill);
+  sched_->run();
+  // Gone: nobody is told, and the engine keeps serving.
+  ASSERT_TRUE(
+      ask_now<kv_reply>(e, process_atom::value, make_request(2, 0, 0, 2, 2))
+          .computed_blocks == 2U);
+  EXPECT_EQ(*events, 1);
+}
+
+TEST_F(actor_test, TimerMessagesFromOutsideStartNoTimerChain) {
+  // The engine's expiry sweep re-arms itself; a sweep_atom (or a tier
+  // poll) from anyone else started another chain for good, each walking
+  // the whole store every expire_interval. The balancer's sweep too.
+  auto e = engine(small_engine(64));
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  auto l = sys_->spawn([](caf::event_based_actor*) -> caf::behavior {
+    return {[](const block_events&) {}};
+  });
+  stop_at_end_.push_back(l);
+  caf::anon_send(e, listen_atom::value, l);
+  sched_->run();
+  const auto before = sched_->clock().schedule().size();
+  for (int i = 0; i < 5; ++i) {
+    caf::anon_send(e, sweep_atom::value);
+    caf::anon_send(e, poll_tier_atom::value);
+    caf::anon_send(b, sweep_atom::value);
+  }
+  sched_->run();
+  for (int i = 0; i < 10; ++i) {
+    sched_->advance_time(1s);
+    sched_->run();
+  }
+  EXPECT_EQ(sched_->clock().schedule().size(), before);
+}
+
+} // namespace
+} // namespace kvfleet::actors

@@ -5,6 +5,7 @@
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
+#include "actors/stray_messages.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -518,11 +519,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       break;
     }
   }
-  self->set_default_handler(
-      [](caf::scheduled_actor*,
-         caf::message_view&) -> caf::result<caf::message> {
-        return caf::sec::unexpected_message;
-      });
+  handle_stray_messages(self, "balancer");
   // The balancer owns its engines: they stop with it. (Not links: a killed
   // engine would take a linked balancer down with it.) The functor runs
   // after the state is gone, so it holds its own list.
@@ -564,7 +561,13 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         dispatch(self, std::move(req), owed_reply{promise}, now_ns(self), 0);
         return promise;
       },
-      [=](sweep_atom) { sweep(self); },
+      [=](sweep_atom) {
+        // Its own timer only: one from anyone else would start a second
+        // timer chain.
+        if (self->current_sender() ==
+            caf::actor_cast<caf::strong_actor_ptr>(self))
+          sweep(self);
+      },
       [=](restart_atom, std::uint32_t slot) {
         auto& s = self->state;
         if (slot >= s.slots.size() || s.slots[slot].engine ||
@@ -691,7 +694,11 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         // Once each (a second subscription would double every sample and
         // event it gets), and only while it lives: the down handler drops
         // it, so a listener that comes and goes leaves nothing behind.
-        if (!listener || std::find(ls.begin(), ls.end(), listener) != ls.end())
+        // Not itself: it forwards every block_events it gets to its
+        // listeners, so it would send itself its own events for ever.
+        if (!listener ||
+            std::find(ls.begin(), ls.end(), listener) != ls.end() ||
+            listener.address() == self->address())
           return;
         ls.push_back(listener);
         self->monitor(listener);

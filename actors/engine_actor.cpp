@@ -4,6 +4,7 @@
 #include "actors/config_checks.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
+#include "actors/stray_messages.hpp"
 
 #include <algorithm>
 #include <deque>
@@ -89,6 +90,7 @@ struct engine_state {
   std::uint64_t batches = 0;
   std::uint64_t pressure_evictions = 0;
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
+  bool sweep_pending = false;     ///< a sweep_atom is on its way
   static inline const char* name = "kvfleet.engine";
 };
 
@@ -152,6 +154,8 @@ void publish(engine_actor* self) {
   log.clear();
   std::reverse(out.stored.begin(), out.stored.end());
   std::reverse(out.evicted.begin(), out.evicted.end());
+  if (st.listeners.empty()) // all of them went: nobody to tell
+    return;
   for (size_t i = 0; i + 1 < st.listeners.size(); ++i)
     self->send(st.listeners[i], out);
   self->send(st.listeners.back(), std::move(out));
@@ -237,8 +241,18 @@ void send_snapshot_chunk(engine_actor* self) {
 /// disk tier's queued) and the listeners hear of it, instead of believing
 /// them held until something else removes them.
 void arm_sweep(engine_actor* self) {
+  if (self->state.sweep_pending)
+    return;
+  self->state.sweep_pending = true;
   self->delayed_send(self, self->state.config.expire_interval,
                      sweep_atom::value);
+}
+
+/// Whether the message being handled is one the engine sent itself (a
+/// timer): its timers' atoms from anyone else are ignored, or each would
+/// start another timer chain for good.
+bool from_self(engine_actor* self) {
+  return self->current_sender() == caf::actor_cast<caf::strong_actor_ptr>(self);
 }
 
 void after_batch(engine_actor* self) {
@@ -358,11 +372,16 @@ caf::behavior engine_behavior(engine_actor* self,
   st.batcher = batch_accumulator<pending_request>{st.config.batch,
                                                   st.config.capacity_tokens};
   st.log = std::move(parts->log);
-  self->set_default_handler(
-      [](caf::scheduled_actor*,
-         caf::message_view&) -> caf::result<caf::message> {
-        return caf::sec::unexpected_message;
-      });
+  handle_stray_messages(self, "engine");
+  // The engine monitors its listeners only: one that went hears nothing
+  // more.
+  self->set_down_handler([=](caf::down_msg& dm) {
+    auto& l = self->state.listeners;
+    l.erase(std::remove_if(
+                l.begin(), l.end(),
+                [&](const caf::actor& a) { return a.address() == dm.source; }),
+            l.end());
+  });
   return {
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
         auto& s = self->state;
@@ -395,12 +414,17 @@ caf::behavior engine_behavior(engine_actor* self,
         return promise;
       },
       [=](sweep_atom) {
+        if (!from_self(self))
+          return;
+        self->state.sweep_pending = false;
         self->state.store->expire();
         // The disk tier's expirations are reported at the next publish.
         publish(self);
         arm_sweep(self);
       },
       [=](poll_tier_atom) {
+        if (!from_self(self))
+          return;
         auto& s = self->state;
         s.tier_poll_pending = false;
         s.store->poll_tier();
@@ -483,7 +507,12 @@ caf::behavior engine_behavior(engine_actor* self,
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
         auto r = s.store->commit(it->second);
-        s.puts.erase(it);
+        // The put stays open after these two (its parent is not committed
+        // yet; no value written yet): erasing the ticket would drop the
+        // handle, which aborts the put and every put chained on it.
+        if (r || (r.error().code != errc::busy &&
+                  r.error().code != errc::not_written))
+          s.puts.erase(it);
         if (r)
           after_change(self);
         return lift_void(r);
@@ -495,6 +524,9 @@ caf::behavior engine_behavior(engine_actor* self,
           return true; // already committed, aborted or expired
         auto r = s.store->abort(it->second);
         s.puts.erase(it);
+        // A put whose parent was aborted went with it: already aborted.
+        if (!r && r.error().code == errc::invalid_handle)
+          return true;
         return lift_void(r);
       },
       [=](abort_atom, std::uint64_t ticket, bool /*expired*/) {
@@ -606,11 +638,15 @@ caf::behavior engine_behavior(engine_actor* self,
         return true;
       },
       [=](listen_atom, const caf::actor& listener) {
-        if (!listener)
-          return;
         auto& s = self->state;
-        if (s.listeners.empty())
-          arm_sweep(self);
+        // Once each (twice would send it every event twice), and until it
+        // goes (monitored: the list never shrank before).
+        if (!listener || listener.address() == self->address() ||
+            std::find(s.listeners.begin(), s.listeners.end(), listener) !=
+                s.listeners.end())
+          return;
+        arm_sweep(self);
+        self->monitor(listener);
         s.listeners.push_back(listener);
         s.log->recording = true;
         // With a disk tier, the listener learns what the engine holds

@@ -2,6 +2,7 @@
 
 #include "actors/messages.hpp"
 #include "actors/prefetch_tracker.hpp"
+#include "actors/stray_messages.hpp"
 
 #include <cmath>
 #include <deque>
@@ -98,11 +99,7 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
   st.outstanding.emplace(std::move(*tracker));
   st.balancer = balancer;
   self->send(balancer, listen_atom::value, caf::actor{self});
-  self->set_default_handler(
-      [](caf::scheduled_actor*,
-         caf::message_view&) -> caf::result<caf::message> {
-        return caf::sec::unexpected_message;
-      });
+  handle_stray_messages(self, "prefetcher");
   return {
       [=](observe_atom, const kv_request& req, const kv_reply&, std::int64_t) {
         auto& s = self->state;

@@ -6,6 +6,7 @@
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
 #include "actors/router.hpp"
+#include "actors/stray_messages.hpp"
 #include "engine/eviction_policy.hpp"
 
 #include <charconv>
@@ -198,11 +199,7 @@ cache_behavior(cache_actor* self, query_cache_config config,
   st.config = config;
   st.store = std::move(*store);
   st.balancer = balancer;
-  self->set_default_handler(
-      [](caf::scheduled_actor*,
-         caf::message_view&) -> caf::result<caf::message> {
-        return caf::sec::unexpected_message;
-      });
+  handle_stray_messages(self, "query cache");
   return {
       [=](query_atom, kv_request& req) -> caf::result<kv_reply> {
         auto& s = self->state;

@@ -3,6 +3,7 @@
 #include "actors/caf_error.hpp"
 #include "actors/config_checks.hpp"
 #include "actors/messages.hpp"
+#include "actors/stray_messages.hpp"
 
 #include <iostream>
 #include <optional>
@@ -230,11 +231,7 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
   st.balancer = balancer;
   self->send(balancer, listen_atom::value, caf::actor{self});
   self->delayed_send(self, st.config.interval, evaluate_atom::value, true);
-  self->set_default_handler(
-      [](caf::scheduled_actor*,
-         caf::message_view&) -> caf::result<caf::message> {
-        return caf::sec::unexpected_message;
-      });
+  handle_stray_messages(self, "scaler");
   return {
       [=](observe_atom, const kv_request& req, const kv_reply&,
           std::int64_t latency) { sample(self, req, latency); },

@@ -3,6 +3,7 @@
 #include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
+#include "actors/stray_messages.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -101,11 +102,7 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
 
 caf::behavior warmer_behavior(caf::event_based_actor* self,
                               warmer_config config, caf::actor balancer) {
-  self->set_default_handler(
-      [](caf::scheduled_actor*,
-         caf::message_view&) -> caf::result<caf::message> {
-        return caf::sec::unexpected_message;
-      });
+  handle_stray_messages(self, "warmer");
   return {
       [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n,
           bool pin, const caf::actor& progress) -> caf::result<warm_report> {
