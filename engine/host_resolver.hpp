@@ -55,7 +55,8 @@ using host_lookup_fn =
 /// The resolver's time: a monotonic clock, read on the callers' threads and
 /// on the lookups' helper threads, which keep a copy of it and may outlive
 /// the resolver (a function, not a clock_source reference, so a test's
-/// clock can be shared with them). REQUIRES: safe to call from any thread.
+/// clock can be shared with them). REQUIRES: safe to call from any thread,
+/// and does not throw (it is read where an exception ends the process).
 using host_clock_fn = std::function<nanos()>;
 
 /// The steady clock (steady_clock_source).
