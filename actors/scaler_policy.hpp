@@ -21,7 +21,9 @@
 /// evaluations before it acts, and after any action nothing happens for
 /// `cooldown` (the window is also cleared, so the next decision sees only
 /// latencies measured after the change). A window with fewer than
-/// `min_samples` samples holds. Every decision that acts is logged and
+/// `min_samples` samples holds (so with the default 20 an idle fleet keeps
+/// its replicas; with 0 an empty window reads a p95 of 0, below the band,
+/// and an idle fleet scales down). Every decision that acts is logged and
 /// counted. Not thread-safe: owned by one actor.
 ///
 /// The window keeps at most `max_samples` latencies, whatever the request
