@@ -915,6 +915,17 @@ TEST(ScalerPolicy, ABusyWindowKeepsBoundedSamplesAndItsP95) {
   }
 }
 
+TEST(ScalerPolicy, AnIdleFleetHoldsUnlessMinSamplesIsZero) {
+  auto c = fast_scaler(); // min_samples 5, sustain 2, replicas 1..2
+  auto holds = make_scaler(c, 2, 4096);
+  EXPECT_EQ(holds.evaluate(engine::nanos{0}).action, scale_action::hold);
+  EXPECT_EQ(holds.evaluate(1s).action, scale_action::hold);
+  c.min_samples = 0; // an empty window reads a p95 of 0: below the band
+  auto idle = make_scaler(c, 2, 4096);
+  EXPECT_EQ(idle.evaluate(engine::nanos{0}).action, scale_action::hold);
+  EXPECT_EQ(idle.evaluate(1s).action, scale_action::retire_replica);
+}
+
 TEST(ScalerPolicy, TooFewSamplesHold) {
   auto s = make_scaler(fast_scaler(), 1, 4096);
   feed(s, engine::nanos{0}, 5s, 2);
