@@ -2082,6 +2082,12 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   query_cache_config qc;
   qc.ttl = std::chrono::seconds::max(); // expiry would wrap into the past
   expect_error(spawn_query_cache(*sys_, qc, fake), "query_cache_config.ttl");
+  qc = query_cache_config{};
+  qc.redis_url = "redis://127.0.0.1:1";
+  qc.redis.max_value_bytes = max_encoded_reply_bytes - 1; // sets would fail
+  expect_error(spawn_query_cache(*sys_, qc, fake),
+               "query_cache_config.redis.max_value_bytes must be at least");
+  qc = query_cache_config{};
   qc.ttl = 0s;
   expect_error(spawn_query_cache(*sys_, qc, fake), "ttl");
   expect_error(spawn_query_cache(*sys_, qc, fake,
@@ -2467,6 +2473,13 @@ TEST(QueryCacheEncoding, AnythingButAnEncodedReplyIsNotRead) {
   // The largest possible reply is read.
   ASSERT_TRUE(decode_reply("v1 63 4294967295 0 0 4294967295", back));
   EXPECT_EQ(back, (kv_reply{0, 63, 4294967295, 0, 0, 4294967295, false}));
+  // No encoding is longer than max_encoded_reply_bytes (the least a Redis
+  // store's max_value_bytes may be).
+  constexpr auto big = std::numeric_limits<std::uint64_t>::max();
+  EXPECT_EQ(encode_reply(kv_reply{0, std::numeric_limits<std::uint32_t>::max(),
+                                  big, big, big, big, false})
+                .size(),
+            max_encoded_reply_bytes);
 }
 
 TEST_F(actor_test, AQueryCacheEntryItCannotReadIsAStoreErrorAndRecomputed) {
@@ -2939,9 +2952,9 @@ TEST(WarmerSelectTop, ANaNFrequencyRanksBelowEveryNumber) {
 }
 
 TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
-  // Pins nest: warming a request twice with pin left its blocks pinned
-  // twice, one more than the host unpins. The repeat is left out, the
-  // top n are n different requests.
+  // A request twice in one warm, its copies in flight together, could be
+  // routed to two engines and pin its blocks on both. The repeat is left
+  // out, the top n are n different requests.
   const auto item = [](std::string q, std::uint32_t tokens, double f) {
     kv_request r;
     r.query = std::move(q);
@@ -3420,31 +3433,39 @@ TEST_F(actor_test, AnEngineTellsEachListenerOnceAndForgetsOnesThatWent) {
       ask_now<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 2, 1))
           .computed_blocks == 2U);
   EXPECT_EQ(*events, 1);
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).listeners, 1U);
   caf::anon_send_exit(l, caf::exit_reason::kill);
   sched_->run();
-  // Gone: nobody is told, and the engine keeps serving.
+  // Gone: forgotten (the list never shrank), and the engine keeps serving.
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).listeners, 0U);
   ASSERT_TRUE(
       ask_now<kv_reply>(e, process_atom::value, make_request(2, 0, 0, 2, 2))
           .computed_blocks == 2U);
-  EXPECT_EQ(*events, 1);
 }
 
 TEST_F(actor_test, TimerMessagesFromOutsideStartNoTimerChain) {
-  // The engine's expiry sweep re-arms itself; a sweep_atom (or a tier
-  // poll) from anyone else started another chain for good, each walking
-  // the whole store every expire_interval. The balancer's sweep too.
+  // The engine's expiry sweep re-arms itself, and the balancer's sweep
+  // while a call is open: a sweep_atom from anyone else started another
+  // chain each, for good (the engine's walking the whole store every
+  // expire_interval).
   auto e = engine(small_engine(64));
-  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
   auto l = sys_->spawn([](caf::event_based_actor*) -> caf::behavior {
     return {[](const block_events&) {}};
   });
   stop_at_end_.push_back(l);
   caf::anon_send(e, listen_atom::value, l);
+  // A call the balancer keeps open: its engine batches for an hour.
+  auto b = balancer(routing_policy::least_loaded,
+                    {small_engine(64, 100, std::chrono::hours{1})},
+                    std::chrono::hours{2});
   sched_->run();
+  auto open =
+      ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  ASSERT_FALSE(open->value || open->error);
   const auto before = sched_->clock().schedule().size();
   for (int i = 0; i < 5; ++i) {
     caf::anon_send(e, sweep_atom::value);
-    caf::anon_send(e, poll_tier_atom::value);
     caf::anon_send(b, sweep_atom::value);
   }
   sched_->run();

@@ -381,6 +381,14 @@ caf::behavior engine_behavior(engine_actor* self,
                 l.begin(), l.end(),
                 [&](const caf::actor& a) { return a.address() == dm.source; }),
             l.end());
+    // Its disk snapshot too (the front one's next chunk may be on its
+    // way: the chunk pump finds the queue changed, which it copes with).
+    auto& snaps = self->state.snapshots;
+    snaps.erase(std::remove_if(snaps.begin(), snaps.end(),
+                               [&](const disk_snapshot& d) {
+                                 return d.listener.address() == dm.source;
+                               }),
+                snaps.end());
   });
   return {
       [=](process_atom, kv_request& req) -> caf::result<kv_reply> {
@@ -598,6 +606,7 @@ caf::behavior engine_behavior(engine_actor* self,
         out.block_misses = ss.block_misses;
         out.evictions = ss.evictions;
         out.pressure_evictions = s.pressure_evictions;
+        out.listeners = static_cast<std::uint32_t>(s.listeners.size());
         out.capacity_tokens = s.config.capacity_tokens;
         out.memory = std::string(s.store->memory_name());
         if (const auto* tier = s.store->tier())
@@ -667,7 +676,10 @@ caf::behavior engine_behavior(engine_actor* self,
             send_snapshot_chunk(self);
         }
       },
-      [=](listen_atom) { send_snapshot_chunk(self); },
+      [=](listen_atom) {
+        if (from_self(self)) // the chunk pump, its own
+          send_snapshot_chunk(self);
+      },
   };
 }
 

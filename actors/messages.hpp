@@ -134,6 +134,7 @@ struct engine_stats {
   /// block_hits and block_misses: engine/README.md "Stats").
   std::uint64_t block_hits = 0;
   std::uint64_t block_misses = 0;
+  std::uint32_t listeners = 0; ///< actors told its block events now
 };
 
 template <class Inspector>
@@ -144,7 +145,7 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
            x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
            x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
            x.disk_hits, x.disk_spills, x.disk_spill_failures, x.block_hits,
-           x.block_misses);
+           x.block_misses, x.listeners);
 }
 
 /// The balancer's counters.

@@ -915,6 +915,22 @@ TEST(ScalerPolicy, ABusyWindowKeepsBoundedSamplesAndItsP95) {
   }
 }
 
+TEST(ScalerPolicy, AfterABusySpellTheWindowIsExactAgainAtHalfItsBound) {
+  // 30,000 requests in a 100 s window (sampled), then 8,000 per window:
+  // once the busy spell's samples have left, every request is kept again.
+  auto c = fast_scaler();
+  c.window = 100s;
+  auto s = make_scaler(c, 1, 4096);
+  for (int i = 0; i < 30'000; ++i)
+    s.record(std::chrono::microseconds{i * 3'333}, 10ms);
+  EXPECT_LT(s.kept_samples(), 30'000U);
+  engine::nanos t = 100s;
+  for (int i = 0; i < 16'000; ++i, t += 12'500us) // 8,000 per 100 s
+    s.record(t, 10ms);
+  EXPECT_EQ(s.kept_samples(), s.window_requests(t));
+  EXPECT_NEAR(static_cast<double>(s.window_requests(t)), 8'000, 1);
+}
+
 TEST(ScalerPolicy, AnIdleFleetHoldsUnlessMinSamplesIsZero) {
   auto c = fast_scaler(); // min_samples 5, sustain 2, replicas 1..2
   auto holds = make_scaler(c, 2, 4096);

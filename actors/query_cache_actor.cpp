@@ -296,6 +296,15 @@ result<void> validate(const query_cache_config& config) {
                       "query_cache_config.redis.url is not used: the Redis "
                       "URL goes in query_cache_config.redis_url (empty: the "
                       "embedded store)");
+  // Below the longest entry, some sets would fail for good (counted only).
+  if (!config.redis_url.empty() &&
+      config.redis.max_value_bytes < max_encoded_reply_bytes)
+    return make_error(
+        errc::invalid_argument,
+        "query_cache_config.redis.max_value_bytes must be at least " +
+            std::to_string(max_encoded_reply_bytes) +
+            " (the cache's longest entry), not " +
+            std::to_string(config.redis.max_value_bytes));
   return {};
 }
 

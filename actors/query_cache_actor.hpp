@@ -105,6 +105,9 @@ spawn_query_cache(caf::actor_system& sys, query_cache_config config,
 /// engine, matched and computed blocks, matched and computed tokens, in
 /// decimal, one space apart, whatever the global locale.
 [[nodiscard]] std::string encode_reply(const kv_reply& r);
+/// The longest encode_reply writes: "v1 ", a uint32 engine slot and four
+/// uint64 counts, each after a space.
+inline constexpr std::size_t max_encoded_reply_bytes = 3 + 10 + 4 * (1 + 20);
 /// Reads what encode_reply wrote into `out` (id and from_query_cache
 /// untouched); false, leaving `out` unchanged, for anything else: another
 /// version, a sign, a number out of range, a missing or extra field, or

@@ -534,6 +534,21 @@ result<void> redis_query_store::ensure_connected(engine::nanos now) {
   return {};
 }
 
+namespace {
+
+/// The text of an error reply to `commands`; a refusal by Redis's ACLs
+/// says which commands the store's user needs.
+std::string error_reply(std::string_view commands, const redisReply& r) {
+  std::string text =
+      std::string(commands) + " error reply: " + std::string(r.str, r.len);
+  if (text.find("NOPERM") != std::string::npos)
+    text += " (the store's Redis user needs +getrange +exists +set, and "
+            "+select for a database other than 0)";
+  return text;
+}
+
+} // namespace
+
 result<std::optional<std::string>>
 redis_query_store::get(const std::string& key, engine::nanos now) {
   if (auto c = ensure_connected(now); !c)
@@ -552,16 +567,21 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
                                    {"EXISTS", redis}};
   std::vector<reply_ptr> replies;
   if (!run_pipeline(ctx_, commands, config_.command_timeout, replies))
-    return unexpected<error>{command_failed(now, "GET")};
+    return unexpected<error>{command_failed(now, "GETRANGE/EXISTS")};
   const redisReply& range = *replies[0];
   const redisReply& exists = *replies[1];
   answered_ = answered_ || range.type != REDIS_REPLY_ERROR ||
               exists.type != REDIS_REPLY_ERROR;
+  // EXISTS refused (its ACL, say) would make every miss read as an empty
+  // value.
+  if (range.type == REDIS_REPLY_STRING && exists.type == REDIS_REPLY_ERROR)
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": " + error_reply("EXISTS", exists));
   switch (range.type) {
   case REDIS_REPLY_STRING:
     if (range.len > config_.max_value_bytes)
       return make_error(errc::backend_error,
-                        where(endpoint_) + ": GET: a value longer than " +
+                        where(endpoint_) + ": GETRANGE: a value longer than " +
                             last +
                             " bytes (max_value_bytes) is not this store's");
     if (range.len == 0 && exists.type == REDIS_REPLY_INTEGER &&
@@ -570,12 +590,11 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
     return std::optional<std::string>{std::string(range.str, range.len)};
   case REDIS_REPLY_ERROR:
     return make_error(errc::backend_error,
-                      where(endpoint_) + ": GET error reply: " +
-                          std::string(range.str, range.len));
+                      where(endpoint_) + ": " + error_reply("GETRANGE", range));
   default:
-    return make_error(errc::backend_error, where(endpoint_) +
-                                               ": GET: unexpected reply type " +
-                                               std::to_string(range.type));
+    return make_error(errc::backend_error,
+                      where(endpoint_) + ": GETRANGE: unexpected reply type " +
+                          std::to_string(range.type));
   }
 }
 
@@ -602,8 +621,7 @@ result<void> redis_query_store::set(const std::string& key,
   answered_ = answered_ || r->type != REDIS_REPLY_ERROR;
   if (r->type == REDIS_REPLY_ERROR)
     return make_error(errc::backend_error,
-                      where(endpoint_) +
-                          ": SET error reply: " + std::string(r->str, r->len));
+                      where(endpoint_) + ": " + error_reply("SET", *r));
   if (r->type != REDIS_REPLY_STATUS)
     return make_error(errc::backend_error, where(endpoint_) +
                                                ": SET: unexpected reply type " +

@@ -9,6 +9,10 @@
 /// appears in an error message: messages show the URL with its
 /// credentials replaced by `***`.
 ///
+/// Commands: `SET`, `GETRANGE`, `EXISTS` (and `AUTH`, `SELECT` on a new
+/// connection): an ACL user needs `+set +getrange +exists`, and `+select`
+/// for a database other than 0; a NOPERM reply's error says so.
+///
 /// Entries: `SET <prefix><key> <value> PX <ttl ms>`, read with
 /// `GETRANGE <prefix><key> 0 <max_value_bytes>` and `EXISTS <prefix><key>`
 /// in one pipeline (no GET: a value of MiBs that another program stored

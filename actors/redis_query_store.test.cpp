@@ -525,6 +525,33 @@ TEST_F(RedisQueryStore, AuthenticatesWithThePasswordOrAsAnAclUser) {
   EXPECT_FALSE(wrong->connected());
 }
 
+TEST_F(RedisQueryStore, AnAclUserWithoutTheCommandsItNeedsIsToldWhich) {
+  // The store reads with GETRANGE and EXISTS, not GET: a user allowed only
+  // +get +set gets NOPERM on every read, and the message says which
+  // commands the user needs. EXISTS alone refused is an error too (every
+  // miss would read as an empty value).
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  for (const char* allowed : {"+get", "+getrange"}) {
+    auto acl = command(direct.get(), {"ACL", "SETUSER", "bob", "reset", "on",
+                                      ">pw", "~kvfleet:*", "+set", allowed});
+    ASSERT_TRUE(acl && acl->type == REDIS_REPLY_STATUS) << allowed;
+    redis_query_store_config c;
+    c.url = "redis://bob:pw@127.0.0.1:" + std::to_string(server_->port());
+    auto store = redis_query_store::open(c);
+    ASSERT_TRUE(store.has_value()) << store.error().describe();
+    ASSERT_TRUE((*store)->set("k", "v", hour, t0));
+    auto got = (*store)->get("k", t0);
+    ASSERT_FALSE(got.has_value()) << allowed;
+    EXPECT_NE(got.error().message.find("NOPERM"), std::string::npos)
+        << got.error().message;
+    EXPECT_NE(got.error().message.find("+getrange +exists +set"),
+              std::string::npos)
+        << got.error().message;
+    EXPECT_TRUE((*store)->connected()); // no backoff: a reply, not a failure
+  }
+}
+
 TEST_F(RedisQueryStore, AHostNameIsResolvedAndConnectedWithinTheTimeout) {
   // localhost resolves locally (/etc/hosts); the store hands hiredis its
   // numeric address and names the host in messages.

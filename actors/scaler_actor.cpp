@@ -242,6 +242,11 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       },
       [=](const block_events&) {},
       [=](evaluate_atom, bool periodic) {
+        // The periodic timer is the scaler's own: one from outside would
+        // start a second chain.
+        if (periodic && self->current_sender() !=
+                            caf::actor_cast<caf::strong_actor_ptr>(self))
+          return;
         if (!periodic || !self->state.stats_pending)
           sync_and_evaluate(self);
         if (periodic)

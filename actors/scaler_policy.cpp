@@ -179,8 +179,10 @@ void scaler_policy::trim(engine::nanos now) {
     weight_sum_ -= samples_.front().weight;
     samples_.pop_front();
   }
-  // Traffic fell: new requests are kept more densely again.
-  while (stride_ > 1 && samples_.size() < max_samples / 4)
+  // Traffic fell: new requests are kept more densely again, once at half
+  // the stride they would fill at most half the window (the headroom keeps
+  // it from halving and doubling at every turn).
+  while (stride_ > 1 && weight_sum_ <= (max_samples / 2) * (stride_ / 2))
     stride_ /= 2;
 }
 

@@ -29,10 +29,13 @@
 /// The window keeps at most `max_samples` latencies, whatever the request
 /// rate: past that it keeps a request with chance 1/2, then 1/4, ... (a
 /// fixed-seed generator, so runs repeat), each kept latency weighing for
-/// the requests it stands for, and p95 is taken over the weights (exact
-/// while the window holds at most max_samples requests). Memory and the cost of
-/// an evaluation stay bounded (before, 20 million samples took 586 MB and 1.9 s
-/// per p95).
+/// the requests it stands for, and p95 is taken over the weights. It is
+/// exact while the window has held at most max_samples requests; after a
+/// busier spell, once the requests in the window are down to
+/// max_samples / 2 and the spell's samples have left it. `min_samples`
+/// counts requests (window_requests()), estimated while it samples. Memory and
+/// the cost of an evaluation stay bounded (before, 20 million samples took 586
+/// MB and 1.9 s per p95).
 
 #include "engine/clock.hpp"
 #include "engine/result.hpp"
@@ -122,14 +125,14 @@ public:
   /// at once (the actor carries it out) and logged.
   scale_decision evaluate(engine::nanos now);
 
-  /// p95 of the window at `now` (0 when empty).
   /// Requests in the window at `now` (each one a sample, or stood for by a
-  /// kept sample).
+  /// kept sample: an estimate while it samples).
   [[nodiscard]] std::uint64_t window_requests(engine::nanos now);
   /// Latencies the window holds now (at most max_samples).
   [[nodiscard]] std::size_t kept_samples() const noexcept {
     return samples_.size();
   }
+  /// p95 of the window at `now` (0 when empty).
   [[nodiscard]] engine::nanos p95(engine::nanos now);
   [[nodiscard]] std::uint32_t replicas() const noexcept { return replicas_; }
   [[nodiscard]] std::uint32_t capacity_tokens() const noexcept {

@@ -35,8 +35,9 @@ std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
     return std::isnan(fb) || fa > fb;
   });
   // The same request twice is one query, warmed once at its highest rank:
-  // each pin nests, so a repeat would leave its blocks pinned once more
-  // than the host unpins.
+  // a copy warmed at the same time could be routed to another engine and
+  // pin its blocks there too, which an unpin of the first engine leaves
+  // pinned.
   const auto before = [&](std::size_t a, std::size_t b) {
     const kv_request& x = items[a].request;
     const kv_request& y = items[b].request;
