@@ -112,8 +112,18 @@ result<int> connect_one(const addrinfo& a, steady::time_point deadline) {
         err = errno;
     }
   }
-  if (err == 0)
+  if (err == 0) {
+    // Nothing listening on a local port in the ephemeral range: the
+    // connect can pick that same port as its own and open to itself (TCP
+    // simultaneous open), and every exchange would then read back what it
+    // sent.
+    if (internal::is_connected_to_itself(fd)) {
+      ::close(fd);
+      return make_error(errc::io_error,
+                        "connected to itself: nothing listens there");
+    }
     return fd;
+  }
   ::close(fd);
   return make_error(errc::io_error, std::generic_category().message(err));
 }
@@ -302,6 +312,19 @@ result<void> wait_in_time(int fd, short events, steady::time_point deadline,
 
 namespace internal {
 
+bool is_connected_to_itself(int fd) {
+  sockaddr_storage self_addr{};
+  sockaddr_storage peer_addr{};
+  socklen_t self_len = sizeof self_addr;
+  socklen_t peer_len = sizeof peer_addr;
+  return ::getsockname(fd, reinterpret_cast<sockaddr*>(&self_addr),
+                       &self_len) == 0 &&
+         ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer_addr),
+                       &peer_len) == 0 &&
+         self_len == peer_len &&
+         std::memcmp(&self_addr, &peer_addr, self_len) == 0;
+}
+
 result<void> send_all(int fd, const std::byte* p, std::size_t n,
                       steady::time_point deadline) {
   while (n > 0) {
@@ -341,8 +364,11 @@ result<void> recv_all(int fd, std::byte* p, std::size_t n,
 result<int> bind_and_listen(const addrinfo* addresses, std::string_view where) {
   unexpected<error> last = make_error(errc::io_error, "no address");
   for (const addrinfo* a = addresses; a != nullptr; a = a->ai_next) {
+    // Non-blocking: accept() waits in poll, never in accept4, where a
+    // connection another thread took first would hold it for good.
     const int fd =
-        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
+                 a->ai_protocol);
     if (fd < 0) {
       last = sys_error("socket");
       continue;
@@ -390,6 +416,17 @@ result<int> connect_first(const addrinfo* addresses,
                     "tcp connect(" + std::string(where) + "): " + why);
 }
 
+/// `host` as messages show it: at most 64 bytes, a NUL as "\\0" (a host
+/// the resolver refuses is still named in the error).
+std::string shown_host(const std::string& host) {
+  std::string out;
+  for (const char c : host.substr(0, 64))
+    out += c == '\0' ? std::string("\\0") : std::string(1, c);
+  if (host.size() > 64)
+    out += "...";
+  return out;
+}
+
 /// The numeric addresses of `host` with port `service`, looked up through
 /// `resolver` within `timeout`, added to `out`, for `op` ("tcp connect",
 /// "tcp listen"); `on_timeout` when the lookup is still running then.
@@ -397,15 +434,19 @@ result<void> resolve_into(const std::string& host, const std::string& service,
                           std::chrono::milliseconds timeout,
                           engine::host_resolver& resolver, std::string_view op,
                           error on_timeout, numeric_addresses& out) {
-  const std::string where = host + ":" + service;
+  const std::string where = shown_host(host) + ":" + service;
   auto found = resolver.resolve(host, timeout);
   if (!found) {
     const error& e = found.error();
     if (e.code == errc::timeout)
       return unexpected<error>(std::move(on_timeout));
-    return make_error(e.code == errc::unavailable ? errc::unavailable
-                                                  : errc::io_error,
-                      std::string(op) + "(" + where + "): " + e.message);
+    // A host the resolver refuses (empty, too long, with a NUL) is the
+    // caller's input: invalid_argument, not the network's io_error.
+    const errc code =
+        e.code == errc::unavailable || e.code == errc::invalid_argument
+            ? e.code
+            : errc::io_error;
+    return make_error(code, std::string(op) + "(" + where + "): " + e.message);
   }
   return add_numeric(*found, service, op, where, out);
 }
@@ -417,14 +458,14 @@ result<int> connect_host(const std::string& host, std::uint16_t port,
   // timeout of its own, and a slow DNS must not hold the caller past it.
   const steady::time_point start = steady::now();
   const std::string service = std::to_string(port);
-  const std::string where = host + ":" + service;
+  const std::string where = shown_host(host) + ":" + service;
   numeric_addresses addresses;
   if (auto ok = resolve_into(
           host, service, timeout, resolver, "tcp connect",
           error{errc::io_error, "tcp connect(" + where + "): timed out after " +
                                     std::to_string(timeout.count()) +
-                                    " ms: the name lookup of '" + host +
-                                    "' took all of it"},
+                                    " ms: the name lookup of '" +
+                                    shown_host(host) + "' took all of it"},
           addresses);
       !ok)
     return unexpected<error>(ok.error());
@@ -437,13 +478,13 @@ result<int> listen_host(const std::string& host, std::uint16_t port,
   // getaddrinfo has no timeout of its own: a bind name goes through the
   // resolver too, so a dead DNS cannot hold a listen without bound.
   const std::string service = std::to_string(port);
-  const std::string where = host + ":" + service;
+  const std::string where = shown_host(host) + ":" + service;
   numeric_addresses addresses;
   if (auto ok =
           resolve_into(host, service, timeout, resolver, "tcp listen",
                        error{errc::timeout,
                              "tcp listen(" + where + "): the name lookup of '" +
-                                 host + "' did not finish within " +
+                                 shown_host(host) + "' did not finish within " +
                                  std::to_string(timeout.count()) + " ms"},
                        addresses);
       !ok)
@@ -603,17 +644,30 @@ tcp_listener::accept(std::chrono::milliseconds timeout,
     return unexpected<error>(ok.error());
   if (auto ok = check_timeout("tcp accept: io_timeout", io_timeout, false); !ok)
     return unexpected<error>(ok.error());
+  if (fd_ < 0)
+    return make_error(errc::unavailable,
+                      "tcp accept: this listener was moved from");
   // A zero timeout still polls once: a connection already queued is taken.
-  auto ready = wait_ready(fd_, POLLIN, steady::now() + timeout);
-  if (!ready)
-    return unexpected<error>(ready.error());
-  if (!*ready)
-    return make_error(errc::io_error, "tcp accept: timed out");
-  const int fd = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-  if (fd < 0)
-    return sys_error("accept");
-  set_nodelay(fd);
-  return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
+  // Another thread accepting on the listener may take the connection poll
+  // saw (EAGAIN), or the peer may reset it while queued (ECONNABORTED):
+  // wait again, against the same deadline.
+  const auto deadline = steady::now() + timeout;
+  for (;;) {
+    auto ready = wait_ready(fd_, POLLIN, deadline);
+    if (!ready)
+      return unexpected<error>(ready.error());
+    if (!*ready)
+      return make_error(errc::io_error, "tcp accept: timed out");
+    // The connection's own socket blocks (SOCK_NONBLOCK is not passed on).
+    const int fd = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) {
+      set_nodelay(fd);
+      return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
+    }
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNABORTED &&
+        errno != EINTR)
+      return sys_error("accept");
+  }
 }
 
 } // namespace kvfleet::cuda

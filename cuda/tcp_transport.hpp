@@ -24,10 +24,12 @@
 /// expectation in the peer's frame, which it reads anyway: no extra round
 /// trip. Each side finds a mismatch in the other's 28-byte header, lets its
 /// own header out and stops sending, so two large batches with a mismatch
-/// end at once too. A version 1 peer ("KVFB" frames, without expectations) is
-/// errc::parse_error naming the version (every earlier build; none is
-/// deployed). Each exchange must finish within io_timeout (1 ms to
-/// 24 h) as a whole: once the deadline has passed no more bytes move, so a peer
+/// end at once too (unless this side's previous batch is still undrained
+/// in the socket's buffers, the peer not reading it: letting its own header
+/// out then waits up to io_timeout). A version 1 peer ("KVFB" frames, without
+/// expectations) is errc::parse_error naming the version (every earlier build;
+/// none is deployed). Each exchange must finish within io_timeout (1 ms to 24
+/// h) as a whole: once the deadline has passed no more bytes move, so a peer
 /// trickling bytes, or streaming or draining them steadily, cannot stretch it
 /// (on either side, partial writes included); a timeout or a closed peer is
 /// errc::io_error. A failed exchange may leave the stream mid-frame, so it
@@ -102,13 +104,17 @@ public:
   tcp_listener(tcp_listener&& other) noexcept
       : fd_(other.fd_), port_(other.port_) {
     other.fd_ = -1;
+    other.port_ = 0;
   }
   tcp_listener& operator=(tcp_listener&&) = delete;
   ~tcp_listener();
 
   [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
   /// Waits at most `timeout` (0 to 24 h; 0 takes only a connection already
-  /// queued) for one connection.
+  /// queued) for one connection. Several threads may accept on one listener
+  /// at once: each gets its own connection or times out (one never waits
+  /// for a connection another took). A moved-from listener is
+  /// errc::unavailable at once.
   [[nodiscard]] result<std::unique_ptr<tcp_transport>>
   accept(std::chrono::milliseconds timeout = std::chrono::seconds(30),
          std::chrono::milliseconds io_timeout = std::chrono::seconds(30));

@@ -896,5 +896,93 @@ TEST(tcp_transport_test, bad_arguments_are_refused) {
   EXPECT_FALSE(nobody);
 }
 
+TEST(tcp_transport_test, a_host_with_a_nul_or_too_long_is_refused) {
+  // getaddrinfo and inet_pton read C strings: "127.0.0.1\0junk" was cut at
+  // the NUL and dialed 127.0.0.1.
+  const std::string with_nul("127.0.0.1\0junk", 14);
+  const std::string too_long(300, 'a');
+  for (const std::string& host : {with_nul, too_long, std::string{}}) {
+    auto c = tcp_transport::connect(host, 1, 1s);
+    ASSERT_FALSE(c);
+    EXPECT_EQ(c.error().code, errc::invalid_argument) << c.error().describe();
+    auto l = tcp_listener::listen(host, 0);
+    ASSERT_FALSE(l);
+    EXPECT_EQ(l.error().code, errc::invalid_argument) << l.error().describe();
+  }
+}
+
+TEST(tcp_listener_test, a_socket_connected_to_itself_is_told_apart) {
+  // Bound to a port and connected to that same port: TCP's simultaneous
+  // open connects it to itself, as a connect to a local port nobody
+  // listens on can do when it picks that port as its own (every exchange
+  // then reads back what it sent). connect refuses such a connection.
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0)
+      << std::strerror(errno);
+  EXPECT_TRUE(internal::is_connected_to_itself(fd));
+  ::close(fd);
+  auto ends = connect_pair(); // an ordinary connection is not
+  ASSERT_TRUE(ends.client);
+  const int other = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  EXPECT_FALSE(internal::is_connected_to_itself(other)); // not connected
+  ::close(other);
+}
+
+TEST(tcp_listener_test, two_threads_accepting_at_once_each_return) {
+  // One connection, two accepts: one takes it, the other times out. The
+  // listening socket blocked, so the one that lost the race slept in
+  // accept4 until another connection came, past its timeout.
+  auto listener = tcp_listener::listen("127.0.0.1", 0);
+  ASSERT_TRUE(listener) << listener.error().describe();
+  std::promise<void> go;
+  std::shared_future<void> start = go.get_future().share();
+  const auto accept_one = [&] {
+    start.wait();
+    return listener->accept(500ms, 5s);
+  };
+  auto a = std::async(std::launch::async, accept_one);
+  auto b = std::async(std::launch::async, accept_one);
+  go.set_value();
+  auto client = tcp_transport::connect("127.0.0.1", listener->port(), 5s);
+  ASSERT_TRUE(client) << client.error().describe();
+  // A bound on the test, not a timing bar: a stuck accept is woken by a
+  // second connection, and the test fails instead of hanging.
+  const bool a_done = a.wait_for(10s) == std::future_status::ready;
+  const bool b_done = b.wait_for(10s) == std::future_status::ready;
+  std::optional<result<std::unique_ptr<tcp_transport>>> rescue;
+  if (!a_done || !b_done)
+    rescue = tcp_transport::connect("127.0.0.1", listener->port(), 5s);
+  EXPECT_TRUE(a_done && b_done) << "an accept did not return";
+  auto ra = a.get();
+  auto rb = b.get();
+  EXPECT_EQ(static_cast<int>(ra.has_value()) + static_cast<int>(rb.has_value()),
+            1);
+  const auto& lost = ra ? rb : ra;
+  ASSERT_FALSE(lost.has_value());
+  EXPECT_NE(lost.error().message.find("timed out"), std::string::npos)
+      << lost.error().describe();
+}
+
+TEST(tcp_listener_test, a_moved_from_listener_says_so_at_once) {
+  auto listener = tcp_listener::listen("127.0.0.1", 0);
+  ASSERT_TRUE(listener) << listener.error().describe();
+  const auto port = listener->port();
+  tcp_listener moved(std::move(*listener));
+  EXPECT_EQ(moved.port(), port);
+  EXPECT_EQ(listener->port(), 0);
+  const auto start = std::chrono::steady_clock::now();
+  auto r = listener->accept(10s, 1s); // waited the whole timeout before
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::unavailable) << r.error().describe();
+}
+
 } // namespace
 } // namespace kvfleet::cuda

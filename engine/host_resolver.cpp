@@ -70,6 +70,19 @@ host_resolver::~host_resolver() = default;
 
 host_lookup_result host_resolver::resolve(const std::string& host,
                                           std::chrono::milliseconds timeout) {
+  // Checked here, not by the lookup: getaddrinfo reads a C string, so a
+  // host with a NUL was cut at it (and connected to what came before).
+  if (host.empty())
+    return make_error(errc::invalid_argument, "empty host name");
+  if (host.size() > max_host_bytes)
+    return make_error(errc::invalid_argument,
+                      "host name of " + std::to_string(host.size()) +
+                          " bytes (at most " + std::to_string(max_host_bytes) +
+                          "): '" + host.substr(0, 64) + "...'");
+  if (host.find('\0') != std::string::npos)
+    return make_error(errc::invalid_argument,
+                      "host name holds a NUL byte: '" +
+                          host.substr(0, host.find('\0')) + "\\0...'");
   if (is_numeric(host))
     return std::vector<std::string>{host};
   std::shared_ptr<lookup> l;

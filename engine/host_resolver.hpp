@@ -64,6 +64,8 @@ using host_clock_fn = std::function<nanos()>;
 
 class host_resolver {
 public:
+  /// The longest host resolve() takes.
+  static constexpr std::size_t max_host_bytes = 253;
   /// How long an answer that nobody waited for is kept for the next call.
   static constexpr std::chrono::seconds default_max_age{30};
 
@@ -81,10 +83,12 @@ public:
   host_resolver& operator=(const host_resolver&) = delete;
 
   /// The addresses of `host`, waiting at most `timeout` for the lookup.
-  /// Errors: the lookup's own (errc::not_found for a name that does not
-  /// resolve), errc::timeout "cannot resolve '<host>' within N ms" when it
-  /// is still running, errc::unavailable when no helper thread can be
-  /// started. REQUIRES: timeout >= 0.
+  /// Errors: errc::invalid_argument for a host that is empty, longer than
+  /// max_host_bytes (a DNS name has at most 253 characters) or holds a NUL
+  /// (it was cut at the NUL), before any lookup; the lookup's own
+  /// (errc::not_found for a name that does not resolve), errc::timeout "cannot
+  /// resolve '<host>' within N ms" when it is still running, errc::unavailable
+  /// when no helper thread can be started. REQUIRES: timeout >= 0.
   [[nodiscard]] host_lookup_result resolve(const std::string& host,
                                            std::chrono::milliseconds timeout);
 

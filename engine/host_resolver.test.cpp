@@ -227,6 +227,27 @@ TEST(host_resolver_test, numeric_addresses_need_no_lookup) {
   EXPECT_EQ(never.calls->load(), 0);
 }
 
+TEST(host_resolver_test, an_empty_too_long_or_nul_holding_host_is_refused) {
+  // The lookup reads a C string: a NUL cut the name ("127.0.0.1\0junk"
+  // was 127.0.0.1). Refused before any lookup.
+  gated_lookup never;
+  host_resolver resolver(never.fn());
+  const std::string too_long(host_resolver::max_host_bytes + 1, 'a');
+  const std::string longest(host_resolver::max_host_bytes, 'a');
+  for (const std::string& host :
+       {std::string{}, std::string("127.0.0.1\0junk", 14), too_long}) {
+    auto r = resolver.resolve(host, 0ms);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, errc::invalid_argument) << r.error().describe();
+    EXPECT_LT(r.error().message.size(), 200U); // never echoes all of it
+  }
+  EXPECT_EQ(never.calls->load(), 0);
+  auto r = resolver.resolve(longest, 0ms); // taken: the lookup runs
+  EXPECT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::timeout) << r.error().describe();
+  never.release.set_value();
+}
+
 TEST(host_resolver_test, the_system_lookup_finds_localhost) {
   auto local = system_host_lookup("localhost");
   ASSERT_TRUE(local) << local.error().describe();

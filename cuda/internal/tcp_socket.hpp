@@ -33,6 +33,12 @@ using tcp_clock = std::chrono::steady_clock;
 [[nodiscard]] result<void> recv_all(int fd, std::byte* p, std::size_t n,
                                     tcp_clock::time_point deadline);
 
+/// Whether the connected socket `fd` is connected to itself (its local and
+/// peer addresses are equal): a connect to a local port nobody listens on
+/// can pick that port as its own (TCP simultaneous open). connect_first
+/// refuses such a connection.
+[[nodiscard]] bool is_connected_to_itself(int fd);
+
 /// A socket bound to the first of `addresses` (a getaddrinfo list) that
 /// can be bound, and listening: its descriptor. When none can, the last
 /// one's error (errc::io_error, naming `where`, "host:port").
