@@ -7,8 +7,6 @@
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
-#include <emmintrin.h>
-
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -105,22 +103,6 @@ private:
   std::size_t fill_ = 0;
 };
 
-// Streaming (non-temporal) copy; plain memcpy when not 16-byte aligned.
-void stream_copy(std::byte* dst, const std::byte* src, std::size_t n) {
-  const bool aligned = (reinterpret_cast<std::uintptr_t>(dst) % 16 == 0);
-  if (!aligned || n < 4096) {
-    std::memcpy(dst, src, n);
-    return;
-  }
-  const std::size_t vec = n / 16;
-  auto* d = reinterpret_cast<__m128i*>(dst);
-  const auto* s = reinterpret_cast<const __m128i*>(src);
-  for (std::size_t i = 0; i < vec; ++i)
-    _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
-  std::memcpy(dst + vec * 16, src + vec * 16, n - vec * 16);
-  _mm_sfence();
-}
-
 } // namespace
 
 std::uint64_t block_checksum(std::span<const std::byte> data) {
@@ -135,10 +117,18 @@ std::uint64_t block_checksum(std::span<const std::byte> data) {
 
 std::uint64_t copy_in_with_checksum(std::span<std::byte> dst,
                                     std::span<const std::byte> src) {
+  // Each chunk loaded once, stored and hashed from the same registers
+  // (AVX2). Hashing the source and then streaming it out (non-temporal
+  // stores) was 45-55% of memcpy's rate on a 2-core VM; fused, 88-90%,
+  // and it tracks memcpy wherever memcpy's own stores are fast.
+  const auto copy_hash = chunk_copy_hash();
+  folder f;
   const std::size_t size = std::min(dst.size(), src.size());
-  const std::uint64_t sum = block_checksum(src.first(size));
-  stream_copy(dst.data(), src.data(), size);
-  return sum;
+  for (std::size_t off = 0; off < size; off += checksum_chunk_bytes) {
+    const std::size_t n = std::min(checksum_chunk_bytes, size - off);
+    f.add(copy_hash(dst.data() + off, src.data() + off, n, hash_seed));
+  }
+  return f.finish();
 }
 
 std::uint64_t copy_out_with_checksum(std::span<std::byte> dst,

@@ -20,9 +20,8 @@ inline constexpr std::size_t checksum_chunk_bytes = 4096;
 [[nodiscard]] std::uint64_t block_checksum(std::span<const std::byte> data);
 
 /// Copies `src` into the cache (`dst`, same size, no overlap) and returns the
-/// checksum of the bytes. The source is hashed while it is hot and the
-/// destination written with streaming stores, since a freshly stored block
-/// is not read back soon.
+/// checksum of the bytes, each chunk loaded once for both where the CPU has
+/// AVX2 (else hashed, then copied from L1).
 [[nodiscard]] std::uint64_t
 copy_in_with_checksum(std::span<std::byte> dst, std::span<const std::byte> src);
 
