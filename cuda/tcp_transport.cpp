@@ -416,17 +416,6 @@ result<int> connect_first(const addrinfo* addresses,
                     "tcp connect(" + std::string(where) + "): " + why);
 }
 
-/// `host` as messages show it: at most 64 bytes, a NUL as "\\0" (a host
-/// the resolver refuses is still named in the error).
-std::string shown_host(const std::string& host) {
-  std::string out;
-  for (const char c : host.substr(0, 64))
-    out += c == '\0' ? std::string("\\0") : std::string(1, c);
-  if (host.size() > 64)
-    out += "...";
-  return out;
-}
-
 /// The numeric addresses of `host` with port `service`, looked up through
 /// `resolver` within `timeout`, added to `out`, for `op` ("tcp connect",
 /// "tcp listen"); `on_timeout` when the lookup is still running then.
@@ -434,7 +423,7 @@ result<void> resolve_into(const std::string& host, const std::string& service,
                           std::chrono::milliseconds timeout,
                           engine::host_resolver& resolver, std::string_view op,
                           error on_timeout, numeric_addresses& out) {
-  const std::string where = shown_host(host) + ":" + service;
+  const std::string where = engine::printable_host(host) + ":" + service;
   auto found = resolver.resolve(host, timeout);
   if (!found) {
     const error& e = found.error();
@@ -458,14 +447,15 @@ result<int> connect_host(const std::string& host, std::uint16_t port,
   // timeout of its own, and a slow DNS must not hold the caller past it.
   const steady::time_point start = steady::now();
   const std::string service = std::to_string(port);
-  const std::string where = shown_host(host) + ":" + service;
+  const std::string where = engine::printable_host(host) + ":" + service;
   numeric_addresses addresses;
   if (auto ok = resolve_into(
           host, service, timeout, resolver, "tcp connect",
           error{errc::io_error, "tcp connect(" + where + "): timed out after " +
                                     std::to_string(timeout.count()) +
                                     " ms: the name lookup of '" +
-                                    shown_host(host) + "' took all of it"},
+                                    engine::printable_host(host) +
+                                    "' took all of it"},
           addresses);
       !ok)
     return unexpected<error>(ok.error());
@@ -478,15 +468,15 @@ result<int> listen_host(const std::string& host, std::uint16_t port,
   // getaddrinfo has no timeout of its own: a bind name goes through the
   // resolver too, so a dead DNS cannot hold a listen without bound.
   const std::string service = std::to_string(port);
-  const std::string where = shown_host(host) + ":" + service;
+  const std::string where = engine::printable_host(host) + ":" + service;
   numeric_addresses addresses;
-  if (auto ok =
-          resolve_into(host, service, timeout, resolver, "tcp listen",
-                       error{errc::timeout,
-                             "tcp listen(" + where + "): the name lookup of '" +
-                                 shown_host(host) + "' did not finish within " +
-                                 std::to_string(timeout.count()) + " ms"},
-                       addresses);
+  if (auto ok = resolve_into(
+          host, service, timeout, resolver, "tcp listen",
+          error{errc::timeout,
+                "tcp listen(" + where + "): the name lookup of '" +
+                    engine::printable_host(host) + "' did not finish within " +
+                    std::to_string(timeout.count()) + " ms"},
+          addresses);
       !ok)
     return unexpected<error>(ok.error());
   return bind_and_listen(addresses.link(), where);
@@ -664,9 +654,27 @@ tcp_listener::accept(std::chrono::milliseconds timeout,
       set_nodelay(fd);
       return std::unique_ptr<tcp_transport>(new tcp_transport(fd, io_timeout));
     }
-    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNABORTED &&
-        errno != EINTR)
+    // Also the network errors accept(2) passes on for the connection it
+    // dropped, which the man page says to treat like EAGAIN.
+    switch (errno) {
+    case EAGAIN:
+#if EWOULDBLOCK != EAGAIN
+    case EWOULDBLOCK:
+#endif
+    case ECONNABORTED:
+    case EINTR:
+    case ENETDOWN:
+    case EPROTO:
+    case ENOPROTOOPT:
+    case EHOSTDOWN:
+    case ENONET:
+    case EHOSTUNREACH:
+    case EOPNOTSUPP:
+    case ENETUNREACH:
+      continue;
+    default:
       return sys_error("accept");
+    }
   }
 }
 

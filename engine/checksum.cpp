@@ -119,8 +119,9 @@ std::uint64_t copy_in_with_checksum(std::span<std::byte> dst,
                                     std::span<const std::byte> src) {
   // Each chunk loaded once, stored and hashed from the same registers
   // (AVX2). Hashing the source and then streaming it out (non-temporal
-  // stores) was 45-55% of memcpy's rate on a 2-core VM; fused, 88-90%,
-  // and it tracks memcpy wherever memcpy's own stores are fast.
+  // stores) was 56% of memcpy's rate on a 2-core VM (README, Benchmarks);
+  // fused, 96%, and it tracks memcpy wherever memcpy's own stores are
+  // fast.
   const auto copy_hash = chunk_copy_hash();
   folder f;
   const std::size_t size = std::min(dst.size(), src.size());

@@ -35,6 +35,15 @@ bool is_numeric(const std::string& host) {
 
 } // namespace
 
+std::string printable_host(std::string_view host) {
+  std::string out;
+  for (const char c : host.substr(0, 64))
+    out += c == '\0' ? std::string("\\0") : std::string(1, c);
+  if (host.size() > 64)
+    out += "...";
+  return out;
+}
+
 host_lookup_result system_host_lookup(const std::string& host) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -42,8 +51,9 @@ host_lookup_result system_host_lookup(const std::string& host) {
   addrinfo* res = nullptr;
   if (const int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &res);
       rc != 0)
-    return make_error(errc::not_found,
-                      "cannot resolve '" + host + "': " + ::gai_strerror(rc));
+    return make_error(errc::not_found, "cannot resolve '" +
+                                           printable_host(host) +
+                                           "': " + ::gai_strerror(rc));
   std::vector<std::string> out;
   for (const addrinfo* a = res; a != nullptr; a = a->ai_next) {
     char text[NI_MAXHOST];
@@ -53,8 +63,9 @@ host_lookup_result system_host_lookup(const std::string& host) {
   }
   ::freeaddrinfo(res);
   if (out.empty())
-    return make_error(errc::not_found,
-                      "cannot resolve '" + host + "': no address");
+    return make_error(errc::not_found, "cannot resolve '" +
+                                           printable_host(host) +
+                                           "': no address");
   return out;
 }
 
@@ -78,11 +89,10 @@ host_lookup_result host_resolver::resolve(const std::string& host,
     return make_error(errc::invalid_argument,
                       "host name of " + std::to_string(host.size()) +
                           " bytes (at most " + std::to_string(max_host_bytes) +
-                          "): '" + host.substr(0, 64) + "...'");
+                          "): '" + printable_host(host) + "'");
   if (host.find('\0') != std::string::npos)
-    return make_error(errc::invalid_argument,
-                      "host name holds a NUL byte: '" +
-                          host.substr(0, host.find('\0')) + "\\0...'");
+    return make_error(errc::invalid_argument, "host name holds a NUL byte: '" +
+                                                  printable_host(host) + "'");
   if (is_numeric(host))
     return std::vector<std::string>{host};
   std::shared_ptr<lookup> l;
@@ -132,7 +142,7 @@ host_lookup_result host_resolver::resolve(const std::string& host,
         }).detach();
       } catch (const std::exception& e) { // system_error: no thread
         return make_error(errc::unavailable,
-                          "cannot resolve '" + host +
+                          "cannot resolve '" + printable_host(host) +
                               "': no helper thread: " + e.what());
       }
       pending_.emplace(host, l);
@@ -140,9 +150,9 @@ host_lookup_result host_resolver::resolve(const std::string& host,
   }
   std::unique_lock<std::mutex> lock(l->mutex);
   if (!l->done_cv.wait_for(lock, timeout, [&] { return l->done.has_value(); }))
-    return make_error(errc::timeout, "cannot resolve '" + host + "' within " +
-                                         std::to_string(timeout.count()) +
-                                         " ms");
+    return make_error(errc::timeout,
+                      "cannot resolve '" + printable_host(host) + "' within " +
+                          std::to_string(timeout.count()) + " ms");
   host_lookup_result r = *l->done; // a copy: other callers may share it
   lock.unlock();
   const std::lock_guard<std::mutex> guard(mutex_);

@@ -31,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -59,13 +60,18 @@ using host_lookup_fn =
 /// and does not throw (it is read where an exception ends the process).
 using host_clock_fn = std::function<nanos()>;
 
+/// `host` as messages show it: at most its first 64 bytes (then "..."),
+/// a NUL as "\0".
+[[nodiscard]] std::string printable_host(std::string_view host);
+
 /// The steady clock (steady_clock_source).
 [[nodiscard]] nanos steady_host_clock() noexcept;
 
 class host_resolver {
 public:
-  /// The longest host resolve() takes.
-  static constexpr std::size_t max_host_bytes = 253;
+  /// The longest host resolve() takes: a DNS name has at most 253
+  /// characters, 254 written with its trailing dot.
+  static constexpr std::size_t max_host_bytes = 254;
   /// How long an answer that nobody waited for is kept for the next call.
   static constexpr std::chrono::seconds default_max_age{30};
 
@@ -84,8 +90,8 @@ public:
 
   /// The addresses of `host`, waiting at most `timeout` for the lookup.
   /// Errors: errc::invalid_argument for a host that is empty, longer than
-  /// max_host_bytes (a DNS name has at most 253 characters) or holds a NUL
-  /// (it was cut at the NUL), before any lookup; the lookup's own
+  /// max_host_bytes or holds a NUL (it was cut at the NUL), before any
+  /// lookup; the lookup's own
   /// (errc::not_found for a name that does not resolve), errc::timeout "cannot
   /// resolve '<host>' within N ms" when it is still running, errc::unavailable
   /// when no helper thread can be started. REQUIRES: timeout >= 0.

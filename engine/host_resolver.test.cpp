@@ -234,12 +234,19 @@ TEST(host_resolver_test, an_empty_too_long_or_nul_holding_host_is_refused) {
   host_resolver resolver(never.fn());
   const std::string too_long(host_resolver::max_host_bytes + 1, 'a');
   const std::string longest(host_resolver::max_host_bytes, 'a');
+  std::string late_nul(200, 'b');
+  late_nul[100] = '\0';
+  std::string long_with_nul = too_long;
+  long_with_nul[10] = '\0';
   for (const std::string& host :
-       {std::string{}, std::string("127.0.0.1\0junk", 14), too_long}) {
+       {std::string{}, std::string("127.0.0.1\0junk", 14), too_long, late_nul,
+        long_with_nul}) {
     auto r = resolver.resolve(host, 0ms);
     ASSERT_FALSE(r);
     EXPECT_EQ(r.error().code, errc::invalid_argument) << r.error().describe();
-    EXPECT_LT(r.error().message.size(), 200U); // never echoes all of it
+    // Shown cut at 64 bytes, a NUL as \0: never all of it, never a NUL.
+    EXPECT_LT(r.error().message.size(), 130U) << r.error().message;
+    EXPECT_EQ(r.error().message.find('\0'), std::string::npos);
   }
   EXPECT_EQ(never.calls->load(), 0);
   auto r = resolver.resolve(longest, 0ms); // taken: the lookup runs
