@@ -179,6 +179,19 @@ protected:
     return out->value.value_or(T{});
   }
 
+  /// Reserves block {group, 1} and its child {group, 2} on engine `e`:
+  /// their put tickets.
+  std::pair<std::uint64_t, std::uint64_t>
+  reserve_parent_and_child(const caf::actor& e, std::uint64_t group) {
+    put_request parent;
+    parent.key = block_key{group, 1};
+    put_request child;
+    child.key = block_key{group, 2};
+    child.parent = parent.key;
+    const auto tp = ask_now<std::uint64_t>(e, reserve_atom::value, parent);
+    return {tp, ask_now<std::uint64_t>(e, reserve_atom::value, child)};
+  }
+
   caf::actor engine(const engine_actor_config& c) {
     auto a = spawn_engine_actor(*sys_, c);
     EXPECT_TRUE(a.has_value());
@@ -3373,13 +3386,7 @@ TEST_F(actor_test, ACommitRefusedWhileThePutIsOpenLeavesItOpen) {
   // open, as the store says; the engine dropped its ticket, which aborted
   // the put and every put chained on it.
   auto e = engine(small_engine(64));
-  put_request parent;
-  parent.key = block_key{1, 1};
-  put_request child;
-  child.key = block_key{1, 2};
-  child.parent = parent.key;
-  const auto tp = ask_now<std::uint64_t>(e, reserve_atom::value, parent);
-  const auto tc = ask_now<std::uint64_t>(e, reserve_atom::value, child);
+  const auto [tp, tc] = reserve_parent_and_child(e, 1);
   const std::vector<std::uint8_t> value(block_bytes, 7);
   const auto refused = [&](std::uint64_t ticket, errc code) {
     auto r = ask<bool>(e, commit_atom::value, ticket);
@@ -3393,10 +3400,9 @@ TEST_F(actor_test, ACommitRefusedWhileThePutIsOpenLeavesItOpen) {
   refused(tc, errc::busy); // before its parent
   EXPECT_TRUE(ask_now<bool>(e, commit_atom::value, tp));
   EXPECT_TRUE(ask_now<bool>(e, commit_atom::value, tc));
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, lookup_atom::value,
-                             std::vector<block_key>{parent.key, child.key}),
-      2U);
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value,
+                                   std::vector<block_key>{{1, 1}, {1, 2}}),
+            2U);
   // A commit that ends the put (the second one) drops the ticket.
   auto again = ask<bool>(e, commit_atom::value, tc);
   sched_->run();
@@ -3408,13 +3414,7 @@ TEST_F(actor_test, AnAbortOfAPutThatWentWithItsParentIsTrue) {
   // "already committed, aborted or expired" answers true; a child aborted
   // with its parent answered the store's stale-handle error.
   auto e = engine(small_engine(64));
-  put_request parent;
-  parent.key = block_key{2, 1};
-  put_request child;
-  child.key = block_key{2, 2};
-  child.parent = parent.key;
-  const auto tp = ask_now<std::uint64_t>(e, reserve_atom::value, parent);
-  const auto tc = ask_now<std::uint64_t>(e, reserve_atom::value, child);
+  const auto [tp, tc] = reserve_parent_and_child(e, 2);
   EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, tp));
   EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, tc));
   EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, tc)); // gone: true

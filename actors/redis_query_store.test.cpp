@@ -858,6 +858,29 @@ kv_request query(std::uint64_t id, std::string q) {
   return r;
 }
 
+/// The query cache's stats; nullopt when it does not answer in 5 s.
+std::optional<query_cache_stats> cache_stats(caf::actor_system& sys, node& n) {
+  caf::scoped_actor self{sys};
+  std::optional<query_cache_stats> st;
+  self->request(n.query_cache(), 5s, stats_atom::value)
+      .receive([&](query_cache_stats& s) { st = s; }, [](caf::error&) {});
+  return st;
+}
+
+/// Query "q" twice through `n`: the first a miss, the second a hit.
+std::pair<std::optional<kv_reply>, std::optional<kv_reply>>
+miss_then_hit(node& n) {
+  auto first = n.process_request(query(1, "q"));
+  EXPECT_TRUE(first.has_value()) << first.error().describe();
+  auto second = n.process_request(query(2, "q"));
+  EXPECT_TRUE(second.has_value()) << second.error().describe();
+  if (!first || !second)
+    return {};
+  EXPECT_FALSE(first->from_query_cache);
+  EXPECT_TRUE(second->from_query_cache);
+  return {*first, *second};
+}
+
 TEST_F(RedisQueryStore, ANodeReplacesAnotherProgramsLongValueWithItsEntry) {
   // The cache counts the long value like any value it cannot read, computes
   // the request and stores its reply over it: the next request is a hit.
@@ -867,16 +890,9 @@ TEST_F(RedisQueryStore, ANodeReplacesAnotherProgramsLongValueWithItsEntry) {
   caf::actor_system sys{cfg};
   auto n = node::start(sys, redis_node(server_->url()));
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  auto first = (*n)->process_request(query(1, "q"));
-  ASSERT_TRUE(first.has_value()) << first.error().describe();
-  EXPECT_FALSE(first->from_query_cache);
-  auto second = (*n)->process_request(query(2, "q"));
-  ASSERT_TRUE(second.has_value()) << second.error().describe();
-  EXPECT_TRUE(second->from_query_cache);
-  caf::scoped_actor self{sys};
-  std::optional<query_cache_stats> st;
-  self->request((*n)->query_cache(), 5s, stats_atom::value)
-      .receive([&](query_cache_stats& s) { st = s; }, [](caf::error&) {});
+  const auto [first, second] = miss_then_hit(**n);
+  ASSERT_TRUE(first && second);
+  const auto st = cache_stats(sys, **n);
   ASSERT_TRUE(st.has_value());
   EXPECT_EQ(st->hits, 1U);
   EXPECT_EQ(st->store_errors, 1U); // the long value's get
@@ -892,12 +908,8 @@ TEST_F(RedisQueryStore, NodeCachesQueryResultsInRedis) {
 
   auto n = node::start(sys, redis_node(server_->url()));
   ASSERT_TRUE(n.has_value()) << n.error().describe();
-  auto first = (*n)->process_request(query(1, "q"));
-  ASSERT_TRUE(first.has_value()) << first.error().describe();
-  EXPECT_FALSE(first->from_query_cache);
-  auto second = (*n)->process_request(query(2, "q"));
-  ASSERT_TRUE(second.has_value()) << second.error().describe();
-  EXPECT_TRUE(second->from_query_cache);
+  const auto [first, second] = miss_then_hit(**n);
+  ASSERT_TRUE(first && second);
   EXPECT_EQ(second->id, 2U);
   EXPECT_EQ(second->computed_blocks, first->computed_blocks);
   auto direct = connect_direct(server_->port());
@@ -911,10 +923,7 @@ TEST_F(RedisQueryStore, NodeCachesQueryResultsInRedis) {
   auto third = (*n)->process_request(query(3, "q"));
   ASSERT_TRUE(third.has_value()) << third.error().describe();
   EXPECT_FALSE(third->from_query_cache);
-  caf::scoped_actor self{sys};
-  std::optional<query_cache_stats> st;
-  self->request((*n)->query_cache(), 5s, stats_atom::value)
-      .receive([&](query_cache_stats& s) { st = s; }, [](caf::error&) {});
+  const auto st = cache_stats(sys, **n);
   ASSERT_TRUE(st.has_value());
   EXPECT_EQ(st->hits, 1U);
   EXPECT_EQ(st->misses, 2U);
