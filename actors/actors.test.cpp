@@ -3443,6 +3443,32 @@ TEST_F(actor_test, AnEngineTellsEachListenerOnceAndForgetsOnesThatWent) {
           .computed_blocks == 2U);
 }
 
+TEST_F(actor_test, BlocksAReserveEvictsAreReportedAtOnce) {
+  // Making room for a put evicts: the listeners heard of it only at the
+  // next request or expiry sweep, so the router kept sending requests for
+  // those blocks to this engine meanwhile.
+  auto e = engine(small_engine(8));
+  auto evicted = std::make_shared<std::size_t>(0);
+  auto l = sys_->spawn([evicted](caf::event_based_actor*) -> caf::behavior {
+    return {
+        [evicted](const block_events& ev) { *evicted += ev.evicted.size(); }};
+  });
+  stop_at_end_.push_back(l);
+  caf::anon_send(e, listen_atom::value, l);
+  sched_->run();
+  ASSERT_EQ(
+      ask_now<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 8, 1))
+          .computed_blocks,
+      8U);
+  const auto before = *evicted;
+  for (std::uint64_t i = 1; i <= 4 && *evicted == before; ++i) {
+    put_request p;
+    p.key = block_key{77, i};
+    (void)ask_now<std::uint64_t>(e, reserve_atom::value, p);
+  }
+  EXPECT_GT(*evicted, before) << "four reserves in a full store of 8";
+}
+
 TEST_F(actor_test, TimerMessagesFromOutsideStartNoTimerChain) {
   // The engine's expiry sweep re-arms itself, and the balancer's sweep
   // while a call is open: a sweep_atom from anyone else started another

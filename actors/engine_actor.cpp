@@ -490,6 +490,10 @@ caf::behavior engine_behavior(engine_actor* self,
         opts.pin = p.pin;
         opts.request_tokens = p.request_tokens;
         auto h = s.store->reserve(s.ns, p.key, p.parent, opts);
+        // Making room for it may have evicted blocks (and a parent only on
+        // disk came back): the listeners hear of it now, not at the next
+        // request or sweep.
+        after_change(self);
         if (!h)
           return to_caf_error(h.error());
         auto ticket = s.next_ticket++;
