@@ -47,7 +47,8 @@
 ///
 /// Blocking: calls block the calling thread, each connect at most
 /// `connect_timeout` and each command at most `command_timeout` (default
-/// 50 ms). The command timeout bounds the whole command, from writing it to
+/// 50 ms); a new connection's AUTH and SELECT are commands too, so a call
+/// that connects takes at most connect_timeout + 3 x command_timeout. The command timeout bounds the whole command, from writing it to
 /// the last byte of its reply (the socket is non-blocking and polled up to
 /// that deadline), not each read: a server that trickles a reply slower
 /// than that fails the command like a stalled one ("no complete reply
