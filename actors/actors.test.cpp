@@ -3469,6 +3469,60 @@ TEST_F(actor_test, BlocksAReserveEvictsAreReportedAtOnce) {
   EXPECT_GT(*evicted, before) << "four reserves in a full store of 8";
 }
 
+TEST_F(actor_test, WarmQueriesTeachThePrefetcherNothing) {
+  // A warm list's order (low priority) is no user's: it was learned as
+  // transitions, and the next request of A prefetched B.
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  sched_->run();
+  auto pf = prefetcher(b);
+  warmer_config wc;
+  wc.parallelism = 1;
+  auto w = spawned(spawn_warmer(*sys_, wc, b));
+  stop_at_end_.push_back(w);
+  std::vector<warm_item> items(2);
+  items[0].request = make_request(1, 1, 0, 2, 1);
+  items[0].request.query = "A";
+  items[0].frequency = 2;
+  items[1].request = make_request(2, 2, 0, 2, 2);
+  items[1].request.query = "B";
+  items[1].frequency = 1;
+  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{10},
+                              false, caf::actor{});
+  sched_->run();
+  ASSERT_TRUE(rep->value.has_value());
+  EXPECT_EQ(ask_now<prefetch_stats>(pf, stats_atom::value).observed, 0U);
+  auto a = make_request(3, 1, 0, 2, 1);
+  a.query = "A";
+  a.session = 5;
+  auto r = ask<kv_reply>(b, process_atom::value, a);
+  sched_->run();
+  ASSERT_TRUE(r->value.has_value());
+  const auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.observed, 1U);
+  EXPECT_EQ(st.issued, 0U);
+}
+
+TEST_F(actor_test, AScalerTimeoutFromOutsideCountsNothing) {
+  // Only the scaler's own timer says a replica change went unanswered; one
+  // from anyone else marked it so at once.
+  auto f = std::make_shared<slow_fleet>();
+  auto b = sys_->spawn(slow_balancer, f);
+  stop_at_end_.push_back(b);
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  auto s = quick_scaler(b, 1, decisions);
+  sched_->run();
+  for (int i = 0; i < 10; ++i)
+    caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                   std::int64_t{800'000'000}); // above the target
+  sched_->run();
+  sched_->advance_time(1s);
+  sched_->run();
+  ASSERT_EQ(f->asked, 1);
+  caf::anon_send(s, timeout_atom::value, std::uint64_t{0});
+  sched_->run();
+  EXPECT_EQ(ask_now<scaler_stats>(s, stats_atom::value).unanswered, 0U);
+}
+
 TEST_F(actor_test, TimerMessagesFromOutsideStartNoTimerChain) {
   // The engine's expiry sweep re-arms itself, and the balancer's sweep
   // while a call is open: a sweep_atom from anyone else started another

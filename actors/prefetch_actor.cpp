@@ -103,7 +103,12 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
   return {
       [=](observe_atom, const kv_request& req, const kv_reply&, std::int64_t) {
         auto& s = self->state;
-        if (req.prefetch)
+        // Served traffic only, as the scaler samples: not its own
+        // prefetches, nor warm queries and background work (low and
+        // background priority), whose order (a warm list's) is no user's
+        // and would be learned as transitions, set off prefetches and mark
+        // prefetches used.
+        if (req.prefetch || req.prio < engine::priority::normal)
           return;
         auto q = query_of(req);
         if (q.empty())

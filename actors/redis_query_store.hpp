@@ -48,22 +48,22 @@
 /// Blocking: calls block the calling thread, each connect at most
 /// `connect_timeout` and each command at most `command_timeout` (default
 /// 50 ms); a new connection's AUTH and SELECT are commands too, so a call
-/// that connects takes at most connect_timeout + 3 x command_timeout. The command timeout bounds the whole command, from writing it to
-/// the last byte of its reply (the socket is non-blocking and polled up to
-/// that deadline), not each read: a server that trickles a reply slower
-/// than that fails the command like a stalled one ("no complete reply
-/// within N ms", a connection-level failure). The connect timeout bounds the
-/// whole connect: resolving a host name (on a helper thread,
-/// engine/host_resolver.hpp, since getaddrinfo has no timeout; a
-/// slow DNS fails the connect with "cannot resolve '<host>' within N ms" and
-/// is backed off from like a refused connect) and the TCP connect to each
-/// of its addresses in turn, with whatever time is left. hiredis is given
-/// the numeric addresses; messages name the host. `blocking()` is true, so
-/// the cache actor that owns the store runs detached (on its own thread)
-/// and never stalls the scheduler's workers.
-/// Not thread-safe: owned by one actor. SIGPIPE from a write to a closed
-/// connection is blocked on the calling thread during each command and
-/// discarded, so a server going away cannot kill the process.
+/// that connects takes at most connect_timeout + 3 x command_timeout. The
+/// command timeout bounds the whole command, from writing it to the last byte
+/// of its reply (the socket is non-blocking and polled up to that deadline),
+/// not each read: a server that trickles a reply slower than that fails the
+/// command like a stalled one ("no complete reply within N ms", a
+/// connection-level failure). The connect timeout bounds the whole connect:
+/// resolving a host name (on a helper thread, engine/host_resolver.hpp, since
+/// getaddrinfo has no timeout; a slow DNS fails the connect with "cannot
+/// resolve '<host>' within N ms" and is backed off from like a refused connect)
+/// and the TCP connect to each of its addresses in turn, with whatever time is
+/// left. hiredis is given the numeric addresses; messages name the host.
+/// `blocking()` is true, so the cache actor that owns the store runs detached
+/// (on its own thread) and never stalls the scheduler's workers. Not
+/// thread-safe: owned by one actor. SIGPIPE from a write to a closed connection
+/// is blocked on the calling thread during each command and discarded, so a
+/// server going away cannot kill the process.
 
 #include "actors/query_store.hpp"
 #include "engine/result.hpp"

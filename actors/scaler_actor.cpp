@@ -255,6 +255,11 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       },
       [=](evaluate_atom) { sync_and_evaluate(self); },
       [=](timeout_atom, std::uint64_t id) {
+        // The scaler's own timer only: one from outside would count an
+        // answer still on its way as missing.
+        if (self->current_sender() !=
+            caf::actor_cast<caf::strong_actor_ptr>(self))
+          return;
         auto& s = self->state;
         auto it = s.changes.find(id);
         if (it == s.changes.end() || it->second.timed_out)
