@@ -2717,6 +2717,69 @@ TEST_F(actor_test, QueryCacheSendsAHigherPriorityWaiterItsOwnRequest) {
   EXPECT_EQ(be->seen.size(), 2U);
 }
 
+/// Process requests a cued_balancer keeps, each with its promise.
+struct cued_calls {
+  std::vector<std::pair<kv_request, caf::response_promise>> calls;
+};
+
+/// A balancer that holds every process request until told (ready_atom,
+/// index, fail) to answer the index-th: with an error (fail) or a reply.
+caf::behavior cued_balancer(caf::event_based_actor* self,
+                            std::shared_ptr<cued_calls> h) {
+  return {
+      [=](process_atom, const kv_request& r) -> caf::result<kv_reply> {
+        auto rp = self->make_response_promise();
+        h->calls.emplace_back(r, rp);
+        return rp;
+      },
+      [=](ready_atom, std::uint64_t i, bool fail) {
+        auto& c = h->calls.at(i);
+        if (fail)
+          c.second.deliver(caf::make_error(caf::sec::request_timeout));
+        else
+          c.second.deliver(kv_reply{c.first.id, 0, 0, 1, 0, 16, false});
+      },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+TEST_F(actor_test, AHighPriorityJoinerGoesItselfWhenTheOneSentBeforeFailed) {
+  // Low, then critical (sent too); the critical one fails. A new critical
+  // request of the key then waited behind the low one: the cache still
+  // counted the failed critical request as on its way.
+  auto h = std::make_shared<cued_calls>();
+  auto b = sys_->spawn(cued_balancer, h);
+  stop_at_end_.push_back(b);
+  auto qc = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+  stop_at_end_.push_back(qc);
+  const auto req = [](std::uint64_t id, engine::priority p) {
+    auto r = query(id, "k");
+    r.id = id;
+    r.prio = p;
+    return r;
+  };
+  auto r1 = ask<kv_reply>(qc, query_atom::value, req(1, engine::priority::low));
+  sched_->run();
+  auto r2 =
+      ask<kv_reply>(qc, query_atom::value, req(2, engine::priority::critical));
+  sched_->run();
+  ASSERT_EQ(h->calls.size(), 2U);
+  caf::anon_send(b, ready_atom::value, std::uint64_t{1}, true);
+  sched_->run();
+  EXPECT_FALSE(r2->value || r2->error); // the low one may still answer it
+  auto r3 =
+      ask<kv_reply>(qc, query_atom::value, req(3, engine::priority::critical));
+  sched_->run();
+  ASSERT_EQ(h->calls.size(), 3U) << "the critical joiner waited behind low";
+  EXPECT_EQ(h->calls[2].first.prio, engine::priority::critical);
+  caf::anon_send(b, ready_atom::value, std::uint64_t{2}, false);
+  sched_->run();
+  for (const auto& r : {r1, r2, r3})
+    EXPECT_TRUE(r->value.has_value());
+  caf::anon_send(b, ready_atom::value, std::uint64_t{0}, false); // late
+  sched_->run();
+}
+
 TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
   // Two callers wait on one miss held by an engine's 10 s batch; the cache
   // is killed: both get request_receiver_down, not silence.

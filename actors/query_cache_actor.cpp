@@ -9,6 +9,7 @@
 #include "actors/stray_messages.hpp"
 #include "engine/eviction_policy.hpp"
 
+#include <array>
 #include <charconv>
 #include <cstdint>
 #include <limits>
@@ -97,9 +98,24 @@ namespace {
 /// again since) is ignored.
 struct pending_query {
   std::vector<std::pair<std::uint64_t, owed_reply>> waiters; ///< (id, promise)
-  engine::priority sent = engine::priority::background;      ///< highest sent
-  std::uint32_t unanswered = 0; ///< requests to the balancer still open
+  /// Requests to the balancer still open, by priority: a failed one no
+  /// longer counts, so a joiner is measured against what is on its way.
+  std::array<std::uint32_t, engine::priority_count> open{};
   std::uint64_t round = 0;
+
+  [[nodiscard]] std::uint32_t unanswered() const noexcept {
+    std::uint32_t n = 0;
+    for (const auto c : open)
+      n += c;
+    return n;
+  }
+  /// Whether a request of `p` or higher is still on its way.
+  [[nodiscard]] bool sent_at_least(engine::priority p) const noexcept {
+    for (auto i = static_cast<std::size_t>(p); i < open.size(); ++i)
+      if (open[i] > 0)
+        return true;
+    return false;
+  }
 };
 
 struct cache_state {
@@ -180,7 +196,8 @@ void ask_balancer(cache_actor* self, const std::string& key,
             if (it == s2.waiting.end() || it->second.round != round)
               return;
             // Another request of the round may still succeed.
-            if (--it->second.unanswered > 0)
+            --it->second.open[static_cast<std::size_t>(prio)];
+            if (it->second.unanswered() > 0)
               return;
             auto list = std::move(it->second.waiters);
             s2.waiting.erase(it);
@@ -256,14 +273,14 @@ cache_behavior(cache_actor* self, query_cache_config config,
         if (pending.waiters.size() > 1) {
           ++s.stats.coalesced;
           // A waiter of higher priority than every request on its way must
-          // not wait behind lower-priority traffic: it goes too.
-          if (req.prio <= pending.sent)
+          // not wait behind lower-priority traffic: it goes too (also when
+          // the higher-priority one sent before has failed meanwhile).
+          if (pending.sent_at_least(req.prio))
             return promise;
         } else {
           pending.round = ++s.next_round;
         }
-        pending.sent = req.prio;
-        ++pending.unanswered;
+        ++pending.open[static_cast<std::size_t>(req.prio)];
         ask_balancer(self, key, pending.round, std::move(req));
         return promise;
       },
