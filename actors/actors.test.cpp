@@ -179,6 +179,15 @@ protected:
     return out->value.value_or(T{});
   }
 
+  /// Ten served requests of 800 ms (above a 500 ms target) reach scaler
+  /// `s`, which reads them.
+  void send_slow_samples(const caf::actor& s) {
+    for (int i = 0; i < 10; ++i)
+      caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                     std::int64_t{800'000'000});
+    sched_->run();
+  }
+
   /// Reserves block {group, 1} and its child {group, 2} on engine `e`:
   /// their put tickets.
   std::pair<std::uint64_t, std::uint64_t>
@@ -1621,10 +1630,7 @@ TEST_F(actor_test, ScalerLearnsOfEnginesTheBalancerGaveUp) {
   auto st = ask_now<scaler_stats>(s, stats_atom::value);
   EXPECT_EQ(st.replicas, 1U);
   EXPECT_EQ(st.lost, 1U);
-  for (int i = 0; i < 10; ++i)
-    caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
-                   std::int64_t{800'000'000}); // 800 ms: above the target
-  sched_->run();
+  send_slow_samples(s); // 800 ms: above the target
   sched_->advance_time(1s);
   sched_->run();
   ASSERT_EQ(decisions->size(), 1U);
@@ -1765,10 +1771,7 @@ TEST_F(actor_test, ScalerSendsNoStatsRequestWhileOneIsOnItsWay) {
   auto decisions = std::make_shared<std::vector<scale_decision>>();
   auto s = quick_scaler(b, 1, decisions, 1, 2, 2);
   sched_->run();
-  for (int i = 0; i < 10; ++i)
-    caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
-                   std::int64_t{800'000'000}); // 800 ms: above the target
-  sched_->run();
+  send_slow_samples(s); // 800 ms: above the target
   for (int i = 0; i < 4; ++i) {
     sched_->advance_time(1s);
     sched_->run();
@@ -1852,10 +1855,7 @@ TEST_F(actor_test, ScalerDoesNotUndoAReplicaChangeTheBalancerLeftUnanswered) {
     auto decisions = std::make_shared<std::vector<scale_decision>>();
     auto s = quick_scaler(b, 1, decisions);
     sched_->run();
-    for (int i = 0; i < 10; ++i)
-      caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
-                     std::int64_t{800'000'000}); // 800 ms: above the target
-    sched_->run();
+    send_slow_samples(s); // 800 ms: above the target
     sched_->advance_time(1s);
     sched_->run();
     ASSERT_EQ(decisions->size(), 1U) << "apply " << apply;
@@ -1899,10 +1899,7 @@ TEST_F(actor_test, ScalerFollowsAReplicaThatOpensLongerThanItsTimeout) {
     auto decisions = std::make_shared<std::vector<scale_decision>>();
     auto s = quick_scaler(b, 1, decisions);
     sched_->run();
-    for (int i = 0; i < 10; ++i)
-      caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
-                     std::int64_t{800'000'000}); // 800 ms: above the target
-    sched_->run();
+    send_slow_samples(s); // 800 ms: above the target
     auto tick = [&] {
       sched_->advance_time(1s);
       sched_->run();
@@ -3574,10 +3571,7 @@ TEST_F(actor_test, AScalerTimeoutFromOutsideCountsNothing) {
   auto decisions = std::make_shared<std::vector<scale_decision>>();
   auto s = quick_scaler(b, 1, decisions);
   sched_->run();
-  for (int i = 0; i < 10; ++i)
-    caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
-                   std::int64_t{800'000'000}); // above the target
-  sched_->run();
+  send_slow_samples(s); // 800 ms: above the target
   sched_->advance_time(1s);
   sched_->run();
   ASSERT_EQ(f->asked, 1);
