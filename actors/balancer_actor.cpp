@@ -564,8 +564,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       [=](sweep_atom) {
         // Its own timer only: one from anyone else would start a second
         // timer chain.
-        if (self->current_sender() ==
-            caf::actor_cast<caf::strong_actor_ptr>(self))
+        if (sent_by_itself(self))
           sweep(self);
       },
       [=](restart_atom, std::uint32_t slot) {

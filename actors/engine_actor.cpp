@@ -248,13 +248,6 @@ void arm_sweep(engine_actor* self) {
                      sweep_atom::value);
 }
 
-/// Whether the message being handled is one the engine sent itself (a
-/// timer): its timers' atoms from anyone else are ignored, or each would
-/// start another timer chain for good.
-bool from_self(engine_actor* self) {
-  return self->current_sender() == caf::actor_cast<caf::strong_actor_ptr>(self);
-}
-
 void after_batch(engine_actor* self) {
   ++self->state.batches;
   after_change(self);
@@ -422,7 +415,7 @@ caf::behavior engine_behavior(engine_actor* self,
         return promise;
       },
       [=](sweep_atom) {
-        if (!from_self(self))
+        if (!sent_by_itself(self))
           return;
         self->state.sweep_pending = false;
         self->state.store->expire();
@@ -431,7 +424,7 @@ caf::behavior engine_behavior(engine_actor* self,
         arm_sweep(self);
       },
       [=](poll_tier_atom) {
-        if (!from_self(self))
+        if (!sent_by_itself(self))
           return;
         auto& s = self->state;
         s.tier_poll_pending = false;
@@ -681,7 +674,7 @@ caf::behavior engine_behavior(engine_actor* self,
         }
       },
       [=](listen_atom) {
-        if (from_self(self)) // the chunk pump, its own
+        if (sent_by_itself(self)) // the chunk pump, its own
           send_snapshot_chunk(self);
       },
   };

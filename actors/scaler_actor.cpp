@@ -244,8 +244,7 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       [=](evaluate_atom, bool periodic) {
         // The periodic timer is the scaler's own: one from outside would
         // start a second chain.
-        if (periodic && self->current_sender() !=
-                            caf::actor_cast<caf::strong_actor_ptr>(self))
+        if (periodic && !sent_by_itself(self))
           return;
         if (!periodic || !self->state.stats_pending)
           sync_and_evaluate(self);
@@ -257,8 +256,7 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       [=](timeout_atom, std::uint64_t id) {
         // The scaler's own timer only: one from outside would count an
         // answer still on its way as missing.
-        if (self->current_sender() !=
-            caf::actor_cast<caf::strong_actor_ptr>(self))
+        if (!sent_by_itself(self))
           return;
         auto& s = self->state;
         auto it = s.changes.find(id);

@@ -33,4 +33,8 @@ void handle_stray_messages(caf::scheduled_actor* self, const char* name) {
       });
 }
 
+bool sent_by_itself(caf::scheduled_actor* self) {
+  return self->current_sender() == self->ctrl();
+}
+
 } // namespace kvfleet::actors

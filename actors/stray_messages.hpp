@@ -21,4 +21,9 @@ namespace kvfleet::actors {
 /// `name` in the stderr line.
 void handle_stray_messages(caf::scheduled_actor* self, const char* name);
 
+/// Whether the message `self` is handling is one it sent itself (a timer,
+/// `delayed_send(self, ...)`): a timer's atom from anyone else would start
+/// another timer chain, or claim a deadline passed that did not.
+[[nodiscard]] bool sent_by_itself(caf::scheduled_actor* self);
+
 } // namespace kvfleet::actors
