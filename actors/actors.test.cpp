@@ -154,9 +154,16 @@ protected:
     return pc;
   }
 
-  /// Tells prefetcher `pf` that `r` was requested, and runs.
-  void observed(const caf::actor& pf, const kv_request& r) {
-    caf::anon_send(pf, observe_atom::value, r, kv_reply{}, std::int64_t{0});
+  /// The reply of `r` served by engine 0 with every block from cache.
+  static kv_reply found_all(const kv_request& r) {
+    return kv_reply{r.id, 0, r.keys.size(), 0, r.input_tokens, 0, false};
+  }
+  /// Tells prefetcher `pf` that `r` was requested and served as `rep`
+  /// (found_all(r) when not given), and runs.
+  void observed(const caf::actor& pf, const kv_request& r,
+                std::optional<kv_reply> rep = std::nullopt) {
+    caf::anon_send(pf, observe_atom::value, r, rep.value_or(found_all(r)),
+                   std::int64_t{0});
     sched_->run();
   }
 
@@ -2373,8 +2380,8 @@ TEST_F(actor_test, APrefetchAnsweredAfterItsQueryArrivedCountsUsefulThen) {
   stop_at_end_.push_back(b);
   auto pf = prefetcher(b);
   auto observe = [&](std::uint64_t session, const std::string& q) {
-    caf::anon_send(pf, observe_atom::value, query(session, q), kv_reply{},
-                   std::int64_t{0});
+    const auto r = query(session, q);
+    caf::anon_send(pf, observe_atom::value, r, found_all(r), std::int64_t{0});
     run_all_but(*sched_, b);
   };
   observe(1, "X");
@@ -2432,6 +2439,175 @@ TEST_F(actor_test, APrefetchOnAnEngineThatStopsIsWastedNotUseful) {
   EXPECT_EQ(events->front().engine, 0U);
   EXPECT_TRUE(events->front().stored.empty());
   EXPECT_EQ(events->front().evicted, query(0, "B").keys);
+}
+
+TEST_F(actor_test, OnlyTheEngineThatServedAPrefetchWastesItByEvicting) {
+  // B's prefetch is served by engine 0 (the fake balancer's). Engine 1
+  // evicting B's block (its own copy) wastes nothing, and B requested on
+  // engine 0 with its block found is useful. (Before, any engine's
+  // eviction wasted it.) Engine 0 evicting it is waste.
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  stop_at_end_.push_back(b);
+  auto pf = prefetcher(b);
+  auto evict = [&](std::uint32_t engine, const std::string& q) {
+    block_events ev;
+    ev.engine = engine;
+    ev.evicted = query(0, q).keys;
+    caf::anon_send(pf, ev);
+    sched_->run();
+  };
+  observed(pf, query(1, "X")); // X -> B
+  observed(pf, query(1, "B"));
+  observed(pf, query(2, "X")); // prefetches B onto engine 0
+  ASSERT_EQ(be->seen.size(), 1U);
+  evict(1, "B");
+  observed(pf, query(2, "B"));
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.useful, 1U);
+  EXPECT_EQ(st.wasted, 0U);
+  observed(pf, query(3, "X")); // prefetches B again
+  evict(0, "B");
+  st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 2U);
+  EXPECT_EQ(st.useful, 1U);
+  EXPECT_EQ(st.wasted, 1U);
+}
+
+TEST_F(actor_test, APrefetchIsUsefulOnlyIfItsQueryFoundTheBlocks) {
+  // B is prefetched onto engine 0; its request is then served by engine 1
+  // (the router sent it elsewhere), or by engine 0 computing the block
+  // again: either way the prefetch did not serve it, so it is wasted.
+  // (Before, any request of B counted it useful.)
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(fake_balancer, be);
+  stop_at_end_.push_back(b);
+  auto pf = prefetcher(b);
+  observed(pf, query(1, "X")); // X -> B
+  observed(pf, query(1, "B"));
+  observed(pf, query(2, "X")); // prefetches B onto engine 0
+  auto elsewhere = found_all(query(2, "B"));
+  elsewhere.engine = 1;
+  observed(pf, query(2, "B"), elsewhere);
+  observed(pf, query(3, "X")); // again
+  auto computed = found_all(query(3, "B"));
+  computed.matched_blocks = 0;
+  computed.computed_blocks = 1;
+  observed(pf, query(3, "B"), computed);
+  observed(pf, query(4, "X")); // again, and found this time
+  observed(pf, query(4, "B"));
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 3U);
+  EXPECT_EQ(st.wasted, 2U);
+  EXPECT_EQ(st.useful, 1U);
+}
+
+/// Records the observations a cache or balancer reports.
+struct observations {
+  std::vector<std::pair<kv_request, kv_reply>> seen;
+};
+
+caf::behavior observation_recorder(caf::event_based_actor*,
+                                   std::shared_ptr<observations> out) {
+  return {
+      [out](observe_atom, const kv_request& req, const kv_reply& rep,
+            std::int64_t) { out->seen.emplace_back(req, rep); },
+  };
+}
+
+TEST_F(actor_test, QueryCacheReportsWhatItAnswersWithoutTheBalancer) {
+  // Its listeners hear of a hit and of a request that joined another's
+  // computation without going itself; not of a request it sent to the
+  // balancer (which reports those). Subscribing twice changes nothing.
+  const cache_over_fake f(*sys_, stop_at_end_);
+  auto out = std::make_shared<observations>();
+  auto rec = sys_->spawn(observation_recorder, out);
+  stop_at_end_.push_back(rec);
+  caf::anon_send(f.cache, listen_atom::value, rec);
+  caf::anon_send(f.cache, listen_atom::value, rec);
+  sched_->run();
+  auto first = query(1, "q");
+  first.id = 1;
+  auto joiner = query(2, "q");
+  joiner.id = 2;
+  auto r1 = ask<kv_reply>(f.cache, query_atom::value, first);
+  run_all_but(*sched_, f.balancer);
+  auto r2 = ask<kv_reply>(f.cache, query_atom::value, joiner);
+  run_all_but(*sched_, f.balancer);
+  sched_->run();
+  ASSERT_TRUE(r1->value && r2->value);
+  ASSERT_EQ(out->seen.size(), 1U);
+  EXPECT_EQ(out->seen[0].first.id, 2U);
+  EXPECT_EQ(out->seen[0].first.session, 2U);
+  EXPECT_EQ(out->seen[0].second.id, 2U);
+  EXPECT_FALSE(out->seen[0].second.from_query_cache);
+  auto hit = query(3, "q");
+  hit.id = 3;
+  EXPECT_TRUE(
+      ask_now<kv_reply>(f.cache, query_atom::value, hit).from_query_cache);
+  ASSERT_EQ(out->seen.size(), 2U);
+  EXPECT_EQ(out->seen[1].first.id, 3U);
+  EXPECT_TRUE(out->seen[1].second.from_query_cache);
+  // A listener that goes is forgotten: the next hit is sent to nobody.
+  caf::anon_send_exit(rec, caf::exit_reason::user_shutdown);
+  sched_->run();
+  EXPECT_TRUE(
+      ask_now<kv_reply>(f.cache, query_atom::value, hit).from_query_cache);
+  EXPECT_EQ(out->seen.size(), 2U);
+}
+
+TEST_F(actor_test, WithACacheInFrontThePrefetcherLearnsFromHitsAndSkipsCached) {
+  // X and B are served once (misses; the fake balancer reports nothing),
+  // then again as hits, which the cache reports: the prefetcher learns
+  // X -> B from them. X's next hit predicts B, whose prefetch goes through
+  // the cache and is answered from its store: cached, no engine work.
+  // (Before, cache hits never reached the prefetcher: it learned nothing.)
+  const cache_over_fake f(*sys_, stop_at_end_);
+  auto pf =
+      spawned(spawn_prefetcher(*sys_, eager_prefetch(), f.balancer, f.cache));
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  auto ask_cache = [&](std::uint64_t session, const std::string& q) {
+    return ask_now<kv_reply>(f.cache, query_atom::value, query(session, q));
+  };
+  EXPECT_FALSE(ask_cache(1, "X").from_query_cache);
+  EXPECT_FALSE(ask_cache(1, "B").from_query_cache);
+  EXPECT_TRUE(ask_cache(2, "X").from_query_cache);
+  EXPECT_TRUE(ask_cache(2, "B").from_query_cache);
+  ASSERT_EQ(f.be->seen.size(), 2U);
+  EXPECT_TRUE(ask_cache(3, "X").from_query_cache); // predicts B: cached
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.observed, 3U);
+  EXPECT_EQ(st.issued, 1U);
+  EXPECT_EQ(st.cached, 1U);
+  EXPECT_EQ(st.useful + st.wasted + st.failed, 0U);
+  EXPECT_EQ(f.be->seen.size(), 2U); // the balancer saw no prefetch
+}
+
+TEST_F(actor_test, APrefetchComputedThroughTheCacheIsUsefulWhenItsQueryHits) {
+  // X -> B is learned from the balancer's reports (sent here by hand). B's
+  // result is not cached: its prefetch goes through the cache, is computed
+  // and stored, and B's request is then answered from the cache: the
+  // prefetch computed what it got, useful. A prefetch whose blocks only
+  // reached an engine (no cache) and whose query the cache answers would
+  // be wasted.
+  const cache_over_fake f(*sys_, stop_at_end_);
+  auto pf =
+      spawned(spawn_prefetcher(*sys_, eager_prefetch(), f.balancer, f.cache));
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  observed(pf, query(1, "X"));
+  observed(pf, query(1, "B"));
+  observed(pf, query(2, "X")); // prefetches B through the cache
+  ASSERT_EQ(f.be->seen.size(), 1U);
+  EXPECT_TRUE(f.be->seen[0].prefetch);
+  EXPECT_EQ(f.be->seen[0].query, "B");
+  EXPECT_TRUE(ask_now<kv_reply>(f.cache, query_atom::value, query(2, "B"))
+                  .from_query_cache);
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 1U);
+  EXPECT_EQ(st.useful, 1U);
+  EXPECT_EQ(st.wasted, 0U);
 }
 
 /// Digits grouped by threes with ',' (as en_US does), without needing

@@ -2,6 +2,7 @@
 
 #include "actors/caf_error.hpp"
 #include "actors/config_checks.hpp"
+#include "actors/listeners.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
@@ -529,9 +530,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   });
   self->set_down_handler([=](caf::down_msg& dm) {
     auto& s = self->state;
-    std::erase_if(s.listeners, [&](const caf::actor& l) {
-      return l.address() == dm.source;
-    });
+    drop_listener(s.listeners, dm.source);
     for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
       auto& info = s.slots[slot];
       if (!info.engine || info.engine.address() != dm.source)
@@ -689,18 +688,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         return out;
       },
       [=](listen_atom, const caf::actor& listener) {
-        auto& ls = self->state.listeners;
-        // Once each (a second subscription would double every sample and
-        // event it gets), and only while it lives: the down handler drops
-        // it, so a listener that comes and goes leaves nothing behind.
-        // Not itself: it forwards every block_events it gets to its
-        // listeners, so it would send itself its own events for ever.
-        if (!listener ||
-            std::find(ls.begin(), ls.end(), listener) != ls.end() ||
-            listener.address() == self->address())
-          return;
-        ls.push_back(listener);
-        self->monitor(listener);
+        add_listener(self, self->state.listeners, listener); // listeners.hpp
       },
   };
 }

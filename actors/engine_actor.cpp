@@ -2,6 +2,7 @@
 
 #include "actors/caf_error.hpp"
 #include "actors/config_checks.hpp"
+#include "actors/listeners.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/stray_messages.hpp"
@@ -369,11 +370,7 @@ caf::behavior engine_behavior(engine_actor* self,
   // The engine monitors its listeners only: one that went hears nothing
   // more.
   self->set_down_handler([=](caf::down_msg& dm) {
-    auto& l = self->state.listeners;
-    l.erase(std::remove_if(
-                l.begin(), l.end(),
-                [&](const caf::actor& a) { return a.address() == dm.source; }),
-            l.end());
+    drop_listener(self->state.listeners, dm.source);
     // Its disk snapshot too (the front one's next chunk may be on its
     // way: the chunk pump finds the queue changed, which it copes with).
     auto& snaps = self->state.snapshots;
@@ -645,15 +642,10 @@ caf::behavior engine_behavior(engine_actor* self,
       },
       [=](listen_atom, const caf::actor& listener) {
         auto& s = self->state;
-        // Once each (twice would send it every event twice), and until it
-        // goes (monitored: the list never shrank before).
-        if (!listener || listener.address() == self->address() ||
-            std::find(s.listeners.begin(), s.listeners.end(), listener) !=
-                s.listeners.end())
+        // Once each, never itself, until it goes (listeners.hpp).
+        if (!add_listener(self, s.listeners, listener))
           return;
         arm_sweep(self);
-        self->monitor(listener);
-        s.listeners.push_back(listener);
         s.log->recording = true;
         // With a disk tier, the listener learns what the engine holds
         // there (at its start: what it recovered from its directory), and

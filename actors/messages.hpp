@@ -223,20 +223,26 @@ typename Inspector::result_type inspect(Inspector& f, warm_report& x) {
 struct prefetch_stats {
   std::uint64_t observed = 0;
   std::uint64_t issued = 0;
-  /// Prefetch answered and its query requested, before an eviction.
+  /// Its query's request found what it prefetched: the blocks, on the
+  /// engine that answered it, or its result, in the query-result cache.
   std::uint64_t useful = 0;
-  std::uint64_t wasted = 0; ///< its blocks were evicted first
+  /// Its blocks were evicted first, or its query's request did not find
+  /// them (served elsewhere, computed again, or from the result cache).
+  std::uint64_t wasted = 0;
   /// The balancer answered the prefetch with an error (no engine, its
   /// request timeout): nothing was prefetched, neither useful nor wasted,
   /// also when its query was requested before that answer.
   std::uint64_t failed = 0;
+  /// The query-result cache answered it from its store: the query's result
+  /// was there already, nothing to prefetch (neither useful nor wasted).
+  std::uint64_t cached = 0;
   std::uint64_t tracked_queries = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, prefetch_stats& x) {
   return f(caf::meta::type_name("prefetch_stats"), x.observed, x.issued,
-           x.useful, x.wasted, x.failed, x.tracked_queries);
+           x.useful, x.wasted, x.failed, x.cached, x.tracked_queries);
 }
 
 /// The scaler's counters (per scale_action) and current targets.

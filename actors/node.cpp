@@ -419,7 +419,10 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     n->scaler_ = std::move(*scaler);
   }
   if (c.prefetch) {
-    auto prefetcher = actors::spawn_prefetcher(sys, *c.prefetch, n->balancer_);
+    // Its prefetches go through the query cache, when there is one, which
+    // also reports the requests it answers without the balancer.
+    auto prefetcher =
+        actors::spawn_prefetcher(sys, *c.prefetch, n->balancer_, n->cache_);
     if (!prefetcher)
       return unexpected<error>{prefetcher.error()};
     n->prefetcher_ = std::move(*prefetcher);

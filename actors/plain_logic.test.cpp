@@ -1065,19 +1065,35 @@ prefetch_tracker tracker(std::size_t max_outstanding) {
   return std::move(t).value();
 }
 
+using outcome = prefetch_tracker::outcome;
+using served = prefetch_tracker::served;
+
+/// Served by engine `engine` with `matched` leading blocks from cache.
+served on(std::uint32_t engine, std::uint64_t matched) {
+  return served{engine, matched, false};
+}
+
+/// A request over `keys`.
+std::vector<block_key> req(std::initializer_list<block_key> keys) {
+  return keys;
+}
+
 TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
   auto t = tracker(4);
   for (std::uint64_t i = 0; i < 10'000; ++i) {
     const auto q = "q" + std::to_string(i % 7);
-    ASSERT_TRUE(t.add(q, {block_key{i, 1}}));
+    const block_key k{i, 1};
+    ASSERT_TRUE(t.add(q, {k}));
     if (i % 4 == 0) { // answered, then its query requested
-      EXPECT_FALSE(t.answered(q, 0));
-      EXPECT_TRUE(t.used(q));
+      EXPECT_EQ(t.answered(q, 0, 0), outcome::pending);
+      EXPECT_EQ(t.used(q, req({k}), on(0, 1)), outcome::useful);
     } else if (i % 4 == 2) { // its query requested, then answered
-      EXPECT_FALSE(t.used(q));
-      EXPECT_TRUE(t.answered(q, 0));
-    } else
-      EXPECT_EQ(t.evicted(block_key{i, 1}), std::vector<std::string>{q});
+      EXPECT_EQ(t.used(q, req({k}), on(0, 1)), outcome::pending);
+      EXPECT_EQ(t.answered(q, 0, 0), outcome::useful);
+    } else {
+      EXPECT_EQ(t.answered(q, 0, 3), outcome::pending);
+      EXPECT_EQ(t.evicted(3, k), std::vector<std::string>{q});
+    }
     ASSERT_EQ(t.size(), 0U);
     ASSERT_EQ(t.index_size(), 0U);
     ASSERT_LE(t.order_size(), 4U) << "after " << i + 1 << " prefetches";
@@ -1088,16 +1104,18 @@ TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
 TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
   auto t = tracker(2);
   ASSERT_TRUE(t.add("B", {block_key{2, 1}}));
-  EXPECT_FALSE(t.answered("B", 0));
-  EXPECT_TRUE(t.used("B"));
+  EXPECT_EQ(t.answered("B", 0, 0), outcome::pending);
+  EXPECT_EQ(t.used("B", req({block_key{2, 1}}), on(0, 1)), outcome::useful);
   ASSERT_TRUE(t.add("C", {block_key{3, 1}})); // oldest outstanding
   ASSERT_TRUE(t.add("B", {block_key{2, 1}}));
   ASSERT_TRUE(t.add("D", {block_key{4, 1}})); // full: C goes, not the newer B
   EXPECT_FALSE(t.contains("C"));
   EXPECT_TRUE(t.contains("B"));
   EXPECT_TRUE(t.contains("D"));
-  EXPECT_TRUE(t.evicted(block_key{3, 1}).empty());
-  EXPECT_EQ(t.evicted(block_key{2, 1}), std::vector<std::string>{"B"});
+  EXPECT_EQ(t.answered("C", 0, 0), outcome::none);
+  EXPECT_EQ(t.answered("B", 0, 0), outcome::pending);
+  EXPECT_TRUE(t.evicted(0, block_key{3, 1}).empty());
+  EXPECT_EQ(t.evicted(0, block_key{2, 1}), std::vector<std::string>{"B"});
   EXPECT_EQ(t.size(), 1U);
   EXPECT_EQ(t.order_size(), 1U);
 }
@@ -1108,8 +1126,10 @@ TEST(PrefetchTracker, PrefetchesSharingABlockEachKeepTheirClaimOnIt) {
   auto t = tracker(4);
   ASSERT_TRUE(t.add("A", {shared, block_key{2, 1}}));
   ASSERT_TRUE(t.add("B", {shared, block_key{3, 1}}));
+  ASSERT_EQ(t.answered("A", 0, 0), outcome::pending);
+  ASSERT_EQ(t.answered("B", 0, 0), outcome::pending);
   // Evicting the shared block wastes both, not only the later one.
-  auto wasted = t.evicted(shared);
+  auto wasted = t.evicted(0, shared);
   std::sort(wasted.begin(), wasted.end());
   EXPECT_EQ(wasted, (std::vector<std::string>{"A", "B"}));
   EXPECT_EQ(t.size(), 0U);
@@ -1117,49 +1137,130 @@ TEST(PrefetchTracker, PrefetchesSharingABlockEachKeepTheirClaimOnIt) {
   // Resolving one leaves the other's claim on the shared block.
   ASSERT_TRUE(t.add("A", {shared, block_key{2, 1}}));
   ASSERT_TRUE(t.add("B", {shared, block_key{3, 1}}));
-  EXPECT_FALSE(t.answered("B", 0));
-  EXPECT_TRUE(t.used("B"));
-  EXPECT_EQ(t.evicted(shared), std::vector<std::string>{"A"});
-  EXPECT_FALSE(t.used("A")); // wasted already: not useful as well
+  ASSERT_EQ(t.answered("A", 0, 0), outcome::pending);
+  ASSERT_EQ(t.answered("B", 0, 0), outcome::pending);
+  EXPECT_EQ(t.used("B", req({shared, block_key{3, 1}}), on(0, 2)),
+            outcome::useful);
+  EXPECT_EQ(t.evicted(0, shared), std::vector<std::string>{"A"});
+  // Wasted already: not useful as well.
+  EXPECT_EQ(t.used("A", req({shared, block_key{2, 1}}), on(0, 2)),
+            outcome::none);
   EXPECT_EQ(t.size(), 0U);
   EXPECT_EQ(t.index_size(), 0U);
   // A key listed twice in one prefetch is indexed once and dropped cleanly.
   ASSERT_TRUE(t.add("C", {shared, shared}));
   EXPECT_EQ(t.index_size(), 1U);
-  EXPECT_EQ(t.evicted(shared), std::vector<std::string>{"C"});
+  ASSERT_EQ(t.answered("C", 0, 0), outcome::pending);
+  EXPECT_EQ(t.evicted(0, shared), std::vector<std::string>{"C"});
   EXPECT_EQ(t.index_size(), 0U);
 }
 
-TEST(PrefetchTracker, AFailedPrefetchIsResolvedOnlyIfStillTheOutstandingOne) {
+TEST(PrefetchTracker, OnlyTheEngineThatAnsweredAPrefetchWastesItByEvicting) {
+  // Before, an eviction by any engine wasted it: with replicas holding the
+  // same prefix, one replica's eviction wasted a prefetch another served.
+  const block_key k{1, 1};
   auto t = tracker(4);
-  ASSERT_TRUE(t.add("A", {block_key{1, 1}}, 7));
-  EXPECT_FALSE(t.failed("A", 8)); // not that prefetch
+  ASSERT_TRUE(t.add("A", {k}, 5));
+  // Reported before the answer: the prefetch may have stored the block
+  // again after that eviction. Its query's request decides.
+  EXPECT_TRUE(t.evicted(2, k).empty());
+  EXPECT_EQ(t.answered("A", 5, 2), outcome::pending);
+  EXPECT_TRUE(t.evicted(0, k).empty()); // another engine's copy
   EXPECT_TRUE(t.contains("A"));
-  EXPECT_TRUE(t.failed("A", 7));
+  EXPECT_EQ(t.evicted(2, k), std::vector<std::string>{"A"});
+  EXPECT_FALSE(t.contains("A"));
+  // Evicted before the answer and gone for good: the request, which had
+  // to compute it again, finds it wasted.
+  ASSERT_TRUE(t.add("B", {k}, 6));
+  EXPECT_TRUE(t.evicted(2, k).empty());
+  EXPECT_EQ(t.answered("B", 6, 2), outcome::pending);
+  EXPECT_EQ(t.used("B", req({k}), on(2, 0)), outcome::wasted);
+}
+
+TEST(PrefetchTracker, ItsQuerysRequestDecidesByHowItWasServed) {
+  const block_key a{1, 1};
+  const block_key b{2, 1};
+  auto t = tracker(8);
+  auto answered = [&](const std::string& q, std::uint32_t engine,
+                      bool in_result_cache = false) {
+    EXPECT_TRUE(t.add(q, {a, b}, 1));
+    EXPECT_EQ(t.answered(q, 1, engine, in_result_cache), outcome::pending);
+  };
+  answered("same engine, all found", 1);
+  EXPECT_EQ(
+      t.used("same engine, all found", req({a, b, block_key{3, 1}}), on(1, 2)),
+      outcome::useful);
+  answered("another engine", 1);
+  EXPECT_EQ(t.used("another engine", req({a, b}), on(0, 2)), outcome::wasted);
+  answered("computed again", 1);
+  EXPECT_EQ(t.used("computed again", req({a, b}), on(1, 1)), outcome::wasted);
+  answered("shares nothing", 1);
+  EXPECT_EQ(t.used("shares nothing", req({block_key{9, 9}}), on(1, 1)),
+            outcome::wasted);
+  // A shorter request needs only the blocks it shares.
+  answered("shorter", 1);
+  EXPECT_EQ(t.used("shorter", req({a}), on(1, 1)), outcome::useful);
+  // Answered from the result cache: useful only when the prefetch's own
+  // answer was stored there; then its blocks' evictions do not matter.
+  answered("result stored", 1, true);
+  EXPECT_TRUE(t.evicted(1, a).empty());
+  EXPECT_EQ(t.used("result stored", req({a, b}), served{0, 0, true}),
+            outcome::useful);
+  answered("blocks only", 1);
+  EXPECT_EQ(t.used("blocks only", req({a, b}), served{0, 0, true}),
+            outcome::wasted);
+  // Requested before the answer: the first request's verdict waits for it.
+  ASSERT_TRUE(t.add("early", {a, b}, 7));
+  EXPECT_EQ(t.used("early", req({a, b}), on(1, 0)), outcome::pending);
+  EXPECT_EQ(t.used("early", req({a, b}), on(1, 2)), outcome::pending);
+  EXPECT_EQ(t.answered("early", 7, 1), outcome::wasted); // the first one
+  ASSERT_TRUE(t.add("early", {a, b}, 8));
+  EXPECT_EQ(t.used("early", req({a, b}), on(1, 2)), outcome::pending);
+  EXPECT_EQ(t.answered("early", 8, 0), outcome::wasted); // other engine
+  ASSERT_TRUE(t.add("early", {a, b}, 9));
+  EXPECT_EQ(t.used("early", req({a, b}), on(1, 2)), outcome::pending);
+  EXPECT_EQ(t.answered("early", 9, 1), outcome::useful);
+  // A second answer of one prefetch changes nothing.
+  ASSERT_TRUE(t.add("twice", {a}, 3));
+  EXPECT_EQ(t.answered("twice", 3, 1), outcome::pending);
+  EXPECT_EQ(t.answered("twice", 3, 0), outcome::none);
+  EXPECT_EQ(t.evicted(1, a), std::vector<std::string>{"twice"});
+  EXPECT_EQ(t.size(), 0U);
+  EXPECT_EQ(t.index_size(), 0U);
+}
+
+TEST(PrefetchTracker,
+     ADiscardedPrefetchIsResolvedOnlyIfStillTheOutstandingOne) {
+  const block_key k1{1, 1};
+  const block_key k2{2, 1};
+  auto t = tracker(4);
+  ASSERT_TRUE(t.add("A", {k1}, 7));
+  EXPECT_FALSE(t.discard("A", 8)); // not that prefetch
+  EXPECT_TRUE(t.contains("A"));
+  EXPECT_TRUE(t.discard("A", 7));
   EXPECT_FALSE(t.contains("A"));
   EXPECT_EQ(t.index_size(), 0U);
   EXPECT_EQ(t.order_size(), 0U);
-  EXPECT_FALSE(t.used("A"));                       // neither useful
-  EXPECT_TRUE(t.evicted(block_key{1, 1}).empty()); // nor wasted
+  EXPECT_EQ(t.used("A", req({k1}), on(0, 1)), outcome::none); // neither
+  EXPECT_TRUE(t.evicted(0, k1).empty());                      // nor wasted
   // A prefetch whose query was requested before its request failed: the
-  // failure resolves it, failed, never useful. (Before, the request made it
-  // useful and the failure changed nothing.)
-  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 9));
-  EXPECT_FALSE(t.used("B")); // not answered yet: its answer decides
+  // failure resolves it, never useful.
+  ASSERT_TRUE(t.add("B", {k2}, 9));
+  EXPECT_EQ(t.used("B", req({k2}), on(0, 1)), outcome::pending);
   EXPECT_TRUE(t.contains("B"));
-  EXPECT_TRUE(t.failed("B", 9));
+  EXPECT_TRUE(t.discard("B", 9));
   EXPECT_FALSE(t.contains("B"));
-  EXPECT_FALSE(t.answered("B", 9));
-  // A failure of a resolved prefetch leaves a later one of the query alone.
-  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 10));
-  EXPECT_FALSE(t.answered("B", 10));
-  EXPECT_TRUE(t.used("B"));
-  ASSERT_TRUE(t.add("B", {block_key{2, 1}}, 11));
-  EXPECT_FALSE(t.failed("B", 10));
-  EXPECT_FALSE(t.answered("B", 10));
+  EXPECT_EQ(t.answered("B", 9, 0), outcome::none);
+  // A discard of a resolved prefetch leaves a later one of the query alone.
+  ASSERT_TRUE(t.add("B", {k2}, 10));
+  EXPECT_EQ(t.answered("B", 10, 0), outcome::pending);
+  EXPECT_EQ(t.used("B", req({k2}), on(0, 1)), outcome::useful);
+  ASSERT_TRUE(t.add("B", {k2}, 11));
+  EXPECT_FALSE(t.discard("B", 10));
+  EXPECT_EQ(t.answered("B", 10, 0), outcome::none);
   EXPECT_TRUE(t.contains("B"));
-  EXPECT_FALSE(t.used("B"));
-  EXPECT_TRUE(t.answered("B", 11)); // used first, useful at its answer
+  EXPECT_EQ(t.used("B", req({k2}), on(0, 1)), outcome::pending);
+  EXPECT_EQ(t.answered("B", 11, 0), outcome::useful);
   EXPECT_FALSE(t.contains("B"));
 }
 
@@ -1192,13 +1293,14 @@ TEST(PrefetchTracker, AddingAnOutstandingQueryIsAnErrorAndChangesNothing) {
   EXPECT_EQ(t.size(), 2U);
   EXPECT_EQ(t.order_size(), 2U);
   EXPECT_EQ(t.index_size(), 2U);
-  EXPECT_TRUE(t.evicted(block_key{3, 1}).empty());
+  EXPECT_EQ(t.answered("A", 0, 0), outcome::pending);
+  EXPECT_TRUE(t.evicted(0, block_key{3, 1}).empty());
   ASSERT_TRUE(t.add("C", {block_key{4, 1}}));
   ASSERT_TRUE(t.add("D", {block_key{5, 1}})); // full: A, still the oldest
   EXPECT_FALSE(t.contains("A"));
   EXPECT_TRUE(t.contains("B"));
   EXPECT_TRUE(t.contains("C"));
-  EXPECT_TRUE(t.evicted(block_key{1, 1}).empty()); // A left nothing behind
+  EXPECT_TRUE(t.evicted(0, block_key{1, 1}).empty()); // A left nothing
   EXPECT_EQ(t.size(), 3U);
   EXPECT_EQ(t.order_size(), 3U);
   EXPECT_EQ(t.index_size(), 3U);

@@ -24,6 +24,7 @@ struct prefetch_state {
   prefetch_config config;
   std::optional<transition_model> model;
   caf::actor balancer;
+  caf::actor front; ///< the query-result cache, when prefetches go through it
   std::unordered_map<std::string, kv_request> known;
   std::deque<std::string> known_order;
   std::optional<prefetch_tracker> outstanding;
@@ -52,6 +53,14 @@ void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
   }
 }
 
+/// Counts what the tracker made of a prefetch.
+void count(prefetch_stats& stats, prefetch_tracker::outcome out) {
+  if (out == prefetch_tracker::outcome::useful)
+    ++stats.useful;
+  else if (out == prefetch_tracker::outcome::wasted)
+    ++stats.wasted;
+}
+
 void issue(prefetch_actor* self, const std::string& q) {
   auto& st = self->state;
   auto it = st.known.find(q);
@@ -69,28 +78,42 @@ void issue(prefetch_actor* self, const std::string& q) {
   req.prefetch = true;
   req.pin = false;
   ++st.stats.issued;
-  // A prefetch the balancer could not carry out (no engine, its timeout)
-  // prefetched nothing: it is no longer outstanding, so the query's request
-  // (before or after the failure) does not count it useful and the next
-  // prediction may send it again. One whose query was requested before its
-  // reply counts useful at the reply.
-  self->request(st.balancer, caf::infinite, process_atom::value, std::move(req))
-      .then(
-          [self, q, id](const kv_reply&) {
-            if (self->state.outstanding->answered(q, id))
-              ++self->state.stats.useful;
-          },
-          [self, q, id](caf::error&) {
-            if (self->state.outstanding->failed(q, id))
-              ++self->state.stats.failed;
-          });
+  // Through the query-result cache when there is one (and the query has a
+  // key there): a result it holds answers the prefetch from its store, with
+  // no engine work, and a computed one is stored there for the query's
+  // next request. A prefetch the balancer could not carry out (no engine,
+  // its timeout), or one the cache answered from its store, prefetched
+  // nothing: it is no longer outstanding, so the next prediction may send
+  // it again. One whose query was requested before its reply is judged at
+  // the reply.
+  const bool via_front = st.front && !req.query.empty();
+  auto on_reply = [self, q, id, via_front](const kv_reply& rep) {
+    auto& s = self->state;
+    if (rep.from_query_cache) {
+      if (s.outstanding->discard(q, id))
+        ++s.stats.cached;
+      return;
+    }
+    count(s.stats, s.outstanding->answered(q, id, rep.engine, via_front));
+  };
+  auto on_error = [self, q, id](caf::error&) {
+    if (self->state.outstanding->discard(q, id))
+      ++self->state.stats.failed;
+  };
+  if (via_front)
+    self->request(st.front, caf::infinite, query_atom::value, std::move(req))
+        .then(std::move(on_reply), std::move(on_error));
+  else
+    self->request(st.balancer, caf::infinite, process_atom::value,
+                  std::move(req))
+        .then(std::move(on_reply), std::move(on_error));
 }
 
 /// The model and the tracker travel to the actor in shared_ptrs because
 /// spawn arguments are copied (a tracker is move-only); the actor takes them
 /// on start.
 caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
-                                caf::actor balancer,
+                                caf::actor balancer, caf::actor front,
                                 std::shared_ptr<transition_model> model,
                                 std::shared_ptr<prefetch_tracker> tracker) {
   auto& st = self->state;
@@ -98,10 +121,16 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
   st.model.emplace(std::move(*model));
   st.outstanding.emplace(std::move(*tracker));
   st.balancer = balancer;
+  st.front = front;
   self->send(balancer, listen_atom::value, caf::actor{self});
+  // The cache reports the requests it answers without the balancer (hits,
+  // and requests that joined another's computation): user traffic too.
+  if (front)
+    self->send(front, listen_atom::value, caf::actor{self});
   handle_stray_messages(self, "prefetcher");
   return {
-      [=](observe_atom, const kv_request& req, const kv_reply&, std::int64_t) {
+      [=](observe_atom, const kv_request& req, const kv_reply& rep,
+          std::int64_t) {
         auto& s = self->state;
         // Served traffic only, as the scaler samples: not its own
         // prefetches, nor warm queries and background work (low and
@@ -114,8 +143,9 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
         if (q.empty())
           return;
         ++s.stats.observed;
-        if (s.outstanding->used(q))
-          ++s.stats.useful;
+        count(s.stats, s.outstanding->used(q, req.keys,
+                                           {rep.engine, rep.matched_blocks,
+                                            rep.from_query_cache}));
         remember(s, q, req);
         s.model->observe(req.session, q);
         auto p = s.model->predict(q);
@@ -128,7 +158,7 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
       [=](const block_events& ev) {
         auto& s = self->state;
         for (const auto& k : ev.evicted)
-          s.stats.wasted += s.outstanding->evicted(k).size();
+          s.stats.wasted += s.outstanding->evicted(ev.engine, k).size();
       },
       [=](stats_atom) -> caf::result<prefetch_stats> {
         auto out = self->state.stats;
@@ -158,8 +188,8 @@ result<void> validate(const prefetch_config& config) {
 }
 
 result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
-                                    prefetch_config config,
-                                    caf::actor balancer) {
+                                    prefetch_config config, caf::actor balancer,
+                                    caf::actor front) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
   auto tracker = prefetch_tracker::create(config.max_outstanding);
@@ -169,6 +199,7 @@ result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
   if (!model)
     return unexpected<error>{model.error()};
   return sys.spawn(prefetch_behavior, std::move(config), std::move(balancer),
+                   std::move(front),
                    std::make_shared<transition_model>(std::move(*model)),
                    std::make_shared<prefetch_tracker>(std::move(*tracker)));
 }

@@ -7,20 +7,33 @@
 /// A query is named by kv_request::query, or by its last block key when
 /// that is empty; the prefetcher remembers the last request seen for each
 /// query (at most `max_known` of them) so it can replay it.
-/// Useful and wasted: a prefetch is useful when the balancer answered it
-/// and its query is requested, in either order, before any of the
-/// prefetched blocks was evicted (a query requested first counts at the
-/// prefetch's reply), wasted when an engine
-/// reports one of them evicted first (block events relayed by the
-/// balancer, which also reports an engine that stops as evicting every
-/// block its index gave it; a block several outstanding prefetches share wastes
-/// each), and failed when the balancer answers it with an error (no engine, its
-/// request timeout): nothing was prefetched, so it is no longer
-/// outstanding and the next prediction may send it again (failed, not
-/// useful, also when its query was requested before that error). At most
-/// `max_outstanding` prefetches are tracked (prefetch_tracker.hpp): one more
-/// forgets the oldest still outstanding, and a resolved prefetch leaves nothing
-/// behind.
+/// Useful and wasted (prefetch_tracker.hpp): a prefetch is useful when
+/// its query's next request (before or after the prefetch's answer) found
+/// what it prefetched: it was served by the engine that answered the
+/// prefetch with every block it shares with the prefetch matched from
+/// cache, or, with a query-result cache in front, it was answered from that
+/// cache, which stored the prefetch's computed answer. It is wasted when
+/// that request did not (another engine served it, a shared block was
+/// computed again, or the cache answered a prefetch that only stored
+/// blocks), or when the engine that answered it reports one of its blocks
+/// evicted first (block events relayed by the balancer, which also reports
+/// an engine that stops as evicting every block its index gave it; a block
+/// several outstanding prefetches share wastes each). Evictions by other
+/// engines do not count. Failed: the balancer answered it with an error (no
+/// engine, its request timeout), so nothing was prefetched and the next
+/// prediction may send it again (failed also when its query was requested
+/// before that error). Cached: the query-result cache answered it from its
+/// store, so the result was there and nothing needed prefetching. At most
+/// `max_outstanding` prefetches are tracked: one more forgets the oldest
+/// still outstanding, and a resolved prefetch leaves nothing behind.
+///
+/// With a query-result cache (`front`, as kvfleet::node composes them),
+/// prefetches go through it as (query_atom, kv_request) when their request
+/// has a query key, and the prefetcher also learns from the requests the
+/// cache answers without the balancer (its hits and the requests that
+/// joined another's computation, which it reports to its listeners), so
+/// transitions through cached queries are seen and a cached query is not
+/// computed again.
 ///
 /// Nothing waits for a prefetch's reply (the blocks it stores are the
 /// point; the reply only settles its count), so it carries no CAF timeout:
@@ -53,10 +66,13 @@ struct prefetch_config {
 /// model min_count, max_known or max_outstanding of 0.
 [[nodiscard]] result<void> validate(const prefetch_config& config);
 
-/// Spawns the prefetcher and subscribes it to `balancer`.
+/// Spawns the prefetcher and subscribes it to `balancer` and, when given,
+/// to the query-result cache `front` (spawn_query_cache's, over the same
+/// balancer), which its prefetches then go through.
 /// Errors: validate(config)'s; nothing is spawned then.
 [[nodiscard]] result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
                                                   prefetch_config config,
-                                                  caf::actor balancer);
+                                                  caf::actor balancer,
+                                                  caf::actor front = {});
 
 } // namespace kvfleet::actors

@@ -32,38 +32,72 @@ result<void> prefetch_tracker::add(const std::string& query,
   while (outstanding_.size() >= max_outstanding_ && !order_.empty())
     drop(order_.front());
   order_.push_back(query);
-  outstanding_.emplace(query, entry{keys, id, std::prev(order_.end())});
+  entry e;
+  e.keys = keys;
+  e.id = id;
+  e.age = std::prev(order_.end());
+  outstanding_.emplace(query, std::move(e));
   for (const auto& k : keys)
     by_key_[k].insert(query);
   return {};
 }
 
-bool prefetch_tracker::used(const std::string& query) {
+prefetch_tracker::outcome prefetch_tracker::verdict(const entry& e,
+                                                    const served& how,
+                                                    std::size_t shared) {
+  // Answered from the result cache: only a prefetch whose answer that
+  // cache stored gave the request what it got.
+  if (how.from_result_cache)
+    return e.in_result_cache ? outcome::useful : outcome::wasted;
+  return shared > 0 && e.engine == how.engine && how.matched_blocks >= shared
+             ? outcome::useful
+             : outcome::wasted;
+}
+
+prefetch_tracker::outcome
+prefetch_tracker::used(const std::string& query,
+                       std::span<const engine::block_key> keys,
+                       const served& how) {
   auto it = outstanding_.find(query);
   if (it == outstanding_.end())
-    return false;
-  // Not answered yet, it may still fail: its answer decides.
-  if (!it->second.answered) {
-    it->second.used = true;
-    return false;
+    return outcome::none;
+  entry& e = it->second;
+  std::size_t shared = 0;
+  while (shared < keys.size() && shared < e.keys.size() &&
+         keys[shared] == e.keys[shared])
+    ++shared;
+  // Not answered yet: it may still fail, and which engine answers it is
+  // not known. The first request's verdict waits for that answer.
+  if (!e.engine) {
+    if (!e.use) {
+      e.use = how;
+      e.shared = shared;
+    }
+    return outcome::pending;
   }
+  const auto out = verdict(e, how, shared);
   drop(query);
-  return true;
+  return out;
 }
 
-bool prefetch_tracker::answered(const std::string& query, std::uint64_t id) {
+prefetch_tracker::outcome prefetch_tracker::answered(const std::string& query,
+                                                     std::uint64_t id,
+                                                     std::uint32_t engine,
+                                                     bool in_result_cache) {
   auto it = outstanding_.find(query);
-  if (it == outstanding_.end() || it->second.id != id)
-    return false;
-  if (!it->second.used) {
-    it->second.answered = true;
-    return false;
-  }
+  if (it == outstanding_.end() || it->second.id != id || it->second.engine)
+    return outcome::none;
+  entry& e = it->second;
+  e.engine = engine;
+  e.in_result_cache = in_result_cache;
+  if (!e.use)
+    return outcome::pending;
+  const auto out = verdict(e, *e.use, e.shared);
   drop(query);
-  return true;
+  return out;
 }
 
-bool prefetch_tracker::failed(const std::string& query, std::uint64_t id) {
+bool prefetch_tracker::discard(const std::string& query, std::uint64_t id) {
   auto it = outstanding_.find(query);
   if (it == outstanding_.end() || it->second.id != id)
     return false;
@@ -72,13 +106,21 @@ bool prefetch_tracker::failed(const std::string& query, std::uint64_t id) {
 }
 
 std::vector<std::string>
-prefetch_tracker::evicted(const engine::block_key& key) {
+prefetch_tracker::evicted(std::uint32_t engine, const engine::block_key& key) {
   auto it = by_key_.find(key);
   if (it == by_key_.end())
     return {};
+  // Only prefetches this engine answered, and not those whose answer the
+  // result cache keeps (their query is answered without the blocks).
   // Copied out first: each drop() edits this very set (and erases it with
   // the last query).
-  std::vector<std::string> wasted(it->second.begin(), it->second.end());
+  std::vector<std::string> wasted;
+  for (const auto& q : it->second) {
+    const auto e = outstanding_.find(q); // there: drop() keeps both in step
+    if (e != outstanding_.end() && e->second.engine == engine &&
+        !e->second.in_result_cache)
+      wasted.push_back(q);
+  }
   for (const auto& q : wasted)
     drop(q);
   return wasted;

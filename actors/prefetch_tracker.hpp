@@ -2,19 +2,33 @@
 /// The prefetches the prefetch actor has issued and not yet seen resolved,
 /// without CAF.
 ///
-/// A prefetch of a query is outstanding until its request was answered and
-/// the query requested, in either order (useful), an engine reports one of
-/// its blocks evicted first (wasted), or the prefetch request itself failed
-/// (failed: neither, also when the query was requested before that answer,
-/// since nothing was prefetched for it).
+/// A prefetch is answered by the engine that carried it out (or, through a
+/// query-result cache, from the cache's store: the caller then discards
+/// it, since nothing was prefetched). Its query's next request settles it,
+/// before or after that answer (the later of the two decides):
+/// - useful when that request found the prefetched blocks: it was served
+///   by the engine that answered the prefetch, and every block the request
+///   shares with the prefetch (their common leading keys, at least one)
+///   was among its matched blocks; or it was answered from the query-result
+///   cache and the prefetch's own answer went through that cache (which
+///   stored it: the prefetch computed the result the request got);
+/// - wasted otherwise: another engine served it, some shared block had to
+///   be computed again, or the result cache answered a prefetch that only
+///   stored blocks.
+/// The answering engine reporting one of the blocks evicted settles it
+/// early, wasted (not so for a prefetch kept in the result cache, which
+/// answers its query without the blocks). Evictions by other engines, and
+/// those reported before the answer (the prefetch may have stored the block
+/// again since), change nothing: the request decides. An answer that is an
+/// error, or discard(), resolves it as neither useful nor wasted.
 /// Prefetches may share blocks (queries with a common prefix): an evicted
-/// shared block wastes every outstanding prefetch that holds it, and
-/// resolving one of them leaves the others' blocks tracked. At most
-/// `max_outstanding` (at least 1) are tracked: tracking one more forgets
-/// the oldest outstanding one. Memory is bounded by the outstanding
-/// prefetches alone (one index entry per block of each): a resolved
-/// prefetch leaves nothing behind. Not thread-safe: owned by one actor.
-/// Move-only: each entry points into the age order it was made with.
+/// shared block wastes every outstanding prefetch that engine answered and
+/// that holds it, and resolving one of them leaves the others' blocks
+/// tracked. At most `max_outstanding` (at least 1) are tracked: tracking
+/// one more forgets the oldest outstanding one. Memory is bounded by the
+/// outstanding prefetches alone (one index entry per block of each): a
+/// resolved prefetch leaves nothing behind. Not thread-safe: owned by one
+/// actor. Move-only: each entry points into the age order it was made with.
 
 #include "engine/block_key.hpp"
 #include "engine/result.hpp"
@@ -22,6 +36,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <list>
+#include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -31,6 +47,14 @@ namespace kvfleet::actors {
 
 class prefetch_tracker {
 public:
+  /// How a request was served (from its kv_reply).
+  struct served {
+    std::uint32_t engine = 0;         ///< slot of the engine that served it
+    std::uint64_t matched_blocks = 0; ///< its leading blocks found cached
+    bool from_result_cache = false;   ///< answered by a query-result cache
+  };
+  enum class outcome { none, pending, useful, wasted };
+
   /// A tracker of at most `max_outstanding` prefetches. Errors:
   /// errc::invalid_argument for 0 (it could track nothing), never silently
   /// taken as 1.
@@ -53,26 +77,34 @@ public:
   [[nodiscard]] result<void> add(const std::string& query,
                                  const std::vector<engine::block_key>& keys,
                                  std::uint64_t id = 0);
-  /// `query` was requested: true when its outstanding prefetch was
-  /// answered already (useful), which is then resolved. One not answered
-  /// yet is marked used and stays outstanding until its answer: answered()
-  /// then finds it useful, failed() failed.
-  bool used(const std::string& query);
-  /// The prefetch request `id` of `query` succeeded: true when the query
-  /// was requested meanwhile (useful), which is then resolved; else it
-  /// stays outstanding, answered, until used, wasted or forgotten. False,
-  /// changing nothing else, when that prefetch was resolved already or a
-  /// later prefetch of `query` (another id) is the outstanding one.
-  bool answered(const std::string& query, std::uint64_t id);
-  /// The prefetch request `id` of `query` failed (nothing was prefetched):
-  /// true when it was still outstanding (its query requested or not),
-  /// which is then resolved, as neither useful nor wasted. False, changing
-  /// nothing, when that prefetch was resolved already or a later prefetch
-  /// of `query` (another id) is the outstanding one.
-  bool failed(const std::string& query, std::uint64_t id);
-  /// A block was evicted: the queries whose outstanding prefetches held it
-  /// (each wasted, now resolved), in no particular order; empty when none.
-  std::vector<std::string> evicted(const engine::block_key& key);
+  /// A request of `query` over `keys` was served as `how`: useful or wasted
+  /// when the prefetch of `query` was answered already (then resolved);
+  /// pending when it was not, the request's verdict kept until the answer
+  /// (the first request counts, later ones change nothing); none when no
+  /// prefetch of `query` is outstanding.
+  outcome used(const std::string& query,
+               std::span<const engine::block_key> keys, const served& how);
+  /// The prefetch request `id` of `query` was answered by engine `engine`,
+  /// through a query-result cache that stores its answer when
+  /// `in_result_cache`: useful or wasted when the query was requested
+  /// meanwhile (then resolved), else pending (outstanding, answered, until
+  /// its query is requested, its blocks evicted, or it is forgotten). None,
+  /// changing nothing, when that prefetch was resolved already or a later
+  /// prefetch of `query` (another id) is the outstanding one.
+  outcome answered(const std::string& query, std::uint64_t id,
+                   std::uint32_t engine, bool in_result_cache = false);
+  /// The prefetch request `id` of `query` prefetched nothing (its answer
+  /// was an error, or came from the result cache's store): true when it was
+  /// still outstanding (its query requested or not), which is then
+  /// resolved, as neither useful nor wasted. False, changing nothing, when
+  /// that prefetch was resolved already or a later prefetch of `query`
+  /// (another id) is the outstanding one.
+  bool discard(const std::string& query, std::uint64_t id);
+  /// Engine `engine` evicted block `key`: the queries whose outstanding
+  /// prefetches it answered and that hold the block (each wasted, now
+  /// resolved), in no particular order; empty when none.
+  std::vector<std::string> evicted(std::uint32_t engine,
+                                   const engine::block_key& key);
 
   [[nodiscard]] std::size_t size() const noexcept {
     return outstanding_.size();
@@ -95,9 +127,15 @@ private:
     std::vector<engine::block_key> keys;
     std::uint64_t id = 0;                 ///< the prefetch request's
     std::list<std::string>::iterator age; ///< in order_
-    bool answered = false;                ///< its request succeeded
-    bool used = false; ///< its query was requested before that
+    std::optional<std::uint32_t> engine;  ///< that answered it
+    bool in_result_cache = false;         ///< its answer was stored there
+    /// Its query's first request before the answer: how it was served and
+    /// how many leading blocks it shares with the prefetch.
+    std::optional<served> use;
+    std::size_t shared = 0;
   };
+  [[nodiscard]] static outcome verdict(const entry& e, const served& how,
+                                       std::size_t shared);
   void drop(const std::string& query);
 
   std::size_t max_outstanding_;

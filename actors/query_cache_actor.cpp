@@ -2,6 +2,7 @@
 
 #include "actors/caf_error.hpp"
 #include "actors/config_checks.hpp"
+#include "actors/listeners.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
@@ -14,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <locale>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -96,8 +98,17 @@ namespace {
 /// A query on its way to the balancer. The first reply answers every
 /// waiter; a reply of an earlier round (the key was answered and asked
 /// again since) is ignored.
+struct waiter {
+  std::uint64_t id = 0;
+  owed_reply promise;
+  /// A joiner not sent to the balancer, kept while the cache has listeners
+  /// (reported to them with the reply that answers it), and when it came.
+  std::optional<kv_request> joined;
+  engine::nanos arrived{0};
+};
+
 struct pending_query {
-  std::vector<std::pair<std::uint64_t, owed_reply>> waiters; ///< (id, promise)
+  std::vector<waiter> waiters;
   /// Requests to the balancer still open, by priority: a failed one no
   /// longer counts, so a joiner is measured against what is on its way.
   std::array<std::uint32_t, engine::priority_count> open{};
@@ -125,6 +136,7 @@ struct cache_state {
   std::unordered_map<std::string, pending_query> waiting;
   std::uint64_t next_round = 0;
   query_cache_stats stats;
+  std::vector<caf::actor> listeners; ///< listeners.hpp
   static inline const char* name = "kvfleet.query_cache";
 };
 
@@ -133,6 +145,16 @@ using cache_actor = caf::stateful_actor<cache_state>;
 engine::nanos now(cache_actor* self) {
   return std::chrono::duration_cast<engine::nanos>(
       self->clock().now().time_since_epoch());
+}
+
+/// Tells the listeners that the cache answered `req` with `rep` without the
+/// balancer (which reports the requests it carries itself), `latency` ns
+/// after it came.
+void notify(cache_actor* self, const kv_request& req, const kv_reply& rep,
+            engine::nanos latency) {
+  for (auto& l : self->state.listeners)
+    self->send(l, observe_atom::value, req, rep,
+               static_cast<std::int64_t>(latency.count()));
 }
 
 /// Stores a computed reply of `key` for the TTL; a store error is counted,
@@ -184,10 +206,12 @@ void ask_balancer(cache_actor* self, const std::string& key,
             store_reply(self, key, rep);
             auto list = std::move(it->second.waiters);
             s2.waiting.erase(it);
-            for (auto& [id, p] : list) {
+            for (auto& w : list) {
               auto copy = rep;
-              copy.id = id;
-              p.deliver(std::move(copy));
+              copy.id = w.id;
+              if (w.joined)
+                notify(self, *w.joined, copy, now(self) - w.arrived);
+              w.promise.deliver(std::move(copy));
             }
           },
           [=](caf::error& err) {
@@ -201,8 +225,8 @@ void ask_balancer(cache_actor* self, const std::string& key,
               return;
             auto list = std::move(it->second.waiters);
             s2.waiting.erase(it);
-            for (auto& entry : list)
-              entry.second.deliver(err);
+            for (auto& w : list)
+              w.promise.deliver(err);
           });
 }
 
@@ -217,6 +241,10 @@ cache_behavior(cache_actor* self, query_cache_config config,
   st.store = std::move(*store);
   st.balancer = balancer;
   handle_stray_messages(self, "query cache");
+  // It monitors its listeners only.
+  self->set_down_handler([=](caf::down_msg& dm) {
+    drop_listener(self->state.listeners, dm.source);
+  });
   return {
       [=](query_atom, kv_request& req) -> caf::result<kv_reply> {
         auto& s = self->state;
@@ -259,6 +287,7 @@ cache_behavior(cache_actor* self, query_cache_config config,
               ++s.stats.hits;
               rep.id = req.id;
               rep.from_query_cache = true;
+              notify(self, req, rep, engine::nanos{0});
               return rep;
             }
             ++s.stats.store_errors; // an entry it cannot read: recomputed
@@ -269,14 +298,19 @@ cache_behavior(cache_actor* self, query_cache_config config,
         auto key = req.query;
         auto& pending =
             in_flight != s.waiting.end() ? in_flight->second : s.waiting[key];
-        pending.waiters.emplace_back(req.id, owed_reply{promise});
+        pending.waiters.push_back({req.id, owed_reply{promise}, {}, {}});
         if (pending.waiters.size() > 1) {
           ++s.stats.coalesced;
           // A waiter of higher priority than every request on its way must
           // not wait behind lower-priority traffic: it goes too (also when
           // the higher-priority one sent before has failed meanwhile).
-          if (pending.sent_at_least(req.prio))
+          if (pending.sent_at_least(req.prio)) {
+            if (!s.listeners.empty()) {
+              pending.waiters.back().joined = std::move(req);
+              pending.waiters.back().arrived = now(self);
+            }
             return promise;
+          }
         } else {
           pending.round = ++s.next_round;
         }
@@ -286,6 +320,9 @@ cache_behavior(cache_actor* self, query_cache_config config,
       },
       [=](stats_atom) -> caf::result<query_cache_stats> {
         return self->state.stats;
+      },
+      [=](listen_atom, const caf::actor& listener) {
+        add_listener(self, self->state.listeners, listener);
       },
   };
 }

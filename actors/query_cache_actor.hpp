@@ -27,6 +27,16 @@
 /// reply is stored like any miss's.
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
+///   (listen_atom, actor)   (no reply; once per listener, never the cache
+///                          itself, until it goes: listeners.hpp) the
+///                          listener gets (observe_atom, kv_request,
+///                          kv_reply, int64 ns) for each request the cache
+///                          answers without the balancer: a hit
+///                          (from_query_cache), and a request that joined
+///                          another's computation without going itself. The
+///                          balancer reports the others to its own
+///                          listeners, so a listener of both (the
+///                          prefetcher) sees each request once.
 ///
 /// Store: embedded_query_store (in process, bounded) by default; its time is
 /// the actor clock, so tests move it with the test coordinator. With a
