@@ -3343,6 +3343,41 @@ TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {
   EXPECT_GT(ask_now<std::uint64_t>(e, lookup_atom::value, more.keys), 0U);
 }
 
+TEST_F(actor_test, APutUnderPressureTakesTheLowestPriorityFirstByDefault) {
+  // Default pressure settings and store watermarks (0.9 and 0.8 both): a
+  // critical chain of 12 blocks, a background one, a normal one (36 of
+  // 40), then a normal chain of 8. The store makes room for it itself (its
+  // high watermark; twice, five blocks each time), lowest priority first
+  // as the memory manager's rule says: ten blocks of the background chain
+  // go (its tail first), the critical one stays whole. (Before, the
+  // store made room in the policy's order, the oldest chain, critical,
+  // first, and the pool never passed 0.9, so the rule never acted.)
+  for (const auto policy : {engine::policy_kind::lru, engine::policy_kind::lfu,
+                            engine::policy_kind::adaptive}) {
+    SCOPED_TRACE(engine::to_string(policy));
+    auto c = small_engine(40);
+    c.store.policy = policy;
+    auto e = engine(c);
+    auto crit = make_request(1, 1, 0, 12, 1);
+    crit.prio = engine::priority::critical;
+    auto bg = make_request(2, 2, 0, 12, 2);
+    bg.prio = engine::priority::background;
+    const auto normal = make_request(3, 3, 0, 12, 3);
+    const auto last = make_request(4, 4, 0, 8, 4);
+    for (const auto& r : {crit, bg, normal, last})
+      ask_now<kv_reply>(e, process_atom::value, r);
+    auto cached = [&](const kv_request& r) {
+      return ask_now<std::uint64_t>(e, lookup_atom::value, r.keys);
+    };
+    EXPECT_EQ(cached(crit), 12U);
+    EXPECT_EQ(cached(bg), 2U);
+    EXPECT_EQ(cached(normal), 12U);
+    EXPECT_EQ(cached(last), 8U);
+    caf::anon_send_exit(e, caf::exit_reason::user_shutdown);
+    sched_->run();
+  }
+}
+
 TEST_F(actor_test, MemoryPressureHookDecidesInsteadOfThePoolRule) {
   auto c = small_engine(40);
   c.slot = 3;

@@ -304,6 +304,12 @@ void close_batch(engine_actor* self) {
 result<void> open_store(engine_parts& parts) {
   const auto& config = parts.config;
   engine::store_config store_config = config.store;
+  // The memory manager's rule, low priority first, also where the store
+  // makes room itself: that path keeps the pool at or below its high
+  // watermark (0.9), so the rule applied after a batch (above 0.9) alone
+  // would hardly ever act, and a put's room would be made in the policy's
+  // order, a critical request's blocks before a background one's.
+  store_config.lowest_priority_first = true;
   store_config.on_block_event =
       [log = parts.log, own = config.store.on_block_event](
           engine::block_event ev, const engine::block_key& key) {

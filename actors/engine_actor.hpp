@@ -72,7 +72,11 @@
 /// (a read or pin of a block only on disk brings it back), usage above
 /// `pressure.threshold` (0.9) of the pool evicts down to `pressure.target`,
 /// lowest priority first (memory_manager.hpp); `relieve`, when set, decides
-/// instead (a GPU engine's reads device memory as a whole). Copies to a memory
+/// instead (a GPU engine's reads device memory as a whole). The store's own
+/// room-making on a put (its high watermark) goes lowest priority first
+/// too: the engine sets engine::store_config::lowest_priority_first, since
+/// that path keeps the pool from passing 0.9 and would otherwise take a
+/// critical request's blocks before a background one's. Copies to a memory
 /// tier that relief started are checked every `tier_poll_interval` until they
 /// finish, whether requests come or not.
 ///

@@ -1460,7 +1460,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
       break;
     if (config_.adaptive_compression && try_demote(*q, scan_budget))
       continue;
-    evict(policies_[static_cast<std::size_t>(*q)]->victim());
+    evict(make_room_victim(*q));
   }
   if (!pool_.can_allocate(cls))
     return make_error(errc::out_of_memory,
@@ -1468,6 +1468,19 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
                           " bytes: every cached block is pinned, leased or has "
                           "cached children");
   return {};
+}
+
+std::uint32_t block_store::make_room_victim(size_partition q) const {
+  const eviction_policy& policy = *policies_[static_cast<std::size_t>(q)];
+  if (!config_.lowest_priority_first)
+    return policy.victim();
+  // pick_partition() gave a partition with evictable blocks: some
+  // priority has a victim.
+  for (std::size_t l = 0; l < priority_count; ++l)
+    if (const std::uint32_t id = policy.victim(static_cast<priority>(l));
+        id != npos)
+      return id;
+  return policy.victim();
 }
 
 bool block_store::compact_for(std::uint16_t cls) {

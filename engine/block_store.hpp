@@ -170,7 +170,14 @@ struct store_config {
   double low_watermark = 0.8;
   policy_kind policy = policy_kind::adaptive;
   partition_config partitions{};
-  bool adaptive_compression = true;      ///< master switch
+  bool adaptive_compression = true; ///< master switch
+  /// The make-room path on a put (the high watermark) evicts the lowest
+  /// request priority first, then in the policy's order within it, as
+  /// evict_bytes() does, instead of the policy's order across priorities.
+  /// The engine actor sets it: its memory manager's rule (low priority
+  /// first above 0.9) would otherwise never act, since this path keeps
+  /// the pool from passing its high watermark (0.9 too).
+  bool lowest_priority_first = false;
   std::size_t demotion_scan_limit = 256; ///< blocks scanned per make-room
   const clock_source* clock = nullptr;   ///< default: steady clock
   /// Belady only: tick of the next use of a key after the current access.
@@ -805,6 +812,9 @@ private:
   /// those that hold some, and that partition's policy's victim of the
   /// priority. O(priorities x partitions), no walk.
   [[nodiscard]] std::uint32_t lowest_priority_victim() const;
+  /// The make-room path's victim in partition `q` (evictable blocks there):
+  /// the policy's, or the lowest priority's with lowest_priority_first.
+  [[nodiscard]] std::uint32_t make_room_victim(size_partition q) const;
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;
   std::uint32_t new_entry();

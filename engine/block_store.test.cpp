@@ -40,6 +40,7 @@ protected:
     cfg.slab_bytes = slab_blocks * block_bytes;
     cfg.policy = policy;
     cfg.adaptive_compression = compression;
+    cfg.lowest_priority_first = lowest_priority_first_;
     cfg.clock = &clock_;
     if (policy == policy_kind::belady)
       cfg.next_use = [](const block_key&) { return std::uint64_t{0}; };
@@ -126,6 +127,7 @@ protected:
   std::function<void(block_event, const block_key&)> on_event_;
   std::unique_ptr<block_store> store_;
   ns_id ns_;
+  bool lowest_priority_first_ = false; ///< open()'s store_config
   ns_fingerprint fp_;
 };
 
@@ -1018,6 +1020,40 @@ TEST_F(store_fixture, a_put_over_an_expired_block_counts_the_expiration) {
   EXPECT_EQ(store_->stats().expirations, 1U);
   EXPECT_EQ(*store_->lookup(ns_, keys), 1U);
   store_->check_invariants();
+}
+
+TEST_F(store_fixture,
+       lowest_priority_first_makes_room_from_the_lowest_priority) {
+  // Six critical blocks (the oldest), six background ones, five normal, in
+  // a store of 20: three more normal puts pass the high watermark and room
+  // is made down to the low one (three blocks go). The policy's order (lru)
+  // takes the oldest, critical; lowest_priority_first takes background
+  // blocks, oldest first, as evict_bytes() does.
+  for (const bool first : {false, true}) {
+    SCOPED_TRACE(first ? "lowest priority first" : "policy order");
+    lowest_priority_first_ = first;
+    open(20, policy_kind::lru);
+    std::vector<block_key> keys;
+    auto put_at = [&](std::size_t n, priority prio) {
+      put_options opts;
+      opts.prio = prio;
+      for (std::size_t i = 0; i < n; ++i) {
+        keys.push_back(chain(1000 + keys.size(), 1)[0]);
+        ASSERT_TRUE(put(keys.back(), {}, opts).has_value());
+      }
+    };
+    put_at(6, priority::critical);
+    put_at(6, priority::background);
+    put_at(5, priority::normal);
+    ASSERT_EQ(store_->stats().evictions, 0U);
+    put_at(2, priority::normal);
+    EXPECT_EQ(store_->stats().evictions, 3U);
+    for (std::size_t i = 0; i < 12; ++i) {
+      const bool gone = first ? (i >= 6 && i < 9) : i < 3;
+      EXPECT_EQ(store_->contains(ns_, keys[i]), !gone) << "block " << i;
+    }
+    store_->check_invariants();
+  }
 }
 
 TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
