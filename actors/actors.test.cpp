@@ -327,6 +327,35 @@ TEST_F(actor_test, BatchClosesAtTimeout) {
   EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 1U);
 }
 
+TEST_F(actor_test, ARequestLeftOverByTheTokenBudgetWaitsTheTimeoutInAll) {
+  // A (low, 16 tokens) opens a batch at 0 ms; B (critical, 96) arrives at
+  // 90 ms and fills the 100-token budget: B runs at once and A is left
+  // over. A closes 100 ms after it arrived, not 100 ms after B's batch
+  // (190 ms, as before: the next batch's timer started at that close).
+  auto c = small_engine(64, 20, 100ms);
+  c.capacity_tokens = 100;
+  auto e = engine(c);
+  auto a = make_request(1, 0, 0, 1, 1);
+  a.prio = engine::priority::low;
+  auto b = make_request(2, 0, 0, 6, 2);
+  b.prio = engine::priority::critical;
+  auto ra = ask<kv_reply>(e, process_atom::value, a);
+  sched_->run();
+  sched_->advance_time(90ms);
+  sched_->run();
+  auto rb = ask<kv_reply>(e, process_atom::value, b);
+  sched_->run();
+  EXPECT_TRUE(rb->value.has_value());
+  EXPECT_FALSE(ra->done());
+  sched_->advance_time(9ms);
+  sched_->run();
+  EXPECT_FALSE(ra->done());
+  sched_->advance_time(1ms); // 100 ms after A arrived
+  sched_->run();
+  EXPECT_TRUE(ra->value.has_value());
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 2U);
+}
+
 TEST_F(actor_test, ABatchTimeoutBelowAMillisecondIsNotCutToZero) {
   // 1.5 ms: the batch closes 1.5 ms after its first request, not after the
   // whole milliseconds in it (1 ms; a 0.5 ms timeout used to close at once).

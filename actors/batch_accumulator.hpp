@@ -1,7 +1,8 @@
 #pragma once
 /// Batch accumulation for one engine: a batch closes at `max_size` requests
 /// (default 20), at `max_tokens` prompt tokens (0 = no token limit), or
-/// `timeout` (default 100 ms) after its first request arrived, whichever
+/// `timeout` (default 100 ms) after its oldest request arrived (one left
+/// over from the last batch counts from its own arrival), whichever
 /// comes first; the engine actor also closes it when it has no more queued
 /// requests to add (`close_when_idle`, on by default). Higher priorities leave
 /// first (lane_queue). The actor wrapper owns the timer; this class only
@@ -14,6 +15,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -40,18 +42,32 @@ public:
       config_.max_size = 1;
   }
 
-  /// Adds one request of `tokens` prompt tokens. Returns true when a batch
-  /// is now full (close it now). When it opened a new batch, take_opened()
-  /// turns true once and the caller arms a timer for config().timeout
-  /// tagged with generation().
-  bool add(engine::priority prio, T item, std::uint64_t tokens = 0) {
+  /// Adds one request of `tokens` prompt tokens that arrived at `arrived`
+  /// (the caller's clock). Returns true when a batch is now full (close it
+  /// now). When it opened a new batch, take_opened() turns true once and
+  /// the caller arms a timer for the batch's deadline() tagged with
+  /// generation().
+  bool add(engine::priority prio, T item, std::uint64_t tokens = 0,
+           engine::nanos arrived = engine::nanos{0}) {
     if (queue_.empty()) {
       ++generation_;
       opened_ = true;
     }
-    queue_.push(prio, slot{std::move(item), tokens});
+    queue_.push(prio, slot{std::move(item), tokens, arrived});
     pending_tokens_ += tokens;
     return full();
+  }
+
+  /// When the current batch must close: `timeout` after its oldest
+  /// request arrived (a request left over from the last batch keeps its
+  /// arrival, so it waits at most `timeout` in all, not a second one from
+  /// that batch's close); nullopt when nothing is pending.
+  [[nodiscard]] std::optional<engine::nanos> deadline() const {
+    const auto oldest =
+        queue_.min_front([](const slot& s) { return s.arrived; });
+    if (!oldest)
+      return std::nullopt;
+    return *oldest + config_.timeout;
   }
 
   /// Whether the pending requests make a full batch.
@@ -105,6 +121,7 @@ private:
   struct slot {
     T item;
     std::uint64_t tokens = 0;
+    engine::nanos arrived{0};
   };
   batch_config config_;
   std::uint64_t max_tokens_;

@@ -256,6 +256,12 @@ void after_batch(engine_actor* self) {
 
 void close_batch(engine_actor* self);
 
+/// The actor clock's now, as the batcher's arrival times.
+engine::nanos arrival_time(engine_actor* self) {
+  return std::chrono::duration_cast<engine::nanos>(
+      self->clock().now().time_since_epoch());
+}
+
 /// When a batch has opened: arms what closes it. With close_when_idle,
 /// that is a close message to itself now, behind every message already in
 /// the mailbox; no timer, as a timer's message could only arrive behind it.
@@ -263,13 +269,18 @@ void arm_timer(engine_actor* self) {
   auto& b = self->state.batcher;
   if (!b.take_opened())
     return;
-  if (b.config().close_when_idle)
+  if (b.config().close_when_idle) {
     self->send(self, close_batch_atom::value, b.generation());
-  else
-    // The timeout as configured, in nanoseconds: cut to whole milliseconds,
-    // 1.5 ms closed batches after 1 ms and anything below 1 ms at once.
-    self->delayed_send(self, b.config().timeout, close_batch_atom::value,
-                       b.generation());
+    return;
+  }
+  // At the batch's deadline: its oldest request's arrival plus the timeout,
+  // so a request left over from the last batch waits the timeout in all,
+  // not a second one from that batch's close. The delay stays in
+  // nanoseconds: cut to whole milliseconds, 1.5 ms closed batches after
+  // 1 ms and anything below 1 ms at once.
+  const auto deadline = b.deadline().value_or(arrival_time(self));
+  const auto delay = std::max(engine::nanos{0}, deadline - arrival_time(self));
+  self->delayed_send(self, delay, close_batch_atom::value, b.generation());
 }
 
 void close_batch(engine_actor* self) {
@@ -410,7 +421,8 @@ caf::behavior engine_behavior(engine_actor* self,
         auto prio = req.prio;
         auto tokens = req.input_tokens;
         bool full = s.batcher.add(
-            prio, pending_request{std::move(req), owed_reply{promise}}, tokens);
+            prio, pending_request{std::move(req), owed_reply{promise}}, tokens,
+            arrival_time(self));
         if (full)
           close_batch(self);
         else

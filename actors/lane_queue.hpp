@@ -49,6 +49,19 @@ public:
     return nullptr;
   }
 
+  /// The least `key(front)` over the lanes' front items, each the oldest of
+  /// its lane; nullopt when empty. With a key that grows in arrival order
+  /// (an arrival time), that of the oldest item of all.
+  template <class F>
+  [[nodiscard]] auto min_front(F key) const
+      -> std::optional<decltype(key(std::declval<const T&>()))> {
+    std::optional<decltype(key(std::declval<const T&>()))> out;
+    for (const auto& lane : lanes_)
+      if (!lane.empty() && (!out || key(lane.front()) < *out))
+        out = key(lane.front());
+    return out;
+  }
+
   [[nodiscard]] std::size_t size() const noexcept { return size_; }
   [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
   [[nodiscard]] std::size_t size(engine::priority prio) const noexcept {

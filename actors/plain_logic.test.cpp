@@ -79,6 +79,21 @@ TEST(BatchAccumulator, TokenBudgetClosesAndSplits) {
   EXPECT_EQ(b.take(), std::vector<int>{2});
 }
 
+TEST(BatchAccumulator, DeadlineIsTheOldestPendingArrivalPlusTheTimeout) {
+  batch_accumulator<int> b{batch_config{20, 100ms}, 100};
+  EXPECT_FALSE(b.deadline().has_value());
+  b.add(priority::low, 1, 16, engine::nanos{0});
+  EXPECT_EQ(b.deadline(), engine::nanos{100ms});
+  b.add(priority::critical, 2, 96, engine::nanos{90ms}); // full
+  EXPECT_EQ(b.deadline(), engine::nanos{100ms});
+  EXPECT_EQ(b.take(), std::vector<int>{2});
+  EXPECT_TRUE(b.take_opened());
+  // The left-over keeps its arrival: not 100 ms from this close.
+  EXPECT_EQ(b.deadline(), engine::nanos{100ms});
+  EXPECT_EQ(b.take(), std::vector<int>{1});
+  EXPECT_FALSE(b.deadline().has_value());
+}
+
 std::vector<block_key> keys(std::uint64_t group, std::size_t n) {
   std::vector<block_key> out;
   for (std::size_t i = 0; i < n; ++i)
