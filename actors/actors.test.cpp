@@ -156,7 +156,7 @@ protected:
 
   /// The reply of `r` served by engine 0 with every block from cache.
   static kv_reply found_all(const kv_request& r) {
-    return kv_reply{r.id, 0, r.keys.size(), 0, r.input_tokens, 0, false};
+    return kv_reply{r.id, 0, r.keys.size(), 0, r.input_tokens, 0, false, 0};
   }
   /// Tells prefetcher `pf` that `r` was requested and served as `rep`
   /// (found_all(r) when not given), and runs.
@@ -1982,7 +1982,7 @@ caf::behavior fake_balancer(caf::event_based_actor*,
   return {
       [be](process_atom, const kv_request& r) -> kv_reply {
         be->seen.push_back(r);
-        return kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false};
+        return kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false, 0};
       },
       [](listen_atom, const caf::actor&) {},
   };
@@ -2683,16 +2683,16 @@ TEST(QueryCacheEncoding, AnythingButAnEncodedReplyIsNotRead) {
         "v1 3 12 2 4294967295 1"}) {
     kv_reply out{9, 9, 9, 9, 9, 9, false};
     EXPECT_FALSE(decode_reply(bad, out)) << '"' << bad << '"';
-    EXPECT_EQ(out, (kv_reply{9, 9, 9, 9, 9, 9, false})) << '"' << bad << '"';
+    EXPECT_EQ(out, (kv_reply{9, 9, 9, 9, 9, 9, false, 0})) << '"' << bad << '"';
   }
   // The largest possible reply is read.
   ASSERT_TRUE(decode_reply("v1 63 4294967295 0 0 4294967295", back));
-  EXPECT_EQ(back, (kv_reply{0, 63, 4294967295, 0, 0, 4294967295, false}));
+  EXPECT_EQ(back, (kv_reply{0, 63, 4294967295, 0, 0, 4294967295, false, 0}));
   // No encoding is longer than max_encoded_reply_bytes (the least a Redis
   // store's max_value_bytes may be).
   constexpr auto big = std::numeric_limits<std::uint64_t>::max();
   EXPECT_EQ(encode_reply(kv_reply{0, std::numeric_limits<std::uint32_t>::max(),
-                                  big, big, big, big, false})
+                                  big, big, big, big, false, 0})
                 .size(),
             max_encoded_reply_bytes);
 }
@@ -2939,7 +2939,7 @@ caf::behavior cued_balancer(caf::event_based_actor* self,
         if (fail)
           c.second.deliver(caf::make_error(caf::sec::request_timeout));
         else
-          c.second.deliver(kv_reply{c.first.id, 0, 0, 1, 0, 16, false});
+          c.second.deliver(kv_reply{c.first.id, 0, 0, 1, 0, 16, false, 0});
       },
       [](listen_atom, const caf::actor&) {},
   };
@@ -3052,7 +3052,7 @@ caf::behavior holding_balancer(caf::event_based_actor* self,
       [=](close_batch_atom) {
         for (auto& [r, p] : *promises)
           p.deliver(
-              kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false});
+              kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false, 0});
         promises->clear();
       },
       [](listen_atom, const caf::actor&) {},
@@ -3316,6 +3316,35 @@ TEST_F(actor_test, AWarmQueryTheBalancerTimesOutFailsAtItsDeadlineOnly) {
   EXPECT_EQ(rep->value->warmed, 0U);
   EXPECT_EQ(rep->value->failed, 1U);
   EXPECT_EQ(rep->value->first_error, "timeout: request timed out");
+}
+
+TEST_F(actor_test, AWarmQueryTheEngineCouldNotCacheCountsFailed) {
+  // 30 pinned queries of 2 blocks into one engine of 40: pins fill the
+  // pool, and the queries that come after it is full are computed but not
+  // cached. They count failed, out_of_memory, and `warmed` is exactly the
+  // queries whose blocks are cached. (Before: warmed 30, failed 0.)
+  auto b = balancer(routing_policy::round_robin, {small_engine(40)});
+  warmer_config wc;
+  wc.parallelism = 1;
+  auto w = spawned(spawn_warmer(*sys_, wc, b));
+  stop_at_end_.push_back(w);
+  sched_->run();
+  std::vector<warm_item> items;
+  for (std::uint64_t i = 0; i < 30; ++i)
+    items.push_back(
+        {make_request(i + 1, 0, 0, 2, i + 1), static_cast<double>(30 - i)});
+  auto rep = ask_now<warm_report>(w, warm_atom::value, items, std::uint32_t{30},
+                                  true, caf::actor{});
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  std::uint64_t whole = 0;
+  for (const auto& item : items)
+    if (ask_now<std::uint64_t>(e0, lookup_atom::value, item.request.keys) == 2)
+      ++whole;
+  EXPECT_EQ(rep.requested, 30U);
+  EXPECT_GT(rep.failed, 0U);
+  EXPECT_EQ(rep.warmed, whole);
+  EXPECT_EQ(rep.warmed + rep.failed, 30U);
+  EXPECT_EQ(rep.first_error.rfind("out_of_memory: ", 0), 0U) << rep.first_error;
 }
 
 TEST_F(actor_test, AWarmReportSaysWhyItsFirstFailedQueryFailed) {

@@ -190,7 +190,8 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
                   r->computed_blocks,
                   r->matched_tokens,
                   r->computed_tokens,
-                  false};
+                  false,
+                  r->uncached_blocks};
 }
 
 /// While demotions are in flight, checks them again after

@@ -65,6 +65,10 @@ struct kv_reply {
   std::uint64_t matched_tokens = 0;  ///< prompt tokens served from cache
   std::uint64_t computed_tokens = 0; ///< prompt tokens the producer computed
   bool from_query_cache = false;
+  /// Of computed_blocks, those the engine could not cache (no room: its
+  /// pool full of pinned, leased or chained blocks). Not kept by the
+  /// query-result cache's store: 0 in a reply from it.
+  std::uint64_t uncached_blocks = 0;
 
   friend bool operator==(const kv_reply&, const kv_reply&) = default;
 };
@@ -73,7 +77,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_reply& x) {
   return f(caf::meta::type_name("kv_reply"), x.id, x.engine, x.matched_blocks,
            x.computed_blocks, x.matched_tokens, x.computed_tokens,
-           x.from_query_cache);
+           x.from_query_cache, x.uncached_blocks);
 }
 
 /// Blocks an engine stored and evicted since its last report.

@@ -96,6 +96,17 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
   self->request(balancer, caf::infinite, process_atom::value, std::move(req))
       .then(
           [=](const kv_reply& rep) {
+            // Computed but not (all) cached: nothing warm to show for it.
+            if (rep.uncached_blocks > 0) {
+              const auto err = to_caf_error(error{
+                  errc::out_of_memory,
+                  std::to_string(rep.uncached_blocks) + " of " +
+                      std::to_string(rep.matched_blocks + rep.computed_blocks) +
+                      " blocks could not be cached (the engine's pool is "
+                      "full of pinned, leased or chained blocks)"});
+              finish_one(&err, rep.computed_tokens);
+              return;
+            }
             finish_one(nullptr, rep.computed_tokens);
           },
           [=](caf::error& err) { finish_one(&err, 0); });

@@ -1241,13 +1241,16 @@ result<process_result> block_store::process(ns_id ns,
   bool caching = true;
   for (std::size_t i = next; i < keys.size(); ++i) {
     ++out.computed_blocks;
-    if (!caching)
+    if (!caching) {
+      ++out.uncached_blocks;
       continue;
+    }
     // The KV must be computed whether or not it can be cached; a block that
     // cannot be cached ends caching for the rest of this request.
     auto h = reserve(ns, keys[i], parent, opts);
     if (!h) {
       caching = false;
+      ++out.uncached_blocks;
       continue;
     }
     auto w = write_from(*h, producer);
