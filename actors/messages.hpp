@@ -251,7 +251,9 @@ typename Inspector::result_type inspect(Inspector& f, prefetch_stats& x) {
 
 /// The scaler's counters (per scale_action) and current targets.
 struct scaler_stats {
-  std::vector<std::uint64_t> actions; ///< indexed by scale_action
+  /// Decisions, indexed by scale_action: every evaluation counts one, a
+  /// hold too.
+  std::vector<std::uint64_t> actions;
   std::uint32_t replicas = 0;
   std::uint32_t capacity_tokens = 0;
   std::int64_t last_p95_ns = 0;

@@ -620,7 +620,29 @@ scaler_policy make_scaler(const scaler_config& c, std::uint32_t replicas,
 void feed(scaler_policy& s, engine::nanos at, engine::nanos latency,
           int n = 10) {
   for (int i = 0; i < n; ++i)
-    s.record(at, latency);
+    ASSERT_TRUE(s.record(at, latency));
+}
+
+TEST(ScalerPolicy, CountsEveryDecisionHoldsTooAndRefusesANegativeLatency) {
+  auto s = make_scaler(fast_scaler(), 1, 4096);
+  engine::nanos t{0};
+  // A negative latency would pull the p95 below every real one.
+  auto bad = s.record(t, -5ns);
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().code, errc::invalid_argument);
+  EXPECT_EQ(s.kept_samples(), 0U);
+  feed(s, t, 800ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::hold); // sustain: 1 of 2
+  t += 1s;
+  feed(s, t, 800ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::spawn_replica);
+  t += 1s;
+  EXPECT_EQ(s.evaluate(t).action, scale_action::hold); // cooldown
+  // Counted, holds too (before, count(hold) stayed 0); only actions are
+  // logged, so the log is not flooded with holds.
+  EXPECT_EQ(s.count(scale_action::hold), 2U);
+  EXPECT_EQ(s.count(scale_action::spawn_replica), 1U);
+  EXPECT_EQ(s.log().size(), 1U);
 }
 
 TEST(ScalerPolicy, ScalesUpAboveTargetThenGrowsCapacityRespectingCooldown) {
@@ -914,7 +936,7 @@ TEST(ScalerPolicy, ABusyWindowKeepsBoundedSamplesAndItsP95) {
     constexpr int n = 200'000;
     for (int i = 0; i < n; ++i) {
       const engine::nanos at = std::chrono::microseconds{i};
-      s.record(at, (i % slow_every == 0) ? 2s : 10ms);
+      ASSERT_TRUE(s.record(at, (i % slow_every == 0) ? 2s : 10ms));
       ASSERT_LE(s.kept_samples(), scaler_policy::max_samples);
     }
     const engine::nanos end = std::chrono::microseconds{n};
@@ -925,7 +947,7 @@ TEST(ScalerPolicy, ABusyWindowKeepsBoundedSamplesAndItsP95) {
         << slow_every;
     // The window moves on: old samples leave with their weights.
     const engine::nanos later = end + 100s - 1ms;
-    s.record(later, 10ms);
+    ASSERT_TRUE(s.record(later, 10ms));
     EXPECT_LT(s.window_requests(later), static_cast<std::uint64_t>(n) / 50);
   }
 }
@@ -937,11 +959,11 @@ TEST(ScalerPolicy, AfterABusySpellTheWindowIsExactAgainAtHalfItsBound) {
   c.window = 100s;
   auto s = make_scaler(c, 1, 4096);
   for (int i = 0; i < 30'000; ++i)
-    s.record(std::chrono::microseconds{i * 3'333}, 10ms);
+    ASSERT_TRUE(s.record(std::chrono::microseconds{i * 3'333}, 10ms));
   EXPECT_LT(s.kept_samples(), 30'000U);
   engine::nanos t = 100s;
   for (int i = 0; i < 16'000; ++i, t += 12'500us) // 8,000 per 100 s
-    s.record(t, 10ms);
+    ASSERT_TRUE(s.record(t, 10ms));
   EXPECT_EQ(s.kept_samples(), s.window_requests(t));
   EXPECT_NEAR(static_cast<double>(s.window_requests(t)), 8'000, 1);
 }

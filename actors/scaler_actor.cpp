@@ -32,7 +32,8 @@ struct scaler_state {
   /// balancer_stats::given_up when last read: engines lost before it are
   /// counted already.
   std::uint64_t given_up_seen = 0;
-  bool balancer_silent = false; ///< the last stats request failed
+  bool balancer_silent = false;    ///< the last stats request failed
+  bool bad_latency_logged = false; ///< a negative latency was dropped
   /// A stats request is on its way: a periodic evaluation waits for it
   /// instead of sending another (a stalled balancer would otherwise get one
   /// per interval and answer them together, and the evaluations behind
@@ -219,8 +220,16 @@ void sync_and_evaluate(scaler_actor* self) {
 /// the p95 up and spawn replicas for work nobody waits for.
 void sample(scaler_actor* self, const kv_request& req, std::int64_t latency) {
   auto& st = self->state;
-  if (!req.prefetch && req.prio >= st.config.sample_priority)
-    st.policy->record(now(self), engine::nanos{latency});
+  if (req.prefetch || req.prio < st.config.sample_priority)
+    return;
+  // The balancer measures none below 0; one from elsewhere is dropped, and
+  // said once.
+  if (auto ok = st.policy->record(now(self), engine::nanos{latency});
+      !ok && !st.bad_latency_logged) {
+    st.bad_latency_logged = true;
+    std::clog << "kvfleet scaler: dropped a sample: " << ok.error().describe()
+              << "\n";
+  }
 }
 
 caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,

@@ -134,19 +134,25 @@ scaler_policy::scaler_policy(scaler_config config, std::uint32_t replicas,
     : config_(checked(config, capacity_tokens)), replicas_(replicas),
       capacity_(capacity_tokens) {}
 
-void scaler_policy::record(engine::nanos now, engine::nanos latency) {
+result<void> scaler_policy::record(engine::nanos now, engine::nanos latency) {
+  if (latency < engine::nanos{0})
+    return make_error(errc::invalid_argument,
+                      "scaler_policy::record: a latency must not be negative, "
+                      "not " +
+                          std::to_string(latency.count()) + " ns");
   trim(now);
   // Past max_samples, each request is kept with chance 1 / stride_ (a
   // fixed-seed generator: deterministic, and unlike keeping every
   // stride_-th request, blind to periodic traffic).
   if (stride_ > 1 && (next_random() & (stride_ - 1)) != 0)
-    return;
+    return {};
   samples_.push_back(sample{now, latency, stride_});
   weight_sum_ += stride_;
   if (samples_.size() > max_samples) {
     thin();
     stride_ *= 2;
   }
+  return {};
 }
 
 std::uint64_t scaler_policy::next_random() noexcept {
@@ -214,6 +220,13 @@ engine::nanos scaler_policy::p95(engine::nanos now) {
 }
 
 scale_decision scaler_policy::evaluate(engine::nanos now) {
+  const scale_decision d = decide(now);
+  if (d.action == scale_action::hold)
+    ++counts_[static_cast<std::size_t>(scale_action::hold)];
+  return d;
+}
+
+scale_decision scaler_policy::decide(engine::nanos now) {
   scale_decision d{now, scale_action::hold, p95(now), replicas_, capacity_};
   if (in_cooldown(now)) {
     up_streak_ = down_streak_ = 0;

@@ -120,9 +120,13 @@ public:
   create(scaler_config config, std::uint32_t replicas,
          std::uint32_t capacity_tokens);
 
-  void record(engine::nanos now, engine::nanos latency);
+  /// Adds a request's latency, seen at `now`, to the window. Errors:
+  /// errc::invalid_argument for a negative latency (nothing recorded: it
+  /// would pull the p95 below every real one and retire replicas).
+  [[nodiscard]] result<void> record(engine::nanos now, engine::nanos latency);
   /// Decides at `now`; an action is applied to replicas()/capacity_tokens()
-  /// at once (the actor carries it out) and logged.
+  /// at once (the actor carries it out) and logged. Every decision is
+  /// counted (count()), holds too; only actions are logged (log()).
   scale_decision evaluate(engine::nanos now);
 
   /// Requests in the window at `now` (each one a sample, or stood for by a
@@ -204,6 +208,8 @@ private:
   /// Halves the kept samples: each pair becomes one weighing for both.
   void thin();
   std::uint64_t next_random() noexcept;
+  /// evaluate() before it counts a hold.
+  scale_decision decide(engine::nanos now);
   /// Records `d`, an action evaluate() took at `now`: starts the cooldown,
   /// clears the window and streaks, counts and logs it.
   scale_decision acted(scale_decision d, engine::nanos now);
