@@ -854,8 +854,10 @@ result<void> block_store::write(put_handle& h,
       e.checksum = copy_in_with_checksum(slot, value);
     } else {
       auto n = encode(e.c, st.spec.type, value, slot);
-      if (!n)
+      if (!n) {
+        count_rejected();
         return unexpected<error>(n.error());
+      }
       e.checksum = block_checksum(slot);
     }
   } else {
@@ -864,11 +866,15 @@ result<void> block_store::write(put_handle& h,
       std::memcpy(buf.data(), value.data(), value.size());
     } else {
       auto n = encode(e.c, st.spec.type, value, buf);
-      if (!n)
+      if (!n) {
+        count_rejected();
         return unexpected<error>(n.error());
+      }
     }
-    if (auto w = backend_->write(pool_.offset(e.slot), buf); !w)
+    if (auto w = backend_->write(pool_.offset(e.slot), buf); !w) {
+      count_rejected();
       return w;
+    }
     e.checksum = block_checksum(buf);
   }
   e.state = entry_state::written;
@@ -910,16 +916,20 @@ result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
   if (!h.duplicate_ && dst != nullptr && e.c == codec::none) {
     // Produce straight into the slot: no staging copy.
     std::span<std::byte> slot(dst, e.stored_bytes);
-    if (auto p = produce_caught(producer, st.spec, e.key, slot); !p)
+    if (auto p = produce_caught(producer, st.spec, e.key, slot); !p) {
+      count_rejected();
       return p;
+    }
     e.checksum = block_checksum(slot);
     e.state = entry_state::written;
     h.written_ = true;
     return {};
   }
-  if (auto p = produce_caught(producer, st.spec, e.key, value); !p)
+  if (auto p = produce_caught(producer, st.spec, e.key, value); !p) {
+    count_rejected();
     return p;
-  return write(h, value);
+  }
+  return write(h, value); // counts its own failure
 }
 
 result<void> block_store::commit(put_handle& h) {

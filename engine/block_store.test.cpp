@@ -1937,6 +1937,48 @@ TEST_F(store_fixture, a_token_put_that_cannot_fit_leaves_nothing) {
   store_->check_invariants();
 }
 
+/// A producer that fails with an error value, as an engine out of memory
+/// would.
+class failing_producer final : public kv_producer {
+public:
+  result<void> produce(const namespace_spec&, const block_key&,
+                       std::span<std::byte>) override {
+    return make_error(errc::backend_error, "no KV for this block");
+  }
+  nanos cost(std::size_t) const noexcept override { return nanos{0}; }
+};
+
+// write_from() is among the calls rejected_requests counts (stats.hpp):
+// a producer that fails or throws fails it, and it counts once. Before,
+// those failures returned without being counted.
+TEST_F(store_fixture, a_failed_write_from_counts_as_a_rejected_request) {
+  open(16);
+  const auto k = chain(1, 1)[0];
+  auto h = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(h.has_value());
+  failing_producer fails;
+  EXPECT_EQ(store_->write_from(*h, fails).error().code, errc::backend_error);
+  EXPECT_EQ(store_->stats().rejected_requests, 1U);
+  throwing_producer throws(k, true);
+  EXPECT_EQ(store_->write_from(*h, throws).error().code, errc::backend_error);
+  EXPECT_EQ(store_->stats().rejected_requests, 2U);
+  synthetic_producer fine;
+  ASSERT_TRUE(store_->write_from(*h, fine).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_EQ(store_->stats().rejected_requests, 2U);
+  // A duplicate put's producer runs into the scratch buffer: the same.
+  auto dup = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(dup.has_value());
+  ASSERT_TRUE(dup->already_cached());
+  EXPECT_EQ(store_->write_from(*dup, fails).error().code, errc::backend_error);
+  EXPECT_EQ(store_->stats().rejected_requests, 3U);
+  // process() counts its own failure once, not its write_from()'s too.
+  auto r = store_->process(ns_, chain(50, 1), 16, fails);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(store_->stats().rejected_requests, 4U);
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
 
