@@ -394,7 +394,7 @@ void block_store::touch(std::uint32_t id) {
   info.resident_blocks = index_.size();
   info.key_hash = block_key_hash{}(e.key);
   if (config_.next_use)
-    info.next_use = config_.next_use(e.key);
+    info.next_use = next_use_of(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, false);
   if (e.in_recency) {
     recency_unlink(id);
@@ -403,6 +403,30 @@ void block_store::touch(std::uint32_t id) {
     if (may_demote(e))
       recency_push_front(id);
   }
+}
+
+std::uint64_t block_store::next_use_of(const block_key& key) noexcept {
+  // The oracle runs in the middle of commit() and of every access, after
+  // the block's own state has changed: an exception out of here would
+  // leave it counted and not in its policy. Never used again is the safe
+  // answer (the block goes first); the host hears of it once.
+  auto report = [this](const char* what) noexcept {
+    if (next_use_failed_)
+      return;
+    next_use_failed_ = true;
+    std::fprintf(stderr,
+                 "kvfleet: the next-use oracle threw (%s); blocks it throws "
+                 "for are taken as never used again\n",
+                 what);
+  };
+  try {
+    return config_.next_use(key);
+  } catch (const std::exception& ex) {
+    report(ex.what());
+  } catch (...) {
+    report("an exception not derived from std::exception");
+  }
+  return std::numeric_limits<std::uint64_t>::max();
 }
 
 void block_store::pin_once(std::uint32_t id) {
@@ -983,7 +1007,7 @@ result<void> block_store::commit(put_handle& h) {
   info.key_hash = block_key_hash{}(e.key);
   info.parent = e.parent;
   if (config_.next_use)
-    info.next_use = config_.next_use(e.key);
+    info.next_use = next_use_of(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
   if (may_demote(e))
     recency_push_front(id); // the demotion scan's candidates

@@ -181,6 +181,9 @@ struct store_config {
   std::size_t demotion_scan_limit = 256; ///< blocks scanned per make-room
   const clock_source* clock = nullptr;   ///< default: steady clock
   /// Belady only: tick of the next use of a key after the current access.
+  /// Should not throw: it runs inside commit() and every access. One that
+  /// throws is taken as "never used again" for that key (the block is the
+  /// first to go), logged once on stderr; the call goes on.
   std::function<std::uint64_t(const block_key&)> next_use;
   /// Called on the owner's thread when a block becomes visible (stored) or
   /// leaves memory (removed: evicted, expired, dropped as corrupt), e.g. to
@@ -602,6 +605,9 @@ private:
   [[nodiscard]] std::size_t
   walk_prefix(ns_id ns, std::span<const block_key> keys, nanos now);
   void touch(std::uint32_t id);
+  /// config_.next_use(key); an exception it throws is taken as "never
+  /// used again" (max), logged once.
+  [[nodiscard]] std::uint64_t next_use_of(const block_key& key) noexcept;
   /// Counts one prefix lookup that found `hits` of `keys` blocks and began
   /// at `start` (stats: lookups, block hits and misses, lookup_ns).
   void count_lookup(nanos start, std::size_t hits, std::size_t keys) noexcept;
@@ -829,7 +835,8 @@ private:
   store_config config_;
   const clock_source* clock_;
   std::unique_ptr<memory_backend> backend_;
-  bool compaction_off_ = false; ///< a copy within the arena failed
+  bool compaction_off_ = false;  ///< a copy within the arena failed
+  bool next_use_failed_ = false; ///< the next-use oracle threw (logged)
   block_pool pool_;
   block_index index_;
   std::vector<entry> entries_;

@@ -1979,6 +1979,48 @@ TEST_F(store_fixture, a_failed_write_from_counts_as_a_rejected_request) {
   store_->check_invariants();
 }
 
+// The belady oracle is the host's code and runs inside commit() and every
+// access: one that throws is taken as "never used again" (logged once),
+// and the call completes. Before, the exception escaped commit() with the
+// block counted but not in its policy, and check_invariants() aborted.
+TEST(block_store, a_next_use_oracle_that_throws_leaves_the_store_whole) {
+  manual_clock clock;
+  bool boom = false;
+  store_config cfg;
+  cfg.capacity_bytes = 16 * block_bytes;
+  cfg.slab_bytes = 4 * block_bytes;
+  cfg.policy = policy_kind::belady;
+  cfg.clock = &clock;
+  cfg.next_use = [&boom](const block_key&) -> std::uint64_t {
+    if (boom)
+      throw std::runtime_error("oracle down");
+    return 1;
+  };
+  auto store = std::move(*block_store::create(cfg));
+  const auto ns = *store->register_namespace(small_spec());
+  synthetic_producer producer;
+  const auto fp = small_spec().fingerprint();
+  const block_key k0 = chain_key_from_id({}, fp, 1);
+  const block_key k1 = chain_key_from_id({}, fp, 2);
+  ASSERT_TRUE(store->process(ns, {&k0, 1}, 16, producer).has_value());
+  boom = true;
+  auto h = store->reserve(ns, k1, {});
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(store->write_from(*h, producer).has_value());
+  auto c = store->commit(*h);
+  EXPECT_TRUE(c.has_value()) << c.error().describe();
+  store->check_invariants();
+  auto lease = store->acquire(ns, k0); // an access: asks the oracle
+  ASSERT_TRUE(lease.has_value());
+  store->check_invariants();
+  EXPECT_TRUE(store->contains(ns, k0));
+  EXPECT_TRUE(store->contains(ns, k1));
+  lease->release();
+  boom = false;
+  EXPECT_EQ(store->evict_bytes(16 * block_bytes), 2 * block_bytes);
+  store->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
 
