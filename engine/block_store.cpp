@@ -677,6 +677,7 @@ std::optional<result<put_handle>> block_store::reserve_existing(
     h.parent_ = parent;
     h.expires_at_ = expiry_after(start, options.ttl.value_or(st.options.ttl));
     h.sets_expiry_ = sets_expiry;
+    ++entries_[existing].open_duplicates;
     ++stats_.reserves;
     return h;
   };
@@ -694,12 +695,10 @@ std::optional<result<put_handle>> block_store::reserve_existing(
     }
     // An expired copy that a reader or a cached child still holds (a
     // child outlives its parent's TTL when it was put later). Its key is
-    // its value, so the new put brings it back with the new TTL rather
-    // than failing until the last holder lets go; its children become
-    // reachable again.
-    e.dead = false;
-    e.expires_at = expiry_after(start, options.ttl.value_or(st.options.ttl));
-    refresh_evictable(existing);
+    // its value, so the new put's commit brings it back with the new TTL
+    // rather than failing until the last holder lets go; its children
+    // become reachable again. Not this reserve: an aborted put changes
+    // nothing.
     return duplicate();
   }
   return std::nullopt; // gone: the put goes on as a fresh one
@@ -773,8 +772,12 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
           return std::move(*r);
       pid = index_.find(parent);
     }
+    // A dead parent (expired, still held) will do while a put of it is
+    // open: its commit brings it back (put_tokens() reserves a chain
+    // before committing it).
     if (pid == npos || entries_[pid].state == entry_state::free ||
-        entries_[pid].dead || entries_[pid].ns != ns.value) {
+        (entries_[pid].dead && entries_[pid].open_duplicates == 0) ||
+        entries_[pid].ns != ns.value) {
       count_rejected();
       return make_error(errc::not_found,
                         "parent block " + parent.to_hex() + " is not cached");
@@ -968,7 +971,10 @@ result<void> block_store::commit(put_handle& h) {
   }
   if (!h.duplicate_) {
     const std::uint32_t pid = entries_[h.id_].parent;
-    if (pid != npos && entries_[pid].state != entry_state::committed) {
+    // A dead parent (expired, held) is being put again (reserve() takes a
+    // child under it only then): it is committed, and alive, by that put.
+    if (pid != npos &&
+        (entries_[pid].state != entry_state::committed || entries_[pid].dead)) {
       count_rejected();
       return make_error(errc::busy,
                         "block " + h.key_.to_hex() +
@@ -978,12 +984,35 @@ result<void> block_store::commit(put_handle& h) {
                             ": commit a chain from its first block");
     }
   }
+  if (h.duplicate_ && entries_[h.id_].corrupt) {
+    // It failed its checksum while this put was open and was dropped (a
+    // reader still holds its entry): there are no bytes to bring back, and
+    // a duplicate put writes none.
+    h.phase_ = put_handle::phase::aborted;
+    ++stats_.aborts;
+    --entries_[h.id_].open_duplicates;
+    count_rejected();
+    return make_error(errc::checksum_mismatch,
+                      "block " + h.key_.to_hex() +
+                          " failed its checksum and was dropped while this "
+                          "put was open: put it again");
+  }
   h.phase_ = put_handle::phase::committed;
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
     ++stats_.duplicate_puts;
-    if (h.sets_expiry_)
-      entries_[h.id_].expires_at = h.expires_at_;
+    entry& d = entries_[h.id_];
+    --d.open_duplicates;
+    if (d.dead) {
+      // Expired before the reserve or since, and still held (a reader, a
+      // cached child): the put brings it back with its own TTL, as a put
+      // of an expired block does (its key is its value).
+      d.dead = false;
+      d.expires_at = h.expires_at_;
+      refresh_evictable(h.id_);
+    } else if (h.sets_expiry_) {
+      d.expires_at = h.expires_at_;
+    }
     adopt(h.id_, h.parent_);
     raise_priority(h.id_, h.prio_);
     touch(h.id_);
@@ -1033,19 +1062,24 @@ result<void> block_store::abort(put_handle& h) {
                                                 " was already committed");
   if (auto ok = check_open(h); !ok)
     return ok;
-  if (h.duplicate_)
+  if (h.duplicate_) {
     ++stats_.aborts; // abort_reservation() counts the others
-  else
+    --entries_[h.id_].open_duplicates;
+  } else {
     abort_reservation(h.id_);
+  }
   h.phase_ = put_handle::phase::aborted;
   return {};
 }
 
 void block_store::drop_put(const put_handle& h) noexcept {
-  if (h.duplicate_)
+  if (h.duplicate_) {
     ++stats_.aborts; // nothing reserved; abort_reservation() counts the rest
-  else
+    if (entries_[h.id_].generation == h.generation_) // still that block
+      --entries_[h.id_].open_duplicates;
+  } else {
     abort_if_current(h.id_, h.generation_);
+  }
 }
 
 void block_store::abort_if_current(std::uint32_t id,

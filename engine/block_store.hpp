@@ -247,7 +247,10 @@ public:
   /// True when the key was already cached: write and commit then do nothing
   /// but validate, and commit counts as an access, sets the block's expiry
   /// to the reserve time + the put's TTL (as a cache's SET does; none when
-  /// the put has none) and pins the block when the put asked for a pin.
+  /// the put has none) and pins the block when the put asked for a pin. A
+  /// block that expired (before the reserve or since) and is still held
+  /// comes back at the commit, never at the reserve: an aborted put
+  /// changes nothing.
   [[nodiscard]] bool already_cached() const noexcept { return duplicate_; }
   [[nodiscard]] const block_key& key() const noexcept { return key_; }
 
@@ -369,7 +372,10 @@ public:
   /// Makes the block visible. errc::not_written before write,
   /// errc::double_commit and errc::commit_after_abort as named; errc::busy
   /// (the put stays open) while its parent is reserved and not committed
-  /// yet: a chain commits from its first block.
+  /// yet: a chain commits from its first block. A duplicate put
+  /// (already_cached()) whose block failed its checksum and was dropped
+  /// while the put was open is errc::checksum_mismatch (the put is over:
+  /// put the block again).
   [[nodiscard]] result<void> commit(put_handle& handle);
   /// Frees the reservation. Aborting twice, or after commit, is an error.
   /// Open puts chained from this one (children reserved on it) are aborted

@@ -2021,6 +2021,68 @@ TEST(block_store, a_next_use_oracle_that_throws_leaves_the_store_whole) {
   store->check_invariants();
 }
 
+// An aborted repeat put changes nothing (README, TTL): it does not bring
+// back a block that expired while a cached child held it. Before, the
+// reserve revived it with the aborted put's TTL (none), for good.
+TEST_F(store_fixture, an_aborted_repeat_put_leaves_an_expired_block_expired) {
+  open(16);
+  const auto keys = chain(1, 2);
+  put_options one;
+  one.ttl = 1s;
+  ASSERT_TRUE(put(keys[0], {}, one).has_value());
+  ASSERT_TRUE(put(keys[1], keys[0]).has_value()); // no TTL
+  clock_.advance(2s);
+  ASSERT_EQ(*store_->lookup(ns_, keys), 0U);
+  {
+    auto h = store_->reserve(ns_, keys[0], {});
+    ASSERT_TRUE(h.has_value());
+    ASSERT_TRUE(h->already_cached());
+    ASSERT_TRUE(store_->abort(*h).has_value());
+  }
+  EXPECT_EQ(*store_->lookup(ns_, keys), 0U);
+  EXPECT_FALSE(store_->contains(ns_, keys[0]));
+  {
+    auto dropped = store_->reserve(ns_, keys[0], {});
+    ASSERT_TRUE(dropped.has_value());
+  }
+  EXPECT_EQ(*store_->lookup(ns_, keys), 0U);
+  store_->check_invariants();
+  ASSERT_TRUE(put(keys[0], {}).has_value()); // a committed put does
+  EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
+  store_->check_invariants();
+}
+
+// A repeat put whose block expires while it is open (a reader holds the
+// block, so it turns dead) brings it back at its commit with its own TTL,
+// as a put of an expired block does. Before, the commit succeeded and the
+// block stayed invisible.
+TEST_F(store_fixture,
+       a_repeat_put_committed_after_its_block_expired_revives_it) {
+  open(16);
+  const auto k = chain(1, 1)[0];
+  put_options one;
+  one.ttl = 1s;
+  ASSERT_TRUE(put(k, {}, one).has_value());
+  auto lease = store_->acquire(ns_, k);
+  ASSERT_TRUE(lease.has_value());
+  auto h = store_->reserve(ns_, k, {}); // no TTL
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(h->already_cached());
+  clock_.advance(2s);
+  const std::vector<block_key> keys{k};
+  ASSERT_EQ(*store_->lookup(ns_, keys), 0U); // expired: dead, still held
+  ASSERT_TRUE(store_->write(*h, value_for(k)).has_value());
+  auto c = store_->commit(*h);
+  ASSERT_TRUE(c.has_value()) << c.error().describe();
+  EXPECT_TRUE(store_->contains(ns_, k));
+  EXPECT_EQ(*store_->lookup(ns_, keys), 1U);
+  store_->check_invariants();
+  lease->release();
+  clock_.advance(1000s);
+  EXPECT_TRUE(store_->contains(ns_, k));
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
 

@@ -21,6 +21,10 @@ struct block_store::entry {
   std::uint32_t departing = 0; // children being demoted to the memory tier
   std::uint32_t leases = 0;
   std::uint32_t pins = 0;
+  /// Duplicate puts of this committed block open now (reserve() until
+  /// their commit or abort): a dead block with one is being put again, so
+  /// a child may be reserved under it as under a reserved block.
+  std::uint32_t open_duplicates = 0;
   std::uint32_t access_count = 0;
   std::uint32_t stored_bytes = 0;
   std::uint32_t generation = 0;
