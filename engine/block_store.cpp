@@ -678,6 +678,11 @@ std::optional<result<put_handle>> block_store::reserve_existing(
     h.expires_at_ = expiry_after(start, options.ttl.value_or(st.options.ttl));
     h.sets_expiry_ = sets_expiry;
     ++entries_[existing].open_duplicates;
+    // The put holds the block until it ends, as a fresh put holds its
+    // slot: a lease, so room made for other puts cannot evict it (nor
+    // free it once dead) before the commit, which needs it.
+    ++entries_[existing].leases;
+    refresh_evictable(existing);
     ++stats_.reserves;
     return h;
   };
@@ -991,6 +996,7 @@ result<void> block_store::commit(put_handle& h) {
     h.phase_ = put_handle::phase::aborted;
     ++stats_.aborts;
     --entries_[h.id_].open_duplicates;
+    release_lease(h.id_); // the put's hold: removes the dropped block now
     count_rejected();
     return make_error(errc::checksum_mismatch,
                       "block " + h.key_.to_hex() +
@@ -1013,6 +1019,8 @@ result<void> block_store::commit(put_handle& h) {
     } else if (h.sets_expiry_) {
       d.expires_at = h.expires_at_;
     }
+    // The put's hold, let go before adopt(), which waits for leases.
+    release_lease(h.id_);
     adopt(h.id_, h.parent_);
     raise_priority(h.id_, h.prio_);
     touch(h.id_);
@@ -1062,21 +1070,22 @@ result<void> block_store::abort(put_handle& h) {
                                                 " was already committed");
   if (auto ok = check_open(h); !ok)
     return ok;
+  h.phase_ = put_handle::phase::aborted;
   if (h.duplicate_) {
     ++stats_.aborts; // abort_reservation() counts the others
     --entries_[h.id_].open_duplicates;
+    release_lease(h.id_); // the put's hold on the cached block
   } else {
     abort_reservation(h.id_);
   }
-  h.phase_ = put_handle::phase::aborted;
   return {};
 }
 
 void block_store::drop_put(const put_handle& h) noexcept {
   if (h.duplicate_) {
-    ++stats_.aborts; // nothing reserved; abort_reservation() counts the rest
-    if (entries_[h.id_].generation == h.generation_) // still that block
-      --entries_[h.id_].open_duplicates;
+    ++stats_.aborts; // abort_reservation() counts the rest
+    --entries_[h.id_].open_duplicates;
+    release_lease(h.id_); // the put's hold on the cached block
   } else {
     abort_if_current(h.id_, h.generation_);
   }

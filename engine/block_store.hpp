@@ -250,7 +250,9 @@ public:
   /// the put has none) and pins the block when the put asked for a pin. A
   /// block that expired (before the reserve or since) and is still held
   /// comes back at the commit, never at the reserve: an aborted put
-  /// changes nothing.
+  /// changes nothing. The open put holds the cached block as a lease does
+  /// (not evicted, demoted or moved) until it is committed, aborted or
+  /// dropped, so its commit finds it.
   [[nodiscard]] bool already_cached() const noexcept { return duplicate_; }
   [[nodiscard]] const block_key& key() const noexcept { return key_; }
 

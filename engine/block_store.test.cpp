@@ -2083,6 +2083,40 @@ TEST_F(store_fixture,
   store_->check_invariants();
 }
 
+// A repeat put holds its block from reserve to commit as a fresh put holds
+// its slot: other puts making room cannot evict it, and its commit
+// succeeds. Before, the handle held nothing, the block could be evicted in
+// between, and write and commit then failed as "stale put handle".
+TEST_F(store_fixture, a_repeat_put_keeps_its_block_until_it_commits) {
+  open(8);
+  const auto k = chain(1, 1)[0];
+  ASSERT_TRUE(put(k, {}).has_value());
+  auto h = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(h->already_cached());
+  for (std::uint64_t i = 0; i < 10; ++i)
+    ASSERT_TRUE(put(chain(100 * (i + 1), 1)[0], {}).has_value());
+  EXPECT_GT(store_->stats().evictions, 0U);
+  EXPECT_TRUE(store_->contains(ns_, k));
+  store_->check_invariants();
+  ASSERT_TRUE(store_->write(*h, value_for(k)).has_value());
+  auto c = store_->commit(*h);
+  ASSERT_TRUE(c.has_value()) << c.error().describe();
+  EXPECT_TRUE(store_->contains(ns_, k));
+  store_->check_invariants();
+  // Committed, aborted or dropped, it holds the block no longer.
+  {
+    auto dropped = store_->reserve(ns_, k, {});
+    ASSERT_TRUE(dropped.has_value());
+  }
+  auto aborted = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(aborted.has_value());
+  ASSERT_TRUE(store_->abort(*aborted).has_value());
+  store_->evict_bytes(8 * block_bytes);
+  EXPECT_EQ(store_->block_count(), 0U);
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
 
