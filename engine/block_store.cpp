@@ -753,40 +753,35 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
                           "its own parent");
   }
   const nanos start = now();
-  if (const std::uint32_t existing = index_.find(key); existing != npos)
-    if (auto r =
-            reserve_existing(ns, existing, parent, options, start, sets_expiry))
-      return std::move(*r);
+  // The parent first, for a duplicate put too: it must be cached (or
+  // reserved) whether or not `key` is.
   std::uint32_t pid = npos;
   if (!parent.is_null()) {
-    pid = index_.find(parent);
+    pid = usable_parent(ns, parent, start);
     // lookup() counts a prefix in the memory tier as cached (the engine
     // actor's, one on disk too), so a host extends it: bring the parent
     // back, as acquire() does (from disk alone: see promote_key_from_disk),
     // at its own priority (its codec, TTL, pin and partition are its own
     // too; a disk copy that records no partition lands in the put's).
-    if (pid == npos &&
+    if (pid == npos && index_.find(parent) == npos &&
         (promote_key_from_tier(ns, parent) ||
-         promote_key_from_disk(ns, parent, for_parent_of(options)))) {
-      // The parent's chain in the memory tier can hold `key` itself (a put
-      // naming a descendant of its key as parent): it is back now, and this
-      // put is a duplicate of it, never a second entry for the same key.
-      if (const std::uint32_t existing = index_.find(key); existing != npos)
-        if (auto r = reserve_existing(ns, existing, parent, options, start,
-                                      sets_expiry))
-          return std::move(*r);
-      pid = index_.find(parent);
-    }
-    // A dead parent (expired, still held) will do while a put of it is
-    // open: its commit brings it back (put_tokens() reserves a chain
-    // before committing it).
-    if (pid == npos || entries_[pid].state == entry_state::free ||
-        (entries_[pid].dead && entries_[pid].open_duplicates == 0) ||
-        entries_[pid].ns != ns.value) {
+         promote_key_from_disk(ns, parent, for_parent_of(options))))
+      pid = usable_parent(ns, parent, start);
+    if (pid == npos) {
       count_rejected();
       return make_error(errc::not_found,
                         "parent block " + parent.to_hex() + " is not cached");
     }
+  }
+  // The parent's chain brought back from the memory tier can hold `key`
+  // itself (a put naming a descendant of its key as parent): it is back
+  // now, and this put is a duplicate of it, never a second entry for the
+  // same key.
+  if (const std::uint32_t existing = index_.find(key); existing != npos)
+    if (auto r =
+            reserve_existing(ns, existing, parent, options, start, sets_expiry))
+      return std::move(*r);
+  if (pid != npos) {
     // Holding the child count up keeps the parent out of eviction below.
     ++entries_[pid].children;
     refresh_evictable(pid);
@@ -824,6 +819,25 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
   index_.insert(key, id);
   ++stats_.reserves;
   return open_handle(id, key, start);
+}
+
+std::uint32_t block_store::usable_parent(ns_id ns, const block_key& key,
+                                         nanos t) {
+  const std::uint32_t id = index_.find(key);
+  if (id == npos || entries_[id].ns != ns.value)
+    return npos;
+  entry& p = entries_[id];
+  if (p.state == entry_state::committed && !p.dead && p.expires_at != 0 &&
+      p.expires_at <= t.count()) {
+    ++stats_.expirations; // no lookup has seen it expire yet
+    kill(id);             // removes it when nothing holds it
+  }
+  // A dead parent (expired, still held) will do while a put of it is
+  // open: its commit brings it back (put_tokens() reserves a chain before
+  // committing it).
+  if (p.state == entry_state::free || (p.dead && p.open_duplicates == 0))
+    return npos;
+  return id;
 }
 
 put_handle block_store::open_handle(std::uint32_t id, const block_key& key,

@@ -610,6 +610,12 @@ private:
                    const put_options& options, nanos start, bool sets_expiry);
   [[nodiscard]] std::uint32_t find_visible(ns_id ns, const block_key& key,
                                            nanos now);
+  /// The entry of `key` when a put may name it as parent at `now`: a
+  /// committed block of namespace `ns`, alive and not expired (one found
+  /// expired is expired here), or one being put (reserved, or dead with a
+  /// duplicate put open that will bring it back); npos otherwise.
+  [[nodiscard]] std::uint32_t usable_parent(ns_id ns, const block_key& key,
+                                            nanos now);
   [[nodiscard]] std::size_t
   walk_prefix(ns_id ns, std::span<const block_key> keys, nanos now);
   void touch(std::uint32_t id);

@@ -2117,6 +2117,36 @@ TEST_F(store_fixture, a_repeat_put_keeps_its_block_until_it_commits) {
   store_->check_invariants();
 }
 
+// The parent a put names must be cached (or reserved) for a repeat put as
+// for a fresh one, and a parent whose TTL ran out is not cached, whether
+// or not a lookup has noticed yet. Before, a repeat put took any parent,
+// and a put under an expired parent succeeded with an unreachable block.
+TEST_F(store_fixture, a_put_needs_its_parent_cached_and_not_expired) {
+  open(16);
+  const auto k = chain(1, 1)[0];
+  ASSERT_TRUE(put(k, {}).has_value());
+  const auto absent = chain(500, 1)[0];
+  auto fresh = store_->reserve(ns_, chain(2, 1)[0], absent);
+  ASSERT_FALSE(fresh.has_value());
+  EXPECT_EQ(fresh.error().code, errc::not_found);
+  auto repeat = store_->reserve(ns_, k, absent);
+  ASSERT_FALSE(repeat.has_value());
+  EXPECT_EQ(repeat.error().code, errc::not_found);
+  store_->check_invariants();
+
+  const auto keys = chain(10, 2);
+  put_options one;
+  one.ttl = 1s;
+  ASSERT_TRUE(put(keys[0], {}, one).has_value());
+  clock_.advance(2s);
+  auto r = put(keys[1], keys[0]);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::not_found);
+  EXPECT_FALSE(store_->contains(ns_, keys[1]));
+  EXPECT_EQ(store_->stats().expirations, 1U);
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
 
