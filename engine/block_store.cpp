@@ -1231,7 +1231,11 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     if (opts.pin)
       pin_once(l.id_);
   }
-  const std::size_t added = token_puts_.size();
+  // A block already cached after the matched prefix (a dead one brought
+  // back, its cached children) was put again, not added.
+  const auto added = static_cast<std::size_t>(
+      std::count_if(token_puts_.begin(), token_puts_.end(),
+                    [](const put_handle& h) { return !h.already_cached(); }));
   token_puts_.clear();
   token_leases_.clear();
   return added;

@@ -390,7 +390,8 @@ public:
   /// one uncompressed value per block, in order (errc::wrong_value_size
   /// otherwise). Blocks already cached are skipped. All or nothing: if any
   /// block cannot be stored, none of this call's blocks is. Returns how many
-  /// blocks were added.
+  /// blocks were added (not those already cached, in the matched prefix or
+  /// after it).
   [[nodiscard]] result<std::size_t>
   put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
              std::span<const std::byte> values,

@@ -2147,6 +2147,40 @@ TEST_F(store_fixture, a_put_needs_its_parent_cached_and_not_expired) {
   store_->check_invariants();
 }
 
+// put_tokens() returns the blocks it added: blocks already cached that it
+// puts again (an expired parent brought back, its cached child) are not
+// added. Before, every block after the matched prefix counted.
+TEST_F(store_fixture, a_token_put_counts_only_the_blocks_it_added) {
+  open(16);
+  std::vector<std::uint32_t> tokens(48);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = 7 + i;
+  std::vector<block_key> keys;
+  chain_keys(fp_, 16, tokens, keys);
+  put_options one;
+  one.ttl = 1s;
+  ASSERT_TRUE(put(keys[0], {}, one).has_value());
+  ASSERT_TRUE(put(keys[1], keys[0]).has_value()); // no TTL
+  clock_.advance(2s);
+  std::vector<std::byte> values;
+  for (const auto& k : keys) {
+    const auto v = value_for(k);
+    values.insert(values.end(), v.begin(), v.end());
+  }
+  const auto used = store_->used_bytes();
+  auto added = store_->put_tokens(ns_, std::span(tokens).first(32),
+                                  std::span(values).first(2 * block_bytes));
+  ASSERT_TRUE(added.has_value()) << added.error().describe();
+  EXPECT_EQ(*added, 0U);
+  EXPECT_EQ(store_->used_bytes(), used);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
+  added = store_->put_tokens(ns_, tokens, values);
+  ASSERT_TRUE(added.has_value()) << added.error().describe();
+  EXPECT_EQ(*added, 1U);
+  EXPECT_EQ(store_->block_count(), 3U);
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
 
