@@ -1189,13 +1189,24 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
   // The calls below are the store's own: this call counts once if it fails.
   const nested_scope nested(*this);
-  // Lease the cached prefix so making room for the rest cannot evict it.
-  auto matched =
-      acquire_prefix_at(ns, token_keys_, token_leases_, options.prio);
-  if (!matched) {
-    ++stats_.rejected_requests;
-    return unexpected<error>(matched.error());
+  // Lease the cached prefix so making room for the rest cannot evict it,
+  // and do no more to it until every block is reserved and written: a put
+  // that fails leaves the prefix as it was (its priority, its accesses,
+  // no lookup counted). acquire_prefix_at() would raise and touch it now.
+  const nanos start = now();
+  token_leases_.clear();
+  for (const block_key& key : token_keys_) {
+    const std::uint32_t id = find_visible(ns, key, start);
+    if (id == npos)
+      break;
+    if (entries_[id].parent_unknown && !token_leases_.empty())
+      adopt(id, token_leases_.back().key()); // the put names its parent
+    ++entries_[id].leases;
+    refresh_evictable(id);
+    token_leases_.push_back(read_lease(this, id, key));
   }
+  const std::size_t matched = token_leases_.size();
+  const nanos walked = now() - start;
   put_options opts = options;
   if (opts.request_tokens == 0)
     opts.request_tokens = static_cast<std::uint32_t>(
@@ -1209,8 +1220,8 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     ++stats_.rejected_requests; // this call's failure (see `nested`)
     return unexpected<error>(e);
   };
-  block_key parent = *matched > 0 ? token_keys_[*matched - 1] : block_key{};
-  for (std::size_t i = *matched; i < blocks; ++i) {
+  block_key parent = matched > 0 ? token_keys_[matched - 1] : block_key{};
+  for (std::size_t i = matched; i < blocks; ++i) {
     auto h = reserve(ns, token_keys_[i], parent, opts);
     if (!h)
       return undo(h.error());
@@ -1219,9 +1230,19 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
       return undo(w.error());
     parent = token_keys_[i];
   }
+  // Every block is reserved and written: the prefix is used now, as
+  // acquire_prefix() uses it (before the new blocks' commits, so they are
+  // the more recent). Only a commit can still fail (a duplicate's block
+  // dropped as corrupt meanwhile).
+  for (const read_lease& l : token_leases_) {
+    raise_priority(l.id_, opts.prio);
+    touch(l.id_);
+  }
   for (put_handle& h : token_puts_)
     if (auto c = commit(h); !c)
       return undo(c.error());
+  // The walk's time, not the put's: what acquire_prefix() would record.
+  count_lookup(now() - walked, matched, blocks);
   // The cached prefix this put skipped is put again: a new expiry (as a
   // duplicate put's commit sets), and its pin.
   const std::int64_t expires =

@@ -389,7 +389,9 @@ public:
   /// number of blocks (errc::misaligned_tokens otherwise); `values` holds
   /// one uncompressed value per block, in order (errc::wrong_value_size
   /// otherwise). Blocks already cached are skipped. All or nothing: if any
-  /// block cannot be stored, none of this call's blocks is. Returns how many
+  /// block cannot be stored, none of this call's blocks is, and the cached
+  /// prefix it matched is left as it was (priority, recency; no lookup is
+  /// counted). Returns how many
   /// blocks were added (not those already cached, in the matched prefix or
   /// after it).
   [[nodiscard]] result<std::size_t>

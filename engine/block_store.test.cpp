@@ -2181,6 +2181,43 @@ TEST_F(store_fixture, a_token_put_counts_only_the_blocks_it_added) {
   store_->check_invariants();
 }
 
+// A failed token put leaves nothing behind, on the cached prefix it
+// matched either: no higher priority, no access, no lookup counted.
+// Before, the prefix was raised and touched first and kept both.
+TEST_F(store_fixture, a_failed_token_put_leaves_its_cached_prefix_as_it_was) {
+  open(16, policy_kind::lru);
+  std::vector<std::uint32_t> tokens(32);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = 7 + i;
+  std::vector<block_key> keys;
+  chain_keys(fp_, 16, tokens, keys);
+  const auto other = chain(900, 1)[0];
+  ASSERT_TRUE(put(keys[0], {}).has_value()); // the oldest
+  ASSERT_TRUE(put(other, {}).has_value());
+  auto open_put = store_->reserve(ns_, keys[1], keys[0]); // makes it busy
+  ASSERT_TRUE(open_put.has_value());
+  std::vector<std::byte> values;
+  for (const auto& k : keys) {
+    const auto v = value_for(k);
+    values.insert(values.end(), v.begin(), v.end());
+  }
+  put_options critical;
+  critical.prio = priority::critical;
+  const store_stats before = store_->stats();
+  auto r = store_->put_tokens(ns_, tokens, values, critical);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::busy);
+  EXPECT_EQ(store_->stats().lookups, before.lookups);
+  EXPECT_EQ(store_->stats().rejected_requests, before.rejected_requests + 1);
+  ASSERT_TRUE(store_->abort(*open_put).has_value());
+  store_->check_invariants();
+  // Still the oldest, still normal: the first to go.
+  EXPECT_EQ(store_->evict_bytes(block_bytes), block_bytes);
+  EXPECT_FALSE(store_->contains(ns_, keys[0]));
+  EXPECT_TRUE(store_->contains(ns_, other));
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
 
