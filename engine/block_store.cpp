@@ -434,6 +434,7 @@ void block_store::pin_once(std::uint32_t id) {
   if (e.state != entry_state::committed || e.dead || e.pins > 0)
     return;
   e.pins = 1;
+  recency_unlink(id);    // no demotion candidate while pinned
   (void)spill(id, true); // pins survive restarts
   refresh_evictable(id);
 }
@@ -1060,7 +1061,7 @@ result<void> block_store::commit(put_handle& h) {
   if (config_.next_use)
     info.next_use = next_use_of(e.key);
   policies_[static_cast<std::size_t>(e.part)]->on_access(id, info, true);
-  if (may_demote(e))
+  if (e.pins == 0 && may_demote(e))
     recency_push_front(id); // the demotion scan's candidates
   refresh_evictable(id);
   if (config_.on_block_event)
@@ -1421,6 +1422,7 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
     return make_error(errc::not_found,
                       "block " + key.to_hex() + " is not cached");
   ++entries_[id].pins;
+  recency_unlink(id); // no demotion candidate while pinned
   if (entries_[id].pins == 1)
     (void)spill(id, true); // pins survive restarts
   refresh_evictable(id);
@@ -1451,6 +1453,11 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
     return make_error(errc::invalid_argument,
                       "block " + key.to_hex() + " is not pinned");
   --entries_[id].pins;
+  // A candidate again, as the most recently used (its place among the
+  // others is not kept while pinned; a pin is a use).
+  if (entries_[id].pins == 0 && !entries_[id].in_recency &&
+      may_demote(entries_[id]))
+    recency_push_front(id);
   if (entries_[id].pins == 0 && disk_) {
     const auto info = disk_->lookup(key);
     if (info && info->pins > 0)
@@ -2520,7 +2527,8 @@ void block_store::check_invariants() const {
     for (std::uint32_t id = recency_head_[p]; id != npos;
          id = entries_[id].rnext) {
       KVFLEET_CHECK(entries_[id].in_recency &&
-                        entries_[id].state == entry_state::committed,
+                        entries_[id].state == entry_state::committed &&
+                        entries_[id].pins == 0,
                     "recency list holds a block it should not");
       KVFLEET_CHECK(++n <= entries_.size(), "recency list cycle");
     }

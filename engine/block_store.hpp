@@ -678,7 +678,9 @@ private:
   [[nodiscard]] codec demotion_target(const entry& e) const noexcept;
   /// Whether demoting `e` now would free bytes. Accesses and demotions
   /// only make it false, never true again: only such blocks are on the
-  /// recency list the demotion scan walks.
+  /// recency list the demotion scan walks, and only while unpinned (a pin
+  /// takes a block off it, the last unpin puts it back at the front), so
+  /// blocks it could never demote do not use up its limit.
   [[nodiscard]] bool may_demote(const entry& e) const noexcept;
   [[nodiscard]] result<void> transcode(std::uint32_t id, codec to);
   /// Frees a block's slot and entry. `announce`: report it removed
