@@ -1589,10 +1589,18 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
     evict(make_room_victim(*q));
   }
   if (!pool_.can_allocate(cls))
-    return make_error(errc::out_of_memory,
-                      "no room for a block of " + std::to_string(need) +
-                          " bytes: every cached block is pinned, leased or has "
-                          "cached children");
+    // Every evictable block went (or none was there), and no slot of this
+    // size came free: the rest holds the slabs. Free bytes in slots of
+    // other sizes are no room for this one.
+    return make_error(
+        errc::out_of_memory,
+        "no room for a block of " + std::to_string(need) +
+            " bytes: no slot of its size came free after evicting every "
+            "block that could be (the blocks left are pinned, leased or have "
+            "cached children; " +
+            std::to_string(pool_.capacity_bytes() - pool_.used_bytes()) +
+            " bytes are free in slots of other sizes, on slabs those blocks "
+            "hold)");
   return {};
 }
 

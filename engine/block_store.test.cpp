@@ -746,6 +746,9 @@ TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   auto h = store_->reserve(ns_, k, {});
   ASSERT_FALSE(h.has_value());
   EXPECT_EQ(h.error().code, errc::out_of_memory);
+  EXPECT_NE(h.error().message.find("pinned, leased or have cached children"),
+            std::string::npos)
+      << h.error().message;
   EXPECT_EQ(store_->used_bytes(), used);
   store_->check_invariants();
 }
