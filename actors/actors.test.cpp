@@ -2141,6 +2141,16 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
                "ttl");
   expect_error(spawn_query_cache(*sys_, query_cache_config{}, fake, nullptr),
                "null");
+  // No balancer: refused at the spawn, not at every request it would send.
+  const caf::actor none;
+  expect_error(spawn_warmer(*sys_, warmer_config{}, none),
+               "spawn_warmer: the balancer is null");
+  expect_error(spawn_scaler(*sys_, scaler_actor_config{}, none),
+               "spawn_scaler: the balancer is null");
+  expect_error(spawn_prefetcher(*sys_, prefetch_config{}, none),
+               "spawn_prefetcher: the balancer is null");
+  expect_error(spawn_query_cache(*sys_, query_cache_config{}, none),
+               "spawn_query_cache: the balancer is null");
   sched_->run();
   EXPECT_TRUE(be->seen.empty());
   EXPECT_EQ(factory_calls, 0) << "engines spawned for a refused balancer";
@@ -3223,6 +3233,8 @@ TEST(WarmerSelectTop, ANaNFrequencyRanksBelowEveryNumber) {
   for (double f : {nan, 1.0, 2.0, nan, 3.0, -1.0}) {
     kv_request r;
     r.query = "q" + std::to_string(items.size());
+    r.keys = {block_key{items.size() + 1, 1}};
+    r.input_tokens = 16;
     items.push_back(warm_item{r, f});
   }
   EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{4, 2, 1}));
@@ -3232,7 +3244,9 @@ TEST(WarmerSelectTop, ANaNFrequencyRanksBelowEveryNumber) {
 TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
   // A request twice in one warm, its copies in flight together, could be
   // routed to two engines and pin its blocks on both. The repeat is left
-  // out, the top n are n different requests.
+  // out, the top n are n different requests. Blocks decide, not the
+  // query's name: "b" over the same blocks is the same request to the
+  // balancer (before, it was warmed, and pinned, as well).
   const auto item = [](std::string q, std::uint32_t tokens, double f) {
     kv_request r;
     r.query = std::move(q);
@@ -3243,10 +3257,10 @@ TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
   const std::vector<warm_item> items = {
       item("a", 16, 1.0), item("a", 16, 5.0), // the same request
       item("a", 32, 2.0),                     // other tokens
-      item("b", 16, 3.0),                     // other query, same blocks
+      item("b", 16, 3.0),                     // other name, same blocks
       item("a", 16, 4.0)};
-  EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{1, 3, 2}));
-  EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{1, 3, 2}));
+  EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{1, 2}));
+  EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{1, 2}));
 }
 
 TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {

@@ -1,5 +1,6 @@
 #include "actors/caf_error.hpp"
 
+#include <caf/actor.hpp>
 #include <caf/atom.hpp>
 #include <caf/make_message.hpp>
 #include <caf/sec.hpp>
@@ -63,6 +64,13 @@ kvfleet::error from_caf_error(const caf::error& e) {
   return kvfleet::error{errc::backend_error,
                         "error " + std::to_string(e.code()) + " in category " +
                             caf::to_string(e.category())};
+}
+
+result<void> check_balancer(const caf::actor& balancer, const char* spawn_fn) {
+  if (!balancer)
+    return make_error(errc::invalid_argument,
+                      std::string{spawn_fn} + ": the balancer is null");
+  return {};
 }
 
 } // namespace kvfleet::actors

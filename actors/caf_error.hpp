@@ -13,6 +13,7 @@
 #include "engine/result.hpp"
 
 #include <caf/error.hpp>
+#include <caf/fwd.hpp>
 
 namespace kvfleet::actors {
 
@@ -23,5 +24,11 @@ namespace kvfleet::actors {
 /// Whether `e` carries a kvfleet::error (made by to_caf_error), not one of
 /// CAF's own (an exit reason such as kill, a system error).
 [[nodiscard]] bool is_kvfleet_error(const caf::error& e) noexcept;
+
+/// errc::invalid_argument naming `spawn_fn` when `balancer` is null: an
+/// actor spawned over no balancer would fail every request it sends, one
+/// by one, instead of at its spawn.
+[[nodiscard]] result<void> check_balancer(const caf::actor& balancer,
+                                          const char* spawn_fn);
 
 } // namespace kvfleet::actors

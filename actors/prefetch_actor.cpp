@@ -1,5 +1,6 @@
 #include "actors/prefetch_actor.hpp"
 
+#include "actors/caf_error.hpp"
 #include "actors/messages.hpp"
 #include "actors/prefetch_tracker.hpp"
 #include "actors/stray_messages.hpp"
@@ -191,6 +192,8 @@ result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
                                     prefetch_config config, caf::actor balancer,
                                     caf::actor front) {
   if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
+  if (auto ok = check_balancer(balancer, "spawn_prefetcher"); !ok)
     return unexpected<error>{ok.error()};
   auto tracker = prefetch_tracker::create(config.max_outstanding);
   if (!tracker)

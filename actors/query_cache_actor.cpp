@@ -393,6 +393,8 @@ result<caf::actor> spawn_query_cache(caf::actor_system& sys,
                                      std::unique_ptr<query_store> store) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
+  if (auto ok = check_balancer(balancer, "spawn_query_cache"); !ok)
+    return unexpected<error>{ok.error()};
   if (!store)
     return make_error(errc::invalid_argument,
                       "spawn_query_cache: the query store is null");

@@ -319,6 +319,8 @@ result<caf::actor> spawn_scaler(caf::actor_system& sys,
                                 caf::actor balancer) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
+  if (auto ok = check_balancer(balancer, "spawn_scaler"); !ok)
+    return unexpected<error>{ok.error()};
   // Built here, so a bad configuration is the caller's error value and never
   // reaches the actor.
   auto policy = scaler_policy::create(config.policy, config.initial_replicas,

@@ -34,15 +34,15 @@ std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
       return false;
     return std::isnan(fb) || fa > fb;
   });
-  // The same request twice is one query, warmed once at its highest rank:
-  // a copy warmed at the same time could be routed to another engine and
-  // pin its blocks there too, which an unpin of the first engine leaves
-  // pinned.
+  // The same blocks twice (keys and tokens, whatever the queries are
+  // called: the warmer sends to the balancer, where a name changes
+  // nothing) are one query, warmed once at its highest rank: a copy warmed
+  // at the same time could be routed to another engine and pin its blocks
+  // there too, which an unpin of the first engine leaves pinned.
   const auto before = [&](std::size_t a, std::size_t b) {
     const kv_request& x = items[a].request;
     const kv_request& y = items[b].request;
-    return std::tie(x.query, x.input_tokens, x.keys) <
-           std::tie(y.query, y.input_tokens, y.keys);
+    return std::tie(x.input_tokens, x.keys) < std::tie(y.input_tokens, y.keys);
   };
   std::set<std::size_t, decltype(before)> seen(before);
   std::vector<std::size_t> out;
@@ -153,6 +153,8 @@ result<void> validate(const warmer_config& config) {
 result<caf::actor> spawn_warmer(caf::actor_system& sys, warmer_config config,
                                 caf::actor balancer) {
   if (auto ok = validate(config); !ok)
+    return unexpected<error>{ok.error()};
+  if (auto ok = check_balancer(balancer, "spawn_warmer"); !ok)
     return unexpected<error>{ok.error()};
   return sys.spawn(warmer_behavior, std::move(config), std::move(balancer));
 }

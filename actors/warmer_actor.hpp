@@ -42,9 +42,10 @@ struct warmer_config {
 
 /// Indices of the top `n` items by frequency, highest first, ties in input
 /// order; an item whose frequency is NaN ranks below every other. An item
-/// whose request (query, input_tokens and keys) an item ranked before it
-/// has too is left out: it is one query, warmed once (a copy warmed at the
-/// same time could go to another engine and pin its blocks there too).
+/// whose blocks (input_tokens and keys; the query's name changes nothing at
+/// the balancer) an item ranked before it has too is left out: it is one
+/// query, warmed once (a copy warmed at the same time could go to another
+/// engine and pin its blocks there too).
 [[nodiscard]] std::vector<std::size_t>
 select_top(const std::vector<warm_item>& items, std::size_t n);
 
