@@ -455,6 +455,35 @@ TEST_F(actor_test, BatchServesHigherPriorityFirst) {
   EXPECT_EQ(r1->value->matched_blocks, 2U);
 }
 
+TEST_F(actor_test,
+       ANormalRequestQueuedBehindAFullBatchOfBackgroundOnesRunsFirst) {
+  // Defaults (20 per batch, close_when_idle): 25 background requests, then
+  // a normal one, all queued before the engine reads any. All share two
+  // leading blocks: whoever runs first computes them. The normal one does.
+  // (Before, the first 20 background requests closed a full batch before
+  // the normal one was read, and it ran in the second batch.)
+  auto c = small_engine(256);
+  c.batch = batch_config{};
+  auto e = engine(c);
+  std::vector<std::shared_ptr<outcome<kv_reply>>> bg;
+  for (std::uint64_t i = 0; i < 25; ++i) {
+    auto r = make_request(i + 1, 7, 2, 3, i + 1);
+    r.prio = engine::priority::background;
+    bg.push_back(ask<kv_reply>(e, process_atom::value, r));
+  }
+  auto normal =
+      ask<kv_reply>(e, process_atom::value, make_request(100, 7, 2, 3, 100));
+  sched_->run();
+  ASSERT_TRUE(normal->value.has_value());
+  EXPECT_EQ(normal->value->matched_blocks, 0U);
+  EXPECT_EQ(normal->value->computed_blocks, 3U);
+  for (const auto& r : bg) {
+    ASSERT_TRUE(r->value.has_value());
+    EXPECT_EQ(r->value->matched_blocks, 2U);
+  }
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 2U);
+}
+
 TEST_F(actor_test, UnknownMessageGetsAnErrorReply) {
   auto e = engine(small_engine(64));
   auto r = ask<kv_reply>(e, std::string{"hello"});

@@ -28,9 +28,14 @@ struct batch_config {
   /// reached it before the batch opened (a marker it sends itself), so a
   /// request on an idle engine runs at once instead of waiting out
   /// `timeout`; under load, batches still fill from the mailbox up to
-  /// max_size. Off: a batch closes at max_size or at timeout only, and a
-  /// host thread that sends one request at a time waits `timeout` for each
-  /// (10 requests/s through node::process_request; about 50k with it on).
+  /// max_size. A batch that reaches max_size waits for that marker too, so
+  /// every request queued by then is ranked with it: the batch takes the
+  /// highest priorities of all of them (at most max_size; the rest run in
+  /// the batches right after), and a normal request queued behind
+  /// max_size background ones is not left for the next batch. Off: a batch
+  /// closes at max_size or at timeout only, and a host thread that sends one
+  /// request at a time waits `timeout` for each (10 requests/s through
+  /// node::process_request; about 50k with it on).
   bool close_when_idle = true;
 };
 

@@ -424,10 +424,14 @@ caf::behavior engine_behavior(engine_actor* self,
         bool full = s.batcher.add(
             prio, pending_request{std::move(req), owed_reply{promise}}, tokens,
             arrival_time(self));
-        if (full)
+        // With close_when_idle, even a full batch waits for its close
+        // marker, behind every request queued before the batch opened:
+        // they are ranked with it, so a normal request behind 20
+        // background ones runs first, not in the next batch (the batch
+        // still takes at most max_size, the rest runs right after it).
+        arm_timer(self);
+        if (full && !s.batcher.config().close_when_idle)
           close_batch(self);
-        else
-          arm_timer(self);
         return promise;
       },
       [=](sweep_atom) {
