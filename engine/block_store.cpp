@@ -991,10 +991,15 @@ result<void> block_store::commit(put_handle& h) {
   }
   if (!h.duplicate_) {
     const std::uint32_t pid = entries_[h.id_].parent;
-    // A dead parent (expired, held) is being put again (reserve() takes a
-    // child under it only then): it is committed, and alive, by that put.
+    // A dead parent (expired, held) with a put of it open (reserve() takes
+    // a child under a dead parent only then): that put's commit brings it
+    // back, so it goes first. One that died after this child's reserve,
+    // with no put of it open, does not hold the child back: a child may
+    // outlive its parent's TTL (a put of the parent makes it reachable
+    // again), and waiting could never end.
     if (pid != npos &&
-        (entries_[pid].state != entry_state::committed || entries_[pid].dead)) {
+        (entries_[pid].state != entry_state::committed ||
+         (entries_[pid].dead && entries_[pid].open_duplicates > 0))) {
       count_rejected();
       return make_error(errc::busy,
                         "block " + h.key_.to_hex() +
@@ -1018,16 +1023,38 @@ result<void> block_store::commit(put_handle& h) {
                           " failed its checksum and was dropped while this "
                           "put was open: put it again");
   }
+  if (h.duplicate_ && entries_[h.id_].dead && h.sets_expiry_)
+    if (const std::uint32_t pid = entries_[h.id_].parent;
+        pid != npos &&
+        (entries_[pid].state != entry_state::committed || entries_[pid].dead)) {
+      // Its parent is gone (dropped with a corrupt ancestor, or expired
+      // with no put of it to bring it back first): brought back under it,
+      // the block would be unreachable by prefix and would hold the
+      // parent's key, which could then not be cached again.
+      auto gone = make_error(errc::not_found,
+                             "block " + h.key_.to_hex() +
+                                 " cannot be brought back: its parent " +
+                                 entries_[pid].key.to_hex() +
+                                 " is not cached; put the chain from its "
+                                 "first block");
+      h.phase_ = put_handle::phase::aborted;
+      ++stats_.aborts;
+      --entries_[h.id_].open_duplicates;
+      release_lease(h.id_); // the put's hold: removes the dead block now
+      count_rejected();
+      return gone;
+    }
   h.phase_ = put_handle::phase::committed;
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
     ++stats_.duplicate_puts;
     entry& d = entries_[h.id_];
     --d.open_duplicates;
-    if (d.dead) {
+    if (d.dead && h.sets_expiry_) {
       // Expired before the reserve or since, and still held (a reader, a
       // cached child): the put brings it back with its own TTL, as a put
-      // of an expired block does (its key is its value).
+      // of an expired block does (its key is its value). (A promotion from
+      // the tier or disk is no put: a block dead in memory stays so.)
       d.dead = false;
       d.expires_at = h.expires_at_;
       refresh_evictable(h.id_);
@@ -1608,12 +1635,13 @@ std::uint32_t block_store::make_room_victim(size_partition q) const {
   const eviction_policy& policy = *policies_[static_cast<std::size_t>(q)];
   if (!config_.lowest_priority_first)
     return policy.victim();
-  // pick_partition() gave a partition with evictable blocks: some
-  // priority has a victim.
-  for (std::size_t l = 0; l < priority_count; ++l)
-    if (const std::uint32_t id = policy.victim(static_cast<priority>(l));
-        id != npos)
-      return id;
+  // The lowest priority of every partition first, as evict_bytes() (the
+  // partition furthest over its share among those holding it): a critical
+  // block of the put's own partition does not go before a background block
+  // of another. pick_partition() found an evictable block, so there is a
+  // victim.
+  if (const std::uint32_t id = lowest_priority_victim(); id != npos)
+    return id;
   return policy.victim();
 }
 

@@ -172,8 +172,10 @@ struct store_config {
   partition_config partitions{};
   bool adaptive_compression = true; ///< master switch
   /// The make-room path on a put (the high watermark) evicts the lowest
-  /// request priority first, then in the policy's order within it, as
-  /// evict_bytes() does, instead of the policy's order across priorities.
+  /// request priority first, of any size partition (the one furthest over
+  /// its share among those holding it), then in the policy's order within
+  /// it, as evict_bytes() does, instead of the policy's order across
+  /// priorities in the put's partition. Demotion still comes first.
   /// The engine actor sets it: its memory manager's rule (low priority
   /// first above 0.9) would otherwise never act, since this path keeps
   /// the pool from passing its high watermark (0.9 too).
@@ -841,8 +843,9 @@ private:
   /// those that hold some, and that partition's policy's victim of the
   /// priority. O(priorities x partitions), no walk.
   [[nodiscard]] std::uint32_t lowest_priority_victim() const;
-  /// The make-room path's victim in partition `q` (evictable blocks there):
-  /// the policy's, or the lowest priority's with lowest_priority_first.
+  /// The make-room path's victim, `q` the partition pick_partition() gave
+  /// (evictable blocks there): its policy's, or with lowest_priority_first
+  /// lowest_priority_victim() (any partition).
   [[nodiscard]] std::uint32_t make_room_victim(size_partition q) const;
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;

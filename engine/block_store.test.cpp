@@ -1059,6 +1059,39 @@ TEST_F(store_fixture,
   }
 }
 
+TEST_F(store_fixture, lowest_priority_first_goes_across_size_partitions) {
+  // 12 critical blocks of short requests, 12 normal of medium ones, 12
+  // background of long ones, in 40 (shares 12, 12, 16): one more critical
+  // short block passes the high watermark. Room comes from the background
+  // blocks of the long partition, not from the put's own partition, whose
+  // blocks are all critical. (Before, only within the put's partition.)
+  lowest_priority_first_ = true;
+  open(40, policy_kind::lru);
+  std::vector<block_key> keys;
+  auto put_at = [&](std::size_t n, priority prio, std::uint32_t tokens) {
+    put_options opts;
+    opts.prio = prio;
+    opts.request_tokens = tokens;
+    for (std::size_t i = 0; i < n; ++i) {
+      keys.push_back(chain(1000 + keys.size(), 1)[0]);
+      ASSERT_TRUE(put(keys.back(), {}, opts).has_value());
+    }
+  };
+  put_at(12, priority::critical, 100);
+  put_at(12, priority::normal, 3000);
+  put_at(12, priority::background, 5000);
+  ASSERT_EQ(store_->stats().evictions, 0U);
+  put_at(1, priority::critical, 100);
+  EXPECT_EQ(store_->stats().evictions, 5U);
+  for (std::size_t i = 0; i < 24; ++i)
+    EXPECT_TRUE(store_->contains(ns_, keys[i])) << "block " << i;
+  std::size_t background_left = 0;
+  for (std::size_t i = 24; i < 36; ++i)
+    background_left += store_->contains(ns_, keys[i]) ? 1U : 0U;
+  EXPECT_EQ(background_left, 7U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
   open(10, policy_kind::lru, false, 1);
   const auto keys = put_singles(9, 2, 10);
@@ -2083,6 +2116,59 @@ TEST_F(store_fixture,
   lease->release();
   clock_.advance(1000s);
   EXPECT_TRUE(store_->contains(ns_, k));
+  store_->check_invariants();
+}
+
+// A repeat put of a block dropped with its corrupt parent does not bring
+// it back under that parent: its commit fails, not_found, and the chain
+// can be cached again from its first block. Before, it came back alive
+// under the dead parent, unreachable, and a put of the parent's key was
+// refused as busy for as long as it stayed.
+TEST_F(store_fixture, a_repeat_put_under_a_parent_dropped_as_corrupt_fails) {
+  open(16);
+  const auto keys = chain(1, 3);
+  put_chain(keys);
+  auto h = store_->reserve(ns_, keys[1], keys[0]);
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(h->already_cached());
+  ASSERT_TRUE(store_->corrupt_for_testing(ns_, keys[0], 100).has_value());
+  {
+    auto lease = store_->acquire(ns_, keys[0]);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> out(block_bytes);
+    ASSERT_FALSE(store_->read(*lease, out).has_value()); // dropped
+  }
+  ASSERT_TRUE(store_->write(*h, value_for(keys[1])).has_value());
+  auto c = store_->commit(*h);
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error().code, errc::not_found);
+  EXPECT_FALSE(store_->contains(ns_, keys[1]));
+  store_->check_invariants();
+  put_chain(keys);
+  EXPECT_EQ(*store_->lookup(ns_, keys), 3U);
+  store_->check_invariants();
+}
+
+// A child reserved under a parent that expires before the child's commit
+// (no put of the parent open) commits, as a child may outlive its parent's
+// TTL. Before, every commit of it was refused as busy, for good.
+TEST_F(store_fixture, a_child_commits_after_its_parent_expired_meanwhile) {
+  open(16);
+  const auto keys = chain(1, 2);
+  put_options one;
+  one.ttl = 1s;
+  ASSERT_TRUE(put(keys[0], {}, one).has_value());
+  auto h = store_->reserve(ns_, keys[1], keys[0]);
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(store_->write(*h, value_for(keys[1])).has_value());
+  clock_.advance(2s);
+  ASSERT_EQ(*store_->lookup(ns_, keys), 0U); // the parent is dead now
+  auto c = store_->commit(*h);
+  ASSERT_TRUE(c.has_value()) << c.error().describe();
+  EXPECT_TRUE(store_->contains(ns_, keys[1]));
+  store_->check_invariants();
+  put_chain(keys); // the parent put again: the chain is reachable
+  EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
   store_->check_invariants();
 }
 
