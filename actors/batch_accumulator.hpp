@@ -65,8 +65,11 @@ public:
 
   /// When the current batch must close: `timeout` after its oldest
   /// request arrived (a request left over from the last batch keeps its
-  /// arrival, so it waits at most `timeout` in all, not a second one from
-  /// that batch's close); nullopt when nothing is pending.
+  /// arrival, so that batch closes `timeout` after it came, not a second
+  /// timeout from the last close; the request itself may be left over
+  /// again when higher priorities fill the token budget, and the batches
+  /// after then close at once until it runs); nullopt when nothing is
+  /// pending.
   [[nodiscard]] std::optional<engine::nanos> deadline() const {
     const auto oldest =
         queue_.min_front([](const slot& s) { return s.arrived; });

@@ -65,8 +65,9 @@ struct kv_reply {
   std::uint64_t matched_tokens = 0;  ///< prompt tokens served from cache
   std::uint64_t computed_tokens = 0; ///< prompt tokens the producer computed
   bool from_query_cache = false;
-  /// Of computed_blocks, those the engine could not cache (no room: its
-  /// pool full of pinned, leased or chained blocks). Not kept by the
+  /// Of computed_blocks, those the engine did not cache (no room: its pool
+  /// full of pinned, leased or chained blocks; or another put of one still
+  /// open: engine::process_result::uncached_blocks). Not kept by the
   /// query-result cache's store: 0 in a reply from it.
   std::uint64_t uncached_blocks = 0;
 

@@ -102,8 +102,9 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
                   errc::out_of_memory,
                   std::to_string(rep.uncached_blocks) + " of " +
                       std::to_string(rep.matched_blocks + rep.computed_blocks) +
-                      " blocks could not be cached (the engine's pool is "
-                      "full of pinned, leased or chained blocks)"});
+                      " blocks were computed but not cached (the engine had "
+                      "no room for them, its pool full of pinned, leased or "
+                      "chained blocks, or another put of one was open)"});
               finish_one(&err, rep.computed_tokens);
               return;
             }

@@ -15,9 +15,10 @@
 /// counts in `failed`, and the report's `first_error` says why the first
 /// one did (a bad request, no engine, the balancer's timeout). So does one
 /// the engine computed but could not cache all of (kv_reply::
-/// uncached_blocks: its pool full of pinned, leased or chained blocks; an
-/// out_of_memory error naming how many blocks): nothing warm to show for
-/// it. (Before, it counted warmed.)
+/// uncached_blocks: its pool full of pinned, leased or chained blocks, or
+/// another put of one open; an out_of_memory error naming how many blocks,
+/// the usual cause when warming): nothing warm to show for it. (Before, it
+/// counted warmed.)
 
 #include "engine/result.hpp"
 

@@ -287,9 +287,10 @@ struct process_result {
   std::size_t tier_blocks = 0;    ///< of matched_blocks, from the memory tier
   std::size_t disk_blocks = 0;    ///< of matched_blocks, promoted from disk
   std::size_t computed_blocks = 0;
-  /// Of computed_blocks, those that could not be cached (no room: the
-  /// pool full of pinned, leased or chained blocks; the rest of the
-  /// request after the first such block is not cached either).
+  /// Of computed_blocks, those this call did not cache: from the first
+  /// block it could not reserve (no room: the pool full of pinned, leased
+  /// or chained blocks; or another put of that block still open) to the
+  /// end of the request.
   std::size_t uncached_blocks = 0;
   std::size_t matched_tokens = 0;  ///< prompt tokens served from cache
   std::size_t computed_tokens = 0; ///< prompt tokens the producer computed
