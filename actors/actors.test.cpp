@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <locale>
 #include <memory>
@@ -482,6 +483,63 @@ TEST_F(actor_test,
     EXPECT_EQ(r->value->matched_blocks, 2U);
   }
   EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 2U);
+}
+
+/// A producer that records the keys it computes, in order, and calls
+/// `on_first` once, at its first block.
+class recording_producer final : public engine::kv_producer {
+public:
+  recording_producer(std::shared_ptr<std::vector<block_key>> seen,
+                     std::function<void()> on_first)
+      : seen_(std::move(seen)), on_first_(std::move(on_first)) {}
+  result<void> produce(const engine::namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    seen_->push_back(key);
+    if (on_first_)
+      std::exchange(on_first_, nullptr)();
+    return inner_.produce(spec, key, out);
+  }
+  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+
+private:
+  std::shared_ptr<std::vector<block_key>> seen_;
+  std::function<void()> on_first_;
+  engine::synthetic_producer inner_;
+};
+
+TEST_F(actor_test, ACriticalRequestArrivingDuringABacklogJoinsTheNextBatch) {
+  // 100 background requests of one block are queued; while the first
+  // batch runs, a critical one arrives (an urgent message). It runs first
+  // in the second batch: each batch after the first closes at its own
+  // marker, behind what came meanwhile. (A version that ran every full
+  // batch of the backlog back to back ran it after all 100.)
+  auto seen = std::make_shared<std::vector<block_key>>();
+  auto target = std::make_shared<caf::actor>();
+  auto crit = make_request(1000, 0, 0, 1, 1000);
+  crit.prio = engine::priority::critical;
+  auto c = small_engine(512);
+  c.batch = batch_config{};
+  c.make_producer = [seen, target, crit] {
+    return std::make_unique<recording_producer>(seen, [target, crit] {
+      caf::anon_send<caf::message_priority::high>(*target, process_atom::value,
+                                                  crit);
+    });
+  };
+  auto e = engine(c);
+  *target = e;
+  std::vector<std::shared_ptr<outcome<kv_reply>>> bg;
+  for (std::uint64_t i = 0; i < 100; ++i) {
+    auto r = make_request(i + 1, 0, 0, 1, i + 1);
+    r.prio = engine::priority::background;
+    bg.push_back(ask<kv_reply>(e, process_atom::value, r));
+  }
+  sched_->run();
+  for (const auto& r : bg)
+    ASSERT_TRUE(r->value.has_value());
+  ASSERT_EQ(seen->size(), 101U);
+  const auto at = std::find(seen->begin(), seen->end(), crit.keys[0]);
+  ASSERT_NE(at, seen->end());
+  EXPECT_EQ(at - seen->begin(), 20); // first of the second batch
 }
 
 TEST_F(actor_test, UnknownMessageGetsAnErrorReply) {

@@ -288,7 +288,11 @@ void close_batch(engine_actor* self) {
   auto& st = self->state;
   // What is left over may be a full batch already (a request that alone
   // reaches the token budget, or a budget cut below what was queued): it
-  // runs now, not after another timeout.
+  // runs now, not after another timeout. With close_when_idle it runs at
+  // its own marker instead, behind what reached the mailbox meanwhile, so
+  // a critical request that came during this batch joins the next one
+  // rather than waiting for every batch the backlog makes.
+  const bool at_marker = st.batcher.config().close_when_idle;
   do {
     auto batch = st.batcher.take();
     for (auto& p : batch) {
@@ -300,7 +304,7 @@ void close_batch(engine_actor* self) {
       --st.in_flight;
     }
     after_batch(self);
-  } while (st.batcher.pending() > 0 && st.batcher.full());
+  } while (!at_marker && st.batcher.pending() > 0 && st.batcher.full());
   arm_timer(self);
 }
 
@@ -428,9 +432,11 @@ caf::behavior engine_behavior(engine_actor* self,
         // marker, behind every request queued before the batch opened:
         // they are ranked with it, so a normal request behind 20
         // background ones runs first, not in the next batch (the batch
-        // still takes at most max_size, the rest runs right after it).
-        arm_timer(self);
-        if (full && !s.batcher.config().close_when_idle)
+        // still takes at most max_size; the rest runs in the batches
+        // after it, each at its own marker).
+        if (s.batcher.config().close_when_idle || !full)
+          arm_timer(self);
+        else
           close_batch(self);
         return promise;
       },
@@ -655,8 +661,10 @@ caf::behavior engine_behavior(engine_actor* self,
         s.config.capacity_tokens = tokens;
         s.batcher.set_max_tokens(tokens);
         // A budget cut below what is queued makes a full batch: it closes
-        // now, as it would have when its last request came.
-        if (s.batcher.pending() > 0 && s.batcher.full())
+        // now, as it would have when its last request came (with
+        // close_when_idle, at its marker, which is on its way).
+        if (!s.batcher.config().close_when_idle && s.batcher.pending() > 0 &&
+            s.batcher.full())
           close_batch(self);
       },
       [=](ready_atom) -> caf::result<bool> {

@@ -1023,9 +1023,20 @@ result<void> block_store::commit(put_handle& h) {
                           " failed its checksum and was dropped while this "
                           "put was open: put it again");
   }
-  if (h.duplicate_ && entries_[h.id_].dead && h.sets_expiry_)
-    if (const std::uint32_t pid = entries_[h.id_].parent;
-        pid != npos &&
+  if (h.duplicate_ && entries_[h.id_].dead && h.sets_expiry_) {
+    const std::uint32_t pid = entries_[h.id_].parent;
+    // A dead parent with a put of it open comes back at that put's commit:
+    // this one waits for it, as a new child would (busy, still open).
+    if (pid != npos && entries_[pid].state == entry_state::committed &&
+        entries_[pid].dead && entries_[pid].open_duplicates > 0) {
+      count_rejected();
+      return make_error(errc::busy,
+                        "block " + h.key_.to_hex() +
+                            " cannot be committed before its parent " +
+                            entries_[pid].key.to_hex() +
+                            ": commit a chain from its first block");
+    }
+    if (pid != npos &&
         (entries_[pid].state != entry_state::committed || entries_[pid].dead)) {
       // Its parent is gone (dropped with a corrupt ancestor, or expired
       // with no put of it to bring it back first): brought back under it,
@@ -1044,6 +1055,7 @@ result<void> block_store::commit(put_handle& h) {
       count_rejected();
       return gone;
     }
+  }
   h.phase_ = put_handle::phase::committed;
   stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
@@ -1060,6 +1072,11 @@ result<void> block_store::commit(put_handle& h) {
       refresh_evictable(h.id_);
     } else if (h.sets_expiry_) {
       d.expires_at = h.expires_at_;
+    } else if (d.dead) {
+      // A promotion of a block dead in memory: it stays dead, and letting
+      // go of the hold may remove it, so nothing below may touch it.
+      release_lease(h.id_);
+      return {};
     }
     // The put's hold, let go before adopt(), which waits for leases.
     release_lease(h.id_);

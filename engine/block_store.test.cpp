@@ -2149,6 +2149,35 @@ TEST_F(store_fixture, a_repeat_put_under_a_parent_dropped_as_corrupt_fails) {
   store_->check_invariants();
 }
 
+// Repeat puts of a dead chain committed out of order: the child's waits for
+// its parent's (busy, still open), as a new child's does, and both come
+// back. (Before, the child's failed not_found and was aborted.)
+TEST_F(store_fixture, repeat_puts_of_a_dead_chain_commit_from_its_first_block) {
+  open(16);
+  const auto keys = chain(1, 3);
+  put_options one;
+  one.ttl = 1s;
+  ASSERT_TRUE(put(keys[0], {}, one).has_value());
+  ASSERT_TRUE(put(keys[1], keys[0], one).has_value());
+  ASSERT_TRUE(put(keys[2], keys[1]).has_value()); // no TTL: holds both
+  clock_.advance(2s);
+  ASSERT_EQ(*store_->lookup(ns_, keys), 0U);
+  auto ha = store_->reserve(ns_, keys[0], {});
+  auto hb = store_->reserve(ns_, keys[1], keys[0]);
+  ASSERT_TRUE(ha.has_value() && hb.has_value());
+  ASSERT_TRUE(ha->already_cached() && hb->already_cached());
+  ASSERT_TRUE(store_->write(*ha, value_for(keys[0])).has_value());
+  ASSERT_TRUE(store_->write(*hb, value_for(keys[1])).has_value());
+  auto early = store_->commit(*hb);
+  ASSERT_FALSE(early.has_value());
+  EXPECT_EQ(early.error().code, errc::busy);
+  ASSERT_TRUE(store_->commit(*ha).has_value());
+  auto c = store_->commit(*hb);
+  ASSERT_TRUE(c.has_value()) << c.error().describe();
+  EXPECT_EQ(*store_->lookup(ns_, keys), 3U);
+  store_->check_invariants();
+}
+
 // A child reserved under a parent that expires before the child's commit
 // (no put of the parent open) commits, as a child may outlive its parent's
 // TTL. Before, every commit of it was refused as busy, for good.
