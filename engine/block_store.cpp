@@ -2195,6 +2195,14 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
       contiguous = false;
       continue;
     }
+    // A copy in memory that is dead (expired there, still held: its disk
+    // copy may keep a later expiry) stays dead, a promotion being no put,
+    // and a failed one served nothing: no hit. process() computes the
+    // block after the prefix it can see.
+    if (!ok || !contains(ns, h.key())) {
+      contiguous = false;
+      continue;
+    }
     if (contiguous) {
       ++done.hits;
       if (!h.already_cached())

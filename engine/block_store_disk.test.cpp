@@ -98,6 +98,7 @@ protected:
     store_.reset(); // closes the previous tier first
     disk_tier_config dc;
     dc.directory = dir_;
+    dc.clock = disk_clock_;
     dc.capacity_bytes = std::uint64_t{64} << 20;
     dc.segment_bytes = std::uint64_t{1} << 20;
     if (tweak)
@@ -109,6 +110,7 @@ protected:
     cfg.slab_bytes = block_bytes;
     cfg.policy = policy_;
     cfg.adaptive_compression = false;
+    cfg.clock = store_clock_;
     unaddressable_ = nullptr;
     auto s = [&] {
       if (!unaddressable)
@@ -199,6 +201,10 @@ protected:
   synthetic_producer producer_;
   std::unique_ptr<block_store> store_;
   unaddressable_backend* unaddressable_ = nullptr; ///< owned by store_
+  /// open()'s clocks for the store and its disk tier (wall time); null:
+  /// the defaults.
+  const clock_source* store_clock_ = nullptr;
+  const clock_source* disk_clock_ = nullptr;
   ns_id ns_;
 };
 
@@ -852,6 +858,49 @@ TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   EXPECT_EQ(r.disk_blocks, 6U - tiers.memory);
   for (const auto& k : a)
     expect_correct(k);
+}
+
+TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
+  // k0 is put with a long TTL and persisted, then put again with a short
+  // one (the memory copy's expiry comes sooner; the disk keeps the longer).
+  // Once it expires in memory, held by its cached child, a request of the
+  // chain finds k0 dead in memory but usable on disk: the promotion does
+  // not bring a dead block back, so the request computes k0 again, and its
+  // reply says so. (Before, k0 counted as a disk hit too, and the reply had
+  // one matched block more and one computed less than happened.)
+  manual_clock clock{nanos{1'000'000'000}};
+  manual_clock wall{std::chrono::hours(24 * 365 * 50)};
+  store_clock_ = &clock;
+  disk_clock_ = &wall;
+  open();
+  const auto keys = chain(1, 2);
+  put_options long_ttl;
+  long_ttl.ttl = std::chrono::seconds(100);
+  ASSERT_TRUE(store_
+                  ->process(ns_, std::vector<block_key>{keys[0]},
+                            spec().block_tokens, producer_, long_ttl)
+                  .has_value());
+  ASSERT_TRUE(store_->process(ns_, keys, 2 * spec().block_tokens, producer_)
+                  .has_value()); // k1: no TTL
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  put_options short_ttl;
+  short_ttl.ttl = std::chrono::seconds(1);
+  auto h = store_->reserve(ns_, keys[0], {}, short_ttl); // a repeat put
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  ASSERT_TRUE(h->already_cached());
+  std::vector<std::byte> value(spec().value_bytes());
+  ASSERT_TRUE(producer_.produce(spec(), keys[0], value).has_value());
+  ASSERT_TRUE(store_->write(*h, value).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  clock.advance(std::chrono::seconds(2));
+  wall.advance(std::chrono::seconds(2));
+  ASSERT_EQ(*store_->lookup(ns_, keys), 0U); // k0 dead, held by k1
+  const auto r = run(keys);
+  EXPECT_EQ(r.matched_blocks + r.computed_blocks, 2U);
+  EXPECT_EQ(r.computed_blocks, 2U) << "matched " << r.matched_blocks;
+  EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
+  store_->check_invariants();
+  store_.reset(); // before the clocks go
 }
 
 TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
