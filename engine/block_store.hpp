@@ -321,8 +321,10 @@ public:
 
   /// Number of leading `keys` cached (longest prefix), in memory and then
   /// in the memory tier (not on disk: lookup_tiers() goes on there and
-  /// tells the tiers apart). Read-only: no access is recorded, nothing
-  /// moves. Counts block hits and misses.
+  /// tells the tiers apart). No access is recorded and no block moves;
+  /// an expired block it meets is removed then (counted in expirations,
+  /// reported to on_block_event), as every call that finds one does.
+  /// Counts block hits and misses.
   [[nodiscard]] result<std::size_t> lookup(ns_id ns,
                                            std::span<const block_key> keys);
 
@@ -430,8 +432,9 @@ public:
   /// only on disk): the prefix a request would match (process() promotes
   /// the disk's blocks and matches them all). Counts one lookup, as
   /// lookup() does, whose block hits are all of them (README "Stats"); no
-  /// access is recorded and nothing moves. No I/O: the disk tier's
-  /// directory is in memory.
+  /// access is recorded and no block moves (an expired block met is
+  /// removed, as by lookup()). No I/O: the disk tier's directory is in
+  /// memory.
   struct tier_prefix {
     std::size_t memory = 0;
     std::size_t tier = 0;
