@@ -274,9 +274,9 @@ void arm_timer(engine_actor* self) {
     self->send(self, close_batch_atom::value, b.generation());
     return;
   }
-  // At the batch's deadline: its oldest request's arrival plus the timeout,
-  // so a request left over from the last batch waits the timeout in all,
-  // not a second one from that batch's close. The delay stays in
+  // At the batch's deadline: its oldest request's arrival plus the timeout
+  // (a request left over from the last batch keeps its arrival), not a
+  // second timeout from the last close. The delay stays in
   // nanoseconds: cut to whole milliseconds, 1.5 ms closed batches after
   // 1 ms and anything below 1 ms at once.
   const auto deadline = b.deadline().value_or(arrival_time(self));
