@@ -1386,17 +1386,22 @@ result<process_result> block_store::process(ns_id ns,
     if (on_disk > 0) {
       const disk_promoted done =
           promote_now(ns, keys.subspan(next, on_disk), parent, producer, opts);
-      // Blocks promoted count as hits up to the first that had to be
-      // recomputed; all of them are cached now.
-      out.disk_blocks = done.from_disk;
-      out.matched_blocks += done.hits;
+      const std::size_t before = next;
       for (std::size_t i = next; i < keys.size() && i < next + on_disk; ++i) {
         if (!contains(ns, keys[i]))
           break;
         parent = keys[i];
         ++next;
       }
-      out.computed_blocks += next - out.matched_blocks;
+      // Blocks promoted count as hits up to the first that had to be
+      // recomputed, and only while still visible now: one can expire while
+      // a later block is computed, and the loop below computes it again.
+      const std::size_t hits = std::min(done.hits, next - before);
+      const std::size_t from_disk = std::min(done.from_disk, hits);
+      stats_.disk_block_hits -= done.from_disk - from_disk;
+      out.disk_blocks = from_disk;
+      out.matched_blocks += hits;
+      out.computed_blocks += next - before - hits;
     }
   }
   bool caching = true;

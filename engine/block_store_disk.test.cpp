@@ -903,6 +903,63 @@ TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
   store_.reset(); // before the clocks go
 }
 
+/// A prefill that takes time: moves both clocks by `step` per block.
+class slow_producer final : public kv_producer {
+public:
+  slow_producer(manual_clock& store, manual_clock& wall, nanos step)
+      : store_(store), wall_(wall), step_(step) {}
+  result<void> produce(const namespace_spec& s, const block_key& k,
+                       std::span<std::byte> out) override {
+    ++calls;
+    store_.advance(step_);
+    wall_.advance(step_);
+    return inner_.produce(s, k, out);
+  }
+  nanos cost(std::size_t t) const noexcept override { return inner_.cost(t); }
+  int calls = 0;
+
+private:
+  manual_clock& store_;
+  manual_clock& wall_;
+  nanos step_;
+  synthetic_producer inner_;
+};
+
+TEST_F(store_disk_test,
+       a_disk_hit_that_expires_while_a_later_block_is_computed_is_none) {
+  // k0 and k1 (10 s TTL) only on disk; k1's copy is damaged, so the request
+  // computes it, and that prefill takes 20 s: k0, read back first, has
+  // expired by then and is computed again. The reply counts k0 computed,
+  // not matched. (Before, matched 1 and computed 1 for 3 blocks computed,
+  // the computed count wrapping below zero and back; a disk hit counted.)
+  manual_clock clock{nanos{1'000'000'000}};
+  manual_clock wall{std::chrono::hours(24 * 365 * 50)};
+  store_clock_ = &clock;
+  disk_clock_ = &wall;
+  open();
+  const auto keys = chain(1, 2);
+  put_options ttl;
+  ttl.ttl = std::chrono::seconds(10);
+  ASSERT_TRUE(
+      store_->process(ns_, keys, 2 * spec().block_tokens, producer_, ttl)
+          .has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  open(); // memory empty, both on disk
+  ASSERT_TRUE(store_->on_disk(ns_, keys[0]) && store_->on_disk(ns_, keys[1]));
+  // In record 1's header (before its payload): its read fails at once.
+  ASSERT_TRUE(flip_byte_in_segments(payload_of_record(1) - 60));
+  slow_producer slow(clock, wall, std::chrono::seconds(20));
+  auto r = store_->process(ns_, keys, 2 * spec().block_tokens, slow);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(slow.calls, 3);
+  EXPECT_EQ(r->matched_blocks, 0U);
+  EXPECT_EQ(r->computed_blocks, 2U);
+  EXPECT_EQ(r->disk_blocks, 0U);
+  EXPECT_EQ(store_->stats().disk_block_hits, 0U);
+  store_->check_invariants();
+  store_.reset(); // before the clocks go
+}
+
 TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
   std::vector<std::vector<block_key>> chains;
   for (std::uint64_t i = 0; i < 25; ++i) {
