@@ -2026,12 +2026,24 @@ std::size_t block_store::disk_prefix(ns_id ns,
     return 0;
   const ns_state& st = namespaces_[ns.value];
   const nanos wall = disk_clock().now();
+  const std::int64_t t = now().count();
+  // Dead in memory (expired there, still held): a promotion does not bring
+  // it back, so a request computes it, whatever its disk copy's expiry.
+  const auto dead_in_memory = [&](const block_key& key) {
+    const std::uint32_t id = index_.find(key);
+    if (id == npos)
+      return false;
+    const entry& e = entries_[id];
+    return e.state == entry_state::committed &&
+           (e.dead || (e.expires_at != 0 && e.expires_at <= t));
+  };
   std::size_t n = 0;
   // A block in memory goes on a prefix on disk too: one brought back alone
   // (acquire(), pin(), a put's parent) and the blocks put under it are
   // there, with no parent in memory, and a request would match them.
-  while (n < keys.size() && (usable_disk_copy(st, keys[n], wall).has_value() ||
-                             contains(ns, keys[n])))
+  while (n < keys.size() && !dead_in_memory(keys[n]) &&
+         (usable_disk_copy(st, keys[n], wall).has_value() ||
+          contains(ns, keys[n])))
     ++n;
   return n;
 }

@@ -895,6 +895,8 @@ TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
   clock.advance(std::chrono::seconds(2));
   wall.advance(std::chrono::seconds(2));
   ASSERT_EQ(*store_->lookup(ns_, keys), 0U); // k0 dead, held by k1
+  // What a request would match, as routers read it: not k0's disk copy.
+  EXPECT_EQ(store_->lookup_tiers(ns_, keys)->disk, 0U);
   const auto r = run(keys);
   EXPECT_EQ(r.matched_blocks + r.computed_blocks, 2U);
   EXPECT_EQ(r.computed_blocks, 2U) << "matched " << r.matched_blocks;
