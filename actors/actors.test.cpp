@@ -357,6 +357,20 @@ TEST_F(actor_test, ARequestLeftOverByTheTokenBudgetWaitsTheTimeoutInAll) {
   EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 2U);
 }
 
+TEST_F(actor_test, ABatchCloseFromOutsideTheEngineIsIgnored) {
+  // Its close message is its own timer's (or marker's): one sent from
+  // outside with the right generation closed the batch early.
+  auto e = engine(small_engine(64, 20, 100ms));
+  auto r = ask<kv_reply>(e, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  caf::anon_send(e, close_batch_atom::value, std::uint64_t{1});
+  sched_->run();
+  EXPECT_FALSE(r->done());
+  sched_->advance_time(100ms);
+  sched_->run();
+  EXPECT_TRUE(r->value.has_value());
+}
+
 TEST_F(actor_test, ABatchTimeoutBelowAMillisecondIsNotCutToZero) {
   // 1.5 ms: the batch closes 1.5 ms after its first request, not after the
   // whole milliseconds in it (1 ms; a 0.5 ms timeout used to close at once).

@@ -458,7 +458,9 @@ caf::behavior engine_behavior(engine_actor* self,
         after_change(self);
       },
       [=](close_batch_atom, std::uint64_t gen) {
-        if (self->state.batcher.timer_current(gen))
+        // Its own marker or timer only: one from outside (generations are
+        // easy to guess) would close a batch early.
+        if (sent_by_itself(self) && self->state.batcher.timer_current(gen))
           close_batch(self);
       },
       [=](batch_atom, const std::vector<kv_request>& reqs)
