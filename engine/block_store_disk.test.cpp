@@ -205,6 +205,19 @@ protected:
   /// the defaults.
   const clock_source* store_clock_ = nullptr;
   const clock_source* disk_clock_ = nullptr;
+  /// Clocks a test moves, for the store and (wall time) its disk tier.
+  struct test_clocks {
+    manual_clock store{nanos{1'000'000'000}};
+    manual_clock wall{std::chrono::hours(24 * 365 * 50)};
+  };
+  test_clocks clocks_;
+  /// Reopens the store and its disk tier on clocks_ (they outlive store_).
+  test_clocks& open_on_test_clocks() {
+    store_clock_ = &clocks_.store;
+    disk_clock_ = &clocks_.wall;
+    open();
+    return clocks_;
+  }
   ns_id ns_;
 };
 
@@ -868,11 +881,7 @@ TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
   // not bring a dead block back, so the request computes k0 again, and its
   // reply says so. (Before, k0 counted as a disk hit too, and the reply had
   // one matched block more and one computed less than happened.)
-  manual_clock clock{nanos{1'000'000'000}};
-  manual_clock wall{std::chrono::hours(24 * 365 * 50)};
-  store_clock_ = &clock;
-  disk_clock_ = &wall;
-  open();
+  auto& [clock, wall] = open_on_test_clocks();
   const auto keys = chain(1, 2);
   put_options long_ttl;
   long_ttl.ttl = std::chrono::seconds(100);
@@ -902,7 +911,6 @@ TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
   EXPECT_EQ(r.computed_blocks, 2U) << "matched " << r.matched_blocks;
   EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
   store_->check_invariants();
-  store_.reset(); // before the clocks go
 }
 
 /// A prefill that takes time: moves both clocks by `step` per block.
@@ -934,11 +942,7 @@ TEST_F(store_disk_test,
   // expired by then and is computed again. The reply counts k0 computed,
   // not matched. (Before, matched 1 and computed 1 for 3 blocks computed,
   // the computed count wrapping below zero and back; a disk hit counted.)
-  manual_clock clock{nanos{1'000'000'000}};
-  manual_clock wall{std::chrono::hours(24 * 365 * 50)};
-  store_clock_ = &clock;
-  disk_clock_ = &wall;
-  open();
+  auto& [clock, wall] = open_on_test_clocks();
   const auto keys = chain(1, 2);
   put_options ttl;
   ttl.ttl = std::chrono::seconds(10);
@@ -959,7 +963,6 @@ TEST_F(store_disk_test,
   EXPECT_EQ(r->disk_blocks, 0U);
   EXPECT_EQ(store_->stats().disk_block_hits, 0U);
   store_->check_invariants();
-  store_.reset(); // before the clocks go
 }
 
 TEST_F(store_disk_test, a_clean_restart_serves_every_committed_block) {
