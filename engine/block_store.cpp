@@ -461,20 +461,28 @@ block_store::acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
     return unexpected<error>(st.error());
   }
   const nanos start = now();
+  lease_prefix(ns, keys, out, start, p);
+  count_lookup(start, out.size(), keys.size());
+  return out.size();
+}
+
+void block_store::lease_prefix(ns_id ns, std::span<const block_key> keys,
+                               std::vector<read_lease>& out, nanos t,
+                               std::optional<priority> use) {
   for (const block_key& key : keys) {
-    const std::uint32_t id = find_visible(ns, key, start);
+    const std::uint32_t id = find_visible(ns, key, t);
     if (id == npos)
       break;
     if (entries_[id].parent_unknown && !out.empty())
       adopt(id, out.back().key()); // the request names its parent
-    raise_priority(id, p);
-    touch(id);
+    if (use) {
+      raise_priority(id, *use);
+      touch(id);
+    }
     ++entries_[id].leases;
     refresh_evictable(id);
     out.push_back(read_lease(this, id, key));
   }
-  count_lookup(start, out.size(), keys.size());
-  return out.size();
 }
 
 result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
@@ -827,12 +835,11 @@ std::uint32_t block_store::usable_parent(ns_id ns, const block_key& key,
   const std::uint32_t id = index_.find(key);
   if (id == npos || entries_[id].ns != ns.value)
     return npos;
-  entry& p = entries_[id];
-  if (p.state == entry_state::committed && !p.dead && p.expires_at != 0 &&
-      p.expires_at <= t.count()) {
-    ++stats_.expirations; // no lookup has seen it expire yet
-    kill(id);             // removes it when nothing holds it
-  }
+  const entry& p = entries_[id];
+  // Expires it, counted, when its TTL has run out unseen (removed when
+  // nothing holds it); a reserved parent is left as it is.
+  if (p.state == entry_state::committed && !p.dead)
+    (void)find_visible(ns, key, t);
   // A dead parent (expired, still held) will do while a put of it is
   // open: its commit brings it back (put_tokens() reserves a chain before
   // committing it).
@@ -1240,16 +1247,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   // no lookup counted). acquire_prefix_at() would raise and touch it now.
   const nanos start = now();
   token_leases_.clear();
-  for (const block_key& key : token_keys_) {
-    const std::uint32_t id = find_visible(ns, key, start);
-    if (id == npos)
-      break;
-    if (entries_[id].parent_unknown && !token_leases_.empty())
-      adopt(id, token_leases_.back().key()); // the put names its parent
-    ++entries_[id].leases;
-    refresh_evictable(id);
-    token_leases_.push_back(read_lease(this, id, key));
-  }
+  lease_prefix(ns, token_keys_, token_leases_, start, std::nullopt);
   const std::size_t matched = token_leases_.size();
   const nanos walked = now() - start;
   put_options opts = options;
@@ -1394,11 +1392,12 @@ result<process_result> block_store::process(ns_id ns,
         ++next;
       }
       // Blocks promoted count as hits up to the first that had to be
-      // recomputed, and only while still visible now: one can expire while
-      // a later block is computed, and the loop below computes it again.
+      // recomputed, and only while visible now: one dead in memory stays
+      // dead (a promotion is no put), and one can expire while a later
+      // block is computed; the loop below computes them again.
       const std::size_t hits = std::min(done.hits, next - before);
       const std::size_t from_disk = std::min(done.from_disk, hits);
-      stats_.disk_block_hits -= done.from_disk - from_disk;
+      stats_.disk_block_hits += from_disk;
       out.disk_blocks = from_disk;
       out.matched_blocks += hits;
       out.computed_blocks += next - before - hits;
@@ -2212,21 +2211,12 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
       contiguous = false;
       continue;
     }
-    // A copy in memory that is dead (expired there, still held: its disk
-    // copy may keep a later expiry) stays dead, a promotion being no put,
-    // and a failed one served nothing: no hit. process() computes the
-    // block after the prefix it can see.
-    if (!ok || !contains(ns, h.key())) {
-      contiguous = false;
-      continue;
-    }
     if (contiguous) {
       ++done.hits;
       if (!h.already_cached())
         ++done.from_disk;
     }
   }
-  stats_.disk_block_hits += done.from_disk;
   abort_in_reverse(promote_batch_); // what a break above left open
   return done;
 }

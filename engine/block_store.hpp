@@ -643,6 +643,14 @@ private:
   [[nodiscard]] result<std::size_t>
   acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
                     std::vector<read_lease>& out, priority p);
+  /// Leases the leading visible blocks of `keys` into `out` (at `t`),
+  /// linking a block brought back without its parent under the one before
+  /// it; with `use`, raises each to that priority and records an access
+  /// first, as a request's use (acquire_prefix_at()), without, leaves them
+  /// as they were (put_tokens(), until its blocks are all written).
+  void lease_prefix(ns_id ns, std::span<const block_key> keys,
+                    std::vector<read_lease>& out, nanos t,
+                    std::optional<priority> use);
   /// Pins a committed block that is not pinned yet (put_options::pin).
   void pin_once(std::uint32_t id);
   void release_lease(std::uint32_t id) noexcept;
@@ -737,7 +745,8 @@ private:
   void collect_disk();
   /// What promote_now() served: the blocks up to the first it had to
   /// recompute, and of those the ones read from disk (the others were in
-  /// memory already, after a block only on disk).
+  /// memory already, after a block only on disk). process() counts as hits
+  /// only those still visible after it (stats().disk_block_hits too).
   struct disk_promoted {
     std::size_t hits = 0;
     std::size_t from_disk = 0;
