@@ -2089,6 +2089,19 @@ caf::behavior fake_balancer(caf::event_based_actor*,
   };
 }
 
+/// A fake balancer over a fresh fake_backend; it stops at the test's end.
+struct fake_fleet {
+  std::shared_ptr<fake_backend> be;
+  caf::actor balancer;
+};
+fake_fleet spawn_fake_fleet(caf::actor_system& sys,
+                            std::vector<caf::actor>& stop_at_end) {
+  auto be = std::make_shared<fake_backend>();
+  auto balancer = sys.spawn(fake_balancer, be);
+  stop_at_end.push_back(balancer);
+  return {std::move(be), std::move(balancer)};
+}
+
 /// A query cache in front of a fake balancer; both stop at the test's end.
 struct cache_over_fake {
   std::shared_ptr<fake_backend> be = std::make_shared<fake_backend>();
@@ -2111,9 +2124,7 @@ struct cache_over_fake {
 TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
   // Used directly, not through node::start: each bad option is an
   // errc::invalid_argument naming it, and the process goes on.
-  auto be = std::make_shared<fake_backend>();
-  auto fake = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(fake);
+  auto [be, fake] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto expect_error = [](const result<caf::actor>& a, const char* names) {
     ASSERT_FALSE(a.has_value()) << names;
     EXPECT_EQ(a.error().code, errc::invalid_argument);
@@ -2261,9 +2272,7 @@ TEST_F(actor_test, SpawnScalerRejectsAnInitialCapacityOutsideItsRange) {
   // Not clamped into [min_capacity_tokens, max_capacity_tokens]: the
   // engines run the budget they were given, and the scaler must count from
   // that same one.
-  auto be = std::make_shared<fake_backend>();
-  auto fake = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(fake);
+  auto [be, fake] = spawn_fake_fleet(*sys_, stop_at_end_);
   for (std::uint32_t tokens : {1000U, 20000U}) {
     scaler_actor_config sc; // range [2048, 16384]
     sc.initial_capacity_tokens = tokens;
@@ -2297,8 +2306,7 @@ kv_request query(std::uint64_t session, std::string q) {
 }
 
 TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pc = eager_prefetch();
   pc.threshold = 0.6;
   pc.model.decay = 0.5;
@@ -2346,11 +2354,9 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
 TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
   // With room for two prefetches, a third evicts the oldest one still
   // outstanding, never a newer prefetch of a query used earlier.
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pc = eager_prefetch();
   pc.max_outstanding = 2;
-  stop_at_end_.push_back(b);
   auto pf = prefetcher(b, pc);
   std::uint64_t session = 1;
   auto observe = [&](const std::string& q) {
@@ -2386,9 +2392,7 @@ TEST_F(actor_test, PrefetcherDoesNotPrefetchAnOutstandingQueryAgain) {
   // X -> B is learned; X twice in a row predicts B twice, but the second
   // prediction finds B's prefetch outstanding (the tracker refuses it) and
   // sends nothing.
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(b);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pf = prefetcher(b);
   auto observe = [&](std::uint64_t session, const std::string& q) {
     observed(pf, query(session, q));
@@ -2412,9 +2416,7 @@ TEST_F(actor_test, PrefetcherWastesEveryPrefetchThatHeldAnEvictedBlock) {
   // B and C share their first block (a common prefix) and are both
   // prefetched, outstanding, when an engine evicts that block: both were
   // wasted, and B requested afterwards is no useful prefetch.
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(b);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pf = prefetcher(b);
   const block_key shared{99, 1};
   auto prefixed = [&](std::uint64_t session, const std::string& q) {
@@ -2515,9 +2517,7 @@ TEST_F(actor_test, APrefetchThatFailsAfterItsQueryArrivedIsFailedNotUseful) {
 TEST_F(actor_test, APrefetchAnsweredAfterItsQueryArrivedCountsUsefulThen) {
   // The same order with a balancer that serves the prefetch: it is useful,
   // counted at its reply.
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(b);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pf = prefetcher(b);
   auto observe = [&](std::uint64_t session, const std::string& q) {
     const auto r = query(session, q);
@@ -2586,9 +2586,7 @@ TEST_F(actor_test, OnlyTheEngineThatServedAPrefetchWastesItByEvicting) {
   // evicting B's block (its own copy) wastes nothing, and B requested on
   // engine 0 with its block found is useful. (Before, any engine's
   // eviction wasted it.) Engine 0 evicting it is waste.
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(b);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pf = prefetcher(b);
   auto evict = [&](std::uint32_t engine, const std::string& q) {
     block_events ev;
@@ -2619,9 +2617,7 @@ TEST_F(actor_test, APrefetchIsUsefulOnlyIfItsQueryFoundTheBlocks) {
   // (the router sent it elsewhere), or by engine 0 computing the block
   // again: either way the prefetch did not serve it, so it is wasted.
   // (Before, any request of B counted it useful.)
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(b);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pf = prefetcher(b);
   observed(pf, query(1, "X")); // X -> B
   observed(pf, query(1, "B"));
@@ -2812,9 +2808,7 @@ TEST_F(actor_test, AQueryCacheEntryItCannotReadIsAStoreErrorAndRecomputed) {
   auto store = std::make_unique<embedded_query_store>();
   ASSERT_TRUE(store->set("what is kv", "v1 3 -12 2 192 32",
                          std::chrono::hours{1000}, engine::nanos{0}));
-  auto be = std::make_shared<fake_backend>();
-  auto fake = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(fake);
+  auto [be, fake] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto qcache = spawned(
       spawn_query_cache(*sys_, query_cache_config{}, fake, std::move(store)));
   stop_at_end_.push_back(qcache);
@@ -3295,8 +3289,7 @@ TEST_F(actor_test, CriticalRequestsOvertakeNormalOnesAtTheBalancerMailbox) {
 }
 
 TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   warmer_config wc;
   wc.parallelism = 2;
   auto w = spawned(spawn_warmer(*sys_, wc, b));
@@ -3367,9 +3360,7 @@ TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
 TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {
   // SIZE_MAX means "all at once": the warmer starts the job's two queries
   // and stops there (it used to count to SIZE_MAX and never answer).
-  auto be = std::make_shared<fake_backend>();
-  auto b = sys_->spawn(fake_balancer, be);
-  stop_at_end_.push_back(b);
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   warmer_config wc;
   wc.parallelism = std::numeric_limits<std::size_t>::max();
   auto w = spawned(spawn_warmer(*sys_, wc, b));
