@@ -87,6 +87,11 @@ public:
   /// `from` stays and draining stops. Returns true when the slab went back
   /// to the free slabs. REQUIRES: `s` is reclaimable_slab()'s answer.
   template <class Move> bool drain_slab(std::uint32_t s, Move&& move);
+  /// True when a slab is free, or when some slab's every used slot has an
+  /// owner that satisfies `goes(owner)`, so that slab could be emptied (a
+  /// slot with no owner yet never goes). Walks every slab and its slots.
+  template <class Goes>
+  [[nodiscard]] bool some_slab_could_empty(Goes&& goes) const;
 
   [[nodiscard]] std::size_t offset(slot_ref slot) const noexcept {
     return std::size_t{slot.slab} * slab_bytes_ +
@@ -182,6 +187,23 @@ std::uint32_t block_pool::reclaimable_slab(std::uint16_t except,
     }
   }
   return best;
+}
+
+template <class Goes>
+bool block_pool::some_slab_could_empty(Goes&& goes) const {
+  if (!free_slabs_.empty())
+    return true;
+  for (const slab_state& slab : slabs_) {
+    if (slab.size_class == no_class)
+      continue;
+    bool all = true;
+    for (std::uint32_t i = 0; i < slab.bumped && all; ++i)
+      all = slab.owners[i] == vacant ||
+            (slab.owners[i] != no_owner && goes(slab.owners[i]));
+    if (all)
+      return true;
+  }
+  return false;
 }
 
 template <class Move>

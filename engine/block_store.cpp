@@ -1620,6 +1620,17 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
   const std::size_t need = pool_.slot_bytes(cls);
   if (!over_high(need) && pool_.can_allocate(cls))
     return {};
+  // With no slot of this size free, no slab may come free however much
+  // goes: fail now, before evicting what would not make room.
+  if (!pool_.can_allocate(cls) && !slab_could_come_free())
+    return make_error(
+        errc::out_of_memory,
+        "no room for a block of " + std::to_string(need) +
+            " bytes: no slot of its size is free and every slab holds a "
+            "block that cannot be evicted, moved or demoted (being put or "
+            "read, pinned, or with such a block chained from it); " +
+            std::to_string(pool_.capacity_bytes() - pool_.used_bytes()) +
+            " bytes are free in slots of other sizes; nothing was evicted");
   const double target =
       config_.low_watermark * static_cast<double>(pool_.capacity_bytes());
   std::size_t scan_budget = config_.demotion_scan_limit;
@@ -1650,6 +1661,33 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
             " bytes are free in slots of other sizes, on slabs those blocks "
             "hold)");
   return {};
+}
+
+bool block_store::slab_could_come_free() {
+  const auto held = [](const entry& e) {
+    return e.state != entry_state::free &&
+           (e.state != entry_state::committed || e.leases > 0 || e.pins > 0);
+  };
+  // Marks every entry that stays whatever is evicted: a held one and its
+  // ancestors (each keeps a child).
+  held_marks_.assign(entries_.size(), 0);
+  for (std::uint32_t id = 0; id < entries_.size(); ++id) {
+    if (!held(entries_[id]))
+      continue;
+    for (std::uint32_t a = id; a != npos && held_marks_[a] == 0;
+         a = entries_[a].parent)
+      held_marks_[a] = 1;
+  }
+  const bool can_move = !compaction_off_ && backend_->can_copy_within();
+  return pool_.some_slab_could_empty([&](std::uint32_t id) {
+    const entry& e = entries_[id];
+    if (held_marks_[id] == 0)
+      return true; // evictable once the blocks below it are gone
+    // Compaction moves, and demotion re-encodes, a committed block no
+    // reader holds (demotion: unpinned too).
+    return e.state == entry_state::committed && e.leases == 0 &&
+           (can_move || (e.pins == 0 && !e.dead && may_demote(e)));
+  });
 }
 
 std::uint32_t block_store::make_room_victim(size_partition q) const {

@@ -675,6 +675,14 @@ private:
   /// emptied so, or the backend cannot copy within its arena. A copy that
   /// fails turns compaction off for good (counted, logged once).
   bool compact_for(std::uint16_t cls);
+  /// False when make_room() could free no slab whatever it evicted,
+  /// demoted or moved: every slab holds a block that is being put or read,
+  /// or that is pinned or has such a block chained below it and can be
+  /// neither moved (compaction) nor demoted. True when it might (so a put
+  /// it answers false for fails before evicting anything). Walks every
+  /// entry and every slot: make_room() asks only when no slot of the
+  /// put's size is free.
+  [[nodiscard]] bool slab_could_come_free();
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>
   pick_partition(size_partition p) const;
@@ -883,6 +891,8 @@ private:
   std::array<std::uint32_t, partition_count> recency_tail_{};
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
   std::vector<std::byte> scratch2_;
+  /// slab_could_come_free()'s per-entry marks, kept for their capacity.
+  std::vector<std::uint8_t> held_marks_;
   std::vector<read_lease> process_leases_;    ///< process()'s leases, reused
   std::vector<promotion> promote_batch_;      ///< process()'s, reused
   std::vector<disk_request_id> promote_ids_;  ///< its reads, reused

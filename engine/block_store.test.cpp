@@ -746,7 +746,7 @@ TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   auto h = store_->reserve(ns_, k, {});
   ASSERT_FALSE(h.has_value());
   EXPECT_EQ(h.error().code, errc::out_of_memory);
-  EXPECT_NE(h.error().message.find("pinned, leased or have cached children"),
+  EXPECT_NE(h.error().message.find("cannot be evicted, moved or demoted"),
             std::string::npos)
       << h.error().message;
   EXPECT_EQ(store_->used_bytes(), used);
@@ -928,6 +928,60 @@ TEST_F(slab_compaction_test, a_failed_copy_turns_compaction_off_and_evicts) {
     ASSERT_TRUE(store_->read(*lease, out).has_value());
     EXPECT_EQ(out, value_for(k));
   }
+  store_->check_invariants();
+}
+
+// Every slab holds a block nothing can free (read, pinned, or the parent
+// of a pinned block) and the arena cannot move blocks: a put of a new size
+// fails at once and evicts nothing, since no slab could come free. Before,
+// it evicted all nine evictable blocks first and failed anyway. Once the
+// pin goes, two slabs could come free, and the same put succeeds.
+TEST_F(store_fixture, a_put_no_slab_could_take_fails_before_evicting) {
+  open(16, policy_kind::lru, false, 4,
+       std::make_unique<no_copy_backend>(16 * block_bytes));
+  put_options pin;
+  pin.pin = true;
+  std::vector<block_key> small;
+  for (std::uint64_t i = 0; i < 8; ++i) // slabs 0 and 1
+    small.push_back(chain(10 * (i + 1), 1)[0]);
+  for (const auto& k : small)
+    ASSERT_TRUE(put(k, {}).has_value());
+  // Slab 2: a child of slab 1's last block, pinned, and three singles.
+  const block_key child = chain_key_from_id(small.back(), fp_, 5);
+  ASSERT_TRUE(put(child, small.back(), pin).has_value());
+  for (std::uint64_t i = 0; i < 3; ++i)
+    ASSERT_TRUE(put(chain(1000 + i, 1)[0], {}).has_value());
+  // Slab 3: one 8 KiB block of another namespace, read.
+  namespace_spec wide = small_spec("wide-model");
+  wide.head_dim = 128;
+  const auto wide_ns = *store_->register_namespace(wide);
+  const auto wide_key = chain_key_from_id({}, wide.fingerprint(), 1);
+  ASSERT_TRUE(put_in(wide_ns, wide, wide_key).has_value());
+  auto wide_lease = store_->acquire(wide_ns, wide_key);
+  ASSERT_TRUE(wide_lease.has_value());
+  auto small_lease = store_->acquire(ns_, small.front()); // slab 0
+  ASSERT_TRUE(small_lease.has_value());
+  store_->check_invariants();
+  ASSERT_EQ(store_->block_count(), 13U);
+
+  // A third size: 6 KiB blocks.
+  namespace_spec mid = small_spec("mid-model");
+  mid.head_dim = 96;
+  const auto mid_ns = *store_->register_namespace(mid);
+  const auto mid_key = chain_key_from_id({}, mid.fingerprint(), 1);
+  auto h = store_->reserve(mid_ns, mid_key, {});
+  ASSERT_FALSE(h.has_value());
+  EXPECT_EQ(h.error().code, errc::out_of_memory);
+  EXPECT_NE(h.error().message.find("nothing was evicted"), std::string::npos)
+      << h.error().message;
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  EXPECT_EQ(store_->block_count(), 13U);
+  store_->check_invariants();
+
+  ASSERT_TRUE(store_->unpin(ns_, child).has_value());
+  const auto r = put_in(mid_ns, mid, mid_key);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_GT(store_->stats().evictions, 0U);
   store_->check_invariants();
 }
 
