@@ -1077,8 +1077,10 @@ result<void> block_store::commit(put_handle& h) {
       d.dead = false;
       d.expires_at = h.expires_at_;
       refresh_evictable(h.id_);
+      drop_outlasting_disk_copy(h.id_);
     } else if (h.sets_expiry_) {
       d.expires_at = h.expires_at_;
+      drop_outlasting_disk_copy(h.id_);
     } else if (d.dead) {
       // A promotion of a block dead in memory: it stays dead, and letting
       // go of the hold may remove it, so nothing below may touch it.
@@ -1119,6 +1121,7 @@ result<void> block_store::commit(put_handle& h) {
     config_.on_block_event(block_event::stored, e.key);
   if (!tier_index_.empty() && tier_index_.count(e.key) != 0)
     drop_tier_block(e.key, false); // memory has the newer copy now
+  drop_outlasting_disk_copy(id);
   if (e.pins > 0)
     (void)spill(id, true); // pins survive restarts
   ++stats_.commits;
@@ -1984,7 +1987,15 @@ void block_store::evict(std::uint32_t id) {
   remove(id);
 }
 
-bool block_store::spill(std::uint32_t id, bool pinned) {
+namespace {
+/// How much later a disk copy may expire than the block in memory and
+/// still count as lasting as long: the drift between the store's clock and
+/// the wall clock, so that a block promoted from disk and evicted again is
+/// not rewritten for it.
+constexpr nanos disk_expiry_slack = std::chrono::seconds(1);
+} // namespace
+
+bool block_store::spill(std::uint32_t id, bool pinned, bool rewrite) {
   if (!disk_)
     return false;
   const entry& e = entries_[id];
@@ -1997,8 +2008,9 @@ bool block_store::spill(std::uint32_t id, bool pinned) {
       return false; // expired: nothing worth keeping
     expires = wall + nanos{left};
   }
-  if (const auto info =
-          lasting_disk_copy(e.key, e.checksum, e.c, expires, e.prio)) {
+  if (const auto info = rewrite ? std::nullopt
+                                : lasting_disk_copy(e.key, e.checksum, e.c,
+                                                    expires, e.prio)) {
     ++stats_.spills_skipped;
     if (pinned && info->pins == 0 && !disk_->pin(e.key))
       ++stats_.spill_failures;
@@ -2032,18 +2044,41 @@ block_store::lasting_disk_copy(const block_key& key, std::uint64_t checksum,
   // its old expiry, and the block would be lost with it. The slack absorbs
   // the drift between the store's clock and the wall clock, so that a
   // block promoted from disk and evicted again is not rewritten for it.
-  // And only if they record the block's priority: a block raised since
-  // its spill (a critical request used it) would come back ranking lower,
-  // and one of a version 1 or 2 directory records none. The bytes are
+  // (disk_expiry_slack). And only if they record the block's priority: a block
+  // raised since its spill (a critical request used it) would come back ranking
+  // lower, and one of a version 1 or 2 directory records none. The bytes are
   // then written again with it (a priority only changes upward while the
   // block is in memory, so at most once per level).
-  constexpr nanos slack = std::chrono::seconds(1);
   auto info = disk_->lookup(key);
   if (info && info->checksum == checksum && info->c == c && info->prio == p &&
       (info->expires_at.count() == 0 ||
-       (expires.count() != 0 && info->expires_at + slack >= expires)))
+       (expires.count() != 0 &&
+        info->expires_at + disk_expiry_slack >= expires)))
     return info;
   return std::nullopt;
+}
+
+void block_store::drop_outlasting_disk_copy(std::uint32_t id) {
+  const entry& e = entries_[id];
+  if (!disk_ || e.expires_at == 0)
+    return;
+  const auto info = disk_->lookup(e.key);
+  if (!info)
+    return;
+  const std::int64_t left = e.expires_at - now().count();
+  const nanos expires =
+      disk_clock().now() + nanos{std::max<std::int64_t>(left, 0)};
+  if (info->expires_at.count() != 0 &&
+      info->expires_at <= expires + disk_expiry_slack)
+    return;
+  // A pinned copy keeps the pin across restarts: write it again with the
+  // new expiry (a pinned spill is never refused as busy). Otherwise, or
+  // when that fails, the copy goes; the block in memory spills again when
+  // it is evicted.
+  if (info->pins > 0 && spill(id, true, true))
+    return;
+  ++stats_.outlasting_disk_copies_dropped;
+  (void)disk_->erase(e.key);
 }
 
 std::optional<disk_block_info>

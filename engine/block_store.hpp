@@ -710,8 +710,14 @@ private:
   /// it frees are always announced.
   void remove(std::uint32_t id, bool announce = true);
   void kill(std::uint32_t id);
-  /// Writes block `id` to the disk tier unless it is there already.
-  bool spill(std::uint32_t id, bool pinned);
+  /// Writes block `id` to the disk tier unless it is there already
+  /// (`rewrite`: even then).
+  bool spill(std::uint32_t id, bool pinned, bool rewrite = false);
+  /// After a put set block `id`'s expiry: a disk copy that would outlast
+  /// it (spilled before a put shortened its TTL) is rewritten with the
+  /// block's expiry when pinned there, else erased, so the disk never
+  /// serves the block after it expired in memory.
+  void drop_outlasting_disk_copy(std::uint32_t id);
   void evict(std::uint32_t id);
   /// The disk tier's copy of `key` when a promotion can use it: of this
   /// namespace, its codec and size, not expired at `wall`.

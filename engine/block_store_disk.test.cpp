@@ -913,6 +913,52 @@ TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
   store_->check_invariants();
 }
 
+// A put that gives a block a shorter TTL than its disk copy's: once the
+// block has left memory, the disk no longer serves it past the new expiry.
+// (Before, the copy kept its 100 s expiry, an eviction skipped the spill as
+// the copy "lasted", and a request 2 s later matched the block from disk.)
+// A pinned disk copy is rewritten with the new expiry and keeps its pin.
+TEST_F(store_disk_test, a_put_that_shortens_a_ttl_shortens_the_disk_copy_too) {
+  auto& [clock, wall] = open_on_test_clocks();
+  const auto a = chain(1, 1);
+  const auto b = chain(100, 1);
+  put_options long_ttl;
+  long_ttl.ttl = std::chrono::seconds(100);
+  ASSERT_TRUE(store_->process(ns_, a, spec().block_tokens, producer_, long_ttl)
+                  .has_value());
+  long_ttl.pin = true;
+  ASSERT_TRUE(store_->process(ns_, b, spec().block_tokens, producer_, long_ttl)
+                  .has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  ASSERT_TRUE(store_->on_disk(ns_, a[0]));
+  ASSERT_EQ(store_->disk()->lookup(b[0])->pins, 1U);
+  put_options short_ttl;
+  short_ttl.ttl = std::chrono::seconds(1);
+  for (const auto& k : {a[0], b[0]}) {
+    auto h = store_->reserve(ns_, k, {}, short_ttl); // a repeat put
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    ASSERT_TRUE(h->already_cached());
+    std::vector<std::byte> value(spec().value_bytes());
+    ASSERT_TRUE(producer_.produce(spec(), k, value).has_value());
+    ASSERT_TRUE(store_->write(*h, value).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+  }
+  EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 1U);
+  const auto pinned = store_->disk()->lookup(b[0]);
+  ASSERT_TRUE(pinned.has_value());
+  EXPECT_EQ(pinned->pins, 1U);
+  EXPECT_LE(pinned->expires_at, wall.now() + std::chrono::seconds(2));
+  ASSERT_GT(store_->evict_bytes(spec().value_bytes()), 0U); // a: b is pinned
+  ASSERT_EQ(store_->lookup_tiers(ns_, a)->memory, 0U);
+  clock.advance(std::chrono::seconds(2));
+  wall.advance(std::chrono::seconds(2));
+  EXPECT_EQ(store_->lookup_tiers(ns_, a)->disk, 0U);
+  EXPECT_EQ(store_->lookup_tiers(ns_, b)->disk, 0U);
+  const auto r = run(a);
+  EXPECT_EQ(r.computed_blocks, 1U) << "matched " << r.matched_blocks;
+  store_->check_invariants();
+}
+
 /// A prefill that takes time: moves both clocks by `step` per block.
 class slow_producer final : public kv_producer {
 public:

@@ -106,6 +106,9 @@ struct store_stats {
   std::uint64_t promotion_failures = 0; ///< disk blocks recomputed instead
   std::uint64_t spills = 0;             ///< written to disk, or in flight
   std::uint64_t spills_skipped = 0;     ///< already on disk, not rewritten
+  /// Disk copies erased because a put gave the block an earlier expiry
+  /// than theirs (they would have served it after it expired).
+  std::uint64_t outlasting_disk_copies_dropped = 0;
   /// Refused or failed on disk. A spill superseded before it was written
   /// (the block spilled again, or its disk copy erased) is in neither.
   std::uint64_t spill_failures = 0;
