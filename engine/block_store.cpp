@@ -573,6 +573,7 @@ result<void> block_store::read_raw(const read_lease& lease,
                                    std::span<std::byte> out) {
   if (lease.store_ != this)
     return not_our_lease(lease.store_);
+  const nanos start = now();
   entry& e = entries_[lease.id_];
   if (e.corrupt)
     return refuse_corrupt(e, out);
@@ -586,6 +587,7 @@ result<void> block_store::read_raw(const read_lease& lease,
   if (block_checksum(out) != e.checksum)
     return drop_corrupt(lease.id_, out);
   ++stats_.reads;
+  stats_.read_ns.record(static_cast<std::uint64_t>((now() - start).count()));
   return {};
 }
 

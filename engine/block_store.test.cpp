@@ -1172,6 +1172,22 @@ TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
   store_->check_invariants();
 }
 
+// A raw read (the encoded bytes, as the wire sends them) is a read in the
+// stats: counted, and its latency recorded with the decoded reads' (before,
+// it was counted but read_ns missed it).
+TEST_F(store_fixture, a_raw_read_records_its_latency) {
+  open(16);
+  const auto k = chain(1, 1)[0];
+  ASSERT_TRUE(put(k, {}).has_value());
+  auto lease = store_->acquire(ns_, k);
+  ASSERT_TRUE(lease.has_value());
+  std::vector<std::byte> raw(block_bytes);
+  ASSERT_TRUE(store_->read_raw(*lease, raw).has_value());
+  EXPECT_EQ(store_->stats().reads, 1U);
+  EXPECT_EQ(store_->stats().read_ns.count(), 1U);
+  EXPECT_EQ(raw, value_for(k));
+}
+
 TEST_F(store_fixture, corrupted_block_is_dropped_and_counted_never_returned) {
   open(16);
   const auto keys = chain(1, 2);
