@@ -342,7 +342,7 @@ std::uint32_t block_store::find_visible(ns_id ns, const block_key& key,
   entry& e = entries_[id];
   if (e.state != entry_state::committed || e.dead || e.ns != ns.value)
     return npos;
-  if (e.expires_at != 0 && e.expires_at <= t.count()) {
+  if (expired_by(e.expires_at, t.count())) {
     ++stats_.expirations;
     kill(id);
     return npos;
@@ -697,7 +697,7 @@ std::optional<result<put_handle>> block_store::reserve_existing(
     ++stats_.reserves;
     return h;
   };
-  const bool expired = e.expires_at != 0 && e.expires_at <= start.count();
+  const bool expired = expired_by(e.expires_at, start.count());
   if (!e.dead && !expired)
     return duplicate();
   if (!e.dead)
@@ -1526,8 +1526,8 @@ std::size_t block_store::expire() {
   std::size_t n = 0;
   for (std::uint32_t id = 0; id < entries_.size(); ++id) {
     const entry& e = entries_[id];
-    if (e.state == entry_state::committed && !e.dead && e.expires_at != 0 &&
-        e.expires_at <= t) {
+    if (e.state == entry_state::committed && !e.dead &&
+        expired_by(e.expires_at, t)) {
       ++n;
       ++stats_.expirations;
       kill(id);
@@ -1535,7 +1535,7 @@ std::size_t block_store::expire() {
   }
   std::vector<block_key> expired_in_tier;
   for (const auto& [key, b] : tier_index_)
-    if (b.expires_at != 0 && b.expires_at <= t)
+    if (expired_by(b.expires_at, t))
       expired_in_tier.push_back(key);
   for (const block_key& key : expired_in_tier) {
     ++n;
@@ -1774,7 +1774,7 @@ bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
     --scan_budget;
     entry& e = entries_[id];
     const std::uint32_t next = e.rprev;
-    if (!e.dead && e.expires_at != 0 && e.expires_at <= t) {
+    if (!e.dead && expired_by(e.expires_at, t)) {
       // Expired: not worth compressing, and freeing it is the better room.
       // Still held (a reader, a cached child), it only turns dead here.
       ++stats_.expirations;
@@ -1976,7 +1976,7 @@ result<void> block_store::attach_disk(std::unique_ptr<disk_tier> tier) {
 
 void block_store::evict(std::uint32_t id) {
   const entry& e = entries_[id];
-  if (e.expires_at != 0 && e.expires_at <= now().count()) {
+  if (expired_by(e.expires_at, now().count())) {
     // Its TTL ran out before space ran short: an expiration, and nothing
     // to spill.
     ++stats_.expirations;
@@ -2109,7 +2109,7 @@ std::size_t block_store::disk_prefix(ns_id ns,
       return false;
     const entry& e = entries_[id];
     return e.state == entry_state::committed &&
-           (e.dead || (e.expires_at != 0 && e.expires_at <= t));
+           (e.dead || expired_by(e.expires_at, t));
   };
   std::size_t n = 0;
   // A block in memory goes on a prefix on disk too: one brought back alone
@@ -2544,7 +2544,7 @@ bool block_store::contains(ns_id ns, const block_key& key) const {
     return false;
   const entry& e = entries_[id];
   return e.state == entry_state::committed && !e.dead && e.ns == ns.value &&
-         (e.expires_at == 0 || e.expires_at > now().count());
+         !expired_by(e.expires_at, now().count());
 }
 
 bool block_store::on_disk(ns_id ns, const block_key& key) const {

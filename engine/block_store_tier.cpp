@@ -41,7 +41,7 @@ result<bool> block_store::attach_tier(const memory_tier_factory& make) {
 bool block_store::in_tier(ns_id ns, const block_key& key) const {
   const auto it = tier_index_.find(key);
   return it != tier_index_.end() && it->second.ns == ns.value &&
-         (it->second.expires_at == 0 || it->second.expires_at > now().count());
+         !expired_by(it->second.expires_at, now().count());
 }
 
 bool block_store::can_follow_children(std::uint32_t id) const noexcept {
@@ -125,7 +125,7 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
       const std::uint32_t id = lowest_priority_victim();
       if (id == npos)
         break;
-      if (entries_[id].expires_at != 0 && entries_[id].expires_at <= t) {
+      if (expired_by(entries_[id].expires_at, t)) {
         ++stats_.expirations;
         kill(id);
         continue;
@@ -173,7 +173,7 @@ void block_store::finish_demotions(demotion_batch& batch, bool copied) {
     --e.leases;
     if (e.parent != npos)
       --entries_[e.parent].departing;
-    const bool expired = e.expires_at != 0 && e.expires_at <= t;
+    const bool expired = expired_by(e.expires_at, t);
     const bool leave = copied && !e.dead && !expired && e.pins == 0 &&
                        e.leases == 0 && e.children == 0 &&
                        e.access_count == d.access_count;
@@ -240,7 +240,7 @@ void block_store::drop_tier_block(const block_key& key, bool announce) {
 
 bool block_store::spill_tier_block(const block_key& key, const tier_block& b) {
   const std::int64_t t = now().count();
-  if (!disk_ || (b.expires_at != 0 && b.expires_at <= t))
+  if (!disk_ || expired_by(b.expires_at, t))
     return false;
   const std::byte* bytes = tier_->host_bytes(b.place);
   if (bytes == nullptr)
@@ -309,7 +309,7 @@ std::size_t block_store::tier_prefix_length(ns_id ns,
     const auto it = tier_index_.find(k);
     if (it == tier_index_.end() || it->second.ns != ns.value)
       break;
-    if (it->second.expires_at != 0 && it->second.expires_at <= t) {
+    if (expired_by(it->second.expires_at, t)) {
       ++stats_.expirations;
       drop_tier_block(k, true);
       break;

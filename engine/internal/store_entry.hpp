@@ -11,6 +11,12 @@ namespace kvfleet::engine {
 
 enum class entry_state : std::uint8_t { free, reserved, written, committed };
 
+/// Whether an expiry (steady nanoseconds, 0 = never) has come by `t`.
+[[nodiscard]] constexpr bool expired_by(std::int64_t expires_at,
+                                        std::int64_t t) noexcept {
+  return expires_at != 0 && expires_at <= t;
+}
+
 struct block_store::entry {
   block_key key{};
   std::uint64_t checksum = 0;
