@@ -9,6 +9,7 @@
 #include "tools/bench/routing_mode.hpp"
 
 #include <ostream>
+#include <sstream>
 
 namespace kvfleet::bench {
 
@@ -42,12 +43,23 @@ int print(std::ostream& out, std::ostream& err, std::string_view text,
 template <class Run>
 int run_mode(const engine_options& opts, std::ostream& out, std::ostream& err,
              bool err_is_terminal, Run run) {
-  auto reqs = load_requests(opts, err);
-  if (!reqs)
-    return fail(err, reqs.error());
   const std::string label =
       opts.workload.empty() ? opts.trace_path : opts.workload;
+  // Drawn from the start: generating or reading a large input, and each
+  // store's creation, take seconds with no request replayed.
   progress_bar bar(err, opts.progress && err_is_terminal);
+  bar.phase(opts.workload.empty() ? "reading the trace"
+                                  : "generating the workload");
+  bar.start_ticking();
+  // Its warnings (malformed trace lines) go out once the bar is erased.
+  std::ostringstream diag;
+  auto reqs = load_requests(opts, diag);
+  bar.clear();
+  err << diag.str();
+  if (!reqs) {
+    bar.finish();
+    return fail(err, reqs.error());
+  }
   auto report =
       run(*reqs, label,
           [&bar](std::size_t done, std::size_t total, const std::string& what) {

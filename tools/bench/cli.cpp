@@ -624,18 +624,25 @@ result<void> parse_options(std::span<const std::string_view> args,
   return check_complete(o, no_input);
 }
 
+constexpr std::string_view disk_options[] = {"--disk-dir",
+                                             "--disk-capacity-blocks"};
+
 // Whether `args` ask for help: "--help" or "-h" where an option may stand,
 // not as the value of an option that takes one (`--trace -h` names a file
-// "-h"); `extra` are the mode's own valued options. Asking for help wins
-// over any mistake elsewhere on the line.
+// "-h"); `extra` are the mode's own valued options, and the common ones in
+// `excluded` are not the mode's, so they take no value (`routing --disk-dir
+// -h` asks for help). Asking for help wins over any mistake elsewhere on
+// the line.
 bool wants_help(std::span<const std::string_view> args,
-                std::span<const std::string_view> extra = {}) {
+                std::span<const std::string_view> extra = {},
+                std::span<const std::string_view> excluded = {}) {
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string_view a = args[i];
     if (a == "--help" || a == "-h")
       return true;
     // The next argument is this option's value (parse_options' rule).
-    if ((contains(valued_options, a) || contains(extra, a)) &&
+    if (((contains(valued_options, a) && !contains(excluded, a)) ||
+         contains(extra, a)) &&
         i + 1 < args.size() && !args[i + 1].starts_with("--"))
       ++i;
   }
@@ -672,9 +679,6 @@ result<double> parse_nonnegative(std::string_view name,
   return *x;
 }
 
-constexpr std::string_view disk_options[] = {"--disk-dir",
-                                             "--disk-capacity-blocks"};
-
 result<command> parse_routing(std::span<const std::string_view> args) {
   static constexpr std::string_view extra[] = {"--engines",
                                                "--policies",
@@ -685,7 +689,7 @@ result<command> parse_routing(std::span<const std::string_view> args) {
                                                "--max-credit",
                                                "--backlog-margin",
                                                "--overload-credit-factor"};
-  if (wants_help(args, extra))
+  if (wants_help(args, extra, disk_options))
     return command{command_kind::routing_help, {}, {}, {}};
   command cmd;
   cmd.kind = command_kind::routing;
@@ -759,14 +763,14 @@ result<command> parse_routing(std::span<const std::string_view> args) {
 result<command> parse_prefetch(std::span<const std::string_view> args) {
   static constexpr std::string_view extra[] = {
       "--eviction", "--threshold", "--max-round", "--session-timeout-s"};
-  if (wants_help(args, extra))
+  static constexpr std::string_view excluded[] = {
+      "--disk-dir", "--disk-capacity-blocks", "--policies",
+      "--trace",    "--on-bad-line",          "--prefill-us-per-token"};
+  if (wants_help(args, extra, excluded))
     return command{command_kind::prefetch_help, {}, {}, {}};
   command cmd;
   cmd.kind = command_kind::prefetch;
   prefetch_options& p = cmd.prefetch;
-  static constexpr std::string_view excluded[] = {
-      "--disk-dir", "--disk-capacity-blocks", "--policies",
-      "--trace",    "--on-bad-line",          "--prefill-us-per-token"};
   const auto apply = [&p](std::string_view name,
                           std::string_view value) -> result<void> {
     if (name == "--eviction") {

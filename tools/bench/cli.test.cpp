@@ -361,6 +361,11 @@ TEST(bench_cli, values_and_help_by_position) {
       {{"help"}, command_kind::help},
       {{"--help", "garbage", "--bogus"}, command_kind::help},
       {{"engine", "--bogus", "-h"}, command_kind::engine_help},
+      // An option the mode does not take takes no value either (before,
+      // these were "unknown option" errors).
+      {{"routing", "--disk-dir", "-h"}, command_kind::routing_help},
+      {{"prefetch", "--trace", "-h"}, command_kind::prefetch_help},
+      {{"prefetch", "--policies", "-h"}, command_kind::prefetch_help},
   };
   for (const auto& [args, kind] : cases) {
     auto cmd = parse_command_line(args);

@@ -88,7 +88,11 @@ read_or_generate(const engine_options& opts, std::ostream& diag) {
     return make_error(
         errc::parse_error,
         "trace file '" + opts.trace_path + "' has no requests" +
-            (report.skipped > 0 ? " (every line was malformed)" : ""));
+            (report.skipped > 0
+                 ? " (" + std::to_string(report.skipped) + " malformed and " +
+                       std::to_string(report.blank) + " blank of " +
+                       std::to_string(report.lines) + " lines)"
+                 : ""));
   if (opts.requests != 0 && reqs->size() > opts.requests)
     reqs->resize(opts.requests);
   return reqs;
@@ -108,13 +112,18 @@ load_requests(const engine_options& opts, std::ostream& diag) {
         return r.input_length >= opts.block_tokens;
       });
   // In a trace that is its content (exit status 1, as for any bad trace);
-  // a generated workload meets it only through --block-tokens.
+  // a generated workload meets it through --block-tokens, or a few short
+  // requests (--requests, --seed): no-reuse prompts can be under 512.
   if (!any_block)
     return make_error(
         opts.trace_path.empty() ? errc::invalid_argument : errc::parse_error,
         "no request has a whole block of " + std::to_string(opts.block_tokens) +
             " tokens (--block-tokens): every input is "
-            "shorter, so nothing could be cached");
+            "shorter, so nothing could be cached" +
+            (opts.trace_path.empty()
+                 ? std::string("; a smaller --block-tokens, more --requests "
+                               "or another --seed gives some")
+                 : std::string()));
   return reqs;
 }
 
@@ -393,6 +402,7 @@ run_engine_unguarded(const engine_options& opts,
   report.from_trace = !opts.trace_path.empty();
   report.requests = reqs.size();
   report.block_tokens = opts.block_tokens;
+  announce(progress, "counting the working set");
   auto ws =
       engine::working_set_blocks(reqs, opts.block_tokens, stop_on_interrupt());
   if (!ws)
@@ -403,6 +413,7 @@ run_engine_unguarded(const engine_options& opts,
     return unexpected<error>(cap.error());
   report.capacity_blocks = *cap;
 
+  announce(progress, "computing the block keys");
   auto made = make_request_keys(reqs, bench_namespace(opts).fingerprint(),
                                 opts.block_tokens, stop_on_interrupt());
   if (!made)
@@ -430,6 +441,11 @@ result<engine_report> run_engine(const engine_options& opts,
   });
 }
 
+void announce(const progress_fn& progress, const std::string& label) {
+  if (progress)
+    progress(0, 0, label);
+}
+
 std::function<void(std::size_t)>
 pass_progress(const progress_fn& progress, std::string_view name,
               std::size_t index, std::size_t passes, std::size_t per_pass) {
@@ -437,6 +453,7 @@ pass_progress(const progress_fn& progress, std::string_view name,
     return {};
   std::string label = std::string(name) + " (" + std::to_string(index + 1) +
                       "/" + std::to_string(passes) + ")";
+  announce(progress, label + ": setting up");
   return [progress, label = std::move(label), before = index * per_pass,
           total = passes * per_pass](std::size_t done) {
     progress(before + done, total, label);

@@ -82,13 +82,20 @@ struct engine_report {
 };
 
 /// Called after each request: `done` of `total` requests over all policies,
-/// `label` names the policy running.
+/// `label` names the policy running. A `total` of 0 announces a step of
+/// unknown length that `label` names (counting the working set, creating a
+/// store), until the next call.
 using progress_fn = std::function<void(std::size_t done, std::size_t total,
                                        const std::string& label)>;
 
+/// Announces the step `label` to `progress` (a call with a total of 0);
+/// nothing when `progress` is empty.
+void announce(const progress_fn& progress, const std::string& label);
+
 /// The per-request callback of pass `index` of `passes` over `per_pass`
 /// requests, reporting to `progress` as "name (index+1/passes)"; empty
-/// when `progress` is.
+/// when `progress` is. Announces that pass's set-up first ("name
+/// (index+1/passes): setting up"), which runs until its first request.
 [[nodiscard]] std::function<void(std::size_t)>
 pass_progress(const progress_fn& progress, std::string_view name,
               std::size_t index, std::size_t passes, std::size_t per_pass);

@@ -362,13 +362,32 @@ TEST_F(trace_file, a_trace_without_requests_is_an_error) {
   EXPECT_NE(blank.error().message.find("has no requests"), std::string::npos)
       << blank.error().message;
 
-  write("not json\n");
+  // Blank lines and one malformed line: the message counts both (it said
+  // "every line was malformed" after "skipped 1 malformed line of 4").
+  write("\n\n\nnot json\n");
   o.on_bad_line = engine::bad_line_action::skip;
   auto all_skipped = load_requests(o, diag);
   ASSERT_FALSE(all_skipped);
-  EXPECT_NE(all_skipped.error().message.find("every line was malformed"),
+  EXPECT_NE(all_skipped.error().message.find(
+                "has no requests (1 malformed and 3 blank of 4 lines)"),
             std::string::npos)
       << all_skipped.error().message;
+}
+
+TEST(generated_workload, one_without_a_whole_block_names_what_gives_some) {
+  engine_options o;
+  o.workload = "no-reuse";
+  o.requests = 1;
+  o.block_tokens = 1u << 20; // no generated prompt is that long
+  o.capacity_blocks = 5;
+  std::ostringstream diag;
+  auto reqs = load_requests(o, diag);
+  ASSERT_FALSE(reqs);
+  EXPECT_EQ(reqs.error().code, errc::invalid_argument);
+  EXPECT_NE(reqs.error().message.find("a smaller --block-tokens, more "
+                                      "--requests or another --seed"),
+            std::string::npos)
+      << reqs.error().message;
 }
 
 TEST_F(trace_file, an_input_without_a_whole_block_is_refused) {

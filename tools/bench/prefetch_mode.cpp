@@ -197,6 +197,7 @@ run_prefetch_unguarded(const prefetch_options& opts,
   report.block_tokens = opts.base.block_tokens;
   report.eviction = opts.eviction;
   report.threshold = opts.threshold;
+  announce(progress, "counting the working set");
   auto ws = engine::working_set_blocks(reqs, opts.base.block_tokens,
                                        stop_on_interrupt());
   if (!ws)
@@ -215,6 +216,7 @@ run_prefetch_unguarded(const prefetch_options& opts,
   // Copying and sorting millions of requests takes a second or two.
   if (interrupt_requested())
     return interrupted_while("sorting the requests");
+  announce(progress, "computing the block keys");
   auto made =
       make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
                         opts.base.block_tokens, stop_on_interrupt());

@@ -136,10 +136,11 @@ public:
       if (!e.busy)
         if (auto ok = start(picked->slot, now); !ok)
           return unexpected<error>(ok.error());
+      // Progress counts services started, not arrivals: with arrivals
+      // faster than service, most requests start in the loop below.
       if (progress)
-        progress(r + 1);
+        progress(started_);
     }
-    // With arrivals faster than service most requests start here.
     while (!done_.empty()) {
       if (interrupt_requested())
         return interrupted_error(started_, keys_.size());
@@ -147,6 +148,8 @@ public:
       done_.pop();
       if (auto ok = complete(e, t); !ok)
         return unexpected<error>(ok.error());
+      if (progress)
+        progress(started_);
     }
     finish();
     return out_;
@@ -340,6 +343,7 @@ static result<routing_report> run_routing_unguarded(
   report.block_tokens = opts.base.block_tokens;
   report.engines = opts.engines;
   report.rate_scale = opts.rate_scale;
+  announce(progress, "counting the working set");
   auto ws = engine::working_set_blocks(reqs, opts.base.block_tokens,
                                        stop_on_interrupt());
   if (!ws)
@@ -379,6 +383,7 @@ static result<routing_report> run_routing_unguarded(
   // Copying and sorting millions of requests takes a second or two.
   if (interrupt_requested())
     return interrupted_while("sorting the requests");
+  announce(progress, "computing the block keys");
   auto made =
       make_request_keys(ordered, bench_namespace(opts.base).fingerprint(),
                         opts.base.block_tokens, stop_on_interrupt());
