@@ -2746,6 +2746,38 @@ TEST_F(actor_test, APrefetchComputedThroughTheCacheIsUsefulWhenItsQueryHits) {
   EXPECT_EQ(st.wasted, 0U);
 }
 
+TEST_F(actor_test, APrefetchThatJoinsAUsersRequestInTheCacheCountsCached) {
+  // B's own request is on its way through the cache (held at the balancer)
+  // when X predicts B: the prefetch joins it in the cache and gets its
+  // reply, which computed B's block for the user. The prefetch did no work:
+  // cached, not wasted (before, it counted wasted, its query's request
+  // having computed the block the prefetch "held").
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  auto cache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+  stop_at_end_.push_back(cache);
+  auto pf = spawned(spawn_prefetcher(*sys_, eager_prefetch(), b, cache));
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  observed(pf, query(1, "X")); // X -> B
+  observed(pf, query(1, "B"));
+  auto user = ask<kv_reply>(cache, query_atom::value, query(2, "B"));
+  run_all_but(*sched_, b); // B's miss waits in the balancer's mailbox
+  const auto x = query(2, "X");
+  caf::anon_send(pf, observe_atom::value, x, found_all(x), std::int64_t{0});
+  run_all_but(*sched_, b); // prefetches B: it joins the user's request
+  sched_->run();
+  ASSERT_TRUE(user->value.has_value());
+  EXPECT_EQ(user->value->computed_blocks, 1U);
+  EXPECT_FALSE(user->value->joined);
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  EXPECT_EQ(ask_now<engine_stats>(e0, stats_atom::value).requests, 1U);
+  const auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 1U);
+  EXPECT_EQ(st.cached, 1U);
+  EXPECT_EQ(st.wasted, 0U);
+  EXPECT_EQ(st.useful, 0U);
+}
+
 /// Digits grouped by threes with ',' (as en_US does), without needing
 /// such a locale installed.
 struct grouping_numpunct : std::numpunct<char> {

@@ -70,6 +70,10 @@ struct kv_reply {
   /// open: engine::process_result::uncached_blocks). Not kept by the
   /// query-result cache's store: 0 in a reply from it.
   std::uint64_t uncached_blocks = 0;
+  /// The query-result cache answered it with the reply of another request
+  /// of its query, whose computation it joined without going to an engine
+  /// itself: that request did the work (query_cache_actor.hpp).
+  bool joined = false;
 
   friend bool operator==(const kv_reply&, const kv_reply&) = default;
 };
@@ -78,7 +82,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_reply& x) {
   return f(caf::meta::type_name("kv_reply"), x.id, x.engine, x.matched_blocks,
            x.computed_blocks, x.matched_tokens, x.computed_tokens,
-           x.from_query_cache, x.uncached_blocks);
+           x.from_query_cache, x.uncached_blocks, x.joined);
 }
 
 /// Blocks an engine stored and evicted since its last report.
@@ -238,8 +242,10 @@ struct prefetch_stats {
   /// request timeout): nothing was prefetched, neither useful nor wasted,
   /// also when its query was requested before that answer.
   std::uint64_t failed = 0;
-  /// The query-result cache answered it from its store: the query's result
-  /// was there already, nothing to prefetch (neither useful nor wasted).
+  /// The query-result cache answered it from its store, or with the reply
+  /// of a request of its query already on its way there (it joined that
+  /// computation): the query's result was there, or coming, anyway, nothing
+  /// to prefetch (neither useful nor wasted).
   std::uint64_t cached = 0;
   std::uint64_t tracked_queries = 0;
 };

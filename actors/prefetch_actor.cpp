@@ -85,12 +85,15 @@ void issue(prefetch_actor* self, const std::string& q) {
   // next request. A prefetch the balancer could not carry out (no engine,
   // its timeout), or one the cache answered from its store, prefetched
   // nothing: it is no longer outstanding, so the next prediction may send
-  // it again. One whose query was requested before its reply is judged at
-  // the reply.
+  // it again. So did one that joined a request of its query already on its
+  // way in the cache (a user's, say): that request computed the result, and
+  // would have without the prefetch, so it counts cached, not useful or
+  // wasted. One whose query was requested before its reply is judged at the
+  // reply.
   const bool via_front = st.front && !req.query.empty();
   auto on_reply = [self, q, id, via_front](const kv_reply& rep) {
     auto& s = self->state;
-    if (rep.from_query_cache) {
+    if (rep.from_query_cache || rep.joined) {
       if (s.outstanding->discard(q, id))
         ++s.stats.cached;
       return;

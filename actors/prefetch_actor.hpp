@@ -23,7 +23,9 @@
 /// engine, its request timeout), so nothing was prefetched and the next
 /// prediction may send it again (failed also when its query was requested
 /// before that error). Cached: the query-result cache answered it from its
-/// store, so the result was there and nothing needed prefetching. At most
+/// store, or with the reply of a request of its query already on its way
+/// there (a user's, which the prefetch joined: kv_reply::joined), so the
+/// result was there, or coming anyway, and nothing needed prefetching. At most
 /// `max_outstanding` prefetches are tracked: one more forgets the oldest
 /// still outstanding, and a resolved prefetch leaves nothing behind.
 ///

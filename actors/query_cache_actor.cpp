@@ -105,6 +105,9 @@ struct waiter {
   /// (reported to them with the reply that answers it), and when it came.
   std::optional<kv_request> joined;
   engine::nanos arrived{0};
+  /// It sent no request of its own: its reply is another's
+  /// (kv_reply::joined).
+  bool rides = false;
 };
 
 struct pending_query {
@@ -209,6 +212,7 @@ void ask_balancer(cache_actor* self, const std::string& key,
             for (auto& w : list) {
               auto copy = rep;
               copy.id = w.id;
+              copy.joined = w.rides;
               if (w.joined)
                 notify(self, *w.joined, copy, now(self) - w.arrived);
               w.promise.deliver(std::move(copy));
@@ -305,6 +309,7 @@ cache_behavior(cache_actor* self, query_cache_config config,
           // not wait behind lower-priority traffic: it goes too (also when
           // the higher-priority one sent before has failed meanwhile).
           if (pending.sent_at_least(req.prio)) {
+            pending.waiters.back().rides = true;
             if (!s.listeners.empty()) {
               pending.waiters.back().joined = std::move(req);
               pending.waiters.back().arrived = now(self);

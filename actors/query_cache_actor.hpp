@@ -16,11 +16,13 @@
 /// key already sent goes to the balancer too, in its own priority (so a
 /// critical caller never waits behind a low-priority request); the first
 /// reply answers every waiter and a later one is ignored. Such a miss counts
-/// as coalesced. The waiters get an error only when every request sent for
-/// them failed (the last error). The cache sets no CAF timeout of its own on
-/// these requests: the balancer answers each one (balancer_actor.hpp), with
-/// request_timeout after its `request_timeout`, so that is the deadline of
-/// a miss.
+/// as coalesced. A waiter that sent nothing itself gets its reply with
+/// kv_reply::joined set: another request did its work (so a prefetch that
+/// joined a user's request on its way prefetched nothing). The waiters get
+/// an error only when every request sent for them failed (the last error).
+/// The cache sets no CAF timeout of its own on these requests: the
+/// balancer answers each one (balancer_actor.hpp), with request_timeout
+/// after its `request_timeout`, so that is the deadline of a miss.
 /// A request that pins its blocks (kv_request::pin, warming) is never
 /// answered from the store nor by another request's reply (neither pinned
 /// anything): it goes to the balancer on its own, counts as a miss, and its
