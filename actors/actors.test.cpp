@@ -2778,6 +2778,32 @@ TEST_F(actor_test, APrefetchThatJoinsAUsersRequestInTheCacheCountsCached) {
   EXPECT_EQ(st.useful, 0U);
 }
 
+TEST_F(actor_test, APrefetchWhoseBlocksWereAllCachedIsRedundantNotUseful) {
+  // B was served once, so its block is in the engine when X predicts B:
+  // the prefetch matches it and computes nothing. B's next request finds
+  // the block, but not thanks to the prefetch: redundant, not useful
+  // (before, useful). D's prefetch computes D's block: useful when found.
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  auto pf = prefetcher(b);
+  observed(pf, query(1, "X")); // X -> B and Y -> D, learned by hand
+  observed(pf, query(1, "B"));
+  observed(pf, query(2, "Y"));
+  observed(pf, query(2, "D"));
+  const auto served = [&](std::uint64_t session, const std::string& q) {
+    return ask_now<kv_reply>(b, process_atom::value, query(session, q));
+  };
+  ASSERT_EQ(served(3, "B").computed_blocks, 1U);
+  observed(pf, query(4, "X")); // prefetches B: all cached already
+  EXPECT_EQ(served(4, "B").matched_blocks, 1U);
+  observed(pf, query(5, "Y")); // prefetches D, which computes it
+  EXPECT_EQ(served(5, "D").matched_blocks, 1U);
+  const auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 2U);
+  EXPECT_EQ(st.redundant, 1U);
+  EXPECT_EQ(st.useful, 1U);
+  EXPECT_EQ(st.wasted, 0U);
+}
+
 /// Digits grouped by threes with ',' (as en_US does), without needing
 /// such a locale installed.
 struct grouping_numpunct : std::numpunct<char> {

@@ -247,13 +247,18 @@ struct prefetch_stats {
   /// computation): the query's result was there, or coming, anyway, nothing
   /// to prefetch (neither useful nor wasted).
   std::uint64_t cached = 0;
+  /// The engine that answered it found every block cached already and
+  /// computed none: it prefetched nothing (neither useful nor wasted, also
+  /// when its query later finds those blocks).
+  std::uint64_t redundant = 0;
   std::uint64_t tracked_queries = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, prefetch_stats& x) {
   return f(caf::meta::type_name("prefetch_stats"), x.observed, x.issued,
-           x.useful, x.wasted, x.failed, x.cached, x.tracked_queries);
+           x.useful, x.wasted, x.failed, x.cached, x.redundant,
+           x.tracked_queries);
 }
 
 /// The scaler's counters (per scale_action) and current targets.

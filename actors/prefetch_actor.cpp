@@ -98,6 +98,14 @@ void issue(prefetch_actor* self, const std::string& q) {
         ++s.stats.cached;
       return;
     }
+    // The engine found every block cached already and computed none: the
+    // prefetch did no work, so its query finding the blocks later owes it
+    // nothing (it would have found them without it).
+    if (rep.computed_blocks == 0) {
+      if (s.outstanding->discard(q, id))
+        ++s.stats.redundant;
+      return;
+    }
     count(s.stats, s.outstanding->answered(q, id, rep.engine, via_front));
   };
   auto on_error = [self, q, id](caf::error&) {

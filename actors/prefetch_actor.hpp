@@ -25,7 +25,10 @@
 /// before that error). Cached: the query-result cache answered it from its
 /// store, or with the reply of a request of its query already on its way
 /// there (a user's, which the prefetch joined: kv_reply::joined), so the
-/// result was there, or coming anyway, and nothing needed prefetching. At most
+/// result was there, or coming anyway, and nothing needed prefetching.
+/// Redundant: the engine that answered it found every block cached already
+/// and computed none (through the cache too), so it prefetched nothing, and
+/// its query finding those blocks later is no use of it. At most
 /// `max_outstanding` prefetches are tracked: one more forgets the oldest
 /// still outstanding, and a resolved prefetch leaves nothing behind.
 ///

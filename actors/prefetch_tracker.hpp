@@ -94,10 +94,11 @@ public:
   outcome answered(const std::string& query, std::uint64_t id,
                    std::uint32_t engine, bool in_result_cache = false);
   /// The prefetch request `id` of `query` prefetched nothing (its answer
-  /// was an error, or came from the result cache's store): true when it was
-  /// still outstanding (its query requested or not), which is then
-  /// resolved, as neither useful nor wasted. False, changing nothing, when
-  /// that prefetch was resolved already or a later prefetch of `query`
+  /// was an error, came from the result cache's store or from another
+  /// request's computation there, or the engine computed no block): true
+  /// when it was still outstanding (its query requested or not), which is
+  /// then resolved, as neither useful nor wasted. False, changing nothing,
+  /// when that prefetch was resolved already or a later prefetch of `query`
   /// (another id) is the outstanding one.
   bool discard(const std::string& query, std::uint64_t id);
   /// Engine `engine` evicted block `key`: the queries whose outstanding
