@@ -3432,29 +3432,101 @@ TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {
   EXPECT_EQ(be->seen.size(), 2U);
 }
 
+TEST_F(actor_test, ConcurrentWarmJobsShareTheWarmersParallelism) {
+  // Two jobs of three queries each, parallelism 2, into an engine that
+  // holds each batch for 10 s: at most two queries are in flight at once,
+  // both jobs together (before, each job sent two of its own: four), the
+  // second job's after the first's, and each caller's progress counts its
+  // own job.
+  auto b =
+      balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)}, 60s);
+  warmer_config wc;
+  wc.parallelism = 2;
+  auto w = spawned(spawn_warmer(*sys_, wc, b));
+  stop_at_end_.push_back(w);
+  sched_->run();
+  struct job {
+    std::shared_ptr<std::vector<std::uint64_t>> progress =
+        std::make_shared<std::vector<std::uint64_t>>();
+    std::shared_ptr<outcome<warm_report>> report;
+  };
+  std::vector<job> jobs(2);
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    auto progress = jobs[j].progress;
+    auto listener =
+        sys_->spawn([progress](caf::event_based_actor*) -> caf::behavior {
+          return {[progress](progress_atom, std::uint64_t done,
+                             std::uint64_t total) {
+            EXPECT_EQ(total, 3U);
+            progress->push_back(done);
+          }};
+        });
+    stop_at_end_.push_back(listener);
+    std::vector<warm_item> items;
+    for (int i = 0; i < 3; ++i)
+      items.push_back(warm_item{
+          query(0, "job" + std::to_string(j) + "-q" + std::to_string(i)),
+          double(10 - i)});
+    jobs[j].report = ask<warm_report>(w, warm_atom::value, items,
+                                      std::uint32_t{3}, false, listener);
+  }
+  sched_->run();
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  const auto in_flight = [&] {
+    return ask_now<engine_stats>(e0, stats_atom::value).in_flight;
+  };
+  const std::vector<std::vector<std::uint64_t>> progress_after[] = {
+      {{1, 2}, {}}, {{1, 2, 3}, {1}}, {{1, 2, 3}, {1, 2, 3}}};
+  for (const auto& expected : progress_after) {
+    EXPECT_EQ(in_flight(), 2U);
+    sched_->advance_time(10s); // the batch closes
+    sched_->run();
+    EXPECT_EQ(*jobs[0].progress, expected[0]);
+    EXPECT_EQ(*jobs[1].progress, expected[1]);
+  }
+  EXPECT_EQ(in_flight(), 0U);
+  for (const auto& j : jobs) {
+    ASSERT_TRUE(j.report->value.has_value());
+    EXPECT_EQ(j.report->value->requested, 3U);
+    EXPECT_EQ(j.report->value->warmed, 3U);
+  }
+}
+
 TEST_F(actor_test, AWarmCallerHearsBackWhenTheWarmerStops) {
   // The engine holds the warm requests in a 10 s batch; the warmer is
   // killed mid-job. Its caller, with no timer of its own, gets
   // request_receiver_down instead of silence.
+  // A second job, its query waiting behind the first's (parallelism 3),
+  // hears back too.
   auto b = balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)});
-  auto w = spawned(spawn_warmer(*sys_, warmer_config{}, b));
+  warmer_config wc;
+  wc.parallelism = 3;
+  auto w = spawned(spawn_warmer(*sys_, wc, b));
   sched_->run();
   std::vector<warm_item> items;
   for (int i = 0; i < 3; ++i)
     items.push_back(warm_item{query(0, "q" + std::to_string(i)), double(i)});
-  auto out = std::make_shared<outcome<warm_report>>();
-  sys_->spawn([=](caf::event_based_actor* self) {
-    self->request(w, caf::infinite, warm_atom::value, items, std::uint32_t{3},
-                  false, caf::actor{})
-        .then([=](warm_report& v) { out->value = std::move(v); },
-              [=](caf::error& e) { out->error = e; });
-  });
+  const std::vector<warm_item> queued{warm_item{query(0, "later"), 1.0}};
+  std::vector<std::shared_ptr<outcome<warm_report>>> outs;
+  for (const auto& job : {items, queued}) {
+    auto out = std::make_shared<outcome<warm_report>>();
+    outs.push_back(out);
+    sys_->spawn([=](caf::event_based_actor* self) {
+      self->request(w, caf::infinite, warm_atom::value, job, std::uint32_t{3},
+                    false, caf::actor{})
+          .then([=](warm_report& v) { out->value = std::move(v); },
+                [=](caf::error& e) { out->error = e; });
+    });
+  }
   sched_->run();
-  ASSERT_FALSE(out->done());
+  for (const auto& out : outs)
+    ASSERT_FALSE(out->done());
   caf::anon_send_exit(w, caf::exit_reason::kill);
   sched_->run();
-  ASSERT_TRUE(out->error.has_value());
-  EXPECT_EQ(*out->error, caf::sec::request_receiver_down);
+  for (const auto& out : outs) {
+    ASSERT_TRUE(out->error.has_value());
+    EXPECT_EQ(*out->error, caf::sec::request_receiver_down);
+  }
 }
 
 TEST_F(actor_test, AWarmQueryTheBalancerTimesOutFailsAtItsDeadlineOnly) {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <memory>
 #include <numeric>
 #include <set>
@@ -17,6 +18,7 @@
 #include <caf/duration.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/response_promise.hpp>
+#include <caf/stateful_actor.hpp>
 
 namespace kvfleet::actors {
 
@@ -63,17 +65,47 @@ struct warm_job {
   std::size_t done = 0;
   warm_report report;
   caf::actor progress;
-  /// Held only through the pending requests' handlers: when the warmer
-  /// stops mid-job they go, and the caller gets request_receiver_down.
+  /// Held by the warmer's queue while queries of the job wait and by the
+  /// pending requests' handlers: when the warmer stops mid-job they go, and
+  /// the caller gets request_receiver_down.
   owed_reply promise;
 };
 
-void launch(caf::event_based_actor* self, const warmer_config& config,
-            const caf::actor& balancer, const std::shared_ptr<warm_job>& job) {
-  if (job->next >= job->queue.size())
-    return;
+struct warmer_state {
+  warmer_config config;
+  caf::actor balancer;
+  /// The jobs with queries not sent yet, oldest first: a job's queries go
+  /// after those of the jobs before it.
+  std::deque<std::shared_ptr<warm_job>> waiting;
+  /// Warm queries sent and not answered yet, of all jobs together: at most
+  /// config.parallelism (one job each bounded alone, N jobs sent N times
+  /// that).
+  std::size_t in_flight = 0;
+  static inline const char* name = "kvfleet.warmer";
+};
+
+using warmer_actor = caf::stateful_actor<warmer_state>;
+
+void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job);
+
+/// Sends the waiting jobs' queries, oldest job first, while fewer than
+/// config.parallelism are in flight.
+void launch(warmer_actor* self) {
+  auto& st = self->state;
+  while (st.in_flight < st.config.parallelism && !st.waiting.empty()) {
+    auto job = st.waiting.front();
+    if (job->next + 1 >= job->queue.size()) // its last query
+      st.waiting.pop_front();
+    send_query(self, job);
+  }
+}
+
+/// Sends `job`'s next query.
+void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job) {
   auto req = std::move(job->queue[job->next++]);
+  ++self->state.in_flight;
   auto finish_one = [=](const caf::error* err, std::uint64_t computed) {
+    --self->state.in_flight;
     ++job->done;
     if (err == nullptr) {
       ++job->report.warmed;
@@ -88,12 +120,12 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
                  static_cast<std::uint64_t>(job->done), job->report.requested);
     if (job->done == job->queue.size())
       job->promise.deliver(job->report);
-    else
-      launch(self, config, balancer, job);
+    launch(self);
   };
   // No timer of our own: the balancer answers every request, at the latest
   // with its own request_timeout.
-  self->request(balancer, caf::infinite, process_atom::value, std::move(req))
+  self->request(self->state.balancer, caf::infinite, process_atom::value,
+                std::move(req))
       .then(
           [=](const kv_reply& rep) {
             // Computed but not (all) cached: nothing warm to show for it.
@@ -113,8 +145,10 @@ void launch(caf::event_based_actor* self, const warmer_config& config,
           [=](caf::error& err) { finish_one(&err, 0); });
 }
 
-caf::behavior warmer_behavior(caf::event_based_actor* self,
-                              warmer_config config, caf::actor balancer) {
+caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
+                              caf::actor balancer) {
+  self->state.config = config;
+  self->state.balancer = std::move(balancer);
   handle_stray_messages(self, "warmer");
   return {
       [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n,
@@ -132,11 +166,10 @@ caf::behavior warmer_behavior(caf::event_based_actor* self,
           return job->report;
         auto promise = self->make_response_promise();
         job->promise = owed_reply{promise};
-        // No more launches than queries: a parallelism far above the job
-        // (SIZE_MAX meaning "all at once") would otherwise spin here.
-        const auto starts = std::min(config.parallelism, job->queue.size());
-        for (std::size_t i = 0; i < starts; ++i)
-          launch(self, config, balancer, job);
+        // Its queries wait behind those of the jobs before it: the bound
+        // is the warmer's, not each job's.
+        self->state.waiting.push_back(std::move(job));
+        launch(self);
         return promise;
       },
   };

@@ -1,8 +1,10 @@
 #pragma once
 /// The warmer: takes queries with expected frequencies, picks the top N
 /// (default 100) by frequency (ties keep input order) and sends them to the
-/// balancer at low priority, `parallelism` at a time, optionally pinning
-/// the blocks they store.
+/// balancer at low priority, optionally pinning the blocks they store. At
+/// most `parallelism` warm queries are in flight at once, all jobs
+/// together: a job's queries wait behind those of the jobs before it (each
+/// job used to send `parallelism` of its own, N jobs N times that).
 ///
 ///   (warm_atom, vector<warm_item>, uint32 top_n, bool pin, actor progress)
 ///       -> warm_report once every selected query was answered; `progress`
@@ -33,7 +35,7 @@ namespace kvfleet::actors {
 struct warm_item;
 
 struct warmer_config {
-  /// Warm queries in flight at once; at least 1.
+  /// Warm queries in flight at once, of all jobs together; at least 1.
   std::size_t parallelism = 8;
 };
 
