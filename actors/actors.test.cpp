@@ -3398,7 +3398,9 @@ TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
   // routed to two engines and pin its blocks on both. The repeat is left
   // out, the top n are n different requests. Blocks decide, not the
   // query's name: "b" over the same blocks is the same request to the
-  // balancer (before, it was warmed, and pinned, as well).
+  // balancer (before, it was warmed, and pinned, as well). Nor its token
+  // count: only full blocks are cached, so "a" with 20 tokens warms the
+  // same block as with 16 (before, it was warmed twice).
   const auto item = [](std::string q, std::uint32_t tokens, double f) {
     kv_request r;
     r.query = std::move(q);
@@ -3406,13 +3408,44 @@ TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
     r.input_tokens = tokens;
     return warm_item{r, f};
   };
-  const std::vector<warm_item> items = {
+  std::vector<warm_item> items = {
       item("a", 16, 1.0), item("a", 16, 5.0), // the same request
-      item("a", 32, 2.0),                     // other tokens
+      item("a", 20, 2.0),                     // other tokens, same blocks
       item("b", 16, 3.0),                     // other name, same blocks
-      item("a", 16, 4.0)};
-  EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{1, 2}));
-  EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{1, 2}));
+      item("a", 16, 4.0), item("c", 16, 0.5)};
+  items.back().request.keys = {block_key{2, 1}};
+  EXPECT_EQ(select_top(items, 1), (std::vector<std::size_t>{1}));
+  EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{1, 5}));
+}
+
+TEST(WarmerSelectTop, AQueryWhoseBlocksLeadAnotherIsWarmedByIt) {
+  // A chat's turns: turn1's block leads turn2's two, which lead turn3's
+  // three. Warming turn3 stores (and pins) the blocks of all three, so it
+  // is sent once, at the rank of the hottest of them selected; "other" is
+  // a query of its own. (Before, each turn was sent: its blocks matched
+  // or computed up to three times, pinned on up to three engines.)
+  const auto turn = [](std::string q, std::size_t blocks, double f) {
+    kv_request r;
+    r.query = std::move(q);
+    for (std::uint64_t i = 1; i <= blocks; ++i)
+      r.keys.push_back(block_key{7, i});
+    r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
+    return warm_item{r, f};
+  };
+  auto other = turn("other", 1, 4.0);
+  other.request.keys = {block_key{9, 1}};
+  const std::vector<warm_item> items = {turn("turn1", 1, 5.0), other,
+                                        turn("turn3", 3, 1.0),
+                                        turn("turn2", 2, 3.0)};
+  EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{2, 1}));
+  // Only the top two queries: turn1 and other, turn1 sent itself.
+  EXPECT_EQ(select_top(items, 2), (std::vector<std::size_t>{0, 1}));
+  // The top three: turn2 warms turn1 too.
+  EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{3, 1}));
+  // A shorter turn ranked below a longer one selected adds nothing.
+  const std::vector<warm_item> longer_first = {turn("turn3", 3, 5.0),
+                                               turn("turn1", 1, 4.0), other};
+  EXPECT_EQ(select_top(longer_first, 10), (std::vector<std::size_t>{0, 2}));
 }
 
 TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {

@@ -213,7 +213,7 @@ typename Inspector::result_type inspect(Inspector& f, warm_item& x) {
 
 /// What a warm-up did.
 struct warm_report {
-  std::uint64_t requested = 0; ///< queries selected (top N)
+  std::uint64_t requested = 0; ///< requests sent for the top N queries
   std::uint64_t warmed = 0;
   std::uint64_t failed = 0;
   std::uint64_t computed_tokens = 0;

@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <set>
-#include <tuple>
 #include <utility>
 
 #include <caf/actor_system.hpp>
@@ -36,23 +36,52 @@ std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
       return false;
     return std::isnan(fb) || fa > fb;
   });
-  // The same blocks twice (keys and tokens, whatever the queries are
-  // called: the warmer sends to the balancer, where a name changes
-  // nothing) are one query, warmed once at its highest rank: a copy warmed
-  // at the same time could be routed to another engine and pin its blocks
-  // there too, which an unpin of the first engine leaves pinned.
-  const auto before = [&](std::size_t a, std::size_t b) {
-    const kv_request& x = items[a].request;
-    const kv_request& y = items[b].request;
-    return std::tie(x.input_tokens, x.keys) < std::tie(y.input_tokens, y.keys);
+  // The same blocks twice (whatever the queries are called, and whatever
+  // their input_tokens: only full blocks are cached, so those are the
+  // same blocks) are one query, warmed once at its highest rank: a copy
+  // warmed at the same time could be routed to another engine and pin its
+  // blocks there too, which an unpin of the first engine leaves pinned.
+  // And a query whose blocks lead another selected one's (a chat's earlier
+  // turn, a system prompt) is warmed by that one: the longer request
+  // stores, and pins, its blocks too. So each chain is sent once, the
+  // longest selected, at the rank of the first query of it selected.
+  const auto keys_less = [&](std::size_t a, std::size_t b) {
+    return items[a].request.keys < items[b].request.keys;
   };
-  std::set<std::size_t, decltype(before)> seen(before);
+  std::set<std::size_t, decltype(keys_less)> seen(keys_less);
+  // The chains sent, each -> its place in `out`. None leads another.
+  std::map<std::size_t, std::size_t, decltype(keys_less)> chains(keys_less);
+  const auto leads = [&](std::size_t a, std::size_t b) {
+    const auto& x = items[a].request.keys;
+    const auto& y = items[b].request.keys;
+    return x.size() <= y.size() && std::equal(x.begin(), x.end(), y.begin());
+  };
   std::vector<std::size_t> out;
+  std::size_t queries = 0;
   for (const std::size_t i : idx) {
-    if (out.size() >= n)
+    if (queries >= n)
       break;
-    if (seen.insert(i).second)
-      out.push_back(i);
+    if (!seen.insert(i).second)
+      continue; // the same blocks again: not another query
+    ++queries;
+    // A chain that `i` leads sorts right after it; one that leads `i`
+    // right before it (between the two, each would lead `i` too, and no
+    // chain leads another).
+    auto after = chains.lower_bound(i);
+    if (after != chains.end() && leads(i, after->first))
+      continue; // warmed by a longer query already selected
+    if (after != chains.begin()) {
+      auto before = std::prev(after);
+      if (leads(before->first, i)) {
+        const auto at = before->second;
+        chains.erase(before);
+        out[at] = i; // `i` warms that one's blocks too, at its rank
+        chains.emplace(i, at);
+        continue;
+      }
+    }
+    chains.emplace(i, out.size());
+    out.push_back(i);
   }
   return out;
 }

@@ -43,12 +43,17 @@ struct warmer_config {
 /// (parallelism 0).
 [[nodiscard]] result<void> validate(const warmer_config& config);
 
-/// Indices of the top `n` items by frequency, highest first, ties in input
-/// order; an item whose frequency is NaN ranks below every other. An item
-/// whose blocks (input_tokens and keys; the query's name changes nothing at
-/// the balancer) an item ranked before it has too is left out: it is one
-/// query, warmed once (a copy warmed at the same time could go to another
-/// engine and pin its blocks there too).
+/// The items to send for the top `n` queries by frequency, highest first,
+/// ties in input order; an item whose frequency is NaN ranks below every
+/// other. Items with the same keys (whatever their names and input_tokens:
+/// only full blocks are cached, and the query's name changes nothing at the
+/// balancer) are one query, counted once at its highest rank (a copy warmed
+/// at the same time could go to another engine and pin its blocks there
+/// too). A selected query whose keys lead another selected one's (a chat's
+/// earlier turn) is warmed by that one, which stores and pins its blocks
+/// too: it is left out, the longer one taking the place of the first query
+/// of its chain selected. So no index returned leads another, and there
+/// may be fewer than the `n` queries they warm.
 [[nodiscard]] std::vector<std::size_t>
 select_top(const std::vector<warm_item>& items, std::size_t n);
 
