@@ -1019,6 +1019,45 @@ TEST_F(actor_test, ALookupDoesNotGoToAnEngineBeingRetired) {
   EXPECT_EQ(ask_now<std::uint64_t>(b, lookup_atom::value, r0.keys), 3U);
 }
 
+TEST_F(actor_test, ARetireSkipsAnEngineAFailedRequestFoundGone) {
+  // Engine 2 dies with a request in its batch. The balancer reads the
+  // request's request_receiver_down first (it reroutes the request and
+  // marks slot 2 down), and a retire comes before engine 2's down message:
+  // it must drain a live engine, not the dead one (which would cancel its
+  // restart, drain nothing and leave as many live engines as before).
+  auto b =
+      balancer(routing_policy::round_robin,
+               {small_engine(64), small_engine(64), small_engine(64, 20, 10s)});
+  sched_->run();
+  for (std::uint64_t id = 1; id <= 2; ++id)
+    ASSERT_EQ(
+        ask_now<kv_reply>(b, process_atom::value, make_request(id, 0, 0, 2, id))
+            .engine,
+        id - 1);
+  auto held =
+      ask<kv_reply>(b, process_atom::value, make_request(3, 0, 0, 2, 3));
+  sched_->run();
+  ASSERT_FALSE(held->done()); // in engine 2's batch
+  auto e2 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{2});
+  caf::anon_send_exit(e2, caf::exit_reason::kill);
+  run_all_but(*sched_, b); // the reply's error, then the down message
+  ASSERT_TRUE(sched_->prioritize(b));
+  sched_->run_once(); // the error only: slot 2 is down, the request rerouted
+  caf::anon_send<caf::message_priority::high>(b, retire_atom::value);
+  ASSERT_TRUE(sched_->prioritize(b));
+  sched_->run_once(); // the retire, ahead of the down message
+  sched_->run();
+  sched_->advance_time(100ms); // restart_delay: engine 2 is back
+  sched_->run();
+  ASSERT_TRUE(held->value.has_value());
+  EXPECT_NE(held->value->engine, 2U);
+  const auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.rerouted, 1U);
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 0, 1}));
+  EXPECT_EQ(st.live, 2U);
+}
+
 TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
   // max_restarts 1: engine 0 is restarted once, and when it fails again
   // it is given up. Its slot is then free like a retired one: the next

@@ -648,10 +648,13 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
               error{errc::invalid_argument, "last live engine"});
         for (auto slot = static_cast<std::uint32_t>(s.slots.size());
              slot-- > 0;) {
-          // Not one still opening: it serves nothing yet, and a replica
-          // asked for is waiting for it.
+          // A live engine only: not one still opening (it serves nothing
+          // yet, and a replica asked for is waiting for it), nor one a
+          // failed request found gone whose down message is still on its
+          // way (retiring it would cancel its restart, drain nothing, and
+          // leave the live engines as many as before).
           if (s.slots[slot].engine && !s.slots[slot].retiring &&
-              !s.slots[slot].opening) {
+              !s.slots[slot].opening && s.route.is_up(slot)) {
             s.slots[slot].retiring = true;
             s.route.set_draining(slot, true);
             maybe_exit_retired(self, slot);
