@@ -4080,6 +4080,50 @@ TEST_F(actor_test, AnEngineTellsEachListenerOnceAndForgetsOnesThatWent) {
           .computed_blocks == 2U);
 }
 
+TEST_F(actor_test, TheExpirySweepStopsWithTheLastListenerAndResumesWithANew) {
+  // The sweep (every expire_interval, 1 s) is for listeners: once the last
+  // one has gone, the sweep due next arms no other (before, it went on for
+  // good, walking the store every second for nobody). A new listener arms
+  // it again, one chain however often listeners come and go.
+  auto e = engine(small_engine(64));
+  sched_->run();
+  const auto idle = sched_->clock().schedule().size();
+  const auto listen = [&] {
+    auto l = sys_->spawn([](caf::event_based_actor*) -> caf::behavior {
+      return {[](const block_events&) {}};
+    });
+    caf::anon_send(e, listen_atom::value, l);
+    sched_->run();
+    return l;
+  };
+  const auto leave = [&](const caf::actor& l) {
+    caf::anon_send_exit(l, caf::exit_reason::kill);
+    sched_->run();
+  };
+  const auto pass_sweep = [&] {
+    sched_->advance_time(1s);
+    sched_->run();
+  };
+  auto l1 = listen();
+  EXPECT_EQ(sched_->clock().schedule().size(), idle + 1);
+  pass_sweep();
+  EXPECT_EQ(sched_->clock().schedule().size(), idle + 1);
+  leave(l1);
+  pass_sweep();
+  EXPECT_EQ(sched_->clock().schedule().size(), idle);
+  pass_sweep();
+  EXPECT_EQ(sched_->clock().schedule().size(), idle);
+  auto l2 = listen();
+  EXPECT_EQ(sched_->clock().schedule().size(), idle + 1);
+  leave(l2); // and one more before the sweep is due: still one chain
+  auto l3 = listen();
+  stop_at_end_.push_back(l3);
+  EXPECT_EQ(sched_->clock().schedule().size(), idle + 1);
+  pass_sweep();
+  pass_sweep();
+  EXPECT_EQ(sched_->clock().schedule().size(), idle + 1);
+}
+
 TEST_F(actor_test, BlocksAReserveEvictsAreReportedAtOnce) {
   // Making room for a put evicts: the listeners heard of it only at the
   // next request or expiry sweep, so the router kept sending requests for

@@ -241,7 +241,8 @@ void send_snapshot_chunk(engine_actor* self) {
 /// While someone listens: every expire_interval, expired blocks leave
 /// (engine::block_store::expire: memory and the memory tier at once, the
 /// disk tier's queued) and the listeners hear of it, instead of believing
-/// them held until something else removes them.
+/// them held until something else removes them. Armed by each new
+/// listener; a sweep that finds none left arms no next one.
 void arm_sweep(engine_actor* self) {
   if (self->state.sweep_pending)
     return;
@@ -444,6 +445,11 @@ caf::behavior engine_behavior(engine_actor* self,
         if (!sent_by_itself(self))
           return;
         self->state.sweep_pending = false;
+        // The sweep is for listeners: with the last one gone it stops (it
+        // walked the store every expire_interval for nobody), and the next
+        // listener arms it again.
+        if (self->state.listeners.empty())
+          return;
         self->state.store->expire();
         // The disk tier's expirations are reported at the next publish.
         publish(self);

@@ -170,7 +170,7 @@ struct engine_actor_config {
   /// (engine::block_store::expire: memory, the memory tier, the disk tier)
   /// and publishes what left, so the listeners' index drops them within
   /// about this delay (the disk tier's within two). Each sweep walks the
-  /// blocks in memory once.
+  /// blocks in memory once; with no listener left, the sweeps stop.
   std::chrono::milliseconds expire_interval{1000};
   /// With a disk tier, a new listener first learns of at most this many of
   /// the keys on disk (an arbitrary subset; expired ones left out), so one
