@@ -469,8 +469,16 @@ result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
     caf::anon_send(*engine, actors::abort_atom::value, *ticket);
     return w;
   }
-  return ask_void(*askers_, *engine, deadline.left(),
-                  actors::commit_atom::value, *ticket);
+  auto c = ask_void(*askers_, *engine, deadline.left(),
+                    actors::commit_atom::value, *ticket);
+  // The engine keeps a put open after a commit refused as busy (its parent
+  // is still being put) or not_written, for its holder to commit later;
+  // this call holds it no more, so a retry would find the key in progress
+  // until the engine's put_timeout. Other refusals end the put there.
+  if (!c &&
+      (c.error().code == errc::busy || c.error().code == errc::not_written))
+    caf::anon_send(*engine, actors::abort_atom::value, *ticket);
+  return c;
 }
 
 result<std::vector<std::uint8_t>>

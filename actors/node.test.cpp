@@ -645,6 +645,51 @@ void put_one_block_each(node& n, std::uint64_t first_key, std::uint8_t fill) {
   }
 }
 
+// A commit the engine refuses as busy (the block's parent is still being
+// put, here by another caller) leaves the put open in the engine: put_block
+// aborts it, so the same put succeeds once the parent is committed. Before,
+// every retry failed "another put of block ... is in progress" until the
+// engine's put_timeout (30 s by default) dropped the first.
+TEST_F(Node, APutBlockRefusedAsBusyCanBeRetriedAtOnce) {
+  auto n = node::start(*sys_, small_node());
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto& nd = **n;
+  const std::vector<std::uint8_t> value(4096, 7);
+  const caf::actor e = engine_of(*sys_, nd, 0);
+  caf::scoped_actor self{*sys_};
+  actors::put_request parent;
+  parent.key = block_key{77, 1};
+  std::uint64_t ticket = 0;
+  self->request(e, caf::infinite, actors::reserve_atom::value, parent)
+      .receive([&](std::uint64_t t) { ticket = t; },
+               [&](caf::error& err) {
+                 FAIL() << actors::from_caf_error(err).describe();
+               });
+  actors::put_request child;
+  child.key = block_key{77, 2};
+  child.parent = parent.key;
+  auto busy = nd.put_block(0, child, value);
+  ASSERT_FALSE(busy.has_value());
+  EXPECT_EQ(busy.error().code, errc::busy) << busy.error().describe();
+  for (const bool commit : {false, true}) {
+    const auto done = [](bool) {};
+    const auto failed = [](caf::error& err) {
+      FAIL() << actors::from_caf_error(err).describe();
+    };
+    if (commit)
+      self->request(e, caf::infinite, actors::commit_atom::value, ticket)
+          .receive(done, failed);
+    else
+      self->request(e, caf::infinite, actors::write_atom::value, ticket, value)
+          .receive(done, failed);
+  }
+  auto retry = nd.put_block(0, child, value);
+  ASSERT_TRUE(retry.has_value()) << retry.error().describe();
+  auto got = nd.get_block(0, child.key);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(*got, value);
+}
+
 TEST_F(Node, AStartFailsWhenAnyInitialEnginesDiskDoesNotOpen) {
   // Engine 1's directory is locked by another disk tier. The start fails
   // with its error, naming the engine and the directory, and engine 0
