@@ -87,11 +87,14 @@ public:
   /// `from` stays and draining stops. Returns true when the slab went back
   /// to the free slabs. REQUIRES: `s` is reclaimable_slab()'s answer.
   template <class Move> bool drain_slab(std::uint32_t s, Move&& move);
-  /// True when a slab is free, or when some slab's every used slot has an
-  /// owner that satisfies `goes(owner)`, so that slab could be emptied (a
-  /// slot with no owner yet never goes). Walks every slab and its slots.
-  template <class Goes>
-  [[nodiscard]] bool some_slab_could_empty(Goes&& goes) const;
+  /// True when a slab is free, when some slab's every used slot has an
+  /// owner that satisfies `goes(owner)`, so that slab could be emptied, or
+  /// when a used slot of class `cls` has an owner that satisfies
+  /// `slot_goes(owner)`, so a slot of that class could come free (a slot
+  /// with no owner yet never goes). Walks every slab and its slots.
+  template <class Goes, class SlotGoes>
+  [[nodiscard]] bool room_could_come(std::uint16_t cls, Goes&& goes,
+                                     SlotGoes&& slot_goes) const;
 
   [[nodiscard]] std::size_t offset(slot_ref slot) const noexcept {
     return std::size_t{slot.slab} * slab_bytes_ +
@@ -189,17 +192,30 @@ std::uint32_t block_pool::reclaimable_slab(std::uint16_t except,
   return best;
 }
 
-template <class Goes>
-bool block_pool::some_slab_could_empty(Goes&& goes) const {
+template <class Goes, class SlotGoes>
+bool block_pool::room_could_come(std::uint16_t cls, Goes&& goes,
+                                 SlotGoes&& slot_goes) const {
   if (!free_slabs_.empty())
     return true;
   for (const slab_state& slab : slabs_) {
     if (slab.size_class == no_class)
       continue;
     bool all = true;
-    for (std::uint32_t i = 0; i < slab.bumped && all; ++i)
-      all = slab.owners[i] == vacant ||
-            (slab.owners[i] != no_owner && goes(slab.owners[i]));
+    for (std::uint32_t i = 0; i < slab.bumped; ++i) {
+      const std::uint32_t o = slab.owners[i];
+      if (o == vacant)
+        continue;
+      if (o == no_owner) {
+        all = false;
+        continue;
+      }
+      if (slab.size_class == cls && slot_goes(o))
+        return true;
+      if (all)
+        all = goes(o);
+      else if (slab.size_class != cls)
+        break;
+    }
     if (all)
       return true;
   }

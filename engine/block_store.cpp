@@ -1625,15 +1625,16 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
   const std::size_t need = pool_.slot_bytes(cls);
   if (!over_high(need) && pool_.can_allocate(cls))
     return {};
-  // With no slot of this size free, no slab may come free however much
-  // goes: fail now, before evicting what would not make room.
-  if (!pool_.can_allocate(cls) && !slab_could_come_free())
+  // With no slot of this size free, none may come free however much goes:
+  // fail now, before evicting what would not make room.
+  if (!pool_.can_allocate(cls) && !room_could_come(cls))
     return make_error(
         errc::out_of_memory,
         "no room for a block of " + std::to_string(need) +
-            " bytes: no slot of its size is free and every slab holds a "
-            "block that cannot be evicted, moved or demoted (being put or "
-            "read, pinned, or with such a block chained from it); " +
+            " bytes: no slot of its size is free, none of its size can be "
+            "evicted or demoted, and every slab holds a block that cannot "
+            "be evicted, moved or demoted (being put or read, pinned, or "
+            "with such a block chained from it); " +
             std::to_string(pool_.capacity_bytes() - pool_.used_bytes()) +
             " bytes are free in slots of other sizes; nothing was evicted");
   const double target =
@@ -1668,7 +1669,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
   return {};
 }
 
-bool block_store::slab_could_come_free() {
+bool block_store::room_could_come(std::uint16_t cls) {
   const auto held = [](const entry& e) {
     return e.state != entry_state::free &&
            (e.state != entry_state::committed || e.leases > 0 || e.pins > 0);
@@ -1684,15 +1685,28 @@ bool block_store::slab_could_come_free() {
       held_marks_[a] = 1;
   }
   const bool can_move = !compaction_off_ && backend_->can_copy_within();
-  return pool_.some_slab_could_empty([&](std::uint32_t id) {
-    const entry& e = entries_[id];
-    if (held_marks_[id] == 0)
-      return true; // evictable once the blocks below it are gone
-    // Compaction moves, and demotion re-encodes, a committed block no
-    // reader holds (demotion: unpinned too).
-    return e.state == entry_state::committed && e.leases == 0 &&
-           (can_move || (e.pins == 0 && !e.dead && may_demote(e)));
-  });
+  const auto demotable = [&](const entry& e) {
+    return e.state == entry_state::committed && e.leases == 0 && e.pins == 0 &&
+           !e.dead && may_demote(e);
+  };
+  return pool_.room_could_come(
+      cls,
+      [&](std::uint32_t id) {
+        // Its slab empties if each block goes: evicted once the blocks
+        // below it are gone, or moved by compaction or re-encoded by
+        // demotion (a committed block no reader holds; demotion: unpinned
+        // too).
+        const entry& e = entries_[id];
+        return held_marks_[id] == 0 ||
+               (e.state == entry_state::committed && e.leases == 0 &&
+                can_move) ||
+               demotable(e);
+      },
+      [&](std::uint32_t id) {
+        // One slot of the put's size is room: a block in it that can be
+        // evicted or demoted frees it, whatever else its slab holds.
+        return held_marks_[id] == 0 || demotable(entries_[id]);
+      });
 }
 
 std::uint32_t block_store::make_room_victim(size_partition q) const {

@@ -675,14 +675,15 @@ private:
   /// emptied so, or the backend cannot copy within its arena. A copy that
   /// fails turns compaction off for good (counted, logged once).
   bool compact_for(std::uint16_t cls);
-  /// False when make_room() could free no slab whatever it evicted,
-  /// demoted or moved: every slab holds a block that is being put or read,
-  /// or that is pinned or has such a block chained below it and can be
-  /// neither moved (compaction) nor demoted. True when it might (so a put
+  /// False when make_room() could free no slot of class `cls` whatever it
+  /// evicted, demoted or moved: every block of that size is held (being
+  /// put or read, pinned, or with such a block chained below it) and not
+  /// demotable, and every slab holds a block that can be neither evicted,
+  /// moved (compaction) nor demoted. True when room might come (so a put
   /// it answers false for fails before evicting anything). Walks every
-  /// entry and every slot: make_room() asks only when no slot of the
-  /// put's size is free.
-  [[nodiscard]] bool slab_could_come_free();
+  /// entry and every slot: make_room() asks only when no slot of the put's
+  /// size is free.
+  [[nodiscard]] bool room_could_come(std::uint16_t cls);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>
   pick_partition(size_partition p) const;
@@ -897,7 +898,7 @@ private:
   std::array<std::uint32_t, partition_count> recency_tail_{};
   std::vector<std::byte> scratch_; ///< one uncompressed value, for transcoding
   std::vector<std::byte> scratch2_;
-  /// slab_could_come_free()'s per-entry marks, kept for their capacity.
+  /// room_could_come()'s per-entry marks, kept for their capacity.
   std::vector<std::uint8_t> held_marks_;
   std::vector<read_lease> process_leases_;    ///< process()'s leases, reused
   std::vector<promotion> promote_batch_;      ///< process()'s, reused

@@ -985,6 +985,41 @@ TEST_F(store_fixture, a_put_no_slab_could_take_fails_before_evicting) {
   store_->check_invariants();
 }
 
+// Every slab holds a block nothing can free, but one slot of the put's
+// size can come free: a put evicts a block of its size and succeeds. (The
+// first version of the check above asked only whether a whole slab could
+// empty, and refused this put with nothing evicted.)
+TEST_F(store_fixture, a_put_evicts_a_block_of_its_size_when_no_slab_can_empty) {
+  for (const bool pinned : {false, true}) {
+    SCOPED_TRACE(pinned ? "held by pins, no compaction" : "held by leases");
+    // Two slabs of four 4 KiB slots.
+    open(8, policy_kind::lru, false, 4,
+         pinned ? std::make_unique<no_copy_backend>(8 * block_bytes) : nullptr);
+    put_options pin;
+    pin.pin = pinned;
+    std::vector<block_key> small;
+    for (std::uint64_t i = 0; i < 4; ++i) { // slab 0, its first block held
+      small.push_back(chain(10 * (i + 1), 1)[0]);
+      ASSERT_TRUE(put(small.back(), {}, i == 0 ? pin : put_options{}));
+    }
+    namespace_spec wide = small_spec("wide-model");
+    wide.head_dim = 128;
+    const auto wide_ns = *store_->register_namespace(wide);
+    const auto wide_key = chain_key_from_id({}, wide.fingerprint(), 1);
+    ASSERT_TRUE(put_in(wide_ns, wide, wide_key, {}, pin)); // slab 1, held
+    std::vector<read_lease> leases;
+    if (!pinned) {
+      leases.push_back(std::move(*store_->acquire(ns_, small.front())));
+      leases.push_back(std::move(*store_->acquire(wide_ns, wide_key)));
+    }
+    const auto r = put(chain(999, 1)[0], {});
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    EXPECT_EQ(store_->stats().evictions, 1U);
+    EXPECT_TRUE(store_->contains(ns_, small.front()));
+    store_->check_invariants();
+  }
+}
+
 TEST_F(store_fixture, ttl_expires_blocks) {
   open(16);
   const auto keys = chain(1, 3);
