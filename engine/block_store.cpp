@@ -829,7 +829,9 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
   e.expires_at = expiry_after(start, ttl);
   index_.insert(key, id);
   ++stats_.reserves;
-  return open_handle(id, key, start);
+  put_handle h = open_handle(id, key, start);
+  h.sets_expiry_ = sets_expiry; // a put's, not a promotion's
+  return h;
 }
 
 std::uint32_t block_store::usable_parent(ns_id ns, const block_key& key,
@@ -1123,7 +1125,11 @@ result<void> block_store::commit(put_handle& h) {
     config_.on_block_event(block_event::stored, e.key);
   if (!tier_index_.empty() && tier_index_.count(e.key) != 0)
     drop_tier_block(e.key, false); // memory has the newer copy now
-  drop_outlasting_disk_copy(id);
+  // A put's expiry is the newest word on the block; a promotion's comes
+  // from the copy below (or the namespace's TTL when that copy has none)
+  // and leaves the disk copy alone.
+  if (h.sets_expiry_)
+    drop_outlasting_disk_copy(id);
   if (e.pins > 0)
     (void)spill(id, true); // pins survive restarts
   ++stats_.commits;

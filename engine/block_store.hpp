@@ -278,6 +278,9 @@ private:
   /// Duplicate put: the expiry its commit gives the cached block (steady
   /// nanoseconds, 0 = never) when `sets_expiry_`.
   std::int64_t expires_at_ = 0;
+  /// A put's (reserve()), not a promotion's from the memory tier or disk:
+  /// its commit gives the block its expiry (a duplicate put's, see above)
+  /// and drops a disk copy that would outlast it.
   bool sets_expiry_ = false;
 };
 

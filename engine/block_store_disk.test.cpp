@@ -959,6 +959,53 @@ TEST_F(store_disk_test, a_put_that_shortens_a_ttl_shortens_the_disk_copy_too) {
   store_->check_invariants();
 }
 
+// A block put with no TTL in a namespace whose default TTL is 100 s is on
+// disk with no expiry; brought back by a request, it gets the namespace's
+// TTL in memory, but a promotion is no put: its disk copy stays as it was.
+// (The first version of the drop above erased it: a review's probe.) A
+// fresh put of it with a shorter TTL, with only that copy left, drops it.
+TEST_F(store_disk_test, a_promotion_leaves_a_never_expiring_disk_copy_alone) {
+  namespace_options opts;
+  opts.ttl = std::chrono::seconds(100);
+  namespace_spec ttl_spec = spec();
+  ttl_spec.model = "ttl-model";
+  auto ns = store_->register_namespace(ttl_spec, opts);
+  ASSERT_TRUE(ns.has_value()) << ns.error().describe();
+  const block_key key = chain_key_from_id({}, ttl_spec.fingerprint(), 1);
+  const std::vector<block_key> keys{key};
+  put_options forever;
+  forever.ttl = nanos{0};
+  ASSERT_TRUE(
+      store_->process(*ns, keys, spec().block_tokens, producer_, forever)
+          .has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  ASSERT_EQ(store_->disk()->lookup(key)->expires_at.count(), 0);
+  ASSERT_GT(store_->evict_bytes(spec().value_bytes()), 0U);
+  const auto r = store_->process(*ns, keys, spec().block_tokens, producer_);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  ASSERT_EQ(r->disk_blocks, 1U);
+  EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 0U);
+  const auto copy = store_->disk()->lookup(key);
+  ASSERT_TRUE(copy.has_value());
+  EXPECT_EQ(copy->expires_at.count(), 0);
+
+  // Out of memory again (its copy lasts: no spill), then a fresh put of
+  // it with a 1 s TTL: that copy would outlast it, and goes.
+  ASSERT_GT(store_->evict_bytes(spec().value_bytes()), 0U);
+  put_options short_ttl;
+  short_ttl.ttl = std::chrono::seconds(1);
+  auto h = store_->reserve(*ns, key, {}, short_ttl);
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  ASSERT_FALSE(h->already_cached());
+  std::vector<std::byte> value(spec().value_bytes());
+  ASSERT_TRUE(producer_.produce(ttl_spec, key, value).has_value());
+  ASSERT_TRUE(store_->write(*h, value).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 1U);
+  EXPECT_FALSE(store_->disk()->lookup(key).has_value());
+  store_->check_invariants();
+}
+
 /// A prefill that takes time: moves both clocks by `step` per block.
 class slow_producer final : public kv_producer {
 public:
