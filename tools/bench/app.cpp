@@ -54,8 +54,7 @@ int run_mode(const engine_options& opts, std::ostream& out, std::ostream& err,
   // Its warnings (malformed trace lines) go out once the bar is erased.
   std::ostringstream diag;
   auto reqs = load_requests(opts, diag);
-  bar.clear();
-  err << diag.str();
+  bar.print(diag.str());
   if (!reqs) {
     bar.finish();
     return fail(err, reqs.error());

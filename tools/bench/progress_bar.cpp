@@ -108,9 +108,10 @@ void progress_bar::erase_locked() {
   width_ = 0;
 }
 
-void progress_bar::clear() {
+void progress_bar::print(std::string_view text) {
   std::lock_guard lock(mu_);
   erase_locked();
+  out_ << text << std::flush;
 }
 
 void progress_bar::finish() {

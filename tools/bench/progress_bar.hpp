@@ -20,6 +20,7 @@
 #include <iosfwd>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 
 namespace kvfleet::bench {
@@ -43,10 +44,11 @@ public:
   void tick();
   /// Starts the thread that calls tick(); nothing when disabled.
   void start_ticking();
-  /// Erases the line if one was drawn (before other output on its stream);
-  /// the next update, phase or tick draws it again.
-  void clear();
-  /// clear(), and nothing is drawn after it.
+  /// Writes `text` to the bar's stream with the line erased first, under
+  /// the bar's lock, so the ticking thread cannot draw into it; the next
+  /// update, phase or tick draws the line again.
+  void print(std::string_view text);
+  /// Erases the line if one was drawn; nothing is drawn after it.
   void finish();
   [[nodiscard]] bool drawn() const;
 

@@ -72,10 +72,12 @@ TEST(progress_bar, a_phase_is_drawn_by_ticks_with_its_seconds) {
   clock.advance(200ms);
   bar.update(5, 10, "lru (1/2)");
   EXPECT_NE(out.str().find("50.0% lru (1/2)"), std::string::npos);
-  // clear() erases the line for other output; the next draw brings it back.
-  bar.clear();
+  // print() erases the line before its text; the next draw brings it back.
+  bar.print("a warning\n");
   EXPECT_FALSE(bar.drawn());
-  EXPECT_EQ(out.str().back(), '\r');
+  const std::string printed = out.str();
+  ASSERT_GE(printed.size(), 11U);
+  EXPECT_EQ(printed.substr(printed.size() - 11), "\ra warning\n");
   clock.advance(200ms);
   bar.tick();
   EXPECT_TRUE(bar.drawn());
