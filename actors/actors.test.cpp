@@ -2843,6 +2843,63 @@ TEST_F(actor_test, APrefetchWhoseBlocksWereAllCachedIsRedundantNotUseful) {
   EXPECT_EQ(st.wasted, 0U);
 }
 
+TEST_F(actor_test, APrefetchThatBroughtBlocksBackOrWentThroughTheCacheCounts) {
+  // Two prefetches that computed nothing but did work: one whose blocks
+  // the engine brought back from its disk (promoted_blocks), and one sent
+  // through the query cache, which stored its answer for the query. Both
+  // are judged when their query comes (useful here), not counted
+  // redundant as one that found every block in memory already.
+  {
+    auto be = std::make_shared<fake_backend>();
+    auto promoting = sys_->spawn([be](caf::event_based_actor*) {
+      return caf::behavior{
+          [be](process_atom, const kv_request& r) {
+            be->seen.push_back(r);
+            kv_reply rep = found_all(r);
+            rep.promoted_blocks = r.keys.size();
+            return rep;
+          },
+          [](listen_atom, const caf::actor&) {},
+      };
+    });
+    stop_at_end_.push_back(promoting);
+    auto pf = prefetcher(promoting);
+    observed(pf, query(1, "X")); // X -> B, learned by hand
+    observed(pf, query(1, "B"));
+    observed(pf, query(2, "X")); // prefetches B: back from disk
+    ASSERT_EQ(be->seen.size(), 1U);
+    observed(pf, query(2, "B")); // found by the engine that answered
+    const auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+    EXPECT_EQ(st.issued, 1U);
+    EXPECT_EQ(st.redundant, 0U);
+    EXPECT_EQ(st.useful, 1U);
+  }
+  {
+    // B is served once by the balancer alone, so its block is in the
+    // engine but its result is not in the cache: B's prefetch through
+    // the cache computes nothing, and the cache stores its answer, which
+    // then answers B's request.
+    auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+    auto cache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+    stop_at_end_.push_back(cache);
+    auto pf = spawned(spawn_prefetcher(*sys_, eager_prefetch(), b, cache));
+    stop_at_end_.push_back(pf);
+    sched_->run();
+    observed(pf, query(1, "X"));
+    observed(pf, query(1, "B"));
+    ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, query(3, "B"))
+                  .computed_blocks,
+              1U);
+    observed(pf, query(4, "X")); // prefetches B through the cache
+    EXPECT_TRUE(ask_now<kv_reply>(cache, query_atom::value, query(4, "B"))
+                    .from_query_cache);
+    const auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+    EXPECT_EQ(st.issued, 1U);
+    EXPECT_EQ(st.redundant, 0U);
+    EXPECT_EQ(st.useful, 1U);
+  }
+}
+
 /// Digits grouped by threes with ',' (as en_US does), without needing
 /// such a locale installed.
 struct grouping_numpunct : std::numpunct<char> {

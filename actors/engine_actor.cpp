@@ -184,14 +184,16 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
   if (!r)
     return unexpected<error>{r.error()};
   ++st.requests;
-  return kv_reply{req.id,
-                  st.config.slot,
-                  r->matched_blocks,
-                  r->computed_blocks,
-                  r->matched_tokens,
-                  r->computed_tokens,
-                  false,
-                  r->uncached_blocks};
+  kv_reply rep{req.id,
+               st.config.slot,
+               r->matched_blocks,
+               r->computed_blocks,
+               r->matched_tokens,
+               r->computed_tokens,
+               false,
+               r->uncached_blocks};
+  rep.promoted_blocks = r->tier_blocks + r->disk_blocks;
+  return rep;
 }
 
 /// While demotions are in flight, checks them again after

@@ -74,6 +74,11 @@ struct kv_reply {
   /// of its query, whose computation it joined without going to an engine
   /// itself: that request did the work (query_cache_actor.hpp).
   bool joined = false;
+  /// Of matched_blocks, those the engine brought back into memory for this
+  /// request, from its memory tier or its disk (engine::process_result's
+  /// tier_blocks + disk_blocks): work done, although none was computed.
+  /// Not kept by the query-result cache's store: 0 in a reply from it.
+  std::uint64_t promoted_blocks = 0;
 
   friend bool operator==(const kv_reply&, const kv_reply&) = default;
 };
@@ -82,7 +87,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_reply& x) {
   return f(caf::meta::type_name("kv_reply"), x.id, x.engine, x.matched_blocks,
            x.computed_blocks, x.matched_tokens, x.computed_tokens,
-           x.from_query_cache, x.uncached_blocks, x.joined);
+           x.from_query_cache, x.uncached_blocks, x.joined, x.promoted_blocks);
 }
 
 /// Blocks an engine stored and evicted since its last report.
@@ -247,9 +252,12 @@ struct prefetch_stats {
   /// computation): the query's result was there, or coming, anyway, nothing
   /// to prefetch (neither useful nor wasted).
   std::uint64_t cached = 0;
-  /// The engine that answered it found every block cached already and
-  /// computed none: it prefetched nothing (neither useful nor wasted, also
-  /// when its query later finds those blocks).
+  /// The engine that answered it found every block in memory already
+  /// (computed none, brought none back from its memory tier or disk), and
+  /// it went straight to the balancer: it prefetched nothing (neither
+  /// useful nor wasted, also when its query later finds those blocks).
+  /// Through the result cache such a prefetch stored the query's answer
+  /// there, and is judged as any other.
   std::uint64_t redundant = 0;
   std::uint64_t tracked_queries = 0;
 };

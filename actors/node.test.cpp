@@ -467,6 +467,7 @@ TEST_F(Node, ADiskTierServesEvictedBlocksAndOutlivesTheNode) {
     ASSERT_TRUE(again.has_value()) << again.error().describe();
     EXPECT_EQ(again->matched_blocks, 4U);
     EXPECT_EQ(again->computed_blocks, 0U);
+    EXPECT_EQ(again->promoted_blocks, 4U);
     auto es = (*n)->engine_stats(0);
     ASSERT_TRUE(es.has_value()) << es.error().describe();
     EXPECT_TRUE(es->disk);

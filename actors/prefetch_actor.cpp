@@ -98,10 +98,12 @@ void issue(prefetch_actor* self, const std::string& q) {
         ++s.stats.cached;
       return;
     }
-    // The engine found every block cached already and computed none: the
-    // prefetch did no work, so its query finding the blocks later owes it
-    // nothing (it would have found them without it).
-    if (rep.computed_blocks == 0) {
+    // The engine found every block in memory already: the prefetch did no
+    // work, so its query finding the blocks later owes it nothing (it would
+    // have found them without it). Not when it brought blocks back from
+    // the memory tier or disk (work, though nothing was computed), nor
+    // through the result cache, which stored its answer for the query.
+    if (rep.computed_blocks == 0 && rep.promoted_blocks == 0 && !via_front) {
       if (s.outstanding->discard(q, id))
         ++s.stats.redundant;
       return;
