@@ -1019,6 +1019,39 @@ TEST_F(actor_test, ALookupDoesNotGoToAnEngineBeingRetired) {
   EXPECT_EQ(ask_now<std::uint64_t>(b, lookup_atom::value, r0.keys), 3U);
 }
 
+TEST_F(actor_test, ALookupTheEngineDoesNotAnswerTimesOutAtTheBalancer) {
+  // The engine reads nothing (busy with a long batch, or stuck). A lookup
+  // through the balancer gets its request_timeout like a process call, also
+  // from a caller with no timer of its own; the engine's late answer
+  // reaches nobody and leaves the balancer as it was. (Before, the lookup
+  // was delegated to the engine: it waited as long as the engine did, for
+  // ever for a caller without a timer.)
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)}, 50ms);
+  sched_->run();
+  const auto r = make_request(1, 0, 0, 3, 1);
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r).computed_blocks, 3U);
+  const auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  auto found = ask_untimed<std::uint64_t>(b, lookup_atom::value, r.keys);
+  run_all_but(*sched_, e0);
+  sched_->advance_time(49ms);
+  run_all_but(*sched_, e0);
+  EXPECT_FALSE(found->done());
+  sched_->advance_time(1ms); // the balancer's deadline
+  run_all_but(*sched_, e0);
+  ASSERT_TRUE(found->error.has_value()) << "no answer at the deadline";
+  EXPECT_TRUE(is_timeout(*found->error)) << to_string(*found->error);
+  sched_->run(); // the engine answers now: too late
+  EXPECT_FALSE(found->value.has_value());
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.timeouts, 1U);
+  EXPECT_EQ(st.in_flight.at(0), 0U) << "a lookup counts in no load";
+  // The balancer goes on answering lookups in time.
+  EXPECT_EQ(ask_now<std::uint64_t>(b, lookup_atom::value, r.keys), 3U);
+  sched_->advance_time(50ms);
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).timeouts, 1U);
+}
+
 TEST_F(actor_test, ARetireSkipsAnEngineAFailedRequestFoundGone) {
   // Engine 2 dies with a request in its batch. The balancer reads the
   // request's request_receiver_down first (it reroutes the request and

@@ -55,10 +55,13 @@ struct slot_info {
   owed_reply replica;
 };
 
-/// A request forwarded to an engine and not yet answered. Calls are kept
-/// in dispatch order; every call gets the same timeout, so their deadlines
-/// are in that order too and one timer (for the oldest open call) serves
-/// them all, instead of one CAF timer per request.
+/// A request forwarded to an engine and not yet answered: a process call,
+/// or a lookup (`request` null). Calls are kept in dispatch order; every
+/// call gets the same timeout, so their deadlines are in that order too and
+/// one timer (for the oldest open call) serves them all, instead of one CAF
+/// timer per request. A lookup counts in no engine's load (routing weighs
+/// process calls only) and its timeout tells the listeners nothing (it is
+/// no request of the served traffic the scaler samples).
 struct open_call {
   std::int64_t deadline_ns = 0;
   owed_reply promise; ///< answers request_receiver_down if the balancer stops
@@ -67,6 +70,7 @@ struct open_call {
   bool open = true;
   /// The request (shared with the reply handlers) and when the balancer
   /// first received it: a timeout tells the listeners how long it waited.
+  /// Null for a lookup.
   std::shared_ptr<const kv_request> request;
   std::int64_t started = 0;
 };
@@ -366,19 +370,22 @@ void engine_gone(balancer_actor* self, std::uint32_t slot) {
 }
 
 /// Releases the call's slot (when that engine has not been restarted
-/// since) and closes the call; the caller then answers its promise. A call
-/// closed by its timeout (`answered_by_engine` false) keeps its load on
-/// the engine, which is still working on it, until release_late().
+/// since) and closes the call; the caller then answers its promise. A
+/// process call closed by its timeout (`answered_by_engine` false) keeps
+/// its load on the engine, which is still working on it, until
+/// release_late(). A lookup holds no load to release.
 owed_reply close_call(balancer_actor* self, open_call& c, std::uint64_t seq,
                       bool answered_by_engine = true) {
   auto& s = self->state;
   auto promise = std::move(c.promise);
   const auto slot = c.slot;
   c.open = false;
-  if (!answered_by_engine)
-    s.late.emplace(seq, std::pair{slot, c.generation});
-  else if (s.slots[slot].generation == c.generation)
-    s.route.finished(slot);
+  if (c.request) { // a process call; a lookup holds no load
+    if (!answered_by_engine)
+      s.late.emplace(seq, std::pair{slot, c.generation});
+    else if (s.slots[slot].generation == c.generation)
+      s.route.finished(slot);
+  }
   // `c` may be popped here: nothing below reads it.
   while (!s.calls.empty() && !s.calls.front().open) {
     s.calls.pop_front();
@@ -436,8 +443,9 @@ void sweep(balancer_actor* self) {
     // A request that times out waited at least request_timeout: the
     // scaler must see it, or a fleet whose requests time out would look
     // idle to it (no reply, no sample).
-    for (auto& l : s.listeners)
-      self->send(l, latency_atom::value, *c.request, now - c.started);
+    if (c.request)
+      for (auto& l : s.listeners)
+        self->send(l, latency_atom::value, *c.request, now - c.started);
     close_call(self, c, s.first_call, false)
         .deliver(caf::make_error(caf::sec::request_timeout));
   }
@@ -617,9 +625,32 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         }
         if (!any)
           return to_caf_error(error{errc::unavailable, "no engine available"});
-        self->delegate(s.slots[best].engine, lookup_atom::value,
-                       std::move(keys));
-        return caf::delegated<std::uint64_t>{};
+        // An open call like a process call's, not a delegation: the
+        // engine's answer comes back here, so a lookup it does not answer
+        // within request_timeout (busy with a long batch, stuck) times out
+        // as a request does, and a caller with no timer of its own is not
+        // left waiting for ever. A late answer finds the call gone and is
+        // dropped.
+        auto promise = self->make_response_promise();
+        const auto seq = s.first_call + s.calls.size();
+        s.calls.push_back(open_call{
+            now_ns(self) +
+                std::chrono::nanoseconds{s.config.request_timeout}.count(),
+            owed_reply{promise}, best, s.slots[best].generation, true, nullptr,
+            0});
+        schedule_sweep(self);
+        self->request(s.slots[best].engine, caf::infinite, lookup_atom::value,
+                      std::move(keys))
+            .then(
+                [=](std::uint64_t matched) {
+                  if (auto* c = find_call(self, seq))
+                    close_call(self, *c, seq).deliver(matched);
+                },
+                [=](caf::error& err) {
+                  if (auto* c = find_call(self, seq))
+                    close_call(self, *c, seq).deliver(std::move(err));
+                });
+        return promise;
       },
       [=](engine_atom, std::uint32_t slot) -> caf::result<caf::actor> {
         auto& s = self->state;

@@ -26,7 +26,15 @@
 ///       (each wakes CAF's clock thread; kvfleet-actors-bench measures both).
 ///   (lookup_atom, vector<block_key>) -> uint64  asks the live engine the
 ///       index names for the longest prefix (the lowest live slot when the
-///       index knows nothing; a retiring engine only when none is live)
+///       index knows nothing; a retiring engine only when none is live).
+///       Timed like a process request: request_timeout when the engine does
+///       not answer within `request_timeout` (a reply after it is dropped),
+///       request_receiver_down when the balancer stops first, so a caller
+///       needs no CAF timeout of its own here either; the engine's own
+///       error otherwise (request_receiver_down when it is gone: a lookup
+///       is not retried elsewhere). A lookup counts in no engine's load and
+///       tells the listeners nothing, not even its timeout. (Before, it was
+///       delegated to the engine and waited as long as the engine did.)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot (or
 ///       one still opening its store: what is sent to it waits until then)
 ///   (replica_atom)               -> uint32 live engines after adding one

@@ -182,6 +182,7 @@ struct balancer_stats {
   /// works on them; routing weighs an engine by this count).
   std::vector<std::uint64_t> in_flight;
   std::vector<std::uint8_t> up; ///< 1 when live (up and not draining)
+  /// Requests answered with request_timeout: process calls and lookups.
   std::uint64_t timeouts = 0;
   std::uint64_t rerouted = 0; ///< retried after their engine went down
   /// Restarts scheduled (after an engine stopped or a start failed), all
