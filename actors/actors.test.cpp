@@ -4214,6 +4214,56 @@ TEST_F(actor_test, TheExpirySweepStopsWithTheLastListenerAndResumesWithANew) {
   EXPECT_EQ(sched_->clock().schedule().size(), idle + 1);
 }
 
+TEST_F(actor_test, AnEngineRecordsNoBlockEventsWhileNobodyListens) {
+  // Events are recorded for listeners only: once the last one has gone,
+  // the engine records nothing (before, it went on recording every event,
+  // built a block_events after every change and threw it away, and an event
+  // no call published yet waited for the next listener), and the next
+  // listener hears of what changes after it came. A lookup that meets an
+  // expired block removes it and publishes nothing: what it recorded with
+  // nobody listening reached the next listener at its first publish.
+  engine::manual_clock clock{std::chrono::hours{1}};
+  auto c = small_engine(8);
+  c.store.clock = &clock;
+  c.ns_options.ttl = 10s;
+  auto e = engine(c);
+  sched_->run();
+  const auto listen = [&](std::shared_ptr<std::vector<block_events>> got) {
+    auto l = sys_->spawn([got](caf::event_based_actor*) -> caf::behavior {
+      return {[got](const block_events& ev) { got->push_back(ev); }};
+    });
+    caf::anon_send(e, listen_atom::value, l);
+    sched_->run();
+    return l;
+  };
+  auto first = std::make_shared<std::vector<block_events>>();
+  auto l1 = listen(first);
+  const auto a = make_request(1, 1, 0, 2, 1);
+  ask_now<kv_reply>(e, process_atom::value, a);
+  ASSERT_EQ(first->size(), 1U);
+  EXPECT_EQ(first->front().stored, a.keys);
+  caf::anon_send_exit(l1, caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_EQ(ask_now<engine_stats>(e, stats_atom::value).listeners, 0U);
+  // Nobody listens: a request stores a block, which expires, and a lookup
+  // meets it and removes it (a leaf: a parent would only be marked dead).
+  const auto b = make_request(2, 2, 0, 1, 2);
+  ASSERT_EQ(ask_now<kv_reply>(e, process_atom::value, b).computed_blocks, 1U);
+  clock.advance(11s);
+  ASSERT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, b.keys), 0U);
+  // A new listener hears of what changes from now on, and only of that.
+  auto second = std::make_shared<std::vector<block_events>>();
+  auto l2 = listen(second);
+  stop_at_end_.push_back(l2);
+  const auto d = make_request(3, 3, 0, 2, 3);
+  ASSERT_EQ(ask_now<kv_reply>(e, process_atom::value, d).computed_blocks, 2U);
+  ASSERT_EQ(second->size(), 1U);
+  EXPECT_EQ(second->front().stored, d.keys);
+  EXPECT_TRUE(second->front().evicted.empty())
+      << "an event recorded while nobody listened reached the new listener";
+  EXPECT_EQ(first->size(), 1U);
+}
+
 TEST_F(actor_test, BlocksAReserveEvictsAreReportedAtOnce) {
   // Making room for a put evicts: the listeners heard of it only at the
   // next request or expiry sweep, so the router kept sending requests for

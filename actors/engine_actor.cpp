@@ -36,7 +36,10 @@ constexpr std::uint64_t max_persist_ms = 24ull * 3600 * 1000;
 /// the actor last published them, in order. Shared by the store's callback
 /// and the actor, which both run on the actor's thread.
 struct event_log {
-  bool recording = false; ///< someone listens
+  /// Someone listens: set by each new listener, cleared when the last one
+  /// has gone (stop_recording), so an engine nobody listens to builds no
+  /// events for nobody.
+  bool recording = false;
   std::vector<std::pair<engine::block_key, engine::block_event>> events;
 };
 
@@ -240,6 +243,18 @@ void send_snapshot_chunk(engine_actor* self) {
     self->send(self, listen_atom::value);
 }
 
+/// The last listener has gone: the store's events and the disk tier's
+/// removals are no longer recorded (each change built a block_events that
+/// publish threw away), and what was recorded for nobody is dropped. The
+/// next listener starts recording again (listen_atom), as it arms the
+/// expiry sweep again.
+void stop_recording(engine_state& st) {
+  st.log->recording = false;
+  st.log->events.clear();
+  if (auto* disk = st.store->disk())
+    disk->record_removals(false); // drops the removals kept so far
+}
+
 /// While someone listens: every expire_interval, expired blocks leave
 /// (engine::block_store::expire: memory and the memory tier at once, the
 /// disk tier's queued) and the listeners hear of it, instead of believing
@@ -395,7 +410,9 @@ caf::behavior engine_behavior(engine_actor* self,
   // The engine monitors its listeners only: one that went hears nothing
   // more.
   self->set_down_handler([=](caf::down_msg& dm) {
-    drop_listener(self->state.listeners, dm.source);
+    if (drop_listener(self->state.listeners, dm.source) &&
+        self->state.listeners.empty())
+      stop_recording(self->state);
     // Its disk snapshot too (the front one's next chunk may be on its
     // way: the chunk pump finds the queue changed, which it copes with).
     auto& snaps = self->state.snapshots;

@@ -56,7 +56,11 @@
 /// (engine::store_config::on_block_event: computed, put or promoted from disk;
 /// evicted, expired or dropped as corrupt; a block in the memory tier is still
 /// the engine's), each key once as its last event left it. The cost is per
-/// event, not per block held. With a disk tier a block on disk is the engine's
+/// event, not per block held, and only while someone listens: the events
+/// (and the disk tier's removals, disk_tier::record_removals) are recorded
+/// from the first listener on, and no longer once the last one has gone
+/// (what was recorded then is dropped); the next listener hears of what
+/// changes after it came. With a disk tier a block on disk is the engine's
 /// too: one evicted from memory that is on disk (or on its way there) is
 /// reported stored, one the disk tier drops (its capacity eviction, expiry, a
 /// corrupt block, a failed spill) or that expired there is reported evicted

@@ -1552,6 +1552,68 @@ TEST_F(Node, ASpillThatFailsLeavesTheListenersIndexWithNoCallAfterIt) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, AnEngineWhoseListenersHaveGoneKeepsNoDiskRemovals) {
+  // The disk tier records the keys that leave it for the engine's
+  // listeners only (disk_tier::record_removals): once the last listener has
+  // gone, the spills that fail are not recorded (before, the first
+  // listener turned the recording on for good). Every write waits at a
+  // gate, then fails, so the failures come after the requests' own
+  // publish, with no call of the engine after them.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto held = std::make_shared<gate>();
+  const gate_opener opener{held};
+  auto watch = std::make_shared<spill_watch>();
+  auto disk = disk_config(dir.path());
+  disk.write_fault_for_testing = [held, watch] {
+    held->wait();
+    return watch->fault();
+  };
+  disk.on_completion = [watch] { watch->completed(); };
+  // The engine's disk tier, for the test to look into once the engine is
+  // idle (the tier is thread-safe).
+  auto tier = std::make_shared<std::atomic<engine::disk_tier*>>(nullptr);
+  auto c = disk_node(dir.path()).engine;
+  c.make_disk = [open = actors::disk_tier_per_engine(disk),
+                 tier](std::uint32_t slot) {
+    auto d = open(slot);
+    if (d)
+      tier->store(d->get());
+    return d;
+  };
+  auto e = actors::spawn_engine_actor(*sys_, c);
+  ASSERT_TRUE(e.has_value()) << e.error().describe();
+  caf::scoped_actor self{*sys_};
+  const auto listeners = [&] {
+    std::optional<std::uint32_t> n;
+    self->request(*e, std::chrono::seconds(60), actors::stats_atom::value)
+        .receive([&](const actors::engine_stats& st) { n = st.listeners; },
+                 [&](caf::error& err) { ADD_FAILURE() << to_string(err); });
+    return n;
+  };
+  {
+    caf::scoped_actor listener{*sys_};
+    self->send(*e, actors::listen_atom::value,
+               caf::actor_cast<caf::actor>(listener));
+    ASSERT_EQ(listeners(), 1U);
+  }
+  ASSERT_EQ(listeners(), 0U);
+  held->close();
+  for (std::uint64_t id = 1; id <= 30; ++id) // 120 blocks for 64
+    self->request(*e, std::chrono::seconds(60), actors::process_atom::value,
+                  chain(id))
+        .receive([](const actors::kv_reply&) {},
+                 [&](caf::error& err) { ADD_FAILURE() << to_string(err); });
+  held->open();
+  watch->wait_answered(1);
+  ASSERT_NE(tier->load(), nullptr);
+  EXPECT_EQ(tier->load()->drain_removed([](const block_key&) {}), 0U)
+      << "failed spills recorded with no listener left";
+  self->monitor(*e);
+  caf::anon_send_exit(*e, caf::exit_reason::kill);
+  self->receive([](const caf::down_msg&) {});
+}
+
 TEST_F(Node, PersistWritesMoreThanTheDiskQueueHolds) {
   // The disk tier queues at most max_queued_bytes of spills (here four
   // blocks) and refuses more while they wait for the disk. persist() waits
