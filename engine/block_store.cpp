@@ -2181,8 +2181,12 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
       // parent) ask at the lowest, so the recorded one stands.
       o.prio = std::max(info->prio.value_or(priority::normal), options.prio);
       o.pin = info->pins > 0;
-      if (info->expires_at.count() != 0)
-        o.ttl = info->expires_at - wall;
+      // The copy's own expiry, none when it has none: a promotion is no
+      // put, so neither the asking call's TTL nor the namespace's applies
+      // (a block put to last, given a TTL here, would lose its disk copy's
+      // "never" at its next spill, and a pinned one at this commit).
+      o.ttl =
+          info->expires_at.count() != 0 ? info->expires_at - wall : nanos{0};
     } else if (!contains(ns, k)) {
       break;
     } // else in memory only (disk_prefix()): a duplicate put, which links it

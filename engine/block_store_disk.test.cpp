@@ -1006,6 +1006,50 @@ TEST_F(store_disk_test, a_promotion_leaves_a_never_expiring_disk_copy_alone) {
   store_->check_invariants();
 }
 
+// A block put with no TTL, at low priority, in a namespace whose default
+// TTL is 100 s: a normal request brings it back from disk and raises its
+// priority. It keeps "never" in memory, and its disk copy, written again
+// for the new priority at the next spill, keeps it too. (Before, the
+// promotion gave it the namespace's TTL: it expired from memory after
+// 100 s, and the rewrite took that expiry to disk; pinned, at the
+// promotion's own commit. A review's probe.)
+TEST_F(store_disk_test,
+       a_promoted_block_keeps_no_expiry_when_its_priority_rises) {
+  auto& [clock, wall] = open_on_test_clocks();
+  namespace_options opts;
+  opts.ttl = std::chrono::seconds(100);
+  namespace_spec ttl_spec = spec();
+  ttl_spec.model = "ttl-model";
+  auto ns = store_->register_namespace(ttl_spec, opts);
+  ASSERT_TRUE(ns.has_value()) << ns.error().describe();
+  const std::vector<block_key> keys{
+      chain_key_from_id({}, ttl_spec.fingerprint(), 1)};
+  put_options low_forever;
+  low_forever.ttl = nanos{0};
+  low_forever.prio = priority::low;
+  ASSERT_TRUE(
+      store_->process(*ns, keys, spec().block_tokens, producer_, low_forever)
+          .has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  ASSERT_GT(store_->evict_bytes(spec().value_bytes()), 0U);
+  put_options with_ttl; // normal priority, and a TTL for what it computes
+  with_ttl.ttl = std::chrono::seconds(10);
+  const auto r =
+      store_->process(*ns, keys, spec().block_tokens, producer_, with_ttl);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  ASSERT_EQ(r->disk_blocks, 1U);
+  clock.advance(std::chrono::seconds(200));
+  wall.advance(std::chrono::seconds(200));
+  EXPECT_EQ(*store_->lookup(*ns, keys), 1U) << "expired in memory";
+  ASSERT_GT(store_->evict_bytes(spec().value_bytes()), 0U);
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  const auto copy = store_->disk()->lookup(keys[0]);
+  ASSERT_TRUE(copy.has_value());
+  EXPECT_EQ(copy->prio, priority::normal) << "rewritten for the priority";
+  EXPECT_EQ(copy->expires_at.count(), 0);
+  store_->check_invariants();
+}
+
 /// A prefill that takes time: moves both clocks by `step` per block.
 class slow_producer final : public kv_producer {
 public:

@@ -352,6 +352,9 @@ std::size_t block_store::promote_from_tier(ns_id ns,
       // long document's block must not count against short prompts).
       o.request_tokens = partition_start(b.part);
       o.pin = false;
+      // Its own expiry, none when it has none (no put: neither the asking
+      // call's TTL nor the namespace's applies).
+      o.ttl = nanos{0};
       if (b.expires_at != 0) {
         if (b.expires_at <= t)
           break;

@@ -426,6 +426,23 @@ TEST_F(store_tier_test, a_ttl_carries_through_the_tier) {
   EXPECT_FALSE(store_->contains(ns_, a[0]));
 }
 
+// A block with no expiry comes back from the tier with none: a request's
+// TTL is for what it computes, not for what it brings back. (Before, the
+// promotion took the request's TTL, or the namespace's.)
+TEST_F(store_tier_test, a_block_without_a_ttl_comes_back_without_one) {
+  const auto a = chain(1, 1);
+  ASSERT_TRUE(store_->process(ns_, a, 16, producer_).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  put_options o;
+  o.ttl = std::chrono::seconds(5);
+  const auto r = store_->process(ns_, a, 16, producer_, o);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  ASSERT_EQ(r->tier_blocks, 1U);
+  clock_.advance(std::chrono::seconds(10));
+  EXPECT_TRUE(store_->contains(ns_, a[0]));
+}
+
 TEST_F(store_tier_test, a_fresh_put_replaces_the_tier_copy) {
   const auto a = chain(1, 1);
   run(a);
