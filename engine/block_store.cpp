@@ -1125,9 +1125,8 @@ result<void> block_store::commit(put_handle& h) {
     config_.on_block_event(block_event::stored, e.key);
   if (!tier_index_.empty() && tier_index_.count(e.key) != 0)
     drop_tier_block(e.key, false); // memory has the newer copy now
-  // A put's expiry is the newest word on the block; a promotion's comes
-  // from the copy below (or the namespace's TTL when that copy has none)
-  // and leaves the disk copy alone.
+  // A put's expiry is the newest word on the block; a promotion's is the
+  // copy's below, and leaves the disk copy alone.
   if (h.sets_expiry_)
     drop_outlasting_disk_copy(id);
   if (e.pins > 0)
@@ -1303,6 +1302,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
       expiry_after(now(), opts.ttl.value_or(st.options.ttl));
   for (const read_lease& l : token_leases_) {
     entries_[l.id_].expires_at = expires;
+    drop_outlasting_disk_copy(l.id_); // as a duplicate put's commit does
     if (opts.pin)
       pin_once(l.id_);
   }
@@ -2303,8 +2303,13 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
     put_handle& h = p.handle;
     const bool ok = finish_promotion(p);
     if (!ok && !h.already_cached()) {
-      // Missing or damaged on disk: compute it, never serve it wrong.
+      // Missing or damaged on disk: compute it, never serve it wrong. It
+      // is then a put of this request's: its TTL (the promotion had the
+      // copy's), and a copy left on disk that outlasts it goes.
       ++stats_.promotion_failures;
+      entries_[h.id_].expires_at = expiry_after(
+          now(), options.ttl.value_or(namespaces_[ns.value].options.ttl));
+      h.sets_expiry_ = true;
       if (!write_from(h, producer) || !commit(h))
         break;
       contiguous = false;

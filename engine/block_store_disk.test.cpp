@@ -960,8 +960,8 @@ TEST_F(store_disk_test, a_put_that_shortens_a_ttl_shortens_the_disk_copy_too) {
 }
 
 // A block put with no TTL in a namespace whose default TTL is 100 s is on
-// disk with no expiry; brought back by a request, it gets the namespace's
-// TTL in memory, but a promotion is no put: its disk copy stays as it was.
+// disk with no expiry; brought back by a request, it keeps none, and a
+// promotion is no put: its disk copy stays as it was.
 // (The first version of the drop above erased it: a review's probe.) A
 // fresh put of it with a shorter TTL, with only that copy left, drops it.
 TEST_F(store_disk_test, a_promotion_leaves_a_never_expiring_disk_copy_alone) {
@@ -1047,6 +1047,71 @@ TEST_F(store_disk_test,
   ASSERT_TRUE(copy.has_value());
   EXPECT_EQ(copy->prio, priority::normal) << "rewritten for the priority";
   EXPECT_EQ(copy->expires_at.count(), 0);
+  store_->check_invariants();
+}
+
+// put_tokens() sets the cached prefix it skips to its put's expiry, as a
+// duplicate put's commit does: a disk copy of that prefix that would
+// outlast it goes too. (Before, the copy with no expiry stayed, the
+// eviction skipped the spill as that copy "lasted", and the block came
+// back from disk after its 1 s TTL, with no expiry at all.)
+TEST_F(store_disk_test,
+       a_token_put_over_a_cached_prefix_drops_its_longer_copy) {
+  auto& [clock, wall] = open_on_test_clocks();
+  std::vector<std::uint32_t> tokens(2 * spec().block_tokens);
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = static_cast<std::uint32_t>(i + 1);
+  std::vector<block_key> keys;
+  chain_keys(spec().fingerprint(), spec().block_tokens, tokens, keys);
+  ASSERT_EQ(keys.size(), 2U);
+  const std::size_t vb = spec().value_bytes();
+  std::vector<std::byte> values(2 * vb);
+  for (std::size_t i = 0; i < 2; ++i)
+    ASSERT_TRUE(
+        producer_
+            .produce(spec(), keys[i], std::span(values).subspan(i * vb, vb))
+            .has_value());
+  ASSERT_EQ(*store_->put_tokens(ns_,
+                                std::span(tokens).first(spec().block_tokens),
+                                std::span(values).first(vb)),
+            1U); // no TTL
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  ASSERT_EQ(store_->disk()->lookup(keys[0])->expires_at.count(), 0);
+  put_options one_second;
+  one_second.ttl = std::chrono::seconds(1);
+  ASSERT_EQ(*store_->put_tokens(ns_, tokens, values, one_second), 1U);
+  EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 1U);
+  EXPECT_FALSE(store_->disk()->lookup(keys[0]).has_value());
+  clock.advance(std::chrono::seconds(10));
+  wall.advance(std::chrono::seconds(10));
+  EXPECT_EQ(store_->lookup_tiers(ns_, keys)->disk, 0U);
+  EXPECT_FALSE(store_->contains(ns_, keys[0]));
+  store_->check_invariants();
+}
+
+// A block whose copy on disk is damaged is computed by the request that
+// tried to bring it back: a put of that request's, with its TTL. (Before,
+// it kept the damaged copy's expiry, here none, and never expired.)
+TEST_F(store_disk_test,
+       a_block_computed_after_a_failed_promotion_takes_the_ttl) {
+  auto& [clock, wall] = open_on_test_clocks();
+  const auto a = chain(1, 1);
+  run(a); // no TTL
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  open(); // memory empty, the block on disk; the same clocks
+  ASSERT_EQ(store_->disk()->lookup(a[0])->expires_at.count(), 0);
+  ASSERT_TRUE(flip_byte_in_segments(32 + 1)); // record 0's header
+  put_options one_second;
+  one_second.ttl = std::chrono::seconds(1);
+  const auto r =
+      store_->process(ns_, a, spec().block_tokens, producer_, one_second);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  ASSERT_EQ(r->computed_blocks, 1U);
+  ASSERT_EQ(store_->stats().promotion_failures, 1U);
+  EXPECT_TRUE(store_->contains(ns_, a[0]));
+  clock.advance(std::chrono::seconds(2));
+  wall.advance(std::chrono::seconds(2));
+  EXPECT_FALSE(store_->contains(ns_, a[0]));
   store_->check_invariants();
 }
 
