@@ -1081,10 +1081,10 @@ result<void> block_store::commit(put_handle& h) {
       d.dead = false;
       d.expires_at = h.expires_at_;
       refresh_evictable(h.id_);
-      drop_outlasting_disk_copy(h.id_);
+      match_disk_copy_expiry(h.id_);
     } else if (h.sets_expiry_) {
       d.expires_at = h.expires_at_;
-      drop_outlasting_disk_copy(h.id_);
+      match_disk_copy_expiry(h.id_);
     } else if (d.dead) {
       // A promotion of a block dead in memory: it stays dead, and letting
       // go of the hold may remove it, so nothing below may touch it.
@@ -1128,7 +1128,7 @@ result<void> block_store::commit(put_handle& h) {
   // A put's expiry is the newest word on the block; a promotion's is the
   // copy's below, and leaves the disk copy alone.
   if (h.sets_expiry_)
-    drop_outlasting_disk_copy(id);
+    match_disk_copy_expiry(id);
   if (e.pins > 0)
     (void)spill(id, true); // pins survive restarts
   ++stats_.commits;
@@ -1302,7 +1302,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
       expiry_after(now(), opts.ttl.value_or(st.options.ttl));
   for (const read_lease& l : token_leases_) {
     entries_[l.id_].expires_at = expires;
-    drop_outlasting_disk_copy(l.id_); // as a duplicate put's commit does
+    match_disk_copy_expiry(l.id_); // as a duplicate put's commit does
     if (opts.pin)
       pin_once(l.id_);
   }
@@ -2080,24 +2080,36 @@ block_store::lasting_disk_copy(const block_key& key, std::uint64_t checksum,
   return std::nullopt;
 }
 
-void block_store::drop_outlasting_disk_copy(std::uint32_t id) {
+void block_store::match_disk_copy_expiry(std::uint32_t id) {
   const entry& e = entries_[id];
-  if (!disk_ || e.expires_at == 0)
+  if (!disk_ || (e.expires_at == 0 && e.pins == 0))
     return;
   const auto info = disk_->lookup(e.key);
   if (!info)
     return;
-  const std::int64_t left = e.expires_at - now().count();
-  const nanos expires =
-      disk_clock().now() + nanos{std::max<std::int64_t>(left, 0)};
-  if (info->expires_at.count() != 0 &&
-      info->expires_at <= expires + disk_expiry_slack)
+  nanos expires{0}; // never
+  if (e.expires_at != 0)
+    expires = disk_clock().now() +
+              nanos{std::max<std::int64_t>(e.expires_at - now().count(), 0)};
+  const nanos copy = info->expires_at;
+  const bool outlasts =
+      expires.count() != 0 &&
+      (copy.count() == 0 || copy > expires + disk_expiry_slack);
+  // A pinned block's copy is its pin across restarts: ending sooner than
+  // the block (a put lengthened its TTL, or took it away), it would drop
+  // the pinned block at a restart.
+  const bool pin_ends_early =
+      info->pins > 0 && copy.count() != 0 &&
+      (expires.count() == 0 || copy + disk_expiry_slack < expires);
+  if (!outlasts && !pin_ends_early)
     return;
-  // A pinned copy keeps the pin across restarts: write it again with the
-  // new expiry (a pinned spill is never refused as busy). Otherwise, or
-  // when that fails, the copy goes; the block in memory spills again when
-  // it is evicted.
+  // A pinned copy is written again with the block's expiry (a pinned
+  // spill is never refused as busy). Otherwise, or when that fails, a copy
+  // that outlasts the block goes (the block in memory spills again when it
+  // is evicted); one that ends early stays, serving until then.
   if (info->pins > 0 && spill(id, true, true))
+    return;
+  if (!outlasts)
     return;
   ++stats_.outlasting_disk_copies_dropped;
   (void)disk_->erase(e.key);

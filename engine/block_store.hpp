@@ -720,8 +720,10 @@ private:
   /// After a put set block `id`'s expiry: a disk copy that would outlast
   /// it (spilled before a put shortened its TTL) is rewritten with the
   /// block's expiry when pinned there, else erased, so the disk never
-  /// serves the block after it expired in memory.
-  void drop_outlasting_disk_copy(std::uint32_t id);
+  /// serves the block after it expired in memory; and a pinned block's
+  /// copy that would end sooner (a put lengthened the TTL or took it away)
+  /// is rewritten, so the pin outlives a restart as long as the block.
+  void match_disk_copy_expiry(std::uint32_t id);
   void evict(std::uint32_t id);
   /// The disk tier's copy of `key` when a promotion can use it: of this
   /// namespace, its codec and size, not expired at `wall`.

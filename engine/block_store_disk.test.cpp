@@ -1115,6 +1115,47 @@ TEST_F(store_disk_test,
   store_->check_invariants();
 }
 
+// A pinned block's disk copy is its pin across restarts: a repeat put that
+// takes its TTL away rewrites that copy with no expiry, still pinned.
+// (Before, the copy kept the first put's 10 s until a persist(), and a
+// crash and restart after those 10 s lost the pinned block.)
+TEST_F(store_disk_test, a_put_that_lengthens_a_pinned_blocks_ttl_reaches_disk) {
+  auto& [clock, wall] = open_on_test_clocks();
+  const auto a = chain(1, 1);
+  put_options pinned_10s;
+  pinned_10s.pin = true;
+  pinned_10s.ttl = std::chrono::seconds(10);
+  ASSERT_TRUE(
+      store_->process(ns_, a, spec().block_tokens, producer_, pinned_10s)
+          .has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  auto copy = store_->disk()->lookup(a[0]);
+  ASSERT_TRUE(copy.has_value());
+  ASSERT_EQ(copy->pins, 1U);
+  ASSERT_NE(copy->expires_at.count(), 0);
+  put_options forever;
+  forever.ttl = nanos{0};
+  auto h = store_->reserve(ns_, a[0], {}, forever); // a repeat put, no pin
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  ASSERT_TRUE(h->already_cached());
+  std::vector<std::byte> value(spec().value_bytes());
+  ASSERT_TRUE(producer_.produce(spec(), a[0], value).has_value());
+  ASSERT_TRUE(store_->write(*h, value).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  // At the commit, not only at a clean shutdown's persist(): a crash
+  // before that left the 10 s copy.
+  copy = store_->disk()->lookup(a[0]);
+  ASSERT_TRUE(copy.has_value());
+  EXPECT_EQ(copy->pins, 1U);
+  EXPECT_EQ(copy->expires_at.count(), 0);
+  EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 0U);
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  clock.advance(std::chrono::seconds(60));
+  wall.advance(std::chrono::seconds(60));
+  EXPECT_TRUE(store_->on_disk(ns_, a[0])) << "the pinned copy expired";
+  store_->check_invariants();
+}
+
 /// A prefill that takes time: moves both clocks by `step` per block.
 class slow_producer final : public kv_producer {
 public:
