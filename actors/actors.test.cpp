@@ -2764,6 +2764,32 @@ TEST_F(actor_test, QueryCacheReportsWhatItAnswersWithoutTheBalancer) {
   EXPECT_EQ(out->seen.size(), 2U);
 }
 
+TEST_F(actor_test, AWaiterAnsweredByAnothersRequestBeforeItsOwnIsJoined) {
+  // A low-priority request of "q" goes to the balancer; a high-priority one
+  // of "q" arrives before it is answered and goes too, as urgent, and its
+  // reply answers both. The first got another request's work: joined (so a
+  // prefetch overtaken so counts cached, not judged against a user's
+  // computation; before, only a waiter that sent nothing was joined).
+  const cache_over_fake f(*sys_, stop_at_end_);
+  auto low = query(1, "q");
+  low.id = 1;
+  low.prio = engine::priority::low;
+  auto high = query(2, "q");
+  high.id = 2;
+  high.prio = engine::priority::high;
+  auto r1 = ask<kv_reply>(f.cache, query_atom::value, low);
+  run_all_but(*sched_, f.balancer);
+  auto r2 = ask<kv_reply>(f.cache, query_atom::value, high);
+  run_all_but(*sched_, f.balancer);
+  sched_->run();
+  ASSERT_TRUE(r1->value && r2->value);
+  ASSERT_EQ(f.be->seen.size(), 2U);
+  EXPECT_EQ(f.be->seen[0].id, 2U) << "the urgent one first";
+  EXPECT_TRUE(r1->value->joined);
+  EXPECT_FALSE(r2->value->joined);
+  EXPECT_EQ(r1->value->id, 1U);
+}
+
 TEST_F(actor_test, WithACacheInFrontThePrefetcherLearnsFromHitsAndSkipsCached) {
   // X and B are served once (misses; the fake balancer reports nothing),
   // then again as hits, which the cache reports: the prefetcher learns

@@ -71,8 +71,9 @@ struct kv_reply {
   /// query-result cache's store: 0 in a reply from it.
   std::uint64_t uncached_blocks = 0;
   /// The query-result cache answered it with the reply of another request
-  /// of its query, whose computation it joined without going to an engine
-  /// itself: that request did the work (query_cache_actor.hpp).
+  /// of its query, whose computation it joined (without going to an engine
+  /// itself, or before its own request was answered): that request did the
+  /// work (query_cache_actor.hpp).
   bool joined = false;
   /// Of matched_blocks, those the engine brought back into memory for this
   /// request, from its memory tier or its disk (engine::process_result's

@@ -105,9 +105,6 @@ struct waiter {
   /// (reported to them with the reply that answers it), and when it came.
   std::optional<kv_request> joined;
   engine::nanos arrived{0};
-  /// It sent no request of its own: its reply is another's
-  /// (kv_reply::joined).
-  bool rides = false;
 };
 
 struct pending_query {
@@ -188,11 +185,13 @@ void ask_balancer_to_pin(cache_actor* self, kv_request req,
           [=](caf::error& err) { owed->deliver(err); });
 }
 
-/// Sends `req` (a miss of `key` in `round`) to the balancer in its
-/// priority; its reply answers the round's waiters unless another reply
-/// did already.
+/// Sends `req` (a miss of `key` in `round`, from the round's waiter at
+/// `sender`) to the balancer in its priority; its reply answers the round's
+/// waiters unless another reply did already. Every waiter but the sender
+/// gets it with kv_reply::joined set: another request did that work, one
+/// that sent none of its own or one whose own request lost the race.
 void ask_balancer(cache_actor* self, const std::string& key,
-                  std::uint64_t round, kv_request req) {
+                  std::uint64_t round, std::size_t sender, kv_request req) {
   auto& s = self->state;
   const auto prio = req.prio;
   // No timer of our own: the balancer answers every request, at the latest
@@ -209,10 +208,11 @@ void ask_balancer(cache_actor* self, const std::string& key,
             store_reply(self, key, rep);
             auto list = std::move(it->second.waiters);
             s2.waiting.erase(it);
-            for (auto& w : list) {
+            for (std::size_t i = 0; i < list.size(); ++i) {
+              auto& w = list[i];
               auto copy = rep;
               copy.id = w.id;
-              copy.joined = w.rides;
+              copy.joined = i != sender;
               if (w.joined)
                 notify(self, *w.joined, copy, now(self) - w.arrived);
               w.promise.deliver(std::move(copy));
@@ -309,7 +309,6 @@ cache_behavior(cache_actor* self, query_cache_config config,
           // not wait behind lower-priority traffic: it goes too (also when
           // the higher-priority one sent before has failed meanwhile).
           if (pending.sent_at_least(req.prio)) {
-            pending.waiters.back().rides = true;
             if (!s.listeners.empty()) {
               pending.waiters.back().joined = std::move(req);
               pending.waiters.back().arrived = now(self);
@@ -320,7 +319,8 @@ cache_behavior(cache_actor* self, query_cache_config config,
           pending.round = ++s.next_round;
         }
         ++pending.open[static_cast<std::size_t>(req.prio)];
-        ask_balancer(self, key, pending.round, std::move(req));
+        ask_balancer(self, key, pending.round, pending.waiters.size() - 1,
+                     std::move(req));
         return promise;
       },
       [=](stats_atom) -> caf::result<query_cache_stats> {

@@ -16,9 +16,11 @@
 /// key already sent goes to the balancer too, in its own priority (so a
 /// critical caller never waits behind a low-priority request); the first
 /// reply answers every waiter and a later one is ignored. Such a miss counts
-/// as coalesced. A waiter that sent nothing itself gets its reply with
-/// kv_reply::joined set: another request did its work (so a prefetch that
-/// joined a user's request on its way prefetched nothing). The waiters get
+/// as coalesced. A waiter whose reply another request computed gets it
+/// with kv_reply::joined set: one that sent nothing itself, and one whose
+/// own request was answered later (a low-priority prefetch overtaken by a
+/// high-priority user's request of its query prefetched nothing). The
+/// waiters get
 /// an error only when every request sent for them failed (the last error).
 /// The cache sets no CAF timeout of its own on these requests: the
 /// balancer answers each one (balancer_actor.hpp), with request_timeout
