@@ -2087,27 +2087,33 @@ void block_store::match_disk_copy_expiry(std::uint32_t id) {
   const auto info = disk_->lookup(e.key);
   if (!info)
     return;
+  const nanos wall = disk_clock().now();
   nanos expires{0}; // never
   if (e.expires_at != 0)
-    expires = disk_clock().now() +
-              nanos{std::max<std::int64_t>(e.expires_at - now().count(), 0)};
+    expires =
+        wall + nanos{std::max<std::int64_t>(e.expires_at - now().count(), 0)};
   const nanos copy = info->expires_at;
   const bool outlasts =
       expires.count() != 0 &&
       (copy.count() == 0 || copy > expires + disk_expiry_slack);
-  // A pinned block's copy is its pin across restarts: ending sooner than
-  // the block (a put lengthened its TTL, or took it away), it would drop
-  // the pinned block at a restart.
+  const bool pinned = e.pins > 0 || info->pins > 0;
+  // A pinned block's copy is its pin across restarts: ending much sooner
+  // than the block (a put lengthened its TTL, or took it away), it would
+  // drop the pinned block at a restart. Only when it has less than half
+  // the block's time left: repeat puts of the same TTL move the block's
+  // expiry a little each time, and rewriting the whole block for each was
+  // a disk write per put.
   const bool pin_ends_early =
-      info->pins > 0 && copy.count() != 0 &&
-      (expires.count() == 0 || copy + disk_expiry_slack < expires);
+      pinned && copy.count() != 0 &&
+      (expires.count() == 0 || (copy - wall) * 2 < expires - wall);
   if (!outlasts && !pin_ends_early)
     return;
   // A pinned copy is written again with the block's expiry (a pinned
-  // spill is never refused as busy). Otherwise, or when that fails, a copy
-  // that outlasts the block goes (the block in memory spills again when it
-  // is evicted); one that ends early stays, serving until then.
-  if (info->pins > 0 && spill(id, true, true))
+  // spill is never refused as busy; one the disk tier fails after taking
+  // it loses the old record too). Otherwise, or when the spill is refused,
+  // a copy that outlasts the block goes (the block in memory spills again
+  // when it is evicted); one that ends early stays, serving until then.
+  if (pinned && spill(id, true, true))
     return;
   if (!outlasts)
     return;
@@ -2315,10 +2321,14 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
     put_handle& h = p.handle;
     const bool ok = finish_promotion(p);
     if (!ok && !h.already_cached()) {
-      // Missing or damaged on disk: compute it, never serve it wrong. It
-      // is then a put of this request's: its TTL (the promotion had the
-      // copy's), and a copy left on disk that outlasts it goes.
+      // Missing or damaged on disk (or not landed): compute it, never
+      // serve it wrong. It is then a put of this request's: its TTL (the
+      // promotion had the copy's), and a copy left on disk that outlasts
+      // it goes. A negative TTL caches nothing (reserve() refuses it): the
+      // request computes the rest as a miss.
       ++stats_.promotion_failures;
+      if (options.ttl && options.ttl->count() < 0)
+        break;
       entries_[h.id_].expires_at = expiry_after(
           now(), options.ttl.value_or(namespaces_[ns.value].options.ttl));
       h.sets_expiry_ = true;

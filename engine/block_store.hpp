@@ -278,9 +278,10 @@ private:
   /// Duplicate put: the expiry its commit gives the cached block (steady
   /// nanoseconds, 0 = never) when `sets_expiry_`.
   std::int64_t expires_at_ = 0;
-  /// A put's (reserve()), not a promotion's from the memory tier or disk:
-  /// its commit gives the block its expiry (a duplicate put's, see above)
-  /// and drops a disk copy that would outlast it.
+  /// A put's (reserve(); and a promotion that failed and whose block the
+  /// request computed instead), not a promotion's from the memory tier or
+  /// disk: its commit gives the block its expiry (a duplicate put's, see
+  /// above) and matches the disk copy's to it (match_disk_copy_expiry()).
   bool sets_expiry_ = false;
 };
 
@@ -605,10 +606,12 @@ private:
     block_store& s_;
   };
   [[nodiscard]] result<const ns_state*> check_ns(ns_id ns) const;
-  /// reserve(); `sets_expiry`: a duplicate put's commit sets the cached
-  /// block's expiry to the put's start + TTL (a put's; a block brought back
-  /// from the memory tier or disk passes false, since the copy below's
-  /// remaining TTL is no put's and the block in memory is the newer).
+  /// reserve(); `sets_expiry`: the put's commit sets the block's expiry
+  /// (a duplicate put's: the cached block's, to the put's start + TTL) and
+  /// matches the disk copy's to it (match_disk_copy_expiry()). A put's; a
+  /// block brought back from the memory tier or disk passes false: it
+  /// takes its copy's own expiry, which is no put's, and leaves the disk
+  /// copy as it is.
   [[nodiscard]] result<put_handle> reserve_block(ns_id ns, const block_key& key,
                                                  const block_key& parent,
                                                  const put_options& options,

@@ -1156,6 +1156,66 @@ TEST_F(store_disk_test, a_put_that_lengthens_a_pinned_blocks_ttl_reaches_disk) {
   store_->check_invariants();
 }
 
+// Repeat puts of a pinned block with the same TTL move its expiry a little
+// each time: its disk copy, still with most of that time left, is not
+// rewritten for each (a review counted 10 spills for 10 puts 2 s apart).
+TEST_F(store_disk_test, repeat_puts_of_a_pinned_block_do_not_rewrite_its_copy) {
+  auto& [clock, wall] = open_on_test_clocks();
+  const auto a = chain(1, 1);
+  put_options pinned_hour;
+  pinned_hour.pin = true;
+  pinned_hour.ttl = std::chrono::hours(1);
+  ASSERT_TRUE(
+      store_->process(ns_, a, spec().block_tokens, producer_, pinned_hour)
+          .has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  const auto spills = store_->stats().spills;
+  put_options hour;
+  hour.ttl = std::chrono::hours(1);
+  std::vector<std::byte> value(spec().value_bytes());
+  ASSERT_TRUE(producer_.produce(spec(), a[0], value).has_value());
+  for (int i = 0; i < 10; ++i) {
+    clock.advance(std::chrono::seconds(2));
+    wall.advance(std::chrono::seconds(2));
+    auto h = store_->reserve(ns_, a[0], {}, hour);
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    ASSERT_TRUE(store_->write(*h, value).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+  }
+  EXPECT_EQ(store_->stats().spills, spills);
+  // Past half the hour the copy is written again, once.
+  clock.advance(std::chrono::minutes(40));
+  wall.advance(std::chrono::minutes(40));
+  auto h = store_->reserve(ns_, a[0], {}, hour);
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  ASSERT_TRUE(store_->write(*h, value).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  EXPECT_EQ(store_->stats().spills, spills + 1);
+  store_->check_invariants();
+}
+
+// A request with a negative TTL caches nothing it computes (reserve()
+// refuses the TTL), a block whose promotion failed included. (Before, that
+// block took the TTL through expiry_after(), which reads it as none, and
+// stayed for good.)
+TEST_F(store_disk_test,
+       a_negative_ttl_caches_no_block_computed_after_a_failure) {
+  const auto a = chain(1, 1);
+  run(a);
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  open();                                     // memory empty, the block on disk
+  ASSERT_TRUE(flip_byte_in_segments(32 + 1)); // record 0's header
+  put_options negative;
+  negative.ttl = std::chrono::seconds(-5);
+  const auto r =
+      store_->process(ns_, a, spec().block_tokens, producer_, negative);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->computed_blocks, 1U);
+  EXPECT_EQ(r->uncached_blocks, 1U);
+  EXPECT_FALSE(store_->contains(ns_, a[0]));
+  store_->check_invariants();
+}
+
 /// A prefill that takes time: moves both clocks by `step` per block.
 class slow_producer final : public kv_producer {
 public:
