@@ -15,6 +15,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -212,6 +213,30 @@ protected:
   };
   test_clocks clocks_;
   /// Reopens the store and its disk tier on clocks_ (they outlive store_).
+  /// Puts root block `key` of namespace `ns` (registered with `s`) with
+  /// `opts` through reserve(), write() and commit(); returns whether it
+  /// was cached already (a repeat put), or nullopt when a step failed (the
+  /// test has failed then).
+  std::optional<bool> put_root(ns_id ns, const namespace_spec& s,
+                               const block_key& key, const put_options& opts) {
+    auto h = store_->reserve(ns, key, {}, opts);
+    if (!h) {
+      ADD_FAILURE() << h.error().describe();
+      return std::nullopt;
+    }
+    std::vector<std::byte> value(s.value_bytes());
+    if (!producer_.produce(s, key, value) || !store_->write(*h, value) ||
+        !store_->commit(*h)) {
+      ADD_FAILURE() << "the put of " << key.to_hex() << " failed";
+      return std::nullopt;
+    }
+    return h->already_cached();
+  }
+  /// put_root() in the fixture's namespace.
+  std::optional<bool> put_root(const block_key& key, const put_options& opts) {
+    return put_root(ns_, spec(), key, opts);
+  }
+
   test_clocks& open_on_test_clocks() {
     store_clock_ = &clocks_.store;
     disk_clock_ = &clocks_.wall;
@@ -894,13 +919,7 @@ TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
   ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
   put_options short_ttl;
   short_ttl.ttl = std::chrono::seconds(1);
-  auto h = store_->reserve(ns_, keys[0], {}, short_ttl); // a repeat put
-  ASSERT_TRUE(h.has_value()) << h.error().describe();
-  ASSERT_TRUE(h->already_cached());
-  std::vector<std::byte> value(spec().value_bytes());
-  ASSERT_TRUE(producer_.produce(spec(), keys[0], value).has_value());
-  ASSERT_TRUE(store_->write(*h, value).has_value());
-  ASSERT_TRUE(store_->commit(*h).has_value());
+  ASSERT_EQ(put_root(keys[0], short_ttl), true); // a repeat put
   clock.advance(std::chrono::seconds(2));
   wall.advance(std::chrono::seconds(2));
   ASSERT_EQ(*store_->lookup(ns_, keys), 0U); // k0 dead, held by k1
@@ -934,15 +953,8 @@ TEST_F(store_disk_test, a_put_that_shortens_a_ttl_shortens_the_disk_copy_too) {
   ASSERT_EQ(store_->disk()->lookup(b[0])->pins, 1U);
   put_options short_ttl;
   short_ttl.ttl = std::chrono::seconds(1);
-  for (const auto& k : {a[0], b[0]}) {
-    auto h = store_->reserve(ns_, k, {}, short_ttl); // a repeat put
-    ASSERT_TRUE(h.has_value()) << h.error().describe();
-    ASSERT_TRUE(h->already_cached());
-    std::vector<std::byte> value(spec().value_bytes());
-    ASSERT_TRUE(producer_.produce(spec(), k, value).has_value());
-    ASSERT_TRUE(store_->write(*h, value).has_value());
-    ASSERT_TRUE(store_->commit(*h).has_value());
-  }
+  for (const auto& k : {a[0], b[0]})
+    ASSERT_EQ(put_root(k, short_ttl), true); // a repeat put
   EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 1U);
   const auto pinned = store_->disk()->lookup(b[0]);
   ASSERT_TRUE(pinned.has_value());
@@ -994,13 +1006,7 @@ TEST_F(store_disk_test, a_promotion_leaves_a_never_expiring_disk_copy_alone) {
   ASSERT_GT(store_->evict_bytes(spec().value_bytes()), 0U);
   put_options short_ttl;
   short_ttl.ttl = std::chrono::seconds(1);
-  auto h = store_->reserve(*ns, key, {}, short_ttl);
-  ASSERT_TRUE(h.has_value()) << h.error().describe();
-  ASSERT_FALSE(h->already_cached());
-  std::vector<std::byte> value(spec().value_bytes());
-  ASSERT_TRUE(producer_.produce(ttl_spec, key, value).has_value());
-  ASSERT_TRUE(store_->write(*h, value).has_value());
-  ASSERT_TRUE(store_->commit(*h).has_value());
+  ASSERT_EQ(put_root(*ns, ttl_spec, key, short_ttl), false); // a fresh put
   EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 1U);
   EXPECT_FALSE(store_->disk()->lookup(key).has_value());
   store_->check_invariants();
@@ -1135,13 +1141,7 @@ TEST_F(store_disk_test, a_put_that_lengthens_a_pinned_blocks_ttl_reaches_disk) {
   ASSERT_NE(copy->expires_at.count(), 0);
   put_options forever;
   forever.ttl = nanos{0};
-  auto h = store_->reserve(ns_, a[0], {}, forever); // a repeat put, no pin
-  ASSERT_TRUE(h.has_value()) << h.error().describe();
-  ASSERT_TRUE(h->already_cached());
-  std::vector<std::byte> value(spec().value_bytes());
-  ASSERT_TRUE(producer_.produce(spec(), a[0], value).has_value());
-  ASSERT_TRUE(store_->write(*h, value).has_value());
-  ASSERT_TRUE(store_->commit(*h).has_value());
+  ASSERT_EQ(put_root(a[0], forever), true); // a repeat put, no pin
   // At the commit, not only at a clean shutdown's persist(): a crash
   // before that left the 10 s copy.
   copy = store_->disk()->lookup(a[0]);
@@ -1172,24 +1172,16 @@ TEST_F(store_disk_test, repeat_puts_of_a_pinned_block_do_not_rewrite_its_copy) {
   const auto spills = store_->stats().spills;
   put_options hour;
   hour.ttl = std::chrono::hours(1);
-  std::vector<std::byte> value(spec().value_bytes());
-  ASSERT_TRUE(producer_.produce(spec(), a[0], value).has_value());
   for (int i = 0; i < 10; ++i) {
     clock.advance(std::chrono::seconds(2));
     wall.advance(std::chrono::seconds(2));
-    auto h = store_->reserve(ns_, a[0], {}, hour);
-    ASSERT_TRUE(h.has_value()) << h.error().describe();
-    ASSERT_TRUE(store_->write(*h, value).has_value());
-    ASSERT_TRUE(store_->commit(*h).has_value());
+    ASSERT_EQ(put_root(a[0], hour), true);
   }
   EXPECT_EQ(store_->stats().spills, spills);
   // Past half the hour the copy is written again, once.
   clock.advance(std::chrono::minutes(40));
   wall.advance(std::chrono::minutes(40));
-  auto h = store_->reserve(ns_, a[0], {}, hour);
-  ASSERT_TRUE(h.has_value()) << h.error().describe();
-  ASSERT_TRUE(store_->write(*h, value).has_value());
-  ASSERT_TRUE(store_->commit(*h).has_value());
+  ASSERT_EQ(put_root(a[0], hour), true);
   EXPECT_EQ(store_->stats().spills, spills + 1);
   store_->check_invariants();
 }
