@@ -216,6 +216,21 @@ protected:
       stop_at_end_.push_back(*a);
     return a.value_or(caf::actor{});
   }
+  /// A listener that records the block_events it gets in `events`,
+  /// subscribed to `engine` (and run); it stops at the test's end when
+  /// `stop_at_end`.
+  caf::actor record_events(const caf::actor& engine,
+                           std::shared_ptr<std::vector<block_events>> events,
+                           bool stop_at_end = true) {
+    auto l = sys_->spawn([events](caf::event_based_actor*) -> caf::behavior {
+      return {[events](const block_events& ev) { events->push_back(ev); }};
+    });
+    if (stop_at_end)
+      stop_at_end_.push_back(l);
+    caf::anon_send(engine, listen_atom::value, l);
+    sched_->run();
+    return l;
+  }
 
   caf::actor balancer(routing_policy p,
                       std::vector<engine_actor_config> engines,
@@ -3928,13 +3943,7 @@ TEST_F(actor_test, AMemoryTierKeepsDemotedBlocksInTheEngine) {
 TEST_F(actor_test, BlockEventsTellListenersWhatTheEngineHolds) {
   auto e = engine(small_engine(8));
   auto events = std::make_shared<std::vector<block_events>>();
-  auto listener = sys_->spawn([events](caf::event_based_actor*) {
-    return caf::behavior{
-        [events](const block_events& ev) { events->push_back(ev); }};
-  });
-  stop_at_end_.push_back(listener);
-  caf::anon_send(e, listen_atom::value, listener);
-  sched_->run();
+  record_events(e, events);
   // What a listener believes the engine holds, from the events alone.
   std::set<block_key> held;
   auto apply = [&] {
@@ -3993,13 +4002,7 @@ TEST_F(actor_test, ExpiredBlocksAreReportedEvictedWithinASweep) {
   c.ns_options.ttl = 10s;
   auto e = engine(c);
   auto events = std::make_shared<std::vector<block_events>>();
-  auto listener = sys_->spawn([events](caf::event_based_actor*) {
-    return caf::behavior{
-        [events](const block_events& ev) { events->push_back(ev); }};
-  });
-  stop_at_end_.push_back(listener);
-  caf::anon_send(e, listen_atom::value, listener);
-  sched_->run();
+  record_events(e, events);
   const auto a = make_request(1, 1, 0, 4, 1);
   ask_now<kv_reply>(e, process_atom::value, a);
   ASSERT_EQ(events->size(), 1U);
@@ -4255,12 +4258,7 @@ TEST_F(actor_test, AnEngineRecordsNoBlockEventsWhileNobodyListens) {
   auto e = engine(c);
   sched_->run();
   const auto listen = [&](std::shared_ptr<std::vector<block_events>> got) {
-    auto l = sys_->spawn([got](caf::event_based_actor*) -> caf::behavior {
-      return {[got](const block_events& ev) { got->push_back(ev); }};
-    });
-    caf::anon_send(e, listen_atom::value, l);
-    sched_->run();
-    return l;
+    return record_events(e, std::move(got), false);
   };
   auto first = std::make_shared<std::vector<block_events>>();
   auto l1 = listen(first);

@@ -232,6 +232,18 @@ protected:
     }
     return h->already_cached();
   }
+  /// Requests `keys` (one request) pinned with `ttl`, and persists: the
+  /// blocks are in memory and pinned on disk.
+  void put_pinned_on_disk(const std::vector<block_key>& keys, nanos ttl) {
+    put_options pinned;
+    pinned.pin = true;
+    pinned.ttl = ttl;
+    ASSERT_TRUE(store_
+                    ->process(ns_, keys, keys.size() * spec().block_tokens,
+                              producer_, pinned)
+                    .has_value());
+    ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  }
   /// put_root() in the fixture's namespace.
   std::optional<bool> put_root(const block_key& key, const put_options& opts) {
     return put_root(ns_, spec(), key, opts);
@@ -1128,13 +1140,7 @@ TEST_F(store_disk_test,
 TEST_F(store_disk_test, a_put_that_lengthens_a_pinned_blocks_ttl_reaches_disk) {
   auto& [clock, wall] = open_on_test_clocks();
   const auto a = chain(1, 1);
-  put_options pinned_10s;
-  pinned_10s.pin = true;
-  pinned_10s.ttl = std::chrono::seconds(10);
-  ASSERT_TRUE(
-      store_->process(ns_, a, spec().block_tokens, producer_, pinned_10s)
-          .has_value());
-  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  put_pinned_on_disk(a, std::chrono::seconds(10));
   auto copy = store_->disk()->lookup(a[0]);
   ASSERT_TRUE(copy.has_value());
   ASSERT_EQ(copy->pins, 1U);
@@ -1162,13 +1168,7 @@ TEST_F(store_disk_test, a_put_that_lengthens_a_pinned_blocks_ttl_reaches_disk) {
 TEST_F(store_disk_test, repeat_puts_of_a_pinned_block_do_not_rewrite_its_copy) {
   auto& [clock, wall] = open_on_test_clocks();
   const auto a = chain(1, 1);
-  put_options pinned_hour;
-  pinned_hour.pin = true;
-  pinned_hour.ttl = std::chrono::hours(1);
-  ASSERT_TRUE(
-      store_->process(ns_, a, spec().block_tokens, producer_, pinned_hour)
-          .has_value());
-  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  put_pinned_on_disk(a, std::chrono::hours(1));
   const auto spills = store_->stats().spills;
   put_options hour;
   hour.ttl = std::chrono::hours(1);
