@@ -65,6 +65,14 @@ engine_actor_config small_engine(std::size_t blocks, std::size_t batch_size = 1,
   return c;
 }
 
+/// small_engine(8) on `clock`, whose blocks expire after 10 s.
+engine_actor_config small_ttl_engine(engine::manual_clock& clock) {
+  auto c = small_engine(8);
+  c.store.clock = &clock;
+  c.ns_options.ttl = 10s;
+  return c;
+}
+
 /// A prompt of `n` blocks: `shared` leading blocks of group `group`, then
 /// blocks unique to `unique`.
 kv_request make_request(std::uint64_t id, std::uint64_t group,
@@ -3997,10 +4005,7 @@ TEST_F(actor_test, ExpiredBlocksAreReportedEvictedWithinASweep) {
   // removes them and tells the listener. (Before, nothing removed them
   // unless space ran short: the listener held them forever.)
   engine::manual_clock clock{std::chrono::hours{1}};
-  auto c = small_engine(8);
-  c.store.clock = &clock;
-  c.ns_options.ttl = 10s;
-  auto e = engine(c);
+  auto e = engine(small_ttl_engine(clock));
   auto events = std::make_shared<std::vector<block_events>>();
   record_events(e, events);
   const auto a = make_request(1, 1, 0, 4, 1);
@@ -4252,10 +4257,7 @@ TEST_F(actor_test, AnEngineRecordsNoBlockEventsWhileNobodyListens) {
   // expired block removes it and publishes nothing: what it recorded with
   // nobody listening reached the next listener at its first publish.
   engine::manual_clock clock{std::chrono::hours{1}};
-  auto c = small_engine(8);
-  c.store.clock = &clock;
-  c.ns_options.ttl = 10s;
-  auto e = engine(c);
+  auto e = engine(small_ttl_engine(clock));
   sched_->run();
   const auto listen = [&](std::shared_ptr<std::vector<block_events>> got) {
     return record_events(e, std::move(got), false);

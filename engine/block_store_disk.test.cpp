@@ -244,6 +244,18 @@ protected:
                     .has_value());
     ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
   }
+  /// A second namespace, "ttl-model", whose blocks expire after 100 s
+  /// unless a put says otherwise.
+  static namespace_spec ttl_model_spec() {
+    namespace_spec s = spec();
+    s.model = "ttl-model";
+    return s;
+  }
+  static namespace_options ttl_model_options() {
+    namespace_options o;
+    o.ttl = std::chrono::seconds(100);
+    return o;
+  }
   /// put_root() in the fixture's namespace.
   std::optional<bool> put_root(const block_key& key, const put_options& opts) {
     return put_root(ns_, spec(), key, opts);
@@ -989,11 +1001,8 @@ TEST_F(store_disk_test, a_put_that_shortens_a_ttl_shortens_the_disk_copy_too) {
 // (The first version of the drop above erased it: a review's probe.) A
 // fresh put of it with a shorter TTL, with only that copy left, drops it.
 TEST_F(store_disk_test, a_promotion_leaves_a_never_expiring_disk_copy_alone) {
-  namespace_options opts;
-  opts.ttl = std::chrono::seconds(100);
-  namespace_spec ttl_spec = spec();
-  ttl_spec.model = "ttl-model";
-  auto ns = store_->register_namespace(ttl_spec, opts);
+  const namespace_spec ttl_spec = ttl_model_spec();
+  auto ns = store_->register_namespace(ttl_spec, ttl_model_options());
   ASSERT_TRUE(ns.has_value()) << ns.error().describe();
   const block_key key = chain_key_from_id({}, ttl_spec.fingerprint(), 1);
   const std::vector<block_key> keys{key};
@@ -1034,11 +1043,8 @@ TEST_F(store_disk_test, a_promotion_leaves_a_never_expiring_disk_copy_alone) {
 TEST_F(store_disk_test,
        a_promoted_block_keeps_no_expiry_when_its_priority_rises) {
   auto& [clock, wall] = open_on_test_clocks();
-  namespace_options opts;
-  opts.ttl = std::chrono::seconds(100);
-  namespace_spec ttl_spec = spec();
-  ttl_spec.model = "ttl-model";
-  auto ns = store_->register_namespace(ttl_spec, opts);
+  const namespace_spec ttl_spec = ttl_model_spec();
+  auto ns = store_->register_namespace(ttl_spec, ttl_model_options());
   ASSERT_TRUE(ns.has_value()) << ns.error().describe();
   const std::vector<block_key> keys{
       chain_key_from_id({}, ttl_spec.fingerprint(), 1)};
