@@ -224,6 +224,12 @@ protected:
       stop_at_end_.push_back(*a);
     return a.value_or(caf::actor{});
   }
+  /// A warmer over balancer `b`; it stops at the test's end.
+  caf::actor warmer(const caf::actor& b, const warmer_config& wc = {}) {
+    auto w = spawned(spawn_warmer(*sys_, wc, b));
+    stop_at_end_.push_back(w);
+    return w;
+  }
   /// A listener that records the block_events it gets in `events`,
   /// subscribed to `engine` (and run); it stops at the test's end when
   /// `stop_at_end`.
@@ -3458,8 +3464,7 @@ TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {
   stop_at_end_.push_back(b);
   auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
   stop_at_end_.push_back(qcache);
-  auto w = spawned(spawn_warmer(*sys_, warmer_config{}, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b);
   auto pf = prefetcher(b);
   auto cached = ask_untimed<kv_reply>(qcache, query_atom::value, query(1, "q"));
   auto warmed = ask_untimed<warm_report>(
@@ -3528,8 +3533,7 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
   auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   warmer_config wc;
   wc.parallelism = 2;
-  auto w = spawned(spawn_warmer(*sys_, wc, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b, wc);
   auto progress = std::make_shared<std::vector<std::uint64_t>>();
   auto listener =
       sys_->spawn([progress](caf::event_based_actor*) -> caf::behavior {
@@ -3632,8 +3636,7 @@ TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {
   auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   warmer_config wc;
   wc.parallelism = std::numeric_limits<std::size_t>::max();
-  auto w = spawned(spawn_warmer(*sys_, wc, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b, wc);
   std::vector<warm_item> items{warm_item{query(0, "a"), 2.0},
                                warm_item{query(0, "b"), 1.0}};
   auto rep = ask_now<warm_report>(w, warm_atom::value, items, std::uint32_t{5},
@@ -3653,8 +3656,7 @@ TEST_F(actor_test, ConcurrentWarmJobsShareTheWarmersParallelism) {
       balancer(routing_policy::round_robin, {small_engine(64, 20, 10s)}, 60s);
   warmer_config wc;
   wc.parallelism = 2;
-  auto w = spawned(spawn_warmer(*sys_, wc, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b, wc);
   sched_->run();
   struct job {
     std::shared_ptr<std::vector<std::uint64_t>> progress =
@@ -3746,8 +3748,7 @@ TEST_F(actor_test, AWarmQueryTheBalancerTimesOutFailsAtItsDeadlineOnly) {
   // than the 60 s the warmer used to set itself).
   auto b =
       balancer(routing_policy::round_robin, {small_engine(64, 20, 100s)}, 70s);
-  auto w = spawned(spawn_warmer(*sys_, warmer_config{}, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b);
   sched_->run();
   auto rep = ask<warm_report>(w, warm_atom::value,
                               std::vector<warm_item>{{query(0, "q0"), 1.0}},
@@ -3773,8 +3774,7 @@ TEST_F(actor_test, AWarmQueryTheEngineCouldNotCacheCountsFailed) {
   auto b = balancer(routing_policy::round_robin, {small_engine(40)});
   warmer_config wc;
   wc.parallelism = 1;
-  auto w = spawned(spawn_warmer(*sys_, wc, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b, wc);
   sched_->run();
   std::vector<warm_item> items;
   for (std::uint64_t i = 0; i < 30; ++i)
@@ -3801,8 +3801,7 @@ TEST_F(actor_test, AWarmReportSaysWhyItsFirstFailedQueryFailed) {
   auto b = balancer(routing_policy::round_robin, {small_engine(64)});
   warmer_config wc;
   wc.parallelism = 1;
-  auto w = spawned(spawn_warmer(*sys_, wc, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b, wc);
   sched_->run();
   auto good = query(0, "good");
   auto short_one = query(0, "short");
@@ -4324,8 +4323,7 @@ TEST_F(actor_test, WarmQueriesTeachThePrefetcherNothing) {
   auto pf = prefetcher(b);
   warmer_config wc;
   wc.parallelism = 1;
-  auto w = spawned(spawn_warmer(*sys_, wc, b));
-  stop_at_end_.push_back(w);
+  auto w = warmer(b, wc);
   std::vector<warm_item> items(2);
   items[0].request = make_request(1, 1, 0, 2, 1);
   items[0].request.query = "A";
