@@ -1048,6 +1048,35 @@ TEST_F(actor_test, ALookupDoesNotGoToAnEngineBeingRetired) {
   EXPECT_EQ(ask_now<std::uint64_t>(b, lookup_atom::value, r0.keys), 3U);
 }
 
+TEST_F(actor_test, ALookupWhoseEngineDiesIsAskedOfAnotherEngine) {
+  // Engine 1 holds the prefix and dies with the balancer's lookup in its
+  // mailbox (killed ahead of it). The lookup is answered
+  // request_receiver_down; the balancer marks engine 1 down and asks
+  // engine 0, which holds nothing of it: a miss, not an error. (Before, the
+  // caller got request_receiver_down, while a process call was rerouted.)
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64)});
+  sched_->run();
+  const auto r0 = make_request(1, 0, 0, 3, 1);
+  const auto r1 = make_request(2, 0, 0, 3, 2);
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r0).engine, 0U);
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r1).engine, 1U);
+  const auto e1 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{1});
+  auto found = ask<std::uint64_t>(b, lookup_atom::value, r1.keys);
+  run_all_but(*sched_, e1); // the lookup waits in engine 1's mailbox
+  ASSERT_FALSE(found->done());
+  e1->enqueue(
+      nullptr, caf::make_message_id(caf::message_priority::high),
+      caf::make_message(caf::exit_msg{e1.address(), caf::exit_reason::kill}),
+      nullptr);
+  sched_->run();
+  ASSERT_TRUE(found->value.has_value())
+      << to_string(found->error.value_or(caf::error{}));
+  EXPECT_EQ(*found->value, 0U);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).rerouted, 1U);
+  EXPECT_EQ(ask_now<std::uint64_t>(b, lookup_atom::value, r0.keys), 3U);
+}
+
 TEST_F(actor_test, ALookupTheEngineDoesNotAnswerTimesOutAtTheBalancer) {
   // The engine reads nothing (busy with a long batch, or stuck). A lookup
   // through the balancer gets its request_timeout like a process call, also

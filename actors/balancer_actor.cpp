@@ -515,6 +515,82 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
       .then(std::move(then), std::move(fail));
 }
 
+/// Sends a lookup to the engine that holds the longest prefix of `keys`.
+/// Live engines first: a retiring one may be stopped already (it stops
+/// once drained) and would answer request_receiver_down, and one a failed
+/// request found down is gone; those are asked only when no live engine
+/// is left. An engine that turns out to be gone (request_receiver_down) is
+/// marked down and the lookup asked again once, of another engine, as a
+/// process call is rerouted.
+void dispatch_lookup(balancer_actor* self, std::vector<engine::block_key> keys,
+                     owed_reply promise, int attempt) {
+  auto& s = self->state;
+  std::uint32_t best = 0;
+  std::size_t best_held = 0;
+  bool any = false;
+  for (const bool live_only : {true, false}) {
+    for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
+      const auto& info = s.slots[slot];
+      if (!info.engine ||
+          (live_only && (info.retiring || !s.route.is_up(slot))))
+        continue;
+      auto held = s.route.held_prefix(slot, keys);
+      if (!any || held > best_held) {
+        best = slot;
+        best_held = held;
+        any = true;
+      }
+    }
+    if (any)
+      break;
+  }
+  if (!any) {
+    promise.deliver(
+        to_caf_error(error{errc::unavailable, "no engine available"}));
+    return;
+  }
+  // An open call like a process call's, not a delegation: the engine's
+  // answer comes back here, so a lookup it does not answer within
+  // request_timeout (busy with a long batch, stuck) times out as a request
+  // does, and a caller with no timer of its own is not left waiting for
+  // ever. A late answer finds the call gone and is dropped.
+  const auto seq = s.first_call + s.calls.size();
+  const auto generation = s.slots[best].generation;
+  s.calls.push_back(open_call{
+      now_ns(self) + std::chrono::nanoseconds{s.config.request_timeout}.count(),
+      std::move(promise), best, generation, true, nullptr, 0});
+  schedule_sweep(self);
+  // A copy stays here for a second attempt (a lookup is a read: asking
+  // again is safe).
+  auto kept = attempt == 0
+                  ? std::make_shared<std::vector<engine::block_key>>(keys)
+                  : nullptr;
+  self->request(s.slots[best].engine, caf::infinite, lookup_atom::value,
+                std::move(keys))
+      .then(
+          [=](std::uint64_t matched) {
+            if (auto* c = find_call(self, seq))
+              close_call(self, *c, seq).deliver(matched);
+          },
+          [=](caf::error& err) {
+            auto* c = find_call(self, seq);
+            if (c == nullptr)
+              return;
+            auto p = close_call(self, *c, seq);
+            if (err == caf::sec::request_receiver_down && kept) {
+              auto& st = self->state;
+              ++st.rerouted;
+              // The down_msg may not have arrived yet. (A restarted engine
+              // in the slot is another one, and stays up.)
+              if (st.slots[best].generation == generation)
+                engine_gone(self, best);
+              dispatch_lookup(self, std::move(*kept), std::move(p), 1);
+              return;
+            }
+            p.deliver(std::move(err));
+          });
+}
+
 caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
                                 engine_factory make_engine, router route) {
   auto& st = self->state;
@@ -599,57 +675,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       },
       [=](lookup_atom,
           std::vector<engine::block_key>& keys) -> caf::result<std::uint64_t> {
-        auto& s = self->state;
-        std::uint32_t best = 0;
-        std::size_t best_held = 0;
-        bool any = false;
-        // Live engines first. A retiring one may be stopped already (it
-        // stops once drained) and would answer request_receiver_down, and
-        // one a failed request found down is gone: ask those only when no
-        // live engine is left.
-        for (const bool live_only : {true, false}) {
-          for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
-            const auto& info = s.slots[slot];
-            if (!info.engine ||
-                (live_only && (info.retiring || !s.route.is_up(slot))))
-              continue;
-            auto held = s.route.held_prefix(slot, keys);
-            if (!any || held > best_held) {
-              best = slot;
-              best_held = held;
-              any = true;
-            }
-          }
-          if (any)
-            break;
-        }
-        if (!any)
-          return to_caf_error(error{errc::unavailable, "no engine available"});
-        // An open call like a process call's, not a delegation: the
-        // engine's answer comes back here, so a lookup it does not answer
-        // within request_timeout (busy with a long batch, stuck) times out
-        // as a request does, and a caller with no timer of its own is not
-        // left waiting for ever. A late answer finds the call gone and is
-        // dropped.
         auto promise = self->make_response_promise();
-        const auto seq = s.first_call + s.calls.size();
-        s.calls.push_back(open_call{
-            now_ns(self) +
-                std::chrono::nanoseconds{s.config.request_timeout}.count(),
-            owed_reply{promise}, best, s.slots[best].generation, true, nullptr,
-            0});
-        schedule_sweep(self);
-        self->request(s.slots[best].engine, caf::infinite, lookup_atom::value,
-                      std::move(keys))
-            .then(
-                [=](std::uint64_t matched) {
-                  if (auto* c = find_call(self, seq))
-                    close_call(self, *c, seq).deliver(matched);
-                },
-                [=](caf::error& err) {
-                  if (auto* c = find_call(self, seq))
-                    close_call(self, *c, seq).deliver(std::move(err));
-                });
+        dispatch_lookup(self, std::move(keys), owed_reply{promise}, 0);
         return promise;
       },
       [=](engine_atom, std::uint32_t slot) -> caf::result<caf::actor> {

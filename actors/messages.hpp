@@ -185,7 +185,8 @@ struct balancer_stats {
   std::vector<std::uint8_t> up; ///< 1 when live (up and not draining)
   /// Requests answered with request_timeout: process calls and lookups.
   std::uint64_t timeouts = 0;
-  std::uint64_t rerouted = 0; ///< retried after their engine went down
+  /// Process requests and lookups retried after their engine went down.
+  std::uint64_t rerouted = 0;
   /// Restarts scheduled (after an engine stopped or a start failed), all
   /// slots together.
   std::uint64_t restarts = 0;
