@@ -15,6 +15,20 @@ namespace kvfleet::engine {
 
 namespace {
 
+/// What every call taking put_options checks: a priority of the five, a
+/// known codec (the override, else the namespace's default) and no
+/// negative TTL.
+result<void> check_put_options(const put_options& o, codec ns_default) {
+  if (auto ok = check_priority(o.prio); !ok)
+    return ok;
+  if (const codec c = o.codec_override.value_or(ns_default); !is_valid(c))
+    return make_error(errc::unknown_codec,
+                      "unknown codec #" + std::to_string(static_cast<int>(c)));
+  if (o.ttl && o.ttl->count() < 0)
+    return make_error(errc::invalid_argument, "negative TTL");
+  return {};
+}
+
 constexpr std::uint32_t npos = block_index::npos;
 
 /// A TTL longer than this counts as none. It keeps every deadline the store
@@ -737,20 +751,11 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
-  if (auto ok = check_priority(options.prio); !ok) {
+  if (auto ok = check_put_options(options, st.options.default_codec); !ok) {
     count_rejected();
     return unexpected<error>(ok.error());
   }
   const codec c = options.codec_override.value_or(st.options.default_codec);
-  if (!is_valid(c)) {
-    count_rejected();
-    return make_error(errc::unknown_codec,
-                      "unknown codec #" + std::to_string(static_cast<int>(c)));
-  }
-  if (options.ttl && options.ttl->count() < 0) {
-    count_rejected();
-    return make_error(errc::invalid_argument, "negative TTL");
-  }
   if (key.is_null()) {
     count_rejected();
     return make_error(errc::invalid_argument,
@@ -1226,7 +1231,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
-  if (auto ok = check_priority(options.prio); !ok) {
+  if (auto ok = check_put_options(options, st.options.default_codec); !ok) {
     count_rejected();
     return unexpected<error>(ok.error());
   }
@@ -1345,7 +1350,10 @@ result<process_result> block_store::process(ns_id ns,
     return unexpected<error>(st_r.error());
   }
   const namespace_spec& spec = (*st_r)->spec;
-  if (auto ok = check_priority(options.prio); !ok) {
+  // Checked here, not only by each block's reserve(): a bad option would
+  // make every reserve fail, and the request would succeed caching nothing.
+  if (auto ok = check_put_options(options, (*st_r)->options.default_codec);
+      !ok) {
     count_rejected();
     return unexpected<error>(ok.error());
   }
@@ -2324,11 +2332,8 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
       // Missing or damaged on disk (or not landed): compute it, never
       // serve it wrong. It is then a put of this request's: its TTL (the
       // promotion had the copy's), and a copy left on disk that outlasts
-      // it goes. A negative TTL caches nothing (reserve() refuses it): the
-      // request computes the rest as a miss.
+      // it goes. (process() refused a negative TTL before it began.)
       ++stats_.promotion_failures;
-      if (options.ttl && options.ttl->count() < 0)
-        break;
       entries_[h.id_].expires_at = expiry_after(
           now(), options.ttl.value_or(namespaces_[ns.value].options.ttl));
       h.sets_expiry_ = true;
@@ -2424,7 +2429,7 @@ result<std::size_t> block_store::promote(ns_id ns,
   auto st = check_ns(ns);
   if (!st)
     return unexpected<error>(st.error());
-  if (auto ok = check_priority(options.prio); !ok)
+  if (auto ok = check_put_options(options, (*st)->options.default_codec); !ok)
     return unexpected<error>(ok.error());
   // A block that cannot be brought back is no error of this call.
   const nested_scope nested(*this);

@@ -481,6 +481,41 @@ TEST_F(store_fixture, a_priority_outside_the_five_is_refused_by_every_put) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture,
+       an_unknown_codec_or_a_negative_ttl_is_refused_by_every_put) {
+  // process() used to take them: each block's reserve() refused them, and
+  // the request succeeded with every block uncached and no error (a 0% hit
+  // ratio with nothing to say why); promote() took them too.
+  open(16);
+  const auto k = chain(1, 2);
+  synthetic_producer producer;
+  ASSERT_TRUE(store_->process(ns_, std::span(k).first(1), 16, producer));
+  const std::size_t used = store_->used_bytes();
+  const auto rejected = store_->stats().rejected_requests;
+  put_options bad_codec;
+  bad_codec.codec_override = static_cast<codec>(200);
+  put_options negative;
+  negative.ttl = std::chrono::seconds(-1);
+  std::vector<std::uint32_t> tokens(32, 7);
+  std::vector<std::byte> values(2 * block_bytes, std::byte{1});
+  for (const auto& [bad, code] :
+       {std::pair{bad_codec, errc::unknown_codec},
+        std::pair{negative, errc::invalid_argument}}) {
+    const auto expect_refused = [code = code](const auto& r, const char* what) {
+      ASSERT_FALSE(r.has_value()) << what;
+      EXPECT_EQ(r.error().code, code) << what << ": " << r.error().describe();
+    };
+    expect_refused(store_->reserve(ns_, k[1], k[0], bad), "reserve");
+    expect_refused(store_->process(ns_, k, 32, producer, bad), "process");
+    expect_refused(store_->put_tokens(ns_, tokens, values, bad), "put_tokens");
+    expect_refused(store_->promote(ns_, k, bad), "promote");
+  }
+  EXPECT_EQ(store_->used_bytes(), used);
+  EXPECT_EQ(store_->block_count(), 1U);
+  EXPECT_EQ(store_->stats().rejected_requests, rejected + 6);
+  store_->check_invariants();
+}
+
 TEST(block_store, creation_errors) {
   store_config cfg;
   EXPECT_EQ(block_store::create(cfg).error().code, errc::zero_capacity);

@@ -1192,25 +1192,28 @@ TEST_F(store_disk_test, repeat_puts_of_a_pinned_block_do_not_rewrite_its_copy) {
   store_->check_invariants();
 }
 
-// A request with a negative TTL caches nothing it computes (reserve()
-// refuses the TTL), a block whose promotion failed included. (Before, that
-// block took the TTL through expiry_after(), which reads it as none, and
-// stayed for good.)
+// A request with a negative TTL is refused before it begins: the disk
+// copy stays as it was. (Before, process() computed and cached nothing and
+// succeeded: every reserve() refused the TTL, and a block whose promotion
+// failed had first taken it as none, through expiry_after(), and stayed
+// for good.)
 TEST_F(store_disk_test,
-       a_negative_ttl_caches_no_block_computed_after_a_failure) {
+       a_negative_ttl_request_is_refused_and_leaves_disk_as_it_was) {
   const auto a = chain(1, 1);
   run(a);
   ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
-  open();                                     // memory empty, the block on disk
-  ASSERT_TRUE(flip_byte_in_segments(32 + 1)); // record 0's header
+  open(); // memory empty, the block on disk
   put_options negative;
   negative.ttl = std::chrono::seconds(-5);
   const auto r =
       store_->process(ns_, a, spec().block_tokens, producer_, negative);
-  ASSERT_TRUE(r.has_value()) << r.error().describe();
-  EXPECT_EQ(r->computed_blocks, 1U);
-  EXPECT_EQ(r->uncached_blocks, 1U);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::invalid_argument) << r.error().describe();
+  EXPECT_EQ(store_->stats().rejected_requests, 1U);
   EXPECT_FALSE(store_->contains(ns_, a[0]));
+  const auto where = store_->lookup_tiers(ns_, a);
+  ASSERT_TRUE(where.has_value());
+  EXPECT_EQ(where->disk, 1U); // still on disk
   store_->check_invariants();
 }
 
