@@ -1625,14 +1625,18 @@ bool block_store::over_high(std::size_t extra) const noexcept {
 std::optional<size_partition>
 block_store::pick_partition(size_partition p) const {
   // A partition over its share gives up space first; otherwise the asking
-  // partition makes room in its own share, or, with nothing evictable
-  // there, the partition with the most of its share in use.
+  // partition makes room in its own share. With nothing evictable there
+  // (its blocks pinned, or all held by the request being put: a long
+  // request's chain keeps each block's parent), no partition within its
+  // share gives any up, so one class cannot flush another: the put finds
+  // no room. Before, the partition with the most of its share in use gave
+  // it up, so one long document flushed every short prompt.
   const std::optional<size_partition> worst = most_over_share();
   if (worst && share_ratio(*worst) > 1.0)
     return worst;
   if (policies_[static_cast<std::size_t>(p)]->evictable_count() > 0)
     return p;
-  return worst;
+  return std::nullopt;
 }
 
 result<void> block_store::make_room(size_partition p, std::uint16_t cls) {

@@ -1390,6 +1390,41 @@ TEST_F(store_fixture, partitions_keep_long_requests_from_flushing_short_ones) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, one_long_request_does_not_flush_short_ones_within_share) {
+  // One long request of 90 blocks, in a store of 100 holding 20 short
+  // blocks (short's share is 30): its own chain cannot be evicted while it
+  // is put (each block keeps its parent), so past the free room it caches
+  // no more, and the short blocks stay. Before, short, the partition with
+  // the most of its share in use, gave up every block.
+  open(100, policy_kind::lru, false, 1);
+  put_options short_req;
+  short_req.request_tokens = 100;
+  std::vector<std::vector<block_key>> shorts;
+  for (std::uint64_t i = 0; i < 20; ++i) {
+    shorts.push_back(chain(10 * (i + 1), 1));
+    put_chain(shorts.back(), short_req);
+  }
+  put_options long_req;
+  long_req.request_tokens = 10000;
+  synthetic_producer producer;
+  const auto doc = chain(100000, 90);
+  const auto r = store_->process(ns_, doc, 90 * 16, producer, long_req);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->computed_blocks, 90U);
+  EXPECT_GT(r->uncached_blocks, 0U);
+  EXPECT_LT(r->uncached_blocks, 90U);
+  for (const auto& c : shorts)
+    EXPECT_TRUE(store_->contains(ns_, c[0]));
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  // The long partition is over its share now: the next short request
+  // takes its room from there.
+  put_chain(chain(5000, 1), short_req);
+  for (const auto& c : shorts)
+    EXPECT_TRUE(store_->contains(ns_, c[0]));
+  EXPECT_GT(store_->stats().evictions, 0U);
+  store_->check_invariants();
+}
+
 class policy_contract : public ::testing::TestWithParam<policy_kind> {};
 
 TEST_P(policy_contract, random_workload_keeps_every_invariant) {
