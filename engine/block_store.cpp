@@ -1024,6 +1024,22 @@ result<void> block_store::commit(put_handle& h) {
                             entries_[pid].key.to_hex() +
                             ": commit a chain from its first block");
     }
+    if (pid != npos && entries_[pid].corrupt) {
+      // The parent failed its checksum and was dropped while this put was
+      // open. Committed under it, the block would be unreachable, and it
+      // would hold the dropped entry, whose key could then not be put
+      // again ("still held") for as long as it lived.
+      h.phase_ = put_handle::phase::aborted;
+      abort_reservation(h.id_);
+      count_rejected();
+      return make_error(errc::not_found,
+                        "block " + h.key_.to_hex() +
+                            " cannot be committed: "
+                            "its parent " +
+                            entries_[pid].key.to_hex() +
+                            " failed its checksum and was dropped while this "
+                            "put was open; put the chain from its first block");
+    }
   }
   if (h.duplicate_ && entries_[h.id_].corrupt) {
     // It failed its checksum while this put was open and was dropped (a

@@ -2324,6 +2324,40 @@ TEST_F(store_fixture, a_repeat_put_under_a_parent_dropped_as_corrupt_fails) {
   store_->check_invariants();
 }
 
+// The same for a new block whose parent is dropped as corrupt while its put
+// is open. Before, it was committed under the dropped parent, unreachable,
+// and held it: every put of the parent's key was refused as busy ("still
+// held by a reader"), and the prefix could not be cached again while the
+// child lived.
+TEST_F(store_fixture, a_new_block_under_a_parent_dropped_as_corrupt_fails) {
+  open(16);
+  const auto keys = chain(1, 2);
+  put_chain(std::vector<block_key>{keys[0]});
+  auto h = store_->reserve(ns_, keys[1], keys[0]);
+  ASSERT_TRUE(h.has_value());
+  ASSERT_FALSE(h->already_cached());
+  ASSERT_TRUE(store_->write(*h, value_for(keys[1])).has_value());
+  ASSERT_TRUE(store_->corrupt_for_testing(ns_, keys[0], 100).has_value());
+  {
+    auto lease = store_->acquire(ns_, keys[0]);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> out(block_bytes);
+    ASSERT_FALSE(store_->read(*lease, out).has_value()); // dropped
+  }
+  const auto rejected = store_->stats().rejected_requests;
+  auto c = store_->commit(*h);
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error().code, errc::not_found) << c.error().describe();
+  EXPECT_EQ(store_->stats().rejected_requests, rejected + 1);
+  EXPECT_FALSE(store_->contains(ns_, keys[1]));
+  EXPECT_FALSE(store_->abort(*h).has_value()); // the put is over
+  store_->check_invariants();
+  put_chain(keys); // the prefix can be cached again
+  EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
+  EXPECT_EQ(store_->block_count(), 2U);
+  store_->check_invariants();
+}
+
 // Repeat puts of a dead chain committed out of order: the child's waits for
 // its parent's (busy, still open), as a new child's does, and both come
 // back. (Before, the child's failed not_found and was aborted.)
