@@ -84,17 +84,16 @@ void transition_model::count(const std::string& from, const std::string& to) {
     return;
   }
   if (next.size() < config_.top_k) {
-    next.push_back(successor{to, 1.0});
+    next.push_back(successor{to, 1.0, 0.0});
     return;
   }
-  // Full: the newcomer replaces the weakest successor when that one is no
-  // stronger than a single observation (so a new pattern can take over as
-  // the old one ages out).
+  // Full: the newcomer replaces the weakest successor and takes over its
+  // count, as overcount (space-saving): it is kept while it recurs at least
+  // as often as the weakest others.
   auto weakest = std::min_element(
       next.begin(), next.end(),
       [](const successor& a, const successor& b) { return a.count < b.count; });
-  if (weakest->count <= 1.0)
-    *weakest = successor{to, 1.0};
+  *weakest = successor{to, weakest->count + 1.0, weakest->count};
 }
 
 std::optional<prediction>
@@ -105,23 +104,25 @@ transition_model::predict(const std::string& query) const {
   const auto& next = it->second.next;
   const successor* best = nullptr;
   for (const auto& s : next) {
-    if (best == nullptr || s.count > best->count)
+    if (best == nullptr || s.count - s.over > best->count - best->over)
       best = &s;
   }
   // total >= the kept counts' sum; the min guards rounding in the aging.
   const double total = it->second.total;
-  if (best == nullptr || !(total > 0.0))
+  const double sure = best == nullptr ? 0.0 : best->count - best->over;
+  if (best == nullptr || !(total > 0.0) || !(sure > 0.0))
     return std::nullopt;
-  return prediction{best->query, std::min(1.0, best->count / total),
-                    best->count};
+  return prediction{best->query, std::min(1.0, sure / total), sure};
 }
 
 void transition_model::age() {
   for (auto it = queries_.begin(); it != queries_.end();) {
     auto& next = it->second.next;
     it->second.total *= config_.decay;
-    for (auto& s : next)
+    for (auto& s : next) {
       s.count *= config_.decay;
+      s.over *= config_.decay;
+    }
     std::erase_if(
         next, [&](const successor& s) { return s.count < config_.min_count; });
     if (next.empty()) {
