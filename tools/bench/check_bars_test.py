@@ -43,7 +43,7 @@ def routing_results(least_loaded, kv_aware):
 
 
 class CheckBarsTest(unittest.TestCase):
-    def judge(self, lru_hits, least_loaded_hits, memcpy=10e9):
+    def judge(self, lru_hits, least_loaded_hits, memcpy=10e9, prefetches=10):
         """Runs main() on crafted figures: its exit status and output."""
         saved = {name: getattr(check_bars, name) for name in (
             "microbench", "engine_bench", "routing_bench", "actors_bench",
@@ -58,8 +58,9 @@ class CheckBarsTest(unittest.TestCase):
             k: 200e3 for k in ("direct", "balancer", "timed", "evicting",
                                "node")}
         check_bars.prefetch_bench = lambda build: {
-            "useful": 6, "prefetches": 10, "used_fraction": 0.6,
-            "wasted": 2, "unused": 2}
+            "useful": 6, "prefetches": prefetches,
+            "used_fraction": 6 / prefetches if prefetches else 0.0,
+            "wasted": 2, "unused": 2, "redundant": 5}
         argv = sys.argv
         sys.argv = ["check_bars.py"]
         out = io.StringIO()
@@ -87,12 +88,20 @@ class CheckBarsTest(unittest.TestCase):
         # bars are missed (not a ZeroDivisionError traceback).
         status, out = self.judge(lru_hits=0.0, least_loaded_hits=0.0)
         self.assertEqual(status, 1, out)
-        for start in ("MISS  chat @25%: adaptive / lru",
+        for start in ("MISS  chat @25%, lru: with disk tier / without",
+                      "MISS  chat @25%: adaptive / lru",
                       "MISS  shared-prefix @25%: adaptive / lru",
                       "MISS  routing chat, 4 engines: kv_aware / least_loaded hits",
                       "MISS  routing shared-prefix, 4 engines: kv_aware / "
                       "least_loaded hits"):
             self.assertIn("no ratio: baseline", self.line(out, start))
+
+    def test_no_prefetch_that_fetched_anything_misses_its_bar(self):
+        # Every prefetch found its blocks in memory: none to judge.
+        status, out = self.judge(lru_hits=0.25, least_loaded_hits=0.30,
+                                 prefetches=0)
+        self.assertEqual(status, 1, out)
+        self.line(out, "MISS  prefetch on chat")
 
     def test_a_zero_memcpy_baseline_misses_its_bar_with_a_reason(self):
         status, out = self.judge(lru_hits=0.25, least_loaded_hits=0.30,

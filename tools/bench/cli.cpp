@@ -205,15 +205,22 @@ request of round k of its session is the query "round:k" (k capped at
 --max-round); a session idle past --session-timeout-s goes to "end". After
 each request, when the model predicts another round with confidence >=
 --threshold, the prefix that round starts with (this request's full blocks)
-is prefetched at low priority. A prefetch is useful when a later request
-matches its last block before any of its blocks is evicted, wasted when one
-is evicted first, unused when neither happened by the end. The replay runs
-again without prefetch for the baseline hit ratio.
+is prefetched at low priority, --prefetch-at of the mean gap seen so far
+between that round and the next after the request (the session's next
+request coming first cancels it: overtaken). One that finds every block in
+memory fetched nothing (redundant). One that fetched blocks is useful when
+the session's next request matches its last block, wasted when that request
+does not or one of its blocks is evicted first, unused when the session or
+the replay ends first. The replay runs again without prefetch for the
+baseline hit ratio.
 
 Options:
   --eviction POLICY         the store's eviction policy: lru, lfu, priority
                             or adaptive [adaptive]
   --threshold X             confidence needed to prefetch, in [0, 1] [0.5]
+  --prefetch-at F           when to prefetch after a request: this fraction
+                            of the mean gap to the next round, in [0, 1]
+                            [0.5]
   --max-round N             rounds above N share one query [16]
   --session-timeout-s X     idle seconds after which a session ends, at
                             most 1e9 [600]
@@ -223,9 +230,11 @@ Options:
 
 Output (table, or with --json one object):
   {"workload", "requests", "block_tokens", "working_set_blocks",
-   "capacity_blocks", "eviction", "threshold", "predictions", "prefetches",
-   "useful", "wasted", "unused", "used_fraction", "token_hit_ratio",
-   "baseline_token_hit_ratio"}
+   "capacity_blocks", "eviction", "threshold", "prefetch_at", "predictions",
+   "untimed", "overtaken", "unfired", "redundant", "prefetches", "useful",
+   "wasted",
+   "unused", "used_fraction", "token_hit_ratio", "baseline_token_hit_ratio"}
+  prefetches        fired and fetched blocks (not redundant)
   used_fraction     useful / prefetches
 )";
 
@@ -761,8 +770,9 @@ result<command> parse_routing(std::span<const std::string_view> args) {
 }
 
 result<command> parse_prefetch(std::span<const std::string_view> args) {
-  static constexpr std::string_view extra[] = {
-      "--eviction", "--threshold", "--max-round", "--session-timeout-s"};
+  static constexpr std::string_view extra[] = {"--eviction", "--threshold",
+                                               "--prefetch-at", "--max-round",
+                                               "--session-timeout-s"};
   static constexpr std::string_view excluded[] = {
       "--disk-dir", "--disk-capacity-blocks", "--policies",
       "--trace",    "--on-bad-line",          "--prefill-us-per-token"};
@@ -793,6 +803,10 @@ result<command> parse_prefetch(std::span<const std::string_view> args) {
         if (*x > 1.0)
           return usage("option --threshold must be in [0, 1]");
         p.threshold = *x;
+      } else if (name == "--prefetch-at") {
+        if (*x > 1.0)
+          return usage("option --prefetch-at must be in [0, 1]");
+        p.prefetch_at = *x;
       } else {
         if (*x > max_session_timeout_s)
           return usage("option --session-timeout-s must be at most "

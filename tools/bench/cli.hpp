@@ -98,7 +98,10 @@ inline constexpr double max_session_timeout_s = 1e9;
 struct prefetch_options {
   engine_options base{};
   engine::policy_kind eviction = engine::policy_kind::adaptive;
-  double threshold = 0.5;       ///< prediction confidence to prefetch
+  double threshold = 0.5; ///< prediction confidence to prefetch
+  /// When to prefetch after a request: this fraction of the mean gap seen
+  /// between a session's round and its next, in [0, 1].
+  double prefetch_at = 0.5;
   std::uint32_t max_round = 16; ///< rounds above this share one query
   /// Idle time that ends a session, 0 to max_session_timeout_s.
   double session_timeout_s = 600.0;

@@ -10,6 +10,8 @@
 #include <deque>
 #include <memory>
 #include <optional>
+#include <queue>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 
@@ -28,7 +30,21 @@ struct replay_result {
   std::uint64_t input_tokens = 0;
   std::uint64_t matched_tokens = 0;
   std::uint64_t predictions = 0;
+  std::uint64_t untimed = 0;
+  std::uint64_t overtaken = 0;
+  std::uint64_t unfired = 0;
   prefetch_ledger ledger;
+};
+
+/// A prefetch timed for later: of request `r`'s blocks, for its session.
+struct due_prefetch {
+  std::uint64_t at_ms = 0;
+  std::uint64_t session = 0;
+  std::size_t r = 0;
+  friend bool operator>(const due_prefetch& a, const due_prefetch& b) {
+    return std::tie(a.at_ms, a.session, a.r) >
+           std::tie(b.at_ms, b.session, b.r);
+  }
 };
 
 // One replay; with `prefetch` false the model still learns but nothing is
@@ -69,10 +85,47 @@ result<replay_result> replay(const prefetch_options& opts,
   const auto cached = [&](const engine::block_key& k) {
     return (*store)->contains(*ns, k);
   };
+  const auto after_evictions = [&] {
+    if ((*store)->stats().evictions != evictions_seen) {
+      evictions_seen = (*store)->stats().evictions;
+      out.ledger.check_evicted(cached);
+    }
+  };
+  // Mean gap between a session's round k and its next (k capped as the
+  // queries are), in ms: what the prefetcher knows of when it comes back.
+  std::vector<double> gap_sum(opts.max_round + 1, 0.0);
+  std::vector<std::uint64_t> gap_count(opts.max_round + 1, 0);
+  std::priority_queue<due_prefetch, std::vector<due_prefetch>, std::greater<>>
+      due;
+  std::unordered_map<std::uint64_t, std::size_t> pending; // session -> r
   for (std::size_t r = 0; r < reqs.size(); ++r) {
     if (interrupt_requested())
       return interrupted_error(r, reqs.size());
     const engine::workload_request& req = reqs[r];
+    // Prefetches due by this request's arrival run first, in time order.
+    while (!due.empty() && due.top().at_ms <= req.timestamp_ms) {
+      const due_prefetch d = due.top();
+      due.pop();
+      const auto it = pending.find(d.session);
+      if (it == pending.end() || it->second != d.r)
+        continue; // overtaken by the session's request
+      pending.erase(it);
+      engine::put_options low;
+      low.request_tokens = keys.input_tokens[d.r];
+      low.prio = engine::priority::low;
+      const auto blocks = keys.of(d.r);
+      auto warm =
+          (*store)->process(*ns, blocks, keys.input_tokens[d.r], producer, low);
+      if (!warm)
+        return make_error(warm.error().code, "prefetch of request " +
+                                                 std::to_string(d.r) + ": " +
+                                                 warm.error().message);
+      if (warm->computed_blocks - warm->uncached_blocks == 0)
+        out.ledger.redundant(); // every block was there (or none fit)
+      else
+        out.ledger.issued(d.session, blocks);
+      after_evictions();
+    }
     // Sessions idle past the timeout are observed to end (online: only
     // what is known at this request's arrival).
     while (!idle.empty() &&
@@ -82,9 +135,13 @@ result<replay_result> replay(const prefetch_options& opts,
       auto it = sessions.find(s);
       if (it != sessions.end() && it->second.last_ms == at) {
         model.observe(s, std::string(end_query));
+        out.ledger.ended(s);
+        out.unfired += pending.erase(s);
         sessions.erase(it);
       }
     }
+    if (pending.erase(req.session) != 0)
+      ++out.overtaken;
     const auto request = keys.of(r);
     engine::put_options put;
     put.request_tokens = keys.input_tokens[r];
@@ -95,13 +152,15 @@ result<replay_result> replay(const prefetch_options& opts,
                                                ": " + done.error().message);
     out.input_tokens += keys.input_tokens[r];
     out.matched_tokens += done->matched_tokens;
-    out.ledger.hit(request.first(done->matched_blocks));
-    if ((*store)->stats().evictions != evictions_seen) {
-      evictions_seen = (*store)->stats().evictions;
-      out.ledger.check_evicted(cached);
-    }
+    out.ledger.request(req.session, request.first(done->matched_blocks));
+    after_evictions();
 
     session_state& st = sessions[req.session];
+    if (st.rounds > 0) {
+      const auto k = std::min<std::uint64_t>(st.rounds, opts.max_round);
+      gap_sum[k] += static_cast<double>(req.timestamp_ms - st.last_ms);
+      ++gap_count[k];
+    }
     ++st.rounds;
     st.last_ms = req.timestamp_ms;
     idle.emplace_back(req.timestamp_ms, req.session);
@@ -111,55 +170,68 @@ result<replay_result> replay(const prefetch_options& opts,
     if (next && next->query != end_query &&
         next->confidence >= opts.threshold && !request.empty()) {
       ++out.predictions;
-      if (prefetch && out.ledger.issued(request)) {
-        engine::put_options low = put;
-        low.prio = engine::priority::low;
-        auto warm = (*store)->process(*ns, request, keys.input_tokens[r],
-                                      producer, low);
-        if (!warm)
-          return make_error(warm.error().code, "prefetch after request " +
-                                                   std::to_string(r) + ": " +
-                                                   warm.error().message);
-        if ((*store)->stats().evictions != evictions_seen) {
-          evictions_seen = (*store)->stats().evictions;
-          out.ledger.check_evicted(cached);
-        }
+      const auto k = std::min<std::uint64_t>(st.rounds, opts.max_round);
+      if (gap_count[k] == 0) {
+        ++out.untimed;
+      } else if (prefetch) {
+        const double mean = gap_sum[k] / static_cast<double>(gap_count[k]);
+        due.push(due_prefetch{req.timestamp_ms +
+                                  static_cast<std::uint64_t>(
+                                      std::llround(opts.prefetch_at * mean)),
+                              req.session, r});
+        pending[req.session] = r;
       }
     }
     if (progress)
       progress(r + 1);
   }
+  out.unfired += pending.size();
   out.ledger.finish();
   return out;
 }
 
 } // namespace
 
-bool prefetch_ledger::issued(std::span<const engine::block_key> keys) {
-  if (keys.empty() || !outstanding_.insert(keys.back()).second)
+bool prefetch_ledger::issued(std::uint64_t session,
+                             std::span<const engine::block_key> keys) {
+  if (keys.empty())
     return false;
+  const auto [it, fresh] = outstanding_.try_emplace(session, keys.back());
+  if (!fresh) {
+    ++wasted_; // the session's next request never came for it
+    it->second = keys.back();
+  }
   ++prefetches_;
   return true;
 }
 
-void prefetch_ledger::hit(std::span<const engine::block_key> matched) {
-  if (outstanding_.empty())
+void prefetch_ledger::request(std::uint64_t session,
+                              std::span<const engine::block_key> matched) {
+  const auto it = outstanding_.find(session);
+  if (it == outstanding_.end())
     return;
-  for (const auto& k : matched)
-    if (outstanding_.erase(k) != 0)
-      ++useful_;
+  if (std::find(matched.begin(), matched.end(), it->second) != matched.end())
+    ++useful_;
+  else
+    ++wasted_;
+  outstanding_.erase(it);
 }
 
 void prefetch_ledger::check_evicted(
     const std::function<bool(const engine::block_key&)>& cached) {
   for (auto it = outstanding_.begin(); it != outstanding_.end();) {
-    if (cached(*it)) {
+    if (cached(it->second)) {
       ++it;
     } else {
       ++wasted_;
       it = outstanding_.erase(it);
     }
   }
+}
+
+void prefetch_ledger::ended(std::uint64_t session) {
+  if (outstanding_.erase(session) != 0)
+    ++unused_;
 }
 
 void prefetch_ledger::finish() {
@@ -185,6 +257,10 @@ run_prefetch_unguarded(const prefetch_options& opts,
                       "prefetch_options.session_timeout_s must be in [0, "
                       "1e9] seconds (got " +
                           number_text(opts.session_timeout_s) + ")");
+  if (!(opts.prefetch_at >= 0.0 && opts.prefetch_at <= 1.0))
+    return make_error(errc::invalid_argument,
+                      "prefetch_options.prefetch_at must be in [0, 1] (got " +
+                          number_text(opts.prefetch_at) + ")");
   for (std::size_t r = 0; r < reqs.size(); ++r)
     if (reqs[r].session == 0)
       return make_error(errc::invalid_argument,
@@ -197,6 +273,7 @@ run_prefetch_unguarded(const prefetch_options& opts,
   report.block_tokens = opts.base.block_tokens;
   report.eviction = opts.eviction;
   report.threshold = opts.threshold;
+  report.prefetch_at = opts.prefetch_at;
   announce(progress, "counting the working set");
   auto ws = engine::working_set_blocks(reqs, opts.base.block_tokens,
                                        stop_on_interrupt());
@@ -232,6 +309,10 @@ run_prefetch_unguarded(const prefetch_options& opts,
       return unexpected<error>(res.error());
     if (with) {
       report.predictions = res->predictions;
+      report.untimed = res->untimed;
+      report.overtaken = res->overtaken;
+      report.unfired = res->unfired;
+      report.redundant = res->ledger.redundant_count();
       report.prefetches = res->ledger.prefetches();
       report.useful = res->ledger.useful();
       report.wasted = res->ledger.wasted();

@@ -17,17 +17,28 @@
 /// The prefetch: after each request, when the model predicts a next round
 /// (not "end") with confidence >= threshold, the prefetcher prefetches the
 /// prefix the next round is known to start with, i.e. this request's full
-/// blocks, with block_store::process() at low priority: blocks already
-/// cached are touched (kept warm), missing ones would be computed and
-/// inserted. The reply's blocks are not known before the next request
-/// arrives, so they cannot be prefetched.
+/// blocks, with block_store::process() at low priority: missing blocks are
+/// computed and inserted. The reply's blocks are not known before the next
+/// request arrives, so they cannot be prefetched. Right after the request
+/// every one of those blocks is in memory, so a prefetch then would fetch
+/// nothing: it is timed for later, `prefetch_at` of the mean gap seen so
+/// far between a session's round k and its next round after the request
+/// (no prefetch until one such gap has been seen). The session's next
+/// request coming first cancels it (`overtaken`). A prefetch that finds
+/// every block in memory fetched nothing (`redundant`: neither useful nor
+/// wasted, as the actor layer's prefetcher counts it).
 ///
-/// Accounting (prefetch_ledger): a prefetch is useful when a later request
-/// matches its whole chain (its last block) before any of its blocks is
-/// evicted, wasted when one of its blocks is evicted first, and unused when
-/// neither happened by the end of the replay (also not useful). Eviction is
+/// Accounting (prefetch_ledger), per session, as the actor layer judges a
+/// prefetch by its own query's request: a prefetch that fetched blocks is
+/// useful when the session's next request matches its whole chain (its
+/// last block), wasted when that request does not or when one of its blocks
+/// is evicted first, and unused when the session ends (its idle timeout)
+/// or the replay ends first. Another session's use of the same blocks (a
+/// shared system prompt) is no use of this prediction. Eviction is
 /// leaf-first, so a chain loses its last block first: checking the last
-/// block after each eviction pass finds every eviction.
+/// block after each eviction pass finds every eviction. (Before, prefetches
+/// were issued right after their request, every one redundant, and any
+/// session's request counted as their use.)
 /// Thread safety: free functions and a plain class; nothing shared.
 
 #include "actors/transition_model.hpp"
@@ -42,25 +53,32 @@
 #include <functional>
 #include <span>
 #include <string>
-#include <unordered_set>
+#include <unordered_map>
 #include <vector>
 
 namespace kvfleet::bench {
 
-/// Useful / wasted / unused accounting of prefetches.
+/// Useful / wasted / unused accounting of prefetches, one outstanding per
+/// session at most.
 class prefetch_ledger {
 public:
-  /// Records a prefetch of the chain `keys`; false (and nothing counted)
-  /// when `keys` is empty or a prefetch ending in the same block is still
-  /// outstanding.
-  bool issued(std::span<const engine::block_key> keys);
-  /// A request matched these leading blocks: prefetches whose last block
-  /// is among them become useful.
-  void hit(std::span<const engine::block_key> matched);
+  /// Records a prefetch of the chain `keys` for `session`; false (and
+  /// nothing counted) when `keys` is empty. One still outstanding for the
+  /// session is judged wasted first (its next request did not come).
+  bool issued(std::uint64_t session, std::span<const engine::block_key> keys);
+  /// A prefetch that found every block in memory: fetched nothing.
+  void redundant() noexcept { ++redundant_; }
+  /// The session's next request matched these leading blocks: its
+  /// outstanding prefetch is useful when its last block is among them,
+  /// else wasted.
+  void request(std::uint64_t session,
+               std::span<const engine::block_key> matched);
   /// Outstanding prefetches whose last block `cached` says is gone become
   /// wasted.
   void
   check_evicted(const std::function<bool(const engine::block_key&)>& cached);
+  /// The session ended: its outstanding prefetch is unused.
+  void ended(std::uint64_t session);
   /// Outstanding prefetches become unused.
   void finish();
 
@@ -70,17 +88,21 @@ public:
   [[nodiscard]] std::uint64_t useful() const noexcept { return useful_; }
   [[nodiscard]] std::uint64_t wasted() const noexcept { return wasted_; }
   [[nodiscard]] std::uint64_t unused() const noexcept { return unused_; }
+  [[nodiscard]] std::uint64_t redundant_count() const noexcept {
+    return redundant_;
+  }
   [[nodiscard]] std::size_t outstanding() const noexcept {
     return outstanding_.size();
   }
 
 private:
-  /// Last block of each outstanding prefetch.
-  std::unordered_set<engine::block_key, engine::block_key_hash> outstanding_;
+  /// Last block of each session's outstanding prefetch.
+  std::unordered_map<std::uint64_t, engine::block_key> outstanding_;
   std::uint64_t prefetches_ = 0;
   std::uint64_t useful_ = 0;
   std::uint64_t wasted_ = 0;
   std::uint64_t unused_ = 0;
+  std::uint64_t redundant_ = 0;
 };
 
 struct prefetch_report {
@@ -91,13 +113,23 @@ struct prefetch_report {
   std::size_t capacity_blocks = 0;
   engine::policy_kind eviction = engine::policy_kind::adaptive;
   double threshold = 0.0;
+  double prefetch_at = 0.0;
   std::uint64_t predictions = 0; ///< requests with a next round predicted
-  std::uint64_t prefetches = 0;
+  /// Predictions timed for later: no gap seen yet for the round (none).
+  std::uint64_t untimed = 0;
+  /// Cancelled: the session's next request came before the prefetch.
+  std::uint64_t overtaken = 0;
+  /// Never fired: the session ended (its idle timeout), or the replay did,
+  /// first.
+  std::uint64_t unfired = 0;
+  /// Fired, and found every block in memory: fetched nothing.
+  std::uint64_t redundant = 0;
+  std::uint64_t prefetches = 0; ///< fired and fetched blocks
   std::uint64_t useful = 0;
-  std::uint64_t wasted = 0;     ///< evicted before use
-  std::uint64_t unused = 0;     ///< neither used nor evicted at the end
-  double used_fraction = 0.0;   ///< useful / prefetches
-  double token_hit_ratio = 0.0; ///< with prefetch
+  std::uint64_t wasted = 0;   ///< evicted first, or not used by the next round
+  std::uint64_t unused = 0;   ///< the session or the replay ended first
+  double used_fraction = 0.0; ///< useful / prefetches
+  double token_hit_ratio = 0.0;          ///< with prefetch
   double baseline_token_hit_ratio = 0.0; ///< the same store without
 };
 

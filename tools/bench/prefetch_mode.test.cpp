@@ -28,35 +28,49 @@ std::vector<engine::block_key> chain(std::uint64_t salt, std::size_t n) {
   return out;
 }
 
-TEST(prefetch_ledger, hit_is_useful_eviction_is_wasted_rest_unused) {
+TEST(prefetch_ledger, judged_by_the_sessions_next_request) {
   prefetch_ledger l;
   const auto a = chain(1, 3);
   const auto b = chain(2, 2);
   const auto c = chain(3, 4);
-  EXPECT_TRUE(l.issued(a));
-  EXPECT_TRUE(l.issued(b));
-  EXPECT_TRUE(l.issued(c));
-  EXPECT_FALSE(l.issued(a)); // still outstanding: not counted twice
-  EXPECT_FALSE(l.issued({}));
-  EXPECT_EQ(l.prefetches(), 3U);
-  // A later request matches a's whole chain (and more): useful.
-  auto longer = chain(1, 5);
-  l.hit(longer);
+  const auto d = chain(4, 2);
+  EXPECT_TRUE(l.issued(1, a));
+  EXPECT_TRUE(l.issued(2, b));
+  EXPECT_TRUE(l.issued(3, c));
+  EXPECT_TRUE(l.issued(4, d));
+  EXPECT_FALSE(l.issued(5, {}));
+  l.redundant();
+  EXPECT_EQ(l.prefetches(), 4U);
+  EXPECT_EQ(l.redundant_count(), 1U);
+  // Another session's request matching a's chain is no use of it (before,
+  // any request's was: a shared system prompt counted again and again).
+  l.request(9, chain(1, 5));
+  EXPECT_EQ(l.useful(), 0U);
+  // Session 1's next request matches a's whole chain (and more): useful.
+  l.request(1, chain(1, 5));
   EXPECT_EQ(l.useful(), 1U);
-  // A partial match of c is not a use.
-  l.hit(std::span<const engine::block_key>(c).first(2));
-  EXPECT_EQ(l.useful(), 1U);
-  // b's last block is evicted before any use: wasted.
+  // Session 3's next request matches part of c only: wasted.
+  l.request(3, std::span<const engine::block_key>(c).first(2));
+  EXPECT_EQ(l.wasted(), 1U);
+  // b's last block is evicted before session 2 comes back: wasted, and its
+  // request later changes nothing.
   std::unordered_set<engine::block_key, engine::block_key_hash> gone{b.back()};
   l.check_evicted(
       [&](const engine::block_key& k) { return gone.count(k) == 0; });
-  EXPECT_EQ(l.wasted(), 1U);
-  // A hit after eviction changes nothing.
-  l.hit(b);
+  EXPECT_EQ(l.wasted(), 2U);
+  l.request(2, b);
   EXPECT_EQ(l.useful(), 1U);
-  EXPECT_EQ(l.outstanding(), 1U);
-  l.finish();
+  // Session 4 ends: unused.
+  l.ended(4);
   EXPECT_EQ(l.unused(), 1U);
+  EXPECT_EQ(l.outstanding(), 0U);
+  // A second prefetch for a session with one outstanding: the first is
+  // wasted; the replay's end leaves the second unused.
+  EXPECT_TRUE(l.issued(6, a));
+  EXPECT_TRUE(l.issued(6, b));
+  EXPECT_EQ(l.wasted(), 3U);
+  l.finish();
+  EXPECT_EQ(l.unused(), 2U);
   EXPECT_EQ(l.useful() + l.wasted() + l.unused(), l.prefetches());
 }
 
@@ -83,7 +97,10 @@ TEST(prefetch_mode, chat_replay_accounts_every_prefetch) {
   ASSERT_TRUE(r) << r.error().describe();
   EXPECT_GT(r->prefetches, 0U);
   EXPECT_EQ(r->useful + r->wasted + r->unused, r->prefetches);
-  EXPECT_LE(r->prefetches, r->predictions);
+  // Every prediction ends one way.
+  EXPECT_EQ(r->untimed + r->overtaken + r->unfired + r->redundant +
+                r->prefetches,
+            r->predictions);
   EXPECT_DOUBLE_EQ(r->used_fraction, static_cast<double>(r->useful) /
                                          static_cast<double>(r->prefetches));
   auto again = run_prefetch(o, *reqs, "chat");
@@ -91,10 +108,33 @@ TEST(prefetch_mode, chat_replay_accounts_every_prefetch) {
   EXPECT_EQ(to_json(*r), to_json(*again));
   const auto j = nlohmann::json::parse(to_json(*r));
   for (const char* k :
-       {"prefetches", "useful", "wasted", "unused", "used_fraction",
+       {"prefetch_at", "untimed", "overtaken", "unfired", "redundant",
+        "prefetches", "useful", "wasted", "unused", "used_fraction",
         "token_hit_ratio", "baseline_token_hit_ratio"})
     EXPECT_TRUE(j.contains(k)) << k;
   EXPECT_NE(to_table(*r).find("useful"), std::string::npos);
+}
+
+TEST(prefetch_mode, a_prefetch_right_after_its_request_fetches_nothing) {
+  // The prefix a session's next round starts with is this request's: all
+  // in memory right after it. Every such prefetch is redundant, none is
+  // judged (before, each counted useful when any later request matched it).
+  prefetch_options o = tiny();
+  o.prefetch_at = 0.0;
+  engine::workload_options wo;
+  wo.requests = o.base.requests;
+  auto reqs = engine::generate_workload("chat", wo);
+  ASSERT_TRUE(reqs);
+  auto r = run_prefetch(o, *reqs, "chat");
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_GT(r->redundant, 0U);
+  EXPECT_EQ(r->prefetches, 0U);
+  EXPECT_EQ(r->useful, 0U);
+  EXPECT_EQ(r->overtaken, 0U);
+  o.prefetch_at = 1.5;
+  auto bad = run_prefetch(o, *reqs, "chat");
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, errc::invalid_argument);
 }
 
 TEST(prefetch_mode, needs_sessions) {
@@ -173,6 +213,18 @@ TEST(prefetch_cli, parses_and_rejects) {
       "prefetch", "--workload",  "chat", "--capacity-fraction",
       "0.25",     "--threshold", "1.5"};
   EXPECT_FALSE(parse_command_line(thr));
+  EXPECT_DOUBLE_EQ(cmd->prefetch.prefetch_at, 0.5); // the default
+  for (const auto& [value, ok] :
+       {std::pair{"0", true}, std::pair{"0.9", true}, std::pair{"1.5", false},
+        std::pair{"-1", false}}) {
+    std::vector<std::string_view> at{
+        "prefetch", "--workload",    "chat", "--capacity-fraction",
+        "0.25",     "--prefetch-at", value};
+    const auto r = parse_command_line(at);
+    EXPECT_EQ(r.has_value(), ok) << value;
+    if (ok)
+      EXPECT_DOUBLE_EQ(r->prefetch.prefetch_at, std::stod(value));
+  }
   // Options prefetch mode would ignore are refused, not silently dropped.
   std::vector<std::string_view> cost{"prefetch", "--workload",
                                      "chat",     "--capacity-fraction",

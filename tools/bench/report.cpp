@@ -190,7 +190,12 @@ std::string to_json(const prefetch_report& report) {
   j["capacity_blocks"] = report.capacity_blocks;
   j["eviction"] = std::string(engine::to_string(report.eviction));
   j["threshold"] = report.threshold;
+  j["prefetch_at"] = report.prefetch_at;
   j["predictions"] = report.predictions;
+  j["untimed"] = report.untimed;
+  j["overtaken"] = report.overtaken;
+  j["unfired"] = report.unfired;
+  j["redundant"] = report.redundant;
   j["prefetches"] = report.prefetches;
   j["useful"] = report.useful;
   j["wasted"] = report.wasted;
@@ -203,7 +208,7 @@ std::string to_json(const prefetch_report& report) {
 
 std::string to_table(const prefetch_report& report) {
   std::string out;
-  char line[256];
+  char line[512];
   std::snprintf(line, sizeof line,
                 "workload %s: %zu requests; capacity %zu of %zu blocks; "
                 "eviction %s; threshold %.2f\n",
@@ -213,8 +218,21 @@ std::string to_table(const prefetch_report& report) {
                 report.threshold);
   out += line;
   std::snprintf(line, sizeof line,
-                "prefetches %llu: useful %llu, wasted (evicted first) %llu, "
-                "unused at the end %llu; used %.1f%%\n",
+                "predictions %llu: untimed (no gap seen yet) %llu, "
+                "overtaken by the request %llu, never fired (session or "
+                "replay ended) %llu, redundant (all in memory) %llu; "
+                "prefetch at %.2f of the mean gap\n",
+                static_cast<unsigned long long>(report.predictions),
+                static_cast<unsigned long long>(report.untimed),
+                static_cast<unsigned long long>(report.overtaken),
+                static_cast<unsigned long long>(report.unfired),
+                static_cast<unsigned long long>(report.redundant),
+                report.prefetch_at);
+  out += line;
+  std::snprintf(line, sizeof line,
+                "prefetches %llu: useful %llu, wasted (evicted first or not "
+                "used by the next round) %llu, unused (session or replay "
+                "ended) %llu; used %.1f%%\n",
                 static_cast<unsigned long long>(report.prefetches),
                 static_cast<unsigned long long>(report.useful),
                 static_cast<unsigned long long>(report.wasted),
