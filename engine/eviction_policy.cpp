@@ -2,14 +2,12 @@
 
 #include "engine/internal/check.hpp"
 #include "engine/internal/indexed_heap.hpp"
+#include "engine/internal/lrfu_shadow.hpp"
 
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <set>
 #include <string>
-#include <unordered_map>
-#include <utility>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -210,53 +208,6 @@ protected:
   }
 };
 
-/// One half-life of the adaptive policy simulated on a sample of the keys:
-/// a small LRFU cache (set sampling), so the policy can see which
-/// half-life would have hit more on the current workload.
-class lrfu_shadow {
-public:
-  explicit lrfu_shadow(double half_life_factor) : factor_(half_life_factor) {}
-
-  /// One reference of sampled key `key` at tick `t`; `capacity` blocks.
-  void reference(std::uint64_t key, double t, std::size_t resident,
-                 std::size_t capacity, double log_prior) {
-    const double h =
-        factor_ * static_cast<double>(std::max<std::size_t>(resident, 64));
-    auto it = blocks_.find(key);
-    if (it != blocks_.end()) {
-      hits_ += 1.0;
-      order_.erase({it->second.score, key});
-      const double decayed =
-          std::exp2(it->second.log_c - (t - it->second.last) / h);
-      it->second.log_c = std::log2(1.0 + decayed);
-    } else {
-      it = blocks_.emplace(key, entry{log_prior, t, 0.0}).first;
-    }
-    it->second.last = t;
-    it->second.score = it->second.log_c + t / h;
-    order_.insert({it->second.score, key});
-    while (blocks_.size() > capacity && !order_.empty()) {
-      const auto victim = order_.begin()->second;
-      order_.erase(order_.begin());
-      blocks_.erase(victim);
-    }
-  }
-  [[nodiscard]] double hits() const noexcept { return hits_; }
-  void decay() noexcept { hits_ *= 0.5; }
-  [[nodiscard]] double factor() const noexcept { return factor_; }
-
-private:
-  struct entry {
-    double log_c = 0;
-    double last = 0;
-    double score = 0;
-  };
-  double factor_;
-  double hits_ = 0;
-  std::unordered_map<std::uint64_t, entry> blocks_;
-  std::set<std::pair<double, std::uint64_t>> order_;
-};
-
 // The adaptive policy: LRFU (Lee et al., 2001) with a learned prior.
 //
 // Each block carries a combined recency-frequency value
@@ -279,7 +230,9 @@ private:
 // policy behaves the same at any cache size. Which multiple depends on the
 // workload (short: recency, for chat; long: frequency, for shared prefixes
 // and documents), so two lrfu_shadow caches on a sample of the keys try
-// both and the policy follows the one that hits more (set dueling).
+// both and the policy follows the one that hits more (set dueling). The
+// shadows are sized with the policy (reserve()), so an access allocates
+// nothing in steady state.
 class adaptive_policy final : public score_policy {
 public:
   [[nodiscard]] policy_kind kind() const noexcept override {
@@ -289,6 +242,11 @@ public:
     score_policy::reserve(ids);
     if (state_.size() < ids)
       state_.resize(ids);
+    // A shadow holds a sample_rate-th of the resident blocks (at most
+    // `ids`), and one more for a moment while it inserts before evicting.
+    for (auto& s : shadows_)
+      s.reserve(std::max<std::size_t>(ids / sample_rate, min_shadow_blocks) +
+                1);
   }
   void on_remove(std::uint32_t id) override {
     score_policy::on_remove(id);
@@ -296,6 +254,11 @@ public:
     // policy never saw may be past its storage.
     if (id < state_.size())
       state_[id] = block_state{};
+  }
+  void check_invariants() const override {
+    score_policy::check_invariants();
+    for (const auto& s : shadows_)
+      s.check_invariants();
   }
 
 protected:
@@ -399,7 +362,8 @@ private:
   static constexpr std::uint32_t switch_after = 2;
   static constexpr double prior_weight = 2.0;
   static constexpr double min_prior = 1.0 / 1024;
-  std::array<lrfu_shadow, 2> shadows_{lrfu_shadow{0.5}, lrfu_shadow{4.0}};
+  std::array<internal::lrfu_shadow, 2> shadows_{internal::lrfu_shadow{0.5},
+                                                internal::lrfu_shadow{4.0}};
   std::size_t active_ = 0;
   std::uint32_t other_wins_ = 0;
   std::uint64_t sampled_ = 0;
