@@ -11,6 +11,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include <caf/actor_system_config.hpp>
 #include <caf/after.hpp>
 #include <caf/blocking_actor.hpp>
+#include <caf/message_id.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
 #include <caf/system_messages.hpp>
@@ -94,6 +96,65 @@ namespace {
 using actors::from_caf_error;
 using actors::request_at;
 
+/// A request on its way from an actor borrowed from `askers`; wait()
+/// reads its reply. Each has an actor of its own, which gets no other
+/// message, so several can be on their way at once (persist asks every
+/// engine) and waiting for one never meets another's reply. That keeps a
+/// wait within its deadline: CAF 0.17's blocking receive starts its relative
+/// `after` again whenever a message arrives, also one it skips
+/// (blocking_actor::receive_impl), so one actor that waited for several
+/// replies in turn waited up to a whole timeout more for each reply that
+/// came while it waited for another.
+template <class T> class pending_reply {
+public:
+  /// Sends `xs` to `dest` in the mailbox category of `prio`
+  /// (prioritized.hpp). REQUIRES: `dest` is valid.
+  template <class... Ts>
+  pending_reply(node_askers& askers, engine::priority prio,
+                const caf::actor& dest, Ts&&... xs)
+      : askers_(&askers), actor_(askers.take()) {
+    // No CAF request timeout: the clock delivers its message after the
+    // reply too, where it would wait unread in a mailbox that later calls
+    // reuse (one per call). wait() waits against a deadline of its own
+    // instead, as response_handle::receive does without one, and no clock
+    // is involved.
+    id_ = request_at(actor_->ptr(), prio, dest, caf::infinite,
+                     std::forward<Ts>(xs)...)
+              .id();
+  }
+
+  /// The reply, or errc::timeout when none came by `deadline` (a reply
+  /// already there is read also after it).
+  [[nodiscard]] result<T> wait(std::chrono::steady_clock::time_point deadline) {
+    const auto d = deadline - std::chrono::steady_clock::now();
+    const auto left = d <= std::chrono::steady_clock::duration::zero()
+                          ? std::chrono::milliseconds::zero()
+                          : std::chrono::ceil<std::chrono::milliseconds>(d);
+    std::optional<result<T>> out;
+    bool timed_out = false;
+    caf::blocking_actor::accept_one_cond one;
+    (*actor_)->varargs_receive(
+        one, id_, [&](T& x) { out.emplace(std::move(x)); },
+        [&](caf::error& e) {
+          out.emplace(unexpected<error>{from_caf_error(e)});
+        },
+        caf::after(left) >>
+            [&] {
+              timed_out = true;
+              out.emplace(make_error(errc::timeout, "request timed out"));
+            });
+    // A timed-out actor's reply may still come: it goes with the actor.
+    if (!timed_out)
+      askers_->give_back(std::move(actor_));
+    return std::move(*out);
+  }
+
+private:
+  node_askers* askers_;
+  std::unique_ptr<caf::scoped_actor> actor_;
+  caf::message_id id_;
+};
+
 /// One blocking request from a host thread, in the mailbox category of
 /// `prio` (prioritized.hpp), on a borrowed actor.
 template <class T, class... Ts>
@@ -105,29 +166,9 @@ result<T> ask_at(node_askers& askers, engine::priority prio,
   // The call's deadline passed in an earlier step (call_deadline).
   if (timeout <= std::chrono::milliseconds::zero())
     return make_error(errc::timeout, "request timed out");
-  auto borrowed = askers.take();
-  caf::scoped_actor& self = *borrowed;
-  std::optional<result<T>> out;
-  bool timed_out = false;
-  // No CAF request timeout: the clock delivers its message after the reply
-  // too, where it would wait unread in a mailbox that later calls reuse (one
-  // per call). The receive waits against a deadline of its own instead, as
-  // response_handle::receive does without one, and no clock is involved.
-  auto handle = request_at(self.ptr(), prio, dest, caf::infinite,
-                           std::forward<Ts>(xs)...);
-  caf::blocking_actor::accept_one_cond one;
-  self->varargs_receive(
-      one, handle.id(), [&](T& x) { out.emplace(std::move(x)); },
-      [&](caf::error& e) { out.emplace(unexpected<error>{from_caf_error(e)}); },
-      caf::after(timeout) >>
-          [&] {
-            timed_out = true;
-            out.emplace(make_error(errc::timeout, "request timed out"));
-          });
-  // A timed-out actor's reply may still come: it goes with the actor.
-  if (!timed_out)
-    askers.give_back(std::move(borrowed));
-  return std::move(*out);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  return pending_reply<T>{askers, prio, dest, std::forward<Ts>(xs)...}.wait(
+      deadline);
 }
 
 /// Stops `actors` and waits for them (their down messages, on `self`) until
@@ -570,32 +611,29 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
       fail(slot, engine.error());
     }
   }
-  // Its own actor: a reply that comes after the deadline goes with it.
-  caf::scoped_actor self{*sys_};
-  std::vector<caf::message_id> ids;
-  ids.reserve(engines.size());
+  // One borrowed actor per engine (pending_reply), so the wait for one
+  // engine's answer is not drawn out by the others' answers arriving
+  // meanwhile: all of them end by one deadline. (With one actor for all,
+  // each answer that came while it waited for another engine's started
+  // that wait's timeout again: 2 engines, timeout and call_timeout 1 s,
+  // returned after 3.75 s.) A reply that comes after the deadline goes
+  // with its actor.
+  std::vector<std::pair<std::uint32_t, pending_reply<std::uint64_t>>> replies;
+  replies.reserve(engines.size());
   for (const auto& [slot, engine] : engines)
-    ids.push_back(request_at(self.ptr(), engine::priority::normal, engine,
-                             caf::infinite, actors::persist_atom::value,
-                             static_cast<std::uint64_t>(timeout.count()))
-                      .id());
+    replies.emplace_back(
+        std::piecewise_construct, std::forward_as_tuple(slot),
+        std::forward_as_tuple(*askers_, engine::priority::normal, engine,
+                              actors::persist_atom::value,
+                              static_cast<std::uint64_t>(timeout.count())));
   const auto deadline =
       std::chrono::steady_clock::now() + timeout + config_.call_timeout;
-  for (std::size_t i = 0; i < engines.size(); ++i) {
+  for (auto& [slot, reply] : replies) {
     ++asked;
-    const auto slot = engines[i].first;
-    const auto left =
-        std::max(std::chrono::milliseconds{0},
-                 std::chrono::duration_cast<std::chrono::milliseconds>(
-                     deadline - std::chrono::steady_clock::now()));
-    caf::blocking_actor::accept_one_cond one;
-    self->varargs_receive(
-        one, ids[i], [&](std::uint64_t n) { blocks += n; },
-        [&](caf::error& e) { fail(slot, from_caf_error(e)); },
-        caf::after(left) >>
-            [&] {
-              fail(slot, error{errc::timeout, "request timed out"});
-            });
+    if (auto n = reply.wait(deadline))
+      blocks += *n;
+    else
+      fail(slot, n.error());
   }
   if (first)
     return make_error(first->code,

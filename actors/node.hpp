@@ -18,8 +18,10 @@
 /// serves one thread at a time) and gives it back; making one per call cost
 /// about a fifth of a call from a host thread (kvfleet-actors-bench). A
 /// mutex guards only the list of idle ones, held to take or return one; it
-/// keeps at most as many as calls ran at once. A call that times out
-/// discards its actor, so its late reply goes nowhere. Two more mutexes:
+/// keeps at most as many as requests were on their way at once (persist
+/// asks every engine at once, each from an actor of its own, so that no
+/// engine's answer draws out the wait for another's). A call that times
+/// out discards its actor, so its late reply goes nowhere. Two more mutexes:
 /// one guards the list of engines the balancer started (its thread adds,
 /// stop() reads), one lets one stop() run at a time. A node holds actors
 /// of its actor system: destroy it before the system.

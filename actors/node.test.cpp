@@ -1805,6 +1805,89 @@ TEST_F(Node, PersistAsksEveryEngineAtOnce) {
   ASSERT_TRUE((*n)->stop());
 }
 
+/// A producer that waits at `held` before it computes a block whose key's
+/// `hi` is `held_hi`, holding its engine's thread in that request; it
+/// computes every other block at once.
+class held_producer final : public engine::kv_producer {
+public:
+  held_producer(std::shared_ptr<gate> held, std::uint64_t held_hi)
+      : held_(std::move(held)), held_hi_(held_hi) {}
+  result<void> produce(const engine::namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    if (key.hi == held_hi_)
+      held_->wait();
+    return inner_.produce(spec, key, out);
+  }
+  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+
+private:
+  std::shared_ptr<gate> held_;
+  std::uint64_t held_hi_;
+  engine::synthetic_producer inner_;
+};
+
+/// Sends engine `e` a batch of one request, block {hi, 1}, and does not wait
+/// for its answer: an engine whose producer is held_producer(g, hi) then
+/// reads nothing more until `g` opens.
+void hold_engine(const caf::actor& e, std::uint64_t hi) {
+  kv_request r;
+  r.id = hi;
+  r.keys = {block_key{hi, 1}};
+  r.input_tokens = 16;
+  caf::anon_send(e, actors::batch_atom::value, std::vector<kv_request>{r});
+}
+
+TEST_F(Node, PersistWaitsForEveryEngineAgainstOneDeadline) {
+  // Engine 0 is held in a request and never reads persist's request: the
+  // call ends at its deadline, `timeout` + call_timeout after it asked.
+  // Engine 1's disk is held, so its own persist gives up at `timeout` and
+  // answers while the call still waits for engine 0. That answer must not
+  // draw the wait out. (Before, one actor waited for the engines in turn,
+  // and CAF's blocking receive started the wait's `after` again when
+  // engine 1's answer, which it skipped, arrived: the call returned after
+  // `timeout` + `timeout` + call_timeout, 2.5 s here.) The bound is one of
+  // real time, so this test takes 1.5 s of it; the threshold leaves 0.5 s
+  // on either side.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto held = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto disk_held = std::make_shared<gate>();
+  gate_opener disk_opener{disk_held};
+  auto held_disk = disk_config(dir.path());
+  held_disk.write_fault_for_testing = waiting_at(disk_held);
+  auto c = two_disk_engines(dir.path(), disk_config(dir.path()), held_disk);
+  c.engine.make_producer = [held] {
+    return std::make_unique<held_producer>(held, 9000);
+  };
+  c.call_timeout = std::chrono::milliseconds{500};
+  constexpr std::chrono::milliseconds timeout{1000};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  ASSERT_NO_FATAL_FAILURE(put_one_block_each(**n, 6000, 6));
+  held->close();
+  disk_held->close();
+  hold_engine(engine_of(*sys_, **n, 0), 9000);
+  const auto began = std::chrono::steady_clock::now();
+  auto persisted = (*n)->persist(timeout);
+  const auto took = std::chrono::steady_clock::now() - began;
+  held->open();
+  disk_held->open();
+  ASSERT_FALSE(persisted.has_value());
+  // Engine 0's, the first engine that failed.
+  EXPECT_EQ(persisted.error().code, errc::timeout)
+      << persisted.error().describe();
+  EXPECT_NE(persisted.error().message.find("2 of 2 engines failed"),
+            std::string::npos)
+      << persisted.error().message;
+  EXPECT_GE(took, timeout + c.call_timeout);
+  EXPECT_LT(took, timeout + c.call_timeout + std::chrono::milliseconds{500})
+      << "took "
+      << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+      << " ms";
+  ASSERT_TRUE((*n)->stop());
+}
+
 /// disk_tier_per_engine(disk_config(dir)) whose every open first opens
 /// `began`, then waits at `held`: with both closed, the test learns when a
 /// restart's or a replica's open has begun, and holds it there.
