@@ -585,6 +585,42 @@ TEST_F(actor_test, ACriticalRequestArrivingDuringABacklogJoinsTheNextBatch) {
   EXPECT_EQ(at - seen->begin(), 20); // first of the second batch
 }
 
+TEST_F(actor_test,
+       MaxSizeOneRunsANormalRequestBeforeABackgroundOneQueuedFirst) {
+  // max_size 1 runs each request alone, yet not in the order they came: a
+  // background request and then a normal one, both queued before the
+  // engine reads either, reach its store normal first, with
+  // close_when_idle or without. (Before, max_size 1 ran each request as
+  // the engine read it, skipping the lanes; normal, low and background
+  // share CAF's normal mailbox category, so the background one ran first.)
+  // A lone request still runs with no time passing.
+  for (const bool close_when_idle : {true, false}) {
+    SCOPED_TRACE(close_when_idle ? "close_when_idle" : "no close_when_idle");
+    auto seen = std::make_shared<std::vector<block_key>>();
+    auto c = small_engine(64); // max_size 1
+    c.batch.close_when_idle = close_when_idle;
+    c.make_producer = [seen] {
+      return std::make_unique<recording_producer>(seen, nullptr);
+    };
+    auto e = engine(c);
+    auto background = make_request(1, 0, 0, 1, 1);
+    background.prio = engine::priority::background;
+    const auto normal = make_request(2, 0, 0, 1, 2);
+    auto rb = ask<kv_reply>(e, process_atom::value, background);
+    auto rn = ask<kv_reply>(e, process_atom::value, normal);
+    sched_->run();
+    ASSERT_TRUE(rb->value.has_value());
+    ASSERT_TRUE(rn->value.has_value());
+    EXPECT_EQ(*seen,
+              (std::vector<block_key>{normal.keys[0], background.keys[0]}));
+    auto lone =
+        ask<kv_reply>(e, process_atom::value, make_request(3, 0, 0, 1, 3));
+    sched_->run();
+    EXPECT_TRUE(lone->value.has_value());
+    EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).batches, 3U);
+  }
+}
+
 TEST_F(actor_test, UnknownMessageGetsAnErrorReply) {
   auto e = engine(small_engine(64));
   auto r = ask<kv_reply>(e, std::string{"hello"});

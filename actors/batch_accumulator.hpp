@@ -35,7 +35,10 @@ struct batch_config {
   /// max_size background ones is not left for the next batch. Off: a batch
   /// closes at max_size or at timeout only, and a host thread that sends one
   /// request at a time waits `timeout` for each (10 requests/s through
-  /// node::process_request; about 50k with it on).
+  /// node::process_request; about 50k with it on). With max_size 1 the
+  /// engine actor takes it as on whatever it says: each batch is full at
+  /// its first request, and closing it at once would run requests in the
+  /// order they came, past the lanes.
   bool close_when_idle = true;
 };
 

@@ -403,8 +403,18 @@ caf::behavior engine_behavior(engine_actor* self,
   st.store = std::move(parts->store);
   st.ns = parts->ns;
   st.producer = std::move(parts->producer);
-  st.batcher = batch_accumulator<pending_request>{st.config.batch,
-                                                  st.config.capacity_tokens};
+  // max_size 1 closes each batch at its marker, whatever close_when_idle
+  // says: every batch is full at its first request, so no timer would
+  // close one, and closing it as it is read would run the requests in
+  // the order they arrived, past the lanes (normal, low and background
+  // share CAF's normal mailbox category: a background request read first
+  // ran before a normal one queued behind it). At the marker, everything
+  // queued by then is ranked first, and a lone request still runs at once.
+  auto batch = st.config.batch;
+  if (batch.max_size <= 1)
+    batch.close_when_idle = true;
+  st.batcher =
+      batch_accumulator<pending_request>{batch, st.config.capacity_tokens};
   st.log = std::move(parts->log);
   handle_stray_messages(self, "engine");
   // The engine monitors its listeners only: one that went hears nothing
@@ -427,20 +437,6 @@ caf::behavior engine_behavior(engine_actor* self,
         auto& s = self->state;
         if (auto bad = bad_priority(req.prio))
           return std::move(*bad);
-        if (s.config.batch.max_size <= 1) {
-          // Owed while it runs, as in a batch: an exception that ends the
-          // actor answers request_receiver_down (the balancer sends it to
-          // another engine), not the exception's error.
-          auto promise = self->make_response_promise();
-          owed_reply owed{promise};
-          auto r = run_one(s, req);
-          after_batch(self);
-          if (r)
-            owed.deliver(std::move(*r));
-          else
-            owed.deliver(to_caf_error(r.error()));
-          return promise;
-        }
         auto promise = self->make_response_promise();
         ++s.in_flight;
         auto prio = req.prio;

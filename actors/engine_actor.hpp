@@ -43,11 +43,15 @@
 /// `batch.timeout` (default 100 ms) after the first, whichever comes first;
 /// the batch then runs as one call, highest priority first. Requests a
 /// batch leaves over (past the token budget) open the next one, which runs
-/// at once when they fill it already. max_size 1
-/// processes each request as it arrives. With `batch.close_when_idle` (on
+/// at once when they fill it already. With `batch.close_when_idle` (on
 /// by default) a batch also closes once the actor has read every message
 /// that was in its mailbox when the batch opened: an idle engine answers a
-/// lone request at once, a busy one still batches what is queued.
+/// lone request at once, a busy one still batches what is queued. max_size
+/// 1 runs each request alone, always at that point (close_when_idle or
+/// not): the highest priority queued by then first, so the five lanes
+/// order its requests too (before, it ran each as it read it, and normal,
+/// low and background requests, which share CAF's normal mailbox category,
+/// in the order they came).
 ///
 /// Events: after each batch, put, read, pin, unpin, eviction, stats or
 /// persist call, and every `expire_interval` while it has a listener, the
