@@ -237,12 +237,29 @@ result<T> ask(node_askers& askers, const caf::actor& dest,
                    std::forward<Ts>(xs)...);
 }
 
-result<void> ask_void(node_askers& askers, const caf::actor& dest,
-                      std::chrono::milliseconds timeout, auto&&... xs) {
-  auto r = ask<bool>(askers, dest, timeout, std::forward<decltype(xs)>(xs)...);
+result<void> ask_void_at(node_askers& askers, engine::priority prio,
+                         const caf::actor& dest,
+                         std::chrono::milliseconds timeout, auto&&... xs) {
+  auto r = ask_at<bool>(askers, prio, dest, timeout,
+                        std::forward<decltype(xs)>(xs)...);
   if (!r)
     return unexpected<error>{r.error()};
   return {};
+}
+
+result<void> ask_void(node_askers& askers, const caf::actor& dest,
+                      std::chrono::milliseconds timeout, auto&&... xs) {
+  return ask_void_at(askers, engine::priority::normal, dest, timeout,
+                     std::forward<decltype(xs)>(xs)...);
+}
+
+/// caf::anon_send in the mailbox category of `prio` (prioritized.hpp).
+template <class... Ts>
+void anon_send_at(engine::priority prio, const caf::actor& dest, Ts&&... xs) {
+  if (actors::mailbox_priority(prio) == caf::message_priority::high)
+    caf::anon_send<caf::message_priority::high>(dest, std::forward<Ts>(xs)...);
+  else
+    caf::anon_send(dest, std::forward<Ts>(xs)...);
 }
 
 } // namespace
@@ -487,38 +504,45 @@ result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {
 }
 
 result<caf::actor> node::engine_at(std::uint32_t slot,
-                                   std::chrono::milliseconds timeout) {
-  return ask<caf::actor>(*askers_, running(balancer_), timeout,
-                         actors::engine_atom::value, slot);
+                                   std::chrono::milliseconds timeout,
+                                   engine::priority prio) {
+  return ask_at<caf::actor>(*askers_, prio, running(balancer_), timeout,
+                            actors::engine_atom::value, slot);
 }
 
 result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
                              const std::vector<std::uint8_t>& value) {
+  // Every message of the put travels at its priority, as process_request's
+  // does: a critical put's reserve, write and commit do not wait behind a
+  // mailbox of normal messages at the balancer or the engine (before, they
+  // all went as normal ones). A priority outside the five goes as normal,
+  // and the engine refuses the reserve.
+  const auto prio = put.prio;
   const call_deadline deadline{config_.call_timeout};
-  auto engine = engine_at(slot, deadline.left());
+  auto engine = engine_at(slot, deadline.left(), prio);
   if (!engine)
     return unexpected<error>{engine.error()};
-  auto ticket = ask<std::uint64_t>(*askers_, *engine, deadline.left(),
-                                   actors::reserve_atom::value, put);
+  auto ticket = ask_at<std::uint64_t>(*askers_, prio, *engine, deadline.left(),
+                                      actors::reserve_atom::value, put);
   if (!ticket)
     return unexpected<error>{ticket.error()};
-  auto w = ask_void(*askers_, *engine, deadline.left(),
-                    actors::write_atom::value, *ticket, value);
+  auto w = ask_void_at(*askers_, prio, *engine, deadline.left(),
+                       actors::write_atom::value, *ticket, value);
   if (!w) {
     // No wait for it (the call's time may be up): the engine drops the
     // reservation now, or at its put_timeout if this never arrives.
-    caf::anon_send(*engine, actors::abort_atom::value, *ticket);
+    anon_send_at(prio, *engine, actors::abort_atom::value, *ticket);
     return w;
   }
-  auto c = ask_void(*askers_, *engine, deadline.left(),
-                    actors::commit_atom::value, *ticket);
+  auto c = ask_void_at(*askers_, prio, *engine, deadline.left(),
+                       actors::commit_atom::value, *ticket);
   // The engine keeps a put open after a commit refused as busy (its parent
   // is still being put) or not_written, for its holder to commit later;
   // this call holds it no more, so a retry would find the key in progress
   // until the engine's put_timeout. Other refusals end the put there.
   if (!c &&
       (c.error().code == errc::busy || c.error().code == errc::not_written))
-    caf::anon_send(*engine, actors::abort_atom::value, *ticket);
+    anon_send_at(prio, *engine, actors::abort_atom::value, *ticket);
   return c;
 }
 

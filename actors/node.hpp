@@ -127,8 +127,11 @@ public:
   [[nodiscard]] result<std::uint64_t>
   lookup(const std::vector<engine::block_key>& keys);
   /// Two-phase put of one block on engine `slot`: reserve, write, commit.
-  /// Its parent must be cached on the engine: in its memory, its memory
-  /// tier or its disk tier (brought back into memory for it). A call
+  /// Each message goes in the mailbox category of `put.prio`
+  /// (prioritized.hpp: high and critical as urgent), as process_request's
+  /// request does; get_block, pin and unpin carry no priority and go as
+  /// normal ones. Its parent must be cached on the engine: in its memory, its
+  /// memory tier or its disk tier (brought back into memory for it). A call
   /// that times out may still take effect at the engine (a commit that
   /// lands late: a retry then finds the block cached; a reservation that
   /// lands late is dropped after the engine's put_timeout).
@@ -209,8 +212,11 @@ public:
 
 private:
   node(caf::actor_system& sys, node_config config);
-  [[nodiscard]] result<caf::actor> engine_at(std::uint32_t slot,
-                                             std::chrono::milliseconds timeout);
+  /// The engine of `slot`, asked of the balancer in the mailbox category of
+  /// `prio` (the call's, where it has one).
+  [[nodiscard]] result<caf::actor>
+  engine_at(std::uint32_t slot, std::chrono::milliseconds timeout,
+            engine::priority prio = engine::priority::normal);
   /// `a`, or a null actor once stop() began (calls then fail with "actor
   /// not running").
   [[nodiscard]] const caf::actor& running(const caf::actor& a) const noexcept;

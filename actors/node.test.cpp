@@ -1806,22 +1806,28 @@ TEST_F(Node, PersistAsksEveryEngineAtOnce) {
 }
 
 /// A producer that waits at `held` before it computes a block whose key's
-/// `hi` is `held_hi`, holding its engine's thread in that request; it
-/// computes every other block at once.
+/// `hi` is `held_hi`, holding its engine's thread in that request, and
+/// first opens `began` (when given), so the test learns that the engine is
+/// held; it computes every other block at once.
 class held_producer final : public engine::kv_producer {
 public:
-  held_producer(std::shared_ptr<gate> held, std::uint64_t held_hi)
-      : held_(std::move(held)), held_hi_(held_hi) {}
+  held_producer(std::shared_ptr<gate> held, std::uint64_t held_hi,
+                std::shared_ptr<gate> began = nullptr)
+      : held_(std::move(held)), began_(std::move(began)), held_hi_(held_hi) {}
   result<void> produce(const engine::namespace_spec& spec, const block_key& key,
                        std::span<std::byte> out) override {
-    if (key.hi == held_hi_)
+    if (key.hi == held_hi_) {
+      if (began_)
+        began_->open();
       held_->wait();
+    }
     return inner_.produce(spec, key, out);
   }
   engine::nanos cost(std::size_t) const noexcept override { return {}; }
 
 private:
   std::shared_ptr<gate> held_;
+  std::shared_ptr<gate> began_;
   std::uint64_t held_hi_;
   engine::synthetic_producer inner_;
 };
@@ -1886,6 +1892,57 @@ TEST_F(Node, PersistWaitsForEveryEngineAgainstOneDeadline) {
       << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
       << " ms";
   ASSERT_TRUE((*n)->stop());
+}
+
+TEST_F(Node, ACriticalPutsReserveOvertakesNormalMessagesQueuedAtTheEngine) {
+  // The engine is held in a request. A normal reserve of block K is queued
+  // behind it, then put_block puts K at critical priority: the engine
+  // reads nothing, so the call times out, its reserve left in the engine's
+  // mailbox. Once the engine goes on, it reads that reserve first (an
+  // urgent message), which takes K, and the normal reserve queued before
+  // it is refused busy. (Before, put_block's messages went as normal ones,
+  // behind the normal reserve, which took K.) The reserves are sent once
+  // the engine is in the request: CAF takes urgent messages first among
+  // those it has not yet taken out of the mailbox for the round it is in,
+  // so a normal one sent before the engine woke for the request would be
+  // in its round already.
+  auto held = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto began = std::make_shared<gate>();
+  auto c = small_node();
+  c.engines = 1;
+  c.query_cache = false;
+  c.engine.own_thread = true; // held on a thread of its own, not a worker
+  c.engine.make_producer = [held, began] {
+    return std::make_unique<held_producer>(held, 9000, began);
+  };
+  c.call_timeout = std::chrono::seconds{1};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto& nd = **n;
+  const caf::actor e = engine_of(*sys_, nd, 0);
+  held->close();
+  began->close();
+  hold_engine(e, 9000);
+  began->wait();
+  caf::scoped_actor self{*sys_};
+  actors::put_request normal;
+  normal.key = block_key{78, 1};
+  auto queued =
+      self->request(e, caf::infinite, actors::reserve_atom::value, normal);
+  auto critical = normal;
+  critical.prio = engine::priority::critical;
+  auto put = nd.put_block(0, critical, std::vector<std::uint8_t>(4096, 7));
+  ASSERT_FALSE(put.has_value());
+  EXPECT_EQ(put.error().code, errc::timeout) << put.error().describe();
+  held->open();
+  std::optional<error> refused;
+  queued.receive(
+      [](std::uint64_t) {},
+      [&](caf::error& err) { refused = actors::from_caf_error(err); });
+  ASSERT_TRUE(refused.has_value())
+      << "the normal reserve, queued first, was read first and took the block";
+  EXPECT_EQ(refused->code, errc::busy) << refused->describe();
 }
 
 /// disk_tier_per_engine(disk_config(dir)) whose every open first opens
