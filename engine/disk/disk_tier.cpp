@@ -1173,8 +1173,15 @@ void disk_tier::process(std::vector<request>& batch,
     // keeping what the owner did meanwhile (reload()).
     catalog_->rollback();
     ++io_stats_.io_errors;
-    if (catalog_->last_error_was_full())
-      note_write_error(ENOSPC, committed.error());
+    if (catalog_->last_error_was_full()) {
+      // The reload cuts the batch's spills off again: written again, they
+      // need their bytes back.
+      std::uint64_t spilled = 0;
+      for (const request& r : batch)
+        if (r.k == request::kind::spill && batch_spill_gens_.count(r.gen) != 0)
+          spilled += rec_header + r.bytes.size();
+      note_write_error(ENOSPC, committed.error(), spilled);
+    }
     std::fprintf(stderr, "kvfleet: disk tier %s: %s\n",
                  config_.directory.c_str(),
                  committed.error().describe().c_str());
@@ -1202,8 +1209,14 @@ void disk_tier::process(std::vector<request>& batch,
     }
     uncommitted_counts_ = {};
     unlink_after_commit_.clear();
+    unlink_after_commit_bytes_ = 0;
     reload();
     return;
+  }
+  if (!batch_spill_gens_.empty()) {
+    // A spill got through: a full file system from now on is news again.
+    logged_full_ = false;
+    logged_accept_ = false;
   }
   batch_spill_gens_.clear();
   uncommitted_touches_.clear();
@@ -1216,15 +1229,34 @@ void disk_tier::process(std::vector<request>& batch,
     ::unlink(path.c_str());
   if (!unlink_after_commit_.empty()) {
     unlink_after_commit_.clear();
-    std::lock_guard lk(mu_);
-    if (full_)
-      accept_spills_again_locked("space freed");
+    if (full_) {
+      // The write that failed fits once the tier has freed as much as it
+      // needs (its partial bytes were cut off again); less may be enough
+      // too if something else freed space, which the look at the free
+      // space finds.
+      freed_while_full_ += unlink_after_commit_bytes_;
+      if (freed_while_full_ >= full_write_bytes_) {
+        std::lock_guard lk(mu_);
+        accept_spills_again_locked(std::to_string(freed_while_full_) +
+                                   " bytes freed");
+      } else {
+        probe_free_space();
+      }
+    }
   }
+  unlink_after_commit_bytes_ = 0;
 }
 
 void disk_tier::accept_spills_again_locked(const std::string& why) {
   full_ = false;
-  logged_full_ = false;
+  full_write_bytes_ = 0;
+  freed_while_full_ = 0;
+  // The once-log is not reset here but when a spill gets through: a disk
+  // that is full again at the next write would otherwise log both lines
+  // at every look.
+  if (logged_accept_)
+    return;
+  logged_accept_ = true;
   std::fprintf(stderr, "kvfleet: disk tier %s: %s, accepting spills again\n",
                config_.directory.c_str(), why.c_str());
 }
@@ -1234,6 +1266,12 @@ void disk_tier::probe_free_space() {
   // line asks) unlinks no segment of the tier's, so without this look a
   // tier with nothing to erase, evict or compact would refuse spills for
   // good.
+  //
+  // min_free_bytes alone is not enough: a write larger than the free space
+  // fails, its partial bytes are cut off again, and the free space is then
+  // what it was, at least min_free_bytes if the open found that much. The
+  // same write would fail again, and every spill with it. So the write
+  // that failed must fit on top of min_free_bytes.
   std::uint64_t avail = 0;
   if (config_.free_bytes_for_testing) {
     avail = config_.free_bytes_for_testing();
@@ -1244,13 +1282,19 @@ void disk_tier::probe_free_space() {
     avail = static_cast<std::uint64_t>(vfs.f_bavail) *
             static_cast<std::uint64_t>(vfs.f_frsize);
   }
-  if (avail < config_.min_free_bytes)
+  const std::uint64_t need = config_.min_free_bytes + full_write_bytes_;
+  const bool wraps = need < config_.min_free_bytes;
+  if (wraps || avail < need)
     return;
   std::lock_guard lk(mu_);
-  accept_spills_again_locked(std::to_string(avail) + " bytes free");
+  accept_spills_again_locked(std::to_string(avail) + " bytes free (" +
+                             std::to_string(need) +
+                             " needed: min_free_bytes and the write that "
+                             "failed)");
 }
 
-void disk_tier::note_write_error(int err_no, const error& e) {
+void disk_tier::note_write_error(int err_no, const error& e,
+                                 std::uint64_t bytes) {
   if (!is_full_errno(err_no)) {
     ++io_stats_.io_errors;
     std::fprintf(stderr, "kvfleet: disk tier %s: %s\n",
@@ -1259,14 +1303,21 @@ void disk_tier::note_write_error(int err_no, const error& e) {
   }
   std::lock_guard lk(mu_);
   full_ = true;
+  full_write_bytes_ = std::max(full_write_bytes_, bytes);
+  freed_while_full_ = 0; // what was freed before did not make it fit
   if (!logged_full_) {
     logged_full_ = true;
     std::fprintf(stderr,
                  "kvfleet: disk tier %s: the file system is full (%s); "
                  "refusing spills, still serving reads. Free space in the "
-                 "directory (it is looked at again on the retry schedule) "
-                 "or lower disk capacity_bytes.\n",
-                 config_.directory.c_str(), e.describe().c_str());
+                 "directory: spills are accepted again once %llu bytes are "
+                 "free (min_free_bytes and the %llu bytes of the write that "
+                 "failed; looked at again on the retry schedule), or lower "
+                 "disk capacity_bytes.\n",
+                 config_.directory.c_str(), e.describe().c_str(),
+                 static_cast<unsigned long long>(config_.min_free_bytes +
+                                                 full_write_bytes_),
+                 static_cast<unsigned long long>(full_write_bytes_));
   }
 }
 
@@ -1337,7 +1388,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   int err_no = 0;
   auto seg = active_for(rec, &err_no);
   if (!seg) {
-    note_write_error(err_no, seg.error());
+    note_write_error(err_no, seg.error(), header_bytes + rec);
     if (is_full_errno(err_no))
       ++io_stats_.spills_refused_full;
     else
@@ -1351,7 +1402,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   auto off =
       s.file.append(h, r.bytes, config_.write_fault_for_testing, &err_no);
   if (!off) {
-    note_write_error(err_no, off.error());
+    note_write_error(err_no, off.error(), rec);
     if (is_full_errno(err_no)) {
       ++io_stats_.spills_refused_full;
       fail(error{errc::out_of_memory, off.error().message});
@@ -1405,7 +1456,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     // The record's bytes stay behind as dead bytes of the segment; fail()
     // erases the older copy's row.
     if (catalog_->last_error_was_full()) {
-      note_write_error(ENOSPC, up.error());
+      note_write_error(ENOSPC, up.error(), rec);
       ++io_stats_.spills_refused_full;
     } else {
       ++io_stats_.io_errors;
@@ -1822,13 +1873,13 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     int err_no = 0;
     auto dst = active_for(rec, &err_no);
     if (!dst) {
-      note_write_error(err_no, dst.error());
+      note_write_error(err_no, dst.error(), header_bytes + rec);
       return unexpected<error>(dst.error());
     }
     segment_state& d = **dst;
     auto off = d.file.append(*h, buf, config_.write_fault_for_testing, &err_no);
     if (!off) {
-      note_write_error(err_no, off.error());
+      note_write_error(err_no, off.error(), rec);
       return unexpected<error>(off.error());
     }
     file_bytes_ += rec;
@@ -1837,7 +1888,7 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
       // A full catalog is a lack of space, as a full segment write is
       // (note_write_error sets full); before, it counted in io_errors.
       if (catalog_->last_error_was_full())
-        note_write_error(ENOSPC, r.error());
+        note_write_error(ENOSPC, r.error(), rec);
       else
         ++io_stats_.io_errors;
       return r;
@@ -1891,6 +1942,7 @@ void disk_tier::retire_segment(std::uint64_t id) {
   shrunk_segments_.erase(id);
   // The file goes only after the catalog stops naming it (next commit).
   unlink_after_commit_.push_back(it->second.file.path());
+  unlink_after_commit_bytes_ += it->second.file.size();
   if (active_ == id)
     active_ = 0;
   segments_.erase(it);

@@ -44,8 +44,11 @@
 /// segment that lost blocks while it was active). The active segment is
 /// sealed and compacted the same way once its dead bytes pass (1 -
 /// compaction_threshold) of a full segment. A full file system (ENOSPC)
-/// during operation refuses spills from then on (logged once), keeps
-/// serving fetches, and accepts spills again after the tier frees space.
+/// during operation refuses spills from then on (logged once, until a spill
+/// is written again), keeps serving fetches, and accepts spills again once
+/// the write that failed fits: the tier unlinked as many bytes of its
+/// segments, or the file system has min_free_bytes free plus them (looked
+/// at with each batch, after an unlink and on the retry schedule).
 ///
 /// Times (created_at, expires_at, accessed_at) are nanoseconds of the
 /// configured clock, which should be wall time (the default) so that they
@@ -58,8 +61,8 @@
 /// leaves to do (catalog rows the directory is ahead of, a reload that failed,
 /// a compaction that failed or was not reached on a segment below
 /// compaction_threshold, accessed_at updates whose write or commit failed,
-/// and a full file system: the tier looks whether min_free_bytes are free
-/// again) is
+/// and a full file system: the tier looks whether min_free_bytes and the
+/// write that failed fit again) is
 /// retried with every later batch and, while the tier is idle, on its own:
 /// retry_interval after the failure, then at a doubling delay up to
 /// max_retry_interval while it keeps failing. Failures are counted
@@ -144,7 +147,9 @@ struct disk_tier_config {
   bool full_sync = false;
   /// open() fails when the file system has less space free than this; a
   /// tier that found the file system full accepts spills again once this
-  /// much is free (checked on the retry schedule, see Failures above).
+  /// much is free on top of the bytes of the write that failed (checked on
+  /// the retry schedule, see Failures above): a block larger than this
+  /// would otherwise be let in again, and fail again, at every look.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
   /// Largest block accepted.
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
@@ -565,11 +570,15 @@ private:
   [[nodiscard]] result<void> flush_touches();
   void remove_block(const block_key& key, removal why);
   void retire_segment(std::uint64_t id);
-  void note_write_error(int err_no, const error& e);
+  /// Counts and logs a failed write; ENOSPC or EDQUOT (a full file system)
+  /// sets full_ instead, `bytes` being what the write needed: spills are
+  /// accepted again only once that much is free on top of min_free_bytes.
+  void note_write_error(int err_no, const error& e, std::uint64_t bytes = 0);
   /// While full_: accepts spills again when the directory's file system
-  /// has min_free_bytes free (space freed by something else than the tier).
+  /// has min_free_bytes free plus full_write_bytes_ (space freed by
+  /// something else than the tier, or not enough freed by it).
   void probe_free_space();
-  /// Clears full_ and logs why. Caller holds mu_.
+  /// Clears full_ and logs why, once per full episode. Caller holds mu_.
   void accept_spills_again_locked(const std::string& why);
   void publish_locked();
   /// Erases `it` from dir_, recording its key when record_removals is on.
@@ -648,6 +657,7 @@ private:
   /// wrote them: they wait for a retry, not for touch_deadline_.
   bool touch_failed_ = false;
   std::vector<std::string> unlink_after_commit_;
+  std::uint64_t unlink_after_commit_bytes_ = 0;        ///< their file bytes
   std::unordered_set<std::uint64_t> written_segments_; ///< to sync in batch
   /// Segments to check for threshold compaction: those that lost blocks,
   /// those sealed below the threshold (at open, every one below it), and
@@ -672,7 +682,24 @@ private:
   bool retry_armed_ = false;
   std::chrono::steady_clock::time_point retry_deadline_{};
   nanos retry_delay_{0};
+  /// While full_: the largest write that found the file system full since
+  /// it filled (a spill's record, a new segment's header with it, a
+  /// compaction's copy, the spills of a batch whose commit found the
+  /// catalog full). The partial write is cut off again, so the free space
+  /// is back where it was before it: at least min_free_bytes, and yet too
+  /// little for the same write.
+  std::uint64_t full_write_bytes_ = 0;
+  /// While full_: the segment file bytes the tier unlinked since the last
+  /// write that found the file system full. Once they reach
+  /// full_write_bytes_, that write fits again (its partial bytes were cut
+  /// off), and spills are accepted again without a look at the free space.
+  std::uint64_t freed_while_full_ = 0;
+  /// "full" and "accepting spills again" were logged in this full episode,
+  /// which ends when a batch commits a spill: a disk that fills again
+  /// before any spill got through is not logged again (stats().full shows
+  /// it), so a disk hovering at its limit logs once, not at every look.
   bool logged_full_ = false;
+  bool logged_accept_ = false;
   disk_tier_stats io_stats_;
 
   std::thread io_thread_;

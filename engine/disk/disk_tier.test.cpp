@@ -120,6 +120,12 @@ struct retry_watch {
              }) >= static_cast<std::ptrdiff_t>(n);
     });
   }
+  /// Waits, with a bound, until `n` retry passes reported, whatever.
+  bool passes(std::size_t n) {
+    std::unique_lock lk(mu);
+    return cv.wait_for(lk, std::chrono::seconds(60),
+                       [&] { return delays.size() >= n; });
+  }
   /// Waits, with a bound, until a retry pass left nothing to retry.
   bool converged() {
     std::unique_lock lk(mu);
@@ -177,6 +183,35 @@ private:
   sqlite3* db_ = nullptr;
   bool holding_ = false;
 };
+
+/// Captures what is written on stderr (the tier's log) until log(), or
+/// until the scope ends, so that a failed assertion leaves it restored.
+class stderr_log {
+public:
+  stderr_log() { ::testing::internal::CaptureStderr(); }
+  stderr_log(const stderr_log&) = delete;
+  stderr_log& operator=(const stderr_log&) = delete;
+  ~stderr_log() {
+    if (!taken_)
+      (void)::testing::internal::GetCapturedStderr();
+  }
+  std::string log() {
+    taken_ = true;
+    return ::testing::internal::GetCapturedStderr();
+  }
+
+private:
+  bool taken_ = false;
+};
+
+/// How many times `part` occurs in `text`.
+std::size_t occurrences(const std::string& text, const std::string& part) {
+  std::size_t n = 0;
+  for (auto at = text.find(part); at != std::string::npos;
+       at = text.find(part, at + part.size()))
+    ++n;
+  return n;
+}
 
 /// How read_between_writes() queues its read.
 struct read_case {
@@ -2851,6 +2886,95 @@ TEST_F(disk_tier_test,
   settle();
   for (std::uint64_t i : {0UL, 1UL, 2UL, 3UL, 11UL})
     expect_block(i);
+}
+
+// A block larger than min_free_bytes finds the file system full. Its
+// partial record is cut off again, so the free space is back above
+// min_free_bytes, and yet the same write would fail again. Before, the
+// next look at the free space let spills in again: each one ran into the
+// full file system, and each round logged "full" and "accepting spills
+// again" anew. Spills are accepted again once the write that failed fits
+// on top of min_free_bytes, and the two lines are logged once until a
+// spill gets through.
+TEST_F(disk_tier_test,
+       a_block_larger_than_min_free_bytes_keeps_a_full_tier_full) {
+  auto c = config();
+  c.min_free_bytes = 64 << 10;
+  auto watch = retry_watch::fast(c);
+  auto full = std::make_shared<std::atomic<bool>>(false);
+  auto writes_refused = std::make_shared<std::atomic<int>>(0);
+  auto free_bytes = std::make_shared<std::atomic<std::uint64_t>>(0);
+  c.write_fault_for_testing = [full, writes_refused] {
+    if (!full->load())
+      return 0;
+    ++*writes_refused;
+    return ENOSPC;
+  };
+  c.free_bytes_for_testing = [free_bytes] { return free_bytes->load(); };
+  constexpr std::size_t big = 256 << 10;
+  // What is free once a 256 KiB record failed and was cut off, and what
+  // it takes for that record to fit.
+  const std::uint64_t short_of_it = c.min_free_bytes + (128 << 10);
+  const std::uint64_t room = c.min_free_bytes + record_header_bytes + big;
+  open(c);
+  spill(0);
+  settle();
+  stderr_log err;
+  full->store(true);
+  free_bytes->store(short_of_it);
+  spill(1, big);
+  settle();
+  ASSERT_TRUE(tier_->stats().full);
+  // A batch looks at the free space: min_free_bytes are there, the block
+  // would not fit.
+  tier_->flush();
+  settle();
+  EXPECT_TRUE(tier_->stats().full) << "let in with room for min_free_bytes";
+  for (std::uint64_t i = 2; i < 5; ++i) {
+    const auto bytes = block_bytes(i, 4096);
+    const auto refused =
+        tier_->spill(key_of(i), ns_a, codec::int8, bytes, block_checksum(bytes),
+                     clock_.now(), nanos{0}, false);
+    EXPECT_FALSE(refused.has_value()) << "spill " << i << " was taken";
+  }
+  settle();
+  // Nor does a retry while idle let spills in.
+  const auto seen = watch->seen().size();
+  ASSERT_TRUE(watch->passes(seen + 1)) << "a full tier never looked again";
+  EXPECT_NE(watch->seen().at(seen), nanos{0}) << "a retry let spills in";
+  EXPECT_TRUE(tier_->stats().full);
+  EXPECT_EQ(writes_refused->load(), 1)
+      << "spills kept writing onto the full file system";
+  // Room for the block on top of min_free_bytes: spills are let in.
+  free_bytes->store(room);
+  full->store(false);
+  EXPECT_TRUE(watch->converged()) << "spills stay refused though space came";
+  EXPECT_FALSE(tier_->stats().full);
+  // Full again before a spill got through: not logged again.
+  full->store(true);
+  free_bytes->store(short_of_it);
+  spill(5, big);
+  settle();
+  EXPECT_TRUE(tier_->stats().full);
+  free_bytes->store(room);
+  full->store(false);
+  tier_->flush();
+  settle();
+  EXPECT_FALSE(tier_->stats().full);
+  spill(1, big);
+  settle();
+  expect_block(1, big);
+  expect_block(0);
+  // A spill got through: the next full file system is news again.
+  full->store(true);
+  free_bytes->store(short_of_it);
+  spill(6, big);
+  settle();
+  EXPECT_TRUE(tier_->stats().full);
+  EXPECT_EQ(writes_refused->load(), 3);
+  const std::string log = err.log();
+  EXPECT_EQ(occurrences(log, "the file system is full"), 2U) << log;
+  EXPECT_EQ(occurrences(log, "accepting spills again"), 1U) << log;
 }
 
 TEST_F(disk_tier_test,
