@@ -1112,9 +1112,17 @@ void disk_tier::process(std::vector<request>& batch,
       remove_block(r.key, removal::erase);
       continue;
     case request::kind::set_pins:
-      if (index_.count(r.key) != 0) {
-        if (auto p = catalog_->set_pins(r.key, r.pins); !p)
+      if (const auto idx = index_.find(r.key); idx != index_.end()) {
+        if (auto p = catalog_->set_pins(r.key, r.pins); !p) {
+          // Retried like a failed row erase (another writer holding the
+          // catalog, say). Dropped, the catalog would keep the old count:
+          // a pin lost or an unpin undone at restart, and a block the
+          // owner unpinned never offered to capacity eviction. The repair
+          // writes the directory's count when it runs, not r.pins, which
+          // a later pin or unpin may have made stale.
           ++io_stats_.io_errors;
+          repairs_[r.key] = repair{false, 0, idx->second.gen};
+        }
       }
       continue;
     }

@@ -490,7 +490,9 @@ private:
     reconcile
   };
   /// A catalog write that the owner's directory is ahead of, because the
-  /// batch that carried it was rolled back (see reload()).
+  /// batch that carried it was rolled back (see reload()), or because the
+  /// statement failed (a row erase, or a pin count: another writer holding
+  /// the catalog, say).
   struct repair {
     bool erase = false; ///< erase the row, unless the key is indexed again
     /// Else write the directory's pin count (read when applied) to the row,

@@ -2297,6 +2297,55 @@ TEST_F(disk_tier_test, repairs_after_a_failed_batch_are_written_while_idle) {
   EXPECT_EQ(tier_->stats().recovered_blocks, 4U);
 }
 
+// A pin or unpin whose catalog write fails (another writer holds the
+// catalog: an operator's sqlite3 shell inside BEGIN IMMEDIATE) is retried
+// like a failed row erase, writing the pin count the directory holds when
+// the retry runs. Before, it was only counted: the catalog kept the old
+// count, so a restart lost the pin or brought back the one the owner
+// took off, and capacity eviction (which asks the catalog for unpinned
+// blocks) never offered the block the owner had unpinned.
+TEST_F(disk_tier_test, a_pin_whose_catalog_write_failed_is_retried) {
+  auto c = config();
+  auto watch = retry_watch::fast(c);
+  c.touch_flush_interval = std::chrono::hours(1); // only retries wake it
+  open(c);
+  for (std::uint64_t i = 0; i < 3; ++i)
+    spill(i, retry_size(i), /*pinned=*/i == 1);
+  settle();
+  catalog_peer peer(dir_ + "/catalog.sqlite");
+  const auto pins_in_catalog = [&](std::uint64_t i) {
+    return peer.query("SELECT pinned FROM cache_entries WHERE size = " +
+                      std::to_string(retry_size(i)));
+  };
+  ASSERT_TRUE(peer.hold());
+  ASSERT_TRUE(tier_->pin(key_of(0)).has_value());
+  ASSERT_TRUE(tier_->unpin(key_of(1)).has_value());
+  settle();
+  // Pinned once more while the lock is held: the retry writes 2.
+  ASSERT_TRUE(tier_->pin(key_of(0)).has_value());
+  settle();
+  EXPECT_EQ(pins_in_catalog(0), 0);
+  EXPECT_EQ(pins_in_catalog(1), 1);
+  const auto tried = watch->seen().size();
+  ASSERT_TRUE(watch->failed(tried + 2)) << "the pins were not retried";
+  EXPECT_GE(tier_->stats().io_errors, 3U);
+  // The lock goes. No request follows: a retry writes the counts.
+  peer.release();
+  EXPECT_TRUE(watch->converged()) << "the pins were not written while idle";
+  EXPECT_EQ(pins_in_catalog(0), 2) << "the pins are not committed";
+  EXPECT_EQ(pins_in_catalog(1), 0) << "the unpin is not committed";
+  EXPECT_EQ(pins_in_catalog(2), 0);
+  EXPECT_EQ(peer.query("SELECT count(*) FROM cache_entries WHERE pinned = 0"),
+            2)
+      << "capacity eviction would not see the unpinned block";
+  tier_.reset();
+  open(c);
+  EXPECT_EQ(tier_->lookup(key_of(0)).value_or(disk_block_info{}).pins, 2U);
+  EXPECT_EQ(tier_->lookup(key_of(1)).value_or(disk_block_info{}).pins, 0U);
+  EXPECT_EQ(tier_->lookup(key_of(2)).value_or(disk_block_info{}).pins, 0U);
+  EXPECT_EQ(tier_->stats().recovered_blocks, 3U);
+}
+
 TEST_F(disk_tier_test, a_failed_reload_is_retried_while_idle) {
   auto c = config();
   c.full_sync = true;
