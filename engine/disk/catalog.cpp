@@ -190,6 +190,29 @@ std::string db_error(sqlite3* db, const std::string& path,
          (db != nullptr ? sqlite3_errmsg(db) : "out of memory");
 }
 
+/// What to do when the catalog file cannot be opened, by the system error
+/// behind it.
+std::string open_remedy(int os_errno) {
+  switch (os_errno) {
+  case EACCES:
+  case EPERM:
+    return "give the user running kvfleet read and write permission on the "
+           "catalog and its directory, or choose another directory";
+  case EROFS:
+    return "the file system is mounted read-only: remount it read-write or "
+           "choose another directory";
+  case EISDIR:
+    return "it is not a file: move it aside or choose another directory";
+  case EMFILE:
+  case ENFILE:
+    return "no file descriptor is left: raise the open-file limit (ulimit "
+           "-n)";
+  default:
+    return "fix the cause, or move the file aside or choose another "
+           "directory";
+  }
+}
+
 } // namespace
 
 #define KVFLEET_SQL_ERROR(what)                                                \
@@ -204,7 +227,21 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
                       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
                           SQLITE_OPEN_NOMUTEX,
                       nullptr) != SQLITE_OK)
-    return make_error(errc::io_error, db_error(db, path, "cannot open"));
+    return make_error(
+        errc::io_error,
+        db_error(db, path, "cannot open") + "; " +
+            open_remedy(db != nullptr ? sqlite3_system_errno(db) : ENOMEM));
+  // SQLite opens a file it may not write read-only without a word (mode
+  // 0444, another user's file): the tier would open, and every spill,
+  // erase and pin would then fail ("attempt to write a readonly
+  // database"), only counted.
+  if (sqlite3_db_readonly(db, "main") == 1)
+    return make_error(
+        errc::io_error,
+        "catalog " + path +
+            " is read-only to the user running kvfleet (every spill would "
+            "fail): give that user write permission on it (and on its -wal "
+            "and -shm files, if any), or choose another directory");
   sqlite3_extended_result_codes(db, 1);
   auto exec = [&](const char* sql) {
     return sqlite3_exec(db, sql, nullptr, nullptr, nullptr);

@@ -31,6 +31,51 @@ bool is_full_errno(int e) noexcept {
   return e == ENOSPC || e == EDQUOT;
 }
 
+/// What to do when the data directory's path cannot be looked up.
+std::string access_remedy(int e) {
+  switch (e) {
+  case EACCES:
+  case EPERM:
+    return "give the user running kvfleet search (x) permission on every "
+           "directory above it, or choose another directory";
+  case ENOTDIR:
+    return "a component of the path is not a directory: fix the path or "
+           "choose another directory";
+  case ELOOP:
+    return "the path has a loop of symbolic links: fix them or choose "
+           "another directory";
+  case ENAMETOOLONG:
+    return "the path is too long: choose a shorter one";
+  default:
+    return "fix the cause or choose another directory";
+  }
+}
+
+/// What to do when a file the tier keeps in its directory (`what`: the
+/// LOCK file, the directory itself for a listing) cannot be opened.
+std::string file_remedy(int e, const std::string& what) {
+  switch (e) {
+  case EACCES:
+  case EPERM:
+    return "give the user running kvfleet read and write permission on " +
+           what +
+           " (every file of the directory must be that user's to "
+           "write), or choose another directory";
+  case EROFS:
+    return "the file system is mounted read-only: remount it read-write or "
+           "choose another directory";
+  case EISDIR:
+    return what + " is not a file: move it aside or choose another "
+                  "directory";
+  case EMFILE:
+  case ENFILE:
+    return "no file descriptor is left: raise the open-file limit (ulimit "
+           "-n)";
+  default:
+    return "fix the cause or choose another directory";
+  }
+}
+
 /// Whether the bytes of `f` from `from` to its end hold anything but whole,
 /// well-formed records: a write that was cut off. Whole records past the
 /// last catalogued one are merely unacknowledged (or erased) and not torn.
@@ -163,8 +208,8 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
               " does not exist: create it (mkdir -p " + dir +
               ") or point the disk tier at an existing directory");
     return make_error(errc::io_error,
-                      "disk tier directory " + dir +
-                          " cannot be accessed: " + errno_text(e));
+                      "disk tier directory " + dir + " cannot be accessed (" +
+                          errno_text(e) + "): " + access_remedy(e));
   }
   if (!S_ISDIR(st.st_mode))
     return make_error(errc::io_error, "disk tier directory " + dir +
@@ -206,9 +251,12 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   const std::string lock_path = dir + "/LOCK";
   const int lock_fd =
       ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (lock_fd < 0)
+  if (lock_fd < 0) {
+    const int e = errno;
     return make_error(errc::io_error, "disk tier: cannot create " + lock_path +
-                                          ": " + errno_text(errno));
+                                          " (" + errno_text(e) +
+                                          "): " + file_remedy(e, "it"));
+  }
   if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
     ::close(lock_fd);
     return make_error(
@@ -275,9 +323,16 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
   // Segment files present.
   std::map<std::uint64_t, segment_state> found;
   DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr)
-    return make_error(errc::io_error, "disk tier: cannot list " + dir + ": " +
-                                          errno_text(errno));
+  if (d == nullptr) {
+    const int e = errno;
+    return make_error(
+        errc::io_error,
+        "disk tier: cannot list " + dir + " (" + errno_text(e) + "): " +
+            (e == EACCES || e == EPERM ? "give the user running kvfleet read "
+                                         "permission on it, or choose another "
+                                         "directory"
+                                       : file_remedy(e, "the directory")));
+  }
   std::uint64_t max_id = 0;
   std::vector<std::string> bad_files;
   while (const dirent* ent = ::readdir(d)) {

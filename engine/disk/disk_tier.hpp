@@ -322,8 +322,10 @@ public:
   /// are gone are dropped (all counted in stats()); segments left below
   /// compaction_threshold are compacted by the first batch or a retry pass
   /// retry_interval later. Errors name the directory and what to do: it is
-  /// missing, not a directory, not writable, full (errc::out_of_memory),
-  /// locked by another tier in this process or another (errc::busy), or
+  /// missing, not a directory, cannot be accessed or listed, not writable,
+  /// full (errc::out_of_memory), locked by another tier in this process or
+  /// another (errc::busy), its LOCK file, a segment or the catalog cannot
+  /// be opened, the catalog is read-only to this user, or
   /// holds a catalog of another format version, or a version 1 or 2
   /// catalog that could not be upgraded (it says why: errc::out_of_memory
   /// when the file system is full; see catalog::open).

@@ -17,10 +17,12 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <linux/capability.h>
 #include <mutex>
 #include <random>
 #include <set>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -212,6 +214,42 @@ std::size_t occurrences(const std::string& text, const std::string& part) {
     ++n;
   return n;
 }
+
+/// Makes permission bits apply to the calling thread while it lives, as
+/// they do for any user but root: a root test drops CAP_DAC_OVERRIDE and
+/// CAP_DAC_READ_SEARCH from the thread's effective capabilities (they come
+/// back at the end; disk_tier::open runs on the calling thread). Another
+/// user needs nothing. ok() is false when root could not drop them.
+class permission_bits_apply {
+public:
+  permission_bits_apply() {
+    if (::geteuid() != 0) {
+      ok_ = true;
+      return;
+    }
+    if (::syscall(SYS_capget, &header_, saved_) != 0)
+      return;
+    __user_cap_data_struct fewer[2] = {saved_[0], saved_[1]};
+    fewer[0].effective &=
+        ~((1U << CAP_DAC_OVERRIDE) | (1U << CAP_DAC_READ_SEARCH));
+    dropped_ = ::syscall(SYS_capset, &header_, fewer) == 0;
+    ok_ = dropped_;
+  }
+  permission_bits_apply(const permission_bits_apply&) = delete;
+  permission_bits_apply& operator=(const permission_bits_apply&) = delete;
+  ~permission_bits_apply() {
+    if (dropped_) {
+      EXPECT_EQ(::syscall(SYS_capset, &header_, saved_), 0);
+    }
+  }
+  [[nodiscard]] bool ok() const noexcept { return ok_; }
+
+private:
+  __user_cap_header_struct header_{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct saved_[2]{};
+  bool dropped_ = false;
+  bool ok_ = false;
+};
 
 /// How read_between_writes() queues its read.
 struct read_case {
@@ -1071,6 +1109,7 @@ TEST_F(disk_tier_test,
   }
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
   EXPECT_NE(why.find("nothing was deleted"), std::string::npos) << why;
+  EXPECT_NE(why.find("ulimit -n"), std::string::npos) << why;
   // Every segment is still there, and every block with it.
   EXPECT_EQ(segment_files().size(), blocks);
   open(c);
@@ -1338,6 +1377,124 @@ TEST_F(disk_tier_test, a_full_directory_is_a_clear_error) {
   EXPECT_EQ(t.error().code, errc::out_of_memory);
   EXPECT_NE(t.error().message.find(dir_), std::string::npos);
   EXPECT_NE(t.error().message.find("is full"), std::string::npos);
+}
+
+/// Expects open() of `c` to fail with a message holding each of `parts`.
+void expect_open_error(const disk_tier_config& c,
+                       std::initializer_list<std::string> parts) {
+  auto t = disk_tier::open(c);
+  ASSERT_FALSE(t.has_value()) << "opened";
+  for (const auto& part : parts) {
+    EXPECT_NE(t.error().message.find(part), std::string::npos)
+        << part << " in: " << t.error().message;
+  }
+}
+
+/// The skip message of a root test that could not drop its capabilities.
+constexpr const char* cannot_drop_caps =
+    "running as root and CAP_DAC_OVERRIDE could not be dropped: permission "
+    "bits do not apply to this process";
+
+// The errors that named a path gave no remedy. Each case that needs
+// permission bits runs as root too: the check drops root's capabilities.
+TEST_F(disk_tier_test, a_directory_that_cannot_be_accessed_says_what_to_do) {
+  auto c = config();
+  std::ofstream(dir_ + "/file") << "x";
+  c.directory = dir_ + "/file/data";
+  expect_open_error(c, {c.directory, "cannot be accessed", "Not a directory",
+                        "not a directory: fix the path"});
+  fs::create_directory(dir_ + "/locked");
+  fs::create_directory(dir_ + "/locked/data");
+  fs::permissions(dir_ + "/locked", fs::perms::none);
+  c.directory = dir_ + "/locked/data";
+  {
+    permission_bits_apply as_user;
+    if (as_user.ok())
+      expect_open_error(c, {c.directory, "cannot be accessed",
+                            "Permission denied", "search (x) permission"});
+  }
+  fs::permissions(dir_ + "/locked", fs::perms::owner_all);
+}
+
+TEST_F(disk_tier_test, a_lock_file_that_cannot_be_opened_says_what_to_do) {
+  fs::create_directory(dir_ + "/LOCK");
+  expect_open_error(config(), {dir_ + "/LOCK", "Is a directory",
+                               "is not a file: move it aside"});
+  fs::remove(dir_ + "/LOCK");
+  std::ofstream(dir_ + "/LOCK").put('\0');
+  fs::permissions(dir_ + "/LOCK", fs::perms::owner_read);
+  permission_bits_apply as_user;
+  if (!as_user.ok())
+    GTEST_SKIP() << cannot_drop_caps;
+  expect_open_error(config(), {dir_ + "/LOCK", "Permission denied",
+                               "read and write permission"});
+}
+
+TEST_F(disk_tier_test, a_segment_that_cannot_be_opened_says_what_to_do) {
+  open(config());
+  spill(0);
+  settle();
+  tier_.reset();
+  const auto seg = segment_files().at(0);
+  // A directory with a segment's name.
+  const std::string odd = dir_ + "/" + segment_file_name(99);
+  fs::create_directory(odd);
+  expect_open_error(
+      config(), {odd, "Is a directory", "move it out", "nothing was deleted"});
+  fs::remove(odd);
+  fs::permissions(seg, fs::perms::owner_read);
+  {
+    permission_bits_apply as_user;
+    if (as_user.ok())
+      expect_open_error(config(),
+                        {seg.string(), "Permission denied",
+                         "read and write permission", "nothing was deleted"});
+  }
+  fs::permissions(seg, fs::perms::owner_read | fs::perms::owner_write);
+  open(config());
+  expect_block(0);
+}
+
+TEST_F(disk_tier_test, a_catalog_that_cannot_be_opened_says_what_to_do) {
+  const std::string cat = dir_ + "/catalog.sqlite";
+  fs::create_directory(cat);
+  expect_open_error(config(),
+                    {cat, "cannot open", "is not a file: move it aside"});
+  fs::remove(cat);
+  std::ofstream(cat).put('\0');
+  fs::permissions(cat, fs::perms::none);
+  permission_bits_apply as_user;
+  if (!as_user.ok())
+    GTEST_SKIP() << cannot_drop_caps;
+  expect_open_error(config(), {cat, "cannot open",
+                               "read and write "
+                               "permission"});
+}
+
+// SQLite opens a catalog it may not write read-only without a word. The
+// tier opened, and then every spill failed ("attempt to write a readonly
+// database"), only counted. The open refuses it now, saying what to do.
+TEST_F(disk_tier_test, a_catalog_the_user_cannot_write_is_refused_at_open) {
+  open(config());
+  spill(0);
+  settle();
+  tier_.reset();
+  const std::string cat = dir_ + "/catalog.sqlite";
+  fs::permissions(cat, fs::perms::owner_read | fs::perms::group_read |
+                           fs::perms::others_read); // 0444
+  {
+    permission_bits_apply as_user;
+    if (!as_user.ok())
+      GTEST_SKIP() << cannot_drop_caps;
+    expect_open_error(config(),
+                      {cat, "read-only", "give that user write permission"});
+  }
+  fs::permissions(cat, fs::perms::owner_read | fs::perms::owner_write);
+  open(config());
+  expect_block(0);
+  spill(1);
+  settle();
+  expect_block(1);
 }
 
 TEST_F(disk_tier_test, a_catalog_of_another_format_version_is_refused) {

@@ -51,6 +51,27 @@ std::string errno_text(int e) {
   return std::strerror(e);
 }
 
+/// What to do when an existing segment file cannot be opened.
+std::string open_remedy(int e) {
+  switch (e) {
+  case EACCES:
+  case EPERM:
+    return "give the user running kvfleet read and write permission on it "
+           "(every file of the directory must be that user's to write)";
+  case EROFS:
+    return "the file system is mounted read-only: remount it read-write";
+  case EISDIR:
+    return "it is not a segment file: move it out of the directory";
+  case EMFILE:
+  case ENFILE:
+    return "no file descriptor is left (the tier keeps one per segment): "
+           "raise the open-file limit (ulimit -n) or use larger segments "
+           "(segment_bytes)";
+  default:
+    return "fix the cause and open the tier again";
+  }
+}
+
 /// pread/pwrite until done; returns bytes moved or -1 with errno set.
 ssize_t full_pread(int fd, std::byte* p, std::size_t n, std::uint64_t off) {
   std::size_t done = 0;
@@ -279,9 +300,12 @@ result<segment_file> segment_file::open(const std::string& dir,
   f.id_ = id;
   f.path_ = dir + "/" + segment_file_name(id);
   f.fd_ = ::open(f.path_.c_str(), O_RDWR | O_CLOEXEC);
-  if (f.fd_ < 0)
-    return make_error(errc::io_error, "cannot open segment " + f.path_ + ": " +
-                                          errno_text(errno));
+  if (f.fd_ < 0) {
+    const int e = errno;
+    return make_error(errc::io_error, "cannot open segment " + f.path_ + " (" +
+                                          errno_text(e) +
+                                          "): " + open_remedy(e));
+  }
   struct stat st {};
   if (::fstat(f.fd_, &st) != 0)
     return make_error(errc::io_error,
@@ -303,7 +327,9 @@ result<segment_file> segment_file::open(const std::string& dir,
     return make_error(errc::parse_error,
                       "segment " + f.path_ + " has format version " +
                           std::to_string(version) + ", this build reads " +
-                          std::to_string(segment_format_version));
+                          std::to_string(segment_format_version) +
+                          ": run a kvfleet build that reads that version, or "
+                          "move the directory aside");
   if (load64(h.data() + 16) != id)
     return make_error(errc::parse_error,
                       "segment " + f.path_ + " names another segment id");
