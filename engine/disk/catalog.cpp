@@ -235,13 +235,16 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
   // 0444, another user's file): the tier would open, and every spill,
   // erase and pin would then fail ("attempt to write a readonly
   // database"), only counted.
-  if (sqlite3_db_readonly(db, "main") == 1)
+  const auto read_only = [&path] {
     return make_error(
         errc::io_error,
         "catalog " + path +
             " is read-only to the user running kvfleet (every spill would "
-            "fail): give that user write permission on it (and on its -wal "
-            "and -shm files, if any), or choose another directory");
+            "fail): give that user write permission on it and on its -wal "
+            "and -shm files, if any, or choose another directory");
+  };
+  if (sqlite3_db_readonly(db, "main") == 1)
+    return read_only();
   sqlite3_extended_result_codes(db, 1);
   auto exec = [&](const char* sql) {
     return sqlite3_exec(db, sql, nullptr, nullptr, nullptr);
@@ -272,6 +275,14 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
                      : "PRAGMA synchronous=NORMAL") != SQLITE_OK)
     return make_error(errc::io_error,
                       db_error(db, path, "cannot set synchronous"));
+  // The file may be writable and the catalog not all the same: its -wal
+  // or -shm file another user's (left by an operator's sqlite3 shell run
+  // as root, say). Only a write finds out. Busy (another writer holds the
+  // catalog) is no reason to refuse: the tier retries its writes.
+  if (const int rc = exec("BEGIN IMMEDIATE"); rc == SQLITE_OK)
+    exec("ROLLBACK");
+  else if ((rc & 0xff) == SQLITE_READONLY)
+    return read_only();
   if (!has_meta) {
     const std::string init = std::string("BEGIN;") + schema +
                              "INSERT INTO meta VALUES('format_version', " +

@@ -97,10 +97,10 @@ public:
   /// otherwise. A database of another format version, or a file that is
   /// not a catalog, is errc::parse_error with a message naming the path and
   /// what to do. A file that cannot be opened, or that SQLite could open
-  /// only read-only (another user's file, mode 0444), is errc::io_error
-  /// with a message naming it and what to do. `full_sync`:
-  /// synchronous=FULL (survives power loss)
-  /// instead of NORMAL (survives a process crash). `f`: see fault.
+  /// only read-only (another user's file, mode 0444, or its -wal or -shm
+  /// file), is errc::io_error with a message naming it and what to do.
+  /// `full_sync`: synchronous=FULL (survives power loss) instead of NORMAL
+  /// (survives a process crash). `f`: see fault.
   [[nodiscard]] static result<std::unique_ptr<catalog>>
   open(const std::string& path, bool full_sync, fault f = {});
 

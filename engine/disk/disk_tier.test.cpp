@@ -1471,9 +1471,10 @@ TEST_F(disk_tier_test, a_catalog_that_cannot_be_opened_says_what_to_do) {
                                "permission"});
 }
 
-// SQLite opens a catalog it may not write read-only without a word. The
-// tier opened, and then every spill failed ("attempt to write a readonly
-// database"), only counted. The open refuses it now, saying what to do.
+// SQLite opens a catalog it may not write read-only without a word, and
+// one whose -wal and -shm files it may not write as well. The tier opened,
+// and then every spill failed ("attempt to write a readonly database"),
+// only counted. The open refuses it now, saying what to do.
 TEST_F(disk_tier_test, a_catalog_the_user_cannot_write_is_refused_at_open) {
   open(config());
   spill(0);
@@ -1490,6 +1491,20 @@ TEST_F(disk_tier_test, a_catalog_the_user_cannot_write_is_refused_at_open) {
                       {cat, "read-only", "give that user write permission"});
   }
   fs::permissions(cat, fs::perms::owner_read | fs::perms::owner_write);
+  // The file is writable, but not its -wal and -shm files (left by an
+  // operator's sqlite3 shell run as another user, say): as read-only.
+  for (const char* suffix : {"-wal", "-shm"}) {
+    std::ofstream(cat + suffix).flush();
+    fs::permissions(cat + suffix, fs::perms::owner_read);
+  }
+  {
+    permission_bits_apply as_user;
+    ASSERT_TRUE(as_user.ok());
+    expect_open_error(config(), {cat, "read-only", "-wal and -shm files"});
+  }
+  for (const char* suffix : {"-wal", "-shm"})
+    fs::permissions(cat + suffix,
+                    fs::perms::owner_read | fs::perms::owner_write);
   open(config());
   expect_block(0);
   spill(1);
