@@ -1834,11 +1834,20 @@ bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
       continue;
     }
     if (e.leases == 0 && e.pins == 0 && !e.dead && may_demote(e)) {
+      const codec to = demotion_target(e);
+      // No slot of the smaller size and none to make: skip it here, not
+      // through transcode()'s error, whose message would be allocated for
+      // every block the scan passes (puts allocate nothing).
+      const std::uint16_t cls =
+          namespaces_[e.ns].size_class[static_cast<std::size_t>(to)];
+      if (!pool_.can_allocate(cls) && !compact_for(cls)) {
+        id = next;
+        continue;
+      }
       const std::size_t before = pool_.used_bytes();
       // A block that fails its checksum is dropped instead: that freed
       // room too, and entries the scan would visit next may be gone.
-      if (transcode(id, demotion_target(e)).has_value() ||
-          pool_.used_bytes() < before)
+      if (transcode(id, to).has_value() || pool_.used_bytes() < before)
         return true;
     }
     id = next;
