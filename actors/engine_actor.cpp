@@ -148,7 +148,14 @@ void publish(engine_actor* self) {
     return;
   block_events out;
   out.engine = st.config.slot;
-  st.seen.clear();
+  // clear() walks every bucket, and the buckets never shrink: after one
+  // large publish (an expiry sweep, an eviction of most of the store) each
+  // later one would cost that much. A set grown well past this publish's
+  // size is dropped instead (it is reused while it fits).
+  if (st.seen.bucket_count() > 4 * log.size() + 64)
+    st.seen = {};
+  else
+    st.seen.clear();
   for (auto it = log.rbegin(); it != log.rend(); ++it)
     if (st.seen.insert(it->first).second)
       (it->second == engine::block_event::stored || still_held(st, it->first)
