@@ -96,7 +96,7 @@ result<void> check_weight(double weight) {
 result<std::uint32_t> router::add_slot(double weight) {
   if (auto ok = check_weight(weight); !ok)
     return unexpected<error>{ok.error()};
-  const slot_state fresh{weight, 0, true, false, false};
+  const slot_state fresh{weight, 0, true, false, false, 0};
   for (std::uint32_t i = 0; i < slots_.size(); ++i) {
     if (slots_[i].removed) {
       slots_[i] = fresh;
@@ -163,8 +163,17 @@ void router::stored(std::uint32_t slot,
   const std::uint64_t bit = std::uint64_t{1} << slot;
   index_node* front_end = use_.newest;
   for (const auto& k : keys)
-    if (auto* n = find_or_add(k, front_end); n != nullptr)
+    if (auto* n = find_or_add(k, front_end);
+        n != nullptr && (n->second.engines & bit) == 0) {
       n->second.engines |= bit;
+      ++slots_[slot].keys;
+    }
+}
+
+void router::uncount(std::uint64_t bits) noexcept {
+  for (std::uint32_t s = 0; bits != 0; ++s, bits >>= 1)
+    if ((bits & 1U) != 0)
+      --slots_[s].keys;
 }
 
 void router::link_before(index_node& n, index_node* pos) {
@@ -216,6 +225,7 @@ router::index_node* router::find_or_add(const engine::block_key& k,
   // a full index allocates nothing.
   auto node = index_.extract(use_.oldest->first);
   node.key() = k;
+  uncount(node.mapped().engines);
   node.mapped().engines = 0;
   auto& n = *index_.insert(std::move(node)).position;
   mark_used(n, front_end);
@@ -234,15 +244,18 @@ void router::evicted(std::uint32_t slot,
   const std::uint64_t bit = std::uint64_t{1} << slot;
   for (const auto& k : keys) {
     auto it = index_.find(k);
-    if (it == index_.end())
+    if (it == index_.end() || (it->second.engines & bit) == 0)
       continue;
     it->second.engines &= ~bit;
+    --slots_[slot].keys;
     if (it->second.engines == 0)
       erase(it);
   }
 }
 
 void router::forget(std::uint32_t slot) {
+  if (slots_[slot].keys == 0)
+    return; // nothing to walk the index for
   const std::uint64_t bit = std::uint64_t{1} << slot;
   for (auto it = index_.begin(); it != index_.end();) {
     auto here = it++;
@@ -250,12 +263,14 @@ void router::forget(std::uint32_t slot) {
     if (here->second.engines == 0)
       erase(here);
   }
+  slots_[slot].keys = 0;
 }
 
 std::vector<engine::block_key> router::keys_of(std::uint32_t slot) const {
   std::vector<engine::block_key> out;
-  if (slot >= slots_.size())
+  if (slot >= slots_.size() || slots_[slot].keys == 0)
     return out;
+  out.reserve(slots_[slot].keys);
   const std::uint64_t bit = std::uint64_t{1} << slot;
   for (const auto& [key, entry] : index_)
     if ((entry.engines & bit) != 0)

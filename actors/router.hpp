@@ -149,6 +149,10 @@ public:
   [[nodiscard]] std::size_t
   held_prefix(std::uint32_t slot,
               std::span<const engine::block_key> keys) const;
+  /// How many index keys name `slot` (0 for a slot that does not exist).
+  [[nodiscard]] std::size_t keys_held(std::uint32_t slot) const noexcept {
+    return slot < slots_.size() ? slots_[slot].keys : 0;
+  }
   [[nodiscard]] std::size_t index_size() const noexcept {
     return index_.size();
   }
@@ -165,11 +169,17 @@ private:
     bool up = true;
     bool draining = false;
     bool removed = false;
+    /// Index keys whose entry names this slot: forget() and keys_of() walk
+    /// the whole index only for a slot that holds some (an engine going up
+    /// or down, a fresh replica, holds none after its first forget).
+    std::size_t keys = 0;
   };
   [[nodiscard]] bool eligible(const slot_state& s) const noexcept {
     return s.up && !s.draining;
   }
   void forget(std::uint32_t slot);
+  /// Takes the slots in `bits` off their key counts (an entry that goes).
+  void uncount(std::uint64_t bits) noexcept;
 
   /// The use order is a list threaded through the index's own entries
   /// (map nodes keep their address while the key is indexed, extract and
