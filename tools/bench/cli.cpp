@@ -49,7 +49,7 @@ stderr starting with "kvfleet-bench:".
 
 constexpr std::string_view engine_help_text =
     R"(Usage: kvfleet-bench engine (--workload NAME | --trace FILE)
-                            (--capacity-fraction F | --capacity-blocks N)
+                            [--capacity-fraction F | --capacity-blocks N]
                             [options]
 
 Replays the same request sequence through a fresh in-process block store for
@@ -62,7 +62,7 @@ Input (exactly one):
   --trace FILE              Mooncake JSONL trace (timestamp, input_length,
                             output_length, hash_ids per line)
 
-Capacity (exactly one):
+Capacity (at most one; neither: --capacity-fraction 0.25):
   --capacity-fraction F     F times the working set (distinct full blocks),
                             rounded to whole blocks; F > 0
   --capacity-blocks N       N uncompressed blocks; N >= 1
@@ -136,7 +136,7 @@ Output (table, or with --json one object):
 
 constexpr std::string_view routing_help_text =
     R"(Usage: kvfleet-bench routing (--workload NAME | --trace FILE)
-                             (--capacity-fraction F | --capacity-blocks N)
+                             [--capacity-fraction F | --capacity-blocks N]
                              [options]
 
 A deterministic discrete-event simulation (no threads, no wall clock) of N
@@ -150,7 +150,8 @@ router gets the engines' block events (the store's on_block_event) as the
 balancer relays them: stored when a request completes; evicted right after
 the process() that removed them.
 
-Input and capacity (as in engine mode, capacity PER ENGINE):
+Input and capacity (as in engine mode, capacity PER ENGINE; neither
+capacity: --capacity-fraction 0.25):
   --workload NAME | --trace FILE
   --capacity-fraction F     each engine holds round(F x working set /
                             engines) blocks (so F is the fleet's share)
@@ -196,7 +197,7 @@ Output (table, or with --json one object):
 
 constexpr std::string_view prefetch_help_text =
     R"(Usage: kvfleet-bench prefetch --workload chat
-                              (--capacity-fraction F | --capacity-blocks N)
+                              [--capacity-fraction F | --capacity-blocks N]
                               [options]
 
 Replays chat through one in-process block store with the shipped transition
@@ -540,12 +541,9 @@ result<void> check_complete(const engine_options& o,
     return usage("give a workload (--workload NAME, one of " + workload_list() +
                  ") or a trace (--trace FILE)");
   }
-  if (o.capacity_fraction.has_value() == o.capacity_blocks.has_value())
-    return usage(o.capacity_blocks
-                     ? "give either --capacity-fraction or --capacity-blocks, "
-                       "not both"
-                     : "give a capacity: --capacity-fraction F or "
-                       "--capacity-blocks N");
+  if (o.capacity_fraction.has_value() && o.capacity_blocks.has_value())
+    return usage("give either --capacity-fraction or --capacity-blocks, "
+                 "not both");
   if (!(o.low_watermark > 0.0 && o.low_watermark <= o.high_watermark &&
         o.high_watermark <= 1.0))
     return usage("watermarks must satisfy 0 < low <= high <= 1 (got low " +
@@ -630,6 +628,10 @@ result<void> parse_options(std::span<const std::string_view> args,
     if (!ok)
       return unexpected<error>(ok.error());
   }
+  // Neither capacity given: a quarter of the working set, the capacity
+  // every bar is measured at.
+  if (!o.capacity_fraction && !o.capacity_blocks)
+    o.capacity_fraction = default_capacity_fraction;
   return check_complete(o, no_input);
 }
 

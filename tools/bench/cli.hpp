@@ -92,6 +92,9 @@ struct routing_options {
 /// Longest prefetch_options::session_timeout_s (about 31.7 years): its
 /// milliseconds are added to request timestamps, which must not wrap.
 inline constexpr double max_session_timeout_s = 1e9;
+/// The capacity when neither --capacity-fraction nor --capacity-blocks is
+/// given: a quarter of the working set, where every bar is measured.
+inline constexpr double default_capacity_fraction = 0.25;
 
 /// Everything `kvfleet-bench prefetch` was asked to do: `base` as for the
 /// engine mode (one store of that capacity); the workload must be chat.

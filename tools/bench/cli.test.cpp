@@ -199,12 +199,34 @@ TEST(bench_cli, unknown_workload_lists_the_valid_ones) {
     EXPECT_NE(cmd.error().message.find(name), std::string::npos) << name;
 }
 
+TEST(bench_cli,
+     without_a_capacity_each_mode_takes_a_quarter_of_the_working_set) {
+  // The routing command gives none; it was a usage error.
+  for (const auto mode : {"engine", "routing", "prefetch"}) {
+    std::vector<std::string_view> args{mode, "--workload", "chat"};
+    const auto cmd = parse_command_line(args);
+    ASSERT_TRUE(cmd.has_value()) << mode << ": " << cmd.error().describe();
+    const engine_options& o = cmd->kind == command_kind::engine ? cmd->engine
+                              : cmd->kind == command_kind::routing
+                                  ? cmd->routing.base
+                                  : cmd->prefetch.base;
+    ASSERT_TRUE(o.capacity_fraction.has_value()) << mode;
+    EXPECT_DOUBLE_EQ(*o.capacity_fraction, 0.25) << mode;
+    EXPECT_FALSE(o.capacity_blocks.has_value()) << mode;
+  }
+  std::vector<std::string_view> blocks{"routing", "--workload", "chat",
+                                       "--capacity-blocks", "9"};
+  const auto cmd = parse_command_line(blocks);
+  ASSERT_TRUE(cmd.has_value());
+  EXPECT_FALSE(cmd->routing.base.capacity_fraction.has_value());
+  EXPECT_EQ(cmd->routing.base.capacity_blocks, 9U);
+}
+
 TEST(bench_cli, input_and_capacity_are_exclusive_and_required) {
   expect_usage_error({"engine", "--capacity-blocks", "5"}, "give a workload");
   expect_usage_error({"engine", "--workload", "chat", "--trace", "t",
                       "--capacity-blocks", "5"},
                      "not both");
-  expect_usage_error({"engine", "--workload", "chat"}, "give a capacity");
   expect_usage_error({"engine", "--workload", "chat", "--capacity-blocks", "5",
                       "--capacity-fraction", "0.5"},
                      "not both");

@@ -340,7 +340,6 @@ TEST(routing_cli, errors_and_help) {
              "--prefill-us-per-token must be at most 1000000");
   bad_option("--eviction", "belady",
              "belady needs to know every request ahead");
-  bad({"routing", "--workload", "chat"}, "give a capacity");
   bad({"nope"}, "modes: engine, routing, prefetch");
   auto help = parse({"routing", "--engines", "x", "--help"});
   ASSERT_TRUE(help);
