@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -90,6 +91,15 @@ private:
   std::mutex mutex_;
   std::vector<caf::weak_actor_ptr> engines_;
 };
+
+std::string query_key_scope(const engine::namespace_spec& ns) {
+  const engine::ns_fingerprint fp = ns.fingerprint();
+  char hex[34];
+  std::snprintf(hex, sizeof hex,
+                "%016llx%016llx:", static_cast<unsigned long long>(fp.hi),
+                static_cast<unsigned long long>(fp.lo));
+  return hex;
+}
 
 namespace {
 
@@ -382,6 +392,13 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   // directory only later, so a start retried at once with the URL fixed
   // would find the directory busy. (Making the store connects nothing.)
   std::unique_ptr<actors::query_store> query_store;
+  // Nodes of one model share query results through one Redis; nodes of
+  // another must not, since the same query string is another prompt under
+  // another namespace: the namespace's fingerprint follows the configured
+  // prefix. (An empty prefix stays empty, for the store to refuse.)
+  if (config.query_cache && !config.cache.redis_url.empty() &&
+      !config.cache.redis.key_prefix.empty())
+    config.cache.redis.key_prefix += query_key_scope(config.engine.ns);
   if (config.query_cache) {
     auto store = actors::make_query_store(config.cache);
     if (!store)

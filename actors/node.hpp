@@ -41,6 +41,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <caf/actor.hpp>
@@ -63,8 +64,10 @@ struct node_config {
   actors::balancer_config balancer{}; ///< initial_engines is set from `engines`
   actors::warmer_config warmer{};
   bool query_cache = true;
-  /// `cache.redis_url` empty: embedded store; else the Redis backend.
-  /// `cache.block_tokens` is set to `engine.ns.block_tokens`.
+  /// `cache.redis_url` empty: embedded store; else the Redis backend,
+  /// whose keys are `cache.redis.key_prefix` + query_key_scope(engine.ns)
+  /// + the query: nodes of one model share results, nodes of another do
+  /// not. `cache.block_tokens` is set to `engine.ns.block_tokens`.
   actors::query_cache_config cache{};
   std::optional<actors::scaler_actor_config> scaler; ///< off by default
   std::optional<actors::prefetch_config> prefetch;   ///< off by default
@@ -84,6 +87,11 @@ struct node_config {
 /// what validate() rejects in the routing, scaler or (when on) query-cache
 /// or prefetch configuration.
 [[nodiscard]] result<void> validate(const node_config& config);
+
+/// What a node puts after the Redis key prefix: the namespace's
+/// fingerprint in 32 hex digits and a colon ("<hi><lo>:"), so the same
+/// query string under another model (another prompt) is another key.
+[[nodiscard]] std::string query_key_scope(const engine::namespace_spec& ns);
 
 class node {
 public:

@@ -849,6 +849,11 @@ node_config redis_node(std::string url) {
   return c;
 }
 
+/// The Redis key of query `q` of a redis_node().
+std::string node_key(const std::string& q) {
+  return "kvfleet:q:" + query_key_scope(redis_node("").engine.ns) + q;
+}
+
 kv_request query(std::uint64_t id, std::string q) {
   kv_request r;
   r.id = id;
@@ -884,7 +889,7 @@ miss_then_hit(node& n) {
 TEST_F(RedisQueryStore, ANodeReplacesAnotherProgramsLongValueWithItsEntry) {
   // The cache counts the long value like any value it cannot read, computes
   // the request and stores its reply over it: the next request is a hit.
-  store_long_value("kvfleet:q:q");
+  store_long_value(node_key("q"));
   caf::actor_system_config cfg;
   node::configure(cfg, 2);
   caf::actor_system sys{cfg};
@@ -914,7 +919,7 @@ TEST_F(RedisQueryStore, NodeCachesQueryResultsInRedis) {
   EXPECT_EQ(second->computed_blocks, first->computed_blocks);
   auto direct = connect_direct(server_->port());
   ASSERT_TRUE(direct);
-  auto pttl = command(direct.get(), {"PTTL", "kvfleet:q:q"});
+  auto pttl = command(direct.get(), {"PTTL", node_key("q")});
   ASSERT_TRUE(pttl && pttl->type == REDIS_REPLY_INTEGER);
   EXPECT_GT(pttl->integer, 3'590'000); // the default TTL, 3600 s
 
@@ -928,6 +933,34 @@ TEST_F(RedisQueryStore, NodeCachesQueryResultsInRedis) {
   EXPECT_EQ(st->hits, 1U);
   EXPECT_EQ(st->misses, 2U);
   EXPECT_EQ(st->store_errors, 2U); // the get and the set of request 3
+}
+
+TEST_F(RedisQueryStore, NodesShareQueryResultsOnlyWithinTheirModel) {
+  // One Redis, three nodes: two of one model, one of another. The same
+  // query string is another prompt under another model: its result must
+  // not answer it. (Before, the key was the prefix and the query alone, and
+  // the other model's node got the first one's reply as a hit.)
+  caf::actor_system_config cfg;
+  node::configure(cfg, 2);
+  caf::actor_system sys{cfg};
+  auto a = node::start(sys, redis_node(server_->url()));
+  auto same = node::start(sys, redis_node(server_->url()));
+  auto other_cfg = redis_node(server_->url());
+  other_cfg.engine.ns.model = "another-model";
+  auto other = node::start(sys, other_cfg);
+  ASSERT_TRUE(a && same && other);
+  auto first = (*a)->process_request(query(1, "q"));
+  ASSERT_TRUE(first.has_value()) << first.error().describe();
+  EXPECT_FALSE(first->from_query_cache);
+  auto elsewhere = (*other)->process_request(query(2, "q"));
+  ASSERT_TRUE(elsewhere.has_value()) << elsewhere.error().describe();
+  EXPECT_FALSE(elsewhere->from_query_cache);
+  auto shared = (*same)->process_request(query(3, "q"));
+  ASSERT_TRUE(shared.has_value()) << shared.error().describe();
+  EXPECT_TRUE(shared->from_query_cache);
+  EXPECT_NE(query_key_scope(redis_node("").engine.ns),
+            query_key_scope(other_cfg.engine.ns));
+  EXPECT_EQ(query_key_scope(redis_node("").engine.ns).size(), 33U);
 }
 
 } // namespace
