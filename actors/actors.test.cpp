@@ -2517,6 +2517,40 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   caf::anon_send_exit(pf2, caf::exit_reason::user_shutdown);
 }
 
+TEST_F(actor_test, PrefetcherForgetsTheLeastRecentlySeenQueryPastItsKeyBound) {
+  // Room for 3 block keys of remembered requests (1 key each here). B is
+  // seen, then C, then A -> B is learned: C, now the least recently seen,
+  // goes when D comes, not B (before, the first seen went first, whatever
+  // was seen since, and A predicted a B it could no longer replay); then a
+  // 4-key prompt, more than the bound, is not kept, and nothing goes for
+  // it.
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  auto pc = eager_prefetch();
+  pc.max_known_keys = 3;
+  auto pf = prefetcher(b, pc);
+  auto observe = [&](const kv_request& r) { observed(pf, r); };
+  observe(query(9, "B"));
+  observe(query(2, "C"));
+  observe(query(1, "A"));
+  observe(query(1, "B")); // seen again: the most recent
+  observe(query(7, "D")); // 4 keys known: C, the least recent, goes
+  auto big = query(5, "E");
+  big.keys = {block_key{9, 1}, block_key{9, 2}, block_key{9, 3},
+              block_key{9, 4}};
+  big.input_tokens = 64;
+  observe(big); // over the bound alone: not kept
+  const auto before = be->seen.size();
+  observe(query(6, "A")); // predicts B, still known: prefetched
+  ASSERT_EQ(be->seen.size(), before + 1);
+  EXPECT_EQ(be->seen.back().query, "B");
+  EXPECT_TRUE(be->seen.back().prefetch);
+  caf::anon_send_exit(pf, caf::exit_reason::user_shutdown);
+  sched_->run();
+  // A bound of 0 is refused.
+  pc.max_known_keys = 0;
+  EXPECT_FALSE(validate(pc).has_value());
+}
+
 TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
   // With room for two prefetches, a third evicts the oldest one still
   // outstanding, never a newer prefetch of a query used earlier.

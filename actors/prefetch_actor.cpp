@@ -6,7 +6,8 @@
 #include "actors/stray_messages.hpp"
 
 #include <cmath>
-#include <deque>
+#include <iterator>
+#include <list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -26,8 +27,16 @@ struct prefetch_state {
   std::optional<transition_model> model;
   caf::actor balancer;
   caf::actor front; ///< the query-result cache, when prefetches go through it
-  std::unordered_map<std::string, kv_request> known;
-  std::deque<std::string> known_order;
+  /// The last request seen of each query, to replay it; least recently
+  /// seen first in `known_order`, evicted past max_known queries or
+  /// max_known_keys block keys in all.
+  struct known_query {
+    kv_request request;
+    std::list<std::string>::iterator order;
+  };
+  std::unordered_map<std::string, known_query> known;
+  std::list<std::string> known_order;
+  std::size_t known_keys = 0;
   std::optional<prefetch_tracker> outstanding;
   prefetch_stats stats;
   std::uint64_t next_id = 1ULL << 62;
@@ -43,13 +52,39 @@ std::string query_of(const kv_request& r) {
 }
 
 void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
-  auto [it, inserted] = st.known.insert_or_assign(q, r);
-  (void)it;
-  if (!inserted)
+  auto it = st.known.find(q);
+  if (r.keys.size() > st.config.max_known_keys) {
+    // More keys than the whole bound: not kept (nor an older request of
+    // its query), and nothing else goes for it.
+    if (it != st.known.end()) {
+      st.known_keys -= it->second.request.keys.size();
+      st.known_order.erase(it->second.order);
+      st.known.erase(it);
+    }
     return;
-  st.known_order.push_back(q);
-  while (st.known.size() > st.config.max_known && !st.known_order.empty()) {
-    st.known.erase(st.known_order.front());
+  }
+  if (it == st.known.end()) {
+    st.known_order.push_back(q);
+    it = st.known
+             .emplace(q,
+                      prefetch_state::known_query{
+                          r, std::prev(st.known_order.end())})
+             .first;
+  } else {
+    st.known_keys -= it->second.request.keys.size();
+    it->second.request = r;
+    // Seen again: the most recent (before, first seen went first, so a
+    // hot query was forgotten as often as a one-off).
+    st.known_order.splice(st.known_order.end(), st.known_order,
+                          it->second.order);
+  }
+  st.known_keys += r.keys.size();
+  while (!st.known_order.empty() &&
+         (st.known.size() > st.config.max_known ||
+          st.known_keys > st.config.max_known_keys)) {
+    const auto gone = st.known.find(st.known_order.front());
+    st.known_keys -= gone->second.request.keys.size();
+    st.known.erase(gone);
     st.known_order.pop_front();
   }
 }
@@ -70,10 +105,10 @@ void issue(prefetch_actor* self, const std::string& q) {
   const auto id = st.next_id;
   // The tracker refuses a query whose prefetch is still outstanding: it is
   // not prefetched twice.
-  if (!st.outstanding->add(q, it->second.keys, id))
+  if (!st.outstanding->add(q, it->second.request.keys, id))
     return;
   ++st.next_id;
-  kv_request req = it->second;
+  kv_request req = it->second.request;
   req.id = id;
   req.prio = engine::priority::low;
   req.prefetch = true;
@@ -196,6 +231,8 @@ result<void> validate(const prefetch_config& config) {
     return ok;
   if (config.max_known == 0)
     return bad("max_known must be at least 1");
+  if (config.max_known_keys == 0)
+    return bad("max_known_keys must be at least 1");
   if (config.max_outstanding == 0)
     return bad("max_outstanding must be at least 1");
   return {};

@@ -6,7 +6,8 @@
 ///
 /// A query is named by kv_request::query, or by its last block key when
 /// that is empty; the prefetcher remembers the last request seen for each
-/// query (at most `max_known` of them) so it can replay it.
+/// query (at most `max_known` of them and `max_known_keys` keys in all,
+/// the least recently seen forgotten first) so it can replay it.
 /// Useful and wasted (prefetch_tracker.hpp): a prefetch is useful when
 /// its query's next request (before or after the prefetch's answer) found
 /// what it prefetched: it was served by the engine that answered the
@@ -62,13 +63,18 @@ namespace kvfleet::actors {
 struct prefetch_config {
   transition_config model{};
   double threshold = 0.5;
+  /// Queries whose last request is kept to replay it (the least recently
+  /// seen go first), at most max_known of them and max_known_keys block
+  /// keys (16 bytes each: 64 MiB by default) in all; a request of more
+  /// keys than that is not kept.
   std::size_t max_known = 100'000;
+  std::size_t max_known_keys = 4'000'000;
   std::size_t max_outstanding = 10'000;
 };
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// a threshold or model decay outside [0, 1], a negative or non-finite
-/// model min_count, max_known or max_outstanding of 0.
+/// model min_count, max_known, max_known_keys or max_outstanding of 0.
 [[nodiscard]] result<void> validate(const prefetch_config& config);
 
 /// Spawns the prefetcher and subscribes it to `balancer` and, when given,
