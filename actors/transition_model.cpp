@@ -83,7 +83,10 @@ void transition_model::count(const std::string& from, const std::string& to) {
     s->count += 1.0;
     return;
   }
-  if (next.size() < config_.top_k) {
+  // top_k successors and one slot more for newcomers, so a stray
+  // transition takes that slot, not the place of a strong successor (with
+  // top_k 1, the only one).
+  if (next.size() < config_.top_k + 1) {
     next.push_back(successor{to, 1.0, 0.0});
     return;
   }
