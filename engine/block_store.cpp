@@ -1024,11 +1024,19 @@ result<void> block_store::commit(put_handle& h) {
                             entries_[pid].key.to_hex() +
                             ": commit a chain from its first block");
     }
-    if (pid != npos && entries_[pid].corrupt) {
-      // The parent failed its checksum and was dropped while this put was
-      // open. Committed under it, the block would be unreachable, and it
-      // would hold the dropped entry, whose key could then not be put
-      // again ("still held") for as long as it lived.
+    // The parent, or a dead ancestor it hangs from (dropped with it),
+    // failed its checksum and was dropped while this put was open.
+    // Committed under it, the block would be unreachable, and it would
+    // hold the dropped entry, whose key could then not be put again
+    // ("still held") for as long as it lived.
+    bool under_corrupt = false;
+    for (std::uint32_t a = pid; a != npos && entries_[a].dead;
+         a = entries_[a].parent)
+      if (entries_[a].corrupt) {
+        under_corrupt = true;
+        break;
+      }
+    if (under_corrupt) {
       h.phase_ = put_handle::phase::aborted;
       abort_reservation(h.id_);
       count_rejected();
@@ -1037,8 +1045,9 @@ result<void> block_store::commit(put_handle& h) {
                             " cannot be committed: "
                             "its parent " +
                             entries_[pid].key.to_hex() +
-                            " failed its checksum and was dropped while this "
-                            "put was open; put the chain from its first block");
+                            " (or a block before it) failed its checksum and "
+                            "was dropped while this put was open; put the "
+                            "chain from its first block");
     }
   }
   if (h.duplicate_ && entries_[h.id_].corrupt) {

@@ -2478,6 +2478,35 @@ TEST_F(store_fixture, a_new_block_under_a_parent_dropped_as_corrupt_fails) {
   store_->check_invariants();
 }
 
+// Two levels up: the chain's first block is dropped as corrupt, its second
+// with it, while a third is put under the second. (Before, only the parent
+// itself was checked: the third was committed under the dead second, which
+// then held the corrupt first against every later put of its key.)
+TEST_F(store_fixture,
+       a_new_block_under_a_grandparent_dropped_as_corrupt_fails) {
+  open(16);
+  const auto keys = chain(1, 3);
+  put_chain(std::vector<block_key>{keys[0], keys[1]});
+  auto h = store_->reserve(ns_, keys[2], keys[1]);
+  ASSERT_TRUE(h.has_value());
+  ASSERT_TRUE(store_->write(*h, value_for(keys[2])).has_value());
+  ASSERT_TRUE(store_->corrupt_for_testing(ns_, keys[0], 100).has_value());
+  {
+    auto lease = store_->acquire(ns_, keys[0]);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> out(block_bytes);
+    ASSERT_FALSE(store_->read(*lease, out).has_value()); // both dropped
+  }
+  auto c = store_->commit(*h);
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error().code, errc::not_found) << c.error().describe();
+  store_->check_invariants();
+  put_chain(keys); // the prefix can be cached again
+  EXPECT_EQ(*store_->lookup(ns_, keys), 3U);
+  EXPECT_EQ(store_->block_count(), 3U);
+  store_->check_invariants();
+}
+
 // Repeat puts of a dead chain committed out of order: the child's waits for
 // its parent's (busy, still open), as a new child's does, and both come
 // back. (Before, the child's failed not_found and was aborted.)
