@@ -93,8 +93,10 @@ result<replay_result> replay(const prefetch_options& opts,
   };
   // Mean gap between a session's round k and its next (k capped as the
   // queries are), in ms: what the prefetcher knows of when it comes back.
-  std::vector<double> gap_sum(opts.max_round + 1, 0.0);
-  std::vector<std::uint64_t> gap_count(opts.max_round + 1, 0);
+  // Grown to the rounds seen (at most one a request), not sized by
+  // --max-round, which may be anything up to 2^32 - 1.
+  std::vector<double> gap_sum;
+  std::vector<std::uint64_t> gap_count;
   std::priority_queue<due_prefetch, std::vector<due_prefetch>, std::greater<>>
       due;
   std::unordered_map<std::uint64_t, std::size_t> pending; // session -> r
@@ -158,6 +160,10 @@ result<replay_result> replay(const prefetch_options& opts,
     session_state& st = sessions[req.session];
     if (st.rounds > 0) {
       const auto k = std::min<std::uint64_t>(st.rounds, opts.max_round);
+      if (k >= gap_sum.size()) {
+        gap_sum.resize(k + 1, 0.0);
+        gap_count.resize(k + 1, 0);
+      }
       gap_sum[k] += static_cast<double>(req.timestamp_ms - st.last_ms);
       ++gap_count[k];
     }
@@ -171,7 +177,7 @@ result<replay_result> replay(const prefetch_options& opts,
         next->confidence >= opts.threshold && !request.empty()) {
       ++out.predictions;
       const auto k = std::min<std::uint64_t>(st.rounds, opts.max_round);
-      if (gap_count[k] == 0) {
+      if (k >= gap_count.size() || gap_count[k] == 0) {
         ++out.untimed;
       } else if (prefetch) {
         const double mean = gap_sum[k] / static_cast<double>(gap_count[k]);

@@ -25,8 +25,9 @@
 /// far between a session's round k and its next round after the request
 /// (no prefetch until one such gap has been seen). The session's next
 /// request coming first cancels it (`overtaken`). A prefetch that finds
-/// every block in memory fetched nothing (`redundant`: neither useful nor
-/// wasted, as the actor layer's prefetcher counts it).
+/// every block in memory, or can cache none of those it computes, fetched
+/// nothing (`redundant`: neither useful nor wasted, as the actor layer's
+/// prefetcher counts one that found every block).
 ///
 /// Accounting (prefetch_ledger), per session, as the actor layer judges a
 /// prefetch by its own query's request: a prefetch that fetched blocks is
@@ -122,7 +123,8 @@ struct prefetch_report {
   /// Never fired: the session ended (its idle timeout), or the replay did,
   /// first.
   std::uint64_t unfired = 0;
-  /// Fired, and found every block in memory: fetched nothing.
+  /// Fired, and found every block in memory (or could cache none):
+  /// fetched nothing.
   std::uint64_t redundant = 0;
   std::uint64_t prefetches = 0; ///< fired and fetched blocks
   std::uint64_t useful = 0;

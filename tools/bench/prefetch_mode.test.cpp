@@ -131,6 +131,15 @@ TEST(prefetch_mode, a_prefetch_right_after_its_request_fetches_nothing) {
   EXPECT_EQ(r->prefetches, 0U);
   EXPECT_EQ(r->useful, 0U);
   EXPECT_EQ(r->overtaken, 0U);
+  // --max-round up to 2^32 - 1: the gap table grows with the rounds seen
+  // (it was sized by --max-round: 2^32 - 1 wrapped to an empty table and
+  // wrote past it).
+  o.prefetch_at = 0.5;
+  o.max_round = std::numeric_limits<std::uint32_t>::max();
+  auto huge = run_prefetch(o, *reqs, "chat");
+  ASSERT_TRUE(huge) << huge.error().describe();
+  EXPECT_GT(huge->predictions, 0U);
+  o.max_round = 16;
   o.prefetch_at = 1.5;
   auto bad = run_prefetch(o, *reqs, "chat");
   ASSERT_FALSE(bad);
