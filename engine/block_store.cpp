@@ -463,12 +463,13 @@ result<std::size_t> block_store::acquire_prefix(ns_id ns,
                                                 std::span<const block_key> keys,
                                                 std::vector<read_lease>& out) {
   // No request priority: the blocks keep theirs.
-  return acquire_prefix_at(ns, keys, out, priority::background);
+  return acquire_prefix_at(ns, keys, out, priority::background, true);
 }
 
 result<std::size_t>
 block_store::acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
-                               std::vector<read_lease>& out, priority p) {
+                               std::vector<read_lease>& out, priority p,
+                               bool from_tier) {
   out.clear();
   if (auto st = check_ns(ns); !st) {
     count_rejected();
@@ -476,6 +477,21 @@ block_store::acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
   }
   const nanos start = now();
   lease_prefix(ns, keys, out, start, p);
+  // The prefix goes on in the memory tier (lookup() counts it cached):
+  // bring it back, as process() does, and lease it too. Before, the
+  // prefix stopped at memory's end.
+  if (from_tier && tier_ && out.size() < keys.size()) {
+    poll_tier();
+    const std::size_t n = tier_prefix_length(ns, keys.subspan(out.size()));
+    if (n > 0) {
+      put_options use; // the blocks keep their own priority and partition
+      use.prio = p;
+      const block_key parent = out.empty() ? block_key{} : out.back().key();
+      const std::size_t from = out.size();
+      (void)promote_from_tier(ns, keys.subspan(from, n), parent, use);
+      lease_prefix(ns, keys.subspan(from), out, now(), p);
+    }
+  }
   count_lookup(start, out.size(), keys.size());
   return out.size();
 }

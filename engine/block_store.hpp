@@ -332,8 +332,10 @@ public:
   [[nodiscard]] result<std::size_t> lookup(ns_id ns,
                                            std::span<const block_key> keys);
 
-  /// Longest cached prefix of `keys`, leased and recorded as accessed.
-  /// Replaces the contents of `out` with one lease per matched block.
+  /// Longest cached prefix of `keys`, leased and recorded as accessed: in
+  /// memory, then in the memory tier, whose blocks are brought back first
+  /// (as lookup() counts them; not on disk). Replaces the contents of
+  /// `out` with one lease per matched block.
   [[nodiscard]] result<std::size_t>
   acquire_prefix(ns_id ns, std::span<const block_key> keys,
                  std::vector<read_lease>& out);
@@ -645,10 +647,13 @@ private:
   /// request is no longer the first to go. Call before touch(): the
   /// policies learn the new priority from that access.
   void raise_priority(std::uint32_t id, priority p) noexcept;
-  /// acquire_prefix() for a request of priority `p` (raise_priority()).
+  /// acquire_prefix() for a request of priority `p` (raise_priority());
+  /// the memory tier's part of the prefix only `from_tier` (process()
+  /// brings it back itself, counting it).
   [[nodiscard]] result<std::size_t>
   acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
-                    std::vector<read_lease>& out, priority p);
+                    std::vector<read_lease>& out, priority p,
+                    bool from_tier = false);
   /// Leases the leading visible blocks of `keys` into `out` (at `t`),
   /// linking a block brought back without its parent under the one before
   /// it; with `use`, raises each to that priority and records an access

@@ -228,6 +228,36 @@ TEST_F(store_tier_test, cold_blocks_move_to_the_tier_and_come_back_on_a_hit) {
     expect_correct(k);
 }
 
+// acquire_prefix() leases the prefix lookup() counts: memory, then the
+// memory tier, whose blocks come back. Before, it stopped where memory did:
+// 0 blocks here, while lookup() said 4.
+TEST_F(store_tier_test,
+       acquire_prefix_brings_the_tier_part_back_and_leases_it) {
+  const auto a = chain(1, 4);
+  run(a);
+  // The last two go to the tier (leaf first); the first two stay.
+  auto started = store_->demote_to_tier(2 * store_->used_bytes() / 4);
+  ASSERT_TRUE(started.has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 2U);
+  ASSERT_EQ(store_->lookup(ns_, a).value_or(0), 4U);
+  std::vector<read_lease> leases;
+  auto n = store_->acquire_prefix(ns_, a, leases);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  EXPECT_EQ(*n, 4U);
+  ASSERT_EQ(leases.size(), 4U);
+  EXPECT_EQ(store_->tier_block_count(), 0U);
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(leases[i].key(), a[i]);
+    std::vector<std::byte> out(spec().value_bytes());
+    EXPECT_TRUE(store_->read(leases[i], out).has_value());
+  }
+  // Leased: none of them can go to the tier again while held.
+  EXPECT_EQ(store_->demote_to_tier(store_->used_bytes()).value_or(1), 0U);
+  leases.clear();
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test, a_leaf_goes_first_and_a_parent_only_with_all_children) {
   // a0 <- a1 <- {a2, b2}: a batch of three can take a2, then not a1 (b2
   // still hangs from it), then b2's... only what the budget allows.
