@@ -81,7 +81,7 @@ gpu_memory_manager::device_excess(const memory_reading& r) const noexcept {
   const auto target = static_cast<std::size_t>(
       std::floor(config_.target * static_cast<double>(r.device_total)));
   const std::size_t used = effective_used(r);
-  if (used <= target || (!r.relieving && usage(r) <= config_.threshold))
+  if (used <= target || usage(r) <= config_.threshold)
     return 0;
   return used - target;
 }
@@ -124,22 +124,6 @@ relief gpu_memory_manager::relieve(const memory_reading& r,
     out.evicted = store.evict_bytes(left);
   return out;
 }
-
-namespace {
-/// Whether the device of reading `r` is still to be relieved after `done`.
-bool still_relieving(const memory_reading& r, const relief& done) noexcept {
-  if (done.device_excess == 0) // at or below the target (or never above)
-    return false;
-  const std::size_t freed = done.demoted + done.evicted + r.in_flight;
-  if (freed >= done.device_excess)
-    return false;
-  // Its share is done (or on its way), the others' not yet: they go on
-  // down to the target even below the threshold. An engine that could
-  // free nothing leaves the device as it was: with no blocks its reading
-  // is no reason to relieve (it may not know its neighbours yet).
-  return freed > 0 ? true : r.relieving;
-}
-} // namespace
 
 result<relief_hook>
 internal::device_memory_relief(const memory_manager_config& config,
@@ -189,7 +173,7 @@ internal::device_memory_relief(const memory_manager_config& config,
     const relief done = m.relieve(r, store, demote);
     if (device) {
       readings->settle(*device, slot, store.capacity_bytes(),
-                       store.used_bytes(), still_relieving(r, done));
+                       store.used_bytes());
     }
     return done.demoted + done.evicted;
   }};

@@ -44,11 +44,6 @@ struct memory_reading {
   std::size_t other_arenas_free = 0;
   /// Bytes of the other engines' arenas on this device that hold blocks.
   std::size_t other_pools_used = 0;
-  /// The device is being relieved: a reading went above the threshold and
-  /// the engines have not yet brought it down to the target, so relief goes
-  /// on between the two (the first engine's share alone may take it below
-  /// the threshold). Kept by device_memory_relief_per_engine()'s record.
-  bool relieving = false;
 };
 
 struct memory_manager_config {
@@ -88,8 +83,7 @@ public:
   /// Fraction of the device in use, not counting the arenas' free parts
   /// (the caller's and r.other_arenas_free).
   [[nodiscard]] static double usage(const memory_reading& r) noexcept;
-  /// Bytes the device is above the target: 0 at or below the threshold,
-  /// unless r.relieving (then 0 only at or below the target).
+  /// Bytes the device is above the target: 0 at or below the threshold.
   [[nodiscard]] std::size_t
   device_excess(const memory_reading& r) const noexcept;
   /// The caller's share of device_excess(r): in proportion to r.pool_used
@@ -133,10 +127,10 @@ using relief_hook =
 /// reading (its arena's capacity and used bytes, after its relief), so
 /// each engine counts the other arenas' free parts as free and frees only
 /// its share of the device's excess (gpu_memory_manager::excess). The
-/// record also keeps a device being relieved until one of its engines
-/// reads it at or below the target (memory_reading::relieving): the
-/// engines' shares, taken in turn, bring it down to the target rather than
-/// the first one's alone just below the threshold. Pass every engine on a
+/// first engine's share may bring the device below the threshold: the
+/// others then free nothing, and the device rests between the target and
+/// the threshold (no state is kept across calls that could make engines
+/// go on evicting below the threshold). Pass every engine on a
 /// device the same hook (copies of it share the record). A record is as
 /// old as its engine's last call: blocks that changed since (expired, or
 /// demotions finished but not yet collected) show at the engine's next

@@ -120,25 +120,18 @@ TEST(memory_manager_test,
   EXPECT_LE(m->excess(f) + m->excess(g), m->device_excess(f) + 2);
 }
 
-TEST(memory_manager_test, a_device_being_relieved_goes_down_to_the_target) {
+TEST(memory_manager_test, below_the_threshold_nothing_is_freed) {
   auto m = gpu_memory_manager::create();
   ASSERT_TRUE(m);
-  // A has freed its share: 69.5 GiB used, below the threshold.
+  // A has freed its share: 69.5 GiB used, below the threshold. B frees
+  // nothing: no state kept across calls carries relief below the
+  // threshold (a flag that did could stay set for good where pinned
+  // blocks kept the device above the target, and every engine then
+  // evicted each new block).
   memory_reading b = shared_gpu(37 * gib, 31 * gib + gib / 2);
   EXPECT_NEAR(gpu_memory_manager::usage(b), 69.5 / 80.0, 1e-9);
-  EXPECT_EQ(m->excess(b), 0U) << "not being relieved: nothing";
-  b.relieving = true;
-  EXPECT_EQ(m->device_excess(b), 5 * gib + gib / 2);
-  EXPECT_GT(m->excess(b), 0U);
-  EXPECT_LT(m->excess(b), 5 * gib + gib / 2) << "A's share is A's";
-  // At the target relief ends, flag or not: B holds 26 GiB and A 37,
-  // 77 - 12 - 1 = 64 GiB used.
-  b = shared_gpu(26 * gib, 37 * gib);
-  b.relieving = true;
   EXPECT_EQ(m->device_excess(b), 0U);
   EXPECT_EQ(m->excess(b), 0U);
-  b.pool_used += 1; // a byte above it
-  EXPECT_EQ(m->device_excess(b), 1U);
 }
 
 TEST(memory_manager_test, device_readings_share_what_is_on_the_same_device) {
@@ -153,20 +146,18 @@ TEST(memory_manager_test, device_readings_share_what_is_on_the_same_device) {
   memory_reading r = rec.share(0, 0, reading(10, 4));
   EXPECT_EQ(r.other_arenas_free, 0U) << "alone so far";
   EXPECT_EQ(r.other_pools_used, 0U);
-  EXPECT_FALSE(r.relieving);
   (void)rec.share(1, 1, reading(100, 90));
   r = rec.share(0, 2, reading(20, 5));
   EXPECT_EQ(r.other_arenas_free, 6U) << "slot 0's, not slot 1's";
   EXPECT_EQ(r.other_pools_used, 4U);
-  // Slot 2 freed 3 bytes and the device is still to be relieved.
-  rec.settle(0, 2, 20, 2, true);
+  // Slot 2 freed 3 bytes.
+  rec.settle(0, 2, 20, 2);
   r = rec.share(0, 0, reading(10, 4));
   EXPECT_EQ(r.other_arenas_free, 18U);
   EXPECT_EQ(r.other_pools_used, 2U);
-  EXPECT_TRUE(r.relieving);
-  EXPECT_FALSE(rec.share(1, 1, reading(100, 90)).relieving) << "GPU 1";
-  rec.settle(0, 0, 10, 4, false);
-  EXPECT_FALSE(rec.share(0, 2, reading(20, 2)).relieving);
+  r = rec.share(1, 1, reading(100, 90));
+  EXPECT_EQ(r.other_arenas_free, 0U) << "GPU 1 alone";
+  EXPECT_EQ(r.other_pools_used, 0U);
 }
 
 class memory_manager_store_test : public ::testing::Test {
@@ -359,7 +350,8 @@ TEST_F(memory_manager_store_test,
 }
 
 /// Puts `blocks` blocks of 16 KiB into `store`.
-void fill(engine::block_store& store, std::size_t blocks) {
+void fill(engine::block_store& store, std::size_t blocks,
+          std::uint64_t first = 1) {
   engine::namespace_spec spec;
   spec.model = "m";
   spec.layers = 1;
@@ -370,7 +362,7 @@ void fill(engine::block_store& store, std::size_t blocks) {
   ASSERT_TRUE(ns);
   const std::vector<std::byte> value(spec.value_bytes(), std::byte{1});
   for (std::uint64_t i = 0; i < blocks; ++i) {
-    auto h = store.reserve(*ns, engine::block_key{i + 1, 9}, {}, {});
+    auto h = store.reserve(*ns, engine::block_key{first + i, 9}, {}, {});
     ASSERT_TRUE(h && store.write(*h, value) && store.commit(*h));
   }
 }
@@ -448,16 +440,25 @@ TEST(memory_manager_hook_test, engines_sharing_a_gpu_free_its_excess_once) {
     if (now == 0)
       break;
   }
-  EXPECT_LE(gpu.really_used(), target) << "down to the target";
-  EXPECT_GE(freed, excess);
-  // Not each engine all of it: the excess once, give or take a block a
-  // call (shares are freed in whole blocks).
+  const auto threshold =
+      static_cast<std::size_t>(0.3 * static_cast<double>(gpu.total));
+  EXPECT_LE(gpu.really_used(), threshold) << "below the threshold";
+  EXPECT_GT(freed, 0U);
+  // Not each engine all of it: at most the excess once, give or take a
+  // block a call (shares are freed in whole blocks).
   EXPECT_LE(freed, excess + calls * block);
   EXPECT_LT(calls, 40U) << "done in a few turns";
   // Shared about evenly: both pools held as much.
   const std::size_t a_left = gpu.a->used_bytes();
   const std::size_t b_left = gpu.b->used_bytes();
   EXPECT_LE(a_left > b_left ? a_left - b_left : b_left - a_left, excess / 4);
+  // Below the threshold, new blocks stay: nothing carries relief on.
+  const std::size_t before = gpu.a->used_bytes();
+  fill(*gpu.a, 2, 1000); // new keys
+  ASSERT_GT(gpu.a->used_bytes(), before);
+  ASSERT_LE(gpu.really_used(), threshold);
+  EXPECT_EQ((*hook)(0, *gpu.a), 0U);
+  EXPECT_EQ((*hook)(1, *gpu.b), 0U);
   gpu.a->check_invariants();
   gpu.b->check_invariants();
 }

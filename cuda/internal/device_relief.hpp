@@ -19,7 +19,7 @@
 namespace kvfleet::cuda::internal {
 
 /// Each device engine's last reading of its arena (capacity, used bytes),
-/// by slot, and which devices are being relieved. Thread-safe: the relief
+/// by slot. Thread-safe: the relief
 /// hook runs on every engine's own actor thread and they all share one
 /// record, so a mutex guards it (held only to copy a few numbers; nothing
 /// blocks under it). A record is as fresh as its engine's last call.
@@ -27,8 +27,7 @@ class device_readings {
 public:
   /// Records engine `slot`'s arena on `device` (r.pool_capacity,
   /// r.pool_used) and returns `r` with the other engines on `device`
-  /// filled in: the free and used parts of their arenas as last recorded,
-  /// and whether the device is being relieved.
+  /// filled in: the free and used parts of their arenas as last recorded.
   [[nodiscard]] memory_reading share(int device, std::uint32_t slot,
                                      memory_reading r) {
     std::lock_guard lock{mutex_};
@@ -42,18 +41,14 @@ public:
       r.other_arenas_free += e.capacity - used;
       r.other_pools_used += used;
     }
-    const auto it = relieving_.find(device);
-    r.relieving = it != relieving_.end() && it->second;
     return r;
   }
 
-  /// After engine `slot`'s relief: its arena now holds `used` bytes, and
-  /// `device` is still to be relieved (`relieving`) or not.
+  /// After engine `slot`'s relief: its arena now holds `used` bytes.
   void settle(int device, std::uint32_t slot, std::size_t capacity,
-              std::size_t used, bool relieving) {
+              std::size_t used) {
     std::lock_guard lock{mutex_};
     engines_[slot] = {device, capacity, used};
-    relieving_[device] = relieving;
   }
 
 private:
@@ -64,7 +59,6 @@ private:
   };
   std::mutex mutex_;
   std::map<std::uint32_t, arena> engines_; // by slot
-  std::map<int, bool> relieving_;          // by device
 };
 
 /// How the hook sees the machine. device_memory_relief_per_engine() passes
