@@ -481,6 +481,8 @@ block_store::acquire_prefix_at(ns_id ns, std::span<const block_key> keys,
   // bring it back, as process() does, and lease it too. Before, the
   // prefix stopped at memory's end.
   if (from_tier && tier_ && out.size() < keys.size()) {
+    // A block that cannot be brought back is no error of this call.
+    const nested_scope nested(*this);
     poll_tier();
     const std::size_t n = tier_prefix_length(ns, keys.subspan(out.size()));
     if (n > 0) {

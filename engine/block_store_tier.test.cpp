@@ -258,6 +258,35 @@ TEST_F(store_tier_test,
   store_->check_invariants();
 }
 
+// A tier block that cannot be brought back (no room: memory full of
+// pinned blocks) ends the prefix there, and the call, which succeeds, counts
+// no rejected request for it.
+TEST_F(store_tier_test, acquire_prefix_stops_at_a_tier_block_with_no_room) {
+  open(8, 16);
+  const auto a = chain(1, 4);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(2 * store_->used_bytes() / 4));
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 2U);
+  for (std::uint64_t i = 0; i < 5; ++i) {
+    put_options pin;
+    pin.pin = true;
+    auto h = store_->reserve(ns_, chain(1000 + i * 10, 1)[0], {}, pin);
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    ASSERT_TRUE(store_->write_from(*h, producer_).has_value());
+    ASSERT_TRUE(store_->commit(*h).has_value());
+  }
+  const auto rejected = store_->stats().rejected_requests;
+  std::vector<read_lease> leases;
+  auto n = store_->acquire_prefix(ns_, a, leases);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  EXPECT_LT(*n, 4U);
+  EXPECT_GE(*n, 2U);
+  EXPECT_EQ(store_->stats().rejected_requests, rejected);
+  leases.clear();
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test, a_leaf_goes_first_and_a_parent_only_with_all_children) {
   // a0 <- a1 <- {a2, b2}: a batch of three can take a2, then not a1 (b2
   // still hangs from it), then b2's... only what the budget allows.

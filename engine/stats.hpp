@@ -68,7 +68,7 @@ struct store_stats {
   std::uint64_t lookups = 0;
   /// Blocks found: lookup() in memory and the memory tier, lookup_tiers()
   /// and process() also on disk (what a request matches), acquire_prefix()
-  /// in memory (engine/README.md "Stats").
+  /// in memory and the memory tier (engine/README.md "Stats").
   std::uint64_t block_hits = 0;
   std::uint64_t block_misses = 0;
   std::uint64_t token_hits = 0;   ///< process() only: prompt tokens served
