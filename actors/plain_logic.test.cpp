@@ -1141,6 +1141,19 @@ TEST(TransitionModel, AStrayTransitionDoesNotDisplaceTheOnlyStrongSuccessor) {
   EXPECT_NEAR(p->confidence, 100.0 / 101.0, 1e-9);
 }
 
+TEST(TransitionModel, TheLargestTopKIsUnbounded) {
+  // top_k + 1 wrapped to 0 there: the first successor was written through
+  // the end of an empty list.
+  transition_config c;
+  c.top_k = std::numeric_limits<std::size_t>::max();
+  auto m = model(c);
+  m.observe(1, "A");
+  m.observe(1, "B");
+  auto p = m.predict("A");
+  ASSERT_TRUE(p);
+  EXPECT_EQ(p->query, "B");
+}
+
 TEST(TransitionModel, OneOffsDoNotDisplaceAHeavyHitter) {
   // A successor that followed more than total / top_k of the transitions is
   // kept whatever the one-offs between (space-saving): B, 60% of A's

@@ -86,7 +86,7 @@ void transition_model::count(const std::string& from, const std::string& to) {
   // top_k successors and one slot more for newcomers, so a stray
   // transition takes that slot, not the place of a strong successor (with
   // top_k 1, the only one).
-  if (next.size() < config_.top_k + 1) {
+  if (next.size() <= config_.top_k) { // not top_k + 1: it may be SIZE_MAX
     next.push_back(successor{to, 1.0, 0.0});
     return;
   }
