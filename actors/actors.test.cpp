@@ -30,6 +30,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <caf/actor_system.hpp>
@@ -187,6 +188,9 @@ protected:
     });
     return out;
   }
+
+  std::tuple<caf::actor, kv_request, kv_request>
+  two_engines_holding_a_prefix_each();
 
   template <class T, class... Ts> T ask_now(const caf::actor& dest, Ts... xs) {
     auto out = ask<T>(dest, xs...);
@@ -1060,18 +1064,26 @@ TEST_F(actor_test, RetiredSlotsAreReused) {
   EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
 }
 
-TEST_F(actor_test, ALookupDoesNotGoToAnEngineBeingRetired) {
-  // Engine 1 holds the prefix and is retired with nothing in flight, so the
-  // balancer stops it at once. A lookup right behind the retire must not
-  // be sent to it (it would be answered request_receiver_down): it asks a
-  // live engine, which holds nothing of it (a miss, not an error).
+/// A round-robin balancer of two engines; request r0 (3 blocks) went to
+/// engine 0 and r1 to engine 1, so each holds one prefix.
+std::tuple<caf::actor, kv_request, kv_request>
+actor_test::two_engines_holding_a_prefix_each() {
   auto b = balancer(routing_policy::round_robin,
                     {small_engine(64), small_engine(64)});
   sched_->run();
   const auto r0 = make_request(1, 0, 0, 3, 1);
   const auto r1 = make_request(2, 0, 0, 3, 2);
-  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r0).engine, 0U);
-  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r1).engine, 1U);
+  EXPECT_EQ(ask_now<kv_reply>(b, process_atom::value, r0).engine, 0U);
+  EXPECT_EQ(ask_now<kv_reply>(b, process_atom::value, r1).engine, 1U);
+  return {b, r0, r1};
+}
+
+TEST_F(actor_test, ALookupDoesNotGoToAnEngineBeingRetired) {
+  // Engine 1 holds the prefix and is retired with nothing in flight, so the
+  // balancer stops it at once. A lookup right behind the retire must not
+  // be sent to it (it would be answered request_receiver_down): it asks a
+  // live engine, which holds nothing of it (a miss, not an error).
+  const auto [b, r0, r1] = two_engines_holding_a_prefix_each();
   auto retired = ask<std::uint32_t>(b, retire_atom::value);
   auto found = ask<std::uint64_t>(b, lookup_atom::value, r1.keys);
   sched_->run();
@@ -1090,13 +1102,7 @@ TEST_F(actor_test, ALookupWhoseEngineDiesIsAskedOfAnotherEngine) {
   // request_receiver_down; the balancer marks engine 1 down and asks
   // engine 0, which holds nothing of it: a miss, not an error. (Before, the
   // caller got request_receiver_down, while a process call was rerouted.)
-  auto b = balancer(routing_policy::round_robin,
-                    {small_engine(64), small_engine(64)});
-  sched_->run();
-  const auto r0 = make_request(1, 0, 0, 3, 1);
-  const auto r1 = make_request(2, 0, 0, 3, 2);
-  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r0).engine, 0U);
-  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, r1).engine, 1U);
+  const auto [b, r0, r1] = two_engines_holding_a_prefix_each();
   const auto e1 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{1});
   auto found = ask<std::uint64_t>(b, lookup_atom::value, r1.keys);
   run_all_but(*sched_, e1); // the lookup waits in engine 1's mailbox

@@ -138,6 +138,8 @@ protected:
     return keys;
   }
 
+  std::vector<std::vector<block_key>> twenty_short_blocks_in_a_store_of_100();
+
   void put_chain(const std::vector<block_key>& keys,
                  const put_options& opts = {}) {
     block_key parent{};
@@ -1397,7 +1399,11 @@ TEST_F(store_fixture, a_producer_that_throws_fails_the_call_with_an_error) {
   store_->check_invariants();
 }
 
-TEST_F(store_fixture, partitions_keep_long_requests_from_flushing_short_ones) {
+/// Opens a store of 100 blocks (one a slab, LRU, no compression) and puts
+/// 20 one-block short requests in it: below the short partition's 30%
+/// share. Returns their chains.
+std::vector<std::vector<block_key>>
+store_fixture::twenty_short_blocks_in_a_store_of_100() {
   open(100, policy_kind::lru, false, 1);
   put_options short_req;
   short_req.request_tokens = 100;
@@ -1406,6 +1412,11 @@ TEST_F(store_fixture, partitions_keep_long_requests_from_flushing_short_ones) {
     shorts.push_back(chain(10 * (i + 1), 1));
     put_chain(shorts.back(), short_req);
   }
+  return shorts;
+}
+
+TEST_F(store_fixture, partitions_keep_long_requests_from_flushing_short_ones) {
+  const auto shorts = twenty_short_blocks_in_a_store_of_100();
   put_options long_req;
   long_req.request_tokens = 10000;
   for (std::uint64_t i = 0; i < 300; ++i)
@@ -1423,14 +1434,7 @@ TEST_F(store_fixture, one_long_request_does_not_flush_short_ones_within_share) {
   // is put (each block keeps its parent), so past the free room it caches
   // no more, and the short blocks stay. Before, short, the partition with
   // the most of its share in use, gave up every block.
-  open(100, policy_kind::lru, false, 1);
-  put_options short_req;
-  short_req.request_tokens = 100;
-  std::vector<std::vector<block_key>> shorts;
-  for (std::uint64_t i = 0; i < 20; ++i) {
-    shorts.push_back(chain(10 * (i + 1), 1));
-    put_chain(shorts.back(), short_req);
-  }
+  const auto shorts = twenty_short_blocks_in_a_store_of_100();
   put_options long_req;
   long_req.request_tokens = 10000;
   synthetic_producer producer;
@@ -1445,6 +1449,8 @@ TEST_F(store_fixture, one_long_request_does_not_flush_short_ones_within_share) {
   EXPECT_EQ(store_->stats().evictions, 0U);
   // The long partition is over its share now: the next short request
   // takes its room from there.
+  put_options short_req;
+  short_req.request_tokens = 100;
   put_chain(chain(5000, 1), short_req);
   for (const auto& c : shorts)
     EXPECT_TRUE(store_->contains(ns_, c[0]));
