@@ -1108,11 +1108,13 @@ TEST(TransitionModel, ANewPatternTakesOverFromStrongOnesWithoutAging) {
       m.observe(1, "C");
       auto p = m.predict("A");
       ASSERT_TRUE(p) << top_k << " " << i;
-      if (p->query == "C")
+      if (p->query == "C") {
         EXPECT_NEAR(p->confidence, i / (total + double(i)), 1e-9);
-      if (i < needed)
+      }
+      if (i < needed) {
         EXPECT_FALSE(p->query == "C" && p->confidence >= 0.5)
             << top_k << " " << i;
+      }
     }
     auto p = m.predict("A");
     ASSERT_TRUE(p) << top_k;

@@ -231,8 +231,9 @@ TEST(prefetch_cli, parses_and_rejects) {
         "0.25",     "--prefetch-at", value};
     const auto r = parse_command_line(at);
     EXPECT_EQ(r.has_value(), ok) << value;
-    if (ok)
+    if (ok) {
       EXPECT_DOUBLE_EQ(r->prefetch.prefetch_at, std::stod(value));
+    }
   }
   // Options prefetch mode would ignore are refused, not silently dropped.
   std::vector<std::string_view> cost{"prefetch", "--workload",
