@@ -1466,32 +1466,43 @@ result<process_result> block_store::process(ns_id ns,
     }
   }
   bool caching = true;
+  // The KV must be computed whether or not it can be cached: a block that
+  // cannot be is produced into the scratch buffer (the host takes its KV
+  // from its own prefill; the producer's time is spent). Before, it was
+  // counted computed but the producer never ran, so a store full of held
+  // blocks answered faster than it computed.
+  const auto compute_uncached = [&](const block_key& key) -> result<void> {
+    ++out.uncached_blocks;
+    return produce_caught(producer, spec, key,
+                          std::span(scratch_.data(), spec.value_bytes()));
+  };
   for (std::size_t i = next; i < keys.size(); ++i) {
     ++out.computed_blocks;
-    if (!caching) {
-      ++out.uncached_blocks;
-      continue;
-    }
-    // The KV must be computed whether or not it can be cached; a block that
-    // cannot be cached ends caching for the rest of this request.
-    auto h = reserve(ns, keys[i], parent, opts);
-    if (!h) {
+    if (caching) {
+      // A block that cannot be cached ends caching for the rest of this
+      // request.
+      auto h = reserve(ns, keys[i], parent, opts);
+      if (h) {
+        if (auto w = write_from(*h, producer); !w) {
+          leases.clear();
+          ++stats_.rejected_requests;
+          return unexpected<error>(w.error());
+        }
+        if (auto c = commit(*h); !c) {
+          leases.clear();
+          ++stats_.rejected_requests;
+          return unexpected<error>(c.error());
+        }
+        parent = keys[i];
+        continue;
+      }
       caching = false;
-      ++out.uncached_blocks;
-      continue;
     }
-    auto w = write_from(*h, producer);
-    if (!w) {
+    if (auto p = compute_uncached(keys[i]); !p) {
       leases.clear();
       ++stats_.rejected_requests;
-      return unexpected<error>(w.error());
+      return unexpected<error>(p.error());
     }
-    if (auto c = commit(*h); !c) {
-      leases.clear();
-      ++stats_.rejected_requests;
-      return unexpected<error>(c.error());
-    }
-    parent = keys[i];
   }
   if (opts.pin)
     for (std::size_t i = 0; i < out.matched_blocks; ++i)

@@ -294,7 +294,8 @@ struct process_result {
   /// Of computed_blocks, those this call did not cache: from the first
   /// block it could not reserve (no room: the pool full of pinned, leased
   /// or chained blocks; or another put of that block still open) to the
-  /// end of the request.
+  /// end of the request. The producer computes them too (into a scratch
+  /// buffer): its time is spent, as a host's prefill would be.
   std::size_t uncached_blocks = 0;
   std::size_t matched_tokens = 0;  ///< prompt tokens served from cache
   std::size_t computed_tokens = 0; ///< prompt tokens the producer computed

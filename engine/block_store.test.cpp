@@ -1399,6 +1399,23 @@ TEST_F(store_fixture, a_producer_that_throws_fails_the_call_with_an_error) {
   store_->check_invariants();
 }
 
+/// The synthetic producer, counting its calls.
+class counting_producer final : public kv_producer {
+public:
+  result<void> produce(const namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    ++calls;
+    return inner_.produce(spec, key, out);
+  }
+  nanos cost(std::size_t tokens) const noexcept override {
+    return inner_.cost(tokens);
+  }
+  std::size_t calls = 0;
+
+private:
+  synthetic_producer inner_;
+};
+
 /// Opens a store of 100 blocks (one a slab, LRU, no compression) and puts
 /// 20 one-block short requests in it: below the short partition's 30%
 /// share. Returns their chains.
@@ -1437,13 +1454,16 @@ TEST_F(store_fixture, one_long_request_does_not_flush_short_ones_within_share) {
   const auto shorts = twenty_short_blocks_in_a_store_of_100();
   put_options long_req;
   long_req.request_tokens = 10000;
-  synthetic_producer producer;
+  counting_producer producer;
   const auto doc = chain(100000, 90);
   const auto r = store_->process(ns_, doc, 90 * 16, producer, long_req);
   ASSERT_TRUE(r.has_value()) << r.error().describe();
   EXPECT_EQ(r->computed_blocks, 90U);
   EXPECT_GT(r->uncached_blocks, 0U);
   EXPECT_LT(r->uncached_blocks, 90U);
+  // Every computed block was produced, the uncached ones too (before, the
+  // producer never ran for them: no prefill time was spent on them).
+  EXPECT_EQ(producer.calls, 90U);
   for (const auto& c : shorts)
     EXPECT_TRUE(store_->contains(ns_, c[0]));
   EXPECT_EQ(store_->stats().evictions, 0U);
