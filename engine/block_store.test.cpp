@@ -139,6 +139,8 @@ protected:
   }
 
   std::vector<std::vector<block_key>> twenty_short_blocks_in_a_store_of_100();
+  void expect_every_put_refuses(const put_options& bad, errc code,
+                                std::string_view says);
 
   void put_chain(const std::vector<block_key>& keys,
                  const put_options& opts = {}) {
@@ -481,21 +483,21 @@ TEST_F(store_fixture, process_refuses_keys_that_are_not_the_prompts_blocks) {
   store_->check_invariants();
 }
 
-TEST_F(store_fixture, a_priority_outside_the_five_is_refused_by_every_put) {
-  // Cast from a number (a peer's message), it would rank above critical in
-  // the priority policy, also for the cached prefix a request matches.
-  open(16, policy_kind::priority);
+/// With the store open: caches the first block of chain(1, 2), then
+/// checks that reserve(), process(), put_tokens() and promote() each refuse
+/// `bad` with `code` (and a message holding `says`), leaving the store as
+/// it was; the first three count one rejected request each.
+void store_fixture::expect_every_put_refuses(const put_options& bad, errc code,
+                                             std::string_view says) {
   const auto k = chain(1, 2);
   synthetic_producer producer;
   ASSERT_TRUE(store_->process(ns_, std::span(k).first(1), 16, producer));
   const std::size_t used = store_->used_bytes();
   const auto rejected = store_->stats().rejected_requests;
-  put_options bad;
-  bad.prio = static_cast<priority>(5);
-  const auto expect_refused = [](const auto& r, const char* what) {
+  const auto expect_refused = [&](const auto& r, const char* what) {
     ASSERT_FALSE(r.has_value()) << what;
-    EXPECT_EQ(r.error().code, errc::invalid_argument) << what;
-    EXPECT_NE(r.error().message.find("priority 5"), std::string::npos)
+    EXPECT_EQ(r.error().code, code) << what << ": " << r.error().describe();
+    EXPECT_NE(r.error().message.find(says), std::string::npos)
         << what << ": " << r.error().message;
   };
   expect_refused(store_->reserve(ns_, k[1], k[0], bad), "reserve");
@@ -510,39 +512,27 @@ TEST_F(store_fixture, a_priority_outside_the_five_is_refused_by_every_put) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, a_priority_outside_the_five_is_refused_by_every_put) {
+  // Cast from a number (a peer's message), it would rank above critical in
+  // the priority policy, also for the cached prefix a request matches.
+  open(16, policy_kind::priority);
+  put_options bad;
+  bad.prio = static_cast<priority>(5);
+  expect_every_put_refuses(bad, errc::invalid_argument, "priority 5");
+}
+
 TEST_F(store_fixture,
        an_unknown_codec_or_a_negative_ttl_is_refused_by_every_put) {
   // process() used to take them: each block's reserve() refused them, and
   // the request succeeded with every block uncached and no error (a 0% hit
   // ratio with nothing to say why); promote() took them too.
   open(16);
-  const auto k = chain(1, 2);
-  synthetic_producer producer;
-  ASSERT_TRUE(store_->process(ns_, std::span(k).first(1), 16, producer));
-  const std::size_t used = store_->used_bytes();
-  const auto rejected = store_->stats().rejected_requests;
   put_options bad_codec;
   bad_codec.codec_override = static_cast<codec>(200);
+  expect_every_put_refuses(bad_codec, errc::unknown_codec, "codec");
   put_options negative;
   negative.ttl = std::chrono::seconds(-1);
-  std::vector<std::uint32_t> tokens(32, 7);
-  std::vector<std::byte> values(2 * block_bytes, std::byte{1});
-  for (const auto& [bad, code] :
-       {std::pair{bad_codec, errc::unknown_codec},
-        std::pair{negative, errc::invalid_argument}}) {
-    const auto expect_refused = [code = code](const auto& r, const char* what) {
-      ASSERT_FALSE(r.has_value()) << what;
-      EXPECT_EQ(r.error().code, code) << what << ": " << r.error().describe();
-    };
-    expect_refused(store_->reserve(ns_, k[1], k[0], bad), "reserve");
-    expect_refused(store_->process(ns_, k, 32, producer, bad), "process");
-    expect_refused(store_->put_tokens(ns_, tokens, values, bad), "put_tokens");
-    expect_refused(store_->promote(ns_, k, bad), "promote");
-  }
-  EXPECT_EQ(store_->used_bytes(), used);
-  EXPECT_EQ(store_->block_count(), 1U);
-  EXPECT_EQ(store_->stats().rejected_requests, rejected + 6);
-  store_->check_invariants();
+  expect_every_put_refuses(negative, errc::invalid_argument, "negative TTL");
 }
 
 TEST(block_store, creation_errors) {
