@@ -87,11 +87,16 @@ prefetch_options tiny() {
   return o;
 }
 
+/// tiny()'s chat requests.
+result<std::vector<engine::workload_request>> tiny_chat() {
+  engine::workload_options wo;
+  wo.requests = tiny().base.requests;
+  return engine::generate_workload("chat", wo);
+}
+
 TEST(prefetch_mode, chat_replay_accounts_every_prefetch) {
   const prefetch_options o = tiny();
-  engine::workload_options wo;
-  wo.requests = o.base.requests;
-  auto reqs = engine::generate_workload("chat", wo);
+  const auto reqs = tiny_chat();
   ASSERT_TRUE(reqs);
   auto r = run_prefetch(o, *reqs, "chat");
   ASSERT_TRUE(r) << r.error().describe();
@@ -121,9 +126,7 @@ TEST(prefetch_mode, a_prefetch_right_after_its_request_fetches_nothing) {
   // judged (before, each counted useful when any later request matched it).
   prefetch_options o = tiny();
   o.prefetch_at = 0.0;
-  engine::workload_options wo;
-  wo.requests = o.base.requests;
-  auto reqs = engine::generate_workload("chat", wo);
+  const auto reqs = tiny_chat();
   ASSERT_TRUE(reqs);
   auto r = run_prefetch(o, *reqs, "chat");
   ASSERT_TRUE(r) << r.error().describe();
