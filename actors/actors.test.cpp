@@ -2477,6 +2477,14 @@ kv_request query(std::uint64_t session, std::string q) {
   return r;
 }
 
+/// query(id, q) as request `id` (its session too) at priority `p`.
+kv_request query_at(std::uint64_t id, std::string q, engine::priority p) {
+  kv_request r = query(id, std::move(q));
+  r.id = id;
+  r.prio = p;
+  return r;
+}
+
 TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
   auto pc = eager_prefetch();
@@ -2905,12 +2913,8 @@ TEST_F(actor_test, AWaiterAnsweredByAnothersRequestBeforeItsOwnIsJoined) {
   // prefetch overtaken so counts cached, not judged against a user's
   // computation; before, only a waiter that sent nothing was joined).
   const cache_over_fake f(*sys_, stop_at_end_);
-  auto low = query(1, "q");
-  low.id = 1;
-  low.prio = engine::priority::low;
-  auto high = query(2, "q");
-  high.id = 2;
-  high.prio = engine::priority::high;
+  const auto low = query_at(1, "q", engine::priority::low);
+  const auto high = query_at(2, "q", engine::priority::high);
   auto r1 = ask<kv_reply>(f.cache, query_atom::value, low);
   run_all_but(*sched_, f.balancer);
   auto r2 = ask<kv_reply>(f.cache, query_atom::value, high);
@@ -3336,12 +3340,8 @@ TEST_F(actor_test, QueryCacheSendsAHigherPriorityWaiterItsOwnRequest) {
   const auto& be = f.be;
   const auto& b = f.balancer;
   const auto& qcache = f.cache;
-  auto low = query(1, "q");
-  low.id = 1;
-  low.prio = engine::priority::low;
-  auto crit = query(2, "q");
-  crit.id = 2;
-  crit.prio = engine::priority::critical;
+  const auto low = query_at(1, "q", engine::priority::low);
+  const auto crit = query_at(2, "q", engine::priority::critical);
   auto r1 = ask<kv_reply>(qcache, query_atom::value, low);
   run_all_but(*sched_, b);
   auto r2 = ask<kv_reply>(qcache, query_atom::value, crit);
