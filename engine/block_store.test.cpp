@@ -1,5 +1,6 @@
 #include "engine/block_store.hpp"
 #include "engine/testing/host_wrapper.hpp"
+#include "engine/testing/store_checks.hpp"
 
 #include <gtest/gtest.h>
 
@@ -1513,13 +1514,8 @@ TEST_P(policy_contract, random_workload_keeps_every_invariant) {
 }
 
 INSTANTIATE_TEST_SUITE_P(all, policy_contract,
-                         ::testing::Values(policy_kind::lru, policy_kind::lfu,
-                                           policy_kind::priority,
-                                           policy_kind::adaptive,
-                                           policy_kind::belady),
-                         [](const auto& param_info) {
-                           return std::string(to_string(param_info.param));
-                         });
+                         ::testing::ValuesIn(testing::every_policy_kind),
+                         testing::policy_param_name{});
 
 /// Heap allocations made by `f` on this thread.
 template <typename F> std::size_t allocations_in(F&& f) {
@@ -1606,13 +1602,8 @@ void steady_state::put_and_get_do_not_allocate(bool compression) {
 }
 
 INSTANTIATE_TEST_SUITE_P(every_policy, steady_state,
-                         ::testing::Values(policy_kind::lru, policy_kind::lfu,
-                                           policy_kind::priority,
-                                           policy_kind::adaptive,
-                                           policy_kind::belady),
-                         [](const auto& param_info) {
-                           return std::string(to_string(param_info.param));
-                         });
+                         ::testing::ValuesIn(testing::every_policy_kind),
+                         testing::policy_param_name{});
 
 TEST_F(store_fixture, lru_evicts_the_least_recently_used_leaf) {
   open(10, policy_kind::lru, false, 1);

@@ -1,4 +1,5 @@
 #include "engine/eviction_policy.hpp"
+#include "engine/testing/store_checks.hpp"
 
 #include <gtest/gtest.h>
 
@@ -110,13 +111,8 @@ TEST_P(policy_priorities, victim_of_a_priority_is_the_first_of_it_in_order) {
 }
 
 INSTANTIATE_TEST_SUITE_P(every_policy, policy_priorities,
-                         ::testing::Values(policy_kind::lru, policy_kind::lfu,
-                                           policy_kind::priority,
-                                           policy_kind::adaptive,
-                                           policy_kind::belady),
-                         [](const auto& param_info) {
-                           return std::string(to_string(param_info.param));
-                         });
+                         ::testing::ValuesIn(testing::every_policy_kind),
+                         testing::policy_param_name{});
 
 } // namespace
 } // namespace kvfleet::engine

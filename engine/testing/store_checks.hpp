@@ -7,10 +7,25 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace kvfleet::engine::testing {
+
+/// Every eviction policy, for tests run once per policy
+/// (`::testing::ValuesIn(every_policy_kind), policy_param_name{}`).
+inline constexpr std::array<policy_kind, 5> every_policy_kind{
+    policy_kind::lru, policy_kind::lfu, policy_kind::priority,
+    policy_kind::adaptive, policy_kind::belady};
+
+/// A policy parameter's test name: the policy's own ("lru", ...).
+struct policy_param_name {
+  template <class Info> std::string operator()(const Info& info) const {
+    return std::string(to_string(info.param));
+  }
+};
 
 /// Keys of a chain of `n` blocks whose token ids are first, first + 1, ...
 inline std::vector<block_key> chain_of(const namespace_spec& spec,
