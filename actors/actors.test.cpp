@@ -767,6 +767,86 @@ TEST_F(actor_test, LeastLoadedAvoidsTheBackloggedEngine) {
   }
 }
 
+/// A factory of small_engine(256, 100, 100ms) engines (which hold each
+/// request in a batch for 100 ms) giving slot i capacity weight
+/// weights[i]; the engine it started last is kept in `*last`.
+engine_factory weighted_engines(std::vector<double> weights,
+                                std::shared_ptr<caf::actor> last) {
+  return [weights, last](caf::actor_system& s,
+                         std::uint32_t slot) -> result<started_engine> {
+    auto c = small_engine(256, 100, 100ms);
+    c.slot = slot;
+    auto started = started_now(spawn_engine_actor(s, c));
+    if (started) {
+      started->weight = weights.at(slot);
+      *last = started->actor;
+    }
+    return started;
+  };
+}
+
+TEST_F(actor_test, LeastLoadedDividesTheLoadByTheCapacityWeight) {
+  // Slot 1 has three times slot 0's capacity: of 8 requests held in flight
+  // it takes 6 (in_flight / weight decides; ties go to the lower slot).
+  balancer_config bc;
+  bc.routing.policy = routing_policy::least_loaded;
+  bc.initial_engines = 2;
+  auto b = started_balancer(
+      bc, weighted_engines({1.0, 3.0}, std::make_shared<caf::actor>()));
+  std::vector<std::shared_ptr<outcome<kv_reply>>> out;
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    out.push_back(
+        ask<kv_reply>(b, process_atom::value, make_request(i, 0, 0, 1, i)));
+    sched_->run();
+  }
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.in_flight, (std::vector<std::uint64_t>{2, 6}));
+  EXPECT_EQ(st.weight, (std::vector<double>{1.0, 3.0}));
+  sched_->advance_time(100ms);
+  sched_->run();
+  for (auto& o : out)
+    EXPECT_TRUE(o->value.has_value());
+}
+
+TEST_F(actor_test, AReplicaWithABadCapacityWeightFailsToStartAndExits) {
+  // The factory gives the replica in slot 1 a weight that is not finite
+  // and > 0: the replica_atom gets invalid_argument naming it, the engine
+  // the factory spawned is told to exit, and slot 0 serves on.
+  for (double bad : {0.0, -2.0, std::nan("")}) {
+    balancer_config bc;
+    bc.initial_engines = 1;
+    auto last = std::make_shared<caf::actor>();
+    auto b = started_balancer(bc, weighted_engines({1.0, bad}, last));
+    auto replica = ask<std::uint32_t>(b, replica_atom::value);
+    sched_->run();
+    auto gone = std::make_shared<bool>(false);
+    stop_at_end_.push_back(sys_->spawn(
+        [engine = *last, gone](caf::event_based_actor* self) -> caf::behavior {
+          self->monitor(engine);
+          self->set_down_handler([gone](caf::down_msg&) { *gone = true; });
+          return {[](std::int32_t) {}}; // stays up to hear the down_msg
+        }));
+    sched_->run();
+    ASSERT_TRUE(replica->error.has_value()) << bad;
+    const auto e = from_caf_error(*replica->error);
+    EXPECT_EQ(e.code, errc::invalid_argument);
+    EXPECT_NE(e.message.find("capacity weight"), std::string::npos)
+        << e.message;
+    EXPECT_TRUE(*gone) << bad;
+    auto st = ask_now<balancer_stats>(b, stats_atom::value);
+    EXPECT_EQ(st.live, 1U);
+    EXPECT_EQ(st.engines, 1U);
+    auto served =
+        ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+    sched_->run();
+    sched_->advance_time(100ms);
+    sched_->run();
+    EXPECT_TRUE(served->value.has_value()) << bad;
+    caf::anon_send_exit(b, caf::exit_reason::user_shutdown);
+    sched_->run();
+  }
+}
+
 struct routing_outcome {
   double hit_ratio = 0.0;
   double max_share = 0.0;

@@ -147,6 +147,14 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
   auto started = st.make_engine(self->system(), slot);
   if (!started)
     return unexpected<error>{started.error()};
+  if (!st.route.set_weight(slot, started->weight)) {
+    self->send_exit(started->actor, caf::exit_reason::user_shutdown);
+    return make_error(errc::invalid_argument,
+                      "the engine factory gave slot " + std::to_string(slot) +
+                          " capacity weight " +
+                          std::to_string(started->weight) +
+                          "; it must be finite and > 0");
+  }
   auto& info = st.slots[slot];
   info.engine = std::move(started->actor);
   info.kind = kind;
@@ -733,6 +741,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
           out.routed.push_back(s.slots[slot].routed);
           out.in_flight.push_back(s.route.in_flight(slot));
+          out.weight.push_back(s.route.weight(slot));
           out.up.push_back(
               s.route.is_up(slot) && !s.route.is_draining(slot) ? 1 : 0);
         }

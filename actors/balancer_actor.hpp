@@ -3,8 +3,9 @@
 ///
 /// It spawns the engine actors through `make_engine`, monitors them and
 /// routes each request with a `router` (router.hpp: round robin, least
-/// loaded by in-flight count / capacity weight, or kv-aware with a prefix
-/// index fed by the engines' block events).
+/// loaded by in-flight count / capacity weight (started_engine::weight, set
+/// by the factory), or kv-aware with a prefix index fed by the engines'
+/// block events).
 ///
 /// Messages:
 ///   (process_atom, kv_request)   -> kv_reply, or an error:
@@ -131,6 +132,13 @@ struct started_engine {
   /// it persists its cached blocks before it exits (retire_atom above).
   /// False: it is told to exit once drained, with no extra message.
   bool disk = false;
+  /// Its capacity weight: least_loaded and kv_aware score it by its
+  /// in-flight count divided by this (router.hpp), so an engine of weight 2
+  /// takes twice the requests of one of weight 1 before it counts as
+  /// equally loaded. Set for each start (a restart may give another). One
+  /// that is not finite and > 0 is a failed start with
+  /// errc::invalid_argument; the engine is told to exit.
+  double weight = 1.0;
 };
 
 /// `engine` as a started_engine that takes requests at once, or its error.

@@ -183,6 +183,9 @@ struct balancer_stats {
   /// works on them; routing weighs an engine by this count).
   std::vector<std::uint64_t> in_flight;
   std::vector<std::uint8_t> up; ///< 1 when live (up and not draining)
+  /// Per slot: the capacity weight its engine's start gave it
+  /// (started_engine::weight; a free slot keeps its last).
+  std::vector<double> weight;
   /// Requests answered with request_timeout: process calls and lookups.
   std::uint64_t timeouts = 0;
   /// Process requests and lookups retried after their engine went down.
@@ -204,8 +207,8 @@ struct balancer_stats {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, balancer_stats& x) {
   return f(caf::meta::type_name("balancer_stats"), x.routed, x.in_flight, x.up,
-           x.timeouts, x.rerouted, x.restarts, x.rejected, x.index_keys, x.live,
-           x.given_up, x.engines);
+           x.weight, x.timeouts, x.rerouted, x.restarts, x.rejected,
+           x.index_keys, x.live, x.given_up, x.engines);
 }
 
 /// A query to warm with its expected frequency.

@@ -125,6 +125,9 @@ public:
   [[nodiscard]] bool is_draining(std::uint32_t slot) const {
     return slots_.at(slot).draining;
   }
+  [[nodiscard]] double weight(std::uint32_t slot) const {
+    return slots_.at(slot).weight;
+  }
   [[nodiscard]] std::uint32_t in_flight(std::uint32_t slot) const {
     return slots_.at(slot).in_flight;
   }
