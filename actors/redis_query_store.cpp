@@ -31,12 +31,11 @@ namespace {
 /// "***", so no message shows a password. The last '@' of the whole URL,
 /// not of the part before the first '/': a password with a '/' left
 /// unencoded puts that '/' before the '@', and the rest of the password
-/// would show.
+/// would show. Without "://" (a mistyped scheme, "redis:/u:pw@h") all
+/// before the last '@' is hidden, the scheme too.
 std::string without_credentials(std::string_view url) {
   const auto scheme_end = url.find("://");
-  if (scheme_end == std::string_view::npos)
-    return std::string(url);
-  const auto start = scheme_end + 3;
+  const auto start = scheme_end == std::string_view::npos ? 0 : scheme_end + 3;
   const auto at = url.rfind('@');
   if (at == std::string_view::npos || at < start)
     return std::string(url);
@@ -220,7 +219,8 @@ result<redis_endpoint> parse_redis_url(std::string_view url) {
     }
   }
   if (ep.host.empty())
-    return url_error(url, "empty host");
+    return url_error(url, "empty host (a Unix socket path is not supported: "
+                          "give host[:port])");
   if (has_port) {
     unsigned value = 0;
     auto [end, ec] =

@@ -227,12 +227,13 @@ TEST(RedisUrl, RejectsBadUrlsSayingWhy) {
   };
   using namespace std::string_literals;
   const auto with_nul = "redis://h\0x:6379"s;
-  for (auto [url, says] : std::array<bad, 14>{{
+  for (auto [url, says] : std::array<bad, 15>{{
            {"", "scheme"},
            {"http://h:1", "scheme"},
            {"rediss://h:1", "TLS"},
            {"redis://", "empty host"},
            {"redis://:6379", "empty host"},
+           {"redis:///tmp/redis.sock", "Unix socket path is not supported"},
            {"redis://h:", "port"},
            {"redis://h:0", "port"},
            {"redis://h:65536", "port"},
@@ -310,7 +311,7 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
     const char* says;
     const char* secret;
   };
-  for (auto [url, says, secret] : std::array<bad, 9>{{
+  for (auto [url, says, secret] : std::array<bad, 12>{{
            {"redis://hunter2@h:1", "user:password", "hunter2"},
            // Unencoded '/', '?' or '#' in the password: the part after it
            // used to show (the '/' case) and the error blamed the port or
@@ -323,6 +324,11 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
            {"redis://alice:hunter%4@h:1", "%-escape", "hunter"},
            {"redis://alice:hunter2@", "empty host", "hunter2"},
            {"rediss://alice:hunter2@h:1", "TLS", "hunter2"},
+           // A mistyped scheme: no "://" to start the credentials from,
+           // so the whole URL used to show.
+           {"redis:/alice:hunter2@h:1", "scheme", "hunter2"},
+           {"redis:alice:hunter2@h:1", "scheme", "hunter2"},
+           {"redis//:hunter2@h:1", "scheme", "hunter2"},
        }}) {
     auto r = parse_redis_url(url);
     ASSERT_FALSE(r.has_value()) << url;
