@@ -1,4 +1,5 @@
 #include "engine/block_store.hpp"
+#include "engine/testing/heap_probe.hpp"
 #include "engine/testing/host_wrapper.hpp"
 #include "engine/testing/store_checks.hpp"
 
@@ -13,31 +14,6 @@
 #include <random>
 #include <stdexcept>
 #include <vector>
-
-// Heap allocations of this thread while `counting_allocations` is set: the
-// steady-state test below checks that put and get allocate nothing. The
-// global replacement covers the whole test binary; it counts nothing
-// unless a test turns it on, and only that test's thread.
-namespace {
-thread_local bool counting_allocations = false;
-thread_local std::size_t allocations = 0;
-} // namespace
-
-void* operator new(std::size_t n) {
-  if (counting_allocations)
-    ++allocations;
-  if (void* p = std::malloc(n == 0 ? 1 : n))
-    return p;
-  throw std::bad_alloc();
-}
-// Not inlined: GCC would otherwise see free() of what operator new returned
-// and warn of a mismatch (-Wmismatched-new-delete), though both use malloc.
-[[gnu::noinline]] void operator delete(void* p) noexcept {
-  std::free(p);
-}
-[[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept {
-  std::free(p);
-}
 
 namespace kvfleet::engine {
 namespace {
@@ -1517,15 +1493,6 @@ INSTANTIATE_TEST_SUITE_P(all, policy_contract,
                          ::testing::ValuesIn(testing::every_policy_kind),
                          testing::policy_param_name{});
 
-/// Heap allocations made by `f` on this thread.
-template <typename F> std::size_t allocations_in(F&& f) {
-  allocations = 0;
-  counting_allocations = true;
-  f();
-  counting_allocations = false;
-  return allocations;
-}
-
 class steady_state : public ::testing::TestWithParam<policy_kind> {
 protected:
   void put_and_get_do_not_allocate(bool compression);
@@ -1581,7 +1548,7 @@ void steady_state::put_and_get_do_not_allocate(bool compression) {
     put(keys[i]);
   for (int round = 0; round < 3; ++round)
     read_all(0, 800);
-  EXPECT_EQ(allocations_in([&] {
+  EXPECT_EQ(testing::heap_allocations_in([&] {
               for (int round = 0; round < 10; ++round)
                 read_all(0, 800);
             }),
@@ -1591,7 +1558,7 @@ void steady_state::put_and_get_do_not_allocate(bool compression) {
   for (std::size_t i = 800; i < 3000; ++i)
     put(keys[i]);
   const std::uint64_t evictions = store.stats().evictions;
-  EXPECT_EQ(allocations_in([&] {
+  EXPECT_EQ(testing::heap_allocations_in([&] {
               for (std::size_t i = 3000; i < 6000; ++i)
                 put(keys[i]);
             }),

@@ -496,32 +496,33 @@ result<std::size_t> working_set_blocks(std::span<const workload_request> reqs,
       return static_cast<std::size_t>(h);
     }
   };
-  std::unordered_map<edge, std::uint64_t, edge_hash> nodes;
-  stop_poll poll{stop};
   std::size_t ids_seen = 0;
-  for (std::size_t r = 0; r < reqs.size(); ++r) {
-    const workload_request& q = reqs[r];
-    std::size_t full = q.hash_ids.size();
-    if (block_tokens != 0)
-      full = std::min<std::size_t>(full, q.input_length / block_tokens);
-    std::uint64_t parent = 0;
-    for (std::size_t i = 0; i < full; ++i) {
-      // Asked per id, not per request: one trace line may hold millions.
-      if (poll.stopped(ids_seen++))
-        return make_error(errc::unavailable,
-                          "stopped after " + std::to_string(r) + " of " +
-                              std::to_string(reqs.size()) + " requests");
-      const auto next = static_cast<std::uint64_t>(nodes.size()) + 1;
-      parent =
-          nodes.try_emplace(edge{parent, q.hash_ids[i]}, next).first->second;
+  try {
+    std::unordered_map<edge, std::uint64_t, edge_hash> nodes;
+    stop_poll poll{stop};
+    for (std::size_t r = 0; r < reqs.size(); ++r) {
+      const workload_request& q = reqs[r];
+      std::size_t full = q.hash_ids.size();
+      if (block_tokens != 0)
+        full = std::min<std::size_t>(full, q.input_length / block_tokens);
+      std::uint64_t parent = 0;
+      for (std::size_t i = 0; i < full; ++i) {
+        // Asked per id, not per request: one trace line may hold millions.
+        if (poll.stopped(ids_seen++))
+          return make_error(errc::unavailable,
+                            "stopped after " + std::to_string(r) + " of " +
+                                std::to_string(reqs.size()) + " requests");
+        const auto next = static_cast<std::uint64_t>(nodes.size()) + 1;
+        parent =
+            nodes.try_emplace(edge{parent, q.hash_ids[i]}, next).first->second;
+      }
     }
+    return nodes.size();
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "not enough memory to count the working set (" +
+                          std::to_string(ids_seen) + " block ids read)");
   }
-  return nodes.size();
-}
-
-std::size_t working_set_blocks(std::span<const workload_request> reqs,
-                               std::uint32_t block_tokens) {
-  return *working_set_blocks(reqs, block_tokens, {});
 }
 
 } // namespace kvfleet::engine

@@ -110,17 +110,15 @@ generate_workload(std::string_view name, const workload_options& opts);
 /// including them are equal, so ids that are not prefix-chained (as in some
 /// traces) are still counted per prefix. `block_tokens` must be the block
 /// size the ids were made with; 0 counts every id.
-[[nodiscard]] std::size_t
-working_set_blocks(std::span<const workload_request> reqs,
-                   std::uint32_t block_tokens);
-
-/// `working_set_blocks` that can be stopped: `stop` (may be empty) is asked
-/// before the first id and then about every 4,096 ids; true stops the count
-/// with `errc::unavailable` ("stopped after N of M requests"). Counting
-/// 5,000,000 chat requests takes tens of seconds.
+///
+/// `stop` (may be empty) is asked before the first id and then about every
+/// 4,096 ids; true stops the count with `errc::unavailable` ("stopped after
+/// N of M requests"). Counting 5,000,000 chat requests takes tens of
+/// seconds. `errc::out_of_memory` when the prefixes do not fit in memory
+/// (about 40 bytes each).
 [[nodiscard]] result<std::size_t>
 working_set_blocks(std::span<const workload_request> reqs,
                    std::uint32_t block_tokens,
-                   const std::function<bool()>& stop);
+                   const std::function<bool()>& stop = {});
 
 } // namespace kvfleet::engine

@@ -1,6 +1,7 @@
 #include "engine/workload.hpp"
 
 #include "engine/stop_poll.hpp"
+#include "engine/testing/heap_probe.hpp"
 
 #include <gtest/gtest.h>
 
@@ -9,6 +10,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -164,7 +166,7 @@ TEST(workload, default_workloads_match_the_documented_table) {
       for (const auto& r : reqs)
         refs += std::min(r.hash_ids.size(), full_blocks(r, bt));
       EXPECT_EQ(refs, bt == 512 ? want.refs_512 : want.refs_128);
-      EXPECT_EQ(working_set_blocks(reqs, bt),
+      EXPECT_EQ(working_set_blocks(reqs, bt).value(),
                 bt == 512 ? want.set_512 : want.set_128);
     }
   }
@@ -295,7 +297,7 @@ TEST(workload, doc_qa_reuses_documents) {
   std::size_t total_full = 0;
   for (const auto& r : reqs)
     total_full += full_blocks(r, bt);
-  EXPECT_LT(working_set_blocks(reqs, bt), total_full / 2);
+  EXPECT_LT(working_set_blocks(reqs, bt).value(), total_full / 2);
 }
 
 TEST(workload, working_set_counts_distinct_full_block_prefixes) {
@@ -311,9 +313,26 @@ TEST(workload, working_set_counts_distinct_full_block_prefixes) {
   reqs[3].hash_ids = {7, 2};
   reqs[4].input_length = 3; // no full block
   reqs[4].hash_ids = {8};
-  EXPECT_EQ(working_set_blocks(reqs, bt), 6U);
-  EXPECT_EQ(working_set_blocks(reqs, 0), 8U); // every id counts
-  EXPECT_EQ(working_set_blocks({}, bt), 0U);
+  EXPECT_EQ(working_set_blocks(reqs, bt).value(), 6U);
+  EXPECT_EQ(working_set_blocks(reqs, 0).value(), 8U); // every id counts
+  EXPECT_EQ(working_set_blocks({}, bt).value(), 0U);
+}
+
+TEST(workload, working_set_out_of_memory_is_an_error_not_an_exception) {
+  // The count's map cannot grow: out_of_memory comes back as a value (it
+  // used to escape as std::bad_alloc and end the program).
+  std::vector<workload_request> reqs(1);
+  reqs[0].input_length = 8;
+  reqs[0].hash_ids = {1, 2};
+  std::optional<result<std::size_t>> got;
+  ASSERT_TRUE(testing::failing_allocation(
+      0, [&] { got.emplace(working_set_blocks(reqs, 4)); }));
+  ASSERT_TRUE(got.has_value());
+  ASSERT_FALSE(got->has_value());
+  EXPECT_EQ(got->error().code, errc::out_of_memory);
+  EXPECT_NE(got->error().message.find("working set"), std::string::npos)
+      << got->error().message;
+  EXPECT_EQ(working_set_blocks(reqs, 4).value(), 2U); // heap back: counts
 }
 
 /// A stop predicate that says stop from its `stop_at`-th call on, and
@@ -403,7 +422,7 @@ TEST(workload, stop_ends_the_working_set_count_within_a_few_thousand_ids) {
   counting_stop never{std::numeric_limits<std::size_t>::max()};
   const auto all = working_set_blocks(reqs, 512, never.fn());
   ASSERT_TRUE(all.has_value());
-  EXPECT_EQ(*all, working_set_blocks(reqs, 512));
+  EXPECT_EQ(*all, working_set_blocks(reqs, 512).value());
   EXPECT_EQ(never.calls, (ids + stop_poll_items - 1) / stop_poll_items);
 
   counting_stop at_once{1};

@@ -1,0 +1,20 @@
+#pragma once
+/// The engine test binary's replacement of the global operator new (tests
+/// only, heap_probe.test.cpp): it counts nothing and fails nothing unless a
+/// test asks, and then only on that test's thread.
+
+#include <cstddef>
+#include <functional>
+
+namespace kvfleet::engine::testing {
+
+/// Heap allocations (calls of operator new) `f` makes on this thread.
+std::size_t heap_allocations_in(const std::function<void()>& f);
+
+/// Runs `f` with the `nth` call of operator new on this thread (0: the
+/// first) throwing std::bad_alloc, as when memory runs out for one large
+/// allocation; the calls before and after it succeed. Returns whether that
+/// call came (f made more than `nth` allocations).
+bool failing_allocation(std::size_t nth, const std::function<void()>& f);
+
+} // namespace kvfleet::engine::testing
