@@ -1176,6 +1176,53 @@ TEST_F(actor_test, ALookupDoesNotGoToAnEngineBeingRetired) {
   EXPECT_EQ(ask_now<std::uint64_t>(b, lookup_atom::value, r0.keys), 3U);
 }
 
+TEST_F(actor_test, EngineAtomGivesARetiringEngineOnlyWhenAskedTo) {
+  // Engine 1 is retired with a request held in its batch, so it drains.
+  // engine_atom(1) refuses it (a put there would go with it);
+  // engine_atom(1, true) gives it until it has exited, then not_found.
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64, 100, 100ms)});
+  sched_->run();
+  ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  auto held =
+      ask<kv_reply>(b, process_atom::value, make_request(2, 0, 0, 1, 2));
+  sched_->run();
+  ASSERT_FALSE(held->done()) << "engine 1 holds its request";
+  ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  auto refused = ask<caf::actor>(b, engine_atom::value, std::uint32_t{1});
+  sched_->run();
+  ASSERT_TRUE(refused->error.has_value());
+  EXPECT_EQ(from_caf_error(*refused->error).code, errc::unavailable);
+  const auto e1 =
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{1}, true);
+  EXPECT_TRUE(e1);
+  EXPECT_TRUE(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}, false));
+  sched_->advance_time(100ms); // its batch closes; it answers and exits
+  sched_->run();
+  EXPECT_TRUE(held->value.has_value());
+  auto gone = ask<caf::actor>(b, engine_atom::value, std::uint32_t{1}, true);
+  sched_->run();
+  ASSERT_TRUE(gone->error.has_value());
+  EXPECT_EQ(from_caf_error(*gone->error).code, errc::not_found);
+}
+
+TEST_F(actor_test, ALookupWithNoEngineCountsAsRejected) {
+  // Like a process request refused for want of an engine.
+  balancer_config bc;
+  bc.initial_engines = 0;
+  auto b = started_balancer(
+      bc, [](caf::actor_system&, std::uint32_t) -> result<started_engine> {
+        return make_error(errc::backend_error, "not called (test)");
+      });
+  auto found = ask<std::uint64_t>(b, lookup_atom::value,
+                                  make_request(1, 0, 0, 1, 1).keys);
+  sched_->run();
+  ASSERT_TRUE(found->error.has_value());
+  EXPECT_EQ(from_caf_error(*found->error).code, errc::unavailable);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).rejected, 1U);
+}
+
 TEST_F(actor_test, ALookupWhoseEngineDiesIsAskedOfAnotherEngine) {
   // Engine 1 holds the prefix and dies with the balancer's lookup in its
   // mailbox (killed ahead of it). The lookup is answered

@@ -303,6 +303,21 @@ void open_failed(balancer_actor* self, std::uint32_t slot,
   info.replica = owed_reply{};
 }
 
+/// What engine_atom answers for `slot` (balancer_actor.hpp).
+caf::result<caf::actor> engine_of(const balancer_state& s, std::uint32_t slot,
+                                  bool retiring_too) {
+  if (slot >= s.slots.size() || !s.slots[slot].engine)
+    return to_caf_error(error{errc::not_found, "no live engine in slot " +
+                                                   std::to_string(slot)});
+  if (s.slots[slot].retiring && !retiring_too)
+    return to_caf_error(
+        error{errc::unavailable,
+              "the engine in slot " + std::to_string(slot) +
+                  " is being retired: it exits once its requests are answered, "
+                  "and what it is given now goes with it"});
+  return s.slots[slot].engine;
+}
+
 /// Calls to the engine now in `slot` whose callers were told they timed
 /// out (in the router's in-flight count until the engine answers them).
 std::uint64_t timed_out_on(const balancer_state& s, std::uint32_t slot) {
@@ -553,6 +568,7 @@ void dispatch_lookup(balancer_actor* self, std::vector<engine::block_key> keys,
       break;
   }
   if (!any) {
+    ++s.rejected;
     promise.deliver(
         to_caf_error(error{errc::unavailable, "no engine available"}));
     return;
@@ -688,11 +704,11 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         return promise;
       },
       [=](engine_atom, std::uint32_t slot) -> caf::result<caf::actor> {
-        auto& s = self->state;
-        if (slot >= s.slots.size() || !s.slots[slot].engine)
-          return to_caf_error(
-              error{errc::not_found, "no live engine in that slot"});
-        return s.slots[slot].engine;
+        return engine_of(self->state, slot, false);
+      },
+      [=](engine_atom, std::uint32_t slot,
+          bool retiring_too) -> caf::result<caf::actor> {
+        return engine_of(self->state, slot, retiring_too);
       },
       [=](replica_atom) -> caf::result<std::uint32_t> {
         auto slot = add_engine(self, false);

@@ -32,12 +32,19 @@
 ///       not answer within `request_timeout` (a reply after it is dropped),
 ///       request_receiver_down when the balancer stops first, so a caller
 ///       needs no CAF timeout of its own here either; the engine's own
-///       error otherwise (request_receiver_down when it is gone: a lookup
-///       is not retried elsewhere). A lookup counts in no engine's load and
+///       error otherwise; one whose engine is gone (request_receiver_down)
+///       is asked once of another engine, as a process request is
+///       rerouted. A lookup counts in no engine's load and
 ///       tells the listeners nothing, not even its timeout. (Before, it was
 ///       delegated to the engine and waited as long as the engine did.)
 ///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot (or
-///       one still opening its store: what is sent to it waits until then)
+///       one still opening its store: what is sent to it waits until then);
+///       errc::not_found when the slot has no engine, errc::unavailable
+///       when its engine is being retired: it exits once its requests are
+///       answered, and a block put or pinned there would go with it
+///   (engine_atom, uint32 slot, bool retiring_too) -> actor  the same, but
+///       with retiring_too a retiring engine too, until it has exited (to
+///       read its blocks, or persist them)
 ///   (replica_atom)               -> uint32 live engines after adding one
 ///       (in the slot of a retired or given-up engine when there is one);
 ///       errc::unavailable when all router::max_slots (64) slots are in use;

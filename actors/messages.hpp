@@ -193,7 +193,7 @@ struct balancer_stats {
   /// Restarts scheduled (after an engine stopped or a start failed), all
   /// slots together.
   std::uint64_t restarts = 0;
-  std::uint64_t rejected = 0; ///< no engine live
+  std::uint64_t rejected = 0; ///< no engine live: process calls and lookups
   std::uint64_t index_keys = 0;
   std::uint32_t live = 0; ///< engines taking requests
   /// Engines given up after max_restarts (their slots freed), ever.

@@ -522,9 +522,9 @@ result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {
 
 result<caf::actor> node::engine_at(std::uint32_t slot,
                                    std::chrono::milliseconds timeout,
-                                   engine::priority prio) {
+                                   bool retiring_too, engine::priority prio) {
   return ask_at<caf::actor>(*askers_, prio, running(balancer_), timeout,
-                            actors::engine_atom::value, slot);
+                            actors::engine_atom::value, slot, retiring_too);
 }
 
 result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
@@ -536,7 +536,7 @@ result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
   // and the engine refuses the reserve.
   const auto prio = put.prio;
   const call_deadline deadline{config_.call_timeout};
-  auto engine = engine_at(slot, deadline.left(), prio);
+  auto engine = engine_at(slot, deadline.left(), false, prio);
   if (!engine)
     return unexpected<error>{engine.error()};
   auto ticket = ask_at<std::uint64_t>(*askers_, prio, *engine, deadline.left(),
@@ -566,7 +566,7 @@ result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
 result<std::vector<std::uint8_t>>
 node::get_block(std::uint32_t slot, const engine::block_key& key) {
   const call_deadline deadline{config_.call_timeout};
-  auto engine = engine_at(slot, deadline.left());
+  auto engine = engine_at(slot, deadline.left(), true);
   if (!engine)
     return unexpected<error>{engine.error()};
   return ask<std::vector<std::uint8_t>>(*askers_, *engine, deadline.left(),
@@ -575,7 +575,7 @@ node::get_block(std::uint32_t slot, const engine::block_key& key) {
 
 result<void> node::pin(std::uint32_t slot, const engine::block_key& key) {
   const call_deadline deadline{config_.call_timeout};
-  auto engine = engine_at(slot, deadline.left());
+  auto engine = engine_at(slot, deadline.left(), false);
   if (!engine)
     return unexpected<error>{engine.error()};
   return ask_void(*askers_, *engine, deadline.left(), actors::pin_atom::value,
@@ -584,7 +584,7 @@ result<void> node::pin(std::uint32_t slot, const engine::block_key& key) {
 
 result<void> node::unpin(std::uint32_t slot, const engine::block_key& key) {
   const call_deadline deadline{config_.call_timeout};
-  auto engine = engine_at(slot, deadline.left());
+  auto engine = engine_at(slot, deadline.left(), true);
   if (!engine)
     return unexpected<error>{engine.error()};
   return ask_void(*askers_, *engine, deadline.left(), actors::unpin_atom::value,
@@ -607,7 +607,7 @@ result<actors::balancer_stats> node::stats() {
 
 result<actors::engine_stats> node::engine_stats(std::uint32_t slot) {
   const call_deadline deadline{config_.call_timeout};
-  auto engine = engine_at(slot, deadline.left());
+  auto engine = engine_at(slot, deadline.left(), true);
   if (!engine)
     return unexpected<error>{engine.error()};
   return ask<actors::engine_stats>(*askers_, *engine, deadline.left(),
@@ -644,7 +644,7 @@ result<std::uint64_t> node::persist(std::chrono::milliseconds timeout) {
   // is errc::not_found: it holds nothing in memory.
   std::vector<std::pair<std::uint32_t, caf::actor>> engines;
   for (std::uint32_t slot = 0; slot < st->up.size(); ++slot) {
-    auto engine = engine_at(slot, finding.left());
+    auto engine = engine_at(slot, finding.left(), true);
     if (engine) {
       engines.emplace_back(slot, std::move(*engine));
     } else if (engine.error().code != errc::not_found) {

@@ -152,6 +152,10 @@ public:
   /// is verified: a damaged block is errc::checksum_mismatch, and dropped.
   [[nodiscard]] result<std::vector<std::uint8_t>>
   get_block(std::uint32_t slot, const engine::block_key& key);
+  /// put_block and pin refuse a slot whose engine is being retired
+  /// (errc::unavailable): it exits once its requests are answered, and the
+  /// block would go with it. get_block, unpin and engine_stats reach it
+  /// until it has exited.
   [[nodiscard]] result<void> pin(std::uint32_t slot,
                                  const engine::block_key& key);
   [[nodiscard]] result<void> unpin(std::uint32_t slot,
@@ -221,9 +225,12 @@ public:
 private:
   node(caf::actor_system& sys, node_config config);
   /// The engine of `slot`, asked of the balancer in the mailbox category of
-  /// `prio` (the call's, where it has one).
+  /// `prio` (the call's, where it has one). A retiring engine only when
+  /// `retiring_too` (to read, unpin, or persist: not to put or pin a block,
+  /// which would go with it; errc::unavailable then).
   [[nodiscard]] result<caf::actor>
   engine_at(std::uint32_t slot, std::chrono::milliseconds timeout,
+            bool retiring_too,
             engine::priority prio = engine::priority::normal);
   /// `a`, or a null actor once stop() began (calls then fail with "actor
   /// not running").

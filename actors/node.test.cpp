@@ -756,12 +756,15 @@ TEST_F(Node, PersistWritesEveryEngineEvenWhenOneOfThemFails) {
   ASSERT_TRUE((*n)->stop());
 }
 
-TEST_F(Node, PersistWritesADrainingEngineToo) {
+TEST_F(Node, ADrainingEngineIsReadAndPersistedButTakesNoNewBlock) {
   // Engine 1 is retired while a request waits in its batch (batches close
   // only at their timeout, an hour): it drains, holding its blocks until
   // that request is answered. persist() writes its block too. (Before, it
   // asked only the engines stats() read as up, which a draining one is
-  // not, so engine 1's block was neither written nor counted.)
+  // not, so engine 1's block was neither written nor counted.) Its block
+  // can be read, but put_block and pin are refused: it exits once its
+  // request is answered, and what it took would go with it (before, both
+  // succeeded and the block was lost when it exited).
   temp_dir dir;
   ASSERT_FALSE(dir.path().empty());
   auto c = two_disk_engines(dir.path(), disk_config(dir.path()),
@@ -788,6 +791,20 @@ TEST_F(Node, PersistWritesADrainingEngineToo) {
   ASSERT_EQ(st->up.size(), 2U);
   ASSERT_EQ(st->up[1], 0U) << "engine 1 drains";
   ASSERT_EQ(st->in_flight[1], 1U) << "its request is still in its batch";
+  const block_key held{6001, 1}; // put_one_block_each's block on engine 1
+  auto read = (*n)->get_block(1, held);
+  ASSERT_TRUE(read.has_value()) << read.error().describe();
+  EXPECT_EQ(*read, std::vector<std::uint8_t>(4096, 4));
+  actors::put_request late;
+  late.key = block_key{6101, 1};
+  auto put = (*n)->put_block(1, late, std::vector<std::uint8_t>(4096, 5));
+  ASSERT_FALSE(put.has_value());
+  EXPECT_EQ(put.error().code, errc::unavailable) << put.error().describe();
+  EXPECT_NE(put.error().message.find("retired"), std::string::npos)
+      << put.error().message;
+  auto pinned = (*n)->pin(1, held);
+  ASSERT_FALSE(pinned.has_value());
+  EXPECT_EQ(pinned.error().code, errc::unavailable);
   auto persisted = (*n)->persist(std::chrono::seconds(30));
   ASSERT_TRUE(persisted.has_value()) << persisted.error().describe();
   EXPECT_EQ(*persisted, 2U) << "engine 1's block was not persisted";
