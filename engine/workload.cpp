@@ -520,7 +520,7 @@ result<std::size_t> working_set_blocks(std::span<const workload_request> reqs,
     return nodes.size();
   } catch (const std::bad_alloc&) {
     return make_error(errc::out_of_memory,
-                      "not enough memory to count the working set (" +
+                      "out of memory counting the working set (" +
                           std::to_string(ids_seen) + " block ids read)");
   }
 }

@@ -406,7 +406,7 @@ run_engine_unguarded(const engine_options& opts,
   auto ws =
       engine::working_set_blocks(reqs, opts.block_tokens, stop_on_interrupt());
   if (!ws)
-    return interrupted_while("counting the working set");
+    return stopped_or_failed(ws.error(), "counting the working set");
   report.working_set_blocks = *ws;
   auto cap = capacity_in_blocks(opts, report.working_set_blocks);
   if (!cap)

@@ -38,4 +38,10 @@ unexpected<error> interrupted_while(std::string_view what) {
                     "interrupted while " + std::string(what));
 }
 
+unexpected<error> stopped_or_failed(const error& e, std::string_view what) {
+  if (e.code == errc::unavailable)
+    return interrupted_while(what);
+  return unexpected<error>{e};
+}
+
 } // namespace kvfleet::bench

@@ -46,5 +46,9 @@ void clear_interrupt() noexcept;
 /// The error a run returns when it stops for an interrupt before or
 /// between its replays: "interrupted while `what`" (errc::unavailable).
 [[nodiscard]] unexpected<error> interrupted_while(std::string_view what);
+/// What a stoppable step that failed with `e` returns: interrupted_while
+/// when it was stopped (errc::unavailable), else `e` (out of memory, say).
+[[nodiscard]] unexpected<error> stopped_or_failed(const error& e,
+                                                  std::string_view what);
 
 } // namespace kvfleet::bench

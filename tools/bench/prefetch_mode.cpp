@@ -284,7 +284,7 @@ run_prefetch_unguarded(const prefetch_options& opts,
   auto ws = engine::working_set_blocks(reqs, opts.base.block_tokens,
                                        stop_on_interrupt());
   if (!ws)
-    return interrupted_while("counting the working set");
+    return stopped_or_failed(ws.error(), "counting the working set");
   report.working_set_blocks = *ws;
   auto cap = capacity_in_blocks(opts.base, report.working_set_blocks);
   if (!cap)

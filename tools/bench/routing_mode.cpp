@@ -347,7 +347,7 @@ static result<routing_report> run_routing_unguarded(
   auto ws = engine::working_set_blocks(reqs, opts.base.block_tokens,
                                        stop_on_interrupt());
   if (!ws)
-    return interrupted_while("counting the working set");
+    return stopped_or_failed(ws.error(), "counting the working set");
   report.working_set_blocks = *ws;
   auto cap = engine_capacity_in_blocks(opts, report.working_set_blocks);
   if (!cap)
