@@ -1954,6 +1954,47 @@ TEST(block_store, blocks_that_cannot_be_demoted_leave_the_demotion_scan_alone) {
   }
 }
 
+TEST(block_store, a_pass_past_the_demotion_scan_limit_keeps_what_it_demoted) {
+  // 100 blocks, a scan limit of 4: the first pass over the high watermark
+  // demotes 4 cold blocks, far from the low watermark. It stops once the
+  // put fits instead of evicting the coldest blocks, the 4 just demoted
+  // (before: 4 demotions, 11 evictions, no compressed block left).
+  store_config cfg;
+  cfg.capacity_bytes = 100 * 4096;
+  cfg.slab_bytes = 4 * 4096;
+  cfg.policy = policy_kind::lru;
+  cfg.demotion_scan_limit = 4;
+  auto store = std::move(*block_store::create(cfg));
+  const auto spec = small_spec();
+  const auto ns = *store->register_namespace(spec);
+  synthetic_producer producer;
+  std::vector<block_key> keys;
+  for (std::uint64_t id = 1; store->stats().demotions == 0; ++id) {
+    ASSERT_LT(id, 200U);
+    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
+    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
+  }
+  store->check_invariants();
+  EXPECT_EQ(store->stats().demotions, 4U);
+  EXPECT_EQ(store->stats().evictions, 0U);
+  std::size_t compressed = 0;
+  for (const auto& k : keys) {
+    ASSERT_TRUE(store->contains(ns, k));
+    if (*store->codec_of(ns, k) != codec::none)
+      ++compressed;
+  }
+  EXPECT_EQ(compressed, 4U);
+  // The next puts over the high watermark demote on, still evicting
+  // nothing while cold full-size blocks are left.
+  for (std::uint64_t id = 1000; id < 1020; ++id) {
+    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
+    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
+  }
+  store->check_invariants();
+  EXPECT_EQ(store->stats().evictions, 0U);
+  EXPECT_GT(store->stats().demotions, 4U);
+}
+
 TEST_F(store_fixture, inverted_compression_thresholds_are_refused) {
   open(16);
   namespace_options inverted;
