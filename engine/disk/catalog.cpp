@@ -223,7 +223,14 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
   std::unique_ptr<catalog> c(new catalog(path));
   c->fault_ = std::move(f);
   sqlite3*& db = c->impl_->db;
-  if (sqlite3_open_v2(path.c_str(), &db,
+  // Debian's SQLite takes a name that starts with "file:" for a URI even
+  // without SQLITE_OPEN_URI (it is built with SQLITE_USE_URI): a directory
+  // "file:d" failed to open, and "file:q?x" put the catalog in ./q. Such a
+  // name is relative (an absolute one starts with '/'), so "./" in front
+  // names the same file and is no URI.
+  const std::string name =
+      path.compare(0, 5, "file:") == 0 ? "./" + path : path;
+  if (sqlite3_open_v2(name.c_str(), &db,
                       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
                           SQLITE_OPEN_NOMUTEX,
                       nullptr) != SQLITE_OK)

@@ -1379,6 +1379,26 @@ TEST_F(disk_tier_test, a_full_directory_is_a_clear_error) {
   EXPECT_NE(t.error().message.find("is full"), std::string::npos);
 }
 
+TEST_F(disk_tier_test, a_relative_directory_starting_with_file_is_no_uri) {
+  // SQLite takes a name starting with "file:" for a URI: "file:plain" did
+  // not open, and "file:q?x" wrote its catalog to ./q, outside the
+  // directory, where it stayed.
+  const auto cwd = fs::current_path();
+  fs::current_path(dir_);
+  for (const std::string d : {"file:plain", "file:q?x"}) {
+    fs::create_directory(d);
+    auto c = config();
+    c.directory = d;
+    {
+      auto t = disk_tier::open(c);
+      EXPECT_TRUE(t.has_value()) << d << ": " << t.error().describe();
+    }
+    EXPECT_TRUE(fs::exists(d + "/catalog.sqlite")) << d;
+  }
+  EXPECT_FALSE(fs::exists("q"));
+  fs::current_path(cwd);
+}
+
 /// Expects open() of `c` to fail with a message holding each of `parts`.
 void expect_open_error(const disk_tier_config& c,
                        std::initializer_list<std::string> parts) {
