@@ -838,14 +838,19 @@ result<command> parse_command_line(std::span<const std::string_view> args) {
     return usage("no mode given (see kvfleet-bench --help)");
   const std::string_view mode = args[0];
   if (mode == "--help" || mode == "-h" || mode == "help") {
-    // `help engine` is `engine --help`; anything else after the help
-    // request is ignored, as a mode's help ignores the rest of its line.
+    // `help engine` is `engine --help`; options after the help request
+    // are ignored, as a mode's help ignores the rest of its line, but a
+    // topic that is no mode is a mistake to say (`help engnie`).
     const std::string_view topic = args.size() > 1 ? args[1] : "";
     const command_kind kind = topic == "engine"    ? command_kind::engine_help
                               : topic == "routing" ? command_kind::routing_help
                               : topic == "prefetch"
                                   ? command_kind::prefetch_help
                                   : command_kind::help;
+    if (kind == command_kind::help && !topic.empty() && !topic.starts_with("-"))
+      return usage("no help on '" + printable(topic) +
+                   "': the modes are engine, routing and prefetch (see "
+                   "kvfleet-bench --help)");
     return command{kind, {}, {}, {}};
   }
   if (mode == "engine")

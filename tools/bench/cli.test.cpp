@@ -381,7 +381,7 @@ TEST(bench_cli, values_and_help_by_position) {
       {{"--help", "routing"}, command_kind::routing_help},
       {{"-h", "prefetch", "--bogus"}, command_kind::prefetch_help},
       {{"help"}, command_kind::help},
-      {{"--help", "garbage", "--bogus"}, command_kind::help},
+      {{"--help", "--garbage", "--bogus"}, command_kind::help},
       {{"engine", "--bogus", "-h"}, command_kind::engine_help},
       // An option the mode does not take takes no value either (before,
       // these were "unknown option" errors).
@@ -394,6 +394,11 @@ TEST(bench_cli, values_and_help_by_position) {
     ASSERT_TRUE(cmd) << args[0];
     EXPECT_EQ(cmd->kind, kind) << args[0] << " " << args.size();
   }
+  // A topic that is no mode is a usage error naming the modes (before, the
+  // main help and exit 0).
+  for (const std::string_view help : {"help", "--help", "-h"})
+    expect_usage_error({help, "engnie"},
+                       "no help on 'engnie': the modes are engine");
 }
 
 TEST(bench_cli, printable_escapes_control_bytes_and_bad_utf8) {

@@ -1,4 +1,5 @@
 #include "tools/bench/report.hpp"
+#include "tools/bench/cli.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -30,9 +31,11 @@ std::string dump(const nlohmann::ordered_json& j) {
 
 // "workload chat: 20000 requests, 512 tokens per block"
 template <class Report> std::string headline(const Report& report) {
-  return (report.from_trace ? "trace " : "workload ") + report.workload + ": " +
-         std::to_string(report.requests) + " requests, " +
-         std::to_string(report.block_tokens) + " tokens per block\n";
+  // printable(): a trace path may hold a newline or terminal escapes.
+  return (report.from_trace ? "trace " : "workload ") +
+         printable(report.workload) + ": " + std::to_string(report.requests) +
+         " requests, " + std::to_string(report.block_tokens) +
+         " tokens per block\n";
 }
 
 } // namespace
@@ -207,13 +210,15 @@ std::string to_json(const prefetch_report& report) {
 }
 
 std::string to_table(const prefetch_report& report) {
-  std::string out;
+  // The label apart: a trace path may be longer than the line, and may
+  // hold a newline or terminal escapes (printable()).
+  std::string out = "workload " + printable(report.workload);
   char line[512];
   std::snprintf(line, sizeof line,
-                "workload %s: %zu requests; capacity %zu of %zu blocks; "
+                ": %zu requests; capacity %zu of %zu blocks; "
                 "eviction %s; threshold %.2f\n",
-                report.workload.c_str(), report.requests,
-                report.capacity_blocks, report.working_set_blocks,
+                report.requests, report.capacity_blocks,
+                report.working_set_blocks,
                 std::string(engine::to_string(report.eviction)).c_str(),
                 report.threshold);
   out += line;

@@ -113,5 +113,24 @@ TEST(bench_report, json_of_a_trace_path_that_is_not_utf8) {
             "/tmp/caf\xef\xbf\xbd.jsonl");
 }
 
+TEST(bench_report, a_table_escapes_its_trace_path) {
+  // The path is the table's first line: a newline in it split that line,
+  // and an ESC went to the terminal raw.
+  engine_report e = sample();
+  e.workload = "/tmp/a\nb\x1b[31m.jsonl";
+  e.from_trace = true;
+  routing_report r;
+  r.workload = e.workload;
+  r.from_trace = true;
+  prefetch_report p;
+  p.workload = e.workload;
+  for (const std::string& t : {to_table(e), to_table(r), to_table(p)}) {
+    const std::string first = t.substr(0, t.find('\n'));
+    EXPECT_NE(first.find("/tmp/a"), std::string::npos) << t;
+    EXPECT_NE(first.find("b"), std::string::npos) << t;
+    EXPECT_EQ(t.find('\x1b'), std::string::npos) << t;
+  }
+}
+
 } // namespace
 } // namespace kvfleet::bench
