@@ -44,8 +44,8 @@ struct host_tier::impl {
                                      internal::staging_ring(0)};
   std::deque<batch> pending[2];
   std::map<std::size_t, std::size_t> free_ranges; // offset -> bytes
-  std::unordered_map<std::uint32_t, extent> extents;
-  std::uint32_t next_extent = 1;
+  std::unordered_map<std::uint64_t, extent> extents;
+  std::uint64_t next_extent = 1; ///< 64 bits: never wraps, never reused
   copy_ticket next = 1;
 
   ~impl() {
@@ -203,7 +203,7 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
     m.free_range(*at, total);
     return make_error(errc::busy, "demote: staging is full");
   }
-  const std::uint32_t id = m.next_extent++;
+  const std::uint64_t id = m.next_extent++;
   m.extents[id] = {*at, total, jobs.size()};
   auto queued = [&]() -> result<copy_ticket> {
     std::vector<copy_job> gather(jobs.size());

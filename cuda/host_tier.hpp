@@ -39,7 +39,9 @@ struct host_tier_config {
 struct host_block {
   std::size_t offset = 0;
   std::size_t bytes = 0;
-  std::uint32_t extent = 0;
+  /// Never reused: 64 bits do not wrap (32 did after 2^32 demote batches,
+  /// and a reused id lost the live extent's record).
+  std::uint64_t extent = 0;
 };
 
 struct demote_job {

@@ -41,7 +41,7 @@ struct tier_ticket {
 struct tier_place {
   std::size_t offset = 0;
   std::size_t bytes = 0;
-  std::uint32_t extent = 0;
+  std::uint64_t extent = 0; ///< the tier's id of the copy it came with
 };
 
 /// One block to copy out of the arena.
