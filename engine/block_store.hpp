@@ -498,8 +498,10 @@ public:
   /// expired blocks stay). Returns the slot bytes whose copy
   /// started; they are freed when poll_tier() sees it finish. Stops early,
   /// without an error, when the tier's staging is busy or it has no room it
-  /// can make. Costs as evict_bytes(). errc::invalid_argument without a
-  /// tier.
+  /// can make, or at a block larger than the tier takes in one copy
+  /// (memory_tier::max_batch_bytes: stats().tier_too_large, and one line on
+  /// stderr the first time). Costs as evict_bytes(). errc::invalid_argument
+  /// without a tier.
   [[nodiscard]] result<std::size_t> demote_to_tier(std::size_t bytes);
   /// Finishes the demotions whose copies are done: frees their slots. Never
   /// waits. demote_to_tier(), process() and promote() call it too.
@@ -839,6 +841,9 @@ private:
     std::vector<demotion> blocks; // children before parents
     std::size_t slot_bytes = 0;
   };
+  /// Counts (and logs, the first time) a demotion stopped at a block of
+  /// `stored` bytes, over the tier's batch limit `limit`.
+  void tier_block_too_large(std::size_t stored, std::size_t limit);
   /// Takes block `id` into a batch being built (a lease holds it in place).
   void start_demotion(std::uint32_t id, demotion_batch& batch,
                       std::vector<tier_demotion>& jobs);
@@ -899,8 +904,9 @@ private:
   store_config config_;
   const clock_source* clock_;
   std::unique_ptr<memory_backend> backend_;
-  bool compaction_off_ = false;  ///< a copy within the arena failed
-  bool next_use_failed_ = false; ///< the next-use oracle threw (logged)
+  bool compaction_off_ = false;        ///< a copy within the arena failed
+  bool next_use_failed_ = false;       ///< the next-use oracle threw (logged)
+  bool tier_too_large_logged_ = false; ///< stats_.tier_too_large's log line
   block_pool pool_;
   block_index index_;
   std::vector<entry> entries_;

@@ -7,6 +7,7 @@
 #include "engine/internal/store_entry.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <string>
 
 namespace kvfleet::engine {
@@ -36,6 +37,20 @@ result<bool> block_store::attach_tier(const memory_tier_factory& make) {
     return false;
   tier_ = std::move(*made);
   return true;
+}
+
+void block_store::tier_block_too_large(std::size_t stored, std::size_t limit) {
+  ++stats_.tier_too_large;
+  if (tier_too_large_logged_)
+    return;
+  tier_too_large_logged_ = true;
+  std::fprintf(stderr,
+               "kvfleet: a block of %zu bytes is larger than the memory tier "
+               "takes in one copy (%zu bytes): such blocks are evicted, not "
+               "moved to the tier; give the tier staging of at least twice "
+               "the largest block (host_tier_options::staging_bytes), or "
+               "smaller blocks (fewer tokens per block)\n",
+               stored, limit);
 }
 
 bool block_store::in_tier(ns_id ns, const block_key& key) const {
@@ -129,6 +144,11 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
         ++stats_.expirations;
         kill(id);
         continue;
+      }
+      if (!fits(id) && batch.blocks.empty()) {
+        // Too large for any batch: no demotion gets past it.
+        tier_block_too_large(entries_[id].stored_bytes, limit);
+        break;
       }
       if (!fits(id) || !take_chain(id))
         break;

@@ -820,6 +820,28 @@ TEST_F(store_tier_test, batches_respect_the_tiers_staging_limit) {
     expect_correct(k);
 }
 
+TEST_F(store_tier_test, a_block_larger_than_a_batch_is_counted_and_logged) {
+  // A tier whose batch limit is below one block takes none: the demotion
+  // moves nothing, and says why (before, nothing was counted or logged).
+  tier_->max_batch = block_bytes / 2;
+  run(chain(1, 2));
+  ::testing::internal::CaptureStderr();
+  for (int i = 0; i < 2; ++i) {
+    auto started = store_->demote_to_tier(store_->used_bytes());
+    ASSERT_TRUE(started.has_value());
+    EXPECT_EQ(*started, 0U);
+  }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(store_->stats().tier_too_large, 2U);
+  EXPECT_EQ(tier_->demote_calls, 0);
+  EXPECT_NE(log.find("a block of 4096 bytes is larger than the memory tier "
+                     "takes in one copy (2048 bytes)"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("kvfleet:"), log.rfind("kvfleet:")) << "logged once";
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test, destroying_the_store_waits_for_copies_in_flight) {
   run(chain(1, 2));
   ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());

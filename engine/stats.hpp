@@ -121,6 +121,10 @@ struct store_stats {
   std::uint64_t tier_token_hits = 0;     ///< prompt tokens served from it
   std::uint64_t tier_drops = 0;          ///< dropped from a full tier
   std::uint64_t tier_failures = 0;       ///< copies that failed
+  /// Demotions that stopped at a block larger than the tier takes in one
+  /// batch (memory_tier::max_batch_bytes): that block and those behind it
+  /// stay, and are evicted when memory is needed (logged once).
+  std::uint64_t tier_too_large = 0;
   // Current contents.
   std::array<std::uint64_t, codec_count> blocks_by_codec{};
   std::array<std::uint64_t, codec_count> bytes_by_codec{};
