@@ -1711,7 +1711,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
             " bytes are free in slots of other sizes; nothing was evicted");
   const double target =
       config_.low_watermark * static_cast<double>(pool_.capacity_bytes());
-  std::size_t scan_budget = config_.demotion_scan_limit;
+  demotion_scan scan{config_.demotion_scan_limit};
   while (static_cast<double>(pool_.used_bytes() + need) > target ||
          !pool_.can_allocate(cls)) {
     // Slots of another size can be free in plenty while none of this
@@ -1725,15 +1725,16 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
     // the budget demotes (a tenth of a store over about 1,800 full-size
     // blocks, at 256) then compressed nothing that stayed, and a larger
     // store hit less than a smaller one.
-    if (scan_budget == 0 && config_.demotion_scan_limit > 0 &&
+    if (scan.tries == 0 && config_.demotion_scan_limit > 0 &&
         !over_high(need) && pool_.can_allocate(cls))
       break;
     const auto q = pick_partition(p);
     if (!q)
       break;
-    if (config_.adaptive_compression && try_demote(*q, scan_budget))
+    if (config_.adaptive_compression && try_demote(*q, scan))
       continue;
     evict(make_room_victim(*q));
+    scan.no_slots = 0; // the eviction may have freed a slot of those sizes
   }
   if (!pool_.can_allocate(cls))
     // Every evictable block went (or none was there), and no slot of this
@@ -1855,21 +1856,32 @@ bool block_store::may_demote(const entry& e) const noexcept {
   if (!config_.adaptive_compression || !st.options.adaptive_compression)
     return false;
   const codec target = demotion_target(e);
-  // Only a smaller slot frees anything: a block whose slot size the codec
-  // does not change (slots round up to the slot alignment) keeps its
-  // precision.
+  // Only a slot size of which a slab holds more frees anything: a block
+  // whose slot the codec does not shrink (slots round up to the slot
+  // alignment), or shrinks too little for one more per slab (slabs of one
+  // fp16 block hold one int8 block too), keeps its precision. Before, that
+  // block lost precision for bytes no other block could use.
   const std::uint16_t to_cls = st.size_class[static_cast<std::size_t>(target)];
+  const std::size_t slab = pool_.slab_bytes();
   return compression_rank(target) > compression_rank(e.c) &&
-         pool_.slot_bytes(to_cls) < pool_.slot_bytes(e.slot.size_class);
+         slab / pool_.slot_bytes(to_cls) >
+             slab / pool_.slot_bytes(e.slot.size_class);
 }
 
-bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
+bool block_store::try_demote(size_partition p, demotion_scan& scan) {
   const std::int64_t t = now().count();
-  std::uint32_t id = recency_tail_[static_cast<std::size_t>(p)];
-  while (id != npos && scan_budget > 0) {
-    --scan_budget;
+  const auto pi = static_cast<std::size_t>(p);
+  // From where the last call of this pass stopped, if that block is still
+  // a candidate of this partition: the blocks behind it were passed over
+  // (held, or no slot) and still are. Otherwise from the coldest.
+  std::uint32_t id = scan.resume[pi];
+  if (id == npos || !entries_[id].in_recency || entries_[id].part != p)
+    id = recency_tail_[pi];
+  while (id != npos && scan.tries > 0 && scan.visits > 0) {
+    --scan.visits;
     entry& e = entries_[id];
     const std::uint32_t next = e.rprev;
+    scan.resume[pi] = next;
     if (!e.dead && expired_by(e.expires_at, t)) {
       // Expired: not worth compressing, and freeing it is the better room.
       // Still held (a reader, a cached child), it only turns dead here.
@@ -1886,12 +1898,18 @@ bool block_store::try_demote(size_partition p, std::size_t& scan_budget) {
       // No slot of the smaller size and none to make: skip it here, not
       // through transcode()'s error, whose message would be allocated for
       // every block the scan passes (puts allocate nothing).
+      // Once compaction found no slot of a size, this pass does not try
+      // again for each block of that size until an eviction.
       const std::uint16_t cls =
           namespaces_[e.ns].size_class[static_cast<std::size_t>(to)];
-      if (!pool_.can_allocate(cls) && !compact_for(cls)) {
+      if (!pool_.can_allocate(cls) &&
+          (scan.knows_no_slot(cls) || !compact_for(cls))) {
+        if (!scan.knows_no_slot(cls) && scan.no_slots < scan.no_slot.size())
+          scan.no_slot[scan.no_slots++] = cls;
         id = next;
         continue;
       }
+      --scan.tries;
       const std::size_t before = pool_.used_bytes();
       // A block that fails its checksum is dropped instead: that freed
       // room too, and entries the scan would visit next may be gone.

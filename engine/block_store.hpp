@@ -111,6 +111,7 @@
 #include "engine/result.hpp"
 #include "engine/stats.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -180,8 +181,11 @@ struct store_config {
   /// first above 0.9) would otherwise never act, since this path keeps
   /// the pool from passing its high watermark (0.9 too).
   bool lowest_priority_first = false;
-  std::size_t demotion_scan_limit = 256; ///< blocks scanned per make-room
-  const clock_source* clock = nullptr;   ///< default: steady clock
+  /// Demotions a make-room pass tries before it evicts; blocks it passes
+  /// over (being read or copied to the memory tier, or with no smaller slot
+  /// free) count one sixteenth each. 0: no demotion.
+  std::size_t demotion_scan_limit = 256;
+  const clock_source* clock = nullptr; ///< default: steady clock
   /// Belady only: tick of the next use of a key after the current access.
   /// Should not throw: it runs inside commit() and every access. One that
   /// throws is taken as "never used again" for that key (the block is the
@@ -709,7 +713,30 @@ private:
   /// and pick_partition() take from it first).
   [[nodiscard]] std::optional<size_partition>
   most_over_share(std::optional<priority> p = std::nullopt) const;
-  bool try_demote(size_partition p, std::size_t& scan_budget);
+  /// One make-room pass's demotion scan: what it may still spend, where it
+  /// stopped in each partition's recency list (a later call of the pass
+  /// goes on from there rather than passing the same held blocks again),
+  /// and the sizes it found no slot for since the pass last evicted.
+  struct demotion_scan {
+    std::size_t tries = 0;  ///< demotions it may still try
+    std::size_t visits = 0; ///< blocks it may still pass over
+    std::array<std::uint32_t, partition_count> resume{};
+    std::array<std::uint16_t, 4> no_slot{};
+    std::size_t no_slots = 0;
+
+    explicit demotion_scan(std::size_t limit) noexcept
+        : tries(limit), visits(16 * limit) {
+      resume.fill(block_index::npos);
+    }
+    [[nodiscard]] bool knows_no_slot(std::uint16_t cls) const noexcept {
+      return std::find(no_slot.begin(), no_slot.begin() + no_slots, cls) !=
+             no_slot.begin() + no_slots;
+    }
+  };
+  /// Demotes one cold block of partition `p` (or removes an expired one)
+  /// to free room; false when the scan finds none within what it may
+  /// spend.
+  bool try_demote(size_partition p, demotion_scan& scan);
   /// The codec adaptive compression would take block `e` to (its own when
   /// it is too hot for any).
   [[nodiscard]] codec demotion_target(const entry& e) const noexcept;

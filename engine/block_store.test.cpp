@@ -1995,6 +1995,34 @@ TEST(block_store, a_pass_past_the_demotion_scan_limit_keeps_what_it_demoted) {
   EXPECT_GT(store->stats().demotions, 4U);
 }
 
+TEST(block_store, no_demotion_to_a_size_a_slab_holds_no_more_of) {
+  // Slabs of one 4 KiB block hold one int8 block too (2,304 bytes): a
+  // demotion to int8 frees no room another block could use. Warm blocks
+  // (int8 at most) are evicted with their precision, not demoted first
+  // (before: demoted, then evicted anyway, no slab having come free).
+  store_config cfg;
+  cfg.capacity_bytes = 20 * block_bytes;
+  cfg.slab_bytes = block_bytes;
+  cfg.policy = policy_kind::lru;
+  auto store = std::move(*block_store::create(cfg));
+  const auto spec = small_spec();
+  const auto ns = *store->register_namespace(spec);
+  synthetic_producer producer;
+  std::vector<block_key> keys;
+  for (std::uint64_t id = 1; id <= 24; ++id) {
+    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
+    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
+    for (int n = 0; n < 5; ++n) // more than 3 accesses: int8 at most
+      ASSERT_TRUE(store->acquire(ns, keys.back()).has_value());
+  }
+  store->check_invariants();
+  EXPECT_EQ(store->stats().demotions, 0U);
+  EXPECT_GT(store->stats().evictions, 0U);
+  for (const auto& k : keys)
+    if (store->contains(ns, k))
+      EXPECT_EQ(*store->codec_of(ns, k), codec::none);
+}
+
 TEST_F(store_fixture, inverted_compression_thresholds_are_refused) {
   open(16);
   namespace_options inverted;

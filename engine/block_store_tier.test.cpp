@@ -842,6 +842,50 @@ TEST_F(store_tier_test, a_block_larger_than_a_batch_is_counted_and_logged) {
   store_->check_invariants();
 }
 
+TEST(store_tier, puts_demote_past_the_blocks_being_copied_to_the_tier) {
+  // 256 of the coldest blocks are on their way to the tier (leased) when
+  // 400 puts come. The demotion scan passes over them and compresses the
+  // cold blocks behind them. Before, each passed block used up one of the
+  // scan's 256: no demotion at all, and 390 blocks evicted.
+  manual_clock clock;
+  store_config cfg;
+  cfg.capacity_bytes = 2000 * block_bytes;
+  cfg.slab_bytes = 16 * block_bytes;
+  cfg.policy = policy_kind::lru;
+  cfg.clock = &clock;
+  auto store = std::move(*block_store::create(cfg));
+  testing::fake_memory_tier* tier = nullptr;
+  ASSERT_TRUE(store
+                  ->attach_tier([&](memory_backend& arena)
+                                    -> result<std::unique_ptr<memory_tier>> {
+                    auto t = std::make_unique<testing::fake_memory_tier>(
+                        arena.host_data(), 4096 * block_bytes);
+                    t->max_batch = 4096 * block_bytes;
+                    tier = t.get();
+                    return std::unique_ptr<memory_tier>(std::move(t));
+                  })
+                  .value_or(false));
+  const auto ns = *store->register_namespace(spec());
+  synthetic_producer producer;
+  std::uint64_t next = 1;
+  const auto put_one = [&] {
+    const auto keys = testing::chain_of(spec(), next++, 1);
+    ASSERT_TRUE(store->process(ns, keys, 16, producer).has_value());
+  };
+  for (int i = 0; i < 1790; ++i) // just under the high watermark
+    put_one();
+  ASSERT_EQ(store->demote_to_tier(256 * block_bytes).value_or(0),
+            256 * block_bytes);
+  for (int i = 0; i < 400; ++i)
+    put_one();
+  store->check_invariants();
+  EXPECT_EQ(store->stats().evictions, 0U);
+  EXPECT_GE(store->stats().demotions, 400U);
+  tier->finish_demotions();
+  store->poll_tier();
+  store->check_invariants();
+}
+
 TEST_F(store_tier_test, destroying_the_store_waits_for_copies_in_flight) {
   run(chain(1, 2));
   ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
