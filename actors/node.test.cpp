@@ -611,11 +611,13 @@ engine::segment_file::write_fault waiting_at(std::shared_ptr<gate> g) {
   };
 }
 
-/// The live engine of `slot`, asked of the node's balancer.
+/// The engine of `slot` (a retiring one too, until it has exited), asked of
+/// the node's balancer; a null actor when the slot has none.
 caf::actor engine_of(caf::actor_system& sys, node& n, std::uint32_t slot) {
   caf::scoped_actor self{sys};
   caf::actor out;
-  self->request(n.balancer(), caf::infinite, actors::engine_atom::value, slot)
+  self->request(n.balancer(), caf::infinite, actors::engine_atom::value, slot,
+                true)
       .receive([&](caf::actor& a) { out = std::move(a); }, [&](caf::error&) {});
   return out;
 }
