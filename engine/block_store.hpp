@@ -725,7 +725,7 @@ private:
     std::size_t no_slots = 0;
 
     explicit demotion_scan(std::size_t limit) noexcept
-        : tries(limit), visits(16 * limit) {
+        : tries(limit), visits(limit > SIZE_MAX / 16 ? SIZE_MAX : 16 * limit) {
       resume.fill(block_index::npos);
     }
     [[nodiscard]] bool knows_no_slot(std::uint16_t cls) const noexcept {

@@ -1995,6 +1995,39 @@ TEST(block_store, a_pass_past_the_demotion_scan_limit_keeps_what_it_demoted) {
   EXPECT_GT(store->stats().demotions, 4U);
 }
 
+TEST(block_store, a_pass_that_can_pass_no_more_blocks_stops_once_the_put_fits) {
+  // The 70 coldest blocks are being read: a scan limit of 4 may pass 64
+  // blocks, none of which it can demote. Each put then evicts what it needs
+  // and no more (before: down to the low watermark, 21 blocks for 10 puts,
+  // as 7ac94b8 stopped doing for a pass whose tries were spent).
+  store_config cfg;
+  cfg.capacity_bytes = 200 * 4096;
+  cfg.slab_bytes = 4 * 4096;
+  cfg.policy = policy_kind::lru;
+  cfg.demotion_scan_limit = 4;
+  auto store = std::move(*block_store::create(cfg));
+  const auto spec = small_spec();
+  const auto ns = *store->register_namespace(spec);
+  synthetic_producer producer;
+  std::vector<block_key> keys;
+  for (std::uint64_t id = 1; id <= 175; ++id) { // under 0.9 x 200
+    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
+    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
+  }
+  std::vector<read_lease> held;
+  for (std::size_t i = 0; i < 70; ++i)
+    held.push_back(std::move(*store->acquire(ns, keys[i])));
+  for (std::size_t i = 70; i < keys.size(); ++i) // newer than the 70
+    ASSERT_TRUE(store->acquire(ns, keys[i]).has_value());
+  for (std::uint64_t id = 1000; id < 1010; ++id) {
+    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
+    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
+  }
+  store->check_invariants();
+  EXPECT_EQ(store->stats().demotions, 0U);
+  EXPECT_LE(store->stats().evictions, 10U);
+}
+
 TEST(block_store, no_demotion_to_a_size_a_slab_holds_no_more_of) {
   // Slabs of one 4 KiB block hold one int8 block too (2,304 bytes): a
   // demotion to int8 frees no room another block could use. Warm blocks
