@@ -31,14 +31,21 @@ namespace {
 /// "***", so no message shows a password. The last '@' of the whole URL,
 /// not of the part before the first '/': a password with a '/' left
 /// unencoded puts that '/' before the '@', and the rest of the password
-/// would show. Without "://" (a mistyped scheme, "redis:/u:pw@h") all
-/// before the last '@' is hidden, the scheme too.
+/// would show. Without a scheme before it (a mistyped one, "redis:/u:pw@h",
+/// or a "://" inside the password or after the '@') all before the last '@'
+/// is hidden, the scheme too.
 std::string without_credentials(std::string_view url) {
-  const auto scheme_end = url.find("://");
-  const auto start = scheme_end == std::string_view::npos ? 0 : scheme_end + 3;
   const auto at = url.rfind('@');
-  if (at == std::string_view::npos || at < start)
+  if (at == std::string_view::npos)
     return std::string(url);
+  const auto scheme_end = url.find("://");
+  const bool scheme =
+      scheme_end != std::string_view::npos && scheme_end < at &&
+      std::all_of(url.begin(), url.begin() + scheme_end, [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '+' ||
+               c == '-' || c == '.';
+      });
+  const auto start = scheme ? scheme_end + 3 : 0;
   return std::string(url.substr(0, start)) + "***" +
          std::string(url.substr(at));
 }

@@ -311,7 +311,7 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
     const char* says;
     const char* secret;
   };
-  for (auto [url, says, secret] : std::array<bad, 12>{{
+  for (auto [url, says, secret] : std::array<bad, 15>{{
            {"redis://hunter2@h:1", "user:password", "hunter2"},
            // Unencoded '/', '?' or '#' in the password: the part after it
            // used to show (the '/' case) and the error blamed the port or
@@ -329,6 +329,10 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
            {"redis:/alice:hunter2@h:1", "scheme", "hunter2"},
            {"redis:alice:hunter2@h:1", "scheme", "hunter2"},
            {"redis//:hunter2@h:1", "scheme", "hunter2"},
+           // A "://" that is no scheme's: in the password, after the '@'.
+           {"redis:/alice:hunter2@h:1/0#http://x", "scheme", "hunter2"},
+           {"redis:/alice:hun://ter2@h:1", "scheme", "ter2"},
+           {"redis:alice:hun://ter2@h:1", "scheme", "hun"},
        }}) {
     auto r = parse_redis_url(url);
     ASSERT_FALSE(r.has_value()) << url;

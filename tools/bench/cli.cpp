@@ -848,7 +848,7 @@ result<command> parse_command_line(std::span<const std::string_view> args) {
                                   ? command_kind::prefetch_help
                                   : command_kind::help;
     if (kind == command_kind::help && !topic.empty() && !topic.starts_with("-"))
-      return usage("no help on '" + printable(topic) +
+      return usage("no help on '" + std::string(topic) +
                    "': the modes are engine, routing and prefetch (see "
                    "kvfleet-bench --help)");
     return command{kind, {}, {}, {}};

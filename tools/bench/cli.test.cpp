@@ -399,6 +399,8 @@ TEST(bench_cli, values_and_help_by_position) {
   for (const std::string_view help : {"help", "--help", "-h"})
     expect_usage_error({help, "engnie"},
                        "no help on 'engnie': the modes are engine");
+  // Raw in the message: the error printer escapes it, once.
+  expect_usage_error({"help", "a\x1b"}, "no help on 'a\x1b'");
 }
 
 TEST(bench_cli, printable_escapes_control_bytes_and_bad_utf8) {
