@@ -1490,6 +1490,41 @@ TEST(EmbeddedQueryStore, BoundedLeastRecentlyUsedFirst) {
   EXPECT_EQ(s.size(), 2U);
 }
 
+TEST(EmbeddedQueryStore, BoundedInBytesLeastRecentlyUsedFirst) {
+  // Three entries of 1 KiB keys fit 3.5 KiB with their bookkeeping; the
+  // fourth sends the least recently used one away (before, only the entry
+  // count bounded the store, whatever the keys weighed).
+  constexpr std::size_t each =
+      1024 + 1 + embedded_query_store::entry_overhead_bytes;
+  embedded_query_store s{100, 3 * each + each / 2};
+  const auto key = [](char c) { return std::string(1024, c); };
+  for (char c : {'a', 'b', 'c'})
+    ASSERT_TRUE(s.set(key(c), "v", 10s, engine::nanos{0}));
+  EXPECT_EQ(s.bytes(), 3 * each);
+  ASSERT_TRUE(s.get(key('a'), engine::nanos{0})); // b is now the oldest
+  ASSERT_TRUE(s.set(key('d'), "v", 10s, engine::nanos{0}));
+  EXPECT_EQ(s.size(), 3U);
+  EXPECT_EQ(s.bytes(), 3 * each);
+  EXPECT_FALSE(s.get(key('b'), engine::nanos{0})->has_value());
+  EXPECT_TRUE(s.get(key('a'), engine::nanos{0})->has_value());
+  // A longer value for a key counts its new size: c, then a go.
+  ASSERT_TRUE(
+      s.set(key('d'), std::string(2 * each, 'v'), 10s, engine::nanos{0}));
+  EXPECT_EQ(s.size(), 1U);
+  EXPECT_LE(s.bytes(), 3 * each + each / 2);
+  // An entry larger than the whole bound is refused, and drops the key's
+  // older value (it would answer for the one refused).
+  auto big = s.set(key('d'), std::string(4 * each, 'v'), 10s, engine::nanos{0});
+  ASSERT_FALSE(big);
+  EXPECT_EQ(big.error().code, errc::invalid_argument);
+  EXPECT_FALSE(s.get(key('d'), engine::nanos{0})->has_value());
+  EXPECT_EQ(s.bytes(), 0U);
+  // Expiry gives the bytes back too.
+  ASSERT_TRUE(s.set(key('e'), "v", 10s, engine::nanos{0}));
+  EXPECT_FALSE(s.get(key('e'), engine::nanos{10s})->has_value());
+  EXPECT_EQ(s.bytes(), 0U);
+}
+
 TEST(MemoryManager, FreesDownToTargetOnlyAboveThreshold) {
   memory_pressure_config c;
   EXPECT_EQ(bytes_to_free(c, 900, 1000), 0U);

@@ -347,6 +347,15 @@ result<void> validate(const query_cache_config& config) {
     return make_error(errc::invalid_argument,
                       "query_cache_config.max_entries must be at least 1 "
                       "(turn the cache off with node_config.query_cache)");
+  // Below one entry of an empty query, the store would hold nothing.
+  constexpr std::size_t least_bytes =
+      embedded_query_store::entry_overhead_bytes + max_encoded_reply_bytes;
+  if (config.redis_url.empty() && config.max_bytes < least_bytes)
+    return make_error(errc::invalid_argument,
+                      "query_cache_config.max_bytes must be at least " +
+                          std::to_string(least_bytes) +
+                          " (one entry and its bookkeeping), not " +
+                          std::to_string(config.max_bytes));
   // redis_url selects the store and replaces redis.url: a URL set only
   // there would be dropped in silence and the cache run in process. (The
   // URL is not quoted: it may hold a password.)
@@ -372,8 +381,8 @@ make_query_store(const query_cache_config& config) {
   if (auto ok = validate(config); !ok)
     return unexpected<error>{ok.error()};
   if (config.redis_url.empty())
-    return std::unique_ptr<query_store>{
-        std::make_unique<embedded_query_store>(config.max_entries)};
+    return std::unique_ptr<query_store>{std::make_unique<embedded_query_store>(
+        config.max_entries, config.max_bytes)};
   auto rc = config.redis;
   rc.url = config.redis_url;
   auto store = redis_query_store::open(std::move(rc));

@@ -73,7 +73,12 @@ struct kv_reply;
 struct query_cache_config {
   std::chrono::seconds ttl{3600};
   std::size_t max_entries = 100'000;
-  /// Empty: the embedded store (max_entries). Else
+  /// The embedded store's bound in bytes: keys, values and
+  /// embedded_query_store::entry_overhead_bytes each (query keys may be
+  /// whole prompts). An entry larger than it is not stored (counted in
+  /// store_errors).
+  std::size_t max_bytes = std::size_t{256} << 20;
+  /// Empty: the embedded store (max_entries, max_bytes). Else
   /// redis://[[user]:password@]host[:port][/db] and the options below (their
   /// `url` is replaced by this one).
   std::string redis_url;
@@ -91,7 +96,8 @@ struct query_cache_config {
 /// errc::invalid_argument naming the option when `config` breaks an
 /// invariant: a ttl that is not positive (every set would fail) or is
 /// above a year (its expiry would overflow the clock and lie in the past),
-/// max_entries 0 with the embedded store (it would hold one entry), or a
+/// max_entries 0 with the embedded store (it would hold one entry), a
+/// max_bytes below what an empty query's reply takes in it, or a
 /// `redis.url` other than `redis_url` (the one that counts; a URL set only
 /// in `redis.url` would leave the cache in process without a word).
 [[nodiscard]] result<void> validate(const query_cache_config& config);
