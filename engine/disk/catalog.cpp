@@ -281,7 +281,9 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
   if (exec(full_sync ? "PRAGMA synchronous=FULL"
                      : "PRAGMA synchronous=NORMAL") != SQLITE_OK)
     return make_error(errc::io_error,
-                      db_error(db, path, "cannot set synchronous"));
+                      db_error(db, path, "cannot set synchronous") +
+                          "; the catalog may be damaged: move the directory "
+                          "aside, or point the disk tier at another one");
   // The file may be writable and the catalog not all the same: its -wal
   // or -shm file another user's (left by an operator's sqlite3 shell run
   // as root, say). Only a write finds out. Busy (another writer holds the
@@ -295,7 +297,9 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
                              "INSERT INTO meta VALUES('format_version', " +
                              std::to_string(disk_format_version) + ");COMMIT;";
     if (exec(init.c_str()) != SQLITE_OK) {
-      auto err = db_error(db, path, "cannot create the schema");
+      auto err = db_error(db, path, "cannot create the schema") +
+                 "; check that the directory is writable and its file "
+                 "system has room, or choose another directory";
       exec("ROLLBACK");
       return make_error(errc::io_error, err);
     }

@@ -309,13 +309,18 @@ result<segment_file> segment_file::open(const std::string& dir,
   struct stat st {};
   if (::fstat(f.fd_, &st) != 0)
     return make_error(errc::io_error,
-                      "cannot stat " + f.path_ + ": " + errno_text(errno));
+                      "cannot stat " + f.path_ + ": " + errno_text(errno) +
+                          "; check the disk (dmesg) or move the directory "
+                          "aside and start an empty disk tier");
   f.size_ = static_cast<std::uint64_t>(st.st_size);
   std::array<std::byte, segment_header_bytes> h{};
   const ssize_t got = full_pread(f.fd_, h.data(), h.size(), 0);
   if (got < 0)
-    return make_error(errc::io_error, "cannot read the header of " + f.path_ +
-                                          ": " + errno_text(errno));
+    return make_error(errc::io_error,
+                      "cannot read the header of " + f.path_ + ": " +
+                          errno_text(errno) +
+                          "; check the disk (dmesg) or move the directory "
+                          "aside and start an empty disk tier");
   if (got != static_cast<ssize_t>(h.size()) ||
       std::memcmp(h.data(), segment_magic.data(), segment_magic.size()) != 0 ||
       load64(h.data() + 24) != hash(h.data(), 24))
