@@ -255,6 +255,11 @@ TEST(engine_mode, store_capacity_is_a_whole_number_of_blocks_and_slabs) {
     EXPECT_EQ(cfg->slab_bytes % slot, 0U);
     EXPECT_EQ(cfg->capacity_bytes % cfg->slab_bytes, 0U) << n;
     EXPECT_LE(cfg->slab_bytes, 64 * slot);
+    // At least 8 slabs where the capacity allows (compression needs a
+    // slab's worth of free slots to make one of the smaller size).
+    if (n >= 8) {
+      EXPECT_GE(cfg->capacity_bytes / cfg->slab_bytes, 8U) << n;
+    }
     EXPECT_FALSE(cfg->adaptive_compression);
     auto store = engine::block_store::create(*cfg);
     ASSERT_TRUE(store) << store.error().describe();
@@ -273,6 +278,14 @@ TEST(engine_mode, compression_demotes_instead_of_evicting) {
   auto off = run(o);
   ASSERT_TRUE(off) << off.error().describe();
   EXPECT_EQ(off->results[0].demotions, 0U);
+  // Also in a store of 64 blocks: it used to be one slab, where nothing
+  // could ever be demoted.
+  o.capacity_fraction.reset();
+  o.capacity_blocks = 64;
+  o.compression = true;
+  auto small = run(o);
+  ASSERT_TRUE(small) << small.error().describe();
+  EXPECT_GT(small->results[0].demotions, 0U);
 }
 
 class trace_file : public ::testing::Test {
