@@ -1719,13 +1719,13 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
     if (!pool_.can_allocate(cls) && compact_for(cls))
       continue;
     // The scan's budget is spent (its tries, or the blocks it may pass
-    // over) and this put fits: stop here, above the
-    // low watermark, and let the next put that crosses the high one
-    // demote on. Going on down to the low watermark would evict the
-    // coldest blocks, those just demoted: a pass that must free more than
-    // the budget demotes (a tenth of a store over about 1,800 full-size
-    // blocks, at 256) then compressed nothing that stayed, and a larger
-    // store hit less than a smaller one.
+    // over) and this put fits: stop here, above the low watermark, and let
+    // the next put that crosses the high one demote on. Going on down to
+    // the low watermark would evict the coldest blocks, those just
+    // demoted: a pass that must free more than the budget demotes (a tenth
+    // of a store over about 1,800 full-size blocks, at 256) then
+    // compressed nothing that stayed, and a larger store hit less than a
+    // smaller one.
     if ((scan.tries == 0 || scan.visits == 0) &&
         config_.demotion_scan_limit > 0 && !over_high(need) &&
         pool_.can_allocate(cls))
