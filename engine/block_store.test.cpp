@@ -1954,45 +1954,60 @@ TEST(block_store, blocks_that_cannot_be_demoted_leave_the_demotion_scan_alone) {
   }
 }
 
+/// An LRU store of `blocks` 4 KiB blocks in slabs of four, compression on,
+/// whose make-room passes try at most `scan_limit` demotions, with
+/// small_spec() registered as `ns`.
+struct scan_limited_store {
+  scan_limited_store(std::size_t blocks, std::size_t scan_limit) {
+    store_config cfg;
+    cfg.capacity_bytes = blocks * 4096;
+    cfg.slab_bytes = 4 * 4096;
+    cfg.policy = policy_kind::lru;
+    cfg.demotion_scan_limit = scan_limit;
+    store = std::move(*block_store::create(cfg));
+    ns = *store->register_namespace(spec);
+  }
+  /// Puts block `id` as a request of its own and returns its key.
+  block_key put_alone(std::uint64_t id) {
+    const block_key k = testing::chain_of(spec, id, 1)[0];
+    EXPECT_TRUE(store->process(ns, {&k, 1}, 16, producer).has_value());
+    return k;
+  }
+
+  namespace_spec spec = small_spec();
+  std::unique_ptr<block_store> store;
+  ns_id ns;
+  synthetic_producer producer;
+};
+
 TEST(block_store, a_pass_past_the_demotion_scan_limit_keeps_what_it_demoted) {
   // 100 blocks, a scan limit of 4: the first pass over the high watermark
   // demotes 4 cold blocks, far from the low watermark. It stops once the
   // put fits instead of evicting the coldest blocks, the 4 just demoted
   // (before: 4 demotions, 11 evictions, no compressed block left).
-  store_config cfg;
-  cfg.capacity_bytes = 100 * 4096;
-  cfg.slab_bytes = 4 * 4096;
-  cfg.policy = policy_kind::lru;
-  cfg.demotion_scan_limit = 4;
-  auto store = std::move(*block_store::create(cfg));
-  const auto spec = small_spec();
-  const auto ns = *store->register_namespace(spec);
-  synthetic_producer producer;
+  scan_limited_store s{100, 4};
   std::vector<block_key> keys;
-  for (std::uint64_t id = 1; store->stats().demotions == 0; ++id) {
+  for (std::uint64_t id = 1; s.store->stats().demotions == 0; ++id) {
     ASSERT_LT(id, 200U);
-    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
-    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
+    keys.push_back(s.put_alone(id));
   }
-  store->check_invariants();
-  EXPECT_EQ(store->stats().demotions, 4U);
-  EXPECT_EQ(store->stats().evictions, 0U);
+  s.store->check_invariants();
+  EXPECT_EQ(s.store->stats().demotions, 4U);
+  EXPECT_EQ(s.store->stats().evictions, 0U);
   std::size_t compressed = 0;
   for (const auto& k : keys) {
-    ASSERT_TRUE(store->contains(ns, k));
-    if (*store->codec_of(ns, k) != codec::none)
+    ASSERT_TRUE(s.store->contains(s.ns, k));
+    if (*s.store->codec_of(s.ns, k) != codec::none)
       ++compressed;
   }
   EXPECT_EQ(compressed, 4U);
   // The next puts over the high watermark demote on, still evicting
   // nothing while cold full-size blocks are left.
-  for (std::uint64_t id = 1000; id < 1020; ++id) {
-    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
-    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
-  }
-  store->check_invariants();
-  EXPECT_EQ(store->stats().evictions, 0U);
-  EXPECT_GT(store->stats().demotions, 4U);
+  for (std::uint64_t id = 1000; id < 1020; ++id)
+    keys.push_back(s.put_alone(id));
+  s.store->check_invariants();
+  EXPECT_EQ(s.store->stats().evictions, 0U);
+  EXPECT_GT(s.store->stats().demotions, 4U);
 }
 
 TEST(block_store, a_pass_that_can_pass_no_more_blocks_stops_once_the_put_fits) {
@@ -2000,32 +2015,20 @@ TEST(block_store, a_pass_that_can_pass_no_more_blocks_stops_once_the_put_fits) {
   // blocks, none of which it can demote. Each put then evicts what it needs
   // and no more (before: down to the low watermark, 21 blocks for 10 puts,
   // as 7ac94b8 stopped doing for a pass whose tries were spent).
-  store_config cfg;
-  cfg.capacity_bytes = 200 * 4096;
-  cfg.slab_bytes = 4 * 4096;
-  cfg.policy = policy_kind::lru;
-  cfg.demotion_scan_limit = 4;
-  auto store = std::move(*block_store::create(cfg));
-  const auto spec = small_spec();
-  const auto ns = *store->register_namespace(spec);
-  synthetic_producer producer;
+  scan_limited_store s{200, 4};
   std::vector<block_key> keys;
-  for (std::uint64_t id = 1; id <= 175; ++id) { // under 0.9 x 200
-    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
-    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
-  }
+  for (std::uint64_t id = 1; id <= 175; ++id) // under 0.9 x 200
+    keys.push_back(s.put_alone(id));
   std::vector<read_lease> held;
   for (std::size_t i = 0; i < 70; ++i)
-    held.push_back(std::move(*store->acquire(ns, keys[i])));
+    held.push_back(std::move(*s.store->acquire(s.ns, keys[i])));
   for (std::size_t i = 70; i < keys.size(); ++i) // newer than the 70
-    ASSERT_TRUE(store->acquire(ns, keys[i]).has_value());
-  for (std::uint64_t id = 1000; id < 1010; ++id) {
-    keys.push_back(chain_key_from_id({}, spec.fingerprint(), id));
-    ASSERT_TRUE(store->process(ns, {&keys.back(), 1}, 16, producer));
-  }
-  store->check_invariants();
-  EXPECT_EQ(store->stats().demotions, 0U);
-  EXPECT_LE(store->stats().evictions, 10U);
+    ASSERT_TRUE(s.store->acquire(s.ns, keys[i]).has_value());
+  for (std::uint64_t id = 1000; id < 1010; ++id)
+    s.put_alone(id);
+  s.store->check_invariants();
+  EXPECT_EQ(s.store->stats().demotions, 0U);
+  EXPECT_LE(s.store->stats().evictions, 10U);
 }
 
 TEST(block_store, no_demotion_to_a_size_a_slab_holds_no_more_of) {
