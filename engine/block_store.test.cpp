@@ -2054,9 +2054,11 @@ TEST(block_store, no_demotion_to_a_size_a_slab_holds_no_more_of) {
   store->check_invariants();
   EXPECT_EQ(store->stats().demotions, 0U);
   EXPECT_GT(store->stats().evictions, 0U);
-  for (const auto& k : keys)
-    if (store->contains(ns, k))
+  for (const auto& k : keys) {
+    if (store->contains(ns, k)) {
       EXPECT_EQ(*store->codec_of(ns, k), codec::none);
+    }
+  }
 }
 
 TEST_F(store_fixture, inverted_compression_thresholds_are_refused) {
