@@ -331,7 +331,7 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
            {"redis//:hunter2@h:1", "scheme", "hunter2"},
            // A "://" that is no scheme's: in the password, after the '@'.
            {"redis:/alice:hunter2@h:1/0#http://x", "scheme", "hunter2"},
-           {"redis:/alice:hun://ter2@h:1", "scheme", "ter2"},
+           {"redis:/alice:hun://ter2@h:1", "scheme", "hun"},
            {"redis:alice:hun://ter2@h:1", "scheme", "hun"},
        }}) {
     auto r = parse_redis_url(url);

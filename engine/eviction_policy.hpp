@@ -25,8 +25,10 @@
 ///             half-life (short: recency, long: frequency) is chosen online
 ///             by two shadow caches on a sample of the keys, see
 ///             eviction_policy.cpp
-///   belady    offline optimum for research: the block whose next use is
-///             farthest; needs a next-use oracle (block_store config)
+///   belady    offline, for research: the block whose next use is farthest
+///             (within the partition the store picks, so not an exact
+///             optimum where chains cross partitions); needs a next-use
+///             oracle (block_store config)
 /// Not thread-safe: owned by one store.
 
 #include "engine/result.hpp"

@@ -71,9 +71,11 @@ Capacity (at most one; neither: --capacity-fraction 0.25):
 
 Options:
   --policies LIST           comma-separated eviction policies to compare:
-                            lru, lfu, priority, adaptive, belady (the offline
-                            optimum: evicts the block used farthest in the
-                            future) [lru,lfu,adaptive,belady]
+                            lru, lfu, priority, adaptive, belady (offline:
+                            evicts the block used farthest in the future,
+                            within the partition the store picks; the bound
+                            to compare with, not always exact)
+                            [lru,lfu,adaptive,belady]
   --json                    print one JSON object instead of a table
   --block-tokens N          tokens per block: the namespace's block size and
                             the block size the trace was made with; N x L x
