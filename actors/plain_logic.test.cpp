@@ -997,6 +997,14 @@ transition_model model(const transition_config& c) {
   return std::move(m).value();
 }
 
+/// A model keeping `top_k` successors per query that never ages them.
+transition_model unaged_model(std::size_t top_k) {
+  transition_config c;
+  c.top_k = top_k;
+  c.aging_interval = 0;
+  return model(c);
+}
+
 TEST(TransitionModel, PredictsLearnedPattern) {
   auto m = model(transition_config{});
   for (std::uint64_t session = 1; session <= 5; ++session) {
@@ -1047,10 +1055,7 @@ TEST(TransitionModel, ConfidenceCountsSuccessorsNotKept) {
   // confidence used to be taken over the kept successors only (3 of 4 with
   // top_k 2, always 1 with top_k 1), which passed any threshold.
   for (const std::size_t top_k : {1U, 2U, 4U}) {
-    transition_config c;
-    c.top_k = top_k;
-    c.aging_interval = 0;
-    auto m = model(c);
+    auto m = unaged_model(top_k);
     for (int i = 0; i < 3; ++i) {
       m.observe(1, "A");
       m.observe(1, "B");
@@ -1094,10 +1099,7 @@ TEST(TransitionModel, ANewPatternTakesOverFromStrongOnesWithoutAging) {
               {{"B", 10}, {"D", 10}, {"E", 10}, {"F", 10}, {"G", 10}},
               50,
               50}}) {
-    transition_config c;
-    c.top_k = top_k;
-    c.aging_interval = 0;
-    auto m = model(c);
+    auto m = unaged_model(top_k);
     for (const auto& [q, n] : seen)
       for (int i = 0; i < n; ++i) {
         m.observe(1, "A");
@@ -1127,10 +1129,7 @@ TEST(TransitionModel, AStrayTransitionDoesNotDisplaceTheOnlyStrongSuccessor) {
   // top_k 1: A -> B 100 times, then one A -> C. B stays predicted at
   // 100 / 101 (the spare slot takes C); without it, C took B's only place,
   // and B, back at once, was predicted at 1 / 102 for ~100 transitions.
-  transition_config c;
-  c.top_k = 1;
-  c.aging_interval = 0;
-  auto m = model(c);
+  auto m = unaged_model(1);
   for (int i = 0; i < 100; ++i) {
     m.observe(1, "A");
     m.observe(1, "B");
@@ -1160,10 +1159,7 @@ TEST(TransitionModel, OneOffsDoNotDisplaceAHeavyHitter) {
   // A successor that followed more than total / top_k of the transitions is
   // kept whatever the one-offs between (space-saving): B, 60% of A's
   // successors, stays predicted among 400 one-offs with top_k 2.
-  transition_config c;
-  c.top_k = 2;
-  c.aging_interval = 0;
-  auto m = model(c);
+  auto m = unaged_model(2);
   for (int i = 0; i < 1000; ++i) {
     m.observe(1, "A");
     m.observe(1, i % 5 < 3 ? std::string("B") : "x" + std::to_string(i));
