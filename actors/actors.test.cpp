@@ -1413,6 +1413,49 @@ caf::behavior opening_engine(caf::stateful_actor<opening_engine_state>* self) {
   };
 }
 
+/// An engine with a disk tier that records the persist_atom it gets.
+caf::behavior persisting_engine(caf::event_based_actor*,
+                                std::shared_ptr<std::vector<bool>> asked) {
+  return {
+      [asked](persist_atom, std::uint64_t) -> std::uint64_t {
+        asked->push_back(false);
+        return 0;
+      },
+      [asked](persist_atom, std::uint64_t, bool retiring) -> std::uint64_t {
+        asked->push_back(retiring);
+        return 0;
+      },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+TEST_F(actor_test, ARetiredDiskEngineIsToldItIsRetiringWhenAskedToPersist) {
+  // The persist before a retired engine's exit says so, so the engine
+  // refuses the puts and pins that come after it (they would be lost
+  // with it). Before, it was a plain persist_atom.
+  auto asked = std::make_shared<std::vector<bool>>();
+  balancer_config bc;
+  bc.initial_engines = 2;
+  auto b =
+      started_balancer(bc,
+                       [asked](caf::actor_system& s,
+                               std::uint32_t slot) -> result<started_engine> {
+                         if (slot == 0) {
+                           auto c = small_engine(64);
+                           return started_now(spawn_engine_actor(s, c));
+                         }
+                         started_engine e;
+                         e.actor = s.spawn(persisting_engine, asked);
+                         e.disk = true;
+                         return e;
+                       });
+  EXPECT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  sched_->run();
+  EXPECT_EQ(*asked, (std::vector<bool>{true}));
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.live, 1U) << "the retired engine did not exit";
+}
+
 TEST_F(actor_test, AnEngineStillOpeningItsDiskTakesNoRequestsUntilReady) {
   // The replica in slot 2 opens its disk (started_engine::opening). Least
   // loaded would pick it first (nothing in flight there), and every

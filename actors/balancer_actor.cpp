@@ -352,7 +352,7 @@ void maybe_exit_retired(balancer_actor* self, std::uint32_t slot) {
     self->send_exit(engine, caf::exit_reason::user_shutdown);
   };
   self->request(engine, timeout + s.config.request_timeout, persist_atom::value,
-                static_cast<std::uint64_t>(timeout.count()))
+                static_cast<std::uint64_t>(timeout.count()), true)
       .then([exit](std::uint64_t) { exit(); },
             [self, slot, exit](caf::error& e) {
               std::fprintf(stderr,

@@ -95,6 +95,10 @@ struct engine_state {
   std::uint64_t pressure_evictions = 0;
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
   bool sweep_pending = false;     ///< a sweep_atom is on its way
+  /// Its balancer retires it: it persisted its blocks (persist_atom with
+  /// `retiring`) and exits next, so puts and pins are refused from then on
+  /// (acked, they would be lost with it).
+  bool retiring = false;
   static inline const char* name = "kvfleet.engine";
 };
 
@@ -392,6 +396,25 @@ result<void> open_store(engine_parts& parts) {
   return {};
 }
 
+/// What a put or pin gets once the engine's balancer retires it.
+caf::error retiring_error() {
+  return to_caf_error(error{errc::unavailable,
+                            "this engine is being retired: it persisted its "
+                            "blocks and exits now, so it takes no more puts or "
+                            "pins (put the block on another engine)"});
+}
+
+/// persist_atom: every cached block written to the disk tier.
+caf::result<std::uint64_t> persist(engine_actor* self,
+                                   std::uint64_t timeout_ms) {
+  auto r = self->state.store->persist(std::chrono::milliseconds(
+      std::min<std::uint64_t>(timeout_ms, max_persist_ms)));
+  publish(self);
+  if (!r)
+    return to_caf_error(r.error());
+  return static_cast<std::uint64_t>(*r);
+}
+
 caf::behavior engine_behavior(engine_actor* self,
                               std::shared_ptr<engine_parts> parts) {
   auto& st = self->state;
@@ -534,6 +557,8 @@ caf::behavior engine_behavior(engine_actor* self,
         auto& s = self->state;
         if (auto bad = bad_priority(p.prio))
           return std::move(*bad);
+        if (s.retiring)
+          return retiring_error();
         engine::put_options opts;
         opts.prio = p.prio;
         opts.pin = p.pin;
@@ -567,6 +592,11 @@ caf::behavior engine_behavior(engine_actor* self,
         if (it == s.puts.end())
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
+        if (s.retiring) {
+          (void)s.store->abort(it->second);
+          s.puts.erase(it);
+          return retiring_error();
+        }
         auto r = s.store->commit(it->second);
         // The put stays open after these two (its parent is not committed
         // yet; no value written yet): erasing the ticket would drop the
@@ -623,6 +653,8 @@ caf::behavior engine_behavior(engine_actor* self,
       },
       // A pin of a block only on disk brings it back, as a read does.
       [=](pin_atom, const engine::block_key& key) -> caf::result<bool> {
+        if (self->state.retiring)
+          return retiring_error();
         auto r = self->state.store->pin(self->state.ns, key);
         if (r)
           after_change(self);
@@ -677,14 +709,15 @@ caf::behavior engine_behavior(engine_actor* self,
         out.disk_spill_failures = ss.spill_failures;
         return out;
       },
-      [=](persist_atom,
-          std::uint64_t timeout_ms) -> caf::result<std::uint64_t> {
-        auto r = self->state.store->persist(std::chrono::milliseconds(
-            std::min<std::uint64_t>(timeout_ms, max_persist_ms)));
-        publish(self);
-        if (!r)
-          return to_caf_error(r.error());
-        return static_cast<std::uint64_t>(*r);
+      [=](persist_atom, std::uint64_t timeout_ms)
+          -> caf::result<std::uint64_t> { return persist(self, timeout_ms); },
+      [=](persist_atom, std::uint64_t timeout_ms,
+          bool retiring) -> caf::result<std::uint64_t> {
+        // Set first: the balancer exits the engine whether or not its
+        // blocks could be written.
+        if (retiring)
+          self->state.retiring = true;
+        return persist(self, timeout_ms);
       },
       [=](capacity_atom, std::uint32_t tokens) {
         auto& s = self->state;

@@ -25,6 +25,11 @@
 ///       idle counts in disk_spill_failures, not disk_spills)
 ///   (persist_atom, uint64 timeout_ms) -> uint64 cached blocks on disk
 ///       (block_store::persist: a clean shutdown; needs a disk tier)
+///   (persist_atom, uint64 timeout_ms, bool retiring) -> the same; with
+///       `retiring` (its balancer retires it and exits it next) the engine
+///       then refuses reserve_atom, commit_atom (the put is aborted) and
+///       pin_atom with errc::unavailable, since what it took now would be
+///       lost with it; reads, unpins and everything else are served
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no
 ///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply;

@@ -1766,6 +1766,73 @@ TEST_F(Node, ARetiredEnginePersistsItsBlocksForTheNextEngineInItsSlot) {
   ASSERT_TRUE((*again)->stop());
 }
 
+TEST_F(Node, AnEngineRetiringRefusesPutsAndPinsAfterItsLastPersist) {
+  // The balancer retires a drained engine with a disk tier by asking it
+  // persist_atom with `retiring`, then tells it to exit. A put reserved
+  // before (the caller had asked engine_atom just before the retire) and
+  // committed after that persist would be acked and then lost with the
+  // engine: it is refused as unavailable and aborted, and so are new puts
+  // and pins; reads still work. (Before, the commit was acked.) Sent here
+  // by hand, so the commit lands between the persist and the exit.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto n = node::start(*sys_, disk_node(dir.path()));
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  auto& nd = **n;
+  const std::vector<std::uint8_t> value(4096, 6);
+  actors::put_request kept;
+  kept.key = block_key{91, 1};
+  ASSERT_TRUE(nd.put_block(0, kept, value).has_value());
+  const caf::actor e = engine_of(*sys_, nd, 0);
+  caf::scoped_actor self{*sys_};
+  const auto failed = [](caf::error& err) {
+    FAIL() << actors::from_caf_error(err).describe();
+  };
+  actors::put_request late;
+  late.key = block_key{92, 1};
+  std::uint64_t ticket = 0;
+  self->request(e, caf::infinite, actors::reserve_atom::value, late)
+      .receive([&](std::uint64_t t) { ticket = t; }, failed);
+  self->request(e, caf::infinite, actors::write_atom::value, ticket, value)
+      .receive([](bool) {}, failed);
+  std::uint64_t persisted = 0;
+  self->request(e, caf::infinite, actors::persist_atom::value,
+                std::uint64_t{30'000}, true)
+      .receive([&](std::uint64_t p) { persisted = p; }, failed);
+  EXPECT_EQ(persisted, 1U);
+  // `reply` is a value of the type the call answers when it succeeds.
+  const auto refused = [&](auto reply, auto... msg) {
+    std::optional<error> out;
+    self->request(e, caf::infinite, msg...)
+        .receive([](const decltype(reply)&) {},
+                 [&](caf::error& err) { out = actors::from_caf_error(err); });
+    return out;
+  };
+  auto commit = refused(true, actors::commit_atom::value, ticket);
+  ASSERT_TRUE(commit.has_value())
+      << "a commit after the last persist was acked";
+  EXPECT_EQ(commit->code, errc::unavailable) << commit->describe();
+  EXPECT_NE(commit->message.find("retired"), std::string::npos)
+      << commit->message;
+  auto reserve = refused(std::uint64_t{}, actors::reserve_atom::value, late);
+  ASSERT_TRUE(reserve.has_value());
+  EXPECT_EQ(reserve->code, errc::unavailable) << reserve->describe();
+  auto pin = refused(true, actors::pin_atom::value, kept.key);
+  ASSERT_TRUE(pin.has_value());
+  EXPECT_EQ(pin->code, errc::unavailable) << pin->describe();
+  // The refused put was aborted, not left open to its put_timeout.
+  auto gone = refused(true, actors::commit_atom::value, ticket);
+  ASSERT_TRUE(gone.has_value());
+  EXPECT_EQ(gone->code, errc::invalid_handle) << gone->describe();
+  auto got = nd.get_block(0, kept.key);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(*got, value);
+  auto lost = nd.get_block(0, late.key);
+  ASSERT_FALSE(lost.has_value());
+  EXPECT_EQ(lost.error().code, errc::not_found) << lost.error().describe();
+  ASSERT_TRUE(nd.stop());
+}
+
 TEST_F(Node, StopAgainAfterATimeoutWaitsForTheEnginesLeft) {
   // The engine's disk is held (a pinned block's write waits at the gate),
   // so the engine cannot finish stopping: stop() times out. Once the disk
