@@ -821,6 +821,10 @@ TEST(ScalerPolicy, RejectsConfigurationsThatBreakInvariantsAsErrorValues) {
          c.min_replicas = 3;
          c.max_replicas = 2;
        }},
+      // The balancer never retires its last live engine: every scale-down
+      // would be that refused retire, never a shrink.
+      {"scaler_config.min_replicas must be at least 1",
+       [](scaler_config& c) { c.min_replicas = 0; }},
   };
   for (const auto& bc : cases) {
     auto c = fast_scaler();
@@ -874,6 +878,41 @@ TEST(ScalerPolicy, ARefusedReplicaChangeIsUndone) {
   EXPECT_EQ(down.replicas(), 2U);
   EXPECT_EQ(s.refusals(), 1U);
   EXPECT_EQ(down.refusals(), 1U);
+}
+
+TEST(ScalerPolicy, AfterARefusedReplicaChangeItChangesTheCapacity) {
+  // A factory that cannot start an engine (no device left) refuses every
+  // spawn: the scale-ups after the first refusal grow the capacity to its
+  // cap, then a spawn is tried again. A retire the balancer refuses (its
+  // last live engine) turns the scale-downs to shrinking the same way.
+  // (Before, the same refused change was decided at every cooldown and
+  // the capacity never moved.)
+  auto c = fast_scaler(); // max_replicas 2, cooldown 60 s
+  c.sustain = 1;
+  c.max_capacity_tokens = 6144;
+  auto s = make_scaler(c, 1, 4096);
+  engine::nanos t{0};
+  const auto next = [&](engine::nanos latency) {
+    t += 61s;
+    feed(s, t, latency);
+    return s.evaluate(t).action;
+  };
+  ASSERT_EQ(next(800ms), scale_action::spawn_replica);
+  s.refused(scale_action::spawn_replica);
+  EXPECT_EQ(next(800ms), scale_action::grow_capacity);
+  EXPECT_EQ(s.capacity_tokens(), 6144U);
+  EXPECT_EQ(next(800ms), scale_action::spawn_replica) << "capacity at cap";
+  EXPECT_EQ(s.replicas(), 2U);
+  // Down: the balancer refuses to retire its last live engine.
+  ASSERT_EQ(next(10ms), scale_action::retire_replica);
+  s.refused(scale_action::retire_replica);
+  for (std::uint32_t tokens : {4915U, 3932U, 3146U, 2517U, 2048U}) {
+    EXPECT_EQ(next(10ms), scale_action::shrink_capacity);
+    EXPECT_EQ(s.capacity_tokens(), tokens);
+  }
+  EXPECT_EQ(next(10ms), scale_action::retire_replica) << "capacity at floor";
+  EXPECT_EQ(s.replicas(), 1U);
+  EXPECT_EQ(s.refusals(), 2U);
 }
 
 TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {

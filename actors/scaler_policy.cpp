@@ -66,6 +66,11 @@ result<void> validate(const scaler_config& c) {
                           std::to_string(c.min_capacity_tokens) +
                           ") is above max_capacity_tokens (" +
                           std::to_string(c.max_capacity_tokens) + ")");
+  if (c.min_replicas == 0)
+    return make_error(errc::invalid_argument,
+                      "scaler_config.min_replicas must be at least 1: the "
+                      "balancer never retires its last live engine, so the "
+                      "scaler would decide that retire at every cooldown");
   if (c.min_replicas > c.max_replicas)
     return make_error(
         errc::invalid_argument,
@@ -257,9 +262,13 @@ scale_decision scaler_policy::decide(engine::nanos now) {
     up_streak_ = down_streak_ = 0;
   }
   if (up_streak_ >= config_.sustain) {
-    if (replicas_ < config_.max_replicas) {
+    // After a refused spawn, capacity first (refused()).
+    const bool grow_first =
+        spawn_refused_ && capacity_ < config_.max_capacity_tokens;
+    if (replicas_ < config_.max_replicas && !grow_first) {
       d.action = scale_action::spawn_replica;
       ++replicas_;
+      spawn_refused_ = false;
     } else if (capacity_ < config_.max_capacity_tokens) {
       d.action = scale_action::grow_capacity;
       // At least one token, so that a factor close to 1 on a small budget
@@ -271,9 +280,12 @@ scale_decision scaler_policy::decide(engine::nanos now) {
                                       config_.grow_factor))));
     }
   } else if (down_streak_ >= config_.sustain) {
-    if (replicas_ > config_.min_replicas) {
+    const bool shrink_first =
+        retire_refused_ && capacity_ > config_.min_capacity_tokens;
+    if (replicas_ > config_.min_replicas && !shrink_first) {
       d.action = scale_action::retire_replica;
       --replicas_;
+      retire_refused_ = false;
     } else if (capacity_ > config_.min_capacity_tokens) {
       d.action = scale_action::shrink_capacity;
       capacity_ = static_cast<std::uint32_t>(std::max<double>(

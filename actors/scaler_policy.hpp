@@ -12,6 +12,8 @@
 ///                                   capacity x shrink_factor (at least
 ///                                   min_capacity_tokens);
 ///   otherwise                    -> hold.
+/// A replica change the balancer refused turns the next ones to capacity
+/// (refused()).
 /// Before any of that, fewer than min_replicas replicas (engines the
 /// balancer gave up after max_restarts, replica_lost(), or a fleet started
 /// below it) -> spawn a replica, whatever the window holds: at low load no
@@ -72,8 +74,10 @@ struct scaler_config {
 /// shrink_factor outside (0, 1) (a grow would shrink, a shrink grow),
 /// sustain 0 (every evaluation would act), min_capacity_tokens of 0 (an
 /// engine reads a budget of 0 as no limit, so shrinking to it would lift
-/// the limit) or above max_capacity_tokens, min_replicas above
-/// max_replicas.
+/// the limit) or above max_capacity_tokens, min_replicas of 0 (the
+/// balancer never retires its last live engine: the scaler would decide
+/// that refused retire at every cooldown and never shrink the capacity)
+/// or above max_replicas.
 [[nodiscard]] result<void> validate(const scaler_config& c);
 /// errc::invalid_argument naming `option` (the caller's name for it) when
 /// `capacity_tokens` is outside [c.min_capacity_tokens,
@@ -160,13 +164,22 @@ public:
   /// The balancer refused (answered an error to) the replica change of
   /// action `a`, which evaluate() had already counted: undoes it, so
   /// replicas() stays what the balancer runs, and counts it in refusals().
-  /// Cooldown and action counts stay.
+  /// Cooldown and action counts stay. The next scale-up after a refused
+  /// spawn grows the capacity instead (a factory that cannot start an
+  /// engine, no device left, would otherwise be asked again at every
+  /// cooldown while the capacity stayed put), and so does every one after
+  /// it until the capacity is at max_capacity_tokens; then a spawn is tried
+  /// again. A refused retire (the balancer keeps its last live engine) makes
+  /// the next scale-downs shrink the capacity the same way.
   void refused(scale_action a) noexcept {
     ++refusals_;
-    if (a == scale_action::spawn_replica && replicas_ > 0)
+    if (a == scale_action::spawn_replica && replicas_ > 0) {
       --replicas_;
-    else if (a == scale_action::retire_replica)
+      spawn_refused_ = true;
+    } else if (a == scale_action::retire_replica) {
       ++replicas_;
+      retire_refused_ = true;
+    }
   }
   /// A replica left on its own (the balancer gave its engine up after its
   /// restarts): keeps the count honest, and counts it in losses().
@@ -234,6 +247,9 @@ private:
   std::array<std::uint64_t, scale_action_count> counts_{};
   std::uint64_t refusals_ = 0;
   std::uint64_t losses_ = 0;
+  /// The balancer refused the last spawn (retire): see refused().
+  bool spawn_refused_ = false;
+  bool retire_refused_ = false;
   std::uint64_t unanswered_ = 0;
   std::uint64_t replacements_ = 0;
   std::deque<scale_decision> log_;
