@@ -33,11 +33,34 @@ namespace {
 /// unencoded puts that '/' before the '@', and the rest of the password
 /// would show. Without a scheme before it (a mistyped one, "redis:/u:pw@h",
 /// or a "://" inside the password or after the '@') all before the last '@'
-/// is hidden, the scheme too.
+/// is hidden, the scheme too. Without any '@', a ':' in the host part
+/// followed by anything but a port number may be a password whose host was
+/// left out ("redis://user:secret"): what follows that ':' up to the first
+/// '/' is hidden; with no "://" either, all after the first ':'.
 std::string without_credentials(std::string_view url) {
   const auto at = url.rfind('@');
-  if (at == std::string_view::npos)
-    return std::string(url);
+  if (at == std::string_view::npos) {
+    const auto scheme_end = url.find("://");
+    if (scheme_end == std::string_view::npos) {
+      // No telling the parts apart ("redis:/u:pw"): all after the first ':'.
+      const auto colon = url.find(':');
+      return colon == std::string_view::npos
+                 ? std::string(url)
+                 : std::string(url.substr(0, colon + 1)) + "***";
+    }
+    const auto host = scheme_end + 3;
+    const auto end = std::min(url.find('/', host), url.size());
+    const auto colon = url.find(':', host);
+    if (colon == std::string_view::npos || colon >= end)
+      return std::string(url);
+    const auto port = url.substr(colon + 1, end - colon - 1);
+    if (!port.empty() && std::all_of(port.begin(), port.end(), [](char c) {
+          return std::isdigit(static_cast<unsigned char>(c)) != 0;
+        }))
+      return std::string(url);
+    return std::string(url.substr(0, colon + 1)) + "***" +
+           std::string(url.substr(end));
+  }
   const auto scheme_end = url.find("://");
   const bool scheme =
       scheme_end != std::string_view::npos && scheme_end < at &&

@@ -346,6 +346,30 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
   }
 }
 
+TEST(RedisUrl, AURLWithoutAHostHidesWhatFollowsTheColon) {
+  // No '@': a ':' followed by anything but a port may be a password whose
+  // host was left out. Before, these showed whole. A port stays shown.
+  struct bad {
+    const char* url;
+    const char* shown;
+  };
+  for (auto [url, shown] : std::array<bad, 5>{{
+           {"redis://alice:hunter2", "'redis://alice:***'"},
+           {"redis://:hunter2", "'redis://:***'"},
+           {"redis://:hunter2/0", "'redis://:***/0'"},
+           {"redis:/alice:hunter2", "'redis:***'"},
+           {"redis://h:0", "'redis://h:0'"},
+       }}) {
+    auto r = parse_redis_url(url);
+    ASSERT_FALSE(r.has_value()) << url;
+    EXPECT_EQ(r.error().code, errc::parse_error) << url;
+    EXPECT_NE(r.error().message.find(shown), std::string::npos)
+        << url << ": " << r.error().message;
+    EXPECT_EQ(r.error().message.find("hunter2"), std::string::npos)
+        << url << ": " << r.error().message;
+  }
+}
+
 TEST_F(RedisQueryStore, SetGetRoundTripUnderPrefix) {
   auto store = open();
   ASSERT_TRUE(store);
