@@ -49,10 +49,9 @@ public:
   }
 
   /// One reference of sampled key `key` at tick `t`; `capacity` blocks.
-  void reference(std::uint64_t key, double t, std::size_t resident,
-                 std::size_t capacity, double log_prior) {
-    const double h =
-        factor_ * static_cast<double>(std::max<std::size_t>(resident, 64));
+  void reference(std::uint64_t key, double t, std::size_t capacity,
+                 double log_prior) {
+    const double h = factor_ * basis_;
     std::uint32_t id = index_.find(as_block(key));
     if (id != npos) {
       hits_ += 1.0;
@@ -76,6 +75,18 @@ public:
       index_.erase(as_block(nodes_[victim].key));
       free_.push_back(victim);
     }
+  }
+  /// The half-life is factor() x `basis` blocks from now on: every held
+  /// block's score is retaken under it (the policy's own basis, so both
+  /// rank alike; adaptive_policy in eviction_policy.cpp).
+  void rebase(double basis) {
+    basis_ = basis;
+    const double h = factor_ * basis_;
+    for (std::uint32_t id = 0; id < nodes_.size(); ++id)
+      if (heap_.contains(id)) {
+        const node& n = nodes_[id];
+        heap_.set(id, 0, score{n.log_c + n.last / h, n.key});
+      }
   }
   [[nodiscard]] double hits() const noexcept { return hits_; }
   void decay() noexcept { hits_ *= 0.5; }
@@ -118,6 +129,7 @@ private:
   }
 
   double factor_;
+  double basis_ = 64; ///< blocks; rebase()
   double hits_ = 0;
   std::vector<node> nodes_;
   std::vector<std::uint32_t> free_; ///< ids of the nodes not held

@@ -21,10 +21,9 @@ public:
   explicit reference_shadow(double half_life_factor)
       : factor_(half_life_factor) {}
 
-  void reference(std::uint64_t key, double t, std::size_t resident,
-                 std::size_t capacity, double log_prior) {
-    const double h =
-        factor_ * static_cast<double>(std::max<std::size_t>(resident, 64));
+  void reference(std::uint64_t key, double t, std::size_t capacity,
+                 double log_prior) {
+    const double h = factor_ * basis_;
     auto it = blocks_.find(key);
     if (it != blocks_.end()) {
       hits_ += 1.0;
@@ -44,6 +43,15 @@ public:
       blocks_.erase(victim);
     }
   }
+  void rebase(double basis) {
+    basis_ = basis;
+    const double h = factor_ * basis_;
+    order_.clear();
+    for (auto& [key, e] : blocks_) {
+      e.score = e.log_c + e.last / h;
+      order_.insert({e.score, key});
+    }
+  }
   [[nodiscard]] double hits() const noexcept { return hits_; }
   void decay() noexcept { hits_ *= 0.5; }
   [[nodiscard]] std::size_t size() const noexcept { return blocks_.size(); }
@@ -58,6 +66,7 @@ private:
     double score = 0;
   };
   double factor_;
+  double basis_ = 64;
   double hits_ = 0;
   std::unordered_map<std::uint64_t, entry> blocks_;
   std::set<std::pair<double, std::uint64_t>> order_;
@@ -72,7 +81,8 @@ struct shadow_case {
 
 class lrfu_shadow_matches : public ::testing::TestWithParam<shadow_case> {};
 
-// Random references (hits, new keys, a capacity that grows and shrinks,
+// Random references (hits, new keys, a capacity that grows and shrinks, a
+// half-life basis that changes,
 // priors that repeat so scores tie and the key breaks the tie) to both: the
 // same blocks are held and the same hits counted after every step.
 TEST_P(lrfu_shadow_matches, the_node_based_shadow_it_replaced) {
@@ -92,11 +102,16 @@ TEST_P(lrfu_shadow_matches, the_node_based_shadow_it_replaced) {
         t += 1.0;
       // Sampled keys are multiples of the sample rate.
       const std::uint64_t key = (gen() % c.keys) * 16;
-      const std::size_t resident = gen() % 4096;
+      // The policy's basis grows now and then: every score is retaken.
+      if (gen() % 700 == 0) {
+        const double basis = static_cast<double>(64 + gen() % 4096);
+        fixed.rebase(basis);
+        want.rebase(basis);
+      }
       const double log_prior = std::log2(static_cast<double>(1 + gen() % 4) /
                                          4.0); // a few values: ties
-      fixed.reference(key, t, resident, capacity, log_prior);
-      want.reference(key, t, resident, capacity, log_prior);
+      fixed.reference(key, t, capacity, log_prior);
+      want.reference(key, t, capacity, log_prior);
       if (step % 512 == 511) {
         fixed.decay();
         want.decay();
@@ -126,13 +141,13 @@ TEST(lrfu_shadow, holds_capacity_plus_one_in_what_reserve_sized) {
   lrfu_shadow s(0.5);
   s.reserve(17);
   for (std::uint64_t k = 0; k < 1000; ++k)
-    s.reference(k * 16, static_cast<double>(k), 256, 16, -1.0);
+    s.reference(k * 16, static_cast<double>(k), 16, -1.0);
   EXPECT_EQ(s.size(), 16U);
   EXPECT_EQ(s.reserved(), 17U);
-  s.reference(1000 * 16, 1000.0, 256, 40, -1.0);
+  s.reference(1000 * 16, 1000.0, 40, -1.0);
   EXPECT_EQ(s.reserved(), 17U);
   for (std::uint64_t k = 1001; k < 1100; ++k)
-    s.reference(k * 16, static_cast<double>(k), 256, 40, -1.0);
+    s.reference(k * 16, static_cast<double>(k), 40, -1.0);
   EXPECT_EQ(s.size(), 40U);
   EXPECT_GE(s.reserved(), 41U);
   s.check_invariants();
