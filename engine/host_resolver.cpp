@@ -132,6 +132,11 @@ host_lookup_result host_resolver::resolve(const std::string& host,
           } catch (const std::exception& e) { // bad_alloc, say: never escapes
             r = make_error(errc::unavailable,
                            "cannot resolve '" + l->host + "': " + e.what());
+          } catch (...) { // a lookup of the caller's throwing anything else
+            r = make_error(errc::unavailable,
+                           "cannot resolve '" + l->host +
+                               "': the lookup threw an exception that is "
+                               "not a std::exception");
           }
           const std::lock_guard<std::mutex> lock(l->mutex);
           // Stamped under the lookup's mutex: whoever sees the answer sees
@@ -149,7 +154,10 @@ host_lookup_result host_resolver::resolve(const std::string& host,
     }
   }
   std::unique_lock<std::mutex> lock(l->mutex);
-  if (!l->done_cv.wait_for(lock, timeout, [&] { return l->done.has_value(); }))
+  // wait_for converts to the clock's nanoseconds: past ~292 years that
+  // overflowed and a caller waiting "for ever" timed out at once.
+  const auto wait = std::min<std::chrono::milliseconds>(timeout, max_wait);
+  if (!l->done_cv.wait_for(lock, wait, [&] { return l->done.has_value(); }))
     return make_error(errc::timeout,
                       "cannot resolve '" + printable_host(host) + "' within " +
                           std::to_string(timeout.count()) + " ms");

@@ -94,9 +94,14 @@ public:
   /// lookup; the lookup's own
   /// (errc::not_found for a name that does not resolve), errc::timeout "cannot
   /// resolve '<host>' within N ms" when it is still running, errc::unavailable
-  /// when no helper thread can be started. REQUIRES: timeout >= 0.
+  /// when no helper thread can be started. REQUIRES: timeout >= 0; one
+  /// above max_wait waits max_wait. A lookup function that throws is
+  /// errc::unavailable saying so, whatever it throws.
   [[nodiscard]] host_lookup_result resolve(const std::string& host,
                                            std::chrono::milliseconds timeout);
+  /// The longest resolve() waits: 100 years.
+  static constexpr std::chrono::milliseconds max_wait{100ull * 365 * 24 * 3600 *
+                                                      1000};
 
   struct lookup; ///< one lookup's state, shared with its helper thread
 

@@ -88,6 +88,33 @@ TEST(host_resolver_test, a_lookup_that_takes_too_long_is_a_timeout_naming_it) {
   EXPECT_EQ(*fresh, std::vector<std::string>{"slow.example #2"});
 }
 
+TEST(host_resolver_test, a_timeout_of_centuries_waits_for_the_answer) {
+  // wait_for converts to nanoseconds: milliseconds::max() overflowed, and
+  // the call timed out at once (before, "within 9223372036854775807 ms").
+  gated_lookup slow;
+  host_resolver resolver(slow.fn());
+  auto answer = std::async(std::launch::async, [&] {
+    return resolver.resolve("far.example", std::chrono::milliseconds::max());
+  });
+  slow.calls->wait_for(1);
+  slow.release.set_value();
+  auto done = answer.get();
+  ASSERT_TRUE(done) << done.error().describe();
+  EXPECT_EQ(*done, std::vector<std::string>{"far.example #1"});
+}
+
+TEST(host_resolver_test, a_lookup_throwing_anything_is_an_error_value) {
+  // Before, a throw of something other than a std::exception ended the
+  // process on the helper thread.
+  host_resolver resolver(
+      [](const std::string&) -> host_lookup_result { throw 42; });
+  auto r = resolver.resolve("odd.example", 10s);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::unavailable);
+  EXPECT_NE(r.error().message.find("not a std::exception"), std::string::npos)
+      << r.error().message;
+}
+
 TEST(host_resolver_test, a_lookup_left_for_another_host_is_not_its_answer) {
   gated_lookup slow;
   host_resolver resolver(slow.fn());
