@@ -2770,6 +2770,13 @@ TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
   auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
   EXPECT_EQ(st.issued, 4U);
   EXPECT_EQ(st.useful, 2U);
+  // C was forgotten unused, D is outstanding: every prefetch issued is
+  // accounted for (before, C counted nowhere).
+  EXPECT_EQ(st.forgotten, 1U);
+  EXPECT_EQ(st.outstanding, 1U);
+  EXPECT_EQ(st.wasted, 0U);
+  EXPECT_EQ(st.issued, st.useful + st.wasted + st.failed + st.cached +
+                           st.redundant + st.forgotten + st.outstanding);
 }
 
 TEST_F(actor_test, PrefetcherDoesNotPrefetchAnOutstandingQueryAgain) {

@@ -265,14 +265,21 @@ struct prefetch_stats {
   /// Through the result cache such a prefetch stored the query's answer
   /// there, and is judged as any other.
   std::uint64_t redundant = 0;
+  /// Pushed out of the `max_outstanding` it tracks by newer prefetches
+  /// before it was settled: never known useful or wasted. So issued =
+  /// useful + wasted + failed + cached + redundant + forgotten +
+  /// outstanding.
+  std::uint64_t forgotten = 0;
+  /// Issued and not settled yet (tracked now).
+  std::uint64_t outstanding = 0;
   std::uint64_t tracked_queries = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, prefetch_stats& x) {
   return f(caf::meta::type_name("prefetch_stats"), x.observed, x.issued,
-           x.useful, x.wasted, x.failed, x.cached, x.redundant,
-           x.tracked_queries);
+           x.useful, x.wasted, x.failed, x.cached, x.redundant, x.forgotten,
+           x.outstanding, x.tracked_queries);
 }
 
 /// The scaler's counters (per scale_action) and current targets.

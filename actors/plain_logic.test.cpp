@@ -1291,6 +1291,7 @@ TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
   EXPECT_FALSE(t.contains("C"));
   EXPECT_TRUE(t.contains("B"));
   EXPECT_TRUE(t.contains("D"));
+  EXPECT_EQ(t.forgotten(), 1U);
   EXPECT_EQ(t.answered("C", 0, 0), outcome::none);
   EXPECT_EQ(t.answered("B", 0, 0), outcome::pending);
   EXPECT_TRUE(t.evicted(0, block_key{3, 1}).empty());

@@ -211,6 +211,8 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
       },
       [=](stats_atom) -> caf::result<prefetch_stats> {
         auto out = self->state.stats;
+        out.forgotten = self->state.outstanding->forgotten();
+        out.outstanding = self->state.outstanding->size();
         out.tracked_queries = self->state.model->query_count();
         return out;
       },

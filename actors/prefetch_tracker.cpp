@@ -29,8 +29,10 @@ result<void> prefetch_tracker::add(const std::string& query,
     return make_error(errc::invalid_argument,
                       "prefetch_tracker: a prefetch of '" + query +
                           "' is outstanding already");
-  while (outstanding_.size() >= max_outstanding_ && !order_.empty())
+  while (outstanding_.size() >= max_outstanding_ && !order_.empty()) {
     drop(order_.front());
+    ++forgotten_;
+  }
   order_.push_back(query);
   entry e;
   e.keys = keys;

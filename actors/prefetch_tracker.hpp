@@ -25,10 +25,10 @@
 /// shared block wastes every outstanding prefetch that engine answered and
 /// that holds it, and resolving one of them leaves the others' blocks
 /// tracked. At most `max_outstanding` (at least 1) are tracked: tracking
-/// one more forgets the oldest outstanding one. Memory is bounded by the
-/// outstanding prefetches alone (one index entry per block of each): a
-/// resolved prefetch leaves nothing behind. Not thread-safe: owned by one
-/// actor. Move-only: each entry points into the age order it was made with.
+/// one more forgets the oldest outstanding one (counted, forgotten()). Memory
+/// is bounded by the outstanding prefetches alone (one index entry per block of
+/// each): a resolved prefetch leaves nothing behind. Not thread-safe: owned by
+/// one actor. Move-only: each entry points into the age order it was made with.
 
 #include "engine/block_key.hpp"
 #include "engine/result.hpp"
@@ -118,6 +118,9 @@ public:
   [[nodiscard]] std::size_t index_size() const noexcept {
     return by_key_.size();
   }
+  /// Outstanding prefetches add() forgot to make room (the oldest first),
+  /// neither useful nor wasted as far as the tracker knows.
+  [[nodiscard]] std::uint64_t forgotten() const noexcept { return forgotten_; }
 
 private:
   /// REQUIRES: max_outstanding >= 1; else a bug in this class (create
@@ -140,6 +143,7 @@ private:
   void drop(const std::string& query);
 
   std::size_t max_outstanding_;
+  std::uint64_t forgotten_ = 0;
   std::unordered_map<std::string, entry> outstanding_;
   std::list<std::string> order_; ///< front = oldest outstanding
   /// A block key -> every outstanding query whose prefetch holds it (a
