@@ -59,7 +59,10 @@ TEST(engine_mode, adaptive_follows_the_workload_recency_or_frequency) {
   // LRU); chat rewards recency. The adaptive policy picks its half-life
   // from two sampled shadow caches, so it does at least about as well as
   // the better of LRU and LFU on each (with its fixed short half-life it
-  // fell 7% behind LFU on doc-qa).
+  // fell 7% behind LFU on doc-qa). Within 3%: on chat its ratio to LRU
+  // moves by a few percent either way from one capacity to the next
+  // (README), and here it is 0.982; held on the short half-life it reaches
+  // 0.964 of LFU on doc-qa, held on the long one 0.948 of LRU on chat.
   for (const char* name : {"doc-qa", "chat"}) {
     auto o = small_workload(name, 0.25);
     o.requests = 6000;
@@ -69,7 +72,7 @@ TEST(engine_mode, adaptive_follows_the_workload_recency_or_frequency) {
     const double lru = report->results[0].token_hit_ratio;
     const double lfu = report->results[1].token_hit_ratio;
     const double adaptive = report->results[2].token_hit_ratio;
-    EXPECT_GE(adaptive, 0.99 * std::max(lru, lfu))
+    EXPECT_GE(adaptive, 0.97 * std::max(lru, lfu))
         << name << ": lru " << lru << " lfu " << lfu << " adaptive "
         << adaptive;
   }
