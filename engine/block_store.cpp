@@ -150,6 +150,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     started_ = other.started_;
     key_ = other.key_;
     phase_ = other.phase_;
+    restored_count_ = other.restored_count_;
     duplicate_ = other.duplicate_;
     written_ = other.written_;
     pin_ = other.pin_;
@@ -1151,14 +1152,15 @@ result<void> block_store::commit(put_handle& h) {
   const std::uint32_t id = h.id_;
   entry& e = entries_[id];
   e.state = entry_state::committed;
-  e.access_count = 1;
+  // A block brought back from the memory tier or disk keeps its count.
+  e.access_count = std::max<std::uint32_t>(1, h.restored_count_);
   if (e.pin_on_commit)
     e.pins = 1;
   account(e, true);
   ++tick_;
   access_info info;
   info.tick = tick_;
-  info.count = 1;
+  info.count = e.access_count;
   info.prio = e.prio;
   info.resident_blocks = index_.size();
   info.key_hash = block_key_hash{}(e.key);
@@ -2155,7 +2157,7 @@ bool block_store::spill(std::uint32_t id, bool pinned, bool rewrite) {
     bytes = buf;
   }
   if (!disk_->spill(e.key, st.fingerprint, e.c, bytes, e.checksum, wall,
-                    expires, pinned, e.part, e.prio)) {
+                    expires, pinned, e.part, e.prio, e.access_count)) {
     ++stats_.spill_failures; // the tier logs why (e.g. the disk is full)
     return false;
   }
@@ -2288,7 +2290,10 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
   block_key par = parent;
   for (const block_key& k : keys) {
     put_options o = options;
+    std::uint32_t restored = 0; // its accesses when it left memory
     if (const auto info = usable_disk_copy(st, k, wall)) {
+      restored = static_cast<std::uint32_t>(std::min<std::uint64_t>(
+          info->access_count, std::numeric_limits<std::uint32_t>::max()));
       o.codec_override = info->c;
       // Back in the partition it was put in, not the asking call's (a long
       // document's block must not count against short prompts); a block
@@ -2316,6 +2321,7 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
     auto h = reserve_block(ns, k, par, o, false);
     if (!h)
       break;
+    h->restored_count_ = restored;
     promotion p;
     p.group = promote_group_;
     if (h->already_cached()) {

@@ -271,6 +271,8 @@ private:
   std::int64_t started_ = 0; ///< reserve time, for the put latency histogram
   block_key key_{};
   phase phase_ = phase::none;
+  /// A promotion's: the accesses the block had when it left memory.
+  std::uint32_t restored_count_ = 0;
   bool duplicate_ = false;
   bool written_ = false;
   bool pin_ = false; ///< duplicate put with pin: pin the cached block
@@ -853,6 +855,7 @@ private:
     std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
     std::uint64_t seq = 0;       // key of tier_order_
     std::uint32_t stored_bytes = 0;
+    std::uint32_t access_count = 0; // comes back with it
     std::uint16_t ns = 0;
     codec c = codec::none;
     priority prio = priority::normal;

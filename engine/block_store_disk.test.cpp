@@ -293,6 +293,38 @@ TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
     expect_correct(k);
 }
 
+TEST_F(store_disk_test, a_block_back_from_disk_keeps_its_access_count) {
+  // LFU: H read 20 times, C 3 times; both spill and come back, and C is
+  // read twice more. H has had more accesses: one block of room takes C.
+  // The count travels in the catalog too: a store opened again on the
+  // directory ranks them the same. (Before, a block came back at one
+  // access, and H went.)
+  policy_ = policy_kind::lfu;
+  for (const bool reopen : {false, true}) {
+    SCOPED_TRACE(reopen ? "after a reopen" : "same store");
+    open();
+    const auto h = chain(10 + reopen * 10, 1);
+    const auto c = chain(11 + reopen * 10, 1);
+    run(h);
+    run(c);
+    const auto read = [&](const block_key& k, int times) {
+      for (int i = 0; i < times; ++i)
+        ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+    };
+    read(h[0], 20);
+    read(c[0], 3);
+    spill_everything();
+    if (reopen)
+      open();
+    read(c[0], 1); // back
+    read(h[0], 1); // back
+    read(c[0], 2);
+    store_->evict_bytes(block_bytes);
+    EXPECT_TRUE(store_->contains(ns_, h[0]));
+    EXPECT_FALSE(store_->contains(ns_, c[0]));
+  }
+}
+
 TEST_F(store_disk_test, lookup_tiers_counts_one_lookup_with_the_disk_hits) {
   // lookup_tiers() is what a request would match, in one walk: the blocks
   // on disk are hits (process() would promote them). Before, it counted

@@ -222,6 +222,7 @@ void block_store::finish_demotions(demotion_batch& batch, bool copied) {
     b.c = e.c;
     b.prio = e.prio;
     b.part = e.part;
+    b.access_count = e.access_count;
     const block_key key = e.key;
     ++stats_.tier_demotions;
     stats_.tier_demoted_bytes += e.stored_bytes;
@@ -383,6 +384,7 @@ std::size_t block_store::promote_from_tier(ns_id ns,
       auto h = reserve_block(ns, keys[i], par, o, false);
       if (!h)
         break;
+      h->restored_count_ = b.access_count;
       if (!h->already_cached()) {
         const entry& e = entries_[h->id_];
         if (e.stored_bytes != b.stored_bytes)

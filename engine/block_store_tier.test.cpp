@@ -764,6 +764,32 @@ TEST_F(store_tier_test,
   }
 }
 
+TEST_F(store_tier_test, a_block_back_from_the_tier_keeps_its_access_count) {
+  // LFU: H read 20 times, C 3 times; both go to the tier and come back,
+  // and C is read twice more. H has had more accesses: one block of room
+  // takes C. (Before, a block came back at one access, and H went.)
+  open(32, 16, policy_kind::lfu);
+  const auto h = chain(1, 1);
+  const auto c = chain(2, 1);
+  run(h);
+  run(c);
+  const auto read = [&](const block_key& k, int times) {
+    for (int i = 0; i < times; ++i)
+      ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+  };
+  read(h[0], 20);
+  read(c[0], 3);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->block_count(), 0U);
+  read(c[0], 1); // back
+  read(h[0], 1); // back
+  read(c[0], 2);
+  store_->evict_bytes(block_bytes);
+  EXPECT_TRUE(store_->contains(ns_, h[0]));
+  EXPECT_FALSE(store_->contains(ns_, c[0]));
+}
+
 TEST_F(store_tier_test, promote_brings_tier_blocks_back_for_block_calls) {
   const auto a = chain(1, 3);
   run(a);

@@ -126,6 +126,7 @@ struct disk_tier::request {
   std::int64_t expires_at = 0;
   std::optional<size_partition> part; ///< spill
   std::optional<priority> prio;       ///< spill
+  std::uint64_t access_count = 0;     ///< spill
   std::uint32_t pins = 0;
   std::int64_t now = 0;
   std::size_t top_n = 0;
@@ -395,10 +396,10 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
     payload_bytes_ += e.size;
     auto& end = ends[e.segment];
     end = std::max(end, e.offset + rec);
-    rows.emplace_back(e.key,
-                      disk_block_info{e.ns, e.c, e.size, e.checksum,
-                                      nanos{e.created_at}, nanos{e.expires_at},
-                                      e.pinned, true, e.part, e.prio});
+    rows.emplace_back(
+        e.key, disk_block_info{e.ns, e.c, e.size, e.checksum,
+                               nanos{e.created_at}, nanos{e.expires_at},
+                               e.pinned, true, e.part, e.prio, e.access_count});
   });
   if (!scanned)
     return unexpected<error>(scanned.error());
@@ -750,7 +751,7 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
                  std::span<const std::byte> bytes, std::uint64_t checksum,
                  nanos created_at, nanos expires_at, bool pinned,
                  std::optional<size_partition> part,
-                 std::optional<priority> prio) {
+                 std::optional<priority> prio, std::uint64_t access_count) {
   if (!is_valid(c))
     return make_error(errc::unknown_codec, "disk tier: spill of block " +
                                                key.to_hex() +
@@ -775,6 +776,7 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
   r.expires_at = expires_at.count();
   r.part = part;
   r.prio = prio;
+  r.access_count = access_count;
   std::lock_guard lk(mu_);
   if (full_) {
     ++refused_full_owner_;
@@ -806,7 +808,8 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
                                     std::max(old_pins, pinned ? 1U : 0U),
                                     false,
                                     part,
-                                    prio};
+                                    prio,
+                                    access_count};
   it->second.gen = next_gen_++;
   r.gen = it->second.gen;
   return enqueue(std::move(r));
@@ -1497,7 +1500,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   e.checksum = r.checksum;
   e.created_at = r.created_at;
   e.accessed_at = now_ns();
-  e.access_count = 0;
+  e.access_count = r.access_count;
   e.pinned = pins;
   e.expires_at = r.expires_at;
   e.part = r.part;

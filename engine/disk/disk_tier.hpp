@@ -269,6 +269,10 @@ struct disk_block_info {
   /// The request priority given to spill(); nullopt when none was (a block
   /// of a version 1 or 2 directory).
   std::optional<priority> prio;
+  /// The accesses given to spill() (the store's count when the block left
+  /// memory), so a block brought back ranks by its history; at open, the
+  /// catalog's, which adds the disk's own reads. 0 when none was given.
+  std::uint64_t access_count = 0;
 };
 
 struct disk_tier_stats {
@@ -343,7 +347,8 @@ public:
   /// `part` (the block's size partition in the store) is kept with it, in
   /// the catalog, and lookup() returns it, so that the block comes back
   /// into the partition it left; `prio` (its request priority) likewise,
-  /// so that it comes back ranking as it did.
+  /// so that it comes back ranking as it did, and `access_count` (its
+  /// accesses so far) too.
   /// Immediate errors: an invalid codec, an empty or too large block, or a
   /// full file system (errc::out_of_memory, counted). The completion fails
   /// with errc::checksum_mismatch when `checksum` is not the bytes'
@@ -356,7 +361,8 @@ public:
         std::span<const std::byte> bytes, std::uint64_t checksum,
         nanos created_at, nanos expires_at, bool pinned,
         std::optional<size_partition> part = std::nullopt,
-        std::optional<priority> prio = std::nullopt);
+        std::optional<priority> prio = std::nullopt,
+        std::uint64_t access_count = 0);
 
   /// Queues a read of a block. The completion holds the bytes after their
   /// checksum was verified; errc::not_found when absent or expired,
