@@ -2143,6 +2143,10 @@ bool block_store::spill(std::uint32_t id, bool pinned, bool rewrite) {
     ++stats_.spills_skipped;
     if (pinned && info->pins == 0 && !disk_->pin(e.key))
       ++stats_.spill_failures;
+    // Used in memory since its copy was written: the copy is as recent
+    // (else the disk's capacity eviction takes it before blocks spilled
+    // later and never used) and has its accesses.
+    (void)disk_->mark_used(e.key, e.access_count);
     return true;
   }
   std::span<const std::byte> bytes;

@@ -303,8 +303,9 @@ TEST_F(store_disk_test, a_block_back_from_disk_keeps_its_access_count) {
   for (const bool reopen : {false, true}) {
     SCOPED_TRACE(reopen ? "after a reopen" : "same store");
     open();
-    const auto h = chain(10 + reopen * 10, 1);
-    const auto c = chain(11 + reopen * 10, 1);
+    const std::uint64_t first = reopen ? 20 : 10;
+    const auto h = chain(first, 1);
+    const auto c = chain(first + 1, 1);
     run(h);
     run(c);
     const auto read = [&](const block_key& k, int times) {
@@ -323,6 +324,63 @@ TEST_F(store_disk_test, a_block_back_from_disk_keeps_its_access_count) {
     EXPECT_TRUE(store_->contains(ns_, h[0]));
     EXPECT_FALSE(store_->contains(ns_, c[0]));
   }
+}
+
+TEST_F(store_disk_test, a_block_used_in_memory_is_not_the_disks_first_victim) {
+  // A is read back from disk, used in memory, and evicted again: its
+  // bytes are on disk already (the spill is skipped), but it was used
+  // after B10..B14 were spilled. When the disk (ten blocks) must make room,
+  // the B blocks go first. (Before, A's copy kept the accessed_at of its
+  // read back, and it went first.)
+  store_clock_ = &clocks_.store;
+  disk_clock_ = &clocks_.wall;
+  open(20, false, [](disk_tier_config& dc) {
+    dc.capacity_bytes = 32 + 10 * (80 + block_bytes);
+  });
+  auto& clocks = clocks_;
+  const auto advance = [&](std::chrono::seconds s) {
+    clocks.store.advance(s);
+    clocks.wall.advance(s);
+  };
+  const auto settle = [&] {
+    ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+    store_->poll_disk();
+  };
+  const auto a = chain(1, 1)[0];
+  run({a});
+  store_->evict_bytes(store_->used_bytes());
+  settle();
+  advance(std::chrono::seconds(10));
+  {
+    auto lease = store_->acquire(ns_, a); // back from disk, held
+    ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+    settle();
+    advance(std::chrono::seconds(10));
+    for (std::uint64_t i = 10; i < 15; ++i)
+      run(chain(i, 1));
+    store_->evict_bytes(store_->used_bytes()); // B10..B14; A is held
+    settle();
+  }
+  advance(std::chrono::seconds(100));
+  for (int i = 0; i < 5; ++i)
+    ASSERT_TRUE(store_->acquire(ns_, a).has_value());
+  const auto skipped = store_->stats().spills_skipped;
+  store_->evict_bytes(store_->used_bytes());
+  settle();
+  ASSERT_EQ(store_->stats().spills_skipped, skipped + 1);
+  // Its accesses too: one put, one read back, five reads.
+  const auto copy = store_->disk()->lookup(a);
+  ASSERT_TRUE(copy.has_value());
+  EXPECT_EQ(copy->access_count, 7U);
+  advance(std::chrono::seconds(10));
+  for (std::uint64_t i = 20; i < 25; ++i)
+    run(chain(i, 1));
+  // Eleven blocks for ten: the disk makes room, down to its low watermark.
+  store_->evict_bytes(store_->used_bytes());
+  settle();
+  ASSERT_GT(store_->disk()->stats().evictions, 0U);
+  EXPECT_TRUE(store_->on_disk(ns_, a)) << "the block used last went first";
+  EXPECT_FALSE(store_->on_disk(ns_, chain(10, 1)[0]));
 }
 
 TEST_F(store_disk_test, lookup_tiers_counts_one_lookup_with_the_disk_hits) {

@@ -112,7 +112,8 @@ struct disk_tier::request {
     flush,
     report,
     erase,
-    set_pins
+    set_pins,
+    touch
   };
   kind k = kind::flush;
   disk_request_id id{};
@@ -126,7 +127,7 @@ struct disk_tier::request {
   std::int64_t expires_at = 0;
   std::optional<size_partition> part; ///< spill
   std::optional<priority> prio;       ///< spill
-  std::uint64_t access_count = 0;     ///< spill
+  std::uint64_t access_count = 0;     ///< spill; touch: reads to add
   std::uint32_t pins = 0;
   std::int64_t now = 0;
   std::size_t top_n = 0;
@@ -616,8 +617,9 @@ void disk_tier::refuse_batch(std::vector<request>& batch,
       break;
     case request::kind::erase:
     case request::kind::set_pins:
+    case request::kind::touch:
       // Already in the directory; the reload that succeeds reconciles the
-      // catalog with it.
+      // catalog with it (a touch is an accessed_at, nothing to repair).
       continue;
     }
     out.push_back(std::move(c));
@@ -912,6 +914,22 @@ result<void> disk_tier::pin(const block_key& key) {
   return {};
 }
 
+bool disk_tier::mark_used(const block_key& key, std::uint64_t access_count) {
+  std::lock_guard lk(mu_);
+  const auto it = dir_.find(key);
+  if (it == dir_.end())
+    return false;
+  auto& info = it->second.info;
+  request r;
+  r.k = request::kind::touch;
+  r.key = key;
+  r.access_count =
+      access_count > info.access_count ? access_count - info.access_count : 0;
+  info.access_count = std::max(info.access_count, access_count);
+  (void)enqueue(std::move(r));
+  return true;
+}
+
 result<void> disk_tier::unpin(const block_key& key) {
   std::lock_guard lk(mu_);
   const auto it = dir_.find(key);
@@ -1182,6 +1200,10 @@ void disk_tier::process(std::vector<request>& batch,
           repairs_[r.key] = repair{false, 0, idx->second.gen};
         }
       }
+      continue;
+    case request::kind::touch:
+      if (index_.count(r.key) != 0)
+        note_access(r.key, r.access_count);
       continue;
     }
     out.push_back(std::move(c));
@@ -1615,6 +1637,10 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   c.c = h->c;
   c.checksum = h->checksum;
   c.ns = h->ns;
+  note_access(r.key, 1);
+}
+
+void disk_tier::note_access(const block_key& key, std::uint64_t reads) {
   if (touches_.empty()) {
     touch_failed_ = false;
     touch_deadline_ =
@@ -1622,9 +1648,9 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
             config_.touch_flush_interval);
   }
-  auto& t = touches_[r.key];
-  t.at = std::max(t.at, now);
-  ++t.count;
+  auto& t = touches_[key];
+  t.at = std::max(t.at, now_ns());
+  t.count += reads;
 }
 
 void disk_tier::do_expire(request& r, disk_completion& c) {

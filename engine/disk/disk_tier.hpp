@@ -427,6 +427,14 @@ public:
   /// errc::invalid_argument.
   [[nodiscard]] result<void> pin(const block_key& key);
   [[nodiscard]] result<void> unpin(const block_key& key);
+  /// The owner used `key` since its copy was written (it was read back and
+  /// is leaving memory again, the copy's bytes still the same): its
+  /// accessed_at becomes now, as a read's does (batched), so capacity
+  /// eviction, least recently accessed first, does not take it before
+  /// blocks spilled later and never used; `access_count` (the owner's count)
+  /// raises the copy's count to it (lookup() at once, the catalog by the
+  /// difference). False when the key is not on disk.
+  bool mark_used(const block_key& key, std::uint64_t access_count);
 
   /// Queues removal of every block with 0 < expires_at <= now.
   disk_request_id expire(nanos now);
@@ -529,6 +537,9 @@ private:
                bool last);
   void do_spill(request& r, disk_completion& c);
   void do_fetch(request& r, disk_completion& c);
+  /// Queues an accessed_at update of `key` (now) adding `reads` to its
+  /// access count, flushed in batches (flush_touches). I/O thread.
+  void note_access(const block_key& key, std::uint64_t reads);
   void do_expire(request& r, disk_completion& c);
   void do_compact(disk_completion& c, bool forced);
   /// Rebuilds the index and segments from the catalog and the files,
