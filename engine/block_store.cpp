@@ -151,6 +151,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     key_ = other.key_;
     phase_ = other.phase_;
     restored_count_ = other.restored_count_;
+    restored_pins_ = other.restored_pins_;
     duplicate_ = other.duplicate_;
     written_ = other.written_;
     pin_ = other.pin_;
@@ -1155,7 +1156,7 @@ result<void> block_store::commit(put_handle& h) {
   // A block brought back from the memory tier or disk keeps its count.
   e.access_count = std::max<std::uint32_t>(1, h.restored_count_);
   if (e.pin_on_commit)
-    e.pins = 1;
+    e.pins = std::max<std::uint32_t>(1, h.restored_pins_);
   account(e, true);
   ++tick_;
   access_info info;
@@ -1547,8 +1548,26 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
   ++entries_[id].pins;
   recency_unlink(id); // no demotion candidate while pinned
   if (entries_[id].pins == 1)
-    (void)spill(id, true); // pins survive restarts
+    (void)spill(id, true);      // pins survive restarts
+  else if (!sync_disk_pins(id)) // nested, on disk too
+    ++stats_.spill_failures;
   refresh_evictable(id);
+  return {};
+}
+
+result<void> block_store::sync_disk_pins(std::uint32_t id) {
+  if (!disk_)
+    return {};
+  const entry& e = entries_[id];
+  const auto info = disk_->lookup(e.key);
+  if (!info)
+    return {};
+  for (std::uint32_t n = info->pins; n < e.pins; ++n)
+    if (auto p = disk_->pin(e.key); !p)
+      return p;
+  for (std::uint32_t n = info->pins; n > e.pins; --n)
+    if (auto u = disk_->unpin(e.key); !u)
+      return u;
   return {};
 }
 
@@ -1581,12 +1600,9 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
   if (entries_[id].pins == 0 && !entries_[id].in_recency &&
       may_demote(entries_[id]))
     recency_push_front(id);
-  if (entries_[id].pins == 0 && disk_) {
-    const auto info = disk_->lookup(key);
-    if (info && info->pins > 0)
-      if (auto u = disk_->unpin(key); !u)
-        return u;
-  }
+  // The disk copy's count follows (pins nest across restarts too).
+  if (auto u = sync_disk_pins(id); !u)
+    return u;
   refresh_evictable(id);
   return {};
 }
@@ -2141,7 +2157,7 @@ bool block_store::spill(std::uint32_t id, bool pinned, bool rewrite) {
                                 : lasting_disk_copy(e.key, e.checksum, e.c,
                                                     expires, e.prio)) {
     ++stats_.spills_skipped;
-    if (pinned && info->pins == 0 && !disk_->pin(e.key))
+    if (pinned && !sync_disk_pins(id))
       ++stats_.spill_failures;
     // Used in memory since its copy was written: the copy is as recent
     // (else the disk's capacity eviction takes it before blocks spilled
@@ -2166,6 +2182,8 @@ bool block_store::spill(std::uint32_t id, bool pinned, bool rewrite) {
     return false;
   }
   ++stats_.spills;
+  if (e.pins > 1 && !sync_disk_pins(id)) // a new copy has one pin
+    ++stats_.spill_failures;
   return true;
 }
 
@@ -2295,9 +2313,11 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
   for (const block_key& k : keys) {
     put_options o = options;
     std::uint32_t restored = 0; // its accesses when it left memory
+    std::uint32_t restored_pins = 0;
     if (const auto info = usable_disk_copy(st, k, wall)) {
       restored = static_cast<std::uint32_t>(std::min<std::uint64_t>(
           info->access_count, std::numeric_limits<std::uint32_t>::max()));
+      restored_pins = info->pins;
       o.codec_override = info->c;
       // Back in the partition it was put in, not the asking call's (a long
       // document's block must not count against short prompts); a block
@@ -2326,6 +2346,7 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
     if (!h)
       break;
     h->restored_count_ = restored;
+    h->restored_pins_ = restored_pins;
     promotion p;
     p.group = promote_group_;
     if (h->already_cached()) {

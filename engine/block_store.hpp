@@ -271,8 +271,10 @@ private:
   std::int64_t started_ = 0; ///< reserve time, for the put latency histogram
   block_key key_{};
   phase phase_ = phase::none;
-  /// A promotion's: the accesses the block had when it left memory.
+  /// A promotion's: the accesses the block had when it left memory, and
+  /// its disk copy's pins (nested pins come back nested).
   std::uint32_t restored_count_ = 0;
+  std::uint32_t restored_pins_ = 0;
   bool duplicate_ = false;
   bool written_ = false;
   bool pin_ = false; ///< duplicate put with pin: pin the cached block
@@ -757,6 +759,9 @@ private:
   /// Writes block `id` to the disk tier unless it is there already
   /// (`rewrite`: even then).
   bool spill(std::uint32_t id, bool pinned, bool rewrite = false);
+  /// Pins or unpins block `id`'s disk copy, when it has one, until its pin
+  /// count is the block's (so nested pins survive a restart nested).
+  [[nodiscard]] result<void> sync_disk_pins(std::uint32_t id);
   /// After a put set block `id`'s expiry: a disk copy that would outlast
   /// it (spilled before a put shortened its TTL) is rewritten with the
   /// block's expiry when pinned there, else erased, so the disk never

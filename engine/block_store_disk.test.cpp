@@ -1521,6 +1521,36 @@ TEST_F(store_disk_test, pins_survive_a_restart) {
   EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 0U);
 }
 
+TEST_F(store_disk_test, nested_pins_survive_a_restart_nested) {
+  // Pinned twice (pin, pin, unpin, pin): the disk copy holds two pins, and
+  // after a restart the block comes back pinned twice, so one holder's
+  // unpin leaves it pinned. (Before, the disk copy held one pin: the first
+  // unpin after the restart left the block evictable, and the second
+  // failed "not pinned".)
+  const auto a = chain(1, 1);
+  run(a);
+  for (const bool pin : {true, true, false, true}) {
+    ASSERT_TRUE(
+        (pin ? store_->pin(ns_, a[0]) : store_->unpin(ns_, a[0])).has_value());
+  }
+  EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 2U);
+  ASSERT_TRUE(store_->persist().has_value());
+  open();
+  EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 2U);
+  ASSERT_TRUE(store_->acquire(ns_, a[0]).has_value()); // back, pinned
+  ASSERT_TRUE(store_->unpin(ns_, a[0]).has_value());
+  EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 1U);
+  store_->evict_bytes(std::size_t{1} << 30);
+  EXPECT_TRUE(store_->contains(ns_, a[0])) << "one pin is left";
+  ASSERT_TRUE(store_->unpin(ns_, a[0]).has_value());
+  EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 0U);
+  store_->evict_bytes(std::size_t{1} << 30);
+  EXPECT_FALSE(store_->contains(ns_, a[0]));
+  auto third = store_->unpin(ns_, a[0]);
+  ASSERT_FALSE(third.has_value());
+  EXPECT_EQ(third.error().code, errc::invalid_argument);
+}
+
 TEST_F(store_disk_test, damaged_bytes_on_disk_are_never_returned) {
   const auto a = chain(1, 3);
   run(a);
