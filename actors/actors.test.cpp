@@ -2779,6 +2779,38 @@ TEST_F(actor_test, PrefetcherFullEvictsTheOldestLivePrefetch) {
                            st.redundant + st.forgotten + st.outstanding);
 }
 
+TEST_F(actor_test, PrefetcherLearnsLongQueriesAndSendsThemWhole) {
+  // Whole prompts as queries: the model and the tracker know them by a
+  // digest (bounded memory), and the prefetch carries the query whole.
+  // A query longer than max_known_query_bytes is not kept to replay.
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  auto pc = eager_prefetch();
+  pc.max_known_query_bytes = 30'000;
+  auto pf = prefetcher(b, pc);
+  const std::string x(10'000, 'x');
+  const std::string y(20'000, 'y');
+  const std::string huge(40'000, 'z');
+  observed(pf, query(1, x));
+  observed(pf, query(1, y)); // x -> y
+  observed(pf, query(2, x)); // prefetches y
+  ASSERT_EQ(be->seen.size(), 1U);
+  EXPECT_EQ(be->seen[0].query, y);
+  EXPECT_TRUE(be->seen[0].prefetch);
+  observed(pf, query(3, huge));
+  observed(pf, query(3, x)); // huge -> x (x is known)
+  observed(pf, query(4, x));
+  observed(pf, query(4, huge)); // x -> huge once, x -> y once
+  observed(pf, query(5, huge)); // prefetches x
+  ASSERT_EQ(be->seen.size(), 2U);
+  EXPECT_EQ(be->seen[1].query, x);
+  observed(pf, query(6, y));
+  observed(pf, query(6, huge)); // y -> huge
+  observed(pf, query(7, y));    // predicts huge: not kept, not sent
+  EXPECT_EQ(be->seen.size(), 2U);
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.tracked_queries, 3U); // x, huge and y have successors
+}
+
 TEST_F(actor_test, PrefetcherDoesNotPrefetchAnOutstandingQueryAgain) {
   // X -> B is learned; X twice in a row predicts B twice, but the second
   // prediction finds B's prefetch outstanding (the tracker refuses it) and

@@ -4,6 +4,7 @@
 #include "actors/config_checks.hpp"
 #include "actors/lane_queue.hpp"
 #include "actors/memory_manager.hpp"
+#include "actors/prefetch_actor.hpp"
 #include "actors/prefetch_tracker.hpp"
 #include "actors/query_store.hpp"
 #include "actors/router.hpp"
@@ -1255,6 +1256,50 @@ served on(std::uint32_t engine, std::uint64_t matched) {
 /// A request over `keys`.
 std::vector<block_key> req(std::initializer_list<block_key> keys) {
   return keys;
+}
+
+TEST(PrefetchTracker, TheKeysItHoldsAreBoundedToo) {
+  // At most 5 keys in all: B's 3 push A's 3 out (forgotten); a prefetch
+  // of 6 is refused. (Before, only the count was bounded: prefetches
+  // sharing a long prefix held gigabytes.)
+  auto made = prefetch_tracker::create(10, 5);
+  ASSERT_TRUE(made.has_value());
+  auto& t = *made;
+  const std::vector<block_key> three = {block_key{1, 1}, block_key{1, 2},
+                                        block_key{1, 3}};
+  ASSERT_TRUE(t.add("A", three));
+  ASSERT_TRUE(t.add("B", three)); // the same prefix
+  EXPECT_FALSE(t.contains("A"));
+  EXPECT_TRUE(t.contains("B"));
+  EXPECT_EQ(t.keys_held(), 3U);
+  EXPECT_EQ(t.forgotten(), 1U);
+  auto big = t.add("C", std::vector<block_key>(6, block_key{2, 1}));
+  ASSERT_FALSE(big.has_value());
+  EXPECT_EQ(big.error().code, errc::invalid_argument);
+  EXPECT_NE(big.error().message.find("max_keys"), std::string::npos);
+  EXPECT_TRUE(t.contains("B")) << "a refused prefetch changes nothing";
+  // B's blocks are still indexed by it: its engine's eviction wastes it.
+  EXPECT_EQ(t.answered("B", 0, 0), outcome::pending);
+  EXPECT_EQ(t.evicted(0, block_key{1, 2}), std::vector<std::string>{"B"});
+  EXPECT_EQ(t.keys_held(), 0U);
+  EXPECT_EQ(t.index_size(), 0U);
+  auto none = prefetch_tracker::create(10, 0);
+  ASSERT_FALSE(none.has_value());
+  EXPECT_EQ(none.error().code, errc::invalid_argument);
+}
+
+TEST(PrefetchQueryId, LongQueriesAreKnownByAFixedSizeDigest) {
+  const std::string short_q(64, 'q');
+  EXPECT_EQ(prefetch_query_id(short_q), short_q);
+  EXPECT_EQ(prefetch_query_id("hello"), "hello");
+  const std::string long_a(10'000, 'a');
+  std::string long_b = long_a;
+  long_b.back() = 'b';
+  const auto a = prefetch_query_id(long_a);
+  EXPECT_EQ(a.size(), 65U) << "never the size of a query kept as itself";
+  EXPECT_EQ(a, prefetch_query_id(long_a));
+  EXPECT_NE(a, prefetch_query_id(long_b));
+  EXPECT_EQ(prefetch_query_id(short_q + "x").size(), 65U);
 }
 
 TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {

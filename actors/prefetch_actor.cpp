@@ -6,6 +6,7 @@
 #include "actors/stray_messages.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <iterator>
 #include <list>
 #include <memory>
@@ -18,6 +19,8 @@
 #include <caf/duration.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
+
+#include <xxhash.h>
 
 namespace kvfleet::actors {
 namespace {
@@ -34,9 +37,10 @@ struct prefetch_state {
     kv_request request;
     std::list<std::string>::iterator order;
   };
-  std::unordered_map<std::string, known_query> known;
+  std::unordered_map<std::string, known_query> known; ///< by query id
   std::list<std::string> known_order;
   std::size_t known_keys = 0;
+  std::size_t known_query_bytes = 0;
   std::optional<prefetch_tracker> outstanding;
   prefetch_stats stats;
   std::uint64_t next_id = 1ULL << 62;
@@ -45,22 +49,31 @@ struct prefetch_state {
 
 using prefetch_actor = caf::stateful_actor<prefetch_state>;
 
+/// The request's query id (prefetch_query_id): its query's, or its last
+/// block key's when it has none.
 std::string query_of(const kv_request& r) {
   if (!r.query.empty())
-    return r.query;
+    return prefetch_query_id(r.query);
   return r.keys.empty() ? std::string{} : r.keys.back().to_hex();
+}
+
+void forget(
+    prefetch_state& st,
+    std::unordered_map<std::string, prefetch_state::known_query>::iterator it) {
+  st.known_keys -= it->second.request.keys.size();
+  st.known_query_bytes -= it->second.request.query.size();
+  st.known_order.erase(it->second.order);
+  st.known.erase(it);
 }
 
 void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
   auto it = st.known.find(q);
-  if (r.keys.size() > st.config.max_known_keys) {
-    // More keys than the whole bound: not kept (nor an older request of
-    // its query), and nothing else goes for it.
-    if (it != st.known.end()) {
-      st.known_keys -= it->second.request.keys.size();
-      st.known_order.erase(it->second.order);
-      st.known.erase(it);
-    }
+  if (r.keys.size() > st.config.max_known_keys ||
+      r.query.size() > st.config.max_known_query_bytes) {
+    // More than the whole bound: not kept (nor an older request of its
+    // query), and nothing else goes for it.
+    if (it != st.known.end())
+      forget(st, it);
     return;
   }
   if (it == st.known.end()) {
@@ -72,6 +85,7 @@ void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
              .first;
   } else {
     st.known_keys -= it->second.request.keys.size();
+    st.known_query_bytes -= it->second.request.query.size();
     it->second.request = r;
     // Seen again: the most recent (before, first seen went first, so a
     // hot query was forgotten as often as a one-off).
@@ -79,14 +93,12 @@ void remember(prefetch_state& st, const std::string& q, const kv_request& r) {
                           it->second.order);
   }
   st.known_keys += r.keys.size();
+  st.known_query_bytes += r.query.size();
   while (!st.known_order.empty() &&
          (st.known.size() > st.config.max_known ||
-          st.known_keys > st.config.max_known_keys)) {
-    const auto gone = st.known.find(st.known_order.front());
-    st.known_keys -= gone->second.request.keys.size();
-    st.known.erase(gone);
-    st.known_order.pop_front();
-  }
+          st.known_keys > st.config.max_known_keys ||
+          st.known_query_bytes > st.config.max_known_query_bytes))
+    forget(st, st.known.find(st.known_order.front()));
 }
 
 /// Counts what the tracker made of a prefetch.
@@ -235,9 +247,27 @@ result<void> validate(const prefetch_config& config) {
     return bad("max_known must be at least 1");
   if (config.max_known_keys == 0)
     return bad("max_known_keys must be at least 1");
+  if (config.max_known_query_bytes == 0)
+    return bad("max_known_query_bytes must be at least 1");
   if (config.max_outstanding == 0)
     return bad("max_outstanding must be at least 1");
+  if (config.max_tracked_keys == 0)
+    return bad("max_tracked_keys must be at least 1");
   return {};
+}
+
+std::string prefetch_query_id(const std::string& query) {
+  if (query.size() <= prefetch_query_id_max_bytes)
+    return query;
+  const XXH128_hash_t h = XXH3_128bits(query.data(), query.size());
+  char hex[33];
+  std::snprintf(hex, sizeof hex, "%016llx%016llx",
+                static_cast<unsigned long long>(h.high64),
+                static_cast<unsigned long long>(h.low64));
+  // 65 bytes: no query kept as itself (64 bytes at most) is one.
+  std::string id(prefetch_query_id_max_bytes + 1, '#');
+  id.replace(1, 32, hex);
+  return id;
 }
 
 result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
@@ -247,7 +277,8 @@ result<caf::actor> spawn_prefetcher(caf::actor_system& sys,
     return unexpected<error>{ok.error()};
   if (auto ok = check_balancer(balancer, "spawn_prefetcher"); !ok)
     return unexpected<error>{ok.error()};
-  auto tracker = prefetch_tracker::create(config.max_outstanding);
+  auto tracker =
+      prefetch_tracker::create(config.max_outstanding, config.max_tracked_keys);
   if (!tracker)
     return unexpected<error>{tracker.error()};
   auto model = transition_model::create(config.model);

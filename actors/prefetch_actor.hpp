@@ -64,17 +64,32 @@ struct prefetch_config {
   transition_config model{};
   double threshold = 0.5;
   /// Queries whose last request is kept to replay it (the least recently
-  /// seen go first), at most max_known of them and max_known_keys block
-  /// keys (16 bytes each: 64 MiB by default) in all; a request of more
-  /// keys than that is not kept.
+  /// seen go first), at most max_known of them, max_known_keys block
+  /// keys (16 bytes each: 64 MiB by default) and max_known_query_bytes of
+  /// query strings in all; a request of more keys or a longer query than
+  /// that is not kept.
   std::size_t max_known = 100'000;
   std::size_t max_known_keys = 4'000'000;
+  std::size_t max_known_query_bytes = 64u << 20;
+  /// Prefetches tracked until their query's request settles them, at
+  /// most max_outstanding of them holding max_tracked_keys block keys in
+  /// all (prefetch_tracker).
   std::size_t max_outstanding = 10'000;
+  std::size_t max_tracked_keys = 1'000'000;
 };
+
+/// What the prefetcher's model and tracker know a query by: the query
+/// itself up to 64 bytes; a longer one (a whole prompt used as its key) by a
+/// 65-byte digest of it (XXH3-128), so that their memory is bounded by the
+/// counts whatever the queries' length, and a query of 64 bytes or fewer is
+/// never taken for a digest.
+[[nodiscard]] std::string prefetch_query_id(const std::string& query);
+inline constexpr std::size_t prefetch_query_id_max_bytes = 64;
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// a threshold or model decay outside [0, 1], a negative or non-finite
-/// model min_count, max_known, max_known_keys or max_outstanding of 0.
+/// model min_count, max_known, max_known_keys, max_known_query_bytes,
+/// max_outstanding or max_tracked_keys of 0.
 [[nodiscard]] result<void> validate(const prefetch_config& config);
 
 /// Spawns the prefetcher and subscribes it to `balancer` and, when given,

@@ -5,17 +5,22 @@
 
 namespace kvfleet::actors {
 
-result<prefetch_tracker> prefetch_tracker::create(std::size_t max_outstanding) {
+result<prefetch_tracker> prefetch_tracker::create(std::size_t max_outstanding,
+                                                  std::size_t max_keys) {
   if (max_outstanding == 0)
     return make_error(errc::invalid_argument,
                       "prefetch_tracker: max_outstanding must be at least 1");
-  return prefetch_tracker{max_outstanding};
+  if (max_keys == 0)
+    return make_error(errc::invalid_argument,
+                      "prefetch_tracker: max_keys must be at least 1");
+  return prefetch_tracker{max_outstanding, max_keys};
 }
 
-prefetch_tracker::prefetch_tracker(std::size_t max_outstanding)
-    : max_outstanding_(max_outstanding) {
-  if (max_outstanding_ == 0) {
-    std::fprintf(stderr, "kvfleet: prefetch_tracker: max_outstanding 0\n");
+prefetch_tracker::prefetch_tracker(std::size_t max_outstanding,
+                                   std::size_t max_keys)
+    : max_outstanding_(max_outstanding), max_keys_(max_keys) {
+  if (max_outstanding_ == 0 || max_keys_ == 0) {
+    std::fprintf(stderr, "kvfleet: prefetch_tracker: a bound of 0\n");
     std::abort();
   }
 }
@@ -29,7 +34,15 @@ result<void> prefetch_tracker::add(const std::string& query,
     return make_error(errc::invalid_argument,
                       "prefetch_tracker: a prefetch of '" + query +
                           "' is outstanding already");
-  while (outstanding_.size() >= max_outstanding_ && !order_.empty()) {
+  if (keys.size() > max_keys_)
+    return make_error(errc::invalid_argument,
+                      "prefetch_tracker: a prefetch of " +
+                          std::to_string(keys.size()) +
+                          " block keys is more than max_keys (" +
+                          std::to_string(max_keys_) + ")");
+  while ((outstanding_.size() >= max_outstanding_ ||
+          keys_held_ + keys.size() > max_keys_) &&
+         !order_.empty()) {
     drop(order_.front());
     ++forgotten_;
   }
@@ -38,9 +51,13 @@ result<void> prefetch_tracker::add(const std::string& query,
   e.keys = keys;
   e.id = id;
   e.age = std::prev(order_.end());
-  outstanding_.emplace(query, std::move(e));
+  e.serial = next_serial_++;
+  const auto serial = e.serial;
+  const auto placed = outstanding_.emplace(query, std::move(e)).first;
+  query_of_.emplace(serial, &placed->first);
   for (const auto& k : keys)
-    by_key_[k].insert(query);
+    by_key_[k].insert(serial);
+  keys_held_ += keys.size();
   return {};
 }
 
@@ -117,11 +134,15 @@ prefetch_tracker::evicted(std::uint32_t engine, const engine::block_key& key) {
   // Copied out first: each drop() edits this very set (and erases it with
   // the last query).
   std::vector<std::string> wasted;
-  for (const auto& q : it->second) {
-    const auto e = outstanding_.find(q); // there: drop() keeps both in step
+  for (const auto serial : it->second) {
+    // There: drop() keeps the three in step.
+    const auto q = query_of_.find(serial);
+    if (q == query_of_.end())
+      continue;
+    const auto e = outstanding_.find(*q->second);
     if (e != outstanding_.end() && e->second.engine == engine &&
         !e->second.in_result_cache)
-      wasted.push_back(q);
+      wasted.push_back(*q->second);
   }
   for (const auto& q : wasted)
     drop(q);
@@ -132,14 +153,17 @@ void prefetch_tracker::drop(const std::string& query) {
   auto it = outstanding_.find(query);
   if (it == outstanding_.end())
     return;
+  const auto serial = it->second.serial;
   for (const auto& k : it->second.keys) {
     auto b = by_key_.find(k);
     if (b == by_key_.end())
       continue; // listed twice in this prefetch and erased at the first
-    b->second.erase(query);
+    b->second.erase(serial);
     if (b->second.empty())
       by_key_.erase(b);
   }
+  keys_held_ -= it->second.keys.size();
+  query_of_.erase(serial);
   order_.erase(it->second.age);
   outstanding_.erase(it);
 }

@@ -24,8 +24,12 @@
 /// Prefetches may share blocks (queries with a common prefix): an evicted
 /// shared block wastes every outstanding prefetch that engine answered and
 /// that holds it, and resolving one of them leaves the others' blocks
-/// tracked. At most `max_outstanding` (at least 1) are tracked: tracking
-/// one more forgets the oldest outstanding one (counted, forgotten()). Memory
+/// tracked. At most `max_outstanding` (at least 1) are tracked, holding at
+/// most `max_keys` block keys in all: tracking one more forgets the oldest
+/// outstanding ones until both hold (counted, forgotten()); a prefetch of
+/// more keys than `max_keys` is refused. (Before, keys were bounded only by
+/// the count: 10,000 prefetches sharing a 1,000-block prefix took 1.6 GB,
+/// each index entry holding a copy of its query.) Memory
 /// is bounded by the outstanding prefetches alone (one index entry per block of
 /// each): a resolved prefetch leaves nothing behind. Not thread-safe: owned by
 /// one actor. Move-only: each entry points into the age order it was made with.
@@ -55,11 +59,13 @@ public:
   };
   enum class outcome { none, pending, useful, wasted };
 
-  /// A tracker of at most `max_outstanding` prefetches. Errors:
-  /// errc::invalid_argument for 0 (it could track nothing), never silently
-  /// taken as 1.
+  /// A tracker of at most `max_outstanding` prefetches holding at most
+  /// `max_keys` block keys. Errors: errc::invalid_argument for either 0 (it
+  /// could track nothing), never silently taken as 1.
   [[nodiscard]] static result<prefetch_tracker>
-  create(std::size_t max_outstanding);
+  create(std::size_t max_outstanding, std::size_t max_keys = default_max_keys);
+  /// About 100 bytes each in the index: 100 MB.
+  static constexpr std::size_t default_max_keys = 1'000'000;
 
   prefetch_tracker(prefetch_tracker&&) noexcept = default;
   prefetch_tracker& operator=(prefetch_tracker&&) noexcept = default;
@@ -72,8 +78,9 @@ public:
   /// Tracks a prefetch of `query` over `keys`, sent as request `id`,
   /// forgetting the oldest outstanding prefetch first when full. Errors:
   /// errc::invalid_argument when a prefetch of `query` is outstanding
-  /// already (contains(query)); the tracker is then unchanged, the earlier
-  /// prefetch keeping its keys, its id and its age.
+  /// already (contains(query)), or when `keys` are more than max_keys; the
+  /// tracker is then unchanged, the earlier prefetch keeping its keys, its
+  /// id and its age.
   [[nodiscard]] result<void> add(const std::string& query,
                                  const std::vector<engine::block_key>& keys,
                                  std::uint64_t id = 0);
@@ -118,6 +125,9 @@ public:
   [[nodiscard]] std::size_t index_size() const noexcept {
     return by_key_.size();
   }
+  /// Block keys the outstanding prefetches hold (a key held by two counts
+  /// twice): at most max_keys.
+  [[nodiscard]] std::size_t keys_held() const noexcept { return keys_held_; }
   /// Outstanding prefetches add() forgot to make room (the oldest first),
   /// neither useful nor wasted as far as the tracker knows.
   [[nodiscard]] std::uint64_t forgotten() const noexcept { return forgotten_; }
@@ -125,7 +135,7 @@ public:
 private:
   /// REQUIRES: max_outstanding >= 1; else a bug in this class (create
   /// checks first), logged before aborting.
-  explicit prefetch_tracker(std::size_t max_outstanding);
+  prefetch_tracker(std::size_t max_outstanding, std::size_t max_keys);
 
   struct entry {
     std::vector<engine::block_key> keys;
@@ -137,18 +147,25 @@ private:
     /// how many leading blocks it shares with the prefetch.
     std::optional<served> use;
     std::size_t shared = 0;
+    std::uint64_t serial = 0; ///< its name in by_key_
   };
   [[nodiscard]] static outcome verdict(const entry& e, const served& how,
                                        std::size_t shared);
   void drop(const std::string& query);
 
   std::size_t max_outstanding_;
+  std::size_t max_keys_;
+  std::size_t keys_held_ = 0;
   std::uint64_t forgotten_ = 0;
+  std::uint64_t next_serial_ = 0;
   std::unordered_map<std::string, entry> outstanding_;
   std::list<std::string> order_; ///< front = oldest outstanding
-  /// A block key -> every outstanding query whose prefetch holds it (a
-  /// shared prefix block belongs to several).
-  std::unordered_map<engine::block_key, std::unordered_set<std::string>,
+  /// An entry's serial -> its query (the key of its node in outstanding_,
+  /// which stays where it is until erased).
+  std::unordered_map<std::uint64_t, const std::string*> query_of_;
+  /// A block key -> the serials of every outstanding prefetch that holds it
+  /// (a shared prefix block belongs to several).
+  std::unordered_map<engine::block_key, std::unordered_set<std::uint64_t>,
                      engine::block_key_hash>
       by_key_;
 };
