@@ -2811,6 +2811,29 @@ TEST_F(actor_test, PrefetcherLearnsLongQueriesAndSendsThemWhole) {
   EXPECT_EQ(st.tracked_queries, 3U); // x, huge and y have successors
 }
 
+TEST_F(actor_test, PrefetcherPredictsASessionsOwnPatternFirst) {
+  // Session 1 goes A -> B three times, eight other sessions A -> C: back
+  // at A, session 1's prefetch is B, another session's C. (Before, every
+  // session got the overall C.)
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  auto pf = prefetcher(b, eager_prefetch());
+  for (int i = 0; i < 3; ++i) {
+    observed(pf, query(1, "A"));
+    observed(pf, query(1, "B"));
+  }
+  for (std::uint64_t session = 2; session <= 9; ++session) {
+    observed(pf, query(session, "A"));
+    observed(pf, query(session, "C"));
+  }
+  observed(pf, query(30, "B")); // settles a prefetch of B still outstanding
+  observed(pf, query(1, "A"));
+  ASSERT_FALSE(be->seen.empty());
+  EXPECT_EQ(be->seen.back().query, "B");
+  observed(pf, query(31, "C"));
+  observed(pf, query(31, "A"));
+  EXPECT_EQ(be->seen.back().query, "C");
+}
+
 TEST_F(actor_test, PrefetcherDoesNotPrefetchAnOutstandingQueryAgain) {
   // X -> B is learned; X twice in a row predicts B twice, but the second
   // prediction finds B's prefetch outstanding (the tracker refuses it) and

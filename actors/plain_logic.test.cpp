@@ -1069,6 +1069,80 @@ TEST(TransitionModel, SessionsDoNotCrossTalk) {
   EXPECT_FALSE(m.predict("X").has_value());
 }
 
+TEST(TransitionModel, ASessionsOwnPatternWinsOnceItHasRecurred) {
+  // Session 1 goes A -> B five times; sessions 2..9 go A -> C once each.
+  // Overall C leads, but session 1 back at A gets B. A session that went
+  // A -> B once (below session_min_count 2) gets the overall C. Aged
+  // below the minimum, session 1's own count gives way too. (Before,
+  // counts were overall only: session 1 got C.)
+  transition_config c;
+  c.aging_interval = 0;
+  auto m = model(c);
+  for (int i = 0; i < 5; ++i) {
+    m.observe(1, "A");
+    m.observe(1, "B");
+  }
+  for (std::uint64_t session = 2; session <= 9; ++session) {
+    m.observe(session, "A");
+    m.observe(session, "C");
+  }
+  m.observe(20, "A");
+  m.observe(20, "B");
+  const auto overall = m.predict("A");
+  ASSERT_TRUE(overall);
+  EXPECT_EQ(overall->query, "C");
+  const auto own = m.predict(1, "A");
+  ASSERT_TRUE(own);
+  EXPECT_EQ(own->query, "B");
+  EXPECT_TRUE(own->session);
+  EXPECT_NEAR(own->confidence, 1.0, 1e-9);
+  const auto once = m.predict(20, "A");
+  ASSERT_TRUE(once);
+  EXPECT_EQ(once->query, "C");
+  EXPECT_FALSE(once->session);
+  EXPECT_EQ(m.predict(99, "A")->query, "C") << "an unknown session";
+  m.age(); // 5 -> 2.5: still its own
+  EXPECT_EQ(m.predict(1, "A")->query, "B");
+  m.age(); // 1.25: below 2
+  EXPECT_EQ(m.predict(1, "A")->query, "C");
+}
+
+TEST(TransitionModel, ASessionKeepsTheLastQueriesItLeftOnly) {
+  // session_queries 2: after A -> B twice, then C -> D and E -> F twice
+  // each, A is the query it left least recently: forgotten there, so the
+  // overall table answers (A -> X from other sessions three times).
+  transition_config c;
+  c.aging_interval = 0;
+  c.session_queries = 2;
+  auto m = model(c);
+  for (std::uint64_t session = 10; session < 13; ++session) {
+    m.observe(session, "A");
+    m.observe(session, "X");
+  }
+  const std::vector<std::pair<std::string, std::string>> moves = {
+      {"A", "B"}, {"C", "D"}, {"E", "F"}};
+  for (const auto& [from, to] : moves)
+    for (int i = 0; i < 2; ++i) {
+      m.observe(1, from);
+      m.observe(1, to);
+    }
+  EXPECT_EQ(m.predict(1, "A")->query, "X");
+  EXPECT_EQ(m.predict(1, "C")->query, "D");
+  EXPECT_EQ(m.predict(1, "E")->query, "F");
+  // 0 keeps overall counts only.
+  c.session_queries = 0;
+  auto overall = model(c);
+  for (int i = 0; i < 3; ++i) {
+    overall.observe(1, "A");
+    overall.observe(1, "B");
+  }
+  overall.observe(2, "A");
+  overall.observe(2, "C");
+  EXPECT_FALSE(overall.predict(2, "A")->session);
+  c.session_min_count = std::nan("");
+  EXPECT_FALSE(transition_model::create(c).has_value());
+}
+
 TEST(TransitionModel, ForgetsStalePatternsAndStaysBounded) {
   transition_config c;
   c.aging_interval = 0; // age by hand

@@ -209,7 +209,7 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
                                             rep.from_query_cache}));
         remember(s, q, req);
         s.model->observe(req.session, q);
-        auto p = s.model->predict(q);
+        auto p = s.model->predict(req.session, q);
         if (p && p->confidence >= s.config.threshold && p->query != q)
           issue(self, p->query);
       },

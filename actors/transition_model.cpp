@@ -24,6 +24,9 @@ result<void> validate(const transition_config& c, std::string_view prefix) {
   if (!(c.min_count >= 0.0 && std::isfinite(c.min_count)))
     return bad("min_count must be finite and >= 0, not " +
                std::to_string(c.min_count));
+  if (!(c.session_min_count >= 0.0 && std::isfinite(c.session_min_count)))
+    return bad("session_min_count must be finite and >= 0, not " +
+               std::to_string(c.session_min_count));
   return {};
 }
 
@@ -50,13 +53,15 @@ void transition_model::observe(std::uint64_t session,
       session_lru_.pop_back();
     }
     session_lru_.push_front(session);
-    it = sessions_.emplace(session, session_state{{}, session_lru_.begin()})
+    it = sessions_.emplace(session, session_state{{}, session_lru_.begin(), {}})
              .first;
   } else {
     session_lru_.splice(session_lru_.begin(), session_lru_, it->second.lru);
   }
-  if (!it->second.last.empty() && it->second.last != query)
+  if (!it->second.last.empty() && it->second.last != query) {
     count(it->second.last, query);
+    count_in(it->second, it->second.last, query);
+  }
   it->second.last = query;
   if (config_.aging_interval > 0 &&
       ++observations_ % config_.aging_interval == 0)
@@ -99,6 +104,57 @@ void transition_model::count(const std::string& from, const std::string& to) {
   *weakest = successor{to, weakest->count + 1.0, weakest->count};
 }
 
+void transition_model::count_in(session_state& s, const std::string& from,
+                                const std::string& to) const {
+  if (config_.session_queries == 0)
+    return;
+  auto n = std::find_if(s.table.begin(), s.table.end(),
+                        [&](const session_node& x) { return x.from == from; });
+  if (n == s.table.end()) {
+    if (s.table.size() >= config_.session_queries)
+      s.table.pop_back(); // the query it left least recently
+    s.table.insert(s.table.begin(), session_node{from, {}, 0.0});
+    n = s.table.begin();
+  } else if (n != s.table.begin()) {
+    std::rotate(s.table.begin(), n, n + 1);
+    n = s.table.begin();
+  }
+  n->total += 1.0;
+  auto& next = n->next;
+  auto x = std::find_if(next.begin(), next.end(),
+                        [&](const successor& y) { return y.query == to; });
+  if (x != next.end()) {
+    x->count += 1.0;
+  } else if (next.size() < session_successors) {
+    next.push_back(successor{to, 1.0, 0.0});
+  } else {
+    *std::min_element(next.begin(), next.end(),
+                      [](const successor& a, const successor& b) {
+                        return a.count < b.count;
+                      }) = successor{to, 1.0, 0.0};
+  }
+}
+
+std::optional<prediction>
+transition_model::predict(std::uint64_t session,
+                          const std::string& query) const {
+  if (const auto s = sessions_.find(session); s != sessions_.end())
+    for (const auto& n : s->second.table) {
+      if (n.from != query)
+        continue;
+      const successor* best = nullptr;
+      for (const auto& x : n.next)
+        if (best == nullptr || x.count > best->count)
+          best = &x;
+      if (best != nullptr && best->count >= config_.session_min_count &&
+          best->count > 0.0 && n.total > 0.0)
+        return prediction{best->query, std::min(1.0, best->count / n.total),
+                          best->count, true};
+      break;
+    }
+  return predict(query);
+}
+
 std::optional<prediction>
 transition_model::predict(const std::string& query) const {
   auto it = queries_.find(query);
@@ -119,6 +175,18 @@ transition_model::predict(const std::string& query) const {
 }
 
 void transition_model::age() {
+  for (auto& [id, s] : sessions_) {
+    for (auto& n : s.table) {
+      n.total *= config_.decay;
+      for (auto& x : n.next)
+        x.count *= config_.decay;
+      std::erase_if(n.next, [&](const successor& x) {
+        return x.count < config_.min_count;
+      });
+    }
+    std::erase_if(s.table,
+                  [](const session_node& n) { return n.next.empty(); });
+  }
   for (auto it = queries_.begin(); it != queries_.end();) {
     auto& next = it->second.next;
     it->second.total *= config_.decay;

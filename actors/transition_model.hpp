@@ -26,6 +26,14 @@
 /// weakest kept one had a count of 1 or less: after A -> B 100 times, A ->
 /// C took ~40,000 transitions (top_k 1) to be predicted, and for ever
 /// without aging.
+/// Each session also keeps its own transitions: for the last
+/// `session_queries` queries it left (least recently left go first), its
+/// two strongest successors there, counted and aged like the overall ones.
+/// predict(session, q) names the session's own successor of q when it has
+/// followed q there at least `session_min_count` times (aged), with the
+/// session's confidence, and the overall prediction otherwise: a session
+/// that always goes A -> B gets B though most sessions go A -> C. Memory:
+/// at most max_sessions x session_queries x 3 query ids.
 /// Not thread-safe: owned by one actor.
 
 #include <cstddef>
@@ -48,11 +56,17 @@ struct transition_config {
   std::uint64_t aging_interval = 10'000; ///< observations between agings
   double decay = 0.5;
   double min_count = 0.5;
+  /// Queries per session whose successors in that session are kept (0:
+  /// overall counts only).
+  std::size_t session_queries = 4;
+  /// A session's own successor is predicted once it followed the query
+  /// this many times there (aged); else the overall one is.
+  double session_min_count = 2.0;
 };
 
 /// Checks: top_k, max_queries and max_sessions at least 1; decay in
-/// [0, 1]; min_count finite and >= 0. Messages name the field after
-/// `prefix` (say "prefetch_config.model.").
+/// [0, 1]; min_count and session_min_count finite and >= 0. Messages name the
+/// field after `prefix` (say "prefetch_config.model.").
 [[nodiscard]] result<void> validate(const transition_config& c,
                                     std::string_view prefix = "");
 
@@ -60,6 +74,7 @@ struct prediction {
   std::string query;
   double confidence = 0.0; ///< in (0, 1]
   double count = 0.0;      ///< transitions it surely followed the query, aged
+  bool session = false;    ///< from the session's own transitions
 };
 
 class transition_model {
@@ -70,9 +85,13 @@ public:
 
   /// Query `query` followed the session's previous query.
   void observe(std::uint64_t session, const std::string& query);
-  /// Most likely successor of `query`, nullopt when none is known.
+  /// Most likely successor of `query` overall, nullopt when none is known.
   [[nodiscard]] std::optional<prediction>
   predict(const std::string& query) const;
+  /// Most likely successor of `query` in `session`: the session's own when
+  /// it has enough of them (see the class comment), else predict(query).
+  [[nodiscard]] std::optional<prediction>
+  predict(std::uint64_t session, const std::string& query) const;
   /// Multiplies every count by `decay` and drops weak successors (also
   /// done automatically every aging_interval observations).
   void age();
@@ -106,10 +125,20 @@ private:
   transition_config config_;
   std::unordered_map<std::string, node> queries_;
   std::list<std::string> query_lru_; ///< front = most recent
+  /// A query a session left, and where it went from there.
+  struct session_node {
+    std::string from;
+    std::vector<successor> next; ///< at most session_successors
+    double total = 0.0;
+  };
+  static constexpr std::size_t session_successors = 2;
   struct session_state {
     std::string last;
     std::list<std::uint64_t>::iterator lru;
+    std::vector<session_node> table; ///< most recently left first
   };
+  void count_in(session_state& s, const std::string& from,
+                const std::string& to) const;
   std::unordered_map<std::uint64_t, session_state> sessions_;
   std::list<std::uint64_t> session_lru_;
   std::uint64_t observations_ = 0;

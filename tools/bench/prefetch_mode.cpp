@@ -172,7 +172,7 @@ result<replay_result> replay(const prefetch_options& opts,
     idle.emplace_back(req.timestamp_ms, req.session);
     const std::string q = round_query(st.rounds, opts.max_round);
     model.observe(req.session, q);
-    const auto next = model.predict(q);
+    const auto next = model.predict(req.session, q);
     if (next && next->query != end_query &&
         next->confidence >= opts.threshold && !request.empty()) {
       ++out.predictions;
