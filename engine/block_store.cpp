@@ -1155,8 +1155,17 @@ result<void> block_store::commit(put_handle& h) {
   e.state = entry_state::committed;
   // A block brought back from the memory tier or disk keeps its count.
   e.access_count = std::max<std::uint32_t>(1, h.restored_count_);
-  if (e.pin_on_commit)
-    e.pins = std::max<std::uint32_t>(1, h.restored_pins_);
+  // Its disk copy's pins are the block's: brought back (restored_pins_),
+  // or put again while its copy holds pins from before a restart (else the
+  // next pin or unpin would set the copy's count to this one's and wipe
+  // those holders' pins). A put's own pin is one more only when none is
+  // held ("a block already pinned gets no second pin").
+  std::uint32_t held = h.restored_pins_;
+  if (held == 0 && disk_)
+    if (const auto info =
+            usable_disk_copy(namespaces_[e.ns], e.key, disk_clock().now()))
+      held = info->pins;
+  e.pins = std::max<std::uint32_t>(e.pin_on_commit ? 1 : 0, held);
   account(e, true);
   ++tick_;
   access_info info;
@@ -1560,8 +1569,8 @@ result<void> block_store::sync_disk_pins(std::uint32_t id) {
     return {};
   const entry& e = entries_[id];
   const auto info = disk_->lookup(e.key);
-  if (!info)
-    return {};
+  if (!info || info->ns != namespaces_[e.ns].fingerprint)
+    return {}; // none, or another namespace's: not this block's pins
   for (std::uint32_t n = info->pins; n < e.pins; ++n)
     if (auto p = disk_->pin(e.key); !p)
       return p;

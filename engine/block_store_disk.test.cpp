@@ -1551,6 +1551,36 @@ TEST_F(store_disk_test, nested_pins_survive_a_restart_nested) {
   EXPECT_EQ(third.error().code, errc::invalid_argument);
 }
 
+TEST_F(store_disk_test, a_put_again_after_a_restart_keeps_the_copys_pins) {
+  // Pinned twice, persisted, restarted; the block is put again (no pin,
+  // then with a pin): it takes its copy's two pins, so a third pin makes
+  // three on disk and the old holders' unpins still find theirs. (Before
+  // the copy's count followed the put's: a pin set it to 1 and the old
+  // holders' second unpin failed "not pinned".)
+  for (const bool pin_put : {false, true}) {
+    SCOPED_TRACE(pin_put ? "put with a pin" : "put without one");
+    const auto a = chain(pin_put ? 2 : 1, 1);
+    open();
+    run(a);
+    ASSERT_TRUE(store_->pin(ns_, a[0]).has_value());
+    ASSERT_TRUE(store_->pin(ns_, a[0]).has_value());
+    ASSERT_TRUE(store_->persist().has_value());
+    open();
+    put_options o;
+    o.pin = pin_put;
+    ASSERT_TRUE(put_root(a[0], o).has_value());
+    EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 2U);
+    ASSERT_TRUE(store_->pin(ns_, a[0]).has_value());
+    EXPECT_EQ(store_->disk()->lookup(a[0])->pins, 3U);
+    for (std::uint32_t left : {2U, 1U, 0U}) {
+      ASSERT_TRUE(store_->unpin(ns_, a[0]).has_value()) << left;
+      EXPECT_EQ(store_->disk()->lookup(a[0])->pins, left);
+    }
+    store_->evict_bytes(std::size_t{1} << 30);
+    EXPECT_FALSE(store_->contains(ns_, a[0]));
+  }
+}
+
 TEST_F(store_disk_test, damaged_bytes_on_disk_are_never_returned) {
   const auto a = chain(1, 3);
   run(a);
