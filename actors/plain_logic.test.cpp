@@ -916,6 +916,41 @@ TEST(ScalerPolicy, AfterARefusedReplicaChangeItChangesTheCapacity) {
   EXPECT_EQ(s.refusals(), 2U);
 }
 
+TEST(ScalerPolicy, ARefusedReplacementTurnsToCapacityWhenLatencyAsks) {
+  // Below min_replicas (an engine given up) with every spawn refused (no
+  // device left): while p95 is above the target the capacity grows; at
+  // low latency, or once the capacity is at its cap, the replacement is
+  // tried again. (Before, the same refused replacement was decided at
+  // every cooldown and the capacity never moved.)
+  auto c = fast_scaler(); // max_replicas 2, cooldown 60 s
+  c.sustain = 1;
+  c.min_replicas = 2;
+  c.max_capacity_tokens = 6144;
+  auto s = make_scaler(c, 2, 4096);
+  s.replica_lost();
+  engine::nanos t{0};
+  const auto next = [&](engine::nanos latency) {
+    t += 61s;
+    feed(s, t, latency, 30);
+    return s.evaluate(t);
+  };
+  auto d = next(800ms);
+  ASSERT_EQ(d.action, scale_action::spawn_replica);
+  EXPECT_TRUE(d.below_min);
+  s.refused(scale_action::spawn_replica);
+  d = next(800ms);
+  EXPECT_EQ(d.action, scale_action::grow_capacity);
+  EXPECT_EQ(s.capacity_tokens(), 6144U);
+  d = next(800ms); // at the cap: the replacement again
+  EXPECT_EQ(d.action, scale_action::spawn_replica);
+  EXPECT_TRUE(d.below_min);
+  s.refused(scale_action::spawn_replica);
+  d = next(200ms); // in the band: the floor is restored whatever
+  EXPECT_EQ(d.action, scale_action::spawn_replica);
+  EXPECT_TRUE(d.below_min);
+  EXPECT_EQ(s.replicas(), 2U);
+}
+
 TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {
   auto c = fast_scaler();
   c.sustain = 1;

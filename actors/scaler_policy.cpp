@@ -238,12 +238,19 @@ scale_decision scaler_policy::decide(engine::nanos now) {
     return d;
   }
   // Below the floor (lost replicas): at low load no latency rule would
-  // restore it, so it comes before the window and needs no samples.
-  if (replicas_ < config_.min_replicas) {
+  // restore it, so it comes before the window and needs no samples. Not
+  // while its spawns are refused and the latency asks for more: the
+  // capacity grows first then, as above the floor (refused()).
+  const bool grow_first =
+      spawn_refused_ && capacity_ < config_.max_capacity_tokens;
+  if (replicas_ < config_.min_replicas &&
+      !(grow_first && weight_sum_ >= config_.min_samples &&
+        d.p95 > config_.target)) {
     d.action = scale_action::spawn_replica;
     d.below_min = true;
     ++replicas_;
     ++replacements_;
+    spawn_refused_ = false;
     return acted(d, now);
   }
   if (weight_sum_ < config_.min_samples) {
@@ -263,8 +270,6 @@ scale_decision scaler_policy::decide(engine::nanos now) {
   }
   if (up_streak_ >= config_.sustain) {
     // After a refused spawn, capacity first (refused()).
-    const bool grow_first =
-        spawn_refused_ && capacity_ < config_.max_capacity_tokens;
     if (replicas_ < config_.max_replicas && !grow_first) {
       d.action = scale_action::spawn_replica;
       ++replicas_;
