@@ -75,7 +75,7 @@ struct prefetch_config {
   /// most max_outstanding of them holding max_tracked_keys block keys in
   /// all (prefetch_tracker).
   std::size_t max_outstanding = 10'000;
-  std::size_t max_tracked_keys = 1'000'000;
+  std::size_t max_tracked_keys = 250'000; ///< ~256 bytes each: 64 MB
 };
 
 /// What the prefetcher's model and tracker know a query by: the query

@@ -64,8 +64,9 @@ public:
   /// could track nothing), never silently taken as 1.
   [[nodiscard]] static result<prefetch_tracker>
   create(std::size_t max_outstanding, std::size_t max_keys = default_max_keys);
-  /// About 100 bytes each in the index: 100 MB.
-  static constexpr std::size_t default_max_keys = 1'000'000;
+  /// About 256 bytes each in the index (a map node, a set and its node,
+  /// measured): 64 MB.
+  static constexpr std::size_t default_max_keys = 250'000;
 
   prefetch_tracker(prefetch_tracker&&) noexcept = default;
   prefetch_tracker& operator=(prefetch_tracker&&) noexcept = default;

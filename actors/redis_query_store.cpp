@@ -35,8 +35,9 @@ namespace {
 /// or a "://" inside the password or after the '@') all before the last '@'
 /// is hidden, the scheme too. Without any '@', a ':' in the host part
 /// followed by anything but a port number may be a password whose host was
-/// left out ("redis://user:secret"): what follows that ':' up to the first
-/// '/' is hidden; with no "://" either, all after the first ':'.
+/// left out ("redis://user:secret"): all that follows that ':' is hidden
+/// (a '/' in the password may be unencoded); with no "://" either, all
+/// after the first ':'. An IPv6 host's brackets are skipped first.
 std::string without_credentials(std::string_view url) {
   const auto at = url.rfind('@');
   if (at == std::string_view::npos) {
@@ -48,7 +49,9 @@ std::string without_credentials(std::string_view url) {
                  ? std::string(url)
                  : std::string(url.substr(0, colon + 1)) + "***";
     }
-    const auto host = scheme_end + 3;
+    auto host = scheme_end + 3;
+    if (host < url.size() && url[host] == '[') // an IPv6 address's colons
+      host = std::min(url.find(']', host), url.size());
     const auto end = std::min(url.find('/', host), url.size());
     const auto colon = url.find(':', host);
     if (colon == std::string_view::npos || colon >= end)
@@ -58,8 +61,8 @@ std::string without_credentials(std::string_view url) {
           return std::isdigit(static_cast<unsigned char>(c)) != 0;
         }))
       return std::string(url);
-    return std::string(url.substr(0, colon + 1)) + "***" +
-           std::string(url.substr(end));
+    // To the end: a password's unencoded '/' ends no part of it.
+    return std::string(url.substr(0, colon + 1)) + "***";
   }
   const auto scheme_end = url.find("://");
   const bool scheme =

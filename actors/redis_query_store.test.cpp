@@ -353,10 +353,12 @@ TEST(RedisUrl, AURLWithoutAHostHidesWhatFollowsTheColon) {
     const char* url;
     const char* shown;
   };
-  for (auto [url, shown] : std::array<bad, 5>{{
+  for (auto [url, shown] : std::array<bad, 7>{{
            {"redis://alice:hunter2", "'redis://alice:***'"},
            {"redis://:hunter2", "'redis://:***'"},
-           {"redis://:hunter2/0", "'redis://:***/0'"},
+           {"redis://:hunter2/0", "'redis://:***'"},
+           {"redis://alice:hun/hunter2", "'redis://alice:***'"},
+           {"redis://[::1]:99999", "'redis://[::1]:99999'"},
            {"redis:/alice:hunter2", "'redis:***'"},
            {"redis://h:0", "'redis://h:0'"},
        }}) {
