@@ -3898,6 +3898,40 @@ TEST_F(actor_test, WarmerWarmsTopNAtLowPriorityAndReportsProgress) {
   EXPECT_EQ(*progress, (std::vector<std::uint64_t>{1, 2, 3}));
 }
 
+TEST_F(actor_test, AMalformedWarmItemCannotDisplaceAValidOne) {
+  // With the engines' block size known, an item of 3 keys for 16 tokens
+  // (one block) fails before the selection: the hot valid query over the
+  // same first key is sent, not displaced by the malformed longer chain.
+  // (Before, the longer item took the hot one's place in the chain merge,
+  // the engine refused it, and nothing was warmed.)
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  warmer_config wc;
+  wc.block_tokens = 16;
+  auto w = warmer(b, wc);
+  kv_request hot;
+  hot.query = "hot";
+  hot.keys = {block_key{7, 1}};
+  hot.input_tokens = 16;
+  kv_request bad = hot;
+  bad.query = "bad";
+  bad.keys = {block_key{7, 1}, block_key{7, 2}, block_key{7, 3}};
+  const std::vector<warm_item> items = {warm_item{hot, 10.0},
+                                        warm_item{bad, 1.0}};
+  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{10},
+                              false, caf::actor{});
+  sched_->run();
+  ASSERT_TRUE(rep->value.has_value());
+  EXPECT_EQ(rep->value->requested, 1U);
+  EXPECT_EQ(rep->value->warmed, 1U);
+  EXPECT_EQ(rep->value->failed, 1U);
+  EXPECT_NE(rep->value->first_error.find("warm item 1"), std::string::npos)
+      << rep->value->first_error;
+  EXPECT_NE(rep->value->first_error.find("misaligned"), std::string::npos)
+      << rep->value->first_error;
+  ASSERT_EQ(be->seen.size(), 1U);
+  EXPECT_EQ(be->seen[0].query, "hot");
+}
+
 TEST(WarmerSelectTop, ANaNFrequencyRanksBelowEveryNumber) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::vector<warm_item> items;

@@ -469,7 +469,12 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
   n->balancer_ = std::move(*balancer);
   // From here on a failure returns with `n`, whose destructor stops what
   // was spawned.
-  auto warmer = actors::spawn_warmer(sys, c.warmer, n->balancer_);
+  // Items checked against the engines' block size, as the query cache's
+  // requests are, unless the configuration says otherwise.
+  auto wc = c.warmer;
+  if (wc.block_tokens == 0)
+    wc.block_tokens = c.engine.ns.block_tokens;
+  auto warmer = actors::spawn_warmer(sys, wc, n->balancer_);
   if (!warmer)
     return unexpected<error>{warmer.error()};
   n->warmer_ = std::move(*warmer);

@@ -4,6 +4,7 @@
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/stray_messages.hpp"
+#include "engine/kv_namespace.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -183,8 +184,29 @@ caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
       [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n,
           bool pin, const caf::actor& progress) -> caf::result<warm_report> {
         auto job = std::make_shared<warm_job>();
-        for (auto i : select_top(items, top_n)) {
-          auto req = items[i].request;
+        // Malformed items are failed first: in the selection they could
+        // replace a valid query of the same leading keys, then fail.
+        std::vector<warm_item> valid;
+        const std::vector<warm_item>* pick = &items;
+        if (const auto bt = self->state.config.block_tokens; bt > 0) {
+          valid.reserve(items.size());
+          for (std::size_t i = 0; i < items.size(); ++i) {
+            const auto& r = items[i].request;
+            if (auto ok =
+                    engine::check_block_keys(r.keys.size(), r.input_tokens, bt);
+                !ok) {
+              ++job->report.failed;
+              if (job->report.first_error.empty())
+                job->report.first_error = "warm item " + std::to_string(i) +
+                                          ": " + ok.error().describe();
+              continue;
+            }
+            valid.push_back(items[i]);
+          }
+          pick = &valid;
+        }
+        for (auto i : select_top(*pick, top_n)) {
+          auto req = (*pick)[i].request;
           req.prio = engine::priority::low;
           req.pin = pin;
           job->queue.push_back(std::move(req));

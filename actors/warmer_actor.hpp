@@ -37,6 +37,14 @@ struct warm_item;
 struct warmer_config {
   /// Warm queries in flight at once, of all jobs together; at least 1.
   std::size_t parallelism = 8;
+  /// The engines' tokens per block; when set (not 0), an item whose key
+  /// count does not fit its input_tokens (engine::check_block_keys) is
+  /// failed before the top N are picked (counted in `failed`, its error the
+  /// report's first_error if first), so it can neither take the place of
+  /// a valid query with the same leading keys nor be the longer query of a
+  /// chain and fail it. 0: items are not checked here (the engine refuses
+  /// such a request when it comes, and a chain it led is not warmed).
+  std::uint32_t block_tokens = 0;
 };
 
 /// errc::invalid_argument naming the option when `config` makes no sense
