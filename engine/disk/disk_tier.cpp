@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <new>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <system_error>
@@ -199,6 +200,26 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
     config.max_batch = 1;
   if (config.touch_batch == 0)
     config.touch_batch = 1;
+  // One descriptor per segment: a tier filled to its capacity needs
+  // capacity / segment_bytes of them. Said once here, before spills start
+  // failing with "Too many open files" once the tier has grown.
+  if (rlimit lim{};
+      ::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY) {
+    const std::uint64_t segments =
+        config.capacity_bytes / config.segment_bytes + 2;
+    if (segments > static_cast<std::uint64_t>(lim.rlim_cur))
+      std::fprintf(stderr,
+                   "kvfleet: disk tier %s: filled to capacity_bytes (%llu) "
+                   "it needs about %llu segment files open at once, above the "
+                   "open-file limit (%llu, ulimit -n): raise the limit or use "
+                   "larger segments (segment_bytes, now %llu), or spills fail "
+                   "once it grows that far\n",
+                   dir.c_str(),
+                   static_cast<unsigned long long>(config.capacity_bytes),
+                   static_cast<unsigned long long>(segments),
+                   static_cast<unsigned long long>(lim.rlim_cur),
+                   static_cast<unsigned long long>(config.segment_bytes));
+  }
 
   struct stat st {};
   if (::stat(dir.c_str(), &st) != 0) {
@@ -1385,8 +1406,17 @@ void disk_tier::note_write_error(int err_no, const error& e,
                                  std::uint64_t bytes) {
   if (!is_full_errno(err_no)) {
     ++io_stats_.io_errors;
-    std::fprintf(stderr, "kvfleet: disk tier %s: %s\n",
-                 config_.directory.c_str(), e.describe().c_str());
+    // Once per kind until a spill gets through (io_errors counts each).
+    if (std::find(logged_write_errnos_.begin(), logged_write_errnos_.end(),
+                  err_no) != logged_write_errnos_.end())
+      return;
+    logged_write_errnos_.push_back(err_no);
+    std::fprintf(stderr,
+                 "kvfleet: disk tier %s: %s; %s (the same failure is not "
+                 "logged again until a spill gets through; io_errors counts "
+                 "each)\n",
+                 config_.directory.c_str(), e.describe().c_str(),
+                 file_remedy(err_no, "the segment file").c_str());
     return;
   }
   std::lock_guard lk(mu_);
@@ -1567,6 +1597,7 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   }
   batch_spill_gens_.insert(r.gen);
   ++io_stats_.spills;
+  logged_write_errnos_.clear(); // a write error from now on is news again
 }
 
 void disk_tier::do_fetch(request& r, disk_completion& c) {

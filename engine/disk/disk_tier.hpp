@@ -721,6 +721,10 @@ private:
   /// it), so a disk hovering at its limit logs once, not at every look.
   bool logged_full_ = false;
   bool logged_accept_ = false;
+  /// The errno of the other write errors logged since a spill last got
+  /// through (one line each kind per episode, with its remedy: no file
+  /// descriptor left failed every spill with the same line before).
+  std::vector<int> logged_write_errnos_;
   disk_tier_stats io_stats_;
 
   std::thread io_thread_;

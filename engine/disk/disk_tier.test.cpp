@@ -1083,6 +1083,44 @@ TEST_F(disk_tier_test, a_torn_tail_is_cut_off_and_counted) {
   expect_block(3);
 }
 
+TEST_F(disk_tier_test, running_out_of_file_descriptors_is_said_once) {
+  // One block per segment. With the open-file limit lowered, the tier
+  // warns at open that it cannot hold its capacity's segments; spills
+  // that then fail with EMFILE log one line with the remedy, not one per
+  // spill (before: one identical line each, no remedy), and count each.
+  auto c = config_with_segments_of(1);
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  const auto in_use = static_cast<rlim_t>(
+      std::distance(fs::directory_iterator("/proc/self/fd"), {}));
+  rlimit low = old;
+  low.rlim_cur = in_use + 8;
+  std::string log;
+  std::uint64_t errors = 0;
+  {
+    stderr_log captured;
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    tier_.reset();
+    auto t = disk_tier::open(c);
+    if (t.has_value()) {
+      tier_ = std::move(*t);
+      for (std::uint64_t i = 0; i < 20; ++i)
+        (void)tier_->spill(key_of(i), ns_a, codec::int8, block_bytes(i, 4096),
+                           block_checksum(block_bytes(i, 4096)), clock_.now(),
+                           nanos{0}, false);
+      (void)tier_->wait_idle();
+      errors = tier_->stats().io_errors;
+    }
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    log = captured.log();
+    ASSERT_TRUE(t.has_value() || tier_) << log;
+  }
+  EXPECT_EQ(occurrences(log, "above the open-file limit"), 1U) << log;
+  EXPECT_GE(errors, 2U) << log;
+  EXPECT_EQ(occurrences(log, "Too many open files"), 1U) << log;
+  EXPECT_NE(log.find("ulimit -n"), std::string::npos) << log;
+}
+
 TEST_F(disk_tier_test,
        a_segment_that_cannot_be_opened_stops_the_open_and_is_kept) {
   // One block per segment, so the blocks take many file descriptors.
