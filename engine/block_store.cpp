@@ -525,12 +525,12 @@ result<read_lease> block_store::acquire(ns_id ns, const block_key& key) {
     return unexpected<error>(st.error());
   }
   std::uint32_t id = find_visible(ns, key, now());
+  promotion_refused_.reset();
   if (id == npos && (promote_key_from_tier(ns, key) ||
                      promote_key_from_disk(ns, key, keep_recorded())))
     id = find_visible(ns, key, now());
   if (id == npos)
-    return make_error(errc::not_found,
-                      "block " + key.to_hex() + " is not cached");
+    return unexpected<error>(not_cached("block ", key));
   touch(id);
   ++entries_[id].leases;
   refresh_evictable(id);
@@ -799,14 +799,14 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
     // back, as acquire() does (from disk alone: see promote_key_from_disk),
     // at its own priority (its codec, TTL, pin and partition are its own
     // too; a disk copy that records no partition lands in the put's).
+    promotion_refused_.reset();
     if (pid == npos && index_.find(parent) == npos &&
         (promote_key_from_tier(ns, parent) ||
          promote_key_from_disk(ns, parent, for_parent_of(options))))
       pid = usable_parent(ns, parent, start);
     if (pid == npos) {
       count_rejected();
-      return make_error(errc::not_found,
-                        "parent block " + parent.to_hex() + " is not cached");
+      return unexpected<error>(not_cached("parent block ", parent));
     }
   }
   // The parent's chain brought back from the memory tier can hold `key`
@@ -1548,12 +1548,12 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
   if (auto st = check_ns(ns); !st)
     return unexpected<error>(st.error());
   std::uint32_t id = find_visible(ns, key, now());
+  promotion_refused_.reset();
   if (id == npos && (promote_key_from_tier(ns, key) ||
                      promote_key_from_disk(ns, key, keep_recorded())))
     id = find_visible(ns, key, now());
   if (id == npos)
-    return make_error(errc::not_found,
-                      "block " + key.to_hex() + " is not cached");
+    return unexpected<error>(not_cached("block ", key));
   ++entries_[id].pins;
   recency_unlink(id); // no demotion candidate while pinned
   if (entries_[id].pins == 1)
@@ -1562,6 +1562,19 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
     ++stats_.spill_failures;
   refresh_evictable(id);
   return {};
+}
+
+error block_store::not_cached(const char* what, const block_key& key) {
+  if (promotion_refused_) {
+    error e = std::move(*promotion_refused_);
+    promotion_refused_.reset();
+    return error{e.code, std::string(what) + key.to_hex() +
+                             " is in the memory tier or on disk but could not "
+                             "be brought back into memory: " +
+                             e.message};
+  }
+  return error{errc::not_found,
+               std::string(what) + key.to_hex() + " is not cached"};
 }
 
 result<void> block_store::sync_disk_pins(std::uint32_t id) {
@@ -2352,8 +2365,10 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
       break;
     } // else in memory only (disk_prefix()): a duplicate put, which links it
     auto h = reserve_block(ns, k, par, o, false);
-    if (!h)
+    if (!h) {
+      promotion_refused_ = h.error();
       break;
+    }
     h->restored_count_ = restored;
     h->restored_pins_ = restored_pins;
     promotion p;

@@ -351,8 +351,13 @@ public:
   /// Lease of one cached block (brought back from the memory tier when it
   /// is there, or read back from the disk tier when only there, into the
   /// size partition it was put in: see the class comment);
-  /// errc::not_found when absent. A block damaged on disk is leased like
-  /// any other and caught by read(), which verifies it.
+  /// errc::not_found when absent. One in the memory tier or on disk that
+  /// memory has no room for (every slot pinned, leased or being put) is
+  /// that reservation's error (errc::out_of_memory, say), saying the block
+  /// is there but could not be brought back; pin(), and reserve() for a
+  /// parent, likewise (before, all three said "not cached"). A block
+  /// damaged on disk is leased like any other and caught by read(), which
+  /// verifies it.
   [[nodiscard]] result<read_lease> acquire(ns_id ns, const block_key& key);
 
   /// Codec and stored size of a leased block; errc::invalid_handle for an
@@ -759,6 +764,15 @@ private:
   /// Writes block `id` to the disk tier unless it is there already
   /// (`rewrite`: even then).
   bool spill(std::uint32_t id, bool pinned, bool rewrite = false);
+  /// Why the last promotion stopped short: its reservation's error (no
+  /// room: every slot pinned, leased or being put), so that a call whose
+  /// block is in the memory tier or on disk but could not come back says
+  /// so (not_cached()), not "not cached". Reset before each such call.
+  std::optional<error> promotion_refused_;
+  /// `what` + key "is not cached" (errc::not_found), or, after a promotion
+  /// that was refused, that reservation's error saying the block is there
+  /// but could not come back.
+  [[nodiscard]] error not_cached(const char* what, const block_key& key);
   /// Pins or unpins block `id`'s disk copy, when it has one, until its pin
   /// count is the block's (so nested pins survive a restart nested).
   [[nodiscard]] result<void> sync_disk_pins(std::uint32_t id);

@@ -1581,6 +1581,42 @@ TEST_F(store_disk_test, a_put_again_after_a_restart_keeps_the_copys_pins) {
   }
 }
 
+TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
+  // Memory (4 blocks) full of pinned blocks: a block only on disk cannot
+  // come back. acquire(), pin() and a put naming it as parent say it is
+  // there but has no room, with the reservation's error (before, all
+  // three said "not cached", errc::not_found, of a block on disk).
+  open(4);
+  const auto k = chain(7, 1)[0];
+  run({k});
+  spill_everything();
+  put_options pinned;
+  pinned.pin = true;
+  for (std::uint64_t i = 0; i < 4; ++i)
+    ASSERT_TRUE(put_root(chain(100 + i, 1)[0], pinned).has_value());
+  ASSERT_EQ(store_->block_count(), 4U);
+  ASSERT_TRUE(store_->on_disk(ns_, k));
+  const auto said_so = [&](const error& e, const char* what) {
+    EXPECT_NE(e.code, errc::not_found) << what << ": " << e.describe();
+    EXPECT_NE(e.message.find("could not be brought back"), std::string::npos)
+        << what << ": " << e.describe();
+  };
+  auto a = store_->acquire(ns_, k);
+  ASSERT_FALSE(a.has_value());
+  said_so(a.error(), "acquire");
+  auto p = store_->pin(ns_, k);
+  ASSERT_FALSE(p.has_value());
+  said_so(p.error(), "pin");
+  auto child = store_->reserve(ns_, chain(200, 1)[0], k);
+  ASSERT_FALSE(child.has_value());
+  said_so(child.error(), "reserve");
+  EXPECT_TRUE(store_->on_disk(ns_, k));
+  // Absent everywhere: still not_found.
+  auto none = store_->acquire(ns_, chain(999, 1)[0]);
+  ASSERT_FALSE(none.has_value());
+  EXPECT_EQ(none.error().code, errc::not_found) << none.error().describe();
+}
+
 TEST_F(store_disk_test, damaged_bytes_on_disk_are_never_returned) {
   const auto a = chain(1, 3);
   run(a);

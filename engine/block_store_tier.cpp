@@ -382,8 +382,10 @@ std::size_t block_store::promote_from_tier(ns_id ns,
         o.ttl = nanos{b.expires_at - t};
       }
       auto h = reserve_block(ns, keys[i], par, o, false);
-      if (!h)
+      if (!h) {
+        promotion_refused_ = h.error();
         break;
+      }
       h->restored_count_ = b.access_count;
       if (!h->already_cached()) {
         const entry& e = entries_[h->id_];
