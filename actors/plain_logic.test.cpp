@@ -1140,6 +1140,13 @@ TEST(TransitionModel, ASessionsOwnPatternWinsOnceItHasRecurred) {
   EXPECT_EQ(m.predict(1, "A")->query, "B");
   m.age(); // 1.25: below 2
   EXPECT_EQ(m.predict(1, "A")->query, "C");
+  // Session 0 is anonymous traffic, many users interleaved: A -> B twice
+  // there is no one's habit.
+  for (int i = 0; i < 2; ++i) {
+    m.observe(0, "A");
+    m.observe(0, "B");
+  }
+  EXPECT_FALSE(m.predict(0, "A")->session);
 }
 
 TEST(TransitionModel, ASessionKeepsTheLastQueriesItLeftOnly) {

@@ -48,7 +48,9 @@
 /// are counted, each evaluation outside the cooldown spawns one more,
 /// whatever the latency (scale_decision::below_min, logged, counted in
 /// `scaler_stats::replaced`), so lost engines never leave the fleet below
-/// its floor for good.
+/// its floor for good; except after a refused spawn while p95 is above the
+/// target and the capacity below its cap, when the capacity grows first
+/// (scaler_policy.hpp).
 
 #include "actors/scaler_policy.hpp"
 #include "engine/eviction_policy.hpp"

@@ -17,7 +17,12 @@
 /// Before any of that, fewer than min_replicas replicas (engines the
 /// balancer gave up after max_restarts, replica_lost(), or a fleet started
 /// below it) -> spawn a replica, whatever the window holds: at low load no
-/// latency rule would restore the floor. Cooldown applies to it too.
+/// latency rule would restore the floor. Cooldown applies to it too. The
+/// one exception: after a refused spawn, while p95 is above the target and
+/// the capacity below its cap, the capacity grows instead (a replacement
+/// the factory cannot start would be decided again at every cooldown while
+/// requests wait); at low latency or at the cap the replacement is tried
+/// again.
 /// Flapping is prevented three ways: the dead band between 0.3x and 1x the
 /// target (hysteresis), a condition must hold for `sustain` consecutive
 /// evaluations before it acts, and after any action nothing happens for

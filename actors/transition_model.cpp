@@ -60,7 +60,9 @@ void transition_model::observe(std::uint64_t session,
   }
   if (!it->second.last.empty() && it->second.last != query) {
     count(it->second.last, query);
-    count_in(it->second, it->second.last, query);
+    // Session 0 is every request without a session: no one's own habits.
+    if (session != 0)
+      count_in(it->second, it->second.last, query);
   }
   it->second.last = query;
   if (config_.aging_interval > 0 &&
@@ -138,7 +140,8 @@ void transition_model::count_in(session_state& s, const std::string& from,
 std::optional<prediction>
 transition_model::predict(std::uint64_t session,
                           const std::string& query) const {
-  if (const auto s = sessions_.find(session); s != sessions_.end())
+  if (const auto s = sessions_.find(session);
+      session != 0 && s != sessions_.end())
     for (const auto& n : s->second.table) {
       if (n.from != query)
         continue;
