@@ -36,8 +36,10 @@ namespace {
 /// is hidden, the scheme too. Without any '@', a ':' in the host part
 /// followed by anything but a port number may be a password whose host was
 /// left out ("redis://user:secret"): all that follows that ':' is hidden
-/// (a '/' in the password may be unencoded); with no "://" either, all
-/// after the first ':'. An IPv6 host's brackets are skipped first.
+/// unless the whole is a well-formed host:port[/db] (a '/' in a password
+/// may be unencoded, and a password may be digits); with no "://" either,
+/// all after the first ':'. An IPv6 host's brackets are skipped first (all
+/// after "://" hidden when the ']' is missing).
 std::string without_credentials(std::string_view url) {
   const auto at = url.rfind('@');
   if (at == std::string_view::npos) {
@@ -49,19 +51,34 @@ std::string without_credentials(std::string_view url) {
                  ? std::string(url)
                  : std::string(url.substr(0, colon + 1)) + "***";
     }
-    auto host = scheme_end + 3;
-    if (host < url.size() && url[host] == '[') // an IPv6 address's colons
-      host = std::min(url.find(']', host), url.size());
-    const auto end = std::min(url.find('/', host), url.size());
-    const auto colon = url.find(':', host);
+    const auto host = scheme_end + 3;
+    auto after_host = host;
+    if (host < url.size() && url[host] == '[') { // an IPv6 address's colons
+      const auto close = url.find(']', host);
+      if (close == std::string_view::npos) // no telling where it ends
+        return std::string(url.substr(0, host)) + "***";
+      after_host = close + 1;
+    }
+    const auto end = std::min(url.find('/', after_host), url.size());
+    const auto colon = url.find(':', after_host);
     if (colon == std::string_view::npos || colon >= end)
       return std::string(url);
+    // Shown only as a whole well-formed host:port[/db]; anything else after
+    // the ':' may be a password (a '/' in it unencoded, digits only), so
+    // all of it is hidden.
+    const auto digits = [](std::string_view d) {
+      return !d.empty() && std::all_of(d.begin(), d.end(), [](char c) {
+        return std::isdigit(static_cast<unsigned char>(c)) != 0;
+      });
+    };
     const auto port = url.substr(colon + 1, end - colon - 1);
-    if (!port.empty() && std::all_of(port.begin(), port.end(), [](char c) {
-          return std::isdigit(static_cast<unsigned char>(c)) != 0;
-        }))
+    const auto db = end < url.size() ? url.substr(end + 1) : std::string_view{};
+    const bool well_formed = colon > host && digits(port) && port.size() <= 5 &&
+                             std::stoul(std::string(port)) >= 1 &&
+                             std::stoul(std::string(port)) <= 65535 &&
+                             (db.empty() || digits(db));
+    if (well_formed)
       return std::string(url);
-    // To the end: a password's unencoded '/' ends no part of it.
     return std::string(url.substr(0, colon + 1)) + "***";
   }
   const auto scheme_end = url.find("://");

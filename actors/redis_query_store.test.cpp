@@ -348,19 +348,24 @@ TEST(RedisUrl, BadCredentialsSayWhyWithoutShowingThem) {
 
 TEST(RedisUrl, AURLWithoutAHostHidesWhatFollowsTheColon) {
   // No '@': a ':' followed by anything but a port may be a password whose
-  // host was left out. Before, these showed whole. A port stays shown.
+  // host was left out. Before, these showed whole. Only a well-formed
+  // host:port[/db] stays shown (a password may be digits).
   struct bad {
     const char* url;
     const char* shown;
   };
-  for (auto [url, shown] : std::array<bad, 7>{{
+  for (auto [url, shown] : std::array<bad, 11>{{
            {"redis://alice:hunter2", "'redis://alice:***'"},
            {"redis://:hunter2", "'redis://:***'"},
            {"redis://:hunter2/0", "'redis://:***'"},
            {"redis://alice:hun/hunter2", "'redis://alice:***'"},
-           {"redis://[::1]:99999", "'redis://[::1]:99999'"},
+           {"redis://[::1]:99999", "'redis://[::1]:***'"},
+           {"redis://[alice:hunter2", "'redis://***'"},
+           {"redis://alice:123/hunter2", "'redis://alice:***'"},
+           {"redis://:20240101", "'redis://:***'"},
+           {"redis://h:99999/0", "'redis://h:***'"},
            {"redis:/alice:hunter2", "'redis:***'"},
-           {"redis://h:0", "'redis://h:0'"},
+           {"redis://h:0", "'redis://h:***'"},
        }}) {
     auto r = parse_redis_url(url);
     ASSERT_FALSE(r.has_value()) << url;
