@@ -3923,7 +3923,8 @@ TEST_F(actor_test, AMalformedWarmItemCannotDisplaceAValidOne) {
   ASSERT_TRUE(rep->value.has_value());
   EXPECT_EQ(rep->value->requested, 1U);
   EXPECT_EQ(rep->value->warmed, 1U);
-  EXPECT_EQ(rep->value->failed, 1U);
+  EXPECT_EQ(rep->value->failed, 0U);
+  EXPECT_EQ(rep->value->malformed, 1U);
   EXPECT_NE(rep->value->first_error.find("warm item 1"), std::string::npos)
       << rep->value->first_error;
   EXPECT_NE(rep->value->first_error.find("misaligned"), std::string::npos)

@@ -228,15 +228,20 @@ struct warm_report {
   std::uint64_t warmed = 0;
   std::uint64_t failed = 0;
   std::uint64_t computed_tokens = 0;
+  /// Items refused before the selection, their key count not fitting their
+  /// tokens (warmer_config::block_tokens); not in requested, so warmed +
+  /// failed = requested.
+  std::uint64_t malformed = 0;
   /// Why the first query that failed did ("code: message", e.g.
-  /// "timeout: request timed out"); empty when none failed.
+  /// "timeout: request timed out"), or the first malformed item ("warm item
+  /// <i>: ..."); empty when none failed and none was malformed.
   std::string first_error;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, warm_report& x) {
   return f(caf::meta::type_name("warm_report"), x.requested, x.warmed, x.failed,
-           x.computed_tokens, x.first_error);
+           x.computed_tokens, x.malformed, x.first_error);
 }
 
 /// The prefetcher's counters.

@@ -195,7 +195,7 @@ caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
             if (auto ok =
                     engine::check_block_keys(r.keys.size(), r.input_tokens, bt);
                 !ok) {
-              ++job->report.failed;
+              ++job->report.malformed;
               if (job->report.first_error.empty())
                 job->report.first_error = "warm item " + std::to_string(i) +
                                           ": " + ok.error().describe();

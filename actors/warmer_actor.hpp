@@ -39,8 +39,8 @@ struct warmer_config {
   std::size_t parallelism = 8;
   /// The engines' tokens per block; when set (not 0), an item whose key
   /// count does not fit its input_tokens (engine::check_block_keys) is
-  /// failed before the top N are picked (counted in `failed`, its error the
-  /// report's first_error if first), so it can neither take the place of
+  /// refused before the top N are picked (counted in `malformed`, its error
+  /// the report's first_error if first), so it can neither take the place of
   /// a valid query with the same leading keys nor be the longer query of a
   /// chain and fail it. 0: items are not checked here (the engine refuses
   /// such a request when it comes, and a chain it led is not warmed).
