@@ -9,6 +9,7 @@
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
+#include <filesystem>
 #include <new>
 #include <sys/file.h>
 #include <sys/resource.h>
@@ -201,22 +202,31 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   if (config.touch_batch == 0)
     config.touch_batch = 1;
   // One descriptor per segment: a tier filled to its capacity needs
-  // capacity / segment_bytes of them. Said once here, before spills start
-  // failing with "Too many open files" once the tier has grown.
+  // capacity / segment_bytes of them, besides those the process holds now
+  // (other engines' tiers among them; their growth is theirs to say). Said
+  // once here, before spills start failing with "Too many open files" once
+  // the tier has grown.
   if (rlimit lim{};
       ::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY) {
+    std::error_code ec;
+    std::uint64_t in_use = 0;
+    for (auto it = std::filesystem::directory_iterator("/proc/self/fd", ec);
+         !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
+      ++in_use;
     const std::uint64_t segments =
         config.capacity_bytes / config.segment_bytes + 2;
-    if (segments > static_cast<std::uint64_t>(lim.rlim_cur))
+    if (segments + in_use > static_cast<std::uint64_t>(lim.rlim_cur))
       std::fprintf(stderr,
                    "kvfleet: disk tier %s: filled to capacity_bytes (%llu) "
-                   "it needs about %llu segment files open at once, above the "
+                   "it needs about %llu segment files open at once, besides "
+                   "the %llu descriptors the process holds now: above the "
                    "open-file limit (%llu, ulimit -n): raise the limit or use "
                    "larger segments (segment_bytes, now %llu), or spills fail "
                    "once it grows that far\n",
                    dir.c_str(),
                    static_cast<unsigned long long>(config.capacity_bytes),
                    static_cast<unsigned long long>(segments),
+                   static_cast<unsigned long long>(in_use),
                    static_cast<unsigned long long>(lim.rlim_cur),
                    static_cast<unsigned long long>(config.segment_bytes));
   }

@@ -1121,6 +1121,34 @@ TEST_F(disk_tier_test, running_out_of_file_descriptors_is_said_once) {
   EXPECT_NE(log.find("ulimit -n"), std::string::npos) << log;
 }
 
+TEST_F(disk_tier_test, the_open_file_warning_counts_descriptors_in_use) {
+  // Ten segments alone fit a limit of what is open now plus 8, not with
+  // the descriptors the process holds (other engines' tiers, say): the
+  // open warns. (Before, each tier was weighed alone.)
+  auto c = config_with_segments_of(1);
+  c.capacity_bytes = segment_header_bytes + 10 * rec;
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  const auto in_use = static_cast<rlim_t>(
+      std::distance(fs::directory_iterator("/proc/self/fd"), {}));
+  ASSERT_GT(in_use, 4U);
+  rlimit low = old;
+  low.rlim_cur = std::max<rlim_t>(in_use + 8, 13);
+  std::string log;
+  {
+    stderr_log captured;
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    tier_.reset();
+    auto t = disk_tier::open(c);
+    t = unexpected<error>(error{errc::io_error, "closed"}); // before restoring
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    log = captured.log();
+  }
+  EXPECT_EQ(occurrences(log, "above the open-file limit"), 1U) << log;
+  EXPECT_NE(log.find("descriptors the process holds now"), std::string::npos)
+      << log;
+}
+
 TEST_F(disk_tier_test,
        a_segment_that_cannot_be_opened_stops_the_open_and_is_kept) {
   // One block per segment, so the blocks take many file descriptors.
