@@ -383,6 +383,23 @@ TEST_F(store_disk_test, a_block_used_in_memory_is_not_the_disks_first_victim) {
   EXPECT_FALSE(store_->on_disk(ns_, chain(10, 1)[0]));
 }
 
+TEST_F(store_disk_test, a_copys_access_count_is_the_stores_across_a_reopen) {
+  // Put (1), read back from disk (2), five reads (7), evicted again (the
+  // spill skipped, marked used): the copy counts 7, and so does the
+  // catalog a reopen reads. (Before, the read back counted twice on disk:
+  // 8 after the reopen.)
+  const auto k = chain(1, 1)[0];
+  run({k});
+  spill_everything();
+  for (int i = 0; i < 6; ++i)
+    ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+  spill_everything();
+  EXPECT_EQ(store_->disk()->lookup(k)->access_count, 7U);
+  ASSERT_TRUE(store_->persist().has_value());
+  open();
+  EXPECT_EQ(store_->disk()->lookup(k)->access_count, 7U);
+}
+
 TEST_F(store_disk_test, lookup_tiers_counts_one_lookup_with_the_disk_hits) {
   // lookup_tiers() is what a request would match, in one walk: the blocks
   // on disk are hits (process() would promote them). Before, it counted

@@ -1679,6 +1679,13 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
   c.checksum = h->checksum;
   c.ns = h->ns;
   note_access(r.key, 1);
+  {
+    // lookup()'s count follows the catalog's, which adds this read: a
+    // mark_used() after it then adds only the owner's accesses since.
+    std::lock_guard lk(mu_);
+    if (const auto d = dir_.find(r.key); d != dir_.end())
+      ++d->second.info.access_count;
+  }
 }
 
 void disk_tier::note_access(const block_key& key, std::uint64_t reads) {

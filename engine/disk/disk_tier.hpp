@@ -270,8 +270,8 @@ struct disk_block_info {
   /// of a version 1 or 2 directory).
   std::optional<priority> prio;
   /// The accesses given to spill() (the store's count when the block left
-  /// memory), so a block brought back ranks by its history; at open, the
-  /// catalog's, which adds the disk's own reads. 0 when none was given.
+  /// memory) and the disk's own reads since, as the catalog counts them, so
+  /// a block brought back ranks by its history. 0 when none was given.
   std::uint64_t access_count = 0;
 };
 
