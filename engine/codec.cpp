@@ -500,12 +500,18 @@ double relative_l2_error(dtype t, std::span<const std::byte> a,
     const auto xb = static_cast<double>(t == dtype::fp16
                                             ? internal::half_bits_to_float(hb)
                                             : internal::bf16_bits_to_float(hb));
-    diff += (xa - xb) * (xa - xb);
     norm += xa * xa;
+    // Equal elements add no error, infinities too (Inf - Inf is NaN).
+    if (xa != xb)
+      diff += (xa - xb) * (xa - xb);
   }
+  if (std::isnan(diff) || std::isnan(norm))
+    return std::numeric_limits<double>::quiet_NaN(); // a NaN element
+  if (std::isinf(diff))
+    return std::numeric_limits<double>::infinity();
   if (norm == 0.0)
     return diff == 0.0 ? 0.0 : std::numeric_limits<double>::infinity();
-  return std::sqrt(diff / norm);
+  return std::sqrt(diff / norm); // 0 when `a` holds an infinity
 }
 
 float half_to_float(std::uint16_t h) noexcept {

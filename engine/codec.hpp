@@ -46,7 +46,10 @@
 /// half/bf16 keep a NaN's sign and top payload bits and set the quiet bit
 /// (as F16C does); both e4m3 NaN codes widen to the canonical fp32 NaN
 /// 0x7fffffff. relative_l2_error() is NaN for arrays of different or odd
-/// sizes or an unknown dtype, and +inf when only `a` is all zeros.
+/// sizes or an unknown dtype, or holding a NaN element, and +inf when only
+/// `a` is all zeros or an element differs by an infinity; equal elements,
+/// infinities included, add no error (before, an infinity in both made the
+/// result NaN).
 ///
 /// Thread safety: pure functions.
 

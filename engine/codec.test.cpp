@@ -780,6 +780,22 @@ TEST(codec, relative_l2_error_definition) {
             std::numeric_limits<double>::infinity());
   EXPECT_TRUE(std::isnan(relative_l2_error(dtype::fp16, a, bytes(2))));
   EXPECT_TRUE(std::isnan(relative_l2_error(static_cast<dtype>(7), a, a)));
+  // Non-finite elements (before, an infinity in both made it NaN).
+  const float infinity = std::numeric_limits<float>::infinity();
+  for (const dtype t : {dtype::fp16, dtype::bf16}) {
+    const bytes with_inf = raw_from_floats(t, {infinity, 4.0F});
+    const bytes other_tail = raw_from_floats(t, {infinity, 2.0F});
+    const bytes finite = raw_from_floats(t, {1.0F, 4.0F});
+    const bytes nan = raw_from_floats(t, {std::nanf(""), 4.0F});
+    EXPECT_EQ(relative_l2_error(t, with_inf, with_inf), 0.0);
+    EXPECT_EQ(relative_l2_error(t, with_inf, other_tail), 0.0)
+        << "finite error over an infinite norm";
+    EXPECT_EQ(relative_l2_error(t, finite, with_inf),
+              std::numeric_limits<double>::infinity());
+    EXPECT_EQ(relative_l2_error(t, with_inf, finite),
+              std::numeric_limits<double>::infinity());
+    EXPECT_TRUE(std::isnan(relative_l2_error(t, nan, nan)));
+  }
 }
 
 } // namespace
