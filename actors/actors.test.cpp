@@ -2410,6 +2410,15 @@ TEST_F(actor_test, ScalerFollowsAReplicaThatOpensLongerThanItsTimeout) {
     EXPECT_EQ(st.replicas, bs.engines) << "comes_up " << comes_up;
     EXPECT_EQ(st.answered_late, 1U);
     EXPECT_EQ(st.refused, 0U);
+    if (!comes_up) {
+      // Refused late: past the cooldown the next scale-up grows the
+      // capacity (before, the same spawn was decided again).
+      for (int i = 0; i < 20; ++i)
+        tick();
+      send_slow_samples(s);
+      tick();
+      EXPECT_EQ(decisions->back().action, scale_action::grow_capacity);
+    }
     caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
     sched_->run();
   }

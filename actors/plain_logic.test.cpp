@@ -951,6 +951,25 @@ TEST(ScalerPolicy, ARefusedReplacementTurnsToCapacityWhenLatencyAsks) {
   EXPECT_EQ(s.replicas(), 2U);
 }
 
+TEST(ScalerPolicy, ASpawnRefusedLateTurnsTheNextScaleUpToCapacity) {
+  // The balancer answered the spawn with an error only after the scaler's
+  // timeout (a factory slow to fail): the count waits for the resync, and
+  // the next scale-up grows the capacity as after a refusal in time.
+  auto c = fast_scaler(); // max_replicas 2
+  c.sustain = 1;
+  auto s = make_scaler(c, 1, 4096);
+  engine::nanos t{0};
+  feed(s, t, 800ms);
+  ASSERT_EQ(s.evaluate(t).action, scale_action::spawn_replica);
+  s.change_unanswered();
+  s.refused_late(scale_action::spawn_replica);
+  EXPECT_EQ(s.replicas(), 2U) << "left to the resync";
+  EXPECT_TRUE(s.resync(1));
+  t += 61s;
+  feed(s, t, 800ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::grow_capacity);
+}
+
 TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {
   auto c = fast_scaler();
   c.sustain = 1;

@@ -123,6 +123,8 @@ void change_answered(scaler_actor* self, std::uint64_t id,
     return;
   }
   ++st.answered_late;
+  if (err != nullptr)
+    st.policy->refused_late(a);
   st.resync_from = st.stats_sent;
   std::clog << "kvfleet scaler: the balancer answered " << to_string(a)
             << " late ("

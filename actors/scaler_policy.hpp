@@ -186,6 +186,17 @@ public:
       retire_refused_ = true;
     }
   }
+  /// The balancer refused the change of `a` after change_unanswered()
+  /// counted it: the count is left to resync() (the balancer's stats say
+  /// what it runs), but the next changes turn to the capacity as after any
+  /// refusal (refused()). Before, a factory slow to fail was asked for a
+  /// spawn at every cooldown.
+  void refused_late(scale_action a) noexcept {
+    if (a == scale_action::spawn_replica)
+      spawn_refused_ = true;
+    else if (a == scale_action::retire_replica)
+      retire_refused_ = true;
+  }
   /// A replica left on its own (the balancer gave its engine up after its
   /// restarts): keeps the count honest, and counts it in losses().
   void replica_lost() noexcept {
