@@ -184,7 +184,7 @@ caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
       [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n,
           bool pin, const caf::actor& progress) -> caf::result<warm_report> {
         auto job = std::make_shared<warm_job>();
-        // Malformed items are failed first: in the selection they could
+        // Malformed items are refused first: in the selection they could
         // replace a valid query of the same leading keys, then fail.
         std::vector<warm_item> valid;
         const std::vector<warm_item>* pick = &items;

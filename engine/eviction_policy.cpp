@@ -240,10 +240,10 @@ protected:
 // few dozen times, not at every insert); once the first block leaves, it is
 // the most blocks resident so far (the high watermark's count, where the
 // half-lives were tuned); after that, only if the store holds a quarter more
-// again. Which multiple
-// depends on the workload (short: recency, for chat; long: frequency, for
-// shared prefixes and documents), so two lrfu_shadow caches on a sample of the
-// keys try both and the policy follows the one that hits more (set dueling).
+// again. Which multiple depends on the workload (short: recency, for chat;
+// long: frequency, for shared prefixes and documents), so two lrfu_shadow
+// caches on a sample of the keys try both and the policy follows the one that
+// hits more (set dueling).
 // The shadows are sized with the policy (reserve()), so an access allocates
 // nothing in steady state.
 class adaptive_policy final : public score_policy {

@@ -206,6 +206,39 @@ private:
   bool taken_ = false;
 };
 
+/// Lowers the soft open-file limit to the descriptors open now plus
+/// `headroom` while it lives, and puts the old limit back when it goes,
+/// also when an assertion returns early (the limit would otherwise stay low
+/// for every later test of the binary).
+class open_file_limit {
+public:
+  explicit open_file_limit(rlim_t headroom)
+      : in_use_(static_cast<rlim_t>(
+            std::distance(fs::directory_iterator("/proc/self/fd"), {}))) {
+    if (::getrlimit(RLIMIT_NOFILE, &old_) != 0)
+      return;
+    rlimit low = old_;
+    low.rlim_cur = in_use_ + headroom;
+    lowered_ =
+        low.rlim_cur <= old_.rlim_cur && ::setrlimit(RLIMIT_NOFILE, &low) == 0;
+  }
+  open_file_limit(const open_file_limit&) = delete;
+  open_file_limit& operator=(const open_file_limit&) = delete;
+  ~open_file_limit() {
+    if (lowered_)
+      (void)::setrlimit(RLIMIT_NOFILE, &old_);
+  }
+  /// Whether the limit was lowered.
+  [[nodiscard]] bool lowered() const noexcept { return lowered_; }
+  /// Descriptors open when it was made.
+  [[nodiscard]] rlim_t in_use() const noexcept { return in_use_; }
+
+private:
+  rlimit old_{};
+  rlim_t in_use_;
+  bool lowered_ = false;
+};
+
 /// How many times `part` occurs in `text`.
 std::size_t occurrences(const std::string& text, const std::string& part) {
   std::size_t n = 0;
@@ -1089,31 +1122,31 @@ TEST_F(disk_tier_test, running_out_of_file_descriptors_is_said_once) {
   // that then fail with EMFILE log one line with the remedy, not one per
   // spill (before: one identical line each, no remedy), and count each.
   auto c = config_with_segments_of(1);
-  rlimit old{};
-  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
-  const auto in_use = static_cast<rlim_t>(
-      std::distance(fs::directory_iterator("/proc/self/fd"), {}));
-  rlimit low = old;
-  low.rlim_cur = in_use + 8;
   std::string log;
   std::uint64_t errors = 0;
+  bool opened = false;
   {
     stderr_log captured;
-    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-    tier_.reset();
-    auto t = disk_tier::open(c);
-    if (t.has_value()) {
-      tier_ = std::move(*t);
-      for (std::uint64_t i = 0; i < 20; ++i)
-        (void)tier_->spill(key_of(i), ns_a, codec::int8, block_bytes(i, 4096),
-                           block_checksum(block_bytes(i, 4096)), clock_.now(),
-                           nanos{0}, false);
-      (void)tier_->wait_idle();
-      errors = tier_->stats().io_errors;
+    {
+      // Back to the old limit before the log is read: reading it needs a
+      // descriptor.
+      const open_file_limit limit(8);
+      ASSERT_TRUE(limit.lowered());
+      tier_.reset();
+      auto t = disk_tier::open(c);
+      opened = t.has_value();
+      if (opened) {
+        tier_ = std::move(*t);
+        for (std::uint64_t i = 0; i < 20; ++i)
+          (void)tier_->spill(key_of(i), ns_a, codec::int8, block_bytes(i, 4096),
+                             block_checksum(block_bytes(i, 4096)), clock_.now(),
+                             nanos{0}, false);
+        (void)tier_->wait_idle();
+        errors = tier_->stats().io_errors;
+      }
     }
-    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
     log = captured.log();
-    ASSERT_TRUE(t.has_value() || tier_) << log;
+    ASSERT_TRUE(opened) << log;
   }
   EXPECT_EQ(occurrences(log, "above the open-file limit"), 1U) << log;
   EXPECT_GE(errors, 2U) << log;
@@ -1127,21 +1160,16 @@ TEST_F(disk_tier_test, the_open_file_warning_counts_descriptors_in_use) {
   // open warns. (Before, each tier was weighed alone.)
   auto c = config_with_segments_of(1);
   c.capacity_bytes = segment_header_bytes + 10 * rec;
-  rlimit old{};
-  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
-  const auto in_use = static_cast<rlim_t>(
-      std::distance(fs::directory_iterator("/proc/self/fd"), {}));
-  ASSERT_GT(in_use, 4U);
-  rlimit low = old;
-  low.rlim_cur = std::max<rlim_t>(in_use + 8, 13);
   std::string log;
   {
     stderr_log captured;
-    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-    tier_.reset();
-    auto t = disk_tier::open(c);
-    t = unexpected<error>(error{errc::io_error, "closed"}); // before restoring
-    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    {
+      const open_file_limit limit(8); // 12 segments need more than 8
+      ASSERT_TRUE(limit.lowered());
+      ASSERT_GT(limit.in_use(), 4U); // and fit in_use + 8 alone
+      tier_.reset();
+      (void)disk_tier::open(c); // closed at once
+    }
     log = captured.log();
   }
   EXPECT_EQ(occurrences(log, "above the open-file limit"), 1U) << log;
@@ -1161,19 +1189,13 @@ TEST_F(disk_tier_test,
   tier_.reset();
   ASSERT_EQ(segment_files().size(), blocks);
   // Leave room for the catalog and a few segments, not all of them.
-  rlimit old{};
-  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
-  const auto in_use = static_cast<rlim_t>(
-      std::distance(fs::directory_iterator("/proc/self/fd"), {}));
-  rlimit low = old;
-  low.rlim_cur = in_use + 24;
-  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
   std::string why;
   {
+    const open_file_limit limit(24);
+    ASSERT_TRUE(limit.lowered());
     auto starved = disk_tier::open(c); // closed again at the brace
     why = starved ? std::string("opened") : starved.error().describe();
   }
-  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
   EXPECT_NE(why.find("nothing was deleted"), std::string::npos) << why;
   EXPECT_NE(why.find("ulimit -n"), std::string::npos) << why;
   // Every segment is still there, and every block with it.
