@@ -2175,9 +2175,10 @@ bool block_store::spill(std::uint32_t id, bool pinned, bool rewrite) {
       return false; // expired: nothing worth keeping
     expires = wall + nanos{left};
   }
-  if (const auto info = rewrite ? std::nullopt
-                                : lasting_disk_copy(e.key, e.checksum, e.c,
-                                                    expires, e.prio)) {
+  if (const auto info =
+          rewrite ? std::nullopt
+                  : lasting_disk_copy(st.fingerprint, e.key, e.checksum, e.c,
+                                      expires, e.prio)) {
     ++stats_.spills_skipped;
     if (pinned && !sync_disk_pins(id))
       ++stats_.spill_failures;
@@ -2210,8 +2211,9 @@ bool block_store::spill(std::uint32_t id, bool pinned, bool rewrite) {
 }
 
 std::optional<disk_block_info>
-block_store::lasting_disk_copy(const block_key& key, std::uint64_t checksum,
-                               codec c, nanos expires, priority p) const {
+block_store::lasting_disk_copy(const ns_fingerprint& ns, const block_key& key,
+                               std::uint64_t checksum, codec c, nanos expires,
+                               priority p) const {
   // The same bytes on disk are enough only if they last as long: a copy
   // spilled before the block expired and was put again (or revived) keeps
   // its old expiry, and the block would be lost with it. The slack absorbs
@@ -2221,9 +2223,13 @@ block_store::lasting_disk_copy(const block_key& key, std::uint64_t checksum,
   // raised since its spill (a critical request used it) would come back ranking
   // lower, and one of a version 1 or 2 directory records none. The bytes are
   // then written again with it (a priority only changes upward while the
-  // block is in memory, so at most once per level).
+  // block is in memory, so at most once per level). And only if they are
+  // this namespace's: a copy of another namespace's block of the same key
+  // (put before a restart) is no copy of this block, which would not come
+  // back from it.
   auto info = disk_->lookup(key);
-  if (info && info->checksum == checksum && info->c == c && info->prio == p &&
+  if (info && info->ns == ns && info->checksum == checksum && info->c == c &&
+      info->prio == p &&
       (info->expires_at.count() == 0 ||
        (expires.count() != 0 &&
         info->expires_at + disk_expiry_slack >= expires)))

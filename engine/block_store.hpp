@@ -813,12 +813,13 @@ private:
                         const block_key& parent, const put_options& options,
                         std::vector<promotion>& into, disk_priority prio);
   void drain_disk();
-  /// The disk tier's copy of `key` when it holds these bytes, expires no
-  /// sooner than `expires` (wall time, 0 = never) and records priority `p`:
-  /// no spill is needed.
+  /// The disk tier's copy of `key` when it is namespace `ns`'s, holds these
+  /// bytes, expires no sooner than `expires` (wall time, 0 = never) and
+  /// records priority `p`: no spill is needed.
   [[nodiscard]] std::optional<disk_block_info>
-  lasting_disk_copy(const block_key& key, std::uint64_t checksum, codec c,
-                    nanos expires, priority p) const;
+  lasting_disk_copy(const ns_fingerprint& ns, const block_key& key,
+                    std::uint64_t checksum, codec c, nanos expires,
+                    priority p) const;
   /// drain_disk() at the start of an owner's put or eviction call (not
   /// inside the store's own calls), so that spill answers do not pile up.
   void collect_disk();

@@ -1598,6 +1598,34 @@ TEST_F(store_disk_test, a_put_again_after_a_restart_keeps_the_copys_pins) {
   }
 }
 
+TEST_F(store_disk_test, a_copy_of_another_namespaces_key_is_not_this_blocks) {
+  // Namespace A's block is on disk when, after a restart, namespace B puts
+  // a block of the same raw key and the same bytes. Evicted, B's block is
+  // written to disk in B's name: A's copy is none of B's, and B's block
+  // would not come back from it. (Before, the spill was skipped as already
+  // on disk, and B's block was gone.)
+  namespace_spec other = spec();
+  other.model = "another-model";
+  const auto a = chain(7, 1);
+  run(a);
+  spill_everything();
+  open();
+  const ns_id b = *store_->register_namespace(other);
+  ASSERT_TRUE(put_root(b, other, a[0], put_options{}).has_value());
+  const auto skipped = store_->stats().spills_skipped;
+  spill_everything();
+  EXPECT_EQ(store_->stats().spills_skipped, skipped);
+  const auto info = store_->disk()->lookup(a[0]);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->ns, other.fingerprint());
+  EXPECT_EQ(store_->lookup_tiers(b, a)->disk, 1U);
+  EXPECT_EQ(store_->lookup_tiers(ns_, a)->disk, 0U);
+  auto lease = store_->acquire(b, a[0]);
+  ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+  lease->release();
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
   // Memory (4 blocks) full of pinned blocks: a block only on disk cannot
   // come back. acquire(), pin() and a put naming it as parent say it is

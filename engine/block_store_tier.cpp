@@ -269,11 +269,12 @@ bool block_store::spill_tier_block(const block_key& key, const tier_block& b) {
   const nanos wall = disk_clock().now();
   const nanos expires =
       b.expires_at != 0 ? wall + nanos{b.expires_at - t} : nanos{0};
-  if (lasting_disk_copy(key, b.checksum, b.c, expires, b.prio)) {
+  const ns_state& st = namespaces_[b.ns];
+  if (lasting_disk_copy(st.fingerprint, key, b.checksum, b.c, expires,
+                        b.prio)) {
     ++stats_.spills_skipped;
     return true;
   }
-  const ns_state& st = namespaces_[b.ns];
   if (!disk_->spill(key, st.fingerprint, b.c, {bytes, b.stored_bytes},
                     b.checksum, wall, expires, false, b.part, b.prio)) {
     ++stats_.spill_failures;
