@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -21,6 +23,7 @@
 #include <caf/actor_system_config.hpp>
 #include <caf/after.hpp>
 #include <caf/blocking_actor.hpp>
+#include <caf/event_based_actor.hpp>
 #include <caf/message_id.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
@@ -602,6 +605,85 @@ node::warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
   return ask<actors::warm_report>(
       *askers_, running(warmer_), config_.call_timeout,
       actors::warm_atom::value, items, top_n, pin, caf::actor{});
+}
+
+namespace {
+/// What a warm's relay actor hands the thread of node::warm: the progress
+/// reports, in order, then the outcome.
+struct warm_events {
+  std::mutex m;
+  std::condition_variable cv;
+  std::deque<std::pair<std::uint64_t, std::uint64_t>> progress;
+  std::optional<result<actors::warm_report>> outcome;
+
+  void report(std::uint64_t done, std::uint64_t total) {
+    {
+      const std::lock_guard lock(m);
+      progress.emplace_back(done, total);
+    }
+    cv.notify_one();
+  }
+  void finish(result<actors::warm_report> r) {
+    {
+      const std::lock_guard lock(m);
+      outcome.emplace(std::move(r));
+    }
+    cv.notify_one();
+  }
+};
+} // namespace
+
+result<actors::warm_report>
+node::warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
+           bool pin, const warm_progress& on_progress) {
+  if (!on_progress)
+    return warm(items, top_n, pin);
+  const caf::actor warmer = running(warmer_);
+  if (!warmer)
+    return make_error(errc::invalid_argument, "actor not running");
+  const call_deadline deadline{config_.call_timeout};
+  // The relay asks the warmer and takes its progress reports: the warmer
+  // sends them before its reply, to the same actor, so they arrive first.
+  // The calling thread runs the callback, not an actor's thread.
+  auto events = std::make_shared<warm_events>();
+  const caf::actor relay = sys_->spawn(
+      [events, warmer, items, top_n, pin](caf::event_based_actor* self) {
+        self->request(warmer, caf::infinite, actors::warm_atom::value, items,
+                      top_n, pin, caf::actor_cast<caf::actor>(self))
+            .then(
+                [events, self](actors::warm_report& r) {
+                  events->finish(std::move(r));
+                  self->quit();
+                },
+                [events, self](caf::error& e) {
+                  events->finish(unexpected<error>{from_caf_error(e)});
+                  self->quit();
+                });
+        return caf::behavior{
+            [events](actors::progress_atom, std::uint64_t done,
+                     std::uint64_t total) { events->report(done, total); }};
+      });
+  std::unique_lock lock(events->m);
+  for (;;) {
+    while (!events->progress.empty()) {
+      const auto [done, total] = events->progress.front();
+      events->progress.pop_front();
+      lock.unlock();
+      on_progress(done, total);
+      lock.lock();
+    }
+    if (events->outcome)
+      return std::move(*events->outcome);
+    const auto left = deadline.left();
+    if (left == std::chrono::milliseconds::zero())
+      break;
+    events->cv.wait_for(lock, left, [&] {
+      return !events->progress.empty() || events->outcome.has_value();
+    });
+  }
+  lock.unlock();
+  caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
+  return make_error(errc::timeout, "request timed out");
 }
 
 result<actors::balancer_stats> node::stats() {

@@ -38,6 +38,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -164,6 +165,18 @@ public:
   [[nodiscard]] result<actors::warm_report>
   warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n = 100,
        bool pin = false);
+  /// What warm() reports after each selected query is answered: how many
+  /// are (`done`) of how many were selected (`total`).
+  using warm_progress =
+      std::function<void(std::uint64_t done, std::uint64_t total)>;
+  /// warm() that calls `on_progress` on the calling thread, in order, once
+  /// per answered query, before it returns (a null `on_progress`: as
+  /// warm()). A warm that takes longer than `call_timeout` returns
+  /// errc::timeout and reports no more progress; the warmer goes on with
+  /// the job.
+  [[nodiscard]] result<actors::warm_report>
+  warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
+       bool pin, const warm_progress& on_progress);
   [[nodiscard]] result<actors::balancer_stats> stats();
   [[nodiscard]] result<actors::engine_stats> engine_stats(std::uint32_t slot);
 

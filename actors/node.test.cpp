@@ -146,6 +146,39 @@ TEST_F(Node, ProcessBlockCallsWarmAndBadConfig) {
   EXPECT_EQ(n.error().code, errc::zero_capacity);
 }
 
+TEST_F(Node, WarmReportsProgressOnTheCallingThread) {
+  // Each answered query is reported, in order, on the caller's thread, and
+  // all of them before warm() returns. (Before, a host app on the node API
+  // got no progress: node::warm passed the warmer no progress actor.)
+  auto n = node::start(*sys_, small_node());
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  std::vector<actors::warm_item> items;
+  for (std::uint64_t i = 0; i < 6; ++i) {
+    auto r = req(200 + i);
+    r.keys = {block_key{80 + i, 1}};
+    r.input_tokens = 16;
+    items.push_back({r, static_cast<double>(i)});
+  }
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> seen;
+  bool other_thread = false;
+  const auto caller = std::this_thread::get_id();
+  auto w =
+      (*n)->warm(items, 4, false, [&](std::uint64_t done, std::uint64_t total) {
+        other_thread |= std::this_thread::get_id() != caller;
+        seen.emplace_back(done, total);
+      });
+  ASSERT_TRUE(w.has_value()) << w.error().describe();
+  EXPECT_EQ(w->warmed, 4U);
+  EXPECT_FALSE(other_thread);
+  const std::vector<std::pair<std::uint64_t, std::uint64_t>> want{
+      {1, 4}, {2, 4}, {3, 4}, {4, 4}};
+  EXPECT_EQ(seen, want);
+  // A null callback is warm() without one: the queries are warm already.
+  auto again = (*n)->warm(items, 4, false, node::warm_progress{});
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  EXPECT_EQ(again->warmed, 4U);
+}
+
 TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
   struct bad_case {
     const char* what;
