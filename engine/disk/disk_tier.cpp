@@ -648,9 +648,17 @@ void disk_tier::refuse_batch(std::vector<request>& batch,
       break;
     case request::kind::erase:
     case request::kind::set_pins:
-    case request::kind::touch:
       // Already in the directory; the reload that succeeds reconciles the
-      // catalog with it (a touch is an accessed_at, nothing to repair).
+      // catalog with it.
+      continue;
+    case request::kind::touch:
+      // The directory has its count, but the catalog only learns it from
+      // a touch: it waits with the touches the failed batch rolled back,
+      // which the reload that succeeds writes again (reload()). Dropped,
+      // the owner's use of the block while the tier could not reload was
+      // lost from the catalog: after a restart the block ranked as cold as
+      // before it, a first victim of capacity eviction.
+      merge_touch(uncommitted_touches_, r.key, touch{now_ns(), r.access_count});
       continue;
     }
     out.push_back(std::move(c));
