@@ -811,7 +811,17 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
   r.key = key;
   r.ns = ns;
   r.c = c;
-  r.bytes.assign(bytes.begin(), bytes.end());
+  // The one allocation here sized by a block (up to max_block_bytes): a
+  // failure refuses this spill, it does not throw into the owner's
+  // eviction.
+  try {
+    r.bytes.assign(bytes.begin(), bytes.end());
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "disk tier: no memory to queue the " +
+                          std::to_string(bytes.size()) + " bytes of block " +
+                          key.to_hex());
+  }
   r.checksum = checksum;
   r.created_at = created_at.count();
   r.expires_at = expires_at.count();

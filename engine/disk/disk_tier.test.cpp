@@ -1277,6 +1277,67 @@ TEST_F(disk_tier_test,
   EXPECT_EQ(kept, 1U);
 }
 
+TEST_F(disk_tier_test, a_spill_without_memory_for_its_copy_fails_alone) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
+                  "them";
+#else
+  constexpr std::size_t big = std::size_t{96} << 20;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // Child: an address-space limit that leaves no room for the queued
+    // copy of a large block. The spill must fail with an error value and
+    // the tier go on serving; before, std::bad_alloc escaped spill() into
+    // the owner's eviction.
+    disk_tier_config c;
+    c.directory = dir_;
+    c.capacity_bytes = std::uint64_t{1} << 30;
+    c.segment_bytes = std::uint64_t{128} << 20;
+    auto t = disk_tier::open(c);
+    if (!t)
+      ::_exit(2);
+    auto& tier = **t;
+    const auto bytes = block_bytes(1, big);
+    std::ifstream statm("/proc/self/statm");
+    std::uint64_t pages = 0;
+    statm >> pages;
+    rlimit lim{pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) +
+                   (std::uint64_t{16} << 20),
+               RLIM_INFINITY};
+    if (::setrlimit(RLIMIT_AS, &lim) != 0)
+      ::_exit(3);
+    const auto refused =
+        tier.spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
+                   nanos{1}, nanos{0}, false);
+    if (refused.has_value() || refused.error().code != errc::out_of_memory)
+      ::_exit(4);
+    if (tier.contains(key_of(1)))
+      ::_exit(5);
+    lim.rlim_cur = RLIM_INFINITY;
+    if (::setrlimit(RLIMIT_AS, &lim) != 0)
+      ::_exit(6);
+    const auto small = block_bytes(2, 4096);
+    if (!tier.spill(key_of(2), ns_a, codec::int8, small, block_checksum(small),
+                    nanos{1}, nanos{0}, false))
+      ::_exit(7);
+    (void)tier.wait_idle();
+    int code = tier.contains(key_of(2)) ? 0 : 8;
+    tier.drain_completions([&](disk_completion&& d) {
+      if (!d.status.has_value())
+        code = 9;
+    });
+    ::_exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status))
+      << "child ended by signal "
+      << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+#endif
+}
+
 TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
