@@ -14,6 +14,8 @@
 #include <limits>
 #include <new>
 #include <span>
+#include <stdexcept>
+#include <string>
 #include <string_view>
 #include <system_error>
 
@@ -355,6 +357,26 @@ bool parse_line(std::string_view line, std::uint32_t block_tokens,
 
 enum class line_status { line, too_long, end, stopped };
 
+/// What a `trace_options::stop` predicate threw (not bad_alloc): the read
+/// stops, saying so.
+struct stop_check_failed : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// Asks `stop` (when set) whether to stop; a std::exception it throws is
+/// rethrown as stop_check_failed.
+bool stop_asked(const std::function<bool()>& stop) {
+  if (!stop)
+    return false;
+  try {
+    return stop();
+  } catch (const std::bad_alloc&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw stop_check_failed(e.what());
+  }
+}
+
 /// Reads one line without its line break ('\n' or "\r\n"). A line longer
 /// than `max_bytes` is consumed but not kept.
 /// With `stop_when_too_long` (the reader rejects), a line past the limit is
@@ -386,7 +408,7 @@ line_status read_line(std::istream& in, std::size_t max_bytes,
     } else if (in.fail()) { // buffer full before the line ended
       in.clear();
       done = false;
-      if (stop && stop())
+      if (stop_asked(stop))
         return line_status::stopped;
     } else {
       keep = got - 1; // the '\n' was counted but not stored
@@ -440,14 +462,23 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
     for (;;) {
       line_status status = line_status::end;
       try {
-        if (opts.stop && opts.stop())
+        if (stop_asked(opts.stop))
           status = line_status::stopped;
         else
           status =
               read_line(in, opts.max_line_bytes, buf, line,
                         opts.on_bad_line == bad_line_action::reject, opts.stop);
+        // A read blocked on a pipe with no data sees the stop only when the
+        // writer closes: that end is the stop's, not the trace's.
+        if (status == line_status::end && stop_asked(opts.stop))
+          status = line_status::stopped;
       } catch (const std::bad_alloc&) {
         throw;
+      } catch (const stop_check_failed& e) {
+        return make_error(errc::unavailable,
+                          "read stopped after line " +
+                              std::to_string(report.lines) +
+                              ": the stop check failed: " + e.what());
       } catch (const std::exception& e) {
         // A stream with exceptions enabled throws instead of setting badbit
         // (rethrowing what its buffer threw), or on failbit or eofbit,
@@ -456,10 +487,6 @@ read_trace(std::istream& in, const trace_options& opts, trace_report& report) {
                                               std::to_string(report.lines) +
                                               ": " + e.what());
       }
-      // A read blocked on a pipe with no data sees the stop only when the
-      // writer closes: that end is the stop's, not the trace's.
-      if (status == line_status::end && opts.stop && opts.stop())
-        status = line_status::stopped;
       if (status == line_status::end)
         break;
       if (status == line_status::stopped)

@@ -501,6 +501,40 @@ TEST(trace_reader, a_stop_at_the_end_of_the_input_is_a_stop) {
   EXPECT_EQ(asked, 3);
 }
 
+TEST(trace_reader, a_stop_check_that_throws_stops_the_read_saying_so) {
+  // Wherever it is asked (before a line, within a long line, at the end of
+  // the input) a stop check that throws stops the read with its text.
+  // (Before, at the end it escaped read_trace, and elsewhere it read as an
+  // I/O error of the stream.)
+  struct at_call {
+    const char* where;
+    std::string input;
+    int throw_at;
+  };
+  const std::string long_line(200 << 10, 'x');
+  for (const auto& c : {at_call{"before a line", good_line + "\n", 1},
+                        at_call{"within a line", long_line + "\n", 2},
+                        at_call{"at the end", good_line + "\n", 3}}) {
+    SCOPED_TRACE(c.where);
+    std::istringstream in(c.input);
+    trace_options opts;
+    int asked = 0;
+    opts.stop = [&asked, &c]() -> bool {
+      if (++asked == c.throw_at)
+        throw std::runtime_error("flag unreadable");
+      return false;
+    };
+    trace_report report;
+    const auto got = read_trace(in, opts, report);
+    ASSERT_FALSE(got.has_value());
+    EXPECT_EQ(got.error().code, errc::unavailable);
+    EXPECT_NE(got.error().message.find("the stop check failed: flag "
+                                       "unreadable"),
+              std::string::npos)
+        << got.error().message;
+  }
+}
+
 TEST(trace_reader, a_byte_order_mark_is_allowed_at_the_start_of_the_file) {
   const std::string bom = "\xEF\xBB\xBF";
   auto o = read(bom + good_line + "\n" + good_line + "\n");
