@@ -910,6 +910,15 @@ result<void> block_store::check_open(const put_handle& h) const {
   return {};
 }
 
+void block_store::unwrite(put_handle& h) {
+  // The slot may hold part of the failed value: the checksum of an earlier
+  // write no longer matches it, and a commit would store a block that
+  // fails its first read (or spill it to disk pinned). Written again, the
+  // put can still commit.
+  entries_[h.id_].state = entry_state::reserved;
+  h.written_ = false;
+}
+
 result<void> block_store::write(put_handle& h,
                                 std::span<const std::byte> value) {
   if (auto ok = check_open(h); !ok) {
@@ -939,6 +948,7 @@ result<void> block_store::write(put_handle& h,
       auto n = encode(e.c, st.spec.type, value, slot);
       if (!n) {
         count_rejected();
+        unwrite(h);
         return unexpected<error>(n.error());
       }
       e.checksum = block_checksum(slot);
@@ -951,11 +961,12 @@ result<void> block_store::write(put_handle& h,
       auto n = encode(e.c, st.spec.type, value, buf);
       if (!n) {
         count_rejected();
-        return unexpected<error>(n.error());
+        return unexpected<error>(n.error()); // the slot is untouched
       }
     }
     if (auto w = backend_->write(pool_.offset(e.slot), buf); !w) {
       count_rejected();
+      unwrite(h);
       return w;
     }
     e.checksum = block_checksum(buf);
@@ -1001,6 +1012,7 @@ result<void> block_store::write_from(put_handle& h, kv_producer& producer) {
     std::span<std::byte> slot(dst, e.stored_bytes);
     if (auto p = produce_caught(producer, st.spec, e.key, slot); !p) {
       count_rejected();
+      unwrite(h);
       return p;
     }
     e.checksum = block_checksum(slot);

@@ -388,12 +388,16 @@ public:
                                            const block_key& parent,
                                            const put_options& options = {});
   /// Phase two: stores the uncompressed value (spec.value_bytes() bytes of
-  /// the namespace dtype), encoded with the put's codec.
+  /// the namespace dtype), encoded with the put's codec. A write that fails
+  /// after it reached the block's slot leaves the put unwritten, also
+  /// after an earlier write succeeded (commit: errc::not_written until a
+  /// write succeeds): the slot may hold part of the failed value.
   [[nodiscard]] result<void> write(put_handle& handle,
                                    std::span<const std::byte> value);
   /// Phase two, producer variant: the producer writes the value. A
   /// producer that throws is errc::backend_error with what it threw, and
-  /// the put stays open (abort it), as after a producer's error value.
+  /// the put stays open (abort it), as after a producer's error value;
+  /// unwritten, as after write(), when the producer wrote into the slot.
   [[nodiscard]] result<void> write_from(put_handle& handle,
                                         kv_producer& producer);
   /// Makes the block visible. errc::not_written before write,
@@ -823,6 +827,9 @@ private:
   /// drain_disk() at the start of an owner's put or eviction call (not
   /// inside the store's own calls), so that spill answers do not pile up.
   void collect_disk();
+  /// A put whose write failed after reaching its slot: reserved again and
+  /// its handle unwritten (write()).
+  void unwrite(put_handle& h);
   /// What promote_now() served: the blocks up to the first it had to
   /// recompute, and of those the ones read from disk (the others were in
   /// memory already, after a block only on disk). process() counts as hits

@@ -2391,6 +2391,41 @@ TEST_F(store_fixture, a_failed_write_from_counts_as_a_rejected_request) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, a_failed_rewrite_leaves_the_put_unwritten) {
+  // A good write, then a producer that writes half the slot and fails:
+  // the slot no longer holds what the first write's checksum covers. The
+  // commit is refused until a write succeeds again. (Before, it committed,
+  // and the first read dropped the block as corrupt.)
+  open(16);
+  const auto k = chain(1, 1)[0];
+  auto h = store_->reserve(ns_, k, {});
+  ASSERT_TRUE(h.has_value());
+  synthetic_producer fine;
+  ASSERT_TRUE(store_->write_from(*h, fine).has_value());
+  struct half_then_fail final : kv_producer {
+    result<void> produce(const namespace_spec&, const block_key&,
+                         std::span<std::byte> out) override {
+      std::fill(out.begin(),
+                out.begin() + static_cast<std::ptrdiff_t>(out.size() / 2),
+                std::byte{0x77});
+      return make_error(errc::backend_error, "failed half way");
+    }
+    [[nodiscard]] nanos cost(std::size_t) const noexcept override {
+      return nanos{0};
+    }
+  } half;
+  ASSERT_FALSE(store_->write_from(*h, half).has_value());
+  const auto refused = store_->commit(*h);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, errc::not_written);
+  store_->check_invariants();
+  ASSERT_TRUE(store_->write_from(*h, fine).has_value());
+  ASSERT_TRUE(store_->commit(*h).has_value());
+  testing::expect_produced_bytes(*store_, ns_, small_spec(), fine, k);
+  EXPECT_EQ(store_->stats().checksum_failures, 0U);
+  store_->check_invariants();
+}
+
 // The belady oracle is the host's code and runs inside commit() and every
 // access: one that throws is taken as "never used again" (logged once),
 // and the call completes. Before, the exception escaped commit() with the
