@@ -1099,6 +1099,26 @@ TEST_F(actor_test, FailedEngineIsRestartedAndRoutedAround) {
   EXPECT_EQ(engines, (std::vector<std::uint32_t>{0, 1}));
 }
 
+TEST_F(actor_test, RestartFromOutsideDoesNotCutTheRestartDelay) {
+  // Only the balancer's own timer restarts a failed engine: a restart_atom
+  // from anyone else is ignored. (Before, it restarted the slot at once.)
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64)});
+  sched_->run();
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  caf::anon_send_exit(e0, caf::exit_reason::kill);
+  sched_->run();
+  caf::anon_send(b, restart_atom::value, std::uint32_t{0});
+  sched_->run();
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+  sched_->advance_time(100ms); // restart_delay
+  sched_->run();
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  EXPECT_EQ(st.restarts, 1U);
+}
+
 TEST_F(actor_test, NewAndRestartedEnginesGetTheLastCapacity) {
   // The scaler changed the token budget to 2048: a replica added after,
   // and an engine restarted after, run with 2048, not the configured 8192.

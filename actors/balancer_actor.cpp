@@ -676,8 +676,12 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       },
       [=](restart_atom, std::uint32_t slot) {
         auto& s = self->state;
-        if (slot >= s.slots.size() || s.slots[slot].engine ||
-            s.slots[slot].retired || s.slots[slot].given_up)
+        // Its own restart timer only: one from anyone else would restart a
+        // slot before its restart_delay and, when that start failed, begin
+        // a second restart chain for it.
+        if (!sent_by_itself(self) || slot >= s.slots.size() ||
+            s.slots[slot].engine || s.slots[slot].retired ||
+            s.slots[slot].given_up)
           return;
         if (auto ok = start_engine(self, slot, start_kind::restart); !ok)
           restart_or_give_up(self, slot,
