@@ -562,11 +562,15 @@ result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
   auto c = ask_void_at(*askers_, prio, *engine, deadline.left(),
                        actors::commit_atom::value, *ticket);
   // The engine keeps a put open after a commit refused as busy (its parent
-  // is still being put) or not_written, for its holder to commit later;
-  // this call holds it no more, so a retry would find the key in progress
-  // until the engine's put_timeout. Other refusals end the put there.
-  if (!c &&
-      (c.error().code == errc::busy || c.error().code == errc::not_written))
+  // is still being put) or not_written, for its holder to commit later, and
+  // after a commit never sent (the call's time ran out in the write's last
+  // millisecond: ask_at answers errc::timeout at once); this call holds it
+  // no more, so a retry would find the key in progress until the engine's
+  // put_timeout. So every failed commit is followed by an abort: one that
+  // finds the put ended answers true, and it cannot overtake a commit sent
+  // (the same mailbox category, in order), which then lands as a late
+  // commit does.
+  if (!c)
     anon_send_at(prio, *engine, actors::abort_atom::value, *ticket);
   return c;
 }
