@@ -167,9 +167,14 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
       ticket = tier_->demote(jobs, places);
     }
     if (!ticket) {
-      // busy: its staging is full of copies in flight; the next call
-      // continues. Anything else is a failure worth counting.
-      if (ticket.error().code != errc::busy)
+      // busy: its staging is full of copies in flight; no room with
+      // nothing left to drop and copies in flight: they hold it. Either
+      // way the next call continues. Anything else is a failure worth
+      // counting.
+      const bool waits = ticket.error().code == errc::busy ||
+                         (ticket.error().code == errc::out_of_memory &&
+                          tier_order_.empty() && tier_in_flight_ > 0);
+      if (!waits)
         ++stats_.tier_failures;
       cancel_demotions(batch);
       break;

@@ -363,6 +363,26 @@ TEST_F(store_tier_test, a_full_tier_drops_its_oldest_blocks_and_says_so) {
   EXPECT_EQ(run(a).computed_blocks, 4U);
 }
 
+TEST_F(store_tier_test, a_tier_full_of_copies_in_flight_is_no_failure) {
+  // The tier's room is all taken by copies still in flight: nothing can be
+  // dropped to make more, so the demotion stops early, without an error,
+  // and counts no failure. (Before, it counted one in tier_failures, the
+  // copies that failed.)
+  open(8, 2);
+  for (std::uint64_t i = 1; i <= 4; ++i)
+    run(chain(1000 * i, 1));
+  tier_->max_batch = block_bytes;
+  auto started = store_->demote_to_tier(4 * block_bytes);
+  ASSERT_TRUE(started.has_value());
+  EXPECT_EQ(*started, 2 * block_bytes);
+  EXPECT_EQ(store_->stats().tier_failures, 0U);
+  settle();
+  EXPECT_EQ(store_->tier_block_count(), 2U);
+  for (std::uint64_t i = 1; i <= 4; ++i)
+    expect_correct(chain(1000 * i, 1)[0]);
+  EXPECT_EQ(store_->stats().tier_failures, 0U);
+}
+
 TEST_F(store_tier_test, blocks_dropped_from_the_tier_spill_to_disk) {
   open(32, 4);
   attach_disk();
