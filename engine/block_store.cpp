@@ -653,16 +653,37 @@ void block_store::drop_damaged(std::uint32_t id) {
   if (disk_ && disk_->contains(k))
     (void)disk_->erase(k);
   // Its cached descendants can no longer be reached; drop them as well,
-  // so the prefix can be recomputed and cached again. Corruption is rare,
-  // so a scan of the entries is fine here.
-  std::vector<std::uint32_t> doomed{id};
+  // so the prefix can be recomputed and cached again: also those below a
+  // dead (expired, held) one, and pinned ones. A pin of the damaged block
+  // holds nothing worth keeping, and one of a descendant holds a block no
+  // request reaches; kept, either held the damaged entry, whose key could
+  // then not be put again ("still held") and whose prefix every request
+  // computed uncached, until an unpin that may never come. Their disk
+  // copies keep their pins. Corruption is rare, so a scan of the entries
+  // is fine here.
+  struct doomed_entry {
+    std::uint32_t id;
+    std::uint32_t generation;
+  };
+  std::vector<doomed_entry> doomed{{id, entries_[id].generation}};
   for (std::size_t i = 0; i < doomed.size(); ++i)
     for (std::uint32_t c = 0; c < entries_.size(); ++c)
-      if (entries_[c].parent == doomed[i] &&
-          entries_[c].state == entry_state::committed && !entries_[c].dead)
-        doomed.push_back(c);
-  for (std::size_t i = doomed.size(); i > 0; --i)
-    kill(doomed[i - 1]);
+      if (entries_[c].parent == doomed[i].id &&
+          entries_[c].state == entry_state::committed)
+        doomed.push_back({c, entries_[c].generation});
+  // Leaves first. Removing one may remove its dead parent too, whose entry
+  // may then be reused: the generation tells.
+  for (std::size_t i = doomed.size(); i > 0; --i) {
+    const auto [d, generation] = doomed[i - 1];
+    entry& e = entries_[d];
+    if (e.generation != generation || e.state != entry_state::committed)
+      continue;
+    e.pins = 0;
+    if (e.dead)
+      refresh_evictable(d);
+    else
+      kill(d);
+  }
 }
 
 // ---------------------------------------------------------------- puts

@@ -1906,6 +1906,51 @@ TEST_F(store_fixture, a_corrupt_parent_found_by_demotion_can_be_put_again) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, a_corrupt_block_held_below_or_pinned_can_be_put_again) {
+  // Before, the drop did not reach a block below a dead (expired, held)
+  // one, nor let go of pins, and either kept the damaged entry: its key was
+  // "still held by a reader" for every put, and each request for the
+  // prefix was computed uncached, until the holder went.
+  using namespace std::chrono_literals;
+  for (const bool pinned : {false, true}) {
+    SCOPED_TRACE(pinned ? "a pinned chain" : "below an expired block");
+    open(16);
+    const auto k = chain(pinned ? 20 : 10, 3);
+    put_options middle;
+    if (pinned)
+      middle.pin = true;
+    else
+      middle.ttl = 1s;
+    put_options root;
+    root.pin = pinned;
+    ASSERT_TRUE(put(k[0], {}, root).has_value());
+    ASSERT_TRUE(put(k[1], k[0], middle).has_value());
+    ASSERT_TRUE(put(k[2], k[1], root).has_value());
+    clock_.advance(2s); // the middle block expires (unpinned run)
+    EXPECT_EQ(*store_->lookup(ns_, k), pinned ? 3U : 1U); // and is dead now
+    ASSERT_TRUE(store_->corrupt_for_testing(ns_, k[0], 10).has_value());
+    {
+      auto lease = store_->acquire(ns_, k[0]);
+      ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+      std::vector<std::byte> out(small_spec().value_bytes());
+      EXPECT_EQ(store_->read(*lease, out).error().code,
+                errc::checksum_mismatch);
+    }
+    store_->check_invariants();
+    EXPECT_EQ(store_->block_count(), 0U);
+    auto again = put(k[0], {});
+    ASSERT_TRUE(again.has_value()) << again.error().describe();
+    synthetic_producer producer;
+    auto r = store_->process(ns_, k, 3 * small_spec().block_tokens, producer);
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    EXPECT_EQ(r->matched_blocks, 1U);
+    EXPECT_EQ(r->computed_blocks, 2U);
+    EXPECT_EQ(r->uncached_blocks, 0U);
+    EXPECT_EQ(*store_->lookup(ns_, k), 3U);
+    store_->check_invariants();
+  }
+}
+
 TEST(block_store, blocks_that_cannot_be_demoted_leave_the_demotion_scan_alone) {
   // The oldest blocks belong to a namespace without compression, or are
   // hot: the scan's limit must go to blocks it can compress.
