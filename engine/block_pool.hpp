@@ -87,13 +87,22 @@ public:
   /// `from` stays and draining stops. Returns true when the slab went back
   /// to the free slabs. REQUIRES: `s` is reclaimable_slab()'s answer.
   template <class Move> bool drain_slab(std::uint32_t s, Move&& move);
-  /// True when a slab is free, when some slab's every used slot has an
-  /// owner that satisfies `goes(owner)`, so that slab could be emptied, or
-  /// when a used slot of class `cls` has an owner that satisfies
+  /// What room_could_come() may do with the block in a used slot.
+  enum class slot_fate : std::uint8_t {
+    stays,  ///< nothing frees its slot
+    leaves, ///< it can go (evicted, demoted): its slot frees in place
+    moves,  ///< it stays cached, but compaction can move it: it needs a
+            ///< free slot of its class in another slab
+  };
+  /// True when a slab is free; when some slab could be emptied: no used
+  /// slot's owner `stays` (fate(owner)), and either none `moves` or its
+  /// class has a slab's worth of slots free or freeing (owners that
+  /// `leave`), as compaction needs to drain a slab (reclaimable_slab());
+  /// or when a used slot of class `cls` has an owner that satisfies
   /// `slot_goes(owner)`, so a slot of that class could come free (a slot
   /// with no owner yet never goes). Walks every slab and its slots.
-  template <class Goes, class SlotGoes>
-  [[nodiscard]] bool room_could_come(std::uint16_t cls, Goes&& goes,
+  template <class Fate, class SlotGoes>
+  [[nodiscard]] bool room_could_come(std::uint16_t cls, Fate&& fate,
                                      SlotGoes&& slot_goes) const;
 
   [[nodiscard]] std::size_t offset(slot_ref slot) const noexcept {
@@ -192,31 +201,56 @@ std::uint32_t block_pool::reclaimable_slab(std::uint16_t except,
   return best;
 }
 
-template <class Goes, class SlotGoes>
-bool block_pool::room_could_come(std::uint16_t cls, Goes&& goes,
+template <class Fate, class SlotGoes>
+bool block_pool::room_could_come(std::uint16_t cls, Fate&& fate,
                                  SlotGoes&& slot_goes) const {
   if (!free_slabs_.empty())
     return true;
-  for (const slab_state& slab : slabs_) {
+  // Per class, the slots free or freeing (an owner that leaves): a slab
+  // whose blocks must move drains only when they make a slab's worth, as
+  // compaction asks. Before, a slab of movable blocks (pinned ones too)
+  // counted as one that could empty however full its class was, and a put
+  // that could never get a slot evicted blocks before it failed.
+  std::vector<std::size_t> room(classes_.size(), 0);
+  // Per slab: whether it could empty with no move, with moves, or not.
+  enum class drains : std::uint8_t { alone, with_moves, never };
+  std::vector<drains> slab_drains(slabs_.size(), drains::never);
+  for (std::size_t s = 0; s < slabs_.size(); ++s) {
+    const slab_state& slab = slabs_[s];
     if (slab.size_class == no_class)
       continue;
-    bool all = true;
+    room[slab.size_class] += slab.capacity - slab.used;
+    drains d = drains::alone;
     for (std::uint32_t i = 0; i < slab.bumped; ++i) {
       const std::uint32_t o = slab.owners[i];
       if (o == vacant)
         continue;
       if (o == no_owner) {
-        all = false;
+        d = drains::never;
         continue;
       }
       if (slab.size_class == cls && slot_goes(o))
         return true;
-      if (all)
-        all = goes(o);
-      else if (slab.size_class != cls)
+      switch (fate(o)) {
+      case slot_fate::stays:
+        d = drains::never;
         break;
+      case slot_fate::leaves:
+        ++room[slab.size_class];
+        break;
+      case slot_fate::moves:
+        if (d == drains::alone)
+          d = drains::with_moves;
+        break;
+      }
     }
-    if (all)
+    slab_drains[s] = d;
+  }
+  for (std::size_t s = 0; s < slabs_.size(); ++s) {
+    if (slab_drains[s] == drains::alone)
+      return true;
+    if (slab_drains[s] == drains::with_moves &&
+        room[slabs_[s].size_class] >= slabs_[s].capacity)
       return true;
   }
   return false;

@@ -845,7 +845,7 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
   }
   const size_partition part = partition_for(options.request_tokens);
   const std::uint16_t cls = st.size_class[static_cast<std::size_t>(c)];
-  auto room = make_room(part, cls);
+  auto room = make_room(part, cls, pid);
   result<slot_ref> slot =
       room ? pool_.allocate(cls)
            : result<slot_ref>(unexpected<error>(room.error()));
@@ -1766,20 +1766,23 @@ block_store::pick_partition(size_partition p) const {
   return std::nullopt;
 }
 
-result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
+result<void> block_store::make_room(size_partition p, std::uint16_t cls,
+                                    std::uint32_t parent) {
   const std::size_t need = pool_.slot_bytes(cls);
   if (!over_high(need) && pool_.can_allocate(cls))
     return {};
   // With no slot of this size free, none may come free however much goes:
   // fail now, before evicting what would not make room.
-  if (!pool_.can_allocate(cls) && !room_could_come(cls))
+  if (!pool_.can_allocate(cls) && !room_could_come(cls, parent))
     return make_error(
         errc::out_of_memory,
         "no room for a block of " + std::to_string(need) +
             " bytes: no slot of its size is free, none of its size can be "
             "evicted or demoted, and every slab holds a block that cannot "
-            "be evicted, moved or demoted (being put or read, pinned, or "
-            "with such a block chained from it); " +
+            "be evicted or demoted (being put or read, pinned, or with such "
+            "a block chained from it) and cannot be moved either (being "
+            "put or read, or its size has no slab's worth of slots free "
+            "elsewhere); " +
             std::to_string(pool_.capacity_bytes() - pool_.used_bytes()) +
             " bytes are free in slots of other sizes; nothing was evicted");
   const double target =
@@ -1827,7 +1830,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls) {
   return {};
 }
 
-bool block_store::room_could_come(std::uint16_t cls) {
+bool block_store::room_could_come(std::uint16_t cls, std::uint32_t parent) {
   const auto held = [](const entry& e) {
     return e.state != entry_state::free &&
            (e.state != entry_state::committed || e.leases > 0 || e.pins > 0);
@@ -1842,23 +1845,30 @@ bool block_store::room_could_come(std::uint16_t cls) {
          a = entries_[a].parent)
       held_marks_[a] = 1;
   }
+  // The put's parent stays too (reserve holds its child count up), and its
+  // ancestors with it.
+  for (std::uint32_t a = parent; a != npos && held_marks_[a] == 0;
+       a = entries_[a].parent)
+    held_marks_[a] = 1;
   const bool can_move = !compaction_off_ && backend_->can_copy_within();
   const auto demotable = [&](const entry& e) {
     return e.state == entry_state::committed && e.leases == 0 && e.pins == 0 &&
            !e.dead && may_demote(e);
   };
+  using fate = block_pool::slot_fate;
   return pool_.room_could_come(
       cls,
       [&](std::uint32_t id) {
         // Its slab empties if each block goes: evicted once the blocks
-        // below it are gone, or moved by compaction or re-encoded by
-        // demotion (a committed block no reader holds; demotion: unpinned
-        // too).
+        // below it are gone, or re-encoded by demotion (unpinned, no
+        // reader), or moved by compaction (a committed block no reader
+        // holds) where its class has room.
         const entry& e = entries_[id];
-        return held_marks_[id] == 0 ||
-               (e.state == entry_state::committed && e.leases == 0 &&
-                can_move) ||
-               demotable(e);
+        if (held_marks_[id] == 0 || demotable(e))
+          return fate::leaves;
+        if (e.state == entry_state::committed && e.leases == 0 && can_move)
+          return fate::moves;
+        return fate::stays;
       },
       [&](std::uint32_t id) {
         // One slot of the put's size is room: a block in it that can be

@@ -697,7 +697,10 @@ private:
   /// The fewest request tokens that land in partition `p` (a block brought
   /// back from a tier is reserved with them, to land in its own partition).
   [[nodiscard]] std::uint32_t partition_start(size_partition p) const;
-  [[nodiscard]] result<void> make_room(size_partition p, std::uint16_t cls);
+  /// Makes room for a put of class `cls` in partition `p` whose parent is
+  /// entry `parent` (npos: none).
+  [[nodiscard]] result<void> make_room(size_partition p, std::uint16_t cls,
+                                       std::uint32_t parent);
   /// Gives size class `cls`, which has no free slot and finds no free
   /// slab (a put's, or a demotion's smaller size), a slab without evicting:
   /// moves the blocks of another class's sparsest slab into free slots of that
@@ -713,8 +716,8 @@ private:
   /// moved (compaction) nor demoted. True when room might come (so a put
   /// it answers false for fails before evicting anything). Walks every
   /// entry and every slot: make_room() asks only when no slot of the put's
-  /// size is free.
-  [[nodiscard]] bool room_could_come(std::uint16_t cls);
+  /// size is free. The put's `parent` (npos: none) and its ancestors stay.
+  [[nodiscard]] bool room_could_come(std::uint16_t cls, std::uint32_t parent);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   [[nodiscard]] std::optional<size_partition>
   pick_partition(size_partition p) const;

@@ -45,6 +45,8 @@ protected:
     cfg.policy = policy;
     cfg.adaptive_compression = compression;
     cfg.lowest_priority_first = lowest_priority_first_;
+    cfg.high_watermark = high_watermark_;
+    cfg.low_watermark = low_watermark_;
     cfg.clock = &clock_;
     if (policy == policy_kind::belady)
       cfg.next_use = [](const block_key&) { return std::uint64_t{0}; };
@@ -136,6 +138,8 @@ protected:
   std::unique_ptr<block_store> store_;
   ns_id ns_;
   bool lowest_priority_first_ = false; ///< open()'s store_config
+  double high_watermark_ = store_config{}.high_watermark; ///< open()'s
+  double low_watermark_ = store_config{}.low_watermark;   ///< open()'s
   ns_fingerprint fp_;
 };
 
@@ -777,7 +781,7 @@ TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   auto h = store_->reserve(ns_, k, {});
   ASSERT_FALSE(h.has_value());
   EXPECT_EQ(h.error().code, errc::out_of_memory);
-  EXPECT_NE(h.error().message.find("cannot be evicted, moved or demoted"),
+  EXPECT_NE(h.error().message.find("cannot be evicted or demoted"),
             std::string::npos)
       << h.error().message;
   EXPECT_EQ(store_->used_bytes(), used);
@@ -1014,6 +1018,47 @@ TEST_F(store_fixture, a_put_no_slab_could_take_fails_before_evicting) {
   ASSERT_TRUE(r.has_value()) << r.error().describe();
   EXPECT_GT(store_->stats().evictions, 0U);
   store_->check_invariants();
+}
+
+// On an arena that copies within itself: a slab whose blocks compaction
+// could move is room only when their size has a slab's worth of slots free
+// or freeing elsewhere, and the put's own parent stays. Before, pinned
+// blocks counted as movable whatever room their size had, and the parent as
+// evictable: a put that could never get a slot evicted blocks, then failed.
+TEST_F(store_fixture, a_put_no_compaction_could_serve_fails_before_evicting) {
+  for (const bool child : {false, true}) {
+    SCOPED_TRACE(child ? "a child of an evictable block" : "a root block");
+    // Three one-block slabs, filled: no room-making before the last put.
+    high_watermark_ = 1.0;
+    low_watermark_ = 1.0;
+    open(3, policy_kind::lru, false, 1);
+    put_options pin;
+    pin.pin = true;
+    put_options small;
+    small.codec_override = codec::int4;
+    put_options small_pinned = small;
+    small_pinned.pin = true;
+    const auto parent = chain(1, 2);
+    if (child)
+      ASSERT_TRUE(put(parent[0], {}).has_value()); // slab 0, evictable
+    else
+      ASSERT_TRUE(put(chain(2, 1)[0], {}, pin).has_value());
+    ASSERT_TRUE(put(chain(3, 1)[0], {}, pin).has_value()); // slab 1
+    // Slab 2: small blocks, one pinned.
+    ASSERT_TRUE(put(chain(4, 1)[0], {}, small_pinned).has_value());
+    ASSERT_TRUE(put(chain(5, 1)[0], {}, small).has_value());
+    ASSERT_TRUE(put(chain(6, 1)[0], {}, small).has_value());
+    store_->check_invariants();
+    const auto blocks = store_->block_count();
+    const auto r = child ? put(parent[1], parent[0]) : put(chain(7, 1)[0], {});
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, errc::out_of_memory);
+    EXPECT_NE(r.error().message.find("nothing was evicted"), std::string::npos)
+        << r.error().message;
+    EXPECT_EQ(store_->stats().evictions, 0U);
+    EXPECT_EQ(store_->block_count(), blocks);
+    store_->check_invariants();
+  }
 }
 
 // Every slab holds a block nothing can free, but one slot of the put's
