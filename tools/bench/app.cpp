@@ -67,6 +67,10 @@ int run_mode(const engine_options& opts, std::ostream& out, std::ostream& err,
   bar.finish();
   if (!report)
     return fail(err, report.error());
+  // A signal after the replays' last check (while the report was put
+  // together): no results either, and the signal's exit status.
+  if (interrupt_requested())
+    return fail(err, interrupted_error(reqs->size(), reqs->size()).value());
   return print(out, err, opts.json ? to_json(*report) : to_table(*report),
                "the results");
 }

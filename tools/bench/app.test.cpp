@@ -270,6 +270,30 @@ TEST(bench_modes, an_interrupted_run_stops_and_removes_its_disk_directory) {
   std::filesystem::remove_all(tmpl);
 }
 
+TEST(bench_modes, an_interrupt_during_the_last_request_stops_the_run_too) {
+  // The replays asked only before each request: a signal during the last
+  // one (or the disk tier's wait after it) printed the full results with
+  // exit status 0.
+  const auto at_the_end = [](std::size_t done, std::size_t total,
+                             const std::string&) {
+    if (total > 0 && done == total) // not a step's announcement (0 of 0)
+      request_interrupt(SIGINT);
+  };
+  const auto reqs = chat_requests(50);
+  ASSERT_TRUE(reqs) << reqs.error().describe();
+  const engine_options e = small_lru_chat();
+  auto r = run_engine(e, *reqs, "chat", at_the_end);
+  clear_interrupt();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().message, "interrupted after 50 of 50 requests");
+  prefetch_options po;
+  po.base = e;
+  auto pr = run_prefetch(po, *reqs, "chat", at_the_end);
+  clear_interrupt();
+  ASSERT_FALSE(pr);
+  EXPECT_EQ(pr.error().message, "interrupted after 50 of 50 requests");
+}
+
 TEST(bench_modes, an_interrupt_before_the_replay_stops_the_set_up) {
   // Counting the working set and computing the keys of 5,000,000 chat
   // requests took tens of seconds, deaf to the flag: only the replay

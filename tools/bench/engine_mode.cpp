@@ -371,6 +371,10 @@ simulate_policy_unguarded(const engine_options& opts,
     out.spill_errors = ds.spill_errors;
     out.disk_full = ds.full;
   }
+  // One that came during the last request (or the disk tier's wait, up to
+  // 60 s) is one too: the run stops and prints no results.
+  if (interrupt_requested())
+    return interrupted_error(keys.size(), keys.size());
   const engine::store_stats& st = (*store)->stats();
   out.spill_failures = st.spill_failures;
   out.token_hit_ratio = ratio(out.matched_tokens, out.input_tokens);

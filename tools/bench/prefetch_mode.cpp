@@ -191,6 +191,9 @@ result<replay_result> replay(const prefetch_options& opts,
     if (progress)
       progress(r + 1);
   }
+  // One that came during the last request is one too: the run stops.
+  if (interrupt_requested())
+    return interrupted_error(reqs.size(), reqs.size());
   out.unfired += pending.size();
   out.ledger.finish();
   return out;
