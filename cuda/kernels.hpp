@@ -57,7 +57,8 @@ enum class kernel_path : std::uint8_t { hardware = 0, portable = 1 };
 
 /// Encodes each job's `elements` elements of `t` (src: 2 * elements bytes,
 /// 16-byte aligned) into the engine's encoded format (dst: at least
-/// encoded_size(c, elements) bytes, 4-byte aligned). codec::none is a copy.
+/// encoded_size(c, elements) bytes, 4-byte aligned). codec::none is a copy
+/// and needs both sides 16-byte aligned (copy_blocks takes any alignment).
 /// `elements` must be a positive multiple of engine::codec_group_size; a
 /// count whose size in bytes does not fit a size_t is errc::value_too_large.
 [[nodiscard]] result<void>
@@ -65,9 +66,9 @@ encode_blocks(engine::codec c, engine::dtype t, std::size_t elements,
               std::span<const codec_job> jobs, stream_ref stream = {},
               kernel_path path = kernel_path::hardware);
 
-/// Decodes each job (src: encoded_size(c, elements) bytes, 4-byte aligned)
-/// into `elements` elements of `t` (dst: at least 2 * elements bytes,
-/// 16-byte aligned).
+/// Decodes each job (src: encoded_size(c, elements) bytes, 4-byte aligned;
+/// 16-byte under codec::none) into `elements` elements of `t` (dst: at
+/// least 2 * elements bytes, 16-byte aligned).
 [[nodiscard]] result<void>
 decode_blocks(engine::codec c, engine::dtype t, std::size_t elements,
               std::span<const codec_job> jobs, stream_ref stream = {},
