@@ -1655,9 +1655,13 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
   if (entries_[id].pins == 0 && !entries_[id].in_recency &&
       may_demote(entries_[id]))
     recency_push_front(id);
-  // The disk copy's count follows (pins nest across restarts too).
-  if (auto u = sync_disk_pins(id); !u)
-    return u;
+  // The disk copy's count follows (pins nest across restarts too). Failing
+  // that is counted, as in pin(): the unpin stands in memory (an error
+  // would have the caller unpin again), and the block is offered to
+  // eviction all the same (before, a failure returned first, leaving an
+  // unpinned block out of its policy, and a dead one held for good).
+  if (!sync_disk_pins(id))
+    ++stats_.spill_failures;
   refresh_evictable(id);
   return {};
 }
