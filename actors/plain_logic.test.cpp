@@ -172,6 +172,32 @@ TEST(Router, KvAwarePrefersPrefixHolderUntilBacklogMargin) {
   EXPECT_EQ(r.pick(k)->slot, 0U);
 }
 
+TEST(Router, TheBacklogMarginIsOverTheLeastLoadedEngines) {
+  // Weights 8, 1, 8. Slot 0 is the least loaded (8 / 8 = 1) with a backlog
+  // of 8; slot 1 has the smallest backlog (3, load 3); slot 2 holds the
+  // prefix (credit 3), backlog 10 (load 1.25): within 8 + margin 2 of the
+  // least loaded engine's, so it keeps its credit and wins. (Before, the
+  // margin was over the smallest backlog, 3, and slot 0 won.)
+  router_config c{routing_policy::kv_aware};
+  c.credit_per_block = 0.5;
+  c.backlog_margin = 2;
+  auto r = make_router(c);
+  EXPECT_TRUE(r.add_slot(8.0).has_value());
+  EXPECT_TRUE(r.add_slot(1.0).has_value());
+  EXPECT_TRUE(r.add_slot(8.0).has_value());
+  auto k = keys(7, 6);
+  r.stored(2, k);
+  for (int i = 0; i < 8; ++i)
+    r.started(0);
+  for (int i = 0; i < 3; ++i)
+    r.started(1);
+  for (int i = 0; i < 10; ++i)
+    r.started(2);
+  EXPECT_EQ(r.pick(k)->slot, 2U);
+  r.started(2); // 11 > 8 + 2: the credit goes
+  EXPECT_EQ(r.pick(k)->slot, 0U);
+}
+
 TEST(Router, AHugeBacklogMarginDoesNotWrap) {
   // min backlog 1 + margin 2^32-1 must not wrap to 0 and withdraw the
   // prefix holder's credit.

@@ -332,10 +332,24 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
       if ((alive >> s) & 1U)
         held_scratch_[s] = i;
   }
+  // The least loaded live engine's backlog (in_flight / weight lowest;
+  // ties: the smaller backlog), as the overload rule says. Before, the
+  // smallest backlog of any engine: with unequal weights a light engine's
+  // few requests withdrew the credit of a heavy one less loaded than it.
   std::uint32_t min_backlog = std::numeric_limits<std::uint32_t>::max();
-  for (const auto& s : slots_)
-    if (eligible(s))
-      min_backlog = std::min(min_backlog, s.in_flight);
+  double least_load = 0.0;
+  bool found = false;
+  for (const auto& s : slots_) {
+    if (!eligible(s))
+      continue;
+    const double load = static_cast<double>(s.in_flight) / s.weight;
+    if (!found || load < least_load ||
+        (load == least_load && s.in_flight < min_backlog)) {
+      found = true;
+      least_load = load;
+      min_backlog = s.in_flight;
+    }
+  }
   std::optional<route> best;
   double best_score = std::numeric_limits<double>::infinity();
   for (std::uint32_t s = 0; s < n; ++s) {
