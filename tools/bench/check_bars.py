@@ -18,13 +18,30 @@ import sys
 import tempfile
 
 
+def run_tool(cmd):
+    """The standard output of `cmd`; a tool that fails ends the check with
+    its command, exit status and the end of its standard error (exit 2),
+    not a Python traceback."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        print(f"check_bars: cannot run {cmd[0]}: {e.strerror} (build it first, "
+              "or pass --build-dir)", file=sys.stderr)
+        sys.exit(2)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-10:])
+        print(f"check_bars: {' '.join(cmd)} exited {done.returncode}"
+              + (f":\n{tail}" if tail else ""), file=sys.stderr)
+        sys.exit(2)
+    return done.stdout
+
+
 def microbench(build, repetitions, pattern):
-    out = subprocess.run(
+    out = run_tool(
         [f"{build}/tools/microbench/kvfleet-microbench",
          f"--benchmark_filter={pattern}",
          f"--benchmark_repetitions={repetitions}",
-         "--benchmark_format=json"],
-        check=True, capture_output=True, text=True).stdout
+         "--benchmark_format=json"])
     runs = {}
     for b in json.loads(out)["benchmarks"]:
         if b.get("run_type") != "iteration":
@@ -38,22 +55,20 @@ def median(runs, name, field):
 
 
 def engine_bench(build, workload, policies="lru,adaptive,belady", extra=()):
-    out = subprocess.run(
+    out = run_tool(
         [f"{build}/tools/bench/kvfleet-bench", "engine", "--workload", workload,
          "--capacity-fraction", "0.25", "--policies", policies,
-         "--json", "--no-progress", *extra],
-        check=True, capture_output=True, text=True).stdout
+         "--json", "--no-progress", *extra])
     return {r["policy"]: r for r in json.loads(out)["results"]}
 
 
 def routing_bench(build, workload):
     # Arrivals 4x the workload's own rate, so the engines queue (at x1 they
     # are mostly idle and every queue length is 0).
-    out = subprocess.run(
+    out = run_tool(
         [f"{build}/tools/bench/kvfleet-bench", "routing", "--workload", workload,
          "--engines", "4", "--capacity-fraction", "0.25", "--rate-scale", "4",
-         "--policies", "least_loaded,kv_aware", "--json", "--no-progress"],
-        check=True, capture_output=True, text=True).stdout
+         "--policies", "least_loaded,kv_aware", "--json", "--no-progress"])
     return {r["policy"]: r for r in json.loads(out)["results"]}
 
 
@@ -63,9 +78,8 @@ def actors_bench(build, repetitions):
     to an engine actor whose full store evicts at every request, and through
     the blocking node API from one host thread: 2 scheduler threads,
     scheduler.policy=sharing, 1 s each."""
-    out = subprocess.run(
-        [f"{build}/actors/kvfleet-actors-bench", "2", "1", str(repetitions)],
-        check=True, capture_output=True, text=True).stdout
+    out = run_tool(
+        [f"{build}/actors/kvfleet-actors-bench", "2", "1", str(repetitions)])
     labels = {"engine actor direct": "direct",
               "balancer -> engine actor": "balancer",
               "balancer, caller's own timer": "timed",
@@ -83,10 +97,9 @@ def actors_bench(build, repetitions):
 
 
 def prefetch_bench(build):
-    out = subprocess.run(
+    out = run_tool(
         [f"{build}/tools/bench/kvfleet-bench", "prefetch", "--workload", "chat",
-         "--capacity-fraction", "0.25", "--json", "--no-progress"],
-        check=True, capture_output=True, text=True).stdout
+         "--capacity-fraction", "0.25", "--json", "--no-progress"])
     return json.loads(out)
 
 

@@ -78,6 +78,19 @@ class CheckBarsTest(unittest.TestCase):
         self.assertEqual(len(lines), 1, output)
         return lines[0]
 
+    def test_a_tool_that_fails_or_is_missing_ends_the_check_with_status_2(self):
+        # Before, a failing benchmark run (a disk-tier run exits 1 on
+        # refused spills) ended the script with a Python traceback.
+        for cmd, says in ((["sh", "-c", "echo why >&2; exit 1"], "exited 1:\nwhy"),
+                          (["/nonexistent/kvfleet-bench"], "cannot run")):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), \
+                    self.assertRaises(SystemExit) as done:
+                check_bars.run_tool(cmd)
+            self.assertEqual(done.exception.code, 2)
+            self.assertIn(says, err.getvalue())
+        self.assertEqual(check_bars.run_tool(["echo", "fine"]), "fine\n")
+
     def test_figures_above_every_bar_pass(self):
         status, out = self.judge(lru_hits=0.25, least_loaded_hits=0.30)
         self.assertEqual(status, 0, out)
