@@ -216,7 +216,7 @@ std::string to_table(const prefetch_report& report) {
   char line[512];
   std::snprintf(line, sizeof line,
                 ": %zu requests; capacity %zu of %zu blocks; "
-                "eviction %s; threshold %.2f\n",
+                "eviction %s; threshold %g\n",
                 report.requests, report.capacity_blocks,
                 report.working_set_blocks,
                 std::string(engine::to_string(report.eviction)).c_str(),

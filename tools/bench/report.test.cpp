@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cstdio>
 #include <string>
 
 namespace kvfleet::bench {
@@ -129,6 +130,18 @@ TEST(bench_report, a_table_escapes_its_trace_path) {
     EXPECT_NE(first.find("/tmp/a"), std::string::npos) << t;
     EXPECT_NE(first.find("b"), std::string::npos) << t;
     EXPECT_EQ(t.find('\x1b'), std::string::npos) << t;
+  }
+}
+
+TEST(bench_report, a_prefetch_table_shows_the_threshold_as_given) {
+  // Printed with two decimals, 0.005 read 0.01 and 0.125 read 0.12.
+  prefetch_report p;
+  p.workload = "chat";
+  for (const double t : {0.005, 0.125, 0.5}) {
+    p.threshold = t;
+    char want[64];
+    std::snprintf(want, sizeof want, "threshold %g\n", t);
+    EXPECT_NE(to_table(p).find(want), std::string::npos) << to_table(p);
   }
 }
 
