@@ -1486,6 +1486,35 @@ TEST(PrefetchTracker, ResolvedPrefetchesLeaveNothingBehind) {
   EXPECT_EQ(t.order_size(), 0U);
 }
 
+TEST(PrefetchTracker, ARequestUsingOnlyBlocksCachedBeforeItIsNoUse) {
+  // The prefetch of B found a, b in memory and computed c, d. B's next
+  // request shares a, b only: it found what it would have found without
+  // the prefetch, and c, d went unused. Wasted, in either order. (Before,
+  // useful.) Sharing c as well, it is useful.
+  const std::vector<block_key> prefetched{block_key{1, 1}, block_key{1, 2},
+                                          block_key{1, 3}, block_key{1, 4}};
+  const std::vector<block_key> two_shared{block_key{1, 1}, block_key{1, 2},
+                                          block_key{9, 9}};
+  const std::vector<block_key> three_shared{block_key{1, 1}, block_key{1, 2},
+                                            block_key{1, 3}};
+  for (const bool answered_first : {true, false}) {
+    SCOPED_TRACE(answered_first ? "answered first" : "requested first");
+    for (const auto* keys : {&two_shared, &three_shared}) {
+      auto t = tracker(4);
+      ASSERT_TRUE(t.add("B", prefetched));
+      const auto want = keys == &two_shared ? outcome::wasted : outcome::useful;
+      const auto how = on(0, keys == &three_shared ? 3 : 2);
+      if (answered_first) {
+        EXPECT_EQ(t.answered("B", 0, 0, false, 2), outcome::pending);
+        EXPECT_EQ(t.used("B", *keys, how), want);
+      } else {
+        EXPECT_EQ(t.used("B", *keys, how), outcome::pending);
+        EXPECT_EQ(t.answered("B", 0, 0, false, 2), want);
+      }
+    }
+  }
+}
+
 TEST(PrefetchTracker, FullEvictsTheOldestOutstandingOne) {
   auto t = tracker(2);
   ASSERT_TRUE(t.add("B", {block_key{2, 1}}));

@@ -68,7 +68,10 @@ prefetch_tracker::outcome prefetch_tracker::verdict(const entry& e,
   // cache stored gave the request what it got.
   if (how.from_result_cache)
     return e.in_result_cache ? outcome::useful : outcome::wasted;
-  return shared > 0 && e.engine == how.engine && how.matched_blocks >= shared
+  // Useful only when the request reached a block the prefetch put in
+  // memory: those it found there were the request's without it.
+  return shared > e.found && e.engine == how.engine &&
+                 how.matched_blocks >= shared
              ? outcome::useful
              : outcome::wasted;
 }
@@ -102,13 +105,15 @@ prefetch_tracker::used(const std::string& query,
 prefetch_tracker::outcome prefetch_tracker::answered(const std::string& query,
                                                      std::uint64_t id,
                                                      std::uint32_t engine,
-                                                     bool in_result_cache) {
+                                                     bool in_result_cache,
+                                                     std::uint64_t found) {
   auto it = outstanding_.find(query);
   if (it == outstanding_.end() || it->second.id != id || it->second.engine)
     return outcome::none;
   entry& e = it->second;
   e.engine = engine;
   e.in_result_cache = in_result_cache;
+  e.found = found;
   if (!e.use)
     return outcome::pending;
   const auto out = verdict(e, *e.use, e.shared);

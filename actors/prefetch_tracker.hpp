@@ -7,11 +7,14 @@
 /// it, since nothing was prefetched). Its query's next request settles it,
 /// before or after that answer (the later of the two decides):
 /// - useful when that request found the prefetched blocks: it was served
-///   by the engine that answered the prefetch, and every block the request
-///   shares with the prefetch (their common leading keys, at least one)
-///   was among its matched blocks; or it was answered from the query-result
-///   cache and the prefetch's own answer went through that cache (which
-///   stored it: the prefetch computed the result the request got);
+///   by the engine that answered the prefetch, every block the request
+///   shares with the prefetch (their common leading keys) was among its
+///   matched blocks, and they reach past the blocks the prefetch found in
+///   memory already (at least one it computed or brought back; before, a
+///   request sharing only blocks cached before the prefetch made it useful,
+///   though the blocks it computed went unused); or it was answered from the
+///   query-result cache and the prefetch's own answer went through that cache
+///   (which stored it: the prefetch computed the result the request got);
 /// - wasted otherwise: another engine served it, some shared block had to
 ///   be computed again, or the result cache answered a prefetch that only
 ///   stored blocks.
@@ -93,14 +96,16 @@ public:
   outcome used(const std::string& query,
                std::span<const engine::block_key> keys, const served& how);
   /// The prefetch request `id` of `query` was answered by engine `engine`,
-  /// through a query-result cache that stores its answer when
+  /// which found its first `found` blocks in memory already, through a
+  /// query-result cache that stores its answer when
   /// `in_result_cache`: useful or wasted when the query was requested
   /// meanwhile (then resolved), else pending (outstanding, answered, until
   /// its query is requested, its blocks evicted, or it is forgotten). None,
   /// changing nothing, when that prefetch was resolved already or a later
   /// prefetch of `query` (another id) is the outstanding one.
   outcome answered(const std::string& query, std::uint64_t id,
-                   std::uint32_t engine, bool in_result_cache = false);
+                   std::uint32_t engine, bool in_result_cache = false,
+                   std::uint64_t found = 0);
   /// The prefetch request `id` of `query` prefetched nothing (its answer
   /// was an error, came from the result cache's store or from another
   /// request's computation there, or the engine computed no block): true
@@ -144,6 +149,7 @@ private:
     std::list<std::string>::iterator age; ///< in order_
     std::optional<std::uint32_t> engine;  ///< that answered it
     bool in_result_cache = false;         ///< its answer was stored there
+    std::uint64_t found = 0; ///< its leading blocks already in memory
     /// Its query's first request before the answer: how it was served and
     /// how many leading blocks it shares with the prefetch.
     std::optional<served> use;
