@@ -1453,6 +1453,25 @@ result<process_result> block_store::process(ns_id ns,
     count_rejected();
     return unexpected<error>(ok.error());
   }
+  // Keys no block can have, refused here as reserve() refuses them: else
+  // the request would succeed computing them uncached (and a warm query
+  // report no room as the reason).
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (keys[i].is_null()) {
+      count_rejected();
+      return make_error(errc::invalid_argument,
+                        "key " + std::to_string(i) +
+                            " is the all-zero block key, which is reserved");
+    }
+    if (i > 0 && keys[i] == keys[i - 1]) {
+      count_rejected();
+      return make_error(errc::invalid_argument,
+                        "keys " + std::to_string(i - 1) + " and " +
+                            std::to_string(i) + " are the same block " +
+                            keys[i].to_hex() +
+                            ": a block cannot be its own parent");
+    }
+  }
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
   // The calls below are the store's own: a block that cannot be cached is

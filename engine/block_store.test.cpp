@@ -413,6 +413,26 @@ TEST_F(store_fixture, bad_input_is_rejected_and_leaves_nothing) {
 // process() takes one key per full block of the prompt. Before, fewer
 // keys were taken as the whole prompt: the blocks past the last key were
 // neither looked up nor computed, yet counted as computed tokens.
+TEST_F(store_fixture, process_refuses_keys_no_block_can_have) {
+  // The all-zero key, or a key repeated as its own parent: reserve()
+  // refuses each, so the request succeeded computing them uncached (and a
+  // warm query reported no room as why). Refused at once now, nothing
+  // stored.
+  open(16);
+  const auto k = chain(1, 2);
+  synthetic_producer producer;
+  const std::vector<std::vector<block_key>> bad{
+      {k[0], block_key{}}, {block_key{}}, {k[0], k[0]}};
+  for (const auto& keys : bad) {
+    auto r = store_->process(ns_, keys, keys.size() * 16, producer);
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, errc::invalid_argument) << r.error().describe();
+  }
+  EXPECT_EQ(store_->block_count(), 0U);
+  EXPECT_EQ(store_->stats().rejected_requests, 3U);
+  EXPECT_EQ(store_->stats().lookups, 0U);
+}
+
 TEST_F(store_fixture, process_refuses_keys_that_are_not_the_prompts_blocks) {
   open(16);
   const auto k = chain(1, 3);
