@@ -539,7 +539,9 @@ void disk_tier::reload() {
   touches_.clear();
   std::vector<catalog_row> rows;
   if (auto r = load(rows); !r) {
-    batch_spill_gens_.clear();
+    // batch_spill_gens_ is kept for the reload that succeeds: it must
+    // still drop the failed batch's spills (before, cleared here, the
+    // directory kept a failed spill's copy over the older copy's row).
     if (reload_error_.empty())
       std::fprintf(stderr,
                    "kvfleet: disk tier %s: reload failed: %s; requests are "

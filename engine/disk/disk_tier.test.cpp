@@ -2383,6 +2383,47 @@ TEST_F(disk_tier_test,
 }
 
 TEST_F(disk_tier_test,
+       a_spill_failed_with_its_batch_stays_gone_after_a_failed_reload) {
+  // Block 7 on disk (4096 bytes); spilled again (3000 bytes) in a batch
+  // whose commit fails, and the reload after it fails too. When a later
+  // reload succeeds, the key is absent, older copy included. (Before, the
+  // failed reload forgot which spills failed with the batch: the directory
+  // kept the failed copy's size and checksum over the older copy's row, and
+  // check_invariants aborted.)
+  auto c = config();
+  c.retry_interval = std::chrono::hours(1); // only the batches below
+  c.max_retry_interval = std::chrono::hours(1);
+  auto fail_commit = std::make_shared<std::atomic<bool>>(false);
+  auto fail_loads = std::make_shared<std::atomic<int>>(0);
+  c.catalog_fault_for_testing = [fail_commit](const std::string& what) {
+    return what == "commit" && fail_commit->load() ? EIO : 0;
+  };
+  c.load_fault_for_testing = [fail_loads] {
+    return fail_loads->fetch_sub(1) > 0 ? EIO : 0;
+  };
+  open(c);
+  spill(7);
+  settle();
+  fail_commit->store(true);
+  fail_loads->store(1);
+  const auto failed = spill(7, 3000);
+  ASSERT_TRUE(tier_->wait_idle());
+  fail_commit->store(false);
+  bool seen = false;
+  tier_->drain_completions([&](disk_completion&& d) {
+    if (d.id == failed) {
+      seen = true;
+      EXPECT_FALSE(d.status.has_value()) << "acknowledged, yet rolled back";
+    }
+  });
+  EXPECT_TRUE(seen);
+  (void)tier_->flush(); // this batch's reload succeeds
+  settle();             // check_invariants
+  EXPECT_FALSE(tier_->contains(key_of(7)));
+  EXPECT_EQ(fetch(7).status.error().code, errc::not_found);
+}
+
+TEST_F(disk_tier_test,
        a_tier_that_cannot_reload_refuses_requests_until_it_can) {
   auto c = config();
   c.full_sync = true;
