@@ -418,7 +418,7 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
       {&i.all, "SELECT " + cols + " FROM cache_entries"},
       {&i.lru_unpinned, "SELECT " + cols +
                             " FROM cache_entries WHERE pinned = 0 "
-                            "ORDER BY accessed_at LIMIT ?1"},
+                            "ORDER BY accessed_at LIMIT ?1 OFFSET ?2"},
       {&i.expired, "SELECT key FROM cache_entries WHERE expires_at > 0 AND "
                    "expires_at <= ?1 ORDER BY expires_at LIMIT ?2"},
       {&i.usage, "SELECT namespace, tier, count(*), sum(size) FROM "
@@ -586,9 +586,10 @@ catalog::for_each(const std::function<void(const catalog_entry&)>& fn) {
 }
 
 result<std::vector<catalog_entry>>
-catalog::least_recent_unpinned(std::size_t limit) {
+catalog::least_recent_unpinned(std::size_t limit, std::size_t skip) {
   use u(impl_->lru_unpinned);
   bind_u64(*u, 1, limit);
+  bind_u64(*u, 2, skip);
   std::vector<catalog_entry> out;
   KVFLEET_SQL_ROWS(
       *u, [&](sqlite3_stmt* s) { out.push_back(read_row(s)); },

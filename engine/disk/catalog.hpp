@@ -132,9 +132,10 @@ public:
   /// Calls `fn` for every row.
   [[nodiscard]] result<void>
   for_each(const std::function<void(const catalog_entry&)>& fn);
-  /// Up to `limit` unpinned rows, least recently accessed first.
+  /// Up to `limit` unpinned rows, least recently accessed first, after
+  /// the first `skip` of them.
   [[nodiscard]] result<std::vector<catalog_entry>>
-  least_recent_unpinned(std::size_t limit);
+  least_recent_unpinned(std::size_t limit, std::size_t skip = 0);
   /// Up to `limit` rows with 0 < expires_at <= now.
   [[nodiscard]] result<std::vector<block_key>> expired(std::int64_t now,
                                                        std::size_t limit);

@@ -1891,24 +1891,38 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
            target;
   };
   bool progress = true;
+  // Rows passed over so far, ahead of the rest in the catalog's order: the
+  // next page starts after them. (Before, every page was the first 256
+  // rows again, and when the owner had pinned all of them since, their
+  // pins still queued, eviction gave up with unpinned blocks left.)
+  std::size_t passed = 0;
+  constexpr std::size_t page = 256;
   while (above_target()) {
     if (!progress) {
       if (!pass_over_touched)
         break;
       pass_over_touched = false; // nothing else could go
+      passed = 0;
     }
     progress = false;
-    auto lru = catalog_->least_recent_unpinned(256);
+    auto lru = catalog_->least_recent_unpinned(page, passed);
     if (!lru)
       return unexpected<error>(lru.error());
+    // A full page may have more rows after it: not the end yet.
+    if (lru->size() == page)
+      progress = true;
     for (const auto& e : *lru) {
       if (!above_target())
         break;
       const auto it = index_.find(e.key);
-      if (it == index_.end())
+      if (it == index_.end()) {
+        ++passed;
         continue;
-      if (pass_over_touched && touches_.count(e.key) != 0)
+      }
+      if (pass_over_touched && touches_.count(e.key) != 0) {
+        ++passed;
         continue;
+      }
       {
         // A pin taken after this spill was queued is not in the catalog yet.
         // The check and the owner-visible removal are one step under the
@@ -1917,8 +1931,10 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
         std::lock_guard lk(mu_);
         const auto d = dir_.find(e.key);
         if (d != dir_.end() && d->second.gen == it->second.gen) {
-          if (d->second.info.pins > 0)
+          if (d->second.info.pins > 0) {
+            ++passed;
             continue;
+          }
           erase_dir_locked(d);
         }
       }

@@ -2382,6 +2382,63 @@ TEST_F(disk_tier_test,
   expect_block(20, 3000);
 }
 
+TEST_F(disk_tier_test, capacity_eviction_looks_past_blocks_pinned_since) {
+  // The tier is full of 400 unpinned blocks when a spill is queued; while
+  // its batch starts, the owner pins the 300 oldest (their pins are not in
+  // the catalog yet). Eviction passes over them to the unpinned ones and
+  // the spill is stored. (Before, it read the first 256 rows the catalog
+  // calls unpinned again and again, found every one pinned, and refused the
+  // spill as if pinned blocks held the whole tier.)
+  constexpr std::uint64_t n = 400;
+  constexpr std::size_t size = 1000;
+  auto c = config();
+  c.segment_bytes = std::uint64_t{64} << 10;
+  const std::uint64_t record = record_header_bytes + size;
+  const std::uint64_t per_segment =
+      (c.segment_bytes - segment_header_bytes) / record;
+  const std::uint64_t segments = (n + per_segment - 1) / per_segment;
+  c.capacity_bytes = n * record + segments * segment_header_bytes + record / 2;
+  auto armed = std::make_shared<std::atomic<bool>>(false);
+  auto entered = std::make_shared<std::promise<void>>();
+  auto release = std::make_shared<std::promise<void>>();
+  auto released = release->get_future().share();
+  c.catalog_fault_for_testing = [armed, entered,
+                                 released](const std::string& what) {
+    if (what == "begin" && armed->exchange(false)) {
+      entered->set_value();
+      released.wait();
+    }
+    return 0;
+  };
+  open(c);
+  for (std::uint64_t i = 0; i < n; ++i) {
+    spill(i, size);
+    if (i % 50 == 49)
+      settle();
+  }
+  settle();
+  ASSERT_EQ(tier_->stats().blocks, n);
+  armed->store(true);
+  const auto last = spill(n, size);
+  entered->get_future().wait(); // its batch is starting
+  for (std::uint64_t i = 0; i < 300; ++i)
+    ASSERT_TRUE(tier_->pin(key_of(i)).has_value());
+  release->set_value();
+  bool seen = false;
+  for (const auto& d : settle()) {
+    if (d.id == last) {
+      seen = true;
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    }
+  }
+  EXPECT_TRUE(seen);
+  EXPECT_TRUE(tier_->contains(key_of(n)));
+  EXPECT_GT(tier_->stats().evictions, 0U);
+  EXPECT_EQ(tier_->stats().spills_refused_capacity, 0U);
+  for (std::uint64_t i = 0; i < 300; ++i)
+    EXPECT_TRUE(tier_->contains(key_of(i))) << "pinned block " << i;
+}
+
 TEST_F(disk_tier_test,
        a_spill_failed_with_its_batch_stays_gone_after_a_failed_reload) {
   // Block 7 on disk (4096 bytes); spilled again (3000 bytes) in a batch
