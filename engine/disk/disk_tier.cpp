@@ -197,6 +197,14 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                           ": retry_interval must be positive and "
                           "max_retry_interval between retry_interval and "
                           "24 hours");
+  // Added to the steady clock's now: nanos::max() overflowed it (a past
+  // deadline: a touch flush at every pass).
+  if (!(config.touch_flush_interval >= nanos{0} &&
+        config.touch_flush_interval <= std::chrono::hours(24)))
+    return make_error(errc::invalid_argument,
+                      "disk tier " + dir +
+                          ": touch_flush_interval must be between 0 and 24 "
+                          "hours");
   if (config.max_batch == 0)
     config.max_batch = 1;
   if (config.touch_batch == 0)

@@ -136,7 +136,7 @@ struct disk_tier_config {
   /// write; kept and retried when the write, or the commit of the batch
   /// that wrote them, fails): written when this many are pending...
   std::size_t touch_batch = 256;
-  /// ...or when the oldest has waited this long.
+  /// ...or when the oldest has waited this long (0 to 24 hours).
   nanos touch_flush_interval = std::chrono::seconds(1);
   /// fdatasync segments (and fsync the directory after creating one) and
   /// run SQLite with synchronous=FULL, so that an acknowledged spill

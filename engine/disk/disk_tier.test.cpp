@@ -2916,6 +2916,17 @@ TEST_F(disk_tier_test,
   auto c = config();
   c.retry_interval = hours(24);
   c.max_retry_interval = hours(24);
+  // The touch flush interval the same way (nanos::max() overflowed the
+  // deadline and flushed at every pass).
+  for (const nanos interval : {nanos{-1}, nanos::max(), nanos{hours(25)}}) {
+    auto bad_touch = config();
+    bad_touch.touch_flush_interval = interval;
+    auto t = disk_tier::open(bad_touch);
+    ASSERT_FALSE(t.has_value()) << interval.count();
+    EXPECT_NE(t.error().message.find("touch_flush_interval"), std::string::npos)
+        << t.error().message;
+  }
+  c.touch_flush_interval = hours(24);
   open(c);
 }
 
