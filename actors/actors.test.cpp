@@ -3500,6 +3500,15 @@ TEST_F(actor_test, QueryCacheRefusesABadRequestBeforeTheStoreOrAJoin) {
          r.keys.push_back(block_key{7, 7}); // ...two keys
        },
        errc::misaligned_tokens, "2 block keys for a prompt of 20 tokens"},
+      // A key no block can have, block_tokens known or not.
+      {"repeated key", 0,
+       [](kv_request& r) {
+         r.input_tokens = 32;
+         r.keys.push_back(r.keys.back());
+       },
+       errc::invalid_argument, "a block cannot be its own parent"},
+      {"all-zero key", 16, [](kv_request& r) { r.keys.back() = block_key{}; },
+       errc::invalid_argument, "all-zero block key"},
   };
   for (const auto& bc : cases) {
     query_cache_config qc;
@@ -3960,6 +3969,41 @@ TEST_F(actor_test, AMalformedWarmItemCannotDisplaceAValidOne) {
       << rep->value->first_error;
   ASSERT_EQ(be->seen.size(), 1U);
   EXPECT_EQ(be->seen[0].query, "hot");
+}
+
+TEST_F(actor_test, AWarmItemWithAKeyNoBlockCanHaveIsRefusedFirst) {
+  // Block size unknown to the warmer (0): an item whose keys repeat one, or
+  // hold the all-zero key, still fails before the selection, so it cannot
+  // take the place of the valid query its keys lead. (Before, it did, and
+  // the engine then refused it: nothing was warmed.)
+  for (const auto& bad_keys :
+       {std::vector<block_key>{block_key{7, 1}, block_key{7, 2},
+                               block_key{7, 2}},
+        std::vector<block_key>{block_key{7, 1}, block_key{7, 2},
+                               block_key{}}}) {
+    auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+    auto w = warmer(b, warmer_config{});
+    kv_request hot;
+    hot.query = "hot";
+    hot.keys = {block_key{7, 1}, block_key{7, 2}};
+    hot.input_tokens = 32;
+    kv_request bad = hot;
+    bad.query = "bad";
+    bad.keys = bad_keys;
+    bad.input_tokens = 48;
+    const std::vector<warm_item> items = {warm_item{hot, 10.0},
+                                          warm_item{bad, 1.0}};
+    auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{10},
+                                false, caf::actor{});
+    sched_->run();
+    ASSERT_TRUE(rep->value.has_value());
+    EXPECT_EQ(rep->value->malformed, 1U);
+    EXPECT_EQ(rep->value->warmed, 1U);
+    EXPECT_NE(rep->value->first_error.find("warm item 1"), std::string::npos)
+        << rep->value->first_error;
+    ASSERT_EQ(be->seen.size(), 1U);
+    EXPECT_EQ(be->seen[0].query, "hot");
+  }
 }
 
 TEST(WarmerSelectTop, ANaNFrequencyRanksBelowEveryNumber) {

@@ -207,6 +207,7 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
                false,
                r->uncached_blocks};
   rep.promoted_blocks = r->tier_blocks + r->disk_blocks;
+  rep.memory_blocks = r->memory_blocks;
   return rep;
 }
 

@@ -80,6 +80,10 @@ struct kv_reply {
   /// tier_blocks + disk_blocks): work done, although none was computed.
   /// Not kept by the query-result cache's store: 0 in a reply from it.
   std::uint64_t promoted_blocks = 0;
+  /// Of matched_blocks, the leading ones the engine found in memory, before
+  /// any it brought back (engine::process_result::memory_blocks). Not kept
+  /// by the query-result cache's store: 0 in a reply from it.
+  std::uint64_t memory_blocks = 0;
 
   friend bool operator==(const kv_reply&, const kv_reply&) = default;
 };
@@ -88,7 +92,8 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_reply& x) {
   return f(caf::meta::type_name("kv_reply"), x.id, x.engine, x.matched_blocks,
            x.computed_blocks, x.matched_tokens, x.computed_tokens,
-           x.from_query_cache, x.uncached_blocks, x.joined, x.promoted_blocks);
+           x.from_query_cache, x.uncached_blocks, x.joined, x.promoted_blocks,
+           x.memory_blocks);
 }
 
 /// Blocks an engine stored and evicted since its last report.

@@ -5,7 +5,6 @@
 #include "actors/prefetch_tracker.hpp"
 #include "actors/stray_messages.hpp"
 
-#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iterator>
@@ -156,12 +155,10 @@ void issue(prefetch_actor* self, const std::string& q) {
         ++s.stats.redundant;
       return;
     }
-    // Its leading blocks found in memory (not brought back): a request
-    // sharing no more than those got nothing from it.
-    const std::uint64_t found =
-        rep.matched_blocks - std::min(rep.promoted_blocks, rep.matched_blocks);
-    count(s.stats,
-          s.outstanding->answered(q, id, rep.engine, via_front, found));
+    // Its leading blocks found in memory (before any brought back): a
+    // request sharing no more than those got nothing from it.
+    count(s.stats, s.outstanding->answered(q, id, rep.engine, via_front,
+                                           rep.memory_blocks));
   };
   auto on_error = [self, q, id](caf::error&) {
     if (self->state.outstanding->discard(q, id))

@@ -8,6 +8,7 @@
 #include "actors/prioritized.hpp"
 #include "actors/router.hpp"
 #include "actors/stray_messages.hpp"
+#include "engine/block_key.hpp"
 #include "engine/eviction_policy.hpp"
 
 #include <array>
@@ -260,6 +261,8 @@ cache_behavior(cache_actor* self, query_cache_config config,
         // fit its tokens would otherwise be answered (a hit), or become the
         // miss that others join and then fail them all with its refusal.
         if (auto ok = engine::check_priority(req.prio); !ok)
+          return to_caf_error(ok.error());
+        if (auto ok = engine::check_request_keys(req.keys); !ok)
           return to_caf_error(ok.error());
         if (s.config.block_tokens > 0)
           if (auto ok = engine::check_block_keys(

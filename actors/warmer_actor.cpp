@@ -4,6 +4,7 @@
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
 #include "actors/stray_messages.hpp"
+#include "engine/block_key.hpp"
 #include "engine/kv_namespace.hpp"
 
 #include <algorithm>
@@ -185,25 +186,35 @@ caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
           bool pin, const caf::actor& progress) -> caf::result<warm_report> {
         auto job = std::make_shared<warm_job>();
         // Malformed items are refused first: in the selection they could
-        // replace a valid query of the same leading keys, then fail.
+        // replace a valid query of the same leading keys, then fail. Keys
+        // no block can have always; a key count that does not fit the
+        // tokens when the engines' block size is known.
+        const auto bt = self->state.config.block_tokens;
+        const auto check = [bt](const kv_request& r) -> result<void> {
+          if (auto ok = engine::check_request_keys(r.keys); !ok)
+            return ok;
+          if (bt > 0)
+            return engine::check_block_keys(r.keys.size(), r.input_tokens, bt);
+          return {};
+        };
         std::vector<warm_item> valid;
         const std::vector<warm_item>* pick = &items;
-        if (const auto bt = self->state.config.block_tokens; bt > 0) {
-          valid.reserve(items.size());
-          for (std::size_t i = 0; i < items.size(); ++i) {
-            const auto& r = items[i].request;
-            if (auto ok =
-                    engine::check_block_keys(r.keys.size(), r.input_tokens, bt);
-                !ok) {
-              ++job->report.malformed;
-              if (job->report.first_error.empty())
-                job->report.first_error = "warm item " + std::to_string(i) +
-                                          ": " + ok.error().describe();
-              continue;
-            }
-            valid.push_back(items[i]);
+        for (std::size_t i = 0; i < items.size(); ++i) {
+          auto ok = check(items[i].request);
+          if (ok) {
+            if (pick == &valid)
+              valid.push_back(items[i]);
+            continue;
           }
-          pick = &valid;
+          if (pick != &valid) { // the first malformed one: copy the rest
+            valid.assign(items.begin(),
+                         items.begin() + static_cast<std::ptrdiff_t>(i));
+            pick = &valid;
+          }
+          ++job->report.malformed;
+          if (job->report.first_error.empty())
+            job->report.first_error =
+                "warm item " + std::to_string(i) + ": " + ok.error().describe();
         }
         for (auto i : select_top(*pick, top_n)) {
           auto req = (*pick)[i].request;

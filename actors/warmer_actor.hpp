@@ -42,8 +42,11 @@ struct warmer_config {
   /// refused before the top N are picked (counted in `malformed`, its error
   /// the report's first_error if first), so it can neither take the place of
   /// a valid query with the same leading keys nor be the longer query of a
-  /// chain and fail it. 0: items are not checked here (the engine refuses
-  /// such a request when it comes, and a chain it led is not warmed).
+  /// chain and fail it. 0: key counts are not checked here (the engine
+  /// refuses such a request when it comes, and a chain it led is not
+  /// warmed). An item with a key no block can have (the all-zero key, a key
+  /// repeating the one before it: engine::check_request_keys) is refused
+  /// so whatever this is.
   std::uint32_t block_tokens = 0;
 };
 

@@ -82,4 +82,20 @@ void chain_keys(const ns_fingerprint& ns, std::uint32_t block_tokens,
   }
 }
 
+result<void> check_request_keys(std::span<const block_key> keys) {
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (keys[i].is_null())
+      return make_error(errc::invalid_argument,
+                        "key " + std::to_string(i) +
+                            " is the all-zero block key, which is reserved");
+    if (i > 0 && keys[i] == keys[i - 1])
+      return make_error(errc::invalid_argument,
+                        "keys " + std::to_string(i - 1) + " and " +
+                            std::to_string(i) + " are the same block " +
+                            keys[i].to_hex() +
+                            ": a block cannot be its own parent");
+  }
+  return {};
+}
+
 } // namespace kvfleet::engine

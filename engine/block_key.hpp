@@ -48,6 +48,12 @@ void chain_keys(const ns_fingerprint& ns, std::uint32_t block_tokens,
                 std::span<const std::uint32_t> tokens,
                 std::vector<block_key>& out);
 
+/// A request's keys, first block first: errc::invalid_argument naming the
+/// key when one is the all-zero key (reserved) or repeats the key before it
+/// (a block cannot be its own parent). No block can have such a key, so a
+/// request with one would be computed and not cached.
+[[nodiscard]] result<void> check_request_keys(std::span<const block_key> keys);
+
 /// Hash functor for unordered containers (the key is already uniform).
 struct block_key_hash {
   std::size_t operator()(const block_key& k) const noexcept {

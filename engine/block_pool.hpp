@@ -95,9 +95,10 @@ public:
             ///< free slot of its class in another slab
   };
   /// True when a slab is free; when some slab could be emptied: no used
-  /// slot's owner `stays` (fate(owner)), and either none `moves` or its
-  /// class has a slab's worth of slots free or freeing (owners that
-  /// `leave`), as compaction needs to drain a slab (reclaimable_slab());
+  /// slot's owner `stays` (fate(owner)), and either none `moves` or the
+  /// slab has a slot free or freeing and its class a slab's worth of slots
+  /// free or freeing (owners that `leave`), as compaction needs to drain a
+  /// slab (reclaimable_slab());
   /// or when a used slot of class `cls` has an owner that satisfies
   /// `slot_goes(owner)`, so a slot of that class could come free (a slot
   /// with no owner yet never goes). Walks every slab and its slots.
@@ -221,6 +222,7 @@ bool block_pool::room_could_come(std::uint16_t cls, Fate&& fate,
       continue;
     room[slab.size_class] += slab.capacity - slab.used;
     drains d = drains::alone;
+    bool frees_one = slab.used < slab.capacity; // a slot free or freeing
     for (std::uint32_t i = 0; i < slab.bumped; ++i) {
       const std::uint32_t o = slab.owners[i];
       if (o == vacant)
@@ -237,6 +239,7 @@ bool block_pool::room_could_come(std::uint16_t cls, Fate&& fate,
         break;
       case slot_fate::leaves:
         ++room[slab.size_class];
+        frees_one = true;
         break;
       case slot_fate::moves:
         if (d == drains::alone)
@@ -244,6 +247,11 @@ bool block_pool::room_could_come(std::uint16_t cls, Fate&& fate,
         break;
       }
     }
+    // Compaction drains only a slab with a free slot (reclaimable_slab()
+    // walks its class's slabs with room): a full slab of blocks that can
+    // only move never drains.
+    if (d == drains::with_moves && !frees_one)
+      d = drains::never;
     slab_drains[s] = d;
   }
   for (std::size_t s = 0; s < slabs_.size(); ++s) {

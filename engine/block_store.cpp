@@ -1456,21 +1456,9 @@ result<process_result> block_store::process(ns_id ns,
   // Keys no block can have, refused here as reserve() refuses them: else
   // the request would succeed computing them uncached (and a warm query
   // report no room as the reason).
-  for (std::size_t i = 0; i < keys.size(); ++i) {
-    if (keys[i].is_null()) {
-      count_rejected();
-      return make_error(errc::invalid_argument,
-                        "key " + std::to_string(i) +
-                            " is the all-zero block key, which is reserved");
-    }
-    if (i > 0 && keys[i] == keys[i - 1]) {
-      count_rejected();
-      return make_error(errc::invalid_argument,
-                        "keys " + std::to_string(i - 1) + " and " +
-                            std::to_string(i) + " are the same block " +
-                            keys[i].to_hex() +
-                            ": a block cannot be its own parent");
-    }
+  if (auto ok = check_request_keys(keys); !ok) {
+    count_rejected();
+    return unexpected<error>(ok.error());
   }
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
@@ -1485,6 +1473,7 @@ result<process_result> block_store::process(ns_id ns,
   }
   process_result out;
   out.matched_blocks = *matched;
+  out.memory_blocks = *matched;
   put_options opts = options;
   if (opts.request_tokens == 0)
     opts.request_tokens = static_cast<std::uint32_t>(
@@ -1650,9 +1639,12 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
     return unexpected<error>(st.error());
   const std::uint32_t id = index_.find(key);
   if (id == npos || entries_[id].state != entry_state::committed ||
-      entries_[id].ns != ns.value) {
-    // Only on disk (pinned there before a restart, say): unpinning needs no
-    // bytes, so its copy is unpinned where it is.
+      entries_[id].ns != ns.value ||
+      (entries_[id].dead && entries_[id].pins == 0)) {
+    // Only on disk (pinned there before a restart, say), or in memory only
+    // as a dead block a reader still holds, whose pins went with it (a
+    // block dropped with a damaged ancestor; drop_damaged()): unpinning
+    // needs no bytes, so its copy is unpinned where it is.
     const auto info =
         disk_ ? usable_disk_copy(namespaces_[ns.value], key, disk_clock().now())
               : std::nullopt;

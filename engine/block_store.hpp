@@ -298,6 +298,10 @@ struct process_result {
   std::size_t matched_blocks = 0; ///< memory, tier and disk hits together
   std::size_t tier_blocks = 0;    ///< of matched_blocks, from the memory tier
   std::size_t disk_blocks = 0;    ///< of matched_blocks, promoted from disk
+  /// Of matched_blocks, the leading ones found in memory, before the first
+  /// brought back from the tier or disk (blocks in memory after that one
+  /// count in matched_blocks only).
+  std::size_t memory_blocks = 0;
   std::size_t computed_blocks = 0;
   /// Of computed_blocks, those this call did not cache: from the first
   /// block it could not reserve (no room: the pool full of pinned, leased

@@ -1081,6 +1081,42 @@ TEST_F(store_fixture, a_put_no_compaction_could_serve_fails_before_evicting) {
   }
 }
 
+// A full slab of pinned blocks could be moved, and their class has room
+// (blocks to evict) in other slabs, but compaction drains only a slab with
+// a free slot: no room can come for a small block whose slabs are all
+// held. (The check above answered yes here, and the put evicted blocks.)
+TEST_F(store_fixture, a_full_slab_of_pinned_blocks_is_no_room) {
+  high_watermark_ = 1.0;
+  low_watermark_ = 1.0;
+  open(8, policy_kind::lru, false, 2); // four slabs of two blocks
+  put_options pin;
+  pin.pin = true;
+  ASSERT_TRUE(put(chain(1, 1)[0], {}, pin).has_value()); // slab 0
+  ASSERT_TRUE(put(chain(2, 1)[0], {}, pin).has_value());
+  for (std::uint64_t i = 3; i <= 6; ++i) // slabs 1 and 2
+    ASSERT_TRUE(put(chain(i, 1)[0], {}).has_value());
+  auto held_a = store_->acquire(ns_, chain(4, 1)[0]);
+  auto held_b = store_->acquire(ns_, chain(6, 1)[0]);
+  ASSERT_TRUE(held_a.has_value() && held_b.has_value());
+  put_options small;
+  small.codec_override = codec::int4;
+  small.pin = true;
+  std::optional<error> refused;
+  for (std::uint64_t i = 100; i < 200 && !refused; ++i) {
+    const auto evictions = store_->stats().evictions;
+    if (auto r = put(chain(i, 1)[0], {}, small); !r) {
+      refused = r.error();
+      EXPECT_EQ(store_->stats().evictions, evictions)
+          << "the refused put evicted blocks";
+    }
+  }
+  ASSERT_TRUE(refused.has_value());
+  EXPECT_EQ(refused->code, errc::out_of_memory);
+  EXPECT_NE(refused->message.find("nothing was evicted"), std::string::npos)
+      << refused->message;
+  store_->check_invariants();
+}
+
 // Every slab holds a block nothing can free, but one slot of the put's
 // size can come free: a put evicts a block of its size and succeeds. (The
 // first version of the check above asked only whether a whole slab could

@@ -1025,8 +1025,66 @@ TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   const auto r = run(a);
   EXPECT_EQ(r.matched_blocks, 6U);
   EXPECT_EQ(r.disk_blocks, 6U - tiers.memory);
+  EXPECT_EQ(r.memory_blocks, tiers.memory);
   for (const auto& k : a)
     expect_correct(k);
+}
+
+TEST_F(store_disk_test, memory_blocks_stop_at_the_first_block_brought_back) {
+  // a and c in memory, b only on disk (c brought back alone, as a chain
+  // root): the request matches all three, but only a was found in memory
+  // before a block came back. (The prefetcher judges a prefetch by this;
+  // matched less promoted said 2.)
+  const auto a = chain(1, 3);
+  run(a);
+  push_out_to_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[0]));
+  auto lease = store_->acquire(ns_, a[0]); // back from disk
+  ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+  lease->release();
+  auto leaf = store_->acquire(ns_, a[2]);
+  ASSERT_TRUE(leaf.has_value()) << leaf.error().describe();
+  leaf->release();
+  ASSERT_TRUE(store_->contains(ns_, a[0]));
+  ASSERT_FALSE(store_->contains(ns_, a[1]));
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 3U);
+  EXPECT_EQ(r.disk_blocks, 1U);
+  EXPECT_EQ(r.memory_blocks, 1U);
+}
+
+TEST_F(store_disk_test,
+       a_block_dropped_with_a_damaged_ancestor_unpins_on_disk) {
+  // A pinned chain a -> b -> c on disk too; a reader holds c when a fails
+  // its checksum. c is dropped (dead, held by the reader) and its pins in
+  // memory go; its unpin reaches its disk copy. (Before, it answered "not
+  // pinned" while the copy kept the pin, and the next recompute of c took
+  // that pin back with no holder left.)
+  const auto k = chain(1, 3);
+  put_options pinned;
+  pinned.pin = true;
+  ASSERT_TRUE(
+      store_->process(ns_, k, 3 * spec().block_tokens, producer_, pinned)
+          .has_value());
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  store_->poll_disk();
+  ASSERT_EQ(store_->disk()->lookup(k[2])->pins, 1U);
+  auto reader = store_->acquire(ns_, k[2]);
+  ASSERT_TRUE(reader.has_value());
+  ASSERT_TRUE(store_->corrupt_for_testing(ns_, k[0], 10).has_value());
+  {
+    auto lease = store_->acquire(ns_, k[0]);
+    ASSERT_TRUE(lease.has_value());
+    std::vector<std::byte> out(block_bytes);
+    EXPECT_EQ(store_->read(*lease, out).error().code, errc::checksum_mismatch);
+  }
+  store_->check_invariants();
+  const auto u = store_->unpin(ns_, k[2]);
+  ASSERT_TRUE(u.has_value()) << u.error().describe();
+  ASSERT_TRUE(store_->disk()->lookup(k[2]).has_value());
+  EXPECT_EQ(store_->disk()->lookup(k[2])->pins, 0U);
+  reader->release();
+  store_->check_invariants();
 }
 
 TEST_F(store_disk_test, a_block_expired_in_memory_is_no_disk_hit) {
