@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <linux/capability.h>
 #include <mutex>
@@ -310,6 +311,15 @@ protected:
     c.capacity_bytes = std::uint64_t{64} << 20;
     c.segment_bytes = std::uint64_t{1} << 20;
     c.clock = &clock_;
+    return c;
+  }
+
+  /// A tier in the test's directory that takes blocks past 64 MiB.
+  disk_tier_config large_block_config() const {
+    disk_tier_config c;
+    c.directory = dir_;
+    c.capacity_bytes = std::uint64_t{1} << 30;
+    c.segment_bytes = std::uint64_t{128} << 20;
     return c;
   }
 
@@ -1277,64 +1287,77 @@ TEST_F(disk_tier_test,
   EXPECT_EQ(kept, 1U);
 }
 
-TEST_F(disk_tier_test, a_spill_without_memory_for_its_copy_fails_alone) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
-                  "them";
-#else
-  constexpr std::size_t big = std::size_t{96} << 20;
+/// Runs `body` in a forked child (a test that changes process-wide limits)
+/// and expects it to exit with status 0; `body` returns the exit status.
+void expect_child_succeeds(const std::function<int()>& body) {
   const pid_t pid = ::fork();
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    // Child: an address-space limit that leaves no room for the queued
-    // copy of a large block. The spill must fail with an error value and
-    // the tier go on serving; before, std::bad_alloc escaped spill() into
-    // the owner's eviction.
-    disk_tier_config c;
-    c.directory = dir_;
-    c.capacity_bytes = std::uint64_t{1} << 30;
-    c.segment_bytes = std::uint64_t{128} << 20;
-    auto t = disk_tier::open(c);
-    if (!t)
-      ::_exit(2);
-    auto& tier = **t;
-    const auto bytes = block_bytes(1, big);
-    std::ifstream statm("/proc/self/statm");
-    std::uint64_t pages = 0;
-    statm >> pages;
-    rlimit lim{pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) +
-                   (std::uint64_t{16} << 20),
-               RLIM_INFINITY};
-    if (::setrlimit(RLIMIT_AS, &lim) != 0)
-      ::_exit(3);
-    const auto refused =
-        tier.spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
-                   nanos{1}, nanos{0}, false);
-    if (refused.has_value() || refused.error().code != errc::out_of_memory)
-      ::_exit(4);
-    if (tier.contains(key_of(1)))
-      ::_exit(5);
-    lim.rlim_cur = RLIM_INFINITY;
-    if (::setrlimit(RLIMIT_AS, &lim) != 0)
-      ::_exit(6);
-    const auto small = block_bytes(2, 4096);
-    if (!tier.spill(key_of(2), ns_a, codec::int8, small, block_checksum(small),
-                    nanos{1}, nanos{0}, false))
-      ::_exit(7);
-    (void)tier.wait_idle();
-    int code = tier.contains(key_of(2)) ? 0 : 8;
-    tier.drain_completions([&](disk_completion&& d) {
-      if (!d.status.has_value())
-        code = 9;
-    });
-    ::_exit(code);
-  }
+  if (pid == 0)
+    ::_exit(body());
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   ASSERT_TRUE(WIFEXITED(status))
       << "child ended by signal "
       << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
   EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+/// Sets the soft address-space limit `headroom` bytes above what the
+/// process maps now (the hard limit stays unlimited, so it can be raised
+/// again); false when it cannot.
+bool cap_address_space_at(std::uint64_t headroom) {
+  std::ifstream statm("/proc/self/statm");
+  std::uint64_t pages = 0;
+  statm >> pages;
+  const rlimit lim{pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) +
+                       headroom,
+                   RLIM_INFINITY};
+  return ::setrlimit(RLIMIT_AS, &lim) == 0;
+}
+
+/// Larger than the 64 MiB glibc reserves per thread arena, which an
+/// allocation on the I/O thread could otherwise grow into unlimited.
+constexpr std::size_t block_past_arena = std::size_t{96} << 20;
+
+TEST_F(disk_tier_test, a_spill_without_memory_for_its_copy_fails_alone) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
+                  "them";
+#else
+  // Child: an address-space limit that leaves no room for the queued copy
+  // of a large block. The spill must fail with an error value and the tier
+  // go on serving; before, std::bad_alloc escaped spill() into the owner's
+  // eviction.
+  expect_child_succeeds([this] {
+    auto t = disk_tier::open(large_block_config());
+    if (!t)
+      return 2;
+    auto& tier = **t;
+    const auto bytes = block_bytes(1, block_past_arena);
+    if (!cap_address_space_at(std::uint64_t{16} << 20))
+      return 3;
+    const auto refused =
+        tier.spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
+                   nanos{1}, nanos{0}, false);
+    if (refused.has_value() || refused.error().code != errc::out_of_memory)
+      return 4;
+    if (tier.contains(key_of(1)))
+      return 5;
+    const rlimit unlimited{RLIM_INFINITY, RLIM_INFINITY};
+    if (::setrlimit(RLIMIT_AS, &unlimited) != 0)
+      return 6;
+    const auto small = block_bytes(2, 4096);
+    if (!tier.spill(key_of(2), ns_a, codec::int8, small, block_checksum(small),
+                    nanos{1}, nanos{0}, false))
+      return 7;
+    (void)tier.wait_idle();
+    int code = tier.contains(key_of(2)) ? 0 : 8;
+    tier.drain_completions([&](disk_completion&& d) {
+      if (!d.status.has_value())
+        code = 9;
+    });
+    return code;
+  });
 #endif
 }
 
@@ -1343,29 +1366,19 @@ TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
   GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
                   "them";
 #else
-  // Larger than the 64 MiB glibc reserves per thread arena, which an
-  // allocation on the I/O thread could otherwise grow into unlimited.
-  constexpr std::size_t big = std::size_t{96} << 20;
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    // Child: a tier holding one large block, then an address-space limit
-    // that leaves no room for a copy of it. The fetch must fail with an
-    // error value; before, std::bad_alloc ended the process on the I/O
-    // thread.
-    disk_tier_config c;
-    c.directory = dir_;
-    c.capacity_bytes = std::uint64_t{1} << 30;
-    c.segment_bytes = std::uint64_t{128} << 20;
-    auto t = disk_tier::open(c);
+  // Child: a tier holding one large block, then an address-space limit that
+  // leaves no room for a copy of it. The fetch must fail with an error
+  // value; before, std::bad_alloc ended the process on the I/O thread.
+  expect_child_succeeds([this] {
+    auto t = disk_tier::open(large_block_config());
     if (!t)
-      ::_exit(2);
+      return 2;
     auto& tier = **t;
     {
-      const auto bytes = block_bytes(1, big);
+      const auto bytes = block_bytes(1, block_past_arena);
       if (!tier.spill(key_of(1), ns_a, codec::int8, bytes,
                       block_checksum(bytes), nanos{1}, nanos{0}, false))
-        ::_exit(3);
+        return 3;
     }
     (void)tier.wait_idle();
     // A second round trip: the I/O thread frees a batch's requests (the
@@ -1373,15 +1386,8 @@ TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
     (void)tier.fetch(key_of(2));
     (void)tier.wait_idle();
     tier.drain_completions([](disk_completion&&) {});
-    std::ifstream statm("/proc/self/statm");
-    std::uint64_t pages = 0;
-    statm >> pages;
-    const rlimit lim{
-        pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) +
-            (std::uint64_t{16} << 20),
-        RLIM_INFINITY};
-    if (::setrlimit(RLIMIT_AS, &lim) != 0)
-      ::_exit(4);
+    if (!cap_address_space_at(std::uint64_t{16} << 20))
+      return 4;
     const auto id = tier.fetch(key_of(1));
     (void)tier.wait_idle();
     int code = 5;
@@ -1390,14 +1396,8 @@ TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
           d.status.error().code == errc::out_of_memory && d.bytes.empty())
         code = 0;
     });
-    ::_exit(code);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status))
-      << "child ended by signal "
-      << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+    return code;
+  });
   // The block is still there for a process with memory.
   open(config());
   EXPECT_TRUE(tier_->contains(key_of(1)));
