@@ -984,6 +984,8 @@ private:
   std::vector<std::byte> scratch2_;
   /// room_could_come()'s per-entry marks, kept for their capacity.
   std::vector<std::uint8_t> held_marks_;
+  /// room_could_come()'s per-class marks: a slot free or freeing.
+  std::vector<std::uint8_t> slot_may_free_;
   std::vector<read_lease> process_leases_;    ///< process()'s leases, reused
   std::vector<promotion> promote_batch_;      ///< process()'s, reused
   std::vector<disk_request_id> promote_ids_;  ///< its reads, reused

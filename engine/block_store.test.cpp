@@ -1117,6 +1117,37 @@ TEST_F(store_fixture, a_full_slab_of_pinned_blocks_is_no_room) {
   store_->check_invariants();
 }
 
+// A block held only by its pinned child could be demoted, but no slot of
+// its smaller size is free or can free: the demotion scan passes it over,
+// so it is no room. (The check counted every demotable block, and the put
+// evicted every evictable block, then failed.)
+TEST_F(store_fixture, a_demotable_block_with_no_smaller_slot_is_no_room) {
+  high_watermark_ = 1.0;
+  low_watermark_ = 1.0;
+  open(8, policy_kind::lru, /*compression=*/true, 2); // four slabs of two
+  put_options pin;
+  pin.pin = true;
+  put_options int8;
+  int8.codec_override = codec::int8;
+  const auto d = chain(1, 2); // slab 0: d[0], held by its pinned child
+  ASSERT_TRUE(put(d[0], {}).has_value());
+  ASSERT_TRUE(put(d[1], d[0], pin).has_value());
+  ASSERT_TRUE(put(chain(3, 1)[0], {}, pin).has_value()); // slab 1: pinned
+  ASSERT_TRUE(put(chain(4, 1)[0], {}, pin).has_value());
+  for (std::uint64_t i = 10; i < 16; ++i) // slabs 2 and 3: int8 blocks
+    ASSERT_TRUE(put(chain(i, 1)[0], {}, int8).has_value());
+  auto held_a = store_->acquire(ns_, chain(10, 1)[0]);
+  auto held_b = store_->acquire(ns_, chain(13, 1)[0]);
+  ASSERT_TRUE(held_a.has_value() && held_b.has_value());
+  const auto r = put(chain(100, 1)[0], {});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::out_of_memory);
+  EXPECT_NE(r.error().message.find("nothing was evicted"), std::string::npos)
+      << r.error().message;
+  EXPECT_EQ(store_->stats().evictions, 0U);
+  store_->check_invariants();
+}
+
 // Every slab holds a block nothing can free, but one slot of the put's
 // size can come free: a put evicts a block of its size and succeeds. (The
 // first version of the check above asked only whether a whole slab could
