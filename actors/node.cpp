@@ -673,7 +673,14 @@ node::warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
       const auto [done, total] = events->progress.front();
       events->progress.pop_front();
       lock.unlock();
-      on_progress(done, total);
+      try {
+        on_progress(done, total);
+      } catch (...) {
+        // The host's exception is its own to handle; the relay goes now
+        // rather than when the warmer answers.
+        caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
+        throw;
+      }
       lock.lock();
     }
     if (events->outcome)

@@ -173,7 +173,8 @@ public:
   /// per answered query, before it returns (a null `on_progress`: as
   /// warm()). A warm that takes longer than `call_timeout` returns
   /// errc::timeout and reports no more progress; the warmer goes on with
-  /// the job.
+  /// the job. An exception `on_progress` throws leaves warm() as it is (the
+  /// warmer goes on with the job then too).
   [[nodiscard]] result<actors::warm_report>
   warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n,
        bool pin, const warm_progress& on_progress);

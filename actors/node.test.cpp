@@ -173,6 +173,13 @@ TEST_F(Node, WarmReportsProgressOnTheCallingThread) {
   const std::vector<std::pair<std::uint64_t, std::uint64_t>> want{
       {1, 4}, {2, 4}, {3, 4}, {4, 4}};
   EXPECT_EQ(seen, want);
+  // A callback that throws: the exception reaches the caller, and the node
+  // serves on (the warmer finishes the job).
+  struct stop_warming {};
+  EXPECT_THROW((void)(*n)->warm(
+                   items, 4, false,
+                   [](std::uint64_t, std::uint64_t) { throw stop_warming{}; }),
+               stop_warming);
   // A null callback is warm() without one: the queries are warm already.
   auto again = (*n)->warm(items, 4, false, node::warm_progress{});
   ASSERT_TRUE(again.has_value()) << again.error().describe();
