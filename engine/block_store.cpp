@@ -1866,30 +1866,49 @@ bool block_store::room_could_come(std::uint16_t cls, std::uint32_t parent) {
        a = entries_[a].parent)
     held_marks_[a] = 1;
   const bool can_move = !compaction_off_ && backend_->can_copy_within();
-  // Per size class: whether a slot of it is free or frees when a block goes
-  // (one nothing holds). A demotion needs one of its smaller size; with
-  // none, try_demote() passes the block over, so it frees nothing. (Before,
-  // every demotable block counted, and a put evicted blocks, then failed.)
-  // A slab compaction could give that size empties on its own, which the
-  // slab rule below sees.
-  slot_may_free_.clear();
-  for (std::uint32_t id = 0; id < entries_.size(); ++id) {
-    const entry& e = entries_[id];
-    if (e.state != entry_state::committed || held_marks_[id] != 0)
-      continue;
-    if (e.slot.size_class >= slot_may_free_.size())
-      slot_may_free_.resize(e.slot.size_class + 1u, 0);
-    slot_may_free_[e.slot.size_class] = 1;
-  }
-  const auto demotable = [&](const entry& e) {
+  // Per size class: whether a slot of it is free or can free: a block of
+  // it nothing holds goes, or one is demoted to a size that has a slot
+  // free or freeing (a chain: demoting a block of the smaller size first
+  // frees the slot). A demotion needs a slot of its smaller size; with
+  // none, try_demote() passes the block over, so it frees nothing.
+  // (Before, every demotable block counted, and a put evicted blocks, then
+  // failed.) A slab compaction could give that size empties on its own,
+  // which the slab rule below sees.
+  const auto may_free = [&](std::uint16_t c) {
+    return pool_.can_allocate(c) ||
+           (c < slot_may_free_.size() && slot_may_free_[c] != 0);
+  };
+  const auto mark = [&](std::uint16_t c) {
+    if (c >= slot_may_free_.size())
+      slot_may_free_.resize(c + 1u, 0);
+    const bool was = slot_may_free_[c] != 0;
+    slot_may_free_[c] = 1;
+    return !was;
+  };
+  const auto demotable_to =
+      [&](const entry& e) -> std::optional<std::uint16_t> {
     if (e.state != entry_state::committed || e.leases != 0 || e.pins != 0 ||
         e.dead || !may_demote(e))
-      return false;
-    const std::uint16_t to =
-        namespaces_[e.ns]
-            .size_class[static_cast<std::size_t>(demotion_target(e))];
-    return pool_.can_allocate(to) ||
-           (to < slot_may_free_.size() && slot_may_free_[to] != 0);
+      return std::nullopt;
+    return namespaces_[e.ns]
+        .size_class[static_cast<std::size_t>(demotion_target(e))];
+  };
+  slot_may_free_.clear();
+  for (std::uint32_t id = 0; id < entries_.size(); ++id)
+    if (entries_[id].state == entry_state::committed && held_marks_[id] == 0)
+      (void)mark(entries_[id].slot.size_class);
+  // To a fixed point: each pass marks at least one more class or ends.
+  for (bool changed = true; changed;) {
+    changed = false;
+    for (std::uint32_t id = 0; id < entries_.size(); ++id) {
+      const entry& e = entries_[id];
+      if (const auto to = demotable_to(e); to && may_free(*to))
+        changed |= mark(e.slot.size_class);
+    }
+  }
+  const auto demotable = [&](const entry& e) {
+    const auto to = demotable_to(e);
+    return to && may_free(*to);
   };
   using fate = block_pool::slot_fate;
   return pool_.room_could_come(

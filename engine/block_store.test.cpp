@@ -1148,6 +1148,62 @@ TEST_F(store_fixture, a_demotable_block_with_no_smaller_slot_is_no_room) {
   store_->check_invariants();
 }
 
+// A demotion chain is room: X (held by its pinned child, target int8) can
+// be demoted once an int8 slot frees, which demoting Y (held by its pinned
+// child, target int4, where a slot is free) does. The put succeeds. (The
+// check of a8222a2 looked at X's target size alone and refused the put.)
+TEST(block_store, a_chain_of_demotions_is_room) {
+  manual_clock clock;
+  store_config cfg;
+  cfg.capacity_bytes = 6 * 4096;
+  cfg.slab_bytes = 2 * 4096; // three slabs of two full-size blocks
+  cfg.policy = policy_kind::lru;
+  cfg.high_watermark = 1.0;
+  cfg.low_watermark = 1.0;
+  cfg.clock = &clock;
+  auto created = block_store::create(cfg);
+  ASSERT_TRUE(created.has_value()) << created.error().describe();
+  auto& store = **created;
+  namespace_options opts;
+  opts.thresholds.int8_above = 3;
+  opts.thresholds.precise_above = 10;
+  const auto spec = small_spec();
+  const auto ns = *store.register_namespace(spec, opts);
+  const auto fp = spec.fingerprint();
+  synthetic_producer producer;
+  const auto key = [&](std::uint64_t id, const block_key& parent = {}) {
+    return chain_key_from_id(parent, fp, id);
+  };
+  const auto put = [&](const block_key& k, const block_key& parent,
+                       std::optional<codec> c, bool pin) -> result<void> {
+    put_options o;
+    o.pin = pin;
+    o.codec_override = c;
+    auto h = store.reserve(ns, k, parent, o);
+    if (!h)
+      return unexpected<error>(h.error());
+    if (auto w = store.write_from(*h, producer); !w)
+      return w;
+    return store.commit(*h);
+  };
+  const block_key x = key(1), y = key(3);
+  ASSERT_TRUE(put(x, {}, std::nullopt, false)); // slab 0: X and its child
+  ASSERT_TRUE(put(key(2, x), x, std::nullopt, true));
+  for (int i = 0; i < 3; ++i) // 4 accesses: X demotes to int8
+    ASSERT_TRUE(store.acquire(ns, x).has_value());
+  ASSERT_TRUE(put(y, {}, codec::int8, false)); // slab 1: Y, its child, P
+  ASSERT_TRUE(put(key(4, y), y, codec::int8, true));
+  ASSERT_TRUE(put(key(5), {}, codec::int8, true));
+  ASSERT_TRUE(put(key(6), {}, codec::int4, false)); // slab 2: int4 blocks
+  for (std::uint64_t i = 7; i <= 9; ++i)
+    ASSERT_TRUE(put(key(i), {}, codec::int4, true));
+  store.check_invariants();
+  const auto r = put(key(100), {}, std::nullopt, false);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_GE(store.stats().demotions, 2U);
+  store.check_invariants();
+}
+
 // Every slab holds a block nothing can free, but one slot of the put's
 // size can come free: a put evicts a block of its size and succeeds. (The
 // first version of the check above asked only whether a whole slab could
