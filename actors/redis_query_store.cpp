@@ -27,6 +27,25 @@
 namespace kvfleet::actors {
 namespace {
 
+bool all_digits(std::string_view s) {
+  if (s.empty())
+    return false;
+  for (char c : s)
+    if (std::isdigit(static_cast<unsigned char>(c)) == 0)
+      return false;
+  return true;
+}
+
+/// The port `s` names: all digits, in 1..65535; nullopt otherwise.
+std::optional<std::uint16_t> port_number(std::string_view s) {
+  unsigned value = 0;
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+  if (!all_digits(s) || ec != std::errc{} || end != s.data() + s.size() ||
+      value == 0 || value > 65535)
+    return std::nullopt;
+  return static_cast<std::uint16_t>(value);
+}
+
 /// `url` with whatever sits between "://" and the last '@' replaced by
 /// "***", so no message shows a password. The last '@' of the whole URL,
 /// not of the part before the first '/': a password with a '/' left
@@ -66,17 +85,10 @@ std::string without_credentials(std::string_view url) {
     // Shown only as a whole well-formed host:port[/db]; anything else after
     // the ':' may be a password (a '/' in it unencoded, digits only), so
     // all of it is hidden.
-    const auto digits = [](std::string_view d) {
-      return !d.empty() && std::all_of(d.begin(), d.end(), [](char c) {
-        return std::isdigit(static_cast<unsigned char>(c)) != 0;
-      });
-    };
     const auto port = url.substr(colon + 1, end - colon - 1);
     const auto db = end < url.size() ? url.substr(end + 1) : std::string_view{};
-    const bool well_formed = colon > host && digits(port) && port.size() <= 5 &&
-                             std::stoul(std::string(port)) >= 1 &&
-                             std::stoul(std::string(port)) <= 65535 &&
-                             (db.empty() || digits(db));
+    const bool well_formed = colon > host && port_number(port).has_value() &&
+                             (db.empty() || all_digits(db));
     if (well_formed)
       return std::string(url);
     return std::string(url.substr(0, colon + 1)) + "***";
@@ -140,15 +152,6 @@ std::optional<std::string> percent_decode(std::string_view s) {
     i += 2;
   }
   return out;
-}
-
-bool all_digits(std::string_view s) {
-  if (s.empty())
-    return false;
-  for (char c : s)
-    if (std::isdigit(static_cast<unsigned char>(c)) == 0)
-      return false;
-  return true;
 }
 
 timeval to_timeval(std::chrono::milliseconds ms) {
@@ -272,13 +275,10 @@ result<redis_endpoint> parse_redis_url(std::string_view url) {
     return url_error(url, "empty host (a Unix socket path is not supported: "
                           "give host[:port])");
   if (has_port) {
-    unsigned value = 0;
-    auto [end, ec] =
-        std::from_chars(port.data(), port.data() + port.size(), value);
-    if (!all_digits(port) || ec != std::errc{} ||
-        end != port.data() + port.size() || value == 0 || value > 65535)
+    const auto number = port_number(port);
+    if (!number)
       return url_error(url, "port must be a number in 1..65535");
-    ep.port = static_cast<std::uint16_t>(value);
+    ep.port = *number;
   }
   if (slash != std::string_view::npos) {
     auto db = rest.substr(slash + 1);

@@ -177,28 +177,27 @@ transition_model::predict(const std::string& query) const {
   return prediction{best->query, std::min(1.0, sure / total), sure};
 }
 
+void transition_model::age_successors(std::vector<successor>& next,
+                                      double& total) const {
+  total *= config_.decay;
+  for (auto& s : next) {
+    s.count *= config_.decay;
+    s.over *= config_.decay;
+  }
+  std::erase_if(
+      next, [&](const successor& s) { return s.count < config_.min_count; });
+}
+
 void transition_model::age() {
   for (auto& [id, s] : sessions_) {
-    for (auto& n : s.table) {
-      n.total *= config_.decay;
-      for (auto& x : n.next)
-        x.count *= config_.decay;
-      std::erase_if(n.next, [&](const successor& x) {
-        return x.count < config_.min_count;
-      });
-    }
+    for (auto& n : s.table)
+      age_successors(n.next, n.total);
     std::erase_if(s.table,
                   [](const session_node& n) { return n.next.empty(); });
   }
   for (auto it = queries_.begin(); it != queries_.end();) {
     auto& next = it->second.next;
-    it->second.total *= config_.decay;
-    for (auto& s : next) {
-      s.count *= config_.decay;
-      s.over *= config_.decay;
-    }
-    std::erase_if(
-        next, [&](const successor& s) { return s.count < config_.min_count; });
+    age_successors(next, it->second.total);
     if (next.empty()) {
       query_lru_.erase(it->second.lru);
       it = queries_.erase(it);

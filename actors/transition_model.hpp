@@ -142,6 +142,9 @@ private:
   };
   void count_in(session_state& s, const std::string& from,
                 const std::string& to) const;
+  /// Ages one query's successors (overall or a session's): `total` and
+  /// every count times `decay`, and those below min_count dropped.
+  void age_successors(std::vector<successor>& next, double& total) const;
   std::unordered_map<std::uint64_t, session_state> sessions_;
   std::list<std::uint64_t> session_lru_;
   std::uint64_t observations_ = 0;
