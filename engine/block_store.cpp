@@ -650,8 +650,13 @@ void block_store::drop_damaged(std::uint32_t id) {
   const block_key k = entries_[id].key;
   // The damage may have come from disk (promotion does not hash; reads
   // do): drop that copy too, so it is not promoted again.
-  if (disk_ && disk_->contains(k))
-    (void)disk_->erase(k);
+  // Not another namespace's copy of the same raw key: this block never
+  // came from it (promotion checks the namespace).
+  if (disk_) {
+    const auto info = disk_->lookup(k);
+    if (info && info->ns == namespaces_[entries_[id].ns].fingerprint)
+      (void)disk_->erase(k);
+  }
   // Its cached descendants can no longer be reached; drop them as well,
   // so the prefix can be recomputed and cached again: also those below a
   // dead (expired, held) one, and pinned ones. A pin of the damaged block
@@ -2340,7 +2345,10 @@ void block_store::match_disk_copy_expiry(std::uint32_t id) {
   if (!disk_ || (e.expires_at == 0 && e.pins == 0))
     return;
   const auto info = disk_->lookup(e.key);
-  if (!info)
+  // Another namespace's copy of the same raw key is none of this block's:
+  // neither rewritten nor dropped for it (the block spills in its own name
+  // when it is evicted).
+  if (!info || info->ns != namespaces_[e.ns].fingerprint)
     return;
   const nanos wall = disk_clock().now();
   nanos expires{0}; // never

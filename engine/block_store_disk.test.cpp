@@ -1684,6 +1684,41 @@ TEST_F(store_disk_test, a_copy_of_another_namespaces_key_is_not_this_blocks) {
   store_->check_invariants();
 }
 
+TEST_F(store_disk_test,
+       another_namespaces_copy_outlives_this_blocks_ttl_and_damage) {
+  // Namespace A's block (no expiry) is on disk when, after a restart,
+  // namespace B puts a block of the same raw key for ten minutes, and B's
+  // block is then found damaged. A's copy is none of B's: it is neither
+  // dropped as outlasting B's block nor with B's damaged bytes. (Before,
+  // each of the two erased it, and A's block was lost.)
+  namespace_spec other = spec();
+  other.model = "another-model";
+  const auto a = chain(7, 1);
+  run(a);
+  spill_everything();
+  open();
+  const ns_id b = *store_->register_namespace(other);
+  put_options ten_minutes;
+  ten_minutes.ttl = std::chrono::minutes(10);
+  ASSERT_TRUE(put_root(b, other, a[0], ten_minutes).has_value());
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  EXPECT_EQ(store_->stats().outlasting_disk_copies_dropped, 0U);
+  EXPECT_EQ(store_->lookup_tiers(ns_, a)->disk, 1U);
+
+  ASSERT_TRUE(store_->corrupt_for_testing(b, a[0], 10).has_value());
+  {
+    auto lease = store_->acquire(b, a[0]);
+    ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+    std::vector<std::byte> out(other.value_bytes());
+    EXPECT_EQ(store_->read(*lease, out).error().code, errc::checksum_mismatch);
+  }
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  EXPECT_EQ(store_->lookup_tiers(ns_, a)->disk, 1U);
+  EXPECT_EQ(run(a).disk_blocks, 1U);
+  expect_correct(a[0]);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
   // Memory (4 blocks) full of pinned blocks: a block only on disk cannot
   // come back. acquire(), pin() and a put naming it as parent say it is
