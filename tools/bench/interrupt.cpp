@@ -12,7 +12,10 @@ static_assert(std::atomic<int>::is_always_lock_free);
 } // namespace
 
 void request_interrupt(int signal) noexcept {
-  requested.store(signal, std::memory_order_relaxed);
+  // The first signal names the stop: a SIGINT after a SIGTERM (the second
+  // signal's handler is still installed) does not turn 143 into 130.
+  int none = 0;
+  requested.compare_exchange_strong(none, signal, std::memory_order_relaxed);
 }
 
 int interrupt_signal() noexcept {

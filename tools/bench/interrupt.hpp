@@ -20,7 +20,9 @@
 
 namespace kvfleet::bench {
 
-/// Asks the running replay to stop; `signal` is the signal that asked.
+/// Asks the running replay to stop; `signal` is the signal that asked. A
+/// later request, before clear_interrupt(), changes nothing: the first
+/// signal decides the exit status.
 void request_interrupt(int signal) noexcept;
 
 /// The signal that asked the replay to stop, or 0.
