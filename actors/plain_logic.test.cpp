@@ -996,6 +996,61 @@ TEST(ScalerPolicy, ASpawnRefusedLateTurnsTheNextScaleUpToCapacity) {
   EXPECT_EQ(s.evaluate(t).action, scale_action::grow_capacity);
 }
 
+TEST(ScalerPolicy, AReplicaChangeTheOtherWayEndsARefusalsTurnToCapacity) {
+  // A retire refused (the balancer's last live engine, say while another
+  // restarts), then the fleet grows: the next scale-down retires again. And
+  // a spawn refused (no device), then a replica retired: the next scale-up
+  // spawns again. (Before, each refusal turned every later change its way
+  // to the capacity until the capacity hit its bound: from 16384 tokens,
+  // ten shrinks, one per cooldown, before any replica was retired.)
+  auto c = fast_scaler(); // cooldown 60 s
+  c.sustain = 1;
+  c.max_replicas = 3;
+  auto s = make_scaler(c, 2, 16384);
+  engine::nanos t{0};
+  const auto next = [&](engine::nanos latency) {
+    t += 61s;
+    feed(s, t, latency);
+    return s.evaluate(t).action;
+  };
+  ASSERT_EQ(next(10ms), scale_action::retire_replica);
+  s.refused(scale_action::retire_replica);
+  ASSERT_EQ(next(800ms), scale_action::spawn_replica);
+  EXPECT_EQ(s.replicas(), 3U);
+  EXPECT_EQ(next(10ms), scale_action::retire_replica);
+  EXPECT_EQ(s.capacity_tokens(), 16384U);
+
+  auto up = make_scaler(c, 2, 4096);
+  t = engine::nanos{0};
+  const auto up_next = [&](engine::nanos latency) {
+    t += 61s;
+    feed(up, t, latency);
+    return up.evaluate(t).action;
+  };
+  ASSERT_EQ(up_next(800ms), scale_action::spawn_replica);
+  up.refused(scale_action::spawn_replica);
+  ASSERT_EQ(up_next(10ms), scale_action::retire_replica);
+  EXPECT_EQ(up_next(800ms), scale_action::spawn_replica);
+  EXPECT_EQ(up.capacity_tokens(), 4096U);
+}
+
+TEST(ScalerPolicy, ASampleSeenEarlierThanTheNewestLeavesTheWindowInItsTime) {
+  // Samples at 100 s, then some stamped 95 s and 80 s (clocks that
+  // disagree): those of 80 s are out of the window already, and those of
+  // 95 s leave it at 105 s, before those of 100 s. (Before, each went to the
+  // back and stayed until the 100 s ones left: a p95 of 900 ms at 107 s.)
+  auto c = fast_scaler(); // window 10 s
+  auto s = make_scaler(c, 1, 4096);
+  feed(s, 100s, 100ms, 20);
+  feed(s, 95s, 900ms, 20);
+  feed(s, 80s, 900ms, 5);
+  EXPECT_EQ(s.window_requests(104s), 40U);
+  EXPECT_EQ(s.p95(104s), 900ms);
+  EXPECT_EQ(s.window_requests(107s), 20U);
+  EXPECT_EQ(s.p95(107s), 100ms);
+  EXPECT_EQ(s.window_requests(111s), 0U);
+}
+
 TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {
   auto c = fast_scaler();
   c.sustain = 1;

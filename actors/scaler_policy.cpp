@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 
 namespace kvfleet::actors {
@@ -145,13 +146,23 @@ result<void> scaler_policy::record(engine::nanos now, engine::nanos latency) {
                       "scaler_policy::record: a latency must not be negative, "
                       "not " +
                           std::to_string(latency.count()) + " ns");
+  // The window is kept in time order, and leaves from its front: a sample
+  // seen earlier than the newest (a caller's clocks that disagree) goes in
+  // its place, or nowhere when the window has passed it already. Before, it
+  // went to the back and stayed until the newer samples before it left.
+  if (!samples_.empty() && now < samples_.back().at &&
+      now + config_.window < samples_.back().at)
+    return {};
   trim(now);
   // Past max_samples, each request is kept with chance 1 / stride_ (a
   // fixed-seed generator: deterministic, and unlike keeping every
   // stride_-th request, blind to periodic traffic).
   if (stride_ > 1 && (next_random() & (stride_ - 1)) != 0)
     return {};
-  samples_.push_back(sample{now, latency, stride_});
+  auto at = samples_.end();
+  while (at != samples_.begin() && std::prev(at)->at > now)
+    --at;
+  samples_.insert(at, sample{now, latency, stride_});
   weight_sum_ += stride_;
   if (samples_.size() > max_samples) {
     thin();
@@ -273,7 +284,9 @@ scale_decision scaler_policy::decide(engine::nanos now) {
     if (replicas_ < config_.max_replicas && !grow_first) {
       d.action = scale_action::spawn_replica;
       ++replicas_;
-      spawn_refused_ = false;
+      // A retire refused before (the last live engine) says nothing about
+      // the grown fleet.
+      spawn_refused_ = retire_refused_ = false;
     } else if (capacity_ < config_.max_capacity_tokens) {
       d.action = scale_action::grow_capacity;
       // At least one token, so that a factor close to 1 on a small budget
@@ -290,7 +303,9 @@ scale_decision scaler_policy::decide(engine::nanos now) {
     if (replicas_ > config_.min_replicas && !shrink_first) {
       d.action = scale_action::retire_replica;
       --replicas_;
-      retire_refused_ = false;
+      // A retire frees what a refused spawn lacked (an engine slot, a
+      // device): the next scale-up tries a spawn first again.
+      retire_refused_ = spawn_refused_ = false;
     } else if (capacity_ > config_.min_capacity_tokens) {
       d.action = scale_action::shrink_capacity;
       capacity_ = static_cast<std::uint32_t>(std::max<double>(

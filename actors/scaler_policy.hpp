@@ -129,7 +129,9 @@ public:
   create(scaler_config config, std::uint32_t replicas,
          std::uint32_t capacity_tokens);
 
-  /// Adds a request's latency, seen at `now`, to the window. Errors:
+  /// Adds a request's latency, seen at `now`, to the window (in time order:
+  /// a `now` earlier than the newest sample's takes its place, and one a
+  /// window older is left out). Errors:
   /// errc::invalid_argument for a negative latency (nothing recorded: it
   /// would pull the p95 below every real one and retire replicas).
   [[nodiscard]] result<void> record(engine::nanos now, engine::nanos latency);
@@ -175,7 +177,9 @@ public:
   /// cooldown while the capacity stayed put), and so does every one after
   /// it until the capacity is at max_capacity_tokens; then a spawn is tried
   /// again. A refused retire (the balancer keeps its last live engine) makes
-  /// the next scale-downs shrink the capacity the same way.
+  /// the next scale-downs shrink the capacity the same way. Either lasts
+  /// until a replica change goes the other way (a spawn after a refused
+  /// retire, a retire after a refused spawn), which changes what refused.
   void refused(scale_action a) noexcept {
     ++refusals_;
     if (a == scale_action::spawn_replica && replicas_ > 0) {
