@@ -274,6 +274,9 @@ public:
     for (const auto& s : shadows_)
       s.check_invariants();
   }
+  [[nodiscard]] std::uint64_t full_rescores() const noexcept override {
+    return full_rescores_;
+  }
 
 protected:
   score rescore(std::uint32_t id, const access_info& info,
@@ -293,9 +296,12 @@ protected:
       double prior = global;
       if (b.parent != npos && b.parent < state_.size()) {
         block_state& p = state_[b.parent];
+        // At most 1: a hit counts a reused child of a parent whose insert
+        // it did not see (the parent past this policy's storage then).
         prior =
-            (static_cast<double>(p.children_reused) + prior_weight * global) /
-            (static_cast<double>(p.children) + prior_weight);
+            std::min(1.0, (static_cast<double>(p.children_reused) +
+                           prior_weight * global) /
+                              (static_cast<double>(p.children) + prior_weight));
         ++p.children;
       }
       ++inserted_;
@@ -325,8 +331,12 @@ private:
     double log_c = 0;
     std::uint64_t tick = 0;
     std::uint32_t parent = npos;
-    std::uint32_t children = 0;
-    std::uint32_t children_reused = 0;
+    // 64 bits: a resident parent (a pinned system prompt) sees a child
+    // inserted at every round trip of one; at 32 bits `children` wrapped
+    // after 2^32 and the prior of its next children came out far above 1,
+    // ranking one-off blocks above the hottest.
+    std::uint64_t children = 0;
+    std::uint64_t children_reused = 0;
     bool hit = false;
     bool live = false;
   };
@@ -360,6 +370,7 @@ private:
 
   /// Every live block's score under the active half-life.
   void rescore_all() {
+    ++full_rescores_;
     const double h = half_life();
     for (std::uint32_t id = 0; id < state_.size(); ++id)
       if (state_[id].live)
@@ -378,16 +389,26 @@ private:
     if (++sampled_ % duel_window != 0)
       return;
     const std::size_t other = 1 - active_;
-    // The other half-life must win `switch_after` windows in a row: a
-    // switch rescores every block, so it must not flap on a tie.
+    // The other half-life must win `needed_wins_` windows in a row: a
+    // switch rescores every block, so it must not flap on a tie. On a tie
+    // the noise still passes the margin twice in a row now and then, so
+    // each switch doubles the windows the next one needs (up to
+    // max_switch_after), and every quiet_windows windows without one halve
+    // them again (down to switch_after), so that a change of workload is
+    // followed within a few hundred thousand accesses again.
     if (shadows_[other].hits() > shadows_[active_].hits() * switch_margin)
       ++other_wins_;
     else
       other_wins_ = 0;
-    if (other_wins_ >= switch_after) {
+    if (other_wins_ >= needed_wins_) {
       other_wins_ = 0;
+      quiet_ = 0;
+      needed_wins_ = std::min(needed_wins_ * 2, max_switch_after);
       active_ = other;
       rescore_all();
+    } else if (++quiet_ == quiet_windows) {
+      quiet_ = 0;
+      needed_wins_ = std::max(needed_wins_ / 2, switch_after);
     }
     for (auto& s : shadows_)
       s.decay();
@@ -402,6 +423,8 @@ private:
   static constexpr std::uint64_t duel_window = 512;
   static constexpr double switch_margin = 1.005;
   static constexpr std::uint32_t switch_after = 2;
+  static constexpr std::uint32_t max_switch_after = 32;
+  static constexpr std::uint32_t quiet_windows = 64;
   static constexpr double prior_weight = 2.0;
   static constexpr double min_prior = 1.0 / 1024;
   /// The half-life's basis is retaken when the store holds this many
@@ -416,10 +439,13 @@ private:
                                                 internal::lrfu_shadow{4.0}};
   std::size_t active_ = 0;
   std::uint32_t other_wins_ = 0;
+  std::uint32_t needed_wins_ = switch_after;
+  std::uint32_t quiet_ = 0; ///< windows since the last switch or halving
   std::uint64_t sampled_ = 0;
   std::vector<block_state> state_;
   std::uint64_t inserted_ = 0;
   std::uint64_t reused_ = 0;
+  std::uint64_t full_rescores_ = 0;
 };
 
 } // namespace

@@ -110,6 +110,11 @@ public:
   [[nodiscard]] virtual std::size_t
   evictable_count(priority p) const noexcept = 0;
   virtual void check_invariants() const = 0;
+  /// How many times the policy has retaken every block's score at once (an
+  /// O(blocks) pass inside one access; adaptive only, 0 for the others).
+  [[nodiscard]] virtual std::uint64_t full_rescores() const noexcept {
+    return 0;
+  }
 };
 
 [[nodiscard]] std::unique_ptr<eviction_policy> make_policy(policy_kind kind);
