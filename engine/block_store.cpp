@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <new>
 #include <string>
 
 namespace kvfleet::engine {
@@ -450,6 +451,8 @@ void block_store::pin_once(std::uint32_t id) {
   if (e.state != entry_state::committed || e.dead || e.pins > 0)
     return;
   e.pins = 1;
+  if (pin_log_ != nullptr)
+    pin_log_->emplace_back(id, e.generation);
   recency_unlink(id);    // no demotion candidate while pinned
   (void)spill(id, true); // pins survive restarts
   refresh_evictable(id);
@@ -1204,6 +1207,8 @@ result<void> block_store::commit(put_handle& h) {
             usable_disk_copy(namespaces_[e.ns], e.key, disk_clock().now()))
       held = info->pins;
   e.pins = std::max<std::uint32_t>(e.pin_on_commit ? 1 : 0, held);
+  if (e.pin_on_commit && held == 0 && pin_log_ != nullptr)
+    pin_log_->emplace_back(id, e.generation);
   account(e, true);
   ++tick_;
   access_info info;
@@ -1313,6 +1318,22 @@ void block_store::abort_reservation(std::uint32_t id) noexcept {
 
 // ---------------------------------------------------------------- tokens
 
+result<void>
+block_store::compute_token_keys(const ns_state& st,
+                                std::span<const std::uint32_t> tokens) {
+  token_keys_.clear();
+  try {
+    chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
+  } catch (const std::bad_alloc&) {
+    token_keys_.clear();
+    token_keys_.shrink_to_fit();
+    return make_error(errc::out_of_memory, "no memory for the block keys of " +
+                                               std::to_string(tokens.size()) +
+                                               " tokens");
+  }
+  return {};
+}
+
 result<std::size_t>
 block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
                         std::span<const std::byte> values,
@@ -1338,15 +1359,19 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   }
   const std::size_t blocks = tokens.size() / bt;
   const std::size_t vb = st.spec.value_bytes();
-  if (values.size() != blocks * vb) {
+  // Divided, not multiplied: blocks * vb can wrap (2^35 tokens of 512 MiB
+  // blocks wrapped to 0, and an empty span passed).
+  if (values.size() % vb != 0 || values.size() / vb != blocks) {
     count_rejected();
     return make_error(errc::wrong_value_size,
                       std::to_string(values.size()) + " bytes of values for " +
                           std::to_string(blocks) + " blocks of " +
                           std::to_string(vb) + " bytes");
   }
-  token_keys_.clear();
-  chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
+  if (auto ok = compute_token_keys(st, tokens); !ok) {
+    count_rejected();
+    return unexpected<error>(ok.error());
+  }
   // The calls below are the store's own: this call counts once if it fails.
   const nested_scope nested(*this);
   // Lease the cached prefix so making room for the rest cannot evict it,
@@ -1422,8 +1447,10 @@ block_store::lookup_tokens(ns_id ns, std::span<const std::uint32_t> tokens) {
     return unexpected<error>(st_r.error());
   }
   const ns_state& st = **st_r;
-  token_keys_.clear();
-  chain_keys(st.fingerprint, st.spec.block_tokens, tokens, token_keys_);
+  if (auto ok = compute_token_keys(st, tokens); !ok) {
+    count_rejected();
+    return unexpected<error>(ok.error());
+  }
   auto n = lookup(ns, token_keys_);
   if (!n)
     return n;
@@ -1479,6 +1506,32 @@ result<process_result> block_store::process(ns_id ns,
   process_result out;
   out.matched_blocks = *matched;
   out.memory_blocks = *matched;
+  // The pins this call adds, taken back if it fails.
+  process_pins_.clear();
+  struct pin_log_scope {
+    block_store& s;
+    ~pin_log_scope() { s.pin_log_ = nullptr; }
+  } pin_log_guard{*this};
+  if (options.pin)
+    pin_log_ = &process_pins_;
+  // A request that fails after blocks were committed: its pins go (the
+  // caller, told of the failure, holds none to unpin), and the blocks it
+  // brought back from the memory tier or disk count as hits, as they do
+  // when it succeeds (they stay cached).
+  const auto fail = [&](const error& e) -> result<process_result> {
+    leases.clear();
+    pin_log_ = nullptr;
+    for (const auto& [id, generation] : process_pins_)
+      if (entries_[id].generation == generation &&
+          entries_[id].state == entry_state::committed && entries_[id].pins > 0)
+        (void)unpin(ns, entries_[id].key);
+    process_pins_.clear();
+    const std::size_t from_below = out.matched_blocks - *matched;
+    stats_.block_hits += from_below;
+    stats_.block_misses -= from_below;
+    ++stats_.rejected_requests;
+    return unexpected<error>(e);
+  };
   put_options opts = options;
   if (opts.request_tokens == 0)
     opts.request_tokens = static_cast<std::uint32_t>(
@@ -1541,27 +1594,19 @@ result<process_result> block_store::process(ns_id ns,
       // request.
       auto h = reserve(ns, keys[i], parent, opts);
       if (h) {
-        if (auto w = write_from(*h, producer); !w) {
-          leases.clear();
-          ++stats_.rejected_requests;
-          return unexpected<error>(w.error());
-        }
-        if (auto c = commit(*h); !c) {
-          leases.clear();
-          ++stats_.rejected_requests;
-          return unexpected<error>(c.error());
-        }
+        if (auto w = write_from(*h, producer); !w)
+          return fail(w.error());
+        if (auto c = commit(*h); !c)
+          return fail(c.error());
         parent = keys[i];
         continue;
       }
       caching = false;
     }
-    if (auto p = compute_uncached(keys[i]); !p) {
-      leases.clear();
-      ++stats_.rejected_requests;
-      return unexpected<error>(p.error());
-    }
+    if (auto p = compute_uncached(keys[i]); !p)
+      return fail(p.error());
   }
+  pin_log_ = nullptr;
   if (opts.pin)
     for (std::size_t i = 0; i < out.matched_blocks; ++i)
       if (const std::uint32_t id = index_.find(keys[i]); id != npos)

@@ -433,6 +433,8 @@ public:
              const put_options& options = {});
   /// Token-level lookup: how many leading tokens of `tokens` are cached (a
   /// multiple of the block size; a trailing partial block is never cached).
+  /// Both token calls return errc::out_of_memory when the keys of `tokens`
+  /// do not fit in memory.
   [[nodiscard]] result<std::size_t>
   lookup_tokens(ns_id ns, std::span<const std::uint32_t> tokens);
 
@@ -443,7 +445,10 @@ public:
   /// partial block, which is never cached). Any other count, more keys or
   /// fewer, is refused before anything is looked up
   /// (errc::misaligned_tokens giving both numbers; counted as a rejected
-  /// request).
+  /// request). A request that fails later (the producer, a write) keeps the
+  /// blocks it committed before, but not the pins it gave them with
+  /// put_options::pin: the caller, told only of the failure, has none to
+  /// unpin.
   [[nodiscard]] result<process_result>
   process(ns_id ns, std::span<const block_key> keys, std::size_t input_tokens,
           kv_producer& producer, const put_options& options = {});
@@ -632,6 +637,10 @@ private:
     block_store& s_;
   };
   [[nodiscard]] result<const ns_state*> check_ns(ns_id ns) const;
+  /// token_keys_ = the chained keys of `tokens`' full blocks; errc::
+  /// out_of_memory (nothing thrown) when they do not fit in memory.
+  [[nodiscard]] result<void>
+  compute_token_keys(const ns_state& st, std::span<const std::uint32_t> tokens);
   /// reserve(); `sets_expiry`: the put's commit sets the block's expiry
   /// (a duplicate put's: the cached block's, to the put's start + TTL) and
   /// matches the disk copy's to it (match_disk_copy_expiry()). A put's; a
@@ -986,7 +995,12 @@ private:
   std::vector<std::uint8_t> held_marks_;
   /// room_could_come()'s per-class marks: a slot free or freeing.
   std::vector<std::uint8_t> slot_may_free_;
-  std::vector<read_lease> process_leases_;    ///< process()'s leases, reused
+  std::vector<read_lease> process_leases_; ///< process()'s leases, reused
+  /// While process() runs with put_options::pin: the blocks its puts (and
+  /// promotions) pinned that were not pinned before, {id, generation}, so
+  /// a request that fails takes those pins back (nobody was told of them).
+  std::vector<std::pair<std::uint32_t, std::uint32_t>>* pin_log_ = nullptr;
+  std::vector<std::pair<std::uint32_t, std::uint32_t>> process_pins_;
   std::vector<promotion> promote_batch_;      ///< process()'s, reused
   std::vector<disk_request_id> promote_ids_;  ///< its reads, reused
   std::vector<promotion> pending_promotions_; ///< promote()'s, in flight

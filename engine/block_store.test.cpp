@@ -5,9 +5,14 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <new>
@@ -2622,6 +2627,108 @@ TEST_F(store_fixture, a_failed_write_from_counts_as_a_rejected_request) {
   ASSERT_FALSE(r.has_value());
   EXPECT_EQ(store_->stats().rejected_requests, 4U);
   store_->check_invariants();
+}
+
+/// A producer whose first `good` blocks succeed and the rest fail.
+class fails_after final : public kv_producer {
+public:
+  explicit fails_after(std::size_t good) : good_(good) {}
+  result<void> produce(const namespace_spec& s, const block_key& k,
+                       std::span<std::byte> out) override {
+    if (good_ == 0)
+      return make_error(errc::backend_error, "no KV for this block");
+    --good_;
+    return fine_.produce(s, k, out);
+  }
+  nanos cost(std::size_t) const noexcept override { return nanos{0}; }
+
+private:
+  std::size_t good_;
+  synthetic_producer fine_;
+};
+
+TEST_F(store_fixture, a_failed_pinned_request_takes_its_pins_back) {
+  // A request with pin whose third block fails: the caller gets the error
+  // and holds no pin to unpin, so the two blocks committed before keep
+  // none. (Before, they stayed pinned for good: never evicted.) A block
+  // pinned before the request keeps its pin.
+  open(16);
+  const auto k = chain(1, 4);
+  synthetic_producer fine;
+  ASSERT_TRUE(
+      store_->process(ns_, std::span(k).first(1), 16, fine).has_value());
+  ASSERT_TRUE(store_->pin(ns_, k[0]).has_value());
+  put_options pin;
+  pin.pin = true;
+  fails_after two(2);
+  const auto r = store_->process(ns_, k, 4 * 16, two, pin);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::backend_error);
+  EXPECT_TRUE(store_->contains(ns_, k[1]));
+  EXPECT_TRUE(store_->contains(ns_, k[2]));
+  EXPECT_EQ(store_->unpin(ns_, k[1]).error().code, errc::invalid_argument);
+  EXPECT_EQ(store_->unpin(ns_, k[2]).error().code, errc::invalid_argument);
+  store_->evict_bytes(store_->used_bytes());
+  EXPECT_FALSE(store_->contains(ns_, k[1]));
+  EXPECT_TRUE(store_->contains(ns_, k[0])) << "pinned before the request";
+  ASSERT_TRUE(store_->unpin(ns_, k[0]).has_value());
+  EXPECT_EQ(store_->unpin(ns_, k[0]).error().code, errc::invalid_argument);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, token_calls_with_no_memory_for_their_keys_fail_cleanly) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
+                  "them";
+#else
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  open(16);
+  // 2^34 tokens (64 GiB, mapped but never touched): their 2^30 keys take
+  // 16 GiB, which the child's address-space cap does not have. lookup_tokens
+  // and put_tokens say so (before, std::bad_alloc escaped), and a later
+  // call works.
+  EXPECT_EXIT(
+      {
+        const std::size_t n = std::size_t{1} << 34;
+        void* map = ::mmap(nullptr, n * sizeof(std::uint32_t), PROT_READ,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (map == MAP_FAILED)
+          std::_Exit(10);
+        const std::span tokens(static_cast<const std::uint32_t*>(map), n);
+        std::size_t pages = 0;
+        // The values' 4 TiB (below) are mapped before the cap, too.
+        const std::size_t value_bytes = (n / 16) * block_bytes;
+        void* values =
+            ::mmap(nullptr, value_bytes, PROT_READ,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (values == MAP_FAILED)
+          std::_Exit(13);
+        std::ifstream("/proc/self/statm") >> pages;
+        rlimit lim{};
+        lim.rlim_cur =
+            pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
+            (std::size_t{256} << 20);
+        lim.rlim_max = lim.rlim_cur;
+        if (::setrlimit(RLIMIT_AS, &lim) != 0)
+          std::_Exit(11);
+        const auto l = store_->lookup_tokens(ns_, tokens);
+        if (l || l.error().code != errc::out_of_memory)
+          std::_Exit(12);
+        // A value for every block (mapped but never touched): the sizes
+        // agree, and the keys are what there is no memory for.
+        const auto p = store_->put_tokens(
+            ns_, tokens,
+            std::span(static_cast<const std::byte*>(values), value_bytes));
+        if (p || p.error().code != errc::out_of_memory)
+          std::_Exit(14);
+        std::vector<std::uint32_t> small(16, 7);
+        if (!store_->lookup_tokens(ns_, small))
+          std::_Exit(15);
+        store_->check_invariants();
+        std::_Exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+#endif
 }
 
 TEST_F(store_fixture, a_failed_rewrite_leaves_the_put_unwritten) {

@@ -1719,6 +1719,43 @@ TEST_F(store_disk_test,
   store_->check_invariants();
 }
 
+TEST_F(store_disk_test, a_failed_request_counts_its_disk_blocks_and_pins_none) {
+  // Four blocks on disk, a fifth the producer fails: the request fails,
+  // the four brought back stay cached and count as hits (disk_block_hits
+  // said so, block_hits did not: 0 hits, 5 misses), and the pins the
+  // request gave them go with it.
+  const auto k = chain(3, 5);
+  run(std::vector<block_key>(k.begin(), k.begin() + 4));
+  spill_everything();
+  struct no_kv final : kv_producer {
+    result<void> produce(const namespace_spec&, const block_key&,
+                         std::span<std::byte>) override {
+      return make_error(errc::backend_error, "no KV for this block");
+    }
+    nanos cost(std::size_t) const noexcept override { return nanos{0}; }
+  } fails;
+  const store_stats before = store_->stats();
+  put_options pin;
+  pin.pin = true;
+  const auto r = store_->process(ns_, k, 5 * spec().block_tokens, fails, pin);
+  ASSERT_FALSE(r.has_value());
+  const store_stats after = store_->stats();
+  EXPECT_EQ(after.disk_block_hits - before.disk_block_hits, 4U);
+  EXPECT_EQ(after.block_hits - before.block_hits, 4U);
+  EXPECT_EQ(after.block_misses - before.block_misses, 1U);
+  for (std::size_t i = 0; i < 4; ++i) {
+    ASSERT_TRUE(store_->contains(ns_, k[i]));
+    EXPECT_EQ(store_->unpin(ns_, k[i]).error().code, errc::invalid_argument);
+  }
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  for (std::size_t i = 0; i < 4; ++i) {
+    if (const auto info = store_->disk()->lookup(k[i])) {
+      EXPECT_EQ(info->pins, 0U);
+    }
+  }
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
   // Memory (4 blocks) full of pinned blocks: a block only on disk cannot
   // come back. acquire(), pin() and a put naming it as parent say it is
