@@ -153,6 +153,7 @@ put_handle& put_handle::operator=(put_handle&& other) noexcept {
     phase_ = other.phase_;
     restored_count_ = other.restored_count_;
     restored_pins_ = other.restored_pins_;
+    from_disk_copy_ = other.from_disk_copy_;
     duplicate_ = other.duplicate_;
     written_ = other.written_;
     pin_ = other.pin_;
@@ -1200,14 +1201,18 @@ result<void> block_store::commit(put_handle& h) {
   // or put again while its copy holds pins from before a restart (else the
   // next pin or unpin would set the copy's count to this one's and wipe
   // those holders' pins). A put's own pin is one more only when none is
-  // held ("a block already pinned gets no second pin").
+  // held ("a block already pinned gets no second pin"). A block brought
+  // back from disk takes its copy's count as it is now, not as it was
+  // when its read was queued: an unpin meanwhile (of the copy, the block
+  // being on its way) stands. Its pin_on_commit was only that old count.
   std::uint32_t held = h.restored_pins_;
-  if (held == 0 && disk_)
+  if (disk_ && (held == 0 || h.from_disk_copy_))
     if (const auto info =
             usable_disk_copy(namespaces_[e.ns], e.key, disk_clock().now()))
       held = info->pins;
-  e.pins = std::max<std::uint32_t>(e.pin_on_commit ? 1 : 0, held);
-  if (e.pin_on_commit && held == 0 && pin_log_ != nullptr)
+  const bool own_pin = e.pin_on_commit && !h.from_disk_copy_;
+  e.pins = std::max<std::uint32_t>(own_pin ? 1 : 0, held);
+  if (own_pin && held == 0 && pin_log_ != nullptr)
     pin_log_->emplace_back(id, e.generation);
   account(e, true);
   ++tick_;
@@ -2493,7 +2498,9 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
     put_options o = options;
     std::uint32_t restored = 0; // its accesses when it left memory
     std::uint32_t restored_pins = 0;
+    bool from_copy = false;
     if (const auto info = usable_disk_copy(st, k, wall)) {
+      from_copy = true;
       restored = static_cast<std::uint32_t>(std::min<std::uint64_t>(
           info->access_count, std::numeric_limits<std::uint32_t>::max()));
       restored_pins = info->pins;
@@ -2528,6 +2535,7 @@ void block_store::issue_promotions(ns_id ns, std::span<const block_key> keys,
     }
     h->restored_count_ = restored;
     h->restored_pins_ = restored_pins;
+    h->from_disk_copy_ = from_copy;
     promotion p;
     p.group = promote_group_;
     if (h->already_cached()) {

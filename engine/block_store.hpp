@@ -275,6 +275,10 @@ private:
   /// its disk copy's pins (nested pins come back nested).
   std::uint32_t restored_count_ = 0;
   std::uint32_t restored_pins_ = 0;
+  /// A promotion's from its disk copy, whose pins at the commit are the
+  /// block's (restored_pins_ and pin_on_commit are the copy's at the
+  /// read's start).
+  bool from_disk_copy_ = false;
   bool duplicate_ = false;
   bool written_ = false;
   bool pin_ = false; ///< duplicate put with pin: pin the cached block

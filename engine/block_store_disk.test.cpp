@@ -1013,6 +1013,41 @@ TEST_F(store_disk_test, a_superseded_spill_is_not_a_spill_failure) {
   store_->check_invariants();
 }
 
+TEST_F(store_disk_test, an_unpin_while_its_promotion_is_on_its_way_stands) {
+  // k pinned on disk only (after a restart); promote() queues its read
+  // behind a spill the I/O thread holds, and the one holder unpins it
+  // meanwhile (the copy's count goes to 0). The block that lands is not
+  // pinned. (Before, the commit restored the count the read started with:
+  // pinned in memory and on disk again, by nobody, never evicted.)
+  const auto k = chain(7, 1);
+  put_options pin;
+  pin.pin = true;
+  ASSERT_TRUE(store_->process(ns_, k, 16, producer_, pin).has_value());
+  ASSERT_TRUE(store_->persist().has_value());
+  auto gate = std::make_shared<testing::io_gate>();
+  open(20, false, [gate](disk_tier_config& c) {
+    c.write_fault_for_testing = testing::io_gate::hook(gate);
+  });
+  ASSERT_EQ(store_->disk()->lookup(k[0])->pins, 1U);
+  gate->arm();
+  run(chain(8, 1));
+  store_->evict_bytes(std::size_t{1} << 30); // its spill holds the thread
+  ASSERT_TRUE(gate->wait_entered());
+  ASSERT_TRUE(store_->promote(ns_, k).has_value());
+  ASSERT_EQ(store_->pending_promotions(), 1U);
+  ASSERT_TRUE(store_->unpin(ns_, k[0]).has_value());
+  EXPECT_EQ(store_->disk()->lookup(k[0])->pins, 0U);
+  gate->open();
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(60)));
+  store_->poll_disk();
+  ASSERT_TRUE(store_->contains(ns_, k[0])) << "the promotion landed";
+  EXPECT_EQ(store_->unpin(ns_, k[0]).error().code, errc::invalid_argument);
+  EXPECT_EQ(store_->disk()->lookup(k[0])->pins, 0U);
+  store_->evict_bytes(std::size_t{1} << 30);
+  EXPECT_FALSE(store_->contains(ns_, k[0]));
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, memory_prefix_then_disk_rest) {
   const auto a = chain(1, 6);
   run(a);
