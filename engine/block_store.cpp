@@ -1558,6 +1558,10 @@ result<process_result> block_store::process(ns_id ns,
   }
   if (disk_) {
     poll_disk();
+    // Blocks a promote() (a prefetch) is bringing back are waited for, not
+    // computed again: reserved by it, they could not be put, and the
+    // request cached nothing from there on.
+    (void)await_promotions_of(keys.subspan(next));
     const std::size_t on_disk = disk_prefix(ns, keys.subspan(next));
     if (on_disk > 0) {
       const disk_promoted done =
@@ -2615,6 +2619,41 @@ void block_store::drain_disk() {
                                 static_cast<std::ptrdiff_t>(done));
 }
 
+bool block_store::await_promotions_of(std::span<const block_key> keys) {
+  if (pending_promotions_.empty() || keys.empty())
+    return false;
+  // The last pending promotion of one of `keys`: promote() reserved its
+  // block, so a put or another promotion of it gets busy until it lands.
+  std::optional<std::size_t> last;
+  for (const block_key& k : keys) {
+    const std::uint32_t id = index_.find(k);
+    if (id == npos || entries_[id].state != entry_state::reserved)
+      continue;
+    for (std::size_t i = pending_promotions_.size(); i > last.value_or(0); --i)
+      if (pending_promotions_[i - 1].handle.id_ == id) {
+        last = i - 1;
+        break;
+      }
+  }
+  if (!last)
+    return false;
+  // Chains finish in order (drain_disk()): every read up to the end of that
+  // one's chain.
+  const std::uint64_t group = pending_promotions_[*last].group;
+  promote_ids_.clear();
+  for (std::size_t i = 0; i < pending_promotions_.size(); ++i) {
+    if (i > *last && pending_promotions_[i].group != group)
+      break;
+    if (!pending_promotions_[i].answered)
+      promote_ids_.push_back(pending_promotions_[i].id);
+  }
+  while (!disk_->wait_done(promote_ids_, std::chrono::seconds(30)))
+    std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
+                         "still waiting for a prefetched block\n");
+  drain_disk();
+  return true;
+}
+
 bool block_store::land(promotion& p) {
   if (p.staging.empty() || p.handle.already_cached())
     return true;
@@ -2696,9 +2735,12 @@ bool block_store::promote_key_from_disk(ns_id ns, const block_key& key,
   // never need it: their parents are in memory or reserved.
   if (!disk_ || !promote_batch_.empty())
     return false;
+  const std::span<const block_key> one(&key, 1);
+  // On its way already (promote()): wait for that read.
+  if (await_promotions_of(one))
+    return find_visible(ns, key, now()) != npos;
   if (!usable_disk_copy(namespaces_[ns.value], key, disk_clock().now()))
     return false;
-  const std::span<const block_key> one(&key, 1);
   // Its put is the store's own: the asking call counts its own failure.
   const nested_scope nested(*this);
   // No parent: the disk tier does not know it. The block comes back as a

@@ -837,6 +837,9 @@ private:
                         const block_key& parent, const put_options& options,
                         std::vector<promotion>& into, disk_priority prio);
   void drain_disk();
+  /// Waits for promote()'s reads of any of `keys` still on their way (and
+  /// those before them) and commits them; false when none was.
+  bool await_promotions_of(std::span<const block_key> keys);
   /// The disk tier's copy of `key` when it is namespace `ns`'s, holds these
   /// bytes, expires no sooner than `expires` (wall time, 0 = never) and
   /// records priority `p`: no spill is needed.

@@ -17,6 +17,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <thread>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -1045,6 +1046,58 @@ TEST_F(store_disk_test, an_unpin_while_its_promotion_is_on_its_way_stands) {
   EXPECT_EQ(store_->disk()->lookup(k[0])->pins, 0U);
   store_->evict_bytes(std::size_t{1} << 30);
   EXPECT_FALSE(store_->contains(ns_, k[0]));
+  store_->check_invariants();
+}
+
+TEST_F(store_disk_test, a_request_waits_for_its_prefix_being_prefetched) {
+  // promote() (a prefetch) queued the reads of a's four blocks behind a
+  // spill the I/O thread holds; a request for a and two new blocks comes
+  // before they land. It waits for them: four matched, two computed and
+  // cached. (Before, the prefetch's reservations made every put of a busy:
+  // all six computed, none cached, the two new ones not even after the
+  // prefetch landed.) acquire() of a block on its way waits too (it got
+  // busy).
+  const auto a = chain(100, 4);
+  run(a);
+  spill_everything();
+  auto gate = std::make_shared<testing::io_gate>();
+  open(20, false, [gate](disk_tier_config& c) {
+    c.write_fault_for_testing = testing::io_gate::hook(gate);
+  });
+  const auto hold_the_io_thread = [&] {
+    gate->arm();
+    run(chain(900 + store_->stats().commits, 1));
+    store_->evict_bytes(std::size_t{1} << 30); // its spill holds the thread
+    ASSERT_TRUE(gate->wait_entered());
+  };
+  hold_the_io_thread();
+  ASSERT_EQ(*store_->promote(ns_, a), 4U);
+  std::vector<block_key> six = chain(100, 6);
+  ASSERT_EQ(std::vector<block_key>(six.begin(), six.begin() + 4), a);
+  {
+    std::thread opener([&] { gate->open(); }); // whenever it runs
+    const auto r = store_->process(ns_, six, 6 * 16, producer_);
+    opener.join();
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    EXPECT_EQ(r->matched_blocks, 4U);
+    EXPECT_EQ(r->computed_blocks, 2U);
+    EXPECT_EQ(r->uncached_blocks, 0U);
+  }
+  EXPECT_EQ(store_->pending_promotions(), 0U);
+  for (const auto& k : six)
+    expect_correct(k);
+
+  spill_everything();
+  hold_the_io_thread();
+  ASSERT_EQ(*store_->promote(ns_, a), 4U);
+  {
+    std::thread opener([&] { gate->open(); });
+    auto lease = store_->acquire(ns_, a[0]);
+    opener.join();
+    EXPECT_TRUE(lease.has_value()) << lease.error().describe();
+  }
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(60)));
+  store_->poll_disk();
   store_->check_invariants();
 }
 
