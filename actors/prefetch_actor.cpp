@@ -1,6 +1,7 @@
 #include "actors/prefetch_actor.hpp"
 
 #include "actors/caf_error.hpp"
+#include "actors/digest_key.hpp"
 #include "actors/messages.hpp"
 #include "actors/prefetch_tracker.hpp"
 #include "actors/stray_messages.hpp"
@@ -19,8 +20,6 @@
 #include <caf/duration.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
-
-#include <xxhash.h>
 
 namespace kvfleet::actors {
 namespace {
@@ -260,17 +259,9 @@ result<void> validate(const prefetch_config& config) {
 }
 
 std::string prefetch_query_id(const std::string& query) {
-  if (query.size() <= prefetch_query_id_max_bytes)
-    return query;
-  const XXH128_hash_t h = XXH3_128bits(query.data(), query.size());
-  char hex[33];
-  std::snprintf(hex, sizeof hex, "%016llx%016llx",
-                static_cast<unsigned long long>(h.high64),
-                static_cast<unsigned long long>(h.low64));
-  // 65 bytes: no query kept as itself (64 bytes at most) is one.
-  std::string id(prefetch_query_id_max_bytes + 1, '#');
-  id.replace(1, 32, hex);
-  return id;
+  // 65 bytes for a longer one: no query kept as itself (64 bytes at most)
+  // is one.
+  return digest_long_key(query, prefetch_query_id_max_bytes);
 }
 
 result<caf::actor> spawn_prefetcher(caf::actor_system& sys,

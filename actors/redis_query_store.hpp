@@ -15,7 +15,8 @@
 ///
 /// Entries: `SET <prefix><key> <value> PX <ttl ms>`, read with
 /// `GETRANGE <prefix><key> 0 <max_value_bytes>` and `EXISTS <prefix><key>`
-/// in one pipeline (no GET: a value of MiBs that another program stored
+/// (a key longer than 256 bytes as a 257-byte digest, redis_key()) in one
+/// pipeline (no GET: a value of MiBs that another program stored
 /// under a key would time out every read of it, and each timeout backs off
 /// every key). The value is stored byte for byte as the cache hands it over
 /// (the versioned reply encoding of query_cache_actor.hpp, under 100
@@ -65,6 +66,7 @@
 /// is blocked on the calling thread during each command and discarded, so a
 /// server going away cannot kill the process.
 
+#include "actors/digest_key.hpp"
 #include "actors/query_store.hpp"
 #include "engine/result.hpp"
 
@@ -83,6 +85,10 @@ class host_resolver;
 } // namespace kvfleet::engine
 
 namespace kvfleet::actors {
+
+/// A query key longer than this is stored under a digest of it
+/// (redis_query_store::redis_key()).
+inline constexpr std::size_t redis_raw_key_max_bytes = 256;
 
 struct redis_query_store_config {
   /// redis://[[user]:password@]host[:port][/db]; port 6379, db 0 by
@@ -156,9 +162,14 @@ public:
   [[nodiscard]] const redis_endpoint& endpoint() const noexcept {
     return endpoint_;
   }
-  /// The Redis key an entry is stored under (prefix + key).
+  /// The Redis key an entry is stored under: prefix + key, or for a key
+  /// longer than redis_raw_key_max_bytes (a whole prompt) prefix + a
+  /// 257-byte digest of it (digest_long_key()), so that every command stays
+  /// small. (Before, a key of some MiB took longer to send than the
+  /// command timeout, which dropped the connection and failed every key for
+  /// reconnect_after, again at each request of it.)
   [[nodiscard]] std::string redis_key(const std::string& key) const {
-    return config_.key_prefix + key;
+    return config_.key_prefix + digest_long_key(key, redis_raw_key_max_bytes);
   }
   /// Whether a connection is open now (dropped after a failure).
   [[nodiscard]] bool connected() const noexcept { return ctx_ != nullptr; }

@@ -409,6 +409,35 @@ TEST_F(RedisQueryStore, SetGetRoundTripUnderPrefix) {
   EXPECT_EQ(other->redis_key("k"), "other:k");
 }
 
+TEST_F(RedisQueryStore, AKeyAsLongAsAWholePromptIsStoredUnderADigest) {
+  // A 4 MiB query key (a whole prompt): sent as itself three times a
+  // request, it took longer than the 50 ms command timeout on a loaded
+  // machine, and the timeout dropped the connection and failed every key
+  // for a second. Now its Redis key is the prefix and 257 bytes; keys
+  // differing in their last byte stay apart, and keys up to 256 bytes are
+  // kept as they are.
+  auto store = open();
+  ASSERT_TRUE(store);
+  std::string a(std::size_t{4} << 20, 'p');
+  std::string b = a;
+  b.back() = 'q';
+  ASSERT_TRUE(store->set("small", "s", hour, t0));
+  ASSERT_TRUE(store->set(a, "for a", hour, t0));
+  EXPECT_EQ(store->get(a, t0)->value_or(""), "for a");
+  EXPECT_FALSE(store->get(b, t0)->has_value());
+  EXPECT_EQ(store->get("small", t0)->value_or(""), "s");
+  const std::string ra = store->redis_key(a);
+  EXPECT_EQ(ra.size(), std::string("kvfleet:q:").size() + 257);
+  EXPECT_NE(ra, store->redis_key(b));
+  const std::string edge(256, 'k');
+  EXPECT_EQ(store->redis_key(edge), "kvfleet:q:" + edge);
+  auto direct = connect_direct(server_->port());
+  ASSERT_TRUE(direct);
+  auto r = command(direct.get(), {"GET", ra});
+  ASSERT_TRUE(r && r->type == REDIS_REPLY_STRING);
+  EXPECT_EQ(std::string(r->str, r->len), "for a");
+}
+
 TEST_F(RedisQueryStore, MissingKeyIsNullopt) {
   auto store = open();
   ASSERT_TRUE(store);
