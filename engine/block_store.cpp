@@ -758,7 +758,8 @@ std::optional<result<put_handle>> block_store::reserve_existing(
     // free it once dead) before the commit, which needs it.
     ++entries_[existing].leases;
     refresh_evictable(existing);
-    ++stats_.reserves;
+    if (sets_expiry) // a put's; a promotion's finds the block in memory
+      ++stats_.reserves;
     return h;
   };
   const bool expired = expired_by(e.expires_at, start.count());
@@ -883,9 +884,11 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
   const nanos ttl = options.ttl.value_or(st.options.ttl);
   e.expires_at = expiry_after(start, ttl);
   index_.insert(key, id);
-  ++stats_.reserves;
+  e.promotion = !sets_expiry; // a put's expiry, not a promotion's
+  if (!e.promotion)
+    ++stats_.reserves;
   put_handle h = open_handle(id, key, start);
-  h.sets_expiry_ = sets_expiry; // a put's, not a promotion's
+  h.sets_expiry_ = sets_expiry;
   return h;
 }
 
@@ -1117,7 +1120,8 @@ result<void> block_store::commit(put_handle& h) {
     // reader still holds its entry): there are no bytes to bring back, and
     // a duplicate put writes none.
     h.phase_ = put_handle::phase::aborted;
-    ++stats_.aborts;
+    if (h.sets_expiry_)
+      ++stats_.aborts;
     --entries_[h.id_].open_duplicates;
     release_lease(h.id_); // the put's hold: removes the dropped block now
     count_rejected();
@@ -1160,9 +1164,13 @@ result<void> block_store::commit(put_handle& h) {
     }
   }
   h.phase_ = put_handle::phase::committed;
-  stats_.put_ns.record(static_cast<std::uint64_t>(now().count() - h.started_));
+  // A promotion's time is mostly its read from disk: no put's latency.
+  if (h.sets_expiry_)
+    stats_.put_ns.record(
+        static_cast<std::uint64_t>(now().count() - h.started_));
   if (h.duplicate_) {
-    ++stats_.duplicate_puts;
+    if (h.sets_expiry_)
+      ++stats_.duplicate_puts;
     entry& d = entries_[h.id_];
     --d.open_duplicates;
     if (d.dead && h.sets_expiry_) {
@@ -1239,7 +1247,9 @@ result<void> block_store::commit(put_handle& h) {
     match_disk_copy_expiry(id);
   if (e.pins > 0)
     (void)spill(id, true); // pins survive restarts
-  ++stats_.commits;
+  if (!e.promotion)
+    ++stats_.commits;
+  e.promotion = false;
   return {};
 }
 
@@ -1256,7 +1266,8 @@ result<void> block_store::abort(put_handle& h) {
     return ok;
   h.phase_ = put_handle::phase::aborted;
   if (h.duplicate_) {
-    ++stats_.aborts; // abort_reservation() counts the others
+    if (h.sets_expiry_) // abort_reservation() counts the others
+      ++stats_.aborts;
     --entries_[h.id_].open_duplicates;
     release_lease(h.id_); // the put's hold on the cached block
   } else {
@@ -1267,7 +1278,8 @@ result<void> block_store::abort(put_handle& h) {
 
 void block_store::drop_put(const put_handle& h) noexcept {
   if (h.duplicate_) {
-    ++stats_.aborts; // abort_reservation() counts the rest
+    if (h.sets_expiry_) // abort_reservation() counts the rest
+      ++stats_.aborts;
     --entries_[h.id_].open_duplicates;
     release_lease(h.id_); // the put's hold on the cached block
   } else {
@@ -1307,7 +1319,9 @@ void block_store::abort_reservation(std::uint32_t id) noexcept {
   KVFLEET_CHECK(e.children == 0,
                 "abort of a block whose child is still being put");
   const std::uint32_t pid = e.parent;
-  ++stats_.aborts; // however it ends: abort(), with its parent, dropped
+  if (!e.promotion) // however it ends: abort(), with its parent, dropped
+    ++stats_.aborts;
+  e.promotion = false;
   pool_.free(e.slot);
   index_.erase(e.key);
   ++e.generation;
@@ -2693,6 +2707,8 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
       entries_[h.id_].expires_at = expiry_after(
           now(), options.ttl.value_or(namespaces_[ns.value].options.ttl));
       h.sets_expiry_ = true;
+      entries_[h.id_].promotion = false; // this request's put now
+      ++stats_.reserves;
       if (!write_from(h, producer) || !commit(h))
         break;
       contiguous = false;

@@ -73,7 +73,9 @@ struct store_stats {
   std::uint64_t block_misses = 0;
   std::uint64_t token_hits = 0;   ///< process() only: prompt tokens served
   std::uint64_t token_misses = 0; ///< process() only: prompt tokens computed
-  // Puts.
+  // Puts: reserve(), put_tokens() and process()'s own, not the blocks
+  // brought back from the memory tier or disk (disk_block_hits,
+  // tier_block_hits, promotion_failures count those).
   std::uint64_t reserves = 0;
   std::uint64_t commits = 0;
   std::uint64_t aborts = 0; ///< by abort(), with a parent, handle dropped
@@ -132,7 +134,7 @@ struct store_stats {
   std::array<std::uint64_t, partition_count> bytes_by_partition{};
   // Latencies in nanoseconds, per operation.
   latency_histogram lookup_ns;
-  latency_histogram put_ns; ///< reserve through commit
+  latency_histogram put_ns; ///< reserve through commit, puts only
   latency_histogram read_ns;
   latency_histogram process_ns;
 };

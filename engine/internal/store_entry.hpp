@@ -46,6 +46,9 @@ struct block_store::entry {
   bool flagged_evictable = false;
   bool in_recency = false;
   bool pin_on_commit = false;
+  /// Being brought back from the memory tier or disk, not put: its reserve,
+  /// commit or abort is no put's (store_stats' put counters, put_ns).
+  bool promotion = false;
   /// Brought back from disk alone: a root until a put names its parent
   /// (block_store::adopt()).
   bool parent_unknown = false;
