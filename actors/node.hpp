@@ -156,7 +156,13 @@ public:
   /// put_block and pin refuse a slot whose engine is being retired
   /// (errc::unavailable): it exits once its requests are answered, and the
   /// block would go with it. get_block, unpin and engine_stats reach it
-  /// until it has exited.
+  /// until it has exited. A pin or unpin that times out (errc::timeout) may
+  /// still take effect at the engine when it gets to it, and pins nest: a
+  /// retried pin may hold two. Nothing undoes it behind the caller's back
+  /// (an unpin for a pin that never landed could take another holder's): a
+  /// caller that retried a timed-out pin unpins once more when it is done
+  /// (an unpin too many answers errc::invalid_argument, "not pinned"). The
+  /// same holds for warm() with pin, whose timed-out queries count failed.
   [[nodiscard]] result<void> pin(std::uint32_t slot,
                                  const engine::block_key& key);
   [[nodiscard]] result<void> unpin(std::uint32_t slot,
