@@ -654,6 +654,18 @@ void feed(scaler_policy& s, engine::nanos at, engine::nanos latency,
     ASSERT_TRUE(s.record(at, latency));
 }
 
+/// Steps `s` from time 0 one cooldown of fast_scaler() (60 s) at a time:
+/// each step feeds 10 samples of a latency and evaluates.
+struct cooldown_steps {
+  scaler_policy& s;
+  engine::nanos t{0};
+  scale_action operator()(engine::nanos latency) {
+    t += 61s;
+    feed(s, t, latency);
+    return s.evaluate(t).action;
+  }
+};
+
 TEST(ScalerPolicy, CountsEveryDecisionHoldsTooAndRefusesANegativeLatency) {
   auto s = make_scaler(fast_scaler(), 1, 4096);
   engine::nanos t{0};
@@ -918,12 +930,7 @@ TEST(ScalerPolicy, AfterARefusedReplicaChangeItChangesTheCapacity) {
   c.sustain = 1;
   c.max_capacity_tokens = 6144;
   auto s = make_scaler(c, 1, 4096);
-  engine::nanos t{0};
-  const auto next = [&](engine::nanos latency) {
-    t += 61s;
-    feed(s, t, latency);
-    return s.evaluate(t).action;
-  };
+  cooldown_steps next{s};
   ASSERT_EQ(next(800ms), scale_action::spawn_replica);
   s.refused(scale_action::spawn_replica);
   EXPECT_EQ(next(800ms), scale_action::grow_capacity);
@@ -1007,12 +1014,7 @@ TEST(ScalerPolicy, AReplicaChangeTheOtherWayEndsARefusalsTurnToCapacity) {
   c.sustain = 1;
   c.max_replicas = 3;
   auto s = make_scaler(c, 2, 16384);
-  engine::nanos t{0};
-  const auto next = [&](engine::nanos latency) {
-    t += 61s;
-    feed(s, t, latency);
-    return s.evaluate(t).action;
-  };
+  cooldown_steps next{s};
   ASSERT_EQ(next(10ms), scale_action::retire_replica);
   s.refused(scale_action::retire_replica);
   ASSERT_EQ(next(800ms), scale_action::spawn_replica);
@@ -1021,12 +1023,7 @@ TEST(ScalerPolicy, AReplicaChangeTheOtherWayEndsARefusalsTurnToCapacity) {
   EXPECT_EQ(s.capacity_tokens(), 16384U);
 
   auto up = make_scaler(c, 2, 4096);
-  t = engine::nanos{0};
-  const auto up_next = [&](engine::nanos latency) {
-    t += 61s;
-    feed(up, t, latency);
-    return up.evaluate(t).action;
-  };
+  cooldown_steps up_next{up};
   ASSERT_EQ(up_next(800ms), scale_action::spawn_replica);
   up.refused(scale_action::spawn_replica);
   ASSERT_EQ(up_next(10ms), scale_action::retire_replica);

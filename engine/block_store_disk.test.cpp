@@ -257,6 +257,23 @@ protected:
     o.ttl = std::chrono::seconds(100);
     return o;
   }
+  /// The fixture's spec under another model name.
+  static namespace_spec another_model_spec() {
+    namespace_spec s = spec();
+    s.model = "another-model";
+    return s;
+  }
+  /// Requests `keys`, spills every block, reopens the store and registers
+  /// `other` beside the fixture's namespace; returns its id.
+  ns_id spill_and_reopen_with(const std::vector<block_key>& keys,
+                              const namespace_spec& other) {
+    run(keys);
+    spill_everything();
+    open();
+    auto b = store_->register_namespace(other);
+    EXPECT_TRUE(b.has_value()) << b.error().describe();
+    return b.value_or(ns_id{});
+  }
   /// put_root() in the fixture's namespace.
   std::optional<bool> put_root(const block_key& key, const put_options& opts) {
     return put_root(ns_, spec(), key, opts);
@@ -1776,13 +1793,9 @@ TEST_F(store_disk_test, a_copy_of_another_namespaces_key_is_not_this_blocks) {
   // written to disk in B's name: A's copy is none of B's, and B's block
   // would not come back from it. (Before, the spill was skipped as already
   // on disk, and B's block was gone.)
-  namespace_spec other = spec();
-  other.model = "another-model";
+  const namespace_spec other = another_model_spec();
   const auto a = chain(7, 1);
-  run(a);
-  spill_everything();
-  open();
-  const ns_id b = *store_->register_namespace(other);
+  const ns_id b = spill_and_reopen_with(a, other);
   ASSERT_TRUE(put_root(b, other, a[0], put_options{}).has_value());
   const auto skipped = store_->stats().spills_skipped;
   spill_everything();
@@ -1805,13 +1818,9 @@ TEST_F(store_disk_test,
   // block is then found damaged. A's copy is none of B's: it is neither
   // dropped as outlasting B's block nor with B's damaged bytes. (Before,
   // each of the two erased it, and A's block was lost.)
-  namespace_spec other = spec();
-  other.model = "another-model";
+  const namespace_spec other = another_model_spec();
   const auto a = chain(7, 1);
-  run(a);
-  spill_everything();
-  open();
-  const ns_id b = *store_->register_namespace(other);
+  const ns_id b = spill_and_reopen_with(a, other);
   put_options ten_minutes;
   ten_minutes.ttl = std::chrono::minutes(10);
   ASSERT_TRUE(put_root(b, other, a[0], ten_minutes).has_value());

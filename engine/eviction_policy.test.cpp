@@ -111,15 +111,15 @@ TEST_P(policy_priorities, victim_of_a_priority_is_the_first_of_it_in_order) {
   }
 }
 
-/// Token-free store simulation over one policy: `capacity` ids, room made
+/// Token-free store simulation over `policy`: `capacity` ids, room made
 /// from 90% down to 80% as the store does (so the resident count the policy
-/// sees moves between the two), half the accesses to `hot` keys and half
-/// to keys never seen again. Returns the hit ratio of the last quarter of
-/// `accesses`.
-double late_hit_ratio(policy_kind kind, std::uint32_t capacity,
-                      std::uint64_t hot, std::uint64_t accesses) {
-  auto policy = make_policy(kind);
-  policy->reserve(capacity);
+/// sees moves between the two), `accesses` accesses to the keys `next_key`
+/// gives. `on_access(i, hit)` hears each one.
+template <class NextKey, class OnAccess>
+void simulate_store(eviction_policy& policy, std::uint32_t capacity,
+                    std::uint64_t accesses, NextKey next_key,
+                    OnAccess on_access) {
+  policy.reserve(capacity);
   const std::size_t high = capacity * 9 / 10;
   const std::size_t low = capacity * 8 / 10;
   std::unordered_map<std::uint64_t, std::uint32_t> where;
@@ -127,38 +127,54 @@ double late_hit_ratio(policy_kind kind, std::uint32_t capacity,
   std::vector<std::uint32_t> free_ids;
   for (std::uint32_t id = capacity; id-- > 0;)
     free_ids.push_back(id);
+  for (std::uint64_t i = 0; i < accesses; ++i) {
+    const std::uint64_t key = next_key();
+    access_info info;
+    info.tick = i + 1;
+    info.key_hash = key * 0x9E3779B97F4A7C15ULL;
+    if (auto it = where.find(key); it != where.end()) {
+      on_access(i, true);
+      info.resident_blocks = where.size();
+      policy.on_access(it->second, info, false);
+      continue;
+    }
+    on_access(i, false);
+    if (where.size() >= high)
+      while (where.size() > low) {
+        const auto victim = policy.victim();
+        policy.on_remove(victim);
+        where.erase(key_of[victim]);
+        free_ids.push_back(victim);
+      }
+    const auto id = free_ids.back();
+    free_ids.pop_back();
+    where.emplace(key, id);
+    key_of[id] = key;
+    info.resident_blocks = where.size();
+    policy.on_access(id, info, true);
+    policy.set_evictable(id, true);
+  }
+}
+
+/// simulate_store() with half the accesses to `hot` keys and half to keys
+/// never seen again. Returns the hit ratio of the last quarter of
+/// `accesses`.
+double late_hit_ratio(policy_kind kind, std::uint32_t capacity,
+                      std::uint64_t hot, std::uint64_t accesses) {
+  auto policy = make_policy(kind);
   std::mt19937_64 gen(11);
   std::uint64_t fresh = hot;
   std::uint64_t hits = 0;
   std::uint64_t counted = 0;
-  for (std::uint64_t i = 0; i < accesses; ++i) {
-    const std::uint64_t key = gen() % 2 == 0 ? gen() % hot : fresh++;
-    access_info info;
-    info.tick = i + 1;
-    info.key_hash = key * 0x9E3779B97F4A7C15ULL;
-    const bool late = i >= accesses / 4 * 3;
-    if (auto it = where.find(key); it != where.end()) {
-      hits += late ? 1 : 0;
-      info.resident_blocks = where.size();
-      policy->on_access(it->second, info, false);
-    } else {
-      if (where.size() >= high)
-        while (where.size() > low) {
-          const auto victim = policy->victim();
-          policy->on_remove(victim);
-          where.erase(key_of[victim]);
-          free_ids.push_back(victim);
-        }
-      const auto id = free_ids.back();
-      free_ids.pop_back();
-      where.emplace(key, id);
-      key_of[id] = key;
-      info.resident_blocks = where.size();
-      policy->on_access(id, info, true);
-      policy->set_evictable(id, true);
-    }
-    counted += late ? 1 : 0;
-  }
+  simulate_store(
+      *policy, capacity, accesses,
+      [&] { return gen() % 2 == 0 ? gen() % hot : fresh++; },
+      [&](std::uint64_t i, bool hit) {
+        if (i < accesses / 4 * 3)
+          return;
+        ++counted;
+        hits += hit ? 1 : 0;
+      });
   return static_cast<double>(hits) / static_cast<double>(counted);
 }
 
@@ -176,46 +192,17 @@ TEST(adaptive_policy, keeps_hot_blocks_however_long_it_runs) {
   EXPECT_GE(adaptive, lru) << "lru " << lru;
 }
 
-// Uniform accesses over 1.5 x `capacity` keys (the two half-lives hit
-// alike, within noise), room made from 90% down to 80% as the store does.
-// Returns the adaptive policy's full rescores after `accesses`.
+// simulate_store() with uniform accesses over 1.5 x `capacity` keys (the
+// two half-lives hit alike, within noise). Returns the adaptive policy's
+// full rescores after `accesses`.
 std::uint64_t rescores_on_a_tie(std::uint32_t capacity,
                                 std::uint64_t accesses) {
   auto policy = make_policy(policy_kind::adaptive);
-  policy->reserve(capacity);
-  const std::size_t high = capacity * 9 / 10;
-  const std::size_t low = capacity * 8 / 10;
-  std::unordered_map<std::uint64_t, std::uint32_t> where;
-  std::vector<std::uint64_t> key_of(capacity);
-  std::vector<std::uint32_t> free_ids;
-  for (std::uint32_t id = capacity; id-- > 0;)
-    free_ids.push_back(id);
   std::mt19937_64 gen(5);
-  for (std::uint64_t i = 0; i < accesses; ++i) {
-    const std::uint64_t key = gen() % (capacity + capacity / 2);
-    access_info info;
-    info.tick = i + 1;
-    info.key_hash = key * 0x9E3779B97F4A7C15ULL;
-    if (auto it = where.find(key); it != where.end()) {
-      info.resident_blocks = where.size();
-      policy->on_access(it->second, info, false);
-      continue;
-    }
-    if (where.size() >= high)
-      while (where.size() > low) {
-        const auto victim = policy->victim();
-        policy->on_remove(victim);
-        where.erase(key_of[victim]);
-        free_ids.push_back(victim);
-      }
-    const auto id = free_ids.back();
-    free_ids.pop_back();
-    where.emplace(key, id);
-    key_of[id] = key;
-    info.resident_blocks = where.size();
-    policy->on_access(id, info, true);
-    policy->set_evictable(id, true);
-  }
+  simulate_store(
+      *policy, capacity, accesses,
+      [&] { return gen() % (capacity + capacity / 2); },
+      [](std::uint64_t, bool) {});
   return policy->full_rescores();
 }
 
