@@ -1029,6 +1029,18 @@ TEST(ScalerPolicy, AReplicaChangeTheOtherWayEndsARefusalsTurnToCapacity) {
   ASSERT_EQ(up_next(10ms), scale_action::retire_replica);
   EXPECT_EQ(up_next(800ms), scale_action::spawn_replica);
   EXPECT_EQ(up.capacity_tokens(), 4096U);
+
+  // Both refused, the one the other had cleared too: both refusals stand,
+  // so the capacity moves (a spawn and a retire refused at every cooldown
+  // is the loop refused() ends).
+  auto both = make_scaler(c, 2, 8192);
+  cooldown_steps both_next{both};
+  ASSERT_EQ(both_next(800ms), scale_action::spawn_replica);
+  both.refused(scale_action::spawn_replica);
+  ASSERT_EQ(both_next(10ms), scale_action::retire_replica);
+  both.refused(scale_action::retire_replica);
+  EXPECT_EQ(both_next(800ms), scale_action::grow_capacity);
+  EXPECT_EQ(both_next(10ms), scale_action::shrink_capacity);
 }
 
 TEST(ScalerPolicy, ASampleSeenEarlierThanTheNewestLeavesTheWindowInItsTime) {

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <iterator>
 #include <string>
+#include <utility>
 
 namespace kvfleet::actors {
 
@@ -262,6 +263,7 @@ scale_decision scaler_policy::decide(engine::nanos now) {
     ++replicas_;
     ++replacements_;
     spawn_refused_ = false;
+    cleared_refusal_ = false;
     return acted(d, now);
   }
   if (weight_sum_ < config_.min_samples) {
@@ -285,8 +287,10 @@ scale_decision scaler_policy::decide(engine::nanos now) {
       d.action = scale_action::spawn_replica;
       ++replicas_;
       // A retire refused before (the last live engine) says nothing about
-      // the grown fleet.
-      spawn_refused_ = retire_refused_ = false;
+      // the grown fleet; should this spawn be refused too, it stands again
+      // (refused()).
+      spawn_refused_ = false;
+      cleared_refusal_ = std::exchange(retire_refused_, false);
     } else if (capacity_ < config_.max_capacity_tokens) {
       d.action = scale_action::grow_capacity;
       // At least one token, so that a factor close to 1 on a small budget
@@ -304,8 +308,10 @@ scale_decision scaler_policy::decide(engine::nanos now) {
       d.action = scale_action::retire_replica;
       --replicas_;
       // A retire frees what a refused spawn lacked (an engine slot, a
-      // device): the next scale-up tries a spawn first again.
-      retire_refused_ = spawn_refused_ = false;
+      // device): the next scale-up tries a spawn first again (unless this
+      // retire is refused too: refused()).
+      retire_refused_ = false;
+      cleared_refusal_ = std::exchange(spawn_refused_, false);
     } else if (capacity_ > config_.min_capacity_tokens) {
       d.action = scale_action::shrink_capacity;
       capacity_ = static_cast<std::uint32_t>(std::max<double>(

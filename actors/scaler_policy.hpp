@@ -179,28 +179,22 @@ public:
   /// again. A refused retire (the balancer keeps its last live engine) makes
   /// the next scale-downs shrink the capacity the same way. Either lasts
   /// until a replica change goes the other way (a spawn after a refused
-  /// retire, a retire after a refused spawn), which changes what refused.
+  /// retire, a retire after a refused spawn), which changes what refused;
+  /// unless that change is refused too, which leaves both standing.
   void refused(scale_action a) noexcept {
     ++refusals_;
-    if (a == scale_action::spawn_replica && replicas_ > 0) {
+    if (a == scale_action::spawn_replica && replicas_ > 0)
       --replicas_;
-      spawn_refused_ = true;
-    } else if (a == scale_action::retire_replica) {
+    else if (a == scale_action::retire_replica)
       ++replicas_;
-      retire_refused_ = true;
-    }
+    mark_refused(a);
   }
   /// The balancer refused the change of `a` after change_unanswered()
   /// counted it: the count is left to resync() (the balancer's stats say
   /// what it runs), but the next changes turn to the capacity as after any
   /// refusal (refused()). Before, a factory slow to fail was asked for a
   /// spawn at every cooldown.
-  void refused_late(scale_action a) noexcept {
-    if (a == scale_action::spawn_replica)
-      spawn_refused_ = true;
-    else if (a == scale_action::retire_replica)
-      retire_refused_ = true;
-  }
+  void refused_late(scale_action a) noexcept { mark_refused(a); }
   /// A replica left on its own (the balancer gave its engine up after its
   /// restarts): keeps the count honest, and counts it in losses().
   void replica_lost() noexcept {
@@ -270,6 +264,21 @@ private:
   /// The balancer refused the last spawn (retire): see refused().
   bool spawn_refused_ = false;
   bool retire_refused_ = false;
+  /// The other way's refusal the last replica change cleared, which its own
+  /// refusal restores.
+  bool cleared_refusal_ = false;
+  void mark_refused(scale_action a) noexcept {
+    if (a == scale_action::spawn_replica) {
+      spawn_refused_ = true;
+      retire_refused_ = retire_refused_ || cleared_refusal_;
+    } else if (a == scale_action::retire_replica) {
+      retire_refused_ = true;
+      spawn_refused_ = spawn_refused_ || cleared_refusal_;
+    } else {
+      return;
+    }
+    cleared_refusal_ = false;
+  }
   std::uint64_t unanswered_ = 0;
   std::uint64_t replacements_ = 0;
   std::deque<scale_decision> log_;

@@ -1073,7 +1073,9 @@ TEST_F(store_disk_test, a_request_waits_for_its_prefix_being_prefetched) {
   // cached. (Before, the prefetch's reservations made every put of a busy:
   // all six computed, none cached, the two new ones not even after the
   // prefetch landed.) acquire() of a block on its way waits too (it got
-  // busy).
+  // busy). The gate opens from another thread, in all likelihood once the
+  // call waits (the I/O thread then still has to finish its write and
+  // commit before it reads): the old code failed every run.
   const auto a = chain(100, 4);
   run(a);
   spill_everything();
@@ -1118,6 +1120,36 @@ TEST_F(store_disk_test, a_request_waits_for_its_prefix_being_prefetched) {
   store_->check_invariants();
 }
 
+TEST_F(store_disk_test, a_block_whose_prefetch_chain_failed_is_read_alone) {
+  // promote() of a[0], a[1]; a[0]'s record is damaged, so the chain fails
+  // there and a[1]'s promotion is aborted with it. acquire(a[1]), which
+  // waited for that chain, then reads a[1]'s own good copy. (Before the
+  // fall-through it answered not_found for a block on disk.)
+  const auto a = chain(100, 2);
+  run(std::vector<block_key>{a[0]});
+  ASSERT_TRUE(store_->persist().has_value());
+  run(a);
+  ASSERT_TRUE(store_->persist().has_value());
+  auto gate = std::make_shared<testing::io_gate>();
+  open(20, false, [gate](disk_tier_config& c) {
+    c.write_fault_for_testing = testing::io_gate::hook(gate);
+  });
+  ASSERT_TRUE(flip_byte_in_segments(32 + 1)); // record 0's header: a[0]
+  gate->arm();
+  run(chain(900, 1));
+  store_->evict_bytes(std::size_t{1} << 30); // its spill holds the thread
+  ASSERT_TRUE(gate->wait_entered());
+  ASSERT_EQ(*store_->promote(ns_, a), 2U);
+  std::thread opener([&] { gate->open(); });
+  auto lease = store_->acquire(ns_, a[1]);
+  opener.join();
+  ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+  lease->release();
+  EXPECT_GE(store_->stats().promotion_failures, 1U);
+  expect_correct(a[1]);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, blocks_brought_back_from_disk_are_no_puts) {
   // Four blocks promoted from disk by a request that computes nothing: no
   // reserve, commit or put latency (the put histogram's samples carried the
@@ -1135,12 +1167,24 @@ TEST_F(store_disk_test, blocks_brought_back_from_disk_are_no_puts) {
   EXPECT_EQ(after.aborts, before.aborts);
   EXPECT_EQ(after.put_ns.count(), before.put_ns.count());
   EXPECT_EQ(after.disk_block_hits - before.disk_block_hits, 4U);
+  // b's copy (the only record of a fresh store) has a damaged header: the
+  // request computes it again, a put.
   const auto b = chain(5, 1);
+  open();
   run(b);
+  spill_everything();
+  open();
+  ASSERT_TRUE(flip_byte_in_segments(32 + 1));
+  const store_stats fresh = store_->stats();
+  const auto rb = run(b);
+  EXPECT_EQ(rb.disk_blocks, 0U);
+  EXPECT_EQ(rb.computed_blocks, 1U);
   const store_stats put = store_->stats();
-  EXPECT_EQ(put.reserves - after.reserves, 1U);
-  EXPECT_EQ(put.commits - after.commits, 1U);
-  EXPECT_EQ(put.put_ns.count() - after.put_ns.count(), 1U);
+  EXPECT_EQ(put.promotion_failures - fresh.promotion_failures, 1U);
+  EXPECT_EQ(put.reserves - fresh.reserves, 1U);
+  EXPECT_EQ(put.commits - fresh.commits, 1U);
+  EXPECT_EQ(put.put_ns.count() - fresh.put_ns.count(), 1U);
+  expect_correct(b[0]);
   store_->check_invariants();
 }
 
@@ -1842,11 +1886,12 @@ TEST_F(store_disk_test,
   store_->check_invariants();
 }
 
-TEST_F(store_disk_test, a_failed_request_counts_its_disk_blocks_and_pins_none) {
+TEST_F(store_disk_test, a_failed_request_counts_its_disk_blocks_as_hits) {
   // Four blocks on disk, a fifth the producer fails: the request fails,
   // the four brought back stay cached and count as hits (disk_block_hits
-  // said so, block_hits did not: 0 hits, 5 misses), and the pins the
-  // request gave them go with it.
+  // said so, block_hits did not: 0 hits, 5 misses). With pin, none of them
+  // is left pinned (a block brought back is pinned only when the request
+  // succeeds).
   const auto k = chain(3, 5);
   run(std::vector<block_key>(k.begin(), k.begin() + 4));
   spill_everything();
