@@ -3243,6 +3243,45 @@ TEST_F(actor_test, APrefetchComputedThroughTheCacheIsUsefulWhenItsQueryHits) {
   EXPECT_EQ(st.wasted, 0U);
 }
 
+TEST_F(actor_test, AUserWhoJoinedAPrefetchInTheCacheMakesItUseful) {
+  // B's prefetch is on its way through the cache (held at the balancer)
+  // when B is asked twice: the first user sends its own request (normal is
+  // above the prefetch's low), the second joins. The prefetch's reply comes
+  // back first and answers all three: both users got what the prefetch
+  // computed. The cache reports the joined user to the prefetcher with the
+  // prefetch's reply (joined): useful. (Before, that reply was judged as an
+  // engine's answer to the user, matching none of the blocks the prefetch
+  // had found: wasted.)
+  const cache_over_fake f(*sys_, stop_at_end_);
+  auto pf =
+      spawned(spawn_prefetcher(*sys_, eager_prefetch(), f.balancer, f.cache));
+  stop_at_end_.push_back(pf);
+  sched_->run();
+  observed(pf, query(1, "X")); // X -> B
+  observed(pf, query(1, "B"));
+  const auto x = query(2, "X");
+  caf::anon_send(pf, observe_atom::value, x, found_all(x), std::int64_t{0});
+  run_all_but(*sched_, f.balancer); // the prefetch of B waits there
+  auto first = query(3, "B");
+  first.id = 31;
+  auto second = query(4, "B");
+  second.id = 41;
+  auto r1 = ask<kv_reply>(f.cache, query_atom::value, first);
+  run_all_but(*sched_, f.balancer);
+  auto r2 = ask<kv_reply>(f.cache, query_atom::value, second);
+  run_all_but(*sched_, f.balancer);
+  sched_->run();
+  ASSERT_TRUE(r1->value && r2->value);
+  ASSERT_EQ(f.be->seen.size(), 2U);
+  EXPECT_TRUE(f.be->seen[0].prefetch);
+  EXPECT_TRUE(r1->value->joined);
+  EXPECT_TRUE(r2->value->joined);
+  const auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 1U);
+  EXPECT_EQ(st.useful, 1U);
+  EXPECT_EQ(st.wasted, 0U);
+}
+
 TEST_F(actor_test, APrefetchThatJoinsAUsersRequestInTheCacheCountsCached) {
   // B's own request is on its way through the cache (held at the balancer)
   // when X predicts B: the prefetch joins it in the cache and gets its

@@ -206,9 +206,15 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
         if (q.empty())
           return;
         ++s.stats.observed;
-        count(s.stats, s.outstanding->used(q, req.keys,
-                                           {rep.engine, rep.matched_blocks,
-                                            rep.from_query_cache}));
+        // A request that joined another's computation in the result
+        // cache (joined) got that request's reply, the prefetch's when
+        // that one was its query's prefetch: answered by the cache, as a
+        // hit is, not by an engine whose reply describes the prefetch's
+        // work.
+        count(s.stats,
+              s.outstanding->used(q, req.keys,
+                                  {rep.engine, rep.matched_blocks,
+                                   rep.from_query_cache || rep.joined}));
         remember(s, q, req);
         s.model->observe(req.session, q);
         auto p = s.model->predict(req.session, q);

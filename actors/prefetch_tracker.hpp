@@ -58,7 +58,9 @@ public:
   struct served {
     std::uint32_t engine = 0;         ///< slot of the engine that served it
     std::uint64_t matched_blocks = 0; ///< its leading blocks found cached
-    bool from_result_cache = false;   ///< answered by a query-result cache
+    /// Answered by a query-result cache: from its store, or with another
+    /// request's reply there (kv_reply::joined).
+    bool from_result_cache = false;
   };
   enum class outcome { none, pending, useful, wasted };
 
