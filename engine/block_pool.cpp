@@ -50,7 +50,17 @@ result<block_pool> block_pool::create(std::size_t arena_bytes,
   const std::size_t slabs = arena_bytes / slab_bytes;
   if (slabs >= none)
     return make_error(errc::invalid_argument, "too many slabs");
-  return block_pool(slab_bytes, static_cast<std::uint32_t>(slabs));
+  // About 84 bytes of host memory per slab, allocated now: small slabs on
+  // a large arena can ask for more than the host has.
+  try {
+    return block_pool(slab_bytes, static_cast<std::uint32_t>(slabs));
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "no host memory for the bookkeeping of " +
+                          std::to_string(slabs) + " slabs of " +
+                          std::to_string(slab_bytes) +
+                          " bytes; use larger slabs");
+  }
 }
 
 result<std::uint16_t> block_pool::size_class_for(std::size_t bytes) {

@@ -235,8 +235,12 @@ block_store::create(const store_config& config,
   auto pool = block_pool::create(arena, slab);
   if (!pool)
     return unexpected<error>(pool.error());
-  return std::unique_ptr<block_store>(
-      new block_store(config, std::move(backend), std::move(*pool)));
+  try {
+    return std::unique_ptr<block_store>(
+        new block_store(config, std::move(backend), std::move(*pool)));
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory, "no host memory for a store");
+  }
 }
 
 block_store::block_store(const store_config& config,
@@ -323,14 +327,25 @@ block_store::register_namespace(const namespace_spec& spec,
   const std::size_t most = std::min(
       max_reserved_entries,
       pool_.capacity_bytes() / std::max(slot, arena_bytes_per_reserved_block));
-  index_.reserve(std::max(most, index_.size()));
-  entries_.reserve(std::max(most, entries_.size()));
-  free_entries_.reserve(std::max(most, entries_.size()));
-  for (auto& p : policies_)
-    p->reserve(most);
-  if (scratch_.size() < spec.value_bytes()) {
-    scratch_.resize(spec.value_bytes());
-    scratch2_.resize(spec.value_bytes());
+  // Some hundred bytes of host memory per block (a large device arena of
+  // small blocks can ask for more than the host has). What was reserved
+  // before a failure stays: capacity only, nothing the store relies on.
+  try {
+    index_.reserve(std::max(most, index_.size()));
+    entries_.reserve(std::max(most, entries_.size()));
+    free_entries_.reserve(std::max(most, entries_.size()));
+    for (auto& p : policies_)
+      p->reserve(most);
+    if (scratch_.size() < spec.value_bytes()) {
+      scratch_.resize(spec.value_bytes());
+      scratch2_.resize(spec.value_bytes());
+    }
+    namespaces_.reserve(namespaces_.size() + 1);
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "namespace '" + spec.model +
+                          "': no host memory for the bookkeeping of " +
+                          std::to_string(most) + " blocks");
   }
   namespaces_.push_back(std::move(st));
   return ns_id{static_cast<std::uint16_t>(namespaces_.size() - 1)};

@@ -324,6 +324,8 @@ public:
   [[nodiscard]] static result<std::unique_ptr<block_store>>
   create(const store_config& config);
   /// A store over `backend`'s arena (config.capacity_bytes is ignored).
+  /// Its slab records take about 84 bytes of host memory per slab; when
+  /// the host has not that much, errc::out_of_memory.
   [[nodiscard]] static result<std::unique_ptr<block_store>>
   create(const store_config& config, std::unique_ptr<memory_backend> backend);
 
@@ -334,7 +336,10 @@ public:
   /// Registers a namespace; registering an equal spec again with the same
   /// options returns the same id, with other options it is
   /// errc::namespace_conflict. A value larger than a slab is
-  /// errc::value_too_large.
+  /// errc::value_too_large. The store reserves its bookkeeping for as many
+  /// blocks as the arena holds (some hundred bytes of host memory each, for
+  /// at most 2^26 blocks); when the host has not that much,
+  /// errc::out_of_memory.
   [[nodiscard]] result<ns_id>
   register_namespace(const namespace_spec& spec,
                      const namespace_options& options = {});

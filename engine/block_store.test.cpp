@@ -2731,6 +2731,81 @@ TEST_F(store_fixture, token_calls_with_no_memory_for_their_keys_fail_cleanly) {
 #endif
 }
 
+/// An arena of `bytes` that holds nothing: the store's bookkeeping for it
+/// is all that is allocated (as for device memory).
+class empty_arena final : public memory_backend {
+public:
+  explicit empty_arena(std::size_t bytes) : bytes_(bytes) {}
+  std::string_view name() const noexcept override { return "empty"; }
+  std::size_t size() const noexcept override { return bytes_; }
+  std::byte* host_data() noexcept override { return nullptr; }
+  result<void> write(std::size_t, std::span<const std::byte>) override {
+    return make_error(errc::backend_error, "an empty arena");
+  }
+  result<void> read(std::size_t, std::span<std::byte>) const override {
+    return make_error(errc::backend_error, "an empty arena");
+  }
+  result<std::uint64_t> checksum(std::size_t, std::size_t) const override {
+    return make_error(errc::backend_error, "an empty arena");
+  }
+
+private:
+  std::size_t bytes_;
+};
+
+TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
+                  "them";
+#else
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  // A 512 GiB arena of 4 KiB slabs (11 GiB of slab records), and a 128 GiB
+  // one whose namespace of 4 KiB blocks reserves for 2^25 blocks (some
+  // GiB): neither fits under the child's address-space cap. Both are
+  // errc::out_of_memory (before, std::bad_alloc escaped), and a store of a
+  // size that fits is made after them.
+  EXPECT_EXIT(
+      {
+        std::size_t pages = 0;
+        std::ifstream("/proc/self/statm") >> pages;
+        rlimit lim{};
+        lim.rlim_cur =
+            pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
+            (std::size_t{256} << 20);
+        lim.rlim_max = lim.rlim_cur;
+        if (::setrlimit(RLIMIT_AS, &lim) != 0)
+          std::_Exit(10);
+        store_config small_slabs;
+        small_slabs.slab_bytes = 4096;
+        auto a = block_store::create(
+            small_slabs, std::make_unique<empty_arena>(std::size_t{1} << 39));
+        if (a || a.error().code != errc::out_of_memory)
+          std::_Exit(11);
+        auto b = block_store::create(
+            store_config{},
+            std::make_unique<empty_arena>(std::size_t{1} << 37));
+        if (!b)
+          std::_Exit(12);
+        namespace_spec s;
+        s.model = "m";
+        s.layers = 1;
+        s.kv_heads = 1;
+        s.head_dim = 64;
+        s.block_tokens = 16; // 4 KiB blocks
+        auto ns = (*b)->register_namespace(s);
+        if (ns || ns.error().code != errc::out_of_memory)
+          std::_Exit(13);
+        auto c = block_store::create(
+            store_config{},
+            std::make_unique<empty_arena>(std::size_t{1} << 24));
+        if (!c || !(*c)->register_namespace(s))
+          std::_Exit(14);
+        std::_Exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+#endif
+}
+
 TEST_F(store_fixture, a_failed_rewrite_leaves_the_put_unwritten) {
   // A good write, then a producer that writes half the slot and fails:
   // the slot no longer holds what the first write's checksum covers. The
