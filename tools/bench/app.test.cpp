@@ -445,6 +445,16 @@ TEST(bench_app, capacity_errors_name_the_option_and_the_limit) {
   EXPECT_EQ(r.status, exit_usage_error);
   EXPECT_NE(r.err.find("blocks over 4 engines is more than"), std::string::npos)
       << r.err;
+  // Each of 4 engines gets a quarter of the fraction: the largest fraction
+  // is 4 times engine mode's (it said engine mode's, and fractions above it
+  // were taken).
+  const auto most = [](const std::string& err) {
+    const auto at = err.find("(at most ");
+    return at == std::string::npos ? 0.0
+                                   : std::strtod(err.c_str() + at + 9, nullptr);
+  };
+  ASSERT_GT(most(f.err), 0.0) << f.err;
+  EXPECT_NEAR(most(r.err) / most(f.err), 4.0, 1e-3) << r.err;
 }
 
 // The test-only hook makes every write of the disk tier find the file

@@ -6,7 +6,8 @@ kvfleet-actors-bench (request/reply through the balancer and an engine
 actor; medians) and kvfleet-bench engine, routing and prefetch modes
 (deterministic simulations: one run each). Every ratio compares two figures measured in
 the same run, because the machines are shared and noisy. Exit status 1 when
-a bar is missed, so the result is not a matter of reading.
+a bar is missed, so the result is not a matter of reading; 2 when a
+benchmark fails or its output lacks a figure.
 
 Usage: tools/bench/check_bars.py [--build-dir build] [--repetitions 5]
 """
@@ -50,7 +51,22 @@ def microbench(build, repetitions, pattern):
     return runs
 
 
+def tool_failed(message):
+    """Ends the check with exit status 2 (1 means a bar was missed)."""
+    print(f"check_bars: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def median(runs, name, field):
+    """The median `field` of benchmark `name`'s runs; a benchmark missing
+    from the output, or a run without the figure (one that stopped with an
+    error), ends the check (exit 2)."""
+    if name not in runs:
+        tool_failed(f"kvfleet-microbench reported no {name} run")
+    for r in runs[name]:
+        if field not in r:
+            why = r.get("error_message", "no error message")
+            tool_failed(f"kvfleet-microbench's {name} has no {field}: {why}")
     return statistics.median(r[field] for r in runs[name])
 
 
@@ -92,7 +108,8 @@ def actors_bench(build, repetitions):
                 rates[label] = float(line.split("median")[1].split()[0])
     missing = set(labels.values()) - set(rates)
     if missing:
-        sys.exit(f"kvfleet-actors-bench printed no {', '.join(sorted(missing))} line:\n{out}")
+        tool_failed(f"kvfleet-actors-bench printed no "
+                    f"{', '.join(sorted(missing))} line:\n{out}")
     return rates
 
 
@@ -214,4 +231,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (KeyError, json.JSONDecodeError) as e:
+        # A kvfleet-bench report without a figure the check reads.
+        tool_failed(f"a benchmark's output lacks {e}")

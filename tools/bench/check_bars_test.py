@@ -91,6 +91,32 @@ class CheckBarsTest(unittest.TestCase):
             self.assertIn(says, err.getvalue())
         self.assertEqual(check_bars.run_tool(["echo", "fine"]), "fine\n")
 
+    def test_a_figure_missing_from_a_benchmark_ends_the_check_with_status_2(self):
+        # Before, a microbenchmark missing or stopped with an error was a
+        # KeyError traceback, and an actors bench line missing exit 1, the
+        # status of a missed bar.
+        def exits_2(call, says):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), \
+                    self.assertRaises(SystemExit) as done:
+                call()
+            self.assertEqual(done.exception.code, 2)
+            self.assertIn(says, err.getvalue())
+        runs = micro_runs(10e9)
+        exits_2(lambda: check_bars.median(runs, "BM_absent", "x"),
+                "reported no BM_absent run")
+        runs["BM_put_256k"] = [{"error_message": "no arena"}]
+        exits_2(lambda: check_bars.median(runs, "BM_put_256k",
+                                          "bytes_per_second"),
+                "has no bytes_per_second: no arena")
+        saved = check_bars.run_tool
+        check_bars.run_tool = lambda cmd: "nothing it knows\n"
+        try:
+            exits_2(lambda: check_bars.actors_bench("build", 1),
+                    "printed no balancer")
+        finally:
+            check_bars.run_tool = saved
+
     def test_figures_above_every_bar_pass(self):
         status, out = self.judge(lru_hits=0.25, least_loaded_hits=0.30)
         self.assertEqual(status, 0, out)

@@ -149,25 +149,30 @@ result<std::size_t> capacity_in_blocks(const engine_options& opts,
   if (n > static_cast<double>(most))
     return make_error(
         errc::value_too_large,
-        capacity_fraction_too_large(f, working_set_blocks, "", most, slot));
+        capacity_fraction_too_large(f, working_set_blocks, 1, most, slot));
   return static_cast<std::size_t>(n);
 }
 
 std::string capacity_fraction_too_large(double fraction,
                                         std::size_t working_set_blocks,
-                                        std::string_view per,
+                                        std::size_t engines,
                                         std::size_t most_blocks,
                                         std::size_t slot_bytes) {
+  // Each engine gets fraction x working set / engines blocks, so the most a
+  // fraction can be is engines times most_blocks over the working set.
+  const std::string per =
+      engines > 1 ? " over " + std::to_string(engines) + " engines" : "";
   return "option --capacity-fraction is too large: " + number_text(fraction) +
          " of a working set of " + std::to_string(working_set_blocks) +
-         " blocks" + std::string(per) + " is more than " +
-         std::to_string(most_blocks) + " blocks of " +
-         std::to_string(slot_bytes) +
-         " bytes, past 64-bit addresses, which no machine has (at most " +
-         number_text(static_cast<double>(most_blocks) /
+         " blocks" + per + " is more than " + std::to_string(most_blocks) +
+         " blocks of " + std::to_string(slot_bytes) + " bytes" +
+         (engines > 1 ? " per engine" : "") +
+         ", past 64-bit addresses, which no machine has (at most " +
+         number_text(static_cast<double>(most_blocks) *
+                     static_cast<double>(std::max<std::size_t>(1, engines)) /
                      static_cast<double>(
                          std::max<std::size_t>(1, working_set_blocks))) +
-         (per.empty() ? "" : " per engine") + ")";
+         ")";
 }
 
 std::size_t block_slot_bytes(const engine::namespace_spec& spec) {

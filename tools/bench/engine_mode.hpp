@@ -133,11 +133,12 @@ load_requests(const engine_options& opts, std::ostream& diag);
 capacity_in_blocks(const engine_options& opts, std::size_t working_set_blocks);
 
 /// The message for a --capacity-fraction `fraction` of `working_set_blocks`
-/// (`per`: "" or " over N engines") that is more than `most_blocks` blocks
-/// of `slot_bytes`, the most 64-bit addresses hold.
+/// over `engines` engines (1 in engine mode) that gives an engine more than
+/// `most_blocks` blocks of `slot_bytes`, the most 64-bit addresses hold; it
+/// names the largest fraction that does not.
 [[nodiscard]] std::string
 capacity_fraction_too_large(double fraction, std::size_t working_set_blocks,
-                            std::string_view per, std::size_t most_blocks,
+                            std::size_t engines, std::size_t most_blocks,
                             std::size_t slot_bytes);
 
 /// Bytes of the slot one uncompressed block of `spec` occupies.

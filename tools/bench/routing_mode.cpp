@@ -281,10 +281,8 @@ result<std::size_t> engine_capacity_in_blocks(const routing_options& opts,
   const std::size_t most = std::numeric_limits<std::size_t>::max() / slot;
   if (n > static_cast<double>(most))
     return make_error(errc::value_too_large,
-                      capacity_fraction_too_large(
-                          f, working_set_blocks,
-                          " over " + std::to_string(opts.engines) + " engines",
-                          most, slot));
+                      capacity_fraction_too_large(f, working_set_blocks,
+                                                  opts.engines, most, slot));
   return static_cast<std::size_t>(n);
 }
 
