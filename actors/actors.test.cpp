@@ -589,6 +589,41 @@ TEST_F(actor_test, ACriticalRequestArrivingDuringABacklogJoinsTheNextBatch) {
   EXPECT_EQ(at - seen->begin(), 20); // first of the second batch
 }
 
+TEST_F(actor_test, ACriticalRequestRunsBeforeNormalMessagesQueuedBeforeIt) {
+  // Batches close at their marker (close_when_idle). A stats request (a
+  // normal message, as block calls are) and then a critical request
+  // (urgent) wait in an idle engine's mailbox. The critical one is read
+  // first and opens a batch whose close marker is urgent too, so the
+  // request has run when the stats are read. (Before, the marker was a
+  // normal message behind the stats request: the critical request waited
+  // for every normal message queued before it.) A critical request that
+  // joins a batch a normal request opened closes it as early.
+  auto c = small_engine(64);
+  c.batch = batch_config{}; // up to 20 a batch, closed at its marker
+  auto e = engine(c);
+  auto stats = ask<engine_stats>(e, stats_atom::value);
+  run_all_but(*sched_, e); // the stats request waits in e's mailbox
+  auto crit = make_request(1, 0, 0, 1, 1);
+  crit.prio = engine::priority::critical;
+  caf::anon_send<caf::message_priority::high>(e, process_atom::value, crit);
+  sched_->run();
+  ASSERT_TRUE(stats->value.has_value());
+  EXPECT_EQ(stats->value->requests, 1U);
+
+  auto e2 = engine(c);
+  caf::anon_send(e2, process_atom::value, make_request(2, 0, 0, 1, 2));
+  auto stats2 = ask<engine_stats>(e2, stats_atom::value);
+  run_all_but(*sched_, e2); // e2's mailbox: the request, the stats request
+  sched_->run_once();       // e2 reads the request: its marker is queued
+  auto crit2 = make_request(3, 0, 0, 1, 3);
+  crit2.prio = engine::priority::critical;
+  caf::anon_send<caf::message_priority::high>(e2, process_atom::value, crit2);
+  sched_->run();
+  ASSERT_TRUE(stats2->value.has_value());
+  EXPECT_EQ(stats2->value->requests, 2U);
+  EXPECT_EQ(ask_now<engine_stats>(e2, stats_atom::value).batches, 1U);
+}
+
 TEST_F(actor_test,
        MaxSizeOneRunsANormalRequestBeforeABackgroundOneQueuedFirst) {
   // max_size 1 runs each request alone, yet not in the order they came: a

@@ -123,6 +123,10 @@ public:
     max_tokens_ = max_tokens;
   }
   [[nodiscard]] std::size_t pending() const noexcept { return queue_.size(); }
+  /// The highest priority pending; nullopt when none is.
+  [[nodiscard]] std::optional<engine::priority> top_priority() const noexcept {
+    return queue_.top();
+  }
   [[nodiscard]] std::uint64_t generation() const noexcept {
     return generation_;
   }

@@ -5,6 +5,7 @@
 #include "actors/listeners.hpp"
 #include "actors/messages.hpp"
 #include "actors/owed_reply.hpp"
+#include "actors/prioritized.hpp"
 #include "actors/stray_messages.hpp"
 
 #include <algorithm>
@@ -80,6 +81,8 @@ struct engine_state {
   engine::ns_id ns;
   std::unique_ptr<engine::kv_producer> producer;
   batch_accumulator<pending_request> batcher{batch_config{}};
+  /// The batch generation an urgent close marker was sent for (0: none).
+  std::uint64_t urgent_marker_gen = 0;
   std::unordered_map<std::uint64_t, engine::put_handle> puts;
   std::uint64_t next_ticket = 1;
   std::vector<caf::actor> listeners;
@@ -297,13 +300,32 @@ engine::nanos arrival_time(engine_actor* self) {
 /// that is a close message to itself now, behind every message already in
 /// the mailbox; no timer, as a timer's message could only arrive behind it.
 void arm_timer(engine_actor* self) {
-  auto& b = self->state.batcher;
-  if (!b.take_opened())
-    return;
+  auto& st = self->state;
+  auto& b = st.batcher;
+  const bool opened = b.take_opened();
   if (b.config().close_when_idle) {
-    self->send(self, close_batch_atom::value, b.generation());
+    // Behind what the mailbox holds: the batch takes in the requests
+    // queued meanwhile. A batch holding a high or critical request closes
+    // behind the urgent messages only (its marker is one, as that request
+    // came; also when the request joins a batch whose normal marker is on
+    // its way: the first marker to arrive closes it, and the other finds a
+    // newer generation). Before, such a request waited for every normal
+    // message queued before it, block calls that read from disk or a
+    // persist among them.
+    const auto top = b.top_priority();
+    const bool urgent =
+        top && mailbox_priority(*top) == caf::message_priority::high;
+    if (urgent && st.urgent_marker_gen != b.generation()) {
+      st.urgent_marker_gen = b.generation();
+      self->send<caf::message_priority::high>(self, close_batch_atom::value,
+                                              b.generation());
+    } else if (opened && !urgent) {
+      self->send(self, close_batch_atom::value, b.generation());
+    }
     return;
   }
+  if (!opened)
+    return;
   // At the batch's deadline: its oldest request's arrival plus the timeout
   // (a request left over from the last batch keeps its arrival), not a
   // second timeout from the last close. The delay stays in

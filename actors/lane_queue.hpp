@@ -62,6 +62,13 @@ public:
     return out;
   }
 
+  /// The priority of the highest non-empty lane; nullopt when empty.
+  [[nodiscard]] std::optional<engine::priority> top() const noexcept {
+    for (std::size_t i = priority_count; i-- > 0;)
+      if (!lanes_[i].empty())
+        return static_cast<engine::priority>(i);
+    return std::nullopt;
+  }
   [[nodiscard]] std::size_t size() const noexcept { return size_; }
   [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
   [[nodiscard]] std::size_t size(engine::priority prio) const noexcept {
