@@ -1048,6 +1048,7 @@ TEST(ScalerPolicy, ASampleSeenEarlierThanTheNewestLeavesTheWindowInItsTime) {
   // disagree): those of 80 s are out of the window already, and those of
   // 95 s leave it at 105 s, before those of 100 s. (Before, each went to the
   // back and stayed until the 100 s ones left: a p95 of 900 ms at 107 s.)
+  // One stamped far ahead (1000 s) does not keep later ones out.
   auto c = fast_scaler(); // window 10 s
   auto s = make_scaler(c, 1, 4096);
   feed(s, 100s, 100ms, 20);
@@ -1058,6 +1059,10 @@ TEST(ScalerPolicy, ASampleSeenEarlierThanTheNewestLeavesTheWindowInItsTime) {
   EXPECT_EQ(s.window_requests(107s), 20U);
   EXPECT_EQ(s.p95(107s), 100ms);
   EXPECT_EQ(s.window_requests(111s), 0U);
+  feed(s, 1000s, 100ms, 1);
+  feed(s, 120s, 900ms, 20);
+  EXPECT_EQ(s.window_requests(125s), 21U);
+  EXPECT_EQ(s.p95(125s), 900ms);
 }
 
 TEST(ScalerPolicy, ALostReplicaLowersTheCountSoTheNextScaleUpSpawns) {

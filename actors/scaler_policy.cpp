@@ -149,11 +149,10 @@ result<void> scaler_policy::record(engine::nanos now, engine::nanos latency) {
                           std::to_string(latency.count()) + " ns");
   // The window is kept in time order, and leaves from its front: a sample
   // seen earlier than the newest (a caller's clocks that disagree) goes in
-  // its place, or nowhere when the window has passed it already. Before, it
-  // went to the back and stayed until the newer samples before it left.
-  if (!samples_.empty() && now < samples_.back().at &&
-      now + config_.window < samples_.back().at)
-    return {};
+  // its place, and leaves at its time (at the next trim, when the window
+  // has passed it already). Before, it went to the back and stayed until
+  // the newer samples before it left. (Not dropped here against the newest
+  // sample: one stamped far ahead would then drop every sample after it.)
   trim(now);
   // Past max_samples, each request is kept with chance 1 / stride_ (a
   // fixed-seed generator: deterministic, and unlike keeping every

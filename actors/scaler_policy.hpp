@@ -130,8 +130,8 @@ public:
          std::uint32_t capacity_tokens);
 
   /// Adds a request's latency, seen at `now`, to the window (in time order:
-  /// a `now` earlier than the newest sample's takes its place, and one a
-  /// window older is left out). Errors:
+  /// a `now` earlier than the newest sample's takes its place, and leaves
+  /// the window at its own time). Errors:
   /// errc::invalid_argument for a negative latency (nothing recorded: it
   /// would pull the p95 below every real one and retire replicas).
   [[nodiscard]] result<void> record(engine::nanos now, engine::nanos latency);
