@@ -110,9 +110,11 @@ private:
   }
 
   void rehash(std::size_t n) {
-    std::vector<bucket> old;
+    // The new buckets first: when they cannot be allocated, the index is
+    // as it was (before, the old ones were moved out first, and a failed
+    // allocation left it empty with its old mask).
+    std::vector<bucket> old(n, bucket{});
     old.swap(buckets_);
-    buckets_.assign(n, bucket{});
     mask_ = n - 1;
     shift_ = 64 - static_cast<unsigned>(std::countr_zero(n));
     for (const bucket& b : old)

@@ -329,25 +329,28 @@ block_store::register_namespace(const namespace_spec& spec,
       pool_.capacity_bytes() / std::max(slot, arena_bytes_per_reserved_block));
   // Some hundred bytes of host memory per block (a large device arena of
   // small blocks can ask for more than the host has). What was reserved
-  // before a failure stays: capacity only, nothing the store relies on.
+  // before a failure stays: capacity only, nothing the store relies on
+  // (each structure grows so that a failed allocation leaves it as it was,
+  // or with room it does not count yet).
   try {
     index_.reserve(std::max(most, index_.size()));
     entries_.reserve(std::max(most, entries_.size()));
     free_entries_.reserve(std::max(most, entries_.size()));
     for (auto& p : policies_)
       p->reserve(most);
-    if (scratch_.size() < spec.value_bytes()) {
+    // Each sized on its own: one grown without the other would pass a
+    // later check of the first's size.
+    if (scratch_.size() < spec.value_bytes())
       scratch_.resize(spec.value_bytes());
+    if (scratch2_.size() < spec.value_bytes())
       scratch2_.resize(spec.value_bytes());
-    }
-    namespaces_.reserve(namespaces_.size() + 1);
+    namespaces_.push_back(std::move(st)); // unchanged when it throws
   } catch (const std::bad_alloc&) {
     return make_error(errc::out_of_memory,
                       "namespace '" + spec.model +
                           "': no host memory for the bookkeeping of " +
                           std::to_string(most) + " blocks");
   }
-  namespaces_.push_back(std::move(st));
   return ns_id{static_cast<std::uint16_t>(namespaces_.size() - 1)};
 }
 

@@ -1,4 +1,5 @@
 #include "engine/block_store.hpp"
+#include "engine/checksum.hpp"
 #include "engine/testing/heap_probe.hpp"
 #include "engine/testing/host_wrapper.hpp"
 #include "engine/testing/store_checks.hpp"
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
 #include <new>
 #include <random>
 #include <stdexcept>
@@ -2731,26 +2733,39 @@ TEST_F(store_fixture, token_calls_with_no_memory_for_their_keys_fail_cleanly) {
 #endif
 }
 
-/// An arena of `bytes` that holds nothing: the store's bookkeeping for it
-/// is all that is allocated (as for device memory).
-class empty_arena final : public memory_backend {
+/// An arena of `bytes` that keeps only what is written to it, by offset:
+/// the store's bookkeeping for it is all that is allocated up front (as
+/// for device memory).
+class sparse_arena final : public memory_backend {
 public:
-  explicit empty_arena(std::size_t bytes) : bytes_(bytes) {}
-  std::string_view name() const noexcept override { return "empty"; }
+  explicit sparse_arena(std::size_t bytes) : bytes_(bytes) {}
+  std::string_view name() const noexcept override { return "sparse"; }
   std::size_t size() const noexcept override { return bytes_; }
   std::byte* host_data() noexcept override { return nullptr; }
-  result<void> write(std::size_t, std::span<const std::byte>) override {
-    return make_error(errc::backend_error, "an empty arena");
+  result<void> write(std::size_t offset,
+                     std::span<const std::byte> src) override {
+    written_[offset].assign(src.begin(), src.end());
+    return {};
   }
-  result<void> read(std::size_t, std::span<std::byte>) const override {
-    return make_error(errc::backend_error, "an empty arena");
+  result<void> read(std::size_t offset,
+                    std::span<std::byte> dst) const override {
+    const auto it = written_.find(offset);
+    if (it == written_.end() || it->second.size() < dst.size())
+      return make_error(errc::backend_error, "nothing written there");
+    std::copy_n(it->second.begin(), dst.size(), dst.begin());
+    return {};
   }
-  result<std::uint64_t> checksum(std::size_t, std::size_t) const override {
-    return make_error(errc::backend_error, "an empty arena");
+  result<std::uint64_t> checksum(std::size_t offset,
+                                 std::size_t len) const override {
+    const auto it = written_.find(offset);
+    if (it == written_.end() || it->second.size() < len)
+      return make_error(errc::backend_error, "nothing written there");
+    return block_checksum({it->second.data(), len});
   }
 
 private:
   std::size_t bytes_;
+  std::map<std::size_t, std::vector<std::byte>> written_;
 };
 
 TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
@@ -2762,10 +2777,36 @@ TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
   // A 512 GiB arena of 4 KiB slabs (11 GiB of slab records), and a 128 GiB
   // one whose namespace of 4 KiB blocks reserves for 2^25 blocks (some
   // GiB): neither fits under the child's address-space cap. Both are
-  // errc::out_of_memory (before, std::bad_alloc escaped), and a store of a
-  // size that fits is made after them.
+  // errc::out_of_memory (before, std::bad_alloc escaped). The second store
+  // still serves the block of its first namespace (one of 512 KiB blocks,
+  // registered before the cap), and registers that namespace again; a
+  // store of a size that fits is made after them.
   EXPECT_EXIT(
       {
+        // Before the cap: a store whose first namespace, of 512 KiB
+        // blocks, holds one block.
+        auto b = block_store::create(
+            store_config{},
+            std::make_unique<sparse_arena>(std::size_t{1} << 37));
+        if (!b)
+          std::_Exit(12);
+        namespace_spec big;
+        big.model = "big";
+        big.layers = 64;
+        big.kv_heads = 8;
+        big.head_dim = 64;
+        big.block_tokens = 16;
+        const auto a = (*b)->register_namespace(big);
+        if (!a)
+          std::_Exit(16);
+        const std::vector<block_key> k{
+            chain_key_from_id({}, big.fingerprint(), 1)};
+        {
+          auto h = (*b)->reserve(*a, k[0], {});
+          std::vector<std::byte> v(big.value_bytes(), std::byte{7});
+          if (!h || !(*b)->write(*h, v) || !(*b)->commit(*h))
+            std::_Exit(17);
+        }
         std::size_t pages = 0;
         std::ifstream("/proc/self/statm") >> pages;
         rlimit lim{};
@@ -2777,15 +2818,10 @@ TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
           std::_Exit(10);
         store_config small_slabs;
         small_slabs.slab_bytes = 4096;
-        auto a = block_store::create(
-            small_slabs, std::make_unique<empty_arena>(std::size_t{1} << 39));
-        if (a || a.error().code != errc::out_of_memory)
+        auto tiny_slabs = block_store::create(
+            small_slabs, std::make_unique<sparse_arena>(std::size_t{1} << 39));
+        if (tiny_slabs || tiny_slabs.error().code != errc::out_of_memory)
           std::_Exit(11);
-        auto b = block_store::create(
-            store_config{},
-            std::make_unique<empty_arena>(std::size_t{1} << 37));
-        if (!b)
-          std::_Exit(12);
         namespace_spec s;
         s.model = "m";
         s.layers = 1;
@@ -2795,9 +2831,16 @@ TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
         auto ns = (*b)->register_namespace(s);
         if (ns || ns.error().code != errc::out_of_memory)
           std::_Exit(13);
+        const auto found = (*b)->lookup(*a, k);
+        if (!found || *found != 1)
+          std::_Exit(18);
+        const auto again = (*b)->register_namespace(big);
+        if (!again || again->value != a->value)
+          std::_Exit(19);
+        (*b)->check_invariants();
         auto c = block_store::create(
             store_config{},
-            std::make_unique<empty_arena>(std::size_t{1} << 24));
+            std::make_unique<sparse_arena>(std::size_t{1} << 24));
         if (!c || !(*c)->register_namespace(s))
           std::_Exit(14);
         std::_Exit(0);

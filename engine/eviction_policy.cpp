@@ -88,10 +88,12 @@ using internal::score;
 class score_policy : public eviction_policy {
 public:
   void reserve(std::size_t ids) override {
-    if (scores_.size() < ids) {
-      scores_.resize(ids);
+    // scores_ last: its size says which ids have room (on_access), so a
+    // failed allocation leaves no id with room in one array only.
+    if (prios_.size() < ids)
       prios_.resize(ids, priority::normal);
-    }
+    if (scores_.size() < ids)
+      scores_.resize(ids);
     // Blocks are put at normal priority unless a request says otherwise;
     // the other priorities' heaps grow as they fill.
     heap_.reserve(ids, static_cast<std::size_t>(priority::normal));

@@ -134,11 +134,14 @@ public:
 
 private:
   void grow(std::size_t ids) {
-    if (pos_.size() < ids) {
-      pos_.resize(ids, npos);
-      level_.resize(ids, 0);
+    // pos_ last: its size says which ids have room (contains(), push()),
+    // so a failed allocation leaves no id with room in one array only.
+    if (keys_.size() < ids)
       keys_.resize(ids);
-    }
+    if (level_.size() < ids)
+      level_.resize(ids, 0);
+    if (pos_.size() < ids)
+      pos_.resize(ids, npos);
   }
   void up(std::vector<std::uint32_t>& h, std::uint32_t p) noexcept {
     const std::uint32_t id = h[p];

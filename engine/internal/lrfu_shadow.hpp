@@ -38,14 +38,16 @@ public:
   void reserve(std::size_t blocks) {
     if (blocks <= nodes_.size())
       return;
+    // Everything that can fail to allocate before nodes_ grows: its size
+    // says which ids exist, and each new one must be on the free stack.
     const std::size_t old = nodes_.size();
-    nodes_.resize(blocks);
     free_.reserve(blocks);
+    heap_.reserve(blocks, 0);
+    index_.reserve(blocks);
+    nodes_.resize(blocks);
     // Highest id first on the stack, so the lowest free id is used next.
     for (std::size_t id = blocks; id-- > old;)
       free_.push_back(static_cast<std::uint32_t>(id));
-    heap_.reserve(blocks, 0);
-    index_.reserve(blocks);
   }
 
   /// One reference of sampled key `key` at tick `t`; `capacity` blocks.
