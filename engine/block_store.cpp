@@ -10,6 +10,7 @@
 #include <exception>
 #include <limits>
 #include <new>
+#include <optional>
 #include <string>
 
 namespace kvfleet::engine {
@@ -309,16 +310,25 @@ block_store::register_namespace(const namespace_spec& spec,
   }
   if (namespaces_.size() >= 0xffff)
     return make_error(errc::invalid_argument, "too many namespaces");
-  ns_state st{spec, options, fp, {}};
-  const std::size_t elements = spec.elements_per_block();
-  for (std::size_t c = 0; c < codec_count; ++c) {
-    const std::size_t bytes = encoded_size(static_cast<codec>(c), elements);
-    auto cls = pool_.size_class_for(bytes);
-    if (!cls)
-      return make_error(cls.error().code, "namespace '" + spec.model +
-                                              "': " + cls.error().message);
-    st.size_class[c] = *cls;
+  // Its copy of the spec and a new size class allocate too (a size class
+  // left behind by a refusal below does no harm).
+  std::optional<ns_state> made;
+  try {
+    made.emplace(ns_state{spec, options, fp, {}});
+    const std::size_t elements = spec.elements_per_block();
+    for (std::size_t c = 0; c < codec_count; ++c) {
+      const std::size_t bytes = encoded_size(static_cast<codec>(c), elements);
+      auto cls = pool_.size_class_for(bytes);
+      if (!cls)
+        return make_error(cls.error().code, "namespace '" + spec.model +
+                                                "': " + cls.error().message);
+      made->size_class[c] = *cls;
+    }
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "namespace '" + spec.model + "': no host memory for it");
   }
+  ns_state& st = *made;
   // Size the index and entry table for the most blocks this namespace can
   // put in the arena, so puts do not allocate; within a bound for tiny
   // blocks (see arena_bytes_per_reserved_block).
