@@ -1,13 +1,10 @@
 #include "engine/block_pool.hpp"
 #include "engine/block_index.hpp"
+#include "engine/testing/heap_probe.hpp"
 
 #include <gtest/gtest.h>
 
-#include <sys/resource.h>
-#include <unistd.h>
-
 #include <cstdlib>
-#include <fstream>
 #include <random>
 #include <string>
 #include <unordered_map>
@@ -191,15 +188,7 @@ TEST(block_pool, no_heap_for_a_slab_free_list_is_an_error_and_loses_nothing) {
         auto cls = pool->size_class_for(block_pool::slot_alignment);
         if (!cls)
           std::_Exit(11);
-        std::ifstream statm("/proc/self/statm");
-        std::size_t pages = 0;
-        statm >> pages;
-        rlimit lim{};
-        lim.rlim_cur =
-            pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
-            (std::size_t{64} << 20);
-        lim.rlim_max = lim.rlim_cur;
-        if (::setrlimit(RLIMIT_AS, &lim) != 0)
+        if (!testing::cap_address_space_at(std::size_t{64} << 20))
           std::_Exit(12);
         auto slot = pool->allocate(*cls);
         if (slot || slot.error().code != errc::out_of_memory)

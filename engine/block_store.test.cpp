@@ -2698,7 +2698,6 @@ TEST_F(store_fixture, token_calls_with_no_memory_for_their_keys_fail_cleanly) {
         if (map == MAP_FAILED)
           std::_Exit(10);
         const std::span tokens(static_cast<const std::uint32_t*>(map), n);
-        std::size_t pages = 0;
         // The values' 4 TiB (below) are mapped before the cap, too.
         const std::size_t value_bytes = (n / 16) * block_bytes;
         void* values =
@@ -2706,13 +2705,7 @@ TEST_F(store_fixture, token_calls_with_no_memory_for_their_keys_fail_cleanly) {
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (values == MAP_FAILED)
           std::_Exit(13);
-        std::ifstream("/proc/self/statm") >> pages;
-        rlimit lim{};
-        lim.rlim_cur =
-            pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
-            (std::size_t{256} << 20);
-        lim.rlim_max = lim.rlim_cur;
-        if (::setrlimit(RLIMIT_AS, &lim) != 0)
+        if (!testing::cap_address_space_at(std::size_t{256} << 20))
           std::_Exit(11);
         const auto l = store_->lookup_tokens(ns_, tokens);
         if (l || l.error().code != errc::out_of_memory)
@@ -2808,14 +2801,7 @@ TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
           if (!h || !(*b)->write(*h, v) || !(*b)->commit(*h))
             std::_Exit(17);
         }
-        std::size_t pages = 0;
-        std::ifstream("/proc/self/statm") >> pages;
-        rlimit lim{};
-        lim.rlim_cur =
-            pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
-            (std::size_t{256} << 20);
-        lim.rlim_max = lim.rlim_cur;
-        if (::setrlimit(RLIMIT_AS, &lim) != 0)
+        if (!testing::cap_address_space_at(std::size_t{256} << 20))
           std::_Exit(10);
         store_config small_slabs;
         small_slabs.slab_bytes = 4096;

@@ -1,6 +1,7 @@
 #include "engine/disk/disk_tier.hpp"
 
 #include "engine/checksum.hpp"
+#include "engine/testing/heap_probe.hpp"
 #include "engine/testing/io_gate.hpp"
 #include "engine/testing/old_disk_catalog.hpp"
 
@@ -1302,18 +1303,7 @@ void expect_child_succeeds(const std::function<int()>& body) {
   EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
-/// Sets the soft address-space limit `headroom` bytes above what the
-/// process maps now (the hard limit stays unlimited, so it can be raised
-/// again); false when it cannot.
-bool cap_address_space_at(std::uint64_t headroom) {
-  std::ifstream statm("/proc/self/statm");
-  std::uint64_t pages = 0;
-  statm >> pages;
-  const rlimit lim{pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) +
-                       headroom,
-                   RLIM_INFINITY};
-  return ::setrlimit(RLIMIT_AS, &lim) == 0;
-}
+using testing::cap_address_space_at;
 
 /// Larger than the 64 MiB glibc reserves per thread arena, which an
 /// allocation on the I/O thread could otherwise grow into unlimited.

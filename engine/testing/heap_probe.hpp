@@ -17,4 +17,10 @@ std::size_t heap_allocations_in(const std::function<void()>& f);
 /// call came (f made more than `nth` allocations).
 bool failing_allocation(std::size_t nth, const std::function<void()>& f);
 
+/// Sets the soft address-space limit (RLIMIT_AS) `headroom` bytes above
+/// what the process maps now, the hard limit unlimited; false when it
+/// cannot. For a test's child process (a death test): every allocation past
+/// the headroom then fails.
+bool cap_address_space_at(std::size_t headroom);
+
 } // namespace kvfleet::engine::testing

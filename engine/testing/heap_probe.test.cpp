@@ -1,6 +1,10 @@
 #include "engine/testing/heap_probe.hpp"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <cstdlib>
+#include <fstream>
 #include <new>
 
 namespace {
@@ -59,6 +63,15 @@ bool failing_allocation(std::size_t nth, const std::function<void()>& f) {
     f();
   }
   return allocations > nth;
+}
+
+bool cap_address_space_at(std::size_t headroom) {
+  std::size_t pages = 0;
+  std::ifstream("/proc/self/statm") >> pages;
+  const rlimit lim{pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) +
+                       headroom,
+                   RLIM_INFINITY};
+  return ::setrlimit(RLIMIT_AS, &lim) == 0;
 }
 
 } // namespace kvfleet::engine::testing
