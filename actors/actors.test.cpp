@@ -151,8 +151,9 @@ protected:
   /// successor seen in half of the transitions, and never ages them unless
   /// `pc` says so.
   caf::actor prefetcher(const caf::actor& balancer,
-                        prefetch_config pc = eager_prefetch()) {
-    auto pf = spawned(spawn_prefetcher(*sys_, pc, balancer));
+                        prefetch_config pc = eager_prefetch(),
+                        const caf::actor& front = {}) {
+    auto pf = spawned(spawn_prefetcher(*sys_, pc, balancer, front));
     stop_at_end_.push_back(pf);
     sched_->run();
     return pf;
@@ -3231,10 +3232,7 @@ TEST_F(actor_test, WithACacheInFrontThePrefetcherLearnsFromHitsAndSkipsCached) {
   // the cache and is answered from its store: cached, no engine work.
   // (Before, cache hits never reached the prefetcher: it learned nothing.)
   const cache_over_fake f(*sys_, stop_at_end_);
-  auto pf =
-      spawned(spawn_prefetcher(*sys_, eager_prefetch(), f.balancer, f.cache));
-  stop_at_end_.push_back(pf);
-  sched_->run();
+  auto pf = prefetcher(f.balancer, eager_prefetch(), f.cache);
   auto ask_cache = [&](std::uint64_t session, const std::string& q) {
     return ask_now<kv_reply>(f.cache, query_atom::value, query(session, q));
   };
@@ -3260,10 +3258,7 @@ TEST_F(actor_test, APrefetchComputedThroughTheCacheIsUsefulWhenItsQueryHits) {
   // reached an engine (no cache) and whose query the cache answers would
   // be wasted.
   const cache_over_fake f(*sys_, stop_at_end_);
-  auto pf =
-      spawned(spawn_prefetcher(*sys_, eager_prefetch(), f.balancer, f.cache));
-  stop_at_end_.push_back(pf);
-  sched_->run();
+  auto pf = prefetcher(f.balancer, eager_prefetch(), f.cache);
   observed(pf, query(1, "X"));
   observed(pf, query(1, "B"));
   observed(pf, query(2, "X")); // prefetches B through the cache
@@ -3288,10 +3283,7 @@ TEST_F(actor_test, AUserWhoJoinedAPrefetchInTheCacheMakesItUseful) {
   // engine's answer to the user, matching none of the blocks the prefetch
   // had found: wasted.)
   const cache_over_fake f(*sys_, stop_at_end_);
-  auto pf =
-      spawned(spawn_prefetcher(*sys_, eager_prefetch(), f.balancer, f.cache));
-  stop_at_end_.push_back(pf);
-  sched_->run();
+  auto pf = prefetcher(f.balancer, eager_prefetch(), f.cache);
   observed(pf, query(1, "X")); // X -> B
   observed(pf, query(1, "B"));
   const auto x = query(2, "X");
@@ -3326,9 +3318,7 @@ TEST_F(actor_test, APrefetchThatJoinsAUsersRequestInTheCacheCountsCached) {
   auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
   auto cache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
   stop_at_end_.push_back(cache);
-  auto pf = spawned(spawn_prefetcher(*sys_, eager_prefetch(), b, cache));
-  stop_at_end_.push_back(pf);
-  sched_->run();
+  auto pf = prefetcher(b, eager_prefetch(), cache);
   observed(pf, query(1, "X")); // X -> B
   observed(pf, query(1, "B"));
   auto user = ask<kv_reply>(cache, query_atom::value, query(2, "B"));
@@ -3414,9 +3404,7 @@ TEST_F(actor_test, APrefetchThatBroughtBlocksBackOrWentThroughTheCacheCounts) {
     auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
     auto cache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
     stop_at_end_.push_back(cache);
-    auto pf = spawned(spawn_prefetcher(*sys_, eager_prefetch(), b, cache));
-    stop_at_end_.push_back(pf);
-    sched_->run();
+    auto pf = prefetcher(b, eager_prefetch(), cache);
     observed(pf, query(1, "X"));
     observed(pf, query(1, "B"));
     ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, query(3, "B"))

@@ -2692,10 +2692,7 @@ bool block_store::await_promotions_of(std::span<const block_key> keys) {
     if (!pending_promotions_[i].answered)
       promote_ids_.push_back(pending_promotions_[i].id);
   }
-  while (!disk_->wait_done(promote_ids_, std::chrono::seconds(30)))
-    std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
-                         "still waiting for a prefetched block\n");
-  drain_disk();
+  wait_for_reads("a prefetched block");
   return true;
 }
 
@@ -2764,9 +2761,15 @@ void block_store::await_promote_batch() {
   for (const promotion& p : promote_batch_)
     if (!p.answered)
       promote_ids_.push_back(p.id);
+  wait_for_reads("a promotion");
+}
+
+void block_store::wait_for_reads(const char* what) {
   while (!disk_->wait_done(promote_ids_, std::chrono::seconds(30)))
-    std::fprintf(stderr, "kvfleet: the disk tier has not answered for 30 s; "
-                         "still waiting for a promotion\n");
+    std::fprintf(stderr,
+                 "kvfleet: the disk tier has not answered for 30 s; still "
+                 "waiting for %s\n",
+                 what);
   drain_disk();
 }
 

@@ -845,6 +845,10 @@ private:
   /// Waits for promote()'s reads of any of `keys` still on their way (and
   /// those before them) and commits them; false when none was.
   bool await_promotions_of(std::span<const block_key> keys);
+  /// Waits, without a bound (the I/O thread reads into reserved slots),
+  /// for the disk reads in promote_ids_, a line to stderr every 30 s
+  /// naming `what`; then collects the tier's answers (drain_disk()).
+  void wait_for_reads(const char* what);
   /// The disk tier's copy of `key` when it is namespace `ns`'s, holds these
   /// bytes, expires no sooner than `expires` (wall time, 0 = never) and
   /// records priority `p`: no spill is needed.

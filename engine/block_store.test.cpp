@@ -2784,12 +2784,9 @@ TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
             std::make_unique<sparse_arena>(std::size_t{1} << 37));
         if (!b)
           std::_Exit(12);
-        namespace_spec big;
-        big.model = "big";
+        namespace_spec big = small_spec("big");
         big.layers = 64;
         big.kv_heads = 8;
-        big.head_dim = 64;
-        big.block_tokens = 16;
         const auto a = (*b)->register_namespace(big);
         if (!a)
           std::_Exit(16);
@@ -2809,12 +2806,7 @@ TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
             small_slabs, std::make_unique<sparse_arena>(std::size_t{1} << 39));
         if (tiny_slabs || tiny_slabs.error().code != errc::out_of_memory)
           std::_Exit(11);
-        namespace_spec s;
-        s.model = "m";
-        s.layers = 1;
-        s.kv_heads = 1;
-        s.head_dim = 64;
-        s.block_tokens = 16; // 4 KiB blocks
+        const namespace_spec s = small_spec("m"); // 4 KiB blocks
         auto ns = (*b)->register_namespace(s);
         if (ns || ns.error().code != errc::out_of_memory)
           std::_Exit(13);
