@@ -193,15 +193,18 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
     out.clear();
     return m.enqueue(0, {});
   }
+  // Staging first: errc::out_of_memory must mean that the batch would go
+  // through now with room in the host arena (engine::memory_tier), since
+  // the store drops tier blocks to make that room.
+  auto region = m.rings[0].acquire(total);
+  if (!region)
+    return make_error(errc::busy, "demote: staging is full");
   auto at = m.allocate(total);
-  if (!at)
+  if (!at) {
+    (void)m.rings[0].give_back(*region);
     return make_error(errc::out_of_memory, "demote: no free extent of " +
                                                std::to_string(total) +
                                                " bytes in the host tier");
-  auto region = m.rings[0].acquire(total);
-  if (!region) {
-    m.free_range(*at, total);
-    return make_error(errc::busy, "demote: staging is full");
   }
   const std::uint64_t id = m.next_extent++;
   m.extents[id] = {*at, total, jobs.size()};

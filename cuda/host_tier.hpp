@@ -63,6 +63,9 @@ public:
   host_tier& operator=(const host_tier&) = delete;
 
   /// Starts demoting `jobs`; `out` receives each block's host place.
+  /// errc::busy when the staging is full of copies in flight (checked
+  /// first), errc::out_of_memory when the host arena has no free extent
+  /// for the batch.
   [[nodiscard]] result<copy_ticket> demote(std::span<const demote_job> jobs,
                                            std::vector<host_block>& out);
   /// Starts promoting `jobs` into device memory.

@@ -2,8 +2,12 @@
 #include "cuda/internal/device_buffer.hpp"
 #include "cuda/internal/test_support.hpp"
 
+#include <cuda_runtime.h>
+
+#include <atomic>
 #include <cstring>
 #include <random>
+#include <thread>
 
 namespace kvfleet::cuda {
 namespace {
@@ -80,6 +84,70 @@ TEST(host_tier_test, a_full_host_arena_is_out_of_memory) {
   auto t = (*tier)->demote({&j, 1}, placed);
   ASSERT_FALSE(t);
   EXPECT_EQ(t.error().code, errc::out_of_memory);
+}
+
+TEST(host_tier_test, full_staging_is_busy_before_a_full_host_arena) {
+  KVFLEET_REQUIRE_DEVICE();
+  // Holds the demote stream until released, so the first batch's staging
+  // stays taken. Declared first, released (by `hold`) before the buffers
+  // go: their destructors wait for the stream.
+  std::atomic<bool> go{false};
+  // 64 KiB of host arena, 64 KiB of staging per direction.
+  auto tier =
+      host_tier::create({0, std::size_t{64} << 10, std::size_t{128} << 10});
+  ASSERT_TRUE(tier);
+  internal::device_buffer pool(std::size_t{96} << 10);
+  std::vector<host_block> placed;
+  {
+    // One demotion first: with lazy module loading (CUDA's default) the
+    // first launch of the gather kernel waits for the device, which the
+    // held stream below would never let go of.
+    const demote_job warm{pool.data(), 4096};
+    auto w = (*tier)->demote({&warm, 1}, placed);
+    ASSERT_TRUE(w) << w.error().describe();
+    ASSERT_TRUE((*tier)->wait(*w));
+    (*tier)->release(placed[0]);
+  }
+  auto* s = static_cast<cudaStream_t>((*tier)->demote_stream().handle);
+  ASSERT_EQ(cudaLaunchHostFunc(
+                s,
+                [](void* flag) {
+                  while (!static_cast<std::atomic<bool>*>(flag)->load())
+                    std::this_thread::yield();
+                },
+                &go),
+            cudaSuccess);
+  struct release_on_exit {
+    std::atomic<bool>& flag;
+    ~release_on_exit() { flag = true; }
+  } hold{go};
+  const demote_job first{pool.data(), std::size_t{48} << 10};
+  auto t = (*tier)->demote({&first, 1}, placed);
+  ASSERT_TRUE(t) << t.error().describe();
+  // Neither the host arena (16 KiB left) nor the staging (16 KiB left)
+  // has room for a second 48 KiB batch. Busy comes first: out_of_memory
+  // makes the store drop tier blocks, for a batch that would still be
+  // refused.
+  const demote_job second{pool.data() + (std::size_t{48} << 10),
+                          std::size_t{48} << 10};
+  std::vector<host_block> more;
+  auto b = (*tier)->demote({&second, 1}, more);
+  ASSERT_FALSE(b);
+  EXPECT_EQ(b.error().code, errc::busy) << b.error().describe();
+  EXPECT_EQ((*tier)->host_used(), std::size_t{48} << 10);
+  go = true;
+  ASSERT_TRUE((*tier)->wait(*t));
+  // Staging free, host arena still full: now out_of_memory, and the
+  // refused batch left the staging free for the next one.
+  b = (*tier)->demote({&second, 1}, more);
+  ASSERT_FALSE(b);
+  EXPECT_EQ(b.error().code, errc::out_of_memory) << b.error().describe();
+  (*tier)->release(placed[0]);
+  b = (*tier)->demote({&second, 1}, more);
+  ASSERT_TRUE(b) << b.error().describe();
+  ASSERT_TRUE((*tier)->wait(*b));
+  (*tier)->release(more[0]);
+  EXPECT_EQ((*tier)->host_used(), 0U);
 }
 
 TEST(host_tier_test, an_empty_demotion_takes_nothing_even_from_a_full_arena) {

@@ -155,15 +155,22 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
     }
     if (batch.blocks.empty())
       break;
-    // Room in the tier: its oldest blocks go first (an extent is freed
-    // when all its blocks are, so keep dropping while demote says no room).
-    while (tier_->capacity_bytes() - tier_->used_bytes() < taken &&
-           !tier_order_.empty())
-      drop_oldest_tier_block();
+    // Room in the tier: its oldest blocks go first, but only once the
+    // tier has said no room (errc::out_of_memory, which memory_tier
+    // answers only when it could otherwise take the batch now). Dropping
+    // ahead of that threw blocks out for a batch that a busy tier then
+    // refused. The first refusal drops in one go down to the bytes the
+    // batch needs; an extent is freed when all its blocks are, so keep
+    // dropping while demote says no room.
     auto ticket = tier_->demote(jobs, places);
-    while (!ticket && ticket.error().code == errc::out_of_memory &&
-           !tier_order_.empty()) {
-      drop_oldest_tier_block();
+    for (bool first = true;
+         !ticket && ticket.error().code == errc::out_of_memory &&
+         !tier_order_.empty();
+         first = false) {
+      do
+        drop_oldest_tier_block();
+      while (first && !tier_order_.empty() &&
+             tier_->capacity_bytes() - tier_->used_bytes() < taken);
       ticket = tier_->demote(jobs, places);
     }
     if (!ticket) {

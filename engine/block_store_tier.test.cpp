@@ -363,6 +363,36 @@ TEST_F(store_tier_test, a_full_tier_drops_its_oldest_blocks_and_says_so) {
   EXPECT_EQ(run(a).computed_blocks, 4U);
 }
 
+TEST_F(store_tier_test, a_busy_full_tier_keeps_its_blocks) {
+  // The tier is full and its staging busy: the batch cannot go now, so
+  // nothing is dropped for it. Before, the oldest tier blocks were dropped
+  // (evicted, or spilled to disk) ahead of the refusal.
+  open(32, 4);
+  const auto a = chain(1, 4);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 4U);
+  const auto b = chain(100, 4);
+  run(b);
+  removed_.clear();
+  tier_->fail_next = errc::busy;
+  auto started = store_->demote_to_tier(store_->used_bytes());
+  ASSERT_TRUE(started.has_value());
+  EXPECT_EQ(*started, 0U);
+  EXPECT_EQ(store_->stats().tier_drops, 0U);
+  EXPECT_TRUE(removed_.empty());
+  for (const auto& k : a)
+    EXPECT_TRUE(store_->in_tier(ns_, k));
+  store_->check_invariants();
+  // Not busy: the same call drops the oldest to make room, as before.
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  EXPECT_EQ(store_->stats().tier_drops, 4U);
+  for (const auto& k : b)
+    EXPECT_TRUE(store_->in_tier(ns_, k));
+}
+
 TEST_F(store_tier_test, a_tier_full_of_copies_in_flight_is_no_failure) {
   // The tier's room is all taken by copies still in flight: nothing can be
   // dropped to make more, so the demotion stops early, without an error,

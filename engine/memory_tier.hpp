@@ -15,7 +15,10 @@
 ///
 /// Errors: no staging room for a batch is errc::busy (retry after
 /// polling), no room in the tier errc::out_of_memory (release places
-/// first), a failed copy an error naming the call.
+/// first), a failed copy an error naming the call. A tier checks its
+/// staging first: errc::out_of_memory means the batch would go through
+/// now if the tier had the room, so the store drops tier blocks for it
+/// only then.
 ///
 /// Thread safety: none; the store's owner calls everything.
 
