@@ -59,11 +59,17 @@ def tool_failed(message):
 
 def median(runs, name, field):
     """The median `field` of benchmark `name`'s runs; a benchmark missing
-    from the output, or a run without the figure (one that stopped with an
-    error), ends the check (exit 2)."""
+    from the output, or a run that stopped with an error or lacks the
+    figure, ends the check (exit 2). A run that stopped with an error can
+    still carry counters (its figures up to the error), so the error is
+    checked first."""
     if name not in runs:
         tool_failed(f"kvfleet-microbench reported no {name} run")
     for r in runs[name]:
+        if r.get("error_occurred"):
+            why = r.get("error_message", "no error message")
+            tool_failed(f"kvfleet-microbench's {name} stopped with an "
+                        f"error: {why}")
         if field not in r:
             why = r.get("error_message", "no error message")
             tool_failed(f"kvfleet-microbench's {name} has no {field}: {why}")

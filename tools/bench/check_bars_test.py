@@ -109,6 +109,14 @@ class CheckBarsTest(unittest.TestCase):
         exits_2(lambda: check_bars.median(runs, "BM_put_256k",
                                           "bytes_per_second"),
                 "has no bytes_per_second: no arena")
+        # An errored run with its counters: before, its figure counted in
+        # the median like a good run's.
+        runs["BM_put_256k"] = [dict(r) for r in micro_runs(10e9)["BM_put_256k"]]
+        runs["BM_put_256k"][0].update(error_occurred=True,
+                                      error_message="write failed")
+        exits_2(lambda: check_bars.median(runs, "BM_put_256k",
+                                          "bytes_per_second"),
+                "stopped with an error: write failed")
         saved = check_bars.run_tool
         check_bars.run_tool = lambda cmd: "nothing it knows\n"
         try:
