@@ -1825,10 +1825,14 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
 // priority, so each step asks for the lowest priority's victim. A parent
 // of a lower priority than the blocks being taken, left a leaf by its
 // last child, goes next.
-std::uint32_t block_store::lowest_priority_victim() const {
+std::uint32_t block_store::lowest_priority_victim(
+    std::optional<size_partition> asking) const {
   for (std::size_t l = 0; l < priority_count; ++l) {
     const auto p = static_cast<priority>(l);
-    if (const std::optional<size_partition> q = most_over_share(p))
+    std::optional<size_partition> q = most_over_share(p, asking);
+    if (!q && asking)
+      q = most_over_share(p); // a lower priority than any `asking` may take
+    if (q)
       return policies_[static_cast<std::size_t>(*q)]->victim(p);
   }
   return npos;
@@ -1844,7 +1848,8 @@ double block_store::share_ratio(size_partition p) const noexcept {
 }
 
 std::optional<size_partition>
-block_store::most_over_share(std::optional<priority> prio) const {
+block_store::most_over_share(std::optional<priority> prio,
+                             std::optional<size_partition> asking) const {
   std::optional<size_partition> q;
   double worst = -1.0;
   for (std::size_t p = 0; p < partition_count; ++p) {
@@ -1852,6 +1857,8 @@ block_store::most_over_share(std::optional<priority> prio) const {
               : policies_[p]->evictable_count()) == 0)
       continue;
     const double ratio = share_ratio(static_cast<size_partition>(p));
+    if (asking && static_cast<size_partition>(p) != *asking && ratio <= 1.0)
+      continue;
     if (ratio > worst) {
       worst = ratio;
       q = static_cast<size_partition>(p);
@@ -2037,12 +2044,15 @@ std::uint32_t block_store::make_room_victim(size_partition q) const {
   const eviction_policy& policy = *policies_[static_cast<std::size_t>(q)];
   if (!config_.lowest_priority_first)
     return policy.victim();
-  // The lowest priority of every partition first, as evict_bytes() (the
-  // partition furthest over its share among those holding it): a critical
-  // block of the put's own partition does not go before a background block
-  // of another. pick_partition() found an evictable block, so there is a
-  // victim.
-  if (const std::uint32_t id = lowest_priority_victim(); id != npos)
+  // The lowest priority first, as evict_bytes(): a critical block of the
+  // put's own partition does not go before a background block of another.
+  // At the lowest priority the put's partition or one over its share
+  // holds, only those give: a partition within its share gives nothing to
+  // another's put at the same priority (before, the one with the most of
+  // its share in use did, so with every block at one priority a long put
+  // flushed short prompts within their share). pick_partition() found an
+  // evictable block, so there is a victim.
+  if (const std::uint32_t id = lowest_priority_victim(q); id != npos)
     return id;
   return policy.victim();
 }

@@ -175,8 +175,10 @@ struct store_config {
   /// The make-room path on a put (the high watermark) evicts the lowest
   /// request priority first, of any size partition (the one furthest over
   /// its share among those holding it), then in the policy's order within
-  /// it, as evict_bytes() does, instead of the policy's order across
-  /// priorities in the put's partition. Demotion still comes first.
+  /// it, instead of the policy's order across priorities in the put's
+  /// partition; but at a priority the put's partition (or one over its
+  /// share) holds, a partition within its share gives nothing to another's
+  /// put. Demotion still comes first.
   /// The engine actor sets it: its memory manager's rule (low priority
   /// first above 0.9) would otherwise never act, since this path keeps
   /// the pool from passing its high watermark (0.9 too).
@@ -748,9 +750,12 @@ private:
   [[nodiscard]] double share_ratio(size_partition p) const noexcept;
   /// The partition with evictable blocks (of priority `p` when given)
   /// furthest over its share of capacity (evict_bytes(), demote_to_tier()
-  /// and pick_partition() take from it first).
+  /// and pick_partition() take from it first). With `asking` (a put's
+  /// partition making room), only that partition and those over their
+  /// share count: one within its share gives nothing to another's put.
   [[nodiscard]] std::optional<size_partition>
-  most_over_share(std::optional<priority> p = std::nullopt) const;
+  most_over_share(std::optional<priority> p = std::nullopt,
+                  std::optional<size_partition> asking = std::nullopt) const;
   /// One make-room pass's demotion scan: what it may still spend, where it
   /// stopped in each partition's recency list (a later call of the pass
   /// goes on from there rather than passing the same held blocks again),
@@ -977,11 +982,16 @@ private:
   /// none is evictable: of the lowest priority that has evictable blocks
   /// (whatever the policy), the partition furthest over its share among
   /// those that hold some, and that partition's policy's victim of the
-  /// priority. O(priorities x partitions), no walk.
-  [[nodiscard]] std::uint32_t lowest_priority_victim() const;
-  /// The make-room path's victim, `q` the partition pick_partition() gave
-  /// (evictable blocks there): its policy's, or with lowest_priority_first
-  /// lowest_priority_victim() (any partition).
+  /// priority. O(priorities x partitions), no walk. With `asking` (a
+  /// put's partition), a priority that partition or one over its share
+  /// holds is taken from those only (most_over_share); a lower priority
+  /// from any partition.
+  [[nodiscard]] std::uint32_t lowest_priority_victim(
+      std::optional<size_partition> asking = std::nullopt) const;
+  /// The make-room path's victim, `q` the partition the put asks for
+  /// (pick_partition() found evictable blocks in it or in a partition over
+  /// its share): q's policy's, or with lowest_priority_first
+  /// lowest_priority_victim(q).
   [[nodiscard]] std::uint32_t make_room_victim(size_partition q) const;
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;

@@ -1408,6 +1408,37 @@ TEST_F(store_fixture, lowest_priority_first_goes_across_size_partitions) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture,
+       lowest_priority_first_takes_nothing_from_a_partition_within_its_share) {
+  // Every block at one priority: 28 short, 28 medium and 34 long in 100
+  // (shares 30, 30, 40), then 20 more long puts. Room comes from the long
+  // partition alone, as it does in the policy's order. (Before, the
+  // partition with the most of its share in use gave at each step, though
+  // within its share: 5 short and 4 medium blocks went.)
+  for (const bool first : {false, true}) {
+    SCOPED_TRACE(first ? "lowest priority first" : "policy order");
+    lowest_priority_first_ = first;
+    open(100, policy_kind::lru);
+    std::vector<block_key> keys;
+    auto put_n = [&](std::size_t n, std::uint32_t tokens) {
+      put_options opts;
+      opts.request_tokens = tokens;
+      for (std::size_t i = 0; i < n; ++i) {
+        keys.push_back(chain(1000 + keys.size(), 1)[0]);
+        ASSERT_TRUE(put(keys.back(), {}, opts).has_value());
+      }
+    };
+    put_n(28, 100);
+    put_n(28, 3000);
+    put_n(34, 5000);
+    put_n(20, 5000);
+    EXPECT_GT(store_->stats().evictions, 0U);
+    for (std::size_t i = 0; i < 56; ++i)
+      EXPECT_TRUE(store_->contains(ns_, keys[i])) << "block " << i;
+    store_->check_invariants();
+  }
+}
+
 TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
   open(10, policy_kind::lru, false, 1);
   const auto keys = put_singles(9, 2, 10);
