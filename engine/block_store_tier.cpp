@@ -282,13 +282,20 @@ bool block_store::spill_tier_block(const block_key& key, const tier_block& b) {
   const nanos expires =
       b.expires_at != 0 ? wall + nanos{b.expires_at - t} : nanos{0};
   const ns_state& st = namespaces_[b.ns];
+  // As spill() from memory: the copy carries the block's accesses, and a
+  // copy already there is marked used (before, a hot block that reached
+  // disk through the tier came back with one access, cold to LFU and to
+  // adaptive compression, and a skipped spill left its copy first in line
+  // for the disk's capacity eviction).
   if (lasting_disk_copy(st.fingerprint, key, b.checksum, b.c, expires,
                         b.prio)) {
     ++stats_.spills_skipped;
+    (void)disk_->mark_used(key, b.access_count);
     return true;
   }
   if (!disk_->spill(key, st.fingerprint, b.c, {bytes, b.stored_bytes},
-                    b.checksum, wall, expires, false, b.part, b.prio)) {
+                    b.checksum, wall, expires, false, b.part, b.prio,
+                    b.access_count)) {
     ++stats_.spill_failures;
     return false;
   }

@@ -437,6 +437,44 @@ TEST_F(store_tier_test, blocks_dropped_from_the_tier_spill_to_disk) {
   }
 }
 
+TEST_F(store_tier_test, a_block_reaches_disk_through_the_tier_with_its_uses) {
+  // A block used 20 times goes memory -> tier -> disk: its disk copy
+  // carries the store's access count, as a spill from memory does, and a
+  // block whose copy is on disk already has that copy marked used. (Before,
+  // the copy started at 0 accesses, and a skipped spill left it as read
+  // back long ago.)
+  attach_disk();
+  const auto a = chain(1, 1);
+  const auto b = chain(50, 1);
+  run(a);
+  run(b);
+  // b has a disk copy already: spilled, then read back into memory.
+  ASSERT_TRUE(store_->pin(ns_, b[0]).has_value());
+  ASSERT_TRUE(store_->unpin(ns_, b[0]).has_value());
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  const auto b_before = store_->disk()->lookup(b[0]);
+  ASSERT_TRUE(b_before.has_value());
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(store_->acquire(ns_, a[0]).has_value());
+    ASSERT_TRUE(store_->acquire(ns_, b[0]).has_value());
+  }
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_TRUE(store_->in_tier(ns_, a[0]));
+  ASSERT_TRUE(store_->in_tier(ns_, b[0]));
+  const auto skipped = store_->stats().spills_skipped;
+  auto written = store_->persist(std::chrono::seconds(30));
+  ASSERT_TRUE(written.has_value()) << written.error().describe();
+  EXPECT_EQ(store_->stats().spills_skipped, skipped + 1) << "b's copy stays";
+  const auto info_a = store_->disk()->lookup(a[0]);
+  ASSERT_TRUE(info_a.has_value());
+  EXPECT_GE(info_a->access_count, 21U);
+  const auto info_b = store_->disk()->lookup(b[0]);
+  ASSERT_TRUE(info_b.has_value());
+  EXPECT_GE(info_b->access_count, 21U);
+  EXPECT_GT(info_b->access_count, b_before->access_count);
+}
+
 TEST_F(store_tier_test, a_clean_shutdown_writes_the_tiers_blocks_to_disk) {
   attach_disk();
   {
