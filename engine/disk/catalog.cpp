@@ -163,13 +163,13 @@ catalog_entry read_row(sqlite3_stmt* s) {
 struct catalog::impl {
   sqlite3* db = nullptr;
   stmt begin, commit, rollback, upsert, erase, set_pins, touch, relocate, all,
-      lru_unpinned, expired, usage, oldest, lru;
+      lru_unpinned, expired, usage, oldest, lru, malformed;
 
   ~impl() {
     // Statements first: the connection closes only when all are finalized.
-    for (stmt* s :
-         {&begin, &commit, &rollback, &upsert, &erase, &set_pins, &touch,
-          &relocate, &all, &lru_unpinned, &expired, &usage, &oldest, &lru}) {
+    for (stmt* s : {&begin, &commit, &rollback, &upsert, &erase, &set_pins,
+                    &touch, &relocate, &all, &lru_unpinned, &expired, &usage,
+                    &oldest, &lru, &malformed}) {
       sqlite3_finalize(s->get());
       *s->out() = nullptr;
     }
@@ -410,6 +410,9 @@ result<std::unique_ptr<catalog>> catalog::open(const std::string& path,
            "size_partition=excluded.size_partition, "
            "priority=excluded.priority"},
       {&i.erase, "DELETE FROM cache_entries WHERE key = ?1"},
+      {&i.malformed, "DELETE FROM cache_entries WHERE typeof(key) != 'blob' OR "
+                     "length(key) != 16 OR typeof(namespace) != 'blob' OR "
+                     "length(namespace) != 16"},
       {&i.set_pins, "UPDATE cache_entries SET pinned = ?2 WHERE key = ?1"},
       {&i.touch, "UPDATE cache_entries SET accessed_at = max(accessed_at, ?2), "
                  "access_count = access_count + ?3 WHERE key = ?1"},
@@ -525,6 +528,12 @@ result<void> catalog::erase(const block_key& key) {
   bind_key(*u, 1, key.hi, key.lo);
   KVFLEET_SQL_RUN(*u, "delete block " + key.to_hex());
   return {};
+}
+
+result<std::uint64_t> catalog::drop_malformed() {
+  use u(impl_->malformed);
+  KVFLEET_SQL_RUN(*u, "delete damaged rows");
+  return static_cast<std::uint64_t>(sqlite3_changes(impl_->db));
 }
 
 result<void> catalog::set_pins(const block_key& key, std::uint32_t pins) {

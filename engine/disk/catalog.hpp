@@ -122,6 +122,10 @@ public:
   /// Inserts a row, or replaces every column of the row with the same key.
   [[nodiscard]] result<void> upsert(const catalog_entry& e);
   [[nodiscard]] result<void> erase(const block_key& key);
+  /// Deletes every row whose key or namespace is not a 16-byte blob (a
+  /// damaged row: read, it would name the null key, which erase() never
+  /// matches); returns how many went.
+  [[nodiscard]] result<std::uint64_t> drop_malformed();
   [[nodiscard]] result<void> set_pins(const block_key& key, std::uint32_t pins);
   /// accessed_at = max(accessed_at, at), access_count += count.
   [[nodiscard]] result<void> touch(const block_key& key, std::int64_t at,

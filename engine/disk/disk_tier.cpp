@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <new>
+#include <set>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -87,7 +88,9 @@ bool tail_is_torn(const segment_file& f, std::uint64_t from) {
     if (f.size() - at < rec_header)
       return true;
     auto h = f.read_header(at);
-    if (!h || h->record_bytes() > f.size() - at)
+    // Compared without adding the header's bytes: a size near 2^64 wrapped
+    // record_bytes() to 0 and this loop never ended.
+    if (!h || h->size > f.size() - at - rec_header)
       return true;
     at += h->record_bytes();
   }
@@ -375,7 +378,14 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
                                        : file_remedy(e, "the directory")));
   }
   std::uint64_t max_id = 0;
-  std::vector<std::string> bad_files;
+  // Segments whose file header is short or damaged. One the catalog names
+  // nowhere is a file whose header never made it (a crash while creating
+  // it): it holds no acknowledged record and is dropped below. One the
+  // catalog names had its header damaged later (it is written before any
+  // record): its records are read by their own checked headers. (Before,
+  // every such file was deleted before the catalog was read, and every
+  // block in it, pinned ones too, dropped as missing.)
+  std::set<std::uint64_t> damaged;
   while (const dirent* ent = ::readdir(d)) {
     const std::int64_t id = parse_segment_file_name(ent->d_name);
     if (id <= 0)
@@ -383,15 +393,14 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
     const auto uid = static_cast<std::uint64_t>(id);
     max_id = std::max(max_id, uid);
     auto f = segment_file::open(dir, uid);
+    if (!f && f.error().code == errc::checksum_mismatch) {
+      damaged.insert(uid);
+      f = segment_file::open(dir, uid, /*check_header=*/false);
+    }
     if (!f) {
-      // A file whose header never made it (a crash while creating it) holds
-      // no acknowledged record: drop it. Any other failure (no file
-      // descriptor left, permissions, an I/O error, another format) may
-      // hide committed blocks: stop, deleting nothing.
-      if (f.error().code == errc::checksum_mismatch) {
-        bad_files.push_back(dir + "/" + ent->d_name);
-        continue;
-      }
+      // Any other failure (no file descriptor left, permissions, an I/O
+      // error, another format) may hide committed blocks: stop, deleting
+      // nothing.
       ::closedir(d);
       return make_error(f.error().code, "disk tier: " + f.error().message +
                                             "; nothing was deleted");
@@ -401,18 +410,18 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
     found.emplace(uid, std::move(s));
   }
   ::closedir(d);
-  for (const auto& path : bad_files) {
-    struct stat st {};
-    if (::stat(path.c_str(), &st) == 0)
-      io_stats_.torn_bytes_dropped += static_cast<std::uint64_t>(st.st_size);
-    ++io_stats_.torn_tails_dropped;
-    ::unlink(path.c_str());
-  }
   next_segment_ = std::max(next_segment_, max_id + 1);
 
   // Catalog rows.
   std::vector<block_key> drop;
   std::map<std::uint64_t, std::uint64_t> ends;
+  // Rows whose key or namespace is not 16 bytes (damaged): read, they all
+  // named the null key, counted their bytes each under it and came back at
+  // every open, since erase() of the null key matches none of them.
+  auto malformed = catalog_->drop_malformed();
+  if (!malformed)
+    return unexpected<error>(malformed.error());
+  io_stats_.missing_dropped += *malformed;
   auto scanned = catalog_->for_each([&](const catalog_entry& e) {
     auto s = found.find(e.segment);
     const std::uint64_t file_size =
@@ -469,11 +478,20 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
     auto& s = it->second;
     const auto e = ends.find(it->first);
     const std::uint64_t end = e == ends.end() ? header_bytes : e->second;
-    const bool torn = tail_is_torn(s.file, end);
-    if (torn) {
+    const bool bad_header = damaged.count(it->first) != 0;
+    if (bad_header && s.keys.empty()) {
+      ++io_stats_.torn_tails_dropped; // torn while it was created
+      io_stats_.torn_bytes_dropped += s.file.size();
+    } else if (tail_is_torn(s.file, end)) {
       ++io_stats_.torn_tails_dropped;
       io_stats_.torn_bytes_dropped += s.file.size() - end;
     }
+    if (bad_header && !s.keys.empty())
+      std::fprintf(stderr,
+                   "kvfleet: disk tier: segment %s has a damaged header; its "
+                   "%zu catalogued blocks are read by their own record "
+                   "checksums\n",
+                   s.file.path().c_str(), s.keys.size());
     if (s.keys.empty()) {
       const std::string path = s.file.path();
       it = found.erase(it);

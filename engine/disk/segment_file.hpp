@@ -112,9 +112,12 @@ public:
   /// errc::checksum_mismatch when the header is short or damaged (a crash
   /// while the file was created), errc::parse_error for another format
   /// version or segment id, errc::io_error when the file cannot be opened
-  /// or read (no file descriptor left, permissions, I/O error).
-  [[nodiscard]] static result<segment_file> open(const std::string& dir,
-                                                 std::uint64_t id);
+  /// or read (no file descriptor left, permissions, I/O error). With
+  /// `check_header` false the header is not read at all (a file whose
+  /// header was damaged after records went in: each record has its own
+  /// checked header, and each payload its checksum).
+  [[nodiscard]] static result<segment_file>
+  open(const std::string& dir, std::uint64_t id, bool check_header = true);
 
   segment_file() = default;
   segment_file(segment_file&& other) noexcept { *this = std::move(other); }
