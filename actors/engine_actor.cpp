@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <deque>
 #include <filesystem>
+#include <new>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <unordered_map>
@@ -369,7 +371,7 @@ void close_batch(engine_actor* self) {
 /// tier is still the engine's), and a caller's own callback still runs.
 /// Errors: the backend's, the store's (zero capacity, bad namespace), the
 /// tier factory's, the disk tier's (engine/disk/README.md, "At open").
-result<void> open_store(engine_parts& parts) {
+result<void> open_store_parts(engine_parts& parts) {
   const auto& config = parts.config;
   engine::store_config store_config = config.store;
   // The memory manager's rule, low priority first, also where the store
@@ -417,6 +419,27 @@ result<void> open_store(engine_parts& parts) {
   if (!parts.producer)
     parts.producer = std::make_unique<engine::synthetic_producer>();
   return {};
+}
+
+/// open_store_parts, with an exception from a host's factory (make_backend,
+/// make_tier, make_disk, make_producer: the host's code) turned into an
+/// error value, as a producer's is: node::start and the engine's start
+/// return errors, and the caller learns what threw.
+result<void> open_store(engine_parts& parts) {
+  try {
+    return open_store_parts(parts);
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "no host memory to open the engine's store");
+  } catch (const std::exception& ex) {
+    return make_error(errc::backend_error,
+                      std::string("opening the engine's store threw: ") +
+                          ex.what());
+  } catch (...) {
+    return make_error(errc::backend_error,
+                      "opening the engine's store threw an exception not "
+                      "derived from std::exception");
+  }
 }
 
 /// What a put or pin gets once the engine's balancer retires it.
@@ -866,14 +889,21 @@ disk_tier_per_engine(engine::disk_tier_config config) {
     cfg.directory = config.directory + "/engine-" + std::to_string(slot);
     std::error_code ec;
     std::filesystem::create_directory(cfg.directory, ec);
-    if (ec)
+    if (ec) {
+      // The error_code overload: the other throws where the path cannot
+      // even be examined (a name too long, a parent without permission),
+      // and this call promises error values.
+      std::error_code parent_ec;
+      const bool parent_ok =
+          std::filesystem::is_directory(config.directory, parent_ec);
       return make_error(errc::io_error,
                         "disk_tier_per_engine: cannot create " + cfg.directory +
                             ": " + ec.message() +
-                            (std::filesystem::is_directory(config.directory)
+                            (parent_ok
                                  ? std::string{}
                                  : " (" + config.directory +
                                        " must be an existing directory)"));
+    }
     return engine::disk_tier::open(std::move(cfg));
   };
 }

@@ -736,6 +736,38 @@ TEST_F(Node, APutBlockRefusedAsBusyCanBeRetriedAtOnce) {
   EXPECT_EQ(*got, value);
 }
 
+TEST_F(Node,
+       ADiskDirectoryThatCannotBeExaminedOrAFactoryThatThrowsIsAnErrorValue) {
+  // A name too long for the file system: create_directory fails, and so
+  // does examining the parent. (Before, the message's is_directory() threw
+  // std::filesystem::filesystem_error out of node::start.)
+  const std::string dir = "/tmp/" + std::string(300, 'a');
+  try {
+    auto made = actors::disk_tier_per_engine(disk_config(dir))(0);
+    ASSERT_FALSE(made.has_value());
+    EXPECT_EQ(made.error().code, errc::io_error) << made.error().describe();
+    auto started = node::start(*sys_, disk_node(dir));
+    ASSERT_FALSE(started.has_value());
+    EXPECT_EQ(started.error().code, errc::io_error)
+        << started.error().describe();
+    // A host's factory that throws: an error value naming what it threw.
+    auto c = disk_node(dir);
+    c.engine.make_disk =
+        [](std::uint32_t) -> result<std::unique_ptr<engine::disk_tier>> {
+      throw std::runtime_error("host factory failed");
+    };
+    auto threw = node::start(*sys_, c);
+    ASSERT_FALSE(threw.has_value());
+    EXPECT_EQ(threw.error().code, errc::backend_error)
+        << threw.error().describe();
+    EXPECT_NE(threw.error().message.find("host factory failed"),
+              std::string::npos)
+        << threw.error().message;
+  } catch (const std::exception& e) {
+    FAIL() << "threw: " << e.what();
+  }
+}
+
 TEST_F(Node, AStartFailsWhenAnyInitialEnginesDiskDoesNotOpen) {
   // Engine 1's directory is locked by another disk tier. The start fails
   // with its error, naming the engine and the directory, and engine 0
