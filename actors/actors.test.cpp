@@ -1446,6 +1446,34 @@ struct flaky_factory {
   }
 };
 
+TEST_F(actor_test, EachInitialEngineIsTriedInItsOwnSlot) {
+  // Two initial engines, no restarts, a factory that fails for slot 0
+  // only (its device, say): slot 0 is given up and slot 1 starts. (Before,
+  // the given-up slot 0 was handed to the second initial engine: the
+  // factory was asked for slot 0 twice and no engine ran.)
+  auto slots = std::make_shared<std::vector<std::uint32_t>>();
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 0;
+  auto b = spawned(spawn_balancer(
+      *sys_, bc,
+      [slots](caf::actor_system& s,
+              std::uint32_t slot) -> result<started_engine> {
+        slots->push_back(slot);
+        if (slot == 0)
+          return make_error(errc::backend_error, "no device 0 (test)");
+        auto c = small_engine(64);
+        c.slot = slot;
+        return started_now(spawn_engine_actor(s, c));
+      }));
+  stop_at_end_.push_back(b);
+  sched_->run();
+  EXPECT_EQ(*slots, (std::vector<std::uint32_t>{0, 1}));
+  const auto bs = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(bs.live, 1U);
+  EXPECT_EQ(bs.given_up, 1U);
+}
+
 /// An engine whose disk open the test holds: it answers ready_atom only
 /// once it gets (ready_atom, true), and every request at once.
 struct opening_engine_state {

@@ -240,14 +240,18 @@ void free_replica_slot(balancer_actor* self, std::uint32_t slot) {
 }
 
 /// Starts an engine in a free slot (whose engine retired or was given up)
-/// if there is one, else in a new slot. A failed start is retried like a
-/// restart when `retry` (the balancer's initial engines); otherwise (a
-/// replica asked for now) the slot is freed again and the factory's error
-/// returned (free_replica_slot).
-/// Errors: errc::unavailable when all router::max_slots slots are in use.
+/// if there is one, else in a new slot (always a new one when `retry`). A
+/// failed start is retried like a restart when `retry` (the balancer's initial
+/// engines); otherwise (a replica asked for now) the slot is freed again and
+/// the factory's error returned (free_replica_slot). Errors: errc::unavailable
+/// when all router::max_slots slots are in use.
 result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   auto& st = self->state;
-  auto slot = st.route.add_slot(1.0);
+  // An initial engine takes a slot of its own: with max_restarts 0 a
+  // failed first start gives its slot up at once, and reusing it asked the
+  // factory for that slot again (the same device or directory) while the
+  // next slot's was never tried.
+  auto slot = st.route.add_slot(1.0, /*reuse=*/!retry);
   if (!slot)
     return unexpected<error>{slot.error()};
   if (*slot == st.slots.size()) {

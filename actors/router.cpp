@@ -93,11 +93,11 @@ result<void> check_weight(double weight) {
 
 } // namespace
 
-result<std::uint32_t> router::add_slot(double weight) {
+result<std::uint32_t> router::add_slot(double weight, bool reuse) {
   if (auto ok = check_weight(weight); !ok)
     return unexpected<error>{ok.error()};
   const slot_state fresh{weight, 0, true, false, false, 0};
-  for (std::uint32_t i = 0; i < slots_.size(); ++i) {
+  for (std::uint32_t i = 0; reuse && i < slots_.size(); ++i) {
     if (slots_[i].removed) {
       slots_[i] = fresh;
       return i;

@@ -103,7 +103,10 @@ public:
   /// lowest removed slot when there is one, else a new one. Errors:
   /// errc::invalid_argument for a weight that is not finite and > 0
   /// (before, taken as 1), errc::unavailable when all max_slots are in use.
-  result<std::uint32_t> add_slot(double weight = 1.0);
+  /// With `reuse` false, always a new slot (the balancer's initial
+  /// engines: each gets its own slot, even when an earlier one was given
+  /// up already).
+  result<std::uint32_t> add_slot(double weight = 1.0, bool reuse = true);
   /// The slot's engine is gone for good (retired): the slot takes no
   /// requests, its index entries and load are forgotten, and add_slot may
   /// hand it out again. Its number stays (slot_count() does not shrink).
