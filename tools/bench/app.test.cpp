@@ -11,6 +11,7 @@
 
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,6 +26,7 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace kvfleet::bench {
@@ -277,6 +279,33 @@ TEST(bench_modes, the_first_signal_names_the_stop) {
   interrupted_scope term(SIGTERM);
   request_interrupt(SIGINT);
   EXPECT_EQ(interrupt_signal(), SIGTERM);
+}
+
+TEST(bench_modes, a_second_signal_of_either_kind_ends_the_process) {
+  // Ctrl-C, then a SIGTERM (a service manager's, say) while the run
+  // unwinds or creates its store: the second ends the process at once.
+  // (Before, only the signal that arrived went back to its default: the
+  // other's handler only asked for a stop again.) Each case in a child
+  // process, with both signals at their default action to begin with.
+  const std::pair<int, int> orders[] = {{SIGINT, SIGTERM}, {SIGTERM, SIGINT}};
+  for (const auto& [first, second] : orders) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::signal(SIGINT, SIG_DFL);
+      ::signal(SIGTERM, SIG_DFL);
+      install_stop_handlers();
+      ::raise(first);
+      if (interrupt_signal() != first)
+        ::_exit(3);
+      ::raise(second);
+      ::_exit(0); // alive: the second signal was caught
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == second)
+        << "first " << first << ", second " << second << ": status " << status;
+  }
 }
 
 TEST(bench_modes, an_interrupt_during_the_last_request_stops_the_run_too) {

@@ -1,6 +1,9 @@
 #include "tools/bench/interrupt.hpp"
 
+#include <signal.h>
+
 #include <atomic>
+#include <csignal>
 #include <string>
 
 namespace kvfleet::bench {
@@ -9,7 +12,41 @@ namespace {
 // Lock-free, so storing to it is async-signal-safe.
 std::atomic<int> requested{0};
 static_assert(std::atomic<int>::is_always_lock_free);
+
+constexpr int stop_signals[] = {SIGINT, SIGTERM};
+// Which of stop_signals got the handler (written before it is installed).
+volatile std::sig_atomic_t handled[2] = {0, 0};
+
+extern "C" void on_stop_signal(int signal) {
+  // Both back to the default action (sigaction is async-signal-safe):
+  // SA_RESETHAND alone reset only the signal that arrived, so after a
+  // SIGINT a SIGTERM still only asked for a stop.
+  for (std::size_t i = 0; i < 2; ++i) {
+    if (handled[i] == 0)
+      continue;
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    ::sigemptyset(&dfl.sa_mask);
+    ::sigaction(stop_signals[i], &dfl, nullptr);
+  }
+  request_interrupt(signal);
+}
 } // namespace
+
+void install_stop_handlers() noexcept {
+  for (std::size_t i = 0; i < 2; ++i) {
+    struct sigaction old {};
+    if (::sigaction(stop_signals[i], nullptr, &old) == 0 &&
+        old.sa_handler == SIG_IGN)
+      continue;
+    handled[i] = 1;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    ::sigemptyset(&sa.sa_mask);
+    sa.sa_flags = static_cast<int>(SA_RESETHAND);
+    ::sigaction(stop_signals[i], &sa, nullptr);
+  }
+}
 
 void request_interrupt(int signal) noexcept {
   // The first signal names the stop: a SIGINT after a SIGTERM (the second

@@ -36,6 +36,13 @@ void request_interrupt(int signal) noexcept;
 /// Forgets a request (for tests).
 void clear_interrupt() noexcept;
 
+/// Routes SIGINT and SIGTERM to request_interrupt() (main() calls it
+/// first), once: the first of either puts both back to their default
+/// action, so a second signal of either kind ends the process at once (a
+/// Ctrl-C followed by a service manager's SIGTERM, say). A signal ignored
+/// at startup (a background job's SIGINT) stays ignored.
+void install_stop_handlers() noexcept;
+
 /// The error a replay returns when it stops for an interrupt after `done`
 /// of `total` requests (errc::unavailable).
 [[nodiscard]] unexpected<error> interrupted_error(std::size_t done,
