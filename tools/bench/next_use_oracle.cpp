@@ -31,8 +31,7 @@ bool next_use_oracle::precompute(const std::function<bool()>& stop) {
   for (std::size_t s = n; s-- > 0;) {
     if (poll.stopped(n - 1 - s))
       return false;
-    const auto [it, inserted] = ids_.try_emplace(
-        keys.keys[s], static_cast<std::uint32_t>(cursor_.size()));
+    const auto [it, inserted] = ids_.try_emplace(keys.keys[s], cursor_.size());
     if (inserted) {
       cursor_.push_back(s);
     } else {

@@ -65,7 +65,10 @@ private:
   /// Fills ids_, next_ and cursor_; false when `stop` said stop.
   bool precompute(const std::function<bool()>& stop);
   const request_keys* keys_;
-  std::unordered_map<engine::block_key, std::uint32_t, engine::block_key_hash>
+  /// Key -> id (its cursor_ index). 64-bit: 32-bit ids wrapped past 2^32
+  /// distinct keys and two keys shared a cursor (wrong next uses, no
+  /// error); the map's entries are 24 bytes either way (16-byte key).
+  std::unordered_map<engine::block_key, std::size_t, engine::block_key_hash>
       ids_;
   std::vector<std::uint64_t> next_;   ///< per access position
   std::vector<std::uint64_t> cursor_; ///< per key id: an access position
