@@ -772,6 +772,59 @@ TEST_F(actor_test, TwoPhasePutThenReadAndPin) {
   EXPECT_FALSE(pin->error.has_value());
 }
 
+TEST_F(actor_test, OpenPutsExpireAtTheirPutTimeoutOnOneTimer) {
+  // Puts left open are aborted put_timeout after their reserve, and the
+  // engine keeps one timer for all of them. (Before, one CAF timer per
+  // put, committed or not, for the whole put_timeout.)
+  auto cfg = small_engine(256);
+  cfg.put_timeout = 10s;
+  auto e = engine(cfg);
+  sched_->run();
+  const std::vector<std::uint8_t> value(block_bytes, 7);
+  auto reserve = [&](std::uint64_t k) {
+    put_request p;
+    p.key = block_key{k, k};
+    return ask_now<std::uint64_t>(e, reserve_atom::value, p);
+  };
+  const auto timers = sched_->clock().schedule().size();
+  const auto first = reserve(1); // t = 0, left open
+  for (std::uint64_t k = 100; k < 200; ++k) {
+    const auto t = reserve(k);
+    ASSERT_TRUE(ask_now<bool>(e, write_atom::value, t, value));
+    ASSERT_TRUE(ask_now<bool>(e, commit_atom::value, t));
+  }
+  EXPECT_LE(sched_->clock().schedule().size(), timers + 1)
+      << "one timer for every put";
+  sched_->advance_time(4s);
+  sched_->run();
+  const auto second = reserve(2); // t = 4 s, left open
+  ASSERT_TRUE(ask_now<bool>(e, write_atom::value, second, value));
+  sched_->advance_time(6s); // t = 10 s: the first put's deadline
+  sched_->run();
+  auto gone = ask<bool>(e, write_atom::value, first, value);
+  auto open = ask<bool>(e, commit_atom::value, second);
+  sched_->run();
+  ASSERT_TRUE(gone->error.has_value()) << "the first put expired";
+  EXPECT_EQ(from_caf_error(*gone->error).code, errc::invalid_handle);
+  EXPECT_TRUE(open->value.has_value()) << "the second is open till 14 s";
+  // A third put, left open, expires 10 s after its own reserve.
+  const auto third = reserve(3); // t = 10 s
+  sched_->advance_time(9s);
+  sched_->run();
+  auto still = ask<bool>(e, write_atom::value, third, value);
+  sched_->run();
+  EXPECT_TRUE(still->value.has_value());
+  sched_->advance_time(1s);
+  sched_->run();
+  auto late = ask<bool>(e, commit_atom::value, third);
+  sched_->run();
+  EXPECT_TRUE(late->error.has_value()) << "expired at 20 s";
+  for (std::uint64_t k = 100; k < 200; ++k)
+    EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value,
+                                     std::vector<block_key>{{k, k}}),
+              1U);
+}
+
 TEST_F(actor_test, LeastLoadedAvoidsTheBackloggedEngine) {
   // Engine 0 answers at once; engine 1 holds requests for 100 ms.
   auto fast = small_engine(256, 1);

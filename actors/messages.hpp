@@ -391,5 +391,6 @@ CAF_ADD_ATOM(kvfleet, kvfleet::actors, poll_tier_atom, "kv_poll")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, persist_atom, "kv_persist")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, ready_atom, "kv_ready")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, timeout_atom, "kv_timeout")
+CAF_ADD_ATOM(kvfleet, kvfleet::actors, expire_puts_atom, "kv_putexp")
 
 CAF_END_TYPE_ID_BLOCK(kvfleet)
