@@ -1827,11 +1827,20 @@ std::size_t block_store::evict_bytes(std::size_t bytes) {
 // last child, goes next.
 std::uint32_t block_store::lowest_priority_victim(
     std::optional<size_partition> asking) const {
+  // A partition within its share gives to another's put only while no
+  // partition is over its share (those give first), and only a priority
+  // lower than anything `asking` holds.
+  bool any_over = false;
+  if (asking) {
+    for (std::size_t p = 0; p < partition_count && !any_over; ++p)
+      any_over = policies_[p]->evictable_count() > 0 &&
+                 share_ratio(static_cast<size_partition>(p)) > 1.0;
+  }
   for (std::size_t l = 0; l < priority_count; ++l) {
     const auto p = static_cast<priority>(l);
     std::optional<size_partition> q = most_over_share(p, asking);
-    if (!q && asking)
-      q = most_over_share(p); // a lower priority than any `asking` may take
+    if (!q && asking && !any_over)
+      q = most_over_share(p);
     if (q)
       return policies_[static_cast<std::size_t>(*q)]->victim(p);
   }
@@ -1934,7 +1943,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
       break;
     if (config_.adaptive_compression && try_demote(*q, scan))
       continue;
-    evict(make_room_victim(*q));
+    evict(make_room_victim(*q, p));
     scan.no_slots = 0; // the eviction may have freed a slot of those sizes
   }
   if (!pool_.can_allocate(cls))
@@ -2040,19 +2049,22 @@ bool block_store::room_could_come(std::uint16_t cls, std::uint32_t parent) {
       });
 }
 
-std::uint32_t block_store::make_room_victim(size_partition q) const {
+std::uint32_t block_store::make_room_victim(size_partition q,
+                                            size_partition asking) const {
   const eviction_policy& policy = *policies_[static_cast<std::size_t>(q)];
   if (!config_.lowest_priority_first)
     return policy.victim();
-  // The lowest priority first, as evict_bytes(): a critical block of the
-  // put's own partition does not go before a background block of another.
-  // At the lowest priority the put's partition or one over its share
-  // holds, only those give: a partition within its share gives nothing to
-  // another's put at the same priority (before, the one with the most of
-  // its share in use did, so with every block at one priority a long put
-  // flushed short prompts within their share). pick_partition() found an
-  // evictable block, so there is a victim.
-  if (const std::uint32_t id = lowest_priority_victim(q); id != npos)
+  // The lowest priority first, of the put's partition and of those over
+  // their share. A partition within its share gives to another's put only
+  // when none is over its share, and only a priority lower than anything
+  // the put's partition holds: a critical block of the put's own partition
+  // does not go before a background block of another. (Before, the
+  // lowest priority of any partition went, from the one with the most of
+  // its share in use: with every block at one priority a long put flushed
+  // short prompts within their share, and a partition over its share kept
+  // its blocks while another's went.) pick_partition() found an evictable
+  // block, so there is a victim.
+  if (const std::uint32_t id = lowest_priority_victim(asking); id != npos)
     return id;
   return policy.victim();
 }

@@ -176,9 +176,9 @@ struct store_config {
   /// request priority first, of any size partition (the one furthest over
   /// its share among those holding it), then in the policy's order within
   /// it, instead of the policy's order across priorities in the put's
-  /// partition; but at a priority the put's partition (or one over its
-  /// share) holds, a partition within its share gives nothing to another's
-  /// put. Demotion still comes first.
+  /// partition. A partition within its share gives to another's put only
+  /// while no partition is over its share, and only blocks of a priority
+  /// lower than any the put's partition holds. Demotion still comes first.
   /// The engine actor sets it: its memory manager's rule (low priority
   /// first above 0.9) would otherwise never act, since this path keeps
   /// the pool from passing its high watermark (0.9 too).
@@ -983,16 +983,19 @@ private:
   /// (whatever the policy), the partition furthest over its share among
   /// those that hold some, and that partition's policy's victim of the
   /// priority. O(priorities x partitions), no walk. With `asking` (a
-  /// put's partition), a priority that partition or one over its share
-  /// holds is taken from those only (most_over_share); a lower priority
-  /// from any partition.
+  /// put's partition), from that partition and those over their share
+  /// (most_over_share); from another partition within its share only while
+  /// none is over its share, and only at a priority lower than any of
+  /// `asking`'s.
   [[nodiscard]] std::uint32_t lowest_priority_victim(
       std::optional<size_partition> asking = std::nullopt) const;
-  /// The make-room path's victim, `q` the partition the put asks for
-  /// (pick_partition() found evictable blocks in it or in a partition over
-  /// its share): q's policy's, or with lowest_priority_first
-  /// lowest_priority_victim(q).
-  [[nodiscard]] std::uint32_t make_room_victim(size_partition q) const;
+  /// The make-room path's victim, `q` the partition pick_partition(asking)
+  /// gave for a put of partition `asking` (a partition over its share, or
+  /// `asking` itself): q's policy's, or with lowest_priority_first
+  /// lowest_priority_victim(asking), which takes from `asking` and the
+  /// partitions over their share.
+  [[nodiscard]] std::uint32_t make_room_victim(size_partition q,
+                                               size_partition asking) const;
   [[nodiscard]] bool evictable(const entry& e) const noexcept;
   void account(const entry& e, bool add) noexcept;
   std::uint32_t new_entry();

@@ -1439,6 +1439,37 @@ TEST_F(store_fixture,
   }
 }
 
+TEST_F(
+    store_fixture,
+    lowest_priority_first_takes_from_the_puts_partition_when_another_is_over) {
+  // 28 short and 10 medium background blocks, 52 long normal ones (long is
+  // over its share of 40), then a medium background put past the high
+  // watermark. The long partition has no background block: room comes
+  // from the put's own partition, not from short, which is within its
+  // share. (Before, the partition pick_partition() named, long, stood for
+  // the put's: short lost 11 blocks.)
+  lowest_priority_first_ = true;
+  open(100, policy_kind::lru);
+  std::vector<block_key> keys;
+  auto put_n = [&](std::size_t n, std::uint32_t tokens, priority prio) {
+    put_options opts;
+    opts.request_tokens = tokens;
+    opts.prio = prio;
+    for (std::size_t i = 0; i < n; ++i) {
+      keys.push_back(chain(1000 + keys.size(), 1)[0]);
+      ASSERT_TRUE(put(keys.back(), {}, opts).has_value());
+    }
+  };
+  put_n(28, 100, priority::background);
+  put_n(10, 3000, priority::background);
+  put_n(52, 5000, priority::normal);
+  put_n(1, 3000, priority::background);
+  EXPECT_GT(store_->stats().evictions, 0U);
+  for (std::size_t i = 0; i < 28; ++i)
+    EXPECT_TRUE(store_->contains(ns_, keys[i])) << "short block " << i;
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, an_expired_block_removed_for_room_counts_as_expired) {
   open(10, policy_kind::lru, false, 1);
   const auto keys = put_singles(9, 2, 10);
