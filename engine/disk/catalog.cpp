@@ -123,8 +123,15 @@ std::uint64_t col_u64(sqlite3_stmt* s, int i) {
   return static_cast<std::uint64_t>(sqlite3_column_int64(s, i));
 }
 
+/// A 16-byte blob, as every key and namespace is written.
+bool is_key_blob(sqlite3_stmt* s, int i) {
+  return sqlite3_column_type(s, i) == SQLITE_BLOB &&
+         sqlite3_column_bytes(s, i) == 16;
+}
+
 catalog_entry read_row(sqlite3_stmt* s) {
   catalog_entry e;
+  e.malformed = !is_key_blob(s, 0) || !is_key_blob(s, 1);
   from_blob(sqlite3_column_blob(s, 0), sqlite3_column_bytes(s, 0), e.key.hi,
             e.key.lo);
   from_blob(sqlite3_column_blob(s, 1), sqlite3_column_bytes(s, 1), e.ns.hi,

@@ -68,6 +68,9 @@ struct catalog_entry {
   std::optional<size_partition> part;
   /// The block's request priority; nullopt when not recorded.
   std::optional<priority> prio;
+  /// The row's key or namespace is not a 16-byte blob (a damaged row):
+  /// `key` and `ns` are then zero. drop_malformed() deletes such rows.
+  bool malformed = false;
 };
 
 /// Blocks and payload bytes of one (namespace, tier).
@@ -123,8 +126,9 @@ public:
   [[nodiscard]] result<void> upsert(const catalog_entry& e);
   [[nodiscard]] result<void> erase(const block_key& key);
   /// Deletes every row whose key or namespace is not a 16-byte blob (a
-  /// damaged row: read, it would name the null key, which erase() never
-  /// matches); returns how many went.
+  /// damaged row, read with `malformed` set: erase() of its zero key never
+  /// matches it); returns how many went. A write: call it only when a scan
+  /// found such a row, inside a transaction with the other repairs.
   [[nodiscard]] result<std::uint64_t> drop_malformed();
   [[nodiscard]] result<void> set_pins(const block_key& key, std::uint32_t pins);
   /// accessed_at = max(accessed_at, at), access_count += count.

@@ -415,14 +415,16 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
   // Catalog rows.
   std::vector<block_key> drop;
   std::map<std::uint64_t, std::uint64_t> ends;
-  // Rows whose key or namespace is not 16 bytes (damaged): read, they all
-  // named the null key, counted their bytes each under it and came back at
-  // every open, since erase() of the null key matches none of them.
-  auto malformed = catalog_->drop_malformed();
-  if (!malformed)
-    return unexpected<error>(malformed.error());
-  io_stats_.missing_dropped += *malformed;
+  // Rows whose key or namespace is not a 16-byte blob (damaged) are
+  // skipped and deleted with the other dropped rows. (Before, they all
+  // named the null key, each row's bytes counted under it, and came back
+  // at every open, since erase() of the null key matches none of them.)
+  std::uint64_t malformed = 0;
   auto scanned = catalog_->for_each([&](const catalog_entry& e) {
+    if (e.malformed) {
+      ++malformed;
+      return;
+    }
     auto s = found.find(e.segment);
     const std::uint64_t file_size =
         s == found.end() ? 0 : s->second.file.size();
@@ -457,7 +459,7 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
       return make_error(errc::io_error,
                         "disk tier: cannot load " + dir + ": " + errno_text(e));
   }
-  if (!drop.empty()) {
+  if (!drop.empty() || malformed > 0) {
     if (auto r = catalog_->begin(); !r)
       return r;
     for (const auto& k : drop) {
@@ -465,6 +467,14 @@ result<void> disk_tier::load_files_and_rows(std::vector<catalog_row>& rows) {
         catalog_->rollback();
         return r;
       }
+    }
+    if (malformed > 0) {
+      auto gone = catalog_->drop_malformed();
+      if (!gone) {
+        catalog_->rollback();
+        return unexpected<error>(gone.error());
+      }
+      io_stats_.missing_dropped += *gone;
     }
     if (auto r = catalog_->commit(); !r) {
       catalog_->rollback();
