@@ -42,7 +42,13 @@ void install_stop_handlers() noexcept {
     handled[i] = 1;
     struct sigaction sa {};
     sa.sa_handler = on_stop_signal;
+    // Both blocked while the handler runs: the other one, arriving before
+    // the handler reset it, would otherwise run nested and be recorded
+    // first (exit 143 for a run stopped by SIGINT). Blocked, it is
+    // delivered after the handler, at its default action.
     ::sigemptyset(&sa.sa_mask);
+    for (const int other : stop_signals)
+      ::sigaddset(&sa.sa_mask, other);
     sa.sa_flags = static_cast<int>(SA_RESETHAND);
     ::sigaction(stop_signals[i], &sa, nullptr);
   }
