@@ -49,7 +49,7 @@ struct copy_engine::impl {
                                      internal::staging_ring::region region,
                                      std::vector<download_job> outs) {
     batch b;
-    b.ticket = next++;
+    b.ticket = next; // used up only once queued (poll of a failed one)
     b.k = k;
     b.region = region;
     b.outs = std::move(outs);
@@ -63,6 +63,7 @@ struct copy_engine::impl {
       return unexpected<error>(r.error());
     }
     pending[static_cast<int>(k)].push_back(std::move(b));
+    ++next;
     return pending[static_cast<int>(k)].back().ticket;
   }
 

@@ -99,7 +99,10 @@ struct host_tier::impl {
 
   result<copy_ticket> enqueue(int q, internal::staging_ring::region region) {
     batch b;
-    b.ticket = next++;
+    // The number is used up only once the batch is queued: a failed
+    // enqueue issued no ticket, so poll() of that number must not call it
+    // finished.
+    b.ticket = next;
     b.region = region;
     KVFLEET_CUDA_TRY(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming),
                      "cudaEventCreateWithFlags");
@@ -109,6 +112,7 @@ struct host_tier::impl {
       return unexpected<error>(r.error());
     }
     pending[q].push_back(b);
+    ++next;
     return b.ticket;
   }
 
@@ -183,15 +187,28 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
                             std::to_string(m.half) + " bytes");
     total += round_up(j.bytes);
   }
+  // errc::out_of_memory from demote() means "no room in the host arena"
+  // (engine::memory_tier): the store drops tier blocks for it. A CUDA call
+  // that failed for memory (cudaErrorMemoryAllocation: an event, a launch)
+  // is another failure, and dropping blocks would not help it: every
+  // retry failed the same way until the whole tier was gone.
+  const auto failed = [](error e) {
+    if (e.code == errc::out_of_memory)
+      e.code = errc::backend_error;
+    return unexpected<error>(std::move(e));
+  };
   if (auto r = internal::use_device(m.device); !r)
-    return unexpected<error>(r.error());
+    return failed(r.error());
   if (auto r = m.collect(); !r)
-    return unexpected<error>(r.error());
+    return failed(r.error());
   if (jobs.empty()) {
     // Nothing to copy: no extent (one with no blocks would never be
     // released) and no host bytes, but a ticket in the stream's order.
     out.clear();
-    return m.enqueue(0, {});
+    auto t = m.enqueue(0, {});
+    if (!t)
+      return failed(t.error());
+    return t;
   }
   // Staging first: errc::out_of_memory must mean that the batch would go
   // through now with room in the host arena (engine::memory_tier), since
@@ -233,6 +250,7 @@ result<copy_ticket> host_tier::demote(std::span<const demote_job> jobs,
     m.extents.erase(id);
     m.free_range(*at, total);
     (void)m.rings[0].give_back(*region);
+    return failed(queued.error());
   }
   return queued;
 }
