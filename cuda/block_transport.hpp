@@ -43,7 +43,9 @@ public:
   /// memory (TCP).
   [[nodiscard]] virtual bool device_memory() const noexcept = 0;
   /// Sends `out` to `peer` and receives `in` from it in one step (either
-  /// may be empty); a rank may be its own peer.
+  /// may be empty); a rank may be its own peer. A receive block may not
+  /// overlap a send block (both move at once; tcp refuses it with
+  /// errc::invalid_argument).
   [[nodiscard]] virtual result<void>
   exchange(int peer, std::span<const send_block> out,
            std::span<const recv_block> in) = 0;

@@ -13,9 +13,11 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -515,6 +517,55 @@ tcp_transport::~tcp_transport() {
     ::close(fd_);
 }
 
+namespace {
+
+/// errc::invalid_argument when a receive block overlaps a send block: the
+/// two sides run on two threads at once (a receive into the bytes being
+/// sent), so the peer would get a mix of old and new bytes. Sorted by
+/// address, each range is checked against the furthest end of the other
+/// kind before it: O(n log n).
+result<void> no_send_receive_overlap(std::span<const send_block> out,
+                                     std::span<const recv_block> in) {
+  struct range {
+    std::uintptr_t begin;
+    std::uintptr_t end;
+    bool receive;
+  };
+  std::vector<range> all;
+  try {
+    all.reserve(out.size() + in.size());
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "tcp exchange: no memory to check the blocks");
+  }
+  for (const send_block& b : out)
+    if (b.bytes > 0) {
+      const auto a = reinterpret_cast<std::uintptr_t>(b.data);
+      all.push_back({a, a + b.bytes, false});
+    }
+  for (const recv_block& b : in)
+    if (b.bytes > 0) {
+      const auto a = reinterpret_cast<std::uintptr_t>(b.data);
+      all.push_back({a, a + b.bytes, true});
+    }
+  std::sort(all.begin(), all.end(),
+            [](const range& x, const range& y) { return x.begin < y.begin; });
+  std::uintptr_t send_end = 0;
+  std::uintptr_t recv_end = 0;
+  for (const range& r : all) {
+    if (r.begin < (r.receive ? send_end : recv_end))
+      return make_error(errc::invalid_argument,
+                        "tcp exchange: a receive block overlaps a send block "
+                        "(they are copied at the same time): use separate "
+                        "buffers");
+    std::uintptr_t& end = r.receive ? recv_end : send_end;
+    end = std::max(end, r.end);
+  }
+  return {};
+}
+
+} // namespace
+
 result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
                                      std::span<const recv_block> in) {
   if (peer != 0)
@@ -540,6 +591,10 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     if (b.data == nullptr && b.bytes > 0)
       return make_error(errc::invalid_argument,
                         "tcp exchange: null receive block");
+  if (!out.empty() && !in.empty()) {
+    if (auto ok = no_send_receive_overlap(out, in); !ok)
+      return ok;
+  }
   if (!broken_.empty())
     return make_error(errc::unavailable,
                       "tcp exchange: the connection broke in an earlier "

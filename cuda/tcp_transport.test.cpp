@@ -284,6 +284,34 @@ TEST(tcp_transport_test, expecting_blocks_from_a_peer_sending_none_is_refused) {
   expect_mismatch(got, "tcp recv: peer sent 0 blocks, expected 1");
 }
 
+TEST(tcp_transport_test, a_receive_into_the_bytes_being_sent_is_refused) {
+  // The send runs on a helper thread while the receive writes: an in-place
+  // swap mixed old and new bytes on the wire. Refused before anything is
+  // sent, and the connection stays usable.
+  auto ends = connect_pair();
+  ASSERT_TRUE(ends.client && ends.server);
+  std::vector<std::byte> buf = pattern(8192, 3);
+  const send_block out[] = {{buf.data(), 4096}, {buf.data() + 4096, 1024}};
+  const recv_block in[] = {{buf.data() + 6000, 100}, {buf.data() + 5000, 200}};
+  auto r = ends.client->exchange(0, out, in);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, errc::invalid_argument) << r.error().describe();
+  // Adjacent, not overlapping: accepted (and the stream is in step).
+  const recv_block next[] = {{buf.data() + 5120, 3072}};
+  std::vector<std::byte> peer_out = pattern(3072, 4);
+  const send_block back[] = {{peer_out.data(), peer_out.size()}};
+  std::vector<std::byte> got(5120);
+  const recv_block peer_in[] = {{got.data(), 4096}, {got.data() + 4096, 1024}};
+  auto other = std::async(std::launch::async, [&] {
+    return ends.server->exchange(0, back, peer_in);
+  });
+  auto ok = ends.client->exchange(0, out, next);
+  ASSERT_TRUE(ok) << ok.error().describe();
+  ASSERT_TRUE(other.get());
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), pattern(8192, 3).begin()));
+  EXPECT_TRUE(std::equal(peer_out.begin(), peer_out.end(), buf.begin() + 5120));
+}
+
 TEST(tcp_transport_test, empty_exchanges_pair_up_and_keep_the_stream_in_step) {
   auto ends = connect_pair();
   ASSERT_TRUE(ends.client && ends.server);
