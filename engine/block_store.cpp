@@ -3043,6 +3043,8 @@ bool block_store::on_disk(ns_id ns, const block_key& key) const {
 }
 
 result<codec> block_store::codec_of(ns_id ns, const block_key& key) const {
+  if (auto st = check_ns(ns); !st) // as every call with a namespace
+    return unexpected<error>(st.error());
   if (!contains(ns, key))
     return make_error(errc::not_found,
                       "block " + key.to_hex() + " is not cached");

@@ -565,7 +565,8 @@ public:
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
 
   /// Evicts expired blocks now (lookups also skip them lazily). Returns how
-  /// many were removed.
+  /// many expired: removed, or, when a reader or a cached child holds one,
+  /// dead (never served again) and removed once released.
   std::size_t expire();
   /// Evicts evictable blocks until `bytes` are freed or none is left:
   /// the lowest request priority first, whatever the policy (so under

@@ -394,6 +394,9 @@ TEST_F(store_fixture, bad_input_is_rejected_and_leaves_nothing) {
   EXPECT_EQ(store_->reserve(ns_id{9}, k[0], {}).error().code,
             errc::unknown_namespace);
   EXPECT_EQ(store_->lookup(ns_id{9}, k).error().code, errc::unknown_namespace);
+  // (codec_of answered not_found, as for a block not cached.)
+  EXPECT_EQ(store_->codec_of(ns_id{9}, k[0]).error().code,
+            errc::unknown_namespace);
   // Unknown codec.
   put_options bad_codec;
   bad_codec.codec_override = static_cast<codec>(17);
