@@ -18,6 +18,10 @@ constexpr int stop_signals[] = {SIGINT, SIGTERM};
 volatile std::sig_atomic_t handled[2] = {0, 0};
 
 extern "C" void on_stop_signal(int signal) {
+  // Recorded first: sa_mask blocks the other stop signal in this thread
+  // only, and another thread (the disk tier's) may run this handler for it
+  // at the same time; whichever started first names the stop.
+  request_interrupt(signal);
   // Both back to the default action (sigaction is async-signal-safe):
   // SA_RESETHAND alone reset only the signal that arrived, so after a
   // SIGINT a SIGTERM still only asked for a stop.
@@ -29,7 +33,6 @@ extern "C" void on_stop_signal(int signal) {
     ::sigemptyset(&dfl.sa_mask);
     ::sigaction(stop_signals[i], &dfl, nullptr);
   }
-  request_interrupt(signal);
 }
 } // namespace
 
