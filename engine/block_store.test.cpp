@@ -125,6 +125,20 @@ protected:
     return keys;
   }
 
+  /// Puts `n` one-block chains of requests of `tokens` tokens (their size
+  /// partition) at `prio`, keys 1000 + keys.size() on, appended to `keys`.
+  void put_sized(std::vector<block_key>& keys, std::size_t n,
+                 std::uint32_t tokens, priority prio = priority::normal) {
+    put_options opts;
+    opts.prio = prio;
+    opts.request_tokens = tokens;
+    for (std::size_t i = 0; i < n; ++i) {
+      keys.push_back(chain(1000 + keys.size(), 1)[0]);
+      auto r = put(keys.back(), {}, opts);
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+    }
+  }
+
   std::vector<std::vector<block_key>> twenty_short_blocks_in_a_store_of_100();
   void expect_every_put_refuses(const put_options& bad, errc code,
                                 std::string_view says);
@@ -1387,20 +1401,11 @@ TEST_F(store_fixture, lowest_priority_first_goes_across_size_partitions) {
   lowest_priority_first_ = true;
   open(40, policy_kind::lru);
   std::vector<block_key> keys;
-  auto put_at = [&](std::size_t n, priority prio, std::uint32_t tokens) {
-    put_options opts;
-    opts.prio = prio;
-    opts.request_tokens = tokens;
-    for (std::size_t i = 0; i < n; ++i) {
-      keys.push_back(chain(1000 + keys.size(), 1)[0]);
-      ASSERT_TRUE(put(keys.back(), {}, opts).has_value());
-    }
-  };
-  put_at(12, priority::critical, 100);
-  put_at(12, priority::normal, 3000);
-  put_at(12, priority::background, 5000);
+  put_sized(keys, 12, 100, priority::critical);
+  put_sized(keys, 12, 3000, priority::normal);
+  put_sized(keys, 12, 5000, priority::background);
   ASSERT_EQ(store_->stats().evictions, 0U);
-  put_at(1, priority::critical, 100);
+  put_sized(keys, 1, 100, priority::critical);
   EXPECT_EQ(store_->stats().evictions, 5U);
   for (std::size_t i = 0; i < 24; ++i)
     EXPECT_TRUE(store_->contains(ns_, keys[i])) << "block " << i;
@@ -1423,18 +1428,10 @@ TEST_F(store_fixture,
     lowest_priority_first_ = first;
     open(100, policy_kind::lru);
     std::vector<block_key> keys;
-    auto put_n = [&](std::size_t n, std::uint32_t tokens) {
-      put_options opts;
-      opts.request_tokens = tokens;
-      for (std::size_t i = 0; i < n; ++i) {
-        keys.push_back(chain(1000 + keys.size(), 1)[0]);
-        ASSERT_TRUE(put(keys.back(), {}, opts).has_value());
-      }
-    };
-    put_n(28, 100);
-    put_n(28, 3000);
-    put_n(34, 5000);
-    put_n(20, 5000);
+    put_sized(keys, 28, 100);
+    put_sized(keys, 28, 3000);
+    put_sized(keys, 34, 5000);
+    put_sized(keys, 20, 5000);
     EXPECT_GT(store_->stats().evictions, 0U);
     for (std::size_t i = 0; i < 56; ++i)
       EXPECT_TRUE(store_->contains(ns_, keys[i])) << "block " << i;
@@ -1454,19 +1451,10 @@ TEST_F(
   lowest_priority_first_ = true;
   open(100, policy_kind::lru);
   std::vector<block_key> keys;
-  auto put_n = [&](std::size_t n, std::uint32_t tokens, priority prio) {
-    put_options opts;
-    opts.request_tokens = tokens;
-    opts.prio = prio;
-    for (std::size_t i = 0; i < n; ++i) {
-      keys.push_back(chain(1000 + keys.size(), 1)[0]);
-      ASSERT_TRUE(put(keys.back(), {}, opts).has_value());
-    }
-  };
-  put_n(28, 100, priority::background);
-  put_n(10, 3000, priority::background);
-  put_n(52, 5000, priority::normal);
-  put_n(1, 3000, priority::background);
+  put_sized(keys, 28, 100, priority::background);
+  put_sized(keys, 10, 3000, priority::background);
+  put_sized(keys, 52, 5000, priority::normal);
+  put_sized(keys, 1, 3000, priority::background);
   EXPECT_GT(store_->stats().evictions, 0U);
   for (std::size_t i = 0; i < 28; ++i)
     EXPECT_TRUE(store_->contains(ns_, keys[i])) << "short block " << i;

@@ -1282,16 +1282,10 @@ TEST_F(disk_tier_test, catalog_rows_with_a_damaged_key_are_dropped_for_good) {
     spill(i);
   settle();
   tier_.reset();
-  sqlite3* db = nullptr;
-  const std::string path = dir_ + "/catalog.sqlite";
-  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(db,
-                         "UPDATE cache_entries SET key = x'0102' WHERE id = 1;"
-                         "UPDATE cache_entries SET namespace = 'ns' "
-                         "WHERE id = 2;",
-                         nullptr, nullptr, nullptr),
-            SQLITE_OK);
-  sqlite3_close(db);
+  ASSERT_TRUE(catalog_peer(dir_ + "/catalog.sqlite")
+                  .exec("UPDATE cache_entries SET key = x'0102' WHERE id = 1;"
+                        "UPDATE cache_entries SET namespace = 'ns' "
+                        "WHERE id = 2;"));
   for (int round = 0; round < 2; ++round) {
     SCOPED_TRACE(round == 0 ? "first open" : "reopened");
     // The second open has nothing to repair: it writes nothing, so it
