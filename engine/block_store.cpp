@@ -1658,10 +1658,16 @@ result<process_result> block_store::process(ns_id ns,
       return fail(p.error());
   }
   pin_log_ = nullptr;
+  // Every block the request cached ends pinned: the matched ones, and
+  // those promoted from disk after a block that had to be recomputed
+  // (counted computed, and committed at their disk copy's pins, as was a
+  // block recomputed inside the promotion). Before, only the matched ones
+  // were pinned here, so a failed disk read left the rest unpinned.
+  // pin_once() passes over blocks pinned at their commit.
   if (opts.pin)
-    for (std::size_t i = 0; i < out.matched_blocks; ++i)
+    for (std::size_t i = 0; i + out.uncached_blocks < keys.size(); ++i)
       if (const std::uint32_t id = index_.find(keys[i]); id != npos)
-        pin_once(id); // computed blocks were pinned at their commit
+        pin_once(id);
   out.matched_tokens =
       std::min(out.matched_blocks * spec.block_tokens, input_tokens);
   out.computed_tokens = input_tokens - out.matched_tokens;

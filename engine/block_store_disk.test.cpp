@@ -288,6 +288,33 @@ protected:
   ns_id ns_;
 };
 
+TEST_F(store_disk_test,
+       a_pinned_request_pins_every_block_when_a_disk_read_fails) {
+  // a[0]'s disk record is damaged, a[1] and a[2] read back fine: a[0] is
+  // computed again inside the promotion, the others promoted after it.
+  // With pin every block ends pinned. (Before, only the matched prefix,
+  // none here, was pinned after the compute loop: all three were left
+  // unpinned, though process() succeeded.)
+  const auto a = chain(1, 3);
+  run({a[0]});
+  spill_everything(); // record 0: a[0]
+  run(a);             // a[0] back from disk, a[1] and a[2] computed
+  spill_everything(); // records 1 and 2: a[2], a[1]; a[0]'s copy stays
+  ASSERT_TRUE(flip_byte_in_segments(32 + 1)); // record 0's header
+  put_options pin;
+  pin.pin = true;
+  auto r = store_->process(ns_, a, 3 * spec().block_tokens, producer_, pin);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_GE(store_->stats().promotion_failures, 1U);
+  store_->check_invariants();
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    ASSERT_TRUE(store_->contains(ns_, a[i])) << "block " << i;
+    auto u = store_->unpin(ns_, a[i]);
+    EXPECT_TRUE(u.has_value())
+        << "block " << i << ": " << (u ? std::string{} : u.error().describe());
+  }
+}
+
 TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
   const auto a = chain(1, 4);
   EXPECT_EQ(run(a).computed_blocks, 4U);
