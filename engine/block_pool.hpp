@@ -115,6 +115,11 @@ public:
   }
   /// True when allocate(cls) would succeed now.
   [[nodiscard]] bool can_allocate(std::uint16_t cls) const noexcept;
+  /// True when a slab of size class `cls` has a free slot (allocate(cls)
+  /// takes no free slab).
+  [[nodiscard]] bool has_room_in_slabs(std::uint16_t cls) const noexcept {
+    return cls < classes_.size() && classes_[cls].with_room != none;
+  }
 
   [[nodiscard]] std::size_t capacity_bytes() const noexcept {
     return std::size_t{slab_count()} * slab_bytes_;

@@ -1925,7 +1925,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
             " bytes are free in slots of other sizes; nothing was evicted");
   const double target =
       config_.low_watermark * static_cast<double>(pool_.capacity_bytes());
-  demotion_scan scan{config_.demotion_scan_limit};
+  demotion_scan scan{config_.demotion_scan_limit, cls};
   while (static_cast<double>(pool_.used_bytes() + need) > target ||
          !pool_.can_allocate(cls)) {
     // Slots of another size can be free in plenty while none of this
@@ -2175,6 +2175,17 @@ bool block_store::try_demote(size_partition p, demotion_scan& scan) {
           (scan.knows_no_slot(cls) || !compact_for(cls))) {
         if (!scan.knows_no_slot(cls) && scan.no_slots < scan.no_slot.size())
           scan.no_slot[scan.no_slots++] = cls;
+        id = next;
+        continue;
+      }
+      // Its smaller size would take the last free slab, which the put's
+      // own size needs (no slot in its slabs), and the slot it frees is of
+      // another size: the put would find no slot after the demotion, then
+      // evict everything and fail (a reviewer's two-model store). Passed
+      // over; a block of the put's size, or a free slab to spare, is fine.
+      if (!pool_.has_room_in_slabs(cls) &&
+          !pool_.has_room_in_slabs(scan.put_cls) &&
+          e.slot.size_class != scan.put_cls && pool_.free_slab_count() <= 1) {
         id = next;
         continue;
       }

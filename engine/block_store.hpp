@@ -767,9 +767,12 @@ private:
     std::array<std::uint32_t, partition_count> resume{};
     std::array<std::uint16_t, 4> no_slot{};
     std::size_t no_slots = 0;
+    /// The size class of the put the room is for.
+    std::uint16_t put_cls = 0;
 
-    explicit demotion_scan(std::size_t limit) noexcept
-        : tries(limit), visits(limit > SIZE_MAX / 16 ? SIZE_MAX : 16 * limit) {
+    demotion_scan(std::size_t limit, std::uint16_t cls) noexcept
+        : tries(limit), visits(limit > SIZE_MAX / 16 ? SIZE_MAX : 16 * limit),
+          put_cls(cls) {
       resume.fill(block_index::npos);
     }
     [[nodiscard]] bool knows_no_slot(std::uint16_t cls) const noexcept {

@@ -1177,6 +1177,73 @@ TEST_F(store_fixture, a_demotable_block_with_no_smaller_slot_is_no_room) {
 // be demoted once an int8 slot frees, which demoting Y (held by its pinned
 // child, target int4, where a slot is free) does. The put succeeds. (The
 // check of a8222a2 looked at X's target size alone and refused the put.)
+TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
+  // Two models (4 KiB and 8 KiB blocks) in 23 slabs of 16 KiB, one slab
+  // free. A put of a 4 KiB block needs that slab (its slabs are full);
+  // the only demotable block, B (int8, held by its pinned child), would
+  // take it for int4 and free an int8 slot the put cannot use. Before, it
+  // did: the put then evicted the one evictable block and failed, where
+  // with compression off it succeeds. (Reviewer's repro.)
+  for (const bool compression : {false, true}) {
+    SCOPED_TRACE(compression ? "compression on" : "compression off");
+    manual_clock clock;
+    store_config cfg;
+    cfg.capacity_bytes = 23 * 16384;
+    cfg.slab_bytes = 16384;
+    cfg.policy = policy_kind::lru;
+    cfg.adaptive_compression = compression;
+    cfg.high_watermark = 0.93;
+    cfg.low_watermark = 0.8;
+    cfg.clock = &clock;
+    auto created = block_store::create(cfg);
+    ASSERT_TRUE(created.has_value()) << created.error().describe();
+    auto& store = **created;
+    namespace_spec a = small_spec();
+    a.model = "a";
+    a.head_dim = 64;
+    namespace_spec w = a;
+    w.model = "w";
+    w.head_dim = 128;
+    namespace_options o;
+    o.adaptive_compression = compression;
+    const ns_id na = *store.register_namespace(a, o);
+    const ns_id nw = *store.register_namespace(w, o);
+    synthetic_producer producer;
+    std::uint64_t next = 1;
+    const auto put = [&](ns_id ns, const namespace_spec& sp,
+                         const block_key& parent, const put_options& po) {
+      const block_key k = chain_key_from_id(parent, sp.fingerprint(), next++);
+      auto h = store.reserve(ns, k, parent, po);
+      EXPECT_TRUE(h.has_value()) << h.error().describe();
+      if (h) {
+        EXPECT_TRUE(store.write_from(*h, producer).has_value());
+        EXPECT_TRUE(store.commit(*h).has_value());
+      }
+      return k;
+    };
+    put_options int8;
+    int8.codec_override = codec::int8;
+    put_options pinned;
+    pinned.pin = true;
+    put_options pinned8 = int8;
+    pinned8.pin = true;
+    const block_key b = put(na, a, {}, int8); // an int8 slab: B ...
+    put(na, a, {}, pinned8);                  // ... and a pinned block
+    put(na, a, b, pinned);                    // B's pinned child
+    for (int i = 0; i < 79; ++i)              // 20 full slabs, pinned
+      put(na, a, {}, pinned);
+    const block_key e = put(nw, w, {}, {}); // an 8 KiB slab: E (hot) ...
+    put(nw, w, {}, pinned);                 // ... and a pinned block
+    for (int i = 0; i < 11; ++i)
+      ASSERT_TRUE(store.acquire(nw, e).has_value());
+    store.check_invariants();
+    const block_key y = chain_key_from_id({}, a.fingerprint(), 999999);
+    auto h = store.reserve(na, y, {}, {});
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    store.check_invariants();
+  }
+}
+
 TEST(block_store, a_chain_of_demotions_is_room) {
   manual_clock clock;
   store_config cfg;
