@@ -1608,6 +1608,8 @@ result<process_result> block_store::process(ns_id ns,
     if (on_disk > 0) {
       const disk_promoted done =
           promote_now(ns, keys.subspan(next, on_disk), parent, producer, opts);
+      if (done.produce_failed)
+        return fail(*done.produce_failed);
       const std::size_t before = next;
       for (std::size_t i = next; i < keys.size() && i < next + on_disk; ++i) {
         if (!contains(ns, keys[i]))
@@ -2776,8 +2778,15 @@ block_store::promote_now(ns_id ns, std::span<const block_key> keys,
       h.sets_expiry_ = true;
       entries_[h.id_].promotion = false; // this request's put now
       ++stats_.reserves;
-      if (!write_from(h, producer) || !commit(h))
+      if (auto w = write_from(h, producer); !w) {
+        // Before, dropped: process() reserved the block again and asked
+        // the producer a second time, and only that error reached the
+        // caller.
+        done.produce_failed = w.error();
         break;
+      }
+      if (!commit(h))
+        break; // process() computes it again
       contiguous = false;
       continue;
     }

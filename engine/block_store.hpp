@@ -878,6 +878,9 @@ private:
   struct disk_promoted {
     std::size_t hits = 0;
     std::size_t from_disk = 0;
+    /// The producer's error for a block it computed in place of a failed
+    /// read: the request fails with it (the producer is not asked again).
+    std::optional<error> produce_failed;
   };
   disk_promoted promote_now(ns_id ns, std::span<const block_key> keys,
                             const block_key& parent, kv_producer& producer,

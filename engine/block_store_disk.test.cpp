@@ -289,6 +289,39 @@ protected:
 };
 
 TEST_F(store_disk_test,
+       a_producer_failing_for_a_block_whose_read_failed_is_asked_once) {
+  // a[0]'s disk record is damaged, so the promotion computes it; the
+  // producer fails for it. The request fails with that error, and the
+  // producer was asked once. (Before, the error was dropped and process()
+  // reserved a[0] again and asked the producer a second time.)
+  const auto a = chain(1, 2);
+  run({a[0]});
+  spill_everything(); // record 0: a[0]
+  run(a);
+  spill_everything();
+  ASSERT_TRUE(flip_byte_in_segments(32 + 1)); // record 0's header
+  struct refusing final : kv_producer {
+    block_key bad{};
+    int asked = 0;
+    result<void> produce(const namespace_spec& s, const block_key& k,
+                         std::span<std::byte> out) override {
+      if (k == bad) {
+        ++asked;
+        return make_error(errc::backend_error, "no GPU for this one (test)");
+      }
+      return synthetic_producer{}.produce(s, k, out);
+    }
+    nanos cost(std::size_t) const noexcept override { return nanos{0}; }
+  } producer;
+  producer.bad = a[0];
+  auto r = store_->process(ns_, a, 2 * spec().block_tokens, producer, {});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::backend_error) << r.error().describe();
+  EXPECT_EQ(producer.asked, 1);
+  store_->check_invariants();
+}
+
+TEST_F(store_disk_test,
        a_pinned_request_pins_every_block_when_a_disk_read_fails) {
   // a[0]'s disk record is damaged, a[1] and a[2] read back fine: a[0] is
   // computed again inside the promotion, the others promoted after it.
