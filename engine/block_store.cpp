@@ -1586,47 +1586,61 @@ result<process_result> block_store::process(ns_id ns,
   block_key parent =
       out.matched_blocks > 0 ? keys[out.matched_blocks - 1] : block_key{};
   std::size_t next = out.matched_blocks;
-  if (tier_) {
-    poll_tier();
-    const std::size_t n = tier_prefix_length(ns, keys.subspan(next));
-    if (n > 0) {
-      out.tier_blocks =
-          promote_from_tier(ns, keys.subspan(next, n), parent, opts);
-      out.matched_blocks += out.tier_blocks;
-      next += out.tier_blocks;
-      if (out.tier_blocks > 0)
-        parent = keys[next - 1];
-    }
-  }
-  if (disk_) {
-    poll_disk();
-    // Blocks a promote() (a prefetch) is bringing back are waited for, not
-    // computed again: reserved by it, they could not be put, and the
-    // request cached nothing from there on.
-    (void)await_promotions_of(keys.subspan(next));
-    const std::size_t on_disk = disk_prefix(ns, keys.subspan(next));
-    if (on_disk > 0) {
-      const disk_promoted done =
-          promote_now(ns, keys.subspan(next, on_disk), parent, producer, opts);
-      if (done.produce_failed)
-        return fail(*done.produce_failed);
-      const std::size_t before = next;
-      for (std::size_t i = next; i < keys.size() && i < next + on_disk; ++i) {
-        if (!contains(ns, keys[i]))
-          break;
-        parent = keys[i];
-        ++next;
+  // Below memory, runs of memory-tier blocks and of disk blocks can
+  // alternate along the chain (a parent spilled to disk while its child
+  // stayed in the tier): each round takes a tier run, then a disk run,
+  // until neither moves the prefix on, or a block had to be computed.
+  // (Before, one tier run then one disk run: a tier block after a disk
+  // block was computed again.)
+  for (bool more = true; more && next < keys.size();) {
+    more = false;
+    if (tier_) {
+      poll_tier();
+      const std::size_t n = tier_prefix_length(ns, keys.subspan(next));
+      if (n > 0) {
+        const std::size_t got =
+            promote_from_tier(ns, keys.subspan(next, n), parent, opts);
+        out.tier_blocks += got;
+        out.matched_blocks += got;
+        next += got;
+        if (got > 0)
+          parent = keys[next - 1];
       }
-      // Blocks promoted count as hits up to the first that had to be
-      // recomputed, and only while visible now: one dead in memory stays
-      // dead (a promotion is no put), and one can expire while a later
-      // block is computed; the loop below computes them again.
-      const std::size_t hits = std::min(done.hits, next - before);
-      const std::size_t from_disk = std::min(done.from_disk, hits);
-      stats_.disk_block_hits += from_disk;
-      out.disk_blocks = from_disk;
-      out.matched_blocks += hits;
-      out.computed_blocks += next - before - hits;
+    }
+    if (disk_ && next < keys.size()) {
+      poll_disk();
+      // Blocks a promote() (a prefetch) is bringing back are waited for,
+      // not computed again: reserved by it, they could not be put, and the
+      // request cached nothing from there on.
+      (void)await_promotions_of(keys.subspan(next));
+      const std::size_t on_disk = disk_prefix(ns, keys.subspan(next));
+      if (on_disk > 0) {
+        const disk_promoted done = promote_now(ns, keys.subspan(next, on_disk),
+                                               parent, producer, opts);
+        if (done.produce_failed)
+          return fail(*done.produce_failed);
+        const std::size_t before = next;
+        for (std::size_t i = next; i < keys.size() && i < before + on_disk;
+             ++i) {
+          if (!contains(ns, keys[i]))
+            break;
+          parent = keys[i];
+          ++next;
+        }
+        // Blocks promoted count as hits up to the first that had to be
+        // recomputed, and only while visible now: one dead in memory stays
+        // dead (a promotion is no put), and one can expire while a later
+        // block is computed; the loop below computes them again.
+        const std::size_t hits = std::min(done.hits, next - before);
+        const std::size_t from_disk = std::min(done.from_disk, hits);
+        stats_.disk_block_hits += from_disk;
+        out.disk_blocks += from_disk;
+        out.matched_blocks += hits;
+        out.computed_blocks += next - before - hits;
+        // The whole run served and something after it: it may be in the
+        // tier.
+        more = tier_ != nullptr && hits == on_disk && next > before;
+      }
     }
   }
   bool caching = true;
@@ -2946,8 +2960,16 @@ block_store::lookup_tiers(ns_id ns, std::span<const block_key> keys) {
   const nanos start = now();
   tier_prefix out;
   out.memory = walk_prefix(ns, keys, start);
-  out.tier = tier_prefix_length(ns, keys.subspan(out.memory));
-  out.disk = disk_prefix(ns, keys.subspan(out.memory + out.tier));
+  // Tier and disk runs can alternate below memory, as process() takes them.
+  for (std::size_t at = out.memory; at < keys.size();) {
+    const std::size_t tier = tier_prefix_length(ns, keys.subspan(at));
+    const std::size_t disk = disk_prefix(ns, keys.subspan(at + tier));
+    if (tier + disk == 0)
+      break;
+    out.tier += tier;
+    out.disk += disk;
+    at += tier + disk;
+  }
   count_lookup(start, out.memory + out.tier + out.disk, keys.size());
   return out;
 }

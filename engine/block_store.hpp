@@ -471,10 +471,12 @@ public:
   [[nodiscard]] result<void> attach_disk(std::unique_ptr<disk_tier> tier);
   [[nodiscard]] disk_tier* disk() noexcept { return disk_.get(); }
   /// Leading blocks of `keys` in memory, then how many more follow in the
-  /// memory tier, then how many more on disk (or in memory again: a block
-  /// brought back from disk alone, and those put under it, follow blocks
-  /// only on disk): the prefix a request would match (process() promotes
-  /// the disk's blocks and matches them all). Counts one lookup, as
+  /// memory tier and on disk (or in memory again: a block brought back
+  /// from disk alone, and those put under it, follow blocks only on disk),
+  /// tier and disk runs alternating as they come (a parent spilled to disk
+  /// while its child stayed in the tier): the prefix a request would match
+  /// (process() promotes those runs in the same order and matches them
+  /// all). Counts one lookup, as
   /// lookup() does, whose block hits are all of them (README "Stats"); no
   /// access is recorded and no block moves (an expired block met is
   /// removed, as by lookup()). No I/O: the disk tier's directory is in

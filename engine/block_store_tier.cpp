@@ -322,6 +322,10 @@ bool block_store::promote_key_from_tier(ns_id ns, const block_key& key) {
   // in neither stays where it is (unreachable by prefix, dropped in time).
   std::vector<block_key> chain;
   block_key parent{};
+  // No request priority here (a lease, a pin, a parent): the blocks keep
+  // theirs.
+  put_options keep;
+  keep.prio = priority::background;
   for (block_key k = key;;) {
     const auto it = tier_index_.find(k);
     if (it == tier_index_.end() || it->second.ns != ns.value)
@@ -330,13 +334,19 @@ bool block_store::promote_key_from_tier(ns_id ns, const block_key& key) {
     parent = it->second.parent;
     if (parent.is_null() || find_visible(ns, parent, now()) != npos)
       break;
+    if (const auto up = tier_index_.find(parent);
+        up == tier_index_.end() || up->second.ns != ns.value) {
+      // The parent went to disk while this block stayed in the tier:
+      // brought back first, the chain lands on it. (Before, the chain
+      // counted as broken: acquire() and pin() answered not_found for a
+      // block whose bytes were in the tier.)
+      if (!promote_key_from_disk(ns, parent, keep))
+        return false;
+      break;
+    }
     k = parent;
   }
   std::reverse(chain.begin(), chain.end());
-  // No request priority here (a lease, a pin, a parent): the blocks keep
-  // theirs.
-  put_options keep;
-  keep.prio = priority::background;
   return promote_from_tier(ns, chain, parent, keep) == chain.size();
 }
 

@@ -475,6 +475,51 @@ TEST_F(store_tier_test, a_block_reaches_disk_through_the_tier_with_its_uses) {
   EXPECT_GT(info_b->access_count, b_before->access_count);
 }
 
+TEST_F(store_tier_test, a_tier_block_whose_parent_went_to_disk_is_served) {
+  // The leaf went to the tier, its parent then to disk: a request finds
+  // the parent on disk and the leaf in the tier, and acquire() and pin()
+  // of the leaf bring both back. (Before, the walk went memory, tier,
+  // disk and never back to the tier: the leaf was computed again, and
+  // acquire() answered not_found for bytes the tier held.)
+  attach_disk();
+  const auto a = chain(1, 2);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(block_bytes).has_value()); // the leaf
+  settle();
+  ASSERT_TRUE(store_->in_tier(ns_, a[1]));
+  store_->evict_bytes(store_->used_bytes()); // the parent, to disk
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  store_->poll_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[0]));
+  ASSERT_TRUE(store_->on_disk(ns_, a[0]));
+  {
+    auto lease = store_->acquire(ns_, a[1]);
+    ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+  }
+  expect_correct(a[1]);
+  // Both out again, the same way; then a request.
+  ASSERT_TRUE(store_->demote_to_tier(block_bytes).has_value());
+  settle();
+  ASSERT_TRUE(store_->in_tier(ns_, a[1]));
+  store_->evict_bytes(store_->used_bytes());
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  store_->poll_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[0]));
+  const auto found = store_->lookup_tiers(ns_, a);
+  ASSERT_TRUE(found.has_value());
+  EXPECT_EQ(found->memory, 0U);
+  EXPECT_EQ(found->disk, 1U);
+  EXPECT_EQ(found->tier, 1U);
+  const auto r = run(a);
+  EXPECT_EQ(r.matched_blocks, 2U);
+  EXPECT_EQ(r.computed_blocks, 0U);
+  EXPECT_EQ(r.disk_blocks, 1U);
+  EXPECT_EQ(r.tier_blocks, 1U);
+  expect_correct(a[0]);
+  expect_correct(a[1]);
+  store_->check_invariants();
+}
+
 TEST_F(store_tier_test, a_clean_shutdown_writes_the_tiers_blocks_to_disk) {
   attach_disk();
   {
