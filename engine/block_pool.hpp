@@ -120,6 +120,11 @@ public:
   [[nodiscard]] bool has_room_in_slabs(std::uint16_t cls) const noexcept {
     return cls < classes_.size() && classes_[cls].with_room != none;
   }
+  /// True when `r` is the only allocated slot of its slab (freeing it
+  /// frees the slab).
+  [[nodiscard]] bool alone_in_slab(const slot_ref& r) const noexcept {
+    return r.slab < slabs_.size() && slabs_[r.slab].used == 1;
+  }
 
   [[nodiscard]] std::size_t capacity_bytes() const noexcept {
     return std::size_t{slab_count()} * slab_bytes_;

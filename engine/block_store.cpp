@@ -1617,8 +1617,6 @@ result<process_result> block_store::process(ns_id ns,
       if (on_disk > 0) {
         const disk_promoted done = promote_now(ns, keys.subspan(next, on_disk),
                                                parent, producer, opts);
-        if (done.produce_failed)
-          return fail(*done.produce_failed);
         const std::size_t before = next;
         for (std::size_t i = next; i < keys.size() && i < before + on_disk;
              ++i) {
@@ -1637,6 +1635,10 @@ result<process_result> block_store::process(ns_id ns,
         out.disk_blocks += from_disk;
         out.matched_blocks += hits;
         out.computed_blocks += next - before - hits;
+        // After the count: the blocks read before the producer failed stay
+        // cached, and were hits.
+        if (done.produce_failed)
+          return fail(*done.produce_failed);
         // The whole run served and something after it: it may be in the
         // tier.
         more = tier_ != nullptr && hits == on_disk && next > before;
@@ -2198,10 +2200,13 @@ bool block_store::try_demote(size_partition p, demotion_scan& scan) {
       // own size needs (no slot in its slabs), and the slot it frees is of
       // another size: the put would find no slot after the demotion, then
       // evict everything and fail (a reviewer's two-model store). Passed
-      // over; a block of the put's size, or a free slab to spare, is fine.
+      // over; fine are a block of the put's size, one demoted to the put's
+      // size (the slab it takes has room for the put), one alone in its
+      // slab (that slab comes free), or a free slab to spare.
       if (!pool_.has_room_in_slabs(cls) &&
-          !pool_.has_room_in_slabs(scan.put_cls) &&
-          e.slot.size_class != scan.put_cls && pool_.free_slab_count() <= 1) {
+          !pool_.has_room_in_slabs(scan.put_cls) && cls != scan.put_cls &&
+          e.slot.size_class != scan.put_cls && !pool_.alone_in_slab(e.slot) &&
+          pool_.free_slab_count() <= 1) {
         id = next;
         continue;
       }

@@ -1173,10 +1173,6 @@ TEST_F(store_fixture, a_demotable_block_with_no_smaller_slot_is_no_room) {
   store_->check_invariants();
 }
 
-// A demotion chain is room: X (held by its pinned child, target int8) can
-// be demoted once an int8 slot frees, which demoting Y (held by its pinned
-// child, target int4, where a slot is free) does. The put succeeds. (The
-// check of a8222a2 looked at X's target size alone and refused the put.)
 TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
   // Two models (4 KiB and 8 KiB blocks) in 23 slabs of 16 KiB, one slab
   // free. A put of a 4 KiB block needs that slab (its slabs are full);
@@ -1244,6 +1240,130 @@ TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
   }
 }
 
+TEST(block_store, a_put_of_the_demotion_targets_size_still_demotes_for_room) {
+  // One int4 slab of pinned blocks, eight fp16 slabs of cold blocks, one
+  // slab free, past the high watermark: an int4 put. Demoting an fp16
+  // block to int4 takes the free slab as an int4 slab with room for the
+  // put, so the demotions go ahead and nothing is evicted. (The first
+  // form of the last-free-slab check passed every candidate over here and
+  // evicted 4 blocks.)
+  manual_clock clock;
+  store_config cfg;
+  constexpr std::size_t slab = 16384;
+  cfg.capacity_bytes = 10 * slab;
+  cfg.slab_bytes = slab;
+  cfg.policy = policy_kind::lru;
+  cfg.high_watermark = 0.85;
+  cfg.low_watermark = 0.8;
+  cfg.clock = &clock;
+  auto created = block_store::create(cfg);
+  ASSERT_TRUE(created.has_value()) << created.error().describe();
+  auto& store = **created;
+  const namespace_spec sp = small_spec();
+  const ns_id ns = *store.register_namespace(sp);
+  synthetic_producer producer;
+  std::uint64_t next = 1;
+  const auto put = [&](const put_options& po) {
+    const block_key k = chain_key_from_id({}, sp.fingerprint(), next++);
+    auto h = store.reserve(ns, k, {}, po);
+    EXPECT_TRUE(h.has_value()) << h.error().describe();
+    if (h) {
+      EXPECT_TRUE(store.write_from(*h, producer).has_value());
+      EXPECT_TRUE(store.commit(*h).has_value());
+    }
+    return k;
+  };
+  const std::size_t int4_slot =
+      (encoded_size(codec::int4, sp.elements_per_block()) + 255) / 256 * 256;
+  put_options pinned4;
+  pinned4.codec_override = codec::int4;
+  pinned4.pin = true;
+  for (std::size_t i = 0; i < slab / int4_slot; ++i)
+    put(pinned4);
+  put_options pinned;
+  pinned.pin = true;
+  std::vector<block_key> cold;
+  for (int i = 0; i < 8 * 4; ++i)
+    cold.push_back(put(pinned));
+  for (const auto& k : cold)
+    ASSERT_TRUE(store.unpin(ns, k).has_value());
+  const auto before = store.stats();
+  put_options int4;
+  int4.codec_override = codec::int4;
+  put(int4);
+  EXPECT_EQ(store.stats().evictions, before.evictions);
+  EXPECT_GT(store.stats().demotions, before.demotions);
+  store.check_invariants();
+}
+
+TEST(block_store, a_block_alone_in_its_slab_still_demotes_for_room) {
+  // Pinned fp16, int4 and int8 slabs, one fp16 slab holding L alone, one
+  // slab free, past the high watermark: an int8 put. Demoting L takes the
+  // free slab for int4 but frees L's slab, so the put keeps a free slab:
+  // L is demoted, not evicted. (The first form of the last-free-slab
+  // check passed it over and evicted it.)
+  manual_clock clock;
+  store_config cfg;
+  constexpr std::size_t slab = 16384;
+  cfg.capacity_bytes = 11 * slab;
+  cfg.slab_bytes = slab;
+  cfg.policy = policy_kind::lru;
+  cfg.high_watermark = 0.84;
+  cfg.low_watermark = 0.835;
+  cfg.clock = &clock;
+  auto created = block_store::create(cfg);
+  ASSERT_TRUE(created.has_value()) << created.error().describe();
+  auto& store = **created;
+  const namespace_spec sp = small_spec();
+  const ns_id ns = *store.register_namespace(sp);
+  synthetic_producer producer;
+  std::uint64_t next = 1;
+  const auto put = [&](const put_options& po) {
+    const block_key k = chain_key_from_id({}, sp.fingerprint(), next++);
+    auto h = store.reserve(ns, k, {}, po);
+    EXPECT_TRUE(h.has_value()) << h.error().describe();
+    if (h) {
+      EXPECT_TRUE(store.write_from(*h, producer).has_value());
+      EXPECT_TRUE(store.commit(*h).has_value());
+    }
+    return k;
+  };
+  put_options pinned;
+  pinned.pin = true;
+  for (int i = 0; i < 28; ++i) // 7 fp16 slabs
+    put(pinned);
+  put_options pinned4 = pinned;
+  pinned4.codec_override = codec::int4;
+  for (int i = 0; i < 12; ++i) // one int4 slab
+    put(pinned4);
+  put_options pinned8 = pinned;
+  pinned8.codec_override = codec::int8;
+  for (int i = 0; i < 7; ++i) // one int8 slab
+    put(pinned8);
+  const block_key l = put(pinned); // L and three that leave its slab
+  put_options gone = pinned;
+  gone.prio = priority::background;
+  const std::vector<block_key> others{put(gone), put(gone), put(gone)};
+  for (const auto& k : others)
+    ASSERT_TRUE(store.unpin(ns, k).has_value());
+  ASSERT_TRUE(store.unpin(ns, l).has_value());
+  store.evict_bytes(3 * 4096);
+  for (const auto& k : others)
+    ASSERT_FALSE(store.contains(ns, k));
+  ASSERT_TRUE(store.contains(ns, l));
+  const auto before = store.stats();
+  put_options int8;
+  int8.codec_override = codec::int8;
+  put(int8);
+  EXPECT_TRUE(store.contains(ns, l));
+  EXPECT_EQ(store.stats().evictions, before.evictions);
+  store.check_invariants();
+}
+
+// A demotion chain is room: X (held by its pinned child, target int8) can
+// be demoted once an int8 slot frees, which demoting Y (held by its pinned
+// child, target int4, where a slot is free) does. The put succeeds. (The
+// check of a8222a2 looked at X's target size alone and refused the put.)
 TEST(block_store, a_chain_of_demotions_is_room) {
   manual_clock clock;
   store_config cfg;

@@ -321,6 +321,39 @@ TEST_F(store_disk_test,
   store_->check_invariants();
 }
 
+TEST_F(store_disk_test, blocks_read_before_a_producer_fails_count_as_hits) {
+  // a[0] reads back fine, a[1]'s record is damaged and the producer fails
+  // for it: the request fails, a[0] stays cached and counts as a block
+  // hit read from disk. (The first form of the producer-error fix failed
+  // the request before counting the run: a[0] counted as a miss.)
+  const auto a = chain(1, 2);
+  run({a[0]});
+  spill_everything(); // record 0: a[0]
+  run(a);
+  spill_everything(); // record 1: a[1]; a[0]'s copy stays
+  ASSERT_TRUE(flip_byte_in_segments(payload_of_record(1) - 79)); // a[1]
+  struct refusing final : kv_producer {
+    block_key bad{};
+    result<void> produce(const namespace_spec& s, const block_key& k,
+                         std::span<std::byte> out) override {
+      if (k == bad)
+        return make_error(errc::backend_error, "no GPU for this one (test)");
+      return synthetic_producer{}.produce(s, k, out);
+    }
+    nanos cost(std::size_t) const noexcept override { return nanos{0}; }
+  } producer;
+  producer.bad = a[1];
+  const auto before = store_->stats();
+  auto r = store_->process(ns_, a, 2 * spec().block_tokens, producer, {});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_TRUE(store_->contains(ns_, a[0]));
+  const auto after = store_->stats();
+  EXPECT_EQ(after.block_hits - before.block_hits, 1U);
+  EXPECT_EQ(after.block_misses - before.block_misses, 1U);
+  EXPECT_EQ(after.disk_block_hits - before.disk_block_hits, 1U);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test,
        a_pinned_request_pins_every_block_when_a_disk_read_fails) {
   // a[0]'s disk record is damaged, a[1] and a[2] read back fine: a[0] is
