@@ -1173,6 +1173,45 @@ TEST_F(store_fixture, a_demotable_block_with_no_smaller_slot_is_no_room) {
   store_->check_invariants();
 }
 
+/// A store of `slabs` slabs of 16 KiB (lru, the given watermarks), for the
+/// tests of what a demotion made for a put may take.
+struct slab_store {
+  static constexpr std::size_t slab = 16384;
+  manual_clock clock;
+  std::unique_ptr<block_store> store;
+  synthetic_producer producer;
+  std::uint64_t next = 1;
+
+  slab_store(std::size_t slabs, double high, double low,
+             bool compression = true) {
+    store_config cfg;
+    cfg.capacity_bytes = slabs * slab;
+    cfg.slab_bytes = slab;
+    cfg.policy = policy_kind::lru;
+    cfg.adaptive_compression = compression;
+    cfg.high_watermark = high;
+    cfg.low_watermark = low;
+    cfg.clock = &clock;
+    auto created = block_store::create(cfg);
+    EXPECT_TRUE(created.has_value()) << created.error().describe();
+    if (created)
+      store = std::move(*created);
+  }
+
+  /// Puts a new block of `sp` in `ns` (under `parent`); returns its key.
+  block_key put(ns_id ns, const namespace_spec& sp, const put_options& po,
+                const block_key& parent = {}) {
+    const block_key k = chain_key_from_id(parent, sp.fingerprint(), next++);
+    auto h = store->reserve(ns, k, parent, po);
+    EXPECT_TRUE(h.has_value()) << h.error().describe();
+    if (h) {
+      EXPECT_TRUE(store->write_from(*h, producer).has_value());
+      EXPECT_TRUE(store->commit(*h).has_value());
+    }
+    return k;
+  }
+};
+
 TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
   // Two models (4 KiB and 8 KiB blocks) in 23 slabs of 16 KiB, one slab
   // free. A put of a 4 KiB block needs that slab (its slabs are full);
@@ -1182,18 +1221,8 @@ TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
   // with compression off it succeeds. (Reviewer's repro.)
   for (const bool compression : {false, true}) {
     SCOPED_TRACE(compression ? "compression on" : "compression off");
-    manual_clock clock;
-    store_config cfg;
-    cfg.capacity_bytes = 23 * 16384;
-    cfg.slab_bytes = 16384;
-    cfg.policy = policy_kind::lru;
-    cfg.adaptive_compression = compression;
-    cfg.high_watermark = 0.93;
-    cfg.low_watermark = 0.8;
-    cfg.clock = &clock;
-    auto created = block_store::create(cfg);
-    ASSERT_TRUE(created.has_value()) << created.error().describe();
-    auto& store = **created;
+    slab_store s(23, 0.93, 0.8, compression);
+    ASSERT_TRUE(s.store);
     namespace_spec a = small_spec();
     a.model = "a";
     a.head_dim = 64;
@@ -1202,41 +1231,28 @@ TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
     w.head_dim = 128;
     namespace_options o;
     o.adaptive_compression = compression;
-    const ns_id na = *store.register_namespace(a, o);
-    const ns_id nw = *store.register_namespace(w, o);
-    synthetic_producer producer;
-    std::uint64_t next = 1;
-    const auto put = [&](ns_id ns, const namespace_spec& sp,
-                         const block_key& parent, const put_options& po) {
-      const block_key k = chain_key_from_id(parent, sp.fingerprint(), next++);
-      auto h = store.reserve(ns, k, parent, po);
-      EXPECT_TRUE(h.has_value()) << h.error().describe();
-      if (h) {
-        EXPECT_TRUE(store.write_from(*h, producer).has_value());
-        EXPECT_TRUE(store.commit(*h).has_value());
-      }
-      return k;
-    };
+    const ns_id na = *s.store->register_namespace(a, o);
+    const ns_id nw = *s.store->register_namespace(w, o);
     put_options int8;
     int8.codec_override = codec::int8;
     put_options pinned;
     pinned.pin = true;
     put_options pinned8 = int8;
     pinned8.pin = true;
-    const block_key b = put(na, a, {}, int8); // an int8 slab: B ...
-    put(na, a, {}, pinned8);                  // ... and a pinned block
-    put(na, a, b, pinned);                    // B's pinned child
-    for (int i = 0; i < 79; ++i)              // 20 full slabs, pinned
-      put(na, a, {}, pinned);
-    const block_key e = put(nw, w, {}, {}); // an 8 KiB slab: E (hot) ...
-    put(nw, w, {}, pinned);                 // ... and a pinned block
+    const block_key b = s.put(na, a, int8); // an int8 slab: B ...
+    s.put(na, a, pinned8);                  // ... and a pinned block
+    s.put(na, a, pinned, b);                // B's pinned child
+    for (int i = 0; i < 79; ++i)            // 20 full slabs, pinned
+      s.put(na, a, pinned);
+    const block_key e = s.put(nw, w, {}); // an 8 KiB slab: E (hot) ...
+    s.put(nw, w, pinned);                 // ... and a pinned block
     for (int i = 0; i < 11; ++i)
-      ASSERT_TRUE(store.acquire(nw, e).has_value());
-    store.check_invariants();
+      ASSERT_TRUE(s.store->acquire(nw, e).has_value());
+    s.store->check_invariants();
     const block_key y = chain_key_from_id({}, a.fingerprint(), 999999);
-    auto h = store.reserve(na, y, {}, {});
+    auto h = s.store->reserve(na, y, {}, {});
     ASSERT_TRUE(h.has_value()) << h.error().describe();
-    store.check_invariants();
+    s.store->check_invariants();
   }
 }
 
@@ -1247,53 +1263,31 @@ TEST(block_store, a_put_of_the_demotion_targets_size_still_demotes_for_room) {
   // put, so the demotions go ahead and nothing is evicted. (The first
   // form of the last-free-slab check passed every candidate over here and
   // evicted 4 blocks.)
-  manual_clock clock;
-  store_config cfg;
-  constexpr std::size_t slab = 16384;
-  cfg.capacity_bytes = 10 * slab;
-  cfg.slab_bytes = slab;
-  cfg.policy = policy_kind::lru;
-  cfg.high_watermark = 0.85;
-  cfg.low_watermark = 0.8;
-  cfg.clock = &clock;
-  auto created = block_store::create(cfg);
-  ASSERT_TRUE(created.has_value()) << created.error().describe();
-  auto& store = **created;
+  slab_store s(10, 0.85, 0.8);
+  ASSERT_TRUE(s.store);
   const namespace_spec sp = small_spec();
-  const ns_id ns = *store.register_namespace(sp);
-  synthetic_producer producer;
-  std::uint64_t next = 1;
-  const auto put = [&](const put_options& po) {
-    const block_key k = chain_key_from_id({}, sp.fingerprint(), next++);
-    auto h = store.reserve(ns, k, {}, po);
-    EXPECT_TRUE(h.has_value()) << h.error().describe();
-    if (h) {
-      EXPECT_TRUE(store.write_from(*h, producer).has_value());
-      EXPECT_TRUE(store.commit(*h).has_value());
-    }
-    return k;
-  };
+  const ns_id ns = *s.store->register_namespace(sp);
   const std::size_t int4_slot =
       (encoded_size(codec::int4, sp.elements_per_block()) + 255) / 256 * 256;
   put_options pinned4;
   pinned4.codec_override = codec::int4;
   pinned4.pin = true;
-  for (std::size_t i = 0; i < slab / int4_slot; ++i)
-    put(pinned4);
+  for (std::size_t i = 0; i < slab_store::slab / int4_slot; ++i)
+    s.put(ns, sp, pinned4);
   put_options pinned;
   pinned.pin = true;
   std::vector<block_key> cold;
   for (int i = 0; i < 8 * 4; ++i)
-    cold.push_back(put(pinned));
+    cold.push_back(s.put(ns, sp, pinned));
   for (const auto& k : cold)
-    ASSERT_TRUE(store.unpin(ns, k).has_value());
-  const auto before = store.stats();
+    ASSERT_TRUE(s.store->unpin(ns, k).has_value());
+  const auto before = s.store->stats();
   put_options int4;
   int4.codec_override = codec::int4;
-  put(int4);
-  EXPECT_EQ(store.stats().evictions, before.evictions);
-  EXPECT_GT(store.stats().demotions, before.demotions);
-  store.check_invariants();
+  s.put(ns, sp, int4);
+  EXPECT_EQ(s.store->stats().evictions, before.evictions);
+  EXPECT_GT(s.store->stats().demotions, before.demotions);
+  s.store->check_invariants();
 }
 
 TEST(block_store, a_block_alone_in_its_slab_still_demotes_for_room) {
@@ -1302,62 +1296,41 @@ TEST(block_store, a_block_alone_in_its_slab_still_demotes_for_room) {
   // free slab for int4 but frees L's slab, so the put keeps a free slab:
   // L is demoted, not evicted. (The first form of the last-free-slab
   // check passed it over and evicted it.)
-  manual_clock clock;
-  store_config cfg;
-  constexpr std::size_t slab = 16384;
-  cfg.capacity_bytes = 11 * slab;
-  cfg.slab_bytes = slab;
-  cfg.policy = policy_kind::lru;
-  cfg.high_watermark = 0.84;
-  cfg.low_watermark = 0.835;
-  cfg.clock = &clock;
-  auto created = block_store::create(cfg);
-  ASSERT_TRUE(created.has_value()) << created.error().describe();
-  auto& store = **created;
+  slab_store s(11, 0.84, 0.835);
+  ASSERT_TRUE(s.store);
   const namespace_spec sp = small_spec();
-  const ns_id ns = *store.register_namespace(sp);
-  synthetic_producer producer;
-  std::uint64_t next = 1;
-  const auto put = [&](const put_options& po) {
-    const block_key k = chain_key_from_id({}, sp.fingerprint(), next++);
-    auto h = store.reserve(ns, k, {}, po);
-    EXPECT_TRUE(h.has_value()) << h.error().describe();
-    if (h) {
-      EXPECT_TRUE(store.write_from(*h, producer).has_value());
-      EXPECT_TRUE(store.commit(*h).has_value());
-    }
-    return k;
-  };
+  const ns_id ns = *s.store->register_namespace(sp);
   put_options pinned;
   pinned.pin = true;
   for (int i = 0; i < 28; ++i) // 7 fp16 slabs
-    put(pinned);
+    s.put(ns, sp, pinned);
   put_options pinned4 = pinned;
   pinned4.codec_override = codec::int4;
   for (int i = 0; i < 12; ++i) // one int4 slab
-    put(pinned4);
+    s.put(ns, sp, pinned4);
   put_options pinned8 = pinned;
   pinned8.codec_override = codec::int8;
   for (int i = 0; i < 7; ++i) // one int8 slab
-    put(pinned8);
-  const block_key l = put(pinned); // L and three that leave its slab
+    s.put(ns, sp, pinned8);
+  const block_key l = s.put(ns, sp, pinned); // L and three that leave
   put_options gone = pinned;
   gone.prio = priority::background;
-  const std::vector<block_key> others{put(gone), put(gone), put(gone)};
+  const std::vector<block_key> others{s.put(ns, sp, gone), s.put(ns, sp, gone),
+                                      s.put(ns, sp, gone)};
   for (const auto& k : others)
-    ASSERT_TRUE(store.unpin(ns, k).has_value());
-  ASSERT_TRUE(store.unpin(ns, l).has_value());
-  store.evict_bytes(3 * 4096);
+    ASSERT_TRUE(s.store->unpin(ns, k).has_value());
+  ASSERT_TRUE(s.store->unpin(ns, l).has_value());
+  s.store->evict_bytes(3 * 4096);
   for (const auto& k : others)
-    ASSERT_FALSE(store.contains(ns, k));
-  ASSERT_TRUE(store.contains(ns, l));
-  const auto before = store.stats();
+    ASSERT_FALSE(s.store->contains(ns, k));
+  ASSERT_TRUE(s.store->contains(ns, l));
+  const auto before = s.store->stats();
   put_options int8;
   int8.codec_override = codec::int8;
-  put(int8);
-  EXPECT_TRUE(store.contains(ns, l));
-  EXPECT_EQ(store.stats().evictions, before.evictions);
-  store.check_invariants();
+  s.put(ns, sp, int8);
+  EXPECT_TRUE(s.store->contains(ns, l));
+  EXPECT_EQ(s.store->stats().evictions, before.evictions);
+  s.store->check_invariants();
 }
 
 // A demotion chain is room: X (held by its pinned child, target int8) can
