@@ -171,10 +171,7 @@ std::vector<block_key> index_test_keys(int kind, std::mt19937_64& rng) {
   return keys;
 }
 TEST(block_pool, no_heap_for_a_slab_free_list_is_an_error_and_loses_nothing) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
-                  "them";
-#else
+  KVFLEET_SKIP_IF_ADDRESS_SPACE_CANNOT_BE_CAPPED();
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   // A slab of 2^31 slots of 256 B: its free list would take 8 GiB of heap,
   // which the child's address-space cap does not have. The pool only
@@ -200,7 +197,6 @@ TEST(block_pool, no_heap_for_a_slab_free_list_is_an_error_and_loses_nothing) {
         std::_Exit(0);
       },
       ::testing::ExitedWithCode(0), "");
-#endif
 }
 
 TEST_P(block_index_keys, matches_a_reference_map_under_random_operations) {

@@ -2893,10 +2893,7 @@ TEST_F(store_fixture, a_failed_pinned_request_takes_its_pins_back) {
 }
 
 TEST_F(store_fixture, token_calls_with_no_memory_for_their_keys_fail_cleanly) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
-                  "them";
-#else
+  KVFLEET_SKIP_IF_ADDRESS_SPACE_CANNOT_BE_CAPPED();
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   open(16);
   // 2^34 tokens (64 GiB, mapped but never touched): their 2^30 keys take
@@ -2937,7 +2934,6 @@ TEST_F(store_fixture, token_calls_with_no_memory_for_their_keys_fail_cleanly) {
         std::_Exit(0);
       },
       ::testing::ExitedWithCode(0), "");
-#endif
 }
 
 /// An arena of `bytes` that keeps only what is written to it, by offset:
@@ -2976,10 +2972,7 @@ private:
 };
 
 TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
-                  "them";
-#else
+  KVFLEET_SKIP_IF_ADDRESS_SPACE_CANNOT_BE_CAPPED();
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   // A 512 GiB arena of 4 KiB slabs (11 GiB of slab records), and a 128 GiB
   // one whose namespace of 4 KiB blocks reserves for 2^25 blocks (some
@@ -3038,7 +3031,6 @@ TEST(block_store_memory, no_host_memory_for_the_bookkeeping_is_an_error) {
         std::_Exit(0);
       },
       ::testing::ExitedWithCode(0), "");
-#endif
 }
 
 TEST(block_store_memory,

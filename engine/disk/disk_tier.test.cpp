@@ -1399,10 +1399,7 @@ using testing::cap_address_space_at;
 constexpr std::size_t block_past_arena = std::size_t{96} << 20;
 
 TEST_F(disk_tier_test, a_spill_without_memory_for_its_copy_fails_alone) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
-                  "them";
-#else
+  KVFLEET_SKIP_IF_ADDRESS_SPACE_CANNOT_BE_CAPPED();
   // Child: an address-space limit that leaves no room for the queued copy
   // of a large block. The spill must fail with an error value and the tier
   // go on serving; before, std::bad_alloc escaped spill() into the owner's
@@ -1437,14 +1434,10 @@ TEST_F(disk_tier_test, a_spill_without_memory_for_its_copy_fails_alone) {
     });
     return code;
   });
-#endif
 }
 
 TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS breaks "
-                  "them";
-#else
+  KVFLEET_SKIP_IF_ADDRESS_SPACE_CANNOT_BE_CAPPED();
   // Child: a tier holding one large block, then an address-space limit that
   // leaves no room for a copy of it. The fetch must fail with an error
   // value; before, std::bad_alloc ended the process on the I/O thread.
@@ -1480,7 +1473,6 @@ TEST_F(disk_tier_test, a_fetch_without_memory_for_its_block_fails_alone) {
   // The block is still there for a process with memory.
   open(config());
   EXPECT_TRUE(tier_->contains(key_of(1)));
-#endif
 }
 
 TEST_F(disk_tier_test, a_killed_writer_loses_only_unacknowledged_blocks) {

@@ -23,4 +23,22 @@ bool failing_allocation(std::size_t nth, const std::function<void()>& f);
 /// the headroom then fails.
 bool cap_address_space_at(std::size_t headroom);
 
+/// Built with AddressSanitizer or ThreadSanitizer: they reserve address
+/// space, so a cap (cap_address_space_at) breaks them.
+inline constexpr bool address_space_sanitized =
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
 } // namespace kvfleet::engine::testing
+
+/// First line of a test that caps its child's address space: skips it
+/// under the sanitizers.
+#define KVFLEET_SKIP_IF_ADDRESS_SPACE_CANNOT_BE_CAPPED()                       \
+  do {                                                                         \
+    if (::kvfleet::engine::testing::address_space_sanitized)                   \
+      GTEST_SKIP() << "the sanitizers reserve address space; RLIMIT_AS "       \
+                      "breaks them";                                           \
+  } while (false)
