@@ -2564,6 +2564,8 @@ TEST_F(actor_test, ScalerFollowsAReplicaThatOpensLongerThanItsTimeout) {
 /// Stands in for the balancer: answers process requests and records them.
 struct fake_backend {
   std::vector<kv_request> seen;
+  /// Of each reply's computed blocks, those it says were not cached.
+  std::uint64_t uncached = 0;
 };
 
 caf::behavior fake_balancer(caf::event_based_actor*,
@@ -2571,7 +2573,8 @@ caf::behavior fake_balancer(caf::event_based_actor*,
   return {
       [be](process_atom, const kv_request& r) -> kv_reply {
         be->seen.push_back(r);
-        return kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false, 0};
+        return kv_reply{r.id,           0,     0,           r.keys.size(), 0,
+                        r.input_tokens, false, be->uncached};
       },
       [](listen_atom, const caf::actor&) {},
   };
@@ -3971,6 +3974,92 @@ TEST_F(actor_test, AQueryCacheRequestThatPinsAlwaysReachesTheBalancer) {
   // A request that does not pin is a hit again.
   auto hit = ask_now<kv_reply>(qcache, query_atom::value, query(5, "p"));
   EXPECT_TRUE(hit.from_query_cache);
+}
+
+TEST_F(actor_test, QueryCacheDoesNotStoreAReplyWithUncachedBlocks) {
+  // The engine computed q's block but could not cache it (its pool full of
+  // pinned blocks, say): the caller gets the reply, and it is not stored,
+  // so q's next request reaches an engine again. (Before, it was a hit for
+  // the whole TTL, and no engine ever cached the block.) A reply of cached
+  // blocks is stored as before.
+  const cache_over_fake f(*sys_, stop_at_end_);
+  f.be->uncached = 1;
+  auto first = ask_now<kv_reply>(f.cache, query_atom::value, query(1, "q"));
+  EXPECT_EQ(first.uncached_blocks, 1U);
+  EXPECT_FALSE(first.from_query_cache);
+  f.be->uncached = 0;
+  auto second = ask_now<kv_reply>(f.cache, query_atom::value, query(2, "q"));
+  EXPECT_FALSE(second.from_query_cache);
+  EXPECT_EQ(f.be->seen.size(), 2U);
+  auto third = ask_now<kv_reply>(f.cache, query_atom::value, query(3, "q"));
+  EXPECT_TRUE(third.from_query_cache);
+  EXPECT_EQ(f.be->seen.size(), 2U);
+  auto st = ask_now<query_cache_stats>(f.cache, stats_atom::value);
+  EXPECT_EQ(st.hits, 1U);
+  EXPECT_EQ(st.misses, 2U);
+  EXPECT_EQ(st.store_errors, 0U);
+}
+
+TEST_F(actor_test, QueryCacheAnswersAQueryKeyOnlyWithAReplyOfItsBlockCount) {
+  // "q" of 2 blocks is stored. "q" of 1 block (another prompt under the
+  // same key) is a miss, computed, and its reply replaces the entry. (Before,
+  // it was a hit saying 2 blocks, and its own block was never computed.)
+  // With "p" of 2 blocks on its way, "p" of 1 block does not join it: it
+  // goes on its own and gets its own reply; one of 2 blocks joins.
+  auto held = std::make_shared<std::size_t>(0);
+  auto b = sys_->spawn(holding_balancer, held);
+  stop_at_end_.push_back(b);
+  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+  stop_at_end_.push_back(qcache);
+  sched_->run();
+  const auto two_blocks = [](std::uint64_t id, const std::string& q) {
+    auto r = query(id, q);
+    r.id = id;
+    r.keys.push_back(block_key{r.keys[0].hi, 2});
+    r.input_tokens = 32;
+    return r;
+  };
+  const auto one_block = [](std::uint64_t id, const std::string& q) {
+    auto r = query(id, q);
+    r.id = id;
+    return r;
+  };
+  const auto answered = [&](const kv_request& r) {
+    auto out = ask<kv_reply>(qcache, query_atom::value, r);
+    sched_->run();
+    caf::anon_send(b, close_batch_atom::value);
+    sched_->run();
+    EXPECT_TRUE(out->value.has_value());
+    return out->value.value_or(kv_reply{});
+  };
+  EXPECT_EQ(answered(two_blocks(1, "q")).computed_blocks, 2U);
+  const auto one = answered(one_block(2, "q"));
+  EXPECT_FALSE(one.from_query_cache);
+  EXPECT_EQ(one.computed_blocks, 1U);
+  EXPECT_EQ(*held, 2U);
+  const auto hit = answered(one_block(3, "q"));
+  EXPECT_TRUE(hit.from_query_cache);
+  EXPECT_EQ(hit.computed_blocks, 1U);
+  EXPECT_EQ(*held, 2U);
+
+  auto p2 = ask<kv_reply>(qcache, query_atom::value, two_blocks(4, "p"));
+  auto p1 = ask<kv_reply>(qcache, query_atom::value, one_block(5, "p"));
+  auto p2_again = ask<kv_reply>(qcache, query_atom::value, two_blocks(6, "p"));
+  sched_->run();
+  EXPECT_EQ(*held, 4U); // p of 1 block went; the second p of 2 joined
+  caf::anon_send(b, close_batch_atom::value);
+  sched_->run();
+  ASSERT_TRUE(p2->value && p1->value && p2_again->value);
+  EXPECT_EQ(p2->value->computed_blocks, 2U);
+  EXPECT_FALSE(p2->value->joined);
+  EXPECT_EQ(p1->value->computed_blocks, 1U);
+  EXPECT_FALSE(p1->value->joined);
+  EXPECT_EQ(p2_again->value->computed_blocks, 2U);
+  EXPECT_TRUE(p2_again->value->joined);
+  auto st = ask_now<query_cache_stats>(qcache, stats_atom::value);
+  EXPECT_EQ(st.hits, 1U);
+  EXPECT_EQ(st.misses, 5U);
+  EXPECT_EQ(st.coalesced, 1U);
 }
 
 TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {

@@ -114,6 +114,9 @@ struct pending_query {
   /// longer counts, so a joiner is measured against what is on its way.
   std::array<std::uint32_t, engine::priority_count> open{};
   std::uint64_t round = 0;
+  /// The block count of the round's requests: one of the key with another
+  /// count is another prompt, which the round's reply does not answer.
+  std::size_t blocks = 0;
 
   [[nodiscard]] std::uint32_t unanswered() const noexcept {
     std::uint32_t n = 0;
@@ -158,21 +161,28 @@ void notify(cache_actor* self, const kv_request& req, const kv_reply& rep,
                static_cast<std::int64_t>(latency.count()));
 }
 
-/// Stores a computed reply of `key` for the TTL; a store error is counted,
-/// the reply is delivered all the same.
+/// Stores a computed reply of `key` for the TTL (call it after the reply
+/// is delivered: with Redis it waits for the SET); a store error is
+/// counted. A reply with blocks the engine computed but could not cache is
+/// not stored: a hit on it would keep the query from the engines, which
+/// never cache those blocks then, for the whole TTL.
 void store_reply(cache_actor* self, const std::string& key,
                  const kv_reply& rep) {
   auto& s = self->state;
+  if (rep.uncached_blocks > 0)
+    return;
   if (!s.store->set(key, encode_reply(rep),
                     std::chrono::duration_cast<engine::nanos>(s.config.ttl),
                     now(self)))
     ++s.stats.store_errors;
 }
 
-/// Sends a request that pins its blocks to the balancer on its own and
-/// answers `promise` with its reply (stored like a miss's) or its error.
-void ask_balancer_to_pin(cache_actor* self, kv_request req,
-                         const caf::response_promise& promise) {
+/// Sends a request to the balancer on its own, joining no other of its key
+/// (one that pins its blocks, or one of another block count than the miss
+/// of its key on its way), and answers `promise` with its reply (stored
+/// like a miss's) or its error.
+void ask_balancer_alone(cache_actor* self, kv_request req,
+                        const caf::response_promise& promise) {
   auto owed = std::make_shared<owed_reply>(promise);
   auto key = req.query;
   const auto prio = req.prio;
@@ -180,8 +190,8 @@ void ask_balancer_to_pin(cache_actor* self, kv_request req,
              process_atom::value, std::move(req))
       .then(
           [=](const kv_reply& rep) {
-            store_reply(self, key, rep);
             owed->deliver(rep);
+            store_reply(self, key, rep);
           },
           [=](caf::error& err) { owed->deliver(err); });
 }
@@ -206,7 +216,6 @@ void ask_balancer(cache_actor* self, const std::string& key,
             auto it = s2.waiting.find(key);
             if (it == s2.waiting.end() || it->second.round != round)
               return; // answered already
-            store_reply(self, key, rep);
             auto list = std::move(it->second.waiters);
             s2.waiting.erase(it);
             for (std::size_t i = 0; i < list.size(); ++i) {
@@ -218,6 +227,7 @@ void ask_balancer(cache_actor* self, const std::string& key,
                 notify(self, *w.joined, copy, now(self) - w.arrived);
               w.promise.deliver(std::move(copy));
             }
+            store_reply(self, key, rep);
           },
           [=](caf::error& err) {
             auto& s2 = self->state;
@@ -272,10 +282,15 @@ cache_behavior(cache_actor* self, query_cache_config config,
         // A request that pins its blocks (warming) must reach an engine: a
         // stored reply, or the reply of another request of its key, pinned
         // nothing, though the latter would read as computed for it.
-        if (req.pin) {
+        // So does one whose block count differs from the miss of its key on
+        // its way (another prompt under the same query key: that reply is
+        // not its answer).
+        auto in_flight = s.waiting.find(req.query);
+        if (req.pin || (in_flight != s.waiting.end() &&
+                        in_flight->second.blocks != req.keys.size())) {
           ++s.stats.misses;
           auto promise = self->make_response_promise();
-          ask_balancer_to_pin(self, std::move(req), promise);
+          ask_balancer_alone(self, std::move(req), promise);
           return promise;
         }
         // A key whose miss is on its way joins it without reading the
@@ -283,21 +298,26 @@ cache_behavior(cache_actor* self, query_cache_config config,
         // each). An entry stored meanwhile (another node on the same
         // Redis, a pinning request of the key) is then a missed hit, not
         // a wrong reply: the joiner gets the miss's reply.
-        auto in_flight = s.waiting.find(req.query);
         if (in_flight == s.waiting.end()) {
           auto got = s.store->get(req.query, now(self));
           if (!got)
             ++s.stats.store_errors;
           else if (got->has_value()) {
             kv_reply rep;
-            if (decode_reply(**got, rep)) {
+            if (!decode_reply(**got, rep))
+              ++s.stats.store_errors; // one it cannot read: recomputed
+            // A reply of as many blocks as the request has: one of another
+            // count answered another prompt under the same query key (its
+            // blocks were never computed for this one), so this request is
+            // a miss, and its reply replaces that entry.
+            else if (rep.matched_blocks + rep.computed_blocks ==
+                     req.keys.size()) {
               ++s.stats.hits;
               rep.id = req.id;
               rep.from_query_cache = true;
               notify(self, req, rep, engine::nanos{0});
               return rep;
             }
-            ++s.stats.store_errors; // an entry it cannot read: recomputed
           }
         }
         ++s.stats.misses;
@@ -320,6 +340,7 @@ cache_behavior(cache_actor* self, query_cache_config config,
           }
         } else {
           pending.round = ++s.next_round;
+          pending.blocks = req.keys.size();
         }
         ++pending.open[static_cast<std::size_t>(req.prio)];
         ask_balancer(self, key, pending.round, pending.waiters.size() - 1,

@@ -29,6 +29,17 @@
 /// answered from the store nor by another request's reply (neither pinned
 /// anything): it goes to the balancer on its own, counts as a miss, and its
 /// reply is stored like any miss's.
+/// A reply whose engine computed blocks it could not cache
+/// (kv_reply::uncached_blocks) is delivered and not stored: a hit on it
+/// would keep its query from the engines, which would then never cache
+/// those blocks, for the whole TTL. A reply is stored after it is
+/// delivered (with Redis, the SET does not hold the callers up).
+/// The query key names a prompt: a stored reply answers only a request of
+/// as many blocks as it covers (matched_blocks + computed_blocks), and a
+/// request of the key with another block count is a miss (its reply
+/// replaces the entry); one that finds a miss of the key with another
+/// block count on its way goes to the balancer on its own, as a pinning
+/// request does.
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
 ///   (listen_atom, actor)   (no reply; once per listener, never the cache
