@@ -2492,6 +2492,60 @@ TEST_F(actor_test, ScalerDoesNotUndoAReplicaChangeTheBalancerLeftUnanswered) {
   }
 }
 
+TEST_F(actor_test, ScalerHoldsWhileAReplicaOpensAndCoolsDownFromItsStart) {
+  // The replica the scaler asks for opens for 50 s, past the 30 s cooldown,
+  // while every second's requests take 800 ms (above the 500 ms target).
+  // The scaler holds until the balancer answers (before, it spawned again
+  // at the end of the cooldown, at 31 s, reading latencies from before the
+  // first replica served, up to max_replicas), and the cooldown runs from
+  // the replica's start: the next spawn comes 30 s after it, not before.
+  auto opening = std::make_shared<std::vector<caf::actor>>();
+  balancer_config bc;
+  auto b =
+      started_balancer(bc,
+                       [opening](caf::actor_system& s,
+                                 std::uint32_t slot) -> result<started_engine> {
+                         if (slot == 0) {
+                           auto c = small_engine(64);
+                           return started_now(spawn_engine_actor(s, c));
+                         }
+                         opening->push_back(s.spawn(opening_engine));
+                         return started_engine{opening->back(), true};
+                       });
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  auto s = quick_scaler(b, 1, decisions, 1, 4);
+  sched_->run();
+  const auto slow_second = [&] {
+    send_slow_samples(s);
+    sched_->advance_time(1s);
+    sched_->run();
+  };
+  slow_second();
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+  ASSERT_EQ(opening->size(), 1U);
+  stop_at_end_.push_back(opening->front());
+  for (int i = 0; i < 49; ++i) // to 50 s
+    slow_second();
+  EXPECT_EQ(decisions->size(), 1U) << "held while the replica opened";
+  EXPECT_EQ(opening->size(), 1U);
+  caf::anon_send(opening->front(), ready_atom::value, true);
+  sched_->run();
+  for (int i = 0; i < 29; ++i) // the cooldown from its start
+    slow_second();
+  EXPECT_EQ(decisions->size(), 1U) << "cooling down from the replica's start";
+  for (int i = 0; i < 3; ++i)
+    slow_second();
+  ASSERT_EQ(decisions->size(), 2U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+  ASSERT_EQ(opening->size(), 2U);
+  stop_at_end_.push_back(opening->back());
+  auto st = ask_now<scaler_stats>(s, stats_atom::value);
+  EXPECT_EQ(st.refused, 0U);
+  caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
+  sched_->run();
+}
+
 TEST_F(actor_test, ScalerFollowsAReplicaThatOpensLongerThanItsTimeout) {
   // The replica the scaler asks for opens its store for 15 s, past the
   // scaler's 10 s: counted unanswered (the balancer counts the opening

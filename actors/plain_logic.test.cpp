@@ -716,6 +716,60 @@ TEST(ScalerPolicy, ScalesUpAboveTargetThenGrowsCapacityRespectingCooldown) {
   EXPECT_EQ(s.log().size(), 2U);
 }
 
+TEST(ScalerPolicy, HoldsWhileAChangeIsUnansweredAndCoolsDownFromItsAnswer) {
+  // A spawn at 1 s is answered at 100 s (its replica opened that long):
+  // every evaluation in between holds, also past the 60 s cooldown, and the
+  // answer starts the cooldown again and clears the window, so the next
+  // decision comes 60 s after it, on latencies measured since. A refused
+  // answer leaves the cooldown as it was.
+  auto s = make_scaler(fast_scaler(), 1, 4096);
+  engine::nanos t{0};
+  feed(s, t, 800ms);
+  s.evaluate(t);
+  t += 1s;
+  feed(s, t, 800ms);
+  ASSERT_EQ(s.evaluate(t).action, scale_action::spawn_replica);
+  s.change_started();
+  EXPECT_TRUE(s.change_pending());
+  while (t < 99s) {
+    t += 1s;
+    feed(s, t, 900ms);
+    EXPECT_EQ(s.evaluate(t).action, scale_action::hold) << t.count();
+  }
+  t += 1s;
+  s.change_done(t, true);
+  EXPECT_FALSE(s.change_pending());
+  EXPECT_EQ(s.window_requests(t), 0U) << "cleared at the answer";
+  EXPECT_TRUE(s.in_cooldown(t + 59s));
+  EXPECT_FALSE(s.in_cooldown(t + 60s));
+  const engine::nanos answered = t;
+  while (t < answered + 60s) {
+    feed(s, t, 900ms);
+    EXPECT_EQ(s.evaluate(t).action, scale_action::hold) << t.count();
+    t += 1s;
+  }
+  feed(s, t, 900ms);
+  s.evaluate(t);
+  t += 1s;
+  feed(s, t, 900ms);
+  EXPECT_EQ(s.evaluate(t).action, scale_action::grow_capacity);
+
+  // Refused: no new cooldown from the answer.
+  auto r = make_scaler(fast_scaler(), 1, 4096);
+  engine::nanos u{0};
+  feed(r, u, 800ms);
+  r.evaluate(u);
+  u += 1s;
+  feed(r, u, 800ms);
+  ASSERT_EQ(r.evaluate(u).action, scale_action::spawn_replica);
+  r.change_started();
+  u += 30s;
+  r.refused(scale_action::spawn_replica);
+  r.change_done(u, false);
+  EXPECT_FALSE(r.change_pending());
+  EXPECT_FALSE(r.in_cooldown(61s));
+}
+
 TEST(ScalerPolicy, ItsDecisionLogKeepsOnlyTheRecentOnes) {
   // No cooldown: load swinging between slow and fast scales up and down at
   // every second evaluation, for as long as the scaler runs. Its log keeps

@@ -99,7 +99,9 @@ void unanswered(scaler_actor* self, scale_action a) {
   std::clog << "kvfleet scaler: no answer from the balancer to " << to_string(a)
             << " in " << balancer_timeout.count()
             << " s; it may still carry it out, so replicas ("
-            << st.policy->replicas() << ") are re-read from its stats\n";
+            << st.policy->replicas()
+            << ") are re-read from its stats, and decisions hold until it "
+               "answers\n";
 }
 
 /// The balancer answered replica change `id` (`err` when with an error).
@@ -116,6 +118,7 @@ void change_answered(scaler_actor* self, std::uint64_t id,
     return;
   const auto [a, timed_out] = it->second;
   st.changes.erase(it);
+  st.policy->change_done(now(self), err == nullptr);
   if (!timed_out) {
     --st.changes_open;
     if (err != nullptr)
@@ -143,6 +146,7 @@ void change_replicas(scaler_actor* self, scale_action a, Atom atom) {
   const auto id = st.next_change++;
   st.changes.emplace(id, open_change{a, false});
   ++st.changes_open;
+  st.policy->change_started();
   self->request(st.balancer, caf::infinite, atom)
       .then([=](std::uint32_t) { change_answered(self, id, nullptr); },
             [=](caf::error& err) { change_answered(self, id, &err); });

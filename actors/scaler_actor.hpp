@@ -38,9 +38,16 @@
 /// directory may be later than 10 s. A late answer is logged and counted
 /// (`scaler_stats::answered_late`) and the count re-read again from the
 /// next stats, so a replica that opened for longer than 10 s and then
-/// failed is not counted (before, it stayed in the count for good). A
-/// balancer that never answers leaves one response handler per such
-/// change in the scaler (at most one per cooldown).
+/// failed is not counted (before, it stayed in the count for good). Until
+/// the balancer answers a replica change, every evaluation holds (its
+/// replica may still be opening), and the answer of a change made starts
+/// the cooldown again and clears the latency window
+/// (scaler_policy::change_done), so that the next decision sees only
+/// latencies measured since it took effect (before, the cooldown ran from
+/// the decision: a replica that took longer than the cooldown to open left
+/// the next decisions reading latencies from before it served, and they
+/// spawned more). A balancer that never answers therefore stops the
+/// scaler's decisions (the line logged after the 10 s says so).
 /// `initial_replicas` are
 /// the engines the balancer started with: spawn the scaler with its
 /// balancer, since every engine the balancer has given up since its start

@@ -244,7 +244,7 @@ scale_decision scaler_policy::evaluate(engine::nanos now) {
 
 scale_decision scaler_policy::decide(engine::nanos now) {
   scale_decision d{now, scale_action::hold, p95(now), replicas_, capacity_};
-  if (in_cooldown(now)) {
+  if (in_cooldown(now) || change_pending()) {
     up_streak_ = down_streak_ = 0;
     return d;
   }
@@ -330,15 +330,29 @@ scale_decision scaler_policy::acted(scale_decision d, engine::nanos now) {
   d.capacity_tokens = capacity_;
   last_action_ = now;
   acted_ = true;
-  up_streak_ = down_streak_ = 0;
-  samples_.clear();
-  weight_sum_ = 0;
-  stride_ = 1;
+  clear_window();
   ++counts_[static_cast<std::size_t>(d.action)];
   if (log_.size() >= max_log)
     log_.pop_front();
   log_.push_back(d);
   return d;
+}
+
+void scaler_policy::change_done(engine::nanos now, bool took_effect) noexcept {
+  if (changes_pending_ > 0)
+    --changes_pending_;
+  if (!took_effect)
+    return;
+  last_action_ = std::max(last_action_, now);
+  acted_ = true;
+  clear_window();
+}
+
+void scaler_policy::clear_window() noexcept {
+  up_streak_ = down_streak_ = 0;
+  samples_.clear();
+  weight_sum_ = 0;
+  stride_ = 1;
 }
 
 } // namespace kvfleet::actors

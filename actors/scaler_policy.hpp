@@ -27,7 +27,11 @@
 /// target (hysteresis), a condition must hold for `sustain` consecutive
 /// evaluations before it acts, and after any action nothing happens for
 /// `cooldown` (the window is also cleared, so the next decision sees only
-/// latencies measured after the change). A window with fewer than
+/// latencies measured after the change). A replica change takes effect
+/// when the balancer answers it (a replica may take a while to open): while
+/// one is unanswered (change_started()) every evaluation holds, and its
+/// answer (change_done()) starts the cooldown again and clears the window.
+/// A window with fewer than
 /// `min_samples` samples holds (so with the default 20 an idle fleet keeps
 /// its replicas; with 0 an empty window reads a p95 of 0, below the band,
 /// and an idle fleet scales down). Every decision that acts is logged and
@@ -207,6 +211,20 @@ public:
   /// slow, not unwilling), so the count stays until resync() sets it from
   /// the balancer's own; counted in unanswered().
   void change_unanswered() noexcept { ++unanswered_; }
+  /// The replica change evaluate() just decided was sent to the balancer:
+  /// evaluate() holds until it is answered (change_done()), also past the
+  /// cooldown. Before, the cooldown ran from the decision alone: a replica
+  /// slower to open than the cooldown left the next decisions reading
+  /// latencies from before it served, and they spawned more.
+  void change_started() noexcept { ++changes_pending_; }
+  /// The balancer answered a change of change_started() at `now`. One that
+  /// `took_effect` (a replica came up or left) starts the cooldown again
+  /// from `now` and clears the window and streaks, so that the next
+  /// decision sees only latencies measured since; a refused one does not.
+  void change_done(engine::nanos now, bool took_effect) noexcept;
+  [[nodiscard]] bool change_pending() const noexcept {
+    return changes_pending_ > 0;
+  }
   /// Sets replicas() to `replicas`, the engines the balancer says it keeps
   /// (after an unanswered change). Returns whether the count changed.
   bool resync(std::uint32_t replicas) noexcept {
@@ -281,6 +299,9 @@ private:
   }
   std::uint64_t unanswered_ = 0;
   std::uint64_t replacements_ = 0;
+  std::uint32_t changes_pending_ = 0; ///< change_started(), not yet done
+  /// Empties the window and the streaks (after a change).
+  void clear_window() noexcept;
   std::deque<scale_decision> log_;
 };
 
