@@ -4497,6 +4497,44 @@ TEST_F(actor_test, AWarmQueryTheBalancerTimesOutFailsAtItsDeadlineOnly) {
   EXPECT_EQ(rep->value->first_error, "timeout: request timed out");
 }
 
+TEST_F(actor_test, AnEngineDoesNotProcessARequestPastItsBalancerDeadline) {
+  // A pinning warm query waits in its engine's batch for 100 s; the
+  // balancer times it out at 70 s, and the warmer counts it failed. When
+  // the batch closes, the engine answers it unprocessed (engine_stats::
+  // expired): nothing is computed nor pinned behind the warmer's back.
+  // (Before, the engine computed and pinned its blocks at 100 s.) With the
+  // batch closing at the deadline itself, whichever of the engine and the
+  // balancer's sweep comes first, the caller gets one timeout, counted once.
+  for (const auto batch_timeout : {100s, 70s}) {
+    SCOPED_TRACE(batch_timeout.count());
+    auto b = balancer(routing_policy::round_robin,
+                      {small_engine(64, 20, batch_timeout)}, 70s);
+    auto w = warmer(b);
+    sched_->run();
+    auto item = query(0, "q0");
+    auto rep = ask<warm_report>(w, warm_atom::value,
+                                std::vector<warm_item>{{item, 1.0}},
+                                std::uint32_t{1}, true, caf::actor{});
+    sched_->run();
+    sched_->advance_time(70s);
+    sched_->run();
+    ASSERT_TRUE(rep->value.has_value());
+    EXPECT_EQ(rep->value->failed, 1U);
+    EXPECT_EQ(rep->value->first_error.rfind("timeout: ", 0), 0U)
+        << rep->value->first_error;
+    sched_->advance_time(batch_timeout - 70s + 1s);
+    sched_->run();
+    auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+    EXPECT_EQ(ask_now<std::uint64_t>(e0, lookup_atom::value, item.keys), 0U);
+    const auto es = ask_now<engine_stats>(e0, stats_atom::value);
+    EXPECT_EQ(es.expired, 1U);
+    EXPECT_EQ(es.requests, 0U);
+    EXPECT_EQ(es.in_flight, 0U);
+    const auto bs = ask_now<balancer_stats>(b, stats_atom::value);
+    EXPECT_EQ(bs.timeouts, 1U);
+  }
+}
+
 TEST_F(actor_test, AWarmQueryTheEngineCouldNotCacheCountsFailed) {
   // 30 pinned queries of 2 blocks into one engine of 40: pins fill the
   // pool, and the queries that come after it is full are computed but not

@@ -500,10 +500,16 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
   // The request travels to the engine; one copy, shared by both callbacks
   // and the open call, stays here for the listeners and for a reroute.
   auto kept = std::make_shared<kv_request>(req);
-  st.calls.push_back(
-      open_call{now_ns(self) +
-                    std::chrono::nanoseconds{st.config.request_timeout}.count(),
-                std::move(promise), slot, generation, true, kept, started});
+  const auto deadline =
+      now_ns(self) +
+      std::chrono::nanoseconds{st.config.request_timeout}.count();
+  st.calls.push_back(open_call{deadline, std::move(promise), slot, generation,
+                               true, kept, started});
+  // The engine's copy carries the deadline: one that comes to it later
+  // answers without doing work nobody waits for (a prefetch or warm query
+  // queued behind served traffic, say, which would otherwise still be
+  // computed, and pinned, after its caller was told it timed out).
+  req.deadline_ns = deadline;
   schedule_sweep(self);
   auto then = [=](kv_reply& rep) {
     auto* c = find_call(self, seq);
@@ -522,6 +528,15 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     if (c == nullptr) {
       release_late(self, seq);
       return;
+    }
+    // The engine came to it at or after its deadline, before the sweep
+    // did: a timeout as the sweep's, counted and told to the listeners
+    // (the scaler) the same way.
+    const bool expired = from_caf_error(err).code == errc::timeout;
+    if (expired) {
+      ++self->state.timeouts;
+      for (auto& l : self->state.listeners)
+        self->send(l, latency_atom::value, *kept, now_ns(self) - started);
     }
     auto p = close_call(self, *c, seq);
     if (err == caf::sec::request_receiver_down && attempt == 0) {

@@ -106,6 +106,7 @@ struct engine_state {
   std::uint64_t requests = 0;
   std::uint64_t batches = 0;
   std::uint64_t pressure_evictions = 0;
+  std::uint64_t expired = 0;      ///< engine_stats::expired
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
   bool sweep_pending = false;     ///< a sweep_atom is on its way
   /// Its balancer retires it: it persisted its blocks (persist_atom with
@@ -358,6 +359,17 @@ void close_batch(engine_actor* self) {
   do {
     auto batch = st.batcher.take();
     for (auto& p : batch) {
+      const auto deadline = p.request.deadline_ns;
+      if (deadline != 0 && arrival_time(self).count() >= deadline) {
+        ++st.expired;
+        p.promise.deliver(to_caf_error(
+            error{errc::timeout,
+                  "request " + std::to_string(p.request.id) +
+                      " came to its turn after its deadline (the balancer's "
+                      "request_timeout): not processed"}));
+        --st.in_flight;
+        continue;
+      }
       auto r = run_one(st, p.request);
       if (r)
         p.promise.deliver(std::move(*r));
@@ -753,6 +765,7 @@ caf::behavior engine_behavior(engine_actor* self,
         engine_stats out;
         out.engine = s.config.slot;
         out.in_flight = s.in_flight;
+        out.expired = s.expired;
         out.requests = s.requests;
         out.batches = s.batches;
         out.blocks = s.store->block_count();

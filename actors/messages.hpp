@@ -46,6 +46,13 @@ struct kv_request {
   engine::priority prio = engine::priority::normal;
   bool pin = false;      ///< pin the blocks it stores (warming)
   bool prefetch = false; ///< issued by the prefetcher
+  /// When nobody waits for the reply any more, in nanoseconds of the actor
+  /// system's clock (its time_since_epoch); 0: no deadline. The balancer
+  /// sets it on the copy it sends an engine (its request_timeout, when it
+  /// answers the caller errc::timeout); an engine that reaches the request
+  /// at or after it answers errc::timeout without processing it
+  /// (engine_stats::expired). One process's clock: not for another.
+  std::int64_t deadline_ns = 0;
 
   friend bool operator==(const kv_request&, const kv_request&) = default;
 };
@@ -53,7 +60,7 @@ struct kv_request {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_request& x) {
   return f(caf::meta::type_name("kv_request"), x.id, x.session, x.query, x.keys,
-           x.input_tokens, x.prio, x.pin, x.prefetch);
+           x.input_tokens, x.prio, x.pin, x.prefetch, x.deadline_ns);
 }
 
 /// What processing one request did.
@@ -128,6 +135,10 @@ struct engine_stats {
   std::uint32_t engine = 0;
   std::uint64_t in_flight = 0; ///< requests received and not yet answered
   std::uint64_t requests = 0;  ///< requests processed without an error
+  /// Requests answered errc::timeout unprocessed: their turn came at or
+  /// after their deadline (kv_request::deadline_ns), when the balancer had
+  /// answered their caller with a timeout already.
+  std::uint64_t expired = 0;
   std::uint64_t batches = 0;
   std::uint64_t blocks = 0;
   std::uint64_t used_bytes = 0;
@@ -160,12 +171,12 @@ struct engine_stats {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
-           x.requests, x.batches, x.blocks, x.used_bytes, x.capacity_bytes,
-           x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
-           x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
-           x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
-           x.disk_hits, x.disk_spills, x.disk_spill_failures, x.block_hits,
-           x.block_misses, x.listeners);
+           x.requests, x.expired, x.batches, x.blocks, x.used_bytes,
+           x.capacity_bytes, x.token_hits, x.token_misses, x.evictions,
+           x.pressure_evictions, x.capacity_tokens, x.memory, x.tier,
+           x.tier_blocks, x.tier_demotions, x.tier_hits, x.tier_in_flight_bytes,
+           x.disk, x.disk_blocks, x.disk_hits, x.disk_spills,
+           x.disk_spill_failures, x.block_hits, x.block_misses, x.listeners);
 }
 
 /// The balancer's counters.

@@ -162,7 +162,9 @@ public:
   /// (an unpin for a pin that never landed could take another holder's): a
   /// caller that retried a timed-out pin unpins once more when it is done
   /// (an unpin too many answers errc::invalid_argument, "not pinned"). The
-  /// same holds for warm() with pin, whose timed-out queries count failed.
+  /// same holds for warm() with pin, whose timed-out queries count failed,
+  /// for a query its engine had begun when the balancer timed it out (one
+  /// still queued then is not processed: engine_stats::expired).
   [[nodiscard]] result<void> pin(std::uint32_t slot,
                                  const engine::block_key& key);
   [[nodiscard]] result<void> unpin(std::uint32_t slot,
