@@ -3411,6 +3411,32 @@ TEST_F(actor_test, APrefetchComputedThroughTheCacheIsUsefulWhenItsQueryHits) {
   EXPECT_EQ(st.wasted, 0U);
 }
 
+TEST_F(actor_test,
+       APrefetchThroughTheCacheThatWasNotStoredIsJudgedByItsEngine) {
+  // B's prefetch goes through the cache, and the engine could not cache
+  // its block (uncached): the cache stores no such reply, so only the
+  // engine holds what the prefetch did, and that engine evicting B's block
+  // wastes it, as for a prefetch sent to the balancer. (Before, the
+  // prefetcher took the reply as stored in the cache and ignored the
+  // eviction: the prefetch stayed outstanding.)
+  const cache_over_fake f(*sys_, stop_at_end_);
+  f.be->uncached = 1;
+  auto pf = prefetcher(f.balancer, eager_prefetch(), f.cache);
+  observed(pf, query(1, "X"));
+  observed(pf, query(1, "B"));
+  observed(pf, query(2, "X")); // prefetches B through the cache
+  ASSERT_EQ(f.be->seen.size(), 1U);
+  EXPECT_TRUE(f.be->seen[0].prefetch);
+  block_events ev;
+  ev.evicted = query(0, "B").keys;
+  caf::anon_send(pf, ev);
+  sched_->run();
+  auto st = ask_now<prefetch_stats>(pf, stats_atom::value);
+  EXPECT_EQ(st.issued, 1U);
+  EXPECT_EQ(st.wasted, 1U);
+  EXPECT_EQ(st.outstanding, 0U);
+}
+
 TEST_F(actor_test, AUserWhoJoinedAPrefetchInTheCacheMakesItUseful) {
   // B's prefetch is on its way through the cache (held at the balancer)
   // when B is asked twice: the first user sends its own request (normal is
@@ -4114,6 +4140,23 @@ TEST_F(actor_test, QueryCacheAnswersAQueryKeyOnlyWithAReplyOfItsBlockCount) {
   EXPECT_EQ(st.hits, 1U);
   EXPECT_EQ(st.misses, 5U);
   EXPECT_EQ(st.coalesced, 1U);
+
+  // "p" of 1 block is stored now. With "p" of 2 blocks on its way, "p" of
+  // 1 block is answered from the store: the miss of another prompt on its
+  // way does not keep it from its own stored reply.
+  auto p2_more = ask<kv_reply>(qcache, query_atom::value, two_blocks(7, "p"));
+  sched_->run();
+  EXPECT_EQ(*held, 5U);
+  auto p1_hit = ask<kv_reply>(qcache, query_atom::value, one_block(8, "p"));
+  sched_->run();
+  EXPECT_EQ(*held, 5U);
+  ASSERT_TRUE(p1_hit->value.has_value());
+  EXPECT_TRUE(p1_hit->value->from_query_cache);
+  EXPECT_EQ(p1_hit->value->computed_blocks, 1U);
+  caf::anon_send(b, close_batch_atom::value);
+  sched_->run();
+  ASSERT_TRUE(p2_more->value.has_value());
+  EXPECT_EQ(p2_more->value->computed_blocks, 2U);
 }
 
 TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {

@@ -144,19 +144,23 @@ void issue(prefetch_actor* self, const std::string& q) {
         ++s.stats.cached;
       return;
     }
+    // Through the result cache, its answer is stored there for the query,
+    // unless the engine could not cache every block it computed (the cache
+    // stores no such reply): then only the engine holds what it did.
+    const bool stored = via_front && rep.uncached_blocks == 0;
     // The engine found every block in memory already: the prefetch did no
     // work, so its query finding the blocks later owes it nothing (it would
     // have found them without it). Not when it brought blocks back from
     // the memory tier or disk (work, though nothing was computed), nor
-    // through the result cache, which stored its answer for the query.
-    if (rep.computed_blocks == 0 && rep.promoted_blocks == 0 && !via_front) {
+    // when the result cache stored its answer for the query.
+    if (rep.computed_blocks == 0 && rep.promoted_blocks == 0 && !stored) {
       if (s.outstanding->discard(q, id))
         ++s.stats.redundant;
       return;
     }
     // Its leading blocks found in memory (before any brought back): a
     // request sharing no more than those got nothing from it.
-    count(s.stats, s.outstanding->answered(q, id, rep.engine, via_front,
+    count(s.stats, s.outstanding->answered(q, id, rep.engine, stored,
                                            rep.memory_blocks));
   };
   auto on_error = [self, q, id](caf::error&) {

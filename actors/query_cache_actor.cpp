@@ -282,23 +282,27 @@ cache_behavior(cache_actor* self, query_cache_config config,
         // A request that pins its blocks (warming) must reach an engine: a
         // stored reply, or the reply of another request of its key, pinned
         // nothing, though the latter would read as computed for it.
-        // So does one whose block count differs from the miss of its key on
-        // its way (another prompt under the same query key: that reply is
-        // not its answer).
-        auto in_flight = s.waiting.find(req.query);
-        if (req.pin || (in_flight != s.waiting.end() &&
-                        in_flight->second.blocks != req.keys.size())) {
+        const auto alone = [&] {
           ++s.stats.misses;
           auto promise = self->make_response_promise();
           ask_balancer_alone(self, std::move(req), promise);
           return promise;
-        }
+        };
+        if (req.pin)
+          return alone();
         // A key whose miss is on its way joins it without reading the
         // store (one GET fewer per joining request, a Redis round trip
         // each). An entry stored meanwhile (another node on the same
         // Redis, a pinning request of the key) is then a missed hit, not
-        // a wrong reply: the joiner gets the miss's reply.
-        if (in_flight == s.waiting.end()) {
+        // a wrong reply: the joiner gets the miss's reply. Not when that
+        // miss has another block count (another prompt under the same
+        // query key: its reply is not this one's answer): the store may
+        // hold this one's, and else it goes on its own.
+        auto in_flight = s.waiting.find(req.query);
+        const bool other_prompt_on_its_way =
+            in_flight != s.waiting.end() &&
+            in_flight->second.blocks != req.keys.size();
+        if (in_flight == s.waiting.end() || other_prompt_on_its_way) {
           auto got = s.store->get(req.query, now(self));
           if (!got)
             ++s.stats.store_errors;
@@ -320,6 +324,8 @@ cache_behavior(cache_actor* self, query_cache_config config,
             }
           }
         }
+        if (other_prompt_on_its_way)
+          return alone();
         ++s.stats.misses;
         auto promise = self->make_response_promise();
         auto key = req.query;

@@ -38,8 +38,9 @@
 /// as many blocks as it covers (matched_blocks + computed_blocks), and a
 /// request of the key with another block count is a miss (its reply
 /// replaces the entry); one that finds a miss of the key with another
-/// block count on its way goes to the balancer on its own, as a pinning
-/// request does.
+/// block count on its way does not join it: answered from the store when
+/// it holds a reply of its count, else sent to the balancer on its own, as
+/// a pinning request is.
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
 ///   (listen_atom, actor)   (no reply; once per listener, never the cache
