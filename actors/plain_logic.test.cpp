@@ -120,6 +120,49 @@ TEST(Router, RoundRobinSkipsDownSlots) {
   EXPECT_EQ(picks, (std::vector<std::uint32_t>{0, 2, 0, 2}));
 }
 
+TEST(Router, KvAwareTiesTakeTurnsAndANewPrefixGoesWhereThereIsRoom) {
+  // Sequential requests (each finished before the next) with distinct
+  // prefixes: every engine is idle at each pick. kv_aware spreads the new
+  // prefixes over the engines, so each holds a third of the blocks.
+  // (Before, every tie went to slot 0: it took all 300 requests and held
+  // every block, the others' memory unused.) least_loaded keeps its rule,
+  // the lowest slot. On a tie of scores, kv_aware takes the engine holding
+  // the request's prefix: slot 1, one request in flight and 4 blocks held
+  // (1 - 4 x 0.25 = 0), over slot 0, idle and holding nothing (0).
+  for (const auto policy :
+       {routing_policy::least_loaded, routing_policy::kv_aware}) {
+    SCOPED_TRACE(to_string(policy));
+    auto r = make_router(router_config{policy});
+    for (int i = 0; i < 3; ++i)
+      ASSERT_TRUE(r.add_slot().has_value());
+    std::array<std::size_t, 3> picks{};
+    for (std::uint64_t i = 0; i < 300; ++i) {
+      const auto k = keys(i + 1, 8);
+      const auto p = r.pick(k);
+      ASSERT_TRUE(p.has_value());
+      ++picks[p->slot];
+      r.started(p->slot);
+      r.stored(p->slot, k);
+      r.finished(p->slot);
+    }
+    const bool kv = policy == routing_policy::kv_aware;
+    for (std::uint32_t s = 0; s < 3; ++s) {
+      EXPECT_EQ(picks[s], kv ? 100U : s == 0 ? 300U : 0U) << s;
+      EXPECT_EQ(r.keys_held(s), kv ? 800U : s == 0 ? 2400U : 0U) << s;
+    }
+  }
+  auto r = make_router(router_config{routing_policy::kv_aware});
+  for (int i = 0; i < 2; ++i)
+    ASSERT_TRUE(r.add_slot().has_value());
+  const auto k = keys(77, 4);
+  r.stored(1, k);
+  r.started(1);
+  const auto p = r.pick(k);
+  ASSERT_TRUE(p.has_value());
+  EXPECT_EQ(p->slot, 1U);
+  EXPECT_EQ(p->expected_hit_blocks, 4U);
+}
+
 TEST(Router, LeastLoadedDividesByWeightUnderSkew) {
   auto r = make_router(router_config{routing_policy::least_loaded});
   EXPECT_TRUE(r.add_slot(1.0).has_value());

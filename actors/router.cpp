@@ -350,9 +350,25 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
       min_backlog = s.in_flight;
     }
   }
+  // kv_aware: equal scores (idle engines, say) do not all go to the lowest
+  // slot: under sequential traffic that slot took every request and every
+  // new prefix, the others' memory unused. On a tie it takes the engine
+  // holding more of the request's prefix, then the one the index says
+  // holds fewer blocks per weight (a new prefix goes where there is room),
+  // then the first from a start that moves on past each pick.
+  // least_loaded keeps the lowest slot on a tie: it knows nothing of the
+  // blocks, and sequential requests of one prompt then meet its blocks on
+  // the engine they went to (turns would send them to one engine each).
+  const bool kv = config_.policy == routing_policy::kv_aware;
+  const auto fuller = [&](std::uint32_t a, std::uint32_t b) {
+    return static_cast<double>(slots_[a].keys) / slots_[a].weight >
+           static_cast<double>(slots_[b].keys) / slots_[b].weight;
+  };
   std::optional<route> best;
   double best_score = std::numeric_limits<double>::infinity();
-  for (std::uint32_t s = 0; s < n; ++s) {
+  const std::uint32_t start = kv ? next_tie_ % n : 0;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    const std::uint32_t s = (start + i) % n;
     const auto& st = slots_[s];
     if (!eligible(st))
       continue;
@@ -368,11 +384,18 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
     }
     // The first eligible slot is taken even when its score is infinite
     // (a tiny weight): a live engine is never "none".
-    if (!best || score < best_score) {
+    const bool better = !best || score < best_score ||
+                        (kv && score == best_score &&
+                         (held_scratch_[s] > best->expected_hit_blocks ||
+                          (held_scratch_[s] == best->expected_hit_blocks &&
+                           fuller(best->slot, s))));
+    if (better) {
       best_score = score;
       best = route{s, held_scratch_[s]};
     }
   }
+  if (best && kv)
+    next_tie_ = (best->slot + 1) % n;
   return best;
 }
 

@@ -13,6 +13,11 @@
 ///                 loaded live engine's by more than `backlog_margin`, its
 ///                 credit is multiplied by `overload_credit_factor`, so a hot
 ///                 prefix cannot pile every request onto one engine.
+///                 Ties: the engine holding more of the request's prefix,
+///                 then the one holding fewer index keys per weight (a new
+///                 prefix goes where there is room), then the first from a
+///                 start that moves on past each pick (idle engines take
+///                 turns; before, every tie went to the lowest slot).
 ///
 /// The prefix index maps block keys to the set of engines that reported
 /// storing them (block events); it may be stale. A stale entry only makes a
@@ -234,6 +239,8 @@ private:
   index_map index_;
   use_ends use_;
   std::uint32_t next_rr_ = 0;
+  /// Where kv_aware's pick() starts among equal scores.
+  std::uint32_t next_tie_ = 0;
   std::vector<std::size_t> held_scratch_;
 };
 
