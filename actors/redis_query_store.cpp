@@ -483,6 +483,14 @@ error redis_query_store::command_failed(engine::nanos now,
   return e;
 }
 
+bool redis_query_store::closed_while_idle() const noexcept {
+  // The server closed a connection that had answered before this call (its
+  // idle `timeout`, a proxy's idle limit, CLIENT KILL, a restart): the
+  // command did not reach it, and the call connects again and retries
+  // once (GETRANGE, EXISTS and SET are idempotent) rather than failing.
+  return ctx_ != nullptr && ctx_->err == REDIS_ERR_EOF && answered_;
+}
+
 result<redisContext*> redis_query_store::connect_in_time() {
   using steady = std::chrono::steady_clock;
   // hiredis would resolve the name itself, with getaddrinfo and no bound:
@@ -601,8 +609,6 @@ std::string error_reply(std::string_view commands, const redisReply& r) {
 
 result<std::optional<std::string>>
 redis_query_store::get(const std::string& key, engine::nanos now) {
-  if (auto c = ensure_connected(now); !c)
-    return unexpected<error>{c.error()};
   // At most max_value_bytes + 1 bytes come back, whatever another program
   // stored under the key: a GET of a value of MiBs would time out, and a
   // timeout drops the connection and backs off every key. GETRANGE of a
@@ -616,8 +622,17 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
   const command_args commands[] = {{"GETRANGE", redis, "0", last},
                                    {"EXISTS", redis}};
   std::vector<reply_ptr> replies;
-  if (!run_pipeline(ctx_, commands, config_.command_timeout, replies))
-    return unexpected<error>{command_failed(now, "GETRANGE/EXISTS")};
+  for (bool first = true;; first = false) {
+    const auto connects = connects_;
+    if (auto c = ensure_connected(now); !c)
+      return unexpected<error>{c.error()};
+    if (run_pipeline(ctx_, commands, config_.command_timeout, replies))
+      break;
+    const bool again = first && connects_ == connects && closed_while_idle();
+    auto e = command_failed(now, "GETRANGE/EXISTS");
+    if (!again)
+      return unexpected<error>{std::move(e)};
+  }
   const redisReply& range = *replies[0];
   const redisReply& exists = *replies[1];
   answered_ = answered_ || range.type != REDIS_REPLY_ERROR ||
@@ -661,13 +676,21 @@ result<void> redis_query_store::set(const std::string& key,
                           " bytes is longer than max_value_bytes (" +
                           std::to_string(config_.max_value_bytes) + ")");
   auto ms = std::chrono::ceil<std::chrono::milliseconds>(ttl).count();
-  if (auto c = ensure_connected(now); !c)
-    return unexpected<error>{c.error()};
   auto ttl_ms = std::to_string(ms);
-  auto r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms},
-                       config_.command_timeout);
-  if (!r)
-    return unexpected<error>{command_failed(now, "SET")};
+  reply_ptr r;
+  for (bool first = true;; first = false) {
+    const auto connects = connects_;
+    if (auto c = ensure_connected(now); !c)
+      return unexpected<error>{c.error()};
+    r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms},
+                    config_.command_timeout);
+    if (r)
+      break;
+    const bool again = first && connects_ == connects && closed_while_idle();
+    auto e = command_failed(now, "SET");
+    if (!again)
+      return unexpected<error>{std::move(e)};
+  }
   answered_ = answered_ || r->type != REDIS_REPLY_ERROR;
   if (r->type == REDIS_REPLY_ERROR)
     return make_error(errc::backend_error,

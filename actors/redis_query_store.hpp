@@ -40,11 +40,13 @@
 /// timeout, one after the other on the cache actor's thread. The first
 /// call after that connects again, so a restarted server is used again
 /// without intervention. A command that finds its connection closed by
-/// the server (end of stream: Redis's idle `timeout`, CLIENT KILL, a
-/// restart) fails, but starts no backoff: the next call connects again at
-/// once (a server that is really down then fails that connect and backs
-/// off). Time here is the `now` the caller passes (the
-/// cache actor's clock); it is used for nothing else.
+/// the server after it had answered (end of stream: Redis's idle
+/// `timeout`, a proxy's idle limit, CLIENT KILL, a restart) starts no
+/// backoff: the call connects again at once and retries the command, once
+/// (the commands are idempotent), so the closed connection costs no call
+/// (a server that is really down then fails that connect and backs off). Time
+/// here is the `now` the caller passes (the cache actor's clock); it is used
+/// for nothing else.
 ///
 /// Blocking: calls block the calling thread, each connect at most
 /// `connect_timeout` and each command at most `command_timeout` (default
@@ -196,6 +198,11 @@ private:
   /// backend) is backed off from like one that refuses them.
   [[nodiscard]] error command_failed(engine::nanos now,
                                      std::string_view command);
+  /// The command that just got no answer found the connection closed by
+  /// the server after it had answered (EOF): get and set then connect
+  /// again and retry it once, in the same call, when this call did not
+  /// make that connection.
+  [[nodiscard]] bool closed_while_idle() const noexcept;
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;
