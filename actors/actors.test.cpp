@@ -1625,6 +1625,17 @@ TEST_F(actor_test, AnEngineStillOpeningItsDiskTakesNoRequestsUntilReady) {
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1, 0}));
   EXPECT_EQ(st.live, 2U);
   EXPECT_EQ(st.engines, 3U);
+  // Not live yet: engine_atom (the node's block calls, persist) is
+  // not_found, not an engine whose answers wait for its open.
+  for (const bool retiring_too : {false, true}) {
+    auto found =
+        ask<caf::actor>(b, engine_atom::value, std::uint32_t{2}, retiring_too);
+    sched_->run();
+    ASSERT_TRUE(found->error.has_value()) << retiring_too;
+    const auto e = from_caf_error(*found->error);
+    EXPECT_EQ(e.code, errc::not_found);
+    EXPECT_NE(e.message.find("still opening"), std::string::npos) << e.message;
+  }
   EXPECT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
   std::vector<std::shared_ptr<outcome<kv_reply>>> replies;
   for (std::uint64_t i = 0; i < 4; ++i)
@@ -1639,6 +1650,8 @@ TEST_F(actor_test, AnEngineStillOpeningItsDiskTakesNoRequestsUntilReady) {
   sched_->run();
   ASSERT_TRUE(replica->value.has_value()) << "the opening replica retired";
   EXPECT_EQ(*replica->value, 2U);
+  EXPECT_EQ(ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{2}),
+            *opening);
   st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 0, 1}));
   // Two requests at once: least loaded gives the replica one of them.

@@ -313,6 +313,16 @@ caf::result<caf::actor> engine_of(const balancer_state& s, std::uint32_t slot,
   if (slot >= s.slots.size() || !s.slots[slot].engine)
     return to_caf_error(error{errc::not_found, "no live engine in slot " +
                                                    std::to_string(slot)});
+  // Not live yet: what is sent to it would wait for its open (a large
+  // arena or disk directory: seconds), past a caller's timeout, and a put
+  // reserved meanwhile would land after the caller gave up. It holds
+  // nothing in memory, so persist skips it as it skips a free slot.
+  if (s.slots[slot].opening)
+    return to_caf_error(
+        error{errc::not_found,
+              "no live engine in slot " + std::to_string(slot) +
+                  ": its engine is still opening its store (a restart or a new "
+                  "replica); ask again once it is up"});
   if (s.slots[slot].retiring && !retiring_too)
     return to_caf_error(
         error{errc::unavailable,

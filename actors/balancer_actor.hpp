@@ -45,9 +45,11 @@
 ///       rerouted. A lookup counts in no engine's load and
 ///       tells the listeners nothing, not even its timeout. (Before, it was
 ///       delegated to the engine and waited as long as the engine did.)
-///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot (or
-///       one still opening its store: what is sent to it waits until then);
-///       errc::not_found when the slot has no engine, errc::unavailable
+///   (engine_atom, uint32 slot)   -> actor  the live engine of a slot;
+///       errc::not_found when the slot has no engine or its engine is still
+///       opening its store (a restart or a new replica: what was sent to it
+///       waited for its open, past the caller's timeout; before, it was
+///       answered), errc::unavailable
 ///       when its engine is being retired: it exits once its requests are
 ///       answered, and a block put or pinned there would go with it
 ///   (engine_atom, uint32 slot, bool retiring_too) -> actor  the same, but
