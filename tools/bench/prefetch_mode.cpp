@@ -47,6 +47,25 @@ struct due_prefetch {
   }
 };
 
+} // namespace
+
+result<engine::store_config> replay_store_config(const prefetch_options& opts,
+                                                 std::size_t capacity_blocks) {
+  auto cfg = make_store_config(opts.base, opts.eviction, capacity_blocks);
+  if (!cfg)
+    return cfg;
+  // The engine actor's eviction rule (engine_actor.cpp, open_store_parts):
+  // the lowest request priority goes first, so a prefetch's blocks, put at
+  // low priority, go before the served requests' ones until a request of
+  // normal priority uses them. Before, the replay evicted by the policy
+  // alone, and read 24% of the prefetches used where the engine would
+  // have used 11%.
+  cfg->lowest_priority_first = true;
+  return cfg;
+}
+
+namespace {
+
 // One replay; with `prefetch` false the model still learns but nothing is
 // prefetched (the baseline).
 result<replay_result> replay(const prefetch_options& opts,
@@ -54,7 +73,7 @@ result<replay_result> replay(const prefetch_options& opts,
                              const request_keys& keys,
                              std::size_t capacity_blocks, bool prefetch,
                              const std::function<void(std::size_t)>& progress) {
-  auto cfg = make_store_config(opts.base, opts.eviction, capacity_blocks);
+  auto cfg = replay_store_config(opts, capacity_blocks);
   if (!cfg)
     return unexpected<error>(cfg.error());
   auto store = create_store(*cfg, capacity_blocks);

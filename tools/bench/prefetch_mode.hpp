@@ -140,6 +140,12 @@ struct prefetch_report {
 [[nodiscard]] std::string round_query(std::uint64_t round,
                                       std::uint32_t max_round);
 
+/// The replay store's configuration for `capacity_blocks`: make_store_config's,
+/// with the engine actor's eviction rule (lowest_priority_first), so the
+/// blocks a prefetch brings back at low priority go first, as there.
+[[nodiscard]] result<engine::store_config>
+replay_store_config(const prefetch_options& opts, std::size_t capacity_blocks);
+
 /// Replays `reqs` (timestamp order, sessions set) through one store twice,
 /// with and without prefetch. `workload` labels the report.
 /// errc::invalid_argument when a request has no session or

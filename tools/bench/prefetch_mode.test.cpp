@@ -149,6 +149,18 @@ TEST(prefetch_mode, a_prefetch_right_after_its_request_fetches_nothing) {
   EXPECT_EQ(bad.error().code, errc::invalid_argument);
 }
 
+TEST(prefetch_mode, the_replay_evicts_as_the_engine_actor_does) {
+  // The lowest request priority first, as the engine actor's store: the
+  // blocks a prefetch brings back at low priority go before the served
+  // requests' ones. (Before, the replay evicted by the policy alone, and
+  // read 24% of the prefetches used on chat where the engine used 11%.)
+  prefetch_options o;
+  auto cfg = replay_store_config(o, 64);
+  ASSERT_TRUE(cfg.has_value()) << cfg.error().describe();
+  EXPECT_TRUE(cfg->lowest_priority_first);
+  EXPECT_EQ(cfg->policy, o.eviction);
+}
+
 TEST(prefetch_mode, needs_sessions) {
   engine::workload_options wo;
   wo.requests = 10;

@@ -77,6 +77,11 @@ public:
     auto cfg = make_store_config(opts_.base, opts_.eviction, capacity_blocks);
     if (!cfg)
       return unexpected<error>(cfg.error());
+    // The engine actor's eviction rule (engine_actor.cpp, open_store_parts):
+    // the lowest request priority first. Every request here is of normal
+    // priority, so it changes nothing but where room is made (a put's own
+    // partition and partitions over their share give first).
+    cfg->lowest_priority_first = true;
     engine::namespace_options ns_opts;
     ns_opts.adaptive_compression = opts_.base.compression;
     engines_.resize(opts_.engines);
