@@ -1443,6 +1443,14 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     ++stats_.rejected_requests; // this call's failure (see `nested`)
     return unexpected<error>(e);
   };
+  // Every block is reserved before any is committed, and a reserved block
+  // cannot be evicted: a put too large for the room its partition can get
+  // would make room block by block, evicting what it could, then fail and
+  // abort them all, having flushed its partition for nothing (a 50-block
+  // prompt in a store of 100 holding 28 short blocks took all 28, then
+  // failed). So it is refused first, evicting nothing.
+  if (auto ok = token_put_could_fit(ns, matched, blocks, opts); !ok)
+    return undo(ok.error());
   block_key parent = matched > 0 ? token_keys_[matched - 1] : block_key{};
   for (std::size_t i = matched; i < blocks; ++i) {
     auto h = reserve(ns, token_keys_[i], parent, opts);
@@ -1484,6 +1492,54 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   token_puts_.clear();
   token_leases_.clear();
   return added;
+}
+
+result<void>
+block_store::token_put_could_fit(ns_id ns, std::size_t matched,
+                                 std::size_t blocks,
+                                 const put_options& options) const {
+  // What the put needs at least: a slot for each key after the matched
+  // prefix that memory and the memory tier do not hold (one they hold is
+  // a duplicate, or comes back into a slot of its own codec: counted as
+  // nothing, so this under-counts).
+  const ns_state& st = namespaces_[ns.value];
+  const codec c = options.codec_override.value_or(st.options.default_codec);
+  const std::size_t slot =
+      pool_.slot_bytes(st.size_class[static_cast<std::size_t>(c)]);
+  std::uint64_t new_blocks = 0;
+  for (std::size_t i = matched; i < blocks; ++i)
+    if (index_.find(token_keys_[i]) == npos &&
+        tier_index_.count(token_keys_[i]) == 0)
+      ++new_blocks;
+  const std::uint64_t need = new_blocks * slot;
+  // What make_room could get for it at most: the free bytes, every block
+  // of its own partition, and what the other partitions hold over their
+  // shares (they give only while over, each a block past it at most), or
+  // with lowest_priority_first all they hold (a partition within its share
+  // may give its lower priorities). Demotion frees no more than eviction
+  // of the same blocks would. Free bytes in slots of other sizes count
+  // too, so this over-counts: a put it lets through can still fail.
+  const size_partition part = partition_for(options.request_tokens);
+  const auto cap = static_cast<double>(pool_.capacity_bytes());
+  double room = cap - static_cast<double>(pool_.used_bytes());
+  for (std::size_t q = 0; q < partition_count; ++q) {
+    const auto held = static_cast<double>(stats_.bytes_by_partition[q]);
+    if (q == static_cast<std::size_t>(part) || config_.lowest_priority_first)
+      room += held;
+    else if (const double over = held - config_.partitions.shares[q] * cap;
+             over > 0)
+      room += over + static_cast<double>(pool_.slab_bytes());
+  }
+  if (static_cast<double>(need) <= room)
+    return {};
+  return make_error(
+      errc::out_of_memory,
+      "no room for the " + std::to_string(new_blocks) + " new blocks (" +
+          std::to_string(need) + " bytes) of this put in the " +
+          std::string(to_string(part)) + " partition: its own blocks, the " +
+          "free bytes and the other partitions' bytes over their shares come " +
+          "to " + std::to_string(static_cast<std::uint64_t>(room)) +
+          " bytes at most; nothing was evicted");
 }
 
 result<std::size_t>

@@ -435,7 +435,12 @@ public:
   /// otherwise). Blocks already cached are skipped. All or nothing: if any
   /// block cannot be stored, none of this call's blocks is, and the cached
   /// prefix it matched is left as it was (priority, recency; no lookup is
-  /// counted). Returns how many
+  /// counted). A put whose new blocks need more than its size partition
+  /// could get at most (the free bytes, its own blocks, the others' bytes
+  /// over their shares) is errc::out_of_memory at once, evicting nothing:
+  /// its blocks are all reserved before any commits, so it would evict,
+  /// then fail (one that passes this bound can still fail so, rarely: free
+  /// bytes in slots of another size count in it). Returns how many
   /// blocks were added (not those already cached, in the matched prefix or
   /// after it).
   [[nodiscard]] result<std::size_t>
@@ -746,6 +751,12 @@ private:
   /// size is free. The put's `parent` (npos: none) and its ancestors stay.
   [[nodiscard]] bool room_could_come(std::uint16_t cls, std::uint32_t parent);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
+  /// put_tokens() of token_keys_ with `matched` leading blocks cached:
+  /// errc::out_of_memory when its new blocks need more than make_room could
+  /// get for them at most (it would evict, then fail), else nothing.
+  [[nodiscard]] result<void>
+  token_put_could_fit(ns_id ns, std::size_t matched, std::size_t blocks,
+                      const put_options& options) const;
   [[nodiscard]] std::optional<size_partition>
   pick_partition(size_partition p) const;
   /// Bytes in partition `p` over its share of capacity (1.0: exactly its

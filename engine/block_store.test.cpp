@@ -1854,6 +1854,52 @@ TEST_F(store_fixture, one_long_request_does_not_flush_short_ones_within_share) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, a_token_put_too_large_for_its_partition_evicts_nothing) {
+  // A store of 100 blocks holding 28 short, 28 medium and 34 long ones,
+  // each partition within its share. A put_tokens of 50 short blocks
+  // cannot fit: its partition can get the 10 free slots and its own 28 at
+  // most. It fails at once and evicts nothing. (Before, it reserved block
+  // after block, evicting all 28 short blocks, then failed and aborted
+  // them: the short partition was flushed for nothing.) A put of 20 short
+  // blocks fits and is stored.
+  open(100, policy_kind::lru, false, 1);
+  const auto fill = [&](std::uint64_t base, std::size_t n,
+                        std::uint32_t request_tokens) {
+    put_options o;
+    o.request_tokens = request_tokens;
+    for (std::uint64_t i = 0; i < n; ++i)
+      put_chain(chain(base + 10 * i, 1), o);
+  };
+  fill(1'000'000, 28, 100);
+  fill(2'000'000, 28, 3000);
+  fill(3'000'000, 34, 10000);
+  const auto short_blocks = [&] {
+    return store_->stats()
+        .blocks_by_partition[static_cast<std::size_t>(size_partition::small)];
+  };
+  ASSERT_EQ(short_blocks(), 28U);
+  const auto put_short = [&](std::uint32_t first, std::size_t n) {
+    std::vector<std::uint32_t> tokens(n * 16);
+    for (std::uint32_t i = 0; i < tokens.size(); ++i)
+      tokens[i] = first + i;
+    std::vector<std::byte> values(n * block_bytes, std::byte{3});
+    return store_->put_tokens(ns_, tokens, values);
+  };
+  const auto evictions = store_->stats().evictions;
+  const auto big = put_short(7000, 50);
+  ASSERT_FALSE(big.has_value());
+  EXPECT_EQ(big.error().code, errc::out_of_memory);
+  EXPECT_NE(big.error().message.find("nothing was evicted"), std::string::npos)
+      << big.error().message;
+  EXPECT_EQ(store_->stats().evictions, evictions);
+  EXPECT_EQ(short_blocks(), 28U);
+  store_->check_invariants();
+  const auto fits = put_short(9000, 20);
+  ASSERT_TRUE(fits.has_value()) << fits.error().describe();
+  EXPECT_EQ(*fits, 20U);
+  store_->check_invariants();
+}
+
 class policy_contract : public ::testing::TestWithParam<policy_kind> {};
 
 TEST_P(policy_contract, random_workload_keeps_every_invariant) {
