@@ -4591,6 +4591,36 @@ TEST_F(actor_test, AnEngineDoesNotProcessARequestPastItsBalancerDeadline) {
   }
 }
 
+TEST_F(actor_test, AnEngineThatExpiresARequestBeforeTheSweepIsOneTimeout) {
+  // A high-priority request's batch closes at its deadline, and the engine
+  // runs before the balancer's sweep: its timeout answer (urgent, as the
+  // request) reaches the balancer first. The caller gets the sweep's error
+  // (request_timeout) all the same, the balancer counts one timeout, tells
+  // its listeners the request's wait, and the engine's load is released.
+  auto b =
+      balancer(routing_policy::round_robin, {small_engine(64, 20, 70s)}, 70s);
+  sched_->run();
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  auto req = query(0, "q0");
+  req.prio = engine::priority::high;
+  auto out = ask<kv_reply>(b, process_atom::value, req);
+  sched_->run();
+  sched_->advance_time(70s);
+  ASSERT_TRUE(sched_->prioritize(e0));
+  sched_->run_once(); // the engine's batch closes: the request expired
+  sched_->run();
+  ASSERT_TRUE(out->error.has_value());
+  EXPECT_EQ(*out->error, caf::make_error(caf::sec::request_timeout));
+  const auto es = ask_now<engine_stats>(e0, stats_atom::value);
+  EXPECT_EQ(es.expired, 1U);
+  EXPECT_EQ(es.in_flight, 0U);
+  const auto bs = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(bs.timeouts, 1U);
+  ASSERT_EQ(bs.in_flight.size(), 1U);
+  EXPECT_EQ(bs.in_flight[0], 0U);
+  EXPECT_EQ(ask_now<std::uint64_t>(e0, lookup_atom::value, req.keys), 0U);
+}
+
 TEST_F(actor_test, AWarmQueryTheEngineCouldNotCacheCountsFailed) {
   // 30 pinned queries of 2 blocks into one engine of 40: pins fill the
   // pool, and the queries that come after it is full are computed but not

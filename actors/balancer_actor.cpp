@@ -542,11 +542,14 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     // The engine came to it at or after its deadline, before the sweep
     // did: a timeout as the sweep's, counted and told to the listeners
     // (the scaler) the same way.
+    // The caller gets the sweep's error too (caf::sec::request_timeout),
+    // whichever comes first.
     const bool expired = from_caf_error(err).code == errc::timeout;
     if (expired) {
       ++self->state.timeouts;
       for (auto& l : self->state.listeners)
         self->send(l, latency_atom::value, *kept, now_ns(self) - started);
+      err = caf::make_error(caf::sec::request_timeout);
     }
     auto p = close_call(self, *c, seq);
     if (err == caf::sec::request_receiver_down && attempt == 0) {

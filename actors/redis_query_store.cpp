@@ -623,6 +623,10 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
                                    {"EXISTS", redis}};
   std::vector<reply_ptr> replies;
   for (bool first = true;; first = false) {
+    // A first attempt cut off after some of its replies leaves them here:
+    // the retry reads its own two, not one (one would stay unread on the
+    // new connection, and every later command would read the one before).
+    replies.clear();
     const auto connects = connects_;
     if (auto c = ensure_connected(now); !c)
       return unexpected<error>{c.error()};

@@ -51,7 +51,9 @@
 /// Blocking: calls block the calling thread, each connect at most
 /// `connect_timeout` and each command at most `command_timeout` (default
 /// 50 ms); a new connection's AUTH and SELECT are commands too, so a call
-/// that connects takes at most connect_timeout + 3 x command_timeout. The
+/// that connects takes at most connect_timeout + 3 x command_timeout, and
+/// one that finds its connection closed by the server and retries on a new
+/// one (above) connect_timeout + 4 x command_timeout. The
 /// command timeout bounds the whole command, from writing it to the last byte
 /// of its reply (the socket is non-blocking and polled up to that deadline),
 /// not each read: a server that trickles a reply slower than that fails the

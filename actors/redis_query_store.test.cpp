@@ -869,6 +869,85 @@ TEST(RedisQueryStoreClosed, AServerClosingNewConnectionsUnansweredIsBackedOff) {
   EXPECT_EQ((*store)->connects(), 2U);
 }
 
+TEST(RedisQueryStoreClosed, ARetryAfterAReplyCutOffReadsItsOwnReplies) {
+  // The first connection answers a get, then only the GETRANGE reply of
+  // the next get's pipeline, and closes. The get retries on a new
+  // connection, which answers "missing" to every get and OK to a set: the
+  // retry reads both of its own replies (before, it kept the first
+  // attempt's GETRANGE reply, answered "v", and left one reply unread on
+  // the new connection, so every later command read the one before and
+  // failed).
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(fd, 4), 0);
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const auto read_some = [](int c) {
+    std::array<char, 4096> buf{};
+    const auto n = ::recv(c, buf.data(), buf.size(), 0);
+    return n > 0 ? std::string(buf.data(), static_cast<std::size_t>(n))
+                 : std::string{};
+  };
+  const auto send_all = [](int c, const std::string& r) {
+    (void)::send(c, r.data(), r.size(), MSG_NOSIGNAL);
+  };
+  std::thread server([&] {
+    const int first = ::accept(fd, nullptr, nullptr);
+    if (first < 0)
+      return;
+    (void)read_some(first);
+    send_all(first, "$1\r\nv\r\n:1\r\n");
+    (void)read_some(first);
+    send_all(first, "$1\r\nv\r\n"); // EXISTS's reply never comes
+    ::shutdown(first, SHUT_RDWR);
+    ::close(first);
+    const int second = ::accept(fd, nullptr, nullptr);
+    if (second < 0)
+      return;
+    for (int i = 0; i < 3; ++i) {
+      const auto got = read_some(second);
+      if (got.empty())
+        break;
+      send_all(second, got.find("SET") != std::string::npos
+                           ? "+OK\r\n"
+                           : "$0\r\n\r\n:0\r\n");
+    }
+    ::close(second);
+  });
+  // A failed assertion below must not leave the server waiting: shutting
+  // the listening socket ends its accept().
+  struct joined {
+    int fd;
+    std::thread& t;
+    ~joined() {
+      ::shutdown(fd, SHUT_RDWR);
+      t.join();
+      ::close(fd);
+    }
+  } join_at_end{fd, server};
+  redis_query_store_config c;
+  c.url = "redis://127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  auto store = redis_query_store::open(c);
+  ASSERT_TRUE(store.has_value()) << store.error().describe();
+  auto first = (*store)->get("k", t0);
+  ASSERT_TRUE(first.has_value()) << first.error().describe();
+  EXPECT_EQ(first->value_or(""), "v");
+  auto retried = (*store)->get("k", t0);
+  ASSERT_TRUE(retried.has_value()) << retried.error().describe();
+  EXPECT_FALSE(retried->has_value()) << **retried;
+  auto next = (*store)->get("k2", t0);
+  ASSERT_TRUE(next.has_value()) << next.error().describe();
+  EXPECT_FALSE(next->has_value());
+  auto set = (*store)->set("k3", "x", hour, t0);
+  EXPECT_TRUE(set.has_value()) << set.error().describe();
+  EXPECT_EQ((*store)->connects(), 2U);
+  store->reset(); // closes the second connection: the server's loop ends
+}
+
 TEST(RedisQueryStoreTrickle, AReplyTrickledInPastTheCommandTimeoutFails) {
   // One byte every 20 ms: each read gets a byte within the 50 ms command
   // timeout, the whole reply would take over 4 s. The timeout bounds the
