@@ -2043,6 +2043,39 @@ private:
   engine::synthetic_producer inner_;
 };
 
+/// A producer whose every block fails with errc::timeout (an upstream
+/// prefill that timed out, say).
+class timing_out_producer final : public engine::kv_producer {
+public:
+  result<void> produce(const engine::namespace_spec&, const block_key&,
+                       std::span<std::byte>) override {
+    return make_error(errc::timeout, "upstream prefill timed out");
+  }
+  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+};
+
+TEST_F(actor_test, AProducersOwnTimeoutIsTheEnginesErrorNotAnExpiredRequest) {
+  // The producer answers errc::timeout long before the balancer's deadline:
+  // the caller gets that error, with its message, and the balancer counts
+  // no timeout of its own. (Before, any errc::timeout from the engine was
+  // taken for its deadline passing: counted, told to the scaler, and
+  // replaced by request_timeout.)
+  auto c = small_engine(64);
+  c.make_producer = [] { return std::make_unique<timing_out_producer>(); };
+  auto b = balancer(routing_policy::round_robin, {c}, 70s);
+  sched_->run();
+  auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  const auto e = from_caf_error(*r->error);
+  EXPECT_EQ(e.code, errc::timeout);
+  EXPECT_NE(e.message.find("upstream prefill timed out"), std::string::npos)
+      << e.message;
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).timeouts, 0U);
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  EXPECT_EQ(ask_now<engine_stats>(e0, stats_atom::value).expired, 0U);
+}
+
 TEST_F(actor_test, AProducerThatThrowsFailsItsRequestNotTheEngine) {
   // The producer throws for one request's block: that request gets an
   // error reply and the engine keeps serving. Before, the exception ended

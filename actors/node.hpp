@@ -156,13 +156,15 @@ public:
   /// put_block and pin refuse a slot whose engine is being retired
   /// (errc::unavailable): it exits once its requests are answered, and the
   /// block would go with it. get_block, unpin and engine_stats reach it
-  /// until it has exited. A pin or unpin that times out (errc::timeout) may
-  /// still take effect at the engine when it gets to it, and pins nest: a
-  /// retried pin may hold two. Nothing undoes it behind the caller's back
-  /// (an unpin for a pin that never landed could take another holder's): a
-  /// caller that retried a timed-out pin unpins once more when it is done
-  /// (an unpin too many answers errc::invalid_argument, "not pinned"). The
-  /// same holds for warm() with pin, whose timed-out queries count failed,
+  /// until it has exited. A slot whose engine is still opening its store (a
+  /// restart or a new replica) has no live engine yet: errc::not_found for
+  /// every block call, as for a free slot. A pin or unpin that times out
+  /// (errc::timeout) may still take effect at the engine when it gets to it,
+  /// and pins nest: a retried pin may hold two. Nothing undoes it behind the
+  /// caller's back (an unpin for a pin that never landed could take another
+  /// holder's): a caller that retried a timed-out pin unpins once more when it
+  /// is done (an unpin too many answers errc::invalid_argument, "not pinned").
+  /// The same holds for warm() with pin, whose timed-out queries count failed,
   /// for a query its engine had begun when the balancer timed it out (one
   /// still queued then is not processed: engine_stats::expired).
   [[nodiscard]] result<void> pin(std::uint32_t slot,
@@ -198,11 +200,11 @@ public:
   /// (`engine.make_disk` = actors::disk_tier_per_engine(...)) serves them.
   /// Returns how many cached blocks the disk tiers hold then, all engines
   /// together. A draining engine (retired by the scaler, still answering
-  /// its last requests) is persisted like a live one; slots with no engine
-  /// at the call (waiting for a restart, free) hold nothing in memory and
-  /// are skipped. An engine that stops before it answers (one that failed,
-  /// or finished draining) counts as failed: what it held in memory is
-  /// gone. An engine that fails does not stop
+  /// its last requests) is persisted like a live one; slots with no live
+  /// engine at the call (waiting for a restart, free, or its engine still
+  /// opening its store) hold nothing in memory and are skipped. An engine that
+  /// stops before it answers (one that failed, or finished draining) counts as
+  /// failed: what it held in memory is gone. An engine that fails does not stop
   /// the others: each is asked. Errors: errc::invalid_argument for a
   /// timeout that is not positive or is above 24 hours, or when the
   /// engines have no disk tier; else the first failed engine's error

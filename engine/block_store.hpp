@@ -437,7 +437,8 @@ public:
   /// prefix it matched is left as it was (priority, recency; no lookup is
   /// counted). A put whose new blocks need more than its size partition
   /// could get at most (the free bytes, its own blocks, the others' bytes
-  /// over their shares) is errc::out_of_memory at once, evicting nothing:
+  /// over their shares, or with lowest_priority_first all the others
+  /// hold) is errc::out_of_memory at once, evicting nothing:
   /// its blocks are all reserved before any commits, so it would evict,
   /// then fail (one that passes this bound can still fail so, rarely: free
   /// bytes in slots of another size count in it). Returns how many

@@ -1889,7 +1889,7 @@ TEST_F(store_fixture, a_token_put_too_large_for_its_partition_evicts_nothing) {
   const auto big = put_short(7000, 50);
   ASSERT_FALSE(big.has_value());
   EXPECT_EQ(big.error().code, errc::out_of_memory);
-  EXPECT_NE(big.error().message.find("nothing was evicted"), std::string::npos)
+  EXPECT_NE(big.error().message.find("new blocks"), std::string::npos)
       << big.error().message;
   EXPECT_EQ(store_->stats().evictions, evictions);
   EXPECT_EQ(short_blocks(), 28U);
@@ -1898,6 +1898,45 @@ TEST_F(store_fixture, a_token_put_too_large_for_its_partition_evicts_nothing) {
   ASSERT_TRUE(fits.has_value()) << fits.error().describe();
   EXPECT_EQ(*fits, 20U);
   store_->check_invariants();
+}
+
+TEST_F(store_fixture,
+       a_token_put_that_fits_with_room_from_other_partitions_is_stored) {
+  // What the put_tokens bound counts besides its own partition: another
+  // partition's bytes over its share (long: 70 blocks, its share 40), and
+  // with lowest_priority_first a partition within its share holding lower
+  // priorities (medium: 28 background blocks). Each put fits only with
+  // them, and is stored.
+  for (const bool lowest_first : {false, true}) {
+    SCOPED_TRACE(lowest_first);
+    lowest_priority_first_ = lowest_first;
+    open(100, policy_kind::lru, false, 1);
+    const auto fill = [&](std::uint64_t base, std::size_t n,
+                          std::uint32_t request_tokens, priority prio) {
+      put_options o;
+      o.request_tokens = request_tokens;
+      o.prio = prio;
+      for (std::uint64_t i = 0; i < n; ++i)
+        put_chain(chain(base + 10 * i, 1), o);
+    };
+    fill(1'000'000, 20, 100, priority::normal);
+    if (lowest_first) {
+      fill(2'000'000, 28, 3000, priority::background);
+      fill(3'000'000, 42, 10000, priority::normal);
+    } else {
+      fill(3'000'000, 70, 10000, priority::normal);
+    }
+    // Free 10 and short's own 20 make 30: 35 (45) fit only with the rest.
+    const std::size_t n = lowest_first ? 45 : 35;
+    std::vector<std::uint32_t> tokens(n * 16);
+    for (std::uint32_t i = 0; i < tokens.size(); ++i)
+      tokens[i] = 7000 + i;
+    std::vector<std::byte> values(n * block_bytes, std::byte{3});
+    const auto r = store_->put_tokens(ns_, tokens, values);
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    EXPECT_EQ(*r, n);
+    store_->check_invariants();
+  }
 }
 
 class policy_contract : public ::testing::TestWithParam<policy_kind> {};
