@@ -1550,6 +1550,36 @@ caf::behavior opening_engine(caf::stateful_actor<opening_engine_state>* self) {
   };
 }
 
+TEST_F(actor_test, KvAwareRoutesAPromptToTheEngineItsReplyCameFrom) {
+  // Two engines that answer requests but report no block events (as when
+  // an engine on a thread of its own sends its events after the caller's
+  // next request): the balancer learns from the first reply which engine
+  // holds the prompt, and sends the same prompt there again. (Before, only
+  // the events fed the index: the second request found both engines
+  // holding nothing, a tie, and went to the other engine, a miss.)
+  balancer_config bc;
+  bc.routing.policy = routing_policy::kv_aware;
+  bc.initial_engines = 2;
+  auto b = started_balancer(
+      bc, [](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        return started_now(s.spawn(opening_engine));
+      });
+  const auto req = make_request(1, 0, 0, 3, 1);
+  const auto first = ask_now<kv_reply>(b, process_atom::value, req);
+  for (std::uint64_t id = 2; id < 6; ++id) {
+    auto again = req;
+    again.id = id;
+    EXPECT_EQ(ask_now<kv_reply>(b, process_atom::value, again).engine,
+              first.engine)
+        << id;
+  }
+  // Another prompt, both engines idle: the engine holding fewer blocks.
+  EXPECT_NE(
+      ask_now<kv_reply>(b, process_atom::value, make_request(9, 0, 0, 3, 9))
+          .engine,
+      first.engine);
+}
+
 /// An engine with a disk tier that records the persist_atom it gets.
 caf::behavior persisting_engine(caf::event_based_actor*,
                                 std::shared_ptr<std::vector<bool>> asked) {

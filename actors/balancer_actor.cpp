@@ -13,6 +13,7 @@
 #include <deque>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -529,6 +530,20 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     }
     auto p = close_call(self, *c, seq);
     rep.engine = slot;
+    // The reply says where the request's blocks are now: the index learns
+    // it before the caller can send its next request, not only from the
+    // engine's block events, which come after the reply (from an engine on
+    // a thread of its own, after the caller's next request, which then
+    // found no engine holding the prompt it had just cached). Its matched
+    // prefix only when some computed blocks were not cached; the events
+    // still follow and correct it.
+    if (auto& s = self->state; s.slots[slot].generation == generation) {
+      const auto cached =
+          rep.uncached_blocks == 0
+              ? kept->keys.size()
+              : std::min<std::size_t>(rep.matched_blocks, kept->keys.size());
+      s.route.stored(slot, std::span(kept->keys).first(cached));
+    }
     if (!self->state.listeners.empty())
       notify(self, *kept, rep, now_ns(self) - started);
     p.deliver(std::move(rep));
