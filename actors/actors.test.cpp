@@ -1580,6 +1580,79 @@ TEST_F(actor_test, KvAwareRoutesAPromptToTheEngineItsReplyCameFrom) {
       first.engine);
 }
 
+/// An engine that, for each request, replies as if before it published
+/// its block events (kv_reply::events_published 0), but sends them ahead
+/// of its reply: the request's keys stored, then evicted (as an urgent
+/// reply overtaken by normal messages has them arrive first).
+struct overtaken_engine_state {
+  caf::actor listener;
+  std::uint64_t published = 0;
+  static inline const char* name = "test.overtaken_engine";
+};
+
+caf::behavior
+overtaken_engine(caf::stateful_actor<overtaken_engine_state>* self) {
+  return {
+      [=](listen_atom, const caf::actor& l) { self->state.listener = l; },
+      [=](process_atom, const kv_request& r) {
+        block_events stored;
+        stored.stored = r.keys;
+        stored.seq = ++self->state.published;
+        self->send(self->state.listener, stored);
+        block_events gone;
+        gone.evicted = r.keys;
+        gone.seq = ++self->state.published;
+        self->send(self->state.listener, gone);
+        kv_reply rep;
+        rep.id = r.id;
+        rep.computed_blocks = r.keys.size();
+        return rep;
+      },
+  };
+}
+
+TEST_F(actor_test, AReplyOvertakenByItsEnginesEventsDoesNotUndoThem) {
+  // The engine's events (the request's blocks stored, then evicted) reach
+  // the balancer before its reply, which the engine made before it
+  // published them: the reply does not put the evicted keys back in the
+  // index. (Without events_published, it did: a stale entry that no event
+  // would ever remove.)
+  balancer_config bc;
+  bc.routing.policy = routing_policy::kv_aware;
+  bc.initial_engines = 1;
+  auto b = started_balancer(
+      bc, [](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        return started_now(s.spawn(overtaken_engine));
+      });
+  ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 3, 1));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).index_keys, 0U);
+}
+
+TEST_F(actor_test, AReplyIndexesTheBlocksItsEngineCached) {
+  // 5 blocks computed, the last 2 not cached (the engine caches none after
+  // the first it cannot): the reply indexes the first 3.
+  balancer_config bc;
+  bc.routing.policy = routing_policy::kv_aware;
+  bc.initial_engines = 1;
+  auto b = started_balancer(
+      bc, [](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        return started_now(s.spawn([]() -> caf::behavior {
+          return {
+              [](listen_atom, const caf::actor&) {},
+              [](process_atom, const kv_request& r) {
+                kv_reply rep;
+                rep.id = r.id;
+                rep.computed_blocks = r.keys.size();
+                rep.uncached_blocks = 2;
+                return rep;
+              },
+          };
+        }));
+      });
+  ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 5, 1));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).index_keys, 3U);
+}
+
 /// An engine with a disk tier that records the persist_atom it gets.
 caf::behavior persisting_engine(caf::event_based_actor*,
                                 std::shared_ptr<std::vector<bool>> asked) {

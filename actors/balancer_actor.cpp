@@ -52,6 +52,9 @@ struct slot_info {
   /// Its retired engine was asked persist_atom and has not answered yet.
   bool persisting = false;
   start_kind kind = start_kind::initial; ///< of the engine's start
+  /// block_events::seq of the last events of its engine applied to the
+  /// index (0 at its start).
+  std::uint64_t events_applied = 0;
   /// The replica_atom that started it, while it opens.
   owed_reply replica;
 };
@@ -162,6 +165,7 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
   info.opening = started->opening;
   info.disk = started->disk;
   info.persisting = false;
+  info.events_applied = 0;
   ++info.generation;
   self->monitor(info.engine);
   st.owned->push_back(info.engine);
@@ -534,14 +538,18 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     // it before the caller can send its next request, not only from the
     // engine's block events, which come after the reply (from an engine on
     // a thread of its own, after the caller's next request, which then
-    // found no engine holding the prompt it had just cached). Its matched
-    // prefix only when some computed blocks were not cached; the events
-    // still follow and correct it.
-    if (auto& s = self->state; s.slots[slot].generation == generation) {
-      const auto cached =
-          rep.uncached_blocks == 0
-              ? kept->keys.size()
-              : std::min<std::size_t>(rep.matched_blocks, kept->keys.size());
+    // found no engine holding the prompt it had just cached). All its keys
+    // but the uncached ones, which are its last (the engine caches none
+    // after the first it cannot). Not when events the engine published
+    // after the reply were applied already (an urgent reply waits behind
+    // urgent messages while normal ones pass it): they say what became of
+    // the blocks, evicted maybe, and the reply would undo that.
+    if (auto& s = self->state;
+        s.slots[slot].generation == generation &&
+        s.slots[slot].events_applied <= rep.events_published) {
+      const std::size_t n = kept->keys.size();
+      const auto cached = n - static_cast<std::size_t>(std::min<std::uint64_t>(
+                                  rep.uncached_blocks, n));
       s.route.stored(slot, std::span(kept->keys).first(cached));
     }
     if (!self->state.listeners.empty())
@@ -747,6 +755,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
                                           s.slots[ev.engine].engine)) {
           s.route.stored(ev.engine, ev.stored);
           s.route.evicted(ev.engine, ev.evicted);
+          auto& applied = s.slots[ev.engine].events_applied;
+          applied = std::max(applied, ev.seq);
         }
         for (auto& l : s.listeners)
           self->send(l, ev);

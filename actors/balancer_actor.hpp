@@ -6,10 +6,11 @@
 /// loaded by in-flight count / capacity weight (started_engine::weight, set
 /// by the factory), or kv-aware with a prefix index fed by the engines'
 /// block events and by their replies: a reply puts the request's keys in
-/// the index as its engine's before the caller sees it (its matched prefix
-/// only when some computed blocks were not cached), so the caller's next
-/// request of the same prompt finds them even while the engine's events
-/// are still on their way).
+/// the index as its engine's before the caller sees it (all but the
+/// uncached ones, its last), so the caller's next request of the same
+/// prompt finds them even while the engine's events are still on their
+/// way; not when events the engine published after the reply were applied
+/// first (kv_reply::events_published), which say what became of them).
 ///
 /// Messages:
 ///   (process_atom, kv_request)   -> kv_reply, or an error:

@@ -107,6 +107,7 @@ struct engine_state {
   std::uint64_t batches = 0;
   std::uint64_t pressure_evictions = 0;
   std::uint64_t expired = 0;      ///< engine_stats::expired
+  std::uint64_t published = 0;    ///< block_events sent (block_events::seq)
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
   bool sweep_pending = false;     ///< a sweep_atom is on its way
   /// Its balancer retires it: it persisted its blocks (persist_atom with
@@ -166,6 +167,7 @@ void publish(engine_actor* self) {
     return;
   block_events out;
   out.engine = st.config.slot;
+  out.seq = ++st.published;
   // clear() walks every bucket, and the buckets never shrink: after one
   // large publish (an expiry sweep, an eviction of most of the store) each
   // later one would cost that much. A set grown well past this publish's
@@ -222,6 +224,7 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
                r->uncached_blocks};
   rep.promoted_blocks = r->tier_blocks + r->disk_blocks;
   rep.memory_blocks = r->memory_blocks;
+  rep.events_published = st.published;
   return rep;
 }
 

@@ -91,6 +91,12 @@ struct kv_reply {
   /// any it brought back (engine::process_result::memory_blocks). Not kept
   /// by the query-result cache's store: 0 in a reply from it.
   std::uint64_t memory_blocks = 0;
+  /// How many block_events its engine had published when it replied
+  /// (block_events::seq of the last one): the balancer indexes the
+  /// request's keys from the reply only when it has applied no later
+  /// events of that engine, which say what became of them. Not kept by the
+  /// query-result cache's store.
+  std::uint64_t events_published = 0;
 
   friend bool operator==(const kv_reply&, const kv_reply&) = default;
 };
@@ -100,7 +106,7 @@ typename Inspector::result_type inspect(Inspector& f, kv_reply& x) {
   return f(caf::meta::type_name("kv_reply"), x.id, x.engine, x.matched_blocks,
            x.computed_blocks, x.matched_tokens, x.computed_tokens,
            x.from_query_cache, x.uncached_blocks, x.joined, x.promoted_blocks,
-           x.memory_blocks);
+           x.memory_blocks, x.events_published);
 }
 
 /// Blocks an engine stored and evicted since its last report.
@@ -108,11 +114,15 @@ struct block_events {
   std::uint32_t engine = 0;
   std::vector<engine::block_key> stored;
   std::vector<engine::block_key> evicted;
+  /// The engine's count of the block_events it published, this one
+  /// included (kv_reply::events_published).
+  std::uint64_t seq = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, block_events& x) {
-  return f(caf::meta::type_name("block_events"), x.engine, x.stored, x.evicted);
+  return f(caf::meta::type_name("block_events"), x.engine, x.stored, x.evicted,
+           x.seq);
 }
 
 /// Phase one of a put through an engine actor.
