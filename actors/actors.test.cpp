@@ -4156,16 +4156,31 @@ caf::behavior holding_balancer(caf::event_based_actor* self,
   };
 }
 
+/// A query cache in front of a holding_balancer, which counts the
+/// requests it holds in `*held`; both stop at the test's end.
+struct cache_over_holding {
+  std::shared_ptr<std::size_t> held = std::make_shared<std::size_t>(0);
+  caf::actor balancer;
+  caf::actor cache;
+
+  cache_over_holding(caf::actor_system& sys,
+                     std::vector<caf::actor>& stop_at_end) {
+    balancer = sys.spawn(holding_balancer, held);
+    stop_at_end.push_back(balancer);
+    cache = spawned(spawn_query_cache(sys, query_cache_config{}, balancer));
+    stop_at_end.push_back(cache);
+  }
+};
+
 TEST_F(actor_test, AQueryCacheRequestThatPinsAlwaysReachesTheBalancer) {
   // "q" is stored; a request of "q" that pins its blocks still goes to the
   // balancer (a stored reply pinned nothing), and so does one that finds a
   // miss of "q" on its way (that request does not pin). Each gets its own
   // reply; the others of the key are answered as before.
-  auto held = std::make_shared<std::size_t>(0);
-  auto b = sys_->spawn(holding_balancer, held);
-  stop_at_end_.push_back(b);
-  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
-  stop_at_end_.push_back(qcache);
+  const cache_over_holding f(*sys_, stop_at_end_);
+  const auto& held = f.held;
+  const auto& b = f.balancer;
+  const auto& qcache = f.cache;
   sched_->run();
   auto stored = ask<kv_reply>(qcache, query_atom::value, query(1, "q"));
   sched_->run();
@@ -4235,11 +4250,10 @@ TEST_F(actor_test, QueryCacheAnswersAQueryKeyOnlyWithAReplyOfItsBlockCount) {
   // it was a hit saying 2 blocks, and its own block was never computed.)
   // With "p" of 2 blocks on its way, "p" of 1 block does not join it: it
   // goes on its own and gets its own reply; one of 2 blocks joins.
-  auto held = std::make_shared<std::size_t>(0);
-  auto b = sys_->spawn(holding_balancer, held);
-  stop_at_end_.push_back(b);
-  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
-  stop_at_end_.push_back(qcache);
+  const cache_over_holding f(*sys_, stop_at_end_);
+  const auto& held = f.held;
+  const auto& b = f.balancer;
+  const auto& qcache = f.cache;
   sched_->run();
   const auto two_blocks = [](std::uint64_t id, const std::string& q) {
     auto r = query(id, q);
@@ -4312,11 +4326,10 @@ TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {
   // The balancer answers every request (at the latest with its own
   // request_timeout), so their requests to it carry no CAF timeout: each
   // would be a clock entry that wakes CAF's clock thread.
-  auto held = std::make_shared<std::size_t>(0);
-  auto b = sys_->spawn(holding_balancer, held);
-  stop_at_end_.push_back(b);
-  auto qcache = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
-  stop_at_end_.push_back(qcache);
+  const cache_over_holding f(*sys_, stop_at_end_);
+  const auto& held = f.held;
+  const auto& b = f.balancer;
+  const auto& qcache = f.cache;
   auto w = warmer(b);
   auto pf = prefetcher(b);
   auto cached = ask_untimed<kv_reply>(qcache, query_atom::value, query(1, "q"));
