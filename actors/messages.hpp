@@ -114,8 +114,10 @@ struct block_events {
   std::uint32_t engine = 0;
   std::vector<engine::block_key> stored;
   std::vector<engine::block_key> evicted;
-  /// The engine's count of the block_events it published, this one
-  /// included (kv_reply::events_published).
+  /// The engine's count of the block_events it published after its
+  /// requests and block calls, this one included
+  /// (kv_reply::events_published); 0 in a disk snapshot's chunks and in
+  /// what the balancer makes up for an engine that is gone.
   std::uint64_t seq = 0;
 };
 

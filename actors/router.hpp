@@ -27,7 +27,8 @@
 ///
 /// The index holds at most router_config::max_index_keys keys. When it is
 /// full, a newly stored key replaces the least recently used one. A key is
-/// used when an engine reports storing it and when a kv_aware pick() finds
+/// used when stored() is told of it (an engine's report, or the balancer
+/// indexing a reply) and when a kv_aware pick() finds
 /// it held by a live engine in the request's matched prefix; the keys one
 /// call uses become the most recent in their order, so a prefix's leading
 /// blocks outlast its later ones. One stored() call with more new keys
