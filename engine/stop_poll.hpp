@@ -6,8 +6,30 @@
 
 #include <cstddef>
 #include <functional>
+#include <new>
+#include <stdexcept>
 
 namespace kvfleet::engine {
+
+/// What a stop predicate threw (a std::exception other than bad_alloc,
+/// which passes as it is): the loop that asked it stops, and says so.
+struct stop_check_failed : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// Asks `stop` (when set) whether to stop; a std::exception it throws,
+/// bad_alloc aside, is rethrown as stop_check_failed.
+inline bool stop_asked(const std::function<bool()>& stop) {
+  if (!stop)
+    return false;
+  try {
+    return stop();
+  } catch (const std::bad_alloc&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw stop_check_failed(e.what());
+  }
+}
 
 /// How many items a long loop handles between two questions to `stop`.
 inline constexpr std::size_t stop_poll_items = 4096;
@@ -22,11 +44,12 @@ public:
   /// True when `stop` said so. `done`, the items handled so far, must not
   /// decrease between calls; `stop` is asked at the first call and then
   /// whenever `done` has grown by `every` or more since it was last asked.
+  /// What `stop` throws comes out as stop_asked() says.
   [[nodiscard]] bool stopped(std::size_t done) {
     if (stop_ == nullptr || done < next_)
       return false;
     next_ = done + every_;
-    return (*stop_)();
+    return stop_asked(*stop_);
   }
 
 private:

@@ -1,5 +1,7 @@
 #include "engine/trace_reader.hpp"
 
+#include "engine/stop_poll.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -357,25 +359,8 @@ bool parse_line(std::string_view line, std::uint32_t block_tokens,
 
 enum class line_status { line, too_long, end, stopped };
 
-/// What a `trace_options::stop` predicate threw (not bad_alloc): the read
-/// stops, saying so.
-struct stop_check_failed : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-/// Asks `stop` (when set) whether to stop; a std::exception it throws is
-/// rethrown as stop_check_failed.
-bool stop_asked(const std::function<bool()>& stop) {
-  if (!stop)
-    return false;
-  try {
-    return stop();
-  } catch (const std::bad_alloc&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw stop_check_failed(e.what());
-  }
-}
+// A `trace_options::stop` predicate that throws (not bad_alloc) stops the
+// read, saying so (stop_asked, stop_poll.hpp).
 
 /// Reads one line without its line break ('\n' or "\r\n"). A line longer
 /// than `max_bytes` is consumed but not kept.

@@ -471,6 +471,10 @@ generate_workload(std::string_view name, const workload_options& opts) {
                             std::to_string(std::min(out.size(), n)) + " of " +
                             std::to_string(n) + " requests");
     return out;
+  } catch (const stop_check_failed& e) {
+    return make_error(errc::unavailable,
+                      "workload generation stopped: the stop check failed: " +
+                          std::string(e.what()));
   } catch (const std::bad_alloc&) {
     return make_error(errc::out_of_memory, "not enough memory for workload '" +
                                                std::string(name) + "' with " +
@@ -518,6 +522,11 @@ result<std::size_t> working_set_blocks(std::span<const workload_request> reqs,
       }
     }
     return nodes.size();
+  } catch (const stop_check_failed& e) {
+    return make_error(errc::unavailable,
+                      "counting the working set stopped: the stop check "
+                      "failed: " +
+                          std::string(e.what()));
   } catch (const std::bad_alloc&) {
     return make_error(errc::out_of_memory,
                       "out of memory counting the working set (" +

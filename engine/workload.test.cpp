@@ -12,6 +12,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -429,6 +430,31 @@ TEST(workload, stop_ends_the_working_set_count_within_a_few_thousand_ids) {
   const auto none = working_set_blocks(reqs, 512, at_once.fn());
   ASSERT_FALSE(none.has_value());
   EXPECT_EQ(none.error().message, "stopped after 0 of 5000 requests");
+}
+
+TEST(workload, a_stop_check_that_throws_stops_with_an_error_value) {
+  // The stop predicate throws (a flag it cannot read): generation and the
+  // working set count stop with errc::unavailable saying what it threw, as
+  // read_trace does. (Before, the exception escaped both.)
+  const std::function<bool()> throws = []() -> bool {
+    throw std::runtime_error("the stop flag is gone");
+  };
+  workload_options o;
+  o.requests = 100;
+  o.stop = throws;
+  const auto gen = generate_workload("chat", o);
+  ASSERT_FALSE(gen.has_value());
+  EXPECT_EQ(gen.error().code, errc::unavailable);
+  EXPECT_NE(gen.error().message.find("the stop flag is gone"),
+            std::string::npos)
+      << gen.error().message;
+  const auto reqs = make("chat", 100);
+  const auto count = working_set_blocks(reqs, 512, throws);
+  ASSERT_FALSE(count.has_value());
+  EXPECT_EQ(count.error().code, errc::unavailable);
+  EXPECT_NE(count.error().message.find("the stop flag is gone"),
+            std::string::npos)
+      << count.error().message;
 }
 
 } // namespace
