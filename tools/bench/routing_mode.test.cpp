@@ -186,6 +186,40 @@ TEST(routing_mode, service_time_uses_the_per_token_cost_as_given) {
   EXPECT_DOUBLE_EQ(report->results[0].p50_us, 1.536);
 }
 
+TEST(routing_mode, queue_lengths_and_latencies_of_a_hand_made_case) {
+  // One engine; four requests of distinct prompts (all computed, 1,024
+  // tokens, 1.024 us each) arrive at once, a fifth after they are done.
+  // Each finds before it, queued or in service: 0, 1, 2, 3, then 0. So
+  // p95_queue = 3 (nearest rank of five), mean 1.2, max 3; latencies
+  // 1.024, 2.048, 3.072, 4.096, 1.024 us: p50 2.048, p95 4.096.
+  routing_options o;
+  o.base.workload = "hand-made";
+  o.base.capacity_blocks = 64;
+  o.engines = 1;
+  o.base.prefill_us_per_token = 0.001;
+  o.service_overhead_us = 0.0;
+  std::vector<engine::workload_request> reqs(5);
+  for (std::size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].input_length = 1024;
+    reqs[i].hash_ids = {10 * i + 1, 10 * i + 2};
+  }
+  const request_keys keys = make_request_keys(
+      reqs, bench_namespace(o.base).fingerprint(), o.base.block_tokens);
+  const std::vector<std::int64_t> arrivals{0, 0, 0, 0, 1'000'000};
+  for (const auto policy :
+       {routing_policy::least_loaded, routing_policy::kv_aware}) {
+    SCOPED_TRACE(to_string(policy));
+    const auto r = simulate_routing(o, policy, keys, arrivals, 64);
+    ASSERT_TRUE(r) << r.error().describe();
+    EXPECT_DOUBLE_EQ(r->p95_queue, 3.0);
+    EXPECT_DOUBLE_EQ(r->mean_queue, 1.2);
+    EXPECT_EQ(r->max_queue, 3U);
+    EXPECT_DOUBLE_EQ(r->p50_us, 2.048);
+    EXPECT_DOUBLE_EQ(r->p95_us, 4.096);
+    EXPECT_DOUBLE_EQ(r->token_hit_ratio, 0.0);
+  }
+}
+
 TEST(routing_mode, arrivals_out_of_order_are_an_error) {
   // simulate_routing serves arrivals in the order given; one earlier than
   // its predecessor was served after it, with a latency counted from
