@@ -3,7 +3,11 @@
 /// balancer's process.
 ///
 ///   (query_atom, kv_request) -> kv_reply
-/// A hit answers from the store (from_query_cache set). A miss sends the
+/// A hit answers from the store (from_query_cache set): the reply of the
+/// request that computed it, whose `engine` (and block counts) say where
+/// the blocks were then; the cache does not follow evictions, engine
+/// restarts or retirements, so they may not be there now (with a shared
+/// Redis, another node's engine computed it). A miss sends the
 /// request to the balancer, stores the reply for `ttl` (default 3600 s)
 /// and answers; concurrent misses of one key wait for the one computation,
 /// and a request of a key whose miss is on its way joins it without reading
