@@ -564,11 +564,10 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     }
     // The engine came to it at or after its deadline, before the sweep
     // did: a timeout as the sweep's, counted and told to the listeners
-    // (the scaler) the same way.
-    // The caller gets the sweep's error too (caf::sec::request_timeout),
-    // whichever comes first. Only past the deadline (the engine read the
-    // same clock): a producer's own errc::timeout before it is the
-    // engine's error, passed on as it is.
+    // (the scaler) the same way, and the caller gets the sweep's error
+    // (caf::sec::request_timeout), whichever comes first. Only past the
+    // deadline (the engine read the same clock): a producer's own
+    // errc::timeout before it is the engine's error, passed on as it is.
     const bool expired = from_caf_error(err).code == errc::timeout &&
                          now_ns(self) >= c->deadline_ns;
     if (expired) {
