@@ -53,6 +53,10 @@ int main(int argc, char** argv) {
 
   kvfleet::node_config c;
   c.engines = 2;
+  // Route each prompt to the engine that holds its prefix (the index learns
+  // it from each reply and the engines' block events), so the second
+  // request below finds its blocks whichever engine the first went to.
+  c.balancer.routing.policy = kvfleet::actors::routing_policy::kv_aware;
   c.engine.ns.model = "llama-3-8b";
   c.engine.ns.layers = 32;
   c.engine.ns.kv_heads = 8;
