@@ -491,6 +491,22 @@ bool redis_query_store::closed_while_idle() const noexcept {
   return ctx_ != nullptr && ctx_->err == REDIS_ERR_EOF && answered_;
 }
 
+result<void>
+redis_query_store::run_reconnecting(engine::nanos now, std::string_view command,
+                                    const std::function<bool()>& attempt) {
+  for (bool first = true;; first = false) {
+    const auto connects = connects_;
+    if (auto c = ensure_connected(now); !c)
+      return c;
+    if (attempt())
+      return {};
+    const bool again = first && connects_ == connects && closed_while_idle();
+    auto e = command_failed(now, command);
+    if (!again)
+      return unexpected<error>{std::move(e)};
+  }
+}
+
 result<redisContext*> redis_query_store::connect_in_time() {
   using steady = std::chrono::steady_clock;
   // hiredis would resolve the name itself, with getaddrinfo and no bound:
@@ -622,21 +638,19 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
   const command_args commands[] = {{"GETRANGE", redis, "0", last},
                                    {"EXISTS", redis}};
   std::vector<reply_ptr> replies;
-  for (bool first = true;; first = false) {
-    // A first attempt cut off after some of its replies leaves them here:
-    // the retry reads its own two, not one (one would stay unread on the
-    // new connection, and every later command would read the one before).
-    replies.clear();
-    const auto connects = connects_;
-    if (auto c = ensure_connected(now); !c)
-      return unexpected<error>{c.error()};
-    if (run_pipeline(ctx_, commands, config_.command_timeout, replies))
-      break;
-    const bool again = first && connects_ == connects && closed_while_idle();
-    auto e = command_failed(now, "GETRANGE/EXISTS");
-    if (!again)
-      return unexpected<error>{std::move(e)};
-  }
+  // A first attempt cut off after some of its replies leaves them in
+  // `replies`: the retry reads its own two, not one (one would stay unread
+  // on the new connection, and every later command would read the one
+  // before).
+  if (auto ok = run_reconnecting(now, "GETRANGE/EXISTS",
+                                 [&] {
+                                   replies.clear();
+                                   return run_pipeline(ctx_, commands,
+                                                       config_.command_timeout,
+                                                       replies);
+                                 });
+      !ok)
+    return unexpected<error>{ok.error()};
   const redisReply& range = *replies[0];
   const redisReply& exists = *replies[1];
   answered_ = answered_ || range.type != REDIS_REPLY_ERROR ||
@@ -682,19 +696,15 @@ result<void> redis_query_store::set(const std::string& key,
   auto ms = std::chrono::ceil<std::chrono::milliseconds>(ttl).count();
   auto ttl_ms = std::to_string(ms);
   reply_ptr r;
-  for (bool first = true;; first = false) {
-    const auto connects = connects_;
-    if (auto c = ensure_connected(now); !c)
-      return unexpected<error>{c.error()};
-    r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms},
-                    config_.command_timeout);
-    if (r)
-      break;
-    const bool again = first && connects_ == connects && closed_while_idle();
-    auto e = command_failed(now, "SET");
-    if (!again)
-      return unexpected<error>{std::move(e)};
-  }
+  if (auto ok = run_reconnecting(
+          now, "SET",
+          [&] {
+            r = run_command(ctx_, {"SET", redis_key(key), value, "PX", ttl_ms},
+                            config_.command_timeout);
+            return r != nullptr;
+          });
+      !ok)
+    return unexpected<error>(ok.error());
   answered_ = answered_ || r->type != REDIS_REPLY_ERROR;
   if (r->type == REDIS_REPLY_ERROR)
     return make_error(errc::backend_error,

@@ -77,6 +77,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -205,6 +206,14 @@ private:
   /// again and retry it once, in the same call, when this call did not
   /// make that connection.
   [[nodiscard]] bool closed_while_idle() const noexcept;
+  /// Connects when needed and runs `attempt`, which sends a command on the
+  /// connection and says whether all its replies came; once more on a new
+  /// connection when the server had closed this one while idle
+  /// (closed_while_idle) and this call did not make it. Errors:
+  /// ensure_connected's, or command_failed's for `command`.
+  [[nodiscard]] result<void>
+  run_reconnecting(engine::nanos now, std::string_view command,
+                   const std::function<bool()>& attempt);
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;

@@ -1910,12 +1910,11 @@ std::uint32_t block_store::lowest_priority_victim(
   // A partition within its share gives to another's put only while no
   // partition is over its share (those give first), and only a priority
   // lower than anything `asking` holds.
-  bool any_over = false;
-  if (asking) {
-    for (std::size_t p = 0; p < partition_count && !any_over; ++p)
-      any_over = policies_[p]->evictable_count() > 0 &&
-                 share_ratio(static_cast<size_partition>(p)) > 1.0;
-  }
+  // (The partition with evictable blocks furthest over its share, as
+  // pick_partition() asks: over it when any is.)
+  const std::optional<size_partition> worst =
+      asking ? most_over_share() : std::nullopt;
+  const bool any_over = worst && share_ratio(*worst) > 1.0;
   for (std::size_t l = 0; l < priority_count; ++l) {
     const auto p = static_cast<priority>(l);
     std::optional<size_partition> q = most_over_share(p, asking);
