@@ -30,6 +30,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <tuple>
 #include <vector>
 
@@ -1480,16 +1481,22 @@ TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
   EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
 }
 
-/// An engine factory that counts its calls and fails while `failing`.
+/// An engine factory that counts its calls and fails while `failing`:
+/// with an error value, or by throwing when `throwing`.
 struct flaky_factory {
   std::shared_ptr<int> calls = std::make_shared<int>(0);
   std::shared_ptr<bool> failing = std::make_shared<bool>(true);
+  std::shared_ptr<bool> throwing = std::make_shared<bool>(false);
 
   [[nodiscard]] engine_factory make() const {
-    return [calls = calls,
-            failing = failing](caf::actor_system& s,
-                               std::uint32_t slot) -> result<started_engine> {
+    return [calls = calls, failing = failing,
+            throwing = throwing](caf::actor_system& s,
+                                 std::uint32_t slot) -> result<started_engine> {
       ++*calls;
+      if (*failing && *throwing)
+        throw std::system_error(
+            std::make_error_code(std::errc::resource_unavailable_try_again),
+            "no thread (test)");
       if (*failing)
         return make_error(errc::backend_error, "no device (test)");
       auto c = small_engine(64);
@@ -2039,6 +2046,73 @@ TEST_F(actor_test, FailedRestartsCountAgainstMaxRestarts) {
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
 }
 
+TEST_F(actor_test, AFactoryThatThrowsIsAFailedStartNotTheFleetsEnd) {
+  // Spawning a detached engine throws when no thread can be made. Thrown
+  // from a restart, that ended the balancer, which stopped the healthy
+  // engine too: every later request got "receiving actor is down". It is
+  // a failed restart now, counted against max_restarts, and engine 1 goes
+  // on serving.
+  flaky_factory f;
+  *f.failing = false;
+  *f.throwing = true;
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  auto b = started_balancer(bc, f.make());
+  ASSERT_EQ(*f.calls, 2);
+  *f.failing = true;
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  pass_restart_delays(bc, 10);
+  EXPECT_EQ(*f.calls, 3); // the two starts and the restart that threw
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+  auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  ASSERT_TRUE(r->value.has_value()) << caf::to_string(*r->error);
+  EXPECT_EQ(r->value->engine, 1U);
+  // A replica whose start throws is refused with the factory's words.
+  auto replica = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(replica->error.has_value());
+  const auto e = from_caf_error(*replica->error);
+  EXPECT_EQ(e.code, errc::backend_error);
+  EXPECT_NE(e.message.find("no thread (test)"), std::string::npos) << e.message;
+}
+
+TEST_F(actor_test, AnInitialStartThatThrowsLeavesTheOtherEnginesServing) {
+  // Slot 1's first start throws: slot 0's engine, started before it, goes
+  // on serving (before, the balancer ended before it owned any engine,
+  // and engine 0 was left running with nobody to stop it).
+  auto calls = std::make_shared<int>(0);
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 0;
+  auto b =
+      started_balancer(bc,
+                       [calls](caf::actor_system& s,
+                               std::uint32_t slot) -> result<started_engine> {
+                         ++*calls;
+                         if (slot == 1)
+                           throw std::runtime_error("no device 1 (test)");
+                         auto c = small_engine(64);
+                         c.slot = slot;
+                         return started_now(spawn_engine_actor(s, c));
+                       });
+  EXPECT_EQ(*calls, 2);
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.live, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+  auto r = ask<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 2, 1));
+  sched_->run();
+  ASSERT_TRUE(r->value.has_value()) << caf::to_string(*r->error);
+  EXPECT_EQ(r->value->engine, 0U);
+}
+
 TEST_F(actor_test, AFullFleetRefusesAReplicaWithAnError) {
   auto b = balancer(routing_policy::round_robin, {small_engine(16)});
   sched_->run();
@@ -2301,6 +2375,49 @@ TEST_F(actor_test, ScalerScalesUpAndDownAtThresholdsNotDuringCooldown) {
   EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::retire_replica)],
             1U);
   caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
+}
+
+TEST_F(actor_test, ScalerGoesOnWhenItsDecisionCallbackThrows) {
+  // The host's on_decision threw out of the scaler's handler: the scaler
+  // ended, silently, and never scaled again. Now the throw is logged and
+  // the next decision comes as before.
+  auto b = balancer(routing_policy::least_loaded, {small_engine(64)});
+  auto calls = std::make_shared<int>(0);
+  scaler_actor_config sc;
+  sc.policy.target = 500ms;
+  sc.policy.window = 5s;
+  sc.policy.cooldown = 30s;
+  sc.policy.min_samples = 5;
+  sc.policy.sustain = 1;
+  sc.policy.min_replicas = 1;
+  sc.policy.max_replicas = 2;
+  sc.interval = 1s;
+  sc.initial_replicas = 1;
+  sc.on_decision = [calls](const scale_decision&) {
+    ++*calls;
+    throw std::runtime_error("host callback (test)");
+  };
+  auto s = spawned(spawn_scaler(*sys_, sc, b));
+  stop_at_end_.push_back(s);
+  sched_->run();
+  auto feed_and_tick = [&](engine::nanos latency) {
+    for (int i = 0; i < 10; ++i)
+      caf::anon_send(s, observe_atom::value, kv_request{}, kv_reply{},
+                     static_cast<std::int64_t>(latency.count()));
+    sched_->run();
+    sched_->advance_time(1s);
+    sched_->run();
+  };
+  feed_and_tick(800ms);
+  ASSERT_EQ(*calls, 1);
+  for (int i = 0; i < 36; ++i) // past the cooldown and the window
+    feed_and_tick(100ms);
+  EXPECT_EQ(*calls, 2) << "the scaler stopped after the first throw";
+  auto st = ask_now<scaler_stats>(s, stats_atom::value);
+  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::spawn_replica)],
+            1U);
+  EXPECT_EQ(st.actions[static_cast<std::size_t>(scale_action::retire_replica)],
+            1U);
 }
 
 TEST_F(actor_test, ScalerCountsRequestsTheBalancerTimedOutAsSlow) {

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <deque>
+#include <exception>
 #include <memory>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -144,11 +146,36 @@ void engine_ready(balancer_actor* self, std::uint32_t slot,
   info.replica = owed_reply{};
 }
 
-/// Starts (or restarts) the engine of `slot`. Errors: the factory's.
+/// The host's engine factory for `slot`, with an exception it throws
+/// (spawning a detached engine throws std::system_error when no thread can
+/// be made; bad_alloc) turned into an error value: a failed start like any
+/// other, instead of the balancer's end, which stopped every engine.
+result<started_engine> make_engine_for(balancer_actor* self,
+                                       std::uint32_t slot) {
+  const auto threw = [slot](const std::string& what) {
+    return make_error(errc::backend_error,
+                      "the engine factory threw for slot " +
+                          std::to_string(slot) + ": " + what);
+  };
+  try {
+    return self->state.make_engine(self->system(), slot);
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "no host memory to start the engine of slot " +
+                          std::to_string(slot));
+  } catch (const std::exception& ex) {
+    return threw(ex.what());
+  } catch (...) {
+    return threw("an exception not derived from std::exception");
+  }
+}
+
+/// Starts (or restarts) the engine of `slot`. Errors: the factory's
+/// (make_engine_for).
 result<void> start_engine(balancer_actor* self, std::uint32_t slot,
                           start_kind kind) {
   auto& st = self->state;
-  auto started = st.make_engine(self->system(), slot);
+  auto started = make_engine_for(self, slot);
   if (!started)
     return unexpected<error>{started.error()};
   if (!st.route.set_weight(slot, started->weight)) {
@@ -678,6 +705,15 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
   st.config = config;
   st.make_engine = std::move(make_engine);
   st.route = std::move(route);
+  // The balancer owns its engines: they stop with it. (Not links: a killed
+  // engine would take a linked balancer down with it.) The functor runs
+  // after the state is gone, so it holds its own list. Attached before the
+  // first engine starts, so none outlives a balancer that ends while the
+  // others start.
+  self->attach_functor([owned = st.owned](const caf::error&) {
+    for (auto& e : *owned)
+      caf::anon_send_exit(e, caf::exit_reason::user_shutdown);
+  });
   for (std::uint32_t i = 0; i < config.initial_engines; ++i) {
     if (auto slot = add_engine(self, true); !slot) {
       std::fprintf(stderr, "kvfleet: balancer: %s\n",
@@ -686,13 +722,6 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
     }
   }
   handle_stray_messages(self, "balancer");
-  // The balancer owns its engines: they stop with it. (Not links: a killed
-  // engine would take a linked balancer down with it.) The functor runs
-  // after the state is gone, so it holds its own list.
-  self->attach_functor([owned = st.owned](const caf::error&) {
-    for (auto& e : *owned)
-      caf::anon_send_exit(e, caf::exit_reason::user_shutdown);
-  });
   self->set_down_handler([=](caf::down_msg& dm) {
     auto& s = self->state;
     drop_listener(s.listeners, dm.source);

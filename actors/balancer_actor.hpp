@@ -167,7 +167,10 @@ struct started_engine {
 [[nodiscard]] result<started_engine> started_now(result<caf::actor> engine);
 
 /// Spawns the engine of `slot` (fresh: nothing in memory; with a disk tier,
-/// engine_actor_config::make_disk, it reopens the slot's directory).
+/// engine_actor_config::make_disk, it reopens the slot's directory). An
+/// exception it throws is a failed start like an error it returns
+/// (errc::out_of_memory for bad_alloc, else errc::backend_error naming the
+/// slot and what() ), not the balancer's end.
 using engine_factory = std::function<result<started_engine>(
     caf::actor_system&, std::uint32_t slot)>;
 

@@ -5,6 +5,7 @@
 #include "actors/messages.hpp"
 #include "actors/stray_messages.hpp"
 
+#include <exception>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -171,10 +172,22 @@ void evaluate(scaler_actor* self) {
     self->send(st.balancer, capacity_atom::value, d.capacity_tokens);
     break;
   }
-  if (st.config.on_decision)
-    st.config.on_decision(d);
-  else
+  if (!st.config.on_decision) {
     log_decision(d);
+    return;
+  }
+  // The host's callback: an exception from it is logged, not the scaler's
+  // end (autoscaling stopped for good, silently); the decision stands.
+  try {
+    st.config.on_decision(d);
+  } catch (const std::exception& ex) {
+    std::clog << "kvfleet scaler: on_decision threw: " << ex.what() << "\n";
+    log_decision(d);
+  } catch (...) {
+    std::clog << "kvfleet scaler: on_decision threw an exception not derived "
+                 "from std::exception\n";
+    log_decision(d);
+  }
 }
 
 /// Counts the engines the balancer gave up since the last look as lost

@@ -22,7 +22,8 @@
 ///       (one line on std::clog the first time in a row).
 ///   (stats_atom)     -> scaler_stats
 /// Every decision that acts is passed to `on_decision` (default: one line
-/// on std::clog) and counted. A replica change the balancer answers with
+/// on std::clog; an exception it throws is logged with the decision, and
+/// the scaler goes on) and counted. A replica change the balancer answers with
 /// an error (the last live engine, no free slot, a replica that did not
 /// start) is undone in the policy's count (scaler_policy::refused) and
 /// logged on std::clog and counted (`scaler_stats::refused`), so the count
