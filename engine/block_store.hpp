@@ -534,7 +534,9 @@ public:
   /// Puts a memory tier below the arena (see the class comment); `make` is
   /// called with the store's memory backend. Returns false when `make`
   /// returns no tier (none for this arena). Attaching twice is
-  /// errc::invalid_argument; `make`'s error is returned as is.
+  /// errc::invalid_argument; `make`'s error is returned as is, and what it
+  /// throws as an error value (errc::out_of_memory for bad_alloc, else
+  /// errc::backend_error with what()).
   [[nodiscard]] result<bool> attach_tier(const memory_tier_factory& make);
   [[nodiscard]] memory_tier* tier() noexcept { return tier_.get(); }
   /// Starts moving evictable blocks to the memory tier until about `bytes`

@@ -8,6 +8,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <exception>
+#include <memory>
+#include <new>
 #include <string>
 
 namespace kvfleet::engine {
@@ -30,7 +33,24 @@ result<bool> block_store::attach_tier(const memory_tier_factory& make) {
   if (tier_)
     return make_error(errc::invalid_argument,
                       "a memory tier is already attached");
-  auto made = make(*backend_);
+  // The host's factory: what it throws is an error value, as a producer's
+  // exception is.
+  result<std::unique_ptr<memory_tier>> made =
+      make_error(errc::backend_error, "the memory tier factory gave nothing");
+  try {
+    made = make(*backend_);
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "no host memory to make the memory tier");
+  } catch (const std::exception& ex) {
+    return make_error(errc::backend_error,
+                      std::string("the memory tier factory threw: ") +
+                          ex.what());
+  } catch (...) {
+    return make_error(errc::backend_error,
+                      "the memory tier factory threw an exception not derived "
+                      "from std::exception");
+  }
   if (!made)
     return unexpected<error>(made.error());
   if (!*made)

@@ -16,6 +16,8 @@
 #include <filesystem>
 #include <map>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -1152,6 +1154,17 @@ TEST_F(store_tier_test, attaching_is_checked) {
       });
   ASSERT_FALSE(failing.has_value());
   EXPECT_EQ(failing.error().code, errc::out_of_memory);
+  // A factory that throws (the host's code) is an error value too.
+  auto throwing = (*bare)->attach_tier(
+      [](memory_backend&) -> result<std::unique_ptr<memory_tier>> {
+        throw std::runtime_error("no device (test)");
+      });
+  ASSERT_FALSE(throwing.has_value());
+  EXPECT_EQ(throwing.error().code, errc::backend_error);
+  EXPECT_NE(throwing.error().message.find("no device (test)"),
+            std::string::npos)
+      << throwing.error().message;
+  EXPECT_EQ((*bare)->tier(), nullptr);
 }
 
 } // namespace

@@ -105,6 +105,10 @@ ns_fingerprint namespace_spec::fingerprint() const noexcept {
 
 result<void> check_block_keys(std::size_t key_count, std::size_t input_tokens,
                               std::uint32_t block_tokens) {
+  if (block_tokens == 0)
+    return make_error(errc::invalid_argument,
+                      "check_block_keys: block_tokens is 0 (tokens per block "
+                      "must be at least 1)");
   const std::size_t full = input_tokens / block_tokens;
   if (key_count == full)
     return {};

@@ -49,8 +49,9 @@ struct namespace_spec {
 };
 
 /// A request of `input_tokens` prompt tokens names one key per full block
-/// of `block_tokens` (> 0): errc::misaligned_tokens, saying how many it
-/// should have, when `key_count` is any other number.
+/// of `block_tokens`: errc::misaligned_tokens, saying how many it should
+/// have, when `key_count` is any other number; errc::invalid_argument when
+/// `block_tokens` is 0.
 [[nodiscard]] result<void> check_block_keys(std::size_t key_count,
                                             std::size_t input_tokens,
                                             std::uint32_t block_tokens);

@@ -17,8 +17,9 @@ struct stop_check_failed : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// Asks `stop` (when set) whether to stop; a std::exception it throws,
-/// bad_alloc aside, is rethrown as stop_check_failed.
+/// Asks `stop` (when set) whether to stop; anything it throws, bad_alloc
+/// aside, is rethrown as stop_check_failed (what() of a std::exception,
+/// else saying it was none), so the callers' error values cover it.
 inline bool stop_asked(const std::function<bool()>& stop) {
   if (!stop)
     return false;
@@ -28,6 +29,8 @@ inline bool stop_asked(const std::function<bool()>& stop) {
     throw;
   } catch (const std::exception& e) {
     throw stop_check_failed(e.what());
+  } catch (...) {
+    throw stop_check_failed("an exception not derived from std::exception");
   }
 }
 

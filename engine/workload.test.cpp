@@ -1,7 +1,9 @@
 #include "engine/workload.hpp"
 
+#include "engine/kv_namespace.hpp"
 #include "engine/stop_poll.hpp"
 #include "engine/testing/heap_probe.hpp"
+#include "engine/trace_reader.hpp"
 
 #include <gtest/gtest.h>
 
@@ -12,6 +14,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -455,6 +458,43 @@ TEST(workload, a_stop_check_that_throws_stops_with_an_error_value) {
   EXPECT_NE(count.error().message.find("the stop flag is gone"),
             std::string::npos)
       << count.error().message;
+}
+
+TEST(workload, a_stop_check_that_throws_a_non_exception_is_an_error_value) {
+  // An int thrown from the stop predicate left generate_workload,
+  // working_set_blocks and read_trace, which return errors as values.
+  const std::function<bool()> throws = []() -> bool { throw 42; };
+  workload_options o;
+  o.requests = 100;
+  o.stop = throws;
+  const auto gen = generate_workload("chat", o);
+  ASSERT_FALSE(gen.has_value());
+  EXPECT_EQ(gen.error().code, errc::unavailable);
+  EXPECT_NE(gen.error().message.find("not derived from std::exception"),
+            std::string::npos)
+      << gen.error().message;
+  const auto count = working_set_blocks(make("chat", 100), 512, throws);
+  ASSERT_FALSE(count.has_value());
+  EXPECT_EQ(count.error().code, errc::unavailable);
+  std::istringstream in(R"({"timestamp": 0, "input_length": 512, )"
+                        R"("output_length": 1, "hash_ids": [1]})"
+                        "\n");
+  trace_options t;
+  t.stop = throws;
+  trace_report report;
+  const auto read = read_trace(in, t, report);
+  ASSERT_FALSE(read.has_value());
+  EXPECT_EQ(read.error().code, errc::unavailable);
+}
+
+TEST(workload, block_keys_of_zero_tokens_per_block_are_an_error_value) {
+  // It divided by block_tokens: 0 ended the process (SIGFPE).
+  const auto r = check_block_keys(0, 10, 0);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::invalid_argument);
+  EXPECT_TRUE(check_block_keys(2, 1100, 512).has_value());
+  EXPECT_EQ(check_block_keys(3, 1100, 512).error().code,
+            errc::misaligned_tokens);
 }
 
 } // namespace
