@@ -7,6 +7,7 @@
 #include "engine/disk/segment_file.hpp"
 #include "engine/kv_producer.hpp"
 #include "engine/memory_backend.hpp"
+#include "engine/testing/temp_dir.hpp"
 
 #include <gtest/gtest.h>
 
@@ -443,27 +444,7 @@ TEST_F(Node, CallsFromManyThreadsAtOnceEachGetTheirOwnReply) {
   EXPECT_EQ(wrong.load(), 0U);
 }
 
-/// A directory of its own under the test temp dir, removed at the end.
-class temp_dir {
-public:
-  temp_dir() {
-    std::string tmpl = ::testing::TempDir() + "kvfleet_node_XXXXXX";
-    if (::mkdtemp(tmpl.data()) != nullptr)
-      path_ = tmpl;
-  }
-  ~temp_dir() {
-    if (!path_.empty()) {
-      std::error_code ec;
-      std::filesystem::remove_all(path_, ec);
-    }
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  [[nodiscard]] const std::string& path() const { return path_; }
-
-private:
-  std::string path_;
-};
+using engine::testing::temp_dir;
 
 /// One engine with room for 64 blocks of 4 KiB and a disk tier under it.
 /// A disk tier of 64 MiB per engine under `dir`.
@@ -656,12 +637,21 @@ engine::segment_file::write_fault waiting_at(std::shared_ptr<gate> g) {
 
 /// The engine of `slot` (a retiring one too, until it has exited), asked of
 /// the node's balancer; a null actor when the slot has none.
+/// The engine in `slot`, retiring ones too; null when the slot has none
+/// live (errc::not_found: free, or its engine still opening). Any other
+/// answer fails the test, so a poll for a freed slot cannot read a
+/// balancer error as "freed".
 caf::actor engine_of(caf::actor_system& sys, node& n, std::uint32_t slot) {
   caf::scoped_actor self{sys};
   caf::actor out;
   self->request(n.balancer(), caf::infinite, actors::engine_atom::value, slot,
                 true)
-      .receive([&](caf::actor& a) { out = std::move(a); }, [&](caf::error&) {});
+      .receive([&](caf::actor& a) { out = std::move(a); },
+               [&](caf::error& e) {
+                 if (actors::from_caf_error(e).code != errc::not_found)
+                   ADD_FAILURE()
+                       << "engine_atom " << slot << ": " << caf::to_string(e);
+               });
   return out;
 }
 

@@ -115,7 +115,11 @@ public:
   redis_child(const redis_child&) = delete;
   redis_child& operator=(const redis_child&) = delete;
 
-  /// Starts the server and polls (bounded, 10 s) until it answers PING.
+  /// Starts the server and polls (bounded, 10 s) until it answers PING and
+  /// INFO names this child's pid: false when the child exited (its port
+  /// taken meanwhile: free_loopback_port() let it go before the child
+  /// bound it) or another process answers on the port (another test's
+  /// server, which this one must not talk to).
   [[nodiscard]] bool start() {
     auto port = std::to_string(port_);
     std::vector<std::string> args = {
@@ -139,10 +143,19 @@ public:
     }
     auto deadline = std::chrono::steady_clock::now() + 10s;
     while (std::chrono::steady_clock::now() < deadline) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1; // exited: most likely its port was taken
+        return false;
+      }
       if (auto c = connect_direct(port_)) {
         auto r = command(c.get(), {"PING"});
-        if (r && r->type == REDIS_REPLY_STATUS)
-          return true;
+        if (r && r->type == REDIS_REPLY_STATUS) {
+          if (serves_this_child(c.get()))
+            return true;
+          stop();
+          return false;
+        }
       }
       std::this_thread::sleep_for(10ms); // the child is still starting
     }
@@ -157,6 +170,16 @@ public:
     ::waitpid(pid_, &status, 0);
     pid_ = -1;
   }
+  /// Whether the server on `c` is this child (INFO server's process_id).
+  [[nodiscard]] bool serves_this_child(redisContext* c) const {
+    auto info = command(c, {"INFO", "server"});
+    if (!info || info->type != REDIS_REPLY_STRING)
+      return false;
+    const std::string text(info->str, info->len);
+    const std::string field = "process_id:" + std::to_string(pid_) + "\r\n";
+    return text.find(field) != std::string::npos;
+  }
+
   void pause() { ::kill(pid_, SIGSTOP); }
   void resume() { ::kill(pid_, SIGCONT); }
 
@@ -177,9 +200,15 @@ protected:
     auto bin = find_redis_server();
     if (!bin)
       GTEST_SKIP() << "redis-server not installed";
-    server_ = std::make_unique<redis_child>(*bin, free_loopback_port());
-    ASSERT_NE(server_->port(), 0);
-    ASSERT_TRUE(server_->start()) << "redis-server did not answer PING";
+    // A port found free may be taken before the child binds it (tests
+    // run in parallel): try another.
+    bool started = false;
+    for (int attempt = 0; attempt < 5 && !started; ++attempt) {
+      server_ = std::make_unique<redis_child>(*bin, free_loopback_port());
+      ASSERT_NE(server_->port(), 0);
+      started = server_->start();
+    }
+    ASSERT_TRUE(started) << "redis-server did not answer PING as itself";
   }
 
   std::unique_ptr<redis_query_store> open(std::string path = {},

@@ -1,5 +1,7 @@
 #include "engine/trace_reader.hpp"
 
+#include "engine/testing/temp_dir.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -614,19 +616,21 @@ TEST(trace_reader, round_trips_a_generated_workload) {
 
 class trace_file : public ::testing::Test {
 protected:
-  void TearDown() override {
-    for (const auto& p : paths_)
-      std::remove(p.c_str());
-  }
+  void SetUp() override { ASSERT_TRUE(dir_.ok()) << "mkdtemp failed"; }
+  /// Writes `text` to a file `name` in this test's own directory.
   std::string write(const std::string& name, const std::string& text) {
-    std::string path = ::testing::TempDir() + "kvfleet_trace_" + name;
-    std::ofstream(path, std::ios::binary) << text;
-    paths_.push_back(path);
+    std::string path = dir_.file(name);
+    std::ofstream f(path, std::ios::binary);
+    f << text;
+    f.close();
+    EXPECT_TRUE(f.good()) << "cannot write " << path;
     return path;
   }
+  /// A path in this test's directory that no file has.
+  std::string missing(const std::string& name) const { return dir_.file(name); }
 
 private:
-  std::vector<std::string> paths_;
+  testing::temp_dir dir_{"kvfleet_trace_"};
 };
 
 TEST_F(trace_file, reads_a_file) {
@@ -650,7 +654,7 @@ TEST_F(trace_file, bad_line_error_names_file_and_line) {
 }
 
 TEST_F(trace_file, missing_file_is_an_io_error_naming_the_path) {
-  const std::string path = ::testing::TempDir() + "kvfleet_no_such_trace.jsonl";
+  const std::string path = missing("no_such_trace.jsonl");
   trace_report report;
   const auto got = read_trace_file(path, {}, report);
   ASSERT_FALSE(got.has_value());

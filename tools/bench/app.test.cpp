@@ -1,6 +1,7 @@
 #include "tools/bench/app.hpp"
 
 #include "engine/disk/disk_tier.hpp"
+#include "engine/testing/temp_dir.hpp"
 #include "tools/bench/engine_mode.hpp"
 #include "tools/bench/interrupt.hpp"
 #include "tools/bench/prefetch_mode.hpp"
@@ -237,8 +238,9 @@ engine_options small_lru_chat() {
 TEST(bench_modes, an_interrupted_run_stops_and_removes_its_disk_directory) {
   // Killed by SIGINT or SIGTERM in the middle, a run left its --disk-dir
   // subdirectory (up to 4 x the memory capacity of segment files) behind.
-  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const engine::testing::temp_dir scratch("kvfleet-bench-test-");
+  ASSERT_TRUE(scratch.ok());
+  const std::string tmpl = scratch.path();
   const auto reqs = chat_requests(50);
   ASSERT_TRUE(reqs) << reqs.error().describe();
   engine_options e = small_lru_chat();
@@ -269,7 +271,6 @@ TEST(bench_modes, an_interrupted_run_stops_and_removes_its_disk_directory) {
   EXPECT_TRUE(std::filesystem::is_empty(tmpl));
   auto again = run_engine(e, *reqs, "chat");
   EXPECT_TRUE(again) << "the flag is cleared: " << again.error().describe();
-  std::filesystem::remove_all(tmpl);
 }
 
 TEST(bench_modes, the_first_signal_names_the_stop) {
@@ -379,8 +380,9 @@ TEST(bench_app, an_interrupted_trace_read_says_interrupted) {
   // The reader's own words were "trace file '...': read stopped after
   // line 0"; a stopped run now says "interrupted" whatever step it was in.
   // (The FIFO case, a stop seen only at the end, is the reader's test.)
-  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const engine::testing::temp_dir scratch("kvfleet-bench-test-");
+  ASSERT_TRUE(scratch.ok());
+  const std::string tmpl = scratch.path();
   const std::string dir = tmpl;
   const std::string path = dir + "/trace.jsonl";
   std::ofstream(path)
@@ -394,7 +396,6 @@ TEST(bench_app, an_interrupted_trace_read_says_interrupted) {
     EXPECT_EQ(o.err, "kvfleet-bench: interrupted while reading trace file '" +
                          path + "' (after line 0)\n");
   }
-  std::filesystem::remove_all(dir);
 }
 
 TEST(bench_app, an_error_is_one_line_whatever_the_value_holds) {
@@ -507,8 +508,9 @@ engine_options full_disk_options(const std::string& dir) {
 TEST(bench_app, a_disk_that_refuses_spills_is_reported_and_fails_the_run) {
   // A full file system gave "spills": 190 (8051 on a free one), invalid
   // disk hit ratios, nothing in the report and exit status 0.
-  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const engine::testing::temp_dir scratch("kvfleet-bench-test-");
+  ASSERT_TRUE(scratch.ok());
+  const std::string tmpl = scratch.path();
   std::ostringstream out;
   std::ostringstream err;
   const int status =
@@ -538,12 +540,12 @@ TEST(bench_app, a_disk_that_refuses_spills_is_reported_and_fails_the_run) {
       << e;
   EXPECT_EQ(std::count(e.begin(), e.end(), '\n'), 1) << e;
   EXPECT_TRUE(std::filesystem::is_empty(tmpl));
-  std::filesystem::remove_all(tmpl);
 }
 
 TEST(bench_app, a_disk_that_takes_every_spill_reports_no_failures) {
-  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const engine::testing::temp_dir scratch("kvfleet-bench-test-");
+  ASSERT_TRUE(scratch.ok());
+  const std::string tmpl = scratch.path();
   engine_options o = full_disk_options(tmpl);
   o.disk_config_for_testing = {};
   std::ostringstream out;
@@ -551,12 +553,12 @@ TEST(bench_app, a_disk_that_takes_every_spill_reports_no_failures) {
   EXPECT_EQ(run_engine_command(o, out, err, false), exit_ok) << err.str();
   EXPECT_TRUE(err.str().empty()) << err.str();
   const nlohmann::json j = nlohmann::json::parse(out.str());
+  ASSERT_EQ(j.at("results").size(), 2U) << "lru and lfu";
   for (const auto& r : j.at("results")) {
     EXPECT_GT(r.at("spills").get<std::uint64_t>(), 0U) << r;
     EXPECT_EQ(r.at("spill_failures"), 0U) << r;
     EXPECT_EQ(r.at("disk_full"), false) << r;
   }
-  std::filesystem::remove_all(tmpl);
 }
 
 TEST(bench_app, missing_trace_is_a_runtime_error) {

@@ -1,6 +1,7 @@
 #include "tools/bench/engine_mode.hpp"
 
 #include "engine/disk/segment_file.hpp"
+#include "engine/testing/temp_dir.hpp"
 
 #include <gtest/gtest.h>
 
@@ -79,8 +80,9 @@ TEST(engine_mode, adaptive_follows_the_workload_recency_or_frequency) {
 }
 
 TEST(engine_mode, a_disk_tier_only_adds_hits_and_reports_them_by_tier) {
-  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const engine::testing::temp_dir scratch("kvfleet-bench-test-");
+  ASSERT_TRUE(scratch.ok());
+  const std::string tmpl = scratch.path();
   engine_options o = small_workload("chat", 0.1);
   o.policies = {policy_kind::lru, policy_kind::adaptive};
   auto without = run(o);
@@ -88,6 +90,8 @@ TEST(engine_mode, a_disk_tier_only_adds_hits_and_reports_them_by_tier) {
   o.disk_dir = tmpl;
   auto with = run(o);
   ASSERT_TRUE(with) << with.error().describe();
+  ASSERT_EQ(with->results.size(), 2U);
+  ASSERT_EQ(without->results.size(), 2U);
   for (std::size_t i = 0; i < with->results.size(); ++i) {
     const policy_result& w = with->results[i];
     EXPECT_TRUE(w.disk);
@@ -99,7 +103,6 @@ TEST(engine_mode, a_disk_tier_only_adds_hits_and_reports_them_by_tier) {
   }
   // Each run's directory is removed afterwards.
   EXPECT_TRUE(std::filesystem::is_empty(tmpl));
-  std::filesystem::remove(tmpl);
 }
 
 TEST(engine_mode, spills_refused_while_the_disk_was_behind_are_not_failures) {
@@ -117,8 +120,9 @@ TEST(engine_mode, spills_refused_while_the_disk_was_behind_are_not_failures) {
 }
 
 TEST(engine_mode, a_disk_capacity_past_64_bits_is_an_error) {
-  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const engine::testing::temp_dir scratch("kvfleet-bench-test-");
+  ASSERT_TRUE(scratch.ok());
+  const std::string tmpl = scratch.path();
   engine_options o = small_workload("chat", 0.1);
   o.policies = {policy_kind::lru};
   o.disk_dir = tmpl;
@@ -128,7 +132,6 @@ TEST(engine_mode, a_disk_capacity_past_64_bits_is_an_error) {
   EXPECT_EQ(r.error().code, errc::value_too_large);
   EXPECT_NE(r.error().message.find("does not fit"), std::string::npos);
   EXPECT_TRUE(std::filesystem::is_empty(tmpl));
-  std::filesystem::remove(tmpl);
 }
 
 TEST(engine_mode, disk_capacity_counts_the_segment_and_record_headers) {
@@ -154,8 +157,9 @@ TEST(engine_mode, disk_capacity_counts_the_segment_and_record_headers) {
 TEST(engine_mode, a_disk_tier_of_one_block_holds_one) {
   // Sized as blocks x the block's bytes, a one-block tier had no room for
   // the record and segment headers: every spill was refused, silently.
-  char tmpl[] = "/tmp/kvfleet-bench-test-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const engine::testing::temp_dir scratch("kvfleet-bench-test-");
+  ASSERT_TRUE(scratch.ok());
+  const std::string tmpl = scratch.path();
   engine_options o = small_workload("chat", 0.1);
   o.requests = 100;
   o.policies = {policy_kind::lru};
@@ -165,7 +169,6 @@ TEST(engine_mode, a_disk_tier_of_one_block_holds_one) {
   ASSERT_TRUE(r) << r.error().describe();
   EXPECT_GT(r->results[0].spills, 0U);
   EXPECT_TRUE(std::filesystem::is_empty(tmpl));
-  std::filesystem::remove(tmpl);
 }
 
 TEST(engine_mode, prefill_saved_uses_the_cost_as_given) {
@@ -294,15 +297,16 @@ TEST(engine_mode, compression_demotes_instead_of_evicting) {
 class trace_file : public ::testing::Test {
 protected:
   void SetUp() override {
-    path_ = ::testing::TempDir() + "kvfleet_bench_trace_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name() +
-            ".jsonl";
+    ASSERT_TRUE(dir_.ok()) << "mkdtemp failed";
+    path_ = dir_.file("trace.jsonl");
   }
-  void TearDown() override { std::remove(path_.c_str()); }
   void write(const std::string& text) {
     std::ofstream f(path_);
     f << text;
+    f.close();
+    EXPECT_TRUE(f.good()) << "cannot write " << path_;
   }
+  engine::testing::temp_dir dir_{"kvfleet_bench_trace_"};
   std::string path_;
 };
 
