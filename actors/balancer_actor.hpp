@@ -17,7 +17,10 @@
 ///       request_timeout when the engine does not answer within
 ///       `request_timeout`; errc::unavailable "no engine available" when none
 ///       is live. A request whose engine died before answering is retried once
-///       on another engine. Timeouts are the balancer's own: requests wait in
+///       on another engine, with request_timeout counted again from the
+///       retry: a caller whose engine died just before the deadline may wait
+///       up to about twice request_timeout (size its own limits for that).
+///       Timeouts are the balancer's own: requests wait in
 ///       dispatch order with one timer for the oldest (not one CAF timer per
 ///       request, which cost about a third of the throughput), so each still
 ///       times out at its deadline; a reply after it is dropped. The
