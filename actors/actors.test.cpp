@@ -3170,6 +3170,36 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   caf::anon_send_exit(pf2, caf::exit_reason::user_shutdown);
 }
 
+TEST_F(actor_test, PrefetcherKeepsKeylessRequestsApartFromQueries) {
+  // A request without a query was known by its last key's 32 hex digits,
+  // which is also the id of the query of those 32 characters: a keyless
+  // request shared that query's history, and prefetched what followed it.
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  auto pc = eager_prefetch();
+  pc.threshold = 0.6;
+  auto pf = prefetcher(b, pc);
+  auto observe = [&](const kv_request& r) { observed(pf, r); };
+  const block_key last{0x1234, 0x5678};
+  for (std::uint64_t s = 1; s <= 3; ++s) {
+    observe(query(s, last.to_hex()));
+    observe(query(s, "B"));
+  }
+  kv_request keyless;
+  keyless.session = 10;
+  keyless.keys = {last};
+  keyless.input_tokens = 16;
+  const auto before = be->seen.size();
+  observe(keyless);
+  EXPECT_EQ(be->seen.size(), before) << "predicted from another query";
+  // The query itself still predicts B.
+  observe(query(11, last.to_hex()));
+  ASSERT_EQ(be->seen.size(), before + 1);
+  EXPECT_EQ(be->seen.back().query, "B");
+  EXPECT_NE(prefetch_key_query_id(last), prefetch_query_id(last.to_hex()));
+  EXPECT_EQ(prefetch_key_query_id(last).size(), 65U);
+  caf::anon_send_exit(pf, caf::exit_reason::user_shutdown);
+}
+
 TEST_F(actor_test, PrefetcherForgetsTheLeastRecentlySeenQueryPastItsKeyBound) {
   // Room for 3 block keys of remembered requests (1 key each here). B is
   // seen, then C, then A -> B is learned: C, now the least recently seen,

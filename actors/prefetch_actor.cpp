@@ -49,11 +49,11 @@ struct prefetch_state {
 using prefetch_actor = caf::stateful_actor<prefetch_state>;
 
 /// The request's query id (prefetch_query_id): its query's, or its last
-/// block key's when it has none.
+/// block key's when it has none (prefetch_key_query_id).
 std::string query_of(const kv_request& r) {
   if (!r.query.empty())
     return prefetch_query_id(r.query);
-  return r.keys.empty() ? std::string{} : r.keys.back().to_hex();
+  return r.keys.empty() ? std::string{} : prefetch_key_query_id(r.keys.back());
 }
 
 void forget(
@@ -272,6 +272,14 @@ std::string prefetch_query_id(const std::string& query) {
   // 65 bytes for a longer one: no query kept as itself (64 bytes at most)
   // is one.
   return digest_long_key(query, prefetch_query_id_max_bytes);
+}
+
+std::string prefetch_key_query_id(const engine::block_key& last) {
+  // '@', 32 hex digits, '@' up to 65 bytes: longer than any query kept as
+  // itself, and a digest of a longer one starts with '#'.
+  std::string id(prefetch_query_id_max_bytes + 1, '@');
+  id.replace(1, 32, last.to_hex());
+  return id;
 }
 
 result<caf::actor> spawn_prefetcher(caf::actor_system& sys,

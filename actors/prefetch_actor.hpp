@@ -51,6 +51,7 @@
 /// (stats_atom) -> prefetch_stats.
 
 #include "actors/transition_model.hpp"
+#include "engine/block_key.hpp"
 #include "engine/result.hpp"
 
 #include <cstddef>
@@ -85,6 +86,12 @@ struct prefetch_config {
 /// never taken for a digest.
 [[nodiscard]] std::string prefetch_query_id(const std::string& query);
 inline constexpr std::size_t prefetch_query_id_max_bytes = 64;
+
+/// What they know a request without a query by: its last block key's 32
+/// hex digits between '@'s, padded with '@' to 65 bytes, so that it is
+/// never a query's id (before, the bare hex digits were, for the query of
+/// those 32 characters, and the two shared one history).
+[[nodiscard]] std::string prefetch_key_query_id(const engine::block_key& last);
 
 /// errc::invalid_argument naming the option when `config` makes no sense:
 /// a threshold or model decay outside [0, 1], a negative or non-finite
