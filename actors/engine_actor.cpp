@@ -915,9 +915,27 @@ result<caf::actor> spawn_engine_actor(caf::actor_system& sys,
   const bool waits = config.make_disk != nullptr ||
                      open == store_open::on_engine ||
                      !parts->store->host_addressable();
-  if (config.own_thread.value_or(waits))
-    return sys.spawn<caf::detached>(engine_behavior, std::move(parts));
-  return sys.spawn(engine_behavior, std::move(parts));
+  // CAF throws when it cannot make a detached actor's thread
+  // (std::system_error) or allocate the actor: error values here, so
+  // node::start stops the engines it started, and the balancer counts a
+  // failed start.
+  try {
+    if (config.own_thread.value_or(waits))
+      return sys.spawn<caf::detached>(engine_behavior, std::move(parts));
+    return sys.spawn(engine_behavior, std::move(parts));
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "no host memory to spawn the engine actor of slot " +
+                          std::to_string(config.slot));
+  } catch (const std::system_error& ex) {
+    return make_error(
+        errc::unavailable,
+        "cannot start the thread of the engine actor of slot " +
+            std::to_string(config.slot) + ": " + ex.what() +
+            " (CAF keeps counting the actor it could not start, so the actor "
+            "system may not shut down cleanly after this: free threads or "
+            "memory, then restart the process)");
+  }
 }
 
 std::function<result<std::unique_ptr<engine::disk_tier>>(std::uint32_t slot)>

@@ -272,6 +272,11 @@ enum class store_open : std::uint8_t {
 /// backend's, the tier factory's, the disk tier's (directory missing,
 /// unwritable, full, locked, another version: engine/disk/README.md) and
 /// the store's (zero capacity, bad namespace). Nothing is spawned then.
+/// A spawn CAF cannot carry out is an error value too: errc::unavailable
+/// when no thread can be made for an engine on a thread of its own (CAF
+/// 0.17.6 then still counts the actor it could not start, so shutting the
+/// actor system down may hang: restart the process), errc::out_of_memory
+/// when the actor cannot be allocated.
 [[nodiscard]] result<caf::actor>
 spawn_engine_actor(caf::actor_system& sys, const engine_actor_config& config,
                    store_open open = store_open::before_spawn);

@@ -12,6 +12,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -462,7 +463,16 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
             actors::spawn_engine_actor(s, cfg, actors::store_open::on_engine);
         if (!engine)
           return unexpected<error>{engine.error()};
-        engines->add(*engine);
+        try {
+          engines->add(*engine);
+        } catch (const std::bad_alloc&) {
+          // Not known to the node, it would run on unowned, its directory
+          // locked against the slot's next start.
+          caf::anon_send_exit(*engine, caf::exit_reason::user_shutdown);
+          return make_error(errc::out_of_memory,
+                            "no host memory to register the engine of slot " +
+                                std::to_string(slot));
+        }
         return actors::started_engine{std::move(*engine), true,
                                       cfg.make_disk != nullptr};
       });

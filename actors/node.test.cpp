@@ -635,8 +635,6 @@ engine::segment_file::write_fault waiting_at(std::shared_ptr<gate> g) {
   };
 }
 
-/// The engine of `slot` (a retiring one too, until it has exited), asked of
-/// the node's balancer; a null actor when the slot has none.
 /// The engine in `slot`, retiring ones too; null when the slot has none
 /// live (errc::not_found: free, or its engine still opening). Any other
 /// answer fails the test, so a poll for a freed slot cannot read a

@@ -4,6 +4,8 @@
 // second, but not once per item: the loops it serves do a few hash or map
 // operations per item, and a std::function call each time would show.
 
+#include <cxxabi.h>
+
 #include <cstddef>
 #include <functional>
 #include <new>
@@ -29,6 +31,8 @@ inline bool stop_asked(const std::function<bool()>& stop) {
     throw;
   } catch (const std::exception& e) {
     throw stop_check_failed(e.what());
+  } catch (abi::__forced_unwind&) {
+    throw; // the thread is being cancelled: let it unwind
   } catch (...) {
     throw stop_check_failed("an exception not derived from std::exception");
   }

@@ -60,8 +60,9 @@ struct trace_options {
   /// signal handler's flag, so an endless or huge input can be
   /// interrupted). A read blocked on its stream (a pipe with no data) sees
   /// it once the stream answers, data or end: a stop seen at the end is
-  /// still a stop, not an empty trace. One that throws a std::exception
-  /// stops it too, with the exception's text. Empty: never stops.
+  /// still a stop, not an empty trace. One that throws stops it too, with
+  /// the text of a std::exception (bad_alloc: out_of_memory). Empty: never
+  /// stops.
   std::function<bool()> stop;
 };
 

@@ -84,7 +84,7 @@ struct workload_options {
   /// Asked before the first request is made and then about every 4,096
   /// requests; true stops generation with `errc::unavailable` (e.g. a
   /// signal handler's flag: 5,000,000 requests take tens of seconds), and
-  /// so does a std::exception it throws (saying what; before, it escaped).
+  /// so does anything it throws (saying what; before, it escaped).
   /// Empty: never stops.
   std::function<bool()> stop;
 };
@@ -114,7 +114,8 @@ generate_workload(std::string_view name, const workload_options& opts);
 ///
 /// `stop` (may be empty) is asked before the first id and then about every
 /// 4,096 ids; true stops the count with `errc::unavailable` ("stopped after
-/// N of M requests"), as a std::exception it throws does (saying what).
+/// N of M requests"), as anything it throws does (saying what; bad_alloc:
+/// out_of_memory).
 /// Counting 5,000,000 chat requests takes tens of
 /// seconds. `errc::out_of_memory` when the prefixes do not fit in memory
 /// (about 40 bytes each).
