@@ -2995,6 +2995,8 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
            "batch.timeout"},
           {[](engine_actor_config& c) { c.tier_poll_interval = 0us; },
            "tier_poll_interval"},
+          {[](engine_actor_config& c) { c.disk_poll_interval = -1us; },
+           "disk_poll_interval"},
           {[](engine_actor_config& c) { c.pressure.target = -0.5; },
            "pressure"},
           {[](engine_actor_config& c) { c.pressure.threshold = 1.5; },

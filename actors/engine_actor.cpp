@@ -77,6 +77,17 @@ struct pending_request {
   owed_reply promise;
 };
 
+/// A low or background request whose prefix goes on from memory to disk:
+/// its disk reads were started (block_store::promote) and it waits for
+/// them off the batch, so the requests after it are not held up by them.
+struct deferred_request {
+  pending_request p;
+  /// Its leading blocks in memory before the reads: the reply's
+  /// memory_blocks, the rest of what it then finds there its
+  /// promoted_blocks, as if process() had read them itself.
+  std::size_t memory_blocks = 0;
+};
+
 struct engine_state {
   engine_actor_config config;
   std::unique_ptr<engine::block_store> store;
@@ -109,7 +120,12 @@ struct engine_state {
   std::uint64_t expired = 0;      ///< engine_stats::expired
   std::uint64_t published = 0;    ///< block_events sent (block_events::seq)
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
-  bool sweep_pending = false;     ///< a sweep_atom is on its way
+  /// Waiting for their disk reads, in the order their reads were started
+  /// (promote() calls finish in that order).
+  std::deque<deferred_request> deferred;
+  bool disk_poll_pending = false;  ///< a poll_disk_atom is on its way
+  std::uint64_t disk_deferred = 0; ///< engine_stats::disk_deferred
+  bool sweep_pending = false;      ///< a sweep_atom is on its way
   /// Its balancer retires it: it persisted its blocks (persist_atom with
   /// `retiring`) and exits next, so puts and pins are refused from then on
   /// (acked, they would be lost with it).
@@ -350,6 +366,106 @@ void arm_timer(engine_actor* self) {
   self->delayed_send(self, delay, close_batch_atom::value, b.generation());
 }
 
+/// Answers `p`: errc::timeout unprocessed when its turn came at or after
+/// its deadline, else process()'s reply or error. `memory_blocks`: a
+/// deferred request's leading blocks in memory before its disk reads.
+void serve(engine_actor* self, pending_request& p,
+           std::optional<std::size_t> memory_blocks = std::nullopt) {
+  auto& st = self->state;
+  const auto deadline = p.request.deadline_ns;
+  if (deadline != 0 && arrival_time(self).count() >= deadline) {
+    ++st.expired;
+    p.promise.deliver(to_caf_error(
+        error{errc::timeout,
+              "request " + std::to_string(p.request.id) +
+                  " came to its turn after its deadline (the balancer's "
+                  "request_timeout): not processed"}));
+    --st.in_flight;
+    return;
+  }
+  auto r = run_one(st, p.request);
+  if (r && memory_blocks && r->memory_blocks > *memory_blocks) {
+    // What its disk reads brought back, found in memory now.
+    r->promoted_blocks += r->memory_blocks - *memory_blocks;
+    r->memory_blocks = *memory_blocks;
+  }
+  if (r)
+    p.promise.deliver(std::move(*r));
+  else
+    p.promise.deliver(to_caf_error(r.error()));
+  --st.in_flight;
+}
+
+/// Collects the disk tier's answers after disk_poll_interval while
+/// deferred requests wait for them.
+void arm_disk_poll(engine_actor* self) {
+  auto& st = self->state;
+  if (st.disk_poll_pending || st.deferred.empty())
+    return;
+  st.disk_poll_pending = true;
+  self->delayed_send(self, st.config.disk_poll_interval, poll_disk_atom::value);
+}
+
+/// Starts the disk reads of `p` and defers it (true) when it is of low or
+/// background priority and its prefix goes on from memory straight to disk
+/// (not the memory tier, whose copies take microseconds): process() would
+/// wait for those reads inside the batch, and every request behind it,
+/// a critical one too, with it. A request of normal priority and above
+/// reads inline (demand reads, ahead of the tier's background work).
+bool defer_for_disk(engine_actor* self, pending_request& p) {
+  auto& st = self->state;
+  const auto& req = p.request;
+  if (st.store->disk() == nullptr || req.prio > engine::priority::low)
+    return false;
+  if (req.deadline_ns != 0 && arrival_time(self).count() >= req.deadline_ns)
+    return false; // serve() answers it unprocessed
+  std::size_t in_memory = 0;
+  while (in_memory < req.keys.size() &&
+         st.store->contains(st.ns, req.keys[in_memory]))
+    ++in_memory;
+  if (in_memory == req.keys.size() ||
+      !st.store->on_disk(st.ns, req.keys[in_memory]))
+    return false;
+  engine::put_options opts;
+  opts.prio = req.prio;
+  opts.request_tokens = static_cast<std::uint32_t>(
+      std::min<std::size_t>(req.input_tokens, 0xffffffffU));
+  auto started = st.store->promote(st.ns, req.keys, opts);
+  // An error (no room to reserve into, say) or nothing left to read:
+  // process() takes it from here, as before.
+  if (!started || !st.store->promotion_pending(req.keys))
+    return false;
+  ++st.disk_deferred;
+  st.deferred.push_back(deferred_request{std::move(p), in_memory});
+  arm_disk_poll(self);
+  return true;
+}
+
+/// Collects the disk tier's answers and serves the deferred requests whose
+/// reads have all landed (or failed: process() computes those blocks), in
+/// order; one past its deadline is answered unprocessed at once.
+void run_deferred(engine_actor* self) {
+  auto& st = self->state;
+  st.store->poll_disk();
+  bool served = false;
+  const auto now = arrival_time(self).count();
+  for (auto it = st.deferred.begin(); it != st.deferred.end();) {
+    const auto deadline = it->p.request.deadline_ns;
+    const bool late = deadline != 0 && now >= deadline;
+    if (!late && st.store->promotion_pending(it->p.request.keys)) {
+      ++it;
+      continue;
+    }
+    deferred_request d = std::move(*it);
+    it = st.deferred.erase(it);
+    serve(self, d.p, d.memory_blocks);
+    served = true;
+  }
+  if (served)
+    after_batch(self);
+  arm_disk_poll(self);
+}
+
 void close_batch(engine_actor* self) {
   auto& st = self->state;
   // What is left over may be a full batch already (a request that alone
@@ -361,25 +477,9 @@ void close_batch(engine_actor* self) {
   const bool at_marker = st.batcher.config().close_when_idle;
   do {
     auto batch = st.batcher.take();
-    for (auto& p : batch) {
-      const auto deadline = p.request.deadline_ns;
-      if (deadline != 0 && arrival_time(self).count() >= deadline) {
-        ++st.expired;
-        p.promise.deliver(to_caf_error(
-            error{errc::timeout,
-                  "request " + std::to_string(p.request.id) +
-                      " came to its turn after its deadline (the balancer's "
-                      "request_timeout): not processed"}));
-        --st.in_flight;
-        continue;
-      }
-      auto r = run_one(st, p.request);
-      if (r)
-        p.promise.deliver(std::move(*r));
-      else
-        p.promise.deliver(to_caf_error(r.error()));
-      --st.in_flight;
-    }
+    for (auto& p : batch)
+      if (!defer_for_disk(self, p))
+        serve(self, p);
     after_batch(self);
   } while (!at_marker && st.batcher.pending() > 0 && st.batcher.full());
   arm_timer(self);
@@ -568,6 +668,12 @@ caf::behavior engine_behavior(engine_actor* self,
         // The disk tier's expirations are reported at the next publish.
         publish(self);
         arm_sweep(self);
+      },
+      [=](poll_disk_atom) {
+        if (!sent_by_itself(self))
+          return;
+        self->state.disk_poll_pending = false;
+        run_deferred(self);
       },
       [=](poll_tier_atom) {
         if (!sent_by_itself(self))
@@ -769,6 +875,7 @@ caf::behavior engine_behavior(engine_actor* self,
         out.engine = s.config.slot;
         out.in_flight = s.in_flight;
         out.expired = s.expired;
+        out.disk_deferred = s.disk_deferred;
         out.requests = s.requests;
         out.batches = s.batches;
         out.blocks = s.store->block_count();
@@ -874,6 +981,10 @@ result<void> validate(const engine_actor_config& config) {
     return ok;
   if (auto ok = check_duration("engine_actor_config.tier_poll_interval",
                                config.tier_poll_interval);
+      !ok)
+    return ok;
+  if (auto ok = check_duration("engine_actor_config.disk_poll_interval",
+                               config.disk_poll_interval);
       !ok)
     return ok;
   if (auto ok = check_duration("engine_actor_config.expire_interval",

@@ -95,9 +95,20 @@
 ///
 /// Disk tier (`make_disk`): blocks evicted for space spill to the engine's
 /// own directory, and a request whose prefix goes on past memory (and the
-/// memory tier) continues from disk: the engine waits for those reads
-/// inside the batch, so an engine with a disk tier runs on a thread of its
-/// own by default (`own_thread`). The block calls reach it too: `read_atom`
+/// memory tier) continues from disk: for a request of normal priority and
+/// above, the engine waits for those reads inside the batch (demand reads,
+/// ahead of the tier's background work), so an engine with a disk tier runs
+/// on a thread of its own by default (`own_thread`). A low or background
+/// request (a prefetch, a warm query) whose prefix goes on from memory
+/// straight to disk waits off its batch instead: the engine starts its
+/// reads (engine::block_store::promote, background reads), serves the
+/// requests after it, and collects the tier's answers every
+/// `disk_poll_interval`; once its reads have landed (or failed: those
+/// blocks are computed) it is processed, its reply counting the blocks the
+/// reads brought back in `promoted_blocks` as process() would have
+/// (engine_stats::disk_deferred counts such requests). Before, a critical
+/// request that came during a prefetch's reads waited for all of them.
+/// The block calls reach it too: `read_atom`
 /// and `pin_atom` of a block only on disk, and `reserve_atom` of a block
 /// whose parent is only there (lookup_atom counted it), bring that block
 /// back and wait for its read (engine::block_store::acquire, pin,
@@ -179,6 +190,10 @@ struct engine_actor_config {
   /// often even when no request comes, so an idle engine frees the device
   /// memory and staging they hold as soon as they finish.
   std::chrono::microseconds tier_poll_interval{1000};
+  /// While low or background requests wait for their prefix's disk reads
+  /// (see "Disk tier" above), the actor collects the disk tier's answers
+  /// this often.
+  std::chrono::microseconds disk_poll_interval{1000};
   /// While the actor has a listener, it removes expired blocks this often
   /// (engine::block_store::expire: memory, the memory tier, the disk tier)
   /// and publishes what left, so the listeners' index drops them within

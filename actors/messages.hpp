@@ -151,6 +151,9 @@ struct engine_stats {
   /// after their deadline (kv_request::deadline_ns), when the balancer had
   /// answered their caller with a timeout already.
   std::uint64_t expired = 0;
+  /// Low and background requests that waited off their batch for their
+  /// prefix's disk reads (engine_actor.hpp, "Disk tier").
+  std::uint64_t disk_deferred = 0;
   std::uint64_t batches = 0;
   std::uint64_t blocks = 0;
   std::uint64_t used_bytes = 0;
@@ -183,12 +186,13 @@ struct engine_stats {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
-           x.requests, x.expired, x.batches, x.blocks, x.used_bytes,
-           x.capacity_bytes, x.token_hits, x.token_misses, x.evictions,
-           x.pressure_evictions, x.capacity_tokens, x.memory, x.tier,
-           x.tier_blocks, x.tier_demotions, x.tier_hits, x.tier_in_flight_bytes,
-           x.disk, x.disk_blocks, x.disk_hits, x.disk_spills,
-           x.disk_spill_failures, x.block_hits, x.block_misses, x.listeners);
+           x.requests, x.expired, x.disk_deferred, x.batches, x.blocks,
+           x.used_bytes, x.capacity_bytes, x.token_hits, x.token_misses,
+           x.evictions, x.pressure_evictions, x.capacity_tokens, x.memory,
+           x.tier, x.tier_blocks, x.tier_demotions, x.tier_hits,
+           x.tier_in_flight_bytes, x.disk, x.disk_blocks, x.disk_hits,
+           x.disk_spills, x.disk_spill_failures, x.block_hits, x.block_misses,
+           x.listeners);
 }
 
 /// The balancer's counters.
@@ -415,5 +419,6 @@ CAF_ADD_ATOM(kvfleet, kvfleet::actors, persist_atom, "kv_persist")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, ready_atom, "kv_ready")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, timeout_atom, "kv_timeout")
 CAF_ADD_ATOM(kvfleet, kvfleet::actors, expire_puts_atom, "kv_putexp")
+CAF_ADD_ATOM(kvfleet, kvfleet::actors, poll_disk_atom, "kv_pdisk")
 
 CAF_END_TYPE_ID_BLOCK(kvfleet)

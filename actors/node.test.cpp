@@ -7,6 +7,7 @@
 #include "engine/disk/segment_file.hpp"
 #include "engine/kv_producer.hpp"
 #include "engine/memory_backend.hpp"
+#include "engine/testing/io_gate.hpp"
 #include "engine/testing/temp_dir.hpp"
 
 #include <gtest/gtest.h>
@@ -472,6 +473,87 @@ kv_request chain(std::uint64_t id) {
     r.keys.push_back(block_key{1000 + id, b});
   r.input_tokens = 64;
   return r;
+}
+
+/// Opens `g` after 10 s unless dismissed first: a test whose engine would
+/// wait for a held disk read fails then, instead of hanging.
+class gate_watchdog {
+public:
+  explicit gate_watchdog(std::shared_ptr<engine::testing::io_gate> g)
+      : thread_([this, g] {
+          std::unique_lock lk(mu_);
+          if (!cv_.wait_for(lk, std::chrono::seconds(10),
+                            [&] { return done_; }))
+            g->open();
+        }) {}
+  ~gate_watchdog() {
+    {
+      std::lock_guard lk(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  gate_watchdog(const gate_watchdog&) = delete;
+  gate_watchdog& operator=(const gate_watchdog&) = delete;
+
+private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+TEST_F(Node, ALowPriorityRequestWaitsForItsDiskReadsOffTheBatch) {
+  // A prefetch whose prefix was on disk held its engine for its reads,
+  // which queue behind the tier's other work (spills, here one held at a
+  // gate): a request of normal priority that came meanwhile waited for all
+  // of them. The prefetch's reads are started and it waits off its batch
+  // now; the normal request is served at once, the prefetch once its
+  // reads have landed, its reply counting them as promoted.
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto g = std::make_shared<engine::testing::io_gate>();
+  auto disk = disk_config(dir.path());
+  disk.write_fault_for_testing = engine::testing::io_gate::hook(g);
+  auto c = disk_node(dir.path());
+  c.engine.make_disk = actors::disk_tier_per_engine(disk);
+  c.engine.store.adaptive_compression = false;      // evict, not demote
+  c.engine.store.policy = engine::policy_kind::lru; // the oldest go first
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  // chain(1)'s four blocks leave memory (64 blocks) for disk.
+  for (std::uint64_t id = 1; id <= 40; ++id)
+    ASSERT_TRUE((*n)->process_request(chain(id)).has_value());
+  // The tier's I/O thread is held in its next write, a spill.
+  g->arm();
+  const gate_watchdog watchdog(g);
+  ASSERT_TRUE((*n)->process_request(chain(41)).has_value());
+  ASSERT_TRUE(g->wait_entered());
+  auto low = chain(1);
+  low.id = 500;
+  low.prio = engine::priority::low;
+  caf::scoped_actor self{*sys_};
+  self->send((*n)->balancer(), actors::process_atom::value, low);
+  auto normal = (*n)->process_request(chain(42));
+  ASSERT_TRUE(normal.has_value()) << normal.error().describe();
+  auto st = (*n)->engine_stats(0);
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->disk_deferred, 1U);
+  EXPECT_EQ(st->in_flight, 1U) << "the low request was served first";
+  g->open();
+  std::optional<actors::kv_reply> got;
+  self->receive([&](actors::kv_reply& r) { got = std::move(r); },
+                [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); },
+                caf::after(std::chrono::seconds(60)) >>
+                    [&] { ADD_FAILURE() << "no reply to the low request"; });
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->id, 500U);
+  EXPECT_EQ(got->matched_blocks, 4U);
+  EXPECT_EQ(got->computed_blocks, 0U);
+  EXPECT_EQ(got->memory_blocks, 0U);
+  EXPECT_EQ(got->promoted_blocks, 4U) << "as process() would count them";
+  ASSERT_TRUE((*n)->stop());
 }
 
 TEST_F(Node, ADiskTierServesEvictedBlocksAndOutlivesTheNode) {

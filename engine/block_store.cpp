@@ -2776,6 +2776,20 @@ void block_store::drain_disk() {
                                 static_cast<std::ptrdiff_t>(done));
 }
 
+bool block_store::promotion_pending(std::span<const block_key> keys) const {
+  if (pending_promotions_.empty())
+    return false;
+  for (const block_key& key : keys) {
+    const std::uint32_t id = index_.find(key);
+    if (id == npos || entries_[id].state != entry_state::reserved)
+      continue;
+    for (const promotion& p : pending_promotions_)
+      if (p.handle.id_ == id)
+        return true;
+  }
+  return false;
+}
+
 bool block_store::await_promotions_of(std::span<const block_key> keys) {
   if (pending_promotions_.empty() || keys.empty())
     return false;

@@ -530,6 +530,11 @@ public:
   [[nodiscard]] std::size_t pending_promotions() const noexcept {
     return pending_promotions_.size();
   }
+  /// Whether a promote() read of one of `keys` is still to be collected
+  /// (poll_disk()): process() of `keys` would wait for it (and for the
+  /// promote() calls before it, which finish first). False once poll_disk()
+  /// has collected it, landed or failed.
+  [[nodiscard]] bool promotion_pending(std::span<const block_key> keys) const;
 
   /// Puts a memory tier below the arena (see the class comment); `make` is
   /// called with the store's memory backend. Returns false when `make`
