@@ -77,15 +77,21 @@ struct pending_request {
   owed_reply promise;
 };
 
-/// A low or background request whose prefix goes on from memory to disk:
+/// What a request had before block_store::promote() read for it: its
+/// leading blocks in memory, and how many blocks promote() brought back or
+/// started reading for it. Its reply counts those of them found in memory
+/// as promoted_blocks, as if process() had read them itself.
+struct before_reads {
+  std::size_t memory_blocks = 0;
+  std::size_t promoted = 0;
+};
+
+/// A low or background request whose prefix goes on past memory to disk:
 /// its disk reads were started (block_store::promote) and it waits for
 /// them off the batch, so the requests after it are not held up by them.
 struct deferred_request {
   pending_request p;
-  /// Its leading blocks in memory before the reads: the reply's
-  /// memory_blocks, the rest of what it then finds there its
-  /// promoted_blocks, as if process() had read them itself.
-  std::size_t memory_blocks = 0;
+  before_reads before;
 };
 
 struct engine_state {
@@ -367,10 +373,10 @@ void arm_timer(engine_actor* self) {
 }
 
 /// Answers `p`: errc::timeout unprocessed when its turn came at or after
-/// its deadline, else process()'s reply or error. `memory_blocks`: a
-/// deferred request's leading blocks in memory before its disk reads.
+/// its deadline, else process()'s reply or error. `before`: what it had in
+/// memory before promote() read for it (defer_for_disk).
 void serve(engine_actor* self, pending_request& p,
-           std::optional<std::size_t> memory_blocks = std::nullopt) {
+           const std::optional<before_reads>& before = std::nullopt) {
   auto& st = self->state;
   const auto deadline = p.request.deadline_ns;
   if (deadline != 0 && arrival_time(self).count() >= deadline) {
@@ -384,10 +390,14 @@ void serve(engine_actor* self, pending_request& p,
     return;
   }
   auto r = run_one(st, p.request);
-  if (r && memory_blocks && r->memory_blocks > *memory_blocks) {
-    // What its disk reads brought back, found in memory now.
-    r->promoted_blocks += r->memory_blocks - *memory_blocks;
-    r->memory_blocks = *memory_blocks;
+  if (r && before && r->memory_blocks > before->memory_blocks) {
+    // What promote() brought back for it, found in memory now, counts as
+    // process() would have counted it; more found there (another
+    // request's reads of a shared chain) was found, not promoted.
+    const auto own = std::min<std::uint64_t>(
+        r->memory_blocks - before->memory_blocks, before->promoted);
+    r->promoted_blocks += own;
+    r->memory_blocks -= own;
   }
   if (r)
     p.promise.deliver(std::move(*r));
@@ -406,39 +416,62 @@ void arm_disk_poll(engine_actor* self) {
   self->delayed_send(self, st.config.disk_poll_interval, poll_disk_atom::value);
 }
 
-/// Starts the disk reads of `p` and defers it (true) when it is of low or
-/// background priority and its prefix goes on from memory straight to disk
-/// (not the memory tier, whose copies take microseconds): process() would
-/// wait for those reads inside the batch, and every request behind it,
-/// a critical one too, with it. A request of normal priority and above
-/// reads inline (demand reads, ahead of the tier's background work).
-bool defer_for_disk(engine_actor* self, pending_request& p) {
+/// What defer_for_disk did with a request.
+struct deferral {
+  bool deferred = false;
+  /// Not deferred, but promote() brought blocks back for it (from the
+  /// memory tier, or linked): serve() it with this, so its reply counts
+  /// them as promoted.
+  std::optional<before_reads> served_after;
+};
+
+/// Starts the reads of `p` and defers it when it is of low or background
+/// priority and its prefix goes on past memory (and the memory tier's run
+/// after it) to disk: process() would wait for those reads inside the
+/// batch, and every request behind it, a critical one too, with it. The
+/// reads are demand reads at the disk tier, as process()'s own would be,
+/// so a request of the same keys that comes meanwhile, which waits for
+/// them, waits no longer than for its own. A request of normal priority
+/// and above reads inline. One whose reads promote() could not start
+/// itself (another deferred request is reading the same chain, or no
+/// room) is not deferred: process() waits as before.
+deferral defer_for_disk(engine_actor* self, pending_request& p) {
   auto& st = self->state;
   const auto& req = p.request;
   if (st.store->disk() == nullptr || req.prio > engine::priority::low)
-    return false;
+    return {};
   if (req.deadline_ns != 0 && arrival_time(self).count() >= req.deadline_ns)
-    return false; // serve() answers it unprocessed
+    return {}; // serve() answers it unprocessed
+  // Refused by process() anyway: nothing is read for it.
+  if (!engine::check_request_keys(req.keys) ||
+      !engine::check_block_keys(req.keys.size(), req.input_tokens,
+                                st.config.ns.block_tokens))
+    return {};
   std::size_t in_memory = 0;
   while (in_memory < req.keys.size() &&
          st.store->contains(st.ns, req.keys[in_memory]))
     ++in_memory;
-  if (in_memory == req.keys.size() ||
-      !st.store->on_disk(st.ns, req.keys[in_memory]))
-    return false;
+  std::size_t next = in_memory;
+  while (next < req.keys.size() && st.store->in_tier(st.ns, req.keys[next]))
+    ++next;
+  if (next == req.keys.size() || !st.store->on_disk(st.ns, req.keys[next]))
+    return {};
   engine::put_options opts;
   opts.prio = req.prio;
   opts.request_tokens = static_cast<std::uint32_t>(
       std::min<std::size_t>(req.input_tokens, 0xffffffffU));
-  auto started = st.store->promote(st.ns, req.keys, opts);
-  // An error (no room to reserve into, say) or nothing left to read:
-  // process() takes it from here, as before.
-  if (!started || !st.store->promotion_pending(req.keys))
-    return false;
+  auto started =
+      st.store->promote(st.ns, req.keys, opts, engine::disk_priority::demand);
+  // An error (no room to reserve into, say): process() takes it from here.
+  if (!started || *started == 0)
+    return {};
+  const before_reads before{in_memory, *started};
+  if (!st.store->promotion_pending(req.keys))
+    return deferral{false, before}; // the memory tier's copies only
   ++st.disk_deferred;
-  st.deferred.push_back(deferred_request{std::move(p), in_memory});
+  st.deferred.push_back(deferred_request{std::move(p), before});
   arm_disk_poll(self);
-  return true;
+  return deferral{true, std::nullopt};
 }
 
 /// Collects the disk tier's answers and serves the deferred requests whose
@@ -458,7 +491,7 @@ void run_deferred(engine_actor* self) {
     }
     deferred_request d = std::move(*it);
     it = st.deferred.erase(it);
-    serve(self, d.p, d.memory_blocks);
+    serve(self, d.p, d.before);
     served = true;
   }
   if (served)
@@ -477,11 +510,18 @@ void close_batch(engine_actor* self) {
   const bool at_marker = st.batcher.config().close_when_idle;
   do {
     auto batch = st.batcher.take();
-    for (auto& p : batch)
-      if (!defer_for_disk(self, p))
-        serve(self, p);
+    for (auto& p : batch) {
+      auto d = defer_for_disk(self, p);
+      if (!d.deferred)
+        serve(self, p, d.served_after);
+    }
     after_batch(self);
   } while (!at_marker && st.batcher.pending() > 0 && st.batcher.full());
+  // The batch collected the disk tier's answers: deferred requests whose
+  // reads have landed are served now, before a later batch can evict
+  // their blocks (low priority goes first), which would read them again.
+  if (!st.deferred.empty())
+    run_deferred(self);
   arm_timer(self);
 }
 

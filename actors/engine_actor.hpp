@@ -99,15 +99,23 @@
 /// above, the engine waits for those reads inside the batch (demand reads,
 /// ahead of the tier's background work), so an engine with a disk tier runs
 /// on a thread of its own by default (`own_thread`). A low or background
-/// request (a prefetch, a warm query) whose prefix goes on from memory
-/// straight to disk waits off its batch instead: the engine starts its
-/// reads (engine::block_store::promote, background reads), serves the
-/// requests after it, and collects the tier's answers every
-/// `disk_poll_interval`; once its reads have landed (or failed: those
-/// blocks are computed) it is processed, its reply counting the blocks the
-/// reads brought back in `promoted_blocks` as process() would have
-/// (engine_stats::disk_deferred counts such requests). Before, a critical
-/// request that came during a prefetch's reads waited for all of them.
+/// request (a prefetch, a warm query) whose prefix goes on past memory
+/// (and the memory tier's run after it) to disk waits off its batch
+/// instead: the engine starts its reads (engine::block_store::promote, as
+/// demand reads, so a request of the same keys waiting for them waits no
+/// longer than for its own), serves the requests after it, and collects
+/// the tier's answers after each batch and every `disk_poll_interval`;
+/// once its reads have landed (or failed: those blocks are computed) it is
+/// processed, its reply counting the blocks its reads brought back in
+/// `promoted_blocks` as process() would have (engine_stats::disk_deferred
+/// counts such requests). One whose reads could not be started for it
+/// (another deferred request is reading the same chain, no room) is
+/// processed in its batch as before. Before, a critical request that came
+/// during a prefetch's reads waited for all of them. Left: blocks that
+/// landed can be evicted (low priority goes first) by a request served
+/// before the deferred one, which then reads them again in its batch; and
+/// process() counts one more access of the blocks read for it than it
+/// would have inline (LFU, compression coldness).
 /// The block calls reach it too: `read_atom`
 /// and `pin_atom` of a block only on disk, and `reserve_atom` of a block
 /// whose parent is only there (lookup_atom counted it), bring that block

@@ -525,6 +525,17 @@ TEST_F(Node, ALowPriorityRequestWaitsForItsDiskReadsOffTheBatch) {
   // chain(1)'s four blocks leave memory (64 blocks) for disk.
   for (std::uint64_t id = 1; id <= 40; ++id)
     ASSERT_TRUE((*n)->process_request(chain(id)).has_value());
+  // A misaligned one is refused before anything is read for it.
+  auto bad = chain(1);
+  bad.prio = engine::priority::low;
+  bad.input_tokens = 48; // 4 keys for 3 blocks
+  const auto refused = (*n)->process_request(bad);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, errc::misaligned_tokens);
+  auto quiet = (*n)->engine_stats(0);
+  ASSERT_TRUE(quiet.has_value()) << quiet.error().describe();
+  EXPECT_EQ(quiet->disk_deferred, 0U);
+  EXPECT_EQ(quiet->disk_hits, 0U) << "read for a request refused anyway";
   // The tier's I/O thread is held in its next write, a spill.
   g->arm();
   const gate_watchdog watchdog(g);

@@ -2972,7 +2972,8 @@ void block_store::adopt(std::uint32_t id, const block_key& parent) {
 
 result<std::size_t> block_store::promote(ns_id ns,
                                          std::span<const block_key> keys,
-                                         const put_options& options) {
+                                         const put_options& options,
+                                         disk_priority reads) {
   auto st = check_ns(ns);
   if (!st)
     return unexpected<error>(st.error());
@@ -2999,7 +3000,7 @@ result<std::size_t> block_store::promote(ns_id ns,
   const std::size_t before = pending_promotions_.size();
   issue_promotions(ns, keys.subspan(in_memory, on_disk),
                    in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
-                   pending_promotions_, disk_priority::background);
+                   pending_promotions_, reads);
   // A block in memory after a gap on disk (disk_prefix() goes on over it)
   // is a duplicate put that links it, not a read started.
   const auto started = std::count_if(

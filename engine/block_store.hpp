@@ -517,9 +517,15 @@ public:
   /// before, it was). This is
   /// the path for an owner that must not wait (an actor: it polls when the
   /// tier's on_completion hook tells it to); process() promotes and waits.
-  [[nodiscard]] result<std::size_t> promote(ns_id ns,
-                                            std::span<const block_key> keys,
-                                            const put_options& options = {});
+  /// The reads are background work at the disk tier (behind the demand
+  /// reads of requests), unless `reads` says demand: for a request that
+  /// will process() these keys once they land, so that another request of
+  /// the same keys, which waits for them, waits no longer than for its
+  /// own reads.
+  [[nodiscard]] result<std::size_t>
+  promote(ns_id ns, std::span<const block_key> keys,
+          const put_options& options = {},
+          disk_priority reads = disk_priority::background);
   /// Collects the disk tier's finished requests: commits promotions that
   /// arrived, counts spill failures. process(), promote(), reserve(),
   /// put_tokens() and evict_bytes() call it too (at their start), so the
@@ -867,7 +873,8 @@ private:
   static void abort_in_reverse(std::vector<promotion>& list) noexcept;
   /// Reserves the blocks of `keys` (after `parent`) and queues their disk
   /// reads at `prio`: demand when the caller waits for them (process(),
-  /// a block read back alone), background for promote().
+  /// a block read back alone), promote()'s as its caller asks (background
+  /// by default).
   void issue_promotions(ns_id ns, std::span<const block_key> keys,
                         const block_key& parent, const put_options& options,
                         std::vector<promotion>& into, disk_priority prio);
