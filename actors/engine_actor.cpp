@@ -92,6 +92,9 @@ struct before_reads {
 struct deferred_request {
   pending_request p;
   before_reads before;
+  /// Its promote() call's chain (block_store::last_promotion_chain): it
+  /// is served once the store has collected every chain up to it.
+  std::uint64_t chain = 0;
 };
 
 struct engine_state {
@@ -429,11 +432,12 @@ struct deferral {
 /// priority and its prefix goes on past memory (and the memory tier's run
 /// after it) to disk: process() would wait for those reads inside the
 /// batch, and every request behind it, a critical one too, with it. The
-/// reads are demand reads at the disk tier, as process()'s own would be,
-/// so a request of the same keys that comes meanwhile, which waits for
-/// them, waits no longer than for its own. A request of normal priority
-/// and above reads inline. One whose reads promote() could not start
-/// itself (another deferred request is reading the same chain, or no
+/// reads are background work at the disk tier, so the demand reads of the
+/// requests served meanwhile go first; a request of the same keys that
+/// comes meanwhile makes them demand reads as it waits for them
+/// (block_store's process(), disk_tier::expedite). A request of normal
+/// priority and above reads inline. One whose reads promote() could not
+/// start itself (another deferred request is reading the same chain, or no
 /// room) is not deferred: process() waits as before.
 deferral defer_for_disk(engine_actor* self, pending_request& p) {
   auto& st = self->state;
@@ -460,42 +464,56 @@ deferral defer_for_disk(engine_actor* self, pending_request& p) {
   opts.prio = req.prio;
   opts.request_tokens = static_cast<std::uint32_t>(
       std::min<std::size_t>(req.input_tokens, 0xffffffffU));
-  auto started =
-      st.store->promote(st.ns, req.keys, opts, engine::disk_priority::demand);
+  const auto chain_before = st.store->last_promotion_chain();
+  auto started = st.store->promote(st.ns, req.keys, opts);
   // An error (no room to reserve into, say): process() takes it from here.
   if (!started || *started == 0)
     return {};
   const before_reads before{in_memory, *started};
-  if (!st.store->promotion_pending(req.keys))
+  const auto chain = st.store->last_promotion_chain();
+  if (!chain || chain == chain_before)
     return deferral{false, before}; // the memory tier's copies only
   ++st.disk_deferred;
-  st.deferred.push_back(deferred_request{std::move(p), before});
+  st.deferred.push_back(deferred_request{std::move(p), before, *chain});
   arm_disk_poll(self);
   return deferral{true, std::nullopt};
 }
 
 /// Collects the disk tier's answers and serves the deferred requests whose
 /// reads have all landed (or failed: process() computes those blocks), in
-/// order; one past its deadline is answered unprocessed at once.
+/// order, at most a batch's max_size of them: more ready ones wait for a
+/// poll sent behind the mailbox, so a critical request that came meanwhile
+/// goes first. One past its deadline is answered unprocessed at once.
 void run_deferred(engine_actor* self) {
   auto& st = self->state;
   st.store->poll_disk();
-  bool served = false;
+  std::size_t served = 0;
+  const std::size_t most =
+      std::max<std::size_t>(st.batcher.config().max_size, 1);
   const auto now = arrival_time(self).count();
+  bool more = false;
   for (auto it = st.deferred.begin(); it != st.deferred.end();) {
     const auto deadline = it->p.request.deadline_ns;
     const bool late = deadline != 0 && now >= deadline;
-    if (!late && st.store->promotion_pending(it->p.request.keys)) {
+    if (!late &&
+        (served == most || !st.store->promotions_done_through(it->chain))) {
+      more = more || served == most;
       ++it;
       continue;
     }
     deferred_request d = std::move(*it);
     it = st.deferred.erase(it);
     serve(self, d.p, d.before);
-    served = true;
+    if (!late)
+      ++served;
   }
-  if (served)
+  if (served > 0)
     after_batch(self);
+  if (more && !st.disk_poll_pending) {
+    st.disk_poll_pending = true;
+    self->send(self, poll_disk_atom::value); // behind the mailbox
+    return;
+  }
   arm_disk_poll(self);
 }
 

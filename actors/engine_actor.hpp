@@ -101,10 +101,12 @@
 /// on a thread of its own by default (`own_thread`). A low or background
 /// request (a prefetch, a warm query) whose prefix goes on past memory
 /// (and the memory tier's run after it) to disk waits off its batch
-/// instead: the engine starts its reads (engine::block_store::promote, as
-/// demand reads, so a request of the same keys waiting for them waits no
-/// longer than for its own), serves the requests after it, and collects
-/// the tier's answers after each batch and every `disk_poll_interval`;
+/// instead: the engine starts its reads (engine::block_store::promote,
+/// background reads at the disk tier, which a request of the same keys
+/// that waits for them makes demand reads: disk_tier::expedite), serves
+/// the requests after it, and collects the tier's answers after each batch
+/// and every `disk_poll_interval` (serving at most a batch's max_size of
+/// those ready per pass, the rest behind the mailbox);
 /// once its reads have landed (or failed: those blocks are computed) it is
 /// processed, its reply counting the blocks its reads brought back in
 /// `promoted_blocks` as process() would have (engine_stats::disk_deferred

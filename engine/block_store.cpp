@@ -2776,20 +2776,6 @@ void block_store::drain_disk() {
                                 static_cast<std::ptrdiff_t>(done));
 }
 
-bool block_store::promotion_pending(std::span<const block_key> keys) const {
-  if (pending_promotions_.empty())
-    return false;
-  for (const block_key& key : keys) {
-    const std::uint32_t id = index_.find(key);
-    if (id == npos || entries_[id].state != entry_state::reserved)
-      continue;
-    for (const promotion& p : pending_promotions_)
-      if (p.handle.id_ == id)
-        return true;
-  }
-  return false;
-}
-
 bool block_store::await_promotions_of(std::span<const block_key> keys) {
   if (pending_promotions_.empty() || keys.empty())
     return false;
@@ -2821,6 +2807,8 @@ bool block_store::await_promotions_of(std::span<const block_key> keys) {
     if (!pending_promotions_[i].answered)
       promote_ids_.push_back(pending_promotions_[i].id);
   }
+  // Background reads a caller now waits for: ahead of the queued spills.
+  disk_->expedite(promote_ids_);
   wait_for_reads("a prefetched block");
   return true;
 }
@@ -2972,8 +2960,7 @@ void block_store::adopt(std::uint32_t id, const block_key& parent) {
 
 result<std::size_t> block_store::promote(ns_id ns,
                                          std::span<const block_key> keys,
-                                         const put_options& options,
-                                         disk_priority reads) {
+                                         const put_options& options) {
   auto st = check_ns(ns);
   if (!st)
     return unexpected<error>(st.error());
@@ -3000,7 +2987,7 @@ result<std::size_t> block_store::promote(ns_id ns,
   const std::size_t before = pending_promotions_.size();
   issue_promotions(ns, keys.subspan(in_memory, on_disk),
                    in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
-                   pending_promotions_, reads);
+                   pending_promotions_, disk_priority::background);
   // A block in memory after a gap on disk (disk_prefix() goes on over it)
   // is a duplicate put that links it, not a read started.
   const auto started = std::count_if(

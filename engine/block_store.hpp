@@ -518,14 +518,12 @@ public:
   /// the path for an owner that must not wait (an actor: it polls when the
   /// tier's on_completion hook tells it to); process() promotes and waits.
   /// The reads are background work at the disk tier (behind the demand
-  /// reads of requests), unless `reads` says demand: for a request that
-  /// will process() these keys once they land, so that another request of
-  /// the same keys, which waits for them, waits no longer than for its
-  /// own reads.
-  [[nodiscard]] result<std::size_t>
-  promote(ns_id ns, std::span<const block_key> keys,
-          const put_options& options = {},
-          disk_priority reads = disk_priority::background);
+  /// reads of requests); a process() of their keys that comes before they
+  /// land waits for them, and makes them demand reads
+  /// (disk_tier::expedite), so it waits no longer than for its own.
+  [[nodiscard]] result<std::size_t> promote(ns_id ns,
+                                            std::span<const block_key> keys,
+                                            const put_options& options = {});
   /// Collects the disk tier's finished requests: commits promotions that
   /// arrived, counts spill failures. process(), promote(), reserve(),
   /// put_tokens() and evict_bytes() call it too (at their start), so the
@@ -536,11 +534,23 @@ public:
   [[nodiscard]] std::size_t pending_promotions() const noexcept {
     return pending_promotions_.size();
   }
-  /// Whether a promote() read of one of `keys` is still to be collected
-  /// (poll_disk()): process() of `keys` would wait for it (and for the
-  /// promote() calls before it, which finish first). False once poll_disk()
-  /// has collected it, landed or failed.
-  [[nodiscard]] bool promotion_pending(std::span<const block_key> keys) const;
+  /// The chain of the last promote() call that left promotions to collect
+  /// (its reads, or blocks it links), while any is pending: each call's
+  /// chain is numbered, in call order. None when nothing is pending.
+  [[nodiscard]] std::optional<std::uint64_t>
+  last_promotion_chain() const noexcept {
+    if (pending_promotions_.empty())
+      return std::nullopt;
+    return pending_promotions_.back().group;
+  }
+  /// Whether poll_disk() has collected every promote() chain up to and
+  /// including `chain` (landed or failed: chains finish in call order), so
+  /// that process() of their keys waits for none of them.
+  [[nodiscard]] bool
+  promotions_done_through(std::uint64_t chain) const noexcept {
+    return pending_promotions_.empty() ||
+           pending_promotions_.front().group > chain;
+  }
 
   /// Puts a memory tier below the arena (see the class comment); `make` is
   /// called with the store's memory backend. Returns false when `make`
@@ -873,8 +883,7 @@ private:
   static void abort_in_reverse(std::vector<promotion>& list) noexcept;
   /// Reserves the blocks of `keys` (after `parent`) and queues their disk
   /// reads at `prio`: demand when the caller waits for them (process(),
-  /// a block read back alone), promote()'s as its caller asks (background
-  /// by default).
+  /// a block read back alone), background for promote().
   void issue_promotions(ns_id ns, std::span<const block_key> keys,
                         const block_key& parent, const put_options& options,
                         std::vector<promotion>& into, disk_priority prio);

@@ -597,16 +597,18 @@ TEST_F(store_disk_test, promote_does_not_wait_and_poll_makes_blocks_visible) {
   EXPECT_EQ(*started, 4U);
   EXPECT_EQ(store_->pending_promotions(), 4U);
   // Until poll_disk() collects them, a request of these keys would wait.
-  EXPECT_TRUE(store_->promotion_pending(a));
-  EXPECT_TRUE(store_->promotion_pending(std::span(a).subspan(3)));
-  EXPECT_FALSE(store_->promotion_pending(chain(77, 2)));
+  const auto chain_no = store_->last_promotion_chain();
+  ASSERT_TRUE(chain_no.has_value());
+  EXPECT_FALSE(store_->promotions_done_through(*chain_no));
+  EXPECT_TRUE(store_->promotions_done_through(*chain_no - 1));
   // Reserved, not visible: a reader never sees a block still being read.
   EXPECT_EQ(*store_->lookup(ns_, a), 0U);
   store_->check_invariants();
   ASSERT_TRUE(store_->disk()->wait_idle());
   store_->poll_disk();
   EXPECT_EQ(store_->pending_promotions(), 0U);
-  EXPECT_FALSE(store_->promotion_pending(a));
+  EXPECT_TRUE(store_->promotions_done_through(*chain_no));
+  EXPECT_FALSE(store_->last_promotion_chain().has_value());
   EXPECT_EQ(*store_->lookup(ns_, a), 4U);
   EXPECT_EQ(store_->stats().disk_block_hits, 4U);
   for (const auto& k : a)

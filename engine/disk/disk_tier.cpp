@@ -1081,6 +1081,38 @@ bool disk_tier::wait_idle(nanos timeout) {
   return idle_cv_.wait_for(lk, timeout, [&] { return idle_locked(); });
 }
 
+std::size_t disk_tier::expedite(std::span<const disk_request_id> ids) {
+  std::vector<std::uint64_t> want;
+  want.reserve(ids.size());
+  for (const disk_request_id& id : ids)
+    want.push_back(id.value);
+  std::sort(want.begin(), want.end());
+  std::lock_guard lk(mu_);
+  std::size_t moved = 0;
+  for (auto it = queue_.begin(); it != queue_.end();) {
+    if (it->k != request::kind::fetch ||
+        !std::binary_search(want.begin(), want.end(), it->id.value)) {
+      ++it;
+      continue;
+    }
+    const bool write_ahead =
+        queued_writes_.count(it->key) > 0 &&
+        std::any_of(queue_.begin(), it, [&](const request& q) {
+          return writes_key(q.k) && q.key == it->key;
+        });
+    if (write_ahead) {
+      ++it;
+      continue;
+    }
+    demand_.push_back(std::move(*it));
+    it = queue_.erase(it);
+    ++moved;
+  }
+  if (moved > 0)
+    work_cv_.notify_one();
+  return moved;
+}
+
 bool disk_tier::wait_done(std::span<const disk_request_id> ids, nanos timeout) {
   std::vector<std::uint64_t> want;
   want.reserve(ids.size());

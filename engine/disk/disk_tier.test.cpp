@@ -528,6 +528,40 @@ TEST_F(disk_tier_test, a_demand_read_goes_ahead_of_queued_spills) {
   }
 }
 
+// A background read someone now waits for (a promote() read that a
+// request of its key waits for) is made a demand read: it goes ahead of
+// the queued spills, but never ahead of a queued write of its own key.
+TEST_F(disk_tier_test,
+       an_expedited_background_read_goes_ahead_of_queued_spills) {
+  auto gate = std::make_shared<testing::io_gate>();
+  open(gated_config(config(), gate));
+  spill(100);
+  spill(101);
+  settle();
+  gate->arm();
+  const auto held = spill(0); // the I/O thread holds in its write
+  ASSERT_TRUE(gate->wait_entered());
+  std::vector<std::uint64_t> spills;
+  for (std::uint64_t i = 1; i <= 4; ++i)
+    spills.push_back(spill(i).value);
+  const auto prefetch = tier_->fetch(key_of(100));
+  const auto rewrite = spill(101); // a newer copy of 101, queued
+  const auto behind = tier_->fetch(key_of(101));
+  const auto other = tier_->fetch(key_of(100)); // not expedited
+  const std::vector<disk_request_id> ids{prefetch, behind};
+  EXPECT_EQ(tier_->expedite(ids), 1U) << "101's read stays behind its write";
+  gate->open();
+  const auto done = settle_expecting({held, prefetch, rewrite, behind, other});
+  std::vector<std::uint64_t> want{held.value, prefetch.value};
+  want.insert(want.end(), spills.begin(), spills.end());
+  want.push_back(rewrite.value);
+  want.push_back(behind.value);
+  want.push_back(other.value);
+  EXPECT_EQ(order_of(done), want);
+  for (const auto& c : done)
+    EXPECT_TRUE(c.status.has_value()) << c.status.error().describe();
+}
+
 // Demand reads do not starve the background: while both wait, a batch of
 // demand reads is followed by a batch of background work.
 TEST_F(disk_tier_test, demand_reads_and_spills_take_turns) {
