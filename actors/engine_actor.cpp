@@ -470,8 +470,11 @@ deferral defer_for_disk(engine_actor* self, pending_request& p) {
   if (!started || *started == 0)
     return {};
   const before_reads before{in_memory, *started};
+  // promote() counts the tier run it moved (at most next - in_memory: a
+  // shorter one reads nothing from disk) and then the reads it started.
+  const bool reads = *started > next - in_memory;
   const auto chain = st.store->last_promotion_chain();
-  if (!chain || chain == chain_before)
+  if (!reads || !chain || chain == chain_before)
     return deferral{false, before}; // the memory tier's copies only
   ++st.disk_deferred;
   st.deferred.push_back(deferred_request{std::move(p), before, *chain});

@@ -1088,29 +1088,51 @@ std::size_t disk_tier::expedite(std::span<const disk_request_id> ids) {
     want.push_back(id.value);
   std::sort(want.begin(), want.end());
   std::lock_guard lk(mu_);
-  std::size_t moved = 0;
-  for (auto it = queue_.begin(); it != queue_.end();) {
-    if (it->k != request::kind::fetch ||
-        !std::binary_search(want.begin(), want.end(), it->id.value)) {
-      ++it;
+  // One pass over the queue: a wanted read with no write of its key ahead
+  // becomes a demand read; one with such a write goes right behind the
+  // last of them, as enqueue() places a demand read of that key (before,
+  // it stayed behind every background request queued after that write).
+  std::unordered_map<block_key, std::size_t, block_key_hash> last_write;
+  std::vector<std::size_t> to_demand;
+  std::vector<std::pair<std::size_t, std::size_t>> behind; // write, read
+  for (std::size_t i = 0; i < queue_.size(); ++i) {
+    const request& r = queue_[i];
+    if (writes_key(r.k)) {
+      last_write[r.key] = i;
       continue;
     }
-    const bool write_ahead =
-        queued_writes_.count(it->key) > 0 &&
-        std::any_of(queue_.begin(), it, [&](const request& q) {
-          return writes_key(q.k) && q.key == it->key;
-        });
-    if (write_ahead) {
-      ++it;
+    if (r.k != request::kind::fetch ||
+        !std::binary_search(want.begin(), want.end(), r.id.value))
       continue;
-    }
-    demand_.push_back(std::move(*it));
-    it = queue_.erase(it);
-    ++moved;
+    const auto w = last_write.find(r.key);
+    if (w == last_write.end())
+      to_demand.push_back(i);
+    else
+      behind.emplace_back(w->second, i);
   }
-  if (moved > 0)
-    work_cv_.notify_one();
-  return moved;
+  if (to_demand.empty() && behind.empty())
+    return 0;
+  std::vector<bool> moved(queue_.size(), false);
+  for (const std::size_t i : to_demand)
+    moved[i] = true;
+  for (const auto& [w, i] : behind)
+    moved[i] = true;
+  std::stable_sort(
+      behind.begin(), behind.end(),
+      [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const std::size_t i : to_demand)
+    demand_.push_back(std::move(queue_[i]));
+  std::deque<request> out;
+  std::size_t b = 0;
+  for (std::size_t i = 0; i < queue_.size(); ++i) {
+    if (!moved[i])
+      out.push_back(std::move(queue_[i]));
+    for (; b < behind.size() && behind[b].first == i; ++b)
+      out.push_back(std::move(queue_[behind[b].second]));
+  }
+  queue_ = std::move(out);
+  work_cv_.notify_one();
+  return to_demand.size();
 }
 
 bool disk_tier::wait_done(std::span<const disk_request_id> ids, nanos timeout) {

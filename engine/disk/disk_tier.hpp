@@ -465,10 +465,11 @@ public:
                                nanos timeout = std::chrono::seconds(60));
   /// Makes the background reads among `ids` still queued demand reads (a
   /// caller now waits for them: block_store's process() for a promote()
-  /// read of its keys), at the back of the demand queue, except one with a
-  /// queued spill or erase of its key ahead of it, which stays behind that
-  /// write (a read finds what was written before it was asked). Returns
-  /// how many moved.
+  /// read of its keys), at the back of the demand queue; one with a queued
+  /// spill or erase of its key ahead of it goes right behind the last of
+  /// them instead (a read finds what was written before it was asked), as
+  /// a demand read of that key would. Returns how many became demand
+  /// reads. One pass over the queue.
   std::size_t expedite(std::span<const disk_request_id> ids);
 
   [[nodiscard]] disk_tier_stats stats() const;

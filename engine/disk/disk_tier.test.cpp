@@ -546,16 +546,19 @@ TEST_F(disk_tier_test,
     spills.push_back(spill(i).value);
   const auto prefetch = tier_->fetch(key_of(100));
   const auto rewrite = spill(101); // a newer copy of 101, queued
+  const auto later = spill(5);
   const auto behind = tier_->fetch(key_of(101));
   const auto other = tier_->fetch(key_of(100)); // not expedited
   const std::vector<disk_request_id> ids{prefetch, behind};
   EXPECT_EQ(tier_->expedite(ids), 1U) << "101's read stays behind its write";
   gate->open();
-  const auto done = settle_expecting({held, prefetch, rewrite, behind, other});
+  const auto done =
+      settle_expecting({held, prefetch, rewrite, later, behind, other});
   std::vector<std::uint64_t> want{held.value, prefetch.value};
   want.insert(want.end(), spills.begin(), spills.end());
   want.push_back(rewrite.value);
-  want.push_back(behind.value);
+  want.push_back(behind.value); // right behind 101's write, ahead of 5's
+  want.push_back(later.value);
   want.push_back(other.value);
   EXPECT_EQ(order_of(done), want);
   for (const auto& c : done)
