@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <new>
+#include <optional>
 #include <set>
 #include <sys/file.h>
 #include <sys/resource.h>
@@ -1082,57 +1083,56 @@ bool disk_tier::wait_idle(nanos timeout) {
 }
 
 std::size_t disk_tier::expedite(std::span<const disk_request_id> ids) {
+  if (ids.empty())
+    return 0;
   std::vector<std::uint64_t> want;
   want.reserve(ids.size());
   for (const disk_request_id& id : ids)
     want.push_back(id.value);
   std::sort(want.begin(), want.end());
   std::lock_guard lk(mu_);
-  // One pass over the queue: a wanted read with no write of its key ahead
-  // becomes a demand read; one with such a write goes right behind the
-  // last of them, as enqueue() places a demand read of that key (before,
-  // it stayed behind every background request queued after that write).
-  std::unordered_map<block_key, std::size_t, block_key_hash> last_write;
-  std::vector<std::size_t> to_demand;
-  std::vector<std::pair<std::size_t, std::size_t>> behind; // write, read
-  for (std::size_t i = 0; i < queue_.size(); ++i) {
-    const request& r = queue_[i];
-    if (writes_key(r.k)) {
-      last_write[r.key] = i;
+  // A wanted read with no write of its key ahead becomes a demand read; one
+  // with such a write goes right behind the last of them (and behind the
+  // reads of its key moved there before it), as enqueue() places a demand
+  // read of that key (before, it stayed behind every background request
+  // queued after that write). Only moves that cannot throw touch the
+  // queue: push_back() first (it has no effect if it throws), then erase()
+  // or rotate().
+  std::size_t made_demand = 0;
+  for (std::size_t i = 0; i < queue_.size();) {
+    request& r = queue_[i];
+    if (r.k != request::kind::fetch ||
+        !std::binary_search(want.begin(), want.end(), r.id.value)) {
+      ++i;
       continue;
     }
-    if (r.k != request::kind::fetch ||
-        !std::binary_search(want.begin(), want.end(), r.id.value))
+    std::optional<std::size_t> after;
+    if (queued_writes_.count(r.key) > 0)
+      for (std::size_t j = i; j-- > 0;) {
+        const request& q = queue_[j];
+        if (q.key == r.key &&
+            (writes_key(q.k) ||
+             (q.k == request::kind::fetch &&
+              std::binary_search(want.begin(), want.end(), q.id.value)))) {
+          after = j;
+          break;
+        }
+      }
+    if (!after) {
+      demand_.push_back(std::move(r));
+      queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(i));
+      ++made_demand;
       continue;
-    const auto w = last_write.find(r.key);
-    if (w == last_write.end())
-      to_demand.push_back(i);
-    else
-      behind.emplace_back(w->second, i);
+    }
+    if (*after + 1 < i)
+      std::rotate(queue_.begin() + static_cast<std::ptrdiff_t>(*after + 1),
+                  queue_.begin() + static_cast<std::ptrdiff_t>(i),
+                  queue_.begin() + static_cast<std::ptrdiff_t>(i + 1));
+    ++i;
   }
-  if (to_demand.empty() && behind.empty())
-    return 0;
-  std::vector<bool> moved(queue_.size(), false);
-  for (const std::size_t i : to_demand)
-    moved[i] = true;
-  for (const auto& [w, i] : behind)
-    moved[i] = true;
-  std::stable_sort(
-      behind.begin(), behind.end(),
-      [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (const std::size_t i : to_demand)
-    demand_.push_back(std::move(queue_[i]));
-  std::deque<request> out;
-  std::size_t b = 0;
-  for (std::size_t i = 0; i < queue_.size(); ++i) {
-    if (!moved[i])
-      out.push_back(std::move(queue_[i]));
-    for (; b < behind.size() && behind[b].first == i; ++b)
-      out.push_back(std::move(queue_[behind[b].second]));
-  }
-  queue_ = std::move(out);
-  work_cv_.notify_one();
-  return to_demand.size();
+  if (made_demand > 0)
+    work_cv_.notify_one();
+  return made_demand;
 }
 
 bool disk_tier::wait_done(std::span<const disk_request_id> ids, nanos timeout) {

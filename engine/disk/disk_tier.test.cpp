@@ -549,15 +549,17 @@ TEST_F(disk_tier_test,
   const auto later = spill(5);
   const auto behind = tier_->fetch(key_of(101));
   const auto other = tier_->fetch(key_of(100)); // not expedited
-  const std::vector<disk_request_id> ids{prefetch, behind};
-  EXPECT_EQ(tier_->expedite(ids), 1U) << "101's read stays behind its write";
+  const auto behind2 = tier_->fetch(key_of(101));
+  const std::vector<disk_request_id> ids{prefetch, behind2, behind};
+  EXPECT_EQ(tier_->expedite(ids), 1U) << "101's reads stay behind its write";
   gate->open();
-  const auto done =
-      settle_expecting({held, prefetch, rewrite, later, behind, other});
+  const auto done = settle_expecting(
+      {held, prefetch, rewrite, later, behind, other, behind2});
   std::vector<std::uint64_t> want{held.value, prefetch.value};
   want.insert(want.end(), spills.begin(), spills.end());
   want.push_back(rewrite.value);
-  want.push_back(behind.value); // right behind 101's write, ahead of 5's
+  want.push_back(behind.value);  // right behind 101's write, ahead of 5's
+  want.push_back(behind2.value); // behind the first, in queue order
   want.push_back(later.value);
   want.push_back(other.value);
   EXPECT_EQ(order_of(done), want);
