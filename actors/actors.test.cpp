@@ -2047,7 +2047,7 @@ TEST_F(actor_test, FailedRestartsCountAgainstMaxRestarts) {
 }
 
 TEST_F(actor_test, AFactoryThatThrowsIsAFailedStartNotTheFleetsEnd) {
-  // Spawning a detached engine throws when no thread can be made. Thrown
+  // A host's factory that throws (a thread it could not start). Thrown
   // from a restart, that ended the balancer, which stopped the healthy
   // engine too: every later request got "receiving actor is down". It is
   // a failed restart now, counted against max_restarts, and engine 1 goes

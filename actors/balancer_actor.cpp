@@ -7,6 +7,7 @@
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
 #include "actors/stray_messages.hpp"
+#include "engine/host_error.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -146,27 +147,17 @@ void engine_ready(balancer_actor* self, std::uint32_t slot,
   info.replica = owed_reply{};
 }
 
-/// The host's engine factory for `slot`, with an exception it throws
-/// (spawning a detached engine throws std::system_error when no thread can
-/// be made; bad_alloc) turned into an error value: a failed start like any
-/// other, instead of the balancer's end, which stopped every engine.
+/// The host's engine factory for `slot`, with an exception it throws (the
+/// host's own code: bad_alloc, a std::system_error from a thread it
+/// starts) turned into an error value: a failed start like any other,
+/// instead of the balancer's end, which stopped every engine.
 result<started_engine> make_engine_for(balancer_actor* self,
                                        std::uint32_t slot) {
-  const auto threw = [slot](const std::string& what) {
-    return make_error(errc::backend_error,
-                      "the engine factory threw for slot " +
-                          std::to_string(slot) + ": " + what);
-  };
   try {
     return self->state.make_engine(self->system(), slot);
-  } catch (const std::bad_alloc&) {
-    return make_error(errc::out_of_memory,
-                      "no host memory to start the engine of slot " +
-                          std::to_string(slot));
-  } catch (const std::exception& ex) {
-    return threw(ex.what());
   } catch (...) {
-    return threw("an exception not derived from std::exception");
+    return unexpected<error>{current_exception_error(
+        "the engine factory threw for slot " + std::to_string(slot))};
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <string>
+#include <string_view>
 
 namespace kvfleet::actors {
 
@@ -16,5 +17,11 @@ namespace kvfleet::actors {
 /// 33.
 [[nodiscard]] std::string digest_long_key(const std::string& key,
                                           std::size_t max_bytes);
+
+/// `hex32` (32 hex digits) between two `marker`s, padded with `marker` to
+/// `max_bytes` + 1 bytes: an id longer than any key kept as itself.
+/// REQUIRES: max_bytes >= 33.
+[[nodiscard]] std::string padded_hex_id(char marker, std::string_view hex32,
+                                        std::size_t max_bytes);
 
 } // namespace kvfleet::actors

@@ -7,6 +7,7 @@
 #include "actors/owed_reply.hpp"
 #include "actors/prioritized.hpp"
 #include "actors/stray_messages.hpp"
+#include "engine/host_error.hpp"
 
 #include <algorithm>
 #include <deque>
@@ -612,17 +613,9 @@ result<void> open_store_parts(engine_parts& parts) {
 result<void> open_store(engine_parts& parts) {
   try {
     return open_store_parts(parts);
-  } catch (const std::bad_alloc&) {
-    return make_error(errc::out_of_memory,
-                      "no host memory to open the engine's store");
-  } catch (const std::exception& ex) {
-    return make_error(errc::backend_error,
-                      std::string("opening the engine's store threw: ") +
-                          ex.what());
   } catch (...) {
-    return make_error(errc::backend_error,
-                      "opening the engine's store threw an exception not "
-                      "derived from std::exception");
+    return unexpected<error>{
+        current_exception_error("opening the engine's store threw")};
   }
 }
 

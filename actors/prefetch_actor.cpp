@@ -277,9 +277,7 @@ std::string prefetch_query_id(const std::string& query) {
 std::string prefetch_key_query_id(const engine::block_key& last) {
   // '@', 32 hex digits, '@' up to 65 bytes: longer than any query kept as
   // itself, and a digest of a longer one starts with '#'.
-  std::string id(prefetch_query_id_max_bytes + 1, '@');
-  id.replace(1, 32, last.to_hex());
-  return id;
+  return padded_hex_id('@', last.to_hex(), prefetch_query_id_max_bytes);
 }
 
 result<caf::actor> spawn_prefetcher(caf::actor_system& sys,

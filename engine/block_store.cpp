@@ -1,6 +1,7 @@
 #include "engine/block_store.hpp"
 
 #include "engine/checksum.hpp"
+#include "engine/host_error.hpp"
 #include "engine/internal/check.hpp"
 #include "engine/internal/store_entry.hpp"
 
@@ -1047,13 +1048,9 @@ result<void> produce_caught(kv_producer& producer, const namespace_spec& spec,
                             const block_key& key, std::span<std::byte> out) {
   try {
     return producer.produce(spec, key, out);
-  } catch (const std::exception& ex) {
-    return make_error(errc::backend_error, "the producer threw for block " +
-                                               key.to_hex() + ": " + ex.what());
   } catch (...) {
-    return make_error(errc::backend_error,
-                      "the producer threw for block " + key.to_hex() +
-                          ": an exception not derived from std::exception");
+    return unexpected<error>{current_exception_error(
+        "the producer threw for block " + key.to_hex())};
   }
 }
 
@@ -2807,7 +2804,8 @@ bool block_store::await_promotions_of(std::span<const block_key> keys) {
     if (!pending_promotions_[i].answered)
       promote_ids_.push_back(pending_promotions_[i].id);
   }
-  // Background reads a caller now waits for: ahead of the queued spills.
+  // Background reads a caller now waits for: ahead of the queued
+  // background work, behind only a queued write of their own key.
   disk_->expedite(promote_ids_);
   wait_for_reads("a prefetched block");
   return true;

@@ -410,7 +410,8 @@ public:
   [[nodiscard]] result<void> write(put_handle& handle,
                                    std::span<const std::byte> value);
   /// Phase two, producer variant: the producer writes the value. A
-  /// producer that throws is errc::backend_error with what it threw, and
+  /// producer that throws is errc::backend_error with what it threw
+  /// (errc::out_of_memory for std::bad_alloc: engine/host_error.hpp), and
   /// the put stays open (abort it), as after a producer's error value;
   /// unwritten, as after write(), when the producer wrote into the slot.
   [[nodiscard]] result<void> write_from(put_handle& handle,

@@ -3,6 +3,7 @@
 // tier's directory (key -> place, oldest first).
 #include "engine/block_store.hpp"
 
+#include "engine/host_error.hpp"
 #include "engine/internal/check.hpp"
 #include "engine/internal/store_entry.hpp"
 
@@ -39,17 +40,9 @@ result<bool> block_store::attach_tier(const memory_tier_factory& make) {
       make_error(errc::backend_error, "the memory tier factory gave nothing");
   try {
     made = make(*backend_);
-  } catch (const std::bad_alloc&) {
-    return make_error(errc::out_of_memory,
-                      "no host memory to make the memory tier");
-  } catch (const std::exception& ex) {
-    return make_error(errc::backend_error,
-                      std::string("the memory tier factory threw: ") +
-                          ex.what());
   } catch (...) {
-    return make_error(errc::backend_error,
-                      "the memory tier factory threw an exception not derived "
-                      "from std::exception");
+    return unexpected<error>{
+        current_exception_error("the memory tier factory threw")};
   }
   if (!made)
     return unexpected<error>(made.error());

@@ -1,5 +1,11 @@
 #include "engine/result.hpp"
 
+#include "engine/host_error.hpp"
+
+#include <cxxabi.h>
+
+#include <exception>
+
 namespace kvfleet {
 
 std::string_view to_string(errc code) noexcept {
@@ -63,6 +69,23 @@ std::string error::describe() const {
     out += message;
   }
   return out;
+}
+
+error current_exception_error(std::string_view context) {
+  std::string message(context);
+  message += ": ";
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    return error{errc::out_of_memory, message + "out of host memory"};
+  } catch (const std::exception& ex) {
+    return error{errc::backend_error, message + ex.what()};
+  } catch (abi::__forced_unwind&) {
+    throw; // the thread is being cancelled: let it unwind
+  } catch (...) {
+    return error{errc::backend_error,
+                 message + "an exception not derived from std::exception"};
+  }
 }
 
 } // namespace kvfleet
