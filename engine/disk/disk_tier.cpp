@@ -1090,49 +1090,77 @@ std::size_t disk_tier::expedite(std::span<const disk_request_id> ids) {
   for (const disk_request_id& id : ids)
     want.push_back(id.value);
   std::sort(want.begin(), want.end());
+  const auto wanted = [&](const request& r) {
+    return r.k == request::kind::fetch &&
+           std::binary_search(want.begin(), want.end(), r.id.value);
+  };
   std::lock_guard lk(mu_);
   // A wanted read with no write of its key ahead becomes a demand read; one
-  // with such a write goes right behind the last of them (and behind the
-  // reads of its key moved there before it), as enqueue() places a demand
-  // read of that key (before, it stayed behind every background request
-  // queued after that write). Only moves that cannot throw touch the
-  // queue: push_back() first (it has no effect if it throws), then erase()
-  // or rotate().
-  std::size_t made_demand = 0;
-  for (std::size_t i = 0; i < queue_.size();) {
-    request& r = queue_[i];
-    if (r.k != request::kind::fetch ||
-        !std::binary_search(want.begin(), want.end(), r.id.value)) {
-      ++i;
+  // with such a write goes right behind the last of them (after the reads
+  // of its key placed there before it, in queue order), as enqueue() places
+  // a demand read of that key (before, it stayed behind every background
+  // request queued after that write). Linear in the queue: a plan first,
+  // with every allocation, then only moves that cannot throw, so a
+  // bad_alloc leaves the queue as it was.
+  const std::size_t n = queue_.size();
+  std::unordered_map<block_key, std::size_t, block_key_hash> last_write;
+  for (const request& r : queue_)
+    if (wanted(r) && queued_writes_.count(r.key) > 0)
+      last_write.emplace(r.key, n); // n: none seen yet
+  std::vector<std::size_t> to_demand;
+  std::vector<std::pair<std::size_t, std::size_t>> behind; // write, read
+  std::vector<bool> moved(n, false);
+  for (std::size_t i = 0; i < n; ++i) {
+    const request& r = queue_[i];
+    if (writes_key(r.k)) {
+      if (const auto w = last_write.find(r.key); w != last_write.end())
+        w->second = i;
       continue;
     }
-    std::optional<std::size_t> after;
-    if (queued_writes_.count(r.key) > 0)
-      for (std::size_t j = i; j-- > 0;) {
-        const request& q = queue_[j];
-        if (q.key == r.key &&
-            (writes_key(q.k) ||
-             (q.k == request::kind::fetch &&
-              std::binary_search(want.begin(), want.end(), q.id.value)))) {
-          after = j;
-          break;
-        }
-      }
-    if (!after) {
-      demand_.push_back(std::move(r));
-      queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(i));
-      ++made_demand;
+    if (!wanted(r))
       continue;
-    }
-    if (*after + 1 < i)
-      std::rotate(queue_.begin() + static_cast<std::ptrdiff_t>(*after + 1),
-                  queue_.begin() + static_cast<std::ptrdiff_t>(i),
-                  queue_.begin() + static_cast<std::ptrdiff_t>(i + 1));
-    ++i;
+    moved[i] = true;
+    const auto w = last_write.find(r.key);
+    if (w == last_write.end() || w->second == n)
+      to_demand.push_back(i);
+    else
+      behind.emplace_back(w->second, i);
   }
-  if (made_demand > 0)
+  if (to_demand.empty() && behind.empty())
+    return 0;
+  std::stable_sort(
+      behind.begin(), behind.end(),
+      [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<std::size_t> order;
+  order.reserve(n - to_demand.size());
+  std::size_t b = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!moved[i])
+      order.push_back(i);
+    for (; b < behind.size() && behind[b].first == i; ++b)
+      order.push_back(behind[b].second);
+  }
+  std::vector<request> all;
+  all.reserve(n);
+  const std::size_t base = demand_.size();
+  try {
+    for (std::size_t k = 0; k < to_demand.size(); ++k)
+      demand_.emplace_back();
+  } catch (...) {
+    demand_.resize(base); // shrinking allocates nothing
+    throw;
+  }
+  for (request& r : queue_)
+    all.push_back(std::move(r)); // within the capacity reserved
+  for (std::size_t k = 0; k < to_demand.size(); ++k)
+    demand_[base + k] = std::move(all[to_demand[k]]);
+  for (std::size_t j = 0; j < order.size(); ++j)
+    queue_[j] = std::move(all[order[j]]);
+  queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(order.size()),
+               queue_.end());
+  if (!to_demand.empty())
     work_cv_.notify_one();
-  return made_demand;
+  return to_demand.size();
 }
 
 bool disk_tier::wait_done(std::span<const disk_request_id> ids, nanos timeout) {

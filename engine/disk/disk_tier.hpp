@@ -470,9 +470,8 @@ public:
   /// spill or erase of its key ahead of it goes right behind the last of
   /// them instead (a read finds what was written before it was asked), as
   /// a demand read of that key would (several keep their order). Returns
-  /// how many became demand reads. Each moved read costs a move of the
-  /// queue behind it (milliseconds for hundreds among tens of thousands of
-  /// queued spills).
+  /// how many became demand reads. Linear in the queue (one move of each
+  /// queued request); a bad_alloc leaves the queue as it was.
   std::size_t expedite(std::span<const disk_request_id> ids);
 
   [[nodiscard]] disk_tier_stats stats() const;
