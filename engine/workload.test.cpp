@@ -435,47 +435,39 @@ TEST(workload, stop_ends_the_working_set_count_within_a_few_thousand_ids) {
   EXPECT_EQ(none.error().message, "stopped after 0 of 5000 requests");
 }
 
-TEST(workload, a_stop_check_that_throws_stops_with_an_error_value) {
-  // The stop predicate throws (a flag it cannot read): generation and the
-  // working set count stop with errc::unavailable saying what it threw, as
-  // read_trace does. (Before, the exception escaped both.)
-  const std::function<bool()> throws = []() -> bool {
-    throw std::runtime_error("the stop flag is gone");
-  };
+/// Generation and the working set count with a stop predicate that
+/// throws stop with errc::unavailable, their messages holding `says`.
+void expect_stopped_by_a_throw(const std::function<bool()>& throws,
+                               const std::string& says) {
   workload_options o;
   o.requests = 100;
   o.stop = throws;
   const auto gen = generate_workload("chat", o);
   ASSERT_FALSE(gen.has_value());
   EXPECT_EQ(gen.error().code, errc::unavailable);
-  EXPECT_NE(gen.error().message.find("the stop flag is gone"),
-            std::string::npos)
+  EXPECT_NE(gen.error().message.find(says), std::string::npos)
       << gen.error().message;
-  const auto reqs = make("chat", 100);
-  const auto count = working_set_blocks(reqs, 512, throws);
+  const auto count = working_set_blocks(make("chat", 100), 512, throws);
   ASSERT_FALSE(count.has_value());
   EXPECT_EQ(count.error().code, errc::unavailable);
-  EXPECT_NE(count.error().message.find("the stop flag is gone"),
-            std::string::npos)
+  EXPECT_NE(count.error().message.find(says), std::string::npos)
       << count.error().message;
+}
+
+TEST(workload, a_stop_check_that_throws_stops_with_an_error_value) {
+  // The stop predicate throws (a flag it cannot read): generation and the
+  // working set count stop with errc::unavailable saying what it threw, as
+  // read_trace does. (Before, the exception escaped both.)
+  expect_stopped_by_a_throw(
+      []() -> bool { throw std::runtime_error("the stop flag is gone"); },
+      "the stop flag is gone");
 }
 
 TEST(workload, a_stop_check_that_throws_a_non_exception_is_an_error_value) {
   // An int thrown from the stop predicate left generate_workload,
   // working_set_blocks and read_trace, which return errors as values.
   const std::function<bool()> throws = []() -> bool { throw 42; };
-  workload_options o;
-  o.requests = 100;
-  o.stop = throws;
-  const auto gen = generate_workload("chat", o);
-  ASSERT_FALSE(gen.has_value());
-  EXPECT_EQ(gen.error().code, errc::unavailable);
-  EXPECT_NE(gen.error().message.find("not derived from std::exception"),
-            std::string::npos)
-      << gen.error().message;
-  const auto count = working_set_blocks(make("chat", 100), 512, throws);
-  ASSERT_FALSE(count.has_value());
-  EXPECT_EQ(count.error().code, errc::unavailable);
+  expect_stopped_by_a_throw(throws, "not derived from std::exception");
   std::istringstream in(R"({"timestamp": 0, "input_length": 512, )"
                         R"("output_length": 1, "hash_ids": [1]})"
                         "\n");
