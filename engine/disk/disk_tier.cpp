@@ -599,6 +599,14 @@ void disk_tier::reload() {
     for (const auto& [key, row] : rows) {
       const auto d = dir_.find(key);
       if (d != dir_.end() && !d->second.info.stored) {
+        if (failed_spill_keys_.count(key) != 0) {
+          // The copy before a spill that failed with the batch, the key
+          // spilled again since: absent, as after any failed spill (a read
+          // queued between the two spills got this older copy). The queued
+          // spill writes the key again.
+          orphans.push_back(key);
+          continue;
+        }
         // Its spill is still queued: it replaces this copy, or drops it if
         // it fails. A fresh generation, so that no removal the I/O thread
         // decides on takes the pending entry.
@@ -632,6 +640,7 @@ void disk_tier::reload() {
     repairs_[key] = repair{true, 0, 0};
   }
   batch_spill_gens_.clear();
+  failed_spill_keys_.clear();
   for (const auto& [key, t] : uncommitted_touches_)
     if (index_.count(key) != 0)
       touches_.emplace(key, t);
@@ -1464,6 +1473,9 @@ void disk_tier::process(std::vector<request>& batch,
         c.report.reset();
       }
     }
+    for (const request& r : batch)
+      if (r.k == request::kind::spill && batch_spill_gens_.count(r.gen) != 0)
+        failed_spill_keys_.insert(r.key);
     uncommitted_counts_ = {};
     unlink_after_commit_.clear();
     unlink_after_commit_bytes_ = 0;

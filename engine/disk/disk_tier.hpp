@@ -701,6 +701,10 @@ private:
   /// Generations whose spill was written in the current batch: if the
   /// batch fails, their completions fail and reload() drops them.
   std::unordered_set<std::uint64_t> batch_spill_gens_;
+  /// Keys of those spills, once their batch failed, until a reload
+  /// succeeds: a key spilled again meanwhile loses its older copy all the
+  /// same (see reload()).
+  std::unordered_set<block_key, block_key_hash> failed_spill_keys_;
   /// Written at the start of the next batch or retry pass (see reload()).
   std::unordered_map<block_key, repair, block_key_hash> repairs_;
   /// Set while the state could not be reloaded after a failed batch: the

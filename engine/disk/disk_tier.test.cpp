@@ -2320,6 +2320,55 @@ TEST_F(disk_tier_test,
   EXPECT_EQ(tier_->stats().recovered_blocks, 2U);
 }
 
+TEST_F(disk_tier_test, a_read_behind_a_failed_spill_never_gets_the_older_copy) {
+  // Key 1 holds copy A. Spill B of it fails with its batch while a read of
+  // key 1 and a spill C of it wait behind it. A failed spill leaves its key
+  // absent, older copy included; before, the reload kept A's row because
+  // C was queued, and the read got A, older than what the owner spilled.
+  auto c = config();
+  c.full_sync = true;
+  c.max_batch = 1; // B alone in its batch
+  auto syncs = std::make_shared<sync_counter>();
+  auto gate = std::make_shared<append_gate>();
+  const append_gate::guard gate_guard{gate};
+  c.sync_fault_for_testing = sync_counter::hook(syncs);
+  c.write_fault_for_testing = append_gate::hook(gate);
+  open(c);
+  spill(1); // A
+  settle();
+  gate->armed = true;
+  const auto held = spill(9);
+  gate->entered.get_future().wait(); // the I/O thread is in spill 9's batch
+  const auto spill_as = [&](std::uint64_t seed) {
+    const auto bytes = block_bytes(seed, 4096);
+    return tier_
+        ->spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
+                clock_.now(), nanos{0}, false)
+        .value();
+  };
+  const auto b = spill_as(2);
+  const auto read = tier_->fetch(key_of(1));
+  const auto cc = spill_as(3);
+  syncs->fail_at = syncs->calls + 2; // spill 9's batch syncs, B's fails
+  gate->open();
+  for (auto& d : settle_expecting({held, b, read, cc})) {
+    if (d.id == b)
+      EXPECT_FALSE(d.status.has_value()) << "B's batch did not fail";
+    if (d.id == cc)
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    if (d.id != read)
+      continue;
+    ASSERT_FALSE(d.status.has_value())
+        << (d.bytes == block_bytes(1, 4096) ? "got the older copy A"
+                                            : "got some copy");
+    EXPECT_EQ(d.status.error().code, errc::not_found)
+        << d.status.error().describe();
+  }
+  auto now = fetch(1);
+  ASSERT_TRUE(now.status.has_value()) << now.status.error().describe();
+  EXPECT_TRUE(now.bytes == block_bytes(3, 4096)) << "not C";
+}
+
 TEST_F(disk_tier_test, a_replacing_spill_whose_row_fails_drops_the_older_copy) {
   open(config());
   spill(1, 4096);
