@@ -200,6 +200,10 @@ block_store::create(const store_config& config,
                       "watermarks must satisfy 0 < low <= high <= 1 (got low " +
                           std::to_string(config.low_watermark) + ", high " +
                           std::to_string(config.high_watermark) + ")");
+  if (!(config.max_pinned_fraction > 0.0 && config.max_pinned_fraction <= 1.0))
+    return make_error(errc::invalid_argument,
+                      "max_pinned_fraction must be in (0, 1] (got " +
+                          std::to_string(config.max_pinned_fraction) + ")");
   const auto& pc = config.partitions;
   if (pc.medium_from == 0 || pc.medium_from > pc.long_from)
     return make_error(
@@ -251,7 +255,10 @@ block_store::block_store(const store_config& config,
     : config_(config),
       clock_(config.clock != nullptr ? config.clock
                                      : &steady_clock_source::instance()),
-      backend_(std::move(backend)), pool_(std::move(pool)) {
+      backend_(std::move(backend)), pool_(std::move(pool)),
+      pin_limit_bytes_(static_cast<std::size_t>(
+          config.max_pinned_fraction *
+          static_cast<double>(pool_.capacity_bytes()))) {
   for (std::size_t p = 0; p < partition_count; ++p) {
     policies_[p] = make_policy(config_.policy);
     recency_head_[p] = npos;
@@ -476,11 +483,53 @@ std::uint64_t block_store::next_use_of(const block_key& key) noexcept {
   return std::numeric_limits<std::uint64_t>::max();
 }
 
+void block_store::set_pins(std::uint32_t id, std::uint32_t pins) noexcept {
+  entry& e = entries_[id];
+  if ((e.pins == 0) != (pins == 0)) {
+    const std::size_t bytes = pool_.slot_bytes(e.slot.size_class);
+    if (pins > 0)
+      pinned_bytes_ += bytes;
+    else
+      pinned_bytes_ -= bytes;
+  }
+  e.pins = pins;
+}
+
+result<void> block_store::pin_room(std::size_t more,
+                                   const std::string& what) const {
+  if (more <= pin_limit_bytes_ && pinned_bytes_ <= pin_limit_bytes_ - more)
+    return {};
+  return make_error(
+      errc::out_of_memory,
+      what + " would take pinned blocks to " +
+          std::to_string(pinned_bytes_ + more) + " bytes, past the limit of " +
+          std::to_string(pin_limit_bytes_) + " (max_pinned_fraction " +
+          std::to_string(config_.max_pinned_fraction) + " of " +
+          std::to_string(pool_.capacity_bytes()) +
+          " bytes); nothing was pinned: unpin blocks or raise the limit");
+}
+
+std::size_t
+block_store::pin_bytes_at_most(ns_id ns,
+                               std::span<const block_key> keys) const {
+  std::size_t slot = 0;
+  for (const std::uint16_t cls : namespaces_[ns.value].size_class)
+    slot = std::max(slot, pool_.slot_bytes(cls));
+  std::size_t n = 0;
+  for (const block_key& k : keys) {
+    const std::uint32_t id = index_.find(k);
+    if (id == npos || entries_[id].state != entry_state::committed ||
+        entries_[id].pins == 0)
+      ++n;
+  }
+  return n * slot;
+}
+
 void block_store::pin_once(std::uint32_t id) {
   entry& e = entries_[id];
   if (e.state != entry_state::committed || e.dead || e.pins > 0)
     return;
-  e.pins = 1;
+  set_pins(id, 1);
   if (pin_log_ != nullptr)
     pin_log_->emplace_back(id, e.generation);
   recency_unlink(id);    // no demotion candidate while pinned
@@ -716,7 +765,7 @@ void block_store::drop_damaged(std::uint32_t id) {
     entry& e = entries_[d];
     if (e.generation != generation || e.state != entry_state::committed)
       continue;
-    e.pins = 0;
+    set_pins(d, 0);
     if (e.dead)
       refresh_evictable(d);
     else
@@ -877,13 +926,29 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
     if (auto r =
             reserve_existing(ns, existing, parent, options, start, sets_expiry))
       return std::move(*r);
+  const size_partition part = partition_for(options.request_tokens);
+  const std::uint16_t cls = st.size_class[static_cast<std::size_t>(c)];
+  // A put whose pin would not fit is refused before it makes room (its
+  // commit checks again: other pins may come meanwhile). A promotion's
+  // pin, and that of a block whose disk copy holds pins, is the copy's:
+  // never refused.
+  if (options.pin && sets_expiry) {
+    const auto copy =
+        disk_ ? usable_disk_copy(st, key, disk_clock().now()) : std::nullopt;
+    if (!copy || copy->pins == 0)
+      if (auto pin_ok =
+              pin_room(pool_.slot_bytes(cls),
+                       "the put of block " + key.to_hex() + " with a pin");
+          !pin_ok) {
+        count_rejected();
+        return unexpected<error>(pin_ok.error());
+      }
+  }
   if (pid != npos) {
     // Holding the child count up keeps the parent out of eviction below.
     ++entries_[pid].children;
     refresh_evictable(pid);
   }
-  const size_partition part = partition_for(options.request_tokens);
-  const std::uint16_t cls = st.size_class[static_cast<std::size_t>(c)];
   auto room = make_room(part, cls, pid);
   result<slot_ref> slot =
       room ? pool_.allocate(cls)
@@ -1188,6 +1253,32 @@ result<void> block_store::commit(put_handle& h) {
       return gone;
     }
   }
+  // Its pin, checked at the reserve too, may not fit any more (other pins
+  // came since): refused whole, as an abort. A block its disk copy pins
+  // (put again after a restart) is pinned by that copy: counted, never
+  // refused (store_config::max_pinned_fraction).
+  std::uint32_t held = 0;
+  if (!h.duplicate_) {
+    const entry& e = entries_[h.id_];
+    held = h.restored_pins_;
+    if (disk_ && (held == 0 || h.from_disk_copy_))
+      if (const auto info =
+              usable_disk_copy(namespaces_[e.ns], e.key, disk_clock().now()))
+        held = info->pins;
+  }
+  const entry& pe = entries_[h.id_];
+  const bool new_pin =
+      h.duplicate_ ? h.pin_ && pe.pins == 0
+                   : pe.pin_on_commit && !h.from_disk_copy_ && held == 0;
+  if (new_pin)
+    if (auto room =
+            pin_room(pool_.slot_bytes(pe.slot.size_class),
+                     "the put of block " + h.key_.to_hex() + " with a pin");
+        !room) {
+      (void)abort(h);
+      count_rejected();
+      return room;
+    }
   h.phase_ = put_handle::phase::committed;
   // A promotion's time is mostly its read from disk: no put's latency.
   if (h.sets_expiry_)
@@ -1238,13 +1329,9 @@ result<void> block_store::commit(put_handle& h) {
   // back from disk takes its copy's count as it is now, not as it was
   // when its read was queued: an unpin meanwhile (of the copy, the block
   // being on its way) stands. Its pin_on_commit was only that old count.
-  std::uint32_t held = h.restored_pins_;
-  if (disk_ && (held == 0 || h.from_disk_copy_))
-    if (const auto info =
-            usable_disk_copy(namespaces_[e.ns], e.key, disk_clock().now()))
-      held = info->pins;
+  // (`held` is read above, before the pin limit's check.)
   const bool own_pin = e.pin_on_commit && !h.from_disk_copy_;
-  e.pins = std::max<std::uint32_t>(own_pin ? 1 : 0, held);
+  set_pins(id, std::max<std::uint32_t>(own_pin ? 1 : 0, held));
   if (own_pin && held == 0 && pin_log_ != nullptr)
     pin_log_->emplace_back(id, e.generation);
   account(e, true);
@@ -1416,6 +1503,14 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     count_rejected();
     return unexpected<error>(ok.error());
   }
+  if (options.pin)
+    if (auto room = pin_room(pin_bytes_at_most(ns, token_keys_),
+                             "put_tokens() with a pin over " +
+                                 std::to_string(blocks) + " blocks");
+        !room) {
+      count_rejected();
+      return unexpected<error>(room.error());
+    }
   // The calls below are the store's own: this call counts once if it fails.
   const nested_scope nested(*this);
   // Lease the cached prefix so making room for the rest cannot evict it,
@@ -1592,6 +1687,17 @@ result<process_result> block_store::process(ns_id ns,
     count_rejected();
     return unexpected<error>(ok.error());
   }
+  // Refused before it starts when pinning all it covers could pass the
+  // pinned limit: its pins are then never refused on the way (no request
+  // half pinned, no block computed for a refusal).
+  if (options.pin)
+    if (auto room = pin_room(pin_bytes_at_most(ns, keys),
+                             "process() with a pin over " +
+                                 std::to_string(keys.size()) + " blocks");
+        !room) {
+      count_rejected();
+      return unexpected<error>(room.error());
+    }
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
   // The calls below are the store's own: a block that cannot be cached is
@@ -1698,6 +1804,18 @@ result<process_result> block_store::process(ns_id ns,
       }
     }
   }
+  // What came back from the tier or disk is held while the rest is
+  // computed, as the memory prefix is: making room for it must not evict
+  // those blocks. (Before, one adopt() could not link under its parent
+  // stayed an evictable leaf, was evicted in this call, and the reply
+  // counted a hit that was gone.)
+  for (std::size_t i = *matched; i < next; ++i)
+    if (const std::uint32_t id = index_.find(keys[i]);
+        id != npos && entries_[id].state == entry_state::committed) {
+      ++entries_[id].leases;
+      refresh_evictable(id);
+      leases.push_back(read_lease(this, id, keys[i]));
+    }
   bool caching = true;
   // The KV must be computed whether or not it can be cached: a block that
   // cannot be is produced into the scratch buffer (the host takes its KV
@@ -1728,7 +1846,6 @@ result<process_result> block_store::process(ns_id ns,
     if (auto p = compute_uncached(keys[i]); !p)
       return fail(p.error());
   }
-  pin_log_ = nullptr;
   // Every block the request cached ends pinned: the matched ones, and
   // those promoted from disk after a block that had to be recomputed
   // (counted computed, and committed at their disk copy's pins, as was a
@@ -1739,6 +1856,7 @@ result<process_result> block_store::process(ns_id ns,
     for (std::size_t i = 0; i + out.uncached_blocks < keys.size(); ++i)
       if (const std::uint32_t id = index_.find(keys[i]); id != npos)
         pin_once(id);
+  pin_log_ = nullptr; // process_pins_ keeps them: see unpin_last_process()
   out.matched_tokens =
       std::min(out.matched_blocks * spec.block_tokens, input_tokens);
   out.computed_tokens = input_tokens - out.matched_tokens;
@@ -1763,6 +1881,26 @@ result<process_result> block_store::process(ns_id ns,
 
 // ---------------------------------------------------------------- pins, expiry
 
+std::optional<std::uint64_t>
+block_store::promotion_chain_of(const block_key& key) const noexcept {
+  for (const promotion& p : pending_promotions_)
+    if (p.handle.key() == key)
+      return p.group;
+  return std::nullopt;
+}
+
+std::size_t block_store::unpin_last_process() {
+  std::size_t n = 0;
+  for (const auto& [id, generation] : process_pins_) {
+    const entry& e = entries_[id];
+    if (e.generation == generation && e.state == entry_state::committed &&
+        e.pins > 0 && unpin(ns_id{e.ns}, e.key))
+      ++n;
+  }
+  process_pins_.clear();
+  return n;
+}
+
 result<void> block_store::pin(ns_id ns, const block_key& key) {
   if (auto st = check_ns(ns); !st)
     return unexpected<error>(st.error());
@@ -1773,7 +1911,12 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
     id = find_visible(ns, key, now());
   if (id == npos)
     return unexpected<error>(not_cached("block ", key));
-  ++entries_[id].pins;
+  if (entries_[id].pins == 0)
+    if (auto room = pin_room(pool_.slot_bytes(entries_[id].slot.size_class),
+                             "pinning block " + key.to_hex());
+        !room)
+      return room;
+  set_pins(id, entries_[id].pins + 1);
   recency_unlink(id); // no demotion candidate while pinned
   if (entries_[id].pins == 1)
     (void)spill(id, true);      // pins survive restarts
@@ -1838,7 +1981,7 @@ result<void> block_store::unpin(ns_id ns, const block_key& key) {
   if (entries_[id].pins == 0)
     return make_error(errc::invalid_argument,
                       "block " + key.to_hex() + " is not pinned");
-  --entries_[id].pins;
+  set_pins(id, entries_[id].pins - 1);
   // A candidate again, as the most recently used (its place among the
   // others is not kept while pinned; a pin is a use).
   if (entries_[id].pins == 0 && !entries_[id].in_recency &&
@@ -1979,6 +2122,16 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
   const std::size_t need = pool_.slot_bytes(cls);
   if (!over_high(need) && pool_.can_allocate(cls))
     return {};
+  // Demotions whose copies are done still hold their slots until someone
+  // polls: free them before evicting anything. (Before, a put with no
+  // process() or promote() in between failed, or evicted, next to slots
+  // the tier had finished with.) A put's parent is safe: its child count
+  // is already up, and a block leaves only without children.
+  if (tier_ && !tier_batches_.empty()) {
+    poll_tier();
+    if (!over_high(need) && pool_.can_allocate(cls))
+      return {};
+  }
   // With no slot of this size free, none may come free however much goes:
   // fail now, before evicting what would not make room.
   if (!pool_.can_allocate(cls) && !room_could_come(cls, parent))
@@ -3177,6 +3330,7 @@ void block_store::check_invariants() const {
   std::vector<std::uint32_t> children(entries_.size(), 0);
   std::size_t live = 0;
   std::size_t used = 0;
+  std::size_t pinned = 0;
   // Blocks the policies hold, by partition and priority.
   std::array<std::array<std::size_t, priority_count>, partition_count>
       flagged{};
@@ -3189,6 +3343,8 @@ void block_store::check_invariants() const {
     KVFLEET_CHECK(index_.find(e.key) == id,
                   "index does not point at its entry");
     used += pool_.slot_bytes(e.slot.size_class);
+    if (e.pins > 0)
+      pinned += pool_.slot_bytes(e.slot.size_class);
     KVFLEET_CHECK(pool_.owner(e.slot) == id,
                   "the pool does not name a block's entry as its slot's owner");
     KVFLEET_CHECK(!e.parent_unknown || e.parent == npos,
@@ -3248,6 +3404,7 @@ void block_store::check_invariants() const {
   }
   KVFLEET_CHECK(live == index_.size(), "index size mismatch");
   KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
+  KVFLEET_CHECK(pinned == pinned_bytes_, "pinned bytes out of step");
   KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec,
                 "codec bytes mismatch");
   KVFLEET_CHECK(sums.blocks_by_codec == stats_.blocks_by_codec,

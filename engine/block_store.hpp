@@ -187,6 +187,17 @@ struct store_config {
   /// over (being read or copied to the memory tier, or with no smaller slot
   /// free) count one sixteenth each. 0: no demotion.
   std::size_t demotion_scan_limit = 256;
+  /// At most this fraction of the arena's bytes (slot bytes) may be held by
+  /// pinned blocks, in (0, 1]. A pin past it is refused with
+  /// errc::out_of_memory and changes nothing: pin(), the commit of a put
+  /// with put_options::pin (checked at its reserve too, before making room
+  /// for it), and process() or put_tokens() with a pin, which are refused
+  /// before they start when pinning every block they cover could pass it.
+  /// Without a limit, pins could fill the arena so that every later put is
+  /// refused for good (pins outlive a restart with a disk tier). Pins a
+  /// block's disk copy brings back (pinned before a restart) are counted
+  /// but never refused, so lowering the limit refuses new pins only.
+  double max_pinned_fraction = 0.5;
   const clock_source* clock = nullptr; ///< default: steady clock
   /// Belady only: tick of the next use of a key after the current access.
   /// Should not throw: it runs inside commit() and every access. One that
@@ -213,7 +224,8 @@ struct put_options {
   std::uint32_t request_tokens = 0; ///< picks the size partition
   /// Pinned blocks are never evicted. Every block the put covers ends
   /// pinned, those already cached included (process(): the matched
-  /// prefix too); a block already pinned gets no second pin.
+  /// prefix too); a block already pinned gets no second pin. Refused
+  /// (errc::out_of_memory) past store_config::max_pinned_fraction.
   bool pin = false;
 };
 
@@ -470,6 +482,13 @@ public:
   [[nodiscard]] result<process_result>
   process(ns_id ns, std::span<const block_key> keys, std::size_t input_tokens,
           kv_producer& producer, const put_options& options = {});
+  /// Takes back the pins the last process() with put_options::pin added
+  /// (its blocks that were not pinned before it), for a caller that will
+  /// not tell its requester of them: the engine actor, when the request
+  /// finished after its caller stopped waiting. Call it right after that
+  /// process(), before other calls pin or unpin; the next process()
+  /// forgets them. Returns how many blocks it unpinned.
+  std::size_t unpin_last_process();
 
   /// Puts a disk tier below memory; the store owns it from now on. Evicted
   /// blocks spill to it and process() promotes from it. The tier's blocks
@@ -552,6 +571,11 @@ public:
     return pending_promotions_.empty() ||
            pending_promotions_.front().group > chain;
   }
+  /// The chain of the pending promote() promotion of `key` (a read on its
+  /// way, or a block to link), none when no pending one is of it. Linear
+  /// in pending_promotions().
+  [[nodiscard]] std::optional<std::uint64_t>
+  promotion_chain_of(const block_key& key) const noexcept;
 
   /// Puts a memory tier below the arena (see the class comment); `make` is
   /// called with the store's memory backend. Returns false when `make`
@@ -573,7 +597,8 @@ public:
   /// without a tier.
   [[nodiscard]] result<std::size_t> demote_to_tier(std::size_t bytes);
   /// Finishes the demotions whose copies are done: frees their slots. Never
-  /// waits. demote_to_tier(), process() and promote() call it too.
+  /// waits. demote_to_tier(), process() and promote() call it too, and so
+  /// does a put that finds no room before it evicts anything.
   void poll_tier();
   /// Slot bytes being demoted now (still taken until poll_tier()).
   [[nodiscard]] std::size_t tier_bytes_in_flight() const noexcept {
@@ -592,9 +617,19 @@ public:
   /// only on disk (it waits for that read, a demand read, and lands in
   /// its own size partition, see the class comment), so a pinned block is
   /// always in memory. Unpinning a block only on disk (pinned there before
-  /// a restart) unpins its disk copy.
+  /// a restart) unpins its disk copy. Pinning a block that is not pinned
+  /// yet past store_config::max_pinned_fraction is errc::out_of_memory
+  /// (a nested pin adds no bytes and is never refused).
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
+  /// Slot bytes of the blocks in memory that are pinned (dead ones a
+  /// reader still holds included), and the most they may take.
+  [[nodiscard]] std::size_t pinned_bytes() const noexcept {
+    return pinned_bytes_;
+  }
+  [[nodiscard]] std::size_t pinned_bytes_limit() const noexcept {
+    return pin_limit_bytes_;
+  }
 
   /// Evicts expired blocks now (lookups also skip them lazily). Returns how
   /// many expired: removed, or, when a reader or a cached child holds one,
@@ -740,7 +775,18 @@ private:
                     std::vector<read_lease>& out, nanos t,
                     std::optional<priority> use);
   /// Pins a committed block that is not pinned yet (put_options::pin).
+  /// Its caller checked the room for it (pin_room()).
   void pin_once(std::uint32_t id);
+  /// Sets block `id`'s pin count, keeping pinned_bytes_ in step.
+  void set_pins(std::uint32_t id, std::uint32_t pins) noexcept;
+  /// Whether `more` slot bytes of new pins fit max_pinned_fraction: an
+  /// error naming `what` when they do not.
+  [[nodiscard]] result<void> pin_room(std::size_t more,
+                                      const std::string& what) const;
+  /// The slot bytes pinning every block of `keys` could add at most: a
+  /// block not pinned in memory counts as the namespace's largest slot.
+  [[nodiscard]] std::size_t
+  pin_bytes_at_most(ns_id ns, std::span<const block_key> keys) const;
   void release_lease(std::uint32_t id) noexcept;
   void abort_reservation(std::uint32_t id) noexcept;
   /// An open put whose handle is dropped: aborted (if still current) and
@@ -1070,9 +1116,10 @@ private:
   /// room_could_come()'s per-class marks: a slot free or freeing.
   std::vector<std::uint8_t> slot_may_free_;
   std::vector<read_lease> process_leases_; ///< process()'s leases, reused
-  /// While process() runs with put_options::pin: the blocks its puts (and
-  /// promotions) pinned that were not pinned before, {id, generation}, so
-  /// a request that fails takes those pins back (nobody was told of them).
+  /// While process() runs with put_options::pin: the blocks it pinned
+  /// that were not pinned before, {id, generation}, so a request that
+  /// fails takes those pins back (nobody was told of them); kept after a
+  /// success until the next process(), for unpin_last_process().
   std::vector<std::pair<std::uint32_t, std::uint32_t>>* pin_log_ = nullptr;
   std::vector<std::pair<std::uint32_t, std::uint32_t>> process_pins_;
   std::vector<promotion> promote_batch_;      ///< process()'s, reused
@@ -1093,7 +1140,9 @@ private:
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
-  std::uint32_t nested_ = 0; ///< see count_rejected()
+  std::uint32_t nested_ = 0;        ///< see count_rejected()
+  std::size_t pinned_bytes_ = 0;    ///< see pinned_bytes()
+  std::size_t pin_limit_bytes_ = 0; ///< max_pinned_fraction of the arena
   store_stats stats_;
 };
 

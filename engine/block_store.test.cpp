@@ -55,6 +55,7 @@ protected:
     cfg.lowest_priority_first = lowest_priority_first_;
     cfg.high_watermark = high_watermark_;
     cfg.low_watermark = low_watermark_;
+    cfg.max_pinned_fraction = max_pinned_fraction_;
     cfg.clock = &clock_;
     if (policy == policy_kind::belady)
       cfg.next_use = [](const block_key&) { return std::uint64_t{0}; };
@@ -162,6 +163,7 @@ protected:
   bool lowest_priority_first_ = false; ///< open()'s store_config
   double high_watermark_ = store_config{}.high_watermark; ///< open()'s
   double low_watermark_ = store_config{}.low_watermark;   ///< open()'s
+  double max_pinned_fraction_ = store_config{}.max_pinned_fraction; ///< "
   ns_fingerprint fp_;
 };
 
@@ -1071,6 +1073,7 @@ TEST_F(store_fixture, a_put_no_slab_could_take_fails_before_evicting) {
 // blocks counted as movable whatever room their size had, and the parent as
 // evictable: a put that could never get a slot evicted blocks, then failed.
 TEST_F(store_fixture, a_put_no_compaction_could_serve_fails_before_evicting) {
+  max_pinned_fraction_ = 1.0; // pins fill memory here
   for (const bool child : {false, true}) {
     SCOPED_TRACE(child ? "a child of an evictable block" : "a root block");
     // Three one-block slabs, filled: no room-making before the last put.
@@ -1111,6 +1114,7 @@ TEST_F(store_fixture, a_put_no_compaction_could_serve_fails_before_evicting) {
 // a free slot: no room can come for a small block whose slabs are all
 // held. (The check above answered yes here, and the put evicted blocks.)
 TEST_F(store_fixture, a_full_slab_of_pinned_blocks_is_no_room) {
+  max_pinned_fraction_ = 1.0; // pins fill memory here
   high_watermark_ = 1.0;
   low_watermark_ = 1.0;
   open(8, policy_kind::lru, false, 2); // four slabs of two blocks
@@ -1191,6 +1195,7 @@ struct slab_store {
     cfg.adaptive_compression = compression;
     cfg.high_watermark = high;
     cfg.low_watermark = low;
+    cfg.max_pinned_fraction = 1.0; // pinned slabs are the tests' walls
     cfg.clock = &clock;
     auto created = block_store::create(cfg);
     EXPECT_TRUE(created.has_value()) << created.error().describe();
@@ -1345,6 +1350,7 @@ TEST(block_store, a_chain_of_demotions_is_room) {
   cfg.policy = policy_kind::lru;
   cfg.high_watermark = 1.0;
   cfg.low_watermark = 1.0;
+  cfg.max_pinned_fraction = 1.0; // pins hold the slabs here
   cfg.clock = &clock;
   auto created = block_store::create(cfg);
   ASSERT_TRUE(created.has_value()) << created.error().describe();
@@ -1791,6 +1797,143 @@ public:
 private:
   synthetic_producer inner_;
 };
+
+// Pins may take at most max_pinned_fraction of the arena (half by
+// default). Before, nothing limited them: two pinned 4-block requests in
+// an 8-block store left no room, and every later put was refused for
+// good. A pin past the limit is refused and changes nothing; a nested pin
+// adds no bytes; an unpin gives the room back.
+TEST_F(store_fixture, pins_stop_at_the_pinned_limit) {
+  open(8, policy_kind::lru, false, 1);
+  EXPECT_EQ(store_->pinned_bytes_limit(), 4 * block_bytes);
+  const auto keys = chain(1, 6);
+  put_chain(keys);
+  for (std::size_t i = 0; i < 4; ++i)
+    ASSERT_TRUE(store_->pin(ns_, keys[i]).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  auto refused = store_->pin(ns_, keys[4]);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, errc::out_of_memory);
+  EXPECT_NE(refused.error().message.find("max_pinned_fraction"),
+            std::string::npos)
+      << refused.error().message;
+  EXPECT_TRUE(store_->contains(ns_, keys[4])); // cached, unpinned
+  EXPECT_EQ(store_->unpin(ns_, keys[4]).error().code, errc::invalid_argument);
+  ASSERT_TRUE(store_->pin(ns_, keys[0]).has_value()); // nested: no bytes
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  ASSERT_TRUE(store_->unpin(ns_, keys[0]).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes); // still pinned once
+  ASSERT_TRUE(store_->unpin(ns_, keys[3]).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), 3 * block_bytes);
+  EXPECT_TRUE(store_->pin(ns_, keys[4]).has_value());
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, a_pinned_request_past_the_limit_is_refused_whole) {
+  open(8, policy_kind::lru, false, 1);
+  put_options pin;
+  pin.pin = true;
+  counting_producer producer;
+  const auto first = chain(1, 4);
+  ASSERT_TRUE(store_->process(ns_, first, 64, producer, pin).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  // The same prompt again (a warm run repeated) pins nothing new.
+  ASSERT_TRUE(store_->process(ns_, first, 64, producer, pin).has_value());
+  // Another pinned request: refused before it computes or caches anything.
+  const auto second = chain(100, 4);
+  const auto produced = producer.calls;
+  auto r = store_->process(ns_, second, 64, producer, pin);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::out_of_memory);
+  EXPECT_EQ(producer.calls, produced);
+  for (const auto& k : second)
+    EXPECT_FALSE(store_->contains(ns_, k));
+  // The store still caches: an unpinned request fits beside the pins.
+  auto plain = store_->process(ns_, second, 64, producer);
+  ASSERT_TRUE(plain.has_value()) << plain.error().describe();
+  EXPECT_EQ(plain->uncached_blocks, 0U);
+  // put_tokens() with a pin is refused the same way, storing nothing.
+  std::vector<std::uint32_t> tokens(32, 9);
+  std::vector<std::byte> values(2 * block_bytes, std::byte{1});
+  auto t = store_->put_tokens(ns_, tokens, values, pin);
+  ASSERT_FALSE(t.has_value());
+  EXPECT_EQ(t.error().code, errc::out_of_memory);
+  std::vector<block_key> token_keys;
+  chain_keys(fp_, 16, tokens, token_keys);
+  for (const auto& k : token_keys)
+    EXPECT_FALSE(store_->contains(ns_, k));
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  store_->check_invariants();
+}
+
+// A pinned put is checked at its reserve (before it makes room: nothing is
+// evicted for it) and again at its commit, which other pins may have
+// reached first; refused there, the put is aborted and leaves nothing.
+TEST_F(store_fixture,
+       a_pinned_put_past_the_limit_is_refused_at_reserve_or_commit) {
+  max_pinned_fraction_ = 0.25; // 2 of 8 blocks
+  open(8, policy_kind::lru, false, 1);
+  put_options pin;
+  pin.pin = true;
+  const auto keys = chain(1, 8);
+  put_chain({keys.begin(), keys.begin() + 7}); // over the high watermark next
+  const auto a = chain(50, 1)[0];
+  const auto b = chain(60, 1)[0];
+  const auto c = chain(70, 1)[0];
+  auto ha = store_->reserve(ns_, a, {}, pin);
+  ASSERT_TRUE(ha.has_value()) << ha.error().describe();
+  auto hb = store_->reserve(ns_, b, {}, pin);
+  ASSERT_TRUE(hb.has_value()) << hb.error().describe();
+  auto hc = store_->reserve(ns_, c, {}, pin);
+  ASSERT_TRUE(hc.has_value()) << hc.error().describe();
+  ASSERT_TRUE(store_->write(*ha, value_for(a)).has_value());
+  ASSERT_TRUE(store_->write(*hb, value_for(b)).has_value());
+  ASSERT_TRUE(store_->write(*hc, value_for(c)).has_value());
+  ASSERT_TRUE(store_->commit(*ha).has_value());
+  ASSERT_TRUE(store_->commit(*hb).has_value());
+  auto late = store_->commit(*hc);
+  ASSERT_FALSE(late.has_value());
+  EXPECT_EQ(late.error().code, errc::out_of_memory);
+  EXPECT_FALSE(store_->contains(ns_, c));
+  EXPECT_EQ(store_->commit(*hc).error().code, errc::commit_after_abort);
+  EXPECT_EQ(store_->pinned_bytes(), 2 * block_bytes);
+  // Full now: the reserve refuses before making room.
+  const auto evictions = store_->stats().evictions;
+  auto early = store_->reserve(ns_, c, {}, pin);
+  ASSERT_FALSE(early.has_value());
+  EXPECT_EQ(early.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->stats().evictions, evictions);
+  // A duplicate pinned put of a cached block: refused at its commit, the
+  // block stays cached as it was.
+  auto dup = store_->reserve(ns_, keys[0], {}, pin);
+  ASSERT_TRUE(dup.has_value()) << dup.error().describe();
+  ASSERT_TRUE(store_->write(*dup, value_for(keys[0])).has_value());
+  auto dup_commit = store_->commit(*dup);
+  ASSERT_FALSE(dup_commit.has_value());
+  EXPECT_EQ(dup_commit.error().code, errc::out_of_memory);
+  EXPECT_TRUE(store_->contains(ns_, keys[0]));
+  EXPECT_EQ(store_->unpin(ns_, keys[0]).error().code, errc::invalid_argument);
+  store_->check_invariants();
+}
+
+TEST(block_store, the_pinned_limit_is_checked) {
+  for (const double f :
+       {0.0, -0.5, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    store_config cfg;
+    cfg.capacity_bytes = 8 * block_bytes;
+    cfg.max_pinned_fraction = f;
+    auto s = block_store::create(cfg);
+    ASSERT_FALSE(s.has_value()) << f;
+    EXPECT_EQ(s.error().code, errc::invalid_argument);
+    EXPECT_NE(s.error().message.find("max_pinned_fraction"), std::string::npos);
+  }
+  store_config all;
+  all.capacity_bytes = 8 * block_bytes;
+  all.max_pinned_fraction = 1.0;
+  auto s = block_store::create(all);
+  ASSERT_TRUE(s.has_value());
+  EXPECT_EQ((*s)->pinned_bytes_limit(), (*s)->capacity_bytes());
+}
 
 /// Opens a store of 100 blocks (one a slab, LRU, no compression) and puts
 /// 20 one-block short requests in it: below the short partition's 30%
@@ -2851,6 +2994,7 @@ TEST_F(store_fixture, token_puts_must_be_whole_blocks_and_are_all_or_nothing) {
 // not the store's own calls inside process() or put_tokens().
 TEST_F(store_fixture,
        a_rejected_request_is_counted_once_and_only_when_it_fails) {
+  max_pinned_fraction_ = 1.0; // pins fill memory here
   open(4, policy_kind::lru, false, 1);
   put_options pin;
   pin.pin = true;
@@ -3597,6 +3741,7 @@ TEST_F(store_fixture, a_failed_token_put_leaves_its_cached_prefix_as_it_was) {
 // compressed. Unpinned, they rejoin it. Before, 300 old pinned blocks took
 // the whole scan of 256: no demotion, 156 evictions.
 TEST_F(store_fixture, pinned_blocks_do_not_starve_the_demotion_scan) {
+  max_pinned_fraction_ = 1.0; // pins fill memory here
   open(512, policy_kind::lru, true);
   put_options pin;
   pin.pin = true;

@@ -112,6 +112,7 @@ protected:
     cfg.slab_bytes = block_bytes;
     cfg.policy = policy_;
     cfg.adaptive_compression = false;
+    cfg.max_pinned_fraction = max_pinned_fraction_;
     cfg.clock = store_clock_;
     unaddressable_ = nullptr;
     auto s = [&] {
@@ -200,6 +201,7 @@ protected:
 
   std::string dir_;
   policy_kind policy_ = policy_kind::lru; ///< the store's, at open()
+  double max_pinned_fraction_ = store_config{}.max_pinned_fraction; ///< "
   synthetic_producer producer_;
   std::unique_ptr<block_store> store_;
   unaddressable_backend* unaddressable_ = nullptr; ///< owned by store_
@@ -379,6 +381,35 @@ TEST_F(store_disk_test,
     EXPECT_TRUE(u.has_value())
         << "block " << i << ": " << (u ? std::string{} : u.error().describe());
   }
+}
+
+// A block process() brought back from disk stays while the rest of the
+// request is computed. Here k1 came back alone (a reader holds it), so
+// k0's promotion cannot link it under k0 (adopt() waits for the reader),
+// and k0 is an evictable leaf when room is made for k2. Before, k0 was
+// evicted in that same call, and the reply counted it matched.
+TEST_F(store_disk_test, blocks_a_request_brought_back_stay_while_it_computes) {
+  open(4);
+  const auto k = chain(1, 3);
+  run({k[0], k[1]});
+  spill_everything();
+  auto reader = store_->acquire(ns_, k[1]); // back alone, held
+  ASSERT_TRUE(reader.has_value()) << reader.error().describe();
+  put_options pin;
+  pin.pin = true;
+  for (std::uint64_t i = 0; i < 2; ++i)
+    ASSERT_TRUE(store_
+                    ->process(ns_, chain(100 + 10 * i, 1), spec().block_tokens,
+                              producer_, pin)
+                    .has_value());
+  const auto evictions = store_->stats().evictions;
+  auto r = store_->process(ns_, k, 3 * spec().block_tokens, producer_);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->matched_blocks, 2U);
+  EXPECT_EQ(r->uncached_blocks, 1U); // no room left for it
+  EXPECT_EQ(store_->stats().evictions, evictions);
+  EXPECT_TRUE(store_->contains(ns_, k[0]));
+  store_->check_invariants();
 }
 
 TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
@@ -2028,6 +2059,7 @@ TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
   // come back. acquire(), pin() and a put naming it as parent say it is
   // there but has no room, with the reservation's error (before, all
   // three said "not cached", errc::not_found, of a block on disk).
+  max_pinned_fraction_ = 1.0; // pins fill memory here
   open(4);
   const auto k = chain(7, 1)[0];
   run({k});

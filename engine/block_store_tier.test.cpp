@@ -47,6 +47,7 @@ protected:
     cfg.slab_bytes = slab_blocks * block_bytes;
     cfg.policy = policy;
     cfg.adaptive_compression = false;
+    cfg.max_pinned_fraction = max_pinned_fraction_;
     cfg.clock = &clock_;
     cfg.on_block_event = [this](block_event e, const block_key& k) {
       (e == block_event::stored ? stored_ : removed_).push_back(k);
@@ -112,6 +113,7 @@ protected:
 
   manual_clock clock_;
   synthetic_producer producer_;
+  double max_pinned_fraction_ = store_config{}.max_pinned_fraction; ///< open's
   std::unique_ptr<block_store> store_;
   testing::fake_memory_tier* tier_ = nullptr; ///< owned by store_
   ns_id ns_;
@@ -264,6 +266,7 @@ TEST_F(store_tier_test,
 // pinned blocks) ends the prefix there, and the call, which succeeds, counts
 // no rejected request for it.
 TEST_F(store_tier_test, acquire_prefix_stops_at_a_tier_block_with_no_room) {
+  max_pinned_fraction_ = 1.0; // pins fill memory here
   open(8, 16);
   const auto a = chain(1, 4);
   run(a);
@@ -1045,6 +1048,63 @@ TEST(store_tier, puts_demote_past_the_blocks_being_copied_to_the_tier) {
   tier->finish_demotions();
   store->poll_tier();
   store->check_invariants();
+}
+
+// A put that finds no room collects the demotions whose copies are done
+// before it evicts anything. Before, their slots stayed taken until a
+// process() or promote() polled: with every slot on its way to the tier,
+// the put failed ("nothing was evicted"), and with room above the high
+// watermark only, it evicted blocks while finished copies held slots.
+TEST(store_tier, a_put_collects_finished_demotions_before_evicting) {
+  struct case_t {
+    double high;        // and low watermark
+    std::size_t filled; // blocks put first
+    std::size_t demoted;
+  };
+  for (const case_t c : {case_t{1.0, 8, 8}, case_t{0.9, 7, 4}}) {
+    SCOPED_TRACE(c.high);
+    manual_clock clock;
+    store_config cfg;
+    cfg.capacity_bytes = 8 * block_bytes;
+    cfg.slab_bytes = block_bytes;
+    cfg.high_watermark = c.high;
+    cfg.low_watermark = c.high;
+    cfg.adaptive_compression = false;
+    cfg.policy = policy_kind::lru;
+    cfg.clock = &clock;
+    auto store = std::move(*block_store::create(cfg));
+    testing::fake_memory_tier* tier = nullptr;
+    ASSERT_TRUE(store
+                    ->attach_tier([&](memory_backend& arena)
+                                      -> result<std::unique_ptr<memory_tier>> {
+                      auto t = std::make_unique<testing::fake_memory_tier>(
+                          arena.host_data(), 16 * block_bytes);
+                      tier = t.get();
+                      return std::unique_ptr<memory_tier>(std::move(t));
+                    })
+                    .value_or(false));
+    const auto ns = *store->register_namespace(spec());
+    synthetic_producer producer;
+    const auto keys = testing::chain_of(spec(), 1, 9);
+    for (std::size_t i = 0; i < c.filled; ++i)
+      ASSERT_TRUE(
+          store->process(ns, std::span(keys).subspan(i, 1), 16, producer)
+              .has_value());
+    ASSERT_EQ(store->demote_to_tier(c.demoted * block_bytes).value_or(0),
+              c.demoted * block_bytes);
+    tier->finish_demotions(); // copied; nobody has polled yet
+    const block_key fresh = keys[8];
+    auto h = store->reserve(ns, fresh, {}, {});
+    ASSERT_TRUE(h.has_value()) << h.error().describe();
+    std::vector<std::byte> v(spec().value_bytes());
+    ASSERT_TRUE(producer.produce(spec(), fresh, v).has_value());
+    ASSERT_TRUE(store->write(*h, v).has_value());
+    ASSERT_TRUE(store->commit(*h).has_value());
+    EXPECT_EQ(store->stats().evictions, 0U);
+    EXPECT_EQ(store->tier_block_count(), c.demoted);
+    EXPECT_EQ(store->tier_bytes_in_flight(), 0U);
+    store->check_invariants();
+  }
 }
 
 TEST_F(store_tier_test, destroying_the_store_waits_for_copies_in_flight) {
