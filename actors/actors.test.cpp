@@ -2253,6 +2253,67 @@ TEST_F(actor_test, AProducersOwnTimeoutIsTheEnginesErrorNotAnExpiredRequest) {
   EXPECT_EQ(ask_now<engine_stats>(e0, stats_atom::value).expired, 0U);
 }
 
+/// Moves the test's clock on by `step` for each block it computes: a
+/// request whose computing spans its deadline.
+class clock_moving_producer final : public engine::kv_producer {
+public:
+  clock_moving_producer(caf::scheduler::test_coordinator& sched,
+                        caf::timespan step)
+      : sched_(sched), step_(step) {}
+  result<void> produce(const engine::namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    sched_.advance_time(step_);
+    return inner_.produce(spec, key, out);
+  }
+  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+
+private:
+  caf::scheduler::test_coordinator& sched_;
+  caf::timespan step_;
+  engine::synthetic_producer inner_;
+};
+
+TEST_F(actor_test, APinningRequestFinishedAfterItsDeadlineTakesItsPinsBack) {
+  // The engine computes a pinning request from 0 s to 71 s; the balancer
+  // told its caller errc::timeout at 70 s. Before, its blocks stayed
+  // pinned for good: the caller, told it failed, has no pin to take back.
+  // Now the engine takes back the pins that request added (not one a
+  // block had before it) and answers errc::timeout; the blocks stay cached.
+  auto c = small_engine(64);
+  auto* sched = sched_;
+  c.make_producer = [sched] {
+    return std::make_unique<clock_moving_producer>(*sched, 71s);
+  };
+  auto b = balancer(routing_policy::round_robin, {c}, 70s);
+  sched_->run();
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  // Its first block is cached and pinned before, by another caller.
+  auto first = make_request(1, 0, 1, 1, 1);
+  first.pin = true;
+  ASSERT_TRUE(ask_now<kv_reply>(e0, process_atom::value, first).id == 1);
+  auto late = make_request(2, 0, 1, 2, 2);
+  late.pin = true;
+  auto r = ask<kv_reply>(b, process_atom::value, late);
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  EXPECT_TRUE(is_timeout(*r->error)) << to_string(*r->error);
+  EXPECT_EQ(ask_now<engine_stats>(e0, stats_atom::value).expired, 1U);
+  EXPECT_EQ(ask_now<std::uint64_t>(e0, lookup_atom::value, late.keys), 2U);
+  auto unpin = [&](const block_key& k) {
+    auto u = ask<bool>(e0, unpin_atom::value, k);
+    sched_->run();
+    return u->error ? from_caf_error(*u->error).code : errc::ok;
+  };
+  EXPECT_EQ(unpin(late.keys[1]), errc::invalid_argument) << "still pinned";
+  EXPECT_EQ(unpin(late.keys[0]), errc::ok) << "the earlier caller's pin stays";
+  EXPECT_EQ(unpin(late.keys[0]), errc::invalid_argument);
+  // In time (a request without a deadline), its pins stay.
+  auto direct = make_request(3, 0, 0, 1, 3);
+  direct.pin = true;
+  ASSERT_EQ(ask_now<kv_reply>(e0, process_atom::value, direct).id, 3U);
+  EXPECT_EQ(unpin(direct.keys[0]), errc::ok);
+}
+
 TEST_F(actor_test, AProducerThatThrowsFailsItsRequestNotTheEngine) {
   // The producer throws for one request's block: that request gets an
   // error reply and the engine keeps serving. Before, the exception ended

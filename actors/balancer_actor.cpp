@@ -541,8 +541,10 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
   // The engine's copy carries the deadline: one that comes to it later
   // answers without doing work nobody waits for (a prefetch or warm query
   // queued behind served traffic, say, which would otherwise still be
-  // computed, and pinned, after its caller was told it timed out).
-  req.deadline_ns = deadline;
+  // computed, and pinned, after its caller was told it timed out). One
+  // the request carries that comes first (a node's call_timeout) stays.
+  if (req.deadline_ns == 0 || req.deadline_ns > deadline)
+    req.deadline_ns = deadline;
   schedule_sweep(self);
   auto then = [=](kv_reply& rep) {
     auto* c = find_call(self, seq);

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include <caf/actor_cast.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/response_promise.hpp>
@@ -394,6 +395,23 @@ void serve(engine_actor* self, pending_request& p,
     return;
   }
   auto r = run_one(st, p.request);
+  if (r && p.request.pin && deadline != 0 &&
+      arrival_time(self).count() >= deadline) {
+    // Finished after its caller was told it timed out: that caller holds
+    // none of the pins it added and would never unpin them, which would
+    // hold their memory for good (and across restarts, with a disk tier).
+    // The blocks stay cached, unpinned.
+    const auto unpinned = st.store->unpin_last_process();
+    ++st.expired;
+    p.promise.deliver(to_caf_error(
+        error{errc::timeout, "request " + std::to_string(p.request.id) +
+                                 " finished after its deadline (the balancer's "
+                                 "request_timeout): the " +
+                                 std::to_string(unpinned) +
+                                 " pins it added were taken back"}));
+    --st.in_flight;
+    return;
+  }
   if (r && before && r->memory_blocks > before->memory_blocks) {
     // What promote() brought back for it, found in memory now, counts as
     // process() would have counted it; more found there (another
@@ -467,9 +485,22 @@ deferral defer_for_disk(engine_actor* self, pending_request& p) {
       std::min<std::size_t>(req.input_tokens, 0xffffffffU));
   const auto chain_before = st.store->last_promotion_chain();
   auto started = st.store->promote(st.ns, req.keys, opts);
-  // An error (no room to reserve into, say): process() takes it from here.
-  if (!started || *started == 0)
-    return {};
+  if (!started || *started == 0) {
+    // Its next block is on its way already, read for an earlier request
+    // (two prefetches of one prefix): it waits off the batch for that
+    // chain too, and finds the blocks in memory (not promoted for it).
+    // Before, it was served in the batch, where process() waited for
+    // those reads, and every request behind it with it. Otherwise (no
+    // room to reserve into, say) process() takes it from here.
+    const auto on_its_way = st.store->promotion_chain_of(req.keys[next]);
+    if (!on_its_way)
+      return {};
+    ++st.disk_deferred;
+    st.deferred.push_back(deferred_request{
+        std::move(p), before_reads{in_memory, 0}, *on_its_way});
+    arm_disk_poll(self);
+    return deferral{true, std::nullopt};
+  }
   const before_reads before{in_memory, *started};
   // promote() counts the tier run it moved (at most next - in_memory: a
   // shorter one reads nothing from disk) and then the reads it started.
@@ -935,6 +966,8 @@ caf::behavior engine_behavior(engine_actor* self,
         out.blocks = s.store->block_count();
         out.used_bytes = s.store->used_bytes();
         out.capacity_bytes = s.store->capacity_bytes();
+        out.pinned_bytes = s.store->pinned_bytes();
+        out.pinned_bytes_limit = s.store->pinned_bytes_limit();
         out.token_hits = ss.token_hits;
         out.token_misses = ss.token_misses;
         out.block_hits = ss.block_hits;
@@ -964,9 +997,20 @@ caf::behavior engine_behavior(engine_actor* self,
       [=](persist_atom, std::uint64_t timeout_ms,
           bool retiring) -> caf::result<std::uint64_t> {
         // Set first: the balancer exits the engine whether or not its
-        // blocks could be written.
-        if (retiring)
+        // blocks could be written. Only from a listener (its balancer is
+        // one): from anyone else it would refuse every later put and pin
+        // for good while the balancer still routes to it.
+        if (retiring) {
+          const auto& ls = self->state.listeners;
+          const auto from = caf::actor_cast<caf::actor>(self->current_sender());
+          if (!from || std::find(ls.begin(), ls.end(), from) == ls.end())
+            return to_caf_error(
+                error{errc::invalid_argument,
+                      "persist with `retiring` from an actor that is not "
+                      "this engine's listener (its balancer retires it): "
+                      "refused, nothing written"});
           self->state.retiring = true;
+        }
         return persist(self, timeout_ms);
       },
       [=](capacity_atom, std::uint32_t tokens) {

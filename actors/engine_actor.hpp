@@ -29,7 +29,9 @@
 ///       `retiring` (its balancer retires it and exits it next) the engine
 ///       then refuses reserve_atom, commit_atom (the put is aborted) and
 ///       pin_atom with errc::unavailable, since what it took now would be
-///       lost with it; reads, unpins and everything else are served
+///       lost with it; reads, unpins and everything else are served.
+///       `retiring` from an actor that is not one of its listeners (the
+///       balancer is) is errc::invalid_argument, and nothing is written
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no
 ///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply;
@@ -110,18 +112,19 @@
 /// once its reads have landed (or failed: those blocks are computed) it is
 /// processed, its reply counting the blocks its reads brought back in
 /// `promoted_blocks` as process() would have (engine_stats::disk_deferred
-/// counts such requests). One whose reads could not be started for it
-/// (another deferred request is reading the same chain, no room) is
-/// processed in its batch as before. Before, a critical request that came
-/// during a prefetch's reads waited for all of them. Left: blocks that
-/// landed can be evicted (low priority goes first) by a request served
-/// before the deferred one, which then reads them again in its batch; and
-/// process() counts one more access of the blocks read for it than it
-/// would have inline (LFU, compression coldness).
-/// The block calls reach it too: `read_atom`
-/// and `pin_atom` of a block only on disk, and `reserve_atom` of a block
-/// whose parent is only there (lookup_atom counted it), bring that block
-/// back and wait for its read (engine::block_store::acquire, pin,
+/// counts such requests). One whose next block is on its way already,
+/// read for another deferred request (two prefetches of one prefix),
+/// waits off its batch for that chain too (counted the same), and finds
+/// those blocks in memory (not promoted for it); one whose reads could not
+/// be started otherwise (no room) is processed in its batch as before. Before,
+/// a critical request that came during a prefetch's reads waited for all of
+/// them. Left: blocks that landed can be evicted (low priority goes first) by a
+/// request served before the deferred one, which then reads them again in its
+/// batch; and process() counts one more access of the blocks read for it than
+/// it would have inline (LFU, compression coldness). The block calls reach it
+/// too: `read_atom` and `pin_atom` of a block only on disk, and `reserve_atom`
+/// of a block whose parent is only there (lookup_atom counted it), bring that
+/// block back and wait for its read (engine::block_store::acquire, pin,
 /// reserve); `unpin_atom` of a block pinned only on disk unpins it there.
 /// A block damaged on disk is never returned by `read_atom`: it answers
 /// errc::checksum_mismatch and the block is dropped. `persist_atom` writes

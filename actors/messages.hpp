@@ -49,8 +49,11 @@ struct kv_request {
   /// When nobody waits for the reply any more, in nanoseconds of the actor
   /// system's clock (its time_since_epoch); 0: no deadline. The balancer
   /// sets it on the copy it sends an engine (its request_timeout, when it
-  /// answers the caller errc::timeout); an engine that reaches the request
-  /// at or after it answers errc::timeout without processing it
+  /// answers the caller errc::timeout; an earlier one the request carries,
+  /// a node's call_timeout say, stays); an engine that reaches the request
+  /// at or after it answers errc::timeout without processing it, and one
+  /// that finishes a pinning request at or after it takes back the pins
+  /// the request added and answers errc::timeout too
   /// (engine_stats::expired). One process's clock: not for another.
   std::int64_t deadline_ns = 0;
 
@@ -149,7 +152,9 @@ struct engine_stats {
   std::uint64_t requests = 0;  ///< requests processed without an error
   /// Requests answered errc::timeout unprocessed: their turn came at or
   /// after their deadline (kv_request::deadline_ns), when the balancer had
-  /// answered their caller with a timeout already.
+  /// answered their caller with a timeout already; and pinning requests
+  /// that finished at or after it (processed, counted in `requests` too,
+  /// their new pins taken back).
   std::uint64_t expired = 0;
   /// Low and background requests that waited off their batch for their
   /// prefix's disk reads (engine_actor.hpp, "Disk tier").
@@ -158,6 +163,10 @@ struct engine_stats {
   std::uint64_t blocks = 0;
   std::uint64_t used_bytes = 0;
   std::uint64_t capacity_bytes = 0;
+  /// Bytes of pinned blocks, and the most pins may take
+  /// (store_config::max_pinned_fraction of capacity_bytes).
+  std::uint64_t pinned_bytes = 0;
+  std::uint64_t pinned_bytes_limit = 0;
   std::uint64_t token_hits = 0;
   std::uint64_t token_misses = 0;
   std::uint64_t evictions = 0;
@@ -187,12 +196,12 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
            x.requests, x.expired, x.disk_deferred, x.batches, x.blocks,
-           x.used_bytes, x.capacity_bytes, x.token_hits, x.token_misses,
-           x.evictions, x.pressure_evictions, x.capacity_tokens, x.memory,
-           x.tier, x.tier_blocks, x.tier_demotions, x.tier_hits,
-           x.tier_in_flight_bytes, x.disk, x.disk_blocks, x.disk_hits,
-           x.disk_spills, x.disk_spill_failures, x.block_hits, x.block_misses,
-           x.listeners);
+           x.used_bytes, x.capacity_bytes, x.pinned_bytes, x.pinned_bytes_limit,
+           x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
+           x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
+           x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
+           x.disk_hits, x.disk_spills, x.disk_spill_failures, x.block_hits,
+           x.block_misses, x.listeners);
 }
 
 /// The balancer's counters.

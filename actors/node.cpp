@@ -20,6 +20,7 @@
 #include <vector>
 
 #include <caf/actor_cast.hpp>
+#include <caf/actor_clock.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/after.hpp>
@@ -524,13 +525,25 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
 }
 
 result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
-  if (const auto& cache = running(cache_); cache && !req.query.empty())
-    return ask_at<actors::kv_reply>(*askers_, req.prio, cache,
+  // Nobody waits past call_timeout: the request carries that deadline, so
+  // an engine that comes to it later does no work for it, and one that
+  // finishes a pinning request after it takes its pins back (before, with
+  // a call_timeout shorter than the balancer's request_timeout, a request
+  // that timed out here could still pin, and its caller would never unpin).
+  actors::kv_request r = req;
+  const std::int64_t until =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(
+          (sys_->clock().now() + config_.call_timeout).time_since_epoch())
+          .count();
+  if (r.deadline_ns == 0 || r.deadline_ns > until)
+    r.deadline_ns = until;
+  if (const auto& cache = running(cache_); cache && !r.query.empty())
+    return ask_at<actors::kv_reply>(*askers_, r.prio, cache,
                                     config_.call_timeout,
-                                    actors::query_atom::value, req);
-  return ask_at<actors::kv_reply>(*askers_, req.prio, running(balancer_),
+                                    actors::query_atom::value, r);
+  return ask_at<actors::kv_reply>(*askers_, r.prio, running(balancer_),
                                   config_.call_timeout,
-                                  actors::process_atom::value, req);
+                                  actors::process_atom::value, r);
 }
 
 result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {

@@ -24,6 +24,7 @@
 #include <fstream>
 #include <functional>
 #include <latch>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -384,7 +385,10 @@ TEST_F(Node, ACallThatTimesOutIsAnErrorAndLaterCallsGetTheirOwnReplies) {
   // One engine whose batches close at two requests only: the first call
   // waits alone and nothing can answer it before its call_timeout (1 s of
   // real time). The second closes the batch, so the first one's reply comes
-  // late, to a caller that gave up: it must not reach any later call.
+  // late, to a caller that gave up: it must not reach any later call. The
+  // first carries the call's deadline, so the engine, reaching it after
+  // that, answers it errc::timeout without computing it (before the node
+  // set that deadline, it computed it for nobody).
   auto c = small_node();
   c.engines = 1;
   c.query_cache = false;
@@ -400,14 +404,15 @@ TEST_F(Node, ACallThatTimesOutIsAnErrorAndLaterCallsGetTheirOwnReplies) {
   auto second = nd.process_request(req(2));
   ASSERT_TRUE(second.has_value()) << second.error().describe();
   EXPECT_EQ(second->id, 2U);
-  EXPECT_EQ(second->matched_blocks, 3U); // the first one computed them
+  EXPECT_EQ(second->computed_blocks, 3U); // the first one computed nothing
   for (int i = 0; i < 3; ++i) {
     auto lk = nd.lookup({block_key{5, 1}, block_key{5, 2}});
     ASSERT_TRUE(lk.has_value()) << lk.error().describe();
     EXPECT_EQ(*lk, 2U);
     auto es = nd.engine_stats(0);
     ASSERT_TRUE(es.has_value()) << es.error().describe();
-    EXPECT_EQ(es->requests, 2U);
+    EXPECT_EQ(es->requests, 1U);
+    EXPECT_EQ(es->expired, 1U);
   }
 }
 
@@ -546,24 +551,38 @@ TEST_F(Node, ALowPriorityRequestWaitsForItsDiskReadsOffTheBatch) {
   low.prio = engine::priority::low;
   caf::scoped_actor self{*sys_};
   self->send((*n)->balancer(), actors::process_atom::value, low);
+  // A second one of the same prefix finds its blocks on their way (read
+  // for the first): it waits off the batch for that chain too. Before, it
+  // was served in the batch, where process() waited for those reads, and
+  // the normal request with it.
+  auto second = low;
+  second.id = 501;
+  self->send((*n)->balancer(), actors::process_atom::value, second);
   auto normal = (*n)->process_request(chain(42));
   ASSERT_TRUE(normal.has_value()) << normal.error().describe();
   auto st = (*n)->engine_stats(0);
   ASSERT_TRUE(st.has_value()) << st.error().describe();
-  EXPECT_EQ(st->disk_deferred, 1U);
-  EXPECT_EQ(st->in_flight, 1U) << "the low request was served first";
+  EXPECT_EQ(st->disk_deferred, 2U);
+  EXPECT_EQ(st->in_flight, 2U) << "the low requests were served first";
   g->open();
-  std::optional<actors::kv_reply> got;
-  self->receive([&](actors::kv_reply& r) { got = std::move(r); },
-                [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); },
-                caf::after(std::chrono::seconds(60)) >>
-                    [&] { ADD_FAILURE() << "no reply to the low request"; });
-  ASSERT_TRUE(got.has_value());
-  EXPECT_EQ(got->id, 500U);
-  EXPECT_EQ(got->matched_blocks, 4U);
-  EXPECT_EQ(got->computed_blocks, 0U);
-  EXPECT_EQ(got->memory_blocks, 0U);
-  EXPECT_EQ(got->promoted_blocks, 4U) << "as process() would count them";
+  std::map<std::uint64_t, actors::kv_reply> got;
+  for (int i = 0; i < 2; ++i)
+    self->receive([&](actors::kv_reply& r) { got[r.id] = std::move(r); },
+                  [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); },
+                  caf::after(std::chrono::seconds(60)) >>
+                      [&] { ADD_FAILURE() << "no reply to a low request"; });
+  ASSERT_EQ(got.size(), 2U);
+  const auto& first = got[500];
+  EXPECT_EQ(first.matched_blocks, 4U);
+  EXPECT_EQ(first.computed_blocks, 0U);
+  EXPECT_EQ(first.memory_blocks, 0U);
+  EXPECT_EQ(first.promoted_blocks, 4U) << "as process() would count them";
+  // The second found them in memory: read for the first, not for it.
+  const auto& other = got[501];
+  EXPECT_EQ(other.matched_blocks, 4U);
+  EXPECT_EQ(other.computed_blocks, 0U);
+  EXPECT_EQ(other.memory_blocks, 4U);
+  EXPECT_EQ(other.promoted_blocks, 0U);
   ASSERT_TRUE((*n)->stop());
 }
 
@@ -1948,11 +1967,6 @@ TEST_F(Node, AnEngineRetiringRefusesPutsAndPinsAfterItsLastPersist) {
       .receive([&](std::uint64_t t) { ticket = t; }, failed);
   self->request(e, caf::infinite, actors::write_atom::value, ticket, value)
       .receive([](bool) {}, failed);
-  std::uint64_t persisted = 0;
-  self->request(e, caf::infinite, actors::persist_atom::value,
-                std::uint64_t{30'000}, true)
-      .receive([&](std::uint64_t p) { persisted = p; }, failed);
-  EXPECT_EQ(persisted, 1U);
   // `reply` is a value of the type the call answers when it succeeds.
   const auto refused = [&](auto reply, auto... msg) {
     std::optional<error> out;
@@ -1961,6 +1975,22 @@ TEST_F(Node, AnEngineRetiringRefusesPutsAndPinsAfterItsLastPersist) {
                  [&](caf::error& err) { out = actors::from_caf_error(err); });
     return out;
   };
+  // Only a listener (the balancer is one) may say the engine is retiring:
+  // from anyone else it would refuse every put for good while the
+  // balancer still routes to it. Refused, and the engine takes puts on.
+  auto stranger = refused(std::uint64_t{}, actors::persist_atom::value,
+                          std::uint64_t{30'000}, true);
+  ASSERT_TRUE(stranger.has_value()) << "retired by an actor not its listener";
+  EXPECT_EQ(stranger->code, errc::invalid_argument) << stranger->describe();
+  actors::put_request other;
+  other.key = block_key{93, 1};
+  ASSERT_TRUE(nd.put_block(0, other, value).has_value());
+  self->send(e, actors::listen_atom::value, caf::actor_cast<caf::actor>(self));
+  std::uint64_t persisted = 0;
+  self->request(e, caf::infinite, actors::persist_atom::value,
+                std::uint64_t{30'000}, true)
+      .receive([&](std::uint64_t p) { persisted = p; }, failed);
+  EXPECT_EQ(persisted, 2U);
   auto commit = refused(true, actors::commit_atom::value, ticket);
   ASSERT_TRUE(commit.has_value())
       << "a commit after the last persist was acked";
@@ -2083,6 +2113,52 @@ void hold_engine(const caf::actor& e, std::uint64_t hi) {
   r.keys = {block_key{hi, 1}};
   r.input_tokens = 16;
   caf::anon_send(e, actors::batch_atom::value, std::vector<kv_request>{r});
+}
+
+TEST_F(Node, APinningRequestPastTheCallTimeoutLeavesNoPin) {
+  // The node's call gives up at call_timeout (300 ms), long before the
+  // balancer's request_timeout, while the engine is still computing the
+  // pinning request. Before, the engine finished it afterwards and its
+  // block stayed pinned for good: the caller, told of a timeout, has no
+  // pin to take back. Now the request carries the call's deadline, and
+  // the engine takes back the pins of a request that ends past it.
+  auto held = std::make_shared<gate>();
+  auto began = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto c = small_node();
+  c.engines = 1;
+  c.engine.make_producer = [held, began] {
+    return std::make_unique<held_producer>(held, 77, began);
+  };
+  c.call_timeout = std::chrono::milliseconds{300};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  node& nd = **n;
+  held->close();
+  began->close();
+  kv_request r = req(1);
+  r.keys = {block_key{77, 1}};
+  r.input_tokens = 16;
+  r.pin = true;
+  result<actors::kv_reply> got = actors::kv_reply{};
+  std::thread caller([&] { got = nd.process_request(r); });
+  began->wait(); // the engine is computing it
+  caller.join(); // the call's time ran out meanwhile
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::timeout) << got.error().describe();
+  held->open();
+  // The engine reads this after that request (it is inside it now).
+  auto es = nd.engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->expired, 1U);
+  auto lk = nd.lookup(r.keys);
+  ASSERT_TRUE(lk.has_value());
+  EXPECT_EQ(*lk, 1U); // cached all the same
+  auto unpinned = nd.unpin(0, r.keys[0]);
+  ASSERT_FALSE(unpinned.has_value()) << "still pinned";
+  EXPECT_EQ(unpinned.error().code, errc::invalid_argument)
+      << unpinned.error().describe();
+  ASSERT_TRUE(nd.stop());
 }
 
 TEST_F(Node, PersistWaitsForEveryEngineAgainstOneDeadline) {
