@@ -2314,6 +2314,29 @@ TEST_F(actor_test, APinningRequestFinishedAfterItsDeadlineTakesItsPinsBack) {
   EXPECT_EQ(unpin(direct.keys[0]), errc::ok);
 }
 
+TEST_F(actor_test, AFailedBatchTakesBackThePinsOfItsEarlierRequests) {
+  // A batch fails whole when one request fails (here the second, refused
+  // by the pinned limit: 3 + 3 blocks of an 8-block engine's 4). Its
+  // caller, told only of that, holds none of the first request's pins:
+  // before, they stayed for good.
+  auto e = engine(small_engine(8));
+  sched_->run();
+  auto first = make_request(1, 0, 0, 3, 1);
+  auto second = make_request(2, 0, 0, 3, 2);
+  first.pin = second.pin = true;
+  auto r = ask<std::vector<kv_reply>>(e, batch_atom::value,
+                                      std::vector<kv_request>{first, second});
+  sched_->run();
+  ASSERT_TRUE(r->error.has_value());
+  EXPECT_EQ(from_caf_error(*r->error).code, errc::out_of_memory)
+      << to_string(*r->error);
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.pinned_bytes, 0U);
+  EXPECT_EQ(st.pinned_bytes_limit, 4 * block_bytes);
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, first.keys), 3U)
+      << "cached all the same";
+}
+
 TEST_F(actor_test, AProducerThatThrowsFailsItsRequestNotTheEngine) {
   // The producer throws for one request's block: that request gets an
   // error reply and the engine keeps serving. Before, the exception ended
@@ -3185,6 +3208,57 @@ kv_request query_at(std::uint64_t id, std::string q, engine::priority p) {
   r.id = id;
   r.prio = p;
   return r;
+}
+
+TEST_F(actor_test, APrefetchDoesNotReplayTheDeadlineOfTheRequestItLearnt) {
+  // The prefetcher learns a query's request from the listeners' copy,
+  // which carries its caller's deadline (a pinning node call's). A
+  // prefetch of it sent later carried that long-passed deadline, and the
+  // engine refused it unprocessed: prefetching was dead for any query not
+  // seen in the last call_timeout. It goes without one now; the balancer
+  // gives it its own.
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  auto pf = prefetcher(b);
+  for (std::uint64_t s = 1; s <= 3; ++s) {
+    auto a = query(s, "A");
+    auto bq = query(s, "B");
+    a.deadline_ns = bq.deadline_ns = 1'000'000'000;
+    observed(pf, a);
+    observed(pf, bq);
+  }
+  const auto before = be->seen.size();
+  observed(pf, query(10, "A"));
+  ASSERT_EQ(be->seen.size(), before + 1);
+  EXPECT_TRUE(be->seen.back().prefetch);
+  EXPECT_EQ(be->seen.back().query, "B");
+  EXPECT_EQ(be->seen.back().deadline_ns, 0);
+}
+
+TEST_F(actor_test, AnExpiryAtTheCallersEarlierDeadlineIsTheBalancersTimeout) {
+  // A request whose caller's deadline (a pinning node call's) comes before
+  // the balancer's: the engine reaches it after that and answers
+  // errc::timeout unprocessed. Before, the balancer judged the expiry by
+  // its own deadline alone, so it counted no timeout and told the scaler
+  // nothing of the request.
+  auto b =
+      balancer(routing_policy::round_robin, {small_engine(64, 2, 100s)}, 70s);
+  sched_->run();
+  auto late = make_request(1, 0, 0, 1, 1);
+  late.deadline_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         (sched_->clock().now() + 1s).time_since_epoch())
+                         .count();
+  auto r1 = ask<kv_reply>(b, process_atom::value, late);
+  sched_->run();
+  sched_->advance_time(2s); // past its caller's deadline, not the balancer's
+  sched_->run();
+  auto r2 = ask<kv_reply>(b, process_atom::value, make_request(2, 0, 0, 1, 2));
+  sched_->run(); // the second closes the engine's batch of two
+  ASSERT_TRUE(r1->error.has_value());
+  EXPECT_TRUE(is_timeout(*r1->error)) << to_string(*r1->error);
+  ASSERT_TRUE(r2->value.has_value());
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).timeouts, 1U);
+  auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  EXPECT_EQ(ask_now<engine_stats>(e0, stats_atom::value).expired, 1U);
 }
 
 TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {

@@ -588,8 +588,14 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     // (caf::sec::request_timeout), whichever comes first. Only past the
     // deadline (the engine read the same clock): a producer's own
     // errc::timeout before it is the engine's error, passed on as it is.
+    // Its caller's deadline counts too when it came first (a node's
+    // call_timeout): before, an expiry there was neither counted nor
+    // reported.
+    const auto first_deadline =
+        kept->deadline_ns != 0 ? std::min(c->deadline_ns, kept->deadline_ns)
+                               : c->deadline_ns;
     const bool expired = from_caf_error(err).code == errc::timeout &&
-                         now_ns(self) >= c->deadline_ns;
+                         now_ns(self) >= first_deadline;
     if (expired) {
       ++self->state.timeouts;
       for (auto& l : self->state.listeners)

@@ -389,8 +389,9 @@ void serve(engine_actor* self, pending_request& p,
     p.promise.deliver(to_caf_error(
         error{errc::timeout,
               "request " + std::to_string(p.request.id) +
-                  " came to its turn after its deadline (the balancer's "
-                  "request_timeout): not processed"}));
+                  " came to its turn after its deadline (when its caller "
+                  "stopped waiting: the balancer's request_timeout, or a "
+                  "node's call_timeout): not processed"}));
     --st.in_flight;
     return;
   }
@@ -403,12 +404,12 @@ void serve(engine_actor* self, pending_request& p,
     // The blocks stay cached, unpinned.
     const auto unpinned = st.store->unpin_last_process();
     ++st.expired;
-    p.promise.deliver(to_caf_error(
-        error{errc::timeout, "request " + std::to_string(p.request.id) +
-                                 " finished after its deadline (the balancer's "
-                                 "request_timeout): the " +
-                                 std::to_string(unpinned) +
-                                 " pins it added were taken back"}));
+    p.promise.deliver(to_caf_error(error{
+        errc::timeout, "request " + std::to_string(p.request.id) +
+                           " finished after its deadline (when its caller "
+                           "stopped waiting): the " +
+                           std::to_string(unpinned) +
+                           " pins it added were taken back"}));
     --st.in_flight;
     return;
   }
@@ -484,32 +485,39 @@ deferral defer_for_disk(engine_actor* self, pending_request& p) {
   opts.request_tokens = static_cast<std::uint32_t>(
       std::min<std::size_t>(req.input_tokens, 0xffffffffU));
   const auto chain_before = st.store->last_promotion_chain();
-  auto started = st.store->promote(st.ns, req.keys, opts);
-  if (!started || *started == 0) {
-    // Its next block is on its way already, read for an earlier request
-    // (two prefetches of one prefix): it waits off the batch for that
-    // chain too, and finds the blocks in memory (not promoted for it).
-    // Before, it was served in the batch, where process() waited for
-    // those reads, and every request behind it with it. Otherwise (no
-    // room to reserve into, say) process() takes it from here.
-    const auto on_its_way = st.store->promotion_chain_of(req.keys[next]);
-    if (!on_its_way)
-      return {};
-    ++st.disk_deferred;
-    st.deferred.push_back(deferred_request{
-        std::move(p), before_reads{in_memory, 0}, *on_its_way});
-    arm_disk_poll(self);
-    return deferral{true, std::nullopt};
-  }
-  const before_reads before{in_memory, *started};
   // promote() counts the tier run it moved (at most next - in_memory: a
-  // shorter one reads nothing from disk) and then the reads it started.
-  const bool reads = *started > next - in_memory;
+  // shorter one reads nothing from disk) and then the reads it started;
+  // an error (no room to reserve into, say) moved nothing.
+  const auto started = st.store->promote(st.ns, req.keys, opts);
+  const std::size_t moved = started ? *started : 0;
+  const before_reads before{in_memory, moved};
   const auto chain = st.store->last_promotion_chain();
-  if (!reads || !chain || chain == chain_before)
-    return deferral{false, before}; // the memory tier's copies only
+  std::optional<std::uint64_t> wait_for;
+  if (moved > next - in_memory && chain && chain != chain_before) {
+    wait_for = chain; // its own reads
+  } else {
+    // None of its own: the block memory now stops at may be on its way
+    // already, read for an earlier request (two prefetches of one
+    // prefix). It waits off the batch for that chain too, and finds those
+    // blocks in memory (not promoted for it). Before, it was served in the
+    // batch, where process() waited for those reads, and every request
+    // behind it with it.
+    std::size_t first = in_memory;
+    while (first < req.keys.size() &&
+           st.store->contains(st.ns, req.keys[first]))
+      ++first;
+    if (first < req.keys.size())
+      wait_for = st.store->promotion_chain_of(req.keys[first]);
+  }
+  if (!wait_for) {
+    // process() takes it from here, reading in its batch; a reply counts
+    // the tier's copies promote() moved for it as promoted.
+    if (moved == 0)
+      return {};
+    return deferral{false, before};
+  }
   ++st.disk_deferred;
-  st.deferred.push_back(deferred_request{std::move(p), before, *chain});
+  st.deferred.push_back(deferred_request{std::move(p), before, *wait_for});
   arm_disk_poll(self);
   return deferral{true, std::nullopt};
 }
@@ -789,9 +797,16 @@ caf::behavior engine_behavior(engine_actor* self,
                            return reqs[a].prio > reqs[b].prio;
                          });
         out.resize(reqs.size());
+        // The pins its requests added: one that fails fails the batch, and
+        // its caller, told only of that, holds none of them to unpin.
+        std::vector<engine::block_key> pinned;
         for (auto i : order) {
           auto r = run_one(self->state, reqs[i]);
+          if (r && reqs[i].pin)
+            self->state.store->last_process_pins(pinned);
           if (!r) {
+            for (const auto& k : pinned)
+              (void)self->state.store->unpin(self->state.ns, k);
             after_batch(self);
             // Say which: the error stands for the whole batch.
             return to_caf_error(error{

@@ -50,7 +50,8 @@ struct kv_request {
   /// system's clock (its time_since_epoch); 0: no deadline. The balancer
   /// sets it on the copy it sends an engine (its request_timeout, when it
   /// answers the caller errc::timeout; an earlier one the request carries,
-  /// a node's call_timeout say, stays); an engine that reaches the request
+  /// a pinning node call's, stays; the prefetcher clears it on the
+  /// requests it replays); an engine that reaches the request
   /// at or after it answers errc::timeout without processing it, and one
   /// that finishes a pinning request at or after it takes back the pins
   /// the request added and answers errc::timeout too

@@ -525,18 +525,27 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
 }
 
 result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
-  // Nobody waits past call_timeout: the request carries that deadline, so
-  // an engine that comes to it later does no work for it, and one that
-  // finishes a pinning request after it takes its pins back (before, with
-  // a call_timeout shorter than the balancer's request_timeout, a request
-  // that timed out here could still pin, and its caller would never unpin).
+  // A pinning request carries the call's deadline, a little before this
+  // call stops waiting (a tenth of call_timeout, at most 50 ms, for the
+  // reply's way back): an engine that comes to it later does not process
+  // it, and one that finishes it later takes its pins back. Before, with a
+  // call_timeout shorter than the balancer's request_timeout, one that
+  // timed out here could still pin, and its caller would never unpin.
+  // Only a pinning one: it never joins another caller's request in the
+  // query cache, whose own caller may wait longer; others keep the
+  // balancer's deadline alone.
   actors::kv_request r = req;
-  const std::int64_t until =
-      std::chrono::duration_cast<std::chrono::nanoseconds>(
-          (sys_->clock().now() + config_.call_timeout).time_since_epoch())
-          .count();
-  if (r.deadline_ns == 0 || r.deadline_ns > until)
-    r.deadline_ns = until;
+  if (r.pin) {
+    const auto margin = std::min<std::chrono::milliseconds>(
+        config_.call_timeout / 10, std::chrono::milliseconds{50});
+    const std::int64_t until =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(
+            (sys_->clock().now() + config_.call_timeout - margin)
+                .time_since_epoch())
+            .count();
+    if (r.deadline_ns == 0 || r.deadline_ns > until)
+      r.deadline_ns = until;
+  }
   if (const auto& cache = running(cache_); cache && !r.query.empty())
     return ask_at<actors::kv_reply>(*askers_, r.prio, cache,
                                     config_.call_timeout,

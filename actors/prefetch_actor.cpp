@@ -124,6 +124,9 @@ void issue(prefetch_actor* self, const std::string& q) {
   req.prio = engine::priority::low;
   req.prefetch = true;
   req.pin = false;
+  // The deadline of the request it was learnt from (a pinning node call's)
+  // has long passed: the balancer gives it its own.
+  req.deadline_ns = 0;
   ++st.stats.issued;
   // Through the query-result cache when there is one (and the query has a
   // key there): a result it holds answers the prefetch from its store, with

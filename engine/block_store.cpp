@@ -497,7 +497,10 @@ void block_store::set_pins(std::uint32_t id, std::uint32_t pins) noexcept {
 
 result<void> block_store::pin_room(std::size_t more,
                                    const std::string& what) const {
-  if (more <= pin_limit_bytes_ && pinned_bytes_ <= pin_limit_bytes_ - more)
+  // No new pin is no pin past the limit, even above it (pins a disk copy
+  // brought back are never refused: a restart with a lower limit).
+  if (more == 0 ||
+      (more <= pin_limit_bytes_ && pinned_bytes_ <= pin_limit_bytes_ - more))
     return {};
   return make_error(
       errc::out_of_memory,
@@ -509,20 +512,41 @@ result<void> block_store::pin_room(std::size_t more,
           " bytes); nothing was pinned: unpin blocks or raise the limit");
 }
 
-std::size_t
-block_store::pin_bytes_at_most(ns_id ns,
-                               std::span<const block_key> keys) const {
-  std::size_t slot = 0;
-  for (const std::uint16_t cls : namespaces_[ns.value].size_class)
-    slot = std::max(slot, pool_.slot_bytes(cls));
+std::size_t block_store::pin_bytes_at_most(ns_id ns,
+                                           std::span<const block_key> keys,
+                                           const put_options& options) const {
+  const ns_state& st = namespaces_[ns.value];
+  const auto slot_of = [&](codec c) {
+    return pool_.slot_bytes(st.size_class[static_cast<std::size_t>(c)]);
+  };
+  const codec computed =
+      options.codec_override.value_or(st.options.default_codec);
+  const nanos wall = disk_ ? disk_clock().now() : nanos{0};
   std::size_t n = 0;
   for (const block_key& k : keys) {
-    const std::uint32_t id = index_.find(k);
-    if (id == npos || entries_[id].state != entry_state::committed ||
-        entries_[id].pins == 0)
-      ++n;
+    // Where the block would come from, at its own slot's size: memory
+    // (nothing when pinned already), the memory tier, its disk copy
+    // (nothing when that copy holds pins: they come back with it, never
+    // refused), else computed at the put's codec.
+    if (const std::uint32_t id = index_.find(k); id != npos) {
+      const entry& e = entries_[id];
+      if (e.state != entry_state::committed || e.pins == 0)
+        n += pool_.slot_bytes(e.slot.size_class);
+      continue;
+    }
+    if (const auto t = tier_index_.find(k); t != tier_index_.end()) {
+      n += slot_of(t->second.c);
+      continue;
+    }
+    if (disk_)
+      if (const auto info = usable_disk_copy(st, k, wall)) {
+        if (info->pins == 0)
+          n += slot_of(info->c);
+        continue;
+      }
+    n += slot_of(computed);
   }
-  return n * slot;
+  return n;
 }
 
 void block_store::pin_once(std::uint32_t id) {
@@ -932,7 +956,7 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
   // commit checks again: other pins may come meanwhile). A promotion's
   // pin, and that of a block whose disk copy holds pins, is the copy's:
   // never refused.
-  if (options.pin && sets_expiry) {
+  if (options.pin && sets_expiry && !pins_checked_) {
     const auto copy =
         disk_ ? usable_disk_copy(st, key, disk_clock().now()) : std::nullopt;
     if (!copy || copy->pins == 0)
@@ -1270,7 +1294,7 @@ result<void> block_store::commit(put_handle& h) {
   const bool new_pin =
       h.duplicate_ ? h.pin_ && pe.pins == 0
                    : pe.pin_on_commit && !h.from_disk_copy_ && held == 0;
-  if (new_pin)
+  if (new_pin && !pins_checked_)
     if (auto room =
             pin_room(pool_.slot_bytes(pe.slot.size_class),
                      "the put of block " + h.key_.to_hex() + " with a pin");
@@ -1504,13 +1528,14 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     return unexpected<error>(ok.error());
   }
   if (options.pin)
-    if (auto room = pin_room(pin_bytes_at_most(ns, token_keys_),
+    if (auto room = pin_room(pin_bytes_at_most(ns, token_keys_, options),
                              "put_tokens() with a pin over " +
                                  std::to_string(blocks) + " blocks");
         !room) {
       count_rejected();
       return unexpected<error>(room.error());
     }
+  const pins_checked_scope checked(*this, options.pin);
   // The calls below are the store's own: this call counts once if it fails.
   const nested_scope nested(*this);
   // Lease the cached prefix so making room for the rest cannot evict it,
@@ -1659,6 +1684,9 @@ result<process_result> block_store::process(ns_id ns,
                                             std::size_t input_tokens,
                                             kv_producer& producer,
                                             const put_options& options) {
+  // Forgets the last call's new pins first, so that unpin_last_process()
+  // after a call that fails early takes back none of them.
+  process_pins_.clear();
   auto st_r = check_ns(ns);
   if (!st_r) {
     count_rejected();
@@ -1691,13 +1719,14 @@ result<process_result> block_store::process(ns_id ns,
   // pinned limit: its pins are then never refused on the way (no request
   // half pinned, no block computed for a refusal).
   if (options.pin)
-    if (auto room = pin_room(pin_bytes_at_most(ns, keys),
+    if (auto room = pin_room(pin_bytes_at_most(ns, keys, options),
                              "process() with a pin over " +
                                  std::to_string(keys.size()) + " blocks");
         !room) {
       count_rejected();
       return unexpected<error>(room.error());
     }
+  const pins_checked_scope checked(*this, options.pin);
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
   // The calls below are the store's own: a block that cannot be cached is
@@ -1712,8 +1741,8 @@ result<process_result> block_store::process(ns_id ns,
   process_result out;
   out.matched_blocks = *matched;
   out.memory_blocks = *matched;
-  // The pins this call adds, taken back if it fails.
-  process_pins_.clear();
+  // The pins this call adds (process_pins_, empty since the call's start),
+  // taken back if it fails.
   struct pin_log_scope {
     block_store& s;
     ~pin_log_scope() { s.pin_log_ = nullptr; }
@@ -1887,6 +1916,15 @@ block_store::promotion_chain_of(const block_key& key) const noexcept {
     if (p.handle.key() == key)
       return p.group;
   return std::nullopt;
+}
+
+void block_store::last_process_pins(std::vector<block_key>& out) const {
+  for (const auto& [id, generation] : process_pins_) {
+    const entry& e = entries_[id];
+    if (e.generation == generation && e.state == entry_state::committed &&
+        e.pins > 0)
+      out.push_back(e.key);
+  }
 }
 
 std::size_t block_store::unpin_last_process() {

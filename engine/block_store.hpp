@@ -192,7 +192,9 @@ struct store_config {
   /// errc::out_of_memory and changes nothing: pin(), the commit of a put
   /// with put_options::pin (checked at its reserve too, before making room
   /// for it), and process() or put_tokens() with a pin, which are refused
-  /// before they start when pinning every block they cover could pass it.
+  /// before they start when pinning every block they cover could pass it
+  /// (each at the slot it would take; a call that adds no pin, a repeat of
+  /// one pinned already, is never refused).
   /// Without a limit, pins could fill the arena so that every later put is
   /// refused for good (pins outlive a restart with a disk tier). Pins a
   /// block's disk copy brings back (pinned before a restart) are counted
@@ -487,8 +489,14 @@ public:
   /// not tell its requester of them: the engine actor, when the request
   /// finished after its caller stopped waiting. Call it right after that
   /// process(), before other calls pin or unpin; the next process()
-  /// forgets them. Returns how many blocks it unpinned.
+  /// forgets them, one that fails too. Returns how many blocks it
+  /// unpinned.
   std::size_t unpin_last_process();
+  /// Appends the keys of the pins the last process() added (as
+  /// unpin_last_process() would take back) to `out`: for a caller that
+  /// must take them back later, after other process() calls (the engine
+  /// actor's batch, which fails whole).
+  void last_process_pins(std::vector<block_key>& out) const;
 
   /// Puts a disk tier below memory; the store owns it from now on. Evicted
   /// blocks spill to it and process() promotes from it. The tier's blocks
@@ -779,14 +787,36 @@ private:
   void pin_once(std::uint32_t id);
   /// Sets block `id`'s pin count, keeping pinned_bytes_ in step.
   void set_pins(std::uint32_t id, std::uint32_t pins) noexcept;
-  /// Whether `more` slot bytes of new pins fit max_pinned_fraction: an
-  /// error naming `what` when they do not.
+  /// Whether `more` slot bytes of new pins fit max_pinned_fraction (no
+  /// bytes always do): an error naming `what` when they do not.
   [[nodiscard]] result<void> pin_room(std::size_t more,
                                       const std::string& what) const;
-  /// The slot bytes pinning every block of `keys` could add at most: a
-  /// block not pinned in memory counts as the namespace's largest slot.
-  [[nodiscard]] std::size_t
-  pin_bytes_at_most(ns_id ns, std::span<const block_key> keys) const;
+  /// The slot bytes pinning every block of `keys` could add at most, each
+  /// at the slot it would take: its own in memory (none when pinned), the
+  /// memory tier's or the disk copy's codec (none when the copy holds pins,
+  /// which come back unrefused), else the put's codec.
+  [[nodiscard]] std::size_t pin_bytes_at_most(ns_id ns,
+                                              std::span<const block_key> keys,
+                                              const put_options& options) const;
+  /// Set while a process() or put_tokens() with a pin runs past its check
+  /// of them all: its own reserves and commits do not check again (pins a
+  /// landing promote() brought back meanwhile would otherwise refuse its
+  /// later blocks, leaving the request half pinned).
+  class pins_checked_scope {
+  public:
+    pins_checked_scope(block_store& s, bool on) noexcept
+        : s_(s), was_(s.pins_checked_) {
+      if (on)
+        s_.pins_checked_ = true;
+    }
+    ~pins_checked_scope() { s_.pins_checked_ = was_; }
+    pins_checked_scope(const pins_checked_scope&) = delete;
+    pins_checked_scope& operator=(const pins_checked_scope&) = delete;
+
+  private:
+    block_store& s_;
+    bool was_;
+  };
   void release_lease(std::uint32_t id) noexcept;
   void abort_reservation(std::uint32_t id) noexcept;
   /// An open put whose handle is dropped: aborted (if still current) and
@@ -1142,6 +1172,7 @@ private:
   std::uint64_t tick_ = 0;
   std::uint32_t nested_ = 0;        ///< see count_rejected()
   std::size_t pinned_bytes_ = 0;    ///< see pinned_bytes()
+  bool pins_checked_ = false;       ///< see pins_checked_scope
   std::size_t pin_limit_bytes_ = 0; ///< max_pinned_fraction of the arena
   store_stats stats_;
 };

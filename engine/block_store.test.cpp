@@ -1935,6 +1935,64 @@ TEST(block_store, the_pinned_limit_is_checked) {
   EXPECT_EQ((*s)->pinned_bytes_limit(), (*s)->capacity_bytes());
 }
 
+// unpin_last_process() takes back the new pins of the last process()
+// only: not a block pinned before it, and nothing after a process() that
+// failed (before, one that failed early left the previous call's list,
+// and a caller would have taken back another caller's pins).
+TEST_F(store_fixture, unpin_last_process_takes_back_only_that_calls_new_pins) {
+  open(16, policy_kind::lru, false, 1);
+  put_options pin;
+  pin.pin = true;
+  synthetic_producer producer;
+  const auto a = chain(1, 4);
+  ASSERT_TRUE(store_->process(ns_, a, 64, producer, pin).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  // Refused by the limit (4 more blocks than the 8 it allows).
+  ASSERT_FALSE(
+      store_->process(ns_, chain(100, 5), 80, producer, pin).has_value());
+  EXPECT_EQ(store_->unpin_last_process(), 0U);
+  // A plain request that fails (two keys for four blocks).
+  ASSERT_FALSE(store_->process(ns_, chain(200, 2), 64, producer).has_value());
+  EXPECT_EQ(store_->unpin_last_process(), 0U);
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  // A request sharing a's first two blocks: only its two new ones go.
+  std::vector<block_key> b{a[0], a[1]};
+  const auto more = chain(300, 2);
+  b.insert(b.end(), more.begin(), more.end());
+  ASSERT_TRUE(store_->process(ns_, b, 64, producer, pin).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), 6 * block_bytes);
+  std::vector<block_key> added;
+  store_->last_process_pins(added);
+  EXPECT_EQ(added.size(), 2U);
+  EXPECT_EQ(store_->unpin_last_process(), 2U);
+  EXPECT_EQ(store_->unpin_last_process(), 0U) << "twice";
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  for (const auto& k : a)
+    EXPECT_TRUE(store_->unpin(ns_, k).has_value()) << "a's own pin went";
+  store_->check_invariants();
+}
+
+// A pinned request is counted at the slots its blocks take: an int4
+// namespace's are a quarter of fp16's. Before, every block counted as the
+// namespace's largest slot, and a request of 9 int4 blocks (11.25 KiB) was
+// refused under a 32 KiB limit.
+TEST_F(store_fixture, a_pinned_request_is_counted_at_its_own_slot_size) {
+  open(16, policy_kind::lru, false, 1);
+  namespace_options int4;
+  int4.default_codec = codec::int4;
+  auto other = small_spec("int4-model");
+  const auto ns = store_->register_namespace(other, int4);
+  ASSERT_TRUE(ns.has_value()) << ns.error().describe();
+  put_options pin;
+  pin.pin = true;
+  synthetic_producer producer;
+  const auto keys = testing::chain_of(other, 1, 9);
+  auto r = store_->process(*ns, keys, 9 * 16, producer, pin);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_LE(store_->pinned_bytes(), store_->pinned_bytes_limit() / 2);
+  store_->check_invariants();
+}
+
 /// Opens a store of 100 blocks (one a slab, LRU, no compression) and puts
 /// 20 one-block short requests in it: below the short partition's 30%
 /// share. Returns their chains.

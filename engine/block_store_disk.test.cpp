@@ -412,6 +412,59 @@ TEST_F(store_disk_test, blocks_a_request_brought_back_stay_while_it_computes) {
   store_->check_invariants();
 }
 
+// Pins a disk copy brings back are never refused, even past a lowered
+// limit; a pinned request that adds no pin (its blocks pinned in memory
+// or on disk) is not refused either. Before, a restart with a lower
+// limit refused every pinned request from then on, repeats included.
+TEST_F(store_disk_test, a_lowered_pin_limit_refuses_new_pins_only) {
+  max_pinned_fraction_ = 1.0;
+  open(16);
+  put_options pin;
+  pin.pin = true;
+  const auto c = chain(1, 4);
+  const auto d = chain(100, 6);
+  ASSERT_TRUE(store_->process(ns_, c, 64, producer_, pin).has_value());
+  ASSERT_TRUE(store_->process(ns_, d, 96, producer_, pin).has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  max_pinned_fraction_ = 0.5; // 8 blocks
+  open(16);
+  ASSERT_TRUE(store_->process(ns_, d, 96, producer_).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), 6 * block_bytes);        // back, unrefused
+  auto warm_c = store_->process(ns_, c, 64, producer_, pin); // on disk
+  ASSERT_TRUE(warm_c.has_value()) << warm_c.error().describe();
+  EXPECT_EQ(store_->pinned_bytes(), 10 * block_bytes);
+  auto again = store_->process(ns_, d, 96, producer_, pin); // in memory
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  auto fresh = store_->process(ns_, chain(200, 1), 16, producer_, pin);
+  ASSERT_FALSE(fresh.has_value()) << "a new pin past the limit";
+  EXPECT_EQ(fresh.error().code, errc::out_of_memory);
+  store_->check_invariants();
+}
+
+// A promote() of a chain pinned on disk lands inside a pinned process()
+// after its check: the pins it brings back do not refuse the request's
+// later blocks. Before, they were computed uncached, the request half
+// pinned.
+TEST_F(store_disk_test, pins_landing_mid_request_do_not_half_pin_it) {
+  open(16);
+  put_options pin;
+  pin.pin = true;
+  const auto c = chain(1, 4);
+  ASSERT_TRUE(store_->process(ns_, c, 64, producer_, pin).has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  open(16);
+  put_options low;
+  low.prio = priority::low;
+  ASSERT_TRUE(store_->promote(ns_, c, low).has_value());
+  ASSERT_TRUE(store_->disk()->wait_idle(std::chrono::seconds(30)));
+  EXPECT_EQ(store_->pinned_bytes(), 0U); // not collected yet
+  auto out = store_->process(ns_, chain(100, 6), 96, producer_, pin);
+  ASSERT_TRUE(out.has_value()) << out.error().describe();
+  EXPECT_EQ(out->uncached_blocks, 0U);
+  EXPECT_EQ(store_->pinned_bytes(), 10 * block_bytes);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
   const auto a = chain(1, 4);
   EXPECT_EQ(run(a).computed_blocks, 4U);

@@ -86,9 +86,12 @@ public:
     keys_[id] = key;
     std::vector<std::uint32_t>& h = heaps_[level];
     if (pos_[id] == npos) {
-      level_[id] = static_cast<std::uint8_t>(level);
-      pos_[id] = static_cast<std::uint32_t>(h.size());
+      // The push first: when it cannot allocate (bad_alloc), the id is
+      // left out, not recorded at a position past the heap's end, which a
+      // later erase() would write through.
       h.push_back(id);
+      level_[id] = static_cast<std::uint8_t>(level);
+      pos_[id] = static_cast<std::uint32_t>(h.size() - 1);
       ++size_;
       up(h, pos_[id]);
     } else {

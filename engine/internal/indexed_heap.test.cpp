@@ -1,9 +1,11 @@
 #include "engine/internal/indexed_heap.hpp"
+#include "engine/testing/heap_probe.hpp"
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <map>
+#include <new>
 #include <random>
 #include <utility>
 
@@ -23,6 +25,31 @@ TEST(indexed_heap, reserve_gives_room_in_one_level_only) {
       EXPECT_EQ(h.capacity(l), 0U) << "level " << l;
     }
   }
+}
+
+// A set() whose heap cannot grow (bad_alloc) leaves the heap as it was.
+// Before, it recorded the id at a position past the heap's end, and a
+// later erase() of it wrote through that position.
+TEST(indexed_heap, a_set_that_cannot_allocate_changes_nothing) {
+  indexed_heap h(2);
+  h.reserve(64, 0); // level 1 holds nothing yet: its first set() allocates
+  h.set(3, 0, score{1, 0});
+  bool threw = false;
+  const bool came = testing::failing_allocation(0, [&] {
+    try {
+      h.set(7, 1, score{2, 0});
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+  });
+  ASSERT_TRUE(came && threw);
+  EXPECT_FALSE(h.contains(7));
+  EXPECT_EQ(h.size(), 1U);
+  h.check_invariants();
+  h.erase(7); // not there: nothing to do
+  h.set(7, 1, score{2, 0});
+  EXPECT_TRUE(h.contains(7));
+  h.check_invariants();
 }
 
 // The levels that were not reserved grow as they fill, and every level
