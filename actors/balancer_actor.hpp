@@ -24,14 +24,16 @@
 ///       dispatch order with one timer for the oldest (not one CAF timer per
 ///       request, which cost about a third of the throughput), so each still
 ///       times out at its deadline; a reply after it is dropped. The
-///       engine's copy carries that deadline (kv_request::deadline_ns): an
-///       engine that comes to the request at or after it answers it
+///       engine's copy carries that deadline (kv_request::deadline_ns), or
+///       the request's own when that comes first (a pinning node call's):
+///       an engine that comes to the request at or after it answers it
 ///       unprocessed (engine_stats::expired), so work nobody waits for (a
 ///       prefetch or warm query queued behind served traffic) is not done,
 ///       nor its blocks pinned, after its caller was told it timed out; one
-///       the engine had begun before is finished. An engine answering so
-///       before the balancer's own timer is a timeout like the timer's,
-///       counted once. A request
+///       the engine had begun before is finished, and if it pins, its new
+///       pins are taken back and it is answered errc::timeout too. An
+///       engine's errc::timeout at or after the earlier of the two
+///       deadlines is a timeout like the timer's, counted once. A request
 ///       timed out still counts in its engine's load until the engine
 ///       answers it (or is gone): least-loaded and kv-aware routing do not
 ///       take a stuck engine for an idle one. A retiring engine does not

@@ -89,13 +89,15 @@ struct before_reads {
 };
 
 /// A low or background request whose prefix goes on past memory to disk:
-/// its disk reads were started (block_store::promote) and it waits for
-/// them off the batch, so the requests after it are not held up by them.
+/// its disk reads were started (block_store::promote), or another
+/// request's are reading its next block, and it waits for them off the
+/// batch, so the requests after it are not held up by them.
 struct deferred_request {
   pending_request p;
   before_reads before;
-  /// Its promote() call's chain (block_store::last_promotion_chain): it
-  /// is served once the store has collected every chain up to it.
+  /// The promote() chain it waits for (its own, or the one reading its
+  /// next block): it is looked at again once the store has collected
+  /// every chain up to it.
   std::uint64_t chain = 0;
 };
 
@@ -131,8 +133,9 @@ struct engine_state {
   std::uint64_t expired = 0;      ///< engine_stats::expired
   std::uint64_t published = 0;    ///< block_events sent (block_events::seq)
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
-  /// Waiting for their disk reads, in the order their reads were started
-  /// (promote() calls finish in that order).
+  /// Waiting for disk reads, in the order they were deferred (each is
+  /// looked at on every pass: one waiting for an earlier chain can come
+  /// after one waiting for a later chain).
   std::deque<deferred_request> deferred;
   bool disk_poll_pending = false;  ///< a poll_disk_atom is on its way
   std::uint64_t disk_deferred = 0; ///< engine_stats::disk_deferred
@@ -456,10 +459,14 @@ struct deferral {
 /// requests served meanwhile go first; a request of the same keys that
 /// comes meanwhile makes them demand reads as it waits for them
 /// (block_store's process(), disk_tier::expedite). A request of normal
-/// priority and above reads inline. One whose reads promote() could not
-/// start itself (another deferred request is reading the same chain, or no
-/// room) is not deferred: process() waits as before.
-deferral defer_for_disk(engine_actor* self, pending_request& p) {
+/// priority and above reads inline. One whose next block another deferred
+/// request is reading waits for that chain too; one whose reads could not
+/// start otherwise (no room) is not deferred: process() waits as before.
+/// `prior`: what it had before, when it was deferred already (its reply
+/// counts the blocks brought back for it both times as promoted).
+deferral
+defer_for_disk(engine_actor* self, pending_request& p,
+               const std::optional<before_reads>& prior = std::nullopt) {
   auto& st = self->state;
   const auto& req = p.request;
   if (st.store->disk() == nullptr || req.prio > engine::priority::low)
@@ -490,7 +497,9 @@ deferral defer_for_disk(engine_actor* self, pending_request& p) {
   // an error (no room to reserve into, say) moved nothing.
   const auto started = st.store->promote(st.ns, req.keys, opts);
   const std::size_t moved = started ? *started : 0;
-  const before_reads before{in_memory, moved};
+  const before_reads before =
+      prior ? before_reads{prior->memory_blocks, prior->promoted + moved}
+            : before_reads{in_memory, moved};
   const auto chain = st.store->last_promotion_chain();
   std::optional<std::uint64_t> wait_for;
   if (moved > next - in_memory && chain && chain != chain_before) {
@@ -513,7 +522,7 @@ deferral defer_for_disk(engine_actor* self, pending_request& p) {
     // process() takes it from here, reading in its batch; a reply counts
     // the tier's copies promote() moved for it as promoted.
     if (moved == 0)
-      return {};
+      return deferral{false, prior};
     return deferral{false, before};
   }
   ++st.disk_deferred;
@@ -535,6 +544,7 @@ void run_deferred(engine_actor* self) {
       std::max<std::size_t>(st.batcher.config().max_size, 1);
   const auto now = arrival_time(self).count();
   bool more = false;
+  std::vector<deferred_request> ready;
   for (auto it = st.deferred.begin(); it != st.deferred.end();) {
     const auto deadline = it->p.request.deadline_ns;
     const bool late = deadline != 0 && now >= deadline;
@@ -544,11 +554,20 @@ void run_deferred(engine_actor* self) {
       ++it;
       continue;
     }
-    deferred_request d = std::move(*it);
+    ready.push_back(std::move(*it));
     it = st.deferred.erase(it);
-    serve(self, d.p, d.before);
     if (!late)
       ++served;
+  }
+  for (auto& d : ready) {
+    // What it waited for has landed; the prefix may go on to disk after
+    // it (a later run, or past another request's chain): those reads
+    // start now and it waits off the batch again, rather than in
+    // process(). (A late one is answered unprocessed.)
+    auto again = defer_for_disk(self, d.p, d.before);
+    if (again.deferred)
+      continue;
+    serve(self, d.p, again.served_after ? again.served_after : d.before);
   }
   if (served > 0)
     after_batch(self);

@@ -9,7 +9,8 @@
 ///   (batch_atom, vector<kv_request>)  -> vector<kv_reply>  one engine call,
 ///       highest priority first; the first request that fails answers the
 ///       batch with its error ("request <id> of the batch: ..."), and the
-///       requests run before it keep their effects
+///       requests run before it keep their effects but the pins they added
+///       (their caller, told only of the error, holds none to unpin)
 ///   (lookup_atom, vector<block_key>)  -> uint64 matched leading blocks
 ///       (in memory, in the memory tier and, with a disk tier, on disk:
 ///       what a request would match)
@@ -116,7 +117,10 @@
 /// read for another deferred request (two prefetches of one prefix),
 /// waits off its batch for that chain too (counted the same), and finds
 /// those blocks in memory (not promoted for it); one whose reads could not
-/// be started otherwise (no room) is processed in its batch as before. Before,
+/// be started otherwise (no room) is processed in its batch as before.
+/// Once what a request waits for has landed, the reads of its prefix
+/// further on disk (a later run, or past another request's chain) start
+/// and it waits off the batch again, rather than in process(). Before,
 /// a critical request that came during a prefetch's reads waited for all of
 /// them. Left: blocks that landed can be evicted (low priority goes first) by a
 /// request served before the deferred one, which then reads them again in its

@@ -554,20 +554,37 @@ TEST_F(Node, ALowPriorityRequestWaitsForItsDiskReadsOffTheBatch) {
   auto second = low;
   second.id = 501;
   self->send((*n)->balancer(), actors::process_atom::value, second);
+  // A third starts with chain(1)'s first two blocks and goes on with
+  // chain(2)'s last two, on disk too: it waits for the first's chain, then
+  // its own reads start and it waits again, off the batch. (Before, it was
+  // served once the first's chain landed, reading the rest in its batch.)
+  auto mixed = chain(2);
+  mixed.id = 502;
+  mixed.prio = engine::priority::low;
+  mixed.keys[0] = low.keys[0];
+  mixed.keys[1] = low.keys[1];
+  self->send((*n)->balancer(), actors::process_atom::value, mixed);
   auto normal = (*n)->process_request(chain(42));
   ASSERT_TRUE(normal.has_value()) << normal.error().describe();
   auto st = (*n)->engine_stats(0);
   ASSERT_TRUE(st.has_value()) << st.error().describe();
-  EXPECT_EQ(st->disk_deferred, 2U);
-  EXPECT_EQ(st->in_flight, 2U) << "the low requests were served first";
+  EXPECT_EQ(st->disk_deferred, 3U);
+  EXPECT_EQ(st->in_flight, 3U) << "the low requests were served first";
   g->open();
   std::map<std::uint64_t, actors::kv_reply> got;
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < 3; ++i)
     self->receive([&](actors::kv_reply& r) { got[r.id] = std::move(r); },
                   [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); },
                   caf::after(std::chrono::seconds(60)) >>
                       [&] { ADD_FAILURE() << "no reply to a low request"; });
-  ASSERT_EQ(got.size(), 2U);
+  ASSERT_EQ(got.size(), 3U);
+  const auto& third = got[502];
+  EXPECT_EQ(third.matched_blocks, 4U);
+  EXPECT_EQ(third.memory_blocks, 2U);
+  EXPECT_EQ(third.promoted_blocks, 2U);
+  auto after = (*n)->engine_stats(0);
+  ASSERT_TRUE(after.has_value()) << after.error().describe();
+  EXPECT_EQ(after->disk_deferred, 4U) << "the third waited again for its own";
   const auto& first = got[500];
   EXPECT_EQ(first.matched_blocks, 4U);
   EXPECT_EQ(first.computed_blocks, 0U);

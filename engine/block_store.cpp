@@ -514,37 +514,42 @@ result<void> block_store::pin_room(std::size_t more,
 
 std::size_t block_store::pin_bytes_at_most(ns_id ns,
                                            std::span<const block_key> keys,
-                                           const put_options& options) const {
+                                           const put_options& options,
+                                           bool may_compute) const {
   const ns_state& st = namespaces_[ns.value];
   const auto slot_of = [&](codec c) {
     return pool_.slot_bytes(st.size_class[static_cast<std::size_t>(c)]);
   };
-  const codec computed =
-      options.codec_override.value_or(st.options.default_codec);
+  // A block may be computed again at the put's codec wherever it is now
+  // (expired, evicted meanwhile, after a block that had to be computed, or
+  // put by put_tokens(), which promotes nothing): it counts the larger of
+  // that slot and the one it would come back into.
+  const std::size_t put_slot =
+      may_compute
+          ? slot_of(options.codec_override.value_or(st.options.default_codec))
+          : 0;
   const nanos wall = disk_ ? disk_clock().now() : nanos{0};
   std::size_t n = 0;
   for (const block_key& k : keys) {
-    // Where the block would come from, at its own slot's size: memory
-    // (nothing when pinned already), the memory tier, its disk copy
-    // (nothing when that copy holds pins: they come back with it, never
-    // refused), else computed at the put's codec.
     if (const std::uint32_t id = index_.find(k); id != npos) {
       const entry& e = entries_[id];
       if (e.state != entry_state::committed || e.pins == 0)
-        n += pool_.slot_bytes(e.slot.size_class);
+        n += std::max(pool_.slot_bytes(e.slot.size_class), put_slot);
       continue;
     }
     if (const auto t = tier_index_.find(k); t != tier_index_.end()) {
-      n += slot_of(t->second.c);
+      n += std::max(slot_of(t->second.c), put_slot);
       continue;
     }
     if (disk_)
       if (const auto info = usable_disk_copy(st, k, wall)) {
+        // Its pins come back with it, never refused (a copy that then
+        // fails its read is recomputed: the budget's fallback checks it).
         if (info->pins == 0)
-          n += slot_of(info->c);
+          n += std::max(slot_of(info->c), put_slot);
         continue;
       }
-    n += slot_of(computed);
+    n += put_slot;
   }
   return n;
 }
@@ -956,7 +961,7 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
   // commit checks again: other pins may come meanwhile). A promotion's
   // pin, and that of a block whose disk copy holds pins, is the copy's:
   // never refused.
-  if (options.pin && sets_expiry && !pins_checked_) {
+  if (options.pin && sets_expiry && !pin_budget_) {
     const auto copy =
         disk_ ? usable_disk_copy(st, key, disk_clock().now()) : std::nullopt;
     if (!copy || copy->pins == 0)
@@ -1294,15 +1299,21 @@ result<void> block_store::commit(put_handle& h) {
   const bool new_pin =
       h.duplicate_ ? h.pin_ && pe.pins == 0
                    : pe.pin_on_commit && !h.from_disk_copy_ && held == 0;
-  if (new_pin && !pins_checked_)
-    if (auto room =
-            pin_room(pool_.slot_bytes(pe.slot.size_class),
-                     "the put of block " + h.key_.to_hex() + " with a pin");
-        !room) {
+  if (new_pin) {
+    // Inside a checked process() or put_tokens(), its share of what that
+    // call was checked for; past it (a disk copy counted for its pins that
+    // was recomputed), checked as any.
+    const std::size_t need = pool_.slot_bytes(pe.slot.size_class);
+    if (pin_budget_ && need <= *pin_budget_) {
+      *pin_budget_ -= need;
+    } else if (auto room = pin_room(need, "the put of block " +
+                                              h.key_.to_hex() + " with a pin");
+               !room) {
       (void)abort(h);
       count_rejected();
       return room;
     }
+  }
   h.phase_ = put_handle::phase::committed;
   // A promotion's time is mostly its read from disk: no put's latency.
   if (h.sets_expiry_)
@@ -1527,15 +1538,17 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     count_rejected();
     return unexpected<error>(ok.error());
   }
-  if (options.pin)
-    if (auto room = pin_room(pin_bytes_at_most(ns, token_keys_, options),
-                             "put_tokens() with a pin over " +
-                                 std::to_string(blocks) + " blocks");
+  std::optional<std::size_t> pin_need;
+  if (options.pin) {
+    pin_need = pin_bytes_at_most(ns, token_keys_, options);
+    if (auto room = pin_room(*pin_need, "put_tokens() with a pin over " +
+                                            std::to_string(blocks) + " blocks");
         !room) {
       count_rejected();
       return unexpected<error>(room.error());
     }
-  const pins_checked_scope checked(*this, options.pin);
+  }
+  const pin_budget_scope budget(*this, pin_need);
   // The calls below are the store's own: this call counts once if it fails.
   const nested_scope nested(*this);
   // Lease the cached prefix so making room for the rest cannot evict it,
@@ -1718,15 +1731,18 @@ result<process_result> block_store::process(ns_id ns,
   // Refused before it starts when pinning all it covers could pass the
   // pinned limit: its pins are then never refused on the way (no request
   // half pinned, no block computed for a refusal).
-  if (options.pin)
-    if (auto room = pin_room(pin_bytes_at_most(ns, keys, options),
-                             "process() with a pin over " +
-                                 std::to_string(keys.size()) + " blocks");
+  std::optional<std::size_t> pin_need;
+  if (options.pin) {
+    pin_need = pin_bytes_at_most(ns, keys, options);
+    if (auto room =
+            pin_room(*pin_need, "process() with a pin over " +
+                                    std::to_string(keys.size()) + " blocks");
         !room) {
       count_rejected();
       return unexpected<error>(room.error());
     }
-  const pins_checked_scope checked(*this, options.pin);
+  }
+  const pin_budget_scope budget(*this, pin_need);
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
   // The calls below are the store's own: a block that cannot be cached is
@@ -1944,6 +1960,14 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
     return unexpected<error>(st.error());
   std::uint32_t id = find_visible(ns, key, now());
   promotion_refused_.reset();
+  // One in the memory tier or on disk is checked before it is brought
+  // back (making room for it may evict): a refused pin changes nothing.
+  if (id == npos)
+    if (auto room = pin_room(pin_bytes_at_most(ns, std::span(&key, 1), {},
+                                               /*may_compute=*/false),
+                             "pinning block " + key.to_hex());
+        !room)
+      return room;
   if (id == npos && (promote_key_from_tier(ns, key) ||
                      promote_key_from_disk(ns, key, keep_recorded())))
     id = find_visible(ns, key, now());

@@ -197,8 +197,9 @@ struct store_config {
   /// one pinned already, is never refused).
   /// Without a limit, pins could fill the arena so that every later put is
   /// refused for good (pins outlive a restart with a disk tier). Pins a
-  /// block's disk copy brings back (pinned before a restart) are counted
-  /// but never refused, so lowering the limit refuses new pins only.
+  /// block's disk copy holds (pinned before a restart) are counted but
+  /// never refused, also when the block is computed again because the copy
+  /// cannot be read, so lowering the limit refuses new pins only.
   double max_pinned_fraction = 0.5;
   const clock_source* clock = nullptr; ///< default: steady clock
   /// Belady only: tick of the next use of a key after the current access.
@@ -791,31 +792,36 @@ private:
   /// bytes always do): an error naming `what` when they do not.
   [[nodiscard]] result<void> pin_room(std::size_t more,
                                       const std::string& what) const;
-  /// The slot bytes pinning every block of `keys` could add at most, each
-  /// at the slot it would take: its own in memory (none when pinned), the
-  /// memory tier's or the disk copy's codec (none when the copy holds pins,
-  /// which come back unrefused), else the put's codec.
+  /// The slot bytes pinning every block of `keys` can add: none for a
+  /// block pinned in memory, or whose disk copy holds pins (they come back
+  /// unrefused); else the slot it would come back into (its own in
+  /// memory, the memory tier's or the disk copy's codec) or, with
+  /// `may_compute`, the larger of that and the put's codec's (it may be
+  /// computed again instead).
   [[nodiscard]] std::size_t pin_bytes_at_most(ns_id ns,
                                               std::span<const block_key> keys,
-                                              const put_options& options) const;
-  /// Set while a process() or put_tokens() with a pin runs past its check
-  /// of them all: its own reserves and commits do not check again (pins a
-  /// landing promote() brought back meanwhile would otherwise refuse its
-  /// later blocks, leaving the request half pinned).
-  class pins_checked_scope {
+                                              const put_options& options,
+                                              bool may_compute = true) const;
+  /// While a process() or put_tokens() with a pin runs past its check of
+  /// them all: the bytes it was checked for, which its commits' new pins
+  /// take instead of checking again (pins a landing promote() brought
+  /// back meanwhile would otherwise refuse its later blocks, leaving the
+  /// request half pinned). A commit past them (a disk copy counted for its
+  /// pins and then recomputed) is checked as any.
+  class pin_budget_scope {
   public:
-    pins_checked_scope(block_store& s, bool on) noexcept
-        : s_(s), was_(s.pins_checked_) {
-      if (on)
-        s_.pins_checked_ = true;
+    pin_budget_scope(block_store& s, std::optional<std::size_t> bytes) noexcept
+        : s_(s), was_(s.pin_budget_) {
+      if (bytes)
+        s_.pin_budget_ = bytes;
     }
-    ~pins_checked_scope() { s_.pins_checked_ = was_; }
-    pins_checked_scope(const pins_checked_scope&) = delete;
-    pins_checked_scope& operator=(const pins_checked_scope&) = delete;
+    ~pin_budget_scope() { s_.pin_budget_ = was_; }
+    pin_budget_scope(const pin_budget_scope&) = delete;
+    pin_budget_scope& operator=(const pin_budget_scope&) = delete;
 
   private:
     block_store& s_;
-    bool was_;
+    std::optional<std::size_t> was_;
   };
   void release_lease(std::uint32_t id) noexcept;
   void abort_reservation(std::uint32_t id) noexcept;
@@ -1170,10 +1176,10 @@ private:
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
-  std::uint32_t nested_ = 0;        ///< see count_rejected()
-  std::size_t pinned_bytes_ = 0;    ///< see pinned_bytes()
-  bool pins_checked_ = false;       ///< see pins_checked_scope
-  std::size_t pin_limit_bytes_ = 0; ///< max_pinned_fraction of the arena
+  std::uint32_t nested_ = 0;              ///< see count_rejected()
+  std::size_t pinned_bytes_ = 0;          ///< see pinned_bytes()
+  std::optional<std::size_t> pin_budget_; ///< see pin_budget_scope
+  std::size_t pin_limit_bytes_ = 0;       ///< max_pinned_fraction of the arena
   store_stats stats_;
 };
 

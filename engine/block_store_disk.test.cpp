@@ -465,6 +465,43 @@ TEST_F(store_disk_test, pins_landing_mid_request_do_not_half_pin_it) {
   store_->check_invariants();
 }
 
+// A chain pinned on disk whose copies cannot be read (damaged record
+// headers) is computed again, and its blocks take the pins their copies
+// hold: those pins are the copies', counted and never refused (as when
+// they come back), not new ones: past a lowered limit the request is
+// served, and each block is pinned once, as before the restart.
+TEST_F(store_disk_test, a_recomputed_block_takes_its_disk_copys_pins) {
+  max_pinned_fraction_ = 1.0;
+  open(16);
+  put_options pin;
+  pin.pin = true;
+  const auto c = chain(1, 4);
+  ASSERT_TRUE(store_->process(ns_, c, 64, producer_, pin).has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  store_.reset();
+  for (std::streamoff n = 0; n < 4; ++n) // each record's header
+    ASSERT_TRUE(flip_byte_in_segments(payload_of_record(n) - 79));
+  max_pinned_fraction_ = 0.5; // 8 blocks
+  open(16);
+  ASSERT_TRUE(
+      store_->process(ns_, chain(100, 8), 128, producer_, pin).has_value());
+  ASSERT_EQ(store_->pinned_bytes(), store_->pinned_bytes_limit());
+  auto r = store_->process(ns_, c, 64, producer_, pin);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(r->computed_blocks, 4U);
+  EXPECT_EQ(store_->pinned_bytes(), 12 * block_bytes);
+  for (const auto& k : c) {
+    EXPECT_TRUE(store_->unpin(ns_, k).has_value());
+    EXPECT_EQ(store_->unpin(ns_, k).error().code, errc::invalid_argument)
+        << "pinned once";
+  }
+  // A new pin past the limit is refused all the same.
+  auto fresh = store_->process(ns_, chain(200, 1), 16, producer_, pin);
+  ASSERT_FALSE(fresh.has_value());
+  EXPECT_EQ(fresh.error().code, errc::out_of_memory);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, evicted_blocks_spill_and_are_promoted_on_a_hit) {
   const auto a = chain(1, 4);
   EXPECT_EQ(run(a).computed_blocks, 4U);
@@ -2109,9 +2146,9 @@ TEST_F(store_disk_test, a_failed_request_counts_its_disk_blocks_as_hits) {
 
 TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
   // Memory (4 blocks) full of pinned blocks: a block only on disk cannot
-  // come back. acquire(), pin() and a put naming it as parent say it is
-  // there but has no room, with the reservation's error (before, all
-  // three said "not cached", errc::not_found, of a block on disk).
+  // come back. acquire() and a put naming it as parent say it is there
+  // but has no room, with the reservation's error (before, they said "not
+  // cached", errc::not_found, of a block on disk).
   max_pinned_fraction_ = 1.0; // pins fill memory here
   open(4);
   const auto k = chain(7, 1)[0];
@@ -2131,9 +2168,13 @@ TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
   auto a = store_->acquire(ns_, k);
   ASSERT_FALSE(a.has_value());
   said_so(a.error(), "acquire");
+  // pin() finds the pins' limit reached first (every byte is pinned),
+  // before it tries to bring the block back.
   auto p = store_->pin(ns_, k);
   ASSERT_FALSE(p.has_value());
-  said_so(p.error(), "pin");
+  EXPECT_EQ(p.error().code, errc::out_of_memory) << p.error().describe();
+  EXPECT_NE(p.error().message.find("max_pinned_fraction"), std::string::npos)
+      << p.error().describe();
   auto child = store_->reserve(ns_, chain(200, 1)[0], k);
   ASSERT_FALSE(child.has_value());
   said_so(child.error(), "reserve");

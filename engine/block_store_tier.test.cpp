@@ -1006,6 +1006,29 @@ TEST_F(store_tier_test, a_block_larger_than_a_batch_is_counted_and_logged) {
   store_->check_invariants();
 }
 
+/// A store of `cfg` over a fake memory tier of `tier_blocks` blocks, which
+/// takes them all in one copy; `tier` points at it. Null when either
+/// cannot be made (the test's ASSERT says so).
+std::unique_ptr<block_store>
+store_over_fake_tier(const store_config& cfg, std::size_t tier_blocks,
+                     testing::fake_memory_tier*& tier) {
+  auto made = block_store::create(cfg);
+  if (!made)
+    return nullptr;
+  auto store = std::move(*made);
+  const auto attached = store->attach_tier(
+      [&](memory_backend& arena) -> result<std::unique_ptr<memory_tier>> {
+        auto t = std::make_unique<testing::fake_memory_tier>(
+            arena.host_data(), tier_blocks * block_bytes);
+        t->max_batch = std::max(t->max_batch, tier_blocks * block_bytes);
+        tier = t.get();
+        return std::unique_ptr<memory_tier>(std::move(t));
+      });
+  if (!attached.value_or(false))
+    return nullptr;
+  return store;
+}
+
 TEST(store_tier, puts_demote_past_the_blocks_being_copied_to_the_tier) {
   // 256 of the coldest blocks are on their way to the tier (leased) when
   // 400 puts come. The demotion scan passes over them and compresses the
@@ -1017,18 +1040,9 @@ TEST(store_tier, puts_demote_past_the_blocks_being_copied_to_the_tier) {
   cfg.slab_bytes = 16 * block_bytes;
   cfg.policy = policy_kind::lru;
   cfg.clock = &clock;
-  auto store = std::move(*block_store::create(cfg));
   testing::fake_memory_tier* tier = nullptr;
-  ASSERT_TRUE(store
-                  ->attach_tier([&](memory_backend& arena)
-                                    -> result<std::unique_ptr<memory_tier>> {
-                    auto t = std::make_unique<testing::fake_memory_tier>(
-                        arena.host_data(), 4096 * block_bytes);
-                    t->max_batch = 4096 * block_bytes;
-                    tier = t.get();
-                    return std::unique_ptr<memory_tier>(std::move(t));
-                  })
-                  .value_or(false));
+  auto store = store_over_fake_tier(cfg, 4096, tier);
+  ASSERT_TRUE(store && tier);
   const auto ns = *store->register_namespace(spec());
   synthetic_producer producer;
   std::uint64_t next = 1;
@@ -1072,17 +1086,9 @@ TEST(store_tier, a_put_collects_finished_demotions_before_evicting) {
     cfg.adaptive_compression = false;
     cfg.policy = policy_kind::lru;
     cfg.clock = &clock;
-    auto store = std::move(*block_store::create(cfg));
     testing::fake_memory_tier* tier = nullptr;
-    ASSERT_TRUE(store
-                    ->attach_tier([&](memory_backend& arena)
-                                      -> result<std::unique_ptr<memory_tier>> {
-                      auto t = std::make_unique<testing::fake_memory_tier>(
-                          arena.host_data(), 16 * block_bytes);
-                      tier = t.get();
-                      return std::unique_ptr<memory_tier>(std::move(t));
-                    })
-                    .value_or(false));
+    auto store = store_over_fake_tier(cfg, 16, tier);
+    ASSERT_TRUE(store && tier);
     const auto ns = *store->register_namespace(spec());
     synthetic_producer producer;
     const auto keys = testing::chain_of(spec(), 1, 9);
@@ -1105,6 +1111,59 @@ TEST(store_tier, a_put_collects_finished_demotions_before_evicting) {
     EXPECT_EQ(store->tier_bytes_in_flight(), 0U);
     store->check_invariants();
   }
+}
+
+// A pinned put_tokens() over blocks the memory tier holds at int4 puts
+// them in memory at the put's codec (fp16): they are counted at that, the
+// larger slot. Before, they were counted at int4, the call passed, and it
+// pinned 12 of 16 blocks' bytes against a limit of 8.
+TEST_F(store_tier_test, a_pinned_put_is_counted_at_the_larger_slot) {
+  open(16, 64);
+  std::vector<std::uint32_t> tokens(8 * 16);
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = 1 + static_cast<std::uint32_t>(i);
+  const std::vector<std::byte> values(8 * spec().value_bytes(), std::byte{3});
+  put_options int4;
+  int4.codec_override = codec::int4;
+  ASSERT_TRUE(store_->put_tokens(ns_, tokens, values, int4).has_value());
+  ASSERT_TRUE(store_->demote_to_tier(16 * block_bytes).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 8U);
+  put_options pin;
+  pin.pin = true;
+  ASSERT_TRUE(
+      store_->process(ns_, chain(100, 4), 64, producer_, pin).has_value());
+  auto r = store_->put_tokens(ns_, tokens, values, pin);
+  ASSERT_FALSE(r.has_value()) << "8 fp16 blocks past 4 of room";
+  EXPECT_EQ(r.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  EXPECT_EQ(store_->tier_block_count(), 8U);
+  store_->check_invariants();
+}
+
+// A pin of a block in the memory tier is checked before the block is
+// brought back: refused, it changes nothing. Before, the block came back
+// (evicting for its room) and then the pin was refused.
+TEST_F(store_tier_test, a_refused_pin_brings_nothing_back) {
+  open(16, 64);
+  const auto k = chain(1, 3);
+  run(k);
+  ASSERT_TRUE(store_->demote_to_tier(16 * block_bytes).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 3U);
+  put_options pin;
+  pin.pin = true;
+  ASSERT_TRUE(
+      store_->process(ns_, chain(100, 8), 128, producer_, pin).has_value());
+  run(chain(200, 8)); // the arena full
+  const auto evictions = store_->stats().evictions;
+  auto r = store_->pin(ns_, k[2]);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->tier_block_count(), 3U);
+  EXPECT_FALSE(store_->contains(ns_, k[2]));
+  EXPECT_EQ(store_->stats().evictions, evictions);
+  store_->check_invariants();
 }
 
 TEST_F(store_tier_test, destroying_the_store_waits_for_copies_in_flight) {
