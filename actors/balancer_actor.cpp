@@ -545,6 +545,7 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
   // the request carries that comes first (a node's call_timeout) stays.
   if (req.deadline_ns == 0 || req.deadline_ns > deadline)
     req.deadline_ns = deadline;
+  const std::int64_t engine_deadline = req.deadline_ns;
   schedule_sweep(self);
   auto then = [=](kv_reply& rep) {
     auto* c = find_call(self, seq);
@@ -588,14 +589,11 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
     // (caf::sec::request_timeout), whichever comes first. Only past the
     // deadline (the engine read the same clock): a producer's own
     // errc::timeout before it is the engine's error, passed on as it is.
-    // Its caller's deadline counts too when it came first (a node's
-    // call_timeout): before, an expiry there was neither counted nor
-    // reported.
-    const auto first_deadline =
-        kept->deadline_ns != 0 ? std::min(c->deadline_ns, kept->deadline_ns)
-                               : c->deadline_ns;
+    // The engine's deadline: the request's own when it came first (a
+    // pinning node call's); before, an expiry there was neither counted
+    // nor reported.
     const bool expired = from_caf_error(err).code == errc::timeout &&
-                         now_ns(self) >= first_deadline;
+                         now_ns(self) >= engine_deadline;
     if (expired) {
       ++self->state.timeouts;
       for (auto& l : self->state.listeners)

@@ -86,6 +86,10 @@ struct pending_request {
 struct before_reads {
   std::size_t memory_blocks = 0;
   std::size_t promoted = 0;
+  /// The leading blocks in memory when it was last deferred: deferred
+  /// again only once that prefix grew (a read that keeps failing must not
+  /// defer it for ever).
+  std::size_t reached = 0;
 };
 
 /// A low or background request whose prefix goes on past memory to disk:
@@ -482,11 +486,15 @@ defer_for_disk(engine_actor* self, pending_request& p,
   while (in_memory < req.keys.size() &&
          st.store->contains(st.ns, req.keys[in_memory]))
     ++in_memory;
+  // Deferred before: again only when what it waited for moved its prefix
+  // on (else the same read failed, say: process() takes it from here).
+  if (prior && in_memory <= prior->reached)
+    return deferral{false, prior};
   std::size_t next = in_memory;
   while (next < req.keys.size() && st.store->in_tier(st.ns, req.keys[next]))
     ++next;
   if (next == req.keys.size() || !st.store->on_disk(st.ns, req.keys[next]))
-    return {};
+    return deferral{false, prior};
   engine::put_options opts;
   opts.prio = req.prio;
   opts.request_tokens = static_cast<std::uint32_t>(
@@ -498,8 +506,9 @@ defer_for_disk(engine_actor* self, pending_request& p,
   const auto started = st.store->promote(st.ns, req.keys, opts);
   const std::size_t moved = started ? *started : 0;
   const before_reads before =
-      prior ? before_reads{prior->memory_blocks, prior->promoted + moved}
-            : before_reads{in_memory, moved};
+      prior ? before_reads{prior->memory_blocks, prior->promoted + moved,
+                           in_memory}
+            : before_reads{in_memory, moved, in_memory};
   const auto chain = st.store->last_promotion_chain();
   std::optional<std::uint64_t> wait_for;
   if (moved > next - in_memory && chain && chain != chain_before) {
@@ -535,7 +544,9 @@ defer_for_disk(engine_actor* self, pending_request& p,
 /// reads have all landed (or failed: process() computes those blocks), in
 /// order, at most a batch's max_size of them: more ready ones wait for a
 /// poll sent behind the mailbox, so a critical request that came meanwhile
-/// goes first. One past its deadline is answered unprocessed at once.
+/// goes first. One whose prefix goes on to disk past what it waited for
+/// is deferred again (defer_for_disk) instead. One past its deadline is
+/// answered unprocessed at once.
 void run_deferred(engine_actor* self) {
   auto& st = self->state;
   st.store->poll_disk();
@@ -545,19 +556,20 @@ void run_deferred(engine_actor* self) {
   const auto now = arrival_time(self).count();
   bool more = false;
   std::vector<deferred_request> ready;
+  std::size_t taken = 0;
   for (auto it = st.deferred.begin(); it != st.deferred.end();) {
     const auto deadline = it->p.request.deadline_ns;
     const bool late = deadline != 0 && now >= deadline;
     if (!late &&
-        (served == most || !st.store->promotions_done_through(it->chain))) {
-      more = more || served == most;
+        (taken == most || !st.store->promotions_done_through(it->chain))) {
+      more = more || taken == most;
       ++it;
       continue;
     }
     ready.push_back(std::move(*it));
     it = st.deferred.erase(it);
     if (!late)
-      ++served;
+      ++taken;
   }
   for (auto& d : ready) {
     // What it waited for has landed; the prefix may go on to disk after
@@ -568,12 +580,15 @@ void run_deferred(engine_actor* self) {
     if (again.deferred)
       continue;
     serve(self, d.p, again.served_after ? again.served_after : d.before);
+    ++served;
   }
   if (served > 0)
     after_batch(self);
-  if (more && !st.disk_poll_pending) {
+  if (more) {
+    // Behind the mailbox, whether or not a timed poll is on its way (a
+    // request deferred again just armed one).
     st.disk_poll_pending = true;
-    self->send(self, poll_disk_atom::value); // behind the mailbox
+    self->send(self, poll_disk_atom::value);
     return;
   }
   arm_disk_poll(self);
@@ -1032,8 +1047,10 @@ caf::behavior engine_behavior(engine_actor* self,
           bool retiring) -> caf::result<std::uint64_t> {
         // Set first: the balancer exits the engine whether or not its
         // blocks could be written. Only from a listener (its balancer is
-        // one): from anyone else it would refuse every later put and pin
-        // for good while the balancer still routes to it.
+        // one): a guard against a mistaken sender, which would make the
+        // engine refuse every later put and pin for good while the
+        // balancer still routes to it; not a permission check (any actor
+        // may become a listener).
         if (retiring) {
           const auto& ls = self->state.listeners;
           const auto from = caf::actor_cast<caf::actor>(self->current_sender());

@@ -113,37 +113,36 @@
 /// once its reads have landed (or failed: those blocks are computed) it is
 /// processed, its reply counting the blocks its reads brought back in
 /// `promoted_blocks` as process() would have (engine_stats::disk_deferred
-/// counts such requests). One whose next block is on its way already,
-/// read for another deferred request (two prefetches of one prefix),
-/// waits off its batch for that chain too (counted the same), and finds
-/// those blocks in memory (not promoted for it); one whose reads could not
-/// be started otherwise (no room) is processed in its batch as before.
-/// Once what a request waits for has landed, the reads of its prefix
-/// further on disk (a later run, or past another request's chain) start
-/// and it waits off the batch again, rather than in process(). Before,
-/// a critical request that came during a prefetch's reads waited for all of
-/// them. Left: blocks that landed can be evicted (low priority goes first) by a
-/// request served before the deferred one, which then reads them again in its
-/// batch; and process() counts one more access of the blocks read for it than
-/// it would have inline (LFU, compression coldness). The block calls reach it
-/// too: `read_atom` and `pin_atom` of a block only on disk, and `reserve_atom`
-/// of a block whose parent is only there (lookup_atom counted it), bring that
-/// block back and wait for its read (engine::block_store::acquire, pin,
-/// reserve); `unpin_atom` of a block pinned only on disk unpins it there.
-/// A block damaged on disk is never returned by `read_atom`: it answers
-/// errc::checksum_mismatch and the block is dropped. `persist_atom` writes
-/// every cached block there, so a restart on the same directory finds them
-/// (the disk tier recovers its catalog at open). The tier is closed when the
-/// actor stops: spills already queued are written, blocks only in memory are
-/// not.
-/// Opening the tier (directory checks, the SQLite catalog, cutting segments
-/// back: engine/disk/README.md, "At open") takes as long as the directory
-/// is large, and so does making the pool's memory (a host arena is
-/// prefaulted, a device arena allocated, a pinned host tier registered):
-/// spawn_engine_actor does all of it on its caller (store_open::
-/// before_spawn) or, with store_open::on_engine, lets the actor do it as
-/// its first act (on a thread of its own by default, see own_thread), so
-/// the caller (the balancer, starting a restart or a replica) goes on at
+/// counts each such wait). Before, a critical request that came during a
+/// prefetch's reads waited for all of them. One whose next block is on
+/// its way already, read for another deferred request (two prefetches of
+/// one prefix), waits off its batch for that chain too, and finds those
+/// blocks in memory (not promoted for it); one whose reads could not be
+/// started otherwise (no room) is processed in its batch as before. Once
+/// what a request waits for has landed, the reads of its prefix further on
+/// disk (a later run, or past another request's chain) start and it waits
+/// off the batch again, rather than in process(), as long as its prefix in
+/// memory grew (a read that failed does not defer it again). Left: blocks that
+/// landed can be evicted (low priority goes first) by a request served before
+/// the deferred one, which then reads them again in its batch; and process()
+/// counts one more access of the blocks read for it than it would have inline
+/// (LFU, compression coldness). The block calls reach it too: `read_atom` and
+/// `pin_atom` of a block only on disk, and `reserve_atom` of a block whose
+/// parent is only there (lookup_atom counted it), bring that block back and
+/// wait for its read (engine::block_store::acquire, pin, reserve); `unpin_atom`
+/// of a block pinned only on disk unpins it there. A block damaged on disk is
+/// never returned by `read_atom`: it answers errc::checksum_mismatch and the
+/// block is dropped. `persist_atom` writes every cached block there, so a
+/// restart on the same directory finds them (the disk tier recovers its catalog
+/// at open). The tier is closed when the actor stops: spills already queued are
+/// written, blocks only in memory are not. Opening the tier (directory checks,
+/// the SQLite catalog, cutting segments back: engine/disk/README.md, "At open")
+/// takes as long as the directory is large, and so does making the pool's
+/// memory (a host arena is prefaulted, a device arena allocated, a pinned host
+/// tier registered): spawn_engine_actor does all of it on its caller
+/// (store_open:: before_spawn) or, with store_open::on_engine, lets the actor
+/// do it as its first act (on a thread of its own by default, see own_thread),
+/// so the caller (the balancer, starting a restart or a replica) goes on at
 /// once, and no scheduler worker is held while it does.
 ///
 /// Open puts are aborted `put_timeout` after their reservation.

@@ -157,8 +157,9 @@ struct engine_stats {
   /// that finished at or after it (processed, counted in `requests` too,
   /// their new pins taken back).
   std::uint64_t expired = 0;
-  /// Low and background requests that waited off their batch for their
-  /// prefix's disk reads (engine_actor.hpp, "Disk tier").
+  /// Times a low or background request waited off its batch for disk
+  /// reads of its prefix (one that waits again, for reads further on,
+  /// counts again; engine_actor.hpp, "Disk tier").
   std::uint64_t disk_deferred = 0;
   std::uint64_t batches = 0;
   std::uint64_t blocks = 0;

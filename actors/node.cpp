@@ -534,25 +534,28 @@ result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
   // Only a pinning one: it never joins another caller's request in the
   // query cache, whose own caller may wait longer; others keep the
   // balancer's deadline alone.
-  actors::kv_request r = req;
-  if (r.pin) {
-    const auto margin = std::min<std::chrono::milliseconds>(
-        config_.call_timeout / 10, std::chrono::milliseconds{50});
-    const std::int64_t until =
-        std::chrono::duration_cast<std::chrono::nanoseconds>(
-            (sys_->clock().now() + config_.call_timeout - margin)
-                .time_since_epoch())
-            .count();
-    if (r.deadline_ns == 0 || r.deadline_ns > until)
-      r.deadline_ns = until;
-  }
-  if (const auto& cache = running(cache_); cache && !r.query.empty())
-    return ask_at<actors::kv_reply>(*askers_, r.prio, cache,
+  const auto send = [&](const actors::kv_request& r) {
+    if (const auto& cache = running(cache_); cache && !r.query.empty())
+      return ask_at<actors::kv_reply>(*askers_, r.prio, cache,
+                                      config_.call_timeout,
+                                      actors::query_atom::value, r);
+    return ask_at<actors::kv_reply>(*askers_, r.prio, running(balancer_),
                                     config_.call_timeout,
-                                    actors::query_atom::value, r);
-  return ask_at<actors::kv_reply>(*askers_, r.prio, running(balancer_),
-                                  config_.call_timeout,
-                                  actors::process_atom::value, r);
+                                    actors::process_atom::value, r);
+  };
+  if (!req.pin)
+    return send(req);
+  actors::kv_request r = req;
+  const auto margin = std::min<std::chrono::milliseconds>(
+      config_.call_timeout / 10, std::chrono::milliseconds{50});
+  const std::int64_t until =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(
+          (sys_->clock().now() + config_.call_timeout - margin)
+              .time_since_epoch())
+          .count();
+  if (r.deadline_ns == 0 || r.deadline_ns > until)
+    r.deadline_ns = until;
+  return send(r);
 }
 
 result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {

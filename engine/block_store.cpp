@@ -495,21 +495,16 @@ void block_store::set_pins(std::uint32_t id, std::uint32_t pins) noexcept {
   e.pins = pins;
 }
 
-result<void> block_store::pin_room(std::size_t more,
-                                   const std::string& what) const {
-  // No new pin is no pin past the limit, even above it (pins a disk copy
-  // brought back are never refused: a restart with a lower limit).
-  if (more == 0 ||
-      (more <= pin_limit_bytes_ && pinned_bytes_ <= pin_limit_bytes_ - more))
-    return {};
-  return make_error(
+error block_store::pin_refusal(std::size_t more,
+                               const std::string& what) const {
+  return error{
       errc::out_of_memory,
       what + " would take pinned blocks to " +
           std::to_string(pinned_bytes_ + more) + " bytes, past the limit of " +
           std::to_string(pin_limit_bytes_) + " (max_pinned_fraction " +
           std::to_string(config_.max_pinned_fraction) + " of " +
           std::to_string(pool_.capacity_bytes()) +
-          " bytes); nothing was pinned: unpin blocks or raise the limit");
+          " bytes); nothing was pinned: unpin blocks or raise the limit"};
 }
 
 std::size_t block_store::pin_bytes_at_most(ns_id ns,
@@ -552,6 +547,22 @@ std::size_t block_store::pin_bytes_at_most(ns_id ns,
     n += put_slot;
   }
   return n;
+}
+
+result<void> block_store::take_pin_budget(std::size_t need,
+                                          std::string_view what,
+                                          const block_key& key) {
+  if (pin_budget_ && need <= *pin_budget_) {
+    *pin_budget_ -= need;
+    return {};
+  }
+  return pin_room(need + pin_budget_.value_or(0),
+                  [&] { return std::string(what) + " " + key.to_hex(); });
+}
+
+bool block_store::would_pin(std::uint32_t id) const noexcept {
+  const entry& e = entries_[id];
+  return e.state == entry_state::committed && !e.dead && e.pins == 0;
 }
 
 void block_store::pin_once(std::uint32_t id) {
@@ -965,9 +976,11 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
     const auto copy =
         disk_ ? usable_disk_copy(st, key, disk_clock().now()) : std::nullopt;
     if (!copy || copy->pins == 0)
-      if (auto pin_ok =
-              pin_room(pool_.slot_bytes(cls),
-                       "the put of block " + key.to_hex() + " with a pin");
+      if (auto pin_ok = pin_room(pool_.slot_bytes(cls),
+                                 [&] {
+                                   return "the put of block " + key.to_hex() +
+                                          " with a pin";
+                                 });
           !pin_ok) {
         count_rejected();
         return unexpected<error>(pin_ok.error());
@@ -1282,10 +1295,15 @@ result<void> block_store::commit(put_handle& h) {
       return gone;
     }
   }
-  // Its pin, checked at the reserve too, may not fit any more (other pins
-  // came since): refused whole, as an abort. A block its disk copy pins
-  // (put again after a restart) is pinned by that copy: counted, never
-  // refused (store_config::max_pinned_fraction).
+  // A new block's disk copy's pins are the block's: brought back
+  // (restored_pins_), or put again while its copy holds pins from before a
+  // restart (else the next pin or unpin would set the copy's count to this
+  // one's and wipe those holders' pins). A put's own pin is one more only
+  // when none is held ("a block already pinned gets no second pin"). A
+  // block brought back from disk takes its copy's count as it is now, not
+  // as it was when its read was queued: an unpin meanwhile (of the copy,
+  // the block being on its way) stands. Its pin_on_commit was only that
+  // old count.
   std::uint32_t held = 0;
   if (!h.duplicate_) {
     const entry& e = entries_[h.id_];
@@ -1296,19 +1314,19 @@ result<void> block_store::commit(put_handle& h) {
         held = info->pins;
   }
   const entry& pe = entries_[h.id_];
+  const bool own_pin = !h.duplicate_ && pe.pin_on_commit && !h.from_disk_copy_;
+  // A new pin, checked at the reserve too, may not fit any more (other
+  // pins came since): refused whole, as an abort. One its disk copy holds
+  // is that copy's: counted, never refused (max_pinned_fraction).
   const bool new_pin =
-      h.duplicate_ ? h.pin_ && pe.pins == 0
-                   : pe.pin_on_commit && !h.from_disk_copy_ && held == 0;
+      h.duplicate_ ? h.pin_ && pe.pins == 0 : own_pin && held == 0;
   if (new_pin) {
     // Inside a checked process() or put_tokens(), its share of what that
     // call was checked for; past it (a disk copy counted for its pins that
     // was recomputed), checked as any.
-    const std::size_t need = pool_.slot_bytes(pe.slot.size_class);
-    if (pin_budget_ && need <= *pin_budget_) {
-      *pin_budget_ -= need;
-    } else if (auto room = pin_room(need, "the put of block " +
-                                              h.key_.to_hex() + " with a pin");
-               !room) {
+    if (auto room = take_pin_budget(pool_.slot_bytes(pe.slot.size_class),
+                                    "the put with a pin of block", h.key_);
+        !room) {
       (void)abort(h);
       count_rejected();
       return room;
@@ -1356,17 +1374,7 @@ result<void> block_store::commit(put_handle& h) {
   e.state = entry_state::committed;
   // A block brought back from the memory tier or disk keeps its count.
   e.access_count = std::max<std::uint32_t>(1, h.restored_count_);
-  // Its disk copy's pins are the block's: brought back (restored_pins_),
-  // or put again while its copy holds pins from before a restart (else the
-  // next pin or unpin would set the copy's count to this one's and wipe
-  // those holders' pins). A put's own pin is one more only when none is
-  // held ("a block already pinned gets no second pin"). A block brought
-  // back from disk takes its copy's count as it is now, not as it was
-  // when its read was queued: an unpin meanwhile (of the copy, the block
-  // being on its way) stands. Its pin_on_commit was only that old count.
-  // (`held` is read above, before the pin limit's check.)
-  const bool own_pin = e.pin_on_commit && !h.from_disk_copy_;
-  set_pins(id, std::max<std::uint32_t>(own_pin ? 1 : 0, held));
+  set_pins(id, std::max<std::uint32_t>(own_pin ? 1 : 0, held)); // see above
   if (own_pin && held == 0 && pin_log_ != nullptr)
     pin_log_->emplace_back(id, e.generation);
   account(e, true);
@@ -1541,8 +1549,11 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   std::optional<std::size_t> pin_need;
   if (options.pin) {
     pin_need = pin_bytes_at_most(ns, token_keys_, options);
-    if (auto room = pin_room(*pin_need, "put_tokens() with a pin over " +
-                                            std::to_string(blocks) + " blocks");
+    if (auto room = pin_room(*pin_need,
+                             [&] {
+                               return "put_tokens() with a pin over " +
+                                      std::to_string(blocks) + " blocks";
+                             });
         !room) {
       count_rejected();
       return unexpected<error>(room.error());
@@ -1611,8 +1622,10 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   for (const read_lease& l : token_leases_) {
     entries_[l.id_].expires_at = expires;
     match_disk_copy_expiry(l.id_); // as a duplicate put's commit does
-    if (opts.pin)
-      pin_once(l.id_);
+    if (opts.pin && would_pin(l.id_) &&
+        take_pin_budget(pool_.slot_bytes(entries_[l.id_].slot.size_class),
+                        "put_tokens() pinning block", l.key()))
+      pin_once(l.id_); // (counted in its check: it fits)
   }
   // A block already cached after the matched prefix (a dead one brought
   // back, its cached children) was put again, not added.
@@ -1734,9 +1747,11 @@ result<process_result> block_store::process(ns_id ns,
   std::optional<std::size_t> pin_need;
   if (options.pin) {
     pin_need = pin_bytes_at_most(ns, keys, options);
-    if (auto room =
-            pin_room(*pin_need, "process() with a pin over " +
-                                    std::to_string(keys.size()) + " blocks");
+    if (auto room = pin_room(*pin_need,
+                             [&] {
+                               return "process() with a pin over " +
+                                      std::to_string(keys.size()) + " blocks";
+                             });
         !room) {
       count_rejected();
       return unexpected<error>(room.error());
@@ -1773,8 +1788,7 @@ result<process_result> block_store::process(ns_id ns,
     leases.clear();
     pin_log_ = nullptr;
     for (const auto& [id, generation] : process_pins_)
-      if (entries_[id].generation == generation &&
-          entries_[id].state == entry_state::committed && entries_[id].pins > 0)
+      if (pinned_still(id, generation))
         (void)unpin(ns, entries_[id].key);
     process_pins_.clear();
     const std::size_t from_below = out.matched_blocks - *matched;
@@ -1899,8 +1913,19 @@ result<process_result> block_store::process(ns_id ns,
   // pin_once() passes over blocks pinned at their commit.
   if (opts.pin)
     for (std::size_t i = 0; i + out.uncached_blocks < keys.size(); ++i)
-      if (const std::uint32_t id = index_.find(keys[i]); id != npos)
+      if (const std::uint32_t id = index_.find(keys[i]); id != npos) {
+        // Its share of the checked bytes, as a commit's; past them (a key
+        // counted for its disk copy's pins that were gone when it was
+        // computed), checked, and the request fails whole.
+        if (!would_pin(id))
+          continue;
+        if (auto room =
+                take_pin_budget(pool_.slot_bytes(entries_[id].slot.size_class),
+                                "process() pinning block", keys[i]);
+            !room)
+          return fail(room.error());
         pin_once(id);
+      }
   pin_log_ = nullptr; // process_pins_ keeps them: see unpin_last_process()
   out.matched_tokens =
       std::min(out.matched_blocks * spec.block_tokens, input_tokens);
@@ -1934,23 +1959,25 @@ block_store::promotion_chain_of(const block_key& key) const noexcept {
   return std::nullopt;
 }
 
+bool block_store::pinned_still(std::uint32_t id,
+                               std::uint32_t generation) const noexcept {
+  const entry& e = entries_[id];
+  return e.generation == generation && e.state == entry_state::committed &&
+         e.pins > 0;
+}
+
 void block_store::last_process_pins(std::vector<block_key>& out) const {
-  for (const auto& [id, generation] : process_pins_) {
-    const entry& e = entries_[id];
-    if (e.generation == generation && e.state == entry_state::committed &&
-        e.pins > 0)
-      out.push_back(e.key);
-  }
+  for (const auto& [id, generation] : process_pins_)
+    if (pinned_still(id, generation))
+      out.push_back(entries_[id].key);
 }
 
 std::size_t block_store::unpin_last_process() {
   std::size_t n = 0;
-  for (const auto& [id, generation] : process_pins_) {
-    const entry& e = entries_[id];
-    if (e.generation == generation && e.state == entry_state::committed &&
-        e.pins > 0 && unpin(ns_id{e.ns}, e.key))
+  for (const auto& [id, generation] : process_pins_)
+    if (pinned_still(id, generation) &&
+        unpin(ns_id{entries_[id].ns}, entries_[id].key))
       ++n;
-  }
   process_pins_.clear();
   return n;
 }
@@ -1962,10 +1989,10 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
   promotion_refused_.reset();
   // One in the memory tier or on disk is checked before it is brought
   // back (making room for it may evict): a refused pin changes nothing.
-  if (id == npos)
+  if (id == npos && index_.find(key) == npos)
     if (auto room = pin_room(pin_bytes_at_most(ns, std::span(&key, 1), {},
                                                /*may_compute=*/false),
-                             "pinning block " + key.to_hex());
+                             [&] { return "pinning block " + key.to_hex(); });
         !room)
       return room;
   if (id == npos && (promote_key_from_tier(ns, key) ||
@@ -1975,7 +2002,7 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
     return unexpected<error>(not_cached("block ", key));
   if (entries_[id].pins == 0)
     if (auto room = pin_room(pool_.slot_bytes(entries_[id].slot.size_class),
-                             "pinning block " + key.to_hex());
+                             [&] { return "pinning block " + key.to_hex(); });
         !room)
       return room;
   set_pins(id, entries_[id].pins + 1);

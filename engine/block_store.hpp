@@ -193,7 +193,8 @@ struct store_config {
   /// with put_options::pin (checked at its reserve too, before making room
   /// for it), and process() or put_tokens() with a pin, which are refused
   /// before they start when pinning every block they cover could pass it
-  /// (each at the slot it would take; a call that adds no pin, a repeat of
+  /// (each block not pinned yet at the larger of the slot it would come
+  /// back into and the put's codec's; a call that adds no pin, a repeat of
   /// one pinned already, is never refused).
   /// Without a limit, pins could fill the arena so that every later put is
   /// refused for good (pins outlive a restart with a disk tier). Pins a
@@ -789,9 +790,31 @@ private:
   /// Sets block `id`'s pin count, keeping pinned_bytes_ in step.
   void set_pins(std::uint32_t id, std::uint32_t pins) noexcept;
   /// Whether `more` slot bytes of new pins fit max_pinned_fraction (no
-  /// bytes always do): an error naming `what` when they do not.
-  [[nodiscard]] result<void> pin_room(std::size_t more,
-                                      const std::string& what) const;
+  /// bytes always do): an error naming what() when they do not (called
+  /// only then: a pin that fits builds no message).
+  template <class What>
+  [[nodiscard]] result<void> pin_room(std::size_t more, What&& what) const {
+    if (more == 0 ||
+        (more <= pin_limit_bytes_ && pinned_bytes_ <= pin_limit_bytes_ - more))
+      return {};
+    return unexpected<error>(pin_refusal(more, what()));
+  }
+  [[nodiscard]] error pin_refusal(std::size_t more,
+                                  const std::string& what) const;
+  /// Room for a new pin of `need` slot bytes, of block `key`: within a
+  /// checked call's budget (pin_budget_scope) it takes its share; past it,
+  /// or outside such a call, pin_room() with the rest of the budget kept
+  /// for the call's pins still to come. `what` names the pin in the error
+  /// ("<what> <key> would take ...").
+  [[nodiscard]] result<void> take_pin_budget(std::size_t need,
+                                             std::string_view what,
+                                             const block_key& key);
+  /// Whether pin_once(id) would pin the block (committed, alive, unpinned).
+  [[nodiscard]] bool would_pin(std::uint32_t id) const noexcept;
+  /// Whether entry `id` is still the block of `generation` and pinned (a
+  /// process_pins_ record that can be taken back).
+  [[nodiscard]] bool pinned_still(std::uint32_t id,
+                                  std::uint32_t generation) const noexcept;
   /// The slot bytes pinning every block of `keys` can add: none for a
   /// block pinned in memory, or whose disk copy holds pins (they come back
   /// unrefused); else the slot it would come back into (its own in

@@ -237,7 +237,8 @@ protected:
   }
   /// Requests `keys` (one request) pinned with `ttl`, and persists: the
   /// blocks are in memory and pinned on disk.
-  void put_pinned_on_disk(const std::vector<block_key>& keys, nanos ttl) {
+  void put_pinned_on_disk(const std::vector<block_key>& keys,
+                          std::optional<nanos> ttl = std::nullopt) {
     put_options pinned;
     pinned.pin = true;
     pinned.ttl = ttl;
@@ -423,9 +424,8 @@ TEST_F(store_disk_test, a_lowered_pin_limit_refuses_new_pins_only) {
   pin.pin = true;
   const auto c = chain(1, 4);
   const auto d = chain(100, 6);
-  ASSERT_TRUE(store_->process(ns_, c, 64, producer_, pin).has_value());
-  ASSERT_TRUE(store_->process(ns_, d, 96, producer_, pin).has_value());
-  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  put_pinned_on_disk(c);
+  put_pinned_on_disk(d);
   max_pinned_fraction_ = 0.5; // 8 blocks
   open(16);
   ASSERT_TRUE(store_->process(ns_, d, 96, producer_).has_value());
@@ -450,8 +450,7 @@ TEST_F(store_disk_test, pins_landing_mid_request_do_not_half_pin_it) {
   put_options pin;
   pin.pin = true;
   const auto c = chain(1, 4);
-  ASSERT_TRUE(store_->process(ns_, c, 64, producer_, pin).has_value());
-  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  put_pinned_on_disk(c);
   open(16);
   put_options low;
   low.prio = priority::low;
@@ -476,8 +475,7 @@ TEST_F(store_disk_test, a_recomputed_block_takes_its_disk_copys_pins) {
   put_options pin;
   pin.pin = true;
   const auto c = chain(1, 4);
-  ASSERT_TRUE(store_->process(ns_, c, 64, producer_, pin).has_value());
-  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  put_pinned_on_disk(c);
   store_.reset();
   for (std::streamoff n = 0; n < 4; ++n) // each record's header
     ASSERT_TRUE(flip_byte_in_segments(payload_of_record(n) - 79));
@@ -1798,6 +1796,60 @@ private:
   nanos step_;
   synthetic_producer inner_;
 };
+
+// The final pins of a pinned process() (its matched blocks) take their
+// share of the checked bytes too. Here k2's pinned disk copy counted
+// nothing at the check, then expired while k1 was computed: k2 was
+// computed, its pin new, and took the bytes k0's pin was checked for; k0
+// was then pinned unchecked, past the limit (36 KiB of 32). Now k0's pin
+// is checked, and the request fails whole, pinning nothing.
+TEST_F(store_disk_test, a_request_cannot_spend_its_checked_pins_twice) {
+  auto& [clock, wall] = open_on_test_clocks();
+  max_pinned_fraction_ = 1.0;
+  open(16);
+  const auto c = chain(1, 3);
+  put_options long_ttl;
+  long_ttl.ttl = std::chrono::seconds(100);
+  ASSERT_TRUE(store_
+                  ->process(ns_, std::vector<block_key>{c[0]},
+                            spec().block_tokens, producer_, long_ttl)
+                  .has_value());
+  put_options short_ttl;
+  short_ttl.ttl = std::chrono::seconds(1);
+  auto h1 = store_->reserve(ns_, c[1], c[0], short_ttl);
+  ASSERT_TRUE(h1.has_value()) << h1.error().describe();
+  ASSERT_TRUE(store_->write_from(*h1, producer_).has_value());
+  ASSERT_TRUE(store_->commit(*h1).has_value());
+  put_options pinned;
+  pinned.pin = true;
+  pinned.ttl = std::chrono::seconds(3);
+  auto h2 = store_->reserve(ns_, c[2], c[1], pinned);
+  ASSERT_TRUE(h2.has_value()) << h2.error().describe();
+  ASSERT_TRUE(store_->write_from(*h2, producer_).has_value());
+  ASSERT_TRUE(store_->commit(*h2).has_value());
+  ASSERT_TRUE(store_->persist(std::chrono::seconds(30)).has_value());
+  max_pinned_fraction_ = 0.5; // 8 blocks
+  open(16);
+  ASSERT_TRUE(store_
+                  ->process(ns_, std::vector<block_key>{c[0]},
+                            spec().block_tokens, producer_)
+                  .has_value()); // k0 back, unpinned
+  clock.advance(std::chrono::milliseconds(1500));
+  wall.advance(std::chrono::milliseconds(1500)); // k1's copy gone
+  put_options pin;
+  pin.pin = true;
+  ASSERT_TRUE(
+      store_->process(ns_, chain(100, 6), 96, producer_, pin).has_value());
+  ASSERT_EQ(store_->pinned_bytes(), 6 * block_bytes);
+  slow_producer slow(clock, wall, std::chrono::seconds(2));
+  auto r = store_->process(ns_, c, 3 * spec().block_tokens, slow, pin);
+  EXPECT_LE(store_->pinned_bytes(), store_->pinned_bytes_limit());
+  if (!r.has_value()) {
+    EXPECT_EQ(r.error().code, errc::out_of_memory) << r.error().describe();
+    EXPECT_EQ(store_->pinned_bytes(), 6 * block_bytes) << "half pinned";
+  }
+  store_->check_invariants();
+}
 
 TEST_F(store_disk_test,
        a_disk_hit_that_expires_while_a_later_block_is_computed_is_none) {

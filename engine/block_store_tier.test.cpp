@@ -34,6 +34,29 @@ namespace_spec spec() {
 }
 constexpr std::size_t block_bytes = 4096;
 
+/// A store of `cfg` over a fake memory tier of `tier_blocks` blocks, which
+/// takes them all in one copy; `tier` points at it. Null when either
+/// cannot be made (the test's ASSERT says so).
+std::unique_ptr<block_store>
+store_over_fake_tier(const store_config& cfg, std::size_t tier_blocks,
+                     testing::fake_memory_tier*& tier) {
+  auto made = block_store::create(cfg);
+  if (!made)
+    return nullptr;
+  auto store = std::move(*made);
+  const auto attached = store->attach_tier(
+      [&](memory_backend& arena) -> result<std::unique_ptr<memory_tier>> {
+        auto t = std::make_unique<testing::fake_memory_tier>(
+            arena.host_data(), tier_blocks * block_bytes);
+        t->max_batch = std::max(t->max_batch, tier_blocks * block_bytes);
+        tier = t.get();
+        return std::unique_ptr<memory_tier>(std::move(t));
+      });
+  if (!attached.value_or(false))
+    return nullptr;
+  return store;
+}
+
 class store_tier_test : public ::testing::Test {
 protected:
   void SetUp() override { open(); }
@@ -52,18 +75,8 @@ protected:
     cfg.on_block_event = [this](block_event e, const block_key& k) {
       (e == block_event::stored ? stored_ : removed_).push_back(k);
     };
-    auto s = block_store::create(cfg);
-    ASSERT_TRUE(s.has_value()) << s.error().describe();
-    store_ = std::move(*s);
-    auto attached = store_->attach_tier(
-        [this, tier_blocks](
-            memory_backend& arena) -> result<std::unique_ptr<memory_tier>> {
-          auto t = std::make_unique<testing::fake_memory_tier>(
-              arena.host_data(), tier_blocks * block_bytes);
-          tier_ = t.get();
-          return std::unique_ptr<memory_tier>(std::move(t));
-        });
-    ASSERT_TRUE(attached.has_value() && *attached);
+    store_ = store_over_fake_tier(cfg, tier_blocks, tier_);
+    ASSERT_TRUE(store_ && tier_);
     ns_ = *store_->register_namespace(spec());
   }
 
@@ -1004,29 +1017,6 @@ TEST_F(store_tier_test, a_block_larger_than_a_batch_is_counted_and_logged) {
       << log;
   EXPECT_EQ(log.find("kvfleet:"), log.rfind("kvfleet:")) << "logged once";
   store_->check_invariants();
-}
-
-/// A store of `cfg` over a fake memory tier of `tier_blocks` blocks, which
-/// takes them all in one copy; `tier` points at it. Null when either
-/// cannot be made (the test's ASSERT says so).
-std::unique_ptr<block_store>
-store_over_fake_tier(const store_config& cfg, std::size_t tier_blocks,
-                     testing::fake_memory_tier*& tier) {
-  auto made = block_store::create(cfg);
-  if (!made)
-    return nullptr;
-  auto store = std::move(*made);
-  const auto attached = store->attach_tier(
-      [&](memory_backend& arena) -> result<std::unique_ptr<memory_tier>> {
-        auto t = std::make_unique<testing::fake_memory_tier>(
-            arena.host_data(), tier_blocks * block_bytes);
-        t->max_batch = std::max(t->max_batch, tier_blocks * block_bytes);
-        tier = t.get();
-        return std::unique_ptr<memory_tier>(std::move(t));
-      });
-  if (!attached.value_or(false))
-    return nullptr;
-  return store;
 }
 
 TEST(store_tier, puts_demote_past_the_blocks_being_copied_to_the_tier) {

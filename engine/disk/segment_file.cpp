@@ -4,6 +4,7 @@
 
 #include <xxhash.h>
 
+#include <atomic>
 #include <cerrno>
 #include <csetjmp>
 #include <csignal>
@@ -200,7 +201,19 @@ namespace {
 // us) while a mapping is read. The I/O thread arms a jump buffer around its
 // mapped reads; the handler jumps back there, and any other SIGBUS goes to
 // the previous handler (by default: the process dies, as it would have).
-thread_local sigjmp_buf* sigbus_jump = nullptr;
+// volatile, and fenced where it is set and cleared: between the two the
+// copy is a builtin memcpy, and the compiler removed the store that armed
+// it as dead (an -O2 build died of the SIGBUS it was meant to catch).
+thread_local sigjmp_buf* volatile sigbus_jump = nullptr;
+
+void arm_sigbus(sigjmp_buf* jump) noexcept {
+  sigbus_jump = jump;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+void disarm_sigbus() noexcept {
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  sigbus_jump = nullptr;
+}
 struct sigaction previous_sigbus {};
 
 void on_sigbus(int sig, siginfo_t* info, void* ctx) {
@@ -425,15 +438,15 @@ result<record_header> segment_file::read_mapped(std::uint64_t offset,
   std::uint64_t sum = 0;
   sigjmp_buf jump;
   if (sigsetjmp(jump, 1) != 0) {
-    sigbus_jump = nullptr;
+    disarm_sigbus();
     std::memset(payload.data(), 0, payload.size());
     return make_error(errc::io_error, "I/O error reading segment " + path_ +
                                           " at " + std::to_string(offset));
   }
-  sigbus_jump = &jump;
+  arm_sigbus(&jump);
   const std::byte* rec = map_ + offset;
   std::memcpy(raw.data(), rec, raw.size());
-  sigbus_jump = nullptr;
+  disarm_sigbus();
   auto h = decode_record_header(raw);
   if (!h)
     return make_error(h.error().code, h.error().message + " in " + path_);
@@ -441,7 +454,7 @@ result<record_header> segment_file::read_mapped(std::uint64_t offset,
     return make_error(errc::checksum_mismatch,
                       "record at " + std::to_string(offset) + " of " + path_ +
                           " holds another block");
-  sigbus_jump = &jump;
+  arm_sigbus(&jump);
   if (verify) {
     sum = copy_out_with_checksum(payload,
                                  {rec + record_header_bytes, payload.size()});
@@ -449,7 +462,7 @@ result<record_header> segment_file::read_mapped(std::uint64_t offset,
     std::memcpy(payload.data(), rec + record_header_bytes, payload.size());
     sum = h->checksum;
   }
-  sigbus_jump = nullptr;
+  disarm_sigbus();
   if (sum != h->checksum) {
     std::memset(payload.data(), 0, payload.size());
     return make_error(errc::checksum_mismatch, "block " + expect_key.to_hex() +
