@@ -579,16 +579,18 @@ void run_deferred(engine_actor* self) {
     auto again = defer_for_disk(self, d.p, d.before);
     if (again.deferred)
       continue;
+    const auto deadline = d.p.request.deadline_ns;
+    if (deadline == 0 || now < deadline)
+      ++served;
     serve(self, d.p, again.served_after ? again.served_after : d.before);
-    ++served;
   }
   if (served > 0)
     after_batch(self);
-  if (more) {
-    // Behind the mailbox, whether or not a timed poll is on its way (a
-    // request deferred again just armed one).
+  // One poll on its way at a time (each arms the next): a timed one that a
+  // request deferred again just armed serves the rest a little later.
+  if (more && !st.disk_poll_pending) {
     st.disk_poll_pending = true;
-    self->send(self, poll_disk_atom::value);
+    self->send(self, poll_disk_atom::value); // behind the mailbox
     return;
   }
   arm_disk_poll(self);

@@ -1602,6 +1602,17 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
       return undo(w.error());
     parent = token_keys_[i];
   }
+  // The prefix's pins take their share of the checked bytes now, while
+  // nothing is committed: refused (the budget spent by a block whose disk
+  // copy's pins were gone at its commit), the put fails whole.
+  if (opts.pin)
+    for (const read_lease& l : token_leases_)
+      if (would_pin(l.id_))
+        if (auto room = take_pin_budget(
+                pool_.slot_bytes(entries_[l.id_].slot.size_class),
+                "put_tokens() pinning block", l.key());
+            !room)
+          return undo(room.error());
   // Every block is reserved and written: the prefix is used now, as
   // acquire_prefix() uses it (before the new blocks' commits, so they are
   // the more recent). Only a commit can still fail (a duplicate's block
@@ -1622,10 +1633,8 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   for (const read_lease& l : token_leases_) {
     entries_[l.id_].expires_at = expires;
     match_disk_copy_expiry(l.id_); // as a duplicate put's commit does
-    if (opts.pin && would_pin(l.id_) &&
-        take_pin_budget(pool_.slot_bytes(entries_[l.id_].slot.size_class),
-                        "put_tokens() pinning block", l.key()))
-      pin_once(l.id_); // (counted in its check: it fits)
+    if (opts.pin)
+      pin_once(l.id_); // its share was taken before the commits
   }
   // A block already cached after the matched prefix (a dead one brought
   // back, its cached children) was put again, not added.
