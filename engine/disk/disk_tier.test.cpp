@@ -2352,10 +2352,12 @@ TEST_F(disk_tier_test, a_read_behind_a_failed_spill_never_gets_the_older_copy) {
   syncs->fail_at = syncs->calls + 2; // spill 9's batch syncs, B's fails
   gate->open();
   for (auto& d : settle_expecting({held, b, read, cc})) {
-    if (d.id == b)
+    if (d.id == b) {
       EXPECT_FALSE(d.status.has_value()) << "B's batch did not fail";
-    if (d.id == cc)
+    }
+    if (d.id == cc) {
       EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    }
     if (d.id != read)
       continue;
     ASSERT_FALSE(d.status.has_value())
