@@ -2231,8 +2231,23 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
       return {};
   }
   // With no slot of this size free, none may come free however much goes:
-  // fail now, before evicting what would not make room.
-  if (!pool_.can_allocate(cls) && !room_could_come(cls, parent))
+  // fail now, before evicting what would not make room. Working that out
+  // takes scratch memory (marks over every entry): without it (bad_alloc
+  // under host memory pressure) the put fails as out of memory, nothing
+  // evicted, instead of the exception escaping reserve().
+  bool could_come = true;
+  if (!pool_.can_allocate(cls)) {
+    try {
+      could_come = room_could_come(cls, parent);
+    } catch (const std::bad_alloc&) {
+      return make_error(errc::out_of_memory,
+                        "no host memory to find room for a block of " +
+                            std::to_string(need) +
+                            " bytes (no slot of its size is free); nothing "
+                            "was evicted");
+    }
+  }
+  if (!could_come)
     return make_error(
         errc::out_of_memory,
         "no room for a block of " + std::to_string(need) +

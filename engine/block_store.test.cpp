@@ -811,6 +811,42 @@ TEST_F(store_fixture, pinned_token_puts_and_requests_pin_their_cached_blocks) {
   store_->check_invariants();
 }
 
+// A put into a full store works out whether room can come (scratch
+// memory over every entry) before it evicts: an allocation that fails
+// there is an error value, out_of_memory, not an exception out of
+// reserve(), whichever allocation of the call fails.
+TEST_F(store_fixture, a_put_that_cannot_allocate_is_an_error_value) {
+  high_watermark_ = 1.0;
+  low_watermark_ = 1.0;
+  open(16, policy_kind::lru, false, 4);
+  const auto keys = chain(1, 17);
+  for (std::size_t i = 0; i < 16; ++i)
+    ASSERT_TRUE(put(keys[i], {}).has_value()) << i;
+  std::size_t escaped = 0;
+  std::size_t refused = 0;
+  for (std::size_t nth = 0;; ++nth) {
+    bool came = false;
+    try {
+      came = testing::failing_allocation(nth, [&] {
+        auto h = store_->reserve(ns_, keys[16], {});
+        if (!h) {
+          ++refused;
+          EXPECT_EQ(h.error().code, errc::out_of_memory)
+              << h.error().describe();
+        }
+      });
+    } catch (const std::bad_alloc&) {
+      ++escaped;
+      came = true;
+    }
+    store_->check_invariants();
+    if (!came)
+      break;
+  }
+  EXPECT_EQ(escaped, 0U);
+  EXPECT_GT(refused, 0U);
+}
+
 TEST_F(store_fixture, full_of_held_blocks_reports_out_of_memory) {
   open(4, policy_kind::lru, false, 1);
   std::vector<read_lease> leases;
