@@ -549,6 +549,23 @@ std::size_t block_store::pin_bytes_at_most(ns_id ns,
   return n;
 }
 
+result<std::optional<std::size_t>>
+block_store::check_pins_of(ns_id ns, std::span<const block_key> keys,
+                           const put_options& options,
+                           std::string_view call) const {
+  if (!options.pin)
+    return std::optional<std::size_t>{};
+  const std::size_t need = pin_bytes_at_most(ns, keys, options);
+  if (auto room = pin_room(need,
+                           [&] {
+                             return std::string(call) + " with a pin over " +
+                                    std::to_string(keys.size()) + " blocks";
+                           });
+      !room)
+    return unexpected<error>(room.error());
+  return std::optional<std::size_t>{need};
+}
+
 result<void> block_store::take_pin_budget(std::size_t need,
                                           std::string_view what,
                                           const block_key& key) {
@@ -1546,20 +1563,12 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     count_rejected();
     return unexpected<error>(ok.error());
   }
-  std::optional<std::size_t> pin_need;
-  if (options.pin) {
-    pin_need = pin_bytes_at_most(ns, token_keys_, options);
-    if (auto room = pin_room(*pin_need,
-                             [&] {
-                               return "put_tokens() with a pin over " +
-                                      std::to_string(blocks) + " blocks";
-                             });
-        !room) {
-      count_rejected();
-      return unexpected<error>(room.error());
-    }
+  const auto pin_need = check_pins_of(ns, token_keys_, options, "put_tokens()");
+  if (!pin_need) {
+    count_rejected();
+    return unexpected<error>(pin_need.error());
   }
-  const pin_budget_scope budget(*this, pin_need);
+  const pin_budget_scope budget(*this, *pin_need);
   // The calls below are the store's own: this call counts once if it fails.
   const nested_scope nested(*this);
   // Lease the cached prefix so making room for the rest cannot evict it,
@@ -1753,20 +1762,12 @@ result<process_result> block_store::process(ns_id ns,
   // Refused before it starts when pinning all it covers could pass the
   // pinned limit: its pins are then never refused on the way (no request
   // half pinned, no block computed for a refusal).
-  std::optional<std::size_t> pin_need;
-  if (options.pin) {
-    pin_need = pin_bytes_at_most(ns, keys, options);
-    if (auto room = pin_room(*pin_need,
-                             [&] {
-                               return "process() with a pin over " +
-                                      std::to_string(keys.size()) + " blocks";
-                             });
-        !room) {
-      count_rejected();
-      return unexpected<error>(room.error());
-    }
+  const auto pin_need = check_pins_of(ns, keys, options, "process()");
+  if (!pin_need) {
+    count_rejected();
+    return unexpected<error>(pin_need.error());
   }
-  const pin_budget_scope budget(*this, pin_need);
+  const pin_budget_scope budget(*this, *pin_need);
   const nanos start = now();
   std::vector<read_lease>& leases = process_leases_; // reused: no allocation
   // The calls below are the store's own: a block that cannot be cached is

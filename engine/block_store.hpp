@@ -801,6 +801,13 @@ private:
   }
   [[nodiscard]] error pin_refusal(std::size_t more,
                                   const std::string& what) const;
+  /// A process() or put_tokens() (`call`) with a pin over `keys`: the
+  /// bytes its new pins may take (pin_bytes_at_most), for its
+  /// pin_budget_scope, or the error refusing it when they do not fit;
+  /// none without a pin.
+  [[nodiscard]] result<std::optional<std::size_t>>
+  check_pins_of(ns_id ns, std::span<const block_key> keys,
+                const put_options& options, std::string_view call) const;
   /// Room for a new pin of `need` slot bytes, of block `key`: within a
   /// checked call's budget (pin_budget_scope) it takes its share; past it,
   /// or outside such a call, pin_room() with the rest of the budget kept

@@ -1439,15 +1439,18 @@ void disk_tier::process(std::vector<request>& batch,
     // keeping what the owner did meanwhile (reload()).
     catalog_->rollback();
     ++io_stats_.io_errors;
-    if (catalog_->last_error_was_full()) {
-      // The reload cuts the batch's spills off again: written again, they
-      // need their bytes back.
-      std::uint64_t spilled = 0;
-      for (const request& r : batch)
-        if (r.k == request::kind::spill && batch_spill_gens_.count(r.gen) != 0)
-          spilled += rec_header + r.bytes.size();
+    // The batch's spills that were written: their keys lose their older
+    // copies too at the reload (failed_spill_keys_).
+    std::uint64_t spilled = 0;
+    for (const request& r : batch)
+      if (r.k == request::kind::spill && batch_spill_gens_.count(r.gen) != 0) {
+        spilled += rec_header + r.bytes.size();
+        failed_spill_keys_.insert(r.key);
+      }
+    // The reload cuts those spills off again: written again, they need
+    // their bytes back.
+    if (catalog_->last_error_was_full())
       note_write_error(ENOSPC, committed.error(), spilled);
-    }
     std::fprintf(stderr, "kvfleet: disk tier %s: %s\n",
                  config_.directory.c_str(),
                  committed.error().describe().c_str());
@@ -1473,9 +1476,6 @@ void disk_tier::process(std::vector<request>& batch,
         c.report.reset();
       }
     }
-    for (const request& r : batch)
-      if (r.k == request::kind::spill && batch_spill_gens_.count(r.gen) != 0)
-        failed_spill_keys_.insert(r.key);
     uncommitted_counts_ = {};
     unlink_after_commit_.clear();
     unlink_after_commit_bytes_ = 0;
