@@ -1134,6 +1134,95 @@ TEST_F(actor_test, ARetiredEngineDoesNotWaitForRequestsThatTimedOut) {
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1})) << "slot 1 not reused";
 }
 
+TEST_F(actor_test, ARetireSkipsAnEngineHoldingPins) {
+  // Engine 1, the highest slot, holds a pinned block: the retire takes
+  // engine 0, which holds none. (Before, the highest live slot went, and
+  // the pins with it.)
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64)});
+  sched_->run();
+  ASSERT_EQ(
+      ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1))
+          .engine,
+      0U);
+  auto pinned = make_request(2, 0, 0, 1, 2);
+  pinned.pin = true;
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, pinned).engine, 1U);
+  sched_->run();
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.pinned_bytes, (std::vector<std::uint64_t>{0, block_bytes}));
+  ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  sched_->run();
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}))
+      << "the engine holding pins was retired";
+  EXPECT_EQ(st.pinned_bytes, (std::vector<std::uint64_t>{0, block_bytes}));
+}
+
+TEST_F(actor_test, ARetireIsRefusedWhileEveryEngineHoldsPins) {
+  // Both engines hold a pinned block: the retire is refused (busy) and
+  // both stay live. Once engine 0's block is unpinned (a cached block: the
+  // engine reports the change with no key events), it is the one retired.
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64)});
+  sched_->run();
+  auto first = make_request(1, 0, 0, 1, 1);
+  auto second = make_request(2, 0, 0, 1, 2);
+  first.pin = second.pin = true;
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, first).engine, 0U);
+  ASSERT_EQ(ask_now<kv_reply>(b, process_atom::value, second).engine, 1U);
+  sched_->run();
+  auto refused = ask<std::uint32_t>(b, retire_atom::value);
+  sched_->run();
+  ASSERT_TRUE(refused->error.has_value()) << "an engine with pins retired";
+  EXPECT_EQ(from_caf_error(*refused->error).code, errc::busy);
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  EXPECT_EQ(st.live, 2U);
+
+  const auto e0 = ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0});
+  ASSERT_TRUE(ask_now<bool>(e0, unpin_atom::value, first.keys.front()));
+  sched_->run();
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.pinned_bytes, (std::vector<std::uint64_t>{0, block_bytes}));
+  ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  sched_->run();
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+}
+
+TEST_F(actor_test, AnEngineTellsItsPinsToANewListenerAndEachPinChange) {
+  // A listener that comes while the engine holds pins hears of them at
+  // once; a pin or unpin of a cached block, which stores and evicts
+  // nothing, is still reported, with the seq of the events before it.
+  auto e = spawned(spawn_engine_actor(*sys_, small_engine(64)));
+  stop_at_end_.push_back(e);
+  auto pinned = make_request(1, 0, 0, 2, 1);
+  pinned.pin = true;
+  ASSERT_EQ(ask_now<kv_reply>(e, process_atom::value, pinned).computed_blocks,
+            2U);
+  auto events = std::make_shared<std::vector<block_events>>();
+  record_events(e, events);
+  ASSERT_EQ(events->size(), 1U);
+  EXPECT_TRUE(events->back().stored.empty());
+  EXPECT_EQ(events->back().pinned_bytes, 2 * block_bytes);
+  ASSERT_TRUE(ask_now<bool>(e, unpin_atom::value, pinned.keys.back()));
+  sched_->run();
+  ASSERT_EQ(events->size(), 2U);
+  EXPECT_TRUE(events->back().stored.empty() && events->back().evicted.empty());
+  EXPECT_EQ(events->back().pinned_bytes, block_bytes);
+  EXPECT_EQ(events->back().seq, events->front().seq);
+  ASSERT_TRUE(ask_now<bool>(e, pin_atom::value, pinned.keys.back()));
+  sched_->run();
+  ASSERT_EQ(events->size(), 3U);
+  EXPECT_EQ(events->back().pinned_bytes, 2 * block_bytes);
+  // A request that pins nothing new and stores nothing sends none.
+  ASSERT_EQ(ask_now<kv_reply>(e, process_atom::value, pinned).matched_blocks,
+            2U);
+  sched_->run();
+  EXPECT_EQ(events->size(), 3U);
+}
+
 TEST_F(actor_test, ABalancerListenerCountsOnceAndIsForgottenWhenItStops) {
   // A listener subscribed twice gets each sample once. When it stops, the
   // balancer lets go of it: nothing keeps the stopped actor alive, and no

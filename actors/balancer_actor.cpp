@@ -58,6 +58,9 @@ struct slot_info {
   /// block_events::seq of the last events of its engine applied to the
   /// index (0 at its start).
   std::uint64_t events_applied = 0;
+  /// Its engine's pinned bytes, as its last block_events said (0 at its
+  /// start and once it is gone).
+  std::uint64_t pinned_bytes = 0;
   /// The replica_atom that started it, while it opens.
   owed_reply replica;
 };
@@ -184,6 +187,7 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
   info.disk = started->disk;
   info.persisting = false;
   info.events_applied = 0;
+  info.pinned_bytes = 0;
   ++info.generation;
   self->monitor(info.engine);
   st.owned->push_back(info.engine);
@@ -416,6 +420,7 @@ void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
 /// engine: a slot that is down already has nothing more to tell.
 void engine_gone(balancer_actor* self, std::uint32_t slot) {
   auto& s = self->state;
+  s.slots[slot].pinned_bytes = 0; // its pins went with its memory
   if (!s.route.is_up(slot))
     return;
   if (!s.listeners.empty()) {
@@ -782,6 +787,8 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
           s.route.evicted(ev.engine, ev.evicted);
           auto& applied = s.slots[ev.engine].events_applied;
           applied = std::max(applied, ev.seq);
+          // In order (one sender): the latest says what it holds now.
+          s.slots[ev.engine].pinned_bytes = ev.pinned_bytes;
         }
         for (auto& l : s.listeners)
           self->send(l, ev);
@@ -817,20 +824,48 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         if (s.route.live_slots() <= 1)
           return to_caf_error(
               error{errc::invalid_argument, "last live engine"});
+        // A live engine only: not one still opening (it serves nothing
+        // yet, and a replica asked for is waiting for it), nor one a failed
+        // request found gone whose down message is still on its way
+        // (retiring it would cancel its restart, drain nothing, and leave
+        // the live engines as many as before). The highest slot whose
+        // engine holds no pins; with pins everywhere, the one with a disk
+        // tier holding the fewest (it persists them with the rest, for the
+        // next engine in its slot); without such an engine, none: the pins
+        // of an engine without a disk tier would go with it, and unpin
+        // calls to its slot would find no engine. (Before, the highest live
+        // slot went, pins and all.)
+        std::optional<std::uint32_t> pick;
+        std::optional<std::uint32_t> pinned_disk;
+        std::uint32_t candidates = 0;
         for (auto slot = static_cast<std::uint32_t>(s.slots.size());
              slot-- > 0;) {
-          // A live engine only: not one still opening (it serves nothing
-          // yet, and a replica asked for is waiting for it), nor one a
-          // failed request found gone whose down message is still on its
-          // way (retiring it would cancel its restart, drain nothing, and
-          // leave the live engines as many as before).
-          if (s.slots[slot].engine && !s.slots[slot].retiring &&
-              !s.slots[slot].opening && s.route.is_up(slot)) {
-            s.slots[slot].retiring = true;
-            s.route.set_draining(slot, true);
-            maybe_exit_retired(self, slot);
+          const auto& info = s.slots[slot];
+          if (!info.engine || info.retiring || info.opening ||
+              !s.route.is_up(slot))
+            continue;
+          ++candidates;
+          if (info.pinned_bytes == 0) {
+            pick = slot;
             break;
           }
+          if (info.disk &&
+              (!pinned_disk ||
+               info.pinned_bytes < s.slots[*pinned_disk].pinned_bytes))
+            pinned_disk = slot;
+        }
+        if (!pick)
+          pick = pinned_disk;
+        if (pick) {
+          s.slots[*pick].retiring = true;
+          s.route.set_draining(*pick, true);
+          maybe_exit_retired(self, *pick);
+        } else if (candidates > 0) {
+          return to_caf_error(error{
+              errc::busy,
+              "every live engine holds pinned blocks and has no disk tier to "
+              "keep them: retiring one would take its pins with it; unpin "
+              "them first"});
         }
         return static_cast<std::uint32_t>(s.route.live_slots());
       },
@@ -847,6 +882,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
           out.routed.push_back(s.slots[slot].routed);
           out.in_flight.push_back(s.route.in_flight(slot));
           out.weight.push_back(s.route.weight(slot));
+          out.pinned_bytes.push_back(s.slots[slot].pinned_bytes);
           out.up.push_back(
               s.route.is_up(slot) && !s.route.is_draining(slot) ? 1 : 0);
         }

@@ -134,8 +134,10 @@ struct engine_state {
   std::uint64_t requests = 0;
   std::uint64_t batches = 0;
   std::uint64_t pressure_evictions = 0;
-  std::uint64_t expired = 0;      ///< engine_stats::expired
-  std::uint64_t published = 0;    ///< block_events sent (block_events::seq)
+  std::uint64_t expired = 0;   ///< engine_stats::expired
+  std::uint64_t published = 0; ///< block_events sent (block_events::seq)
+  /// block_events::pinned_bytes of the last block_events made.
+  std::uint64_t pinned_published = 0;
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
   /// Waiting for disk reads, in the order they were deferred (each is
   /// looked at on every pass: one waiting for an earlier chain can come
@@ -197,11 +199,16 @@ void publish(engine_actor* self) {
     disk->drain_removed([&](const engine::block_key& key) {
       log.emplace_back(key, engine::block_event::removed);
     });
-  if (log.empty())
+  const std::uint64_t pinned = st.store->pinned_bytes();
+  if (log.empty() && pinned == st.pinned_published)
     return;
+  st.pinned_published = pinned;
   block_events out;
   out.engine = st.config.slot;
-  out.seq = ++st.published;
+  out.pinned_bytes = pinned;
+  // Only pins changed (a pin or unpin of a cached block): no key events, so
+  // no new seq (a reply's events_published still says no later events).
+  out.seq = log.empty() ? st.published : ++st.published;
   // clear() walks every bucket, and the buckets never shrink: after one
   // large publish (an expiry sweep, an eviction of most of the store) each
   // later one would cost that much. A set grown well past this publish's
@@ -293,6 +300,7 @@ void send_snapshot_chunk(engine_actor* self) {
   const auto first = snap.keys.end() - static_cast<std::ptrdiff_t>(n);
   block_events out;
   out.engine = st.config.slot;
+  out.pinned_bytes = st.store->pinned_bytes();
   std::copy_if(first, snap.keys.end(), std::back_inserter(out.stored),
                [&](const engine::block_key& key) {
                  return st.store->on_disk(st.ns, key);
@@ -1088,6 +1096,16 @@ caf::behavior engine_behavior(engine_actor* self,
           return;
         arm_sweep(self);
         s.log->recording = true;
+        // A listener that comes while the engine holds pins learns of them
+        // now, not at the next change (the balancer retires no engine
+        // holding any).
+        if (const std::uint64_t pinned = s.store->pinned_bytes(); pinned > 0) {
+          block_events pins;
+          pins.engine = s.config.slot;
+          pins.seq = s.published;
+          pins.pinned_bytes = pinned;
+          self->send(listener, std::move(pins));
+        }
         // With a disk tier, the listener learns what the engine holds
         // there (at its start: what it recovered from its directory), and
         // from now on what leaves it: at most snapshot_keys of the keys,

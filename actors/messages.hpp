@@ -121,14 +121,23 @@ struct block_events {
   /// The engine's count of the block_events it published after its
   /// requests and block calls, this one included
   /// (kv_reply::events_published); 0 in a disk snapshot's chunks and in
-  /// what the balancer makes up for an engine that is gone.
+  /// what the balancer makes up for an engine that is gone. A message
+  /// that only reports a change of pinned_bytes (no keys) keeps the seq of
+  /// the one before it.
   std::uint64_t seq = 0;
+  /// The engine's pinned bytes in memory (engine::block_store::
+  /// pinned_bytes) when it sent this; 0 in what the balancer makes up. The
+  /// engine also sends a message with no keys when only this changed (a
+  /// pin or unpin of a cached block) and to a new listener while it holds
+  /// pins, so the balancer knows which engines hold pins when it retires
+  /// one.
+  std::uint64_t pinned_bytes = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, block_events& x) {
   return f(caf::meta::type_name("block_events"), x.engine, x.stored, x.evicted,
-           x.seq);
+           x.seq, x.pinned_bytes);
 }
 
 /// Phase one of a put through an engine actor.
@@ -229,6 +238,10 @@ struct balancer_stats {
   /// Per slot: the capacity weight its engine's start gave it
   /// (started_engine::weight; a free slot keeps its last).
   std::vector<double> weight;
+  /// Per slot: the pinned bytes its engine last reported (block_events::
+  /// pinned_bytes; 0 for a free slot). retire_atom retires only an engine
+  /// with none.
+  std::vector<std::uint64_t> pinned_bytes;
   /// Requests answered with request_timeout: process calls and lookups.
   std::uint64_t timeouts = 0;
   /// Process requests and lookups retried after their engine went down.
@@ -250,8 +263,8 @@ struct balancer_stats {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, balancer_stats& x) {
   return f(caf::meta::type_name("balancer_stats"), x.routed, x.in_flight, x.up,
-           x.weight, x.timeouts, x.rerouted, x.restarts, x.rejected,
-           x.index_keys, x.live, x.given_up, x.engines);
+           x.weight, x.pinned_bytes, x.timeouts, x.rerouted, x.restarts,
+           x.rejected, x.index_keys, x.live, x.given_up, x.engines);
 }
 
 /// A query to warm with its expected frequency.

@@ -1851,7 +1851,9 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   // A replica added in slot 1 writes a pinned block through to its disk
   // (engine-1); it is retired, and the next replica takes the slot again:
   // the retired engine released the directory, and the new one recovers
-  // the block with its pin.
+  // the block with its pin. Engine 0 holds a pin too, so that the retire
+  // takes one holding pins: with every engine holding some, one with a
+  // disk tier goes (the highest of the fewest pinned bytes).
   temp_dir dir;
   ASSERT_FALSE(dir.path().empty());
   auto n = node::start(*sys_, disk_node(dir.path()));
@@ -1870,6 +1872,18 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   p.pin = true;
   auto put = (*n)->put_block(1, p, std::vector<std::uint8_t>(4096, 9));
   ASSERT_TRUE(put.has_value()) << put.error().describe();
+  p.key = block_key{3000, 2};
+  put = (*n)->put_block(0, p, std::vector<std::uint8_t>(4096, 9));
+  ASSERT_TRUE(put.has_value()) << put.error().describe();
+  // The engines tell the balancer of their pins in their block events.
+  bool told = false;
+  for (int i = 0; i < 1'000'000 && !told; ++i) {
+    auto st = (*n)->stats();
+    ASSERT_TRUE(st.has_value()) << st.error().describe();
+    told = st->pinned_bytes.size() == 2 && st->pinned_bytes[0] > 0 &&
+           st->pinned_bytes[1] > 0;
+  }
+  ASSERT_TRUE(told);
   auto retired = engine_of(*sys_, **n, 1);
   ASSERT_TRUE(retired);
   self->monitor(retired);
