@@ -1191,6 +1191,36 @@ TEST_F(actor_test, ARetireIsRefusedWhileEveryEngineHoldsPins) {
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
 }
 
+TEST_F(actor_test, ARetireSkipsAnEngineWorkingOnAPinningRequest) {
+  // Engine 1 holds a pinning request in its batch: it holds no pins yet,
+  // but would once the request is done, and they would go with it. The
+  // retire takes engine 0.
+  auto b = balancer(routing_policy::round_robin,
+                    {small_engine(64), small_engine(64, 20, 10s)}, 20s);
+  sched_->run();
+  ASSERT_EQ(
+      ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1))
+          .engine,
+      0U);
+  auto pinned = make_request(2, 0, 0, 1, 2);
+  pinned.pin = true;
+  auto held = ask<kv_reply>(b, process_atom::value, pinned);
+  sched_->run();
+  ASSERT_FALSE(held->done()) << "engine 1 holds its request";
+  ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  sched_->run();
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}))
+      << "the engine working on a pinning request was retired";
+  sched_->advance_time(10s); // engine 1's batch closes
+  sched_->run();
+  ASSERT_TRUE(held->value.has_value())
+      << to_string(held->error.value_or(caf::error{}));
+  EXPECT_EQ(held->value->engine, 1U);
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.pinned_bytes.at(1), block_bytes);
+}
+
 TEST_F(actor_test, AnEngineTellsItsPinsToANewListenerAndEachPinChange) {
   // A listener that comes while the engine holds pins hears of them at
   // once; a pin or unpin of a cached block, which stores and evicts

@@ -829,12 +829,18 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         // request found gone whose down message is still on its way
         // (retiring it would cancel its restart, drain nothing, and leave
         // the live engines as many as before). The highest slot whose
-        // engine holds no pins; with pins everywhere, the one with a disk
-        // tier holding the fewest (it persists them with the rest, for the
-        // next engine in its slot); without such an engine, none: the pins
-        // of an engine without a disk tier would go with it, and unpin
-        // calls to its slot would find no engine. (Before, the highest live
-        // slot went, pins and all.)
+        // engine holds no pins and works on no pinning request (its pins
+        // would land after the pick); with pins everywhere, the one with a
+        // disk tier holding the fewest (it persists them with the rest,
+        // for the next engine in its slot); without such an engine, none:
+        // the pins of an engine without a disk tier would go with it, and
+        // unpin calls to its slot would find no engine. (Before, the
+        // highest live slot went, pins and all.)
+        std::vector<std::uint8_t> pinning(s.slots.size(), 0);
+        for (const auto& c : s.calls)
+          if (c.open && c.request && c.request->pin &&
+              c.generation == s.slots[c.slot].generation)
+            pinning[c.slot] = 1;
         std::optional<std::uint32_t> pick;
         std::optional<std::uint32_t> pinned_disk;
         std::uint32_t candidates = 0;
@@ -845,7 +851,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
               !s.route.is_up(slot))
             continue;
           ++candidates;
-          if (info.pinned_bytes == 0) {
+          if (info.pinned_bytes == 0 && pinning[slot] == 0) {
             pick = slot;
             break;
           }

@@ -76,19 +76,20 @@
 ///   (retire_atom)                -> uint32 live engines after draining one
 ///       (a live one: not opening, nor found gone by a failed request; the
 ///       highest slot whose engine holds no pinned blocks, as its latest
-///       block_events said; with pins on every one, the engine with a disk
-///       tier holding the fewest pinned bytes, which persists them for the
-///       next engine in its slot; with none, errc::busy and nothing
-///       retired: the pins would go with it): it takes no new requests and
-///       exits once its requests are answered; its slot is then free for the
-///       next replica. An engine with a disk tier (started_engine::disk) is
-///       first asked persist_atom, so a later engine in its slot recovers the
-///       blocks it held in memory: it gets `retire_persist_timeout` for its
-///       disk, the balancer waits for its answer (a response handler, never
-///       blocking) at most that plus `request_timeout`, and tells it to exit on
-///       the answer, an error (one line on stderr: what was only in its memory
-///       is lost) or the timeout. Its slot stays taken until it has exited, so
-///       the next engine there never finds the directory locked.
+///       block_events said, and works on no pinning request; with pins on every
+///       one, the engine with a disk tier holding the fewest pinned bytes,
+///       which persists them for the next engine in its slot; with none,
+///       errc::busy and nothing retired: the pins would go with it): it takes
+///       no new requests and exits once its requests are answered; its slot is
+///       then free for the next replica. An engine with a disk tier
+///       (started_engine::disk) is first asked persist_atom, so a later engine
+///       in its slot recovers the blocks it held in memory: it gets
+///       `retire_persist_timeout` for its disk, the balancer waits for its
+///       answer (a response handler, never blocking) at most that plus
+///       `request_timeout`, and tells it to exit on the answer, an error (one
+///       line on stderr: what was only in its memory is lost) or the timeout.
+///       Its slot stays taken until it has exited, so the next engine there
+///       never finds the directory locked.
 ///   (capacity_atom, uint32 tokens)  forwarded to every engine (no reply),
 ///       and remembered: every engine spawned or restarted later gets it
 ///       before any request
