@@ -1221,6 +1221,66 @@ TEST_F(actor_test, ARetireSkipsAnEngineWorkingOnAPinningRequest) {
   EXPECT_EQ(st.pinned_bytes.at(1), block_bytes);
 }
 
+/// Synthetic KV; producing block `trigger` sends retire_atom to *target
+/// (a scaler's retire that comes while the engine computes its batch).
+struct retire_on_produce final : engine::kv_producer {
+  std::shared_ptr<caf::actor> target;
+  block_key trigger;
+  engine::synthetic_producer inner;
+  result<void> produce(const engine::namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    if (key == trigger && *target)
+      caf::anon_send(*target, retire_atom::value);
+    return inner.produce(spec, key, out);
+  }
+  engine::nanos cost(std::size_t tokens) const noexcept override {
+    return inner.cost(tokens);
+  }
+};
+
+TEST_F(actor_test, ARetireRightAfterAPinningReplyPassesOverItsEngine) {
+  // Engine 1 answers a pinning request, then computes the next request of
+  // its batch, during which a retire reaches the balancer: engine 1's
+  // block_events, which tell of the pin, come only after the batch. The
+  // reply told of it already, so the retire takes engine 0. (Before, it
+  // took engine 1, the pinned block with it.)
+  auto target = std::make_shared<caf::actor>();
+  const auto next = make_request(4, 0, 0, 1, 4);
+  auto e1 = small_engine(64, 2, 10s);
+  e1.make_producer = [target, trigger = next.keys.front()] {
+    auto p = std::make_unique<retire_on_produce>();
+    p->target = target;
+    p->trigger = trigger;
+    return std::unique_ptr<engine::kv_producer>(std::move(p));
+  };
+  auto b = balancer(routing_policy::round_robin, {small_engine(64), e1}, 20s);
+  *target = b;
+  sched_->run();
+  ASSERT_EQ(
+      ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1))
+          .engine,
+      0U);
+  auto pinned = make_request(2, 0, 0, 1, 2);
+  pinned.pin = true;
+  auto held = ask<kv_reply>(b, process_atom::value, pinned);
+  sched_->run();
+  ASSERT_FALSE(held->done()) << "engine 1 holds it in its batch";
+  ASSERT_EQ(
+      ask_now<kv_reply>(b, process_atom::value, make_request(3, 0, 0, 1, 3))
+          .engine,
+      0U);
+  auto second = ask<kv_reply>(b, process_atom::value, next); // fills it
+  sched_->run();
+  ASSERT_TRUE(held->value.has_value())
+      << to_string(held->error.value_or(caf::error{}));
+  EXPECT_EQ(held->value->engine, 1U);
+  EXPECT_EQ(held->value->pinned_bytes, block_bytes);
+  const auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}))
+      << "the engine that had just pinned a block was retired";
+  EXPECT_EQ(st.pinned_bytes, (std::vector<std::uint64_t>{0, block_bytes}));
+}
+
 TEST_F(actor_test, AnEngineTellsItsPinsToANewListenerAndEachPinChange) {
   // A listener that comes while the engine holds pins hears of them at
   // once; a pin or unpin of a cached block, which stores and evicts

@@ -58,9 +58,14 @@ struct slot_info {
   /// block_events::seq of the last events of its engine applied to the
   /// index (0 at its start).
   std::uint64_t events_applied = 0;
-  /// Its engine's pinned bytes, as its last block_events said (0 at its
-  /// start and once it is gone).
+  /// Its engine's pinned bytes, as its last block_events or a pinning
+  /// request's reply said, and its blocks whose disk copy holds pins (0 at
+  /// its start and once it is gone).
   std::uint64_t pinned_bytes = 0;
+  std::uint64_t pinned_on_disk = 0;
+  [[nodiscard]] bool holds_pins() const noexcept {
+    return pinned_bytes > 0 || pinned_on_disk > 0;
+  }
   /// The replica_atom that started it, while it opens.
   owed_reply replica;
 };
@@ -188,6 +193,7 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
   info.persisting = false;
   info.events_applied = 0;
   info.pinned_bytes = 0;
+  info.pinned_on_disk = 0;
   ++info.generation;
   self->monitor(info.engine);
   st.owned->push_back(info.engine);
@@ -420,7 +426,10 @@ void notify(balancer_actor* self, const kv_request& req, const kv_reply& rep,
 /// engine: a slot that is down already has nothing more to tell.
 void engine_gone(balancer_actor* self, std::uint32_t slot) {
   auto& s = self->state;
-  s.slots[slot].pinned_bytes = 0; // its pins went with its memory
+  // Its pins went with its memory; those on disk come back with the next
+  // engine in its slot, which reports them.
+  s.slots[slot].pinned_bytes = 0;
+  s.slots[slot].pinned_on_disk = 0;
   if (!s.route.is_up(slot))
     return;
   if (!s.listeners.empty()) {
@@ -577,6 +586,12 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
       const auto cached = n - static_cast<std::size_t>(std::min<std::uint64_t>(
                                   rep.uncached_blocks, n));
       s.route.stored(slot, std::span(kept->keys).first(cached));
+      // Its pins count from now, not from the engine's block_events after
+      // its batch (a retire read in between would take it, pins and all).
+      // The larger: a later event may have told of more; the next one
+      // says what it holds.
+      s.slots[slot].pinned_bytes =
+          std::max(s.slots[slot].pinned_bytes, rep.pinned_bytes);
     }
     if (!self->state.listeners.empty())
       notify(self, *kept, rep, now_ns(self) - started);
@@ -789,6 +804,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
           applied = std::max(applied, ev.seq);
           // In order (one sender): the latest says what it holds now.
           s.slots[ev.engine].pinned_bytes = ev.pinned_bytes;
+          s.slots[ev.engine].pinned_on_disk = ev.pinned_on_disk;
         }
         for (auto& l : s.listeners)
           self->send(l, ev);
@@ -851,13 +867,15 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
               !s.route.is_up(slot))
             continue;
           ++candidates;
-          if (info.pinned_bytes == 0 && pinning[slot] == 0) {
+          if (!info.holds_pins() && pinning[slot] == 0) {
             pick = slot;
             break;
           }
-          if (info.disk &&
-              (!pinned_disk ||
-               info.pinned_bytes < s.slots[*pinned_disk].pinned_bytes))
+          const auto fewer = [](const slot_info& a, const slot_info& b) {
+            return std::pair{a.pinned_bytes, a.pinned_on_disk} <
+                   std::pair{b.pinned_bytes, b.pinned_on_disk};
+          };
+          if (info.disk && (!pinned_disk || fewer(info, s.slots[*pinned_disk])))
             pinned_disk = slot;
         }
         if (!pick)
@@ -889,6 +907,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
           out.in_flight.push_back(s.route.in_flight(slot));
           out.weight.push_back(s.route.weight(slot));
           out.pinned_bytes.push_back(s.slots[slot].pinned_bytes);
+          out.pinned_on_disk.push_back(s.slots[slot].pinned_on_disk);
           out.up.push_back(
               s.route.is_up(slot) && !s.route.is_draining(slot) ? 1 : 0);
         }

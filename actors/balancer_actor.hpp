@@ -75,8 +75,9 @@
 ///       routing meanwhile.
 ///   (retire_atom)                -> uint32 live engines after draining one
 ///       (a live one: not opening, nor found gone by a failed request; the
-///       highest slot whose engine holds no pinned blocks, as its latest
-///       block_events said, and works on no pinning request; with pins on every
+///       highest slot whose engine holds no pinned blocks, in memory or on
+///       its disk, as its latest block_events (or a pinning request's
+///       reply) said, and works on no pinning request; with pins on every
 ///       one, the engine with a disk tier holding the fewest pinned bytes,
 ///       which persists them for the next engine in its slot; with none,
 ///       errc::busy and nothing retired: the pins would go with it): it takes

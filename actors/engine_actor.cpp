@@ -136,8 +136,10 @@ struct engine_state {
   std::uint64_t pressure_evictions = 0;
   std::uint64_t expired = 0;   ///< engine_stats::expired
   std::uint64_t published = 0; ///< block_events sent (block_events::seq)
-  /// block_events::pinned_bytes of the last block_events made.
+  /// block_events::pinned_bytes and pinned_on_disk of the last
+  /// block_events made.
   std::uint64_t pinned_published = 0;
+  std::uint64_t pinned_on_disk_published = 0;
   bool tier_poll_pending = false; ///< a poll_tier_atom is on its way
   /// Waiting for disk reads, in the order they were deferred (each is
   /// looked at on every pass: one waiting for an earlier chain can come
@@ -187,6 +189,12 @@ bool still_held(engine_state& st, const engine::block_key& key) {
           st.store->in_tier(st.ns, key));
 }
 
+/// Blocks whose disk copy holds pins (block_events::pinned_on_disk).
+std::uint64_t pinned_on_disk(const engine_state& st) {
+  const auto* disk = st.store->disk();
+  return disk == nullptr ? 0 : disk->pinned_blocks();
+}
+
 /// Sends the listeners what the store (and its disk tier) reported since
 /// the last call: each key once, as its last event left it (a block evicted
 /// and stored again in between is reported stored), in the order of those
@@ -200,12 +208,16 @@ void publish(engine_actor* self) {
       log.emplace_back(key, engine::block_event::removed);
     });
   const std::uint64_t pinned = st.store->pinned_bytes();
-  if (log.empty() && pinned == st.pinned_published)
+  const std::uint64_t on_disk = pinned_on_disk(st);
+  if (log.empty() && pinned == st.pinned_published &&
+      on_disk == st.pinned_on_disk_published)
     return;
   st.pinned_published = pinned;
+  st.pinned_on_disk_published = on_disk;
   block_events out;
   out.engine = st.config.slot;
   out.pinned_bytes = pinned;
+  out.pinned_on_disk = on_disk;
   // Only pins changed (a pin or unpin of a cached block): no key events, so
   // no new seq (a reply's events_published still says no later events).
   out.seq = log.empty() ? st.published : ++st.published;
@@ -266,6 +278,7 @@ result<kv_reply> run_one(engine_state& st, const kv_request& req) {
   rep.promoted_blocks = r->tier_blocks + r->disk_blocks;
   rep.memory_blocks = r->memory_blocks;
   rep.events_published = st.published;
+  rep.pinned_bytes = st.store->pinned_bytes();
   return rep;
 }
 
@@ -301,6 +314,7 @@ void send_snapshot_chunk(engine_actor* self) {
   block_events out;
   out.engine = st.config.slot;
   out.pinned_bytes = st.store->pinned_bytes();
+  out.pinned_on_disk = pinned_on_disk(st);
   std::copy_if(first, snap.keys.end(), std::back_inserter(out.stored),
                [&](const engine::block_key& key) {
                  return st.store->on_disk(st.ns, key);
@@ -592,8 +606,13 @@ void run_deferred(engine_actor* self) {
       ++served;
     serve(self, d.p, again.served_after ? again.served_after : d.before);
   }
+  // The poll landed reads (and may have evicted to make room): the
+  // listeners hear of it, and pressure is relieved, whether or not a
+  // request was served (every ready one may have been past its deadline).
   if (served > 0)
     after_batch(self);
+  else
+    after_change(self);
   // One poll on its way at a time (each arms the next): a timed one that a
   // request deferred again just armed serves the rest a little later.
   if (more && !st.disk_poll_pending) {
@@ -1099,11 +1118,14 @@ caf::behavior engine_behavior(engine_actor* self,
         // A listener that comes while the engine holds pins learns of them
         // now, not at the next change (the balancer retires no engine
         // holding any).
-        if (const std::uint64_t pinned = s.store->pinned_bytes(); pinned > 0) {
+        const std::uint64_t pinned = s.store->pinned_bytes();
+        const std::uint64_t on_disk = pinned_on_disk(s);
+        if (pinned > 0 || on_disk > 0) {
           block_events pins;
           pins.engine = s.config.slot;
           pins.seq = s.published;
           pins.pinned_bytes = pinned;
+          pins.pinned_on_disk = on_disk;
           self->send(listener, std::move(pins));
         }
         // With a disk tier, the listener learns what the engine holds

@@ -101,6 +101,12 @@ struct kv_reply {
   /// events of that engine, which say what became of them. Not kept by the
   /// query-result cache's store.
   std::uint64_t events_published = 0;
+  /// Its engine's pinned bytes in memory when it replied (block_events::
+  /// pinned_bytes): the balancer learns of a pinning request's pins with
+  /// its reply, not only from the block_events its engine sends after the
+  /// batch (a retire in between took that engine, pins and all). Not kept
+  /// by the query-result cache's store.
+  std::uint64_t pinned_bytes = 0;
 
   friend bool operator==(const kv_reply&, const kv_reply&) = default;
 };
@@ -110,7 +116,7 @@ typename Inspector::result_type inspect(Inspector& f, kv_reply& x) {
   return f(caf::meta::type_name("kv_reply"), x.id, x.engine, x.matched_blocks,
            x.computed_blocks, x.matched_tokens, x.computed_tokens,
            x.from_query_cache, x.uncached_blocks, x.joined, x.promoted_blocks,
-           x.memory_blocks, x.events_published);
+           x.memory_blocks, x.events_published, x.pinned_bytes);
 }
 
 /// Blocks an engine stored and evicted since its last report.
@@ -132,12 +138,17 @@ struct block_events {
   /// pins, so the balancer knows which engines hold pins when it retires
   /// one.
   std::uint64_t pinned_bytes = 0;
+  /// Blocks whose copy on the engine's disk tier holds pins (disk_tier::
+  /// pinned_blocks: written through with their pins, or recovered with
+  /// them at the engine's start, when its memory holds none); reported
+  /// as pinned_bytes is.
+  std::uint64_t pinned_on_disk = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, block_events& x) {
   return f(caf::meta::type_name("block_events"), x.engine, x.stored, x.evicted,
-           x.seq, x.pinned_bytes);
+           x.seq, x.pinned_bytes, x.pinned_on_disk);
 }
 
 /// Phase one of a put through an engine actor.
@@ -239,9 +250,11 @@ struct balancer_stats {
   /// (started_engine::weight; a free slot keeps its last).
   std::vector<double> weight;
   /// Per slot: the pinned bytes its engine last reported (block_events::
-  /// pinned_bytes; 0 for a free slot). retire_atom retires only an engine
-  /// with none.
+  /// pinned_bytes, or a pinning request's reply; 0 for a free slot), and
+  /// its blocks whose disk copy holds pins (block_events::pinned_on_disk).
+  /// retire_atom prefers an engine with neither.
   std::vector<std::uint64_t> pinned_bytes;
+  std::vector<std::uint64_t> pinned_on_disk;
   /// Requests answered with request_timeout: process calls and lookups.
   std::uint64_t timeouts = 0;
   /// Process requests and lookups retried after their engine went down.
@@ -263,8 +276,8 @@ struct balancer_stats {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, balancer_stats& x) {
   return f(caf::meta::type_name("balancer_stats"), x.routed, x.in_flight, x.up,
-           x.weight, x.pinned_bytes, x.timeouts, x.rerouted, x.restarts,
-           x.rejected, x.index_keys, x.live, x.given_up, x.engines);
+           x.weight, x.pinned_bytes, x.pinned_on_disk, x.timeouts, x.rerouted,
+           x.restarts, x.rejected, x.index_keys, x.live, x.given_up, x.engines);
 }
 
 /// A query to warm with its expected frequency.

@@ -1905,6 +1905,62 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   ASSERT_TRUE((*n)->stop());
 }
 
+TEST_F(Node, ARetirePassesOverAnEngineWhosePinsAreOnlyOnDisk) {
+  // Engine 1 pins a block (written through to its disk with the pin), is
+  // killed and restarted: the new engine recovers the pinned copy on disk
+  // and holds no pin in memory. It tells the balancer (pinned_on_disk), so
+  // the retire takes engine 0, which holds no pin; the pin can still be
+  // taken back on slot 1. (Before, slot 1 read as holding none, was
+  // retired, and the unpin found no engine.)
+  temp_dir dir;
+  ASSERT_FALSE(dir.path().empty());
+  auto c = disk_node(dir.path());
+  c.balancer.restart_delay = std::chrono::milliseconds{1};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  caf::scoped_actor self{*sys_};
+  std::optional<std::uint32_t> live;
+  self->request((*n)->balancer(), caf::infinite, actors::replica_atom::value)
+      .receive([&](std::uint32_t l) { live = l; },
+               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  ASSERT_EQ(live, 2U);
+  actors::put_request p;
+  p.key = block_key{3000, 1};
+  p.pin = true;
+  auto put = (*n)->put_block(1, p, std::vector<std::uint8_t>(4096, 9));
+  ASSERT_TRUE(put.has_value()) << put.error().describe();
+  auto e1 = engine_of(*sys_, **n, 1);
+  ASSERT_TRUE(e1);
+  self->monitor(e1);
+  caf::anon_send_exit(e1, caf::exit_reason::kill);
+  self->receive([](const caf::down_msg&) {});
+  // The restart (1 ms away) recovers the copy and reports its pin.
+  bool told = false;
+  for (int i = 0; i < 1'000'000 && !told; ++i) {
+    auto st = (*n)->stats();
+    ASSERT_TRUE(st.has_value()) << st.error().describe();
+    told =
+        st->restarts == 1 && st->up.at(1) == 1 && st->pinned_on_disk.at(1) == 1;
+  }
+  ASSERT_TRUE(told);
+  auto st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->pinned_bytes, (std::vector<std::uint64_t>{0, 0}));
+  EXPECT_EQ(st->pinned_on_disk, (std::vector<std::uint64_t>{0, 1}));
+  live.reset();
+  self->request((*n)->balancer(), caf::infinite, actors::retire_atom::value)
+      .receive([&](std::uint32_t l) { live = l; },
+               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  ASSERT_EQ(live, 1U);
+  st = (*n)->stats();
+  ASSERT_TRUE(st.has_value()) << st.error().describe();
+  EXPECT_EQ(st->up, (std::vector<std::uint8_t>{0, 1}))
+      << "the engine whose pin is on disk was retired";
+  auto unpinned = (*n)->unpin(1, p.key);
+  EXPECT_TRUE(unpinned.has_value()) << unpinned.error().describe();
+  ASSERT_TRUE((*n)->stop());
+}
+
 TEST_F(Node, ARetiredEnginePersistsItsBlocksForTheNextEngineInItsSlot) {
   // Engine 1 holds three blocks in memory only (not pinned: nothing is
   // written through). The scaler's retire_atom drains it; it persists

@@ -528,7 +528,10 @@ result<void> disk_tier::recover() {
   for (auto& [key, info] : rows) {
     const std::uint64_t gen = next_gen_++;
     index_[key].gen = gen;
-    dir_[key] = dir_entry{info, gen};
+    auto& d = dir_[key];
+    pinned_in_dir_ -= d.info.pins > 0 ? 1 : 0;
+    pinned_in_dir_ += info.pins > 0 ? 1 : 0;
+    d = dir_entry{info, gen};
   }
   io_stats_.recovered_blocks = index_.size();
   // Every loaded segment is sealed: new writes go to a new one. A previous
@@ -909,6 +912,8 @@ disk_tier::spill(const block_key& key, const ns_fingerprint& ns, codec c,
                                     part,
                                     prio,
                                     access_count};
+  if (old_pins == 0 && it->second.info.pins > 0)
+    ++pinned_in_dir_;
   it->second.gen = next_gen_++;
   r.gen = it->second.gen;
   return enqueue(std::move(r));
@@ -972,6 +977,8 @@ void disk_tier::erase_dir_locked(
     std::unordered_map<block_key, dir_entry, block_key_hash>::iterator it) {
   if (record_removals_)
     removed_.push_back(it->first);
+  if (it->second.info.pins > 0)
+    --pinned_in_dir_;
   dir_.erase(it);
 }
 
@@ -1007,6 +1014,8 @@ result<void> disk_tier::pin(const block_key& key) {
   r.k = request::kind::set_pins;
   r.key = key;
   r.pins = ++it->second.info.pins;
+  if (r.pins == 1)
+    ++pinned_in_dir_;
   (void)enqueue(std::move(r));
   return {};
 }
@@ -1040,8 +1049,15 @@ result<void> disk_tier::unpin(const block_key& key) {
   r.k = request::kind::set_pins;
   r.key = key;
   r.pins = --it->second.info.pins;
+  if (r.pins == 0)
+    --pinned_in_dir_;
   (void)enqueue(std::move(r));
   return {};
+}
+
+std::size_t disk_tier::pinned_blocks() const {
+  std::lock_guard lk(mu_);
+  return pinned_in_dir_;
 }
 
 disk_request_id disk_tier::expire(nanos now) {
@@ -2366,6 +2382,11 @@ void disk_tier::check_invariants() const {
   KVFLEET_CHECK(uncommitted_touches_.empty(),
                 "when idle, every written accessed_at update is committed or "
                 "pending again");
+  std::size_t pinned = 0;
+  for (const auto& [k, d] : dir_)
+    pinned += d.info.pins > 0 ? 1 : 0;
+  KVFLEET_CHECK(pinned == pinned_in_dir_,
+                "the count of pinned directory entries matches them");
   for (const auto& [k, d] : dir_) {
     const auto it = index_.find(k);
     KVFLEET_CHECK(it != index_.end() && it->second.gen == d.gen &&

@@ -427,6 +427,8 @@ public:
   /// errc::invalid_argument.
   [[nodiscard]] result<void> pin(const block_key& key);
   [[nodiscard]] result<void> unpin(const block_key& key);
+  /// Blocks whose copy holds pins (those recovered at open included).
+  [[nodiscard]] std::size_t pinned_blocks() const;
   /// The owner used `key` since its copy was written (it was read back and
   /// is leaving memory again, the copy's bytes still the same): its
   /// accessed_at becomes now, as a read's does (batched), so capacity
@@ -644,6 +646,7 @@ private:
   bool background_turn_ = false;
   std::vector<disk_completion> done_;
   std::unordered_map<block_key, dir_entry, block_key_hash> dir_;
+  std::size_t pinned_in_dir_ = 0; ///< dir_ entries with pins > 0
   bool record_removals_ = false;
   std::vector<block_key> removed_; ///< for drain_removed()
   disk_tier_stats published_;

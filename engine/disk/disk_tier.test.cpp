@@ -1135,11 +1135,16 @@ TEST_F(disk_tier_test, a_reopened_tier_serves_blocks_and_keeps_pins) {
   ASSERT_TRUE(tier_->pin(key_of(3)).has_value());
   ASSERT_TRUE(tier_->pin(key_of(3)).has_value());
   ASSERT_TRUE(tier_->pin(key_of(4)).has_value());
+  EXPECT_EQ(tier_->pinned_blocks(), 2U); // nested pins count one block
   ASSERT_TRUE(tier_->unpin(key_of(4)).has_value());
+  ASSERT_TRUE(tier_->pin(key_of(7)).has_value());
+  EXPECT_EQ(tier_->pinned_blocks(), 2U);
   ASSERT_TRUE(tier_->erase(key_of(7)).has_value());
+  EXPECT_EQ(tier_->pinned_blocks(), 1U);
   settle();
   tier_.reset();
   open(config());
+  EXPECT_EQ(tier_->pinned_blocks(), 1U) << "recovered with its pins";
   const auto s = tier_->stats();
   EXPECT_EQ(s.recovered_blocks, 7U);
   EXPECT_EQ(s.torn_tails_dropped, 0U);
