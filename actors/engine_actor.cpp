@@ -90,6 +90,9 @@ struct before_reads {
   /// again only once that prefix grew (a read that keeps failing must not
   /// defer it for ever).
   std::size_t reached = 0;
+  /// promote()'s hold token: what it brought back for the request stays
+  /// in memory until serve() has answered it (block_store::release_held).
+  std::uint64_t hold = 0;
 };
 
 /// A low or background request whose prefix goes on past memory to disk:
@@ -147,6 +150,7 @@ struct engine_state {
   std::deque<deferred_request> deferred;
   bool disk_poll_pending = false;  ///< a poll_disk_atom is on its way
   std::uint64_t disk_deferred = 0; ///< engine_stats::disk_deferred
+  std::uint64_t last_hold = 0;     ///< promote()'s hold tokens, the last one
   bool sweep_pending = false;      ///< a sweep_atom is on its way
   /// Its balancer retires it: it persisted its blocks (persist_atom with
   /// `retiring`) and exits next, so puts and pins are refused from then on
@@ -412,6 +416,13 @@ void arm_timer(engine_actor* self) {
 void serve(engine_actor* self, pending_request& p,
            const std::optional<before_reads>& before = std::nullopt) {
   auto& st = self->state;
+  // What promote() brought back for it was held until now; once answered,
+  // it is cached as any block.
+  struct release_hold {
+    engine::block_store& store;
+    std::uint64_t hold;
+    ~release_hold() { store.release_held(hold); }
+  } const hold_guard{*st.store, before ? before->hold : 0};
   const auto deadline = p.request.deadline_ns;
   if (deadline != 0 && arrival_time(self).count() >= deadline) {
     ++st.expired;
@@ -524,13 +535,16 @@ defer_for_disk(engine_actor* self, pending_request& p,
   const auto chain_before = st.store->last_promotion_chain();
   // promote() counts the tier run it moved (at most next - in_memory: a
   // shorter one reads nothing from disk) and then the reads it started;
-  // an error (no room to reserve into, say) moved nothing.
-  const auto started = st.store->promote(st.ns, req.keys, opts);
+  // an error (no room to reserve into, say) moved nothing. What it brings
+  // back is held for the request until serve() answers it: the batches
+  // run meanwhile would evict it first (low priority goes first).
+  const std::uint64_t hold = prior ? prior->hold : ++st.last_hold;
+  const auto started = st.store->promote(st.ns, req.keys, opts, hold);
   const std::size_t moved = started ? *started : 0;
   const before_reads before =
       prior ? before_reads{prior->memory_blocks, prior->promoted + moved,
-                           in_memory}
-            : before_reads{in_memory, moved, in_memory};
+                           in_memory, hold}
+            : before_reads{in_memory, moved, in_memory, hold};
   const auto chain = st.store->last_promotion_chain();
   std::optional<std::uint64_t> wait_for;
   if (moved > next - in_memory && chain && chain != chain_before) {
@@ -552,6 +566,10 @@ defer_for_disk(engine_actor* self, pending_request& p,
   if (!wait_for) {
     // process() takes it from here, reading in its batch; a reply counts
     // the tier's copies promote() moved for it as promoted.
+    if (moved == 0 && !prior) {
+      st.store->release_held(hold); // a block it linked may be held
+      return {};
+    }
     if (moved == 0)
       return deferral{false, prior};
     return deferral{false, before};

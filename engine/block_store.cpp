@@ -3029,6 +3029,8 @@ void block_store::drain_disk() {
         break;
       if (!p.handle.already_cached())
         ++stats_.disk_block_hits;
+      if (p.hold != 0)
+        hold_block(p.hold, p.handle.key());
     }
     stats_.promotion_failures += end - ok_until;
     for (std::size_t i = end; i > ok_until; --i)
@@ -3225,7 +3227,8 @@ void block_store::adopt(std::uint32_t id, const block_key& parent) {
 
 result<std::size_t> block_store::promote(ns_id ns,
                                          std::span<const block_key> keys,
-                                         const put_options& options) {
+                                         const put_options& options,
+                                         std::uint64_t hold) {
   auto st = check_ns(ns);
   if (!st)
     return unexpected<error>(st.error());
@@ -3242,6 +3245,9 @@ result<std::size_t> block_store::promote(ns_id ns,
       from_tier = promote_from_tier(
           ns, keys.subspan(in_memory, n),
           in_memory > 0 ? keys[in_memory - 1] : block_key{}, options);
+      if (hold != 0)
+        for (const block_key& key : keys.subspan(in_memory, from_tier))
+          hold_block(hold, key);
       in_memory += from_tier;
     }
   }
@@ -3253,6 +3259,8 @@ result<std::size_t> block_store::promote(ns_id ns,
   issue_promotions(ns, keys.subspan(in_memory, on_disk),
                    in_memory > 0 ? keys[in_memory - 1] : block_key{}, options,
                    pending_promotions_, disk_priority::background);
+  for (std::size_t i = before; i < pending_promotions_.size(); ++i)
+    pending_promotions_[i].hold = hold; // held once landed (drain_disk())
   // A block in memory after a gap on disk (disk_prefix() goes on over it)
   // is a duplicate put that links it, not a read started.
   const auto started = std::count_if(
@@ -3265,6 +3273,35 @@ result<std::size_t> block_store::promote(ns_id ns,
 void block_store::poll_disk() {
   if (disk_)
     drain_disk();
+}
+
+void block_store::hold_block(std::uint64_t hold, const block_key& key) {
+  const std::uint32_t id = index_.find(key);
+  if (id == npos || entries_[id].state != entry_state::committed ||
+      entries_[id].dead)
+    return;
+  auto& held = holds_[hold];
+  held.reserve(held.size() + 1); // before the lease: nothing left half done
+  ++entries_[id].leases;
+  refresh_evictable(id);
+  held.push_back(read_lease(this, id, key));
+}
+
+void block_store::release_held(std::uint64_t hold) noexcept {
+  if (hold == 0)
+    return;
+  // Reads still on their way land unheld.
+  for (promotion& p : pending_promotions_)
+    if (p.hold == hold)
+      p.hold = 0;
+  holds_.erase(hold); // the leases let go
+}
+
+std::size_t block_store::held_blocks() const noexcept {
+  std::size_t n = 0;
+  for (const auto& [hold, leases] : holds_)
+    n += leases.size();
+  return n;
 }
 
 void block_store::collect_disk() {

@@ -551,9 +551,26 @@ public:
   /// reads of requests); a process() of their keys that comes before they
   /// land waits for them, and makes them demand reads
   /// (disk_tier::expedite), so it waits no longer than for its own.
+  ///
+  /// With `hold` (not 0: a token of the caller's), the blocks it brings
+  /// back stay leased (not evicted, demoted or moved) until
+  /// release_held(hold): the memory tier's at once, the disk's as they
+  /// land (at whichever call collects the disk tier's answers). For an
+  /// owner that serves a request once its reads have landed (the engine
+  /// actor's deferred requests): before, the calls in between could evict
+  /// them first (the lowest priority goes first, and a deferred request is
+  /// of low priority), and the request read or computed them again. Calls
+  /// with one token add up.
   [[nodiscard]] result<std::size_t> promote(ns_id ns,
                                             std::span<const block_key> keys,
-                                            const put_options& options = {});
+                                            const put_options& options = {},
+                                            std::uint64_t hold = 0);
+  /// Lets go of every block promote() holds for `hold` (none: nothing),
+  /// including those of its reads still on their way (they land unheld).
+  void release_held(std::uint64_t hold) noexcept;
+  /// Blocks promote() holds, all tokens together (a block held for two
+  /// counts twice).
+  [[nodiscard]] std::size_t held_blocks() const noexcept;
   /// Collects the disk tier's finished requests: commits promotions that
   /// arrived, counts spill failures. process(), promote(), reserve(),
   /// put_tokens() and evict_bytes() call it too (at their start), so the
@@ -985,6 +1002,7 @@ private:
     put_handle handle;
     std::optional<std::uint64_t> checksum; ///< set when read and verified
     std::uint64_t group = 0; ///< one chain: the promotions of one call
+    std::uint64_t hold = 0;  ///< promote()'s hold token (0: none)
     bool answered = false;
     /// Where the disk tier reads the block when the host cannot address
     /// the arena (device memory); copied into the slot before the commit.
@@ -1182,6 +1200,11 @@ private:
   /// room_could_come()'s per-class marks: a slot free or freeing.
   std::vector<std::uint8_t> slot_may_free_;
   std::vector<read_lease> process_leases_; ///< process()'s leases, reused
+  /// promote()'s holds, by token (after entries_: their leases are let go
+  /// first when the store goes).
+  std::unordered_map<std::uint64_t, std::vector<read_lease>> holds_;
+  /// Leases block `key` (committed, in memory) for promote()'s `hold`.
+  void hold_block(std::uint64_t hold, const block_key& key);
   /// While process() runs with put_options::pin: the blocks it pinned
   /// that were not pinned before, {id, generation}, so a request that
   /// fails takes those pins back (nobody was told of them); kept after a

@@ -754,6 +754,64 @@ TEST_F(store_disk_test, promote_counts_only_the_reads_it_started) {
   store_->check_invariants();
 }
 
+// promote() with a hold token keeps the blocks it brings back in memory
+// until the token is released, however much the requests in between need
+// room (they collect the reads: the blocks land held); released, they go
+// as any. The same requests after a promote() without a hold evict what
+// it brought back. (The engine actor holds what it reads for a deferred
+// request until it has served it: before, the batches in between evicted
+// those blocks first, low priority going first, and the request read or
+// computed them again.)
+TEST_F(store_disk_test, blocks_promoted_with_a_hold_stay_until_it_is_released) {
+  put_options low;
+  low.prio = priority::low;
+  const auto a = chain(1, 4);
+  run(a);
+  push_out_to_disk();
+  ASSERT_FALSE(store_->contains(ns_, a[0]));
+  ASSERT_EQ(*store_->promote(ns_, a, low, 7), 4U);
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(5000 * (i + 1), 4));
+  EXPECT_EQ(store_->held_blocks(), 4U);
+  for (const auto& k : a)
+    EXPECT_TRUE(store_->contains(ns_, k));
+  store_->check_invariants();
+  store_->release_held(7);
+  EXPECT_EQ(store_->held_blocks(), 0U);
+  store_->release_held(7); // again: nothing
+  store_->release_held(8); // never taken: nothing
+  push_out_to_disk();
+  EXPECT_FALSE(store_->contains(ns_, a[3])) << "still held";
+  store_->check_invariants();
+
+  // Without a hold, the same requests evict what promote() brought back.
+  ASSERT_EQ(*store_->promote(ns_, a, low), 4U);
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  for (std::uint64_t i = 0; i < 10; ++i)
+    run(chain(7000 * (i + 1), 4));
+  EXPECT_FALSE(store_->contains(ns_, a[3]));
+  EXPECT_EQ(store_->held_blocks(), 0U);
+  store_->check_invariants();
+}
+
+// A hold released while its reads are still on their way: they land
+// unheld (nothing is left leased for a token nobody will release).
+TEST_F(store_disk_test, a_hold_released_before_its_reads_land_holds_nothing) {
+  const auto a = chain(1, 4);
+  run(a);
+  push_out_to_disk();
+  ASSERT_EQ(*store_->promote(ns_, a, {}, 3), 4U);
+  store_->release_held(3);
+  ASSERT_TRUE(store_->disk()->wait_idle());
+  store_->poll_disk();
+  EXPECT_EQ(*store_->lookup(ns_, a), 4U);
+  EXPECT_EQ(store_->held_blocks(), 0U);
+  push_out_to_disk();
+  EXPECT_FALSE(store_->contains(ns_, a[3]));
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, a_store_destroyed_with_promotions_in_flight_is_clean) {
   const auto a = chain(1, 4);
   run(a);
