@@ -2239,7 +2239,7 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
   bool could_come = true;
   if (!pool_.can_allocate(cls)) {
     try {
-      could_come = room_could_come(cls, parent);
+      could_come = room_could_come(p, cls, parent);
     } catch (const std::bad_alloc&) {
       return make_error(errc::out_of_memory,
                         "no host memory to find room for a block of " +
@@ -2305,10 +2305,19 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
   return {};
 }
 
-bool block_store::room_could_come(std::uint16_t cls, std::uint32_t parent) {
-  const auto held = [](const entry& e) {
+bool block_store::room_could_come(size_partition p, std::uint16_t cls,
+                                  std::uint32_t parent) {
+  // A partition within its share gives nothing to another's put
+  // (pick_partition(); with lowest_priority_first it may give its lower
+  // priorities, counted as giving here): its blocks stay, as held ones do.
+  const auto gives = [&](const entry& e) {
+    return e.part == p || config_.lowest_priority_first ||
+           share_ratio(e.part) > 1.0;
+  };
+  const auto held = [&](const entry& e) {
     return e.state != entry_state::free &&
-           (e.state != entry_state::committed || e.leases > 0 || e.pins > 0);
+           (e.state != entry_state::committed || e.leases > 0 || e.pins > 0 ||
+            !gives(e));
   };
   // Marks every entry that stays whatever is evicted: a held one and its
   // ancestors (each keeps a child).
@@ -2348,7 +2357,7 @@ bool block_store::room_could_come(std::uint16_t cls, std::uint32_t parent) {
   const auto demotable_to =
       [&](const entry& e) -> std::optional<std::uint16_t> {
     if (e.state != entry_state::committed || e.leases != 0 || e.pins != 0 ||
-        e.dead || !may_demote(e))
+        e.dead || !may_demote(e) || !gives(e))
       return std::nullopt;
     return namespaces_[e.ns]
         .size_class[static_cast<std::size_t>(demotion_target(e))];

@@ -902,8 +902,14 @@ private:
   /// moved (compaction) nor demoted. True when room might come (so a put
   /// it answers false for fails before evicting anything). Walks every
   /// entry and every slot: make_room() asks only when no slot of the put's
-  /// size is free. The put's `parent` (npos: none) and its ancestors stay.
-  [[nodiscard]] bool room_could_come(std::uint16_t cls, std::uint32_t parent);
+  /// size is free. The put's `parent` (npos: none) and its ancestors stay,
+  /// and so do the blocks of a partition other than the put's `p` that is
+  /// within its share (make_room() takes nothing from it; before, such a
+  /// block made room seem possible, and a put evicted every evictable
+  /// block of its own partition, then failed). Without
+  /// lowest_priority_first only: with it, every partition counts as giving.
+  [[nodiscard]] bool room_could_come(size_partition p, std::uint16_t cls,
+                                     std::uint32_t parent);
   [[nodiscard]] bool over_high(std::size_t extra) const noexcept;
   /// put_tokens() of token_keys_ with `matched` leading blocks cached:
   /// errc::out_of_memory when its new blocks need more than make_room could

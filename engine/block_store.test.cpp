@@ -3909,5 +3909,212 @@ TEST(block_store, block_events_report_stored_and_removed_blocks) {
   EXPECT_TRUE(events.empty());
 }
 
+// pin() of a block that is dead in memory (expired, or dropped with a
+// damaged ancestor, while a reader still holds it) finds nothing to pin:
+// errc::not_found, never out_of_memory, whatever room the pinned limit has
+// left, and it takes none of that room. Its pre-check looks only at keys
+// the index lacks (a dead entry is still indexed), so this rests on the
+// dead block staying invisible and unpinned. A pinned block that expires
+// while held keeps counting in pinned_bytes() (dead ones included, as the
+// header says) until it is unpinned; a pin of it adds no second pin.
+TEST_F(store_fixture, a_pin_of_a_dead_block_is_not_found_and_takes_no_room) {
+  for (const bool damaged : {false, true}) {
+    SCOPED_TRACE(damaged ? "dropped with a damaged ancestor" : "expired");
+    open(8, policy_kind::lru, false, 1); // pins: 4 blocks at most
+    put_options expiring;
+    expiring.ttl = 1s;
+    put_options pin;
+    pin.pin = true;
+    put_options expiring_pin = expiring;
+    expiring_pin.pin = true;
+    const auto d = chain(1, 2); // d[1] dies, held by a reader
+    ASSERT_TRUE(put(d[0], {}).has_value());
+    ASSERT_TRUE(
+        put(d[1], d[0], damaged ? put_options{} : expiring).has_value());
+    std::vector<block_key> pinned;
+    for (std::uint64_t i = 0; i < 4; ++i) {
+      pinned.push_back(chain(100 + i, 1)[0]);
+      // Expired mode: the last pinned block expires too, pinned and dead.
+      auto r = put(pinned.back(), {}, !damaged && i == 3 ? expiring_pin : pin);
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+    }
+    ASSERT_EQ(store_->pinned_bytes(), store_->pinned_bytes_limit());
+    {
+      auto lease = store_->acquire(ns_, d[1]);
+      ASSERT_TRUE(lease.has_value()) << lease.error().describe();
+      if (damaged) {
+        ASSERT_TRUE(store_->corrupt_for_testing(ns_, d[0], 10).has_value());
+        auto bad = store_->acquire(ns_, d[0]);
+        ASSERT_TRUE(bad.has_value()) << bad.error().describe();
+        std::vector<std::byte> out(small_spec().value_bytes());
+        EXPECT_EQ(store_->read(*bad, out).error().code,
+                  errc::checksum_mismatch);
+      } else {
+        clock_.advance(2s);
+        EXPECT_EQ(*store_->lookup(ns_, d), 1U); // d[1] dead now, held
+        EXPECT_FALSE(store_->contains(ns_, pinned[3]));
+      }
+      store_->check_invariants();
+      EXPECT_FALSE(store_->contains(ns_, d[1]));
+      ASSERT_EQ(store_->pinned_bytes(), 4 * block_bytes)
+          << "a pinned dead block still counts";
+      // At the limit: nothing to pin, so not found, not out of memory.
+      auto at_limit = store_->pin(ns_, d[1]);
+      ASSERT_FALSE(at_limit.has_value());
+      EXPECT_EQ(at_limit.error().code, errc::not_found)
+          << at_limit.error().describe();
+      EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+      // With room: still nothing pinned.
+      ASSERT_TRUE(store_->unpin(ns_, pinned[0]).has_value());
+      auto with_room = store_->pin(ns_, d[1]);
+      ASSERT_FALSE(with_room.has_value());
+      EXPECT_EQ(with_room.error().code, errc::not_found)
+          << with_room.error().describe();
+      EXPECT_EQ(store_->pinned_bytes(), 3 * block_bytes);
+      if (!damaged) {
+        // The pinned block that expired: no second pin, one unpin frees it.
+        auto again = store_->pin(ns_, pinned[3]);
+        ASSERT_FALSE(again.has_value());
+        EXPECT_EQ(again.error().code, errc::not_found);
+        EXPECT_EQ(store_->pinned_bytes(), 3 * block_bytes);
+        ASSERT_TRUE(store_->unpin(ns_, pinned[3]).has_value());
+        EXPECT_EQ(store_->pinned_bytes(), 2 * block_bytes);
+        EXPECT_EQ(store_->unpin(ns_, pinned[3]).error().code,
+                  errc::not_found); // removed: nothing held it any more
+      }
+      store_->check_invariants();
+    }
+    // The reader let go: the dead block leaves memory, unpinned (and, when
+    // damaged, its dead parent with it).
+    EXPECT_EQ(store_->block_count(), 4U); // pinned[0..2], and d[0] or pinned[3]
+    EXPECT_EQ(store_->pinned_bytes(), (damaged ? 3 : 2) * block_bytes);
+    EXPECT_EQ(store_->unpin(ns_, d[1]).error().code, errc::not_found);
+    store_->check_invariants();
+  }
+}
+
+// put_tokens() with a pin is checked, before it reserves anything, for
+// every block it covers that is not pinned yet: the cached prefix it will
+// pin as well as the blocks it puts (a prefix block pinned already adds
+// nothing). Refused, it is refused whole: nothing reserved, committed,
+// evicted or pinned. Counting only the new blocks would admit the first
+// call below: its prefix's pins are taken from the budget before the
+// commits and land after them, taking pinned_bytes() past the limit.
+TEST_F(store_fixture, put_tokens_with_a_pin_counts_the_cached_prefix_it_pins) {
+  open(8, policy_kind::lru, false, 1); // pins: 4 blocks at most
+  std::vector<std::uint32_t> tokens(4 * small_spec().block_tokens);
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = static_cast<std::uint32_t>(i + 1);
+  std::vector<block_key> keys;
+  chain_keys(fp_, small_spec().block_tokens, tokens, keys);
+  ASSERT_EQ(keys.size(), 4U);
+  const std::size_t vb = small_spec().value_bytes();
+  std::vector<std::byte> values(4 * vb, std::byte{3});
+  // The cached prefix: keys[0] (pinned already) and keys[1] (not).
+  auto prefix = store_->put_tokens(
+      ns_, std::span(tokens).first(2 * small_spec().block_tokens),
+      std::span(values).first(2 * vb));
+  ASSERT_TRUE(prefix.has_value()) << prefix.error().describe();
+  ASSERT_EQ(*prefix, 2U);
+  ASSERT_TRUE(store_->pin(ns_, keys[0]).has_value());
+  put_options pin;
+  pin.pin = true;
+  const auto other = chain(500, 1)[0];
+  ASSERT_TRUE(put(other, {}, pin).has_value());
+  ASSERT_EQ(store_->pinned_bytes(), 2 * block_bytes);
+  const auto commits = store_->stats().commits;
+  const auto reserves = store_->stats().reserves;
+  const auto evictions = store_->stats().evictions;
+  const auto blocks = store_->block_count();
+  // 2 pinned + keys[1] + keys[2..3] = 5 blocks, past the 4 allowed.
+  auto refused = store_->put_tokens(ns_, tokens, values, pin);
+  ASSERT_FALSE(refused.has_value()) << "admitted past the pinned limit";
+  EXPECT_EQ(refused.error().code, errc::out_of_memory);
+  EXPECT_NE(refused.error().message.find("max_pinned_fraction"),
+            std::string::npos)
+      << refused.error().message;
+  EXPECT_EQ(store_->pinned_bytes(), 2 * block_bytes);
+  EXPECT_EQ(store_->stats().commits, commits);
+  EXPECT_EQ(store_->stats().reserves, reserves);
+  EXPECT_EQ(store_->stats().evictions, evictions);
+  EXPECT_EQ(store_->block_count(), blocks);
+  EXPECT_FALSE(store_->contains(ns_, keys[2]));
+  EXPECT_FALSE(store_->contains(ns_, keys[3]));
+  EXPECT_EQ(store_->unpin(ns_, keys[1]).error().code, errc::invalid_argument)
+      << "the refused call pinned the prefix";
+  store_->check_invariants();
+  // 1 pinned + keys[1] + keys[2..3] = 4 blocks: exactly the limit.
+  ASSERT_TRUE(store_->unpin(ns_, other).has_value());
+  auto fits = store_->put_tokens(ns_, tokens, values, pin);
+  ASSERT_TRUE(fits.has_value()) << fits.error().describe();
+  EXPECT_EQ(*fits, 2U);
+  EXPECT_EQ(store_->pinned_bytes(), store_->pinned_bytes_limit());
+  EXPECT_EQ(*store_->lookup(ns_, keys), 4U);
+  for (const auto& k : keys) {
+    EXPECT_TRUE(store_->unpin(ns_, k).has_value());
+    EXPECT_EQ(store_->unpin(ns_, k).error().code, errc::invalid_argument)
+        << "pinned twice";
+  }
+  EXPECT_EQ(store_->pinned_bytes(), 0U);
+  store_->check_invariants();
+}
+
+// A put whose size class has no free slot asks room_could_come() whether
+// room can come at all. Here the only block of the put's size that can go
+// belongs to a partition within its share, which gives nothing to another
+// partition's put (pick_partition()), so the put can never get a slot: it
+// fails before evicting anything. (Before, room_could_come() counted every
+// evictable block, of any partition: the put evicted every evictable block
+// of its own partition, small blocks whose slabs a reader keeps, and then
+// failed.)
+TEST_F(store_fixture,
+       a_put_that_only_another_partitions_share_could_serve_evicts_nothing) {
+  high_watermark_ = 1.0; // no room-making before the last put
+  low_watermark_ = 1.0;
+  open(4, policy_kind::lru, false, 1); // four one-block slabs
+  const std::size_t small_slot =
+      (encoded_size(codec::int4, small_spec().elements_per_block()) + 255) /
+      256 * 256;
+  const std::size_t per_slab = block_bytes / small_slot;
+  ASSERT_GE(per_slab, 2U);
+  // Slab 0: a medium request's full-size block, evictable, within the
+  // medium share (4 KiB of 30% of 16 KiB).
+  put_options medium;
+  medium.request_tokens = 3000;
+  const auto theirs = chain(1, 1)[0];
+  ASSERT_TRUE(put(theirs, {}, medium).has_value());
+  // Slabs 1 to 3: short requests' int4 blocks, the first of each slab held
+  // by a reader (so neither eviction nor compaction can empty a slab).
+  put_options small;
+  small.codec_override = codec::int4;
+  std::vector<read_lease> readers;
+  std::vector<block_key> ours;
+  for (std::size_t s = 0; s < 3; ++s)
+    for (std::size_t i = 0; i < per_slab; ++i) {
+      ours.push_back(chain(100 + ours.size(), 1)[0]);
+      ASSERT_TRUE(put(ours.back(), {}, small).has_value());
+      if (i == 0) {
+        auto l = store_->acquire(ns_, ours.back());
+        ASSERT_TRUE(l.has_value());
+        readers.push_back(std::move(*l));
+      }
+    }
+  ASSERT_EQ(store_->stats().evictions, 0U);
+  store_->check_invariants();
+  // A short request's full-size block: no slot of its size is free.
+  const auto r = put(chain(999, 1)[0], {});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::out_of_memory);
+  EXPECT_TRUE(store_->contains(ns_, theirs)) << "another share gave room";
+  EXPECT_EQ(store_->stats().evictions, 0U)
+      << "evicted its own partition's blocks, then failed: "
+      << r.error().message;
+  std::size_t left = 0;
+  for (const auto& k : ours)
+    left += store_->contains(ns_, k) ? 1U : 0U;
+  EXPECT_EQ(left, ours.size());
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
