@@ -14,16 +14,21 @@
 #include "engine/memory_backend.hpp"
 #include "engine/testing/fake_memory_tier.hpp"
 #include "engine/testing/host_wrapper.hpp"
+#include "engine/testing/io_gate.hpp"
+#include "engine/testing/temp_dir.hpp"
 
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <locale>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
@@ -31,6 +36,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -5546,6 +5552,600 @@ bool alive(const caf::actor& a) {
   auto* sa = dynamic_cast<caf::scheduled_actor*>(
       caf::actor_cast<caf::abstract_actor*>(a));
   return sa != nullptr && !sa->fail_state();
+}
+
+// ---------------------------------------------------------------------------
+// Deferred disk reads (engine_actor.cpp: defer_for_disk, run_deferred,
+// close_batch) on the test coordinator.
+
+/// Opens `g` after 10 s unless dismissed first: an engine that waits in
+/// process() for a read held at the gate (a request not deferred) holds the
+/// test's thread, which then fails instead of hanging. (A copy of
+/// node.test.cpp's.)
+class gate_watchdog {
+public:
+  explicit gate_watchdog(std::shared_ptr<engine::testing::io_gate> g)
+      : thread_([this, g] {
+          std::unique_lock lk(mu_);
+          if (!cv_.wait_for(lk, std::chrono::seconds(10),
+                            [&] { return done_; }))
+            g->open();
+        }) {}
+  ~gate_watchdog() {
+    {
+      std::lock_guard lk(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  gate_watchdog(const gate_watchdog&) = delete;
+  gate_watchdog& operator=(const gate_watchdog&) = delete;
+
+private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+/// A disk tier under an engine on the test coordinator. make_disk cannot
+/// put one there: validate() refuses own_thread false with it, and an
+/// engine on a thread of its own runs outside the coordinator and its
+/// virtual time. So the engine, spawned without one, attaches this tier at
+/// its first memory relief (engine_actor_config::relieve, after its first
+/// batch); the hook then frees memory as the default rule does. `store` is
+/// the engine's store from then on: the test waits for the tier's I/O
+/// thread through it between scheduler runs, on the thread the engine runs
+/// on, never while the engine runs. The tier's writes pass `gate`, which
+/// holds the I/O thread once armed.
+struct coordinated_disk {
+  engine::testing::temp_dir dir;
+  std::shared_ptr<engine::testing::io_gate> gate =
+      std::make_shared<engine::testing::io_gate>();
+  std::shared_ptr<engine::block_store*> store =
+      std::make_shared<engine::block_store*>(nullptr);
+  bool held = false;                     ///< the I/O thread waits at the gate
+  std::optional<gate_watchdog> watchdog; ///< while it does
+
+  /// Waits until the tier has answered everything queued: the reads of
+  /// the deferred requests have landed (or failed), uncollected.
+  void wait_idle() const {
+    ASSERT_NE(*store, nullptr);
+    EXPECT_TRUE((*store)->disk()->wait_idle());
+  }
+  /// Lets the held I/O thread go and waits until it has done everything
+  /// queued behind it.
+  void release() {
+    gate->open();
+    held = false;
+    watchdog.reset();
+    wait_idle();
+  }
+};
+
+void attach_coordinated_disk(engine_actor_config& c, coordinated_disk& d) {
+  engine::disk_tier_config disk;
+  disk.directory = d.dir.path();
+  disk.capacity_bytes = 64u << 20;
+  disk.write_fault_for_testing = engine::testing::io_gate::hook(d.gate);
+  c.relieve = [disk, cell = d.store, pressure = c.pressure](
+                  std::uint32_t, engine::block_store& store) -> std::size_t {
+    if (store.disk() == nullptr) {
+      auto tier = engine::disk_tier::open(disk);
+      if (tier && store.attach_disk(std::move(*tier)).has_value())
+        *cell = &store;
+    }
+    const auto bytes =
+        bytes_to_free(pressure, store.used_bytes(), store.capacity_bytes());
+    return bytes > 0 ? store.evict_bytes(bytes) : 0;
+  };
+}
+
+/// A request of `prio` for `keys`, 16 tokens each.
+kv_request blocks_request(std::uint64_t id, std::vector<block_key> keys,
+                          engine::priority prio = engine::priority::normal) {
+  kv_request r;
+  r.id = id;
+  r.input_tokens = static_cast<std::uint32_t>(keys.size() * 16);
+  r.keys = std::move(keys);
+  r.prio = prio;
+  return r;
+}
+
+/// Blocks {group, 1} ... {group, n}.
+std::vector<block_key> chain_keys(std::uint64_t group, std::size_t n) {
+  std::vector<block_key> keys;
+  for (std::size_t i = 1; i <= n; ++i)
+    keys.push_back(block_key{group, i});
+  return keys;
+}
+
+/// `a` then `b`.
+std::vector<block_key> joined(std::vector<block_key> a,
+                              const std::vector<block_key>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+/// An answer a client got: the request's id, its reply or its error.
+struct answer {
+  std::uint64_t id = 0;
+  std::optional<kv_reply> reply;
+  errc code = errc::ok;
+};
+
+class disk_deferral_test : public actor_test {
+protected:
+  ~disk_deferral_test() override {
+    // Before the directory goes: the I/O thread let go, the engine stopped
+    // (its disk tier closes with it).
+    if (disk_.held)
+      disk_.gate->open();
+    disk_.watchdog.reset();
+    for (auto& e : disk_engines_)
+      caf::anon_send_exit(e, caf::exit_reason::kill);
+    sched_->run();
+  }
+
+  /// An engine under `c` over disk_'s tier, which its first request (a
+  /// block of its own, evicted before any test block) attached.
+  caf::actor disk_engine(engine_actor_config c) {
+    attach_coordinated_disk(c, disk_);
+    auto e = engine(c);
+    disk_engines_.push_back(e);
+    ask_now<kv_reply>(e, process_atom::value,
+                      blocks_request(900, chain_keys(900, 1)));
+    EXPECT_NE(*disk_.store, nullptr) << "no disk tier attached";
+    return e;
+  }
+  /// Evicts every block in memory to disk and waits until it is written.
+  void spill_all(const caf::actor& e) {
+    ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40);
+    disk_.wait_idle();
+  }
+  /// Holds the tier's I/O thread in a write (a block of its own, computed
+  /// and evicted, with every other block in memory): the reads started
+  /// from now on wait behind it until disk_.release().
+  void hold_disk(const caf::actor& e) {
+    disk_.gate->arm();
+    ask_now<kv_reply>(e, process_atom::value,
+                      blocks_request(901, chain_keys(901, 1)));
+    ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40);
+    ASSERT_TRUE(disk_.gate->wait_entered());
+    disk_.held = true;
+    disk_.watchdog.emplace(disk_.gate);
+  }
+  engine_stats stats(const caf::actor& e) {
+    return ask_now<engine_stats>(e, stats_atom::value);
+  }
+  /// An actor that sends `e` each kv_request it is sent, as a request of
+  /// its own with no timer, and logs the answers as they come (one engine
+  /// answering one client: in the order the engine answered).
+  caf::actor client(const caf::actor& e,
+                    std::shared_ptr<std::vector<answer>> log) {
+    auto c = sys_->spawn([=](caf::event_based_actor* self) -> caf::behavior {
+      return {[=](kv_request& r) {
+        const auto id = r.id;
+        self->request(e, caf::infinite, process_atom::value, std::move(r))
+            .then(
+                [=](kv_reply& rep) {
+                  log->push_back({id, rep, errc::ok});
+                },
+                [=](caf::error& err) {
+                  log->push_back({id, std::nullopt, from_caf_error(err).code});
+                });
+      }};
+    });
+    stop_at_end_.push_back(c);
+    return c;
+  }
+  /// Has `c` send `r`, and runs.
+  void send_via(const caf::actor& c, kv_request r) {
+    caf::anon_send(c, std::move(r));
+    sched_->run();
+  }
+  static std::vector<std::uint64_t> ids(const std::vector<answer>& log) {
+    std::vector<std::uint64_t> out;
+    for (const auto& a : log)
+      out.push_back(a.id);
+    return out;
+  }
+
+  coordinated_disk disk_;
+  std::vector<caf::actor> disk_engines_;
+};
+
+TEST_F(disk_deferral_test, ADeferredRequestIsDeferredAgainWhileItsPrefixGrows) {
+  // A low request whose prefix is on disk in two runs, the second of them
+  // spilled only after the first one's reads started (so promote() read
+  // only part): once those have landed, its prefix in memory grew and goes
+  // on to disk, so the second run's reads start and it waits off the batch
+  // again, not in process(). Its reply counts the blocks of both reads as
+  // promoted (the second deferral adds to the first's count).
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  const auto a = chain_keys(1, 2);
+  const auto b = chain_keys(2, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, a));
+  spill_all(e);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, joined(a, b), engine::priority::low));
+  auto st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 1U);
+  EXPECT_EQ(st.in_flight, 1U);
+  // b is computed and evicted while a's reads wait: its spill is queued,
+  // so it is on disk now, after a.
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
+      2 * block_bytes);
+  disk_.release();           // a's reads have landed, b is written
+  sched_->advance_time(1ms); // the disk poll
+  sched_->run();
+  st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 2U) << "not deferred again for b's reads";
+  EXPECT_EQ(st.in_flight, 1U);
+  EXPECT_TRUE(log->empty()) << "served with b's reads in its batch";
+  disk_.wait_idle(); // b's reads have landed
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U);
+  ASSERT_TRUE(log->front().reply.has_value());
+  const auto& rep = *log->front().reply;
+  EXPECT_EQ(rep.matched_blocks, 4U);
+  EXPECT_EQ(rep.computed_blocks, 0U);
+  EXPECT_EQ(rep.promoted_blocks, 4U) << "both reads count as promoted";
+  EXPECT_EQ(rep.memory_blocks, 0U);
+  st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 2U);
+  EXPECT_EQ(st.in_flight, 0U);
+  EXPECT_EQ(st.disk_hits, 4U);
+}
+
+TEST_F(disk_deferral_test,
+       ADeferredRequestWhoseReadsFailIsProcessedNotDeferredAgain) {
+  // The disk fails under the tier (its segment files cut short behind its
+  // back: every read is an I/O error, and unlike a damaged block the block
+  // stays on disk). A low request's reads fail, its prefix in memory does
+  // not grow, and it is processed in the pass that finds them answered
+  // (process() computes what it cannot read), not deferred again: its
+  // blocks still on disk would defer it for ever.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  const auto a = chain_keys(1, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, a));
+  spill_all(e);
+  std::size_t cut = 0;
+  for (const auto& f : std::filesystem::directory_iterator(disk_.dir.path()))
+    if (f.path().extension() == ".kvs") {
+      std::filesystem::resize_file(f.path(), 0);
+      ++cut;
+    }
+  ASSERT_GE(cut, 1U);
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, a, engine::priority::low));
+  EXPECT_EQ(stats(e).disk_deferred, 1U);
+  disk_.wait_idle(); // the reads have failed
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U) << "deferred again for reads that fail";
+  ASSERT_TRUE(log->front().reply.has_value())
+      << static_cast<int>(log->front().code);
+  const auto& rep = *log->front().reply;
+  EXPECT_EQ(rep.computed_blocks, 2U);
+  EXPECT_EQ(rep.promoted_blocks, 0U);
+  const auto st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 1U);
+  EXPECT_EQ(st.in_flight, 0U);
+}
+
+TEST_F(disk_deferral_test,
+       ALowRequestThroughTheMemoryTierToDiskIsDeferredCountingBoth) {
+  // A low request's prefix goes on past memory into the memory tier and
+  // then onto disk: promote() brings the tier's run back at once and
+  // starts the disk reads, and the request waits off the batch for them.
+  // Its reply counts both as promoted_blocks.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto c = small_engine(64);
+  auto tier = attach_fake_tier(c, 40);
+  auto e = disk_engine(c);
+  ASSERT_NE(*tier, nullptr);
+  const auto t = chain_keys(1, 2);
+  const auto b = chain_keys(2, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
+  spill_all(e);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, t));
+  auto* store = *disk_.store;
+  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
+  (*tier)->finish_demotions();
+  store->poll_tier();
+  auto st = stats(e);
+  ASSERT_EQ(st.tier_blocks, 2U);
+  ASSERT_EQ(st.blocks, 0U);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, joined(t, b), engine::priority::low));
+  st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 1U);
+  EXPECT_EQ(st.in_flight, 1U);
+  EXPECT_EQ(st.tier_blocks, 0U) << "the tier's run is back in memory";
+  disk_.release();
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U);
+  ASSERT_TRUE(log->front().reply.has_value());
+  const auto& rep = *log->front().reply;
+  EXPECT_EQ(rep.matched_blocks, 4U);
+  EXPECT_EQ(rep.computed_blocks, 0U);
+  EXPECT_EQ(rep.promoted_blocks, 4U) << "the tier's and the disk's";
+  EXPECT_EQ(rep.memory_blocks, 0U);
+  st = stats(e);
+  EXPECT_EQ(st.tier_hits, 2U);
+  EXPECT_EQ(st.disk_hits, 2U);
+  EXPECT_EQ(st.disk_deferred, 1U);
+}
+
+TEST_F(disk_deferral_test, ARequestWaitsAgainForTheDiskPastATierRun) {
+  // Disk, then the memory tier, then disk again: promote() reads the first
+  // disk run only (the tier's blocks are not on disk). Once it has landed
+  // the request's prefix grew, and the second promote() brings the tier's
+  // run back and starts the second disk run's reads: it waits again. Its
+  // reply counts all six as promoted.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto c = small_engine(64);
+  auto tier = attach_fake_tier(c, 40);
+  auto e = disk_engine(c);
+  ASSERT_NE(*tier, nullptr);
+  const auto a = chain_keys(1, 2);
+  const auto t = chain_keys(2, 2);
+  const auto b = chain_keys(3, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, a));
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(3, b));
+  spill_all(e);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(2, t));
+  auto* store = *disk_.store;
+  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
+  (*tier)->finish_demotions();
+  store->poll_tier();
+  ASSERT_EQ(stats(e).tier_blocks, 2U);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl,
+           blocks_request(10, joined(joined(a, t), b), engine::priority::low));
+  auto st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 1U);
+  EXPECT_EQ(st.tier_blocks, 2U) << "the tier's run waits for the first reads";
+  disk_.release();
+  sched_->advance_time(1ms);
+  sched_->run();
+  st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 2U);
+  EXPECT_EQ(st.in_flight, 1U);
+  EXPECT_EQ(st.tier_blocks, 0U);
+  EXPECT_TRUE(log->empty());
+  disk_.wait_idle();
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U);
+  ASSERT_TRUE(log->front().reply.has_value());
+  const auto& rep = *log->front().reply;
+  EXPECT_EQ(rep.matched_blocks, 6U);
+  EXPECT_EQ(rep.computed_blocks, 0U);
+  EXPECT_EQ(rep.promoted_blocks, 6U);
+  EXPECT_EQ(rep.memory_blocks, 0U);
+}
+
+/// Five low requests of two blocks each, deferred on an engine of batches
+/// of two whose disk tier's I/O thread is held: the setup of the next two
+/// tests. Returns the client that sent them.
+class deferred_five_test : public disk_deferral_test {
+protected:
+  caf::actor defer_five(std::shared_ptr<std::vector<answer>> log) {
+    auto c = small_engine(64, 2);
+    c.batch.close_when_idle = true;
+    engine_ = disk_engine(c);
+    for (std::uint64_t i = 1; i <= 5; ++i)
+      ask_now<kv_reply>(engine_, process_atom::value,
+                        blocks_request(i, chain_keys(i, 2)));
+    spill_all(engine_);
+    hold_disk(engine_);
+    auto cl = client(engine_, log);
+    for (std::uint64_t i = 1; i <= 5; ++i)
+      caf::anon_send(
+          cl, blocks_request(10 + i, chain_keys(i, 2), engine::priority::low));
+    sched_->run();
+    const auto st = stats(engine_);
+    EXPECT_EQ(st.disk_deferred, 5U);
+    EXPECT_EQ(st.in_flight, 5U);
+    EXPECT_TRUE(log->empty());
+    return cl;
+  }
+  caf::actor engine_;
+};
+
+TEST_F(deferred_five_test,
+       APassServesAtMostABatchOfDeferredRequestsTheRestBehindTheMailbox) {
+  // Passes that serve nothing (the reads wait) count no batch: neither the
+  // disk poll's nor the one after a batch, which counts its own. Once the
+  // reads have landed, the poll serves two (a batch's max_size) and sends
+  // the next poll behind the mailbox, so a request queued meanwhile runs
+  // between passes; the rest are served with no time passing.
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = defer_five(log);
+  ASSERT_FALSE(HasFatalFailure());
+  const auto batches = stats(engine_).batches;
+  sched_->advance_time(1ms); // a poll: nothing has landed
+  sched_->run();
+  ask_now<kv_reply>(engine_, process_atom::value,
+                    blocks_request(20, chain_keys(20, 1)));
+  auto st = stats(engine_);
+  EXPECT_EQ(st.batches, batches + 1) << "a pass that served none counted";
+  EXPECT_EQ(st.in_flight, 5U);
+  disk_.release();
+  // The poll is in the mailbox, then a normal request behind it.
+  sched_->advance_time(1ms);
+  caf::anon_send(cl, blocks_request(21, chain_keys(21, 1)));
+  run_all_but(*sched_, engine_);
+  sched_->run();
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{11, 12, 13, 14, 21, 15}));
+  for (const auto& a : *log) {
+    ASSERT_TRUE(a.reply.has_value()) << a.id;
+    if (a.id != 21) {
+      EXPECT_EQ(a.reply->promoted_blocks, 2U) << a.id;
+    }
+  }
+  st = stats(engine_);
+  EXPECT_EQ(st.in_flight, 0U);
+  // Two passes from polls, the request's batch and the pass after it.
+  EXPECT_EQ(st.batches, batches + 1 + 4);
+}
+
+TEST_F(deferred_five_test,
+       ABatchLeavesTheDeferredRequestsPastItsMaxSizeToThePollOnItsWay) {
+  // The pass after a batch serves at most max_size of the deferred
+  // requests ready; with the timed disk poll on its way it sends no second
+  // one, so the rest wait for it (one poll in flight at a time).
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = defer_five(log);
+  ASSERT_FALSE(HasFatalFailure());
+  disk_.release();
+  send_via(cl, blocks_request(21, chain_keys(21, 1)));
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{21, 11, 12}));
+  EXPECT_EQ(stats(engine_).in_flight, 3U);
+  sched_->advance_time(1ms);
+  sched_->run();
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{21, 11, 12, 13, 14, 15}));
+  EXPECT_EQ(stats(engine_).in_flight, 0U);
+}
+
+TEST_F(disk_deferral_test,
+       ADeferredRequestPastItsDeadlineIsAnsweredUnprocessed) {
+  // A deferred request whose deadline passes while it waits is answered
+  // errc::timeout at the next pass, unprocessed, and is not counted as
+  // served: a pass with nothing else counts no batch.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  ask_now<kv_reply>(e, process_atom::value,
+                    blocks_request(1, chain_keys(1, 2)));
+  ask_now<kv_reply>(e, process_atom::value,
+                    blocks_request(2, chain_keys(2, 2)));
+  spill_all(e);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  const auto now = std::chrono::duration_cast<engine::nanos>(
+      sched_->clock().now().time_since_epoch());
+  auto late = blocks_request(11, chain_keys(1, 2), engine::priority::low);
+  late.deadline_ns = (now + 5ms).count();
+  caf::anon_send(cl, late);
+  send_via(cl, blocks_request(12, chain_keys(2, 2), engine::priority::low));
+  const auto before = stats(e);
+  EXPECT_EQ(before.disk_deferred, 2U);
+  EXPECT_EQ(before.in_flight, 2U);
+  sched_->advance_time(5ms); // a poll at the deadline; the reads wait
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U);
+  EXPECT_EQ(log->front().id, 11U);
+  EXPECT_EQ(log->front().code, errc::timeout);
+  auto st = stats(e);
+  EXPECT_EQ(st.expired, before.expired + 1);
+  EXPECT_EQ(st.requests, before.requests) << "processed";
+  EXPECT_EQ(st.batches, before.batches) << "counted as served";
+  EXPECT_EQ(st.in_flight, 1U);
+  disk_.release();
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 2U);
+  ASSERT_TRUE(log->back().reply.has_value());
+  EXPECT_EQ(log->back().reply->promoted_blocks, 2U);
+  st = stats(e);
+  EXPECT_EQ(st.requests, before.requests + 1);
+  EXPECT_EQ(st.batches, before.batches + 1);
+  EXPECT_EQ(st.in_flight, 0U);
+}
+
+TEST_F(disk_deferral_test, ALateDeferredRequestTakesNoPlaceInAPass) {
+  // A pass serves at most max_size deferred requests (one here), and one
+  // answered late does not count toward them: the late one and the next
+  // ready one are both answered in the poll's pass, before a critical
+  // request read after the poll (whose batch closes ahead of any poll sent
+  // behind the mailbox).
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  ask_now<kv_reply>(e, process_atom::value,
+                    blocks_request(1, chain_keys(1, 2)));
+  ask_now<kv_reply>(e, process_atom::value,
+                    blocks_request(2, chain_keys(2, 2)));
+  spill_all(e);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  const auto now = std::chrono::duration_cast<engine::nanos>(
+      sched_->clock().now().time_since_epoch());
+  auto late = blocks_request(11, chain_keys(1, 2), engine::priority::low);
+  late.deadline_ns = (now + 5ms).count();
+  caf::anon_send(cl, late);
+  send_via(cl, blocks_request(12, chain_keys(2, 2), engine::priority::low));
+  EXPECT_EQ(stats(e).disk_deferred, 2U);
+  disk_.release();           // both have landed
+  sched_->advance_time(5ms); // the poll, past the first one's deadline
+  caf::anon_send(
+      cl, blocks_request(21, chain_keys(21, 1), engine::priority::critical));
+  run_all_but(*sched_, e);
+  sched_->run();
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{11, 12, 21}));
+  ASSERT_EQ(log->size(), 3U);
+  EXPECT_EQ((*log)[0].code, errc::timeout);
+  EXPECT_TRUE((*log)[1].reply.has_value());
+  EXPECT_TRUE((*log)[2].reply.has_value());
+}
+
+TEST_F(disk_deferral_test, ADeferredRequestsLandedBlocksStayUntilItIsServed) {
+  // What a low request's reads brought back is held in memory from the
+  // moment it lands until the request is served: a call in between that
+  // makes room (here an eviction of everything it can) passes over it, and
+  // the request finds all of it in memory. Once served, it is let go.
+  // (Before, the eviction took the landed blocks, and the request read
+  // them again in process().)
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  const auto a = chain_keys(1, 4);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, a));
+  spill_all(e);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, a, engine::priority::low));
+  EXPECT_EQ(stats(e).disk_deferred, 1U);
+  disk_.release();
+  // The eviction collects the landed reads first: they are held.
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40), 0U)
+      << "the landed blocks were evicted before their request was served";
+  EXPECT_EQ(stats(e).held_blocks, 4U);
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U);
+  ASSERT_TRUE(log->front().reply.has_value());
+  const auto& rep = *log->front().reply;
+  EXPECT_EQ(rep.matched_blocks, 4U);
+  EXPECT_EQ(rep.computed_blocks, 0U);
+  EXPECT_EQ(rep.promoted_blocks, 4U);
+  EXPECT_EQ(rep.memory_blocks, 0U);
+  const auto st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 1U);
+  EXPECT_EQ(st.in_flight, 0U);
+  EXPECT_EQ(st.disk_hits, 4U) << "read twice";
+  EXPECT_EQ(st.held_blocks, 0U) << "still held after it was served";
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
+      4 * block_bytes);
 }
 
 TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {

@@ -1057,6 +1057,7 @@ caf::behavior engine_behavior(engine_actor* self,
         out.in_flight = s.in_flight;
         out.expired = s.expired;
         out.disk_deferred = s.disk_deferred;
+        out.held_blocks = s.store->held_blocks();
         out.requests = s.requests;
         out.batches = s.batches;
         out.blocks = s.store->block_count();

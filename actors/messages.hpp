@@ -181,6 +181,9 @@ struct engine_stats {
   /// reads of its prefix (one that waits again, for reads further on,
   /// counts again; engine_actor.hpp, "Disk tier").
   std::uint64_t disk_deferred = 0;
+  /// Blocks brought back for deferred requests that are held in memory
+  /// until those requests are served (block_store::held_blocks).
+  std::uint64_t held_blocks = 0;
   std::uint64_t batches = 0;
   std::uint64_t blocks = 0;
   std::uint64_t used_bytes = 0;
@@ -217,13 +220,13 @@ struct engine_stats {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
-           x.requests, x.expired, x.disk_deferred, x.batches, x.blocks,
-           x.used_bytes, x.capacity_bytes, x.pinned_bytes, x.pinned_bytes_limit,
-           x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
-           x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
-           x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
-           x.disk_hits, x.disk_spills, x.disk_spill_failures, x.block_hits,
-           x.block_misses, x.listeners);
+           x.requests, x.expired, x.disk_deferred, x.held_blocks, x.batches,
+           x.blocks, x.used_bytes, x.capacity_bytes, x.pinned_bytes,
+           x.pinned_bytes_limit, x.token_hits, x.token_misses, x.evictions,
+           x.pressure_evictions, x.capacity_tokens, x.memory, x.tier,
+           x.tier_blocks, x.tier_demotions, x.tier_hits, x.tier_in_flight_bytes,
+           x.disk, x.disk_blocks, x.disk_hits, x.disk_spills,
+           x.disk_spill_failures, x.block_hits, x.block_misses, x.listeners);
 }
 
 /// The balancer's counters.

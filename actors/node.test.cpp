@@ -585,6 +585,7 @@ TEST_F(Node, ALowPriorityRequestWaitsForItsDiskReadsOffTheBatch) {
   auto after = (*n)->engine_stats(0);
   ASSERT_TRUE(after.has_value()) << after.error().describe();
   EXPECT_EQ(after->disk_deferred, 4U) << "the third waited again for its own";
+  EXPECT_EQ(after->held_blocks, 0U) << "what was read for them is let go";
   const auto& first = got[500];
   EXPECT_EQ(first.matched_blocks, 4U);
   EXPECT_EQ(first.computed_blocks, 0U);
