@@ -1742,6 +1742,63 @@ caf::behavior opening_engine(caf::stateful_actor<opening_engine_state>* self) {
   };
 }
 
+/// An engine that answers every request at once, its reply saying it
+/// holds one block's pinned bytes, and sends no block events.
+caf::behavior pinned_replies_engine(caf::event_based_actor*) {
+  return {
+      [](listen_atom, const caf::actor&) {},
+      [](process_atom, const kv_request& r) {
+        kv_reply rep;
+        rep.id = r.id;
+        rep.pinned_bytes = block_bytes;
+        return rep;
+      },
+  };
+}
+
+TEST_F(actor_test, OnlyAPinningRequestsReplyTellsTheBalancerOfPins) {
+  // A reply's pinned bytes count at the balancer for a pinning request
+  // only: a stale reply of another (overtaken by the block events of an
+  // unpin) would bring back pins that are gone.
+  balancer_config bc;
+  bc.initial_engines = 1;
+  auto b = started_balancer(
+      bc, [](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        return started_now(s.spawn(pinned_replies_engine));
+      });
+  ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).pinned_bytes,
+            (std::vector<std::uint64_t>{0}));
+  auto pinned = make_request(2, 0, 0, 1, 2);
+  pinned.pin = true;
+  ask_now<kv_reply>(b, process_atom::value, pinned);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).pinned_bytes,
+            (std::vector<std::uint64_t>{block_bytes}));
+}
+
+TEST_F(actor_test, ADiskEngineThatHasNotToldItsPinsIsRetiredLast) {
+  // Engine 1 has a disk tier and has not told the balancer what pins it
+  // holds (it may have recovered pinned copies; its first block events
+  // say): the retire takes engine 0, which has no disk tier and so starts
+  // with none. (Before, engine 1, the highest slot, read as holding none
+  // between its start and those events, and was retired.)
+  balancer_config bc;
+  bc.initial_engines = 2;
+  auto b = started_balancer(
+      bc,
+      [](caf::actor_system& s, std::uint32_t slot) -> result<started_engine> {
+        auto started = started_now(s.spawn(opening_engine));
+        if (started)
+          started->disk = slot == 1;
+        return started;
+      });
+  ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 1U);
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up,
+            (std::vector<std::uint8_t>{0, 1}))
+      << "the disk engine whose pins are unknown was retired";
+}
+
 TEST_F(actor_test, KvAwareRoutesAPromptToTheEngineItsReplyCameFrom) {
   // Two engines that answer requests but report no block events (as when
   // an engine on a thread of its own sends its events after the caller's
@@ -1846,8 +1903,9 @@ TEST_F(actor_test, AReplyIndexesTheBlocksItsEngineCached) {
 }
 
 /// An engine with a disk tier that records the persist_atom it gets.
-caf::behavior persisting_engine(caf::event_based_actor*,
-                                std::shared_ptr<std::vector<bool>> asked) {
+caf::behavior persisting_engine(caf::event_based_actor* self,
+                                std::shared_ptr<std::vector<bool>> asked,
+                                std::uint32_t slot) {
   return {
       [asked](persist_atom, std::uint64_t) -> std::uint64_t {
         asked->push_back(false);
@@ -1857,7 +1915,13 @@ caf::behavior persisting_engine(caf::event_based_actor*,
         asked->push_back(retiring);
         return 0;
       },
-      [](listen_atom, const caf::actor&) {},
+      // Tells a new listener it holds no pins, as an engine with a disk
+      // tier does.
+      [self, slot](listen_atom, const caf::actor& listener) {
+        block_events none;
+        none.engine = slot;
+        self->send(listener, std::move(none));
+      },
   };
 }
 
@@ -1877,7 +1941,7 @@ TEST_F(actor_test, ARetiredDiskEngineIsToldItIsRetiringWhenAskedToPersist) {
                            return started_now(spawn_engine_actor(s, c));
                          }
                          started_engine e;
-                         e.actor = s.spawn(persisting_engine, asked);
+                         e.actor = s.spawn(persisting_engine, asked, slot);
                          e.disk = true;
                          return e;
                        });

@@ -18,6 +18,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -63,8 +64,12 @@ struct slot_info {
   /// its start and once it is gone).
   std::uint64_t pinned_bytes = 0;
   std::uint64_t pinned_on_disk = 0;
+  /// Its engine has told what pins it holds: at once for one without a
+  /// disk tier (it starts with none), at its first block_events for one
+  /// with (it may recover pinned copies; it tells a new listener at once).
+  bool pins_known = false;
   [[nodiscard]] bool holds_pins() const noexcept {
-    return pinned_bytes > 0 || pinned_on_disk > 0;
+    return !pins_known || pinned_bytes > 0 || pinned_on_disk > 0;
   }
   /// The replica_atom that started it, while it opens.
   owed_reply replica;
@@ -194,6 +199,7 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
   info.events_applied = 0;
   info.pinned_bytes = 0;
   info.pinned_on_disk = 0;
+  info.pins_known = !info.disk;
   ++info.generation;
   self->monitor(info.engine);
   st.owned->push_back(info.engine);
@@ -586,12 +592,15 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
       const auto cached = n - static_cast<std::size_t>(std::min<std::uint64_t>(
                                   rep.uncached_blocks, n));
       s.route.stored(slot, std::span(kept->keys).first(cached));
-      // Its pins count from now, not from the engine's block_events after
-      // its batch (a retire read in between would take it, pins and all).
-      // The larger: a later event may have told of more; the next one
-      // says what it holds.
-      s.slots[slot].pinned_bytes =
-          std::max(s.slots[slot].pinned_bytes, rep.pinned_bytes);
+      // A pinning request's pins count from now, not from the engine's
+      // block_events after its batch (a retire read in between would take
+      // it, pins and all). The larger: a later event may have told of
+      // more; the next one says what it holds. Only a pinning request's: a
+      // stale reply overtaken by the events of an unpin would bring back
+      // pins that are gone.
+      if (kept->pin)
+        s.slots[slot].pinned_bytes =
+            std::max(s.slots[slot].pinned_bytes, rep.pinned_bytes);
     }
     if (!self->state.listeners.empty())
       notify(self, *kept, rep, now_ns(self) - started);
@@ -805,6 +814,7 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
           // In order (one sender): the latest says what it holds now.
           s.slots[ev.engine].pinned_bytes = ev.pinned_bytes;
           s.slots[ev.engine].pinned_on_disk = ev.pinned_on_disk;
+          s.slots[ev.engine].pins_known = true;
         }
         for (auto& l : s.listeners)
           self->send(l, ev);
@@ -871,9 +881,10 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
             pick = slot;
             break;
           }
+          // One whose pins are not known yet goes last.
           const auto fewer = [](const slot_info& a, const slot_info& b) {
-            return std::pair{a.pinned_bytes, a.pinned_on_disk} <
-                   std::pair{b.pinned_bytes, b.pinned_on_disk};
+            return std::tuple{!a.pins_known, a.pinned_bytes, a.pinned_on_disk} <
+                   std::tuple{!b.pins_known, b.pinned_bytes, b.pinned_on_disk};
           };
           if (info.disk && (!pinned_disk || fewer(info, s.slots[*pinned_disk])))
             pinned_disk = slot;

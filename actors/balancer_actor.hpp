@@ -77,9 +77,10 @@
 ///       (a live one: not opening, nor found gone by a failed request; the
 ///       highest slot whose engine holds no pinned blocks, in memory or on
 ///       its disk, as its latest block_events (or a pinning request's
-///       reply) said, and works on no pinning request; with pins on every
-///       one, the engine with a disk tier holding the fewest pinned bytes,
-///       which persists them for the next engine in its slot; with none,
+///       reply) said (an engine with a disk tier that has sent none yet
+///       counts as holding some), and works on no pinning request; with pins on
+///       every one, the engine with a disk tier holding the fewest pinned
+///       bytes, which persists them for the next engine in its slot; with none,
 ///       errc::busy and nothing retired: the pins would go with it): it takes
 ///       no new requests and exits once its requests are answered; its slot is
 ///       then free for the next replica. An engine with a disk tier

@@ -1136,10 +1136,12 @@ caf::behavior engine_behavior(engine_actor* self,
         s.log->recording = true;
         // A listener that comes while the engine holds pins learns of them
         // now, not at the next change (the balancer retires no engine
-        // holding any).
+        // holding any); with a disk tier it always hears (none, or those
+        // recovered with their copies): the balancer counts a disk
+        // engine's pins unknown until then.
         const std::uint64_t pinned = s.store->pinned_bytes();
         const std::uint64_t on_disk = pinned_on_disk(s);
-        if (pinned > 0 || on_disk > 0) {
+        if (pinned > 0 || on_disk > 0 || s.store->disk() != nullptr) {
           block_events pins;
           pins.engine = s.config.slot;
           pins.seq = s.published;

@@ -281,6 +281,7 @@ block_store::~block_store() {
     (void)tier_->wait(b.ticket);
   abort_in_reverse(pending_promotions_);
   abort_in_reverse(promote_batch_);
+  holds_.clear(); // their leases let go while the rest is still here
 }
 
 result<ns_id>
@@ -2310,8 +2311,11 @@ bool block_store::room_could_come(size_partition p, std::uint16_t cls,
   // A partition within its share gives nothing to another's put
   // (pick_partition(); with lowest_priority_first it may give its lower
   // priorities, counted as giving here): its blocks stay, as held ones do.
+  // A dead block is never a victim: it goes when its last child does, and
+  // that child may be the put's partition's (held() still keeps one
+  // leased or pinned).
   const auto gives = [&](const entry& e) {
-    return e.part == p || config_.lowest_priority_first ||
+    return e.part == p || e.dead || config_.lowest_priority_first ||
            share_ratio(e.part) > 1.0;
   };
   const auto held = [&](const entry& e) {
@@ -3290,7 +3294,8 @@ void block_store::hold_block(std::uint64_t hold, const block_key& key) {
       entries_[id].dead)
     return;
   auto& held = holds_[hold];
-  held.reserve(held.size() + 1); // before the lease: nothing left half done
+  if (held.size() == held.capacity()) // before the lease: none left half done
+    held.reserve(std::max<std::size_t>(16, 2 * held.size()));
   ++entries_[id].leases;
   refresh_evictable(id);
   held.push_back(read_lease(this, id, key));

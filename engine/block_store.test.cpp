@@ -4116,5 +4116,54 @@ TEST_F(store_fixture,
   store_->check_invariants();
 }
 
+// A dead parent (expired) of a partition within its share, whose only
+// child is the put's partition's: evicting the child removes the parent,
+// freeing its full-size slot, so room can come and the put succeeds.
+// (room_could_come() counted the parent as staying, as it does a live
+// block of such a partition, and refused the put with nothing evicted.)
+TEST_F(store_fixture,
+       a_dead_parent_of_another_partition_leaves_with_its_child) {
+  high_watermark_ = 1.0;
+  low_watermark_ = 1.0;
+  open(4, policy_kind::lru, false, 1); // four one-block slabs
+  const std::size_t small_slot =
+      (encoded_size(codec::int4, small_spec().elements_per_block()) + 255) /
+      256 * 256;
+  const std::size_t per_slab = block_bytes / small_slot;
+  ASSERT_GE(per_slab, 2U);
+  put_options medium;
+  medium.request_tokens = 3000;
+  medium.ttl = 1s;
+  const auto parent = chain(1, 1)[0];
+  ASSERT_TRUE(put(parent, {}, medium).has_value());
+  put_options small;
+  small.codec_override = codec::int4;
+  const auto child = chain_key_from_id(parent, fp_, 2);
+  ASSERT_TRUE(put(child, parent, small).has_value());
+  std::vector<read_lease> readers;
+  std::vector<block_key> ours;
+  // Slab 1: the child and small blocks; slabs 2 and 3 small blocks; one
+  // held by a reader in each.
+  for (std::size_t s = 0; s < 3; ++s)
+    for (std::size_t i = (s == 0 ? 1 : 0); i < per_slab; ++i) {
+      ours.push_back(chain(100 + ours.size(), 1)[0]);
+      ASSERT_TRUE(put(ours.back(), {}, small).has_value());
+      if (i == 1) {
+        auto l = store_->acquire(ns_, ours.back());
+        ASSERT_TRUE(l.has_value());
+        readers.push_back(std::move(*l));
+      }
+    }
+  clock_.advance(2s);
+  EXPECT_EQ(store_->expire(), 1U);
+  store_->check_invariants();
+  ASSERT_EQ(store_->stats().evictions, 0U);
+  const auto r = put(chain(999, 1)[0], {});
+  EXPECT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_FALSE(store_->contains(ns_, child));
+  EXPECT_EQ(store_->block_count(), 3 * per_slab);
+  store_->check_invariants();
+}
+
 } // namespace
 } // namespace kvfleet::engine
