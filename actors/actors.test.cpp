@@ -5622,37 +5622,6 @@ bool alive(const caf::actor& a) {
 // Deferred disk reads (engine_actor.cpp: defer_for_disk, run_deferred,
 // close_batch) on the test coordinator.
 
-/// Opens `g` after 10 s unless dismissed first: an engine that waits in
-/// process() for a read held at the gate (a request not deferred) holds the
-/// test's thread, which then fails instead of hanging. (A copy of
-/// node.test.cpp's.)
-class gate_watchdog {
-public:
-  explicit gate_watchdog(std::shared_ptr<engine::testing::io_gate> g)
-      : thread_([this, g] {
-          std::unique_lock lk(mu_);
-          if (!cv_.wait_for(lk, std::chrono::seconds(10),
-                            [&] { return done_; }))
-            g->open();
-        }) {}
-  ~gate_watchdog() {
-    {
-      std::lock_guard lk(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  gate_watchdog(const gate_watchdog&) = delete;
-  gate_watchdog& operator=(const gate_watchdog&) = delete;
-
-private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
-
 /// A disk tier under an engine on the test coordinator. make_disk cannot
 /// put one there: validate() refuses own_thread false with it, and an
 /// engine on a thread of its own runs outside the coordinator and its
@@ -5669,8 +5638,8 @@ struct coordinated_disk {
       std::make_shared<engine::testing::io_gate>();
   std::shared_ptr<engine::block_store*> store =
       std::make_shared<engine::block_store*>(nullptr);
-  bool held = false;                     ///< the I/O thread waits at the gate
-  std::optional<gate_watchdog> watchdog; ///< while it does
+  bool held = false; ///< the I/O thread waits at the gate
+  std::optional<engine::testing::gate_watchdog> watchdog; ///< while it does
 
   /// Waits until the tier has answered everything queued: the reads of
   /// the deferred requests have landed (or failed), uncollected.
@@ -5783,6 +5752,28 @@ protected:
   engine_stats stats(const caf::actor& e) {
     return ask_now<engine_stats>(e, stats_atom::value);
   }
+  /// Blocks 1 and 2 (two blocks each) cached and spilled, the disk held,
+  /// then two low requests of them deferred through a client logging to
+  /// `log`: request 11 with a deadline 5 ms from now, request 12 with
+  /// none. Returns the client.
+  caf::actor defer_late_and_on_time(const caf::actor& e,
+                                    std::shared_ptr<std::vector<answer>> log) {
+    ask_now<kv_reply>(e, process_atom::value,
+                      blocks_request(1, chain_keys(1, 2)));
+    ask_now<kv_reply>(e, process_atom::value,
+                      blocks_request(2, chain_keys(2, 2)));
+    spill_all(e);
+    hold_disk(e);
+    auto cl = client(e, log);
+    const auto now = std::chrono::duration_cast<engine::nanos>(
+        sched_->clock().now().time_since_epoch());
+    auto late = blocks_request(11, chain_keys(1, 2), engine::priority::low);
+    late.deadline_ns = (now + 5ms).count();
+    caf::anon_send(cl, late);
+    send_via(cl, blocks_request(12, chain_keys(2, 2), engine::priority::low));
+    return cl;
+  }
+
   /// An actor that sends `e` each kv_request it is sent, as a request of
   /// its own with no timer, and logs the answers as they come (one engine
   /// answering one client: in the order the engine answered).
@@ -6095,20 +6086,9 @@ TEST_F(disk_deferral_test,
   // served: a pass with nothing else counts no batch.
   ASSERT_TRUE(disk_.dir.ok());
   auto e = disk_engine(small_engine(64));
-  ask_now<kv_reply>(e, process_atom::value,
-                    blocks_request(1, chain_keys(1, 2)));
-  ask_now<kv_reply>(e, process_atom::value,
-                    blocks_request(2, chain_keys(2, 2)));
-  spill_all(e);
-  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
   auto log = std::make_shared<std::vector<answer>>();
-  auto cl = client(e, log);
-  const auto now = std::chrono::duration_cast<engine::nanos>(
-      sched_->clock().now().time_since_epoch());
-  auto late = blocks_request(11, chain_keys(1, 2), engine::priority::low);
-  late.deadline_ns = (now + 5ms).count();
-  caf::anon_send(cl, late);
-  send_via(cl, blocks_request(12, chain_keys(2, 2), engine::priority::low));
+  caf::actor cl;
+  ASSERT_NO_FATAL_FAILURE(cl = defer_late_and_on_time(e, log));
   const auto before = stats(e);
   EXPECT_EQ(before.disk_deferred, 2U);
   EXPECT_EQ(before.in_flight, 2U);
@@ -6142,20 +6122,9 @@ TEST_F(disk_deferral_test, ALateDeferredRequestTakesNoPlaceInAPass) {
   // behind the mailbox).
   ASSERT_TRUE(disk_.dir.ok());
   auto e = disk_engine(small_engine(64));
-  ask_now<kv_reply>(e, process_atom::value,
-                    blocks_request(1, chain_keys(1, 2)));
-  ask_now<kv_reply>(e, process_atom::value,
-                    blocks_request(2, chain_keys(2, 2)));
-  spill_all(e);
-  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
   auto log = std::make_shared<std::vector<answer>>();
-  auto cl = client(e, log);
-  const auto now = std::chrono::duration_cast<engine::nanos>(
-      sched_->clock().now().time_since_epoch());
-  auto late = blocks_request(11, chain_keys(1, 2), engine::priority::low);
-  late.deadline_ns = (now + 5ms).count();
-  caf::anon_send(cl, late);
-  send_via(cl, blocks_request(12, chain_keys(2, 2), engine::priority::low));
+  caf::actor cl;
+  ASSERT_NO_FATAL_FAILURE(cl = defer_late_and_on_time(e, log));
   EXPECT_EQ(stats(e).disk_deferred, 2U);
   disk_.release();           // both have landed
   sched_->advance_time(5ms); // the poll, past the first one's deadline

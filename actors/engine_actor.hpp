@@ -36,8 +36,9 @@
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no
 ///       reply); one below what is queued closes the batch at once
 ///   (listen_atom, actor)              subscribe to block_events (no reply;
-///       with a disk tier the first ones store the keys on disk: at most
-///       `snapshot_keys`, 4096 per message, see "Events")
+///       first one with no keys telling its pins, when it holds some or has
+///       a disk tier; with a disk tier the next ones store the keys on disk:
+///       at most `snapshot_keys`, 4096 per message, see "Events")
 ///   (ready_atom)                      -> true, once the engine reads its
 ///       mailbox: for one spawned with store_open::on_engine, once its
 ///       store (memory, tiers, disk) is made
@@ -77,7 +78,9 @@
 /// reported stored, one the disk tier drops (its capacity eviction, expiry, a
 /// corrupt block, a failed spill) or that expired there is reported evicted
 /// unless memory or the memory tier has it, and a new listener first gets
-/// block_events storing the keys on disk that have not expired (what the engine
+/// one block_events with no keys telling its pins (block_events::
+/// pinned_bytes, pinned_on_disk), then block_events storing the keys on
+/// disk that have not expired (what the engine
 /// recovered at its start), at most `snapshot_keys` of them, 4096 per message:
 /// the engine sends the next chunk in a message to itself, so it serves the
 /// requests queued in between, and one engine's large directory neither floods

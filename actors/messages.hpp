@@ -134,14 +134,17 @@ struct block_events {
   /// The engine's pinned bytes in memory (engine::block_store::
   /// pinned_bytes) when it sent this; 0 in what the balancer makes up. The
   /// engine also sends a message with no keys when only this changed (a
-  /// pin or unpin of a cached block) and to a new listener while it holds
-  /// pins, so the balancer knows which engines hold pins when it retires
-  /// one.
+  /// pin or unpin of a cached block), and one first to a new listener
+  /// while it holds pins or has a disk tier (then also with none), so the
+  /// balancer knows which engines hold pins when it retires one.
   std::uint64_t pinned_bytes = 0;
   /// Blocks whose copy on the engine's disk tier holds pins (disk_tier::
   /// pinned_blocks: written through with their pins, or recovered with
   /// them at the engine's start, when its memory holds none); reported
-  /// as pinned_bytes is.
+  /// as pinned_bytes is. Copies of every namespace count: pinned copies a
+  /// directory kept from a namespace the engine no longer serves (a node
+  /// restarted with another model) count for good, and keep the engine
+  /// from being retired first.
   std::uint64_t pinned_on_disk = 0;
 };
 

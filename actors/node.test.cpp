@@ -476,35 +476,6 @@ kv_request chain(std::uint64_t id) {
   return r;
 }
 
-/// Opens `g` after 10 s unless dismissed first: a test whose engine would
-/// wait for a held disk read fails then, instead of hanging.
-class gate_watchdog {
-public:
-  explicit gate_watchdog(std::shared_ptr<engine::testing::io_gate> g)
-      : thread_([this, g] {
-          std::unique_lock lk(mu_);
-          if (!cv_.wait_for(lk, std::chrono::seconds(10),
-                            [&] { return done_; }))
-            g->open();
-        }) {}
-  ~gate_watchdog() {
-    {
-      std::lock_guard lk(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  gate_watchdog(const gate_watchdog&) = delete;
-  gate_watchdog& operator=(const gate_watchdog&) = delete;
-
-private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
-
 TEST_F(Node, ALowPriorityRequestWaitsForItsDiskReadsOffTheBatch) {
   // A prefetch whose prefix was on disk held its engine for its reads,
   // which queue behind the tier's other work (spills, here one held at a
@@ -539,7 +510,7 @@ TEST_F(Node, ALowPriorityRequestWaitsForItsDiskReadsOffTheBatch) {
   EXPECT_EQ(quiet->disk_hits, 0U) << "read for a request refused anyway";
   // The tier's I/O thread is held in its next write, a spill.
   g->arm();
-  const gate_watchdog watchdog(g);
+  const engine::testing::gate_watchdog watchdog(g);
   ASSERT_TRUE((*n)->process_request(chain(41)).has_value());
   ASSERT_TRUE(g->wait_entered());
   auto low = chain(1);

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <thread>
 
 namespace kvfleet::engine::testing {
 
@@ -61,6 +62,36 @@ private:
   bool armed_ = false;
   bool entered_ = false;
   bool held_ = false;
+};
+
+/// Opens `g` after 10 s unless dismissed first (destroyed): a test whose
+/// code would wait for an I/O held at the gate fails then, instead of
+/// hanging.
+class gate_watchdog {
+public:
+  explicit gate_watchdog(std::shared_ptr<io_gate> g)
+      : thread_([this, g] {
+          std::unique_lock lk(mu_);
+          if (!cv_.wait_for(lk, std::chrono::seconds(10),
+                            [&] { return done_; }))
+            g->open();
+        }) {}
+  ~gate_watchdog() {
+    {
+      std::lock_guard lk(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  gate_watchdog(const gate_watchdog&) = delete;
+  gate_watchdog& operator=(const gate_watchdog&) = delete;
+
+private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
 };
 
 } // namespace kvfleet::engine::testing
