@@ -6181,6 +6181,225 @@ TEST_F(disk_deferral_test, ADeferredRequestsLandedBlocksStayUntilItIsServed) {
       4 * block_bytes);
 }
 
+TEST_F(disk_deferral_test,
+       ARequestDeferredAgainKeepsWhatItsFirstReadsBroughtBackHeld) {
+  // A low request whose prefix is on disk in two runs, the second spilled
+  // after the first one's reads started: once those have landed it is
+  // deferred again for the second run's reads (defer_for_disk with its
+  // prior hold token). While it waits again, the first run's blocks stay
+  // held: an eviction of everything takes none of them (held_blocks counts
+  // them; the eviction cannot take them anyway while b's slots, their
+  // children, wait for b's reads). Were the first hold let go at the second
+  // deferral, a failed read of b would leave them to go first (low
+  // priority), and the request would read them again in process(). Once
+  // served, nothing is held, and its reply counts every block as promoted.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  const auto a = chain_keys(1, 2);
+  const auto b = chain_keys(2, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, a));
+  spill_all(e);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, joined(a, b), engine::priority::low));
+  EXPECT_EQ(stats(e).disk_deferred, 1U);
+  // b goes to disk behind a's reads; block {902, 1} stays in memory.
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
+      2 * block_bytes);
+  ask_now<kv_reply>(e, process_atom::value,
+                    blocks_request(902, chain_keys(902, 1)));
+  disk_.release(); // a's reads have landed (uncollected), b is written
+  // The I/O thread held again, in {902, 1}'s spill: b's reads, started at
+  // the next poll, wait behind it. The eviction collects a's reads first.
+  disk_.gate->arm();
+  EXPECT_EQ(ask_now<std::uint64_t>(e, evict_atom::value, block_bytes),
+            block_bytes);
+  ASSERT_TRUE(disk_.gate->wait_entered());
+  disk_.held = true;
+  disk_.watchdog.emplace(disk_.gate);
+  sched_->advance_time(1ms); // the disk poll: deferred again for b
+  sched_->run();
+  auto st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 2U);
+  EXPECT_EQ(st.in_flight, 1U);
+  EXPECT_TRUE(log->empty());
+  EXPECT_EQ(st.held_blocks, 2U) << "a's blocks let go while it waits again";
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40), 0U)
+      << "a's blocks were evicted while their request waited again";
+  st = stats(e);
+  EXPECT_EQ(st.held_blocks, 2U);
+  EXPECT_EQ(st.blocks, 4U) << "a's, and the slots b's reads land in";
+  disk_.release(); // b's reads have landed
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U);
+  ASSERT_TRUE(log->front().reply.has_value());
+  const auto& rep = *log->front().reply;
+  EXPECT_EQ(rep.matched_blocks, 4U);
+  EXPECT_EQ(rep.computed_blocks, 0U);
+  EXPECT_EQ(rep.promoted_blocks, 4U);
+  EXPECT_EQ(rep.memory_blocks, 0U);
+  st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 2U);
+  EXPECT_EQ(st.in_flight, 0U);
+  EXPECT_EQ(st.disk_hits, 4U) << "a read twice";
+  EXPECT_EQ(st.held_blocks, 0U) << "still held after it was served";
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
+      4 * block_bytes);
+}
+
+TEST_F(disk_deferral_test,
+       ALowRequestWhoseTierRunStartsNoReadIsServedInItsBatchCountingIt) {
+  // A low request whose prefix goes into the memory tier and then to a
+  // block both in memory and on disk: promote() brings the tier's run back
+  // (held for the request) and links the rest, starting no disk read. The
+  // request is not deferred but served in its batch (defer_for_disk's
+  // served_after): its reply counts the tier's blocks as promoted, which
+  // process() found in memory, and the hold taken for promote() is let go
+  // with its answer. Served without served_after, the reply would count
+  // them as memory blocks; not let go, they would stay held for good.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto c = small_engine(64);
+  auto tier = attach_fake_tier(c, 40);
+  auto e = disk_engine(c);
+  ASSERT_NE(*tier, nullptr);
+  const auto t = chain_keys(1, 2);
+  const auto b = chain_keys(2, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
+  spill_all(e);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, t));
+  auto* store = *disk_.store;
+  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
+  (*tier)->finish_demotions();
+  store->poll_tier();
+  // b read back from disk: in memory, its disk copies kept.
+  EXPECT_EQ(ask_now<kv_reply>(e, process_atom::value, blocks_request(3, b))
+                .promoted_blocks,
+            2U);
+  auto st = stats(e);
+  ASSERT_EQ(st.tier_blocks, 2U);
+  ASSERT_EQ(st.blocks, 2U);
+  ASSERT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value, joined(t, b)), 4U);
+  const auto before = st;
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, joined(t, b), engine::priority::low));
+  ASSERT_EQ(log->size(), 1U) << "not served in its batch";
+  ASSERT_TRUE(log->front().reply.has_value())
+      << static_cast<int>(log->front().code);
+  const auto& rep = *log->front().reply;
+  EXPECT_EQ(rep.matched_blocks, 4U);
+  EXPECT_EQ(rep.computed_blocks, 0U);
+  EXPECT_EQ(rep.promoted_blocks, 2U) << "the tier's run";
+  EXPECT_EQ(rep.memory_blocks, 2U);
+  st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 0U);
+  EXPECT_EQ(st.in_flight, 0U);
+  EXPECT_EQ(st.held_blocks, 0U) << "promote()'s hold not let go";
+  EXPECT_EQ(st.tier_blocks, 0U);
+  EXPECT_EQ(st.tier_hits, before.tier_hits + 2);
+  EXPECT_EQ(st.disk_hits, before.disk_hits) << "a disk read started";
+  EXPECT_EQ(st.batches, before.batches + 1);
+  EXPECT_EQ(
+      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
+      4 * block_bytes);
+}
+
+TEST_F(disk_deferral_test, ALowRequestWhoseReadsFindNoRoomIsNotDeferred) {
+  // Memory full of open puts (reserved slots: nothing to evict), a low
+  // request whose prefix is on disk: promote() cannot reserve a slot for
+  // its first block, so no read starts, and the request is not deferred
+  // (there is nothing for it to wait for): it is answered in its batch, as
+  // process() answers it, with nothing held. Once the puts are aborted,
+  // the same request is deferred and reads its blocks.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  const auto a = chain_keys(1, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, a));
+  spill_all(e);
+  std::vector<std::uint64_t> tickets;
+  for (std::uint64_t i = 1; i <= 64; ++i) {
+    put_request p;
+    p.key = block_key{50, i};
+    auto r = ask<std::uint64_t>(e, reserve_atom::value, p);
+    sched_->run();
+    if (!r->value)
+      break;
+    tickets.push_back(*r->value);
+  }
+  auto st = stats(e);
+  ASSERT_GE(tickets.size(), 1U);
+  ASSERT_EQ(st.used_bytes, st.capacity_bytes) << tickets.size();
+  const auto before = st;
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, a, engine::priority::low));
+  st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 0U) << "deferred with no read started";
+  EXPECT_EQ(st.in_flight, 0U);
+  EXPECT_EQ(st.held_blocks, 0U);
+  EXPECT_EQ(st.batches, before.batches + 1);
+  ASSERT_EQ(log->size(), 1U) << "not answered in its batch";
+  ASSERT_TRUE(log->front().reply.has_value())
+      << static_cast<int>(log->front().code);
+  // process() computes what it cannot read, with no room to keep it.
+  EXPECT_EQ(log->front().reply->computed_blocks, 2U);
+  EXPECT_EQ(log->front().reply->uncached_blocks, 2U);
+  EXPECT_EQ(log->front().reply->promoted_blocks, 0U);
+  for (const auto ticket : tickets)
+    EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, ticket));
+  send_via(cl, blocks_request(11, a, engine::priority::low));
+  EXPECT_EQ(stats(e).disk_deferred, 1U) << "the room was not the reason";
+  disk_.wait_idle();
+  sched_->advance_time(1ms);
+  sched_->run();
+  ASSERT_EQ(log->size(), 2U);
+  ASSERT_TRUE(log->back().reply.has_value());
+  EXPECT_EQ(log->back().reply->promoted_blocks, 2U);
+  st = stats(e);
+  EXPECT_EQ(st.in_flight, 0U);
+  EXPECT_EQ(st.held_blocks, 0U);
+}
+
+TEST_F(disk_deferral_test,
+       ALowRequestWhosePrefixEndsPastTheMemoryTierOffDiskIsNotDeferred) {
+  // The memory tier's run, then a block on no tier (or the request's end):
+  // defer_for_disk leaves it to process() before promote() (nothing to
+  // read from disk), so nothing is held for it; process() brings the
+  // tier's run back itself and counts it as promoted.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto c = small_engine(64);
+  auto tier = attach_fake_tier(c, 40);
+  auto e = disk_engine(c);
+  ASSERT_NE(*tier, nullptr);
+  const auto t = chain_keys(1, 2);
+  spill_all(e); // the engine's own block
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, t));
+  auto* store = *disk_.store;
+  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
+  (*tier)->finish_demotions();
+  store->poll_tier();
+  ASSERT_EQ(stats(e).tier_blocks, 2U);
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(10, joined(t, chain_keys(2, 1)),
+                              engine::priority::low));
+  ASSERT_EQ(log->size(), 1U) << "not served in its batch";
+  ASSERT_TRUE(log->front().reply.has_value());
+  EXPECT_EQ(log->front().reply->promoted_blocks, 2U);
+  EXPECT_EQ(log->front().reply->computed_blocks, 1U);
+  auto st = stats(e);
+  EXPECT_EQ(st.disk_deferred, 0U);
+  EXPECT_EQ(st.held_blocks, 0U);
+  EXPECT_EQ(st.tier_blocks, 0U);
+  EXPECT_EQ(st.in_flight, 0U);
+}
+
 TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {
   // The balancer sends its listeners observe_atom, latency_atom and
   // block_events; an engine sends block_events. A listener that handles
