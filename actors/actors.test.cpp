@@ -6114,6 +6114,42 @@ TEST_F(disk_deferral_test,
   EXPECT_EQ(st.in_flight, 0U);
 }
 
+TEST_F(disk_deferral_test, APassWithOnlyLateRequestsStillTellsWhatLanded) {
+  // A deferred request's reads land, and the pass that collects them finds
+  // it past its deadline: answered unprocessed, nothing served. The blocks
+  // that landed are still told to the listeners at once (and pressure
+  // relieved). Before, only a pass that served a request published, so the
+  // listeners heard of them only at the engine's next call.
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  const auto a = chain_keys(1, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, a));
+  spill_all(e);
+  auto events = std::make_shared<std::vector<block_events>>();
+  record_events(e, events);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  const auto now = std::chrono::duration_cast<engine::nanos>(
+      sched_->clock().now().time_since_epoch());
+  auto late = blocks_request(11, a, engine::priority::low);
+  late.deadline_ns = (now + 5ms).count();
+  send_via(cl, late);
+  EXPECT_EQ(stats(e).disk_deferred, 1U);
+  sched_->run();
+  disk_.release(); // the reads have landed, not collected yet
+  events->clear();
+  sched_->advance_time(5ms); // the poll, at the deadline
+  sched_->run();
+  ASSERT_EQ(log->size(), 1U);
+  EXPECT_EQ(log->front().code, errc::timeout);
+  std::set<block_key> stored;
+  for (const auto& ev : *events)
+    stored.insert(ev.stored.begin(), ev.stored.end());
+  EXPECT_EQ(stored, (std::set<block_key>(a.begin(), a.end())))
+      << "the blocks that landed were not told";
+}
+
 TEST_F(disk_deferral_test, ALateDeferredRequestTakesNoPlaceInAPass) {
   // A pass serves at most max_size deferred requests (one here), and one
   // answered late does not count toward them: the late one and the next
