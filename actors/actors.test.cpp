@@ -5734,8 +5734,20 @@ protected:
   }
   /// Evicts every block in memory to disk and waits until it is written.
   void spill_all(const caf::actor& e) {
-    ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40);
+    evict_all(e);
     disk_.wait_idle();
+  }
+  /// Asks `e` to evict every block it can; the bytes it freed.
+  std::uint64_t evict_all(const caf::actor& e) {
+    return ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40);
+  }
+  /// Moves every block in the engine's memory to `tier` and lets the copies
+  /// finish, so those blocks are in the tier only.
+  void demote_all(engine::testing::fake_memory_tier& tier) {
+    auto* store = *disk_.store;
+    ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
+    tier.finish_demotions();
+    store->poll_tier();
   }
   /// Holds the tier's I/O thread in a write (a block of its own, computed
   /// and evicted, with every other block in memory): the reads started
@@ -5744,7 +5756,7 @@ protected:
     disk_.gate->arm();
     ask_now<kv_reply>(e, process_atom::value,
                       blocks_request(901, chain_keys(901, 1)));
-    ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40);
+    evict_all(e);
     ASSERT_TRUE(disk_.gate->wait_entered());
     disk_.held = true;
     disk_.watchdog.emplace(disk_.gate);
@@ -5834,9 +5846,7 @@ TEST_F(disk_deferral_test, ADeferredRequestIsDeferredAgainWhileItsPrefixGrows) {
   // b is computed and evicted while a's reads wait: its spill is queued,
   // so it is on disk now, after a.
   ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
-      2 * block_bytes);
+  EXPECT_EQ(evict_all(e), 2 * block_bytes);
   disk_.release();           // a's reads have landed, b is written
   sched_->advance_time(1ms); // the disk poll
   sched_->run();
@@ -5914,10 +5924,7 @@ TEST_F(disk_deferral_test,
   ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
   spill_all(e);
   ask_now<kv_reply>(e, process_atom::value, blocks_request(1, t));
-  auto* store = *disk_.store;
-  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
-  (*tier)->finish_demotions();
-  store->poll_tier();
+  ASSERT_NO_FATAL_FAILURE(demote_all(**tier));
   auto st = stats(e);
   ASSERT_EQ(st.tier_blocks, 2U);
   ASSERT_EQ(st.blocks, 0U);
@@ -5963,10 +5970,7 @@ TEST_F(disk_deferral_test, ARequestWaitsAgainForTheDiskPastATierRun) {
   ask_now<kv_reply>(e, process_atom::value, blocks_request(3, b));
   spill_all(e);
   ask_now<kv_reply>(e, process_atom::value, blocks_request(2, t));
-  auto* store = *disk_.store;
-  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
-  (*tier)->finish_demotions();
-  store->poll_tier();
+  ASSERT_NO_FATAL_FAILURE(demote_all(**tier));
   ASSERT_EQ(stats(e).tier_blocks, 2U);
   ASSERT_NO_FATAL_FAILURE(hold_disk(e));
   auto log = std::make_shared<std::vector<answer>>();
@@ -6194,8 +6198,7 @@ TEST_F(disk_deferral_test, ADeferredRequestsLandedBlocksStayUntilItIsServed) {
   EXPECT_EQ(stats(e).disk_deferred, 1U);
   disk_.release();
   // The eviction collects the landed reads first: they are held.
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40), 0U)
+  EXPECT_EQ(evict_all(e), 0U)
       << "the landed blocks were evicted before their request was served";
   EXPECT_EQ(stats(e).held_blocks, 4U);
   sched_->advance_time(1ms);
@@ -6212,9 +6215,7 @@ TEST_F(disk_deferral_test, ADeferredRequestsLandedBlocksStayUntilItIsServed) {
   EXPECT_EQ(st.in_flight, 0U);
   EXPECT_EQ(st.disk_hits, 4U) << "read twice";
   EXPECT_EQ(st.held_blocks, 0U) << "still held after it was served";
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
-      4 * block_bytes);
+  EXPECT_EQ(evict_all(e), 4 * block_bytes);
 }
 
 TEST_F(disk_deferral_test,
@@ -6242,9 +6243,7 @@ TEST_F(disk_deferral_test,
   EXPECT_EQ(stats(e).disk_deferred, 1U);
   // b goes to disk behind a's reads; block {902, 1} stays in memory.
   ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
-      2 * block_bytes);
+  EXPECT_EQ(evict_all(e), 2 * block_bytes);
   ask_now<kv_reply>(e, process_atom::value,
                     blocks_request(902, chain_keys(902, 1)));
   disk_.release(); // a's reads have landed (uncollected), b is written
@@ -6263,8 +6262,7 @@ TEST_F(disk_deferral_test,
   EXPECT_EQ(st.in_flight, 1U);
   EXPECT_TRUE(log->empty());
   EXPECT_EQ(st.held_blocks, 2U) << "a's blocks let go while it waits again";
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40), 0U)
+  EXPECT_EQ(evict_all(e), 0U)
       << "a's blocks were evicted while their request waited again";
   st = stats(e);
   EXPECT_EQ(st.held_blocks, 2U);
@@ -6284,9 +6282,7 @@ TEST_F(disk_deferral_test,
   EXPECT_EQ(st.in_flight, 0U);
   EXPECT_EQ(st.disk_hits, 4U) << "a read twice";
   EXPECT_EQ(st.held_blocks, 0U) << "still held after it was served";
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
-      4 * block_bytes);
+  EXPECT_EQ(evict_all(e), 4 * block_bytes);
 }
 
 TEST_F(disk_deferral_test,
@@ -6309,10 +6305,7 @@ TEST_F(disk_deferral_test,
   ask_now<kv_reply>(e, process_atom::value, blocks_request(2, b));
   spill_all(e);
   ask_now<kv_reply>(e, process_atom::value, blocks_request(1, t));
-  auto* store = *disk_.store;
-  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
-  (*tier)->finish_demotions();
-  store->poll_tier();
+  ASSERT_NO_FATAL_FAILURE(demote_all(**tier));
   // b read back from disk: in memory, its disk copies kept.
   EXPECT_EQ(ask_now<kv_reply>(e, process_atom::value, blocks_request(3, b))
                 .promoted_blocks,
@@ -6341,9 +6334,7 @@ TEST_F(disk_deferral_test,
   EXPECT_EQ(st.tier_hits, before.tier_hits + 2);
   EXPECT_EQ(st.disk_hits, before.disk_hits) << "a disk read started";
   EXPECT_EQ(st.batches, before.batches + 1);
-  EXPECT_EQ(
-      ask_now<std::uint64_t>(e, evict_atom::value, std::uint64_t{1} << 40),
-      4 * block_bytes);
+  EXPECT_EQ(evict_all(e), 4 * block_bytes);
 }
 
 TEST_F(disk_deferral_test, ALowRequestWhoseReadsFindNoRoomIsNotDeferred) {
@@ -6416,10 +6407,7 @@ TEST_F(disk_deferral_test,
   const auto t = chain_keys(1, 2);
   spill_all(e); // the engine's own block
   ask_now<kv_reply>(e, process_atom::value, blocks_request(1, t));
-  auto* store = *disk_.store;
-  ASSERT_TRUE(store->demote_to_tier(store->used_bytes()).has_value());
-  (*tier)->finish_demotions();
-  store->poll_tier();
+  ASSERT_NO_FATAL_FAILURE(demote_all(**tier));
   ASSERT_EQ(stats(e).tier_blocks, 2U);
   auto log = std::make_shared<std::vector<answer>>();
   auto cl = client(e, log);

@@ -867,6 +867,11 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
           if (c.open && c.request && c.request->pin &&
               c.generation == s.slots[c.slot].generation)
             pinning[c.slot] = 1;
+        // Fewer pins; one whose pins are not known yet goes last.
+        const auto fewer = [](const slot_info& a, const slot_info& b) {
+          return std::tuple{!a.pins_known, a.pinned_bytes, a.pinned_on_disk} <
+                 std::tuple{!b.pins_known, b.pinned_bytes, b.pinned_on_disk};
+        };
         std::optional<std::uint32_t> pick;
         std::optional<std::uint32_t> pinned_disk;
         std::uint32_t candidates = 0;
@@ -881,11 +886,6 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
             pick = slot;
             break;
           }
-          // One whose pins are not known yet goes last.
-          const auto fewer = [](const slot_info& a, const slot_info& b) {
-            return std::tuple{!a.pins_known, a.pinned_bytes, a.pinned_on_disk} <
-                   std::tuple{!b.pins_known, b.pinned_bytes, b.pinned_on_disk};
-          };
           if (info.disk && (!pinned_disk || fewer(info, s.slots[*pinned_disk])))
             pinned_disk = slot;
         }

@@ -736,6 +736,19 @@ engine::segment_file::write_fault waiting_at(std::shared_ptr<gate> g) {
 /// live (errc::not_found: free, or its engine still opening). Any other
 /// answer fails the test, so a poll for a freed slot cannot read a
 /// balancer error as "freed".
+/// Asks `n`'s balancer for a replica change (replica_atom or retire_atom)
+/// and waits: the live engines after it, or nothing (a failure added).
+template <class Atom>
+std::optional<std::uint32_t> live_after(caf::actor_system& sys, node& n,
+                                        Atom atom) {
+  caf::scoped_actor self{sys};
+  std::optional<std::uint32_t> out;
+  self->request(n.balancer(), caf::infinite, atom)
+      .receive([&](std::uint32_t live) { out = live; },
+               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
+  return out;
+}
+
 caf::actor engine_of(caf::actor_system& sys, node& n, std::uint32_t slot) {
   caf::scoped_actor self{sys};
   caf::actor out;
@@ -1834,14 +1847,7 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   auto n = node::start(*sys_, disk_node(dir.path()));
   ASSERT_TRUE(n.has_value()) << n.error().describe();
   caf::scoped_actor self{*sys_};
-  const auto ask_balancer = [&](auto atom) {
-    std::optional<std::uint32_t> out;
-    self->request((*n)->balancer(), caf::infinite, atom)
-        .receive([&](std::uint32_t live) { out = live; },
-                 [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
-    return out;
-  };
-  ASSERT_EQ(ask_balancer(actors::replica_atom::value), 2U);
+  ASSERT_EQ(live_after(*sys_, **n, actors::replica_atom::value), 2U);
   actors::put_request p;
   p.key = block_key{3000, 1};
   p.pin = true;
@@ -1862,14 +1868,14 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   auto retired = engine_of(*sys_, **n, 1);
   ASSERT_TRUE(retired);
   self->monitor(retired);
-  ASSERT_EQ(ask_balancer(actors::retire_atom::value), 1U);
+  ASSERT_EQ(live_after(*sys_, **n, actors::retire_atom::value), 1U);
   self->receive([](const caf::down_msg&) {});
   // The balancer frees the slot when it sees the engine stop.
   bool freed = false;
   for (int i = 0; i < 1'000'000 && !freed; ++i)
     freed = !engine_of(*sys_, **n, 1);
   ASSERT_TRUE(freed);
-  ASSERT_EQ(ask_balancer(actors::replica_atom::value), 2U);
+  ASSERT_EQ(live_after(*sys_, **n, actors::replica_atom::value), 2U);
   auto es = (*n)->engine_stats(1);
   ASSERT_TRUE(es.has_value()) << es.error().describe();
   EXPECT_EQ(es->requests, 0U) << "not the new replica";
@@ -1894,11 +1900,7 @@ TEST_F(Node, ARetirePassesOverAnEngineWhosePinsAreOnlyOnDisk) {
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
   caf::scoped_actor self{*sys_};
-  std::optional<std::uint32_t> live;
-  self->request((*n)->balancer(), caf::infinite, actors::replica_atom::value)
-      .receive([&](std::uint32_t l) { live = l; },
-               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
-  ASSERT_EQ(live, 2U);
+  ASSERT_EQ(live_after(*sys_, **n, actors::replica_atom::value), 2U);
   actors::put_request p;
   p.key = block_key{3000, 1};
   p.pin = true;
@@ -1922,11 +1924,7 @@ TEST_F(Node, ARetirePassesOverAnEngineWhosePinsAreOnlyOnDisk) {
   ASSERT_TRUE(st.has_value()) << st.error().describe();
   EXPECT_EQ(st->pinned_bytes, (std::vector<std::uint64_t>{0, 0}));
   EXPECT_EQ(st->pinned_on_disk, (std::vector<std::uint64_t>{0, 1}));
-  live.reset();
-  self->request((*n)->balancer(), caf::infinite, actors::retire_atom::value)
-      .receive([&](std::uint32_t l) { live = l; },
-               [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
-  ASSERT_EQ(live, 1U);
+  ASSERT_EQ(live_after(*sys_, **n, actors::retire_atom::value), 1U);
   st = (*n)->stats();
   ASSERT_TRUE(st.has_value()) << st.error().describe();
   EXPECT_EQ(st->up, (std::vector<std::uint8_t>{0, 1}))
@@ -1961,17 +1959,10 @@ TEST_F(Node, ARetiredEnginePersistsItsBlocksForTheNextEngineInItsSlot) {
   ASSERT_TRUE(before.has_value()) << before.error().describe();
   ASSERT_EQ(before->disk_blocks, 0U) << "the blocks are in memory only";
   caf::scoped_actor self{*sys_};
-  const auto ask_balancer = [&](auto atom) {
-    std::optional<std::uint32_t> out;
-    self->request((*n)->balancer(), caf::infinite, atom)
-        .receive([&](std::uint32_t live) { out = live; },
-                 [&](caf::error& e) { ADD_FAILURE() << caf::to_string(e); });
-    return out;
-  };
   auto retired = engine_of(*sys_, **n, 1);
   ASSERT_TRUE(retired);
   self->monitor(retired);
-  ASSERT_EQ(ask_balancer(actors::retire_atom::value), 1U);
+  ASSERT_EQ(live_after(*sys_, **n, actors::retire_atom::value), 1U);
   self->receive([](const caf::down_msg&) {});
   // The balancer frees the slot when it sees the engine stop.
   bool freed = false;
@@ -1979,7 +1970,7 @@ TEST_F(Node, ARetiredEnginePersistsItsBlocksForTheNextEngineInItsSlot) {
     freed = !engine_of(*sys_, **n, 1);
   }
   ASSERT_TRUE(freed);
-  ASSERT_EQ(ask_balancer(actors::replica_atom::value), 2U);
+  ASSERT_EQ(live_after(*sys_, **n, actors::replica_atom::value), 2U);
   auto es = (*n)->engine_stats(1);
   ASSERT_TRUE(es.has_value()) << es.error().describe();
   EXPECT_EQ(es->requests, 0U) << "not the new replica";

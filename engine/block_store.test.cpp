@@ -155,6 +155,18 @@ protected:
     }
   }
 
+  /// Four one-block slabs, both watermarks at 1 (no room-making before a
+  /// put needs it): returns how many int4 blocks one slab holds.
+  std::size_t open_four_slabs() {
+    high_watermark_ = 1.0;
+    low_watermark_ = 1.0;
+    open(4, policy_kind::lru, false, 1);
+    const std::size_t small_slot =
+        (encoded_size(codec::int4, small_spec().elements_per_block()) + 255) /
+        256 * 256;
+    return block_bytes / small_slot;
+  }
+
   manual_clock clock_;
   /// The store's on_block_event, when set.
   std::function<void(block_event, const block_key&)> on_event_;
@@ -4069,13 +4081,7 @@ TEST_F(store_fixture, put_tokens_with_a_pin_counts_the_cached_prefix_it_pins) {
 // failed.)
 TEST_F(store_fixture,
        a_put_that_only_another_partitions_share_could_serve_evicts_nothing) {
-  high_watermark_ = 1.0; // no room-making before the last put
-  low_watermark_ = 1.0;
-  open(4, policy_kind::lru, false, 1); // four one-block slabs
-  const std::size_t small_slot =
-      (encoded_size(codec::int4, small_spec().elements_per_block()) + 255) /
-      256 * 256;
-  const std::size_t per_slab = block_bytes / small_slot;
+  const std::size_t per_slab = open_four_slabs();
   ASSERT_GE(per_slab, 2U);
   // Slab 0: a medium request's full-size block, evictable, within the
   // medium share (4 KiB of 30% of 16 KiB).
@@ -4123,13 +4129,7 @@ TEST_F(store_fixture,
 // block of such a partition, and refused the put with nothing evicted.)
 TEST_F(store_fixture,
        a_dead_parent_of_another_partition_leaves_with_its_child) {
-  high_watermark_ = 1.0;
-  low_watermark_ = 1.0;
-  open(4, policy_kind::lru, false, 1); // four one-block slabs
-  const std::size_t small_slot =
-      (encoded_size(codec::int4, small_spec().elements_per_block()) + 255) /
-      256 * 256;
-  const std::size_t per_slab = block_bytes / small_slot;
+  const std::size_t per_slab = open_four_slabs();
   ASSERT_GE(per_slab, 2U);
   put_options medium;
   medium.request_tokens = 3000;
