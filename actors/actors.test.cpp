@@ -4612,6 +4612,51 @@ TEST_F(actor_test, AHighPriorityJoinerGoesItselfWhenTheOneSentBeforeFailed) {
   sched_->run();
 }
 
+TEST_F(actor_test, AJoinerIsNotAnsweredWithAnotherCallersTimeout) {
+  // A request of "k" with a deadline is on its way. A request of "k" with
+  // none goes itself (before, it joined, and got the first one's timeout
+  // when that expired); one with an earlier deadline joins it, and one
+  // with a later deadline joins the one with none. The first one's
+  // timeout answers only its own caller: the others get the reply.
+  auto h = std::make_shared<cued_calls>();
+  auto b = sys_->spawn(cued_balancer, h);
+  stop_at_end_.push_back(b);
+  auto qc = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
+  stop_at_end_.push_back(qc);
+  const auto req = [](std::uint64_t id, std::int64_t deadline_ns) {
+    auto r = query_at(id, "k", engine::priority::normal);
+    r.deadline_ns = deadline_ns;
+    return r;
+  };
+  const std::int64_t soon = 1'000'000;
+  auto r1 = ask<kv_reply>(qc, query_atom::value, req(1, soon));
+  sched_->run();
+  auto r2 = ask<kv_reply>(qc, query_atom::value, req(2, soon / 2));
+  sched_->run();
+  EXPECT_EQ(h->calls.size(), 1U) << "an earlier deadline joins";
+  auto r3 = ask<kv_reply>(qc, query_atom::value, req(3, 0));
+  sched_->run();
+  ASSERT_EQ(h->calls.size(), 2U) << "no deadline joined a request with one";
+  EXPECT_EQ(h->calls[1].first.id, 3U);
+  EXPECT_EQ(h->calls[1].first.deadline_ns, 0);
+  auto r4 = ask<kv_reply>(qc, query_atom::value, req(4, 4 * soon));
+  sched_->run();
+  EXPECT_EQ(h->calls.size(), 2U) << "a later deadline joins one with none";
+  caf::anon_send(b, ready_atom::value, std::uint64_t{0}, true); // times out
+  sched_->run();
+  for (const auto& r : {r1, r2, r3, r4})
+    EXPECT_FALSE(r->value || r->error) << "a request is still on its way";
+  caf::anon_send(b, ready_atom::value, std::uint64_t{1}, false);
+  sched_->run();
+  for (const auto& r : {r1, r2, r3, r4}) {
+    ASSERT_TRUE(r->value.has_value());
+    EXPECT_EQ(r->value->computed_tokens, 16U);
+  }
+  auto st = ask_now<query_cache_stats>(qc, stats_atom::value);
+  EXPECT_EQ(st.misses, 4U);
+  EXPECT_EQ(st.coalesced, 3U);
+}
+
 TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
   // Two callers wait on one miss held by an engine's 10 s batch; the cache
   // is killed: both get request_receiver_down, not silence.
@@ -4853,6 +4898,53 @@ TEST_F(actor_test, QueryCacheAnswersAQueryKeyOnlyWithAReplyOfItsBlockCount) {
   sched_->run();
   ASSERT_TRUE(p2_more->value.has_value());
   EXPECT_EQ(p2_more->value->computed_blocks, 2U);
+}
+
+TEST_F(actor_test, QueryCacheAnswersAQueryKeyOnlyWithAReplyOfItsTokenCount) {
+  // "q" of one block and 16 tokens is stored. "q" of the same block and
+  // 20 tokens (another partial last block: another prompt) is a miss with
+  // its own token counts, which replace the entry. (Before, it was a hit
+  // saying 16 tokens computed, 4 short of its prompt.) With "p" of 16
+  // tokens on its way, "p" of 20 does not join it.
+  const cache_over_holding f(*sys_, stop_at_end_);
+  const auto& held = f.held;
+  const auto& b = f.balancer;
+  const auto& qcache = f.cache;
+  sched_->run();
+  const auto tokens = [](std::uint64_t id, const std::string& q,
+                         std::uint32_t n) {
+    auto r = query_at(id, q, engine::priority::normal);
+    r.input_tokens = n;
+    return r;
+  };
+  const auto answered = [&](const kv_request& r) {
+    auto out = ask<kv_reply>(qcache, query_atom::value, r);
+    sched_->run();
+    caf::anon_send(b, close_batch_atom::value);
+    sched_->run();
+    EXPECT_TRUE(out->value.has_value());
+    return out->value.value_or(kv_reply{});
+  };
+  EXPECT_EQ(answered(tokens(1, "q", 16)).computed_tokens, 16U);
+  const auto longer = answered(tokens(2, "q", 20));
+  EXPECT_FALSE(longer.from_query_cache);
+  EXPECT_EQ(longer.computed_tokens, 20U);
+  EXPECT_EQ(*held, 2U);
+  const auto hit = answered(tokens(3, "q", 20));
+  EXPECT_TRUE(hit.from_query_cache);
+  EXPECT_EQ(hit.computed_tokens, 20U);
+  EXPECT_EQ(*held, 2U);
+
+  auto p16 = ask<kv_reply>(qcache, query_atom::value, tokens(4, "p", 16));
+  auto p20 = ask<kv_reply>(qcache, query_atom::value, tokens(5, "p", 20));
+  sched_->run();
+  EXPECT_EQ(*held, 4U) << "p of 20 tokens joined p of 16";
+  caf::anon_send(b, close_batch_atom::value);
+  sched_->run();
+  ASSERT_TRUE(p16->value && p20->value);
+  EXPECT_EQ(p16->value->computed_tokens, 16U);
+  EXPECT_EQ(p20->value->computed_tokens, 20U);
+  EXPECT_FALSE(p20->value->joined);
 }
 
 TEST_F(actor_test, TheCacheWarmerAndPrefetcherSetNoTimerOfTheirOwn) {

@@ -11,7 +11,7 @@
 #include "engine/block_key.hpp"
 #include "engine/eviction_policy.hpp"
 
-#include <array>
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <limits>
@@ -108,28 +108,46 @@ struct waiter {
   engine::nanos arrived{0};
 };
 
+/// A request of a round on its way to the balancer: its priority and its
+/// caller's deadline (kv_request::deadline_ns; 0, none).
+struct sent_request {
+  engine::priority prio = engine::priority::normal;
+  std::int64_t deadline_ns = 0;
+
+  friend bool operator==(const sent_request&, const sent_request&) = default;
+};
+
 struct pending_query {
   std::vector<waiter> waiters;
-  /// Requests to the balancer still open, by priority: a failed one no
-  /// longer counts, so a joiner is measured against what is on its way.
-  std::array<std::uint32_t, engine::priority_count> open{};
+  /// Requests to the balancer still open: a failed one no longer counts,
+  /// so a joiner is measured against what is on its way. (One per
+  /// priority level and later deadline at most: a joiner sends only when
+  /// none serves it.)
+  std::vector<sent_request> open;
   std::uint64_t round = 0;
-  /// The block count of the round's requests: one of the key with another
-  /// count is another prompt, which the round's reply does not answer.
+  /// The block and token counts of the round's requests: one of the key
+  /// with other counts is another prompt, which the round's reply does not
+  /// answer.
   std::size_t blocks = 0;
+  std::uint32_t tokens = 0;
 
-  [[nodiscard]] std::uint32_t unanswered() const noexcept {
-    std::uint32_t n = 0;
-    for (const auto c : open)
-      n += c;
-    return n;
-  }
-  /// Whether a request of `p` or higher is still on its way.
-  [[nodiscard]] bool sent_at_least(engine::priority p) const noexcept {
-    for (auto i = static_cast<std::size_t>(p); i < open.size(); ++i)
-      if (open[i] > 0)
+  [[nodiscard]] std::size_t unanswered() const noexcept { return open.size(); }
+  /// Whether a request on its way serves a joiner of priority `p` and
+  /// deadline `deadline_ns`: of `p` or higher, so the joiner does not wait
+  /// behind lower-priority traffic, and with no deadline or one no earlier
+  /// than the joiner's, so the joiner is not answered errc::timeout before
+  /// its own deadline (or with none) for another caller's.
+  [[nodiscard]] bool serves(engine::priority p,
+                            std::int64_t deadline_ns) const noexcept {
+    for (const auto& r : open)
+      if (r.prio >= p && (r.deadline_ns == 0 ||
+                          (deadline_ns != 0 && r.deadline_ns >= deadline_ns)))
         return true;
     return false;
+  }
+  /// Whether `req` is the round's prompt: its block and token counts.
+  [[nodiscard]] bool same_prompt(const kv_request& req) const noexcept {
+    return blocks == req.keys.size() && tokens == req.input_tokens;
   }
 };
 
@@ -204,6 +222,7 @@ void ask_balancer_alone(cache_actor* self, kv_request req,
 void ask_balancer(cache_actor* self, const std::string& key,
                   std::uint64_t round, std::size_t sender, kv_request req) {
   auto& s = self->state;
+  const sent_request sent{req.prio, req.deadline_ns};
   const auto prio = req.prio;
   // No timer of our own: the balancer answers every request, at the latest
   // with its own request_timeout (one timer for all its calls), and another
@@ -235,7 +254,10 @@ void ask_balancer(cache_actor* self, const std::string& key,
             if (it == s2.waiting.end() || it->second.round != round)
               return;
             // Another request of the round may still succeed.
-            --it->second.open[static_cast<std::size_t>(prio)];
+            auto& open = it->second.open;
+            if (auto at = std::find(open.begin(), open.end(), sent);
+                at != open.end())
+              open.erase(at);
             if (it->second.unanswered() > 0)
               return;
             auto list = std::move(it->second.waiters);
@@ -295,13 +317,12 @@ cache_behavior(cache_actor* self, query_cache_config config,
         // each). An entry stored meanwhile (another node on the same
         // Redis, a pinning request of the key) is then a missed hit, not
         // a wrong reply: the joiner gets the miss's reply. Not when that
-        // miss has another block count (another prompt under the same
-        // query key: its reply is not this one's answer): the store may
-        // hold this one's, and else it goes on its own.
+        // miss has another block or token count (another prompt under the
+        // same query key: its reply is not this one's answer): the store
+        // may hold this one's, and else it goes on its own.
         auto in_flight = s.waiting.find(req.query);
         const bool other_prompt_on_its_way =
-            in_flight != s.waiting.end() &&
-            in_flight->second.blocks != req.keys.size();
+            in_flight != s.waiting.end() && !in_flight->second.same_prompt(req);
         if (in_flight == s.waiting.end() || other_prompt_on_its_way) {
           auto got = s.store->get(req.query, now(self));
           if (!got)
@@ -310,12 +331,15 @@ cache_behavior(cache_actor* self, query_cache_config config,
             kv_reply rep;
             if (!decode_reply(**got, rep))
               ++s.stats.store_errors; // one it cannot read: recomputed
-            // A reply of as many blocks as the request has: one of another
-            // count answered another prompt under the same query key (its
-            // blocks were never computed for this one), so this request is
-            // a miss, and its reply replaces that entry.
+            // A reply of as many blocks and tokens as the request has: one
+            // of other counts answered another prompt under the same query
+            // key (its blocks were never computed for this one, or its
+            // token counts do not add up to this prompt's), so this request
+            // is a miss, and its reply replaces that entry.
             else if (rep.matched_blocks + rep.computed_blocks ==
-                     req.keys.size()) {
+                         req.keys.size() &&
+                     rep.matched_tokens + rep.computed_tokens ==
+                         req.input_tokens) {
               ++s.stats.hits;
               rep.id = req.id;
               rep.from_query_cache = true;
@@ -335,9 +359,11 @@ cache_behavior(cache_actor* self, query_cache_config config,
         if (pending.waiters.size() > 1) {
           ++s.stats.coalesced;
           // A waiter of higher priority than every request on its way must
-          // not wait behind lower-priority traffic: it goes too (also when
-          // the higher-priority one sent before has failed meanwhile).
-          if (pending.sent_at_least(req.prio)) {
+          // not wait behind lower-priority traffic, nor one with a later
+          // deadline (or none) be answered with another caller's timeout:
+          // it goes too (also when the one sent before that served it has
+          // failed meanwhile).
+          if (pending.serves(req.prio, req.deadline_ns)) {
             if (!s.listeners.empty()) {
               pending.waiters.back().joined = std::move(req);
               pending.waiters.back().arrived = now(self);
@@ -347,8 +373,9 @@ cache_behavior(cache_actor* self, query_cache_config config,
         } else {
           pending.round = ++s.next_round;
           pending.blocks = req.keys.size();
+          pending.tokens = req.input_tokens;
         }
-        ++pending.open[static_cast<std::size_t>(req.prio)];
+        pending.open.push_back({req.prio, req.deadline_ns});
         ask_balancer(self, key, pending.round, pending.waiters.size() - 1,
                      std::move(req));
         return promise;

@@ -16,11 +16,15 @@
 /// request of the key (below), may have stored one. The joiner then waits
 /// for the miss's reply instead: the only cost is a missed hit, never a
 /// wrong reply.
-/// A miss that joins them with a higher priority than every request of that
-/// key already sent goes to the balancer too, in its own priority (so a
-/// critical caller never waits behind a low-priority request); the first
-/// reply answers every waiter and a later one is ignored. Such a miss counts
-/// as coalesced. A waiter whose reply another request computed gets it
+/// A miss that joins them goes to the balancer too, in its own priority and
+/// with its own deadline, unless a request of that key already sent has at
+/// least its priority (so a critical caller never waits behind a
+/// low-priority request) and no deadline, or one no earlier than its
+/// kv_request::deadline_ns (so a caller is not answered errc::timeout for
+/// another caller's deadline: before, one with no deadline that joined a
+/// request of a 1 ns deadline got its timeout); the first reply answers
+/// every waiter and a later one is ignored. Such a miss counts as
+/// coalesced. A waiter whose reply another request computed gets it
 /// with kv_reply::joined set: one that sent nothing itself, and one whose
 /// own request was answered later (a low-priority prefetch overtaken by a
 /// high-priority user's request of its query prefetched nothing). The
@@ -39,12 +43,15 @@
 /// those blocks, for the whole TTL. A reply is stored after it is
 /// delivered (with Redis, the SET does not hold the callers up).
 /// The query key names a prompt: a stored reply answers only a request of
-/// as many blocks as it covers (matched_blocks + computed_blocks), and a
-/// request of the key with another block count is a miss (its reply
-/// replaces the entry); one that finds a miss of the key with another
-/// block count on its way does not join it: answered from the store when
-/// it holds a reply of its count, else sent to the balancer on its own, as
-/// a pinning request is.
+/// as many blocks and tokens as it covers (matched_blocks + computed_blocks,
+/// matched_tokens + computed_tokens against input_tokens), and a request of
+/// the key with another block or token count is a miss (its reply replaces
+/// the entry); one that finds a miss of the key with another block or token
+/// count on its way does not join it: answered from the store when it holds
+/// a reply of its counts, else sent to the balancer on its own, as a
+/// pinning request is. (Before, a request of the same blocks and another
+/// token count, another partial last block, got the stored token counts,
+/// which did not add up to its prompt.)
 /// A request without a query key is an errc::invalid_argument error.
 ///   (stats_atom) -> query_cache_stats
 ///   (listen_atom, actor)   (no reply; once per listener, never the cache
