@@ -6126,7 +6126,11 @@ TEST_F(deferred_five_test,
   // disk poll's nor the one after a batch, which counts its own. Once the
   // reads have landed, the poll serves two (a batch's max_size) and sends
   // the next poll behind the mailbox, so a request queued meanwhile runs
-  // between passes; the rest are served with no time passing.
+  // between passes: that poll finds it in the batcher, above the deferred
+  // requests' priority, and serves none; its batch's close serves two
+  // more, and the last waits for the timed poll (one poll on its way at a
+  // time). (Before, the second poll served two ahead of the normal
+  // request.)
   auto log = std::make_shared<std::vector<answer>>();
   auto cl = defer_five(log);
   ASSERT_FALSE(HasFatalFailure());
@@ -6144,7 +6148,11 @@ TEST_F(deferred_five_test,
   caf::anon_send(cl, blocks_request(21, chain_keys(21, 1)));
   run_all_but(*sched_, engine_);
   sched_->run();
-  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{11, 12, 13, 14, 21, 15}));
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{11, 12, 21, 13, 14}));
+  EXPECT_EQ(stats(engine_).in_flight, 1U);
+  sched_->advance_time(1ms);
+  sched_->run();
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{11, 12, 21, 13, 14, 15}));
   for (const auto& a : *log) {
     ASSERT_TRUE(a.reply.has_value()) << a.id;
     if (a.id != 21) {
@@ -6514,6 +6522,89 @@ TEST_F(disk_deferral_test,
   EXPECT_EQ(st.held_blocks, 0U);
   EXPECT_EQ(st.tier_blocks, 0U);
   EXPECT_EQ(st.in_flight, 0U);
+}
+
+TEST_F(disk_deferral_test,
+       DeferredLowRequestsWaitForCriticalOnesLeftInTheBatcher) {
+  // Five low requests wait off the batch for disk reads; once they land,
+  // four critical requests arrive at once, two more than a batch takes.
+  // The two left in the batcher run before any of the low ones. (Before,
+  // the close of the first batch served up to a batch of ready deferred
+  // requests first, each computing its missing block, while the critical
+  // ones left over waited.)
+  ASSERT_TRUE(disk_.dir.ok());
+  auto order = std::make_shared<std::vector<std::uint64_t>>();
+  auto c = small_engine(64, 2);
+  c.batch.close_when_idle = true; // a lone request runs at once
+  c.store.on_block_event = [order](engine::block_event ev, const block_key& k) {
+    // Each request's computed block: a critical one's only block, a low
+    // one's third.
+    if (ev == engine::block_event::stored && (k.hi >= 30 || k.lo == 3))
+      order->push_back(k.hi);
+  };
+  auto e = disk_engine(c);
+  for (std::uint64_t i = 1; i <= 5; ++i)
+    ask_now<kv_reply>(e, process_atom::value,
+                      blocks_request(i, chain_keys(i, 2)));
+  spill_all(e);
+  hold_disk(e);
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  for (std::uint64_t i = 1; i <= 5; ++i)
+    caf::anon_send(
+        cl, blocks_request(10 + i, chain_keys(i, 3), engine::priority::low));
+  sched_->run();
+  ASSERT_EQ(stats(e).disk_deferred, 5U);
+  disk_.release();
+  disk_.wait_idle();
+  order->clear();
+  for (std::uint64_t i = 0; i < 4; ++i)
+    sys_->spawn([=](caf::event_based_actor* self) {
+      request_at(self, engine::priority::critical, e, caf::infinite,
+                 process_atom::value,
+                 blocks_request(30 + i, chain_keys(30 + i, 1),
+                                engine::priority::critical))
+          .then([](kv_reply&) {}, [](caf::error&) {});
+    });
+  run_all_but(*sched_, e);
+  sched_->run();
+  sched_->advance_time(1s); // a disk poll, should any be left
+  sched_->run();
+  ASSERT_EQ(order->size(), 9U);
+  for (std::size_t i = 0; i < 4; ++i)
+    EXPECT_GE((*order)[i], 30U) << "a low request ran at " << i;
+  EXPECT_EQ(log->size(), 5U);
+  EXPECT_EQ(stats(e).in_flight, 0U);
+  EXPECT_EQ(stats(e).held_blocks, 0U);
+}
+
+TEST_F(disk_deferral_test, ReadyDeferredRequestsGoLowBeforeBackground) {
+  // Two background requests, then a low one, wait off the batch for disk
+  // reads; once all have landed, the low one is served first, as the
+  // batcher's lanes would order them. (Before, in the order deferred.)
+  ASSERT_TRUE(disk_.dir.ok());
+  auto e = disk_engine(small_engine(64));
+  for (std::uint64_t i = 1; i <= 3; ++i)
+    ask_now<kv_reply>(e, process_atom::value,
+                      blocks_request(i, chain_keys(i, 2)));
+  spill_all(e);
+  hold_disk(e);
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  // In batches of their own: one batch would run (and defer) the low one
+  // first.
+  send_via(cl,
+           blocks_request(11, chain_keys(1, 2), engine::priority::background));
+  send_via(cl,
+           blocks_request(12, chain_keys(2, 2), engine::priority::background));
+  send_via(cl, blocks_request(13, chain_keys(3, 2), engine::priority::low));
+  ASSERT_EQ(stats(e).disk_deferred, 3U);
+  ASSERT_TRUE(log->empty());
+  disk_.release();
+  disk_.wait_idle();
+  sched_->advance_time(1s); // the disk poll
+  sched_->run();
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{13, 11, 12}));
 }
 
 TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {

@@ -580,37 +580,59 @@ defer_for_disk(engine_actor* self, pending_request& p,
   return deferral{true, std::nullopt};
 }
 
+/// Whether the batcher holds a request above low priority: deferred
+/// requests (low and background) wait for it, as they would in its lanes.
+bool deferred_outranked(const engine_actor* self) {
+  const auto top = self->state.batcher.top_priority();
+  return top && *top > engine::priority::low;
+}
+
 /// Collects the disk tier's answers and serves the deferred requests whose
-/// reads have all landed (or failed: process() computes those blocks), in
-/// order, at most a batch's max_size of them: more ready ones wait for a
-/// poll sent behind the mailbox, so a critical request that came meanwhile
-/// goes first. One whose prefix goes on to disk past what it waited for
-/// is deferred again (defer_for_disk) instead. One past its deadline is
-/// answered unprocessed at once.
+/// reads have all landed (or failed: process() computes those blocks),
+/// low before background, in order within each, at most a batch's
+/// max_size of them: more ready ones wait for a poll sent behind the
+/// mailbox, so a critical request that came meanwhile goes first. None
+/// while the batcher holds a request above low priority: that batch runs
+/// first, and its close serves them (before, a batch's leftover critical
+/// requests waited behind up to max_size deferred low ones, each
+/// computing what it missed; their promoted blocks are held until they
+/// are served, so waiting costs no read). One whose prefix goes on to
+/// disk past what it waited for is deferred again (defer_for_disk)
+/// instead. One past its deadline is answered unprocessed at once.
 void run_deferred(engine_actor* self) {
   auto& st = self->state;
   st.store->poll_disk();
   std::size_t served = 0;
   const std::size_t most =
-      std::max<std::size_t>(st.batcher.config().max_size, 1);
+      deferred_outranked(self)
+          ? 0
+          : std::max<std::size_t>(st.batcher.config().max_size, 1);
   const auto now = arrival_time(self).count();
   bool more = false;
   std::vector<deferred_request> ready;
   std::size_t taken = 0;
-  for (auto it = st.deferred.begin(); it != st.deferred.end();) {
-    const auto deadline = it->p.request.deadline_ns;
-    const bool late = deadline != 0 && now >= deadline;
-    if (!late &&
-        (taken == most || !st.store->promotions_done_through(it->chain))) {
-      more = more || taken == most;
-      ++it;
-      continue;
+  // Low before background, the lanes' order (only they are deferred:
+  // defer_for_disk).
+  for (const auto prio : {engine::priority::low, engine::priority::background})
+    for (auto it = st.deferred.begin(); it != st.deferred.end();) {
+      const auto deadline = it->p.request.deadline_ns;
+      const bool late = deadline != 0 && now >= deadline;
+      if (it->p.request.prio != prio && !late) {
+        ++it;
+        continue;
+      }
+      if (!late &&
+          (taken == most || !st.store->promotions_done_through(it->chain))) {
+        // The batch that outranks it serves it at its close.
+        more = more || (taken == most && most > 0);
+        ++it;
+        continue;
+      }
+      ready.push_back(std::move(*it));
+      it = st.deferred.erase(it);
+      if (!late)
+        ++taken;
     }
-    ready.push_back(std::move(*it));
-    it = st.deferred.erase(it);
-    if (!late)
-      ++taken;
-  }
   for (auto& d : ready) {
     // What it waited for has landed; the prefix may go on to disk after
     // it (a later run, or past another request's chain): those reads
@@ -660,8 +682,9 @@ void close_batch(engine_actor* self) {
     after_batch(self);
   } while (!at_marker && st.batcher.pending() > 0 && st.batcher.full());
   // The batch collected the disk tier's answers: deferred requests whose
-  // reads have landed are served now, before a later batch can evict
-  // their blocks (low priority goes first), which would read them again.
+  // reads have landed are served now, unless requests above their
+  // priority are left in the batcher (run_deferred serves none then; the
+  // close of their batch comes back here).
   if (!st.deferred.empty())
     run_deferred(self);
   arm_timer(self);
