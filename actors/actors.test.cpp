@@ -6648,6 +6648,68 @@ TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).restarts, 0U);
 }
 
+TEST_F(actor_test, ALookupIsNotSentToAnEngineStillOpening) {
+  // The only engine is still opening its store (it reads its mailbox once
+  // open): a lookup is answered errc::unavailable at once, as engine_atom
+  // is, rather than sent to it to wait out the balancer's request_timeout.
+  // (Before, with no live engine, it went there.)
+  auto lookups = std::make_shared<int>(0);
+  balancer_config bc;
+  bc.initial_engines = 1;
+  auto b = started_balancer(
+      bc, [=](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        auto a = s.spawn([=](caf::event_based_actor* self) -> caf::behavior {
+          return {
+              // Never ready: a promise it does not keep.
+              [=](ready_atom) -> caf::result<bool> {
+                return self->make_response_promise<bool>();
+              },
+              [](listen_atom, const caf::actor&) {},
+              [=](lookup_atom, std::vector<block_key>&) -> std::uint64_t {
+                ++*lookups;
+                return 7;
+              },
+          };
+        });
+        stop_at_end_.push_back(a);
+        return started_engine{a, true};
+      });
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 0U);
+  auto r = ask<std::uint64_t>(b, lookup_atom::value,
+                              std::vector<block_key>{block_key{1, 1}});
+  sched_->run();
+  EXPECT_EQ(*lookups, 0);
+  ASSERT_TRUE(r->error.has_value());
+  EXPECT_EQ(from_caf_error(*r->error).code, errc::unavailable);
+}
+
+TEST_F(actor_test, TheBalancerPassesOnOnlyItsCurrentEnginesBlockEvents) {
+  // Block events the balancer does not take for its index (from an actor
+  // that is not the slot's engine) do not reach its listeners either: the
+  // prefetcher would count their evictions against the slot's engine.
+  // (Before, every block_events was passed on.)
+  auto b = balancer(routing_policy::kv_aware, {small_engine(64)});
+  auto events = std::make_shared<std::vector<block_events>>();
+  auto listener = sys_->spawn([events](caf::event_based_actor*) {
+    return caf::behavior{
+        [](observe_atom, const kv_request&, const kv_reply&, std::int64_t) {},
+        [events](const block_events& ev) { events->push_back(ev); },
+    };
+  });
+  stop_at_end_.push_back(listener);
+  caf::anon_send(b, listen_atom::value, listener);
+  sched_->run();
+  ask_now<kv_reply>(b, process_atom::value, make_request(1, 0, 0, 1, 1));
+  ASSERT_FALSE(events->empty()) << "the engine's own events reach it";
+  events->clear();
+  block_events forged;
+  forged.engine = 0;
+  forged.evicted = {block_key{1, 1}};
+  caf::anon_send(b, forged);
+  sched_->run();
+  EXPECT_TRUE(events->empty());
+}
+
 TEST_F(actor_test, AnUnknownOneWayMessageIsDroppedNotAnsweredWithAnError) {
   // Answered, the error ended its sender (an actor with CAF's default
   // error handler). A request of it still gets the error.

@@ -652,7 +652,10 @@ void dispatch(balancer_actor* self, kv_request req, owed_reply promise,
 /// Live engines first: a retiring one may be stopped already (it stops
 /// once drained) and would answer request_receiver_down, and one a failed
 /// request found down is gone; those are asked only when no live engine
-/// is left. An engine that turns out to be gone (request_receiver_down) is
+/// is left. Never one still opening its store: it reads its mailbox only
+/// once open, so the lookup would wait for that, past its timeout (as
+/// engine_atom refuses it; before, with no live engine, a lookup went to
+/// it). An engine that turns out to be gone (request_receiver_down) is
 /// marked down and the lookup asked again once, of another engine, as a
 /// process call is rerouted.
 void dispatch_lookup(balancer_actor* self, std::vector<engine::block_key> keys,
@@ -664,7 +667,7 @@ void dispatch_lookup(balancer_actor* self, std::vector<engine::block_key> keys,
   for (const bool live_only : {true, false}) {
     for (std::uint32_t slot = 0; slot < s.slots.size(); ++slot) {
       const auto& info = s.slots[slot];
-      if (!info.engine ||
+      if (!info.engine || info.opening ||
           (live_only && (info.retiring || !s.route.is_up(slot))))
         continue;
       auto held = s.route.held_prefix(slot, keys);
@@ -803,19 +806,21 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
         auto& s = self->state;
         // Only the slot's current engine feeds the index: a late event of
         // an engine the slot had before (failed, or retired and the slot
-        // reused) would credit the new, empty one.
-        if (ev.engine < s.slots.size() && s.slots[ev.engine].engine &&
-            self->current_sender() == caf::actor_cast<caf::strong_actor_ptr>(
-                                          s.slots[ev.engine].engine)) {
-          s.route.stored(ev.engine, ev.stored);
-          s.route.evicted(ev.engine, ev.evicted);
-          auto& applied = s.slots[ev.engine].events_applied;
-          applied = std::max(applied, ev.seq);
-          // In order (one sender): the latest says what it holds now.
-          s.slots[ev.engine].pinned_bytes = ev.pinned_bytes;
-          s.slots[ev.engine].pinned_on_disk = ev.pinned_on_disk;
-          s.slots[ev.engine].pins_known = true;
-        }
+        // reused) would credit the new, empty one. Nor does it reach the
+        // listeners: the prefetcher would count its evictions against the
+        // slot's current engine. (Before, every event was passed on.)
+        if (ev.engine >= s.slots.size() || !s.slots[ev.engine].engine ||
+            self->current_sender() != caf::actor_cast<caf::strong_actor_ptr>(
+                                          s.slots[ev.engine].engine))
+          return;
+        s.route.stored(ev.engine, ev.stored);
+        s.route.evicted(ev.engine, ev.evicted);
+        auto& applied = s.slots[ev.engine].events_applied;
+        applied = std::max(applied, ev.seq);
+        // In order (one sender): the latest says what it holds now.
+        s.slots[ev.engine].pinned_bytes = ev.pinned_bytes;
+        s.slots[ev.engine].pinned_on_disk = ev.pinned_on_disk;
+        s.slots[ev.engine].pins_known = true;
         for (auto& l : s.listeners)
           self->send(l, ev);
       },

@@ -241,6 +241,30 @@ TEST(Router, TheBacklogMarginIsOverTheLeastLoadedEngines) {
   EXPECT_EQ(r.pick(k)->slot, 0U);
 }
 
+TEST(Router, TheBacklogMarginIsScaledToTheEnginesWeight) {
+  // Weights 8 and 1. Slot 0 holds the prefix (credit 4) with 9 requests
+  // (load 1.125), slot 1 holds nothing with 1 (load 1): at the least
+  // loaded engine's load slot 0 would hold 8, and 9 is within the margin
+  // of 4, so it keeps its credit. (Before, raw backlogs were compared,
+  // 9 > 1 + 4, and the request went to the engine holding nothing.) Past
+  // 8 + 4 requests, the credit goes.
+  router_config c{routing_policy::kv_aware};
+  auto r = make_router(c);
+  EXPECT_TRUE(r.add_slot(8.0).has_value());
+  EXPECT_TRUE(r.add_slot(1.0).has_value());
+  auto k = keys(7, 16);
+  r.stored(0, k);
+  for (int i = 0; i < 9; ++i)
+    r.started(0);
+  r.started(1);
+  EXPECT_EQ(r.pick(k)->slot, 0U);
+  for (int i = 0; i < 3; ++i)
+    r.started(0);
+  EXPECT_EQ(r.pick(k)->slot, 0U); // 12: at the margin
+  r.started(0);                   // 13 > 8 + 4
+  EXPECT_EQ(r.pick(k)->slot, 1U);
+}
+
 TEST(Router, AHugeBacklogMarginDoesNotWrap) {
   // min backlog 1 + margin 2^32-1 must not wrap to 0 and withdraw the
   // prefix holder's credit.

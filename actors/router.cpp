@@ -332,23 +332,18 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
       if ((alive >> s) & 1U)
         held_scratch_[s] = i;
   }
-  // The least loaded live engine's backlog (in_flight / weight lowest;
-  // ties: the smaller backlog), as the overload rule says. Before, the
-  // smallest backlog of any engine: with unequal weights a light engine's
-  // few requests withdrew the credit of a heavy one less loaded than it.
-  std::uint32_t min_backlog = std::numeric_limits<std::uint32_t>::max();
-  double least_load = 0.0;
-  bool found = false;
+  // The least loaded live engine's load (in_flight / weight lowest), as
+  // the overload rule says. Before, the smallest backlog of any engine:
+  // with unequal weights a light engine's few requests withdrew the credit
+  // of a heavy one less loaded than it.
+  const slot_state* least = nullptr;
   for (const auto& s : slots_) {
     if (!eligible(s))
       continue;
-    const double load = static_cast<double>(s.in_flight) / s.weight;
-    if (!found || load < least_load ||
-        (load == least_load && s.in_flight < min_backlog)) {
-      found = true;
-      least_load = load;
-      min_backlog = s.in_flight;
-    }
+    if (least == nullptr ||
+        static_cast<double>(s.in_flight) / s.weight <
+            static_cast<double>(least->in_flight) / least->weight)
+      least = &s;
   }
   // kv_aware: equal scores (idle engines, say) do not all go to the lowest
   // slot: under sequential traffic that slot took every request and every
@@ -377,8 +372,19 @@ std::optional<route> router::pick(std::span<const engine::block_key> keys) {
       double credit = std::min(config_.max_credit,
                                config_.credit_per_block *
                                    static_cast<double>(held_scratch_[s]));
-      // 64-bit: a margin near 2^32 must not wrap the sum to a small one.
-      if (st.in_flight > std::uint64_t{min_backlog} + config_.backlog_margin)
+      // Its backlog against what it would hold at the least loaded
+      // engine's load (its own weight's share): with equal weights, the
+      // least loaded engine's backlog, compared exactly. (64-bit: a margin
+      // near 2^32 must not wrap the sum to a small one.)
+      const bool overloaded =
+          st.weight == least->weight
+              ? st.in_flight >
+                    std::uint64_t{least->in_flight} + config_.backlog_margin
+              : static_cast<double>(st.in_flight) >
+                    static_cast<double>(least->in_flight) / least->weight *
+                            st.weight +
+                        static_cast<double>(config_.backlog_margin);
+      if (overloaded)
         credit *= config_.overload_credit_factor;
       score -= credit;
     }

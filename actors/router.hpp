@@ -9,10 +9,17 @@
 ///   kv_aware      lowest  in_flight / weight - credit, where credit =
 ///                 credit_per_block x (leading blocks of the request the
 ///                 engine holds, per the prefix index), at most max_credit.
-///                 When an engine's backlog (in_flight) exceeds the least
-///                 loaded live engine's by more than `backlog_margin`, its
-///                 credit is multiplied by `overload_credit_factor`, so a hot
-///                 prefix cannot pile every request onto one engine.
+///                 When an engine's backlog (in_flight) exceeds what it
+///                 would hold at the least loaded live engine's load
+///                 (that engine's in_flight / weight, times this one's
+///                 weight) by more than `backlog_margin`, its credit is
+///                 multiplied by `overload_credit_factor`, so a hot prefix
+///                 cannot pile every request onto one engine. (Equal
+///                 weights: more than `backlog_margin` requests above the
+///                 least loaded engine's. Before, raw counts were compared
+///                 whatever the weights, so an engine of weight 8 with 9
+///                 requests lost its credit next to one of weight 1 with
+///                 1, at nearly the same load.)
 ///                 Ties: the engine holding more of the request's prefix,
 ///                 then the one holding fewer index keys per weight (a new
 ///                 prefix goes where there is room), then the first from a
@@ -69,9 +76,11 @@ enum class routing_policy : std::uint8_t {
 
 struct router_config {
   routing_policy policy = routing_policy::least_loaded;
-  double credit_per_block = 0.25;   ///< load units per held prefix block
-  double max_credit = 4.0;          ///< cap on the credit
-  std::uint32_t backlog_margin = 4; ///< requests above the least loaded
+  double credit_per_block = 0.25; ///< load units per held prefix block
+  double max_credit = 4.0;        ///< cap on the credit
+  /// Requests above the least loaded engine's load (scaled to the
+  /// engine's weight) before the credit shrinks.
+  std::uint32_t backlog_margin = 4;
   double overload_credit_factor = 0.0;
   std::size_t max_index_keys = 1 << 20; ///< index entries kept (>= 1)
 };
