@@ -5191,6 +5191,136 @@ TEST(WarmerSelectTop, AQueryWhoseBlocksLeadAnotherIsWarmedByIt) {
   EXPECT_EQ(select_top(longer_first, 10), (std::vector<std::size_t>{0, 2}));
 }
 
+TEST(WarmerSelectTop, AChainListsItsQueriesLongestFirst) {
+  // turn1 (hottest), turn3 and turn2 are one chain, tried longest first:
+  // turn3, then turn2, then turn1; "other" is a chain of its own. Only the
+  // selected queries are in a chain.
+  const auto turn = [](std::string q, std::size_t blocks, double f) {
+    kv_request r;
+    r.query = std::move(q);
+    for (std::uint64_t i = 1; i <= blocks; ++i)
+      r.keys.push_back(block_key{7, i});
+    r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
+    return warm_item{r, f};
+  };
+  auto other = turn("other", 1, 4.0);
+  other.request.keys = {block_key{9, 1}};
+  const std::vector<warm_item> items = {turn("turn1", 1, 5.0), other,
+                                        turn("turn3", 3, 1.0),
+                                        turn("turn2", 2, 3.0)};
+  using chains = std::vector<std::vector<std::size_t>>;
+  EXPECT_EQ(select_chains(items, 10), (chains{{2, 3, 0}, {1}}));
+  EXPECT_EQ(select_chains(items, 3), (chains{{3, 0}, {1}}));
+  EXPECT_EQ(select_chains(items, 1), (chains{{0}}));
+  // A longer query ranked first: the shorter one joins its chain too.
+  const std::vector<warm_item> longer_first = {turn("turn3", 3, 5.0),
+                                               turn("turn1", 1, 4.0), other};
+  EXPECT_EQ(select_chains(longer_first, 10), (chains{{0, 1}, {2}}));
+}
+
+/// Stands in for the balancer: refuses (errc::out_of_memory, as an engine
+/// that cannot pin them all) every process request of more than
+/// `most_keys` keys and answers the others; records them all.
+caf::behavior refusing_long_balancer(caf::event_based_actor*,
+                                     std::shared_ptr<fake_backend> be,
+                                     std::size_t most_keys) {
+  return {
+      [=](process_atom, const kv_request& r) -> caf::result<kv_reply> {
+        be->seen.push_back(r);
+        if (r.keys.size() > most_keys)
+          return to_caf_error(
+              error{errc::out_of_memory, "too many blocks to pin"});
+        return kv_reply{r.id, 0, 0, r.keys.size(), 0, r.input_tokens, false, 0};
+      },
+      [](listen_atom, const caf::actor&) {},
+  };
+}
+
+TEST_F(actor_test, AHotQueryIsWarmedWhenTheLongerColdQueryOfItsChainFails) {
+  // "hot" (2 blocks, the hottest) leads "mid" (3) and "cold" (6): one
+  // chain, sent as "cold". The engine refuses more than 2 blocks, so
+  // "cold" fails, then "mid", then "hot" is sent and warmed. (Before, the
+  // chain failed with "cold" and the hottest query was not warmed.)
+  auto be = std::make_shared<fake_backend>();
+  auto b = sys_->spawn(refusing_long_balancer, be, std::size_t{2});
+  stop_at_end_.push_back(b);
+  auto w = warmer(b, warmer_config{});
+  auto progress =
+      std::make_shared<std::vector<std::pair<std::uint64_t, std::uint64_t>>>();
+  auto listener = sys_->spawn([progress](caf::event_based_actor*) {
+    return caf::behavior{
+        [progress](progress_atom, std::uint64_t done, std::uint64_t total) {
+          progress->emplace_back(done, total);
+        }};
+  });
+  stop_at_end_.push_back(listener);
+  const auto chain = [](std::string q, std::size_t blocks, double f) {
+    kv_request r;
+    r.query = std::move(q);
+    for (std::uint64_t i = 1; i <= blocks; ++i)
+      r.keys.push_back(block_key{7, i});
+    r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
+    return warm_item{r, f};
+  };
+  const std::vector<warm_item> items = {
+      chain("hot", 2, 100.0), chain("cold", 6, 1.0), chain("mid", 3, 2.0)};
+  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{10},
+                              true, listener);
+  sched_->run();
+  ASSERT_TRUE(rep->value.has_value());
+  EXPECT_EQ(rep->value->requested, 3U);
+  EXPECT_EQ(rep->value->warmed, 1U);
+  EXPECT_EQ(rep->value->failed, 2U);
+  EXPECT_EQ(rep->value->shortened, 2U);
+  EXPECT_NE(rep->value->first_error.find("too many blocks"), std::string::npos)
+      << rep->value->first_error;
+  ASSERT_EQ(be->seen.size(), 3U);
+  EXPECT_EQ(be->seen[0].query, "cold");
+  EXPECT_EQ(be->seen[1].query, "mid");
+  EXPECT_EQ(be->seen[2].query, "hot");
+  EXPECT_TRUE(be->seen[2].pin);
+  const std::vector<std::pair<std::uint64_t, std::uint64_t>> want{
+      {1, 2}, {2, 3}, {3, 3}};
+  EXPECT_EQ(*progress, want);
+}
+
+TEST_F(actor_test, AWarmOfNoQueriesOrOfABadFrequencyIsRefused) {
+  // top_n 0 is an error, not an empty report; an item whose frequency is
+  // negative or infinite is malformed, not warmed (a "never" marker of -1
+  // was warmed, and pinned). A NaN frequency (unknown) is still warmed,
+  // ranked last.
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  auto w = warmer(b, warmer_config{});
+  const auto item = [](std::uint64_t hi, double f) {
+    kv_request r;
+    r.query = "q" + std::to_string(hi);
+    r.keys = {block_key{hi, 1}};
+    r.input_tokens = 16;
+    return warm_item{r, f};
+  };
+  const std::vector<warm_item> items = {
+      item(1, -1.0), item(2, std::numeric_limits<double>::infinity()),
+      item(3, std::nan("")), item(4, 2.0)};
+  auto none = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{0},
+                               false, caf::actor{});
+  sched_->run();
+  ASSERT_TRUE(none->error.has_value());
+  EXPECT_EQ(from_caf_error(*none->error).code, errc::invalid_argument);
+  EXPECT_TRUE(be->seen.empty());
+  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{10},
+                              false, caf::actor{});
+  sched_->run();
+  ASSERT_TRUE(rep->value.has_value());
+  EXPECT_EQ(rep->value->malformed, 2U);
+  EXPECT_EQ(rep->value->requested, 2U);
+  EXPECT_EQ(rep->value->warmed, 2U);
+  EXPECT_NE(rep->value->first_error.find("warm item 0"), std::string::npos)
+      << rep->value->first_error;
+  ASSERT_EQ(be->seen.size(), 2U);
+  EXPECT_EQ(be->seen[0].query, "q4");
+  EXPECT_EQ(be->seen[1].query, "q3");
+}
+
 TEST_F(actor_test, AWarmerParallelismAboveTheJobStartsEachQueryOnce) {
   // SIZE_MAX means "all at once": the warmer starts the job's two queries
   // and stops there (it used to count to SIZE_MAX and never answer).

@@ -299,14 +299,20 @@ typename Inspector::result_type inspect(Inspector& f, warm_item& x) {
 
 /// What a warm-up did.
 struct warm_report {
-  std::uint64_t requested = 0; ///< requests sent for the top N queries
+  /// Requests sent for the top N queries: one per chain of them
+  /// (select_chains), and one more for each in `shortened`.
+  std::uint64_t requested = 0;
   std::uint64_t warmed = 0;
   std::uint64_t failed = 0;
   std::uint64_t computed_tokens = 0;
-  /// Items refused before the selection, their key count not fitting their
-  /// tokens (warmer_config::block_tokens); not in requested, so warmed +
-  /// failed = requested.
+  /// Items refused before the selection: keys no block can have, a key
+  /// count not fitting their tokens (warmer_config::block_tokens), a
+  /// frequency negative or infinite; not in requested, so warmed + failed
+  /// = requested.
   std::uint64_t malformed = 0;
+  /// Requests that failed and were followed by a shorter selected query of
+  /// their chain (counted failed; the shorter one is in requested too).
+  std::uint64_t shortened = 0;
   /// Why the first query that failed did ("code: message", e.g.
   /// "timeout: request timed out"), or the first malformed item ("warm item
   /// <i>: ..."); empty when none failed and none was malformed.
@@ -316,7 +322,7 @@ struct warm_report {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, warm_report& x) {
   return f(caf::meta::type_name("warm_report"), x.requested, x.warmed, x.failed,
-           x.computed_tokens, x.malformed, x.first_error);
+           x.computed_tokens, x.malformed, x.shortened, x.first_error);
 }
 
 /// The prefetcher's counters.

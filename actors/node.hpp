@@ -171,12 +171,16 @@ public:
                                  const engine::block_key& key);
   [[nodiscard]] result<void> unpin(std::uint32_t slot,
                                    const engine::block_key& key);
-  /// Warms the top `top_n` queries by expected frequency (see warmer_actor).
+  /// Warms the top `top_n` queries by expected frequency (see warmer_actor:
+  /// top_n 0, errc::invalid_argument; an item of a negative or infinite
+  /// frequency is malformed).
   [[nodiscard]] result<actors::warm_report>
   warm(const std::vector<actors::warm_item>& items, std::uint32_t top_n = 100,
        bool pin = false);
-  /// What warm() reports after each selected query is answered: how many
-  /// are (`done`) of how many were selected (`total`).
+  /// What warm() reports after each request it sent is answered: how many
+  /// are (`done`) of how many it sent or will send (`total`: one per chain
+  /// of selected queries, one more for each shorter query sent after a
+  /// longer one of its chain failed).
   using warm_progress =
       std::function<void(std::uint64_t done, std::uint64_t total)>;
   /// warm() that calls `on_progress` on the calling thread, in order, once

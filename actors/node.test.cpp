@@ -189,6 +189,41 @@ TEST_F(Node, WarmReportsProgressOnTheCallingThread) {
   EXPECT_EQ(again->warmed, 4U);
 }
 
+TEST_F(Node, APinnedWarmKeepsItsHotQueryWhenTheLongerColdOneIsRefused) {
+  // "hot" (2 blocks) leads "cold" (200 blocks: pinning them all passes the
+  // engine's pinned limit, so the engine refuses the whole request). The
+  // warmer then sends "hot" itself: its blocks end cached and pinned.
+  // (Before, "hot" was warmed only through "cold", and nothing was.)
+  auto c = small_node();
+  c.engines = 1;
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  const auto chain = [](std::uint64_t id, std::string q, std::size_t blocks) {
+    kv_request r;
+    r.id = id;
+    r.query = std::move(q);
+    for (std::uint64_t i = 1; i <= blocks; ++i)
+      r.keys.push_back(block_key{7, i});
+    r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
+    return r;
+  };
+  const auto hot = chain(1, "hot", 2);
+  const std::vector<actors::warm_item> items{{hot, 100.0},
+                                             {chain(2, "cold", 200), 1.0}};
+  auto w = (*n)->warm(items, 100, true);
+  ASSERT_TRUE(w.has_value()) << w.error().describe();
+  EXPECT_EQ(w->requested, 2U);
+  EXPECT_EQ(w->warmed, 1U);
+  EXPECT_EQ(w->failed, 1U);
+  EXPECT_EQ(w->shortened, 1U);
+  auto held = (*n)->lookup(hot.keys);
+  ASSERT_TRUE(held.has_value());
+  EXPECT_EQ(*held, 2U);
+  auto es = (*n)->engine_stats(0);
+  ASSERT_TRUE(es.has_value());
+  EXPECT_GT(es->pinned_bytes, 0U);
+}
+
 TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
   struct bad_case {
     const char* what;

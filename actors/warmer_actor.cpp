@@ -24,8 +24,8 @@
 
 namespace kvfleet::actors {
 
-std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
-                                    std::size_t n) {
+std::vector<std::vector<std::size_t>>
+select_chains(const std::vector<warm_item>& items, std::size_t n) {
   std::vector<std::size_t> idx(items.size());
   std::iota(idx.begin(), idx.end(), std::size_t{0});
   // A NaN frequency (unknown) ranks below every number: compared with `>`
@@ -46,19 +46,21 @@ std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
   // And a query whose blocks lead another selected one's (a chat's earlier
   // turn, a system prompt) is warmed by that one: the longer request
   // stores, and pins, its blocks too. So each chain is sent once, the
-  // longest selected, at the rank of the first query of it selected.
+  // longest selected, at the rank of the first query of it selected; its
+  // shorter queries are kept to be sent if it fails.
   const auto keys_less = [&](std::size_t a, std::size_t b) {
     return items[a].request.keys < items[b].request.keys;
   };
   std::set<std::size_t, decltype(keys_less)> seen(keys_less);
-  // The chains sent, each -> its place in `out`. None leads another.
+  // The longest query of each chain -> the chain's place in `out`. None
+  // leads another.
   std::map<std::size_t, std::size_t, decltype(keys_less)> chains(keys_less);
   const auto leads = [&](std::size_t a, std::size_t b) {
     const auto& x = items[a].request.keys;
     const auto& y = items[b].request.keys;
     return x.size() <= y.size() && std::equal(x.begin(), x.end(), y.begin());
   };
-  std::vector<std::size_t> out;
+  std::vector<std::vector<std::size_t>> out;
   std::size_t queries = 0;
   for (const std::size_t i : idx) {
     if (queries >= n)
@@ -70,30 +72,49 @@ std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
     // right before it (between the two, each would lead `i` too, and no
     // chain leads another).
     auto after = chains.lower_bound(i);
-    if (after != chains.end() && leads(i, after->first))
-      continue; // warmed by a longer query already selected
+    if (after != chains.end() && leads(i, after->first)) {
+      out[after->second].push_back(i); // warmed by a longer query
+      continue;
+    }
     if (after != chains.begin()) {
       auto before = std::prev(after);
       if (leads(before->first, i)) {
         const auto at = before->second;
         chains.erase(before);
-        out[at] = i; // `i` warms that one's blocks too, at its rank
+        out[at].push_back(i); // `i` warms that one's blocks too, at its rank
         chains.emplace(i, at);
         continue;
       }
     }
     chains.emplace(i, out.size());
-    out.push_back(i);
+    out.push_back({i});
   }
+  // Longest first: the order they are tried in.
+  for (auto& chain : out)
+    std::stable_sort(
+        chain.begin(), chain.end(), [&](std::size_t a, std::size_t b) {
+          return items[a].request.keys.size() > items[b].request.keys.size();
+        });
+  return out;
+}
+
+std::vector<std::size_t> select_top(const std::vector<warm_item>& items,
+                                    std::size_t n) {
+  std::vector<std::size_t> out;
+  for (const auto& chain : select_chains(items, n))
+    out.push_back(chain.front());
   return out;
 }
 
 namespace {
 
 struct warm_job {
-  std::vector<kv_request> queue;
-  std::size_t next = 0;
-  std::size_t done = 0;
+  /// Per chain of selected queries (select_chains), the requests to try,
+  /// longest first: each sent when the one before it failed.
+  std::vector<std::vector<kv_request>> chains;
+  std::size_t next = 0;     ///< the next chain to start
+  std::size_t finished = 0; ///< chains warmed, or failed at their last try
+  std::size_t done = 0;     ///< requests answered
   warm_report report;
   caf::actor progress;
   /// Held by the warmer's queue while queries of the job wait and by the
@@ -117,27 +138,35 @@ struct warmer_state {
 
 using warmer_actor = caf::stateful_actor<warmer_state>;
 
-void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job);
+void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job,
+                std::size_t chain, std::size_t attempt);
 
-/// Sends the waiting jobs' queries, oldest job first, while fewer than
-/// config.parallelism are in flight.
+/// Starts the waiting jobs' chains, oldest job first, while fewer than
+/// config.parallelism queries are in flight.
 void launch(warmer_actor* self) {
   auto& st = self->state;
   while (st.in_flight < st.config.parallelism && !st.waiting.empty()) {
     auto job = st.waiting.front();
-    if (job->next + 1 >= job->queue.size()) // its last query
+    if (job->next + 1 >= job->chains.size()) // its last chain
       st.waiting.pop_front();
-    send_query(self, job);
+    send_query(self, job, job->next++, 0);
   }
 }
 
-/// Sends `job`'s next query.
-void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job) {
-  auto req = std::move(job->queue[job->next++]);
+/// Sends try `attempt` of `job`'s chain `chain`. A try that fails is
+/// followed by the chain's next, shorter, query in its place (one in
+/// flight all the same): the hot query a longer, colder one of its chain
+/// stood for is still warmed when that one is refused (its pins past the
+/// pinned limit, its blocks past the engine's room) or fails.
+void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job,
+                std::size_t chain, std::size_t attempt) {
+  auto req = std::move(job->chains[chain][attempt]);
   ++self->state.in_flight;
   auto finish_one = [=](const caf::error* err, std::uint64_t computed) {
     --self->state.in_flight;
     ++job->done;
+    const bool retry =
+        err != nullptr && attempt + 1 < job->chains[chain].size();
     if (err == nullptr) {
       ++job->report.warmed;
       job->report.computed_tokens += computed;
@@ -146,10 +175,20 @@ void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job) {
       if (job->report.first_error.empty())
         job->report.first_error = from_caf_error(*err).describe();
     }
+    if (retry) {
+      ++job->report.requested;
+      ++job->report.shortened;
+    } else {
+      ++job->finished;
+    }
     if (job->progress)
       self->send(job->progress, progress_atom::value,
                  static_cast<std::uint64_t>(job->done), job->report.requested);
-    if (job->done == job->queue.size())
+    if (retry) {
+      send_query(self, job, chain, attempt + 1);
+      return;
+    }
+    if (job->finished == job->chains.size())
       job->promise.deliver(job->report);
     launch(self);
   };
@@ -184,13 +223,26 @@ caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
   return {
       [=](warm_atom, const std::vector<warm_item>& items, std::uint32_t top_n,
           bool pin, const caf::actor& progress) -> caf::result<warm_report> {
+        // Asking for none is a caller's mistake, not a warm-up that did
+        // nothing.
+        if (top_n == 0)
+          return to_caf_error(
+              error{errc::invalid_argument, "warm: top_n must be at least 1"});
         auto job = std::make_shared<warm_job>();
         // Malformed items are refused first: in the selection they could
         // replace a valid query of the same leading keys, then fail. Keys
         // no block can have always; a key count that does not fit the
-        // tokens when the engines' block size is known.
+        // tokens when the engines' block size is known; a frequency that
+        // is negative or infinite (no expected frequency: a "never" marker
+        // would be warmed, and pinned; NaN, unknown, ranks last).
         const auto bt = self->state.config.block_tokens;
-        const auto check = [bt](const kv_request& r) -> result<void> {
+        const auto check = [bt](const warm_item& item) -> result<void> {
+          const double f = item.frequency;
+          if (std::isinf(f) || f < 0)
+            return make_error(errc::invalid_argument,
+                              "frequency " + std::to_string(f) +
+                                  " is not a finite number >= 0");
+          const auto& r = item.request;
           if (auto ok = engine::check_request_keys(r.keys); !ok)
             return ok;
           if (bt > 0)
@@ -200,7 +252,7 @@ caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
         std::vector<warm_item> valid;
         const std::vector<warm_item>* pick = &items;
         for (std::size_t i = 0; i < items.size(); ++i) {
-          auto ok = check(items[i].request);
+          auto ok = check(items[i]);
           if (ok) {
             if (pick == &valid)
               valid.push_back(items[i]);
@@ -216,15 +268,18 @@ caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,
             job->report.first_error =
                 "warm item " + std::to_string(i) + ": " + ok.error().describe();
         }
-        for (auto i : select_top(*pick, top_n)) {
-          auto req = (*pick)[i].request;
-          req.prio = engine::priority::low;
-          req.pin = pin;
-          job->queue.push_back(std::move(req));
+        for (const auto& chain : select_chains(*pick, top_n)) {
+          auto& tries = job->chains.emplace_back();
+          for (const auto i : chain) {
+            auto req = (*pick)[i].request;
+            req.prio = engine::priority::low;
+            req.pin = pin;
+            tries.push_back(std::move(req));
+          }
         }
-        job->report.requested = job->queue.size();
+        job->report.requested = job->chains.size();
         job->progress = progress;
-        if (job->queue.empty())
+        if (job->chains.empty())
           return job->report;
         auto promise = self->make_response_promise();
         job->promise = owed_reply{promise};

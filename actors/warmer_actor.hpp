@@ -9,8 +9,13 @@
 ///   (warm_atom, vector<warm_item>, uint32 top_n, bool pin, actor progress)
 ///       -> warm_report once every selected query was answered; `progress`
 ///       (may be null) gets (progress_atom, uint64 done, uint64 total) after
-///       each one. A caller whose job the warmer holds when it stops gets
-///       request_receiver_down (owed_reply.hpp), not silence.
+///       each one (total: the requests sent or to send so far, which grows
+///       by one for each shorter query sent after a failed one). A caller
+///       whose job the warmer holds when it stops gets
+///       request_receiver_down (owed_reply.hpp), not silence. top_n 0 is
+///       errc::invalid_argument (before, an empty report). An item whose
+///       frequency is negative or infinite is refused as malformed
+///       (before, warmed, and pinned, when it made the top N).
 /// The warmer sets no CAF timeout of its own on its requests: the balancer
 /// answers each one (balancer_actor.hpp), with request_timeout after its
 /// `request_timeout`, and such a query counts as failed. A query that fails
@@ -54,17 +59,25 @@ struct warmer_config {
 /// (parallelism 0).
 [[nodiscard]] result<void> validate(const warmer_config& config);
 
-/// The items to send for the top `n` queries by frequency, highest first,
-/// ties in input order; an item whose frequency is NaN ranks below every
-/// other. Items with the same keys (whatever their names and input_tokens:
-/// only full blocks are cached, and the query's name changes nothing at the
-/// balancer) are one query, counted once at its highest rank (a copy warmed
-/// at the same time could go to another engine and pin its blocks there
-/// too). A selected query whose keys lead another selected one's (a chat's
-/// earlier turn) is warmed by that one, which stores and pins its blocks
-/// too: it is left out, the longer one taking the place of the first query
-/// of its chain selected. So no index returned leads another, and there
-/// may be fewer than the `n` queries they warm.
+/// The top `n` queries by frequency, highest first, ties in input order, as
+/// chains: an item whose frequency is NaN ranks below every other. Items
+/// with the same keys (whatever their names and input_tokens: only full
+/// blocks are cached, and the query's name changes nothing at the balancer)
+/// are one query, counted once at its highest rank (a copy warmed at the
+/// same time could go to another engine and pin its blocks there too). A
+/// selected query whose keys lead another selected one's (a chat's earlier
+/// turn) is in that one's chain, which is warmed by its longest query,
+/// storing and pinning the others' blocks too, at the rank of the first
+/// query of it selected. Each chain lists its queries longest first: the
+/// warmer sends the first, and when a request fails, the next (a hot short
+/// query is still warmed when the longer, colder query of its chain is
+/// refused: its pins past the pinned limit, its blocks past the engine's
+/// room; before, it went with it). No chain's query leads another chain's,
+/// and there may be fewer chains than the `n` queries they hold.
+[[nodiscard]] std::vector<std::vector<std::size_t>>
+select_chains(const std::vector<warm_item>& items, std::size_t n);
+
+/// The first (longest) query of each of select_chains(items, n).
 [[nodiscard]] std::vector<std::size_t>
 select_top(const std::vector<warm_item>& items, std::size_t n);
 
