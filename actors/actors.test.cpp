@@ -6737,6 +6737,55 @@ TEST_F(disk_deferral_test, ReadyDeferredRequestsGoLowBeforeBackground) {
   EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{13, 11, 12}));
 }
 
+TEST_F(actor_test, AQueuedRequestPastItsDeadlineIsAnsweredBelowFullBatches) {
+  // A low request with a 5 ms deadline waits in the batcher while 30
+  // normal requests fill every batch. At the first batch close past its
+  // deadline it is answered errc::timeout, unprocessed, ahead of the
+  // normal requests still queued. (Before, it stayed queued, counted as
+  // load, until the normal requests were done: answered last.)
+  auto c = small_engine(1024, 2);
+  c.batch.close_when_idle = true;
+  auto e = engine(c);
+  sched_->run();
+  // Logs the id of each answer, in the order the engine answered.
+  auto answered = std::make_shared<std::vector<std::uint64_t>>();
+  auto low_code = std::make_shared<errc>(errc::ok);
+  auto cl = sys_->spawn([=](caf::event_based_actor* self) -> caf::behavior {
+    return {[=](kv_request& r) {
+      const auto id = r.id;
+      self->request(e, caf::infinite, process_atom::value, std::move(r))
+          .then([=](kv_reply&) { answered->push_back(id); },
+                [=](caf::error& err) {
+                  answered->push_back(id);
+                  if (id == 1)
+                    *low_code = from_caf_error(err).code;
+                });
+    }};
+  });
+  stop_at_end_.push_back(cl);
+  const auto now = std::chrono::duration_cast<engine::nanos>(
+      sched_->clock().now().time_since_epoch());
+  auto low = blocks_request(1, chain_keys(1, 1), engine::priority::low);
+  low.deadline_ns = (now + 5ms).count();
+  caf::anon_send(cl, low);
+  for (std::uint64_t id = 100; id < 130; ++id)
+    caf::anon_send(cl, blocks_request(id, chain_keys(id, 1)));
+  run_all_but(*sched_, e); // all 31 in the engine's mailbox
+  // Half a millisecond per message handled: the low request's deadline
+  // passes after a few batches of two normal requests each.
+  while (sched_->try_run_once())
+    sched_->advance_time(500us);
+  sched_->run();
+  ASSERT_EQ(answered->size(), 31U);
+  const auto at = std::find(answered->begin(), answered->end(), 1U);
+  ASSERT_NE(at, answered->end());
+  EXPECT_LT(at - answered->begin(), 20) << "answered after the traffic";
+  EXPECT_EQ(*low_code, errc::timeout);
+  const auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.expired, 1U);
+  EXPECT_EQ(st.in_flight, 0U);
+}
+
 TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {
   // The balancer sends its listeners observe_atom, latency_atom and
   // block_events; an engine sends block_events. A listener that handles

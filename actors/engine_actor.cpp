@@ -672,8 +672,20 @@ void close_batch(engine_actor* self) {
   // a critical request that came during this batch joins the next one
   // rather than waiting for every batch the backlog makes.
   const bool at_marker = st.batcher.config().close_when_idle;
+  // Requests past their deadline are answered now, unprocessed (serve()),
+  // whatever their lane: below a stream of full batches of higher
+  // priorities they stayed queued, counted in in_flight (and in the
+  // balancer's load for their engine) long after their callers had been
+  // told of the timeout.
+  const auto now = arrival_time(self).count();
+  for (auto& p : st.batcher.take_fronts_while([now](const pending_request& p) {
+         return p.request.deadline_ns != 0 && now >= p.request.deadline_ns;
+       }))
+    serve(self, p, std::nullopt);
   do {
     auto batch = st.batcher.take();
+    if (batch.empty())
+      break; // every request pending was past its deadline
     for (auto& p : batch) {
       auto d = defer_for_disk(self, p);
       if (!d.deferred)

@@ -50,17 +50,25 @@
 /// Batching: process requests accumulate until `batch.max_size` requests
 /// (default 20) or `capacity_tokens` prompt tokens are pending, or
 /// `batch.timeout` (default 100 ms) after the first, whichever comes first;
-/// the batch then runs as one call, highest priority first. Requests a
-/// batch leaves over (past the token budget) open the next one, which runs
-/// at once when they fill it already. With `batch.close_when_idle` (on
-/// by default) a batch also closes once the actor has read every message
-/// that was in its mailbox when the batch opened: an idle engine answers a
-/// lone request at once, a busy one still batches what is queued. max_size
-/// 1 runs each request alone, always at that point (close_when_idle or
-/// not): the highest priority queued by then first, so the five lanes
-/// order its requests too (before, it ran each as it read it, and normal,
-/// low and background requests, which share CAF's normal mailbox category,
-/// in the order they came).
+/// the batch then runs in one turn of the actor, highest priority first:
+/// each request one engine::block_store::process call, whose producer
+/// computes each missing block in its own produce() call (there is no
+/// batched producer call yet: a batch orders and groups requests, it does
+/// not hand a model one prefill for all of them). A request still queued
+/// at a batch's close and past its deadline (kv_request::deadline_ns) is
+/// answered errc::timeout then, unprocessed, whatever its lane (counted
+/// in engine_stats::expired; before, below a stream of full batches of
+/// higher priorities it stayed queued, and counted as load, until they
+/// stopped). Requests a batch leaves over (past the token budget) open the
+/// next one, which runs at once when they fill it already. With
+/// `batch.close_when_idle` (on by default) a batch also closes once the actor
+/// has read every message that was in its mailbox when the batch opened: an
+/// idle engine answers a lone request at once, a busy one still batches what is
+/// queued. max_size 1 runs each request alone, always at that point
+/// (close_when_idle or not): the highest priority queued by then first, so the
+/// five lanes order its requests too (before, it ran each as it read it, and
+/// normal, low and background requests, which share CAF's normal mailbox
+/// category, in the order they came).
 ///
 /// Events: after each batch, put, read, pin, unpin, eviction, stats or
 /// persist call, and every `expire_interval` while it has a listener, the

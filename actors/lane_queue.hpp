@@ -15,6 +15,7 @@
 #include <deque>
 #include <optional>
 #include <utility>
+#include <vector>
 
 namespace kvfleet::actors {
 
@@ -47,6 +48,24 @@ public:
       if (!lanes_[i].empty())
         return &lanes_[i].front();
     return nullptr;
+  }
+
+  /// Removes and returns, lane by lane (highest first), the items at the
+  /// front of each lane for which `pred` holds, up to the first for which
+  /// it does not: with a predicate that holds for older items first (a
+  /// deadline passed, deadlines in arrival order), every such item, in
+  /// O(items removed + lanes).
+  template <class Pred> std::vector<T> pop_fronts_while(Pred pred) {
+    std::vector<T> out;
+    for (std::size_t i = priority_count; i-- > 0;) {
+      auto& lane = lanes_[i];
+      while (!lane.empty() && pred(std::as_const(lane.front()))) {
+        out.push_back(std::move(lane.front()));
+        lane.pop_front();
+        --size_;
+      }
+    }
+    return out;
   }
 
   /// The least `key(front)` over the lanes' front items, each the oldest of
