@@ -188,10 +188,14 @@ void scaler_policy::thin() {
     }
     const sample& a = samples_[i];
     const sample& b = samples_[i + 1];
-    // Either latency at random keeps the thinning unbiased; the later
-    // time, so the pair's weight leaves the window with its last.
-    kept.push_back(sample{b.at, (next_random() & 1U) ? a.latency : b.latency,
-                          a.weight + b.weight});
+    // Either latency at random, in proportion to the requests each stands
+    // for, keeps the thinning unbiased (an even draw is only for equal
+    // weights: after a busier spell, a sample of 8 requests beside one of
+    // 1 was kept as often); the later time, so the pair's weight leaves
+    // the window with its last.
+    const std::uint64_t total = a.weight + b.weight;
+    const bool keep_a = next_random() % total < a.weight;
+    kept.push_back(sample{b.at, keep_a ? a.latency : b.latency, total});
   }
   samples_ = std::move(kept);
 }
