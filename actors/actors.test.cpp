@@ -23,6 +23,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <limits>
@@ -6786,6 +6787,127 @@ TEST_F(actor_test, AQueuedRequestPastItsDeadlineIsAnsweredBelowFullBatches) {
   EXPECT_EQ(st.in_flight, 0U);
 }
 
+/// What a batch_counting_producer saw: its produce_batch() calls (the keys
+/// of each) and its produce() calls outside them.
+struct producer_calls {
+  std::vector<std::vector<block_key>> batches;
+  int alone = 0;
+  bool fail_batch = false;
+};
+
+/// A synthetic producer that records its calls in `calls`.
+class batch_counting_producer final : public engine::kv_producer {
+public:
+  explicit batch_counting_producer(std::shared_ptr<producer_calls> calls)
+      : calls_(std::move(calls)) {}
+  result<void> produce(const engine::namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    ++calls_->alone;
+    return inner_.produce(spec, key, out);
+  }
+  result<void> produce_batch(const engine::namespace_spec& spec,
+                             std::span<const block_key> keys,
+                             std::span<std::byte> out) override {
+    calls_->batches.emplace_back(keys.begin(), keys.end());
+    if (calls_->fail_batch)
+      return make_error(errc::io_error, "the model's batch failed");
+    const auto bytes = spec.value_bytes();
+    for (std::size_t i = 0; i < keys.size(); ++i)
+      if (auto ok =
+              inner_.produce(spec, keys[i], out.subspan(i * bytes, bytes));
+          !ok)
+        return ok;
+    return {};
+  }
+  engine::nanos cost(std::size_t) const noexcept override { return {}; }
+
+private:
+  std::shared_ptr<producer_calls> calls_;
+  engine::synthetic_producer inner_;
+};
+
+TEST_F(actor_test, ABatchComputesTheBlocksItsRequestsMissInOneProducerCall) {
+  // Three requests in one batch miss four distinct blocks (the second
+  // shares the first's two): the producer computes them in one
+  // produce_batch call and none alone; every reply counts as before, and
+  // the bytes read back are the producer's. (Before, each block was a
+  // produce() call of its own: a batch handed a model no batched prefill.)
+  auto calls = std::make_shared<producer_calls>();
+  auto c = small_engine(64, 3);
+  c.make_producer = [calls] {
+    return std::make_unique<batch_counting_producer>(calls);
+  };
+  auto e = engine(c);
+  const auto r1 = blocks_request(1, chain_keys(1, 2));
+  const auto r2 = blocks_request(2, joined(chain_keys(1, 2), chain_keys(2, 1)));
+  const auto r3 = blocks_request(3, chain_keys(3, 1));
+  auto a1 = ask<kv_reply>(e, process_atom::value, r1);
+  auto a2 = ask<kv_reply>(e, process_atom::value, r2);
+  auto a3 = ask<kv_reply>(e, process_atom::value, r3);
+  sched_->run();
+  ASSERT_TRUE(a1->value && a2->value && a3->value);
+  EXPECT_EQ(a1->value->computed_blocks, 2U);
+  EXPECT_EQ(a2->value->matched_blocks, 2U);
+  EXPECT_EQ(a2->value->computed_blocks, 1U);
+  EXPECT_EQ(a3->value->computed_blocks, 1U);
+  ASSERT_EQ(calls->batches.size(), 1U);
+  EXPECT_EQ(calls->batches[0],
+            (std::vector<block_key>{block_key{1, 1}, block_key{1, 2},
+                                    block_key{2, 1}, block_key{3, 1}}));
+  EXPECT_EQ(calls->alone, 0);
+  const auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.batches, 1U);
+  EXPECT_EQ(st.prefill_calls, 1U);
+  EXPECT_EQ(st.prefilled_blocks, 4U);
+  EXPECT_EQ(st.prefill_unused, 0U);
+  EXPECT_EQ(st.produced_alone, 0U);
+  engine::synthetic_producer reference;
+  engine::namespace_spec spec = c.ns;
+  std::vector<std::byte> want(spec.value_bytes());
+  ASSERT_TRUE(reference.produce(spec, block_key{2, 1}, want).has_value());
+  const auto got =
+      ask_now<std::vector<std::uint8_t>>(e, read_atom::value, block_key{2, 1});
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size()), 0);
+  // A later batch of only hits calls nothing.
+  auto again = ask<kv_reply>(e, process_atom::value, r2);
+  caf::anon_send(e, process_atom::value, r1);
+  caf::anon_send(e, process_atom::value, r3);
+  sched_->run();
+  ASSERT_TRUE(again->value.has_value());
+  EXPECT_EQ(again->value->matched_blocks, 3U);
+  EXPECT_EQ(calls->batches.size(), 1U);
+}
+
+TEST_F(actor_test, WithoutAPrefillBoundOrWhenTheBatchCallFailsBlocksGoAlone) {
+  // prefill_bytes 0: no batch call, each block computed alone. A batch
+  // call that fails: counted, and each block is computed alone; the
+  // requests succeed all the same.
+  for (const bool fail : {false, true}) {
+    auto calls = std::make_shared<producer_calls>();
+    calls->fail_batch = fail;
+    auto c = small_engine(64, 2);
+    c.prefill_bytes = fail ? c.prefill_bytes : 0;
+    c.make_producer = [calls] {
+      return std::make_unique<batch_counting_producer>(calls);
+    };
+    auto e = engine(c);
+    auto a1 = ask<kv_reply>(e, process_atom::value,
+                            blocks_request(1, chain_keys(1, 2)));
+    auto a2 = ask<kv_reply>(e, process_atom::value,
+                            blocks_request(2, chain_keys(2, 1)));
+    sched_->run();
+    ASSERT_TRUE(a1->value && a2->value) << fail;
+    EXPECT_EQ(a1->value->computed_blocks, 2U);
+    EXPECT_EQ(calls->batches.size(), fail ? 1U : 0U);
+    EXPECT_EQ(calls->alone, 3);
+    const auto st = ask_now<engine_stats>(e, stats_atom::value);
+    EXPECT_EQ(st.prefill_failures, fail ? 1U : 0U);
+    EXPECT_EQ(st.prefilled_blocks, 0U);
+    EXPECT_EQ(st.produced_alone, 3U);
+  }
+}
+
 TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {
   // The balancer sends its listeners observe_atom, latency_atom and
   // block_events; an engine sends block_events. A listener that handles
@@ -6836,7 +6958,9 @@ TEST_F(actor_test, ALookupIsNotSentToAnEngineStillOpening) {
   balancer_config bc;
   bc.initial_engines = 1;
   auto b = started_balancer(
-      bc, [=](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+      bc,
+      [this, lookups](caf::actor_system& s,
+                      std::uint32_t) -> result<started_engine> {
         auto a = s.spawn([=](caf::event_based_actor* self) -> caf::behavior {
           return {
               // Never ready: a promise it does not keep.

@@ -113,6 +113,11 @@ struct engine_state {
   std::unique_ptr<engine::block_store> store;
   engine::ns_id ns;
   std::unique_ptr<engine::kv_producer> producer;
+  /// Over `producer`: a batch's missing blocks computed in one call.
+  std::unique_ptr<engine::prefilled_producer> prefill;
+  std::vector<engine::block_key> prefill_keys; ///< prefill_for's, reused
+  std::uint64_t prefill_unused = 0;            ///< engine_stats::prefill_unused
+  std::uint64_t prefill_failures = 0; ///< engine_stats::prefill_failures
   batch_accumulator<pending_request> batcher{batch_config{}};
   /// The batch generation an urgent close marker was sent for (0: none).
   std::uint64_t urgent_marker_gen = 0;
@@ -261,13 +266,68 @@ void relieve_pressure(engine_state& st) {
     ++st.pressure_evictions;
 }
 
+/// Computes, in one produce_batch() call (engine::prefilled_producer), the
+/// blocks `reqs` (a batch, in the order they run) are about to compute:
+/// each request's keys past the prefix found in memory, in the memory tier
+/// or on disk, at most config.prefill_bytes of them in all. Left out: a
+/// request past its deadline (answered unprocessed), one process() refuses
+/// for its keys or token count, and a low or background one whose prefix
+/// goes on to disk (it may wait off the batch for those reads). A block the
+/// estimate misses, or that is past the bound, is computed alone when
+/// process() asks for it. finish_prefill() after the batch.
+void prefill_for(engine_state& st, std::span<const kv_request* const> reqs,
+                 std::int64_t now_ns) {
+  if (st.config.prefill_bytes == 0 || reqs.empty())
+    return;
+  const auto spec = st.store->spec(st.ns);
+  if (!spec)
+    return;
+  const std::size_t value_bytes = (*spec)->value_bytes();
+  const std::size_t most = st.config.prefill_bytes / value_bytes;
+  auto& keys = st.prefill_keys;
+  keys.clear();
+  auto* disk = st.store->disk();
+  for (const kv_request* r : reqs) {
+    if (keys.size() >= most)
+      break;
+    if (r->deadline_ns != 0 && now_ns >= r->deadline_ns)
+      continue;
+    if (!engine::check_request_keys(r->keys) ||
+        !engine::check_block_keys(r->keys.size(), r->input_tokens,
+                                  (*spec)->block_tokens))
+      continue;
+    std::size_t first = 0;
+    bool on_disk = false;
+    for (; first < r->keys.size(); ++first) {
+      const auto& k = r->keys[first];
+      if (st.store->contains(st.ns, k) || st.store->in_tier(st.ns, k))
+        continue;
+      if (disk == nullptr || !disk->lookup(k))
+        break;
+      on_disk = true;
+    }
+    if (on_disk && r->prio <= engine::priority::low)
+      continue;
+    for (std::size_t i = first; i < r->keys.size() && keys.size() < most; ++i)
+      keys.push_back(r->keys[i]);
+  }
+  if (!keys.empty() && !st.prefill->prefill(**spec, keys))
+    ++st.prefill_failures; // each block is computed alone
+}
+
+/// After a batch: counts the prefilled blocks no request took, and forgets
+/// them.
+void finish_prefill(engine_state& st) {
+  st.prefill_unused += st.prefill->clear();
+}
+
 result<kv_reply> run_one(engine_state& st, const kv_request& req) {
   engine::put_options opts;
   opts.prio = req.prio;
   opts.pin = req.pin;
   opts.request_tokens = req.input_tokens;
   auto r =
-      st.store->process(st.ns, req.keys, req.input_tokens, *st.producer, opts);
+      st.store->process(st.ns, req.keys, req.input_tokens, *st.prefill, opts);
   if (!r)
     return unexpected<error>{r.error()};
   ++st.requests;
@@ -412,9 +472,14 @@ void arm_timer(engine_actor* self) {
 
 /// Answers `p`: errc::timeout unprocessed when its turn came at or after
 /// its deadline, else process()'s reply or error. `before`: what it had in
-/// memory before promote() read for it (defer_for_disk).
+/// memory before promote() read for it (defer_for_disk). `prefill_ns`: the
+/// time its batch's produce_batch() call took, which computed its blocks
+/// ahead and so does not count toward its turn (else a request whose
+/// blocks were computed in time would be answered unprocessed, that work
+/// thrown away).
 void serve(engine_actor* self, pending_request& p,
-           const std::optional<before_reads>& before = std::nullopt) {
+           const std::optional<before_reads>& before = std::nullopt,
+           std::int64_t prefill_ns = 0) {
   auto& st = self->state;
   // What promote() brought back for it was held until now; once answered,
   // it is cached as any block.
@@ -424,7 +489,7 @@ void serve(engine_actor* self, pending_request& p,
     ~release_hold() { store.release_held(hold); }
   } const hold_guard{*st.store, before ? before->hold : 0};
   const auto deadline = p.request.deadline_ns;
-  if (deadline != 0 && arrival_time(self).count() >= deadline) {
+  if (deadline != 0 && arrival_time(self).count() - prefill_ns >= deadline) {
     ++st.expired;
     p.promise.deliver(to_caf_error(
         error{errc::timeout,
@@ -686,11 +751,21 @@ void close_batch(engine_actor* self) {
     auto batch = st.batcher.take();
     if (batch.empty())
       break; // every request pending was past its deadline
+    const auto start = arrival_time(self).count();
+    {
+      std::vector<const kv_request*> reqs;
+      reqs.reserve(batch.size());
+      for (const auto& p : batch)
+        reqs.push_back(&p.request);
+      prefill_for(st, reqs, start);
+    }
+    const auto prefill_ns = arrival_time(self).count() - start;
     for (auto& p : batch) {
       auto d = defer_for_disk(self, p);
       if (!d.deferred)
-        serve(self, p, d.served_after);
+        serve(self, p, d.served_after, prefill_ns);
     }
+    finish_prefill(st);
     after_batch(self);
   } while (!at_marker && st.batcher.pending() > 0 && st.batcher.full());
   // The batch collected the disk tier's answers: deferred requests whose
@@ -811,6 +886,7 @@ caf::behavior engine_behavior(engine_actor* self,
   st.store = std::move(parts->store);
   st.ns = parts->ns;
   st.producer = std::move(parts->producer);
+  st.prefill = std::make_unique<engine::prefilled_producer>(*st.producer);
   // max_size 1 closes each batch at its marker, whatever close_when_idle
   // says: every batch is full at its first request, so no timer would
   // close one, and closing it as it is read would run the requests in
@@ -913,6 +989,13 @@ caf::behavior engine_behavior(engine_actor* self,
                            return reqs[a].prio > reqs[b].prio;
                          });
         out.resize(reqs.size());
+        {
+          std::vector<const kv_request*> in_order;
+          in_order.reserve(order.size());
+          for (auto i : order)
+            in_order.push_back(&reqs[i]);
+          prefill_for(self->state, in_order, 0); // no deadlines here
+        }
         // The pins its requests added: one that fails fails the batch, and
         // its caller, told only of that, holds none of them to unpin.
         std::vector<engine::block_key> pinned;
@@ -923,6 +1006,7 @@ caf::behavior engine_behavior(engine_actor* self,
           if (!r) {
             for (const auto& k : pinned)
               (void)self->state.store->unpin(self->state.ns, k);
+            finish_prefill(self->state);
             after_batch(self);
             // Say which: the error stands for the whole batch.
             return to_caf_error(error{
@@ -931,6 +1015,7 @@ caf::behavior engine_behavior(engine_actor* self,
           }
           out[i] = *r;
         }
+        finish_prefill(self->state);
         after_batch(self);
         return out;
       },
@@ -1095,6 +1180,11 @@ caf::behavior engine_behavior(engine_actor* self,
         out.held_blocks = s.store->held_blocks();
         out.requests = s.requests;
         out.batches = s.batches;
+        out.prefill_calls = s.prefill->batch_calls();
+        out.prefilled_blocks = s.prefill->prefilled_blocks();
+        out.prefill_unused = s.prefill_unused;
+        out.prefill_failures = s.prefill_failures;
+        out.produced_alone = s.prefill->alone();
         out.blocks = s.store->block_count();
         out.used_bytes = s.store->used_bytes();
         out.capacity_bytes = s.store->capacity_bytes();

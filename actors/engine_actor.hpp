@@ -51,10 +51,16 @@
 /// (default 20) or `capacity_tokens` prompt tokens are pending, or
 /// `batch.timeout` (default 100 ms) after the first, whichever comes first;
 /// the batch then runs in one turn of the actor, highest priority first:
-/// each request one engine::block_store::process call, whose producer
-/// computes each missing block in its own produce() call (there is no
-/// batched producer call yet: a batch orders and groups requests, it does
-/// not hand a model one prefill for all of them). A request still queued
+/// first one kv_producer::produce_batch() call computes the blocks its
+/// requests miss (past what memory, the memory tier and the disk hold, at
+/// most `prefill_bytes` of values; not those of a request past its
+/// deadline, of one with keys process() refuses, nor of a low one whose
+/// prefix goes on to disk, which may wait off the batch for its reads),
+/// then each request is one engine::block_store::process call, whose
+/// produce() calls that prefill answers (engine::prefilled_producer; a
+/// block it does not hold is computed alone). The time of that call does
+/// not count toward a request's turn against its deadline. (Before, each
+/// missing block was a produce() call of its own.) A request still queued
 /// at a batch's close and past its deadline (kv_request::deadline_ns) is
 /// answered errc::timeout then, unprocessed, whatever its lane (counted
 /// in engine_stats::expired; before, below a stream of full batches of
@@ -192,6 +198,12 @@ struct engine_actor_config {
   /// reach it; the scaler grows and shrinks it); 0: no token limit.
   std::uint32_t capacity_tokens = 8192;
   memory_pressure_config pressure{};
+  /// The most bytes of block values computed for a batch in its one
+  /// produce_batch() call (engine::prefilled_producer): the blocks its
+  /// requests miss, in batch order, up to this; past it, and for blocks
+  /// the estimate missed, the producer computes each block alone. 0: no
+  /// batch call, every block alone.
+  std::size_t prefill_bytes = std::size_t{64} << 20;
   std::chrono::milliseconds put_timeout{30'000};
   /// Makes the producer this engine computes missing blocks with; null:
   /// a synthetic producer.

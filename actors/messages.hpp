@@ -188,6 +188,19 @@ struct engine_stats {
   /// until those requests are served (block_store::held_blocks).
   std::uint64_t held_blocks = 0;
   std::uint64_t batches = 0;
+  /// The producer's batch calls (kv_producer::produce_batch, one per batch
+  /// whose requests miss blocks), the blocks they computed, those of them
+  /// no request took (its prefix found cached after all, a request that
+  /// failed), and the blocks computed alone, each in a produce() call of
+  /// its own (past engine_actor_config::prefill_bytes, missed by the
+  /// estimate, or of a request served off its batch after disk reads).
+  /// prefill_failures: batch calls that failed (those blocks were then
+  /// computed alone).
+  std::uint64_t prefill_calls = 0;
+  std::uint64_t prefilled_blocks = 0;
+  std::uint64_t prefill_unused = 0;
+  std::uint64_t prefill_failures = 0;
+  std::uint64_t produced_alone = 0;
   std::uint64_t blocks = 0;
   std::uint64_t used_bytes = 0;
   std::uint64_t capacity_bytes = 0;
@@ -224,12 +237,14 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
            x.requests, x.expired, x.disk_deferred, x.held_blocks, x.batches,
-           x.blocks, x.used_bytes, x.capacity_bytes, x.pinned_bytes,
-           x.pinned_bytes_limit, x.token_hits, x.token_misses, x.evictions,
-           x.pressure_evictions, x.capacity_tokens, x.memory, x.tier,
-           x.tier_blocks, x.tier_demotions, x.tier_hits, x.tier_in_flight_bytes,
-           x.disk, x.disk_blocks, x.disk_hits, x.disk_spills,
-           x.disk_spill_failures, x.block_hits, x.block_misses, x.listeners);
+           x.prefill_calls, x.prefilled_blocks, x.prefill_unused,
+           x.prefill_failures, x.produced_alone, x.blocks, x.used_bytes,
+           x.capacity_bytes, x.pinned_bytes, x.pinned_bytes_limit, x.token_hits,
+           x.token_misses, x.evictions, x.pressure_evictions, x.capacity_tokens,
+           x.memory, x.tier, x.tier_blocks, x.tier_demotions, x.tier_hits,
+           x.tier_in_flight_bytes, x.disk, x.disk_blocks, x.disk_hits,
+           x.disk_spills, x.disk_spill_failures, x.block_hits, x.block_misses,
+           x.listeners);
 }
 
 /// The balancer's counters.

@@ -2509,6 +2509,102 @@ TEST(latency_histogram, quantiles_are_within_a_bucket) {
               v);
 }
 
+/// Counts its produce() and produce_batch() calls; values from a
+/// synthetic producer. `fail_batch`: produce_batch answers an error.
+class batch_counting_producer final : public kv_producer {
+public:
+  result<void> produce(const namespace_spec& spec, const block_key& key,
+                       std::span<std::byte> out) override {
+    ++produced;
+    return inner.produce(spec, key, out);
+  }
+  result<void> produce_batch(const namespace_spec& spec,
+                             std::span<const block_key> keys,
+                             std::span<std::byte> out) override {
+    ++batches;
+    batch_keys.assign(keys.begin(), keys.end());
+    if (fail_batch)
+      return make_error(errc::io_error, "the batch failed");
+    return kv_producer::produce_batch(spec, keys, out);
+  }
+  nanos cost(std::size_t) const noexcept override { return {}; }
+
+  synthetic_producer inner;
+  int produced = 0;
+  int batches = 0;
+  bool fail_batch = false;
+  std::vector<block_key> batch_keys;
+};
+
+TEST(PrefilledProducer, ServesABatchFromOneCallAndTheRestAlone) {
+  // Four keys, one of them twice: one produce_batch call of the three
+  // distinct ones; produce() of a prefilled key copies its value (the
+  // synthetic producer's bytes), a key not prefilled is computed alone,
+  // and clear() counts the prefilled block no produce() took.
+  const auto spec = small_spec();
+  batch_counting_producer inner;
+  prefilled_producer p(inner);
+  const block_key a{1, 1}, b{1, 2}, c{1, 3}, d{1, 4};
+  ASSERT_TRUE(p.prefill(spec, std::vector<block_key>{a, b, a, c}).has_value());
+  EXPECT_EQ(inner.batches, 1);
+  EXPECT_EQ(inner.batch_keys, (std::vector<block_key>{a, b, c}));
+  const int produced_by_batch = inner.produced; // the default loops
+  std::vector<std::byte> got(spec.value_bytes()), want(spec.value_bytes());
+  for (const auto& k : {a, b, d}) {
+    ASSERT_TRUE(p.produce(spec, k, got).has_value());
+    ASSERT_TRUE(inner.inner.produce(spec, k, want).has_value());
+    EXPECT_EQ(got, want) << k.to_hex();
+  }
+  EXPECT_EQ(inner.produced, produced_by_batch + 1) << "only d alone";
+  EXPECT_EQ(p.served(), 2U);
+  EXPECT_EQ(p.alone(), 1U);
+  EXPECT_EQ(p.prefilled_blocks(), 3U);
+  EXPECT_EQ(p.clear(), 1U) << "c was never taken";
+  // Forgotten: a is computed alone now.
+  ASSERT_TRUE(p.produce(spec, a, got).has_value());
+  EXPECT_EQ(p.alone(), 2U);
+  // Nothing to compute: no call.
+  ASSERT_TRUE(p.prefill(spec, std::vector<block_key>{}).has_value());
+  EXPECT_EQ(inner.batches, 1);
+  EXPECT_EQ(p.batch_calls(), 1U);
+}
+
+TEST(PrefilledProducer, AFailedBatchPrefillsNothing) {
+  // The batch call's error is returned and nothing is prefilled: each
+  // block is then computed alone, as without a prefill. Another
+  // namespace's spec (another value size) is not served from a prefill.
+  const auto spec = small_spec();
+  batch_counting_producer inner;
+  inner.fail_batch = true;
+  prefilled_producer p(inner);
+  const block_key a{1, 1};
+  auto r = p.prefill(spec, std::vector<block_key>{a});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::io_error);
+  std::vector<std::byte> got(spec.value_bytes());
+  ASSERT_TRUE(p.produce(spec, a, got).has_value());
+  EXPECT_EQ(p.alone(), 1U);
+  EXPECT_EQ(p.clear(), 0U);
+  inner.fail_batch = false;
+  ASSERT_TRUE(p.prefill(spec, std::vector<block_key>{a}).has_value());
+  auto other = small_spec("other-model");
+  other.head_dim = 128;
+  std::vector<std::byte> bigger(other.value_bytes());
+  ASSERT_TRUE(p.produce(other, a, bigger).has_value());
+  EXPECT_EQ(p.served(), 0U);
+  EXPECT_EQ(p.alone(), 2U);
+}
+
+TEST(PrefilledProducer, ABatchBufferOfTheWrongSizeIsAnError) {
+  const auto spec = small_spec();
+  synthetic_producer inner;
+  std::vector<std::byte> out(spec.value_bytes());
+  const std::vector<block_key> two{block_key{1, 1}, block_key{1, 2}};
+  auto r = inner.produce_batch(spec, two, out);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, errc::wrong_value_size);
+}
+
 } // namespace
 } // namespace kvfleet::engine
 

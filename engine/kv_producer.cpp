@@ -1,6 +1,7 @@
 #include "engine/kv_producer.hpp"
 
 #include "engine/codec.hpp"
+#include "engine/host_error.hpp"
 
 #include <array>
 #include <chrono>
@@ -18,6 +19,80 @@ std::uint64_t splitmix(std::uint64_t& s) noexcept {
 }
 
 } // namespace
+
+result<void> kv_producer::produce_batch(const namespace_spec& spec,
+                                        std::span<const block_key> keys,
+                                        std::span<std::byte> out) {
+  const std::size_t bytes = spec.value_bytes();
+  if (out.size() != keys.size() * bytes)
+    return make_error(errc::wrong_value_size,
+                      "producer batch buffer holds " +
+                          std::to_string(out.size()) + " bytes, " +
+                          std::to_string(keys.size()) + " blocks need " +
+                          std::to_string(keys.size() * bytes));
+  for (std::size_t i = 0; i < keys.size(); ++i)
+    if (auto ok = produce(spec, keys[i], out.subspan(i * bytes, bytes)); !ok)
+      return ok;
+  return {};
+}
+
+result<void> prefilled_producer::prefill(const namespace_spec& spec,
+                                         std::span<const block_key> keys) {
+  (void)clear();
+  std::vector<block_key> distinct;
+  distinct.reserve(keys.size());
+  for (const auto& k : keys)
+    if (at_.emplace(k, distinct.size()).second)
+      distinct.push_back(k);
+  if (distinct.empty())
+    return {};
+  const std::size_t bytes = spec.value_bytes();
+  values_.resize(distinct.size() * bytes);
+  ++batch_calls_;
+  auto ok = [&]() -> result<void> {
+    try {
+      return inner_.produce_batch(spec, distinct, values_);
+    } catch (...) {
+      return unexpected<error>{
+          current_exception_error("the producer threw for a batch of " +
+                                  std::to_string(distinct.size()) + " blocks")};
+    }
+  }();
+  if (!ok) {
+    at_.clear();
+    return ok;
+  }
+  prefilled_blocks_ += distinct.size();
+  value_bytes_ = bytes;
+  model_ = spec.model;
+  taken_.assign(distinct.size(), false);
+  return {};
+}
+
+std::size_t prefilled_producer::clear() noexcept {
+  std::size_t unused = 0;
+  for (const bool t : taken_)
+    unused += t ? 0 : 1;
+  at_.clear();
+  taken_.clear();
+  return unused;
+}
+
+result<void> prefilled_producer::produce(const namespace_spec& spec,
+                                         const block_key& key,
+                                         std::span<std::byte> out) {
+  if (const auto it = at_.find(key);
+      it != at_.end() && out.size() == value_bytes_ &&
+      spec.value_bytes() == value_bytes_ && spec.model == model_) {
+    std::memcpy(out.data(), values_.data() + it->second * value_bytes_,
+                value_bytes_);
+    taken_[it->second] = true;
+    ++served_;
+    return {};
+  }
+  ++alone_;
+  return inner_.produce(spec, key, out);
+}
 
 result<void> synthetic_producer::produce(const namespace_spec& spec,
                                          const block_key& key,
