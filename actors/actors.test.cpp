@@ -5162,60 +5162,44 @@ TEST(WarmerSelectTop, TheSameRequestTwiceIsOneQuery) {
   EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{1, 5}));
 }
 
+/// A warm item named `q` of `blocks` blocks of chain 7 ({7, 1} onwards:
+/// one turn leads every longer one), of frequency `f`.
+warm_item warm_turn(std::string q, std::size_t blocks, double f) {
+  kv_request r;
+  r.query = std::move(q);
+  for (std::uint64_t i = 1; i <= blocks; ++i)
+    r.keys.push_back(block_key{7, i});
+  r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
+  return warm_item{r, f};
+}
+
 TEST(WarmerSelectTop, AQueryWhoseBlocksLeadAnotherIsWarmedByIt) {
   // A chat's turns: turn1's block leads turn2's two, which lead turn3's
   // three. Warming turn3 stores (and pins) the blocks of all three, so it
   // is sent once, at the rank of the hottest of them selected; "other" is
   // a query of its own. (Before, each turn was sent: its blocks matched
   // or computed up to three times, pinned on up to three engines.)
-  const auto turn = [](std::string q, std::size_t blocks, double f) {
-    kv_request r;
-    r.query = std::move(q);
-    for (std::uint64_t i = 1; i <= blocks; ++i)
-      r.keys.push_back(block_key{7, i});
-    r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
-    return warm_item{r, f};
-  };
-  auto other = turn("other", 1, 4.0);
+  auto other = warm_turn("other", 1, 4.0);
   other.request.keys = {block_key{9, 1}};
-  const std::vector<warm_item> items = {turn("turn1", 1, 5.0), other,
-                                        turn("turn3", 3, 1.0),
-                                        turn("turn2", 2, 3.0)};
+  const std::vector<warm_item> items = {warm_turn("turn1", 1, 5.0), other,
+                                        warm_turn("turn3", 3, 1.0),
+                                        warm_turn("turn2", 2, 3.0)};
   EXPECT_EQ(select_top(items, 10), (std::vector<std::size_t>{2, 1}));
   // Only the top two queries: turn1 and other, turn1 sent itself.
   EXPECT_EQ(select_top(items, 2), (std::vector<std::size_t>{0, 1}));
   // The top three: turn2 warms turn1 too.
   EXPECT_EQ(select_top(items, 3), (std::vector<std::size_t>{3, 1}));
   // A shorter turn ranked below a longer one selected adds nothing.
-  const std::vector<warm_item> longer_first = {turn("turn3", 3, 5.0),
-                                               turn("turn1", 1, 4.0), other};
+  const std::vector<warm_item> longer_first = {
+      warm_turn("turn3", 3, 5.0), warm_turn("turn1", 1, 4.0), other};
   EXPECT_EQ(select_top(longer_first, 10), (std::vector<std::size_t>{0, 2}));
-}
-
-TEST(WarmerSelectTop, AChainListsItsQueriesLongestFirst) {
-  // turn1 (hottest), turn3 and turn2 are one chain, tried longest first:
-  // turn3, then turn2, then turn1; "other" is a chain of its own. Only the
-  // selected queries are in a chain.
-  const auto turn = [](std::string q, std::size_t blocks, double f) {
-    kv_request r;
-    r.query = std::move(q);
-    for (std::uint64_t i = 1; i <= blocks; ++i)
-      r.keys.push_back(block_key{7, i});
-    r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
-    return warm_item{r, f};
-  };
-  auto other = turn("other", 1, 4.0);
-  other.request.keys = {block_key{9, 1}};
-  const std::vector<warm_item> items = {turn("turn1", 1, 5.0), other,
-                                        turn("turn3", 3, 1.0),
-                                        turn("turn2", 2, 3.0)};
+  // The chains behind those picks list their selected queries longest
+  // first, the order they are tried in when one fails: turn3, turn2,
+  // turn1; the shorter turn joins the longer one's chain whatever its rank.
   using chains = std::vector<std::vector<std::size_t>>;
   EXPECT_EQ(select_chains(items, 10), (chains{{2, 3, 0}, {1}}));
   EXPECT_EQ(select_chains(items, 3), (chains{{3, 0}, {1}}));
   EXPECT_EQ(select_chains(items, 1), (chains{{0}}));
-  // A longer query ranked first: the shorter one joins its chain too.
-  const std::vector<warm_item> longer_first = {turn("turn3", 3, 5.0),
-                                               turn("turn1", 1, 4.0), other};
   EXPECT_EQ(select_chains(longer_first, 10), (chains{{0, 1}, {2}}));
 }
 
@@ -5255,16 +5239,9 @@ TEST_F(actor_test, AHotQueryIsWarmedWhenTheLongerColdQueryOfItsChainFails) {
         }};
   });
   stop_at_end_.push_back(listener);
-  const auto chain = [](std::string q, std::size_t blocks, double f) {
-    kv_request r;
-    r.query = std::move(q);
-    for (std::uint64_t i = 1; i <= blocks; ++i)
-      r.keys.push_back(block_key{7, i});
-    r.input_tokens = static_cast<std::uint32_t>(16 * blocks);
-    return warm_item{r, f};
-  };
-  const std::vector<warm_item> items = {
-      chain("hot", 2, 100.0), chain("cold", 6, 1.0), chain("mid", 3, 2.0)};
+  const std::vector<warm_item> items = {warm_turn("hot", 2, 100.0),
+                                        warm_turn("cold", 6, 1.0),
+                                        warm_turn("mid", 3, 2.0)};
   auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{10},
                               true, listener);
   sched_->run();
