@@ -87,11 +87,9 @@
 /// dropped). process() and promote() bring blocks found there back: slots
 /// are reserved, one batch copies them in, and they are committed with
 /// their checksum (verified at the first read, as from disk). A full tier
-/// drops its blocks of the lowest request priority first, oldest first
-/// within one (before, oldest first whatever their priority), spilling
-/// them to the disk tier when there is one. A block in the tier is still this
-/// store's for on_block_event: "removed" comes when it leaves the tier, not
-/// when it enters it.
+/// drops its oldest blocks, spilling them to the disk tier when there is
+/// one. A block in the tier is still this store's for on_block_event:
+/// "removed" comes when it leaves the tier, not when it enters it.
 ///
 /// Errors are values: no public call throws or aborts on bad input. A failed
 /// put leaves nothing behind.
@@ -1100,7 +1098,7 @@ private:
     bool parent_unknown = false;
     std::uint64_t checksum = 0;
     std::int64_t expires_at = 0; // steady nanoseconds; 0 = never
-    std::uint64_t seq = 0;       // key of tier_order_: priority, then arrival
+    std::uint64_t seq = 0;       // key of tier_order_
     std::uint32_t stored_bytes = 0;
     std::uint32_t access_count = 0; // comes back with it
     std::uint16_t ns = 0;
@@ -1134,8 +1132,7 @@ private:
   /// Writes a tier block to the disk tier (unless it is there already or
   /// expired); false without a disk tier.
   bool spill_tier_block(const block_key& key, const tier_block& b);
-  /// Drops the tier's block of the lowest priority, the oldest of them
-  /// (spilled to disk when attached).
+  /// Drops the oldest block of the tier (spilled to disk when attached).
   void drop_oldest_tier_block();
   /// Brings `key` back from the memory tier with the tier blocks it chains
   /// from; true when it is in memory now. acquire() and pin() use it.
@@ -1227,8 +1224,7 @@ private:
   std::vector<block_key> token_keys_; ///< put_tokens()/lookup_tokens(), reused
   std::vector<read_lease> token_leases_;
   std::vector<put_handle> token_puts_;
-  /// The memory tier and its directory: key -> place, in drop order by seq
-  /// (the block's priority in the top byte, then the order it came in).
+  /// The memory tier and its directory: key -> place, oldest first by seq.
   std::unique_ptr<memory_tier> tier_;
   std::unordered_map<block_key, tier_block, block_key_hash> tier_index_;
   std::map<std::uint64_t, block_key> tier_order_;

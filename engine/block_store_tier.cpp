@@ -241,10 +241,7 @@ void block_store::finish_demotions(demotion_batch& batch, bool copied) {
     b.parent_unknown = e.parent_unknown;
     b.checksum = e.checksum;
     b.expires_at = e.expires_at;
-    // Lowest priority first, oldest first within it: a critical block
-    // demoted early is not dropped ahead of background ones demoted later.
-    b.seq = (std::uint64_t{static_cast<std::uint8_t>(e.prio)} << 56U) |
-            (++tier_seq_ & ((std::uint64_t{1} << 56U) - 1));
+    b.seq = ++tier_seq_;
     b.stored_bytes = e.stored_bytes;
     b.ns = e.ns;
     b.c = e.c;

@@ -381,39 +381,6 @@ TEST_F(store_tier_test, a_full_tier_drops_its_oldest_blocks_and_says_so) {
   EXPECT_EQ(run(a).computed_blocks, 4U);
 }
 
-TEST_F(store_tier_test, a_full_tier_drops_its_lowest_priority_blocks_first) {
-  // The tier holds a critical chain, demoted first, and a background one.
-  // Room for a normal chain is made from the background blocks, though
-  // the critical ones are older. (Before, the oldest went first whatever
-  // their priority: the critical chain.)
-  open(32, 4);
-  const auto at = [&](const std::vector<block_key>& keys, priority p) {
-    put_options o;
-    o.prio = p;
-    auto r = store_->process(ns_, keys, keys.size() * spec().block_tokens,
-                             producer_, o);
-    ASSERT_TRUE(r.has_value()) << r.error().describe();
-    ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
-    settle();
-  };
-  const auto crit = chain(1, 2);
-  const auto bg = chain(100, 2);
-  const auto normal = chain(200, 2);
-  at(crit, priority::critical);
-  at(bg, priority::background);
-  ASSERT_EQ(store_->tier_block_count(), 4U);
-  at(normal, priority::normal);
-  EXPECT_EQ(store_->tier_block_count(), 4U);
-  EXPECT_EQ(store_->stats().tier_drops, 2U);
-  for (const auto& k : crit)
-    EXPECT_TRUE(store_->in_tier(ns_, k));
-  for (const auto& k : bg)
-    EXPECT_FALSE(store_->in_tier(ns_, k));
-  for (const auto& k : normal)
-    EXPECT_TRUE(store_->in_tier(ns_, k));
-  store_->check_invariants();
-}
-
 TEST_F(store_tier_test, a_busy_full_tier_keeps_its_blocks) {
   // The tier is full and its staging busy: the batch cannot go now, so
   // nothing is dropped for it. Before, the oldest tier blocks were dropped
