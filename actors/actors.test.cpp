@@ -743,8 +743,13 @@ TEST_F(actor_test, ABatchThatFailsSaysWhichRequestFailed) {
   EXPECT_EQ(err.code, errc::misaligned_tokens);
   EXPECT_EQ(err.message.rfind("request 7 of the batch: ", 0), 0U)
       << err.message;
-  // The request run before it keeps its effect.
-  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).requests, 1U);
+  // The request run before it keeps its effect. Nothing was computed
+  // ahead in a batch call for a batch that fails on a request whose keys
+  // do not fit its tokens: that work would be thrown away.
+  const auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.requests, 1U);
+  EXPECT_EQ(st.prefill_calls, 0U);
+  EXPECT_EQ(st.produced_alone, 2U);
 }
 
 TEST_F(actor_test, EngineErrorsAreConvertedOnce) {
@@ -4614,48 +4619,78 @@ TEST_F(actor_test, AHighPriorityJoinerGoesItselfWhenTheOneSentBeforeFailed) {
 }
 
 TEST_F(actor_test, AJoinerIsNotAnsweredWithAnotherCallersTimeout) {
-  // A request of "k" with a deadline is on its way. A request of "k" with
-  // none goes itself (before, it joined, and got the first one's timeout
-  // when that expired); one with an earlier deadline joins it, and one
-  // with a later deadline joins the one with none. The first one's
-  // timeout answers only its own caller: the others get the reply.
+  // Four requests of "k" join one miss, whatever their deadlines (ten
+  // callers with deadlines each later than the last still make one
+  // request). It times out at 2 ms, at its caller's 1 ms deadline:
+  // requests 1 and 2 (0.5 ms) get the timeout; 3 (none) and 4 (4 ms) get
+  // one more request, with no deadline, whose reply answers them.
+  // (Before, every waiter got the first request's timeout.) When that one
+  // times out too, they get its error: one retry per round. A miss sent
+  // without a deadline ends at the balancer's own timeout, which its
+  // waiters' own requests would meet too: no retry
+  // (AQueryCacheMissEndsAtTheBalancersDeadlineOnly).
   auto h = std::make_shared<cued_calls>();
   auto b = sys_->spawn(cued_balancer, h);
   stop_at_end_.push_back(b);
   auto qc = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
   stop_at_end_.push_back(qc);
-  const auto req = [](std::uint64_t id, std::int64_t deadline_ns) {
+  const auto base = std::chrono::duration_cast<engine::nanos>(
+                        sched_->clock().now().time_since_epoch())
+                        .count();
+  const auto req = [&](std::uint64_t id, std::int64_t after_ns) {
     auto r = query_at(id, "k", engine::priority::normal);
-    r.deadline_ns = deadline_ns;
+    r.deadline_ns = after_ns == 0 ? 0 : base + after_ns;
     return r;
   };
-  const std::int64_t soon = 1'000'000;
-  auto r1 = ask<kv_reply>(qc, query_atom::value, req(1, soon));
-  sched_->run();
-  auto r2 = ask<kv_reply>(qc, query_atom::value, req(2, soon / 2));
-  sched_->run();
-  EXPECT_EQ(h->calls.size(), 1U) << "an earlier deadline joins";
+  const std::int64_t ms = 1'000'000;
+  auto r1 = ask<kv_reply>(qc, query_atom::value, req(1, ms));
+  auto r2 = ask<kv_reply>(qc, query_atom::value, req(2, ms / 2));
   auto r3 = ask<kv_reply>(qc, query_atom::value, req(3, 0));
+  auto r4 = ask<kv_reply>(qc, query_atom::value, req(4, 4 * ms));
   sched_->run();
-  ASSERT_EQ(h->calls.size(), 2U) << "no deadline joined a request with one";
-  EXPECT_EQ(h->calls[1].first.id, 3U);
-  EXPECT_EQ(h->calls[1].first.deadline_ns, 0);
-  auto r4 = ask<kv_reply>(qc, query_atom::value, req(4, 4 * soon));
-  sched_->run();
-  EXPECT_EQ(h->calls.size(), 2U) << "a later deadline joins one with none";
+  ASSERT_EQ(h->calls.size(), 1U);
+  sched_->advance_time(2ms);
   caf::anon_send(b, ready_atom::value, std::uint64_t{0}, true); // times out
   sched_->run();
-  for (const auto& r : {r1, r2, r3, r4})
-    EXPECT_FALSE(r->value || r->error) << "a request is still on its way";
+  for (const auto& r : {r1, r2}) {
+    ASSERT_TRUE(r->error.has_value());
+    EXPECT_TRUE(is_timeout(*r->error));
+  }
+  for (const auto& r : {r3, r4})
+    EXPECT_FALSE(r->value || r->error) << "a request is on its way for it";
+  ASSERT_EQ(h->calls.size(), 2U);
+  EXPECT_EQ(h->calls[1].first.id, 3U);
+  EXPECT_EQ(h->calls[1].first.deadline_ns, 0);
   caf::anon_send(b, ready_atom::value, std::uint64_t{1}, false);
   sched_->run();
-  for (const auto& r : {r1, r2, r3, r4}) {
+  for (const auto& r : {r3, r4}) {
     ASSERT_TRUE(r->value.has_value());
     EXPECT_EQ(r->value->computed_tokens, 16U);
   }
   auto st = ask_now<query_cache_stats>(qc, stats_atom::value);
   EXPECT_EQ(st.misses, 4U);
   EXPECT_EQ(st.coalesced, 3U);
+
+  // Callers with deadlines each later than the last: one request.
+  std::vector<std::shared_ptr<outcome<kv_reply>>> many;
+  for (std::uint64_t i = 0; i < 10; ++i) {
+    auto r = query_at(10 + i, "m", engine::priority::normal);
+    r.deadline_ns = base + 100 * ms + static_cast<std::int64_t>(i) * ms;
+    many.push_back(ask<kv_reply>(qc, query_atom::value, r));
+  }
+  sched_->run();
+  ASSERT_EQ(h->calls.size(), 3U);
+  // It times out, so does the one retry: every caller gets the timeout.
+  caf::anon_send(b, ready_atom::value, std::uint64_t{2}, true);
+  sched_->run();
+  ASSERT_EQ(h->calls.size(), 4U);
+  EXPECT_EQ(h->calls[3].first.deadline_ns, base + 109 * ms);
+  caf::anon_send(b, ready_atom::value, std::uint64_t{3}, true);
+  sched_->run();
+  for (const auto& r : many) {
+    ASSERT_TRUE(r->error.has_value());
+    EXPECT_TRUE(is_timeout(*r->error));
+  }
 }
 
 TEST_F(actor_test, QueryCacheCallersHearBackWhenTheCacheStops) {
@@ -5260,6 +5295,27 @@ TEST_F(actor_test, AHotQueryIsWarmedWhenTheLongerColdQueryOfItsChainFails) {
   const std::vector<std::pair<std::uint64_t, std::uint64_t>> want{
       {1, 2}, {2, 3}, {3, 3}};
   EXPECT_EQ(*progress, want);
+}
+
+TEST_F(actor_test, AChainIsNotSentAgainAfterAReplyWithUncachedBlocks) {
+  // The engine answers the chain's longest query with blocks it could not
+  // cache: its leading blocks are cached, and pinned, so the shorter query
+  // is not sent (it would pin them a second time, which one unpin would
+  // not undo). The query counts failed.
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  be->uncached = 1;
+  auto w = warmer(b, warmer_config{});
+  const std::vector<warm_item> items = {warm_turn("hot", 2, 100.0),
+                                        warm_turn("cold", 6, 1.0)};
+  auto rep = ask<warm_report>(w, warm_atom::value, items, std::uint32_t{10},
+                              true, caf::actor{});
+  sched_->run();
+  ASSERT_TRUE(rep->value.has_value());
+  EXPECT_EQ(rep->value->requested, 1U);
+  EXPECT_EQ(rep->value->failed, 1U);
+  EXPECT_EQ(rep->value->shortened, 0U);
+  ASSERT_EQ(be->seen.size(), 1U);
+  EXPECT_EQ(be->seen[0].query, "cold");
 }
 
 TEST_F(actor_test, AWarmOfNoQueriesOrOfABadFrequencyIsRefused) {
@@ -6682,8 +6738,13 @@ TEST_F(disk_deferral_test,
   for (std::size_t i = 0; i < 4; ++i)
     EXPECT_GE((*order)[i], 30U) << "a low request ran at " << i;
   EXPECT_EQ(log->size(), 5U);
-  EXPECT_EQ(stats(e).in_flight, 0U);
-  EXPECT_EQ(stats(e).held_blocks, 0U);
+  const auto st = stats(e);
+  EXPECT_EQ(st.in_flight, 0U);
+  EXPECT_EQ(st.held_blocks, 0U);
+  // Every block computed, the low requests' third ones included (served
+  // off their batch once their reads landed), came from a batch's one
+  // producer call.
+  EXPECT_EQ(st.produced_alone, 0U);
 }
 
 TEST_F(disk_deferral_test, ReadyDeferredRequestsGoLowBeforeBackground) {
@@ -6883,6 +6944,42 @@ TEST_F(actor_test, WithoutAPrefillBoundOrWhenTheBatchCallFailsBlocksGoAlone) {
     EXPECT_EQ(st.prefilled_blocks, 0U);
     EXPECT_EQ(st.produced_alone, 3U);
   }
+}
+
+TEST_F(actor_test, OnlyARequestTheBatchCallComputedForIsLetOffItsTime) {
+  // Each block takes 10 ms. A batch of two: the first request's block fits
+  // the prefill bound (one block), the second's, with a 5 ms deadline, is
+  // past it. The batch call's 10 ms do not count against the first; the
+  // second came to its turn at 10 ms, past its deadline, with nothing
+  // computed for it: answered errc::timeout unprocessed. (Before, the
+  // batch call's time was taken off every request of the batch, and the
+  // second was processed, computing its block alone, though its caller had
+  // been told it timed out.)
+  auto c = small_engine(64, 2);
+  c.prefill_bytes = c.ns.value_bytes();
+  auto* sched = sched_;
+  c.make_producer = [sched] {
+    return std::make_unique<clock_moving_producer>(*sched, 10ms);
+  };
+  auto e = engine(c);
+  sched_->run();
+  const auto now = std::chrono::duration_cast<engine::nanos>(
+      sched_->clock().now().time_since_epoch());
+  auto first = blocks_request(1, chain_keys(1, 1));
+  first.deadline_ns = (now + 8ms).count();
+  auto second = blocks_request(2, chain_keys(2, 1));
+  second.deadline_ns = (now + 5ms).count();
+  auto a1 = ask<kv_reply>(e, process_atom::value, first);
+  auto a2 = ask<kv_reply>(e, process_atom::value, second);
+  sched_->run();
+  ASSERT_TRUE(a1->value.has_value());
+  EXPECT_EQ(a1->value->computed_blocks, 1U);
+  ASSERT_TRUE(a2->error.has_value());
+  EXPECT_EQ(from_caf_error(*a2->error).code, errc::timeout);
+  const auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.expired, 1U);
+  EXPECT_EQ(st.prefill_calls, 1U);
+  EXPECT_EQ(st.produced_alone, 0U);
 }
 
 TEST_F(actor_test, AListenerThatHandlesTooLittleEndsNoBalancerAndNoEngine) {

@@ -102,7 +102,8 @@
 ///       (observe_atom, kv_request, kv_reply, int64 latency_ns) after each
 ///       answered request, (latency_atom, kv_request, int64 latency_ns)
 ///       after each request that timed out (how long it waited since the
-///       balancer received it), and every engine's block_events; when an
+///       balancer received it), and the block_events of each slot's current
+///       engine (those of any other sender are dropped); when an
 ///       engine stops (fails, or retires), one block_events of its slot
 ///       evicting every key the prefix index gave it, since its store
 ///       went with it without reporting any eviction

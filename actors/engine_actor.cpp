@@ -266,53 +266,71 @@ void relieve_pressure(engine_state& st) {
     ++st.pressure_evictions;
 }
 
+/// Whether process() takes `r` as far as prefill_for can tell: keys a
+/// block can have, one per full block of its tokens.
+bool prefillable(const kv_request& r, const engine::namespace_spec& spec) {
+  return engine::check_request_keys(r.keys).has_value() &&
+         engine::check_block_keys(r.keys.size(), r.input_tokens,
+                                  spec.block_tokens)
+             .has_value();
+}
+
 /// Computes, in one produce_batch() call (engine::prefilled_producer), the
 /// blocks `reqs` (a batch, in the order they run) are about to compute:
 /// each request's keys past the prefix found in memory, in the memory tier
 /// or on disk, at most config.prefill_bytes of them in all. Left out: a
 /// request past its deadline (answered unprocessed), one process() refuses
-/// for its keys or token count, and a low or background one whose prefix
-/// goes on to disk (it may wait off the batch for those reads). A block the
-/// estimate misses, or that is past the bound, is computed alone when
-/// process() asks for it. finish_prefill() after the batch.
-void prefill_for(engine_state& st, std::span<const kv_request* const> reqs,
-                 std::int64_t now_ns) {
+/// for its keys or token count, and, when `may_defer`, a low or background
+/// one whose prefix goes on to disk (it may wait off the batch for those
+/// reads). A block the estimate misses, or that is past the bound, is
+/// computed alone when process() asks for it. Returns, per request,
+/// whether the call computed every block it is about to compute: the time
+/// of that call does not count toward its turn (serve()). finish_prefill()
+/// after the batch.
+std::vector<char> prefill_for(engine_state& st,
+                              std::span<const kv_request* const> reqs,
+                              std::int64_t now_ns, bool may_defer) {
+  std::vector<char> covered(reqs.size(), 0);
   if (st.config.prefill_bytes == 0 || reqs.empty())
-    return;
+    return covered;
   const auto spec = st.store->spec(st.ns);
   if (!spec)
-    return;
+    return covered;
   const std::size_t value_bytes = (*spec)->value_bytes();
   const std::size_t most = st.config.prefill_bytes / value_bytes;
   auto& keys = st.prefill_keys;
   keys.clear();
-  auto* disk = st.store->disk();
-  for (const kv_request* r : reqs) {
-    if (keys.size() >= most)
-      break;
-    if (r->deadline_ns != 0 && now_ns >= r->deadline_ns)
-      continue;
-    if (!engine::check_request_keys(r->keys) ||
-        !engine::check_block_keys(r->keys.size(), r->input_tokens,
-                                  (*spec)->block_tokens))
+  for (std::size_t n = 0; n < reqs.size() && keys.size() < most; ++n) {
+    const kv_request& r = *reqs[n];
+    if ((r.deadline_ns != 0 && now_ns >= r.deadline_ns) ||
+        !prefillable(r, **spec))
       continue;
     std::size_t first = 0;
     bool on_disk = false;
-    for (; first < r->keys.size(); ++first) {
-      const auto& k = r->keys[first];
+    for (; first < r.keys.size(); ++first) {
+      const auto& k = r.keys[first];
       if (st.store->contains(st.ns, k) || st.store->in_tier(st.ns, k))
         continue;
-      if (disk == nullptr || !disk->lookup(k))
+      if (!st.store->on_disk(st.ns, k))
         break;
       on_disk = true;
     }
-    if (on_disk && r->prio <= engine::priority::low)
+    if (first == r.keys.size() ||
+        (may_defer && on_disk && r.prio <= engine::priority::low))
       continue;
-    for (std::size_t i = first; i < r->keys.size() && keys.size() < most; ++i)
-      keys.push_back(r->keys[i]);
+    if (r.keys.size() - first > most - keys.size())
+      break; // past the bound: it and those after it compute alone
+    keys.insert(keys.end(), r.keys.begin() + static_cast<std::ptrdiff_t>(first),
+                r.keys.end());
+    covered[n] = 1;
   }
-  if (!keys.empty() && !st.prefill->prefill(**spec, keys))
+  if (keys.empty())
+    return covered;
+  if (!st.prefill->prefill(**spec, keys)) {
     ++st.prefill_failures; // each block is computed alone
+    covered.assign(reqs.size(), 0);
+  }
+  return covered;
 }
 
 /// After a batch: counts the prefilled blocks no request took, and forgets
@@ -698,7 +716,20 @@ void run_deferred(engine_actor* self) {
       if (!late)
         ++taken;
     }
-  for (auto& d : ready) {
+  // The blocks they miss past what landed, in one producer call, as a
+  // batch's (a request whose prefix goes on to disk is left out: it may
+  // be deferred again).
+  std::vector<char> covered;
+  {
+    std::vector<const kv_request*> reqs;
+    reqs.reserve(ready.size());
+    for (const auto& d : ready)
+      reqs.push_back(&d.p.request);
+    covered = prefill_for(st, reqs, now, true);
+  }
+  const auto prefill_ns = arrival_time(self).count() - now;
+  for (std::size_t i = 0; i < ready.size(); ++i) {
+    auto& d = ready[i];
     // What it waited for has landed; the prefix may go on to disk after
     // it (a later run, or past another request's chain): those reads
     // start now and it waits off the batch again, rather than in
@@ -709,8 +740,10 @@ void run_deferred(engine_actor* self) {
     const auto deadline = d.p.request.deadline_ns;
     if (deadline == 0 || now < deadline)
       ++served;
-    serve(self, d.p, again.served_after ? again.served_after : d.before);
+    serve(self, d.p, again.served_after ? again.served_after : d.before,
+          covered[i] ? prefill_ns : 0);
   }
+  finish_prefill(st);
   // The poll landed reads (and may have evicted to make room): the
   // listeners hear of it, and pressure is relieved, whether or not a
   // request was served (every ready one may have been past its deadline).
@@ -752,18 +785,20 @@ void close_batch(engine_actor* self) {
     if (batch.empty())
       break; // every request pending was past its deadline
     const auto start = arrival_time(self).count();
+    std::vector<char> covered;
     {
       std::vector<const kv_request*> reqs;
       reqs.reserve(batch.size());
       for (const auto& p : batch)
         reqs.push_back(&p.request);
-      prefill_for(st, reqs, start);
+      covered = prefill_for(st, reqs, start, true);
     }
     const auto prefill_ns = arrival_time(self).count() - start;
-    for (auto& p : batch) {
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      auto& p = batch[i];
       auto d = defer_for_disk(self, p);
       if (!d.deferred)
-        serve(self, p, d.served_after, prefill_ns);
+        serve(self, p, d.served_after, covered[i] ? prefill_ns : 0);
     }
     finish_prefill(st);
     after_batch(self);
@@ -989,12 +1024,20 @@ caf::behavior engine_behavior(engine_actor* self,
                            return reqs[a].prio > reqs[b].prio;
                          });
         out.resize(reqs.size());
-        {
+        // Computed ahead only when process() takes every request as far
+        // as can be told here (the first it refuses fails the batch, and
+        // the work would be thrown away); nothing waits off this call for
+        // disk reads, and deadlines are not looked at.
+        if (const auto spec = self->state.store->spec(self->state.ns);
+            spec &&
+            std::all_of(reqs.begin(), reqs.end(), [&](const kv_request& r) {
+              return prefillable(r, **spec);
+            })) {
           std::vector<const kv_request*> in_order;
           in_order.reserve(order.size());
           for (auto i : order)
             in_order.push_back(&reqs[i]);
-          prefill_for(self->state, in_order, 0); // no deadlines here
+          (void)prefill_for(self->state, in_order, 0, false);
         }
         // The pins its requests added: one that fails fails the batch, and
         // its caller, told only of that, holds none of them to unpin.

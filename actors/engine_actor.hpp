@@ -126,7 +126,9 @@
 /// that waits for them makes demand reads: disk_tier::expedite), serves
 /// the requests after it, and collects the tier's answers after each batch
 /// and every `disk_poll_interval` (serving at most a batch's max_size of
-/// those ready per pass, the rest behind the mailbox);
+/// those ready per pass, the rest behind the mailbox, low before
+/// background, and none while the batcher holds a request above low
+/// priority: that batch's close serves them);
 /// once its reads have landed (or failed: those blocks are computed) it is
 /// processed, its reply counting the blocks its reads brought back in
 /// `promoted_blocks` as process() would have (engine_stats::disk_deferred
@@ -139,9 +141,11 @@
 /// what a request waits for has landed, the reads of its prefix further on
 /// disk (a later run, or past another request's chain) start and it waits
 /// off the batch again, rather than in process(), as long as its prefix in
-/// memory grew (a read that failed does not defer it again). Left: blocks that
-/// landed can be evicted (low priority goes first) by a request served before
-/// the deferred one, which then reads them again in its batch; and process()
+/// memory grew (a read that failed does not defer it again). The blocks that
+/// landed are held (block_store::promote's hold) until it is served, so a
+/// request served before it cannot evict them; while held they take memory
+/// (engine_stats::held_blocks), for as long as higher priorities keep it
+/// waiting, at most until its deadline. Left: process()
 /// counts one more access of the blocks read for it than it would have inline
 /// (LFU, compression coldness). The block calls reach it too: `read_atom` and
 /// `pin_atom` of a block only on disk, and `reserve_atom` of a block whose

@@ -189,11 +189,12 @@ struct engine_stats {
   std::uint64_t held_blocks = 0;
   std::uint64_t batches = 0;
   /// The producer's batch calls (kv_producer::produce_batch, one per batch
-  /// whose requests miss blocks), the blocks they computed, those of them
+  /// whose requests miss blocks, a pass serving deferred requests whose
+  /// disk reads landed included), the blocks they computed, those of them
   /// no request took (its prefix found cached after all, a request that
   /// failed), and the blocks computed alone, each in a produce() call of
-  /// its own (past engine_actor_config::prefill_bytes, missed by the
-  /// estimate, or of a request served off its batch after disk reads).
+  /// its own (past engine_actor_config::prefill_bytes, or missed by the
+  /// estimate).
   /// prefill_failures: batch calls that failed (those blocks were then
   /// computed alone).
   std::uint64_t prefill_calls = 0;

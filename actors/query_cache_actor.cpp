@@ -106,24 +106,25 @@ struct waiter {
   /// (reported to them with the reply that answers it), and when it came.
   std::optional<kv_request> joined;
   engine::nanos arrived{0};
-};
-
-/// A request of a round on its way to the balancer: its priority and its
-/// caller's deadline (kv_request::deadline_ns; 0, none).
-struct sent_request {
+  /// Its caller's priority and deadline (kv_request::deadline_ns; 0: none).
   engine::priority prio = engine::priority::normal;
   std::int64_t deadline_ns = 0;
-
-  friend bool operator==(const sent_request&, const sent_request&) = default;
 };
 
 struct pending_query {
   std::vector<waiter> waiters;
-  /// Requests to the balancer still open: a failed one no longer counts,
-  /// so a joiner is measured against what is on its way. (One per
-  /// priority level and later deadline at most: a joiner sends only when
-  /// none serves it.)
-  std::vector<sent_request> open;
+  /// Requests to the balancer still open, by priority: a failed one no
+  /// longer counts, so a joiner is measured against what is on its way.
+  std::vector<engine::priority> open;
+  /// The round's first request, sent again (once) for the waiters still
+  /// within their deadline when every request of the round timed out.
+  kv_request sample;
+  bool retried = false;
+  /// The deadlines of the round's requests: whether one had none (it
+  /// waits for the balancer's own request_timeout, as every waiter's
+  /// request would), else the latest.
+  bool sent_without_deadline = false;
+  std::int64_t sent_latest_deadline = 0;
   std::uint64_t round = 0;
   /// The block and token counts of the round's requests: one of the key
   /// with other counts is another prompt, which the round's reply does not
@@ -132,18 +133,26 @@ struct pending_query {
   std::uint32_t tokens = 0;
 
   [[nodiscard]] std::size_t unanswered() const noexcept { return open.size(); }
-  /// Whether a request on its way serves a joiner of priority `p` and
-  /// deadline `deadline_ns`: of `p` or higher, so the joiner does not wait
-  /// behind lower-priority traffic, and with no deadline or one no earlier
-  /// than the joiner's, so the joiner is not answered errc::timeout before
-  /// its own deadline (or with none) for another caller's.
-  [[nodiscard]] bool serves(engine::priority p,
-                            std::int64_t deadline_ns) const noexcept {
-    for (const auto& r : open)
-      if (r.prio >= p && (r.deadline_ns == 0 ||
-                          (deadline_ns != 0 && r.deadline_ns >= deadline_ns)))
-        return true;
-    return false;
+  /// Notes a request of the round sent to the balancer.
+  void sent(const kv_request& r) {
+    open.push_back(r.prio);
+    sent_without_deadline = sent_without_deadline || r.deadline_ns == 0;
+    sent_latest_deadline = std::max(sent_latest_deadline, r.deadline_ns);
+  }
+  /// Whether a waiter of deadline `deadline_ns` (0: none) outlasts every
+  /// request of the round, all of which carried a caller's deadline, and
+  /// is still within it at `now_ns`: their timeout is not its own.
+  [[nodiscard]] bool outlasts(std::int64_t deadline_ns,
+                              std::int64_t now_ns) const noexcept {
+    if (sent_without_deadline)
+      return false;
+    return deadline_ns == 0 ||
+           (deadline_ns > sent_latest_deadline && deadline_ns > now_ns);
+  }
+  /// Whether a request of `p` or higher is still on its way.
+  [[nodiscard]] bool sent_at_least(engine::priority p) const noexcept {
+    return std::any_of(open.begin(), open.end(),
+                       [p](engine::priority q) { return q >= p; });
   }
   /// Whether `req` is the round's prompt: its block and token counts.
   [[nodiscard]] bool same_prompt(const kv_request& req) const noexcept {
@@ -222,7 +231,6 @@ void ask_balancer_alone(cache_actor* self, kv_request req,
 void ask_balancer(cache_actor* self, const std::string& key,
                   std::uint64_t round, std::size_t sender, kv_request req) {
   auto& s = self->state;
-  const sent_request sent{req.prio, req.deadline_ns};
   const auto prio = req.prio;
   // No timer of our own: the balancer answers every request, at the latest
   // with its own request_timeout (one timer for all its calls), and another
@@ -254,13 +262,53 @@ void ask_balancer(cache_actor* self, const std::string& key,
             if (it == s2.waiting.end() || it->second.round != round)
               return;
             // Another request of the round may still succeed.
-            auto& open = it->second.open;
-            if (auto at = std::find(open.begin(), open.end(), sent);
-                at != open.end())
-              open.erase(at);
-            if (it->second.unanswered() > 0)
+            auto& pending = it->second;
+            if (auto at =
+                    std::find(pending.open.begin(), pending.open.end(), prio);
+                at != pending.open.end())
+              pending.open.erase(at);
+            if (pending.unanswered() > 0)
               return;
-            auto list = std::move(it->second.waiters);
+            auto list = std::move(pending.waiters);
+            // Every request of the round timed out, each at its caller's
+            // deadline: a waiter that joined with a later deadline, or
+            // none, is not answered with that timeout. Those get one more
+            // request, once per round, in the highest priority among them
+            // and with no deadline if one has none, else the latest. (A
+            // request without a deadline timed out at the balancer's own
+            // request_timeout, which a waiter's own request meets too.)
+            if (is_timeout(err) && !pending.retried) {
+              const auto t = now(self).count();
+              std::vector<waiter> keep;
+              for (auto& w : list) {
+                if (pending.outlasts(w.deadline_ns, t))
+                  keep.push_back(std::move(w));
+                else
+                  w.promise.deliver(err);
+              }
+              if (!keep.empty()) {
+                std::size_t first = 0;
+                bool none = false;
+                std::int64_t latest = 0;
+                for (std::size_t i = 0; i < keep.size(); ++i) {
+                  if (keep[i].prio > keep[first].prio)
+                    first = i;
+                  none = none || keep[i].deadline_ns == 0;
+                  latest = std::max(latest, keep[i].deadline_ns);
+                }
+                kv_request again = pending.sample;
+                again.id = keep[first].id;
+                again.prio = keep[first].prio;
+                again.deadline_ns = none ? 0 : latest;
+                pending.waiters = std::move(keep);
+                pending.retried = true;
+                pending.sent(again);
+                ask_balancer(self, key, round, first, std::move(again));
+                return;
+              }
+              s2.waiting.erase(it);
+              return;
+            }
             s2.waiting.erase(it);
             for (auto& w : list)
               w.promise.deliver(err);
@@ -355,15 +403,16 @@ cache_behavior(cache_actor* self, query_cache_config config,
         auto key = req.query;
         auto& pending =
             in_flight != s.waiting.end() ? in_flight->second : s.waiting[key];
-        pending.waiters.push_back({req.id, owed_reply{promise}, {}, {}});
+        pending.waiters.push_back(
+            {req.id, owed_reply{promise}, {}, {}, req.prio, req.deadline_ns});
         if (pending.waiters.size() > 1) {
           ++s.stats.coalesced;
           // A waiter of higher priority than every request on its way must
-          // not wait behind lower-priority traffic, nor one with a later
-          // deadline (or none) be answered with another caller's timeout:
-          // it goes too (also when the one sent before that served it has
-          // failed meanwhile).
-          if (pending.serves(req.prio, req.deadline_ns)) {
+          // not wait behind lower-priority traffic: it goes too (also when
+          // the higher-priority one sent before has failed meanwhile). Its
+          // deadline does not matter here: one whose request times out
+          // before its own deadline gets one more (above).
+          if (pending.sent_at_least(req.prio)) {
             if (!s.listeners.empty()) {
               pending.waiters.back().joined = std::move(req);
               pending.waiters.back().arrived = now(self);
@@ -374,8 +423,9 @@ cache_behavior(cache_actor* self, query_cache_config config,
           pending.round = ++s.next_round;
           pending.blocks = req.keys.size();
           pending.tokens = req.input_tokens;
+          pending.sample = req;
         }
-        pending.open.push_back({req.prio, req.deadline_ns});
+        pending.sent(req);
         ask_balancer(self, key, pending.round, pending.waiters.size() - 1,
                      std::move(req));
         return promise;

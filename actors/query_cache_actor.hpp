@@ -16,24 +16,27 @@
 /// request of the key (below), may have stored one. The joiner then waits
 /// for the miss's reply instead: the only cost is a missed hit, never a
 /// wrong reply.
-/// A miss that joins them goes to the balancer too, in its own priority and
-/// with its own deadline, unless a request of that key already sent has at
-/// least its priority (so a critical caller never waits behind a
-/// low-priority request) and no deadline, or one no earlier than its
-/// kv_request::deadline_ns (so a caller is not answered errc::timeout for
-/// another caller's deadline: before, one with no deadline that joined a
-/// request of a 1 ns deadline got its timeout); the first reply answers
-/// every waiter and a later one is ignored. Such a miss counts as
-/// coalesced. A waiter whose reply another request computed gets it
-/// with kv_reply::joined set: one that sent nothing itself, and one whose
-/// own request was answered later (a low-priority prefetch overtaken by a
-/// high-priority user's request of its query prefetched nothing). The
-/// waiters get
-/// an error only when every request sent for them failed (the last error).
-/// The cache sets no CAF timeout of its own on these requests: the
-/// balancer answers each one (balancer_actor.hpp), with request_timeout
-/// after its `request_timeout`, so that is the deadline of a miss.
-/// A request that pins its blocks (kv_request::pin, warming) is never
+/// A miss that joins them with a higher priority than every request of that
+/// key already sent goes to the balancer too, in its own priority (so a
+/// critical caller never waits behind a low-priority request); the first
+/// reply answers every waiter and a later one is ignored. Such a miss counts
+/// as coalesced. When every request of a round times out and each carried
+/// its caller's deadline (kv_request::deadline_ns), the waiters with a
+/// later deadline still to come, or with none, get one more request, once
+/// per round, in the highest priority among them and with the latest of
+/// their deadlines (none if one has none); the others get the timeout.
+/// (Before, a caller with no deadline that joined a request of a 1 ns
+/// deadline got that request's timeout.) A request without a deadline ends
+/// at the balancer's own request_timeout, as a waiter's own would: its
+/// timeout answers every waiter. A waiter whose reply another
+/// request computed gets it with kv_reply::joined set: one that sent nothing
+/// itself, and one whose own request was answered later (a low-priority
+/// prefetch overtaken by a high-priority user's request of its query prefetched
+/// nothing). The waiters get an error only when every request sent for them
+/// failed (the last error). The cache sets no CAF timeout of its own on these
+/// requests: the balancer answers each one (balancer_actor.hpp), with
+/// request_timeout after its `request_timeout`, so that is the deadline of a
+/// miss. A request that pins its blocks (kv_request::pin, warming) is never
 /// answered from the store nor by another request's reply (neither pinned
 /// anything): it goes to the balancer on its own, counts as a miss, and its
 /// reply is stored like any miss's.

@@ -153,20 +153,27 @@ void launch(warmer_actor* self) {
   }
 }
 
-/// Sends try `attempt` of `job`'s chain `chain`. A try that fails is
-/// followed by the chain's next, shorter, query in its place (one in
-/// flight all the same): the hot query a longer, colder one of its chain
+/// Sends try `attempt` of `job`'s chain `chain`. A try that fails with an
+/// error is followed by the chain's next, shorter, query in its place (one
+/// in flight all the same): the hot query a longer, colder one of its chain
 /// stood for is still warmed when that one is refused (its pins past the
-/// pinned limit, its blocks past the engine's room) or fails.
+/// pinned limit) or fails. Not one answered with blocks it could not cache
+/// (its leading blocks are cached, and pinned if asked: a shorter query
+/// would pin them again).
 void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job,
                 std::size_t chain, std::size_t attempt) {
   auto req = std::move(job->chains[chain][attempt]);
   ++self->state.in_flight;
-  auto finish_one = [=](const caf::error* err, std::uint64_t computed) {
+  // `retryable`: a failure a shorter query may not meet. Not a reply with
+  // blocks computed but not cached: its leading blocks are cached (and, if
+  // pinning, pinned), so a shorter query of the chain would find them and
+  // pin them a second time, which one unpin would not undo.
+  auto finish_one = [=](const caf::error* err, std::uint64_t computed,
+                        bool retryable) {
     --self->state.in_flight;
     ++job->done;
     const bool retry =
-        err != nullptr && attempt + 1 < job->chains[chain].size();
+        err != nullptr && retryable && attempt + 1 < job->chains[chain].size();
     if (err == nullptr) {
       ++job->report.warmed;
       job->report.computed_tokens += computed;
@@ -207,12 +214,12 @@ void send_query(warmer_actor* self, const std::shared_ptr<warm_job>& job,
                       " blocks were computed but not cached (the engine had "
                       "no room for them, its pool full of pinned, leased or "
                       "chained blocks, or another put of one was open)"});
-              finish_one(&err, rep.computed_tokens);
+              finish_one(&err, rep.computed_tokens, false);
               return;
             }
-            finish_one(nullptr, rep.computed_tokens);
+            finish_one(nullptr, rep.computed_tokens, true);
           },
-          [=](caf::error& err) { finish_one(&err, 0); });
+          [=](caf::error& err) { finish_one(&err, 0, true); });
 }
 
 caf::behavior warmer_behavior(warmer_actor* self, warmer_config config,

@@ -69,10 +69,13 @@ struct warmer_config {
 /// turn) is in that one's chain, which is warmed by its longest query,
 /// storing and pinning the others' blocks too, at the rank of the first
 /// query of it selected. Each chain lists its queries longest first: the
-/// warmer sends the first, and when a request fails, the next (a hot short
-/// query is still warmed when the longer, colder query of its chain is
-/// refused: its pins past the pinned limit, its blocks past the engine's
-/// room; before, it went with it). No chain's query leads another chain's,
+/// warmer sends the first, and when a request fails with an error, the
+/// next (a hot short query is still warmed when the longer, colder query
+/// of its chain is refused, its pins past the pinned limit, or fails;
+/// before, it went with it). Not after a reply with blocks the engine
+/// could not cache (kv_reply::uncached_blocks): its leading blocks are
+/// cached, and pinned when asked, and a shorter query would pin them
+/// again. No chain's query leads another chain's,
 /// and there may be fewer chains than the `n` queries they hold.
 [[nodiscard]] std::vector<std::vector<std::size_t>>
 select_chains(const std::vector<warm_item>& items, std::size_t n);

@@ -39,33 +39,46 @@ result<void> kv_producer::produce_batch(const namespace_spec& spec,
 result<void> prefilled_producer::prefill(const namespace_spec& spec,
                                          std::span<const block_key> keys) {
   (void)clear();
-  std::vector<block_key> distinct;
-  distinct.reserve(keys.size());
-  for (const auto& k : keys)
-    if (at_.emplace(k, distinct.size()).second)
-      distinct.push_back(k);
-  if (distinct.empty())
+  if (keys.empty())
     return {};
   const std::size_t bytes = spec.value_bytes();
-  values_.resize(distinct.size() * bytes);
-  ++batch_calls_;
+  // Everything that allocates is inside: an exception (bad_alloc, or the
+  // producer's own) leaves nothing prefilled, never a directory of keys
+  // over another batch's bytes.
   auto ok = [&]() -> result<void> {
     try {
-      return inner_.produce_batch(spec, distinct, values_);
+      std::vector<block_key> distinct;
+      distinct.reserve(keys.size());
+      for (const auto& k : keys)
+        if (at_.emplace(k, distinct.size()).second)
+          distinct.push_back(k);
+      const std::size_t need = distinct.size() * bytes;
+      // A buffer far larger than this batch needs (one large batch long
+      // ago) is given back rather than kept for good.
+      if (values_.capacity() > 4 * need &&
+          values_.capacity() > (std::size_t{1} << 20))
+        std::vector<std::byte>().swap(values_);
+      values_.resize(need);
+      taken_.assign(distinct.size(), false);
+      ++batch_calls_;
+      if (auto r = inner_.produce_batch(spec, distinct, values_); !r)
+        return r;
+      model_ = spec.model;
+      value_bytes_ = bytes;
+      prefilled_blocks_ += distinct.size();
+      return {};
     } catch (...) {
       return unexpected<error>{
           current_exception_error("the producer threw for a batch of " +
-                                  std::to_string(distinct.size()) + " blocks")};
+                                  std::to_string(keys.size()) + " blocks")};
     }
   }();
   if (!ok) {
     at_.clear();
+    taken_.clear();
+    value_bytes_ = 0;
     return ok;
   }
-  prefilled_blocks_ += distinct.size();
-  value_bytes_ = bytes;
-  model_ = spec.model;
-  taken_.assign(distinct.size(), false);
   return {};
 }
 
