@@ -4624,8 +4624,7 @@ TEST_F(actor_test, AJoinerIsNotAnsweredWithAnotherCallersTimeout) {
   // request). It times out at 2 ms, at its caller's 1 ms deadline:
   // requests 1 and 2 (0.5 ms) get the timeout; 3 (none) and 4 (4 ms) get
   // one more request, with no deadline, whose reply answers them.
-  // (Before, every waiter got the first request's timeout.) When that one
-  // times out too, they get its error: one retry per round. A miss sent
+  // (Before, every waiter got the first request's timeout.) A miss sent
   // without a deadline ends at the balancer's own timeout, which its
   // waiters' own requests would meet too: no retry
   // (AQueryCacheMissEndsAtTheBalancersDeadlineOnly).
@@ -4671,22 +4670,58 @@ TEST_F(actor_test, AJoinerIsNotAnsweredWithAnotherCallersTimeout) {
   EXPECT_EQ(st.misses, 4U);
   EXPECT_EQ(st.coalesced, 3U);
 
-  // Callers with deadlines each later than the last: one request.
+  // Once per waiter, not per round: "n" from a caller with a deadline at
+  // 3 ms and one at 10 ms; the first times out at 4 ms, so one more goes
+  // for the second (10 ms). A caller with no deadline joins that one; when
+  // it times out at 11 ms, the second gets the timeout (it had its one
+  // more request) and the third a request of its own.
+  const auto n = [&](std::uint64_t id, std::int64_t after_ns) {
+    auto r = query_at(id, "n", engine::priority::normal);
+    r.deadline_ns = after_ns == 0 ? 0 : base + after_ns;
+    return r;
+  };
+  auto n1 = ask<kv_reply>(qc, query_atom::value, n(11, 3 * ms));
+  auto n2 = ask<kv_reply>(qc, query_atom::value, n(12, 10 * ms));
+  sched_->run();
+  ASSERT_EQ(h->calls.size(), 3U);
+  sched_->advance_time(2ms); // 4 ms
+  caf::anon_send(b, ready_atom::value, std::uint64_t{2}, true);
+  sched_->run();
+  ASSERT_TRUE(n1->error.has_value());
+  ASSERT_EQ(h->calls.size(), 4U);
+  EXPECT_EQ(h->calls[3].first.id, 12U);
+  EXPECT_EQ(h->calls[3].first.deadline_ns, base + 10 * ms);
+  auto n3 = ask<kv_reply>(qc, query_atom::value, n(13, 0));
+  sched_->run();
+  ASSERT_EQ(h->calls.size(), 4U) << "it joins";
+  sched_->advance_time(7ms); // 11 ms
+  caf::anon_send(b, ready_atom::value, std::uint64_t{3}, true);
+  sched_->run();
+  ASSERT_TRUE(n2->error.has_value());
+  EXPECT_TRUE(is_timeout(*n2->error));
+  EXPECT_FALSE(n3->value || n3->error);
+  ASSERT_EQ(h->calls.size(), 5U);
+  EXPECT_EQ(h->calls[4].first.id, 13U);
+  EXPECT_EQ(h->calls[4].first.deadline_ns, 0);
+  caf::anon_send(b, ready_atom::value, std::uint64_t{4}, false);
+  sched_->run();
+  ASSERT_TRUE(n3->value.has_value());
+
+  // Callers with deadlines each later than the last: one request. The
+  // balancer times it out before its caller's deadline (its own
+  // request_timeout, which the others' own requests would meet too):
+  // every caller gets the timeout, with no request sent again.
   std::vector<std::shared_ptr<outcome<kv_reply>>> many;
   for (std::uint64_t i = 0; i < 10; ++i) {
-    auto r = query_at(10 + i, "m", engine::priority::normal);
+    auto r = query_at(20 + i, "m", engine::priority::normal);
     r.deadline_ns = base + 100 * ms + static_cast<std::int64_t>(i) * ms;
     many.push_back(ask<kv_reply>(qc, query_atom::value, r));
   }
   sched_->run();
-  ASSERT_EQ(h->calls.size(), 3U);
-  // It times out, so does the one retry: every caller gets the timeout.
-  caf::anon_send(b, ready_atom::value, std::uint64_t{2}, true);
+  ASSERT_EQ(h->calls.size(), 6U);
+  caf::anon_send(b, ready_atom::value, std::uint64_t{5}, true);
   sched_->run();
-  ASSERT_EQ(h->calls.size(), 4U);
-  EXPECT_EQ(h->calls[3].first.deadline_ns, base + 109 * ms);
-  caf::anon_send(b, ready_atom::value, std::uint64_t{3}, true);
-  sched_->run();
+  EXPECT_EQ(h->calls.size(), 6U);
   for (const auto& r : many) {
     ASSERT_TRUE(r->error.has_value());
     EXPECT_TRUE(is_timeout(*r->error));

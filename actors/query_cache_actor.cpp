@@ -106,25 +106,37 @@ struct waiter {
   /// (reported to them with the reply that answers it), and when it came.
   std::optional<kv_request> joined;
   engine::nanos arrived{0};
-  /// Its caller's priority and deadline (kv_request::deadline_ns; 0: none).
+  /// Its caller's session, priority and deadline (kv_request::deadline_ns;
+  /// 0: none), for a request sent again for it.
+  std::uint64_t session = 0;
   engine::priority prio = engine::priority::normal;
   std::int64_t deadline_ns = 0;
+  /// A request was sent again for it once (at most once per waiter).
+  bool retried = false;
+};
+
+/// A request of a round on its way to the balancer.
+struct sent_request {
+  engine::priority prio = engine::priority::normal;
+  std::int64_t deadline_ns = 0; ///< its caller's; 0: none
+
+  friend bool operator==(const sent_request&, const sent_request&) = default;
 };
 
 struct pending_query {
   std::vector<waiter> waiters;
-  /// Requests to the balancer still open, by priority: a failed one no
-  /// longer counts, so a joiner is measured against what is on its way.
-  std::vector<engine::priority> open;
-  /// The round's first request, sent again (once) for the waiters still
-  /// within their deadline when every request of the round timed out.
+  /// Requests to the balancer still open: a failed one no longer counts,
+  /// so a joiner is measured against what is on its way.
+  std::vector<sent_request> open;
+  /// The round's first request: its keys and tokens, for a request sent
+  /// again for waiters a timeout was not theirs.
   kv_request sample;
-  bool retried = false;
-  /// The deadlines of the round's requests: whether one had none (it
-  /// waits for the balancer's own request_timeout, as every waiter's
-  /// request would), else the latest.
-  bool sent_without_deadline = false;
-  std::int64_t sent_latest_deadline = 0;
+  /// The requests of the round that timed out since the last was sent:
+  /// whether one had no deadline (it ended at the balancer's own
+  /// request_timeout, as every waiter's own request would), else the
+  /// latest of their deadlines.
+  bool timed_out_without_deadline = false;
+  std::int64_t timed_out_latest_deadline = 0;
   std::uint64_t round = 0;
   /// The block and token counts of the round's requests: one of the key
   /// with other counts is another prompt, which the round's reply does not
@@ -134,25 +146,36 @@ struct pending_query {
 
   [[nodiscard]] std::size_t unanswered() const noexcept { return open.size(); }
   /// Notes a request of the round sent to the balancer.
-  void sent(const kv_request& r) {
-    open.push_back(r.prio);
-    sent_without_deadline = sent_without_deadline || r.deadline_ns == 0;
-    sent_latest_deadline = std::max(sent_latest_deadline, r.deadline_ns);
+  void sent(const kv_request& r) { open.push_back({r.prio, r.deadline_ns}); }
+  /// Notes that `r` failed (with a timeout when `timed_out`).
+  void failed(const sent_request& r, bool timed_out) {
+    if (auto at = std::find(open.begin(), open.end(), r); at != open.end())
+      open.erase(at);
+    if (!timed_out)
+      return;
+    timed_out_without_deadline =
+        timed_out_without_deadline || r.deadline_ns == 0;
+    timed_out_latest_deadline =
+        std::max(timed_out_latest_deadline, r.deadline_ns);
   }
-  /// Whether a waiter of deadline `deadline_ns` (0: none) outlasts every
-  /// request of the round, all of which carried a caller's deadline, and
-  /// is still within it at `now_ns`: their timeout is not its own.
+  /// Whether, every request of the round having ended (the last by a
+  /// timeout), a waiter of deadline `deadline_ns` (0: none) gets one more:
+  /// the requests that timed out each ran to its caller's deadline, which
+  /// has passed at `now_ns`, and the waiter's is later and still to come.
+  /// Not when one of them had no deadline: the balancer's own timeout
+  /// ended it, which the waiter's own request would meet too.
   [[nodiscard]] bool outlasts(std::int64_t deadline_ns,
                               std::int64_t now_ns) const noexcept {
-    if (sent_without_deadline)
+    if (timed_out_without_deadline || timed_out_latest_deadline == 0 ||
+        now_ns < timed_out_latest_deadline)
       return false;
     return deadline_ns == 0 ||
-           (deadline_ns > sent_latest_deadline && deadline_ns > now_ns);
+           (deadline_ns > timed_out_latest_deadline && deadline_ns > now_ns);
   }
   /// Whether a request of `p` or higher is still on its way.
   [[nodiscard]] bool sent_at_least(engine::priority p) const noexcept {
     return std::any_of(open.begin(), open.end(),
-                       [p](engine::priority q) { return q >= p; });
+                       [p](const sent_request& r) { return r.prio >= p; });
   }
   /// Whether `req` is the round's prompt: its block and token counts.
   [[nodiscard]] bool same_prompt(const kv_request& req) const noexcept {
@@ -232,6 +255,7 @@ void ask_balancer(cache_actor* self, const std::string& key,
                   std::uint64_t round, std::size_t sender, kv_request req) {
   auto& s = self->state;
   const auto prio = req.prio;
+  const sent_request sent{req.prio, req.deadline_ns};
   // No timer of our own: the balancer answers every request, at the latest
   // with its own request_timeout (one timer for all its calls), and another
   // CAF timer per miss would only wake CAF's clock thread for nothing.
@@ -263,55 +287,67 @@ void ask_balancer(cache_actor* self, const std::string& key,
               return;
             // Another request of the round may still succeed.
             auto& pending = it->second;
-            if (auto at =
-                    std::find(pending.open.begin(), pending.open.end(), prio);
-                at != pending.open.end())
-              pending.open.erase(at);
+            pending.failed(sent, is_timeout(err));
             if (pending.unanswered() > 0)
               return;
-            auto list = std::move(pending.waiters);
-            // Every request of the round timed out, each at its caller's
-            // deadline: a waiter that joined with a later deadline, or
-            // none, is not answered with that timeout. Those get one more
-            // request, once per round, in the highest priority among them
-            // and with no deadline if one has none, else the latest. (A
-            // request without a deadline timed out at the balancer's own
-            // request_timeout, which a waiter's own request meets too.)
-            if (is_timeout(err) && !pending.retried) {
-              const auto t = now(self).count();
-              std::vector<waiter> keep;
-              for (auto& w : list) {
-                if (pending.outlasts(w.deadline_ns, t))
+            // Every request of the round has ended, the last by `err`. A
+            // waiter that joined requests which timed out at their
+            // callers' deadlines, with a later deadline of its own or none,
+            // is not answered with that timeout: once per waiter, one more
+            // request goes for those, in the highest priority among them
+            // and with no deadline if one has none, else the latest.
+            std::vector<waiter> keep;
+            const auto t = now(self).count();
+            if (is_timeout(err))
+              for (auto& w : pending.waiters)
+                if (!w.retried && pending.outlasts(w.deadline_ns, t))
                   keep.push_back(std::move(w));
-                else
-                  w.promise.deliver(err);
-              }
-              if (!keep.empty()) {
-                std::size_t first = 0;
-                bool none = false;
-                std::int64_t latest = 0;
-                for (std::size_t i = 0; i < keep.size(); ++i) {
-                  if (keep[i].prio > keep[first].prio)
-                    first = i;
-                  none = none || keep[i].deadline_ns == 0;
-                  latest = std::max(latest, keep[i].deadline_ns);
-                }
-                kv_request again = pending.sample;
-                again.id = keep[first].id;
-                again.prio = keep[first].prio;
-                again.deadline_ns = none ? 0 : latest;
-                pending.waiters = std::move(keep);
-                pending.retried = true;
-                pending.sent(again);
-                ask_balancer(self, key, round, first, std::move(again));
-                return;
-              }
+            for (auto& w : pending.waiters)
+              if (w.promise.pending())
+                w.promise.deliver(err);
+            if (keep.empty()) {
               s2.waiting.erase(it);
               return;
             }
-            s2.waiting.erase(it);
-            for (auto& w : list)
-              w.promise.deliver(err);
+            std::size_t first = 0;
+            bool none = false;
+            std::int64_t latest = 0;
+            for (std::size_t i = 0; i < keep.size(); ++i) {
+              if (keep[i].prio > keep[first].prio)
+                first = i;
+              none = none || keep[i].deadline_ns == 0;
+              latest = std::max(latest, keep[i].deadline_ns);
+            }
+            // Each kept waiter as a request of its own (its session,
+            // priority and deadline), for the listeners: the one sent is
+            // reported by the balancer, the others by the reply's notify.
+            const bool listening = !s2.listeners.empty();
+            for (std::size_t i = 0; i < keep.size(); ++i) {
+              auto& w = keep[i];
+              w.retried = true;
+              if (i == first || !listening) {
+                w.joined.reset();
+                continue;
+              }
+              if (!w.joined) {
+                kv_request as_own = pending.sample;
+                as_own.id = w.id;
+                as_own.session = w.session;
+                as_own.prio = w.prio;
+                as_own.deadline_ns = w.deadline_ns;
+                w.joined = std::move(as_own);
+              }
+            }
+            kv_request again = pending.sample;
+            again.id = keep[first].id;
+            again.session = keep[first].session;
+            again.prio = keep[first].prio;
+            again.deadline_ns = none ? 0 : latest;
+            pending.waiters = std::move(keep);
+            pending.timed_out_without_deadline = false;
+            pending.timed_out_latest_deadline = 0;
+            pending.sent(again);
+            ask_balancer(self, key, round, first, std::move(again));
           });
 }
 
@@ -403,8 +439,14 @@ cache_behavior(cache_actor* self, query_cache_config config,
         auto key = req.query;
         auto& pending =
             in_flight != s.waiting.end() ? in_flight->second : s.waiting[key];
-        pending.waiters.push_back(
-            {req.id, owed_reply{promise}, {}, {}, req.prio, req.deadline_ns});
+        pending.waiters.push_back({req.id,
+                                   owed_reply{promise},
+                                   {},
+                                   now(self),
+                                   req.session,
+                                   req.prio,
+                                   req.deadline_ns,
+                                   false});
         if (pending.waiters.size() > 1) {
           ++s.stats.coalesced;
           // A waiter of higher priority than every request on its way must

@@ -20,15 +20,17 @@
 /// key already sent goes to the balancer too, in its own priority (so a
 /// critical caller never waits behind a low-priority request); the first
 /// reply answers every waiter and a later one is ignored. Such a miss counts
-/// as coalesced. When every request of a round times out and each carried
-/// its caller's deadline (kv_request::deadline_ns), the waiters with a
-/// later deadline still to come, or with none, get one more request, once
-/// per round, in the highest priority among them and with the latest of
-/// their deadlines (none if one has none); the others get the timeout.
-/// (Before, a caller with no deadline that joined a request of a 1 ns
-/// deadline got that request's timeout.) A request without a deadline ends
-/// at the balancer's own request_timeout, as a waiter's own would: its
-/// timeout answers every waiter. A waiter whose reply another
+/// as coalesced. When every request of a round has ended, the last by a
+/// timeout, and those that timed out each ran to its caller's deadline
+/// (kv_request::deadline_ns, passed by then), the waiters with a later
+/// deadline still to come, or with none, get one more request, once per
+/// waiter, in the highest priority among them (its session) and with the
+/// latest of their deadlines (none if one has none); the others get the
+/// timeout. (Before, a caller with no deadline that joined a request of a
+/// 1 ns deadline got that request's timeout.) A request without a
+/// deadline, or one the balancer timed out before its caller's deadline,
+/// ended at the balancer's own request_timeout, as a waiter's own would:
+/// that timeout answers every waiter. A waiter whose reply another
 /// request computed gets it with kv_reply::joined set: one that sent nothing
 /// itself, and one whose own request was answered later (a low-priority
 /// prefetch overtaken by a high-priority user's request of its query prefetched
