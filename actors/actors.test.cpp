@@ -4581,15 +4581,30 @@ caf::behavior cued_balancer(caf::event_based_actor* self,
   };
 }
 
+/// A query cache in front of a cued_balancer whose calls are `calls`; both
+/// stop at the test's end.
+struct cache_over_cued {
+  std::shared_ptr<cued_calls> calls = std::make_shared<cued_calls>();
+  caf::actor balancer;
+  caf::actor cache;
+
+  cache_over_cued(caf::actor_system& sys,
+                  std::vector<caf::actor>& stop_at_end) {
+    balancer = sys.spawn(cued_balancer, calls);
+    stop_at_end.push_back(balancer);
+    cache = spawned(spawn_query_cache(sys, query_cache_config{}, balancer));
+    stop_at_end.push_back(cache);
+  }
+};
+
 TEST_F(actor_test, AHighPriorityJoinerGoesItselfWhenTheOneSentBeforeFailed) {
   // Low, then critical (sent too); the critical one fails. A new critical
   // request of the key then waited behind the low one: the cache still
   // counted the failed critical request as on its way.
-  auto h = std::make_shared<cued_calls>();
-  auto b = sys_->spawn(cued_balancer, h);
-  stop_at_end_.push_back(b);
-  auto qc = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
-  stop_at_end_.push_back(qc);
+  const cache_over_cued f(*sys_, stop_at_end_);
+  const auto& h = f.calls;
+  const auto& b = f.balancer;
+  const auto& qc = f.cache;
   const auto req = [](std::uint64_t id, engine::priority p) {
     auto r = query(id, "k");
     r.id = id;
@@ -4628,11 +4643,10 @@ TEST_F(actor_test, AJoinerIsNotAnsweredWithAnotherCallersTimeout) {
   // without a deadline ends at the balancer's own timeout, which its
   // waiters' own requests would meet too: no retry
   // (AQueryCacheMissEndsAtTheBalancersDeadlineOnly).
-  auto h = std::make_shared<cued_calls>();
-  auto b = sys_->spawn(cued_balancer, h);
-  stop_at_end_.push_back(b);
-  auto qc = spawned(spawn_query_cache(*sys_, query_cache_config{}, b));
-  stop_at_end_.push_back(qc);
+  const cache_over_cued f(*sys_, stop_at_end_);
+  const auto& h = f.calls;
+  const auto& b = f.balancer;
+  const auto& qc = f.cache;
   const auto base = std::chrono::duration_cast<engine::nanos>(
                         sched_->clock().now().time_since_epoch())
                         .count();
