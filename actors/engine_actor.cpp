@@ -770,8 +770,8 @@ void close_batch(engine_actor* self) {
   // a critical request that came during this batch joins the next one
   // rather than waiting for every batch the backlog makes.
   const bool at_marker = st.batcher.config().close_when_idle;
-  // Requests past their deadline are answered now, unprocessed (serve()),
-  // whatever their lane: below a stream of full batches of higher
+  // Requests past their deadline at the front of their lanes are answered
+  // now, unprocessed (serve()): below a stream of full batches of higher
   // priorities they stayed queued, counted in in_flight (and in the
   // balancer's load for their engine) long after their callers had been
   // told of the timeout.

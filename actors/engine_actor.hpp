@@ -61,20 +61,21 @@
 /// block it does not hold is computed alone). The time of that call does
 /// not count toward a request's turn against its deadline. (Before, each
 /// missing block was a produce() call of its own.) A request still queued
-/// at a batch's close and past its deadline (kv_request::deadline_ns) is
-/// answered errc::timeout then, unprocessed, whatever its lane (counted
-/// in engine_stats::expired; before, below a stream of full batches of
-/// higher priorities it stayed queued, and counted as load, until they
-/// stopped). Requests a batch leaves over (past the token budget) open the
-/// next one, which runs at once when they fill it already. With
-/// `batch.close_when_idle` (on by default) a batch also closes once the actor
-/// has read every message that was in its mailbox when the batch opened: an
-/// idle engine answers a lone request at once, a busy one still batches what is
-/// queued. max_size 1 runs each request alone, always at that point
-/// (close_when_idle or not): the highest priority queued by then first, so the
-/// five lanes order its requests too (before, it ran each as it read it, and
-/// normal, low and background requests, which share CAF's normal mailbox
-/// category, in the order they came).
+/// at a batch's close, past its deadline (kv_request::deadline_ns) and at
+/// the front of its lane, whatever the lane, is answered errc::timeout
+/// then, unprocessed (counted in engine_stats::expired; before, below a
+/// stream of full batches of higher priorities it stayed queued, and
+/// counted as load, until they stopped); one behind a request of a later
+/// deadline, or of none, waits for that one to leave its lane. Requests a batch
+/// leaves over (past the token budget) open the next one, which runs at once
+/// when they fill it already. With `batch.close_when_idle` (on by default) a
+/// batch also closes once the actor has read every message that was in its
+/// mailbox when the batch opened: an idle engine answers a lone request at
+/// once, a busy one still batches what is queued. max_size 1 runs each request
+/// alone, always at that point (close_when_idle or not): the highest priority
+/// queued by then first, so the five lanes order its requests too (before, it
+/// ran each as it read it, and normal, low and background requests, which share
+/// CAF's normal mailbox category, in the order they came).
 ///
 /// Events: after each batch, put, read, pin, unpin, eviction, stats or
 /// persist call, and every `expire_interval` while it has a listener, the
