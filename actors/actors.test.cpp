@@ -6966,6 +6966,30 @@ TEST_F(actor_test, ABatchComputesTheBlocksItsRequestsMissInOneProducerCall) {
   EXPECT_EQ(calls->batches.size(), 1U);
 }
 
+TEST_F(actor_test, ARequestPastThePrefillBoundIsLeftOutAndASmallerOneFits) {
+  // A bound of two blocks: the first request's block fits, the second's
+  // three do not (computed alone), the third's block still fits.
+  auto calls = std::make_shared<producer_calls>();
+  auto c = small_engine(64, 3);
+  c.prefill_bytes = 2 * c.ns.value_bytes();
+  c.make_producer = [calls] {
+    return std::make_unique<batch_counting_producer>(calls);
+  };
+  auto e = engine(c);
+  auto a1 = ask<kv_reply>(e, process_atom::value,
+                          blocks_request(1, chain_keys(1, 1)));
+  auto a2 = ask<kv_reply>(e, process_atom::value,
+                          blocks_request(2, chain_keys(2, 3)));
+  auto a3 = ask<kv_reply>(e, process_atom::value,
+                          blocks_request(3, chain_keys(3, 1)));
+  sched_->run();
+  ASSERT_TRUE(a1->value && a2->value && a3->value);
+  ASSERT_EQ(calls->batches.size(), 1U);
+  EXPECT_EQ(calls->batches[0],
+            (std::vector<block_key>{block_key{1, 1}, block_key{3, 1}}));
+  EXPECT_EQ(calls->alone, 3);
+}
+
 TEST_F(actor_test, WithoutAPrefillBoundOrWhenTheBatchCallFailsBlocksGoAlone) {
   // prefill_bytes 0: no batch call, each block computed alone. A batch
   // call that fails: counted, and each block is computed alone; the

@@ -282,11 +282,12 @@ bool prefillable(const kv_request& r, const engine::namespace_spec& spec) {
 /// request past its deadline (answered unprocessed), one process() refuses
 /// for its keys or token count, and, when `may_defer`, a low or background
 /// one whose prefix goes on to disk (it may wait off the batch for those
-/// reads). A block the estimate misses, or that is past the bound, is
-/// computed alone when process() asks for it. Returns, per request,
-/// whether the call computed every block it is about to compute: the time
-/// of that call does not count toward its turn (serve()). finish_prefill()
-/// after the batch.
+/// reads). A request whose blocks do not fit what is left of the bound is
+/// left out whole (a later, smaller one may fit). A block the estimate
+/// misses, or one left out, is computed alone when process() asks for it.
+/// Returns, per request, whether the call computed every block it is about to
+/// compute: the time of that call does not count toward its turn (serve()).
+/// finish_prefill() after the batch.
 std::vector<char> prefill_for(engine_state& st,
                               std::span<const kv_request* const> reqs,
                               std::int64_t now_ns, bool may_defer) {
@@ -319,7 +320,7 @@ std::vector<char> prefill_for(engine_state& st,
         (may_defer && on_disk && r.prio <= engine::priority::low))
       continue;
     if (r.keys.size() - first > most - keys.size())
-      break; // past the bound: it and those after it compute alone
+      continue; // past the bound: it computes alone, a smaller one may fit
     keys.insert(keys.end(), r.keys.begin() + static_cast<std::ptrdiff_t>(first),
                 r.keys.end());
     covered[n] = 1;
