@@ -116,7 +116,11 @@ struct engine_state {
   /// Over `producer`: a batch's missing blocks computed in one call.
   std::unique_ptr<engine::prefilled_producer> prefill;
   std::vector<engine::block_key> prefill_keys; ///< prefill_for's, reused
-  std::uint64_t prefill_unused = 0;            ///< engine_stats::prefill_unused
+  /// prefill_for's requests and what it covered, reused (no allocation
+  /// per batch once grown).
+  std::vector<const kv_request*> prefill_reqs;
+  std::vector<char> prefill_covered;
+  std::uint64_t prefill_unused = 0;   ///< engine_stats::prefill_unused
   std::uint64_t prefill_failures = 0; ///< engine_stats::prefill_failures
   batch_accumulator<pending_request> batcher{batch_config{}};
   /// The batch generation an urgent close marker was sent for (0: none).
@@ -287,11 +291,14 @@ bool prefillable(const kv_request& r, const engine::namespace_spec& spec) {
 /// misses, or one left out, is computed alone when process() asks for it.
 /// Returns, per request, whether the call computed every block it is about to
 /// compute: the time of that call does not count toward its turn (serve()).
-/// finish_prefill() after the batch.
-std::vector<char> prefill_for(engine_state& st,
-                              std::span<const kv_request* const> reqs,
-                              std::int64_t now_ns, bool may_defer) {
-  std::vector<char> covered(reqs.size(), 0);
+/// finish_prefill() after the batch. The requests are st.prefill_reqs and
+/// the result st.prefill_covered (reused: no allocation per batch once
+/// grown).
+const std::vector<char>& prefill_for(engine_state& st, std::int64_t now_ns,
+                                     bool may_defer) {
+  const auto& reqs = st.prefill_reqs;
+  auto& covered = st.prefill_covered;
+  covered.assign(reqs.size(), 0);
   if (st.config.prefill_bytes == 0 || reqs.empty())
     return covered;
   const auto spec = st.store->spec(st.ns);
@@ -720,14 +727,10 @@ void run_deferred(engine_actor* self) {
   // The blocks they miss past what landed, in one producer call, as a
   // batch's (a request whose prefix goes on to disk is left out: it may
   // be deferred again).
-  std::vector<char> covered;
-  {
-    std::vector<const kv_request*> reqs;
-    reqs.reserve(ready.size());
-    for (const auto& d : ready)
-      reqs.push_back(&d.p.request);
-    covered = prefill_for(st, reqs, now, true);
-  }
+  st.prefill_reqs.clear();
+  for (const auto& d : ready)
+    st.prefill_reqs.push_back(&d.p.request);
+  const auto& covered = prefill_for(st, now, true);
   const auto prefill_ns = arrival_time(self).count() - now;
   for (std::size_t i = 0; i < ready.size(); ++i) {
     auto& d = ready[i];
@@ -786,14 +789,10 @@ void close_batch(engine_actor* self) {
     if (batch.empty())
       break; // every request pending was past its deadline
     const auto start = arrival_time(self).count();
-    std::vector<char> covered;
-    {
-      std::vector<const kv_request*> reqs;
-      reqs.reserve(batch.size());
-      for (const auto& p : batch)
-        reqs.push_back(&p.request);
-      covered = prefill_for(st, reqs, start, true);
-    }
+    st.prefill_reqs.clear();
+    for (const auto& p : batch)
+      st.prefill_reqs.push_back(&p.request);
+    const auto& covered = prefill_for(st, start, true);
     const auto prefill_ns = arrival_time(self).count() - start;
     for (std::size_t i = 0; i < batch.size(); ++i) {
       auto& p = batch[i];
@@ -1034,11 +1033,11 @@ caf::behavior engine_behavior(engine_actor* self,
             std::all_of(reqs.begin(), reqs.end(), [&](const kv_request& r) {
               return prefillable(r, **spec);
             })) {
-          std::vector<const kv_request*> in_order;
-          in_order.reserve(order.size());
+          auto& state = self->state;
+          state.prefill_reqs.clear();
           for (auto i : order)
-            in_order.push_back(&reqs[i]);
-          (void)prefill_for(self->state, in_order, 0, false);
+            state.prefill_reqs.push_back(&reqs[i]);
+          (void)prefill_for(state, 0, false);
         }
         // The pins its requests added: one that fails fails the batch, and
         // its caller, told only of that, holds none of them to unpin.
