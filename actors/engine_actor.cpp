@@ -347,7 +347,19 @@ void finish_prefill(engine_state& st) {
   st.prefill_unused += st.prefill->clear();
 }
 
+/// Why a put or pin is refused once the engine's balancer retires it.
+error retiring_refusal() {
+  return error{errc::unavailable,
+               "this engine is being retired: it persisted its blocks and "
+               "exits now, so it takes no more puts or pins (put the block on "
+               "another engine)"};
+}
+
 result<kv_reply> run_one(engine_state& st, const kv_request& req) {
+  // A request that pins, as a pin_atom: its pins would go with the engine,
+  // acked to a caller that would unpin them on an engine that is gone.
+  if (req.pin && st.retiring)
+    return unexpected<error>{retiring_refusal()};
   engine::put_options opts;
   opts.prio = req.prio;
   opts.pin = req.pin;
@@ -886,10 +898,7 @@ result<void> open_store(engine_parts& parts) {
 
 /// What a put or pin gets once the engine's balancer retires it.
 caf::error retiring_error() {
-  return to_caf_error(error{errc::unavailable,
-                            "this engine is being retired: it persisted its "
-                            "blocks and exits now, so it takes no more puts or "
-                            "pins (put the block on another engine)"});
+  return to_caf_error(retiring_refusal());
 }
 
 /// persist_atom: every cached block written to the disk tier.

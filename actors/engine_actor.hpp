@@ -28,9 +28,11 @@
 ///       (block_store::persist: a clean shutdown; needs a disk tier)
 ///   (persist_atom, uint64 timeout_ms, bool retiring) -> the same; with
 ///       `retiring` (its balancer retires it and exits it next) the engine
-///       then refuses reserve_atom, commit_atom (the put is aborted) and
-///       pin_atom with errc::unavailable, since what it took now would be
-///       lost with it; reads, unpins and everything else are served.
+///       then refuses reserve_atom, commit_atom (the put is aborted),
+///       pin_atom and a process or batch request that pins (before, such a
+///       request was processed and pinned) with errc::unavailable, since
+///       what it took now would be lost with it; reads, unpins and
+///       everything else are served.
 ///       `retiring` from an actor that is not one of its listeners (the
 ///       balancer is) is errc::invalid_argument, and nothing is written
 ///   (capacity_atom, uint32 tokens)    prompt-token budget per batch (no

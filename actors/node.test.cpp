@@ -2028,7 +2028,8 @@ TEST_F(Node, AnEngineRetiringRefusesPutsAndPinsAfterItsLastPersist) {
   // before (the caller had asked engine_atom just before the retire) and
   // committed after that persist would be acked and then lost with the
   // engine: it is refused as unavailable and aborted, and so are new puts
-  // and pins; reads still work. (Before, the commit was acked.) Sent here
+  // and pins (pin_atom, and a process or batch request that pins); reads
+  // still work. (Before, the commit was acked.) Sent here
   // by hand, so the commit lands between the persist and the exit.
   temp_dir dir;
   ASSERT_FALSE(dir.path().empty());
@@ -2087,6 +2088,22 @@ TEST_F(Node, AnEngineRetiringRefusesPutsAndPinsAfterItsLastPersist) {
   auto pin = refused(true, actors::pin_atom::value, kept.key);
   ASSERT_TRUE(pin.has_value());
   EXPECT_EQ(pin->code, errc::unavailable) << pin->describe();
+  // A request that pins its blocks too, through the batcher or as a batch
+  // (before, it was processed and pinned: pins that went with the engine).
+  kv_request pinning;
+  pinning.id = 1;
+  pinning.keys = {kept.key};
+  pinning.input_tokens = 16;
+  pinning.pin = true;
+  auto by_process =
+      refused(actors::kv_reply{}, actors::process_atom::value, pinning);
+  ASSERT_TRUE(by_process.has_value()) << "a pinning request was processed";
+  EXPECT_EQ(by_process->code, errc::unavailable) << by_process->describe();
+  auto by_batch =
+      refused(std::vector<actors::kv_reply>{}, actors::batch_atom::value,
+              std::vector<kv_request>{pinning});
+  ASSERT_TRUE(by_batch.has_value()) << "a pinning batch was processed";
+  EXPECT_EQ(by_batch->code, errc::unavailable) << by_batch->describe();
   // The refused put was aborted, not left open to its put_timeout.
   auto gone = refused(true, actors::commit_atom::value, ticket);
   ASSERT_TRUE(gone.has_value());
