@@ -6124,6 +6124,34 @@ protected:
     return out;
   }
 
+  /// `log` holds one answer: a reply matching all `n` blocks of its
+  /// request, every one promoted (from the memory tier or disk), none
+  /// computed nor found in memory. `why`: said when the promoted count is
+  /// off.
+  static void expect_one_reply_all_promoted(const std::vector<answer>& log,
+                                            std::uint64_t n,
+                                            const char* why = "") {
+    ASSERT_EQ(log.size(), 1U);
+    ASSERT_TRUE(log.front().reply.has_value());
+    const auto& rep = *log.front().reply;
+    EXPECT_EQ(rep.matched_blocks, n);
+    EXPECT_EQ(rep.computed_blocks, 0U);
+    EXPECT_EQ(rep.promoted_blocks, n) << why;
+    EXPECT_EQ(rep.memory_blocks, 0U);
+  }
+  /// After its one request of `n` blocks, deferred `deferred` times, was
+  /// served: nothing in flight, each block read from disk once, nothing
+  /// held, and all `n` can be evicted.
+  void expect_served_and_let_go(const caf::actor& e, std::uint64_t deferred,
+                                std::uint64_t n) {
+    const auto st = stats(e);
+    EXPECT_EQ(st.disk_deferred, deferred);
+    EXPECT_EQ(st.in_flight, 0U);
+    EXPECT_EQ(st.disk_hits, n) << "a block read twice";
+    EXPECT_EQ(st.held_blocks, 0U) << "still held after it was served";
+    EXPECT_EQ(evict_all(e), n * block_bytes);
+  }
+
   coordinated_disk disk_;
   std::vector<caf::actor> disk_engines_;
 };
@@ -6162,13 +6190,8 @@ TEST_F(disk_deferral_test, ADeferredRequestIsDeferredAgainWhileItsPrefixGrows) {
   disk_.wait_idle(); // b's reads have landed
   sched_->advance_time(1ms);
   sched_->run();
-  ASSERT_EQ(log->size(), 1U);
-  ASSERT_TRUE(log->front().reply.has_value());
-  const auto& rep = *log->front().reply;
-  EXPECT_EQ(rep.matched_blocks, 4U);
-  EXPECT_EQ(rep.computed_blocks, 0U);
-  EXPECT_EQ(rep.promoted_blocks, 4U) << "both reads count as promoted";
-  EXPECT_EQ(rep.memory_blocks, 0U);
+  ASSERT_NO_FATAL_FAILURE(
+      expect_one_reply_all_promoted(*log, 4, "both reads count as promoted"));
   st = stats(e);
   EXPECT_EQ(st.disk_deferred, 2U);
   EXPECT_EQ(st.in_flight, 0U);
@@ -6244,13 +6267,8 @@ TEST_F(disk_deferral_test,
   disk_.release();
   sched_->advance_time(1ms);
   sched_->run();
-  ASSERT_EQ(log->size(), 1U);
-  ASSERT_TRUE(log->front().reply.has_value());
-  const auto& rep = *log->front().reply;
-  EXPECT_EQ(rep.matched_blocks, 4U);
-  EXPECT_EQ(rep.computed_blocks, 0U);
-  EXPECT_EQ(rep.promoted_blocks, 4U) << "the tier's and the disk's";
-  EXPECT_EQ(rep.memory_blocks, 0U);
+  ASSERT_NO_FATAL_FAILURE(
+      expect_one_reply_all_promoted(*log, 4, "the tier's and the disk's"));
   st = stats(e);
   EXPECT_EQ(st.tier_hits, 2U);
   EXPECT_EQ(st.disk_hits, 2U);
@@ -6296,13 +6314,7 @@ TEST_F(disk_deferral_test, ARequestWaitsAgainForTheDiskPastATierRun) {
   disk_.wait_idle();
   sched_->advance_time(1ms);
   sched_->run();
-  ASSERT_EQ(log->size(), 1U);
-  ASSERT_TRUE(log->front().reply.has_value());
-  const auto& rep = *log->front().reply;
-  EXPECT_EQ(rep.matched_blocks, 6U);
-  EXPECT_EQ(rep.computed_blocks, 0U);
-  EXPECT_EQ(rep.promoted_blocks, 6U);
-  EXPECT_EQ(rep.memory_blocks, 0U);
+  ASSERT_NO_FATAL_FAILURE(expect_one_reply_all_promoted(*log, 6));
 }
 
 /// Five low requests of two blocks each, deferred on an engine of batches
@@ -6516,19 +6528,8 @@ TEST_F(disk_deferral_test, ADeferredRequestsLandedBlocksStayUntilItIsServed) {
   EXPECT_EQ(stats(e).held_blocks, 4U);
   sched_->advance_time(1ms);
   sched_->run();
-  ASSERT_EQ(log->size(), 1U);
-  ASSERT_TRUE(log->front().reply.has_value());
-  const auto& rep = *log->front().reply;
-  EXPECT_EQ(rep.matched_blocks, 4U);
-  EXPECT_EQ(rep.computed_blocks, 0U);
-  EXPECT_EQ(rep.promoted_blocks, 4U);
-  EXPECT_EQ(rep.memory_blocks, 0U);
-  const auto st = stats(e);
-  EXPECT_EQ(st.disk_deferred, 1U);
-  EXPECT_EQ(st.in_flight, 0U);
-  EXPECT_EQ(st.disk_hits, 4U) << "read twice";
-  EXPECT_EQ(st.held_blocks, 0U) << "still held after it was served";
-  EXPECT_EQ(evict_all(e), 4 * block_bytes);
+  ASSERT_NO_FATAL_FAILURE(expect_one_reply_all_promoted(*log, 4));
+  expect_served_and_let_go(e, 1, 4);
 }
 
 TEST_F(disk_deferral_test,
@@ -6583,19 +6584,8 @@ TEST_F(disk_deferral_test,
   disk_.release(); // b's reads have landed
   sched_->advance_time(1ms);
   sched_->run();
-  ASSERT_EQ(log->size(), 1U);
-  ASSERT_TRUE(log->front().reply.has_value());
-  const auto& rep = *log->front().reply;
-  EXPECT_EQ(rep.matched_blocks, 4U);
-  EXPECT_EQ(rep.computed_blocks, 0U);
-  EXPECT_EQ(rep.promoted_blocks, 4U);
-  EXPECT_EQ(rep.memory_blocks, 0U);
-  st = stats(e);
-  EXPECT_EQ(st.disk_deferred, 2U);
-  EXPECT_EQ(st.in_flight, 0U);
-  EXPECT_EQ(st.disk_hits, 4U) << "a read twice";
-  EXPECT_EQ(st.held_blocks, 0U) << "still held after it was served";
-  EXPECT_EQ(evict_all(e), 4 * block_bytes);
+  ASSERT_NO_FATAL_FAILURE(expect_one_reply_all_promoted(*log, 4));
+  expect_served_and_let_go(e, 2, 4);
 }
 
 TEST_F(disk_deferral_test,

@@ -767,10 +767,6 @@ engine::segment_file::write_fault waiting_at(std::shared_ptr<gate> g) {
   };
 }
 
-/// The engine in `slot`, retiring ones too; null when the slot has none
-/// live (errc::not_found: free, or its engine still opening). Any other
-/// answer fails the test, so a poll for a freed slot cannot read a
-/// balancer error as "freed".
 /// Asks `n`'s balancer for a replica change (replica_atom or retire_atom)
 /// and waits: the live engines after it, or nothing (a failure added).
 template <class Atom>
@@ -784,6 +780,10 @@ std::optional<std::uint32_t> live_after(caf::actor_system& sys, node& n,
   return out;
 }
 
+/// The engine in `slot`, retiring ones too; null when the slot has none
+/// live (errc::not_found: free, or its engine still opening). Any other
+/// answer fails the test, so a poll for a freed slot cannot read a
+/// balancer error as "freed".
 caf::actor engine_of(caf::actor_system& sys, node& n, std::uint32_t slot) {
   caf::scoped_actor self{sys};
   caf::actor out;
@@ -795,6 +795,31 @@ caf::actor engine_of(caf::actor_system& sys, node& n, std::uint32_t slot) {
                    ADD_FAILURE()
                        << "engine_atom " << slot << ": " << caf::to_string(e);
                });
+  return out;
+}
+
+/// Asks for the engine in `slot` until it has none (at most a million
+/// times): whether the balancer freed the slot.
+bool slot_freed(caf::actor_system& sys, node& n, std::uint32_t slot) {
+  for (int i = 0; i < 1'000'000; ++i)
+    if (!engine_of(sys, n, slot))
+      return true;
+  return false;
+}
+
+/// Reads the balancer's stats until `done` holds for them (at most a
+/// million times); the last stats read.
+template <class Pred>
+std::optional<actors::balancer_stats> stats_once(node& n, Pred done) {
+  std::optional<actors::balancer_stats> out;
+  for (int i = 0; i < 1'000'000; ++i) {
+    auto st = n.stats();
+    if (!st)
+      return std::nullopt;
+    out = std::move(*st);
+    if (done(*out))
+      break;
+  }
   return out;
 }
 
@@ -1284,13 +1309,11 @@ TEST_F(Node, AnEngineRestartedAfterAKillRecoversItsDiskDirectory) {
     self->receive([](const caf::down_msg&) {});
   }
   // Wait for the restart (1 ms away), reading the balancer's stats.
-  bool restarted = false;
-  for (int i = 0; i < 1'000'000 && !restarted; ++i) {
-    auto st = (*n)->stats();
-    ASSERT_TRUE(st.has_value()) << st.error().describe();
-    restarted = st->restarts == 1 && st->up.at(0) == 1;
-  }
-  ASSERT_TRUE(restarted);
+  auto restarted = stats_once(**n, [](const actors::balancer_stats& st) {
+    return st.restarts == 1 && st.up.at(0) == 1;
+  });
+  ASSERT_TRUE(restarted.has_value());
+  ASSERT_TRUE(restarted->restarts == 1 && restarted->up.at(0) == 1);
   auto es = (*n)->engine_stats(0);
   ASSERT_TRUE(es.has_value()) << es.error().describe();
   EXPECT_TRUE(es->disk);
@@ -1892,24 +1915,20 @@ TEST_F(Node, AReplicaInTheSlotOfARetiredOneReopensItsDiskDirectory) {
   put = (*n)->put_block(0, p, std::vector<std::uint8_t>(4096, 9));
   ASSERT_TRUE(put.has_value()) << put.error().describe();
   // The engines tell the balancer of their pins in their block events.
-  bool told = false;
-  for (int i = 0; i < 1'000'000 && !told; ++i) {
-    auto st = (*n)->stats();
-    ASSERT_TRUE(st.has_value()) << st.error().describe();
-    told = st->pinned_bytes.size() == 2 && st->pinned_bytes[0] > 0 &&
-           st->pinned_bytes[1] > 0;
-  }
-  ASSERT_TRUE(told);
+  const auto both_pin = [](const actors::balancer_stats& st) {
+    return st.pinned_bytes.size() == 2 && st.pinned_bytes[0] > 0 &&
+           st.pinned_bytes[1] > 0;
+  };
+  const auto told = stats_once(**n, both_pin);
+  ASSERT_TRUE(told.has_value());
+  ASSERT_TRUE(both_pin(*told));
   auto retired = engine_of(*sys_, **n, 1);
   ASSERT_TRUE(retired);
   self->monitor(retired);
   ASSERT_EQ(live_after(*sys_, **n, actors::retire_atom::value), 1U);
   self->receive([](const caf::down_msg&) {});
   // The balancer frees the slot when it sees the engine stop.
-  bool freed = false;
-  for (int i = 0; i < 1'000'000 && !freed; ++i)
-    freed = !engine_of(*sys_, **n, 1);
-  ASSERT_TRUE(freed);
+  ASSERT_TRUE(slot_freed(*sys_, **n, 1));
   ASSERT_EQ(live_after(*sys_, **n, actors::replica_atom::value), 2U);
   auto es = (*n)->engine_stats(1);
   ASSERT_TRUE(es.has_value()) << es.error().describe();
@@ -1947,14 +1966,12 @@ TEST_F(Node, ARetirePassesOverAnEngineWhosePinsAreOnlyOnDisk) {
   caf::anon_send_exit(e1, caf::exit_reason::kill);
   self->receive([](const caf::down_msg&) {});
   // The restart (1 ms away) recovers the copy and reports its pin.
-  bool told = false;
-  for (int i = 0; i < 1'000'000 && !told; ++i) {
-    auto st = (*n)->stats();
-    ASSERT_TRUE(st.has_value()) << st.error().describe();
-    told =
-        st->restarts == 1 && st->up.at(1) == 1 && st->pinned_on_disk.at(1) == 1;
-  }
-  ASSERT_TRUE(told);
+  const auto recovered = [](const actors::balancer_stats& st) {
+    return st.restarts == 1 && st.up.at(1) == 1 && st.pinned_on_disk.at(1) == 1;
+  };
+  const auto told = stats_once(**n, recovered);
+  ASSERT_TRUE(told.has_value());
+  ASSERT_TRUE(recovered(*told));
   auto st = (*n)->stats();
   ASSERT_TRUE(st.has_value()) << st.error().describe();
   EXPECT_EQ(st->pinned_bytes, (std::vector<std::uint64_t>{0, 0}));
@@ -2000,11 +2017,7 @@ TEST_F(Node, ARetiredEnginePersistsItsBlocksForTheNextEngineInItsSlot) {
   ASSERT_EQ(live_after(*sys_, **n, actors::retire_atom::value), 1U);
   self->receive([](const caf::down_msg&) {});
   // The balancer frees the slot when it sees the engine stop.
-  bool freed = false;
-  for (int i = 0; i < 1'000'000 && !freed; ++i) {
-    freed = !engine_of(*sys_, **n, 1);
-  }
-  ASSERT_TRUE(freed);
+  ASSERT_TRUE(slot_freed(*sys_, **n, 1));
   ASSERT_EQ(live_after(*sys_, **n, actors::replica_atom::value), 2U);
   auto es = (*n)->engine_stats(1);
   ASSERT_TRUE(es.has_value()) << es.error().describe();
@@ -2377,22 +2390,6 @@ held_open(const std::string& dir, std::shared_ptr<gate> began,
         held->wait();
         return open(slot);
       };
-}
-
-/// Reads the balancer's stats until `done` holds for them (at most a
-/// million times); the last stats read.
-template <class Pred>
-std::optional<actors::balancer_stats> stats_once(node& n, Pred done) {
-  std::optional<actors::balancer_stats> out;
-  for (int i = 0; i < 1'000'000; ++i) {
-    auto st = n.stats();
-    if (!st)
-      return std::nullopt;
-    out = std::move(*st);
-    if (done(*out))
-      break;
-  }
-  return out;
 }
 
 TEST_F(Node, AnEngineRestartingOnItsDiskDoesNotHoldUpTheOthers) {
