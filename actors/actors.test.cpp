@@ -838,6 +838,84 @@ TEST_F(actor_test, OpenPutsExpireAtTheirPutTimeoutOnOneTimer) {
               1U);
 }
 
+TEST_F(actor_test, APutEndsAtItsCallersDeadline) {
+  // A put carries when its caller stops waiting (put_request::deadline_ns):
+  // the engine aborts it then rather than at put_timeout, and refuses a
+  // reserve, write or commit of it at or after then. (Before, a
+  // reservation whose reply reached its caller too late kept the key busy
+  // for the whole put_timeout, and a pinning commit that landed after its
+  // caller gave up left a pin no one knew of.)
+  auto cfg = small_engine(256);
+  cfg.put_timeout = 10s;
+  auto e = engine(cfg);
+  sched_->run();
+  const std::vector<std::uint8_t> value(block_bytes, 7);
+  const auto in = [&](std::chrono::milliseconds d) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               (sched_->clock().now() + d).time_since_epoch())
+        .count();
+  };
+  const auto busy_reserve = [&](const put_request& p) {
+    auto r = ask<std::uint64_t>(e, reserve_atom::value, p);
+    sched_->run();
+    return r->error.has_value() ? from_caf_error(*r->error).code : errc::ok;
+  };
+  // A reservation its caller never heard of: the key is busy until the
+  // caller's deadline, 1 s, not until put_timeout.
+  put_request lost;
+  lost.key = block_key{1, 1};
+  lost.deadline_ns = in(1s);
+  const auto lost_ticket = ask_now<std::uint64_t>(e, reserve_atom::value, lost);
+  put_request retry;
+  retry.key = lost.key;
+  EXPECT_EQ(busy_reserve(retry), errc::busy);
+  sched_->advance_time(1s);
+  sched_->run();
+  auto gone = ask<bool>(e, write_atom::value, lost_ticket, value);
+  sched_->run();
+  ASSERT_TRUE(gone->error.has_value());
+  EXPECT_EQ(from_caf_error(*gone->error).code, errc::invalid_handle);
+  const auto t = ask_now<std::uint64_t>(e, reserve_atom::value, retry);
+  ASSERT_TRUE(ask_now<bool>(e, write_atom::value, t, value));
+  ASSERT_TRUE(ask_now<bool>(e, commit_atom::value, t));
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).puts_expired, 1U);
+
+  // A reserve that comes at its deadline reserves nothing.
+  put_request past;
+  past.key = block_key{2, 2};
+  past.deadline_ns = in(0ms);
+  EXPECT_EQ(busy_reserve(past), errc::timeout);
+  past.deadline_ns = 0;
+  const auto free = ask_now<std::uint64_t>(e, reserve_atom::value, past);
+  ASSERT_TRUE(ask_now<bool>(e, write_atom::value, free, value));
+  ASSERT_TRUE(ask_now<bool>(e, commit_atom::value, free));
+
+  // A pinning commit that comes at its deadline (ahead of the expiry
+  // timer's message) is refused: no block, no pin.
+  put_request pinned;
+  pinned.key = block_key{3, 3};
+  pinned.pin = true;
+  pinned.deadline_ns = in(2s);
+  const auto ticket = ask_now<std::uint64_t>(e, reserve_atom::value, pinned);
+  ASSERT_TRUE(ask_now<bool>(e, write_atom::value, ticket, value));
+  auto commit = ask<bool>(e, commit_atom::value, ticket);
+  sched_->run_once(); // the asker sends the commit
+  sched_->advance_time(2s);
+  sched_->run();
+  ASSERT_TRUE(commit->error.has_value());
+  EXPECT_EQ(from_caf_error(*commit->error).code, errc::timeout);
+  const auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.pinned_bytes, 0U);
+  EXPECT_EQ(st.puts_expired, 3U);
+  EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value,
+                                   std::vector<block_key>{pinned.key}),
+            0U);
+  // The put_timeout expiries still come, and find those puts ended.
+  sched_->advance_time(10s);
+  sched_->run();
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).puts_expired, 3U);
+}
+
 TEST_F(actor_test, LeastLoadedAvoidsTheBackloggedEngine) {
   // Engine 0 answers at once; engine 1 holds requests for 100 ms.
   auto fast = small_engine(256, 1);

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <new>
 #include <optional>
+#include <queue>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -125,16 +126,28 @@ struct engine_state {
   batch_accumulator<pending_request> batcher{batch_config{}};
   /// The batch generation an urgent close marker was sent for (0: none).
   std::uint64_t urgent_marker_gen = 0;
-  std::unordered_map<std::uint64_t, engine::put_handle> puts;
+  /// An open put, and when its caller stops waiting
+  /// (put_request::deadline_ns; time_point::max() for none).
+  struct open_put {
+    engine::put_handle handle;
+    caf::actor_clock::time_point deadline;
+  };
+  std::unordered_map<std::uint64_t, open_put> puts;
   std::uint64_t next_ticket = 1;
-  /// Each put's expiry (reserve time + put_timeout) in reserve order, which
-  /// is deadline order since put_timeout is fixed; one expire_puts_atom
-  /// timer for the front. (Before, each put had its own CAF timer for the
-  /// whole put_timeout, committed or not: about 285 bytes per put for 30 s,
-  /// some 140 MB at one writer's rate.)
-  std::deque<std::pair<caf::actor_clock::time_point, std::uint64_t>>
+  /// Each put's expiry (reserve time + put_timeout, or its deadline when
+  /// that comes first), soonest on top; one expire_puts_atom timer for the
+  /// top. (Before, each put had its own CAF timer for the whole
+  /// put_timeout, committed or not: about 285 bytes per put for 30 s, some
+  /// 140 MB at one writer's rate.) A put's entry stays after it ends and is
+  /// dropped when its time comes.
+  using put_expiry = std::pair<caf::actor_clock::time_point, std::uint64_t>;
+  std::priority_queue<put_expiry, std::vector<put_expiry>, std::greater<>>
       put_deadlines;
-  bool put_expiry_pending = false; ///< an expire_puts_atom is on its way
+  /// When the soonest expire_puts_atom on its way arrives (none: nullopt).
+  /// A put whose expiry comes before it sends one more; the later ones
+  /// still arrive and find nothing due.
+  std::optional<caf::actor_clock::time_point> put_expiry_at;
+  std::uint64_t puts_expired = 0; ///< engine_stats::puts_expired
   std::vector<caf::actor> listeners;
   /// Snapshots being sent, one chunk per (listen_atom) message to itself;
   /// the front one's next chunk goes first.
@@ -901,6 +914,48 @@ caf::error retiring_error() {
   return to_caf_error(retiring_refusal());
 }
 
+/// When the caller of put `p` stops waiting (time_point::max() for none).
+caf::actor_clock::time_point put_deadline(const put_request& p) {
+  if (p.deadline_ns == 0)
+    return caf::actor_clock::time_point::max();
+  return caf::actor_clock::time_point{
+      std::chrono::duration_cast<caf::actor_clock::time_point::duration>(
+          std::chrono::nanoseconds{p.deadline_ns})};
+}
+
+/// What a reserve, write or commit of a put gets at or after its deadline.
+caf::error put_past_deadline(const char* step) {
+  return to_caf_error(error{
+      errc::timeout, std::string{"put "} + step +
+                         " arrived at or after the put's deadline "
+                         "(put_request::deadline_ns): the put is not taken"});
+}
+
+/// Sends the expire_puts_atom for the soonest put expiry, unless one that
+/// arrives no later is on its way.
+void arm_put_expiry(engine_actor* self, caf::actor_clock::time_point now) {
+  auto& s = self->state;
+  if (s.put_deadlines.empty())
+    return;
+  const auto next = s.put_deadlines.top().first;
+  if (s.put_expiry_at && *s.put_expiry_at <= next)
+    return;
+  s.put_expiry_at = next;
+  self->delayed_send(self, next - now, expire_puts_atom::value);
+}
+
+/// A write or commit of open put `it` at or after its deadline: the put is
+/// aborted and the call refused.
+caf::error refuse_late_put(engine_actor* self,
+                           decltype(engine_state::puts)::iterator it,
+                           const char* step) {
+  auto& s = self->state;
+  (void)s.store->abort(it->second.handle);
+  s.puts.erase(it);
+  ++s.puts_expired;
+  return put_past_deadline(step);
+}
+
 /// persist_atom: every cached block written to the disk tier.
 caf::result<std::uint64_t> persist(engine_actor* self,
                                    std::uint64_t timeout_ms) {
@@ -1087,6 +1142,12 @@ caf::behavior engine_behavior(engine_actor* self,
           return std::move(*bad);
         if (s.retiring)
           return retiring_error();
+        const auto now = self->clock().now();
+        const auto deadline = put_deadline(p);
+        if (now >= deadline) {
+          ++s.puts_expired;
+          return put_past_deadline("reserve");
+        }
         engine::put_options opts;
         opts.prio = p.prio;
         opts.pin = p.pin;
@@ -1099,14 +1160,10 @@ caf::behavior engine_behavior(engine_actor* self,
         if (!h)
           return to_caf_error(h.error());
         auto ticket = s.next_ticket++;
-        s.puts.emplace(ticket, std::move(*h));
-        s.put_deadlines.emplace_back(self->clock().now() + s.config.put_timeout,
-                                     ticket);
-        if (!s.put_expiry_pending) {
-          s.put_expiry_pending = true;
-          self->delayed_send(self, s.config.put_timeout,
-                             expire_puts_atom::value);
-        }
+        s.puts.emplace(ticket, engine_state::open_put{std::move(*h), deadline});
+        s.put_deadlines.emplace(std::min(now + s.config.put_timeout, deadline),
+                                ticket);
+        arm_put_expiry(self, now);
         return ticket;
       },
       [=](write_atom, std::uint64_t ticket,
@@ -1116,8 +1173,10 @@ caf::behavior engine_behavior(engine_actor* self,
         if (it == s.puts.end())
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
+        if (self->clock().now() >= it->second.deadline)
+          return refuse_late_put(self, it, "write");
         return lift_void(
-            s.store->write(it->second, std::as_bytes(std::span{value})));
+            s.store->write(it->second.handle, std::as_bytes(std::span{value})));
       },
       [=](commit_atom, std::uint64_t ticket) -> caf::result<bool> {
         auto& s = self->state;
@@ -1126,11 +1185,13 @@ caf::behavior engine_behavior(engine_actor* self,
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
         if (s.retiring) {
-          (void)s.store->abort(it->second);
+          (void)s.store->abort(it->second.handle);
           s.puts.erase(it);
           return retiring_error();
         }
-        auto r = s.store->commit(it->second);
+        if (self->clock().now() >= it->second.deadline)
+          return refuse_late_put(self, it, "commit");
+        auto r = s.store->commit(it->second.handle);
         // The put stays open after these two (its parent is not committed
         // yet; no value written yet): erasing the ticket would drop the
         // handle, which aborts the put and every put chained on it.
@@ -1146,7 +1207,7 @@ caf::behavior engine_behavior(engine_actor* self,
         auto it = s.puts.find(ticket);
         if (it == s.puts.end())
           return true; // already committed, aborted or expired
-        auto r = s.store->abort(it->second);
+        auto r = s.store->abort(it->second.handle);
         s.puts.erase(it);
         // A put whose parent was aborted went with it: already aborted.
         if (!r && r.error().code == errc::invalid_handle)
@@ -1157,23 +1218,20 @@ caf::behavior engine_behavior(engine_actor* self,
         if (!sent_by_itself(self))
           return;
         auto& s = self->state;
-        s.put_expiry_pending = false;
         const auto now = self->clock().now();
-        while (!s.put_deadlines.empty() &&
-               s.put_deadlines.front().first <= now) {
+        if (s.put_expiry_at && *s.put_expiry_at <= now)
+          s.put_expiry_at.reset();
+        while (!s.put_deadlines.empty() && s.put_deadlines.top().first <= now) {
           // Committed or aborted since: gone from `puts` already.
-          auto it = s.puts.find(s.put_deadlines.front().second);
-          s.put_deadlines.pop_front();
+          auto it = s.puts.find(s.put_deadlines.top().second);
+          s.put_deadlines.pop();
           if (it != s.puts.end()) {
-            (void)s.store->abort(it->second);
+            (void)s.store->abort(it->second.handle);
             s.puts.erase(it);
+            ++s.puts_expired;
           }
         }
-        if (!s.put_deadlines.empty()) {
-          s.put_expiry_pending = true;
-          self->delayed_send(self, s.put_deadlines.front().first - now,
-                             expire_puts_atom::value);
-        }
+        arm_put_expiry(self, now);
       },
       [=](read_atom, const engine::block_key& key)
           -> caf::result<std::vector<std::uint8_t>> {
@@ -1228,6 +1286,7 @@ caf::behavior engine_behavior(engine_actor* self,
         out.engine = s.config.slot;
         out.in_flight = s.in_flight;
         out.expired = s.expired;
+        out.puts_expired = s.puts_expired;
         out.disk_deferred = s.disk_deferred;
         out.held_blocks = s.store->held_blocks();
         out.requests = s.requests;

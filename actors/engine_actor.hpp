@@ -169,7 +169,10 @@
 /// so the caller (the balancer, starting a restart or a replica) goes on at
 /// once, and no scheduler worker is held while it does.
 ///
-/// Open puts are aborted `put_timeout` after their reservation.
+/// Open puts are aborted `put_timeout` after their reservation, or at their
+/// caller's deadline (put_request::deadline_ns) when that is sooner; a
+/// reserve, write or commit at or after that deadline is refused
+/// (errc::timeout; a write or commit aborts the put).
 
 #include "actors/batch_accumulator.hpp"
 #include "actors/memory_manager.hpp"

@@ -161,12 +161,21 @@ struct put_request {
   engine::priority prio = engine::priority::normal;
   bool pin = false;
   std::uint32_t request_tokens = 0;
+  /// When its caller stops waiting, as kv_request::deadline_ns (the actor
+  /// clock's nanoseconds since its epoch); 0: none. The engine refuses a
+  /// reserve, write or commit of the put that arrives at or after it
+  /// (errc::timeout; a write or commit aborts the put), and aborts the put
+  /// then if it is still open, rather than at its put_timeout: a caller
+  /// that gave up on a reservation it never heard of does not leave the
+  /// key busy, and one that gave up on a pinning commit is not left with a
+  /// pin it does not know of.
+  std::int64_t deadline_ns = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, put_request& x) {
   return f(caf::meta::type_name("put_request"), x.key, x.parent, x.prio, x.pin,
-           x.request_tokens);
+           x.request_tokens, x.deadline_ns);
 }
 
 /// An engine actor's live state.
@@ -180,6 +189,9 @@ struct engine_stats {
   /// that finished at or after it (processed, counted in `requests` too,
   /// their new pins taken back).
   std::uint64_t expired = 0;
+  /// Puts aborted unfinished by the engine: open at their put_timeout, or
+  /// at their put_request::deadline_ns, or refused at or after it.
+  std::uint64_t puts_expired = 0;
   /// Times a low or background request waited off its batch for disk
   /// reads of its prefix (one that waits again, for reads further on,
   /// counts again; engine_actor.hpp, "Disk tier").
@@ -237,15 +249,15 @@ struct engine_stats {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
   return f(caf::meta::type_name("engine_stats"), x.engine, x.in_flight,
-           x.requests, x.expired, x.disk_deferred, x.held_blocks, x.batches,
-           x.prefill_calls, x.prefilled_blocks, x.prefill_unused,
-           x.prefill_failures, x.produced_alone, x.blocks, x.used_bytes,
-           x.capacity_bytes, x.pinned_bytes, x.pinned_bytes_limit, x.token_hits,
-           x.token_misses, x.evictions, x.pressure_evictions, x.capacity_tokens,
-           x.memory, x.tier, x.tier_blocks, x.tier_demotions, x.tier_hits,
-           x.tier_in_flight_bytes, x.disk, x.disk_blocks, x.disk_hits,
-           x.disk_spills, x.disk_spill_failures, x.block_hits, x.block_misses,
-           x.listeners);
+           x.requests, x.expired, x.puts_expired, x.disk_deferred,
+           x.held_blocks, x.batches, x.prefill_calls, x.prefilled_blocks,
+           x.prefill_unused, x.prefill_failures, x.produced_alone, x.blocks,
+           x.used_bytes, x.capacity_bytes, x.pinned_bytes, x.pinned_bytes_limit,
+           x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
+           x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
+           x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
+           x.disk_hits, x.disk_spills, x.disk_spill_failures, x.block_hits,
+           x.block_misses, x.listeners);
 }
 
 /// The balancer's counters.

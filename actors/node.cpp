@@ -546,6 +546,11 @@ result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
   if (!req.pin)
     return send(req);
   actors::kv_request r = req;
+  r.deadline_ns = call_deadline_ns(r.deadline_ns);
+  return send(r);
+}
+
+std::int64_t node::call_deadline_ns(std::int64_t own) const {
   const auto margin = std::min<std::chrono::milliseconds>(
       config_.call_timeout / 10, std::chrono::milliseconds{50});
   const std::int64_t until =
@@ -553,9 +558,7 @@ result<actors::kv_reply> node::process_request(const actors::kv_request& req) {
           (sys_->clock().now() + config_.call_timeout - margin)
               .time_since_epoch())
           .count();
-  if (r.deadline_ns == 0 || r.deadline_ns > until)
-    r.deadline_ns = until;
-  return send(r);
+  return own == 0 || own > until ? until : own;
 }
 
 result<std::uint64_t> node::lookup(const std::vector<engine::block_key>& keys) {
@@ -577,13 +580,23 @@ result<void> node::put_block(std::uint32_t slot, const actors::put_request& put,
   // mailbox of normal messages at the balancer or the engine (before, they
   // all went as normal ones). A priority outside the five goes as normal,
   // and the engine refuses the reserve.
+  //
+  // The put carries this call's deadline, as a pinning request does (a
+  // little before this call stops waiting): the engine refuses a reserve,
+  // write or commit that comes to it later, and aborts the put then if it
+  // is still open. Before, a reservation whose reply came back after this
+  // call had given up stayed open (its ticket known to no one) and kept
+  // the key busy for the engine's whole put_timeout (30 s), and a pinning
+  // commit that landed after it left a pin no caller knew of.
   const auto prio = put.prio;
   const call_deadline deadline{config_.call_timeout};
+  actors::put_request p = put;
+  p.deadline_ns = call_deadline_ns(put.deadline_ns);
   auto engine = engine_at(slot, deadline.left(), false, prio);
   if (!engine)
     return unexpected<error>{engine.error()};
   auto ticket = ask_at<std::uint64_t>(*askers_, prio, *engine, deadline.left(),
-                                      actors::reserve_atom::value, put);
+                                      actors::reserve_atom::value, p);
   if (!ticket)
     return unexpected<error>{ticket.error()};
   auto w = ask_void_at(*askers_, prio, *engine, deadline.left(),

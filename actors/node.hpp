@@ -140,10 +140,15 @@ public:
   /// (prioritized.hpp: high and critical as urgent), as process_request's
   /// request does; get_block, pin and unpin carry no priority and go as
   /// normal ones. Its parent must be cached on the engine: in its memory, its
-  /// memory tier or its disk tier (brought back into memory for it). A call
-  /// that times out may still take effect at the engine (a commit that
-  /// lands late: a retry then finds the block cached; a reservation that
-  /// lands late is dropped after the engine's put_timeout).
+  /// memory tier or its disk tier (brought back into memory for it). The
+  /// put carries this call's deadline (put_request::deadline_ns, or the
+  /// caller's own when that is sooner), a tenth of call_timeout (at most
+  /// 50 ms) before the call stops waiting, as a pinning process_request
+  /// does: the engine refuses a reserve, write or commit that reaches it
+  /// later, and aborts the put then if it is still open, so a call that
+  /// timed out does not leave its key busy. A commit the engine took just
+  /// before that deadline whose reply is later than the margin still takes
+  /// effect (a retry then finds the block cached).
   [[nodiscard]] result<void> put_block(std::uint32_t slot,
                                        const actors::put_request& put,
                                        const std::vector<std::uint8_t>& value);
@@ -260,6 +265,11 @@ private:
   engine_at(std::uint32_t slot, std::chrono::milliseconds timeout,
             bool retiring_too,
             engine::priority prio = engine::priority::normal);
+  /// The deadline a call starting now gives what it sends that must not
+  /// take effect after the call stops waiting (a pinning request, a put):
+  /// a tenth of call_timeout (at most 50 ms) before that, for the reply's
+  /// way back; `own` (nanoseconds on the actor clock, 0: none) when sooner.
+  [[nodiscard]] std::int64_t call_deadline_ns(std::int64_t own) const;
   /// `a`, or a null actor once stop() began (calls then fail with "actor
   /// not running").
   [[nodiscard]] const caf::actor& running(const caf::actor& a) const noexcept;

@@ -2275,6 +2275,47 @@ TEST_F(Node, APinningRequestPastTheCallTimeoutLeavesNoPin) {
   ASSERT_TRUE(nd.stop());
 }
 
+TEST_F(Node, APutBlockPastTheCallTimeoutLeavesTheKeyFree) {
+  // The engine is held in a request while put_block's reserve waits in its
+  // mailbox: the call gives up at call_timeout (300 ms). Before, the engine
+  // reserved the block afterwards, for a ticket no caller knew of, and
+  // every put of that key was refused busy for the engine's put_timeout
+  // (30 s). Now the put carries the call's deadline, and the engine
+  // refuses a reserve that comes to it later.
+  auto held = std::make_shared<gate>();
+  auto began = std::make_shared<gate>();
+  gate_opener opener{held};
+  auto c = small_node();
+  c.engines = 1;
+  c.engine.make_producer = [held, began] {
+    return std::make_unique<held_producer>(held, 77, began);
+  };
+  c.call_timeout = std::chrono::milliseconds{300};
+  auto n = node::start(*sys_, c);
+  ASSERT_TRUE(n.has_value()) << n.error().describe();
+  node& nd = **n;
+  held->close();
+  began->close();
+  hold_engine(engine_of(*sys_, nd, 0), 77);
+  began->wait(); // the engine is computing block {77, 1}
+  actors::put_request p;
+  p.key = block_key{78, 1};
+  const std::vector<std::uint8_t> value(4096, 4);
+  auto late = nd.put_block(0, p, value);
+  ASSERT_FALSE(late.has_value());
+  EXPECT_EQ(late.error().code, errc::timeout) << late.error().describe();
+  held->open();
+  auto retry = nd.put_block(0, p, value);
+  ASSERT_TRUE(retry.has_value()) << retry.error().describe();
+  auto got = nd.get_block(0, p.key);
+  ASSERT_TRUE(got.has_value()) << got.error().describe();
+  EXPECT_EQ(*got, value);
+  auto es = nd.engine_stats(0);
+  ASSERT_TRUE(es.has_value()) << es.error().describe();
+  EXPECT_EQ(es->puts_expired, 1U) << "the late reserve was refused";
+  ASSERT_TRUE(nd.stop());
+}
+
 TEST_F(Node, PersistWaitsForEveryEngineAgainstOneDeadline) {
   // Engine 0 is held in a request and never reads persist's request: the
   // call ends at its deadline, `timeout` + call_timeout after it asked.
@@ -2327,17 +2368,18 @@ TEST_F(Node, PersistWaitsForEveryEngineAgainstOneDeadline) {
 }
 
 TEST_F(Node, ACriticalPutsReserveOvertakesNormalMessagesQueuedAtTheEngine) {
-  // The engine is held in a request. A normal reserve of block K is queued
+  // The engine is held in a request. A normal stats request is queued
   // behind it, then put_block puts K at critical priority: the engine
   // reads nothing, so the call times out, its reserve left in the engine's
   // mailbox. Once the engine goes on, it reads that reserve first (an
-  // urgent message), which takes K, and the normal reserve queued before
-  // it is refused busy. (Before, put_block's messages went as normal ones,
-  // behind the normal reserve, which took K.) The reserves are sent once
-  // the engine is in the request: CAF takes urgent messages first among
-  // those it has not yet taken out of the mailbox for the round it is in,
-  // so a normal one sent before the engine woke for the request would be
-  // in its round already.
+  // urgent message) and refuses it, past the put's deadline (counted in
+  // puts_expired), and only then the stats request queued before it, which
+  // counts that refusal. (Before, put_block's messages went as normal
+  // ones, behind the stats request.) The messages are sent once the engine
+  // is in the request: CAF takes urgent messages first among those it has
+  // not yet taken out of the mailbox for the round it is in, so a normal
+  // one sent before the engine woke for the request would be in its round
+  // already.
   auto held = std::make_shared<gate>();
   gate_opener opener{held};
   auto began = std::make_shared<gate>();
@@ -2358,23 +2400,25 @@ TEST_F(Node, ACriticalPutsReserveOvertakesNormalMessagesQueuedAtTheEngine) {
   hold_engine(e, 9000);
   began->wait();
   caf::scoped_actor self{*sys_};
-  actors::put_request normal;
-  normal.key = block_key{78, 1};
-  auto queued =
-      self->request(e, caf::infinite, actors::reserve_atom::value, normal);
-  auto critical = normal;
+  auto queued = self->request(e, caf::infinite, actors::stats_atom::value);
+  actors::put_request critical;
+  critical.key = block_key{78, 1};
   critical.prio = engine::priority::critical;
   auto put = nd.put_block(0, critical, std::vector<std::uint8_t>(4096, 7));
   ASSERT_FALSE(put.has_value());
   EXPECT_EQ(put.error().code, errc::timeout) << put.error().describe();
   held->open();
-  std::optional<error> refused;
-  queued.receive(
-      [](std::uint64_t) {},
-      [&](caf::error& err) { refused = actors::from_caf_error(err); });
-  ASSERT_TRUE(refused.has_value())
-      << "the normal reserve, queued first, was read first and took the block";
-  EXPECT_EQ(refused->code, errc::busy) << refused->describe();
+  std::optional<actors::engine_stats> st;
+  queued.receive([&](actors::engine_stats& got) { st = got; },
+                 [&](caf::error& err) {
+                   FAIL() << actors::from_caf_error(err).describe();
+                 });
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->puts_expired, 1U)
+      << "the stats request, queued first, was read before the reserve";
+  auto lk = nd.lookup({critical.key});
+  ASSERT_TRUE(lk.has_value()) << lk.error().describe();
+  EXPECT_EQ(*lk, 0U) << "the late reserve took nothing";
 }
 
 /// disk_tier_per_engine(disk_config(dir)) whose every open first opens
