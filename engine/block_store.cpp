@@ -488,10 +488,14 @@ void block_store::set_pins(std::uint32_t id, std::uint32_t pins) noexcept {
   entry& e = entries_[id];
   if ((e.pins == 0) != (pins == 0)) {
     const std::size_t bytes = pool_.slot_bytes(e.slot.size_class);
-    if (pins > 0)
+    auto& in_part = pinned_by_partition_[static_cast<std::size_t>(e.part)];
+    if (pins > 0) {
       pinned_bytes_ += bytes;
-    else
+      in_part += bytes;
+    } else {
       pinned_bytes_ -= bytes;
+      in_part -= bytes;
+    }
   }
   e.pins = pins;
 }
@@ -1674,23 +1678,41 @@ block_store::token_put_could_fit(ns_id ns, std::size_t matched,
         tier_index_.count(token_keys_[i]) == 0)
       ++new_blocks;
   const std::uint64_t need = new_blocks * slot;
-  // What make_room could get for it at most: the free bytes, every block
-  // of its own partition, and what the other partitions hold over their
+  // What make_room could get for it at most: the free bytes, every
+  // unpinned block of its own partition but the put's own cached prefix
+  // (leased: it stays), and what the other partitions hold over their
   // shares (they give only while over, each a block past it at most), or
-  // with lowest_priority_first all they hold (a partition within its share
-  // may give its lower priorities). Demotion frees no more than eviction
-  // of the same blocks would. Free bytes in slots of other sizes count
-  // too, so this over-counts: a put it lets through can still fail.
+  // with lowest_priority_first all their unpinned blocks (a partition
+  // within its share may give its lower priorities). Demotion frees no
+  // more than eviction of the same blocks would. Free bytes in slots of
+  // other sizes count too, and so do the blocks that hold a pinned or
+  // leased block's chain, so this over-counts: a put it lets through can
+  // still fail. (Before, pinned blocks and the leased prefix counted as
+  // room, and each partition over its share a whole slab past it: a put
+  // with half its partition pinned evicted all the rest, then failed.)
   const size_partition part = partition_for(options.request_tokens);
   const auto cap = static_cast<double>(pool_.capacity_bytes());
+  std::size_t largest_slot = 0;
+  for (std::size_t cls = 0; cls < pool_.class_count(); ++cls)
+    largest_slot = std::max(largest_slot,
+                            pool_.slot_bytes(static_cast<std::uint16_t>(cls)));
   double room = cap - static_cast<double>(pool_.used_bytes());
+  std::array<bool, partition_count> all_of{};
   for (std::size_t q = 0; q < partition_count; ++q) {
     const auto held = static_cast<double>(stats_.bytes_by_partition[q]);
-    if (q == static_cast<std::size_t>(part) || config_.lowest_priority_first)
-      room += held;
+    all_of[q] =
+        q == static_cast<std::size_t>(part) || config_.lowest_priority_first;
+    if (all_of[q])
+      room += held - static_cast<double>(pinned_by_partition_[q]);
     else if (const double over = held - config_.partitions.shares[q] * cap;
              over > 0)
-      room += over + static_cast<double>(pool_.slab_bytes());
+      room += std::min(over + static_cast<double>(largest_slot),
+                       held - static_cast<double>(pinned_by_partition_[q]));
+  }
+  for (const read_lease& l : token_leases_) {
+    const entry& e = entries_[l.id_];
+    if (e.pins == 0 && all_of[static_cast<std::size_t>(e.part)])
+      room -= static_cast<double>(pool_.slot_bytes(e.slot.size_class));
   }
   if (static_cast<double>(need) <= room)
     return {};
@@ -1698,8 +1720,10 @@ block_store::token_put_could_fit(ns_id ns, std::size_t matched,
       errc::out_of_memory,
       "no room for the " + std::to_string(new_blocks) + " new blocks (" +
           std::to_string(need) + " bytes) of this put in the " +
-          std::string(to_string(part)) + " partition: its own blocks, the " +
-          "free bytes and the other partitions' bytes over their shares come " +
+          std::string(to_string(part)) +
+          " partition: its own unpinned blocks (its cached prefix aside), "
+          "the free bytes and the other partitions' bytes over their shares "
+          "come " +
           "to " + std::to_string(static_cast<std::uint64_t>(room)) +
           " bytes at most; nothing was evicted");
 }
@@ -3511,6 +3535,7 @@ void block_store::check_invariants() const {
   std::size_t live = 0;
   std::size_t used = 0;
   std::size_t pinned = 0;
+  std::array<std::size_t, partition_count> pinned_parts{};
   // Blocks the policies hold, by partition and priority.
   std::array<std::array<std::size_t, priority_count>, partition_count>
       flagged{};
@@ -3523,8 +3548,11 @@ void block_store::check_invariants() const {
     KVFLEET_CHECK(index_.find(e.key) == id,
                   "index does not point at its entry");
     used += pool_.slot_bytes(e.slot.size_class);
-    if (e.pins > 0)
+    if (e.pins > 0) {
       pinned += pool_.slot_bytes(e.slot.size_class);
+      pinned_parts[static_cast<std::size_t>(e.part)] +=
+          pool_.slot_bytes(e.slot.size_class);
+    }
     KVFLEET_CHECK(pool_.owner(e.slot) == id,
                   "the pool does not name a block's entry as its slot's owner");
     KVFLEET_CHECK(!e.parent_unknown || e.parent == npos,
@@ -3585,6 +3613,8 @@ void block_store::check_invariants() const {
   KVFLEET_CHECK(live == index_.size(), "index size mismatch");
   KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
   KVFLEET_CHECK(pinned == pinned_bytes_, "pinned bytes out of step");
+  KVFLEET_CHECK(pinned_parts == pinned_by_partition_,
+                "pinned bytes by partition out of step");
   KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec,
                 "codec bytes mismatch");
   KVFLEET_CHECK(sums.blocks_by_codec == stats_.blocks_by_codec,

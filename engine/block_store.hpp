@@ -453,12 +453,14 @@ public:
   /// block cannot be stored, none of this call's blocks is, and the cached
   /// prefix it matched is left as it was (priority, recency; no lookup is
   /// counted). A put whose new blocks need more than its size partition
-  /// could get at most (the free bytes, its own blocks, the others' bytes
-  /// over their shares, or with lowest_priority_first all the others
-  /// hold) is errc::out_of_memory at once, evicting nothing:
-  /// its blocks are all reserved before any commits, so it would evict,
-  /// then fail (one that passes this bound can still fail so, rarely: free
-  /// bytes in slots of another size count in it). Returns how many
+  /// could get at most (the free bytes, its own unpinned blocks but its
+  /// cached prefix, the others' bytes over their shares, or with
+  /// lowest_priority_first all the others' unpinned blocks) is
+  /// errc::out_of_memory at once, evicting nothing: its blocks are all
+  /// reserved before any commits, so it would evict, then fail (one that
+  /// passes this bound can still fail so, rarely: free bytes in slots of
+  /// another size count in it, and so do blocks a pinned block's chain
+  /// holds). Returns how many
   /// blocks were added (not those already cached, in the matched prefix or
   /// after it).
   [[nodiscard]] result<std::size_t>
@@ -1235,8 +1237,10 @@ private:
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
-  std::uint32_t nested_ = 0;              ///< see count_rejected()
-  std::size_t pinned_bytes_ = 0;          ///< see pinned_bytes()
+  std::uint32_t nested_ = 0;     ///< see count_rejected()
+  std::size_t pinned_bytes_ = 0; ///< see pinned_bytes()
+  /// pinned_bytes_ by size partition (token_put_could_fit's).
+  std::array<std::size_t, partition_count> pinned_by_partition_{};
   std::optional<std::size_t> pin_budget_; ///< see pin_budget_scope
   std::size_t pin_limit_bytes_ = 0;       ///< max_pinned_fraction of the arena
   store_stats stats_;

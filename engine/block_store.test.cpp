@@ -2150,6 +2150,75 @@ TEST_F(store_fixture, a_token_put_too_large_for_its_partition_evicts_nothing) {
 }
 
 TEST_F(store_fixture,
+       a_token_put_counts_neither_pins_nor_its_prefix_nor_a_slab_as_room) {
+  // The put_tokens bound counts only what making room could take. (Before,
+  // it counted the put's partition's pinned blocks, the put's own cached
+  // prefix, which it leases, and a whole slab past each partition over its
+  // share: each of these puts passed the bound, evicted what it could
+  // block by block, then failed, having flushed the blocks it evicted for
+  // nothing.)
+  const auto put_short = [&](std::uint32_t first, std::size_t n) {
+    std::vector<std::uint32_t> tokens(n * 16);
+    for (std::uint32_t i = 0; i < tokens.size(); ++i)
+      tokens[i] = first + i;
+    std::vector<std::byte> values(n * block_bytes, std::byte{3});
+    put_options o;
+    o.request_tokens = 100;
+    return store_->put_tokens(ns_, tokens, values, o);
+  };
+  const auto refused_evicting_nothing = [&](std::uint32_t first,
+                                            std::size_t n) {
+    const auto evictions = store_->stats().evictions;
+    const auto blocks = store_->block_count();
+    const auto r = put_short(first, n);
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, errc::out_of_memory);
+    EXPECT_NE(r.error().message.find("nothing was evicted"), std::string::npos)
+        << r.error().message;
+    EXPECT_EQ(store_->stats().evictions, evictions);
+    EXPECT_EQ(store_->block_count(), blocks);
+    store_->check_invariants();
+  };
+  put_options short_put;
+  short_put.request_tokens = 100;
+  {
+    SCOPED_TRACE("pinned");
+    open(100, policy_kind::lru, false, 1);
+    for (std::uint64_t i = 0; i < 58; ++i) {
+      const auto key = chain(1'000'000 + 10 * i, 1);
+      put_chain(key, short_put);
+      if (i < 30)
+        ASSERT_TRUE(store_->pin(ns_, key[0]).has_value());
+    }
+    // Room: 42 free, 28 unpinned: 70 at most, not 100.
+    refused_evicting_nothing(5000, 75);
+  }
+  {
+    SCOPED_TRACE("leased prefix");
+    open(100, policy_kind::lru, false, 1);
+    auto first = put_short(5000, 40);
+    ASSERT_TRUE(first.has_value()) << first.error().describe();
+    for (std::uint64_t i = 0; i < 28; ++i)
+      put_chain(chain(1'000'000 + 10 * i, 1), short_put);
+    // 65 new blocks after its 40 cached: room is 32 free and 28 others.
+    refused_evicting_nothing(5000, 105);
+  }
+  {
+    SCOPED_TRACE("slab past the share");
+    open(100, policy_kind::lru, false, 10);
+    for (std::uint64_t i = 0; i < 20; ++i)
+      put_chain(chain(1'000'000 + 10 * i, 1), short_put);
+    put_options long_put;
+    long_put.request_tokens = 10000;
+    for (std::uint64_t i = 0; i < 50; ++i)
+      put_chain(chain(3'000'000 + 10 * i, 1), long_put);
+    // Room: 30 free, 20 short, the long partition's 10 over its share of
+    // 40 and a block past it: 61, not 70.
+    refused_evicting_nothing(5000, 68);
+  }
+}
+
+TEST_F(store_fixture,
        a_token_put_that_fits_with_room_from_other_partitions_is_stored) {
   // What the put_tokens bound counts besides its own partition: another
   // partition's bytes over its share (long: 70 blocks, its share 40), and
