@@ -1373,9 +1373,11 @@ result<void> block_store::commit(put_handle& h) {
       d.expires_at = h.expires_at_;
       refresh_evictable(h.id_);
       match_disk_copy_expiry(h.id_);
+      note_expiry(h.id_);
     } else if (h.sets_expiry_) {
       d.expires_at = h.expires_at_;
       match_disk_copy_expiry(h.id_);
+      note_expiry(h.id_);
     } else if (d.dead) {
       // A promotion of a block dead in memory: it stays dead, and letting
       // go of the hold may remove it, so nothing below may touch it.
@@ -1400,6 +1402,7 @@ result<void> block_store::commit(put_handle& h) {
   if (own_pin && held == 0 && pin_log_ != nullptr)
     pin_log_->emplace_back(id, e.generation);
   account(e, true);
+  note_expiry(id);
   ++tick_;
   access_info info;
   info.tick = tick_;
@@ -1647,6 +1650,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   for (const read_lease& l : token_leases_) {
     entries_[l.id_].expires_at = expires;
     match_disk_copy_expiry(l.id_); // as a duplicate put's commit does
+    note_expiry(l.id_);
     if (opts.pin)
       pin_once(l.id_); // its share was taken before the commits
   }
@@ -2150,7 +2154,8 @@ std::size_t block_store::expire() {
 
 std::size_t block_store::evict_bytes(std::size_t bytes) {
   collect_disk();
-  std::size_t freed = 0;
+  std::size_t freed = reclaim_expired(); // before any live block
+
   while (freed < bytes) {
     const std::uint32_t id = lowest_priority_victim();
     if (id == npos)
@@ -2256,6 +2261,12 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
     if (!over_high(need) && pool_.can_allocate(cls))
       return {};
   }
+  // Blocks whose TTL ran out go before any live block is evicted or
+  // compressed. (Before, only the policy's victims and the demotion scan's
+  // candidates were checked: blocks read often just before they expired
+  // kept their slots until the next expire() while live blocks went.)
+  if (reclaim_expired() > 0 && !over_high(need) && pool_.can_allocate(cls))
+    return {};
   // With no slot of this size free, none may come free however much goes:
   // fail now, before evicting what would not make room. Working that out
   // takes scratch memory (marks over every entry): without it (bad_alloc
@@ -2660,6 +2671,45 @@ void block_store::set_flagged(std::uint32_t id, bool flagged) {
   entry& e = entries_[id];
   policies_[static_cast<std::size_t>(e.part)]->set_evictable(id, flagged);
   e.flagged_evictable = flagged;
+}
+
+void block_store::note_expiry(std::uint32_t id) {
+  const entry& e = entries_[id];
+  if (e.expires_at == 0 || e.state != entry_state::committed || e.dead)
+    return;
+  const auto stale = [this](const expiry_mark& m) {
+    const entry& x = entries_[m.id];
+    return x.generation != m.generation || x.state != entry_state::committed ||
+           x.dead || x.expires_at != m.at;
+  };
+  // Renewed expiries (a block put again) leave marks behind: once they
+  // outnumber the blocks, drop them, so the heap stays within twice the
+  // blocks with a TTL and a renewal costs O(log n) amortized.
+  if (expiry_heap_.size() >= 64 && expiry_heap_.size() >= 2 * index_.size()) {
+    std::erase_if(expiry_heap_, stale);
+    std::make_heap(expiry_heap_.begin(), expiry_heap_.end(), std::greater<>{});
+  }
+  expiry_heap_.push_back(expiry_mark{e.expires_at, id, e.generation});
+  std::push_heap(expiry_heap_.begin(), expiry_heap_.end(), std::greater<>{});
+}
+
+std::size_t block_store::reclaim_expired() {
+  if (expiry_heap_.empty())
+    return 0;
+  const std::int64_t t = now().count();
+  const std::size_t before = pool_.used_bytes();
+  while (!expiry_heap_.empty() && expired_by(expiry_heap_.front().at, t)) {
+    const expiry_mark m = expiry_heap_.front();
+    std::pop_heap(expiry_heap_.begin(), expiry_heap_.end(), std::greater<>{});
+    expiry_heap_.pop_back();
+    const entry& e = entries_[m.id];
+    if (e.generation != m.generation || e.state != entry_state::committed ||
+        e.dead || e.expires_at != m.at)
+      continue; // gone, dead already, or put again with a later expiry
+    ++stats_.expirations;
+    kill(m.id);
+  }
+  return before - pool_.used_bytes();
 }
 
 void block_store::kill(std::uint32_t id) {

@@ -662,9 +662,13 @@ public:
 
   /// Evicts expired blocks now (lookups also skip them lazily). Returns how
   /// many expired: removed, or, when a reader or a cached child holds one,
-  /// dead (never served again) and removed once released.
+  /// dead (never served again) and removed once released. Walks every
+  /// block. Making room (a put that needs it, evict_bytes) also takes the
+  /// expired blocks first, from a heap of expiries, before it evicts or
+  /// compresses any live block.
   std::size_t expire();
   /// Evicts evictable blocks until `bytes` are freed or none is left:
+  /// first every block whose TTL has run out, then
   /// the lowest request priority first, whatever the policy (so under
   /// memory pressure a prefetch's or warm-up's blocks go before a normal
   /// request's), and within a priority in the policy's order, from the
@@ -974,6 +978,14 @@ private:
   /// it frees are always announced.
   void remove(std::uint32_t id, bool announce = true);
   void kill(std::uint32_t id);
+  /// Notes committed block `id`'s expiry (none: nothing) in
+  /// expiry_heap_, for reclaim_expired().
+  void note_expiry(std::uint32_t id);
+  /// Kills every block whose TTL has run out, soonest first, as expire()
+  /// does, by expiry_heap_ (no walk of the store); returns the bytes that
+  /// freed (a block still held only turns dead). make_room() and
+  /// evict_bytes() call it before they evict or demote a live block.
+  std::size_t reclaim_expired();
   /// Writes block `id` to the disk tier unless it is there already
   /// (`rewrite`: even then).
   bool spill(std::uint32_t id, bool pinned, bool rewrite = false);
@@ -1239,6 +1251,17 @@ private:
   std::uint64_t tick_ = 0;
   std::uint32_t nested_ = 0;     ///< see count_rejected()
   std::size_t pinned_bytes_ = 0; ///< see pinned_bytes()
+  /// A committed block's expiry as noted (note_expiry): stale once the
+  /// block is gone (its generation moved on), dead, or has another expiry.
+  struct expiry_mark {
+    std::int64_t at;
+    std::uint32_t id;
+    std::uint32_t generation;
+    bool operator>(const expiry_mark& o) const noexcept { return at > o.at; }
+  };
+  /// Min-heap of expiry marks, soonest on top; rebuilt without its stale
+  /// marks when they outnumber the blocks.
+  std::vector<expiry_mark> expiry_heap_;
   /// pinned_bytes_ by size partition (token_put_could_fit's).
   std::array<std::size_t, partition_count> pinned_by_partition_{};
   std::optional<std::size_t> pin_budget_; ///< see pin_budget_scope

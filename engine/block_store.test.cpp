@@ -2791,6 +2791,60 @@ TEST_F(store_fixture, pressure_removes_expired_blocks_before_demoting_any) {
   EXPECT_EQ(store_->block_count(), 32U);
 }
 
+TEST_F(store_fixture, room_is_taken_from_expired_blocks_read_often_first) {
+  // 40 live blocks, then 45 with a TTL (25 of 1 s, 20 of 3 s), each read
+  // 12 times: the hottest
+  // blocks in every policy, and with compression the last the demotion
+  // scan reaches. Their TTL runs out; puts that need room take it from
+  // them, not from live blocks, evicting or compressing nothing live, and
+  // so does evict_bytes. (Before, only the policy's victims and the
+  // demotion scan's candidates were checked for expiry: the live blocks
+  // were evicted or compressed while the expired ones kept their slots.)
+  for (const auto policy :
+       {policy_kind::lru, policy_kind::lfu, policy_kind::adaptive}) {
+    for (const bool compression : {false, true}) {
+      SCOPED_TRACE(std::string(to_string(policy)) +
+                   (compression ? " compression" : ""));
+      open(100, policy, compression, 1);
+      put_options soon;
+      soon.ttl = 1s;
+      put_options later;
+      later.ttl = 3s;
+      std::vector<block_key> live;
+      for (std::uint64_t i = 0; i < 85; ++i) {
+        const auto k = chain(10 * (i + 1), 1)[0];
+        const put_options o = i < 40 ? put_options{} : i < 65 ? soon : later;
+        ASSERT_TRUE(put(k, {}, o).has_value());
+        if (i < 40)
+          live.push_back(k);
+        else
+          for (int r = 0; r < 12; ++r)
+            ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+      }
+      clock_.advance(2s);
+      for (std::uint64_t i = 0; i < 10; ++i)
+        ASSERT_TRUE(put(chain(5000 + 10 * i, 1)[0], {}).has_value());
+      store_->check_invariants();
+      EXPECT_EQ(store_->stats().expirations, 25U);
+      EXPECT_EQ(store_->stats().evictions, 0U);
+      EXPECT_EQ(store_->stats().demotions, 0U);
+      for (const auto& k : live) {
+        ASSERT_TRUE(store_->contains(ns_, k));
+        EXPECT_EQ(*store_->codec_of(ns_, k), codec::none);
+      }
+      // evict_bytes takes the 20 others once they expire, before any live
+      // block.
+      ASSERT_EQ(store_->block_count(), 70U);
+      clock_.advance(2s);
+      EXPECT_EQ(store_->evict_bytes(20 * block_bytes), 20 * block_bytes);
+      EXPECT_EQ(store_->stats().expirations, 45U);
+      EXPECT_EQ(store_->stats().evictions, 0U);
+      EXPECT_EQ(store_->block_count(), 50U);
+      store_->check_invariants();
+    }
+  }
+}
+
 TEST_F(store_fixture, a_corrupt_parent_found_by_demotion_can_be_put_again) {
   open(40, policy_kind::lru, /*compression=*/true, 1);
   // The oldest blocks are a chain whose first block is damaged; the
