@@ -462,9 +462,12 @@ error redis_query_store::failed(engine::nanos now, error e) {
 }
 
 error redis_query_store::command_failed(engine::nanos now,
-                                        std::string_view command) {
+                                        std::string_view command,
+                                        std::string_view said) {
   error e{errc::backend_error, where(endpoint_) + ": " + std::string(command) +
                                    " failed: " + ctx_->errstr};
+  if (!said.empty())
+    e.message += " (Redis said: " + std::string(said) + ")";
   if (ctx_->err != REDIS_ERR_EOF)
     return failed(now, std::move(e));
   // A server that closes a new connection before answering anything
@@ -493,7 +496,8 @@ bool redis_query_store::closed_while_idle() const noexcept {
 
 result<void>
 redis_query_store::run_reconnecting(engine::nanos now, std::string_view command,
-                                    const std::function<bool()>& attempt) {
+                                    const std::function<bool()>& attempt,
+                                    const std::string* said) {
   for (bool first = true;; first = false) {
     const auto connects = connects_;
     if (auto c = ensure_connected(now); !c)
@@ -501,7 +505,9 @@ redis_query_store::run_reconnecting(engine::nanos now, std::string_view command,
     if (attempt())
       return {};
     const bool again = first && connects_ == connects && closed_while_idle();
-    auto e = command_failed(now, command);
+    auto e = command_failed(now, command,
+                            said != nullptr ? std::string_view{*said}
+                                            : std::string_view{});
     if (!again)
       return unexpected<error>{std::move(e)};
   }
@@ -641,14 +647,25 @@ redis_query_store::get(const std::string& key, engine::nanos now) {
   // A first attempt cut off after some of its replies leaves them in
   // `replies`: the retry reads its own two, not one (one would stay unread
   // on the new connection, and every later command would read the one
-  // before).
-  if (auto ok = run_reconnecting(now, "GETRANGE/EXISTS",
-                                 [&] {
-                                   replies.clear();
-                                   return run_pipeline(ctx_, commands,
-                                                       config_.command_timeout,
-                                                       replies);
-                                 });
+  // before). An error reply read before the cut (Redis over maxclients
+  // answers one, then closes) is what the failure quotes: before, it said
+  // only that the server closed the connection.
+  std::string said;
+  if (auto ok = run_reconnecting(
+          now, "GETRANGE/EXISTS",
+          [&] {
+            replies.clear();
+            said.clear();
+            if (run_pipeline(ctx_, commands, config_.command_timeout, replies))
+              return true;
+            for (const reply_ptr& r : replies)
+              if (r->type == REDIS_REPLY_ERROR) {
+                said.assign(r->str, r->len);
+                break;
+              }
+            return false;
+          },
+          &said);
       !ok)
     return unexpected<error>{ok.error()};
   const redisReply& range = *replies[0];

@@ -198,9 +198,13 @@ private:
   /// a connection that had answered a command (EOF), which drops it
   /// without a backoff. A server that closes new connections before
   /// answering anything (maxclients, protected mode, a proxy without a
-  /// backend) is backed off from like one that refuses them.
+  /// backend) is backed off from like one that refuses them. `said`: the
+  /// text of an error reply that came before the connection failed (Redis
+  /// over maxclients or in protected mode answers one, then closes), which
+  /// the message quotes.
   [[nodiscard]] error command_failed(engine::nanos now,
-                                     std::string_view command);
+                                     std::string_view command,
+                                     std::string_view said = {});
   /// The command that just got no answer found the connection closed by
   /// the server after it had answered (EOF): get and set then connect
   /// again and retry it once, in the same call, when this call did not
@@ -210,10 +214,12 @@ private:
   /// connection and says whether all its replies came; once more on a new
   /// connection when the server had closed this one while idle
   /// (closed_while_idle) and this call did not make it. Errors:
-  /// ensure_connected's, or command_failed's for `command`.
+  /// ensure_connected's, or command_failed's for `command`, quoting
+  /// `*said` (an error reply `attempt` read before it failed) when given.
   [[nodiscard]] result<void>
   run_reconnecting(engine::nanos now, std::string_view command,
-                   const std::function<bool()>& attempt);
+                   const std::function<bool()>& attempt,
+                   const std::string* said = nullptr);
 
   redis_query_store_config config_;
   redis_endpoint endpoint_;

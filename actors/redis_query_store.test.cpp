@@ -898,6 +898,27 @@ TEST(RedisQueryStoreClosed, AServerClosingNewConnectionsUnansweredIsBackedOff) {
   EXPECT_EQ((*store)->connects(), 2U);
 }
 
+TEST(RedisQueryStoreClosed, AnErrorReplyBeforeTheCloseIsQuoted) {
+  // Redis over maxclients answers the first command with an error, then
+  // closes: a get's pipeline reads that error for GETRANGE and the close
+  // for EXISTS. The failure quotes the error. (Before, it said only that
+  // the server closed the connection before answering, and an operator
+  // looked at the network.)
+  scripted_server server("-ERR max number of clients reached\r\n");
+  ASSERT_NE(server.port(), 0);
+  redis_query_store_config c;
+  c.url = "redis://127.0.0.1:" + std::to_string(server.port());
+  auto store = redis_query_store::open(c);
+  ASSERT_TRUE(store.has_value()) << store.error().describe();
+  auto got = (*store)->get("k", t0);
+  ASSERT_FALSE(got.has_value());
+  EXPECT_EQ(got.error().code, errc::backend_error);
+  EXPECT_NE(got.error().message.find(
+                "(Redis said: ERR max number of clients reached)"),
+            std::string::npos)
+      << got.error().message;
+}
+
 TEST(RedisQueryStoreClosed, ARetryAfterAReplyCutOffReadsItsOwnReplies) {
   // The first connection answers a get, then only the GETRANGE reply of
   // the next get's pipeline, and closes. The get retries on a new
