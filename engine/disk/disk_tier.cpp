@@ -243,6 +243,7 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                    static_cast<unsigned long long>(config.segment_bytes));
   }
 
+  std::string open_full; ///< why the file system counts as full, if it does
   struct stat st {};
   if (::stat(dir.c_str(), &st) != 0) {
     const int e = errno;
@@ -275,23 +276,25 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
     const int e = errno;
     ::close(fd);
     ::unlink(probe.c_str());
-    if (w != 1)
-      return make_error(is_full_errno(e) ? errc::out_of_memory : errc::io_error,
+    if (w != 1 && !is_full_errno(e))
+      return make_error(errc::io_error,
                         "disk tier directory " + dir + " cannot be written (" +
                             errno_text(e) +
-                            "): free space or choose another directory");
+                            "): fix the cause or choose another directory");
+    if (w != 1)
+      open_full = "no space left for a 1-byte file";
   }
+  // A file system with less than min_free_bytes free opens in the full
+  // state (spills refused, reads served, spills accepted again once
+  // min_free_bytes are free), as the tier would be had it stayed up. The
+  // write path fills the file system until ENOSPC, so refusing to open
+  // here kept a node whose disk filled from starting again at all.
   struct statvfs vfs {};
-  if (::statvfs(dir.c_str(), &vfs) == 0) {
+  if (open_full.empty() && ::statvfs(dir.c_str(), &vfs) == 0) {
     const std::uint64_t avail = static_cast<std::uint64_t>(vfs.f_bavail) *
                                 static_cast<std::uint64_t>(vfs.f_frsize);
     if (avail < config.min_free_bytes)
-      return make_error(
-          errc::out_of_memory,
-          "disk tier directory " + dir + " is full: " + std::to_string(avail) +
-              " bytes free, at least " + std::to_string(config.min_free_bytes) +
-              " needed (disk_tier_config::min_free_bytes): free "
-              "space or choose another directory");
+      open_full = std::to_string(avail) + " bytes free";
   }
   const std::string lock_path = dir + "/LOCK";
   const int lock_fd =
@@ -315,13 +318,42 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   }
   std::unique_ptr<disk_tier> tier(new disk_tier(std::move(config)));
   tier->lock_fd_ = lock_fd;
+  const std::uint64_t min_free = tier->config_.min_free_bytes;
+  // Opening a full tier still needs the catalog opened and recovered: if
+  // that fails for lack of space, the error says the file system is full.
+  const auto full_error = [&](const error& e) {
+    if (open_full.empty())
+      return e;
+    return error{e.code, e.message + " (the file system of " + dir +
+                             " is full: " + open_full + ", min_free_bytes is " +
+                             std::to_string(min_free) +
+                             "; free space or choose another directory)"};
+  };
+  if (!open_full.empty()) {
+    // Set before recover(), which schedules the retry passes that look at
+    // the free space again.
+    std::lock_guard lk(tier->mu_);
+    tier->full_ = true;
+    tier->logged_full_ = true;
+  }
   auto cat = catalog::open(dir + "/catalog.sqlite", tier->config_.full_sync,
                            tier->config_.catalog_fault_for_testing);
   if (!cat)
-    return unexpected<error>(cat.error());
+    return unexpected<error>(full_error(cat.error()));
   tier->catalog_ = std::move(*cat);
   if (auto r = tier->recover(); !r)
-    return unexpected<error>(r.error());
+    return unexpected<error>(full_error(r.error()));
+  if (!open_full.empty())
+    std::fprintf(stderr,
+                 "kvfleet: disk tier %s: the file system is full at open "
+                 "(%s, min_free_bytes is %llu); refusing spills, serving "
+                 "reads of the %zu blocks stored. Free space in the "
+                 "directory: spills are accepted again once %llu bytes are "
+                 "free (looked at again on the retry schedule), or lower "
+                 "disk capacity_bytes.\n",
+                 dir.c_str(), open_full.c_str(),
+                 static_cast<unsigned long long>(min_free), tier->index_.size(),
+                 static_cast<unsigned long long>(min_free));
   {
     std::lock_guard lk(tier->mu_);
     tier->publish_locked();

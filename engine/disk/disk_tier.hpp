@@ -145,11 +145,14 @@ struct disk_tier_config {
   /// transaction refuses its spills and compactions (errc::io_error), whose
   /// rows would otherwise commit before their bytes are synced.
   bool full_sync = false;
-  /// open() fails when the file system has less space free than this; a
-  /// tier that found the file system full accepts spills again once this
-  /// much is free on top of the bytes of the write that failed (checked on
-  /// the retry schedule, see Failures above): a block larger than this
-  /// would otherwise be let in again, and fail again, at every look.
+  /// A file system with less space free than this at open() (a tier that
+  /// filled it before a restart, say) opens the tier full: spills refused,
+  /// reads served. A tier that found the file system full accepts spills
+  /// again once this much is free on top of the bytes of the write that
+  /// failed (0 for a tier opened full; checked on the retry schedule, see
+  /// Failures above): a block larger than this would otherwise be let in
+  /// again, and fail again, at every look. Not a reserve the tier keeps
+  /// while it writes: spills fill the file system until a write fails.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
   /// Largest block accepted.
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
@@ -325,11 +328,13 @@ public:
   /// catalog is reopened, torn segment tails are cut off, rows whose bytes
   /// are gone are dropped (all counted in stats()); segments left below
   /// compaction_threshold are compacted by the first batch or a retry pass
-  /// retry_interval later. Errors name the directory and what to do: it is
-  /// missing, not a directory, cannot be accessed or listed, not writable,
-  /// full (errc::out_of_memory), locked by another tier in this process or
-  /// another (errc::busy), its LOCK file, a segment or the catalog cannot
-  /// be opened, the catalog is read-only to this user, or
+  /// retry_interval later. A file system with less than min_free_bytes
+  /// free opens the tier full (stats().full: spills refused until space
+  /// comes back, reads served), logged once. Errors name the directory and what
+  /// to do: it is missing, not a directory, cannot be accessed or listed, not
+  /// writable, locked by another tier in this process or another (errc::busy),
+  /// its LOCK file, a segment or the catalog cannot be opened, the catalog is
+  /// read-only to this user, or
   /// holds a catalog of another format version, or a version 1 or 2
   /// catalog that could not be upgraded (it says why: errc::out_of_memory
   /// when the file system is full; see catalog::open).

@@ -1646,14 +1646,46 @@ TEST_F(disk_tier_test, an_unwritable_directory_is_a_clear_error) {
   EXPECT_NE(t.error().message.find("not writable"), std::string::npos);
 }
 
-TEST_F(disk_tier_test, a_full_directory_is_a_clear_error) {
+// The write path fills the file system until ENOSPC, so a node whose disk
+// filled restarts with less than min_free_bytes free. Before, open refused
+// such a directory ("is full"), and the engine could not start. It opens
+// full: spills refused, reads served, spills accepted again once
+// min_free_bytes are free.
+TEST_F(disk_tier_test, a_full_directory_opens_refusing_spills_serving_reads) {
   auto c = config();
+  open(c);
+  spill(0);
+  spill(1);
+  settle();
+  tier_.reset();
+  auto watch = retry_watch::fast(c);
+  // More than any file system has: statvfs finds the directory full.
   c.min_free_bytes = std::uint64_t{1} << 62;
-  auto t = disk_tier::open(c);
-  ASSERT_FALSE(t.has_value());
-  EXPECT_EQ(t.error().code, errc::out_of_memory);
-  EXPECT_NE(t.error().message.find(dir_), std::string::npos);
-  EXPECT_NE(t.error().message.find("is full"), std::string::npos);
+  auto free_bytes = std::make_shared<std::atomic<std::uint64_t>>(0);
+  c.free_bytes_for_testing = [free_bytes] { return free_bytes->load(); };
+  stderr_log err;
+  open(c);
+  ASSERT_TRUE(tier_) << "a full directory was refused";
+  EXPECT_TRUE(tier_->stats().full);
+  const auto bytes = block_bytes(2, 4096);
+  const auto refused =
+      tier_->spill(key_of(2), ns_a, codec::int8, bytes, block_checksum(bytes),
+                   clock_.now(), nanos{0}, false);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, errc::out_of_memory);
+  expect_block(0);
+  expect_block(1);
+  ASSERT_TRUE(watch->failed(1)) << "a full tier never looked again";
+  EXPECT_TRUE(tier_->stats().full);
+  free_bytes->store(c.min_free_bytes);
+  EXPECT_TRUE(watch->converged()) << "spills stay refused though space came";
+  EXPECT_FALSE(tier_->stats().full);
+  spill(2);
+  settle();
+  expect_block(2);
+  const std::string log = err.log();
+  EXPECT_EQ(occurrences(log, "the file system is full at open"), 1U) << log;
+  EXPECT_NE(log.find(dir_), std::string::npos) << log;
 }
 
 TEST_F(disk_tier_test, a_relative_directory_starting_with_file_is_no_uri) {
