@@ -1855,7 +1855,12 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
     if (h.error().code == errc::checksum_mismatch) {
       remove_block(r.key, removal::corrupt);
     } else {
+      // An I/O error (a bad sector, a segment cut short under the
+      // mapping): the record is lost as surely as a damaged one. Before,
+      // the block stayed, failing every read of it, and its segment was
+      // never compacted again.
       ++io_stats_.io_errors;
+      remove_block(r.key, removal::unreadable);
     }
     c.status = unexpected<error>(h.error());
     return;
@@ -2217,11 +2222,16 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
     }
     auto h = it->second.file.read(loc.offset, key, buf);
     if (!h) {
-      if (h.error().code != errc::checksum_mismatch) {
+      // A record that cannot be read is dropped like a damaged one, and
+      // the compaction goes on. Before, an I/O error stopped it, and every
+      // retry stopped at the same record: the segment kept its dead bytes
+      // for good.
+      if (h.error().code == errc::checksum_mismatch) {
+        remove_block(key, removal::corrupt);
+      } else {
         ++io_stats_.io_errors;
-        return unexpected<error>(h.error());
+        remove_block(key, removal::unreadable);
       }
-      remove_block(key, removal::corrupt);
       continue;
     }
     int err_no = 0;
@@ -2336,13 +2346,16 @@ void disk_tier::remove_block(const block_key& key, removal why) {
   case removal::corrupt:
     ++io_stats_.checksum_failures;
     break;
+  case removal::unreadable:
+    ++io_stats_.unreadable_dropped;
+    break;
   case removal::erase:
   case removal::replace:
   case removal::reconcile:
     break;
   }
   if (why == removal::evict || why == removal::expire ||
-      why == removal::corrupt) {
+      why == removal::corrupt || why == removal::unreadable) {
     std::lock_guard lk(mu_);
     const auto d = dir_.find(key);
     if (d != dir_.end() && d->second.gen == loc.gen)

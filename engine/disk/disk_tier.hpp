@@ -296,6 +296,9 @@ struct disk_tier_stats {
   std::uint64_t fetch_hits = 0;
   std::uint64_t fetch_misses = 0;
   std::uint64_t checksum_failures = 0; ///< blocks dropped for bad bytes
+  /// Blocks dropped because their record could not be read (an I/O error,
+  /// a segment cut short), by a fetch or a compaction.
+  std::uint64_t unreadable_dropped = 0;
   // Recovery (at open).
   std::uint64_t recovered_blocks = 0;
   std::uint64_t torn_tails_dropped = 0; ///< segments cut back to their last
@@ -519,6 +522,7 @@ private:
     evict,
     expire,
     corrupt,
+    unreadable,
     replace,
     reconcile
   };

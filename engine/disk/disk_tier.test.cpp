@@ -2120,6 +2120,54 @@ INSTANTIATE_TEST_SUITE_P(versions, disk_tier_failed_upgrade_test,
                            return "version_" + std::to_string(i.param);
                          });
 
+// A record that cannot be read (an I/O error; here the segment was cut
+// short under the tier's mapping, which reads as SIGBUS) is lost: the
+// block is dropped and counted, and compaction drops it and goes on.
+// Before, only a checksum failure dropped a block: the unreadable one
+// stayed, failing every fetch, and its segment was never compacted.
+TEST_F(disk_tier_test, an_unreadable_record_is_dropped_and_compacted_away) {
+  open(config_with_segments_of(8));
+  for (std::uint64_t i = 0; i < 6; ++i)
+    spill(i);
+  settle();
+  expect_block(0); // the segment is mapped
+  const auto segs = segment_files();
+  ASSERT_EQ(segs.size(), 1U);
+  // Block 4 loses its end, block 5 all of it.
+  ASSERT_EQ(
+      ::truncate(segs[0].c_str(),
+                 static_cast<off_t>(segment_header_bytes + 4 * rec + 100)),
+      0);
+  auto c = fetch(5);
+  ASSERT_FALSE(c.status.has_value());
+  EXPECT_EQ(c.status.error().code, errc::io_error);
+  EXPECT_FALSE(tier_->contains(key_of(5))) << "an unreadable block stayed";
+  EXPECT_EQ(tier_->stats().unreadable_dropped, 1U);
+  EXPECT_EQ(tier_->stats().checksum_failures, 0U);
+  c = fetch(5);
+  ASSERT_FALSE(c.status.has_value());
+  EXPECT_EQ(c.status.error().code, errc::not_found);
+  // Blocks 0-3 leave: the segment is compacted, and block 4 with its bytes
+  // cut short cannot be copied.
+  for (std::uint64_t i = 0; i < 4; ++i)
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  const auto id = tier_->compact();
+  for (const auto& d : settle_expecting({id}))
+    if (d.id == id) {
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    }
+  EXPECT_FALSE(tier_->contains(key_of(4)));
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.unreadable_dropped, 2U);
+  EXPECT_EQ(s.blocks, 0U);
+  EXPECT_EQ(s.segments, 0U) << "the segment of an unreadable record stayed";
+  EXPECT_TRUE(segment_files().empty());
+  spill(6);
+  settle();
+  expect_block(6);
+}
+
 TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {
   std::ofstream(dir_ + "/catalog.sqlite") << std::string(4096, 'z');
   auto t = disk_tier::open(config());
