@@ -596,9 +596,24 @@ template <class Fn> int rows(sqlite3_stmt* s, Fn&& fn) {
 result<void>
 catalog::for_each(const std::function<void(const catalog_entry&)>& fn) {
   use u(impl_->all);
-  KVFLEET_SQL_ROWS(
-      *u, [&](sqlite3_stmt* s) { fn(read_row(s)); }, "scan");
-  return {};
+  const int rc = rows(*u, [&](sqlite3_stmt* s) { fn(read_row(s)); });
+  if (rc == SQLITE_OK)
+    return {};
+  // A damaged file (a page overwritten, cut short) fails the scan of the
+  // open: say so and how to start over. Before, the open said "database
+  // disk image is malformed" and nothing else.
+  if ((rc & 0xff) == SQLITE_CORRUPT || (rc & 0xff) == SQLITE_NOTADB) {
+    const auto slash = path_.find_last_of('/');
+    const std::string dir =
+        slash == std::string::npos ? "." : path_.substr(0, slash);
+    return make_error(
+        errc::parse_error,
+        db_error(impl_->db, path_, "scan") +
+            "; the catalog is damaged: move the directory " + dir +
+            " aside (or delete it) to start an empty disk tier, whose "
+            "blocks are then recomputed");
+  }
+  return KVFLEET_SQL_ERROR("scan");
 }
 
 result<std::vector<catalog_entry>>

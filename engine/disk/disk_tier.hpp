@@ -337,7 +337,7 @@ public:
   /// to do: it is missing, not a directory, cannot be accessed or listed, not
   /// writable, locked by another tier in this process or another (errc::busy),
   /// its LOCK file, a segment or the catalog cannot be opened, the catalog is
-  /// read-only to this user, or
+  /// read-only to this user or damaged (errc::parse_error), or
   /// holds a catalog of another format version, or a version 1 or 2
   /// catalog that could not be upgraded (it says why: errc::out_of_memory
   /// when the file system is full; see catalog::open).

@@ -2175,6 +2175,42 @@ TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {
   EXPECT_NE(t.error().message.find("catalog.sqlite"), std::string::npos);
 }
 
+// A catalog page damaged on disk: SQLite says "database disk image is
+// malformed" when the open scans the rows. Before, that was all the open
+// said; it names the catalog and says how to start over.
+TEST_F(disk_tier_test, a_damaged_catalog_says_what_to_do) {
+  open(config());
+  for (std::uint64_t i = 0; i < 2000; ++i)
+    spill(i, 64);
+  settle();
+  tier_.reset();
+  const std::string path = dir_ + "/catalog.sqlite";
+  {
+    catalog_peer peer(path);
+    ASSERT_TRUE(peer.exec("PRAGMA wal_checkpoint(TRUNCATE)"));
+  }
+  // Junk over the second half of the file (pages of rows among them),
+  // leaving the schema on the first pages readable.
+  const auto size = fs::file_size(path);
+  ASSERT_GT(size, 16U * 4096U);
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(size / 2 / 4096 * 4096));
+    const std::string junk(size - size / 2 / 4096 * 4096, '\x55');
+    f.write(junk.data(), static_cast<std::streamsize>(junk.size()));
+  }
+  auto t = disk_tier::open(config());
+  ASSERT_FALSE(t.has_value());
+  EXPECT_EQ(t.error().code, errc::parse_error) << t.error().describe();
+  EXPECT_NE(t.error().message.find(path), std::string::npos)
+      << t.error().describe();
+  EXPECT_NE(t.error().message.find("damaged"), std::string::npos)
+      << t.error().describe();
+  EXPECT_NE(t.error().message.find("move the directory " + dir_ + " aside"),
+            std::string::npos)
+      << t.error().describe();
+}
+
 TEST_F(disk_tier_test, a_directory_in_use_is_refused) {
   open(config());
   auto t = disk_tier::open(config());
