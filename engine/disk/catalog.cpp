@@ -502,6 +502,10 @@ bool catalog::in_transaction() const noexcept {
   return sqlite3_get_autocommit(impl_->db) == 0;
 }
 
+std::uint64_t catalog::changes() const noexcept {
+  return static_cast<std::uint64_t>(sqlite3_total_changes64(impl_->db));
+}
+
 result<void> catalog::upsert(const catalog_entry& e) {
   use u(impl_->upsert);
   sqlite3_stmt* s = *u;

@@ -121,6 +121,10 @@ public:
   /// rollback() nor SQLite itself (it rolls back on some errors, e.g.
   /// SQLITE_FULL) has ended it.
   [[nodiscard]] bool in_transaction() const noexcept;
+  /// Rows inserted, updated or deleted on this connection since it opened
+  /// (SQLite's total changes; a rollback does not take them back), so that
+  /// a caller can tell which statements of a transaction changed rows.
+  [[nodiscard]] std::uint64_t changes() const noexcept;
 
   /// Inserts a row, or replaces every column of the row with the same key.
   [[nodiscard]] result<void> upsert(const catalog_entry& e);

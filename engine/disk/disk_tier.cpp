@@ -1355,6 +1355,8 @@ void disk_tier::process(std::vector<request>& batch,
   // full_sync spills and compactions do not (may_write_rows()).
   auto began = catalog_->begin();
   const bool in_txn = began.has_value();
+  changes_at_begin_ = catalog_->changes();
+  touch_changes_ = 0;
   no_txn_reason_.clear();
   if (!in_txn) {
     ++io_stats_.io_errors;
@@ -1481,6 +1483,46 @@ void disk_tier::process(std::vector<request>& batch,
                             : result<void>{};
   if (!batch.empty())
     ++io_stats_.batches;
+  // A batch whose only rows were accessed_at updates (a batch of reads
+  // after a touch flush failed, say) loses nothing else when its commit
+  // fails: the in-memory state is what the catalog holds once they are
+  // rolled back. Before, such a batch reloaded the whole catalog, and on a
+  // full file system every later batch of reads retried the updates,
+  // failed its commit, logged a line and reloaded again.
+  const bool touches_only =
+      !committed && synced && in_txn && batch_spill_gens_.empty() &&
+      unlink_after_commit_.empty() &&
+      catalog_->changes() - changes_at_begin_ == touch_changes_;
+  if (touches_only) {
+    catalog_->rollback();
+    ++io_stats_.io_errors;
+    if (catalog_->last_error_was_full())
+      note_write_error(ENOSPC, committed.error(), 0);
+    if (!logged_touch_commit_) {
+      logged_touch_commit_ = true;
+      std::fprintf(stderr,
+                   "kvfleet: disk tier %s: %s; the accessed_at updates are "
+                   "kept and retried (not logged again until a commit "
+                   "succeeds; io_errors counts each)\n",
+                   config_.directory.c_str(),
+                   committed.error().describe().c_str());
+    }
+    for (auto& c : out) {
+      // The updates a flush() or report() wrote were rolled back.
+      if ((c.op == disk_op::flush || c.op == disk_op::report) &&
+          c.status.has_value()) {
+        c.status = unexpected<error>(committed.error());
+        c.report.reset();
+      }
+    }
+    for (const auto& [key, t] : uncommitted_touches_)
+      if (index_.count(key) != 0)
+        merge_touch(touches_, key, t);
+    uncommitted_touches_.clear();
+    touch_failed_ = !touches_.empty();
+    uncommitted_counts_ = {};
+    return;
+  }
   if (!committed) {
     // Nothing of this batch is durable: fail its spills and reload the
     // in-memory state from the catalog, which cuts off their bytes, while
@@ -1537,6 +1579,8 @@ void disk_tier::process(std::vector<request>& batch,
   }
   batch_spill_gens_.clear();
   uncommitted_touches_.clear();
+  if (!touch_failed_)
+    logged_touch_commit_ = false; // the updates got through
   io_stats_.compactions += uncommitted_counts_.compactions;
   io_stats_.compaction_bytes_moved +=
       uncommitted_counts_.compaction_bytes_moved;
@@ -2023,8 +2067,11 @@ result<void> disk_tier::flush_touches() {
   }
   const bool in_txn = catalog_->in_transaction();
   for (auto it = touches_.begin(); it != touches_.end();) {
-    if (auto r = catalog_->touch(it->first, it->second.at, it->second.count);
-        !r) {
+    const std::uint64_t before = catalog_->changes();
+    const auto r = catalog_->touch(it->first, it->second.at, it->second.count);
+    if (in_txn)
+      touch_changes_ += catalog_->changes() - before;
+    if (!r) {
       ++io_stats_.io_errors;
       touch_failed_ = true;
       return r;

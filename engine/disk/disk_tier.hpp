@@ -57,7 +57,9 @@
 /// block_store; pins protect from capacity eviction only.
 ///
 /// Failures: a batch whose commit (or, under full_sync, sync) fails is rolled
-/// back and the I/O thread's state reloaded from the catalog. What a failure
+/// back and the I/O thread's state reloaded from the catalog (not when the
+/// batch changed no row but accessed_at updates: those are pending again,
+/// and nothing else needs reloading). What a failure
 /// leaves to do (catalog rows the directory is ahead of, a reload that failed,
 /// a compaction that failed or was not reached on a segment below
 /// compaction_threshold, accessed_at updates whose write or commit failed,
@@ -696,6 +698,14 @@ private:
   };
   uncommitted_counts uncommitted_counts_;
   std::chrono::steady_clock::time_point touch_deadline_{};
+  /// catalog_->changes() when the batch's transaction began, and the rows
+  /// its accessed_at writes changed since: a batch whose commit fails
+  /// having changed no other row is rolled back without a reload.
+  std::uint64_t changes_at_begin_ = 0;
+  std::uint64_t touch_changes_ = 0;
+  /// A commit of accessed_at updates alone failed and was logged; no
+  /// commit has succeeded since (one line per episode).
+  bool logged_touch_commit_ = false;
   /// The last write of touches_ failed, or the commit of the batch that
   /// wrote them: they wait for a retry, not for touch_deadline_.
   bool touch_failed_ = false;
