@@ -2187,8 +2187,9 @@ TEST_F(store_fixture,
     for (std::uint64_t i = 0; i < 58; ++i) {
       const auto key = chain(1'000'000 + 10 * i, 1);
       put_chain(key, short_put);
-      if (i < 30)
+      if (i < 30) {
         ASSERT_TRUE(store_->pin(ns_, key[0]).has_value());
+      }
     }
     // Room: 42 free, 28 unpinned: 70 at most, not 100.
     refused_evicting_nothing(5000, 75);
@@ -2815,11 +2816,13 @@ TEST_F(store_fixture, room_is_taken_from_expired_blocks_read_often_first) {
         const auto k = chain(10 * (i + 1), 1)[0];
         const put_options o = i < 40 ? put_options{} : i < 65 ? soon : later;
         ASSERT_TRUE(put(k, {}, o).has_value());
-        if (i < 40)
+        if (i < 40) {
           live.push_back(k);
-        else
-          for (int r = 0; r < 12; ++r)
-            ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+          continue;
+        }
+        for (int r = 0; r < 12; ++r) {
+          ASSERT_TRUE(store_->acquire(ns_, k).has_value());
+        }
       }
       clock_.advance(2s);
       for (std::uint64_t i = 0; i < 10; ++i)
