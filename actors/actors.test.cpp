@@ -3425,6 +3425,10 @@ TEST_F(actor_test, SpawnFunctionsAnswerABadConfigurationWithAnError) {
              c.pressure.target = 0.7;
            },
            "pressure"},
+          // Pins may reach the target: relief would flush every unpinned
+          // block after each batch.
+          {[](engine_actor_config& c) { c.store.max_pinned_fraction = 0.8; },
+           "store.max_pinned_fraction"},
       };
   for (const auto& [edit, names] : engine_cases) {
     auto c = small_engine(16);
@@ -5748,6 +5752,7 @@ TEST_F(actor_test, MemoryPressureEvictsLowPriorityFirst) {
   auto c = small_engine(40);
   c.pressure.threshold = 0.5;
   c.pressure.target = 0.25;
+  c.store.max_pinned_fraction = 0.2; // below the target
   c.store.policy = engine::policy_kind::priority;
   auto e = engine(c);
   auto low = make_request(1, 1, 0, 8, 1);

@@ -1446,6 +1446,16 @@ result<void> validate(const engine_actor_config& config) {
                "target " +
                std::to_string(p.target) + " and threshold " +
                std::to_string(p.threshold));
+  // Pinned blocks are what the rule cannot evict: pins allowed up to the
+  // target could keep the pool over the threshold by themselves, and each
+  // batch would then evict every unpinned block.
+  if (!config.relieve && !(config.store.max_pinned_fraction < p.target))
+    return bad("store.max_pinned_fraction (" +
+               std::to_string(config.store.max_pinned_fraction) +
+               ") must be below pressure.target (" + std::to_string(p.target) +
+               "): pressure relief cannot evict pinned blocks, so pins up to "
+               "the target would make it evict every unpinned block after "
+               "each batch; lower the one or raise the other");
   if (config.make_disk && config.own_thread == false)
     return bad("own_thread must not be false with make_disk: the engine "
                "waits for its disk inside a request (and a persist), which "

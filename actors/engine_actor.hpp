@@ -306,7 +306,10 @@ disk_tier_per_engine(engine::disk_tier_config config);
 /// batch.max_size 0 (1 runs each request alone), a batch.timeout,
 /// put_timeout, tier_poll_interval or expire_interval that is not positive
 /// or is above 24 hours (max_config_duration, config_checks.hpp), memory
-/// pressure outside 0 < pressure.target <= pressure.threshold <= 1, or
+/// pressure outside 0 < pressure.target <= pressure.threshold <= 1, a
+/// store.max_pinned_fraction not below pressure.target (without `relieve`:
+/// pins alone could keep the pool over the threshold, and relief would
+/// evict every unpinned block after each batch), or
 /// own_thread false with a make_disk (disk waits must not hold a scheduler
 /// worker).
 [[nodiscard]] result<void> validate(const engine_actor_config& config);

@@ -1460,6 +1460,7 @@ TEST_F(Node, ReadsAndPinsFromDiskRelieveMemoryPressure) {
   auto c = exact_disk_node(dir.path());
   c.engine.pressure.threshold = 0.5;
   c.engine.pressure.target = 0.4;
+  c.engine.store.max_pinned_fraction = 0.3; // below the target
   auto n = node::start(*sys_, c);
   ASSERT_TRUE(n.has_value()) << n.error().describe();
   ASSERT_NO_FATAL_FAILURE(run_chains(**n, 100));
