@@ -1949,27 +1949,31 @@ void disk_tier::note_access(const block_key& key, std::uint64_t reads) {
 }
 
 void disk_tier::do_expire(request& r, disk_completion& c) {
+  if (auto ok = remove_expired(r.now, c.count); !ok)
+    c.status = unexpected<error>(ok.error());
+}
+
+result<void> disk_tier::remove_expired(std::int64_t now, std::uint64_t& count) {
   // Bounded: every round removes at least one row or stops.
   for (std::size_t round = 0; round <= index_.size(); ++round) {
-    auto keys = catalog_->expired(r.now, 1024);
-    if (!keys) {
-      c.status = unexpected<error>(keys.error());
-      return;
-    }
+    auto keys = catalog_->expired(now, 1024);
+    if (!keys)
+      return unexpected<error>(keys.error());
     if (keys->empty())
-      return;
-    const std::uint64_t before = c.count;
+      return {};
+    const std::uint64_t before = count;
     for (const auto& k : *keys) {
       if (index_.count(k) != 0) {
         remove_block(k, removal::expire);
-        ++c.count;
+        ++count;
       } else if (catalog_->erase(k)) {
-        ++c.count;
+        ++count;
       }
     }
-    if (c.count == before)
-      return;
+    if (count == before)
+      return {};
   }
+  return {};
 }
 
 void disk_tier::do_compact(disk_completion& c, bool forced) {
@@ -2103,6 +2107,16 @@ std::uint64_t disk_tier::bytes_needed(std::uint64_t record_bytes) const {
 
 result<void> disk_tier::make_room(std::uint64_t record_bytes) {
   if (!over_capacity(bytes_needed(record_bytes)))
+    return {};
+  // Blocks whose TTL ran out go first, pinned ones too: before, only the
+  // owner's expire() sweep took them, and until it came they held
+  // capacity while live blocks were evicted, or, pinned, had every spill
+  // refused for want of room. A catalog error here leaves them to that
+  // sweep (counted), and eviction goes on.
+  std::uint64_t expired = 0;
+  if (!remove_expired(now_ns(), expired))
+    ++io_stats_.io_errors;
+  if (expired > 0 && !over_capacity(bytes_needed(record_bytes)))
     return {};
   // Evict unpinned blocks, least recently used first, down to the low
   // watermark of live bytes. The catalog orders them by accessed_at, so

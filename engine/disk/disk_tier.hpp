@@ -52,8 +52,9 @@
 ///
 /// Times (created_at, expires_at, accessed_at) are nanoseconds of the
 /// configured clock, which should be wall time (the default) so that they
-/// mean the same after a restart. Expired blocks are removed by expire(now)
-/// and are never returned by fetch. TTL applies to pinned blocks too, as in
+/// mean the same after a restart. Expired blocks are removed by expire(now),
+/// and by a spill that needs room before it evicts anything, and are never
+/// returned by fetch. TTL applies to pinned blocks too, as in
 /// block_store; pins protect from capacity eviction only.
 ///
 /// Failures: a batch whose commit (or, under full_sync, sync) fails is rolled
@@ -564,6 +565,10 @@ private:
   /// access count, flushed in batches (flush_touches). I/O thread.
   void note_access(const block_key& key, std::uint64_t reads);
   void do_expire(request& r, disk_completion& c);
+  /// Removes every block whose TTL ran out by `now`, pinned or not (pins
+  /// protect from capacity eviction only), adding to `count`.
+  [[nodiscard]] result<void> remove_expired(std::int64_t now,
+                                            std::uint64_t& count);
   void do_compact(disk_completion& c, bool forced);
   /// Rebuilds the index and segments from the catalog and the files,
   /// cutting unacknowledged bytes; `rows` gets each catalogued block.

@@ -1022,6 +1022,39 @@ TEST_F(disk_tier_test, spills_are_refused_when_pinned_blocks_fill_capacity) {
     expect_block(i);
 }
 
+TEST_F(disk_tier_test, making_room_takes_expired_blocks_first_pinned_or_not) {
+  // Capacity for 4 blocks: 2 pinned and 1 unpinned with TTLs that run
+  // out, 1 live. A spill that needs room takes it from the expired blocks
+  // with no expire() sweep, before the live block, and a spill that needs
+  // the pinned expired ones' room is not refused. (Before, only the
+  // owner's sweep removed expired blocks: the live block was evicted, and
+  // once pinned expired blocks filled the tier every spill was refused.)
+  auto c = config_with_segments_of(2);
+  c.capacity_bytes = 2 * (segment_header_bytes + 2 * rec);
+  open(c);
+  spill(0, 4096, true, nanos{5'000'000});
+  spill(1, 4096, true, nanos{5'000'000});
+  spill(2, 4096, false, nanos{5'000'000});
+  spill(3);
+  settle();
+  clock_.set(nanos{6'000'000});
+  for (const std::uint64_t i : {8UL, 9UL}) {
+    const auto id = spill(i);
+    for (const auto& d : settle_expecting({id}))
+      if (d.id == id) {
+        EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+      }
+  }
+  const auto st = tier_->stats();
+  EXPECT_EQ(st.expirations, 3U);
+  EXPECT_EQ(st.evictions, 0U);
+  EXPECT_EQ(st.spills_refused_capacity, 0U);
+  for (const std::uint64_t i : {0UL, 1UL, 2UL})
+    EXPECT_FALSE(tier_->contains(key_of(i))) << i;
+  for (const std::uint64_t i : {3UL, 8UL, 9UL})
+    expect_block(i);
+}
+
 TEST_F(disk_tier_test, segments_with_few_live_blocks_are_compacted) {
   auto c = config_with_segments_of(4);
   c.compaction_threshold = 0.5;
