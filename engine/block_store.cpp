@@ -1583,6 +1583,10 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   // and do no more to it until every block is reserved and written: a put
   // that fails leaves the prefix as it was (its priority, its accesses,
   // no lookup counted). acquire_prefix_at() would raise and touch it now.
+  // Expired blocks go first, as make_room() would take them: the room
+  // bound below counts what is free, not what expired blocks hold (before,
+  // a put the reserves would have fit was refused for them).
+  reclaim_expired();
   const nanos start = now();
   token_leases_.clear();
   lease_prefix(ns, token_keys_, token_leases_, start, std::nullopt);
@@ -2682,11 +2686,24 @@ void block_store::note_expiry(std::uint32_t id) {
     return x.generation != m.generation || x.state != entry_state::committed ||
            x.dead || x.expires_at != m.at;
   };
-  // Renewed expiries (a block put again) leave marks behind: once they
-  // outnumber the blocks, drop them, so the heap stays within twice the
-  // blocks with a TTL and a renewal costs O(log n) amortized.
+  // Renewed expiries (a block put again) leave marks behind, stale or,
+  // renewed to the same time, repeated: once they outnumber the blocks,
+  // drop them, so the heap holds at most one mark per block after, and a
+  // renewal costs O(log n) amortized. (Repeats kept made every renewal
+  // past that point a rebuild of the whole heap.)
   if (expiry_heap_.size() >= 64 && expiry_heap_.size() >= 2 * index_.size()) {
     std::erase_if(expiry_heap_, stale);
+    const auto order = [](const expiry_mark& a, const expiry_mark& b) {
+      return a.id != b.id ? a.id < b.id : a.generation < b.generation;
+    };
+    std::sort(expiry_heap_.begin(), expiry_heap_.end(), order);
+    // Marks left are current: one (id, generation) has one expiry.
+    expiry_heap_.erase(
+        std::unique(expiry_heap_.begin(), expiry_heap_.end(),
+                    [](const expiry_mark& a, const expiry_mark& b) {
+                      return a.id == b.id && a.generation == b.generation;
+                    }),
+        expiry_heap_.end());
     std::make_heap(expiry_heap_.begin(), expiry_heap_.end(), std::greater<>{});
   }
   expiry_heap_.push_back(expiry_mark{e.expires_at, id, e.generation});
@@ -2698,6 +2715,13 @@ std::size_t block_store::reclaim_expired() {
     return 0;
   const std::int64_t t = now().count();
   const std::size_t before = pool_.used_bytes();
+  // A leased block (being read, or the cached prefix a put_tokens or
+  // process() call holds) would only turn dead, freeing nothing, under a
+  // call that goes on using it (a put_tokens then renewed a dead prefix
+  // and its new blocks hung under it, unreachable): it keeps its mark for
+  // a later pass, and lookups, expire() and eviction still find it
+  // expired.
+  leased_expired_.clear();
   while (!expiry_heap_.empty() && expired_by(expiry_heap_.front().at, t)) {
     const expiry_mark m = expiry_heap_.front();
     std::pop_heap(expiry_heap_.begin(), expiry_heap_.end(), std::greater<>{});
@@ -2706,8 +2730,16 @@ std::size_t block_store::reclaim_expired() {
     if (e.generation != m.generation || e.state != entry_state::committed ||
         e.dead || e.expires_at != m.at)
       continue; // gone, dead already, or put again with a later expiry
+    if (e.leases > 0) {
+      leased_expired_.push_back(m);
+      continue;
+    }
     ++stats_.expirations;
     kill(m.id);
+  }
+  for (const expiry_mark& m : leased_expired_) {
+    expiry_heap_.push_back(m);
+    std::push_heap(expiry_heap_.begin(), expiry_heap_.end(), std::greater<>{});
   }
   return before - pool_.used_bytes();
 }
@@ -3663,6 +3695,11 @@ void block_store::check_invariants() const {
   KVFLEET_CHECK(live == index_.size(), "index size mismatch");
   KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
   KVFLEET_CHECK(pinned == pinned_bytes_, "pinned bytes out of step");
+  // note_expiry() drops stale and repeated marks once they reach twice
+  // the blocks.
+  KVFLEET_CHECK(expiry_heap_.size() <=
+                    std::max<std::size_t>(64, 2 * index_.size()) + 1,
+                "expiry marks past twice the blocks");
   KVFLEET_CHECK(pinned_parts == pinned_by_partition_,
                 "pinned bytes by partition out of step");
   KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec,

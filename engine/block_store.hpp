@@ -1262,6 +1262,7 @@ private:
   /// Min-heap of expiry marks, soonest on top; rebuilt without its stale
   /// marks when they outnumber the blocks.
   std::vector<expiry_mark> expiry_heap_;
+  std::vector<expiry_mark> leased_expired_; ///< reclaim_expired's scratch
   /// pinned_bytes_ by size partition (token_put_could_fit's).
   std::array<std::size_t, partition_count> pinned_by_partition_{};
   std::optional<std::size_t> pin_budget_; ///< see pin_budget_scope
