@@ -871,10 +871,12 @@ TEST_F(actor_test, APutEndsAtItsCallersDeadline) {
   EXPECT_EQ(busy_reserve(retry), errc::busy);
   sched_->advance_time(1s);
   sched_->run();
+  // A write after the deadline is told so (the ticket is kept, ended,
+  // until its put_timeout), not that the ticket is unknown.
   auto gone = ask<bool>(e, write_atom::value, lost_ticket, value);
   sched_->run();
   ASSERT_TRUE(gone->error.has_value());
-  EXPECT_EQ(from_caf_error(*gone->error).code, errc::invalid_handle);
+  EXPECT_EQ(from_caf_error(*gone->error).code, errc::timeout);
   const auto t = ask_now<std::uint64_t>(e, reserve_atom::value, retry);
   ASSERT_TRUE(ask_now<bool>(e, write_atom::value, t, value));
   ASSERT_TRUE(ask_now<bool>(e, commit_atom::value, t));
@@ -910,10 +912,15 @@ TEST_F(actor_test, APutEndsAtItsCallersDeadline) {
   EXPECT_EQ(ask_now<std::uint64_t>(e, lookup_atom::value,
                                    std::vector<block_key>{pinned.key}),
             0U);
-  // The put_timeout expiries still come, and find those puts ended.
+  // The put_timeout expiries still come, find those puts ended, and
+  // forget their tickets.
   sched_->advance_time(10s);
   sched_->run();
   EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).puts_expired, 3U);
+  auto forgotten = ask<bool>(e, commit_atom::value, lost_ticket);
+  sched_->run();
+  ASSERT_TRUE(forgotten->error.has_value());
+  EXPECT_EQ(from_caf_error(*forgotten->error).code, errc::invalid_handle);
 }
 
 TEST_F(actor_test, LeastLoadedAvoidsTheBackloggedEngine) {

@@ -131,6 +131,12 @@ struct engine_state {
   struct open_put {
     engine::put_handle handle;
     caf::actor_clock::time_point deadline;
+    /// Its reserve time + put_timeout.
+    caf::actor_clock::time_point timeout_at;
+    /// Aborted at its deadline: kept, with no put, until timeout_at, so
+    /// that a write or commit that comes after is told errc::timeout, not
+    /// that the ticket is unknown.
+    bool ended = false;
   };
   std::unordered_map<std::uint64_t, open_put> puts;
   std::uint64_t next_ticket = 1;
@@ -944,15 +950,32 @@ void arm_put_expiry(engine_actor* self, caf::actor_clock::time_point now) {
   self->delayed_send(self, next - now, expire_puts_atom::value);
 }
 
-/// A write or commit of open put `it` at or after its deadline: the put is
-/// aborted and the call refused.
-caf::error refuse_late_put(engine_actor* self,
-                           decltype(engine_state::puts)::iterator it,
-                           const char* step) {
+/// Aborts open put `it`, past its deadline at `now`: it stays as ended
+/// until its put_timeout (a write or commit of it is then errc::timeout,
+/// an abort true), with an expiry for then (the caller arms its timer).
+void end_put(engine_actor* self, decltype(engine_state::puts)::iterator it,
+             caf::actor_clock::time_point now) {
   auto& s = self->state;
   (void)s.store->abort(it->second.handle);
-  s.puts.erase(it);
   ++s.puts_expired;
+  if (now >= it->second.timeout_at) {
+    s.puts.erase(it);
+    return;
+  }
+  it->second.handle = engine::put_handle{};
+  it->second.ended = true;
+  s.put_deadlines.emplace(it->second.timeout_at, it->first);
+}
+
+/// A write or commit of put `it` at or after its deadline: the put, if
+/// still open, is aborted, and the call refused (errc::timeout).
+caf::error refuse_late_put(engine_actor* self,
+                           decltype(engine_state::puts)::iterator it,
+                           caf::actor_clock::time_point now, const char* step) {
+  if (!it->second.ended) {
+    end_put(self, it, now);
+    arm_put_expiry(self, now);
+  }
   return put_past_deadline(step);
 }
 
@@ -1159,11 +1182,20 @@ caf::behavior engine_behavior(engine_actor* self,
         after_change(self);
         if (!h)
           return to_caf_error(h.error());
+        // Its parent read back from disk may have taken the reserve past
+        // the deadline: the caller has given up on the ticket.
+        const auto reserved = self->clock().now();
+        if (reserved >= deadline) {
+          (void)s.store->abort(*h);
+          ++s.puts_expired;
+          return put_past_deadline("reserve");
+        }
         auto ticket = s.next_ticket++;
-        s.puts.emplace(ticket, engine_state::open_put{std::move(*h), deadline});
-        s.put_deadlines.emplace(std::min(now + s.config.put_timeout, deadline),
-                                ticket);
-        arm_put_expiry(self, now);
+        const auto timeout_at = now + s.config.put_timeout;
+        s.puts.emplace(ticket, engine_state::open_put{std::move(*h), deadline,
+                                                      timeout_at, false});
+        s.put_deadlines.emplace(std::min(timeout_at, deadline), ticket);
+        arm_put_expiry(self, reserved);
         return ticket;
       },
       [=](write_atom, std::uint64_t ticket,
@@ -1173,8 +1205,9 @@ caf::behavior engine_behavior(engine_actor* self,
         if (it == s.puts.end())
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
-        if (self->clock().now() >= it->second.deadline)
-          return refuse_late_put(self, it, "write");
+        if (const auto now = self->clock().now();
+            it->second.ended || now >= it->second.deadline)
+          return refuse_late_put(self, it, now, "write");
         return lift_void(
             s.store->write(it->second.handle, std::as_bytes(std::span{value})));
       },
@@ -1184,13 +1217,14 @@ caf::behavior engine_behavior(engine_actor* self,
         if (it == s.puts.end())
           return to_caf_error(
               error{errc::invalid_handle, "unknown put ticket"});
+        if (const auto now = self->clock().now();
+            it->second.ended || now >= it->second.deadline)
+          return refuse_late_put(self, it, now, "commit");
         if (s.retiring) {
           (void)s.store->abort(it->second.handle);
           s.puts.erase(it);
           return retiring_error();
         }
-        if (self->clock().now() >= it->second.deadline)
-          return refuse_late_put(self, it, "commit");
         auto r = s.store->commit(it->second.handle);
         // The put stays open after these two (its parent is not committed
         // yet; no value written yet): erasing the ticket would drop the
@@ -1207,6 +1241,10 @@ caf::behavior engine_behavior(engine_actor* self,
         auto it = s.puts.find(ticket);
         if (it == s.puts.end())
           return true; // already committed, aborted or expired
+        if (it->second.ended) {
+          s.puts.erase(it); // aborted at its deadline already
+          return true;
+        }
         auto r = s.store->abort(it->second.handle);
         s.puts.erase(it);
         // A put whose parent was aborted went with it: already aborted.
@@ -1225,11 +1263,14 @@ caf::behavior engine_behavior(engine_actor* self,
           // Committed or aborted since: gone from `puts` already.
           auto it = s.puts.find(s.put_deadlines.top().second);
           s.put_deadlines.pop();
-          if (it != s.puts.end()) {
-            (void)s.store->abort(it->second.handle);
-            s.puts.erase(it);
-            ++s.puts_expired;
+          if (it == s.puts.end())
+            continue;
+          if (it->second.ended) {
+            if (now >= it->second.timeout_at)
+              s.puts.erase(it); // its put_timeout: forgotten
+            continue;
           }
+          end_put(self, it, now); // at its deadline, or its put_timeout
         }
         arm_put_expiry(self, now);
       },

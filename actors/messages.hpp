@@ -164,8 +164,10 @@ struct put_request {
   /// When its caller stops waiting, as kv_request::deadline_ns (the actor
   /// clock's nanoseconds since its epoch); 0: none. The engine refuses a
   /// reserve, write or commit of the put that arrives at or after it
-  /// (errc::timeout; a write or commit aborts the put), and aborts the put
-  /// then if it is still open, rather than at its put_timeout: a caller
+  /// (errc::timeout, also for a step after the put was aborted at it, until
+  /// its put_timeout; a reserve that its parent's disk read took past it
+  /// is undone), and aborts the put then if it is still open, rather than
+  /// at its put_timeout: a caller
   /// that gave up on a reservation it never heard of does not leave the
   /// key busy, and one that gave up on a pinning commit is not left with a
   /// pin it does not know of.
