@@ -1911,9 +1911,18 @@ result<process_result> block_store::process(ns_id ns,
   // those blocks. (Before, one adopt() could not link under its parent
   // stayed an evictable leaf, was evicted in this call, and the reply
   // counted a hit that was gone.)
+  // A block brought back as a hit is accessed as a memory hit is, at the
+  // request's priority: its promotion's commit restored its count but
+  // recorded no use (before, to LFU the hit was lost, and to the adaptive
+  // policy a hot block came back as a one-off, the next to go). Blocks
+  // computed inside a disk run, past out.matched_blocks, were misses.
   for (std::size_t i = *matched; i < next; ++i)
     if (const std::uint32_t id = index_.find(keys[i]);
         id != npos && entries_[id].state == entry_state::committed) {
+      if (i < out.matched_blocks) {
+        raise_priority(id, opts.prio);
+        touch(id);
+      }
       ++entries_[id].leases;
       refresh_evictable(id);
       leases.push_back(read_lease(this, id, keys[i]));

@@ -1277,4 +1277,45 @@ TEST_F(store_tier_test, attaching_is_checked) {
 }
 
 } // namespace
+TEST_F(store_tier_test, a_hit_from_the_tier_counts_as_an_access) {
+  // H and N: put, hit once or three times each, H last through the tier.
+  // Evicting one of them takes the same one as when H's last hit was in
+  // memory: the tier hit is an access. (Before, process() recorded none
+  // for a block it brought back: LFU lost the hit, and the adaptive policy
+  // saw a hot block as a one-off and evicted it first.)
+  for (const auto& [policy, hits] :
+       {std::pair{policy_kind::lfu, 3}, std::pair{policy_kind::adaptive, 1}}) {
+    bool survived[2] = {};
+    for (const bool through_tier : {false, true}) {
+      SCOPED_TRACE(std::string(to_string(policy)) +
+                   (through_tier ? " through the tier" : " in memory"));
+      open(32, 32, policy);
+      const auto h = chain(1, 1);
+      const auto n = chain(2, 1);
+      for (std::uint64_t i = 0; i < 10; ++i)
+        run(chain(100 + i, 1)); // one-offs
+      run(h);
+      for (int i = 0; i < hits; ++i)
+        run(h);
+      if (through_tier) {
+        ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+        settle();
+        ASSERT_TRUE(store_->in_tier(ns_, h[0]));
+        EXPECT_EQ(run(h).tier_blocks, 1U);
+      } else {
+        run(h);
+      }
+      run(n);
+      for (int i = 0; i < hits; ++i)
+        run(n);
+      while (store_->contains(ns_, h[0]) && store_->contains(ns_, n[0]) &&
+             store_->evict_bytes(block_bytes) > 0) {
+      }
+      survived[through_tier ? 1 : 0] = store_->contains(ns_, h[0]);
+      store_->check_invariants();
+    }
+    EXPECT_EQ(survived[1], survived[0]) << to_string(policy);
+  }
+}
+
 } // namespace kvfleet::engine

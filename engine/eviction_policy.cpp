@@ -308,6 +308,15 @@ protected:
       }
       ++inserted_;
       b.log_c = std::log2(std::max(prior, min_prior));
+      // Brought back from the memory tier or disk with the accesses it had
+      // (access_info::count): a block that was reused starts with a full
+      // access of credit, as its first hit gave it, not at the prior of a
+      // new block (which made a hot block back from the tier a one-off,
+      // the first to go). Its reuse was counted in its first life.
+      if (info.count > 1) {
+        b.hit = true;
+        b.log_c = 0.0;
+      }
     } else {
       if (!b.hit) {
         b.hit = true;
