@@ -333,7 +333,11 @@ protected:
     if (info.key_hash % sample_rate == 0)
       duel(info, t,
            inserted ? b.log_c : std::log2(std::max(global, min_prior)));
-    return {b.log_c + t / h, info.tick};
+    // Under the half-life the duel may have just switched to, as every
+    // other block's score was retaken (before, this block kept the old
+    // one: after a switch to a shorter half-life, the block just used was
+    // the next victim).
+    return {b.log_c + t / half_life(), info.tick};
   }
 
 private:
