@@ -2212,7 +2212,12 @@ std::uint32_t block_store::lowest_priority_victim(
 
 double block_store::share_ratio(size_partition p) const noexcept {
   const auto i = static_cast<std::size_t>(p);
-  return static_cast<double>(stats_.bytes_by_partition[i]) /
+  // Blocks on their way to the memory tier count no more: before, one
+  // demote_to_tier() call found the same partition furthest over its share
+  // at every pick and took all its blocks of that priority, well below
+  // its share, while another stayed over.
+  return static_cast<double>(stats_.bytes_by_partition[i] -
+                             departing_by_partition_[i]) /
          (config_.partitions.shares[i] *
           static_cast<double>(pool_.capacity_bytes()));
 }
@@ -3671,6 +3676,7 @@ void block_store::check_invariants() const {
   }
   std::vector<std::uint32_t> departing(entries_.size(), 0);
   std::size_t in_flight = 0;
+  std::array<std::size_t, partition_count> departing_parts{};
   for (const demotion_batch& b : tier_batches_) {
     for (const demotion& d : b.blocks) {
       KVFLEET_CHECK(entries_[d.id].state == entry_state::committed &&
@@ -3678,9 +3684,13 @@ void block_store::check_invariants() const {
                     "a block being demoted is not held");
       if (entries_[d.id].parent != npos)
         ++departing[entries_[d.id].parent];
+      departing_parts[static_cast<std::size_t>(entries_[d.id].part)] +=
+          pool_.slot_bytes(entries_[d.id].slot.size_class);
     }
     in_flight += b.slot_bytes;
   }
+  KVFLEET_CHECK(departing_parts == departing_by_partition_,
+                "bytes leaving for the tier by partition out of step");
   for (std::uint32_t id = 0; id < entries_.size(); ++id) {
     KVFLEET_CHECK(children[id] == entries_[id].children,
                   "child count mismatch");

@@ -1245,6 +1245,9 @@ private:
   std::uint64_t tier_seq_ = 0;
   std::deque<demotion_batch> tier_batches_; ///< in flight, oldest first
   std::size_t tier_in_flight_ = 0;
+  /// Slot bytes of blocks being copied to the tier, by size partition:
+  /// share_ratio() leaves them out (they are leaving).
+  std::array<std::size_t, partition_count> departing_by_partition_{};
   /// Declared last so it is destroyed first: its I/O thread may still be
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;

@@ -87,6 +87,8 @@ void block_store::start_demotion(std::uint32_t id, demotion_batch& batch,
     ++entries_[e.parent].departing;
   batch.blocks.push_back({id, e.access_count, {}});
   batch.slot_bytes += pool_.slot_bytes(e.slot.size_class);
+  departing_by_partition_[static_cast<std::size_t>(e.part)] +=
+      pool_.slot_bytes(e.slot.size_class);
   jobs.push_back({pool_.offset(e.slot), e.stored_bytes});
 }
 
@@ -97,6 +99,8 @@ void block_store::cancel_demotions(demotion_batch& batch) {
     entry& e = entries_[it->id];
     if (e.parent != npos)
       --entries_[e.parent].departing;
+    departing_by_partition_[static_cast<std::size_t>(e.part)] -=
+        pool_.slot_bytes(e.slot.size_class);
   }
   for (auto it = batch.blocks.rbegin(); it != batch.blocks.rend(); ++it)
     release_lease(it->id);
@@ -218,6 +222,8 @@ void block_store::finish_demotions(demotion_batch& batch, bool copied) {
     --e.leases;
     if (e.parent != npos)
       --entries_[e.parent].departing;
+    departing_by_partition_[static_cast<std::size_t>(e.part)] -=
+        pool_.slot_bytes(e.slot.size_class);
     const bool expired = expired_by(e.expires_at, t);
     const bool leave = copied && !e.dead && !expired && e.pins == 0 &&
                        e.leases == 0 && e.children == 0 &&

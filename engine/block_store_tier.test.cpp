@@ -1318,4 +1318,33 @@ TEST_F(store_tier_test, a_hit_from_the_tier_counts_as_an_access) {
   }
 }
 
+TEST_F(store_tier_test, demotion_takes_from_each_partition_down_to_its_share) {
+  // 35 short blocks (share 30 of 100) and 45 long ones (share 40): moving
+  // 20 blocks to the tier takes them as evict_bytes() would, from the
+  // partition furthest over its share as the shares change, leaving
+  // neither far below its share. (Before, the blocks on their way still
+  // counted for their partition: one call took every block of the short
+  // partition's it could, down to 15, and left the long one over.)
+  for (const bool to_tier : {false, true}) {
+    SCOPED_TRACE(to_tier ? "demote_to_tier" : "evict_bytes");
+    open(100, 100);
+    for (std::uint64_t i = 0; i < 80; ++i) {
+      put_options o;
+      o.request_tokens = i < 35 ? 16 : 5000;
+      const auto k = chain(10'000 + i, 1);
+      ASSERT_TRUE(store_->process(ns_, k, 16, producer_, o).has_value());
+    }
+    if (to_tier) {
+      ASSERT_TRUE(store_->demote_to_tier(20 * block_bytes).has_value());
+      settle();
+    } else {
+      EXPECT_EQ(store_->evict_bytes(20 * block_bytes), 20 * block_bytes);
+    }
+    const auto& by = store_->stats().blocks_by_partition;
+    EXPECT_EQ(by[static_cast<std::size_t>(size_partition::small)], 26U);
+    EXPECT_EQ(by[static_cast<std::size_t>(size_partition::large)], 34U);
+    store_->check_invariants();
+  }
+}
+
 } // namespace kvfleet::engine
