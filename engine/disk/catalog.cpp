@@ -604,8 +604,11 @@ catalog::for_each(const std::function<void(const catalog_entry&)>& fn) {
   if (rc == SQLITE_OK)
     return {};
   // A damaged file (a page overwritten, cut short) fails the scan of the
-  // open: say so and how to start over. Before, the open said "database
-  // disk image is malformed" and nothing else.
+  // open, or of a running tier's reload after a failed batch: say so and
+  // how to start over. The process stops first: a running tier holds the
+  // directory (LOCK, open segments), so moving it aside under the tier
+  // would change nothing it reads. Before, the open said "database disk
+  // image is malformed" and nothing else.
   if ((rc & 0xff) == SQLITE_CORRUPT || (rc & 0xff) == SQLITE_NOTADB) {
     const auto slash = path_.find_last_of('/');
     const std::string dir =
@@ -613,7 +616,9 @@ catalog::for_each(const std::function<void(const catalog_entry&)>& fn) {
     return make_error(
         errc::parse_error,
         db_error(impl_->db, path_, "scan") +
-            "; the catalog is damaged: move the directory " + dir +
+            "; the catalog is damaged: stop the process, then move the "
+            "directory " +
+            dir +
             " aside (or delete it) to start an empty disk tier, whose "
             "blocks are then recomputed");
   }
