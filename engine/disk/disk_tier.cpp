@@ -263,26 +263,39 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                                           "disk tier at a directory");
   {
     const std::string probe = dir + "/.kvfleet-write-probe";
-    const int fd =
-        ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0)
+    const int fault =
+        config.probe_fault_for_testing ? config.probe_fault_for_testing() : 0;
+    const int fd = fault != 0
+                       ? -1
+                       : ::open(probe.c_str(),
+                                O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    const int create_errno = fault != 0 ? fault : errno;
+    if (fd < 0 && !is_full_errno(create_errno))
       return make_error(errc::io_error,
                         "disk tier directory " + dir + " is not writable (" +
-                            errno_text(errno) +
+                            errno_text(create_errno) +
                             "): give this process write permission or "
                             "choose another directory");
-    const std::byte one{1};
-    const ssize_t w = ::write(fd, &one, 1);
-    const int e = errno;
-    ::close(fd);
-    ::unlink(probe.c_str());
-    if (w != 1 && !is_full_errno(e))
-      return make_error(errc::io_error,
-                        "disk tier directory " + dir + " cannot be written (" +
-                            errno_text(e) +
-                            "): fix the cause or choose another directory");
-    if (w != 1)
-      open_full = "no space left for a 1-byte file";
+    // No block or inode left for the probe file itself is a full file
+    // system, as a failed write of it is: the tier opens full. Before,
+    // the open failed and told the operator to grant write permission.
+    if (fd < 0) {
+      open_full =
+          "no space left to create a file (" + errno_text(create_errno) + ")";
+    } else {
+      const std::byte one{1};
+      const ssize_t w = ::write(fd, &one, 1);
+      const int e = errno;
+      ::close(fd);
+      ::unlink(probe.c_str());
+      if (w != 1 && !is_full_errno(e))
+        return make_error(errc::io_error,
+                          "disk tier directory " + dir +
+                              " cannot be written (" + errno_text(e) +
+                              "): fix the cause or choose another directory");
+      if (w != 1)
+        open_full = "no space left for a 1-byte file";
+    }
   }
   // A file system with less than min_free_bytes free opens in the full
   // state (spills refused, reads served, spills accepted again once

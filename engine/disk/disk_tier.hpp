@@ -206,6 +206,10 @@ struct disk_tier_config {
   /// Test hook: while the tier is full, the free bytes it sees in its
   /// directory instead of statvfs's answer.
   std::function<std::uint64_t()> free_bytes_for_testing;
+  /// Test hook: consulted before open() creates its write probe file; a
+  /// nonzero result is the errno of a failed create (ENOSPC: no block or
+  /// inode left).
+  segment_file::write_fault probe_fault_for_testing;
   /// Test hook: called on the I/O thread after each retry pass (one that
   /// ran because retry_interval passed with work pending, not for a
   /// request), once its results are published: with the delay until the

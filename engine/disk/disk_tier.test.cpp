@@ -2256,6 +2256,31 @@ TEST_F(disk_tier_test, a_directory_in_use_is_refused) {
   EXPECT_NE(t.error().message.find("in use"), std::string::npos);
 }
 
+// No block or inode left for the open's probe file is a full file system,
+// not a permission problem: the tier opens full. Before, the open failed
+// and told the operator to give the process write permission.
+TEST_F(disk_tier_test, no_room_for_the_probe_file_opens_full) {
+  auto c = config();
+  open(c);
+  spill(0);
+  settle();
+  tier_.reset();
+  for (const int e : {ENOSPC, EDQUOT}) {
+    SCOPED_TRACE(e);
+    c.probe_fault_for_testing = [e] { return e; };
+    stderr_log err;
+    auto t = disk_tier::open(c);
+    ASSERT_TRUE(t.has_value()) << t.error().describe();
+    tier_ = std::move(*t);
+    EXPECT_TRUE(tier_->stats().full);
+    expect_block(0);
+    tier_.reset();
+    const std::string log = err.log();
+    EXPECT_EQ(occurrences(log, "the file system is full at open"), 1U) << log;
+    EXPECT_EQ(log.find("write permission"), std::string::npos) << log;
+  }
+}
+
 TEST_F(disk_tier_test,
        spills_past_max_queued_bytes_are_refused_while_the_disk_lags) {
   auto c = config();
