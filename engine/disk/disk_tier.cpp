@@ -1902,23 +1902,21 @@ void disk_tier::do_fetch(request& r, disk_completion& c) {
     }
     dst = c.bytes;
   }
+  bool lost = false;
   auto h =
-      segments_.at(loc.segment).file.read(loc.offset, r.key, dst, r.verify);
+      read_record(segments_.at(loc.segment), loc, r.key, dst, r.verify, lost);
   if (!h) {
     ++io_stats_.fetch_misses;
     c.bytes.clear();
     if (r.into)
       std::fill(dst.begin(), dst.end(), std::byte{0});
-    if (h.error().code == errc::checksum_mismatch) {
+    // A damaged record, or one past the end of its file (cut short), is
+    // lost: the block is dropped. One that two reads could not read is
+    // kept (read_record, counted in io_errors) for a later read.
+    if (h.error().code == errc::checksum_mismatch)
       remove_block(r.key, removal::corrupt);
-    } else {
-      // An I/O error (a bad sector, a segment cut short under the
-      // mapping): the record is lost as surely as a damaged one. Before,
-      // the block stayed, failing every read of it, and its segment was
-      // never compacted again.
-      ++io_stats_.io_errors;
+    else if (lost)
       remove_block(r.key, removal::unreadable);
-    }
     c.status = unexpected<error>(h.error());
     return;
   }
@@ -2294,19 +2292,25 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
                             " bytes while compacting segment " +
                             std::to_string(id));
     }
-    auto h = it->second.file.read(loc.offset, key, buf);
+    bool lost = false;
+    auto h = read_record(it->second, loc, key, buf, true, lost);
     if (!h) {
-      // A record that cannot be read is dropped like a damaged one, and
-      // the compaction goes on. Before, an I/O error stopped it, and every
-      // retry stopped at the same record: the segment kept its dead bytes
-      // for good.
+      // A record that is lost for good (damaged, or past the end of its
+      // file) is dropped and the compaction goes on; otherwise, a segment
+      // that stopped at it would keep its dead bytes for good. One that
+      // could not be read twice stops the compaction (counted in
+      // io_errors by read_record), keeping its block: the segment stays
+      // marked and is retried (see Retries). Dropping it instead lost
+      // every live block of a segment to a short burst of read errors.
       if (h.error().code == errc::checksum_mismatch) {
         remove_block(key, removal::corrupt);
-      } else {
-        ++io_stats_.io_errors;
-        remove_block(key, removal::unreadable);
+        continue;
       }
-      continue;
+      if (lost) {
+        remove_block(key, removal::unreadable);
+        continue;
+      }
+      return unexpected<error>(h.error());
     }
     int err_no = 0;
     auto dst = active_for(rec, &err_no);
@@ -2344,6 +2348,50 @@ result<void> disk_tier::compact_segment(std::uint64_t id) {
   ++(catalog_->in_transaction() ? uncommitted_counts_.compactions
                                 : io_stats_.compactions);
   return {};
+}
+
+result<record_header> disk_tier::read_record(const segment_state& s,
+                                             const location& loc,
+                                             const block_key& key,
+                                             std::span<std::byte> dst,
+                                             bool verify, bool& lost) {
+  lost = false;
+  const auto fault = [&]() -> result<void> {
+    if (!config_.read_fault_for_testing)
+      return {};
+    if (const int e = config_.read_fault_for_testing(); e != 0) {
+      std::fill(dst.begin(), dst.end(), std::byte{0});
+      return make_error(errc::io_error, "cannot read segment " + s.file.path() +
+                                            ": " + errno_text(e));
+    }
+    return {};
+  };
+  auto first = fault();
+  result<record_header> h =
+      first ? s.file.read(loc.offset, key, dst, verify)
+            : result<record_header>(unexpected<error>(first.error()));
+  if (h || h.error().code != errc::io_error)
+    return h;
+  ++io_stats_.io_errors;
+  // Only a record past the end of its file is provably gone (the file was
+  // cut short under the mapping: SIGBUS), like one whose bytes fail their
+  // checksum. Any other I/O error may pass (a transient EIO, a path that
+  // recovers): read once more, with pread, and if that fails too keep the
+  // block for a later read. Before, one failed read dropped it, and a
+  // short burst of errors during a compaction every block of a segment.
+  if (const auto size = s.file.size_on_disk();
+      size && *size < loc.offset + rec_header + loc.size) {
+    lost = true;
+    return h;
+  }
+  if (auto f = fault(); !f) {
+    ++io_stats_.io_errors;
+    return unexpected<error>(f.error());
+  }
+  h = s.file.read_unmapped(loc.offset, key, dst, verify);
+  if (!h && h.error().code == errc::io_error)
+    ++io_stats_.io_errors;
+  return h;
 }
 
 result<void> disk_tier::may_write_rows() const {

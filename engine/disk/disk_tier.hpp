@@ -210,6 +210,10 @@ struct disk_tier_config {
   /// nonzero result is the errno of a failed create (ENOSPC: no block or
   /// inode left).
   segment_file::write_fault probe_fault_for_testing;
+  /// Test hook: consulted before each read of a record (a fetch, a
+  /// compaction's copy); a nonzero result is the errno of a failed read
+  /// (EIO).
+  segment_file::write_fault read_fault_for_testing;
   /// Test hook: called on the I/O thread after each retry pass (one that
   /// ran because retry_interval passed with work pending, not for a
   /// request), once its results are published: with the delay until the
@@ -303,8 +307,10 @@ struct disk_tier_stats {
   std::uint64_t fetch_hits = 0;
   std::uint64_t fetch_misses = 0;
   std::uint64_t checksum_failures = 0; ///< blocks dropped for bad bytes
-  /// Blocks dropped because their record could not be read (an I/O error,
-  /// a segment cut short), by a fetch or a compaction.
+  /// Blocks dropped because a read of their record (a fetch's, a
+  /// compaction's) failed and it lies past the end of its segment file (cut
+  /// short). A record inside its file that two reads could not read is
+  /// kept, counted in io_errors only.
   std::uint64_t unreadable_dropped = 0;
   // Recovery (at open).
   std::uint64_t recovered_blocks = 0;
@@ -608,6 +614,15 @@ private:
   [[nodiscard]] result<segment_state*> active_for(std::uint64_t record_bytes,
                                                   int* err_no);
   [[nodiscard]] result<void> compact_segment(std::uint64_t id);
+  /// Reads the record at `loc` of segment `s` into `dst`
+  /// (segment_file::read). An I/O error is counted (io_errors) and, unless
+  /// the record lies past the end of the file as it is now (`lost` set:
+  /// gone for good), read once more without the mapping; a second I/O
+  /// error is counted too and returned with `lost` false: the caller
+  /// keeps the block.
+  [[nodiscard]] result<record_header>
+  read_record(const segment_state& s, const location& loc, const block_key& key,
+              std::span<std::byte> dst, bool verify, bool& lost);
   /// Whether the segment's live fraction is below compaction_threshold.
   [[nodiscard]] bool below_threshold(const segment_state& s) const noexcept;
   /// Whether the active segment `s` holds more dead bytes than (1 -

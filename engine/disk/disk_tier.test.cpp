@@ -2201,6 +2201,79 @@ TEST_F(disk_tier_test, an_unreadable_record_is_dropped_and_compacted_away) {
   expect_block(6);
 }
 
+// A read that fails with an I/O error is no proof that the record is lost
+// (a transient EIO, a path that recovers): it is read once more, and a
+// block whose record still lies inside its file is kept when that fails
+// too. Before, one failed read dropped it, pinned or not.
+TEST_F(disk_tier_test, a_read_error_keeps_a_block_whose_record_is_there) {
+  auto c = config();
+  auto faults = std::make_shared<std::atomic<int>>(0);
+  // Only the I/O thread reads: the next `faults` reads fail with EIO.
+  c.read_fault_for_testing = [faults] {
+    if (faults->load() <= 0)
+      return 0;
+    faults->fetch_sub(1);
+    return EIO;
+  };
+  open(c);
+  spill(0, 4096, /*pinned=*/true);
+  spill(1);
+  settle();
+  faults->store(1); // one failed read: the second one serves the block
+  expect_block(0);
+  EXPECT_EQ(faults->load(), 0) << "the fault was never hit";
+  faults->store(2); // both reads fail: the fetch fails, the block stays
+  auto f = fetch(1);
+  ASSERT_FALSE(f.status.has_value());
+  EXPECT_EQ(f.status.error().code, errc::io_error);
+  EXPECT_TRUE(tier_->contains(key_of(1))) << "dropped for a read error";
+  expect_block(1);
+  expect_block(0);
+  const auto s = tier_->stats();
+  EXPECT_EQ(s.unreadable_dropped, 0U);
+  EXPECT_EQ(s.checksum_failures, 0U);
+  EXPECT_EQ(s.io_errors, 3U) << "each failed read counts";
+  EXPECT_EQ(s.blocks, 2U);
+}
+
+// A compaction that cannot read a record whose bytes are in its file stops
+// there, keeping every block, and its segment stays marked: it is compacted
+// once the reads work again. Before, a short burst of EIO dropped every
+// live block of the segment.
+TEST_F(disk_tier_test, a_read_error_stops_a_compaction_and_keeps_its_blocks) {
+  auto c = config_with_segments_of(8);
+  auto failing = std::make_shared<std::atomic<bool>>(false);
+  c.read_fault_for_testing = [failing] { return failing->load() ? EIO : 0; };
+  open(c);
+  for (std::uint64_t i = 0; i < 9; ++i)
+    spill(i, 4096, /*pinned=*/i == 6);
+  settle();
+  ASSERT_EQ(tier_->stats().segments, 2U);
+  failing->store(true);
+  // The first segment falls below the threshold: its compaction reads.
+  for (std::uint64_t i = 0; i < 5; ++i)
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  for (std::uint64_t i = 5; i < 9; ++i) {
+    EXPECT_TRUE(tier_->contains(key_of(i))) << i << " lost to a read error";
+  }
+  auto s = tier_->stats();
+  EXPECT_EQ(s.unreadable_dropped, 0U);
+  EXPECT_GT(s.io_errors, 0U);
+  EXPECT_EQ(s.segments, 2U);
+  failing->store(false);
+  const auto id = tier_->compact();
+  for (const auto& d : settle_expecting({id}))
+    if (d.id == id) {
+      EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
+    }
+  for (std::uint64_t i = 5; i < 9; ++i)
+    expect_block(i);
+  s = tier_->stats();
+  EXPECT_EQ(s.segments, 1U) << "the segment was never compacted";
+  EXPECT_EQ(s.blocks, 4U);
+}
+
 TEST_F(disk_tier_test, a_file_that_is_not_a_catalog_is_refused) {
   std::ofstream(dir_ + "/catalog.sqlite") << std::string(4096, 'z');
   auto t = disk_tier::open(config());

@@ -430,6 +430,26 @@ result<record_header> segment_file::read(std::uint64_t offset,
   return read_pread(offset, expect_key, payload, verify);
 }
 
+result<record_header> segment_file::read_unmapped(std::uint64_t offset,
+                                                  const block_key& expect_key,
+                                                  std::span<std::byte> payload,
+                                                  bool verify) const {
+  const std::uint64_t end = offset + record_header_bytes + payload.size();
+  if (end > size_)
+    return make_error(errc::checksum_mismatch,
+                      "record at " + std::to_string(offset) + " of " + path_ +
+                          " is cut short");
+  return read_pread(offset, expect_key, payload, verify);
+}
+
+result<std::uint64_t> segment_file::size_on_disk() const {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0)
+    return make_error(errc::io_error,
+                      "cannot stat " + path_ + ": " + errno_text(errno));
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
 result<record_header> segment_file::read_mapped(std::uint64_t offset,
                                                 const block_key& expect_key,
                                                 std::span<std::byte> payload,

@@ -153,6 +153,15 @@ public:
                                            std::span<std::byte> payload,
                                            bool verify = true) const;
 
+  /// read() without the mapping: preadv alone (a second try after an I/O
+  /// error, which a fault of the mapping may have caused).
+  [[nodiscard]] result<record_header>
+  read_unmapped(std::uint64_t offset, const block_key& expect_key,
+                std::span<std::byte> payload, bool verify = true) const;
+  /// The file's size as the file system has it now (fstat), which a file
+  /// cut short by something else makes smaller than size().
+  [[nodiscard]] result<std::uint64_t> size_on_disk() const;
+
   /// Reads and checks only the record header at `offset`;
   /// errc::checksum_mismatch when it is cut short or damaged.
   [[nodiscard]] result<record_header> read_header(std::uint64_t offset) const;
