@@ -303,7 +303,23 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   // write path fills the file system until ENOSPC, so refusing to open
   // here kept a node whose disk filled from starting again at all.
   struct statvfs vfs {};
-  if (open_full.empty() && ::statvfs(dir.c_str(), &vfs) == 0) {
+  const bool have_vfs = ::statvfs(dir.c_str(), &vfs) == 0;
+  // More than the whole file system is never free: such a tier would open
+  // full and stay full for good, refusing every spill.
+  if (have_vfs) {
+    const std::uint64_t total = static_cast<std::uint64_t>(vfs.f_blocks) *
+                                static_cast<std::uint64_t>(vfs.f_frsize);
+    if (config.min_free_bytes > total)
+      return make_error(
+          errc::invalid_argument,
+          "disk tier " + dir + ": min_free_bytes (" +
+              std::to_string(config.min_free_bytes) +
+              ") is more than its whole file system holds (" +
+              std::to_string(total) +
+              " bytes), so it is never free and the tier would refuse "
+              "spills for good: lower min_free_bytes");
+  }
+  if (open_full.empty() && have_vfs) {
     const std::uint64_t avail = static_cast<std::uint64_t>(vfs.f_bavail) *
                                 static_cast<std::uint64_t>(vfs.f_frsize);
     if (avail < config.min_free_bytes)
@@ -363,7 +379,8 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
                  "reads of the %zu blocks stored. Free space in the "
                  "directory: spills are accepted again once %llu bytes are "
                  "free (looked at again on the retry schedule), or lower "
-                 "disk capacity_bytes.\n",
+                 "disk capacity_bytes (the tier then evicts and compacts "
+                 "down to it, which frees space).\n",
                  dir.c_str(), open_full.c_str(),
                  static_cast<unsigned long long>(min_free), tier->index_.size(),
                  static_cast<unsigned long long>(min_free));
@@ -1449,6 +1466,8 @@ void disk_tier::process(std::vector<request>& batch,
     }
     out.push_back(std::move(c));
   }
+  if (full_ && over_capacity(0))
+    shrink_while_full();
   if (!touches_.empty() &&
       (last || touch_failed_ || touches_.size() >= config_.touch_batch ||
        std::chrono::steady_clock::now() >= touch_deadline_))
@@ -1619,6 +1638,21 @@ void disk_tier::process(std::vector<request>& batch,
     }
   }
   unlink_after_commit_bytes_ = 0;
+}
+
+void disk_tier::shrink_while_full() {
+  // A tier full and over its capacity (opened full after capacity_bytes
+  // was lowered, as the full log line advises) evicts and compacts as a
+  // spill's make_room would: no spill comes to do it, since a full tier
+  // refuses them. The segments it retires are unlinked after the commit,
+  // and that freed space lets spills in again (process()). Before, such a
+  // tier never evicted and stayed full for good. Segments with the most
+  // dead bytes are compacted first, so a segment eviction emptied goes
+  // before any copy onto the full file system. A failure is counted where
+  // it happens (a copy that finds no space keeps full_ and its bytes);
+  // what is left waits for the next pass, which a full tier has on the
+  // retry schedule.
+  (void)make_room(0);
 }
 
 void disk_tier::accept_spills_again_locked(const std::string& why) {

@@ -156,6 +156,9 @@ struct disk_tier_config {
   /// Failures above): a block larger than this would otherwise be let in
   /// again, and fail again, at every look. Not a reserve the tier keeps
   /// while it writes: spills fill the file system until a write fails.
+  /// open() refuses more than the whole file system holds (never free).
+  /// A full tier over capacity_bytes (lowered since it filled) evicts and
+  /// compacts down to it, which frees space.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
   /// Largest block accepted.
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
@@ -646,6 +649,10 @@ private:
   /// has min_free_bytes free plus full_write_bytes_ (space freed by
   /// something else than the tier, or not enough freed by it).
   void probe_free_space();
+  /// While full_ and over capacity_bytes: evicts unpinned blocks, least
+  /// recently used first, and compacts (make_room), so that the unlinks
+  /// free space and let spills in again.
+  void shrink_while_full();
   /// Clears full_ and logs why, once per full episode. Caller holds mu_.
   void accept_spills_again_locked(const std::string& why);
   void publish_locked();

@@ -24,6 +24,7 @@
 #include <random>
 #include <set>
 #include <sys/resource.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -406,6 +407,16 @@ protected:
     EXPECT_TRUE(c.bytes == block_bytes(i, n)) << i;
     EXPECT_EQ(c.c, codec::int8);
     EXPECT_EQ(c.checksum, block_checksum(c.bytes));
+  }
+
+  /// Bytes of the file system that holds the test's directory: as
+  /// min_free_bytes, more than it has free (it holds something), and no
+  /// more than it holds, which open() takes.
+  std::uint64_t file_system_bytes() const {
+    struct statvfs vfs {};
+    EXPECT_EQ(::statvfs(dir_.c_str(), &vfs), 0);
+    return static_cast<std::uint64_t>(vfs.f_blocks) *
+           static_cast<std::uint64_t>(vfs.f_frsize);
   }
 
   std::vector<fs::path> segment_files() const {
@@ -1692,8 +1703,8 @@ TEST_F(disk_tier_test, a_full_directory_opens_refusing_spills_serving_reads) {
   settle();
   tier_.reset();
   auto watch = retry_watch::fast(c);
-  // More than any file system has: statvfs finds the directory full.
-  c.min_free_bytes = std::uint64_t{1} << 62;
+  // All the file system holds: statvfs finds the directory full.
+  c.min_free_bytes = file_system_bytes();
   auto free_bytes = std::make_shared<std::atomic<std::uint64_t>>(0);
   c.free_bytes_for_testing = [free_bytes] { return free_bytes->load(); };
   stderr_log err;
@@ -1719,6 +1730,51 @@ TEST_F(disk_tier_test, a_full_directory_opens_refusing_spills_serving_reads) {
   const std::string log = err.log();
   EXPECT_EQ(occurrences(log, "the file system is full at open"), 1U) << log;
   EXPECT_NE(log.find(dir_), std::string::npos) << log;
+}
+
+// The open log line says to free space or lower capacity_bytes. A tier
+// opened full that holds more than its capacity evicts (least recently
+// used first) and compacts down to it from its first pass, and the space
+// its unlinks free lets spills in again. Before, eviction ran only for a
+// spill, which a full tier refuses: it stayed over capacity and full for
+// good.
+TEST_F(disk_tier_test, a_tier_opened_full_over_capacity_shrinks_and_accepts) {
+  auto c = config_with_segments_of(4);
+  open(c);
+  for (std::uint64_t i = 0; i < 12; ++i)
+    spill(i);
+  settle();
+  ASSERT_EQ(tier_->stats().blocks, 12U);
+  tier_.reset();
+  // The file system stays full as statvfs sees it: only the tier's own
+  // unlinks free space.
+  c.min_free_bytes = file_system_bytes(); // statvfs: full at open
+  c.free_bytes_for_testing = [] { return std::uint64_t{0}; };
+  c.capacity_bytes = segment_header_bytes + 4 * rec; // lowered
+  open(c);
+  ASSERT_TRUE(tier_->stats().full);
+  const auto id = tier_->flush();
+  settle_expecting({id});
+  auto s = tier_->stats();
+  EXPECT_LE(s.file_bytes, c.capacity_bytes) << "over capacity for good";
+  EXPECT_GE(s.evictions, 9U);
+  EXPECT_FALSE(s.full) << "full for good";
+  spill(20);
+  settle();
+  expect_block(20);
+  EXPECT_LE(tier_->stats().file_bytes, c.capacity_bytes);
+}
+
+// No file system has min_free_bytes free when it is larger than the file
+// system: the tier would open full and stay full. Before, it did.
+TEST_F(disk_tier_test, a_min_free_bytes_past_the_file_system_is_refused) {
+  auto c = config();
+  c.min_free_bytes = std::uint64_t{1} << 62;
+  auto t = disk_tier::open(c);
+  ASSERT_FALSE(t.has_value()) << "opened full for good";
+  EXPECT_EQ(t.error().code, errc::invalid_argument);
+  EXPECT_NE(t.error().message.find("min_free_bytes"), std::string::npos)
+      << t.error().describe();
 }
 
 TEST_F(disk_tier_test, a_relative_directory_starting_with_file_is_no_uri) {
