@@ -3676,6 +3676,7 @@ void block_store::check_invariants() const {
   }
   std::vector<std::uint32_t> departing(entries_.size(), 0);
   std::size_t in_flight = 0;
+  std::size_t tier_bytes = 0;
   std::array<std::size_t, partition_count> departing_parts{};
   for (const demotion_batch& b : tier_batches_) {
     for (const demotion& d : b.blocks) {
@@ -3688,7 +3689,10 @@ void block_store::check_invariants() const {
           pool_.slot_bytes(entries_[d.id].slot.size_class);
     }
     in_flight += b.slot_bytes;
+    tier_bytes += b.tier_bytes;
   }
+  KVFLEET_CHECK(tier_bytes == tier_bytes_in_flight_,
+                "tier bytes of the copies in flight out of step");
   KVFLEET_CHECK(departing_parts == departing_by_partition_,
                 "bytes leaving for the tier by partition out of step");
   for (std::uint32_t id = 0; id < entries_.size(); ++id) {

@@ -1129,6 +1129,7 @@ private:
     tier_ticket ticket;
     std::vector<demotion> blocks; // children before parents
     std::size_t slot_bytes = 0;
+    std::size_t tier_bytes = 0; ///< its places' bytes in the tier
   };
   /// Counts (and logs, the first time) a demotion stopped at a block of
   /// `stored` bytes, over the tier's batch limit `limit`.
@@ -1245,6 +1246,9 @@ private:
   std::uint64_t tier_seq_ = 0;
   std::deque<demotion_batch> tier_batches_; ///< in flight, oldest first
   std::size_t tier_in_flight_ = 0;
+  /// Tier bytes the batches in flight take there (their `tier_bytes`):
+  /// dropping settled tier blocks frees none of them.
+  std::size_t tier_bytes_in_flight_ = 0;
   /// Slot bytes of blocks being copied to the tier, by size partition:
   /// share_ratio() leaves them out (they are leaving).
   std::array<std::size_t, partition_count> departing_by_partition_{};

@@ -180,9 +180,15 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
     // batch needs; an extent is freed when all its blocks are, so keep
     // dropping while demote says no room.
     auto ticket = tier_->demote(jobs, places);
+    // Dropping helps only if the batch fits beside the copies in flight,
+    // which hold their room until they finish: otherwise it waits for
+    // them, dropping nothing. (Before, every block of the tier was dropped
+    // for a batch that was then refused all the same.)
+    const bool room_could_come =
+        tier_bytes_in_flight_ + taken <= tier_->capacity_bytes();
     for (bool first = true;
          !ticket && ticket.error().code == errc::out_of_memory &&
-         !tier_order_.empty();
+         !tier_order_.empty() && room_could_come;
          first = false) {
       do
         drop_oldest_tier_block();
@@ -195,9 +201,10 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
       // nothing left to drop and copies in flight: they hold it. Either
       // way the next call continues. Anything else is a failure worth
       // counting.
-      const bool waits = ticket.error().code == errc::busy ||
-                         (ticket.error().code == errc::out_of_memory &&
-                          tier_order_.empty() && tier_in_flight_ > 0);
+      const bool waits =
+          ticket.error().code == errc::busy ||
+          (ticket.error().code == errc::out_of_memory &&
+           (tier_order_.empty() || !room_could_come) && tier_in_flight_ > 0);
       if (!waits)
         ++stats_.tier_failures;
       cancel_demotions(batch);
@@ -206,8 +213,10 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
     for (std::size_t i = 0; i < batch.blocks.size(); ++i)
       batch.blocks[i].place = places[i];
     batch.ticket = *ticket;
+    batch.tier_bytes = taken;
     started += batch.slot_bytes;
     tier_in_flight_ += batch.slot_bytes;
+    tier_bytes_in_flight_ += taken;
     tier_batches_.push_back(std::move(batch));
   }
   return started;
@@ -273,6 +282,7 @@ void block_store::poll_tier() {
     if (!done)
       ++stats_.tier_failures; // the copy failed: the blocks stay in memory
     tier_in_flight_ -= b.slot_bytes;
+    tier_bytes_in_flight_ -= b.tier_bytes;
     finish_demotions(b, done.has_value());
     tier_batches_.pop_front();
   }

@@ -1347,4 +1347,36 @@ TEST_F(store_tier_test, demotion_takes_from_each_partition_down_to_its_share) {
   }
 }
 
+TEST_F(store_tier_test,
+       nothing_is_dropped_for_a_batch_the_copies_in_flight_keep_out) {
+  // An 8-block tier holding 2 settled blocks and 6 still being copied: a
+  // batch of 4 cannot fit until the copies finish, whatever is dropped. It
+  // waits, dropping nothing, and the settled chain is still served from
+  // the tier. (Before, the tier was emptied for it, then it was refused.)
+  open(32, 8);
+  const auto a = chain(1, 2);
+  run(a);
+  ASSERT_TRUE(store_->demote_to_tier(store_->used_bytes()).has_value());
+  settle();
+  ASSERT_EQ(store_->tier_block_count(), 2U);
+  for (std::uint64_t i = 0; i < 6; ++i)
+    run(chain(100 + i * 10, 1));
+  auto in_flight = store_->demote_to_tier(6 * block_bytes);
+  ASSERT_TRUE(in_flight.has_value());
+  ASSERT_EQ(*in_flight, 6 * block_bytes);
+  for (std::uint64_t i = 0; i < 4; ++i)
+    run(chain(500 + i * 10, 1));
+  removed_.clear();
+  auto waits = store_->demote_to_tier(4 * block_bytes);
+  ASSERT_TRUE(waits.has_value());
+  EXPECT_EQ(*waits, 0U);
+  EXPECT_EQ(store_->tier_block_count(), 2U);
+  EXPECT_EQ(store_->stats().tier_drops, 0U);
+  EXPECT_EQ(store_->stats().tier_failures, 0U) << "waiting is no failure";
+  EXPECT_TRUE(removed_.empty());
+  store_->check_invariants();
+  EXPECT_EQ(run(a).computed_blocks, 0U);
+  settle();
+}
+
 } // namespace kvfleet::engine
