@@ -166,6 +166,10 @@ struct store_config {
   std::size_t capacity_bytes = 0; ///< arena size (host backend)
   /// Slab size; 0 picks capacity / 64 clamped to [1 MiB, 256 MiB] and
   /// rounded to the slot alignment. The largest value must fit one slab.
+  /// Compression (and a second namespace of another block size) works in
+  /// whole slabs: a store of fewer than about ten slabs (under 10 MiB with
+  /// the default) seldom frees one by demoting, and evicts instead; give
+  /// such a small store a slab of a few blocks.
   std::size_t slab_bytes = 0;
   double high_watermark = 0.9;
   double low_watermark = 0.8;
