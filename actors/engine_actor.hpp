@@ -309,7 +309,8 @@ disk_tier_per_engine(engine::disk_tier_config config);
 /// pressure outside 0 < pressure.target <= pressure.threshold <= 1, a
 /// store.max_pinned_fraction not below pressure.target (without `relieve`:
 /// pins alone could keep the pool over the threshold, and relief would
-/// evict every unpinned block after each batch), or
+/// evict every unpinned block after each batch; pinned blocks only: the
+/// unpinned chain a pinned block holds is not counted), or
 /// own_thread false with a make_disk (disk waits must not hold a scheduler
 /// worker).
 [[nodiscard]] result<void> validate(const engine_actor_config& config);

@@ -2212,12 +2212,16 @@ std::uint32_t block_store::lowest_priority_victim(
 
 double block_store::share_ratio(size_partition p) const noexcept {
   const auto i = static_cast<std::size_t>(p);
-  // Blocks on their way to the memory tier count no more: before, one
-  // demote_to_tier() call found the same partition furthest over its share
-  // at every pick and took all its blocks of that priority, well below
-  // its share, while another stayed over.
-  return static_cast<double>(stats_.bytes_by_partition[i] -
-                             departing_by_partition_[i]) /
+  // While demote_to_tier() picks, blocks on their way to the memory tier
+  // count no more: before, one call found the same partition furthest over
+  // its share at every pick and took all its blocks of that priority, well
+  // below its share, while another stayed over. Everywhere else they
+  // count, as they hold their slots until their copies finish: a put
+  // meanwhile is not refused for a partition that only looks within its
+  // share.
+  const std::size_t leaving =
+      picking_for_tier_ ? departing_by_partition_[i] : 0;
+  return static_cast<double>(stats_.bytes_by_partition[i] - leaving) /
          (config_.partitions.shares[i] *
           static_cast<double>(pool_.capacity_bytes()));
 }
@@ -2554,9 +2558,12 @@ bool block_store::try_demote(size_partition p, demotion_scan& scan) {
     entry& e = entries_[id];
     const std::uint32_t next = e.rprev;
     scan.resume[pi] = next;
-    if (!e.dead && expired_by(e.expires_at, t)) {
+    if (!e.dead && e.leases == 0 && expired_by(e.expires_at, t)) {
       // Expired: not worth compressing, and freeing it is the better room.
-      // Still held (a reader, a cached child), it only turns dead here.
+      // Still held by a cached child, it only turns dead here. One leased
+      // (read, or the prefix of the put or request making this room) is
+      // passed over, as reclaim_expired() passes it: killed under that
+      // call, a put_tokens renewed it dead, its new blocks unreachable.
       ++stats_.expirations;
       const std::size_t before = pool_.used_bytes();
       kill(id);
@@ -3718,11 +3725,6 @@ void block_store::check_invariants() const {
   KVFLEET_CHECK(live == index_.size(), "index size mismatch");
   KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
   KVFLEET_CHECK(pinned == pinned_bytes_, "pinned bytes out of step");
-  // note_expiry() drops stale and repeated marks once they reach twice
-  // the blocks.
-  KVFLEET_CHECK(expiry_heap_.size() <=
-                    std::max<std::size_t>(64, 2 * index_.size()) + 1,
-                "expiry marks past twice the blocks");
   KVFLEET_CHECK(pinned_parts == pinned_by_partition_,
                 "pinned bytes by partition out of step");
   KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec,

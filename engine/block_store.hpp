@@ -657,6 +657,12 @@ public:
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
   /// Slot bytes of the blocks in memory that are pinned (dead ones a
   /// reader still holds included), and the most they may take.
+  /// Expiry marks the store keeps (a heap of them, for making room from
+  /// expired blocks first): at most about twice the blocks with a TTL, once
+  /// stale and repeated ones are dropped.
+  [[nodiscard]] std::size_t expiry_marks() const noexcept {
+    return expiry_heap_.size();
+  }
   [[nodiscard]] std::size_t pinned_bytes() const noexcept {
     return pinned_bytes_;
   }
@@ -1274,6 +1280,9 @@ private:
   /// marks when they outnumber the blocks.
   std::vector<expiry_mark> expiry_heap_;
   std::vector<expiry_mark> leased_expired_; ///< reclaim_expired's scratch
+  /// demote_to_tier() is picking its blocks: share_ratio() leaves out the
+  /// bytes already leaving for the tier.
+  bool picking_for_tier_ = false;
   /// pinned_bytes_ by size partition (token_put_could_fit's).
   std::array<std::size_t, partition_count> pinned_by_partition_{};
   std::optional<std::size_t> pin_budget_; ///< see pin_budget_scope

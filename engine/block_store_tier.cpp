@@ -119,6 +119,13 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
   std::vector<tier_demotion> jobs;
   std::vector<tier_place> places;
   std::vector<std::uint32_t> follow; // parents left over by a full batch
+  struct picking {
+    bool& flag;
+    explicit picking(bool& f) : flag(f) { flag = true; }
+    ~picking() { flag = false; }
+    picking(const picking&) = delete;
+    picking& operator=(const picking&) = delete;
+  } const scope{picking_for_tier_};
   while (started < bytes) {
     demotion_batch batch;
     jobs.clear();

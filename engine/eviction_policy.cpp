@@ -312,10 +312,16 @@ protected:
       // (access_info::count): a block that was reused starts with a full
       // access of credit, as its first hit gave it, not at the prior of a
       // new block (which made a hot block back from the tier a one-off,
-      // the first to go). Its reuse was counted in its first life.
+      // the first to go).
       if (info.count > 1) {
         b.hit = true;
         b.log_c = 0.0;
+        // Counted as reused, as its insert was counted: the rates it
+        // feeds stay what they were when a block back from the tier
+        // counted a reuse at its next hit.
+        ++reused_;
+        if (b.parent != npos && b.parent < state_.size())
+          ++state_[b.parent].children_reused;
       }
     } else {
       if (!b.hit) {
