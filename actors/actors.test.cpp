@@ -2424,6 +2424,58 @@ TEST_F(actor_test, AFactoryThatThrowsIsAFailedStartNotTheFleetsEnd) {
   EXPECT_NE(e.message.find("no thread (test)"), std::string::npos) << e.message;
 }
 
+TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
+  // Slot 0 breaks (its directory, say): its engine dies and every start
+  // for slot 0 fails, so it is given up. A replica asked for then is tried
+  // in the free slot 0, fails, and is started in a new slot instead; so is
+  // the next. (Before, each replica took the lowest free slot, slot 0, and
+  // failed there: the fleet could not grow back.) A factory that returns a
+  // null actor is a failed start too (before, monitoring it crashed the
+  // process).
+  auto broken = std::make_shared<bool>(false);
+  auto null_actor = std::make_shared<bool>(false);
+  auto tried = std::make_shared<std::vector<std::uint32_t>>();
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 2;
+  auto b = started_balancer(
+      bc,
+      [=](caf::actor_system& s, std::uint32_t slot) -> result<started_engine> {
+        tried->push_back(slot);
+        if (*null_actor)
+          return started_engine{caf::actor{}};
+        if (slot == 0 && *broken)
+          return make_error(errc::io_error, "slot 0's directory is damaged");
+        auto c = small_engine(64);
+        c.slot = slot;
+        return started_now(spawn_engine_actor(s, c));
+      });
+  *broken = true;
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  pass_restart_delays(bc, 5);
+  ASSERT_EQ(ask_now<balancer_stats>(b, stats_atom::value).given_up, 1U);
+  tried->clear();
+  for (const std::uint32_t want : {2U, 3U}) {
+    auto replica = ask<std::uint32_t>(b, replica_atom::value);
+    sched_->run();
+    ASSERT_TRUE(replica->value.has_value()) << caf::to_string(*replica->error);
+    EXPECT_EQ(*replica->value, want);
+  }
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 2, 0, 3}));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
+  *null_actor = true;
+  auto none = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(none->error.has_value());
+  EXPECT_NE(from_caf_error(*none->error).message.find("no actor"),
+            std::string::npos)
+      << from_caf_error(*none->error).message;
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
+}
+
 TEST_F(actor_test, AnInitialStartThatThrowsLeavesTheOtherEnginesServing) {
   // Slot 1's first start throws: slot 0's engine, started before it, goes
   // on serving (before, the balancer ended before it owned any engine,

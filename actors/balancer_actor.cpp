@@ -47,6 +47,10 @@ struct slot_info {
   /// Its engine failed after max_restarts restarts: like a retired slot,
   /// free for the next replica.
   bool given_up = false;
+  /// Given up, or its replica failed to start: its device or directory may
+  /// be broken, so a replica that fails in it is tried once more elsewhere
+  /// (add_engine). Cleared by a start that succeeds.
+  bool suspect = false;
   /// Its engine makes its store (started_engine::opening) and has not
   /// answered ready_atom yet: the slot stays down.
   bool opening = false;
@@ -182,6 +186,14 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
   auto started = make_engine_for(self, slot);
   if (!started)
     return unexpected<error>{started.error()};
+  // A failed start, as a factory's error is. (Before, monitoring the null
+  // actor crashed the process.)
+  if (!started->actor)
+    return make_error(errc::invalid_argument,
+                      "the engine factory returned no actor for slot " +
+                          std::to_string(slot) +
+                          " (a started_engine with a null actor); a factory "
+                          "that cannot start an engine returns an error");
   if (!st.route.set_weight(slot, started->weight)) {
     self->send_exit(started->actor, caf::exit_reason::user_shutdown);
     return make_error(errc::invalid_argument,
@@ -233,6 +245,7 @@ void give_up(balancer_actor* self, std::uint32_t slot, const std::string& why) {
   auto& s = self->state;
   auto& info = s.slots[slot];
   info.given_up = true;
+  info.suspect = true;
   ++s.given_up;
   s.route.remove_slot(slot);
   std::fprintf(stderr,
@@ -275,6 +288,7 @@ void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
 /// slot is, so that no engine the caller was told failed comes up later.
 void free_replica_slot(balancer_actor* self, std::uint32_t slot) {
   self->state.slots[slot].retired = true;
+  self->state.slots[slot].suspect = true;
   self->state.route.remove_slot(slot);
 }
 
@@ -282,17 +296,25 @@ void free_replica_slot(balancer_actor* self, std::uint32_t slot) {
 /// if there is one, else in a new slot (always a new one when `retry`). A
 /// failed start is retried like a restart when `retry` (the balancer's initial
 /// engines); otherwise (a replica asked for now) the slot is freed again and
-/// the factory's error returned (free_replica_slot). Errors: errc::unavailable
-/// when all router::max_slots slots are in use.
-result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
+/// the factory's error returned (free_replica_slot), unless that slot's
+/// last start had failed too: then once more in another free slot or a new
+/// one (`avoid_suspect`: slots whose last start failed are taken last).
+/// Errors: errc::unavailable when all router::max_slots slots are in use.
+result<std::uint32_t> add_engine(balancer_actor* self, bool retry,
+                                 bool avoid_suspect = false) {
   auto& st = self->state;
   // An initial engine takes a slot of its own: with max_restarts 0 a
   // failed first start gives its slot up at once, and reusing it asked the
   // factory for that slot again (the same device or directory) while the
   // next slot's was never tried.
-  auto slot = st.route.add_slot(1.0, /*reuse=*/!retry);
+  const auto suspect = [&](std::uint32_t i) {
+    return i < st.slots.size() && st.slots[i].suspect;
+  };
+  auto slot = avoid_suspect ? st.route.add_slot(1.0, !retry, suspect)
+                            : st.route.add_slot(1.0, !retry);
   if (!slot)
     return unexpected<error>{slot.error()};
+  const bool was_suspect = suspect(*slot);
   if (*slot == st.slots.size()) {
     st.slots.emplace_back();
   } else {
@@ -310,10 +332,24 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   if (auto ok = start_engine(self, *slot, kind); !ok) {
     if (!retry) {
       free_replica_slot(self, *slot);
+      // A replica that failed in a free slot whose last start failed too
+      // (given up, or an earlier replica's): that slot's device or
+      // directory may be broken, so it is tried once more in another free
+      // slot, or a new one. (Before, every replica took that lowest free
+      // slot and failed there, and the fleet could not grow back.)
+      if (was_suspect && !avoid_suspect) {
+        auto other = add_engine(self, false, true);
+        if (other || other.error().code != errc::unavailable)
+          return other;
+      }
       return unexpected<error>{replica_failed(ok.error())};
     }
     restart_or_give_up(self, *slot, start_failed(kind, ok.error()));
+    return *slot;
   }
+  // Started (one opening its store may still fail: open_failed marks it
+  // again).
+  st.slots[*slot].suspect = false;
   return *slot;
 }
 

@@ -93,22 +93,33 @@ result<void> check_weight(double weight) {
 
 } // namespace
 
-result<std::uint32_t> router::add_slot(double weight, bool reuse) {
+result<std::uint32_t>
+router::add_slot(double weight, bool reuse,
+                 const std::function<bool(std::uint32_t)>& last_resort) {
   if (auto ok = check_weight(weight); !ok)
     return unexpected<error>{ok.error()};
   const slot_state fresh{weight, 0, true, false, false, 0};
-  for (std::uint32_t i = 0; reuse && i < slots_.size(); ++i) {
-    if (slots_[i].removed) {
-      slots_[i] = fresh;
-      return i;
+  const auto take_removed =
+      [&](bool resorting) -> std::optional<std::uint32_t> {
+    for (std::uint32_t i = 0; reuse && i < slots_.size(); ++i) {
+      if (slots_[i].removed && (resorting || !last_resort || !last_resort(i))) {
+        slots_[i] = fresh;
+        return i;
+      }
     }
+    return std::nullopt;
+  };
+  if (const auto i = take_removed(false))
+    return *i;
+  if (slots_.size() < max_slots) {
+    slots_.push_back(fresh);
+    return static_cast<std::uint32_t>(slots_.size() - 1);
   }
-  if (slots_.size() >= max_slots)
-    return make_error(errc::unavailable,
-                      "no free engine slot: all " + std::to_string(max_slots) +
-                          " are in use (retire an engine first)");
-  slots_.push_back(fresh);
-  return static_cast<std::uint32_t>(slots_.size() - 1);
+  if (const auto i = take_removed(true))
+    return *i;
+  return make_error(errc::unavailable,
+                    "no free engine slot: all " + std::to_string(max_slots) +
+                        " are in use (retire an engine first)");
 }
 
 void router::remove_slot(std::uint32_t slot) {

@@ -54,6 +54,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string_view>
@@ -120,8 +121,13 @@ public:
   /// (before, taken as 1), errc::unavailable when all max_slots are in use.
   /// With `reuse` false, always a new slot (the balancer's initial
   /// engines: each gets its own slot, even when an earlier one was given
-  /// up already).
-  result<std::uint32_t> add_slot(double weight = 1.0, bool reuse = true);
+  /// up already). A removed slot for which `last_resort` is true (the
+  /// balancer's slots whose last start failed, when a replica just failed
+  /// in one) is taken only when no other removed slot and no new slot is
+  /// left.
+  result<std::uint32_t>
+  add_slot(double weight = 1.0, bool reuse = true,
+           const std::function<bool(std::uint32_t)>& last_resort = {});
   /// The slot's engine is gone for good (retired): the slot takes no
   /// requests, its index entries and load are forgotten, and add_slot may
   /// hand it out again. Its number stays (slot_count() does not shrink).
