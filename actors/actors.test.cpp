@@ -2476,6 +2476,53 @@ TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
 }
 
+TEST_F(actor_test, AtTheSlotLimitAReplicaIsRetriedInAnotherFailedSlot) {
+  // Slot 0 is broken for good; a host-wide outage then fails every start
+  // while 62 replicas are asked for, so all 64 slots have been used and
+  // every free one last failed. Once the outage ends, a replica that fails
+  // in slot 0 is tried once more in the next failed slot, not in slot 0
+  // again, and starts there.
+  auto broken = std::make_shared<bool>(false);
+  auto outage = std::make_shared<bool>(false);
+  auto tried = std::make_shared<std::vector<std::uint32_t>>();
+  balancer_config bc;
+  bc.initial_engines = 2;
+  bc.max_restarts = 0;
+  auto b = started_balancer(
+      bc,
+      [=](caf::actor_system& s, std::uint32_t slot) -> result<started_engine> {
+        tried->push_back(slot);
+        if (*outage)
+          return make_error(errc::io_error, "no device (outage)");
+        if (slot == 0 && *broken)
+          return make_error(errc::io_error, "slot 0's directory is damaged");
+        auto c = small_engine(64);
+        c.slot = slot;
+        return started_now(spawn_engine_actor(s, c));
+      });
+  *broken = true;
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  *outage = true;
+  for (int i = 0; i < 62; ++i) {
+    auto failed = ask<std::uint32_t>(b, replica_atom::value);
+    sched_->run();
+    ASSERT_TRUE(failed->error.has_value()) << i;
+  }
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  ASSERT_EQ(st.up.size(), router::max_slots);
+  EXPECT_EQ(st.live, 1U);
+  *outage = false;
+  tried->clear();
+  auto replica = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(replica->value.has_value()) << caf::to_string(*replica->error);
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 2}));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 2U);
+}
+
 TEST_F(actor_test, AnInitialStartThatThrowsLeavesTheOtherEnginesServing) {
   // Slot 1's first start throws: slot 0's engine, started before it, goes
   // on serving (before, the balancer ended before it owned any engine,

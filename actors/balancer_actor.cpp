@@ -292,65 +292,75 @@ void free_replica_slot(balancer_actor* self, std::uint32_t slot) {
   self->state.route.remove_slot(slot);
 }
 
-/// Starts an engine in a free slot (whose engine retired or was given up)
-/// if there is one, else in a new slot (always a new one when `retry`). A
-/// failed start is retried like a restart when `retry` (the balancer's initial
-/// engines); otherwise (a replica asked for now) the slot is freed again and
-/// the factory's error returned (free_replica_slot), unless that slot's
-/// last start had failed too: then once more in another free slot or a new
-/// one (`avoid_suspect`: slots whose last start failed are taken last).
-/// Errors: errc::unavailable when all router::max_slots slots are in use.
-result<std::uint32_t> add_engine(balancer_actor* self, bool retry,
-                                 bool avoid_suspect = false) {
+/// Starts an engine in `slot`, just taken from the router. A failed start
+/// is retried like a restart when `retry` (the balancer's initial
+/// engines); otherwise (a replica asked for now) the slot is freed again
+/// and the factory's error returned (free_replica_slot).
+result<std::uint32_t> start_in_slot(balancer_actor* self, std::uint32_t slot,
+                                    bool retry) {
   auto& st = self->state;
-  // An initial engine takes a slot of its own: with max_restarts 0 a
-  // failed first start gives its slot up at once, and reusing it asked the
-  // factory for that slot again (the same device or directory) while the
-  // next slot's was never tried.
-  const auto suspect = [&](std::uint32_t i) {
-    return i < st.slots.size() && st.slots[i].suspect;
-  };
-  auto slot = avoid_suspect ? st.route.add_slot(1.0, !retry, suspect)
-                            : st.route.add_slot(1.0, !retry);
-  if (!slot)
-    return unexpected<error>{slot.error()};
-  const bool was_suspect = suspect(*slot);
-  if (*slot == st.slots.size()) {
+  if (slot == st.slots.size()) {
     st.slots.emplace_back();
   } else {
     // A freed slot. Its generation keeps counting, so a late answer to
     // a call of the old engine never releases the new engine's load.
-    auto& info = st.slots[*slot];
+    auto& info = st.slots[slot];
     info.routed = 0;
     info.restarts = 0;
     info.retiring = false;
     info.retired = false;
     info.given_up = false;
   }
-  st.route.set_up(*slot, false);
+  st.route.set_up(slot, false);
   const auto kind = retry ? start_kind::initial : start_kind::replica;
-  if (auto ok = start_engine(self, *slot, kind); !ok) {
+  if (auto ok = start_engine(self, slot, kind); !ok) {
     if (!retry) {
-      free_replica_slot(self, *slot);
-      // A replica that failed in a free slot whose last start failed too
-      // (given up, or an earlier replica's): that slot's device or
-      // directory may be broken, so it is tried once more in another free
-      // slot, or a new one. (Before, every replica took that lowest free
-      // slot and failed there, and the fleet could not grow back.)
-      if (was_suspect && !avoid_suspect) {
-        auto other = add_engine(self, false, true);
-        if (other || other.error().code != errc::unavailable)
-          return other;
-      }
+      free_replica_slot(self, slot);
       return unexpected<error>{replica_failed(ok.error())};
     }
-    restart_or_give_up(self, *slot, start_failed(kind, ok.error()));
-    return *slot;
+    restart_or_give_up(self, slot, start_failed(kind, ok.error()));
+    return slot;
   }
   // Started (one opening its store may still fail: open_failed marks it
   // again).
-  st.slots[*slot].suspect = false;
-  return *slot;
+  st.slots[slot].suspect = false;
+  return slot;
+}
+
+/// Starts an engine in a free slot (whose engine retired or was given up)
+/// if there is one, else in a new slot (always a new one when `retry`);
+/// see start_in_slot for a failed start. A replica that fails in a free
+/// slot whose last start failed too is tried once more in another slot.
+/// Errors: errc::unavailable when all router::max_slots slots are in use.
+result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
+  auto& st = self->state;
+  // An initial engine takes a slot of its own: with max_restarts 0 a
+  // failed first start gives its slot up at once, and reusing it asked the
+  // factory for that slot again (the same device or directory) while the
+  // next slot's was never tried.
+  auto slot = st.route.add_slot(1.0, /*reuse=*/!retry);
+  if (!slot)
+    return unexpected<error>{slot.error()};
+  const bool was_suspect = *slot < st.slots.size() && st.slots[*slot].suspect;
+  auto started = start_in_slot(self, *slot, retry);
+  if (started || retry || !was_suspect)
+    return started;
+  // A replica that failed in a free slot whose last start failed too
+  // (given up, or an earlier replica's): that slot's device or directory
+  // may be broken, so it is tried once more in another free slot, those
+  // whose last start failed last, or a new one; never in that slot again,
+  // and with no other slot free the first failure is the answer. (Before,
+  // every replica took that lowest free slot and failed there, and the
+  // fleet could not grow back.)
+  auto other = st.route.add_slot(
+      1.0, true,
+      [&](std::uint32_t i) {
+        return i < st.slots.size() && st.slots[i].suspect;
+      },
+      *slot);
+  if (!other)
+    return started;
+  return start_in_slot(self, *other, false);
 }
 
 /// The engine of `slot` stopped before it answered ready_atom, with exit

@@ -2230,6 +2230,19 @@ void hold_engine(const caf::actor& e, std::uint64_t hi) {
   caf::anon_send(e, actors::batch_atom::value, std::vector<kv_request>{r});
 }
 
+/// small_node() with one engine whose producer is held_producer(held, 77,
+/// began) and a call_timeout of 300 ms.
+node_config held_at_77(const std::shared_ptr<gate>& held,
+                       const std::shared_ptr<gate>& began) {
+  auto c = small_node();
+  c.engines = 1;
+  c.engine.make_producer = [held, began] {
+    return std::make_unique<held_producer>(held, 77, began);
+  };
+  c.call_timeout = std::chrono::milliseconds{300};
+  return c;
+}
+
 TEST_F(Node, APinningRequestPastTheCallTimeoutLeavesNoPin) {
   // The node's call gives up at call_timeout (300 ms), long before the
   // balancer's request_timeout, while the engine is still computing the
@@ -2240,13 +2253,7 @@ TEST_F(Node, APinningRequestPastTheCallTimeoutLeavesNoPin) {
   auto held = std::make_shared<gate>();
   auto began = std::make_shared<gate>();
   gate_opener opener{held};
-  auto c = small_node();
-  c.engines = 1;
-  c.engine.make_producer = [held, began] {
-    return std::make_unique<held_producer>(held, 77, began);
-  };
-  c.call_timeout = std::chrono::milliseconds{300};
-  auto n = node::start(*sys_, c);
+  auto n = node::start(*sys_, held_at_77(held, began));
   ASSERT_TRUE(n.has_value()) << n.error().describe();
   node& nd = **n;
   held->close();
@@ -2286,13 +2293,7 @@ TEST_F(Node, APutBlockPastTheCallTimeoutLeavesTheKeyFree) {
   auto held = std::make_shared<gate>();
   auto began = std::make_shared<gate>();
   gate_opener opener{held};
-  auto c = small_node();
-  c.engines = 1;
-  c.engine.make_producer = [held, began] {
-    return std::make_unique<held_producer>(held, 77, began);
-  };
-  c.call_timeout = std::chrono::milliseconds{300};
-  auto n = node::start(*sys_, c);
+  auto n = node::start(*sys_, held_at_77(held, began));
   ASSERT_TRUE(n.has_value()) << n.error().describe();
   node& nd = **n;
   held->close();

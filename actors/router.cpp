@@ -95,14 +95,16 @@ result<void> check_weight(double weight) {
 
 result<std::uint32_t>
 router::add_slot(double weight, bool reuse,
-                 const std::function<bool(std::uint32_t)>& last_resort) {
+                 const std::function<bool(std::uint32_t)>& last_resort,
+                 std::optional<std::uint32_t> exclude) {
   if (auto ok = check_weight(weight); !ok)
     return unexpected<error>{ok.error()};
   const slot_state fresh{weight, 0, true, false, false, 0};
   const auto take_removed =
       [&](bool resorting) -> std::optional<std::uint32_t> {
     for (std::uint32_t i = 0; reuse && i < slots_.size(); ++i) {
-      if (slots_[i].removed && (resorting || !last_resort || !last_resort(i))) {
+      if (slots_[i].removed && i != exclude &&
+          (resorting || !last_resort || !last_resort(i))) {
         slots_[i] = fresh;
         return i;
       }

@@ -124,10 +124,11 @@ public:
   /// up already). A removed slot for which `last_resort` is true (the
   /// balancer's slots whose last start failed, when a replica just failed
   /// in one) is taken only when no other removed slot and no new slot is
-  /// left.
+  /// left; `exclude` (the slot it just failed in) never.
   result<std::uint32_t>
   add_slot(double weight = 1.0, bool reuse = true,
-           const std::function<bool(std::uint32_t)>& last_resort = {});
+           const std::function<bool(std::uint32_t)>& last_resort = {},
+           std::optional<std::uint32_t> exclude = std::nullopt);
   /// The slot's engine is gone for good (retired): the slot takes no
   /// requests, its index entries and load are forgotten, and add_slot may
   /// hand it out again. Its number stays (slot_count() does not shrink).

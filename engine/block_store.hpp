@@ -655,14 +655,14 @@ public:
   /// (a nested pin adds no bytes and is never refused).
   [[nodiscard]] result<void> pin(ns_id ns, const block_key& key);
   [[nodiscard]] result<void> unpin(ns_id ns, const block_key& key);
-  /// Slot bytes of the blocks in memory that are pinned (dead ones a
-  /// reader still holds included), and the most they may take.
   /// Expiry marks the store keeps (a heap of them, for making room from
   /// expired blocks first): at most about twice the blocks with a TTL, once
   /// stale and repeated ones are dropped.
   [[nodiscard]] std::size_t expiry_marks() const noexcept {
     return expiry_heap_.size();
   }
+  /// Slot bytes of the blocks in memory that are pinned (dead ones a
+  /// reader still holds included), and the most they may take.
   [[nodiscard]] std::size_t pinned_bytes() const noexcept {
     return pinned_bytes_;
   }

@@ -114,11 +114,15 @@ TEST_P(policy_priorities, victim_of_a_priority_is_the_first_of_it_in_order) {
 /// Token-free store simulation over `policy`: `capacity` ids, room made
 /// from 90% down to 80% as the store does (so the resident count the policy
 /// sees moves between the two), `accesses` accesses to the keys `next_key`
-/// gives. `on_access(i, hit)` hears each one.
-template <class NextKey, class OnAccess>
+/// gives. `on_access(i, hit)` hears each one, `after_hit(i, id)` each hit
+/// once the policy has it.
+struct no_after_hit {
+  void operator()(std::uint64_t, std::uint32_t) const noexcept {}
+};
+template <class NextKey, class OnAccess, class AfterHit = no_after_hit>
 void simulate_store(eviction_policy& policy, std::uint32_t capacity,
                     std::uint64_t accesses, NextKey next_key,
-                    OnAccess on_access) {
+                    OnAccess on_access, AfterHit after_hit = {}) {
   policy.reserve(capacity);
   const std::size_t high = capacity * 9 / 10;
   const std::size_t low = capacity * 8 / 10;
@@ -136,6 +140,7 @@ void simulate_store(eviction_policy& policy, std::uint32_t capacity,
       on_access(i, true);
       info.resident_blocks = where.size();
       policy.on_access(it->second, info, false);
+      after_hit(i, it->second);
       continue;
     }
     on_access(i, false);
@@ -222,58 +227,33 @@ INSTANTIATE_TEST_SUITE_P(every_policy, policy_priorities,
 } // namespace
 TEST(adaptive_policy,
      the_block_accessed_at_a_half_life_switch_is_not_the_victim) {
-  // Uniform accesses over 1.5x a store of 4,096 blocks, evicting from the
-  // 0.9 to the 0.8 watermark: the duel switches the half-life now and
-  // then, at an access, and retakes every score. The block accessed then
-  // is scored under the new half-life too, so it is never the victim
-  // right after. (Before, it kept the old one: 2 of 3 switches made the
-  // block just hit the next to go.)
+  // Uniform accesses over 1.5x a store of 4,096 blocks: the duel switches
+  // the half-life now and then, at an access, and retakes every score. The
+  // block accessed then is scored under the new half-life too, so it is
+  // never the victim right after. (Before, it kept the old one: 2 of 3
+  // switches made the block just hit the next to go.)
   auto policy = make_policy(policy_kind::adaptive);
   constexpr std::uint32_t capacity = 4096;
-  policy->reserve(capacity);
-  const std::size_t high = capacity * 9 / 10;
-  const std::size_t low = capacity * 8 / 10;
-  std::unordered_map<std::uint64_t, std::uint32_t> where;
-  std::vector<std::uint64_t> key_of(capacity);
-  std::vector<std::uint32_t> free_ids;
-  for (std::uint32_t id = capacity; id-- > 0;)
-    free_ids.push_back(id);
   std::mt19937_64 gen(5);
   int switches = 0;
+  std::uint64_t rescores = 0;
   bool settled = false;
-  for (std::uint64_t i = 0; i < 4'000'000; ++i) {
-    const std::uint64_t key = gen() % (capacity + capacity / 2);
-    access_info info;
-    info.tick = i + 1;
-    info.count = 1;
-    info.key_hash = key * 0x9E3779B97F4A7C15ULL;
-    if (const auto it = where.find(key); it != where.end()) {
-      info.resident_blocks = where.size();
-      const auto before = policy->full_rescores();
-      policy->on_access(it->second, info, false);
-      if (settled && policy->full_rescores() != before) {
+  simulate_store(
+      *policy, capacity, 4'000'000,
+      [&] { return gen() % (capacity + capacity / 2); },
+      [&](std::uint64_t, bool hit) {
+        rescores = policy->full_rescores();
+        // Once the store is full it evicts (the basis then moves only on
+        // a switch).
+        settled =
+            settled || (!hit && policy->evictable_count() >= capacity * 9 / 10);
+      },
+      [&](std::uint64_t i, std::uint32_t id) {
+        if (!settled || policy->full_rescores() == rescores)
+          return;
         ++switches;
-        EXPECT_NE(policy->victim(), it->second) << "access " << i;
-      }
-      continue;
-    }
-    if (where.size() >= high) {
-      settled = true;
-      while (where.size() > low) {
-        const auto v = policy->victim();
-        policy->on_remove(v);
-        where.erase(key_of[v]);
-        free_ids.push_back(v);
-      }
-    }
-    const auto id = free_ids.back();
-    free_ids.pop_back();
-    where.emplace(key, id);
-    key_of[id] = key;
-    info.resident_blocks = where.size();
-    policy->on_access(id, info, true);
-    policy->set_evictable(id, true);
-  }
+        EXPECT_NE(policy->victim(), id) << "access " << i;
+      });
   EXPECT_GT(switches, 0) << "no switch to check";
 }
 
