@@ -2466,6 +2466,15 @@ TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   }
   EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 2, 0, 3}));
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
+  // A free slot whose start did not fail goes first: once slot 3 is
+  // retired, the next replica starts there, not in slot 0.
+  ASSERT_EQ(ask_now<std::uint32_t>(b, retire_atom::value), 2U);
+  sched_->run();
+  tried->clear();
+  auto again = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(again->value.has_value()) << caf::to_string(*again->error);
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{3}));
   *null_actor = true;
   auto none = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
@@ -2476,17 +2485,17 @@ TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
 }
 
-TEST_F(actor_test, AtTheSlotLimitAReplicaIsRetriedInAnotherFailedSlot) {
-  // Slot 0 is broken for good; a host-wide outage then fails every start
-  // while 62 replicas are asked for, so all 64 slots have been used and
-  // every free one last failed. Once the outage ends, a replica that fails
-  // in slot 0 is tried once more in the next failed slot, not in slot 0
-  // again, and starts there.
+TEST_F(actor_test, FailedReplicasInARowAddOneSlotAndNeverRetryTheFailedOne) {
+  // Slot 0 is broken for good; an outage then fails every start while
+  // five replicas are asked for. Each fails in slot 0, then in one new
+  // slot, 3, and after that in free slot 3 again: one slot more, not one
+  // per failure. Once the outage ends, a replica that fails in slot 0 is
+  // tried in slot 3, never in slot 0 again, and starts there.
   auto broken = std::make_shared<bool>(false);
   auto outage = std::make_shared<bool>(false);
   auto tried = std::make_shared<std::vector<std::uint32_t>>();
   balancer_config bc;
-  bc.initial_engines = 2;
+  bc.initial_engines = 3;
   bc.max_restarts = 0;
   auto b = started_balancer(
       bc,
@@ -2506,21 +2515,23 @@ TEST_F(actor_test, AtTheSlotLimitAReplicaIsRetriedInAnotherFailedSlot) {
       caf::exit_reason::kill);
   sched_->run();
   *outage = true;
-  for (int i = 0; i < 62; ++i) {
+  tried->clear();
+  for (int i = 0; i < 5; ++i) {
     auto failed = ask<std::uint32_t>(b, replica_atom::value);
     sched_->run();
     ASSERT_TRUE(failed->error.has_value()) << i;
   }
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3, 0, 3, 0, 3, 0, 3, 0, 3}));
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
-  ASSERT_EQ(st.up.size(), router::max_slots);
-  EXPECT_EQ(st.live, 1U);
+  EXPECT_EQ(st.up.size(), 4U);
+  EXPECT_EQ(st.live, 2U);
   *outage = false;
   tried->clear();
   auto replica = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
   ASSERT_TRUE(replica->value.has_value()) << caf::to_string(*replica->error);
-  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 2}));
-  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 2U);
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3}));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
 }
 
 TEST_F(actor_test, AnInitialStartThatThrowsLeavesTheOtherEnginesServing) {

@@ -338,28 +338,33 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   // failed first start gives its slot up at once, and reusing it asked the
   // factory for that slot again (the same device or directory) while the
   // next slot's was never tried.
-  auto slot = st.route.add_slot(1.0, /*reuse=*/!retry);
+  // A free slot whose last start failed goes after the other free slots.
+  const auto suspect = [&](std::uint32_t i) {
+    return i < st.slots.size() && st.slots[i].suspect;
+  };
+  auto slot = st.route.add_slot(1.0, /*reuse=*/!retry, suspect);
   if (!slot)
     return unexpected<error>{slot.error()};
-  const bool was_suspect = *slot < st.slots.size() && st.slots[*slot].suspect;
+  const bool was_suspect = suspect(*slot);
   auto started = start_in_slot(self, *slot, retry);
   if (started || retry || !was_suspect)
     return started;
   // A replica that failed in a free slot whose last start failed too
   // (given up, or an earlier replica's): that slot's device or directory
-  // may be broken, so it is tried once more in another free slot, those
-  // whose last start failed last, or a new one; never in that slot again,
-  // and with no other slot free the first failure is the answer. (Before,
-  // every replica took that lowest free slot and failed there, and the
-  // fleet could not grow back.)
-  auto other = st.route.add_slot(
-      1.0, true,
-      [&](std::uint32_t i) {
-        return i < st.slots.size() && st.slots[i].suspect;
-      },
-      *slot);
+  // may be broken, so it is tried once more in another free slot (those
+  // whose last start failed after the others) or a new one; never in that
+  // slot again, and with no other slot left the first failure is the
+  // answer. (Before, every replica took that lowest free slot and failed
+  // there, and the fleet could not grow back.) Free slots go before new
+  // ones, so failures in a row add at most one slot.
+  auto other = st.route.add_slot(1.0, true, suspect, *slot);
   if (!other)
     return started;
+  std::fprintf(stderr,
+               "kvfleet: balancer: a replica did not start in free slot %u, "
+               "whose last start had failed too (%s); trying slot %u\n",
+               static_cast<unsigned>(*slot), started.error().describe().c_str(),
+               static_cast<unsigned>(*other));
   return start_in_slot(self, *other, false);
 }
 

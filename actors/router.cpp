@@ -95,16 +95,14 @@ result<void> check_weight(double weight) {
 
 result<std::uint32_t>
 router::add_slot(double weight, bool reuse,
-                 const std::function<bool(std::uint32_t)>& last_resort,
+                 const std::function<bool(std::uint32_t)>& later,
                  std::optional<std::uint32_t> exclude) {
   if (auto ok = check_weight(weight); !ok)
     return unexpected<error>{ok.error()};
   const slot_state fresh{weight, 0, true, false, false, 0};
-  const auto take_removed =
-      [&](bool resorting) -> std::optional<std::uint32_t> {
+  const auto take_removed = [&](bool any) -> std::optional<std::uint32_t> {
     for (std::uint32_t i = 0; reuse && i < slots_.size(); ++i) {
-      if (slots_[i].removed && i != exclude &&
-          (resorting || !last_resort || !last_resort(i))) {
+      if (slots_[i].removed && i != exclude && (any || !later || !later(i))) {
         slots_[i] = fresh;
         return i;
       }
@@ -113,12 +111,12 @@ router::add_slot(double weight, bool reuse,
   };
   if (const auto i = take_removed(false))
     return *i;
+  if (const auto i = take_removed(true))
+    return *i;
   if (slots_.size() < max_slots) {
     slots_.push_back(fresh);
     return static_cast<std::uint32_t>(slots_.size() - 1);
   }
-  if (const auto i = take_removed(true))
-    return *i;
   return make_error(errc::unavailable,
                     "no free engine slot: all " + std::to_string(max_slots) +
                         " are in use (retire an engine first)");

@@ -121,13 +121,13 @@ public:
   /// (before, taken as 1), errc::unavailable when all max_slots are in use.
   /// With `reuse` false, always a new slot (the balancer's initial
   /// engines: each gets its own slot, even when an earlier one was given
-  /// up already). A removed slot for which `last_resort` is true (the
-  /// balancer's slots whose last start failed, when a replica just failed
-  /// in one) is taken only when no other removed slot and no new slot is
-  /// left; `exclude` (the slot it just failed in) never.
+  /// up already). A removed slot for which `later` is true (the
+  /// balancer's slots whose last start failed) is taken only when no other
+  /// removed slot is left, and `exclude` (the slot a replica just failed
+  /// in) never.
   result<std::uint32_t>
   add_slot(double weight = 1.0, bool reuse = true,
-           const std::function<bool(std::uint32_t)>& last_resort = {},
+           const std::function<bool(std::uint32_t)>& later = {},
            std::optional<std::uint32_t> exclude = std::nullopt);
   /// The slot's engine is gone for good (retired): the slot takes no
   /// requests, its index entries and load are forgotten, and add_slot may
