@@ -2424,6 +2424,33 @@ TEST_F(actor_test, AFactoryThatThrowsIsAFailedStartNotTheFleetsEnd) {
   EXPECT_NE(e.message.find("no thread (test)"), std::string::npos) << e.message;
 }
 
+/// An engine factory that records the slots it is asked for and fails for
+/// slot 0 once `broken`, for every slot during an `outage`, and returns a
+/// null actor while `null_actor`.
+struct broken_slot_factory {
+  std::shared_ptr<bool> broken = std::make_shared<bool>(false);
+  std::shared_ptr<bool> outage = std::make_shared<bool>(false);
+  std::shared_ptr<bool> null_actor = std::make_shared<bool>(false);
+  std::shared_ptr<std::vector<std::uint32_t>> tried =
+      std::make_shared<std::vector<std::uint32_t>>();
+
+  [[nodiscard]] engine_factory make() const {
+    return [f = *this](caf::actor_system& s,
+                       std::uint32_t slot) -> result<started_engine> {
+      f.tried->push_back(slot);
+      if (*f.null_actor)
+        return started_engine{caf::actor{}};
+      if (*f.outage)
+        return make_error(errc::io_error, "no device (outage)");
+      if (slot == 0 && *f.broken)
+        return make_error(errc::io_error, "slot 0's directory is damaged");
+      auto c = small_engine(64);
+      c.slot = slot;
+      return started_now(spawn_engine_actor(s, c));
+    };
+  }
+};
+
 TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   // Slot 0 breaks (its directory, say): its engine dies and every start
   // for slot 0 fails, so it is given up. A replica asked for then is tried
@@ -2432,24 +2459,14 @@ TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   // failed there: the fleet could not grow back.) A factory that returns a
   // null actor is a failed start too (before, monitoring it crashed the
   // process).
-  auto broken = std::make_shared<bool>(false);
-  auto null_actor = std::make_shared<bool>(false);
-  auto tried = std::make_shared<std::vector<std::uint32_t>>();
+  broken_slot_factory f;
+  const auto& broken = f.broken;
+  const auto& null_actor = f.null_actor;
+  const auto& tried = f.tried;
   balancer_config bc;
   bc.initial_engines = 2;
   bc.max_restarts = 2;
-  auto b = started_balancer(
-      bc,
-      [=](caf::actor_system& s, std::uint32_t slot) -> result<started_engine> {
-        tried->push_back(slot);
-        if (*null_actor)
-          return started_engine{caf::actor{}};
-        if (slot == 0 && *broken)
-          return make_error(errc::io_error, "slot 0's directory is damaged");
-        auto c = small_engine(64);
-        c.slot = slot;
-        return started_now(spawn_engine_actor(s, c));
-      });
+  auto b = started_balancer(bc, f.make());
   *broken = true;
   caf::anon_send_exit(
       ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
@@ -2491,24 +2508,14 @@ TEST_F(actor_test, FailedReplicasInARowAddOneSlotAndNeverRetryTheFailedOne) {
   // slot, 3, and after that in free slot 3 again: one slot more, not one
   // per failure. Once the outage ends, a replica that fails in slot 0 is
   // tried in slot 3, never in slot 0 again, and starts there.
-  auto broken = std::make_shared<bool>(false);
-  auto outage = std::make_shared<bool>(false);
-  auto tried = std::make_shared<std::vector<std::uint32_t>>();
+  broken_slot_factory f;
+  const auto& broken = f.broken;
+  const auto& outage = f.outage;
+  const auto& tried = f.tried;
   balancer_config bc;
   bc.initial_engines = 3;
   bc.max_restarts = 0;
-  auto b = started_balancer(
-      bc,
-      [=](caf::actor_system& s, std::uint32_t slot) -> result<started_engine> {
-        tried->push_back(slot);
-        if (*outage)
-          return make_error(errc::io_error, "no device (outage)");
-        if (slot == 0 && *broken)
-          return make_error(errc::io_error, "slot 0's directory is damaged");
-        auto c = small_engine(64);
-        c.slot = slot;
-        return started_now(spawn_engine_actor(s, c));
-      });
+  auto b = started_balancer(bc, f.make());
   *broken = true;
   caf::anon_send_exit(
       ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),

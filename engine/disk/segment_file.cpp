@@ -421,13 +421,9 @@ result<record_header> segment_file::read(std::uint64_t offset,
                                          std::span<std::byte> payload,
                                          bool verify) const {
   const std::uint64_t end = offset + record_header_bytes + payload.size();
-  if (end > size_)
-    return make_error(errc::checksum_mismatch,
-                      "record at " + std::to_string(offset) + " of " + path_ +
-                          " is cut short");
-  if (map_to(end))
+  if (end <= size_ && map_to(end))
     return read_mapped(offset, expect_key, payload, verify);
-  return read_pread(offset, expect_key, payload, verify);
+  return read_unmapped(offset, expect_key, payload, verify);
 }
 
 result<record_header> segment_file::read_unmapped(std::uint64_t offset,
