@@ -1757,6 +1757,64 @@ TEST_F(actor_test, AGivenUpSlotIsFreedForTheNextReplica) {
   EXPECT_EQ(engines, (std::set<std::uint32_t>{0, 1}));
 }
 
+TEST_F(actor_test, AnEngineThatRanRestartWindowGetsItsRestartsBack) {
+  // max_restarts 1 in a row: an engine that ran restart_window (1 s)
+  // before it failed starts the count again and is restarted, where a
+  // count for the slot's life gave it up; one that fails right after its
+  // restart is given up.
+  balancer_config bc;
+  bc.routing.policy = routing_policy::round_robin;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  bc.restart_window = std::chrono::seconds{1};
+  auto b = small_balancer(bc);
+  sched_->run();
+  auto kill_engine_0 = [&] {
+    caf::anon_send_exit(
+        ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+        caf::exit_reason::kill);
+    sched_->run();
+    pass_restart_delays(bc, 1);
+  };
+  kill_engine_0(); // restart 1 of 1
+  sched_->advance_time(std::chrono::seconds{1});
+  sched_->run();
+  kill_engine_0(); // ran 1 s: restart 1 of 1 again
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
+  EXPECT_EQ(st.restarts, 2U);
+  EXPECT_EQ(st.given_up, 0U);
+  sched_->advance_time(std::chrono::milliseconds{999});
+  sched_->run();
+  kill_engine_0(); // ran 999 ms: no restart left
+  st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+  EXPECT_EQ(st.restarts, 2U);
+  EXPECT_EQ(st.given_up, 1U);
+}
+
+TEST_F(actor_test, RestartWindowZeroCountsRestartsForTheSlotsLife) {
+  balancer_config bc;
+  bc.routing.policy = routing_policy::round_robin;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  bc.restart_window = std::chrono::milliseconds{0};
+  auto b = small_balancer(bc);
+  sched_->run();
+  for (int i = 0; i < 2; ++i) {
+    caf::anon_send_exit(
+        ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+        caf::exit_reason::kill);
+    sched_->run();
+    pass_restart_delays(bc, 1);
+    sched_->advance_time(std::chrono::hours{1});
+    sched_->run();
+  }
+  const auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+}
+
 /// An engine factory that counts its calls and fails while `failing`:
 /// with an error value, or by throwing when `throwing`.
 struct flaky_factory {
@@ -1831,6 +1889,53 @@ caf::behavior opening_engine(caf::stateful_actor<opening_engine_state>* self) {
         return rep;
       },
   };
+}
+
+TEST_F(actor_test, AnOpeningEnginesRestartWindowStartsWhenItIsReady) {
+  // The restart of slot 0 opens its store (started_engine::opening) for
+  // 2 s, longer than restart_window (1 s), and fails as soon as it is
+  // ready: it took requests for no time at all, so with max_restarts 1 it
+  // is given up (its time opening does not count as running).
+  auto opening = std::make_shared<caf::actor>();
+  balancer_config bc;
+  bc.routing.policy = routing_policy::round_robin;
+  bc.initial_engines = 2;
+  bc.max_restarts = 1;
+  bc.restart_window = std::chrono::seconds{1};
+  auto starts = std::make_shared<int>(0);
+  auto b = started_balancer(
+      bc,
+      [opening, starts](caf::actor_system& s,
+                        std::uint32_t slot) -> result<started_engine> {
+        if (slot != 0 || (*starts)++ == 0) {
+          auto c = small_engine(64);
+          c.slot = slot;
+          return started_now(spawn_engine_actor(s, c));
+        }
+        *opening = s.spawn(opening_engine);
+        return started_engine{*opening, true};
+      });
+  sched_->run();
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  pass_restart_delays(bc, 1); // the restart, opening
+  ASSERT_TRUE(*opening);
+  sched_->advance_time(std::chrono::seconds{2});
+  sched_->run();
+  caf::anon_send(*opening, ready_atom::value, true);
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up,
+            (std::vector<std::uint8_t>{1, 1}));
+  caf::anon_send_exit(*opening, caf::exit_reason::kill);
+  sched_->run();
+  pass_restart_delays(bc, 1);
+  const auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
+  EXPECT_EQ(st.restarts, 1U);
+  EXPECT_EQ(st.given_up, 1U);
+  EXPECT_EQ(*starts, 2);
 }
 
 /// An engine that answers every request at once, its reply saying it

@@ -41,7 +41,11 @@ struct slot_info {
   caf::actor engine;
   std::uint64_t generation = 0; ///< bumps at every (re)start
   std::uint64_t routed = 0;
+  /// Restarts in a row (restart_or_give_up).
   std::uint32_t restarts = 0;
+  /// When its engine began taking requests (now_ns), or -1 while it has
+  /// none that does: how long it ran before it failed.
+  std::int64_t up_since_ns = -1;
   bool retiring = false;
   bool retired = false;
   /// Its engine failed after max_restarts restarts: like a retired slot,
@@ -158,6 +162,7 @@ void engine_ready(balancer_actor* self, std::uint32_t slot,
   if (info.generation != generation || !info.opening)
     return; // that engine is gone already
   info.opening = false;
+  info.up_since_ns = now_ns(self);
   st.route.set_up(slot, true);
   if (info.replica.pending())
     info.replica.deliver(static_cast<std::uint32_t>(st.route.live_slots()));
@@ -233,8 +238,11 @@ result<void> start_engine(balancer_actor* self, std::uint32_t slot,
               });
   }
   self->send(info.engine, listen_atom::value, caf::actor{self});
-  if (!info.opening)
+  info.up_since_ns = -1;
+  if (!info.opening) {
+    info.up_since_ns = now_ns(self);
     st.route.set_up(slot, true);
+  }
   return {};
 }
 
@@ -261,11 +269,17 @@ void give_up(balancer_actor* self, std::uint32_t slot, const std::string& why) {
 /// A restart is scheduled while the slot has restarts left (a start that
 /// fails used one up too, so a factory that always fails ends here, not in
 /// an endless retry loop, and logged with `why`); else the slot is given
-/// up.
+/// up. An engine that took requests for restart_window before it failed
+/// gets the slot's whole count again.
 void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
                         const std::string& why) {
   auto& s = self->state;
   auto& info = s.slots[slot];
+  const auto window = std::chrono::nanoseconds{s.config.restart_window}.count();
+  if (window > 0 && info.up_since_ns >= 0 &&
+      now_ns(self) - info.up_since_ns >= window)
+    info.restarts = 0;
+  info.up_since_ns = -1;
   if (info.restarts >= s.config.max_restarts) {
     give_up(self, slot, why);
     return;
@@ -1014,6 +1028,10 @@ result<void> validate(const balancer_config& config) {
     return ok;
   if (auto ok = check_duration("balancer_config.restart_delay",
                                config.restart_delay, true);
+      !ok)
+    return ok;
+  if (auto ok = check_duration("balancer_config.restart_window",
+                               config.restart_window, true);
       !ok)
     return ok;
   // Zero would give a retired engine's disk no time at all.

@@ -115,13 +115,17 @@
 /// recovers what its directory holds); it rejoins the rotation when the new
 /// actor is up (started_engine::opening: when it answered ready_atom, its
 /// store made off the balancer's thread).
-/// A slot's engine is restarted at most `max_restarts` times, and a start
-/// whose factory fails (the first start of a slot included) is retried
-/// after `restart_delay` as one of those restarts: a slot gets at most
-/// max_restarts + 1 factory calls. When its engine fails (stops, or its
-/// start fails) after that it is given up (one line on stderr): the slot is
-/// freed like a retired engine's, so the next replica takes it, and stats
-/// count it in `given_up`, no longer as a slot in use.
+/// A slot's engine is restarted at most `max_restarts` times in a row, and
+/// a start whose factory fails (the first start of a slot included) is
+/// retried after `restart_delay` as one of those restarts: a slot gets at
+/// most max_restarts + 1 factory calls in a row. An engine that then runs
+/// for `restart_window` (from the time it took requests) before it fails
+/// starts the count again, so an engine that fails once a day is not given
+/// up after max_restarts days (0: never, the count is for the slot's
+/// life). When its engine fails (stops, or its start fails) with no
+/// restarts left it is given up (one line on stderr): the slot is freed
+/// like a retired engine's, so the next replica takes it, and stats count
+/// it in `given_up`, no longer as a slot in use.
 
 #include "actors/router.hpp"
 
@@ -138,8 +142,12 @@ struct balancer_config {
   router_config routing{};
   std::chrono::milliseconds request_timeout{5'000};
   std::chrono::milliseconds restart_delay{100};
-  /// Restarts per slot, failed starts included; then the slot is given up.
+  /// Restarts per slot in a row, failed starts included; then the slot is
+  /// given up.
   std::uint32_t max_restarts = 100;
+  /// An engine that ran this long before it failed starts its slot's
+  /// restart count again (0: the count is never reset).
+  std::chrono::milliseconds restart_window{600'000};
   /// How long a retired engine with a disk tier may take to persist its
   /// cached blocks before it exits (persist_atom's timeout; the balancer
   /// waits at most this plus request_timeout for the answer).

@@ -331,6 +331,11 @@ TEST_F(Node, StartRejectsConfigurationsThatBreakInvariants) {
          c.balancer.request_timeout = std::chrono::milliseconds{0};
        },
        "balancer_config.request_timeout"},
+      {"negative balancer restart window",
+       [](node_config& c) {
+         c.balancer.restart_window = std::chrono::milliseconds{-1};
+       },
+       "balancer_config.restart_window"},
       {"warmer parallelism 0", [](node_config& c) { c.warmer.parallelism = 0; },
        "warmer_config.parallelism"},
   };
