@@ -1330,6 +1330,34 @@ TEST(TransitionModel, PredictsLearnedPattern) {
   EXPECT_FALSE(m.predict("B").has_value());
 }
 
+TEST(TransitionModel, ARepeatIsATransitionLikeAnyOther) {
+  // Session 7 asks A 100 times, then B once: B followed A in 1 of 100
+  // transitions, overall and in the session (before, repeats were not
+  // counted and B read confidence 1).
+  auto m = model(transition_config{});
+  for (int i = 0; i < 100; ++i)
+    m.observe(7, "A");
+  m.observe(7, "B");
+  for (const auto& p : {m.predict("A"), m.predict(7, "A")}) {
+    ASSERT_TRUE(p);
+    EXPECT_EQ(p->query, "A");
+    EXPECT_NEAR(p->confidence, 99.0 / 100.0, 1e-9);
+  }
+  // A query a session keeps coming back to learns that it repeats, not
+  // only where the session went after it.
+  auto r = model(transition_config{});
+  for (std::uint64_t session = 1; session <= 5; ++session) {
+    r.observe(session, "round:1");
+    for (int i = 0; i < 3; ++i)
+      r.observe(session, "round:2");
+    r.observe(session, "end");
+  }
+  const auto p = r.predict("round:2");
+  ASSERT_TRUE(p);
+  EXPECT_EQ(p->query, "round:2");
+  EXPECT_NEAR(p->confidence, 10.0 / 15.0, 1e-9);
+}
+
 TEST(TransitionModel, SessionsDoNotCrossTalk) {
   auto m = model(transition_config{});
   m.observe(1, "A");

@@ -58,7 +58,11 @@ void transition_model::observe(std::uint64_t session,
   } else {
     session_lru_.splice(session_lru_.begin(), session_lru_, it->second.lru);
   }
-  if (!it->second.last.empty() && it->second.last != query) {
+  // A repeat (A -> A: a client polling, or asking again) is a transition
+  // like any other: left out, after 100 A -> A and one A -> B the model
+  // gave B confidence 1, and a repeated last query learned no successor
+  // but the one it left to.
+  if (!it->second.last.empty()) {
     count(it->second.last, query);
     // Session 0 is every request without a session: no one's own habits.
     if (session != 0)

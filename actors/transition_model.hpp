@@ -2,15 +2,16 @@
 /// First-order query transitions for predictive prefetch, in bounded memory.
 ///
 /// observe(session, q) counts the transition prev -> q, where prev is that
-/// session's previous query: transitions are found per session (0 is one
-/// anonymous stream) and counted in one overall table. For each query
-/// it keeps at most `top_k` successors and one slot more for newcomers.
-/// When they are full, a new successor replaces the weakest and takes over
-/// its count plus one, recorded as that much possible overcount (the
-/// space-saving summary), so a pattern that recurs more often than the
-/// weakest kept one gets in however strong the old ones were, while a
-/// one-off among strong successors only replaces the weakest one-off (with
-/// top_k 1 too: the spare slot takes it). Counts age: every
+/// session's previous query (q itself too: a repeat is a transition, so a
+/// query that mostly repeats gives its other successors a low confidence):
+/// transitions are found per session (0 is one anonymous stream) and counted in
+/// one overall table. For each query it keeps at most `top_k` successors and
+/// one slot more for newcomers. When they are full, a new successor replaces
+/// the weakest and takes over its count plus one, recorded as that much
+/// possible overcount (the space-saving summary), so a pattern that recurs more
+/// often than the weakest kept one gets in however strong the old ones were,
+/// while a one-off among strong successors only replaces the weakest one-off
+/// (with top_k 1 too: the spare slot takes it). Counts age: every
 /// `aging_interval` observations all counts are multiplied by `decay`, and
 /// successors below `min_count` are dropped, so a pattern that stops recurring
 /// is forgotten (an `aging_interval` of 0 never ages by itself: only age()
