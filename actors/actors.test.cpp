@@ -3317,6 +3317,29 @@ TEST_F(actor_test, ScalerSendsNoStatsRequestWhileOneIsOnItsWay) {
   EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
 }
 
+TEST_F(actor_test, ScalerTakesATimeoutShorterThanItsTargetAsTooSlow) {
+  // Every request times out at 100 ms (a balancer request_timeout below
+  // the 500 ms target): nobody got a reply in time, so the fleet scales
+  // up. Before, the waits were the samples, p95 100 ms read as below 0.3x
+  // the target, and the scaler would retire or shrink.
+  auto f = std::make_shared<slow_fleet>();
+  auto b = sys_->spawn(slow_balancer, f);
+  stop_at_end_.push_back(b);
+  auto decisions = std::make_shared<std::vector<scale_decision>>();
+  auto s = quick_scaler(b, 1, decisions);
+  sched_->run();
+  for (int i = 0; i < 10; ++i)
+    caf::anon_send(s, latency_atom::value, kv_request{},
+                   std::int64_t{100'000'000});
+  sched_->run();
+  sched_->advance_time(1s);
+  sched_->run();
+  ASSERT_EQ(decisions->size(), 1U);
+  EXPECT_EQ(decisions->back().action, scale_action::spawn_replica);
+  EXPECT_GT(ask_now<scaler_stats>(s, stats_atom::value).last_p95_ns,
+            500'000'000);
+}
+
 TEST_F(actor_test, ScalerIgnoresTheLatencyOfWarmAndBackgroundRequests) {
   // Warm queries and background work wait behind served traffic at low
   // priority: their latencies, answered or timed out, are no samples at

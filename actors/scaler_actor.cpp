@@ -5,6 +5,7 @@
 #include "actors/messages.hpp"
 #include "actors/stray_messages.hpp"
 
+#include <algorithm>
 #include <exception>
 #include <iostream>
 #include <optional>
@@ -264,9 +265,15 @@ caf::behavior scaler_behavior(scaler_actor* self, scaler_actor_config config,
       [=](observe_atom, const kv_request& req, const kv_reply&,
           std::int64_t latency) { sample(self, req, latency); },
       // A request the balancer timed out: its wait is a sample too, else
-      // a fleet whose requests all time out would look idle.
+      // a fleet whose requests all time out would look idle. At least just
+      // above the target: nobody got its reply in time, and a balancer
+      // request_timeout (or a node call deadline) at or below the target
+      // made every timeout read as fast, so such a fleet never grew and
+      // could even shrink.
       [=](latency_atom, const kv_request& req, std::int64_t latency) {
-        sample(self, req, latency);
+        const auto above =
+            engine::nanos{self->state.config.policy.target}.count() + 1;
+        sample(self, req, std::max(latency, above));
       },
       [=](const block_events&) {},
       [=](evaluate_atom, bool periodic) {

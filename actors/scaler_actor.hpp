@@ -12,8 +12,11 @@
 ///       prefetch is ignored, since nobody waits for it and it must not
 ///       drive decisions meant for the requests that are waited for
 ///   (latency_atom, kv_request, int64 latency_ns)  a sample of a request
-///       the balancer timed out (the time it waited), so a fleet whose
-///       requests time out does not look idle (the same requests count)
+///       the balancer timed out (the time it waited, or 1 ns above the
+///       target when it waited less: a request_timeout at or below the
+///       target would otherwise make every timeout read as fast), so a
+///       fleet whose requests time out does not look idle (the same
+///       requests count)
 ///   (evaluate_atom)  decides (also runs every `interval`): first asks the
 ///       balancer for its balancer_stats and counts every engine it gave up
 ///       since the last time (`given_up`: failed after max_restarts) as a
