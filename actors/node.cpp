@@ -481,8 +481,14 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     return unexpected<error>{
         stopped_engines(sys, *ready, c.call_timeout, balancer.error())};
   n->balancer_ = std::move(*balancer);
-  // From here on a failure returns with `n`, whose destructor stops what
-  // was spawned.
+  // From here on a failure stops what was spawned and waits for the
+  // engines (as a start that fails before the balancer does), so a host
+  // that starts again finds their disk directories unlocked; before, `n`'s
+  // destructor only told the actors to exit.
+  const auto failed = [&](const error& why) {
+    (void)n->stop(c.call_timeout);
+    return unexpected<error>{why};
+  };
   // Items checked against the engines' block size, as the query cache's
   // requests are, unless the configuration says otherwise.
   auto wc = c.warmer;
@@ -490,7 +496,7 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     wc.block_tokens = c.engine.ns.block_tokens;
   auto warmer = actors::spawn_warmer(sys, wc, n->balancer_);
   if (!warmer)
-    return unexpected<error>{warmer.error()};
+    return failed(warmer.error());
   n->warmer_ = std::move(*warmer);
   if (c.query_cache) {
     // The cache refuses a request the engines would refuse before it is
@@ -500,7 +506,7 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     auto cache = actors::spawn_query_cache(sys, cc, n->balancer_,
                                            std::move(query_store));
     if (!cache)
-      return unexpected<error>{cache.error()};
+      return failed(cache.error());
     n->cache_ = std::move(*cache);
   }
   if (c.scaler) {
@@ -509,7 +515,7 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     sc.initial_capacity_tokens = c.engine.capacity_tokens;
     auto scaler = actors::spawn_scaler(sys, std::move(sc), n->balancer_);
     if (!scaler)
-      return unexpected<error>{scaler.error()};
+      return failed(scaler.error());
     n->scaler_ = std::move(*scaler);
   }
   if (c.prefetch) {
@@ -518,7 +524,7 @@ result<std::unique_ptr<node>> node::start(caf::actor_system& sys,
     auto prefetcher =
         actors::spawn_prefetcher(sys, *c.prefetch, n->balancer_, n->cache_);
     if (!prefetcher)
-      return unexpected<error>{prefetcher.error()};
+      return failed(prefetcher.error());
     n->prefetcher_ = std::move(*prefetcher);
   }
   return n;

@@ -563,11 +563,24 @@ result<caf::actor> spawn_query_cache(caf::actor_system& sys,
                       "spawn_query_cache: the query store is null");
   bool detach = store->blocking();
   auto boxed = std::make_shared<std::unique_ptr<query_store>>(std::move(store));
-  if (detach)
-    return sys.spawn<caf::detached>(cache_behavior, std::move(config),
-                                    std::move(balancer), std::move(boxed));
-  return sys.spawn(cache_behavior, std::move(config), std::move(balancer),
-                   std::move(boxed));
+  // CAF throws when it cannot make a detached actor's thread
+  // (std::system_error) or allocate the actor: error values here, as
+  // spawn_engine_actor's, so node::start stops what it started.
+  try {
+    if (detach)
+      return sys.spawn<caf::detached>(cache_behavior, std::move(config),
+                                      std::move(balancer), std::move(boxed));
+    return sys.spawn(cache_behavior, std::move(config), std::move(balancer),
+                     std::move(boxed));
+  } catch (const std::bad_alloc&) {
+    return make_error(errc::out_of_memory,
+                      "no host memory to spawn the query cache actor");
+  } catch (const std::system_error& ex) {
+    return make_error(errc::unavailable,
+                      std::string("cannot start the thread of the query "
+                                  "cache actor (its Redis store blocks): ") +
+                          ex.what());
+  }
 }
 
 } // namespace kvfleet::actors
