@@ -1680,16 +1680,13 @@ void disk_tier::probe_free_space() {
   // what it was, at least min_free_bytes if the open found that much. The
   // same write would fail again, and every spill with it. So the write
   // that failed must fit on top of min_free_bytes.
-  std::uint64_t avail = 0;
-  if (config_.free_bytes_for_testing) {
-    avail = config_.free_bytes_for_testing();
-  } else {
-    struct statvfs vfs {};
-    if (::statvfs(config_.directory.c_str(), &vfs) != 0)
-      return; // unknown: stay full, look again at the next retry
-    avail = static_cast<std::uint64_t>(vfs.f_bavail) *
-            static_cast<std::uint64_t>(vfs.f_frsize);
-  }
+  // Unknown: stay full, look again at the next retry. No inode left
+  // counts as no space: the next segment could not be created (a tier
+  // opened full because its probe file could not be, say).
+  const auto free = free_space(config_.free_bytes_for_testing);
+  if (!free || !free->inode)
+    return;
+  const std::uint64_t avail = free->bytes;
   const std::uint64_t need = config_.min_free_bytes + full_write_bytes_;
   const bool wraps = need < config_.min_free_bytes;
   if (wraps || avail < need)
@@ -1699,6 +1696,40 @@ void disk_tier::probe_free_space() {
                              std::to_string(need) +
                              " needed: min_free_bytes and the write that "
                              "failed)");
+}
+
+std::optional<disk_tier::free_space_info>
+disk_tier::free_space(const std::function<std::uint64_t()>& hook) const {
+  if (hook)
+    return free_space_info{hook(), true};
+  struct statvfs vfs {};
+  if (::statvfs(config_.directory.c_str(), &vfs) != 0)
+    return std::nullopt;
+  // f_files 0: the file system counts no inodes (it makes them as needed).
+  return free_space_info{static_cast<std::uint64_t>(vfs.f_bavail) *
+                             static_cast<std::uint64_t>(vfs.f_frsize),
+                         vfs.f_files == 0 || vfs.f_favail > 0};
+}
+
+result<void> disk_tier::keep_min_free(std::uint64_t rec) {
+  if (config_.min_free_bytes == 0)
+    return {};
+  const auto free = free_space(config_.reserve_free_bytes_for_testing);
+  if (!free)
+    return {}; // unknown: the write itself will say
+  const std::uint64_t need = config_.min_free_bytes + rec;
+  if (need >= config_.min_free_bytes && free->bytes >= need)
+    return {};
+  error e{errc::out_of_memory, "disk tier " + config_.directory + ": writing " +
+                                   std::to_string(rec) +
+                                   " bytes would leave less than "
+                                   "min_free_bytes (" +
+                                   std::to_string(config_.min_free_bytes) +
+                                   ") free on its file system (" +
+                                   std::to_string(free->bytes) +
+                                   " bytes free); spills are refused"};
+  note_write_error(ENOSPC, e, rec);
+  return unexpected<error>(std::move(e));
 }
 
 void disk_tier::note_write_error(int err_no, const error& e,
@@ -1800,6 +1831,15 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     else
       ++io_stats_.spill_errors;
     fail(room.error());
+    return;
+  }
+  // min_free_bytes is a reserve the tier keeps while it writes, not only
+  // what it waits for once full: other programs (and the catalog) on the
+  // same file system keep that much. Before, spills filled it until a
+  // write failed.
+  if (auto reserve = keep_min_free(rec); !reserve) {
+    ++io_stats_.spills_refused_full;
+    fail(reserve.error());
     return;
   }
   int err_no = 0;

@@ -154,11 +154,13 @@ struct disk_tier_config {
   /// again once this much is free on top of the bytes of the write that
   /// failed (0 for a tier opened full; checked on the retry schedule, see
   /// Failures above): a block larger than this would otherwise be let in
-  /// again, and fail again, at every look. Not a reserve the tier keeps
-  /// while it writes: spills fill the file system until a write fails.
-  /// open() refuses more than the whole file system holds (never free).
-  /// A full tier over capacity_bytes (lowered since it filled) evicts and
-  /// compacts down to it, which frees space.
+  /// again, and fail again, at every look. Also a reserve the tier keeps
+  /// while it writes: a spill that would leave less than this free is
+  /// refused and the tier turns full, as if its write had failed (statvfs
+  /// before each spill; 0 turns the reserve off). open() refuses more than the
+  /// whole file system holds (never free). A full tier over capacity_bytes
+  /// (lowered since it filled) evicts and compacts down to it, which frees
+  /// space.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
   /// Largest block accepted.
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
@@ -207,8 +209,11 @@ struct disk_tier_config {
   /// errno as an I/O error.
   catalog::fault catalog_fault_for_testing;
   /// Test hook: while the tier is full, the free bytes it sees in its
-  /// directory instead of statvfs's answer.
+  /// directory instead of statvfs's answer (an inode always free).
   std::function<std::uint64_t()> free_bytes_for_testing;
+  /// Test hook: the free bytes a spill sees for the min_free_bytes reserve
+  /// instead of statvfs's answer.
+  std::function<std::uint64_t()> reserve_free_bytes_for_testing;
   /// Test hook: consulted before open() creates its write probe file; a
   /// nonzero result is the errno of a failed create (ENOSPC: no block or
   /// inode left).
@@ -649,6 +654,18 @@ private:
   /// has min_free_bytes free plus full_write_bytes_ (space freed by
   /// something else than the tier, or not enough freed by it).
   void probe_free_space();
+  struct free_space_info {
+    std::uint64_t bytes = 0; ///< free to unprivileged writers (f_bavail)
+    bool inode = true;       ///< at least one inode free
+  };
+  /// The directory's file system's free space (`hook`'s when set, with an
+  /// inode free), nullopt when statvfs fails.
+  [[nodiscard]] std::optional<free_space_info>
+  free_space(const std::function<std::uint64_t()>& hook) const;
+  /// Refuses a spill of `rec` bytes (and sets full_, as a failed write
+  /// would) when the file system would be left with less than
+  /// min_free_bytes free; unknown free space lets it through.
+  [[nodiscard]] result<void> keep_min_free(std::uint64_t rec);
   /// While full_ and over capacity_bytes: evicts unpinned blocks, least
   /// recently used first, and compacts (make_room), so that the unlinks
   /// free space and let spills in again.

@@ -1707,6 +1707,9 @@ TEST_F(disk_tier_test, a_full_directory_opens_refusing_spills_serving_reads) {
   c.min_free_bytes = file_system_bytes();
   auto free_bytes = std::make_shared<std::atomic<std::uint64_t>>(0);
   c.free_bytes_for_testing = [free_bytes] { return free_bytes->load(); };
+  c.reserve_free_bytes_for_testing = [free_bytes] {
+    return free_bytes->load() + (std::uint64_t{1} << 20);
+  };
   stderr_log err;
   open(c);
   ASSERT_TRUE(tier_) << "a full directory was refused";
@@ -1750,6 +1753,10 @@ TEST_F(disk_tier_test, a_tier_opened_full_over_capacity_shrinks_and_accepts) {
   // unlinks free space.
   c.min_free_bytes = file_system_bytes(); // statvfs: full at open
   c.free_bytes_for_testing = [] { return std::uint64_t{0}; };
+  // What the unlinks freed, seen by the spill after them.
+  c.reserve_free_bytes_for_testing = [m = c.min_free_bytes] {
+    return m + (std::uint64_t{1} << 20);
+  };
   c.capacity_bytes = segment_header_bytes + 4 * rec; // lowered
   open(c);
   ASSERT_TRUE(tier_->stats().full);
@@ -1763,6 +1770,60 @@ TEST_F(disk_tier_test, a_tier_opened_full_over_capacity_shrinks_and_accepts) {
   settle();
   expect_block(20);
   EXPECT_LE(tier_->stats().file_bytes, c.capacity_bytes);
+}
+
+// min_free_bytes is a reserve the tier keeps while it writes: a spill that
+// would leave less free is refused before any byte is written, the tier
+// turns full (logged once, naming min_free_bytes), and it accepts spills
+// again once the space is back. Before, spills filled the file system
+// until a write failed. 0 turns the reserve off.
+TEST_F(disk_tier_test, a_spill_leaves_min_free_bytes_free) {
+  auto c = config();
+  c.min_free_bytes = 64 << 10;
+  auto watch = retry_watch::fast(c);
+  auto free_bytes = std::make_shared<std::atomic<std::uint64_t>>(1 << 30);
+  c.free_bytes_for_testing = [free_bytes] { return free_bytes->load(); };
+  c.reserve_free_bytes_for_testing = [free_bytes] {
+    return free_bytes->load();
+  };
+  open(c);
+  spill(0);
+  settle();
+  const auto written = tier_->stats().file_bytes;
+  stderr_log err;
+  // Room for min_free_bytes and 1000 bytes more: a 4 KiB block does not fit.
+  free_bytes->store(c.min_free_bytes + 1000);
+  const auto id = spill(1);
+  for (const auto& d : settle_expecting({id}))
+    if (d.id == id) {
+      ASSERT_FALSE(d.status.has_value());
+      EXPECT_EQ(d.status.error().code, errc::out_of_memory);
+      EXPECT_NE(d.status.error().message.find("min_free_bytes"),
+                std::string::npos)
+          << d.status.error().describe();
+    }
+  auto s = tier_->stats();
+  EXPECT_TRUE(s.full);
+  EXPECT_EQ(s.spills_refused_full, 1U);
+  EXPECT_EQ(s.file_bytes, written) << "the refused spill wrote bytes";
+  EXPECT_FALSE(tier_->contains(key_of(1)));
+  expect_block(0);
+  EXPECT_EQ(occurrences(err.log(), "min_free_bytes (65536)"), 1U) << err.log();
+  free_bytes->store(1 << 30);
+  EXPECT_TRUE(watch->converged()) << "spills stay refused though space came";
+  EXPECT_FALSE(tier_->stats().full);
+  spill(1);
+  settle();
+  expect_block(1);
+  tier_.reset();
+
+  c.min_free_bytes = 0; // no reserve: spills go on to the last byte
+  free_bytes->store(0);
+  open(c);
+  spill(2);
+  settle();
+  expect_block(2);
+  EXPECT_FALSE(tier_->stats().full);
 }
 
 // No file system has min_free_bytes free when it is larger than the file
