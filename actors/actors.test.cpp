@@ -2899,6 +2899,27 @@ TEST_F(actor_test, AFailedBatchTakesBackThePinsOfItsEarlierRequests) {
       << "cached all the same";
 }
 
+TEST_F(actor_test, AProducerFactoryThatGivesNoneFailsTheStart) {
+  // A host's make_producer that returns null (its model did not load):
+  // the engine does not start. Before, it fell back to the synthetic
+  // producer and served made-up KV as the model's.
+  auto c = small_engine(64);
+  c.make_producer = [] { return std::unique_ptr<engine::kv_producer>{}; };
+  auto e = spawn_engine_actor(*sys_, c);
+  ASSERT_FALSE(e.has_value()) << "started with no producer";
+  EXPECT_EQ(e.error().code, errc::invalid_argument);
+  EXPECT_NE(e.error().message.find("make_producer gave no producer"),
+            std::string::npos)
+      << e.error().describe();
+  // Made on the engine, the open's error is the engine's exit reason.
+  c.own_thread = false; // on the test scheduler
+  auto opening = spawn_engine_actor(*sys_, c, store_open::on_engine);
+  ASSERT_TRUE(opening.has_value()) << opening.error().describe();
+  auto ready = ask<bool>(*opening, ready_atom::value);
+  sched_->run();
+  ASSERT_TRUE(ready->error.has_value()) << "the engine answered ready";
+}
+
 TEST_F(actor_test, AProducerThatThrowsFailsItsRequestNotTheEngine) {
   // The producer throws for one request's block: that request gets an
   // error reply and the engine keeps serving. Before, the exception ended

@@ -896,9 +896,20 @@ result<void> open_store_parts(engine_parts& parts) {
     return unexpected<error>{ns.error()};
   parts.store = std::move(*store);
   parts.ns = *ns;
-  parts.producer = config.make_producer ? config.make_producer() : nullptr;
-  if (!parts.producer)
+  // A factory that gives no producer (a model that did not load, say) is
+  // a failed start: before, the engine fell back to the synthetic
+  // producer and cached and served made-up KV as the model's.
+  if (!config.make_producer) {
     parts.producer = std::make_unique<engine::synthetic_producer>();
+    return {};
+  }
+  parts.producer = config.make_producer();
+  if (!parts.producer)
+    return make_error(errc::invalid_argument,
+                      "the engine of slot " + std::to_string(config.slot) +
+                          ": make_producer gave no producer (a null "
+                          "pointer); a factory that cannot make one "
+                          "throws, and the engine does not start");
   return {};
 }
 

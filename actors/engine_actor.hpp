@@ -215,8 +215,10 @@ struct engine_actor_config {
   /// batch call, every block alone.
   std::size_t prefill_bytes = std::size_t{64} << 20;
   std::chrono::milliseconds put_timeout{30'000};
-  /// Makes the producer this engine computes missing blocks with; null:
-  /// a synthetic producer.
+  /// Makes the producer this engine computes missing blocks with; unset:
+  /// a synthetic producer. One that returns null fails the engine's start
+  /// (errc::invalid_argument), as one that throws does (its error), rather
+  /// than serve synthetic KV as the model's.
   ///
   /// It, make_backend, make_tier and make_disk are called where the store
   /// is made (store_open): with store_open::on_engine on the engine's own
