@@ -838,6 +838,28 @@ TEST_F(actor_test, OpenPutsExpireAtTheirPutTimeoutOnOneTimer) {
               1U);
 }
 
+TEST_F(actor_test, APutAbortedWithItsParentIsNoExpiredPut) {
+  // A child put reserved under an open parent whose caller aborts the
+  // parent: the store aborts the child with it. Its put_timeout later
+  // finds nothing open: puts_expired ("aborted unfinished by the engine")
+  // stays 0. (Before, it counted 1.)
+  auto cfg = small_engine(64);
+  cfg.put_timeout = 10s;
+  auto e = engine(cfg);
+  sched_->run();
+  put_request parent;
+  parent.key = block_key{1, 1};
+  put_request child;
+  child.key = block_key{1, 2};
+  child.parent = parent.key;
+  const auto tp = ask_now<std::uint64_t>(e, reserve_atom::value, parent);
+  (void)ask_now<std::uint64_t>(e, reserve_atom::value, child);
+  EXPECT_TRUE(ask_now<bool>(e, abort_atom::value, tp));
+  sched_->advance_time(11s);
+  sched_->run();
+  EXPECT_EQ(ask_now<engine_stats>(e, stats_atom::value).puts_expired, 0U);
+}
+
 TEST_F(actor_test, APutEndsAtItsCallersDeadline) {
   // A put carries when its caller stops waiting (put_request::deadline_ns):
   // the engine aborts it then rather than at put_timeout, and refuses a
@@ -7169,6 +7191,33 @@ TEST_F(disk_deferral_test, ReadyDeferredRequestsGoLowBeforeBackground) {
   sched_->advance_time(1s); // the disk poll
   sched_->run();
   EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{13, 11, 12}));
+}
+
+TEST_F(disk_deferral_test, AReadyDeferredBackgroundRequestWaitsForAQueuedLow) {
+  // A background request waits off the batch for its disk reads; they
+  // land, and a low request reaches the engine before the disk poll: the
+  // low one is served first, as the batcher's lanes would order them.
+  // (Before, only a request above low held deferred ones back.)
+  ASSERT_TRUE(disk_.dir.ok());
+  auto c = small_engine(64);
+  c.batch = batch_config{4, 100ms, true};
+  auto e = disk_engine(c);
+  const auto b = chain_keys(1, 2);
+  ask_now<kv_reply>(e, process_atom::value, blocks_request(1, b));
+  spill_all(e);
+  ASSERT_NO_FATAL_FAILURE(hold_disk(e));
+  auto log = std::make_shared<std::vector<answer>>();
+  auto cl = client(e, log);
+  send_via(cl, blocks_request(20, b, engine::priority::background));
+  ASSERT_EQ(stats(e).disk_deferred, 1U);
+  disk_.release();
+  disk_.wait_idle();
+  caf::anon_send(cl,
+                 blocks_request(30, chain_keys(5, 2), engine::priority::low));
+  sched_->run_once();        // the client sends it
+  sched_->advance_time(1ms); // the disk poll, behind it in the mailbox
+  sched_->run();
+  EXPECT_EQ(ids(*log), (std::vector<std::uint64_t>{30, 20}));
 }
 
 TEST_F(actor_test, AQueuedRequestPastItsDeadlineIsAnsweredBelowFullBatches) {

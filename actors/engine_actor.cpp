@@ -702,11 +702,13 @@ defer_for_disk(engine_actor* self, pending_request& p,
   return deferral{true, std::nullopt};
 }
 
-/// Whether the batcher holds a request above low priority: deferred
-/// requests (low and background) wait for it, as they would in its lanes.
-bool deferred_outranked(const engine_actor* self) {
+/// Whether the batcher holds a request above priority `p`: a deferred
+/// request of priority `p` (low or background) waits for it, as it would
+/// in its lanes (a background one for a queued low one too: before, only
+/// a request above low held deferred ones back).
+bool deferred_outranked(const engine_actor* self, engine::priority p) {
   const auto top = self->state.batcher.top_priority();
-  return top && *top > engine::priority::low;
+  return top && *top > p;
 }
 
 /// Collects the disk tier's answers and serves the deferred requests whose
@@ -714,8 +716,9 @@ bool deferred_outranked(const engine_actor* self) {
 /// low before background, in order within each, at most a batch's
 /// max_size of them: more ready ones wait for a poll sent behind the
 /// mailbox, so a critical request that came meanwhile goes first. None
-/// while the batcher holds a request above low priority: that batch runs
-/// first, and its close serves them (before, a batch's leftover critical
+/// while the batcher holds a request above its priority (above low for a
+/// low one, low and above for a background one): that batch runs first,
+/// and its close serves them (before, a batch's leftover critical
 /// requests waited behind up to max_size deferred low ones, each
 /// computing what it missed; their promoted blocks are held until they
 /// are served, so waiting costs no read). One whose prefix goes on to
@@ -726,9 +729,7 @@ void run_deferred(engine_actor* self) {
   st.store->poll_disk();
   std::size_t served = 0;
   const std::size_t most =
-      deferred_outranked(self)
-          ? 0
-          : std::max<std::size_t>(st.batcher.config().max_size, 1);
+      std::max<std::size_t>(st.batcher.config().max_size, 1);
   const auto now = arrival_time(self).count();
   bool more = false;
   std::vector<deferred_request> ready;
@@ -743,10 +744,10 @@ void run_deferred(engine_actor* self) {
         ++it;
         continue;
       }
-      if (!late &&
-          (taken == most || !st.store->promotions_done_through(it->chain))) {
+      if (!late && (deferred_outranked(self, prio) || taken == most ||
+                    !st.store->promotions_done_through(it->chain))) {
         // The batch that outranks it serves it at its close.
-        more = more || (taken == most && most > 0);
+        more = more || (taken == most && !deferred_outranked(self, prio));
         ++it;
         continue;
       }
@@ -967,8 +968,11 @@ void arm_put_expiry(engine_actor* self, caf::actor_clock::time_point now) {
 void end_put(engine_actor* self, decltype(engine_state::puts)::iterator it,
              caf::actor_clock::time_point now) {
   auto& s = self->state;
-  (void)s.store->abort(it->second.handle);
-  ++s.puts_expired;
+  // Counted only when the put was still open: one whose parent's abort
+  // aborted it already (the store invalidates the children's handles) was
+  // ended by its caller, not by the engine.
+  if (s.store->abort(it->second.handle))
+    ++s.puts_expired;
   if (now >= it->second.timeout_at) {
     s.puts.erase(it);
     return;
