@@ -1370,6 +1370,11 @@ result<void> block_store::commit(put_handle& h) {
       // of an expired block does (its key is its value). (A promotion from
       // the tier or disk is no put: a block dead in memory stays so.)
       d.dead = false;
+      if (d.announced_gone) {
+        d.announced_gone = false;
+        if (config_.on_block_event)
+          config_.on_block_event(block_event::stored, d.key);
+      }
       d.expires_at = h.expires_at_;
       refresh_evictable(h.id_);
       match_disk_copy_expiry(h.id_);
@@ -2772,7 +2777,18 @@ void block_store::kill(std::uint32_t id) {
   e.dead = true;
   if (e.flagged_evictable)
     set_flagged(id, false);
-  refresh_evictable(id);
+  const std::uint32_t generation = e.generation;
+  refresh_evictable(id); // removes it (announced) when nothing holds it
+  // Still held (a pin, a lease, a cached child): it is never served again,
+  // so listeners hear it is gone now. Before, they heard only when it was
+  // removed, which for a pinned block may be never: a kv-aware router kept
+  // crediting the engine with a prefix it would not serve.
+  entry& held = entries_[id];
+  if (held.generation == generation && held.dead && !held.announced_gone) {
+    held.announced_gone = true;
+    if (config_.on_block_event)
+      config_.on_block_event(block_event::removed, held.key);
+  }
 }
 
 void block_store::remove(std::uint32_t id, bool announce) {
@@ -2780,7 +2796,7 @@ void block_store::remove(std::uint32_t id, bool announce) {
   while (id != npos) {
     entry& e = entries_[id];
     KVFLEET_CHECK(evictable(e), "removing a block that is not evictable");
-    if (config_.on_block_event && announce)
+    if (config_.on_block_event && announce && !e.announced_gone)
       config_.on_block_event(block_event::removed, e.key);
     announce = true;
     account(e, false);

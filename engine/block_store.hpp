@@ -214,7 +214,10 @@ struct store_config {
   std::function<std::uint64_t(const block_key&)> next_use;
   /// Called on the owner's thread when a block becomes visible (stored) or
   /// leaves memory (removed: evicted, expired, dropped as corrupt), e.g. to
-  /// feed a cluster-wide prefix index. Must not call back into the store,
+  /// feed a cluster-wide prefix index. A block that expires while held (a
+  /// pin, a lease, a cached child keeps it in memory, never served again)
+  /// is removed then, once: not again when it leaves memory, and stored
+  /// again if a put brings it back. Must not call back into the store,
   /// and must not throw: it runs inside the store's calls (an eviction that
   /// makes room for a put, a commit), which would be left half done.
   std::function<void(block_event, const block_key&)> on_block_event;

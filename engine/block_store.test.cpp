@@ -1616,6 +1616,49 @@ TEST_F(store_fixture, a_repeat_put_sets_the_expiry_to_now_plus_its_ttl) {
   store_->check_invariants();
 }
 
+// A block that expires while something holds it (a cached child, a pin)
+// is never served again: listeners hear "removed" when it dies, once, not
+// only when it leaves memory (for a pinned block, maybe never: a kv-aware
+// router kept crediting the engine with it), and "stored" when a put
+// brings it back.
+TEST_F(store_fixture, a_block_that_expires_while_held_is_announced_removed) {
+  open(16);
+  std::vector<std::pair<block_event, block_key>> events;
+  on_event_ = [&](block_event ev, const block_key& k) {
+    events.emplace_back(ev, k);
+  };
+  using ev = std::vector<std::pair<block_event, block_key>>;
+  const auto keys = chain(1, 2);
+  put_options opts;
+  opts.ttl = 10s;
+  put_chain({keys[0]}, opts); // expires at 10 s
+  clock_.advance(5s);
+  ASSERT_TRUE(put(keys[1], keys[0], opts).has_value()); // expires at 15 s
+  events.clear();
+  clock_.advance(6s);
+  (void)store_->expire(); // the root dies, held by its child
+  EXPECT_EQ(events, (ev{{block_event::removed, keys[0]}}));
+  events.clear();
+  ASSERT_TRUE(put(keys[0], {}, opts).has_value()); // back, until 21 s
+  EXPECT_EQ(events, (ev{{block_event::stored, keys[0]}}));
+  EXPECT_EQ(*store_->lookup(ns_, keys), 2U);
+  events.clear();
+  ASSERT_TRUE(store_->pin(ns_, keys[0]).has_value());
+  clock_.advance(5s);
+  (void)store_->expire(); // the child, held by nothing
+  EXPECT_EQ(events, (ev{{block_event::removed, keys[1]}}));
+  events.clear();
+  clock_.advance(6s);
+  (void)store_->expire(); // the pinned root dies
+  EXPECT_EQ(events, (ev{{block_event::removed, keys[0]}}));
+  EXPECT_EQ(*store_->lookup(ns_, keys), 0U);
+  events.clear();
+  ASSERT_TRUE(store_->unpin(ns_, keys[0]).has_value()); // leaves memory
+  EXPECT_TRUE(events.empty()) << "announced removed twice";
+  EXPECT_EQ(store_->block_count(), 0U);
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, an_expired_parent_held_by_a_live_child_can_be_put_again) {
   open(16);
   const auto keys = chain(1, 2);

@@ -52,6 +52,10 @@ struct block_store::entry {
   /// Brought back from disk alone: a root until a put names its parent
   /// (block_store::adopt()).
   bool parent_unknown = false;
+  /// Dead and announced removed (block_event::removed) while something
+  /// still held it (a pin, a lease, a cached child): its removal later
+  /// says nothing more, and a put that brings it back announces it stored.
+  bool announced_gone = false;
 };
 
 struct block_store::ns_state {
