@@ -1628,7 +1628,7 @@ void disk_tier::process(std::vector<request>& batch,
       // too if something else freed space, which the look at the free
       // space finds.
       freed_while_full_ += unlink_after_commit_bytes_;
-      if (freed_while_full_ >= full_write_bytes_) {
+      if (!full_for_reserve_ && freed_while_full_ >= full_write_bytes_) {
         std::lock_guard lk(mu_);
         accept_spills_again_locked(std::to_string(freed_while_full_) +
                                    " bytes freed");
@@ -1659,6 +1659,7 @@ void disk_tier::accept_spills_again_locked(const std::string& why) {
   full_ = false;
   full_write_bytes_ = 0;
   freed_while_full_ = 0;
+  full_for_reserve_ = false;
   // The once-log is not reset here but when a spill gets through: a disk
   // that is full again at the next write would otherwise log both lines
   // at every look.
@@ -1729,6 +1730,7 @@ result<void> disk_tier::keep_min_free(std::uint64_t rec) {
                                    std::to_string(free->bytes) +
                                    " bytes free); spills are refused"};
   note_write_error(ENOSPC, e, rec);
+  full_for_reserve_ = true;
   return unexpected<error>(std::move(e));
 }
 
@@ -1751,6 +1753,7 @@ void disk_tier::note_write_error(int err_no, const error& e,
   }
   std::lock_guard lk(mu_);
   full_ = true;
+  full_for_reserve_ = false; // a write failed: its bytes say when it fits
   full_write_bytes_ = std::max(full_write_bytes_, bytes);
   freed_while_full_ = 0; // what was freed before did not make it fit
   if (!logged_full_) {
@@ -1825,21 +1828,23 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
   }
   const std::uint64_t size = r.bytes.size();
   const std::uint64_t rec = rec_header + size;
+  // min_free_bytes is a reserve the tier keeps while it spills, not only
+  // what it waits for once full: other programs (and the catalog) on the
+  // same file system keep that much. Before, spills filled it until a
+  // write failed. Checked before make_room, as may_write_rows is, so a
+  // refused spill evicts and compacts nothing (a new segment's header
+  // counted whether or not this spill starts one).
+  if (auto reserve = keep_min_free(rec + header_bytes); !reserve) {
+    ++io_stats_.spills_refused_full;
+    fail(reserve.error());
+    return;
+  }
   if (auto room = make_room(rec); !room) {
     if (room.error().code == errc::out_of_memory)
       ++io_stats_.spills_refused_capacity;
     else
       ++io_stats_.spill_errors;
     fail(room.error());
-    return;
-  }
-  // min_free_bytes is a reserve the tier keeps while it writes, not only
-  // what it waits for once full: other programs (and the catalog) on the
-  // same file system keep that much. Before, spills filled it until a
-  // write failed.
-  if (auto reserve = keep_min_free(rec); !reserve) {
-    ++io_stats_.spills_refused_full;
-    fail(reserve.error());
     return;
   }
   int err_no = 0;

@@ -155,12 +155,13 @@ struct disk_tier_config {
   /// failed (0 for a tier opened full; checked on the retry schedule, see
   /// Failures above): a block larger than this would otherwise be let in
   /// again, and fail again, at every look. Also a reserve the tier keeps
-  /// while it writes: a spill that would leave less than this free is
-  /// refused and the tier turns full, as if its write had failed (statvfs
-  /// before each spill; 0 turns the reserve off). open() refuses more than the
-  /// whole file system holds (never free). A full tier over capacity_bytes
-  /// (lowered since it filled) evicts and compacts down to it, which frees
-  /// space.
+  /// while it spills: a spill that would leave less than this free is
+  /// refused before it evicts or writes anything, and the tier turns full
+  /// until a look at the free space finds enough (statvfs before each
+  /// spill; compaction copies are not held to it; 0 turns it off). open()
+  /// refuses more than the whole file system holds (never free). A full tier
+  /// over capacity_bytes (lowered since it filled) evicts and compacts down to
+  /// it, which frees space.
   std::uint64_t min_free_bytes = std::uint64_t{1} << 20;
   /// Largest block accepted.
   std::uint64_t max_block_bytes = std::uint64_t{1} << 30;
@@ -799,6 +800,10 @@ private:
   /// full_write_bytes_, that write fits again (its partial bytes were cut
   /// off), and spills are accepted again without a look at the free space.
   std::uint64_t freed_while_full_ = 0;
+  /// While full_: it came from the min_free_bytes reserve (keep_min_free),
+  /// not a failed write, so no byte count of its own says the next spill
+  /// fits: only a look at the free space lets spills in again.
+  bool full_for_reserve_ = false;
   /// "full" and "accepting spills again" were logged in this full episode,
   /// which ends when a batch commits a spill: a disk that fills again
   /// before any spill got through is not logged again (stats().full shows

@@ -1826,6 +1826,48 @@ TEST_F(disk_tier_test, a_spill_leaves_min_free_bytes_free) {
   EXPECT_FALSE(tier_->stats().full);
 }
 
+// A tier at its capacity: a spill the reserve refuses evicts and compacts
+// nothing (before, make_room threw out a tenth of the tier and wrote
+// compaction copies into the reserve, for a spill then refused), and only
+// a look at the free space, not the bytes a later unlink frees, lets
+// spills in again.
+TEST_F(disk_tier_test, a_spill_the_reserve_refuses_evicts_nothing) {
+  auto c = config_with_segments_of(4);
+  c.capacity_bytes = 2 * c.segment_bytes;
+  c.min_free_bytes = 64 << 10;
+  auto free_bytes = std::make_shared<std::atomic<std::uint64_t>>(1 << 30);
+  c.free_bytes_for_testing = [free_bytes] { return free_bytes->load(); };
+  c.reserve_free_bytes_for_testing = [free_bytes] {
+    return free_bytes->load();
+  };
+  auto evicted = std::make_shared<std::atomic<int>>(0);
+  c.on_evict_for_testing = [evicted](const block_key&) { ++*evicted; };
+  open(c);
+  for (std::uint64_t i = 0; i < 8; ++i)
+    spill(i);
+  settle();
+  ASSERT_EQ(*evicted, 0);
+  ASSERT_EQ(tier_->stats().blocks, 8U);
+  free_bytes->store(c.min_free_bytes + 1000);
+  const auto id = spill(100);
+  for (const auto& d : settle_expecting({id}))
+    if (d.id == id) {
+      EXPECT_FALSE(d.status.has_value());
+    }
+  EXPECT_EQ(*evicted, 0) << "evicted for a spill that was then refused";
+  EXPECT_EQ(tier_->stats().blocks, 8U);
+  EXPECT_TRUE(tier_->stats().full);
+  // An erase unlinks a segment's worth: the reserve is still short.
+  for (std::uint64_t i = 0; i < 4; ++i)
+    ASSERT_TRUE(tier_->erase(key_of(i)).has_value());
+  settle();
+  EXPECT_TRUE(tier_->stats().full) << "let in by the bytes an unlink freed";
+  for (std::uint64_t i = 0; i < 8; ++i)
+    if (i >= 4) {
+      expect_block(i);
+    }
+}
+
 // No file system has min_free_bytes free when it is larger than the file
 // system: the tier would open full and stay full. Before, it did.
 TEST_F(disk_tier_test, a_min_free_bytes_past_the_file_system_is_refused) {
