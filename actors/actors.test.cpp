@@ -3939,6 +3939,28 @@ TEST_F(actor_test, PrefetcherPredictsLearnedPatternAndForgetsStaleOnes) {
   caf::anon_send_exit(pf2, caf::exit_reason::user_shutdown);
 }
 
+TEST_F(actor_test, PrefetcherLooksPastARepeatToTheNextQuery) {
+  // Sessions ask A, A, B: after A, A repeats as often as B follows. The
+  // repeat is cached already, so the prefetcher sends B (confidence 1/2,
+  // the threshold 0.5); a repeat is never prefetched.
+  auto [be, b] = spawn_fake_fleet(*sys_, stop_at_end_);
+  auto pc = eager_prefetch();
+  pc.threshold = 0.5;
+  auto pf = prefetcher(b, pc);
+  auto observe = [&](const kv_request& r) { observed(pf, r); };
+  for (std::uint64_t s = 1; s <= 3; ++s) {
+    observe(query(s, "A"));
+    observe(query(s, "A"));
+    observe(query(s, "B"));
+  }
+  const auto before = be->seen.size();
+  observe(query(10, "A"));
+  ASSERT_EQ(be->seen.size(), before + 1);
+  EXPECT_EQ(be->seen.back().query, "B");
+  EXPECT_TRUE(be->seen.back().prefetch);
+  caf::anon_send_exit(pf, caf::exit_reason::user_shutdown);
+}
+
 TEST_F(actor_test, PrefetcherKeepsKeylessRequestsApartFromQueries) {
   // A request without a query was known by its last key's 32 hex digits,
   // which is also the id of the query of those 32 characters: a keyless

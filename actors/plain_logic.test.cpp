@@ -1356,6 +1356,19 @@ TEST(TransitionModel, ARepeatIsATransitionLikeAnyOther) {
   ASSERT_TRUE(p);
   EXPECT_EQ(p->query, "round:2");
   EXPECT_NEAR(p->confidence, 10.0 / 15.0, 1e-9);
+  // Asked for another query than the repeat (a prefetcher's question),
+  // the next likeliest, its confidence still out of every transition.
+  for (const auto& o :
+       {r.predict_other("round:2"), r.predict_other(3, "round:2")}) {
+    ASSERT_TRUE(o);
+    EXPECT_EQ(o->query, "end");
+    EXPECT_NEAR(o->confidence, 5.0 / 15.0, 1e-9);
+  }
+  // Session 7's own table: A repeated 99 times, then B.
+  const auto b = m.predict_other(7, "A");
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->query, "B");
+  EXPECT_NEAR(b->confidence, 1.0 / 100.0, 1e-9);
 }
 
 TEST(TransitionModel, SessionsDoNotCrossTalk) {

@@ -224,8 +224,10 @@ caf::behavior prefetch_behavior(prefetch_actor* self, prefetch_config config,
                                    rep.from_query_cache || rep.joined}));
         remember(s, q, req);
         s.model->observe(req.session, q);
-        auto p = s.model->predict(req.session, q);
-        if (p && p->confidence >= s.config.threshold && p->query != q)
+        // Not the query itself (cached just now): the likeliest other one,
+        // which a repeat ahead of it would otherwise hide.
+        auto p = s.model->predict_other(req.session, q);
+        if (p && p->confidence >= s.config.threshold)
           issue(self, p->query);
       },
       [](latency_atom, const kv_request&, std::int64_t) {

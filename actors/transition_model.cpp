@@ -141,9 +141,9 @@ void transition_model::count_in(session_state& s, const std::string& from,
   }
 }
 
-std::optional<prediction>
-transition_model::predict(std::uint64_t session,
-                          const std::string& query) const {
+std::optional<prediction> transition_model::predict_in(std::uint64_t session,
+                                                       const std::string& query,
+                                                       bool other) const {
   if (const auto s = sessions_.find(session);
       session != 0 && s != sessions_.end())
     for (const auto& n : s->second.table) {
@@ -151,7 +151,8 @@ transition_model::predict(std::uint64_t session,
         continue;
       const successor* best = nullptr;
       for (const auto& x : n.next)
-        if (best == nullptr || x.count > best->count)
+        if ((!other || x.query != query) &&
+            (best == nullptr || x.count > best->count))
           best = &x;
       if (best != nullptr && best->count >= config_.session_min_count &&
           best->count > 0.0 && n.total > 0.0)
@@ -159,17 +160,19 @@ transition_model::predict(std::uint64_t session,
                           best->count, true};
       break;
     }
-  return predict(query);
+  return predict_overall(query, other);
 }
 
 std::optional<prediction>
-transition_model::predict(const std::string& query) const {
+transition_model::predict_overall(const std::string& query, bool other) const {
   auto it = queries_.find(query);
   if (it == queries_.end() || it->second.next.empty())
     return std::nullopt;
   const auto& next = it->second.next;
   const successor* best = nullptr;
   for (const auto& s : next) {
+    if (other && s.query == query)
+      continue;
     if (best == nullptr || s.count - s.over > best->count - best->over)
       best = &s;
   }

@@ -91,11 +91,27 @@ public:
   void observe(std::uint64_t session, const std::string& query);
   /// Most likely successor of `query` overall, nullopt when none is known.
   [[nodiscard]] std::optional<prediction>
-  predict(const std::string& query) const;
+  predict(const std::string& query) const {
+    return predict_overall(query, false);
+  }
   /// Most likely successor of `query` in `session`: the session's own when
   /// it has enough of them (see the class comment), else predict(query).
   [[nodiscard]] std::optional<prediction>
-  predict(std::uint64_t session, const std::string& query) const;
+  predict(std::uint64_t session, const std::string& query) const {
+    return predict_in(session, query, false);
+  }
+  /// As predict(), the most likely successor other than `query` itself (a
+  /// repeat still counts in the confidence's total): a prefetcher has just
+  /// computed `query`, and a repeat ahead of another successor would hide
+  /// it.
+  [[nodiscard]] std::optional<prediction>
+  predict_other(const std::string& query) const {
+    return predict_overall(query, true);
+  }
+  [[nodiscard]] std::optional<prediction>
+  predict_other(std::uint64_t session, const std::string& query) const {
+    return predict_in(session, query, true);
+  }
   /// Multiplies every count by `decay` and drops weak successors (also
   /// done automatically every aging_interval observations).
   void age();
@@ -111,6 +127,11 @@ private:
   /// REQUIRES: validate(config) succeeds; else a bug in this class (create
   /// checks), and it aborts with the reason.
   explicit transition_model(transition_config config);
+  /// predict(), or predict_other() when `other`.
+  [[nodiscard]] std::optional<prediction>
+  predict_overall(const std::string& query, bool other) const;
+  [[nodiscard]] std::optional<prediction>
+  predict_in(std::uint64_t session, const std::string& query, bool other) const;
 
   struct successor {
     std::string query;
