@@ -28,6 +28,7 @@
 #include <functional>
 #include <limits>
 #include <locale>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -1189,6 +1190,78 @@ TEST_F(actor_test, TimeoutsFireAtEachDeadlineAndLateRepliesAreDropped) {
   EXPECT_EQ(st.in_flight.at(0), 0U);
   EXPECT_FALSE(r1->value.has_value());
   EXPECT_FALSE(r2->value.has_value());
+}
+
+/// An engine that holds each request until it is told its id (a
+/// std::string of it), then answers it.
+struct held_requests_state {
+  std::map<std::uint64_t, caf::response_promise> held;
+  static inline const char* name = "test.held_requests_engine";
+};
+
+caf::behavior
+held_requests_engine(caf::stateful_actor<held_requests_state>* self) {
+  return {
+      [](listen_atom, const caf::actor&) {},
+      [=](process_atom, const kv_request& r) -> caf::result<kv_reply> {
+        auto p = self->make_response_promise();
+        self->state.held.emplace(r.id, p);
+        return p;
+      },
+      [=](const std::string& id) {
+        const auto it = self->state.held.find(std::stoull(id));
+        if (it == self->state.held.end())
+          return;
+        kv_reply rep;
+        rep.id = it->first;
+        it->second.deliver(rep);
+        self->state.held.erase(it);
+      },
+  };
+}
+
+TEST_F(actor_test, ALateSweepDoesNotTimeOutAReplySentInTime) {
+  // Request 1 at 0 ms, request 2 at 10 ms (deadline 60 ms). The sweep for
+  // 1 is queued at 50 ms; the engine answers 2 at 50 ms, behind it. The
+  // balancer reads the sweep only at 61 ms: 1 times out, 2 gets its
+  // reply. (Before, the sweep timed out every call due by the time it was
+  // read, and dropped 2's reply: its caller heard "timeout" while a
+  // pinning request's pins stayed.)
+  auto engine = std::make_shared<caf::actor>();
+  balancer_config bc;
+  bc.request_timeout = 50ms;
+  auto b = started_balancer(
+      bc,
+      [engine](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        *engine = s.spawn(held_requests_engine);
+        return started_now(*engine);
+      });
+  sched_->run();
+  stop_at_end_.push_back(*engine);
+  auto r1 = ask_untimed<kv_reply>(b, process_atom::value,
+                                  make_request(1, 0, 0, 1, 1));
+  sched_->run();
+  sched_->advance_time(10ms);
+  sched_->run();
+  auto r2 = ask_untimed<kv_reply>(b, process_atom::value,
+                                  make_request(2, 0, 0, 1, 2));
+  sched_->run();
+  sched_->advance_time(40ms); // 50 ms: the sweep for 1 is queued
+  caf::anon_send(*engine, std::string{"2"});
+  sched_->prioritize(*engine);
+  sched_->run_once();         // 2's reply, queued behind the sweep
+  sched_->advance_time(11ms); // the balancer reads them at 61 ms
+  sched_->run();
+  ASSERT_TRUE(r1->error.has_value());
+  EXPECT_TRUE(is_timeout(*r1->error));
+  ASSERT_TRUE(r2->value.has_value())
+      << to_string(r2->error.value_or(caf::error{}));
+  EXPECT_EQ(r2->value->id, 2U);
+  const auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.timeouts, 1U);
+  caf::anon_send(*engine, std::string{"1"}); // 1's late answer
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).in_flight.at(0), 0U);
 }
 
 TEST_F(actor_test, LeastLoadedRoutesAroundAnEngineStillBusyWithTimedOutWork) {

@@ -127,6 +127,10 @@ struct balancer_state {
   std::unordered_map<std::uint64_t, std::pair<std::uint32_t, std::uint64_t>>
       late;
   bool sweep_pending = false; ///< a sweep_atom is on its way
+  /// The sweep on its way times out calls whose deadline is at or before
+  /// this: every answer the engines sent before then is ahead of it in the
+  /// mailbox, since it was queued at that time or later.
+  std::int64_t sweep_due_ns = 0;
   static inline const char* name = "kvfleet.balancer";
 };
 
@@ -571,18 +575,25 @@ void schedule_sweep(balancer_actor* self) {
   auto& s = self->state;
   if (s.sweep_pending || s.calls.empty())
     return;
+  const auto now = now_ns(self);
   const auto wait =
-      std::max<std::int64_t>(s.calls.front().deadline_ns - now_ns(self), 0);
+      std::max<std::int64_t>(s.calls.front().deadline_ns - now, 0);
   s.sweep_pending = true;
+  s.sweep_due_ns = now + wait;
   self->delayed_send(self, std::chrono::nanoseconds{wait}, sweep_atom::value);
 }
 
-/// Times out every open call whose deadline has passed (the oldest first).
+/// Times out every open call whose deadline came by the time the sweep
+/// was due (the oldest first). Calls whose deadlines passed since, while
+/// the balancer was busy, may have answers queued behind this sweep, sent
+/// in time: they get a sweep sent now, behind those answers, rather than
+/// a timeout (before, a late sweep timed them out and dropped the answer:
+/// a pinning request's caller heard "timeout" while its pins stayed).
 void sweep(balancer_actor* self) {
   auto& s = self->state;
   s.sweep_pending = false;
   const auto now = now_ns(self);
-  while (!s.calls.empty() && s.calls.front().deadline_ns <= now) {
+  while (!s.calls.empty() && s.calls.front().deadline_ns <= s.sweep_due_ns) {
     ++s.timeouts;
     auto& c = s.calls.front();
     // A request that times out waited at least request_timeout: the
@@ -593,6 +604,12 @@ void sweep(balancer_actor* self) {
         self->send(l, latency_atom::value, *c.request, now - c.started);
     close_call(self, c, s.first_call, false)
         .deliver(caf::make_error(caf::sec::request_timeout));
+  }
+  if (!s.calls.empty() && s.calls.front().deadline_ns <= now) {
+    s.sweep_pending = true;
+    s.sweep_due_ns = now;
+    self->send(self, sweep_atom::value); // behind the mailbox
+    return;
   }
   schedule_sweep(self);
 }

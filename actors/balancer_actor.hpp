@@ -23,7 +23,9 @@
 ///       Timeouts are the balancer's own: requests wait in
 ///       dispatch order with one timer for the oldest (not one CAF timer per
 ///       request, which cost about a third of the throughput), so each still
-///       times out at its deadline; a reply after it is dropped. The
+///       times out at its deadline; a reply after it is dropped (one the
+///       engine sent before it, queued behind the timer while the balancer
+///       was busy, still answers its caller). The
 ///       engine's copy carries that deadline (kv_request::deadline_ns), or
 ///       the request's own when that comes first (a pinning node call's):
 ///       an engine that comes to the request at or after it answers it
