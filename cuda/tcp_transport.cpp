@@ -31,11 +31,17 @@ using internal::sizes_digest;
 
 namespace {
 
-/// A frame's first 4 bytes, which also name the wire version: "KVF2"
-/// (little-endian) since frames carry what their sender expects back;
-/// "KVFB" was version 1.
-constexpr std::uint32_t magic = 0x3246564bU;    // "KVF2"
+/// A frame's first 4 bytes, which also name the wire version: "KVF3"
+/// (little-endian) since each side confirms the frame it received; "KVF2"
+/// (frames carry what their sender expects back, no confirmation) was
+/// version 2, "KVFB" version 1.
+constexpr std::uint32_t magic = 0x3346564bU;    // "KVF3"
+constexpr std::uint32_t magic_v2 = 0x3246564bU; // "KVF2"
 constexpr std::uint32_t magic_v1 = 0x4246564bU; // "KVFB"
+/// What each side sends once it has received the peer's whole frame: an
+/// exchange succeeds only when the peer's arrives (its 4 bytes follow the
+/// peer's frame in the stream).
+constexpr std::uint32_t received_mark = 0x6146564bU; // "KVFa"
 /// magic, block count, the sizes' digest, expected count, expected sizes'
 /// digest.
 constexpr std::size_t header_bytes = 4 + 4 + 8 + 4 + 8;
@@ -246,10 +252,12 @@ result<void> recv_batch(int fd, std::span<const recv_block> in,
     return r;
   if (const auto m = get_le(piece.data(), 4); m != magic)
     return make_error(errc::parse_error,
-                      m == magic_v1
-                          ? "tcp recv: the peer speaks wire version 1 (an "
-                            "older kvfleet); both ends need version 2"
-                          : "tcp recv: not a kvfleet block batch");
+                      m == magic_v1 || m == magic_v2
+                          ? std::string("tcp recv: the peer speaks wire "
+                                        "version ") +
+                                (m == magic_v1 ? "1" : "2") +
+                                " (an older kvfleet); both ends need version 3"
+                          : std::string("tcp recv: not a kvfleet block batch"));
   if (auto r = recv_all(fd, piece.data() + 8, header_bytes - 8, deadline); !r)
     return r;
   const std::uint64_t count = get_le(piece.data() + 4, 4);
@@ -488,6 +496,32 @@ result<int> listen_host(const std::string& host, std::uint16_t port,
 
 namespace {
 
+/// Tells the peer its frame arrived whole, then waits for the peer to say
+/// the same of this side's: until then the batch sent is only in the
+/// socket buffers, and a peer that times out, fails or closes before
+/// reading it has not received it (before, the sender reported success
+/// for such a batch). Its own frame sent in full first (the mark follows
+/// it in the stream).
+result<void> confirm_received(int fd, steady::time_point deadline) {
+  std::array<std::byte, 4> mark;
+  put_le(mark.data(), received_mark, 4);
+  if (auto r = internal::send_all(fd, mark.data(), mark.size(), deadline); !r)
+    return r;
+  if (auto r = internal::recv_all(fd, mark.data(), mark.size(), deadline); !r)
+    return make_error(r.error().code,
+                      "tcp exchange: the peer did not confirm it received "
+                      "this side's batch (" +
+                          r.error().message + ")");
+  if (get_le(mark.data(), 4) != received_mark)
+    return make_error(errc::parse_error,
+                      "tcp exchange: the peer's confirmation is not one");
+  return {};
+}
+
+} // namespace
+
+namespace {
+
 /// One resolver for the process (resolve() is thread-safe), for connects
 /// and listens alike: a lookup that runs out of time keeps its helper
 /// thread until getaddrinfo returns, and the next call for the same name
@@ -613,6 +647,8 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     r = send_batch(fd_, out, in, deadline);
     if (r)
       r = recv_batch(fd_, in, out, deadline);
+    if (r)
+      r = confirm_received(fd_, deadline);
   } else {
     // Send on a helper thread while receiving, so that two peers
     // exchanging large batches cannot both block on full socket buffers,
@@ -640,6 +676,8 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     sender.join();
     if (r)
       r = std::move(sent);
+    if (r)
+      r = confirm_received(fd_, deadline);
   }
   if (!r) {
     // A batch cut off part way leaves the stream mid-frame: the next read

@@ -3,18 +3,23 @@
 /// one TCP connection between two machines without GPUs or NCCL (host
 /// memory).
 ///
-/// Wire format of a batch (wire version 2): "KVF2" (4 bytes), the block
+/// Wire format of a batch (wire version 3): "KVF3" (4 bytes), the block
 /// count (u32 LE) and a digest of their sizes (u64 LE), the count of blocks
 /// this side expects back (u32 LE) and a digest of their sizes (u64 LE; a
 /// digest of no blocks is 0), each block's size (u64 LE), then the blocks'
-/// bytes in order. Every exchange (send, recv or both) sends one frame and
-/// receives one, an empty side a frame of 0 blocks (28 bytes), so each
-/// exchange pairs with exactly one of the peer's, even one with both sides
-/// empty (it waits for the peer's). A batch of more than 2^32 - 1 blocks, to
-/// send or to receive, is refused before anything moves
-/// (errc::value_too_large). The receiver checks the count and every size
-/// against what it expects before reading any payload, so a peer can never
-/// make it allocate or write out of bounds (sizes move 4,096 at a time
+/// bytes in order. A side that has received the peer's whole frame sends
+/// "KVFa" (4 bytes), and an exchange succeeds only once the peer's "KVFa"
+/// has come: a batch that reached the peer's socket buffers but that the
+/// peer never read (it timed out, failed or closed first) is no success
+/// for the sender (errc::io_error "the peer did not confirm ..."; one
+/// round trip more per exchange; before, the sender reported success). Every
+/// exchange (send, recv or both) sends one frame and receives one, an empty
+/// side a frame of 0 blocks (28 bytes), so each exchange pairs with exactly one
+/// of the peer's, even one with both sides empty (it waits for the peer's). A
+/// batch of more than 2^32 - 1 blocks, to send or to receive, is refused before
+/// anything moves (errc::value_too_large). The receiver checks the count and
+/// every size against what it expects before reading any payload, so a peer can
+/// never make it allocate or write out of bounds (sizes move 4,096 at a time
 /// through a fixed buffer on each side: a header of any length allocates
 /// nothing); a mismatch is errc::wrong_value_size, an empty side included:
 /// blocks sent to a peer expecting none, or none sent to a peer expecting
@@ -27,8 +32,9 @@
 /// end at once too (unless this side's previous batch is still undrained
 /// in the socket's buffers, the peer not reading it: letting its own header
 /// out then waits up to io_timeout). A version 1 peer ("KVFB" frames, without
-/// expectations) is errc::parse_error naming the version (every earlier build;
-/// none is deployed). Each exchange must finish within io_timeout (1 ms to 24
+/// expectations) or a version 2 one ("KVF2", without the confirmation) is
+/// errc::parse_error naming the version (every earlier build; none is
+/// deployed). Each exchange must finish within io_timeout (1 ms to 24
 /// h) as a whole: once the deadline has passed no more bytes move, so a peer
 /// trickling bytes, or streaming or draining them steadily, cannot stretch it
 /// (on either side, partial writes included); a timeout or a closed peer is

@@ -40,24 +40,29 @@ std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
   return v;
 }
 
-/// A frame header as a raw peer sends it (wire version 2): blocks of
+/// A frame header as a raw peer sends it (wire version 3): blocks of
 /// `sizes` bytes, whose digest is that of `claimed` (by default `sizes`,
-/// as an honest peer's), expecting none back (count 0, digest 0).
+/// as an honest peer's), expecting blocks of `expects` back (none by
+/// default: count 0, digest 0).
 std::vector<unsigned char>
 frame_head(const std::vector<std::uint64_t>& sizes,
-           std::optional<std::vector<std::uint64_t>> claimed = {}) {
-  std::vector<recv_block> as_blocks;
-  for (const std::uint64_t n : claimed.value_or(sizes))
-    as_blocks.push_back({nullptr, n});
-  std::vector<unsigned char> h = {'K', 'V', 'F', '2'};
+           std::optional<std::vector<std::uint64_t>> claimed = {},
+           const std::vector<std::uint64_t>& expects = {}) {
+  const auto digest = [](const std::vector<std::uint64_t>& of) {
+    std::vector<recv_block> as_blocks;
+    for (const std::uint64_t n : of)
+      as_blocks.push_back({nullptr, n});
+    return internal::sizes_digest(std::span<const recv_block>(as_blocks));
+  };
+  std::vector<unsigned char> h = {'K', 'V', 'F', '3'};
   const auto put = [&h](std::uint64_t v, int bytes) {
     for (int i = 0; i < bytes; ++i)
       h.push_back(static_cast<unsigned char>((v >> (8 * i)) & 0xffU));
   };
   put(sizes.size(), 4);
-  put(internal::sizes_digest(std::span<const recv_block>(as_blocks)), 8);
-  put(0, 4);
-  put(0, 8);
+  put(digest(claimed.value_or(sizes)), 8);
+  put(expects.size(), 4);
+  put(digest(expects), 8);
   for (const std::uint64_t n : sizes)
     put(n, 8);
   return h;
@@ -418,6 +423,48 @@ TEST(tcp_transport_test, a_peer_of_wire_version_1_is_refused_saying_so) {
   EXPECT_EQ(got.error().code, errc::parse_error);
   EXPECT_NE(got.error().message.find("wire version 1"), std::string::npos)
       << got.error().message;
+}
+
+TEST(tcp_transport_test, a_peer_of_wire_version_2_is_refused_saying_so) {
+  // Version 2 frames carried the same header, but its peers sent no
+  // confirmation: each side would wait for one until the timeout.
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  auto frame = frame_head({});
+  frame[3] = '2';
+  std::thread peer = raw_peer(listener->port(), std::move(frame));
+  auto server = listener->accept(5s, 5s);
+  ASSERT_TRUE(server) << server.error().describe();
+  auto got = (*server)->exchange(0, {}, {});
+  server->reset(); // closes this end, which ends the peer's reads
+  peer.join();
+  ASSERT_FALSE(got);
+  EXPECT_EQ(got.error().code, errc::parse_error);
+  EXPECT_NE(got.error().message.find("wire version 2"), std::string::npos)
+      << got.error().message;
+}
+
+TEST(tcp_transport_test, a_send_the_peer_never_confirms_is_no_success) {
+  // The peer's frame says it expects the one 16 KiB block this side
+  // sends, but it never reads it (it gave up: its own timeout, a crash):
+  // the block fits in the socket buffers, so the send wrote it all. It
+  // was not received, and the send says so. (Before, it succeeded: a
+  // caller that then dropped its copy lost the block.)
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  constexpr std::size_t n = 16 << 10;
+  std::thread peer = raw_peer(listener->port(), frame_head({}, {}, {n}));
+  auto server = listener->accept(5s, 200ms);
+  ASSERT_TRUE(server) << server.error().describe();
+  const auto data = pattern(n, 3);
+  const send_block out{data.data(), n};
+  auto sent = (*server)->send(0, {&out, 1});
+  server->reset();
+  peer.join();
+  ASSERT_FALSE(sent) << "a batch the peer never read counted as sent";
+  EXPECT_EQ(sent.error().code, errc::io_error) << sent.error().describe();
+  EXPECT_NE(sent.error().message.find("did not confirm"), std::string::npos)
+      << sent.error().message;
 }
 
 TEST(tcp_transport_test, the_timeout_bounds_a_whole_exchange) {
