@@ -36,6 +36,9 @@ const char* name_of(int code) {
   }
 }
 
+/// NCCL 2.14: the first with ncclCommInitRankConfig.
+constexpr int min_version = 21400;
+
 template <class F> bool bind(void* handle, const char* sym, F& out) {
   void* p = ::dlsym(handle, sym);
   if (p == nullptr)
@@ -92,13 +95,44 @@ nccl_library::load(const std::string& path) {
   }
   if (handle == nullptr)
     return make_error(errc::backend_error, "cannot load NCCL: " + why);
+  // Until an id is made no NCCL thread runs, so a load that fails here
+  // closes what it opened (before, each failed load kept it mapped).
+  struct close_unless_kept {
+    void* handle;
+    bool keep = false;
+    ~close_unless_kept() {
+      if (!keep)
+        (void)::dlclose(handle);
+    }
+  } closer{handle};
   std::shared_ptr<nccl_library> lib(new nccl_library());
   lib->handle_ = handle;
   lib->path_ = loaded;
   lib->api_ = std::make_unique<api>();
   api& a = *lib->api_;
+  // The version first: an NCCL older than 2.14 lacks
+  // ncclCommInitRankConfig, and said only that the symbol was missing.
+  if (bind(handle, "ncclGetVersion", a.get_version)) {
+    int v = 0;
+    if (const ncclResult_t r = a.get_version(&v); r != ncclSuccess)
+      return unexpected<error>(nccl_call_error(*lib, "ncclGetVersion", r));
+    if (v < min_version) {
+      // 2.9 and later: major * 10000 + minor * 100 + patch; before,
+      // major * 1000 + minor * 100 + patch.
+      const int major = v >= 10000 ? v / 10000 : v / 1000;
+      const int minor = v >= 10000 ? v % 10000 / 100 : v % 1000 / 100;
+      return make_error(errc::backend_error,
+                        "NCCL " + std::to_string(major) + "." +
+                            std::to_string(minor) + "." +
+                            std::to_string(v % 100) + " at " + loaded +
+                            " (version code " + std::to_string(v) +
+                            "); kvfleet needs 2.14 or newer "
+                            "(ncclCommInitRankConfig)");
+    }
+    lib->version_ = v;
+  }
   const std::pair<const char*, bool> bound[] = {
-      {"ncclGetVersion", bind(handle, "ncclGetVersion", a.get_version)},
+      {"ncclGetVersion", a.get_version != nullptr},
       {"ncclGetUniqueId", bind(handle, "ncclGetUniqueId", a.get_unique_id)},
       {"ncclCommInitRankConfig",
        bind(handle, "ncclCommInitRankConfig", a.comm_init_rank_config)},
@@ -125,10 +159,7 @@ nccl_library::load(const std::string& path) {
                       "dlsym(" + loaded + ", " + sym +
                           "): " + (e != nullptr ? e : "symbol not found"));
   }
-  int v = 0;
-  if (const ncclResult_t r = a.get_version(&v); r != ncclSuccess)
-    return unexpected<error>(nccl_call_error(*lib, "ncclGetVersion", r));
-  lib->version_ = v;
+  closer.keep = true;
   return std::shared_ptr<const nccl_library>(std::move(lib));
 }
 

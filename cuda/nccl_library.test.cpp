@@ -29,6 +29,18 @@ TEST(nccl_library_test,
       << lib.error().message;
 }
 
+TEST(nccl_library_test, an_nccl_older_than_2_14_is_refused_naming_its_version) {
+  // Before, it failed at its first missing symbol
+  // (ncclCommInitRankConfig), saying neither its version nor the need.
+  auto lib = nccl_library::load(KVFLEET_OLD_NCCL_FOR_TESTS);
+  ASSERT_FALSE(lib) << "an NCCL 2.13 loaded";
+  EXPECT_EQ(lib.error().code, errc::backend_error);
+  EXPECT_NE(lib.error().message.find("NCCL 2.13.4 at "), std::string::npos)
+      << lib.error().message;
+  EXPECT_NE(lib.error().message.find("needs 2.14 or newer"), std::string::npos)
+      << lib.error().message;
+}
+
 TEST(nccl_library_test, the_installed_nccl_loads_and_reports_its_version) {
   auto lib = nccl_library::load();
   if (!lib)
