@@ -320,8 +320,14 @@ result<copy_ticket> host_tier::promote(std::span<const promote_job> jobs) {
       return unexpected<error>(r.error());
     return m.enqueue(1, *region);
   }();
-  if (!queued)
+  if (!queued) {
+    // Copies already queued (host to staging, a scatter into the
+    // destinations) may still run: the caller frees the destinations on
+    // this error, and the next promotion reuses the region. Wait for them
+    // first (before, a scatter could land in slots a later put took).
+    (void)cudaStreamSynchronize(m.streams[1]);
     (void)m.rings[1].give_back(*region); // no batch will release it
+  }
   return queued;
 }
 
