@@ -294,6 +294,16 @@ protected:
     }
   }
 
+  /// Kills the engine in slot 0 of balancer `b` (under `bc`) and lets its
+  /// restart_delay pass.
+  void kill_engine_0(const caf::actor& b, const balancer_config& bc) {
+    caf::anon_send_exit(
+        ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+        caf::exit_reason::kill);
+    sched_->run();
+    pass_restart_delays(bc, 1);
+  }
+
   /// A balancer under `bc` whose engines are small_engine(64) stores.
   caf::actor small_balancer(const balancer_config& bc) {
     auto b = spawned(
@@ -1864,24 +1874,17 @@ TEST_F(actor_test, AnEngineThatRanRestartWindowGetsItsRestartsBack) {
   bc.restart_window = std::chrono::seconds{1};
   auto b = small_balancer(bc);
   sched_->run();
-  auto kill_engine_0 = [&] {
-    caf::anon_send_exit(
-        ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
-        caf::exit_reason::kill);
-    sched_->run();
-    pass_restart_delays(bc, 1);
-  };
-  kill_engine_0(); // restart 1 of 1
+  kill_engine_0(b, bc); // restart 1 of 1
   sched_->advance_time(std::chrono::seconds{1});
   sched_->run();
-  kill_engine_0(); // ran 1 s: restart 1 of 1 again
+  kill_engine_0(b, bc); // ran 1 s: restart 1 of 1 again
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1}));
   EXPECT_EQ(st.restarts, 2U);
   EXPECT_EQ(st.given_up, 0U);
   sched_->advance_time(std::chrono::milliseconds{999});
   sched_->run();
-  kill_engine_0(); // ran 999 ms: no restart left
+  kill_engine_0(b, bc); // ran 999 ms: no restart left
   st = ask_now<balancer_stats>(b, stats_atom::value);
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{0, 1}));
   EXPECT_EQ(st.restarts, 2U);
@@ -1897,11 +1900,7 @@ TEST_F(actor_test, RestartWindowZeroCountsRestartsForTheSlotsLife) {
   auto b = small_balancer(bc);
   sched_->run();
   for (int i = 0; i < 2; ++i) {
-    caf::anon_send_exit(
-        ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
-        caf::exit_reason::kill);
-    sched_->run();
-    pass_restart_delays(bc, 1);
+    kill_engine_0(b, bc);
     sched_->advance_time(std::chrono::hours{1});
     sched_->run();
   }
@@ -2011,11 +2010,7 @@ TEST_F(actor_test, AnOpeningEnginesRestartWindowStartsWhenItIsReady) {
         return started_engine{*opening, true};
       });
   sched_->run();
-  caf::anon_send_exit(
-      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
-      caf::exit_reason::kill);
-  sched_->run();
-  pass_restart_delays(bc, 1); // the restart, opening
+  kill_engine_0(b, bc); // the restart, opening
   ASSERT_TRUE(*opening);
   sched_->advance_time(std::chrono::seconds{2});
   sched_->run();
