@@ -45,7 +45,9 @@
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/resumable.hpp>
 #include <caf/scheduler/test_coordinator.hpp>
+#include <caf/scoped_execution_unit.hpp>
 #include <caf/send.hpp>
 #include <caf/system_messages.hpp>
 
@@ -1272,6 +1274,55 @@ TEST_F(actor_test, ALateSweepDoesNotTimeOutAReplySentInTime) {
   caf::anon_send(*engine, std::string{"1"}); // 1's late answer
   sched_->run();
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).in_flight.at(0), 0U);
+}
+
+TEST_F(actor_test, ALateSweepDoesNotTimeOutUrgentRepliesSentInTime) {
+  // As above with 20 critical requests, whose replies come urgent, and a
+  // balancer that reads its mailbox as a worker thread does, many messages
+  // a turn: CAF takes turns between urgent and normal messages, so the
+  // sweep (a normal message) could overtake urgent replies queued before
+  // it. None of the 20 times out. (Before, 8 did.)
+  auto engine = std::make_shared<caf::actor>();
+  balancer_config bc;
+  bc.request_timeout = 50ms;
+  auto b = started_balancer(
+      bc,
+      [engine](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
+        *engine = s.spawn(held_requests_engine);
+        return started_now(*engine);
+      });
+  sched_->run();
+  stop_at_end_.push_back(*engine);
+  auto first = ask_untimed<kv_reply>(b, process_atom::value,
+                                     make_request(100, 0, 0, 1, 100));
+  sched_->run();
+  sched_->advance_time(10ms);
+  sched_->run();
+  std::vector<std::shared_ptr<outcome<kv_reply>>> critical;
+  for (std::uint64_t i = 1; i <= 20; ++i) {
+    auto r = make_request(i, 0, 0, 1, i);
+    r.prio = engine::priority::critical;
+    critical.push_back(ask_untimed<kv_reply>(b, process_atom::value, r));
+  }
+  sched_->run();
+  sched_->advance_time(40ms); // 50 ms: the sweep for the first is queued
+  for (std::uint64_t i = 1; i <= 20; ++i)
+    caf::anon_send(*engine, std::to_string(i));
+  auto* job =
+      dynamic_cast<caf::resumable*>(caf::actor_cast<caf::abstract_actor*>(b));
+  ASSERT_NE(job, nullptr);
+  sched_->run_jobs_filtered([=](caf::resumable* j) { return j != job; });
+  sched_->advance_time(11ms); // the balancer reads them all at 61 ms
+  caf::scoped_execution_unit unit{sys_.get()};
+  job->resume(&unit, 1000);
+  sched_->run();
+  ASSERT_TRUE(first->error.has_value());
+  int timed_out = 0;
+  for (const auto& r : critical)
+    timed_out += r->error.has_value() ? 1 : 0;
+  EXPECT_EQ(timed_out, 0) << "replies sent in time timed out";
+  caf::anon_send(*engine, std::string{"100"});
+  sched_->run();
 }
 
 TEST_F(actor_test, LeastLoadedRoutesAroundAnEngineStillBusyWithTimedOutWork) {

@@ -131,6 +131,9 @@ struct balancer_state {
   /// this: every answer the engines sent before then is ahead of it in the
   /// mailbox, since it was queued at that time or later.
   std::int64_t sweep_due_ns = 0;
+  /// The sweep's first message (normal priority) came, and its second
+  /// (urgent) is on its way: only then does it time calls out.
+  bool sweep_barrier = false;
   static inline const char* name = "kvfleet.balancer";
 };
 
@@ -868,8 +871,22 @@ caf::behavior balancer_behavior(balancer_actor* self, balancer_config config,
       [=](sweep_atom) {
         // Its own timer only: one from anyone else would start a second
         // timer chain.
-        if (sent_by_itself(self))
-          sweep(self);
+        if (!sent_by_itself(self))
+          return;
+        // Two messages, one in each mailbox category: the timer's (or a
+        // deferred sweep's) normal one, then an urgent one sent from here.
+        // Each category is read in order, so by the second every answer an
+        // engine sent before the sweep was due has been read, an urgent
+        // one (a high or critical request's) too, which the normal message
+        // alone could overtake (CAF takes turns between the categories).
+        auto& s = self->state;
+        if (!s.sweep_barrier) {
+          s.sweep_barrier = true;
+          self->send<caf::message_priority::high>(self, sweep_atom::value);
+          return;
+        }
+        s.sweep_barrier = false;
+        sweep(self);
       },
       [=](restart_atom, std::uint32_t slot) {
         auto& s = self->state;
