@@ -37,7 +37,12 @@ block_key finish(const XXH128_hash_t& h) {
 
 block_key chain_key(const block_key& parent, const ns_fingerprint& ns,
                     std::span<const std::uint32_t> tokens) {
+  // Initialised first, as xxhash.h asks of a state on the stack: the
+  // reset rebuilds its seeded secret only when the state's seed differs,
+  // so stack bytes that read as this seed left another call's secret in
+  // use, and inputs over 240 bytes hashed to another key.
   XXH3_state_t state;
+  XXH3_INITSTATE(&state);
   XXH3_128bits_reset_withSeed(&state, hash_seed);
   std::array<unsigned char, 32> header{};
   write_header(header.data(), parent, ns);

@@ -5,7 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstddef>
+#include <cstring>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace kvfleet::engine {
@@ -60,6 +63,66 @@ TEST(block_key, chain_key_matches_the_documented_byte_layout) {
   const block_key k = chain_key(parent, fp, tokens);
   EXPECT_EQ(k.hi, h.high64);
   EXPECT_EQ(k.lo, h.low64);
+}
+
+/// The library's one-shot XXH3-128 over the documented layout of a key's
+/// input: parent, namespace, tokens, little-endian.
+block_key reference_key(const block_key& parent, const ns_fingerprint& ns,
+                        const std::vector<std::uint32_t>& tokens) {
+  std::vector<unsigned char> buf;
+  le64(buf, parent.hi);
+  le64(buf, parent.lo);
+  le64(buf, ns.hi);
+  le64(buf, ns.lo);
+  for (auto t : tokens)
+    for (int i = 0; i < 4; ++i)
+      buf.push_back(static_cast<unsigned char>(t >> (8 * i)));
+  const XXH128_hash_t h =
+      XXH3_128bits_withSeed(buf.data(), buf.size(), hash_seed);
+  return {h.high64, h.low64};
+}
+
+/// Leaves stack bytes where the next call's frame will be that read, as
+/// an XXH3 state, as one of hash_seed with another secret: what an earlier
+/// call of other code could have left there.
+[[gnu::noinline]] void leave_stale_hash_states() {
+  alignas(64) unsigned char region[16384];
+  const std::size_t seed_at = offsetof(XXH3_state_t, seed) % 64;
+  const std::size_t secret_at = offsetof(XXH3_state_t, extSecret) % 64;
+  for (std::size_t i = 0; i < sizeof region; i += 64) {
+    std::memset(region + i, 0x5a, 64);
+    std::memcpy(region + i + seed_at, &hash_seed, sizeof hash_seed);
+    std::memset(region + i + secret_at, 0, 8);
+  }
+  asm volatile("" : : "r"(region) : "memory");
+}
+
+TEST(block_key, long_blocks_and_model_ids_hash_the_same_whatever_the_stack) {
+  // Blocks of 64 and 512 tokens (inputs over 240 bytes take XXH3's
+  // streaming path, and 512 tokens go through the staging buffer twice)
+  // and a 300-byte model id. Before, the hash state on the stack was not
+  // initialised: stack bytes that read as hash_seed kept a stale secret,
+  // and the key changed.
+  auto spec = test_spec();
+  spec.model = std::string(300, 'm');
+  const auto fp = spec.fingerprint();
+  for (const std::size_t n : {std::size_t{64}, std::size_t{512}}) {
+    std::vector<std::uint32_t> tokens(n);
+    std::iota(tokens.begin(), tokens.end(), 100U);
+    const block_key want = reference_key({}, fp, tokens);
+    EXPECT_EQ(chain_key({}, fp, tokens), want) << n << " tokens";
+    leave_stale_hash_states();
+    EXPECT_EQ(chain_key({}, fp, tokens), want) << n << " tokens, stale stack";
+  }
+  leave_stale_hash_states();
+  EXPECT_EQ(spec.fingerprint(), fp) << "stale stack";
+  // Pinned, as the short vectors above are.
+  std::vector<std::uint32_t> tokens(512);
+  std::iota(tokens.begin(), tokens.end(), 1U);
+  EXPECT_EQ(chain_key({}, test_spec().fingerprint(), tokens).to_hex(),
+            "89b27b139c2c2b45b247573019943a5a");
+  EXPECT_EQ(block_key({fp.hi, fp.lo}).to_hex(),
+            "c0e62d096523b890bffa94b092e7c8bd");
 }
 
 TEST(block_key, same_tokens_and_namespace_give_same_keys) {

@@ -84,7 +84,12 @@ ns_fingerprint namespace_spec::fingerprint() const noexcept {
   // the model id length-prefixed. Hashed as a stream rather than built in a
   // vector: this function is noexcept, so an allocation failure would end
   // the process.
+  // Initialised first, as xxhash.h asks of a state on the stack: the
+  // reset rebuilds its seeded secret only when the state's seed differs,
+  // so stack bytes that read as this seed left another call's secret in
+  // use, and inputs over 240 bytes hashed to another key.
   XXH3_state_t state;
+  XXH3_INITSTATE(&state);
   XXH3_128bits_reset_withSeed(&state, hash_seed);
   std::array<unsigned char, 9> head{};
   head[0] = 1;
