@@ -1839,6 +1839,11 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
     fail(reserve.error());
     return;
   }
+  const auto moved = [&] {
+    return io_stats_.compaction_bytes_moved +
+           uncommitted_counts_.compaction_bytes_moved;
+  };
+  const std::uint64_t moved_before = moved();
   if (auto room = make_room(rec); !room) {
     if (room.error().code == errc::out_of_memory)
       ++io_stats_.spills_refused_capacity;
@@ -1846,6 +1851,15 @@ void disk_tier::do_spill(request& r, disk_completion& c) {
       ++io_stats_.spill_errors;
     fail(room.error());
     return;
+  }
+  // make_room's compaction wrote copies (their old segments are unlinked
+  // at the commit): the spill is held to the reserve again on top of them.
+  if (moved() != moved_before) {
+    if (auto reserve = keep_min_free(rec + header_bytes); !reserve) {
+      ++io_stats_.spills_refused_full;
+      fail(reserve.error());
+      return;
+    }
   }
   int err_no = 0;
   auto seg = active_for(rec, &err_no);

@@ -158,7 +158,8 @@ struct disk_tier_config {
   /// while it spills: a spill that would leave less than this free is
   /// refused before it evicts or writes anything, and the tier turns full
   /// until a look at the free space finds enough (statvfs before each
-  /// spill; compaction copies are not held to it; 0 turns it off). open()
+  /// spill, and again after a compaction its room-making did; compaction
+  /// alone is not held to it; 0 turns it off). open()
   /// refuses more than the whole file system holds (never free). A full tier
   /// over capacity_bytes (lowered since it filled) evicts and compacts down to
   /// it, which frees space.
