@@ -496,17 +496,26 @@ result<int> listen_host(const std::string& host, std::uint16_t port,
 
 namespace {
 
-/// Tells the peer its frame arrived whole, then waits for the peer to say
-/// the same of this side's: until then the batch sent is only in the
-/// socket buffers, and a peer that times out, fails or closes before
-/// reading it has not received it (before, the sender reported success
-/// for such a batch). Its own frame sent in full first (the mark follows
-/// it in the stream).
-result<void> confirm_received(int fd, steady::time_point deadline) {
+/// Confirms the batches that moved, each way that carried one: tells the
+/// peer its blocks arrived whole when this side received any (`got`), and
+/// waits for the peer to say the same of this side's when it sent any
+/// (`sent`): until then the batch is only in the socket buffers, and a
+/// peer that times out, fails or closes before reading it has not
+/// received it (before, the sender reported success for such a batch).
+/// The frames agree on what moves (their headers), so the marks pair up:
+/// a side that only received does not wait for one, and is done once it
+/// has sent its own. Its own frame was sent in full first (the mark
+/// follows it in the stream).
+result<void> confirm_received(int fd, bool got, bool sent,
+                              steady::time_point deadline) {
   std::array<std::byte, 4> mark;
   put_le(mark.data(), received_mark, 4);
-  if (auto r = internal::send_all(fd, mark.data(), mark.size(), deadline); !r)
-    return r;
+  if (got) {
+    if (auto r = internal::send_all(fd, mark.data(), mark.size(), deadline); !r)
+      return r;
+  }
+  if (!sent)
+    return {};
   if (auto r = internal::recv_all(fd, mark.data(), mark.size(), deadline); !r)
     return make_error(r.error().code,
                       "tcp exchange: the peer did not confirm it received "
@@ -648,7 +657,7 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     if (r)
       r = recv_batch(fd_, in, out, deadline);
     if (r)
-      r = confirm_received(fd_, deadline);
+      r = confirm_received(fd_, !in.empty(), !out.empty(), deadline);
   } else {
     // Send on a helper thread while receiving, so that two peers
     // exchanging large batches cannot both block on full socket buffers,
@@ -677,7 +686,7 @@ result<void> tcp_transport::exchange(int peer, std::span<const send_block> out,
     if (r)
       r = std::move(sent);
     if (r)
-      r = confirm_received(fd_, deadline);
+      r = confirm_received(fd_, !in.empty(), !out.empty(), deadline);
   }
   if (!r) {
     // A batch cut off part way leaves the stream mid-frame: the next read

@@ -7,12 +7,15 @@
 /// count (u32 LE) and a digest of their sizes (u64 LE), the count of blocks
 /// this side expects back (u32 LE) and a digest of their sizes (u64 LE; a
 /// digest of no blocks is 0), each block's size (u64 LE), then the blocks'
-/// bytes in order. A side that has received the peer's whole frame sends
-/// "KVFa" (4 bytes), and an exchange succeeds only once the peer's "KVFa"
-/// has come: a batch that reached the peer's socket buffers but that the
-/// peer never read (it timed out, failed or closed first) is no success
-/// for the sender (errc::io_error "the peer did not confirm ..."; one
-/// round trip more per exchange; before, the sender reported success). Every
+/// bytes in order. A side that has received blocks sends "KVFa" (4 bytes)
+/// once it has the peer's whole frame, and a side that sent blocks
+/// succeeds only once the peer's "KVFa" has come: a batch that reached the
+/// peer's socket buffers but that the peer never read (it timed out,
+/// failed or closed first) is no success for the sender (errc::io_error
+/// "the peer did not confirm ..."; one round trip more per exchange that
+/// sends blocks; before, the sender reported success). A side that only
+/// receives is done once it has sent its mark; with blocks both ways the
+/// peer may still fail after it read this side's (its own mark late). Every
 /// exchange (send, recv or both) sends one frame and receives one, an empty
 /// side a frame of 0 blocks (28 bytes), so each exchange pairs with exactly one
 /// of the peer's, even one with both sides empty (it waits for the peer's). A

@@ -460,6 +460,28 @@ TEST(tcp_transport_test, a_send_the_peer_never_confirms_is_no_success) {
       << sent.error().message;
 }
 
+TEST(tcp_transport_test, a_receive_only_side_waits_for_no_confirmation) {
+  // The peer sends one block and expects none: this side confirms it and
+  // is done, without waiting for a confirmation the peer owes nobody
+  // (before, it waited for one, and a peer slow to send it failed this
+  // side after it had the block and had confirmed it).
+  auto listener = tcp_listener::listen();
+  ASSERT_TRUE(listener);
+  auto frame = frame_head({16});
+  frame.resize(frame.size() + 16, 'k');
+  std::thread peer = raw_peer(listener->port(), std::move(frame));
+  auto server = listener->accept(5s, 200ms);
+  ASSERT_TRUE(server) << server.error().describe();
+  std::vector<std::byte> dst(16);
+  const recv_block in{dst.data(), dst.size()};
+  auto got = (*server)->recv(0, {&in, 1});
+  server->reset();
+  peer.join();
+  ASSERT_TRUE(got) << got.error().describe();
+  EXPECT_TRUE(std::all_of(dst.begin(), dst.end(),
+                          [](std::byte b) { return b == std::byte{'k'}; }));
+}
+
 TEST(tcp_transport_test, the_timeout_bounds_a_whole_exchange) {
   auto listener = tcp_listener::listen();
   ASSERT_TRUE(listener);
