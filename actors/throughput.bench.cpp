@@ -208,6 +208,12 @@ T arg(int argc, char** argv, int i, const char* name, T fallback, T lo, T hi) {
 } // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], "--help") == 0 ||
+        std::strcmp(argv[i], "-h") == 0) {
+      std::fputs(usage, stdout);
+      return 0;
+    }
   if (argc > 5) {
     std::fputs(usage, stderr);
     return 2;
