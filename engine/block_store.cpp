@@ -284,6 +284,44 @@ block_store::~block_store() {
   holds_.clear(); // their leases let go while the rest is still here
 }
 
+void block_store::fit_default_slab(const namespace_spec& spec) {
+  // Only the default slab (cut before any block size was known), and only
+  // before the pool has any size class or block.
+  if (config_.slab_bytes != 0 || !namespaces_.empty() ||
+      pool_.class_count() != 0 || pool_.used_bytes() != 0)
+    return;
+  std::size_t largest = 0;
+  for (std::size_t c = 0; c < codec_count; ++c)
+    largest = std::max(largest, encoded_size(static_cast<codec>(c),
+                                             spec.elements_per_block()));
+  const std::size_t slot = (largest + block_pool::slot_alignment - 1) /
+                           block_pool::slot_alignment *
+                           block_pool::slot_alignment;
+  const std::size_t slab = pool_.slab_bytes();
+  const std::size_t arena = backend_->size();
+  if (slot == 0 || slot > arena)
+    return; // refused below, as it would be anyway
+  // A slab that full-size blocks leave more than a sixteenth of unused
+  // (capacity the watermarks and pressure managers count as free, though
+  // no block fits in it: a 160 MiB block in a 256 MiB slab left 37.5% of
+  // the arena unused) is cut to a whole number of them; a block larger
+  // than the default slab gets a slab of its own size (it was refused).
+  std::size_t fitted = slab;
+  if (slot > slab)
+    fitted = slot;
+  else if (slab % slot > slab / 16)
+    fitted = slab / slot * slot;
+  if (fitted == slab)
+    return;
+  auto pool = block_pool::create(arena, fitted);
+  if (!pool)
+    return; // keeps the default: a namespace it cannot hold is refused
+  pool_ = std::move(*pool);
+  pin_limit_bytes_ =
+      static_cast<std::size_t>(config_.max_pinned_fraction *
+                               static_cast<double>(pool_.capacity_bytes()));
+}
+
 result<ns_id>
 block_store::register_namespace(const namespace_spec& spec,
                                 const namespace_options& options) {
@@ -319,6 +357,7 @@ block_store::register_namespace(const namespace_spec& spec,
   }
   if (namespaces_.size() >= 0xffff)
     return make_error(errc::invalid_argument, "too many namespaces");
+  fit_default_slab(spec);
   // Its copy of the spec and a new size class allocate too (a size class
   // left behind by a refusal below does no harm).
   std::optional<ns_state> made;

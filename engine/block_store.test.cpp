@@ -1265,6 +1265,52 @@ struct slab_store {
   }
 };
 
+// The default slab (capacity / 64: 1 MiB here) is fitted to the first
+// namespace's blocks. 600 KiB blocks in 1 MiB slabs left 40% of each
+// slab unused, which the watermarks counted free: the store held 64 blocks
+// at 59% full, evicting on every put. Cut to one block, the slabs fill.
+// A block larger than the default slab gets a slab of its size (before,
+// such a namespace was refused).
+TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
+  store_config cfg;
+  cfg.capacity_bytes = std::size_t{64} << 20;
+  cfg.adaptive_compression = false;
+  auto store = block_store::create(cfg);
+  ASSERT_TRUE(store.has_value()) << store.error().describe();
+  namespace_spec spec = small_spec("wide");
+  spec.layers = 10;
+  spec.kv_heads = 4;
+  spec.head_dim = 240; // 16 x 10 x 2 x 4 x 240 x 2 bytes = 600 KiB
+  ASSERT_EQ(spec.value_bytes(), std::size_t{600} << 10);
+  const auto ns = (*store)->register_namespace(spec, {});
+  ASSERT_TRUE(ns.has_value()) << ns.error().describe();
+  const std::vector<std::byte> value(spec.value_bytes(), std::byte{7});
+  for (std::uint32_t i = 0; i < 200; ++i) {
+    const std::vector<std::uint32_t> tokens(16, i + 1);
+    ASSERT_TRUE((*store)->put_tokens(*ns, tokens, value, {}).has_value());
+  }
+  const double fill = static_cast<double>((*store)->used_bytes()) /
+                      static_cast<double>((*store)->capacity_bytes());
+  EXPECT_GT(fill, 0.75) << "slabs left unused";
+  EXPECT_GT((*store)->block_count(), 80U); // 64 before
+  (*store)->check_invariants();
+
+  // 1.5 MiB blocks: larger than the 1 MiB default slab.
+  auto big_store = block_store::create(cfg);
+  ASSERT_TRUE(big_store.has_value());
+  namespace_spec big = small_spec("big");
+  big.layers = 12;
+  big.kv_heads = 8;
+  big.head_dim = 256;
+  ASSERT_EQ(big.value_bytes(), std::size_t{3} << 19);
+  const auto big_ns = (*big_store)->register_namespace(big, {});
+  ASSERT_TRUE(big_ns.has_value()) << big_ns.error().describe();
+  const std::vector<std::byte> big_value(big.value_bytes(), std::byte{9});
+  const std::vector<std::uint32_t> tokens(16, 5);
+  ASSERT_EQ(*(*big_store)->put_tokens(*big_ns, tokens, big_value, {}), 1U);
+  EXPECT_EQ(*(*big_store)->lookup_tokens(*big_ns, tokens), 16U);
+}
+
 TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
   // Two models (4 KiB and 8 KiB blocks) in 23 slabs of 16 KiB, one slab
   // free. A put of a 4 KiB block needs that slab (its slabs are full);
