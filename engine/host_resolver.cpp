@@ -75,7 +75,9 @@ nanos steady_host_clock() noexcept {
 
 host_resolver::host_resolver(host_lookup_fn fn, nanos max_age,
                              host_clock_fn clock)
-    : lookup_(std::move(fn)), max_age_(max_age), clock_(std::move(clock)) {}
+    : lookup_(fn ? std::move(fn) : host_lookup_fn{system_host_lookup}),
+      max_age_(max_age),
+      clock_(clock ? std::move(clock) : host_clock_fn{steady_host_clock}) {}
 
 host_resolver::~host_resolver() = default;
 

@@ -80,7 +80,8 @@ public:
   /// while its age, on `clock`, from when the lookup finished, is below
   /// `max_age`; from `max_age` on it is dropped and that call starts a new
   /// lookup (0 or less: such answers are never served). Answers a caller
-  /// waited for are always served.
+  /// waited for are always served. An empty `fn` or `clock` is the
+  /// default one.
   explicit host_resolver(host_lookup_fn fn = system_host_lookup,
                          nanos max_age = default_max_age,
                          host_clock_fn clock = steady_host_clock);

@@ -58,6 +58,23 @@ struct gated_lookup {
   }
 };
 
+TEST(host_resolver_test, empty_functions_mean_the_defaults) {
+  // An empty clock or lookup is the default one, not a process ended by
+  // std::bad_function_call on the helper thread (before).
+  host_resolver resolver(
+      [](const std::string& host) -> host_lookup_result {
+        return std::vector<std::string>{host};
+      },
+      std::chrono::seconds(30), host_clock_fn{});
+  auto got = resolver.resolve("example.invalid", 1s);
+  ASSERT_TRUE(got) << got.error().describe();
+  EXPECT_EQ(*got, std::vector<std::string>{"example.invalid"});
+  host_resolver numeric(host_lookup_fn{});
+  auto local = numeric.resolve("127.0.0.1", 5s);
+  ASSERT_TRUE(local) << local.error().describe();
+  EXPECT_FALSE(local->empty());
+}
+
 TEST(host_resolver_test, a_lookup_that_takes_too_long_is_a_timeout_naming_it) {
   gated_lookup slow;
   host_resolver resolver(slow.fn());
