@@ -31,11 +31,13 @@ using internal::sizes_digest;
 
 namespace {
 
-/// A frame's first 4 bytes, which also name the wire version: "KVF3"
-/// (little-endian) since each side confirms the frame it received; "KVF2"
-/// (frames carry what their sender expects back, no confirmation) was
-/// version 2, "KVFB" version 1.
-constexpr std::uint32_t magic = 0x3346564bU;    // "KVF3"
+/// A frame's first 4 bytes, which also name the wire version: "KVF4"
+/// (little-endian) since a side confirms the blocks it received and waits
+/// for the confirmation of those it sent; "KVF3" (every side confirmed
+/// every frame, empty ones too) was version 3, "KVF2" (frames carry what
+/// their sender expects back, no confirmation) version 2, "KVFB" 1.
+constexpr std::uint32_t magic = 0x3446564bU;    // "KVF4"
+constexpr std::uint32_t magic_v3 = 0x3346564bU; // "KVF3"
 constexpr std::uint32_t magic_v2 = 0x3246564bU; // "KVF2"
 constexpr std::uint32_t magic_v1 = 0x4246564bU; // "KVFB"
 /// What each side sends once it has received the peer's whole frame: an
@@ -252,11 +254,13 @@ result<void> recv_batch(int fd, std::span<const recv_block> in,
     return r;
   if (const auto m = get_le(piece.data(), 4); m != magic)
     return make_error(errc::parse_error,
-                      m == magic_v1 || m == magic_v2
+                      m == magic_v1 || m == magic_v2 || m == magic_v3
                           ? std::string("tcp recv: the peer speaks wire "
                                         "version ") +
-                                (m == magic_v1 ? "1" : "2") +
-                                " (an older kvfleet); both ends need version 3"
+                                (m == magic_v1   ? "1"
+                                 : m == magic_v2 ? "2"
+                                                 : "3") +
+                                " (an older kvfleet); both ends need version 4"
                           : std::string("tcp recv: not a kvfleet block batch"));
   if (auto r = recv_all(fd, piece.data() + 8, header_bytes - 8, deadline); !r)
     return r;

@@ -3,7 +3,7 @@
 /// one TCP connection between two machines without GPUs or NCCL (host
 /// memory).
 ///
-/// Wire format of a batch (wire version 3): "KVF3" (4 bytes), the block
+/// Wire format of a batch (wire version 4): "KVF4" (4 bytes), the block
 /// count (u32 LE) and a digest of their sizes (u64 LE), the count of blocks
 /// this side expects back (u32 LE) and a digest of their sizes (u64 LE; a
 /// digest of no blocks is 0), each block's size (u64 LE), then the blocks'
@@ -35,7 +35,8 @@
 /// end at once too (unless this side's previous batch is still undrained
 /// in the socket's buffers, the peer not reading it: letting its own header
 /// out then waits up to io_timeout). A version 1 peer ("KVFB" frames, without
-/// expectations) or a version 2 one ("KVF2", without the confirmation) is
+/// expectations), a version 2 one ("KVF2", without the confirmation) or a
+/// version 3 one ("KVF3", a confirmation of every frame) is
 /// errc::parse_error naming the version (every earlier build; none is
 /// deployed). Each exchange must finish within io_timeout (1 ms to 24
 /// h) as a whole: once the deadline has passed no more bytes move, so a peer

@@ -40,7 +40,7 @@ std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
   return v;
 }
 
-/// A frame header as a raw peer sends it (wire version 3): blocks of
+/// A frame header as a raw peer sends it (wire version 4): blocks of
 /// `sizes` bytes, whose digest is that of `claimed` (by default `sizes`,
 /// as an honest peer's), expecting blocks of `expects` back (none by
 /// default: count 0, digest 0).
@@ -54,7 +54,7 @@ frame_head(const std::vector<std::uint64_t>& sizes,
       as_blocks.push_back({nullptr, n});
     return internal::sizes_digest(std::span<const recv_block>(as_blocks));
   };
-  std::vector<unsigned char> h = {'K', 'V', 'F', '3'};
+  std::vector<unsigned char> h = {'K', 'V', 'F', '4'};
   const auto put = [&h](std::uint64_t v, int bytes) {
     for (int i = 0; i < bytes; ++i)
       h.push_back(static_cast<unsigned char>((v >> (8 * i)) & 0xffU));
@@ -435,6 +435,11 @@ TEST(tcp_transport_test, a_peer_of_an_older_wire_version_is_refused_saying_so) {
   auto v2 = frame_head({});
   v2[3] = '2';
   expect_old_version_refused(std::move(v2), "wire version 2");
+  // Version 3 peers confirmed every frame, empty ones too: a mark this
+  // side does not read would be taken for the next frame's start.
+  auto v3 = frame_head({});
+  v3[3] = '3';
+  expect_old_version_refused(std::move(v3), "wire version 3");
 }
 
 TEST(tcp_transport_test, a_send_the_peer_never_confirms_is_no_success) {

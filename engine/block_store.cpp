@@ -304,15 +304,17 @@ void block_store::fit_default_slab(const namespace_spec& spec) {
   // A slab that full-size blocks leave more than a sixteenth of unused
   // (capacity the watermarks and pressure managers count as free, though
   // no block fits in it: a 160 MiB block in a 256 MiB slab left 37.5% of
-  // the arena unused) is cut to a whole number of them; a block larger
-  // than the default slab gets a slab of its own size (it was refused).
-  std::size_t fitted = slab;
-  if (slot > slab)
-    fitted = slot;
-  else if (slab % slot > slab / 16)
-    fitted = slab / slot * slot;
-  if (fitted == slab)
+  // the arena unused) grows to a whole number of them, at least two (a
+  // block larger than the default slab was refused): never smaller than
+  // the default, so a later namespace's blocks that fit it still do, and
+  // never one block a slab, where int8 would fit one too and demotion to
+  // it could free nothing.
+  if (slot <= slab && slab % slot <= slab / 16)
     return;
+  const std::size_t blocks = std::max<std::size_t>(2, (slab + slot - 1) / slot);
+  const std::size_t fitted = std::min(blocks, arena / slot) * slot;
+  if (fitted <= slab)
+    return; // the arena holds no more: the default stays
   auto pool = block_pool::create(arena, fitted);
   if (!pool)
     return; // keeps the default: a namespace it cannot hold is refused

@@ -166,11 +166,13 @@ struct store_config {
   std::size_t capacity_bytes = 0; ///< arena size (host backend)
   /// Slab size; 0 picks capacity / 64 clamped to [1 MiB, 256 MiB] and
   /// rounded to the slot alignment, then fits it to the first namespace
-  /// registered: cut to a whole number of its full-size blocks when they
-  /// would leave more than a sixteenth of it unused (before, a 160 MiB
-  /// block in a 256 MiB slab left 37.5% of the arena unused while the
-  /// watermarks counted it free), or grown to one block when a block is
-  /// larger (before, refused). The largest value must fit one slab.
+  /// registered: when its full-size blocks would leave more than a
+  /// sixteenth of it unused (before, a 160 MiB block in a 256 MiB slab
+  /// left 37.5% of the arena unused while the watermarks counted it free)
+  /// or are larger than it (before, refused), it grows to a whole number
+  /// of them, at least two, as the arena allows (never smaller, so later
+  /// namespaces' blocks that fit the default still fit). The largest value
+  /// must fit one slab.
   /// Compression (and a second namespace of another block size) works in
   /// whole slabs: a store of fewer than about ten slabs (under 10 MiB with
   /// the default) seldom frees one by demoting, and evicts instead; give
@@ -997,8 +999,8 @@ private:
   void remove(std::uint32_t id, bool announce = true);
   void kill(std::uint32_t id);
   /// At the first namespace's registration, a default slab (slab_bytes 0)
-  /// that its full-size blocks do not tile is cut to a whole number of
-  /// them, or grown to one block larger than it (see store_config).
+  /// that its full-size blocks do not tile grows to a whole number of
+  /// them, at least two (see store_config).
   void fit_default_slab(const namespace_spec& spec);
   /// Notes committed block `id`'s expiry (none: nothing) in
   /// expiry_heap_, for reclaim_expired().

@@ -1268,34 +1268,52 @@ struct slab_store {
 // The default slab (capacity / 64: 1 MiB here) is fitted to the first
 // namespace's blocks. 600 KiB blocks in 1 MiB slabs left 40% of each
 // slab unused, which the watermarks counted free: the store held 64 blocks
-// at 59% full, evicting on every put. Cut to one block, the slabs fill.
-// A block larger than the default slab gets a slab of its size (before,
-// such a namespace was refused).
+// at 59% full, evicting on every put. Grown to two blocks, the slabs fill,
+// int8 blocks (three to a slab) still come of demotion, and a second
+// namespace whose blocks fit the default slab still registers. A block
+// larger than the default slab gets a slab of two (before, such a
+// namespace was refused).
 TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
-  store_config cfg;
-  cfg.capacity_bytes = std::size_t{64} << 20;
-  cfg.adaptive_compression = false;
-  auto store = block_store::create(cfg);
-  ASSERT_TRUE(store.has_value()) << store.error().describe();
-  namespace_spec spec = small_spec("wide");
-  spec.layers = 10;
-  spec.kv_heads = 4;
-  spec.head_dim = 240; // 16 x 10 x 2 x 4 x 240 x 2 bytes = 600 KiB
-  ASSERT_EQ(spec.value_bytes(), std::size_t{600} << 10);
-  const auto ns = (*store)->register_namespace(spec, {});
-  ASSERT_TRUE(ns.has_value()) << ns.error().describe();
-  const std::vector<std::byte> value(spec.value_bytes(), std::byte{7});
-  for (std::uint32_t i = 0; i < 200; ++i) {
-    const std::vector<std::uint32_t> tokens(16, i + 1);
-    ASSERT_TRUE((*store)->put_tokens(*ns, tokens, value, {}).has_value());
+  for (const bool compression : {false, true}) {
+    SCOPED_TRACE(compression ? "compression on" : "compression off");
+    store_config cfg;
+    cfg.capacity_bytes = std::size_t{64} << 20;
+    cfg.adaptive_compression = compression;
+    auto store = block_store::create(cfg);
+    ASSERT_TRUE(store.has_value()) << store.error().describe();
+    namespace_spec spec = small_spec("wide");
+    spec.layers = 10;
+    spec.kv_heads = 4;
+    spec.head_dim = 240; // 16 x 10 x 2 x 4 x 240 x 2 bytes = 600 KiB
+    ASSERT_EQ(spec.value_bytes(), std::size_t{600} << 10);
+    const auto ns = (*store)->register_namespace(spec, {});
+    ASSERT_TRUE(ns.has_value()) << ns.error().describe();
+    const std::vector<std::byte> value(spec.value_bytes(), std::byte{7});
+    for (std::uint32_t i = 0; i < 200; ++i) {
+      const std::vector<std::uint32_t> tokens(16, i + 1);
+      ASSERT_TRUE((*store)->put_tokens(*ns, tokens, value, {}).has_value());
+    }
+    const double fill = static_cast<double>((*store)->used_bytes()) /
+                        static_cast<double>((*store)->capacity_bytes());
+    EXPECT_GT(fill, 0.75) << "slabs left unused";
+    EXPECT_GT((*store)->block_count(), 80U); // 64 before
+    if (compression) {
+      EXPECT_GT((*store)->stats().demotions, 0U) << "nothing demoted";
+    }
+    (*store)->check_invariants();
+    // 1000 KiB blocks fit the 1 MiB default slab: still registered.
+    namespace_spec second = small_spec("second");
+    second.layers = 10;
+    second.kv_heads = 4;
+    second.head_dim = 400;
+    ASSERT_EQ(second.value_bytes(), std::size_t{1000} << 10);
+    const auto second_ns = (*store)->register_namespace(second, {});
+    EXPECT_TRUE(second_ns.has_value()) << second_ns.error().describe();
   }
-  const double fill = static_cast<double>((*store)->used_bytes()) /
-                      static_cast<double>((*store)->capacity_bytes());
-  EXPECT_GT(fill, 0.75) << "slabs left unused";
-  EXPECT_GT((*store)->block_count(), 80U); // 64 before
-  (*store)->check_invariants();
 
   // 1.5 MiB blocks: larger than the 1 MiB default slab.
+  store_config cfg;
+  cfg.capacity_bytes = std::size_t{64} << 20;
   auto big_store = block_store::create(cfg);
   ASSERT_TRUE(big_store.has_value());
   namespace_spec big = small_spec("big");
