@@ -40,9 +40,9 @@ constexpr std::uint32_t magic = 0x3446564bU;    // "KVF4"
 constexpr std::uint32_t magic_v3 = 0x3346564bU; // "KVF3"
 constexpr std::uint32_t magic_v2 = 0x3246564bU; // "KVF2"
 constexpr std::uint32_t magic_v1 = 0x4246564bU; // "KVFB"
-/// What each side sends once it has received the peer's whole frame: an
-/// exchange succeeds only when the peer's arrives (its 4 bytes follow the
-/// peer's frame in the stream).
+/// What a side that received blocks sends once it has the peer's whole
+/// frame; a side that sent blocks succeeds only when the peer's arrives
+/// (its 4 bytes follow the peer's frame in the stream).
 constexpr std::uint32_t received_mark = 0x6146564bU; // "KVFa"
 /// magic, block count, the sizes' digest, expected count, expected sizes'
 /// digest.

@@ -304,17 +304,31 @@ void block_store::fit_default_slab(const namespace_spec& spec) {
   // A slab that full-size blocks leave more than a sixteenth of unused
   // (capacity the watermarks and pressure managers count as free, though
   // no block fits in it: a 160 MiB block in a 256 MiB slab left 37.5% of
-  // the arena unused) grows to a whole number of them, at least two (a
-  // block larger than the default slab was refused): never smaller than
-  // the default, so a later namespace's blocks that fit it still do, and
-  // never one block a slab, where int8 would fit one too and demotion to
-  // it could free nothing.
+  // the arena unused), or that a block does not fit (refused before), is
+  // refitted to a whole number of blocks: the count that lets the arena
+  // hold the most of them, the larger count on a tie (one block a slab
+  // leaves int8 one a slab too, and demotion to it frees nothing). Never
+  // smaller than the default slab (a later namespace's blocks that fit it
+  // still do) unless the arena is that one slab.
   if (slot <= slab && slab % slot <= slab / 16)
     return;
-  const std::size_t blocks = std::max<std::size_t>(2, (slab + slot - 1) / slot);
-  const std::size_t fitted = std::min(blocks, arena / slot) * slot;
-  if (fitted <= slab)
-    return; // the arena holds no more: the default stays
+  const std::size_t most = arena / slot; // at least 1: slot <= arena
+  const auto holds = [&](std::size_t slab_bytes) {
+    return arena / slab_bytes * (slab_bytes / slot) * slot;
+  };
+  const std::size_t covering = (slab + slot - 1) / slot;
+  const std::size_t lo = arena / slab <= 1 ? 1 : covering;
+  const std::size_t hi = std::min(most, std::max<std::size_t>(2, covering + 1));
+  std::size_t best = 0;
+  std::size_t best_holds = 0;
+  for (std::size_t k = lo; k <= hi; ++k)
+    if (const std::size_t h = holds(k * slot); h >= best_holds) {
+      best = k;
+      best_holds = h;
+    }
+  if (best == 0 || best_holds < holds(slab) || best * slot == slab)
+    return;
+  const std::size_t fitted = best * slot;
   auto pool = block_pool::create(arena, fitted);
   if (!pool)
     return; // keeps the default: a namespace it cannot hold is refused

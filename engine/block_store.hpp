@@ -169,9 +169,10 @@ struct store_config {
   /// registered: when its full-size blocks would leave more than a
   /// sixteenth of it unused (before, a 160 MiB block in a 256 MiB slab
   /// left 37.5% of the arena unused while the watermarks counted it free)
-  /// or are larger than it (before, refused), it grows to a whole number
-  /// of them, at least two, as the arena allows (never smaller, so later
-  /// namespaces' blocks that fit the default still fit). The largest value
+  /// or are larger than it (before, refused), it becomes the whole number
+  /// of them with which the arena holds the most (the larger on a tie),
+  /// never below the default unless the arena is one slab, so later
+  /// namespaces' blocks that fit the default still fit. The largest value
   /// must fit one slab.
   /// Compression (and a second namespace of another block size) works in
   /// whole slabs: a store of fewer than about ten slabs (under 10 MiB with
@@ -999,8 +1000,8 @@ private:
   void remove(std::uint32_t id, bool announce = true);
   void kill(std::uint32_t id);
   /// At the first namespace's registration, a default slab (slab_bytes 0)
-  /// that its full-size blocks do not tile grows to a whole number of
-  /// them, at least two (see store_config).
+  /// that its full-size blocks do not tile is refitted to a whole number
+  /// of them (see store_config).
   void fit_default_slab(const namespace_spec& spec);
   /// Notes committed block `id`'s expiry (none: nothing) in
   /// expiry_heap_, for reclaim_expired().

@@ -1327,6 +1327,30 @@ TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
   const std::vector<std::uint32_t> tokens(16, 5);
   ASSERT_EQ(*(*big_store)->put_tokens(*big_ns, tokens, big_value, {}), 1U);
   EXPECT_EQ(*(*big_store)->lookup_tokens(*big_ns, tokens), 16U);
+
+  // The count a slab holds is the one the arena holds most blocks with:
+  // 13 MiB blocks in 51 MiB, one a slab (three blocks), not two (one).
+  cfg.capacity_bytes = std::size_t{51} << 20;
+  auto few = block_store::create(cfg);
+  ASSERT_TRUE(few.has_value());
+  namespace_spec thirteen = small_spec("thirteen");
+  thirteen.layers = 26;
+  thirteen.kv_heads = 32;
+  thirteen.head_dim = 256;
+  ASSERT_EQ(thirteen.value_bytes(), std::size_t{13} << 20);
+  ASSERT_TRUE((*few)->register_namespace(thirteen, {}).has_value());
+  EXPECT_EQ((*few)->capacity_bytes(), std::size_t{39} << 20);
+  // An arena of one slab is cut to what its blocks fill: 600 KiB of 1 MiB
+  // (before, the 424 KiB left over counted as free).
+  cfg.capacity_bytes = std::size_t{1} << 20;
+  auto one = block_store::create(cfg);
+  ASSERT_TRUE(one.has_value());
+  namespace_spec wide = small_spec("wide");
+  wide.layers = 10;
+  wide.kv_heads = 4;
+  wide.head_dim = 240;
+  ASSERT_TRUE((*one)->register_namespace(wide, {}).has_value());
+  EXPECT_EQ((*one)->capacity_bytes(), std::size_t{600} << 10);
 }
 
 TEST(block_store, a_demotion_does_not_take_the_free_slab_a_put_needs) {
