@@ -2372,6 +2372,9 @@ struct store_on_engine_factory {
   std::shared_ptr<int> calls = std::make_shared<int>(0);
   std::shared_ptr<int> backends = std::make_shared<int>(0);
   std::shared_ptr<bool> refuse = std::make_shared<bool>(false);
+  /// Slots whose arena the backend refuses (whatever `refuse` says).
+  std::shared_ptr<std::set<std::uint32_t>> refused_slots =
+      std::make_shared<std::set<std::uint32_t>>();
   /// The last engine started on its own thread.
   std::shared_ptr<caf::actor> opening = std::make_shared<caf::actor>();
 
@@ -2385,11 +2388,12 @@ struct store_on_engine_factory {
       // On the test scheduler, not a thread of its own, so the test
       // decides when it runs.
       c.own_thread = false;
-      c.make_backend = [backends = backends, refuse = refuse](std::uint32_t,
-                                                              std::size_t bytes)
+      c.make_backend = [backends = backends, refuse = refuse,
+                        refused_slots = refused_slots](std::uint32_t at,
+                                                       std::size_t bytes)
           -> result<std::unique_ptr<engine::memory_backend>> {
         ++*backends;
-        if (*refuse)
+        if (*refuse || refused_slots->count(at) > 0)
           return make_error(errc::out_of_memory, "arena of " +
                                                      std::to_string(bytes) +
                                                      " bytes refused (test)");
@@ -2445,6 +2449,35 @@ TEST_F(actor_test, AReplicaMakesItsArenaOnItsOwnThreadWhileTheBalancerRoutes) {
   EXPECT_EQ(*replica->value, 2U);
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up,
             (std::vector<std::uint8_t>{1, 1}));
+}
+
+TEST_F(actor_test, AReplicaWhoseOpenFailsInAFailedSlotIsTriedInAnother) {
+  // Replicas open their stores on their own (as a node's do). Slot 2's
+  // arena is refused: the first replica fails there and frees it, marked.
+  // The next takes that free slot, fails to open there too, and is tried
+  // once more in a new slot, where it opens: its caller gets the replica.
+  // (Before, the open's failure in the marked slot was the answer, and
+  // every replica failed there.)
+  store_on_engine_factory f;
+  f.refused_slots->insert(2);
+  balancer_config bc;
+  bc.initial_engines = 2;
+  f.initial = 2;
+  auto b = started_balancer(bc, f.make());
+  auto first = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(first->error.has_value()) << "slot 2 opened";
+  testing::internal::CaptureStderr();
+  auto second = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  const auto log = testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(second->value.has_value())
+      << to_string(second->error.value_or(caf::error{}));
+  EXPECT_EQ(*second->value, 3U);
+  const auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1, 0, 1}));
+  EXPECT_EQ(st.live, 3U);
+  EXPECT_NE(log.find("did not open in free slot 2"), std::string::npos) << log;
 }
 
 TEST_F(actor_test, AnArenaTheBackendRefusesFailsTheStartWithItsError) {

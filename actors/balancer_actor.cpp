@@ -55,6 +55,10 @@ struct slot_info {
   /// be broken, so a replica that fails in it is tried once more elsewhere
   /// (add_engine). Cleared by a start that succeeds.
   bool suspect = false;
+  /// Its engine is a replica opening its store in a slot that was suspect:
+  /// should the open fail too, the replica is tried once more in another
+  /// slot (open_failed), as one whose factory fails there is (add_engine).
+  bool retry_elsewhere = false;
   /// Its engine makes its store (started_engine::opening) and has not
   /// answered ready_atom yet: the slot stays down.
   bool opening = false;
@@ -169,6 +173,7 @@ void engine_ready(balancer_actor* self, std::uint32_t slot,
   if (info.generation != generation || !info.opening)
     return; // that engine is gone already
   info.opening = false;
+  info.retry_elsewhere = false;
   info.up_since_ns = now_ns(self);
   st.route.set_up(slot, true);
   if (info.replica.pending())
@@ -332,6 +337,7 @@ result<std::uint32_t> start_in_slot(balancer_actor* self, std::uint32_t slot,
     info.retired = false;
     info.given_up = false;
   }
+  st.slots[slot].retry_elsewhere = false;
   st.route.set_up(slot, false);
   const auto kind = retry ? start_kind::initial : start_kind::replica;
   if (auto ok = start_engine(self, slot, kind); !ok) {
@@ -368,6 +374,8 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
     return unexpected<error>{slot.error()};
   const bool was_suspect = suspect(*slot);
   auto started = start_in_slot(self, *slot, retry);
+  if (started && !retry && was_suspect && st.slots[*started].opening)
+    st.slots[*started].retry_elsewhere = true; // its open may fail yet
   if (started || retry || !was_suspect)
     return started;
   // A replica that failed in a free slot whose last start failed too
@@ -411,11 +419,43 @@ void open_failed(balancer_actor* self, std::uint32_t slot,
     return;
   }
   free_replica_slot(self, slot);
-  if (info.replica.pending())
-    info.replica.deliver(to_caf_error(
-        own ? replica_failed(from_caf_error(reason))
-            : error{errc::unavailable, "the new replica " + stopped()}));
+  owed_reply promise = std::move(info.replica);
   info.replica = owed_reply{};
+  error why = own ? replica_failed(from_caf_error(reason))
+                  : error{errc::unavailable, "the new replica " + stopped()};
+  if (std::exchange(info.retry_elsewhere, false)) {
+    // Its slot's last start had failed too: tried once more in another
+    // free slot or a new one, as add_engine does when a factory fails
+    // there (before, an open that failed there was the answer, so a
+    // broken directory or device in the lowest free slot failed every
+    // replica of a node, whose engines all open on their own thread).
+    auto& st = self->state;
+    const auto suspect = [&](std::uint32_t i) {
+      return i < st.slots.size() && st.slots[i].suspect;
+    };
+    if (auto other = st.route.add_slot(1.0, true, suspect, slot)) {
+      std::fprintf(stderr,
+                   "kvfleet: balancer: a replica did not open in free slot "
+                   "%u, whose last start had failed too (%s); trying slot "
+                   "%u\n",
+                   static_cast<unsigned>(slot), why.describe().c_str(),
+                   static_cast<unsigned>(*other));
+      // `info` may be gone: start_in_slot can add a slot.
+      auto again = start_in_slot(self, *other, false);
+      if (again) {
+        if (st.slots[*again].opening) {
+          st.slots[*again].replica = std::move(promise);
+          return;
+        }
+        if (promise.pending())
+          promise.deliver(static_cast<std::uint32_t>(st.route.live_slots()));
+        return;
+      }
+      why = again.error();
+    }
+  }
+  if (promise.pending())
+    promise.deliver(to_caf_error(why));
 }
 
 /// What engine_atom answers for `slot` (balancer_actor.hpp).

@@ -71,10 +71,12 @@
 ///       (in the slot of a retired or given-up engine when there is one);
 ///       errc::unavailable when all router::max_slots (64) slots are in use;
 ///       the factory's error when the replica does not start (its slot is
-///       free again, and no retry comes later). A replica that makes its
-///       store itself (started_engine::opening) is answered once
-///       it is ready, or with its open's error; the balancer goes on
-///       routing meanwhile.
+///       free again, and no retry comes later; one that fails in a free
+///       slot whose last start failed too is tried once more in another
+///       slot first). A replica that makes its store itself
+///       (started_engine::opening) is answered once it is ready, or with
+///       its open's error (after the same one retry elsewhere); the
+///       balancer goes on routing meanwhile.
 ///   (retire_atom)                -> uint32 live engines after draining one
 ///       (a live one: not opening, nor found gone by a failed request; the
 ///       highest slot whose engine holds no pinned blocks, in memory or on
