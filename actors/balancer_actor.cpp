@@ -423,7 +423,9 @@ void open_failed(balancer_actor* self, std::uint32_t slot,
   info.replica = owed_reply{};
   error why = own ? replica_failed(from_caf_error(reason))
                   : error{errc::unavailable, "the new replica " + stopped()};
-  if (std::exchange(info.retry_elsewhere, false)) {
+  // Only an open that failed (its own error): one stopped from outside
+  // (killed, say) is answered as such.
+  if (std::exchange(info.retry_elsewhere, false) && own) {
     // Its slot's last start had failed too: tried once more in another
     // free slot or a new one, as add_engine does when a factory fails
     // there (before, an open that failed there was the answer, so a
