@@ -296,6 +296,10 @@ protected:
     }
   }
 
+  /// A balancer with request_timeout 50 ms over one held_requests_engine,
+  /// put in `engine`.
+  caf::actor held_requests_balancer(std::shared_ptr<caf::actor> engine);
+
   /// Kills the engine in slot 0 of balancer `b` (under `bc`) and lets its
   /// restart_delay pass.
   void kill_engine_0(const caf::actor& b, const balancer_config& bc) {
@@ -1232,14 +1236,8 @@ held_requests_engine(caf::stateful_actor<held_requests_state>* self) {
   };
 }
 
-TEST_F(actor_test, ALateSweepDoesNotTimeOutAReplySentInTime) {
-  // Request 1 at 0 ms, request 2 at 10 ms (deadline 60 ms). The sweep for
-  // 1 is queued at 50 ms; the engine answers 2 at 50 ms, behind it. The
-  // balancer reads the sweep only at 61 ms: 1 times out, 2 gets its
-  // reply. (Before, the sweep timed out every call due by the time it was
-  // read, and dropped 2's reply: its caller heard "timeout" while a
-  // pinning request's pins stayed.)
-  auto engine = std::make_shared<caf::actor>();
+caf::actor
+actor_test::held_requests_balancer(std::shared_ptr<caf::actor> engine) {
   balancer_config bc;
   bc.request_timeout = 50ms;
   auto b = started_balancer(
@@ -1250,6 +1248,18 @@ TEST_F(actor_test, ALateSweepDoesNotTimeOutAReplySentInTime) {
       });
   sched_->run();
   stop_at_end_.push_back(*engine);
+  return b;
+}
+
+TEST_F(actor_test, ALateSweepDoesNotTimeOutAReplySentInTime) {
+  // Request 1 at 0 ms, request 2 at 10 ms (deadline 60 ms). The sweep for
+  // 1 is queued at 50 ms; the engine answers 2 at 50 ms, behind it. The
+  // balancer reads the sweep only at 61 ms: 1 times out, 2 gets its
+  // reply. (Before, the sweep timed out every call due by the time it was
+  // read, and dropped 2's reply: its caller heard "timeout" while a
+  // pinning request's pins stayed.)
+  auto engine = std::make_shared<caf::actor>();
+  auto b = held_requests_balancer(engine);
   auto r1 = ask_untimed<kv_reply>(b, process_atom::value,
                                   make_request(1, 0, 0, 1, 1));
   sched_->run();
@@ -1283,16 +1293,7 @@ TEST_F(actor_test, ALateSweepDoesNotTimeOutUrgentRepliesSentInTime) {
   // sweep (a normal message) could overtake urgent replies queued before
   // it. None of the 20 times out. (Before, 8 did.)
   auto engine = std::make_shared<caf::actor>();
-  balancer_config bc;
-  bc.request_timeout = 50ms;
-  auto b = started_balancer(
-      bc,
-      [engine](caf::actor_system& s, std::uint32_t) -> result<started_engine> {
-        *engine = s.spawn(held_requests_engine);
-        return started_now(*engine);
-      });
-  sched_->run();
-  stop_at_end_.push_back(*engine);
+  auto b = held_requests_balancer(engine);
   auto first = ask_untimed<kv_reply>(b, process_atom::value,
                                      make_request(100, 0, 0, 1, 100));
   sched_->run();

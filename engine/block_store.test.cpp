@@ -1265,6 +1265,17 @@ struct slab_store {
   }
 };
 
+/// small_spec(model) with `layers`, `kv_heads` and `head_dim` set (16
+/// tokens a block).
+namespace_spec sized_spec(std::string model, std::uint32_t layers,
+                          std::uint32_t kv_heads, std::uint32_t head_dim) {
+  namespace_spec s = small_spec(std::move(model));
+  s.layers = layers;
+  s.kv_heads = kv_heads;
+  s.head_dim = head_dim;
+  return s;
+}
+
 // The default slab (capacity / 64: 1 MiB here) is fitted to the first
 // namespace's blocks. 600 KiB blocks in 1 MiB slabs left 40% of each
 // slab unused, which the watermarks counted free: the store held 64 blocks
@@ -1281,10 +1292,8 @@ TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
     cfg.adaptive_compression = compression;
     auto store = block_store::create(cfg);
     ASSERT_TRUE(store.has_value()) << store.error().describe();
-    namespace_spec spec = small_spec("wide");
-    spec.layers = 10;
-    spec.kv_heads = 4;
-    spec.head_dim = 240; // 16 x 10 x 2 x 4 x 240 x 2 bytes = 600 KiB
+    // 16 x 10 x 2 x 4 x 240 x 2 bytes = 600 KiB
+    const namespace_spec spec = sized_spec("wide", 10, 4, 240);
     ASSERT_EQ(spec.value_bytes(), std::size_t{600} << 10);
     const auto ns = (*store)->register_namespace(spec, {});
     ASSERT_TRUE(ns.has_value()) << ns.error().describe();
@@ -1302,10 +1311,7 @@ TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
     }
     (*store)->check_invariants();
     // 1000 KiB blocks fit the 1 MiB default slab: still registered.
-    namespace_spec second = small_spec("second");
-    second.layers = 10;
-    second.kv_heads = 4;
-    second.head_dim = 400;
+    const namespace_spec second = sized_spec("second", 10, 4, 400);
     ASSERT_EQ(second.value_bytes(), std::size_t{1000} << 10);
     const auto second_ns = (*store)->register_namespace(second, {});
     EXPECT_TRUE(second_ns.has_value()) << second_ns.error().describe();
@@ -1316,10 +1322,7 @@ TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
   cfg.capacity_bytes = std::size_t{64} << 20;
   auto big_store = block_store::create(cfg);
   ASSERT_TRUE(big_store.has_value());
-  namespace_spec big = small_spec("big");
-  big.layers = 12;
-  big.kv_heads = 8;
-  big.head_dim = 256;
+  const namespace_spec big = sized_spec("big", 12, 8, 256);
   ASSERT_EQ(big.value_bytes(), std::size_t{3} << 19);
   const auto big_ns = (*big_store)->register_namespace(big, {});
   ASSERT_TRUE(big_ns.has_value()) << big_ns.error().describe();
@@ -1333,10 +1336,7 @@ TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
   cfg.capacity_bytes = std::size_t{51} << 20;
   auto few = block_store::create(cfg);
   ASSERT_TRUE(few.has_value());
-  namespace_spec thirteen = small_spec("thirteen");
-  thirteen.layers = 26;
-  thirteen.kv_heads = 32;
-  thirteen.head_dim = 256;
+  const namespace_spec thirteen = sized_spec("thirteen", 26, 32, 256);
   ASSERT_EQ(thirteen.value_bytes(), std::size_t{13} << 20);
   ASSERT_TRUE((*few)->register_namespace(thirteen, {}).has_value());
   EXPECT_EQ((*few)->capacity_bytes(), std::size_t{39} << 20);
@@ -1345,10 +1345,7 @@ TEST(block_store, the_default_slab_is_fitted_to_the_first_namespaces_blocks) {
   cfg.capacity_bytes = std::size_t{1} << 20;
   auto one = block_store::create(cfg);
   ASSERT_TRUE(one.has_value());
-  namespace_spec wide = small_spec("wide");
-  wide.layers = 10;
-  wide.kv_heads = 4;
-  wide.head_dim = 240;
+  const namespace_spec wide = sized_spec("wide", 10, 4, 240);
   ASSERT_TRUE((*one)->register_namespace(wide, {}).has_value());
   EXPECT_EQ((*one)->capacity_bytes(), std::size_t{600} << 10);
 }

@@ -35,6 +35,26 @@ bool is_full_errno(int e) noexcept {
   return e == ENOSPC || e == EDQUOT;
 }
 
+/// What statvfs says of the file system holding `dir`, in bytes.
+struct file_system_space {
+  std::uint64_t total = 0; ///< f_blocks
+  std::uint64_t avail = 0; ///< f_bavail: free to unprivileged writers
+  /// At least one inode free (or the file system counts none, f_files 0:
+  /// it makes them as needed).
+  bool inode = true;
+};
+
+/// nullopt when statvfs fails.
+std::optional<file_system_space> space_of(const std::string& dir) {
+  struct statvfs vfs {};
+  if (::statvfs(dir.c_str(), &vfs) != 0)
+    return std::nullopt;
+  const auto frsize = static_cast<std::uint64_t>(vfs.f_frsize);
+  return file_system_space{static_cast<std::uint64_t>(vfs.f_blocks) * frsize,
+                           static_cast<std::uint64_t>(vfs.f_bavail) * frsize,
+                           vfs.f_files == 0 || vfs.f_favail > 0};
+}
+
 /// What to do when the data directory's path cannot be looked up.
 std::string access_remedy(int e) {
   switch (e) {
@@ -302,13 +322,11 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
   // min_free_bytes are free), as the tier would be had it stayed up. The
   // write path fills the file system until ENOSPC, so refusing to open
   // here kept a node whose disk filled from starting again at all.
-  struct statvfs vfs {};
-  const bool have_vfs = ::statvfs(dir.c_str(), &vfs) == 0;
+  const auto space = space_of(dir);
   // More than the whole file system is never free: such a tier would open
   // full and stay full for good, refusing every spill.
-  if (have_vfs) {
-    const std::uint64_t total = static_cast<std::uint64_t>(vfs.f_blocks) *
-                                static_cast<std::uint64_t>(vfs.f_frsize);
+  if (space) {
+    const std::uint64_t total = space->total;
     if (config.min_free_bytes > total)
       return make_error(
           errc::invalid_argument,
@@ -319,12 +337,8 @@ result<std::unique_ptr<disk_tier>> disk_tier::open(disk_tier_config config) {
               " bytes), so it is never free and the tier would refuse "
               "spills for good: lower min_free_bytes");
   }
-  if (open_full.empty() && have_vfs) {
-    const std::uint64_t avail = static_cast<std::uint64_t>(vfs.f_bavail) *
-                                static_cast<std::uint64_t>(vfs.f_frsize);
-    if (avail < config.min_free_bytes)
-      open_full = std::to_string(avail) + " bytes free";
-  }
+  if (open_full.empty() && space && space->avail < config.min_free_bytes)
+    open_full = std::to_string(space->avail) + " bytes free";
   const std::string lock_path = dir + "/LOCK";
   const int lock_fd =
       ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -1703,13 +1717,10 @@ std::optional<disk_tier::free_space_info>
 disk_tier::free_space(const std::function<std::uint64_t()>& hook) const {
   if (hook)
     return free_space_info{hook(), true};
-  struct statvfs vfs {};
-  if (::statvfs(config_.directory.c_str(), &vfs) != 0)
+  const auto space = space_of(config_.directory);
+  if (!space)
     return std::nullopt;
-  // f_files 0: the file system counts no inodes (it makes them as needed).
-  return free_space_info{static_cast<std::uint64_t>(vfs.f_bavail) *
-                             static_cast<std::uint64_t>(vfs.f_frsize),
-                         vfs.f_files == 0 || vfs.f_favail > 0};
+  return free_space_info{space->avail, space->inode};
 }
 
 result<void> disk_tier::keep_min_free(std::uint64_t rec) {
