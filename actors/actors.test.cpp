@@ -2705,10 +2705,11 @@ TEST_F(actor_test, AFactoryThatThrowsIsAFailedStartNotTheFleetsEnd) {
 }
 
 /// An engine factory that records the slots it is asked for and fails for
-/// slot 0 once `broken`, for every slot during an `outage`, and returns a
+/// the slots in `broken`, for every slot during an `outage`, and returns a
 /// null actor while `null_actor`.
 struct broken_slot_factory {
-  std::shared_ptr<bool> broken = std::make_shared<bool>(false);
+  std::shared_ptr<std::set<std::uint32_t>> broken =
+      std::make_shared<std::set<std::uint32_t>>();
   std::shared_ptr<bool> outage = std::make_shared<bool>(false);
   std::shared_ptr<bool> null_actor = std::make_shared<bool>(false);
   std::shared_ptr<std::vector<std::uint32_t>> tried =
@@ -2722,8 +2723,9 @@ struct broken_slot_factory {
         return started_engine{caf::actor{}};
       if (*f.outage)
         return make_error(errc::io_error, "no device (outage)");
-      if (slot == 0 && *f.broken)
-        return make_error(errc::io_error, "slot 0's directory is damaged");
+      if (f.broken->count(slot) > 0)
+        return make_error(errc::io_error, "slot " + std::to_string(slot) +
+                                              "'s directory is damaged");
       auto c = small_engine(64);
       c.slot = slot;
       return started_now(spawn_engine_actor(s, c));
@@ -2747,7 +2749,7 @@ TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   bc.initial_engines = 2;
   bc.max_restarts = 2;
   auto b = started_balancer(bc, f.make());
-  *broken = true;
+  broken->insert(0);
   caf::anon_send_exit(
       ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
       caf::exit_reason::kill);
@@ -2782,12 +2784,14 @@ TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
 }
 
-TEST_F(actor_test, FailedReplicasInARowAddOneSlotAndNeverRetryTheFailedOne) {
+TEST_F(actor_test, FailedReplicasInARowAddFewSlotsAndTakeTurnsInThem) {
   // Slot 0 is broken for good; an outage then fails every start while
-  // five replicas are asked for. Each fails in slot 0, then in one new
-  // slot, 3, and after that in free slot 3 again: one slot more, not one
-  // per failure. Once the outage ends, a replica that fails in slot 0 is
-  // tried in slot 3, never in slot 0 again, and starts there.
+  // five replicas are asked for. The first two fail in slot 0 and then in
+  // a new slot each (3, 4); with as many failed free slots as live
+  // engines (2), the rest fail in those, the one tried longest ago first,
+  // and never twice for one replica: two slots more, not one per failure.
+  // Once the outage ends, the next replica starts in the free slot tried
+  // longest ago, 3.
   broken_slot_factory f;
   const auto& broken = f.broken;
   const auto& outage = f.outage;
@@ -2796,7 +2800,7 @@ TEST_F(actor_test, FailedReplicasInARowAddOneSlotAndNeverRetryTheFailedOne) {
   bc.initial_engines = 3;
   bc.max_restarts = 0;
   auto b = started_balancer(bc, f.make());
-  *broken = true;
+  broken->insert(0);
   caf::anon_send_exit(
       ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
       caf::exit_reason::kill);
@@ -2808,17 +2812,45 @@ TEST_F(actor_test, FailedReplicasInARowAddOneSlotAndNeverRetryTheFailedOne) {
     sched_->run();
     ASSERT_TRUE(failed->error.has_value()) << i;
   }
-  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3, 0, 3, 0, 3, 0, 3, 0, 3}));
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3, 0, 4, 3, 0, 4, 3, 0, 4}));
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
-  EXPECT_EQ(st.up.size(), 4U);
+  EXPECT_EQ(st.up.size(), 5U);
   EXPECT_EQ(st.live, 2U);
   *outage = false;
   tried->clear();
   auto replica = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
   ASSERT_TRUE(replica->value.has_value()) << caf::to_string(*replica->error);
-  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3}));
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{3}));
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 3U);
+}
+
+TEST_F(actor_test, AReplicaGetsPastTwoBrokenFreeSlots) {
+  // Slots 0 and 1 break for good and are given up. A replica fails in
+  // slot 0 and starts in a new slot, 4; the next fails in slot 1 (its turn:
+  // tried longer ago than slot 0) and starts in slot 5. (Before, each
+  // replica failed in slot 0 and then in slot 1, and none ever started.)
+  broken_slot_factory f;
+  const auto& tried = f.tried;
+  balancer_config bc;
+  bc.initial_engines = 4;
+  bc.max_restarts = 0;
+  auto b = started_balancer(bc, f.make());
+  *f.broken = {0, 1};
+  for (const std::uint32_t slot : {0U, 1U})
+    caf::anon_send_exit(ask_now<caf::actor>(b, engine_atom::value, slot),
+                        caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_EQ(ask_now<balancer_stats>(b, stats_atom::value).given_up, 2U);
+  tried->clear();
+  for (const std::uint32_t live : {3U, 4U}) {
+    auto replica = ask<std::uint32_t>(b, replica_atom::value);
+    sched_->run();
+    ASSERT_TRUE(replica->value.has_value()) << caf::to_string(*replica->error);
+    EXPECT_EQ(*replica->value, live);
+  }
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 4, 1, 5}));
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 4U);
 }
 
 TEST_F(actor_test, AnInitialStartThatThrowsLeavesTheOtherEnginesServing) {

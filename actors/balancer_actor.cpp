@@ -55,6 +55,10 @@ struct slot_info {
   /// be broken, so a replica that fails in it is tried once more elsewhere
   /// (add_engine). Cleared by a start that succeeds.
   bool suspect = false;
+  /// balancer_state::starts when its engine was last asked for (0: never):
+  /// of the free slots whose last start failed, the one tried longest ago
+  /// goes first (choose_slot).
+  std::uint64_t last_start = 0;
   /// Its engine is a replica opening its store in a slot that was suspect:
   /// should the open fail too, the replica is tried once more in another
   /// slot (open_failed), as one whose factory fails there is (add_engine).
@@ -120,6 +124,7 @@ struct balancer_state {
   std::uint64_t restarts = 0;
   std::uint64_t rejected = 0;
   std::uint64_t given_up = 0;
+  std::uint64_t starts = 0; ///< engine starts asked of the factory
   /// The last capacity_atom's token budget: engines spawned or restarted
   /// after it get it too. Empty: the factory's own.
   std::optional<std::uint32_t> capacity_tokens;
@@ -200,6 +205,7 @@ result<started_engine> make_engine_for(balancer_actor* self,
 result<void> start_engine(balancer_actor* self, std::uint32_t slot,
                           start_kind kind) {
   auto& st = self->state;
+  st.slots[slot].last_start = ++st.starts;
   auto started = make_engine_for(self, slot);
   if (!started)
     return unexpected<error>{started.error()};
@@ -354,6 +360,43 @@ result<std::uint32_t> start_in_slot(balancer_actor* self, std::uint32_t slot,
   return slot;
 }
 
+/// The slot a replica starts in: a free slot (its engine retired or was
+/// given up) whose last start did not fail, the lowest first; else a free
+/// slot whose last start failed, the one tried longest ago first (so each
+/// gets its turn: before, the lowest always went first, and with two
+/// broken ones no replica got past them); else a new slot.
+///
+/// `failed` is the free slot a replica just failed in (a retry): it is
+/// never taken, and a new slot goes before the other free slots whose last
+/// start failed while those (`failed` included) are no more than the live
+/// engines, or two: with every one of them broken (a bad device or
+/// directory for each), the replica still reaches a working slot, and an
+/// outage in which every start fails adds at most that many slots, not one
+/// per failure. errc::unavailable when all router::max_slots are in use.
+result<std::uint32_t> choose_slot(balancer_state& st,
+                                  std::optional<std::uint32_t> failed) {
+  const auto count = static_cast<std::uint32_t>(st.route.slot_count());
+  std::optional<std::uint32_t> oldest_suspect;
+  std::size_t suspects = failed ? 1 : 0;
+  for (std::uint32_t i = 0; i < count; ++i) {
+    if (i == failed || !st.route.is_removed(i))
+      continue;
+    const bool suspect = i < st.slots.size() && st.slots[i].suspect;
+    if (!suspect)
+      return st.route.take_slot(i);
+    ++suspects;
+    if (!oldest_suspect ||
+        st.slots[i].last_start < st.slots[*oldest_suspect].last_start)
+      oldest_suspect = i;
+  }
+  const bool room = count < router::max_slots;
+  const bool new_first =
+      failed && suspects <= std::max<std::size_t>(st.route.live_slots(), 2);
+  if (oldest_suspect && !(new_first && room))
+    return st.route.take_slot(*oldest_suspect);
+  return st.route.take_slot(count);
+}
+
 /// Starts an engine in a free slot (whose engine retired or was given up)
 /// if there is one, else in a new slot (always a new one when `retry`);
 /// see start_in_slot for a failed start. A replica that fails in a free
@@ -365,14 +408,11 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
   // failed first start gives its slot up at once, and reusing it asked the
   // factory for that slot again (the same device or directory) while the
   // next slot's was never tried.
-  // A free slot whose last start failed goes after the other free slots.
-  const auto suspect = [&](std::uint32_t i) {
-    return i < st.slots.size() && st.slots[i].suspect;
-  };
-  auto slot = st.route.add_slot(1.0, /*reuse=*/!retry, suspect);
+  auto slot = retry ? st.route.add_slot(1.0, /*reuse=*/false)
+                    : choose_slot(st, std::nullopt);
   if (!slot)
     return unexpected<error>{slot.error()};
-  const bool was_suspect = suspect(*slot);
+  const bool was_suspect = *slot < st.slots.size() && st.slots[*slot].suspect;
   auto started = start_in_slot(self, *slot, retry);
   if (started && !retry && was_suspect && st.slots[*started].opening)
     st.slots[*started].retry_elsewhere = true; // its open may fail yet
@@ -380,13 +420,11 @@ result<std::uint32_t> add_engine(balancer_actor* self, bool retry) {
     return started;
   // A replica that failed in a free slot whose last start failed too
   // (given up, or an earlier replica's): that slot's device or directory
-  // may be broken, so it is tried once more in another free slot (those
-  // whose last start failed after the others) or a new one; never in that
-  // slot again, and with no other slot left the first failure is the
-  // answer. (Before, every replica took that lowest free slot and failed
-  // there, and the fleet could not grow back.) Free slots go before new
-  // ones, so failures in a row add at most one slot.
-  auto other = st.route.add_slot(1.0, true, suspect, *slot);
+  // may be broken, so it is tried once more in another slot (choose_slot);
+  // never in that slot again, and with no other slot left the first
+  // failure is the answer. (Before, every replica took that lowest free
+  // slot and failed there, and the fleet could not grow back.)
+  auto other = choose_slot(st, *slot);
   if (!other)
     return started;
   std::fprintf(stderr,
@@ -432,10 +470,7 @@ void open_failed(balancer_actor* self, std::uint32_t slot,
     // broken directory or device in the lowest free slot failed every
     // replica of a node, whose engines all open on their own thread).
     auto& st = self->state;
-    const auto suspect = [&](std::uint32_t i) {
-      return i < st.slots.size() && st.slots[i].suspect;
-    };
-    if (auto other = st.route.add_slot(1.0, true, suspect, slot)) {
+    if (auto other = choose_slot(st, slot)) {
       std::fprintf(stderr,
                    "kvfleet: balancer: a replica did not open in free slot "
                    "%u, whose last start had failed too (%s); trying slot "

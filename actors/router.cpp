@@ -93,29 +93,34 @@ result<void> check_weight(double weight) {
 
 } // namespace
 
-result<std::uint32_t>
-router::add_slot(double weight, bool reuse,
-                 const std::function<bool(std::uint32_t)>& later,
-                 std::optional<std::uint32_t> exclude) {
+result<std::uint32_t> router::add_slot(double weight, bool reuse) {
+  for (std::uint32_t i = 0; reuse && i < slots_.size(); ++i) {
+    if (slots_[i].removed)
+      return take_slot(i, weight);
+  }
+  return take_slot(static_cast<std::uint32_t>(slots_.size()), weight);
+}
+
+result<std::uint32_t> router::take_slot(std::uint32_t slot, double weight) {
   if (auto ok = check_weight(weight); !ok)
     return unexpected<error>{ok.error()};
   const slot_state fresh{weight, 0, true, false, false, 0};
-  const auto take_removed = [&](bool any) -> std::optional<std::uint32_t> {
-    for (std::uint32_t i = 0; reuse && i < slots_.size(); ++i) {
-      if (slots_[i].removed && i != exclude && (any || !later || !later(i))) {
-        slots_[i] = fresh;
-        return i;
-      }
-    }
-    return std::nullopt;
-  };
-  if (const auto i = take_removed(false))
-    return *i;
-  if (const auto i = take_removed(true))
-    return *i;
+  if (slot < slots_.size()) {
+    if (!slots_[slot].removed)
+      return make_error(errc::invalid_argument,
+                        "engine slot " + std::to_string(slot) +
+                            " is in use: only a removed slot is taken");
+    slots_[slot] = fresh;
+    return slot;
+  }
+  if (slot > slots_.size())
+    return make_error(errc::invalid_argument,
+                      "engine slot " + std::to_string(slot) +
+                          " does not exist: a new slot is number " +
+                          std::to_string(slots_.size()));
   if (slots_.size() < max_slots) {
     slots_.push_back(fresh);
-    return static_cast<std::uint32_t>(slots_.size() - 1);
+    return slot;
   }
   return make_error(errc::unavailable,
                     "no free engine slot: all " + std::to_string(max_slots) +

@@ -54,7 +54,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <optional>
 #include <span>
 #include <string_view>
@@ -121,14 +120,18 @@ public:
   /// (before, taken as 1), errc::unavailable when all max_slots are in use.
   /// With `reuse` false, always a new slot (the balancer's initial
   /// engines: each gets its own slot, even when an earlier one was given
-  /// up already). A removed slot for which `later` is true (the
-  /// balancer's slots whose last start failed) is taken only when no other
-  /// removed slot is left, and `exclude` (the slot a replica just failed
-  /// in) never.
-  result<std::uint32_t>
-  add_slot(double weight = 1.0, bool reuse = true,
-           const std::function<bool(std::uint32_t)>& later = {},
-           std::optional<std::uint32_t> exclude = std::nullopt);
+  /// up already).
+  result<std::uint32_t> add_slot(double weight = 1.0, bool reuse = true);
+  /// Takes `slot` as a live slot of capacity `weight`: a removed slot, or
+  /// a new one when `slot` is slot_count() (the balancer chooses which
+  /// free slot a replica gets). Errors: errc::invalid_argument for a bad
+  /// weight or a slot that is neither, errc::unavailable for a new slot
+  /// when all max_slots are in use.
+  result<std::uint32_t> take_slot(std::uint32_t slot, double weight = 1.0);
+  /// Whether `slot` is removed: free for add_slot or take_slot.
+  [[nodiscard]] bool is_removed(std::uint32_t slot) const {
+    return slots_.at(slot).removed;
+  }
   /// The slot's engine is gone for good (retired): the slot takes no
   /// requests, its index entries and load are forgotten, and add_slot may
   /// hand it out again. Its number stays (slot_count() does not shrink).
