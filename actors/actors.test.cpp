@@ -2481,6 +2481,56 @@ TEST_F(actor_test, AReplicaWhoseOpenFailsInAFailedSlotIsTriedInAnother) {
   EXPECT_NE(log.find("did not open in free slot 2"), std::string::npos) << log;
 }
 
+TEST_F(actor_test, AReplicaKilledWhileOpeningInAFailedSlotIsNotTriedAgain) {
+  // The first replica's open fails in slot 2 with its own error, so slot
+  // 2 is marked. The next replica takes it and is killed while it opens:
+  // no failure of the slot's directory or device, so it is not tried in
+  // another slot, and its caller hears that it was stopped.
+  balancer_config bc;
+  bc.initial_engines = 2;
+  auto calls = std::make_shared<int>(0);
+  auto opening = std::make_shared<caf::actor>();
+  auto b = started_balancer(
+      bc,
+      [calls, opening](caf::actor_system& s,
+                       std::uint32_t slot) -> result<started_engine> {
+        if (++*calls <= 2) {
+          auto c = small_engine(64);
+          c.slot = slot;
+          return started_now(spawn_engine_actor(s, c));
+        }
+        *opening = s.spawn(opening_engine);
+        return started_engine{*opening, true};
+      });
+  auto first = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  // Its open fails: it ends with a kvfleet error, as a store that cannot
+  // be made ends the engine.
+  caf::anon_send(
+      *opening,
+      caf::exit_msg{opening->address(),
+                    to_caf_error(error{errc::io_error, "disk gone (test)"})});
+  sched_->run();
+  ASSERT_TRUE(first->error.has_value());
+  EXPECT_EQ(from_caf_error(*first->error).code, errc::io_error);
+  auto second = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_EQ(*calls, 4);
+  ASSERT_FALSE(second->done());
+  caf::anon_send_exit(*opening, caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_TRUE(second->error.has_value());
+  const auto e = from_caf_error(*second->error);
+  EXPECT_EQ(e.code, errc::unavailable);
+  EXPECT_NE(e.message.find("stopped while it was still opening"),
+            std::string::npos)
+      << e.message;
+  EXPECT_EQ(*calls, 4) << "retried in another slot";
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.live, 2U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1, 0}));
+}
+
 TEST_F(actor_test, AnArenaTheBackendRefusesFailsTheStartWithItsError) {
   // Made on the engine, an arena the backend refuses ends the engine with
   // the backend's error: a replica asked for gets it (and its slot is
