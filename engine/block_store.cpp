@@ -1112,8 +1112,13 @@ std::uint32_t block_store::usable_parent(ns_id ns, const block_key& key,
     return npos;
   const entry& p = entries_[id];
   // Expires it, counted, when its TTL has run out unseen (removed when
-  // nothing holds it); a reserved parent is left as it is.
-  if (p.state == entry_state::committed && !p.dead)
+  // nothing holds it); a reserved parent is left as it is, and so is a
+  // leased one: the call putting its children may hold it (put_tokens()
+  // and process() lease the prefix they matched and renew it), and
+  // reclaim_expired() leaves leased blocks too. (Before, a prefix whose TTL
+  // ran out during the call was killed here, and the call failed with
+  // "parent block is not cached".)
+  if (p.state == entry_state::committed && !p.dead && p.leases == 0)
     (void)find_visible(ns, key, t);
   // A dead parent (expired, still held) will do while a put of it is
   // open: its commit brings it back (put_tokens() reserves a chain before

@@ -1580,7 +1580,8 @@ TEST(block_store_ttl,
   // put_tokens call during which its TTL runs out, at each reading of the
   // clock in turn. Whatever the reading, a call that succeeds leaves the
   // whole chain reachable, with compression or without (its scan meets
-  // the prefix when the other blocks are too hot to compress). (Before,
+  // the prefix when the other blocks are too hot to compress), and none
+  // fails. (Before,
   // making room during the call could kill the prefix it held: the call
   // renewed dead blocks, and its 20 new blocks hung under them, found by
   // no lookup.)
@@ -1633,13 +1634,56 @@ TEST(block_store_ttl,
     // The prefix's expiry comes k readings into the next call.
     clock.set(before_prefix + 1'000'000'000 - k * 1000);
     const auto added = put(5, 24, 10s);
-    if (!added)
-      continue; // refused whole: nothing to find
+    // Never refused: the call holds the prefix it matched (before, a
+    // prefix that expired as its first child was reserved was killed, and
+    // the call failed with "parent block is not cached").
+    ASSERT_TRUE(added.has_value()) << added.error().describe();
     std::vector<block_key> keys;
     chain_keys(spec.fingerprint(), 16, tokens_from(5, 24), keys);
     const auto found = st.lookup(ns, keys);
     ASSERT_TRUE(found.has_value());
     EXPECT_EQ(*found, 24U) << *added << " added";
+    st.check_invariants();
+  }
+}
+
+TEST(block_store_ttl, a_leased_parent_that_expires_during_a_put_is_kept) {
+  // A one-block prefix whose TTL runs out k clock readings into the
+  // put_tokens call that extends it, for each k in turn: the call leases
+  // the prefix it matched, so the prefix is not killed when its child is
+  // reserved, and the call succeeds with the whole chain reachable.
+  // (Before, reserving the child expired the leased prefix and the call
+  // failed with "parent block ... is not cached".)
+  const namespace_spec spec = small_spec();
+  std::vector<std::uint32_t> tokens(32);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = i;
+  std::vector<block_key> keys;
+  chain_keys(spec.fingerprint(), 16, tokens, keys);
+  for (std::int64_t k = 1; k <= 40; ++k) {
+    SCOPED_TRACE(k);
+    ticking_clock clock{0};
+    store_config cfg;
+    cfg.capacity_bytes = 16 * block_bytes;
+    cfg.slab_bytes = block_bytes;
+    cfg.policy = policy_kind::lru;
+    cfg.adaptive_compression = false;
+    cfg.clock = &clock;
+    auto created = block_store::create(cfg);
+    ASSERT_TRUE(created.has_value());
+    block_store& st = **created;
+    const auto ns = *st.register_namespace(spec);
+    put_options short_ttl;
+    short_ttl.ttl = std::chrono::microseconds{1000};
+    const std::vector<std::byte> one(block_bytes, std::byte{1});
+    ASSERT_TRUE(st.put_tokens(ns, std::span(tokens).first(16), one, short_ttl));
+    // The prefix's expiry comes k readings into the next call.
+    clock.set(1'000'000 - k * 1000);
+    const std::vector<std::byte> two(2 * block_bytes, std::byte{2});
+    const auto added = st.put_tokens(ns, tokens, two, {});
+    ASSERT_TRUE(added.has_value()) << added.error().describe();
+    clock.set(0);
+    EXPECT_EQ(st.lookup(ns, keys).value_or(0), 2U);
     st.check_invariants();
   }
 }
