@@ -2333,6 +2333,21 @@ block_store::pick_partition(size_partition p) const {
   return std::nullopt;
 }
 
+size_partition block_store::demotion_partition(size_partition p) const {
+  // Over its share, a partition gives up space first: by compression too,
+  // even with nothing evictable (its blocks all parents).
+  std::optional<size_partition> worst;
+  double ratio = 1.0;
+  for (std::size_t i = 0; i < partition_count; ++i) {
+    const auto q = static_cast<size_partition>(i);
+    if (recency_tail_[i] == npos || share_ratio(q) <= ratio)
+      continue;
+    ratio = share_ratio(q);
+    worst = q;
+  }
+  return worst.value_or(p);
+}
+
 result<void> block_store::make_room(size_partition p, std::uint16_t cls,
                                     std::uint32_t parent) {
   const std::size_t need = pool_.slot_bytes(cls);
@@ -2405,10 +2420,18 @@ result<void> block_store::make_room(size_partition p, std::uint16_t cls,
         pool_.can_allocate(cls))
       break;
     const auto q = pick_partition(p);
+    // Compression goes first, and in a partition that may hold nothing
+    // evictable: a long chain's blocks each keep a cached child, so only
+    // compressing them makes room. (Before, only the partition that could
+    // evict was scanned, and a request longer than its partition's free
+    // room cached only part of itself, nothing demoted.)
+    if (config_.adaptive_compression) {
+      const size_partition d = demotion_partition(p);
+      if (try_demote(d, scan) || (q && *q != d && try_demote(*q, scan)))
+        continue;
+    }
     if (!q)
       break;
-    if (config_.adaptive_compression && try_demote(*q, scan))
-      continue;
     evict(make_room_victim(*q, p));
     scan.no_slots = 0; // the eviction may have freed a slot of those sizes
   }

@@ -946,6 +946,10 @@ private:
                       const put_options& options) const;
   [[nodiscard]] std::optional<size_partition>
   pick_partition(size_partition p) const;
+  /// Where make_room() for a put in `p` compresses first: the partition
+  /// furthest over its share with any block to compress (evictable or
+  /// not), else `p`.
+  [[nodiscard]] size_partition demotion_partition(size_partition p) const;
   /// Bytes in partition `p` over its share of capacity (1.0: exactly its
   /// share).
   [[nodiscard]] double share_ratio(size_partition p) const noexcept;

@@ -1647,6 +1647,31 @@ TEST(block_store_ttl,
   }
 }
 
+TEST_F(store_fixture, a_chain_longer_than_free_room_is_compressed_to_fit) {
+  // A 20-block request into a 16-block store with compression: each block
+  // keeps a cached child, so none can be evicted, but every one has been
+  // read once and may go down to int4. The store compresses the chain and
+  // caches all of it, short partition or long. (Before, the make-room pass
+  // scanned for blocks to compress only in a partition with something
+  // evictable, found none, and cached part of the request, nothing
+  // compressed.)
+  for (const std::uint32_t request_tokens : {320U, 5000U}) {
+    SCOPED_TRACE(request_tokens);
+    // One block per slab: a demotion needs a slab for its smaller slots.
+    open(16, policy_kind::lru, /*compression=*/true, /*slab_blocks=*/1);
+    synthetic_producer producer;
+    put_options opts;
+    opts.request_tokens = request_tokens;
+    const auto keys = chain(1, 20);
+    const auto r = store_->process(ns_, keys, 20 * 16, producer, opts);
+    ASSERT_TRUE(r.has_value()) << r.error().describe();
+    EXPECT_EQ(r->uncached_blocks, 0U);
+    EXPECT_GT(store_->stats().demotions, 0U);
+    EXPECT_EQ(*store_->lookup(ns_, keys), 20U);
+    store_->check_invariants();
+  }
+}
+
 TEST(block_store_ttl, a_leased_parent_that_expires_during_a_put_is_kept) {
   // A one-block prefix whose TTL runs out k clock readings into the
   // put_tokens call that extends it, for each k in turn: the call leases
