@@ -71,7 +71,7 @@ Capacity (at most one; neither: --capacity-fraction 0.25):
 
 Options:
   --policies LIST           comma-separated eviction policies to compare:
-                            lru, lfu, priority, adaptive, belady (offline:
+                            lru, lfu, adaptive, belady (offline:
                             evicts the block used farthest in the future,
                             within the partition the store picks; the bound
                             to compare with, not always exact)
@@ -163,8 +163,8 @@ Options:
   --engines N               engines behind the router, 1..64 [4]
   --policies LIST           routing policies: round_robin, least_loaded,
                             kv_aware [round_robin,least_loaded,kv_aware]
-  --eviction POLICY         every engine's eviction policy: lru, lfu,
-                            priority or adaptive [adaptive]
+  --eviction POLICY         every engine's eviction policy: lru, lfu or
+                            adaptive [adaptive]
   --rate-scale X            arrival rate multiplier: timestamps are divided
                             by X; X > 0 [1]
   --prefill-us-per-token X  service cost per computed prompt token,
@@ -306,6 +306,20 @@ std::vector<std::string_view> split(std::string_view text, char sep) {
   return parts;
 }
 
+/// Refuses `priority` where every request replayed is of one priority:
+/// its figures would be lru's under another name.
+result<void> refuse_flat_priority(engine::policy_kind kind,
+                                  std::string_view option) {
+  if (kind != engine::policy_kind::priority)
+    return {};
+  return usage("option " + std::string(option) +
+               ": policy 'priority' evicts the lowest request priority "
+               "first, and every request of a workload or trace replayed "
+               "in this mode is of normal priority, so it would repeat "
+               "lru's figures under another name (prefetch mode takes it: "
+               "its prefetches are of low priority)");
+}
+
 result<std::vector<engine::policy_kind>> parse_policies(std::string_view text) {
   std::vector<engine::policy_kind> out;
   for (std::string_view name : split(text, ',')) {
@@ -316,6 +330,8 @@ result<std::vector<engine::policy_kind>> parse_policies(std::string_view text) {
     auto kind = engine::parse_policy(name);
     if (!kind)
       return usage(kind.error().message);
+    if (auto ok = refuse_flat_priority(*kind, "--policies"); !ok)
+      return unexpected<error>(ok.error());
     if (std::find(out.begin(), out.end(), *kind) != out.end())
       return usage("policy '" + std::string(name) +
                    "' is listed twice in --policies");
@@ -672,10 +688,16 @@ result<command> parse_engine(std::span<const std::string_view> args) {
   return cmd;
 }
 
-result<engine::policy_kind> parse_one_policy(std::string_view value) {
+/// --eviction's value; `flat` (routing mode): every request is of normal
+/// priority, so `priority` is refused (refuse_flat_priority()).
+result<engine::policy_kind> parse_one_policy(std::string_view value,
+                                             bool flat) {
   auto kind = engine::parse_policy(value);
   if (!kind)
     return usage("option --eviction: " + kind.error().message);
+  if (flat)
+    if (auto ok = refuse_flat_priority(*kind, "--eviction"); !ok)
+      return unexpected<error>(ok.error());
   if (*kind == engine::policy_kind::belady)
     return usage("option --eviction: belady needs to know every request "
                  "ahead; only engine mode's --policies can run it");
@@ -731,7 +753,7 @@ result<command> parse_routing(std::span<const std::string_view> args) {
         r.policies.push_back(*kind);
       }
     } else if (name == "--eviction") {
-      auto k = parse_one_policy(value);
+      auto k = parse_one_policy(value, /*flat=*/true);
       if (!k)
         return unexpected<error>(k.error());
       r.eviction = *k;
@@ -788,7 +810,7 @@ result<command> parse_prefetch(std::span<const std::string_view> args) {
   const auto apply = [&p](std::string_view name,
                           std::string_view value) -> result<void> {
     if (name == "--eviction") {
-      auto k = parse_one_policy(value);
+      auto k = parse_one_policy(value, /*flat=*/false);
       if (!k)
         return unexpected<error>(k.error());
       p.eviction = *k;

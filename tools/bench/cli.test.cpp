@@ -65,7 +65,7 @@ TEST(bench_cli, every_option) {
                     "--capacity-blocks",
                     "100",
                     "--policies",
-                    "belady,lru,priority",
+                    "belady,lru,adaptive",
                     "--json",
                     "--block-tokens=256",
                     "--requests",
@@ -91,7 +91,7 @@ TEST(bench_cli, every_option) {
   EXPECT_EQ(*o.capacity_blocks, 100U);
   EXPECT_EQ(o.policies,
             (std::vector<policy_kind>{policy_kind::belady, policy_kind::lru,
-                                      policy_kind::priority}));
+                                      policy_kind::adaptive}));
   EXPECT_TRUE(o.json);
   EXPECT_EQ(o.block_tokens, 256U);
   EXPECT_EQ(o.requests, 50U);
@@ -256,6 +256,19 @@ TEST(bench_cli, bad_values) {
   base("--policies", "lru,mru", "unknown eviction policy 'mru'");
   base("--policies", "lru,,lfu", "comma-separated");
   base("--policies", "lru,lru", "listed twice");
+  // Every request replayed is of normal priority: `priority` would be lru
+  // under another name. Prefetch mode, whose prefetches are of low
+  // priority, takes it.
+  base("--policies", "lru,priority", "repeat lru's figures");
+  expect_usage_error(
+      {"routing", "--workload", "chat", "--eviction", "priority"},
+      "option --eviction: policy 'priority'");
+  {
+    auto cmd =
+        parse({"prefetch", "--workload", "chat", "--eviction", "priority"});
+    ASSERT_TRUE(cmd) << cmd.error().describe();
+    EXPECT_EQ(cmd->prefetch.eviction, policy_kind::priority);
+  }
   base("--prefill-us-per-token", "1e7", "at most 1000000");
   base("--block-tokens", "0", "at least 1");
   base("--block-tokens", "12x", "non-negative integer");
