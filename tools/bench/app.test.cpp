@@ -82,6 +82,26 @@ TEST(bench_app, table_run) {
   EXPECT_NE(o.out.find("adaptive"), std::string::npos) << o.out;
 }
 
+TEST(bench_app, a_run_where_belady_is_beaten_says_so) {
+  // Belady chooses within the partition the store picks, so a small store
+  // can see lru above it: a note on stderr says belady is no bound there.
+  // Where it leads, nothing is said.
+  auto o =
+      run({"engine", "--workload", "chat", "--requests", "800", "--seed", "424",
+           "--capacity-blocks", "10", "--policies", "lru,belady", "--json"});
+  ASSERT_EQ(o.status, exit_ok) << o.err;
+  const nlohmann::json j = nlohmann::json::parse(o.out);
+  ASSERT_GT(j.at("results")[0].at("token_hit_ratio").get<double>(),
+            j.at("results")[1].at("token_hit_ratio").get<double>())
+      << "the case no longer shows belady beaten";
+  EXPECT_NE(o.err.find("belady's token hit ratio"), std::string::npos) << o.err;
+  EXPECT_NE(o.err.find("is below lru "), std::string::npos) << o.err;
+  o = run({"engine", "--workload", "shared-prefix", "--requests", "100",
+           "--capacity-fraction", "0.3", "--policies", "lru,belady", "--json"});
+  ASSERT_EQ(o.status, exit_ok) << o.err;
+  EXPECT_EQ(o.err.find("belady's"), std::string::npos) << o.err;
+}
+
 TEST(bench_app, usage_errors_exit_2_with_a_message_on_stderr) {
   for (auto args : {
            std::initializer_list<std::string_view>{},
