@@ -75,8 +75,12 @@ struct warmer_config {
 /// before, it went with it). Not after a reply with blocks the engine
 /// could not cache (kv_reply::uncached_blocks): its leading blocks are
 /// cached, and pinned when asked, and a shorter query would pin them
-/// again. No chain's query leads another chain's,
-/// and there may be fewer chains than the `n` queries they hold.
+/// again. No chain's longest query leads another chain's, and there may
+/// be fewer chains than the `n` queries they hold. Chains can share
+/// leading blocks (a system prompt; or a selected query that leads two
+/// chains' longest queries, kept in the first): they are warmed in
+/// parallel, so those blocks may be computed, and pinned, on more than one
+/// engine.
 [[nodiscard]] std::vector<std::vector<std::size_t>>
 select_chains(const std::vector<warm_item>& items, std::size_t n);
 
