@@ -539,8 +539,42 @@ std::uint64_t block_store::next_use_of(const block_key& key) noexcept {
   return std::numeric_limits<std::uint64_t>::max();
 }
 
+bool block_store::pin_held(const entry& e) noexcept {
+  return e.pins > 0 || e.held_children > 0;
+}
+
+void block_store::child_held(std::uint32_t id, bool held) noexcept {
+  // Up the chain while a block's own state changes: a block held already
+  // by another pinned child, or pinned itself, stops the walk.
+  for (std::uint32_t a = id; a != npos;) {
+    entry& p = entries_[a];
+    const bool was = pin_held(p);
+    if (held)
+      ++p.held_children;
+    else
+      --p.held_children;
+    if (pin_held(p) == was)
+      return;
+    const std::size_t bytes = pool_.slot_bytes(p.slot.size_class);
+    if (held)
+      pin_held_bytes_ += bytes;
+    else
+      pin_held_bytes_ -= bytes;
+    a = p.parent;
+  }
+}
+
+std::size_t block_store::pin_cost(std::uint32_t id) const noexcept {
+  std::size_t n = 0;
+  for (std::uint32_t a = id; a != npos && !pin_held(entries_[a]);
+       a = entries_[a].parent)
+    n += pool_.slot_bytes(entries_[a].slot.size_class);
+  return n;
+}
+
 void block_store::set_pins(std::uint32_t id, std::uint32_t pins) noexcept {
   entry& e = entries_[id];
+  const bool was_held = pin_held(e);
   if ((e.pins == 0) != (pins == 0)) {
     const std::size_t bytes = pool_.slot_bytes(e.slot.size_class);
     auto& in_part = pinned_by_partition_[static_cast<std::size_t>(e.part)];
@@ -553,15 +587,25 @@ void block_store::set_pins(std::uint32_t id, std::uint32_t pins) noexcept {
     }
   }
   e.pins = pins;
+  if (pin_held(e) != was_held) {
+    const std::size_t bytes = pool_.slot_bytes(e.slot.size_class);
+    if (was_held)
+      pin_held_bytes_ -= bytes;
+    else
+      pin_held_bytes_ += bytes;
+    child_held(e.parent, !was_held);
+  }
 }
 
 error block_store::pin_refusal(std::size_t more,
                                const std::string& what) const {
   return error{
       errc::out_of_memory,
-      what + " would take pinned blocks to " +
-          std::to_string(pinned_bytes_ + more) + " bytes, past the limit of " +
-          std::to_string(pin_limit_bytes_) + " (max_pinned_fraction " +
+      what + " would take the bytes pins hold (pinned blocks, and the " +
+          "blocks they chain from, kept for them) to " +
+          std::to_string(pin_held_bytes_ + more) +
+          " bytes, past the limit of " + std::to_string(pin_limit_bytes_) +
+          " (max_pinned_fraction " +
           std::to_string(config_.max_pinned_fraction) + " of " +
           std::to_string(pool_.capacity_bytes()) +
           " bytes); nothing was pinned: unpin blocks or raise the limit"};
@@ -588,7 +632,7 @@ std::size_t block_store::pin_bytes_at_most(ns_id ns,
   for (const block_key& k : keys) {
     if (const std::uint32_t id = index_.find(k); id != npos) {
       const entry& e = entries_[id];
-      if (e.state != entry_state::committed || e.pins == 0)
+      if (e.state != entry_state::committed || !pin_held(e))
         n += std::max(pool_.slot_bytes(e.slot.size_class), put_slot);
       continue;
     }
@@ -1053,7 +1097,9 @@ result<put_handle> block_store::reserve_block(ns_id ns, const block_key& key,
     const auto copy =
         disk_ ? usable_disk_copy(st, key, disk_clock().now()) : std::nullopt;
     if (!copy || copy->pins == 0)
-      if (auto pin_ok = pin_room(pool_.slot_bytes(cls),
+      // Its parent's chain too, where no pin holds it yet: the pinned
+      // block keeps it in memory.
+      if (auto pin_ok = pin_room(pool_.slot_bytes(cls) + pin_cost(pid),
                                  [&] {
                                    return "the put of block " + key.to_hex() +
                                           " with a pin";
@@ -2117,8 +2163,12 @@ result<void> block_store::pin(ns_id ns, const block_key& key) {
     id = find_visible(ns, key, now());
   if (id == npos)
     return unexpected<error>(not_cached("block ", key));
+  // The bytes it holds that no pin held yet: its own, and those of the
+  // blocks it chains from (before, only its own counted, so pinning the
+  // last block of each chain held every chain in memory past the limit
+  // and every later put failed).
   if (entries_[id].pins == 0)
-    if (auto room = pin_room(pool_.slot_bytes(entries_[id].slot.size_class),
+    if (auto room = pin_room(pin_cost(id),
                              [&] { return "pinning block " + key.to_hex(); });
         !room)
       return room;
@@ -2737,6 +2787,8 @@ result<void> block_store::transcode(std::uint32_t id, codec to) {
   const std::size_t old_slot_bytes = pool_.slot_bytes(e.slot.size_class);
   account(e, false);
   pool_.free(e.slot);
+  if (pin_held(e)) // a block a pinned one chains from, compressed
+    pin_held_bytes_ = pin_held_bytes_ - old_slot_bytes + pool_.slot_bytes(cls);
   e.slot = *slot;
   e.c = to;
   e.stored_bytes = static_cast<std::uint32_t>(new_bytes);
@@ -3476,6 +3528,8 @@ void block_store::adopt(std::uint32_t id, const block_key& parent) {
   e.parent = pid;
   e.parent_unknown = false;
   ++entries_[pid].children; // not a leaf any more: eviction takes `id` first
+  if (pin_held(e))
+    child_held(pid, true); // pins hold its new chain too
   refresh_evictable(pid);
 }
 
@@ -3824,6 +3878,29 @@ void block_store::check_invariants() const {
   KVFLEET_CHECK(live == index_.size(), "index size mismatch");
   KVFLEET_CHECK(used == pool_.used_bytes(), "pool bytes mismatch");
   KVFLEET_CHECK(pinned == pinned_bytes_, "pinned bytes out of step");
+  {
+    // Pins hold each pinned block and every block it chains from.
+    std::vector<std::uint8_t> held(entries_.size(), 0);
+    for (std::uint32_t id = 0; id < entries_.size(); ++id)
+      if (entries_[id].state != entry_state::free && entries_[id].pins > 0)
+        for (std::uint32_t a = id; a != npos && held[a] == 0;
+             a = entries_[a].parent)
+          held[a] = 1;
+    std::vector<std::uint32_t> held_children(entries_.size(), 0);
+    std::size_t held_bytes = 0;
+    for (std::uint32_t id = 0; id < entries_.size(); ++id) {
+      if (held[id] == 0)
+        continue;
+      held_bytes += pool_.slot_bytes(entries_[id].slot.size_class);
+      if (entries_[id].parent != npos)
+        ++held_children[entries_[id].parent];
+    }
+    for (std::uint32_t id = 0; id < entries_.size(); ++id)
+      KVFLEET_CHECK(entries_[id].held_children == held_children[id],
+                    "held children out of step");
+    KVFLEET_CHECK(held_bytes == pin_held_bytes_,
+                  "bytes held by pins out of step");
+  }
   KVFLEET_CHECK(pinned_parts == pinned_by_partition_,
                 "pinned bytes by partition out of step");
   KVFLEET_CHECK(sums.bytes_by_codec == stats_.bytes_by_codec,

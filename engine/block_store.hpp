@@ -200,7 +200,9 @@ struct store_config {
   /// free) count one sixteenth each. 0: no demotion.
   std::size_t demotion_scan_limit = 256;
   /// At most this fraction of the arena's bytes (slot bytes) may be held by
-  /// pinned blocks, in (0, 1]. A pin past it is refused with
+  /// pins, in (0, 1]: the pinned blocks and the blocks they chain from,
+  /// which leaf-first eviction keeps in memory for them, each counted once
+  /// (block_store::pin_held_bytes()). A pin past it is refused with
   /// errc::out_of_memory and changes nothing: pin(), the commit of a put
   /// with put_options::pin (checked at its reserve too, before making room
   /// for it), and process() or put_tokens() with a pin, which are refused
@@ -680,6 +682,12 @@ public:
   [[nodiscard]] std::size_t pinned_bytes_limit() const noexcept {
     return pin_limit_bytes_;
   }
+  /// Slot bytes pins hold in memory: the pinned blocks and every block a
+  /// pinned one chains from (evicted only after it: leaf-first). What
+  /// store_config::max_pinned_fraction limits.
+  [[nodiscard]] std::size_t pin_held_bytes() const noexcept {
+    return pin_held_bytes_;
+  }
 
   /// Evicts expired blocks now (lookups also skip them lazily). Returns how
   /// many expired: removed, or, when a reader or a cached child holds one,
@@ -831,15 +839,25 @@ private:
   /// Pins a committed block that is not pinned yet (put_options::pin).
   /// Its caller checked the room for it (pin_room()).
   void pin_once(std::uint32_t id);
-  /// Sets block `id`'s pin count, keeping pinned_bytes_ in step.
+  /// Sets block `id`'s pin count, keeping pinned_bytes_ and
+  /// pin_held_bytes_ in step.
   void set_pins(std::uint32_t id, std::uint32_t pins) noexcept;
-  /// Whether `more` slot bytes of new pins fit max_pinned_fraction (no
-  /// bytes always do): an error naming what() when they do not (called
-  /// only then: a pin that fits builds no message).
+  /// Whether pins hold block `e` in memory (pin_held_bytes()).
+  [[nodiscard]] static bool pin_held(const entry& e) noexcept;
+  /// A child of block `id` became held by pins (`held`) or stopped being:
+  /// updates `id` and, where its own state changes, its ancestors.
+  void child_held(std::uint32_t id, bool held) noexcept;
+  /// The slot bytes pinning would newly hold: block `id`'s when pins do
+  /// not hold it yet, and those of the blocks it chains from up to the
+  /// first that pins hold already. `id` may be npos (no block: nothing).
+  [[nodiscard]] std::size_t pin_cost(std::uint32_t id) const noexcept;
+  /// Whether `more` slot bytes newly held by pins fit max_pinned_fraction
+  /// (no bytes always do): an error naming what() when they do not
+  /// (called only then: a pin that fits builds no message).
   template <class What>
   [[nodiscard]] result<void> pin_room(std::size_t more, What&& what) const {
-    if (more == 0 ||
-        (more <= pin_limit_bytes_ && pinned_bytes_ <= pin_limit_bytes_ - more))
+    if (more == 0 || (more <= pin_limit_bytes_ &&
+                      pin_held_bytes_ <= pin_limit_bytes_ - more))
       return {};
     return unexpected<error>(pin_refusal(more, what()));
   }
@@ -1285,8 +1303,9 @@ private:
   /// reading into the arena.
   std::unique_ptr<disk_tier> disk_;
   std::uint64_t tick_ = 0;
-  std::uint32_t nested_ = 0;     ///< see count_rejected()
-  std::size_t pinned_bytes_ = 0; ///< see pinned_bytes()
+  std::uint32_t nested_ = 0;       ///< see count_rejected()
+  std::size_t pinned_bytes_ = 0;   ///< see pinned_bytes()
+  std::size_t pin_held_bytes_ = 0; ///< see pin_held_bytes()
   /// A committed block's expiry as noted (note_expiry): stale once the
   /// block is gone (its generation moved on), dead, or has another expiry.
   struct expiry_mark {

@@ -2151,7 +2151,55 @@ TEST_F(store_fixture, pins_stop_at_the_pinned_limit) {
   EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes); // still pinned once
   ASSERT_TRUE(store_->unpin(ns_, keys[3]).has_value());
   EXPECT_EQ(store_->pinned_bytes(), 3 * block_bytes);
-  EXPECT_TRUE(store_->pin(ns_, keys[4]).has_value());
+  // Pinned, keys[4] would hold keys[3] in memory too, which no pin holds
+  // now: two blocks more, past the limit. keys[3] alone fits.
+  auto chained = store_->pin(ns_, keys[4]);
+  ASSERT_FALSE(chained.has_value());
+  EXPECT_EQ(chained.error().code, errc::out_of_memory);
+  EXPECT_TRUE(store_->pin(ns_, keys[3]).has_value());
+  EXPECT_EQ(store_->pin_held_bytes(), 4 * block_bytes);
+  store_->check_invariants();
+}
+
+TEST_F(store_fixture, a_pin_counts_the_blocks_its_chain_holds_in_memory) {
+  // Four 8-block chains in a 40-block store, limit 20 blocks. Pinning a
+  // chain's last block keeps the whole chain in memory (leaf-first
+  // eviction), so it counts all 8: two chains fit, the third is refused,
+  // and a put still finds room. (Before, each pin counted its own block,
+  // all four were pinned: with a store of 32 blocks, full of held chains,
+  // every put failed with nothing to evict.)
+  open(40, policy_kind::lru, false, 1);
+  ASSERT_EQ(store_->pinned_bytes_limit(), 20 * block_bytes);
+  std::vector<std::vector<block_key>> chains;
+  for (std::uint64_t c = 0; c < 4; ++c) {
+    chains.push_back(chain(100 * (c + 1), 8));
+    put_chain(chains.back());
+  }
+  ASSERT_TRUE(store_->pin(ns_, chains[0].back()).has_value());
+  EXPECT_EQ(store_->pinned_bytes(), block_bytes);
+  EXPECT_EQ(store_->pin_held_bytes(), 8 * block_bytes);
+  // A block of a held chain costs only itself; one pinned already nothing.
+  ASSERT_TRUE(store_->pin(ns_, chains[0][3]).has_value());
+  EXPECT_EQ(store_->pin_held_bytes(), 8 * block_bytes);
+  ASSERT_TRUE(store_->pin(ns_, chains[1].back()).has_value());
+  EXPECT_EQ(store_->pin_held_bytes(), 16 * block_bytes);
+  for (std::size_t c : {2U, 3U}) {
+    auto refused = store_->pin(ns_, chains[c].back());
+    ASSERT_FALSE(refused.has_value()) << c;
+    EXPECT_EQ(refused.error().code, errc::out_of_memory);
+    EXPECT_NE(refused.error().message.find("blocks they chain from"),
+              std::string::npos)
+        << refused.error().message;
+  }
+  store_->check_invariants();
+  for (std::uint64_t i = 0; i < 8; ++i)
+    ASSERT_TRUE(put(chain(900 + i, 1)[0], {}).has_value()) << i;
+  // Unpinning the leaf lets go of the chain but for the block still
+  // pinned in it and what that one chains from.
+  ASSERT_TRUE(store_->unpin(ns_, chains[0].back()).has_value());
+  EXPECT_EQ(store_->pin_held_bytes(), 12 * block_bytes);
+  ASSERT_TRUE(store_->unpin(ns_, chains[0][3]).has_value());
+  EXPECT_EQ(store_->pin_held_bytes(), 8 * block_bytes);
   store_->check_invariants();
 }
 

@@ -27,6 +27,10 @@ struct block_store::entry {
   std::uint32_t departing = 0; // children being demoted to the memory tier
   std::uint32_t leases = 0;
   std::uint32_t pins = 0;
+  /// Children that are pinned or chained to by a pinned block: while any
+  /// is, this block stays in memory for them (leaf-first eviction), held
+  /// by pins (block_store::pin_held_bytes()).
+  std::uint32_t held_children = 0;
   /// Duplicate puts of this committed block open now (reserve() until
   /// their commit or abort): a dead block with one is being put again, so
   /// a child may be reserved under it as under a reserved block.
