@@ -1452,7 +1452,7 @@ result<void> block_store::commit(put_handle& h) {
     // Inside a checked process() or put_tokens(), its share of what that
     // call was checked for; past it (a disk copy counted for its pins that
     // was recomputed), checked as any.
-    if (auto room = take_pin_budget(pool_.slot_bytes(pe.slot.size_class),
+    if (auto room = take_pin_budget(pin_cost(h.id_),
                                     "the put with a pin of block", h.key_);
         !room) {
       (void)abort(h);
@@ -1740,8 +1740,12 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   if (opts.pin)
     for (const read_lease& l : token_leases_)
       if (would_pin(l.id_))
+        // Its own slot (the prefix's blocks are all charged, before any
+        // is pinned), none when pins hold it already.
         if (auto room = take_pin_budget(
-                pool_.slot_bytes(entries_[l.id_].slot.size_class),
+                pin_held(entries_[l.id_])
+                    ? 0
+                    : pool_.slot_bytes(entries_[l.id_].slot.size_class),
                 "put_tokens() pinning block", l.key());
             !room)
           return undo(room.error());
@@ -2082,9 +2086,8 @@ result<process_result> block_store::process(ns_id ns,
         // computed), checked, and the request fails whole.
         if (!would_pin(id))
           continue;
-        if (auto room =
-                take_pin_budget(pool_.slot_bytes(entries_[id].slot.size_class),
-                                "process() pinning block", keys[i]);
+        if (auto room = take_pin_budget(pin_cost(id), "process() pinning block",
+                                        keys[i]);
             !room)
           return fail(room.error());
         pin_once(id);

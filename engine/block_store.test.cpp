@@ -2203,6 +2203,34 @@ TEST_F(store_fixture, a_pin_counts_the_blocks_its_chain_holds_in_memory) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture, pinning_blocks_pins_hold_already_adds_nothing) {
+  // A pinned last block holds its chain: the limit (4 blocks) is reached.
+  // A pinned request over the chain's first blocks, or a token put of
+  // them with a pin, holds nothing more, so it is not refused.
+  open(8, policy_kind::lru, false, 1);
+  std::vector<std::uint32_t> tokens(4 * 16);
+  for (std::uint32_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = 7 + i;
+  std::vector<block_key> keys;
+  chain_keys(fp_, 16, tokens, keys);
+  const std::vector<std::byte> values(4 * block_bytes, std::byte{5});
+  ASSERT_TRUE(store_->put_tokens(ns_, tokens, values, {}).has_value());
+  ASSERT_TRUE(store_->pin(ns_, keys[3]).has_value());
+  ASSERT_EQ(store_->pin_held_bytes(), store_->pinned_bytes_limit());
+  put_options pin;
+  pin.pin = true;
+  counting_producer producer;
+  auto r = store_->process(ns_, std::span(keys).first(2), 32, producer, pin);
+  ASSERT_TRUE(r.has_value()) << r.error().describe();
+  EXPECT_EQ(store_->pinned_bytes(), 3 * block_bytes);
+  auto t = store_->put_tokens(ns_, std::span(tokens).first(3 * 16),
+                              std::span(values).first(3 * block_bytes), pin);
+  ASSERT_TRUE(t.has_value()) << t.error().describe();
+  EXPECT_EQ(store_->pinned_bytes(), 4 * block_bytes);
+  EXPECT_EQ(store_->pin_held_bytes(), store_->pinned_bytes_limit());
+  store_->check_invariants();
+}
+
 TEST_F(store_fixture, a_pinned_request_past_the_limit_is_refused_whole) {
   open(8, policy_kind::lru, false, 1);
   put_options pin;
