@@ -1698,7 +1698,8 @@ void disk_tier::probe_free_space() {
   // Unknown: stay full, look again at the next retry. No inode left
   // counts as no space: the next segment could not be created (a tier
   // opened full because its probe file could not be, say).
-  const auto free = free_space(config_.free_bytes_for_testing);
+  const auto free = free_space(config_.free_bytes_for_testing,
+                               config_.inode_free_for_testing);
   if (!free || !free->inode)
     return;
   const std::uint64_t avail = free->bytes;
@@ -1714,9 +1715,10 @@ void disk_tier::probe_free_space() {
 }
 
 std::optional<disk_tier::free_space_info>
-disk_tier::free_space(const std::function<std::uint64_t()>& hook) const {
+disk_tier::free_space(const std::function<std::uint64_t()>& hook,
+                      const std::function<bool()>& inode_hook) const {
   if (hook)
-    return free_space_info{hook(), true};
+    return free_space_info{hook(), !inode_hook || inode_hook()};
   const auto space = space_of(config_.directory);
   if (!space)
     return std::nullopt;

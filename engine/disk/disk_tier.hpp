@@ -211,8 +211,11 @@ struct disk_tier_config {
   /// errno as an I/O error.
   catalog::fault catalog_fault_for_testing;
   /// Test hook: while the tier is full, the free bytes it sees in its
-  /// directory instead of statvfs's answer (an inode always free).
+  /// directory instead of statvfs's answer (an inode free unless
+  /// inode_free_for_testing says otherwise).
   std::function<std::uint64_t()> free_bytes_for_testing;
+  /// Test hook, with free_bytes_for_testing: whether an inode is free.
+  std::function<bool()> inode_free_for_testing;
   /// Test hook: the free bytes a spill sees for the min_free_bytes reserve
   /// instead of statvfs's answer.
   std::function<std::uint64_t()> reserve_free_bytes_for_testing;
@@ -661,9 +664,11 @@ private:
     bool inode = true;       ///< at least one inode free
   };
   /// The directory's file system's free space (`hook`'s when set, with an
-  /// inode free), nullopt when statvfs fails.
+  /// inode free unless `inode_hook` says otherwise), nullopt when statvfs
+  /// fails.
   [[nodiscard]] std::optional<free_space_info>
-  free_space(const std::function<std::uint64_t()>& hook) const;
+  free_space(const std::function<std::uint64_t()>& hook,
+             const std::function<bool()>& inode_hook = {}) const;
   /// Refuses a spill of `rec` bytes (and sets full_, as a failed write
   /// would) when the file system would be left with less than
   /// min_free_bytes free; unknown free space lets it through.

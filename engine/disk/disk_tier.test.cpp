@@ -1826,6 +1826,43 @@ TEST_F(disk_tier_test, a_spill_leaves_min_free_bytes_free) {
   EXPECT_FALSE(tier_->stats().full);
 }
 
+// A full tier looks at its file system's free inodes too: with bytes free
+// but no inode, the next segment could not be created, so spills stay
+// refused until an inode is free again.
+TEST_F(disk_tier_test, a_full_tier_waits_for_a_free_inode_too) {
+  auto c = config();
+  c.min_free_bytes = 64 << 10;
+  auto watch = retry_watch::fast(c);
+  auto free_bytes = std::make_shared<std::atomic<std::uint64_t>>(1 << 30);
+  auto inode = std::make_shared<std::atomic<bool>>(true);
+  c.free_bytes_for_testing = [free_bytes] { return free_bytes->load(); };
+  c.inode_free_for_testing = [inode] { return inode->load(); };
+  c.reserve_free_bytes_for_testing = [free_bytes] {
+    return free_bytes->load();
+  };
+  open(c);
+  stderr_log err;
+  free_bytes->store(c.min_free_bytes + 1000); // full: the reserve refuses
+  const auto id = spill(1);
+  (void)settle_expecting({id});
+  ASSERT_TRUE(tier_->stats().full);
+  inode->store(false);
+  free_bytes->store(1 << 30);
+  std::size_t seen = 0;
+  {
+    std::lock_guard lk(watch->mu);
+    seen = watch->delays.size();
+  }
+  ASSERT_TRUE(watch->passes(seen + 3));
+  EXPECT_TRUE(tier_->stats().full) << "spills taken with no inode free";
+  inode->store(true);
+  EXPECT_TRUE(watch->converged());
+  EXPECT_FALSE(tier_->stats().full);
+  spill(1);
+  settle();
+  expect_block(1);
+}
+
 // A tier at its capacity: a spill the reserve refuses evicts and compacts
 // nothing (before, make_room threw out a tenth of the tier and wrote
 // compaction copies into the reserve, for a spill then refused), and only
