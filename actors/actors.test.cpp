@@ -2531,6 +2531,64 @@ TEST_F(actor_test, AReplicaKilledWhileOpeningInAFailedSlotIsNotTriedAgain) {
   EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1, 0}));
 }
 
+TEST_F(actor_test, AReplicaRetriedAfterAFailedOpenMayStartAtOnceOrFail) {
+  // Slot 2's engines open on their own and fail there; slot 3's factory
+  // starts its engine at once; slot 4's fails. The second replica, whose
+  // open fails in the marked slot 2, is tried in slot 3 and answered with
+  // the live count at once; the third, failing in slot 2 again, is tried
+  // in slot 4 and answered with slot 4's error.
+  balancer_config bc;
+  bc.initial_engines = 2;
+  auto calls = std::make_shared<int>(0);
+  auto opening = std::make_shared<caf::actor>();
+  auto b = started_balancer(
+      bc,
+      [calls, opening](caf::actor_system& s,
+                       std::uint32_t slot) -> result<started_engine> {
+        ++*calls;
+        if (slot == 4)
+          return make_error(errc::io_error, "no device 4 (test)");
+        if (slot == 2) {
+          *opening = s.spawn(opening_engine);
+          return started_engine{*opening, true};
+        }
+        auto c = small_engine(64);
+        c.slot = slot;
+        return started_now(spawn_engine_actor(s, c));
+      });
+  const auto fail_open = [&] {
+    caf::anon_send(
+        *opening,
+        caf::exit_msg{opening->address(),
+                      to_caf_error(error{errc::io_error, "disk gone (test)"})});
+    sched_->run();
+  };
+  auto first = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  fail_open();
+  ASSERT_TRUE(first->error.has_value());
+  auto second = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_FALSE(second->done());
+  fail_open();
+  ASSERT_TRUE(second->value.has_value())
+      << to_string(second->error.value_or(caf::error{}));
+  EXPECT_EQ(*second->value, 3U);
+  auto third = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_FALSE(third->done());
+  fail_open();
+  ASSERT_TRUE(third->error.has_value());
+  const auto e = from_caf_error(*third->error);
+  EXPECT_EQ(e.code, errc::io_error);
+  EXPECT_NE(e.message.find("no device 4 (test)"), std::string::npos)
+      << e.message;
+  EXPECT_EQ(*calls, 2 + 1 + 2 + 2);
+  auto st = ask_now<balancer_stats>(b, stats_atom::value);
+  EXPECT_EQ(st.live, 3U);
+  EXPECT_EQ(st.up, (std::vector<std::uint8_t>{1, 1, 0, 1, 0}));
+}
+
 TEST_F(actor_test, AnArenaTheBackendRefusesFailsTheStartWithItsError) {
   // Made on the engine, an arena the backend refuses ends the engine with
   // the backend's error: a replica asked for gets it (and its slot is
