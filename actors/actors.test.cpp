@@ -2894,12 +2894,12 @@ TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
 
 TEST_F(actor_test, FailedReplicasInARowAddFewSlotsAndTakeTurnsInThem) {
   // Slot 0 is broken for good; an outage then fails every start while
-  // five replicas are asked for. The first two fail in slot 0 and then in
-  // a new slot each (3, 4); with as many failed free slots as live
-  // engines (2), the rest fail in those, the one tried longest ago first,
-  // and never twice for one replica: two slots more, not one per failure.
-  // Once the outage ends, the next replica starts in the free slot tried
-  // longest ago, 3.
+  // five replicas are asked for. Each fails in the free slot tried longest
+  // ago, then in another, never twice for one replica; a new slot takes
+  // its turn with the failed free slots once per round through them (3,
+  // then 4, then 5): three slots more, not one per failure. Once the
+  // outage ends, the next replica starts in the free slot tried longest
+  // ago, 3.
   broken_slot_factory f;
   const auto& broken = f.broken;
   const auto& outage = f.outage;
@@ -2920,9 +2920,9 @@ TEST_F(actor_test, FailedReplicasInARowAddFewSlotsAndTakeTurnsInThem) {
     sched_->run();
     ASSERT_TRUE(failed->error.has_value()) << i;
   }
-  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3, 0, 4, 3, 0, 4, 3, 0, 4}));
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3, 0, 3, 0, 4, 3, 0, 4, 5}));
   auto st = ask_now<balancer_stats>(b, stats_atom::value);
-  EXPECT_EQ(st.up.size(), 5U);
+  EXPECT_EQ(st.up.size(), 6U);
   EXPECT_EQ(st.live, 2U);
   *outage = false;
   tried->clear();
@@ -2959,6 +2959,34 @@ TEST_F(actor_test, AReplicaGetsPastTwoBrokenFreeSlots) {
   }
   EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 4, 1, 5}));
   EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 4U);
+}
+
+TEST_F(actor_test, AReplicaGetsPastMoreBrokenFreeSlotsThanLiveEngines) {
+  // Slots 1, 2 and 3 break for good and are given up; one engine is live.
+  // Each replica fails in one broken slot and starts in a new slot. (The
+  // first fix bounded new slots by the failed free slots, given-up ones
+  // included: with more broken slots than live engines every replica
+  // failed twice, forever.)
+  broken_slot_factory f;
+  const auto& tried = f.tried;
+  balancer_config bc;
+  bc.initial_engines = 4;
+  bc.max_restarts = 0;
+  auto b = started_balancer(bc, f.make());
+  *f.broken = {1, 2, 3};
+  for (const std::uint32_t slot : {1U, 2U, 3U})
+    caf::anon_send_exit(ask_now<caf::actor>(b, engine_atom::value, slot),
+                        caf::exit_reason::kill);
+  sched_->run();
+  ASSERT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 1U);
+  tried->clear();
+  for (const std::uint32_t live : {2U, 3U, 4U}) {
+    auto replica = ask<std::uint32_t>(b, replica_atom::value);
+    sched_->run();
+    ASSERT_TRUE(replica->value.has_value()) << caf::to_string(*replica->error);
+    EXPECT_EQ(*replica->value, live);
+  }
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{1, 4, 2, 5, 3, 6}));
 }
 
 TEST_F(actor_test, AnInitialStartThatThrowsLeavesTheOtherEnginesServing) {

@@ -125,6 +125,13 @@ struct balancer_state {
   std::uint64_t rejected = 0;
   std::uint64_t given_up = 0;
   std::uint64_t starts = 0; ///< engine starts asked of the factory
+  /// `starts` of the last failed start in a slot a replica's retry added
+  /// (0: none yet): a new slot's turn among the failed free slots
+  /// (choose_slot).
+  std::uint64_t last_growth = 0;
+  /// The slot a replica's retry added last, while its start is not known
+  /// to have succeeded.
+  std::optional<std::uint32_t> growth_slot;
   /// The last capacity_atom's token budget: engines spawned or restarted
   /// after it get it too. Empty: the factory's own.
   std::optional<std::uint32_t> capacity_tokens;
@@ -179,6 +186,8 @@ void engine_ready(balancer_actor* self, std::uint32_t slot,
     return; // that engine is gone already
   info.opening = false;
   info.retry_elsewhere = false;
+  if (st.growth_slot == slot)
+    st.growth_slot.reset(); // a new slot that worked: no failed turn
   info.up_since_ns = now_ns(self);
   st.route.set_up(slot, true);
   if (info.replica.pending())
@@ -319,6 +328,11 @@ void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
 /// The slot of a replica that did not start: free again, as a retired
 /// slot is, so that no engine the caller was told failed comes up later.
 void free_replica_slot(balancer_actor* self, std::uint32_t slot) {
+  auto& st = self->state;
+  if (st.growth_slot == slot) { // a slot a retry added failed
+    st.last_growth = st.slots[slot].last_start;
+    st.growth_slot.reset();
+  }
   self->state.slots[slot].retired = true;
   self->state.slots[slot].suspect = true;
   self->state.route.remove_slot(slot);
@@ -357,6 +371,8 @@ result<std::uint32_t> start_in_slot(balancer_actor* self, std::uint32_t slot,
   // Started (one opening its store may still fail: open_failed marks it
   // again).
   st.slots[slot].suspect = false;
+  if (st.growth_slot == slot && !st.slots[slot].opening)
+    st.growth_slot.reset(); // a new slot that worked: no failed turn
   return slot;
 }
 
@@ -367,34 +383,41 @@ result<std::uint32_t> start_in_slot(balancer_actor* self, std::uint32_t slot,
 /// broken ones no replica got past them); else a new slot.
 ///
 /// `failed` is the free slot a replica just failed in (a retry): it is
-/// never taken, and a new slot goes before the other free slots whose last
-/// start failed while those (`failed` included) are no more than the live
-/// engines, or two: with every one of them broken (a bad device or
-/// directory for each), the replica still reaches a working slot, and an
-/// outage in which every start fails adds at most that many slots, not one
-/// per failure. errc::unavailable when all router::max_slots are in use.
+/// never taken. The retry goes to a free slot whose last start did not
+/// fail; else it takes turns between the other free slots whose last
+/// start failed and a new slot, the one tried longest ago first (a new
+/// slot counting as tried when the start in the last one a retry added
+/// failed; a tie goes to the free slot): however many free slots are
+/// broken (a bad device or
+/// directory for each), a replica reaches a new one within a round of
+/// them, and an outage in which every start fails adds a slot once per
+/// round through the failed ones, not one per failure (at most
+/// router::max_slots in all). errc::unavailable when all router::max_slots
+/// are in use.
 result<std::uint32_t> choose_slot(balancer_state& st,
                                   std::optional<std::uint32_t> failed) {
   const auto count = static_cast<std::uint32_t>(st.route.slot_count());
   std::optional<std::uint32_t> oldest_suspect;
-  std::size_t suspects = failed ? 1 : 0;
   for (std::uint32_t i = 0; i < count; ++i) {
     if (i == failed || !st.route.is_removed(i))
       continue;
     const bool suspect = i < st.slots.size() && st.slots[i].suspect;
     if (!suspect)
       return st.route.take_slot(i);
-    ++suspects;
     if (!oldest_suspect ||
         st.slots[i].last_start < st.slots[*oldest_suspect].last_start)
       oldest_suspect = i;
   }
   const bool room = count < router::max_slots;
-  const bool new_first =
-      failed && suspects <= std::max<std::size_t>(st.route.live_slots(), 2);
-  if (oldest_suspect && !(new_first && room))
+  const bool new_turn = failed && room &&
+                        (!oldest_suspect ||
+                         st.last_growth < st.slots[*oldest_suspect].last_start);
+  if (oldest_suspect && !new_turn)
     return st.route.take_slot(*oldest_suspect);
-  return st.route.take_slot(count);
+  auto slot = st.route.take_slot(count);
+  if (slot && failed)
+    st.growth_slot = *slot; // should its start fail: last_growth
+  return slot;
 }
 
 /// Starts an engine in a free slot (whose engine retired or was given up)

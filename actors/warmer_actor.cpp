@@ -54,7 +54,8 @@ select_chains(const std::vector<warm_item>& items, std::size_t n) {
   std::set<std::size_t, decltype(keys_less)> seen(keys_less);
   // The longest query of each chain -> the chain's place in `out`. None
   // leads another (a shorter query may lead two of them: it is kept in the
-  // first; the chains share its blocks, as siblings share a prefix).
+  // one sorting first by keys; the chains share its blocks, as siblings
+  // share a prefix).
   std::map<std::size_t, std::size_t, decltype(keys_less)> chains(keys_less);
   const auto leads = [&](std::size_t a, std::size_t b) {
     const auto& x = items[a].request.keys;

@@ -78,7 +78,8 @@ struct warmer_config {
 /// again. No chain's longest query leads another chain's, and there may
 /// be fewer chains than the `n` queries they hold. Chains can share
 /// leading blocks (a system prompt; or a selected query that leads two
-/// chains' longest queries, kept in the first): they are warmed in
+/// chains' longest queries, kept in the one whose longest query sorts
+/// first by keys): they are warmed in
 /// parallel, so those blocks may be computed, and pinned, on more than one
 /// engine.
 [[nodiscard]] std::vector<std::vector<std::size_t>>
