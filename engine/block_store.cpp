@@ -564,9 +564,14 @@ void block_store::child_held(std::uint32_t id, bool held) noexcept {
   }
 }
 
-std::size_t block_store::pin_cost(std::uint32_t id) const noexcept {
+std::size_t block_store::pin_charge(std::uint32_t id) const noexcept {
+  return pin_cost(id, charged_prefix_);
+}
+
+std::size_t block_store::pin_cost(std::uint32_t id,
+                                  std::uint32_t stop) const noexcept {
   std::size_t n = 0;
-  for (std::uint32_t a = id; a != npos && !pin_held(entries_[a]);
+  for (std::uint32_t a = id; a != npos && a != stop && !pin_held(entries_[a]);
        a = entries_[a].parent)
     n += pool_.slot_bytes(entries_[a].slot.size_class);
   return n;
@@ -1158,13 +1163,13 @@ std::uint32_t block_store::usable_parent(ns_id ns, const block_key& key,
     return npos;
   const entry& p = entries_[id];
   // Expires it, counted, when its TTL has run out unseen (removed when
-  // nothing holds it); a reserved parent is left as it is, and so is a
-  // leased one: the call putting its children may hold it (put_tokens()
-  // and process() lease the prefix they matched and renew it), and
-  // reclaim_expired() leaves leased blocks too. (Before, a prefix whose TTL
-  // ran out during the call was killed here, and the call failed with
-  // "parent block is not cached".)
-  if (p.state == entry_state::committed && !p.dead && p.leases == 0)
+  // nothing holds it); a reserved parent is left as it is, and so is the
+  // prefix a put_tokens() call matched, leased and puts again (it renews
+  // its expiry once its new blocks are written). (Before, a prefix whose
+  // TTL ran out during that call was killed here, and the call failed
+  // with "parent block is not cached".)
+  if (p.state == entry_state::committed && !p.dead &&
+      !(renewing_prefix_ && p.leases > 0))
     (void)find_visible(ns, key, t);
   // A dead parent (expired, still held) will do while a put of it is
   // open: its commit brings it back (put_tokens() reserves a chain before
@@ -1452,7 +1457,7 @@ result<void> block_store::commit(put_handle& h) {
     // Inside a checked process() or put_tokens(), its share of what that
     // call was checked for; past it (a disk copy counted for its pins that
     // was recomputed), checked as any.
-    if (auto room = take_pin_budget(pin_cost(h.id_),
+    if (auto room = take_pin_budget(pin_charge(h.id_),
                                     "the put with a pin of block", h.key_);
         !room) {
       (void)abort(h);
@@ -1496,12 +1501,14 @@ result<void> block_store::commit(put_handle& h) {
       return {};
     }
     // The put's hold, let go before adopt(), which waits for leases.
+    // Pinned first: its pin was charged as a root's (its own slot), and
+    // adopt() links it under its parent only if pins may hold that chain.
     release_lease(h.id_);
+    if (h.pin_)
+      pin_once(h.id_);
     adopt(h.id_, h.parent_);
     raise_priority(h.id_, h.prio_);
     touch(h.id_);
-    if (h.pin_)
-      pin_once(h.id_);
     return {};
   }
   const std::uint32_t id = h.id_;
@@ -1725,6 +1732,14 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   if (auto ok = token_put_could_fit(ns, matched, blocks, opts); !ok)
     return undo(ok.error());
   block_key parent = matched > 0 ? token_keys_[matched - 1] : block_key{};
+  // Its leased prefix is put again: not expired under the reserves.
+  struct renewing {
+    bool& flag;
+    explicit renewing(bool& f) : flag(f) { flag = true; }
+    ~renewing() { flag = false; }
+    renewing(const renewing&) = delete;
+    renewing& operator=(const renewing&) = delete;
+  } const renew{renewing_prefix_};
   for (std::size_t i = matched; i < blocks; ++i) {
     auto h = reserve(ns, token_keys_[i], parent, opts);
     if (!h)
@@ -1740,8 +1755,8 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
   if (opts.pin)
     for (const read_lease& l : token_leases_)
       if (would_pin(l.id_))
-        // Its own slot (the prefix's blocks are all charged, before any
-        // is pinned), none when pins hold it already.
+        // Its own slot, none when pins hold it already: each block of
+        // the prefix is charged for itself, before any is pinned.
         if (auto room = take_pin_budget(
                 pin_held(entries_[l.id_])
                     ? 0
@@ -1757,9 +1772,22 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     raise_priority(l.id_, opts.prio);
     touch(l.id_);
   }
-  for (put_handle& h : token_puts_)
-    if (auto c = commit(h); !c)
-      return undo(c.error());
+  {
+    // The prefix's pins were charged above: a commit charges its own
+    // block (before, its unpinned prefix again, and a call within a block
+    // of the limit failed after writing everything).
+    struct charged {
+      std::uint32_t& at;
+      charged(std::uint32_t& a, std::uint32_t id) : at(a) { at = id; }
+      ~charged() { at = npos; }
+      charged(const charged&) = delete;
+      charged& operator=(const charged&) = delete;
+    } const prefix{charged_prefix_,
+                   token_leases_.empty() ? npos : token_leases_.back().id_};
+    for (put_handle& h : token_puts_)
+      if (auto c = commit(h); !c)
+        return undo(c.error());
+  }
   // The walk's time, not the put's: what acquire_prefix() would record.
   count_lookup(now() - walked, matched, blocks);
   // The cached prefix this put skipped is put again: a new expiry (as a
@@ -2086,8 +2114,8 @@ result<process_result> block_store::process(ns_id ns,
         // computed), checked, and the request fails whole.
         if (!would_pin(id))
           continue;
-        if (auto room = take_pin_budget(pin_cost(id), "process() pinning block",
-                                        keys[i]);
+        if (auto room = take_pin_budget(pin_charge(id),
+                                        "process() pinning block", keys[i]);
             !room)
           return fail(room.error());
         pin_once(id);
@@ -3528,6 +3556,13 @@ void block_store::adopt(std::uint32_t id, const block_key& parent) {
   for (std::uint32_t a = pid; a != npos; a = entries_[a].parent)
     if (a == id)
       return;
+  // Pinned (or holding a pinned block), it would hold its new chain in
+  // memory too: past the pin limit it stays a root, unlinked, so that
+  // chain stays evictable. (Before, a pinned block brought back alone
+  // from disk and linked by a later request without a pin took the bytes
+  // pins hold past the limit unchecked.)
+  if (pin_held(e) && !pin_room(pin_cost(pid), [] { return std::string(); }))
+    return;
   e.parent = pid;
   e.parent_unknown = false;
   ++entries_[pid].children; // not a leaf any more: eviction takes `id` first

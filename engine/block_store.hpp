@@ -849,8 +849,14 @@ private:
   void child_held(std::uint32_t id, bool held) noexcept;
   /// The slot bytes pinning would newly hold: block `id`'s when pins do
   /// not hold it yet, and those of the blocks it chains from up to the
-  /// first that pins hold already. `id` may be npos (no block: nothing).
-  [[nodiscard]] std::size_t pin_cost(std::uint32_t id) const noexcept;
+  /// first that pins hold already (or `stop`, charged already). `id` may
+  /// be npos (no block: nothing).
+  [[nodiscard]] std::size_t
+  pin_cost(std::uint32_t id,
+           std::uint32_t stop = block_index::npos) const noexcept;
+  /// What a pin of block `id` is charged: pin_cost(id), up to the prefix
+  /// a put_tokens() call charged already (charged_prefix_).
+  [[nodiscard]] std::size_t pin_charge(std::uint32_t id) const noexcept;
   /// Whether `more` slot bytes newly held by pins fit max_pinned_fraction
   /// (no bytes always do): an error naming what() when they do not
   /// (called only then: a pin that fits builds no message).
@@ -1306,6 +1312,12 @@ private:
   std::uint32_t nested_ = 0;       ///< see count_rejected()
   std::size_t pinned_bytes_ = 0;   ///< see pinned_bytes()
   std::size_t pin_held_bytes_ = 0; ///< see pin_held_bytes()
+  /// put_tokens() is reserving blocks under the prefix it leased and puts
+  /// again: usable_parent() does not expire that prefix.
+  bool renewing_prefix_ = false;
+  /// The last block of the prefix a put_tokens() call charged for its pins
+  /// while it commits its new blocks (pin_charge()); npos otherwise.
+  std::uint32_t charged_prefix_ = block_index::npos;
   /// A committed block's expiry as noted (note_expiry): stale once the
   /// block is gone (its generation moved on), dead, or has another expiry.
   struct expiry_mark {

@@ -2231,6 +2231,42 @@ TEST_F(store_fixture, pinning_blocks_pins_hold_already_adds_nothing) {
   store_->check_invariants();
 }
 
+TEST_F(store_fixture,
+       a_pinned_token_put_over_a_cached_prefix_may_reach_the_limit) {
+  // A 4-block prefix cached without a pin, then the 8-block prompt put
+  // with a pin: 8 blocks held, exactly the limit, and not refused. (Before,
+  // the first new block's commit charged the prefix a second time, and the
+  // call failed after writing every block.) process() the same.
+  for (const bool by_process : {false, true}) {
+    SCOPED_TRACE(by_process ? "process" : "put_tokens");
+    open(16, policy_kind::lru, false, 1);
+    ASSERT_EQ(store_->pinned_bytes_limit(), 8 * block_bytes);
+    std::vector<std::uint32_t> tokens(8 * 16);
+    for (std::uint32_t i = 0; i < tokens.size(); ++i)
+      tokens[i] = 7 + i;
+    const std::vector<std::byte> values(8 * block_bytes, std::byte{3});
+    ASSERT_TRUE(store_
+                    ->put_tokens(ns_, std::span(tokens).first(4 * 16),
+                                 std::span(values).first(4 * block_bytes), {})
+                    .has_value());
+    put_options pin;
+    pin.pin = true;
+    if (by_process) {
+      std::vector<block_key> keys;
+      chain_keys(fp_, 16, tokens, keys);
+      synthetic_producer producer;
+      const auto r = store_->process(ns_, keys, 8 * 16, producer, pin);
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+    } else {
+      const auto r = store_->put_tokens(ns_, tokens, values, pin);
+      ASSERT_TRUE(r.has_value()) << r.error().describe();
+    }
+    EXPECT_EQ(store_->pin_held_bytes(), 8 * block_bytes);
+    EXPECT_EQ(store_->pinned_bytes(), 8 * block_bytes);
+    store_->check_invariants();
+  }
+}
+
 TEST_F(store_fixture, a_pinned_request_past_the_limit_is_refused_whole) {
   open(8, policy_kind::lru, false, 1);
   put_options pin;

@@ -2295,6 +2295,35 @@ TEST_F(store_disk_test, a_block_on_disk_with_no_room_in_memory_says_so) {
   EXPECT_EQ(none.error().code, errc::not_found) << none.error().describe();
 }
 
+TEST_F(store_disk_test,
+       a_pinned_block_linked_under_its_chain_stays_within_the_pin_limit) {
+  // Two 6-block chains go to disk; pinning each last block brings it back
+  // alone, charged one block. Requests without a pin then bring the chains
+  // back: linked under its chain, a pinned block would hold 6 blocks. The
+  // first fits the limit (8 blocks) and is linked; the second would pass
+  // it, so it stays a root and its chain stays evictable: another pin
+  // still fits. (Before, both were linked unchecked: 12 blocks held past
+  // the limit of 8, and every later pin was refused.)
+  open(16);
+  ASSERT_EQ(store_->pinned_bytes_limit(), 8 * block_bytes);
+  const std::vector<std::vector<block_key>> chains{chain(1000, 6),
+                                                   chain(2000, 6)};
+  for (const auto& k : chains)
+    run(k);
+  spill_everything();
+  for (const auto& k : chains)
+    ASSERT_TRUE(store_->pin(ns_, k.back()).has_value());
+  EXPECT_EQ(store_->pin_held_bytes(), 2 * block_bytes);
+  for (const auto& k : chains)
+    EXPECT_EQ(run(k).matched_blocks, 6U);
+  store_->check_invariants();
+  EXPECT_EQ(store_->pin_held_bytes(), 7 * block_bytes);
+  const auto other = chain(3000, 1);
+  run(other);
+  EXPECT_TRUE(store_->pin(ns_, other[0]).has_value());
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, damaged_bytes_on_disk_are_never_returned) {
   const auto a = chain(1, 3);
   run(a);
