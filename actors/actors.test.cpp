@@ -7564,11 +7564,13 @@ TEST_F(disk_deferral_test, AReadyDeferredBackgroundRequestWaitsForAQueuedLow) {
 }
 
 TEST_F(actor_test, AQueuedRequestPastItsDeadlineIsAnsweredBelowFullBatches) {
-  // A low request with a 5 ms deadline waits in the batcher while 30
-  // normal requests fill every batch. At the first batch close past its
-  // deadline it is answered errc::timeout, unprocessed, ahead of the
-  // normal requests still queued. (Before, it stayed queued, counted as
-  // load, until the normal requests were done: answered last.)
+  // A low request with a 5 ms deadline waits in the batcher, behind a low
+  // request with none, while 30 normal requests fill every batch. At the
+  // first batch close past its deadline it is answered errc::timeout,
+  // unprocessed, ahead of the normal requests still queued. (Before, it
+  // stayed queued, counted as load, until the normal requests were done:
+  // answered last; and once that was mended for the front of each lane,
+  // still so behind the low request without a deadline.)
   auto c = small_engine(1024, 2);
   c.batch.close_when_idle = true;
   auto e = engine(c);
@@ -7591,18 +7593,20 @@ TEST_F(actor_test, AQueuedRequestPastItsDeadlineIsAnsweredBelowFullBatches) {
   stop_at_end_.push_back(cl);
   const auto now = std::chrono::duration_cast<engine::nanos>(
       sched_->clock().now().time_since_epoch());
+  caf::anon_send(cl,
+                 blocks_request(2, chain_keys(2, 1), engine::priority::low));
   auto low = blocks_request(1, chain_keys(1, 1), engine::priority::low);
   low.deadline_ns = (now + 5ms).count();
   caf::anon_send(cl, low);
   for (std::uint64_t id = 100; id < 130; ++id)
     caf::anon_send(cl, blocks_request(id, chain_keys(id, 1)));
-  run_all_but(*sched_, e); // all 31 in the engine's mailbox
+  run_all_but(*sched_, e); // all 32 in the engine's mailbox
   // Half a millisecond per message handled: the low request's deadline
   // passes after a few batches of two normal requests each.
   while (sched_->try_run_once())
     sched_->advance_time(500us);
   sched_->run();
-  ASSERT_EQ(answered->size(), 31U);
+  ASSERT_EQ(answered->size(), 32U);
   const auto at = std::find(answered->begin(), answered->end(), 1U);
   ASSERT_NE(at, answered->end());
   EXPECT_LT(at - answered->begin(), 20) << "answered after the traffic";

@@ -119,13 +119,13 @@ public:
     return out;
   }
 
-  /// Takes out every request at the front of its lane for which
-  /// `pred(item)` holds (lane_queue::pop_fronts_while): requests past their
-  /// deadline, which a full batch of higher priorities would otherwise
-  /// leave queued for as long as they keep coming. The batch stays open
-  /// (its timer is ignored once nothing is pending: timer_current).
-  template <class Pred> std::vector<T> take_fronts_while(Pred pred) {
-    auto slots = queue_.pop_fronts_while(
+  /// Takes out every request for which `pred(item)` holds
+  /// (lane_queue::remove_if): requests past their deadline, which a full
+  /// batch of higher priorities would otherwise leave queued for as long
+  /// as they keep coming. The batch stays open (its timer is ignored once
+  /// nothing is pending: timer_current).
+  template <class Pred> std::vector<T> take_if(Pred pred) {
+    auto slots = queue_.remove_if(
         [&](const slot& s) { return pred(std::as_const(s.item)); });
     std::vector<T> out;
     out.reserve(slots.size());

@@ -806,13 +806,13 @@ void close_batch(engine_actor* self) {
   // a critical request that came during this batch joins the next one
   // rather than waiting for every batch the backlog makes.
   const bool at_marker = st.batcher.config().close_when_idle;
-  // Requests past their deadline at the front of their lanes are answered
-  // now, unprocessed (serve()): below a stream of full batches of higher
-  // priorities they stayed queued, counted in in_flight (and in the
+  // Requests past their deadline are answered now, unprocessed (serve()),
+  // wherever they wait in their lanes: below a stream of full batches of
+  // higher priorities they stayed queued, counted in in_flight (and in the
   // balancer's load for their engine) long after their callers had been
-  // told of the timeout.
+  // told of the timeout. A scan of what is queued, once per batch.
   const auto now = arrival_time(self).count();
-  for (auto& p : st.batcher.take_fronts_while([now](const pending_request& p) {
+  for (auto& p : st.batcher.take_if([now](const pending_request& p) {
          return p.request.deadline_ns != 0 && now >= p.request.deadline_ns;
        }))
     serve(self, p, std::nullopt);

@@ -50,20 +50,27 @@ public:
     return nullptr;
   }
 
-  /// Removes and returns, lane by lane (highest first), the items at the
-  /// front of each lane for which `pred` holds, up to the first for which
-  /// it does not: with a predicate that holds for older items first (a
-  /// deadline passed, deadlines in arrival order), every such item, in
-  /// O(items removed + lanes).
-  template <class Pred> std::vector<T> pop_fronts_while(Pred pred) {
+  /// Removes and returns, lane by lane (highest first, oldest first in a
+  /// lane), every item for which `pred` holds; the others keep their
+  /// order. O(items). (Before, only the items at the front of each lane
+  /// up to the first for which it did not hold: a request past its
+  /// deadline behind one of a later deadline, or of none, stayed.)
+  template <class Pred> std::vector<T> remove_if(Pred pred) {
     std::vector<T> out;
     for (std::size_t i = priority_count; i-- > 0;) {
       auto& lane = lanes_[i];
-      while (!lane.empty() && pred(std::as_const(lane.front()))) {
-        out.push_back(std::move(lane.front()));
-        lane.pop_front();
-        --size_;
+      auto keep = lane.begin();
+      for (auto it = lane.begin(); it != lane.end(); ++it) {
+        if (pred(std::as_const(*it))) {
+          out.push_back(std::move(*it));
+        } else {
+          if (keep != it)
+            *keep = std::move(*it);
+          ++keep;
+        }
       }
+      size_ -= static_cast<std::size_t>(lane.end() - keep);
+      lane.erase(keep, lane.end());
     }
     return out;
   }

@@ -45,6 +45,25 @@ TEST(LaneQueue, HigherPriorityFirstFifoWithinPriority) {
   EXPECT_TRUE(q.empty());
 }
 
+TEST(LaneQueue, RemoveIfTakesMatchesAnywhereAndKeepsTheRestInOrder) {
+  // Odd items go, from the front, the middle and the back of their lanes;
+  // the even ones stay in order. (Before, only the front of each lane up
+  // to the first that stayed was taken: 3 and 7 stayed.)
+  lane_queue<int> q;
+  for (int i : {1, 2, 3, 4})
+    q.push(priority::low, i);
+  for (int i : {6, 7, 9})
+    q.push(priority::high, i);
+  const auto gone = q.remove_if([](int x) { return x % 2 == 1; });
+  EXPECT_EQ(gone, (std::vector<int>{7, 9, 1, 3}));
+  EXPECT_EQ(q.size(), 3U);
+  EXPECT_EQ(q.size(priority::low), 2U);
+  std::vector<int> out;
+  while (auto x = q.pop())
+    out.push_back(*x);
+  EXPECT_EQ(out, (std::vector<int>{6, 2, 4}));
+}
+
 TEST(BatchAccumulator, ClosesAtMaxSize) {
   batch_accumulator<int> b{batch_config{3, 100ms}};
   EXPECT_FALSE(b.add(priority::normal, 1));
