@@ -2989,6 +2989,58 @@ TEST_F(actor_test, AReplicaGetsPastMoreBrokenFreeSlotsThanLiveEngines) {
   EXPECT_EQ(*tried, (std::vector<std::uint32_t>{1, 4, 2, 5, 3, 6}));
 }
 
+TEST_F(actor_test, ReplicasRetriedWhileANewSlotOpensAddNoOtherSlot) {
+  // Slot 0 is given up and broken; new slots open their stores on their
+  // own. The first replica fails in slot 0 and is tried in new slot 3,
+  // which opens. A second replica asked for meanwhile fails in slot 0 and
+  // is answered with that error: slot 3 is the new slot's turn, and no
+  // slot 4 is added. (Before, each replica asked for while one opened
+  // added a slot.) Slot 3 opens, and the first replica is answered.
+  balancer_config bc;
+  bc.initial_engines = 3;
+  bc.max_restarts = 0;
+  auto broken = std::make_shared<bool>(false);
+  auto tried = std::make_shared<std::vector<std::uint32_t>>();
+  auto opening = std::make_shared<caf::actor>();
+  auto b = started_balancer(
+      bc,
+      [broken, tried, opening](caf::actor_system& s,
+                               std::uint32_t slot) -> result<started_engine> {
+        tried->push_back(slot);
+        if (slot == 0 && *broken)
+          return make_error(errc::io_error, "slot 0's directory is damaged");
+        if (slot < 3) {
+          auto c = small_engine(64);
+          c.slot = slot;
+          return started_now(spawn_engine_actor(s, c));
+        }
+        *opening = s.spawn(opening_engine);
+        return started_engine{*opening, true};
+      });
+  *broken = true;
+  caf::anon_send_exit(
+      ask_now<caf::actor>(b, engine_atom::value, std::uint32_t{0}),
+      caf::exit_reason::kill);
+  sched_->run();
+  tried->clear();
+  auto first = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_FALSE(first->done());
+  auto second = ask<std::uint32_t>(b, replica_atom::value);
+  sched_->run();
+  ASSERT_TRUE(second->error.has_value());
+  EXPECT_NE(from_caf_error(*second->error).message.find("damaged"),
+            std::string::npos)
+      << from_caf_error(*second->error).message;
+  EXPECT_EQ(*tried, (std::vector<std::uint32_t>{0, 3, 0}));
+  caf::anon_send(*opening, ready_atom::value, true);
+  sched_->run();
+  ASSERT_TRUE(first->value.has_value())
+      << to_string(first->error.value_or(caf::error{}));
+  EXPECT_EQ(*first->value, 3U);
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).up.size(), 4U);
+}
+
 TEST_F(actor_test, AnInitialStartThatThrowsLeavesTheOtherEnginesServing) {
   // Slot 1's first start throws: slot 0's engine, started before it, goes
   // on serving (before, the balancer ended before it owned any engine,

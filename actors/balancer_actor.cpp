@@ -125,13 +125,17 @@ struct balancer_state {
   std::uint64_t rejected = 0;
   std::uint64_t given_up = 0;
   std::uint64_t starts = 0; ///< engine starts asked of the factory
-  /// `starts` of the last failed start in a slot a replica's retry added
-  /// (0: none yet): a new slot's turn among the failed free slots
-  /// (choose_slot).
+  /// `starts` of the start in the last slot a replica's retry added that
+  /// failed or still opens (0: none yet): a new slot's turn among the
+  /// failed free slots (choose_slot).
   std::uint64_t last_growth = 0;
   /// The slot a replica's retry added last, while its start is not known
-  /// to have succeeded.
+  /// to have succeeded, and last_growth before it: while it opens it
+  /// counts as tried (last_growth is its start), so replicas retried
+  /// meanwhile add no slot of their own; a start that works puts back
+  /// `growth_before`.
   std::optional<std::uint32_t> growth_slot;
+  std::uint64_t growth_before = 0;
   /// The last capacity_atom's token budget: engines spawned or restarted
   /// after it get it too. Empty: the factory's own.
   std::optional<std::uint32_t> capacity_tokens;
@@ -186,8 +190,10 @@ void engine_ready(balancer_actor* self, std::uint32_t slot,
     return; // that engine is gone already
   info.opening = false;
   info.retry_elsewhere = false;
-  if (st.growth_slot == slot)
-    st.growth_slot.reset(); // a new slot that worked: no failed turn
+  if (st.growth_slot == slot) { // a new slot that worked: no failed turn
+    st.last_growth = st.growth_before;
+    st.growth_slot.reset();
+  }
   info.up_since_ns = now_ns(self);
   st.route.set_up(slot, true);
   if (info.replica.pending())
@@ -329,10 +335,8 @@ void restart_or_give_up(balancer_actor* self, std::uint32_t slot,
 /// slot is, so that no engine the caller was told failed comes up later.
 void free_replica_slot(balancer_actor* self, std::uint32_t slot) {
   auto& st = self->state;
-  if (st.growth_slot == slot) { // a slot a retry added failed
-    st.last_growth = st.slots[slot].last_start;
-    st.growth_slot.reset();
-  }
+  if (st.growth_slot == slot) // a slot a retry added failed
+    st.growth_slot.reset();   // last_growth stays its start
   self->state.slots[slot].retired = true;
   self->state.slots[slot].suspect = true;
   self->state.route.remove_slot(slot);
@@ -371,8 +375,10 @@ result<std::uint32_t> start_in_slot(balancer_actor* self, std::uint32_t slot,
   // Started (one opening its store may still fail: open_failed marks it
   // again).
   st.slots[slot].suspect = false;
-  if (st.growth_slot == slot && !st.slots[slot].opening)
-    st.growth_slot.reset(); // a new slot that worked: no failed turn
+  if (st.growth_slot == slot && !st.slots[slot].opening) {
+    st.last_growth = st.growth_before; // a new slot that worked
+    st.growth_slot.reset();
+  }
   return slot;
 }
 
@@ -387,13 +393,15 @@ result<std::uint32_t> start_in_slot(balancer_actor* self, std::uint32_t slot,
 /// fail; else it takes turns between the other free slots whose last
 /// start failed and a new slot, the one tried longest ago first (a new
 /// slot counting as tried when the start in the last one a retry added
-/// failed; a tie goes to the free slot): however many free slots are
-/// broken (a bad device or
+/// failed, or while that one still opens its store: then no other is
+/// added, and with no other free slot the retry has none; a tie goes to
+/// the free slot): however many free slots are broken (a bad device or
 /// directory for each), a replica reaches a new one within a round of
 /// them, and an outage in which every start fails adds a slot once per
-/// round through the failed ones, not one per failure (at most
-/// router::max_slots in all). errc::unavailable when all router::max_slots
-/// are in use.
+/// round through the failed ones, not one per failure or per replica
+/// asked for while one opens (at most router::max_slots in all).
+/// errc::unavailable when all router::max_slots are in use, or for a
+/// retry with no slot to take.
 result<std::uint32_t> choose_slot(balancer_state& st,
                                   std::optional<std::uint32_t> failed) {
   const auto count = static_cast<std::uint32_t>(st.route.slot_count());
@@ -409,14 +417,28 @@ result<std::uint32_t> choose_slot(balancer_state& st,
       oldest_suspect = i;
   }
   const bool room = count < router::max_slots;
-  const bool new_turn = failed && room &&
+  // A slot a retry added still opens: that is the new slot's turn, taken.
+  const bool growing = st.growth_slot && *st.growth_slot < st.slots.size() &&
+                       st.slots[*st.growth_slot].opening;
+  const bool new_turn = failed && room && !growing &&
                         (!oldest_suspect ||
                          st.last_growth < st.slots[*oldest_suspect].last_start);
   if (oldest_suspect && !new_turn)
     return st.route.take_slot(*oldest_suspect);
+  if (failed && room && growing)
+    return make_error(errc::unavailable,
+                      "no other free slot, and the new slot " +
+                          std::to_string(*st.growth_slot) +
+                          " another replica is tried in still opens");
   auto slot = st.route.take_slot(count);
-  if (slot && failed)
-    st.growth_slot = *slot; // should its start fail: last_growth
+  if (slot && failed) {
+    // Tried from now on (its start is the next): should it open on its
+    // own, another replica's retry meanwhile adds no slot.
+    if (!st.growth_slot)
+      st.growth_before = st.last_growth;
+    st.growth_slot = *slot;
+    st.last_growth = st.starts + 1;
+  }
   return slot;
 }
 
