@@ -1457,7 +1457,17 @@ result<void> block_store::commit(put_handle& h) {
     // Inside a checked process() or put_tokens(), its share of what that
     // call was checked for; past it (a disk copy counted for its pins that
     // was recomputed), checked as any.
-    if (auto room = take_pin_budget(pin_charge(h.id_),
+    // A duplicate of a block brought back alone, whose put names its
+    // parent, links it under that chain (adopt()): the chain is charged
+    // too, so the put is refused as a new one under it would be, instead
+    // of pinning a block whose chain stays evictable.
+    std::size_t chain = 0;
+    if (h.duplicate_ && pe.parent_unknown && !h.parent_.is_null())
+      if (const std::uint32_t pid = index_.find(h.parent_);
+          pid != npos && entries_[pid].state == entry_state::committed &&
+          !entries_[pid].dead && entries_[pid].ns == pe.ns)
+        chain = pin_cost(pid, charged_prefix_);
+    if (auto room = take_pin_budget(pin_charge(h.id_) + chain,
                                     "the put with a pin of block", h.key_);
         !room) {
       (void)abort(h);

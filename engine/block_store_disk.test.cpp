@@ -2324,6 +2324,45 @@ TEST_F(store_disk_test,
   store_->check_invariants();
 }
 
+TEST_F(store_disk_test, a_pinning_duplicate_put_is_charged_the_chain_it_links) {
+  // Chain a is pinned through its last block (6 blocks held of a limit of
+  // 8). b's last block comes back from disk alone, then b's first five
+  // blocks. A pinning put of b's last block naming b[4] as its parent
+  // would link it under b and hold 6 blocks more: refused, as a new
+  // pinning put under b[4] is, and nothing is pinned. (Before, it was
+  // charged its own block only, pinned, and left unlinked: its chain
+  // evictable, the pinned block out of reach of any lookup.)
+  open(16);
+  const auto a = chain(1000, 6);
+  const auto b = chain(2000, 6);
+  run(a);
+  run(b);
+  spill_everything();
+  ASSERT_TRUE(store_->pin(ns_, a.back()).has_value());
+  EXPECT_EQ(run(a).matched_blocks, 6U);
+  ASSERT_EQ(store_->pin_held_bytes(), 6 * block_bytes);
+  ASSERT_TRUE(store_->acquire(ns_, b.back()).has_value());
+  ASSERT_EQ(run(std::vector<block_key>(b.begin(), b.end() - 1)).matched_blocks,
+            5U);
+  put_options pin;
+  pin.pin = true;
+  auto fresh = store_->reserve(
+      ns_, chain_key_from_id(b[4], spec().fingerprint(), 777), b[4], pin);
+  ASSERT_FALSE(fresh.has_value());
+  EXPECT_EQ(fresh.error().code, errc::out_of_memory);
+  auto h = store_->reserve(ns_, b.back(), b[4], pin);
+  ASSERT_TRUE(h.has_value()) << h.error().describe();
+  std::vector<std::byte> v(spec().value_bytes());
+  ASSERT_TRUE(producer_.produce(spec(), b.back(), v).has_value());
+  ASSERT_TRUE(store_->write(*h, v).has_value());
+  auto committed = store_->commit(*h);
+  ASSERT_FALSE(committed.has_value());
+  EXPECT_EQ(committed.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->pinned_bytes(), block_bytes);
+  EXPECT_EQ(store_->pin_held_bytes(), 6 * block_bytes);
+  store_->check_invariants();
+}
+
 TEST_F(store_disk_test, damaged_bytes_on_disk_are_never_returned) {
   const auto a = chain(1, 3);
   run(a);
