@@ -750,6 +750,11 @@ void disk_tier::refuse_batch(std::vector<request>& batch,
     case request::kind::spill: {
       c.op = disk_op::spill;
       ++io_stats_.spill_errors;
+      // Failed: its key is absent, older copy included, also when the
+      // owner spills it again before a reload works (before, that reload
+      // kept the older copy, and a read queued between the two spills got
+      // it).
+      failed_spill_keys_.insert(r.key);
       std::lock_guard lk(mu_);
       const auto d = dir_.find(r.key);
       if (d != dir_.end() && d->second.gen == r.gen)
@@ -1575,13 +1580,17 @@ void disk_tier::process(std::vector<request>& batch,
     // keeping what the owner did meanwhile (reload()).
     catalog_->rollback();
     ++io_stats_.io_errors;
-    // The batch's spills that were written: their keys lose their older
-    // copies too at the reload (failed_spill_keys_).
+    // Every spill of the batch failed: their keys lose their older copies
+    // too at the reload (failed_spill_keys_), those that failed before
+    // they were written included (their older copy's row was erased in the
+    // transaction rolled back; before, the reload kept it for a key
+    // spilled again meanwhile). Those written need their bytes back.
     std::uint64_t spilled = 0;
     for (const request& r : batch)
-      if (r.k == request::kind::spill && batch_spill_gens_.count(r.gen) != 0) {
-        spilled += rec_header + r.bytes.size();
+      if (r.k == request::kind::spill) {
         failed_spill_keys_.insert(r.key);
+        if (batch_spill_gens_.count(r.gen) != 0)
+          spilled += rec_header + r.bytes.size();
       }
     // The reload cuts those spills off again: written again, they need
     // their bytes back.
@@ -2247,9 +2256,14 @@ result<void> disk_tier::make_room(std::uint64_t record_bytes) {
   bool pass_over_touched = !flush_touches().has_value();
   const double target =
       config_.low_watermark * static_cast<double>(config_.capacity_bytes);
+  // The segments' headers count too, one each and one for a new segment:
+  // compaction cannot free them. (Before, only the new one counted, and
+  // with a low watermark of 1.0 eviction stopped where compaction could
+  // not make room, and spills were refused "for capacity" with unpinned
+  // blocks left.)
   auto above_target = [&] {
-    return static_cast<double>(live_bytes_ + record_bytes + header_bytes) >
-           target;
+    return static_cast<double>(live_bytes_ + record_bytes +
+                               header_bytes * (segments_.size() + 1)) > target;
   };
   bool progress = true;
   // Rows passed over so far, ahead of the rest in the catalog's order: the

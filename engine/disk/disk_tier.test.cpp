@@ -2875,6 +2875,145 @@ TEST_F(disk_tier_test, a_read_behind_a_failed_spill_never_gets_the_older_copy) {
   EXPECT_TRUE(now.bytes == block_bytes(3, 4096)) << "not C";
 }
 
+TEST_F(disk_tier_test,
+       a_read_behind_a_spill_failed_unwritten_in_a_failed_batch_gets_no_copy) {
+  // As above, but B fails before it is written (its append fails) and then
+  // its batch's commit fails too. B's failure erased A's row in the
+  // transaction rolled back; before, the reload brought A back because C
+  // was queued, and the read got A.
+  auto c = config();
+  c.max_batch = 1; // B alone in its batch
+  auto gate = std::make_shared<append_gate>();
+  const append_gate::guard gate_guard{gate};
+  auto fail_write = std::make_shared<std::atomic<bool>>(false);
+  auto fail_commit = std::make_shared<std::atomic<bool>>(false);
+  const auto gated = append_gate::hook(gate);
+  c.write_fault_for_testing = [gated, fail_write] {
+    (void)gated();
+    return fail_write->exchange(false) ? EIO : 0;
+  };
+  c.catalog_fault_for_testing = [fail_commit](const std::string& what) {
+    return what == "commit" && fail_commit->exchange(false) ? EIO : 0;
+  };
+  open(c);
+  spill(1); // A
+  settle();
+  gate->armed = true;
+  const auto spill_as = [&](std::uint64_t seed) {
+    const auto bytes = block_bytes(seed, 4096);
+    return tier_
+        ->spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
+                clock_.now(), nanos{0}, false)
+        .value();
+  };
+  const auto b = spill_as(2);
+  gate->entered.get_future().wait(); // the I/O thread is in B's append
+  const auto read = tier_->fetch(key_of(1));
+  const auto cc = spill_as(3);
+  fail_write->store(true);
+  fail_commit->store(true);
+  gate->open();
+  for (auto& d : settle_expecting({b, read, cc})) {
+    if (d.id == b) {
+      EXPECT_FALSE(d.status.has_value()) << "B did not fail";
+    }
+    if (d.id != read)
+      continue;
+    ASSERT_FALSE(d.status.has_value())
+        << (d.bytes == block_bytes(1, 4096) ? "got the older copy A"
+                                            : "got some copy");
+    EXPECT_EQ(d.status.error().code, errc::not_found)
+        << d.status.error().describe();
+  }
+  tier_->check_invariants();
+}
+
+TEST_F(disk_tier_test, a_read_behind_a_refused_spill_gets_no_copy) {
+  // A failed batch whose reload fails too: the tier refuses requests until
+  // a reload works. Spill B of key 1 (copy A on disk) is refused so, while
+  // a read of key 1 and a spill C wait behind it; the next reload works.
+  // A refused spill leaves its key absent, older copy included; before,
+  // that reload kept A's row because C was queued, and the read got A.
+  auto c = config();
+  c.max_batch = 1;
+  c.retry_interval = std::chrono::hours(1); // reloads come with requests
+  c.max_retry_interval = std::chrono::hours(1);
+  auto fail_commit = std::make_shared<std::atomic<bool>>(false);
+  // 0: loads work; 1: they fail; 2: the next one waits for `release`,
+  // then fails, and the ones after it work.
+  auto load_mode = std::make_shared<std::atomic<int>>(0);
+  auto gate = std::make_shared<append_gate>(); // holds that load
+  const append_gate::guard gate_guard{gate};
+  c.catalog_fault_for_testing = [fail_commit](const std::string& what) {
+    return what == "commit" && fail_commit->load() ? EIO : 0;
+  };
+  c.load_fault_for_testing = [load_mode, gate]() -> int {
+    const int m = load_mode->load();
+    if (m == 2) {
+      load_mode->store(1);
+      gate->entered.set_value();
+      gate->released.wait();
+      load_mode->store(0);
+      return EIO;
+    }
+    return m == 1 ? EIO : 0;
+  };
+  open(c);
+  spill(1); // A
+  settle();
+  fail_commit->store(true);
+  load_mode->store(1);
+  const auto other = spill(9); // its batch fails, and so does the reload
+  (void)settle_expecting({other});
+  fail_commit->store(false);
+  load_mode->store(2);
+  const auto spill_as = [&](std::uint64_t seed) {
+    const auto bytes = block_bytes(seed, 4096);
+    return tier_
+        ->spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
+                clock_.now(), nanos{0}, false)
+        .value();
+  };
+  const auto b = spill_as(2);
+  gate->entered.get_future().wait(); // B's reload attempt
+  const auto read = tier_->fetch(key_of(1));
+  const auto cc = spill_as(3);
+  gate->open();
+  for (auto& d : settle_expecting({b, read, cc})) {
+    if (d.id == b) {
+      EXPECT_FALSE(d.status.has_value()) << "B was not refused";
+    }
+    if (d.id != read)
+      continue;
+    ASSERT_FALSE(d.status.has_value())
+        << (d.bytes == block_bytes(1, 4096) ? "got the older copy A"
+                                            : "got some copy");
+  }
+  tier_->check_invariants();
+}
+
+TEST_F(disk_tier_test, a_low_watermark_of_one_refuses_no_spill_for_capacity) {
+  // A tier of 64 KiB in 8 KiB segments with a low watermark of 1.0 and no
+  // pins takes 400 spills of 100 to 3,000 bytes: each evicts what it
+  // needs, none is refused. (Before, eviction stopped short of the
+  // segments' headers, compaction could not make the rest, and 46 spills
+  // were refused "for capacity" with unpinned blocks stored.)
+  auto c = config();
+  c.capacity_bytes = 64 << 10;
+  c.segment_bytes = 8 << 10;
+  c.low_watermark = 1.0;
+  open(c);
+  for (std::uint64_t i = 0; i < 400; ++i) {
+    const auto id = spill(i, 100 + (i * 7919) % 2900);
+    for (auto& d : settle_expecting({id}))
+      ASSERT_TRUE(d.status.has_value())
+          << "spill " << i << ": " << d.status.error().describe();
+  }
+  EXPECT_EQ(tier_->stats().spills_refused_capacity, 0U);
+  EXPECT_LE(tier_->stats().file_bytes, c.capacity_bytes);
+  tier_->check_invariants();
+}
+
 TEST_F(disk_tier_test, a_replacing_spill_whose_row_fails_drops_the_older_copy) {
   open(config());
   spill(1, 4096);
