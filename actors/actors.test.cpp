@@ -122,6 +122,8 @@ void run_all_but(caf::scheduler::test_coordinator& sched,
   sched.run_jobs_filtered([=](caf::resumable* j) { return j != job; });
 }
 
+struct broken_slot_factory;
+
 class actor_test : public ::testing::Test {
 protected:
   actor_test() {
@@ -203,6 +205,13 @@ protected:
 
   std::tuple<caf::actor, kv_request, kv_request>
   two_engines_holding_a_prefix_each();
+
+  /// A balancer of `initial` engines from `f` (max_restarts 0) whose slots
+  /// `broken` break for good: their engines are killed and given up.
+  /// `f.tried` is cleared after.
+  caf::actor balancer_with_broken_slots(const broken_slot_factory& f,
+                                        std::uint32_t initial,
+                                        const std::set<std::uint32_t>& broken);
 
   template <class T, class... Ts> T ask_now(const caf::actor& dest, Ts... xs) {
     auto out = ask<T>(dest, xs...);
@@ -2037,6 +2046,32 @@ caf::behavior opening_engine(caf::stateful_actor<opening_engine_state>* self) {
   };
 }
 
+/// An engine factory whose first `ready` starts (counted in `calls`)
+/// start an engine at once, and every later one an opening_engine, the
+/// last kept in `opening`.
+engine_factory opening_after(int ready, std::shared_ptr<int> calls,
+                             std::shared_ptr<caf::actor> opening) {
+  return [ready, calls, opening](caf::actor_system& s,
+                                 std::uint32_t slot) -> result<started_engine> {
+    if (++*calls <= ready) {
+      auto c = small_engine(64);
+      c.slot = slot;
+      return started_now(spawn_engine_actor(s, c));
+    }
+    *opening = s.spawn(opening_engine);
+    return started_engine{*opening, true};
+  };
+}
+
+/// Ends an opening engine as an open that fails does: with a kvfleet error
+/// as its exit reason.
+void fail_open(const caf::actor& engine) {
+  caf::anon_send(
+      engine,
+      caf::exit_msg{engine.address(),
+                    to_caf_error(error{errc::io_error, "disk gone (test)"})});
+}
+
 TEST_F(actor_test, AnOpeningEnginesRestartWindowStartsWhenItIsReady) {
   // The restart of slot 0 opens its store (started_engine::opening) for
   // 2 s, longer than restart_window (1 s), and fails as soon as it is
@@ -2490,26 +2525,10 @@ TEST_F(actor_test, AReplicaKilledWhileOpeningInAFailedSlotIsNotTriedAgain) {
   bc.initial_engines = 2;
   auto calls = std::make_shared<int>(0);
   auto opening = std::make_shared<caf::actor>();
-  auto b = started_balancer(
-      bc,
-      [calls, opening](caf::actor_system& s,
-                       std::uint32_t slot) -> result<started_engine> {
-        if (++*calls <= 2) {
-          auto c = small_engine(64);
-          c.slot = slot;
-          return started_now(spawn_engine_actor(s, c));
-        }
-        *opening = s.spawn(opening_engine);
-        return started_engine{*opening, true};
-      });
+  auto b = started_balancer(bc, opening_after(2, calls, opening));
   auto first = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
-  // Its open fails: it ends with a kvfleet error, as a store that cannot
-  // be made ends the engine.
-  caf::anon_send(
-      *opening,
-      caf::exit_msg{opening->address(),
-                    to_caf_error(error{errc::io_error, "disk gone (test)"})});
+  fail_open(*opening); // its open fails
   sched_->run();
   ASSERT_TRUE(first->error.has_value());
   EXPECT_EQ(from_caf_error(*first->error).code, errc::io_error);
@@ -2556,28 +2575,25 @@ TEST_F(actor_test, AReplicaRetriedAfterAFailedOpenMayStartAtOnceOrFail) {
         c.slot = slot;
         return started_now(spawn_engine_actor(s, c));
       });
-  const auto fail_open = [&] {
-    caf::anon_send(
-        *opening,
-        caf::exit_msg{opening->address(),
-                      to_caf_error(error{errc::io_error, "disk gone (test)"})});
+  const auto open_fails = [&] {
+    fail_open(*opening);
     sched_->run();
   };
   auto first = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
-  fail_open();
+  open_fails();
   ASSERT_TRUE(first->error.has_value());
   auto second = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
   ASSERT_FALSE(second->done());
-  fail_open();
+  open_fails();
   ASSERT_TRUE(second->value.has_value())
       << to_string(second->error.value_or(caf::error{}));
   EXPECT_EQ(*second->value, 3U);
   auto third = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
   ASSERT_FALSE(third->done());
-  fail_open();
+  open_fails();
   ASSERT_TRUE(third->error.has_value());
   const auto e = from_caf_error(*third->error);
   EXPECT_EQ(e.code, errc::io_error);
@@ -2639,18 +2655,7 @@ TEST_F(actor_test, AnOpeningEngineKilledFromOutsideIsReportedAsStopped) {
   bc.max_restarts = 1;
   auto calls = std::make_shared<int>(0);
   auto opening = std::make_shared<caf::actor>();
-  auto b = started_balancer(
-      bc,
-      [calls, opening](caf::actor_system& s,
-                       std::uint32_t slot) -> result<started_engine> {
-        if (++*calls <= 2) {
-          auto c = small_engine(64);
-          c.slot = slot;
-          return started_now(spawn_engine_actor(s, c));
-        }
-        *opening = s.spawn(opening_engine);
-        return started_engine{*opening, true};
-      });
+  auto b = started_balancer(bc, opening_after(2, calls, opening));
   auto replica = ask<std::uint32_t>(b, replica_atom::value);
   sched_->run();
   ASSERT_TRUE(*opening);
@@ -2841,6 +2846,25 @@ struct broken_slot_factory {
   }
 };
 
+caf::actor
+actor_test::balancer_with_broken_slots(const broken_slot_factory& f,
+                                       std::uint32_t initial,
+                                       const std::set<std::uint32_t>& broken) {
+  balancer_config bc;
+  bc.initial_engines = initial;
+  bc.max_restarts = 0;
+  auto b = started_balancer(bc, f.make());
+  *f.broken = broken;
+  for (const std::uint32_t slot : broken)
+    caf::anon_send_exit(ask_now<caf::actor>(b, engine_atom::value, slot),
+                        caf::exit_reason::kill);
+  sched_->run();
+  EXPECT_EQ(ask_now<balancer_stats>(b, stats_atom::value).given_up,
+            broken.size());
+  f.tried->clear();
+  return b;
+}
+
 TEST_F(actor_test, AReplicaThatFailsInABrokenFreeSlotStartsInAnother) {
   // Slot 0 breaks (its directory, say): its engine dies and every start
   // for slot 0 fails, so it is given up. A replica asked for then is tried
@@ -2940,17 +2964,7 @@ TEST_F(actor_test, AReplicaGetsPastTwoBrokenFreeSlots) {
   // replica failed in slot 0 and then in slot 1, and none ever started.)
   broken_slot_factory f;
   const auto& tried = f.tried;
-  balancer_config bc;
-  bc.initial_engines = 4;
-  bc.max_restarts = 0;
-  auto b = started_balancer(bc, f.make());
-  *f.broken = {0, 1};
-  for (const std::uint32_t slot : {0U, 1U})
-    caf::anon_send_exit(ask_now<caf::actor>(b, engine_atom::value, slot),
-                        caf::exit_reason::kill);
-  sched_->run();
-  ASSERT_EQ(ask_now<balancer_stats>(b, stats_atom::value).given_up, 2U);
-  tried->clear();
+  auto b = balancer_with_broken_slots(f, 4, {0, 1});
   for (const std::uint32_t live : {3U, 4U}) {
     auto replica = ask<std::uint32_t>(b, replica_atom::value);
     sched_->run();
@@ -2969,17 +2983,8 @@ TEST_F(actor_test, AReplicaGetsPastMoreBrokenFreeSlotsThanLiveEngines) {
   // failed twice, forever.)
   broken_slot_factory f;
   const auto& tried = f.tried;
-  balancer_config bc;
-  bc.initial_engines = 4;
-  bc.max_restarts = 0;
-  auto b = started_balancer(bc, f.make());
-  *f.broken = {1, 2, 3};
-  for (const std::uint32_t slot : {1U, 2U, 3U})
-    caf::anon_send_exit(ask_now<caf::actor>(b, engine_atom::value, slot),
-                        caf::exit_reason::kill);
-  sched_->run();
+  auto b = balancer_with_broken_slots(f, 4, {1, 2, 3});
   ASSERT_EQ(ask_now<balancer_stats>(b, stats_atom::value).live, 1U);
-  tried->clear();
   for (const std::uint32_t live : {2U, 3U, 4U}) {
     auto replica = ask<std::uint32_t>(b, replica_atom::value);
     sched_->run();

@@ -1453,22 +1453,28 @@ result<void> block_store::commit(put_handle& h) {
   // is that copy's: counted, never refused (max_pinned_fraction).
   const bool new_pin =
       h.duplicate_ ? h.pin_ && pe.pins == 0 : own_pin && held == 0;
-  if (new_pin) {
+  // A pinning duplicate of a block brought back alone, whose put names its
+  // parent, links it under that chain (adopt()): where pins hold the block
+  // (this pin, or one it had), the chain is charged too, so the put is
+  // refused as a new one under it would be, instead of leaving a pinned
+  // block unlinked, its chain evictable.
+  std::size_t chain = 0;
+  if (h.duplicate_ && h.pin_ && pe.parent_unknown && !h.parent_.is_null())
+    if (const std::uint32_t pid = index_.find(h.parent_);
+        pid != npos && entries_[pid].state == entry_state::committed &&
+        !entries_[pid].dead && entries_[pid].ns == pe.ns) {
+      chain = pin_cost(pid, charged_prefix_);
+      for (std::uint32_t a = pid; a != npos; a = entries_[a].parent)
+        if (a == h.id_)
+          chain = 0; // a cycle: adopt() links nothing
+    }
+  if (new_pin || chain > 0) {
     // Inside a checked process() or put_tokens(), its share of what that
     // call was checked for; past it (a disk copy counted for its pins that
     // was recomputed), checked as any.
-    // A duplicate of a block brought back alone, whose put names its
-    // parent, links it under that chain (adopt()): the chain is charged
-    // too, so the put is refused as a new one under it would be, instead
-    // of pinning a block whose chain stays evictable.
-    std::size_t chain = 0;
-    if (h.duplicate_ && pe.parent_unknown && !h.parent_.is_null())
-      if (const std::uint32_t pid = index_.find(h.parent_);
-          pid != npos && entries_[pid].state == entry_state::committed &&
-          !entries_[pid].dead && entries_[pid].ns == pe.ns)
-        chain = pin_cost(pid, charged_prefix_);
-    if (auto room = take_pin_budget(pin_charge(h.id_) + chain,
-                                    "the put with a pin of block", h.key_);
+    const std::size_t own = new_pin ? pin_charge(h.id_) : 0;
+    if (auto room =
+            take_pin_budget(own + chain, "the put with a pin of block", h.key_);
         !room) {
       (void)abort(h);
       count_rejected();

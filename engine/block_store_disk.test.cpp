@@ -2360,6 +2360,15 @@ TEST_F(store_disk_test, a_pinning_duplicate_put_is_charged_the_chain_it_links) {
   EXPECT_EQ(committed.error().code, errc::out_of_memory);
   EXPECT_EQ(store_->pinned_bytes(), block_bytes);
   EXPECT_EQ(store_->pin_held_bytes(), 6 * block_bytes);
+  // Pinned already (one block more held), it is refused the same.
+  ASSERT_TRUE(store_->pin(ns_, b.back()).has_value());
+  auto again = store_->reserve(ns_, b.back(), b[4], pin);
+  ASSERT_TRUE(again.has_value()) << again.error().describe();
+  ASSERT_TRUE(store_->write(*again, v).has_value());
+  committed = store_->commit(*again);
+  ASSERT_FALSE(committed.has_value());
+  EXPECT_EQ(committed.error().code, errc::out_of_memory);
+  EXPECT_EQ(store_->pin_held_bytes(), 7 * block_bytes);
   store_->check_invariants();
 }
 

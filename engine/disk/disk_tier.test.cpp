@@ -354,6 +354,30 @@ protected:
     return id.value_or(disk_request_id{});
   }
 
+  /// Queues a spill of copy `seed` (4096 bytes seeded by it) of block 1.
+  disk_request_id spill_copy_of_1(std::uint64_t seed) {
+    const auto bytes = block_bytes(seed, 4096);
+    return tier_
+        ->spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
+                clock_.now(), nanos{0}, false)
+        .value();
+  }
+
+  /// The read `read` of block 1, among `done`, found no copy (copy 1, the
+  /// older one, above all).
+  static void expect_read_found_none(const std::vector<disk_completion>& done,
+                                     disk_request_id read) {
+    for (const auto& d : done) {
+      if (d.id != read)
+        continue;
+      ASSERT_FALSE(d.status.has_value())
+          << (d.bytes == block_bytes(1, 4096) ? "got the older copy A"
+                                              : "got some copy");
+      EXPECT_EQ(d.status.error().code, errc::not_found)
+          << d.status.error().describe();
+    }
+  }
+
   /// Queues a spill of block i (4096 bytes, seeded by i) recording its size
   /// partition and request priority; true when the tier took it.
   bool spill_ranked(std::uint64_t i, size_partition part, priority prio) {
@@ -2843,33 +2867,21 @@ TEST_F(disk_tier_test, a_read_behind_a_failed_spill_never_gets_the_older_copy) {
   gate->armed = true;
   const auto held = spill(9);
   gate->entered.get_future().wait(); // the I/O thread is in spill 9's batch
-  const auto spill_as = [&](std::uint64_t seed) {
-    const auto bytes = block_bytes(seed, 4096);
-    return tier_
-        ->spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
-                clock_.now(), nanos{0}, false)
-        .value();
-  };
-  const auto b = spill_as(2);
+  const auto b = spill_copy_of_1(2);
   const auto read = tier_->fetch(key_of(1));
-  const auto cc = spill_as(3);
+  const auto cc = spill_copy_of_1(3);
   syncs->fail_at = syncs->calls + 2; // spill 9's batch syncs, B's fails
   gate->open();
-  for (auto& d : settle_expecting({held, b, read, cc})) {
+  const auto done = settle_expecting({held, b, read, cc});
+  for (const auto& d : done) {
     if (d.id == b) {
       EXPECT_FALSE(d.status.has_value()) << "B's batch did not fail";
     }
     if (d.id == cc) {
       EXPECT_TRUE(d.status.has_value()) << d.status.error().describe();
     }
-    if (d.id != read)
-      continue;
-    ASSERT_FALSE(d.status.has_value())
-        << (d.bytes == block_bytes(1, 4096) ? "got the older copy A"
-                                            : "got some copy");
-    EXPECT_EQ(d.status.error().code, errc::not_found)
-        << d.status.error().describe();
   }
+  expect_read_found_none(done, read);
   auto now = fetch(1);
   ASSERT_TRUE(now.status.has_value()) << now.status.error().describe();
   EXPECT_TRUE(now.bytes == block_bytes(3, 4096)) << "not C";
@@ -2899,32 +2911,19 @@ TEST_F(disk_tier_test,
   spill(1); // A
   settle();
   gate->armed = true;
-  const auto spill_as = [&](std::uint64_t seed) {
-    const auto bytes = block_bytes(seed, 4096);
-    return tier_
-        ->spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
-                clock_.now(), nanos{0}, false)
-        .value();
-  };
-  const auto b = spill_as(2);
+  const auto b = spill_copy_of_1(2);
   gate->entered.get_future().wait(); // the I/O thread is in B's append
   const auto read = tier_->fetch(key_of(1));
-  const auto cc = spill_as(3);
+  const auto cc = spill_copy_of_1(3);
   fail_write->store(true);
   fail_commit->store(true);
   gate->open();
-  for (auto& d : settle_expecting({b, read, cc})) {
+  const auto done = settle_expecting({b, read, cc});
+  for (const auto& d : done)
     if (d.id == b) {
       EXPECT_FALSE(d.status.has_value()) << "B did not fail";
     }
-    if (d.id != read)
-      continue;
-    ASSERT_FALSE(d.status.has_value())
-        << (d.bytes == block_bytes(1, 4096) ? "got the older copy A"
-                                            : "got some copy");
-    EXPECT_EQ(d.status.error().code, errc::not_found)
-        << d.status.error().describe();
-  }
+  expect_read_found_none(done, read);
   tier_->check_invariants();
 }
 
@@ -2967,28 +2966,17 @@ TEST_F(disk_tier_test, a_read_behind_a_refused_spill_gets_no_copy) {
   (void)settle_expecting({other});
   fail_commit->store(false);
   load_mode->store(2);
-  const auto spill_as = [&](std::uint64_t seed) {
-    const auto bytes = block_bytes(seed, 4096);
-    return tier_
-        ->spill(key_of(1), ns_a, codec::int8, bytes, block_checksum(bytes),
-                clock_.now(), nanos{0}, false)
-        .value();
-  };
-  const auto b = spill_as(2);
+  const auto b = spill_copy_of_1(2);
   gate->entered.get_future().wait(); // B's reload attempt
   const auto read = tier_->fetch(key_of(1));
-  const auto cc = spill_as(3);
+  const auto cc = spill_copy_of_1(3);
   gate->open();
-  for (auto& d : settle_expecting({b, read, cc})) {
+  const auto done = settle_expecting({b, read, cc});
+  for (const auto& d : done)
     if (d.id == b) {
       EXPECT_FALSE(d.status.has_value()) << "B was not refused";
     }
-    if (d.id != read)
-      continue;
-    ASSERT_FALSE(d.status.has_value())
-        << (d.bytes == block_bytes(1, 4096) ? "got the older copy A"
-                                            : "got some copy");
-  }
+  expect_read_found_none(done, read);
   tier_->check_invariants();
 }
 
