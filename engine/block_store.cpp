@@ -3,6 +3,7 @@
 #include "engine/checksum.hpp"
 #include "engine/host_error.hpp"
 #include "engine/internal/check.hpp"
+#include "engine/internal/scoped_value.hpp"
 #include "engine/internal/store_entry.hpp"
 
 #include <algorithm>
@@ -1749,13 +1750,7 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     return undo(ok.error());
   block_key parent = matched > 0 ? token_keys_[matched - 1] : block_key{};
   // Its leased prefix is put again: not expired under the reserves.
-  struct renewing {
-    bool& flag;
-    explicit renewing(bool& f) : flag(f) { flag = true; }
-    ~renewing() { flag = false; }
-    renewing(const renewing&) = delete;
-    renewing& operator=(const renewing&) = delete;
-  } const renew{renewing_prefix_};
+  const internal::scoped_value renew{renewing_prefix_, true};
   for (std::size_t i = matched; i < blocks; ++i) {
     auto h = reserve(ns, token_keys_[i], parent, opts);
     if (!h)
@@ -1792,14 +1787,9 @@ block_store::put_tokens(ns_id ns, std::span<const std::uint32_t> tokens,
     // The prefix's pins were charged above: a commit charges its own
     // block (before, its unpinned prefix again, and a call within a block
     // of the limit failed after writing everything).
-    struct charged {
-      std::uint32_t& at;
-      charged(std::uint32_t& a, std::uint32_t id) : at(a) { at = id; }
-      ~charged() { at = npos; }
-      charged(const charged&) = delete;
-      charged& operator=(const charged&) = delete;
-    } const prefix{charged_prefix_,
-                   token_leases_.empty() ? npos : token_leases_.back().id_};
+    const internal::scoped_value prefix{
+        charged_prefix_,
+        token_leases_.empty() ? npos : token_leases_.back().id_};
     for (put_handle& h : token_puts_)
       if (auto c = commit(h); !c)
         return undo(c.error());

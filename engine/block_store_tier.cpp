@@ -5,6 +5,7 @@
 
 #include "engine/host_error.hpp"
 #include "engine/internal/check.hpp"
+#include "engine/internal/scoped_value.hpp"
 #include "engine/internal/store_entry.hpp"
 
 #include <algorithm>
@@ -119,13 +120,7 @@ result<std::size_t> block_store::demote_to_tier(std::size_t bytes) {
   std::vector<tier_demotion> jobs;
   std::vector<tier_place> places;
   std::vector<std::uint32_t> follow; // parents left over by a full batch
-  struct picking {
-    bool& flag;
-    explicit picking(bool& f) : flag(f) { flag = true; }
-    ~picking() { flag = false; }
-    picking(const picking&) = delete;
-    picking& operator=(const picking&) = delete;
-  } const scope{picking_for_tier_};
+  const internal::scoped_value scope{picking_for_tier_, true};
   while (started < bytes) {
     demotion_batch batch;
     jobs.clear();
