@@ -3276,6 +3276,20 @@ TEST_F(actor_test, APinningRequestFinishedAfterItsDeadlineTakesItsPinsBack) {
   EXPECT_EQ(unpin(direct.keys[0]), errc::ok);
 }
 
+TEST_F(actor_test, EngineStatsSayWhatPinsHoldBesidesThePinnedBlocks) {
+  // Pinning a 3-block request's last block holds its whole chain: stats
+  // show 1 block pinned and 3 held, the figure the limit (4 of 8) counts.
+  auto e = engine(small_engine(8));
+  sched_->run();
+  const auto r = make_request(1, 0, 0, 3, 1);
+  ASSERT_EQ(ask_now<kv_reply>(e, process_atom::value, r).id, 1U);
+  ASSERT_TRUE(ask_now<bool>(e, pin_atom::value, r.keys.back()));
+  auto st = ask_now<engine_stats>(e, stats_atom::value);
+  EXPECT_EQ(st.pinned_bytes, block_bytes);
+  EXPECT_EQ(st.pin_held_bytes, 3 * block_bytes);
+  EXPECT_EQ(st.pinned_bytes_limit, 4 * block_bytes);
+}
+
 TEST_F(actor_test, AFailedBatchTakesBackThePinsOfItsEarlierRequests) {
   // A batch fails whole when one request fails (here the second, refused
   // by the pinned limit: 3 + 3 blocks of an 8-block engine's 4). Its

@@ -1356,6 +1356,7 @@ caf::behavior engine_behavior(engine_actor* self,
         out.used_bytes = s.store->used_bytes();
         out.capacity_bytes = s.store->capacity_bytes();
         out.pinned_bytes = s.store->pinned_bytes();
+        out.pin_held_bytes = s.store->pin_held_bytes();
         out.pinned_bytes_limit = s.store->pinned_bytes_limit();
         out.token_hits = ss.token_hits;
         out.token_misses = ss.token_misses;

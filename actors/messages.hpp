@@ -219,9 +219,12 @@ struct engine_stats {
   std::uint64_t blocks = 0;
   std::uint64_t used_bytes = 0;
   std::uint64_t capacity_bytes = 0;
-  /// Bytes of pinned blocks, and the most pins may take
-  /// (store_config::max_pinned_fraction of capacity_bytes).
+  /// Bytes of pinned blocks; bytes pins hold (those and the blocks they
+  /// chain from, block_store::pin_held_bytes()), and the most they may
+  /// hold (store_config::max_pinned_fraction of capacity_bytes): a pin is
+  /// refused when pin_held_bytes would pass it.
   std::uint64_t pinned_bytes = 0;
+  std::uint64_t pin_held_bytes = 0;
   std::uint64_t pinned_bytes_limit = 0;
   std::uint64_t token_hits = 0;
   std::uint64_t token_misses = 0;
@@ -254,12 +257,12 @@ typename Inspector::result_type inspect(Inspector& f, engine_stats& x) {
            x.requests, x.expired, x.puts_expired, x.disk_deferred,
            x.held_blocks, x.batches, x.prefill_calls, x.prefilled_blocks,
            x.prefill_unused, x.prefill_failures, x.produced_alone, x.blocks,
-           x.used_bytes, x.capacity_bytes, x.pinned_bytes, x.pinned_bytes_limit,
-           x.token_hits, x.token_misses, x.evictions, x.pressure_evictions,
-           x.capacity_tokens, x.memory, x.tier, x.tier_blocks, x.tier_demotions,
-           x.tier_hits, x.tier_in_flight_bytes, x.disk, x.disk_blocks,
-           x.disk_hits, x.disk_spills, x.disk_spill_failures, x.block_hits,
-           x.block_misses, x.listeners);
+           x.used_bytes, x.capacity_bytes, x.pinned_bytes, x.pin_held_bytes,
+           x.pinned_bytes_limit, x.token_hits, x.token_misses, x.evictions,
+           x.pressure_evictions, x.capacity_tokens, x.memory, x.tier,
+           x.tier_blocks, x.tier_demotions, x.tier_hits, x.tier_in_flight_bytes,
+           x.disk, x.disk_blocks, x.disk_hits, x.disk_spills,
+           x.disk_spill_failures, x.block_hits, x.block_misses, x.listeners);
 }
 
 /// The balancer's counters.
