@@ -544,6 +544,19 @@ bool block_store::pin_held(const entry& e) noexcept {
   return e.pins > 0 || e.held_children > 0;
 }
 
+void block_store::count_held(const entry& e, bool held) noexcept {
+  const std::size_t bytes = pool_.slot_bytes(e.slot.size_class);
+  if (held)
+    pin_held_bytes_ += bytes;
+  else
+    pin_held_bytes_ -= bytes;
+}
+
+void block_store::held_changed(const entry& e) noexcept {
+  count_held(e, pin_held(e));
+  child_held(e.parent, pin_held(e));
+}
+
 void block_store::child_held(std::uint32_t id, bool held) noexcept {
   // Up the chain while a block's own state changes: a block held already
   // by another pinned child, or pinned itself, stops the walk.
@@ -556,11 +569,7 @@ void block_store::child_held(std::uint32_t id, bool held) noexcept {
       --p.held_children;
     if (pin_held(p) == was)
       return;
-    const std::size_t bytes = pool_.slot_bytes(p.slot.size_class);
-    if (held)
-      pin_held_bytes_ += bytes;
-    else
-      pin_held_bytes_ -= bytes;
+    count_held(p, held);
     a = p.parent;
   }
 }
@@ -593,14 +602,8 @@ void block_store::set_pins(std::uint32_t id, std::uint32_t pins) noexcept {
     }
   }
   e.pins = pins;
-  if (pin_held(e) != was_held) {
-    const std::size_t bytes = pool_.slot_bytes(e.slot.size_class);
-    if (was_held)
-      pin_held_bytes_ -= bytes;
-    else
-      pin_held_bytes_ += bytes;
-    child_held(e.parent, !was_held);
-  }
+  if (pin_held(e) != was_held)
+    held_changed(e);
 }
 
 error block_store::pin_refusal(std::size_t more,
@@ -1460,15 +1463,10 @@ result<void> block_store::commit(put_handle& h) {
   // refused as a new one under it would be, instead of leaving a pinned
   // block unlinked, its chain evictable.
   std::size_t chain = 0;
-  if (h.duplicate_ && h.pin_ && pe.parent_unknown && !h.parent_.is_null())
-    if (const std::uint32_t pid = index_.find(h.parent_);
-        pid != npos && entries_[pid].state == entry_state::committed &&
-        !entries_[pid].dead && entries_[pid].ns == pe.ns) {
+  if (h.duplicate_ && h.pin_)
+    if (const std::uint32_t pid = adoptive_parent(h.id_, h.parent_);
+        pid != npos)
       chain = pin_cost(pid, charged_prefix_);
-      for (std::uint32_t a = pid; a != npos; a = entries_[a].parent)
-        if (a == h.id_)
-          chain = 0; // a cycle: adopt() links nothing
-    }
   if (new_pin || chain > 0) {
     // Inside a checked process() or put_tokens(), its share of what that
     // call was checked for; past it (a disk copy counted for its pins that
@@ -3549,19 +3547,30 @@ bool block_store::promote_key_from_disk(ns_id ns, const block_key& key,
   return ok;
 }
 
-void block_store::adopt(std::uint32_t id, const block_key& parent) {
-  entry& e = entries_[id];
-  if (!e.parent_unknown || parent.is_null() || e.leases > 0)
-    return;
+std::uint32_t block_store::adoptive_parent(std::uint32_t id,
+                                           const block_key& parent) const {
+  const entry& e = entries_[id];
+  if (!e.parent_unknown || parent.is_null())
+    return npos;
   const std::uint32_t pid = index_.find(parent);
   if (pid == npos || entries_[pid].state != entry_state::committed ||
       entries_[pid].dead || entries_[pid].ns != e.ns)
-    return;
+    return npos;
   // A put naming a wrong parent must not close a cycle: the chain above
   // `parent` would then never become evictable.
   for (std::uint32_t a = pid; a != npos; a = entries_[a].parent)
     if (a == id)
-      return;
+      return npos;
+  return pid;
+}
+
+void block_store::adopt(std::uint32_t id, const block_key& parent) {
+  entry& e = entries_[id];
+  if (e.leases > 0)
+    return;
+  const std::uint32_t pid = adoptive_parent(id, parent);
+  if (pid == npos)
+    return;
   // Pinned (or holding a pinned block), it would hold its new chain in
   // memory too: past the pin limit it stays a root, unlinked, so that
   // chain stays evictable. (Before, a pinned block brought back alone

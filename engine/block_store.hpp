@@ -844,9 +844,16 @@ private:
   void set_pins(std::uint32_t id, std::uint32_t pins) noexcept;
   /// Whether pins hold block `e` in memory (pin_held_bytes()).
   [[nodiscard]] static bool pin_held(const entry& e) noexcept;
-  /// A child of block `id` became held by pins (`held`) or stopped being:
-  /// updates `id` and, where its own state changes, its ancestors.
+  /// A child of block `id` (npos: none) became held by pins (`held`) or
+  /// stopped being: updates `id` and, where its own state changes, its
+  /// ancestors.
   void child_held(std::uint32_t id, bool held) noexcept;
+  /// Block `e` became held by pins or stopped being (pin_held(e) says
+  /// which): its bytes in pin_held_bytes_, and its parent's count.
+  void held_changed(const entry& e) noexcept;
+  /// Adds block `e`'s slot bytes to pin_held_bytes_ (`held`) or takes them
+  /// off.
+  void count_held(const entry& e, bool held) noexcept;
   /// The slot bytes pinning would newly hold: block `id`'s when pins do
   /// not hold it yet, and those of the blocks it chains from up to the
   /// first that pins hold already (or `stop`, charged already). `id` may
@@ -1148,6 +1155,11 @@ private:
   /// own descendant): a duplicate put's commit calls it. A block held by a
   /// lease (a reader, a demotion in flight) waits for a later put.
   void adopt(std::uint32_t id, const block_key& parent);
+  /// The entry adopt() would link block `id` under for `parent`: npos when
+  /// `id` knows its parent, `parent` is not a visible block of its
+  /// namespace, or is `id`'s own descendant.
+  [[nodiscard]] std::uint32_t adoptive_parent(std::uint32_t id,
+                                              const block_key& parent) const;
   /// An open put handle of entry `id` (its generation now) for `key`,
   /// started at `start`: what reserve() hands out, a new block's or a
   /// duplicate's.
