@@ -1574,6 +1574,18 @@ private:
   mutable std::int64_t t_;
 };
 
+/// An LRU store of `blocks` blocks in one-block slabs on `clock`.
+store_config ticking_config(const ticking_clock& clock, std::size_t blocks,
+                            bool compression) {
+  store_config cfg;
+  cfg.capacity_bytes = blocks * block_bytes;
+  cfg.slab_bytes = block_bytes;
+  cfg.policy = policy_kind::lru;
+  cfg.adaptive_compression = compression;
+  cfg.clock = &clock;
+  return cfg;
+}
+
 TEST(block_store_ttl,
      a_prefix_that_expires_during_a_token_put_stays_reachable) {
   // A 4-block prefix with a TTL of 1 s, put again with 20 more blocks by a
@@ -1598,13 +1610,7 @@ TEST(block_store_ttl,
     SCOPED_TRACE(std::to_string(k) + (compression ? " compression" : ""));
     const std::int64_t t0 = std::int64_t{3600} * 1'000'000'000;
     ticking_clock clock{t0};
-    store_config cfg;
-    cfg.capacity_bytes = 100 * block_bytes;
-    cfg.slab_bytes = block_bytes;
-    cfg.policy = policy_kind::lru;
-    cfg.adaptive_compression = compression;
-    cfg.clock = &clock;
-    auto created = block_store::create(cfg);
+    auto created = block_store::create(ticking_config(clock, 100, compression));
     ASSERT_TRUE(created.has_value());
     block_store& st = **created;
     namespace_options no;
@@ -1688,13 +1694,7 @@ TEST(block_store_ttl, a_leased_parent_that_expires_during_a_put_is_kept) {
   for (std::int64_t k = 1; k <= 40; ++k) {
     SCOPED_TRACE(k);
     ticking_clock clock{0};
-    store_config cfg;
-    cfg.capacity_bytes = 16 * block_bytes;
-    cfg.slab_bytes = block_bytes;
-    cfg.policy = policy_kind::lru;
-    cfg.adaptive_compression = false;
-    cfg.clock = &clock;
-    auto created = block_store::create(cfg);
+    auto created = block_store::create(ticking_config(clock, 16, false));
     ASSERT_TRUE(created.has_value());
     block_store& st = **created;
     const auto ns = *st.register_namespace(spec);
